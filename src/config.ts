@@ -1,0 +1,91 @@
+// The service's configuration: read from the environment once at boot, validated, typed, passed in.
+// The CLI (src/cli.ts) maps its flags onto the same names.
+
+export interface Config {
+  host: string;
+  port: number;
+  /** postgres://… ; when absent the service runs on an embedded PostgreSQL (PGlite) in `dataDir`. */
+  databaseUrl: string | null;
+  dataDir: string;
+  dbPoolSize: number;
+  logLevel: string;
+  /** Admin bearer token; null = no auth configured (then only loopback is allowed unless `allowInsecure`). */
+  adminToken: string | null;
+  allowInsecure: boolean;
+  bodyLimitStep: number;
+  bodyLimitCreate: number;
+  bodyLimitDefault: number;
+  requestTimeoutMs: number;
+  rateLimitPerMinute: number | null;
+  defaultSnapshotEvery: number;
+  defaultKeepSnapshots: number;
+  idempotencyWindowSeconds: number;
+  kernel: 'wasm' | 'js';
+  fma: boolean;
+  /** Bytes of decoded session state one process keeps in memory before evicting the least used. */
+  cacheBytes: number;
+  maxEventLoopDelayMs: number;
+}
+
+export class ConfigError extends Error {}
+
+type Env = Record<string, string | undefined>;
+
+function int(env: Env, key: string, fallback: number, min: number, max = Number.MAX_SAFE_INTEGER): number {
+  const raw = env[key];
+  if (raw === undefined || raw === '') return fallback;
+  if (!/^\d+$/.test(raw.trim())) throw new ConfigError(`${key} must be a whole number, got ${JSON.stringify(raw)}`);
+  const value = Number(raw.trim());
+  if (value < min || value > max) throw new ConfigError(`${key} must be between ${min} and ${max}, got ${value}`);
+  return value;
+}
+
+function bool(env: Env, key: string, fallback: boolean): boolean {
+  const raw = env[key];
+  if (raw === undefined || raw === '') return fallback;
+  const v = raw.trim().toLowerCase();
+  if (['1', 'true', 'yes', 'on'].includes(v)) return true;
+  if (['0', 'false', 'no', 'off'].includes(v)) return false;
+  throw new ConfigError(`${key} must be true or false, got ${JSON.stringify(raw)}`);
+}
+
+const MiB = 1024 * 1024;
+
+export function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || host === '[::1]' || /^127\.\d+\.\d+\.\d+$/.test(host);
+}
+
+export function loadConfig(env: Env = process.env): Config {
+  const kernel = (env.ASGD_KERNEL ?? 'wasm').trim();
+  if (kernel !== 'wasm' && kernel !== 'js') throw new ConfigError(`ASGD_KERNEL must be wasm or js, got ${JSON.stringify(kernel)}`);
+  const adminToken = env.ASGD_ADMIN_TOKEN?.trim() || null;
+  if (adminToken !== null && adminToken.length < 16) throw new ConfigError('ASGD_ADMIN_TOKEN must be at least 16 characters');
+  const config: Config = {
+    host: env.HOST?.trim() || '127.0.0.1',
+    port: int(env, 'PORT', 8080, 0, 65535),
+    databaseUrl: env.DATABASE_URL?.trim() || null,
+    dataDir: env.ASGD_DATA_DIR?.trim() || '.data/pglite',
+    dbPoolSize: int(env, 'ASGD_DB_POOL_SIZE', 10, 1, 1000),
+    logLevel: env.LOG_LEVEL?.trim() || 'info',
+    adminToken,
+    allowInsecure: bool(env, 'ASGD_ALLOW_INSECURE', false),
+    bodyLimitStep: int(env, 'ASGD_BODY_LIMIT_STEP', 1024 * MiB, 1024),
+    bodyLimitCreate: int(env, 'ASGD_BODY_LIMIT_CREATE', 2048 * MiB, 1024),
+    bodyLimitDefault: int(env, 'ASGD_BODY_LIMIT_DEFAULT', 1 * MiB, 1024),
+    requestTimeoutMs: int(env, 'ASGD_REQUEST_TIMEOUT_MS', 300_000, 0),
+    rateLimitPerMinute: env.ASGD_RATE_LIMIT_PER_MINUTE ? int(env, 'ASGD_RATE_LIMIT_PER_MINUTE', 0, 1) : null,
+    defaultSnapshotEvery: int(env, 'ASGD_SNAPSHOT_EVERY', 100, 1),
+    defaultKeepSnapshots: int(env, 'ASGD_KEEP_SNAPSHOTS', 10, 1),
+    idempotencyWindowSeconds: int(env, 'ASGD_IDEMPOTENCY_WINDOW_SECONDS', 86_400, 1),
+    kernel,
+    fma: bool(env, 'ASGD_FMA', true),
+    cacheBytes: int(env, 'ASGD_CACHE_BYTES', 4096 * MiB, 0),
+    maxEventLoopDelayMs: int(env, 'ASGD_MAX_EVENT_LOOP_DELAY_MS', 0, 0),
+  };
+  if (!config.adminToken && !config.allowInsecure && !isLoopback(config.host)) {
+    throw new ConfigError(
+      `refusing to listen on ${config.host} without authentication: set ASGD_ADMIN_TOKEN (or ASGD_ALLOW_INSECURE=true to opt out)`,
+    );
+  }
+  return config;
+}

@@ -1,0 +1,156 @@
+// One interface over the two databases the service runs on: PostgreSQL through `pg` (DATABASE_URL set)
+// and embedded PostgreSQL (PGlite) in a data directory. Drizzle serves the schema, migrations and
+// simple queries; the hot path speaks SQL through the same connections with binary bytea both ways.
+import { mkdirSync, readFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import pg from 'pg';
+import { drizzle as drizzlePg } from 'drizzle-orm/node-postgres';
+import { migrate as migratePg } from 'drizzle-orm/node-postgres/migrator';
+import type { PgDatabase, PgQueryResultHKT } from 'drizzle-orm/pg-core';
+import { schema } from './schema.ts';
+
+export const MIGRATIONS_DIR = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'migrations');
+
+export interface QueryOptions {
+  /** Ask for binary result columns (bytea arrives as a Buffer without hex decoding). Select only bytea then. */
+  binary?: boolean;
+  /** Prepared statement name (PostgreSQL only; PGlite ignores it). */
+  name?: string;
+}
+
+export interface Queryable {
+  query<R = Record<string, unknown>>(text: string, params?: unknown[], options?: QueryOptions): Promise<R[]>;
+}
+
+export interface Database extends Queryable {
+  readonly kind: 'postgres' | 'pglite';
+  readonly orm: PgDatabase<PgQueryResultHKT, typeof schema>;
+  transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T>;
+  /** SQL for a bytea parameter at position n: PGlite gets base64 text decoded in SQL (its bytea serializer is slow). */
+  byteaParam(n: number): string;
+  byteaValue(buf: Buffer): unknown;
+  migrate(): Promise<void>;
+  /** Throws when the database is unreachable or the migrations are not applied. */
+  ready(): Promise<void>;
+  poolStats(): { total: number; idle: number; waiting: number };
+  close(): Promise<void>;
+}
+
+export interface DatabaseOptions {
+  databaseUrl: string | null;
+  dataDir: string;
+  poolSize: number;
+  onError?: (err: Error) => void;
+}
+
+const MIGRATION_LOCK = 7_142_053_311; // pg_advisory_lock key: one migrator at a time across replicas
+
+/** How many migrations this build ships: /readyz fails until the database has them all. */
+function expectedMigrations(): number {
+  const journal = JSON.parse(readFileSync(join(MIGRATIONS_DIR, 'meta', '_journal.json'), 'utf8')) as { entries: unknown[] };
+  return journal.entries.length;
+}
+
+export async function openDatabase(options: DatabaseOptions): Promise<Database> {
+  return options.databaseUrl ? openPostgres(options.databaseUrl, options) : openPglite(options.dataDir, options);
+}
+
+async function openPostgres(url: string, options: DatabaseOptions): Promise<Database> {
+  const pool = new pg.Pool({ connectionString: url, max: options.poolSize, connectionTimeoutMillis: 10_000 });
+  // An idle client losing its server must not crash the process; the next query reports it.
+  pool.on('error', (err) => options.onError?.(err));
+  const orm = drizzlePg(pool, { schema });
+
+  const run = async <R>(client: pg.Pool | pg.PoolClient, text: string, params: unknown[] = [], opts: QueryOptions = {}) => {
+    // `binary` is a pg query option the typings do not list: result columns arrive in binary format.
+    const config = { text, values: params, binary: opts.binary, name: opts.name } as pg.QueryConfig;
+    const result = await client.query(config);
+    return result.rows as R[];
+  };
+
+  return {
+    kind: 'postgres',
+    orm: orm as unknown as Database['orm'],
+    query: (text, params, opts) => run(pool, text, params, opts),
+    async transaction(fn) {
+      const client = await pool.connect();
+      let broken = false;
+      try {
+        await client.query('BEGIN');
+        const tx: Queryable = { query: (text, params, opts) => run(client, text, params, opts) };
+        const result = await fn(tx);
+        await client.query('COMMIT');
+        return result;
+      } catch (err) {
+        try {
+          await client.query('ROLLBACK');
+        } catch {
+          broken = true;
+        }
+        throw err;
+      } finally {
+        client.release(broken);
+      }
+    },
+    byteaParam: (n) => `$${n}`,
+    byteaValue: (buf) => buf,
+    async migrate() {
+      const client = await pool.connect();
+      try {
+        await client.query('SELECT pg_advisory_lock($1)', [MIGRATION_LOCK]);
+        try {
+          await migratePg(orm, { migrationsFolder: MIGRATIONS_DIR });
+        } finally {
+          await client.query('SELECT pg_advisory_unlock($1)', [MIGRATION_LOCK]);
+        }
+      } finally {
+        client.release();
+      }
+    },
+    async ready() {
+      const rows = await run<{ n: string }>(pool, 'SELECT count(*)::text AS n FROM drizzle.__drizzle_migrations');
+      if (Number(rows[0].n) < expectedMigrations()) throw new Error('migrations are not applied');
+    },
+    poolStats: () => ({ total: pool.totalCount, idle: pool.idleCount, waiting: pool.waitingCount }),
+    close: () => pool.end(),
+  };
+}
+
+async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Database> {
+  const { PGlite } = await import('@electric-sql/pglite');
+  const { drizzle: drizzlePglite } = await import('drizzle-orm/pglite');
+  const { migrate: migratePglite } = await import('drizzle-orm/pglite/migrator');
+  if (dataDir !== 'memory://') mkdirSync(dataDir, { recursive: true });
+  const client = await PGlite.create(dataDir === 'memory://' ? undefined : dataDir);
+  const orm = drizzlePglite(client, { schema });
+  void options;
+
+  const fix = <R>(rows: unknown[]): R[] => {
+    // PGlite returns bytea as Uint8Array; the rest of the code expects Buffers (same memory, no copy).
+    for (const row of rows as Record<string, unknown>[]) {
+      for (const key in row) {
+        const v = row[key];
+        if (v instanceof Uint8Array && !Buffer.isBuffer(v)) row[key] = Buffer.from(v.buffer, v.byteOffset, v.byteLength);
+      }
+    }
+    return rows as R[];
+  };
+  // PGlite runs one statement at a time; transactions are serialised by its own mutex.
+  return {
+    kind: 'pglite',
+    orm: orm as unknown as Database['orm'],
+    query: async (text, params) => fix((await client.query(text, params ?? [])).rows),
+    transaction: (fn) =>
+      client.transaction(async (tx) => fn({ query: async (text, params) => fix((await tx.query(text, params ?? [])).rows) })),
+    byteaParam: (n) => `decode($${n}, 'base64')`,
+    byteaValue: (buf) => buf.toString('base64'),
+    migrate: () => migratePglite(orm, { migrationsFolder: MIGRATIONS_DIR }),
+    async ready() {
+      const res = await client.query<{ n: string }>('SELECT count(*)::text AS n FROM drizzle.__drizzle_migrations');
+      if (Number(res.rows[0].n) < expectedMigrations()) throw new Error('migrations are not applied');
+    },
+    poolStats: () => ({ total: 1, idle: 1, waiting: 0 }),
+    close: () => client.close(),
+  };
+}

@@ -1,0 +1,113 @@
+// The drizzle tables: the single source of row types. Migrations come from `npm run db:generate`.
+
+import {
+  bigint, bigserial, boolean, customType, index, integer, jsonb, pgTable, primaryKey, text, timestamp, uniqueIndex,
+} from 'drizzle-orm/pg-core';
+
+/** bytea as a Node Buffer. Tensor columns are set to STORAGE EXTERNAL in a migration (floats do not compress). */
+export const bytea = customType<{ data: Buffer; driverData: Buffer }>({
+  dataType: () => 'bytea',
+});
+
+/** Hyperparameters and membership of one param group, as in torch.optim.ASGD's param_groups. */
+export interface GroupSpec {
+  params: number[];
+  lr: number;
+  lambd: number;
+  alpha: number;
+  t0: number;
+  weight_decay: number;
+  /** Hyperparameters that are Python ints in PyTorch's group (weight_decay's default is the int 0): pickles keep the type. */
+  int_keys?: string[];
+  maximize: boolean;
+  /** Keys a loaded state_dict carried beyond ASGD's own (foreach, differentiable, capturable, …), echoed back. */
+  extra?: Record<string, unknown>;
+}
+
+export interface ParamSpec {
+  name: string;
+  shape: number[];
+}
+
+/** Per-parameter scalar state (float32 values) or null when the parameter has not stepped yet. */
+export type ScalarStateRow = { step: number; eta: number; mu: number } | null;
+
+export const sessions = pgTable('sessions', {
+  id: bigserial('id', { mode: 'number' }).primaryKey(),
+  name: text('name').notNull(),
+  params: jsonb('params').$type<ParamSpec[]>().notNull(),
+  groups: jsonb('groups').$type<GroupSpec[]>().notNull(),
+  numel: bigint('numel', { mode: 'number' }).notNull(),
+  version: bigint('version', { mode: 'number' }).notNull(),
+  step: bigint('step', { mode: 'number' }).notNull(),
+  snapshotEvery: integer('snapshot_every').notNull(),
+  keepSnapshots: integer('keep_snapshots').notNull(),
+  maxStaleness: integer('max_staleness'),
+  createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
+  updatedAt: timestamp('updated_at', { withTimezone: true }).notNull().defaultNow(),
+}, (t) => [uniqueIndex('sessions_name_key').on(t.name)]);
+
+/** An immutable copy of parameters and optimizer state at one version. Written in one transaction. */
+export const snapshots = pgTable('snapshots', {
+  id: bigserial('id', { mode: 'number' }).primaryKey(),
+  sessionId: bigint('session_id', { mode: 'number' }).notNull().references(() => sessions.id, { onDelete: 'cascade' }),
+  version: bigint('version', { mode: 'number' }).notNull(),
+  step: bigint('step', { mode: 'number' }).notNull(),
+  reason: text('reason').notNull(),
+  pinned: boolean('pinned').notNull().default(false),
+  groups: jsonb('groups').$type<GroupSpec[]>().notNull(),
+  scalars: jsonb('scalars').$type<ScalarStateRow[]>().notNull(),
+  byteSize: bigint('byte_size', { mode: 'number' }).notNull(),
+  chunkCount: integer('chunk_count').notNull(),
+  /** sha256 over the tensor bytes (params then ax) and the canonical JSON of groups and scalars. */
+  checksum: text('checksum').notNull(),
+  createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
+}, (t) => [uniqueIndex('snapshots_session_version_key').on(t.sessionId, t.version)]);
+
+/** Tensor bytes of a snapshot in chunks, so that no single value nears PostgreSQL's 1 GB limit. */
+export const snapshotChunks = pgTable('snapshot_chunks', {
+  snapshotId: bigint('snapshot_id', { mode: 'number' }).notNull().references(() => snapshots.id, { onDelete: 'cascade' }),
+  seq: integer('seq').notNull(),
+  data: bytea('data').notNull(),
+}, (t) => [primaryKey({ columns: [t.snapshotId, t.seq] })]);
+
+/**
+ * One row per acknowledged step: the gradient, not the state. The state at version v is the newest
+ * snapshot at or below v with the steps after it replayed (the kernel is deterministic).
+ */
+export const stepLog = pgTable('step_log', {
+  sessionId: bigint('session_id', { mode: 'number' }).notNull().references(() => sessions.id, { onDelete: 'cascade' }),
+  version: bigint('version', { mode: 'number' }).notNull(),
+  /** Indices of the parameters that had a gradient, in order; their float32 gradients are concatenated in `grads`. */
+  present: jsonb('present').$type<number[]>().notNull(),
+  grads: bytea('grads').notNull(),
+  baseVersion: bigint('base_version', { mode: 'number' }),
+  createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
+}, (t) => [primaryKey({ columns: [t.sessionId, t.version] })]);
+
+/** Answers to steps sent with an Idempotency-Key, kept for the configured window. */
+export const idempotencyKeys = pgTable('idempotency_keys', {
+  sessionId: bigint('session_id', { mode: 'number' }).notNull().references(() => sessions.id, { onDelete: 'cascade' }),
+  key: text('key').notNull(),
+  requestHash: text('request_hash').notNull(),
+  response: jsonb('response').$type<Record<string, unknown>>().notNull(),
+  createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
+}, (t) => [primaryKey({ columns: [t.sessionId, t.key] }), index('idempotency_keys_created_at_idx').on(t.createdAt)]);
+
+/** API tokens: only a sha256 of the secret is stored. */
+export const tokens = pgTable('tokens', {
+  id: text('id').primaryKey(),
+  name: text('name').notNull(),
+  secretHash: text('secret_hash').notNull(),
+  scope: text('scope').$type<'read' | 'step' | 'admin'>().notNull(),
+  /** null: every session; otherwise the session names this token may touch. */
+  sessions: jsonb('sessions').$type<string[] | null>(),
+  createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
+  revokedAt: timestamp('revoked_at', { withTimezone: true }),
+}, (t) => [uniqueIndex('tokens_secret_hash_key').on(t.secretHash)]);
+
+export type SessionRow = typeof sessions.$inferSelect;
+export type SnapshotRow = typeof snapshots.$inferSelect;
+export type TokenRow = typeof tokens.$inferSelect;
+
+export const schema = { sessions, snapshots, snapshotChunks, stepLog, idempotencyKeys, tokens };

@@ -1,0 +1,36 @@
+// The database as a named plugin: opened (and migrated when asked) at boot, closed in onClose.
+import fp from 'fastify-plugin';
+import type { FastifyInstance } from 'fastify';
+import { openDatabase, type Database } from '../db/database.ts';
+import type { Config } from '../config.ts';
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    db: Database;
+  }
+}
+
+export interface DbPluginOptions {
+  config: Config;
+  /** Apply migrations at start-up (the default for the embedded database; replicas use `asgd-serve migrate`). */
+  migrate: boolean;
+  /** Use this database instead of opening one (tests share one). */
+  database?: Database;
+}
+
+export default fp(
+  async function dbPlugin(fastify: FastifyInstance, opts: DbPluginOptions) {
+    const db =
+      opts.database ??
+      (await openDatabase({
+        databaseUrl: opts.config.databaseUrl,
+        dataDir: opts.config.dataDir,
+        poolSize: opts.config.dbPoolSize,
+        onError: (err) => fastify.log.warn({ err }, 'database connection error'),
+      }));
+    if (opts.migrate) await db.migrate();
+    fastify.decorate('db', db);
+    if (!opts.database) fastify.addHook('onClose', async () => db.close());
+  },
+  { name: 'db' },
+);

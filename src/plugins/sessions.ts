@@ -1,0 +1,43 @@
+// The session domain as a named plugin: one service per process, flushed on close.
+import fp from 'fastify-plugin';
+import type { FastifyInstance } from 'fastify';
+import { createSessionService, type SessionHooks, type SessionService } from '../sessions/service.ts';
+import { selectKernel } from '../optim/index.ts';
+import type { Config } from '../config.ts';
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    sessions: SessionService;
+    sessionHooks: SessionHooks;
+  }
+}
+
+export default fp(
+  async function sessionsPlugin(fastify: FastifyInstance, opts: { config: Config }) {
+    const hooks: SessionHooks = {};
+    fastify.decorate('sessionHooks', hooks);
+    const service = createSessionService({
+      db: fastify.db,
+      kernel: selectKernel(opts.config.kernel),
+      kernelOptions: { fma: opts.config.fma },
+      log: fastify.log,
+      cacheBytes: opts.config.cacheBytes,
+      idempotencyWindowSeconds: opts.config.idempotencyWindowSeconds,
+      hooks: {
+        stepped: (...args) => hooks.stepped?.(...args),
+        snapshotted: (...args) => hooks.snapshotted?.(...args),
+      },
+    });
+    fastify.decorate('sessions', service);
+    const prune = setInterval(() => {
+      service.pruneIdempotency().catch((err) => fastify.log.warn({ err }, 'pruning idempotency keys failed'));
+    }, 60_000);
+    prune.unref();
+    // Runs before the db plugin's onClose (hooks run in reverse order of registration).
+    fastify.addHook('onClose', async () => {
+      clearInterval(prune);
+      await service.close();
+    });
+  },
+  { name: 'sessions', dependencies: ['db'] },
+);

@@ -1,0 +1,73 @@
+// Helpers shared by the route plugins: headers, session bodies, query parsing.
+import type { FastifyReply, FastifyRequest } from 'fastify';
+import { errors } from '../errors.ts';
+import type { SessionRecord, SnapshotRecord } from '../sessions/repository.ts';
+import { publicGroup } from '../sessions/spec.ts';
+import { numelOf } from '../sessions/spec.ts';
+
+/** If-Match: "<version>" (W/ and unquoted accepted; * matches any). */
+export function ifMatchOf(request: FastifyRequest): number | null {
+  const raw = request.headers['if-match'];
+  if (raw === undefined) return null;
+  const value = (Array.isArray(raw) ? raw[0] : raw).trim();
+  if (value === '*') return null;
+  const m = /^(?:W\/)?"?(\d{1,15})"?$/.exec(value);
+  if (!m) throw errors.invalidHeader('If-Match', 'must be a session version as "<version>"');
+  return Number(m[1]);
+}
+
+export function idempotencyKeyOf(request: FastifyRequest): string | null {
+  const raw = request.headers['idempotency-key'];
+  if (raw === undefined) return null;
+  const value = Array.isArray(raw) ? raw[0] : raw;
+  if (!/^[\x21-\x7e]{1,255}$/.test(value)) throw errors.invalidHeader('Idempotency-Key', 'must be 1-255 visible ASCII characters');
+  return value;
+}
+
+export function setVersion(reply: FastifyReply, version: number): void {
+  reply.header('etag', `"${version}"`);
+  reply.header('x-session-version', String(version));
+}
+
+export function sessionJson(s: SessionRecord): Record<string, unknown> {
+  return {
+    name: s.name,
+    version: s.version,
+    step: s.step,
+    numel: s.numel,
+    params: s.params.map((p) => ({ name: p.name, shape: p.shape, numel: numelOf(p.shape) })),
+    param_groups: s.groups.map(publicGroup),
+    snapshot_every: s.snapshotEvery,
+    keep_snapshots: s.keepSnapshots,
+    max_staleness: s.maxStaleness,
+    created_at: s.createdAt.toISOString(),
+    updated_at: s.updatedAt.toISOString(),
+  };
+}
+
+export function snapshotJson(s: SnapshotRecord): Record<string, unknown> {
+  return {
+    id: s.id,
+    version: s.version,
+    step: s.step,
+    reason: s.reason,
+    pinned: s.pinned,
+    byte_size: s.byteSize,
+    checksum: `sha256:${s.checksum}`,
+    created_at: s.createdAt.toISOString(),
+  };
+}
+
+/** A whole number from a query string or body field, or null when absent. */
+export function optionalWhole(value: unknown, field: string, min = 0): number | null {
+  if (value === undefined || value === null || value === '') return null;
+  const n = typeof value === 'string' && /^\d{1,15}$/.test(value) ? Number(value) : value;
+  if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < min) throw errors.invalidQuery(field, `must be a whole number >= ${min}`);
+  return n;
+}
+
+export function booleanQuery(value: unknown, field: string): boolean {
+  if (value === undefined || value === '' || value === 'false' || value === '0' || value === false) return false;
+  if (value === 'true' || value === '1' || value === true) return true;
+  throw errors.invalidQuery(field, 'must be true or false');
+}

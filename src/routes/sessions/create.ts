@@ -1,0 +1,78 @@
+// Reads a create request (JSON today; torch.save / safetensors bodies go through the same checks).
+import type { FastifyRequest } from 'fastify';
+import type { Config } from '../../config.ts';
+import type { GroupSpec, ParamSpec } from '../../db/schema.ts';
+import { errors } from '../../errors.ts';
+import type { CreateInput } from '../../sessions/service.ts';
+import {
+  assertName, assertShape, buildGroups, DEFAULT_GROUP, MAX_PARAMS, MAX_SESSION_NUMEL, numelOf, PARAM_NAME_MAX, resolveHyperparameters,
+  type HyperparameterInput,
+} from '../../sessions/spec.ts';
+import { readJsonTensor } from '../../sessions/tensors.ts';
+import { optionalWhole } from '../common.ts';
+
+const CREATE_KEYS = ['name', 'params', 'hyperparameters', 'param_groups', 'snapshot_every', 'keep_snapshots', 'max_staleness'];
+
+export function assertParamName(value: unknown, field: string): string {
+  // eslint-disable-next-line no-control-regex
+  if (typeof value !== 'string' || value.length === 0 || value.length > PARAM_NAME_MAX || /[\u0000-\u001f\u007f]/.test(value)) {
+    throw errors.invalidTensor(field, `parameter names must be 1-${PARAM_NAME_MAX} characters without control characters`);
+  }
+  return value;
+}
+
+/** The parts of a create request other than the tensors (shared by the JSON and the file forms). */
+export function parseCreateOptions(body: Record<string, unknown>, config: Config, params: ParamSpec[], data: Float32Array[]): CreateInput {
+  const name = assertName(body.name, 'name');
+  if (params.length === 0) throw errors.invalidBody('params: a session needs at least one parameter');
+  const defaults = resolveHyperparameters(DEFAULT_GROUP as Omit<GroupSpec, 'params'>, body.hyperparameters as HyperparameterInput | undefined, 'hyperparameters');
+  const { params: ordered, groups, order } = buildGroups(params, defaults, body.param_groups);
+  const snapshotEvery = optionalWhole(body.snapshot_every, 'snapshot_every', 1) ?? config.defaultSnapshotEvery;
+  const keepSnapshots = optionalWhole(body.keep_snapshots, 'keep_snapshots', 1) ?? config.defaultKeepSnapshots;
+  const maxStaleness = optionalWhole(body.max_staleness, 'max_staleness', 0);
+  return { name, params: ordered, data: order.map((i) => data[i]), groups, snapshotEvery, keepSnapshots, maxStaleness };
+}
+
+export function checkParamList(params: ParamSpec[]): void {
+  if (params.length > MAX_PARAMS) throw errors.invalidBody(`params: at most ${MAX_PARAMS} parameters`);
+  const seen = new Set<string>();
+  let total = 0;
+  params.forEach((p, i) => {
+    if (seen.has(p.name)) throw errors.invalidBody(`params[${i}].name: ${JSON.stringify(p.name)} appears twice`);
+    seen.add(p.name);
+    total += numelOf(p.shape);
+  });
+  if (total > MAX_SESSION_NUMEL) throw errors.tooLarge(`params: ${total} elements; a session holds at most ${MAX_SESSION_NUMEL}`);
+}
+
+export async function parseCreateBody(request: FastifyRequest, config: Config): Promise<CreateInput> {
+  const body = request.body;
+  if (body === null || typeof body !== 'object' || Array.isArray(body) || Buffer.isBuffer(body)) {
+    throw errors.invalidBody('body: must be a JSON object {"name", "params", ...}');
+  }
+  const b = body as Record<string, unknown>;
+  for (const key of Object.keys(b)) if (!CREATE_KEYS.includes(key)) throw errors.invalidBody(`${key}: unknown key`);
+  assertName(b.name, 'name');
+  if (!Array.isArray(b.params)) throw errors.invalidBody('params: must be a list of {"name", "shape", "data"}');
+  if (b.params.length > MAX_PARAMS) throw errors.invalidBody(`params: at most ${MAX_PARAMS} parameters`);
+  const params: ParamSpec[] = [];
+  const data: Float32Array[] = [];
+  let total = 0;
+  for (const [i, raw] of (b.params as unknown[]).entries()) {
+    const field = `params[${i}]`;
+    if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) throw errors.invalidBody(`${field}: must be {"name", "shape", "data"}`);
+    const p = raw as Record<string, unknown>;
+    for (const key of Object.keys(p)) if (!['name', 'shape', 'data', 'dtype'].includes(key)) throw errors.invalidBody(`${field}.${key}: unknown key`);
+    const name = assertParamName(p.name, `${field}.name`);
+    const shape = assertShape(p.shape, `${field}.shape`);
+    const numel = numelOf(shape);
+    total += numel;
+    if (total > MAX_SESSION_NUMEL) throw errors.tooLarge(`params: more than ${MAX_SESSION_NUMEL} elements; a session holds at most that`);
+    const values = new Float32Array(numel);
+    readJsonTensor({ shape: p.shape, data: p.data, ...(p.dtype !== undefined && { dtype: p.dtype }) }, `${field}`, shape, values, 'reject');
+    params.push({ name, shape });
+    data.push(values);
+  }
+  checkParamList(params);
+  return parseCreateOptions(b, config, params, data);
+}

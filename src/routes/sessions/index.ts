@@ -1,0 +1,140 @@
+// /v1/sessions: create, list, read, change settings, delete; and the sub-resources' plugins.
+import type { FastifyInstance } from 'fastify';
+import { Type } from 'typebox';
+import type { Config } from '../../config.ts';
+import { errors } from '../../errors.ts';
+import { sessionJson, setVersion, ifMatchOf, optionalWhole } from '../common.ts';
+import { errorResponses, Hyperparameters, NameParams, Session, Tensor } from '../schemas.ts';
+import { parseCreateBody } from './create.ts';
+import stepRoutes from './step.ts';
+import stateRoutes from './state.ts';
+import snapshotRoutes from './snapshots.ts';
+
+export default async function sessionRoutes(fastify: FastifyInstance, opts: { config: Config }) {
+  const { config } = opts;
+
+  fastify.post('/', {
+    bodyLimit: config.bodyLimitCreate,
+    schema: {
+      summary: 'Create a session',
+      description: 'Creates a training session from named float32 parameters and ASGD hyperparameters. The body is JSON, or a torch.save / safetensors file (see the README).',
+      tags: ['sessions'],
+      body: Type.Object({
+        name: Type.String(),
+        params: Type.Array(Type.Object({ name: Type.String(), shape: Type.Array(Type.Integer()), data: Type.Array(Type.Number()) })),
+        hyperparameters: Type.Optional(Hyperparameters),
+        param_groups: Type.Optional(Type.Array(Type.Object({ params: Type.Array(Type.String()) }, { additionalProperties: true }))),
+        snapshot_every: Type.Optional(Type.Integer({ minimum: 1 })),
+        keep_snapshots: Type.Optional(Type.Integer({ minimum: 1 })),
+        max_staleness: Type.Optional(Type.Union([Type.Integer({ minimum: 0 }), Type.Null()])),
+      }, {
+        examples: [{ name: 'mnist-run-1', params: [{ name: 'w', shape: [2, 2], data: [0.1, 0.2, 0.3, 0.4] }], hyperparameters: { lr: 0.01, t0: 100 } }],
+      }),
+      response: { 201: Session, ...errorResponses(400, 401, 403, 409, 413, 415) },
+    },
+    // The body is validated by the domain (it may hold millions of numbers); the schema above documents it.
+    validatorCompiler: () => () => true,
+  }, async (request, reply) => {
+    const input = await parseCreateBody(request, config);
+    const session = await fastify.sessions.create(input);
+    setVersion(reply, session.version);
+    reply.header('location', `/v1/sessions/${session.name}`);
+    return reply.status(201).send(sessionJson(session));
+  });
+
+  fastify.get('/', {
+    schema: {
+      summary: 'List sessions',
+      tags: ['sessions'],
+      querystring: Type.Object({
+        limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 100 })),
+        after: Type.Optional(Type.String({ maxLength: 128, description: 'Cursor: the last name of the previous page' })),
+      }),
+      response: { 200: Type.Object({ sessions: Type.Array(Session), next: Type.Union([Type.String(), Type.Null()]) }), ...errorResponses(400, 401, 403) },
+    },
+  }, async (request) => {
+    const { limit = 100, after } = request.query as { limit?: number; after?: string };
+    const rows = await fastify.sessions.list(after ?? null, limit + 1);
+    const page = rows.slice(0, limit);
+    return { sessions: page.map(sessionJson), next: rows.length > limit ? page[page.length - 1].name : null };
+  });
+
+  fastify.get('/:name', {
+    schema: { summary: 'Read a session', tags: ['sessions'], params: NameParams, response: { 200: Session, ...errorResponses(400, 401, 403, 404) } },
+  }, async (request, reply) => {
+    const session = await fastify.sessions.get((request.params as { name: string }).name);
+    setVersion(reply, session.version);
+    return sessionJson(session);
+  });
+
+  fastify.patch('/:name', {
+    schema: {
+      summary: 'Change a session\'s settings',
+      description: 'Settings do not change the state, so the version stays.',
+      tags: ['sessions'],
+      params: NameParams,
+      body: Type.Object({
+        snapshot_every: Type.Optional(Type.Integer({ minimum: 1, maximum: 1_000_000 })),
+        keep_snapshots: Type.Optional(Type.Integer({ minimum: 1, maximum: 100_000 })),
+        max_staleness: Type.Optional(Type.Union([Type.Integer({ minimum: 0 }), Type.Null()])),
+      }, { additionalProperties: false }),
+      response: { 200: Session, ...errorResponses(400, 401, 403, 404) },
+    },
+  }, async (request, reply) => {
+    const body = request.body as { snapshot_every?: number; keep_snapshots?: number; max_staleness?: number | null };
+    const session = await fastify.sessions.updateSettings((request.params as { name: string }).name, {
+      ...(body.snapshot_every !== undefined && { snapshotEvery: body.snapshot_every }),
+      ...(body.keep_snapshots !== undefined && { keepSnapshots: body.keep_snapshots }),
+      ...(body.max_staleness !== undefined && { maxStaleness: body.max_staleness }),
+    });
+    setVersion(reply, session.version);
+    return sessionJson(session);
+  });
+
+  fastify.delete('/:name', {
+    schema: {
+      summary: 'Delete a session with its snapshots and log',
+      tags: ['sessions'],
+      params: NameParams,
+      response: { 204: Type.Null(), ...errorResponses(400, 401, 403, 404, 412) },
+    },
+  }, async (request, reply) => {
+    await fastify.sessions.remove((request.params as { name: string }).name, ifMatchOf(request));
+    return reply.status(204).send();
+  });
+
+  fastify.post('/:name/fork', {
+    schema: {
+      summary: 'Fork a session',
+      description: 'A new session that starts from a snapshot of this one (or its current state): same parameters, optimizer state and step count, version 1.',
+      tags: ['snapshots'],
+      params: NameParams,
+      body: Type.Object({
+        name: Type.String({ pattern: '^[A-Za-z0-9._-]{1,128}$' }),
+        snapshot: Type.Optional(Type.Integer({ minimum: 1 })),
+        snapshot_every: Type.Optional(Type.Integer({ minimum: 1 })),
+        keep_snapshots: Type.Optional(Type.Integer({ minimum: 1 })),
+        max_staleness: Type.Optional(Type.Union([Type.Integer({ minimum: 0 }), Type.Null()])),
+      }, { additionalProperties: false }),
+      response: { 201: Session, ...errorResponses(400, 401, 403, 404, 409) },
+    },
+  }, async (request, reply) => {
+    const body = request.body as { name: string; snapshot?: number; snapshot_every?: number; keep_snapshots?: number; max_staleness?: number | null };
+    const session = await fastify.sessions.fork((request.params as { name: string }).name, {
+      name: body.name,
+      snapshotId: optionalWhole(body.snapshot, 'snapshot', 1),
+      snapshotEvery: body.snapshot_every,
+      keepSnapshots: body.keep_snapshots,
+      maxStaleness: body.max_staleness,
+    });
+    setVersion(reply, session.version);
+    reply.header('location', `/v1/sessions/${session.name}`);
+    return reply.status(201).send(sessionJson(session));
+  });
+
+  void Tensor;
+  void errors;
+  await fastify.register(stepRoutes, { config });
+  await fastify.register(stateRoutes, { config });
+  await fastify.register(snapshotRoutes, { config });
+}

@@ -1,0 +1,286 @@
+// SQL of the session domain. Hot-path statements are prepared (named) on PostgreSQL and move bytea
+// in binary both ways; PGlite gets base64 parameters (see Database.byteaParam).
+import type { Database, Queryable } from '../db/database.ts';
+import type { GroupSpec, ParamSpec, ScalarStateRow } from '../db/schema.ts';
+
+export const CHUNK_BYTES = 8 * 1024 * 1024;
+
+export interface SessionRecord {
+  id: number;
+  name: string;
+  params: ParamSpec[];
+  groups: GroupSpec[];
+  numel: number;
+  version: number;
+  step: number;
+  snapshotEvery: number;
+  keepSnapshots: number;
+  maxStaleness: number | null;
+  createdAt: Date;
+  updatedAt: Date;
+}
+
+export interface SnapshotRecord {
+  id: number;
+  sessionId: number;
+  version: number;
+  step: number;
+  reason: string;
+  pinned: boolean;
+  groups: GroupSpec[];
+  scalars: ScalarStateRow[];
+  byteSize: number;
+  chunkCount: number;
+  checksum: string;
+  createdAt: Date;
+}
+
+export interface StepLogEntry {
+  version: number;
+  present: number[];
+  grads: Buffer;
+}
+
+const SESSION_COLUMNS = `id::float8 AS id, name, params, groups, numel::float8 AS numel, version::float8 AS version, step::float8 AS step,
+  snapshot_every, keep_snapshots, max_staleness, created_at, updated_at`;
+
+function toSession(r: Record<string, unknown>): SessionRecord {
+  return {
+    id: r.id as number,
+    name: r.name as string,
+    params: r.params as ParamSpec[],
+    groups: r.groups as GroupSpec[],
+    numel: r.numel as number,
+    version: r.version as number,
+    step: r.step as number,
+    snapshotEvery: r.snapshot_every as number,
+    keepSnapshots: r.keep_snapshots as number,
+    maxStaleness: (r.max_staleness as number | null) ?? null,
+    createdAt: new Date(r.created_at as string),
+    updatedAt: new Date(r.updated_at as string),
+  };
+}
+
+const SNAPSHOT_COLUMNS = `id::float8 AS id, session_id::float8 AS session_id, version::float8 AS version, step::float8 AS step, reason,
+  pinned, groups, scalars, byte_size::float8 AS byte_size, chunk_count, checksum, created_at`;
+
+function toSnapshot(r: Record<string, unknown>): SnapshotRecord {
+  return {
+    id: r.id as number,
+    sessionId: r.session_id as number,
+    version: r.version as number,
+    step: r.step as number,
+    reason: r.reason as string,
+    pinned: r.pinned as boolean,
+    groups: r.groups as GroupSpec[],
+    scalars: r.scalars as ScalarStateRow[],
+    byteSize: r.byte_size as number,
+    chunkCount: r.chunk_count as number,
+    checksum: r.checksum as string,
+    createdAt: new Date(r.created_at as string),
+  };
+}
+
+export async function insertSession(
+  q: Queryable,
+  s: Pick<SessionRecord, 'name' | 'params' | 'groups' | 'numel' | 'step' | 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness'>,
+): Promise<SessionRecord | null> {
+  const rows = await q.query(
+    `INSERT INTO sessions (name, params, groups, numel, version, step, snapshot_every, keep_snapshots, max_staleness)
+     VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8) ON CONFLICT (name) DO NOTHING RETURNING ${SESSION_COLUMNS}`,
+    [s.name, JSON.stringify(s.params), JSON.stringify(s.groups), s.numel, s.step, s.snapshotEvery, s.keepSnapshots, s.maxStaleness],
+  );
+  return rows.length ? toSession(rows[0]) : null;
+}
+
+export async function findSession(q: Queryable, name: string, lock = false): Promise<SessionRecord | null> {
+  const rows = await q.query(
+    `SELECT ${SESSION_COLUMNS} FROM sessions WHERE name = $1${lock ? ' FOR UPDATE' : ''}`,
+    [name],
+    { name: lock ? 'session_lock' : 'session_find' },
+  );
+  return rows.length ? toSession(rows[0]) : null;
+}
+
+export async function listSessions(q: Queryable, after: string | null, limit: number): Promise<SessionRecord[]> {
+  const rows = await q.query(
+    `SELECT ${SESSION_COLUMNS} FROM sessions WHERE ($1::text IS NULL OR name > $1) ORDER BY name LIMIT $2`,
+    [after, limit],
+  );
+  return rows.map(toSession);
+}
+
+export async function deleteSession(q: Queryable, name: string): Promise<boolean> {
+  const rows = await q.query('DELETE FROM sessions WHERE name = $1 RETURNING id', [name]);
+  return rows.length > 0;
+}
+
+export async function updateSessionSettings(
+  q: Queryable,
+  id: number,
+  s: Pick<SessionRecord, 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness'>,
+): Promise<SessionRecord> {
+  const rows = await q.query(
+    `UPDATE sessions SET snapshot_every = $2, keep_snapshots = $3, max_staleness = $4, updated_at = now() WHERE id = $1 RETURNING ${SESSION_COLUMNS}`,
+    [id, s.snapshotEvery, s.keepSnapshots, s.maxStaleness],
+  );
+  return toSession(rows[0]);
+}
+
+/** Bumps the version (and the step count when `stepped`), optionally replacing the groups. */
+export async function advanceSession(q: Queryable, id: number, version: number, step: number, groups?: GroupSpec[]): Promise<Date> {
+  const rows = groups
+    ? await q.query<{ updated_at: string }>(
+        'UPDATE sessions SET version = $2, step = $3, groups = $4, updated_at = now() WHERE id = $1 RETURNING updated_at',
+        [id, version, step, JSON.stringify(groups)],
+      )
+    : await q.query<{ updated_at: string }>(
+        'UPDATE sessions SET version = $2, step = $3, updated_at = now() WHERE id = $1 RETURNING updated_at',
+        [id, version, step],
+        { name: 'session_advance' },
+      );
+  return new Date(rows[0].updated_at);
+}
+
+export async function insertStep(db: Database, q: Queryable, sessionId: number, entry: StepLogEntry, baseVersion: number | null): Promise<void> {
+  await q.query(
+    `INSERT INTO step_log (session_id, version, present, grads, base_version) VALUES ($1, $2, $3, ${db.byteaParam(4)}, $5)`,
+    [sessionId, entry.version, JSON.stringify(entry.present), db.byteaValue(entry.grads), baseVersion],
+    { name: 'step_log_insert' },
+  );
+}
+
+/** The log entries in (fromVersion, toVersion], in order, at most `limit` of them. */
+export async function readSteps(q: Queryable, sessionId: number, fromVersion: number, toVersion: number, limit: number): Promise<StepLogEntry[]> {
+  const meta = await q.query<{ version: number; present: number[] }>(
+    'SELECT version::float8 AS version, present FROM step_log WHERE session_id = $1 AND version > $2 AND version <= $3 ORDER BY version LIMIT $4',
+    [sessionId, fromVersion, toVersion, limit],
+  );
+  if (meta.length === 0) return [];
+  const grads = await q.query<{ grads: Buffer }>(
+    'SELECT grads FROM step_log WHERE session_id = $1 AND version > $2 AND version <= $3 ORDER BY version LIMIT $4',
+    [sessionId, fromVersion, meta[meta.length - 1].version, limit],
+    { binary: true },
+  );
+  if (grads.length !== meta.length) throw new Error('step log changed while it was read');
+  return meta.map((m, i) => ({ version: m.version, present: m.present, grads: grads[i].grads }));
+}
+
+export async function insertSnapshot(
+  db: Database,
+  q: Queryable,
+  s: Omit<SnapshotRecord, 'id' | 'createdAt' | 'chunkCount' | 'byteSize'>,
+  bytes: Buffer,
+): Promise<SnapshotRecord | null> {
+  const chunkCount = Math.ceil(bytes.byteLength / CHUNK_BYTES);
+  const rows = await q.query(
+    `INSERT INTO snapshots (session_id, version, step, reason, pinned, groups, scalars, byte_size, chunk_count, checksum)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (session_id, version) DO NOTHING RETURNING ${SNAPSHOT_COLUMNS}`,
+    [s.sessionId, s.version, s.step, s.reason, s.pinned, JSON.stringify(s.groups), JSON.stringify(s.scalars), bytes.byteLength, chunkCount, s.checksum],
+  );
+  if (rows.length === 0) return null;
+  const snapshot = toSnapshot(rows[0]);
+  for (let seq = 0; seq < chunkCount; seq++) {
+    const chunk = bytes.subarray(seq * CHUNK_BYTES, Math.min(bytes.byteLength, (seq + 1) * CHUNK_BYTES));
+    await q.query(`INSERT INTO snapshot_chunks (snapshot_id, seq, data) VALUES ($1, $2, ${db.byteaParam(3)})`, [snapshot.id, seq, db.byteaValue(chunk)], {
+      name: 'snapshot_chunk_insert',
+    });
+  }
+  return snapshot;
+}
+
+export async function findSnapshotAtOrBelow(q: Queryable, sessionId: number, version: number): Promise<SnapshotRecord | null> {
+  const rows = await q.query(
+    `SELECT ${SNAPSHOT_COLUMNS} FROM snapshots WHERE session_id = $1 AND version <= $2 ORDER BY version DESC LIMIT 1`,
+    [sessionId, version],
+  );
+  return rows.length ? toSnapshot(rows[0]) : null;
+}
+
+export async function findSnapshot(q: Queryable, sessionId: number, id: number): Promise<SnapshotRecord | null> {
+  const rows = await q.query(`SELECT ${SNAPSHOT_COLUMNS} FROM snapshots WHERE session_id = $1 AND id = $2`, [sessionId, id]);
+  return rows.length ? toSnapshot(rows[0]) : null;
+}
+
+export async function listSnapshots(q: Queryable, sessionId: number): Promise<SnapshotRecord[]> {
+  const rows = await q.query(`SELECT ${SNAPSHOT_COLUMNS} FROM snapshots WHERE session_id = $1 ORDER BY version DESC`, [sessionId]);
+  return rows.map(toSnapshot);
+}
+
+export async function oldestSnapshotVersion(q: Queryable, sessionId: number): Promise<number | null> {
+  const rows = await q.query<{ v: number | null }>('SELECT min(version)::float8 AS v FROM snapshots WHERE session_id = $1', [sessionId]);
+  return rows[0]?.v ?? null;
+}
+
+export async function newestSnapshotVersion(q: Queryable, sessionId: number): Promise<number | null> {
+  const rows = await q.query<{ v: number | null }>('SELECT max(version)::float8 AS v FROM snapshots WHERE session_id = $1', [sessionId]);
+  return rows[0]?.v ?? null;
+}
+
+export async function setSnapshotPinned(q: Queryable, sessionId: number, id: number, pinned: boolean): Promise<SnapshotRecord | null> {
+  const rows = await q.query(`UPDATE snapshots SET pinned = $3 WHERE session_id = $1 AND id = $2 RETURNING ${SNAPSHOT_COLUMNS}`, [sessionId, id, pinned]);
+  return rows.length ? toSnapshot(rows[0]) : null;
+}
+
+/** Reads a snapshot's tensor bytes into `target` chunk by chunk (bounded memory); returns the chunks read. */
+export async function readSnapshotChunks(q: Queryable, snapshotId: number, onChunk: (seq: number, data: Buffer) => void): Promise<number> {
+  const BATCH = 8;
+  let seq = 0;
+  for (;;) {
+    const rows = await q.query<{ data: Buffer }>(
+      'SELECT data FROM snapshot_chunks WHERE snapshot_id = $1 AND seq >= $2 AND seq < $3 ORDER BY seq',
+      [snapshotId, seq, seq + BATCH],
+      { binary: true },
+    );
+    for (const row of rows) onChunk(seq++, row.data);
+    if (rows.length < BATCH) return seq;
+  }
+}
+
+/**
+ * Retention: keep the newest `keep` snapshots and every pinned one; then drop the log behind the oldest
+ * of the kept window (pinned snapshots outside it stand alone: readable, restorable, not replayed from).
+ */
+export async function pruneHistory(q: Queryable, sessionId: number, keep: number): Promise<{ snapshots: number; steps: number }> {
+  const deleted = await q.query(
+    `DELETE FROM snapshots WHERE session_id = $1 AND NOT pinned AND version < (
+       SELECT min(version) FROM (SELECT version FROM snapshots WHERE session_id = $1 ORDER BY version DESC LIMIT $2) newest)
+     RETURNING id`,
+    [sessionId, keep],
+  );
+  const steps = await q.query(
+    `DELETE FROM step_log WHERE session_id = $1 AND version <= (
+       SELECT min(version) FROM (SELECT version FROM snapshots WHERE session_id = $1 ORDER BY version DESC LIMIT $2) newest)
+     RETURNING version`,
+    [sessionId, keep],
+  );
+  return { snapshots: deleted.length, steps: steps.length };
+}
+
+export async function findIdempotentAnswer(
+  q: Queryable,
+  sessionId: number,
+  key: string,
+  windowSeconds: number,
+): Promise<{ requestHash: string; response: Record<string, unknown> } | null> {
+  const rows = await q.query<{ request_hash: string; response: Record<string, unknown> }>(
+    'SELECT request_hash, response FROM idempotency_keys WHERE session_id = $1 AND key = $2 AND created_at >= now() - make_interval(secs => $3)',
+    [sessionId, key, windowSeconds],
+    { name: 'idempotency_find' },
+  );
+  return rows.length ? { requestHash: rows[0].request_hash, response: rows[0].response } : null;
+}
+
+export async function saveIdempotentAnswer(q: Queryable, sessionId: number, key: string, requestHash: string, response: Record<string, unknown>): Promise<void> {
+  await q.query(
+    `INSERT INTO idempotency_keys (session_id, key, request_hash, response) VALUES ($1, $2, $3, $4)
+     ON CONFLICT (session_id, key) DO UPDATE SET request_hash = EXCLUDED.request_hash, response = EXCLUDED.response, created_at = now()`,
+    [sessionId, key, requestHash, JSON.stringify(response)],
+    { name: 'idempotency_save' },
+  );
+}
+
+export async function pruneIdempotencyKeys(q: Queryable, windowSeconds: number): Promise<number> {
+  const rows = await q.query("DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1) RETURNING key", [windowSeconds]);
+  return rows.length;
+}

@@ -1,0 +1,648 @@
+// The session domain: create, step, read, restore, snapshot, fork. Route -> here -> kernel and db.
+//
+// Durability model: a step's transaction writes the gradient to the step log and bumps the version under
+// the session's row lock; the answer comes after the commit. Full snapshots (params + optimizer state)
+// are written every `snapshotEvery` steps off the request path, and synchronously for changes that are
+// not steps (create, load_state_dict, restore, fork). The state at version v is the newest snapshot at
+// or below v with the logged steps after it replayed; the kernel is deterministic, so the replay is
+// bit-exact. A process keeps decoded state in memory and steps it in place only while its version equals
+// the database's; a failed transaction drops the in-memory copy.
+import type { FastifyBaseLogger } from 'fastify';
+import type { Database, Queryable } from '../db/database.ts';
+import type { GroupSpec, ParamSpec, ScalarStateRow } from '../db/schema.ts';
+import { ApiError, errors } from '../errors.ts';
+import type { AsgdKernel, KernelOptions } from '../optim/types.ts';
+import { decodeGradients, packGradients, unpackGradients, type GradientInput } from './gradients.ts';
+import { KeyedMutex } from './mutex.ts';
+import * as repo from './repository.ts';
+import type { SessionRecord, SnapshotRecord } from './repository.ts';
+import { SessionState, layoutOf, snapshotChecksum, type Layout } from './state.ts';
+
+export interface SessionServiceOptions {
+  db: Database;
+  kernel: AsgdKernel;
+  kernelOptions: KernelOptions;
+  log: FastifyBaseLogger;
+  cacheBytes: number;
+  idempotencyWindowSeconds: number;
+  hooks?: SessionHooks;
+}
+
+export interface SessionHooks {
+  stepped?(session: string, seconds: number, lockWaitSeconds: number): void;
+  snapshotted?(session: string, reason: string): void;
+}
+
+export interface StepOptions {
+  ifMatch?: number | null;
+  idempotencyKey?: string | null;
+  requestHash?: string;
+  baseVersion?: number | null;
+}
+
+export interface StepAnswer {
+  session: string;
+  step: number;
+  version: number;
+  staleness: number;
+  replayed?: boolean;
+}
+
+/** A consistent copy of a session's state at one version, for encoders (JSON, torch.save, safetensors). */
+export interface StateView {
+  session: string;
+  version: number;
+  step: number;
+  params: ParamSpec[];
+  layout: Layout;
+  groups: GroupSpec[];
+  scalars: ScalarStateRow[];
+  paramData: Float32Array;
+  axData: Float32Array;
+}
+
+/** A state_dict to load, already decoded from JSON or a torch.save file (indices as saved). */
+export interface LoadedStateDict {
+  paramGroups: { params: number[]; hyper: Omit<GroupSpec, 'params'> }[];
+  state: Map<number, { step: number; eta: number; mu: number; ax: Float32Array; axShape: number[] | null }>;
+}
+
+export interface CreateInput {
+  name: string;
+  params: ParamSpec[];
+  data: Float32Array[];
+  groups: GroupSpec[];
+  snapshotEvery: number;
+  keepSnapshots: number;
+  maxStaleness: number | null;
+}
+
+interface Cached {
+  state: SessionState;
+  lastSnapshotVersion: number;
+  lastUsed: number;
+}
+
+/** A hint for the route layer: the pg error codes that mean "try again", never "you sent something wrong". */
+const RETRYABLE_PG = /^(08|53|57P0[1-3]|40001|40P01)/;
+
+export function isRetryableDbError(err: unknown): boolean {
+  const e = err as { code?: unknown; message?: unknown };
+  if (typeof e?.code === 'string' && (RETRYABLE_PG.test(e.code) || ['ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'ENOTFOUND'].includes(e.code))) return true;
+  const message = typeof e?.message === 'string' ? e.message : '';
+  return /Connection terminated|connection timeout|timeout exceeded when trying to connect|Client has encountered a connection error|not queryable/i.test(message);
+}
+
+export function createSessionService(options: SessionServiceOptions) {
+  const { db, kernel, kernelOptions, log, hooks } = options;
+  const cache = new Map<number, Cached>();
+  const mutex = new KeyedMutex();
+  const pendingSnapshots = new Set<Promise<void>>();
+  let cachedBytes = 0;
+  let closing = false;
+
+  // ---- cache -------------------------------------------------------------------------------------
+
+  function remember(state: SessionState, lastSnapshotVersion: number): void {
+    const old = cache.get(stateId(state));
+    if (old && old.state !== state) forget(stateId(state));
+    if (!old || old.state !== state) cachedBytes += state.layout.numel * 12;
+    cache.set(stateId(state), { state, lastSnapshotVersion, lastUsed: Date.now() });
+    // Evict least recently used sessions beyond the budget (never the one just used).
+    if (cachedBytes > options.cacheBytes) {
+      const byAge = [...cache.entries()].sort((a, b) => a[1].lastUsed - b[1].lastUsed);
+      for (const [id, entry] of byAge) {
+        if (cachedBytes <= options.cacheBytes || entry.state === state) continue;
+        forget(id);
+      }
+    }
+  }
+
+  const stateIds = new WeakMap<SessionState, number>();
+  const stateId = (state: SessionState) => stateIds.get(state)!;
+
+  function forget(id: number): void {
+    const entry = cache.get(id);
+    if (!entry) return;
+    cache.delete(id);
+    cachedBytes -= entry.state.layout.numel * 12;
+    entry.state.arena.release();
+  }
+
+  function newState(session: { id: number; params: ParamSpec[] }, version: number, step: number, groups: GroupSpec[], scalars: ScalarStateRow[]): SessionState {
+    const layout = layoutOf(session.params);
+    const state = new SessionState(layout, kernel.createArena(layout.numel), version, step, groups, scalars);
+    stateIds.set(state, session.id);
+    return state;
+  }
+
+  // ---- loading and replay --------------------------------------------------------------------------
+
+  async function loadSnapshotInto(q: Queryable, snapshot: SnapshotRecord, session: { id: number; params: ParamSpec[] }): Promise<SessionState> {
+    const state = newState(session, snapshot.version, snapshot.step, snapshot.groups, snapshot.scalars);
+    const n = state.layout.numel;
+    const total = n * 8;
+    if (snapshot.byteSize !== total) throw new Error(`snapshot ${snapshot.id} holds ${snapshot.byteSize} bytes, expected ${total}`);
+    const paramBytes = new Uint8Array(state.arena.params.buffer, state.arena.params.byteOffset, n * 4);
+    const axBytes = new Uint8Array(state.arena.ax.buffer, state.arena.ax.byteOffset, n * 4);
+    const seen: Buffer[] = [];
+    let at = 0;
+    const chunks = await repo.readSnapshotChunks(q, snapshot.id, (seq, data) => {
+      // Copy the chunk into params (first half) and ax (second half) as it arrives.
+      let offset = 0;
+      while (offset < data.byteLength) {
+        if (at < n * 4) {
+          const take = Math.min(data.byteLength - offset, n * 4 - at);
+          paramBytes.set(data.subarray(offset, offset + take), at);
+          offset += take;
+          at += take;
+        } else {
+          const take = Math.min(data.byteLength - offset, total - at);
+          axBytes.set(data.subarray(offset, offset + take), at - n * 4);
+          offset += take;
+          at += take;
+        }
+      }
+      seen.push(data);
+      if (seen.length !== seq + 1) throw new Error(`snapshot ${snapshot.id}: chunk ${seq} out of order`);
+    });
+    if (chunks !== snapshot.chunkCount || at !== total) {
+      state.arena.release();
+      throw new ApiError(503, 'SNAPSHOT_UNAVAILABLE', `snapshot ${snapshot.id} changed while it was read; try again`, undefined, { 'retry-after': '1' });
+    }
+    const checksum = snapshotChecksum(seen, snapshot.groups, snapshot.scalars);
+    if (checksum !== snapshot.checksum) {
+      state.arena.release();
+      throw new Error(`snapshot ${snapshot.id} of session ${session.id} fails its checksum`);
+    }
+    return state;
+  }
+
+  /** Replays the logged steps in (state.version, target]; false when the log has a gap (pruned). */
+  async function replay(q: Queryable, state: SessionState, target: number): Promise<boolean> {
+    const BATCH = 16;
+    while (state.version < target) {
+      const entries = await repo.readSteps(q, stateId(state), state.version, target, BATCH);
+      if (entries.length === 0) return false;
+      for (const entry of entries) {
+        if (entry.version !== state.version + 1) return false;
+        unpackGradients(state, entry.present, entry.grads);
+        state.applyStep(entry.present, kernel, kernelOptions);
+      }
+    }
+    return true;
+  }
+
+  /** The session's state at `version`, built from the newest snapshot at or below it and the log. */
+  async function buildState(q: Queryable, session: SessionRecord, version: number): Promise<{ state: SessionState; snapshotVersion: number }> {
+    const snapshot = await repo.findSnapshotAtOrBelow(q, session.id, version);
+    if (!snapshot) throw errors.versionNotAvailable(version, await repo.oldestSnapshotVersion(q, session.id), session.version);
+    const state = await loadSnapshotInto(q, snapshot, session);
+    if (!(await replay(q, state, version))) {
+      state.arena.release();
+      throw errors.versionNotAvailable(version, await repo.oldestSnapshotVersion(q, session.id), session.version);
+    }
+    return { state, snapshotVersion: snapshot.version };
+  }
+
+  /** The cached state brought to the session's current version (caught up from the log or rebuilt). */
+  async function currentState(q: Queryable, session: SessionRecord): Promise<Cached> {
+    const cached = cache.get(session.id);
+    if (cached && cached.state.version === session.version) {
+      cached.lastUsed = Date.now();
+      return cached;
+    }
+    if (cached && cached.state.version < session.version) {
+      try {
+        if (await replay(q, cached.state, session.version)) {
+          cached.lastUsed = Date.now();
+          return cached;
+        }
+      } catch (err) {
+        forget(session.id);
+        throw err;
+      }
+    }
+    forget(session.id);
+    const { state, snapshotVersion } = await buildState(q, session, session.version);
+    remember(state, snapshotVersion);
+    return cache.get(session.id)!;
+  }
+
+  async function mustFind(q: Queryable, name: string, lock = false): Promise<SessionRecord> {
+    const session = await repo.findSession(q, name, lock);
+    if (!session) throw errors.sessionNotFound(name);
+    return session;
+  }
+
+  function checkIfMatch(ifMatch: number | null | undefined, session: SessionRecord): void {
+    if (ifMatch !== null && ifMatch !== undefined && ifMatch !== session.version) throw errors.versionMismatch(`"${ifMatch}"`, session.version);
+  }
+
+  // ---- snapshots -----------------------------------------------------------------------------------
+
+  async function writeSnapshot(
+    q: Queryable,
+    sessionId: number,
+    meta: { version: number; step: number; groups: GroupSpec[]; scalars: ScalarStateRow[] },
+    bytes: Buffer,
+    reason: string,
+    pinned = false,
+  ): Promise<SnapshotRecord | null> {
+    const chunks: Buffer[] = [];
+    for (let at = 0; at < bytes.byteLength; at += repo.CHUNK_BYTES) chunks.push(bytes.subarray(at, Math.min(bytes.byteLength, at + repo.CHUNK_BYTES)));
+    const checksum = snapshotChecksum(chunks, meta.groups, meta.scalars);
+    return repo.insertSnapshot(db, q, { sessionId, version: meta.version, step: meta.step, reason, pinned, groups: meta.groups, scalars: meta.scalars, checksum }, bytes);
+  }
+
+  /** Copies the state now and writes it as a snapshot in the background (one transaction: all or nothing). */
+  function snapshotInBackground(session: SessionRecord, entry: Cached, reason: string): void {
+    const { state } = entry;
+    const meta = { version: state.version, step: state.step, groups: state.groups, scalars: state.scalarRows() };
+    const bytes = state.tensorBytes();
+    entry.lastSnapshotVersion = meta.version;
+    const job = (async () => {
+      try {
+        await db.transaction(async (tx) => {
+          const written = await writeSnapshot(tx, session.id, meta, bytes, reason);
+          if (written) await repo.pruneHistory(tx, session.id, session.keepSnapshots);
+        });
+        hooks?.snapshotted?.(session.name, reason);
+        log.info({ session: session.name, version: meta.version, step: meta.step, reason }, 'snapshot written');
+      } catch (err) {
+        // Not fatal: the log still holds every step; the next step schedules another attempt.
+        entry.lastSnapshotVersion = Math.min(entry.lastSnapshotVersion, meta.version - session.snapshotEvery);
+        log.warn({ err, session: session.name, version: meta.version }, 'background snapshot failed');
+      }
+    })();
+    pendingSnapshots.add(job);
+    void job.finally(() => pendingSnapshots.delete(job));
+  }
+
+  // ---- operations ----------------------------------------------------------------------------------
+
+  async function create(input: CreateInput): Promise<SessionRecord> {
+    return mutex.run(input.name, async () => {
+      const numel = input.data.reduce((a, d) => a + d.length, 0);
+      const session = await db.transaction(async (tx) => {
+        const row = await repo.insertSession(tx, {
+          name: input.name, params: input.params, groups: input.groups, numel, step: 0,
+          snapshotEvery: input.snapshotEvery, keepSnapshots: input.keepSnapshots, maxStaleness: input.maxStaleness,
+        });
+        if (!row) throw errors.sessionExists(input.name);
+        const state = newState(row, row.version, 0, input.groups, input.params.map(() => null));
+        input.data.forEach((d, i) => state.param(i).set(d));
+        await writeSnapshot(tx, row.id, { version: row.version, step: 0, groups: input.groups, scalars: state.scalarRows() }, state.tensorBytes(), 'create');
+        forget(row.id);
+        remember(state, row.version);
+        return row;
+      });
+      return session;
+    });
+  }
+
+  async function get(name: string): Promise<SessionRecord> {
+    return mustFind(db, name);
+  }
+
+  async function list(after: string | null, limit: number): Promise<SessionRecord[]> {
+    return repo.listSessions(db, after, limit);
+  }
+
+  async function remove(name: string, ifMatch?: number | null): Promise<void> {
+    await mutex.run(name, async () => {
+      await db.transaction(async (tx) => {
+        const session = await mustFind(tx, name, true);
+        checkIfMatch(ifMatch, session);
+        await repo.deleteSession(tx, name);
+        forget(session.id);
+      });
+    });
+  }
+
+  async function updateSettings(name: string, patch: Partial<Pick<SessionRecord, 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness'>>): Promise<SessionRecord> {
+    return db.transaction(async (tx) => {
+      const session = await mustFind(tx, name, true);
+      return repo.updateSessionSettings(tx, session.id, { ...session, ...patch });
+    });
+  }
+
+  async function step(name: string, input: GradientInput, opts: StepOptions = {}): Promise<StepAnswer> {
+    const queued = process.hrtime.bigint();
+    return mutex.run(name, async () => {
+      const started = process.hrtime.bigint();
+      let touched: number | null = null;
+      let entryForSnapshot: { session: SessionRecord; entry: Cached } | null = null;
+      try {
+        const answer = await db.transaction(async (tx) => {
+          const session = await mustFind(tx, name, true);
+          if (opts.idempotencyKey) {
+            const previous = await repo.findIdempotentAnswer(tx, session.id, opts.idempotencyKey, options.idempotencyWindowSeconds);
+            if (previous) {
+              if (previous.requestHash !== opts.requestHash) throw errors.idempotencyKeyReused();
+              return { ...(previous.response as unknown as StepAnswer), replayed: true };
+            }
+          }
+          checkIfMatch(opts.ifMatch, session);
+          const baseVersion = opts.baseVersion ?? null;
+          if (baseVersion !== null && baseVersion > session.version) {
+            throw errors.invalidBody(`base_version: ${baseVersion} is newer than the session's version ${session.version}`);
+          }
+          const staleness = baseVersion === null ? 0 : session.version - baseVersion;
+          if (session.maxStaleness !== null && staleness > session.maxStaleness) throw errors.staleGradient(staleness, session.maxStaleness, session.version);
+
+          const entry = await currentState(tx, session);
+          const { state } = entry;
+          const present = decodeGradients(input, state); // validates everything before anything moves
+          const version = session.version + 1;
+          await repo.insertStep(db, tx, session.id, { version, present, grads: packGradients(state, present) }, baseVersion);
+          touched = session.id;
+          state.applyStep(present, kernel, kernelOptions);
+          await repo.advanceSession(tx, session.id, state.version, state.step);
+          const result: StepAnswer = { session: name, step: state.step, version: state.version, staleness };
+          if (opts.idempotencyKey) await repo.saveIdempotentAnswer(tx, session.id, opts.idempotencyKey, opts.requestHash ?? '', { ...result });
+          if (state.version - entry.lastSnapshotVersion >= session.snapshotEvery) entryForSnapshot = { session, entry };
+          return result;
+        });
+        touched = null;
+        const done = process.hrtime.bigint();
+        hooks?.stepped?.(name, Number(done - started) / 1e9, Number(started - queued) / 1e9);
+        if (entryForSnapshot && !closing) {
+          const { session, entry } = entryForSnapshot as { session: SessionRecord; entry: Cached };
+          if (cache.get(session.id) === entry) snapshotInBackground(session, entry, 'auto');
+        }
+        return answer;
+      } finally {
+        // The transaction did not commit after the kernel ran: this process's copy is ahead of the database.
+        if (touched !== null) forget(touched);
+      }
+    });
+  }
+
+  /** A consistent copy of the state at `version` (default: current). */
+  async function view(name: string, version?: number | null): Promise<StateView> {
+    return mutex.run(name, async () => {
+      const session = await mustFind(db, name);
+      const target = version ?? session.version;
+      if (target > session.version || target < 1) throw errors.versionNotAvailable(target, await repo.oldestSnapshotVersion(db, session.id), session.version);
+      let state: SessionState;
+      let temporary = false;
+      if (target === session.version) {
+        state = (await currentState(db, session)).state;
+      } else {
+        state = (await buildState(db, session, target)).state;
+        temporary = true;
+      }
+      try {
+        return toView(name, session.params, state);
+      } finally {
+        if (temporary) state.arena.release();
+      }
+    });
+  }
+
+  function toView(name: string, params: ParamSpec[], state: SessionState): StateView {
+    return {
+      session: name,
+      version: state.version,
+      step: state.step,
+      params,
+      layout: state.layout,
+      groups: state.groups,
+      scalars: state.scalarRows(),
+      paramData: state.arena.params.slice(),
+      axData: state.arena.ax.slice(),
+    };
+  }
+
+  /**
+   * Replaces the optimizer state (and the parameters, when given) as a new version, with the semantics of
+   * Optimizer.load_state_dict: hyperparameters come from the loaded groups. Written as a snapshot.
+   */
+  async function load(
+    name: string,
+    input: { stateDict?: LoadedStateDict; params?: Map<string, Float32Array> },
+    opts: { ifMatch?: number | null; reason: string },
+  ): Promise<SessionRecord> {
+    return mutex.run(name, async () => {
+      let touched: number | null = null;
+      try {
+        return await db.transaction(async (tx) => {
+          const session = await mustFind(tx, name, true);
+          checkIfMatch(opts.ifMatch, session);
+          const entry = await currentState(tx, session);
+          const { state } = entry;
+          const plan = input.stateDict ? planLoad(session, input.stateDict) : null;
+          if (input.params) {
+            for (const name of input.params.keys()) {
+              if (!state.layout.index.has(name)) throw errors.unknownParameter(`model.${name}`, name);
+            }
+            for (const p of session.params) {
+              const data = input.params.get(p.name);
+              if (!data) throw errors.stateDictMismatch(`model: parameter ${JSON.stringify(p.name)} is missing`);
+            }
+          }
+          touched = session.id;
+          if (input.params) for (const [pname, data] of input.params) state.param(state.layout.index.get(pname)!).set(data);
+          if (plan) {
+            state.groups = plan.groups;
+            state.scalars = plan.scalars;
+            for (let i = 0; i < plan.ax.length; i++) {
+              const ax = plan.ax[i];
+              if (ax) state.ax(i).set(ax);
+              else state.ax(i).fill(0);
+            }
+          }
+          state.version = session.version + 1;
+          await writeSnapshot(tx, session.id, { version: state.version, step: state.step, groups: state.groups, scalars: state.scalarRows() }, state.tensorBytes(), opts.reason);
+          await repo.advanceSession(tx, session.id, state.version, state.step, state.groups);
+          await repo.pruneHistory(tx, session.id, session.keepSnapshots);
+          entry.lastSnapshotVersion = state.version;
+          const updated = await mustFind(tx, name);
+          touched = null;
+          return updated;
+        });
+      } finally {
+        if (touched !== null) forget(touched);
+      }
+    });
+  }
+
+  /** Validates a loaded state_dict against the session as torch.optim.Optimizer.load_state_dict does, and stricter. */
+  function planLoad(session: SessionRecord, sd: LoadedStateDict): { groups: GroupSpec[]; scalars: ScalarStateRow[]; ax: (Float32Array | null)[] } {
+    if (sd.paramGroups.length !== session.groups.length) throw errors.stateDictMismatch('loaded state dict has a different number of parameter groups');
+    const savedToIndex = new Map<number, number>();
+    const groups: GroupSpec[] = [];
+    sd.paramGroups.forEach((g, k) => {
+      const mine = session.groups[k];
+      if (g.params.length !== mine.params.length) throw errors.stateDictMismatch("loaded state dict contains a parameter group that doesn't match the size of optimizer's group");
+      g.params.forEach((saved, j) => savedToIndex.set(saved, mine.params[j]));
+      groups.push({ ...g.hyper, params: mine.params });
+    });
+    const scalars: ScalarStateRow[] = session.params.map(() => null);
+    const ax: (Float32Array | null)[] = session.params.map(() => null);
+    const layout = layoutOf(session.params);
+    for (const [saved, s] of sd.state) {
+      const i = savedToIndex.get(saved);
+      if (i === undefined) continue; // PyTorch keeps state for unknown ids; no parameter would ever use it
+      const shape = session.params[i].shape;
+      if (s.axShape && (s.axShape.length !== shape.length || s.axShape.some((d, k) => d !== shape[k]))) {
+        throw errors.stateDictMismatch(`state.${saved}.ax: shape ${JSON.stringify(s.axShape)} does not match parameter ${JSON.stringify(session.params[i].name)} of shape ${JSON.stringify(shape)}`);
+      }
+      if (s.ax.length !== layout.numels[i]) {
+        throw errors.stateDictMismatch(`state.${saved}.ax: ${s.ax.length} elements, parameter ${JSON.stringify(session.params[i].name)} has ${layout.numels[i]}`);
+      }
+      scalars[i] = { step: Math.fround(s.step), eta: Math.fround(s.eta), mu: Math.fround(s.mu) };
+      ax[i] = s.ax;
+    }
+    return { groups, scalars, ax };
+  }
+
+  async function snapshotNow(name: string, pinned: boolean): Promise<SnapshotRecord> {
+    return mutex.run(name, async () => {
+      const session = await mustFind(db, name);
+      const entry = await currentState(db, session);
+      const { state } = entry;
+      const meta = { version: state.version, step: state.step, groups: state.groups, scalars: state.scalarRows() };
+      const bytes = state.tensorBytes();
+      return db.transaction(async (tx) => {
+        let snapshot = await writeSnapshot(tx, session.id, meta, bytes, 'manual', pinned);
+        if (!snapshot) {
+          // One already exists at this version: it is the same state; pin it if asked.
+          const existing = (await repo.findSnapshotAtOrBelow(tx, session.id, meta.version))!;
+          snapshot = pinned && !existing.pinned ? (await repo.setSnapshotPinned(tx, session.id, existing.id, true))! : existing;
+        }
+        entry.lastSnapshotVersion = Math.max(entry.lastSnapshotVersion, meta.version);
+        await repo.pruneHistory(tx, session.id, session.keepSnapshots);
+        hooks?.snapshotted?.(name, 'manual');
+        return snapshot;
+      });
+    });
+  }
+
+  async function listSnapshotsOf(name: string): Promise<{ session: SessionRecord; snapshots: SnapshotRecord[] }> {
+    const session = await mustFind(db, name);
+    return { session, snapshots: await repo.listSnapshots(db, session.id) };
+  }
+
+  async function getSnapshot(name: string, id: number): Promise<{ session: SessionRecord; snapshot: SnapshotRecord }> {
+    const session = await mustFind(db, name);
+    const snapshot = await repo.findSnapshot(db, session.id, id);
+    if (!snapshot) throw errors.snapshotNotFound(String(id));
+    return { session, snapshot };
+  }
+
+  async function pinSnapshot(name: string, id: number, pinned: boolean): Promise<SnapshotRecord> {
+    const session = await mustFind(db, name);
+    const snapshot = await repo.setSnapshotPinned(db, session.id, id, pinned);
+    if (!snapshot) throw errors.snapshotNotFound(String(id));
+    return snapshot;
+  }
+
+  async function snapshotView(name: string, id: number): Promise<StateView> {
+    const { session, snapshot } = await getSnapshot(name, id);
+    const state = await loadSnapshotInto(db, snapshot, session);
+    try {
+      return toView(name, session.params, state);
+    } finally {
+      state.arena.release();
+    }
+  }
+
+  /** Rolls the session back to a snapshot's state, as a new version. */
+  async function restore(name: string, id: number, ifMatch?: number | null): Promise<SessionRecord> {
+    return mutex.run(name, async () => {
+      let touched: number | null = null;
+      try {
+        return await db.transaction(async (tx) => {
+          const session = await mustFind(tx, name, true);
+          checkIfMatch(ifMatch, session);
+          const snapshot = await repo.findSnapshot(tx, session.id, id);
+          if (!snapshot) throw errors.snapshotNotFound(String(id));
+          touched = session.id;
+          forget(session.id);
+          const state = await loadSnapshotInto(tx, snapshot, session);
+          state.version = session.version + 1;
+          await writeSnapshot(tx, session.id, { version: state.version, step: state.step, groups: state.groups, scalars: state.scalarRows() }, state.tensorBytes(), 'restore');
+          await repo.advanceSession(tx, session.id, state.version, state.step, state.groups);
+          await repo.pruneHistory(tx, session.id, session.keepSnapshots);
+          remember(state, state.version);
+          const updated = await mustFind(tx, name);
+          touched = null;
+          return updated;
+        });
+      } finally {
+        if (touched !== null) forget(touched);
+      }
+    });
+  }
+
+  /** A new session starting from a snapshot of another (or its current state). */
+  async function fork(
+    sourceName: string,
+    target: { name: string; snapshotId?: number | null; snapshotEvery?: number; keepSnapshots?: number; maxStaleness?: number | null },
+  ): Promise<SessionRecord> {
+    const source = target.snapshotId != null ? await snapshotView(sourceName, target.snapshotId) : await view(sourceName);
+    const sourceSession = await mustFind(db, sourceName);
+    return mutex.run(target.name, async () =>
+      db.transaction(async (tx) => {
+        const row = await repo.insertSession(tx, {
+          name: target.name, params: source.params, groups: source.groups, numel: source.layout.numel, step: source.step,
+          snapshotEvery: target.snapshotEvery ?? sourceSession.snapshotEvery,
+          keepSnapshots: target.keepSnapshots ?? sourceSession.keepSnapshots,
+          maxStaleness: target.maxStaleness !== undefined ? target.maxStaleness : sourceSession.maxStaleness,
+        });
+        if (!row) throw errors.sessionExists(target.name);
+        const state = newState(row, row.version, source.step, source.groups, source.scalars);
+        state.arena.params.set(source.paramData);
+        state.arena.ax.set(source.axData);
+        await writeSnapshot(tx, row.id, { version: row.version, step: source.step, groups: source.groups, scalars: source.scalars }, state.tensorBytes(), 'fork');
+        forget(row.id);
+        remember(state, row.version);
+        return row;
+      }),
+    );
+  }
+
+  /** Oldest and newest version that `?version=` can read. */
+  async function versionRange(name: string): Promise<{ oldest: number | null; newest: number }> {
+    const session = await mustFind(db, name);
+    return { oldest: await repo.oldestSnapshotVersion(db, session.id), newest: session.version };
+  }
+
+  /** Graceful shutdown: wait for background snapshots, then snapshot every cached session that moved. */
+  async function close(): Promise<void> {
+    closing = true;
+    await Promise.allSettled([...pendingSnapshots]);
+    for (const [id, entry] of [...cache.entries()]) {
+      if (entry.state.version <= entry.lastSnapshotVersion) continue;
+      try {
+        await db.transaction(async (tx) => {
+          const rows = await tx.query<{ version: number }>('SELECT version::float8 AS version FROM sessions WHERE id = $1', [id]);
+          if (!rows.length || rows[0].version !== entry.state.version) return; // another process moved on
+          const { state } = entry;
+          await writeSnapshot(tx, id, { version: state.version, step: state.step, groups: state.groups, scalars: state.scalarRows() }, state.tensorBytes(), 'shutdown');
+        });
+      } catch (err) {
+        log.warn({ err, sessionId: id }, 'shutdown snapshot failed');
+      }
+    }
+    for (const id of [...cache.keys()]) forget(id);
+  }
+
+  async function pruneIdempotency(): Promise<number> {
+    return repo.pruneIdempotencyKeys(db, options.idempotencyWindowSeconds);
+  }
+
+  return {
+    create, get, list, remove, updateSettings, step, view, load, snapshotNow, listSnapshots: listSnapshotsOf, getSnapshot,
+    pinSnapshot, snapshotView, restore, fork, versionRange, close, pruneIdempotency,
+    /** For tests and metrics: how many sessions and bytes this process holds decoded. */
+    cacheStats: () => ({ sessions: cache.size, bytes: cachedBytes }),
+    /** Drops this process's decoded copies (tests use it to force a rebuild from snapshot + log). */
+    dropCache: () => [...cache.keys()].forEach(forget),
+    pendingSnapshots: () => Promise.allSettled([...pendingSnapshots]).then(() => undefined),
+  };
+}
+
+export type SessionService = ReturnType<typeof createSessionService>;

@@ -1,0 +1,168 @@
+// What a session is made of: named float32 parameters and torch.optim.ASGD param groups.
+// Validation mirrors torch/optim/asgd.py (ASGD.__init__) and torch/optim/optimizer.py (add_param_group),
+// and is stricter where a value would break the run (negative lambd/alpha, non-finite numbers).
+import { errors } from '../errors.ts';
+import type { GroupSpec, ParamSpec } from '../db/schema.ts';
+import { ASGD_DEFAULTS, type AsgdHyperparameters } from '../optim/types.ts';
+
+export const NAME_PATTERN = /^[A-Za-z0-9._-]{1,128}$/;
+export const PARAM_NAME_MAX = 256;
+/** Largest session: every tensor and every logged gradient must stay below PostgreSQL's 1 GB value limit. */
+export const MAX_SESSION_NUMEL = 250_000_000;
+export const MAX_PARAMS = 100_000;
+export const MAX_DIMS = 16;
+
+export const HYPERPARAMETER_KEYS = ['lr', 'lambd', 'alpha', 't0', 'weight_decay', 'maximize'] as const;
+/** Keys PyTorch puts in an ASGD group besides the hyperparameters; only their harmless values are accepted. */
+export const FLAG_KEYS = ['foreach', 'differentiable', 'capturable'] as const;
+
+export type HyperparameterInput = Partial<Record<(typeof HYPERPARAMETER_KEYS)[number] | (typeof FLAG_KEYS)[number], unknown>>;
+
+export function assertName(value: unknown, field: string): string {
+  if (typeof value !== 'string' || !NAME_PATTERN.test(value)) throw errors.invalidName(field);
+  return value;
+}
+
+export function assertShape(value: unknown, field: string): number[] {
+  if (!Array.isArray(value)) throw errors.invalidTensor(field, 'shape must be a list of whole numbers');
+  if (value.length > MAX_DIMS) throw errors.invalidTensor(field, `shape has ${value.length} dimensions; at most ${MAX_DIMS} are allowed`);
+  let numel = 1;
+  for (const [i, d] of value.entries()) {
+    if (typeof d !== 'number' || !Number.isSafeInteger(d) || d < 0) throw errors.invalidTensor(field, `shape[${i}] must be a whole number >= 0`);
+    numel *= d;
+    if (numel > MAX_SESSION_NUMEL) throw errors.invalidTensor(field, `shape has more than ${MAX_SESSION_NUMEL} elements`);
+  }
+  return value as number[];
+}
+
+export const numelOf = (shape: readonly number[]): number => shape.reduce((a, b) => a * b, 1);
+
+/**
+ * Merges `input` over `base` and validates every hyperparameter. `field` prefixes error messages
+ * (e.g. "param_groups[1].lr").
+ */
+export function resolveHyperparameters(base: Omit<GroupSpec, 'params'>, input: HyperparameterInput | undefined, field: string): Omit<GroupSpec, 'params'> {
+  const out: Omit<GroupSpec, 'params'> = { ...base, int_keys: [...(base.int_keys ?? [])] };
+  if (input === undefined) return out;
+  if (input === null || typeof input !== 'object' || Array.isArray(input)) throw errors.invalidHyperparameter(field, 'must be an object');
+  for (const key of ['lr', 'lambd', 'alpha', 't0', 'weight_decay'] as const) {
+    const value = input[key];
+    if (value === undefined) continue;
+    if (typeof value !== 'number' || !Number.isFinite(value)) throw errors.invalidHyperparameter(`${field}.${key}`, 'must be a finite number');
+    out[key] = value;
+    out.int_keys = out.int_keys!.filter((k) => k !== key);
+    // A JSON integer weight_decay is PyTorch's int default; the others are Python floats.
+    if (key === 'weight_decay' && Number.isInteger(value)) out.int_keys.push(key);
+  }
+  if (out.lr < 0) throw errors.invalidHyperparameter(`${field}.lr`, `Invalid learning rate: ${out.lr}`);
+  if (out.weight_decay < 0) throw errors.invalidHyperparameter(`${field}.weight_decay`, `Invalid weight_decay value: ${out.weight_decay}`);
+  if (out.lambd < 0) throw errors.invalidHyperparameter(`${field}.lambd`, `Invalid lambd value: ${out.lambd}`);
+  if (out.alpha < 0) throw errors.invalidHyperparameter(`${field}.alpha`, `Invalid alpha value: ${out.alpha}`);
+  if (input.maximize !== undefined) {
+    if (typeof input.maximize !== 'boolean') throw errors.invalidHyperparameter(`${field}.maximize`, 'must be true or false');
+    out.maximize = input.maximize;
+  }
+  for (const key of FLAG_KEYS) {
+    const value = input[key];
+    if (value === undefined || value === null || value === false) continue;
+    throw errors.invalidHyperparameter(
+      `${field}.${key}`,
+      `${key}=${JSON.stringify(value)} is not supported: the service computes PyTorch's single-tensor CPU path (use null or false)`,
+    );
+  }
+  return out;
+}
+
+export const DEFAULT_GROUP: Omit<GroupSpec, 'params'> = Object.freeze({
+  lr: ASGD_DEFAULTS.lr,
+  lambd: ASGD_DEFAULTS.lambd,
+  alpha: ASGD_DEFAULTS.alpha,
+  t0: ASGD_DEFAULTS.t0,
+  weight_decay: 0,
+  int_keys: ['weight_decay'],
+  maximize: false,
+});
+
+export function kernelHyperparameters(group: GroupSpec): AsgdHyperparameters {
+  return {
+    lr: group.lr,
+    lambd: group.lambd,
+    alpha: group.alpha,
+    t0: group.t0,
+    weightDecay: group.weight_decay,
+    maximize: group.maximize,
+  };
+}
+
+export interface ParamGroupInput extends HyperparameterInput {
+  params?: unknown;
+}
+
+/**
+ * Builds the groups from a create request. Returns the parameters in state_dict order (PyTorch numbers
+ * them group by group, in order) and the groups with indices into that order.
+ */
+export function buildGroups(
+  params: ParamSpec[],
+  defaults: Omit<GroupSpec, 'params'>,
+  groupsInput: unknown,
+): { params: ParamSpec[]; groups: GroupSpec[]; order: number[] } {
+  if (groupsInput === undefined || groupsInput === null) {
+    return { params, groups: [{ ...defaults, params: params.map((_, i) => i) }], order: params.map((_, i) => i) };
+  }
+  if (!Array.isArray(groupsInput) || groupsInput.length === 0) throw errors.invalidParamGroups('param_groups: must be a non-empty list');
+  const byName = new Map(params.map((p, i) => [p.name, i]));
+  const seen = new Set<number>();
+  const order: number[] = [];
+  const groups: GroupSpec[] = [];
+  for (const [g, raw] of groupsInput.entries()) {
+    const field = `param_groups[${g}]`;
+    if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) throw errors.invalidParamGroups(`${field}: must be an object`);
+    const input = raw as ParamGroupInput;
+    for (const key of Object.keys(input)) {
+      if (key !== 'params' && !(HYPERPARAMETER_KEYS as readonly string[]).includes(key) && !(FLAG_KEYS as readonly string[]).includes(key)) {
+        throw errors.invalidParamGroups(`${field}.${key}: unknown key`);
+      }
+    }
+    if (!Array.isArray(input.params) || input.params.length === 0) throw errors.invalidParamGroups(`${field}.params: must be a non-empty list of parameter names`);
+    const { params: _ignored, ...overrides } = input;
+    const hyper = resolveHyperparameters(defaults, overrides, field);
+    const indices: number[] = [];
+    for (const [k, name] of (input.params as unknown[]).entries()) {
+      const index = typeof name === 'string' ? byName.get(name) : undefined;
+      if (index === undefined) throw errors.invalidParamGroups(`${field}.params[${k}]: no parameter named ${JSON.stringify(name)}`);
+      if (seen.has(index)) throw errors.invalidParamGroups(`${field}.params[${k}]: some parameters appear in more than one parameter group (${JSON.stringify(name)})`);
+      seen.add(index);
+      order.push(index);
+      indices.push(order.length - 1);
+    }
+    groups.push({ ...hyper, params: indices });
+  }
+  const missing = params.filter((_, i) => !seen.has(i));
+  if (missing.length > 0) throw errors.invalidParamGroups(`param_groups: parameter ${JSON.stringify(missing[0].name)} is in no group`);
+  return { params: order.map((i) => params[i]), groups, order };
+}
+
+/** For each parameter (state_dict index), the index of its group. */
+export function groupIndexOf(groups: GroupSpec[], paramCount: number): Int32Array {
+  const out = new Int32Array(paramCount).fill(-1);
+  groups.forEach((group, g) => group.params.forEach((p) => (out[p] = g)));
+  return out;
+}
+
+/** The public view of a group, with the keys of torch.optim.ASGD's param_groups (newest PyTorch). */
+export function publicGroup(group: GroupSpec): Record<string, unknown> {
+  return {
+    lr: group.lr,
+    lambd: group.lambd,
+    alpha: group.alpha,
+    t0: group.t0,
+    weight_decay: group.weight_decay,
+    foreach: null,
+    maximize: group.maximize,
+    differentiable: false,
+    capturable: false,
+    ...group.extra,
+    params: group.params,
+  };
+}

@@ -1,0 +1,137 @@
+// torch.optim.ASGD state_dicts in and out, independent of the wire format. Input is the plain structure
+// of a state_dict (from JSON, or converted from a torch.save pickle): tensors are either JSON tensors
+// or {shape, data: Float32Array}.
+import { errors } from '../errors.ts';
+import type { GroupSpec } from '../db/schema.ts';
+import { FLAG_KEYS, HYPERPARAMETER_KEYS, resolveHyperparameters, DEFAULT_GROUP, publicGroup } from './spec.ts';
+import type { LoadedStateDict, StateView } from './service.ts';
+import { jsonScalar, jsonTensor, readJsonTensor, readScalar } from './tensors.ts';
+
+export interface DecodedTensor {
+  shape: number[];
+  data: Float32Array;
+}
+
+const isDecoded = (v: unknown): v is DecodedTensor =>
+  v !== null && typeof v === 'object' && (v as DecodedTensor).data instanceof Float32Array && Array.isArray((v as DecodedTensor).shape);
+
+/** A tensor field: decoded binary, or a JSON tensor whose shape it carries itself. */
+export function readTensorField(value: unknown, field: string): DecodedTensor {
+  if (isDecoded(value)) return value;
+  if (value === null || typeof value !== 'object' || Array.isArray(value) || !Array.isArray((value as { shape?: unknown }).shape)) {
+    throw errors.invalidStateDict(field, 'must be a tensor {"shape", "data"}');
+  }
+  const shape = (value as { shape: unknown[] }).shape;
+  if (shape.length > 16 || shape.some((d) => typeof d !== 'number' || !Number.isSafeInteger(d) || d < 0)) {
+    throw errors.invalidStateDict(`${field}.shape`, 'must be a list of whole numbers');
+  }
+  const numel = (shape as number[]).reduce((a, b) => a * b, 1);
+  const data = (value as { data?: unknown }).data;
+  if (!Array.isArray(data) || data.length !== numel) {
+    throw errors.invalidStateDict(`${field}.data`, `must hold ${numel} numbers for shape ${JSON.stringify(shape)}`);
+  }
+  const out = new Float32Array(numel);
+  readJsonTensor(value, field, shape as number[], out, 'allow');
+  return { shape: shape as number[], data: out };
+}
+
+/** A scalar that PyTorch stores as a 0-dim tensor: a number or a one-element tensor. */
+function readStateScalar(value: unknown, field: string): number {
+  if (isDecoded(value)) {
+    if (value.data.length !== 1) throw errors.invalidStateDict(field, 'must be a scalar (0-dim tensor)');
+    return value.data[0];
+  }
+  if (value !== null && typeof value === 'object' && !Array.isArray(value)) return readStateScalar(readTensorField(value, field), field);
+  return readScalar(value, field);
+}
+
+const isPlainObject = (v: unknown): v is Record<string, unknown> => v !== null && typeof v === 'object' && !Array.isArray(v) && !isDecoded(v);
+
+/** Parses a state_dict as torch.optim.Optimizer.load_state_dict reads it (validation against the session comes later). */
+export function parseStateDict(body: unknown, intKeysOf?: (group: number) => string[]): LoadedStateDict {
+  if (!isPlainObject(body)) throw errors.invalidStateDict('body', 'must be an object {"state", "param_groups"}');
+  for (const key of Object.keys(body)) {
+    if (key !== 'state' && key !== 'param_groups') throw errors.invalidStateDict(key, 'unknown key (a state_dict has "state" and "param_groups")');
+  }
+  const groups = body.param_groups;
+  if (!Array.isArray(groups)) throw errors.invalidStateDict('param_groups', 'must be a list');
+  const paramGroups = groups.map((g, k) => {
+    const field = `param_groups[${k}]`;
+    if (!isPlainObject(g)) throw errors.invalidStateDict(field, 'must be an object');
+    if (!Array.isArray(g.params) || g.params.some((p) => typeof p !== 'number' || !Number.isSafeInteger(p))) {
+      throw errors.invalidStateDict(`${field}.params`, 'must be a list of integer parameter ids');
+    }
+    for (const key of ['lr', 'lambd', 'alpha', 't0', 'weight_decay'] as const) {
+      if (g[key] === undefined) throw errors.invalidStateDict(`${field}.${key}`, 'is missing');
+    }
+    const known: Record<string, unknown> = {};
+    const extra: Record<string, unknown> = {};
+    for (const [key, value] of Object.entries(g)) {
+      if (key === 'params') continue;
+      if ((HYPERPARAMETER_KEYS as readonly string[]).includes(key) || (FLAG_KEYS as readonly string[]).includes(key)) known[key] = value;
+      else {
+        // Keys other code put there (initial_lr from an LR scheduler, …) travel along, as in PyTorch.
+        if (!(value === null || ['number', 'string', 'boolean'].includes(typeof value))) {
+          throw errors.invalidStateDict(`${field}.${key}`, 'extra group keys must be numbers, strings, booleans or null');
+        }
+        if (typeof value === 'number' && !Number.isFinite(value)) throw errors.invalidStateDict(`${field}.${key}`, 'must be finite');
+        extra[key] = value;
+      }
+    }
+    const hyper = resolveHyperparameters({ ...DEFAULT_GROUP, int_keys: [] }, known, field);
+    if (intKeysOf) hyper.int_keys = intKeysOf(k);
+    if (Object.keys(extra).length) hyper.extra = extra;
+    return { params: g.params as number[], hyper };
+  });
+  const stateIn = body.state;
+  if (!isPlainObject(stateIn)) throw errors.invalidStateDict('state', 'must be an object keyed by parameter id');
+  const state: LoadedStateDict['state'] = new Map();
+  for (const [key, entry] of Object.entries(stateIn)) {
+    const field = `state.${key}`;
+    if (!/^(0|[1-9]\d{0,8})$/.test(key)) throw errors.invalidStateDict(field, 'keys must be parameter ids (whole numbers)');
+    if (!isPlainObject(entry)) throw errors.invalidStateDict(field, 'must be an object {step, eta, mu, ax}');
+    for (const k of ['step', 'eta', 'mu', 'ax']) if (entry[k] === undefined) throw errors.invalidStateDict(`${field}.${k}`, 'is missing');
+    const ax = readTensorField(entry.ax, `${field}.ax`);
+    state.set(Number(key), {
+      step: readStateScalar(entry.step, `${field}.step`),
+      eta: readStateScalar(entry.eta, `${field}.eta`),
+      mu: readStateScalar(entry.mu, `${field}.mu`),
+      ax: ax.data,
+      axShape: ax.shape,
+    });
+  }
+  return { paramGroups, state };
+}
+
+/** The JSON form of torch.optim.ASGD.state_dict() (newest PyTorch's keys). */
+export function stateDictJson(view: StateView): { state: Record<string, unknown>; param_groups: Record<string, unknown>[] } {
+  const state: Record<string, unknown> = {};
+  view.scalars.forEach((s, i) => {
+    if (!s) return;
+    const from = view.layout.offsets[i];
+    state[String(i)] = {
+      step: jsonScalar(s.step),
+      eta: jsonScalar(s.eta),
+      mu: jsonScalar(s.mu),
+      ax: jsonTensor(view.axData.subarray(from, from + view.layout.numels[i]), view.params[i].shape),
+    };
+  });
+  return { state, param_groups: view.groups.map((g: GroupSpec) => publicGroup(g)) };
+}
+
+/**
+ * Parameter i, or its ASGD average (`ax`). A parameter that has not stepped has no `ax` in PyTorch;
+ * its average is the parameter itself.
+ */
+export function paramTensor(view: StateView, i: number, averaged: boolean): Float32Array {
+  const from = view.layout.offsets[i];
+  const source = averaged && view.scalars[i] ? view.axData : view.paramData;
+  return source.subarray(from, from + view.layout.numels[i]);
+}
+
+/** Parameters (or their averages) by name. */
+export function paramsJson(view: StateView, averaged: boolean): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  view.params.forEach((p, i) => (out[p.name] = jsonTensor(paramTensor(view, i, averaged), p.shape)));
+  return out;
+}

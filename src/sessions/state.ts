@@ -1,0 +1,126 @@
+// A session's decoded state at one version: parameters, ASGD state, hyperparameters, in kernel memory.
+import { createHash } from 'node:crypto';
+import type { GroupSpec, ParamSpec, ScalarStateRow } from '../db/schema.ts';
+import { initialState } from '../optim/asgd.ts';
+import type { AsgdHyperparameters, AsgdKernel, AsgdScalarState, KernelArena, KernelOptions } from '../optim/types.ts';
+import { groupIndexOf, kernelHyperparameters, numelOf } from './spec.ts';
+
+export interface Layout {
+  readonly params: readonly ParamSpec[];
+  readonly offsets: readonly number[];
+  readonly numels: readonly number[];
+  readonly numel: number;
+  readonly index: ReadonlyMap<string, number>;
+}
+
+export function layoutOf(params: readonly ParamSpec[]): Layout {
+  const offsets: number[] = [];
+  const numels: number[] = [];
+  let numel = 0;
+  for (const p of params) {
+    offsets.push(numel);
+    const n = numelOf(p.shape);
+    numels.push(n);
+    numel += n;
+  }
+  return { params, offsets, numels, numel, index: new Map(params.map((p, i) => [p.name, i])) };
+}
+
+export class SessionState {
+  readonly layout: Layout;
+  readonly arena: KernelArena;
+  version: number;
+  step: number;
+  private groupsValue!: GroupSpec[];
+  private groupOf!: Int32Array;
+  private hyper!: AsgdHyperparameters[];
+  /** Per parameter: ASGD's step/eta/mu, or null before its first step (PyTorch creates state lazily). */
+  scalars: (AsgdScalarState | null)[];
+
+  constructor(layout: Layout, arena: KernelArena, version: number, step: number, groups: GroupSpec[], scalars: ScalarStateRow[]) {
+    this.layout = layout;
+    this.arena = arena;
+    this.version = version;
+    this.step = step;
+    this.groups = groups;
+    this.scalars = scalars.map((s) => (s ? { ...s } : null));
+  }
+
+  get groups(): GroupSpec[] {
+    return this.groupsValue;
+  }
+
+  set groups(groups: GroupSpec[]) {
+    this.groupsValue = groups;
+    this.groupOf = groupIndexOf(groups, this.layout.params.length);
+    this.hyper = groups.map(kernelHyperparameters);
+  }
+
+  get byteSize(): number {
+    return this.layout.numel * 8;
+  }
+
+  param(i: number): Float32Array {
+    return this.arena.params.subarray(this.layout.offsets[i], this.layout.offsets[i] + this.layout.numels[i]);
+  }
+
+  ax(i: number): Float32Array {
+    return this.arena.ax.subarray(this.layout.offsets[i], this.layout.offsets[i] + this.layout.numels[i]);
+  }
+
+  grad(i: number): Float32Array {
+    return this.arena.grads.subarray(this.layout.offsets[i], this.layout.offsets[i] + this.layout.numels[i]);
+  }
+
+  /**
+   * One optimizer.step(): the parameters in `present` (ascending indices) have their gradients in
+   * arena.grads; the others have none and are skipped, as PyTorch skips `p.grad is None`.
+   */
+  applyStep(present: readonly number[], kernel: AsgdKernel, options: KernelOptions): void {
+    for (const i of present) {
+      const group = this.groupOf[i];
+      let state = this.scalars[i];
+      if (state === null) {
+        // torch/optim/asgd.py: state is created at a parameter's first step with a gradient.
+        state = initialState(this.groupsValue[group].lr) as AsgdScalarState;
+        this.scalars[i] = state;
+        this.ax(i).fill(0);
+      }
+      kernel.step(this.param(i), this.grad(i), this.ax(i), state, this.hyper[group], options);
+    }
+    this.step += 1;
+    this.version += 1;
+  }
+
+  scalarRows(): ScalarStateRow[] {
+    return this.scalars.map((s) => (s ? { step: s.step, eta: s.eta, mu: s.mu } : null));
+  }
+
+  /** Params then ax as bytes, copied (the copy is what a background snapshot writes while stepping goes on). */
+  tensorBytes(): Buffer {
+    const n = this.layout.numel;
+    const out = Buffer.allocUnsafe(n * 8);
+    const view = new Float32Array(out.buffer, out.byteOffset, n * 2);
+    view.set(this.arena.params, 0);
+    view.set(this.arena.ax, n);
+    return out;
+  }
+
+  /** Loads params and ax from snapshot bytes (params then ax). */
+  loadTensorBytes(bytes: Buffer): void {
+    const n = this.layout.numel;
+    if (bytes.byteLength !== n * 8) throw new Error(`snapshot holds ${bytes.byteLength} bytes, expected ${n * 8}`);
+    const aligned = bytes.byteOffset % 4 === 0 ? bytes : Buffer.from(bytes);
+    const view = new Float32Array(aligned.buffer, aligned.byteOffset, n * 2);
+    this.arena.params.set(view.subarray(0, n));
+    this.arena.ax.set(view.subarray(n));
+  }
+}
+
+/** sha256 over the tensor bytes and the canonical JSON of groups and scalar state. */
+export function snapshotChecksum(chunks: readonly Buffer[], groups: GroupSpec[], scalars: ScalarStateRow[]): string {
+  const hash = createHash('sha256');
+  for (const chunk of chunks) hash.update(chunk);
+  hash.update(JSON.stringify({ groups, scalars }));
+  return hash.digest('hex');
+}

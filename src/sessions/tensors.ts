@@ -1,0 +1,83 @@
+// JSON tensors: {"shape": [...], "data": [flat row-major numbers]} or, where the shape is known, a flat list.
+// JSON has no NaN or infinity: they are written as the strings "NaN", "Infinity", "-Infinity".
+import { errors } from '../errors.ts';
+
+export interface JsonTensor {
+  shape: number[];
+  data: (number | string)[];
+}
+
+const SPECIAL: Record<string, number> = { NaN: NaN, Infinity: Infinity, '-Infinity': -Infinity, inf: Infinity, '-inf': -Infinity, nan: NaN };
+
+export type NonFinitePolicy = 'gradient' | 'allow' | 'reject';
+
+/**
+ * Reads a JSON tensor into `target` (float32, length = numel of `shape`).
+ * 'gradient': a non-finite value is a 422 naming the element; 'reject': a 400; 'allow': kept (params, state).
+ */
+export function readJsonTensor(value: unknown, field: string, shape: readonly number[], target: Float32Array, policy: NonFinitePolicy): void {
+  let data: unknown;
+  if (Array.isArray(value)) {
+    data = value;
+  } else if (value !== null && typeof value === 'object') {
+    const t = value as Record<string, unknown>;
+    for (const key of Object.keys(t)) {
+      if (key !== 'shape' && key !== 'data' && key !== 'dtype') throw errors.invalidTensor(field, `unknown key ${JSON.stringify(key)} (a tensor is {"shape", "data"})`);
+    }
+    if (t.dtype !== undefined && t.dtype !== 'float32') throw errors.invalidTensor(`${field}.dtype`, `only float32 is supported, got ${JSON.stringify(t.dtype)}`);
+    if (!Array.isArray(t.shape)) throw errors.invalidTensor(`${field}.shape`, 'must be a list of whole numbers');
+    if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i])) {
+      throw errors.shapeMismatch(`${field}.shape`, `expected ${JSON.stringify(shape)}, got ${JSON.stringify(t.shape).slice(0, 200)}`);
+    }
+    data = t.data;
+  } else {
+    throw errors.invalidTensor(field, 'must be a tensor {"shape", "data"} or a flat list of numbers');
+  }
+  if (!Array.isArray(data)) throw errors.invalidTensor(`${field}.data`, 'must be a flat list of numbers');
+  if (data.length !== target.length) {
+    throw errors.shapeMismatch(field, `expected ${target.length} elements for shape ${JSON.stringify(shape)}, got ${data.length}`);
+  }
+  for (let i = 0; i < data.length; i++) {
+    const raw = data[i];
+    let x: number;
+    if (typeof raw === 'number') x = raw;
+    else if (typeof raw === 'string' && raw in SPECIAL) x = SPECIAL[raw];
+    else throw errors.invalidTensor(`${field}.data[${i}]`, 'must be a number');
+    const f = Math.fround(x);
+    if (!Number.isFinite(f) && policy !== 'allow') {
+      if (policy === 'gradient') throw errors.nonFiniteGradient(field, i);
+      throw errors.invalidTensor(`${field}.data[${i}]`, Number.isFinite(x) ? 'overflows float32' : 'is not finite');
+    }
+    target[i] = f;
+  }
+}
+
+/** Encodes a float32 tensor as JSON-safe data (shortest decimal that round-trips the float32 bits). */
+export function jsonData(values: Float32Array): (number | string)[] {
+  const out = new Array<number | string>(values.length);
+  for (let i = 0; i < values.length; i++) {
+    const x = values[i];
+    out[i] = Number.isFinite(x) ? x : Number.isNaN(x) ? 'NaN' : x > 0 ? 'Infinity' : '-Infinity';
+  }
+  return out;
+}
+
+export const jsonTensor = (values: Float32Array, shape: readonly number[]): JsonTensor => ({ shape: [...shape], data: jsonData(values) });
+
+/** A float32 scalar as a JSON value (non-finite as a string). */
+export const jsonScalar = (x: number): number | string => (Number.isFinite(x) ? x : Number.isNaN(x) ? 'NaN' : x > 0 ? 'Infinity' : '-Infinity');
+
+export function readScalar(value: unknown, field: string): number {
+  if (typeof value === 'number') return value;
+  if (typeof value === 'string' && value in SPECIAL) return SPECIAL[value];
+  throw errors.invalidStateDict(field, 'must be a number');
+}
+
+/** Finds the first non-finite float32 in `values`, or -1. */
+export function firstNonFinite(values: Float32Array): number {
+  for (let i = 0; i < values.length; i++) {
+    const x = values[i];
+    if (x - x !== 0) return i; // NaN - NaN and Inf - Inf are NaN
+  }
+  return -1;
+}

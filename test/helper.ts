@@ -1,0 +1,87 @@
+// One helper that builds the app for a test and closes it, against a real PostgreSQL database made for
+// the test (created and dropped here) or, with ASGD_TEST_DB=pglite, an embedded in-memory PGlite.
+import { randomBytes } from 'node:crypto';
+import type { TestContext } from 'node:test';
+import pg from 'pg';
+import type { FastifyInstance } from 'fastify';
+import { buildApp } from '../src/app.ts';
+import { loadConfig, type Config } from '../src/config.ts';
+
+/** Admin connection to the machine's PostgreSQL (trust auth); override with ASGD_TEST_PG. */
+export const PG_ADMIN_URL = process.env.ASGD_TEST_PG ?? 'postgres://postgres@127.0.0.1:5432/postgres';
+export const TEST_DB_KIND = process.env.ASGD_TEST_DB === 'pglite' ? 'pglite' : 'postgres';
+
+export async function createTestDatabase(): Promise<{ url: string; drop: () => Promise<void> }> {
+  const name = `asgd_test_${randomBytes(6).toString('hex')}`;
+  const admin = new pg.Client({ connectionString: PG_ADMIN_URL });
+  await admin.connect();
+  await admin.query(`CREATE DATABASE ${name}`);
+  await admin.end();
+  const url = new URL(PG_ADMIN_URL);
+  url.pathname = `/${name}`;
+  return {
+    url: url.toString(),
+    async drop() {
+      const c = new pg.Client({ connectionString: PG_ADMIN_URL });
+      await c.connect();
+      await c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
+      await c.end();
+    },
+  };
+}
+
+export function testConfig(overrides: Record<string, string> = {}): Config {
+  return loadConfig({ LOG_LEVEL: 'silent', ...overrides });
+}
+
+export interface TestApp {
+  app: FastifyInstance;
+  config: Config;
+  databaseUrl: string | null;
+}
+
+/**
+ * Builds the app on a fresh database; closes it and drops the database when the test ends.
+ * `databaseUrl` reuses an existing database (for several apps on one database, as several processes).
+ */
+export async function buildTestApp(t: TestContext | null, opts: { env?: Record<string, string>; databaseUrl?: string } = {}): Promise<TestApp> {
+  let databaseUrl: string | null = opts.databaseUrl ?? null;
+  let drop: (() => Promise<void>) | null = null;
+  if (!databaseUrl && TEST_DB_KIND === 'postgres') {
+    const db = await createTestDatabase();
+    databaseUrl = db.url;
+    drop = db.drop;
+  }
+  const config = testConfig({
+    ...(databaseUrl ? { DATABASE_URL: databaseUrl } : { ASGD_DATA_DIR: 'memory://' }),
+    ...opts.env,
+  });
+  const app = await buildApp({ config, migrate: true, logger: false });
+  await app.ready();
+  const close = async () => {
+    await app.close();
+    if (drop) await drop();
+  };
+  if (t) t.after(close);
+  return { app, config, databaseUrl };
+}
+
+/** A small deterministic pseudo-random source for test data. */
+export function rng(seed: number): () => number {
+  let s = seed >>> 0 || 1;
+  return () => {
+    s ^= s << 13;
+    s >>>= 0;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    s >>>= 0;
+    return s / 4294967296 - 0.5;
+  };
+}
+
+export function randomData(n: number, seed: number, scale = 1): number[] {
+  const r = rng(seed);
+  return Array.from({ length: n }, () => Math.fround(r() * scale));
+}
+
+export const bits = (a: ArrayLike<number>): number[] => Array.from(new Uint32Array(Float32Array.from(a).buffer));

@@ -1,0 +1,169 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { buildTestApp, randomData } from '../helper.ts';
+import { hexOf, runTorchReference, skipWithoutTorch } from '../support/torch.ts';
+
+const twoParams = (name = 'run-1') => ({
+  name,
+  params: [
+    { name: 'w', shape: [3, 7], data: randomData(21, 1) },
+    { name: 'b', shape: [7], data: randomData(7, 2) },
+  ],
+});
+
+test('create, read, list and delete sessions', async (t) => {
+  const { app } = await buildTestApp(t);
+  const created = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { ...twoParams('a-1'), hyperparameters: { lr: 0.05, t0: 3 } } });
+  assert.equal(created.statusCode, 201, created.body);
+  assert.equal(created.headers.etag, '"1"');
+  const body = created.json();
+  assert.equal(body.version, 1);
+  assert.equal(body.step, 0);
+  assert.deepEqual(body.params, [{ name: 'w', shape: [3, 7], numel: 21 }, { name: 'b', shape: [7], numel: 7 }]);
+  assert.deepEqual(body.param_groups, [{ lr: 0.05, lambd: 1e-4, alpha: 0.75, t0: 3, weight_decay: 0, foreach: null, maximize: false, differentiable: false, capturable: false, params: [0, 1] }]);
+
+  const again = await app.inject({ method: 'POST', url: '/v1/sessions', payload: twoParams('a-1') });
+  assert.equal(again.statusCode, 409);
+  assert.equal(again.json().code, 'SESSION_EXISTS');
+
+  for (const n of ['a-2', 'a-3', 'b-1']) assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: twoParams(n) })).statusCode, 201);
+  const page1 = (await app.inject({ url: '/v1/sessions?limit=3' })).json();
+  assert.deepEqual(page1.sessions.map((s: { name: string }) => s.name), ['a-1', 'a-2', 'a-3']);
+  assert.equal(page1.next, 'a-3');
+  const page2 = (await app.inject({ url: `/v1/sessions?limit=3&after=${page1.next}` })).json();
+  assert.deepEqual(page2.sessions.map((s: { name: string }) => s.name), ['b-1']);
+  assert.equal(page2.next, null);
+
+  const got = await app.inject({ url: '/v1/sessions/a-1' });
+  assert.equal(got.statusCode, 200);
+  assert.equal(got.json().name, 'a-1');
+  const params = (await app.inject({ url: '/v1/sessions/a-1/params' })).json();
+  assert.deepEqual(hexOf(params.params.w.data), hexOf(twoParams().params[0].data));
+
+  assert.equal((await app.inject({ method: 'DELETE', url: '/v1/sessions/a-1' })).statusCode, 204);
+  const gone = await app.inject({ url: '/v1/sessions/a-1' });
+  assert.equal(gone.statusCode, 404);
+  assert.equal(gone.json().code, 'SESSION_NOT_FOUND');
+});
+
+test('create rejects bad input with a code that names the field', async (t) => {
+  const { app } = await buildTestApp(t);
+  const cases: [unknown, number, string, RegExp][] = [
+    [{ ...twoParams('bad name!') }, 400, 'INVALID_NAME', /name/],
+    [{ ...twoParams(), hyperparameters: { lr: -1 } }, 400, 'INVALID_HYPERPARAMETER', /hyperparameters\.lr: Invalid learning rate: -1/],
+    [{ ...twoParams(), hyperparameters: { weight_decay: -0.1 } }, 400, 'INVALID_HYPERPARAMETER', /weight_decay/],
+    [{ ...twoParams(), hyperparameters: { lambd: -1 } }, 400, 'INVALID_HYPERPARAMETER', /lambd/],
+    [{ ...twoParams(), hyperparameters: { alpha: -0.5 } }, 400, 'INVALID_HYPERPARAMETER', /alpha/],
+    [{ ...twoParams(), hyperparameters: { lr: 'fast' } }, 400, 'INVALID_HYPERPARAMETER', /lr/],
+    [{ ...twoParams(), param_groups: [{ params: ['w'], lr: -2 }, { params: ['b'] }] }, 400, 'INVALID_HYPERPARAMETER', /param_groups\[0\]\.lr/],
+    [{ ...twoParams(), param_groups: [{ params: ['w'] }] }, 400, 'INVALID_PARAM_GROUPS', /"b" is in no group/],
+    [{ ...twoParams(), param_groups: [{ params: ['w', 'b'] }, { params: ['b'] }] }, 400, 'INVALID_PARAM_GROUPS', /more than one parameter group/],
+    [{ name: 'x', params: [{ name: 'w', shape: [2], data: [1, 2, 3] }] }, 400, 'SHAPE_MISMATCH', /params\[0\]/],
+    [{ name: 'x', params: [{ name: 'w', shape: [-2], data: [] }] }, 400, 'INVALID_TENSOR', /params\[0\]\.shape\[0\]/],
+    [{ name: 'x', params: [{ name: 'w', shape: [2], data: [1, 'two'] }] }, 400, 'INVALID_TENSOR', /params\[0\]\.data\[1\]/],
+    [{ name: 'x', params: [{ name: 'w', shape: [1], data: ['NaN'] }] }, 400, 'INVALID_TENSOR', /params\[0\]\.data\[0\]/],
+    [{ name: 'x', params: [] }, 400, 'INVALID_BODY', /params/],
+    [{ name: 'x', params: [{ name: 'w', shape: [1e6, 1e6], data: [] }] }, 400, 'INVALID_TENSOR', /shape/],
+    [{ name: 'x', params: [{ name: 'w', shape: [1], data: [1] }, { name: 'w', shape: [1], data: [1] }] }, 400, 'INVALID_BODY', /appears twice/],
+    [{ name: 'x', params: [{ name: 'w', shape: [1], data: [1] }], extra: 1 }, 400, 'INVALID_BODY', /extra/],
+    [{ ...twoParams(), hyperparameters: { foreach: true } }, 400, 'INVALID_HYPERPARAMETER', /foreach/],
+  ];
+  for (const [payload, status, code, message] of cases) {
+    const res = await app.inject({ method: 'POST', url: '/v1/sessions', payload: payload as object });
+    assert.equal(res.statusCode, status, `${JSON.stringify(payload).slice(0, 100)} -> ${res.body}`);
+    assert.equal(res.json().code, code, res.body);
+    assert.match(res.json().message, message);
+  }
+  const notJson = await app.inject({ method: 'POST', url: '/v1/sessions', headers: { 'content-type': 'application/json' }, payload: '{"name": ' });
+  assert.equal(notJson.statusCode, 400);
+  assert.equal(notJson.json().code, 'INVALID_JSON');
+  const list = (await app.inject({ url: '/v1/sessions' })).json();
+  assert.equal(list.sessions.length, 0, 'no failed create left anything behind');
+});
+
+test('steps match torch.optim.ASGD bit for bit: groups, weight decay, maximize, averaging, missing grads', async (t) => {
+  const skip = skipWithoutTorch();
+  if (skip) return t.skip(skip);
+  const { app } = await buildTestApp(t);
+  const params = [
+    { name: 'w', shape: [5, 7], data: randomData(35, 11) },
+    { name: 'b', shape: [17], data: randomData(17, 12) },
+    { name: 'scale', shape: [], data: randomData(1, 13) },
+  ];
+  const defaults = { lr: 0.05, lambd: 0.001, alpha: 0.75, t0: 4 };
+  const groups = [
+    { params: ['w', 'scale'], weight_decay: 0.1 },
+    { params: ['b'], lr: 0.2, maximize: true, t0: 2 },
+  ];
+  const created = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'exact', params, hyperparameters: defaults, param_groups: groups } });
+  assert.equal(created.statusCode, 201, created.body);
+  const steps: Record<string, number[] | null>[] = [];
+  for (let k = 0; k < 40; k++) {
+    const step: Record<string, number[] | null> = {
+      w: randomData(35, 100 + k, 2),
+      b: k % 3 === 1 ? null : randomData(17, 200 + k),
+      scale: k < 5 ? null : randomData(1, 300 + k),
+    };
+    steps.push(step);
+    const grads = Object.fromEntries(Object.entries(step).filter(([, v]) => v !== null).map(([n, v]) => [n, n === 'w' ? { shape: [5, 7], data: v } : v]));
+    const res = await app.inject({ method: 'POST', url: '/v1/sessions/exact/step', payload: { grads } });
+    assert.equal(res.statusCode, 200, res.body);
+    assert.deepEqual(res.json(), { session: 'exact', step: k + 1, version: k + 2, staleness: 0 });
+    assert.equal(res.headers.etag, `"${k + 2}"`);
+  }
+  const ref = runTorchReference({ params, defaults, groups, steps });
+  // The service numbers parameters group by group, as PyTorch's state_dict does: w, scale, b.
+  const mine = (await app.inject({ url: '/v1/sessions/exact/params' })).json();
+  for (const p of params) assert.deepEqual(hexOf(mine.params[p.name].data), ref.params[p.name], `param ${p.name}`);
+  const averaged = (await app.inject({ url: '/v1/sessions/exact/params?averaged=true' })).json();
+  for (const p of params) assert.deepEqual(hexOf(averaged.params[p.name].data), ref.averaged[p.name], `ax ${p.name}`);
+  const sd = (await app.inject({ url: '/v1/sessions/exact/state_dict' })).json();
+  assert.deepEqual(Object.keys(sd.state).sort(), Object.keys(ref.state).sort());
+  for (const [k, s] of Object.entries(ref.state)) {
+    const m = sd.state[k];
+    assert.deepEqual(Object.keys(m), ['step', 'eta', 'mu', 'ax']);
+    assert.deepEqual([hexOf([m.step])[0], hexOf([m.eta])[0], hexOf([m.mu])[0]], [s.step, s.eta, s.mu], `state ${k} scalars`);
+    assert.deepEqual(hexOf(m.ax.data), s.ax, `state ${k} ax`);
+  }
+  assert.deepEqual(sd.param_groups.map((g: { params: number[] }) => g.params), ref.param_groups.map((g) => g.params));
+  for (const [i, g] of sd.param_groups.entries()) {
+    for (const key of ['lr', 'lambd', 'alpha', 't0', 'weight_decay', 'maximize']) assert.equal(g[key], ref.param_groups[i][key], key);
+  }
+});
+
+test('a bad step answers 4xx with a code naming the parameter and changes nothing', async (t) => {
+  const { app } = await buildTestApp(t);
+  await app.inject({ method: 'POST', url: '/v1/sessions', payload: twoParams('s') });
+  const ok = await app.inject({ method: 'POST', url: '/v1/sessions/s/step', payload: { grads: { w: randomData(21, 5), b: randomData(7, 6) } } });
+  assert.equal(ok.statusCode, 200);
+  const before = (await app.inject({ url: '/v1/sessions/s/state_dict' })).body;
+  const beforeParams = (await app.inject({ url: '/v1/sessions/s/params' })).body;
+  const cases: [unknown, number, string, RegExp][] = [
+    [{ grads: { w: randomData(20, 1), b: randomData(7, 1) } }, 400, 'SHAPE_MISMATCH', /grads\.w/],
+    [{ grads: { w: { shape: [7, 3], data: randomData(21, 1) } } }, 400, 'SHAPE_MISMATCH', /grads\.w\.shape/],
+    [{ grads: { nope: [1] } }, 400, 'UNKNOWN_PARAMETER', /grads\.nope/],
+    [{ grads: { w: randomData(21, 1), b: [1, 2, 3, 4, 5, 6, NaN] } }, 400, 'INVALID_JSON', /JSON/],
+    [{ grads: { w: randomData(21, 1), b: [1, 2, 3, 4, 5, 6, 'NaN'] } }, 422, 'NON_FINITE_GRADIENT', /grads\.b: element 6/],
+    [{ grads: { b: [1, 2, 3, 4, 5, 6, 'Infinity'] } }, 422, 'NON_FINITE_GRADIENT', /grads\.b/],
+    [{ grads: { b: [1, 2, 3, 4, 5, 6, 1e39] } }, 422, 'NON_FINITE_GRADIENT', /grads\.b: element 6/],
+    [{ grads: { b: [1, 2, 3, 4, 5, 6, 'x'] } }, 400, 'INVALID_TENSOR', /grads\.b\.data\[6\]/],
+    [{ grads: {} }, 400, 'EMPTY_STEP', /grads/],
+    [{ grads: [1, 2] }, 400, 'INVALID_BODY', /grads/],
+    [{}, 400, 'INVALID_BODY', /grads/],
+    [[1], 400, 'INVALID_BODY', /body/],
+    [{ grads: { b: randomData(7, 1) }, base_version: -1 }, 400, 'INVALID_QUERY', /base_version/],
+  ];
+  for (const [payload, status, code, message] of cases) {
+    const raw = JSON.stringify(payload).replace('null]', 'NaN]');
+    const res = await app.inject({ method: 'POST', url: '/v1/sessions/s/step', headers: { 'content-type': 'application/json' }, payload: raw });
+    assert.equal(res.statusCode, status, `${raw.slice(0, 120)} -> ${res.body}`);
+    assert.equal(res.json().code, code, res.body);
+    assert.match(res.json().message, message);
+  }
+  const unknown = await app.inject({ method: 'POST', url: '/v1/sessions/nope/step', payload: { grads: { w: [1] } } });
+  assert.equal(unknown.statusCode, 404);
+  assert.equal(unknown.json().code, 'SESSION_NOT_FOUND');
+  assert.equal((await app.inject({ url: '/v1/sessions/s/state_dict' })).body, before);
+  assert.equal((await app.inject({ url: '/v1/sessions/s/params' })).body, beforeParams);
+  assert.equal((await app.inject({ url: '/v1/sessions/s' })).json().version, 2);
+});
