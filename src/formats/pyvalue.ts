@@ -1,0 +1,81 @@
+// The Python values a torch.save pickle can hold, as JS values:
+//   int -> bigint (always, so 0 and 0.0 stay distinct), float -> number, bool -> boolean,
+//   None -> null, str -> string, bytes -> Uint8Array, list -> PyValue[], tuple -> PyTuple,
+//   dict -> PyDict (insertion-ordered), collections.OrderedDict -> PyDict with ordered = true,
+//   torch.Tensor -> Tensor.
+// Values are acyclic trees (shared sub-values are allowed); the unpickler refuses cycles.
+
+import { FormatError } from './errors.ts';
+import { isTensor, type Tensor } from './tensor.ts';
+
+/** Dict keys this model supports: Python int and str (all a state_dict uses). */
+export type PyKey = bigint | string;
+
+export type PyValue = null | boolean | bigint | number | string | Uint8Array | PyValue[] | PyTuple | PyDict | Tensor;
+
+/** A Python tuple: an immutable sequence. */
+export class PyTuple {
+  readonly items: readonly PyValue[];
+
+  constructor(items: readonly PyValue[]) {
+    this.items = Object.freeze([...items]);
+  }
+
+  get length(): number {
+    return this.items.length;
+  }
+}
+
+/**
+ * A Python dict (or collections.OrderedDict when `ordered`), keys in insertion order.
+ * Map's key equality matches Python's for int (bigint) and str keys.
+ */
+export class PyDict extends Map<PyKey, PyValue> {
+  /** true for collections.OrderedDict, pickled as OrderedDict() plus items. */
+  ordered: boolean;
+  /**
+   * Instance attributes set by BUILD (OrderedDict.__dict__), e.g. the `_metadata` PyTorch attaches
+   * to a module's state_dict. Written back on save. Only meaningful on an OrderedDict.
+   */
+  attributes?: PyDict;
+
+  constructor(entries?: Iterable<readonly [PyKey, PyValue]> | null, options: { ordered?: boolean } = {}) {
+    super();
+    this.ordered = options.ordered ?? false;
+    if (entries) for (const [key, value] of entries) this.set(key, value);
+  }
+}
+
+export function orderedDict(entries?: Iterable<readonly [PyKey, PyValue]>): PyDict {
+  return new PyDict(entries, { ordered: true });
+}
+
+export function isPyKey(value: unknown): value is PyKey {
+  return typeof value === 'bigint' || typeof value === 'string';
+}
+
+/** A short description of a value's Python type, for error messages. */
+export function pyTypeName(value: unknown): string {
+  if (value === null) return 'None';
+  if (typeof value === 'boolean') return 'bool';
+  if (typeof value === 'bigint') return 'int';
+  if (typeof value === 'number') return 'float';
+  if (typeof value === 'string') return 'str';
+  if (value instanceof Uint8Array) return 'bytes';
+  if (Array.isArray(value)) return 'list';
+  if (value instanceof PyTuple) return 'tuple';
+  if (value instanceof PyDict) return value.ordered ? 'OrderedDict' : 'dict';
+  if (isTensor(value)) return `Tensor(${value.dtype})`;
+  return typeof value;
+}
+
+/** Python's int(value) for a bigint within the safe integer range, else a STATE_DICT_INVALID error naming `path`. */
+export function pyIntToNumber(value: PyValue, path: string): number {
+  if (typeof value !== 'bigint') {
+    throw new FormatError('STATE_DICT_INVALID', `${path} must be an int, got ${pyTypeName(value)}`);
+  }
+  if (value > BigInt(Number.MAX_SAFE_INTEGER) || value < BigInt(Number.MIN_SAFE_INTEGER)) {
+    throw new FormatError('STATE_DICT_INVALID', `${path} is out of range: ${value}`);
+  }
+  return Number(value);
+}
