@@ -24,13 +24,13 @@ export function assertName(value: unknown, field: string): string {
 }
 
 export function assertShape(value: unknown, field: string): number[] {
-  if (!Array.isArray(value)) throw errors.invalidTensor(field, 'shape must be a list of whole numbers');
-  if (value.length > MAX_DIMS) throw errors.invalidTensor(field, `shape has ${value.length} dimensions; at most ${MAX_DIMS} are allowed`);
+  if (!Array.isArray(value)) throw errors.invalidTensor(field, 'must be a list of whole numbers');
+  if (value.length > MAX_DIMS) throw errors.invalidTensor(field, `${value.length} dimensions; at most ${MAX_DIMS} are allowed`);
   let numel = 1;
   for (const [i, d] of value.entries()) {
-    if (typeof d !== 'number' || !Number.isSafeInteger(d) || d < 0) throw errors.invalidTensor(field, `shape[${i}] must be a whole number >= 0`);
+    if (typeof d !== 'number' || !Number.isSafeInteger(d) || d < 0) throw errors.invalidTensor(`${field}[${i}]`, 'must be a whole number >= 0');
     numel *= d;
-    if (numel > MAX_SESSION_NUMEL) throw errors.invalidTensor(field, `shape has more than ${MAX_SESSION_NUMEL} elements`);
+    if (numel > MAX_SESSION_NUMEL) throw errors.invalidTensor(field, `more than ${MAX_SESSION_NUMEL} elements`);
   }
   return value as number[];
 }
