@@ -1,4 +1,5 @@
 // The whole service as one Fastify plugin. It never listens: src/server.ts does, tests inject.
+import fp from 'fastify-plugin';
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyServerOptions } from 'fastify';
 import type { Config } from './config.ts';
 import { ApiError, errors } from './errors.ts';
@@ -86,6 +87,7 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     ajv: { customOptions: { coerceTypes: 'array', removeAdditional: false, allErrors: false } },
     return503OnClosing: true,
   });
-  await fastify.register(app, opts);
+  // fastify-plugin: the app's decorations (db, sessions) are visible on the instance tests hold.
+  await fastify.register(fp(app, { name: 'asgd-serve' }), opts);
   return fastify;
 }

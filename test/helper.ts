@@ -56,7 +56,7 @@ export async function buildTestApp(t: TestContext | null, opts: { env?: Record<s
     ...(databaseUrl ? { DATABASE_URL: databaseUrl } : { ASGD_DATA_DIR: 'memory://' }),
     ...opts.env,
   });
-  const app = await buildApp({ config, migrate: true, logger: false });
+  const app = await buildApp({ config, migrate: true, logger: process.env.TEST_LOG ? { level: process.env.TEST_LOG } : false });
   await app.ready();
   const close = async () => {
     await app.close();

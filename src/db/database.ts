@@ -1,6 +1,6 @@
 // One interface over the two databases the service runs on: PostgreSQL through `pg` (DATABASE_URL set)
 // and embedded PostgreSQL (PGlite) in a data directory. Drizzle serves the schema, migrations and
-// simple queries; the hot path speaks SQL through the same connections with binary bytea both ways.
+// simple queries; the hot path speaks SQL through the same connections (bytea parameters in binary).
 import { mkdirSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -13,8 +13,6 @@ import { schema } from './schema.ts';
 export const MIGRATIONS_DIR = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'migrations');
 
 export interface QueryOptions {
-  /** Ask for binary result columns (bytea arrives as a Buffer without hex decoding). Select only bytea then. */
-  binary?: boolean;
   /** Prepared statement name (PostgreSQL only; PGlite ignores it). */
   name?: string;
 }
@@ -63,9 +61,9 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
   const orm = drizzlePg(pool, { schema });
 
   const run = async <R>(client: pg.Pool | pg.PoolClient, text: string, params: unknown[] = [], opts: QueryOptions = {}) => {
-    // `binary` is a pg query option the typings do not list: result columns arrive in binary format.
-    const config = { text, values: params, binary: opts.binary, name: opts.name } as pg.QueryConfig;
-    const result = await client.query(config);
+    // Buffers travel as binary parameters; bytea results arrive hex-encoded (pg reads every result
+    // column as text) and pg-types decodes them to Buffers.
+    const result = await client.query({ text, values: params, name: opts.name });
     return result.rows as R[];
   };
 

@@ -1,5 +1,5 @@
-// SQL of the session domain. Hot-path statements are prepared (named) on PostgreSQL and move bytea
-// in binary both ways; PGlite gets base64 parameters (see Database.byteaParam).
+// SQL of the session domain. Hot-path statements are prepared (named) on PostgreSQL and send bytea
+// parameters in binary; PGlite gets base64 parameters (see Database.byteaParam).
 import type { Database, Queryable } from '../db/database.ts';
 import type { GroupSpec, ParamSpec, ScalarStateRow } from '../db/schema.ts';
 
@@ -152,18 +152,10 @@ export async function insertStep(db: Database, q: Queryable, sessionId: number, 
 
 /** The log entries in (fromVersion, toVersion], in order, at most `limit` of them. */
 export async function readSteps(q: Queryable, sessionId: number, fromVersion: number, toVersion: number, limit: number): Promise<StepLogEntry[]> {
-  const meta = await q.query<{ version: number; present: number[] }>(
-    'SELECT version::float8 AS version, present FROM step_log WHERE session_id = $1 AND version > $2 AND version <= $3 ORDER BY version LIMIT $4',
+  return q.query<StepLogEntry>(
+    'SELECT version::float8 AS version, present, grads FROM step_log WHERE session_id = $1 AND version > $2 AND version <= $3 ORDER BY version LIMIT $4',
     [sessionId, fromVersion, toVersion, limit],
   );
-  if (meta.length === 0) return [];
-  const grads = await q.query<{ grads: Buffer }>(
-    'SELECT grads FROM step_log WHERE session_id = $1 AND version > $2 AND version <= $3 ORDER BY version LIMIT $4',
-    [sessionId, fromVersion, meta[meta.length - 1].version, limit],
-    { binary: true },
-  );
-  if (grads.length !== meta.length) throw new Error('step log changed while it was read');
-  return meta.map((m, i) => ({ version: m.version, present: m.present, grads: grads[i].grads }));
 }
 
 export async function insertSnapshot(
@@ -230,7 +222,6 @@ export async function readSnapshotChunks(q: Queryable, snapshotId: number, onChu
     const rows = await q.query<{ data: Buffer }>(
       'SELECT data FROM snapshot_chunks WHERE snapshot_id = $1 AND seq >= $2 AND seq < $3 ORDER BY seq',
       [snapshotId, seq, seq + BATCH],
-      { binary: true },
     );
     for (const row of rows) onChunk(seq++, row.data);
     if (rows.length < BATCH) return seq;

@@ -117,10 +117,20 @@ export class SessionState {
   }
 }
 
+/** JSON with object keys sorted at every level (jsonb does not keep key order). */
+export function canonicalJson(value: unknown): string {
+  if (Array.isArray(value)) return `[${value.map(canonicalJson).join(',')}]`;
+  if (value !== null && typeof value === 'object') {
+    const entries = Object.entries(value as Record<string, unknown>).filter(([, v]) => v !== undefined).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+    return `{${entries.map(([k, v]) => `${JSON.stringify(k)}:${canonicalJson(v)}`).join(',')}}`;
+  }
+  return JSON.stringify(value);
+}
+
 /** sha256 over the tensor bytes and the canonical JSON of groups and scalar state. */
 export function snapshotChecksum(chunks: readonly Buffer[], groups: GroupSpec[], scalars: ScalarStateRow[]): string {
   const hash = createHash('sha256');
   for (const chunk of chunks) hash.update(chunk);
-  hash.update(JSON.stringify({ groups, scalars }));
+  hash.update(canonicalJson({ groups, scalars }));
   return hash.digest('hex');
 }

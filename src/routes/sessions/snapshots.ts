@@ -2,6 +2,7 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { Type } from 'typebox';
 import type { Config } from '../../config.ts';
+import { errors } from '../../errors.ts';
 import { booleanQuery, ifMatchOf, sessionJson, setVersion, snapshotJson } from '../common.ts';
 import { errorResponses, NameParams, Session, Snapshot, SnapshotParams } from '../schemas.ts';
 import { readFormats, sendView } from './state.ts';
@@ -14,12 +15,19 @@ export default async function snapshotRoutes(fastify: FastifyInstance, _opts: { 
       summary: 'Take a snapshot now',
       tags: ['snapshots'],
       params: NameParams,
-      body: Type.Optional(Type.Object({ pinned: Type.Optional(Type.Boolean()) }, { additionalProperties: false })),
+      body: Type.Object({ pinned: Type.Optional(Type.Boolean()) }, { additionalProperties: false, description: 'Optional; no body takes an unpinned snapshot' }),
       response: { 201: Snapshot, ...errorResponses(400, 401, 403, 404) },
     },
+    // The body is optional, which a JSON Schema for the body cannot say: checked here.
+    validatorCompiler: ({ httpPart }) => (httpPart === 'body' ? () => true : () => true),
   }, async (request, reply) => {
     const { name } = request.params as { name: string };
-    const pinned = (request.body as { pinned?: boolean } | undefined)?.pinned ?? false;
+    const body = request.body as unknown;
+    if (body !== undefined && body !== null && (typeof body !== 'object' || Array.isArray(body) || Object.keys(body).some((k) => k !== 'pinned'))) {
+      throw errors.invalidBody('body: must be {"pinned": true|false} or empty');
+    }
+    const pinned = (body as { pinned?: unknown } | undefined)?.pinned ?? false;
+    if (typeof pinned !== 'boolean') throw errors.invalidBody('pinned: must be true or false');
     const snapshot = await fastify.sessions.snapshotNow(name, pinned);
     return reply.status(201).send(snapshotJson(snapshot));
   });

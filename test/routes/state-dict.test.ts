@@ -1,0 +1,133 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { buildTestApp, randomData } from '../helper.ts';
+import { hexOf, runTorchReference, skipWithoutTorch } from '../support/torch.ts';
+
+const params = [
+  { name: 'w', shape: [4, 9], data: randomData(36, 21) },
+  { name: 'b', shape: [9], data: randomData(9, 22) },
+];
+const groups = [{ params: ['w'], weight_decay: 0.01 }, { params: ['b'], lr: 0.1 }];
+const defaults = { lr: 0.03, t0: 2, lambd: 0.01 };
+
+async function setup(t: Parameters<typeof buildTestApp>[0]) {
+  const { app } = await buildTestApp(t);
+  const res = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'sd', params, hyperparameters: defaults, param_groups: groups } });
+  assert.equal(res.statusCode, 201, res.body);
+  return app;
+}
+
+const grads = (k: number) => ({ w: randomData(36, 500 + k), b: randomData(9, 600 + k) });
+
+test('PUT state_dict restores optimizer state as load_state_dict does; stepping on matches PyTorch', async (t) => {
+  const skip = skipWithoutTorch();
+  if (skip) return t.skip(skip);
+  const app = await setup(t);
+  for (let k = 0; k < 6; k++) assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/sd/step', payload: { grads: grads(k) } })).statusCode, 200);
+  const saved = (await app.inject({ url: '/v1/sessions/sd/state_dict' })).json();
+  const paramsAt6 = (await app.inject({ url: '/v1/sessions/sd/params' })).json().params;
+  for (let k = 6; k < 10; k++) await app.inject({ method: 'POST', url: '/v1/sessions/sd/step', payload: { grads: grads(k) } });
+
+  // Hyperparameters come from the loaded groups: change lr of group 1 in the file.
+  saved.param_groups[1].lr = 0.07;
+  saved.param_groups[1].initial_lr = 0.1; // as an LR scheduler leaves it: kept and echoed
+  const put = await app.inject({ method: 'PUT', url: '/v1/sessions/sd/state_dict', payload: saved });
+  assert.equal(put.statusCode, 200, put.body);
+  assert.equal(put.json().version, 12);
+  assert.equal(put.json().param_groups[1].lr, 0.07);
+  const back = (await app.inject({ url: '/v1/sessions/sd/state_dict' })).json();
+  assert.deepEqual(back.state, saved.state);
+  assert.equal(back.param_groups[1].initial_lr, 0.1);
+  assert.deepEqual(Object.keys(back.param_groups[1]).at(-1), 'params');
+
+  // Parameters were not changed by the call; step on from here and compare with PyTorch doing the same.
+  const paramsNow = (await app.inject({ url: '/v1/sessions/sd/params' })).json().params;
+  const steps = [];
+  for (let k = 20; k < 30; k++) {
+    steps.push(grads(k));
+    assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/sd/step', payload: { grads: grads(k) } })).statusCode, 200);
+  }
+  const ref = runTorchReference({
+    params: params.map((p) => ({ ...p, data: paramsNow[p.name].data })),
+    defaults,
+    groups,
+    state_dict: saved,
+    steps,
+  });
+  const mine = (await app.inject({ url: '/v1/sessions/sd/params' })).json().params;
+  for (const p of params) assert.deepEqual(hexOf(mine[p.name].data), ref.params[p.name]);
+  const sd = (await app.inject({ url: '/v1/sessions/sd/state_dict' })).json();
+  for (const [k, s] of Object.entries(ref.state)) assert.deepEqual(hexOf(sd.state[k].ax.data), s.ax);
+  void paramsAt6;
+});
+
+test('PUT state_dict rejects what load_state_dict rejects, and more, leaving the session unchanged', async (t) => {
+  const app = await setup(t);
+  await app.inject({ method: 'POST', url: '/v1/sessions/sd/step', payload: { grads: grads(0) } });
+  const good = (await app.inject({ url: '/v1/sessions/sd/state_dict' })).json();
+  const before = (await app.inject({ url: '/v1/sessions/sd/state_dict' })).body;
+  const clone = () => JSON.parse(JSON.stringify(good));
+  const cases: [(sd: any) => unknown, string, RegExp][] = [
+    [(sd) => ({ ...sd, param_groups: [sd.param_groups[0]] }), 'STATE_DICT_MISMATCH', /^loaded state dict has a different number of parameter groups$/],
+    [(sd) => { sd.param_groups[0].params = [0, 1]; return sd; }, 'STATE_DICT_MISMATCH', /^loaded state dict contains a parameter group that doesn't match the size of optimizer's group$/],
+    [(sd) => { sd.state['0'].ax.shape = [9, 4]; return sd; }, 'STATE_DICT_MISMATCH', /state\.0\.ax: shape \[9,4\] does not match/],
+    [(sd) => { sd.state['0'].ax = { shape: [3], data: [1, 2, 3] }; return sd; }, 'STATE_DICT_MISMATCH', /state\.0\.ax/],
+    [(sd) => { delete sd.state['0'].eta; return sd; }, 'INVALID_STATE_DICT', /state\.0\.eta: is missing/],
+    [(sd) => { sd.state['0'].mu = 'one'; return sd; }, 'INVALID_STATE_DICT', /state\.0\.mu/],
+    [(sd) => { sd.param_groups[0].lr = -1; return sd; }, 'INVALID_HYPERPARAMETER', /param_groups\[0\]\.lr/],
+    [(sd) => { delete sd.param_groups[0].t0; return sd; }, 'INVALID_STATE_DICT', /param_groups\[0\]\.t0: is missing/],
+    [(sd) => { sd.state.x = sd.state['0']; return sd; }, 'INVALID_STATE_DICT', /state\.x/],
+    [(sd) => ({ ...sd, extra: 1 }), 'INVALID_STATE_DICT', /extra/],
+    [() => [], 'INVALID_STATE_DICT', /body/],
+  ];
+  for (const [mutate, code, message] of cases) {
+    const res = await app.inject({ method: 'PUT', url: '/v1/sessions/sd/state_dict', payload: mutate(clone()) as object });
+    assert.equal(res.statusCode, 400, res.body);
+    assert.equal(res.json().code, code, res.body);
+    assert.match(res.json().message, message);
+  }
+  assert.equal((await app.inject({ url: '/v1/sessions/sd/state_dict' })).body, before);
+  assert.equal((await app.inject({ url: '/v1/sessions/sd' })).json().version, 2);
+  // Older PyTorch groups lack foreach/maximize/differentiable/capturable: defaults fill them.
+  const old = clone();
+  for (const g of old.param_groups) for (const k of ['foreach', 'maximize', 'differentiable', 'capturable']) delete g[k];
+  const res = await app.inject({ method: 'PUT', url: '/v1/sessions/sd/state_dict', payload: old });
+  assert.equal(res.statusCode, 200, res.body);
+  assert.equal(res.json().param_groups[1].maximize, false);
+});
+
+test('If-Match, Idempotency-Key and bounded staleness', async (t) => {
+  const app = await setup(t);
+  const step = (headers: Record<string, string> = {}, query = '', g = grads(1)) =>
+    app.inject({ method: 'POST', url: `/v1/sessions/sd/step${query}`, headers, payload: { grads: g } });
+  assert.equal((await step({ 'if-match': '"1"' })).statusCode, 200);
+  const stale = await step({ 'if-match': '"1"' });
+  assert.equal(stale.statusCode, 412);
+  assert.equal(stale.json().code, 'VERSION_MISMATCH');
+  assert.equal(stale.json().version, 2);
+  assert.equal((await step({ 'if-match': 'nonsense' })).statusCode, 400);
+
+  const first = await step({ 'idempotency-key': 'k-1' });
+  assert.equal(first.statusCode, 200);
+  const retry = await step({ 'idempotency-key': 'k-1' });
+  assert.equal(retry.statusCode, 200);
+  assert.deepEqual({ ...retry.json(), replayed: undefined }, { ...first.json(), replayed: undefined });
+  assert.equal(retry.json().replayed, true);
+  assert.equal((await app.inject({ url: '/v1/sessions/sd' })).json().step, 2, 'the retry did not step');
+  const reused = await step({ 'idempotency-key': 'k-1' }, '', grads(2));
+  assert.equal(reused.statusCode, 422);
+  assert.equal(reused.json().code, 'IDEMPOTENCY_KEY_REUSED');
+
+  const patch = await app.inject({ method: 'PATCH', url: '/v1/sessions/sd', payload: { max_staleness: 1 } });
+  assert.equal(patch.statusCode, 200);
+  const v = (await app.inject({ url: '/v1/sessions/sd' })).json().version; // 3
+  const ok = await step({}, `?base_version=${v - 1}`);
+  assert.equal(ok.statusCode, 200);
+  assert.equal(ok.json().staleness, 1);
+  const tooOld = await step({}, `?base_version=${v - 1}`);
+  assert.equal(tooOld.statusCode, 409);
+  assert.equal(tooOld.json().code, 'STALE_GRADIENT');
+  assert.equal(tooOld.json().staleness, 2);
+  const future = await step({}, '?base_version=999');
+  assert.equal(future.statusCode, 400);
+});
