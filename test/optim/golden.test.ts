@@ -1,0 +1,89 @@
+// The kernels against committed fixtures written by real PyTorch (scripts/golden/generate.py).
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { jsKernel, advanceScalarState } from '../../src/optim/asgd.ts';
+import { fmaf32 } from '../../src/optim/fma.ts';
+import type { AsgdKernel } from '../../src/optim/types.ts';
+import { COMMITTED_GOLDEN_DIR, loadManifest, readBinary, replayScenario } from './golden-harness.ts';
+import { doubleRoundingKernel, unfusedKernel } from './variant-kernels.ts';
+import { float32Bits, hex32 } from './exact.ts';
+
+const dir = COMMITTED_GOLDEN_DIR;
+const manifest = loadManifest(dir);
+
+const kernels: Array<{ label: string; kernel: AsgdKernel; arena: boolean }> = [
+  { label: 'js', kernel: jsKernel, arena: false },
+];
+
+test('the committed fixtures come from a fused (SIMD) PyTorch and cover the required cases', () => {
+  assert.equal(manifest.fma, true);
+  const names = manifest.scenarios.map((s) => s.name);
+  for (const name of ['defaults', 'weight-decay', 'maximize', 't0-3', 't0-50', 'hyper-sweep', 'two-groups', 'sparse-grads', 'step-stall', 'tiny-and-subnormal']) {
+    assert.ok(names.includes(name), name);
+  }
+  const sizes = new Set(manifest.scenarios.flatMap((s) => s.params.map((p) => p.size)));
+  for (const size of [1, 7, 16, 33, 1000]) assert.ok(sizes.has(size), `size ${size}`);
+  assert.ok(manifest.scenarios.some((s) => s.steps >= 200));
+  assert.ok(manifest.scenarios.reduce((n, s) => n + s.halfwayTraps, 0) > 100, 'halfway traps planted');
+});
+
+for (const { label, kernel, arena } of kernels) {
+  for (const scenario of manifest.scenarios) {
+    test(`${label} kernel matches PyTorch bit for bit: ${scenario.name} (${scenario.description})`, () => {
+      const result = replayScenario(dir, scenario, { kernel, arena });
+      assert.equal(result.mismatch, null);
+      assert.equal(result.stepsCompared, scenario.steps);
+      assert.equal(result.checkpointsCompared, scenario.checkpointSteps.length);
+    });
+  }
+}
+
+test('an unfused kernel (separate roundings) does not match any scenario', () => {
+  for (const scenario of manifest.scenarios) {
+    const result = replayScenario(dir, scenario, { kernel: unfusedKernel });
+    assert.notEqual(result.mismatch, null, scenario.name);
+  }
+});
+
+test('a kernel that rounds the double a*b+c without the halfway fix fails where traps were planted', () => {
+  let withTraps = 0;
+  for (const scenario of manifest.scenarios) {
+    const result = replayScenario(dir, scenario, { kernel: doubleRoundingKernel });
+    if (scenario.halfwayTraps > 0) {
+      withTraps++;
+      assert.notEqual(result.mismatch, null, scenario.name);
+    }
+  }
+  assert.ok(withTraps >= 6);
+});
+
+test('fmaf32 equals torch.add(c, a, alpha=b) on adversarial and random triples', () => {
+  const cases = manifest.fmaCases!;
+  const rows = new Float32Array(readBinary(dir, cases.file));
+  assert.equal(rows.length, cases.count * 4);
+  let traps = 0;
+  for (let r = 0; r < cases.count; r++) {
+    const [a, b, c, torch] = rows.subarray(r * 4, r * 4 + 4);
+    const got = fmaf32(a, b, c);
+    assert.equal(float32Bits(got), float32Bits(torch), `row ${r}: ${hex32(a)} ${hex32(b)} ${hex32(c)}: ${hex32(got)} vs torch ${hex32(torch)}`);
+    if (float32Bits(Math.fround(a * b + c)) !== float32Bits(torch)) traps++;
+  }
+  assert.equal(traps, cases.halfwayTraps);
+  assert.ok(traps > 100, `${traps} halfway traps`);
+});
+
+test('eta and mu follow asgd.py for random hyperparameters and steps up to 2^24', () => {
+  const table = manifest.etaTable!;
+  const buffer = readBinary(dir, table.file);
+  const doubles = new Float64Array(buffer, 0, table.count * 4);
+  const floats = new Float32Array(buffer, table.count * 32, table.count * 3);
+  for (let r = 0; r < table.count; r++) {
+    const [lr, lambd, alpha, t0] = doubles.subarray(r * 4, r * 4 + 4);
+    const [step, eta, mu] = floats.subarray(r * 3, r * 3 + 3);
+    const state = { step: step - 1, eta: 0, mu: 0 };
+    advanceScalarState(state, { lr, lambd, alpha, t0, weightDecay: 0, maximize: false });
+    assert.equal(state.step, step);
+    assert.equal(float32Bits(state.eta), float32Bits(eta), `row ${r}: lr=${lr} lambd=${lambd} alpha=${alpha} step=${step}`);
+    assert.equal(float32Bits(state.mu), float32Bits(mu), `row ${r}: t0=${t0} step=${step}`);
+  }
+});
