@@ -1,0 +1,224 @@
+// The allow-list for torch.save pickles: as narrow as torch/_weights_only_unpickler.py, and every
+// entry implemented here in JS (nothing is ever looked up by name and run).
+//   torch._utils._rebuild_tensor_v2 / _rebuild_tensor      dense CPU tensors
+//   torch._utils._rebuild_parameter(_with_state)           nn.Parameter, read as its tensor
+//   torch.<X>Storage                                        storage classes (dtype markers)
+//   collections.OrderedDict                                 OrderedDict()
+//   torch.Size                                              a tuple of ints
+//   _codecs.encode, builtins.bytes                          how protocol 2 spells bytes
+
+import { FormatError } from './errors.ts';
+import { Opaque, PyGlobal, type Item } from './pickle-reader.ts';
+import { PyDict, PyTuple, pyTypeName, type PyValue } from './pyvalue.ts';
+import { checkShape, contiguousStrides, isTensor, numel, type DType, type Tensor, type TypedArray } from './tensor.ts';
+
+/** torch.<name> storage class for each dtype (torch/storage.py, pickle_storage_type). */
+export const STORAGE_CLASS: Record<DType, string> = {
+  float32: 'FloatStorage',
+  float64: 'DoubleStorage',
+  float16: 'HalfStorage',
+  bfloat16: 'BFloat16Storage',
+  int64: 'LongStorage',
+  int32: 'IntStorage',
+  int16: 'ShortStorage',
+  int8: 'CharStorage',
+  uint8: 'ByteStorage',
+  bool: 'BoolStorage',
+};
+
+const DTYPE_OF_STORAGE = new Map<string, DType>(Object.entries(STORAGE_CLASS).map(([dtype, cls]) => [cls, dtype as DType]));
+
+/** Storage classes PyTorch has whose dtypes this service refuses, with the dtype they hold. */
+const UNSUPPORTED_STORAGE: Record<string, string> = {
+  ComplexFloatStorage: 'complex64',
+  ComplexDoubleStorage: 'complex128',
+  QInt8Storage: 'qint8',
+  QUInt8Storage: 'quint8',
+  QInt32Storage: 'qint32',
+  QUInt4x2Storage: 'quint4x2',
+  QUInt2x4Storage: 'quint2x4',
+  UntypedStorage: 'untyped bytes',
+};
+
+/** A storage class named in a pickle: marks the dtype of the storage in a persistent id. */
+export class StorageClass extends PyGlobal {
+  constructor(readonly dtype: DType) {
+    super(`torch.${STORAGE_CLASS[dtype]}`);
+  }
+}
+
+/** A storage loaded through a persistent id: its elements, in its dtype. */
+export class Storage extends Opaque {
+  constructor(
+    readonly key: string,
+    readonly dtype: DType,
+    readonly data: TypedArray,
+  ) {
+    super();
+  }
+
+  describe(): string {
+    return `storage ${this.key}`;
+  }
+}
+
+/** The allow-list, as UnpickleOptions.findGlobal. */
+export function findTorchGlobal(module: string, name: string): PyGlobal | undefined {
+  if (module === 'torch') {
+    const dtype = DTYPE_OF_STORAGE.get(name);
+    if (dtype) return new StorageClass(dtype);
+    if (name in UNSUPPORTED_STORAGE) {
+      throw new FormatError('TENSOR_DTYPE_UNSUPPORTED', `torch.${name} holds ${UNSUPPORTED_STORAGE[name]} tensors, which are not supported`);
+    }
+  }
+  return GLOBALS.get(`${module}.${name}`);
+}
+
+const GLOBALS = new Map<string, PyGlobal>(
+  [
+    new PyGlobal('torch._utils._rebuild_tensor_v2', (args) => {
+      // (storage, storage_offset, size, stride, requires_grad, backward_hooks[, metadata])
+      arity('_rebuild_tensor_v2', args, 6, 7);
+      const tensor = rebuildTensor(args[0], args[1], args[2], args[3]);
+      if (typeof args[4] !== 'boolean') throw callError(`_rebuild_tensor_v2 requires_grad must be a bool, got ${describeItem(args[4])}`);
+      if (args[4]) tensor.requiresGrad = true;
+      checkEmptyHooks('_rebuild_tensor_v2', args[5]);
+      if (args.length === 7 && args[6] !== null && !(args[6] instanceof PyDict && args[6].size === 0)) {
+        throw callError('_rebuild_tensor_v2 tensor metadata is not supported');
+      }
+      return tensor;
+    }),
+    new PyGlobal('torch._utils._rebuild_tensor', (args) => {
+      arity('_rebuild_tensor', args, 4, 4);
+      return rebuildTensor(args[0], args[1], args[2], args[3]);
+    }),
+    new PyGlobal('torch._utils._rebuild_parameter', (args) => {
+      // (data, requires_grad, backward_hooks): an nn.Parameter, read as its tensor
+      arity('_rebuild_parameter', args, 3, 3);
+      return rebuildParameter(args[0], args[1], args[2]);
+    }),
+    new PyGlobal('torch._utils._rebuild_parameter_with_state', (args) => {
+      arity('_rebuild_parameter_with_state', args, 4, 4);
+      if (args[3] !== null && !(args[3] instanceof PyDict && args[3].size === 0)) {
+        throw callError('_rebuild_parameter_with_state with parameter attributes is not supported');
+      }
+      return rebuildParameter(args[0], args[1], args[2]);
+    }),
+    new PyGlobal('collections.OrderedDict', (args) => {
+      arity('OrderedDict', args, 0, 0);
+      return new PyDict(null, { ordered: true });
+    }),
+    new PyGlobal('torch.Size', (args) => {
+      arity('torch.Size', args, 1, 1);
+      const sizes = args[0];
+      if (!(sizes instanceof PyTuple || Array.isArray(sizes)) || !items(sizes).every((s) => typeof s === 'bigint')) {
+        throw callError('torch.Size takes a sequence of ints');
+      }
+      return new PyTuple(items(sizes));
+    }),
+    new PyGlobal('_codecs.encode', (args) => {
+      // protocol 2 pickles bytes as _codecs.encode(text, 'latin1')
+      arity('_codecs.encode', args, 2, 2);
+      const [text, encoding] = args;
+      if (typeof text !== 'string' || (encoding !== 'latin1' && encoding !== 'latin-1')) {
+        throw callError(`_codecs.encode is only allowed as encode(str, 'latin1'), got encoding ${String(encoding)}`);
+      }
+      if (/[^\u0000-\u00ff]/.test(text)) throw callError('_codecs.encode: text is not latin-1');
+      return Uint8Array.from(Buffer.from(text, 'latin1'));
+    }),
+    new PyGlobal('builtins.bytes', (args) => {
+      // protocol 2 pickles b'' as bytes()
+      arity('bytes', args, 0, 0);
+      return new Uint8Array(0);
+    }),
+  ].map((g) => [g.qualifiedName, g]),
+);
+
+function rebuildParameter(data: Item, requiresGrad: Item, hooks: Item): Tensor {
+  if (!isTensor(data)) throw callError(`_rebuild_parameter data must be a tensor, got ${describeItem(data)}`);
+  if (typeof requiresGrad !== 'boolean') throw callError('_rebuild_parameter requires_grad must be a bool');
+  checkEmptyHooks('_rebuild_parameter', hooks);
+  const tensor = { ...data } as Tensor;
+  if (requiresGrad) tensor.requiresGrad = true;
+  else delete tensor.requiresGrad;
+  return tensor;
+}
+
+/**
+ * A dense tensor from a storage, offset, sizes and strides (torch._utils._rebuild_tensor).
+ * Contiguous layouts are views of the storage; other strides are materialised into a new array.
+ */
+export function rebuildTensor(storage: Item, offsetItem: Item, sizeItem: Item, strideItem: Item): Tensor {
+  if (!(storage instanceof Storage)) throw callError(`tensor storage must come from a persistent id, got ${describeItem(storage)}`);
+  const offset = toIndex(offsetItem, 'storage offset');
+  const shape = intTuple(sizeItem, 'size');
+  const stride = intTuple(strideItem, 'stride');
+  if (shape.length !== stride.length) {
+    throw new FormatError('TENSOR_SHAPE_INVALID', `tensor has ${shape.length} sizes but ${stride.length} strides`);
+  }
+  checkShape(shape, `tensor in storage ${storage.key}`);
+  const count = numel(shape);
+  const data = storage.data;
+  if (count === 0) return { dtype: storage.dtype, shape, data: data.subarray(0, 0) } as Tensor;
+  let last = offset;
+  for (let i = 0; i < shape.length; i++) last += (shape[i] - 1) * stride[i];
+  if (last >= data.length) {
+    throw new FormatError('STORAGE_MISSING', `tensor of shape [${shape.join(', ')}] at offset ${offset} needs ${last + 1} elements, storage ${storage.key} has ${data.length}`);
+  }
+  const expected = contiguousStrides(shape);
+  const contiguous = shape.every((size, i) => size === 1 || stride[i] === expected[i]);
+  if (contiguous) return { dtype: storage.dtype, shape, data: data.subarray(offset, offset + count) } as Tensor;
+  return { dtype: storage.dtype, shape, data: gather(data, offset, shape, stride, count) } as Tensor;
+}
+
+/** Copies a strided view into row-major order. */
+function gather(data: TypedArray, offset: number, shape: number[], stride: number[], count: number): TypedArray {
+  const out = new (data.constructor as new (n: number) => TypedArray)(count);
+  const index = new Array<number>(shape.length).fill(0);
+  let source = offset;
+  for (let i = 0; i < count; i++) {
+    (out as unknown as unknown[])[i] = (data as unknown as unknown[])[source];
+    for (let d = shape.length - 1; d >= 0; d--) {
+      index[d]++;
+      source += stride[d];
+      if (index[d] < shape[d]) break;
+      source -= stride[d] * shape[d];
+      index[d] = 0;
+    }
+  }
+  return out;
+}
+
+function intTuple(item: Item, what: string): number[] {
+  if (!(item instanceof PyTuple)) throw new FormatError('TENSOR_SHAPE_INVALID', `tensor ${what} must be a tuple, got ${describeItem(item)}`);
+  return item.items.map((value) => toIndex(value, what));
+}
+
+function toIndex(item: Item, what: string): number {
+  if (typeof item !== 'bigint' || item < 0n || item > BigInt(Number.MAX_SAFE_INTEGER)) {
+    throw new FormatError('TENSOR_SHAPE_INVALID', `tensor ${what} must be a non-negative int, got ${typeof item === 'bigint' ? item : describeItem(item)}`);
+  }
+  return Number(item);
+}
+
+function checkEmptyHooks(fn: string, hooks: Item): void {
+  if (hooks !== null && !(hooks instanceof PyDict && hooks.size === 0)) throw callError(`${fn} with backward hooks is not supported`);
+}
+
+function arity(fn: string, args: readonly Item[], min: number, max: number): void {
+  if (args.length < min || args.length > max) {
+    throw callError(`${fn} takes ${min === max ? min : `${min} to ${max}`} arguments, got ${args.length}`);
+  }
+}
+
+function items(sequence: PyTuple | PyValue[]): PyValue[] {
+  return sequence instanceof PyTuple ? [...sequence.items] : sequence;
+}
+
+function describeItem(item: Item): string {
+  return item instanceof Opaque ? item.describe() : pyTypeName(item);
+}
+
+function callError(message: string): FormatError {
+  return new FormatError('PICKLE_CALL_INVALID', message);
+}
