@@ -93,6 +93,8 @@ export function contiguousStrides(shape: readonly number[]): number[] {
 
 /** Builds a tensor after checking that `data` has the dtype's array type and numel(shape) elements. */
 export function makeTensor<D extends DType>(dtype: D, shape: readonly number[], data: TensorArrays[D]): TensorOf<D> {
+  if (!isDType(dtype)) throw new FormatError('TENSOR_DTYPE_UNSUPPORTED', `dtype ${String(dtype)} is not supported`);
+  if (!Array.isArray(shape)) throw new FormatError('TENSOR_SHAPE_INVALID', 'tensor shape must be an array');
   checkShape(shape);
   if (!(data instanceof ARRAY_CTOR[dtype])) {
     throw new FormatError('TENSOR_DTYPE_UNSUPPORTED', `${dtype} tensor data must be a ${ARRAY_CTOR[dtype].name}`);

@@ -1,0 +1,84 @@
+// A module's state_dict (torch/nn/modules/module.py, Module.state_dict): an OrderedDict from
+// parameter and buffer names to tensors, carrying the `_metadata` attribute (per-module versions
+// that load_state_dict passes to _load_from_state_dict). And the checkpoint dict the service stores:
+// {"model": <model state_dict>, "optimizer": <ASGD state_dict>, "step": int}.
+
+import { FormatError } from './errors.ts';
+import { expectDict, fromAsgdStateDict, invalid, toAsgdStateDict, type AsgdStateDict, type StateDictReadOptions } from './optimizer-state.ts';
+import { orderedDict, PyDict, pyIntToNumber, pyTypeName, type PyValue } from './pyvalue.ts';
+import { isTensor, toFloat32Tensor, type Tensor } from './tensor.ts';
+
+export interface ModelStateDict {
+  /** Parameters and buffers by name, in order. Any dtype (buffers such as num_batches_tracked are int64). */
+  tensors: Map<string, Tensor>;
+  /** The OrderedDict's `_metadata` ({module prefix: {"version": int}}), kept as-is; absent for a plain dict. */
+  metadata?: PyDict;
+}
+
+export interface Checkpoint {
+  model: ModelStateDict;
+  optimizer: AsgdStateDict;
+  /** Training step the checkpoint was taken at. */
+  step: number;
+  /** Other top-level keys, in order; written after the known ones. */
+  extra?: [string, PyValue][];
+}
+
+/**
+ * Reads a model state_dict (an OrderedDict or plain dict of str -> tensor). With `toFloat32`,
+ * floating tensors (float64, float16, bfloat16) become float32; integer and bool buffers are kept.
+ */
+export function toModelStateDict(value: PyValue, options: StateDictReadOptions = {}, path = 'model'): ModelStateDict {
+  const dict = expectDict(value, path);
+  const tensors = new Map<string, Tensor>();
+  for (const [name, tensor] of dict) {
+    if (typeof name !== 'string') throw invalid(path, `has a non-string key ${String(name)}`);
+    if (!isTensor(tensor)) throw invalid(`${path}[${JSON.stringify(name)}]`, `must be a tensor, got ${pyTypeName(tensor)}`);
+    const floating = tensor.dtype === 'float64' || tensor.dtype === 'float16' || tensor.dtype === 'bfloat16';
+    tensors.set(name, options.toFloat32 && floating ? toFloat32Tensor(tensor) : tensor);
+  }
+  const model: ModelStateDict = { tensors };
+  const metadata = dict.attributes?.get('_metadata');
+  if (metadata instanceof PyDict) model.metadata = metadata;
+  return model;
+}
+
+/** The OrderedDict Module.state_dict() returns, with its `_metadata` when known. */
+export function fromModelStateDict(model: ModelStateDict): PyDict {
+  const dict = orderedDict(model.tensors);
+  if (model.metadata) dict.attributes = new PyDict([['_metadata', model.metadata]]);
+  return dict;
+}
+
+export function toCheckpoint(value: PyValue, options: StateDictReadOptions = {}): Checkpoint {
+  const dict = expectDict(value, 'checkpoint');
+  const step = dict.get('step');
+  if (step === undefined) throw invalid('checkpoint.step', 'is missing');
+  const checkpoint: Checkpoint = {
+    model: toModelStateDict(dict.get('model') ?? missing('checkpoint.model'), options, 'checkpoint.model'),
+    optimizer: toAsgdStateDict(dict.get('optimizer') ?? missing('checkpoint.optimizer'), options, 'checkpoint.optimizer'),
+    step: pyIntToNumber(step, 'checkpoint.step'),
+  };
+  const extra = [...dict].filter(([key]) => key !== 'model' && key !== 'optimizer' && key !== 'step');
+  for (const [key] of extra) if (typeof key !== 'string') throw invalid('checkpoint', `has a non-string key ${String(key)}`);
+  if (extra.length > 0) checkpoint.extra = extra as [string, PyValue][];
+  return checkpoint;
+}
+
+export function fromCheckpoint(checkpoint: Checkpoint): PyDict {
+  if (!Number.isSafeInteger(checkpoint.step)) throw new FormatError('STATE_DICT_INVALID', `checkpoint.step must be a whole number, got ${checkpoint.step}`);
+  const dict = new PyDict([
+    ['model', fromModelStateDict(checkpoint.model)],
+    ['optimizer', fromAsgdStateDict(checkpoint.optimizer)],
+    ['step', BigInt(checkpoint.step)],
+  ]);
+  for (const [key, value] of checkpoint.extra ?? []) {
+    if (dict.has(key)) throw new FormatError('STATE_DICT_INVALID', `checkpoint extra key ${key} duplicates a known key`);
+    dict.set(key, value);
+  }
+  return dict;
+}
+
+function missing(path: string): never {
+  throw invalid(path, 'is missing');
+}

@@ -1,0 +1,234 @@
+// torch.optim.ASGD.state_dict() as a typed value, and back to the exact Python structure it pickles
+// as (torch/optim/optimizer.py, Optimizer.state_dict; torch/optim/asgd.py):
+//   {"state": {0: {"step": tensor(4.), "eta": tensor(0.0099...), "mu": tensor(0.5), "ax": tensor([...])}, ...},
+//    "param_groups": [{"lr": 0.01, "lambd": 0.0001, "alpha": 0.75, "t0": 1000000.0, "weight_decay": 0,
+//                      "foreach": None, "maximize": False, "differentiable": False, "capturable": False,
+//                      "params": [0, 1]}]}
+// step, eta and mu are 0-dim float32 tensors; weight_decay=0 is a Python int; key order step, eta, mu, ax.
+
+import { FormatError } from './errors.ts';
+import { PyDict, pyIntToNumber, pyTypeName, type PyValue } from './pyvalue.ts';
+import { isTensor, toFloat32Tensor, type Float32Tensor, type Tensor } from './tensor.ts';
+
+/** The numeric hyperparameters of an ASGD group, by their Python names. */
+export const ASGD_NUMERIC_KEYS = ['lr', 'lambd', 'alpha', 't0', 'weight_decay'] as const;
+export type AsgdNumericKey = (typeof ASGD_NUMERIC_KEYS)[number];
+
+/** One parameter's entry in state_dict()["state"]. */
+export interface AsgdParamState {
+  /** Steps taken, as PyTorch's float32 counter holds it. */
+  step: number;
+  /** Current learning rate (a float32 value). */
+  eta: number;
+  /** Averaging coefficient (a float32 value). */
+  mu: number;
+  /** The running average of the parameter, shaped like it. */
+  ax: Float32Tensor;
+}
+
+/**
+ * One entry of state_dict()["param_groups"]. Field names match src/optim's AsgdHyperparameters, so a
+ * group can be passed where hyperparameters are expected.
+ */
+export interface AsgdParamGroup {
+  lr: number;
+  lambd: number;
+  alpha: number;
+  t0: number;
+  weightDecay: number;
+  foreach: boolean | null;
+  maximize: boolean;
+  /** Present in groups written by PyTorch 2.x, absent in 1.13's. Written only when set. */
+  differentiable?: boolean;
+  capturable?: boolean;
+  /** Indices of the group's parameters, numbered across groups in order. */
+  params: number[];
+  /**
+   * Numeric hyperparameters PyTorch holds as Python ints (it keeps the type the user passed:
+   * weight_decay=0 by default, t0=2 if given as 2). Written back as ints. When absent, only
+   * weight_decay is an int, and only when its value is whole (PyTorch's default 0).
+   */
+  intKeys?: AsgdNumericKey[];
+  /** Any other keys of the group (e.g. initial_lr from an LR scheduler), in order; written after the known keys. */
+  extra?: [string, PyValue][];
+}
+
+export interface AsgdStateDict {
+  /** By parameter index, in file order; only parameters that have stepped have an entry. */
+  state: Map<number, AsgdParamState>;
+  paramGroups: AsgdParamGroup[];
+}
+
+export interface StateDictReadOptions {
+  /**
+   * Accept tensors of other dtypes (float64, float16, bfloat16, integers) and Python numbers where
+   * float32 tensors belong, converting them to float32 with one rounding. Default false:
+   * anything but float32 is refused with TENSOR_DTYPE_UNSUPPORTED.
+   */
+  toFloat32?: boolean;
+}
+
+const GROUP_FLAGS = ['foreach', 'maximize', 'differentiable', 'capturable'] as const;
+const KNOWN_GROUP_KEYS = new Set<string>([...ASGD_NUMERIC_KEYS, ...GROUP_FLAGS, 'params']);
+
+/** Reads the Python value of an ASGD state_dict. STATE_DICT_INVALID names the field that is wrong. */
+export function toAsgdStateDict(value: PyValue, options: StateDictReadOptions = {}, path = 'state_dict'): AsgdStateDict {
+  const top = expectDict(value, path);
+  const groupsValue = top.get('param_groups');
+  if (!Array.isArray(groupsValue)) throw invalid(`${path}.param_groups`, `must be a list, got ${describe(groupsValue)}`);
+  const paramGroups = groupsValue.map((group, i) => readGroup(group, `${path}.param_groups[${i}]`));
+
+  const owners = new Map<number, number>();
+  paramGroups.forEach((group, g) => {
+    for (const index of group.params) {
+      if (owners.has(index)) throw invalid(`${path}.param_groups[${g}].params`, `parameter ${index} is already in group ${owners.get(index)}`);
+      owners.set(index, g);
+    }
+  });
+
+  const stateValue = expectDict(top.get('state'), `${path}.state`);
+  const state = new Map<number, AsgdParamState>();
+  for (const [key, entry] of stateValue) {
+    const field = `${path}.state[${String(key)}]`;
+    const index = typeof key === 'bigint' ? pyIntToNumber(key, field) : NaN;
+    if (!owners.has(index)) throw invalid(field, 'is not the index of a parameter in param_groups');
+    state.set(index, readParamState(entry, field, options));
+  }
+  return { state, paramGroups };
+}
+
+function readGroup(value: PyValue, path: string): AsgdParamGroup {
+  const dict = expectDict(value, path);
+  const intKeys: AsgdNumericKey[] = [];
+  const numeric = (key: AsgdNumericKey): number => {
+    const v = dict.get(key);
+    if (typeof v === 'bigint') {
+      intKeys.push(key);
+      return pyIntToNumber(v, `${path}.${key}`);
+    }
+    if (typeof v !== 'number') throw invalid(`${path}.${key}`, v === undefined ? 'is missing' : `must be a number, got ${describe(v)}`);
+    return v;
+  };
+  const flag = (key: (typeof GROUP_FLAGS)[number]): boolean | undefined => {
+    const v = dict.get(key);
+    if (v !== undefined && typeof v !== 'boolean') throw invalid(`${path}.${key}`, `must be a bool, got ${describe(v)}`);
+    return v;
+  };
+  const foreach = dict.get('foreach');
+  if (foreach !== undefined && foreach !== null && typeof foreach !== 'boolean') throw invalid(`${path}.foreach`, `must be a bool or None, got ${describe(foreach)}`);
+  const params = dict.get('params');
+  if (!Array.isArray(params)) throw invalid(`${path}.params`, params === undefined ? 'is missing' : `must be a list, got ${describe(params)}`);
+
+  const group: AsgdParamGroup = {
+    lr: numeric('lr'),
+    lambd: numeric('lambd'),
+    alpha: numeric('alpha'),
+    t0: numeric('t0'),
+    weightDecay: numeric('weight_decay'),
+    foreach: foreach ?? null,
+    maximize: flag('maximize') ?? false, // load_state_dict fills missing flags with the defaults
+    params: params.map((p, i) => {
+      const index = pyIntToNumber(p, `${path}.params[${i}]`);
+      if (index < 0) throw invalid(`${path}.params[${i}]`, 'must not be negative');
+      return index;
+    }),
+    intKeys,
+  };
+  const differentiable = flag('differentiable');
+  const capturable = flag('capturable');
+  if (differentiable !== undefined) group.differentiable = differentiable;
+  if (capturable !== undefined) group.capturable = capturable;
+  const extra = [...dict].filter(([key]) => typeof key !== 'string' || !KNOWN_GROUP_KEYS.has(key));
+  for (const [key] of extra) if (typeof key !== 'string') throw invalid(path, `has a non-string key ${key}`);
+  if (extra.length > 0) group.extra = extra as [string, PyValue][];
+  return group;
+}
+
+function readParamState(value: PyValue, path: string, options: StateDictReadOptions): AsgdParamState {
+  const dict = expectDict(value, path);
+  const ax = dict.get('ax');
+  if (!isTensor(ax)) throw invalid(`${path}.ax`, ax === undefined ? 'is missing' : `must be a tensor, got ${describe(ax)}`);
+  return {
+    step: readScalar(dict.get('step'), `${path}.step`, options),
+    eta: readScalar(dict.get('eta'), `${path}.eta`, options),
+    mu: readScalar(dict.get('mu'), `${path}.mu`, options),
+    ax: float32Of(ax, `${path}.ax`, options),
+  };
+}
+
+/** A float32 scalar: a one-element float32 tensor, or (with toFloat32) any one-element tensor or Python number. */
+function readScalar(value: PyValue | undefined, path: string, options: StateDictReadOptions): number {
+  if (value === undefined) throw invalid(path, 'is missing');
+  if (isTensor(value)) {
+    if (value.data.length !== 1) throw invalid(path, `must be a scalar tensor, got shape [${value.shape.join(', ')}]`);
+    return float32Of(value, path, options).data[0];
+  }
+  if (typeof value === 'number' || typeof value === 'bigint') {
+    if (!options.toFloat32) throw new FormatError('TENSOR_DTYPE_UNSUPPORTED', `${path} is a Python ${describe(value)}, not a float32 tensor (allow conversion to accept it)`);
+    return float32Of({ dtype: typeof value === 'bigint' ? 'int64' : 'float64', shape: [], data: typeof value === 'bigint' ? BigInt64Array.of(value) : Float64Array.of(value) } as Tensor, path, options).data[0];
+  }
+  throw invalid(path, `must be a tensor, got ${describe(value)}`);
+}
+
+function float32Of(tensor: Tensor, path: string, options: StateDictReadOptions): Float32Tensor {
+  if (tensor.dtype === 'float32') return tensor;
+  if (!options.toFloat32) throw new FormatError('TENSOR_DTYPE_UNSUPPORTED', `${path} has dtype ${tensor.dtype}; float32 is required (allow conversion to accept it)`);
+  return toFloat32Tensor(tensor);
+}
+
+/** The Python value ASGD.state_dict() returns for this state, ready for writeTorchSave. */
+export function fromAsgdStateDict(stateDict: AsgdStateDict): PyDict {
+  const state = new PyDict();
+  for (const [index, entry] of stateDict.state) {
+    state.set(BigInt(index), new PyDict([
+      ['step', scalarTensor(entry.step)],
+      ['eta', scalarTensor(entry.eta)],
+      ['mu', scalarTensor(entry.mu)],
+      ['ax', entry.ax],
+    ]));
+  }
+  return new PyDict([
+    ['state', state],
+    ['param_groups', stateDict.paramGroups.map(writeGroup)],
+  ]);
+}
+
+function writeGroup(group: AsgdParamGroup): PyDict {
+  const intKeys = new Set<AsgdNumericKey>(group.intKeys ?? (Number.isInteger(group.weightDecay) ? ['weight_decay'] : []));
+  const numeric = (key: AsgdNumericKey, value: number): PyValue => (intKeys.has(key) && Number.isSafeInteger(value) ? BigInt(value) : value);
+  const dict = new PyDict([
+    ['lr', numeric('lr', group.lr)],
+    ['lambd', numeric('lambd', group.lambd)],
+    ['alpha', numeric('alpha', group.alpha)],
+    ['t0', numeric('t0', group.t0)],
+    ['weight_decay', numeric('weight_decay', group.weightDecay)],
+    ['foreach', group.foreach],
+    ['maximize', group.maximize],
+  ]);
+  if (group.differentiable !== undefined) dict.set('differentiable', group.differentiable);
+  if (group.capturable !== undefined) dict.set('capturable', group.capturable);
+  for (const [key, value] of group.extra ?? []) {
+    if (KNOWN_GROUP_KEYS.has(key)) throw new FormatError('STATE_DICT_INVALID', `param group extra key ${key} duplicates a known key`);
+    dict.set(key, value);
+  }
+  dict.set('params', group.params.map((index) => BigInt(index)));
+  return dict;
+}
+
+/** A 0-dim float32 tensor holding float32(value). */
+export function scalarTensor(value: number): Float32Tensor {
+  return { dtype: 'float32', shape: [], data: Float32Array.of(value) };
+}
+
+export function expectDict(value: PyValue | undefined, path: string): PyDict {
+  if (!(value instanceof PyDict)) throw invalid(path, value === undefined ? 'is missing' : `must be a dict, got ${describe(value)}`);
+  return value;
+}
+
+export function invalid(path: string, message: string): FormatError {
+  return new FormatError('STATE_DICT_INVALID', `${path} ${message}`);
+}
+
+function describe(value: PyValue | undefined): string {
+  return value === undefined ? 'nothing' : pyTypeName(value);
+}

@@ -1,0 +1,169 @@
+// safetensors (huggingface/safetensors, safetensors/src/tensor.rs): 8-byte little-endian header
+// length N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}},
+// then the body. Offsets are relative to the body; the tensors must cover it exactly, without
+// gaps or overlaps. The writer sorts as the reference does (larger dtypes first, then by name), so
+// every tensor is aligned, and pads the header with spaces to a multiple of 8.
+
+import { FormatError } from './errors.ts';
+import { arrayFromBytes, checkShape, elementSize, isTensor, numel, tensorBytes, type DType, type Tensor } from './tensor.ts';
+import type { ByteStream } from './zip-writer.ts';
+
+const DTYPE_OF: Record<string, DType> = {
+  F32: 'float32', F64: 'float64', F16: 'float16', BF16: 'bfloat16',
+  I64: 'int64', I32: 'int32', I16: 'int16', I8: 'int8', U8: 'uint8', BOOL: 'bool',
+};
+const NAME_OF = Object.fromEntries(Object.entries(DTYPE_OF).map(([name, dtype]) => [dtype, name])) as Record<DType, string>;
+/** The reference implementation refuses headers above 100 MB. */
+const MAX_HEADER = 100_000_000;
+
+export interface SafetensorsFile {
+  /** Tensors by name, in body order. */
+  tensors: Map<string, Tensor>;
+  /** The "__metadata__" strings (empty when absent). */
+  metadata: Map<string, string>;
+}
+
+export interface SafetensorsReadOptions {
+  /** 'float32' (default): any other dtype is refused with TENSOR_DTYPE_UNSUPPORTED. 'all': every supported dtype is returned as stored. */
+  dtypes?: 'float32' | 'all';
+  /** Copy tensor data out of the file. Default false: views into `buf` where aligned. */
+  copy?: boolean;
+}
+
+export function readSafetensors(input: Uint8Array, options: SafetensorsReadOptions = {}): SafetensorsFile {
+  const buf = Buffer.from(input.buffer, input.byteOffset, input.byteLength);
+  if (buf.length < 8) throw headerError(`file of ${buf.length} bytes is too short for a safetensors header`);
+  const declared = buf.readBigUInt64LE(0);
+  if (declared > BigInt(buf.length - 8)) throw headerError(`header length ${declared} exceeds the ${buf.length - 8} bytes after it`);
+  const headerLength = Number(declared);
+  if (headerLength > MAX_HEADER) throw headerError(`header length ${headerLength} exceeds ${MAX_HEADER}`);
+  const header = parseHeader(buf.subarray(8, 8 + headerLength));
+  const bodyStart = 8 + headerLength;
+  const bodyLength = buf.length - bodyStart;
+
+  const metadata = new Map<string, string>();
+  const infos: { name: string; dtypeName: string; shape: number[]; begin: number; end: number }[] = [];
+  for (const [name, info] of Object.entries(header)) {
+    if (name === '__metadata__') {
+      if (!isPlainObject(info)) throw headerError('__metadata__ must be an object of strings');
+      for (const [key, value] of Object.entries(info)) {
+        if (typeof value !== 'string') throw headerError(`__metadata__.${key} must be a string`);
+        metadata.set(key, value);
+      }
+      continue;
+    }
+    infos.push(readInfo(name, info));
+  }
+
+  infos.sort((a, b) => a.begin - b.begin || a.end - b.end);
+  let expected = 0;
+  for (const info of infos) {
+    if (info.begin < expected) throw headerError(`tensor ${info.name} overlaps the tensor before it (offset ${info.begin} < ${expected})`);
+    if (info.begin > expected) throw headerError(`body has a gap before tensor ${info.name} (offset ${info.begin}, expected ${expected})`);
+    expected = info.end;
+  }
+  if (expected !== bodyLength) {
+    throw headerError(expected > bodyLength ? `tensor data ends at ${expected}, past the ${bodyLength}-byte body` : `body has ${bodyLength - expected} bytes after the last tensor`);
+  }
+
+  const tensors = new Map<string, Tensor>();
+  for (const info of infos) {
+    const dtype = DTYPE_OF[info.dtypeName];
+    if (!dtype) throw new FormatError('TENSOR_DTYPE_UNSUPPORTED', `tensor ${info.name} has dtype ${info.dtypeName}, which is not supported`);
+    if (dtype !== 'float32' && (options.dtypes ?? 'float32') === 'float32') {
+      throw new FormatError('TENSOR_DTYPE_UNSUPPORTED', `tensor ${info.name} has dtype ${info.dtypeName}; only F32 is accepted here`);
+    }
+    checkShape(info.shape, `tensor ${info.name}`);
+    const nbytes = numel(info.shape) * elementSize(dtype);
+    if (nbytes !== info.end - info.begin) {
+      throw new FormatError('TENSOR_SHAPE_INVALID', `tensor ${info.name} of shape [${info.shape.join(', ')}] ${info.dtypeName} needs ${nbytes} bytes, data_offsets span ${info.end - info.begin}`);
+    }
+    const bytes = buf.subarray(bodyStart + info.begin, bodyStart + info.end);
+    tensors.set(info.name, { dtype, shape: info.shape, data: arrayFromBytes(dtype, bytes, options.copy ?? false) } as Tensor);
+  }
+  return { tensors, metadata };
+}
+
+function parseHeader(bytes: Buffer): Record<string, unknown> {
+  let text: string;
+  try {
+    text = new TextDecoder('utf-8', { fatal: true }).decode(bytes);
+  } catch {
+    throw headerError('header is not valid UTF-8');
+  }
+  let header: unknown;
+  try {
+    header = JSON.parse(text);
+  } catch (err) {
+    throw headerError(`header is not valid JSON: ${(err as Error).message}`);
+  }
+  if (!isPlainObject(header)) throw headerError('header must be a JSON object');
+  return header;
+}
+
+function readInfo(name: string, info: unknown): { name: string; dtypeName: string; shape: number[]; begin: number; end: number } {
+  if (!isPlainObject(info)) throw headerError(`entry ${name} must be an object {dtype, shape, data_offsets}`);
+  const { dtype, shape, data_offsets: offsets } = info as { dtype?: unknown; shape?: unknown; data_offsets?: unknown };
+  if (typeof dtype !== 'string') throw headerError(`tensor ${name} has no dtype`);
+  if (!Array.isArray(shape) || !shape.every((s) => Number.isSafeInteger(s) && s >= 0)) {
+    throw new FormatError('TENSOR_SHAPE_INVALID', `tensor ${name} shape must be a list of non-negative integers`);
+  }
+  if (!Array.isArray(offsets) || offsets.length !== 2 || !offsets.every((o) => Number.isSafeInteger(o) && o >= 0) || offsets[0] > offsets[1]) {
+    throw headerError(`tensor ${name} data_offsets must be [begin, end] with 0 <= begin <= end`);
+  }
+  return { name, dtypeName: dtype, shape, begin: offsets[0], end: offsets[1] };
+}
+
+/**
+ * Lays out a safetensors file: its exact length and a repeatable stream (tensor data by
+ * reference, not copied). Tensors are ordered larger dtypes first, then by name, as the reference writes them.
+ */
+export function writeSafetensors(tensors: Iterable<readonly [string, Tensor]>, metadata?: ReadonlyMap<string, string> | Record<string, string>): ByteStream {
+  const entries = [...tensors].map(([name, tensor]) => {
+    if (!isTensor(tensor) || !NAME_OF[tensor.dtype]) throw new FormatError('TENSOR_DTYPE_UNSUPPORTED', `tensor ${name} cannot be written to safetensors`);
+    if (name === '__metadata__') throw new FormatError('SAFETENSORS_HEADER_INVALID', 'a tensor cannot be named __metadata__');
+    checkShape(tensor.shape, `tensor ${name}`);
+    if (tensor.data.length !== numel(tensor.shape)) throw new FormatError('TENSOR_SHAPE_INVALID', `tensor ${name} data does not match its shape`);
+    return { name, tensor, key: Buffer.from(name, 'utf8') };
+  });
+  entries.sort((a, b) => elementSize(b.tensor.dtype) - elementSize(a.tensor.dtype) || Buffer.compare(a.key, b.key));
+  for (let i = 1; i < entries.length; i++) {
+    if (entries[i].name === entries[i - 1].name) throw new FormatError('SAFETENSORS_HEADER_INVALID', `tensor ${entries[i].name} appears twice`);
+  }
+
+  const parts: string[] = [];
+  const meta = metadata instanceof Map ? [...metadata] : Object.entries(metadata ?? {});
+  if (meta.length > 0) {
+    for (const [, value] of meta) if (typeof value !== 'string') throw new FormatError('SAFETENSORS_HEADER_INVALID', '__metadata__ values must be strings');
+    parts.push(`"__metadata__":${JSON.stringify(Object.fromEntries(meta))}`);
+  }
+  let offset = 0;
+  for (const { name, tensor } of entries) {
+    const end = offset + tensor.data.byteLength;
+    parts.push(`${JSON.stringify(name)}:${JSON.stringify({ dtype: NAME_OF[tensor.dtype], shape: tensor.shape, data_offsets: [offset, end] })}`);
+    offset = end;
+  }
+  const json = Buffer.from(`{${parts.join(',')}}`, 'utf8');
+  const padded = Buffer.alloc(json.length + ((8 - (json.length % 8)) % 8), 0x20);
+  json.copy(padded);
+  const prefix = Buffer.alloc(8);
+  prefix.writeBigUInt64LE(BigInt(padded.length));
+  return {
+    byteLength: 8 + padded.length + offset,
+    chunks: {
+      *[Symbol.iterator]() {
+        yield prefix;
+        yield padded;
+        for (const { tensor } of entries) if (tensor.data.byteLength > 0) yield tensorBytes(tensor);
+      },
+    },
+  };
+}
+
+function isPlainObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
+
+function headerError(message: string): FormatError {
+  return new FormatError('SAFETENSORS_HEADER_INVALID', message);
+}
