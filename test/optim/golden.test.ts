@@ -2,6 +2,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { jsKernel, advanceScalarState } from '../../src/optim/asgd.ts';
+import { wasmKernel } from '../../src/optim/wasm/index.ts';
 import { fmaf32 } from '../../src/optim/fma.ts';
 import type { AsgdKernel } from '../../src/optim/types.ts';
 import { COMMITTED_GOLDEN_DIR, loadManifest, readBinary, replayScenario } from './golden-harness.ts';
@@ -13,6 +14,8 @@ const manifest = loadManifest(dir);
 
 const kernels: Array<{ label: string; kernel: AsgdKernel; arena: boolean }> = [
   { label: 'js', kernel: jsKernel, arena: false },
+  { label: 'wasm (in place, arena views)', kernel: wasmKernel, arena: true },
+  { label: 'wasm (copied, plain arrays)', kernel: wasmKernel, arena: false },
 ];
 
 test('the committed fixtures come from a fused (SIMD) PyTorch and cover the required cases', () => {
