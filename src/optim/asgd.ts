@@ -71,14 +71,14 @@ export const jsKernel: AsgdKernel = {
   step(param, grad, ax, state, hyper, options?: KernelOptions) {
     assertSameLengths(param, grad, ax);
     const fused = options?.fma ?? true;
-    const eta = state.eta;
+    const eta = fround(state.eta); // the state holds float32 values; fround guards against a stray double
     const decay = decayFactor(eta, hyper.lambd);
     const negEta = -eta; // alpha=-eta.item(): eta is a float32, so its negation is too
     const decayed = hyper.weightDecay !== 0;
     const weightDecay = fround(hyper.weightDecay); // alpha=weight_decay, converted to float32 by ATen
     const maximize = hyper.maximize;
-    const averaging = state.mu !== 1; // the mu stored by the previous step
-    const mu = state.mu;
+    const mu = fround(state.mu);
+    const averaging = mu !== 1; // the mu stored by the previous step
     const n = param.length;
     for (let i = 0; i < n; i++) {
       const p = param[i];

@@ -79,10 +79,10 @@ function createWasmArena(elements: number): KernelArena {
   };
 }
 
-function flagsFor(state: AsgdScalarState, hyper: AsgdHyperparameters, options?: KernelOptions): number {
+function flagsFor(mu: number, hyper: AsgdHyperparameters, options?: KernelOptions): number {
   return (
     (hyper.weightDecay !== 0 ? FLAG_WEIGHT_DECAY : 0) |
-    (state.mu !== 1 ? FLAG_AVERAGING : 0) |
+    (mu !== 1 ? FLAG_AVERAGING : 0) |
     (hyper.maximize ? FLAG_MAXIMIZE : 0) |
     (options?.fma === false ? FLAG_UNFUSED : 0)
   );
@@ -98,11 +98,12 @@ export function wasmStep(
 ): void {
   assertSameLengths(param, grad, ax);
   const n = param.length;
-  const decay = decayFactor(state.eta, hyper.lambd);
-  const negEta = -state.eta;
+  const eta = Math.fround(state.eta); // float32 by contract; the wasm call would round it anyway
+  const decay = decayFactor(eta, hyper.lambd);
+  const negEta = -eta;
   const wd = Math.fround(hyper.weightDecay);
-  const mu = state.mu;
-  const flags = flagsFor(state, hyper, options);
+  const mu = Math.fround(state.mu);
+  const flags = flagsFor(mu, hyper, options);
   const instance = instanceOf(param) ?? instanceOf(ax) ?? instanceOf(grad) ?? sharedInstance();
   const buffer = instance.memory.buffer;
   const paramInside = param.buffer === buffer;
