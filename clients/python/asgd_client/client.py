@@ -1,0 +1,363 @@
+"""Client: one method per route of the asgd-serve v1 API.
+
+Tensors in and out are torch tensors when torch is installed. Wire formats:
+
+* ``transport="safetensors"``: step bodies and parameter downloads as safetensors (F32);
+* ``transport="json"``: JSON tensors, for services whose binary routes are not available;
+* ``transport="auto"``: safetensors, falling back to JSON (for the rest of the client's life) when the
+  service answers 406/415 to a binary request.
+
+state_dicts travel as JSON by default (exact: every float32 survives the decimal round trip) or as
+torch.save files (``format="pt"``). Checkpoints default to torch.save files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+import warnings
+from collections import OrderedDict
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+from . import safetensors as st
+from .errors import SessionExists, SessionNotFound, UnsupportedFormat
+from .http import Connection, Response
+from .tensors import state_dict_from_json, state_dict_to_json, tensor_from_json, tensor_to_json
+
+__all__ = ["Client", "TRANSPORTS", "SAFETENSORS", "PT"]
+
+SAFETENSORS = "application/x-safetensors"
+PT = "application/octet-stream"
+JSON = "application/json"
+TRANSPORTS = ("safetensors", "json", "auto")
+
+TensorLike = Any
+
+
+def _quote(name: str) -> str:
+    import urllib.parse
+
+    return urllib.parse.quote(name, safe="")
+
+
+def _if_match(version: Optional[Union[int, str]]) -> Dict[str, str]:
+    if version is None:
+        return {}
+    return {"If-Match": f'"{version}"' if isinstance(version, int) else str(version)}
+
+
+def _has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def named_tensors(params: Any) -> "OrderedDict[str, TensorLike]":
+    """Accepts a mapping name -> tensor, a list of (name, tensor), or a list of {name, shape, data}."""
+    out: "OrderedDict[str, TensorLike]" = OrderedDict()
+    items: Iterable[Any] = params.items() if isinstance(params, Mapping) else params
+    for item in items:
+        if isinstance(item, Mapping):
+            out[str(item["name"])] = (list(item["shape"]), item["data"])
+        else:
+            name, value = item
+            if name in out:
+                raise ValueError(f"parameter {name!r} appears twice")
+            out[str(name)] = value
+    return out
+
+
+class Client:
+    """The v1 API of one asgd-serve instance.
+
+    >>> c = Client("http://127.0.0.1:8080", token=None)
+    >>> c.create_session("run-1", model.named_parameters(), hyperparameters={"lr": 0.01, "t0": 100})
+    """
+
+    def __init__(
+        self,
+        url: Optional[str] = None,
+        token: Optional[str] = None,
+        *,
+        transport: str = "safetensors",
+        timeout: float = 300.0,
+        retries: int = 5,
+        connection: Optional[Connection] = None,
+    ) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        self.conn = connection or Connection(url, token, timeout=timeout, retries=retries)
+        self.transport = transport
+
+    @property
+    def url(self) -> str:
+        return self.conn.url
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- transport negotiation -----------------------------------------------------------------
+    def _binary(self) -> bool:
+        return self.transport in ("safetensors", "auto")
+
+    def _fall_back(self, err: UnsupportedFormat) -> None:
+        warnings.warn(f"asgd-serve does not accept safetensors here ({err}); using JSON from now on", RuntimeWarning, stacklevel=3)
+        self.transport = "json"
+
+    # -- sessions --------------------------------------------------------------------------------
+    def create_session(
+        self,
+        name: str,
+        params: Any,
+        *,
+        hyperparameters: Optional[Mapping[str, Any]] = None,
+        param_groups: Optional[Sequence[Mapping[str, Any]]] = None,
+        snapshot_every: Optional[int] = None,
+        keep_snapshots: Optional[int] = None,
+        max_staleness: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        """POST /v1/sessions (JSON body). ``params``: name -> tensor, [(name, tensor)] or [{name, shape, data}].
+
+        ``param_groups``: ``[{"params": [names], **overrides}]``; the state_dict numbers parameters in
+        the groups' order, as PyTorch does.
+        """
+        body: Dict[str, Any] = {"name": name, "params": []}
+        for pname, value in named_tensors(params).items():
+            t = tensor_to_json(value)
+            body["params"].append({"name": pname, "shape": t["shape"], "data": t["data"]})
+        if hyperparameters:
+            body["hyperparameters"] = dict(hyperparameters)
+        if param_groups is not None:
+            body["param_groups"] = [dict(g, params=list(g["params"])) for g in param_groups]
+        for key, value in (("snapshot_every", snapshot_every), ("keep_snapshots", keep_snapshots), ("max_staleness", max_staleness)):
+            if value is not None:
+                body[key] = value
+        return self.conn.request("POST", "/v1/sessions", json_body=body, expect=(201,)).json()
+
+    def get_session(self, name: str) -> Dict[str, Any]:
+        return self.conn.request("GET", f"/v1/sessions/{_quote(name)}").json()
+
+    def session_exists(self, name: str) -> bool:
+        try:
+            self.get_session(name)
+            return True
+        except SessionNotFound:
+            return False
+
+    def list_sessions(self, limit: int = 100) -> List[Dict[str, Any]]:
+        """Every session (follows the pagination cursor)."""
+        out: List[Dict[str, Any]] = []
+        after: Optional[str] = None
+        while True:
+            page = self.conn.request("GET", "/v1/sessions", query={"limit": limit, "after": after}).json()
+            out.extend(page["sessions"])
+            after = page.get("next")
+            if not after:
+                return out
+
+    def delete_session(self, name: str, if_match: Optional[int] = None, missing_ok: bool = False) -> None:
+        try:
+            self.conn.request("DELETE", f"/v1/sessions/{_quote(name)}", headers=_if_match(if_match), expect=(204, 200))
+        except SessionNotFound:
+            if not missing_ok:
+                raise
+
+    def update_settings(self, name: str, **settings: Any) -> Dict[str, Any]:
+        """PATCH snapshot_every / keep_snapshots / max_staleness."""
+        return self.conn.request("PATCH", f"/v1/sessions/{_quote(name)}", json_body=settings, retry=True).json()
+
+    # -- training --------------------------------------------------------------------------------
+    def step(
+        self,
+        name: str,
+        grads: Mapping[str, TensorLike],
+        *,
+        base_version: Optional[int] = None,
+        if_match: Optional[int] = None,
+        idempotency_key: Optional[str] = None,
+    ) -> Dict[str, Any]:
+        """POST /step: one optimizer step with these gradients (parameters absent from ``grads`` are skipped).
+
+        Always sent with an Idempotency-Key (a fresh one unless given), so connection errors and 503s
+        are retried without ever stepping twice. Answer: {session, step, version, staleness}.
+        """
+        key = idempotency_key or uuid.uuid4().hex
+        headers = {"Idempotency-Key": key, **_if_match(if_match)}
+        path = f"/v1/sessions/{_quote(name)}/step"
+        if self._binary():
+            body = st.encode(grads)
+            try:
+                return self.conn.request("POST", path, query={"base_version": base_version}, body=body,
+                                         content_type=SAFETENSORS, headers=headers).json()
+            except UnsupportedFormat as err:
+                if self.transport != "auto":
+                    raise
+                self._fall_back(err)
+                headers["Idempotency-Key"] = uuid.uuid4().hex
+        payload: Dict[str, Any] = {"grads": {n: tensor_to_json(g) for n, g in grads.items()}}
+        if base_version is not None:
+            payload["base_version"] = base_version
+        return self.conn.request("POST", path, json_body=payload, headers=headers).json()
+
+    def get_params(
+        self, name: str, *, averaged: bool = False, version: Optional[int] = None
+    ) -> Tuple["OrderedDict[str, Any]", Optional[int]]:
+        """GET /params (or ASGD's averages ``ax`` with ``averaged=True``): ({name: tensor}, version).
+
+        Tensors are torch tensors when torch is installed, else ``{"shape", "data"}`` dicts.
+        """
+        path = f"/v1/sessions/{_quote(name)}/params"
+        query: Dict[str, Any] = {"averaged": averaged or None, "version": version}
+        if self._binary():
+            try:
+                res = self.conn.request("GET", path, query={**query, "format": "safetensors"}, accept=SAFETENSORS)
+            except UnsupportedFormat as err:
+                if self.transport != "auto":
+                    raise
+                self._fall_back(err)
+            else:
+                if res.content_type not in (SAFETENSORS, "application/safetensors"):
+                    raise UnsupportedFormat(res.status, "UNEXPECTED_CONTENT_TYPE",
+                                            f"asked for safetensors, got {res.content_type or 'no Content-Type'}",
+                                            method="GET", url=res.url, body=res.body[:200])
+                raw, _ = st.decode(res.body)
+                if _has_torch():
+                    tensors = OrderedDict((k, st.raw_to_torch(v)) for k, v in raw.items())
+                else:
+                    tensors = OrderedDict((k, {"shape": v.shape, "data": v.tolist()}) for k, v in raw.items())
+                return tensors, res.version
+        res = self.conn.request("GET", path, query={**query, "format": "json"}, accept=JSON)
+        body = res.json()
+        params = body["params"]
+        if _has_torch():
+            return OrderedDict((k, tensor_from_json(v)) for k, v in params.items()), body.get("version", res.version)
+        return OrderedDict(params), body.get("version", res.version)
+
+    # -- state_dict and checkpoints -------------------------------------------------------------
+    def get_state_dict(self, name: str, *, format: str = "json", version: Optional[int] = None, raw: bool = False) -> Any:
+        """GET /state_dict as torch.optim.ASGD.state_dict() (tensors; needs torch).
+
+        ``format="json"`` or ``"pt"`` (a torch.save file, read with torch.load). ``raw=True`` returns the
+        JSON body / the file's bytes untouched.
+        """
+        path = f"/v1/sessions/{_quote(name)}/state_dict"
+        if format == "pt":
+            res = self.conn.request("GET", path, query={"format": "pt", "version": version}, accept=PT)
+            if raw:
+                return res.body
+            import torch
+
+            return torch.load(io.BytesIO(res.body))
+        if format != "json":
+            raise ValueError("format must be 'json' or 'pt'")
+        body = self.conn.request("GET", path, query={"format": "json", "version": version}, accept=JSON).json()
+        return body if raw else state_dict_from_json(body)
+
+    def get_state_dict_versioned(self, name: str) -> Tuple[Dict[str, Any], int]:
+        """(JSON state_dict, version it was read at)."""
+        res = self.conn.request("GET", f"/v1/sessions/{_quote(name)}/state_dict", query={"format": "json"}, accept=JSON)
+        return res.json(), res.version  # type: ignore[return-value]
+
+    def put_state_dict(self, name: str, state_dict: Any, *, format: str = "json", if_match: Optional[int] = None) -> Dict[str, Any]:
+        """PUT /state_dict: Optimizer.load_state_dict on the service (parameters unchanged). Returns the session.
+
+        ``state_dict``: a torch state_dict (or its JSON form); with ``format="pt"`` it is sent as a
+        torch.save file (bytes are sent as they are).
+        """
+        path = f"/v1/sessions/{_quote(name)}/state_dict"
+        if format == "pt":
+            data = state_dict if isinstance(state_dict, (bytes, bytearray)) else _torch_save(state_dict)
+            return self.conn.request("PUT", path, body=data, content_type=PT, headers=_if_match(if_match)).json()
+        if format != "json":
+            raise ValueError("format must be 'json' or 'pt'")
+        return self.conn.request("PUT", path, json_body=state_dict_to_json(state_dict), headers=_if_match(if_match)).json()
+
+    def get_checkpoint(self, name: str, *, format: str = "pt", version: Optional[int] = None) -> Any:
+        """GET /checkpoint: bytes of a torch.save of {"model", "optimizer", "step"} (``format="pt"``) or its JSON."""
+        path = f"/v1/sessions/{_quote(name)}/checkpoint"
+        if format == "pt":
+            return self.conn.request("GET", path, query={"format": "pt", "version": version}, accept=PT).body
+        if format != "json":
+            raise ValueError("format must be 'pt' or 'json'")
+        return self.conn.request("GET", path, query={"format": "json", "version": version}, accept=JSON).json()
+
+    def put_checkpoint(self, name: str, checkpoint: Any, *, if_match: Optional[int] = None) -> Dict[str, Any]:
+        """PUT /checkpoint: parameters and optimizer state from a torch.save file (bytes) or a dict.
+
+        A dict with tensors is sent as a torch.save file; a dict already in JSON form as JSON.
+        """
+        path = f"/v1/sessions/{_quote(name)}/checkpoint"
+        headers = _if_match(if_match)
+        if isinstance(checkpoint, (bytes, bytearray, memoryview)):
+            data = bytes(checkpoint)
+            if data[:1] == b"{":
+                return self.conn.request("PUT", path, body=data, content_type=JSON, headers=headers).json()
+            return self.conn.request("PUT", path, body=data, content_type=PT, headers=headers).json()
+        if _is_json_checkpoint(checkpoint):
+            return self.conn.request("PUT", path, json_body=checkpoint, headers=headers).json()
+        return self.conn.request("PUT", path, body=_torch_save(checkpoint), content_type=PT, headers=headers).json()
+
+    # -- snapshots -------------------------------------------------------------------------------
+    def snapshot(self, name: str, *, pinned: bool = False) -> Dict[str, Any]:
+        return self.conn.request("POST", f"/v1/sessions/{_quote(name)}/snapshots", json_body={"pinned": pinned}, expect=(201,)).json()
+
+    def list_snapshots(self, name: str) -> List[Dict[str, Any]]:
+        return self.conn.request("GET", f"/v1/sessions/{_quote(name)}/snapshots").json()["snapshots"]
+
+    def restore_snapshot(self, name: str, snapshot_id: int, *, if_match: Optional[int] = None) -> Dict[str, Any]:
+        return self.conn.request("POST", f"/v1/sessions/{_quote(name)}/snapshots/{int(snapshot_id)}/restore",
+                                 headers=_if_match(if_match)).json()
+
+    def fork(self, name: str, new_name: str, *, snapshot: Optional[int] = None, **settings: Any) -> Dict[str, Any]:
+        body: Dict[str, Any] = {"name": new_name, **settings}
+        if snapshot is not None:
+            body["snapshot"] = int(snapshot)
+        return self.conn.request("POST", f"/v1/sessions/{_quote(name)}/fork", json_body=body, expect=(201,)).json()
+
+
+def _torch_save(obj: Any) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _is_json_checkpoint(obj: Any) -> bool:
+    """True when a checkpoint dict holds no tensors (JSON form)."""
+    try:
+        json.dumps(obj, allow_nan=False)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def ensure_session(client: Client, name: str, create: Any, create_kwargs: Mapping[str, Any]) -> Tuple[Dict[str, Any], bool]:
+    """(session, created): creates it (create=True), attaches (False), or either ('if_missing')."""
+    if create is True:
+        return client.create_session(name, **create_kwargs), True
+    if create is False:
+        return client.get_session(name), False
+    if create != "if_missing":
+        raise ValueError("create must be True, False or 'if_missing'")
+    try:
+        return client.get_session(name), False
+    except SessionNotFound:
+        pass
+    try:
+        return client.create_session(name, **create_kwargs), True
+    except SessionExists:  # created by another worker in the meantime
+        return client.get_session(name), False
+
+
+__all__ += ["named_tensors", "ensure_session", "Response"]

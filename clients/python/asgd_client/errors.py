@@ -1,0 +1,110 @@
+"""Exceptions raised by the client.
+
+Every answer of the service that is not a success becomes an :class:`ServiceError` carrying the
+JSON error body ``{statusCode, code, message}`` and the request that caused it, so that a failure
+can be reported (and reproduced) as "this request, this answer".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+
+class ASGDClientError(Exception):
+    """Base class of every error raised by asgd_client."""
+
+
+class ServiceError(ASGDClientError):
+    """The service answered with an error status.
+
+    Attributes: ``status`` (HTTP status), ``code`` (the service's stable error code, e.g.
+    ``SESSION_NOT_FOUND``), ``message``, ``body`` (the decoded error body, or the raw text),
+    ``method`` and ``url`` of the request, ``request_content_type``.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        method: str = "",
+        url: str = "",
+        body: Any = None,
+        request_content_type: Optional[str] = None,
+        headers: Optional[Dict[str, str]] = None,
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.method = method
+        self.url = url
+        self.body = body
+        self.request_content_type = request_content_type
+        self.headers = dict(headers or {})
+        request = f"{method} {url}".strip()
+        if request_content_type:
+            request += f" (Content-Type: {request_content_type})"
+        super().__init__(f"{request} -> {status} {code}: {message}")
+
+    @property
+    def version(self) -> Optional[int]:
+        """The session's current version when the service told it (412, 409 stale gradient)."""
+        if isinstance(self.body, dict) and isinstance(self.body.get("version"), int):
+            return self.body["version"]
+        return None
+
+
+class SessionNotFound(ServiceError):
+    """404 SESSION_NOT_FOUND."""
+
+
+class SessionExists(ServiceError):
+    """409 SESSION_EXISTS: a session with this name already exists."""
+
+
+class StaleGradient(ServiceError):
+    """409 STALE_GRADIENT: the gradient was computed from parameters older than max_staleness allows."""
+
+
+class VersionMismatch(ServiceError):
+    """412 VERSION_MISMATCH: If-Match did not match the session's version."""
+
+
+class UnsupportedFormat(ServiceError):
+    """406 / 415: the service does not (yet) accept or produce this format (safetensors, torch.save).
+
+    Use ``transport="json"`` (or ``"auto"``) to fall back to JSON.
+    """
+
+
+class ServiceUnavailable(ServiceError):
+    """503 (or 502/504/429) that was still answered after every retry."""
+
+
+class ConnectionFailed(ASGDClientError):
+    """The service could not be reached (after the retries that were safe to make)."""
+
+    def __init__(self, method: str, url: str, cause: BaseException, attempts: int) -> None:
+        self.method = method
+        self.url = url
+        self.cause = cause
+        self.attempts = attempts
+        super().__init__(f"{method} {url}: {type(cause).__name__}: {cause} (after {attempts} attempt(s))")
+
+
+_BY_CODE = {
+    "SESSION_NOT_FOUND": SessionNotFound,
+    "SESSION_EXISTS": SessionExists,
+    "STALE_GRADIENT": StaleGradient,
+    "VERSION_MISMATCH": VersionMismatch,
+    "NOT_ACCEPTABLE": UnsupportedFormat,
+    "UNSUPPORTED_MEDIA_TYPE": UnsupportedFormat,
+}
+
+_BY_STATUS = {406: UnsupportedFormat, 415: UnsupportedFormat, 412: VersionMismatch, 429: ServiceUnavailable,
+              502: ServiceUnavailable, 503: ServiceUnavailable, 504: ServiceUnavailable}
+
+
+def error_class(status: int, code: str) -> type:
+    return _BY_CODE.get(code) or _BY_STATUS.get(status) or ServiceError

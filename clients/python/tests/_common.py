@@ -1,0 +1,126 @@
+"""Shared pieces of the tests: a small seeded model, fixed data, the torch reference loop, comparisons."""
+
+from __future__ import annotations
+
+import unittest
+from typing import Any, Dict, List
+
+import torch
+from torch import nn
+
+from _server import server, unique  # noqa: F401  (re-exported)
+
+# t0 small so that averaging (mu != 1) happens within the run; weight_decay > 0 exercises that path.
+HYPER = dict(lr=0.05, lambd=1e-4, alpha=0.75, t0=10.0, weight_decay=1e-3)
+STEPS = 100
+
+torch.set_num_threads(1)
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 1))
+
+
+def make_data(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(64, 8, generator=g), torch.randn(64, 1, generator=g)
+
+
+DATA = make_data()
+
+
+def batch(i: int):
+    X, y = DATA
+    k = (i * 16) % 64
+    return X[k : k + 16], y[k : k + 16]
+
+
+def train(model: nn.Module, opt: Any, steps: range, *, skip_bias_every: int = 0, scheduler: Any = None) -> List[float]:
+    """The training loop, identical for torch.optim.ASGD and RemoteASGD.
+
+    ``skip_bias_every``: on every n-th step the last layer's bias has no gradient (p.grad is None), so
+    ASGD skips it: its state then lags the others', as in PyTorch.
+    """
+    losses = []
+    for i in steps:
+        X, y = batch(i)
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.mse_loss(model(X), y)
+        loss.backward()
+        if skip_bias_every and i % skip_bias_every == 0:
+            list(model.parameters())[-1].grad = None
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+    return losses
+
+
+def torch_run(steps: int = STEPS, seed: int = 0, **kw: Any):
+    """(model, torch.optim.ASGD) after ``steps`` local steps."""
+    model = make_model(seed)
+    opt = torch.optim.ASGD(model.parameters(), **HYPER)
+    train(model, opt, range(steps), **kw)
+    return model, opt
+
+
+class ServiceTestCase(unittest.TestCase):
+    maxDiff = None
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.srv = server()
+        cls.url = cls.srv.url
+        cls.token = cls.srv.token
+
+    def remote(self, params: Any, **kw: Any):
+        from asgd_client import RemoteASGD
+
+        kw.setdefault("session", unique(self._testMethodName.replace("_", "-")[:40]))
+        for k, v in HYPER.items():
+            kw.setdefault(k, v)
+        opt = RemoteASGD(params, url=self.url, token=self.token, **kw)
+        self.addCleanup(opt.close)
+        return opt
+
+    def client(self, transport: str = "safetensors"):
+        from asgd_client import Client
+
+        c = Client(self.url, self.token, transport=transport)
+        self.addCleanup(c.close)
+        return c
+
+    def assertParamsIdentical(self, a: nn.Module, b: nn.Module, msg: str = "") -> None:
+        for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+            self.assertEqual(na, nb)
+            self.assertEqual(pa.dtype, pb.dtype)
+            if not torch.equal(pa, pb):
+                diff = (pa - pb).abs().max().item()
+                self.fail(f"{msg} parameter {na} differs (max abs diff {diff:g}; bitwise-identical expected)")
+
+    def assertStateDictEqual(self, got: Dict[str, Any], want: Dict[str, Any]) -> None:
+        """Same keys at every level, tensors torch.equal with the same dtype and shape, equal group values."""
+        self.assertEqual(set(got.keys()), set(want.keys()))
+        self.assertEqual(sorted(got["state"].keys()), sorted(want["state"].keys()))
+        for i, w in want["state"].items():
+            g = got["state"][i]
+            self.assertEqual(set(g.keys()), set(w.keys()), f"state[{i}] keys")
+            for k, wv in w.items():
+                gv = g[k]
+                self.assertIsInstance(gv, torch.Tensor, f"state[{i}][{k}]")
+                self.assertEqual(gv.dtype, wv.dtype, f"state[{i}][{k}] dtype")
+                self.assertEqual(gv.shape, wv.shape, f"state[{i}][{k}] shape")
+                self.assertTrue(torch.equal(gv, wv), f"state[{i}][{k}]: {gv} != {wv}")
+        self.assertEqual(len(got["param_groups"]), len(want["param_groups"]))
+        for g, w in zip(got["param_groups"], want["param_groups"]):
+            self.assertEqual(set(g.keys()), set(w.keys()), "param_groups keys")
+            for k in w:
+                self.assertEqual(g[k], w[k], f"param_groups[{k}]")
+
+
+def differs(a: nn.Module, b: nn.Module) -> bool:
+    return any(not torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters()))
+
+
+__all__ = ["HYPER", "STEPS", "make_model", "batch", "train", "torch_run", "ServiceTestCase", "differs", "unique", "server"]

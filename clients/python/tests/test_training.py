@@ -1,0 +1,141 @@
+"""RemoteASGD trains exactly as torch.optim.ASGD: parameters bit for bit equal after 100 steps."""
+
+import unittest
+import warnings
+
+import torch
+
+from _common import HYPER, STEPS, ServiceTestCase, make_model, torch_run, train, unique
+
+
+class TrainingMatchesTorch(ServiceTestCase):
+    def _check(self, transport: str, **loop):
+        want, _ = torch_run(**loop)
+        model = make_model()
+        opt = self.remote(model.named_parameters(), transport=transport)
+        train(model, opt, range(STEPS), **loop)
+        self.assertParamsIdentical(model, want, f"[{transport}]")
+        self.assertEqual(opt.step_count, STEPS)
+        return model, opt
+
+    def test_json_transport_is_bitwise_identical_to_torch(self):
+        self._check("json")
+
+    def test_safetensors_transport_is_bitwise_identical_to_torch(self):
+        self._check("safetensors")
+
+    def test_skipped_gradients_are_skipped_like_torch(self):
+        # The last bias has p.grad None on every 3rd step: ASGD leaves it (and its step count) alone.
+        model, opt = self._check("json", skip_bias_every=3)
+        _, torch_opt = torch_run(skip_bias_every=3)
+        got = opt.state_dict()
+        want = torch_opt.state_dict()
+        self.assertStateDictEqual(got, want)
+        self.assertLess(want["state"][3]["step"].item(), STEPS)
+
+    def test_auto_transport_trains_identically(self):
+        # "auto" uses safetensors and falls back to JSON (with a warning) where the service lacks it.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            self._check("auto")
+
+    def test_plain_parameters_are_named_by_position(self):
+        model = make_model()
+        opt = self.remote(model.parameters(), transport="json")
+        self.assertEqual(opt.parameter_names, ["p0", "p1", "p2", "p3"])
+        info = opt.client.get_session(opt.session)
+        self.assertEqual([p["name"] for p in info["params"]], ["p0", "p1", "p2", "p3"])
+        self.assertEqual([p["shape"] for p in info["params"]], [[4, 8], [4], [1, 4], [1]])
+        want, _ = torch_run(steps=10)
+        train(model, opt, range(10))
+        self.assertParamsIdentical(model, want)
+
+    def test_param_groups_with_their_own_hyperparameters(self):
+        def groups(m, named):
+            pick = lambda prefix: [(n, p) if named else p for n, p in m.named_parameters() if n.startswith(prefix)]  # noqa: E731
+            first, second = pick("0."), pick("2.")
+            return [{"params": second, "lr": 0.02, "t0": 5.0}, {"params": first, "weight_decay": 0.0}]
+
+        ref = make_model()
+        torch_opt = torch.optim.ASGD(groups(ref, False), **HYPER)
+        train(ref, torch_opt, range(60))
+        model = make_model()
+        opt = self.remote(groups(model, True), transport="json")
+        # Indices follow the groups' order, as in PyTorch: the second layer's parameters are 0 and 1.
+        self.assertEqual(opt.parameter_names, ["2.weight", "2.bias", "0.weight", "0.bias"])
+        train(model, opt, range(60))
+        self.assertParamsIdentical(model, ref)
+        self.assertStateDictEqual(opt.state_dict(), torch_opt.state_dict())
+        self.assertEqual(opt.param_groups[0]["lr"], 0.02)
+        self.assertEqual(opt.param_groups[1]["weight_decay"], 0.0)
+
+    def test_lr_scheduler_changes_reach_the_session(self):
+        ref = make_model()
+        torch_opt = torch.optim.ASGD(ref.parameters(), **HYPER)
+        train(ref, torch_opt, range(40), scheduler=torch.optim.lr_scheduler.StepLR(torch_opt, step_size=10, gamma=0.5))
+        model = make_model()
+        opt = self.remote(model.named_parameters(), transport="json")
+        train(model, opt, range(40), scheduler=torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5))
+        self.assertParamsIdentical(model, ref)
+        got, want = opt.state_dict(), torch_opt.state_dict()
+        self.assertStateDictEqual(got, want)  # includes initial_lr, set by the scheduler
+        self.assertEqual(opt.client.get_session(opt.session)["param_groups"][0]["lr"], want["param_groups"][0]["lr"])
+
+    def test_averaged_parameters_are_torch_ax(self):
+        ref, torch_opt = torch_run(steps=30)
+        model = make_model()
+        opt = self.remote(model.named_parameters(), transport="json")
+        train(model, opt, range(30))
+        want_ax = [torch_opt.state[p]["ax"] for p in ref.parameters()]
+        averaged = opt.averaged_parameters()
+        for got, want in zip(averaged, want_ax):
+            self.assertTrue(torch.equal(got, want))
+        before = [p.detach().clone() for p in model.parameters()]
+        with opt.swap_to_averaged():
+            for p, want in zip(model.parameters(), want_ax):
+                self.assertTrue(torch.equal(p, want))
+        for p, b in zip(model.parameters(), before):
+            self.assertTrue(torch.equal(p, b))
+
+    def test_averaged_parameters_as_safetensors(self):
+        ref, torch_opt = torch_run(steps=15)
+        model = make_model()
+        opt = self.remote(model.named_parameters(), transport="json")
+        train(model, opt, range(15))
+        tensors, version = self.client("safetensors").get_params(opt.session, averaged=True)
+        self.assertEqual(version, opt.version)
+        for (name, got), p in zip(tensors.items(), ref.parameters()):
+            self.assertTrue(torch.equal(got, torch_opt.state[p]["ax"]), name)
+
+    def test_attach_to_an_existing_session(self):
+        from asgd_client import SessionExists
+
+        model = make_model()
+        opt = self.remote(model.named_parameters(), transport="json")
+        train(model, opt, range(20))
+        with self.assertRaises(SessionExists):
+            self.remote(make_model(5).named_parameters(), transport="json", session=opt.session, create=True)
+        # A second worker with other initial weights attaches and receives the session's parameters.
+        other = make_model(5)
+        worker = self.remote(other.named_parameters(), transport="json", session=opt.session, create="if_missing")
+        self.assertParamsIdentical(other, model)
+        self.assertEqual(worker.step_count, 20)
+        self.assertEqual(worker.version, opt.version)
+        attached = make_model(6)
+        self.remote(attached.named_parameters(), transport="json", session=opt.session, create=False)
+        self.assertParamsIdentical(attached, model)
+        # if_missing creates when absent.
+        fresh = make_model()
+        new = self.remote(fresh.named_parameters(), transport="json", session=unique("if-missing"), create="if_missing")
+        self.assertEqual(new.step_count, 0)
+
+    def test_attach_refuses_a_different_model(self):
+        model = make_model()
+        opt = self.remote(model.named_parameters(), transport="json")
+        wrong = torch.nn.Linear(8, 3)
+        with self.assertRaisesRegex(ValueError, "parameters|shape"):
+            self.remote(wrong.named_parameters(), transport="json", session=opt.session, create=False)
+
+
+if __name__ == "__main__":
+    unittest.main()
