@@ -10,7 +10,8 @@
 ;; fma(a, b, c), rounded once to float32, has no wasm instruction. The product of two float32 is
 ;; exact in f64; the f64 sum then rounds once, and rounding that to f32 is right unless the f64 sum
 ;; is exactly a float32 midpoint (and not exact). The fast path detects that conservatively: a
-;; midpoint has its low 28 f64 mantissa bits zero and is not itself a float32. A block of four with
+;; midpoint has its low 28 f64 mantissa bits zero (checked in the loop) and is not itself a float32
+;; (checked only for such blocks, by $needs_exact). A block of four with
 ;; such a lane is redone by $block_exact, which rounds the f64 sum to odd first (TwoSum error
 ;; decides), after which rounding to f32 is always correct. The last n % 4 elements go through the
 ;; same exact block via a scratch area at address 0.
@@ -77,15 +78,39 @@
     (v128.store (local.get $pp) (local.get $p))
     (v128.store (local.get $ap) (local.get $a)))
 
+  ;; ---------------------------------------------------------------- helpers of the fast path
+  ;; Does any lane of the f64 sums s0, s1 sit exactly on a float32 midpoint (low 28 mantissa bits
+  ;; zero and not a float32 itself)? Only then can rounding the f64 sum to f32 be wrong.
+  (func $needs_exact (param $s0 v128) (param $s1 v128) (result i32)
+    (v128.any_true (v128.or
+      (v128.and
+        (i64x2.eq (v128.and (local.get $s0) (v128.const i64x2 0x0fffffff 0x0fffffff)) (v128.const i64x2 0 0))
+        (f64x2.ne (local.get $s0) (f64x2.promote_low_f32x4 (f32x4.demote_f64x2_zero (local.get $s0)))))
+      (v128.and
+        (i64x2.eq (v128.and (local.get $s1) (v128.const i64x2 0x0fffffff 0x0fffffff)) (v128.const i64x2 0 0))
+        (f64x2.ne (local.get $s1) (f64x2.promote_low_f32x4 (f32x4.demote_f64x2_zero (local.get $s1))))))))
+
+  ;; store the new param and ax of one block whose param p is final
+  (func $finish (param $pp i32) (param $ap i32) (param $p v128) (param $mu v128) (param $averaging i32)
+    (local $a v128)
+    (if (local.get $averaging)
+      (then
+        (local.set $a (v128.load (local.get $ap)))
+        (local.set $a (f32x4.add (local.get $a) (f32x4.mul (f32x4.sub (local.get $p) (local.get $a)) (local.get $mu)))))
+      (else (local.set $a (local.get $p))))
+    (v128.store (local.get $pp) (local.get $p))
+    (v128.store (local.get $ap) (local.get $a)))
+
   ;; ---------------------------------------------------------------- the step
   (func (export "step") (param $n i32) (param $pp i32) (param $gp i32) (param $ap i32)
       (param $decayS f32) (param $negEtaS f32) (param $wdS f32) (param $muS f32) (param $flags i32)
     (local $decay v128) (local $negEta v128) (local $negEtaD v128) (local $wd v128) (local $wdD v128)
     (local $mu v128) (local $sign v128)
-    (local $end i32) (local $rest i32) (local $i i32)
-    (local $p v128) (local $g v128) (local $a v128) (local $p1 v128)
-    (local $s0 v128) (local $s1 v128) (local $r0 v128) (local $r1 v128) (local $bad v128)
-    (local $hasWd i32) (local $averaging i32)
+    (local $end8 i32) (local $end i32) (local $rest i32) (local $i i32) (local $hasWd i32) (local $averaging i32)
+    (local $p0 v128) (local $g0 v128) (local $q0 v128) (local $a0 v128) (local $bad0 v128)
+    (local $w00 v128) (local $w10 v128) (local $s00 v128) (local $s10 v128)
+    (local $p1 v128) (local $g1 v128) (local $q1 v128) (local $a1 v128) (local $bad1 v128)
+    (local $w01 v128) (local $w11 v128) (local $s01 v128) (local $s11 v128)
     (local.set $decay (f32x4.splat (local.get $decayS)))
     (local.set $negEta (f32x4.splat (local.get $negEtaS)))
     (local.set $negEtaD (f64x2.splat (f64.promote_f32 (local.get $negEtaS))))
@@ -96,81 +121,120 @@
     (local.set $hasWd (i32.and (local.get $flags) (i32.const 1)))
     (local.set $averaging (i32.and (local.get $flags) (i32.const 2)))
     (local.set $end (i32.shl (i32.and (local.get $n) (i32.const -4)) (i32.const 2)))
+    (local.set $end8 (i32.shl (i32.and (local.get $n) (i32.const -8)) (i32.const 2)))
+    ;; the unfused mode has no fast path: every block is the plain one
+    (if (i32.and (local.get $flags) (i32.const 8)) (then (local.set $end8 (i32.const 0))))
 
-    (if (i32.and (local.get $flags) (i32.const 8))
-      (then
-        ;; unfused: no midpoint problem, every block is the plain one
-        (block $done_u (loop $blocks_u
-          (br_if $done_u (i32.ge_u (local.get $i) (local.get $end)))
-          (call $block
-            (i32.add (local.get $pp) (local.get $i)) (i32.add (local.get $gp) (local.get $i)) (i32.add (local.get $ap) (local.get $i))
-            (local.get $decay) (local.get $negEta) (local.get $negEtaD) (local.get $wd) (local.get $wdD)
-            (local.get $mu) (local.get $sign) (local.get $flags))
-          (local.set $i (i32.add (local.get $i) (i32.const 16)))
-          (br $blocks_u))))
-      (else
-        (block $done (loop $blocks
-          (br_if $done (i32.ge_u (local.get $i) (local.get $end)))
-          (local.set $p (v128.load (i32.add (local.get $pp) (local.get $i))))
-          (local.set $g (v128.xor (v128.load (i32.add (local.get $gp) (local.get $i))) (local.get $sign)))
-          (local.set $bad (v128.const i64x2 0 0))
-
+    ;; fast path, eight elements (two independent blocks) per iteration
+    (block $done (loop $blocks
+      (br_if $done (i32.ge_u (local.get $i) (local.get $end8)))
+          ;; block 0: elements i/4 + 0 .. + 3
+          (local.set $p0 (v128.load (i32.add (local.get $pp) (local.get $i))))
+          (local.set $g0 (v128.xor (v128.load (i32.add (local.get $gp) (local.get $i))) (local.get $sign)))
+          (local.set $bad0 (v128.const i64x2 0 0))
           (if (local.get $hasWd)
             (then
               ;; g = fma(p, wd, g)
-              (local.set $s0 (f64x2.add
-                (f64x2.mul (f64x2.promote_low_f32x4 (local.get $p)) (local.get $wdD))
-                (f64x2.promote_low_f32x4 (local.get $g))))
-              (local.set $s1 (f64x2.add
-                (f64x2.mul (f64x2.promote_low_f32x4 (i8x16.shuffle 8 9 10 11 12 13 14 15 8 9 10 11 12 13 14 15 (local.get $p) (local.get $p))) (local.get $wdD))
-                (f64x2.promote_low_f32x4 (i8x16.shuffle 8 9 10 11 12 13 14 15 8 9 10 11 12 13 14 15 (local.get $g) (local.get $g)))))
-              (local.set $r0 (f32x4.demote_f64x2_zero (local.get $s0)))
-              (local.set $r1 (f32x4.demote_f64x2_zero (local.get $s1)))
-              (local.set $bad (v128.or
-                (v128.and
-                  (i64x2.eq (v128.and (local.get $s0) (v128.const i64x2 0x0fffffff 0x0fffffff)) (v128.const i64x2 0 0))
-                  (f64x2.ne (local.get $s0) (f64x2.promote_low_f32x4 (local.get $r0))))
-                (v128.and
-                  (i64x2.eq (v128.and (local.get $s1) (v128.const i64x2 0x0fffffff 0x0fffffff)) (v128.const i64x2 0 0))
-                  (f64x2.ne (local.get $s1) (f64x2.promote_low_f32x4 (local.get $r1))))))
-              (local.set $g (i8x16.shuffle 0 1 2 3 4 5 6 7 16 17 18 19 20 21 22 23 (local.get $r0) (local.get $r1)))))
-
+              (local.set $w00 (f64x2.add
+            (f64x2.mul (f64x2.promote_low_f32x4 (local.get $p0)) (local.get $wdD))
+            (f64x2.promote_low_f32x4 (local.get $g0))))
+          (local.set $w10 (f64x2.add
+            (f64x2.mul (f64x2.promote_low_f32x4 (i8x16.shuffle 8 9 10 11 12 13 14 15 8 9 10 11 12 13 14 15 (local.get $p0) (local.get $p0))) (local.get $wdD))
+            (f64x2.promote_low_f32x4 (i8x16.shuffle 8 9 10 11 12 13 14 15 8 9 10 11 12 13 14 15 (local.get $g0) (local.get $g0)))))
+          (local.set $g0 (i8x16.shuffle 0 1 2 3 4 5 6 7 16 17 18 19 20 21 22 23
+            (f32x4.demote_f64x2_zero (local.get $w00)) (f32x4.demote_f64x2_zero (local.get $w10))))
+              (local.set $bad0 (i32x4.eq (v128.and (i8x16.shuffle 0 1 2 3 8 9 10 11 16 17 18 19 24 25 26 27 (local.get $w00) (local.get $w10)) (v128.const i32x4 0x0fffffff 0x0fffffff 0x0fffffff 0x0fffffff)) (v128.const i64x2 0 0)))))
           ;; p = fma(g, negEta, p * decay)
-          (local.set $p1 (f32x4.mul (local.get $p) (local.get $decay)))
-          (local.set $s0 (f64x2.add
-            (f64x2.mul (f64x2.promote_low_f32x4 (local.get $g)) (local.get $negEtaD))
-            (f64x2.promote_low_f32x4 (local.get $p1))))
-          (local.set $s1 (f64x2.add
-            (f64x2.mul (f64x2.promote_low_f32x4 (i8x16.shuffle 8 9 10 11 12 13 14 15 8 9 10 11 12 13 14 15 (local.get $g) (local.get $g))) (local.get $negEtaD))
-            (f64x2.promote_low_f32x4 (i8x16.shuffle 8 9 10 11 12 13 14 15 8 9 10 11 12 13 14 15 (local.get $p1) (local.get $p1)))))
-          (local.set $r0 (f32x4.demote_f64x2_zero (local.get $s0)))
-          (local.set $r1 (f32x4.demote_f64x2_zero (local.get $s1)))
-          (local.set $bad (v128.or (local.get $bad) (v128.or
-            (v128.and
-              (i64x2.eq (v128.and (local.get $s0) (v128.const i64x2 0x0fffffff 0x0fffffff)) (v128.const i64x2 0 0))
-              (f64x2.ne (local.get $s0) (f64x2.promote_low_f32x4 (local.get $r0))))
-            (v128.and
-              (i64x2.eq (v128.and (local.get $s1) (v128.const i64x2 0x0fffffff 0x0fffffff)) (v128.const i64x2 0 0))
-              (f64x2.ne (local.get $s1) (f64x2.promote_low_f32x4 (local.get $r1)))))))
-          (local.set $p (i8x16.shuffle 0 1 2 3 4 5 6 7 16 17 18 19 20 21 22 23 (local.get $r0) (local.get $r1)))
+          (local.set $q0 (f32x4.mul (local.get $p0) (local.get $decay)))
+          (local.set $s00 (f64x2.add
+            (f64x2.mul (f64x2.promote_low_f32x4 (local.get $g0)) (local.get $negEtaD))
+            (f64x2.promote_low_f32x4 (local.get $q0))))
+          (local.set $s10 (f64x2.add
+            (f64x2.mul (f64x2.promote_low_f32x4 (i8x16.shuffle 8 9 10 11 12 13 14 15 8 9 10 11 12 13 14 15 (local.get $g0) (local.get $g0))) (local.get $negEtaD))
+            (f64x2.promote_low_f32x4 (i8x16.shuffle 8 9 10 11 12 13 14 15 8 9 10 11 12 13 14 15 (local.get $q0) (local.get $q0)))))
+          (local.set $p0 (i8x16.shuffle 0 1 2 3 4 5 6 7 16 17 18 19 20 21 22 23
+            (f32x4.demote_f64x2_zero (local.get $s00)) (f32x4.demote_f64x2_zero (local.get $s10))))
+          (local.set $bad0 (v128.or (local.get $bad0) (i32x4.eq (v128.and (i8x16.shuffle 0 1 2 3 8 9 10 11 16 17 18 19 24 25 26 27 (local.get $s00) (local.get $s10)) (v128.const i32x4 0x0fffffff 0x0fffffff 0x0fffffff 0x0fffffff)) (v128.const i64x2 0 0))))
 
-          (if (v128.any_true (local.get $bad))
+          ;; block 1: elements i/4 + 4 .. + 7
+          (local.set $p1 (v128.load offset=16 (i32.add (local.get $pp) (local.get $i))))
+          (local.set $g1 (v128.xor (v128.load offset=16 (i32.add (local.get $gp) (local.get $i))) (local.get $sign)))
+          (local.set $bad1 (v128.const i64x2 0 0))
+          (if (local.get $hasWd)
             (then
-              ;; a lane may sit on a float32 midpoint: redo the block exactly (memory is untouched so far)
-              (call $block
-                (i32.add (local.get $pp) (local.get $i)) (i32.add (local.get $gp) (local.get $i)) (i32.add (local.get $ap) (local.get $i))
-                (local.get $decay) (local.get $negEta) (local.get $negEtaD) (local.get $wd) (local.get $wdD)
-                (local.get $mu) (local.get $sign) (local.get $flags)))
+              ;; g = fma(p, wd, g)
+              (local.set $w01 (f64x2.add
+            (f64x2.mul (f64x2.promote_low_f32x4 (local.get $p1)) (local.get $wdD))
+            (f64x2.promote_low_f32x4 (local.get $g1))))
+          (local.set $w11 (f64x2.add
+            (f64x2.mul (f64x2.promote_low_f32x4 (i8x16.shuffle 8 9 10 11 12 13 14 15 8 9 10 11 12 13 14 15 (local.get $p1) (local.get $p1))) (local.get $wdD))
+            (f64x2.promote_low_f32x4 (i8x16.shuffle 8 9 10 11 12 13 14 15 8 9 10 11 12 13 14 15 (local.get $g1) (local.get $g1)))))
+          (local.set $g1 (i8x16.shuffle 0 1 2 3 4 5 6 7 16 17 18 19 20 21 22 23
+            (f32x4.demote_f64x2_zero (local.get $w01)) (f32x4.demote_f64x2_zero (local.get $w11))))
+              (local.set $bad1 (i32x4.eq (v128.and (i8x16.shuffle 0 1 2 3 8 9 10 11 16 17 18 19 24 25 26 27 (local.get $w01) (local.get $w11)) (v128.const i32x4 0x0fffffff 0x0fffffff 0x0fffffff 0x0fffffff)) (v128.const i64x2 0 0)))))
+          ;; p = fma(g, negEta, p * decay)
+          (local.set $q1 (f32x4.mul (local.get $p1) (local.get $decay)))
+          (local.set $s01 (f64x2.add
+            (f64x2.mul (f64x2.promote_low_f32x4 (local.get $g1)) (local.get $negEtaD))
+            (f64x2.promote_low_f32x4 (local.get $q1))))
+          (local.set $s11 (f64x2.add
+            (f64x2.mul (f64x2.promote_low_f32x4 (i8x16.shuffle 8 9 10 11 12 13 14 15 8 9 10 11 12 13 14 15 (local.get $g1) (local.get $g1))) (local.get $negEtaD))
+            (f64x2.promote_low_f32x4 (i8x16.shuffle 8 9 10 11 12 13 14 15 8 9 10 11 12 13 14 15 (local.get $q1) (local.get $q1)))))
+          (local.set $p1 (i8x16.shuffle 0 1 2 3 4 5 6 7 16 17 18 19 20 21 22 23
+            (f32x4.demote_f64x2_zero (local.get $s01)) (f32x4.demote_f64x2_zero (local.get $s11))))
+          (local.set $bad1 (v128.or (local.get $bad1) (i32x4.eq (v128.and (i8x16.shuffle 0 1 2 3 8 9 10 11 16 17 18 19 24 25 26 27 (local.get $s01) (local.get $s11)) (v128.const i32x4 0x0fffffff 0x0fffffff 0x0fffffff 0x0fffffff)) (v128.const i64x2 0 0))))
+
+          (if (v128.any_true (v128.or (local.get $bad0) (local.get $bad1)))
+            (then
+              ;; a lane's f64 sum may be a float32 midpoint: check precisely, redo such a block exactly
+              ;; (its memory is untouched so far)
+              (if (i32.or
+                    (i32.and (local.get $hasWd) (call $needs_exact (local.get $w00) (local.get $w10)))
+                    (call $needs_exact (local.get $s00) (local.get $s10)))
+                (then (call $block
+                  (i32.add (local.get $pp) (i32.add (local.get $i) (i32.const 0)))
+                  (i32.add (local.get $gp) (i32.add (local.get $i) (i32.const 0)))
+                  (i32.add (local.get $ap) (i32.add (local.get $i) (i32.const 0)))
+                  (local.get $decay) (local.get $negEta) (local.get $negEtaD) (local.get $wd) (local.get $wdD)
+                  (local.get $mu) (local.get $sign) (local.get $flags)))
+                (else (call $finish (i32.add (local.get $pp) (i32.add (local.get $i) (i32.const 0))) (i32.add (local.get $ap) (i32.add (local.get $i) (i32.const 0))) (local.get $p0) (local.get $mu) (local.get $averaging))))
+              (if (i32.or
+                    (i32.and (local.get $hasWd) (call $needs_exact (local.get $w01) (local.get $w11)))
+                    (call $needs_exact (local.get $s01) (local.get $s11)))
+                (then (call $block
+                  (i32.add (local.get $pp) (i32.add (local.get $i) (i32.const 16)))
+                  (i32.add (local.get $gp) (i32.add (local.get $i) (i32.const 16)))
+                  (i32.add (local.get $ap) (i32.add (local.get $i) (i32.const 16)))
+                  (local.get $decay) (local.get $negEta) (local.get $negEtaD) (local.get $wd) (local.get $wdD)
+                  (local.get $mu) (local.get $sign) (local.get $flags)))
+                (else (call $finish (i32.add (local.get $pp) (i32.add (local.get $i) (i32.const 16))) (i32.add (local.get $ap) (i32.add (local.get $i) (i32.const 16))) (local.get $p1) (local.get $mu) (local.get $averaging)))))
             (else
               (if (local.get $averaging)
                 (then
-                  (local.set $a (v128.load (i32.add (local.get $ap) (local.get $i))))
-                  (local.set $a (f32x4.add (local.get $a) (f32x4.mul (f32x4.sub (local.get $p) (local.get $a)) (local.get $mu)))))
-                (else (local.set $a (local.get $p))))
-              (v128.store (i32.add (local.get $pp) (local.get $i)) (local.get $p))
-              (v128.store (i32.add (local.get $ap) (local.get $i)) (local.get $a))))
-          (local.set $i (i32.add (local.get $i) (i32.const 16)))
-          (br $blocks)))))
+                  (local.set $a0 (v128.load (i32.add (local.get $ap) (local.get $i))))
+                  (local.set $a0 (f32x4.add (local.get $a0) (f32x4.mul (f32x4.sub (local.get $p0) (local.get $a0)) (local.get $mu)))))
+                (else (local.set $a0 (local.get $p0))))
+              (v128.store (i32.add (local.get $pp) (local.get $i)) (local.get $p0))
+              (v128.store (i32.add (local.get $ap) (local.get $i)) (local.get $a0))
+              (if (local.get $averaging)
+                (then
+                  (local.set $a1 (v128.load offset=16 (i32.add (local.get $ap) (local.get $i))))
+                  (local.set $a1 (f32x4.add (local.get $a1) (f32x4.mul (f32x4.sub (local.get $p1) (local.get $a1)) (local.get $mu)))))
+                (else (local.set $a1 (local.get $p1))))
+              (v128.store offset=16 (i32.add (local.get $pp) (local.get $i)) (local.get $p1))
+              (v128.store offset=16 (i32.add (local.get $ap) (local.get $i)) (local.get $a1))))
+      (local.set $i (i32.add (local.get $i) (i32.const 32)))
+      (br $blocks)))
+
+    ;; the remaining whole blocks of four (or all of them, unfused): the exact block
+    (block $done4 (loop $blocks4
+      (br_if $done4 (i32.ge_u (local.get $i) (local.get $end)))
+      (call $block
+        (i32.add (local.get $pp) (local.get $i)) (i32.add (local.get $gp) (local.get $i)) (i32.add (local.get $ap) (local.get $i))
+        (local.get $decay) (local.get $negEta) (local.get $negEtaD) (local.get $wd) (local.get $wdD)
+        (local.get $mu) (local.get $sign) (local.get $flags))
+      (local.set $i (i32.add (local.get $i) (i32.const 16)))
+      (br $blocks4)))
 
     ;; the last n % 4 elements: through the scratch block at address 0 (lanes past n are zeros)
     (local.set $rest (i32.sub (i32.shl (local.get $n) (i32.const 2)) (local.get $end)))
