@@ -119,9 +119,11 @@ class Server:
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            code = self.proc.poll()
+            if code is not None:
+                tail = self.log_tail()
                 self.stop()
-                raise RuntimeError(f"asgd-serve exited with {self.proc.returncode} before answering:\n{self.log_tail()}")
+                raise RuntimeError(f"asgd-serve exited with {code} before answering:\n{tail}")
             for path in ("/healthz", "/v1/sessions?limit=1"):
                 try:
                     req = urllib.request.Request(self.url + path)
@@ -135,8 +137,9 @@ class Server:
                 except (OSError, urllib.error.URLError) as err:
                     last = err
             time.sleep(0.25)
+        tail = self.log_tail()
         self.stop()
-        raise RuntimeError(f"asgd-serve did not answer at {self.url} within {timeout}s ({last}):\n{self.log_tail()}")
+        raise RuntimeError(f"asgd-serve did not answer at {self.url} within {timeout}s ({last}):\n{tail}")
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None

@@ -1,0 +1,138 @@
+"""Resume equivalence: training interrupted after k steps and resumed from a downloaded checkpoint
+(into a new session) ends bit for bit where the uninterrupted run ends; restarting from the weights
+alone (fresh optimizer state) does not."""
+
+import json
+import os
+import shutil
+import tempfile
+import unittest
+
+import torch
+
+from _common import HYPER, STEPS, ServiceTestCase, differs, make_model, torch_run, train, unique
+
+K = 40
+
+
+class ResumeFromCheckpoint(ServiceTestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="asgd-client-resume-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.want, _ = torch_run()  # uninterrupted: STEPS steps of torch.optim.ASGD
+
+    def _interrupted_run(self, transport="json"):
+        """K steps on the service; the 'process' then ends: only the session remains."""
+        model = make_model()
+        opt = self.remote(model.named_parameters(), transport=transport)
+        train(model, opt, range(K))
+        opt.close()
+        return opt.session
+
+    def _assert_weights_only_restart_differs(self, weights):
+        model = make_model(9)
+        model.load_state_dict(weights)
+        opt = self.remote(model.named_parameters(), transport="json")  # new session, fresh ASGD state
+        train(model, opt, range(K, STEPS))
+        self.assertTrue(differs(model, self.want), "a weights-only restart should not end where the uninterrupted run ends")
+        # It is the optimizer state that matters: torch does the same thing locally.
+        local = make_model(9)
+        local.load_state_dict(weights)
+        train(local, torch.optim.ASGD(local.parameters(), **HYPER), range(K, STEPS))
+        self.assertParamsIdentical(model, local)
+
+    def test_resume_from_torch_save_checkpoint_via_upload(self):
+        from asgd_client import create_session_from_model, download_checkpoint, upload_checkpoint
+
+        session = self._interrupted_run()
+        path = download_checkpoint(self.url, session, os.path.join(self.tmp, "ckpt.pt"), token=self.token)
+        ckpt = torch.load(path)
+        self.assertEqual(set(ckpt), {"model", "optimizer", "step"})
+        self.assertEqual(ckpt["step"], K)
+        # A new process: another initialisation, a new session, the checkpoint uploaded into it.
+        model = make_model(7)
+        name = unique("resumed-upload")
+        create_session_from_model(model, self.url, name, token=self.token, **HYPER)
+        info = upload_checkpoint(self.url, name, path, token=self.token)
+        self.assertEqual(info["step"], K)
+        opt = self.remote(model.named_parameters(), session=name, create=False, transport="json")  # pulls the parameters
+        train(model, opt, range(K, STEPS))
+        self.assertParamsIdentical(model, self.want, "resumed from checkpoint:")
+        self._assert_weights_only_restart_differs(ckpt["model"])
+
+    def test_resume_from_torch_save_checkpoint_via_torch_load(self):
+        from asgd_client import download_checkpoint
+
+        session = self._interrupted_run()
+        path = download_checkpoint(self.url, session, os.path.join(self.tmp, "ckpt.pt"), token=self.token)
+        ckpt = torch.load(path)
+        model = make_model(7)
+        model.load_state_dict(ckpt["model"])
+        opt = self.remote(model.named_parameters(), transport="json")
+        opt.load_state_dict(ckpt["optimizer"])
+        train(model, opt, range(K, STEPS))
+        self.assertParamsIdentical(model, self.want, "resumed from checkpoint:")
+        # The same file resumes plain torch.optim.ASGD too.
+        local = make_model(8)
+        local.load_state_dict(ckpt["model"])
+        torch_opt = torch.optim.ASGD(local.parameters(), **HYPER)
+        torch_opt.load_state_dict(ckpt["optimizer"])
+        train(local, torch_opt, range(K, STEPS))
+        self.assertParamsIdentical(local, self.want)
+
+    def test_resume_from_json_checkpoint(self):
+        from asgd_client import download_checkpoint
+        from asgd_client.tensors import state_dict_from_json, tensor_from_json
+
+        session = self._interrupted_run()
+        path = download_checkpoint(self.url, session, os.path.join(self.tmp, "ckpt.json"), token=self.token, format="json")
+        with open(path) as f:
+            ckpt = json.load(f)
+        self.assertEqual(ckpt["step"], K)
+        weights = {n: tensor_from_json(t) for n, t in ckpt["model"].items()}
+        model = make_model(7)
+        model.load_state_dict(weights)
+        opt = self.remote(model.named_parameters(), transport="json")
+        opt.load_state_dict(state_dict_from_json(ckpt["optimizer"]))
+        train(model, opt, range(K, STEPS))
+        self.assertParamsIdentical(model, self.want, "resumed from JSON checkpoint:")
+        self._assert_weights_only_restart_differs(weights)
+
+    def test_upload_json_checkpoint(self):
+        from asgd_client import create_session_from_model, download_checkpoint, upload_checkpoint
+
+        session = self._interrupted_run()
+        path = download_checkpoint(self.url, session, os.path.join(self.tmp, "ckpt.json"), token=self.token, format="json")
+        model = make_model(7)
+        name = unique("resumed-json-upload")
+        create_session_from_model(model, self.url, name, token=self.token, **HYPER)
+        upload_checkpoint(self.url, name, path, token=self.token)
+        opt = self.remote(model.named_parameters(), session=name, create=False, transport="json")
+        train(model, opt, range(K, STEPS))
+        self.assertParamsIdentical(model, self.want, "resumed from uploaded JSON checkpoint:")
+
+    def test_resume_from_a_snapshot_by_fork_and_restore(self):
+        model = make_model()
+        opt = self.remote(model.named_parameters(), transport="json")
+        train(model, opt, range(K))
+        snap = opt.snapshot(pinned=True)
+        self.assertEqual(snap["step"], K)
+        train(model, opt, range(K, STEPS))
+        self.assertParamsIdentical(model, self.want)
+        # A fork from the snapshot continues as the original did.
+        fork_name = unique("fork")
+        forked = opt.client.fork(opt.session, fork_name, snapshot=snap["id"])
+        self.assertEqual(forked["step"], K)
+        other = make_model(4)
+        fopt = self.remote(other.named_parameters(), session=fork_name, create=False, transport="json")
+        train(other, fopt, range(K, STEPS))
+        self.assertParamsIdentical(other, self.want, "fork:")
+        # Rolling the original back and replaying gives the same end again.
+        opt.restore(snap["id"])
+        self.assertEqual(opt.step_count, K)
+        train(model, opt, range(K, STEPS))
+        self.assertParamsIdentical(model, self.want, "restore:")
+
+
+if __name__ == "__main__":
+    unittest.main()
