@@ -1,12 +1,19 @@
 // The whole service as one Fastify plugin. It never listens: src/server.ts does, tests inject.
+import type { Socket } from 'node:net';
 import fp from 'fastify-plugin';
-import Fastify, { type FastifyError, type FastifyInstance, type FastifyServerOptions } from 'fastify';
+import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify';
 import type { Config } from './config.ts';
 import { ApiError, errors } from './errors.ts';
 import { FormatError } from './formats/errors.ts';
 import type { Database } from './db/database.ts';
 import dbPlugin from './plugins/db.ts';
 import sessionsPlugin from './plugins/sessions.ts';
+import limitsPlugin from './plugins/limits.ts';
+import authPlugin from './plugins/auth.ts';
+import swaggerPlugin from './plugins/swagger.ts';
+import metricsPlugin from './plugins/metrics.ts';
+import healthRoutes from './routes/health/index.ts';
+import tokenRoutes from './routes/tokens/index.ts';
 import sessionRoutes from './routes/sessions/index.ts';
 import { isRetryableDbError } from './sessions/service.ts';
 
@@ -19,14 +26,25 @@ export interface AppOptions {
 }
 
 /** Error body: {statusCode, code, error, message, ...details}. 5xx bodies never carry internals. */
-export function toApiError(err: unknown): ApiError {
+export function toApiError(err: unknown, request?: FastifyRequest): ApiError {
   if (err instanceof ApiError) return err;
   if (err instanceof FormatError) return errors.fileFormat(err.code, err.message);
   const e = err as FastifyError & { validation?: unknown; validationContext?: string };
-  if (e?.validation) return errors.invalidBody(`${e.validationContext ?? 'body'}: ${e.message}`);
+  if (e?.validation) {
+    const message = `${e.validationContext ?? 'body'}: ${e.message}`;
+    if (e.validationContext === 'params') return errors.invalidPath(message);
+    if (e.validationContext === 'querystring') return new ApiError(400, 'INVALID_QUERY', message);
+    if (e.validationContext === 'headers') return new ApiError(400, 'INVALID_HEADER', message);
+    return errors.invalidBody(message);
+  }
   switch (e?.code) {
     case 'FST_ERR_CTP_BODY_TOO_LARGE':
-      return errors.bodyTooLarge(Number((e as unknown as { limit?: number }).limit ?? 0) || 0);
+      return errors.bodyTooLarge(request?.routeOptions.bodyLimit ?? 0);
+    case 'FST_ERR_CTP_INVALID_TYPE':
+    case 'FST_ERR_CTP_EMPTY_TYPE':
+      return errors.invalidHeader('Content-Type', 'must be a media type such as application/json');
+    case 'FST_ERR_HANDLER_TIMEOUT':
+      return errors.unavailable('the request took too long; retry shortly');
     case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':
       return errors.unsupportedMediaType(String(e.message.split(': ').pop()), 'application/json');
     case 'FST_ERR_CTP_EMPTY_JSON_BODY':
@@ -39,7 +57,9 @@ export function toApiError(err: unknown): ApiError {
   if (e instanceof SyntaxError || (e?.statusCode === 400 && /JSON/i.test(e.message ?? ''))) return errors.invalidJson(e.message);
   if (isRetryableDbError(err)) return errors.unavailable('the database is unreachable; retry shortly');
   if (typeof e?.statusCode === 'number' && e.statusCode >= 400 && e.statusCode < 500) {
-    return new ApiError(e.statusCode, typeof e.code === 'string' ? e.code : 'BAD_REQUEST', e.message);
+    // Fastify's own codes (FST_ERR_…) are not part of this API's catalogue.
+    const code = typeof e.code === 'string' && !e.code.startsWith('FST_') ? e.code : 'BAD_REQUEST';
+    return new ApiError(e.statusCode, code, e.message);
   }
   return errors.internal();
 }
@@ -48,7 +68,7 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
   const { config } = opts;
 
   fastify.setErrorHandler((err, request, reply) => {
-    const api = toApiError(err);
+    const api = toApiError(err, request);
     if (api.statusCode >= 500) request.log.error({ err }, 'request failed');
     else request.log.info({ code: api.code, statusCode: api.statusCode }, api.message);
     if (api.headers) reply.headers(api.headers);
@@ -72,18 +92,84 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
     (_request, body, done) => done(null, body),
   );
 
+  // Every response says which request it was (the same id is on every log line of the request).
+  fastify.addHook('onRequest', async (request, reply) => {
+    reply.header('x-request-id', request.id);
+  });
+
+  // Order matters: the limits' onRequest hook sheds load before auth touches the database; auth's onRoute
+  // hook must see every route, and swagger's collector every route after it.
   await fastify.register(dbPlugin, { config, migrate: opts.migrate ?? false, database: opts.database });
   await fastify.register(sessionsPlugin, { config });
+  await fastify.register(limitsPlugin, { config });
+  await fastify.register(authPlugin, { config });
+  await fastify.register(swaggerPlugin);
+  await fastify.register(metricsPlugin, { config });
+  await fastify.register(healthRoutes);
+  await fastify.register(tokenRoutes, { prefix: '/v1/tokens' });
   await fastify.register(sessionRoutes, { prefix: '/v1/sessions', config });
 }
 
+/** Never logged: credentials (tokens travel in the Authorization header). Tensors are never logged at all. */
+export const REDACTED_PATHS = ['req.headers.authorization', 'req.headers.cookie', 'headers.authorization', 'authorization', 'token'];
+
+/** pino options for the service: level from config, credentials redacted, pretty only on a terminal. */
+export function loggerOptions(config: Config, extra: Record<string, unknown> = {}): Record<string, unknown> {
+  return {
+    level: config.logLevel,
+    ...(process.stdout.isTTY && { transport: { target: 'pino-pretty' } }),
+    ...extra,
+    redact: { paths: REDACTED_PATHS, censor: '[redacted]' },
+  };
+}
+
+const SESSION_PATH = /^\/v1\/sessions\/([A-Za-z0-9._-]{1,128})(?:[/?]|$)/;
+
+/** Write a framework-level error (bad URL, oversized headers, timeouts) in the API's error shape. */
+function errorBody(api: ApiError): string {
+  return JSON.stringify({ statusCode: api.statusCode, code: api.code, error: api.code, message: api.message });
+}
+
+function clientErrorHandler(this: FastifyInstance, err: Error & { code?: string }, socket: Socket): void {
+  if (err.code === 'ECONNRESET' || socket.destroyed) return;
+  const api = err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? errors.requestTimeout()
+    : err.code === 'HPE_HEADER_OVERFLOW' ? errors.headersTooLarge()
+    : errors.badRequest('the request is not valid HTTP/1.1');
+  this.log.debug({ err, code: api.code }, 'client error');
+  if (socket.writable) {
+    const body = errorBody(api);
+    socket.write(`HTTP/1.1 ${api.statusCode} ${api.code}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n${body}`);
+  }
+  socket.destroy(err);
+}
+
+const MAX_PARAM_LENGTH = 512;
+
 /** Builds the app (not listening). */
 export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
+  const { config } = opts;
+  // A logger given as options still gets the redaction; `false` and ready-made pino instances pass through.
+  const logger = opts.logger === undefined ? loggerOptions(config)
+    : opts.logger && typeof opts.logger === 'object' && !('child' in opts.logger) ? { ...opts.logger, redact: { paths: REDACTED_PATHS, censor: '[redacted]' } }
+    : opts.logger;
   const fastify = Fastify({
-    logger: opts.logger ?? { level: opts.config.logLevel },
-    bodyLimit: opts.config.bodyLimitDefault,
-    requestTimeout: opts.config.requestTimeoutMs,
+    logger,
+    bodyLimit: config.bodyLimitDefault,
+    requestTimeout: config.requestTimeoutMs,
+    // A hop count is valid at runtime (fastify's trust-proxy); the typings only list the other forms.
+    trustProxy: config.trustProxy as Exclude<Config['trustProxy'], number>,
     genReqId: () => crypto.randomUUID(),
+    // Lines about a session's routes carry its name (set before the first line of the request is written).
+    childLoggerFactory: (parent, bindings, childOpts, rawReq) => {
+      const session = SESSION_PATH.exec(rawReq.url ?? '')?.[1];
+      return parent.child(session ? { ...bindings, session } : bindings, childOpts);
+    },
+    routerOptions: { maxParamLength: MAX_PARAM_LENGTH },
+    frameworkErrors: (err, _request, reply) => {
+      const api = err.code === 'FST_ERR_MAX_PARAM_LENGTH' ? errors.uriTooLong(MAX_PARAM_LENGTH) : errors.invalidUrl('path: is not a valid URL (bad percent-encoding)');
+      void (reply as FastifyReply).code(api.statusCode).header('content-type', 'application/json').send(errorBody(api));
+    },
+    clientErrorHandler,
     ajv: { customOptions: { coerceTypes: 'array', removeAdditional: false, allErrors: false } },
     return503OnClosing: true,
   });

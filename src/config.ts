@@ -24,7 +24,21 @@ export interface Config {
   fma: boolean;
   /** Bytes of decoded session state one process keeps in memory before evicting the least used. */
   cacheBytes: number;
+  /** under-pressure: answer 503 while the event loop lags more than this (0 = off). */
   maxEventLoopDelayMs: number;
+  /** under-pressure: answer 503 while the V8 heap / the process RSS is above this many bytes (0 = off). */
+  maxHeapUsedBytes: number;
+  maxRssBytes: number;
+  /** How often the database is probed; while it is unreachable every route but /healthz and /metrics answers 503 (0 = off). */
+  healthCheckIntervalMs: number;
+  /** /metrics needs a read token that is not limited to sessions (the counters name sessions). Open by default. */
+  metricsRequireToken: boolean;
+  /** Fastify's trustProxy: false, true, a hop count, or a comma-separated list of proxy addresses/CIDRs. */
+  trustProxy: boolean | number | string[];
+  /** Apply migrations when `serve` starts; null = only for the embedded database (replicas run `migrate` once). */
+  migrateOnStart: boolean | null;
+  /** After SIGTERM, in-flight requests get this long to finish before the process exits anyway. */
+  shutdownTimeoutMs: number;
 }
 
 export class ConfigError extends Error {}
@@ -50,6 +64,19 @@ function bool(env: Env, key: string, fallback: boolean): boolean {
 }
 
 const MiB = 1024 * 1024;
+const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
+
+function trustProxyOf(env: Env): Config['trustProxy'] {
+  const raw = env.ASGD_TRUST_PROXY?.trim() ?? '';
+  if (raw === '' || /^(false|0|no|off)$/i.test(raw)) return false;
+  if (/^(true|yes|on)$/i.test(raw)) return true;
+  if (/^\d{1,2}$/.test(raw)) return Number(raw);
+  const list = raw.split(',').map((s) => s.trim()).filter(Boolean);
+  for (const entry of list) {
+    if (!/^[0-9A-Fa-f:.]+(\/\d{1,3})?$/.test(entry)) throw new ConfigError(`ASGD_TRUST_PROXY: ${JSON.stringify(entry)} is not an address or CIDR (or use true, false or a hop count)`);
+  }
+  return list;
+}
 
 export function isLoopback(host: string): boolean {
   return host === 'localhost' || host === '::1' || host === '[::1]' || /^127\.\d+\.\d+\.\d+$/.test(host);
@@ -58,6 +85,8 @@ export function isLoopback(host: string): boolean {
 export function loadConfig(env: Env = process.env): Config {
   const kernel = (env.ASGD_KERNEL ?? 'wasm').trim();
   if (kernel !== 'wasm' && kernel !== 'js') throw new ConfigError(`ASGD_KERNEL must be wasm or js, got ${JSON.stringify(kernel)}`);
+  const logLevel = env.LOG_LEVEL?.trim() || 'info';
+  if (!LOG_LEVELS.includes(logLevel)) throw new ConfigError(`LOG_LEVEL must be one of ${LOG_LEVELS.join(', ')}, got ${JSON.stringify(logLevel)}`);
   const adminToken = env.ASGD_ADMIN_TOKEN?.trim() || null;
   if (adminToken !== null && adminToken.length < 16) throw new ConfigError('ASGD_ADMIN_TOKEN must be at least 16 characters');
   const config: Config = {
@@ -66,7 +95,7 @@ export function loadConfig(env: Env = process.env): Config {
     databaseUrl: env.DATABASE_URL?.trim() || null,
     dataDir: env.ASGD_DATA_DIR?.trim() || '.data/pglite',
     dbPoolSize: int(env, 'ASGD_DB_POOL_SIZE', 10, 1, 1000),
-    logLevel: env.LOG_LEVEL?.trim() || 'info',
+    logLevel,
     adminToken,
     allowInsecure: bool(env, 'ASGD_ALLOW_INSECURE', false),
     bodyLimitStep: int(env, 'ASGD_BODY_LIMIT_STEP', 1024 * MiB, 1024),
@@ -81,6 +110,13 @@ export function loadConfig(env: Env = process.env): Config {
     fma: bool(env, 'ASGD_FMA', true),
     cacheBytes: int(env, 'ASGD_CACHE_BYTES', 4096 * MiB, 0),
     maxEventLoopDelayMs: int(env, 'ASGD_MAX_EVENT_LOOP_DELAY_MS', 0, 0),
+    maxHeapUsedBytes: int(env, 'ASGD_MAX_HEAP_USED_BYTES', 0, 0),
+    maxRssBytes: int(env, 'ASGD_MAX_RSS_BYTES', 0, 0),
+    healthCheckIntervalMs: int(env, 'ASGD_HEALTH_CHECK_INTERVAL_MS', 5_000, 0),
+    metricsRequireToken: bool(env, 'ASGD_METRICS_REQUIRE_TOKEN', false),
+    trustProxy: trustProxyOf(env),
+    migrateOnStart: env.ASGD_MIGRATE?.trim() ? bool(env, 'ASGD_MIGRATE', false) : null,
+    shutdownTimeoutMs: int(env, 'ASGD_SHUTDOWN_TIMEOUT_MS', 60_000, 0),
   };
   if (!config.adminToken && !config.allowInsecure && !isLoopback(config.host)) {
     throw new ConfigError(

@@ -40,9 +40,18 @@ export const errors = {
   invalidQuery: make(400, 'INVALID_QUERY', (field: string, message: string) => `${field}: ${message}`),
   invalidHeader: make(400, 'INVALID_HEADER', (field: string, message: string) => `${field}: ${message}`),
   fileFormat: (code: string, message: string) => new ApiError(400, code, message),
-  // 401/403: access
-  unauthorized: make(401, 'UNAUTHORIZED', (message: string) => message),
-  forbidden: make(403, 'FORBIDDEN', (message: string) => message),
+  invalidPath: make(400, 'INVALID_PATH', (message: string) => message),
+  invalidUrl: make(400, 'INVALID_URL', (message: string) => message),
+  uriTooLong: make(414, 'URI_TOO_LONG', (limit: number) => `path: a path segment is longer than ${limit} characters`),
+  // 401/403: access. The WWW-Authenticate challenge follows RFC 6750 section 3.
+  unauthorized: (message: string, invalidToken = false) =>
+    new ApiError(401, 'UNAUTHORIZED', message, undefined, {
+      'www-authenticate': invalidToken ? 'Bearer realm="asgd-serve", error="invalid_token"' : 'Bearer realm="asgd-serve"',
+    }),
+  forbidden: (message: string, scope?: string) =>
+    new ApiError(403, 'FORBIDDEN', message, undefined, {
+      'www-authenticate': `Bearer realm="asgd-serve", error="insufficient_scope"${scope ? `, scope="${scope}"` : ''}`,
+    }),
   // 404/405/406
   sessionNotFound: make(404, 'SESSION_NOT_FOUND', (name: string) => `session ${JSON.stringify(name)} does not exist`),
   snapshotNotFound: make(404, 'SNAPSHOT_NOT_FOUND', (id: string) => `snapshot ${id} does not exist in this session`),
@@ -53,7 +62,8 @@ export const errors = {
       ? `version: ${version} is not available (newest is ${newest})`
       : `version: ${version} is not available; versions ${oldest} to ${newest} can be read`),
   notAcceptable: make(406, 'NOT_ACCEPTABLE', (accept: string, offered: string) => `Accept: cannot answer ${accept}; this route offers ${offered}`),
-  // 409/412/413/415/422
+  requestTimeout: make(408, 'REQUEST_TIMEOUT', () => 'the request was not received in time'),
+  // 409/412/413/415/422/431
   sessionExists: make(409, 'SESSION_EXISTS', (name: string) => `name: session ${JSON.stringify(name)} already exists`),
   staleGradient: (staleness: number, maxStaleness: number, version: number) =>
     new ApiError(409, 'STALE_GRADIENT', `base_version: the gradient is ${staleness} versions old; this session accepts at most ${maxStaleness}`, { version, staleness, max_staleness: maxStaleness }),
@@ -61,11 +71,13 @@ export const errors = {
     new ApiError(412, 'VERSION_MISMATCH', `If-Match: expected ${expected}, the session is at version ${version}`, { version }, { etag: `"${version}"` }),
   bodyTooLarge: make(413, 'BODY_TOO_LARGE', (limit: number) => `body: larger than the limit of ${limit} bytes for this route`),
   unsupportedMediaType: make(415, 'UNSUPPORTED_MEDIA_TYPE', (type: string, accepted: string) => `Content-Type: ${type} is not accepted here; use ${accepted}`),
+  headersTooLarge: make(431, 'HEADERS_TOO_LARGE', () => 'the request headers are larger than this server accepts'),
   nonFiniteGradient: make(422, 'NON_FINITE_GRADIENT', (field: string, index: number) => `${field}: element ${index} is not finite`),
   idempotencyKeyReused: make(422, 'IDEMPOTENCY_KEY_REUSED', () => 'Idempotency-Key: this key was used for a request with a different body'),
   tooLarge: make(422, 'SESSION_TOO_LARGE', (message: string) => message),
   // 429/503
-  rateLimited: make(429, 'RATE_LIMITED', (message: string) => message),
+  rateLimited: (limit: number, retryAfterSeconds: number) =>
+    new ApiError(429, 'RATE_LIMITED', `more than ${limit} requests a minute; retry in ${retryAfterSeconds} s`, undefined, { 'retry-after': String(retryAfterSeconds) }),
   unavailable: (message: string, retryAfterSeconds = 1) =>
     new ApiError(503, 'SERVICE_UNAVAILABLE', message, undefined, { 'retry-after': String(retryAfterSeconds) }),
   internal: make(500, 'INTERNAL', () => 'internal error'),

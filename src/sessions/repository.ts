@@ -102,10 +102,11 @@ export async function findSession(q: Queryable, name: string, lock = false): Pro
   return rows.length ? toSession(rows[0]) : null;
 }
 
-export async function listSessions(q: Queryable, after: string | null, limit: number): Promise<SessionRecord[]> {
+/** `only`: restrict to these names (a token limited to a list of sessions sees only those). */
+export async function listSessions(q: Queryable, after: string | null, limit: number, only: readonly string[] | null = null): Promise<SessionRecord[]> {
   const rows = await q.query(
-    `SELECT ${SESSION_COLUMNS} FROM sessions WHERE ($1::text IS NULL OR name > $1) ORDER BY name LIMIT $2`,
-    [after, limit],
+    `SELECT ${SESSION_COLUMNS} FROM sessions WHERE ($1::text IS NULL OR name > $1) AND ($3::text[] IS NULL OR name = ANY($3::text[])) ORDER BY name LIMIT $2`,
+    [after, limit, only],
   );
   return rows.map(toSession);
 }

@@ -305,8 +305,8 @@ export function createSessionService(options: SessionServiceOptions) {
     return mustFind(db, name);
   }
 
-  async function list(after: string | null, limit: number): Promise<SessionRecord[]> {
-    return repo.listSessions(db, after, limit);
+  async function list(after: string | null, limit: number, only: readonly string[] | null = null): Promise<SessionRecord[]> {
+    return repo.listSessions(db, after, limit, only);
   }
 
   async function remove(name: string, ifMatch?: number | null): Promise<void> {

@@ -54,7 +54,8 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
     },
   }, async (request) => {
     const { limit = 100, after } = request.query as { limit?: number; after?: string };
-    const rows = await fastify.sessions.list(after ?? null, limit + 1);
+    // A token limited to a list of sessions lists only those (src/plugins/auth.ts).
+    const rows = await fastify.sessions.list(after ?? null, limit + 1, request.auth?.sessions ?? null);
     const page = rows.slice(0, limit);
     return { sessions: page.map(sessionJson), next: rows.length > limit ? page[page.length - 1].name : null };
   });

@@ -1,0 +1,144 @@
+// Prometheus metrics as a named plugin: one prom-client Registry per app instance (tests build many apps
+// in one process), fed by request hooks and by the session domain's hooks; served at GET /metrics.
+import { Transform } from 'node:stream';
+import fp from 'fastify-plugin';
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { Config } from '../config.ts';
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    metrics: Registry;
+  }
+}
+
+const SECONDS_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
+
+export default fp(
+  async function metricsPlugin(fastify: FastifyInstance, opts: { config: Config }) {
+    const registry = new Registry();
+    const registers = [registry];
+    collectDefaultMetrics({ register: registry });
+
+    const requests = new Counter({
+      name: 'asgd_http_requests_total', help: 'HTTP requests answered, by route pattern and status', labelNames: ['method', 'route', 'status_code'], registers,
+    });
+    const duration = new Histogram({
+      name: 'asgd_http_request_duration_seconds', help: 'Time from request to response, by route pattern', labelNames: ['method', 'route'], buckets: SECONDS_BUCKETS, registers,
+    });
+    const bytesIn = new Counter({ name: 'asgd_http_request_bytes_total', help: 'Request body bytes received, by route pattern', labelNames: ['route'], registers });
+    const bytesOut = new Counter({ name: 'asgd_http_response_bytes_total', help: 'Response body bytes sent, by route pattern', labelNames: ['route'], registers });
+    const stepSeconds = new Histogram({
+      name: 'asgd_step_duration_seconds', help: 'Time to apply and commit one optimizer step, from taking the session lock', buckets: SECONDS_BUCKETS, registers,
+    });
+    const lockWait = new Histogram({
+      name: 'asgd_step_lock_wait_seconds', help: 'Time a step waited for its session lock in this process', buckets: SECONDS_BUCKETS, registers,
+    });
+    const steps = new Counter({ name: 'asgd_steps_total', help: 'Optimizer steps committed by this process, by session', labelNames: ['session'], registers });
+    const snapshots = new Counter({
+      name: 'asgd_snapshots_total', help: 'Snapshots written by this process, by session and reason', labelNames: ['session', 'reason'], registers,
+    });
+    new Gauge({
+      name: 'asgd_db_pool_connections', help: 'Database pool connections by state (total, idle, waiting clients)', labelNames: ['state'], registers,
+      collect() {
+        const stats = fastify.db.poolStats();
+        this.set({ state: 'total' }, stats.total);
+        this.set({ state: 'idle' }, stats.idle);
+        this.set({ state: 'waiting' }, stats.waiting);
+      },
+    });
+    new Gauge({
+      name: 'asgd_session_cache_bytes', help: 'Bytes of decoded session state held by this process', registers,
+      collect() {
+        this.set(fastify.sessions.cacheStats().bytes);
+      },
+    });
+    new Gauge({
+      name: 'asgd_session_cache_sessions', help: 'Sessions whose decoded state this process holds', registers,
+      collect() {
+        this.set(fastify.sessions.cacheStats().sessions);
+      },
+    });
+
+    fastify.sessionHooks.stepped = (session, seconds, lockWaitSeconds) => {
+      stepSeconds.observe(seconds);
+      lockWait.observe(lockWaitSeconds);
+      steps.inc({ session });
+    };
+    const reasonsSeen = new Map<string, Set<string>>();
+    fastify.sessionHooks.snapshotted = (session, reason) => {
+      snapshots.inc({ session, reason });
+      if (!reasonsSeen.has(session)) reasonsSeen.set(session, new Set());
+      reasonsSeen.get(session)!.add(reason);
+    };
+
+    const routeOf = (request: FastifyRequest) => (request.is404 ? 'unmatched' : (request.routeOptions.url ?? 'unmatched'));
+    const received = new WeakMap<FastifyRequest, number>();
+
+    fastify.addHook('preParsing', async (request, _reply, payload) => {
+      const declared = Number(request.headers['content-length']);
+      if (Number.isFinite(declared) && request.headers['transfer-encoding'] === undefined) {
+        received.set(request, declared);
+        return payload;
+      }
+      // A chunked body: count the bytes as they pass.
+      received.set(request, 0);
+      return payload.pipe(new Transform({
+        transform(chunk: Buffer, _encoding, done) {
+          received.set(request, (received.get(request) ?? 0) + chunk.length);
+          done(null, chunk);
+        },
+      }));
+    });
+
+    fastify.addHook('onSend', async (request, _reply, payload) => {
+      const route = routeOf(request);
+      if (typeof payload === 'string') bytesOut.inc({ route }, Buffer.byteLength(payload));
+      else if (Buffer.isBuffer(payload)) bytesOut.inc({ route }, payload.length);
+      else if (payload && typeof (payload as NodeJS.ReadableStream).pipe === 'function') {
+        const counter = new Transform({
+          transform(chunk: Buffer, _encoding, done) {
+            bytesOut.inc({ route }, chunk.length);
+            done(null, chunk);
+          },
+        });
+        (payload as NodeJS.ReadableStream).on('error', (err) => counter.destroy(err));
+        return (payload as NodeJS.ReadableStream).pipe(counter);
+      }
+      return payload;
+    });
+
+    fastify.addHook('onResponse', async (request, reply) => {
+      const route = routeOf(request);
+      const bytes = received.get(request);
+      if (bytes) bytesIn.inc({ route }, bytes);
+      requests.inc({ method: request.method, route, status_code: String(reply.statusCode) });
+      duration.observe({ method: request.method, route }, reply.elapsedTime / 1000);
+      // A deleted session's series go with it, so counters of short-lived sessions do not pile up.
+      if (request.method === 'DELETE' && reply.statusCode === 204 && route === '/v1/sessions/:name') {
+        const session = (request.params as { name: string }).name;
+        steps.remove({ session });
+        for (const reason of reasonsSeen.get(session) ?? []) snapshots.remove({ session, reason });
+        reasonsSeen.delete(session);
+      }
+    });
+
+    fastify.decorate('metrics', registry);
+
+    fastify.get('/metrics', {
+      config: opts.config.metricsRequireToken ? { scope: 'read', allSessions: true } : { scope: 'public' },
+      schema: {
+        summary: 'Prometheus metrics',
+        description: 'Open unless ASGD_METRICS_REQUIRE_TOKEN=true (then a read token not limited to sessions: the counters name sessions).',
+        tags: ['operations'],
+        response: {
+          200: { description: 'Prometheus text exposition format 0.0.4', content: { 'text/plain': { schema: { type: 'string' } } } },
+        },
+      },
+    }, async (_request, reply) => {
+      reply.header('content-type', registry.contentType);
+      return registry.metrics();
+    });
+  },
+  { name: 'metrics', dependencies: ['db', 'sessions'] },
+);

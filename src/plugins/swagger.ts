@@ -1,0 +1,78 @@
+// The OpenAPI document as a named plugin, generated from the route schemas; Swagger UI at /docs.
+// Access and the errors every route can get from the infrastructure (auth, limits, load shedding) are
+// added here from the route config, so route schemas only describe their own errors.
+import { readFileSync } from 'node:fs';
+import fp from 'fastify-plugin';
+import type { FastifyInstance } from 'fastify';
+import swagger from '@fastify/swagger';
+import swaggerUi from '@fastify/swagger-ui';
+import { ErrorBody } from '../routes/schemas.ts';
+
+const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string; description: string; license: string };
+
+const INFRA_ERRORS: Record<number, string> = {
+  400: 'The request is malformed: the `code` says how, the message names the field',
+  401: 'No bearer token, or an unknown or revoked one (WWW-Authenticate: Bearer)',
+  403: 'The token\'s scope or session list does not allow this',
+  413: 'The body is larger than this route accepts (BODY_TOO_LARGE)',
+  415: 'The Content-Type is not one this route accepts',
+  429: 'Too many requests for this token (RATE_LIMITED); see Retry-After',
+  503: 'Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After',
+};
+
+type Schema = Record<string, unknown> & { response?: Record<string, unknown>; body?: unknown; params?: unknown; querystring?: unknown; headers?: unknown; description?: string };
+
+export default fp(
+  async function swaggerPlugin(fastify: FastifyInstance) {
+    await fastify.register(swagger, {
+      openapi: {
+        openapi: '3.0.3',
+        info: {
+          title: 'asgd-serve',
+          description: `${pkg.description}.\n\nEvery error answers JSON {statusCode, code, error, message}; \`code\` is stable. ` +
+            'Send `Authorization: Bearer <token>` (ASGD_ADMIN_TOKEN, or a token from POST /v1/tokens). Scopes: read < step < admin; ' +
+            'each operation lists the scope it needs as `x-scope`.',
+          version: pkg.version,
+          license: { name: pkg.license },
+        },
+        components: {
+          securitySchemes: {
+            bearerAuth: { type: 'http', scheme: 'bearer', description: 'ASGD_ADMIN_TOKEN, or asgd_<id>_<secret> from POST /v1/tokens' },
+          },
+        },
+        tags: [
+          { name: 'sessions', description: 'Create, list, read, change and delete training sessions' },
+          { name: 'training', description: 'Optimizer steps' },
+          { name: 'state', description: 'Parameters, optimizer state_dict and checkpoints: JSON, torch.save or safetensors' },
+          { name: 'snapshots', description: 'History: snapshots, pinning, restore, fork' },
+          { name: 'tokens', description: 'API tokens (admin)' },
+          { name: 'operations', description: 'Health, readiness and metrics (no token)' },
+        ],
+      },
+      transform: ({ schema, url, route }) => {
+        const s: Schema = { ...((schema ?? {}) as Schema) };
+        const response: Record<string, unknown> = { ...(s.response ?? {}) };
+        const scope = route.config?.scope ?? 'admin';
+        const statuses: number[] = [];
+        if (scope !== 'public') {
+          s.security = [{ bearerAuth: [] }];
+          s['x-scope'] = scope;
+          if (route.config?.allSessions) s['x-all-sessions'] = true;
+          s.description = `${s.description ? `${s.description}\n\n` : ''}Needs a token with scope \`${scope}\`${route.config?.allSessions ? ' that is not limited to a list of sessions' : ''}.`;
+          statuses.push(401, 403, 429);
+        }
+        if (s.body || s.params || s.querystring || s.headers) statuses.push(400);
+        if (s.body) statuses.push(413, 415);
+        if (url.startsWith('/v1/') || url === '/readyz') statuses.push(503);
+        for (const status of statuses) {
+          if (!response[status]) response[status] = { ...ErrorBody, description: INFRA_ERRORS[status] };
+        }
+        s.response = response;
+        // '/v1/sessions/' (a prefix's root route) is documented as '/v1/sessions'; fastify answers both.
+        return { schema: s as typeof schema, url: url.length > 1 ? url.replace(/\/+$/, '') : url };
+      },
+    });
+    await fastify.register(swaggerUi, { routePrefix: '/docs', uiConfig: { deepLinking: true } });
+  },
+  { name: 'swagger', dependencies: ['auth'] },
+);

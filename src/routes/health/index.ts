@@ -1,0 +1,45 @@
+// Liveness and readiness for orchestrators and load balancers. Both are open (no token).
+import type { FastifyInstance } from 'fastify';
+import { Type } from 'typebox';
+import { errors } from '../../errors.ts';
+import { errorResponses } from '../schemas.ts';
+
+const READY_TIMEOUT_MS = 2_000;
+
+export default async function healthRoutes(fastify: FastifyInstance) {
+  fastify.get('/healthz', {
+    config: { scope: 'public' },
+    schema: {
+      summary: 'Liveness: the process is up',
+      description: 'Answers without touching the database, so a database outage does not get replicas restarted.',
+      tags: ['operations'],
+      response: { 200: Type.Object({ status: Type.Literal('ok') }) },
+    },
+  }, async () => ({ status: 'ok' as const }));
+
+  fastify.get('/readyz', {
+    config: { scope: 'public' },
+    schema: {
+      summary: 'Readiness: the database is reachable and migrated',
+      description: '503 while the database is unreachable, its migrations are not applied, or the process is shutting down.',
+      tags: ['operations'],
+      response: { 200: Type.Object({ status: Type.Literal('ready') }), ...errorResponses(503) },
+    },
+  }, async (request) => {
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      await Promise.race([
+        fastify.db.ready(),
+        new Promise((_, reject) => {
+          timer = setTimeout(() => reject(new Error(`no answer within ${READY_TIMEOUT_MS} ms`)), READY_TIMEOUT_MS);
+        }),
+      ]);
+    } catch (err) {
+      request.log.warn({ err }, 'not ready');
+      throw errors.unavailable('the database is not ready', 5);
+    } finally {
+      clearTimeout(timer);
+    }
+    return { status: 'ready' as const };
+  });
+}

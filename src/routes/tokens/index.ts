@@ -1,0 +1,75 @@
+// /v1/tokens: create (the secret is shown once), list, revoke. Unrestricted admin tokens only.
+import type { FastifyInstance } from 'fastify';
+import { Type } from 'typebox';
+import { errors } from '../../errors.ts';
+import { SCOPES, tokenJson, type Scope } from '../../auth/tokens.ts';
+import { errorResponses, SessionName } from '../schemas.ts';
+
+const ScopeSchema = Type.Union(SCOPES.map((s) => Type.Literal(s)), {
+  description: 'read: GET routes of sessions; step: read and POST step; admin: everything',
+});
+
+const TokenInfo = Type.Object({
+  id: Type.String(),
+  name: Type.String(),
+  scope: ScopeSchema,
+  sessions: Type.Union([Type.Array(Type.String()), Type.Null()], { description: 'null: every session' }),
+  created_at: Type.String({ format: 'date-time' }),
+  revoked_at: Type.Union([Type.String({ format: 'date-time' }), Type.Null()]),
+});
+
+const TokenParams = Type.Object({ id: Type.String({ pattern: '^[0-9a-f]{16}$', description: 'Token id (the part after asgd_)' }) });
+
+const access = { scope: 'admin', allSessions: true } as const;
+
+export default async function tokenRoutes(fastify: FastifyInstance) {
+  fastify.post('/', {
+    config: access,
+    schema: {
+      summary: 'Create an API token',
+      description: 'Answers the token once, as `asgd_<id>_<secret>`; only its sha256 is stored. A token limited to a list of sessions can only touch those (and cannot create sessions).',
+      tags: ['tokens'],
+      body: Type.Object({
+        name: Type.String({ minLength: 1, maxLength: 128, pattern: '^[^\\u0000-\\u001f\\u007f]+$', description: 'What the token is for' }),
+        scope: ScopeSchema,
+        sessions: Type.Optional(Type.Union([Type.Array(SessionName, { minItems: 1, maxItems: 1000, uniqueItems: true }), Type.Null()])),
+      }, { additionalProperties: false, examples: [{ name: 'trainer-7', scope: 'step', sessions: ['mnist-run-1'] }] }),
+      response: {
+        201: Type.Object({ ...TokenInfo.properties, token: Type.String({ description: 'The secret: shown only in this answer' }) }),
+        ...errorResponses(400, 401, 403, 413, 415),
+      },
+    },
+  }, async (request, reply) => {
+    const body = request.body as { name: string; scope: Scope; sessions?: string[] | null };
+    const { row, token } = await fastify.tokens.create({ name: body.name, scope: body.scope, sessions: body.sessions ?? null });
+    request.log.info({ tokenId: row.id, scope: row.scope }, 'token created');
+    reply.header('cache-control', 'no-store');
+    return reply.status(201).send({ ...tokenJson(row), token });
+  });
+
+  fastify.get('/', {
+    config: access,
+    schema: {
+      summary: 'List API tokens (never their secrets)',
+      tags: ['tokens'],
+      response: { 200: Type.Object({ tokens: Type.Array(TokenInfo) }), ...errorResponses(401, 403) },
+    },
+  }, async () => ({ tokens: (await fastify.tokens.list()).map(tokenJson) }));
+
+  fastify.delete('/:id', {
+    config: access,
+    schema: {
+      summary: 'Revoke an API token',
+      description: 'The token stops working at once on every replica (each request checks the database). Revoking twice is not an error.',
+      tags: ['tokens'],
+      params: TokenParams,
+      response: { 204: Type.Null(), ...errorResponses(400, 401, 403, 404) },
+    },
+  }, async (request, reply) => {
+    const { id } = request.params as { id: string };
+    const row = await fastify.tokens.revoke(id);
+    if (!row) throw errors.tokenNotFound(id);
+    request.log.info({ tokenId: id }, 'token revoked');
+    return reply.status(204).send();
+  });
+}

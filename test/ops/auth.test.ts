@@ -1,0 +1,245 @@
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { test } from 'node:test';
+import { buildTestApp, testConfig } from '../helper.ts';
+import { accessFor } from '../../src/plugins/auth.ts';
+import { ConfigError } from '../../src/config.ts';
+import { ADMIN, asAdmin, bearer, createSession, createToken, fillPath, operations, step } from './support.ts';
+
+const RANK: Record<string, number> = { read: 1, step: 2, admin: 3 };
+
+/**
+ * The access table, reviewed by hand: a new route fails this test until it is added here (with the scope
+ * it should need; "*" = not for tokens limited to a list of sessions).
+ */
+const EXPECTED: Record<string, string> = {
+  'GET /healthz': 'public',
+  'GET /readyz': 'public',
+  'GET /metrics': 'public',
+  'POST /v1/tokens': 'admin*',
+  'GET /v1/tokens': 'admin*',
+  'DELETE /v1/tokens/{id}': 'admin*',
+  'POST /v1/sessions': 'admin*',
+  'GET /v1/sessions': 'read',
+  'GET /v1/sessions/{name}': 'read',
+  'PATCH /v1/sessions/{name}': 'admin',
+  'DELETE /v1/sessions/{name}': 'admin',
+  'POST /v1/sessions/{name}/fork': 'admin*',
+  'POST /v1/sessions/{name}/step': 'step',
+  'GET /v1/sessions/{name}/params': 'read',
+  'GET /v1/sessions/{name}/state_dict': 'read',
+  'PUT /v1/sessions/{name}/state_dict': 'admin',
+  'GET /v1/sessions/{name}/checkpoint': 'read',
+  'PUT /v1/sessions/{name}/checkpoint': 'admin',
+  'POST /v1/sessions/{name}/snapshots': 'admin',
+  'GET /v1/sessions/{name}/snapshots': 'read',
+  'GET /v1/sessions/{name}/snapshots/{id}': 'read',
+  'PATCH /v1/sessions/{name}/snapshots/{id}': 'admin',
+  'GET /v1/sessions/{name}/snapshots/{id}/params': 'read',
+  'GET /v1/sessions/{name}/snapshots/{id}/state_dict': 'read',
+  'GET /v1/sessions/{name}/snapshots/{id}/checkpoint': 'read',
+  'POST /v1/sessions/{name}/snapshots/{id}/restore': 'admin',
+};
+
+test('every route in the OpenAPI document: 401 without a token, 403 below its scope, and its scope gets through', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  await createSession(app, 'sa');
+  const snapshot = (await app.inject({ url: '/v1/sessions/sa/snapshots', headers: asAdmin })).json().snapshots[0].id as number;
+  const tokens: Record<string, string> = {
+    read: await createToken(app, 'read'),
+    step: await createToken(app, 'step'),
+    admin: await createToken(app, 'admin'),
+  };
+  const limitedAdmin = await createToken(app, 'admin', ['sa', 'nope']);
+  const doc = app.swagger() as { paths: Record<string, Record<string, unknown>> };
+  const ops = operations(doc);
+
+  // The document is the whole API: every route the app serves (but HEAD twins and the docs UI) is in it.
+  const served = new Set(app.routeAccess.filter((r) => r.method !== 'HEAD' && !r.url.startsWith('/docs'))
+    .map((r) => `${r.method} ${(r.url.length > 1 ? r.url.replace(/\/$/, '') : r.url).replace(/:(\w+)/g, '{$1}')}`));
+  assert.deepEqual([...served].sort(), ops.map((o) => `${o.method} ${o.path}`).sort());
+
+  const table = Object.fromEntries(ops.map((o) => [`${o.method} ${o.path}`, `${o.op['x-scope'] ?? 'public'}${o.op['x-all-sessions'] ? '*' : ''}`]));
+  for (const key of Object.keys(table)) assert.ok(key in EXPECTED, `${key} is new: add it to EXPECTED in test/ops/auth.test.ts with the scope it should need`);
+  for (const key of Object.keys(EXPECTED)) assert.equal(table[key], EXPECTED[key], key);
+
+  const counts = { open: 0, guarded: 0, forbidden: 0, passed: 0 };
+  for (const { method, path, op } of ops) {
+    const label = `${method} ${path}`;
+    const scope = op['x-scope'];
+    const target = fillPath(path, { name: 'sa', id: String(snapshot) });
+    const body = op.requestBody ? {} : undefined;
+    if (!scope) {
+      assert.equal(op.security, undefined, label);
+      const res = await app.inject({ method: method as 'GET', url: target });
+      assert.ok(res.statusCode < 400, `${label} is open: ${res.statusCode}`);
+      counts.open++;
+      continue;
+    }
+    assert.deepEqual(op.security, [{ bearerAuth: [] }], `${label} declares the bearer scheme`);
+    for (const headers of [{}, { authorization: 'Bearer asgd_0123456789abcdef_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA' }, { authorization: `Basic ${ADMIN}` }]) {
+      const res = await app.inject({ method: method as 'GET', url: target, headers, ...(body && { payload: body }) });
+      assert.equal(res.statusCode, 401, `${label} with ${JSON.stringify(headers)}: ${res.body}`);
+      assert.equal(res.json().code, 'UNAUTHORIZED');
+      assert.match(String(res.headers['www-authenticate']), /^Bearer realm="asgd-serve"/);
+    }
+    counts.guarded++;
+    for (const [have, token] of Object.entries(tokens).filter(([have]) => RANK[have] < RANK[scope])) {
+      const res = await app.inject({ method: method as 'GET', url: target, headers: bearer(token), ...(body && { payload: body }) });
+      assert.equal(res.statusCode, 403, `${label} with a ${have} token: ${res.body}`);
+      assert.equal(res.json().code, 'FORBIDDEN');
+      assert.match(String(res.headers['www-authenticate']), new RegExp(`error="insufficient_scope", scope="${scope}"`));
+      counts.forbidden++;
+    }
+    // The scope it needs gets past auth. A session that does not exist keeps the walk free of side effects.
+    const harmless = fillPath(path, { name: 'nope', id: '999999', ...(path.startsWith('/v1/tokens') && { id: '0000000000000000' }) });
+    const passed = await app.inject({ method: method as 'GET', url: harmless, headers: bearer(tokens[scope]), ...(body && { payload: body }) });
+    assert.ok(![401, 403].includes(passed.statusCode), `${label} with a ${scope} token: ${passed.statusCode} ${passed.body}`);
+    assert.ok(passed.statusCode < 500, `${label}: ${passed.body}`);
+    // A token limited to sessions may not create sessions or manage tokens, whatever its scope.
+    if (op['x-all-sessions']) {
+      const res = await app.inject({ method: method as 'GET', url: harmless, headers: bearer(limitedAdmin), ...(body && { payload: body }) });
+      assert.equal(res.statusCode, 403, `${label} with a session-limited admin token: ${res.body}`);
+    }
+    counts.passed++;
+  }
+  assert.ok(counts.guarded >= 20 && counts.open >= 3, JSON.stringify(counts));
+  // HEAD twins of GET routes are guarded too (they are not in the document).
+  for (const r of app.routeAccess.filter((r) => r.method === 'HEAD' && r.scope !== 'public')) {
+    const res = await app.inject({ method: 'HEAD', url: r.url.replace(':name', 'sa').replace(':id', String(snapshot)) });
+    assert.equal(res.statusCode, 401, `HEAD ${r.url}`);
+  }
+  // Nothing the walk did changed session sa.
+  const after = await app.inject({ url: '/v1/sessions/sa', headers: asAdmin });
+  assert.equal(after.json().version, 1, after.body);
+  t.diagnostic(`auth walk: ${JSON.stringify(counts)}`);
+});
+
+test('the default access of a route: GET read, step step, the rest admin, unknown paths unrestricted admin', () => {
+  assert.deepEqual(accessFor('GET', '/v1/sessions/:name/whatever'), { scope: 'read', allSessions: false });
+  assert.deepEqual(accessFor('POST', '/v1/sessions/:name/step'), { scope: 'step', allSessions: false });
+  assert.deepEqual(accessFor('POST', '/v1/sessions/:name/new-thing'), { scope: 'admin', allSessions: false });
+  assert.deepEqual(accessFor('POST', '/v1/sessions/'), { scope: 'admin', allSessions: true });
+  assert.deepEqual(accessFor('GET', '/v1/tokens'), { scope: 'admin', allSessions: true });
+  assert.deepEqual(accessFor('GET', '/v2/anything'), { scope: 'admin', allSessions: true });
+  assert.deepEqual(accessFor('GET', '/healthz'), { scope: 'public', allSessions: false });
+});
+
+test('a token limited to session A cannot read, step, restore or list session B', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  await createSession(app, 'sa', asAdmin, 1);
+  await createSession(app, 'sb', asAdmin, 2);
+  await createSession(app, 'sc', asAdmin, 3);
+  const snapB = (await app.inject({ url: '/v1/sessions/sb/snapshots', headers: asAdmin })).json().snapshots[0].id;
+  const snapA = (await app.inject({ url: '/v1/sessions/sa/snapshots', headers: asAdmin })).json().snapshots[0].id;
+  const stepA = bearer(await createToken(app, 'step', ['sa']));
+  const adminA = bearer(await createToken(app, 'admin', ['sa', 'sc']));
+  const before = (await app.inject({ url: '/v1/sessions/sb/state_dict', headers: asAdmin })).body;
+
+  const denied = async (method: string, url: string, headers: Record<string, string>, payload?: object) => {
+    const res = await app.inject({ method: method as 'GET', url, headers, ...(payload && { payload }) });
+    assert.equal(res.statusCode, 403, `${method} ${url}: ${res.body}`);
+    assert.equal(res.json().code, 'FORBIDDEN');
+    assert.match(res.json().message, /sb|limited/);
+  };
+  await denied('GET', '/v1/sessions/sb', stepA);
+  await denied('GET', '/v1/sessions/sb/params', stepA);
+  await denied('GET', '/v1/sessions/sb/state_dict', stepA);
+  await denied('GET', `/v1/sessions/sb/snapshots/${snapB}/params`, stepA);
+  await denied('POST', '/v1/sessions/sb/step', stepA, { grads: { b: [0, 0, 0, 0] } });
+  await denied('POST', `/v1/sessions/sb/snapshots/${snapB}/restore`, adminA);
+  await denied('DELETE', '/v1/sessions/sb', adminA);
+  await denied('POST', '/v1/sessions/sa/fork', adminA, { name: 'sa-copy' });
+  await denied('POST', '/v1/sessions', adminA, { name: 'sd', params: [{ name: 'w', shape: [1], data: [1] }] });
+  await denied('GET', '/v1/tokens', adminA);
+
+  // Its own session works at its scope.
+  assert.equal((await app.inject({ url: '/v1/sessions/sa/params', headers: stepA })).statusCode, 200);
+  assert.equal((await step(app, 'sa', 1, stepA)).statusCode, 200);
+  const restored = await app.inject({ method: 'POST', url: `/v1/sessions/sa/snapshots/${snapA}/restore`, headers: adminA });
+  assert.equal(restored.statusCode, 200, restored.body);
+  // The list shows only its sessions, page by page, and never names another in `next`.
+  const page1 = (await app.inject({ url: '/v1/sessions?limit=1', headers: adminA })).json();
+  assert.deepEqual(page1.sessions.map((s: { name: string }) => s.name), ['sa']);
+  assert.equal(page1.next, 'sa');
+  const page2 = (await app.inject({ url: '/v1/sessions?limit=1&after=sa', headers: adminA })).json();
+  assert.deepEqual(page2.sessions.map((s: { name: string }) => s.name), ['sc']);
+  assert.equal(page2.next, null);
+  assert.deepEqual((await app.inject({ url: '/v1/sessions', headers: stepA })).json().sessions.map((s: { name: string }) => s.name), ['sa']);
+  assert.deepEqual((await app.inject({ url: '/v1/sessions', headers: asAdmin })).json().sessions.map((s: { name: string }) => s.name), ['sa', 'sb', 'sc']);
+  assert.equal((await app.inject({ url: '/v1/sessions/sb/state_dict', headers: asAdmin })).body, before, 'session B is untouched');
+});
+
+test('tokens: shown once, stored as a sha256 only, listed without secrets, revoked at once', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  await createSession(app, 'sa');
+  const created = await app.inject({ method: 'POST', url: '/v1/tokens', headers: asAdmin, payload: { name: 'ci reader', scope: 'read' } });
+  assert.equal(created.statusCode, 201, created.body);
+  assert.equal(created.headers['cache-control'], 'no-store');
+  const { id, token, sessions, scope } = created.json();
+  assert.match(token, new RegExp(`^asgd_${id}_[A-Za-z0-9_-]{43}$`));
+  assert.equal(sessions, null);
+  assert.equal(scope, 'read');
+
+  const rows = await app.db.query<Record<string, unknown>>('SELECT * FROM tokens WHERE id = $1', [id]);
+  assert.equal(rows.length, 1);
+  assert.equal(rows[0].secret_hash, createHash('sha256').update(token).digest('hex'));
+  const secret = token.split('_').slice(2).join('_');
+  assert.ok(!JSON.stringify(rows[0]).includes(secret), 'the secret is not stored');
+
+  const listed = await app.inject({ url: '/v1/tokens', headers: asAdmin });
+  assert.equal(listed.statusCode, 200);
+  assert.ok(!listed.body.includes(secret), 'the list never shows a secret');
+  assert.deepEqual(listed.json().tokens.map((x: { id: string; revoked_at: null }) => [x.id, x.revoked_at]), [[id, null]]);
+
+  assert.equal((await app.inject({ url: '/v1/sessions/sa', headers: bearer(token) })).statusCode, 200);
+  assert.equal((await app.inject({ url: '/v1/sessions/sa', headers: { authorization: `bearer   ${token}  ` } })).statusCode, 200, 'the scheme is case-insensitive');
+  const tampered = token.slice(0, -1) + (token.endsWith('A') ? 'B' : 'A');
+  assert.equal((await app.inject({ url: '/v1/sessions/sa', headers: bearer(tampered) })).statusCode, 401, 'right id, wrong secret');
+
+  assert.equal((await app.inject({ method: 'DELETE', url: `/v1/tokens/${id}`, headers: bearer(token) })).statusCode, 403, 'a read token cannot revoke');
+  assert.equal((await app.inject({ method: 'DELETE', url: `/v1/tokens/${id}`, headers: asAdmin })).statusCode, 204);
+  const revoked = await app.inject({ url: '/v1/sessions/sa', headers: bearer(token) });
+  assert.equal(revoked.statusCode, 401);
+  assert.equal(revoked.json().code, 'UNAUTHORIZED');
+  assert.match(String(revoked.headers['www-authenticate']), /error="invalid_token"/);
+  assert.equal((await app.inject({ method: 'DELETE', url: `/v1/tokens/${id}`, headers: asAdmin })).statusCode, 204, 'revoking twice is fine');
+  assert.ok((await app.inject({ url: '/v1/tokens', headers: asAdmin })).json().tokens[0].revoked_at);
+  const unknown = await app.inject({ method: 'DELETE', url: '/v1/tokens/0123456789abcdef', headers: asAdmin });
+  assert.equal(unknown.statusCode, 404);
+  assert.equal(unknown.json().code, 'TOKEN_NOT_FOUND');
+
+  const bad: [unknown, RegExp][] = [
+    [{ name: 'x', scope: 'root' }, /scope/],
+    [{ name: '', scope: 'read' }, /name/],
+    [{ name: 'x', scope: 'read', sessions: [] }, /sessions/],
+    [{ name: 'x', scope: 'read', sessions: ['no spaces'] }, /sessions/],
+    [{ name: 'x', scope: 'read', sessions: ['a', 'a'] }, /sessions/],
+    [{ name: 'x', scope: 'read', admin: true }, /additional|admin/],
+    [{ name: 'x\u0000y', scope: 'read' }, /name/],
+  ];
+  for (const [payload, message] of bad) {
+    const res = await app.inject({ method: 'POST', url: '/v1/tokens', headers: asAdmin, payload: payload as object });
+    assert.equal(res.statusCode, 400, `${JSON.stringify(payload)}: ${res.body}`);
+    assert.equal(res.json().code, 'INVALID_BODY');
+    assert.match(res.json().message, message);
+  }
+  assert.equal((await app.inject({ url: '/v1/tokens', headers: asAdmin })).json().tokens.length, 1, 'no failed create left a token');
+  for (const authorization of ['Bearer', 'Bearer ', `Token ${ADMIN}`, `Bearer ${ADMIN} extra`, `Bearer ${'x'.repeat(600)}`, `Bearer ${ADMIN.slice(0, -1)}`]) {
+    const res = await app.inject({ url: '/v1/sessions', headers: { authorization } });
+    assert.equal(res.statusCode, 401, authorization.slice(0, 40));
+  }
+});
+
+test('without an admin token auth is off, and only loopback is allowed', async (t) => {
+  const { app } = await buildTestApp(t);
+  assert.equal(app.authEnabled, false);
+  assert.equal((await app.inject({ url: '/v1/sessions' })).statusCode, 200);
+  assert.equal((await app.inject({ url: '/v1/tokens' })).statusCode, 200);
+  assert.throws(() => testConfig({ HOST: '0.0.0.0' }), (err: Error) => err instanceof ConfigError && /refusing to listen on 0\.0\.0\.0/.test(err.message));
+  assert.throws(() => testConfig({ HOST: '10.1.2.3' }), ConfigError);
+  assert.throws(() => testConfig({ HOST: '0.0.0.0', ASGD_ADMIN_TOKEN: 'short' }), /at least 16/);
+  assert.equal(testConfig({ HOST: '0.0.0.0', ASGD_ADMIN_TOKEN: ADMIN }).host, '0.0.0.0');
+  assert.equal(testConfig({ HOST: '0.0.0.0', ASGD_ALLOW_INSECURE: 'true' }).adminToken, null);
+  for (const host of ['127.0.0.1', 'localhost', '::1', '127.9.9.9']) assert.equal(testConfig({ HOST: host }).host, host);
+});
