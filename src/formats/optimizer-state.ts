@@ -146,14 +146,12 @@ function readGroup(value: PyValue, path: string): AsgdParamGroup {
 
 function readParamState(value: PyValue, path: string, options: StateDictReadOptions): AsgdParamState {
   const dict = expectDict(value, path);
+  const step = readScalar(dict.get('step'), `${path}.step`, options);
+  const eta = readScalar(dict.get('eta'), `${path}.eta`, options);
+  const mu = readScalar(dict.get('mu'), `${path}.mu`, options);
   const ax = dict.get('ax');
   if (!isTensor(ax)) throw invalid(`${path}.ax`, ax === undefined ? 'is missing' : `must be a tensor, got ${describe(ax)}`);
-  return {
-    step: readScalar(dict.get('step'), `${path}.step`, options),
-    eta: readScalar(dict.get('eta'), `${path}.eta`, options),
-    mu: readScalar(dict.get('mu'), `${path}.mu`, options),
-    ax: float32Of(ax, `${path}.ax`, options),
-  };
+  return { step, eta, mu, ax: float32Of(ax, `${path}.ax`, options) };
 }
 
 /** A float32 scalar: a one-element float32 tensor, or (with toFloat32) any one-element tensor or Python number. */
