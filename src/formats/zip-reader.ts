@@ -208,11 +208,11 @@ function checkNoOverlap(entries: ZipEntry[], cdOffset: number): void {
 }
 
 function inflateEntry(entry: ZipEntry, raw: Buffer, maxInflatedSize: number): Buffer {
-  if (entry.size > maxInflatedSize) {
-    throw new FormatError('ZIP_LIMIT_EXCEEDED', `zip entry ${entry.name} inflates to ${entry.size} bytes, more than the ${maxInflatedSize} allowed`);
-  }
   if (entry.size > raw.length * DEFLATE_MAX_RATIO + 1024) {
     throw new FormatError('ZIP_CORRUPT', `zip entry ${entry.name} claims ${entry.size} bytes from ${raw.length} deflated bytes`);
+  }
+  if (entry.size > maxInflatedSize) {
+    throw new FormatError('ZIP_LIMIT_EXCEEDED', `zip entry ${entry.name} inflates to ${entry.size} bytes, more than the ${maxInflatedSize} allowed`);
   }
   let out: Buffer;
   try {
