@@ -5,7 +5,7 @@ import warnings
 
 import torch
 
-from _common import HYPER, STEPS, ServiceTestCase, make_model, torch_run, train, unique
+from _common import HYPER, STEPS, ServiceTestCase, batch, make_model, torch_run, train, unique
 
 
 class TrainingMatchesTorch(ServiceTestCase):
@@ -135,6 +135,24 @@ class TrainingMatchesTorch(ServiceTestCase):
         wrong = torch.nn.Linear(8, 3)
         with self.assertRaisesRegex(ValueError, "parameters|shape"):
             self.remote(wrong.named_parameters(), transport="json", session=opt.session, create=False)
+
+    def test_stale_gradients_are_refused_by_max_staleness(self):
+        from asgd_client import StaleGradient
+
+        a_model, b_model = make_model(), make_model()
+        a = self.remote(a_model.named_parameters(), transport="json", max_staleness=0)
+        b = self.remote(b_model.named_parameters(), transport="json", session=a.session, create=False)
+        train(a_model, a, range(1))  # a steps: b's parameters are now one version old
+        b_model(batch(1)[0]).sum().backward()
+        with self.assertRaises(StaleGradient) as caught:
+            b.step()
+        self.assertEqual(caught.exception.version, a.version)
+        b.pull()  # fresh parameters, fresh gradient: accepted
+        b.zero_grad()
+        b_model(batch(1)[0]).sum().backward()
+        b.step()
+        self.assertEqual(b.last_step["staleness"], 0)
+        self.assertEqual(b.step_count, 2)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,85 @@
+"""Safe retries against the real service: a step whose answer is lost is retried with the same
+Idempotency-Key and applied once; a 503 is retried. Training still matches torch bit for bit."""
+
+import unittest
+
+import torch
+
+from _common import ServiceTestCase, make_model, torch_run, train
+from _fakes import LocalServer
+from asgd_client import Connection, ServiceError
+
+STEPS = 20
+
+
+class RetriesAreSafe(ServiceTestCase):
+    def proxy(self, faults):
+        """A proxy in front of the service; ``faults[n]`` says what to do with the n-th step request."""
+        counter = {"step": 0}
+
+        def decide(req):
+            if req.method == "POST" and req.path.split("?")[0].endswith("/step"):
+                counter["step"] += 1
+                fault = faults.get(counter["step"])
+                if fault == "lose-answer":  # the service applies the step; the client never hears
+                    proxy.forward(req)
+                    return "drop"
+                if fault == "503":
+                    return 503, [("Retry-After", "0")], b'{"statusCode":503,"code":"SERVICE_UNAVAILABLE","message":"injected"}'
+                if fault == "refuse":
+                    return "drop"
+            return proxy.forward(req)
+
+        proxy = LocalServer(decide, upstream=self.url)
+        self.addCleanup(proxy.close)
+        conn = Connection(proxy.url, self.token, retries=4, backoff=0.001)
+        self.addCleanup(conn.close)
+        return proxy, conn
+
+    def _train_through(self, transport):
+        proxy, conn = self.proxy({3: "lose-answer", 5: "503", 6: "lose-answer", 9: "refuse"})
+        model = make_model()
+        opt = self.remote(model.named_parameters(), transport=transport, connection=conn)
+        train(model, opt, range(STEPS))
+        want, _ = torch_run(steps=STEPS)
+        self.assertParamsIdentical(model, want)
+        info = opt.client.get_session(opt.session)
+        self.assertEqual(info["step"], STEPS, "every step applied exactly once")
+        steps = [r for r in proxy.requests if r.method == "POST" and r.path.split("?")[0].endswith("/step")]
+        self.assertEqual(len(steps), STEPS + 4)
+        self.assertEqual(steps[2].headers["idempotency-key"], steps[3].headers["idempotency-key"])
+
+    def test_lost_answers_and_503_do_not_step_twice_json(self):
+        self._train_through("json")
+
+    def test_lost_answers_and_503_do_not_step_twice_safetensors(self):
+        self._train_through("safetensors")
+
+    def test_replayed_answer_is_the_first_answer(self):
+        model = make_model()
+        opt = self.remote(model.named_parameters(), transport="json")
+        grads = {n: torch.full_like(p, 0.01) for n, p in model.named_parameters()}
+        first = opt.client.step(opt.session, grads, idempotency_key="fixed-key-1")
+        again = opt.client.step(opt.session, grads, idempotency_key="fixed-key-1")
+        self.assertEqual(again["version"], first["version"])
+        self.assertTrue(again.get("replayed"))
+        self.assertEqual(opt.client.get_session(opt.session)["step"], 1)
+        with self.assertRaises(ServiceError) as caught:  # same key, other gradients
+            opt.client.step(opt.session, {n: g * 2 for n, g in grads.items()}, idempotency_key="fixed-key-1")
+        self.assertEqual(caught.exception.code, "IDEMPOTENCY_KEY_REUSED")
+
+    def test_non_finite_gradient_is_refused_not_retried(self):
+        model = make_model()
+        opt = self.remote(model.named_parameters(), transport="json")
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        next(model.parameters()).grad[0, 0] = float("nan")
+        with self.assertRaises(ServiceError) as caught:
+            opt.step()
+        self.assertEqual(caught.exception.status, 422)
+        self.assertEqual(caught.exception.code, "NON_FINITE_GRADIENT")
+        self.assertEqual(opt.client.get_session(opt.session)["step"], 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
