@@ -1,9 +1,11 @@
 // Throughput of the ASGD kernels (elements per second of one step), as ratios against PyTorch's
 // ASGD.step() measured in the same run (one thread) and against a plain memory copy of the same size.
 //   npx tsx bench/kernel.ts [--sizes 1e5,1e6,1e7] [--python /usr/bin/python3]
-// Medians of several samples; each sample times enough steps to last ~25 ms.
+// Rounds of interleaved samples (wasm, js, PyTorch, memcpy); each sample times enough steps to last
+// ~25 ms; the figures are medians over the rounds.
 
-import { spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
+import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { initialState, jsKernel } from '../src/optim/asgd.ts';
 import { wasmKernel } from '../src/optim/wasm/index.ts';
@@ -36,6 +38,7 @@ export interface KernelBenchRow {
 export interface KernelBenchOptions {
   sizes?: number[];
   python?: string;
+  /** rounds of samples (default 9) */
   samples?: number;
   log?: (line: string) => void;
 }
@@ -46,19 +49,24 @@ function median(values: number[]): number {
   return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
 }
 
-/** Median seconds per call of fn over `samples` samples of a calibrated number of calls. */
-function timePerCall(fn: () => void, samples: number): number {
-  const t0 = performance.now();
-  fn();
-  const once = Math.max((performance.now() - t0) / 1000, 1e-7);
-  const calls = Math.max(1, Math.min(10_000, Math.round(0.025 / once)));
-  const perCall: number[] = [];
-  for (let s = 0; s < samples; s++) {
-    const start = performance.now();
-    for (let c = 0; c < calls; c++) fn();
-    perCall.push((performance.now() - start) / 1000 / calls);
-  }
-  return median(perCall);
+/** Something to time: `calls` runs of one step (calibrated once to last ~25 ms). */
+interface Subject {
+  run(): void;
+  calls: number;
+}
+
+function calibrate(run: () => void): Subject {
+  const start = performance.now();
+  run();
+  const once = Math.max((performance.now() - start) / 1000, 1e-7);
+  return { run, calls: Math.max(1, Math.min(10_000, Math.round(0.025 / once))) };
+}
+
+/** Seconds per step of one sample. */
+function sample(subject: Subject): number {
+  const start = performance.now();
+  for (let c = 0; c < subject.calls; c++) subject.run();
+  return (performance.now() - start) / 1000 / subject.calls;
 }
 
 function fillRandom(array: Float32Array, seed: number, scale: number): void {
@@ -71,89 +79,139 @@ function fillRandom(array: Float32Array, seed: number, scale: number): void {
   }
 }
 
-function kernelRate(kernel: AsgdKernel, n: number, config: BenchConfig, samples: number): number {
+function kernelSubject(kernel: AsgdKernel, n: number, config: BenchConfig): Subject {
   const arena = kernel.createArena(n);
   fillRandom(arena.params, 1, 1);
   fillRandom(arena.grads, 2, 0.1);
   const state = initialState(config.hyper.lr);
   const step = () => kernel.step(arena.params, arena.grads, arena.ax, state, config.hyper);
   for (let i = 0; i < WARMUP_STEPS; i++) step();
-  const seconds = timePerCall(step, samples);
-  arena.release();
-  return n / seconds;
+  return calibrate(step);
 }
 
-function memcpyRate(n: number, samples: number): number {
+function memcpySubject(n: number): Subject {
   const source = new Float32Array(n);
   const target = new Float32Array(n);
   fillRandom(source, 3, 1);
-  return n / timePerCall(() => target.set(source), samples);
+  return calibrate(() => target.set(source));
 }
 
-const TORCH_SCRIPT = String.raw`
-import json, sys, time, statistics
+// A PyTorch process that keeps one ASGD optimizer per (size, config) and times samples on request,
+// so that its samples interleave with ours and a busy machine slows both alike.
+const TORCH_SERVER = String.raw`
+import json, sys, time
 import torch
 torch.set_num_threads(1)
-sizes, configs, samples, warmup = json.loads(sys.argv[1])
-out = {}
-for n in sizes:
-    for c in configs:
+subjects = {}
+print(json.dumps({'torch': torch.__version__}), flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    n, c = req['n'], req['config']
+    key = (n, c['name'])
+    if key not in subjects:
         p = torch.nn.Parameter(torch.rand(n) - 0.5)
         p.grad = (torch.rand(n) - 0.5) * 0.1
         h = c['hyper']
         opt = torch.optim.ASGD([p], lr=h['lr'], lambd=h['lambd'], alpha=h['alpha'], t0=h['t0'],
                                weight_decay=h['weightDecay'], maximize=h['maximize'])
-        for _ in range(warmup):
+        for _ in range(req['warmup']):
             opt.step()
         t = time.perf_counter(); opt.step(); once = max(time.perf_counter() - t, 1e-7)
-        calls = max(1, min(10000, round(0.025 / once)))
-        per = []
-        for _ in range(samples):
-            t = time.perf_counter()
-            for _ in range(calls):
-                opt.step()
-            per.append((time.perf_counter() - t) / calls)
-        out[f"{n}:{c['name']}"] = n / statistics.median(per)
-print(json.dumps({'torch': torch.__version__, 'rates': out}))
+        subjects[key] = (opt, max(1, min(10000, round(0.025 / once))))
+    opt, calls = subjects[key]
+    t = time.perf_counter()
+    for _ in range(calls):
+        opt.step()
+    print(json.dumps({'seconds': (time.perf_counter() - t) / calls}), flush=True)
 `;
 
-/** PyTorch's ASGD.step() rates (elements/s) by "n:config", or null (with the reason) without torch. */
-export function torchRates(python: string, sizes: number[], samples: number): { version: string; rates: Record<string, number> } | { error: string } {
-  const result = spawnSync(python, ['-c', TORCH_SCRIPT, JSON.stringify([sizes, BENCH_CONFIGS, samples, WARMUP_STEPS])], {
-    encoding: 'utf8',
-    maxBuffer: 1 << 20,
+interface TorchProcess {
+  version: string;
+  secondsPerStep(n: number, config: BenchConfig): Promise<number>;
+  close(): void;
+}
+
+async function startTorch(python: string): Promise<TorchProcess | { error: string }> {
+  const child = spawn(python, ['-c', TORCH_SERVER], { stdio: ['pipe', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (chunk) => (stderr += chunk));
+  const lines = createInterface({ input: child.stdout })[Symbol.asyncIterator]();
+  const exited = new Promise<{ done: true; value: undefined }>((resolve) => {
+    child.on('error', (error) => {
+      stderr += String(error);
+      resolve({ done: true, value: undefined });
+    });
+    child.on('exit', () => resolve({ done: true, value: undefined }));
   });
-  if (result.status !== 0) return { error: (result.stderr || String(result.error)).trim().split('\n').pop() ?? 'failed' };
-  const parsed = JSON.parse(result.stdout.trim().split('\n').pop()!);
-  return { version: parsed.torch, rates: parsed.rates };
+  const next = async () => {
+    const line = await Promise.race([lines.next(), exited]);
+    if (line.done) throw new Error(stderr.trim().split('\n').pop() || 'PyTorch process ended');
+    return JSON.parse(line.value as string);
+  };
+  try {
+    const hello = await next();
+    return {
+      version: hello.torch,
+      async secondsPerStep(n, config) {
+        child.stdin.write(JSON.stringify({ n, config, warmup: WARMUP_STEPS }) + '\n');
+        return (await next()).seconds;
+      },
+      close: () => child.stdin.end(),
+    };
+  } catch (error) {
+    child.kill();
+    return { error: (error as Error).message };
+  }
 }
 
 const fmt = (rate: number) => `${(rate / 1e6).toFixed(0)}M`.padStart(7);
 const ratio = (a: number, b: number | null) => (b ? `${(a / b).toFixed(2)}x` : 'n/a').padStart(7);
 
-/** Runs the benchmark, prints a table, and returns the rows. */
+/**
+ * Runs the benchmark and prints a table: millions of elements per second per step, and ratios.
+ * Samples of wasm, js, PyTorch and memcpy are taken in rounds, interleaved; each figure is the
+ * median over the rounds.
+ */
 export async function runKernelBench(options: KernelBenchOptions = {}): Promise<KernelBenchRow[]> {
   const sizes = options.sizes ?? [1e5, 1e6, 1e7];
-  const samples = options.samples ?? 7;
+  const rounds = options.samples ?? 9;
   const log = options.log ?? ((line: string) => console.log(line));
   const python = options.python ?? process.env.TORCH_PYTHON ?? '/usr/bin/python3';
 
-  const torch = torchRates(python, sizes, samples);
-  log('error' in torch ? `PyTorch not measured (${python}): ${torch.error}` : `PyTorch ${torch.version} via ${python}, 1 thread`);
+  const torch = await startTorch(python);
+  log('error' in torch ? `PyTorch not measured (${python}): ${torch.error}` : `PyTorch ${torch.version} via ${python}, 1 thread; ${rounds} interleaved rounds, medians`);
   log('elements  config          wasm/s     js/s  torch/s memcpy/s | wasm/torch js/torch wasm/memcpy');
   const rows: KernelBenchRow[] = [];
-  for (const n of sizes) {
-    const memcpy = memcpyRate(n, samples);
-    for (const config of BENCH_CONFIGS) {
-      const wasm = kernelRate(wasmKernel, n, config, samples);
-      const js = kernelRate(jsKernel, n, config, Math.min(samples, n >= 1e7 ? 3 : samples));
-      const torchRate = 'error' in torch ? null : torch.rates[`${n}:${config.name}`] ?? null;
-      rows.push({ elements: n, config: config.name, wasm, js, torch: torchRate, memcpy });
-      log(
-        `${n.toExponential(0).padEnd(9)} ${config.name.padEnd(13)} ${fmt(wasm)}  ${fmt(js)}  ${torchRate ? fmt(torchRate) : '    n/a'}  ${fmt(memcpy)} |` +
-          `    ${ratio(wasm, torchRate)}  ${ratio(js, torchRate)}     ${ratio(wasm, memcpy)}`,
-      );
+  try {
+    for (const n of sizes) {
+      const memcpy = memcpySubject(n);
+      for (const config of BENCH_CONFIGS) {
+        const wasm = kernelSubject(wasmKernel, n, config);
+        const js = kernelSubject(jsKernel, n, config);
+        const times = { wasm: [] as number[], js: [] as number[], torch: [] as number[], memcpy: [] as number[] };
+        for (let r = 0; r < rounds; r++) {
+          if (!('error' in torch)) times.torch.push(await torch.secondsPerStep(n, config));
+          times.wasm.push(sample(wasm));
+          if (r < (n >= 1e7 ? 3 : rounds)) times.js.push(sample(js));
+          times.memcpy.push(sample(memcpy));
+        }
+        const row: KernelBenchRow = {
+          elements: n,
+          config: config.name,
+          wasm: n / median(times.wasm),
+          js: n / median(times.js),
+          torch: times.torch.length ? n / median(times.torch) : null,
+          memcpy: n / median(times.memcpy),
+        };
+        rows.push(row);
+        log(
+          `${n.toExponential(0).padEnd(9)} ${config.name.padEnd(13)} ${fmt(row.wasm)}  ${fmt(row.js)}  ${row.torch ? fmt(row.torch) : '    n/a'}  ${fmt(row.memcpy)} |` +
+            `    ${ratio(row.wasm, row.torch)}  ${ratio(row.js, row.torch)}     ${ratio(row.wasm, row.memcpy)}`,
+        );
+      }
     }
+  } finally {
+    if (!('error' in torch)) torch.close();
   }
   return rows;
 }

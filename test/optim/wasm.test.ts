@@ -10,7 +10,9 @@ import type { AsgdHyperparameters, AsgdScalarState, KernelOptions } from '../../
 import { ASGD_DEFAULTS } from '../../src/optim/types.ts';
 import { ARTIFACT_PATH, WAT_PATH, compileWat, renderArtifact } from '../../scripts/build-wasm.ts';
 import { COMMITTED_GOLDEN_DIR, loadManifest, readBinary } from './golden-harness.ts';
-import { float32Bits, hex32 } from './exact.ts';
+import { exactFmaf32, float32Bits, hex32 } from './exact.ts';
+import { halfwayTriples } from './halfway.ts';
+import { doubleRoundingKernel } from './variant-kernels.ts';
 import { mulberry32, randomFloat32InBinades } from './random.ts';
 
 test('the committed wasm artifact is what scripts/build-wasm.ts builds from asgd.wat', async () => {
@@ -146,4 +148,50 @@ test('an empty tensor still advances the scalar state, like PyTorch', () => {
   wasmKernel.step(empty, empty, empty, state, { ...ASGD_DEFAULTS });
   assert.equal(state.step, 1);
   assert.throws(() => wasmKernel.step(new Float32Array(2), new Float32Array(3), new Float32Array(2), state, { ...ASGD_DEFAULTS }), RangeError);
+});
+
+test('halfway traps in every fast loop (update FMA without weight decay, weight-decay FMA with it)', () => {
+  const lanes = 16; // two fast iterations
+  const arena = wasmKernel.createArena(lanes);
+  let naiveWouldFail = 0;
+  for (const maximize of [false, true]) {
+    for (const averaging of [false, true]) {
+      const mu = averaging ? Math.fround(0.3) : 1;
+      // no weight decay: lambd = 0 makes the step exactly fma(g, -eta, param)
+      for (const [a, b, c] of halfwayTriples(averaging ? 11 : 12, 150, false)) {
+        arena.params.fill(c);
+        arena.grads.fill(maximize ? -a : a);
+        arena.ax.fill(0.5);
+        wasmKernel.step(arena.params, arena.grads, arena.ax, { step: 1, eta: -b, mu }, { ...ASGD_DEFAULTS, lambd: 0, maximize });
+        const expected = exactFmaf32(a, b, c);
+        for (let i = 0; i < lanes; i++) assert.equal(float32Bits(arena.params[i]), float32Bits(expected), `lane ${i}: ${hex32(a)} ${hex32(b)} ${hex32(c)}`);
+        if (float32Bits(Math.fround(a * b + c)) !== float32Bits(expected)) naiveWouldFail++;
+      }
+      // weight decay (1 - 2^-23) * 2^-7 with params ±(1 + 2^-23) * 2^e: grad.add(param, alpha=wd) is a trap
+      const wd = Math.fround((1 - 2 ** -23) * 2 ** -7);
+      const next = mulberry32(averaging ? 21 : 22);
+      for (let round = 0; round < 50; round++) {
+        const param = new Float32Array(lanes);
+        const grad = new Float32Array(lanes);
+        for (let i = 0; i < lanes; i++) {
+          const e = -30 + (next() % 16);
+          param[i] = (next() & 1 ? -1 : 1) * (1 + 2 ** -23) * 2 ** e;
+          grad[i] = (next() & 1 ? -1 : 1) * (0x800001 + 2 * (next() % 0x3fffff)) * 2 ** (e - 6);
+        }
+        const hyper = { ...ASGD_DEFAULTS, weightDecay: wd, maximize };
+        const expected = [param.slice(), new Float32Array(lanes).fill(0.25)];
+        jsKernel.step(expected[0], grad, expected[1], { step: 1, eta: 0.01, mu }, hyper);
+        arena.params.set(param);
+        arena.grads.set(grad);
+        arena.ax.fill(0.25);
+        wasmKernel.step(arena.params, arena.grads, arena.ax, { step: 1, eta: 0.01, mu }, hyper);
+        assertBitsEqual(arena.params, expected[0], 'param');
+        assertBitsEqual(arena.ax, expected[1], 'ax');
+        const naive = [param.slice(), new Float32Array(lanes).fill(0.25)];
+        doubleRoundingKernel.step(naive[0], grad, naive[1], { step: 1, eta: 0.01, mu }, hyper);
+        if (naive[0].some((x, i) => float32Bits(x) !== float32Bits(expected[0][i]))) naiveWouldFail++;
+      }
+    }
+  }
+  assert.ok(naiveWouldFail > 400, `only ${naiveWouldFail} traps`);
 });
