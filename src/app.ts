@@ -85,6 +85,8 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
     return reply.status(404).send({ statusCode: 404, code: api.code, error: 'Not Found', message: api.message });
   });
 
+  // Bodies are JSON or files; fastify's default text/plain parser would hand routes a string.
+  fastify.removeContentTypeParser('text/plain');
   // Binary bodies (torch.save files, safetensors) arrive as one Buffer, bounded by the route's bodyLimit.
   fastify.addContentTypeParser(
     ['application/octet-stream', 'application/vnd.pytorch', 'application/x-safetensors', 'application/safetensors'],
@@ -156,6 +158,8 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     logger,
     bodyLimit: config.bodyLimitDefault,
     requestTimeout: config.requestTimeoutMs,
+    // Node checks request timeouts on this interval (30 s by default): keep it a fraction of the timeout.
+    http: { connectionsCheckingInterval: Math.min(30_000, Math.max(100, Math.floor((config.requestTimeoutMs || 120_000) / 4))) },
     // A hop count is valid at runtime (fastify's trust-proxy); the typings only list the other forms.
     trustProxy: config.trustProxy as Exclude<Config['trustProxy'], number>,
     genReqId: () => crypto.randomUUID(),

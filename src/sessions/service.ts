@@ -421,7 +421,7 @@ export function createSessionService(options: SessionServiceOptions) {
    */
   async function load(
     name: string,
-    input: { stateDict?: LoadedStateDict; params?: Map<string, Float32Array> },
+    input: { stateDict?: LoadedStateDict; params?: Map<string, { shape: number[] | null; data: Float32Array }>; step?: number },
     opts: { ifMatch?: number | null; reason: string },
   ): Promise<SessionRecord> {
     return mutex.run(name, async () => {
@@ -433,17 +433,9 @@ export function createSessionService(options: SessionServiceOptions) {
           const entry = await currentState(tx, session);
           const { state } = entry;
           const plan = input.stateDict ? planLoad(session, input.stateDict) : null;
-          if (input.params) {
-            for (const name of input.params.keys()) {
-              if (!state.layout.index.has(name)) throw errors.unknownParameter(`model.${name}`, name);
-            }
-            for (const p of session.params) {
-              const data = input.params.get(p.name);
-              if (!data) throw errors.stateDictMismatch(`model: parameter ${JSON.stringify(p.name)} is missing`);
-            }
-          }
+          if (input.params) checkModel(session, state.layout, input.params);
           touched = session.id;
-          if (input.params) for (const [pname, data] of input.params) state.param(state.layout.index.get(pname)!).set(data);
+          if (input.params) for (const [pname, t] of input.params) state.param(state.layout.index.get(pname)!).set(t.data);
           if (plan) {
             state.groups = plan.groups;
             state.scalars = plan.scalars;
@@ -453,6 +445,7 @@ export function createSessionService(options: SessionServiceOptions) {
               else state.ax(i).fill(0);
             }
           }
+          if (input.step !== undefined) state.step = input.step;
           state.version = session.version + 1;
           await writeSnapshot(tx, session.id, { version: state.version, step: state.step, groups: state.groups, scalars: state.scalarRows() }, state.tensorBytes(), opts.reason);
           await repo.advanceSession(tx, session.id, state.version, state.step, state.groups);
@@ -464,6 +457,20 @@ export function createSessionService(options: SessionServiceOptions) {
         });
       } finally {
         if (touched !== null) forget(touched);
+      }
+    });
+  }
+
+  /** A model state_dict must name exactly the session's parameters, with their shapes. */
+  function checkModel(session: SessionRecord, layout: Layout, params: Map<string, { shape: number[] | null; data: Float32Array }>): void {
+    for (const pname of params.keys()) {
+      if (!layout.index.has(pname)) throw errors.unknownParameter(`model.${pname}`, pname);
+    }
+    session.params.forEach((p, i) => {
+      const t = params.get(p.name);
+      if (!t) throw errors.stateDictMismatch(`model: parameter ${JSON.stringify(p.name)} is missing`);
+      if ((t.shape && (t.shape.length !== p.shape.length || t.shape.some((d, k) => d !== p.shape[k]))) || t.data.length !== layout.numels[i]) {
+        throw errors.shapeMismatch(`model.${p.name}`, `expected shape ${JSON.stringify(p.shape)}, got ${t.shape ? JSON.stringify(t.shape) : `${t.data.length} elements`}`);
       }
     });
   }

@@ -6,6 +6,7 @@ import type { GroupSpec } from '../db/schema.ts';
 import { FLAG_KEYS, HYPERPARAMETER_KEYS, resolveHyperparameters, DEFAULT_GROUP, publicGroup } from './spec.ts';
 import type { LoadedStateDict, StateView } from './service.ts';
 import { jsonScalar, jsonTensor, readJsonTensor, readScalar } from './tensors.ts';
+import { ASGD_NUMERIC_KEYS, type AsgdParamGroup, type AsgdStateDict, type PyValue } from '../formats/index.ts';
 
 export interface DecodedTensor {
   shape: number[];
@@ -134,4 +135,55 @@ export function paramsJson(view: StateView, averaged: boolean): Record<string, u
   const out: Record<string, unknown> = {};
   view.params.forEach((p, i) => (out[p.name] = jsonTensor(paramTensor(view, i, averaged), p.shape)));
   return out;
+}
+
+// ---- the typed state_dict of src/formats (torch.save files) ----------------------------------------
+
+/** A state_dict read from a torch.save file, validated like a JSON one. */
+export function loadedFromAsgd(sd: AsgdStateDict): LoadedStateDict {
+  const paramGroups = sd.paramGroups.map((g, k) => {
+    const field = `param_groups[${k}]`;
+    const hyper = resolveHyperparameters({ ...DEFAULT_GROUP, int_keys: [] }, {
+      lr: g.lr, lambd: g.lambd, alpha: g.alpha, t0: g.t0, weight_decay: g.weightDecay, maximize: g.maximize,
+      foreach: g.foreach, differentiable: g.differentiable, capturable: g.capturable,
+    }, field);
+    hyper.int_keys = [...(g.intKeys ?? [])];
+    const extra: Record<string, unknown> = {};
+    for (const [key, value] of g.extra ?? []) {
+      if (typeof value === 'bigint') {
+        if (value > BigInt(Number.MAX_SAFE_INTEGER) || value < BigInt(Number.MIN_SAFE_INTEGER)) throw errors.invalidStateDict(`${field}.${key}`, 'integer out of range');
+        extra[key] = Number(value);
+        hyper.int_keys.push(key);
+      } else if (value === null || typeof value === 'string' || typeof value === 'boolean' || (typeof value === 'number' && Number.isFinite(value))) {
+        extra[key] = value;
+      } else {
+        throw errors.invalidStateDict(`${field}.${key}`, 'extra group keys must be numbers, strings, booleans or None');
+      }
+    }
+    if (Object.keys(extra).length) hyper.extra = extra;
+    return { params: g.params, hyper };
+  });
+  const state: LoadedStateDict['state'] = new Map();
+  for (const [index, s] of sd.state) state.set(index, { step: s.step, eta: s.eta, mu: s.mu, ax: s.ax.data, axShape: s.ax.shape });
+  return { paramGroups, state };
+}
+
+/** The session's optimizer state as the typed state_dict that src/formats pickles (tensors are views). */
+export function asgdFromView(view: StateView): AsgdStateDict {
+  const state: AsgdStateDict['state'] = new Map();
+  view.scalars.forEach((s, i) => {
+    if (!s) return;
+    const from = view.layout.offsets[i];
+    state.set(i, { step: s.step, eta: s.eta, mu: s.mu, ax: { dtype: 'float32', shape: [...view.params[i].shape], data: view.axData.subarray(from, from + view.layout.numels[i]) } });
+  });
+  const paramGroups: AsgdParamGroup[] = view.groups.map((g) => {
+    const intKeys = new Set(g.int_keys ?? []);
+    return {
+      lr: g.lr, lambd: g.lambd, alpha: g.alpha, t0: g.t0, weightDecay: g.weight_decay, foreach: null, maximize: g.maximize,
+      differentiable: false, capturable: false, params: g.params,
+      intKeys: ASGD_NUMERIC_KEYS.filter((k) => intKeys.has(k)),
+      extra: Object.entries(g.extra ?? {}).map(([k, v]): [string, PyValue] => [k, intKeys.has(k) && Number.isSafeInteger(v) ? BigInt(v as number) : (v as PyValue)]),
+    };
+  });
+  return { state, paramGroups };
 }

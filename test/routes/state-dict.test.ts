@@ -111,7 +111,7 @@ test('If-Match, Idempotency-Key and bounded staleness', async (t) => {
   assert.equal(first.statusCode, 200);
   const retry = await step({ 'idempotency-key': 'k-1' });
   assert.equal(retry.statusCode, 200);
-  assert.deepEqual({ ...retry.json(), replayed: undefined }, { ...first.json(), replayed: undefined });
+  assert.deepEqual({ ...(retry.json() as object), replayed: undefined }, { ...(first.json() as object), replayed: undefined });
   assert.equal(retry.json().replayed, true);
   assert.equal((await app.inject({ url: '/v1/sessions/sd' })).json().step, 2, 'the retry did not step');
   const reused = await step({ 'idempotency-key': 'k-1' }, '', grads(2));

@@ -37,3 +37,10 @@ export function runTorchReference(spec: unknown): TorchResult {
 
 export const hexOf = (values: ArrayLike<number>): string[] =>
   Array.from(new Uint32Array(Float32Array.from(values).buffer), (x) => x.toString(16).padStart(8, '0'));
+
+/** Runs a Python snippet under PyTorch with `args` in sys.argv[1:]; returns its stdout. */
+export function runPython(code: string, args: string[] = [], input?: string): string {
+  const r = spawnSync(TORCH_PYTHON, ['-c', `import torch\ntorch.set_num_threads(1)\n${code}`, ...args], { input, encoding: 'utf8', maxBuffer: 1 << 30 });
+  if (r.status !== 0) throw new Error(`python failed: ${r.stderr}`);
+  return r.stdout;
+}

@@ -8,7 +8,8 @@ import {
   assertName, assertShape, buildGroups, DEFAULT_GROUP, MAX_PARAMS, MAX_SESSION_NUMEL, numelOf, PARAM_NAME_MAX, resolveHyperparameters,
   type HyperparameterInput,
 } from '../../sessions/spec.ts';
-import { readJsonTensor } from '../../sessions/tensors.ts';
+import { firstNonFinite, readJsonTensor } from '../../sessions/tensors.ts';
+import { readNamedTensors } from './binary.ts';
 import { optionalWhole } from '../common.ts';
 
 const CREATE_KEYS = ['name', 'params', 'hyperparameters', 'param_groups', 'snapshot_every', 'keep_snapshots', 'max_staleness'];
@@ -45,9 +46,45 @@ export function checkParamList(params: ParamSpec[]): void {
   if (total > MAX_SESSION_NUMEL) throw errors.tooLarge(`params: ${total} elements; a session holds at most ${MAX_SESSION_NUMEL}`);
 }
 
+/**
+ * A create request whose body is a file of initial parameters: safetensors, or a torch.save'd model
+ * state_dict (`torch.save(model.state_dict(), f)`). Everything else of the request is a JSON object of
+ * the same keys as the JSON form (name, hyperparameters, param_groups, …) taken from the `options` query
+ * parameter or, in safetensors, the `asgd` metadata entry; `?name=` may give the name alone.
+ */
+function parseFileCreate(request: FastifyRequest, config: Config, body: Buffer): CreateInput {
+  const query = request.query as { name?: string; options?: string };
+  const { tensors, metadata } = readNamedTensors(request, body, 'params');
+  const rawOptions = query.options ?? metadata.get('asgd');
+  let options: Record<string, unknown> = {};
+  if (rawOptions !== undefined) {
+    try {
+      options = JSON.parse(rawOptions);
+    } catch {
+      throw errors.invalidQuery('options', 'must be a JSON object {"name", "hyperparameters", "param_groups", …}');
+    }
+    if (options === null || typeof options !== 'object' || Array.isArray(options)) throw errors.invalidQuery('options', 'must be a JSON object');
+  }
+  for (const key of Object.keys(options)) if (!CREATE_KEYS.includes(key) || key === 'params') throw errors.invalidQuery(`options.${key}`, 'unknown key');
+  if (query.name !== undefined) options.name = query.name;
+  assertName(options.name, 'name');
+  const params: ParamSpec[] = [];
+  const data: Float32Array[] = [];
+  for (const [name, tensor] of tensors) {
+    assertParamName(name, `params.${name}`);
+    params.push({ name, shape: assertShape(tensor.shape, `params.${name}.shape`) });
+    const bad = firstNonFinite(tensor.data);
+    if (bad >= 0) throw errors.invalidTensor(`params.${name}.data[${bad}]`, 'is not finite');
+    data.push(tensor.data);
+  }
+  checkParamList(params);
+  return parseCreateOptions(options, config, params, data);
+}
+
 export async function parseCreateBody(request: FastifyRequest, config: Config): Promise<CreateInput> {
   const body = request.body;
-  if (body === null || typeof body !== 'object' || Array.isArray(body) || Buffer.isBuffer(body)) {
+  if (Buffer.isBuffer(body)) return parseFileCreate(request, config, body);
+  if (body === null || typeof body !== 'object' || Array.isArray(body)) {
     throw errors.invalidBody('body: must be a JSON object {"name", "params", ...}');
   }
   const b = body as Record<string, unknown>;

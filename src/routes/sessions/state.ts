@@ -9,6 +9,9 @@ import { booleanQuery, ifMatchOf, optionalWhole, sessionJson, setVersion } from 
 import { errorResponses, NameParams, Session } from '../schemas.ts';
 import { negotiate, sendParams, sendStateDict, sendCheckpoint, readStateDictBody, readCheckpointBody, BINARY_TYPES } from './binary.ts';
 
+/** Largest tensor payload answered as JSON (numbers); bigger sessions use safetensors or torch.save. */
+export const MAX_JSON_ELEMENTS = 16 * 1024 * 1024;
+
 const ReadQuery = Type.Object({
   version: Type.Optional(Type.String({ pattern: '^[0-9]{1,15}$', description: 'Read the state at this version (rebuilt from a snapshot and the step log)' })),
   format: Type.Optional(Type.Union([Type.Literal('json'), Type.Literal('pt'), Type.Literal('safetensors')], { description: 'Instead of an Accept header' })),
@@ -34,6 +37,10 @@ export async function viewFor(fastify: FastifyInstance, request: FastifyRequest)
 export function sendView(kind: 'params' | 'state_dict' | 'checkpoint', request: FastifyRequest, reply: FastifyReply, view: StateView) {
   const query = request.query as { format?: string; averaged?: string };
   const format = negotiate(request, query.format, kind === 'checkpoint' ? ['pt', 'json'] : ['json', 'pt', 'safetensors']);
+  if (format === 'json' && view.layout.numel * (kind === 'params' ? 1 : 2) > MAX_JSON_ELEMENTS) {
+    // A JSON text of this many numbers nears V8's string limit and is slow for both sides.
+    throw errors.notAcceptable('application/json', `the binary formats for a session of ${view.layout.numel} elements (?format=${kind === 'checkpoint' ? 'pt' : 'safetensors'}); JSON answers hold at most ${MAX_JSON_ELEMENTS} numbers`);
+  }
   setVersion(reply, view.version);
   reply.header('x-session-step', String(view.step));
   if (kind === 'params') {
@@ -123,6 +130,5 @@ export default async function stateRoutes(fastify: FastifyInstance, opts: { conf
     return sessionJson(session);
   });
 
-  void errors;
   void BINARY_TYPES;
 }

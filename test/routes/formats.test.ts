@@ -1,0 +1,228 @@
+// PyTorch in, PyTorch out: torch.save files and safetensors through the API, checked with real PyTorch.
+import assert from 'node:assert/strict';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { writeSafetensors, streamToBuffer, type Tensor } from '../../src/formats/index.ts';
+import { buildTestApp, randomData } from '../helper.ts';
+import { hexOf, runPython, skipWithoutTorch } from '../support/torch.ts';
+
+const params = [
+  { name: 'fc.weight', shape: [3, 5], data: randomData(15, 41) },
+  { name: 'fc.bias', shape: [3], data: randomData(3, 42) },
+];
+const hyper = { lr: 0.05, t0: 2, lambd: 0.001, weight_decay: 0.02 };
+const grads = (k: number) => ({ 'fc.weight': randomData(15, 900 + k), 'fc.bias': randomData(3, 950 + k) });
+const f32 = (shape: number[], data: number[]): Tensor => ({ dtype: 'float32', shape, data: Float32Array.from(data) });
+const safetensorsOf = (tensors: Record<string, Tensor>, metadata?: Record<string, string>) => streamToBuffer(writeSafetensors(Object.entries(tensors), metadata));
+
+async function setup(t: Parameters<typeof buildTestApp>[0], name = 'f') {
+  const { app } = await buildTestApp(t);
+  const res = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name, params, hyperparameters: hyper } });
+  assert.equal(res.statusCode, 201, res.body);
+  return app;
+}
+
+test('a downloaded .pt state_dict loads into torch ASGD, and stepping on there equals stepping on here', async (t) => {
+  const skip = skipWithoutTorch();
+  if (skip) return t.skip(skip);
+  const app = await setup(t);
+  for (let k = 0; k < 5; k++) await app.inject({ method: 'POST', url: '/v1/sessions/f/step', payload: { grads: grads(k) } });
+  const dir = mkdtempSync(join(tmpdir(), 'asgd-pt-'));
+  const sdRes = await app.inject({ url: '/v1/sessions/f/state_dict', headers: { accept: 'application/octet-stream' } });
+  assert.equal(sdRes.statusCode, 200);
+  assert.equal(sdRes.headers['content-type'], 'application/octet-stream');
+  writeFileSync(join(dir, 'opt.pt'), sdRes.rawPayload);
+  const paramsRes = await app.inject({ url: '/v1/sessions/f/params?format=pt' });
+  writeFileSync(join(dir, 'model.pt'), paramsRes.rawPayload);
+  const later = [5, 6, 7, 8].map(grads);
+  for (let k = 5; k < 9; k++) await app.inject({ method: 'POST', url: '/v1/sessions/f/step', payload: { grads: grads(k) } });
+  const out = JSON.parse(runPython(`
+import json, struct, sys
+d = sys.argv[1]
+model = torch.nn.Module()
+model.fc = torch.nn.Linear(5, 3)
+model.load_state_dict(torch.load(d + '/model.pt'))
+opt = torch.optim.ASGD(model.parameters())
+model = model.fc
+sd = torch.load(d + '/opt.pt')
+assert sd['param_groups'][0]['lr'] == 0.05 and isinstance(sd['param_groups'][0]['weight_decay'], float)
+assert list(sd['state'][0].keys()) == ['step', 'eta', 'mu', 'ax'] and sd['state'][0]['step'].dtype == torch.float32
+opt.load_state_dict(sd)
+for g in json.loads(sys.stdin.read()):
+    model.weight.grad = torch.tensor(g['fc.weight']).reshape(3, 5)
+    model.bias.grad = torch.tensor(g['fc.bias'])
+    opt.step()
+hx = lambda t: [format(x, '08x') for x in struct.unpack('<%dI' % t.numel(), t.detach().numpy().astype('<f4').tobytes())]
+print(json.dumps({'w': hx(model.weight), 'b': hx(model.bias), 'ax': hx(opt.state[model.weight]['ax'])}))
+`, [dir], JSON.stringify(later)));
+  const mine = (await app.inject({ url: '/v1/sessions/f/params' })).json().params;
+  assert.deepEqual(hexOf(mine['fc.weight'].data), out.w);
+  assert.deepEqual(hexOf(mine['fc.bias'].data), out.b);
+  const sd = (await app.inject({ url: '/v1/sessions/f/state_dict' })).json();
+  assert.deepEqual(hexOf(sd.state['0'].ax.data), out.ax);
+});
+
+test('a state_dict torch.save wrote, PUT as it is, then stepped here, matches PyTorch bit for bit', async (t) => {
+  const skip = skipWithoutTorch();
+  if (skip) return t.skip(skip);
+  const app = await setup(t);
+  const dir = mkdtempSync(join(tmpdir(), 'asgd-pt-'));
+  const steps = Array.from({ length: 12 }, (_, k) => grads(k));
+  const out = JSON.parse(runPython(`
+import json, struct, sys
+d = sys.argv[1]
+spec = json.loads(sys.stdin.read())
+w = torch.tensor(spec['w']).reshape(3, 5).requires_grad_()
+b = torch.tensor(spec['b']).requires_grad_()
+opt = torch.optim.ASGD([w, b], lr=0.05, t0=2, lambd=0.001, weight_decay=0.02)
+for k, g in enumerate(spec['steps']):
+    w.grad = torch.tensor(g['fc.weight']).reshape(3, 5)
+    b.grad = torch.tensor(g['fc.bias'])
+    opt.step()
+    if k == 5:
+        torch.save(opt.state_dict(), d + '/opt.pt')
+        torch.save({'fc.weight': w.detach().clone(), 'fc.bias': b.detach().clone()}, d + '/model.pt')
+hx = lambda t: [format(x, '08x') for x in struct.unpack('<%dI' % t.numel(), t.detach().numpy().astype('<f4').tobytes())]
+print(json.dumps({'w': hx(w), 'b': hx(b), 'ax': hx(opt.state[w]['ax'])}))
+`, [dir], JSON.stringify({ w: params[0].data, b: params[1].data, steps })));
+  // The model from the file (torch.save of a dict of tensors) and the optimizer state from torch.save.
+  const model = await app.inject({ method: 'PUT', url: '/v1/sessions/f/checkpoint', payload: { model: {}, optimizer: {}, step: 0 } });
+  assert.equal(model.statusCode, 400, 'a JSON checkpoint without the parameters is refused');
+  const created = await app.inject({
+    method: 'POST', url: `/v1/sessions?name=g&options=${encodeURIComponent(JSON.stringify({ hyperparameters: { lr: 0.5 } }))}`,
+    headers: { 'content-type': 'application/octet-stream' }, payload: readFileSync(join(dir, 'model.pt')),
+  });
+  assert.equal(created.statusCode, 201, created.body);
+  assert.deepEqual(created.json().params.map((p: { name: string }) => p.name), ['fc.weight', 'fc.bias']);
+  const put = await app.inject({ method: 'PUT', url: '/v1/sessions/g/state_dict', headers: { 'content-type': 'application/octet-stream' }, payload: readFileSync(join(dir, 'opt.pt')) });
+  assert.equal(put.statusCode, 200, put.body);
+  assert.equal(put.json().param_groups[0].lr, 0.05, 'hyperparameters come from the file');
+  for (let k = 6; k < 12; k++) {
+    const body = safetensorsOf({ 'fc.weight': f32([3, 5], steps[k]['fc.weight']), 'fc.bias': f32([3], steps[k]['fc.bias']) });
+    const res = await app.inject({ method: 'POST', url: '/v1/sessions/g/step', headers: { 'content-type': 'application/x-safetensors' }, payload: body });
+    assert.equal(res.statusCode, 200, res.body);
+  }
+  const mine = (await app.inject({ url: '/v1/sessions/g/params' })).json().params;
+  assert.deepEqual(hexOf(mine['fc.weight'].data), out.w);
+  assert.deepEqual(hexOf(mine['fc.bias'].data), out.b);
+  assert.deepEqual(hexOf((await app.inject({ url: '/v1/sessions/g/state_dict' })).json().state['0'].ax.data), out.ax);
+});
+
+test('safetensors: params download, gradients upload, session creation, state_dict round trip', async (t) => {
+  const app = await setup(t);
+  const res = await app.inject({ url: '/v1/sessions/f/params', headers: { accept: 'application/x-safetensors' } });
+  assert.equal(res.statusCode, 200);
+  assert.equal(res.headers['content-type'], 'application/x-safetensors');
+  const headerLength = Number(res.rawPayload.readBigUInt64LE(0));
+  const header = JSON.parse(res.rawPayload.subarray(8, 8 + headerLength).toString());
+  assert.deepEqual(header['fc.weight'].shape, [3, 5]);
+  assert.equal(header.__metadata__.version, '1');
+  const [b, e] = header['fc.weight'].data_offsets;
+  const w = new Float32Array(res.rawPayload.buffer.slice(res.rawPayload.byteOffset + 8 + headerLength + b, res.rawPayload.byteOffset + 8 + headerLength + e));
+  assert.deepEqual(hexOf(w), hexOf(params[0].data));
+
+  // The same step as JSON and as safetensors gives the same state.
+  await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'f2', params, hyperparameters: hyper } });
+  await app.inject({ method: 'POST', url: '/v1/sessions/f/step', payload: { grads: grads(1) } });
+  const st = safetensorsOf({ 'fc.weight': f32([3, 5], grads(1)['fc.weight']), 'fc.bias': f32([3], grads(1)['fc.bias']) });
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/f2/step', headers: { 'content-type': 'application/x-safetensors' }, payload: st })).statusCode, 200);
+  assert.equal((await app.inject({ url: '/v1/sessions/f2/state_dict' })).body, (await app.inject({ url: '/v1/sessions/f/state_dict' })).body);
+
+  // state_dict as safetensors and back.
+  const sdFile = await app.inject({ url: '/v1/sessions/f/state_dict?format=safetensors' });
+  assert.equal(sdFile.statusCode, 200);
+  const before = (await app.inject({ url: '/v1/sessions/f/state_dict' })).body;
+  const put = await app.inject({ method: 'PUT', url: '/v1/sessions/f/state_dict', headers: { 'content-type': 'application/x-safetensors' }, payload: sdFile.rawPayload });
+  assert.equal(put.statusCode, 200, put.body);
+  assert.equal((await app.inject({ url: '/v1/sessions/f/state_dict' })).body, before);
+
+  // Creation from safetensors with options in the metadata.
+  const create = await app.inject({
+    method: 'POST', url: '/v1/sessions', headers: { 'content-type': 'application/x-safetensors' },
+    payload: safetensorsOf({ a: f32([2], [1, 2]), b: f32([], [3]) }, { asgd: JSON.stringify({ name: 'from-st', hyperparameters: { lr: 0.2 } }) }),
+  });
+  assert.equal(create.statusCode, 201, create.body);
+  assert.equal(create.json().param_groups[0].lr, 0.2);
+});
+
+test('checkpoint download and upload: resuming from it equals never stopping; restarting from weights alone does not', async (t) => {
+  const app = await setup(t);
+  for (let k = 0; k < 8; k++) await app.inject({ method: 'POST', url: '/v1/sessions/f/step', payload: { grads: grads(k) } });
+  const ckpt = await app.inject({ url: '/v1/sessions/f/checkpoint' });
+  assert.equal(ckpt.statusCode, 200);
+  assert.equal(ckpt.headers['content-type'], 'application/octet-stream');
+  for (let k = 8; k < 20; k++) await app.inject({ method: 'POST', url: '/v1/sessions/f/step', payload: { grads: grads(k) } });
+  const uninterrupted = (await app.inject({ url: '/v1/sessions/f/params' })).json().params;
+
+  for (const name of ['resumed', 'weights-only']) {
+    assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name, params, hyperparameters: hyper } })).statusCode, 201);
+  }
+  const put = await app.inject({ method: 'PUT', url: '/v1/sessions/resumed/checkpoint', headers: { 'content-type': 'application/octet-stream' }, payload: ckpt.rawPayload });
+  assert.equal(put.statusCode, 200, put.body);
+  assert.equal(put.json().step, 8);
+  // weights only: the parameters of the checkpoint, fresh optimizer state
+  const weights = (await app.inject({ url: '/v1/sessions/resumed/params' })).json().params;
+  const freshSd = (await app.inject({ url: '/v1/sessions/weights-only/state_dict' })).json();
+  const putW = await app.inject({
+    method: 'PUT', url: '/v1/sessions/weights-only/checkpoint',
+    payload: { model: weights, optimizer: freshSd, step: 8 },
+  });
+  assert.equal(putW.statusCode, 200, putW.body);
+  for (const name of ['resumed', 'weights-only']) {
+    for (let k = 8; k < 20; k++) assert.equal((await app.inject({ method: 'POST', url: `/v1/sessions/${name}/step`, payload: { grads: grads(k) } })).statusCode, 200);
+  }
+  const resumed = (await app.inject({ url: '/v1/sessions/resumed/params' })).json().params;
+  const restarted = (await app.inject({ url: '/v1/sessions/weights-only/params' })).json().params;
+  assert.deepEqual(hexOf(resumed['fc.weight'].data), hexOf(uninterrupted['fc.weight'].data));
+  assert.notDeepEqual(hexOf(restarted['fc.weight'].data), hexOf(uninterrupted['fc.weight'].data));
+});
+
+test('malformed files: each a 4xx with a code, the session unchanged, nothing run', async (t) => {
+  const app = await setup(t);
+  await app.inject({ method: 'POST', url: '/v1/sessions/f/step', payload: { grads: grads(0) } });
+  const good = (await app.inject({ url: '/v1/sessions/f/state_dict?format=pt' })).rawPayload;
+  const before = (await app.inject({ url: '/v1/sessions/f/state_dict' })).body + (await app.inject({ url: '/v1/sessions/f/params' })).body;
+  const pt = { 'content-type': 'application/octet-stream' };
+  const st = { 'content-type': 'application/x-safetensors' };
+  // Pickles that would call os.system / builtins.eval when unpickled by an unsafe loader.
+  const evilPickle = Buffer.from('\x80\x02cos\nsystem\nX\x05\x00\x00\x00touch\x85R.', 'latin1');
+  const evalPickle = Buffer.from('\x80\x02cbuiltins\neval\nX\x01\x00\x00\x001\x85R.', 'latin1');
+  const { zipStream } = await import('../../src/formats/index.ts');
+  const zipOf = (pkl: Buffer) => streamToBuffer(zipStream([
+    { name: 'archive/data.pkl', size: pkl.length, data: () => [pkl] },
+    { name: 'archive/version', size: 2, data: () => [Buffer.from('3\n')] },
+  ]));
+  const headerTooLong = Buffer.alloc(16);
+  headerTooLong.writeBigUInt64LE(1000n, 0);
+  const cases: [string, string, Record<string, string>, Buffer, string][] = [
+    ['PUT', '/v1/sessions/f/state_dict', pt, good.subarray(0, good.length - 100), 'ZIP_'],
+    ['PUT', '/v1/sessions/f/state_dict', pt, zipOf(evilPickle), 'PICKLE_GLOBAL_REFUSED'],
+    ['PUT', '/v1/sessions/f/state_dict', pt, zipOf(evalPickle), 'PICKLE_GLOBAL_REFUSED'],
+    ['PUT', '/v1/sessions/f/checkpoint', pt, zipOf(evilPickle), 'PICKLE_GLOBAL_REFUSED'],
+    ['POST', '/v1/sessions/f/step', pt, zipOf(evilPickle), 'PICKLE_GLOBAL_REFUSED'],
+    ['PUT', '/v1/sessions/f/state_dict', pt, Buffer.from('not a zip at all'), 'ZIP_'],
+    ['POST', '/v1/sessions/f/step', st, headerTooLong, 'SAFETENSORS_HEADER_INVALID'],
+    ['POST', '/v1/sessions/f/step', st, Buffer.from([1, 2, 3]), 'SAFETENSORS_HEADER_INVALID'],
+    ['POST', '/v1/sessions/f/step', st, safetensorsOf({ 'fc.bias': { dtype: 'float64', shape: [3], data: Float64Array.of(1, 2, 3) } }), 'INVALID_TENSOR'],
+    ['POST', '/v1/sessions/f/step', st, safetensorsOf({ 'fc.bias': f32([1, 3], [1, 2, 3]) }), 'SHAPE_MISMATCH'],
+    ['POST', '/v1/sessions/f/step', st, safetensorsOf({ 'fc.bias': f32([3], [1, NaN, 3]) }), 'NON_FINITE_GRADIENT'],
+    ['POST', '/v1/sessions/f/step', st, safetensorsOf({ nope: f32([3], [1, 2, 3]) }), 'UNKNOWN_PARAMETER'],
+    ['PUT', '/v1/sessions/f/state_dict', st, safetensorsOf({ 'state.0.ax': f32([3], [1, 2, 3]) }), 'INVALID_STATE_DICT'],
+  ];
+  for (const [method, url, headers, payload, code] of cases) {
+    const res = await app.inject({ method: method as 'PUT', url, headers, payload });
+    assert.ok(res.statusCode >= 400 && res.statusCode < 500, `${url} ${code}: ${res.statusCode} ${res.body}`);
+    assert.ok(res.json().code.startsWith(code), `${url}: expected ${code}, got ${res.body}`);
+  }
+  const refused = await app.inject({ method: 'PUT', url: '/v1/sessions/f/state_dict', headers: pt, payload: zipOf(evilPickle) });
+  assert.match(refused.json().message, /os\.system/);
+  const after = (await app.inject({ url: '/v1/sessions/f/state_dict' })).body + (await app.inject({ url: '/v1/sessions/f/params' })).body;
+  assert.equal(after, before);
+  assert.equal((await app.inject({ url: '/v1/sessions/f' })).json().version, 2);
+  const wrongType = await app.inject({ method: 'POST', url: '/v1/sessions/f/step', headers: { 'content-type': 'text/plain' }, payload: 'x' });
+  assert.equal(wrongType.statusCode, 415, wrongType.body);
+  const notAcceptable = await app.inject({ url: '/v1/sessions/f/params', headers: { accept: 'text/html' } });
+  assert.equal(notAcceptable.statusCode, 406);
+});
