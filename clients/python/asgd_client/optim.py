@@ -128,6 +128,8 @@ class RemoteASGD(torch.optim.Optimizer):
         self._version: Optional[int] = None
         self._step_count = 0
         self._info: Dict[str, Any] = {}
+        #: The service's answer to the last step: {session, step, version, staleness}.
+        self.last_step: Optional[Dict[str, Any]] = None
 
         groups, given_names = _split_params(params)
         defaults: Dict[str, Any] = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, foreach=foreach, maximize=maximize)

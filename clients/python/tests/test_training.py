@@ -54,7 +54,8 @@ class TrainingMatchesTorch(ServiceTestCase):
         def groups(m, named):
             pick = lambda prefix: [(n, p) if named else p for n, p in m.named_parameters() if n.startswith(prefix)]  # noqa: E731
             first, second = pick("0."), pick("2.")
-            return [{"params": second, "lr": 0.02, "t0": 5.0}, {"params": first, "weight_decay": 0.0}]
+            # "name" is a key of the user's own: PyTorch keeps it in the group and the state_dict.
+            return [{"params": second, "lr": 0.02, "t0": 5.0, "name": "head"}, {"params": first, "weight_decay": 0.0}]
 
         ref = make_model()
         torch_opt = torch.optim.ASGD(groups(ref, False), **HYPER)
@@ -68,6 +69,7 @@ class TrainingMatchesTorch(ServiceTestCase):
         self.assertStateDictEqual(opt.state_dict(), torch_opt.state_dict())
         self.assertEqual(opt.param_groups[0]["lr"], 0.02)
         self.assertEqual(opt.param_groups[1]["weight_decay"], 0.0)
+        self.assertEqual(opt.state_dict()["param_groups"][0]["name"], "head")
 
     def test_lr_scheduler_changes_reach_the_session(self):
         ref = make_model()
