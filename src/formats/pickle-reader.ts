@@ -61,11 +61,12 @@ class Unpickler {
   private stack: Item[] = [];
   private readonly metastack: Item[][] = [];
   private readonly memo = new Map<number, Item>();
-  private readonly measures = new WeakMap<object, Measure>();
+  // Plain Map/Set (faster than the weak kinds); they live only as long as this unpickler.
+  private readonly measures = new Map<object, Measure>();
   /** Containers already placed inside another value: mutating one could close a cycle. */
-  private readonly sealed = new WeakSet<object>();
+  private readonly sealed = new Set<object>();
   /** Tuples that hold opaque items, directly or in nested tuples. */
-  private readonly internal = new WeakSet<PyTuple>();
+  private readonly internal = new Set<PyTuple>();
   private readonly maxDepth: number;
   private readonly maxExpandedSize: number;
 
@@ -264,6 +265,7 @@ class Unpickler {
 
   private text(n: number): string {
     const bytes = this.take(n);
+    if (n <= 64 && isAscii(bytes)) return bytes.toString('latin1');
     try {
       return utf8.decode(bytes);
     } catch {
@@ -423,6 +425,11 @@ class Unpickler {
     if (!(pid instanceof PyTuple)) throw stackError(`persistent id must be a tuple, got ${describe(pid)}`);
     this.push(this.options.persistentLoad(pid));
   }
+}
+
+function isAscii(bytes: Buffer): boolean {
+  for (let i = 0; i < bytes.length; i++) if (bytes[i] > 0x7f) return false;
+  return true;
 }
 
 function describe(item: Item): string {

@@ -42,6 +42,8 @@ class Pickler {
   private buf = Buffer.allocUnsafe(256);
   private length = 0;
   private readonly memo = new Map<unknown, number>();
+  /** Containers being written: meeting one again means the value is cyclic. */
+  private readonly open = new Set<object>();
   private readonly maxDepth: number;
 
   constructor(private readonly options: PickleWriteOptions) {
@@ -94,11 +96,17 @@ class Pickler {
       default:
         throw new FormatError('PICKLE_VALUE_UNSUPPORTED', `cannot pickle a JS ${typeof value}`);
     }
+    if (this.open.has(value)) throw new FormatError('PICKLE_VALUE_UNSUPPORTED', 'cannot pickle a cyclic value');
     const memoized = this.memo.get(value);
     if (memoized !== undefined) return this.get(memoized);
-    if (Array.isArray(value)) return this.list(value, depth);
-    if (value instanceof PyTuple) return this.tuple(value, depth);
-    if (value instanceof PyDict) return this.dict(value, depth);
+    if (Array.isArray(value) || value instanceof PyTuple || value instanceof PyDict) {
+      this.open.add(value);
+      if (Array.isArray(value)) this.list(value, depth);
+      else if (value instanceof PyTuple) this.tuple(value, depth);
+      else this.dict(value, depth);
+      this.open.delete(value);
+      return;
+    }
     if (isTensor(value)) return this.tensor(value);
     if (value instanceof Uint8Array) return this.pyBytes(value);
     throw new FormatError('PICKLE_VALUE_UNSUPPORTED', `cannot pickle a ${(value as object).constructor?.name ?? 'object'}`);
