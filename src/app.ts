@@ -158,8 +158,13 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     logger,
     bodyLimit: config.bodyLimitDefault,
     requestTimeout: config.requestTimeoutMs,
-    // Node checks request timeouts on this interval (30 s by default): keep it a fraction of the timeout.
-    http: { connectionsCheckingInterval: Math.min(30_000, Math.max(100, Math.floor((config.requestTimeoutMs || 120_000) / 4))) },
+    // Node 20 only enforces the request timeout when the server is constructed with it (fastify sets it
+    // afterwards), and checks it on an interval (30 s by default): keep that a fraction of the timeout.
+    http: {
+      requestTimeout: config.requestTimeoutMs,
+      ...(config.requestTimeoutMs > 0 && { headersTimeout: Math.min(60_000, config.requestTimeoutMs) }),
+      connectionsCheckingInterval: Math.min(30_000, Math.max(100, Math.floor((config.requestTimeoutMs || 120_000) / 4))),
+    },
     // A hop count is valid at runtime (fastify's trust-proxy); the typings only list the other forms.
     trustProxy: config.trustProxy as Exclude<Config['trustProxy'], number>,
     genReqId: () => crypto.randomUUID(),

@@ -1,0 +1,209 @@
+import assert from 'node:assert/strict';
+import { connect } from 'node:net';
+import { Readable, Writable } from 'node:stream';
+import { test } from 'node:test';
+import { buildApp } from '../../src/app.ts';
+import { buildTestApp, createTestDatabase, testConfig, TEST_DB_KIND } from '../helper.ts';
+import { ADMIN, asAdmin, bearer, createSession, createToken, step } from './support.ts';
+
+/** The value of one sample in Prometheus text (0 when absent). */
+function sample(text: string, name: string, labels = ''): number {
+  const line = text.split('\n').find((l) => l.startsWith(`${name}${labels ? `{${labels}}` : ''} `));
+  return line ? Number(line.split(' ').pop()) : 0;
+}
+
+test('/healthz needs no database; /readyz and the API answer 503 with Retry-After once the database is gone', async (t) => {
+  if (TEST_DB_KIND !== 'postgres') return t.skip('needs a PostgreSQL database to drop');
+  const db = await createTestDatabase();
+  const { app } = await buildTestApp(null, { databaseUrl: db.url, env: { ASGD_HEALTH_CHECK_INTERVAL_MS: '100' } });
+  t.after(async () => {
+    await app.close();
+    await db.drop();
+  });
+  assert.deepEqual((await app.inject({ url: '/healthz' })).json(), { status: 'ok' });
+  assert.deepEqual((await app.inject({ url: '/readyz' })).json(), { status: 'ready' });
+  await createSession(app, 'up', {});
+
+  await db.drop();
+  const ready = await app.inject({ url: '/readyz' });
+  assert.equal(ready.statusCode, 503, ready.body);
+  assert.equal(ready.json().code, 'SERVICE_UNAVAILABLE');
+  assert.ok(Number(ready.headers['retry-after']) > 0);
+  assert.ok(!/does not exist|asgd_test/.test(ready.body), 'a 5xx body carries no internals');
+  assert.equal((await app.inject({ url: '/healthz' })).statusCode, 200, 'liveness does not depend on the database');
+  const first = await app.inject({ url: '/v1/sessions/up' });
+  assert.equal(first.statusCode, 503, `before the periodic check notices: ${first.body}`);
+
+  // The periodic database check turns the API away until the database is back.
+  await new Promise((resolve) => setTimeout(resolve, 400));
+  const api = await app.inject({ url: '/v1/sessions/up' });
+  assert.equal(api.statusCode, 503, api.body);
+  assert.equal(api.json().code, 'SERVICE_UNAVAILABLE');
+  assert.ok(Number(api.headers['retry-after']) > 0);
+  assert.equal((await app.inject({ url: '/healthz' })).statusCode, 200);
+  assert.equal((await app.inject({ url: '/metrics' })).statusCode, 200, 'metrics still answer under pressure');
+});
+
+test('/readyz is 503 while the migrations are not applied', async (t) => {
+  if (TEST_DB_KIND !== 'postgres') return t.skip('uses a fresh PostgreSQL database');
+  const db = await createTestDatabase();
+  const config = testConfig({ DATABASE_URL: db.url, ASGD_HEALTH_CHECK_INTERVAL_MS: '0' });
+  const app = await buildApp({ config, migrate: false, logger: false });
+  t.after(async () => {
+    await app.close();
+    await db.drop();
+  });
+  const res = await app.inject({ url: '/readyz' });
+  assert.equal(res.statusCode, 503);
+  assert.equal(res.json().code, 'SERVICE_UNAVAILABLE');
+});
+
+test('/metrics: step latency and lock wait histograms, per-session counters, HTTP and pool series; one registry per app', async (t) => {
+  const { app } = await buildTestApp(t);
+  const { app: other } = await buildTestApp(t);
+  await createSession(app, 'm', {});
+  const before = (await app.inject({ url: '/metrics' })).body;
+  assert.equal(sample(before, 'asgd_step_duration_seconds_count'), 0);
+  for (let k = 0; k < 3; k++) assert.equal((await step(app, 'm', k, {})).statusCode, 200);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/m/snapshots', payload: {} })).statusCode, 201);
+  const res = await app.inject({ url: '/metrics' });
+  assert.equal(res.statusCode, 200);
+  assert.match(String(res.headers['content-type']), /^text\/plain; version=0\.0\.4/);
+  const text = res.body;
+  assert.equal(sample(text, 'asgd_step_duration_seconds_count'), 3);
+  assert.ok(sample(text, 'asgd_step_duration_seconds_sum') > 0);
+  assert.equal(sample(text, 'asgd_step_lock_wait_seconds_count'), 3);
+  assert.equal(sample(text, 'asgd_steps_total', 'session="m"'), 3);
+  assert.equal(sample(text, 'asgd_snapshots_total', 'session="m",reason="manual"'), 1);
+  assert.equal(sample(text, 'asgd_http_requests_total', 'method="POST",route="/v1/sessions/:name/step",status_code="200"'), 3);
+  assert.ok(sample(text, 'asgd_http_request_bytes_total', 'route="/v1/sessions/:name/step"') > 100);
+  assert.ok(sample(text, 'asgd_http_response_bytes_total', 'route="/v1/sessions/:name/step"') > 100);
+  assert.ok(sample(text, 'asgd_db_pool_connections', 'state="total"') >= 1);
+  assert.match(text, /^process_cpu_user_seconds_total /m);
+  // Another app in the same process has its own registry.
+  assert.equal(sample((await other.inject({ url: '/metrics' })).body, 'asgd_step_duration_seconds_count'), 0);
+  // A deleted session's series go away.
+  assert.equal((await app.inject({ method: 'DELETE', url: '/v1/sessions/m' })).statusCode, 204);
+  assert.equal(sample((await app.inject({ url: '/metrics' })).body, 'asgd_steps_total', 'session="m"'), 0);
+});
+
+test('/metrics can require a read token not limited to sessions', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN, ASGD_METRICS_REQUIRE_TOKEN: 'true' } });
+  assert.equal((await app.inject({ url: '/metrics' })).statusCode, 401);
+  assert.equal((await app.inject({ url: '/metrics', headers: bearer(await createToken(app, 'read', ['a'])) })).statusCode, 403);
+  assert.equal((await app.inject({ url: '/metrics', headers: bearer(await createToken(app, 'read')) })).statusCode, 200);
+  assert.equal((await app.inject({ url: '/healthz' })).statusCode, 200);
+});
+
+test('body limits per route answer 413 BODY_TOO_LARGE, for declared and for chunked bodies', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_BODY_LIMIT_STEP: '2048', ASGD_BODY_LIMIT_CREATE: '4096', ASGD_BODY_LIMIT_DEFAULT: '1024' } });
+  await createSession(app, 'l', {});
+  const big = (n: number) => JSON.stringify({ grads: { b: Array.from({ length: n }, () => 0.125) } });
+  const cases: [string, string, string, string, number][] = [
+    ['POST', '/v1/sessions/l/step', 'application/json', big(500), 2048],
+    ['POST', '/v1/sessions/l/step', 'application/x-safetensors', 'x'.repeat(3000), 2048],
+    ['POST', '/v1/sessions', 'application/json', JSON.stringify({ name: 'n', params: [{ name: 'w', shape: [1500], data: Array(1500).fill(0.5) }] }), 4096],
+    ['PUT', '/v1/sessions/l/state_dict', 'application/octet-stream', 'x'.repeat(5000), 4096],
+    ['PATCH', '/v1/sessions/l', 'application/json', JSON.stringify({ snapshot_every: 5, pad: 'x'.repeat(2000) }), 1024],
+  ];
+  for (const [method, url, type, payload, limit] of cases) {
+    const res = await app.inject({ method: method as 'POST', url, headers: { 'content-type': type }, payload });
+    assert.equal(res.statusCode, 413, `${method} ${url} ${type}: ${res.body}`);
+    assert.equal(res.json().code, 'BODY_TOO_LARGE');
+    assert.match(res.json().message, new RegExp(`${limit} bytes`));
+    // The same body without a Content-Length (chunked) is cut off at the limit too.
+    const chunked = await app.inject({ method: method as 'POST', url, headers: { 'content-type': type }, payload: Readable.from([Buffer.from(payload)]) });
+    assert.equal(chunked.statusCode, 413, `chunked ${method} ${url}: ${chunked.body}`);
+  }
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/l/step', payload: { grads: { b: [1, 2, 3, 4] } } })).statusCode, 200, 'under the limit is fine');
+  assert.equal((await app.inject({ url: '/v1/sessions/l' })).json().version, 2);
+});
+
+test('rate limit per token: 429 RATE_LIMITED with Retry-After; other tokens and health checks are not counted', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN, ASGD_RATE_LIMIT_PER_MINUTE: '5' } });
+  const a = bearer(await createToken(app, 'read'));
+  const b = bearer(await createToken(app, 'read'));
+  for (let i = 0; i < 5; i++) assert.equal((await app.inject({ url: '/v1/sessions', headers: a })).statusCode, 200);
+  const limited = await app.inject({ url: '/v1/sessions', headers: a });
+  assert.equal(limited.statusCode, 429, limited.body);
+  assert.equal(limited.json().code, 'RATE_LIMITED');
+  assert.ok(Number(limited.headers['retry-after']) >= 1 && Number(limited.headers['retry-after']) <= 60);
+  assert.equal((await app.inject({ url: '/v1/sessions', headers: b })).statusCode, 200, 'another token has its own budget');
+  for (let i = 0; i < 10; i++) assert.equal((await app.inject({ url: '/healthz' })).statusCode, 200);
+});
+
+test('under pressure (heap above the limit) the API answers 503 with Retry-After; liveness and metrics still answer', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_MAX_HEAP_USED_BYTES: '1' } });
+  await new Promise((resolve) => setTimeout(resolve, 1_200)); // under-pressure samples once a second
+  const res = await app.inject({ url: '/v1/sessions' });
+  assert.equal(res.statusCode, 503, res.body);
+  assert.equal(res.json().code, 'SERVICE_UNAVAILABLE');
+  assert.match(res.json().message, /overloaded \(heapUsedBytes\)/);
+  assert.ok(Number(res.headers['retry-after']) > 0);
+  assert.equal((await app.inject({ url: '/healthz' })).statusCode, 200);
+  assert.equal((await app.inject({ url: '/metrics' })).statusCode, 200);
+});
+
+test('a request whose body does not arrive in time gets 408 REQUEST_TIMEOUT; oversized headers 431 HEADERS_TOO_LARGE', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_REQUEST_TIMEOUT_MS: '300' } });
+  await app.listen({ host: '127.0.0.1', port: 0 });
+  const { port } = app.server.address() as { port: number };
+  const raw = (request: string, wait = 5_000) => new Promise<string>((resolve, reject) => {
+    const socket = connect(port, '127.0.0.1');
+    let answer = '';
+    socket.on('data', (d) => { answer += d; });
+    socket.on('close', () => resolve(answer));
+    socket.on('error', (err) => (answer ? resolve(answer) : reject(err)));
+    socket.write(request);
+    setTimeout(() => socket.destroy(), wait);
+  });
+  const slow = await raw('POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"name"');
+  assert.match(slow, /^HTTP\/1\.1 408/);
+  assert.equal(JSON.parse(slow.slice(slow.indexOf('\r\n\r\n') + 4)).code, 'REQUEST_TIMEOUT');
+  const huge = await raw(`GET /v1/sessions HTTP/1.1\r\nHost: x\r\nX-Pad: ${'a'.repeat(20_000)}\r\n\r\n`);
+  assert.match(huge, /^HTTP\/1\.1 431/);
+  assert.equal(JSON.parse(huge.slice(huge.indexOf('\r\n\r\n') + 4)).code, 'HEADERS_TOO_LARGE');
+  assert.equal((await fetch(`http://127.0.0.1:${port}/healthz`)).status, 200, 'the server is fine afterwards');
+});
+
+test('logs: a request id on every line, the session on session routes, no tokens and no tensors', async (t) => {
+  const lines: Record<string, unknown>[] = [];
+  const stream = new Writable({
+    write(chunk, _encoding, done) {
+      for (const line of String(chunk).split('\n').filter(Boolean)) lines.push(JSON.parse(line));
+      done();
+    },
+  });
+  const db = TEST_DB_KIND === 'postgres' ? await createTestDatabase() : null;
+  const config = testConfig({ ...(db ? { DATABASE_URL: db.url } : { ASGD_DATA_DIR: 'memory://' }), ASGD_ADMIN_TOKEN: ADMIN, LOG_LEVEL: 'info' });
+  const app = await buildApp({ config, migrate: true, logger: { level: 'info', stream } });
+  t.after(async () => {
+    await app.close();
+    await db?.drop();
+  });
+  await app.ready();
+  const token = await createToken(app, 'step');
+  const marker = 0.123456789;
+  await createSession(app, 'logged');
+  const stepped = await app.inject({ method: 'POST', url: '/v1/sessions/logged/step', headers: bearer(token), payload: { grads: { b: [marker, marker, marker, marker] } } });
+  assert.equal(stepped.statusCode, 200, stepped.body);
+  const bad = await app.inject({ method: 'POST', url: '/v1/sessions/logged/step', headers: bearer(token), payload: { grads: { b: [marker, 'x', 1, 2] } } });
+  assert.equal(bad.statusCode, 400);
+  await app.inject({ url: '/v1/sessions/logged/params', headers: bearer(token) });
+  app.log.info({ req: { headers: { authorization: `Bearer ${token}` } }, token }, 'a careless line');
+
+  const text = lines.map((l) => JSON.stringify(l)).join('\n');
+  assert.ok(!text.includes(token) && !text.includes(ADMIN), 'no token is ever logged');
+  assert.ok(!text.includes('0.123456'), 'no tensor data is logged');
+  assert.match(text, /\[redacted\]/);
+  const requestLines = lines.filter((l) => l.msg !== 'a careless line' && (l.req || l.res || l.reqId));
+  assert.ok(requestLines.length >= 10);
+  for (const line of requestLines) assert.equal(typeof line.reqId, 'string', JSON.stringify(line));
+  const sessionLines = requestLines.filter((l) => String((l.req as { url?: string })?.url ?? '').startsWith('/v1/sessions/logged'));
+  const ids = new Set(sessionLines.map((l) => l.reqId));
+  const sessionRequestLines = requestLines.filter((l) => ids.has(l.reqId));
+  assert.ok(sessionRequestLines.length >= 6);
+  for (const line of sessionRequestLines) assert.equal(line.session, 'logged', JSON.stringify(line));
+  assert.equal(stepped.headers['x-request-id'], [...ids][0], 'the answer names its request id');
+  assert.ok(lines.some((l) => l.msg === 'stepped' && l.session === 'logged'));
+});
