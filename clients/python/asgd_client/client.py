@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from . import safetensors as st
 from .errors import SessionExists, SessionNotFound, UnsupportedFormat
 from .http import Connection, Response
-from .tensors import state_dict_from_json, state_dict_to_json, tensor_from_json, tensor_to_json
+from .tensors import group_from_json, state_dict_from_json, state_dict_to_json, tensor_from_json, tensor_to_json
 
 __all__ = ["Client", "TRANSPORTS", "SAFETENSORS", "PT"]
 
@@ -131,18 +131,28 @@ class Client:
         ``param_groups``: ``[{"params": [names], **overrides}]``; the state_dict numbers parameters in
         the groups' order, as PyTorch does.
         """
-        body: Dict[str, Any] = {"name": name, "params": []}
-        for pname, value in named_tensors(params).items():
-            t = tensor_to_json(value)
-            body["params"].append({"name": pname, "shape": t["shape"], "data": t["data"]})
+        options: Dict[str, Any] = {"name": name}
         if hyperparameters:
-            body["hyperparameters"] = dict(hyperparameters)
+            options["hyperparameters"] = dict(hyperparameters)
         if param_groups is not None:
-            body["param_groups"] = [dict(g, params=list(g["params"])) for g in param_groups]
+            options["param_groups"] = [dict(g, params=list(g["params"])) for g in param_groups]
         for key, value in (("snapshot_every", snapshot_every), ("keep_snapshots", keep_snapshots), ("max_staleness", max_staleness)):
             if value is not None:
-                body[key] = value
-        return self.conn.request("POST", "/v1/sessions", json_body=body, expect=(201,)).json()
+                options[key] = value
+        tensors = named_tensors(params)
+        if self._binary():
+            # A safetensors file of the initial parameters, the other options in its "asgd" metadata.
+            # A service without binary create answers 415 before creating anything: then JSON.
+            body = st.encode(tensors, metadata={"asgd": json.dumps(options, separators=(",", ":"), allow_nan=False)})
+            try:
+                return self.conn.request("POST", "/v1/sessions", body=body, content_type=SAFETENSORS, expect=(201,)).json()
+            except UnsupportedFormat:
+                pass
+        json_params = []
+        for pname, value in tensors.items():
+            t = tensor_to_json(value)
+            json_params.append({"name": pname, "shape": t["shape"], "data": t["data"]})
+        return self.conn.request("POST", "/v1/sessions", json_body={**options, "params": json_params}, expect=(201,)).json()
 
     def get_session(self, name: str) -> Dict[str, Any]:
         return self.conn.request("GET", f"/v1/sessions/{_quote(name)}").json()
@@ -257,7 +267,9 @@ class Client:
                 return res.body
             import torch
 
-            return torch.load(io.BytesIO(res.body))
+            loaded = torch.load(io.BytesIO(res.body))
+            # The file holds the newest PyTorch's group keys: keep this PyTorch's, as from JSON.
+            return {**loaded, "param_groups": [group_from_json(g) for g in loaded["param_groups"]]}
         if format != "json":
             raise ValueError("format must be 'json' or 'pt'")
         body = self.conn.request("GET", path, query={"format": "json", "version": version}, accept=JSON).json()

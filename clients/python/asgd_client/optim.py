@@ -331,7 +331,7 @@ class RemoteASGD(torch.optim.Optimizer):
         # Keys of the loaded groups that the service does not echo (kept as PyTorch keeps them).
         for local, loaded in zip(self.param_groups, sd["param_groups"]):
             for k, v in loaded.items():
-                if k != "params" and k not in local:
+                if k != "params" and k not in local and not (k in FLAG_KEYS and k not in local_group_keys()):
                     local[k] = v
 
     # -- evaluation helpers -----------------------------------------------------------------------

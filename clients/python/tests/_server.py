@@ -3,9 +3,12 @@
 Environment:
     ASGD_TEST_URL         use this running service instead of starting one.
     ASGD_SERVE_ROOT       the service's checkout (default: found by walking up from this file).
-    ASGD_TEST_DATABASE_URL  postgres://user@host:port/db of a server on which the tests create (and
-                          drop at the end) a database of their own; without it the service runs on
-                          its embedded PGlite in a temporary folder.
+    ASGD_TEST_DB          postgres | pglite | auto (default): where the service keeps its state.
+                          postgres: a database of the tests' own (created, migrated, dropped at the
+                          end) on the server at ASGD_TEST_DATABASE_URL (default
+                          postgres://postgres@127.0.0.1:5432/postgres); pglite: the embedded
+                          database in a temporary folder; auto: postgres when that server answers
+                          (psql), else pglite.
     ASGD_TEST_SERVER_ENV  extra KEY=VALUE pairs (space separated) for the service, e.g. ASGD_FMA=false.
     ASGD_TEST_TOKEN       start the service with ASGD_ADMIN_TOKEN=<this> and send it (auth on).
 """
@@ -62,8 +65,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _psql(url: str, sql: str) -> None:
-    subprocess.run(["psql", url, "-v", "ON_ERROR_STOP=1", "-q", "-c", sql], check=True, capture_output=True, timeout=60)
+def _psql(url: str, sql: str, timeout: float = 60) -> None:
+    subprocess.run(["psql", url, "-v", "ON_ERROR_STOP=1", "-q", "-c", sql], check=True, capture_output=True, timeout=timeout,
+                   stdin=subprocess.DEVNULL)
+
+
+DEFAULT_ADMIN_URL = "postgres://postgres@127.0.0.1:5432/postgres"
+
+
+def _database_admin_url():
+    """The PostgreSQL to create the test database on, or None for PGlite."""
+    mode = os.environ.get("ASGD_TEST_DB", "auto").strip().lower()
+    url = os.environ.get("ASGD_TEST_DATABASE_URL") or DEFAULT_ADMIN_URL
+    if mode == "pglite":
+        return None
+    if mode == "postgres":
+        return url
+    if mode != "auto":
+        raise RuntimeError(f"ASGD_TEST_DB must be postgres, pglite or auto, got {mode!r}")
+    if shutil.which("psql") is None:
+        return None
+    try:
+        _psql(url, "SELECT 1", timeout=5)
+        return url
+    except (subprocess.SubprocessError, OSError):
+        return None
 
 
 class Server:
@@ -82,7 +108,7 @@ class Server:
         port = _free_port()
         env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "ASGD_DATA_DIR", "ASGD_ADMIN_TOKEN")}
         env.update(PORT=str(port), HOST="127.0.0.1", LOG_LEVEL=os.environ.get("ASGD_TEST_LOG_LEVEL", "warn"))
-        admin = os.environ.get("ASGD_TEST_DATABASE_URL")
+        admin = _database_admin_url()
         if admin:
             self.db_admin_url = admin
             self.db_name = f"asgd_client_test_{uuid.uuid4().hex[:10]}"

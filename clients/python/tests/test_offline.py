@@ -184,6 +184,21 @@ class RetryPolicy(unittest.TestCase):
         self.assertEqual(client.transport, "json")
         self.assertEqual(json.loads(srv.requests[-1].body), {"grads": {"w": {"shape": [1], "data": [1.0]}}})
 
+    def test_create_falls_back_to_json_when_binary_create_is_refused(self):
+        def decide(req):
+            if req.headers.get("content-type") == "application/x-safetensors":
+                return 415, [], b'{"statusCode":415,"code":"UNSUPPORTED_MEDIA_TYPE","message":"use application/json"}'
+            return 201, [], b'{"name":"s","version":1}'
+
+        srv, conn = self.serve(decide)
+        Client(connection=conn).create_session("s", [("w", torch.tensor([1.5]))], hyperparameters={"lr": 0.5})
+        self.assertEqual(len(srv.requests), 2)
+        raw, meta = st.decode(srv.requests[0].body)
+        self.assertEqual(json.loads(meta["asgd"]), {"name": "s", "hyperparameters": {"lr": 0.5}})
+        self.assertEqual(raw["w"].tolist(), [1.5])
+        self.assertEqual(json.loads(srv.requests[1].body),
+                         {"name": "s", "hyperparameters": {"lr": 0.5}, "params": [{"name": "w", "shape": [1], "data": [1.5]}]})
+
     def test_bearer_token_is_sent(self):
         srv, _ = self.serve(lambda req: (200, [], b'{"sessions":[],"next":null}'))
         conn = Connection(srv.url, token="t" * 20)
