@@ -4,7 +4,7 @@
 
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { initialState } from '../../src/optim/asgd.ts';
+import { advanceScalarState, initialState } from '../../src/optim/asgd.ts';
 import type { AsgdHyperparameters, AsgdKernel, AsgdScalarState, KernelOptions } from '../../src/optim/types.ts';
 
 export interface GoldenGroup extends AsgdHyperparameters {
@@ -203,4 +203,36 @@ export function replayScenario(dir: string, scenario: GoldenScenario, options: R
   function describeAtCheckpoint(step: number): string {
     return scenario.checkpointSteps.includes(step) ? ' (a checkpoint step)' : '';
   }
+}
+
+/** The first row where mulAdd(a, b, c) differs from torch.add(c, a, alpha=b) in the fma-cases file, or null. */
+export function checkFmaCases(dir: string, manifest: GoldenManifest, mulAdd: (a: number, b: number, c: number) => number): string | null {
+  const cases = manifest.fmaCases!;
+  const rows = new Float32Array(readBinary(dir, cases.file));
+  for (let r = 0; r < cases.count; r++) {
+    const [a, b, c, torch] = rows.subarray(r * 4, r * 4 + 4);
+    const got = mulAdd(a, b, c);
+    if (bits(got) !== bits(torch)) {
+      return `row ${r}: a=0x${bits(a).toString(16)} b=0x${bits(b).toString(16)} c=0x${bits(c).toString(16)}: 0x${bits(got).toString(16)}, torch 0x${bits(torch).toString(16)}`;
+    }
+  }
+  return null;
+}
+
+/** The first row where advanceScalarState's eta or mu differs from asgd.py's in the eta table, or null. */
+export function checkEtaTable(dir: string, manifest: GoldenManifest): string | null {
+  const table = manifest.etaTable!;
+  const buffer = readBinary(dir, table.file);
+  const doubles = new Float64Array(buffer, 0, table.count * 4);
+  const floats = new Float32Array(buffer, table.count * 32, table.count * 3);
+  for (let r = 0; r < table.count; r++) {
+    const [lr, lambd, alpha, t0] = doubles.subarray(r * 4, r * 4 + 4);
+    const [step, eta, mu] = floats.subarray(r * 3, r * 3 + 3);
+    const state = { step: step - 1, eta: 0, mu: 0 };
+    advanceScalarState(state, { lr, lambd, alpha, t0, weightDecay: 0, maximize: false });
+    if (state.step !== step || bits(state.eta) !== bits(eta) || bits(state.mu) !== bits(mu)) {
+      return `row ${r}: lr=${lr} lambd=${lambd} alpha=${alpha} t0=${t0} step=${step}: eta ${state.eta} vs ${eta}, mu ${state.mu} vs ${mu}`;
+    }
+  }
+  return null;
 }
