@@ -112,7 +112,9 @@ export function wasmStep(
   if (paramInside && gradInside && axInside) {
     if (n > 0) instance.step(n, param.byteOffset, grad.byteOffset, ax.byteOffset, decay, negEta, wd, mu, flags);
   } else {
-    const [scratchParam, scratchGrad, scratchAx] = instance.scratch;
+    const scratchParam = instance.scratch[0];
+    const scratchGrad = instance.scratch[1];
+    const scratchAx = instance.scratch[2];
     for (let start = 0; start < n; start += CHUNK_ELEMENTS) {
       const end = Math.min(n, start + CHUNK_ELEMENTS);
       const count = end - start;
