@@ -1,32 +1,33 @@
 // The process: read the configuration, build the app, listen, close with grace on SIGTERM/SIGINT.
-import { buildApp } from './app.ts';
-import { ConfigError, loadConfig, type Config } from './config.ts';
+import { buildApp, loggerOptions } from './app.ts';
+import { ConfigError, isLoopback, loadConfig, type Config } from './config.ts';
 
 export async function startServer(config: Config, opts: { migrate?: boolean } = {}) {
   const app = await buildApp({
     config,
     // The embedded database is this process's own: migrate it. Replicas on PostgreSQL run `migrate` once
     // (docker-compose's one-shot service); ASGD_MIGRATE=true makes a replica do it too (it takes a lock).
-    migrate: opts.migrate ?? !config.databaseUrl,
-    logger: {
-      level: config.logLevel,
-      redact: { paths: ['req.headers.authorization', 'headers.authorization'], censor: '[redacted]' },
-      ...(process.stdout.isTTY && { transport: { target: 'pino-pretty' } }),
-    },
+    migrate: opts.migrate ?? config.migrateOnStart ?? !config.databaseUrl,
+    logger: loggerOptions(config),
   });
+  if (!config.adminToken && !isLoopback(config.host)) {
+    app.log.warn({ host: config.host }, 'ASGD_ALLOW_INSECURE: listening beyond loopback WITHOUT authentication');
+  }
   let closing = false;
   const shutdown = async (signal: string) => {
     if (closing) return;
     closing = true;
     app.log.info({ signal }, 'closing: finishing in-flight requests');
-    // Stops accepting, lets in-flight steps finish and commit, writes shutdown snapshots, closes the pool.
+    // Stops accepting (new requests on open connections get 503), lets in-flight steps finish and commit,
+    // writes shutdown snapshots, closes the pool. A second signal does not cut this short; the timer does.
     const timer = setTimeout(() => {
-      app.log.error('graceful shutdown timed out');
+      app.log.error({ timeoutMs: config.shutdownTimeoutMs }, 'graceful shutdown timed out');
       process.exit(1);
-    }, 60_000);
+    }, config.shutdownTimeoutMs);
     timer.unref();
     try {
       await app.close();
+      app.log.info('closed');
       process.exit(0);
     } catch (err) {
       app.log.error({ err }, 'error while closing');
@@ -35,15 +36,19 @@ export async function startServer(config: Config, opts: { migrate?: boolean } = 
   };
   process.on('SIGTERM', () => void shutdown('SIGTERM'));
   process.on('SIGINT', () => void shutdown('SIGINT'));
-  await app.listen({ host: config.host, port: config.port });
+  try {
+    await app.listen({ host: config.host, port: config.port });
+  } catch (err) {
+    await app.close(); // e.g. EADDRINUSE: release the database before the process reports and exits
+    throw err;
+  }
   return app;
 }
 
 const isMain = import.meta.url === `file://${process.argv[1]}`;
 if (isMain) {
   try {
-    const config = loadConfig();
-    await startServer(config, { migrate: process.env.ASGD_MIGRATE ? process.env.ASGD_MIGRATE === 'true' : undefined });
+    await startServer(loadConfig());
   } catch (err) {
     if (err instanceof ConfigError) {
       console.error(`asgd-serve: ${err.message}`);

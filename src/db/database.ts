@@ -98,7 +98,9 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
       try {
         await client.query('SELECT pg_advisory_lock($1)', [MIGRATION_LOCK]);
         try {
-          await migratePg(orm, { migrationsFolder: MIGRATIONS_DIR });
+          // On the client that holds the lock: through the pool it would need a second connection, which
+          // never comes with ASGD_DB_POOL_SIZE=1 (migrate hung, then failed on the connection timeout).
+          await migratePg(drizzlePg(client, { schema }), { migrationsFolder: MIGRATIONS_DIR });
         } finally {
           await client.query('SELECT pg_advisory_unlock($1)', [MIGRATION_LOCK]);
         }

@@ -1,0 +1,157 @@
+// The command line: `asgd-serve [serve|migrate] [--flag value ...]`. Every flag mirrors an environment
+// variable of src/config.ts (--data-dir is ASGD_DATA_DIR, --host is HOST); a flag overrides its variable.
+import { readFileSync } from 'node:fs';
+import { pathToFileURL } from 'node:url';
+import { ConfigError, loadConfig } from './config.ts';
+import { openDatabase } from './db/database.ts';
+
+interface Flag {
+  env: string;
+  help: string;
+  /** A switch: `--flag` alone means true (`--flag=false` to turn it off). */
+  boolean?: boolean;
+  value?: string;
+}
+
+/** Every variable src/config.ts reads, in the order `--help` lists them (a test keeps this complete). */
+export const FLAGS: Flag[] = [
+  { env: 'HOST', value: 'addr', help: 'address to listen on (default 127.0.0.1; anything but loopback needs --admin-token)' },
+  { env: 'PORT', value: 'n', help: 'port to listen on (default 8080)' },
+  { env: 'DATABASE_URL', value: 'url', help: 'PostgreSQL connection string; unset: embedded PGlite in --data-dir' },
+  { env: 'ASGD_DATA_DIR', value: 'dir', help: 'embedded database directory (default .data/pglite; memory:// for a throwaway one)' },
+  { env: 'ASGD_DB_POOL_SIZE', value: 'n', help: 'PostgreSQL connections per process (default 10)' },
+  { env: 'ASGD_MIGRATE', boolean: true, help: 'apply migrations when serving (default: only on the embedded database)' },
+  { env: 'LOG_LEVEL', value: 'level', help: 'fatal, error, warn, info (default), debug, trace or silent' },
+  { env: 'ASGD_ADMIN_TOKEN', value: 'token', help: 'admin bearer token, 16+ characters (prefer the variable: flags show in ps)' },
+  { env: 'ASGD_ALLOW_INSECURE', boolean: true, help: 'allow a non-loopback --host without a token' },
+  { env: 'ASGD_TRUST_PROXY', value: 'v', help: 'trust X-Forwarded-For from: true, a hop count, or addresses/CIDRs (default false)' },
+  { env: 'ASGD_BODY_LIMIT_STEP', value: 'bytes', help: 'largest step body (default 1 GiB)' },
+  { env: 'ASGD_BODY_LIMIT_CREATE', value: 'bytes', help: 'largest create / state_dict / checkpoint body (default 2 GiB)' },
+  { env: 'ASGD_BODY_LIMIT_DEFAULT', value: 'bytes', help: 'largest body of other routes (default 1 MiB)' },
+  { env: 'ASGD_REQUEST_TIMEOUT_MS', value: 'ms', help: 'time to receive a whole request (default 300000; 0 = none)' },
+  { env: 'ASGD_RATE_LIMIT_PER_MINUTE', value: 'n', help: 'requests a minute per token (or client address); unset = no limit' },
+  { env: 'ASGD_MAX_EVENT_LOOP_DELAY_MS', value: 'ms', help: 'answer 503 while the event loop lags more (default 0 = off)' },
+  { env: 'ASGD_MAX_HEAP_USED_BYTES', value: 'bytes', help: 'answer 503 while the heap is larger (default 0 = off)' },
+  { env: 'ASGD_MAX_RSS_BYTES', value: 'bytes', help: 'answer 503 while the RSS is larger (default 0 = off)' },
+  { env: 'ASGD_HEALTH_CHECK_INTERVAL_MS', value: 'ms', help: 'database probe interval; 503 while it fails (default 5000; 0 = off)' },
+  { env: 'ASGD_METRICS_REQUIRE_TOKEN', boolean: true, help: '/metrics needs a read token (default: open)' },
+  { env: 'ASGD_SHUTDOWN_TIMEOUT_MS', value: 'ms', help: 'grace for in-flight requests after SIGTERM (default 60000)' },
+  { env: 'ASGD_SNAPSHOT_EVERY', value: 'n', help: 'default snapshot interval of new sessions, in steps (default 100)' },
+  { env: 'ASGD_KEEP_SNAPSHOTS', value: 'n', help: 'default snapshots kept per session (default 10)' },
+  { env: 'ASGD_IDEMPOTENCY_WINDOW_SECONDS', value: 's', help: 'how long Idempotency-Key answers are kept (default 86400)' },
+  { env: 'ASGD_KERNEL', value: 'wasm|js', help: 'optimizer kernel (default wasm)' },
+  { env: 'ASGD_FMA', value: 'true|false', help: 'fused multiply-add as PyTorch on AVX2 (default true)' },
+  { env: 'ASGD_CACHE_BYTES', value: 'bytes', help: 'decoded session state kept in memory (default 4 GiB)' },
+];
+
+export const flagName = (env: string) => `--${env.replace(/^ASGD_/, '').toLowerCase().replace(/_/g, '-')}`;
+
+const COMMANDS = ['serve', 'migrate'] as const;
+type Command = (typeof COMMANDS)[number];
+
+export function usage(): string {
+  const rows = FLAGS.map((f) => [`${flagName(f.env)}${f.boolean ? '' : ` <${f.value ?? 'value'}>`}`, `${f.help} [${f.env}]`]);
+  const width = Math.max(...rows.map(([flag]) => flag.length)) + 2;
+  return [
+    'Usage: asgd-serve [serve|migrate] [options]',
+    '',
+    'Commands:',
+    '  serve      listen for HTTP requests (the default)',
+    '  migrate    apply the database migrations and exit (run once before starting replicas)',
+    '',
+    'Options (each overrides the environment variable in brackets):',
+    ...rows.map(([flag, help]) => `  ${flag.padEnd(width)}${help}`),
+    `  ${'--help'.padEnd(width)}show this help`,
+    `  ${'--version'.padEnd(width)}print the version`,
+    '',
+  ].join('\n');
+}
+
+export class UsageError extends Error {}
+
+/** The command and the environment the flags make (flags win over `env`). */
+export function parseArgs(argv: string[], env: Record<string, string | undefined>): { command: Command | 'help' | 'version'; env: Record<string, string | undefined> } {
+  const byName = new Map(FLAGS.map((f) => [flagName(f.env), f]));
+  const out = { ...env };
+  let command: Command | 'help' | 'version' | null = null;
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (arg === '--help' || arg === '-h') return { command: 'help', env: out };
+    if (arg === '--version') return { command: 'version', env: out };
+    if (!arg.startsWith('--')) {
+      if (command !== null) throw new UsageError(`unexpected argument ${JSON.stringify(arg)}`);
+      if (!(COMMANDS as readonly string[]).includes(arg)) throw new UsageError(`unknown command ${JSON.stringify(arg)} (use serve or migrate)`);
+      command = arg as Command;
+      continue;
+    }
+    const eq = arg.indexOf('=');
+    const name = eq === -1 ? arg : arg.slice(0, eq);
+    const flag = byName.get(name);
+    if (!flag) throw new UsageError(`unknown option ${name}`);
+    let value: string | undefined = eq === -1 ? undefined : arg.slice(eq + 1);
+    if (value === undefined) {
+      if (flag.boolean) value = 'true';
+      else if (i + 1 < argv.length) value = argv[++i];
+      else throw new UsageError(`${name} needs a value`);
+    }
+    out[flag.env] = value;
+  }
+  return { command: command ?? 'serve', env: out };
+}
+
+function version(): string {
+  return (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version;
+}
+
+/** Runs a command; resolves to an exit code, or null while `serve` keeps the process running. */
+export async function main(
+  argv: string[],
+  env: Record<string, string | undefined> = process.env,
+  io: { stdout: { write(text: string): unknown }; stderr: { write(text: string): unknown } } = process,
+): Promise<number | null> {
+  let parsed: ReturnType<typeof parseArgs>;
+  try {
+    parsed = parseArgs(argv, env);
+  } catch (err) {
+    if (!(err instanceof UsageError)) throw err;
+    io.stderr.write(`asgd-serve: ${err.message}\n\n${usage()}`);
+    return 2;
+  }
+  if (parsed.command === 'help') {
+    io.stdout.write(usage());
+    return 0;
+  }
+  if (parsed.command === 'version') {
+    io.stdout.write(`${version()}\n`);
+    return 0;
+  }
+  try {
+    const config = loadConfig(parsed.env);
+    if (parsed.command === 'migrate') {
+      const db = await openDatabase({ databaseUrl: config.databaseUrl, dataDir: config.dataDir, poolSize: 1 });
+      try {
+        await db.migrate();
+        await db.ready();
+      } finally {
+        await db.close();
+      }
+      io.stdout.write(`asgd-serve: migrations applied (${config.databaseUrl ? 'PostgreSQL' : `embedded database in ${config.dataDir}`})\n`);
+      return 0;
+    }
+    const { startServer } = await import('./server.ts');
+    await startServer(config);
+    return null;
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      io.stderr.write(`asgd-serve: ${err.message}\n`);
+      return 2;
+    }
+    io.stderr.write(`asgd-serve: ${parsed.command} failed: ${(err as Error)?.message ?? String(err)}\n`);
+    return 1;
+  }
+}
+
+if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
+  const code = await main(process.argv.slice(2));
+  if (code !== null) process.exitCode = code;
+}
