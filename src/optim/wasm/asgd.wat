@@ -102,7 +102,6 @@
     (v128.store (local.get $pp) (local.get $p))
     (v128.store (local.get $ap) (local.get $a)))
 
-  ;; ---------------------------------------------------------------- the step
 
   ;; ---------------------------------------------------------------- fast loops, eight elements per iteration
   ;; Each returns how many bytes of each tensor it did (a multiple of 32, at most $end).
