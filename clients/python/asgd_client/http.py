@@ -118,6 +118,8 @@ class Connection:
         self.max_backoff = max_backoff
         self._ssl_context = ssl_context
         self._local = threading.local()
+        #: Seconds a kept-alive connection may idle before a non-repeatable request opens a new one.
+        self.idle_reuse = 2.0
         #: Set by tests: called with (attempt, error_or_response) before a retry.
         self.on_retry = None
 
@@ -207,6 +209,13 @@ class Connection:
         full_url = self._origin + target
         expect = tuple(expect)
 
+        if not retry:
+            # A request that must not be repeated goes on a fresh connection when the kept one has
+            # idled: the service (or a proxy) may have closed it, and a send on a closed socket
+            # fails in a way that cannot be told apart from a lost answer.
+            last = getattr(self._local, "last_used", None)
+            if last is not None and time.monotonic() - last > self.idle_reuse:
+                self._drop_connection()
         attempt = 0
         while True:
             attempt += 1
@@ -234,6 +243,7 @@ class Connection:
         conn.request(method, target, body=body, headers=headers)
         res = conn.getresponse()
         data = res.read()
+        self._local.last_used = time.monotonic()
         response = Response(res.status, {k.lower(): v for k, v in res.getheaders()}, data, method, full_url)
         if res.will_close:
             self._drop_connection()

@@ -173,6 +173,17 @@ class TrainingMatchesTorch(ServiceTestCase):
         self.assertEqual(b.last_step["staleness"], 0)
         self.assertEqual(b.step_count, 2)
 
+    @unittest.skipUnless(__import__("os").environ.get("ASGD_TEST_TOKEN"), "the service runs without auth (set ASGD_TEST_TOKEN)")
+    def test_requests_without_the_token_are_refused(self):
+        from asgd_client import Client, ServiceError
+
+        opt = self.remote(make_model().named_parameters(), transport="json")
+        anonymous = Client(self.url, token="", transport="json")
+        self.addCleanup(anonymous.close)
+        with self.assertRaises(ServiceError) as caught:
+            anonymous.get_session(opt.session)
+        self.assertEqual(caught.exception.status, 401)
+
 
 if __name__ == "__main__":
     unittest.main()
