@@ -1,4 +1,12 @@
 // The public surface of src/formats: wire and file formats, pure code (no HTTP, no SQL).
+//
+// Reading an upload:  toAsgdStateDict(readTorchSave(body))      -> typed ASGD state_dict
+//                     toCheckpoint(readTorchSave(body))         -> {model, optimizer, step}
+//                     readSafetensors(body)                     -> float32 tensors + metadata
+// Writing a reply:    const { byteLength, chunks } = writeTorchSave(fromAsgdStateDict(stateDict))
+//                     reply.header('content-length', byteLength).send(Readable.from(chunks))
+// Every bad input raises FormatError with a stable `code` (errors.ts); nothing else escapes a reader.
+// Tensors read from a file are views into its buffer (pass { copy: true } for independent arrays).
 export { FormatError, FORMAT_ERROR_CODES, isFormatError, type FormatErrorCode } from './errors.ts';
 export {
   DTYPES, arrayFromBytes, bfloat16ToFloat, checkShape, contiguousStrides, elementSize, halfToFloat, int64ToFloat32, isDType,
@@ -6,11 +14,8 @@ export {
   type DType, type Float32Tensor, type Tensor, type TensorArrays, type TensorOf, type TypedArray,
 } from './tensor.ts';
 export { PyDict, PyTuple, isPyKey, orderedDict, pyIntToNumber, pyTypeName, type PyKey, type PyValue } from './pyvalue.ts';
-export { readZip, type ZipArchive, type ZipEntry, type ZipReadOptions } from './zip-reader.ts';
-export { streamToBuffer, zipStream, type ByteStream, type ZipWriterEntry, type ZipWriterOptions } from './zip-writer.ts';
-export { PyGlobal, unpickle, type UnpickleOptions } from './pickle-reader.ts';
-export { pickle, type PickleWriteOptions, type StorageId } from './pickle-writer.ts';
-export { findTorchGlobal, STORAGE_CLASS } from './torch-globals.ts';
+export * from './zip.ts';
+export * from './pickle.ts';
 export { readTorchSave, torchSaveToBuffer, writeTorchSave, type TorchLoadOptions, type TorchSaveOptions } from './torch-save.ts';
 export {
   ASGD_NUMERIC_KEYS, fromAsgdStateDict, scalarTensor, toAsgdStateDict,
