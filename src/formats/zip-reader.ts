@@ -20,7 +20,7 @@ export interface ZipEntry {
 export interface ZipReadOptions {
   /** Check CRC-32s on read. A stored CRC of 0 is not checked: PyTorch 2.x writes 0 when CRCs are disabled. Default true. */
   verifyCrc?: boolean;
-  /** Largest size a deflated entry may inflate to. Default 1 GiB. */
+  /** Most bytes deflated entries may inflate to, in total over all reads from this archive. Default 1 GiB. */
   maxInflatedSize?: number;
 }
 
@@ -65,13 +65,18 @@ export function readZip(input: Uint8Array, options: ZipReadOptions = {}): ZipArc
   }
   checkNoOverlap([...entries.values()], cdOffset);
 
+  let inflateBudget = maxInflatedSize;
   return {
     entries,
     read(name: string): Buffer {
       const entry = entries.get(name);
       if (!entry) throw new FormatError('ZIP_ENTRY_MISSING', `zip entry ${name} is missing`);
       const raw = buf.subarray(entry.dataOffset, entry.dataOffset + entry.compressedSize);
-      const data = entry.method === 0 ? raw : inflateEntry(entry, raw, maxInflatedSize);
+      let data = raw;
+      if (entry.method === 8) {
+        data = inflateEntry(entry, raw, inflateBudget, maxInflatedSize);
+        inflateBudget -= data.length;
+      }
       if (verifyCrc && entry.crc32 !== 0 && crc32(data) !== entry.crc32) {
         throw new FormatError('ZIP_CRC_MISMATCH', `zip entry ${name} fails its CRC-32 check`);
       }
@@ -207,12 +212,12 @@ function checkNoOverlap(entries: ZipEntry[], cdOffset: number): void {
   }
 }
 
-function inflateEntry(entry: ZipEntry, raw: Buffer, maxInflatedSize: number): Buffer {
+function inflateEntry(entry: ZipEntry, raw: Buffer, budget: number, maxInflatedSize: number): Buffer {
   if (entry.size > raw.length * DEFLATE_MAX_RATIO + 1024) {
     throw new FormatError('ZIP_CORRUPT', `zip entry ${entry.name} claims ${entry.size} bytes from ${raw.length} deflated bytes`);
   }
-  if (entry.size > maxInflatedSize) {
-    throw new FormatError('ZIP_LIMIT_EXCEEDED', `zip entry ${entry.name} inflates to ${entry.size} bytes, more than the ${maxInflatedSize} allowed`);
+  if (entry.size > budget) {
+    throw new FormatError('ZIP_LIMIT_EXCEEDED', `zip entry ${entry.name} inflates to ${entry.size} bytes; deflated entries may inflate to ${maxInflatedSize} bytes in total`);
   }
   let out: Buffer;
   try {

@@ -224,6 +224,9 @@ describe('zip reader refuses hostile archives', () => {
     };
     assert.equal(readZip(asDeflate(1 << 20)).read('a/bomb').length, 1 << 20);
     assert.equal(codeOf(() => readZip(asDeflate(1 << 20), { maxInflatedSize: 1000 }).read('a/bomb')), 'ZIP_LIMIT_EXCEEDED');
+    const budget = readZip(asDeflate(1 << 20), { maxInflatedSize: (1 << 20) + 10 });
+    budget.read('a/bomb');
+    assert.equal(codeOf(() => budget.read('a/bomb')), 'ZIP_LIMIT_EXCEEDED'); // the limit is a total over all reads
     assert.equal(codeOf(() => readZip(asDeflate(0xfffffff0)).read('a/bomb')), 'ZIP_CORRUPT');
     assert.equal(codeOf(() => readZip(asDeflate((1 << 20) - 1)).read('a/bomb')), 'ZIP_CORRUPT');
   });
