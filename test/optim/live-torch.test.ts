@@ -1,7 +1,9 @@
 // Live: run the golden generator with real PyTorch for a fresh seed and replay its output through
 // both kernels, bit for bit. Fused (this machine's SIMD PyTorch) and unfused (the same PyTorch with
 // ATEN_CPU_CAPABILITY=default). If TORCH2_PYTHON names an interpreter with PyTorch 2.x, it is checked
-// too. Skips only when /usr/bin/python3 cannot import torch.
+// too (measured once: 2.13.0+cpu from /opt/wheels, installed with --no-deps into a venv whose missing
+// typing_extensions/sympy pieces had to be shimmed, agrees bit for bit and even writes byte-identical
+// fixtures). Skips only when /usr/bin/python3 cannot import torch.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
