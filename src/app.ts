@@ -93,6 +93,15 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
     { parseAs: 'buffer' },
     (_request, body, done) => done(null, body),
   );
+  // A route accepts the media types its schema lists in `consumes` (JSON only when it lists none); the
+  // parsers above are global, so without this a file sent to a JSON route would reach its handler.
+  fastify.addHook('preValidation', async (request) => {
+    const type = request.headers['content-type'];
+    if (type === undefined || request.body === undefined) return;
+    const media = type.split(';')[0].trim().toLowerCase();
+    const accepted = (request.routeOptions.schema as { consumes?: string[] } | undefined)?.consumes ?? ['application/json'];
+    if (!accepted.includes(media)) throw errors.unsupportedMediaType(media.slice(0, 100), accepted.join(', '));
+  });
 
   // Every response says which request it was (the same id is on every log line of the request).
   fastify.addHook('onRequest', async (request, reply) => {
@@ -181,6 +190,9 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     clientErrorHandler,
     ajv: { customOptions: { coerceTypes: 'array', removeAdditional: false, allErrors: false } },
     return503OnClosing: true,
+    // Opening the embedded database (PGlite compiles PostgreSQL to WebAssembly) and migrating it can take
+    // well over fastify's default 10 s on a busy machine.
+    pluginTimeout: 120_000,
   });
   // fastify-plugin: the app's decorations (db, sessions) are visible on the instance tests hold.
   await fastify.register(fp(app, { name: 'asgd-serve' }), opts);

@@ -51,6 +51,17 @@ export default fp(
       },
       transform: ({ schema, url, route }) => {
         const s: Schema = { ...((schema ?? {}) as Schema) };
+        // `consumes` is what the route accepts (src/app.ts enforces it): JSON with the route's body schema,
+        // files as binary strings.
+        if (Array.isArray(s.consumes) && s.consumes.length > 0) {
+          s.body = {
+            content: Object.fromEntries((s.consumes as string[]).map((type) => [
+              type,
+              { schema: type === 'application/json' ? (s.body ?? { type: 'object' }) : { type: 'string', format: 'binary' } },
+            ])),
+          };
+          delete s.consumes;
+        }
         const response: Record<string, unknown> = { ...(s.response ?? {}) };
         const scope = route.config?.scope ?? 'admin';
         const statuses: number[] = [];

@@ -6,6 +6,7 @@ import { errors } from '../../errors.ts';
 import { sessionJson, setVersion, ifMatchOf, optionalWhole } from '../common.ts';
 import { errorResponses, Hyperparameters, NameParams, Session, Tensor } from '../schemas.ts';
 import { parseCreateBody } from './create.ts';
+import { BINARY_TYPES } from './binary.ts';
 import stepRoutes from './step.ts';
 import stateRoutes from './state.ts';
 import snapshotRoutes from './snapshots.ts';
@@ -19,6 +20,7 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
       summary: 'Create a session',
       description: 'Creates a training session from named float32 parameters and ASGD hyperparameters. The body is JSON, or a torch.save / safetensors file (see the README).',
       tags: ['sessions'],
+      consumes: ['application/json', ...BINARY_TYPES.safetensors, ...BINARY_TYPES.pt],
       body: Type.Object({
         name: Type.String(),
         params: Type.Array(Type.Object({ name: Type.String(), shape: Type.Array(Type.Integer()), data: Type.Array(Type.Number()) })),

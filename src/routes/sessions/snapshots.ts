@@ -5,7 +5,7 @@ import type { Config } from '../../config.ts';
 import { errors } from '../../errors.ts';
 import { booleanQuery, ifMatchOf, sessionJson, setVersion, snapshotJson } from '../common.ts';
 import { errorResponses, NameParams, Session, Snapshot, SnapshotParams } from '../schemas.ts';
-import { readFormats, sendView } from './state.ts';
+import { checkpointFormats, readFormats, sendView } from './state.ts';
 
 const snapshotIdOf = (request: FastifyRequest) => Number((request.params as { id: string }).id);
 
@@ -73,7 +73,7 @@ export default async function snapshotRoutes(fastify: FastifyInstance, _opts: { 
           format: Type.Optional(Type.Union([Type.Literal('json'), Type.Literal('pt'), Type.Literal('safetensors')])),
           ...(kind === 'params' && { averaged: Type.Optional(Type.Boolean()) }),
         }),
-        response: { ...readFormats, ...errorResponses(400, 401, 403, 404, 406) },
+        response: { ...(kind === 'checkpoint' ? checkpointFormats : readFormats), ...errorResponses(400, 401, 403, 404, 406) },
       },
     }, async (request, reply) => {
       void booleanQuery;

@@ -28,6 +28,17 @@ export const readFormats = {
   },
 };
 
+/** A checkpoint is a torch.save file or JSON (safetensors cannot hold its nested structure). */
+export const checkpointFormats = {
+  200: {
+    description: 'The checkpoint, as a torch.save file (application/octet-stream) or JSON',
+    content: {
+      'application/octet-stream': readFormats[200].content['application/octet-stream'],
+      'application/json': readFormats[200].content['application/json'],
+    },
+  },
+};
+
 export async function viewFor(fastify: FastifyInstance, request: FastifyRequest): Promise<StateView> {
   const { name } = request.params as { name: string };
   const version = optionalWhole((request.query as { version?: string }).version, 'version', 1);
@@ -89,6 +100,7 @@ export default async function stateRoutes(fastify: FastifyInstance, opts: { conf
       tags: ['state'],
       params: NameParams,
       headers: Type.Object({ 'if-match': Type.Optional(Type.String()) }),
+      consumes: ['application/json', ...BINARY_TYPES.pt, ...BINARY_TYPES.safetensors],
       body: Type.Object({ state: Type.Record(Type.String(), Type.Unknown()), param_groups: Type.Array(Type.Record(Type.String(), Type.Unknown())) }),
       response: { 200: Session, ...errorResponses(400, 401, 403, 404, 412, 413, 415) },
     },
@@ -108,7 +120,7 @@ export default async function stateRoutes(fastify: FastifyInstance, opts: { conf
       tags: ['state'],
       params: NameParams,
       querystring: Type.Object({ version: ReadQuery.properties.version, format: Type.Optional(Type.Union([Type.Literal('json'), Type.Literal('pt')])) }),
-      response: { ...readFormats, ...errorResponses(400, 401, 403, 404, 406) },
+      response: { ...checkpointFormats, ...errorResponses(400, 401, 403, 404, 406) },
     },
   }, async (request, reply) => sendView('checkpoint', request, reply, await viewFor(fastify, request)));
 
@@ -120,6 +132,7 @@ export default async function stateRoutes(fastify: FastifyInstance, opts: { conf
       tags: ['state'],
       params: NameParams,
       headers: Type.Object({ 'if-match': Type.Optional(Type.String()) }),
+      consumes: ['application/json', ...BINARY_TYPES.pt],
       response: { 200: Session, ...errorResponses(400, 401, 403, 404, 412, 413, 415) },
     },
   }, async (request, reply) => {

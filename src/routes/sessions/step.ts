@@ -7,7 +7,7 @@ import { errors } from '../../errors.ts';
 import type { GradientInput } from '../../sessions/gradients.ts';
 import { idempotencyKeyOf, ifMatchOf, optionalWhole, setVersion } from '../common.ts';
 import { errorResponses, NameParams, StepAnswer } from '../schemas.ts';
-import { binaryGradients } from './binary.ts';
+import { BINARY_TYPES, binaryGradients } from './binary.ts';
 
 export default async function stepRoutes(fastify: FastifyInstance, opts: { config: Config }) {
   fastify.post('/:name/step', {
@@ -19,6 +19,7 @@ export default async function stepRoutes(fastify: FastifyInstance, opts: { confi
         'Body: JSON {"grads": {name: tensor or flat list}, "base_version"?} or a safetensors file of gradients ' +
         '(Content-Type application/x-safetensors; base_version then in the query). A parameter without a gradient is skipped, as in PyTorch.',
       tags: ['training'],
+      consumes: ['application/json', ...BINARY_TYPES.safetensors, ...BINARY_TYPES.pt],
       params: NameParams,
       querystring: Type.Object({ base_version: Type.Optional(Type.String({ pattern: '^[0-9]{1,15}$', description: 'The version the gradient was computed from' })) }),
       headers: Type.Object({

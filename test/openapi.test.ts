@@ -1,0 +1,111 @@
+// openapi/openapi.json is generated from the routes (npm run openapi) and must be fresh; the document must
+// say what the routes do: their errors, their access, and the media types they really accept and answer.
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { test } from 'node:test';
+import { generateOpenApi, OPENAPI_FILE } from '../scripts/openapi.ts';
+import { buildTestApp, PG_ADMIN_URL, TEST_DB_KIND } from './helper.ts';
+import { createSession, fillPath, operations, type Operation } from './ops/support.ts';
+
+const MEDIA = ['application/json', 'application/octet-stream', 'application/vnd.pytorch', 'application/x-safetensors', 'application/safetensors', 'text/plain'];
+
+test('openapi/openapi.json is what the routes generate (run `npm run openapi` after changing a route)', async () => {
+  const committed = JSON.parse(readFileSync(OPENAPI_FILE, 'utf8'));
+  const fresh = await generateOpenApi(TEST_DB_KIND === 'postgres' ? PG_ADMIN_URL : null);
+  const differences = diff(committed, fresh, '');
+  assert.deepEqual(differences, [], 'openapi/openapi.json is stale: run `npm run openapi` and commit it');
+  assert.deepEqual(committed, fresh);
+});
+
+/** JSON pointers where two documents differ (the first few). */
+function diff(a: unknown, b: unknown, at: string, out: string[] = []): string[] {
+  if (out.length >= 10) return out;
+  if (a && b && typeof a === 'object' && typeof b === 'object' && Array.isArray(a) === Array.isArray(b)) {
+    const keys = new Set([...Object.keys(a), ...Object.keys(b)]);
+    for (const key of keys) diff((a as Record<string, unknown>)[key], (b as Record<string, unknown>)[key], `${at}/${key.replace(/~/g, '~0').replace(/\//g, '~1')}`, out);
+  } else if (JSON.stringify(a) !== JSON.stringify(b)) out.push(at || '/');
+  return out;
+}
+
+test('every operation documents its errors and its access', async (t) => {
+  const doc = JSON.parse(readFileSync(OPENAPI_FILE, 'utf8'));
+  assert.equal(doc.openapi, '3.0.3');
+  assert.ok(doc.info.title && doc.info.version);
+  assert.deepEqual(doc.components.securitySchemes.bearerAuth, { type: 'http', scheme: 'bearer', description: doc.components.securitySchemes.bearerAuth.description });
+  const tags = new Set(doc.tags.map((tag: { name: string }) => tag.name));
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: 'an-admin-token-for-openapi' } });
+  const access = new Map(app.routeAccess.map((r) => [`${r.method} ${(r.url.length > 1 ? r.url.replace(/\/$/, '') : r.url).replace(/:(\w+)/g, '{$1}')}`, r]));
+
+  for (const { method, path, op } of operations(doc) as (Operation & { op: { tags?: string[]; summary?: string } })[]) {
+    const label = `${method} ${path}`;
+    assert.ok(op.summary, `${label} has a summary`);
+    assert.ok(op.tags?.length && op.tags.every((tag) => tags.has(tag)), `${label} has declared tags`);
+    const route = access.get(label);
+    assert.ok(route, `${label} is a route of the app`);
+    // Access: a security requirement exactly where the route needs a token.
+    if (route.scope === 'public') assert.equal(op.security, undefined, label);
+    else {
+      assert.deepEqual(op.security, [{ bearerAuth: [] }], label);
+      assert.equal(op['x-scope'], route.scope, label);
+    }
+    // Errors: what auth, limits, validation and lookups can answer.
+    const expected = new Set<number>();
+    if (route.scope !== 'public') [401, 403, 429].forEach((s) => expected.add(s));
+    if (op.parameters?.length || op.requestBody) expected.add(400);
+    if (op.requestBody) [413, 415].forEach((s) => expected.add(s));
+    if (op.parameters?.some((p) => p.in === 'path')) expected.add(404);
+    if (path.startsWith('/v1/')) expected.add(503);
+    for (const status of expected) {
+      const response = op.responses[String(status)] as { content?: Record<string, { schema: { properties?: Record<string, unknown>; required?: string[] } }> } | undefined;
+      assert.ok(response, `${label} documents ${status}`);
+      const schema = response.content?.['application/json']?.schema;
+      assert.ok(schema?.properties?.code && schema.required?.includes('code'), `${label} ${status} is an error body with a code`);
+    }
+    assert.ok(Object.keys(op.responses).some((s) => /^2\d\d$/.test(s)), `${label} documents its success`);
+  }
+});
+
+test('the media types each operation documents are the ones it accepts and answers', async (t) => {
+  const doc = JSON.parse(readFileSync(OPENAPI_FILE, 'utf8'));
+  const { app } = await buildTestApp(t);
+  await createSession(app, 'p', {});
+  const snapshot = (await app.inject({ url: '/v1/sessions/p/snapshots' })).json().snapshots[0].id;
+  let probes = 0;
+  for (const { method, path, op } of operations(doc)) {
+    const label = `${method} ${path}`;
+    if (op.requestBody) {
+      const documented = Object.keys(op.requestBody.content);
+      assert.ok(documented.includes('application/json'), label);
+      // A body that is no valid anything, to a session that does not exist: nothing can change.
+      const url = fillPath(path, { name: 'nope', id: '999999' });
+      for (const type of MEDIA) {
+        const res = await app.inject({ method: method as 'POST', url, headers: { 'content-type': type }, payload: Buffer.from('\x00\x01 not a file {') });
+        probes++;
+        assert.ok(res.statusCode >= 400 && res.statusCode < 500, `${label} ${type}: ${res.statusCode} ${res.body}`);
+        if (documented.includes(type)) assert.notEqual(res.statusCode, 415, `${label} documents ${type} but answers 415: ${res.body}`);
+        else {
+          assert.equal(res.statusCode, 415, `${label} accepts ${type} but does not document it: ${res.body}`);
+          assert.equal(res.json().code, 'UNSUPPORTED_MEDIA_TYPE');
+        }
+      }
+    }
+    const ok = op.responses['200']?.content;
+    if (method === 'GET' && ok && /\/(params|state_dict|checkpoint)$/.test(path)) {
+      const documented = Object.keys(ok);
+      assert.ok(documented.includes('application/octet-stream'), `${label} lists torch.save`);
+      const url = fillPath(path, { name: 'p', id: String(snapshot) });
+      for (const type of ['application/json', 'application/octet-stream', 'application/x-safetensors']) {
+        const res = await app.inject({ url, headers: { accept: type } });
+        probes++;
+        if (documented.includes(type)) {
+          assert.equal(res.statusCode, 200, `${label} documents ${type}: ${res.body.slice(0, 200)}`);
+          assert.equal(String(res.headers['content-type']).split(';')[0], type, label);
+        } else {
+          assert.equal(res.statusCode, 406, `${label} answers ${type} but does not document it`);
+        }
+      }
+    }
+  }
+  assert.ok(probes >= 60, `${probes} probes`);
+  t.diagnostic(`media probes: ${probes}`);
+});
