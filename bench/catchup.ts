@@ -1,0 +1,93 @@
+// Catch-up: a fresh process taking over a 1e6-parameter session 99 steps after its last snapshot (the
+// previous owner crashed: no shutdown snapshot). The figure is the time of the first read of the params on
+// a fresh app (snapshot + 99 logged gradients replayed); the baseline, the same first read of a session
+// whose newest snapshot is its current version (loading a snapshot alone).
+//   npx tsx bench/catchup.ts [--rounds 5]
+// Each round builds two fresh apps in this process (listening on loopback) on the same database, times
+// one first read on each, and closes them without writing anything (their caches are dropped first).
+import { buildApp } from '../src/app.ts';
+import { loadConfig } from '../src/config.ts';
+import {
+  call, createDatabase, createSession, describe, isMain, median, ms, now, SAFETENSORS, safetensorsOf, startServer,
+  type BenchResult, type ServerProcess,
+} from './common.ts';
+import { STEP_SPEC } from './durable-step.ts';
+
+const STEPS_AFTER_SNAPSHOT = 99;
+
+export interface CatchupOptions {
+  rounds?: number;
+  log?: (line: string) => void;
+}
+
+/** Seconds of the first GET params (safetensors) on a fresh app. */
+async function firstRead(databaseUrl: string, session: string): Promise<number> {
+  const app = await buildApp({ config: loadConfig({ LOG_LEVEL: 'silent', DATABASE_URL: databaseUrl, ASGD_HEALTH_CHECK_INTERVAL_MS: '0' }), logger: false });
+  try {
+    await app.listen({ host: '127.0.0.1', port: 0 });
+    const url = `http://127.0.0.1:${(app.server.address() as { port: number }).port}`;
+    const start = now();
+    const answer = await call(url, 'GET', `/v1/sessions/${session}/params?format=safetensors`);
+    const seconds = now() - start;
+    if (answer.body.byteLength < STEP_SPEC.reduce((a, p) => a + p.numel * 4, 0)) throw new Error('short answer');
+    return seconds;
+  } finally {
+    app.sessions.dropCache(); // a read-only visit: no shutdown snapshot
+    await app.close();
+  }
+}
+
+export async function runCatchupBench(options: CatchupOptions = {}): Promise<BenchResult> {
+  const rounds = options.rounds ?? 5;
+  const log = options.log ?? console.log;
+  const db = await createDatabase();
+  let owner: ServerProcess | null = null;
+  try {
+    // The previous owner: both sessions created (snapshot at version 1) and stepped 99 times, never
+    // snapshotted again; 'snapshotted' then gets a manual snapshot at its current version.
+    owner = await startServer({ DATABASE_URL: db.url });
+    const bodies = [1, 2, 3].map((seed) => safetensorsOf(STEP_SPEC, 300 + seed, 0.01));
+    for (const name of ['takeover', 'snapshotted']) {
+      await createSession(owner.url, name, STEP_SPEC, { snapshot_every: 1000 });
+      for (let i = 0; i < STEPS_AFTER_SNAPSHOT; i++) {
+        await call(owner.url, 'POST', `/v1/sessions/${name}/step`, { headers: SAFETENSORS, body: bodies[i % bodies.length] });
+      }
+    }
+    await call(owner.url, 'POST', '/v1/sessions/snapshotted/snapshots', { headers: { 'content-type': 'application/json' }, body: '{}' }, 201);
+    await owner.stop('SIGKILL'); // a crash: no shutdown snapshot of 'takeover'
+    owner = null;
+
+    await firstRead(db.url, 'snapshotted'); // warm-up: code paths and the database's caches
+    await firstRead(db.url, 'takeover');
+    const takeover: number[] = [];
+    const snapshotOnly: number[] = [];
+    for (let r = 0; r < rounds; r++) {
+      takeover.push(await firstRead(db.url, 'takeover'));
+      snapshotOnly.push(await firstRead(db.url, 'snapshotted'));
+      log(`  round ${r + 1}/${rounds}: takeover ${ms(takeover[r])}, snapshot alone ${ms(snapshotOnly[r])}`);
+    }
+    const figure = median(takeover);
+    const base = median(snapshotOnly);
+    return {
+      key: 'catchup',
+      title: `catch-up: first read on a fresh app, 1e6 parameters, ${STEPS_AFTER_SNAPSHOT} steps after the last snapshot`,
+      figure: ms(figure),
+      baseline: `${ms(base)} for the same first read from a snapshot alone`,
+      ratio: figure / base,
+      target: null,
+      notes: [
+        `median of ${rounds} rounds; replay reads ${STEPS_AFTER_SNAPSHOT} x 4 MB of logged gradients and runs ${STEPS_AFTER_SNAPSHOT} kernel steps: ` +
+          `${ms((figure - base) / STEPS_AFTER_SNAPSHOT)} per replayed step`,
+      ],
+    };
+  } finally {
+    await owner?.stop('SIGKILL');
+    await db.drop();
+  }
+}
+
+if (isMain(import.meta.url)) {
+  const args = process.argv.slice(2);
+  const opt = (name: string) => (args.includes(name) ? Number(args[args.indexOf(name) + 1]) : undefined);
+  console.log(describe(await runCatchupBench({ rounds: opt('--rounds') })));
+}

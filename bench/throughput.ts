@@ -1,0 +1,107 @@
+// Small-model throughput: 1e3 parameters, 16 concurrent clients spread over 3 server processes, all
+// stepping one session (safetensors gradients), in steps per second; against a bare `pg` locked-row
+// update (BEGIN; SELECT … FOR UPDATE; UPDATE; COMMIT) by 16 concurrent connections on one row.
+//   npx tsx bench/throughput.ts [--rounds 5] [--seconds 3]
+// Rounds alternate the two; each runs for a fixed time (and at most a fixed number of steps per client);
+// the figure is the median over rounds.
+import pg from 'pg';
+import {
+  call, createDatabase, createSession, describe, isMain, median, modelSpec, now, SAFETENSORS, safetensorsOf, startServer,
+  type BenchResult, type ServerProcess,
+} from './common.ts';
+
+const NUMEL = 1_000;
+const CLIENTS = 16;
+const SERVERS = 3;
+/** Bound on each client's loop within one round, whatever the clock says. */
+const MAX_STEPS_PER_CLIENT = 100_000;
+
+export interface ThroughputOptions {
+  rounds?: number;
+  seconds?: number;
+  log?: (line: string) => void;
+}
+
+/** Runs `clients` loops of `one(client)` for `seconds`; returns completed operations per second. */
+async function saturate(clients: number, seconds: number, one: (client: number) => Promise<void>): Promise<number> {
+  const start = now();
+  const deadline = start + seconds;
+  let done = 0;
+  await Promise.all(
+    Array.from({ length: clients }, async (_, c) => {
+      for (let i = 0; i < MAX_STEPS_PER_CLIENT && now() < deadline; i++) {
+        await one(c);
+        done++;
+      }
+    }),
+  );
+  return done / (now() - start);
+}
+
+export async function runThroughputBench(options: ThroughputOptions = {}): Promise<BenchResult> {
+  const rounds = options.rounds ?? 5;
+  const seconds = options.seconds ?? 3;
+  const log = options.log ?? console.log;
+  const db = await createDatabase();
+  const servers: ServerProcess[] = [];
+  const connections: pg.Client[] = [];
+  try {
+    for (let s = 0; s < SERVERS; s++) servers.push(await startServer({ DATABASE_URL: db.url }));
+    const spec = modelSpec(NUMEL, 2);
+    await createSession(servers[0].url, 'small', spec);
+    const bodies = Array.from({ length: CLIENTS }, (_, c) => safetensorsOf(spec, 200 + c, 0.01));
+    const step = (c: number) => call(servers[c % SERVERS].url, 'POST', '/v1/sessions/small/step', { headers: SAFETENSORS, body: bodies[c] }).then(() => undefined);
+
+    const setup = new pg.Client({ connectionString: db.url });
+    await setup.connect();
+    await setup.query('CREATE TABLE bench_counter (id int PRIMARY KEY, version bigint NOT NULL)');
+    await setup.query('INSERT INTO bench_counter VALUES (1, 0)');
+    await setup.end();
+    for (let c = 0; c < CLIENTS; c++) {
+      const client = new pg.Client({ connectionString: db.url });
+      await client.connect();
+      connections.push(client);
+    }
+    const lockedUpdate = async (c: number) => {
+      const client = connections[c];
+      await client.query('BEGIN');
+      await client.query({ name: 'lock', text: 'SELECT version FROM bench_counter WHERE id = 1 FOR UPDATE' });
+      await client.query({ name: 'bump', text: 'UPDATE bench_counter SET version = version + 1 WHERE id = 1' });
+      await client.query('COMMIT');
+    };
+
+    await saturate(CLIENTS, 1, step); // warm-up: every process loads the session, JIT warms up
+    await saturate(CLIENTS, 1, lockedUpdate);
+    const oursRounds: number[] = [];
+    const baseRounds: number[] = [];
+    for (let r = 0; r < rounds; r++) {
+      oursRounds.push(await saturate(CLIENTS, seconds, step));
+      baseRounds.push(await saturate(CLIENTS, seconds, lockedUpdate));
+      log(`  round ${r + 1}/${rounds}: ${oursRounds[r].toFixed(0)} steps/s, bare locked update ${baseRounds[r].toFixed(0)}/s`);
+    }
+    const ours = median(oursRounds);
+    const base = median(baseRounds);
+    const version = (await call(servers[0].url, 'GET', '/v1/sessions/small')).json<{ version: number }>().version;
+    return {
+      key: 'throughput',
+      title: `small-model throughput, 1e3 parameters, ${CLIENTS} clients over ${SERVERS} processes, one session`,
+      figure: `${ours.toFixed(0)} steps/s`,
+      baseline: `${base.toFixed(0)} bare pg locked-row updates/s (${CLIENTS} connections)`,
+      ratio: ours / base,
+      target: { op: '>=', value: 0.6 },
+      notes: [
+        `median of ${rounds} alternating rounds of ${seconds} s each; the session reached version ${version}`,
+      ],
+    };
+  } finally {
+    await Promise.all(connections.map((c) => c.end()));
+    await Promise.all(servers.map((s) => s.stop()));
+    await db.drop();
+  }
+}
+
+if (isMain(import.meta.url)) {
+  const args = process.argv.slice(2);
+  const opt = (name: string) => (args.includes(name) ? Number(args[args.indexOf(name) + 1]) : undefined);
+  console.log(describe(await runThroughputBench({ rounds: opt('--rounds'), seconds: opt('--seconds') })));
+}
