@@ -226,3 +226,40 @@ test('malformed files: each a 4xx with a code, the session unchanged, nothing ru
   const notAcceptable = await app.inject({ url: '/v1/sessions/f/params', headers: { accept: 'text/html' } });
   assert.equal(notAcceptable.statusCode, 406);
 });
+
+test('torch 2.x (when present): downloaded .pt files load with weights_only=True and step on identically', async (t) => {
+  const python = process.env.TORCH2_PYTHON;
+  if (!python) return t.skip('TORCH2_PYTHON is not set (no torch 2.x on this machine)');
+  const app = await setup(t);
+  for (let k = 0; k < 5; k++) await app.inject({ method: 'POST', url: '/v1/sessions/f/step', payload: { grads: grads(k) } });
+  const dir = mkdtempSync(join(tmpdir(), 'asgd-pt2-'));
+  writeFileSync(join(dir, 'opt.pt'), (await app.inject({ url: '/v1/sessions/f/state_dict?format=pt' })).rawPayload);
+  writeFileSync(join(dir, 'model.pt'), (await app.inject({ url: '/v1/sessions/f/params?format=pt' })).rawPayload);
+  writeFileSync(join(dir, 'ckpt.pt'), (await app.inject({ url: '/v1/sessions/f/checkpoint' })).rawPayload);
+  const later = [5, 6, 7].map(grads);
+  for (let k = 5; k < 8; k++) await app.inject({ method: 'POST', url: '/v1/sessions/f/step', payload: { grads: grads(k) } });
+  const { spawnSync } = await import('node:child_process');
+  const r = spawnSync(python, ['-c', `
+import json, struct, sys, torch
+torch.set_num_threads(1)
+d = sys.argv[1]
+ckpt = torch.load(d + '/ckpt.pt', weights_only=True)
+assert ckpt['step'] == 5
+model = torch.nn.Module()
+model.fc = torch.nn.Linear(5, 3)
+model.load_state_dict(torch.load(d + '/model.pt', weights_only=True))
+opt = torch.optim.ASGD(model.parameters())
+opt.load_state_dict(torch.load(d + '/opt.pt', weights_only=True))
+for g in json.loads(sys.stdin.read()):
+    model.fc.weight.grad = torch.tensor(g['fc.weight']).reshape(3, 5)
+    model.fc.bias.grad = torch.tensor(g['fc.bias'])
+    opt.step()
+hx = lambda t: [format(x, '08x') for x in struct.unpack('<%dI' % t.numel(), t.detach().numpy().astype('<f4').tobytes())]
+print(json.dumps({'w': hx(model.fc.weight), 'b': hx(model.fc.bias)}))
+`, dir], { input: JSON.stringify(later), encoding: 'utf8' });
+  assert.equal(r.status, 0, r.stderr);
+  const out = JSON.parse(r.stdout);
+  const mine = (await app.inject({ url: '/v1/sessions/f/params' })).json().params;
+  assert.deepEqual(hexOf(mine['fc.weight'].data), out.w);
+  assert.deepEqual(hexOf(mine['fc.bias'].data), out.b);
+});
