@@ -56,8 +56,34 @@ export async function openDatabase(options: DatabaseOptions): Promise<Database> 
 
 async function openPostgres(url: string, options: DatabaseOptions): Promise<Database> {
   const pool = new pg.Pool({ connectionString: url, max: options.poolSize, connectionTimeoutMillis: 10_000 });
-  // An idle client losing its server must not crash the process; the next query reports it.
-  pool.on('error', (err) => options.onError?.(err));
+  // An idle client losing its server must not crash the process; the next query reports it. pg-pool hangs
+  // the whole client object on the error (`err.client`): not something to serialise into a log line.
+  pool.on('error', (err) => {
+    delete (err as Error & { client?: unknown }).client;
+    options.onError?.(err);
+  });
+
+  /**
+   * A client checked out of the pool for several statements. While checked out it has no pool listener:
+   * when its connection dies between two statements (a database restart, a network cut) pg emits 'error'
+   * on it, and an 'error' event nobody hears kills the process. Here it only marks the client broken; the
+   * statement in flight or the next one rejects with the connection error, which callers map to a 503.
+   */
+  const checkout = async (): Promise<{ client: pg.PoolClient; release: (broken?: boolean) => void }> => {
+    const client = await pool.connect();
+    let lost = false;
+    const onError = () => {
+      lost = true;
+    };
+    client.on('error', onError);
+    return {
+      client,
+      release(broken = false) {
+        client.removeListener('error', onError);
+        client.release(broken || lost);
+      },
+    };
+  };
   const orm = drizzlePg(pool, { schema });
 
   const run = async <R>(client: pg.Pool | pg.PoolClient, text: string, params: unknown[] = [], opts: QueryOptions = {}) => {
@@ -72,7 +98,7 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
     orm: orm as unknown as Database['orm'],
     query: (text, params, opts) => run(pool, text, params, opts),
     async transaction(fn) {
-      const client = await pool.connect();
+      const { client, release } = await checkout();
       let broken = false;
       try {
         await client.query('BEGIN');
@@ -88,13 +114,13 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
         }
         throw err;
       } finally {
-        client.release(broken);
+        release(broken);
       }
     },
     byteaParam: (n) => `$${n}`,
     byteaValue: (buf) => buf,
     async migrate() {
-      const client = await pool.connect();
+      const { client, release } = await checkout();
       try {
         await client.query('SELECT pg_advisory_lock($1)', [MIGRATION_LOCK]);
         try {
@@ -105,7 +131,7 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
           await client.query('SELECT pg_advisory_unlock($1)', [MIGRATION_LOCK]);
         }
       } finally {
-        client.release();
+        release();
       }
     },
     async ready() {
