@@ -1,6 +1,7 @@
 // Three service processes on one PostgreSQL database: concurrent clients spread over them see one
 // session, and the result is the single-process result of the acknowledged steps in version order.
 import assert from 'node:assert/strict';
+import http from 'node:http';
 import { test } from 'node:test';
 import { TEST_DB_KIND } from '../helper.ts';
 import { Cluster, count503, httpRequest, newStats, requestWithRetry } from '../support/cluster.ts';
@@ -74,6 +75,32 @@ test('an Idempotency-Key sent to different processes steps once and answers alik
     assert.equal(fresh[0].body.version, round + 3);
   }
 
+  // An answer lost on the way: the client hangs up as soon as its request is out; the step lands anyway, and
+  // the retry on another process finds it instead of stepping again.
+  const lostKey = 'lost-answer';
+  await new Promise<void>((resolve, reject) => {
+    const payload = JSON.stringify({ grads: gradientOf(0, 50) });
+    const req = http.request(`${cluster.processes[0].url}/v1/sessions/idem/step`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload), 'idempotency-key': lostKey },
+    });
+    req.on('error', () => {}); // the hang-up below
+    req.on('response', () => reject(new Error('the answer arrived before the hang-up; the test needs it lost')));
+    req.end(payload, () => {
+      req.destroy();
+      resolve();
+    });
+  });
+  let landed = false;
+  for (let i = 0; i < 100 && !landed; i++) {
+    landed = (await requestWithRetry(cluster, stats, '/v1/sessions/idem', { prefer: 2 })).body.version === 3 + rounds;
+    if (!landed) await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  assert.ok(landed, 'the step whose answer was lost was applied');
+  const retried = await step(1, lostKey, 50);
+  assert.equal(retried.status, 200, retried.text);
+  assert.deepEqual(retried.body, { session: 'idem', step: 2 + rounds, version: 3 + rounds, staleness: 0, replayed: true });
+
   // The same key with another body: refused on every process, nothing moves.
   for (const p of [0, 1, 2]) {
     const other = await step(p, 'seq-key', 99);
@@ -81,9 +108,9 @@ test('an Idempotency-Key sent to different processes steps once and answers alik
     assert.equal(other.body.code, 'IDEMPOTENCY_KEY_REUSED');
   }
   const session = (await requestWithRetry(cluster, stats, '/v1/sessions/idem')).body;
-  assert.equal(session.version, 2 + rounds);
-  assert.equal(session.step, 1 + rounds);
+  assert.equal(session.version, 3 + rounds);
+  assert.equal(session.step, 2 + rounds);
   const log = await cluster.sql<{ n: number }>('SELECT count(*)::int AS n FROM step_log');
-  assert.equal(log[0].n, 1 + rounds, 'the log holds one entry per key');
-  console.log(`cluster/idempotency: ${1 + rounds} steps from ${4 + rounds * 6} requests, ${3 + replays} replayed answers, 3 refused with 422`);
+  assert.equal(log[0].n, 2 + rounds, 'the log holds one entry per key');
+  console.log(`cluster/idempotency: ${2 + rounds} steps from ${6 + rounds * 6} requests, ${4 + replays} replayed answers (one after a lost answer), 3 refused with 422`);
 });
