@@ -41,8 +41,10 @@ export interface StepLogEntry {
   grads: Buffer;
 }
 
-const SESSION_COLUMNS = `id::float8 AS id, name, params, groups, numel::float8 AS numel, version::float8 AS version, step::float8 AS step,
-  snapshot_every, keep_snapshots, max_staleness, created_at, updated_at`;
+/** The session columns as SessionRecord reads them, qualified by `t` ("sessions.") where a join needs it. */
+const sessionColumns = (t = '') => `${t}id::float8 AS id, ${t}name, ${t}params, ${t}groups, ${t}numel::float8 AS numel, ${t}version::float8 AS version,
+  ${t}step::float8 AS step, ${t}snapshot_every, ${t}keep_snapshots, ${t}max_staleness, ${t}created_at, ${t}updated_at`;
+const SESSION_COLUMNS = sessionColumns();
 
 function toSession(r: Record<string, unknown>): SessionRecord {
   return {
@@ -149,6 +151,57 @@ export async function insertStep(db: Database, q: Queryable, sessionId: number, 
     [sessionId, entry.version, JSON.stringify(entry.present), db.byteaValue(entry.grads), baseVersion],
     { name: 'step_log_insert' },
   );
+}
+
+export interface AppendedStep {
+  /** The session's version and max_staleness when the row lock was granted (before this step). */
+  previousVersion: number;
+  maxStaleness: number | null;
+  /** The session after the step; null when a check failed and nothing was written. */
+  session: SessionRecord | null;
+}
+
+/**
+ * One step as one statement (one round trip, autocommit): lock the session row, check If-Match and
+ * staleness against the locked version, log the gradient as version + 1 and bump the row. The row lock
+ * is held for this statement and its commit only. null when the session (this id) no longer exists.
+ * Under READ COMMITTED the lock wait ends on the newest row version (EvalPlanQual), and the UPDATE
+ * re-reads that version too, so the checks and the new version are those of the row as locked.
+ */
+export async function appendStep(
+  db: Database,
+  q: Queryable,
+  sessionId: number,
+  entry: { present: number[]; grads: Buffer },
+  checks: { ifMatch: number | null; baseVersion: number | null },
+): Promise<AppendedStep | null> {
+  const rows = await q.query(
+    `WITH locked AS (
+       SELECT id, version, max_staleness FROM sessions WHERE id = $1 FOR UPDATE
+     ), logged AS (
+       INSERT INTO step_log (session_id, version, present, grads, base_version)
+       SELECT id, version + 1, $2, ${db.byteaParam(3)}, $4::bigint FROM locked
+       WHERE ($5::bigint IS NULL OR version = $5::bigint)
+         AND ($4::bigint IS NULL OR $4::bigint <= version)
+         AND (max_staleness IS NULL OR $4::bigint IS NULL OR version - $4::bigint <= max_staleness)
+       RETURNING session_id, version
+     ), advanced AS (
+       UPDATE sessions SET version = logged.version, step = sessions.step + 1, updated_at = now()
+       FROM logged WHERE sessions.id = logged.session_id
+       RETURNING ${sessionColumns('sessions.')}
+     )
+     SELECT locked.version::float8 AS previous_version, locked.max_staleness AS previous_max_staleness, advanced.*
+     FROM locked LEFT JOIN advanced ON true`,
+    [sessionId, JSON.stringify(entry.present), db.byteaValue(entry.grads), checks.baseVersion, checks.ifMatch],
+    { name: 'step_append' },
+  );
+  if (rows.length === 0) return null;
+  const r = rows[0];
+  return {
+    previousVersion: r.previous_version as number,
+    maxStaleness: (r.previous_max_staleness as number | null) ?? null,
+    session: r.id === null || r.id === undefined ? null : toSession(r),
+  };
 }
 
 /** The log entries in (fromVersion, toVersion], in order, at most `limit` of them. */

@@ -119,6 +119,8 @@ export function createSessionService(options: SessionServiceOptions) {
   }
 
   const stateIds = new WeakMap<SessionState, number>();
+  /** Session name -> id of the sessions this process has loaded: a hint, checked by the statement that uses it. */
+  const sessionIds = new Map<string, number>();
   const stateId = (state: SessionState) => stateIds.get(state)!;
 
   function forget(id: number): void {
@@ -207,6 +209,7 @@ export function createSessionService(options: SessionServiceOptions) {
 
   /** The cached state brought to the session's current version (caught up from the log or rebuilt). */
   async function currentState(q: Queryable, session: SessionRecord): Promise<Cached> {
+    sessionIds.set(session.name, session.id);
     const cached = cache.get(session.id);
     if (cached && cached.state.version === session.version) {
       cached.lastUsed = Date.now();
@@ -331,52 +334,110 @@ export function createSessionService(options: SessionServiceOptions) {
     const queued = process.hrtime.bigint();
     return mutex.run(name, async () => {
       const started = process.hrtime.bigint();
-      let touched: number | null = null;
-      let entryForSnapshot: { session: SessionRecord; entry: Cached } | null = null;
-      try {
-        const answer = await db.transaction(async (tx) => {
-          const session = await mustFind(tx, name, true);
-          if (opts.idempotencyKey) {
-            const previous = await repo.findIdempotentAnswer(tx, session.id, opts.idempotencyKey, options.idempotencyWindowSeconds);
-            if (previous) {
-              if (previous.requestHash !== opts.requestHash) throw errors.idempotencyKeyReused();
-              return { ...(previous.response as unknown as StepAnswer), replayed: true };
-            }
-          }
-          checkIfMatch(opts.ifMatch, session);
-          const baseVersion = opts.baseVersion ?? null;
-          if (baseVersion !== null && baseVersion > session.version) {
-            throw errors.invalidBody(`base_version: ${baseVersion} is newer than the session's version ${session.version}`);
-          }
-          const staleness = baseVersion === null ? 0 : session.version - baseVersion;
-          if (session.maxStaleness !== null && staleness > session.maxStaleness) throw errors.staleGradient(staleness, session.maxStaleness, session.version);
-
-          const entry = await currentState(tx, session);
-          const { state } = entry;
-          const present = decodeGradients(input, state); // validates everything before anything moves
-          const version = session.version + 1;
-          await repo.insertStep(db, tx, session.id, { version, present, grads: packGradients(state, present) }, baseVersion);
-          touched = session.id;
-          state.applyStep(present, kernel, kernelOptions);
-          await repo.advanceSession(tx, session.id, state.version, state.step);
-          const result: StepAnswer = { session: name, step: state.step, version: state.version, staleness };
-          if (opts.idempotencyKey) await repo.saveIdempotentAnswer(tx, session.id, opts.idempotencyKey, opts.requestHash ?? '', { ...result });
-          if (state.version - entry.lastSnapshotVersion >= session.snapshotEvery) entryForSnapshot = { session, entry };
-          return result;
-        });
-        touched = null;
-        const done = process.hrtime.bigint();
-        hooks?.stepped?.(name, Number(done - started) / 1e9, Number(started - queued) / 1e9);
-        if (entryForSnapshot && !closing) {
-          const { session, entry } = entryForSnapshot as { session: SessionRecord; entry: Cached };
-          if (cache.get(session.id) === entry) snapshotInBackground(session, entry, 'auto');
-        }
-        return answer;
-      } finally {
-        // The transaction did not commit after the kernel ran: this process's copy is ahead of the database.
-        if (touched !== null) forget(touched);
-      }
+      // An Idempotency-Key needs its lookup and its answer under the row lock: a transaction. Every other
+      // step is one statement, with the row lock held for that statement and its commit only.
+      const { answer, snapshot } = opts.idempotencyKey ? await lockedStep(name, input, opts) : await appendedStep(name, input, opts);
+      const done = process.hrtime.bigint();
+      hooks?.stepped?.(name, Number(done - started) / 1e9, Number(started - queued) / 1e9);
+      if (snapshot && !closing && cache.get(snapshot.session.id) === snapshot.entry) snapshotInBackground(snapshot.session, snapshot.entry, 'auto');
+      return answer;
     });
+  }
+
+  type StepOutcome = { answer: StepAnswer; snapshot: { session: SessionRecord; entry: Cached } | null };
+
+  /** The errors of a step refused by the checks on the locked version, in the order they are checked. */
+  function checkStep(version: number, maxStaleness: number | null, opts: StepOptions): number {
+    if (opts.ifMatch !== null && opts.ifMatch !== undefined && opts.ifMatch !== version) throw errors.versionMismatch(`"${opts.ifMatch}"`, version);
+    const baseVersion = opts.baseVersion ?? null;
+    if (baseVersion !== null && baseVersion > version) {
+      throw errors.invalidBody(`base_version: ${baseVersion} is newer than the session's version ${version}`);
+    }
+    const staleness = baseVersion === null ? 0 : version - baseVersion;
+    if (maxStaleness !== null && staleness > maxStaleness) throw errors.staleGradient(staleness, maxStaleness, version);
+    return staleness;
+  }
+
+  /**
+   * A step as one statement (repo.appendStep). The gradient is validated against this process's copy of the
+   * session first (its layout); the kernel runs after the commit, when the copy was at the version before
+   * this step. A copy is never ahead of the database, so a failed statement leaves nothing to undo.
+   */
+  async function appendedStep(name: string, input: GradientInput, opts: StepOptions, retried = false): Promise<StepOutcome> {
+    const hinted = sessionIds.get(name);
+    let entry = hinted === undefined ? undefined : cache.get(hinted);
+    if (!entry) entry = await currentState(db, await mustFind(db, name));
+    const { state } = entry;
+    const id = stateId(state);
+    const present = decodeGradients(input, state); // validates everything before anything is written
+    const grads = packGradients(state, present);
+    const appended = await repo.appendStep(db, db, id, { present, grads }, { ifMatch: opts.ifMatch ?? null, baseVersion: opts.baseVersion ?? null });
+    if (!appended) {
+      // Deleted (and perhaps created again under the same name) by another process since this copy was made.
+      forget(id);
+      sessionIds.delete(name);
+      if (retried) throw errors.sessionNotFound(name);
+      return appendedStep(name, input, opts, true);
+    }
+    const staleness = checkStep(appended.previousVersion, appended.maxStaleness, opts);
+    const session = appended.session!;
+    let current = false;
+    if (cache.get(id) === entry) {
+      try {
+        if (state.version === appended.previousVersion) {
+          state.applyStep(present, kernel, kernelOptions); // in step with the database: stays current
+        } else if (session.version - entry.lastSnapshotVersion >= session.snapshotEvery) {
+          // Behind (other steps committed meanwhile) and a snapshot is due: catch up, this step included.
+          if (!(await replay(db, state, session.version))) forget(id);
+        }
+        // Otherwise the copy stays behind and catches up from the log when it is next read (currentState):
+        // under several writers that is one batched read instead of one per step.
+        current = cache.get(id) === entry && state.version === session.version;
+      } catch (err) {
+        // The step is committed; only this process's copy is lost (the next request rebuilds it).
+        forget(id);
+        log.warn({ err, session: name, version: session.version }, 'could not bring the cached state up to a committed step');
+      }
+    }
+    const answer: StepAnswer = { session: name, step: session.step, version: session.version, staleness };
+    return { answer, snapshot: current && state.version - entry.lastSnapshotVersion >= session.snapshotEvery ? { session, entry } : null };
+  }
+
+  /** A step with an Idempotency-Key: a transaction under the row lock (lookup, checks, log, answer). */
+  async function lockedStep(name: string, input: GradientInput, opts: StepOptions): Promise<StepOutcome> {
+    let touched: number | null = null;
+    let snapshot: StepOutcome['snapshot'] = null;
+    try {
+      const answer = await db.transaction(async (tx) => {
+        const session = await mustFind(tx, name, true);
+        if (opts.idempotencyKey) {
+          const previous = await repo.findIdempotentAnswer(tx, session.id, opts.idempotencyKey, options.idempotencyWindowSeconds);
+          if (previous) {
+            if (previous.requestHash !== opts.requestHash) throw errors.idempotencyKeyReused();
+            return { ...(previous.response as unknown as StepAnswer), replayed: true };
+          }
+        }
+        const staleness = checkStep(session.version, session.maxStaleness, opts);
+        const baseVersion = opts.baseVersion ?? null;
+        const entry = await currentState(tx, session);
+        const { state } = entry;
+        const present = decodeGradients(input, state); // validates everything before anything moves
+        const version = session.version + 1;
+        await repo.insertStep(db, tx, session.id, { version, present, grads: packGradients(state, present) }, baseVersion);
+        touched = session.id;
+        state.applyStep(present, kernel, kernelOptions);
+        await repo.advanceSession(tx, session.id, state.version, state.step);
+        const result: StepAnswer = { session: name, step: state.step, version: state.version, staleness };
+        if (opts.idempotencyKey) await repo.saveIdempotentAnswer(tx, session.id, opts.idempotencyKey, opts.requestHash ?? '', { ...result });
+        if (state.version - entry.lastSnapshotVersion >= session.snapshotEvery) snapshot = { session, entry };
+        return result;
+      });
+      touched = null;
+      return { answer, snapshot };
+    } finally {
+      // The transaction did not commit after the kernel ran: this process's copy is ahead of the database.
+      if (touched !== null) forget(touched);
+    }
   }
 
   /** A consistent copy of the state at `version` (default: current). */
