@@ -1,6 +1,7 @@
 // The whole service as one Fastify plugin. It never listens: src/server.ts does, tests inject.
 import type { Socket } from 'node:net';
 import fp from 'fastify-plugin';
+import { AjvCompiler } from '@fastify/ajv-compiler';
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify';
 import type { Config } from './config.ts';
 import { ApiError, errors } from './errors.ts';
@@ -56,6 +57,11 @@ export function toApiError(err: unknown, request?: FastifyRequest): ApiError {
   }
   if (e instanceof SyntaxError || (e?.statusCode === 400 && /JSON/i.test(e.message ?? ''))) return errors.invalidJson(e.message);
   if (isRetryableDbError(err)) return errors.unavailable('the database is unreachable; retry shortly');
+  // PostgreSQL class 22 (data exception: a number out of a column's range, …) means a value got past the
+  // route's checks: the client's input, not the server, is at fault. The route should have named the field.
+  if (typeof e?.code === 'string' && /^22[0-9A-Z]{3}$/.test(e.code) && (err as { severity?: unknown }).severity !== undefined) {
+    return errors.badRequest('a value in the request is out of the range this service stores');
+  }
   if (typeof e?.statusCode === 'number' && e.statusCode >= 400 && e.statusCode < 500) {
     // Fastify's own codes (FST_ERR_…) are not part of this API's catalogue.
     const code = typeof e.code === 'string' && !e.code.startsWith('FST_') ? e.code : 'BAD_REQUEST';
@@ -70,7 +76,8 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
   fastify.setErrorHandler((err, request, reply) => {
     const api = toApiError(err, request);
     if (api.statusCode >= 500) request.log.error({ err }, 'request failed');
-    else request.log.info({ code: api.code, statusCode: api.statusCode }, api.message);
+    // An error mapped from elsewhere (fastify, the database) keeps its original in the log line.
+    else request.log.info({ code: api.code, statusCode: api.statusCode, ...(!(err instanceof ApiError) && { err }) }, api.message);
     if (api.headers) reply.headers(api.headers);
     return reply.status(api.statusCode).send({
       statusCode: api.statusCode,
@@ -103,9 +110,19 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
     if (!accepted.includes(media)) throw errors.unsupportedMediaType(media.slice(0, 100), accepted.join(', '));
   });
 
-  // Every response says which request it was (the same id is on every log line of the request).
+  // Every response says which request it was (the same id is on every log line of the request). Once the
+  // app is closing (SIGTERM), requests that still arrive on open connections are turned away with a code,
+  // so that clients and load balancers retry elsewhere; the ones in flight finish.
+  let closing = false;
+  fastify.addHook('preClose', async () => {
+    closing = true;
+  });
   fastify.addHook('onRequest', async (request, reply) => {
     reply.header('x-request-id', request.id);
+    if (closing) {
+      reply.header('connection', 'close');
+      throw errors.unavailable('the server is shutting down; retry on another replica', 1);
+    }
   });
 
   // Order matters: the limits' onRequest hook sheds load before auth touches the database; auth's onRoute
@@ -155,6 +172,7 @@ function clientErrorHandler(this: FastifyInstance, err: Error & { code?: string 
 }
 
 const MAX_PARAM_LENGTH = 512;
+const validatorFactory = AjvCompiler();
 
 /** Builds the app (not listening). */
 export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
@@ -189,7 +207,20 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     },
     clientErrorHandler,
     ajv: { customOptions: { coerceTypes: 'array', removeAdditional: false, allErrors: false } },
-    return503OnClosing: true,
+    // Query strings, path parameters and headers are text and are coerced to their schema's types; JSON
+    // bodies have types of their own, so {"name": true} is a 400, not a session called "true".
+    schemaController: {
+      compilersFactory: {
+        buildValidator: (externalSchemas, ajvOptions) => {
+          const options = ajvOptions as { customOptions: Record<string, unknown> };
+          const coercing = validatorFactory(externalSchemas, options);
+          const strict = validatorFactory(externalSchemas, { ...options, customOptions: { ...options.customOptions, coerceTypes: false } });
+          return (route) => (route.httpPart === 'body' ? strict(route) : coercing(route));
+        },
+      },
+    },
+    // Requests during shutdown get a 503 with a code from the app's onRequest hook instead of fastify's bare one.
+    return503OnClosing: false,
     // Opening the embedded database (PGlite compiles PostgreSQL to WebAssembly) and migrating it can take
     // well over fastify's default 10 s on a busy machine.
     pluginTimeout: 120_000,

@@ -59,12 +59,17 @@ export function snapshotJson(s: SnapshotRecord): Record<string, unknown> {
 }
 
 /** A whole number from a query string or body field, or null when absent. */
-export function optionalWhole(value: unknown, field: string, min = 0): number | null {
+export function optionalWhole(value: unknown, field: string, min = 0, max = Number.MAX_SAFE_INTEGER): number | null {
   if (value === undefined || value === null || value === '') return null;
   const n = typeof value === 'string' && /^\d{1,15}$/.test(value) ? Number(value) : value;
-  if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < min) throw errors.invalidQuery(field, `must be a whole number >= ${min}`);
+  if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < min || n > max) {
+    throw errors.invalidQuery(field, max === Number.MAX_SAFE_INTEGER ? `must be a whole number >= ${min}` : `must be a whole number from ${min} to ${max}`);
+  }
   return n;
 }
+
+/** Session settings are int4 columns; these bounds keep them there (and sane). */
+export const SETTING_LIMITS = { snapshot_every: 1_000_000, keep_snapshots: 100_000, max_staleness: 2_147_483_647 } as const;
 
 export function booleanQuery(value: unknown, field: string): boolean {
   if (value === undefined || value === '' || value === 'false' || value === '0' || value === false) return false;

@@ -166,6 +166,33 @@ test('a request whose body does not arrive in time gets 408 REQUEST_TIMEOUT; ove
   assert.equal((await fetch(`http://127.0.0.1:${port}/healthz`)).status, 200, 'the server is fine afterwards');
 });
 
+test('SIGTERM-style close: the request in flight finishes; one that arrives on its connection gets 503 with a code', async (t) => {
+  const { app } = await buildTestApp(t);
+  await createSession(app, 'closing', {});
+  await app.listen({ host: '127.0.0.1', port: 0 });
+  const { port } = app.server.address() as { port: number };
+  const socket = connect(port, '127.0.0.1');
+  let answer = '';
+  socket.on('data', (d) => { answer += d; });
+  const closed = new Promise((resolve) => socket.on('close', resolve));
+  const body = JSON.stringify({ grads: { b: [0.5, 0.5, 0.5, 0.5] } });
+  // The step's headers arrive, then the app starts closing, then its body and a second request behind it.
+  socket.write(`POST /v1/sessions/closing/step HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n`);
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  const closing = app.close();
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  socket.write(`${body}GET /v1/sessions HTTP/1.1\r\nHost: x\r\n\r\n`);
+  await closed;
+  await closing;
+  const responses = answer.split(/(?=HTTP\/1\.1 )/);
+  assert.equal(responses.length, 2, answer);
+  assert.match(responses[0], /^HTTP\/1\.1 200/, 'the step in flight is answered');
+  assert.match(responses[0], /"step":1/);
+  assert.match(responses[1], /^HTTP\/1\.1 503/);
+  assert.match(responses[1], /retry-after: 1/i);
+  assert.equal(JSON.parse(responses[1].slice(responses[1].indexOf('\r\n\r\n') + 4)).code, 'SERVICE_UNAVAILABLE');
+});
+
 test('logs: a request id on every line, the session on session routes, no tokens and no tensors', async (t) => {
   const lines: Record<string, unknown>[] = [];
   const stream = new Writable({

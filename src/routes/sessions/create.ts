@@ -5,12 +5,12 @@ import type { GroupSpec, ParamSpec } from '../../db/schema.ts';
 import { errors } from '../../errors.ts';
 import type { CreateInput } from '../../sessions/service.ts';
 import {
-  assertName, assertShape, buildGroups, DEFAULT_GROUP, MAX_PARAMS, MAX_SESSION_NUMEL, numelOf, PARAM_NAME_MAX, resolveHyperparameters,
+  assertName, assertShape, buildGroups, DEFAULT_GROUP, FLAG_KEYS, HYPERPARAMETER_KEYS, MAX_PARAMS, MAX_SESSION_NUMEL, numelOf, PARAM_NAME_MAX, resolveHyperparameters,
   type HyperparameterInput,
 } from '../../sessions/spec.ts';
 import { firstNonFinite, readJsonTensor } from '../../sessions/tensors.ts';
 import { readNamedTensors } from './binary.ts';
-import { optionalWhole } from '../common.ts';
+import { optionalWhole, SETTING_LIMITS } from '../common.ts';
 
 const CREATE_KEYS = ['name', 'params', 'hyperparameters', 'param_groups', 'snapshot_every', 'keep_snapshots', 'max_staleness'];
 
@@ -26,11 +26,18 @@ export function assertParamName(value: unknown, field: string): string {
 export function parseCreateOptions(body: Record<string, unknown>, config: Config, params: ParamSpec[], data: Float32Array[]): CreateInput {
   const name = assertName(body.name, 'name');
   if (params.length === 0) throw errors.invalidBody('params: a session needs at least one parameter');
-  const defaults = resolveHyperparameters(DEFAULT_GROUP as Omit<GroupSpec, 'params'>, body.hyperparameters as HyperparameterInput | undefined, 'hyperparameters');
+  const hyper = body.hyperparameters;
+  if (hyper !== null && typeof hyper === 'object' && !Array.isArray(hyper)) {
+    // As for param_groups: a misspelt hyperparameter must not silently fall back to its default.
+    for (const key of Object.keys(hyper)) {
+      if (!(HYPERPARAMETER_KEYS as readonly string[]).includes(key) && !(FLAG_KEYS as readonly string[]).includes(key)) throw errors.invalidHyperparameter(`hyperparameters.${key}`, 'unknown key');
+    }
+  }
+  const defaults = resolveHyperparameters(DEFAULT_GROUP as Omit<GroupSpec, 'params'>, hyper as HyperparameterInput | undefined, 'hyperparameters');
   const { params: ordered, groups, order } = buildGroups(params, defaults, body.param_groups);
-  const snapshotEvery = optionalWhole(body.snapshot_every, 'snapshot_every', 1) ?? config.defaultSnapshotEvery;
-  const keepSnapshots = optionalWhole(body.keep_snapshots, 'keep_snapshots', 1) ?? config.defaultKeepSnapshots;
-  const maxStaleness = optionalWhole(body.max_staleness, 'max_staleness', 0);
+  const snapshotEvery = optionalWhole(body.snapshot_every, 'snapshot_every', 1, SETTING_LIMITS.snapshot_every) ?? config.defaultSnapshotEvery;
+  const keepSnapshots = optionalWhole(body.keep_snapshots, 'keep_snapshots', 1, SETTING_LIMITS.keep_snapshots) ?? config.defaultKeepSnapshots;
+  const maxStaleness = optionalWhole(body.max_staleness, 'max_staleness', 0, SETTING_LIMITS.max_staleness);
   return { name, params: ordered, data: order.map((i) => data[i]), groups, snapshotEvery, keepSnapshots, maxStaleness };
 }
 

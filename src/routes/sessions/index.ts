@@ -3,7 +3,7 @@ import type { FastifyInstance } from 'fastify';
 import { Type } from 'typebox';
 import type { Config } from '../../config.ts';
 import { errors } from '../../errors.ts';
-import { sessionJson, setVersion, ifMatchOf, optionalWhole } from '../common.ts';
+import { sessionJson, setVersion, ifMatchOf, optionalWhole, SETTING_LIMITS } from '../common.ts';
 import { errorResponses, Hyperparameters, NameParams, Session, Tensor } from '../schemas.ts';
 import { parseCreateBody } from './create.ts';
 import { BINARY_TYPES } from './binary.ts';
@@ -26,9 +26,9 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
         params: Type.Array(Type.Object({ name: Type.String(), shape: Type.Array(Type.Integer()), data: Type.Array(Type.Number()) })),
         hyperparameters: Type.Optional(Hyperparameters),
         param_groups: Type.Optional(Type.Array(Type.Object({ params: Type.Array(Type.String()) }, { additionalProperties: true }))),
-        snapshot_every: Type.Optional(Type.Integer({ minimum: 1 })),
-        keep_snapshots: Type.Optional(Type.Integer({ minimum: 1 })),
-        max_staleness: Type.Optional(Type.Union([Type.Integer({ minimum: 0 }), Type.Null()])),
+        snapshot_every: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.snapshot_every })),
+        keep_snapshots: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.keep_snapshots })),
+        max_staleness: Type.Optional(Type.Union([Type.Integer({ minimum: 0, maximum: SETTING_LIMITS.max_staleness }), Type.Null()])),
       }, {
         examples: [{ name: 'mnist-run-1', params: [{ name: 'w', shape: [2, 2], data: [0.1, 0.2, 0.3, 0.4] }], hyperparameters: { lr: 0.01, t0: 100 } }],
       }),
@@ -77,9 +77,9 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
       tags: ['sessions'],
       params: NameParams,
       body: Type.Object({
-        snapshot_every: Type.Optional(Type.Integer({ minimum: 1, maximum: 1_000_000 })),
-        keep_snapshots: Type.Optional(Type.Integer({ minimum: 1, maximum: 100_000 })),
-        max_staleness: Type.Optional(Type.Union([Type.Integer({ minimum: 0 }), Type.Null()])),
+        snapshot_every: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.snapshot_every })),
+        keep_snapshots: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.keep_snapshots })),
+        max_staleness: Type.Optional(Type.Union([Type.Integer({ minimum: 0, maximum: SETTING_LIMITS.max_staleness }), Type.Null()])),
       }, { additionalProperties: false }),
       response: { 200: Session, ...errorResponses(400, 401, 403, 404) },
     },
@@ -115,9 +115,9 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
       body: Type.Object({
         name: Type.String({ pattern: '^[A-Za-z0-9._-]{1,128}$' }),
         snapshot: Type.Optional(Type.Integer({ minimum: 1 })),
-        snapshot_every: Type.Optional(Type.Integer({ minimum: 1 })),
-        keep_snapshots: Type.Optional(Type.Integer({ minimum: 1 })),
-        max_staleness: Type.Optional(Type.Union([Type.Integer({ minimum: 0 }), Type.Null()])),
+        snapshot_every: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.snapshot_every })),
+        keep_snapshots: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.keep_snapshots })),
+        max_staleness: Type.Optional(Type.Union([Type.Integer({ minimum: 0, maximum: SETTING_LIMITS.max_staleness }), Type.Null()])),
       }, { additionalProperties: false }),
       response: { 201: Session, ...errorResponses(400, 401, 403, 404, 409) },
     },

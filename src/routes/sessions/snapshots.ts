@@ -26,7 +26,8 @@ export default async function snapshotRoutes(fastify: FastifyInstance, _opts: { 
     if (body !== undefined && body !== null && (typeof body !== 'object' || Array.isArray(body) || Object.keys(body).some((k) => k !== 'pinned'))) {
       throw errors.invalidBody('body: must be {"pinned": true|false} or empty');
     }
-    const pinned = (body as { pinned?: unknown } | undefined)?.pinned ?? false;
+    const given = (body as { pinned?: unknown } | null | undefined)?.pinned;
+    const pinned = given === undefined ? false : given;
     if (typeof pinned !== 'boolean') throw errors.invalidBody('pinned: must be true or false');
     const snapshot = await fastify.sessions.snapshotNow(name, pinned);
     return reply.status(201).send(snapshotJson(snapshot));

@@ -1,0 +1,417 @@
+// Generated bad input over every operation of the OpenAPI document and every media type: each case must
+// answer 4xx with a stable `code`, the process must stay up, no session's state may move, and every status
+// a route answers must be one its document lists.
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { connect } from 'node:net';
+import { test } from 'node:test';
+import type { FastifyInstance } from 'fastify';
+import { buildTestApp, rng } from '../helper.ts';
+import { ADMIN, asAdmin, createSession, fillPath, gradBody, operations, sessionBody, step, type Operation } from './support.ts';
+
+interface Case {
+  family: string;
+  /** The operation it aims at ("METHOD /path"), or null for requests that should not route. */
+  op: string | null;
+  method: string;
+  url: string;
+  headers?: Record<string, string>;
+  payload?: string | Buffer | object;
+}
+
+const MEDIA = [
+  'application/json', 'application/octet-stream', 'application/vnd.pytorch', 'application/x-safetensors', 'application/safetensors',
+  'text/plain', 'application/x-www-form-urlencoded', 'multipart/form-data; boundary=x', 'application/json; charset=utf-16',
+  'garbage', 'application/json, text/plain', '',
+];
+
+/** A safetensors file: 8-byte little-endian header length, JSON header, data. */
+function safetensors(tensors: Record<string, { dtype?: string; shape: number[]; data: Float32Array | Buffer; offsets?: [number, number] }>, metadata?: Record<string, string>, headerPatch?: (h: Record<string, unknown>) => void): Buffer {
+  const header: Record<string, unknown> = {};
+  const chunks: Buffer[] = [];
+  let at = 0;
+  for (const [name, t] of Object.entries(tensors)) {
+    const bytes = Buffer.isBuffer(t.data) ? t.data : Buffer.from(t.data.buffer, t.data.byteOffset, t.data.byteLength);
+    header[name] = { dtype: t.dtype ?? 'F32', shape: t.shape, data_offsets: t.offsets ?? [at, at + bytes.length] };
+    chunks.push(bytes);
+    at += bytes.length;
+  }
+  if (metadata) header.__metadata__ = metadata;
+  headerPatch?.(header);
+  const json = Buffer.from(JSON.stringify(header));
+  const length = Buffer.alloc(8);
+  length.writeBigUInt64LE(BigInt(json.length));
+  return Buffer.concat([length, json, ...chunks]);
+}
+
+const f32 = (...bits: number[]) => new Float32Array(new Uint32Array(bits).buffer);
+const NAN_BITS = [0x7fc00000, 0x7f800001, 0xffc00000, 0x7f800000, 0xff800000, 0x7fffffff];
+/** Every JSON spelling of "not a finite float32" this API might meet. */
+const NONFINITE_JSON = ['NaN', '-NaN', 'Infinity', '-Infinity', '+Infinity', 'inf', '-inf', 'nan', '1e39', '-1e39', '1e999', '-1e999', '"NaN"', '"nan"', '"Infinity"', '"-Infinity"', '"inf"', '"-inf"', '"infinity"', '"1e999"', 'null', '"  NaN"'];
+
+async function stateChecksum(app: FastifyInstance): Promise<string> {
+  const hash = createHash('sha256');
+  const list = await app.inject({ url: '/v1/sessions?limit=1000', headers: asAdmin });
+  hash.update(list.body);
+  for (const s of list.json().sessions as { name: string }[]) {
+    for (const part of ['state_dict', 'params', 'params?averaged=true', 'snapshots']) {
+      hash.update((await app.inject({ url: `/v1/sessions/${s.name}/${part}`, headers: asAdmin })).body);
+    }
+  }
+  hash.update((await app.inject({ url: '/v1/tokens', headers: asAdmin })).body);
+  return hash.digest('hex');
+}
+
+/** A raw HTTP/1.1 exchange, for what inject cannot send (duplicate headers, bad framing, raw bytes). */
+function rawRequest(port: number, request: Buffer | string): Promise<string> {
+  return new Promise((resolve) => {
+    const socket = connect(port, '127.0.0.1');
+    let answer = '';
+    const done = () => resolve(answer);
+    socket.on('data', (d) => {
+      answer += d.toString('latin1');
+      // One answer is enough: the server may keep the connection open.
+      const head = answer.indexOf('\r\n\r\n');
+      const length = /content-length: *(\d+)/i.exec(answer)?.[1];
+      if (head >= 0 && length !== undefined && answer.length >= head + 4 + Number(length)) socket.end();
+    });
+    socket.on('close', done);
+    socket.on('error', done);
+    socket.setTimeout(5_000, () => socket.destroy());
+    // write, not end: a client that half-closes before its answer may not get one.
+    socket.write(request);
+  });
+}
+
+test('bad input: every operation, every media type, every spelling of NaN; 4xx with a code, nothing moves', async (t) => {
+  const { app } = await buildTestApp(t, {
+    env: { ASGD_ADMIN_TOKEN: ADMIN, ASGD_BODY_LIMIT_STEP: '65536', ASGD_BODY_LIMIT_CREATE: '131072', ASGD_BODY_LIMIT_DEFAULT: '8192', ASGD_REQUEST_TIMEOUT_MS: '1000' },
+  });
+  await createSession(app, 'alpha', asAdmin, 1);
+  await createSession(app, 'beta', asAdmin, 7);
+  for (let k = 0; k < 3; k++) assert.equal((await step(app, 'alpha', k)).statusCode, 200);
+  const snapshot = (await app.inject({ method: 'POST', url: '/v1/sessions/alpha/snapshots', headers: asAdmin, payload: { pinned: true } })).json().id as number;
+  const version = (await app.inject({ url: '/v1/sessions/alpha', headers: asAdmin })).json().version as number;
+  const wrongVersion = { 'if-match': `"${version + 100}"` };
+  // Valid files to mutate: the service's own downloads.
+  const download = async (url: string) => (await app.inject({ url, headers: asAdmin })).rawPayload;
+  const files = {
+    statePt: await download('/v1/sessions/alpha/state_dict?format=pt'),
+    stateSafetensors: await download('/v1/sessions/alpha/state_dict?format=safetensors'),
+    checkpointPt: await download('/v1/sessions/alpha/checkpoint?format=pt'),
+    paramsPt: await download('/v1/sessions/alpha/params?format=pt'),
+    paramsSafetensors: await download('/v1/sessions/alpha/params?format=safetensors'),
+  };
+  const stateJson = (await app.inject({ url: '/v1/sessions/alpha/state_dict', headers: asAdmin })).json();
+  const checkpointJson = (await app.inject({ url: '/v1/sessions/alpha/checkpoint?format=json', headers: asAdmin })).json();
+  const before = await stateChecksum(app);
+
+  const doc = app.swagger() as { paths: Record<string, Record<string, unknown>> };
+  const ops = operations(doc);
+  const random = rng(20261126);
+  const bytes = (n: number) => Buffer.from(Array.from({ length: n }, () => Math.floor((random() + 0.5) * 256) & 255));
+  const pick = <T>(items: T[]) => items[Math.floor((random() + 0.5) * items.length) % items.length];
+  const cases: Case[] = [];
+  const add = (c: Case) => cases.push(c);
+  const urlOf = (op: Operation, values: Record<string, string> = {}) => fillPath(op.path, { name: 'alpha', id: String(snapshot), ...values });
+  const label = (op: Operation) => `${op.method} ${op.path}`;
+
+  // 1. Paths: unknown, malformed and enormous names and ids on every operation that has them.
+  const names = ['nope', 'ünïcødé', '日本語', '🙂', 'a b', 'a'.repeat(129), '-'.repeat(300), 'x\u0000y', 'a/b', '..', '%', '\u202e'];
+  const ids = ['0', '-1', '1.5', '1e3', 'abc', '99999999999999999999', '🙂', String(snapshot + 1000)];
+  for (const op of ops) {
+    const body = op.op.requestBody ? { nonsense: true } : undefined;
+    if (op.path.includes('{name}')) {
+      for (const name of names) add({ family: 'path', op: label(op), method: op.method, url: urlOf(op, { name }), headers: asAdmin, payload: body });
+      add({ family: 'path', op: null, method: op.method, url: urlOf(op).replace('/alpha', `/${'a'.repeat(600)}`), headers: asAdmin, payload: body });
+      add({ family: 'path', op: null, method: op.method, url: urlOf(op).replace('/alpha', '/%zz'), headers: asAdmin, payload: body });
+    }
+    if (op.path.includes('{id}')) for (const id of ids) add({ family: 'path', op: label(op), method: op.method, url: urlOf(op, { id }), headers: asAdmin, payload: body });
+  }
+  for (const url of ['/v1/sessions/alpha/nothing', '/v2/sessions', '/v1/sessions/alpha/snapshots/1/nothing', '/%F0%9F%99%82', `/${'x'.repeat(5000)}`]) {
+    add({ family: 'path', op: null, method: pick(['GET', 'POST', 'PUT', 'DELETE']), url, headers: asAdmin });
+  }
+
+  // 2. Bodies: random bytes and broken JSON in every media type, to every operation that takes a body.
+  for (const op of ops.filter((o) => o.op.requestBody)) {
+    const url = urlOf(op);
+    for (const type of MEDIA) {
+      const headers: Record<string, string> = { ...asAdmin, ...wrongVersion, ...(type && { 'content-type': type }) };
+      add({ family: 'bytes', op: label(op), method: op.method, url, headers, payload: bytes(1 + Math.floor((random() + 0.5) * 600)) });
+    }
+    for (const text of ['', '{', '{"a":', '[1,2', '{"a":1}}', 'nul', '"\\ud800"', '{"__proto__": {"polluted": 1}}', '{"constructor": {"prototype": {"polluted": 1}}}', '{"a":1,"a":2}']) {
+      add({ family: 'json', op: label(op), method: op.method, url, headers: { ...asAdmin, ...wrongVersion, 'content-type': 'application/json' }, payload: text });
+    }
+    // Deep nesting, as arrays and as objects, under the body limit of every route.
+    for (const depth of [1_000, 3_000]) {
+      add({ family: 'deep', op: label(op), method: op.method, url, headers: { ...asAdmin, ...wrongVersion, 'content-type': 'application/json' }, payload: '['.repeat(depth) + ']'.repeat(depth) });
+      add({ family: 'deep', op: label(op), method: op.method, url, headers: { ...asAdmin, ...wrongVersion, 'content-type': 'application/json' }, payload: '{"a":'.repeat(depth) + '1' + '}'.repeat(depth) });
+    }
+    // Over the route's body limit: declared, and chunked.
+    add({ family: 'oversized', op: label(op), method: op.method, url, headers: { ...asAdmin, 'content-type': 'application/json' }, payload: `{"pad":"${'x'.repeat(140_000)}"}` });
+  }
+  for (const depth of [20_000, 30_000]) {
+    for (const path of ['/v1/sessions/alpha/step', '/v1/sessions']) {
+      add({ family: 'deep', op: `POST ${path.replace('alpha', '{name}')}`, method: 'POST', url: path, headers: { ...asAdmin, 'content-type': 'application/json' }, payload: `{"grads":{"w":${'['.repeat(depth)}${']'.repeat(depth)}}, "name": "alpha", "params": ${'['.repeat(depth)}${']'.repeat(depth)}}` });
+    }
+  }
+
+  // 3. Wrong types and values, field by field, for the JSON bodies with a schema.
+  const wrong: unknown[] = [null, true, 'x', '', -1, 0, 1.5, 1e300, [], [[[]]], {}, { a: { b: {} } }, '\u0000', 'ü'.repeat(300)];
+  const templates: [string, string, Record<string, unknown>, Record<string, unknown[]>][] = [
+    // Bodies are not coerced: true is not 1, 1 is not "1". Values that are valid for a field are left out.
+    ['PATCH', '/v1/sessions/{name}', { snapshot_every: 5 }, { snapshot_every: [...wrong, 2 ** 31, 2 ** 40], keep_snapshots: [...wrong, 2 ** 31], max_staleness: [...wrong.filter((v) => v !== null && v !== 0), 2 ** 31, 2 ** 53] }],
+    ['POST', '/v1/sessions/{name}/fork', { name: 'alpha' }, { name: wrong.filter((v) => v !== 'x'), snapshot: [...wrong, 2 ** 53], snapshot_every: [...wrong, 2 ** 31], keep_snapshots: [...wrong, 2 ** 31], max_staleness: [...wrong.filter((v) => v !== null && v !== 0), 2 ** 31] }],
+    ['POST', '/v1/sessions/{name}/snapshots', {}, { pinned: wrong.filter((v) => v !== true) }],
+    ['PATCH', '/v1/sessions/{name}/snapshots/{id}', {}, { pinned: wrong.filter((v) => v !== true) }],
+    ['POST', '/v1/tokens', { name: 'bad', scope: 'read' }, { name: [null, '', [], {}, 'x\u0000', 'y'.repeat(200)], scope: wrong, sessions: [true, 'bad name', [], ['a', 'a'], [1.5], [{}], ['bad name'], { a: 1 }, Array.from({ length: 1001 }, (_, i) => `s${i}`)] }],
+  ];
+  for (const [method, path, base, fields] of templates) {
+    const url = fillPath(path, { name: 'alpha', id: String(snapshot) });
+    for (const [field, values] of Object.entries(fields)) {
+      for (const value of values) {
+        add({ family: 'types', op: `${method} ${path}`, method, url, headers: asAdmin, payload: { ...base, [field]: value } });
+      }
+    }
+    add({ family: 'types', op: `${method} ${path}`, method, url, headers: asAdmin, payload: { ...base, unknown_key: 1 } });
+    for (const whole of [[], 'x', 5, null]) add({ family: 'types', op: `${method} ${path}`, method, url, headers: asAdmin, payload: JSON.stringify(whole) });
+  }
+
+  // 4. Create: names, shapes and values, including enormous and negative shapes and every NaN.
+  const param = (over: Record<string, unknown>) => ({ name: 'w', shape: [2], data: [1, 2], ...over });
+  const createVariants: unknown[] = [
+    { name: 'alpha', params: [param({})] }, // taken
+    ...['', 'bad name', 'ü', 'a'.repeat(129), 5, null, [], {}].map((name) => ({ name, params: [param({})] })),
+    ...[null, 'x', {}, [], [null], [{}], [[]], [param({ name: '' })], [param({ name: 'x\u0001' })], [param({ name: 'n'.repeat(300) })], [param({}), param({})]].map((params) => ({ name: 'fresh', params })),
+    ...[[-1], [2.5], ['2'], [null], [[2]], [1e9, 1e9], [2 ** 53], [1e308], Array(17).fill(1), Array(40).fill(2), {}, 'x', [Infinity]].map((shape) => ({ name: 'fresh', params: [param({ shape, data: [1, 2] })] })),
+    ...[[1], [1, 2, 3], 'x', {}, null, [[1, 2]], [1, 'x'], [true, 1], [{}, 1], ['1.0', 2]].map((data) => ({ name: 'fresh', params: [param({ data })] })),
+    ...[{ lr: -1 }, { lr: 'x' }, { lr: 'NaN' }, { lambd: -1 }, { alpha: [] }, { t0: {} }, { weight_decay: -0.5 }, { maximize: 'yes' }, { foreach: true }, { nope: 1 }, 'x', []].map((hyperparameters) => ({ name: 'fresh', params: [param({})], hyperparameters })),
+    ...[[{ params: ['nope'] }], [{ params: ['w'] }, { params: ['w'] }], [{ params: 'w' }], [{}], 'x', [{ params: ['w'], lr: -1 }]].map((param_groups) => ({ name: 'fresh', params: [param({})], param_groups })),
+    ...['snapshot_every', 'keep_snapshots', 'max_staleness'].flatMap((key) => [0, -1, 'x', 1.5, [], 2 ** 31, 2 ** 40, 1e300].filter((v) => !(key === 'max_staleness' && v === 0)).map((v) => ({ name: 'fresh', params: [param({})], [key]: v }))),
+    { name: 'fresh', params: [param({})], extra: 1 },
+    { name: 'fresh', params: [param({ dtype: 'float64' })] },
+    { name: 'fresh', params: [param({ extra: 1 })] },
+  ];
+  for (const payload of createVariants) add({ family: 'create', op: 'POST /v1/sessions', method: 'POST', url: '/v1/sessions', headers: asAdmin, payload: payload as object });
+  for (const spelling of NONFINITE_JSON) {
+    add({ family: 'nonfinite', op: 'POST /v1/sessions', method: 'POST', url: '/v1/sessions', headers: { ...asAdmin, 'content-type': 'application/json' }, payload: `{"name":"fresh","params":[{"name":"w","shape":[2],"data":[1,${spelling}]}]}` });
+    // A learning rate is a double, as in PyTorch: 1e39 is a fine (if useless) one.
+    if (spelling !== '1e39') add({ family: 'nonfinite', op: 'POST /v1/sessions', method: 'POST', url: '/v1/sessions', headers: { ...asAdmin, 'content-type': 'application/json' }, payload: `{"name":"fresh","params":[{"name":"w","shape":[2],"data":[1,2]}],"hyperparameters":{"lr":${spelling}}}` });
+  }
+
+  // 5. Steps: wrong gradients, every NaN spelling in every tensor, bad versions and headers.
+  const stepUrl = '/v1/sessions/alpha/step';
+  const good = gradBody(1).grads;
+  const stepVariants: unknown[] = [
+    {}, { grads: null }, { grads: [] }, { grads: 'x' }, { grads: {} }, { grads: { nope: [1] } }, { grads: { ...good, nope: [1] } },
+    { grads: { ...good, w: good.w.slice(1) } }, { grads: { ...good, w: [...good.w, 1] } }, { grads: { ...good, w: { shape: [4, 3], data: good.w } } },
+    { grads: { ...good, w: { shape: [3, 4], data: good.w, extra: 1 } } }, { grads: { ...good, w: { shape: [3, 4] } } }, { grads: { ...good, w: { shape: [-3, -4], data: good.w } } },
+    { grads: { ...good, w: { shape: [1e9, 1e9], data: good.w } } }, { grads: { ...good, w: { shape: [3, 4], data: good.w, dtype: 'float16' } } },
+    { grads: { ...good, b: [[1, 2, 3, 4]] } }, { grads: { ...good, b: [1, 2, 3, '4'] } }, { grads: { ...good, b: [1, 2, 3, true] } }, { grads: { ...good, b: [1, 2, 3, {}] } },
+    { grads: good, base_version: -1 }, { grads: good, base_version: 'x' }, { grads: good, base_version: 1.5 }, { grads: good, base_version: 1e20 }, { grads: good, base_version: version + 5 },
+    { grads: good, extra: 1 },
+  ];
+  for (const payload of stepVariants) add({ family: 'step', op: 'POST /v1/sessions/{name}/step', method: 'POST', url: stepUrl, headers: asAdmin, payload: payload as object });
+  for (const spelling of NONFINITE_JSON) {
+    for (const where of ['w', 'b']) {
+      const values = (where === 'w' ? good.w : good.b).map(String);
+      values[Math.floor((random() + 0.5) * values.length)] = spelling;
+      const other = where === 'w' ? `"b":[${good.b.join(',')}]` : `"w":[${good.w.join(',')}]`;
+      add({ family: 'nonfinite', op: 'POST /v1/sessions/{name}/step', method: 'POST', url: stepUrl, headers: { ...asAdmin, 'content-type': 'application/json' }, payload: `{"grads":{"${where}":[${values.join(',')}],${other}}}` });
+    }
+  }
+  const validStep = JSON.stringify(gradBody(2));
+  const headerAbuse: Record<string, string>[] = [
+    { 'if-match': '"abc"' }, { 'if-match': 'W/' }, { 'if-match': '""' }, { 'if-match': '"1", "2"' }, { 'if-match': `"${'9'.repeat(16)}"` }, { 'if-match': 'x'.repeat(8000) },
+    { 'if-match': `"${version + 1}"` }, { 'if-match': '"-1"' },
+    { 'idempotency-key': 'k'.repeat(256) }, { 'idempotency-key': 'a b' }, { 'idempotency-key': 'tab\there' }, { 'idempotency-key': '' },
+    { 'content-type': 'x'.repeat(8000) }, { 'content-type': 'application/json; charset=latin1; ' + 'p=1; '.repeat(500) }, { 'content-type': ';;;' },
+  ];
+  for (const headers of headerAbuse) {
+    // A strange but valid Content-Type still gets a wrong If-Match, so the step cannot happen.
+    const extra = headers['content-type'] ? wrongVersion : {};
+    add({ family: 'headers', op: 'POST /v1/sessions/{name}/step', method: 'POST', url: stepUrl, headers: { ...asAdmin, 'content-type': 'application/json', ...extra, ...headers }, payload: validStep });
+  }
+  for (const headers of headerAbuse.filter((h) => h['if-match'] !== undefined)) {
+    add({ family: 'headers', op: 'DELETE /v1/sessions/{name}', method: 'DELETE', url: '/v1/sessions/beta', headers: { ...asAdmin, ...headers } });
+    add({ family: 'headers', op: 'POST /v1/sessions/{name}/snapshots/{id}/restore', method: 'POST', url: `/v1/sessions/alpha/snapshots/${snapshot}/restore`, headers: { ...asAdmin, ...headers } });
+    add({ family: 'headers', op: 'PUT /v1/sessions/{name}/state_dict', method: 'PUT', url: '/v1/sessions/alpha/state_dict', headers: { ...asAdmin, ...headers }, payload: stateJson });
+  }
+
+  // 6. Accept headers no route can answer, on every download.
+  for (const op of ops.filter((o) => o.method === 'GET' && /\/(params|state_dict|checkpoint)$/.test(o.path))) {
+    for (const accept of ['text/html', 'image/png, text/*', 'application/x-safetensors;q=0', 'application/json;q=0', 'x'.repeat(6000), Array.from({ length: 300 }, (_, i) => `a/b${i}`).join(','), 'application/json;q=NaN']) {
+      add({ family: 'accept', op: label(op), method: 'GET', url: urlOf(op), headers: { ...asAdmin, accept } });
+    }
+    const queries = ['format=xml', 'format=', 'format=pt&format=json'];
+    if (!op.path.includes('{id}')) queries.push('version=0', 'version=-1', 'version=abc', `version=${version + 9}`, 'version=99999999999999999999');
+    if (op.path.endsWith('/params')) queries.push('averaged=maybe', 'averaged=2');
+    for (const query of queries) {
+      add({ family: 'query', op: label(op), method: 'GET', url: `${urlOf(op)}?${query}`, headers: asAdmin });
+    }
+  }
+  for (const query of ['limit=0', 'limit=-1', 'limit=abc', 'limit=100000', `after=${'a'.repeat(200)}`, 'limit=1.5']) {
+    add({ family: 'query', op: 'GET /v1/sessions', method: 'GET', url: `/v1/sessions?${query}`, headers: asAdmin });
+  }
+
+  // 7. Files: truncated, bit-flipped and hand-made broken safetensors and torch.save files, with every NaN.
+  const fileTargets: [string, string, Buffer, string[]][] = [
+    ['PUT /v1/sessions/{name}/state_dict', '/v1/sessions/alpha/state_dict', files.statePt, ['application/octet-stream', 'application/vnd.pytorch']],
+    ['PUT /v1/sessions/{name}/state_dict', '/v1/sessions/alpha/state_dict', files.stateSafetensors, ['application/x-safetensors']],
+    ['PUT /v1/sessions/{name}/checkpoint', '/v1/sessions/alpha/checkpoint', files.checkpointPt, ['application/octet-stream']],
+    ['POST /v1/sessions/{name}/step', stepUrl, files.paramsPt, ['application/octet-stream']],
+    ['POST /v1/sessions/{name}/step', stepUrl, files.paramsSafetensors, ['application/x-safetensors']],
+    ['POST /v1/sessions', '/v1/sessions?name=alpha', files.paramsPt, ['application/octet-stream']],
+    ['POST /v1/sessions', '/v1/sessions?name=alpha', files.paramsSafetensors, ['application/safetensors']],
+  ];
+  for (const [op, url, file, types] of fileTargets) {
+    // A wrong If-Match (and an existing name for create) keeps a mutation that still parses from changing anything.
+    const headers = (type: string) => ({ ...asAdmin, ...wrongVersion, 'content-type': type });
+    for (const cut of [0, 1, 7, 8, 9, 30, Math.floor(file.length / 2), file.length - 22, file.length - 1]) {
+      add({ family: 'file', op, method: op.split(' ')[0], url, headers: headers(pick(types)), payload: file.subarray(0, Math.max(0, cut)) });
+    }
+    for (let k = 0; k < 6; k++) {
+      const flipped = Buffer.from(file);
+      for (let j = 0; j < 1 + k; j++) flipped[Math.floor((random() + 0.5) * flipped.length) % flipped.length] ^= 1 << (j % 8);
+      add({ family: 'file', op, method: op.split(' ')[0], url, headers: headers(pick(types)), payload: flipped });
+    }
+    add({ family: 'file', op, method: op.split(' ')[0], url, headers: headers(pick(types)), payload: Buffer.concat([file, file]) });
+  }
+  const stHeaders = { ...asAdmin, 'content-type': 'application/x-safetensors' };
+  const w = (data: Float32Array | Buffer, over: object = {}) => ({ shape: [3, 4], data, ...over });
+  const twelve = () => new Float32Array(12).fill(0.5);
+  const broken: [string, Buffer][] = [
+    ['nan', safetensors({ w: w(f32(...Array(11).fill(0), NAN_BITS[0])), b: { shape: [4], data: new Float32Array(4) } })],
+    ...NAN_BITS.map((bits): [string, Buffer] => ['nan', safetensors({ w: w(twelve()), b: { shape: [4], data: f32(0, 0, bits, 0) } })]),
+    ['f16 nan', safetensors({ w: w(Buffer.from(new Uint16Array(12).fill(0x7e00).buffer), { dtype: 'F16' }) })],
+    ['bf16 inf', safetensors({ w: w(Buffer.from(new Uint16Array(12).fill(0x7f80).buffer), { dtype: 'BF16' }) })],
+    ['f64 nan', safetensors({ w: w(Buffer.from(new Float64Array(12).fill(NaN).buffer), { dtype: 'F64' }) })],
+    ['i64', safetensors({ w: w(Buffer.alloc(96), { dtype: 'I64' }) })],
+    ['bogus dtype', safetensors({ w: w(twelve(), { dtype: 'F33' }) })],
+    ['negative shape', safetensors({ w: w(twelve(), { shape: [-3, -4] }) })],
+    ['enormous shape', safetensors({ w: w(twelve(), { shape: [1e12, 1e12] }) })],
+    ['float shape', safetensors({ w: w(twelve(), { shape: [3.5, 4] }) })],
+    ['offsets past the end', safetensors({ w: w(twelve(), { offsets: [0, 4800] }) })],
+    ['reversed offsets', safetensors({ w: w(twelve(), { offsets: [48, 0] }) })],
+    ['overlapping', safetensors({ w: w(twelve()), b: { shape: [4], data: new Float32Array(4), offsets: [0, 16] } })],
+    ['shape/offset mismatch', safetensors({ w: w(twelve(), { shape: [2, 4] }) })],
+    ['no tensors', safetensors({})],
+    ['unknown param', safetensors({ nope: { shape: [1], data: new Float32Array(1) } })],
+    ['not an object', (() => { const j = Buffer.from('[1,2,3]'); const l = Buffer.alloc(8); l.writeBigUInt64LE(BigInt(j.length)); return Buffer.concat([l, j]); })()],
+    ['header length 2^63', (() => { const l = Buffer.alloc(8); l.writeBigUInt64LE(1n << 63n); return Buffer.concat([l, Buffer.from('{}')]); })()],
+    ['header length past the end', (() => { const l = Buffer.alloc(8); l.writeBigUInt64LE(1000n); return Buffer.concat([l, Buffer.from('{}')]); })()],
+    ['metadata not strings', safetensors({ w: w(twelve()) }, undefined, (h) => { h.__metadata__ = { asgd: { name: 'x' } }; })],
+    ['bad asgd metadata', safetensors({ w: w(twelve()) }, { asgd: '{not json' })],
+    ['param_groups not json', safetensors({ 'state.0.ax': w(twelve()) }, { param_groups: '[{' })],
+    ['bad state name', safetensors({ 'state.x.ax': w(twelve()) }, { param_groups: '[]' })],
+  ];
+  for (const [what, file] of broken) {
+    add({ family: `safetensors:${what}`, op: 'POST /v1/sessions/{name}/step', method: 'POST', url: stepUrl, headers: { ...stHeaders, ...wrongVersion }, payload: file });
+    // A step ignores the metadata, so that file is a good gradient: it only goes with the wrong If-Match.
+    if (what !== 'bad asgd metadata') add({ family: `safetensors:${what}`, op: 'POST /v1/sessions/{name}/step', method: 'POST', url: stepUrl, headers: stHeaders, payload: file });
+    add({ family: `safetensors:${what}`, op: 'PUT /v1/sessions/{name}/state_dict', method: 'PUT', url: '/v1/sessions/alpha/state_dict', headers: { ...stHeaders, ...wrongVersion }, payload: file });
+    add({ family: `safetensors:${what}`, op: 'POST /v1/sessions', method: 'POST', url: '/v1/sessions?name=alpha', headers: stHeaders, payload: file });
+  }
+  // JSON state_dicts and checkpoints with broken parts (a wrong If-Match where a variant could still load).
+  const sdVariants: unknown[] = [
+    { ...stateJson, param_groups: [] }, { ...stateJson, param_groups: 'x' }, { state: stateJson.state }, { param_groups: stateJson.param_groups },
+    { ...stateJson, state: { 0: { ...stateJson.state['0'], ax: { shape: [99], data: [1] } } } }, { ...stateJson, state: { 0: { step: 'x' } } },
+    { ...stateJson, param_groups: [{ ...stateJson.param_groups[0], params: [0] }] }, { ...stateJson, param_groups: [{ ...stateJson.param_groups[0], lr: -1 }] },
+    { ...stateJson, extra: 1 }, [], 'x',
+  ];
+  for (const payload of sdVariants) add({ family: 'state_dict', op: 'PUT /v1/sessions/{name}/state_dict', method: 'PUT', url: '/v1/sessions/alpha/state_dict', headers: { ...asAdmin, ...wrongVersion }, payload: payload as object });
+  for (const payload of sdVariants.slice(0, 8)) add({ family: 'state_dict', op: 'PUT /v1/sessions/{name}/state_dict', method: 'PUT', url: '/v1/sessions/alpha/state_dict', headers: asAdmin, payload: payload as object });
+  const cpVariants: unknown[] = [
+    { ...checkpointJson, step: -1 }, { ...checkpointJson, step: 'x' }, { ...checkpointJson, model: [] }, { ...checkpointJson, model: { nope: { shape: [1], data: [1] } } },
+    { ...checkpointJson, model: { ...checkpointJson.model, w: { shape: [-1], data: [] } } }, { ...checkpointJson, optimizer: null }, { model: checkpointJson.model }, { ...checkpointJson, extra: 1 },
+  ];
+  for (const payload of cpVariants) add({ family: 'checkpoint', op: 'PUT /v1/sessions/{name}/checkpoint', method: 'PUT', url: '/v1/sessions/alpha/checkpoint', headers: asAdmin, payload: payload as object });
+
+  // 8. Credentials: missing, malformed, huge, wrong.
+  for (const op of ops.filter((o) => o.op['x-scope'])) {
+    const authorization = pick(['', 'Bearer', `Bearer ${ADMIN}x`, `Basic ${Buffer.from('a:b').toString('base64')}`, `Bearer ${'z'.repeat(7000)}`, 'Bearer asgd_0000000000000000_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA', `Bearer\t${ADMIN}`]);
+    add({ family: 'auth', op: label(op), method: op.method, url: urlOf(op), headers: { authorization }, payload: op.op.requestBody ? {} : undefined });
+  }
+
+  // Run everything in process (inject), then the raw-socket cases on a listening server.
+  const failures: string[] = [];
+  const observed = new Map<string, Set<number>>();
+  let list = (await app.inject({ url: '/v1/sessions?limit=1000', headers: asAdmin })).body;
+  const started = Date.now();
+  for (const c of cases) {
+    const res = await app.inject({ method: c.method as 'GET', url: c.url, headers: c.headers, ...(c.payload !== undefined && { payload: c.payload as string }) });
+    let code: unknown;
+    try {
+      code = res.json().code;
+    } catch {
+      code = undefined;
+    }
+    const what = `[${c.family}] ${c.method} ${c.url.slice(0, 80)} ${JSON.stringify(c.headers?.['content-type'] ?? '').slice(0, 60)} ${JSON.stringify(Object.keys(c.headers ?? {}))} ${typeof c.payload === 'string' ? JSON.stringify(c.payload.slice(0, 60)) : Buffer.isBuffer(c.payload) ? `<${c.payload.length} bytes>` : JSON.stringify(c.payload)?.slice(0, 160)}`;
+    if (res.statusCode < 400 || res.statusCode >= 500) failures.push(`${what} -> ${res.statusCode} ${res.body.slice(0, 200)}`);
+    else if (typeof code !== 'string' || !/^[A-Z][A-Z0-9_]+$/.test(code)) failures.push(`${what} -> ${res.statusCode} without a code: ${res.body.slice(0, 200)}`);
+    if (c.op && typeof code === 'string' && !['ROUTE_NOT_FOUND', 'INVALID_URL', 'URI_TOO_LONG'].includes(code)) {
+      if (!observed.has(c.op)) observed.set(c.op, new Set());
+      observed.get(c.op)!.add(res.statusCode);
+    }
+    if (c.method !== 'GET') {
+      const now = (await app.inject({ url: '/v1/sessions?limit=1000', headers: asAdmin })).body;
+      if (now !== list) failures.push(`${what} changed the sessions`);
+      list = now;
+    }
+  }
+  const injectMs = Date.now() - started;
+
+  await app.listen({ host: '127.0.0.1', port: 0 });
+  const { port } = app.server.address() as { port: number };
+  const auth = `Authorization: Bearer ${ADMIN}\r\n`;
+  const body = validStep;
+  const raw: [string, Buffer | string][] = [
+    ['duplicate If-Match', `POST /v1/sessions/alpha/step HTTP/1.1\r\nHost: x\r\n${auth}If-Match: "${version}"\r\nIf-Match: "${version + 1}"\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`],
+    ['duplicate Idempotency-Key', `POST /v1/sessions/alpha/step HTTP/1.1\r\nHost: x\r\n${auth}Idempotency-Key: a\r\nIdempotency-Key: b\r\nIf-Match: "0"\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`],
+    ['duplicate Content-Type', `POST /v1/sessions/alpha/step HTTP/1.1\r\nHost: x\r\n${auth}If-Match: "0"\r\nContent-Type: application/json\r\nContent-Type: text/plain\r\nContent-Length: ${body.length}\r\n\r\n${body}`],
+    ['duplicate Authorization', `GET /v1/sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope-nope-nope-nope\r\n${auth}\r\n`],
+    ['duplicate Content-Length', `POST /v1/sessions/alpha/step HTTP/1.1\r\nHost: x\r\n${auth}Content-Type: application/json\r\nContent-Length: ${body.length}\r\nContent-Length: 5\r\n\r\n${body}`],
+    ['Content-Length and chunked', `POST /v1/sessions/alpha/step HTTP/1.1\r\nHost: x\r\n${auth}Content-Type: application/json\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n`],
+    ['negative Content-Length', `POST /v1/sessions/alpha/step HTTP/1.1\r\nHost: x\r\n${auth}Content-Length: -1\r\n\r\n`],
+    ['short body', `POST /v1/sessions/alpha/step HTTP/1.1\r\nHost: x\r\n${auth}Content-Type: application/json\r\nContent-Length: 400\r\n\r\n{"grads":`],
+    ['bad chunk size', `POST /v1/sessions/alpha/step HTTP/1.1\r\nHost: x\r\n${auth}Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n`],
+    ['raw UTF-8 path', Buffer.concat([Buffer.from('GET /v1/sessions/'), Buffer.from('ünï', 'utf8'), Buffer.from(` HTTP/1.1\r\nHost: x\r\n${auth}\r\n`)])],
+    ['raw latin-1 token', Buffer.concat([Buffer.from('GET /v1/sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer '), Buffer.from([0xe9, 0xff]), Buffer.from('\r\n\r\n')])],
+    ['raw latin-1 If-Match', Buffer.concat([Buffer.from(`DELETE /v1/sessions/beta HTTP/1.1\r\nHost: x\r\n${auth}If-Match: "`), Buffer.from([0xe9, 0xff]), Buffer.from('"\r\n\r\n')])],
+    ['NUL in path', `GET /v1/sessions/a\u0000b HTTP/1.1\r\nHost: x\r\n${auth}\r\n`],
+    ['huge header', `GET /v1/sessions HTTP/1.1\r\nHost: x\r\n${auth}If-Match: ${'"1",'.repeat(5000)}"1"\r\n\r\n`],
+    ['many headers', `GET /v1/sessions HTTP/1.1\r\nHost: x\r\n${auth}${Array.from({ length: 3000 }, (_, i) => `X-H${i}: v`).join('\r\n')}\r\n\r\n`],
+    ['not HTTP', 'HELLO THERE\r\n\r\n'],
+    ['bad version', `GET /v1/sessions HTTP/9.9\r\nHost: x\r\n\r\n`],
+    ['header without colon', `GET /v1/sessions HTTP/1.1\r\nHost: x\r\nNoColonHere\r\n\r\n`],
+    ['space before colon', `GET /v1/sessions HTTP/1.1\r\nHost : x\r\n\r\n`],
+  ];
+  for (const [what, request] of raw) {
+    const answer = await rawRequest(port, request);
+    const status = Number(/^HTTP\/1\.1 (\d{3})/.exec(answer)?.[1]);
+    const bodyText = answer.slice(answer.indexOf('\r\n\r\n') + 4);
+    let code: unknown;
+    try {
+      code = JSON.parse(bodyText).code;
+    } catch {
+      code = undefined;
+    }
+    if (!(status >= 400 && status < 500) || typeof code !== 'string') failures.push(`[raw] ${what} -> ${answer.slice(0, 200).replace(/\r\n/g, ' | ')}`);
+  }
+  assert.equal((await fetch(`http://127.0.0.1:${port}/healthz`)).status, 200, 'the process is alive');
+
+  // Every status a route answered is one its document lists.
+  for (const [op, statuses] of observed) {
+    const [method, path] = op.split(' ');
+    const documented = Object.keys((doc.paths[path]?.[method.toLowerCase()] as { responses: object } | undefined)?.responses ?? {});
+    for (const status of statuses) if (!documented.includes(String(status))) failures.push(`${op} answered ${status}, which its document does not list`);
+  }
+  if (process.env.BAD_INPUT_VERBOSE) for (const [op, st] of observed) console.log(op, [...st].sort().join(" "));
+  const after = await stateChecksum(app);
+  const total = cases.length + raw.length;
+  t.diagnostic(`bad-input: ${total} cases, ${failures.length} failures (${cases.length} injected in ${injectMs} ms, ${raw.length} raw)`);
+  console.log(`bad-input: ${total} cases, ${failures.length} failures`);
+  assert.deepEqual(failures.slice(0, 40), [], `${failures.length} failures`);
+  assert.equal(after, before, 'no session, snapshot or token changed');
+  assert.ok(total >= 300, `${total} cases`);
+});
