@@ -1,4 +1,5 @@
 // The whole service as one Fastify plugin. It never listens: src/server.ts does, tests inject.
+import { createRequire } from 'node:module';
 import type { Socket } from 'node:net';
 import fp from 'fastify-plugin';
 import { AjvCompiler } from '@fastify/ajv-compiler';
@@ -145,10 +146,20 @@ export const REDACTED_PATHS = ['req.headers.authorization', 'req.headers.cookie'
 export function loggerOptions(config: Config, extra: Record<string, unknown> = {}): Record<string, unknown> {
   return {
     level: config.logLevel,
-    ...(process.stdout.isTTY && { transport: { target: 'pino-pretty' } }),
+    // pino-pretty is a dev dependency: a production image run with a terminal (docker run -t) logs JSON.
+    ...(process.stdout.isTTY && hasPinoPretty() && { transport: { target: 'pino-pretty' } }),
     ...extra,
     redact: { paths: REDACTED_PATHS, censor: '[redacted]' },
   };
+}
+
+function hasPinoPretty(): boolean {
+  try {
+    createRequire(import.meta.url).resolve('pino-pretty');
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 const SESSION_PATH = /^\/v1\/sessions\/([A-Za-z0-9._-]{1,128})(?:[/?]|$)/;

@@ -1,0 +1,40 @@
+# syntax=docker/dockerfile:1
+# asgd-serve: `docker build -t asgd-serve .`, then see docker-compose.yml.
+# The image runs the TypeScript sources through tsx (a runtime dependency), exactly as the tests run
+# them: `node bin/asgd-serve.mjs migrate|serve`, and `node bin/healthcheck.mjs` for the HEALTHCHECK.
+
+# 1. Build stage: every dependency, and a type check that fails the build on a type error.
+FROM node:20-slim AS build
+WORKDIR /app
+COPY package.json package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY tsconfig.json ./
+COPY src ./src
+RUN npx tsc --noEmit -p tsconfig.json
+
+# 2. Production dependencies only.
+FROM node:20-slim AS deps
+WORKDIR /app
+COPY package.json package-lock.json ./
+RUN npm ci --omit=dev --no-audit --no-fund && npm cache clean --force
+
+# 3. Runtime: node:20-slim, production dependencies, the checked sources, a non-root user.
+FROM node:20-slim
+WORKDIR /app
+ENV HOST=0.0.0.0 \
+    PORT=8080 \
+    ASGD_DATA_DIR=/data/pglite
+COPY --from=deps /app/node_modules ./node_modules
+COPY --from=build /app/src ./src
+COPY package.json ./
+COPY bin ./bin
+COPY migrations ./migrations
+# /data: the embedded database when DATABASE_URL is unset (mount a volume there to keep it).
+RUN mkdir -p /data && chown node:node /data
+USER node
+EXPOSE 8080
+# Liveness only (no database): a database outage must not get every replica restarted.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 CMD ["node", "bin/healthcheck.mjs"]
+# HOST=0.0.0.0 needs ASGD_ADMIN_TOKEN: without it the service refuses to start (exit code 2).
+ENTRYPOINT ["node", "bin/asgd-serve.mjs"]
+CMD ["serve"]

@@ -1,0 +1,102 @@
+// The Dockerfile, docker-compose.yml and nginx config cannot run here (no Docker engine), so they are held
+// to what can be checked: they run exactly the commands test/ops/cli.test.ts runs, they only set
+// variables the service reads, and their limits agree with the service's.
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { test } from 'node:test';
+import { FLAGS, parseArgs } from '../../src/cli.ts';
+import { loadConfig } from '../../src/config.ts';
+
+const read = (path: string) => readFileSync(path, 'utf8');
+const SERVICE_VARIABLES = new Set(FLAGS.map((f) => f.env));
+/** Variables only docker compose itself uses. */
+const COMPOSE_ONLY = new Set(['POSTGRES_USER', 'POSTGRES_PASSWORD', 'POSTGRES_DB', 'ASGD_PUBLIC_PORT']);
+
+test('the image runs the tested commands as a non-root user, with production dependencies and a node health check', () => {
+  const dockerfile = read('Dockerfile');
+  const stages = dockerfile.split(/^FROM /m).slice(1);
+  assert.ok(stages.length >= 2, 'multi-stage');
+  const runtime = stages[stages.length - 1];
+  assert.match(runtime, /^node:20-slim\s/);
+  assert.match(dockerfile, /npm ci --omit=dev/);
+  assert.match(runtime, /^USER node$/m);
+  assert.match(runtime, /^HEALTHCHECK .*CMD \["node", "bin\/healthcheck\.mjs"\]$/m);
+  assert.doesNotMatch(dockerfile, /curl|wget/);
+  assert.match(runtime, /^ENTRYPOINT \["node", "bin\/asgd-serve\.mjs"\]$/m);
+  const cmd = JSON.parse(/^CMD (\[.*\])$/m.exec(runtime)![1]) as string[];
+  assert.equal(parseArgs(cmd, {}).command, 'serve');
+  // The runtime gets the type-checked sources from the build stage (so the check cannot be skipped).
+  assert.match(runtime, /COPY --from=build \/app\/src \.\/src/);
+  assert.match(stages[0], /tsc --noEmit/);
+  // Every ENV the image sets is a service variable, and the defaults it sets load.
+  const env = Object.fromEntries([...runtime.matchAll(/^\s*(?:ENV\s+)?([A-Z_]+)=(\S+?)\s*\\?$/gm)].map((m) => [m[1], m[2]]));
+  assert.deepEqual(Object.keys(env).sort(), ['ASGD_DATA_DIR', 'HOST', 'PORT']);
+  for (const key of Object.keys(env)) assert.ok(SERVICE_VARIABLES.has(key), key);
+  assert.throws(() => loadConfig(env), /refusing to listen on 0\.0\.0\.0/, 'the image needs a token to start');
+  assert.equal(loadConfig({ ...env, ASGD_ADMIN_TOKEN: 'x'.repeat(32) }).host, '0.0.0.0');
+  const ignored = read('.dockerignore').split('\n');
+  for (const path of ['.env', 'node_modules', '.git']) assert.ok(ignored.includes(path), `.dockerignore has ${path}`);
+});
+
+test('docker-compose.yml: PostgreSQL 15 with a volume and a health check, a one-shot migrate, three replicas, one port', () => {
+  const compose = read('docker-compose.yml');
+  const service = (name: string) => {
+    const m = new RegExp(`^  ${name}:\\n((?:    .*\\n|\\n)*)`, 'm').exec(compose);
+    assert.ok(m, `service ${name}`);
+    return m[1];
+  };
+  const postgres = service('postgres');
+  assert.match(postgres, /image: postgres:15\n/);
+  assert.match(postgres, /- pgdata:\/var\/lib\/postgresql\/data/);
+  assert.match(postgres, /healthcheck:\n\s+test: \["CMD-SHELL", "pg_isready/);
+  assert.match(compose, /^volumes:\n  pgdata:/m);
+
+  const migrate = service('migrate');
+  assert.equal(parseArgs(JSON.parse(/command: (\[.*\])/.exec(migrate)![1]), {}).command, 'migrate');
+  assert.match(migrate, /postgres:\n\s+condition: service_healthy/);
+  assert.match(migrate, /restart: "no"/);
+
+  const asgd = service('asgd');
+  assert.equal(parseArgs(JSON.parse(/command: (\[.*\])/.exec(asgd)![1]), {}).command, 'serve');
+  assert.match(asgd, /replicas: 3\n/);
+  assert.match(asgd, /migrate:\n\s+condition: service_completed_successfully/);
+  assert.doesNotMatch(asgd, /ports:/, 'replicas are reachable only through the proxy');
+  const grace = Number(/stop_grace_period: (\d+)s/.exec(asgd)![1]);
+  assert.ok(grace * 1000 > loadConfig({}).shutdownTimeoutMs, 'docker waits longer than the service drains');
+
+  const proxy = service('proxy');
+  assert.match(proxy, /image: nginx:1\.(2[8-9]|[3-9]\d)/, 'nginx with `resolve` in upstreams');
+  assert.match(proxy, /ports:\n\s+- "\$\{ASGD_PUBLIC_PORT:-8080\}:8080"/);
+  assert.equal((compose.match(/^\s+ports:/gm) ?? []).length, 1, 'one published port');
+
+  // Both app services get the shared block: the env file, the database URL and the listen address.
+  assert.match(compose, /x-asgd: &asgd\n(?:  .*\n)*  env_file: \.env\n/);
+  for (const block of [migrate, asgd]) assert.match(block, /<<: \*asgd/);
+  const environment = /x-asgd: &asgd\n(?:  .*\n)*?  environment:\n((?:    .*\n)+)/.exec(compose)![1];
+  const variables = [...environment.matchAll(/^    ([A-Z_]+):/gm)].map((m) => m[1]);
+  assert.ok(variables.includes('DATABASE_URL') && variables.includes('HOST'));
+  for (const key of variables) assert.ok(SERVICE_VARIABLES.has(key), `${key} is read by src/config.ts`);
+});
+
+test('.env.example names only variables the service or compose read, and starts nothing without a token', () => {
+  const lines = read('.env.example').split('\n');
+  const keys = lines.map((l) => /^#?\s?([A-Z][A-Z0-9_]+)=/.exec(l)?.[1]).filter((k): k is string => !!k);
+  assert.ok(keys.includes('ASGD_ADMIN_TOKEN') && keys.includes('POSTGRES_PASSWORD'));
+  for (const key of keys) assert.ok(SERVICE_VARIABLES.has(key) || COMPOSE_ONLY.has(key), `${key} is not a variable anything reads`);
+  // The committed example holds no secret: an unfilled copy makes the service refuse to start.
+  const values = Object.fromEntries(lines.filter((l) => /^[A-Z]/.test(l)).map((l) => l.split('=', 2) as [string, string]));
+  assert.equal(values.ASGD_ADMIN_TOKEN, '');
+  assert.throws(() => loadConfig({ ...values, HOST: '0.0.0.0' }), /without authentication/);
+  assert.ok(read('.gitignore').split('\n').includes('.env'), '.env is never committed');
+});
+
+test('nginx: no body limit of its own, timeouts above the service request timeout, all replicas', () => {
+  const nginx = read('deploy/nginx.conf');
+  assert.match(nginx, /client_max_body_size 0;/);
+  assert.match(nginx, /proxy_request_buffering off;/);
+  const readTimeout = Number(/proxy_read_timeout (\d+)s;/.exec(nginx)![1]);
+  assert.ok(readTimeout * 1000 > loadConfig({}).requestTimeoutMs);
+  assert.match(nginx, /server asgd:8080 resolve;/);
+  assert.match(nginx, /resolver 127\.0\.0\.11/);
+  assert.doesNotMatch(nginx, /non_idempotent/, 'steps are not replayed by the proxy');
+});
