@@ -15,6 +15,8 @@ export const MIGRATIONS_DIR = join(dirname(fileURLToPath(import.meta.url)), '..'
 export interface QueryOptions {
   /** Prepared statement name (PostgreSQL only; PGlite ignores it). */
   name?: string;
+  /** PGlite only: the file a `COPY … FROM '/dev/blob'` reads (binary COPY skips base64 for large bytea). */
+  blob?: Blob;
 }
 
 export interface Queryable {
@@ -166,9 +168,9 @@ async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Da
   return {
     kind: 'pglite',
     orm: orm as unknown as Database['orm'],
-    query: async (text, params) => fix((await client.query(text, params ?? [])).rows),
+    query: async (text, params, opts) => fix((await client.query(text, params ?? [], opts?.blob && { blob: opts.blob })).rows),
     transaction: (fn) =>
-      client.transaction(async (tx) => fn({ query: async (text, params) => fix((await tx.query(text, params ?? [])).rows) })),
+      client.transaction(async (tx) => fn({ query: async (text, params, opts) => fix((await tx.query(text, params ?? [], opts?.blob && { blob: opts.blob })).rows) })),
     byteaParam: (n) => `decode($${n}, 'base64')`,
     byteaValue: (buf) => buf.toString('base64'),
     migrate: () => migratePglite(orm, { migrationsFolder: MIGRATIONS_DIR }),

@@ -175,6 +175,7 @@ export async function appendStep(
   entry: { present: number[]; grads: Buffer },
   checks: { ifMatch: number | null; baseVersion: number | null },
 ): Promise<AppendedStep | null> {
+  if (db.kind === 'pglite') return appendStepPglite(db, sessionId, entry, checks);
   const rows = await q.query(
     `WITH locked AS (
        SELECT id, version, max_staleness FROM sessions WHERE id = $1 FOR UPDATE
@@ -202,6 +203,63 @@ export async function appendStep(
     maxStaleness: (r.previous_max_staleness as number | null) ?? null,
     session: r.id === null || r.id === undefined ? null : toSession(r),
   };
+}
+
+/**
+ * appendStep on PGlite: a transaction (its statements are calls within this process, not round trips)
+ * whose log row arrives by binary COPY from a blob: 4 MB of gradients in 120-150 ms instead of 300-600 ms
+ * as base64 text decoded in SQL. The checks are appendStep's WHERE clause.
+ */
+async function appendStepPglite(
+  db: Database,
+  sessionId: number,
+  entry: { present: number[]; grads: Buffer },
+  checks: { ifMatch: number | null; baseVersion: number | null },
+): Promise<AppendedStep | null> {
+  return db.transaction(async (tx) => {
+    const locked = await tx.query<{ version: number; max_staleness: number | null }>(
+      'SELECT version::float8 AS version, max_staleness FROM sessions WHERE id = $1 FOR UPDATE',
+      [sessionId],
+    );
+    if (locked.length === 0) return null;
+    const { version, max_staleness: maxStaleness } = locked[0];
+    const { ifMatch, baseVersion } = checks;
+    const allowed = (ifMatch === null || version === ifMatch) && (baseVersion === null || baseVersion <= version)
+      && (maxStaleness === null || baseVersion === null || version - baseVersion <= maxStaleness);
+    if (!allowed) return { previousVersion: version, maxStaleness, session: null };
+    await tx.query("COPY step_log (session_id, version, present, grads, base_version) FROM '/dev/blob' WITH (FORMAT binary)", [], {
+      blob: copyRow([int8(sessionId), int8(version + 1), jsonb(JSON.stringify(entry.present)), entry.grads, baseVersion === null ? null : int8(baseVersion)]),
+    });
+    const rows = await tx.query(
+      `UPDATE sessions SET version = $2, step = step + 1, updated_at = now() WHERE id = $1 RETURNING ${SESSION_COLUMNS}`,
+      [sessionId, version + 1],
+    );
+    return { previousVersion: version, maxStaleness, session: toSession(rows[0]) };
+  });
+}
+
+const int8 = (value: number) => {
+  const out = Buffer.allocUnsafe(8);
+  out.writeBigInt64BE(BigInt(value));
+  return out;
+};
+/** jsonb's binary form: format version 1, then the text. */
+const jsonb = (text: string) => Buffer.concat([Buffer.of(1), Buffer.from(text, 'utf8')]);
+
+/** One row in PostgreSQL's binary COPY format (fields already in their binary forms; null for NULL). */
+function copyRow(fields: (Buffer | null)[]): Blob {
+  const header = Buffer.alloc(19 + 2);
+  header.write('PGCOPY\n\xff\r\n\0', 0, 'latin1'); // signature; then flags and header extension length, both 0
+  header.writeInt16BE(fields.length, 19);
+  const parts: Buffer[] = [header];
+  for (const field of fields) {
+    const length = Buffer.allocUnsafe(4);
+    length.writeInt32BE(field === null ? -1 : field.byteLength);
+    parts.push(length);
+    if (field !== null) parts.push(field);
+  }
+  parts.push(Buffer.of(0xff, 0xff)); // trailer: field count -1
+  return new Blob(parts as unknown as BlobPart[]); // Buffers are Uint8Arrays; the typings want ArrayBuffer-backed ones
 }
 
 /** The log entries in (fromVersion, toVersion], in order, at most `limit` of them. */
