@@ -30,7 +30,7 @@ export function gradientOf(client: number, k: number): { w: { shape: number[]; d
 export interface Ack {
   client: number;
   k: number;
-  key: string;
+  key: string | null;
   grads: ReturnType<typeof gradientOf>;
   version: number;
   step: number;
@@ -46,6 +46,12 @@ export interface LoadOptions {
   target: (client: number, k: number) => number;
   /** Called after every acknowledged step (tests kill or stop processes from here). */
   onAck?: (ack: Ack, acked: number) => void | Promise<void>;
+  /**
+   * true (default): every step carries an Idempotency-Key and is retried until acknowledged. false: no key,
+   * one attempt (a step without a key must not be sent twice), so any error fails the load. A function
+   * decides per client.
+   */
+  idempotent?: boolean | ((client: number) => boolean);
   /** Pause between a client's steps, so that a load lasts long enough for what a test does meanwhile. */
   pauseMs?: number;
   deadlineMs?: number;
@@ -58,13 +64,15 @@ export async function runLoad(cluster: Cluster, stats: ClientStats, opts: LoadOp
   const client = async (c: number) => {
     for (let k = 0; k < opts.steps; k++) {
       const grads = gradientOf(c, k);
-      const key = `${opts.session}-${nonce}-c${c}-k${k}`;
+      const idempotent = typeof opts.idempotent === 'function' ? opts.idempotent(c) : (opts.idempotent ?? true);
+      const key = idempotent ? `${opts.session}-${nonce}-c${c}-k${k}` : null;
       const res = await requestWithRetry(cluster, stats, `/v1/sessions/${opts.session}/step`, {
         method: 'POST',
         json: { grads },
-        headers: { 'idempotency-key': key },
+        ...(key && { headers: { 'idempotency-key': key } }),
         prefer: opts.target(c, k),
         deadlineMs: opts.deadlineMs ?? 60_000,
+        ...(!idempotent && { attempts: 1 }),
       });
       assert.equal(res.status, 200, res.text);
       const answer = res.body as { session: string; step: number; version: number; staleness: number; replayed?: boolean };

@@ -219,6 +219,8 @@ export interface RetryOptions extends RequestOptions {
   deadlineMs?: number;
   /** Statuses that end the loop as an answer besides 2xx (e.g. 404, 422 when a test expects them). */
   accept?: number[];
+  /** At most this many attempts (1: a write without an Idempotency-Key, which must not be sent twice). */
+  attempts?: number;
 }
 
 /**
@@ -232,10 +234,11 @@ export async function requestWithRetry(cluster: Cluster, stats: ClientStats, pat
   let last = '';
   for (let attempt = 0; ; attempt++) {
     if (attempt > 0) {
-      stats.retries++;
-      at++;
       // A process that died unasked is a failure of its own: no point in retrying around it.
       if (cluster.crashes() > 0) throw new Error(`${opts.method ?? 'GET'} ${path}: a service process crashed\n${cluster.describe()}`);
+      if (attempt >= (opts.attempts ?? Infinity)) throw new Error(`${opts.method ?? 'GET'} ${path}: failed (${last}) and may not be sent again`);
+      stats.retries++;
+      at++;
       if (Date.now() > deadline) throw new Error(`${opts.method ?? 'GET'} ${path}: no answer after ${attempt} attempts (last: ${last})\n${cluster.describe()}`);
       // Every process was tried once: wait a little longer before the next round (a database restart).
       await sleep(attempt % cluster.processes.length === 0 ? 200 : 20);
@@ -260,7 +263,8 @@ export async function requestWithRetry(cluster: Cluster, stats: ClientStats, pat
     }
     if ((res.status >= 200 && res.status < 300) || opts.accept?.includes(res.status)) return { ...res, process: target.index };
     stats.unexpected.push({ status: res.status, text: res.text.slice(0, 300), process: target.index });
-    throw new Error(`${opts.method ?? 'GET'} ${path} on process ${target.index}: unexpected ${res.status} ${res.text.slice(0, 300)}`);
+    const log = res.status >= 500 ? `\nprocess ${target.index} logged:\n${target.log.slice(-3000)}` : '';
+    throw new Error(`${opts.method ?? 'GET'} ${path} on process ${target.index}: unexpected ${res.status} ${res.text.slice(0, 300)}${log}`);
   }
 }
 
@@ -308,8 +312,10 @@ export class Cluster {
     const cluster = new Cluster(db.url, db.drop, ports.map((port, i) => new ServiceProcess(i, port, env)));
     t.after(() => cluster.close());
     // All at once: the migrations run under an advisory lock, so one process applies them and the others find them applied.
+    const began = Date.now();
     for (const p of cluster.processes) p.start();
     await Promise.all(cluster.processes.map((p) => p.waitReady(cluster.agent)));
+    console.log(`cluster: ${cluster.processes.length} service processes ready in ${((Date.now() - began) / 1000).toFixed(1)} s`);
     return cluster;
   }
 
