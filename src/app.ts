@@ -58,6 +58,11 @@ export function toApiError(err: unknown, request?: FastifyRequest): ApiError {
   }
   if (e instanceof SyntaxError || (e?.statusCode === 400 && /JSON/i.test(e.message ?? ''))) return errors.invalidJson(e.message);
   if (isRetryableDbError(err)) return errors.unavailable('the database is unreachable; retry shortly');
+  // The database server answers but will not serve us (it was dropped, renamed, or our login was
+  // changed): the service is unavailable, which is no fault of the request.
+  if (typeof e?.code === 'string' && /^(3D000|57P04|28[0-9A-Z]{3})$/.test(e.code) && (err as { severity?: unknown }).severity !== undefined) {
+    return errors.unavailable('the database is not available', 5);
+  }
   // PostgreSQL class 22 (data exception: a number out of a column's range, …) means a value got past the
   // route's checks: the client's input, not the server, is at fault. The route should have named the field.
   if (typeof e?.code === 'string' && /^22[0-9A-Z]{3}$/.test(e.code) && (err as { severity?: unknown }).severity !== undefined) {
