@@ -109,6 +109,12 @@ test('every route in the OpenAPI document: 401 without a token, 403 below its sc
     const res = await app.inject({ method: 'HEAD', url: r.url.replace(':name', 'sa').replace(':id', String(snapshot)) });
     assert.equal(res.statusCode, 401, `HEAD ${r.url}`);
   }
+  // The docs UI and the document it shows are open.
+  for (const url of ['/docs', '/docs/json', '/docs/static/index.html']) {
+    const res = await app.inject({ url });
+    assert.ok(res.statusCode < 400, `${url}: ${res.statusCode}`);
+  }
+  assert.equal((await app.inject({ url: '/docs/json' })).json().paths['/v1/sessions/{name}/step'].post['x-scope'], 'step');
   // Nothing the walk did changed session sa.
   const after = await app.inject({ url: '/v1/sessions/sa', headers: asAdmin });
   assert.equal(after.json().version, 1, after.body);
