@@ -118,5 +118,9 @@ for (const name of wanted.length ? wanted : Object.keys(BENCHES)) {
   stored[name] = { result, measuredAt: new Date().toISOString(), load: [before, loadavg()[0]], ...(rows && { kernelRows: rows }) };
   console.log(describe(result));
   writeFileSync(jsonPath, JSON.stringify(stored, null, 2) + '\n');
-  writeFileSync(join(ROOT, 'bench', 'RESULTS.md'), render(stored, env) + '\n');
+  // A hand-written "## Notes" section at the end (what misses and why) survives the rewrite.
+  const resultsPath = join(ROOT, 'bench', 'RESULTS.md');
+  const previous = existsSync(resultsPath) ? readFileSync(resultsPath, 'utf8') : '';
+  const notes = previous.indexOf('\n## Notes\n');
+  writeFileSync(resultsPath, render(stored, env) + (notes >= 0 ? previous.slice(notes) : '\n'));
 }
