@@ -48,7 +48,10 @@ export function toApiError(err: unknown, request?: FastifyRequest): ApiError {
     case 'FST_ERR_HANDLER_TIMEOUT':
       return errors.unavailable('the request took too long; retry shortly');
     case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':
-      return errors.unsupportedMediaType(String(e.message.split(': ').pop()), 'application/json');
+      return errors.unsupportedMediaType(
+        String(e.message.split(': ').pop()).slice(0, 100),
+        ((request?.routeOptions.schema as { consumes?: string[] } | undefined)?.consumes ?? ['application/json']).join(', '),
+      );
     case 'FST_ERR_CTP_EMPTY_JSON_BODY':
       return errors.invalidJson('the body is empty');
     case 'FST_ERR_CTP_INVALID_CONTENT_LENGTH':
