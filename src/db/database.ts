@@ -23,10 +23,19 @@ export interface Queryable {
   query<R = Record<string, unknown>>(text: string, params?: unknown[], options?: QueryOptions): Promise<R[]>;
 }
 
+export interface TransactionOptions {
+  /**
+   * Read only, and every statement sees the database as of the first one (REPEATABLE READ): for reads that
+   * must agree with each other (a snapshot, its chunks and the log after it) while other processes write
+   * snapshots and prune. PGlite needs nothing: its transactions run alone.
+   */
+  consistentRead?: boolean;
+}
+
 export interface Database extends Queryable {
   readonly kind: 'postgres' | 'pglite';
   readonly orm: PgDatabase<PgQueryResultHKT, typeof schema>;
-  transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T>;
+  transaction<T>(fn: (tx: Queryable) => Promise<T>, options?: TransactionOptions): Promise<T>;
   /** SQL for a bytea parameter at position n: PGlite gets base64 text decoded in SQL (its bytea serializer is slow). */
   byteaParam(n: number): string;
   byteaValue(buf: Buffer): unknown;
@@ -99,11 +108,11 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
     kind: 'postgres',
     orm: orm as unknown as Database['orm'],
     query: (text, params, opts) => run(pool, text, params, opts),
-    async transaction(fn) {
+    async transaction(fn, txOptions) {
       const { client, release } = await checkout();
       let broken = false;
       try {
-        await client.query('BEGIN');
+        await client.query(txOptions?.consistentRead ? 'BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY' : 'BEGIN');
         const tx: Queryable = { query: (text, params, opts) => run(client, text, params, opts) };
         const result = await fn(tx);
         await client.query('COMMIT');

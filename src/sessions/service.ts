@@ -232,6 +232,16 @@ export function createSessionService(options: SessionServiceOptions) {
     return cache.get(session.id)!;
   }
 
+  /**
+   * Reads that rebuild state outside a step's row lock (a copy gone or behind, an old version, a snapshot)
+   * run as one consistent read: a snapshot found there keeps its chunks, and the log after it, even when
+   * another process writes a newer snapshot and prunes them meanwhile (else: a 503 SNAPSHOT_UNAVAILABLE or
+   * a 404 VERSION_NOT_AVAILABLE for the current version, under nothing worse than frequent snapshots).
+   */
+  function consistentRead<T>(fn: (q: Queryable) => Promise<T>): Promise<T> {
+    return db.transaction(fn, { consistentRead: true });
+  }
+
   async function mustFind(q: Queryable, name: string, lock = false): Promise<SessionRecord> {
     const session = await repo.findSession(q, name, lock);
     if (!session) throw errors.sessionNotFound(name);
@@ -366,7 +376,7 @@ export function createSessionService(options: SessionServiceOptions) {
   async function appendedStep(name: string, input: GradientInput, opts: StepOptions, retried = false): Promise<StepOutcome> {
     const hinted = sessionIds.get(name);
     let entry = hinted === undefined ? undefined : cache.get(hinted);
-    if (!entry) entry = await currentState(db, await mustFind(db, name));
+    if (!entry) entry = await consistentRead(async (q) => currentState(q, await mustFind(q, name)));
     const { state } = entry;
     const id = stateId(state);
     const present = decodeGradients(input, state); // validates everything before anything is written
@@ -443,22 +453,31 @@ export function createSessionService(options: SessionServiceOptions) {
   /** A consistent copy of the state at `version` (default: current). */
   async function view(name: string, version?: number | null): Promise<StateView> {
     return mutex.run(name, async () => {
-      const session = await mustFind(db, name);
-      const target = version ?? session.version;
-      if (target > session.version || target < 1) throw errors.versionNotAvailable(target, await repo.oldestSnapshotVersion(db, session.id), session.version);
-      let state: SessionState;
-      let temporary = false;
-      if (target === session.version) {
-        state = (await currentState(db, session)).state;
-      } else {
-        state = (await buildState(db, session, target)).state;
-        temporary = true;
+      // The common case, a copy that is current, needs one read and no transaction.
+      const current = await mustFind(db, name);
+      const cached = cache.get(current.id);
+      if ((version == null || version === current.version) && cached?.state.version === current.version) {
+        cached.lastUsed = Date.now();
+        return toView(name, current.params, cached.state);
       }
-      try {
-        return toView(name, session.params, state);
-      } finally {
-        if (temporary) state.arena.release();
-      }
+      return consistentRead(async (q) => {
+        const session = await mustFind(q, name);
+        const target = version ?? session.version;
+        if (target > session.version || target < 1) throw errors.versionNotAvailable(target, await repo.oldestSnapshotVersion(q, session.id), session.version);
+        let state: SessionState;
+        let temporary = false;
+        if (target === session.version) {
+          state = (await currentState(q, session)).state;
+        } else {
+          state = (await buildState(q, session, target)).state;
+          temporary = true;
+        }
+        try {
+          return toView(name, session.params, state);
+        } finally {
+          if (temporary) state.arena.release();
+        }
+      });
     });
   }
 
@@ -568,8 +587,10 @@ export function createSessionService(options: SessionServiceOptions) {
 
   async function snapshotNow(name: string, pinned: boolean): Promise<SnapshotRecord> {
     return mutex.run(name, async () => {
-      const session = await mustFind(db, name);
-      const entry = await currentState(db, session);
+      const { session, entry } = await consistentRead(async (q) => {
+        const session = await mustFind(q, name);
+        return { session, entry: await currentState(q, session) };
+      });
       const { state } = entry;
       const meta = { version: state.version, step: state.step, groups: state.groups, scalars: state.scalarRows() };
       const bytes = state.tensorBytes();
@@ -593,9 +614,9 @@ export function createSessionService(options: SessionServiceOptions) {
     return { session, snapshots: await repo.listSnapshots(db, session.id) };
   }
 
-  async function getSnapshot(name: string, id: number): Promise<{ session: SessionRecord; snapshot: SnapshotRecord }> {
-    const session = await mustFind(db, name);
-    const snapshot = await repo.findSnapshot(db, session.id, id);
+  async function getSnapshot(name: string, id: number, q: Queryable = db): Promise<{ session: SessionRecord; snapshot: SnapshotRecord }> {
+    const session = await mustFind(q, name);
+    const snapshot = await repo.findSnapshot(q, session.id, id);
     if (!snapshot) throw errors.snapshotNotFound(String(id));
     return { session, snapshot };
   }
@@ -608,8 +629,10 @@ export function createSessionService(options: SessionServiceOptions) {
   }
 
   async function snapshotView(name: string, id: number): Promise<StateView> {
-    const { session, snapshot } = await getSnapshot(name, id);
-    const state = await loadSnapshotInto(db, snapshot, session);
+    const { session, state } = await consistentRead(async (q) => {
+      const { session, snapshot } = await getSnapshot(name, id, q);
+      return { session, state: await loadSnapshotInto(q, snapshot, session) };
+    });
     try {
       return toView(name, session.params, state);
     } finally {
