@@ -103,7 +103,7 @@ export function httpRequest(agent: http.Agent, baseUrl: string, path: string, op
 
 export class ServiceProcess {
   child: ChildProcess | null = null;
-  /** Resolves with the exit of the current child. */
+  /** Resolves with the exit of the current child; a restart replaces it, so keep the one of the child you signalled. */
   exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }> = Promise.resolve({ code: null, signal: null });
   private output = '';
   /** How many times a child of this slot exited without the test asking (a crash). */
@@ -149,7 +149,10 @@ export class ServiceProcess {
     });
   }
 
-  /** Polls GET /v1/sessions until it answers 200; fails at once if the process exits. */
+  /**
+   * Polls GET /v1/sessions until it answers 200; fails at once if the process exits. Generous: three
+   * processes loading tsx and the app at once take a few seconds on 2 idle cores, many more on a busy machine.
+   */
   async waitReady(agent: http.Agent, timeoutMs = 120_000): Promise<void> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
