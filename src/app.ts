@@ -1,6 +1,7 @@
 // The whole service as one Fastify plugin. It never listens: src/server.ts does, tests inject.
 import { createRequire } from 'node:module';
 import type { Socket } from 'node:net';
+import { STATUS_CODES } from 'node:http';
 import fp from 'fastify-plugin';
 import { AjvCompiler } from '@fastify/ajv-compiler';
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify';
@@ -91,7 +92,7 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
     return reply.status(api.statusCode).send({
       statusCode: api.statusCode,
       code: api.code,
-      error: api.statusCode >= 500 ? 'Internal Server Error' : api.code,
+      error: STATUS_CODES[api.statusCode] ?? 'Error',
       message: api.message,
       ...api.details,
     });
@@ -174,7 +175,7 @@ const SESSION_PATH = /^\/v1\/sessions\/([A-Za-z0-9._-]{1,128})(?:[/?]|$)/;
 
 /** Write a framework-level error (bad URL, oversized headers, timeouts) in the API's error shape. */
 function errorBody(api: ApiError): string {
-  return JSON.stringify({ statusCode: api.statusCode, code: api.code, error: api.code, message: api.message });
+  return JSON.stringify({ statusCode: api.statusCode, code: api.code, error: STATUS_CODES[api.statusCode] ?? 'Error', message: api.message });
 }
 
 function clientErrorHandler(this: FastifyInstance, err: Error & { code?: string }, socket: Socket): void {

@@ -1,12 +1,15 @@
 // The session domain: create, step, read, restore, snapshot, fork. Route -> here -> kernel and db.
 //
-// Durability model: a step's transaction writes the gradient to the step log and bumps the version under
-// the session's row lock; the answer comes after the commit. Full snapshots (params + optimizer state)
-// are written every `snapshotEvery` steps off the request path, and synchronously for changes that are
-// not steps (create, load_state_dict, restore, fork). The state at version v is the newest snapshot at
-// or below v with the logged steps after it replayed; the kernel is deterministic, so the replay is
-// bit-exact. A process keeps decoded state in memory and steps it in place only while its version equals
-// the database's; a failed transaction drops the in-memory copy.
+// Durability model: a step writes the gradient to the step log and bumps the version under the session's
+// row lock, as one statement (repo.appendStep) or, with an Idempotency-Key, one transaction that also
+// records the answer; the answer comes after the commit. Full snapshots (params + optimizer state) are
+// written every `snapshotEvery` steps off the request path, and synchronously for changes that are not
+// steps (create, load_state_dict, restore, fork). The state at version v is the newest snapshot at or
+// below v with the logged steps after it replayed; the kernel is deterministic, so the replay is
+// bit-exact. A process keeps decoded state in memory: a plain step runs the kernel after its commit, on
+// a copy that was at the version before it; a copy left behind by other processes catches up from the
+// log when next read; a keyed step that fails after the kernel ran drops the copy. No copy is ever ahead
+// of the database, and none is served or stepped at a version other than the one it claims.
 import type { FastifyBaseLogger } from 'fastify';
 import type { Database, Queryable } from '../db/database.ts';
 import type { GroupSpec, ParamSpec, ScalarStateRow } from '../db/schema.ts';
