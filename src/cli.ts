@@ -20,7 +20,7 @@ export const FLAGS: Flag[] = [
   { env: 'DATABASE_URL', value: 'url', help: 'PostgreSQL connection string; unset: embedded PGlite in --data-dir' },
   { env: 'ASGD_DATA_DIR', value: 'dir', help: 'embedded database directory (default .data/pglite; memory:// for a throwaway one)' },
   { env: 'ASGD_DB_POOL_SIZE', value: 'n', help: 'PostgreSQL connections per process (default 10)' },
-  { env: 'ASGD_MIGRATE', boolean: true, help: 'apply migrations when serving (default: only on the embedded database)' },
+  { env: 'ASGD_MIGRATE', boolean: true, help: 'apply pending migrations when serving (default: true; replicas take a lock)' },
   { env: 'LOG_LEVEL', value: 'level', help: 'fatal, error, warn, info (default), debug, trace or silent' },
   { env: 'ASGD_ADMIN_TOKEN', value: 'token', help: 'admin bearer token, 16+ characters (prefer the variable: flags show in ps)' },
   { env: 'ASGD_ALLOW_INSECURE', boolean: true, help: 'allow a non-loopback --host without a token' },

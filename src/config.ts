@@ -35,7 +35,7 @@ export interface Config {
   metricsRequireToken: boolean;
   /** Fastify's trustProxy: false, true, a hop count, or a comma-separated list of proxy addresses/CIDRs. */
   trustProxy: boolean | number | string[];
-  /** Apply migrations when `serve` starts; null = only for the embedded database (replicas run `migrate` once). */
+  /** Apply pending migrations when `serve` starts; null (unset) = yes. */
   migrateOnStart: boolean | null;
   /** After SIGTERM, in-flight requests get this long to finish before the process exits anyway. */
   shutdownTimeoutMs: number;

@@ -5,9 +5,9 @@ import { ConfigError, isLoopback, loadConfig, type Config } from './config.ts';
 export async function startServer(config: Config, opts: { migrate?: boolean } = {}) {
   const app = await buildApp({
     config,
-    // The embedded database is this process's own: migrate it. Replicas on PostgreSQL run `migrate` once
-    // (docker-compose's one-shot service); ASGD_MIGRATE=true makes a replica do it too (it takes a lock).
-    migrate: opts.migrate ?? config.migrateOnStart ?? !config.databaseUrl,
+    // Pending migrations are applied at start unless ASGD_MIGRATE=false: replicas on PostgreSQL take an
+    // advisory lock, so any number can start at once; docker-compose also runs `migrate` once before them.
+    migrate: opts.migrate ?? config.migrateOnStart ?? true,
     logger: loggerOptions(config),
   });
   if (!config.adminToken && !isLoopback(config.host)) {
