@@ -2,9 +2,8 @@
 import type { FastifyInstance } from 'fastify';
 import { Type } from 'typebox';
 import type { Config } from '../../config.ts';
-import { errors } from '../../errors.ts';
 import { sessionJson, setVersion, ifMatchOf, optionalWhole, SETTING_LIMITS } from '../common.ts';
-import { errorResponses, Hyperparameters, NameParams, Session, Tensor } from '../schemas.ts';
+import { errorResponses, Hyperparameters, NameParams, Session } from '../schemas.ts';
 import { parseCreateBody } from './create.ts';
 import { BINARY_TYPES } from './binary.ts';
 import stepRoutes from './step.ts';
@@ -135,8 +134,6 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
     return reply.status(201).send(sessionJson(session));
   });
 
-  void Tensor;
-  void errors;
   await fastify.register(stepRoutes, { config });
   await fastify.register(stateRoutes, { config });
   await fastify.register(snapshotRoutes, { config });

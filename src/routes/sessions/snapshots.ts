@@ -3,7 +3,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { Type } from 'typebox';
 import type { Config } from '../../config.ts';
 import { errors } from '../../errors.ts';
-import { booleanQuery, ifMatchOf, sessionJson, setVersion, snapshotJson } from '../common.ts';
+import { ifMatchOf, sessionJson, setVersion, snapshotJson } from '../common.ts';
 import { errorResponses, NameParams, Session, Snapshot, SnapshotParams } from '../schemas.ts';
 import { checkpointFormats, readFormats, sendView } from './state.ts';
 
@@ -77,7 +77,6 @@ export default async function snapshotRoutes(fastify: FastifyInstance, _opts: { 
         response: { ...(kind === 'checkpoint' ? checkpointFormats : readFormats), ...errorResponses(400, 401, 403, 404, 406) },
       },
     }, async (request, reply) => {
-      void booleanQuery;
       const view = await fastify.sessions.snapshotView((request.params as { name: string }).name, snapshotIdOf(request));
       return sendView(kind, request, reply, view);
     });
