@@ -40,6 +40,7 @@ export function toApiError(err: unknown, request?: FastifyRequest): ApiError {
     if (e.validationContext === 'headers') return new ApiError(400, 'INVALID_HEADER', message);
     return errors.invalidBody(message);
   }
+  if (e?.code === 'ERR_STRING_TOO_LONG') return errors.badRequest('body: holds a string longer than this service reads');
   switch (e?.code) {
     case 'FST_ERR_CTP_BODY_TOO_LARGE':
       return errors.bodyTooLarge(request?.routeOptions.bodyLimit ?? 0);
@@ -104,6 +105,26 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
 
   // Bodies are JSON or files; fastify's default text/plain parser would hand routes a string.
   fastify.removeContentTypeParser('text/plain');
+  // JSON arrives as bytes and is bounded before it becomes one string: a text beyond V8's string limit
+  // (~512 MiB) would otherwise throw inside the body reader and take the process down.
+  const parseJson = fastify.getDefaultJsonParser('error', 'error');
+  fastify.removeContentTypeParser('application/json');
+  fastify.addContentTypeParser('application/json', { parseAs: 'buffer' }, (request, body, done) => {
+    const bytes = body as Buffer;
+    if (bytes.length > config.bodyLimitJson) {
+      done(new ApiError(413, 'BODY_TOO_LARGE', `body: a JSON body is limited to ${config.bodyLimitJson} bytes; send tensors as safetensors or a torch.save file`), undefined);
+      return;
+    }
+    parseJson(request, bytes.toString('utf8'), done);
+  });
+  fastify.addHook('preParsing', async (request) => {
+    // Refuse a JSON body announced as too large before reading it.
+    const length = Number(request.headers['content-length']);
+    const type = (request.headers['content-type'] ?? '').split(';')[0].trim().toLowerCase();
+    if (type === 'application/json' && length > config.bodyLimitJson) {
+      throw new ApiError(413, 'BODY_TOO_LARGE', `body: a JSON body is limited to ${config.bodyLimitJson} bytes; send tensors as safetensors or a torch.save file`);
+    }
+  });
   // Binary bodies (torch.save files, safetensors) arrive as one Buffer, bounded by the route's bodyLimit.
   fastify.addContentTypeParser(
     ['application/octet-stream', 'application/vnd.pytorch', 'application/x-safetensors', 'application/safetensors'],

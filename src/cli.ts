@@ -28,6 +28,7 @@ export const FLAGS: Flag[] = [
   { env: 'ASGD_BODY_LIMIT_STEP', value: 'bytes', help: 'largest step body (default 1 GiB)' },
   { env: 'ASGD_BODY_LIMIT_CREATE', value: 'bytes', help: 'largest create / state_dict / checkpoint body (default 2 GiB)' },
   { env: 'ASGD_BODY_LIMIT_DEFAULT', value: 'bytes', help: 'largest body of other routes (default 1 MiB)' },
+  { env: 'ASGD_BODY_LIMIT_JSON', value: 'bytes', help: 'largest JSON body on any route (default 256 MiB, at most 512 MiB; use safetensors beyond)' },
   { env: 'ASGD_REQUEST_TIMEOUT_MS', value: 'ms', help: 'time to receive a whole request (default 300000; 0 = none)' },
   { env: 'ASGD_RATE_LIMIT_PER_MINUTE', value: 'n', help: 'requests a minute per token (or client address); unset = no limit' },
   { env: 'ASGD_MAX_EVENT_LOOP_DELAY_MS', value: 'ms', help: 'answer 503 while the event loop lags more (default 0 = off)' },

@@ -15,6 +15,8 @@ export interface Config {
   bodyLimitStep: number;
   bodyLimitCreate: number;
   bodyLimitDefault: number;
+  /** Largest JSON body on any route: a JSON text is decoded into one string, which V8 caps at ~512 MiB. */
+  bodyLimitJson: number;
   requestTimeoutMs: number;
   rateLimitPerMinute: number | null;
   defaultSnapshotEvery: number;
@@ -101,6 +103,7 @@ export function loadConfig(env: Env = process.env): Config {
     bodyLimitStep: int(env, 'ASGD_BODY_LIMIT_STEP', 1024 * MiB, 1024),
     bodyLimitCreate: int(env, 'ASGD_BODY_LIMIT_CREATE', 2048 * MiB, 1024),
     bodyLimitDefault: int(env, 'ASGD_BODY_LIMIT_DEFAULT', 1 * MiB, 1024),
+    bodyLimitJson: int(env, 'ASGD_BODY_LIMIT_JSON', 256 * MiB, 1024, 512 * MiB),
     requestTimeoutMs: int(env, 'ASGD_REQUEST_TIMEOUT_MS', 300_000, 0),
     rateLimitPerMinute: env.ASGD_RATE_LIMIT_PER_MINUTE ? int(env, 'ASGD_RATE_LIMIT_PER_MINUTE', 0, 1) : null,
     defaultSnapshotEvery: int(env, 'ASGD_SNAPSHOT_EVERY', 100, 1),

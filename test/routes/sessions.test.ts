@@ -167,3 +167,19 @@ test('a bad step answers 4xx with a code naming the parameter and changes nothin
   assert.equal((await app.inject({ url: '/v1/sessions/s/params' })).body, beforeParams);
   assert.equal((await app.inject({ url: '/v1/sessions/s' })).json().version, 2);
 });
+
+test('a JSON body over the JSON limit is 413 before it becomes a string; the process stays up', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_BODY_LIMIT_JSON: '4096' } });
+  const big = { name: 'big', params: [{ name: 'w', shape: [2000], data: randomData(2000, 9) }] };
+  const res = await app.inject({ method: 'POST', url: '/v1/sessions', payload: big });
+  assert.equal(res.statusCode, 413, res.body);
+  assert.equal(res.json().code, 'BODY_TOO_LARGE');
+  assert.match(res.json().message, /JSON body is limited to 4096 bytes/);
+  // Without a Content-Length (chunked), the limit holds once the bytes are in.
+  const { Readable } = await import('node:stream');
+  const chunked = await app.inject({ method: 'POST', url: '/v1/sessions', headers: { 'content-type': 'application/json' }, payload: Readable.from([Buffer.from(JSON.stringify(big))]) });
+  assert.equal(chunked.statusCode, 413, chunked.body);
+  const small = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'small', params: [{ name: 'w', shape: [2], data: [1, 2] }] } });
+  assert.equal(small.statusCode, 201, small.body);
+  assert.equal((await app.inject({ url: '/v1/sessions' })).json().sessions.length, 1);
+});
