@@ -1,7 +1,6 @@
 // Shared pieces of the benchmarks: databases made and dropped per run, server processes on loopback,
 // a keep-alive HTTP client, safetensors bodies, medians, and the shape of a result.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import http from 'node:http';
 import { createServer } from 'node:net';
@@ -9,6 +8,7 @@ import { cpus, tmpdir, totalmem } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
+import { createScratchDatabase } from '../test/support/scratch-db.ts';
 import { openDatabase } from '../src/db/database.ts';
 import { streamToBuffer, writeSafetensors, type Tensor } from '../src/formats/index.ts';
 
@@ -59,31 +59,13 @@ export interface BenchDatabase {
 
 /** A fresh PostgreSQL database with the service's migrations applied. */
 export async function createDatabase(): Promise<BenchDatabase> {
-  const name = `asgd_bench_${randomBytes(5).toString('hex')}`;
-  const admin = new pg.Client({ connectionString: PG_ADMIN_URL });
-  await admin.connect();
-  await admin.query(`CREATE DATABASE ${name}`);
-  await admin.end();
-  const url = new URL(PG_ADMIN_URL);
-  url.pathname = `/${name}`;
-  const db = await openDatabase({ databaseUrl: url.toString(), dataDir: '', poolSize: 2 });
+  const scratch = await createScratchDatabase(PG_ADMIN_URL, 'asgd_bench');
+  const db = await openDatabase({ databaseUrl: scratch.url, dataDir: '', poolSize: 2 });
   await db.migrate();
   await db.close();
-  return {
-    url: url.toString(),
-    async drop() {
-      const c = new pg.Client({ connectionString: PG_ADMIN_URL });
-      await c.connect();
-      await c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
-      await c.end();
-    },
-  };
+  return scratch;
 }
 
-/**
- * A temporary directory holding an embedded database, migrated here (initdb + migrations can outlast
- * fastify's plugin timeout on a busy machine), removed by `drop`.
- */
 export async function createDataDir(): Promise<{ dir: string; drop(): void }> {
   const dir = mkdtempSync(join(tmpdir(), 'asgd-bench-pglite-'));
   const db = await openDatabase({ databaseUrl: null, dataDir: dir, poolSize: 1 });

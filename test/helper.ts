@@ -1,33 +1,17 @@
 // One helper that builds the app for a test and closes it, against a real PostgreSQL database made for
 // the test (created and dropped here) or, with ASGD_TEST_DB=pglite, an embedded in-memory PGlite.
-import { randomBytes } from 'node:crypto';
 import type { TestContext } from 'node:test';
-import pg from 'pg';
 import type { FastifyInstance } from 'fastify';
 import { buildApp } from '../src/app.ts';
 import { loadConfig, type Config } from '../src/config.ts';
+import { createScratchDatabase, type ScratchDatabase } from './support/scratch-db.ts';
 
 /** Admin connection to the machine's PostgreSQL (trust auth); override with ASGD_TEST_PG. */
 export const PG_ADMIN_URL = process.env.ASGD_TEST_PG ?? 'postgres://postgres@127.0.0.1:5432/postgres';
 export const TEST_DB_KIND = process.env.ASGD_TEST_DB === 'pglite' ? 'pglite' : 'postgres';
 
-export async function createTestDatabase(): Promise<{ url: string; drop: () => Promise<void> }> {
-  const name = `asgd_test_${randomBytes(6).toString('hex')}`;
-  const admin = new pg.Client({ connectionString: PG_ADMIN_URL });
-  await admin.connect();
-  await admin.query(`CREATE DATABASE ${name}`);
-  await admin.end();
-  const url = new URL(PG_ADMIN_URL);
-  url.pathname = `/${name}`;
-  return {
-    url: url.toString(),
-    async drop() {
-      const c = new pg.Client({ connectionString: PG_ADMIN_URL });
-      await c.connect();
-      await c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
-      await c.end();
-    },
-  };
+export function createTestDatabase(): Promise<ScratchDatabase> {
+  return createScratchDatabase(PG_ADMIN_URL, 'asgd_test');
 }
 
 export function testConfig(overrides: Record<string, string> = {}): Config {

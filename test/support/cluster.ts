@@ -1,7 +1,6 @@
 // Several real service processes (src/server.ts as child processes, HTTP on loopback) on one PostgreSQL
 // database made for the test, and an HTTP client that retries elsewhere the way a careful client would:
 // on connection errors and 503s, with the same Idempotency-Key, within a deadline.
-import { randomBytes } from 'node:crypto';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { existsSync, readdirSync } from 'node:fs';
@@ -14,6 +13,7 @@ import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import type { TestContext } from 'node:test';
 import pg from 'pg';
+import { createScratchDatabase } from './scratch-db.ts';
 import { PG_ADMIN_URL } from '../helper.ts';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
@@ -274,22 +274,7 @@ export async function requestWithRetry(cluster: Cluster, stats: ClientStats, pat
 // ---- the cluster ---------------------------------------------------------------------------------
 
 /** A fresh database on the server at `adminUrl`, and its drop (WITH FORCE: the killed processes' sessions may linger). */
-async function createDatabase(adminUrl: string): Promise<{ url: string; drop: () => Promise<void> }> {
-  const name = `asgd_cluster_${randomBytes(6).toString('hex')}`;
-  const admin = async (sql: string) => {
-    const client = new pg.Client({ connectionString: adminUrl });
-    await client.connect();
-    try {
-      await client.query(sql);
-    } finally {
-      await client.end();
-    }
-  };
-  await admin(`CREATE DATABASE ${name}`);
-  const url = new URL(adminUrl);
-  url.pathname = `/${name}`;
-  return { url: url.toString(), drop: () => admin(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`) };
-}
+const createDatabase = (adminUrl: string) => createScratchDatabase(adminUrl, 'asgd_cluster');
 
 export interface ClusterOptions {
   processes?: number;
