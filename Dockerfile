@@ -1,10 +1,10 @@
 # syntax=docker/dockerfile:1
 # asgd-serve: `docker build -t asgd-serve .`, then see docker-compose.yml.
-# The image runs the TypeScript sources through tsx (a runtime dependency), exactly as the tests run
+# The image runs the TypeScript sources with Node 24's type stripping, exactly as the tests run
 # them: `node bin/asgd-serve.mjs migrate|serve`, and `node bin/healthcheck.mjs` for the HEALTHCHECK.
 
 # 1. Build stage: every dependency, and a type check that fails the build on a type error.
-FROM node:20-slim AS build
+FROM node:24-slim AS build
 WORKDIR /app
 COPY package.json package-lock.json ./
 RUN npm ci --no-audit --no-fund
@@ -13,13 +13,13 @@ COPY src ./src
 RUN npx tsc --noEmit -p tsconfig.json
 
 # 2. Production dependencies only.
-FROM node:20-slim AS deps
+FROM node:24-slim AS deps
 WORKDIR /app
 COPY package.json package-lock.json ./
 RUN npm ci --omit=dev --no-audit --no-fund && npm cache clean --force
 
-# 3. Runtime: node:20-slim, production dependencies, the checked sources, a non-root user.
-FROM node:20-slim
+# 3. Runtime: node:24-slim, production dependencies, the checked sources, a non-root user.
+FROM node:24-slim
 WORKDIR /app
 ENV HOST=0.0.0.0 \
     PORT=8080 \

@@ -2,7 +2,7 @@
 // previous owner crashed: no shutdown snapshot). The figure is the time of the first read of the params on
 // a fresh app (snapshot + 99 logged gradients replayed); the baseline, the same first read of a session
 // whose newest snapshot is its current version (loading a snapshot alone).
-//   npx tsx bench/catchup.ts [--rounds 5]
+//   node bench/catchup.ts [--rounds 5]
 // Each round builds two fresh apps in this process (listening on loopback) on the same database, times
 // one first read on each, and closes them without writing anything (their caches are dropped first).
 import { buildApp } from '../src/app.ts';

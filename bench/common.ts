@@ -97,11 +97,11 @@ export interface ServerProcess {
   stop(signal?: 'SIGTERM' | 'SIGKILL'): Promise<void>;
 }
 
-/** `node --import tsx src/server.ts` on a free loopback port (one process: its pid is the server's). */
+/** `node src/server.ts` on a free loopback port (one process: its pid is the server's). */
 export async function startServer(env: Record<string, string>, nodeArgs: string[] = []): Promise<ServerProcess> {
   const port = await freePort();
   let stderr = '';
-  const child = spawn(process.execPath, [...nodeArgs, '--import', 'tsx', join(ROOT, 'src', 'server.ts')], {
+  const child = spawn(process.execPath, [...nodeArgs, join(ROOT, 'src', 'server.ts')], {
     cwd: ROOT,
     env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', HOST: '127.0.0.1', PORT: String(port), ...env },
     stdio: ['ignore', 'ignore', 'pipe'],

@@ -1,7 +1,7 @@
 // Durable step, 1e6 parameters, safetensors gradients, end to end over HTTP to a server process on
 // PostgreSQL, against a bare `pg` transaction that writes the full state (params + ax, 8 MB of bytea)
 // under a row lock: what a step would cost if it wrote the state instead of the gradient.
-//   npx tsx bench/durable-step.ts [--rounds 9] [--steps 12]
+//   node bench/durable-step.ts [--rounds 9] [--steps 12]
 // Rounds interleave the two (K of ours, then K of the baseline); the figure is the median over rounds of
 // the mean time per step within a round. Sessions snapshot every 100 steps (the default) in the
 // background, so about one round in nine carries a snapshot; the mean over all steps is reported too.

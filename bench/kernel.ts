@@ -1,6 +1,6 @@
 // Throughput of the ASGD kernels (elements per second of one step), as ratios against PyTorch's
 // ASGD.step() measured in the same run (one thread) and against a plain memory copy of the same size.
-//   npx tsx bench/kernel.ts [--sizes 1e5,1e6,1e7] [--python /usr/bin/python3]
+//   node bench/kernel.ts [--sizes 1e5,1e6,1e7] [--python /usr/bin/python3]
 // Rounds of interleaved samples (wasm, js, PyTorch, memcpy); each sample times enough steps to last
 // ~25 ms; the figures are medians over the rounds.
 

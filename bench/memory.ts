@@ -1,7 +1,7 @@
 // Memory: peak resident set of a server process (on PostgreSQL) that creates a 5e7-parameter session
 // from a safetensors body and steps it with safetensors gradients, against the session's state size
 // (params + ax + gradient, 3 x 200 MB = 600 MB).
-//   npx tsx bench/memory.ts [--steps 4]
+//   node bench/memory.ts [--steps 4]
 // The server is a child process; its VmHWM (/proc/<pid>/status) is read before it is stopped. The
 // session snapshots every 2 steps, so a background snapshot (a copy of params + ax) overlaps stepping.
 // The peak since the process started counts the creation too; the peak of the stepping phase alone is

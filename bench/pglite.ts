@@ -1,6 +1,6 @@
 // Embedded database: the durable 1e6-parameter step (safetensors over HTTP) on a server process running
 // PGlite in a data directory, against the same step on a server process on PostgreSQL.
-//   npx tsx bench/pglite.ts [--rounds 7] [--steps 8]
+//   node bench/pglite.ts [--rounds 7] [--steps 8]
 // Both servers run side by side; rounds alternate between them; medians over rounds.
 import { createDataDir, createDatabase, describe, isMain, median, ms, startServer, type BenchResult, type ServerProcess } from './common.ts';
 import { stepSubject } from './durable-step.ts';

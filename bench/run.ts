@@ -2,7 +2,7 @@
 //   npm run bench                      every benchmark
 //   npm run bench -- durable-step pglite   some of them (the others keep their last figures)
 // Names: kernel, durable-step, throughput, pglite, catchup, memory. Each also runs alone:
-// `npx tsx bench/<name>.ts` (prints, writes nothing).
+// `node bench/<name>.ts` (prints, writes nothing).
 import { execFileSync } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { loadavg } from 'node:os';

@@ -1,7 +1,7 @@
 // Small-model throughput: 1e3 parameters, 16 concurrent clients spread over 3 server processes, all
 // stepping one session (safetensors gradients), in steps per second; against a bare `pg` locked-row
 // update (BEGIN; SELECT … FOR UPDATE; UPDATE; COMMIT) by 16 concurrent connections on one row.
-//   npx tsx bench/throughput.ts [--rounds 5] [--seconds 3]
+//   node bench/throughput.ts [--rounds 5] [--seconds 3]
 // Rounds alternate the two; each runs for a fixed time (and at most a fixed number of steps per client);
 // the figure is the median over rounds.
 import pg from 'pg';

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // Container HEALTHCHECK: exit 0 when GET /healthz on this host answers 200 within 3 s. Plain node (no
-// curl in node:20-slim, no tsx start-up cost every few seconds). Reads PORT like the service does.
+// curl in node:24-slim, no start-up cost of the app every few seconds). Reads PORT like the service does.
 const port = process.env.PORT || '8080';
 const url = `http://127.0.0.1:${port}/healthz`;
 try {

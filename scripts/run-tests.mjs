@@ -1,6 +1,6 @@
 #!/usr/bin/env node
-// Runs every test/**/*.test.ts with node's test runner through tsx.
-// Node 20's `--test` does not glob .ts files itself, so we list them here.
+// Runs every test/**/*.test.ts with node's test runner; Node 24 runs the TypeScript natively (type
+// stripping). We list the files ourselves so that arguments can filter them.
 // Extra arguments are file filters: `npm test -- kernel` runs files whose path contains "kernel".
 import { readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
@@ -24,7 +24,7 @@ if (files.length === 0) {
 }
 const result = spawnSync(
   process.execPath,
-  ['--import', 'tsx', '--test', '--test-concurrency=1', '--test-reporter=spec', ...files],
+  ['--test', '--test-concurrency=1', '--test-reporter=spec', ...files],
   { stdio: 'inherit' },
 );
 process.exit(result.status ?? 1);

@@ -32,8 +32,8 @@ test('the README walk-through works as written on the embedded database', { time
 
   const port = await freePort();
   const dir = mkdtempSync(join(tmpdir(), 'asgd-readme-'));
-  // `npm start` is `tsx src/server.ts`; the same through node's loader, with the README's defaults.
-  const server = spawn(process.execPath, ['--import', 'tsx', 'src/server.ts'], {
+  // `npm start` is `node src/server.ts`; the same here, with the README's defaults.
+  const server = spawn(process.execPath, ['src/server.ts'], {
     env: { ...process.env, PORT: String(port), ASGD_DATA_DIR: join(dir, 'data'), LOG_LEVEL: 'warn', DATABASE_URL: '' },
     stdio: ['ignore', 'inherit', 'inherit'],
   });

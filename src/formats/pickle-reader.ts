@@ -18,11 +18,13 @@ export type Item = PyValue | Opaque;
 
 /** An allowed global. `call` implements REDUCE with it; a global without `call` can only be an argument. */
 export class PyGlobal extends Opaque {
-  constructor(
-    readonly qualifiedName: string,
-    readonly call?: (args: readonly Item[]) => Item,
-  ) {
+  readonly qualifiedName: string;
+  readonly call?: (args: readonly Item[]) => Item;
+
+  constructor(qualifiedName: string, call?: (args: readonly Item[]) => Item) {
     super();
+    this.qualifiedName = qualifiedName;
+    if (call) this.call = call;
   }
 
   describe(): string {
@@ -70,10 +72,10 @@ class Unpickler {
   private readonly maxDepth: number;
   private readonly maxExpandedSize: number;
 
-  constructor(
-    data: Uint8Array,
-    private readonly options: UnpickleOptions,
-  ) {
+  private readonly options: UnpickleOptions;
+
+  constructor(data: Uint8Array, options: UnpickleOptions) {
+    this.options = options;
     this.buf = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
     this.maxDepth = options.maxDepth ?? 100;
     this.maxExpandedSize = options.maxExpandedSize ?? 10_000_000;

@@ -46,7 +46,10 @@ class Pickler {
   private readonly open = new Set<object>();
   private readonly maxDepth: number;
 
-  constructor(private readonly options: PickleWriteOptions) {
+  private readonly options: PickleWriteOptions;
+
+  constructor(options: PickleWriteOptions) {
+    this.options = options;
     this.maxDepth = options.maxDepth ?? 1000;
   }
 

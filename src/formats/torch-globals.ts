@@ -42,19 +42,25 @@ const UNSUPPORTED_STORAGE: Record<string, string> = {
 
 /** A storage class named in a pickle: marks the dtype of the storage in a persistent id. */
 export class StorageClass extends PyGlobal {
-  constructor(readonly dtype: DType) {
+  readonly dtype: DType;
+
+  constructor(dtype: DType) {
     super(`torch.${STORAGE_CLASS[dtype]}`);
+    this.dtype = dtype;
   }
 }
 
 /** A storage loaded through a persistent id: its elements, in its dtype. */
 export class Storage extends Opaque {
-  constructor(
-    readonly key: string,
-    readonly dtype: DType,
-    readonly data: TypedArray,
-  ) {
+  readonly key: string;
+  readonly dtype: DType;
+  readonly data: TypedArray;
+
+  constructor(key: string, dtype: DType, data: TypedArray) {
     super();
+    this.key = key;
+    this.dtype = dtype;
+    this.data = data;
   }
 
   describe(): string {

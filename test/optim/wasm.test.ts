@@ -18,7 +18,7 @@ import { mulberry32, randomFloat32InBinades } from './random.ts';
 test('the committed wasm artifact is what scripts/build-wasm.ts builds from asgd.wat', async () => {
   const wat = readFileSync(WAT_PATH, 'utf8');
   const fresh = renderArtifact(wat, await compileWat(wat));
-  assert.equal(readFileSync(ARTIFACT_PATH, 'utf8'), fresh, 'stale: run npx tsx scripts/build-wasm.ts');
+  assert.equal(readFileSync(ARTIFACT_PATH, 'utf8'), fresh, 'stale: run node scripts/build-wasm.ts');
 });
 
 test('selectKernel: wasm by default, js on request, an error otherwise', () => {

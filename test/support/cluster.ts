@@ -49,8 +49,11 @@ export interface HttpResponse {
 
 /** The request never got an HTTP answer: refused, reset, closed before the answer, or timed out. */
 export class ConnectionError extends Error {
-  constructor(readonly code: string, message: string) {
+  readonly code: string;
+
+  constructor(code: string, message: string) {
     super(message);
+    this.code = code;
     this.name = 'ConnectionError';
   }
 }
@@ -110,7 +113,15 @@ export class ServiceProcess {
   unexpectedExits = 0;
   private expectExit = false;
 
-  constructor(readonly index: number, readonly port: number, private readonly env: Record<string, string>) {}
+  readonly index: number;
+  readonly port: number;
+  private readonly env: Record<string, string>;
+
+  constructor(index: number, port: number, env: Record<string, string>) {
+    this.index = index;
+    this.port = port;
+    this.env = env;
+  }
 
   get url(): string {
     return `http://127.0.0.1:${this.port}`;
@@ -128,7 +139,7 @@ export class ServiceProcess {
   start(): void {
     if (this.alive) throw new Error(`process ${this.index} is already running`);
     this.expectExit = false;
-    const child = spawn(process.execPath, ['--import', 'tsx', SERVER], {
+    const child = spawn(process.execPath, [SERVER], {
       cwd: ROOT,
       env: { ...process.env, ...this.env, PORT: String(this.port), HOST: '127.0.0.1' },
       stdio: ['ignore', 'pipe', 'pipe'],
@@ -151,7 +162,7 @@ export class ServiceProcess {
 
   /**
    * Polls GET /v1/sessions until it answers 200; fails at once if the process exits. Generous: three
-   * processes loading tsx and the app at once take a few seconds on 2 idle cores, many more on a busy machine.
+   * processes loading the app at once take a few seconds on 2 idle cores, many more on a busy machine.
    */
   async waitReady(agent: http.Agent, timeoutMs = 120_000): Promise<void> {
     const deadline = Date.now() + timeoutMs;
@@ -287,7 +298,15 @@ export class Cluster {
   readonly agent = new http.Agent({ keepAlive: true, maxSockets: 32 });
   private admin: pg.Pool | null = null;
 
-  private constructor(readonly databaseUrl: string, private readonly dropDatabase: () => Promise<void>, readonly processes: ServiceProcess[]) {}
+  readonly databaseUrl: string;
+  private readonly dropDatabase: () => Promise<void>;
+  readonly processes: ServiceProcess[];
+
+  private constructor(databaseUrl: string, dropDatabase: () => Promise<void>, processes: ServiceProcess[]) {
+    this.databaseUrl = databaseUrl;
+    this.dropDatabase = dropDatabase;
+    this.processes = processes;
+  }
 
   /** A database, `processes` service processes on it (all ready), and their cleanup when the test ends. */
   static async start(t: TestContext, opts: ClusterOptions = {}): Promise<Cluster> {
@@ -361,12 +380,17 @@ function postgresBinDir(): string | null {
  * `postgres` user (the server refuses root).
  */
 export class PrivatePostgres {
-  private constructor(
-    private readonly bin: string,
-    readonly dataDir: string,
-    readonly port: number,
-    private readonly owner: { uid: number; gid: number } | null,
-  ) {}
+  private readonly bin: string;
+  readonly dataDir: string;
+  readonly port: number;
+  private readonly owner: { uid: number; gid: number } | null;
+
+  private constructor(bin: string, dataDir: string, port: number, owner: { uid: number; gid: number } | null) {
+    this.bin = bin;
+    this.dataDir = dataDir;
+    this.port = port;
+    this.owner = owner;
+  }
 
   get adminUrl(): string {
     return `postgres://postgres@127.0.0.1:${this.port}/postgres`;

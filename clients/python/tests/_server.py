@@ -59,6 +59,12 @@ def _find_root() -> str:
     raise RuntimeError("cannot find the asgd-serve checkout above clients/python; set ASGD_SERVE_ROOT")
 
 
+def _node(root: str) -> str:
+    """The project's pinned Node (npm ci puts it in node_modules/.bin); the PATH's node otherwise."""
+    pinned = os.path.join(root, "node_modules", ".bin", "node")
+    return pinned if os.access(pinned, os.X_OK) else "node"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -126,7 +132,7 @@ class Server:
         self.log_path = os.path.join(self.tmp, "server.log")
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            ["node", "--import", "tsx", "src/server.ts"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+            [_node(root), "src/server.ts"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
         log.close()
