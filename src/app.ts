@@ -14,6 +14,7 @@ import sessionsPlugin from './plugins/sessions.ts';
 import limitsPlugin from './plugins/limits.ts';
 import authPlugin from './plugins/auth.ts';
 import swaggerPlugin from './plugins/swagger.ts';
+import uiPlugin from './plugins/ui.ts';
 import metricsPlugin from './plugins/metrics.ts';
 import healthRoutes from './routes/health/index.ts';
 import tokenRoutes from './routes/tokens/index.ts';
@@ -164,6 +165,7 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
   await fastify.register(authPlugin, { config });
   await fastify.register(swaggerPlugin);
   await fastify.register(metricsPlugin, { config });
+  await fastify.register(uiPlugin);
   await fastify.register(healthRoutes);
   await fastify.register(tokenRoutes, { prefix: '/v1/tokens' });
   await fastify.register(sessionRoutes, { prefix: '/v1/sessions', config });

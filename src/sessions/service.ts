@@ -321,8 +321,8 @@ export function createSessionService(options: SessionServiceOptions) {
     return mustFind(db, name);
   }
 
-  async function list(after: string | null, limit: number, only: readonly string[] | null = null): Promise<SessionRecord[]> {
-    return repo.listSessions(db, after, limit, only);
+  async function list(after: string | null, limit: number, only: readonly string[] | null = null, search: string | null = null): Promise<SessionRecord[]> {
+    return repo.listSessions(db, after, limit, only, search);
   }
 
   async function remove(name: string, ifMatch?: number | null): Promise<void> {

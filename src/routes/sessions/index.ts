@@ -9,6 +9,7 @@ import { BINARY_TYPES } from './binary.ts';
 import stepRoutes from './step.ts';
 import stateRoutes from './state.ts';
 import snapshotRoutes from './snapshots.ts';
+import normRoutes from './norms.ts';
 
 export default async function sessionRoutes(fastify: FastifyInstance, opts: { config: Config }) {
   const { config } = opts;
@@ -50,13 +51,14 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
       querystring: Type.Object({
         limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 100 })),
         after: Type.Optional(Type.String({ maxLength: 128, description: 'Cursor: the last name of the previous page' })),
+        search: Type.Optional(Type.String({ maxLength: 128, pattern: '^[A-Za-z0-9._-]*$', description: 'Only names that contain this text (case-insensitive)' })),
       }),
       response: { 200: Type.Object({ sessions: Type.Array(Session), next: Type.Union([Type.String(), Type.Null()]) }), ...errorResponses(400, 401, 403) },
     },
   }, async (request) => {
-    const { limit = 100, after } = request.query as { limit?: number; after?: string };
+    const { limit = 100, after, search } = request.query as { limit?: number; after?: string; search?: string };
     // A token limited to a list of sessions lists only those (src/plugins/auth.ts).
-    const rows = await fastify.sessions.list(after ?? null, limit + 1, request.auth?.sessions ?? null);
+    const rows = await fastify.sessions.list(after ?? null, limit + 1, request.auth?.sessions ?? null, search || null);
     const page = rows.slice(0, limit);
     return { sessions: page.map(sessionJson), next: rows.length > limit ? page[page.length - 1].name : null };
   });
@@ -137,4 +139,5 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
   await fastify.register(stepRoutes, { config });
   await fastify.register(stateRoutes, { config });
   await fastify.register(snapshotRoutes, { config });
+  await fastify.register(normRoutes);
 }
