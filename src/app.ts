@@ -16,6 +16,7 @@ import authPlugin from './plugins/auth.ts';
 import swaggerPlugin from './plugins/swagger.ts';
 import uiPlugin from './plugins/ui.ts';
 import metricsPlugin from './plugins/metrics.ts';
+import storagePlugin from './plugins/storage.ts';
 import healthRoutes from './routes/health/index.ts';
 import tokenRoutes from './routes/tokens/index.ts';
 import sessionRoutes from './routes/sessions/index.ts';
@@ -165,6 +166,7 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
   await fastify.register(authPlugin, { config });
   await fastify.register(swaggerPlugin);
   await fastify.register(metricsPlugin, { config });
+  await fastify.register(storagePlugin, { config });
   await fastify.register(uiPlugin);
   await fastify.register(healthRoutes);
   await fastify.register(tokenRoutes, { prefix: '/v1/tokens' });

@@ -11,6 +11,16 @@ import stateRoutes from './state.ts';
 import snapshotRoutes from './snapshots.ts';
 import normRoutes from './norms.ts';
 
+/** keep_log_bytes and expire_after_idle_s: on create, PATCH and fork; null turns each off. */
+const STORAGE_SETTINGS = {
+  keep_log_bytes: Type.Optional(Type.Union([Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.keep_log_bytes }), Type.Null()], {
+    description: 'Byte bound on the step log: a snapshot is taken and older log dropped to stay under it (null: no bound)',
+  })),
+  expire_after_idle_s: Type.Optional(Type.Union([Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.expire_after_idle_s }), Type.Null()], {
+    description: 'Delete the session after this many seconds without a step or a write; reads do not count (null: never)',
+  })),
+};
+
 export default async function sessionRoutes(fastify: FastifyInstance, opts: { config: Config }) {
   const { config } = opts;
 
@@ -29,6 +39,7 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
         snapshot_every: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.snapshot_every })),
         keep_snapshots: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.keep_snapshots })),
         max_staleness: Type.Optional(Type.Union([Type.Integer({ minimum: 0, maximum: SETTING_LIMITS.max_staleness }), Type.Null()])),
+        ...STORAGE_SETTINGS,
       }, {
         examples: [{ name: 'mnist-run-1', params: [{ name: 'w', shape: [2, 2], data: [0.1, 0.2, 0.3, 0.4] }], hyperparameters: { lr: 0.01, t0: 100 } }],
       }),
@@ -66,9 +77,10 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
   fastify.get('/:name', {
     schema: { summary: 'Read a session', tags: ['sessions'], params: NameParams, response: { 200: Session, ...errorResponses(400, 401, 403, 404) } },
   }, async (request, reply) => {
-    const session = await fastify.sessions.get((request.params as { name: string }).name);
+    const { name } = request.params as { name: string };
+    const session = await fastify.sessions.get(name);
     setVersion(reply, session.version);
-    return sessionJson(session);
+    return { ...sessionJson(session), storage: await fastify.sessions.storage(name) };
   });
 
   fastify.patch('/:name', {
@@ -81,15 +93,20 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
         snapshot_every: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.snapshot_every })),
         keep_snapshots: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.keep_snapshots })),
         max_staleness: Type.Optional(Type.Union([Type.Integer({ minimum: 0, maximum: SETTING_LIMITS.max_staleness }), Type.Null()])),
+        ...STORAGE_SETTINGS,
       }, { additionalProperties: false }),
       response: { 200: Session, ...errorResponses(400, 401, 403, 404) },
     },
   }, async (request, reply) => {
-    const body = request.body as { snapshot_every?: number; keep_snapshots?: number; max_staleness?: number | null };
+    const body = request.body as {
+      snapshot_every?: number; keep_snapshots?: number; max_staleness?: number | null; keep_log_bytes?: number | null; expire_after_idle_s?: number | null;
+    };
     const session = await fastify.sessions.updateSettings((request.params as { name: string }).name, {
       ...(body.snapshot_every !== undefined && { snapshotEvery: body.snapshot_every }),
       ...(body.keep_snapshots !== undefined && { keepSnapshots: body.keep_snapshots }),
       ...(body.max_staleness !== undefined && { maxStaleness: body.max_staleness }),
+      ...(body.keep_log_bytes !== undefined && { keepLogBytes: body.keep_log_bytes }),
+      ...(body.expire_after_idle_s !== undefined && { expireAfterIdleS: body.expire_after_idle_s }),
     });
     setVersion(reply, session.version);
     return sessionJson(session);
@@ -119,17 +136,23 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
         snapshot_every: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.snapshot_every })),
         keep_snapshots: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.keep_snapshots })),
         max_staleness: Type.Optional(Type.Union([Type.Integer({ minimum: 0, maximum: SETTING_LIMITS.max_staleness }), Type.Null()])),
+        ...STORAGE_SETTINGS,
       }, { additionalProperties: false }),
       response: { 201: Session, ...errorResponses(400, 401, 403, 404, 409) },
     },
   }, async (request, reply) => {
-    const body = request.body as { name: string; snapshot?: number; snapshot_every?: number; keep_snapshots?: number; max_staleness?: number | null };
+    const body = request.body as {
+      name: string; snapshot?: number; snapshot_every?: number; keep_snapshots?: number; max_staleness?: number | null;
+      keep_log_bytes?: number | null; expire_after_idle_s?: number | null;
+    };
     const session = await fastify.sessions.fork((request.params as { name: string }).name, {
       name: body.name,
       snapshotId: optionalWhole(body.snapshot, 'snapshot', 1),
       snapshotEvery: body.snapshot_every,
       keepSnapshots: body.keep_snapshots,
       maxStaleness: body.max_staleness,
+      keepLogBytes: body.keep_log_bytes,
+      expireAfterIdleS: body.expire_after_idle_s,
     });
     setVersion(reply, session.version);
     reply.header('location', `/v1/sessions/${session.name}`);
