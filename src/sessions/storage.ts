@@ -78,6 +78,13 @@ export async function sessionStorage(q: Queryable, sessionId: number): Promise<S
   return storage;
 }
 
+/** The stored bytes of these sessions (a page of the sessions list), by id. */
+export async function storageByIds(q: Queryable, ids: readonly number[]): Promise<Map<number, SessionStorage>> {
+  if (ids.length === 0) return new Map();
+  const rows = await storageQuery(q, 'WHERE s.id = ANY($1::bigint[])', [ids], '');
+  return new Map(rows.map(({ id, name: _name, ...storage }) => [id, storage]));
+}
+
 /** Every session's stored bytes (for /metrics), largest first. */
 export async function allSessionStorage(q: Queryable): Promise<(SessionStorage & { name: string })[]> {
   const rows = await storageQuery(q, '', [], '');
