@@ -11,7 +11,7 @@ const rowBytes = (alias: string, columns: string[]) =>
   `(${ROW_HEADER} + ${columns.map((c) => `coalesce(pg_column_size(${alias}.${c}), 0)`).join(' + ')})::float8`;
 
 /** One step_log row's bytes (retention.ts cuts the log by the same figure). */
-export const LOG_ROW_BYTES = (alias: string) => rowBytes(alias, ['session_id', 'version', 'present', 'grads', 'base_version', 'created_at']);
+export const LOG_ROW_BYTES = (alias: string) => rowBytes(alias, ['session_id', 'version', 'present', 'grads', 'base_version', 'hyper', 'created_at']);
 const SNAPSHOT_ROW_BYTES = (alias: string) =>
   rowBytes(alias, ['id', 'session_id', 'version', 'step', 'reason', 'pinned', 'groups', 'scalars', 'byte_size', 'chunk_count', 'checksum', 'created_at']);
 const CHUNK_ROW_BYTES = (alias: string) => rowBytes(alias, ['snapshot_id', 'seq', 'data']);

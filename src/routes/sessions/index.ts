@@ -23,6 +23,7 @@ const STORAGE_SETTINGS = {
     description: 'Delete the session after this many seconds without a step or a write; reads do not count (null: never)',
   })),
 };
+import metricsRoutes from './metrics.ts';
 
 export default async function sessionRoutes(fastify: FastifyInstance, opts: { config: Config }) {
   const { config } = opts;
@@ -172,4 +173,5 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
   await fastify.register(snapshotRoutes, { config });
   await fastify.register(normRoutes);
   await fastify.register(seriesRoutes);
+  await fastify.register(metricsRoutes);
 }
