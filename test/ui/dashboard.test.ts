@@ -171,10 +171,15 @@ test('dashboard: a 100,000-step session opens with a downsampled series that kee
   t.after(() => { if (log.length) console.log(log.join('\n')); });
   await page.goto(`${base}/ui/`); // the files are loaded (and cached) once: what is measured is opening the session
   await page.waitForSelector('tr[data-session="long"]');
-  const started = Date.now();
-  await page.click('tr[data-session="long"] a');
-  await page.waitForFunction(() => ((window as any).asgdCharts?.['metric:loss']?.data[0].length ?? 0) > 0);
-  const openMs = Date.now() - started;
+  // Timed in the page: from the navigation to the loss chart holding data.
+  await page.evaluate(() => {
+    (window as any).openedAt = performance.now();
+    location.hash = '#/s/long';
+  });
+  const openMs = Math.round(await page.evaluate(() => new Promise<number>((resolve) => {
+    const check = () => (((window as any).asgdCharts?.['metric:loss']?.data[0].length ?? 0) > 0 ? resolve(performance.now() - (window as any).openedAt) : requestAnimationFrame(check));
+    check();
+  })));
   console.log(`a ${N}-step session opened in ${openMs} ms`);
   const [xs, mean, min, max] = (await chartData(page, 'metric:loss'))!;
   assert.ok(xs.length <= 1500 && xs.length >= 1000, `${xs.length} points`);
@@ -183,6 +188,7 @@ test('dashboard: a 100,000-step session opens with a downsampled series that kee
   assert.equal(Math.min(...(min as number[])), 1 / (1 + N / 1000), 'so does the minimum');
   assert.ok((mean as number[]).every((m, i) => (min[i] as number) <= m && m <= (max[i] as number)));
   await screenshot(page, 'session-100k-steps');
-  // Generous: the work is two grouped scans on the server and ~1,500 points in the browser.
-  assert.ok(openMs < 3000, `opening took ${openMs} ms`);
+  // Printed, and bounded only against a pathology (e.g. all 100,000 points sent): the time depends on the
+  // machine's load. bench/dashboard.ts holds the one-second target on a quiet machine.
+  assert.ok(openMs < 15_000, `opening took ${openMs} ms`);
 });

@@ -184,7 +184,6 @@ export function sessionPage(root, name, who) {
         }
       }
       if (full) seriesVersion = points.length ? points[points.length - 1].version : 0;
-      if (full && points.length === 0) seriesVersion = session?.version ?? 0;
       seriesNote.textContent = points.length === 0 ? 'No step has reported metrics yet.' : '';
     } catch (err) {
       if (err instanceof ApiError && err.code === 'ROUTE_NOT_FOUND') {
@@ -224,10 +223,12 @@ export function sessionPage(root, name, who) {
     try {
       do {
         again = false;
-        session = await api(base, { signal: stop.signal });
-        const snaps = api(`${base}/snapshots`, { signal: stop.signal });
-        await Promise.all([loadSeries(), loadHyper(), loadNorms()]);
-        snapshots.render((await snaps).snapshots, session.version);
+        // All at once: the page is as slow as the slowest read, not their sum.
+        const [current, snaps] = await Promise.all([
+          api(base, { signal: stop.signal }), api(`${base}/snapshots`, { signal: stop.signal }), loadSeries(), loadHyper(), loadNorms(),
+        ]);
+        session = current;
+        snapshots.render(snaps.snapshots, session.version);
         drawCards();
         drawCharts();
         drawHyper();
