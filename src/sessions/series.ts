@@ -47,19 +47,19 @@ export type MetricNames = ReturnType<typeof createMetricNames>;
 
 /**
  * The series after `afterVersion` in at most `maxPoints` points: the raw points when there are that few,
- * else buckets of `width` consecutive versions (a version without a step, e.g. a restore, has no row).
- * With the metric names known, one grouped scan in version order (the primary key) computes every figure
+ * else buckets of `width` consecutive versions from the first (a version without a step, e.g. a restore,
+ * has no row). With the metric names known, one grouped scan in version order (the primary key) computes every figure
  * as a column. Expanding each row's metrics into rows (jsonb_each) and grouping those was 10x slower:
  * 200,000 rows sorted by (bucket, key), planned so large that PostgreSQL compiled the query (JIT).
  */
 export async function downsampledSeries(
   db: Database, metricNames: MetricNames, sessionId: number, afterVersion: number, maxPoints: number,
 ): Promise<{ points: SeriesPoint[]; downsampled: boolean }> {
-  const [range] = await db.query<{ n: number; last: number | null }>(
-    'SELECT count(*)::float8 AS n, max(version)::float8 AS last FROM step_history WHERE session_id = $1 AND version > $2',
+  const [range] = await db.query<{ n: number; first: number | null; last: number | null }>(
+    'SELECT count(*)::float8 AS n, min(version)::float8 AS first, max(version)::float8 AS last FROM step_history WHERE session_id = $1 AND version > $2',
     [sessionId, afterVersion],
   );
-  if (range.n <= maxPoints || range.last === null) {
+  if (range.n <= maxPoints || range.first === null || range.last === null) {
     const rows = await db.query<{ version: number; step: number; staleness: number; created_at: string; metrics: Record<string, number> | null }>(
       `SELECT version::float8 AS version, step::float8 AS step, staleness, created_at, metrics FROM step_history
        WHERE session_id = $1 AND version > $2 ORDER BY version LIMIT $3`,
@@ -70,7 +70,8 @@ export async function downsampledSeries(
       points: rows.map((r) => ({ version: r.version, step: r.step, time: new Date(r.created_at), staleness: r.staleness, values: r.metrics ?? {} })),
     };
   }
-  const width = Math.ceil((range.last - afterVersion) / maxPoints);
+  const { first, last } = range;
+  const width = Math.ceil((last - first + 1) / maxPoints);
   const rows = await db.transaction(async (tx) => {
     // The planner guesses 100 keys a row for jsonb_object_keys and would compile that query (JIT) for
     // seconds; the scan itself takes milliseconds.
@@ -79,16 +80,16 @@ export async function downsampledSeries(
       await tx.query('SET LOCAL jit = off');
       await tx.query("SET LOCAL work_mem = '64MB'");
     }
-    const keys = await metricNames(tx, sessionId, range.last!);
+    const keys = await metricNames(tx, sessionId, last);
     // Each metric is read from the row's jsonb once (the subquery; OFFSET 0 keeps it from being inlined).
-    const values = keys.map((_, k) => `, (metrics->>$${k + 4})::float8 AS v${k}`).join('');
+    const values = keys.map((_, k) => `, (metrics->>$${k + 5})::float8 AS v${k}`).join('');
     const figures = keys.map((_, k) => `, min(v${k}) AS "min${k}", max(v${k}) AS "max${k}", avg(v${k}) AS "mean${k}"`).join('');
     const buckets = await tx.query<Record<string, number | string | null>>(
       `SELECT min(version)::float8 AS version_from, max(version)::float8 AS version, max(step)::float8 AS step, max(created_at) AS time,
          avg(staleness)::float8 AS staleness, max(staleness)::float8 AS staleness_max, count(*)::float8 AS count${figures}
        FROM (SELECT version, step, created_at, staleness${values} FROM step_history WHERE session_id = $1 AND version > $2 OFFSET 0) r
-       GROUP BY (version - $2 - 1) / $3 ORDER BY 1`,
-      [sessionId, afterVersion, width, ...keys],
+       GROUP BY (version - $4) / $3 ORDER BY 1`,
+      [sessionId, afterVersion, width, first, ...keys],
     );
     return { keys, buckets };
   }, { consistentRead: true });

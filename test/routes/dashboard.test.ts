@@ -116,3 +116,91 @@ test('/ui: the dashboard\'s files, public with auth on, compressed, revalidated 
   // The data behind the page still needs a token.
   assert.equal((await app.inject({ url: '/v1/sessions' })).statusCode, 401);
 });
+
+async function stepWith(app: FastifyInstance, name: string, body: Record<string, unknown>) {
+  const res = await app.inject({ method: 'POST', url: `/v1/sessions/${name}/step`, payload: { grads: { w: [1, 1, 1, 1] }, ...body } });
+  assert.equal(res.statusCode, 200, res.body);
+}
+
+test('metrics ?max_points: the steps themselves when few, else buckets whose min/max/mean are those of their steps', async (t) => {
+  const { app } = await buildTestApp(t);
+  await create(app, 'm1');
+  const losses = [5, 3, 4, 1, 2, 0.5, 0.75, 0.25, 1.5, 0.125];
+  for (const [i, loss] of losses.entries()) await stepWith(app, 'm1', { metrics: { loss, ...(i % 2 === 0 && { even: i }) } });
+  const raw = (await app.inject({ url: '/v1/sessions/m1/metrics?max_points=10' })).json();
+  assert.equal(raw.downsampled, false);
+  assert.deepEqual(raw.points.map((p: { values: { loss: number } }) => p.values.loss), losses);
+  assert.equal(raw.next_after_version, 11);
+
+  const res = await app.inject({ url: '/v1/sessions/m1/metrics?max_points=4' });
+  assert.equal(res.statusCode, 200, res.body);
+  const { points, downsampled, next_after_version: next } = res.json();
+  assert.equal(downsampled, true);
+  assert.equal(next, 11);
+  // Versions 2..11 in buckets of ceil(10 / 4) = 3 versions: 2-4, 5-7, 8-10, 11.
+  assert.deepEqual(points.map((p: Record<string, unknown>) => [p.version_from, p.version, p.step, p.count]), [[2, 4, 3, 3], [5, 7, 6, 3], [8, 10, 9, 3], [11, 11, 10, 1]]);
+  assert.deepEqual(points[0].min, { loss: 3, even: 0 });
+  assert.deepEqual(points[0].max, { loss: 5, even: 2 });
+  assert.deepEqual(points[0].values, { loss: 4, even: 1 });
+  assert.deepEqual(points[1], { ...points[1], min: { loss: 0.5, even: 4 }, max: { loss: 2, even: 4 }, values: { loss: (1 + 2 + 0.5) / 3, even: 4 } });
+  assert.deepEqual(points[3].values, { loss: 0.125 }, 'a bucket without "even" has no figure for it');
+  assert.equal(points[0].staleness, 0);
+  assert.equal(points[0].staleness_max, 0);
+  // after_version: the series after it, downsampled on its own.
+  const tail = (await app.inject({ url: '/v1/sessions/m1/metrics?max_points=2&after_version=7' })).json();
+  assert.deepEqual(tail.points.map((p: Record<string, unknown>) => [p.version_from, p.version]), [[8, 9], [10, 11]]);
+  const third = (await app.inject({ url: '/v1/sessions/m1/metrics?max_points=3&after_version=7' })).json();
+  assert.deepEqual(third.points.map((p: Record<string, unknown>) => [p.version_from, p.version]), [[8, 9], [10, 11]]);
+
+  for (const [query, field] of [['max_points=1', 'max_points'], ['max_points=10001', 'max_points'], ['max_points=x', 'max_points'], ['max_points=5&limit=5', 'limit']]) {
+    const bad = await app.inject({ url: `/v1/sessions/m1/metrics?${query}` });
+    assert.equal(bad.statusCode, 400, query);
+    assert.equal(bad.json().code, 'INVALID_QUERY');
+    assert.match(bad.json().message, new RegExp(field), query);
+  }
+  assert.equal((await app.inject({ url: '/v1/sessions/none/metrics?max_points=5' })).json().code, 'SESSION_NOT_FOUND');
+});
+
+test('hyperparameters: the steps that changed them, with every group after; paged by version', async (t) => {
+  const { app } = await buildTestApp(t);
+  await create(app, 'h1');
+  await stepWith(app, 'h1', {});
+  await stepWith(app, 'h1', { param_groups: [{ lr: 0.25 }] });
+  await stepWith(app, 'h1', {});
+  await stepWith(app, 'h1', { param_groups: [{ lr: 0.125, weight_decay: 0.5 }] });
+  const res = await app.inject({ url: '/v1/sessions/h1/hyperparameters' });
+  assert.equal(res.statusCode, 200, res.body);
+  const { changes, next_after_version: next } = res.json();
+  assert.deepEqual(changes.map((c: { version: number; step: number }) => [c.version, c.step]), [[3, 2], [5, 4]]);
+  assert.equal(changes[0].param_groups[0].lr, 0.25);
+  assert.equal(changes[1].param_groups[0].lr, 0.125);
+  assert.equal(changes[1].param_groups[0].weight_decay, 0.5);
+  assert.equal(changes[1].param_groups[0].t0, 0, 'the values the step left alone are there too');
+  assert.equal(next, 5);
+  const page = (await app.inject({ url: '/v1/sessions/h1/hyperparameters?after_version=3&limit=1' })).json();
+  assert.deepEqual(page.changes.map((c: { version: number }) => c.version), [5]);
+  for (const query of ['limit=0', 'limit=10001', 'after_version=-1']) {
+    const bad = await app.inject({ url: `/v1/sessions/h1/hyperparameters?${query}` });
+    assert.equal(bad.statusCode, 400, query);
+    assert.equal(bad.json().code, 'INVALID_QUERY');
+  }
+});
+
+test('sessions list ?figures=true: steps in the last minute, the last step, stored bytes', async (t) => {
+  const { app } = await buildTestApp(t);
+  await create(app, 'busy');
+  await create(app, 'idle');
+  for (let i = 0; i < 3; i++) await stepWith(app, 'busy', {});
+  const plain = (await app.inject({ url: '/v1/sessions' })).json().sessions;
+  assert.equal(plain[0].activity, undefined);
+  const listed = (await app.inject({ url: '/v1/sessions?figures=true' })).json().sessions;
+  const [busy, idle] = listed;
+  assert.equal(busy.name, 'busy');
+  assert.equal(busy.activity.steps_last_minute, 3);
+  assert.equal(busy.activity.steps_per_second, 3 / 60);
+  assert.ok(Date.now() - Date.parse(busy.activity.last_step_at) < 60_000);
+  assert.deepEqual(idle.activity, { steps_last_minute: 0, steps_per_second: 0, last_step_at: null });
+  // The same figures as GET session reports.
+  assert.deepEqual(busy.storage, (await app.inject({ url: '/v1/sessions/busy' })).json().storage);
+  assert.ok(busy.storage.total_bytes > idle.storage.total_bytes);
+});
