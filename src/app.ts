@@ -16,6 +16,7 @@ import authPlugin from './plugins/auth.ts';
 import swaggerPlugin from './plugins/swagger.ts';
 import metricsPlugin from './plugins/metrics.ts';
 import healthRoutes from './routes/health/index.ts';
+import rootRoutes from './routes/root/index.ts';
 import tokenRoutes from './routes/tokens/index.ts';
 import sessionRoutes from './routes/sessions/index.ts';
 import { isRetryableDbError } from './sessions/service.ts';
@@ -165,6 +166,7 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
   await fastify.register(swaggerPlugin);
   await fastify.register(metricsPlugin, { config });
   await fastify.register(healthRoutes);
+  await fastify.register(rootRoutes);
   await fastify.register(tokenRoutes, { prefix: '/v1/tokens' });
   await fastify.register(sessionRoutes, { prefix: '/v1/sessions', config });
 }

@@ -1,6 +1,7 @@
 // Real service processes for the process-level tests (the data-directory lock, npm start and signals):
 // spawned as an operator would, their output collected, their start-up banner read for the URL.
 import { spawn, type ChildProcess } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { connect } from 'node:net';
 
 export interface ServiceRun {
@@ -52,11 +53,15 @@ export function listening(port: number): Promise<boolean> {
   });
 }
 
-/** Whether a process with this pid exists. */
+/** Whether a process with this pid runs (an exited one nobody has reaped yet, a zombie, does not). */
 export function running(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return true;
+  } catch {
+    return false;
+  }
+  try {
+    return readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1][0] !== 'Z';
   } catch {
     return false;
   }
