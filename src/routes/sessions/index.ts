@@ -3,7 +3,8 @@ import type { FastifyInstance } from 'fastify';
 import { Type } from 'typebox';
 import type { Config } from '../../config.ts';
 import { sessionJson, setVersion, ifMatchOf, optionalWhole, SETTING_LIMITS } from '../common.ts';
-import { errorResponses, Hyperparameters, NameParams, Session } from '../schemas.ts';
+import { errorResponses, Hyperparameters, NameParams, NotModified, Session } from '../schemas.ts';
+import { noneMatch, sendNotModified } from './conditional.ts';
 import { parseCreateBody } from './create.ts';
 import { BINARY_TYPES } from './binary.ts';
 import stepRoutes from './step.ts';
@@ -24,6 +25,7 @@ const STORAGE_SETTINGS = {
   })),
 };
 import metricsRoutes from './metrics.ts';
+import eventsRoutes from './events.ts';
 
 export default async function sessionRoutes(fastify: FastifyInstance, opts: { config: Config }) {
   const { config } = opts;
@@ -84,10 +86,17 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
   });
 
   fastify.get('/:name', {
-    schema: { summary: 'Read a session', tags: ['sessions'], params: NameParams, response: { 200: Session, ...errorResponses(400, 401, 403, 404) } },
+    schema: {
+      summary: 'Read a session',
+      tags: ['sessions'],
+      params: NameParams,
+      headers: Type.Object({ 'if-none-match': Type.Optional(Type.String({ description: '"<version>": 304 while the session is at that version' })) }),
+      response: { 200: Session, 304: NotModified, ...errorResponses(400, 401, 403, 404) },
+    },
   }, async (request, reply) => {
     const { name } = request.params as { name: string };
     const session = await fastify.sessions.get(name);
+    if (noneMatch(request, session.version)) return sendNotModified(reply, session.version);
     setVersion(reply, session.version);
     return { ...sessionJson(session), storage: await fastify.sessions.storage(name) };
   });
@@ -174,4 +183,5 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
   await fastify.register(normRoutes);
   await fastify.register(seriesRoutes);
   await fastify.register(metricsRoutes);
+  await fastify.register(eventsRoutes);
 }
