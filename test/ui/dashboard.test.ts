@@ -109,10 +109,13 @@ test('dashboard: sessions listed, loss chart holds the points sent, live steps, 
   assert.equal(await page.textContent('[data-card=step] b'), '6');
 
   // Pin one snapshot and restore another, as the admin.
+  // Two snapshots the page shows: the one creation made, and one that snapshot_every took.
+  await page.waitForFunction(() => document.querySelectorAll('tr[data-snapshot]').length >= 2);
+  const shown = await page.$$eval('tr[data-snapshot]', (rows) => rows.map((r) => Number(r.getAttribute('data-snapshot'))));
   const { snapshots } = await admin('GET', '/v1/sessions/mnist-demo/snapshots');
-  const toPin = snapshots.find((s: any) => !s.pinned && s.version > 1);
+  const toPin = snapshots.find((s: any) => !s.pinned && s.version > 1 && shown.includes(s.id));
   const toRestore = snapshots.find((s: any) => s.version === 1);
-  assert.ok(toPin && toRestore, JSON.stringify(snapshots));
+  assert.ok(toPin && toRestore && shown.includes(toRestore.id), JSON.stringify(snapshots));
   await page.waitForSelector(`tr[data-snapshot="${toPin.id}"] button[data-action=pin]`);
   await page.click(`tr[data-snapshot="${toPin.id}"] button[data-action=pin]`);
   await page.waitForSelector(`tr[data-snapshot="${toPin.id}"] button[data-action=unpin]`);

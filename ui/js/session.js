@@ -271,8 +271,12 @@ export function sessionPage(root, name, who) {
     }).catch(() => false);
     if (!streamed && !stop.signal.aborted) await poll();
   });
-  // Relative figures ("12 s ago") age without events.
-  const ticker = setInterval(drawCards, 5000);
+  // Relative figures ("12 s ago") age without events; snapshots are written after the step that made them
+  // due (off the request path), so the list is read again now and then.
+  const ticker = setInterval(() => {
+    drawCards();
+    if (!document.hidden && session) api(`${base}/snapshots`, { signal: stop.signal }).then((a) => snapshots.render(a.snapshots, session.version), () => {});
+  }, 5000);
 
   return () => {
     stop.abort();
