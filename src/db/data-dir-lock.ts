@@ -203,11 +203,14 @@ function hold(path: string, me: LockHolder, heartbeatMs: number): DataDirLock {
   heldHere.add(path);
   const ours = () => parse(readText(path))?.token === me.token;
   const heartbeat = setInterval(() => {
+    // Never renew a lock that is no longer ours (removed by hand, or taken over while this process stood
+    // still for the whole stale period): that would keep the new owner's lock alive in our name.
+    if (!ours()) return;
     try {
       const now = new Date();
       utimesSync(path, now, now);
     } catch {
-      // the file is gone (removed by hand): nothing to renew
+      // gone meanwhile: nothing to renew
     }
   }, heartbeatMs);
   heartbeat.unref();
