@@ -34,9 +34,10 @@ export async function newPage(browser: Browser, log: string[]): Promise<Page> {
   return page;
 }
 
-export async function screenshot(page: Page, name: string): Promise<string> {
+/** The whole page, or the top `height` pixels of it. */
+export async function screenshot(page: Page, name: string, height?: number): Promise<string> {
   mkdirSync(ARTIFACTS, { recursive: true });
   const path = join(ARTIFACTS, `${name}.png`);
-  await page.screenshot({ path, fullPage: true });
+  await page.screenshot({ path, ...(height ? { clip: { x: 0, y: 0, width: page.viewportSize()?.width ?? 1280, height } } : { fullPage: true }) });
   return path;
 }

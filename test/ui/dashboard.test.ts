@@ -107,6 +107,7 @@ test('dashboard: sessions listed, loss chart holds the points sent, live steps, 
   assert.ok(liveMs < 2500, `a new step took ${liveMs} ms to appear`);
   assert.deepEqual((await chartData(page, 'metric:loss'))?.[1].at(-1), 0.5);
   assert.equal(await page.textContent('[data-card=step] b'), '6');
+  await screenshot(page, 'session-top', 840); // the README's picture (docs/dashboard-session.png)
 
   // Pin one snapshot and restore another, as the admin.
   // Two snapshots the page shows: the one creation made, and one that snapshot_every took.

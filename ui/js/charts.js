@@ -6,6 +6,7 @@ const PALETTE = ['#2f6fde', '#d9534f', '#25a25a', '#e39b1b', '#8e44ad', '#16a2b8
 
 /** @type {Record<string, uPlot>} */
 const registry = {};
+const STEP_INCREMENTS = Array.from({ length: 15 }, (_, e) => [1, 2, 5].map((m) => m * 10 ** e)).flat();
 /** @type {any} */ (window).asgdCharts = registry;
 
 /**
@@ -72,7 +73,11 @@ export class Chart {
       series,
       bands,
       scales: { x: { time: !!this.spec.time }, y: this.spec.log ? { distr: 3 } : {} },
-      axes: [{}, { size: 60 }],
+      // Steps are whole numbers: no tick at step 2.5. Values get the digits their spacing needs.
+      axes: [
+        this.spec.time ? {} : { incrs: STEP_INCREMENTS },
+        { size: 64, values: (_u, splits) => splits.map((v) => (v === 0 ? '0' : String(Number(v.toPrecision(3))))) },
+      ],
       legend: { live: true },
     }, data, this.box);
     registry[this.spec.key] = this.plot;
