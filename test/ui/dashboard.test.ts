@@ -2,6 +2,7 @@
 // is open; the test reads what the charts hold, drives the buttons, and writes a screenshot of each page
 // to test-artifacts/ui/.
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
 import type { FastifyInstance } from 'fastify';
 import type { Page } from 'playwright-core';
@@ -48,7 +49,7 @@ async function enterToken(page: Page, token: string) {
 
 const GRAD = { w: [0.5, -0.25, 0.125, 1], b: [0.1, -0.2] };
 
-test('dashboard: sessions listed, loss chart holds the points sent, live steps, pin and restore as admin, read-only with a read token', { skip }, async (t) => {
+test('dashboard: sessions listed, loss chart holds the points sent, live steps, pin, restore, download and fork as admin, read-only with a read token', { skip }, async (t) => {
   const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
   const base = await listen(app);
   const admin = client(base, ADMIN);
@@ -138,6 +139,23 @@ test('dashboard: sessions listed, loss chart holds the points sent, live steps, 
   console.log(`page weight: ${total} bytes compressed over ${weights.size} files`);
   assert.ok(weights.has('/ui/vendor/uPlot.esm.js') && weights.size >= 8, [...weights.keys()].join(' '));
   assert.ok(total > 10_000 && total < 300_000, `${total} bytes`);
+
+  // Downloads go through fetch with the token: the .pt is a torch.save zip, the safetensors file its format.
+  const [pt] = await Promise.all([page.waitForEvent('download'), page.click(`tr[data-snapshot="${toPin.id}"] button:text-is(".pt")`)]);
+  assert.equal(pt.suggestedFilename(), `mnist-demo-v${toPin.version}.checkpoint.pt`);
+  const ptBytes = readFileSync((await pt.path())!);
+  assert.equal(ptBytes.subarray(0, 2).toString('latin1'), 'PK');
+  const [st] = await Promise.all([page.waitForEvent('download'), page.click(`tr[data-snapshot="${toPin.id}"] button:text-is("safetensors")`)]);
+  const stBytes = readFileSync((await st.path())!);
+  const header = JSON.parse(stBytes.subarray(8, 8 + Number(stBytes.readBigUInt64LE(0))).toString());
+  assert.deepEqual(Object.keys(header).filter((k) => k !== '__metadata__').sort(), ['b', 'w']);
+
+  // Fork at a snapshot: the page asks for the new name, then opens the new session.
+  page.once('dialog', (dialog) => dialog.accept('mnist-fork'));
+  await page.click(`tr[data-snapshot="${toPin.id}"] button[data-action=fork]`);
+  await page.waitForFunction(() => location.hash === '#/s/mnist-fork');
+  const fork = await admin('GET', '/v1/sessions/mnist-fork');
+  assert.equal(fork.step, toPin.step);
 
   // A read token sees the same session read-only: the admin buttons are there but disabled.
   const viewer = await newPage(browser, log);
