@@ -78,6 +78,12 @@ export async function sessionStorage(q: Queryable, sessionId: number): Promise<S
   return storage;
 }
 
+/** Several sessions' stored bytes, by session id (absent ids are left out). */
+export async function storageOfSessions(q: Queryable, sessionIds: number[]): Promise<Map<number, SessionStorage>> {
+  const rows = sessionIds.length ? await storageQuery(q, 'WHERE s.id = ANY($1::bigint[])', [sessionIds], '') : [];
+  return new Map(rows.map(({ id, name: _name, ...storage }) => [id, storage]));
+}
+
 /** Every session's stored bytes (for /metrics), largest first. */
 export async function allSessionStorage(q: Queryable): Promise<(SessionStorage & { name: string })[]> {
   const rows = await storageQuery(q, '', [], '');

@@ -61,15 +61,20 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
       querystring: Type.Object({
         limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 100 })),
         after: Type.Optional(Type.String({ maxLength: 128, description: 'Cursor: the last name of the previous page' })),
+        storage: Type.Optional(Type.Boolean({ description: 'Include each session\'s stored bytes (one more query for the page)' })),
       }),
       response: { 200: Type.Object({ sessions: Type.Array(Session), next: Type.Union([Type.String(), Type.Null()]) }), ...errorResponses(400, 401, 403) },
     },
   }, async (request) => {
-    const { limit = 100, after } = request.query as { limit?: number; after?: string };
+    const { limit = 100, after, storage } = request.query as { limit?: number; after?: string; storage?: boolean };
     // A token limited to a list of sessions lists only those (src/plugins/auth.ts).
     const rows = await fastify.sessions.list(after ?? null, limit + 1, request.auth?.sessions ?? null);
     const page = rows.slice(0, limit);
-    return { sessions: page.map(sessionJson), next: rows.length > limit ? page[page.length - 1].name : null };
+    const stored = storage ? await fastify.sessions.storageOfMany(page) : null;
+    return {
+      sessions: page.map((s) => ({ ...sessionJson(s), ...(stored?.has(s.id) && { storage: stored.get(s.id) }) })),
+      next: rows.length > limit ? page[page.length - 1].name : null,
+    };
   });
 
   fastify.get('/:name', {
