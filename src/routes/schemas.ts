@@ -40,7 +40,7 @@ export const SessionStorage = Type.Object({
   snapshots: Type.Integer(),
   other_bytes: Type.Integer({ description: 'The session row, Idempotency-Key answers, per-step history' }),
   total_bytes: Type.Integer(),
-}, { description: 'Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session only)' });
+}, { description: 'Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true)' });
 
 export const Session = Type.Object({
   name: Type.String(),

@@ -11,7 +11,7 @@
 //   keep_log_bytes plus the steps committed while a background snapshot is being written.
 // Versions whose log was dropped are no longer readable with ?version= (404 VERSION_NOT_AVAILABLE).
 import type { Queryable } from '../db/database.ts';
-import { LOG_ROW_BYTES } from './storage.ts';
+import { rowBytes } from './storage.ts';
 
 /** The settings of a session that size its log. */
 export interface LogBound {
@@ -50,11 +50,12 @@ export async function pruneLogToBytes(q: Queryable, sessionId: number): Promise<
   const r = rows[0];
   const bound: LogBound = { numel: r.numel, params: new Array(r.nparams), snapshotEvery: r.snapshot_every, keepLogBytes: r.keep_log_bytes };
   const budget = bound.keepLogBytes! - snapshotInterval(bound) * stepBytes(bound);
+  const logRow = (await rowBytes(q, 'step_log', 'l'))!;
   const deleted = await q.query(
     `WITH cut AS (
        SELECT coalesce(
          (SELECT min(sn.version) FROM snapshots sn WHERE sn.session_id = $1
-            AND coalesce((SELECT sum(${LOG_ROW_BYTES('l')}) FROM step_log l WHERE l.session_id = $1 AND l.version > sn.version), 0) <= $2),
+            AND coalesce((SELECT sum(${logRow}) FROM step_log l WHERE l.session_id = $1 AND l.version > sn.version), 0) <= $2),
          (SELECT max(version) FROM snapshots WHERE session_id = $1)) AS version
      )
      DELETE FROM step_log WHERE session_id = $1 AND version <= (SELECT version FROM cut) RETURNING version`,

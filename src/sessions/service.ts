@@ -22,7 +22,7 @@ import { applyHyperDelta, groupHyperparameters, parseStepHyper } from './step-in
 import * as repo from './repository.ts';
 import type { SessionRecord, SnapshotRecord } from './repository.ts';
 import { snapshotInterval } from './retention.ts';
-import { sessionStorage, type SessionStorage } from './storage.ts';
+import { sessionStorage, storageOfSessions, type SessionStorage } from './storage.ts';
 import { sweepIdleSessions } from './expiry.ts';
 import { SessionState, layoutOf, snapshotChecksum, type Layout } from './state.ts';
 
@@ -839,6 +839,11 @@ export function createSessionService(options: SessionServiceOptions) {
     return figures;
   }
 
+  /** Several sessions' stored bytes at once (the list's ?storage=true), by session id. */
+  async function storageOfMany(sessions: SessionRecord[]): Promise<Map<number, SessionStorage>> {
+    return storageOfSessions(db, sessions.map((x) => x.id));
+  }
+
   /** Deletes the sessions idle beyond their expire_after_idle_s (expiry.ts); their cached copies go too. */
   async function sweepExpired(): Promise<string[]> {
     const gone = await sweepIdleSessions(db);
@@ -852,7 +857,7 @@ export function createSessionService(options: SessionServiceOptions) {
 
   return {
     create, get, list, remove, updateSettings, step, view, load, history, latestChange, snapshotNow, listSnapshots: listSnapshotsOf, getSnapshot,
-    pinSnapshot, snapshotView, restore, fork, versionRange, close, pruneIdempotency, storage, sweepExpired,
+    pinSnapshot, snapshotView, restore, fork, versionRange, close, pruneIdempotency, storage, storageOfMany, sweepExpired,
     /** For tests and metrics: how many sessions and bytes this process holds decoded. */
     cacheStats: () => ({ sessions: cache.size, bytes: cachedBytes }),
     /** Drops this process's decoded copies (tests use it to force a rebuild from snapshot + log). */

@@ -2,20 +2,46 @@
 // pg_column_size of each column (for a TOASTed value that is its stored size, read from the TOAST
 // pointer without fetching the value) plus a 24-byte tuple header a row. Counting column by column
 // keeps the 4 MB gradients of a 1e6-parameter log unread: pg_column_size(row.*) would detoast them.
+// Per-step history (issue 11's step_history) is counted when that table exists.
 import type { Queryable } from '../db/database.ts';
 
 /** A heap tuple's header (23 bytes, aligned), counted once a row. */
 const ROW_HEADER = 24;
 
-const rowBytes = (alias: string, columns: string[]) =>
-  `(${ROW_HEADER} + ${columns.map((c) => `coalesce(pg_column_size(${alias}.${c}), 0)`).join(' + ')})::float8`;
+/** The tables that hold rows of a session, besides the session row itself (step_history when it exists). */
+const TABLES = ['step_log', 'snapshots', 'snapshot_chunks', 'idempotency_keys', 'step_history'] as const;
+type Table = (typeof TABLES)[number];
 
-/** One step_log row's bytes (retention.ts cuts the log by the same figure). */
-export const LOG_ROW_BYTES = (alias: string) => rowBytes(alias, ['session_id', 'version', 'present', 'grads', 'base_version', 'hyper', 'created_at']);
-const SNAPSHOT_ROW_BYTES = (alias: string) =>
-  rowBytes(alias, ['id', 'session_id', 'version', 'step', 'reason', 'pinned', 'groups', 'scalars', 'byte_size', 'chunk_count', 'checksum', 'created_at']);
-const CHUNK_ROW_BYTES = (alias: string) => rowBytes(alias, ['snapshot_id', 'seq', 'data']);
-const IDEMPOTENCY_ROW_BYTES = (alias: string) => rowBytes(alias, ['session_id', 'key', 'request_hash', 'response', 'created_at']);
+/**
+ * Each table's columns, read from the catalogue once a process: a column a later migration adds (a
+ * gradient's dtype, a step's hyperparameters) is counted without anyone editing this file.
+ */
+let columns: Promise<Map<Table, string[]>> | null = null;
+
+function columnsOf(q: Queryable): Promise<Map<Table, string[]>> {
+  columns ??= q.query<{ relname: Table; columns: string[] }>(
+    `SELECT c.relname::text AS relname, array_agg(a.attname::text ORDER BY a.attnum) AS columns
+     FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+     WHERE c.relname = ANY($1::text[]) AND c.relkind = 'r' AND pg_table_is_visible(c.oid) AND a.attnum > 0 AND NOT a.attisdropped
+     GROUP BY c.relname`,
+    [[...TABLES]],
+  ).then((rows) => new Map(rows.map((r) => [r.relname, r.columns])));
+  columns.catch(() => { columns = null; }); // a failed read is retried next time
+  return columns;
+}
+
+const quote = (name: string) => `"${name.replace(/"/g, '""')}"`;
+
+/**
+ * SQL for one row's bytes of `table` under `alias`: the header plus pg_column_size of every column;
+ * null when the table does not exist (step_history before issue 11's migration).
+ */
+export async function rowBytes(q: Queryable, table: Table, alias: string): Promise<string | null> {
+  const list = (await columnsOf(q)).get(table);
+  if (!list) return null;
+  return `(${ROW_HEADER} + ${list.map((c) => `coalesce(pg_column_size(${alias}.${quote(c)}), 0)`).join(' + ')})::float8`;
+}
+
 /** The session row is small (names, shapes, hyperparameters): its whole-row size includes its header. */
 const SESSION_ROW_BYTES = (alias: string) => `pg_column_size(${alias}.*)::float8`;
 
@@ -31,30 +57,22 @@ export interface SessionStorage {
   total_bytes: number;
 }
 
-/**
- * Per-step history rows (issue 11's step_history) are counted when the table exists: whole rows, which
- * are small (metrics and hyperparameters), so pg_column_size(row.*) costs nothing extra there.
- */
-async function historyTerm(q: Queryable, ids: string): Promise<string> {
-  const rows = await q.query<{ present: boolean }>("SELECT to_regclass('step_history') IS NOT NULL AS present");
-  return rows[0]?.present
-    ? `coalesce((SELECT sum((${ROW_HEADER} + pg_column_size(h.*))::float8) FROM step_history h WHERE h.session_id = ${ids}), 0)`
-    : '0';
-}
-
 /** The stored bytes of the sessions `where` selects. */
 async function storageQuery(q: Queryable, where: string, params: unknown[], limit: string): Promise<(SessionStorage & { id: number; name: string })[]> {
-  const history = await historyTerm(q, 's.id');
+  const [log, snapshot, chunk, idempotency, history] = await Promise.all([
+    rowBytes(q, 'step_log', 'l'), rowBytes(q, 'snapshots', 'p'), rowBytes(q, 'snapshot_chunks', 'c'), rowBytes(q, 'idempotency_keys', 'k'), rowBytes(q, 'step_history', 'h'),
+  ]);
+  const historyTerm = history ? `coalesce((SELECT sum(${history}) FROM step_history h WHERE h.session_id = s.id), 0)` : '0';
   const rows = await q.query<Record<string, number | string>>(
     `SELECT s.id::float8 AS id, s.name, lg.bytes AS log_bytes, lg.steps AS log_steps, sn.bytes AS snapshot_bytes, sn.n AS snapshots,
-       ${SESSION_ROW_BYTES('s')} + ik.bytes + ${history} AS other_bytes
+       ${SESSION_ROW_BYTES('s')} + ik.bytes + ${historyTerm} AS other_bytes
      FROM sessions s
-     CROSS JOIN LATERAL (SELECT coalesce(sum(${LOG_ROW_BYTES('l')}), 0) AS bytes, count(*)::float8 AS steps FROM step_log l WHERE l.session_id = s.id) lg
+     CROSS JOIN LATERAL (SELECT coalesce(sum(${log}), 0) AS bytes, count(*)::float8 AS steps FROM step_log l WHERE l.session_id = s.id) lg
      CROSS JOIN LATERAL (
-       SELECT coalesce(sum(${SNAPSHOT_ROW_BYTES('p')} + coalesce((SELECT sum(${CHUNK_ROW_BYTES('c')}) FROM snapshot_chunks c WHERE c.snapshot_id = p.id), 0)), 0) AS bytes,
+       SELECT coalesce(sum(${snapshot} + coalesce((SELECT sum(${chunk}) FROM snapshot_chunks c WHERE c.snapshot_id = p.id), 0)), 0) AS bytes,
               count(*)::float8 AS n
        FROM snapshots p WHERE p.session_id = s.id) sn
-     CROSS JOIN LATERAL (SELECT coalesce(sum(${IDEMPOTENCY_ROW_BYTES('k')}), 0) AS bytes FROM idempotency_keys k WHERE k.session_id = s.id) ik
+     CROSS JOIN LATERAL (SELECT coalesce(sum(${idempotency}), 0) AS bytes FROM idempotency_keys k WHERE k.session_id = s.id) ik
      ${where} ${limit}`,
     params,
   );
@@ -78,10 +96,9 @@ export async function sessionStorage(q: Queryable, sessionId: number): Promise<S
   return storage;
 }
 
-/** The stored bytes of these sessions (a page of the sessions list), by id. */
-export async function storageByIds(q: Queryable, ids: readonly number[]): Promise<Map<number, SessionStorage>> {
-  if (ids.length === 0) return new Map();
-  const rows = await storageQuery(q, 'WHERE s.id = ANY($1::bigint[])', [ids], '');
+/** Several sessions' stored bytes, by session id (absent ids are left out). */
+export async function storageOfSessions(q: Queryable, sessionIds: number[]): Promise<Map<number, SessionStorage>> {
+  const rows = sessionIds.length ? await storageQuery(q, 'WHERE s.id = ANY($1::bigint[])', [sessionIds], '') : [];
   return new Map(rows.map(({ id, name: _name, ...storage }) => [id, storage]));
 }
 

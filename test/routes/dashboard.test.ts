@@ -186,14 +186,14 @@ test('hyperparameters: the steps that changed them, with every group after; page
   }
 });
 
-test('sessions list ?figures=true: steps in the last minute, the last step, stored bytes', async (t) => {
+test('sessions list ?figures=true&storage=true: steps in the last minute, the last step, stored bytes', async (t) => {
   const { app } = await buildTestApp(t);
   await create(app, 'busy');
   await create(app, 'idle');
   for (let i = 0; i < 3; i++) await stepWith(app, 'busy', {});
   const plain = (await app.inject({ url: '/v1/sessions' })).json().sessions;
   assert.equal(plain[0].activity, undefined);
-  const listed = (await app.inject({ url: '/v1/sessions?figures=true' })).json().sessions;
+  const listed = (await app.inject({ url: '/v1/sessions?figures=true&storage=true' })).json().sessions;
   const [busy, idle] = listed;
   assert.equal(busy.name, 'busy');
   assert.equal(busy.activity.steps_last_minute, 3);

@@ -54,7 +54,7 @@ export function sessionsPage(root, who) {
   let loading = 0;
   async function load() {
     const ticket = ++loading;
-    const query = new URLSearchParams({ limit: String(PAGE), figures: 'true' });
+    const query = new URLSearchParams({ limit: String(PAGE), figures: 'true', storage: 'true' });
     if (after) query.set('after', after);
     if (search) query.set('search', search);
     try {

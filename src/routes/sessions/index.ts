@@ -13,7 +13,6 @@ import snapshotRoutes from './snapshots.ts';
 import normRoutes from './norms.ts';
 import seriesRoutes, { activityJson, ListedSession } from './series.ts';
 import { sessionActivity } from '../../sessions/series.ts';
-import { storageByIds } from '../../sessions/storage.ts';
 
 /** keep_log_bytes and expire_after_idle_s: on create, PATCH and fork; null turns each off. */
 const STORAGE_SETTINGS = {
@@ -69,20 +68,29 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
         limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 100 })),
         after: Type.Optional(Type.String({ maxLength: 128, description: 'Cursor: the last name of the previous page' })),
         search: Type.Optional(Type.String({ maxLength: 128, pattern: '^[A-Za-z0-9._-]*$', description: 'Only names that contain this text (case-insensitive)' })),
-        figures: Type.Optional(Type.Boolean({ description: 'Add each session\'s `activity` (steps in the last minute, last step) and `storage` (stored bytes): a few index probes a session' })),
+        figures: Type.Optional(Type.Boolean({ description: 'Include each session\'s `activity`: steps in the last minute and the time of the last step (an index probe a session)' })),
+        storage: Type.Optional(Type.Boolean({ description: 'Include each session\'s stored bytes (one more query for the page)' })),
       }),
       response: { 200: Type.Object({ sessions: Type.Array(ListedSession), next: Type.Union([Type.String(), Type.Null()]) }), ...errorResponses(400, 401, 403) },
     },
   }, async (request) => {
-    const { limit = 100, after, search, figures } = request.query as { limit?: number; after?: string; search?: string; figures?: boolean };
+    const { limit = 100, after, search, figures, storage } = request.query as { limit?: number; after?: string; search?: string; figures?: boolean; storage?: boolean };
     // A token limited to a list of sessions lists only those (src/plugins/auth.ts).
     const rows = await fastify.sessions.list(after ?? null, limit + 1, request.auth?.sessions ?? null, search || null);
     const page = rows.slice(0, limit);
-    const next = rows.length > limit ? page[page.length - 1].name : null;
-    if (!figures) return { sessions: page.map(sessionJson), next };
     const ids = page.map((s) => s.id);
-    const [activity, storage] = await Promise.all([sessionActivity(fastify.db, ids), storageByIds(fastify.db, ids)]);
-    return { sessions: page.map((s) => ({ ...sessionJson(s), activity: activityJson(activity.get(s.id)), storage: storage.get(s.id) })), next };
+    const [stored, activity] = await Promise.all([
+      storage ? fastify.sessions.storageOfMany(page) : null,
+      figures ? sessionActivity(fastify.db, ids) : null,
+    ]);
+    return {
+      sessions: page.map((s) => ({
+        ...sessionJson(s),
+        ...(stored?.has(s.id) && { storage: stored.get(s.id) }),
+        ...(activity && { activity: activityJson(activity.get(s.id)) }),
+      })),
+      next: rows.length > limit ? page[page.length - 1].name : null,
+    };
   });
 
   fastify.get('/:name', {
