@@ -160,7 +160,7 @@ class TrainingMatchesTorch(ServiceTestCase):
 
         a_model, b_model = make_model(), make_model()
         a = self.remote(a_model.named_parameters(), transport="json", max_staleness=0)
-        b = self.remote(b_model.named_parameters(), transport="json", session=a.session, create=False)
+        b = self.remote(b_model.named_parameters(), transport="json", session=a.session, create=False, on_stale="raise")
         train(a_model, a, range(1))  # a steps: b's parameters are now one version old
         b_model(batch(1)[0]).sum().backward()
         with self.assertRaises(StaleGradient) as caught:
