@@ -199,7 +199,8 @@ class RemoteASGD(torch.optim.Optimizer):
         #: The service's answer to the last applied step: {session, step, version, staleness}.
         self.last_step: Optional[Dict[str, Any]] = None
         self._version: Optional[int] = None
-        self._step_count = 0
+        # Not "_step_count": torch's LR schedulers own that attribute of the optimizer (they reset it).
+        self._session_step = 0
         self._info: Dict[str, Any] = {}
         self._lock = threading.RLock()
         self._executor: Optional[ThreadPoolExecutor] = None
@@ -272,7 +273,7 @@ class RemoteASGD(torch.optim.Optimizer):
         """Records a session answer; with ``update_local`` the groups take the session's hyperparameters."""
         self._info = dict(info)
         self._version = info.get("version", self._version)
-        self._step_count = info.get("step", self._step_count)
+        self._session_step = info.get("step", self._session_step)
         remote_groups = [group_from_json({k: v for k, v in g.items() if k != "params"}) for g in info["param_groups"]]
         self._session_groups = [{k: _hyper_value(k, g[k]) for k in HYPERPARAMETER_KEYS if k in g} for g in remote_groups]
         if update_local:
@@ -398,7 +399,7 @@ class RemoteASGD(torch.optim.Optimizer):
                         "(%d dropped so far)", self.worker, self.session, outcome.stale.message, self._version, self.stale_dropped)
             return
         answer = outcome.answer or {}
-        self._step_count = answer.get("step", self._step_count)
+        self._session_step = answer.get("step", self._session_step)
         self.last_step = answer
         if outcome.sent_groups is not None:
             for known, sent in zip(self._session_groups, outcome.sent_groups):
@@ -515,7 +516,7 @@ class RemoteASGD(torch.optim.Optimizer):
     @property
     def step_count(self) -> int:
         """optimizer.step() calls applied by the session (its "step")."""
-        return self._step_count
+        return self._session_step
 
     @property
     def parameter_names(self) -> List[str]:
@@ -571,7 +572,7 @@ class RemoteASGD(torch.optim.Optimizer):
         self.close()
 
     def __repr__(self) -> str:
-        lines = [f"RemoteASGD (session {self.session!r} at {self.client.url}, version {self._version}, step {self._step_count})"]
+        lines = [f"RemoteASGD (session {self.session!r} at {self.client.url}, version {self._version}, step {self._session_step})"]
         for i, g in enumerate(self.param_groups):
             lines.append(f"Parameter Group {i}")
             for k in sorted(k for k in g if k != "params"):

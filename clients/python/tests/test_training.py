@@ -88,6 +88,7 @@ class TrainingMatchesTorch(ServiceTestCase):
             self.assertTrue(torch.equal(pa[name], pb[name]), name)
 
     def test_lr_scheduler_changes_reach_the_session(self):
+        self.requireStepParams()  # they travel with the step (issue 11)
         ref = make_model()
         torch_opt = torch.optim.ASGD(ref.parameters(), **HYPER)
         train(ref, torch_opt, range(40), scheduler=torch.optim.lr_scheduler.StepLR(torch_opt, step_size=10, gamma=0.5))

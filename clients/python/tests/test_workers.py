@@ -9,7 +9,7 @@ import unittest
 import torch
 from torch import nn
 
-from _common import HYPER, ServiceTestCase, StepCounter, batch, make_model, torch_run, train
+from _common import HYPER, ServiceTestCase, StepCounter, batch, make_model, torch_run, train, unique
 
 
 class StateIsTorchs(ServiceTestCase):
@@ -48,6 +48,37 @@ class StateIsTorchs(ServiceTestCase):
         self.assertEqual(opt.state[p]["step"].item(), 3.0)
         train(model, opt, range(3, 5))
         self.assertEqual(opt.state[p]["step"].item(), 5.0)
+
+
+class CreateIfMissing(ServiceTestCase):
+    def test_two_workers_started_alike_one_creates_the_other_joins(self):
+        from asgd_client import RemoteASGD
+
+        name = unique("if-missing")
+        barrier = threading.Barrier(2)
+        opts, errors = {}, []
+
+        def worker(rank):
+            try:
+                model = make_model(rank)
+                barrier.wait()
+                opts[rank] = (model, RemoteASGD(model.named_parameters(), url=self.url, token=self.token, session=name, **HYPER))
+            except BaseException as err:
+                errors.append(err)
+
+        with self.assertLogs("asgd_client", logging.INFO) as logs:
+            threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+        for _, opt in opts.values():
+            self.addCleanup(opt.close)
+        self.assertEqual(errors, [])
+        lines = [line for line in logs.output if name in line]
+        self.assertEqual(sorted("created" in line for line in lines), [False, True], lines)
+        # Both hold the session's parameters (the creator's), whatever their own initial weights were.
+        self.assertParamsIdentical(opts[0][0], opts[1][0])
 
 
 class StalenessPolicies(ServiceTestCase):
