@@ -27,21 +27,42 @@ interface LoopTimes {
   stale_dropped?: number;
 }
 
-/** Runs training_worker.py and returns its JSON line. */
-function python(exe: string, args: string[]): Promise<Record<string, number>> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(exe, [WORKER, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, OMP_NUM_THREADS: '1' } });
-    let out = '';
-    let err = '';
-    child.stdout.on('data', (c) => (out += c));
-    child.stderr.on('data', (c) => (err = (err + c).slice(-4000)));
+interface Worker {
+  /** Resolves when the process printed "ready" (remote workers, after joining the session). */
+  ready: Promise<void>;
+  go(): void;
+  /** Its JSON line. */
+  result: Promise<Record<string, number>>;
+}
+
+/** Runs training_worker.py. */
+function python(exe: string, args: string[]): Worker {
+  const child = spawn(exe, [WORKER, ...args], { cwd: ROOT, stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, OMP_NUM_THREADS: '1' } });
+  let out = '';
+  let err = '';
+  let markReady = () => {};
+  const ready = new Promise<void>((resolve) => (markReady = resolve));
+  child.stdout.on('data', (c) => {
+    out += c;
+    if (/^ready$/m.test(out)) markReady();
+  });
+  child.stderr.on('data', (c) => (err = (err + c).slice(-4000)));
+  const result = new Promise<Record<string, number>>((resolve, reject) => {
     child.on('error', reject);
     child.on('exit', (code) => {
+      markReady();
       const line = out.trim().split('\n').pop() ?? '';
       if (code !== 0 || !line.startsWith('{')) reject(new Error(`training_worker.py ${args[0]} exited ${code}: ${err}`));
       else resolve(JSON.parse(line));
     });
   });
+  return { ready, result, go: () => child.stdin.end('go\n') };
+}
+
+async function run(exe: string, args: string[]): Promise<Record<string, number>> {
+  const worker = python(exe, args);
+  worker.go();
+  return worker.result;
 }
 
 export async function runTrainingBench(opts: TrainingBenchOptions = {}): Promise<BenchResult> {
@@ -59,20 +80,21 @@ export async function runTrainingBench(opts: TrainingBenchOptions = {}): Promise
     let dropped = 0;
     let losses: string[] = [];
     for (let r = 0; r < rounds; r++) {
-      const l = (await python(exe, ['local', '--steps', String(steps)])) as unknown as LoopTimes;
+      const l = (await run(exe, ['local', '--steps', String(steps)])) as unknown as LoopTimes;
       local.push(l.end - l.start);
       const session = `training-${r}-${Date.now()}`;
-      const runs = (await Promise.all(
-        Array.from({ length: workers }, (_, rank) =>
-          python(exe, ['remote', '--url', server.url, '--session', session, '--rank', String(rank), '--workers', String(workers), '--steps', String(steps / workers)])),
-      )) as unknown as LoopTimes[];
+      const procs = Array.from({ length: workers }, (_, rank) =>
+        python(exe, ['remote', '--url', server.url, '--session', session, '--rank', String(rank), '--workers', String(workers), '--steps', String(steps / workers)]));
+      await Promise.all(procs.map((p) => p.ready)); // both joined the session: start their loops together
+      for (const p of procs) p.go();
+      const runs = (await Promise.all(procs.map((p) => p.result))) as unknown as LoopTimes[];
       const wall = Math.max(...runs.map((x) => x.end)) - Math.min(...runs.map((x) => x.start));
       remote.push(wall);
       dropped += runs.reduce((a, x) => a + (x.stale_dropped ?? 0), 0);
       losses = [`local ${l.loss?.toFixed(3)}`, ...runs.map((x, i) => `worker ${i} ${x.loss?.toFixed(3)}`)];
       log(`round ${r}: local ${ms(local[r])}, two workers ${ms(wall)}`);
     }
-    const percall = await python(exe, ['percall', '--url', server.url, '--session', `percall-${Date.now()}`, '--steps', String(percallSteps)]);
+    const percall = await run(exe, ['percall', '--url', server.url, '--session', `percall-${Date.now()}`, '--steps', String(percallSteps)]);
     const wall = median(remote);
     const base = median(local);
     return {

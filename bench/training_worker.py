@@ -2,7 +2,8 @@
 
     training_worker.py local  --steps N                        one local torch.optim.ASGD process
     training_worker.py remote --url U --session S --rank R --workers W --steps N
-                                                               one of W workers, RemoteASGD(pipeline=True)
+                                                               one of W workers, RemoteASGD(pipeline=True);
+                                                               prints "ready", starts at a line on stdin
     training_worker.py percall --url U --numel 1000000 --steps K
                                                                ms per optimizer step, remote and local
 
@@ -70,6 +71,8 @@ def remote(args):
     X, y = data()
     m = model()
     opt = RemoteASGD(m.named_parameters(), url=args.url, session=args.session, pipeline=True, **HYPER)
+    print("ready", flush=True)  # the workers' loops start together, when the bench says so
+    sys.stdin.readline()
     start = time.time()
     loss = train(m, opt, X, y, args.steps, args.rank, args.workers)
     opt.synchronize()
