@@ -229,6 +229,7 @@ class RemoteASGD(torch.optim.Optimizer):
         self._names: List[str] = names
         self._params: List[torch.Tensor] = flat
         self._name_of: Dict[int, str] = {id(p): n for p, n in zip(flat, names)}
+        self._index_of: Dict[int, int] = {id(p): i for i, p in enumerate(flat)}
         #: The hyperparameters the session holds for each group, as far as this optimizer knows.
         self._session_groups: List[Dict[str, Any]] = []
         self.state = SessionState(self)  # type: ignore[assignment]

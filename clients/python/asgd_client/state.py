@@ -30,10 +30,8 @@ class SessionState(Mapping):
         self._session_version: Optional[int] = None  # the session's version the cache was read at
 
     def _index(self, p: Any) -> Optional[int]:
-        for i, q in enumerate(self._opt._params):
-            if q is p:
-                return i
-        return None
+        i = self._opt._index_of.get(id(p))
+        return i if i is not None and self._opt._params[i] is p else None
 
     def entries(self) -> Dict[int, Dict[str, Any]]:
         """{flat parameter index: {step, eta, mu, ax}} of the session, cached by the model's version."""
