@@ -334,6 +334,9 @@ class RemoteASGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with self._lock:
+            # The gradient was computed on the parameters in the model now: with a step in flight, those
+            # from before it (its answer is loaded just below, after the gradient is taken).
+            base = self._version if self.send_base_version else None
             self._apply_pending(block=True)
             grads: "OrderedDict[str, torch.Tensor]" = OrderedDict()
             for group in self.param_groups:
@@ -354,7 +357,6 @@ class RemoteASGD(torch.optim.Optimizer):
                 # The gradients leave the caller's tensors now: backward() may overwrite them next.
                 grads = OrderedDict((n, g.detach().clone()) for n, g in grads.items())
             groups = self._group_changes()
-            base = self._version if self.send_base_version else None
             metrics = dict(metrics) if metrics is not None else None
             if not background:
                 self._apply(self._request(grads, base, groups, metrics))
