@@ -253,6 +253,10 @@ class RemoteASGD(torch.optim.Optimizer):
         self._take_session(info, update_local=not created)
         if not created:
             self._pull()
+        if self.pipeline and self.send_base_version and info.get("max_staleness") == 0:
+            log.warning("[%s] session %r accepts no stale gradient (max_staleness 0), but with pipeline=True every "
+                        "gradient is at least one version old: each will be %s", self.worker, self.session,
+                        {"pull": "dropped", "raise": "refused", "apply": "sent twice"}[self.on_stale])
 
     # -- session bookkeeping -----------------------------------------------------------------------
     def _check_layout(self, info: Mapping[str, Any]) -> None:

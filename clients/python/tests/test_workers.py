@@ -119,6 +119,12 @@ class StalenessPolicies(ServiceTestCase):
         self.assertEqual(b.client.get_session(b.session)["step"], 2, "the stale gradient was applied")
         self.assertEqual(b.version, b.client.get_session(b.session)["version"])
 
+    def test_pipeline_on_a_session_without_staleness_is_warned_about(self):
+        a = self.remote(make_model().named_parameters(), max_staleness=0)
+        with self.assertLogs("asgd_client", logging.WARNING) as logs:
+            self.remote(make_model().named_parameters(), session=a.session, pipeline=True)
+        self.assertIn("max_staleness 0", "\n".join(logs.output))
+
     def test_pipelined_pull(self):
         a, a_model, b, b_model = self.pair("pull")
         b.pipeline = True
