@@ -774,6 +774,18 @@ export function createSessionService(options: SessionServiceOptions) {
     return { session, points: await repo.readHistory(db, session.id, afterVersion, limit) };
   }
 
+  /**
+   * What made the session's current version, for event streams: a step (its series point) or a change that
+   * is not a step (the reason of the snapshot it wrote: load_state_dict, load_checkpoint, restore, create, fork).
+   */
+  async function latestChange(name: string): Promise<{ session: SessionRecord; point: repo.HistoryPoint | null; reason: string | null }> {
+    const session = await mustFind(db, name);
+    const point = await repo.findHistoryPoint(db, session.id, session.version);
+    if (point) return { session, point, reason: null };
+    const snapshot = await repo.findSnapshotAtOrBelow(db, session.id, session.version);
+    return { session, point: null, reason: snapshot?.version === session.version ? snapshot.reason : null };
+  }
+
   /** Oldest and newest version that `?version=` can read. */
   async function versionRange(name: string): Promise<{ oldest: number | null; newest: number }> {
     const session = await mustFind(db, name);
@@ -805,7 +817,7 @@ export function createSessionService(options: SessionServiceOptions) {
   }
 
   return {
-    create, get, list, remove, updateSettings, step, view, load, history, snapshotNow, listSnapshots: listSnapshotsOf, getSnapshot,
+    create, get, list, remove, updateSettings, step, view, load, history, latestChange, snapshotNow, listSnapshots: listSnapshotsOf, getSnapshot,
     pinSnapshot, snapshotView, restore, fork, versionRange, close, pruneIdempotency,
     /** For tests and metrics: how many sessions and bytes this process holds decoded. */
     cacheStats: () => ({ sessions: cache.size, bytes: cachedBytes }),
