@@ -148,7 +148,15 @@ class StepCounter:
         from _fakes import LocalServer
         from asgd_client import Connection
 
-        self.proxy = LocalServer(lambda req: self.proxy.forward(req), upstream=upstream)
+        #: The status of each forwarded answer, in order.
+        self.statuses: List[int] = []
+
+        def forward(req):
+            answer = self.proxy.forward(req)
+            self.statuses.append(answer[0])
+            return answer
+
+        self.proxy = LocalServer(forward, upstream=upstream)
         test.addCleanup(self.proxy.close)
         self.conn = Connection(self.proxy.url, token)
         test.addCleanup(self.conn.close)

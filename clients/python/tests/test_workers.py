@@ -37,6 +37,28 @@ class StateIsTorchs(ServiceTestCase):
         with self.assertRaises(TypeError):
             opt.state[next(model.parameters())]["ax"] = torch.zeros(1)
 
+    def test_state_is_cached_by_version_and_read_again_conditionally(self):
+        counter = StepCounter(self, self.url, self.token)
+        a_model, b_model = make_model(), make_model()
+        a = self.remote(a_model.named_parameters())
+        b = self.remote(b_model.named_parameters(), session=a.session, connection=counter.conn)
+        train(b_model, b, range(2))
+        train(a_model, a, range(2, 3))  # the session moves on; b's model stays at its version
+        p = next(b_model.parameters())
+        mark = counter.mark()
+        ax = b.state[p]["ax"].clone()  # the session's state (step 3), cached for b's version
+        self.assertEqual(b.state[p]["step"].item(), 3.0)
+        self.assertEqual((counter.since(mark), counter.statuses[-1]), (["GET state_dict"], 200))
+        b.pull()  # b's model moves to the session's version: asked again, If-None-Match
+        mark = counter.mark()
+        self.assertTrue(torch.equal(b.state[p]["ax"], ax))
+        self.assertEqual((counter.since(mark), counter.statuses[-1]), (["GET state_dict"], 304))
+        self.assertTrue(torch.equal(b.state[p]["ax"], ax))
+        self.assertEqual(len(counter.since(mark)), 1, "then cached: no request")
+        train(b_model, b, range(3, 4))
+        self.assertEqual(b.state[p]["step"].item(), 4.0)
+        self.assertEqual(counter.statuses[-1], 200)
+
     def test_state_follows_new_steps_and_is_empty_before_the_first(self):
         model = make_model()
         opt = self.remote(model.named_parameters())
