@@ -10,6 +10,7 @@ import { migrate as migratePg } from 'drizzle-orm/node-postgres/migrator';
 import type { PgDatabase, PgQueryResultHKT } from 'drizzle-orm/pg-core';
 import { schema } from './schema.ts';
 import { listenPostgres, type ListenHandlers, type Listener } from './listener.ts';
+import { lockDataDir, type DataDirLock } from './data-dir-lock.ts';
 
 export const MIGRATIONS_DIR = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'migrations');
 
@@ -162,8 +163,18 @@ async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Da
   const { PGlite } = await import('@electric-sql/pglite');
   const { drizzle: drizzlePglite } = await import('drizzle-orm/pglite');
   const { migrate: migratePglite } = await import('drizzle-orm/pglite/migrator');
-  if (dataDir !== 'memory://') mkdirSync(dataDir, { recursive: true });
-  const client = await PGlite.create(dataDir === 'memory://' ? undefined : dataDir);
+  let lock: DataDirLock | null = null;
+  if (dataDir !== 'memory://') {
+    mkdirSync(dataDir, { recursive: true });
+    lock = await lockDataDir(dataDir); // before PGlite reads a file: a second owner would lose writes
+  }
+  let client: InstanceType<typeof PGlite>;
+  try {
+    client = await PGlite.create(lock ? dataDir : undefined);
+  } catch (err) {
+    lock?.release();
+    throw err;
+  }
   const orm = drizzlePglite(client, { schema });
   void options;
 
@@ -197,6 +208,12 @@ async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Da
       const unlisten = await client.listen(channel, handlers.onNotify);
       return { close: () => (client.closed ? Promise.resolve() : unlisten()) };
     },
-    close: () => client.close(),
+    async close() {
+      try {
+        await client.close();
+      } finally {
+        lock?.release();
+      }
+    },
   };
 }

@@ -1,8 +1,9 @@
 // The session domain: create, step, read, restore, snapshot, fork. Route -> here -> kernel and db.
 //
-// Durability model: a step writes the gradient to the step log and bumps the version under the session's
-// row lock, as one statement (repo.appendStep) or, with an Idempotency-Key, one transaction that also
-// records the answer; the answer comes after the commit. Full snapshots (params + optimizer state) are
+// Durability model: a step writes the gradient (and the hyperparameters it sets) to the step log, its row
+// of step_history, bumps the version and NOTIFYs asgd_versions under the session's row lock, as one
+// statement (repo.appendStep) or, with an Idempotency-Key, one transaction that also records the answer;
+// the answer comes after the commit. Full snapshots (params + optimizer state) are
 // written every `snapshotEvery` steps off the request path, and synchronously for changes that are not
 // steps (create, load_state_dict, restore, fork). The state at version v is the newest snapshot at or
 // below v with the logged steps after it replayed; the kernel is deterministic, so the replay is

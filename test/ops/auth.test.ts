@@ -13,6 +13,7 @@ const RANK: Record<string, number> = { read: 1, step: 2, admin: 3 };
  * it should need; "*" = not for tokens limited to a list of sessions).
  */
 const EXPECTED: Record<string, string> = {
+  'GET /': 'public',
   'GET /healthz': 'public',
   'GET /readyz': 'public',
   'GET /metrics': 'public',
@@ -27,6 +28,8 @@ const EXPECTED: Record<string, string> = {
   'POST /v1/sessions/{name}/fork': 'admin*',
   'POST /v1/sessions/{name}/step': 'step',
   'GET /v1/sessions/{name}/params': 'read',
+  'GET /v1/sessions/{name}/metrics': 'read',
+  'GET /v1/sessions/{name}/events': 'read',
   'GET /v1/sessions/{name}/state_dict': 'read',
   'PUT /v1/sessions/{name}/state_dict': 'admin',
   'GET /v1/sessions/{name}/checkpoint': 'read',
