@@ -3,6 +3,7 @@
 import { readFileSync } from 'node:fs';
 import { pathToFileURL } from 'node:url';
 import { ConfigError, loadConfig } from './config.ts';
+import { KernelUnavailableError } from './optim/index.ts';
 import { openDatabase } from './db/database.ts';
 
 interface Flag {
@@ -40,7 +41,7 @@ export const FLAGS: Flag[] = [
   { env: 'ASGD_SNAPSHOT_EVERY', value: 'n', help: 'default snapshot interval of new sessions, in steps (default 100)' },
   { env: 'ASGD_KEEP_SNAPSHOTS', value: 'n', help: 'default snapshots kept per session (default 10)' },
   { env: 'ASGD_IDEMPOTENCY_WINDOW_SECONDS', value: 's', help: 'how long Idempotency-Key answers are kept (default 86400)' },
-  { env: 'ASGD_KERNEL', value: 'wasm|js', help: 'optimizer kernel (default wasm)' },
+  { env: 'ASGD_KERNEL', value: 'auto|wasm-fma|wasm|js', help: 'optimizer kernel (default auto: wasm-fma where its self-test passes, else wasm)' },
   { env: 'ASGD_FMA', value: 'true|false', help: 'fused multiply-add as PyTorch on AVX2 (default true)' },
   { env: 'ASGD_CACHE_BYTES', value: 'bytes', help: 'decoded session state kept in memory (default 4 GiB)' },
 ];
@@ -143,7 +144,7 @@ export async function main(
     await startServer(config);
     return null;
   } catch (err) {
-    if (err instanceof ConfigError) {
+    if (err instanceof ConfigError || err instanceof KernelUnavailableError) {
       io.stderr.write(`asgd-serve: ${err.message}\n`);
       return 2;
     }

@@ -1,6 +1,7 @@
 // The process: read the configuration, build the app, listen, close with grace on SIGTERM/SIGINT.
 import { buildApp, loggerOptions } from './app.ts';
 import { ConfigError, isLoopback, loadConfig, type Config } from './config.ts';
+import { KernelUnavailableError } from './optim/index.ts';
 
 export async function startServer(config: Config, opts: { migrate?: boolean } = {}) {
   const app = await buildApp({
@@ -50,7 +51,7 @@ if (isMain) {
   try {
     await startServer(loadConfig());
   } catch (err) {
-    if (err instanceof ConfigError) {
+    if (err instanceof ConfigError || err instanceof KernelUnavailableError) {
       console.error(`asgd-serve: ${err.message}`);
       process.exit(2);
     }
