@@ -267,6 +267,7 @@ export async function readSteps(q: Queryable, sessionId: number, fromVersion: nu
   return q.query<StepLogEntry>(
     'SELECT version::float8 AS version, present, grads FROM step_log WHERE session_id = $1 AND version > $2 AND version <= $3 ORDER BY version LIMIT $4',
     [sessionId, fromVersion, toVersion, limit],
+    { name: 'step_log_read', binary: { version: 'float8', present: 'jsonb', grads: 'bytea' } },
   );
 }
 
@@ -334,6 +335,7 @@ export async function readSnapshotChunks(q: Queryable, snapshotId: number, onChu
     const rows = await q.query<{ data: Buffer }>(
       'SELECT data FROM snapshot_chunks WHERE snapshot_id = $1 AND seq >= $2 AND seq < $3 ORDER BY seq',
       [snapshotId, seq, seq + BATCH],
+      { name: 'snapshot_chunks_read', binary: { data: 'bytea' } },
     );
     for (const row of rows) onChunk(seq++, row.data);
     if (rows.length < BATCH) return seq;
