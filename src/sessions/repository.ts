@@ -294,6 +294,21 @@ export async function insertSnapshot(
   return snapshot;
 }
 
+/** pg_advisory_xact_lock(SNAPSHOT_SLOT_LOCK, session): the first key keeps these apart from other advisory locks. */
+const SNAPSHOT_SLOT_LOCK = 0x5a5a;
+
+/**
+ * In a transaction about to write a scheduled snapshot: true when no snapshot of the session has a version
+ * at or after `slotStart` (so this one is the slot's), holding a per-session lock until the commit, so
+ * that two processes cannot both see the slot free. False: another process took it, write nothing.
+ */
+export async function claimSnapshotSlot(q: Queryable, sessionId: number, slotStart: number): Promise<boolean> {
+  await q.query('SELECT pg_advisory_xact_lock($1, ($2::bigint % 2147483647)::int)', [SNAPSHOT_SLOT_LOCK, sessionId]);
+  // A statement of its own: under READ COMMITTED it sees what the lock holder before us committed.
+  const rows = await q.query<{ taken: boolean }>('SELECT EXISTS (SELECT 1 FROM snapshots WHERE session_id = $1 AND version >= $2) AS taken', [sessionId, slotStart]);
+  return !rows[0].taken;
+}
+
 export async function findSnapshotAtOrBelow(q: Queryable, sessionId: number, version: number): Promise<SnapshotRecord | null> {
   const rows = await q.query(
     `SELECT ${SNAPSHOT_COLUMNS} FROM snapshots WHERE session_id = $1 AND version <= $2 ORDER BY version DESC LIMIT 1`,
