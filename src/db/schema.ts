@@ -82,6 +82,8 @@ export const stepLog = pgTable('step_log', {
   present: jsonb('present').$type<number[]>().notNull(),
   grads: bytea('grads').notNull(),
   baseVersion: bigint('base_version', { mode: 'number' }),
+  /** NULL: `grads` holds float32 values; 'float16' or 'bfloat16': the 16-bit bits as received (widened on replay). */
+  gradDtype: text('grad_dtype').$type<'float16' | 'bfloat16'>(),
   createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
 }, (t) => [primaryKey({ columns: [t.sessionId, t.version] })]);
 

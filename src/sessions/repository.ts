@@ -2,6 +2,7 @@
 // parameters in binary; PGlite gets base64 parameters (see Database.byteaParam).
 import type { Database, Queryable } from '../db/database.ts';
 import type { GroupSpec, ParamSpec, ScalarStateRow } from '../db/schema.ts';
+import type { GradDtype } from './gradients.ts';
 
 export const CHUNK_BYTES = 8 * 1024 * 1024;
 
@@ -39,7 +40,12 @@ export interface StepLogEntry {
   version: number;
   present: number[];
   grads: Buffer;
+  /** How `grads` holds the values: float32 (null in the log), or the float16/bfloat16 bits received. */
+  gradDtype: GradDtype;
 }
+
+/** The step_log.grad_dtype value: NULL for float32 (every row before the column existed). */
+const gradDtypeColumn = (dtype: GradDtype) => (dtype === 'float32' ? null : dtype);
 
 /** The session columns as SessionRecord reads them, qualified by `t` ("sessions.") where a join needs it. */
 const sessionColumns = (t = '') => `${t}id::float8 AS id, ${t}name, ${t}params, ${t}groups, ${t}numel::float8 AS numel, ${t}version::float8 AS version,
@@ -147,8 +153,8 @@ export async function advanceSession(q: Queryable, id: number, version: number, 
 
 export async function insertStep(db: Database, q: Queryable, sessionId: number, entry: StepLogEntry, baseVersion: number | null): Promise<void> {
   await q.query(
-    `INSERT INTO step_log (session_id, version, present, grads, base_version) VALUES ($1, $2, $3, ${db.byteaParam(4)}, $5)`,
-    [sessionId, entry.version, JSON.stringify(entry.present), db.byteaValue(entry.grads), baseVersion],
+    `INSERT INTO step_log (session_id, version, present, grads, base_version, grad_dtype) VALUES ($1, $2, $3, ${db.byteaParam(4)}, $5, $6)`,
+    [sessionId, entry.version, JSON.stringify(entry.present), db.byteaValue(entry.grads), baseVersion, gradDtypeColumn(entry.gradDtype)],
     { name: 'step_log_insert' },
   );
 }
@@ -172,7 +178,7 @@ export async function appendStep(
   db: Database,
   q: Queryable,
   sessionId: number,
-  entry: { present: number[]; grads: Buffer },
+  entry: { present: number[]; grads: Buffer; gradDtype: GradDtype },
   checks: { ifMatch: number | null; baseVersion: number | null },
 ): Promise<AppendedStep | null> {
   if (db.kind === 'pglite') return appendStepPglite(db, sessionId, entry, checks);
@@ -180,8 +186,8 @@ export async function appendStep(
     `WITH locked AS (
        SELECT id, version, max_staleness FROM sessions WHERE id = $1 FOR UPDATE
      ), logged AS (
-       INSERT INTO step_log (session_id, version, present, grads, base_version)
-       SELECT id, version + 1, $2, ${db.byteaParam(3)}, $4::bigint FROM locked
+       INSERT INTO step_log (session_id, version, present, grads, base_version, grad_dtype)
+       SELECT id, version + 1, $2, ${db.byteaParam(3)}, $4::bigint, $6::text FROM locked
        WHERE ($5::bigint IS NULL OR version = $5::bigint)
          AND ($4::bigint IS NULL OR $4::bigint <= version)
          AND (max_staleness IS NULL OR $4::bigint IS NULL OR version - $4::bigint <= max_staleness)
@@ -193,7 +199,7 @@ export async function appendStep(
      )
      SELECT locked.version::float8 AS previous_version, locked.max_staleness AS previous_max_staleness, advanced.*
      FROM locked LEFT JOIN advanced ON true`,
-    [sessionId, JSON.stringify(entry.present), db.byteaValue(entry.grads), checks.baseVersion, checks.ifMatch],
+    [sessionId, JSON.stringify(entry.present), db.byteaValue(entry.grads), checks.baseVersion, checks.ifMatch, gradDtypeColumn(entry.gradDtype)],
     { name: 'step_append' },
   );
   if (rows.length === 0) return null;
@@ -213,7 +219,7 @@ export async function appendStep(
 async function appendStepPglite(
   db: Database,
   sessionId: number,
-  entry: { present: number[]; grads: Buffer },
+  entry: { present: number[]; grads: Buffer; gradDtype: GradDtype },
   checks: { ifMatch: number | null; baseVersion: number | null },
 ): Promise<AppendedStep | null> {
   return db.transaction(async (tx) => {
@@ -227,8 +233,12 @@ async function appendStepPglite(
     const allowed = (ifMatch === null || version === ifMatch) && (baseVersion === null || baseVersion <= version)
       && (maxStaleness === null || baseVersion === null || version - baseVersion <= maxStaleness);
     if (!allowed) return { previousVersion: version, maxStaleness, session: null };
-    await tx.query("COPY step_log (session_id, version, present, grads, base_version) FROM '/dev/blob' WITH (FORMAT binary)", [], {
-      blob: copyRow([int8(sessionId), int8(version + 1), jsonb(JSON.stringify(entry.present)), entry.grads, baseVersion === null ? null : int8(baseVersion)]),
+    const gradDtype = gradDtypeColumn(entry.gradDtype);
+    await tx.query("COPY step_log (session_id, version, present, grads, base_version, grad_dtype) FROM '/dev/blob' WITH (FORMAT binary)", [], {
+      blob: copyRow([
+        int8(sessionId), int8(version + 1), jsonb(JSON.stringify(entry.present)), entry.grads,
+        baseVersion === null ? null : int8(baseVersion), gradDtype === null ? null : Buffer.from(gradDtype, 'utf8'),
+      ]),
     });
     const rows = await tx.query(
       `UPDATE sessions SET version = $2, step = step + 1, updated_at = now() WHERE id = $1 RETURNING ${SESSION_COLUMNS}`,
@@ -264,11 +274,12 @@ function copyRow(fields: (Buffer | null)[]): Blob {
 
 /** The log entries in (fromVersion, toVersion], in order, at most `limit` of them. */
 export async function readSteps(q: Queryable, sessionId: number, fromVersion: number, toVersion: number, limit: number): Promise<StepLogEntry[]> {
-  return q.query<StepLogEntry>(
-    'SELECT version::float8 AS version, present, grads FROM step_log WHERE session_id = $1 AND version > $2 AND version <= $3 ORDER BY version LIMIT $4',
+  const rows = await q.query<Omit<StepLogEntry, 'gradDtype'> & { grad_dtype: GradDtype | null }>(
+    'SELECT version::float8 AS version, present, grads, grad_dtype FROM step_log WHERE session_id = $1 AND version > $2 AND version <= $3 ORDER BY version LIMIT $4',
     [sessionId, fromVersion, toVersion, limit],
-    { name: 'step_log_read', binary: { version: 'float8', present: 'jsonb', grads: 'bytea' } },
+    { name: 'step_log_read', binary: { version: 'float8', present: 'jsonb', grads: 'bytea', grad_dtype: 'text' } },
   );
+  return rows.map(({ grad_dtype, ...row }) => ({ ...row, gradDtype: grad_dtype ?? 'float32' }));
 }
 
 export async function insertSnapshot(

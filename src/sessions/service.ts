@@ -201,7 +201,7 @@ export function createSessionService(options: SessionServiceOptions) {
       if (entries.length === 0) return false;
       for (const entry of entries) {
         if (entry.version !== state.version + 1) return false;
-        unpackGradients(state, entry.present, entry.grads);
+        unpackGradients(state, entry.present, entry.grads, entry.gradDtype ?? 'float32');
         state.applyStep(entry.present, kernel, kernelOptions);
       }
     }
@@ -402,9 +402,10 @@ export function createSessionService(options: SessionServiceOptions) {
     if (!entry) entry = await consistentRead(async (q) => currentState(q, await mustFind(q, name)));
     const { state } = entry;
     const id = stateId(state);
-    const present = decodeGradients(input, state); // validates everything before anything is written
-    const grads = packGradients(state, present);
-    const appended = await repo.appendStep(db, db, id, { present, grads }, { ifMatch: opts.ifMatch ?? null, baseVersion: opts.baseVersion ?? null });
+    const decoded = decodeGradients(input, state); // validates everything before anything is written
+    const { present } = decoded;
+    const grads = packGradients(state, decoded);
+    const appended = await repo.appendStep(db, db, id, { present, grads, gradDtype: decoded.dtype }, { ifMatch: opts.ifMatch ?? null, baseVersion: opts.baseVersion ?? null });
     if (!appended) {
       // Deleted (and perhaps created again under the same name) by another process since this copy was made.
       forget(id);
@@ -454,9 +455,10 @@ export function createSessionService(options: SessionServiceOptions) {
         const baseVersion = opts.baseVersion ?? null;
         const entry = await currentState(tx, session);
         const { state } = entry;
-        const present = decodeGradients(input, state); // validates everything before anything moves
+        const decoded = decodeGradients(input, state); // validates everything before anything moves
+        const { present } = decoded;
         const version = session.version + 1;
-        await repo.insertStep(db, tx, session.id, { version, present, grads: packGradients(state, present) }, baseVersion);
+        await repo.insertStep(db, tx, session.id, { version, present, grads: packGradients(state, decoded), gradDtype: decoded.dtype }, baseVersion);
         touched = session.id;
         state.applyStep(present, kernel, kernelOptions);
         await repo.advanceSession(tx, session.id, state.version, state.step);
