@@ -111,7 +111,7 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
     try {
       const chunks: Buffer[] = [];
       for await (const chunk of client.query(copyTo(copyToSql(text, params, 'STDOUT')))) chunks.push(chunk as Buffer);
-      return parseBinaryCopy<R>(chunks.length === 1 ? chunks[0] : Buffer.concat(chunks), columns);
+      return parseBinaryCopy<R>(chunks, columns);
     } catch (err) {
       own?.release(true);
       throw err;

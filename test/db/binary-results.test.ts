@@ -54,3 +54,27 @@ test('a binary read on PGlite takes numeric parameters only (COPY has no bind pa
   assert.throws(() => copyToSql('SELECT $1', ["1; DROP TABLE t"], 'STDOUT'), /parameter \$1 must be a finite number/);
   assert.throws(() => copyToSql('SELECT $1', [NaN], 'STDOUT'), /finite number/);
 });
+
+test('a COPY stream split anywhere parses the same (fields spanning chunks are joined, others are views)', async () => {
+  const { parseBinaryCopy } = await import('../../src/db/binary-results.ts');
+  const int32 = (n: number) => { const b = Buffer.alloc(4); b.writeInt32BE(n); return b; };
+  const int16 = (n: number) => { const b = Buffer.alloc(2); b.writeInt16BE(n); return b; };
+  const blob = Buffer.from(Array.from({ length: 1000 }, (_, i) => (i * 31) & 255));
+  const version = Buffer.alloc(8);
+  version.writeDoubleBE(42);
+  const stream = Buffer.concat([
+    Buffer.from('PGCOPY\n\xff\r\n\0', 'latin1'), int32(0), int32(0),
+    int16(3), int32(8), version, int32(4), Buffer.from([1, 0x5b, 0x32, 0x5d]), int32(blob.length), blob,
+    int16(3), int32(8), version, int32(-1), int32(0),
+    int16(-1),
+  ]);
+  const columns = { v: 'float8', present: 'jsonb', data: 'bytea' } as const;
+  const expected = [{ v: 42, present: [2], data: blob.toString('hex') }, { v: 42, present: null, data: '' }];
+  for (const size of [1, 3, 7, 64, 999, stream.length]) {
+    const chunks: Buffer[] = [];
+    for (let at = 0; at < stream.length; at += size) chunks.push(stream.subarray(at, at + size));
+    const rows = parseBinaryCopy<{ v: number; present: unknown; data: Buffer }>(chunks, columns);
+    assert.deepEqual(rows.map((r) => ({ ...r, data: r.data.toString('hex') })), expected, `chunks of ${size}`);
+  }
+  assert.throws(() => parseBinaryCopy([stream.subarray(0, 40)], columns), /ended early/);
+});
