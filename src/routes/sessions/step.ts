@@ -61,7 +61,7 @@ export default async function stepRoutes(fastify: FastifyInstance, opts: { confi
       requestHash: hash?.digest('hex'),
       baseVersion,
     });
-    request.log.info({ session: name, step: answer.step, version: answer.version }, 'stepped');
+    request.log.info({ step: answer.step, version: answer.version }, 'stepped'); // the request's logger names the session
     setVersion(reply, answer.version);
     return answer;
   });
