@@ -26,7 +26,17 @@ export interface SelectedKernel {
  * The hardware-FMA kernel if this machine runs it exactly as PyTorch computes; otherwise why not.
  * `candidate` builds the kernel (tests pass deliberately unfused ones to see the self-test refuse them).
  */
-export function provenFmaKernel(candidate: () => AsgdKernel = wasmFmaKernel): { kernel: AsgdKernel; checked: number } | { kernel: null; why: string } {
+type Proof = { kernel: AsgdKernel; checked: number } | { kernel: null; why: string };
+/** The proof for this machine's own wasm-fma kernel, once per process (apps built in tests share it). */
+let ownProof: Proof | null = null;
+
+export function provenFmaKernel(candidate?: () => AsgdKernel): Proof {
+  if (candidate) return prove(candidate);
+  ownProof ??= prove(wasmFmaKernel);
+  return ownProof;
+}
+
+function prove(candidate: () => AsgdKernel): Proof {
   let kernel: AsgdKernel;
   try {
     kernel = candidate();
