@@ -11,10 +11,12 @@ import { FormatError } from './formats/errors.ts';
 import type { Database } from './db/database.ts';
 import dbPlugin from './plugins/db.ts';
 import sessionsPlugin from './plugins/sessions.ts';
+import notifierPlugin from './plugins/notifier.ts';
 import limitsPlugin from './plugins/limits.ts';
 import authPlugin from './plugins/auth.ts';
 import swaggerPlugin from './plugins/swagger.ts';
 import metricsPlugin from './plugins/metrics.ts';
+import storagePlugin from './plugins/storage.ts';
 import { RequestLogController, requestId } from './request-log.ts';
 import healthRoutes from './routes/health/index.ts';
 import rootRoutes from './routes/root/index.ts';
@@ -162,10 +164,12 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
   // hook must see every route, and swagger's collector every route after it.
   await fastify.register(dbPlugin, { config, migrate: opts.migrate ?? false, database: opts.database });
   await fastify.register(sessionsPlugin, { config });
+  await fastify.register(notifierPlugin);
   await fastify.register(limitsPlugin, { config });
   await fastify.register(authPlugin, { config });
   await fastify.register(swaggerPlugin);
   await fastify.register(metricsPlugin, { config });
+  await fastify.register(storagePlugin, { config });
   await fastify.register(healthRoutes);
   await fastify.register(rootRoutes);
   await fastify.register(tokenRoutes, { prefix: '/v1/tokens' });
