@@ -57,6 +57,8 @@ export interface StepOptions {
    * current, which it is right after this process's step).
    */
   encodeAt?: (view: StateView, answer: StepAnswer) => void;
+  /** Checks of the caller's that need the session's layout (e.g. the answer's size), run before anything is written. */
+  beforeWrite?: (layout: Layout) => void;
 }
 
 export interface StepAnswer {
@@ -431,6 +433,7 @@ export function createSessionService(options: SessionServiceOptions) {
     const decoded = decodeGradients(input, state); // validates everything before anything is written
     const { present } = decoded;
     const hyper = parseStepHyper(opts.paramGroups, state.groups);
+    opts.beforeWrite?.(state.layout);
     const grads = packGradients(state, decoded);
     const appended = await repo.appendStep(db, db, id, { present, grads, gradDtype: decoded.dtype, hyper, metrics: opts.metrics ?? null }, { ifMatch: opts.ifMatch ?? null, baseVersion: opts.baseVersion ?? null });
     if (!appended) {
@@ -487,6 +490,7 @@ export function createSessionService(options: SessionServiceOptions) {
         const decoded = decodeGradients(input, state); // validates everything before anything moves
         const { present } = decoded;
         const hyper = parseStepHyper(opts.paramGroups, state.groups);
+        opts.beforeWrite?.(state.layout);
         const version = session.version + 1;
         await repo.insertStep(db, tx, session.id, { version, present, grads: packGradients(state, decoded), gradDtype: decoded.dtype, hyper }, baseVersion);
         touched = session.id;
