@@ -74,7 +74,7 @@ export async function runCatchupBench(options: CatchupOptions = {}): Promise<Ben
       figure: ms(figure),
       baseline: `${ms(base)} for the same first read from a snapshot alone`,
       ratio: figure / base,
-      target: null,
+      target: { op: '<=', value: 3 },
       notes: [
         `median of ${rounds} rounds; replay reads ${STEPS_AFTER_SNAPSHOT} x 4 MB of logged gradients and runs ${STEPS_AFTER_SNAPSHOT} kernel steps: ` +
           `${ms((figure - base) / STEPS_AFTER_SNAPSHOT)} per replayed step`,

@@ -1,25 +1,32 @@
 // Throughput of the ASGD kernels (elements per second of one step), as ratios against PyTorch's
-// ASGD.step() measured in the same run (one thread) and against a plain memory copy of the same size.
-//   node bench/kernel.ts [--sizes 1e5,1e6,1e7] [--python /usr/bin/python3]
-// Rounds of interleaved samples (wasm, js, PyTorch, memcpy); each sample times enough steps to last
-// ~25 ms; the figures are medians over the rounds.
+// ASGD.step() measured in the same run (one thread), and as a fraction of the memory-traffic limit:
+// the bytes the step must touch (read param and grad, write param and ax; with averaging also read ax:
+// 16 or 20 bytes an element) moved at the bandwidth of a memcpy of the same bytes (copying half of
+// them: a copy reads and writes each byte once), timed in the same rounds. 1.00 = as fast as memory.
+//   node bench/kernel.ts [--sizes 1e4,1e5,1e6,1e7] [--python /usr/bin/python3] [--samples 9]
+// Rounds of interleaved samples (the selected kernel, the exact emulation, js, PyTorch, memcpy); each
+// sample times enough steps to last ~25 ms; the figures are medians over the rounds.
 
 import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { initialState, jsKernel } from '../src/optim/asgd.ts';
+import { selectKernel } from '../src/optim/index.ts';
 import { wasmKernel } from '../src/optim/wasm/index.ts';
 import { ASGD_DEFAULTS, type AsgdHyperparameters, type AsgdKernel } from '../src/optim/types.ts';
 
 export interface BenchConfig {
   name: string;
   hyper: AsgdHyperparameters;
+  /** Bytes of memory one element's step must read and write. */
+  bytesPerElement: number;
 }
 
 export const BENCH_CONFIGS: BenchConfig[] = [
-  { name: 'defaults', hyper: { ...ASGD_DEFAULTS } },
-  // t0=1: mu != 1 from the third step on (averaging); weight decay on
-  { name: 'wd+averaging', hyper: { ...ASGD_DEFAULTS, weightDecay: 1e-4, t0: 1 } },
+  // read param, grad; write param, ax (= param)
+  { name: 'defaults', hyper: { ...ASGD_DEFAULTS }, bytesPerElement: 16 },
+  // t0=1: mu != 1 from the third step on (averaging); weight decay on. Also reads ax.
+  { name: 'wd+averaging', hyper: { ...ASGD_DEFAULTS, weightDecay: 1e-4, t0: 1 }, bytesPerElement: 20 },
 ];
 
 /** Steps before timing: enough for mu != 1 under t0=1, as in PyTorch's run. */
@@ -28,11 +35,15 @@ const WARMUP_STEPS = 4;
 export interface KernelBenchRow {
   elements: number;
   config: string;
-  /** elements per second */
+  /** the kernel the service selects on this machine (ASGD_KERNEL=auto) */
+  kernel: string;
+  /** elements per second: the selected kernel, the exact-emulation wasm kernel, js, PyTorch */
+  selected: number;
   wasm: number;
   js: number;
   torch: number | null;
-  memcpy: number;
+  /** elements per second at the memory-traffic limit (a memcpy of the bytes the step touches) */
+  limit: number;
 }
 
 export interface KernelBenchOptions {
@@ -89,7 +100,9 @@ function kernelSubject(kernel: AsgdKernel, n: number, config: BenchConfig): Subj
   return calibrate(step);
 }
 
-function memcpySubject(n: number): Subject {
+/** A copy of half of `bytes` (so that `bytes` are read or written): the bandwidth the step could have. */
+function memcpySubject(bytes: number): Subject {
+  const n = Math.ceil(bytes / 8);
   const source = new Float32Array(n);
   const target = new Float32Array(n);
   fillRandom(source, 3, 1);
@@ -166,6 +179,7 @@ async function startTorch(python: string): Promise<TorchProcess | { error: strin
 
 const fmt = (rate: number) => `${(rate / 1e6).toFixed(0)}M`.padStart(7);
 const ratio = (a: number, b: number | null) => (b ? `${(a / b).toFixed(2)}x` : 'n/a').padStart(7);
+const fraction = (a: number | null, limit: number) => (a ? (a / limit).toFixed(2) : 'n/a').padStart(5);
 
 /**
  * Runs the benchmark and prints a table: millions of elements per second per step, and ratios.
@@ -173,40 +187,47 @@ const ratio = (a: number, b: number | null) => (b ? `${(a / b).toFixed(2)}x` : '
  * median over the rounds.
  */
 export async function runKernelBench(options: KernelBenchOptions = {}): Promise<KernelBenchRow[]> {
-  const sizes = options.sizes ?? [1e5, 1e6, 1e7];
+  const sizes = options.sizes ?? [1e4, 1e5, 1e6, 1e7];
   const rounds = options.samples ?? 9;
   const log = options.log ?? ((line: string) => console.log(line));
   const python = options.python ?? process.env.TORCH_PYTHON ?? '/usr/bin/python3';
+  const { kernel, reason } = selectKernel('auto');
 
   const torch = await startTorch(python);
+  log(`selected kernel: ${kernel.name} (${reason})`);
   log('error' in torch ? `PyTorch not measured (${python}): ${torch.error}` : `PyTorch ${torch.version} via ${python}, 1 thread; ${rounds} interleaved rounds, medians`);
-  log('elements  config          wasm/s     js/s  torch/s memcpy/s | wasm/torch js/torch wasm/memcpy');
+  log('limit: elements/s if the step moved its bytes at memcpy bandwidth; fractions of it in the last columns');
+  log(`elements  config        ${kernel.name.padStart(8)}     wasm     js/s  torch/s  limit/s | sel/torch | fraction of limit: ${kernel.name} wasm torch`);
   const rows: KernelBenchRow[] = [];
   try {
     for (const n of sizes) {
-      const memcpy = memcpySubject(n);
       for (const config of BENCH_CONFIGS) {
-        const wasm = kernelSubject(wasmKernel, n, config);
+        const memcpy = memcpySubject(n * config.bytesPerElement);
+        const selected = kernelSubject(kernel, n, config);
+        const wasm = kernel === wasmKernel ? selected : kernelSubject(wasmKernel, n, config);
         const js = kernelSubject(jsKernel, n, config);
-        const times = { wasm: [] as number[], js: [] as number[], torch: [] as number[], memcpy: [] as number[] };
+        const times = { selected: [] as number[], wasm: [] as number[], js: [] as number[], torch: [] as number[], memcpy: [] as number[] };
         for (let r = 0; r < rounds; r++) {
           if (!('error' in torch)) times.torch.push(await torch.secondsPerStep(n, config));
-          times.wasm.push(sample(wasm));
-          if (r < (n >= 1e7 ? 3 : rounds)) times.js.push(sample(js));
+          times.selected.push(sample(selected));
           times.memcpy.push(sample(memcpy));
+          if (wasm !== selected) times.wasm.push(sample(wasm));
+          if (r < (n >= 1e7 ? 3 : rounds)) times.js.push(sample(js));
         }
         const row: KernelBenchRow = {
           elements: n,
           config: config.name,
-          wasm: n / median(times.wasm),
+          kernel: kernel.name,
+          selected: n / median(times.selected),
+          wasm: n / median(wasm === selected ? times.selected : times.wasm),
           js: n / median(times.js),
           torch: times.torch.length ? n / median(times.torch) : null,
-          memcpy: n / median(times.memcpy),
+          limit: n / median(times.memcpy),
         };
         rows.push(row);
         log(
-          `${n.toExponential(0).padEnd(9)} ${config.name.padEnd(13)} ${fmt(row.wasm)}  ${fmt(row.js)}  ${row.torch ? fmt(row.torch) : '    n/a'}  ${fmt(row.memcpy)} |` +
-            `    ${ratio(row.wasm, row.torch)}  ${ratio(row.js, row.torch)}     ${ratio(row.wasm, row.memcpy)}`,
+          `${n.toExponential(0).padEnd(9)} ${config.name.padEnd(12)} ${fmt(row.selected)}  ${fmt(row.wasm)}  ${fmt(row.js)}  ${row.torch ? fmt(row.torch) : '    n/a'}  ${fmt(row.limit)} |` +
+            `   ${ratio(row.selected, row.torch)} |                    ${fraction(row.selected, row.limit)} ${fraction(row.wasm, row.limit)} ${fraction(row.torch, row.limit)}`,
         );
       }
     }

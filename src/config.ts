@@ -1,6 +1,8 @@
 // The service's configuration: read from the environment once at boot, validated, typed, passed in.
 // The CLI (src/cli.ts) maps its flags onto the same names.
 
+import { KERNEL_CHOICES, type KernelChoice } from './optim/index.ts';
+
 export interface Config {
   host: string;
   port: number;
@@ -34,7 +36,8 @@ export interface Config {
   /** How often this process runs the idle-session sweep (0 = never; one replica at a time does it). */
   sweepIntervalMs: number;
   idempotencyWindowSeconds: number;
-  kernel: 'wasm' | 'js';
+  /** ASGD_KERNEL: 'auto' picks wasm-fma where its start-up self-test passes, else wasm. */
+  kernel: KernelChoice;
   fma: boolean;
   /** Bytes of decoded session state one process keeps in memory before evicting the least used. */
   cacheBytes: number;
@@ -98,8 +101,8 @@ export function isLoopback(host: string): boolean {
 }
 
 export function loadConfig(env: Env = process.env): Config {
-  const kernel = (env.ASGD_KERNEL ?? 'wasm').trim();
-  if (kernel !== 'wasm' && kernel !== 'js') throw new ConfigError(`ASGD_KERNEL must be wasm or js, got ${JSON.stringify(kernel)}`);
+  const kernel = (env.ASGD_KERNEL?.trim() || 'auto') as KernelChoice;
+  if (!KERNEL_CHOICES.includes(kernel)) throw new ConfigError(`ASGD_KERNEL must be one of ${KERNEL_CHOICES.join(', ')}, got ${JSON.stringify(kernel)}`);
   const logLevel = env.LOG_LEVEL?.trim() || 'info';
   if (!LOG_LEVELS.includes(logLevel)) throw new ConfigError(`LOG_LEVEL must be one of ${LOG_LEVELS.join(', ')}, got ${JSON.stringify(logLevel)}`);
   const logRequests = (env.ASGD_LOG_REQUESTS?.trim() || 'auto') as Config['logRequests'];

@@ -4,6 +4,7 @@ import { buildApp, loggerOptions } from './app.ts';
 import { startupBanner } from './banner.ts';
 import { ConfigError, isLoopback, loadConfig, type Config } from './config.ts';
 import { DataDirLockedError } from './db/data-dir-lock.ts';
+import { KernelUnavailableError } from './optim/index.ts';
 import { DASHBOARD_PATH } from './routes/root/index.ts';
 
 const PARENT_CHECK_MS = 1_000;
@@ -79,7 +80,7 @@ if (isMain) {
   try {
     await startServer(loadConfig());
   } catch (err) {
-    if (err instanceof ConfigError) {
+    if (err instanceof ConfigError || err instanceof KernelUnavailableError) {
       console.error(`asgd-serve: ${err.message}`);
       process.exit(2);
     }

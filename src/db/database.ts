@@ -9,6 +9,8 @@ import { drizzle as drizzlePg } from 'drizzle-orm/node-postgres';
 import { migrate as migratePg } from 'drizzle-orm/node-postgres/migrator';
 import type { PgDatabase, PgQueryResultHKT } from 'drizzle-orm/pg-core';
 import { schema } from './schema.ts';
+import { to as copyTo } from 'pg-copy-streams';
+import { copyToSql, parseBinaryCopy, type BinaryColumns } from './binary-results.ts';
 import { listenPostgres, type ListenHandlers, type Listener } from './listener.ts';
 import { lockDataDir, type DataDirLock } from './data-dir-lock.ts';
 
@@ -19,6 +21,11 @@ export interface QueryOptions {
   name?: string;
   /** PGlite only: the file a `COPY … FROM '/dev/blob'` reads (binary COPY skips base64 for large bytea). */
   blob?: Blob;
+  /**
+   * Read the rows in binary (bytea as bytes, not hex text): the selected columns and their types, in
+   * select order (see binary-results.ts). Only numeric parameters are allowed (PGlite inlines them).
+   */
+  binary?: BinaryColumns;
 }
 
 export interface Queryable {
@@ -101,9 +108,26 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
   };
   const orm = drizzlePg(pool, { schema });
 
+  /** A binary COPY of the query's rows to STDOUT (binary-results.ts), on a client of its own when given the pool. */
+  const binaryRead = async <R>(on: pg.Pool | pg.PoolClient, text: string, params: unknown[], columns: BinaryColumns): Promise<R[]> => {
+    const own = on instanceof pg.Pool ? await checkout() : null;
+    const client = own ? own.client : (on as pg.PoolClient);
+    try {
+      const chunks: Buffer[] = [];
+      for await (const chunk of client.query(copyTo(copyToSql(text, params, 'STDOUT')))) chunks.push(chunk as Buffer);
+      return parseBinaryCopy<R>(chunks, columns);
+    } catch (err) {
+      own?.release(true);
+      throw err;
+    } finally {
+      own?.release();
+    }
+  };
+
   const run = async <R>(client: pg.Pool | pg.PoolClient, text: string, params: unknown[] = [], opts: QueryOptions = {}) => {
-    // Buffers travel as binary parameters; bytea results arrive hex-encoded (pg reads every result
-    // column as text) and pg-types decodes them to Buffers.
+    // Buffers travel as binary parameters; bytea results arrive hex-encoded unless the rows are read in
+    // binary (opts.binary), which large bytea reads (snapshots, the step log) do.
+    if (opts.binary) return binaryRead<R>(client, text, params, opts.binary);
     const result = await client.query({ text, values: params, name: opts.name });
     return result.rows as R[];
   };
@@ -188,13 +212,22 @@ async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Da
     }
     return rows as R[];
   };
+  type Runner = Pick<typeof client, 'query'>;
+  const run = async <R>(on: Runner, text: string, params: unknown[] = [], opts: QueryOptions = {}): Promise<R[]> => {
+    if (opts.binary) {
+      // No binary result format in PGlite: a binary COPY into its blob device (binary-results.ts).
+      const result = await on.query(copyToSql(text, params, "'/dev/blob'"));
+      if (!result.blob) return [];
+      return parseBinaryCopy<R>(Buffer.from(await result.blob.arrayBuffer()), opts.binary);
+    }
+    return fix<R>((await on.query(text, params, opts.blob && { blob: opts.blob })).rows);
+  };
   // PGlite runs one statement at a time; transactions are serialised by its own mutex.
   return {
     kind: 'pglite',
     orm: orm as unknown as Database['orm'],
-    query: async (text, params, opts) => fix((await client.query(text, params ?? [], opts?.blob && { blob: opts.blob })).rows),
-    transaction: (fn) =>
-      client.transaction(async (tx) => fn({ query: async (text, params, opts) => fix((await tx.query(text, params ?? [], opts?.blob && { blob: opts.blob })).rows) })),
+    query: (text, params, opts) => run(client, text, params, opts),
+    transaction: (fn) => client.transaction(async (tx) => fn({ query: (text, params, opts) => run(tx, text, params, opts) })),
     byteaParam: (n) => `decode($${n}, 'base64')`,
     byteaValue: (buf) => buf.toString('base64'),
     migrate: () => migratePglite(orm, { migrationsFolder: MIGRATIONS_DIR }),

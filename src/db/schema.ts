@@ -92,6 +92,8 @@ export const stepLog = pgTable('step_log', {
   present: jsonb('present').$type<number[]>().notNull(),
   grads: bytea('grads').notNull(),
   baseVersion: bigint('base_version', { mode: 'number' }),
+  /** NULL: `grads` holds float32 values; 'float16' or 'bfloat16': the 16-bit bits as received (widened on replay). */
+  gradDtype: text('grad_dtype').$type<'float16' | 'bfloat16'>(),
   /**
    * The hyperparameters the step set before it ran (one object per group, null for a group it left alone;
    * see src/sessions/step-input.ts), or null: replay applies them, so every version stays bit-exact.

@@ -16,9 +16,12 @@ export default fp(
   async function sessionsPlugin(fastify: FastifyInstance, opts: { config: Config }) {
     const hooks: SessionHooks = {};
     fastify.decorate('sessionHooks', hooks);
+    // Throws KernelUnavailableError (the app does not start) when ASGD_KERNEL=wasm-fma is not exact here.
+    const { kernel, reason } = selectKernel(opts.config.kernel);
+    fastify.log.info({ kernel: kernel.name, fma: opts.config.fma }, `ASGD kernel: ${kernel.name}, ${reason}`);
     const service = createSessionService({
       db: fastify.db,
-      kernel: selectKernel(opts.config.kernel),
+      kernel,
       kernelOptions: { fma: opts.config.fma },
       log: fastify.log,
       cacheBytes: opts.config.cacheBytes,

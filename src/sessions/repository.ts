@@ -2,6 +2,7 @@
 // parameters in binary; PGlite gets base64 parameters (see Database.byteaParam).
 import type { Database, Queryable } from '../db/database.ts';
 import type { GroupSpec, HyperDelta, ParamSpec, ScalarStateRow } from '../db/schema.ts';
+import type { GradDtype } from './gradients.ts';
 import { pruneLogToBytes } from './retention.ts';
 
 export const CHUNK_BYTES = 8 * 1024 * 1024;
@@ -44,9 +45,14 @@ export interface StepLogEntry {
   version: number;
   present: number[];
   grads: Buffer;
+  /** How `grads` holds the values: float32 (null in the log), or the float16/bfloat16 bits received. */
+  gradDtype: GradDtype;
   /** The hyperparameters the step set before it ran (applied on replay), or null. */
   hyper: HyperDelta | null;
 }
+
+/** The step_log.grad_dtype value: NULL for float32 (every row before the column existed). */
+const gradDtypeColumn = (dtype: GradDtype) => (dtype === 'float32' ? null : dtype);
 
 /** What a step writes besides its gradient: hyperparameters it sets, metrics for step_history. */
 export interface StepExtras {
@@ -196,8 +202,8 @@ export async function advanceSession(q: Queryable, id: number, version: number, 
 
 export async function insertStep(db: Database, q: Queryable, sessionId: number, entry: StepLogEntry, baseVersion: number | null): Promise<void> {
   await q.query(
-    `INSERT INTO step_log (session_id, version, present, grads, base_version, hyper) VALUES ($1, $2, $3, ${db.byteaParam(4)}, $5, $6::jsonb)`,
-    [sessionId, entry.version, JSON.stringify(entry.present), db.byteaValue(entry.grads), baseVersion, entry.hyper === null ? null : JSON.stringify(entry.hyper)],
+    `INSERT INTO step_log (session_id, version, present, grads, base_version, hyper, grad_dtype) VALUES ($1, $2, $3, ${db.byteaParam(4)}, $5, $6::jsonb, $7)`,
+    [sessionId, entry.version, JSON.stringify(entry.present), db.byteaValue(entry.grads), baseVersion, entry.hyper === null ? null : JSON.stringify(entry.hyper), gradDtypeColumn(entry.gradDtype)],
     { name: 'step_log_insert' },
   );
 }
@@ -275,7 +281,7 @@ export async function appendStep(
   db: Database,
   q: Queryable,
   sessionId: number,
-  entry: { present: number[]; grads: Buffer } & StepExtras,
+  entry: { present: number[]; grads: Buffer; gradDtype: GradDtype } & StepExtras,
   checks: { ifMatch: number | null; baseVersion: number | null },
 ): Promise<AppendedStep | null> {
   if (db.kind === 'pglite') return appendStepPglite(db, sessionId, entry, checks);
@@ -286,8 +292,8 @@ export async function appendStep(
     `WITH locked AS (
        SELECT id, name, version, step, max_staleness FROM sessions WHERE id = $1 FOR UPDATE
      ), logged AS (
-       INSERT INTO step_log (session_id, version, present, grads, base_version, hyper)
-       SELECT id, version + 1, $2, ${db.byteaParam(3)}, $4::bigint, $6::jsonb FROM locked
+       INSERT INTO step_log (session_id, version, present, grads, base_version, hyper, grad_dtype)
+       SELECT id, version + 1, $2, ${db.byteaParam(3)}, $4::bigint, $6::jsonb, $8::text FROM locked
        WHERE ($5::bigint IS NULL OR version = $5::bigint)
          AND ($4::bigint IS NULL OR $4::bigint <= version)
          AND (max_staleness IS NULL OR $4::bigint IS NULL OR version - $4::bigint <= max_staleness)
@@ -309,7 +315,7 @@ export async function appendStep(
        (SELECT count(*) FROM notified) AS notified
      FROM locked LEFT JOIN advanced ON true`,
     [sessionId, JSON.stringify(entry.present), db.byteaValue(entry.grads), checks.baseVersion, checks.ifMatch,
-      entry.hyper === null ? null : JSON.stringify(entry.hyper), entry.metrics === null ? null : JSON.stringify(entry.metrics)],
+      entry.hyper === null ? null : JSON.stringify(entry.hyper), entry.metrics === null ? null : JSON.stringify(entry.metrics), gradDtypeColumn(entry.gradDtype)],
     { name: 'step_append' },
   );
   if (rows.length === 0) return null;
@@ -329,7 +335,7 @@ export async function appendStep(
 async function appendStepPglite(
   db: Database,
   sessionId: number,
-  entry: { present: number[]; grads: Buffer } & StepExtras,
+  entry: { present: number[]; grads: Buffer; gradDtype: GradDtype } & StepExtras,
   checks: { ifMatch: number | null; baseVersion: number | null },
 ): Promise<AppendedStep | null> {
   return db.transaction(async (tx) => {
@@ -344,9 +350,12 @@ async function appendStepPglite(
       && (maxStaleness === null || baseVersion === null || version - baseVersion <= maxStaleness);
     if (!allowed) return { previousVersion: version, maxStaleness, session: null };
     const hyper = entry.hyper === null ? null : JSON.stringify(entry.hyper);
-    await tx.query("COPY step_log (session_id, version, present, grads, base_version, hyper) FROM '/dev/blob' WITH (FORMAT binary)", [], {
-      blob: copyRow([int8(sessionId), int8(version + 1), jsonb(JSON.stringify(entry.present)), entry.grads, baseVersion === null ? null : int8(baseVersion),
-        hyper === null ? null : jsonb(hyper)]),
+    const gradDtype = gradDtypeColumn(entry.gradDtype);
+    await tx.query("COPY step_log (session_id, version, present, grads, base_version, hyper, grad_dtype) FROM '/dev/blob' WITH (FORMAT binary)", [], {
+      blob: copyRow([
+        int8(sessionId), int8(version + 1), jsonb(JSON.stringify(entry.present)), entry.grads, baseVersion === null ? null : int8(baseVersion),
+        hyper === null ? null : jsonb(hyper), gradDtype === null ? null : Buffer.from(gradDtype, 'utf8'),
+      ]),
     });
     const rows = await tx.query(
       `UPDATE sessions SET version = $2, step = step + 1, updated_at = now(),
@@ -393,10 +402,12 @@ function copyRow(fields: (Buffer | null)[]): Blob {
 
 /** The log entries in (fromVersion, toVersion], in order, at most `limit` of them. */
 export async function readSteps(q: Queryable, sessionId: number, fromVersion: number, toVersion: number, limit: number): Promise<StepLogEntry[]> {
-  return q.query<StepLogEntry>(
-    'SELECT version::float8 AS version, present, grads, hyper FROM step_log WHERE session_id = $1 AND version > $2 AND version <= $3 ORDER BY version LIMIT $4',
+  const rows = await q.query<Omit<StepLogEntry, 'gradDtype'> & { grad_dtype: GradDtype | null }>(
+    'SELECT version::float8 AS version, present, grads, hyper, grad_dtype FROM step_log WHERE session_id = $1 AND version > $2 AND version <= $3 ORDER BY version LIMIT $4',
     [sessionId, fromVersion, toVersion, limit],
+    { name: 'step_log_read', binary: { version: 'float8', present: 'jsonb', grads: 'bytea', hyper: 'jsonb', grad_dtype: 'text' } },
   );
+  return rows.map(({ grad_dtype, ...row }) => ({ ...row, gradDtype: grad_dtype ?? 'float32' }));
 }
 
 export async function insertSnapshot(
@@ -420,6 +431,21 @@ export async function insertSnapshot(
     });
   }
   return snapshot;
+}
+
+/** pg_advisory_xact_lock(SNAPSHOT_SLOT_LOCK, session): the first key keeps these apart from other advisory locks. */
+const SNAPSHOT_SLOT_LOCK = 0x5a5a;
+
+/**
+ * In a transaction about to write a scheduled snapshot: true when no snapshot of the session has a version
+ * at or after `slotStart` (so this one is the slot's), holding a per-session lock until the commit, so
+ * that two processes cannot both see the slot free. False: another process took it, write nothing.
+ */
+export async function claimSnapshotSlot(q: Queryable, sessionId: number, slotStart: number): Promise<boolean> {
+  await q.query('SELECT pg_advisory_xact_lock($1, ($2::bigint % 2147483647)::int)', [SNAPSHOT_SLOT_LOCK, sessionId]);
+  // A statement of its own: under READ COMMITTED it sees what the lock holder before us committed.
+  const rows = await q.query<{ taken: boolean }>('SELECT EXISTS (SELECT 1 FROM snapshots WHERE session_id = $1 AND version >= $2) AS taken', [sessionId, slotStart]);
+  return !rows[0].taken;
 }
 
 export async function findSnapshotAtOrBelow(q: Queryable, sessionId: number, version: number): Promise<SnapshotRecord | null> {
@@ -463,6 +489,7 @@ export async function readSnapshotChunks(q: Queryable, snapshotId: number, onChu
     const rows = await q.query<{ data: Buffer }>(
       'SELECT data FROM snapshot_chunks WHERE snapshot_id = $1 AND seq >= $2 AND seq < $3 ORDER BY seq',
       [snapshotId, seq, seq + BATCH],
+      { name: 'snapshot_chunks_read', binary: { data: 'bytea' } },
     );
     for (const row of rows) onChunk(seq++, row.data);
     if (rows.length < BATCH) return seq;

@@ -116,6 +116,16 @@ export function isRetryableDbError(err: unknown): boolean {
   return /Connection terminated|connection timeout|timeout exceeded when trying to connect|Client has encountered a connection error|not queryable/i.test(message);
 }
 
+/**
+ * Scheduled snapshots go by slot: versions 1..every are slot 0 (the snapshot at creation), every+1..2*every
+ * slot 1, and so on. A slot is the same in every process, so the processes can agree that one snapshot
+ * covers it (the first version of a slot a process is current at), however their caches interleave.
+ */
+export const slotOf = (version: number, every: number) => Math.floor((version - 1) / every);
+export const slotStart = (version: number, every: number) => slotOf(version, every) * every + 1;
+/** A snapshot is due when the version is in a later slot than the last snapshot this process wrote or loaded. */
+export const snapshotDue = (version: number, lastSnapshotVersion: number, every: number) => slotOf(version, every) > slotOf(lastSnapshotVersion, every);
+
 export function createSessionService(options: SessionServiceOptions) {
   const { db, kernel, kernelOptions, log, hooks } = options;
   const cache = new Map<number, Cached>();
@@ -211,7 +221,7 @@ export function createSessionService(options: SessionServiceOptions) {
       if (entries.length === 0) return false;
       for (const entry of entries) {
         if (entry.version !== state.version + 1) return false;
-        unpackGradients(state, entry.present, entry.grads);
+        unpackGradients(state, entry.present, entry.grads, entry.gradDtype ?? 'float32');
         if (entry.hyper) state.groups = applyHyperDelta(state.groups, entry.hyper);
         state.applyStep(entry.present, kernel, kernelOptions);
       }
@@ -292,7 +302,11 @@ export function createSessionService(options: SessionServiceOptions) {
     return repo.insertSnapshot(db, q, { sessionId, version: meta.version, step: meta.step, reason, pinned, groups: meta.groups, scalars: meta.scalars, checksum }, bytes);
   }
 
-  /** Copies the state now and writes it as a snapshot in the background (one transaction: all or nothing). */
+  /**
+   * Copies the state now and writes it as a snapshot in the background (one transaction: all or nothing),
+   * unless a process already wrote one in this version's slot (repo.claimSnapshotSlot): every process
+   * that is current when a slot begins schedules one, exactly one is written.
+   */
   function snapshotInBackground(session: SessionRecord, entry: Cached, reason: string): void {
     const { state } = entry;
     const meta = { version: state.version, step: state.step, groups: state.groups, scalars: state.scalarRows() };
@@ -300,10 +314,16 @@ export function createSessionService(options: SessionServiceOptions) {
     entry.lastSnapshotVersion = meta.version;
     const job = (async () => {
       try {
-        await db.transaction(async (tx) => {
-          const written = await writeSnapshot(tx, session.id, meta, bytes, reason);
-          if (written) await repo.pruneHistory(tx, session.id, session.keepSnapshots);
+        const written = await db.transaction(async (tx) => {
+          if (!(await repo.claimSnapshotSlot(tx, session.id, slotStart(meta.version, snapshotInterval(session))))) return false;
+          const snapshot = await writeSnapshot(tx, session.id, meta, bytes, reason);
+          if (snapshot) await repo.pruneHistory(tx, session.id, session.keepSnapshots);
+          return snapshot !== null;
         });
+        if (!written) {
+          log.debug({ session: session.name, version: meta.version }, 'snapshot slot already taken by another process');
+          return;
+        }
         hooks?.snapshotted?.(session.name, reason);
         log.info({ session: session.name, version: meta.version, step: meta.step, reason }, 'snapshot written');
       } catch (err) {
@@ -410,11 +430,12 @@ export function createSessionService(options: SessionServiceOptions) {
     if (!entry) entry = await consistentRead(async (q) => currentState(q, await mustFind(q, name)));
     const { state } = entry;
     const id = stateId(state);
-    const present = decodeGradients(input, state); // validates everything before anything is written
+    const decoded = decodeGradients(input, state); // validates everything before anything is written
+    const { present } = decoded;
     const hyper = parseStepHyper(opts.paramGroups, state.groups);
     opts.beforeWrite?.(state.layout);
-    const grads = packGradients(state, present);
-    const appended = await repo.appendStep(db, db, id, { present, grads, hyper, metrics: opts.metrics ?? null }, { ifMatch: opts.ifMatch ?? null, baseVersion: opts.baseVersion ?? null });
+    const grads = packGradients(state, decoded);
+    const appended = await repo.appendStep(db, db, id, { present, grads, gradDtype: decoded.dtype, hyper, metrics: opts.metrics ?? null }, { ifMatch: opts.ifMatch ?? null, baseVersion: opts.baseVersion ?? null });
     if (!appended) {
       // Deleted (and perhaps created again under the same name) by another process since this copy was made.
       forget(id);
@@ -431,7 +452,7 @@ export function createSessionService(options: SessionServiceOptions) {
           // In step with the database: stays current. The step's hyperparameters first, as a scheduler sets them.
           if (hyper) state.groups = applyHyperDelta(state.groups, hyper);
           state.applyStep(present, kernel, kernelOptions);
-        } else if (session.version - entry.lastSnapshotVersion >= snapshotInterval(session)) {
+        } else if (snapshotDue(session.version, entry.lastSnapshotVersion, snapshotInterval(session))) {
           // Behind (other steps committed meanwhile) and a snapshot is due: catch up, this step included.
           if (!(await replay(db, state, session.version))) forget(id);
         }
@@ -445,7 +466,7 @@ export function createSessionService(options: SessionServiceOptions) {
       }
     }
     const answer: StepAnswer = { session: name, step: session.step, version: session.version, staleness };
-    return { answer, snapshot: current && state.version - entry.lastSnapshotVersion >= snapshotInterval(session) ? { session, entry } : null };
+    return { answer, snapshot: current && snapshotDue(state.version, entry.lastSnapshotVersion, snapshotInterval(session)) ? { session, entry } : null };
   }
 
   /** A step with an Idempotency-Key: a transaction under the row lock (lookup, checks, log, answer). */
@@ -466,11 +487,12 @@ export function createSessionService(options: SessionServiceOptions) {
         const baseVersion = opts.baseVersion ?? null;
         const entry = await currentState(tx, session);
         const { state } = entry;
-        const present = decodeGradients(input, state); // validates everything before anything moves
+        const decoded = decodeGradients(input, state); // validates everything before anything moves
+        const { present } = decoded;
         const hyper = parseStepHyper(opts.paramGroups, state.groups);
         opts.beforeWrite?.(state.layout);
         const version = session.version + 1;
-        await repo.insertStep(db, tx, session.id, { version, present, grads: packGradients(state, present), hyper }, baseVersion);
+        await repo.insertStep(db, tx, session.id, { version, present, grads: packGradients(state, decoded), gradDtype: decoded.dtype, hyper }, baseVersion);
         touched = session.id;
         if (hyper) state.groups = applyHyperDelta(state.groups, hyper);
         state.applyStep(present, kernel, kernelOptions);
@@ -482,7 +504,7 @@ export function createSessionService(options: SessionServiceOptions) {
         await repo.notifyVersion(tx, name, state.version, state.step);
         const result: StepAnswer = { session: name, step: state.step, version: state.version, staleness };
         if (opts.idempotencyKey) await repo.saveIdempotentAnswer(tx, session.id, opts.idempotencyKey, opts.requestHash ?? '', { ...result });
-        if (state.version - entry.lastSnapshotVersion >= snapshotInterval(session)) snapshot = { session, entry };
+        if (snapshotDue(state.version, entry.lastSnapshotVersion, snapshotInterval(session))) snapshot = { session, entry };
         return result;
       });
       touched = null;

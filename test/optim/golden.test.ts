@@ -2,7 +2,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { jsKernel } from '../../src/optim/asgd.ts';
-import { wasmKernel } from '../../src/optim/wasm/index.ts';
+import { wasmKernels } from './kernels.ts';
 import { fmaf32 } from '../../src/optim/fma.ts';
 import type { AsgdKernel } from '../../src/optim/types.ts';
 import { COMMITTED_GOLDEN_DIR, checkEtaTable, loadManifest, readBinary, replayScenario } from './golden-harness.ts';
@@ -14,8 +14,10 @@ const manifest = loadManifest(dir);
 
 const kernels: Array<{ label: string; kernel: AsgdKernel; arena: boolean }> = [
   { label: 'js', kernel: jsKernel, arena: false },
-  { label: 'wasm (in place, arena views)', kernel: wasmKernel, arena: true },
-  { label: 'wasm (copied, plain arrays)', kernel: wasmKernel, arena: false },
+  ...wasmKernels.flatMap((kernel) => [
+    { label: `${kernel.name} (in place, arena views)`, kernel, arena: true },
+    { label: `${kernel.name} (copied, plain arrays)`, kernel, arena: false },
+  ]),
 ];
 
 test('the committed fixtures come from a fused (SIMD) PyTorch and cover the required cases', () => {

@@ -14,6 +14,7 @@ import { randomInt } from 'node:crypto';
 import { jsKernel } from '../../src/optim/asgd.ts';
 import { fmaf32, mulAddUnfusedf32 } from '../../src/optim/fma.ts';
 import { wasmKernel } from '../../src/optim/wasm/index.ts';
+import { wasmKernels } from './kernels.ts';
 import { checkEtaTable, checkFmaCases, loadManifest, replayScenario, type GoldenManifest } from './golden-harness.ts';
 
 const PYTHON = '/usr/bin/python3';
@@ -39,7 +40,7 @@ function generate(python: string, env: NodeJS.ProcessEnv = {}): { dir: string; s
 }
 
 function replayAll(dir: string, manifest: GoldenManifest, fma: boolean, seed: number) {
-  for (const [kernel, arena] of [[jsKernel, false], [wasmKernel, true], [wasmKernel, false]] as const) {
+  for (const [kernel, arena] of [[jsKernel, false], ...wasmKernels.flatMap((k) => [[k, true], [k, false]] as const)] as const) {
     for (const scenario of manifest.scenarios) {
       const result = replayScenario(dir, scenario, { kernel, arena, kernelOptions: { fma } });
       assert.equal(result.mismatch, null, `${kernel.name}${arena ? ' (arena)' : ''}, seed ${seed}`);
@@ -67,8 +68,8 @@ test('PyTorch with ATEN_CPU_CAPABILITY=default (unfused): the fma: false mode re
     assert.equal(manifest.fma, false, `capability ${manifest.cpuCapability}`);
     replayAll(dir, manifest, false, seed);
     assert.equal(checkFmaCases(dir, manifest, mulAddUnfusedf32), null, `seed ${seed}`);
-    // and the fused mode does not match an unfused PyTorch
-    assert.ok(manifest.scenarios.some((s) => replayScenario(dir, s, { kernel: wasmKernel }).mismatch));
+    // and the fused mode of every kernel does not match an unfused PyTorch
+    for (const kernel of wasmKernels) assert.ok(manifest.scenarios.some((s) => replayScenario(dir, s, { kernel }).mismatch), kernel.name);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -8,7 +8,7 @@ import {
   fromAsgdStateDict, fromCheckpoint, fromModelStateDict, readSafetensors, readTorchSave, toAsgdStateDict, toCheckpoint, toModelStateDict,
   writeSafetensors, writeTorchSave, type ByteStream, type Float32Tensor, type Tensor,
 } from '../../formats/index.ts';
-import type { GradientInput } from '../../sessions/gradients.ts';
+import type { BinaryGradient, GradientInput } from '../../sessions/gradients.ts';
 import type { LoadedStateDict, StateView } from '../../sessions/service.ts';
 import { asgdFromView, loadedFromAsgd, paramTensor, parseStateDict, readTensorField } from '../../sessions/state-dict.ts';
 
@@ -71,9 +71,22 @@ export function readNamedTensors(request: FastifyRequest, body: Buffer, field: s
   return { tensors: out, metadata: new Map() };
 }
 
-export function binaryGradients(request: FastifyRequest, body: Buffer): GradientInput {
-  const { tensors } = readNamedTensors(request, body, 'grads');
-  return { format: 'tensors', tensors };
+/**
+ * Gradients from a safetensors file or a torch.save'd dict: float32, or float16/bfloat16 kept as their
+ * bits (widened exactly, and logged as received, by sessions/gradients.ts). Other dtypes are refused.
+ */
+export function binaryGradients(request: FastifyRequest, body: Buffer): { input: GradientInput; metadata: Map<string, string> } {
+  const file = contentFormat(request) === 'safetensors'
+    ? readSafetensors(body, { dtypes: 'all' })
+    : { tensors: toModelStateDict(readTorchSave(body), {}, 'grads').tensors, metadata: new Map<string, string>() };
+  const source = file.tensors;
+  const tensors = new Map<string, BinaryGradient>();
+  for (const [name, tensor] of source) {
+    if (tensor.dtype === 'float16' || tensor.dtype === 'bfloat16') tensors.set(name, { shape: tensor.shape, dtype: tensor.dtype, data: tensor.data });
+    else if (tensor.dtype === 'float32') tensors.set(name, tensor);
+    else throw errors.invalidTensor(`grads.${name}`, `dtype ${tensor.dtype} is not supported; gradients are float32, float16 or bfloat16`);
+  }
+  return { input: { format: 'tensors', tensors }, metadata: file.metadata };
 }
 
 /** A state_dict from a torch.save file or safetensors (state.<i>.<key> tensors, param_groups in the metadata). */

@@ -14,7 +14,7 @@ import { paramTensor, paramsJson } from '../../sessions/state-dict.ts';
 import { metadataJson, parseMetrics } from '../../sessions/step-input.ts';
 import { idempotencyKeyOf, ifMatchOf, optionalWhole, setVersion } from '../common.ts';
 import { errorResponses, NameParams, StepAnswer, Tensor } from '../schemas.ts';
-import { BINARY_TYPES, contentFormat, negotiate, readNamedTensors } from './binary.ts';
+import { BINARY_TYPES, binaryGradients, contentFormat, negotiate } from './binary.ts';
 import { MAX_JSON_ELEMENTS } from './state.ts';
 
 const StepGroup = Type.Object({
@@ -73,7 +73,7 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
       description:
         'Applies exactly the step torch.optim.ASGD would apply for these gradients and answers once it is committed. ' +
         'Body: JSON {"grads": {name: tensor or flat list}, "base_version"?, "param_groups"?, "metrics"?} or a safetensors file of gradients ' +
-        '(Content-Type application/x-safetensors; base_version in the query or, like param_groups and metrics, as JSON in __metadata__). ' +
+        '(Content-Type application/x-safetensors; F32, or F16/BF16 widened exactly to float32 and logged as received; base_version in the query or, like param_groups and metrics, as JSON in __metadata__). ' +
         'A parameter without a gradient is skipped, as in PyTorch. ?return=params|averaged answers with the parameters at the new version ' +
         '(as JSON, or as a safetensors file with Accept: application/x-safetensors whose __metadata__ holds session, version, step, staleness).',
       tags: ['training'],
@@ -110,8 +110,9 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
     let paramGroups: unknown;
     let metrics: Record<string, number> | null;
     if (Buffer.isBuffer(body)) {
-      const { tensors, metadata } = readNamedTensors(request, body, 'grads');
-      input = { format: 'tensors', tensors };
+      const read = binaryGradients(request, body); // float32, or F16/BF16 widened exactly and logged as received
+      const { metadata } = read;
+      input = read.input;
       if (contentFormat(request) === 'safetensors') {
         for (const key of metadata.keys()) {
           if (!['param_groups', 'metrics', 'base_version', 'format'].includes(key)) throw errors.invalidBody(`__metadata__.${key}: unknown key (param_groups, metrics, base_version)`);
