@@ -142,6 +142,11 @@ export class RemoteASGD extends Optimizer {
         });
         this.lastStep = answer;
         if (answer.params) this.write(answer.params, answer.version);
+        else {
+          // A service without return=params: read them (a second request).
+          const current = await this.client.params(this.session);
+          this.write(current.params, current.version);
+        }
       } catch (err) {
         this.failure = err;
       }
