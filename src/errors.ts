@@ -37,6 +37,7 @@ export const errors = {
   emptyStep: make(400, 'EMPTY_STEP', () => 'grads: a step needs a gradient for at least one parameter'),
   stateDictMismatch: make(400, 'STATE_DICT_MISMATCH', (message: string) => message),
   invalidStateDict: make(400, 'INVALID_STATE_DICT', (field: string, message: string) => `${field}: ${message}`),
+  invalidMetrics: make(400, 'INVALID_METRICS', (field: string, message: string) => `${field}: ${message}`),
   invalidQuery: make(400, 'INVALID_QUERY', (field: string, message: string) => `${field}: ${message}`),
   invalidHeader: make(400, 'INVALID_HEADER', (field: string, message: string) => `${field}: ${message}`),
   fileFormat: (code: string, message: string) => new ApiError(400, code, message),
@@ -80,5 +81,7 @@ export const errors = {
     new ApiError(429, 'RATE_LIMITED', `more than ${limit} requests a minute; retry in ${retryAfterSeconds} s`, undefined, { 'retry-after': String(retryAfterSeconds) }),
   unavailable: (message: string, retryAfterSeconds = 1) =>
     new ApiError(503, 'SERVICE_UNAVAILABLE', message, undefined, { 'retry-after': String(retryAfterSeconds) }),
+  tooManyWaiters: (what: string, limit: number) =>
+    new ApiError(503, 'TOO_MANY_WAITERS', `${what}: this process already holds ${limit}; retry shortly or on another replica`, undefined, { 'retry-after': '1' }),
   internal: make(500, 'INTERNAL', () => 'internal error'),
 } as const;

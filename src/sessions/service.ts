@@ -17,6 +17,7 @@ import { ApiError, errors } from '../errors.ts';
 import type { AsgdKernel, KernelOptions } from '../optim/types.ts';
 import { decodeGradients, packGradients, unpackGradients, type GradientInput } from './gradients.ts';
 import { KeyedMutex } from './mutex.ts';
+import { applyHyperDelta, groupHyperparameters, parseStepHyper } from './step-input.ts';
 import * as repo from './repository.ts';
 import type { SessionRecord, SnapshotRecord } from './repository.ts';
 import { SessionState, layoutOf, snapshotChecksum, type Layout } from './state.ts';
@@ -41,6 +42,17 @@ export interface StepOptions {
   idempotencyKey?: string | null;
   requestHash?: string;
   baseVersion?: number | null;
+  /** The step body's `param_groups` (validated here against the session's groups). */
+  paramGroups?: unknown;
+  /** The step body's `metrics`, already validated (step-input.ts parseMetrics). */
+  metrics?: Record<string, number> | null;
+  /**
+   * Called once the step is committed with the state at the answered version (an Idempotency-Key retry:
+   * the first answer's version), under the session's lock: the view's tensors are this process's copy
+   * itself, valid only during the call, so encode them there (one copy, no database read when the copy is
+   * current, which it is right after this process's step).
+   */
+  encodeAt?: (view: StateView, answer: StepAnswer) => void;
 }
 
 export interface StepAnswer {
@@ -192,6 +204,7 @@ export function createSessionService(options: SessionServiceOptions) {
       for (const entry of entries) {
         if (entry.version !== state.version + 1) return false;
         unpackGradients(state, entry.present, entry.grads);
+        if (entry.hyper) state.groups = applyHyperDelta(state.groups, entry.hyper);
         state.applyStep(entry.present, kernel, kernelOptions);
       }
     }
@@ -331,6 +344,8 @@ export function createSessionService(options: SessionServiceOptions) {
         const session = await mustFind(tx, name, true);
         checkIfMatch(ifMatch, session);
         await repo.deleteSession(tx, name);
+        // Version 0: the session is gone (waiters and event streams of this name end).
+        await repo.notifyVersion(tx, name, 0, 0);
         forget(session.id);
       });
     });
@@ -352,6 +367,7 @@ export function createSessionService(options: SessionServiceOptions) {
       const { answer, snapshot } = opts.idempotencyKey ? await lockedStep(name, input, opts) : await appendedStep(name, input, opts);
       const done = process.hrtime.bigint();
       hooks?.stepped?.(name, Number(done - started) / 1e9, Number(started - queued) / 1e9);
+      if (opts.encodeAt) await withStateAt(name, answer.version, (view) => opts.encodeAt!(view, answer));
       if (snapshot && !closing && cache.get(snapshot.session.id) === snapshot.entry) snapshotInBackground(snapshot.session, snapshot.entry, 'auto');
       return answer;
     });
@@ -383,8 +399,9 @@ export function createSessionService(options: SessionServiceOptions) {
     const { state } = entry;
     const id = stateId(state);
     const present = decodeGradients(input, state); // validates everything before anything is written
+    const hyper = parseStepHyper(opts.paramGroups, state.groups);
     const grads = packGradients(state, present);
-    const appended = await repo.appendStep(db, db, id, { present, grads }, { ifMatch: opts.ifMatch ?? null, baseVersion: opts.baseVersion ?? null });
+    const appended = await repo.appendStep(db, db, id, { present, grads, hyper, metrics: opts.metrics ?? null }, { ifMatch: opts.ifMatch ?? null, baseVersion: opts.baseVersion ?? null });
     if (!appended) {
       // Deleted (and perhaps created again under the same name) by another process since this copy was made.
       forget(id);
@@ -398,7 +415,9 @@ export function createSessionService(options: SessionServiceOptions) {
     if (cache.get(id) === entry) {
       try {
         if (state.version === appended.previousVersion) {
-          state.applyStep(present, kernel, kernelOptions); // in step with the database: stays current
+          // In step with the database: stays current. The step's hyperparameters first, as a scheduler sets them.
+          if (hyper) state.groups = applyHyperDelta(state.groups, hyper);
+          state.applyStep(present, kernel, kernelOptions);
         } else if (session.version - entry.lastSnapshotVersion >= session.snapshotEvery) {
           // Behind (other steps committed meanwhile) and a snapshot is due: catch up, this step included.
           if (!(await replay(db, state, session.version))) forget(id);
@@ -435,11 +454,18 @@ export function createSessionService(options: SessionServiceOptions) {
         const entry = await currentState(tx, session);
         const { state } = entry;
         const present = decodeGradients(input, state); // validates everything before anything moves
+        const hyper = parseStepHyper(opts.paramGroups, state.groups);
         const version = session.version + 1;
-        await repo.insertStep(db, tx, session.id, { version, present, grads: packGradients(state, present) }, baseVersion);
+        await repo.insertStep(db, tx, session.id, { version, present, grads: packGradients(state, present), hyper }, baseVersion);
         touched = session.id;
+        if (hyper) state.groups = applyHyperDelta(state.groups, hyper);
         state.applyStep(present, kernel, kernelOptions);
-        await repo.advanceSession(tx, session.id, state.version, state.step);
+        await repo.advanceSession(tx, session.id, state.version, state.step, hyper ? state.groups : undefined);
+        await repo.insertHistory(tx, {
+          sessionId: session.id, version: state.version, step: state.step, staleness, metrics: opts.metrics ?? null,
+          hyper: hyper ? groupHyperparameters(state.groups) : null,
+        });
+        await repo.notifyVersion(tx, name, state.version, state.step);
         const result: StepAnswer = { session: name, step: state.step, version: state.version, staleness };
         if (opts.idempotencyKey) await repo.saveIdempotentAnswer(tx, session.id, opts.idempotencyKey, opts.requestHash ?? '', { ...result });
         if (state.version - entry.lastSnapshotVersion >= session.snapshotEvery) snapshot = { session, entry };
@@ -482,6 +508,48 @@ export function createSessionService(options: SessionServiceOptions) {
         }
       });
     });
+  }
+
+  /**
+   * Calls `fn` with the state at `version` under the session's lock held by the caller: this process's copy
+   * itself when it is there (no read, no copy), else the copy caught up from the log, else a rebuild.
+   */
+  async function withStateAt(name: string, version: number, fn: (view: StateView) => void): Promise<void> {
+    const id = sessionIds.get(name);
+    const cached = id === undefined ? undefined : cache.get(id);
+    if (cached && cached.state.version === version) {
+      fn(liveView(name, cached.state));
+      return;
+    }
+    await consistentRead(async (q) => {
+      const session = await mustFind(q, name);
+      if (version > session.version || version < 1) throw errors.versionNotAvailable(version, await repo.oldestSnapshotVersion(q, session.id), session.version);
+      if (version === session.version) {
+        fn(liveView(name, (await currentState(q, session)).state));
+        return;
+      }
+      const { state } = await buildState(q, session, version);
+      try {
+        fn(liveView(name, state));
+      } finally {
+        state.arena.release();
+      }
+    });
+  }
+
+  /** A view of the state without copying its tensors: valid until the state next changes. */
+  function liveView(name: string, state: SessionState): StateView {
+    return {
+      session: name,
+      version: state.version,
+      step: state.step,
+      params: state.layout.params as ParamSpec[],
+      layout: state.layout,
+      groups: state.groups,
+      scalars: state.scalarRows(),
+      paramData: state.arena.params,
+      axData: state.arena.ax,
+    };
   }
 
   function toView(name: string, params: ParamSpec[], state: SessionState): StateView {
@@ -532,6 +600,7 @@ export function createSessionService(options: SessionServiceOptions) {
           state.version = session.version + 1;
           await writeSnapshot(tx, session.id, { version: state.version, step: state.step, groups: state.groups, scalars: state.scalarRows() }, state.tensorBytes(), opts.reason);
           await repo.advanceSession(tx, session.id, state.version, state.step, state.groups);
+          await repo.notifyVersion(tx, name, state.version, state.step);
           await repo.pruneHistory(tx, session.id, session.keepSnapshots);
           entry.lastSnapshotVersion = state.version;
           const updated = await mustFind(tx, name);
@@ -659,6 +728,7 @@ export function createSessionService(options: SessionServiceOptions) {
           state.version = session.version + 1;
           await writeSnapshot(tx, session.id, { version: state.version, step: state.step, groups: state.groups, scalars: state.scalarRows() }, state.tensorBytes(), 'restore');
           await repo.advanceSession(tx, session.id, state.version, state.step, state.groups);
+          await repo.notifyVersion(tx, name, state.version, state.step);
           await repo.pruneHistory(tx, session.id, session.keepSnapshots);
           remember(state, state.version);
           const updated = await mustFind(tx, name);
@@ -698,6 +768,12 @@ export function createSessionService(options: SessionServiceOptions) {
     );
   }
 
+  /** The training series (one point per step) after `afterVersion`, oldest first. */
+  async function history(name: string, afterVersion: number, limit: number): Promise<{ session: SessionRecord; points: repo.HistoryPoint[] }> {
+    const session = await mustFind(db, name);
+    return { session, points: await repo.readHistory(db, session.id, afterVersion, limit) };
+  }
+
   /** Oldest and newest version that `?version=` can read. */
   async function versionRange(name: string): Promise<{ oldest: number | null; newest: number }> {
     const session = await mustFind(db, name);
@@ -729,7 +805,7 @@ export function createSessionService(options: SessionServiceOptions) {
   }
 
   return {
-    create, get, list, remove, updateSettings, step, view, load, snapshotNow, listSnapshots: listSnapshotsOf, getSnapshot,
+    create, get, list, remove, updateSettings, step, view, load, history, snapshotNow, listSnapshots: listSnapshotsOf, getSnapshot,
     pinSnapshot, snapshotView, restore, fork, versionRange, close, pruneIdempotency,
     /** For tests and metrics: how many sessions and bytes this process holds decoded. */
     cacheStats: () => ({ sessions: cache.size, bytes: cachedBytes }),

@@ -9,6 +9,7 @@ import { BINARY_TYPES } from './binary.ts';
 import stepRoutes from './step.ts';
 import stateRoutes from './state.ts';
 import snapshotRoutes from './snapshots.ts';
+import metricsRoutes from './metrics.ts';
 
 export default async function sessionRoutes(fastify: FastifyInstance, opts: { config: Config }) {
   const { config } = opts;
@@ -137,4 +138,5 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
   await fastify.register(stepRoutes, { config });
   await fastify.register(stateRoutes, { config });
   await fastify.register(snapshotRoutes, { config });
+  await fastify.register(metricsRoutes);
 }
