@@ -82,16 +82,5 @@ export interface ReadOptions {
   format?: 'json' | 'safetensors';
 }
 
-export interface MetricPoint {
-  version: number;
-  step: number;
-  time: string;
-  staleness: number | null;
-  values: Record<string, number>;
-}
-
-export interface MetricsPage {
-  session: string;
-  points: MetricPoint[];
-  next_after_version: number | null;
-}
+export type MetricsPage = JsonOf<paths['/v1/sessions/{name}/metrics']['get']['responses'][200]>;
+export type MetricPoint = MetricsPage['points'][number];

@@ -76,6 +76,31 @@ test('the client against a live service', { skip: skipWithoutTorch() }, async (t
     await assert.rejects(client.params(jsonSession, { version: 99 }), VersionNotAvailable);
   });
 
+  await t.test('a step answers with the parameters (return=params|averaged), carries hyperparameters and metrics', async () => {
+    const name = (await client.createSession(spec(uniqueName('roundtrip')))).name;
+    const r1 = await client.step(name, g1, { return: 'params', metrics: { loss: 0.5, samples: 32 } });
+    const r2 = await client.step(name, g2, { return: 'averaged', format: 'json', paramGroups: [{ lr: 0.05 }], metrics: { loss: 0.25 } });
+    const r3 = await client.step(name, g1, { return: 'params', format: 'json', dtype: 'F32' });
+    const torch = runTorchReference({
+      params: [{ name: 'w', shape: [2, 2], data: w0 }, { name: 'b', shape: [2], data: b0 }],
+      defaults: { lr: 0.1, t0: 1 },
+      steps: [{ w: [...g1.w], b: [...g1.b] }],
+    });
+    assert.deepEqual(hexOf(r1.params!.w.data), torch.params.w);
+    assert.deepEqual(r1.params!.w.shape, [2, 2]);
+    assert.equal(r1.version, 2);
+    const ax = await client.params(name, { averaged: true, version: 3 });
+    assert.deepEqual(hexOf(r2.params!.w.data), hexOf(ax.params.w.data));
+    const now = await client.params(name);
+    assert.deepEqual(hexOf(r3.params!.b.data), hexOf(now.params.b.data));
+    assert.equal((await client.getSession(name)).param_groups[0].lr, 0.05, 'the step\'s lr stays the group\'s');
+    const page = await client.metrics(name);
+    assert.deepEqual(page.points.map((p) => [p.version, p.values]), [[2, { loss: 0.5, samples: 32 }], [3, { loss: 0.25 }], [4, {}]]);
+    assert.deepEqual((await client.metrics(name, { afterVersion: 3 })).points.map((p) => p.version), [4]);
+    await assert.rejects(client.step(name, g1, { metrics: { 'bad key!': 1 } }), BadRequest);
+    await assert.rejects(client.step(name, g1, { paramGroups: [{ lr: -1 }] }), BadRequest);
+  });
+
   await t.test('step errors come back as their classes and change nothing', async () => {
     const name = (await client.createSession(spec(uniqueName('errors')))).name;
     await assert.rejects(client.step(name, { w: { shape: [4], data: new Float32Array(4) } }), ShapeMismatch);

@@ -1721,7 +1721,7 @@ export interface paths {
         put?: never;
         /**
          * Apply one optimizer step
-         * @description Applies exactly the step torch.optim.ASGD would apply for these gradients and answers once it is committed. Body: JSON {"grads": {name: tensor or flat list}, "base_version"?} or a safetensors file of gradients (Content-Type application/x-safetensors; base_version then in the query). A parameter without a gradient is skipped, as in PyTorch.
+         * @description Applies exactly the step torch.optim.ASGD would apply for these gradients and answers once it is committed. Body: JSON {"grads": {name: tensor or flat list}, "base_version"?, "param_groups"?, "metrics"?} or a safetensors file of gradients (Content-Type application/x-safetensors; base_version in the query or, like param_groups and metrics, as JSON in __metadata__). A parameter without a gradient is skipped, as in PyTorch. ?return=params|averaged answers with the parameters at the new version (as JSON, or as a safetensors file with Accept: application/x-safetensors whose __metadata__ holds session, version, step, staleness).
          *
          *     Needs a token with scope `step`.
          */
@@ -1729,12 +1729,14 @@ export interface paths {
             parameters: {
                 query?: {
                     /** @description The version the gradient was computed from */
-                    base_version?: string;
+                    base_version?: number;
+                    /** @description Answer with the parameters (or ASGD's averaged parameters) at the answered version too: one round trip per training step */
+                    return?: "none" | "params" | "averaged";
                 };
                 header?: {
                     /** @description Apply only at this version */
                     "if-match"?: string;
-                    /** @description A retry with the same key returns the first answer and does not step twice */
+                    /** @description A retry with the same key returns the first answer (with the parameters at its version when asked) and does not step twice */
                     "idempotency-key"?: string;
                 };
                 path: {
@@ -1745,31 +1747,7 @@ export interface paths {
             };
             requestBody: {
                 content: {
-                    /**
-                     * @example {
-                     *       "grads": {
-                     *         "w": {
-                     *           "shape": [
-                     *             2,
-                     *             2
-                     *           ],
-                     *           "data": [
-                     *             0.01,
-                     *             -0.02,
-                     *             0.03,
-                     *             0
-                     *           ]
-                     *         }
-                     *       }
-                     *     }
-                     */
-                    "application/json": {
-                        /** @description Parameter name -> tensor {"shape", "data"} or a flat list */
-                        grads: {
-                            [key: string]: unknown;
-                        };
-                        base_version?: number;
-                    };
+                    "application/json": unknown;
                     "application/x-safetensors": string;
                     "application/safetensors": string;
                     "application/octet-stream": string;
@@ -1777,7 +1755,7 @@ export interface paths {
                 };
             };
             responses: {
-                /** @description Default Response */
+                /** @description The step is committed */
                 200: {
                     headers: {
                         [name: string]: unknown;
@@ -1791,7 +1769,17 @@ export interface paths {
                             staleness: number;
                             /** @description true when an Idempotency-Key retry returned the original answer */
                             replayed?: boolean;
+                            /** @description With ?return=params|averaged: the parameters at `version` */
+                            params?: {
+                                [key: string]: {
+                                    /** @description Dimensions, row-major */
+                                    shape: number[];
+                                    /** @description Flat row-major float32 values; "NaN", "Infinity", "-Infinity" for non-finite values */
+                                    data: (number | string)[];
+                                };
+                            };
                         };
+                        "application/x-safetensors": string;
                     };
                 };
                 /** @description Every error: a stable code and a message that names the field */
@@ -1844,6 +1832,22 @@ export interface paths {
                 };
                 /** @description Every error: a stable code and a message that names the field */
                 404: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description Every error: a stable code and a message that names the field */
+                406: {
                     headers: {
                         [name: string]: unknown;
                     };
@@ -4232,6 +4236,171 @@ export interface paths {
                 };
             };
         };
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/sessions/{name}/metrics": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Read the training series
+         * @description One point per step after `after_version`, oldest first: version, step, time, staleness and the metrics the step carried. Poll with `after_version` = the last `next_after_version`.
+         *
+         *     Needs a token with scope `read`.
+         */
+        get: {
+            parameters: {
+                query?: {
+                    after_version?: number;
+                    limit?: number;
+                };
+                header?: never;
+                path: {
+                    /** @description Session name: 1-128 of A-Za-z0-9._- */
+                    name: string;
+                };
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description Default Response */
+                200: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            session: string;
+                            points: {
+                                version: number;
+                                step: number;
+                                /**
+                                 * Format: date-time
+                                 * @description When the step committed
+                                 */
+                                time: string;
+                                staleness: number;
+                                /** @description The step's metrics ({} when it sent none) */
+                                values: {
+                                    [key: string]: number;
+                                };
+                                /** @description Each group's hyperparameters after the step, when the step changed them */
+                                param_groups?: {
+                                    [key: string]: unknown;
+                                }[];
+                            }[];
+                            /** @description The after_version of the next page: the last point's version (or the one asked for when there are none) */
+                            next_after_version: number;
+                        };
+                    };
+                };
+                /** @description Every error: a stable code and a message that names the field */
+                400: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description Every error: a stable code and a message that names the field */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description Every error: a stable code and a message that names the field */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description Every error: a stable code and a message that names the field */
+                404: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
+                429: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
+                503: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+            };
+        };
+        put?: never;
+        post?: never;
         delete?: never;
         options?: never;
         head?: never;
