@@ -20,7 +20,7 @@ test('a Python worker and a JavaScript worker step one session alternately', { s
   const m = tf.sequential();
   m.add(tf.layers.dense({ units: 1, inputShape: [4], kernelInitializer: tf.initializers.glorotUniform({ seed: 5 }) }));
   const initial = await Promise.all(m.trainableWeights.map(async (w, i) => ({ name: ['w', 'b'][i], shape: w.shape as number[], data: Array.from(await w.read().data()) })));
-  const paramOf = new Map(m.trainableWeights.map((w, i) => [w.read().name, ['w', 'b'][i]]));
+  const paramOf = new Map(m.trainableWeights.map((w, i) => [(w.read() as tf.Variable).name, ['w', 'b'][i]]));
   const steps: { version: number; grads: Record<string, number[]> }[] = [];
   class Recording extends RemoteASGD {
     override applyGradients(grads: tf.NamedTensorMap | { name: string; tensor: tf.Tensor }[]) {
