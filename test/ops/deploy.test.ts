@@ -17,7 +17,7 @@ test('the image runs the tested commands as a non-root user, with production dep
   const stages = dockerfile.split(/^FROM /m).slice(1);
   assert.ok(stages.length >= 2, 'multi-stage');
   const runtime = stages[stages.length - 1];
-  assert.match(runtime, /^node:20-slim\s/);
+  assert.match(runtime, /^node:24-slim\s/);
   assert.match(dockerfile, /npm ci --omit=dev/);
   assert.match(runtime, /^USER node$/m);
   assert.match(runtime, /^HEALTHCHECK .*CMD \["node", "bin\/healthcheck\.mjs"\]$/m);
