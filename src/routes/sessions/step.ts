@@ -155,7 +155,7 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
         encodeAt: (view: StateView, stepped: StepAnswerValue) => (encoded = encodeParams(view, stepped, returning === 'averaged', answerFormat as 'json' | 'safetensors')),
       }),
     });
-    request.log.info({ step: answer.step, version: answer.version }, 'stepped');
+    request.log.info({ step: answer.step, version: answer.version }, 'stepped'); // the request's logger names the session
     setVersion(reply, answer.version);
     reply.header('x-session-step', String(answer.step));
     const result = encoded as Encoded | null;
