@@ -11,6 +11,7 @@ import { FormatError } from './formats/errors.ts';
 import type { Database } from './db/database.ts';
 import dbPlugin from './plugins/db.ts';
 import sessionsPlugin from './plugins/sessions.ts';
+import notifierPlugin from './plugins/notifier.ts';
 import limitsPlugin from './plugins/limits.ts';
 import authPlugin from './plugins/auth.ts';
 import swaggerPlugin from './plugins/swagger.ts';
@@ -162,6 +163,7 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
   // hook must see every route, and swagger's collector every route after it.
   await fastify.register(dbPlugin, { config, migrate: opts.migrate ?? false, database: opts.database });
   await fastify.register(sessionsPlugin, { config });
+  await fastify.register(notifierPlugin);
   await fastify.register(limitsPlugin, { config });
   await fastify.register(authPlugin, { config });
   await fastify.register(swaggerPlugin);

@@ -63,6 +63,9 @@ export const StepAnswer = Type.Object({
   replayed: Type.Optional(Type.Boolean({ description: 'true when an Idempotency-Key retry returned the original answer' })),
 });
 
+/** 304: the client's copy (If-None-Match, or after_version when no newer one came) is current; ETag names the version. */
+export const NotModified = Type.Null({ description: 'Not modified: the version in the ETag is the one you have' });
+
 export const errorResponses = (...codes: number[]) => Object.fromEntries(codes.map((c) => [c, ErrorBody]));
 
 export const VersionHeaders = Type.Object({

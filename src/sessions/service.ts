@@ -1,8 +1,9 @@
 // The session domain: create, step, read, restore, snapshot, fork. Route -> here -> kernel and db.
 //
-// Durability model: a step writes the gradient to the step log and bumps the version under the session's
-// row lock, as one statement (repo.appendStep) or, with an Idempotency-Key, one transaction that also
-// records the answer; the answer comes after the commit. Full snapshots (params + optimizer state) are
+// Durability model: a step writes the gradient (and the hyperparameters it sets) to the step log, its row
+// of step_history, bumps the version and NOTIFYs asgd_versions under the session's row lock, as one
+// statement (repo.appendStep) or, with an Idempotency-Key, one transaction that also records the answer;
+// the answer comes after the commit. Full snapshots (params + optimizer state) are
 // written every `snapshotEvery` steps off the request path, and synchronously for changes that are not
 // steps (create, load_state_dict, restore, fork). The state at version v is the newest snapshot at or
 // below v with the logged steps after it replayed; the kernel is deterministic, so the replay is
@@ -774,6 +775,18 @@ export function createSessionService(options: SessionServiceOptions) {
     return { session, points: await repo.readHistory(db, session.id, afterVersion, limit) };
   }
 
+  /**
+   * What made the session's current version, for event streams: a step (its series point) or a change that
+   * is not a step (the reason of the snapshot it wrote: load_state_dict, load_checkpoint, restore, create, fork).
+   */
+  async function latestChange(name: string): Promise<{ session: SessionRecord; point: repo.HistoryPoint | null; reason: string | null }> {
+    const session = await mustFind(db, name);
+    const point = await repo.findHistoryPoint(db, session.id, session.version);
+    if (point) return { session, point, reason: null };
+    const snapshot = await repo.findSnapshotAtOrBelow(db, session.id, session.version);
+    return { session, point: null, reason: snapshot?.version === session.version ? snapshot.reason : null };
+  }
+
   /** Oldest and newest version that `?version=` can read. */
   async function versionRange(name: string): Promise<{ oldest: number | null; newest: number }> {
     const session = await mustFind(db, name);
@@ -805,7 +818,7 @@ export function createSessionService(options: SessionServiceOptions) {
   }
 
   return {
-    create, get, list, remove, updateSettings, step, view, load, history, snapshotNow, listSnapshots: listSnapshotsOf, getSnapshot,
+    create, get, list, remove, updateSettings, step, view, load, history, latestChange, snapshotNow, listSnapshots: listSnapshotsOf, getSnapshot,
     pinSnapshot, snapshotView, restore, fork, versionRange, close, pruneIdempotency,
     /** For tests and metrics: how many sessions and bytes this process holds decoded. */
     cacheStats: () => ({ sessions: cache.size, bytes: cachedBytes }),

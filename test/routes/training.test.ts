@@ -119,10 +119,10 @@ test('hyperparameters sent with each step (a scheduler) equal PyTorch bit for bi
   await check(a.app, 'live');
   const session = (await a.app.inject({ url: '/v1/sessions/s' })).json();
   assert.equal(session.param_groups[1].lambd, 0.001);
+  await a.app.sessions.pendingSnapshots(); // written in the background
   assert.equal((await a.app.inject({ url: '/v1/sessions/s/snapshots' })).json().snapshots.length, 4, 'creation + every 4 steps: none for hyperparameters');
 
   // Without the in-memory copy: rebuilt from a snapshot and the log (another process on the same database).
-  await a.app.sessions.pendingSnapshots();
   const b = a.databaseUrl ? await buildTestApp(t, { databaseUrl: a.databaseUrl }) : a;
   if (b === a) a.app.sessions.dropCache();
   await check(b.app, 'replayed');
@@ -208,4 +208,31 @@ test('the metrics series pages by version and is kept when the log is pruned', a
   assert.equal((await app.inject({ url: '/v1/sessions/nope/metrics' })).json().code, 'SESSION_NOT_FOUND');
   // The log behind the one kept snapshot is gone; the series is not.
   assert.equal((await app.inject({ url: '/v1/sessions/m/state_dict?version=2' })).statusCode, 404);
+});
+
+test('two apps on one database alternate steps that set hyperparameters and equal one app doing them all', async (t) => {
+  const a = await buildTestApp(t);
+  if (!a.databaseUrl) return t.skip('needs PostgreSQL (two processes cannot share an embedded database)');
+  const b = await buildTestApp(t, { databaseUrl: a.databaseUrl });
+  const solo = await buildTestApp(t);
+  const groups = [{ params: ['w'], lr: 0.1, t0: 2 }, { params: ['b'], lr: 0.02 }];
+  for (const app of [a.app, solo.app]) {
+    assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'two', params, param_groups: groups, snapshot_every: 5 } })).statusCode, 201);
+  }
+  for (let k = 0; k < 16; k++) {
+    // b steps every third time: its copy is behind when it steps (the statement merges the groups in SQL,
+    // the copy catches up from the log later), and each worker runs its own scheduler.
+    const app = k % 3 === 0 ? b.app : a.app;
+    const payload = { grads: grads(k), param_groups: [{ lr: 0.1 * 0.95 ** k }, k % 4 === 0 ? { weight_decay: k / 100, alpha: 0.5 } : {}], metrics: { loss: k } };
+    const res = await app.inject({ method: 'POST', url: '/v1/sessions/two/step?return=params', payload });
+    assert.equal(res.statusCode, 200, res.body);
+    const alone = await solo.app.inject({ method: 'POST', url: '/v1/sessions/two/step?return=params', payload });
+    assert.deepEqual(res.json().params, alone.json().params, `step ${k}: the answered parameters`);
+  }
+  const expected = (await solo.app.inject({ url: '/v1/sessions/two/state_dict' })).body;
+  for (const app of [a.app, b.app]) {
+    assert.equal((await app.inject({ url: '/v1/sessions/two/state_dict' })).body, expected);
+    // The session row's groups (merged by the statement) agree with the state's (merged by the kernel's copy).
+    assert.deepEqual((await app.inject({ url: '/v1/sessions/two' })).json().param_groups, JSON.parse(expected).param_groups);
+  }
 });

@@ -3,13 +3,15 @@ import type { FastifyInstance } from 'fastify';
 import { Type } from 'typebox';
 import type { Config } from '../../config.ts';
 import { sessionJson, setVersion, ifMatchOf, optionalWhole, SETTING_LIMITS } from '../common.ts';
-import { errorResponses, Hyperparameters, NameParams, Session } from '../schemas.ts';
+import { errorResponses, Hyperparameters, NameParams, NotModified, Session } from '../schemas.ts';
+import { noneMatch, sendNotModified } from './conditional.ts';
 import { parseCreateBody } from './create.ts';
 import { BINARY_TYPES } from './binary.ts';
 import stepRoutes from './step.ts';
 import stateRoutes from './state.ts';
 import snapshotRoutes from './snapshots.ts';
 import metricsRoutes from './metrics.ts';
+import eventsRoutes from './events.ts';
 
 export default async function sessionRoutes(fastify: FastifyInstance, opts: { config: Config }) {
   const { config } = opts;
@@ -63,9 +65,16 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
   });
 
   fastify.get('/:name', {
-    schema: { summary: 'Read a session', tags: ['sessions'], params: NameParams, response: { 200: Session, ...errorResponses(400, 401, 403, 404) } },
+    schema: {
+      summary: 'Read a session',
+      tags: ['sessions'],
+      params: NameParams,
+      headers: Type.Object({ 'if-none-match': Type.Optional(Type.String({ description: '"<version>": 304 while the session is at that version' })) }),
+      response: { 200: Session, 304: NotModified, ...errorResponses(400, 401, 403, 404) },
+    },
   }, async (request, reply) => {
     const session = await fastify.sessions.get((request.params as { name: string }).name);
+    if (noneMatch(request, session.version)) return sendNotModified(reply, session.version);
     setVersion(reply, session.version);
     return sessionJson(session);
   });
@@ -139,4 +148,5 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
   await fastify.register(stateRoutes, { config });
   await fastify.register(snapshotRoutes, { config });
   await fastify.register(metricsRoutes);
+  await fastify.register(eventsRoutes);
 }

@@ -6,8 +6,9 @@ import { errors } from '../../errors.ts';
 import { parseStateDict, paramsJson, stateDictJson } from '../../sessions/state-dict.ts';
 import type { StateView } from '../../sessions/service.ts';
 import { booleanQuery, ifMatchOf, optionalWhole, sessionJson, setVersion } from '../common.ts';
-import { errorResponses, NameParams, Session } from '../schemas.ts';
+import { errorResponses, NameParams, NotModified, Session } from '../schemas.ts';
 import { negotiate, sendParams, sendStateDict, sendCheckpoint, readStateDictBody, readCheckpointBody, BINARY_TYPES } from './binary.ts';
+import { answeredNotModified, MAX_WAIT_SECONDS, waitPastVersion } from './conditional.ts';
 
 /** Largest tensor payload answered as JSON (numbers); bigger sessions use safetensors or torch.save. */
 export const MAX_JSON_ELEMENTS = 16 * 1024 * 1024;
@@ -45,6 +46,21 @@ export async function viewFor(fastify: FastifyInstance, request: FastifyRequest)
   return fastify.sessions.view(name, version);
 }
 
+/** A GET of the state: 304 for If-None-Match at that version; for params, `after_version` + `wait` first. */
+async function answerRead(fastify: FastifyInstance, kind: 'params' | 'state_dict' | 'checkpoint', request: FastifyRequest, reply: FastifyReply) {
+  const { name } = request.params as { name: string };
+  const query = request.query as { version?: string; after_version?: number; wait?: number };
+  const version = optionalWhole(query.version, 'version', 1);
+  if (query.after_version !== undefined) {
+    if (version !== null) throw errors.invalidQuery('after_version', 'cannot be combined with version');
+    if (!(await waitPastVersion(fastify, request, reply, name, query.after_version, query.wait ?? 0))) return reply;
+  } else if (query.wait !== undefined) {
+    throw errors.invalidQuery('wait', 'needs after_version (the version you have)');
+  }
+  if (await answeredNotModified(fastify, request, reply, name, version)) return reply;
+  return sendView(kind, request, reply, await fastify.sessions.view(name, version));
+}
+
 export function sendView(kind: 'params' | 'state_dict' | 'checkpoint', request: FastifyRequest, reply: FastifyReply, view: StateView) {
   const query = request.query as { format?: string; averaged?: string };
   const format = negotiate(request, query.format, kind === 'checkpoint' ? ['pt', 'json'] : ['json', 'pt', 'safetensors']);
@@ -76,10 +92,16 @@ export default async function stateRoutes(fastify: FastifyInstance, opts: { conf
       description: 'JSON {name: tensor}, safetensors, or a torch.save file of the model state_dict (model.load_state_dict(torch.load(f)) works). ?averaged=true gives ax, which ASGD users evaluate with.',
       tags: ['state'],
       params: NameParams,
-      querystring: Type.Object({ ...ReadQuery.properties, averaged: Type.Optional(Type.Boolean()) }),
-      response: { ...readFormats, ...errorResponses(400, 401, 403, 404, 406) },
+      querystring: Type.Object({
+        ...ReadQuery.properties,
+        averaged: Type.Optional(Type.Boolean()),
+        after_version: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'Answer only with a version above this one: at once, or when one commits within `wait` seconds; else 304' })),
+        wait: Type.Optional(Type.Number({ minimum: 0, maximum: MAX_WAIT_SECONDS, description: `With after_version: how long to wait for a newer version (at most ${MAX_WAIT_SECONDS} s)` })),
+      }),
+      headers: Type.Object({ 'if-none-match': Type.Optional(Type.String({ description: '"<version>": 304 while the parameters are at that version' })) }),
+      response: { ...readFormats, 304: NotModified, ...errorResponses(400, 401, 403, 404, 406, 503) },
     },
-  }, async (request, reply) => sendView('params', request, reply, await viewFor(fastify, request)));
+  }, async (request, reply) => answerRead(fastify, 'params', request, reply));
 
   fastify.get('/:name/state_dict', {
     schema: {
@@ -88,9 +110,10 @@ export default async function stateRoutes(fastify: FastifyInstance, opts: { conf
       tags: ['state'],
       params: NameParams,
       querystring: ReadQuery,
-      response: { ...readFormats, ...errorResponses(400, 401, 403, 404, 406) },
+      headers: Type.Object({ 'if-none-match': Type.Optional(Type.String({ description: '"<version>": 304 while the state is at that version' })) }),
+      response: { ...readFormats, 304: NotModified, ...errorResponses(400, 401, 403, 404, 406) },
     },
-  }, async (request, reply) => sendView('state_dict', request, reply, await viewFor(fastify, request)));
+  }, async (request, reply) => answerRead(fastify, 'state_dict', request, reply));
 
   fastify.put('/:name/state_dict', {
     bodyLimit: opts.config.bodyLimitCreate,
@@ -120,9 +143,10 @@ export default async function stateRoutes(fastify: FastifyInstance, opts: { conf
       tags: ['state'],
       params: NameParams,
       querystring: Type.Object({ version: ReadQuery.properties.version, format: Type.Optional(Type.Union([Type.Literal('json'), Type.Literal('pt')])) }),
-      response: { ...checkpointFormats, ...errorResponses(400, 401, 403, 404, 406) },
+      headers: Type.Object({ 'if-none-match': Type.Optional(Type.String({ description: '"<version>": 304 while the state is at that version' })) }),
+      response: { ...checkpointFormats, 304: NotModified, ...errorResponses(400, 401, 403, 404, 406) },
     },
-  }, async (request, reply) => sendView('checkpoint', request, reply, await viewFor(fastify, request)));
+  }, async (request, reply) => answerRead(fastify, 'checkpoint', request, reply));
 
   fastify.put('/:name/checkpoint', {
     bodyLimit: opts.config.bodyLimitCreate,
