@@ -101,6 +101,25 @@ test('the client against a live service', { skip: skipWithoutTorch() }, async (t
     await assert.rejects(client.step(name, g1, { paramGroups: [{ lr: -1 }] }), BadRequest);
   });
 
+  await t.test('conditional reads (If-None-Match) and waiting reads (after_version, wait)', async () => {
+    const name = (await client.createSession(spec(uniqueName('cond')))).name;
+    await client.step(name, g1);
+    assert.equal(await client.getSessionIfChanged(name, 2), null);
+    assert.equal((await client.getSessionIfChanged(name, 1))!.version, 2);
+    assert.equal(await client.paramsIfChanged(name, 2), null);
+    assert.equal((await client.paramsIfChanged(name, 1, { format: 'json' }))!.version, 2);
+    const started = Date.now();
+    assert.equal(await client.waitForParams(name, 2, 1), null);
+    assert.ok(Date.now() - started >= 900, 'waited about a second before the 304');
+    assert.equal((await client.waitForParams(name, 1, 5))!.version, 2, 'a newer version answers at once');
+    const waiting = client.waitForParams(name, 2, 30);
+    await new Promise((r) => setTimeout(r, 300));
+    const stepped = await client.step(name, g2);
+    const woke = await waiting;
+    assert.equal(woke!.version, stepped.version);
+    assert.equal(woke!.params.w.data.length, 4);
+  });
+
   await t.test('step errors come back as their classes and change nothing', async () => {
     const name = (await client.createSession(spec(uniqueName('errors')))).name;
     await assert.rejects(client.step(name, { w: { shape: [4], data: new Float32Array(4) } }), ShapeMismatch);

@@ -140,6 +140,59 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Links to the documentation, the dashboard and the API
+         * @description JSON by default; an HTML page of the same links when the Accept header prefers text/html (a browser).
+         */
+        get: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path?: never;
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description The links */
+                200: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            /** @enum {string} */
+                            name: "asgd-serve";
+                            version: string;
+                            links: {
+                                docs: string;
+                                openapi: string;
+                                dashboard: string;
+                                sessions: string;
+                                health: string;
+                                ready: string;
+                                metrics: string;
+                            };
+                        };
+                        "text/html": string;
+                    };
+                };
+            };
+        };
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/tokens": {
         parameters: {
             query?: never;
@@ -986,7 +1039,10 @@ export interface paths {
         get: {
             parameters: {
                 query?: never;
-                header?: never;
+                header?: {
+                    /** @description "<version>": 304 while the session is at that version */
+                    "if-none-match"?: string;
+                };
                 path: {
                     /** @description Session name: 1-128 of A-Za-z0-9._- */
                     name: string;
@@ -1037,6 +1093,13 @@ export interface paths {
                             updated_at: string;
                         };
                     };
+                };
+                /** @description Not modified: the version in the ETag is the one you have */
+                304: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content?: never;
                 };
                 /** @description Every error: a stable code and a message that names the field */
                 400: {
@@ -2003,8 +2066,15 @@ export interface paths {
                     /** @description Instead of an Accept header */
                     format?: "json" | "pt" | "safetensors";
                     averaged?: boolean;
+                    /** @description Answer only with a version above this one: at once, or when one commits within `wait` seconds; else 304 */
+                    after_version?: number;
+                    /** @description With after_version: how long to wait for a newer version (at most 60 s) */
+                    wait?: number;
                 };
-                header?: never;
+                header?: {
+                    /** @description "<version>": 304 while the parameters are at that version */
+                    "if-none-match"?: string;
+                };
                 path: {
                     /** @description Session name: 1-128 of A-Za-z0-9._- */
                     name: string;
@@ -2025,6 +2095,13 @@ export interface paths {
                         "application/octet-stream": string;
                         "application/x-safetensors": string;
                     };
+                };
+                /** @description Not modified: the version in the ETag is the one you have */
+                304: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content?: never;
                 };
                 /** @description Every error: a stable code and a message that names the field */
                 400: {
@@ -2122,7 +2199,7 @@ export interface paths {
                         };
                     };
                 };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
+                /** @description Every error: a stable code and a message that names the field */
                 503: {
                     headers: {
                         [name: string]: unknown;
@@ -2169,7 +2246,10 @@ export interface paths {
                     /** @description Instead of an Accept header */
                     format?: "json" | "pt" | "safetensors";
                 };
-                header?: never;
+                header?: {
+                    /** @description "<version>": 304 while the state is at that version */
+                    "if-none-match"?: string;
+                };
                 path: {
                     /** @description Session name: 1-128 of A-Za-z0-9._- */
                     name: string;
@@ -2190,6 +2270,13 @@ export interface paths {
                         "application/octet-stream": string;
                         "application/x-safetensors": string;
                     };
+                };
+                /** @description Not modified: the version in the ETag is the one you have */
+                304: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content?: never;
                 };
                 /** @description Every error: a stable code and a message that names the field */
                 400: {
@@ -2556,7 +2643,10 @@ export interface paths {
                     version?: string;
                     format?: "json" | "pt";
                 };
-                header?: never;
+                header?: {
+                    /** @description "<version>": 304 while the state is at that version */
+                    "if-none-match"?: string;
+                };
                 path: {
                     /** @description Session name: 1-128 of A-Za-z0-9._- */
                     name: string;
@@ -2576,6 +2666,13 @@ export interface paths {
                             [key: string]: unknown;
                         };
                     };
+                };
+                /** @description Not modified: the version in the ETag is the one you have */
+                304: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content?: never;
                 };
                 /** @description Every error: a stable code and a message that names the field */
                 400: {
@@ -4382,6 +4479,152 @@ export interface paths {
                     };
                 };
                 /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
+                503: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+            };
+        };
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/sessions/{name}/events": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Follow the session's versions as server-sent events
+         * @description text/event-stream. `event: version`, `id: <version>`, data {"version", "step", "time", "kind": "step"|"load"|"restore"|…, "metrics"?, "staleness"?} for each new version (under load only the latest of several); a `: keep-alive` comment every 15 s; `event: deleted` when the session is deleted. Last-Event-ID or ?after_version=V: a version above V is sent at once.
+         *
+         *     Needs a token with scope `read`.
+         */
+        get: {
+            parameters: {
+                query?: {
+                    /** @description The version you have (as Last-Event-ID) */
+                    after_version?: number;
+                };
+                header?: {
+                    /** @description The id (version) of the last event received */
+                    "last-event-id"?: string;
+                };
+                path: {
+                    /** @description Session name: 1-128 of A-Za-z0-9._- */
+                    name: string;
+                };
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description The event stream */
+                200: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "text/event-stream": string;
+                    };
+                };
+                /** @description Every error: a stable code and a message that names the field */
+                400: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description Every error: a stable code and a message that names the field */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description Every error: a stable code and a message that names the field */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description Every error: a stable code and a message that names the field */
+                404: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
+                429: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description Every error: a stable code and a message that names the field */
                 503: {
                     headers: {
                         [name: string]: unknown;
