@@ -13,6 +13,8 @@ export interface TransportOptions {
   fetch?: typeof fetch;
   /** Extra headers on every request. */
   headers?: Record<string, string>;
+  /** One attempt's limit in milliseconds (default 300 000, the service's own request timeout); then it counts as a lost answer. */
+  timeoutMs?: number;
 }
 
 export interface Exchange {
@@ -87,7 +89,7 @@ export class Transport {
     for (let attempt = 1; ; attempt++) {
       let res: Response;
       try {
-        res = await doFetch(url, { method: x.method, headers, body: body as BodyInit | undefined });
+        res = await doFetch(url, { method: x.method, headers, body: body as BodyInit | undefined, signal: AbortSignal.timeout(this.options.timeoutMs ?? 300_000) });
       } catch (err) {
         if ((x.repeatable || neverSent(err)) && Date.now() + pause < deadline) {
           await sleep(pause);
