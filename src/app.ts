@@ -16,6 +16,7 @@ import limitsPlugin from './plugins/limits.ts';
 import authPlugin from './plugins/auth.ts';
 import swaggerPlugin from './plugins/swagger.ts';
 import metricsPlugin from './plugins/metrics.ts';
+import storagePlugin from './plugins/storage.ts';
 import { RequestLogController, requestId } from './request-log.ts';
 import healthRoutes from './routes/health/index.ts';
 import rootRoutes from './routes/root/index.ts';
@@ -168,6 +169,7 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
   await fastify.register(authPlugin, { config });
   await fastify.register(swaggerPlugin);
   await fastify.register(metricsPlugin, { config });
+  await fastify.register(storagePlugin, { config });
   await fastify.register(healthRoutes);
   await fastify.register(rootRoutes);
   await fastify.register(tokenRoutes, { prefix: '/v1/tokens' });

@@ -49,6 +49,10 @@ export const sessions = pgTable('sessions', {
   snapshotEvery: integer('snapshot_every').notNull(),
   keepSnapshots: integer('keep_snapshots').notNull(),
   maxStaleness: integer('max_staleness'),
+  /** Byte bound on the step log (null: none; the count bound keep_snapshots still holds). */
+  keepLogBytes: bigint('keep_log_bytes', { mode: 'number' }),
+  /** Deleted by the sweeper after this many seconds without a step or a write (null: never). */
+  expireAfterIdleS: integer('expire_after_idle_s'),
   createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
   updatedAt: timestamp('updated_at', { withTimezone: true }).notNull().defaultNow(),
 }, (t) => [uniqueIndex('sessions_name_key').on(t.name)]);

@@ -33,6 +33,15 @@ export const ParamGroupOut = Type.Object({
   params: Type.Array(Type.Integer()),
 }, { additionalProperties: true });
 
+export const SessionStorage = Type.Object({
+  log_bytes: Type.Integer({ description: 'The step log (gradients), as PostgreSQL stores it' }),
+  log_steps: Type.Integer({ description: 'Steps in the log' }),
+  snapshot_bytes: Type.Integer({ description: 'Snapshots with their tensor chunks' }),
+  snapshots: Type.Integer(),
+  other_bytes: Type.Integer({ description: 'The session row, Idempotency-Key answers, per-step history' }),
+  total_bytes: Type.Integer(),
+}, { description: 'Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true)' });
+
 export const Session = Type.Object({
   name: Type.String(),
   version: Type.Integer({ description: 'Bumped by every change (step, load, restore); also the ETag' }),
@@ -43,8 +52,11 @@ export const Session = Type.Object({
   snapshot_every: Type.Integer(),
   keep_snapshots: Type.Integer(),
   max_staleness: Type.Union([Type.Integer(), Type.Null()]),
+  keep_log_bytes: Type.Union([Type.Integer(), Type.Null()], { description: 'Byte bound on the step log; null: none (keep_snapshots still bounds it)' }),
+  expire_after_idle_s: Type.Union([Type.Integer(), Type.Null()], { description: 'Deleted after this many seconds without a step or a write; null: never' }),
   created_at: Type.String({ format: 'date-time' }),
   updated_at: Type.String({ format: 'date-time' }),
+  storage: Type.Optional(SessionStorage),
 });
 
 export const Snapshot = Type.Object({

@@ -2,6 +2,7 @@
 // parameters in binary; PGlite gets base64 parameters (see Database.byteaParam).
 import type { Database, Queryable } from '../db/database.ts';
 import type { GroupSpec, HyperDelta, ParamSpec, ScalarStateRow } from '../db/schema.ts';
+import { pruneLogToBytes } from './retention.ts';
 
 export const CHUNK_BYTES = 8 * 1024 * 1024;
 
@@ -16,6 +17,10 @@ export interface SessionRecord {
   snapshotEvery: number;
   keepSnapshots: number;
   maxStaleness: number | null;
+  /** Byte bound on the step log (retention.ts); null: only the count bound. */
+  keepLogBytes: number | null;
+  /** The sweeper deletes the session after this many idle seconds (expiry.ts); null: never. */
+  expireAfterIdleS: number | null;
   createdAt: Date;
   updatedAt: Date;
 }
@@ -75,7 +80,8 @@ const groupHyperSql = (groups: string) => `(
 
 /** The session columns as SessionRecord reads them, qualified by `t` ("sessions.") where a join needs it. */
 const sessionColumns = (t = '') => `${t}id::float8 AS id, ${t}name, ${t}params, ${t}groups, ${t}numel::float8 AS numel, ${t}version::float8 AS version,
-  ${t}step::float8 AS step, ${t}snapshot_every, ${t}keep_snapshots, ${t}max_staleness, ${t}created_at, ${t}updated_at`;
+  ${t}step::float8 AS step, ${t}snapshot_every, ${t}keep_snapshots, ${t}max_staleness, ${t}keep_log_bytes::float8 AS keep_log_bytes, ${t}expire_after_idle_s,
+  ${t}created_at, ${t}updated_at`;
 const SESSION_COLUMNS = sessionColumns();
 
 function toSession(r: Record<string, unknown>): SessionRecord {
@@ -90,6 +96,8 @@ function toSession(r: Record<string, unknown>): SessionRecord {
     snapshotEvery: r.snapshot_every as number,
     keepSnapshots: r.keep_snapshots as number,
     maxStaleness: (r.max_staleness as number | null) ?? null,
+    keepLogBytes: (r.keep_log_bytes as number | null) ?? null,
+    expireAfterIdleS: (r.expire_after_idle_s as number | null) ?? null,
     createdAt: new Date(r.created_at as string),
     updatedAt: new Date(r.updated_at as string),
   };
@@ -117,12 +125,14 @@ function toSnapshot(r: Record<string, unknown>): SnapshotRecord {
 
 export async function insertSession(
   q: Queryable,
-  s: Pick<SessionRecord, 'name' | 'params' | 'groups' | 'numel' | 'step' | 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness'>,
+  s: Pick<SessionRecord, 'name' | 'params' | 'groups' | 'numel' | 'step' | 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness'>
+    & Partial<Pick<SessionRecord, 'keepLogBytes' | 'expireAfterIdleS'>>,
 ): Promise<SessionRecord | null> {
   const rows = await q.query(
-    `INSERT INTO sessions (name, params, groups, numel, version, step, snapshot_every, keep_snapshots, max_staleness)
-     VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8) ON CONFLICT (name) DO NOTHING RETURNING ${SESSION_COLUMNS}`,
-    [s.name, JSON.stringify(s.params), JSON.stringify(s.groups), s.numel, s.step, s.snapshotEvery, s.keepSnapshots, s.maxStaleness],
+    `INSERT INTO sessions (name, params, groups, numel, version, step, snapshot_every, keep_snapshots, max_staleness, keep_log_bytes, expire_after_idle_s)
+     VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9, $10) ON CONFLICT (name) DO NOTHING RETURNING ${SESSION_COLUMNS}`,
+    [s.name, JSON.stringify(s.params), JSON.stringify(s.groups), s.numel, s.step, s.snapshotEvery, s.keepSnapshots, s.maxStaleness,
+      s.keepLogBytes ?? null, s.expireAfterIdleS ?? null],
   );
   return rows.length ? toSession(rows[0]) : null;
 }
@@ -153,11 +163,12 @@ export async function deleteSession(q: Queryable, name: string): Promise<boolean
 export async function updateSessionSettings(
   q: Queryable,
   id: number,
-  s: Pick<SessionRecord, 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness'>,
+  s: Pick<SessionRecord, 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness' | 'keepLogBytes' | 'expireAfterIdleS'>,
 ): Promise<SessionRecord> {
   const rows = await q.query(
-    `UPDATE sessions SET snapshot_every = $2, keep_snapshots = $3, max_staleness = $4, updated_at = now() WHERE id = $1 RETURNING ${SESSION_COLUMNS}`,
-    [id, s.snapshotEvery, s.keepSnapshots, s.maxStaleness],
+    `UPDATE sessions SET snapshot_every = $2, keep_snapshots = $3, max_staleness = $4, keep_log_bytes = $5, expire_after_idle_s = $6, updated_at = now()
+     WHERE id = $1 RETURNING ${SESSION_COLUMNS}`,
+    [id, s.snapshotEvery, s.keepSnapshots, s.maxStaleness, s.keepLogBytes, s.expireAfterIdleS],
   );
   return toSession(rows[0]);
 }
@@ -454,7 +465,8 @@ export async function readSnapshotChunks(q: Queryable, snapshotId: number, onChu
 
 /**
  * Retention: keep the newest `keep` snapshots and every pinned one; then drop the log behind the oldest
- * of the kept window (pinned snapshots outside it stand alone: readable, restorable, not replayed from).
+ * of the kept window (pinned snapshots outside it stand alone: readable, restorable, not replayed from),
+ * and further behind a newer snapshot when the log outgrows the session's keep_log_bytes (retention.ts).
  */
 export async function pruneHistory(q: Queryable, sessionId: number, keep: number): Promise<{ snapshots: number; steps: number }> {
   const deleted = await q.query(
@@ -469,7 +481,7 @@ export async function pruneHistory(q: Queryable, sessionId: number, keep: number
      RETURNING version`,
     [sessionId, keep],
   );
-  return { snapshots: deleted.length, steps: steps.length };
+  return { snapshots: deleted.length, steps: steps.length + (await pruneLogToBytes(q, sessionId)) };
 }
 
 export async function findIdempotentAnswer(

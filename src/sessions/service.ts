@@ -21,6 +21,9 @@ import { KeyedMutex } from './mutex.ts';
 import { applyHyperDelta, groupHyperparameters, parseStepHyper } from './step-input.ts';
 import * as repo from './repository.ts';
 import type { SessionRecord, SnapshotRecord } from './repository.ts';
+import { snapshotInterval } from './retention.ts';
+import { sessionStorage, storageOfSessions, type SessionStorage } from './storage.ts';
+import { sweepIdleSessions } from './expiry.ts';
 import { SessionState, layoutOf, snapshotChecksum, type Layout } from './state.ts';
 
 export interface SessionServiceOptions {
@@ -91,6 +94,8 @@ export interface CreateInput {
   snapshotEvery: number;
   keepSnapshots: number;
   maxStaleness: number | null;
+  keepLogBytes: number | null;
+  expireAfterIdleS: number | null;
 }
 
 interface Cached {
@@ -301,7 +306,7 @@ export function createSessionService(options: SessionServiceOptions) {
         log.info({ session: session.name, version: meta.version, step: meta.step, reason }, 'snapshot written');
       } catch (err) {
         // Not fatal: the log still holds every step; the next step schedules another attempt.
-        entry.lastSnapshotVersion = Math.min(entry.lastSnapshotVersion, meta.version - session.snapshotEvery);
+        entry.lastSnapshotVersion = Math.min(entry.lastSnapshotVersion, meta.version - snapshotInterval(session));
         log.warn({ err, session: session.name, version: meta.version }, 'background snapshot failed');
       }
     })();
@@ -318,6 +323,7 @@ export function createSessionService(options: SessionServiceOptions) {
         const row = await repo.insertSession(tx, {
           name: input.name, params: input.params, groups: input.groups, numel, step: 0,
           snapshotEvery: input.snapshotEvery, keepSnapshots: input.keepSnapshots, maxStaleness: input.maxStaleness,
+          keepLogBytes: input.keepLogBytes, expireAfterIdleS: input.expireAfterIdleS,
         });
         if (!row) throw errors.sessionExists(input.name);
         const state = newState(row, row.version, 0, input.groups, input.params.map(() => null));
@@ -352,7 +358,10 @@ export function createSessionService(options: SessionServiceOptions) {
     });
   }
 
-  async function updateSettings(name: string, patch: Partial<Pick<SessionRecord, 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness'>>): Promise<SessionRecord> {
+  async function updateSettings(
+    name: string,
+    patch: Partial<Pick<SessionRecord, 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness' | 'keepLogBytes' | 'expireAfterIdleS'>>,
+  ): Promise<SessionRecord> {
     return db.transaction(async (tx) => {
       const session = await mustFind(tx, name, true);
       return repo.updateSessionSettings(tx, session.id, { ...session, ...patch });
@@ -419,7 +428,7 @@ export function createSessionService(options: SessionServiceOptions) {
           // In step with the database: stays current. The step's hyperparameters first, as a scheduler sets them.
           if (hyper) state.groups = applyHyperDelta(state.groups, hyper);
           state.applyStep(present, kernel, kernelOptions);
-        } else if (session.version - entry.lastSnapshotVersion >= session.snapshotEvery) {
+        } else if (session.version - entry.lastSnapshotVersion >= snapshotInterval(session)) {
           // Behind (other steps committed meanwhile) and a snapshot is due: catch up, this step included.
           if (!(await replay(db, state, session.version))) forget(id);
         }
@@ -433,7 +442,7 @@ export function createSessionService(options: SessionServiceOptions) {
       }
     }
     const answer: StepAnswer = { session: name, step: session.step, version: session.version, staleness };
-    return { answer, snapshot: current && state.version - entry.lastSnapshotVersion >= session.snapshotEvery ? { session, entry } : null };
+    return { answer, snapshot: current && state.version - entry.lastSnapshotVersion >= snapshotInterval(session) ? { session, entry } : null };
   }
 
   /** A step with an Idempotency-Key: a transaction under the row lock (lookup, checks, log, answer). */
@@ -469,7 +478,7 @@ export function createSessionService(options: SessionServiceOptions) {
         await repo.notifyVersion(tx, name, state.version, state.step);
         const result: StepAnswer = { session: name, step: state.step, version: state.version, staleness };
         if (opts.idempotencyKey) await repo.saveIdempotentAnswer(tx, session.id, opts.idempotencyKey, opts.requestHash ?? '', { ...result });
-        if (state.version - entry.lastSnapshotVersion >= session.snapshotEvery) snapshot = { session, entry };
+        if (state.version - entry.lastSnapshotVersion >= snapshotInterval(session)) snapshot = { session, entry };
         return result;
       });
       touched = null;
@@ -745,7 +754,10 @@ export function createSessionService(options: SessionServiceOptions) {
   /** A new session starting from a snapshot of another (or its current state). */
   async function fork(
     sourceName: string,
-    target: { name: string; snapshotId?: number | null; snapshotEvery?: number; keepSnapshots?: number; maxStaleness?: number | null },
+    target: {
+      name: string; snapshotId?: number | null; snapshotEvery?: number; keepSnapshots?: number; maxStaleness?: number | null;
+      keepLogBytes?: number | null; expireAfterIdleS?: number | null;
+    },
   ): Promise<SessionRecord> {
     const source = target.snapshotId != null ? await snapshotView(sourceName, target.snapshotId) : await view(sourceName);
     const sourceSession = await mustFind(db, sourceName);
@@ -756,6 +768,8 @@ export function createSessionService(options: SessionServiceOptions) {
           snapshotEvery: target.snapshotEvery ?? sourceSession.snapshotEvery,
           keepSnapshots: target.keepSnapshots ?? sourceSession.keepSnapshots,
           maxStaleness: target.maxStaleness !== undefined ? target.maxStaleness : sourceSession.maxStaleness,
+          keepLogBytes: target.keepLogBytes !== undefined ? target.keepLogBytes : sourceSession.keepLogBytes,
+          expireAfterIdleS: target.expireAfterIdleS !== undefined ? target.expireAfterIdleS : sourceSession.expireAfterIdleS,
         });
         if (!row) throw errors.sessionExists(target.name);
         const state = newState(row, row.version, source.step, source.groups, source.scalars);
@@ -817,9 +831,33 @@ export function createSessionService(options: SessionServiceOptions) {
     return repo.pruneIdempotencyKeys(db, options.idempotencyWindowSeconds);
   }
 
+  /** What the session stores, in bytes as PostgreSQL counts them (storage.ts). */
+  async function storage(name: string): Promise<SessionStorage> {
+    const session = await mustFind(db, name);
+    const figures = await sessionStorage(db, session.id);
+    if (!figures) throw errors.sessionNotFound(name);
+    return figures;
+  }
+
+  /** Several sessions' stored bytes at once (the list's ?storage=true), by session id. */
+  async function storageOfMany(sessions: SessionRecord[]): Promise<Map<number, SessionStorage>> {
+    return storageOfSessions(db, sessions.map((x) => x.id));
+  }
+
+  /** Deletes the sessions idle beyond their expire_after_idle_s (expiry.ts); their cached copies go too. */
+  async function sweepExpired(): Promise<string[]> {
+    const gone = await sweepIdleSessions(db);
+    for (const { id, name } of gone) {
+      forget(id);
+      sessionIds.delete(name);
+    }
+    if (gone.length) log.info({ sessions: gone.map((g) => g.name) }, 'expired idle sessions deleted');
+    return gone.map((g) => g.name);
+  }
+
   return {
     create, get, list, remove, updateSettings, step, view, load, history, latestChange, snapshotNow, listSnapshots: listSnapshotsOf, getSnapshot,
-    pinSnapshot, snapshotView, restore, fork, versionRange, close, pruneIdempotency,
+    pinSnapshot, snapshotView, restore, fork, versionRange, close, pruneIdempotency, storage, storageOfMany, sweepExpired,
     /** For tests and metrics: how many sessions and bytes this process holds decoded. */
     cacheStats: () => ({ sessions: cache.size, bytes: cachedBytes }),
     /** Drops this process's decoded copies (tests use it to force a rebuild from snapshot + log). */

@@ -185,3 +185,29 @@ test('the event stream sends each new version with its kind, metrics and stalene
   assert.ok(Date.now() - closing < 5000, `closed in ${Date.now() - closing} ms`);
   await open.until(() => open.ended());
 });
+
+test('a waiting read whose client disconnects is released at once; waiters are answered at shutdown', async (t) => {
+  const { app } = await buildTestApp(t);
+  await app.listen({ port: 0, host: '127.0.0.1' });
+  const base = `http://127.0.0.1:${(app.server.address() as { port: number }).port}`;
+  await setup(app, 'd');
+  const until = async (check: () => boolean) => {
+    const deadline = Date.now() + 5000;
+    while (!check()) {
+      assert.ok(Date.now() < deadline, JSON.stringify(app.versions.stats()));
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  };
+  const request = http.get(`${base}/v1/sessions/d/params?after_version=1&wait=60`);
+  request.on('error', () => {});
+  await until(() => app.versions.stats().waiters === 1);
+  request.destroy();
+  await until(() => app.versions.stats().waiters === 0);
+  // At shutdown a waiting read answers (304, nothing newer came) instead of holding the close for 60 s.
+  const answered = new Promise<number>((resolve) => http.get(`${base}/v1/sessions/d/params?after_version=1&wait=60`, (res) => resolve(res.statusCode ?? 0)).on('error', () => resolve(-1)));
+  await until(() => app.versions.stats().waiters === 1);
+  const closing = Date.now();
+  await app.close();
+  assert.equal(await answered, 304);
+  assert.ok(Date.now() - closing < 5000, `closed in ${Date.now() - closing} ms`);
+});

@@ -72,7 +72,11 @@ export async function waitPastVersion(
         waiter?.cancel();
       }
       // Woken: a newer version, a deletion, a listener reset, the timeout, a disconnect or shutdown. Read again.
-      if (gone.signal.aborted || fastify.versions.stats().closed) {
+      const closing = fastify.versions.stats().closed;
+      // At shutdown the connection must not stay open idle after this answer: the server closes idle
+      // connections once, when it starts closing, and would otherwise wait out their keep-alive.
+      if (closing) reply.header('connection', 'close');
+      if (gone.signal.aborted || closing) {
         const session = await fastify.sessions.get(name);
         if (session.version > afterVersion) return true;
         await sendNotModified(reply, session.version);

@@ -12,7 +12,7 @@ import { firstNonFinite, readJsonTensor } from '../../sessions/tensors.ts';
 import { readNamedTensors } from './binary.ts';
 import { optionalWhole, SETTING_LIMITS } from '../common.ts';
 
-const CREATE_KEYS = ['name', 'params', 'hyperparameters', 'param_groups', 'snapshot_every', 'keep_snapshots', 'max_staleness'];
+const CREATE_KEYS = ['name', 'params', 'hyperparameters', 'param_groups', 'snapshot_every', 'keep_snapshots', 'max_staleness', 'keep_log_bytes', 'expire_after_idle_s'];
 
 export function assertParamName(value: unknown, field: string): string {
   // eslint-disable-next-line no-control-regex
@@ -38,7 +38,12 @@ export function parseCreateOptions(body: Record<string, unknown>, config: Config
   const snapshotEvery = optionalWhole(body.snapshot_every, 'snapshot_every', 1, SETTING_LIMITS.snapshot_every) ?? config.defaultSnapshotEvery;
   const keepSnapshots = optionalWhole(body.keep_snapshots, 'keep_snapshots', 1, SETTING_LIMITS.keep_snapshots) ?? config.defaultKeepSnapshots;
   const maxStaleness = optionalWhole(body.max_staleness, 'max_staleness', 0, SETTING_LIMITS.max_staleness);
-  return { name, params: ordered, data: order.map((i) => data[i]), groups, snapshotEvery, keepSnapshots, maxStaleness };
+  // Absent: the configured default; null: no byte bound / never expire.
+  const keepLogBytes = body.keep_log_bytes === null ? null
+    : optionalWhole(body.keep_log_bytes, 'keep_log_bytes', 1, SETTING_LIMITS.keep_log_bytes) ?? config.defaultKeepLogBytes;
+  const expireAfterIdleS = body.expire_after_idle_s === null ? null
+    : optionalWhole(body.expire_after_idle_s, 'expire_after_idle_s', 1, SETTING_LIMITS.expire_after_idle_s) ?? config.defaultExpireAfterIdleS;
+  return { name, params: ordered, data: order.map((i) => data[i]), groups, snapshotEvery, keepSnapshots, maxStaleness, keepLogBytes, expireAfterIdleS };
 }
 
 export function checkParamList(params: ParamSpec[]): void {

@@ -86,7 +86,12 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     };
 
     // Holds a bounded slot (503 TOO_MANY_WAITERS beyond it) before the answer starts.
-    const release = fastify.versions.openStream(name, () => void refresh(), end);
+    // At shutdown the socket goes too: the server closes idle keep-alive connections only once, early.
+    const release = fastify.versions.openStream(name, () => void refresh(), () => {
+      end();
+      if (res.writableFinished) res.socket?.destroy();
+      else res.once('finish', () => res.socket?.destroy());
+    });
     reply.hijack();
     res.writeHead(200, {
       'content-type': 'text/event-stream; charset=utf-8',

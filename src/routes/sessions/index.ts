@@ -13,6 +13,16 @@ import snapshotRoutes from './snapshots.ts';
 import metricsRoutes from './metrics.ts';
 import eventsRoutes from './events.ts';
 
+/** keep_log_bytes and expire_after_idle_s: on create, PATCH and fork; null turns each off. */
+const STORAGE_SETTINGS = {
+  keep_log_bytes: Type.Optional(Type.Union([Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.keep_log_bytes }), Type.Null()], {
+    description: 'Byte bound on the step log: a snapshot is taken and older log dropped to stay under it (null: no bound)',
+  })),
+  expire_after_idle_s: Type.Optional(Type.Union([Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.expire_after_idle_s }), Type.Null()], {
+    description: 'Delete the session after this many seconds without a step or a write; reads do not count (null: never)',
+  })),
+};
+
 export default async function sessionRoutes(fastify: FastifyInstance, opts: { config: Config }) {
   const { config } = opts;
 
@@ -31,6 +41,7 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
         snapshot_every: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.snapshot_every })),
         keep_snapshots: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.keep_snapshots })),
         max_staleness: Type.Optional(Type.Union([Type.Integer({ minimum: 0, maximum: SETTING_LIMITS.max_staleness }), Type.Null()])),
+        ...STORAGE_SETTINGS,
       }, {
         examples: [{ name: 'mnist-run-1', params: [{ name: 'w', shape: [2, 2], data: [0.1, 0.2, 0.3, 0.4] }], hyperparameters: { lr: 0.01, t0: 100 } }],
       }),
@@ -53,15 +64,20 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
       querystring: Type.Object({
         limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 100 })),
         after: Type.Optional(Type.String({ maxLength: 128, description: 'Cursor: the last name of the previous page' })),
+        storage: Type.Optional(Type.Boolean({ description: 'Include each session\'s stored bytes (one more query for the page)' })),
       }),
       response: { 200: Type.Object({ sessions: Type.Array(Session), next: Type.Union([Type.String(), Type.Null()]) }), ...errorResponses(400, 401, 403) },
     },
   }, async (request) => {
-    const { limit = 100, after } = request.query as { limit?: number; after?: string };
+    const { limit = 100, after, storage } = request.query as { limit?: number; after?: string; storage?: boolean };
     // A token limited to a list of sessions lists only those (src/plugins/auth.ts).
     const rows = await fastify.sessions.list(after ?? null, limit + 1, request.auth?.sessions ?? null);
     const page = rows.slice(0, limit);
-    return { sessions: page.map(sessionJson), next: rows.length > limit ? page[page.length - 1].name : null };
+    const stored = storage ? await fastify.sessions.storageOfMany(page) : null;
+    return {
+      sessions: page.map((s) => ({ ...sessionJson(s), ...(stored?.has(s.id) && { storage: stored.get(s.id) }) })),
+      next: rows.length > limit ? page[page.length - 1].name : null,
+    };
   });
 
   fastify.get('/:name', {
@@ -73,10 +89,11 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
       response: { 200: Session, 304: NotModified, ...errorResponses(400, 401, 403, 404) },
     },
   }, async (request, reply) => {
-    const session = await fastify.sessions.get((request.params as { name: string }).name);
+    const { name } = request.params as { name: string };
+    const session = await fastify.sessions.get(name);
     if (noneMatch(request, session.version)) return sendNotModified(reply, session.version);
     setVersion(reply, session.version);
-    return sessionJson(session);
+    return { ...sessionJson(session), storage: await fastify.sessions.storage(name) };
   });
 
   fastify.patch('/:name', {
@@ -89,15 +106,20 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
         snapshot_every: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.snapshot_every })),
         keep_snapshots: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.keep_snapshots })),
         max_staleness: Type.Optional(Type.Union([Type.Integer({ minimum: 0, maximum: SETTING_LIMITS.max_staleness }), Type.Null()])),
+        ...STORAGE_SETTINGS,
       }, { additionalProperties: false }),
       response: { 200: Session, ...errorResponses(400, 401, 403, 404) },
     },
   }, async (request, reply) => {
-    const body = request.body as { snapshot_every?: number; keep_snapshots?: number; max_staleness?: number | null };
+    const body = request.body as {
+      snapshot_every?: number; keep_snapshots?: number; max_staleness?: number | null; keep_log_bytes?: number | null; expire_after_idle_s?: number | null;
+    };
     const session = await fastify.sessions.updateSettings((request.params as { name: string }).name, {
       ...(body.snapshot_every !== undefined && { snapshotEvery: body.snapshot_every }),
       ...(body.keep_snapshots !== undefined && { keepSnapshots: body.keep_snapshots }),
       ...(body.max_staleness !== undefined && { maxStaleness: body.max_staleness }),
+      ...(body.keep_log_bytes !== undefined && { keepLogBytes: body.keep_log_bytes }),
+      ...(body.expire_after_idle_s !== undefined && { expireAfterIdleS: body.expire_after_idle_s }),
     });
     setVersion(reply, session.version);
     return sessionJson(session);
@@ -127,17 +149,23 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
         snapshot_every: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.snapshot_every })),
         keep_snapshots: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.keep_snapshots })),
         max_staleness: Type.Optional(Type.Union([Type.Integer({ minimum: 0, maximum: SETTING_LIMITS.max_staleness }), Type.Null()])),
+        ...STORAGE_SETTINGS,
       }, { additionalProperties: false }),
       response: { 201: Session, ...errorResponses(400, 401, 403, 404, 409) },
     },
   }, async (request, reply) => {
-    const body = request.body as { name: string; snapshot?: number; snapshot_every?: number; keep_snapshots?: number; max_staleness?: number | null };
+    const body = request.body as {
+      name: string; snapshot?: number; snapshot_every?: number; keep_snapshots?: number; max_staleness?: number | null;
+      keep_log_bytes?: number | null; expire_after_idle_s?: number | null;
+    };
     const session = await fastify.sessions.fork((request.params as { name: string }).name, {
       name: body.name,
       snapshotId: optionalWhole(body.snapshot, 'snapshot', 1),
       snapshotEvery: body.snapshot_every,
       keepSnapshots: body.keep_snapshots,
       maxStaleness: body.max_staleness,
+      keepLogBytes: body.keep_log_bytes,
+      expireAfterIdleS: body.expire_after_idle_s,
     });
     setVersion(reply, session.version);
     reply.header('location', `/v1/sessions/${session.name}`);
