@@ -633,6 +633,8 @@ export interface paths {
                     limit?: number;
                     /** @description Cursor: the last name of the previous page */
                     after?: string;
+                    /** @description Include each session's stored bytes (one more query for the page) */
+                    storage?: boolean;
                 };
                 header?: never;
                 path?: never;
@@ -677,10 +679,27 @@ export interface paths {
                                 snapshot_every: number;
                                 keep_snapshots: number;
                                 max_staleness: number | null;
+                                /** @description Byte bound on the step log; null: none (keep_snapshots still bounds it) */
+                                keep_log_bytes: number | null;
+                                /** @description Deleted after this many seconds without a step or a write; null: never */
+                                expire_after_idle_s: number | null;
                                 /** Format: date-time */
                                 created_at: string;
                                 /** Format: date-time */
                                 updated_at: string;
+                                /** @description Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true) */
+                                storage?: {
+                                    /** @description The step log (gradients), as PostgreSQL stores it */
+                                    log_bytes: number;
+                                    /** @description Steps in the log */
+                                    log_steps: number;
+                                    /** @description Snapshots with their tensor chunks */
+                                    snapshot_bytes: number;
+                                    snapshots: number;
+                                    /** @description The session row, Idempotency-Key answers, per-step history */
+                                    other_bytes: number;
+                                    total_bytes: number;
+                                };
                             }[];
                             next: string | null;
                         };
@@ -838,6 +857,10 @@ export interface paths {
                         snapshot_every?: number;
                         keep_snapshots?: number;
                         max_staleness?: number | null;
+                        /** @description Byte bound on the step log: a snapshot is taken and older log dropped to stay under it (null: no bound) */
+                        keep_log_bytes?: number | null;
+                        /** @description Delete the session after this many seconds without a step or a write; reads do not count (null: never) */
+                        expire_after_idle_s?: number | null;
                     };
                     "application/x-safetensors": string;
                     "application/safetensors": string;
@@ -882,10 +905,27 @@ export interface paths {
                             snapshot_every: number;
                             keep_snapshots: number;
                             max_staleness: number | null;
+                            /** @description Byte bound on the step log; null: none (keep_snapshots still bounds it) */
+                            keep_log_bytes: number | null;
+                            /** @description Deleted after this many seconds without a step or a write; null: never */
+                            expire_after_idle_s: number | null;
                             /** Format: date-time */
                             created_at: string;
                             /** Format: date-time */
                             updated_at: string;
+                            /** @description Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true) */
+                            storage?: {
+                                /** @description The step log (gradients), as PostgreSQL stores it */
+                                log_bytes: number;
+                                /** @description Steps in the log */
+                                log_steps: number;
+                                /** @description Snapshots with their tensor chunks */
+                                snapshot_bytes: number;
+                                snapshots: number;
+                                /** @description The session row, Idempotency-Key answers, per-step history */
+                                other_bytes: number;
+                                total_bytes: number;
+                            };
                         };
                     };
                 };
@@ -1087,10 +1127,27 @@ export interface paths {
                             snapshot_every: number;
                             keep_snapshots: number;
                             max_staleness: number | null;
+                            /** @description Byte bound on the step log; null: none (keep_snapshots still bounds it) */
+                            keep_log_bytes: number | null;
+                            /** @description Deleted after this many seconds without a step or a write; null: never */
+                            expire_after_idle_s: number | null;
                             /** Format: date-time */
                             created_at: string;
                             /** Format: date-time */
                             updated_at: string;
+                            /** @description Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true) */
+                            storage?: {
+                                /** @description The step log (gradients), as PostgreSQL stores it */
+                                log_bytes: number;
+                                /** @description Steps in the log */
+                                log_steps: number;
+                                /** @description Snapshots with their tensor chunks */
+                                snapshot_bytes: number;
+                                snapshots: number;
+                                /** @description The session row, Idempotency-Key answers, per-step history */
+                                other_bytes: number;
+                                total_bytes: number;
+                            };
                         };
                     };
                 };
@@ -1362,6 +1419,10 @@ export interface paths {
                         snapshot_every?: number;
                         keep_snapshots?: number;
                         max_staleness?: number | null;
+                        /** @description Byte bound on the step log: a snapshot is taken and older log dropped to stay under it (null: no bound) */
+                        keep_log_bytes?: number | null;
+                        /** @description Delete the session after this many seconds without a step or a write; reads do not count (null: never) */
+                        expire_after_idle_s?: number | null;
                     };
                 };
             };
@@ -1402,10 +1463,27 @@ export interface paths {
                             snapshot_every: number;
                             keep_snapshots: number;
                             max_staleness: number | null;
+                            /** @description Byte bound on the step log; null: none (keep_snapshots still bounds it) */
+                            keep_log_bytes: number | null;
+                            /** @description Deleted after this many seconds without a step or a write; null: never */
+                            expire_after_idle_s: number | null;
                             /** Format: date-time */
                             created_at: string;
                             /** Format: date-time */
                             updated_at: string;
+                            /** @description Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true) */
+                            storage?: {
+                                /** @description The step log (gradients), as PostgreSQL stores it */
+                                log_bytes: number;
+                                /** @description Steps in the log */
+                                log_steps: number;
+                                /** @description Snapshots with their tensor chunks */
+                                snapshot_bytes: number;
+                                snapshots: number;
+                                /** @description The session row, Idempotency-Key answers, per-step history */
+                                other_bytes: number;
+                                total_bytes: number;
+                            };
                         };
                     };
                 };
@@ -1574,6 +1652,10 @@ export interface paths {
                         snapshot_every?: number;
                         keep_snapshots?: number;
                         max_staleness?: number | null;
+                        /** @description Byte bound on the step log: a snapshot is taken and older log dropped to stay under it (null: no bound) */
+                        keep_log_bytes?: number | null;
+                        /** @description Delete the session after this many seconds without a step or a write; reads do not count (null: never) */
+                        expire_after_idle_s?: number | null;
                     };
                 };
             };
@@ -1614,10 +1696,27 @@ export interface paths {
                             snapshot_every: number;
                             keep_snapshots: number;
                             max_staleness: number | null;
+                            /** @description Byte bound on the step log; null: none (keep_snapshots still bounds it) */
+                            keep_log_bytes: number | null;
+                            /** @description Deleted after this many seconds without a step or a write; null: never */
+                            expire_after_idle_s: number | null;
                             /** Format: date-time */
                             created_at: string;
                             /** Format: date-time */
                             updated_at: string;
+                            /** @description Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true) */
+                            storage?: {
+                                /** @description The step log (gradients), as PostgreSQL stores it */
+                                log_bytes: number;
+                                /** @description Steps in the log */
+                                log_steps: number;
+                                /** @description Snapshots with their tensor chunks */
+                                snapshot_bytes: number;
+                                snapshots: number;
+                                /** @description The session row, Idempotency-Key answers, per-step history */
+                                other_bytes: number;
+                                total_bytes: number;
+                            };
                         };
                     };
                 };
@@ -2463,10 +2562,27 @@ export interface paths {
                             snapshot_every: number;
                             keep_snapshots: number;
                             max_staleness: number | null;
+                            /** @description Byte bound on the step log; null: none (keep_snapshots still bounds it) */
+                            keep_log_bytes: number | null;
+                            /** @description Deleted after this many seconds without a step or a write; null: never */
+                            expire_after_idle_s: number | null;
                             /** Format: date-time */
                             created_at: string;
                             /** Format: date-time */
                             updated_at: string;
+                            /** @description Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true) */
+                            storage?: {
+                                /** @description The step log (gradients), as PostgreSQL stores it */
+                                log_bytes: number;
+                                /** @description Steps in the log */
+                                log_steps: number;
+                                /** @description Snapshots with their tensor chunks */
+                                snapshot_bytes: number;
+                                snapshots: number;
+                                /** @description The session row, Idempotency-Key answers, per-step history */
+                                other_bytes: number;
+                                total_bytes: number;
+                            };
                         };
                     };
                 };
@@ -2850,10 +2966,27 @@ export interface paths {
                             snapshot_every: number;
                             keep_snapshots: number;
                             max_staleness: number | null;
+                            /** @description Byte bound on the step log; null: none (keep_snapshots still bounds it) */
+                            keep_log_bytes: number | null;
+                            /** @description Deleted after this many seconds without a step or a write; null: never */
+                            expire_after_idle_s: number | null;
                             /** Format: date-time */
                             created_at: string;
                             /** Format: date-time */
                             updated_at: string;
+                            /** @description Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true) */
+                            storage?: {
+                                /** @description The step log (gradients), as PostgreSQL stores it */
+                                log_bytes: number;
+                                /** @description Steps in the log */
+                                log_steps: number;
+                                /** @description Snapshots with their tensor chunks */
+                                snapshot_bytes: number;
+                                snapshots: number;
+                                /** @description The session row, Idempotency-Key answers, per-step history */
+                                other_bytes: number;
+                                total_bytes: number;
+                            };
                         };
                     };
                 };
@@ -4212,10 +4345,27 @@ export interface paths {
                             snapshot_every: number;
                             keep_snapshots: number;
                             max_staleness: number | null;
+                            /** @description Byte bound on the step log; null: none (keep_snapshots still bounds it) */
+                            keep_log_bytes: number | null;
+                            /** @description Deleted after this many seconds without a step or a write; null: never */
+                            expire_after_idle_s: number | null;
                             /** Format: date-time */
                             created_at: string;
                             /** Format: date-time */
                             updated_at: string;
+                            /** @description Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true) */
+                            storage?: {
+                                /** @description The step log (gradients), as PostgreSQL stores it */
+                                log_bytes: number;
+                                /** @description Steps in the log */
+                                log_steps: number;
+                                /** @description Snapshots with their tensor chunks */
+                                snapshot_bytes: number;
+                                snapshots: number;
+                                /** @description The session row, Idempotency-Key answers, per-step history */
+                                other_bytes: number;
+                                total_bytes: number;
+                            };
                         };
                     };
                 };
