@@ -478,6 +478,119 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/tokens/self": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The token of this request: its scope and session list
+         * @description Needs a token with scope `read`.
+         */
+        get: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path?: never;
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description Default Response */
+                200: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            /** @description "admin" for ASGD_ADMIN_TOKEN, "anonymous" when auth is off */
+                            id: string;
+                            name: string;
+                            /** @description read: GET routes of sessions; step: read and POST step; admin: everything */
+                            scope: "read" | "step" | "admin";
+                            /** @description null: every session */
+                            sessions: string[] | null;
+                            /** @description false when the service runs without auth (no ASGD_ADMIN_TOKEN) */
+                            auth: boolean;
+                        };
+                    };
+                };
+                /** @description Every error: a stable code and a message that names the field */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description The token's scope or session list does not allow this */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
+                429: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
+                503: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+            };
+        };
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/tokens/{id}": {
         parameters: {
             query?: never;
@@ -633,6 +746,10 @@ export interface paths {
                     limit?: number;
                     /** @description Cursor: the last name of the previous page */
                     after?: string;
+                    /** @description Only names that contain this text (case-insensitive) */
+                    search?: string;
+                    /** @description Include each session's `activity`: steps in the last minute and the time of the last step (an index probe a session) */
+                    figures?: boolean;
                     /** @description Include each session's stored bytes (one more query for the page) */
                     storage?: boolean;
                 };
@@ -699,6 +816,16 @@ export interface paths {
                                     /** @description The session row, Idempotency-Key answers, per-step history */
                                     other_bytes: number;
                                     total_bytes: number;
+                                };
+                                activity?: {
+                                    steps_last_minute: number;
+                                    /** @description steps_last_minute / 60 */
+                                    steps_per_second: number;
+                                    /**
+                                     * Format: date-time
+                                     * @description null: never stepped
+                                     */
+                                    last_step_at: string | null;
                                 };
                             }[];
                             next: string | null;
@@ -4489,7 +4616,7 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
-    "/v1/sessions/{name}/metrics": {
+    "/v1/sessions/{name}/norms": {
         parameters: {
             query?: never;
             header?: never;
@@ -4497,8 +4624,164 @@ export interface paths {
             cookie?: never;
         };
         /**
-         * Read the training series
-         * @description One point per step after `after_version`, oldest first: version, step, time, staleness and the metrics the step carried. Poll with `after_version` = the last `next_after_version`.
+         * Norms of the parameters and of ax, at the current version
+         * @description Computed on demand from the current state (not sampled at snapshots): per parameter the L2 norm of its values and of ASGD's average ax, with its step, eta and mu.
+         *
+         *     Needs a token with scope `read`.
+         */
+        get: {
+            parameters: {
+                query?: never;
+                header?: never;
+                path: {
+                    /** @description Session name: 1-128 of A-Za-z0-9._- */
+                    name: string;
+                };
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description Default Response */
+                200: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            session: string;
+                            version: number;
+                            step: number;
+                            params: {
+                                name: string;
+                                numel: number;
+                                /** @description L2 norm of the parameter (float64 sum of squares of its float32 values) */
+                                norm: number;
+                                /** @description L2 norm of ASGD's averaged parameter ax */
+                                ax_norm: number;
+                                /** @description ASGD's per-parameter step; null before its first step */
+                                step: number | null;
+                                eta: number | null;
+                                mu: number | null;
+                            }[];
+                        };
+                    };
+                };
+                /** @description Every error: a stable code and a message that names the field */
+                400: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description Every error: a stable code and a message that names the field */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description Every error: a stable code and a message that names the field */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description Every error: a stable code and a message that names the field */
+                404: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
+                429: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
+                503: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+            };
+        };
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/sessions/{name}/hyperparameters": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The steps that changed hyperparameters
+         * @description Oldest first, after `after_version`: each step that set a group's hyperparameters (a scheduler), with every group's values after it.
          *
          *     Needs a token with scope `read`.
          */
@@ -4525,6 +4808,165 @@ export interface paths {
                     content: {
                         "application/json": {
                             session: string;
+                            changes: {
+                                version: number;
+                                step: number;
+                                /** Format: date-time */
+                                time: string;
+                                /** @description Each group's hyperparameters after the step */
+                                param_groups: {
+                                    [key: string]: unknown;
+                                }[];
+                            }[];
+                            next_after_version: number;
+                        };
+                    };
+                };
+                /** @description Every error: a stable code and a message that names the field */
+                400: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description Every error: a stable code and a message that names the field */
+                401: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description Every error: a stable code and a message that names the field */
+                403: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description Every error: a stable code and a message that names the field */
+                404: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
+                429: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
+                503: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            statusCode: number;
+                            code: string;
+                            error: string;
+                            message: string;
+                        } & {
+                            [key: string]: unknown;
+                        };
+                    };
+                };
+            };
+        };
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/sessions/{name}/metrics": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Read the training series
+         * @description One point per step after `after_version`, oldest first: version, step, time, staleness and the metrics the step carried. Poll with `after_version` = the last `next_after_version`. With `max_points`, the whole series after `after_version` in at most that many points: the steps themselves when there are that few, else buckets of consecutive versions with the mean, min and max of each metric and of the staleness (`downsampled`: true). Hyperparameter changes are not in buckets: see .../hyperparameters.
+         *
+         *     Needs a token with scope `read`.
+         */
+        get: {
+            parameters: {
+                query?: {
+                    after_version?: number;
+                    /** @description Default 1000; not with max_points */
+                    limit?: number;
+                    /** @description Downsample the series after after_version to at most this many points */
+                    max_points?: number;
+                };
+                header?: never;
+                path: {
+                    /** @description Session name: 1-128 of A-Za-z0-9._- */
+                    name: string;
+                };
+                cookie?: never;
+            };
+            requestBody?: never;
+            responses: {
+                /** @description Default Response */
+                200: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": {
+                            session: string;
                             points: {
                                 version: number;
                                 step: number;
@@ -4533,8 +4975,9 @@ export interface paths {
                                  * @description When the step committed
                                  */
                                 time: string;
+                                /** @description The step's staleness (a bucket: the mean of its steps') */
                                 staleness: number;
-                                /** @description The step's metrics ({} when it sent none) */
+                                /** @description The step's metrics ({} when it sent none); a bucket: the mean of each */
                                 values: {
                                     [key: string]: number;
                                 };
@@ -4542,9 +4985,23 @@ export interface paths {
                                 param_groups?: {
                                     [key: string]: unknown;
                                 }[];
+                                /** @description A bucket (max_points): its first version; `version`, `step` and `time` are its last */
+                                version_from?: number;
+                                /** @description A bucket: how many steps it holds */
+                                count?: number;
+                                /** @description A bucket: the largest staleness in it */
+                                staleness_max?: number;
+                                min?: {
+                                    [key: string]: number;
+                                };
+                                max?: {
+                                    [key: string]: number;
+                                };
                             }[];
                             /** @description The after_version of the next page: the last point's version (or the one asked for when there are none) */
                             next_after_version: number;
+                            /** @description With max_points: whether the points are buckets */
+                            downsampled?: boolean;
                         };
                     };
                 };
