@@ -1,0 +1,315 @@
+// ASGDClient: every operation of the asgd-serve API v1, typed from the OpenAPI document.
+import { ProtocolError } from './errors.ts';
+import { type Answer, type Exchange, newIdempotencyKey, parseJson, Transport, type TransportOptions } from './http.ts';
+import { decodeSafetensors, encodeSafetensors, type SafetensorsFile } from './safetensors.ts';
+import { asFloat32, fromJsonTensors, type Tensor, toJsonData } from './tensors.ts';
+import type {
+  CreatedToken, CreateSessionSpec, CreateTokenRequest, ForkRequest, Gradients, MetricsPage, ParamsResult, PatchSessionRequest,
+  ReadOptions, Session, SessionList, Snapshot, SnapshotList, StateDictJson, StepAnswerJson, StepOptions, StepResult, TokenList,
+} from './types.ts';
+
+const SAFETENSORS = 'application/x-safetensors';
+const TORCH = 'application/octet-stream';
+
+const enc = encodeURIComponent;
+const sessionPath = (name: string) => `/v1/sessions/${enc(name)}`;
+const etag = (version: number) => `"${version}"`;
+
+function isSafetensors(answer: Answer): boolean {
+  return (answer.headers.get('content-type') ?? '').startsWith(SAFETENSORS);
+}
+
+function paramsFromSafetensors(file: SafetensorsFile): Record<string, Tensor> {
+  const out: Record<string, Tensor> = {};
+  for (const [name, t] of file.tensors) out[name] = { shape: t.shape, data: t.data };
+  return out;
+}
+
+export class ASGDClient {
+  readonly http: Transport;
+  /** Parameter shapes by session, for gradients given as flat arrays (sent as safetensors). */
+  private readonly shapes = new Map<string, Map<string, number[]>>();
+
+  constructor(baseUrl: string, options: TransportOptions = {}) {
+    this.http = new Transport(baseUrl, options);
+  }
+
+  // ---- sessions ------------------------------------------------------------------------------------
+
+  async createSession(spec: CreateSessionSpec): Promise<Session> {
+    const body = { ...spec, params: spec.params.map((p) => ({ ...p, data: toJsonData(p.data) })) };
+    return (await this.http.json<Session>({ method: 'POST', path: '/v1/sessions', json: body })).value;
+  }
+
+  /** Creates a session from named tensors sent as safetensors; `options` are the JSON form's other keys. */
+  async createSessionFromTensors(name: string, tensors: Record<string, Tensor>, options: Omit<CreateSessionSpec, 'name' | 'params'> = {}): Promise<Session> {
+    const bytes = encodeSafetensors(tensors, { asgd: JSON.stringify({ name, ...options }) });
+    return (await this.http.json<Session>({ method: 'POST', path: '/v1/sessions', bytes, contentType: SAFETENSORS })).value;
+  }
+
+  /** Creates a session from a file: safetensors or a torch.save'd model state_dict. */
+  async createSessionFromFile(name: string, bytes: Uint8Array, format: 'safetensors' | 'pt', options: Omit<CreateSessionSpec, 'name' | 'params'> = {}): Promise<Session> {
+    const query = { name, options: Object.keys(options).length ? JSON.stringify(options) : undefined };
+    return (await this.http.json<Session>({ method: 'POST', path: '/v1/sessions', query, bytes, contentType: format === 'pt' ? TORCH : SAFETENSORS })).value;
+  }
+
+  async listSessions(page: { limit?: number; after?: string } = {}): Promise<SessionList> {
+    return (await this.http.json<SessionList>({ method: 'GET', path: '/v1/sessions', query: page, repeatable: true })).value;
+  }
+
+  /** Every session, page after page. */
+  async *sessions(pageSize = 100): AsyncGenerator<Session> {
+    let after: string | undefined;
+    for (;;) {
+      const page = await this.listSessions({ limit: pageSize, after });
+      yield* page.sessions;
+      if (!page.next) return;
+      after = page.next;
+    }
+  }
+
+  async getSession(name: string): Promise<Session> {
+    const session = (await this.http.json<Session>({ method: 'GET', path: sessionPath(name), repeatable: true })).value;
+    this.remember(session);
+    return session;
+  }
+
+  /** The session, or null when it is still at `version` (If-None-Match, 304). */
+  async getSessionIfChanged(name: string, version: number): Promise<Session | null> {
+    const answer = await this.http.send({ method: 'GET', path: sessionPath(name), headers: { 'if-none-match': etag(version) }, allow: [304], repeatable: true });
+    return answer.status === 304 ? null : parseJson<Session>(answer, 'GET', sessionPath(name));
+  }
+
+  async patchSession(name: string, changes: PatchSessionRequest): Promise<Session> {
+    return (await this.http.json<Session>({ method: 'PATCH', path: sessionPath(name), json: changes, repeatable: true })).value;
+  }
+
+  async deleteSession(name: string, options: { ifMatch?: number } = {}): Promise<void> {
+    const headers = { 'if-match': options.ifMatch === undefined ? undefined : etag(options.ifMatch) };
+    await this.http.send({ method: 'DELETE', path: sessionPath(name), headers });
+    this.shapes.delete(name);
+  }
+
+  async fork(name: string, request: ForkRequest): Promise<Session> {
+    return (await this.http.json<Session>({ method: 'POST', path: `${sessionPath(name)}/fork`, json: request })).value;
+  }
+
+  // ---- steps ---------------------------------------------------------------------------------------
+
+  /**
+   * One optimizer step. By default the gradients go as safetensors with a fresh Idempotency-Key, and a
+   * lost answer is retried with that key within the retry budget: the step is applied once.
+   */
+  async step(name: string, grads: Gradients, options: StepOptions = {}): Promise<StepResult> {
+    const key = options.idempotencyKey === null ? undefined : (options.idempotencyKey ?? newIdempotencyKey());
+    const ret = options.return ?? 'none';
+    const x: Exchange = {
+      method: 'POST',
+      path: `${sessionPath(name)}/step`,
+      query: { return: ret === 'none' ? undefined : ret },
+      headers: { 'idempotency-key': key, 'if-match': options.ifMatch === undefined ? undefined : etag(options.ifMatch) },
+      repeatable: key !== undefined,
+      retryBudgetMs: options.retryBudgetMs,
+    };
+    if ((options.format ?? 'safetensors') === 'json') {
+      const body: Record<string, unknown> = { grads: jsonGradients(grads) };
+      if (options.baseVersion !== undefined) body.base_version = options.baseVersion;
+      if (options.paramGroups) body.param_groups = options.paramGroups;
+      if (options.metrics) body.metrics = options.metrics;
+      x.json = body;
+      x.accept = 'application/json';
+    } else {
+      const metadata: Record<string, string> = {};
+      if (options.paramGroups) metadata.param_groups = JSON.stringify(options.paramGroups);
+      if (options.metrics) metadata.metrics = JSON.stringify(options.metrics);
+      x.query!.base_version = options.baseVersion;
+      x.bytes = encodeSafetensors(await this.shaped(name, grads), metadata, options.dtype ?? 'F32');
+      x.contentType = SAFETENSORS;
+      x.accept = ret === 'none' ? 'application/json' : `${SAFETENSORS}, application/json;q=0.5`;
+    }
+    const answer = await this.http.send(x);
+    const result = readStepAnswer(answer, x.path);
+    return { ...result, idempotencyKey: key, attempts: answer.attempts };
+  }
+
+  /** Gradients with their shapes: flat arrays take the parameter's shape from the session (fetched once). */
+  private async shaped(name: string, grads: Gradients): Promise<Record<string, Tensor>> {
+    const out: Record<string, Tensor> = {};
+    for (const [param, g] of Object.entries(grads)) {
+      if (!(g instanceof Float32Array) && !Array.isArray(g)) {
+        out[param] = { shape: g.shape, data: asFloat32(g.data) };
+        continue;
+      }
+      let shapes = this.shapes.get(name);
+      if (!shapes?.has(param)) shapes = this.remember(await this.getSession(name));
+      out[param] = { shape: shapes.get(param) ?? [g.length], data: asFloat32(g) };
+    }
+    return out;
+  }
+
+  private remember(session: Session): Map<string, number[]> {
+    const shapes = new Map(session.params.map((p) => [p.name, p.shape]));
+    this.shapes.set(session.name, shapes);
+    return shapes;
+  }
+
+  /** Metrics and staleness of committed steps, in version order (issue 11's history). */
+  async metrics(name: string, page: { afterVersion?: number; limit?: number } = {}): Promise<MetricsPage> {
+    const query = { after_version: page.afterVersion, limit: page.limit };
+    return (await this.http.json<MetricsPage>({ method: 'GET', path: `${sessionPath(name)}/metrics`, query, repeatable: true })).value;
+  }
+
+  // ---- params ---------------------------------------------------------------------------------------
+
+  /** The parameters (or, with `averaged`, ASGD's averaged parameters `ax`). */
+  async params(name: string, options: ReadOptions & { averaged?: boolean } = {}): Promise<ParamsResult> {
+    return (await this.readParams(name, options, {}))!;
+  }
+
+  /** The parameters, or null when the session is still at `version` (If-None-Match, 304). */
+  paramsIfChanged(name: string, version: number, options: ReadOptions & { averaged?: boolean } = {}): Promise<ParamsResult | null> {
+    return this.readParams(name, options, { headers: { 'if-none-match': etag(version) } });
+  }
+
+  /** Waits up to `waitSeconds` (at most 60) for a version above `afterVersion`; null if none came. */
+  waitForParams(name: string, afterVersion: number, waitSeconds: number, options: { averaged?: boolean; format?: 'json' | 'safetensors' } = {}): Promise<ParamsResult | null> {
+    return this.readParams(name, options, { query: { after_version: afterVersion, wait: waitSeconds } });
+  }
+
+  private async readParams(name: string, options: ReadOptions & { averaged?: boolean }, extra: Partial<Exchange>): Promise<ParamsResult | null> {
+    const path = `${sessionPath(name)}/params`;
+    const format = options.format ?? 'safetensors';
+    const answer = await this.http.send({
+      method: 'GET',
+      path,
+      query: { version: options.version, averaged: options.averaged ? 'true' : undefined, ...extra.query },
+      headers: extra.headers,
+      accept: format === 'json' ? 'application/json' : SAFETENSORS,
+      allow: [304],
+      repeatable: true,
+    });
+    if (answer.status === 304) return null;
+    if (isSafetensors(answer)) {
+      const file = decodeSafetensors(answer.bytes);
+      return {
+        session: file.metadata.session ?? name,
+        version: Number(file.metadata.version),
+        step: Number(file.metadata.step),
+        averaged: file.metadata.averaged === 'true',
+        params: paramsFromSafetensors(file),
+      };
+    }
+    const body = parseJson<{ session: string; version: number; step: number; averaged: boolean; params: unknown }>(answer, 'GET', path);
+    return { ...body, params: fromJsonTensors(body.params, 'params') };
+  }
+
+  // ---- state_dict and checkpoint ----------------------------------------------------------------------
+
+  /** torch.optim.ASGD.state_dict() as JSON. */
+  async stateDict(name: string, options: { version?: number } = {}): Promise<StateDictJson> {
+    return (await this.http.json<StateDictJson>({ method: 'GET', path: `${sessionPath(name)}/state_dict`, query: options, repeatable: true })).value;
+  }
+
+  /** The state_dict as a file: 'pt' (torch.load reads it) or 'safetensors'. */
+  async stateDictBytes(name: string, format: 'pt' | 'safetensors', options: { version?: number } = {}): Promise<Uint8Array> {
+    return (await this.http.send({ method: 'GET', path: `${sessionPath(name)}/state_dict`, query: { ...options, format }, repeatable: true })).bytes;
+  }
+
+  /** Loads a state_dict (Optimizer.load_state_dict semantics): JSON, or file bytes in `format`. */
+  async loadStateDict(name: string, stateDict: StateDictJson | Uint8Array, options: { format?: 'pt' | 'safetensors'; ifMatch?: number } = {}): Promise<Session> {
+    return this.put(`${sessionPath(name)}/state_dict`, stateDict, options);
+  }
+
+  /** {"model", "optimizer", "step"} as one torch.save file. */
+  async checkpointBytes(name: string, options: { version?: number } = {}): Promise<Uint8Array> {
+    return (await this.http.send({ method: 'GET', path: `${sessionPath(name)}/checkpoint`, query: { ...options, format: 'pt' }, repeatable: true })).bytes;
+  }
+
+  async loadCheckpoint(name: string, bytes: Uint8Array, options: { ifMatch?: number } = {}): Promise<Session> {
+    return this.put(`${sessionPath(name)}/checkpoint`, bytes, { ...options, format: 'pt' });
+  }
+
+  private async put(path: string, value: StateDictJson | Uint8Array, options: { format?: 'pt' | 'safetensors'; ifMatch?: number }): Promise<Session> {
+    const headers = { 'if-match': options.ifMatch === undefined ? undefined : etag(options.ifMatch) };
+    const body: Partial<Exchange> = value instanceof Uint8Array ? { bytes: value, contentType: options.format === 'safetensors' ? SAFETENSORS : TORCH } : { json: value };
+    return (await this.http.json<Session>({ method: 'PUT', path, headers, ...body })).value;
+  }
+
+  // ---- snapshots -------------------------------------------------------------------------------------
+
+  async createSnapshot(name: string, options: { pinned?: boolean } = {}): Promise<Snapshot> {
+    return (await this.http.json<Snapshot>({ method: 'POST', path: `${sessionPath(name)}/snapshots`, json: options })).value;
+  }
+
+  async listSnapshots(name: string): Promise<SnapshotList> {
+    return (await this.http.json<SnapshotList>({ method: 'GET', path: `${sessionPath(name)}/snapshots`, repeatable: true })).value;
+  }
+
+  async getSnapshot(name: string, id: number): Promise<Snapshot> {
+    return (await this.http.json<Snapshot>({ method: 'GET', path: `${sessionPath(name)}/snapshots/${id}`, repeatable: true })).value;
+  }
+
+  async pinSnapshot(name: string, id: number, pinned = true): Promise<Snapshot> {
+    return (await this.http.json<Snapshot>({ method: 'PATCH', path: `${sessionPath(name)}/snapshots/${id}`, json: { pinned }, repeatable: true })).value;
+  }
+
+  /** A snapshot's parameters (or averaged parameters). */
+  async snapshotParams(name: string, id: number, options: { averaged?: boolean } = {}): Promise<ParamsResult> {
+    const path = `${sessionPath(name)}/snapshots/${id}/params`;
+    const answer = await this.http.send({ method: 'GET', path, query: { averaged: options.averaged ? 'true' : undefined }, accept: SAFETENSORS, repeatable: true });
+    if (!isSafetensors(answer)) throw new ProtocolError(`GET ${path}: expected safetensors, got ${answer.headers.get('content-type')}`);
+    const file = decodeSafetensors(answer.bytes);
+    return { session: file.metadata.session ?? name, version: Number(file.metadata.version), step: Number(file.metadata.step), averaged: !!options.averaged, params: paramsFromSafetensors(file) };
+  }
+
+  /** A snapshot's state_dict or checkpoint as a file ('pt' or, for the state_dict, 'safetensors'). */
+  async snapshotBytes(name: string, id: number, what: 'state_dict' | 'checkpoint', format: 'pt' | 'safetensors' = 'pt'): Promise<Uint8Array> {
+    return (await this.http.send({ method: 'GET', path: `${sessionPath(name)}/snapshots/${id}/${what}`, query: { format }, repeatable: true })).bytes;
+  }
+
+  /** Rolls the session back to a snapshot, as a new version. */
+  async restoreSnapshot(name: string, id: number, options: { ifMatch?: number } = {}): Promise<Session> {
+    const headers = { 'if-match': options.ifMatch === undefined ? undefined : etag(options.ifMatch) };
+    return (await this.http.json<Session>({ method: 'POST', path: `${sessionPath(name)}/snapshots/${id}/restore`, headers })).value;
+  }
+
+  // ---- tokens --------------------------------------------------------------------------------------
+
+  async createToken(request: CreateTokenRequest): Promise<CreatedToken> {
+    return (await this.http.json<CreatedToken>({ method: 'POST', path: '/v1/tokens', json: request })).value;
+  }
+
+  async listTokens(): Promise<TokenList> {
+    return (await this.http.json<TokenList>({ method: 'GET', path: '/v1/tokens', repeatable: true })).value;
+  }
+
+  async deleteToken(id: string): Promise<void> {
+    await this.http.send({ method: 'DELETE', path: `/v1/tokens/${enc(id)}`, repeatable: true });
+  }
+}
+
+function jsonGradients(grads: Gradients): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const [name, g] of Object.entries(grads)) {
+    out[name] = g instanceof Float32Array || Array.isArray(g) ? toJsonData(g) : { shape: g.shape, data: toJsonData(g.data) };
+  }
+  return out;
+}
+
+function readStepAnswer(answer: Answer, path: string): Omit<StepResult, 'attempts'> {
+  if (isSafetensors(answer)) {
+    const file = decodeSafetensors(answer.bytes);
+    const m = file.metadata;
+    return {
+      session: m.session,
+      step: Number(m.step),
+      version: Number(m.version),
+      staleness: Number(m.staleness),
+      ...(m.replayed !== undefined && { replayed: m.replayed === 'true' }),
+      params: paramsFromSafetensors(file),
+    };
+  }
+  const body = parseJson<StepAnswerJson & { params?: unknown }>(answer, 'POST', path);
+  const { params, ...rest } = body;
+  return params === undefined ? rest : { ...rest, params: fromJsonTensors(params, 'params') };
+}

@@ -1,0 +1,146 @@
+// Errors as classes, one per stable error code of the service (src/errors.ts there), so that callers can
+// `catch (e) { if (e instanceof StaleGradient) ... }`. Every service error keeps the request and the answer.
+
+/** Base class of everything this client throws. */
+export class ASGDError extends Error {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = new.target.name;
+  }
+}
+
+export interface ErrorBody {
+  statusCode?: number;
+  code?: string;
+  error?: string;
+  message?: string;
+  [key: string]: unknown;
+}
+
+/** The service answered with an error status: `status`, the stable `code`, its `message`, the whole `body`. */
+export class ServiceError extends ASGDError {
+  readonly status: number;
+  readonly code: string;
+  readonly serviceMessage: string;
+  readonly body: ErrorBody | string;
+  readonly method: string;
+  readonly url: string;
+  readonly headers: Headers;
+
+  constructor(status: number, code: string, message: string, request: { method: string; url: string; body: ErrorBody | string; headers: Headers }) {
+    super(`${request.method} ${request.url} -> ${status} ${code}: ${message}`);
+    this.status = status;
+    this.code = code;
+    this.serviceMessage = message;
+    this.body = request.body;
+    this.method = request.method;
+    this.url = request.url;
+    this.headers = request.headers;
+  }
+
+  /** The session's current version when the answer told it (412 VERSION_MISMATCH, 409 STALE_GRADIENT). */
+  get version(): number | undefined {
+    const v = typeof this.body === 'object' ? this.body.version : undefined;
+    return typeof v === 'number' ? v : undefined;
+  }
+}
+
+/** 400: the request is malformed; `code` says how (INVALID_BODY, SHAPE_MISMATCH, UNKNOWN_PARAMETER, ...). */
+export class BadRequest extends ServiceError {}
+export class InvalidHyperparameter extends BadRequest {}
+export class ShapeMismatch extends BadRequest {}
+export class UnknownParameter extends BadRequest {}
+export class InvalidTensor extends BadRequest {}
+/** 401 UNAUTHORIZED: no token, or not a valid one. */
+export class Unauthorized extends ServiceError {}
+/** 403 FORBIDDEN: the token's scope or session list does not cover this request. */
+export class Forbidden extends ServiceError {}
+/** 404: the thing named does not exist. */
+export class NotFound extends ServiceError {}
+export class SessionNotFound extends NotFound {}
+export class SnapshotNotFound extends NotFound {}
+export class TokenNotFound extends NotFound {}
+export class VersionNotAvailable extends NotFound {}
+/** 406 NOT_ACCEPTABLE: the route cannot answer in the format asked for. */
+export class NotAcceptable extends ServiceError {}
+/** 409 SESSION_EXISTS. */
+export class SessionExists extends ServiceError {}
+/** 409 STALE_GRADIENT: older than the session's max_staleness; `version` is the current version. */
+export class StaleGradient extends ServiceError {}
+/** 412 VERSION_MISMATCH: If-Match did not match; `version` is the current version. */
+export class VersionMismatch extends ServiceError {}
+/** 413 BODY_TOO_LARGE. */
+export class BodyTooLarge extends ServiceError {}
+/** 415 UNSUPPORTED_MEDIA_TYPE. */
+export class UnsupportedMediaType extends ServiceError {}
+/** 422 NON_FINITE_GRADIENT: a gradient holds NaN or an infinity; nothing was applied. */
+export class NonFiniteGradient extends ServiceError {}
+/** 422 IDEMPOTENCY_KEY_REUSED: the key was used for a different request body. */
+export class IdempotencyKeyReused extends ServiceError {}
+/** 422 SESSION_TOO_LARGE. */
+export class SessionTooLarge extends ServiceError {}
+/** 429 RATE_LIMITED, still answered when the retry budget ran out. */
+export class RateLimited extends ServiceError {}
+/** 503 (or 502/504), still answered when the retry budget ran out. */
+export class ServiceUnavailable extends ServiceError {}
+
+/** The service could not be reached, or the answer was lost, within the retries that were safe to make. */
+export class ConnectionFailed extends ASGDError {
+  readonly method: string;
+  readonly url: string;
+  readonly attempts: number;
+
+  constructor(method: string, url: string, attempts: number, cause: unknown) {
+    super(`${method} ${url}: ${describeCause(cause)} (after ${attempts} attempt(s))`, { cause });
+    this.method = method;
+    this.url = url;
+    this.attempts = attempts;
+  }
+}
+
+/** An answer the client cannot read (not the JSON or safetensors the route promises). */
+export class ProtocolError extends ASGDError {}
+
+function describeCause(cause: unknown): string {
+  if (cause instanceof Error) {
+    const inner = (cause as { cause?: { code?: string; message?: string } }).cause;
+    return inner?.code ? `${cause.message} (${inner.code})` : cause.message;
+  }
+  return String(cause);
+}
+
+type ServiceErrorClass = new (...args: ConstructorParameters<typeof ServiceError>) => ServiceError;
+
+const BY_CODE: Record<string, ServiceErrorClass> = {
+  INVALID_HYPERPARAMETER: InvalidHyperparameter,
+  SHAPE_MISMATCH: ShapeMismatch,
+  UNKNOWN_PARAMETER: UnknownParameter,
+  INVALID_TENSOR: InvalidTensor,
+  UNAUTHORIZED: Unauthorized,
+  FORBIDDEN: Forbidden,
+  SESSION_NOT_FOUND: SessionNotFound,
+  SNAPSHOT_NOT_FOUND: SnapshotNotFound,
+  TOKEN_NOT_FOUND: TokenNotFound,
+  VERSION_NOT_AVAILABLE: VersionNotAvailable,
+  NOT_ACCEPTABLE: NotAcceptable,
+  SESSION_EXISTS: SessionExists,
+  STALE_GRADIENT: StaleGradient,
+  VERSION_MISMATCH: VersionMismatch,
+  BODY_TOO_LARGE: BodyTooLarge,
+  UNSUPPORTED_MEDIA_TYPE: UnsupportedMediaType,
+  NON_FINITE_GRADIENT: NonFiniteGradient,
+  IDEMPOTENCY_KEY_REUSED: IdempotencyKeyReused,
+  SESSION_TOO_LARGE: SessionTooLarge,
+  RATE_LIMITED: RateLimited,
+  SERVICE_UNAVAILABLE: ServiceUnavailable,
+};
+
+const BY_STATUS: Record<number, ServiceErrorClass> = {
+  400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 406: NotAcceptable, 412: VersionMismatch,
+  413: BodyTooLarge, 415: UnsupportedMediaType, 429: RateLimited, 502: ServiceUnavailable, 503: ServiceUnavailable, 504: ServiceUnavailable,
+};
+
+/** The class for an answer: by its code first (codes are stable), else by its status. */
+export function errorClass(status: number, code: string): ServiceErrorClass {
+  return BY_CODE[code] ?? BY_STATUS[status] ?? ServiceError;
+}

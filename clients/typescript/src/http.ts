@@ -1,0 +1,157 @@
+// One HTTP exchange with the service, with the retries that are safe: after a 429/502/503/504 answer
+// (the service changed nothing), after a refused connection (nothing was sent), and after a lost answer
+// only for reads and for requests that carry an Idempotency-Key (the service answers a repeat as it
+// answered the first and does not apply it twice). All retries of one call share one time budget.
+import { ConnectionFailed, errorClass, type ErrorBody, ProtocolError } from './errors.ts';
+
+export interface TransportOptions {
+  /** Bearer token (the admin token or one from POST /v1/tokens). */
+  token?: string;
+  /** Total time one call may spend retrying, in milliseconds (default 60 000; 0: no retries). */
+  retryBudgetMs?: number;
+  /** A fetch to use instead of the global one (tests, proxies). */
+  fetch?: typeof fetch;
+  /** Extra headers on every request. */
+  headers?: Record<string, string>;
+  /** One attempt's limit in milliseconds (default 300 000, the service's own request timeout); then it counts as a lost answer. */
+  timeoutMs?: number;
+}
+
+export interface Exchange {
+  method: string;
+  path: string;
+  query?: Record<string, string | number | boolean | undefined>;
+  headers?: Record<string, string | undefined>;
+  /** A JSON value, or bytes sent with `contentType`. */
+  json?: unknown;
+  bytes?: Uint8Array;
+  contentType?: string;
+  accept?: string;
+  /** Statuses returned as answers rather than thrown (304 for conditional and waiting reads). */
+  allow?: number[];
+  /** May the request be sent again after its answer was lost? (reads, or a write with an Idempotency-Key) */
+  repeatable?: boolean;
+  /** Per-call override of the retry budget. */
+  retryBudgetMs?: number;
+}
+
+export interface Answer {
+  status: number;
+  headers: Headers;
+  bytes: Uint8Array;
+  /** Attempts it took (1 without retries). */
+  attempts: number;
+}
+
+const RETRY_STATUS = new Set([429, 502, 503, 504]);
+const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
+
+/** Was the request certainly never received? (then any method may be sent again) */
+function neverSent(err: unknown): boolean {
+  const code = (err as { cause?: { code?: string } })?.cause?.code;
+  return code === 'ECONNREFUSED' || code === 'ENOTFOUND' || code === 'EAI_AGAIN';
+}
+
+export class Transport {
+  readonly baseUrl: string;
+  private readonly options: TransportOptions;
+
+  constructor(baseUrl: string, options: TransportOptions = {}) {
+    this.baseUrl = baseUrl.replace(/\/+$/, '');
+    this.options = options;
+  }
+
+  url(path: string, query?: Exchange['query']): string {
+    const params = new URLSearchParams();
+    for (const [k, v] of Object.entries(query ?? {})) if (v !== undefined) params.set(k, String(v));
+    const qs = params.toString();
+    return `${this.baseUrl}${path}${qs ? `?${qs}` : ''}`;
+  }
+
+  async send(x: Exchange): Promise<Answer> {
+    const url = this.url(x.path, x.query);
+    const headers: Record<string, string> = { ...this.options.headers };
+    if (this.options.token) headers.authorization = `Bearer ${this.options.token}`;
+    for (const [k, v] of Object.entries(x.headers ?? {})) if (v !== undefined) headers[k] = v;
+    if (x.accept) headers.accept = x.accept;
+    let body: Uint8Array | string | undefined;
+    if (x.json !== undefined) {
+      body = JSON.stringify(x.json);
+      headers['content-type'] = 'application/json';
+    } else if (x.bytes) {
+      body = x.bytes;
+      headers['content-type'] = x.contentType ?? 'application/octet-stream';
+    }
+    const doFetch = this.options.fetch ?? fetch;
+    const budget = x.retryBudgetMs ?? this.options.retryBudgetMs ?? 60_000;
+    const deadline = Date.now() + budget;
+    let pause = 100;
+    for (let attempt = 1; ; attempt++) {
+      let res: Response;
+      try {
+        res = await doFetch(url, { method: x.method, headers, body: body as BodyInit | undefined, signal: AbortSignal.timeout(this.options.timeoutMs ?? 300_000) });
+      } catch (err) {
+        if ((x.repeatable || neverSent(err)) && Date.now() + pause < deadline) {
+          await sleep(pause);
+          pause = Math.min(pause * 2, 2_000);
+          continue;
+        }
+        throw new ConnectionFailed(x.method, url, attempt, err);
+      }
+      let bytes: Uint8Array;
+      try {
+        bytes = new Uint8Array(await res.arrayBuffer());
+      } catch (err) {
+        // The connection broke during the answer: the request may have been applied.
+        if (x.repeatable && Date.now() + pause < deadline) {
+          await sleep(pause);
+          pause = Math.min(pause * 2, 2_000);
+          continue;
+        }
+        throw new ConnectionFailed(x.method, url, attempt, err);
+      }
+      if ((res.status >= 200 && res.status < 300) || x.allow?.includes(res.status)) return { status: res.status, headers: res.headers, bytes, attempts: attempt };
+      if (RETRY_STATUS.has(res.status)) {
+        const after = Number(res.headers.get('retry-after'));
+        const wait = Number.isFinite(after) && after > 0 ? Math.min(after * 1000, 10_000) : pause;
+        if (Date.now() + wait < deadline) {
+          await sleep(wait);
+          pause = Math.min(pause * 2, 2_000);
+          continue;
+        }
+      }
+      throw this.error(x.method, url, res, bytes);
+    }
+  }
+
+  async json<T>(x: Exchange): Promise<{ value: T; answer: Answer }> {
+    const answer = await this.send({ accept: 'application/json', ...x });
+    return { value: parseJson<T>(answer, x.method, x.path), answer };
+  }
+
+  private error(method: string, url: string, res: Response, bytes: Uint8Array) {
+    const text = new TextDecoder().decode(bytes);
+    let body: ErrorBody | string = text;
+    try {
+      body = JSON.parse(text) as ErrorBody;
+    } catch {
+      // not JSON (a proxy's page): keep the text
+    }
+    const code = typeof body === 'object' && typeof body.code === 'string' ? body.code : `HTTP_${res.status}`;
+    const message = typeof body === 'object' && typeof body.message === 'string' ? body.message : text.slice(0, 500);
+    const Class = errorClass(res.status, code);
+    return new Class(res.status, code, message, { method, url, body, headers: res.headers });
+  }
+}
+
+export function parseJson<T>(answer: Answer, method: string, path: string): T {
+  const text = new TextDecoder().decode(answer.bytes);
+  try {
+    return JSON.parse(text) as T;
+  } catch {
+    throw new ProtocolError(`${method} ${path}: the answer (${answer.status}, ${answer.headers.get('content-type')}) is not JSON: ${text.slice(0, 200)}`);
+  }
+}
+
+/** A new Idempotency-Key (Web Crypto: in Node and every browser). */
+export const newIdempotencyKey = (): string => crypto.randomUUID();

@@ -1,0 +1,52 @@
+// Tensors as this client hands them around: float32 data, row-major, with a shape. JSON carries them as
+// {"shape", "data"} where non-finite values are the strings "NaN", "Infinity", "-Infinity".
+
+export interface Tensor {
+  shape: number[];
+  data: Float32Array;
+}
+
+/** What a gradient may be given as: a tensor, or flat data (the session's shape is then used). */
+export type TensorLike = Tensor | Float32Array | number[];
+
+export const numelOf = (shape: readonly number[]): number => shape.reduce((a, b) => a * b, 1);
+
+/** Float32 values as JSON numbers. A float32 widened to a double prints as a decimal that reads back to the same float32. */
+export function toJsonData(data: ArrayLike<number>): (number | string)[] {
+  const out = new Array<number | string>(data.length);
+  for (let i = 0; i < data.length; i++) {
+    const v = data[i];
+    out[i] = Number.isFinite(v) ? v : Number.isNaN(v) ? 'NaN' : v > 0 ? 'Infinity' : '-Infinity';
+  }
+  return out;
+}
+
+const NON_FINITE: Record<string, number> = { NaN: NaN, Infinity: Infinity, '-Infinity': -Infinity };
+
+export function fromJsonData(data: readonly unknown[], field: string): Float32Array {
+  const out = new Float32Array(data.length);
+  for (let i = 0; i < data.length; i++) {
+    const v = data[i];
+    if (typeof v === 'number') out[i] = v;
+    else if (typeof v === 'string' && v in NON_FINITE) out[i] = NON_FINITE[v];
+    else throw new TypeError(`${field}[${i}]: not a number`);
+  }
+  return out;
+}
+
+/** A JSON tensor {"shape", "data"} of an answer, as a Tensor. */
+export function fromJsonTensor(value: unknown, field: string): Tensor {
+  const t = value as { shape?: unknown; data?: unknown };
+  if (!t || !Array.isArray(t.shape) || !Array.isArray(t.data)) throw new TypeError(`${field}: not a tensor {"shape", "data"}`);
+  return { shape: t.shape as number[], data: fromJsonData(t.data, `${field}.data`) };
+}
+
+export function fromJsonTensors(value: unknown, field: string): Record<string, Tensor> {
+  const out: Record<string, Tensor> = {};
+  for (const [name, t] of Object.entries(value as Record<string, unknown>)) out[name] = fromJsonTensor(t, `${field}.${name}`);
+  return out;
+}
+
+export function asFloat32(data: Float32Array | number[]): Float32Array {
+  return data instanceof Float32Array ? data : Float32Array.from(data);
+}

@@ -1,0 +1,86 @@
+// The API's shapes, taken from the generated OpenAPI types (src/generated/openapi.ts, regenerated from
+// openapi/openapi.json by `npm run generate`; a test keeps it fresh), plus the few this client adds.
+import type { paths } from './generated/openapi.ts';
+import type { Tensor, TensorLike } from './tensors.ts';
+
+type JsonOf<T> = T extends { content: { 'application/json': infer J } } ? J : never;
+type RequestJson<T> = T extends { requestBody?: infer B } ? JsonOf<NonNullable<B>> : never;
+
+export type Session = JsonOf<paths['/v1/sessions/{name}']['get']['responses'][200]>;
+export type SessionList = JsonOf<paths['/v1/sessions']['get']['responses'][200]>;
+export type CreateSessionRequest = RequestJson<paths['/v1/sessions']['post']>;
+export type PatchSessionRequest = RequestJson<paths['/v1/sessions/{name}']['patch']>;
+export type ForkRequest = RequestJson<paths['/v1/sessions/{name}/fork']['post']>;
+export type Snapshot = JsonOf<paths['/v1/sessions/{name}/snapshots/{id}']['get']['responses'][200]>;
+export type SnapshotList = JsonOf<paths['/v1/sessions/{name}/snapshots']['get']['responses'][200]>;
+export type CreateTokenRequest = RequestJson<paths['/v1/tokens']['post']>;
+export type CreatedToken = JsonOf<paths['/v1/tokens']['post']['responses'][201]>;
+export type TokenList = JsonOf<paths['/v1/tokens']['get']['responses'][200]>;
+export type StepAnswerJson = JsonOf<paths['/v1/sessions/{name}/step']['post']['responses'][200]>;
+export type StateDictJson = RequestJson<paths['/v1/sessions/{name}/state_dict']['put']>;
+export type ParamGroup = Session['param_groups'][number];
+export type Hyperparameters = NonNullable<CreateSessionRequest['hyperparameters']>;
+
+/** A session to create; parameter data may be a Float32Array. */
+export type CreateSessionSpec = Omit<CreateSessionRequest, 'params'> & {
+  params: { name: string; shape: number[]; data: Float32Array | number[] }[];
+};
+
+/** Hyperparameters one step may set for a group; they stay the group's values afterwards. */
+export type StepParamGroup = Partial<Pick<ParamGroup, 'lr' | 'lambd' | 'alpha' | 't0' | 'weight_decay' | 'maximize'>>;
+
+export type ReturnKind = 'none' | 'params' | 'averaged';
+
+export interface StepOptions {
+  /** The version the gradient was computed from (the service's staleness check). */
+  baseVersion?: number;
+  /** Apply only if the session is at this version (412 VersionMismatch otherwise). */
+  ifMatch?: number;
+  /** Defaults to a fresh random key, so that a retry never steps twice; pass null to send none. */
+  idempotencyKey?: string | null;
+  /** Answer with the parameters (or averaged parameters) at the new version: one request per training step. */
+  return?: ReturnKind;
+  /** One object per session group, in the session's group order. */
+  paramGroups?: StepParamGroup[];
+  /** Up to 32 finite numbers kept with the step (loss, samples, ...). */
+  metrics?: Record<string, number>;
+  /** 'safetensors' (default) sends the gradients as a binary file; 'json' as numbers. */
+  format?: 'json' | 'safetensors';
+  /** Gradient dtype on the wire with safetensors (F16/BF16 halve the bytes; rounded to nearest even). */
+  dtype?: 'F32' | 'F16' | 'BF16';
+  retryBudgetMs?: number;
+}
+
+export interface StepResult {
+  session: string;
+  step: number;
+  version: number;
+  staleness: number;
+  /** true when an Idempotency-Key repeat was answered with the first answer. */
+  replayed?: boolean;
+  /** With return=params|averaged: the tensors at `version`. */
+  params?: Record<string, Tensor>;
+  /** The Idempotency-Key the step was sent with. */
+  idempotencyKey?: string;
+  /** Attempts it took. */
+  attempts: number;
+}
+
+export type Gradients = Record<string, TensorLike>;
+
+export interface ParamsResult {
+  session: string;
+  version: number;
+  step: number;
+  averaged: boolean;
+  params: Record<string, Tensor>;
+}
+
+export interface ReadOptions {
+  /** Read the state at an older version. */
+  version?: number;
+  format?: 'json' | 'safetensors';
+}
+
+export type MetricsPage = JsonOf<paths['/v1/sessions/{name}/metrics']['get']['responses'][200]>;
+export type MetricPoint = MetricsPage['points'][number];

@@ -1,0 +1,218 @@
+// Every operation of the client against a live service on PostgreSQL, and errors by class.
+import assert from 'node:assert/strict';
+import test from 'node:test';
+import {
+  ASGDClient, BadRequest, decodeSafetensors, Forbidden, IdempotencyKeyReused, NonFiniteGradient, NotFound, SessionExists,
+  SessionNotFound, ShapeMismatch, SnapshotNotFound, StaleGradient, Unauthorized, UnknownParameter, VersionMismatch, VersionNotAvailable,
+  encodeSafetensors, InvalidHyperparameter,
+} from '../src/index.ts';
+import { hexOf, liveService, runTorchReference, skipWithoutTorch, uniqueName } from './service.ts';
+
+const w0 = [0.1, 0.2, 0.3, 0.4];
+const b0 = [0, 0.5];
+const spec = (name: string) => ({
+  name,
+  params: [{ name: 'w', shape: [2, 2], data: Float32Array.from(w0) }, { name: 'b', shape: [2], data: b0 }],
+  hyperparameters: { lr: 0.1, t0: 1 },
+});
+const g1 = { w: Float32Array.from([0.5, -0.5, 0.25, 1]), b: Float32Array.from([0.1, 0.2]) };
+const g2 = { w: { shape: [2, 2], data: Float32Array.from([-0.125, 0.75, 0.5, -1]) }, b: [0.3, -0.1] };
+
+test('the client against a live service', { skip: skipWithoutTorch() }, async (t) => {
+  const token = 'admin-token-for-the-client-test-0123456789';
+  const { client, url } = await liveService(t, { token, retryBudgetMs: 10_000 }, { ASGD_ADMIN_TOKEN: token });
+
+  await t.test('sessions: create (JSON and safetensors), list, get, patch, delete', async () => {
+    const a = await client.createSession(spec(uniqueName('ops-a')));
+    assert.equal(a.version, 1);
+    assert.deepEqual(a.params.map((p) => [p.name, p.shape]), [['w', [2, 2]], ['b', [2]]]);
+    assert.equal(a.param_groups[0].lr, 0.1);
+    const bName = uniqueName('ops-b');
+    const b = await client.createSessionFromTensors(bName, { w: { shape: [2, 2], data: Float32Array.from(w0) } }, { hyperparameters: { lr: 0.5 } });
+    assert.equal(b.name, bName);
+    assert.equal(b.param_groups[0].lr, 0.5);
+    const listed = [];
+    for await (const s of client.sessions(1)) listed.push(s.name);
+    assert.ok(listed.includes(a.name) && listed.includes(bName), `listed ${listed}`);
+    const page = await client.listSessions({ limit: 1 });
+    assert.equal(page.sessions.length, 1);
+    assert.equal((await client.getSession(a.name)).step, 0);
+    const patched = await client.patchSession(a.name, { snapshot_every: 7, max_staleness: 3 });
+    assert.equal(patched.snapshot_every, 7);
+    assert.equal(patched.max_staleness, 3);
+    await assert.rejects(client.deleteSession(bName, { ifMatch: 99 }), VersionMismatch);
+    await client.deleteSession(bName, { ifMatch: 1 });
+    await assert.rejects(client.getSession(bName), SessionNotFound);
+    await assert.rejects(client.createSession(spec(a.name)), SessionExists);
+  });
+
+  await t.test('steps in JSON and safetensors equal torch.optim.ASGD bit for bit', async () => {
+    const jsonSession = (await client.createSession(spec(uniqueName('step-json')))).name;
+    const stSession = (await client.createSession(spec(uniqueName('step-st')))).name;
+    const r1 = await client.step(jsonSession, g1, { format: 'json' });
+    assert.deepEqual([r1.step, r1.version, r1.staleness], [1, 2, 0]);
+    const r2 = await client.step(jsonSession, g2, { format: 'json', baseVersion: 2, ifMatch: 2 });
+    assert.deepEqual([r2.step, r2.version], [2, 3]);
+    await client.step(stSession, g1);
+    await client.step(stSession, g2, { baseVersion: 2 });
+    const torch = runTorchReference({
+      params: [{ name: 'w', shape: [2, 2], data: w0 }, { name: 'b', shape: [2], data: b0 }],
+      defaults: { lr: 0.1, t0: 1 },
+      steps: [{ w: [...g1.w], b: [...g1.b] }, { w: [...g2.w.data], b: g2.b }],
+    });
+    for (const name of [jsonSession, stSession]) {
+      for (const format of ['json', 'safetensors'] as const) {
+        const p = await client.params(name, { format });
+        assert.equal(p.version, 3);
+        assert.deepEqual(hexOf(p.params.w.data), torch.params.w, `${name} ${format}`);
+        assert.deepEqual(hexOf(p.params.b.data), torch.params.b);
+        assert.deepEqual(p.params.w.shape, [2, 2]);
+        const ax = await client.params(name, { format, averaged: true });
+        assert.deepEqual(hexOf(ax.params.w.data), torch.averaged.w);
+      }
+      const older = await client.params(name, { version: 2, format: 'json' });
+      assert.equal(older.version, 2);
+    }
+    await assert.rejects(client.params(jsonSession, { version: 99 }), VersionNotAvailable);
+  });
+
+  await t.test('a step answers with the parameters (return=params|averaged), carries hyperparameters and metrics', async () => {
+    const name = (await client.createSession(spec(uniqueName('roundtrip')))).name;
+    const r1 = await client.step(name, g1, { return: 'params', metrics: { loss: 0.5, samples: 32 } });
+    const r2 = await client.step(name, g2, { return: 'averaged', format: 'json', paramGroups: [{ lr: 0.05 }], metrics: { loss: 0.25 } });
+    const r3 = await client.step(name, g1, { return: 'params', format: 'json', dtype: 'F32' });
+    const torch = runTorchReference({
+      params: [{ name: 'w', shape: [2, 2], data: w0 }, { name: 'b', shape: [2], data: b0 }],
+      defaults: { lr: 0.1, t0: 1 },
+      steps: [{ w: [...g1.w], b: [...g1.b] }],
+    });
+    assert.deepEqual(hexOf(r1.params!.w.data), torch.params.w);
+    assert.deepEqual(r1.params!.w.shape, [2, 2]);
+    assert.equal(r1.version, 2);
+    const ax = await client.params(name, { averaged: true, version: 3 });
+    assert.deepEqual(hexOf(r2.params!.w.data), hexOf(ax.params.w.data));
+    const now = await client.params(name);
+    assert.deepEqual(hexOf(r3.params!.b.data), hexOf(now.params.b.data));
+    assert.equal((await client.getSession(name)).param_groups[0].lr, 0.05, 'the step\'s lr stays the group\'s');
+    const page = await client.metrics(name);
+    assert.deepEqual(page.points.map((p) => [p.version, p.values]), [[2, { loss: 0.5, samples: 32 }], [3, { loss: 0.25 }], [4, {}]]);
+    assert.deepEqual((await client.metrics(name, { afterVersion: 3 })).points.map((p) => p.version), [4]);
+    await assert.rejects(client.step(name, g1, { metrics: { 'bad key!': 1 } }), BadRequest);
+    await assert.rejects(client.step(name, g1, { paramGroups: [{ lr: -1 }] }), BadRequest);
+  });
+
+  await t.test('conditional reads (If-None-Match) and waiting reads (after_version, wait)', async () => {
+    const name = (await client.createSession(spec(uniqueName('cond')))).name;
+    await client.step(name, g1);
+    assert.equal(await client.getSessionIfChanged(name, 2), null);
+    assert.equal((await client.getSessionIfChanged(name, 1))!.version, 2);
+    assert.equal(await client.paramsIfChanged(name, 2), null);
+    assert.equal((await client.paramsIfChanged(name, 1, { format: 'json' }))!.version, 2);
+    const started = Date.now();
+    assert.equal(await client.waitForParams(name, 2, 1), null);
+    assert.ok(Date.now() - started >= 900, 'waited about a second before the 304');
+    assert.equal((await client.waitForParams(name, 1, 5))!.version, 2, 'a newer version answers at once');
+    const waiting = client.waitForParams(name, 2, 30);
+    await new Promise((r) => setTimeout(r, 300));
+    const stepped = await client.step(name, g2);
+    const woke = await waiting;
+    assert.equal(woke!.version, stepped.version);
+    assert.equal(woke!.params.w.data.length, 4);
+  });
+
+  await t.test('step errors come back as their classes and change nothing', async () => {
+    const name = (await client.createSession(spec(uniqueName('errors')))).name;
+    await assert.rejects(client.step(name, { w: { shape: [4], data: new Float32Array(4) } }), ShapeMismatch);
+    await assert.rejects(client.step(name, { nope: [1] }, { format: 'json' }), UnknownParameter);
+    await assert.rejects(client.step(name, { b: [NaN, 0] }, { format: 'json' }), NonFiniteGradient);
+    await assert.rejects(client.step(name, g1, { ifMatch: 5 }), (e: unknown) => e instanceof VersionMismatch && e.version === 1);
+    const key = 'same-key-1';
+    await client.step(name, g1, { idempotencyKey: key });
+    await assert.rejects(client.step(name, { b: [1, 1] }, { idempotencyKey: key }), IdempotencyKeyReused);
+    const again = await client.step(name, g1, { idempotencyKey: key });
+    assert.equal(again.replayed, true);
+    await client.patchSession(name, { max_staleness: 0 });
+    await client.step(name, g1);
+    await assert.rejects(client.step(name, g1, { baseVersion: 1 }), (e: unknown) => e instanceof StaleGradient && e.version === 3);
+    await assert.rejects(client.createSession({ name: uniqueName('bad'), params: [{ name: 'w', shape: [1], data: [1] }], hyperparameters: { lr: -1 } }), InvalidHyperparameter);
+    await assert.rejects(client.getSession('no-such-session'), (e: unknown) => e instanceof SessionNotFound && e instanceof NotFound && e.status === 404 && e.code === 'SESSION_NOT_FOUND');
+    const s = await client.getSession(name);
+    assert.equal(s.step, 2);
+    assert.equal(s.version, 3);
+  });
+
+  await t.test('state_dict and checkpoint: download and upload (JSON, torch.save, safetensors)', async () => {
+    const name = (await client.createSession(spec(uniqueName('state')))).name;
+    await client.step(name, g1);
+    const sd = await client.stateDict(name);
+    assert.equal(sd.param_groups.length, 1);
+    const pt = await client.stateDictBytes(name, 'pt');
+    assert.equal(String.fromCharCode(pt[0], pt[1]), 'PK'); // torch.save's zip
+    const st = await client.stateDictBytes(name, 'safetensors');
+    assert.ok(decodeSafetensors(st).metadata.param_groups);
+    const ckpt = await client.checkpointBytes(name);
+    const atCheckpoint = await client.params(name);
+    await client.step(name, g2);
+    const stepOf = async () => JSON.stringify((await client.stateDict(name)).state);
+    const stateAt1 = JSON.stringify(sd.state);
+    assert.notEqual(await stepOf(), stateAt1);
+    let version = 3;
+    for (const [body, format] of [[sd, undefined], [pt, 'pt'], [st, 'safetensors']] as const) {
+      await client.step(name, g2);
+      const loaded = await client.loadStateDict(name, body, { format, ifMatch: ++version });
+      assert.equal(loaded.version, ++version);
+      assert.equal(await stepOf(), stateAt1, `the state after loading the ${format ?? 'json'} state_dict`);
+    }
+    await client.loadCheckpoint(name, ckpt);
+    assert.deepEqual(hexOf((await client.params(name)).params.w.data), hexOf(atCheckpoint.params.w.data));
+    assert.equal(await stepOf(), stateAt1);
+    await assert.rejects(client.loadStateDict(name, { state: {}, param_groups: [] }), BadRequest);
+  });
+
+  await t.test('snapshots: create, list, get, pin, download, restore; fork', async () => {
+    const name = (await client.createSession(spec(uniqueName('snap')))).name;
+    await client.step(name, g1);
+    const snap = await client.createSnapshot(name, { pinned: true });
+    assert.equal(snap.version, 2);
+    assert.equal(snap.pinned, true);
+    const list = await client.listSnapshots(name);
+    assert.ok(list.snapshots.some((s) => s.id === snap.id));
+    assert.equal((await client.getSnapshot(name, snap.id)).checksum, snap.checksum);
+    assert.equal((await client.pinSnapshot(name, snap.id, false)).pinned, false);
+    const at2 = await client.params(name);
+    const sp = await client.snapshotParams(name, snap.id);
+    assert.deepEqual(hexOf(sp.params.w.data), hexOf(at2.params.w.data));
+    assert.equal(String.fromCharCode(...(await client.snapshotBytes(name, snap.id, 'state_dict')).subarray(0, 2)), 'PK');
+    assert.equal(String.fromCharCode(...(await client.snapshotBytes(name, snap.id, 'checkpoint')).subarray(0, 2)), 'PK');
+    await client.step(name, g2);
+    const restored = await client.restoreSnapshot(name, snap.id);
+    assert.equal(restored.step, 1);
+    assert.equal(restored.version, 4);
+    assert.deepEqual(hexOf((await client.params(name)).params.w.data), hexOf(at2.params.w.data));
+    await assert.rejects(client.getSnapshot(name, 999_999), SnapshotNotFound);
+    const forked = await client.fork(name, { name: uniqueName('forked'), snapshot: snap.id });
+    assert.equal(forked.step, 1);
+    assert.deepEqual(hexOf((await client.params(forked.name)).params.w.data), hexOf(at2.params.w.data));
+  });
+
+  await t.test('tokens: create, list, use within scope, revoke', async () => {
+    const name = (await client.createSession(spec(uniqueName('tok')))).name;
+    const made = await client.createToken({ name: 'a worker', scope: 'step', sessions: [name] });
+    assert.match(made.token, /^asgd_/);
+    assert.ok((await client.listTokens()).tokens.some((x) => x.id === made.id));
+    const worker = new ASGDClient(url, { token: made.token, retryBudgetMs: 0 });
+    assert.equal((await worker.step(name, g1)).step, 1);
+    await assert.rejects(worker.createSnapshot(name), Forbidden);
+    await assert.rejects(worker.getSession('other'), Forbidden);
+    await client.deleteToken(made.id);
+    await assert.rejects(worker.getSession(name), Unauthorized);
+    await assert.rejects(new ASGDClient(url).listSessions(), Unauthorized);
+  });
+
+  await t.test('a file the service cannot read is a BadRequest naming the problem', async () => {
+    const bytes = encodeSafetensors({ w: { shape: [2, 2], data: new Float32Array(4) } });
+    const err = await client.createSessionFromFile('x', bytes.subarray(0, 20), 'safetensors').then(() => null, (e: unknown) => e);
+    assert.ok(err instanceof BadRequest, String(err));
+    assert.equal(err.status, 400);
+  });
+});

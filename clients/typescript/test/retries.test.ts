@@ -1,0 +1,92 @@
+// Retries across a service restart: a step whose answer was lost, or whose service was killed mid-request,
+// is sent again with the same Idempotency-Key and applied exactly once; the final parameters equal
+// torch.optim.ASGD applied to each gradient once.
+import assert from 'node:assert/strict';
+import test from 'node:test';
+import { ASGDClient, ConnectionFailed } from '../src/index.ts';
+import { hexOf, liveService, rng, runTorchReference, skipWithoutTorch, uniqueName } from './service.ts';
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+test('retries across a service restart apply every step exactly once', { skip: skipWithoutTorch() }, async (t) => {
+  const { service, url } = await liveService(t);
+  let loseNextAnswer = false;
+  let restarting: Promise<void> = Promise.resolve();
+  /** Kills the service and starts it again after a pause, as a deploy or a crash would. */
+  const restart = (pauseMs: number) => {
+    restarting = (async () => {
+      await service.kill();
+      await sleep(pauseMs);
+      await service.start();
+    })();
+  };
+  // The answer arrives (the step is committed), then the service dies before the client reads it.
+  const lossyFetch: typeof fetch = async (input, init) => {
+    const res = await fetch(input, init);
+    if (!loseNextAnswer || !String(input).includes('/step')) return res;
+    loseNextAnswer = false;
+    await res.arrayBuffer();
+    restart(1_000);
+    throw new TypeError('fetch failed', { cause: Object.assign(new Error('other side closed'), { code: 'UND_ERR_SOCKET' }) });
+  };
+  const client = new ASGDClient(url, { fetch: lossyFetch, retryBudgetMs: 120_000 });
+  const name = uniqueName('retry');
+  const random = rng(11);
+  const init = Array.from({ length: 6 }, () => random() - 0.5);
+  await client.createSession({ name, params: [{ name: 'w', shape: [2, 3], data: init }], hyperparameters: { lr: 0.1, t0: 2 } });
+  const grads: number[][] = [];
+  const nextGrad = () => {
+    const g = Array.from({ length: 6 }, () => random() - 0.5);
+    grads.push(g);
+    return { w: Float32Array.from(g) };
+  };
+
+  await t.test('a lost answer: the retry after the restart is answered as the first was', async () => {
+    await client.step(name, nextGrad());
+    loseNextAnswer = true;
+    const r = await client.step(name, nextGrad(), { return: 'params' });
+    await restarting;
+    assert.equal(r.replayed, true);
+    assert.ok(r.attempts > 1, `attempts ${r.attempts}`);
+    assert.deepEqual([r.step, r.version], [2, 3]);
+    assert.ok(r.params, 'a replayed return=params answer carries the parameters');
+  });
+
+  await t.test('killed while the request is in flight, and while nothing listens', async () => {
+    for (const delay of [0, 20]) {
+      const pending = client.step(name, nextGrad(), { return: 'params' });
+      await sleep(delay);
+      restart(500);
+      const r = await pending;
+      await restarting;
+      assert.equal(r.step, grads.length, `after a kill at ${delay} ms: step ${r.step} for ${grads.length} gradients`);
+    }
+    await service.kill();
+    const down = client.step(name, nextGrad());
+    await sleep(1_500);
+    await service.start();
+    assert.equal((await down).step, grads.length);
+  });
+
+  await t.test('the session holds each gradient once: torch.optim.ASGD agrees bit for bit', async () => {
+    const session = await client.getSession(name);
+    assert.equal(session.step, grads.length);
+    assert.equal(session.version, grads.length + 1);
+    const torch = runTorchReference({ params: [{ name: 'w', shape: [2, 3], data: init }], defaults: { lr: 0.1, t0: 2 }, steps: grads.map((g) => ({ w: g })) });
+    assert.deepEqual(hexOf((await client.params(name)).params.w.data), torch.params.w);
+  });
+
+  await t.test('without a key a lost answer is not sent again; a budget that runs out is a ConnectionFailed', async () => {
+    loseNextAnswer = true;
+    const err = await client.step(name, nextGrad(), { idempotencyKey: null }).then(() => null, (e: unknown) => e);
+    assert.ok(err instanceof ConnectionFailed && err.attempts === 1, String(err));
+    await restarting; // that step was applied once: the session must say so, the client cannot know
+    assert.equal((await client.getSession(name)).step, grads.length);
+    await service.kill();
+    const started = Date.now();
+    const late = await new ASGDClient(url, { retryBudgetMs: 1_000 }).getSession(name).then(() => null, (e: unknown) => e);
+    assert.ok(late instanceof ConnectionFailed && late.attempts > 1, String(late));
+    assert.ok(Date.now() - started < 5_000, 'the budget bounds the retries');
+    await service.start();
+  });
+});
