@@ -40,9 +40,9 @@ export const Tensor = Type.Object({
 }, { title: 'Tensor', description: 'A float32 tensor', examples: [{ shape: [2], data: [0.5, -1.25] }] });
 /** A tensor in a request: structure checked here, shape and values by the domain (INVALID_TENSOR, …). */
 export const TensorIn = Type.Object({
-  shape: Type.Array(Type.Unknown(), { description: 'Dimensions, row-major' }),
-  data: Type.Array(Type.Unknown(), { description: DATA_DESCRIPTION }),
-  dtype: Type.Optional(Type.String({ description: 'float32 (the default and only one)' })),
+  shape: withCode(Type.Array(Type.Unknown(), { description: 'Dimensions, row-major' }), 'INVALID_TENSOR'),
+  data: withCode(Type.Array(Type.Unknown(), { description: DATA_DESCRIPTION }), 'INVALID_TENSOR'),
+  dtype: Type.Optional(withCode(Type.String({ description: 'float32 (the default and only one)' }), 'INVALID_TENSOR')),
 }, { description: 'A float32 tensor {"shape", "data"}' });
 
 const hyper = (description: string, value: TSchema) => Type.Optional(withCode({ ...value, description }, 'INVALID_HYPERPARAMETER'));
