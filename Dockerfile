@@ -12,7 +12,8 @@ COPY tsconfig.json ./
 COPY src ./src
 RUN npx tsc --noEmit -p tsconfig.json
 
-# 2. Production dependencies only.
+# 2. Production dependencies only: no TypeScript, no pino-pretty, and not the `node` package (Node 24 for
+#    machines whose system Node is older; here the base image's Node runs the service).
 FROM node:24-slim AS deps
 WORKDIR /app
 COPY package.json package-lock.json ./

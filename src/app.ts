@@ -16,7 +16,9 @@ import limitsPlugin from './plugins/limits.ts';
 import authPlugin from './plugins/auth.ts';
 import swaggerPlugin from './plugins/swagger.ts';
 import metricsPlugin from './plugins/metrics.ts';
+import { RequestLogController, requestId } from './request-log.ts';
 import healthRoutes from './routes/health/index.ts';
+import rootRoutes from './routes/root/index.ts';
 import tokenRoutes from './routes/tokens/index.ts';
 import sessionRoutes from './routes/sessions/index.ts';
 
@@ -57,6 +59,7 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
   await fastify.register(swaggerPlugin);
   await fastify.register(metricsPlugin, { config });
   await fastify.register(healthRoutes);
+  await fastify.register(rootRoutes);
   await fastify.register(tokenRoutes, { prefix: '/v1/tokens' });
   await fastify.register(sessionRoutes, { prefix: '/v1/sessions', config });
 }
@@ -125,7 +128,9 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     },
     // A hop count is valid at runtime (fastify's trust-proxy); the typings only list the other forms.
     trustProxy: config.trustProxy as Exclude<Config['trustProxy'], number>,
-    genReqId: () => crypto.randomUUID(),
+    genReqId: requestId,
+    // Request lines at a level per route (ASGD_LOG_REQUESTS).
+    logController: new RequestLogController(config.logRequests),
     // Lines about a session's routes carry its name (set before the first line of the request is written).
     childLoggerFactory: (parent, bindings, childOpts, rawReq) => {
       const session = SESSION_PATH.exec(rawReq.url ?? '')?.[1];

@@ -9,6 +9,12 @@ export interface Config {
   dataDir: string;
   dbPoolSize: number;
   logLevel: string;
+  /**
+   * Which requests get the "incoming request" / "request completed" lines at info (the rest at debug):
+   * all; auto = all but the per-step routes (step, params) unless they fail; errors = only failed
+   * answers (4xx/5xx); none.
+   */
+  logRequests: 'all' | 'auto' | 'errors' | 'none';
   /** Admin bearer token; null = no auth configured (then only loopback is allowed unless `allowInsecure`). */
   adminToken: string | null;
   allowInsecure: boolean;
@@ -66,6 +72,7 @@ function bool(env: Env, key: string, fallback: boolean): boolean {
 }
 
 const MiB = 1024 * 1024;
+const LOG_REQUESTS: readonly string[] = ['all', 'auto', 'errors', 'none'];
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
 
 function trustProxyOf(env: Env): Config['trustProxy'] {
@@ -89,6 +96,8 @@ export function loadConfig(env: Env = process.env): Config {
   if (kernel !== 'wasm' && kernel !== 'js') throw new ConfigError(`ASGD_KERNEL must be wasm or js, got ${JSON.stringify(kernel)}`);
   const logLevel = env.LOG_LEVEL?.trim() || 'info';
   if (!LOG_LEVELS.includes(logLevel)) throw new ConfigError(`LOG_LEVEL must be one of ${LOG_LEVELS.join(', ')}, got ${JSON.stringify(logLevel)}`);
+  const logRequests = (env.ASGD_LOG_REQUESTS?.trim() || 'auto') as Config['logRequests'];
+  if (!LOG_REQUESTS.includes(logRequests)) throw new ConfigError(`ASGD_LOG_REQUESTS must be one of ${LOG_REQUESTS.join(', ')}, got ${JSON.stringify(logRequests)}`);
   const adminToken = env.ASGD_ADMIN_TOKEN?.trim() || null;
   if (adminToken !== null && adminToken.length < 16) throw new ConfigError('ASGD_ADMIN_TOKEN must be at least 16 characters');
   const config: Config = {
@@ -98,6 +107,7 @@ export function loadConfig(env: Env = process.env): Config {
     dataDir: env.ASGD_DATA_DIR?.trim() || '.data/pglite',
     dbPoolSize: int(env, 'ASGD_DB_POOL_SIZE', 10, 1, 1000),
     logLevel,
+    logRequests,
     adminToken,
     allowInsecure: bool(env, 'ASGD_ALLOW_INSECURE', false),
     bodyLimitStep: int(env, 'ASGD_BODY_LIMIT_STEP', 1024 * MiB, 1024),

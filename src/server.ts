@@ -1,6 +1,12 @@
 // The process: read the configuration, build the app, listen, close with grace on SIGTERM/SIGINT.
+import type { AddressInfo } from 'node:net';
 import { buildApp, loggerOptions } from './app.ts';
+import { startupBanner } from './banner.ts';
 import { ConfigError, isLoopback, loadConfig, type Config } from './config.ts';
+import { DataDirLockedError } from './db/data-dir-lock.ts';
+import { DASHBOARD_PATH } from './routes/root/index.ts';
+
+const PARENT_CHECK_MS = 1_000;
 
 export async function startServer(config: Config, opts: { migrate?: boolean } = {}) {
   const app = await buildApp({
@@ -36,13 +42,36 @@ export async function startServer(config: Config, opts: { migrate?: boolean } = 
   };
   process.on('SIGTERM', () => void shutdown('SIGTERM'));
   process.on('SIGINT', () => void shutdown('SIGINT'));
+  watchNpmParent(() => void shutdown('parent exited'));
   try {
     await app.listen({ host: config.host, port: config.port });
   } catch (err) {
     await app.close(); // e.g. EADDRINUSE: release the database before the process reports and exits
     throw err;
   }
+  const { port } = app.server.address() as AddressInfo;
+  const host = config.host.includes(':') && !config.host.startsWith('[') ? `[${config.host}]` : config.host;
+  const banner = startupBanner(config, `http://${host}:${port}`, DASHBOARD_PATH);
+  app.log.info(banner.fields, banner.message);
   return app;
+}
+
+/**
+ * `npm start` runs `exec node src/server.ts`, so npm's child is this process and npm relays SIGTERM and
+ * SIGINT to it. If npm itself dies without relaying (kill -9, a crash), this process would go on serving
+ * as an orphan holding the port and the data directory: so under `npm start` it leaves when its parent
+ * does. Only then: a server started from a shell that later exits (nohup, &) is meant to outlive it.
+ */
+function watchNpmParent(onOrphaned: () => void): void {
+  if (process.env.npm_lifecycle_event !== 'start') return;
+  const parent = process.ppid;
+  const timer = setInterval(() => {
+    if (process.ppid !== parent) {
+      clearInterval(timer);
+      onOrphaned();
+    }
+  }, PARENT_CHECK_MS);
+  timer.unref();
 }
 
 const isMain = import.meta.url === `file://${process.argv[1]}`;
@@ -53,6 +82,10 @@ if (isMain) {
     if (err instanceof ConfigError) {
       console.error(`asgd-serve: ${err.message}`);
       process.exit(2);
+    }
+    if (err instanceof DataDirLockedError) {
+      console.error(`asgd-serve: ${err.message}`);
+      process.exit(1);
     }
     throw err;
   }

@@ -442,8 +442,11 @@ def fma_cases(rng, count, out_dir):
 
 def eta_table(rng, count, out_dir):
     """eta and mu exactly as asgd.py computes them, for random hyperparameters and steps."""
-    lr = np.exp(rng.uniform(math.log(1e-5), math.log(10), count))
-    lambd = np.where(rng.random(count) < 0.1, 0.0, np.exp(rng.uniform(math.log(1e-6), math.log(10), count)))
+    # math.exp, not np.exp: numpy's SIMD exp differs in the last bit between CPUs (AVX2 vs AVX-512), which
+    # made the committed table irreproducible on another machine. libm's exp is the same everywhere here.
+    exp = np.vectorize(math.exp, otypes=[np.float64])
+    lr = exp(rng.uniform(math.log(1e-5), math.log(10), count))
+    lambd = np.where(rng.random(count) < 0.1, 0.0, exp(rng.uniform(math.log(1e-6), math.log(10), count)))
     alpha = np.where(rng.random(count) < 0.2, 0.75, rng.uniform(0, 2, count))
     t0 = np.where(rng.random(count) < 0.5, 1e6, np.floor(rng.uniform(0, 1000, count)))
     step = f32(np.where(rng.random(count) < 0.7, rng.integers(1, 2000, count), rng.integers(1, 2 ** 24 + 1, count)))

@@ -9,6 +9,7 @@ import { drizzle as drizzlePg } from 'drizzle-orm/node-postgres';
 import { migrate as migratePg } from 'drizzle-orm/node-postgres/migrator';
 import type { PgDatabase, PgQueryResultHKT } from 'drizzle-orm/pg-core';
 import { schema } from './schema.ts';
+import { lockDataDir, type DataDirLock } from './data-dir-lock.ts';
 
 export const MIGRATIONS_DIR = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'migrations');
 
@@ -158,8 +159,18 @@ async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Da
   const { PGlite } = await import('@electric-sql/pglite');
   const { drizzle: drizzlePglite } = await import('drizzle-orm/pglite');
   const { migrate: migratePglite } = await import('drizzle-orm/pglite/migrator');
-  if (dataDir !== 'memory://') mkdirSync(dataDir, { recursive: true });
-  const client = await PGlite.create(dataDir === 'memory://' ? undefined : dataDir);
+  let lock: DataDirLock | null = null;
+  if (dataDir !== 'memory://') {
+    mkdirSync(dataDir, { recursive: true });
+    lock = await lockDataDir(dataDir); // before PGlite reads a file: a second owner would lose writes
+  }
+  let client: InstanceType<typeof PGlite>;
+  try {
+    client = await PGlite.create(lock ? dataDir : undefined);
+  } catch (err) {
+    lock?.release();
+    throw err;
+  }
   const orm = drizzlePglite(client, { schema });
   void options;
 
@@ -188,6 +199,12 @@ async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Da
       if (Number(res.rows[0].n) < expectedMigrations()) throw new Error('migrations are not applied');
     },
     poolStats: () => ({ total: 1, idle: 1, waiting: 0 }),
-    close: () => client.close(),
+    async close() {
+      try {
+        await client.close();
+      } finally {
+        lock?.release();
+      }
+    },
   };
 }

@@ -28,7 +28,15 @@ export default fp(
         poolSize: opts.config.dbPoolSize,
         onError: (err) => fastify.log.warn({ err }, 'database connection error'),
       }));
-    if (opts.migrate) await db.migrate();
+    if (opts.migrate) {
+      try {
+        await db.migrate();
+      } catch (err) {
+        // Nothing else will close it: the app never finished starting. (It may hold a data directory.)
+        if (!opts.database) await db.close().catch(() => {});
+        throw err;
+      }
+    }
     fastify.decorate('db', db);
     if (!opts.database) fastify.addHook('onClose', async () => db.close());
   },

@@ -13,6 +13,7 @@ const RANK: Record<string, number> = { read: 1, step: 2, admin: 3 };
  * it should need; "*" = not for tokens limited to a list of sessions).
  */
 const EXPECTED: Record<string, string> = {
+  'GET /': 'public',
   'GET /healthz': 'public',
   'GET /readyz': 'public',
   'GET /metrics': 'public',

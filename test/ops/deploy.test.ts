@@ -17,7 +17,7 @@ test('the image runs the tested commands as a non-root user, with production dep
   const stages = dockerfile.split(/^FROM /m).slice(1);
   assert.ok(stages.length >= 2, 'multi-stage');
   const runtime = stages[stages.length - 1];
-  assert.match(runtime, /^node:20-slim\s/);
+  assert.match(runtime, /^node:24-slim\s/);
   assert.match(dockerfile, /npm ci --omit=dev/);
   assert.match(runtime, /^USER node$/m);
   assert.match(runtime, /^HEALTHCHECK .*CMD \["node", "bin\/healthcheck\.mjs"\]$/m);
@@ -99,4 +99,37 @@ test('nginx: no body limit of its own, timeouts above the service request timeou
   assert.match(nginx, /server asgd:8080 resolve;/);
   assert.match(nginx, /resolver 127\.0\.0\.11/);
   assert.doesNotMatch(nginx, /non_idempotent/, 'steps are not replayed by the proxy');
+});
+
+test('Node 24 without a runtime compiler: engines, the pinned runtime, `npm start` execs node, the image takes node_modules from the production install only', () => {
+  const pkg = JSON.parse(read('package.json')) as { engines: { node: string }; scripts: Record<string, string>; dependencies: Record<string, string>; devDependencies: Record<string, string> };
+  assert.equal(pkg.engines.node, '>=24');
+  // npm ci puts Node 24 where npm scripts look first; the image has its own (node:24-slim), so it is a dev dependency.
+  assert.match(pkg.devDependencies.node, /^\^?24\./);
+  assert.equal(pkg.dependencies.node, undefined);
+  // exec: npm's child is the server itself, so the SIGTERM npm relays reaches it (test/ops/npm-start.test.ts).
+  assert.equal(pkg.scripts.start, 'exec node src/server.ts');
+  for (const [name, script] of Object.entries(pkg.scripts)) assert.doesNotMatch(script, /\btsx\b|ts-node/, name);
+  assert.ok(!('tsx' in pkg.dependencies) && !('tsx' in pkg.devDependencies));
+
+  const dockerfile = read('Dockerfile');
+  const instructions = dockerfile.split('\n').filter((line) => !line.startsWith('#')).join('\n');
+  assert.doesNotMatch(instructions, /\btsx\b|ts-node|pino-pretty/);
+  const stages = dockerfile.split(/^FROM /m).slice(1);
+  for (const stage of stages) assert.match(stage, /^node:24-slim\b/, 'every stage on Node 24');
+  const runtime = stages[stages.length - 1];
+  const deps = stages.find((s) => /npm ci --omit=dev/.test(s))!;
+  const depsName = /^\S+ AS (\w+)/.exec(deps)![1];
+  const copies = [...runtime.matchAll(/^COPY (.*)$/gm)].map((m) => m[1]);
+  assert.deepEqual(copies.filter((c) => c.includes('node_modules')), [`--from=${depsName} /app/node_modules ./node_modules`], 'node_modules only from the production install');
+  assert.doesNotMatch(runtime, /^RUN npm (ci|install)\b/m);
+});
+
+test('the README says Compose v2 is needed (v1 rejects the top-level name:) and that npm ci brings Node 24', () => {
+  const readme = read('README.md');
+  assert.match(read('docker-compose.yml'), /^name: /m);
+  assert.match(readme, /Compose v2/);
+  assert.match(readme, /Compose v1 .*rejects the file's top-level\s+`name:`/s);
+  assert.match(readme, /`npm ci` installs Node 24/);
+  assert.doesNotMatch(readme, /\btsx\b/);
 });

@@ -202,7 +202,7 @@ test('logs: a request id on every line, the session on session routes, no tokens
     },
   });
   const db = TEST_DB_KIND === 'postgres' ? await createTestDatabase() : null;
-  const config = testConfig({ ...(db ? { DATABASE_URL: db.url } : { ASGD_DATA_DIR: 'memory://' }), ASGD_ADMIN_TOKEN: ADMIN, LOG_LEVEL: 'info' });
+  const config = testConfig({ ...(db ? { DATABASE_URL: db.url } : { ASGD_DATA_DIR: 'memory://' }), ASGD_ADMIN_TOKEN: ADMIN, LOG_LEVEL: 'info', ASGD_LOG_REQUESTS: 'all' });
   const app = await buildApp({ config, migrate: true, logger: { level: 'info', stream } });
   t.after(async () => {
     await app.close();

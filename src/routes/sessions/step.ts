@@ -58,7 +58,7 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
       requestHash: hash?.digest('hex'),
       baseVersion,
     });
-    request.log.info({ session: name, step: answer.step, version: answer.version }, 'stepped');
+    request.log.info({ step: answer.step, version: answer.version }, 'stepped'); // the request's logger names the session
     setVersion(reply, answer.version);
     return answer;
   });

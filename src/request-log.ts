@@ -1,0 +1,55 @@
+// The per-request log lines ("incoming request", "request completed") at a level chosen per route: a
+// training loop steps and reads params many times a second, and two info lines for each would bury
+// everything else. ASGD_LOG_REQUESTS (config.logRequests) says which go out at info; the rest are written
+// at debug. Fastify's other lines (stream errors, …) are unchanged. Also the request id: a client's or
+// proxy's X-Request-Id is kept when it is a sane one, so its lines can be joined with theirs.
+import { randomUUID } from 'node:crypto';
+import type { IncomingMessage } from 'node:http';
+import { LogController, type FastifyReply, type FastifyRequest } from 'fastify';
+import type { Config } from './config.ts';
+
+/** The routes a training loop calls on every step. */
+const PER_STEP_ROUTE = /^\/v1\/sessions\/:name\/(step|params)$/;
+/** An id a proxy or client may send (UUIDs, trace ids, nginx's $request_id): no spaces, no control characters. */
+const REQUEST_ID = /^[A-Za-z0-9][A-Za-z0-9._:/+=@-]{0,127}$/;
+
+/** fastify's genReqId: the incoming X-Request-Id when it is one, else a new UUID. */
+export function requestId(req: IncomingMessage): string {
+  const incoming = req.headers['x-request-id'];
+  return typeof incoming === 'string' && REQUEST_ID.test(incoming) ? incoming : randomUUID();
+}
+
+type Level = 'info' | 'debug';
+
+export class RequestLogController extends LogController {
+  readonly mode: Config['logRequests'];
+
+  constructor(mode: Config['logRequests']) {
+    super();
+    this.mode = mode;
+  }
+
+  /** Whether this request's lines go out at info (else debug), given its answer's status when known. */
+  level(request: FastifyRequest, status?: number): Level {
+    const failed = status !== undefined && status >= 400;
+    switch (this.mode) {
+      case 'all':
+        return 'info';
+      case 'none':
+        return 'debug';
+      case 'errors':
+        return failed ? 'info' : 'debug';
+      case 'auto':
+        return failed || !PER_STEP_ROUTE.test(request.routeOptions.url ?? '') ? 'info' : 'debug';
+    }
+  }
+
+  override incomingRequest(request: FastifyRequest): void {
+    request.log[this.level(request)]({ req: request }, 'incoming request');
+  }
+
+  override requestCompleted(error: Error | null | undefined, request: FastifyRequest, reply: FastifyReply): void {
+    if (error) reply.log.error({ res: reply, err: error, responseTime: reply.elapsedTime }, 'request errored');
+    else reply.log[this.level(request, reply.statusCode)]({ res: reply, responseTime: reply.elapsedTime }, 'request completed');
+  }
+}

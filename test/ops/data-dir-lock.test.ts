@@ -1,0 +1,160 @@
+// One owner per embedded data directory: a second process is refused with a message naming the directory
+// and the holder while the first keeps serving; a lock left by a killed process does not block a restart.
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { hostname, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { DataDirLockedError, LOCK_FILE, lockDataDir, type LockHolder } from '../../src/db/data-dir-lock.ts';
+import { openDatabase } from '../../src/db/database.ts';
+import { spawnService } from './processes.ts';
+
+function tempDir(t: { after(fn: () => void): void }): string {
+  const dir = mkdtempSync(join(tmpdir(), 'asgd-lock-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+const SERVER_ENV = { PORT: '0', LOG_LEVEL: 'info', ASGD_HEALTH_CHECK_INTERVAL_MS: '0' };
+
+test('a second process on the same data directory exits non-zero naming the directory and the holder; the first keeps serving; after kill -9 of the owner a new process starts there', { timeout: 300_000 }, async (t) => {
+  const dir = join(tempDir(t), 'data');
+  const first = spawnService(process.execPath, ['src/server.ts'], { ...SERVER_ENV, ASGD_DATA_DIR: dir });
+  t.after(() => first.child.kill('SIGKILL'));
+  const { url } = await first.banner();
+  const created = await fetch(`${url}/v1/sessions`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ name: 'kept', params: [{ name: 'w', shape: [2], data: [1, 2] }] }),
+  });
+  assert.equal(created.status, 201, await created.text());
+  const holder = JSON.parse(readFileSync(join(dir, LOCK_FILE), 'utf8')) as LockHolder;
+  assert.equal(holder.pid, first.child.pid);
+
+  // The server's own entry point and the CLI's `serve` and `migrate` are all refused.
+  for (const args of [['src/server.ts'], ['bin/asgd-serve.mjs', 'serve'], ['bin/asgd-serve.mjs', 'migrate']]) {
+    const second = spawnService(process.execPath, args, { ...SERVER_ENV, ASGD_DATA_DIR: dir });
+    const code = await second.exited;
+    assert.notEqual(code, 0, `${args.join(' ')}: ${second.output()}`);
+    const message = second.output();
+    assert.ok(message.includes(`the data directory ${dir} is in use by another asgd-serve process (pid ${first.child.pid} on host ${hostname()}, started ${holder.startedAt})`), message);
+    assert.doesNotMatch(message, /^\s+at /m, 'no stack trace');
+  }
+  const still = await fetch(`${url}/v1/sessions/kept`);
+  assert.equal(still.status, 200, 'the first process keeps serving');
+  assert.equal(first.child.exitCode, null);
+
+  first.child.kill('SIGKILL');
+  await first.exited;
+  assert.ok(existsSync(join(dir, LOCK_FILE)), 'kill -9 leaves the lock file behind');
+  const restarted = spawnService(process.execPath, ['src/server.ts'], { ...SERVER_ENV, ASGD_DATA_DIR: dir });
+  t.after(() => restarted.child.kill('SIGKILL'));
+  const again = await restarted.banner();
+  assert.equal((await fetch(`${again.url}/v1/sessions/kept`)).status, 200, 'the new owner has the acknowledged session');
+  assert.equal((JSON.parse(readFileSync(join(dir, LOCK_FILE), 'utf8')) as LockHolder).pid, restarted.child.pid);
+  restarted.child.kill('SIGTERM');
+  assert.equal(await restarted.exited, 0, restarted.output());
+  assert.ok(!existsSync(join(dir, LOCK_FILE)), 'a clean exit removes the lock');
+});
+
+test('in one process: a second open of a held directory is refused, a closed one can be opened again, memory:// takes no lock', { timeout: 120_000 }, async (t) => {
+  const dir = tempDir(t);
+  const db = await openDatabase({ databaseUrl: null, dataDir: dir, poolSize: 1 });
+  await assert.rejects(openDatabase({ databaseUrl: null, dataDir: dir, poolSize: 1 }), (err: Error) => err instanceof DataDirLockedError && err.holder.pid === process.pid);
+  await db.close();
+  assert.ok(!existsSync(join(dir, LOCK_FILE)));
+  const reopened = await openDatabase({ databaseUrl: null, dataDir: dir, poolSize: 1 });
+  await reopened.close();
+  const a = await openDatabase({ databaseUrl: null, dataDir: 'memory://', poolSize: 1 });
+  const b = await openDatabase({ databaseUrl: null, dataDir: 'memory://', poolSize: 1 });
+  await Promise.all([a.close(), b.close()]);
+});
+
+/** A lock file as another process would have left it. */
+function plant(dir: string, holder: Partial<LockHolder>): LockHolder {
+  const own = JSON.parse(readFileSync(join(dir, LOCK_FILE), 'utf8')) as LockHolder;
+  const record = { ...own, token: 'planted', startedAt: '2026-01-01T00:00:00.000Z', ...holder };
+  writeFileSync(join(dir, LOCK_FILE), JSON.stringify(record));
+  return record;
+}
+
+/** A template lock file of this process (then released), to plant variations of. */
+async function template(dir: string): Promise<void> {
+  const lock = await lockDataDir(dir);
+  const text = readFileSync(lock.path, 'utf8');
+  lock.release();
+  writeFileSync(join(dir, LOCK_FILE), text);
+}
+
+test('a lock whose process is gone, or whose pid now belongs to another process, is taken over; a live holder is not', async (t) => {
+  const dir = tempDir(t);
+  await template(dir);
+  const gone = spawnSync(process.execPath, ['-e', '0']).pid!;
+  plant(dir, { pid: gone });
+  const lock = await lockDataDir(dir);
+  assert.equal(JSON.parse(readFileSync(lock.path, 'utf8')).pid, process.pid, 'a dead holder is replaced');
+  lock.release();
+
+  // The parent (alive) with its own start time holds it; with another start time its pid was reused.
+  await template(dir);
+  const parentStart = readFileSync(`/proc/${process.ppid}/stat`, 'utf8').split(') ')[1].split(' ')[19];
+  const live = plant(dir, { pid: process.ppid, processStart: parentStart });
+  await assert.rejects(lockDataDir(dir), (err: Error) => err instanceof DataDirLockedError && err.holder.token === live.token && err.message.includes(`pid ${process.ppid}`));
+  plant(dir, { pid: process.ppid, processStart: String(Number(parentStart) + 1) });
+  const reused = await lockDataDir(dir);
+  reused.release();
+
+  // Our own pid with another start time: a previous incarnation (a container restarted as pid 1).
+  await template(dir);
+  plant(dir, { pid: process.pid, processStart: '1' });
+  (await lockDataDir(dir)).release();
+
+  // Another boot of this host: judged like another machine, by its heartbeat (none: taken over).
+  await template(dir);
+  plant(dir, { pid: process.ppid, bootId: 'an-earlier-boot' });
+  const afterReboot = await lockDataDir(dir, { staleAfterMs: 400 });
+  afterReboot.release();
+});
+
+test('a holder on another host (a shared volume) is alive while its heartbeat renews the file, abandoned after it stops', async (t) => {
+  const dir = tempDir(t);
+  await template(dir);
+  const path = join(dir, LOCK_FILE);
+  plant(dir, { host: 'another-host', pid: 1 });
+  const beat = setInterval(() => utimesSync(path, new Date(), new Date()), 100);
+  try {
+    await assert.rejects(lockDataDir(dir, { staleAfterMs: 1_000 }), (err: Error) => err instanceof DataDirLockedError && /on host another-host/.test(err.message) && /renewed the lock/.test(err.message));
+  } finally {
+    clearInterval(beat);
+  }
+  const started = Date.now();
+  const lock = await lockDataDir(dir, { staleAfterMs: 1_000 });
+  assert.ok(Date.now() - started >= 500, 'waited for the heartbeat to be missed');
+  assert.equal(JSON.parse(readFileSync(lock.path, 'utf8')).host, hostname());
+
+  lock.release();
+
+  // A holder renews its own file.
+  const beating = await lockDataDir(dir, { heartbeatMs: 50 });
+  const past = new Date(Date.now() - 60_000);
+  utimesSync(beating.path, past, past);
+  await new Promise((r) => setTimeout(r, 300));
+  assert.ok(Date.now() - statSync(beating.path).mtimeMs < 1_000, 'the heartbeat renewed the file');
+  beating.release();
+  assert.ok(!existsSync(path));
+});
+
+test('an unreadable lock file is taken over once it is old; release leaves a lock that is not ours', async (t) => {
+  const dir = tempDir(t);
+  const path = join(dir, LOCK_FILE);
+  writeFileSync(path, 'not json');
+  const old = new Date(Date.now() - 120_000);
+  utimesSync(path, old, old);
+  const lock = await lockDataDir(dir);
+  // Someone removed it by hand and a new owner came: our release must not remove theirs.
+  rmSync(path);
+  writeFileSync(path, JSON.stringify({ pid: 1, token: 'theirs' }));
+  lock.release();
+  assert.equal(JSON.parse(readFileSync(path, 'utf8')).token, 'theirs');
+});

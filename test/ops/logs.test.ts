@@ -1,0 +1,136 @@
+// What an operator reads: request lines at a level per route (ASGD_LOG_REQUESTS), no key written twice on a
+// line, the client's X-Request-Id kept, the start-up banner, and GET / pointing at the docs and dashboard.
+import assert from 'node:assert/strict';
+import { Writable } from 'node:stream';
+import { test, type TestContext } from 'node:test';
+import { buildApp } from '../../src/app.ts';
+import { databaseLocation, startupBanner } from '../../src/banner.ts';
+import { ConfigError, loadConfig } from '../../src/config.ts';
+import { LINKS, prefersHtml } from '../../src/routes/root/index.ts';
+import { testConfig } from '../helper.ts';
+import { createSession, gradBody } from './support.ts';
+
+interface Line { raw: string; entry: Record<string, unknown> }
+
+async function loggedApp(t: TestContext, env: Record<string, string> = {}) {
+  const lines: Line[] = [];
+  const stream = new Writable({
+    write(chunk, _encoding, done) {
+      for (const raw of String(chunk).split('\n').filter(Boolean)) lines.push({ raw, entry: JSON.parse(raw) });
+      done();
+    },
+  });
+  const config = testConfig({ ASGD_DATA_DIR: 'memory://', LOG_LEVEL: 'info', ASGD_HEALTH_CHECK_INTERVAL_MS: '0', ...env });
+  const app = await buildApp({ config, migrate: true, logger: { level: 'info', stream } });
+  t.after(() => app.close());
+  await app.ready();
+  return { app, lines };
+}
+
+const requestLines = (lines: Line[], url: string) =>
+  lines.filter((l) => l.entry.msg === 'incoming request' || l.entry.msg === 'request completed').filter((l) => {
+    const id = l.entry.reqId;
+    return lines.some((other) => other.entry.reqId === id && (other.entry.req as { url?: string } | undefined)?.url === url) || (l.entry.req as { url?: string } | undefined)?.url === url;
+  });
+
+/** Keys a raw JSON line holds more than once (JSON.parse keeps only the last). */
+function duplicateKeys(raw: string): string[] {
+  const counts = new Map<string, number>();
+  for (const m of raw.matchAll(/[{,]"([^"]+)":/g)) counts.set(m[1], (counts.get(m[1]) ?? 0) + 1);
+  return [...counts].filter(([, n]) => n > 1).map(([key]) => key);
+}
+
+test('ASGD_LOG_REQUESTS=auto (the default): step and params requests log at debug unless they fail; other routes at info; no line repeats a key', { timeout: 120_000 }, async (t) => {
+  const { app, lines } = await loggedApp(t);
+  await createSession(app, 'quiet', {});
+  const stepped = await app.inject({ method: 'POST', url: '/v1/sessions/quiet/step', payload: gradBody(1) });
+  assert.equal(stepped.statusCode, 200, stepped.body);
+  assert.equal((await app.inject({ url: '/v1/sessions/quiet/params' })).statusCode, 200);
+  const bad = await app.inject({ method: 'POST', url: '/v1/sessions/quiet/step', payload: { grads: { w: ['x'] } } });
+  assert.equal(bad.statusCode, 400);
+  assert.equal((await app.inject({ url: '/v1/sessions/quiet' })).statusCode, 200);
+
+  assert.deepEqual(requestLines(lines, '/v1/sessions/quiet/params'), [], 'a successful params read writes no request line at info');
+  const stepIds = new Set([stepped.headers['x-request-id'], bad.headers['x-request-id']]);
+  const stepLines = lines.filter((l) => stepIds.has(l.entry.reqId as string) && /request/.test(String(l.entry.msg)));
+  assert.deepEqual(stepLines.map((l) => [l.entry.reqId, l.entry.msg, (l.entry.res as { statusCode?: number } | undefined)?.statusCode]), [[bad.headers['x-request-id'], 'request completed', 400]],
+    'of the two steps only the failed one has a request line: its completion');
+  const stepsLogged = lines.filter((l) => l.entry.msg === 'stepped');
+  assert.equal(stepsLogged.length, 1);
+  assert.equal(stepsLogged[0].entry.session, 'quiet');
+  assert.equal(stepsLogged[0].entry.step, 1);
+  const read = requestLines(lines, '/v1/sessions/quiet').map((l) => l.entry.msg);
+  assert.deepEqual(read, ['incoming request', 'request completed'], 'other routes log both lines at info');
+  for (const line of lines) assert.deepEqual(duplicateKeys(line.raw), [], line.raw);
+});
+
+test('ASGD_LOG_REQUESTS: all, errors and none; a bad value is refused naming the variable', { timeout: 120_000 }, async (t) => {
+  const count = async (mode: string) => {
+    const { app, lines } = await loggedApp(t, { ASGD_LOG_REQUESTS: mode });
+    await createSession(app, 's', {});
+    await app.inject({ method: 'POST', url: '/v1/sessions/s/step', payload: gradBody(1) });
+    await app.inject({ url: '/v1/sessions/nope' });
+    return lines.filter((l) => /^(incoming request|request completed)$/.test(String(l.entry.msg))).map((l) => `${l.entry.msg}${l.entry.res ? ` ${(l.entry.res as { statusCode: number }).statusCode}` : ''}`);
+  };
+  assert.deepEqual(await count('all'), ['incoming request', 'request completed 201', 'incoming request', 'request completed 200', 'incoming request', 'request completed 404']);
+  assert.deepEqual(await count('errors'), ['request completed 404']);
+  assert.deepEqual(await count('none'), []);
+  assert.throws(() => loadConfig({ ASGD_LOG_REQUESTS: 'some' }), (err: Error) => err instanceof ConfigError && /ASGD_LOG_REQUESTS must be one of all, auto, errors, none/.test(err.message));
+});
+
+test('an incoming X-Request-Id is kept as the request id (on the answer and every line); an unusable one is replaced', { timeout: 120_000 }, async (t) => {
+  const { app, lines } = await loggedApp(t, { ASGD_LOG_REQUESTS: 'all' });
+  const kept = await app.inject({ url: '/v1/sessions/none-such', headers: { 'x-request-id': 'trace-4bf92f3577b34da6.a3ce929d0e0e4736' } });
+  assert.equal(kept.headers['x-request-id'], 'trace-4bf92f3577b34da6.a3ce929d0e0e4736');
+  const mine = lines.filter((l) => l.entry.reqId === 'trace-4bf92f3577b34da6.a3ce929d0e0e4736').map((l) => l.entry.msg);
+  assert.equal(mine[0], 'incoming request');
+  assert.equal(mine.at(-1), 'request completed');
+  assert.ok(mine.length >= 3, 'the error line too');
+  for (const bad of ['has spaces in it', 'x'.repeat(129), '', 'a"b', 'line\u0001break', '-starts-with-dash']) {
+    const res = await app.inject({ url: '/healthz', headers: { 'x-request-id': bad } });
+    assert.match(String(res.headers['x-request-id']), /^[0-9a-f-]{36}$/, `${JSON.stringify(bad)} is replaced by a new id`);
+  }
+  assert.match(String((await app.inject({ url: '/healthz' })).headers['x-request-id']), /^[0-9a-f-]{36}$/);
+});
+
+test('GET /: JSON links for API clients, an HTML page for browsers, no token needed', { timeout: 120_000 }, async (t) => {
+  const { app } = await loggedApp(t, { ASGD_ADMIN_TOKEN: 'an-admin-token-for-the-root-test' });
+  for (const accept of [undefined, '*/*', 'application/json', 'application/json, text/html;q=0.9']) {
+    const res = await app.inject({ url: '/', headers: accept ? { accept } : {} });
+    assert.equal(res.statusCode, 200, `${accept}: ${res.body}`);
+    assert.match(String(res.headers['content-type']), /^application\/json/);
+    const body = res.json();
+    assert.equal(body.name, 'asgd-serve');
+    assert.match(body.version, /^\d+\.\d+\.\d+/);
+    assert.equal(body.links.docs, '/docs');
+    assert.equal(body.links.dashboard, '/ui');
+    assert.equal(res.headers.vary, 'Accept');
+  }
+  const browser = await app.inject({ url: '/', headers: { accept: 'text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8' } });
+  assert.equal(browser.statusCode, 200);
+  assert.match(String(browser.headers['content-type']), /^text\/html/);
+  for (const href of Object.values(LINKS)) assert.ok(browser.body.includes(`href="${href}"`), href);
+  // The links lead somewhere: the docs, the OpenAPI document and health answer without a token.
+  for (const path of [LINKS.docs, LINKS.openapi, LINKS.health]) {
+    const res = await app.inject({ url: path });
+    assert.ok(res.statusCode === 200 || res.statusCode === 302, `${path}: ${res.statusCode}`);
+  }
+  assert.equal(prefersHtml('application/json;q=0.5, text/html;q=0.6'), true);
+  assert.equal(prefersHtml('text/html;q=0, */*'), false);
+});
+
+test('the start-up banner: version, database and where, auth, URL, docs; never the database password', () => {
+  const pglite = startupBanner(loadConfig({ ASGD_DATA_DIR: 'rel/dir' }), 'http://127.0.0.1:8080', '/ui');
+  assert.deepEqual(pglite.fields.database, { kind: 'pglite', dataDir: `${process.cwd()}/rel/dir` });
+  assert.equal(pglite.fields.auth, 'off');
+  assert.equal(pglite.fields.docs, 'http://127.0.0.1:8080/docs');
+  assert.match(pglite.message, /^asgd-serve \d+\.\d+\.\d+\S* listening on http:\/\/127\.0\.0\.1:8080 \| database: embedded PGlite in \/.*rel\/dir \| auth: off .*\| docs: http:\/\/127\.0\.0\.1:8080\/docs \| dashboard: http:\/\/127\.0\.0\.1:8080\/ui$/);
+
+  const pg = startupBanner(loadConfig({ DATABASE_URL: 'postgres://asgd:s3cret-pw@db.internal:6543/training?sslmode=require', ASGD_ADMIN_TOKEN: 'x'.repeat(20) }), 'http://127.0.0.1:1', '/ui');
+  assert.deepEqual(pg.fields.database, { kind: 'postgres', host: 'db.internal', port: 6543, database: 'training', user: 'asgd' });
+  assert.equal(pg.fields.auth, 'on');
+  assert.match(pg.message, /database: PostgreSQL asgd@db\.internal:6543\/training/);
+  assert.ok(!JSON.stringify(pg).includes('s3cret'), 'no password');
+  assert.deepEqual(databaseLocation({ databaseUrl: 'postgresql:///asgd?host=/var/run/postgresql', dataDir: '' }), { kind: 'postgres', host: '/var/run/postgresql', port: 5432, database: 'asgd', user: null });
+  assert.equal(databaseLocation({ databaseUrl: null, dataDir: 'memory://' }).kind, 'pglite');
+});
