@@ -105,6 +105,8 @@ test('the media types each operation documents are the ones it accepts and answe
         else {
           assert.equal(res.statusCode, 415, `${label} accepts ${type} but does not document it: ${res.body}`);
           assert.equal(res.json().code, 'UNSUPPORTED_MEDIA_TYPE');
+          // The answer names the type that was sent and the ones the route takes.
+          assert.ok(res.json().message.startsWith(`Content-Type: ${type} is not accepted here; use application/json`), res.body);
         }
       }
     }

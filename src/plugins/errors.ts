@@ -107,7 +107,9 @@ export function toApiError(err: unknown, request: FastifyRequest): ApiError {
 
 /** 415 naming the type that was sent and the types the route accepts. */
 export function unsupportedMediaType(request: FastifyRequest): ApiError {
-  const sent = String(request.headers['content-type'] ?? '').split(';')[0].trim().slice(0, 100) || '(none)';
+  const header = String(request.headers['content-type'] ?? '').trim();
+  // The media type as sent (parameters dropped), or the whole header when it has none (";;;").
+  const sent = (header.split(';')[0].trim() || header || '(none)').slice(0, 100);
   return errors.unsupportedMediaType(sent, acceptedTypes(request).join(', '));
 }
 

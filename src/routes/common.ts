@@ -72,12 +72,6 @@ export function optionalWhole(value: unknown, field: string, min = 0, max = Numb
 /** Session settings are int4 columns; these bounds keep them there (and sane). */
 export const SETTING_LIMITS = { snapshot_every: 1_000_000, keep_snapshots: 100_000, max_staleness: 2_147_483_647 } as const;
 
-export function booleanQuery(value: unknown, field: string): boolean {
-  if (value === undefined || value === '' || value === 'false' || value === '0' || value === false) return false;
-  if (value === 'true' || value === '1' || value === true) return true;
-  throw errors.invalidQuery(field, 'must be true or false');
-}
-
 /**
  * The body of a route that takes JSON or a file: a Buffer for a file (its format's reader checks it), else
  * the JSON that AJV checked against `schema` (the route's body.content['application/json'] schema; the type
