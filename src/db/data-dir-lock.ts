@@ -163,14 +163,9 @@ export async function lockDataDir(dir: string, options: LockOptions = {}): Promi
     }
     const holder = parse(readText(path));
     if (holder === null) {
-      // Unreadable: not written by this code, or deleted meanwhile. Old garbage is taken over.
-      try {
-        if (Date.now() - statSync(path).mtimeMs < staleAfterMs) {
-          await sleep(200);
-          continue;
-        }
-      } catch {
-        continue;
+      // Unreadable (not written by this code; or gone meanwhile): taken over unless something renews it.
+      if (await heartbeatAlive(path, staleAfterMs)) {
+        throw new Error(`the data directory ${absolute} holds a lock file ${LOCK_FILE} that this version cannot read and that is being renewed: another process uses the directory`);
       }
     } else {
       const sameMachine = holder.host === me.host && holder.bootId === me.bootId && holder.pidNamespace === me.pidNamespace;
@@ -208,11 +203,14 @@ function hold(path: string, me: LockHolder, heartbeatMs: number): DataDirLock {
   heldHere.add(path);
   const ours = () => parse(readText(path))?.token === me.token;
   const heartbeat = setInterval(() => {
+    // Never renew a lock that is no longer ours (removed by hand, or taken over while this process stood
+    // still for the whole stale period): that would keep the new owner's lock alive in our name.
+    if (!ours()) return;
     try {
       const now = new Date();
       utimesSync(path, now, now);
     } catch {
-      // the file is gone (removed by hand): nothing to renew
+      // gone meanwhile: nothing to renew
     }
   }, heartbeatMs);
   heartbeat.unref();

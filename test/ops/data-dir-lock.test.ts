@@ -145,7 +145,7 @@ test('a holder on another host (a shared volume) is alive while its heartbeat re
   assert.ok(!existsSync(path));
 });
 
-test('an unreadable lock file is taken over once it is old; release leaves a lock that is not ours', async (t) => {
+test('an unreadable lock file is taken over once it is old or stops changing; release leaves a lock that is not ours', async (t) => {
   const dir = tempDir(t);
   const path = join(dir, LOCK_FILE);
   writeFileSync(path, 'not json');
@@ -157,4 +157,10 @@ test('an unreadable lock file is taken over once it is old; release leaves a loc
   writeFileSync(path, JSON.stringify({ pid: 1, token: 'theirs' }));
   lock.release();
   assert.equal(JSON.parse(readFileSync(path, 'utf8')).token, 'theirs');
+
+  // A fresh unreadable file is taken over once nothing has renewed it for the stale period.
+  writeFileSync(path, '');
+  const started = Date.now();
+  (await lockDataDir(dir, { staleAfterMs: 400 })).release();
+  assert.ok(Date.now() - started >= 300, 'waited for the stale period');
 });
