@@ -1,7 +1,7 @@
 // Runs the benchmarks and writes bench/RESULTS.md (and bench/results.json, the figures it is made from).
 //   npm run bench                      every benchmark
 //   npm run bench -- durable-step pglite   some of them (the others keep their last figures)
-// Names: kernel, durable-step, throughput, pglite, catchup, memory. Each also runs alone:
+// Names: kernel, durable-step, throughput, pglite, catchup, memory, training. Each also runs alone:
 // `node bench/<name>.ts` (prints, writes nothing).
 import { execFileSync } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
@@ -14,6 +14,7 @@ import { runKernelBench, type KernelBenchRow } from './kernel.ts';
 import { runMemoryBench } from './memory.ts';
 import { runPgliteBench } from './pglite.ts';
 import { runThroughputBench } from './throughput.ts';
+import { runTrainingBench } from './training.ts';
 
 const PYTHON = process.env.TORCH_PYTHON ?? '/usr/bin/python3';
 
@@ -50,6 +51,7 @@ const BENCHES: Record<string, () => Promise<{ result: BenchResult; rows?: Kernel
   pglite: async () => ({ result: await runPgliteBench() }),
   catchup: async () => ({ result: await runCatchupBench() }),
   memory: async () => ({ result: await runMemoryBench() }),
+  training: async () => ({ result: await runTrainingBench({ python: PYTHON }) }),
 };
 
 function torchVersion(): string {

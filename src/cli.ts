@@ -1,9 +1,11 @@
 // The command line: `asgd-serve [serve|migrate] [--flag value ...]`. Every flag mirrors an environment
 // variable of src/config.ts (--data-dir is ASGD_DATA_DIR, --host is HOST); a flag overrides its variable.
+// `asgd-serve sessions|tokens ...` are the operator commands against a running service (src/cli/ops.ts).
 import { readFileSync } from 'node:fs';
 import { pathToFileURL } from 'node:url';
 import { ConfigError, loadConfig } from './config.ts';
 import { openDatabase } from './db/database.ts';
+import { OPS_COMMANDS, runOps, type OpsIo } from './cli/ops.ts';
 
 interface Flag {
   env: string;
@@ -40,6 +42,9 @@ export const FLAGS: Flag[] = [
   { env: 'ASGD_SHUTDOWN_TIMEOUT_MS', value: 'ms', help: 'grace for in-flight requests after SIGTERM (default 60000)' },
   { env: 'ASGD_SNAPSHOT_EVERY', value: 'n', help: 'default snapshot interval of new sessions, in steps (default 100)' },
   { env: 'ASGD_KEEP_SNAPSHOTS', value: 'n', help: 'default snapshots kept per session (default 10)' },
+  { env: 'ASGD_KEEP_LOG_BYTES', value: 'bytes', help: 'default byte bound on a new session\'s step log (default 4 GiB; 0 or none = no bound)' },
+  { env: 'ASGD_EXPIRE_AFTER_IDLE_S', value: 's', help: 'default: delete a new session after this many idle seconds (unset = never)' },
+  { env: 'ASGD_SWEEP_INTERVAL_MS', value: 'ms', help: 'how often to look for idle sessions to delete (default 60000; 0 = never)' },
   { env: 'ASGD_IDEMPOTENCY_WINDOW_SECONDS', value: 's', help: 'how long Idempotency-Key answers are kept (default 86400)' },
   { env: 'ASGD_KERNEL', value: 'wasm|js', help: 'optimizer kernel (default wasm)' },
   { env: 'ASGD_FMA', value: 'true|false', help: 'fused multiply-add as PyTorch on AVX2 (default true)' },
@@ -56,10 +61,13 @@ export function usage(): string {
   const width = Math.max(...rows.map(([flag]) => flag.length)) + 2;
   return [
     'Usage: asgd-serve [serve|migrate] [options]',
+    '       asgd-serve sessions|tokens COMMAND [options]   (see asgd-serve sessions --help)',
     '',
     'Commands:',
     '  serve      listen for HTTP requests (the default)',
     '  migrate    apply the database migrations and exit (run once before starting replicas)',
+    '  sessions   ls, show, rm, snapshot, download: against a running service (--url, --token)',
+    '  tokens     ls, create, revoke: against a running service',
     '',
     'Options (each overrides the environment variable in brackets):',
     ...rows.map(([flag, help]) => `  ${flag.padEnd(width)}${help}`),
@@ -82,7 +90,7 @@ export function parseArgs(argv: string[], env: Record<string, string | undefined
     if (arg === '--version') return { command: 'version', env: out };
     if (!arg.startsWith('--')) {
       if (command !== null) throw new UsageError(`unexpected argument ${JSON.stringify(arg)}`);
-      if (!(COMMANDS as readonly string[]).includes(arg)) throw new UsageError(`unknown command ${JSON.stringify(arg)} (use serve or migrate)`);
+      if (!(COMMANDS as readonly string[]).includes(arg)) throw new UsageError(`unknown command ${JSON.stringify(arg)} (use serve, migrate, sessions or tokens)`);
       command = arg as Command;
       continue;
     }
@@ -109,8 +117,13 @@ function version(): string {
 export async function main(
   argv: string[],
   env: Record<string, string | undefined> = process.env,
-  io: { stdout: { write(text: string): unknown }; stderr: { write(text: string): unknown } } = process,
+  io: OpsIo = process,
 ): Promise<number | null> {
+  if ((OPS_COMMANDS as readonly string[]).includes(argv[0])) {
+    // Questions and progress only when a person is there: stdin and stderr on a terminal.
+    const interactive = io.interactive ?? (io === process && Boolean(process.stdin.isTTY && process.stderr.isTTY));
+    return runOps(argv, env, { stdout: io.stdout, stderr: io.stderr, confirm: io.confirm, stdoutStream: io.stdoutStream, interactive });
+  }
   let parsed: ReturnType<typeof parseArgs>;
   try {
     parsed = parseArgs(argv, env);

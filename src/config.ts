@@ -27,6 +27,12 @@ export interface Config {
   rateLimitPerMinute: number | null;
   defaultSnapshotEvery: number;
   defaultKeepSnapshots: number;
+  /** Byte bound on a new session's step log (null: none, only the count bound). */
+  defaultKeepLogBytes: number | null;
+  /** New sessions are deleted after this many idle seconds (null: never). */
+  defaultExpireAfterIdleS: number | null;
+  /** How often this process runs the idle-session sweep (0 = never; one replica at a time does it). */
+  sweepIntervalMs: number;
   idempotencyWindowSeconds: number;
   kernel: 'wasm' | 'js';
   fma: boolean;
@@ -118,6 +124,10 @@ export function loadConfig(env: Env = process.env): Config {
     rateLimitPerMinute: env.ASGD_RATE_LIMIT_PER_MINUTE ? int(env, 'ASGD_RATE_LIMIT_PER_MINUTE', 0, 1) : null,
     defaultSnapshotEvery: int(env, 'ASGD_SNAPSHOT_EVERY', 100, 1),
     defaultKeepSnapshots: int(env, 'ASGD_KEEP_SNAPSHOTS', 10, 1),
+    // 0 or "none" turns the byte bound off; 4 GiB keeps a 1e6-parameter model's default log whole.
+    defaultKeepLogBytes: /^\s*(none|0)\s*$/i.test(env.ASGD_KEEP_LOG_BYTES ?? '') ? null : int(env, 'ASGD_KEEP_LOG_BYTES', 4096 * MiB, 1),
+    defaultExpireAfterIdleS: env.ASGD_EXPIRE_AFTER_IDLE_S?.trim() ? int(env, 'ASGD_EXPIRE_AFTER_IDLE_S', 0, 1, 2_147_483_647) : null,
+    sweepIntervalMs: int(env, 'ASGD_SWEEP_INTERVAL_MS', 60_000, 0),
     idempotencyWindowSeconds: int(env, 'ASGD_IDEMPOTENCY_WINDOW_SECONDS', 86_400, 1),
     kernel,
     fma: bool(env, 'ASGD_FMA', true),

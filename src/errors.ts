@@ -31,6 +31,7 @@ const API_CODES = {
   EMPTY_STEP: [400, 'A step without any gradient'],
   STATE_DICT_MISMATCH: [400, 'A state_dict does not fit this session (group count, sizes)'],
   INVALID_STATE_DICT: [400, 'A state_dict is malformed; the message names the field'],
+  INVALID_METRICS: [400, 'A step\'s metrics are malformed: at most 32 finite numbers named like sessions'],
   SESSION_NOT_FOUND: [404, 'No session of this name'],
   SNAPSHOT_NOT_FOUND: [404, 'No snapshot of this id in this session'],
   VERSION_NOT_AVAILABLE: [404, 'The version asked for is older than the oldest snapshot or newer than the session'],
@@ -47,6 +48,7 @@ const API_CODES = {
   /** Load and availability */
   RATE_LIMITED: [429, 'Too many requests for this token; see Retry-After'],
   SERVICE_UNAVAILABLE: [503, 'Overloaded, shutting down, or the database is unreachable; see Retry-After'],
+  TOO_MANY_WAITERS: [503, 'This process holds as many waiting reads or event streams as it allows; retry shortly or on another replica'],
   SNAPSHOT_UNAVAILABLE: [503, 'A snapshot changed while it was read (another process pruned it); retry'],
   INTERNAL: [500, 'An unexpected failure; the log has the details'],
 } as const satisfies Record<string, readonly [number, string]>;
@@ -107,6 +109,7 @@ export const errors = {
   emptyStep: make('EMPTY_STEP', () => 'grads: a step needs a gradient for at least one parameter'),
   stateDictMismatch: make('STATE_DICT_MISMATCH', (message: string) => message),
   invalidStateDict: make('INVALID_STATE_DICT', (field: string, message: string) => `${field}: ${message}`),
+  invalidMetrics: make('INVALID_METRICS', (field: string, message: string) => `${field}: ${message}`),
   invalidQuery: make('INVALID_QUERY', (field: string, message: string) => `${field}: ${message}`),
   invalidHeader: make('INVALID_HEADER', (field: string, message: string) => `${field}: ${message}`),
   /** A file that src/formats refused: its code is one of FORMAT_ERROR_CODES. */
@@ -151,6 +154,8 @@ export const errors = {
     new ApiError('RATE_LIMITED', `more than ${limit} requests a minute; retry in ${retryAfterSeconds} s`, undefined, { 'retry-after': String(retryAfterSeconds) }),
   unavailable: (message: string, retryAfterSeconds = 1) =>
     new ApiError('SERVICE_UNAVAILABLE', message, undefined, { 'retry-after': String(retryAfterSeconds) }),
+  tooManyWaiters: (what: string, limit: number) =>
+    new ApiError('TOO_MANY_WAITERS', `${what}: this process already holds ${limit}; retry shortly or on another replica`, undefined, { 'retry-after': '1' }),
   snapshotUnavailable: (id: number) =>
     new ApiError('SNAPSHOT_UNAVAILABLE', `snapshot ${id} changed while it was read; try again`, undefined, { 'retry-after': '1' }),
   internal: make('INTERNAL', () => 'internal error'),

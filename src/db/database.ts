@@ -9,6 +9,7 @@ import { drizzle as drizzlePg } from 'drizzle-orm/node-postgres';
 import { migrate as migratePg } from 'drizzle-orm/node-postgres/migrator';
 import type { PgDatabase, PgQueryResultHKT } from 'drizzle-orm/pg-core';
 import { schema } from './schema.ts';
+import { listenPostgres, type ListenHandlers, type Listener } from './listener.ts';
 import { lockDataDir, type DataDirLock } from './data-dir-lock.ts';
 
 export const MIGRATIONS_DIR = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'migrations');
@@ -44,6 +45,8 @@ export interface Database extends Queryable {
   /** Throws when the database is unreachable or the migrations are not applied. */
   ready(): Promise<void>;
   poolStats(): { total: number; idle: number; waiting: number };
+  /** LISTEN on `channel` for this process (NOTIFY is sent at commit, by any process on the database). */
+  listen(channel: string, handlers: ListenHandlers): Promise<Listener>;
   close(): Promise<void>;
 }
 
@@ -151,6 +154,7 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
       if (Number(rows[0].n) < expectedMigrations()) throw new Error('migrations are not applied');
     },
     poolStats: () => ({ total: pool.totalCount, idle: pool.idleCount, waiting: pool.waitingCount }),
+    listen: (channel, handlers) => listenPostgres(url, channel, handlers),
     close: () => pool.end(),
   };
 }
@@ -199,6 +203,11 @@ async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Da
       if (Number(res.rows[0].n) < expectedMigrations()) throw new Error('migrations are not applied');
     },
     poolStats: () => ({ total: 1, idle: 1, waiting: 0 }),
+    // In-process: PGlite delivers a committed NOTIFY to its own listeners.
+    async listen(channel, handlers) {
+      const unlisten = await client.listen(channel, handlers.onNotify);
+      return { close: () => (client.closed ? Promise.resolve() : unlisten()) };
+    },
     async close() {
       try {
         await client.close();

@@ -29,6 +29,12 @@ export interface ParamSpec {
   shape: number[];
 }
 
+/**
+ * Hyperparameters a step sets, per group in the session's group order (null: that group unchanged).
+ * `int_keys` lists the given keys that are Python ints (weight_decay given as a whole number).
+ */
+export type HyperDelta = (Partial<Pick<GroupSpec, 'lr' | 'lambd' | 'alpha' | 't0' | 'weight_decay' | 'maximize'>> & { int_keys?: string[] } | null)[];
+
 /** Per-parameter scalar state (float32 values) or null when the parameter has not stepped yet. */
 export type ScalarStateRow = { step: number; eta: number; mu: number } | null;
 
@@ -43,6 +49,10 @@ export const sessions = pgTable('sessions', {
   snapshotEvery: integer('snapshot_every').notNull(),
   keepSnapshots: integer('keep_snapshots').notNull(),
   maxStaleness: integer('max_staleness'),
+  /** Byte bound on the step log (null: none; the count bound keep_snapshots still holds). */
+  keepLogBytes: bigint('keep_log_bytes', { mode: 'number' }),
+  /** Deleted by the sweeper after this many seconds without a step or a write (null: never). */
+  expireAfterIdleS: integer('expire_after_idle_s'),
   createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
   updatedAt: timestamp('updated_at', { withTimezone: true }).notNull().defaultNow(),
 }, (t) => [uniqueIndex('sessions_name_key').on(t.name)]);
@@ -82,7 +92,28 @@ export const stepLog = pgTable('step_log', {
   present: jsonb('present').$type<number[]>().notNull(),
   grads: bytea('grads').notNull(),
   baseVersion: bigint('base_version', { mode: 'number' }),
+  /**
+   * The hyperparameters the step set before it ran (one object per group, null for a group it left alone;
+   * see src/sessions/step-input.ts), or null: replay applies them, so every version stays bit-exact.
+   */
+  hyper: jsonb('hyper').$type<HyperDelta>(),
   createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
+}, (t) => [primaryKey({ columns: [t.sessionId, t.version] })]);
+
+/**
+ * One row per committed step, kept for the session's lifetime (not pruned with the log): the training
+ * series a dashboard plots (metrics the client sent, staleness) and the groups' values when the step
+ * changed them.
+ */
+export const stepHistory = pgTable('step_history', {
+  sessionId: bigint('session_id', { mode: 'number' }).notNull().references(() => sessions.id, { onDelete: 'cascade' }),
+  version: bigint('version', { mode: 'number' }).notNull(),
+  step: bigint('step', { mode: 'number' }).notNull(),
+  staleness: integer('staleness').notNull(),
+  createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
+  metrics: jsonb('metrics').$type<Record<string, number>>(),
+  /** Each group's hyperparameters after the step, when the step changed any; else null. */
+  hyper: jsonb('hyper').$type<Record<string, unknown>[]>(),
 }, (t) => [primaryKey({ columns: [t.sessionId, t.version] })]);
 
 /** Answers to steps sent with an Idempotency-Key, kept for the configured window. */
@@ -110,4 +141,4 @@ export type SessionRow = typeof sessions.$inferSelect;
 export type SnapshotRow = typeof snapshots.$inferSelect;
 export type TokenRow = typeof tokens.$inferSelect;
 
-export const schema = { sessions, snapshots, snapshotChunks, stepLog, idempotencyKeys, tokens };
+export const schema = { sessions, snapshots, snapshotChunks, stepLog, stepHistory, idempotencyKeys, tokens };

@@ -41,6 +41,8 @@ export function sessionJson(s: SessionRecord): Static<typeof Session> {
     snapshot_every: s.snapshotEvery,
     keep_snapshots: s.keepSnapshots,
     max_staleness: s.maxStaleness,
+    keep_log_bytes: s.keepLogBytes,
+    expire_after_idle_s: s.expireAfterIdleS,
     created_at: s.createdAt.toISOString(),
     updated_at: s.updatedAt.toISOString(),
   };
@@ -70,7 +72,10 @@ export function optionalWhole(value: unknown, field: string, min = 0, max = Numb
 }
 
 /** Session settings are int4 columns; these bounds keep them there (and sane). */
-export const SETTING_LIMITS = { snapshot_every: 1_000_000, keep_snapshots: 100_000, max_staleness: 2_147_483_647 } as const;
+export const SETTING_LIMITS = {
+  snapshot_every: 1_000_000, keep_snapshots: 100_000, max_staleness: 2_147_483_647,
+  keep_log_bytes: Number.MAX_SAFE_INTEGER, expire_after_idle_s: 2_147_483_647,
+} as const;
 
 /**
  * The body of a route that takes JSON or a file: a Buffer for a file (its format's reader checks it), else

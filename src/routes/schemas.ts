@@ -29,7 +29,6 @@ export const StepHeaders = Type.Object({
   'idempotency-key': Type.Optional(Type.String({ pattern: '^[\\x21-\\x7e]{1,255}$', description: 'A retry with the same key returns the first answer and does not step twice' })),
 });
 export const Version = Type.String({ pattern: '^[1-9][0-9]{0,14}$', description: 'Read the state at this version (rebuilt from a snapshot and the step log)' });
-export const BaseVersion = Type.String({ pattern: '^[0-9]{1,15}$', description: 'The version the gradient was computed from' });
 
 // ---- tensors and hyperparameters ---------------------------------------------------------------------------
 const DATA_DESCRIPTION = 'Flat row-major float32 values; "NaN", "Infinity", "-Infinity" for non-finite values';
@@ -79,7 +78,22 @@ export const SessionSettings = {
   snapshot_every: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.snapshot_every, description: 'Write a snapshot every this many versions' })),
   keep_snapshots: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.keep_snapshots, description: 'Unpinned snapshots kept' })),
   max_staleness: Type.Optional(Type.Union([Type.Integer({ minimum: 0, maximum: SETTING_LIMITS.max_staleness }), Type.Null()], { description: 'Refuse gradients more than this many versions old (null: any)' })),
+  keep_log_bytes: Type.Optional(Type.Union([Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.keep_log_bytes }), Type.Null()], {
+    description: 'Byte bound on the step log: a snapshot is taken and older log dropped to stay under it (null: no bound)',
+  })),
+  expire_after_idle_s: Type.Optional(Type.Union([Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.expire_after_idle_s }), Type.Null()], {
+    description: 'Delete the session after this many seconds without a step or a write; reads do not count (null: never)',
+  })),
 };
+
+export const SessionStorage = Type.Object({
+  log_bytes: Type.Integer({ description: 'The step log (gradients), as PostgreSQL stores it' }),
+  log_steps: Type.Integer({ description: 'Steps in the log' }),
+  snapshot_bytes: Type.Integer({ description: 'Snapshots with their tensor chunks' }),
+  snapshots: Type.Integer(),
+  other_bytes: Type.Integer({ description: 'The session row, Idempotency-Key answers, per-step history' }),
+  total_bytes: Type.Integer(),
+}, { title: 'SessionStorage', description: 'Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true)' });
 
 export const Session = Type.Object({
   name: Type.String(),
@@ -91,8 +105,11 @@ export const Session = Type.Object({
   snapshot_every: Type.Integer(),
   keep_snapshots: Type.Integer(),
   max_staleness: Type.Union([Type.Integer(), Type.Null()]),
+  keep_log_bytes: Type.Union([Type.Integer(), Type.Null()], { description: 'Byte bound on the step log; null: none (keep_snapshots still bounds it)' }),
+  expire_after_idle_s: Type.Union([Type.Integer(), Type.Null()], { description: 'Deleted after this many seconds without a step or a write; null: never' }),
   created_at: Type.String({ format: 'date-time' }),
   updated_at: Type.String({ format: 'date-time' }),
+  storage: Type.Optional(SessionStorage),
 }, { title: 'Session' });
 
 export const Snapshot = Type.Object({
@@ -119,6 +136,11 @@ export const ErrorBody = Type.Object(
   { statusCode: Type.Integer(), code: Type.String({ description: 'Stable; the codes each status can carry are listed with the response' }), error: Type.String(), message: Type.String({ description: 'Starts with the field at fault' }) },
   { title: 'Error', additionalProperties: true, description: 'Every error: a stable code and a message that names the field', examples: [{ statusCode: 404, code: 'SESSION_NOT_FOUND', error: 'Not Found', message: 'session "nope" does not exist' }] },
 );
+
+/** 304: the client's copy (If-None-Match, or after_version when no newer one came) is current; ETag names the version. */
+export const NotModified = Type.Null({ description: 'Not modified: the version in the ETag is the one you have' });
+/** If-None-Match: "<version>" on a read: 304 while the session is at that version. */
+export const IfNoneMatchHeaders = Type.Object({ 'if-none-match': Type.Optional(Type.String({ maxLength: 64, description: '"<version>": 304 while the session is at that version' })) });
 
 export const errorResponses = (...codes: number[]) => Object.fromEntries(codes.map((c) => [c, ErrorBody]));
 

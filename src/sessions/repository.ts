@@ -1,7 +1,8 @@
 // SQL of the session domain. Hot-path statements are prepared (named) on PostgreSQL and send bytea
 // parameters in binary; PGlite gets base64 parameters (see Database.byteaParam).
 import type { Database, Queryable } from '../db/database.ts';
-import type { GroupSpec, ParamSpec, ScalarStateRow } from '../db/schema.ts';
+import type { GroupSpec, HyperDelta, ParamSpec, ScalarStateRow } from '../db/schema.ts';
+import { pruneLogToBytes } from './retention.ts';
 
 export const CHUNK_BYTES = 8 * 1024 * 1024;
 
@@ -16,6 +17,10 @@ export interface SessionRecord {
   snapshotEvery: number;
   keepSnapshots: number;
   maxStaleness: number | null;
+  /** Byte bound on the step log (retention.ts); null: only the count bound. */
+  keepLogBytes: number | null;
+  /** The sweeper deletes the session after this many idle seconds (expiry.ts); null: never. */
+  expireAfterIdleS: number | null;
   createdAt: Date;
   updatedAt: Date;
 }
@@ -39,11 +44,44 @@ export interface StepLogEntry {
   version: number;
   present: number[];
   grads: Buffer;
+  /** The hyperparameters the step set before it ran (applied on replay), or null. */
+  hyper: HyperDelta | null;
 }
+
+/** What a step writes besides its gradient: hyperparameters it sets, metrics for step_history. */
+export interface StepExtras {
+  hyper: HyperDelta | null;
+  metrics: Record<string, number> | null;
+}
+
+/** The channel every version change is announced on, at commit: payload `<session name>:<version>:<step>`. */
+export const VERSION_CHANNEL = 'asgd_versions';
+
+/**
+ * `groups` (a jsonb list of GroupSpec) with a step's HyperDelta (the jsonb parameter `delta`) merged in:
+ * src/sessions/step-input.ts applyHyperDelta in SQL, so that the single-statement step keeps the
+ * session row's groups right without reading them first. Given keys replace the group's and leave
+ * int_keys unless the delta lists them there.
+ */
+const mergeGroupsSql = (groups: string, delta: string) => `(
+  SELECT jsonb_agg(CASE WHEN jsonb_typeof(d.value) = 'object' THEN
+      (g.value || (d.value - 'int_keys')) || jsonb_build_object('int_keys',
+        coalesce((SELECT jsonb_agg(k.value) FROM jsonb_array_elements(coalesce(g.value->'int_keys', '[]'::jsonb)) k
+                  WHERE NOT (d.value ? (k.value #>> '{}'))), '[]'::jsonb) || coalesce(d.value->'int_keys', '[]'::jsonb))
+    ELSE g.value END ORDER BY g.ordinality)
+  FROM jsonb_array_elements(${groups}) WITH ORDINALITY g
+  LEFT JOIN jsonb_array_elements(${delta}) WITH ORDINALITY d ON d.ordinality = g.ordinality)`;
+
+/** step_history's `hyper`: each group's hyperparameters (from a jsonb list of GroupSpec). */
+const groupHyperSql = (groups: string) => `(
+  SELECT jsonb_agg(jsonb_build_object('lr', g->'lr', 'lambd', g->'lambd', 'alpha', g->'alpha', 't0', g->'t0',
+    'weight_decay', g->'weight_decay', 'maximize', g->'maximize') ORDER BY i)
+  FROM jsonb_array_elements(${groups}) WITH ORDINALITY AS e(g, i))`;
 
 /** The session columns as SessionRecord reads them, qualified by `t` ("sessions.") where a join needs it. */
 const sessionColumns = (t = '') => `${t}id::float8 AS id, ${t}name, ${t}params, ${t}groups, ${t}numel::float8 AS numel, ${t}version::float8 AS version,
-  ${t}step::float8 AS step, ${t}snapshot_every, ${t}keep_snapshots, ${t}max_staleness, ${t}created_at, ${t}updated_at`;
+  ${t}step::float8 AS step, ${t}snapshot_every, ${t}keep_snapshots, ${t}max_staleness, ${t}keep_log_bytes::float8 AS keep_log_bytes, ${t}expire_after_idle_s,
+  ${t}created_at, ${t}updated_at`;
 const SESSION_COLUMNS = sessionColumns();
 
 function toSession(r: Record<string, unknown>): SessionRecord {
@@ -58,6 +96,8 @@ function toSession(r: Record<string, unknown>): SessionRecord {
     snapshotEvery: r.snapshot_every as number,
     keepSnapshots: r.keep_snapshots as number,
     maxStaleness: (r.max_staleness as number | null) ?? null,
+    keepLogBytes: (r.keep_log_bytes as number | null) ?? null,
+    expireAfterIdleS: (r.expire_after_idle_s as number | null) ?? null,
     createdAt: new Date(r.created_at as string),
     updatedAt: new Date(r.updated_at as string),
   };
@@ -85,12 +125,14 @@ function toSnapshot(r: Record<string, unknown>): SnapshotRecord {
 
 export async function insertSession(
   q: Queryable,
-  s: Pick<SessionRecord, 'name' | 'params' | 'groups' | 'numel' | 'step' | 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness'>,
+  s: Pick<SessionRecord, 'name' | 'params' | 'groups' | 'numel' | 'step' | 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness'>
+    & Partial<Pick<SessionRecord, 'keepLogBytes' | 'expireAfterIdleS'>>,
 ): Promise<SessionRecord | null> {
   const rows = await q.query(
-    `INSERT INTO sessions (name, params, groups, numel, version, step, snapshot_every, keep_snapshots, max_staleness)
-     VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8) ON CONFLICT (name) DO NOTHING RETURNING ${SESSION_COLUMNS}`,
-    [s.name, JSON.stringify(s.params), JSON.stringify(s.groups), s.numel, s.step, s.snapshotEvery, s.keepSnapshots, s.maxStaleness],
+    `INSERT INTO sessions (name, params, groups, numel, version, step, snapshot_every, keep_snapshots, max_staleness, keep_log_bytes, expire_after_idle_s)
+     VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9, $10) ON CONFLICT (name) DO NOTHING RETURNING ${SESSION_COLUMNS}`,
+    [s.name, JSON.stringify(s.params), JSON.stringify(s.groups), s.numel, s.step, s.snapshotEvery, s.keepSnapshots, s.maxStaleness,
+      s.keepLogBytes ?? null, s.expireAfterIdleS ?? null],
   );
   return rows.length ? toSession(rows[0]) : null;
 }
@@ -121,11 +163,12 @@ export async function deleteSession(q: Queryable, name: string): Promise<boolean
 export async function updateSessionSettings(
   q: Queryable,
   id: number,
-  s: Pick<SessionRecord, 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness'>,
+  s: Pick<SessionRecord, 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness' | 'keepLogBytes' | 'expireAfterIdleS'>,
 ): Promise<SessionRecord> {
   const rows = await q.query(
-    `UPDATE sessions SET snapshot_every = $2, keep_snapshots = $3, max_staleness = $4, updated_at = now() WHERE id = $1 RETURNING ${SESSION_COLUMNS}`,
-    [id, s.snapshotEvery, s.keepSnapshots, s.maxStaleness],
+    `UPDATE sessions SET snapshot_every = $2, keep_snapshots = $3, max_staleness = $4, keep_log_bytes = $5, expire_after_idle_s = $6, updated_at = now()
+     WHERE id = $1 RETURNING ${SESSION_COLUMNS}`,
+    [id, s.snapshotEvery, s.keepSnapshots, s.maxStaleness, s.keepLogBytes, s.expireAfterIdleS],
   );
   return toSession(rows[0]);
 }
@@ -147,10 +190,64 @@ export async function advanceSession(q: Queryable, id: number, version: number, 
 
 export async function insertStep(db: Database, q: Queryable, sessionId: number, entry: StepLogEntry, baseVersion: number | null): Promise<void> {
   await q.query(
-    `INSERT INTO step_log (session_id, version, present, grads, base_version) VALUES ($1, $2, $3, ${db.byteaParam(4)}, $5)`,
-    [sessionId, entry.version, JSON.stringify(entry.present), db.byteaValue(entry.grads), baseVersion],
+    `INSERT INTO step_log (session_id, version, present, grads, base_version, hyper) VALUES ($1, $2, $3, ${db.byteaParam(4)}, $5, $6::jsonb)`,
+    [sessionId, entry.version, JSON.stringify(entry.present), db.byteaValue(entry.grads), baseVersion, entry.hyper === null ? null : JSON.stringify(entry.hyper)],
     { name: 'step_log_insert' },
   );
+}
+
+/** One step's row of the training series (kept for the session's lifetime). */
+export async function insertHistory(
+  q: Queryable,
+  row: { sessionId: number; version: number; step: number; staleness: number; metrics: Record<string, number> | null; hyper: Record<string, unknown>[] | null },
+): Promise<void> {
+  await q.query(
+    'INSERT INTO step_history (session_id, version, step, staleness, metrics, hyper) VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb)',
+    [row.sessionId, row.version, row.step, row.staleness, row.metrics === null ? null : JSON.stringify(row.metrics), row.hyper === null ? null : JSON.stringify(row.hyper)],
+    { name: 'step_history_insert' },
+  );
+}
+
+/** Announces a new version to every process's listener (delivered when the transaction commits). */
+export async function notifyVersion(q: Queryable, name: string, version: number, step: number): Promise<void> {
+  await q.query('SELECT pg_notify($1, $2)', [VERSION_CHANNEL, `${name}:${version}:${step}`], { name: 'version_notify' });
+}
+
+export interface HistoryPoint {
+  version: number;
+  step: number;
+  staleness: number;
+  createdAt: Date;
+  metrics: Record<string, number> | null;
+  hyper: Record<string, unknown>[] | null;
+}
+
+const toHistory = (r: Record<string, unknown>): HistoryPoint => ({
+  version: r.version as number,
+  step: r.step as number,
+  staleness: r.staleness as number,
+  createdAt: new Date(r.created_at as string),
+  metrics: (r.metrics as Record<string, number> | null) ?? null,
+  hyper: (r.hyper as Record<string, unknown>[] | null) ?? null,
+});
+
+/** The training series after `afterVersion`, oldest first, at most `limit` points. */
+export async function readHistory(q: Queryable, sessionId: number, afterVersion: number, limit: number): Promise<HistoryPoint[]> {
+  const rows = await q.query(
+    `SELECT version::float8 AS version, step::float8 AS step, staleness, created_at, metrics, hyper FROM step_history
+     WHERE session_id = $1 AND version > $2 ORDER BY version LIMIT $3`,
+    [sessionId, afterVersion, limit],
+  );
+  return rows.map(toHistory);
+}
+
+/** The series point of one version, or null (a version made by a load or restore, not a step). */
+export async function findHistoryPoint(q: Queryable, sessionId: number, version: number): Promise<HistoryPoint | null> {
+  const rows = await q.query(
+    'SELECT version::float8 AS version, step::float8 AS step, staleness, created_at, metrics, hyper FROM step_history WHERE session_id = $1 AND version = $2',
+    [sessionId, version],
+  );
+  return rows.length ? toHistory(rows[0]) : null;
 }
 
 export interface AppendedStep {
@@ -172,28 +269,41 @@ export async function appendStep(
   db: Database,
   q: Queryable,
   sessionId: number,
-  entry: { present: number[]; grads: Buffer },
+  entry: { present: number[]; grads: Buffer } & StepExtras,
   checks: { ifMatch: number | null; baseVersion: number | null },
 ): Promise<AppendedStep | null> {
   if (db.kind === 'pglite') return appendStepPglite(db, sessionId, entry, checks);
+  // Also in this statement: the step's row of step_history, and the NOTIFY (sent at commit, so no
+  // listener ever hears of a version that did not commit). `notified` is a plain SELECT: referenced below,
+  // or PostgreSQL would not run it.
   const rows = await q.query(
     `WITH locked AS (
-       SELECT id, version, max_staleness FROM sessions WHERE id = $1 FOR UPDATE
+       SELECT id, name, version, step, max_staleness FROM sessions WHERE id = $1 FOR UPDATE
      ), logged AS (
-       INSERT INTO step_log (session_id, version, present, grads, base_version)
-       SELECT id, version + 1, $2, ${db.byteaParam(3)}, $4::bigint FROM locked
+       INSERT INTO step_log (session_id, version, present, grads, base_version, hyper)
+       SELECT id, version + 1, $2, ${db.byteaParam(3)}, $4::bigint, $6::jsonb FROM locked
        WHERE ($5::bigint IS NULL OR version = $5::bigint)
          AND ($4::bigint IS NULL OR $4::bigint <= version)
          AND (max_staleness IS NULL OR $4::bigint IS NULL OR version - $4::bigint <= max_staleness)
        RETURNING session_id, version
      ), advanced AS (
-       UPDATE sessions SET version = logged.version, step = sessions.step + 1, updated_at = now()
+       UPDATE sessions SET version = logged.version, step = sessions.step + 1, updated_at = now(),
+         groups = CASE WHEN $6::jsonb IS NULL THEN sessions.groups ELSE ${mergeGroupsSql('sessions.groups', '$6::jsonb')} END
        FROM logged WHERE sessions.id = logged.session_id
        RETURNING ${sessionColumns('sessions.')}
+     ), recorded AS (
+       INSERT INTO step_history (session_id, version, step, staleness, metrics, hyper)
+       SELECT logged.session_id, logged.version, locked.step + 1, CASE WHEN $4::bigint IS NULL THEN 0 ELSE logged.version - 1 - $4::bigint END,
+         $7::jsonb, CASE WHEN $6::jsonb IS NULL THEN NULL ELSE ${groupHyperSql('advanced.groups')} END
+       FROM logged, locked, advanced
+     ), notified AS (
+       SELECT pg_notify('${VERSION_CHANNEL}', locked.name || ':' || logged.version || ':' || (locked.step + 1)) FROM logged, locked
      )
-     SELECT locked.version::float8 AS previous_version, locked.max_staleness AS previous_max_staleness, advanced.*
+     SELECT locked.version::float8 AS previous_version, locked.max_staleness AS previous_max_staleness, advanced.*,
+       (SELECT count(*) FROM notified) AS notified
      FROM locked LEFT JOIN advanced ON true`,
-    [sessionId, JSON.stringify(entry.present), db.byteaValue(entry.grads), checks.baseVersion, checks.ifMatch],
+    [sessionId, JSON.stringify(entry.present), db.byteaValue(entry.grads), checks.baseVersion, checks.ifMatch,
+      entry.hyper === null ? null : JSON.stringify(entry.hyper), entry.metrics === null ? null : JSON.stringify(entry.metrics)],
     { name: 'step_append' },
   );
   if (rows.length === 0) return null;
@@ -213,7 +323,7 @@ export async function appendStep(
 async function appendStepPglite(
   db: Database,
   sessionId: number,
-  entry: { present: number[]; grads: Buffer },
+  entry: { present: number[]; grads: Buffer } & StepExtras,
   checks: { ifMatch: number | null; baseVersion: number | null },
 ): Promise<AppendedStep | null> {
   return db.transaction(async (tx) => {
@@ -227,16 +337,29 @@ async function appendStepPglite(
     const allowed = (ifMatch === null || version === ifMatch) && (baseVersion === null || baseVersion <= version)
       && (maxStaleness === null || baseVersion === null || version - baseVersion <= maxStaleness);
     if (!allowed) return { previousVersion: version, maxStaleness, session: null };
-    await tx.query("COPY step_log (session_id, version, present, grads, base_version) FROM '/dev/blob' WITH (FORMAT binary)", [], {
-      blob: copyRow([int8(sessionId), int8(version + 1), jsonb(JSON.stringify(entry.present)), entry.grads, baseVersion === null ? null : int8(baseVersion)]),
+    const hyper = entry.hyper === null ? null : JSON.stringify(entry.hyper);
+    await tx.query("COPY step_log (session_id, version, present, grads, base_version, hyper) FROM '/dev/blob' WITH (FORMAT binary)", [], {
+      blob: copyRow([int8(sessionId), int8(version + 1), jsonb(JSON.stringify(entry.present)), entry.grads, baseVersion === null ? null : int8(baseVersion),
+        hyper === null ? null : jsonb(hyper)]),
     });
     const rows = await tx.query(
-      `UPDATE sessions SET version = $2, step = step + 1, updated_at = now() WHERE id = $1 RETURNING ${SESSION_COLUMNS}`,
-      [sessionId, version + 1],
+      `UPDATE sessions SET version = $2, step = step + 1, updated_at = now(),
+         groups = CASE WHEN $3::jsonb IS NULL THEN groups ELSE ${mergeGroupsSql('groups', '$3::jsonb')} END
+       WHERE id = $1 RETURNING ${SESSION_COLUMNS}`,
+      [sessionId, version + 1, hyper],
     );
-    return { previousVersion: version, maxStaleness, session: toSession(rows[0]) };
+    const session = toSession(rows[0]);
+    await insertHistory(tx, {
+      sessionId, version: session.version, step: session.step, staleness: baseVersion === null ? 0 : version - baseVersion,
+      metrics: entry.metrics, hyper: entry.hyper === null ? null : groupHyperparametersOf(session.groups),
+    });
+    await notifyVersion(tx, session.name, session.version, session.step);
+    return { previousVersion: version, maxStaleness, session };
   });
 }
+
+const groupHyperparametersOf = (groups: GroupSpec[]) =>
+  groups.map((g) => ({ lr: g.lr, lambd: g.lambd, alpha: g.alpha, t0: g.t0, weight_decay: g.weight_decay, maximize: g.maximize }));
 
 const int8 = (value: number) => {
   const out = Buffer.allocUnsafe(8);
@@ -265,7 +388,7 @@ function copyRow(fields: (Buffer | null)[]): Blob {
 /** The log entries in (fromVersion, toVersion], in order, at most `limit` of them. */
 export async function readSteps(q: Queryable, sessionId: number, fromVersion: number, toVersion: number, limit: number): Promise<StepLogEntry[]> {
   return q.query<StepLogEntry>(
-    'SELECT version::float8 AS version, present, grads FROM step_log WHERE session_id = $1 AND version > $2 AND version <= $3 ORDER BY version LIMIT $4',
+    'SELECT version::float8 AS version, present, grads, hyper FROM step_log WHERE session_id = $1 AND version > $2 AND version <= $3 ORDER BY version LIMIT $4',
     [sessionId, fromVersion, toVersion, limit],
   );
 }
@@ -342,7 +465,8 @@ export async function readSnapshotChunks(q: Queryable, snapshotId: number, onChu
 
 /**
  * Retention: keep the newest `keep` snapshots and every pinned one; then drop the log behind the oldest
- * of the kept window (pinned snapshots outside it stand alone: readable, restorable, not replayed from).
+ * of the kept window (pinned snapshots outside it stand alone: readable, restorable, not replayed from),
+ * and further behind a newer snapshot when the log outgrows the session's keep_log_bytes (retention.ts).
  */
 export async function pruneHistory(q: Queryable, sessionId: number, keep: number): Promise<{ snapshots: number; steps: number }> {
   const deleted = await q.query(
@@ -357,7 +481,7 @@ export async function pruneHistory(q: Queryable, sessionId: number, keep: number
      RETURNING version`,
     [sessionId, keep],
   );
-  return { snapshots: deleted.length, steps: steps.length };
+  return { snapshots: deleted.length, steps: steps.length + (await pruneLogToBytes(q, sessionId)) };
 }
 
 export async function findIdempotentAnswer(

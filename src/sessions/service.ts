@@ -1,8 +1,9 @@
 // The session domain: create, step, read, restore, snapshot, fork. Route -> here -> kernel and db.
 //
-// Durability model: a step writes the gradient to the step log and bumps the version under the session's
-// row lock, as one statement (repo.appendStep) or, with an Idempotency-Key, one transaction that also
-// records the answer; the answer comes after the commit. Full snapshots (params + optimizer state) are
+// Durability model: a step writes the gradient (and the hyperparameters it sets) to the step log, its row
+// of step_history, bumps the version and NOTIFYs asgd_versions under the session's row lock, as one
+// statement (repo.appendStep) or, with an Idempotency-Key, one transaction that also records the answer;
+// the answer comes after the commit. Full snapshots (params + optimizer state) are
 // written every `snapshotEvery` steps off the request path, and synchronously for changes that are not
 // steps (create, load_state_dict, restore, fork). The state at version v is the newest snapshot at or
 // below v with the logged steps after it replayed; the kernel is deterministic, so the replay is
@@ -18,8 +19,12 @@ import type { AsgdKernel, KernelOptions } from '../optim/types.ts';
 import { decodeGradients, packGradients, unpackGradients, type GradientInput } from './gradients.ts';
 import { KeyedMutex } from './mutex.ts';
 import type { StepAnswer } from './model.ts';
+import { applyHyperDelta, groupHyperparameters, parseStepHyper } from './step-input.ts';
 import * as repo from './repository.ts';
 import type { SessionRecord, SnapshotRecord } from './repository.ts';
+import { snapshotInterval } from './retention.ts';
+import { sessionStorage, storageOfSessions, type SessionStorage } from './storage.ts';
+import { sweepIdleSessions } from './expiry.ts';
 import { SessionState, layoutOf, snapshotChecksum, type Layout } from './state.ts';
 
 export interface SessionServiceOptions {
@@ -42,6 +47,17 @@ export interface StepOptions {
   idempotencyKey?: string | null;
   requestHash?: string;
   baseVersion?: number | null;
+  /** The step body's `param_groups` (validated here against the session's groups). */
+  paramGroups?: unknown;
+  /** The step body's `metrics`, already validated (step-input.ts parseMetrics). */
+  metrics?: Record<string, number> | null;
+  /**
+   * Called once the step is committed with the state at the answered version (an Idempotency-Key retry:
+   * the first answer's version), under the session's lock: the view's tensors are this process's copy
+   * itself, valid only during the call, so encode them there (one copy, no database read when the copy is
+   * current, which it is right after this process's step).
+   */
+  encodeAt?: (view: StateView, answer: StepAnswer) => void;
 }
 
 export type { StepAnswer } from './model.ts';
@@ -73,6 +89,8 @@ export interface CreateInput {
   snapshotEvery: number;
   keepSnapshots: number;
   maxStaleness: number | null;
+  keepLogBytes: number | null;
+  expireAfterIdleS: number | null;
 }
 
 interface Cached {
@@ -177,6 +195,7 @@ export function createSessionService(options: SessionServiceOptions) {
       for (const entry of entries) {
         if (entry.version !== state.version + 1) return false;
         unpackGradients(state, entry.present, entry.grads);
+        if (entry.hyper) state.groups = applyHyperDelta(state.groups, entry.hyper);
         state.applyStep(entry.present, kernel, kernelOptions);
       }
     }
@@ -272,7 +291,7 @@ export function createSessionService(options: SessionServiceOptions) {
         log.info({ session: session.name, version: meta.version, step: meta.step, reason }, 'snapshot written');
       } catch (err) {
         // Not fatal: the log still holds every step; the next step schedules another attempt.
-        entry.lastSnapshotVersion = Math.min(entry.lastSnapshotVersion, meta.version - session.snapshotEvery);
+        entry.lastSnapshotVersion = Math.min(entry.lastSnapshotVersion, meta.version - snapshotInterval(session));
         log.warn({ err, session: session.name, version: meta.version }, 'background snapshot failed');
       }
     })();
@@ -289,6 +308,7 @@ export function createSessionService(options: SessionServiceOptions) {
         const row = await repo.insertSession(tx, {
           name: input.name, params: input.params, groups: input.groups, numel, step: 0,
           snapshotEvery: input.snapshotEvery, keepSnapshots: input.keepSnapshots, maxStaleness: input.maxStaleness,
+          keepLogBytes: input.keepLogBytes, expireAfterIdleS: input.expireAfterIdleS,
         });
         if (!row) throw errors.sessionExists(input.name);
         const state = newState(row, row.version, 0, input.groups, input.params.map(() => null));
@@ -316,12 +336,17 @@ export function createSessionService(options: SessionServiceOptions) {
         const session = await mustFind(tx, name, true);
         checkIfMatch(ifMatch, session);
         await repo.deleteSession(tx, name);
+        // Version 0: the session is gone (waiters and event streams of this name end).
+        await repo.notifyVersion(tx, name, 0, 0);
         forget(session.id);
       });
     });
   }
 
-  async function updateSettings(name: string, patch: Partial<Pick<SessionRecord, 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness'>>): Promise<SessionRecord> {
+  async function updateSettings(
+    name: string,
+    patch: Partial<Pick<SessionRecord, 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness' | 'keepLogBytes' | 'expireAfterIdleS'>>,
+  ): Promise<SessionRecord> {
     return db.transaction(async (tx) => {
       const session = await mustFind(tx, name, true);
       return repo.updateSessionSettings(tx, session.id, { ...session, ...patch });
@@ -337,6 +362,7 @@ export function createSessionService(options: SessionServiceOptions) {
       const { answer, snapshot } = opts.idempotencyKey ? await lockedStep(name, input, opts) : await appendedStep(name, input, opts);
       const done = process.hrtime.bigint();
       hooks?.stepped?.(name, Number(done - started) / 1e9, Number(started - queued) / 1e9);
+      if (opts.encodeAt) await withStateAt(name, answer.version, (view) => opts.encodeAt!(view, answer));
       if (snapshot && !closing && cache.get(snapshot.session.id) === snapshot.entry) snapshotInBackground(snapshot.session, snapshot.entry, 'auto');
       return answer;
     });
@@ -368,8 +394,9 @@ export function createSessionService(options: SessionServiceOptions) {
     const { state } = entry;
     const id = stateId(state);
     const present = decodeGradients(input, state); // validates everything before anything is written
+    const hyper = parseStepHyper(opts.paramGroups, state.groups);
     const grads = packGradients(state, present);
-    const appended = await repo.appendStep(db, db, id, { present, grads }, { ifMatch: opts.ifMatch ?? null, baseVersion: opts.baseVersion ?? null });
+    const appended = await repo.appendStep(db, db, id, { present, grads, hyper, metrics: opts.metrics ?? null }, { ifMatch: opts.ifMatch ?? null, baseVersion: opts.baseVersion ?? null });
     if (!appended) {
       // Deleted (and perhaps created again under the same name) by another process since this copy was made.
       forget(id);
@@ -383,8 +410,10 @@ export function createSessionService(options: SessionServiceOptions) {
     if (cache.get(id) === entry) {
       try {
         if (state.version === appended.previousVersion) {
-          state.applyStep(present, kernel, kernelOptions); // in step with the database: stays current
-        } else if (session.version - entry.lastSnapshotVersion >= session.snapshotEvery) {
+          // In step with the database: stays current. The step's hyperparameters first, as a scheduler sets them.
+          if (hyper) state.groups = applyHyperDelta(state.groups, hyper);
+          state.applyStep(present, kernel, kernelOptions);
+        } else if (session.version - entry.lastSnapshotVersion >= snapshotInterval(session)) {
           // Behind (other steps committed meanwhile) and a snapshot is due: catch up, this step included.
           if (!(await replay(db, state, session.version))) forget(id);
         }
@@ -398,7 +427,7 @@ export function createSessionService(options: SessionServiceOptions) {
       }
     }
     const answer: StepAnswer = { session: name, step: session.step, version: session.version, staleness };
-    return { answer, snapshot: current && state.version - entry.lastSnapshotVersion >= session.snapshotEvery ? { session, entry } : null };
+    return { answer, snapshot: current && state.version - entry.lastSnapshotVersion >= snapshotInterval(session) ? { session, entry } : null };
   }
 
   /** A step with an Idempotency-Key: a transaction under the row lock (lookup, checks, log, answer). */
@@ -420,14 +449,21 @@ export function createSessionService(options: SessionServiceOptions) {
         const entry = await currentState(tx, session);
         const { state } = entry;
         const present = decodeGradients(input, state); // validates everything before anything moves
+        const hyper = parseStepHyper(opts.paramGroups, state.groups);
         const version = session.version + 1;
-        await repo.insertStep(db, tx, session.id, { version, present, grads: packGradients(state, present) }, baseVersion);
+        await repo.insertStep(db, tx, session.id, { version, present, grads: packGradients(state, present), hyper }, baseVersion);
         touched = session.id;
+        if (hyper) state.groups = applyHyperDelta(state.groups, hyper);
         state.applyStep(present, kernel, kernelOptions);
-        await repo.advanceSession(tx, session.id, state.version, state.step);
+        await repo.advanceSession(tx, session.id, state.version, state.step, hyper ? state.groups : undefined);
+        await repo.insertHistory(tx, {
+          sessionId: session.id, version: state.version, step: state.step, staleness, metrics: opts.metrics ?? null,
+          hyper: hyper ? groupHyperparameters(state.groups) : null,
+        });
+        await repo.notifyVersion(tx, name, state.version, state.step);
         const result: StepAnswer = { session: name, step: state.step, version: state.version, staleness };
         if (opts.idempotencyKey) await repo.saveIdempotentAnswer(tx, session.id, opts.idempotencyKey, opts.requestHash ?? '', { ...result });
-        if (state.version - entry.lastSnapshotVersion >= session.snapshotEvery) snapshot = { session, entry };
+        if (state.version - entry.lastSnapshotVersion >= snapshotInterval(session)) snapshot = { session, entry };
         return result;
       });
       touched = null;
@@ -467,6 +503,48 @@ export function createSessionService(options: SessionServiceOptions) {
         }
       });
     });
+  }
+
+  /**
+   * Calls `fn` with the state at `version` under the session's lock held by the caller: this process's copy
+   * itself when it is there (no read, no copy), else the copy caught up from the log, else a rebuild.
+   */
+  async function withStateAt(name: string, version: number, fn: (view: StateView) => void): Promise<void> {
+    const id = sessionIds.get(name);
+    const cached = id === undefined ? undefined : cache.get(id);
+    if (cached && cached.state.version === version) {
+      fn(liveView(name, cached.state));
+      return;
+    }
+    await consistentRead(async (q) => {
+      const session = await mustFind(q, name);
+      if (version > session.version || version < 1) throw errors.versionNotAvailable(version, await repo.oldestSnapshotVersion(q, session.id), session.version);
+      if (version === session.version) {
+        fn(liveView(name, (await currentState(q, session)).state));
+        return;
+      }
+      const { state } = await buildState(q, session, version);
+      try {
+        fn(liveView(name, state));
+      } finally {
+        state.arena.release();
+      }
+    });
+  }
+
+  /** A view of the state without copying its tensors: valid until the state next changes. */
+  function liveView(name: string, state: SessionState): StateView {
+    return {
+      session: name,
+      version: state.version,
+      step: state.step,
+      params: state.layout.params as ParamSpec[],
+      layout: state.layout,
+      groups: state.groups,
+      scalars: state.scalarRows(),
+      paramData: state.arena.params,
+      axData: state.arena.ax,
+    };
   }
 
   function toView(name: string, params: ParamSpec[], state: SessionState): StateView {
@@ -517,6 +595,7 @@ export function createSessionService(options: SessionServiceOptions) {
           state.version = session.version + 1;
           await writeSnapshot(tx, session.id, { version: state.version, step: state.step, groups: state.groups, scalars: state.scalarRows() }, state.tensorBytes(), opts.reason);
           await repo.advanceSession(tx, session.id, state.version, state.step, state.groups);
+          await repo.notifyVersion(tx, name, state.version, state.step);
           await repo.pruneHistory(tx, session.id, session.keepSnapshots);
           entry.lastSnapshotVersion = state.version;
           const updated = await mustFind(tx, name);
@@ -644,6 +723,7 @@ export function createSessionService(options: SessionServiceOptions) {
           state.version = session.version + 1;
           await writeSnapshot(tx, session.id, { version: state.version, step: state.step, groups: state.groups, scalars: state.scalarRows() }, state.tensorBytes(), 'restore');
           await repo.advanceSession(tx, session.id, state.version, state.step, state.groups);
+          await repo.notifyVersion(tx, name, state.version, state.step);
           await repo.pruneHistory(tx, session.id, session.keepSnapshots);
           remember(state, state.version);
           const updated = await mustFind(tx, name);
@@ -659,7 +739,10 @@ export function createSessionService(options: SessionServiceOptions) {
   /** A new session starting from a snapshot of another (or its current state). */
   async function fork(
     sourceName: string,
-    target: { name: string; snapshotId?: number | null; snapshotEvery?: number; keepSnapshots?: number; maxStaleness?: number | null },
+    target: {
+      name: string; snapshotId?: number | null; snapshotEvery?: number; keepSnapshots?: number; maxStaleness?: number | null;
+      keepLogBytes?: number | null; expireAfterIdleS?: number | null;
+    },
   ): Promise<SessionRecord> {
     const source = target.snapshotId != null ? await snapshotView(sourceName, target.snapshotId) : await view(sourceName);
     const sourceSession = await mustFind(db, sourceName);
@@ -670,6 +753,8 @@ export function createSessionService(options: SessionServiceOptions) {
           snapshotEvery: target.snapshotEvery ?? sourceSession.snapshotEvery,
           keepSnapshots: target.keepSnapshots ?? sourceSession.keepSnapshots,
           maxStaleness: target.maxStaleness !== undefined ? target.maxStaleness : sourceSession.maxStaleness,
+          keepLogBytes: target.keepLogBytes !== undefined ? target.keepLogBytes : sourceSession.keepLogBytes,
+          expireAfterIdleS: target.expireAfterIdleS !== undefined ? target.expireAfterIdleS : sourceSession.expireAfterIdleS,
         });
         if (!row) throw errors.sessionExists(target.name);
         const state = newState(row, row.version, source.step, source.groups, source.scalars);
@@ -681,6 +766,24 @@ export function createSessionService(options: SessionServiceOptions) {
         return row;
       }),
     );
+  }
+
+  /** The training series (one point per step) after `afterVersion`, oldest first. */
+  async function history(name: string, afterVersion: number, limit: number): Promise<{ session: SessionRecord; points: repo.HistoryPoint[] }> {
+    const session = await mustFind(db, name);
+    return { session, points: await repo.readHistory(db, session.id, afterVersion, limit) };
+  }
+
+  /**
+   * What made the session's current version, for event streams: a step (its series point) or a change that
+   * is not a step (the reason of the snapshot it wrote: load_state_dict, load_checkpoint, restore, create, fork).
+   */
+  async function latestChange(name: string): Promise<{ session: SessionRecord; point: repo.HistoryPoint | null; reason: string | null }> {
+    const session = await mustFind(db, name);
+    const point = await repo.findHistoryPoint(db, session.id, session.version);
+    if (point) return { session, point, reason: null };
+    const snapshot = await repo.findSnapshotAtOrBelow(db, session.id, session.version);
+    return { session, point: null, reason: snapshot?.version === session.version ? snapshot.reason : null };
   }
 
   /** Oldest and newest version that `?version=` can read. */
@@ -713,9 +816,33 @@ export function createSessionService(options: SessionServiceOptions) {
     return repo.pruneIdempotencyKeys(db, options.idempotencyWindowSeconds);
   }
 
+  /** What the session stores, in bytes as PostgreSQL counts them (storage.ts). */
+  async function storage(name: string): Promise<SessionStorage> {
+    const session = await mustFind(db, name);
+    const figures = await sessionStorage(db, session.id);
+    if (!figures) throw errors.sessionNotFound(name);
+    return figures;
+  }
+
+  /** Several sessions' stored bytes at once (the list's ?storage=true), by session id. */
+  async function storageOfMany(sessions: SessionRecord[]): Promise<Map<number, SessionStorage>> {
+    return storageOfSessions(db, sessions.map((x) => x.id));
+  }
+
+  /** Deletes the sessions idle beyond their expire_after_idle_s (expiry.ts); their cached copies go too. */
+  async function sweepExpired(): Promise<string[]> {
+    const gone = await sweepIdleSessions(db);
+    for (const { id, name } of gone) {
+      forget(id);
+      sessionIds.delete(name);
+    }
+    if (gone.length) log.info({ sessions: gone.map((g) => g.name) }, 'expired idle sessions deleted');
+    return gone.map((g) => g.name);
+  }
+
   return {
-    create, get, list, remove, updateSettings, step, view, load, snapshotNow, listSnapshots: listSnapshotsOf, getSnapshot,
-    pinSnapshot, snapshotView, restore, fork, versionRange, close, pruneIdempotency,
+    create, get, list, remove, updateSettings, step, view, load, history, latestChange, snapshotNow, listSnapshots: listSnapshotsOf, getSnapshot,
+    pinSnapshot, snapshotView, restore, fork, versionRange, close, pruneIdempotency, storage, storageOfMany, sweepExpired,
     /** For tests and metrics: how many sessions and bytes this process holds decoded. */
     cacheStats: () => ({ sessions: cache.size, bytes: cachedBytes }),
     /** Drops this process's decoded copies (tests use it to force a rebuild from snapshot + log). */

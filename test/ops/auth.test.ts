@@ -28,6 +28,8 @@ const EXPECTED: Record<string, string> = {
   'POST /v1/sessions/{name}/fork': 'admin*',
   'POST /v1/sessions/{name}/step': 'step',
   'GET /v1/sessions/{name}/params': 'read',
+  'GET /v1/sessions/{name}/metrics': 'read',
+  'GET /v1/sessions/{name}/events': 'read',
   'GET /v1/sessions/{name}/state_dict': 'read',
   'PUT /v1/sessions/{name}/state_dict': 'admin',
   'GET /v1/sessions/{name}/checkpoint': 'read',

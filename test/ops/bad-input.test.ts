@@ -272,8 +272,7 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     [{ grads: { ...good, w: { shape: [3, 4], data: good.w, extra: 1 } } }, 'INVALID_TENSOR'], [{ grads: { ...good, w: { shape: [3, 4] } } }, 'INVALID_TENSOR'], [{ grads: { ...good, w: { shape: [-3, -4], data: good.w } } }, 'SHAPE_MISMATCH'],
     [{ grads: { ...good, w: { shape: [1e9, 1e9], data: good.w } } }, 'SHAPE_MISMATCH'], [{ grads: { ...good, w: { shape: [3, 4], data: good.w, dtype: 'float16' } } }, 'INVALID_TENSOR'],
     [{ grads: { ...good, b: [[1, 2, 3, 4]] } }, 'SHAPE_MISMATCH'], [{ grads: { ...good, b: [1, 2, 3, '4'] } }, 'INVALID_TENSOR'], [{ grads: { ...good, b: [1, 2, 3, true] } }, 'INVALID_TENSOR'], [{ grads: { ...good, b: [1, 2, 3, {}] } }, 'INVALID_TENSOR'],
-    // base_version may come in the query or the body: the same check and code for both.
-    ...[-1, 'x', 1.5, 1e20].map((v): [unknown, string] => [{ grads: good, base_version: v }, 'INVALID_QUERY']),
+    ...[-1, 'x', 1.5, 1e20].map((v): [unknown, string] => [{ grads: good, base_version: v }, 'INVALID_BODY']),
     [{ grads: good, base_version: version + 5 }, 'INVALID_BODY'],
     [{ grads: good, extra: 1 }, 'INVALID_BODY'],
   ];
@@ -346,7 +345,8 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     }
     // A flipped bit lands anywhere: a reader's code, or (in tensor data) what the domain says of the values,
     // or the file still reads and the wrong If-Match (or the taken name) stops it.
-    const flippedCodes = [...FILE_CODES, parses, ...(op.endsWith('/step') ? ['NON_FINITE_GRADIENT', 'INVALID_TENSOR', 'UNKNOWN_PARAMETER', 'SHAPE_MISMATCH'] : []),
+    // (A step reads the safetensors metadata too: a flipped key is an unknown one, INVALID_BODY.)
+    const flippedCodes = [...FILE_CODES, parses, ...(op.endsWith('/step') ? ['NON_FINITE_GRADIENT', 'INVALID_TENSOR', 'UNKNOWN_PARAMETER', 'SHAPE_MISMATCH', 'INVALID_BODY'] : []),
       ...(op === STATE_DICT_OP ? ['INVALID_STATE_DICT', 'STATE_DICT_MISMATCH', 'INVALID_HYPERPARAMETER'] : []), ...(op === 'POST /v1/sessions' ? ['INVALID_TENSOR', 'INVALID_QUERY'] : [])];
     for (let k = 0; k < 6; k++) {
       const flipped = Buffer.from(file);
@@ -381,9 +381,10 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     'header length 2^63': ['SAFETENSORS_HEADER_INVALID', 'SAFETENSORS_HEADER_INVALID', 'SAFETENSORS_HEADER_INVALID'],
     'header length past the end': ['SAFETENSORS_HEADER_INVALID', 'SAFETENSORS_HEADER_INVALID', 'SAFETENSORS_HEADER_INVALID'],
     'metadata not strings': ['SAFETENSORS_HEADER_INVALID', 'SAFETENSORS_HEADER_INVALID', 'SAFETENSORS_HEADER_INVALID'],
-    // A step ignores the metadata (only the wrong If-Match stops it); create reads `asgd` as its options.
-    'bad asgd metadata': ['VERSION_MISMATCH', 'STATE_DICT_INVALID', 'INVALID_QUERY'],
-    'param_groups not json': ['UNKNOWN_PARAMETER', 'INVALID_STATE_DICT', 'SESSION_EXISTS'],
+    // A step reads param_groups, metrics and base_version from the metadata and refuses other keys; create
+    // reads `asgd` as its options.
+    'bad asgd metadata': ['INVALID_BODY', 'STATE_DICT_INVALID', 'INVALID_QUERY'],
+    'param_groups not json': ['INVALID_BODY', 'INVALID_STATE_DICT', 'SESSION_EXISTS'],
     'bad state name': ['UNKNOWN_PARAMETER', 'STATE_DICT_INVALID', 'SESSION_EXISTS'],
   };
   const broken: [string, Buffer][] = [
@@ -414,7 +415,7 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
   for (const [what, file] of broken) {
     const [stepCode, stateDictCode, createCode] = fileCodes[what];
     add({ family: `safetensors:${what}`, op: 'POST /v1/sessions/{name}/step', method: 'POST', url: stepUrl, headers: { ...stHeaders, ...wrongVersion }, payload: file, expect: stepCode });
-    // A step ignores the metadata, so that file is a good gradient: it only goes with the wrong If-Match.
+    // Files that a step could read go only with the wrong If-Match.
     if (what !== 'bad asgd metadata') add({ family: `safetensors:${what}`, op: 'POST /v1/sessions/{name}/step', method: 'POST', url: stepUrl, headers: stHeaders, payload: file, expect: stepCode });
     add({ family: `safetensors:${what}`, op: STATE_DICT_OP, method: 'PUT', url: '/v1/sessions/alpha/state_dict', headers: { ...stHeaders, ...wrongVersion }, payload: file, expect: stateDictCode });
     add({ family: `safetensors:${what}`, op: 'POST /v1/sessions', method: 'POST', url: '/v1/sessions?name=alpha', headers: stHeaders, payload: file, expect: createCode });

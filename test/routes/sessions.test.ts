@@ -151,7 +151,7 @@ test('a bad step answers 4xx with a code naming the parameter and changes nothin
     [{ grads: [1, 2] }, 400, 'INVALID_BODY', /grads/],
     [{}, 400, 'INVALID_BODY', /grads/],
     [[1], 400, 'INVALID_BODY', /body/],
-    [{ grads: { b: randomData(7, 1) }, base_version: -1 }, 400, 'INVALID_QUERY', /base_version/],
+    [{ grads: { b: randomData(7, 1) }, base_version: -1 }, 400, 'INVALID_BODY', /base_version/],
   ];
   for (const [payload, status, code, message] of cases) {
     const raw = JSON.stringify(payload).replace('null]', 'NaN]');

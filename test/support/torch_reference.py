@@ -3,7 +3,9 @@ stdin and prints the resulting parameters and state_dict as float32 bit patterns
 compare the service's answers bit for bit with PyTorch's.
 
 Input: {"params": [{"name", "shape", "data"}], "defaults": {hyper}, "groups": [{"params": [names], ...}] | null,
-        "steps": [{name: flat grad list | null}], "state_dict": optional state_dict JSON to load first}
+        "steps": [{name: flat grad list | null}], "state_dict": optional state_dict JSON to load first,
+        "step_hyper": optional, per step null or [per group {key: value} | null]: set on the groups before
+        that step, as an LR scheduler does}
 Output: {"params": {name: [hex]}, "state": {index: {"step", "eta", "mu": hex, "ax": [hex]}}, "param_groups": [...]}
 """
 import json
@@ -45,7 +47,11 @@ def main():
                 "ax": torch.tensor(v["ax"]["data"], dtype=torch.float32).reshape(v["ax"]["shape"]),
             }
         opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
-    for step in spec["steps"]:
+    step_hyper = spec.get("step_hyper") or []
+    for k, step in enumerate(spec["steps"]):
+        hyper = step_hyper[k] if k < len(step_hyper) else None
+        for group, values in zip(opt.param_groups, hyper or []):
+            group.update(values or {})
         for name, t in tensors.items():
             g = step.get(name)
             t.grad = None if g is None else torch.tensor(g, dtype=torch.float32).reshape(t.shape)

@@ -17,7 +17,7 @@ from .functions import (
 )
 from .http import Connection
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "RemoteASGD", "Client", "Connection",

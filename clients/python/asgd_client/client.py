@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import uuid
 import warnings
 from collections import OrderedDict
@@ -22,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from . import safetensors as st
 from .errors import SessionExists, SessionNotFound, UnsupportedFormat
-from .http import Connection, Response
+from .http import DEFAULT_RETRY_BUDGET_S, Connection, Response
 from .tensors import group_from_json, state_dict_from_json, state_dict_to_json, tensor_from_json, tensor_to_json
 
 __all__ = ["Client", "TRANSPORTS", "SAFETENSORS", "PT"]
@@ -33,6 +34,7 @@ JSON = "application/json"
 TRANSPORTS = ("safetensors", "json", "auto")
 
 TensorLike = Any
+log = logging.getLogger("asgd_client")
 
 
 def _quote(name: str) -> str:
@@ -85,12 +87,13 @@ class Client:
         *,
         transport: str = "safetensors",
         timeout: float = 300.0,
-        retries: int = 5,
+        retries: Optional[int] = None,
+        retry_budget_s: float = DEFAULT_RETRY_BUDGET_S,
         connection: Optional[Connection] = None,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
-        self.conn = connection or Connection(url, token, timeout=timeout, retries=retries)
+        self.conn = connection or Connection(url, token, timeout=timeout, retries=retries, retry_budget_s=retry_budget_s)
         self.transport = transport
 
     @property
@@ -195,29 +198,53 @@ class Client:
         base_version: Optional[int] = None,
         if_match: Optional[int] = None,
         idempotency_key: Optional[str] = None,
+        returns: str = "none",
+        param_groups: Optional[Sequence[Mapping[str, Any]]] = None,
+        metrics: Optional[Mapping[str, float]] = None,
+        grad_dtype: str = "F32",
     ) -> Dict[str, Any]:
         """POST /step: one optimizer step with these gradients (parameters absent from ``grads`` are skipped).
 
+        ``returns``: "none", "params" or "averaged": the answer then also holds ``"params"`` ({name:
+        tensor} at the answered version; safetensors in and out with the safetensors transport).
+        ``param_groups``: one object per session group with the hyperparameters that take effect from
+        this step on (lr, lambd, alpha, t0, weight_decay, maximize). ``metrics``: {name: number},
+        stored with the step. ``grad_dtype``: "F32", "F16" or "BF16" (half precision on the wire; the
+        JSON transport sends the rounded values).
+
         Always sent with an Idempotency-Key (a fresh one unless given), so connection errors and 503s
-        are retried without ever stepping twice. Answer: {session, step, version, staleness}.
+        are retried without ever stepping twice. Answer: {session, step, version, staleness[, params]}.
         """
+        if returns not in ("none", "params", "averaged"):
+            raise ValueError(f"returns must be 'none', 'params' or 'averaged', got {returns!r}")
         key = idempotency_key or uuid.uuid4().hex
         headers = {"Idempotency-Key": key, **_if_match(if_match)}
         path = f"/v1/sessions/{_quote(name)}/step"
+        extras: Dict[str, Any] = {}
+        if param_groups is not None:
+            extras["param_groups"] = [dict(g) for g in param_groups]
+        if metrics is not None:
+            extras["metrics"] = dict(metrics)
+        _check_json("step", extras)
+        query: Dict[str, Any] = {"return": returns if returns != "none" else None}
         if self._binary():
-            body = st.encode(grads)
+            metadata = {k: json.dumps(v, separators=(",", ":"), allow_nan=False) for k, v in extras.items()}
+            body = st.encode(grads, metadata=metadata or None, dtype=grad_dtype)
             try:
-                return self.conn.request("POST", path, query={"base_version": base_version}, body=body,
-                                         content_type=SAFETENSORS, headers=headers).json()
+                res = self.conn.request("POST", path, query={**query, "base_version": base_version}, body=body,
+                                        content_type=SAFETENSORS, headers=headers,
+                                        accept=SAFETENSORS if returns != "none" else None)
+                return _step_answer(res)
             except UnsupportedFormat as err:
                 if self.transport != "auto":
                     raise
                 self._fall_back(err)
                 headers["Idempotency-Key"] = uuid.uuid4().hex
-        payload: Dict[str, Any] = {"grads": {n: tensor_to_json(g) for n, g in grads.items()}}
+        payload: Dict[str, Any] = {"grads": {n: tensor_to_json(_rounded(g, grad_dtype)) for n, g in grads.items()}}
         if base_version is not None:
             payload["base_version"] = base_version
-        return self.conn.request("POST", path, json_body=payload, headers=headers).json()
+        payload.update(extras)
+        return _step_answer(self.conn.request("POST", path, query=query, json_body=payload, headers=headers, accept=JSON))
 
     def get_params(
         self, name: str, *, averaged: bool = False, version: Optional[int] = None
@@ -275,10 +302,18 @@ class Client:
         body = self.conn.request("GET", path, query={"format": "json", "version": version}, accept=JSON).json()
         return body if raw else state_dict_from_json(body)
 
-    def get_state_dict_versioned(self, name: str) -> Tuple[Dict[str, Any], int]:
-        """(JSON state_dict, version it was read at)."""
-        res = self.conn.request("GET", f"/v1/sessions/{_quote(name)}/state_dict", query={"format": "json"}, accept=JSON)
-        return res.json(), res.version  # type: ignore[return-value]
+    def get_state_dict_if_changed(self, name: str, known_version: Optional[int]) -> Tuple[Optional[Dict[str, Any]], Optional[int]]:
+        """(state_dict, its version), or (None, known_version) when the session is still at
+        ``known_version`` (If-None-Match: 304, nothing sent). The state_dict comes as a torch.save file."""
+        headers = {"If-None-Match": f'"{known_version}"'} if known_version is not None else None
+        res = self.conn.request("GET", f"/v1/sessions/{_quote(name)}/state_dict", query={"format": "pt"}, accept=PT,
+                                headers=headers, expect=(200, 304))
+        if res.status == 304:
+            return None, known_version
+        import torch
+
+        loaded = torch.load(io.BytesIO(res.body))
+        return {**loaded, "param_groups": [group_from_json(g) for g in loaded["param_groups"]]}, res.version
 
     def put_state_dict(self, name: str, state_dict: Any, *, format: str = "json", if_match: Optional[int] = None) -> Dict[str, Any]:
         """PUT /state_dict: Optimizer.load_state_dict on the service (parameters unchanged). Returns the session.
@@ -337,6 +372,38 @@ class Client:
         return self.conn.request("POST", f"/v1/sessions/{_quote(name)}/fork", json_body=body, expect=(201,)).json()
 
 
+def _check_json(what: str, value: Any) -> None:
+    """A ValueError naming the field for what JSON cannot carry (NaN, infinities, objects)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what}: {sorted(value)} cannot be sent as JSON ({err}); values must be finite numbers") from None
+
+
+def _rounded(t: Any, grad_dtype: str) -> Any:
+    """A gradient rounded to the wire dtype, for JSON (which carries the rounded values exactly)."""
+    if grad_dtype == "F32" or not type(t).__module__.startswith("torch"):
+        return t
+    import torch
+
+    return t.detach().to({"F16": torch.float16, "BF16": torch.bfloat16}[grad_dtype]).float()
+
+
+def _step_answer(res: Response) -> Dict[str, Any]:
+    """The step answer as a dict; a safetensors answer's tensors under "params" (torch tensors)."""
+    if res.content_type in (SAFETENSORS, "application/safetensors"):
+        raw, meta = st.decode(res.body)
+        answer: Dict[str, Any] = {}
+        for k, v in meta.items():
+            answer[k] = int(v) if k in ("version", "step", "staleness") and v.lstrip("-").isdigit() else v
+        answer["params"] = OrderedDict((k, st.raw_to_torch(v)) for k, v in raw.items())
+        return answer
+    answer = res.json()
+    if isinstance(answer.get("params"), dict) and _has_torch():
+        answer["params"] = OrderedDict((k, tensor_from_json(v)) for k, v in answer["params"].items())
+    return answer
+
+
 def _torch_save(obj: Any) -> bytes:
     import torch
 
@@ -355,21 +422,29 @@ def _is_json_checkpoint(obj: Any) -> bool:
 
 
 def ensure_session(client: Client, name: str, create: Any, create_kwargs: Mapping[str, Any]) -> Tuple[Dict[str, Any], bool]:
-    """(session, created): creates it (create=True), attaches (False), or either ('if_missing')."""
-    if create is True:
-        return client.create_session(name, **create_kwargs), True
-    if create is False:
-        return client.get_session(name), False
-    if create != "if_missing":
+    """(session, created): creates it (create=True), attaches (False), or either ('if_missing').
+
+    Logs (logger ``asgd_client``, INFO) whether the session was created or joined.
+    """
+    if create not in (True, False, "if_missing"):
         raise ValueError("create must be True, False or 'if_missing'")
-    try:
-        return client.get_session(name), False
-    except SessionNotFound:
-        pass
-    try:
-        return client.create_session(name, **create_kwargs), True
-    except SessionExists:  # created by another worker in the meantime
-        return client.get_session(name), False
+    info: Optional[Dict[str, Any]] = None
+    created = False
+    if create is True:
+        info, created = client.create_session(name, **create_kwargs), True
+    elif create is False:
+        info = client.get_session(name)
+    else:
+        try:
+            info = client.get_session(name)
+        except SessionNotFound:
+            try:
+                info, created = client.create_session(name, **create_kwargs), True
+            except SessionExists:  # created by another worker in the meantime
+                info = client.get_session(name)
+    log.info("session %r %s at %s (version %s, step %s)", name, "created" if created else "joined", client.url,
+             info.get("version"), info.get("step"))
+    return info, created
 
 
 __all__ += ["named_tensors", "ensure_session", "Response"]

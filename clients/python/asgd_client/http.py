@@ -8,12 +8,16 @@ Retry policy (what is safe to repeat):
 * Any request is retried when the connection was refused (nothing reached the service).
 
 ``Retry-After`` is honoured (capped at ``max_backoff``); otherwise the wait doubles from ``backoff``.
+Retries stop when ``retry_budget_s`` seconds have passed since the first attempt (default 60: longer
+than a cold start of the service, so a training loop outlasts a restart) or after ``retries`` retries
+when a count is given. Each retry is logged (logger ``asgd_client``, level WARNING).
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import random
 import socket
@@ -30,7 +34,10 @@ __all__ = ["Connection", "Response", "DEFAULT_URL"]
 DEFAULT_URL = "http://127.0.0.1:8080"
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
-USER_AGENT = "asgd-client-python/0.1"
+USER_AGENT = "asgd-client-python/0.2"
+DEFAULT_RETRY_BUDGET_S = 60.0
+
+log = logging.getLogger("asgd_client")
 
 
 class Response:
@@ -86,7 +93,8 @@ class Connection:
         url: base URL, e.g. ``http://127.0.0.1:8080`` (default: ``$ASGD_URL`` or that).
         token: bearer token (default: ``$ASGD_TOKEN``); sent as ``Authorization: Bearer <token>``.
         timeout: socket timeout in seconds for one attempt.
-        retries: how many times a retryable failure is retried (so ``retries + 1`` attempts at most).
+        retries: how many times a retryable failure is retried at most (None: as often as the budget allows).
+        retry_budget_s: total seconds a request keeps retrying (from its first attempt).
         backoff, max_backoff: first wait and cap of the exponential backoff, in seconds.
     """
 
@@ -96,9 +104,10 @@ class Connection:
         token: Optional[str] = None,
         *,
         timeout: float = 300.0,
-        retries: int = 5,
+        retries: Optional[int] = None,
+        retry_budget_s: float = DEFAULT_RETRY_BUDGET_S,
         backoff: float = 0.2,
-        max_backoff: float = 10.0,
+        max_backoff: float = 2.0,
         ssl_context: Optional[ssl.SSLContext] = None,
     ) -> None:
         url = url or os.environ.get("ASGD_URL") or DEFAULT_URL
@@ -113,7 +122,8 @@ class Connection:
         self._origin = f"{parts.scheme}://{parts.netloc}"
         self.token = token if token is not None else (os.environ.get("ASGD_TOKEN") or None)
         self.timeout = timeout
-        self.retries = max(0, int(retries))
+        self.retries = None if retries is None else max(0, int(retries))
+        self.retry_budget_s = float(retry_budget_s)
         self.backoff = backoff
         self.max_backoff = max_backoff
         self._ssl_context = ssl_context
@@ -217,26 +227,34 @@ class Connection:
             if last is not None and time.monotonic() - last > self.idle_reuse:
                 self._drop_connection()
         attempt = 0
+        deadline = time.monotonic() + self.retry_budget_s
         while True:
             attempt += 1
             try:
                 response = self._send(method, target, body, hdrs, full_url)
             except _CONNECTION_ERRORS as err:
                 self._drop_connection()
-                if attempt <= self.retries and (retry or _is_refused(err)):
-                    if self.on_retry:
-                        self.on_retry(attempt, err)
-                    self._sleep(attempt, None)
+                if (retry or _is_refused(err)) and self._may_retry(attempt, deadline):
+                    self._retrying(method, full_url, attempt, err, None, deadline)
                     continue
                 raise ConnectionFailed(method, full_url, err, attempt) from err
             if response.status in expect:
                 return response
-            if response.status in RETRY_STATUSES and retry and attempt <= self.retries:
-                if self.on_retry:
-                    self.on_retry(attempt, response)
-                self._sleep(attempt, response.headers.get("retry-after"))
+            if response.status in RETRY_STATUSES and retry and self._may_retry(attempt, deadline):
+                self._retrying(method, full_url, attempt, response, response.headers.get("retry-after"), deadline)
                 continue
             raise self._error(response, hdrs.get("Content-Type"))
+
+    def _may_retry(self, attempt: int, deadline: float) -> bool:
+        return (self.retries is None or attempt <= self.retries) and time.monotonic() < deadline
+
+    def _retrying(self, method: str, url: str, attempt: int, cause: Any, retry_after: Optional[str], deadline: float) -> None:
+        what = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else f"HTTP {cause.status}"
+        log.warning("%s %s: %s; retry %d (%.0f s of the retry budget left)", method, url, what, attempt,
+                    max(0.0, deadline - time.monotonic()))
+        if self.on_retry:
+            self.on_retry(attempt, cause)
+        self._sleep(attempt, retry_after, deadline)
 
     def _send(self, method: str, target: str, body: Any, headers: Dict[str, str], full_url: str) -> Response:
         conn = self._connection()
@@ -249,7 +267,7 @@ class Connection:
             self._drop_connection()
         return response
 
-    def _sleep(self, attempt: int, retry_after: Optional[str]) -> None:
+    def _sleep(self, attempt: int, retry_after: Optional[str], deadline: Optional[float] = None) -> None:
         delay = None
         if retry_after:
             try:
@@ -259,7 +277,10 @@ class Connection:
         if delay is None:
             delay = self.backoff * (2 ** (attempt - 1))
             delay *= 0.5 + random.random()  # jitter: replicas of a job do not retry in lockstep
-        time.sleep(max(0.0, min(delay, self.max_backoff)))
+        delay = min(delay, self.max_backoff)
+        if deadline is not None:  # the last attempt still happens at the end of the budget
+            delay = min(delay, max(0.0, deadline - time.monotonic()))
+        time.sleep(max(0.0, delay))
 
     @staticmethod
     def _error(response: Response, request_content_type: Optional[str]) -> ServiceError:

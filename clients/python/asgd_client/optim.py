@@ -1,24 +1,38 @@
 """RemoteASGD: a torch.optim.Optimizer whose ASGD steps are applied by asgd-serve.
 
 The session on the service holds the parameters and the optimizer state (step, eta, mu, ax). Each
-``step()`` sends the gradients and copies the parameters the service answers with back into the
-model, in place; the result is bit for bit what ``torch.optim.ASGD`` computes locally.
+``step()`` is one request: it sends the gradients (and the groups' hyperparameters when they changed)
+and the service answers with the new parameters, which are copied into the model in place; the result
+is bit for bit what ``torch.optim.ASGD`` computes locally.
+
+With ``pipeline=True`` the request runs in a background thread and its answer is applied at the next
+``step()``, ``zero_grad()`` or ``synchronize()``: the next forward/backward overlaps the round trip.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
+import threading
 import uuid
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
 from .client import Client, ensure_session
-from .errors import VersionMismatch
-from .http import Connection
+from .errors import StaleGradient
+from .http import DEFAULT_RETRY_BUDGET_S, Connection
+from .state import SessionState
 from .tensors import FLAG_KEYS, HYPERPARAMETER_KEYS, group_from_json, local_group_keys
+
+log = logging.getLogger("asgd_client")
+
+STALE_POLICIES = ("pull", "raise", "apply")
+_WIRE_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 __all__ = ["RemoteASGD"]
 
@@ -62,11 +76,35 @@ def _split_params(params: Any) -> Tuple[List[Dict[str, Any]], List[List[Optional
     return groups, names
 
 
+def _hyper_value(key: str, value: Any) -> Any:
+    """A group's hyperparameter as the step body carries it (None: not sendable, kept locally)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:  # PyTorch 2.x allows a tensor lr
+        value = value.item()
+    if key == "maximize":
+        return bool(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
-    return type(a) is type(b) and a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float))
-                                             and not isinstance(a, bool) and not isinstance(b, bool) and float(a) == float(b))
+    return a == b and type(a) is type(b)
+
+
+class _Outcome:
+    """What a step's request brought back: the parameters to load and how they came."""
+
+    __slots__ = ("answer", "params", "version", "sent_groups", "stale")
+
+    def __init__(self, answer: Optional[Dict[str, Any]], params: Mapping[str, torch.Tensor], version: Optional[int],
+                 sent_groups: Optional[List[Dict[str, Any]]], stale: Optional[StaleGradient] = None) -> None:
+        self.answer = answer
+        self.params = params
+        self.version = version
+        self.sent_groups = sent_groups
+        self.stale = stale
 
 
 class RemoteASGD(torch.optim.Optimizer):
@@ -77,18 +115,32 @@ class RemoteASGD(torch.optim.Optimizer):
             parameter names; plain tensors are named ``p0, p1, ...`` by position) or param-group dicts
             whose ``params`` are either.
         url, token: the service (default ``$ASGD_URL``, ``$ASGD_TOKEN``).
-        session: the session's name (default: a new random name when creating).
-        create: True (create it; fails if it exists), False (attach to an existing session; its
-            parameters are copied into the model), or ``"if_missing"``.
+        session: the session's name (default: a new random name, created).
+        create: ``"if_missing"`` (the default when a session name is given: every worker can start with
+            the same arguments), True (create; fails if it exists), or False (attach). Attaching copies
+            the session's parameters and hyperparameters into the model and groups.
+        pipeline: ``step()`` sends in a background thread and returns at once; the answer's parameters
+            are applied at the next ``step()`` (which waits for them), ``zero_grad()`` (if they have
+            arrived) or ``synchronize()``. The next gradient is then computed on the parameters from
+            before the previous step (staleness 1), as Hivemind's delayed optimizer step.
+        on_stale: what a step refused as stale (409, ``max_staleness``) does: ``"pull"`` (default: drop
+            the gradient, load the current parameters, log a warning, count it in ``stale_dropped``),
+            ``"raise"`` (:class:`StaleGradient`), or ``"apply"`` (send it again without
+            ``base_version``, so the service applies it).
+        grad_dtype: ``torch.float32`` (default), ``torch.float16`` or ``torch.bfloat16``: gradients
+            travel rounded to that type (half the bytes; not bit-exact with a float32 client).
+        worker: a label for this worker in log lines (default: the process id).
         transport: ``"safetensors"`` (default), ``"json"`` or ``"auto"`` (see :class:`asgd_client.Client`).
         snapshot_every, keep_snapshots, max_staleness: session settings used at creation.
         send_base_version: send the version of the parameters the gradients were computed from, so
             the service can report staleness and enforce ``max_staleness``.
-        retries, timeout: of each HTTP request (steps are retried safely with an Idempotency-Key).
+        retry_budget_s: seconds a request keeps retrying (connection errors, 429/502/503/504); the
+            default 60 outlasts a restart of the service. ``retries`` caps the count as well.
+        timeout: socket timeout of one attempt.
 
-    ``state`` stays empty locally: the optimizer state lives in the session (see ``state_dict()``).
-    Changing a group's hyperparameters (``param_groups[i]["lr"] = ...``, LR schedulers) is sent to
-    the session before the next step.
+    ``state[p]`` reads ASGD's state (step, eta, mu, ax) from the session (see :mod:`asgd_client.state`).
+    Changed group hyperparameters (``param_groups[i]["lr"] = ...``, any LR scheduler) travel with the
+    next step, at no extra cost.
     """
 
     def __init__(
@@ -97,7 +149,7 @@ class RemoteASGD(torch.optim.Optimizer):
         url: Optional[str] = None,
         session: Optional[str] = None,
         token: Optional[str] = None,
-        create: Any = True,
+        create: Any = None,
         lr: float = 1e-2,
         lambd: float = 1e-4,
         alpha: float = 0.75,
@@ -106,13 +158,18 @@ class RemoteASGD(torch.optim.Optimizer):
         foreach: Optional[bool] = None,
         maximize: bool = False,
         *,
+        pipeline: bool = False,
+        on_stale: str = "pull",
+        grad_dtype: torch.dtype = torch.float32,
+        worker: Optional[str] = None,
         transport: str = "safetensors",
         snapshot_every: Optional[int] = None,
         keep_snapshots: Optional[int] = None,
         max_staleness: Optional[int] = None,
         send_base_version: bool = True,
         timeout: float = 300.0,
-        retries: int = 5,
+        retries: Optional[int] = None,
+        retry_budget_s: float = DEFAULT_RETRY_BUDGET_S,
         client: Optional[Client] = None,
         connection: Optional[Connection] = None,
     ) -> None:
@@ -120,16 +177,34 @@ class RemoteASGD(torch.optim.Optimizer):
             raise ValueError("Invalid learning rate: {}".format(lr))
         if not 0.0 <= weight_decay:
             raise ValueError("Invalid weight_decay value: {}".format(weight_decay))
+        if create is None:
+            create = "if_missing" if session else True
         if create is False and not session:
             raise ValueError("session: the name of the session to attach to is needed with create=False")
-        self.client = client or Client(url, token, transport=transport, timeout=timeout, retries=retries, connection=connection)
+        if on_stale not in STALE_POLICIES:
+            raise ValueError(f"on_stale must be one of {STALE_POLICIES}, got {on_stale!r}")
+        if grad_dtype not in _WIRE_DTYPES:
+            raise ValueError(f"grad_dtype must be torch.float32, torch.float16 or torch.bfloat16, got {grad_dtype}")
+        if connection is None and client is None:
+            connection = Connection(url, token, timeout=timeout, retries=retries, retry_budget_s=retry_budget_s)
+        self.client = client or Client(transport=transport, connection=connection)
         self.session: str = session or f"asgd-{uuid.uuid4().hex[:16]}"
         self.send_base_version = send_base_version
-        self._version: Optional[int] = None
-        self._step_count = 0
-        self._info: Dict[str, Any] = {}
-        #: The service's answer to the last step: {session, step, version, staleness}.
+        self.pipeline = bool(pipeline)
+        self.on_stale = on_stale
+        self.grad_dtype = grad_dtype
+        self.worker = worker or f"pid{os.getpid()}"
+        #: Gradients dropped because the service refused them as stale (``on_stale="pull"``).
+        self.stale_dropped = 0
+        #: The service's answer to the last applied step: {session, step, version, staleness}.
         self.last_step: Optional[Dict[str, Any]] = None
+        self._version: Optional[int] = None
+        # Not "_step_count": torch's LR schedulers own that attribute of the optimizer (they reset it).
+        self._session_step = 0
+        self._info: Dict[str, Any] = {}
+        self._lock = threading.RLock()
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._pending: Optional[Future] = None
 
         groups, given_names = _split_params(params)
         defaults: Dict[str, Any] = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, foreach=foreach, maximize=maximize)
@@ -154,7 +229,10 @@ class RemoteASGD(torch.optim.Optimizer):
         self._names: List[str] = names
         self._params: List[torch.Tensor] = flat
         self._name_of: Dict[int, str] = {id(p): n for p, n in zip(flat, names)}
+        self._index_of: Dict[int, int] = {id(p): i for i, p in enumerate(flat)}
+        #: The hyperparameters the session holds for each group, as far as this optimizer knows.
         self._session_groups: List[Dict[str, Any]] = []
+        self.state = SessionState(self)  # type: ignore[assignment]
 
         group_specs = []
         for g in self.param_groups:
@@ -174,9 +252,11 @@ class RemoteASGD(torch.optim.Optimizer):
         self._check_layout(info)
         self._take_session(info, update_local=not created)
         if not created:
-            self.pull()
-        else:
-            self._sync_hyperparameters()  # extra group keys (e.g. initial_lr) the create body cannot carry
+            self._pull()
+        if self.pipeline and self.send_base_version and info.get("max_staleness") == 0:
+            log.warning("[%s] session %r accepts no stale gradient (max_staleness 0), but with pipeline=True every "
+                        "gradient is at least one version old: each will be %s", self.worker, self.session,
+                        {"pull": "dropped", "raise": "refused", "apply": "sent twice"}[self.on_stale])
 
     # -- session bookkeeping -----------------------------------------------------------------------
     def _check_layout(self, info: Mapping[str, Any]) -> None:
@@ -198,56 +278,25 @@ class RemoteASGD(torch.optim.Optimizer):
         """Records a session answer; with ``update_local`` the groups take the session's hyperparameters."""
         self._info = dict(info)
         self._version = info.get("version", self._version)
-        self._step_count = info.get("step", self._step_count)
-        self._session_groups = [group_from_json({k: v for k, v in g.items() if k != "params"}) for g in info["param_groups"]]
+        self._session_step = info.get("step", self._session_step)
+        remote_groups = [group_from_json({k: v for k, v in g.items() if k != "params"}) for g in info["param_groups"]]
+        self._session_groups = [{k: _hyper_value(k, g[k]) for k in HYPERPARAMETER_KEYS if k in g} for g in remote_groups]
         if update_local:
-            for local, remote in zip(self.param_groups, self._session_groups):
+            for local, remote in zip(self.param_groups, remote_groups):
                 for k, v in remote.items():
                     local[k] = v
 
-    def _group_changes(self) -> bool:
-        for local, remote in zip(self.param_groups, self._session_groups):
-            for k, v in local.items():
-                if k == "params":
-                    continue
-                if k in FLAG_KEYS:
-                    if bool(v) != bool(remote.get(k)):
-                        return True
-                    continue
-                if isinstance(v, torch.Tensor) and v.numel() == 1:
-                    v = v.item()
-                if not isinstance(v, _SCALAR_TYPES):
-                    continue  # not representable on the service (kept locally only)
-                if k not in remote or not _same(v, remote[k]):
-                    return True
-        return False
-
-    def _sync_hyperparameters(self) -> None:
-        """Sends changed group hyperparameters (LR schedulers, manual edits) via load_state_dict semantics."""
-        if not self._group_changes():
-            return
-        for _ in range(5):
-            body, version = self.client.get_state_dict_versioned(self.session)
-            groups = []
-            for local, remote in zip(self.param_groups, body["param_groups"]):
-                g = {k: remote[k] for k in remote}
-                for k, v in local.items():
-                    if k == "params":
-                        continue
-                    if isinstance(v, torch.Tensor) and v.numel() == 1:
-                        v = v.item()
-                    if isinstance(v, _SCALAR_TYPES):
-                        g[k] = v
-                g["params"] = remote["params"]
-                groups.append(g)
-            body["param_groups"] = groups
-            try:
-                info = self.client.put_state_dict(self.session, body, if_match=version)
-            except VersionMismatch:
-                continue  # another worker stepped in between: read again
-            self._take_session(info, update_local=False)
-            return
-        raise RuntimeError(f"could not update the hyperparameters of session {self.session!r}: it kept changing")
+    def _group_changes(self) -> Optional[List[Dict[str, Any]]]:
+        """Per group, the hyperparameters that differ from the session's (None when none does)."""
+        changes: List[Dict[str, Any]] = []
+        for local, known in zip(self.param_groups, self._session_groups):
+            changed = {}
+            for k in HYPERPARAMETER_KEYS:
+                v = _hyper_value(k, local.get(k))
+                if v is not None and not _same(v, known.get(k)):
+                    changed[k] = v
+            changes.append(changed)
+        return changes if any(changes) else None
 
     # -- torch.optim.Optimizer API ----------------------------------------------------------------
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -256,46 +305,133 @@ class RemoteASGD(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if set_to_none:
-                    p.grad = None
-                else:
-                    if p.grad.grad_fn is not None:
-                        p.grad.detach_()
+        """As torch's; also applies a pipelined step's parameters if they have arrived (never waits)."""
+        with self._lock:
+            self._apply_pending(block=False)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    if set_to_none:
+                        p.grad = None
                     else:
-                        p.grad.requires_grad_(False)
-                    p.grad.zero_()
+                        if p.grad.grad_fn is not None:
+                            p.grad.detach_()
+                        else:
+                            p.grad.requires_grad_(False)
+                        p.grad.zero_()
 
-    def step(self, closure: Any = None) -> Any:
-        """Sends the gradients (parameters whose ``.grad`` is None are skipped, as in PyTorch), then copies
-        the session's new parameters into the model. Returns the closure's loss."""
+    def step(self, closure: Any = None, *, metrics: Optional[Mapping[str, float]] = None, wait: bool = True) -> Any:
+        """One ASGD step on the service, in one request. Returns the closure's loss (a Future with
+        ``wait=False``).
+
+        Parameters whose ``.grad`` is None are skipped, as in PyTorch. Changed group hyperparameters
+        and ``metrics`` ({name: number}, stored with the step) travel in the same request. Without
+        ``pipeline`` and with ``wait=True`` the new parameters are in the model when this returns.
+        Otherwise the request runs in the background and its parameters are applied at the next
+        ``step()``, ``zero_grad()`` or ``synchronize()``; ``wait=False`` returns a Future of the
+        service's answer ({session, step, version, staleness}; ``{"dropped": True, ...}`` for a
+        gradient dropped as stale). An error of a background step is raised by the next call.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._sync_hyperparameters()
-        grads: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("ASGD does not support sparse gradients")
-                grads[self._name_of[id(p)]] = p.grad
-        if not grads:
-            return loss  # torch.optim.ASGD changes nothing either
-        base = self._version if self.send_base_version else None
-        answer = self.client.step(self.session, grads, base_version=base)
-        self._step_count = answer.get("step", self._step_count)
+        with self._lock:
+            # The gradient was computed on the parameters in the model now: with a step in flight, those
+            # from before it (its answer is loaded just below, after the gradient is taken).
+            base = self._version if self.send_base_version else None
+            self._apply_pending(block=True)
+            grads: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    if p.grad.is_sparse:
+                        raise RuntimeError("ASGD does not support sparse gradients")
+                    grads[self._name_of[id(p)]] = p.grad
+            background = self.pipeline or not wait
+            if not grads:  # torch.optim.ASGD changes nothing either
+                if wait:
+                    return loss
+                done: Future = Future()
+                done.set_result(None)
+                return done
+            if background:
+                # The gradients leave the caller's tensors now: backward() may overwrite them next.
+                grads = OrderedDict((n, g.detach().clone()) for n, g in grads.items())
+            groups = self._group_changes()
+            metrics = dict(metrics) if metrics is not None else None
+            if not background:
+                self._apply(self._request(grads, base, groups, metrics))
+                return loss
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asgd-step")
+            future = self._executor.submit(self._request, grads, base, groups, metrics)
+            self._pending = future
+            return loss if wait else _AnswerFuture(future)
+
+    def _request(self, grads: Mapping[str, torch.Tensor], base: Optional[int], groups: Optional[List[Dict[str, Any]]],
+                 metrics: Optional[Dict[str, float]]) -> _Outcome:
+        """The step's request (in the caller's or the background thread); touches no optimizer state."""
+        wire = _WIRE_DTYPES[self.grad_dtype]
+        send = dict(returns="params", param_groups=groups, metrics=metrics, grad_dtype=wire)
+        try:
+            answer = self.client.step(self.session, grads, base_version=base, **send)
+        except StaleGradient as err:
+            if self.on_stale == "raise":
+                raise
+            if self.on_stale == "pull":
+                tensors, version = self.client.get_params(self.session)
+                return _Outcome(None, tensors, version, None, stale=err)
+            answer = self.client.step(self.session, grads, base_version=None, **send)
+        params = answer.pop("params", None)
+        if params is None:  # a service without return=params (before issue 11): a second request
+            if groups is not None:
+                raise RuntimeError("the service ignores hyperparameters sent with a step (it predates them): "
+                                   "upgrade asgd-serve, or change them with load_state_dict()")
+            params, version = self.client.get_params(self.session)
+        else:
+            version = answer.get("version")
+        return _Outcome(answer, params, version, groups)
+
+    def _apply(self, outcome: _Outcome) -> None:
+        """Loads a step's outcome into the model (caller's thread, under the lock)."""
+        self._copy_into_params(outcome.params)
+        if outcome.version is not None:
+            self._version = outcome.version
+        if outcome.stale is not None:
+            self.stale_dropped += 1
+            log.warning("[%s] session %r: gradient dropped as stale (%s); loaded the parameters at version %s "
+                        "(%d dropped so far)", self.worker, self.session, outcome.stale.message, self._version, self.stale_dropped)
+            return
+        answer = outcome.answer or {}
+        self._session_step = answer.get("step", self._session_step)
         self.last_step = answer
-        self.pull()
-        return loss
+        if outcome.sent_groups is not None:
+            for known, sent in zip(self._session_groups, outcome.sent_groups):
+                known.update(sent)
+
+    def _apply_pending(self, block: bool) -> None:
+        future = self._pending
+        if future is None or (not block and not future.done()):
+            return
+        self._pending = None
+        self._apply(future.result())  # re-raises the background request's error here
+
+    def synchronize(self) -> Optional[int]:
+        """Waits for a pipelined step and loads its parameters; returns the model's version."""
+        with self._lock:
+            self._apply_pending(block=True)
+            return self._version
 
     def pull(self) -> int:
         """Copies the session's current parameters into the model (in place); returns their version."""
+        with self._lock:
+            self._apply_pending(block=True)
+            return self._pull()
+
+    def _pull(self) -> int:
         tensors, version = self.client.get_params(self.session)
         self._copy_into_params(tensors)
         if version is not None:
@@ -314,12 +450,27 @@ class RemoteASGD(torch.optim.Optimizer):
                 p.copy_(t)
 
     def state_dict(self) -> Dict[str, Any]:
-        """torch.optim.ASGD.state_dict() of the session: {"state": {i: {step, eta, mu, ax}}, "param_groups": [...]}."""
-        self._sync_hyperparameters()
-        return self.client.get_state_dict(self.session)
+        """torch.optim.ASGD.state_dict() of the session: {"state": {i: {step, eta, mu, ax}}, "param_groups": [...]}.
+
+        The groups carry this optimizer's own values (as torch's state_dict does): keys the service
+        does not keep (e.g. a scheduler's ``initial_lr``) and changes not yet sent with a step.
+        """
+        self.synchronize()
+        sd = self.client.get_state_dict(self.session)
+        for remote, local in zip(sd["param_groups"], self.param_groups):
+            for k, v in local.items():
+                if k == "params":
+                    continue
+                if isinstance(v, torch.Tensor) and v.numel() == 1:
+                    v = v.item()
+                if isinstance(v, _SCALAR_TYPES):
+                    remote[k] = v
+            remote["params"] = remote.pop("params")  # PyTorch puts params last
+        return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """torch.optim.ASGD.load_state_dict, applied to the session (parameters unchanged)."""
+        self.synchronize()
         sd = {"state": state_dict["state"], "param_groups": state_dict["param_groups"]}
         if len(sd["param_groups"]) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
@@ -327,7 +478,8 @@ class RemoteASGD(torch.optim.Optimizer):
             if len(g["params"]) != len(s["params"]):
                 raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
         info = self.client.put_state_dict(self.session, sd)
-        self._take_session(info, update_local=True)
+        with self._lock:
+            self._take_session(info, update_local=True)
         # Keys of the loaded groups that the service does not echo (kept as PyTorch keeps them).
         for local, loaded in zip(self.param_groups, sd["param_groups"]):
             for k, v in loaded.items():
@@ -337,6 +489,7 @@ class RemoteASGD(torch.optim.Optimizer):
     # -- evaluation helpers -----------------------------------------------------------------------
     def named_averaged_parameters(self) -> "OrderedDict[str, torch.Tensor]":
         """ASGD's averages (``ax``; the parameter itself where it has not stepped), by name."""
+        self.synchronize()
         tensors, _ = self.client.get_params(self.session, averaged=True)
         return OrderedDict((n, tensors[n]) for n in self._names)
 
@@ -364,13 +517,13 @@ class RemoteASGD(torch.optim.Optimizer):
     # -- session helpers --------------------------------------------------------------------------
     @property
     def version(self) -> Optional[int]:
-        """The session version the model's parameters were last pulled at."""
+        """The session version of the parameters in the model."""
         return self._version
 
     @property
     def step_count(self) -> int:
         """optimizer.step() calls applied by the session (its "step")."""
-        return self._step_count
+        return self._session_step
 
     @property
     def parameter_names(self) -> List[str]:
@@ -378,23 +531,29 @@ class RemoteASGD(torch.optim.Optimizer):
 
     def refresh(self) -> Dict[str, Any]:
         """Reads the session (hyperparameters may have been changed by another client) and pulls parameters."""
-        info = self.client.get_session(self.session)
-        self._take_session(info, update_local=True)
-        self.pull()
-        return info
+        with self._lock:
+            self._apply_pending(block=True)
+            info = self.client.get_session(self.session)
+            self._take_session(info, update_local=True)
+            self._pull()
+            return info
 
     def snapshot(self, pinned: bool = False) -> Dict[str, Any]:
+        self.synchronize()
         return self.client.snapshot(self.session, pinned=pinned)
 
     def restore(self, snapshot_id: int) -> None:
         """Rolls the session back to a snapshot and pulls its parameters into the model."""
-        info = self.client.restore_snapshot(self.session, snapshot_id)
-        self._take_session(info, update_local=True)
-        self.pull()
+        with self._lock:
+            self._apply_pending(block=True)
+            info = self.client.restore_snapshot(self.session, snapshot_id)
+            self._take_session(info, update_local=True)
+            self._pull()
 
     def download_checkpoint(self, path: str, format: str = "pt") -> str:
         from .functions import _write_atomic
 
+        self.synchronize()
         data = self.client.get_checkpoint(self.session, format=format)
         if format == "json":
             import json
@@ -404,17 +563,23 @@ class RemoteASGD(torch.optim.Optimizer):
         return path
 
     def close(self) -> None:
-        """Closes the keep-alive connection (the session stays on the service)."""
+        """Waits for a pipelined step (without applying it), stops the background thread and closes the
+        keep-alive connection (the session stays on the service)."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
         self.client.close()
 
     def __enter__(self) -> "RemoteASGD":
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if exc[0] is None:
+            self.synchronize()
         self.close()
 
     def __repr__(self) -> str:
-        lines = [f"RemoteASGD (session {self.session!r} at {self.client.url}, version {self._version}, step {self._step_count})"]
+        lines = [f"RemoteASGD (session {self.session!r} at {self.client.url}, version {self._version}, step {self._session_step})"]
         for i, g in enumerate(self.param_groups):
             lines.append(f"Parameter Group {i}")
             for k in sorted(k for k in g if k != "params"):
@@ -423,3 +588,22 @@ class RemoteASGD(torch.optim.Optimizer):
 
     def __getstate__(self) -> Dict[str, Any]:  # pragma: no cover - pickling an optimizer bound to a service
         raise TypeError("RemoteASGD is bound to a service session; save state_dict() or a checkpoint instead")
+
+
+class _AnswerFuture(Future):
+    """The Future ``step(wait=False)`` returns: the service's answer without the parameter tensors."""
+
+    def __init__(self, inner: Future) -> None:
+        super().__init__()
+        inner.add_done_callback(self._settle)
+
+    def _settle(self, inner: Future) -> None:
+        err = inner.exception()
+        if err is not None:
+            self.set_exception(err)
+            return
+        outcome: _Outcome = inner.result()
+        if outcome.stale is not None:
+            self.set_result({"dropped": True, "version": outcome.version, "reason": outcome.stale.message})
+        else:
+            self.set_result(dict(outcome.answer or {}))

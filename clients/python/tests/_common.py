@@ -84,6 +84,11 @@ class ServiceTestCase(unittest.TestCase):
         self.addCleanup(opt.close)
         return opt
 
+    def requireStepParams(self) -> None:
+        """Skips when the service predates issue 11's step (no parameters in the step answer)."""
+        if not step_returns_params(self.client()):
+            self.skipTest("the service does not answer POST /step?return=params with parameters (issue 11 server side absent)")
+
     def client(self, transport: str = "safetensors"):
         from asgd_client import Client
 
@@ -119,8 +124,57 @@ class ServiceTestCase(unittest.TestCase):
                 self.assertEqual(g[k], w[k], f"param_groups[{k}]")
 
 
+_CAPABILITIES: Dict[str, bool] = {}
+
+
+def step_returns_params(client: Any) -> bool:
+    """Whether the service answers POST /step?return=params with the parameters (issue 11's server
+    side). Probed once on a throwaway session; tests of what needs it skip only when it is absent."""
+    if "params" not in _CAPABILITIES:
+        name = unique("probe")
+        client.create_session(name, {"w": torch.zeros(2)})
+        try:
+            answer = client.step(name, {"w": torch.ones(2)}, returns="params")
+            _CAPABILITIES["params"] = "params" in answer
+        finally:
+            client.delete_session(name, missing_ok=True)
+    return _CAPABILITIES["params"]
+
+
+class StepCounter:
+    """A proxy in front of the service that counts the requests it forwards, by method and route."""
+
+    def __init__(self, test: unittest.TestCase, upstream: str, token: Any = None) -> None:
+        from _fakes import LocalServer
+        from asgd_client import Connection
+
+        #: The status of each forwarded answer, in order.
+        self.statuses: List[int] = []
+
+        def forward(req):
+            answer = self.proxy.forward(req)
+            self.statuses.append(answer[0])
+            return answer
+
+        self.proxy = LocalServer(forward, upstream=upstream)
+        test.addCleanup(self.proxy.close)
+        self.conn = Connection(self.proxy.url, token)
+        test.addCleanup(self.conn.close)
+
+    def mark(self) -> int:
+        return len(self.proxy.requests)
+
+    def since(self, mark: int) -> List[str]:
+        """"METHOD /path-tail" of every request after ``mark``."""
+        out = []
+        for r in self.proxy.requests[mark:]:
+            path = r.path.split("?")[0]
+            out.append(f"{r.method} {path.rsplit('/', 1)[-1]}")
+        return out
+
+
 def differs(a: nn.Module, b: nn.Module) -> bool:
     return any(not torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters()))
 
 
-__all__ = ["HYPER", "STEPS", "make_model", "batch", "train", "torch_run", "ServiceTestCase", "differs", "unique", "server"]
+__all__ = ["step_returns_params", "StepCounter", "HYPER", "STEPS", "make_model", "batch", "train", "torch_run", "ServiceTestCase", "differs", "unique", "server"]

@@ -130,15 +130,39 @@ class Server:
             k, _, v = pair.partition("=")
             env[k] = v
         self.log_path = os.path.join(self.tmp, "server.log")
-        log = open(self.log_path, "wb")
+        self._root, self._env = root, env
+        self.url = f"http://127.0.0.1:{port}"
+        atexit.register(self.stop)
+        self._start()
+
+    def _start(self) -> None:
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [_node(root), "src/server.ts"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+            [_node(self._root), "src/server.ts"], cwd=self._root, env=self._env, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
         log.close()
-        self.url = f"http://127.0.0.1:{port}"
-        atexit.register(self.stop)
         self._wait_ready(float(os.environ.get("ASGD_TEST_START_TIMEOUT", "90")))
+
+    @property
+    def restartable(self) -> bool:
+        """False for a service the tests did not start (ASGD_TEST_URL)."""
+        return self.proc is not None
+
+    def restart(self, down_s: float = 1.0) -> None:
+        """Stops the service (SIGTERM, graceful), keeps it down ``down_s`` seconds, and starts it again on
+        the same port and database; returns once it answers."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            raise RuntimeError("the service was not started by the tests")
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        time.sleep(down_s)
+        self._start()
 
     def log_tail(self, n: int = 4000) -> str:
         if not self.log_path or not os.path.exists(self.log_path):

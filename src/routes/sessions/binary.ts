@@ -8,7 +8,6 @@ import {
   fromAsgdStateDict, fromCheckpoint, fromModelStateDict, readOptimizerSafetensors, readSafetensors, readTorchSave, toAsgdStateDict, toCheckpoint,
   toModelStateDict, writeOptimizerSafetensors, writeSafetensors, writeTorchSave, type ByteStream, type Float32Tensor, type Tensor,
 } from '../../formats/index.ts';
-import type { GradientInput } from '../../sessions/gradients.ts';
 import type { LoadedStateDict, StateView } from '../../sessions/service.ts';
 import { publicGroup } from '../../sessions/spec.ts';
 import { asgdFromView, loadedFromAsgd, paramTensor, parseStateDict, readTensorField } from '../../sessions/state-dict.ts';
@@ -30,11 +29,6 @@ export function readNamedTensors(format: WireFormat, body: Buffer, field: string
   const model = toModelStateDict(readTorchSave(body), {}, field);
   for (const [name, tensor] of model.tensors) out.set(name, float32Of(tensor, `${field}.${name}`));
   return { tensors: out, metadata: new Map() };
-}
-
-export function binaryGradients(format: WireFormat, body: Buffer): GradientInput {
-  const { tensors } = readNamedTensors(format, body, 'grads');
-  return { format: 'tensors', tensors };
 }
 
 /** A state_dict from a torch.save file or the service's safetensors layout. */

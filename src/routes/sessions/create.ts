@@ -13,7 +13,7 @@ import { readNamedTensors } from './binary.ts';
 import type { WireFormat } from '../media.ts';
 import { optionalWhole, SETTING_LIMITS } from '../common.ts';
 
-const CREATE_KEYS = ['name', 'params', 'hyperparameters', 'param_groups', 'snapshot_every', 'keep_snapshots', 'max_staleness'];
+const CREATE_KEYS = ['name', 'params', 'hyperparameters', 'param_groups', 'snapshot_every', 'keep_snapshots', 'max_staleness', 'keep_log_bytes', 'expire_after_idle_s'];
 
 function assertParamName(value: unknown, field: string): string {
   if (typeof value !== 'string' || value.length === 0 || value.length > PARAM_NAME_MAX || /[\u0000-\u001f\u007f]/.test(value)) {
@@ -38,7 +38,12 @@ function parseCreateOptions(body: Record<string, unknown>, config: Config, param
   const snapshotEvery = optionalWhole(body.snapshot_every, 'snapshot_every', 1, SETTING_LIMITS.snapshot_every) ?? config.defaultSnapshotEvery;
   const keepSnapshots = optionalWhole(body.keep_snapshots, 'keep_snapshots', 1, SETTING_LIMITS.keep_snapshots) ?? config.defaultKeepSnapshots;
   const maxStaleness = optionalWhole(body.max_staleness, 'max_staleness', 0, SETTING_LIMITS.max_staleness);
-  return { name, params: ordered, data: order.map((i) => data[i]), groups, snapshotEvery, keepSnapshots, maxStaleness };
+  // Absent: the configured default; null: no byte bound / never expire.
+  const keepLogBytes = body.keep_log_bytes === null ? null
+    : optionalWhole(body.keep_log_bytes, 'keep_log_bytes', 1, SETTING_LIMITS.keep_log_bytes) ?? config.defaultKeepLogBytes;
+  const expireAfterIdleS = body.expire_after_idle_s === null ? null
+    : optionalWhole(body.expire_after_idle_s, 'expire_after_idle_s', 1, SETTING_LIMITS.expire_after_idle_s) ?? config.defaultExpireAfterIdleS;
+  return { name, params: ordered, data: order.map((i) => data[i]), groups, snapshotEvery, keepSnapshots, maxStaleness, keepLogBytes, expireAfterIdleS };
 }
 
 function checkParamList(params: ParamSpec[]): void {

@@ -5,12 +5,15 @@ import type { Config } from '../../config.ts';
 import { sessionJson, setVersion, ifMatchOf, jsonBody, jsonOrFile } from '../common.ts';
 import { mediaTypes, ROUTE_MEDIA, contentFormat } from '../media.ts';
 import {
-  errorResponses, Hyperparameters, IfMatchHeaders, NameParams, NewSessionName, ParamGroupIn, Session, SessionSettings, TensorIn, withCode,
+  errorResponses, Hyperparameters, IfMatchHeaders, IfNoneMatchHeaders, NameParams, NotModified, NewSessionName, ParamGroupIn, Session, SessionSettings, TensorIn, withCode,
 } from '../schemas.ts';
 import { parseCreateBody } from './create.ts';
 import stepRoutes from './step.ts';
 import stateRoutes from './state.ts';
 import snapshotRoutes from './snapshots.ts';
+import metricsRoutes from './metrics.ts';
+import eventsRoutes from './events.ts';
+import { noneMatch, sendNotModified } from './conditional.ts';
 
 /** The JSON form of a create request. Tensors are checked element by element by the domain. */
 const CreateBody = Type.Object({
@@ -63,23 +66,37 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
       querystring: Type.Object({
         limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 100 })),
         after: Type.Optional(Type.String({ maxLength: 128, description: 'Cursor: the last name of the previous page' })),
+        storage: Type.Optional(Type.Boolean({ description: 'Include each session\'s stored bytes (one more query for the page)' })),
       }),
       response: { 200: Type.Object({ sessions: Type.Array(Session), next: Type.Union([Type.String(), Type.Null()]) }, { title: 'SessionList' }), ...errorResponses(400, 401, 403) },
     },
   }, async (request) => {
-    const { limit = 100, after } = request.query;
+    const { limit = 100, after, storage } = request.query;
     // A token limited to a list of sessions lists only those (src/plugins/auth.ts).
     const rows = await fastify.sessions.list(after ?? null, limit + 1, request.auth?.sessions ?? null);
     const page = rows.slice(0, limit);
-    return { sessions: page.map(sessionJson), next: rows.length > limit ? page[page.length - 1].name : null };
+    const stored = storage ? await fastify.sessions.storageOfMany(page) : null;
+    return {
+      sessions: page.map((s) => ({ ...sessionJson(s), ...(stored?.has(s.id) && { storage: stored.get(s.id) }) })),
+      next: rows.length > limit ? page[page.length - 1].name : null,
+    };
   });
 
   fastify.get('/:name', {
-    schema: { operationId: 'getSession', summary: 'Read a session', tags: ['sessions'], params: NameParams, response: { 200: Session, ...errorResponses(400, 401, 403, 404) } },
+    schema: {
+      operationId: 'getSession',
+      summary: 'Read a session',
+      tags: ['sessions'],
+      params: NameParams,
+      headers: IfNoneMatchHeaders,
+      response: { 200: Session, 304: NotModified, ...errorResponses(400, 401, 403, 404) },
+    },
   }, async (request, reply) => {
-    const session = await fastify.sessions.get(request.params.name);
+    const { name } = request.params;
+    const session = await fastify.sessions.get(name);
+    if (noneMatch(request, session.version)) return sendNotModified(reply, session.version);
     setVersion(reply, session.version);
-    return sessionJson(session);
+    return { ...sessionJson(session), storage: await fastify.sessions.storage(name) };
   });
 
   fastify.patch('/:name', {
@@ -98,6 +115,8 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
       ...(body.snapshot_every !== undefined && { snapshotEvery: body.snapshot_every }),
       ...(body.keep_snapshots !== undefined && { keepSnapshots: body.keep_snapshots }),
       ...(body.max_staleness !== undefined && { maxStaleness: body.max_staleness }),
+      ...(body.keep_log_bytes !== undefined && { keepLogBytes: body.keep_log_bytes }),
+      ...(body.expire_after_idle_s !== undefined && { expireAfterIdleS: body.expire_after_idle_s }),
     });
     setVersion(reply, session.version);
     return sessionJson(session);
@@ -139,6 +158,8 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
       snapshotEvery: body.snapshot_every,
       keepSnapshots: body.keep_snapshots,
       maxStaleness: body.max_staleness,
+      keepLogBytes: body.keep_log_bytes,
+      expireAfterIdleS: body.expire_after_idle_s,
     });
     setVersion(reply, session.version);
     reply.header('location', `/v1/sessions/${session.name}`);
@@ -148,6 +169,8 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
   await fastify.register(stepRoutes, { config });
   await fastify.register(stateRoutes, { config });
   await fastify.register(snapshotRoutes, { config });
+  await fastify.register(metricsRoutes);
+  await fastify.register(eventsRoutes);
 };
 
 export default sessionRoutes;

@@ -1,13 +1,35 @@
 // Reading and replacing a session's state: parameters, the optimizer's state_dict, whole checkpoints.
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { Type } from 'typebox';
 import type { Config } from '../../config.ts';
+import { errors } from '../../errors.ts';
 import { parseStateDict } from '../../sessions/state-dict.ts';
 import { ifMatchOf, jsonBody, jsonOrFile, sessionJson, setVersion } from '../common.ts';
 import { contentFormat, mediaTypes, ROUTE_MEDIA } from '../media.ts';
-import { errorResponses, IfMatchHeaders, NameParams, Session, Version, withCode } from '../schemas.ts';
+import { errorResponses, IfMatchHeaders, IfNoneMatchHeaders, NameParams, NotModified, Session, Version, withCode } from '../schemas.ts';
 import { readCheckpointFile, readCheckpointJson, readStateDictBody } from './binary.ts';
-import { sendView, viewResponse } from './views.ts';
+import { answeredNotModified, MAX_WAIT_SECONDS, waitPastVersion } from './conditional.ts';
+import { sendView, viewResponse, type ViewKind, type ViewQuery } from './views.ts';
+
+interface ReadQuery extends ViewQuery {
+  version?: string;
+  after_version?: number;
+  wait?: number;
+}
+
+/** A GET of the state: 304 for If-None-Match at that version; for params, `after_version` + `wait` first. */
+async function answerRead(fastify: FastifyInstance, kind: ViewKind, request: FastifyRequest, reply: FastifyReply, name: string, query: ReadQuery) {
+  const version = query.version === undefined ? null : Number(query.version);
+  if (query.after_version !== undefined) {
+    if (version !== null) throw errors.invalidQuery('after_version', 'cannot be combined with version');
+    if (!(await waitPastVersion(fastify, request, reply, name, query.after_version, query.wait ?? 0))) return reply;
+  } else if (query.wait !== undefined) {
+    throw errors.invalidQuery('wait', 'needs after_version (the version you have)');
+  }
+  if (await answeredNotModified(fastify, request, reply, name, version)) return reply;
+  return sendView(kind, request, reply, await fastify.sessions.view(name, version), query);
+}
 
 const Format = (offers: readonly string[]) =>
   Type.Optional(Type.Union(offers.map((f) => Type.Literal(f)), { description: 'Instead of an Accept header' }));
@@ -32,13 +54,17 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
       description: 'JSON {name: tensor}, safetensors, or a torch.save file of the model state_dict (model.load_state_dict(torch.load(f)) works). ?averaged=true gives ax, which ASGD users evaluate with.',
       tags: ['state'],
       params: NameParams,
-      querystring: Type.Object({ version: Type.Optional(Version), format: Format(ROUTE_MEDIA.params.offers), averaged: Type.Optional(Type.Boolean()) }),
-      response: { ...viewResponse('params'), ...errorResponses(400, 401, 403, 404, 406) },
+      querystring: Type.Object({
+        version: Type.Optional(Version),
+        format: Format(ROUTE_MEDIA.params.offers),
+        averaged: Type.Optional(Type.Boolean()),
+        after_version: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'Answer only with a version above this one: at once, or when one commits within `wait` seconds; else 304' })),
+        wait: Type.Optional(Type.Number({ minimum: 0, maximum: MAX_WAIT_SECONDS, description: `With after_version: how long to wait for a newer version (at most ${MAX_WAIT_SECONDS} s)` })),
+      }),
+      headers: IfNoneMatchHeaders,
+      response: { ...viewResponse('params'), 304: NotModified, ...errorResponses(400, 401, 403, 404, 406, 503) },
     },
-  }, async (request, reply) => {
-    const view = await fastify.sessions.view(request.params.name, request.query.version === undefined ? null : Number(request.query.version));
-    return sendView('params', request, reply, view, request.query);
-  });
+  }, async (request, reply) => answerRead(fastify, 'params', request, reply, request.params.name, request.query));
 
   fastify.get('/:name/state_dict', {
     schema: {
@@ -48,12 +74,10 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
       tags: ['state'],
       params: NameParams,
       querystring: Type.Object({ version: Type.Optional(Version), format: Format(ROUTE_MEDIA.stateDict.offers) }),
-      response: { ...viewResponse('state_dict'), ...errorResponses(400, 401, 403, 404, 406) },
+      headers: IfNoneMatchHeaders,
+      response: { ...viewResponse('state_dict'), 304: NotModified, ...errorResponses(400, 401, 403, 404, 406) },
     },
-  }, async (request, reply) => {
-    const view = await fastify.sessions.view(request.params.name, request.query.version === undefined ? null : Number(request.query.version));
-    return sendView('state_dict', request, reply, view, request.query);
-  });
+  }, async (request, reply) => answerRead(fastify, 'state_dict', request, reply, request.params.name, request.query));
 
   fastify.put('/:name/state_dict', {
     bodyLimit: opts.config.bodyLimitCreate,
@@ -84,12 +108,10 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
       tags: ['state'],
       params: NameParams,
       querystring: Type.Object({ version: Type.Optional(Version), format: Format(ROUTE_MEDIA.checkpoint.offers) }),
-      response: { ...viewResponse('checkpoint'), ...errorResponses(400, 401, 403, 404, 406) },
+      headers: IfNoneMatchHeaders,
+      response: { ...viewResponse('checkpoint'), 304: NotModified, ...errorResponses(400, 401, 403, 404, 406) },
     },
-  }, async (request, reply) => {
-    const view = await fastify.sessions.view(request.params.name, request.query.version === undefined ? null : Number(request.query.version));
-    return sendView('checkpoint', request, reply, view, request.query);
-  });
+  }, async (request, reply) => answerRead(fastify, 'checkpoint', request, reply, request.params.name, request.query));
 
   fastify.put('/:name/checkpoint', {
     bodyLimit: opts.config.bodyLimitCreate,

@@ -1,20 +1,75 @@
-// POST /v1/sessions/:name/step: one optimizer step, acknowledged after its transaction committed.
+// POST /v1/sessions/:name/step: one optimizer step, acknowledged after it committed. The step may carry
+// the groups' hyperparameters for it (a scheduler's values) and training metrics, and may answer with the
+// new parameters, so that a training loop needs one request per step.
 import { createHash } from 'node:crypto';
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import type { Config } from '../../config.ts';
+import { errors } from '../../errors.ts';
+import { streamToBuffer, writeSafetensors, type Float32Tensor } from '../../formats/index.ts';
 import type { GradientInput } from '../../sessions/gradients.ts';
+import type { StateView, StepAnswer as StepAnswerValue } from '../../sessions/service.ts';
+import { paramTensor, paramsJson } from '../../sessions/state-dict.ts';
+import { metadataJson, parseMetrics } from '../../sessions/step-input.ts';
 import { idempotencyKeyOf, ifMatchOf, jsonBody, jsonOrFile, optionalWhole, setVersion } from '../common.ts';
-import { contentFormat, mediaTypes, ROUTE_MEDIA } from '../media.ts';
-import { BaseVersion, errorResponses, NameParams, StepAnswer, StepHeaders } from '../schemas.ts';
-import { binaryGradients } from './binary.ts';
+import { contentFormat, MEDIA, mediaTypes, negotiate, ROUTE_MEDIA } from '../media.ts';
+import { Binary, errorResponses, NameParams, StepAnswer, StepHeaders, Tensor } from '../schemas.ts';
+import { readNamedTensors } from './binary.ts';
+import { MAX_JSON_ELEMENTS } from './views.ts';
+
+const StepGroup = Type.Object({
+  lr: Type.Optional(Type.Number()),
+  lambd: Type.Optional(Type.Number()),
+  alpha: Type.Optional(Type.Number()),
+  t0: Type.Optional(Type.Number()),
+  weight_decay: Type.Optional(Type.Number()),
+  maximize: Type.Optional(Type.Boolean()),
+}, { description: 'Hyperparameters of one group for this step and after it (only the keys that change are needed)' });
 
 /** The JSON form of a step. Gradients are read element by element by the domain. */
 const StepBody = Type.Object({
   grads: Type.Record(Type.String(), Type.Unknown(), { description: 'Parameter name -> tensor {"shape", "data"} or a flat list of numbers' }),
-  // Checked by code as the query's base_version is (INVALID_QUERY): it may come from either place.
-  base_version: Type.Optional(Type.Unknown({ description: 'The version the gradient was computed from (a whole number)' })),
-}, { additionalProperties: false, examples: [{ grads: { w: { shape: [2, 2], data: [0.01, -0.02, 0.03, 0.0] } }, base_version: 42 }] });
+  base_version: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'The version the gradient was computed from' })),
+  param_groups: Type.Optional(Type.Array(StepGroup, {
+    description: 'One object per session group, in the session\'s group order: what a scheduler sets before optimizer.step(). Kept with the step (replays stay exact); no extra version.',
+  })),
+  metrics: Type.Optional(Type.Record(Type.String(), Type.Number(), {
+    maxProperties: 32,
+    description: 'Training metrics of this step, e.g. {"loss": 0.41, "samples": 32}: at most 32 finite numbers named like sessions. GET .../metrics returns the series.',
+  })),
+}, { additionalProperties: false, examples: [{ grads: { w: { shape: [2, 2], data: [0.01, -0.02, 0.03, 0.0] } }, param_groups: [{ lr: 0.05 }], metrics: { loss: 0.41 } }] });
+
+const StepQuery = Type.Object({
+  base_version: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'The version the gradient was computed from' })),
+  return: Type.Optional(Type.Union([Type.Literal('none'), Type.Literal('params'), Type.Literal('averaged')], {
+    description: 'Answer with the parameters (or ASGD\'s averaged parameters) at the answered version too: one round trip per training step',
+  })),
+});
+
+const StepAnswerWithParams = Type.Object({
+  ...StepAnswer.properties,
+  params: Type.Optional(Type.Record(Type.String(), Tensor, { description: 'With ?return=params|averaged: the parameters at `version`' })),
+}, { title: 'StepAnswer', description: 'A committed step (with the parameters at its version when asked)' });
+
+type ReturnKind = 'none' | 'params' | 'averaged';
+
+/** The encoded parameters of a step's answer, made from the state while the session is locked. */
+type Encoded = { format: 'json'; params: Record<string, unknown> } | { format: 'safetensors'; body: Buffer };
+
+function encodeParams(view: StateView, answer: StepAnswerValue, averaged: boolean, format: 'json' | 'safetensors'): Encoded {
+  if (format === 'json') {
+    if (view.layout.numel > MAX_JSON_ELEMENTS) {
+      throw errors.notAcceptable('application/json', `application/x-safetensors for a session of ${view.layout.numel} elements; JSON answers hold at most ${MAX_JSON_ELEMENTS} numbers`);
+    }
+    return { format, params: paramsJson(view, averaged) };
+  }
+  const tensors = view.params.map((p, i): [string, Float32Tensor] => [p.name, { dtype: 'float32', shape: [...p.shape], data: paramTensor(view, i, averaged) }]);
+  const metadata = {
+    format: 'pt', session: view.session, version: String(view.version), step: String(view.step), staleness: String(answer.staleness), averaged: String(averaged),
+    ...(answer.replayed && { replayed: 'true' }),
+  };
+  return { format, body: streamToBuffer(writeSafetensors(tensors, metadata)) }; // the one copy
+}
 
 const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify, opts) => {
   fastify.post('/:name/step', {
@@ -24,42 +79,87 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
       summary: 'Apply one optimizer step',
       description:
         'Applies exactly the step torch.optim.ASGD would apply for these gradients and answers once it is committed. ' +
-        'Body: JSON {"grads": {name: tensor or flat list}, "base_version"?} or a safetensors / torch.save file of gradients ' +
-        '(base_version then in the query). A parameter without a gradient is skipped, as in PyTorch.',
+        'Body: JSON {"grads": {name: tensor or flat list}, "base_version"?, "param_groups"?, "metrics"?} or a safetensors / torch.save file of gradients ' +
+        '(base_version in the query or, like param_groups and metrics, as JSON in the safetensors __metadata__). ' +
+        'A parameter without a gradient is skipped, as in PyTorch. ?return=params|averaged answers with the parameters at the new version ' +
+        '(as JSON, or as a safetensors file with Accept: application/x-safetensors whose __metadata__ holds session, version, step, staleness).',
       tags: ['training'],
       consumes: mediaTypes(ROUTE_MEDIA.step.accepts),
       params: NameParams,
-      querystring: Type.Object({ base_version: Type.Optional(BaseVersion) }),
+      querystring: StepQuery,
       headers: StepHeaders,
       body: jsonBody(StepBody),
-      response: { 200: StepAnswer, ...errorResponses(400, 401, 403, 404, 409, 412, 413, 415, 422, 503) },
+      response: {
+        200: {
+          description: 'The step is committed',
+          content: {
+            'application/json': { schema: StepAnswerWithParams },
+            // Unsafe<Buffer>: the answer is the file's bytes (the type provider then types reply.send).
+            [MEDIA.safetensors[0]]: { schema: Type.Unsafe<Buffer>(Binary) },
+          },
+        },
+        ...errorResponses(400, 401, 403, 404, 406, 409, 412, 413, 415, 422, 503),
+      },
     },
   }, async (request, reply) => {
     const { name } = request.params;
     const body = jsonOrFile(request.body, StepBody);
-    let input: GradientInput;
-    let baseVersion = optionalWhole(request.query.base_version, 'base_version');
+    let baseVersion = request.query.base_version ?? null;
+    const returning: ReturnKind = request.query.return ?? 'none';
+    const answerFormat = returning === 'none' ? 'json' : negotiate(request, undefined, ['json', 'safetensors']);
     // The request's hash is only kept with an Idempotency-Key; hashing 4 MB of gradients costs ~3.5 ms.
     const idempotencyKey = idempotencyKeyOf(request);
     const hash = idempotencyKey ? createHash('sha256') : null;
+    let input: GradientInput;
+    let paramGroups: unknown;
+    let metrics: Record<string, number> | null;
     if (Buffer.isBuffer(body)) {
-      input = binaryGradients(contentFormat(request), body);
+      const format = contentFormat(request);
+      const { tensors, metadata } = readNamedTensors(format, body, 'grads');
+      input = { format: 'tensors', tensors };
+      if (format === 'safetensors') {
+        for (const key of metadata.keys()) {
+          if (!['param_groups', 'metrics', 'base_version', 'format'].includes(key)) throw errors.invalidBody(`__metadata__.${key}: unknown key (param_groups, metrics, base_version)`);
+        }
+        paramGroups = metadataJson(metadata, 'param_groups');
+        metrics = parseMetrics(metadataJson(metadata, 'metrics'), '__metadata__.metrics');
+        const metaBase = optionalWhole(metadataJson(metadata, 'base_version'), '__metadata__.base_version');
+        if (metaBase !== null) baseVersion = metaBase;
+      } else {
+        metrics = null;
+      }
       hash?.update(body);
     } else {
-      const bodyBase = optionalWhole(body.base_version, 'base_version');
-      if (bodyBase !== null) baseVersion = bodyBase;
+      if (body.base_version !== undefined) baseVersion = body.base_version;
       input = { format: 'json', grads: body.grads };
+      paramGroups = body.param_groups;
+      metrics = parseMetrics(body.metrics);
       hash?.update(JSON.stringify(body));
     }
     if (baseVersion !== null) hash?.update(`base:${baseVersion}`);
+    let encoded: Encoded | null = null;
     const answer = await fastify.sessions.step(name, input, {
       ifMatch: ifMatchOf(request),
       idempotencyKey,
       requestHash: hash?.digest('hex'),
       baseVersion,
+      paramGroups,
+      metrics,
+      ...(returning !== 'none' && {
+        encodeAt: (view: StateView, stepped: StepAnswerValue) => (encoded = encodeParams(view, stepped, returning === 'averaged', answerFormat as 'json' | 'safetensors')),
+      }),
     });
     request.log.info({ step: answer.step, version: answer.version }, 'stepped'); // the request's logger names the session
     setVersion(reply, answer.version);
+    reply.header('x-session-step', String(answer.step));
+    const result = encoded as Encoded | null;
+    if (result?.format === 'safetensors') {
+      reply.header('content-disposition', `attachment; filename="${name}-v${answer.version}.safetensors"`);
+      return reply.type(MEDIA.safetensors[0]).send(result.body);
+    }
+    reply.type('application/json');
+    // Tensors as plain JSON.stringify: the schema's serializer would check every number against a union.
+    if (result?.format === 'json') return reply.serializer(JSON.stringify).send({ ...answer, params: result.params as never });
     return answer;
   });
 };

@@ -11,7 +11,7 @@ import { Binary, Checkpoint, Params, StateDict } from '../schemas.ts';
 import { sendCheckpoint, sendParams, sendStateDict } from './binary.ts';
 
 /** Largest tensor payload answered as JSON (numbers); bigger sessions use safetensors or torch.save. */
-const MAX_JSON_ELEMENTS = 16 * 1024 * 1024;
+export const MAX_JSON_ELEMENTS = 16 * 1024 * 1024;
 
 export type ViewKind = 'params' | 'state_dict' | 'checkpoint';
 

@@ -1,0 +1,134 @@
+// A training loop through the service, as a PyTorch user runs it: two worker processes train a ~10k-parameter
+// MLP (64-128-10, 9,610 parameters) on synthetic data through one session on PostgreSQL with
+// RemoteASGD(pipeline=True), for a fixed number of global steps. Figure: the wall-clock of their loops against
+// one local torch process doing the same number of steps with torch.optim.ASGD, measured in the same run,
+// interleaved, medians over rounds. Also the cost of one optimizer step at 1e6 parameters, remote against local.
+//   node bench/training.ts [--steps 2000] [--rounds 3] [--percall-steps 15] [--python /usr/bin/python3]
+import { spawn } from 'node:child_process';
+import { join } from 'node:path';
+import { createDatabase, describe, isMain, median, ms, ROOT, startServer, type BenchResult } from './common.ts';
+
+const WORKER = join(ROOT, 'bench', 'training_worker.py');
+
+export interface TrainingBenchOptions {
+  /** Global steps of one run (the workers share them). */
+  steps?: number;
+  rounds?: number;
+  /** Steps of the 1e6-parameter per-step measure. */
+  percallSteps?: number;
+  python?: string;
+  log?: (line: string) => void;
+}
+
+interface LoopTimes {
+  start: number;
+  end: number;
+  loss: number | null;
+  stale_dropped?: number;
+}
+
+interface Worker {
+  /** Resolves when the process printed "ready" (remote workers, after joining the session). */
+  ready: Promise<void>;
+  go(): void;
+  /** Its JSON line. */
+  result: Promise<Record<string, number>>;
+}
+
+/** Runs training_worker.py. */
+function python(exe: string, args: string[]): Worker {
+  const child = spawn(exe, [WORKER, ...args], { cwd: ROOT, stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, OMP_NUM_THREADS: '1' } });
+  let out = '';
+  let err = '';
+  let markReady = () => {};
+  const ready = new Promise<void>((resolve) => (markReady = resolve));
+  child.stdout.on('data', (c) => {
+    out += c;
+    if (/^ready$/m.test(out)) markReady();
+  });
+  child.stderr.on('data', (c) => (err = (err + c).slice(-4000)));
+  const result = new Promise<Record<string, number>>((resolve, reject) => {
+    child.on('error', reject);
+    child.on('exit', (code) => {
+      markReady();
+      const line = out.trim().split('\n').pop() ?? '';
+      if (code !== 0 || !line.startsWith('{')) reject(new Error(`training_worker.py ${args[0]} exited ${code}: ${err}`));
+      else resolve(JSON.parse(line));
+    });
+  });
+  return { ready, result, go: () => child.stdin.end('go\n') };
+}
+
+async function run(exe: string, args: string[]): Promise<Record<string, number>> {
+  const worker = python(exe, args);
+  worker.go();
+  return worker.result;
+}
+
+export async function runTrainingBench(opts: TrainingBenchOptions = {}): Promise<BenchResult> {
+  const steps = opts.steps ?? 2000;
+  const rounds = opts.rounds ?? 3;
+  const percallSteps = opts.percallSteps ?? 15;
+  const exe = opts.python ?? process.env.TORCH_PYTHON ?? '/usr/bin/python3';
+  const log = opts.log ?? (() => {});
+  const workers = 2;
+  const db = await createDatabase();
+  const server = await startServer({ DATABASE_URL: db.url, LOG_LEVEL: 'warn' });
+  try {
+    const remote: number[] = [];
+    const local: number[] = [];
+    let dropped = 0;
+    let losses: string[] = [];
+    for (let r = 0; r < rounds; r++) {
+      const l = (await run(exe, ['local', '--steps', String(steps)])) as unknown as LoopTimes;
+      local.push(l.end - l.start);
+      const session = `training-${r}-${Date.now()}`;
+      const procs = Array.from({ length: workers }, (_, rank) =>
+        python(exe, ['remote', '--url', server.url, '--session', session, '--rank', String(rank), '--workers', String(workers), '--steps', String(steps / workers)]));
+      await Promise.all(procs.map((p) => p.ready)); // both joined the session: start their loops together
+      for (const p of procs) p.go();
+      const runs = (await Promise.all(procs.map((p) => p.result))) as unknown as LoopTimes[];
+      const wall = Math.max(...runs.map((x) => x.end)) - Math.min(...runs.map((x) => x.start));
+      remote.push(wall);
+      dropped += runs.reduce((a, x) => a + (x.stale_dropped ?? 0), 0);
+      losses = [`local ${l.loss?.toFixed(3)}`, ...runs.map((x, i) => `worker ${i} ${x.loss?.toFixed(3)}`)];
+      log(`round ${r}: local ${ms(local[r])}, two workers ${ms(wall)}`);
+    }
+    const percall = await run(exe, ['percall', '--url', server.url, '--session', `percall-${Date.now()}`, '--steps', String(percallSteps)]);
+    const wall = median(remote);
+    const base = median(local);
+    return {
+      key: 'training',
+      title: `training: ${steps} global steps of a 9,610-parameter MLP, two worker processes with RemoteASGD(pipeline=True) on PostgreSQL`,
+      figure: `${ms(wall)} wall-clock`,
+      baseline: `${ms(base)} for one local torch.optim.ASGD process`,
+      ratio: wall / base,
+      target: { op: '<=', value: 3 },
+      notes: [
+        `medians of ${rounds} rounds (local, then the two workers), loops timed inside the processes (no start-up, import or session creation)`,
+        `per step: ${ms(wall / steps)} remote (both workers together) against ${ms(base / steps)} local, forward and backward included`,
+        `one optimizer step at 1e6 parameters (blocking, one request): ${ms(percall.remote)} remote against ${ms(percall.local)} for torch.optim.ASGD.step() = ${(percall.remote / percall.local).toFixed(1)}x`,
+        `gradients dropped as stale: ${dropped} (no max_staleness: none expected); last losses: ${losses.join(', ')}`,
+      ],
+    };
+  } finally {
+    await server.stop();
+    await db.drop();
+  }
+}
+
+if (isMain(import.meta.url)) {
+  const arg = (name: string) => {
+    const i = process.argv.indexOf(`--${name}`);
+    return i > 0 ? process.argv[i + 1] : undefined;
+  };
+  const result = await runTrainingBench({
+    steps: arg('steps') ? Number(arg('steps')) : undefined,
+    rounds: arg('rounds') ? Number(arg('rounds')) : undefined,
+    percallSteps: arg('percall-steps') ? Number(arg('percall-steps')) : undefined,
+    python: arg('python'),
+    log: console.log,
+  });
+  for (const note of result.notes) console.log(`  ${note}`);
+  console.log(describe(result));
+}

@@ -1,0 +1,133 @@
+"""pipeline=True and step(wait=False): the round trip overlaps the next forward/backward, and the session
+still applies exactly the gradients sent, in its version order (checked by a torch replay)."""
+
+import threading
+import unittest
+
+import torch
+from torch import nn
+
+from _common import HYPER, ServiceTestCase, StepCounter, batch, make_model, unique
+
+STEPS = 100
+
+
+def replay(records, seed=0):
+    """torch.optim.ASGD applying the recorded gradients in the service's version order."""
+    model = make_model(seed)
+    opt = torch.optim.ASGD(model.parameters(), **HYPER)
+    for _, grads in sorted(records, key=lambda r: r[0]):
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g
+        opt.step()
+    return model, opt
+
+
+def pipelined_loop(model, opt, steps, records, lock=None):
+    """The ordinary loop with pipeline=True; records (answered version, gradients sent)."""
+    futures = []
+    for i in steps:
+        X, y = batch(i)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(X), y).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        futures.append((opt.step(wait=False), grads))
+    opt.synchronize()
+    for future, grads in futures:
+        answer = future.result()
+        if lock:
+            with lock:
+                records.append((answer["version"], grads))
+        else:
+            records.append((answer["version"], grads))
+    return [f.result() for f, _ in futures]
+
+
+class PipelineMatchesReplay(ServiceTestCase):
+    def setUp(self):
+        self.requireStepParams()
+
+    def test_one_worker_pipelined_equals_torch_replay(self):
+        counter = StepCounter(self, self.url, self.token)
+        model = make_model()
+        opt = self.remote(model.named_parameters(), pipeline=True, connection=counter.conn)
+        mark = counter.mark()
+        records = []
+        answers = pipelined_loop(model, opt, range(STEPS), records)
+        self.assertEqual(counter.since(mark), ["POST step"] * STEPS)
+        self.assertEqual([a["version"] for a in answers], sorted(a["version"] for a in answers))
+        staleness = [a["staleness"] for a in answers]
+        self.assertLessEqual(max(staleness), 1, "one step in flight at most")
+        # zero_grad() right after step() finds the answer still travelling: the next gradient is computed on
+        # the parameters from before that step (it would be 0 if zero_grad() waited, and nothing would overlap).
+        self.assertGreater(staleness.count(1), STEPS // 2, staleness)
+        want, torch_opt = replay(records)
+        self.assertParamsIdentical(model, want, "after synchronize()")
+        for p, q in zip(model.parameters(), want.parameters()):
+            self.assertTrue(torch.equal(opt.state[p]["ax"], torch_opt.state[q]["ax"]))
+
+    def test_two_pipelined_workers_equal_torch_replay_in_version_order(self):
+        name = unique("pipe2")
+        self.remote(make_model().named_parameters(), session=name, create=True)  # the session, from seed 0
+        records, errors, lock = [], [], threading.Lock()
+
+        def worker(rank):
+            try:
+                model = make_model(rank + 3)  # other weights: replaced by the session's on joining
+                opt = self.remote(model.named_parameters(), session=name, pipeline=True)
+                pipelined_loop(model, opt, range(rank, STEPS, 2), records, lock)
+            except BaseException as err:
+                errors.append(err)
+
+        threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        self.assertEqual(errors, [])
+        versions = sorted(v for v, _ in records)
+        self.assertEqual(len(set(versions)), STEPS, "each gradient made its own version")
+        want, torch_opt = replay(records)
+        got, _ = self.client().get_params(name)
+        for (n, q) in want.named_parameters():
+            self.assertTrue(torch.equal(got[n], q), n)
+        state = self.client().get_state_dict(name)["state"]
+        for i, q in enumerate(want.parameters()):
+            self.assertTrue(torch.equal(state[i]["ax"], torch_opt.state[q]["ax"]))
+
+    def test_wait_false_without_pipeline_returns_a_future(self):
+        model = make_model()
+        opt = self.remote(model.named_parameters())
+        model(batch(0)[0]).sum().backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        future = opt.step(wait=False)
+        answer = future.result(60)
+        self.assertEqual(answer["step"], 1)
+        # Not applied until the next step(), zero_grad() or synchronize().
+        self.assertTrue(all(torch.equal(p, b) for p, b in zip(model.parameters(), before)))
+        self.assertEqual(opt.synchronize(), answer["version"])
+        got, _ = opt.client.get_params(opt.session)
+        for n, p in model.named_parameters():
+            self.assertTrue(torch.equal(p, got[n]), n)
+
+    def test_an_error_in_the_background_surfaces_at_the_next_call(self):
+        from asgd_client import ServiceError
+
+        model = make_model()
+        opt = self.remote(model.named_parameters(), pipeline=True)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        next(model.parameters()).grad[0, 0] = float("nan")
+        opt.step()  # returns at once; the service refuses it in the background
+        with self.assertRaises(ServiceError) as caught:
+            opt.synchronize()
+        self.assertEqual(caught.exception.code, "NON_FINITE_GRADIENT")
+        opt.zero_grad()  # the error was reported once; the optimizer goes on
+        model(batch(0)[0]).sum().backward()
+        opt.step()
+        opt.synchronize()
+        self.assertEqual(opt.step_count, 1)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,162 @@
+"""LR schedulers over RemoteASGD: bit for bit what torch.optim.ASGD does with the same scheduler, with
+one request per step (the hyperparameters travel with the step: no extra request, version or snapshot)."""
+
+import threading
+import unittest
+
+import torch
+from torch import nn
+
+from _common import HYPER, ServiceTestCase, StepCounter, batch, make_model, unique
+
+STEPS = 120
+
+SCHEDULERS = {
+    "StepLR": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=15, gamma=0.5),
+    # ASGD has no momentum: OneCycleLR must not cycle it.
+    "OneCycleLR": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=STEPS, cycle_momentum=False),
+    "ReduceLROnPlateau": lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2),
+    "ExponentialLR": lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.98),
+    "CosineAnnealingLR": lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=40),
+    "LambdaLR": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + 0.05 * k)),
+}
+
+
+def loop(model, opt, sched, steps):
+    """The ordinary loop; ReduceLROnPlateau is stepped with the loss. Returns the lrs used."""
+    lrs = []
+    for i in steps:
+        X, y = batch(i)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(X), y)
+        loss.backward()
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            sched.step(loss.item())
+        else:
+            sched.step()
+    return lrs
+
+
+class SchedulersMatchTorch(ServiceTestCase):
+    def setUp(self):
+        self.requireStepParams()
+
+    def check(self, kind, transport="safetensors"):
+        ref = make_model()
+        torch_opt = torch.optim.ASGD(ref.parameters(), **HYPER)
+        want_lrs = loop(ref, torch_opt, SCHEDULERS[kind](torch_opt), range(STEPS))
+        self.assertGreater(len(set(want_lrs)), 1, f"{kind} never changed the lr: the test would prove nothing")
+
+        counter = StepCounter(self, self.url, self.token)
+        model = make_model()
+        opt = self.remote(model.named_parameters(), transport=transport, connection=counter.conn)
+        sched = SCHEDULERS[kind](opt)
+        v0 = opt.version
+        mark = counter.mark()
+        got_lrs = loop(model, opt, sched, range(STEPS))
+        requests = counter.since(mark)
+
+        self.assertEqual(got_lrs, want_lrs)
+        self.assertEqual(requests, ["POST step"] * STEPS, "one request per step, nothing else")
+        self.assertParamsIdentical(model, ref, kind)
+        info = opt.client.get_session(opt.session)
+        self.assertEqual(info["version"] - v0, STEPS, "hyperparameter changes make no versions of their own")
+        self.assertEqual(info["param_groups"][0]["lr"], want_lrs[-1])
+        self.assertStateDictEqual(opt.state_dict(), torch_opt.state_dict())  # incl. the scheduler's initial_lr
+
+    def test_step_lr(self):
+        self.check("StepLR")
+
+    def test_one_cycle_lr(self):
+        self.check("OneCycleLR")
+
+    def test_reduce_lr_on_plateau(self):
+        self.check("ReduceLROnPlateau")
+
+    def test_exponential_cosine_and_lambda_lr(self):
+        for kind in ("ExponentialLR", "CosineAnnealingLR", "LambdaLR"):
+            with self.subTest(kind):
+                self.check(kind)
+
+    def test_step_lr_over_json(self):
+        self.check("StepLR", transport="json")
+
+    def test_hyperparameters_of_several_groups(self):
+        def groups(m):
+            named = list(m.named_parameters())
+            return [{"params": named[:2]}, {"params": named[2:], "lr": 0.02}]
+
+        ref = make_model()
+        refs = list(ref.parameters())
+        torch_opt = torch.optim.ASGD([{"params": refs[:2]}, {"params": refs[2:], "lr": 0.02}], **HYPER)
+        model = make_model()
+        opt = self.remote(groups(model))
+        for o, m in ((torch_opt, ref), (opt, model)):
+            for i in range(40):
+                if i == 10:
+                    o.param_groups[1]["weight_decay"] = 0.0
+                    o.param_groups[0]["t0"] = 3.0
+                if i == 25:
+                    o.param_groups[0]["lambd"] = 1e-3
+                    o.param_groups[1]["alpha"] = 0.5
+                X, y = batch(i)
+                o.zero_grad()
+                nn.functional.mse_loss(m(X), y).backward()
+                o.step()
+        self.assertParamsIdentical(model, ref)
+        self.assertStateDictEqual(opt.state_dict(), torch_opt.state_dict())
+
+    def test_a_refused_hyperparameter_names_the_field_and_changes_nothing(self):
+        from asgd_client import ServiceError
+
+        model = make_model()
+        opt = self.remote(model.named_parameters())
+        before = opt.client.get_session(opt.session)
+        opt.param_groups[0]["lr"] = -1.0
+        model(batch(0)[0]).sum().backward()
+        with self.assertRaises(ServiceError) as caught:
+            opt.step()
+        self.assertEqual(caught.exception.status, 400)
+        self.assertIn("param_groups[0].lr", caught.exception.message)
+        after = opt.client.get_session(opt.session)
+        self.assertEqual((after["version"], after["step"]), (before["version"], before["step"]))
+
+
+class WorkersWithTheirOwnSchedulers(ServiceTestCase):
+    def test_two_workers_each_with_a_scheduler_run_200_steps(self):
+        self.requireStepParams()
+        name = unique("two-schedulers")
+        barrier = threading.Barrier(2)
+        errors, opts = [], []
+
+        def worker(rank):
+            try:
+                from asgd_client import RemoteASGD
+
+                model = make_model(rank)
+                barrier.wait()  # both create at once: one creates, the other joins
+                opt = RemoteASGD(model.named_parameters(), url=self.url, token=self.token, session=name, **HYPER)
+                opts.append(opt)
+                sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.995)
+                loop(model, opt, sched, range(rank, 400, 2))
+            except BaseException as err:  # reported by the main thread
+                errors.append(err)
+
+        with self.assertLogs("asgd_client", "INFO") as logs:
+            threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(300)
+        for opt in opts:
+            self.addCleanup(opt.close)
+        self.assertEqual(errors, [])
+        self.assertEqual(opts[0].client.get_session(name)["step"], 400)
+        joined = [line for line in logs.output if f"session '{name}'" in line]
+        self.assertEqual(sorted("created" in line for line in joined), [False, True], joined)
+
+
+if __name__ == "__main__":
+    unittest.main()

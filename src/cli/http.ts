@@ -1,0 +1,99 @@
+// The operator CLI's HTTP client: global fetch against a running service, every failure turned into a
+// CliError with a message for a person and an exit code for a script (documented in the README).
+export const EXIT = { ok: 0, server: 1, usage: 2, notFound: 3, auth: 4, unreachable: 5 } as const;
+
+export class CliError extends Error {
+  readonly exitCode: number;
+  constructor(exitCode: number, message: string) {
+    super(message);
+    this.exitCode = exitCode;
+  }
+}
+
+export const usageError = (message: string) => new CliError(EXIT.usage, message);
+
+/** Seconds a request that is not a download may take before the service counts as unreachable. */
+const REQUEST_TIMEOUT_MS = 60_000;
+
+export interface ApiClient {
+  readonly url: string;
+  /** A JSON request; resolves to the parsed answer (null for 204). */
+  json<T = unknown>(method: string, path: string, body?: unknown): Promise<T>;
+  /** A streamed GET (downloads): the response once its status is OK. */
+  stream(path: string): Promise<Response>;
+}
+
+/** What the status of an error answer means to a script. */
+function exitCodeOf(status: number): number {
+  if (status === 401 || status === 403) return EXIT.auth;
+  if (status === 404) return EXIT.notFound;
+  if (status === 400) return EXIT.usage;
+  return EXIT.server;
+}
+
+async function failure(res: Response, token: string | null): Promise<CliError> {
+  let code = '';
+  let message = '';
+  const text = await res.text().catch(() => '');
+  try {
+    const body = JSON.parse(text) as { code?: unknown; message?: unknown };
+    if (typeof body.code === 'string') code = body.code;
+    if (typeof body.message === 'string') message = body.message;
+  } catch {
+    // not one of the service's error bodies (a proxy's page, say): say so with the status alone
+  }
+  if (res.status === 401) {
+    message = token ? `the token was refused (${message || 'unauthorized'})` : 'the service needs a token: pass --token or set ASGD_TOKEN';
+  }
+  const detail = message || `HTTP ${res.status} ${res.statusText}`.trim();
+  return new CliError(exitCodeOf(res.status), code ? `${detail} (${code})` : detail);
+}
+
+function unreachable(url: string, err: unknown): CliError {
+  const cause = (err as { cause?: { code?: string; message?: string } })?.cause;
+  const why = (err as Error)?.name === 'TimeoutError' ? `no answer within ${REQUEST_TIMEOUT_MS / 1000} s` : cause?.code ?? cause?.message ?? (err as Error)?.message ?? String(err);
+  return new CliError(EXIT.unreachable, `cannot reach ${url} (${why}): is the service running there? (--url or ASGD_URL)`);
+}
+
+export function createClient(baseUrl: string, token: string | null): ApiClient {
+  let base: URL;
+  try {
+    base = new URL(baseUrl);
+    if (base.protocol !== 'http:' && base.protocol !== 'https:') throw new Error('not http');
+  } catch {
+    throw usageError(`--url: ${JSON.stringify(baseUrl)} is not an http:// or https:// URL`);
+  }
+  const root = base.href.replace(/\/+$/, '');
+  const headers = (extra: Record<string, string> = {}) => ({ ...(token ? { authorization: `Bearer ${token}` } : {}), ...extra });
+
+  async function send(method: string, path: string, init: RequestInit & { timeout?: boolean }): Promise<Response> {
+    try {
+      return await fetch(`${root}${path}`, { method, ...init, signal: init.timeout === false ? undefined : AbortSignal.timeout(REQUEST_TIMEOUT_MS) });
+    } catch (err) {
+      throw unreachable(root, err);
+    }
+  }
+
+  return {
+    url: root,
+    async json<T>(method: string, path: string, body?: unknown): Promise<T> {
+      const res = await send(method, path, {
+        headers: headers({ accept: 'application/json', ...(body !== undefined ? { 'content-type': 'application/json' } : {}) }),
+        body: body !== undefined ? JSON.stringify(body) : undefined,
+      });
+      if (!res.ok) throw await failure(res, token);
+      if (res.status === 204) return null as T;
+      const text = await res.text();
+      try {
+        return JSON.parse(text) as T;
+      } catch {
+        throw new CliError(EXIT.unreachable, `${root} answered ${method} ${path} with something other than JSON: is it an asgd-serve?`);
+      }
+    },
+    async stream(path: string): Promise<Response> {
+      const res = await send('GET', path, { headers: headers(), timeout: false });
+      if (!res.ok) throw await failure(res, token);
+      return res;
+    },
+  };
+}

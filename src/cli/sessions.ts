@@ -1,0 +1,217 @@
+// `asgd-serve sessions ls|show|rm|snapshot|download`: what an operator does with sessions, over the API.
+import { createWriteStream } from 'node:fs';
+import { rename, rm } from 'node:fs/promises';
+import { Readable, Transform } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { positionals, stringOption, wholeOption, type ParsedArgs } from './args.ts';
+import { CliError, EXIT, usageError } from './http.ts';
+import { age, bytes, duration, fields, table } from './output.ts';
+import type { OpsContext } from './ops.ts';
+
+interface Storage { log_bytes: number; log_steps: number; snapshot_bytes: number; snapshots: number; other_bytes: number; total_bytes: number }
+interface Session {
+  name: string; version: number; step: number; numel: number;
+  params: { name: string; shape: number[]; numel: number }[];
+  param_groups: Record<string, unknown>[];
+  snapshot_every: number; keep_snapshots: number; max_staleness: number | null;
+  keep_log_bytes?: number | null; expire_after_idle_s?: number | null;
+  created_at: string; updated_at: string; storage?: Storage;
+}
+interface Snapshot { id: number; version: number; step: number; reason: string; pinned: boolean; byte_size: number; created_at: string }
+
+const path = (name: string) => `/v1/sessions/${encodeURIComponent(name)}`;
+
+export const SESSION_OPTIONS = {
+  limit: { kind: 'value' },
+  yes: { kind: 'switch', short: 'y' },
+  pin: { kind: 'switch' },
+  snapshot: { kind: 'value' },
+  version: { kind: 'value' },
+  format: { kind: 'value' },
+  what: { kind: 'value' },
+  output: { kind: 'value', short: 'o' },
+} as const;
+
+export async function sessionsCommand(sub: string | undefined, args: ParsedArgs, ctx: OpsContext): Promise<number> {
+  switch (sub) {
+    case 'ls':
+    case 'list':
+      return list(args, ctx);
+    case 'show':
+      return show(args, ctx);
+    case 'rm':
+    case 'delete':
+      return remove(args, ctx);
+    case 'snapshot':
+      return snapshot(args, ctx);
+    case 'download':
+      return download(args, ctx);
+    default:
+      throw usageError(sub === undefined ? 'sessions: say what to do (ls, show, rm, snapshot, download)' : `sessions: unknown command ${JSON.stringify(sub)} (ls, show, rm, snapshot, download)`);
+  }
+}
+
+/** Every session, page by page (at most --limit of them). */
+async function list(args: ParsedArgs, ctx: OpsContext): Promise<number> {
+  positionals(args, [], 'sessions ls');
+  const max = wholeOption(args, 'limit') ?? Infinity;
+  const sessions: Session[] = [];
+  let after: string | null = null;
+  do {
+    const pageSize = Math.min(1000, max - sessions.length);
+    const query: string = `?storage=true&limit=${pageSize}${after ? `&after=${encodeURIComponent(after)}` : ''}`;
+    const page: { sessions: Session[]; next: string | null } = await ctx.client.json('GET', `/v1/sessions${query}`);
+    sessions.push(...page.sessions);
+    after = page.next;
+  } while (after !== null && sessions.length < max);
+  if (ctx.json) return ctx.print({ sessions });
+  if (sessions.length === 0) {
+    ctx.out('no sessions\n');
+    return EXIT.ok;
+  }
+  ctx.out(table(
+    ['NAME', 'VERSION', 'STEP', 'PARAMS', 'STORED', 'LOG STEPS', 'SNAPSHOTS', 'IDLE', 'EXPIRES AFTER'],
+    sessions.map((s) => [
+      s.name, s.version, s.step, s.numel, bytes(s.storage?.total_bytes), s.storage?.log_steps ?? '-', s.storage?.snapshots ?? '-',
+      age(s.updated_at), s.expire_after_idle_s ? duration(s.expire_after_idle_s) : 'never',
+    ]),
+  ));
+  return EXIT.ok;
+}
+
+async function show(args: ParsedArgs, ctx: OpsContext): Promise<number> {
+  const [name] = positionals(args, ['name'], 'sessions show');
+  const session = await ctx.client.json<Session>('GET', path(name));
+  const { snapshots } = await ctx.client.json<{ snapshots: Snapshot[] }>('GET', `${path(name)}/snapshots`);
+  if (ctx.json) return ctx.print({ ...session, snapshots });
+  const st = session.storage;
+  ctx.out(fields([
+    ['name', session.name],
+    ['version', session.version],
+    ['step', session.step],
+    ['parameters', `${session.params.length} tensors, ${session.numel} elements`],
+    ['param groups', session.param_groups.map((g) => `lr=${g.lr} lambd=${g.lambd} alpha=${g.alpha} t0=${g.t0} weight_decay=${g.weight_decay}`).join('; ')],
+    ['snapshot every', `${session.snapshot_every} steps`],
+    ['keep snapshots', session.keep_snapshots],
+    ['keep log bytes', session.keep_log_bytes == null ? 'no bound' : bytes(session.keep_log_bytes)],
+    ['max staleness', session.max_staleness ?? 'none'],
+    ['expire after idle', session.expire_after_idle_s ? duration(session.expire_after_idle_s) : 'never'],
+    ['created', `${session.created_at} (${age(session.created_at)} ago)`],
+    ['updated', `${session.updated_at} (${age(session.updated_at)} ago)`],
+    ['stored', st ? `${bytes(st.total_bytes)}: log ${bytes(st.log_bytes)} (${st.log_steps} steps), snapshots ${bytes(st.snapshot_bytes)} (${st.snapshots}), other ${bytes(st.other_bytes)}` : '-'],
+  ]));
+  ctx.out('\n');
+  ctx.out(snapshots.length === 0 ? 'no snapshots\n' : table(
+    ['SNAPSHOT', 'VERSION', 'STEP', 'REASON', 'PINNED', 'SIZE', 'AGE'],
+    snapshots.map((s) => [s.id, s.version, s.step, s.reason, s.pinned ? 'yes' : 'no', bytes(s.byte_size), age(s.created_at)]),
+  ));
+  return EXIT.ok;
+}
+
+async function remove(args: ParsedArgs, ctx: OpsContext): Promise<number> {
+  const [name] = positionals(args, ['name'], 'sessions rm');
+  // Read first: a misspelt name fails before any question, and the question can say what goes.
+  const session = await ctx.client.json<Session>('GET', path(name));
+  if (!args.options.yes) {
+    if (!ctx.interactive) throw usageError(`sessions rm: not on a terminal: pass --yes to delete ${JSON.stringify(name)} without asking`);
+    const what = `session ${JSON.stringify(name)} (version ${session.version}, ${bytes(session.storage?.total_bytes)} with its snapshots and log)`;
+    if (!(await ctx.confirm(`Delete ${what}? This cannot be undone. [y/N] `))) {
+      ctx.err('not deleted\n');
+      return EXIT.usage;
+    }
+  }
+  await ctx.client.json('DELETE', path(name));
+  if (ctx.json) return ctx.print({ deleted: name });
+  ctx.out(`deleted session ${name}\n`);
+  return EXIT.ok;
+}
+
+async function snapshot(args: ParsedArgs, ctx: OpsContext): Promise<number> {
+  const [name] = positionals(args, ['name'], 'sessions snapshot');
+  const snap = await ctx.client.json<Snapshot>('POST', `${path(name)}/snapshots`, args.options.pin ? { pinned: true } : {});
+  if (ctx.json) return ctx.print(snap);
+  ctx.out(`snapshot ${snap.id} of ${name} at version ${snap.version} (step ${snap.step})${snap.pinned ? ', pinned' : ''}\n`);
+  return EXIT.ok;
+}
+
+const FORMATS = ['pt', 'safetensors', 'json'] as const;
+const WHATS = ['checkpoint', 'state_dict', 'params'] as const;
+
+/**
+ * Downloads a checkpoint (model + optimizer, torch.save), the optimizer's state_dict or the parameters, of
+ * the current state or a snapshot. Written to FILE.part and renamed when complete, so an interrupted
+ * download never leaves a file that looks whole.
+ */
+async function download(args: ParsedArgs, ctx: OpsContext): Promise<number> {
+  const [name] = positionals(args, ['name'], 'sessions download');
+  const format = stringOption(args, 'format');
+  if (!format || !(FORMATS as readonly string[]).includes(format)) throw usageError(`sessions download: --format must be one of ${FORMATS.join(', ')}`);
+  // safetensors holds tensors, not a pickled dict: its natural default is the model's parameters.
+  const what = stringOption(args, 'what') ?? (format === 'safetensors' ? 'params' : 'checkpoint');
+  if (!(WHATS as readonly string[]).includes(what)) throw usageError(`sessions download: --what must be one of ${WHATS.join(', ')}`);
+  if (what === 'checkpoint' && format === 'safetensors') throw usageError('sessions download: a checkpoint is a torch.save file (--format pt) or JSON; use --what state_dict or params for safetensors');
+  const output = stringOption(args, 'output');
+  if (!output) throw usageError('sessions download: say where with -o FILE (or -o - for standard output)');
+  const snapshotId = wholeOption(args, 'snapshot');
+  const version = wholeOption(args, 'version');
+  if (snapshotId !== undefined && version !== undefined) throw usageError('sessions download: --snapshot and --version exclude each other');
+  const base = snapshotId !== undefined ? `${path(name)}/snapshots/${snapshotId}/${what}` : `${path(name)}/${what}`;
+  const res = await ctx.client.stream(`${base}?format=${format}${version !== undefined ? `&version=${version}` : ''}`);
+  const total = Number(res.headers.get('content-length')) || null;
+  const body = Readable.fromWeb(res.body as import('node:stream/web').ReadableStream);
+  const progress = progressMeter(total, ctx.progress ? ctx.err : null);
+  if (output === '-') {
+    await pipeline(body, progress.stream, ctx.stdoutStream());
+    progress.done();
+    return EXIT.ok;
+  }
+  const partial = `${output}.part`;
+  let received = 0;
+  const counter = new Transform({
+    transform(chunk: Buffer, _encoding, done) {
+      received += chunk.length;
+      done(null, chunk);
+    },
+  });
+  try {
+    await pipeline(body, counter, progress.stream, createWriteStream(partial));
+    if (total !== null && received !== total) throw new Error(`the answer ended after ${received} of ${total} bytes`);
+    await rename(partial, output);
+  } catch (err) {
+    await rm(partial, { force: true });
+    const code = (err as { code?: string }).code;
+    const local = typeof code === 'string' && /^E(NOENT|ACCES|ISDIR|NOSPC|ROFS|PERM|NOTDIR)$/.test(code);
+    throw new CliError(local ? EXIT.server : EXIT.unreachable, `download of ${name} failed: ${local ? `cannot write ${partial}: ${code}` : (err as Error).message}`);
+  } finally {
+    progress.done();
+  }
+  const version_ = res.headers.get('x-session-version');
+  if (ctx.json) return ctx.print({ session: name, file: output, bytes: received, format, what, version: version_ ? Number(version_) : null, snapshot: snapshotId ?? null });
+  ctx.out(`wrote ${output}: ${what} of ${name}${snapshotId !== undefined ? ` snapshot ${snapshotId}` : ''}${version_ ? ` at version ${version_}` : ''}, ${bytes(received)}\n`);
+  return EXIT.ok;
+}
+
+/** Progress on stderr (when `write` is given: a terminal), redrawn in place at most 10 times a second. */
+function progressMeter(total: number | null, write: ((s: string) => void) | null) {
+  let seen = 0;
+  let last = 0;
+  const draw = () => write?.(`\r${bytes(seen)}${total ? ` of ${bytes(total)} (${Math.floor((100 * seen) / total)}%)` : ''}   `);
+  return {
+    stream: new Transform({
+      transform(chunk: Buffer, _encoding, done) {
+        seen += chunk.length;
+        const now = Date.now();
+        if (now - last > 100) {
+          last = now;
+          draw();
+        }
+        done(null, chunk);
+      },
+    }),
+    done: () => {
+      draw();
+      write?.('\n');
+    },
+  };
+}
+

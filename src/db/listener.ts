@@ -1,0 +1,87 @@
+// LISTEN on PostgreSQL for the whole process: one dedicated connection outside the pool (a pooled one
+// would lose its LISTEN when returned), reconnecting with backoff after the server restarts or the
+// connection drops. Notifications sent while it was down are lost, so `onReset` tells subscribers to
+// re-read what they wait for.
+import pg from 'pg';
+
+export interface ListenHandlers {
+  onNotify(payload: string): void;
+  /** The connection was (re)established after a loss: anything may have changed meanwhile. */
+  onReset(): void;
+  onError?(err: Error): void;
+}
+
+export interface Listener {
+  close(): Promise<void>;
+}
+
+const MAX_BACKOFF_MS = 2_000;
+
+export async function listenPostgres(url: string, channel: string, handlers: ListenHandlers): Promise<Listener> {
+  let client: pg.Client | null = null;
+  let closed = false;
+  let backoff = 50;
+  let timer: NodeJS.Timeout | null = null;
+
+  const connect = async (): Promise<void> => {
+    const next = new pg.Client({ connectionString: url, connectionTimeoutMillis: 5_000, keepAlive: true });
+    // An error on an idle client is an event: unheard, it would end the process.
+    next.on('error', (err) => {
+      handlers.onError?.(err);
+      lost(next);
+    });
+    next.on('end', () => lost(next));
+    next.on('notification', (message) => {
+      if (message.channel === channel && message.payload !== undefined) handlers.onNotify(message.payload);
+    });
+    await next.connect();
+    await next.query(`LISTEN ${pg.escapeIdentifier(channel)}`);
+    if (closed) {
+      await next.end().catch(() => {});
+      return;
+    }
+    client = next;
+    backoff = 50;
+  };
+
+  const lost = (which: pg.Client) => {
+    if (client !== which) return;
+    client = null;
+    which.end().catch(() => {});
+    schedule();
+  };
+
+  const schedule = () => {
+    if (closed || timer) return;
+    timer = setTimeout(async () => {
+      timer = null;
+      try {
+        await connect();
+        handlers.onReset();
+      } catch (err) {
+        handlers.onError?.(err as Error);
+        backoff = Math.min(MAX_BACKOFF_MS, backoff * 2);
+        schedule();
+      }
+    }, backoff);
+    timer.unref();
+  };
+
+  try {
+    await connect();
+  } catch (err) {
+    // The database may come later (the pool reports 503s meanwhile): keep trying in the background.
+    handlers.onError?.(err as Error);
+    schedule();
+  }
+
+  return {
+    async close() {
+      closed = true;
+      if (timer) clearTimeout(timer);
+      const current = client;
+      client = null;
+      await current?.end().catch(() => {});
+    },
+  };
+}

@@ -1,0 +1,89 @@
+// Conditional and waiting reads: If-None-Match: "<version>" answers 304 while the session (or the
+// version asked for) is that version; `after_version` + `wait` holds a read of the parameters until a
+// newer version commits on any replica (the notifier hears it), else answers 304 when the wait ends.
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { errors } from '../../errors.ts';
+import { setVersion } from '../common.ts';
+
+export const MAX_WAIT_SECONDS = 60;
+
+/**
+ * If-None-Match (RFC 9110 section 13.1.2): weak comparison, so W/"3" and "3" are alike; a list matches
+ * when any tag does; "*" matches any current state. Tags that are not versions never match.
+ */
+export function noneMatch(request: FastifyRequest, version: number): boolean {
+  const raw = request.headers['if-none-match'];
+  if (raw === undefined) return false;
+  const value = Array.isArray(raw) ? raw.join(',') : raw;
+  if (value.trim() === '*') return true;
+  return value.split(',').slice(0, 64).some((tag) => {
+    const m = /^\s*(?:W\/)?"?(\d{1,15})"?\s*$/.exec(tag);
+    return m !== null && Number(m[1]) === version;
+  });
+}
+
+export function sendNotModified(reply: FastifyReply, version: number) {
+  setVersion(reply, version);
+  return reply.code(304).send();
+}
+
+/**
+ * For GET params/state_dict/checkpoint with If-None-Match: true when a 304 was sent (the state at the
+ * version asked for, or the current one, is the one the client holds). One small read, no state built.
+ */
+export async function answeredNotModified(fastify: FastifyInstance, request: FastifyRequest, reply: FastifyReply, name: string, version: number | null): Promise<boolean> {
+  if (request.headers['if-none-match'] === undefined) return false;
+  const session = await fastify.sessions.get(name);
+  const target = version ?? session.version;
+  if (target > session.version || !noneMatch(request, target)) return false;
+  await sendNotModified(reply, target);
+  return true;
+}
+
+/**
+ * `after_version` (+ `wait` seconds): returns when the session is past `afterVersion` (the caller then
+ * answers as usual), or sends a 304 with the current version and returns false when the wait ends first.
+ * The waiter is registered before the version is read, so a commit in between is not missed; a client
+ * that disconnects releases it at once.
+ */
+export async function waitPastVersion(
+  fastify: FastifyInstance, request: FastifyRequest, reply: FastifyReply, name: string, afterVersion: number, waitSeconds: number,
+): Promise<boolean> {
+  if (waitSeconds > MAX_WAIT_SECONDS) throw errors.invalidQuery('wait', `at most ${MAX_WAIT_SECONDS} seconds`);
+  const gone = new AbortController();
+  const onClose = () => {
+    if (!reply.raw.writableFinished) gone.abort();
+  };
+  reply.raw.once('close', onClose);
+  const deadline = Date.now() + waitSeconds * 1000;
+  try {
+    for (;;) {
+      const remaining = deadline - Date.now();
+      const waiter = remaining > 0 && !gone.signal.aborted ? fastify.versions.waitFor(name, afterVersion, remaining, gone.signal) : null;
+      try {
+        const session = await fastify.sessions.get(name);
+        if (session.version > afterVersion) return true;
+        if (!waiter) {
+          await sendNotModified(reply, session.version);
+          return false;
+        }
+        await waiter.ready;
+      } finally {
+        waiter?.cancel();
+      }
+      // Woken: a newer version, a deletion, a listener reset, the timeout, a disconnect or shutdown. Read again.
+      const closing = fastify.versions.stats().closed;
+      // At shutdown the connection must not stay open idle after this answer: the server closes idle
+      // connections once, when it starts closing, and would otherwise wait out their keep-alive.
+      if (closing) reply.header('connection', 'close');
+      if (gone.signal.aborted || closing) {
+        const session = await fastify.sessions.get(name);
+        if (session.version > afterVersion) return true;
+        await sendNotModified(reply, session.version);
+        return false;
+      }
+    }
+  } finally {
+    reply.raw.removeListener('close', onClose);
+  }
+}

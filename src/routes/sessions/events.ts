@@ -1,0 +1,113 @@
+// GET /v1/sessions/:name/events: a text/event-stream of the session's new versions (what a dashboard
+// plots live), fed by the notifier: `event: version` per new version, coalesced to the latest when they
+// come faster than they are read; `: keep-alive` every 15 s; `event: deleted` and the end when the
+// session is deleted. `Last-Event-ID` (or ?after_version) resumes: a newer version is sent at once.
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
+import { Type } from 'typebox';
+import { ApiError } from '../../errors.ts';
+import { errorResponses, NameParams } from '../schemas.ts';
+
+export const KEEP_ALIVE_MS = 15_000;
+
+/** The `kind` of a version that is not a step, from the reason of the snapshot it wrote. */
+const KIND_OF_REASON: Record<string, string> = { load_state_dict: 'load', load_checkpoint: 'load', restore: 'restore', create: 'create', fork: 'create' };
+
+const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
+  fastify.get('/:name/events', {
+    schema: {
+      operationId: 'getEvents',
+      summary: 'Follow the session\'s versions as server-sent events',
+      description: 'text/event-stream. `event: version`, `id: <version>`, data {"version", "step", "time", "kind": "step"|"load"|"restore"|…, "metrics"?, "staleness"?} ' +
+        'for each new version (under load only the latest of several); a `: keep-alive` comment every 15 s; `event: deleted` when the session is deleted. ' +
+        'Last-Event-ID or ?after_version=V: a version above V is sent at once.',
+      tags: ['training'],
+      params: NameParams,
+      querystring: Type.Object({ after_version: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'The version you have (as Last-Event-ID)' })) }),
+      headers: Type.Object({ 'last-event-id': Type.Optional(Type.String({ pattern: '^[0-9]{1,15}$', description: 'The id (version) of the last event received' })) }),
+      response: {
+        200: { description: 'The event stream', content: { 'text/event-stream': { schema: Type.String() } } },
+        ...errorResponses(400, 401, 403, 404, 503),
+      },
+    },
+  }, async (request, reply) => {
+    const { name } = request.params;
+    const current = await fastify.sessions.get(name); // 404 before the stream starts
+    const resume = request.query.after_version ?? (request.headers['last-event-id'] !== undefined ? Number(request.headers['last-event-id']) : null);
+    let sent = resume ?? current.version;
+    const res = reply.raw;
+    let ended = false;
+    let keepAlive: NodeJS.Timeout | undefined;
+    const end = () => {
+      if (ended) return;
+      ended = true;
+      clearInterval(keepAlive);
+      release();
+      res.end();
+    };
+    const write = (text: string) => {
+      if (!ended) res.write(text);
+    };
+
+    // Reads the latest version once per burst of signals: a signal during a read asks for one more read.
+    let reading = false;
+    let again = false;
+    const refresh = async () => {
+      if (reading) {
+        again = true;
+        return;
+      }
+      reading = true;
+      try {
+        do {
+          again = false;
+          let change;
+          try {
+            change = await fastify.sessions.latestChange(name);
+          } catch (err) {
+            if (err instanceof ApiError && err.code === 'SESSION_NOT_FOUND') {
+              write(`event: deleted\ndata: ${JSON.stringify({ session: name })}\n\n`);
+              end();
+            } else {
+              // The database is away: the listener's reset after it returns triggers another read.
+              request.log.warn({ err }, 'event stream could not read the session');
+            }
+            return;
+          }
+          const { session, point, reason } = change;
+          if (session.version <= sent) continue;
+          sent = session.version;
+          const data = point
+            ? { version: session.version, step: session.step, time: point.createdAt.toISOString(), kind: 'step', staleness: point.staleness, ...(point.metrics && { metrics: point.metrics }) }
+            : { version: session.version, step: session.step, time: session.updatedAt.toISOString(), kind: (reason && KIND_OF_REASON[reason]) ?? reason ?? 'change' };
+          write(`id: ${session.version}\nevent: version\ndata: ${JSON.stringify(data)}\n\n`);
+        } while (again && !ended);
+      } finally {
+        reading = false;
+      }
+    };
+
+    // Holds a bounded slot (503 TOO_MANY_WAITERS beyond it) before the answer starts.
+    // At shutdown the socket goes too: the server closes idle keep-alive connections only once, early.
+    const release = fastify.versions.openStream(name, () => void refresh(), () => {
+      end();
+      if (res.writableFinished) res.socket?.destroy();
+      else res.once('finish', () => res.socket?.destroy());
+    });
+    reply.hijack();
+    res.writeHead(200, {
+      'content-type': 'text/event-stream; charset=utf-8',
+      'cache-control': 'no-cache, no-transform',
+      connection: 'keep-alive',
+      'x-accel-buffering': 'no', // nginx (docker-compose) would otherwise buffer the stream
+      'x-request-id': request.id,
+    });
+    write('retry: 2000\n\n');
+    res.on('close', end);
+    keepAlive = setInterval(() => write(': keep-alive\n\n'), KEEP_ALIVE_MS);
+    keepAlive.unref();
+    // A commit between the read above and the subscription is not missed: read once more now.
+    void refresh();
+  });
+};
+
+export default eventsRoutes;

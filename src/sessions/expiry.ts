@@ -1,0 +1,32 @@
+// Expiry of idle sessions (expire_after_idle_s). Any replica may run the sweep; a transaction-scoped
+// advisory lock lets one at a time do the work (the others skip that round), and FOR UPDATE SKIP LOCKED
+// passes over a session a step or a write holds locked: it is not idle.
+//
+// Idle means no change since the later of updated_at (bumped by every step, state load, restore and
+// settings change) and the newest snapshot (a manual snapshot is an operator's write). Reads (params,
+// state_dict, checkpoints, downloads, listing) do not count: a session only read is still idle.
+import type { Database } from '../db/database.ts';
+
+/** pg_try_advisory_xact_lock key, next to the migration lock's (src/db/database.ts). */
+const SWEEP_LOCK = 7_142_053_312;
+
+/** At most this many sessions are deleted a round (each delete takes its log and snapshots with it). */
+const BATCH = 100;
+
+export async function sweepIdleSessions(db: Database): Promise<{ id: number; name: string }[]> {
+  return db.transaction(async (tx) => {
+    const [lock] = await tx.query<{ got: boolean }>('SELECT pg_try_advisory_xact_lock($1::bigint) AS got', [SWEEP_LOCK]);
+    if (!lock?.got) return [];
+    return tx.query<{ id: number; name: string }>(
+      `DELETE FROM sessions WHERE id IN (
+         SELECT s.id FROM sessions s
+         WHERE s.expire_after_idle_s IS NOT NULL
+           AND greatest(s.updated_at, (SELECT max(created_at) FROM snapshots p WHERE p.session_id = s.id))
+               < now() - make_interval(secs => s.expire_after_idle_s)
+         ORDER BY s.updated_at
+         LIMIT ${BATCH}
+         FOR UPDATE SKIP LOCKED)
+       RETURNING id::float8 AS id, name`,
+    );
+  });
+}

@@ -1,0 +1,140 @@
+// Who is waiting for which session's next version in this process: long-polling reads (`after_version`
+// + `wait`) and event streams. Fed by the database's NOTIFY on asgd_versions (every process's commits,
+// this one's included), so a replica sees another's step as soon as it commits. Bounded: a fixed number
+// of waiters and of streams per process, each released on timeout, client disconnect and shutdown.
+import type { FastifyBaseLogger } from 'fastify';
+import type { Database } from '../db/database.ts';
+import type { Listener } from '../db/listener.ts';
+import { errors } from '../errors.ts';
+import { VERSION_CHANNEL } from './repository.ts';
+
+/** A version change as announced: version 0 means the session was deleted; null: anything may have changed (listener reconnected). */
+export type VersionSignal = { version: number; step: number } | null;
+
+export interface NotifierOptions {
+  db: Database;
+  log: FastifyBaseLogger;
+  maxWaiters: number;
+  maxStreams: number;
+}
+
+type Subscriber = (signal: VersionSignal) => void;
+
+/** `<session name>:<version>:<step>`; names cannot hold ':' (NAME_PATTERN). */
+export function parseVersionPayload(payload: string): { name: string; version: number; step: number } | null {
+  const m = /^([A-Za-z0-9._-]{1,128}):(\d{1,15}):(\d{1,15})$/.exec(payload);
+  return m ? { name: m[1], version: Number(m[2]), step: Number(m[3]) } : null;
+}
+
+export function createVersionNotifier(options: NotifierOptions) {
+  const { db, log } = options;
+  const subscribers = new Map<string, Set<Subscriber>>();
+  let waiters = 0;
+  let streams = 0;
+  let listener: Listener | null = null;
+  let closed = false;
+  /** Called when the process shuts down: waiters answer, streams end. */
+  const onClose = new Set<() => void>();
+
+  function publish(name: string, signal: VersionSignal): void {
+    const set = subscribers.get(name);
+    if (!set) return;
+    for (const fn of [...set]) fn(signal);
+  }
+
+  function subscribe(name: string, fn: Subscriber): () => void {
+    let set = subscribers.get(name);
+    if (!set) subscribers.set(name, (set = new Set()));
+    set.add(fn);
+    return () => {
+      set.delete(fn);
+      if (set.size === 0 && subscribers.get(name) === set) subscribers.delete(name);
+    };
+  }
+
+  async function start(): Promise<void> {
+    listener = await db.listen(VERSION_CHANNEL, {
+      onNotify(payload) {
+        const parsed = parseVersionPayload(payload);
+        if (parsed) publish(parsed.name, { version: parsed.version, step: parsed.step });
+      },
+      onReset() {
+        log.info('version listener reconnected');
+        for (const name of [...subscribers.keys()]) publish(name, null);
+      },
+      onError(err) {
+        log.warn({ err }, 'version listener lost its connection; reconnecting');
+      },
+    });
+  }
+
+  /**
+   * A wait for `name` to pass `afterVersion`: `ready` resolves on a newer version (or a deletion, or a
+   * listener reset: the caller re-reads), after `ms`, when `signal` aborts, or at shutdown. Register it
+   * before reading the current version, so that no commit falls between the read and the wait.
+   */
+  function waitFor(name: string, afterVersion: number, ms: number, signal: AbortSignal): { ready: Promise<void>; cancel: () => void } {
+    if (closed) return { ready: Promise.resolve(), cancel: () => {} };
+    if (waiters >= options.maxWaiters) throw errors.tooManyWaiters('waiting reads', options.maxWaiters);
+    waiters++;
+    let finish!: () => void;
+    const ready = new Promise<void>((resolve) => (finish = resolve));
+    let done = false;
+    const release = () => {
+      if (done) return;
+      done = true;
+      waiters--;
+      clearTimeout(timer);
+      unsubscribe();
+      signal.removeEventListener('abort', release);
+      onClose.delete(release);
+      finish();
+    };
+    const unsubscribe = subscribe(name, (s) => {
+      if (s === null || s.version === 0 || s.version > afterVersion) release();
+    });
+    const timer = setTimeout(release, ms);
+    signal.addEventListener('abort', release);
+    onClose.add(release);
+    if (signal.aborted) release();
+    return { ready, cancel: release };
+  }
+
+  /** Holds one of the bounded stream slots until `release` (also called at shutdown via `end`). */
+  function openStream(name: string, fn: Subscriber, end: () => void): () => void {
+    if (closed) throw errors.unavailable('the server is shutting down; retry on another replica');
+    if (streams >= options.maxStreams) throw errors.tooManyWaiters('event streams', options.maxStreams);
+    streams++;
+    const unsubscribe = subscribe(name, fn);
+    let done = false;
+    const release = () => {
+      if (done) return;
+      done = true;
+      streams--;
+      unsubscribe();
+      onClose.delete(shutdown);
+    };
+    const shutdown = () => {
+      release();
+      end();
+    };
+    onClose.add(shutdown);
+    return release;
+  }
+
+  /** Shutdown: every waiter answers now and every stream ends, so that in-flight requests finish. */
+  function release(): void {
+    closed = true;
+    for (const fn of [...onClose]) fn();
+  }
+
+  async function close(): Promise<void> {
+    release();
+    await listener?.close();
+    listener = null;
+  }
+
+  return { start, subscribe, waitFor, openStream, release, close, stats: () => ({ waiters, streams, closed }) };
+}
+
+export type VersionNotifier = ReturnType<typeof createVersionNotifier>;

@@ -1,0 +1,85 @@
+// What a step may carry besides its gradients: the groups' hyperparameters for this step (a scheduler's
+// `group['lr'] = …` before `optimizer.step()`) and training metrics. Validated before anything is written.
+import { errors } from '../errors.ts';
+import type { GroupSpec, HyperDelta } from '../db/schema.ts';
+import { FLAG_KEYS, HYPERPARAMETER_KEYS, NAME_PATTERN, resolveHyperparameters } from './spec.ts';
+
+export const MAX_METRICS = 32;
+
+/**
+ * `param_groups` of a step: exactly one object per session group, in the session's group order, each with
+ * any of ASGD's hyperparameters (validated as at creation). Returns what each group sets (null: nothing),
+ * or null when no group sets anything.
+ */
+export function parseStepHyper(value: unknown, groups: readonly GroupSpec[], field = 'param_groups'): HyperDelta | null {
+  if (value === undefined || value === null) return null;
+  if (!Array.isArray(value)) throw errors.invalidParamGroups(`${field}: must be a list with one object per parameter group`);
+  if (value.length !== groups.length) {
+    throw errors.invalidParamGroups(`${field}: ${value.length} groups given, the session has ${groups.length} (one object per group, in the session's order)`);
+  }
+  const delta: HyperDelta = value.map((raw, g) => {
+    const at = `${field}[${g}]`;
+    if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) throw errors.invalidParamGroups(`${at}: must be an object`);
+    const input = raw as Record<string, unknown>;
+    for (const key of Object.keys(input)) {
+      if (key === 'params') throw errors.invalidParamGroups(`${at}.params: a step cannot move parameters between groups`);
+      if (!(HYPERPARAMETER_KEYS as readonly string[]).includes(key) && !(FLAG_KEYS as readonly string[]).includes(key)) {
+        throw errors.invalidParamGroups(`${at}.${key}: unknown key (one of ${HYPERPARAMETER_KEYS.join(', ')})`);
+      }
+    }
+    // The checks of creation, on the group's values with these merged over them.
+    resolveHyperparameters(groups[g], input, at);
+    const set: NonNullable<HyperDelta[number]> = {};
+    for (const key of HYPERPARAMETER_KEYS) if (input[key] !== undefined) (set as Record<string, unknown>)[key] = input[key];
+    if (typeof input.weight_decay === 'number' && Number.isInteger(input.weight_decay)) set.int_keys = ['weight_decay'];
+    return Object.keys(set).length === 0 ? null : set;
+  });
+  return delta.some((d) => d !== null) ? delta : null;
+}
+
+/**
+ * The groups after a step's hyperparameters: given keys replace the group's, and stop being Python ints
+ * unless given as one (resolveHyperparameters' rule). Mirrored in SQL by repository.MERGE_GROUPS_SQL.
+ */
+export function applyHyperDelta(groups: readonly GroupSpec[], delta: HyperDelta): GroupSpec[] {
+  return groups.map((group, g) => {
+    const set = delta[g];
+    if (!set) return group;
+    const { int_keys: intKeys, ...values } = set;
+    const given = Object.keys(values);
+    return {
+      ...group,
+      ...values,
+      int_keys: [...(group.int_keys ?? []).filter((k) => !given.includes(k)), ...(intKeys ?? [])],
+    };
+  });
+}
+
+/** Each group's hyperparameters, as step_history keeps them. */
+export function groupHyperparameters(groups: readonly GroupSpec[]): Record<string, unknown>[] {
+  return groups.map((g) => ({ lr: g.lr, lambd: g.lambd, alpha: g.alpha, t0: g.t0, weight_decay: g.weight_decay, maximize: g.maximize }));
+}
+
+/** `metrics` of a step: a flat object of at most 32 finite numbers whose names are like session names. */
+export function parseMetrics(value: unknown, field = 'metrics'): Record<string, number> | null {
+  if (value === undefined || value === null) return null;
+  if (typeof value !== 'object' || Array.isArray(value)) throw errors.invalidMetrics(field, 'must be an object of numbers by name, e.g. {"loss": 0.41}');
+  const entries = Object.entries(value as Record<string, unknown>);
+  if (entries.length > MAX_METRICS) throw errors.invalidMetrics(field, `${entries.length} metrics; at most ${MAX_METRICS} are allowed`);
+  for (const [name, v] of entries) {
+    if (!NAME_PATTERN.test(name)) throw errors.invalidMetrics(`${field}.${name.slice(0, 140)}`, 'a metric name must be 1-128 characters of A-Za-z0-9._-');
+    if (typeof v !== 'number' || !Number.isFinite(v)) throw errors.invalidMetrics(`${field}.${name}`, 'must be a finite number');
+  }
+  return entries.length === 0 ? null : (value as Record<string, number>);
+}
+
+/** A JSON value from a safetensors step body's `__metadata__` (whose values are strings). */
+export function metadataJson(metadata: ReadonlyMap<string, string>, key: string): unknown {
+  const text = metadata.get(key);
+  if (text === undefined) return undefined;
+  try {
+    return JSON.parse(text);
+  } catch {
+    throw errors.invalidBody(`__metadata__.${key}: is not valid JSON`);
+  }
+}

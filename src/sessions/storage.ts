@@ -1,0 +1,109 @@
+// What a session stores, in bytes, as PostgreSQL counts them: the sum over the session's rows of
+// pg_column_size of each column (for a TOASTed value that is its stored size, read from the TOAST
+// pointer without fetching the value) plus a 24-byte tuple header a row. Counting column by column
+// keeps the 4 MB gradients of a 1e6-parameter log unread: pg_column_size(row.*) would detoast them.
+// Per-step history (issue 11's step_history) is counted when that table exists.
+import type { Queryable } from '../db/database.ts';
+
+/** A heap tuple's header (23 bytes, aligned), counted once a row. */
+const ROW_HEADER = 24;
+
+/** The tables that hold rows of a session, besides the session row itself (step_history when it exists). */
+const TABLES = ['step_log', 'snapshots', 'snapshot_chunks', 'idempotency_keys', 'step_history'] as const;
+type Table = (typeof TABLES)[number];
+
+/**
+ * Each table's columns, read from the catalogue once a process: a column a later migration adds (a
+ * gradient's dtype, a step's hyperparameters) is counted without anyone editing this file.
+ */
+let columns: Promise<Map<Table, string[]>> | null = null;
+
+function columnsOf(q: Queryable): Promise<Map<Table, string[]>> {
+  columns ??= q.query<{ relname: Table; columns: string[] }>(
+    `SELECT c.relname::text AS relname, array_agg(a.attname::text ORDER BY a.attnum) AS columns
+     FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+     WHERE c.relname = ANY($1::text[]) AND c.relkind = 'r' AND pg_table_is_visible(c.oid) AND a.attnum > 0 AND NOT a.attisdropped
+     GROUP BY c.relname`,
+    [[...TABLES]],
+  ).then((rows) => new Map(rows.map((r) => [r.relname, r.columns])));
+  columns.catch(() => { columns = null; }); // a failed read is retried next time
+  return columns;
+}
+
+const quote = (name: string) => `"${name.replace(/"/g, '""')}"`;
+
+/**
+ * SQL for one row's bytes of `table` under `alias`: the header plus pg_column_size of every column;
+ * null when the table does not exist (step_history before issue 11's migration).
+ */
+export async function rowBytes(q: Queryable, table: Table, alias: string): Promise<string | null> {
+  const list = (await columnsOf(q)).get(table);
+  if (!list) return null;
+  return `(${ROW_HEADER} + ${list.map((c) => `coalesce(pg_column_size(${alias}.${quote(c)}), 0)`).join(' + ')})::float8`;
+}
+
+/** The session row is small (names, shapes, hyperparameters): its whole-row size includes its header. */
+const SESSION_ROW_BYTES = (alias: string) => `pg_column_size(${alias}.*)::float8`;
+
+export interface SessionStorage {
+  /** The step log: gradients since the oldest snapshot the log is kept behind. */
+  log_bytes: number;
+  log_steps: number;
+  /** Snapshot rows and their tensor chunks. */
+  snapshot_bytes: number;
+  snapshots: number;
+  /** The session row, Idempotency-Key answers and the per-step history (when that table exists). */
+  other_bytes: number;
+  total_bytes: number;
+}
+
+/** The stored bytes of the sessions `where` selects. */
+async function storageQuery(q: Queryable, where: string, params: unknown[], limit: string): Promise<(SessionStorage & { id: number; name: string })[]> {
+  const [log, snapshot, chunk, idempotency, history] = await Promise.all([
+    rowBytes(q, 'step_log', 'l'), rowBytes(q, 'snapshots', 'p'), rowBytes(q, 'snapshot_chunks', 'c'), rowBytes(q, 'idempotency_keys', 'k'), rowBytes(q, 'step_history', 'h'),
+  ]);
+  const historyTerm = history ? `coalesce((SELECT sum(${history}) FROM step_history h WHERE h.session_id = s.id), 0)` : '0';
+  const rows = await q.query<Record<string, number | string>>(
+    `SELECT s.id::float8 AS id, s.name, lg.bytes AS log_bytes, lg.steps AS log_steps, sn.bytes AS snapshot_bytes, sn.n AS snapshots,
+       ${SESSION_ROW_BYTES('s')} + ik.bytes + ${historyTerm} AS other_bytes
+     FROM sessions s
+     CROSS JOIN LATERAL (SELECT coalesce(sum(${log}), 0) AS bytes, count(*)::float8 AS steps FROM step_log l WHERE l.session_id = s.id) lg
+     CROSS JOIN LATERAL (
+       SELECT coalesce(sum(${snapshot} + coalesce((SELECT sum(${chunk}) FROM snapshot_chunks c WHERE c.snapshot_id = p.id), 0)), 0) AS bytes,
+              count(*)::float8 AS n
+       FROM snapshots p WHERE p.session_id = s.id) sn
+     CROSS JOIN LATERAL (SELECT coalesce(sum(${idempotency}), 0) AS bytes FROM idempotency_keys k WHERE k.session_id = s.id) ik
+     ${where} ${limit}`,
+    params,
+  );
+  return rows.map((r) => {
+    const out = {
+      id: Number(r.id), name: String(r.name),
+      log_bytes: Number(r.log_bytes), log_steps: Number(r.log_steps),
+      snapshot_bytes: Number(r.snapshot_bytes), snapshots: Number(r.snapshots),
+      other_bytes: Number(r.other_bytes), total_bytes: 0,
+    };
+    out.total_bytes = out.log_bytes + out.snapshot_bytes + out.other_bytes;
+    return out;
+  });
+}
+
+/** One session's stored bytes; null when it does not exist. */
+export async function sessionStorage(q: Queryable, sessionId: number): Promise<SessionStorage | null> {
+  const [row] = await storageQuery(q, 'WHERE s.id = $1', [sessionId], '');
+  if (!row) return null;
+  const { id: _id, name: _name, ...storage } = row;
+  return storage;
+}
+
+/** Several sessions' stored bytes, by session id (absent ids are left out). */
+export async function storageOfSessions(q: Queryable, sessionIds: number[]): Promise<Map<number, SessionStorage>> {
+  const rows = sessionIds.length ? await storageQuery(q, 'WHERE s.id = ANY($1::bigint[])', [sessionIds], '') : [];
+  return new Map(rows.map(({ id, name: _name, ...storage }) => [id, storage]));
+}
+
+/** Every session's stored bytes (for /metrics), largest first. */
+export async function allSessionStorage(q: Queryable): Promise<(SessionStorage & { name: string })[]> {
+  const rows = await storageQuery(q, '', [], '');
+  return rows.sort((a, b) => b.total_bytes - a.total_bytes);
+}

@@ -1,0 +1,268 @@
+// The operator CLI (`asgd-serve sessions|tokens ...`) against a live service: a server process on a
+// scratch PostgreSQL database, the commands run as a script runs them (bin/asgd-serve.mjs) and, for the
+// cases a terminal needs (the question of rm, progress), in this process through main().
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Writable } from 'node:stream';
+import { after, before, test } from 'node:test';
+import { main } from '../../src/cli.ts';
+import { readZip } from '../../src/formats/zip.ts';
+import { ServiceProcess } from '../support/cluster.ts';
+import { createTestDatabase, randomData } from '../helper.ts';
+import { ADMIN } from './support.ts';
+
+interface Run { code: number | null; stdout: string; stderr: string }
+
+async function freePort(): Promise<number> {
+  const server = createServer();
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const { port } = server.address() as { port: number };
+  server.close();
+  await once(server, 'close');
+  return port;
+}
+
+let service: ServiceProcess;
+let dir: string;
+let dropDb: () => Promise<void>;
+
+async function api(method: string, path: string, body?: unknown, token = ADMIN): Promise<Response> {
+  return fetch(`${service.url}${path}`, {
+    method,
+    headers: { authorization: `Bearer ${token}`, ...(body !== undefined && { 'content-type': 'application/json' }) },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+}
+
+before(async () => {
+  const db = await createTestDatabase();
+  dropDb = db.drop;
+  dir = await mkdtemp(join(tmpdir(), 'asgd-cli-'));
+  service = new ServiceProcess(0, await freePort(), { DATABASE_URL: db.url, ASGD_ADMIN_TOKEN: ADMIN, LOG_LEVEL: 'warn' });
+  service.start();
+  const deadline = Date.now() + 120_000;
+  for (;;) {
+    const ready = await fetch(`${service.url}/readyz`).then((r) => r.ok, () => false);
+    if (ready) break;
+    if (!service.alive || Date.now() > deadline) throw new Error(`the service did not start:\n${service.log}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  for (const [name, n] of [['alpha', 300], ['beta', 8]] as const) {
+    const res = await api('POST', '/v1/sessions', { name, params: [{ name: 'w', shape: [n], data: randomData(n, 3) }], snapshot_every: 2 });
+    assert.equal(res.status, 201, await res.text());
+  }
+  for (let k = 0; k < 3; k++) {
+    const res = await api('POST', '/v1/sessions/alpha/step', { grads: { w: randomData(300, 10 + k) } });
+    assert.equal(res.status, 200, await res.text());
+  }
+});
+
+after(async () => {
+  await service?.stop();
+  await dropDb?.();
+  await rm(dir, { recursive: true, force: true });
+});
+
+/** The real executable, as a script runs it: no terminal. */
+function cli(args: string[], env: Record<string, string> = {}): Promise<Run> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, ['bin/asgd-serve.mjs', ...args], {
+      env: { PATH: process.env.PATH ?? '', ASGD_URL: service.url, ASGD_TOKEN: ADMIN, ...env },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d) => { stdout += d; });
+    child.stderr.on('data', (d) => { stderr += d; });
+    child.on('error', reject);
+    child.on('close', (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
+/** main() in this process, as on a terminal when `interactive`. */
+async function here(args: string[], opts: { env?: Record<string, string>; interactive?: boolean; answer?: string } = {}): Promise<Run & { asked: string[]; piped: Buffer }> {
+  const out = { stdout: '', stderr: '' };
+  const asked: string[] = [];
+  const chunks: Buffer[] = [];
+  const code = await main(args, { ASGD_URL: service.url, ASGD_TOKEN: ADMIN, ...opts.env }, {
+    stdout: { write: (s: string) => (out.stdout += s) },
+    stderr: { write: (s: string) => (out.stderr += s) },
+    interactive: opts.interactive ?? false,
+    confirm: async (question) => {
+      asked.push(question);
+      return /^y/i.test(opts.answer ?? 'n');
+    },
+    stdoutStream: () => new Writable({ write(chunk: Buffer, _e, done) { chunks.push(chunk); done(); } }),
+  });
+  return { code, ...out, asked, piped: Buffer.concat(chunks) };
+}
+
+/** A torch.save file's entries but its random serialization id (PyTorch writes a new one each save); other files as they are. */
+function comparable(file: Buffer): unknown {
+  if (file.readUInt32LE(0) !== 0x04034b50) return file.toString('base64');
+  const zip = readZip(file);
+  return [...zip.entries.keys()].filter((name) => !name.endsWith('/serialization_id')).map((name) => [name, zip.read(name).toString('base64')]);
+}
+
+/** A failure: the exit code, one line on stderr naming the problem, no stack trace. */
+function assertFails(r: Run, code: number, message: RegExp): void {
+  assert.equal(r.code, code, `exit ${r.code}: ${r.stderr}`);
+  assert.match(r.stderr, message);
+  assert.doesNotMatch(r.stderr, /\n\s+at |Error:|node:internal/, 'no stack trace');
+  assert.equal(r.stdout, '');
+}
+
+test('sessions ls and show: readable tables, --json for scripts', async () => {
+  const ls = await cli(['sessions', 'ls']); // the real executable; the rest runs main() in this process
+  assert.equal(ls.code, 0, ls.stderr);
+  assert.match(ls.stdout, /^NAME\s+VERSION\s+STEP\s+PARAMS\s+STORED/);
+  assert.match(ls.stdout, /^alpha\s+4\s+3\s+300\s+\d+(\.\d)? KiB/m);
+  assert.match(ls.stdout, /^beta\s+1\s+0\s+8\s/m);
+  const json = JSON.parse((await here(['sessions', 'ls', '--json'])).stdout);
+  assert.deepEqual(json.sessions.map((s: { name: string }) => s.name), ['alpha', 'beta']);
+  const stored = (await (await api('GET', '/v1/sessions/alpha')).json()).storage;
+  assert.deepEqual(json.sessions[0].storage, stored, 'the list\'s figures are those of GET session');
+  const limited = JSON.parse((await here(['sessions', 'ls', '--limit', '1', '--json'])).stdout);
+  assert.deepEqual(limited.sessions.map((s: { name: string }) => s.name), ['alpha']);
+
+  const show = await here(['sessions', 'show', 'alpha']);
+  assert.equal(show.code, 0, show.stderr);
+  assert.match(show.stdout, /^version:\s+4$/m);
+  assert.match(show.stdout, /^parameters:\s+1 tensors, 300 elements$/m);
+  assert.match(show.stdout, /^keep log bytes:\s+4\.0 GiB$/m);
+  assert.match(show.stdout, /^stored:\s+.*log .* \(3 steps\), snapshots .* \(2\)/m);
+  assert.match(show.stdout, /^SNAPSHOT\s+VERSION\s+STEP\s+REASON\s+PINNED\s+SIZE\s+AGE$/m);
+  assert.match(show.stdout, /^\s*\d+\s+3\s+2\s+auto\s+no\s/m);
+  const showJson = JSON.parse((await here(['sessions', 'show', 'alpha', '--json'])).stdout);
+  assert.equal(showJson.version, 4);
+  assert.deepEqual(showJson.storage, stored);
+  assert.equal(showJson.snapshots.length, 2);
+});
+
+test('sessions snapshot and download: the files the API serves, written whole', async () => {
+  const snap = await cli(['sessions', 'snapshot', 'alpha', '--pin', '--json']);
+  assert.equal(snap.code, 0, snap.stderr);
+  const taken = JSON.parse(snap.stdout);
+  assert.equal(taken.pinned, true);
+  assert.equal(taken.version, 4);
+  const plain = await here(['sessions', 'snapshot', 'beta']);
+  assert.match(plain.stdout, /^snapshot \d+ of beta at version 1 \(step 0\)\n$/);
+
+  const cases: [string[], string][] = [
+    [['--format', 'pt'], '/v1/sessions/alpha/checkpoint?format=pt'],
+    [['--format', 'json'], '/v1/sessions/alpha/checkpoint?format=json'],
+    [['--format', 'safetensors'], '/v1/sessions/alpha/params?format=safetensors'],
+    [['--format', 'pt', '--what', 'state_dict'], '/v1/sessions/alpha/state_dict?format=pt'],
+    [['--format', 'json', '--what', 'params', '--version', '2'], '/v1/sessions/alpha/params?format=json&version=2'],
+    [['--format', 'pt', '--snapshot', String(taken.id)], `/v1/sessions/alpha/snapshots/${taken.id}/checkpoint?format=pt`],
+  ];
+  for (const [i, [flags, route]] of cases.entries()) {
+    const file = join(dir, `dl-${i}`);
+    const r = i === 0 ? await cli(['sessions', 'download', 'alpha', ...flags, '-o', file]) : await here(['sessions', 'download', 'alpha', ...flags, '-o', file]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stderr, '', 'no progress when stderr is not a terminal');
+    assert.match(r.stdout, new RegExp(`^wrote ${file}: `));
+    const expected = Buffer.from(await (await api('GET', route)).arrayBuffer());
+    assert.ok(expected.length > 100);
+    assert.deepEqual(comparable(await readFile(file)), comparable(expected), `${flags.join(' ')}: the bytes of GET ${route}`);
+    await assert.rejects(stat(`${file}.part`), 'no partial file left');
+  }
+  // To standard output, and with progress when on a terminal.
+  const piped = await here(['sessions', 'download', 'alpha', '--format', 'safetensors', '-o', '-']);
+  assert.equal(piped.code, 0, piped.stderr);
+  assert.ok(piped.piped.equals(Buffer.from(await (await api('GET', '/v1/sessions/alpha/params?format=safetensors')).arrayBuffer())));
+  const shown = await here(['sessions', 'download', 'alpha', '--format', 'pt', '-o', join(dir, 'tty.pt')], { interactive: true });
+  assert.equal(shown.code, 0, shown.stderr);
+  assert.match(shown.stderr, /^\r\d+(\.\d)? (B|KiB) of .* \(100%\) *\n$/s);
+
+  // Refused downloads leave nothing behind.
+  const missing = join(dir, 'missing.pt');
+  assertFails(await here(['sessions', 'download', 'alpha', '--format', 'pt', '--snapshot', '999999', '-o', missing]), 3, /snapshot .*999999/);
+  await assert.rejects(stat(missing));
+  await assert.rejects(stat(`${missing}.part`));
+  assertFails(await here(['sessions', 'download', 'alpha', '--format', 'pt', '--version', '99', '-o', missing]), 3, /VERSION_NOT_AVAILABLE/);
+  assertFails(await here(['sessions', 'download', 'alpha', '-o', missing]), 2, /--format must be one of pt, safetensors, json/);
+  assertFails(await here(['sessions', 'download', 'alpha', '--format', 'pt']), 2, /-o FILE/);
+  assertFails(await here(['sessions', 'download', 'alpha', '--format', 'safetensors', '--what', 'checkpoint', '-o', missing]), 2, /checkpoint is a torch.save file/);
+  assertFails(await here(['sessions', 'download', 'alpha', '--format', 'pt', '-o', join(dir, 'no-such-dir', 'f.pt')]), 1, /cannot write .*ENOENT/);
+});
+
+test('sessions rm asks on a terminal, needs --yes in a script, and deletes', async () => {
+  const create = await api('POST', '/v1/sessions', { name: 'doomed', params: [{ name: 'w', shape: [2], data: [1, 2] }] });
+  assert.equal(create.status, 201);
+  assertFails(await cli(['sessions', 'rm', 'doomed']), 2, /not on a terminal: pass --yes/);
+  const declined = await here(['sessions', 'rm', 'doomed'], { interactive: true, answer: 'n' });
+  assert.equal(declined.code, 2);
+  assert.match(declined.asked[0], /^Delete session "doomed" \(version 1, .* with its snapshots and log\)\? This cannot be undone\. \[y\/N\] $/);
+  assert.equal((await api('GET', '/v1/sessions/doomed')).status, 200, 'still there');
+  const confirmed = await here(['sessions', 'rm', 'doomed'], { interactive: true, answer: 'y' });
+  assert.equal(confirmed.code, 0, confirmed.stderr);
+  assert.equal(confirmed.stdout, 'deleted session doomed\n');
+  assert.equal((await api('GET', '/v1/sessions/doomed')).status, 404);
+  const again = await api('POST', '/v1/sessions', { name: 'doomed', params: [{ name: 'w', shape: [2], data: [1, 2] }] });
+  assert.equal(again.status, 201);
+  const scripted = await here(['sessions', 'rm', 'doomed', '--yes', '--json']);
+  assert.equal(scripted.code, 0, scripted.stderr);
+  assert.deepEqual(JSON.parse(scripted.stdout), { deleted: 'doomed' });
+  assertFails(await here(['sessions', 'rm', 'doomed', '-y']), 3, /session "doomed" does not exist \(SESSION_NOT_FOUND\)/);
+});
+
+test('tokens ls, create and revoke; a token\'s scope is what the CLI can do', async () => {
+  const created = await cli(['tokens', 'create', 'ci-reader', '--scope', 'read', '--sessions', 'alpha']);
+  assert.equal(created.code, 0, created.stderr);
+  const secret = created.stdout.trim();
+  assert.match(secret, /^asgd_[0-9a-f]{16}_\S+$/, 'the secret alone on stdout');
+  assert.match(created.stderr, /scope read, sessions alpha; the secret is shown only now/);
+  const id = /^asgd_([0-9a-f]{16})_/.exec(secret)![1];
+  const ls = await here(['tokens', 'ls']);
+  assert.match(ls.stdout, /^ID\s+NAME\s+SCOPE\s+SESSIONS\s+CREATED\s+REVOKED$/m);
+  assert.match(ls.stdout, new RegExp(`^${id}\\s+ci-reader\\s+read\\s+alpha\\s`, 'm'));
+  assert.ok(!ls.stdout.includes(secret.slice(24)), 'never the secret');
+
+  const asReader = { env: { ASGD_TOKEN: secret } };
+  assert.equal((await here(['sessions', 'show', 'alpha'], asReader)).code, 0);
+  assert.deepEqual(JSON.parse((await here(['sessions', 'ls', '--json'], asReader)).stdout).sessions.map((s: { name: string }) => s.name), ['alpha']);
+  assertFails(await here(['sessions', 'rm', 'alpha', '--yes'], asReader), 4, /FORBIDDEN/);
+  assertFails(await here(['tokens', 'ls'], asReader), 4, /FORBIDDEN/);
+
+  const revoked = await here(['tokens', 'revoke', id]);
+  assert.equal(revoked.code, 0, revoked.stderr);
+  assert.equal(revoked.stdout, `revoked token ${id}\n`);
+  assert.doesNotMatch((await here(['tokens', 'ls'])).stdout, new RegExp(id));
+  const all = JSON.parse((await here(['tokens', 'ls', '--all', '--json'])).stdout);
+  assert.ok(all.tokens.some((t: { id: string; revoked_at: string | null }) => t.id === id && t.revoked_at !== null));
+  assertFails(await here(['sessions', 'show', 'alpha'], asReader), 4, /the token was refused/);
+  assertFails(await here(['tokens', 'revoke', '0123456789abcdef']), 3, /TOKEN_NOT_FOUND/);
+  assertFails(await here(['tokens', 'revoke', 'nope']), 2, /not a token id/);
+  assertFails(await here(['tokens', 'create', 'x', '--scope', 'root']), 2, /--scope must be read, step or admin/);
+});
+
+test('errors: unknown session, bad or missing token, unreachable service, bad usage', async () => {
+  assertFails(await cli(['sessions', 'show', 'nope']), 3, /^asgd-serve: session "nope" does not exist \(SESSION_NOT_FOUND\)\n$/);
+  assertFails(await here(['sessions', 'snapshot', 'nope']), 3, /SESSION_NOT_FOUND/);
+  assertFails(await cli(['sessions', 'ls'], { ASGD_TOKEN: 'not-the-token-at-all' }), 4, /^asgd-serve: the token was refused .*\(UNAUTHORIZED\)\n$/);
+  assertFails(await here(['sessions', 'ls'], { env: { ASGD_TOKEN: '' } }), 4, /needs a token: pass --token or set ASGD_TOKEN/);
+  assert.equal((await here(['sessions', 'ls', '--token', ADMIN], { env: { ASGD_TOKEN: 'wrong-token-wrong-token' } })).code, 0, '--token wins over ASGD_TOKEN');
+  const closed = await freePort();
+  assertFails(await cli(['sessions', 'ls', '--url', `http://127.0.0.1:${closed}`]), 5, new RegExp(`^asgd-serve: cannot reach http://127.0.0.1:${closed} \\(ECONNREFUSED\\)`));
+  assertFails(await here(['tokens', 'ls'], { env: { ASGD_URL: `http://127.0.0.1:${closed}` } }), 5, /cannot reach/);
+  assertFails(await here(['sessions', 'ls', '--url', 'ftp://example']), 2, /--url: "ftp:\/\/example" is not an http/);
+  const unknown = await cli(['sessions', 'ls', '--colour']);
+  assert.equal(unknown.code, 2);
+  assert.match(unknown.stderr, /^asgd-serve: unknown option --colour\n\nUsage: asgd-serve sessions\|tokens/);
+  assertFails(await here(['sessions', 'show']), 2, /sessions show: missing NAME/);
+  assertFails(await here(['sessions', 'show', 'a', 'b']), 2, /unexpected argument "b"/);
+  assertFails(await here(['sessions', 'ls', '--limit', 'lots']), 2, /--limit: must be a whole number/);
+  assert.equal((await here(['sessions', 'frobnicate'])).code, 2);
+  const help = await here(['sessions', '--help']);
+  assert.equal(help.code, 0);
+  assert.match(help.stdout, /Exit codes: 0 ok, 1 .* 2 usage .* 3 not found .* 4 authentication .* 5 unreachable/s);
+  const top = await cli(['--help']);
+  assert.match(top.stdout, /sessions\s+ls, show, rm, snapshot, download/);
+});

@@ -1,0 +1,247 @@
+// Storage an operator can see and bound: the figures against PostgreSQL's own, the byte bound on the log
+// (every kept snapshot still restorable), /metrics' bounded series, and expiry of idle sessions only.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import pg from 'pg';
+import type { FastifyInstance } from 'fastify';
+import { buildTestApp, randomData, TEST_DB_KIND } from '../helper.ts';
+import { stepBytes } from '../../src/sessions/retention.ts';
+import { STORAGE_TOP_SESSIONS } from '../../src/plugins/storage.ts';
+
+const PAGE = 8192;
+const skipPglite = TEST_DB_KIND === 'pglite' ? 'compares with a PostgreSQL server' : false;
+
+const model = (n: number, seed = 1) => [
+  { name: 'w', shape: [n], data: randomData(n, seed) },
+  { name: 'b', shape: [3], data: randomData(3, seed + 1) },
+];
+const grads = (n: number, k: number) => ({ grads: { w: randomData(n, 500 + k), b: randomData(3, 900 + k) } });
+
+async function stepOk(app: FastifyInstance, name: string, n: number, k: number, headers: Record<string, string> = {}) {
+  const res = await app.inject({ method: 'POST', url: `/v1/sessions/${name}/step`, headers, payload: grads(n, k) });
+  assert.equal(res.statusCode, 200, res.body);
+}
+
+async function storageOf(app: FastifyInstance, name: string) {
+  const res = await app.inject({ url: `/v1/sessions/${name}` });
+  assert.equal(res.statusCode, 200, res.body);
+  return res.json().storage as { log_bytes: number; log_steps: number; snapshot_bytes: number; snapshots: number; other_bytes: number; total_bytes: number };
+}
+
+async function withPg<T>(url: string, fn: (c: pg.Client) => Promise<T>): Promise<T> {
+  const client = new pg.Client({ connectionString: url });
+  await client.connect();
+  try {
+    return await fn(client);
+  } finally {
+    await client.end();
+  }
+}
+
+test('a session reports the bytes PostgreSQL holds for its rows (within a page)', { skip: skipPglite }, async (t) => {
+  const { app, databaseUrl } = await buildTestApp(t);
+  const n = 3000; // 12 kB gradients: stored out of line (TOAST), as real ones are
+  const created = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'sized', params: model(n), snapshot_every: 4 } });
+  assert.equal(created.statusCode, 201, created.body);
+  await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'other', params: model(50, 7) } });
+  for (let k = 0; k < 7; k++) await stepOk(app, 'sized', n, k, k % 2 ? { 'idempotency-key': `key-${k}` } : {});
+  await app.sessions.pendingSnapshots();
+  const storage = await storageOf(app, 'sized');
+
+  const pgFigures = await withPg(databaseUrl!, async (c) => {
+    const { rows: [s] } = await c.query("SELECT id FROM sessions WHERE name = 'sized'");
+    const one = async (sql: string) => Number((await c.query(sql, [s.id])).rows[0].v);
+    return {
+      // Whole rows: PostgreSQL detoasts them, so this is the row as it would be stored inline.
+      log: await one('SELECT coalesce(sum(pg_column_size(l.*)), 0) AS v FROM step_log l WHERE session_id = $1'),
+      logSteps: await one('SELECT count(*) AS v FROM step_log WHERE session_id = $1'),
+      gradBytes: await one('SELECT coalesce(sum(octet_length(grads)), 0) AS v FROM step_log WHERE session_id = $1'),
+      snapshots: await one(`SELECT coalesce(sum(pg_column_size(p.*)), 0)
+        + coalesce((SELECT sum(pg_column_size(c.*)) FROM snapshot_chunks c JOIN snapshots q ON q.id = c.snapshot_id WHERE q.session_id = $1), 0) AS v
+        FROM snapshots p WHERE session_id = $1`),
+      snapshotCount: await one('SELECT count(*) AS v FROM snapshots WHERE session_id = $1'),
+      chunkBytes: await one('SELECT coalesce(sum(octet_length(c.data)), 0) AS v FROM snapshot_chunks c JOIN snapshots q ON q.id = c.snapshot_id WHERE q.session_id = $1'),
+      other: await one(`SELECT (SELECT pg_column_size(s.*) FROM sessions s WHERE id = $1)
+        + coalesce((SELECT sum(pg_column_size(k.*)) FROM idempotency_keys k WHERE session_id = $1), 0) AS v`)
+        // Per-step history (issue 11), where that table exists.
+        + ((await c.query("SELECT to_regclass('step_history') IS NOT NULL AS present")).rows[0].present
+          ? await one('SELECT coalesce(sum(pg_column_size(h.*)), 0) AS v FROM step_history h WHERE session_id = $1') : 0),
+      externalGrads: await one("SELECT count(*) AS v FROM step_log WHERE session_id = $1 AND pg_column_size(grads) < octet_length(grads) + 4 AND octet_length(grads) > 4000"),
+    };
+  });
+  t.diagnostic(`ours vs PostgreSQL's whole-row pg_column_size: log ${storage.log_bytes} vs ${pgFigures.log}, snapshots ${storage.snapshot_bytes} vs ${pgFigures.snapshots}, other ${storage.other_bytes} vs ${pgFigures.other}`);
+  assert.equal(storage.log_steps, pgFigures.logSteps);
+  assert.equal(storage.log_steps, 7, 'the log behind the oldest kept snapshot (the one at creation)');
+  assert.ok(pgFigures.externalGrads > 0, 'the gradients are TOASTed');
+  assert.ok(Math.abs(storage.log_bytes - pgFigures.log) <= PAGE, `log ${storage.log_bytes} vs PostgreSQL ${pgFigures.log}`);
+  assert.ok(storage.log_bytes >= pgFigures.gradBytes && storage.log_bytes - pgFigures.gradBytes <= storage.log_steps * 200, `log ${storage.log_bytes}, gradients ${pgFigures.gradBytes}`);
+  assert.equal(storage.snapshots, pgFigures.snapshotCount);
+  assert.equal(storage.snapshots, 2);
+  assert.ok(Math.abs(storage.snapshot_bytes - pgFigures.snapshots) <= PAGE, `snapshots ${storage.snapshot_bytes} vs PostgreSQL ${pgFigures.snapshots}`);
+  assert.equal(pgFigures.chunkBytes, 2 * 8 * (n + 3), 'params and ax, float32, per snapshot');
+  assert.ok(storage.snapshot_bytes >= pgFigures.chunkBytes);
+  assert.ok(Math.abs(storage.other_bytes - pgFigures.other) <= PAGE, `other ${storage.other_bytes} vs PostgreSQL ${pgFigures.other}`);
+  assert.ok(storage.other_bytes > 3 * 64, 'three Idempotency-Key answers and the session row');
+  assert.equal(storage.total_bytes, storage.log_bytes + storage.snapshot_bytes + storage.other_bytes);
+  // The per-step figure the byte bound plans with is an upper bound on what a step really costs.
+  assert.ok(storage.log_bytes / storage.log_steps <= stepBytes({ numel: n + 3, params: [1, 2] }));
+
+  // /metrics: the same figures, per session and in total.
+  const metrics = (await app.inject({ url: '/metrics' })).body;
+  const gauge = (line: string) => Number(new RegExp(`^${line.replace(/[{}"]/g, (c) => `\\${c}`)} (\\S+)$`, 'm').exec(metrics)?.[1]);
+  assert.equal(gauge('asgd_session_storage_bytes{session="sized",kind="total"}'), storage.total_bytes);
+  assert.equal(gauge('asgd_session_storage_bytes{session="sized",kind="log"}'), storage.log_bytes);
+  assert.equal(gauge('asgd_session_log_steps{session="sized"}'), 7);
+  assert.equal(gauge('asgd_storage_sessions'), 2);
+  const other = await storageOf(app, 'other');
+  assert.equal(gauge('asgd_storage_bytes{kind="total"}'), storage.total_bytes + other.total_bytes);
+});
+
+test('/metrics names only the sessions that store the most', async (t) => {
+  const { app } = await buildTestApp(t);
+  const count = STORAGE_TOP_SESSIONS + 5;
+  for (let i = 0; i < count; i++) {
+    // Session i is larger than session i-1: the top ones are the last created.
+    const res = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: `s${String(i).padStart(3, '0')}`, params: model(10 + 40 * i, i) } });
+    assert.equal(res.statusCode, 201, res.body);
+  }
+  const metrics = (await app.inject({ url: '/metrics' })).body;
+  const named = new Set([...metrics.matchAll(/^asgd_session_storage_bytes\{session="([^"]+)",kind="total"\}/gm)].map((m) => m[1]));
+  assert.equal(named.size, STORAGE_TOP_SESSIONS);
+  for (let i = 5; i < count; i++) assert.ok(named.has(`s${String(i).padStart(3, '0')}`), `s${i} is among the largest`);
+  assert.match(metrics, new RegExp(`^asgd_storage_sessions ${count}$`, 'm'));
+});
+
+test('keep_log_bytes bounds the log; every kept snapshot still restores to its exact state', async (t) => {
+  const { app } = await buildTestApp(t);
+  const n = 1000;
+  const perStep = stepBytes({ numel: n + 3, params: [1, 2] });
+  const bound = 6 * perStep + 100; // room for 6 steps: a snapshot every 6 steps instead of every 100
+  const created = await app.inject({
+    method: 'POST', url: '/v1/sessions',
+    payload: { name: 'bounded', params: model(n), hyperparameters: { t0: 3 }, snapshot_every: 100, keep_snapshots: 4, keep_log_bytes: bound },
+  });
+  assert.equal(created.statusCode, 201, created.body);
+  assert.equal(created.json().keep_log_bytes, bound);
+  const at = new Map<number, string>();
+  const record = async () => {
+    const sd = await app.inject({ url: '/v1/sessions/bounded/state_dict' });
+    const p = await app.inject({ url: '/v1/sessions/bounded/params' });
+    at.set(Number(sd.headers['x-session-version']), sd.body + JSON.stringify(p.json().params));
+  };
+  await record();
+  let maxLog = 0;
+  for (let k = 0; k < 40; k++) {
+    await stepOk(app, 'bounded', n, k);
+    await app.sessions.pendingSnapshots();
+    await record();
+    const storage = await storageOf(app, 'bounded');
+    maxLog = Math.max(maxLog, storage.log_bytes);
+    assert.ok(storage.log_bytes <= bound, `after step ${k + 1}: log ${storage.log_bytes} bytes > keep_log_bytes ${bound}`);
+  }
+  assert.ok(maxLog > bound / 2, `the log fills up to the bound (${maxLog} of ${bound})`);
+  const snapshots = (await app.inject({ url: '/v1/sessions/bounded/snapshots' })).json().snapshots as { id: number; version: number }[];
+  assert.deepEqual(snapshots.map((s) => s.version), [37, 31, 25, 19], 'a snapshot every 6 steps, the newest 4 kept');
+  const storage = await storageOf(app, 'bounded');
+  // The count bound alone would keep the log behind version 19 (22 steps); the byte bound keeps less.
+  assert.ok(storage.log_steps < 41 - 19 && storage.log_steps >= 41 - 37, `log steps: ${storage.log_steps}`);
+  // A version whose log is gone is not readable any more; a snapshot's version still is.
+  assert.equal((await app.inject({ url: '/v1/sessions/bounded/params?version=20' })).json().code, 'VERSION_NOT_AVAILABLE');
+  assert.equal((await app.inject({ url: '/v1/sessions/bounded/params?version=19' })).statusCode, 200);
+  // The current state is rebuilt from the newest snapshot and the log after it, bit for bit.
+  app.sessions.dropCache();
+  await record();
+  // Restore each kept snapshot, oldest first (a restore writes a snapshot that pushes the oldest out).
+  for (const snap of [...snapshots].reverse()) {
+    const restored = await app.inject({ method: 'POST', url: `/v1/sessions/bounded/snapshots/${snap.id}/restore` });
+    assert.equal(restored.statusCode, 200, restored.body);
+    const sd = await app.inject({ url: '/v1/sessions/bounded/state_dict' });
+    const p = await app.inject({ url: '/v1/sessions/bounded/params' });
+    assert.equal(sd.body + JSON.stringify(p.json().params), at.get(snap.version), `snapshot at version ${snap.version}`);
+  }
+
+  // PATCH: lower the bound to less than one step: a snapshot after every step, the log behind it dropped.
+  const patched = await app.inject({ method: 'PATCH', url: '/v1/sessions/bounded', payload: { keep_log_bytes: 1 } });
+  assert.equal(patched.statusCode, 200, patched.body);
+  assert.equal(patched.json().keep_log_bytes, 1);
+  for (let k = 0; k < 3; k++) {
+    await stepOk(app, 'bounded', n, 100 + k);
+    await app.sessions.pendingSnapshots();
+    assert.equal((await storageOf(app, 'bounded')).log_steps, 0);
+  }
+  // null: no byte bound (the count bound and snapshot_every rule again).
+  const off = await app.inject({ method: 'PATCH', url: '/v1/sessions/bounded', payload: { keep_log_bytes: null } });
+  assert.equal(off.json().keep_log_bytes, null);
+  for (let k = 0; k < 8; k++) await stepOk(app, 'bounded', n, 200 + k);
+  await app.sessions.pendingSnapshots();
+  assert.equal((await storageOf(app, 'bounded')).log_steps, 8);
+  for (const bad of [0, -1, 1.5, 'many']) {
+    const res = await app.inject({ method: 'PATCH', url: '/v1/sessions/bounded', payload: { keep_log_bytes: bad } });
+    assert.equal(res.statusCode, 400, `${bad}: ${res.body}`);
+    assert.match(res.json().message, /keep_log_bytes/);
+  }
+});
+
+test('the default bound comes from ASGD_KEEP_LOG_BYTES; 0 or none turns it off', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_KEEP_LOG_BYTES: '123456', ASGD_EXPIRE_AFTER_IDLE_S: '3600' } });
+  const res = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'd', params: model(4) } });
+  assert.equal(res.json().keep_log_bytes, 123456);
+  assert.equal(res.json().expire_after_idle_s, 3600);
+  const explicit = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'e', params: model(4), keep_log_bytes: null, expire_after_idle_s: null } });
+  assert.equal(explicit.json().keep_log_bytes, null);
+  assert.equal(explicit.json().expire_after_idle_s, null);
+  const fork = await app.inject({ method: 'POST', url: '/v1/sessions/d/fork', payload: { name: 'f' } });
+  assert.equal(fork.json().keep_log_bytes, 123456, 'a fork inherits the settings');
+  const { app: plain } = await buildTestApp(t, { env: { ASGD_KEEP_LOG_BYTES: 'none' } });
+  const none = await plain.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'g', params: model(4) } });
+  assert.equal(none.json().keep_log_bytes, null);
+  assert.equal(none.json().expire_after_idle_s, null);
+  const { app: byDefault } = await buildTestApp(t);
+  const four = await byDefault.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'h', params: model(4) } });
+  assert.equal(four.json().keep_log_bytes, 4 * 1024 ** 3);
+});
+
+test('the sweeper deletes only sessions idle longer than their expire_after_idle_s; reads do not count', async (t) => {
+  const { app, databaseUrl } = await buildTestApp(t);
+  const create = async (name: string, expire: number | null) => {
+    const res = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name, params: model(8), expire_after_idle_s: expire } });
+    assert.equal(res.statusCode, 201, res.body);
+  };
+  await create('idle', 1);
+  await create('busy', 1);
+  await create('kept', null);
+  await create('patient', 3600);
+  await create('patched', 3600);
+  await new Promise((r) => setTimeout(r, 1300));
+  await stepOk(app, 'busy', 8, 1); // a step is activity
+  const patched = await app.inject({ method: 'PATCH', url: '/v1/sessions/patched', payload: { expire_after_idle_s: 1 } }); // a write is too
+  assert.equal(patched.json().expire_after_idle_s, 1);
+  for (const url of ['/v1/sessions/idle', '/v1/sessions/idle/params', '/v1/sessions/idle/state_dict?format=pt']) {
+    assert.equal((await app.inject({ url })).statusCode, 200); // reads are not
+  }
+  if (TEST_DB_KIND === 'pglite') {
+    assert.deepEqual(await app.sessions.sweepExpired(), ['idle']);
+    assert.equal((await app.inject({ url: '/v1/sessions/idle' })).statusCode, 404);
+    for (const name of ['busy', 'kept', 'patient', 'patched']) assert.equal((await app.inject({ url: `/v1/sessions/${name}` })).statusCode, 200, name);
+    return; // one process owns an embedded database: no replicas to race
+  }
+  // Two replicas sweep at once: one does the work, neither fails, the idle session goes once.
+  const { app: replica } = await buildTestApp(t, { databaseUrl: databaseUrl! });
+  const [a, b] = await Promise.all([app.sessions.sweepExpired(), replica.sessions.sweepExpired()]);
+  assert.deepEqual([...a, ...b], ['idle']);
+  assert.equal((await app.inject({ url: '/v1/sessions/idle' })).statusCode, 404);
+  for (const name of ['busy', 'kept', 'patient', 'patched']) assert.equal((await app.inject({ url: `/v1/sessions/${name}` })).statusCode, 200, name);
+
+  // The sweeper runs by itself (ASGD_SWEEP_INTERVAL_MS); 'busy' and 'patched' go once idle long enough.
+  const { app: sweeping } = await buildTestApp(t, { databaseUrl: databaseUrl!, env: { ASGD_SWEEP_INTERVAL_MS: '100' } });
+  const deadline = Date.now() + 10_000;
+  let left: string[] = [];
+  while (Date.now() < deadline) {
+    left = (await sweeping.inject({ url: '/v1/sessions' })).json().sessions.map((s: { name: string }) => s.name);
+    if (left.length === 2) break;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  assert.deepEqual(left, ['kept', 'patient']);
+  const stepGone = await app.inject({ method: 'POST', url: '/v1/sessions/busy/step', payload: grads(8, 2) });
+  assert.equal(stepGone.statusCode, 404, 'a process that had the session cached sees it gone');
+});

@@ -1,0 +1,213 @@
+// Conditional reads (If-None-Match -> 304), waiting reads (after_version + wait) and the event stream.
+import assert from 'node:assert/strict';
+import http from 'node:http';
+import { test } from 'node:test';
+import { buildTestApp, randomData } from '../helper.ts';
+
+const params = [{ name: 'w', shape: [5], data: randomData(5, 1) }];
+const grads = (k: number) => ({ w: randomData(5, 10 + k) });
+type App = Awaited<ReturnType<typeof buildTestApp>>['app'];
+
+async function setup(app: App, name: string) {
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name, params } })).statusCode, 201);
+}
+const step = (app: App, name: string, k: number, extra: Record<string, unknown> = {}) =>
+  app.inject({ method: 'POST', url: `/v1/sessions/${name}/step`, payload: { grads: grads(k), ...extra } });
+
+test('If-None-Match: "<version>" answers 304 on session, params, state_dict and checkpoint while unchanged', async (t) => {
+  const { app } = await buildTestApp(t);
+  await setup(app, 'c');
+  await step(app, 'c', 0); // version 2
+  const urls = ['/v1/sessions/c', '/v1/sessions/c/params', '/v1/sessions/c/state_dict', '/v1/sessions/c/checkpoint?format=json'];
+  const get = (url: string, tag?: string) => app.inject({ url, headers: tag === undefined ? {} : { 'if-none-match': tag } });
+  for (const url of urls) {
+    const full = await get(url);
+    assert.equal(full.statusCode, 200, url);
+    assert.equal(full.headers.etag, '"2"');
+    for (const tag of ['"2"', 'W/"2"', '"1", W/"2"', '*']) {
+      const res = await get(url, tag);
+      assert.equal(res.statusCode, 304, `${url} ${tag}`);
+      assert.equal(res.headers.etag, '"2"');
+      assert.equal(res.body, '');
+    }
+    for (const tag of ['"1"', '"3"', 'W/"x"', 'garbage']) assert.equal((await get(url, tag)).statusCode, 200, `${url} ${tag}`);
+  }
+  await step(app, 'c', 1); // version 3: the old tag no longer matches
+  for (const url of urls) assert.equal((await get(url, '"2"')).statusCode, 200, url);
+  // An old version asked for by ?version= keeps its tag.
+  assert.equal((await get('/v1/sessions/c/params?version=2', '"2"')).statusCode, 304);
+  assert.equal((await get('/v1/sessions/c/params?version=2', '"3"')).statusCode, 200);
+  assert.equal((await get('/v1/sessions/nope/params', '"2"')).statusCode, 404);
+});
+
+test('after_version + wait answers as soon as a newer version commits, else 304 when the wait ends', async (t) => {
+  const { app } = await buildTestApp(t);
+  await setup(app, 'w');
+  // Already past: at once.
+  const past = await app.inject({ url: '/v1/sessions/w/params?after_version=0&wait=30' });
+  assert.equal(past.statusCode, 200);
+  assert.equal(past.json().version, 1);
+  // Not past, no wait: 304 at once.
+  const now = await app.inject({ url: '/v1/sessions/w/params?after_version=1' });
+  assert.equal(now.statusCode, 304);
+  assert.equal(now.headers.etag, '"1"');
+  // Held until a step commits.
+  const began = Date.now();
+  const waiting = app.inject({ url: '/v1/sessions/w/params?after_version=1&wait=30' });
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  assert.equal(app.versions.stats().waiters, 1);
+  const stepped = await step(app, 'w', 0);
+  const steppedAt = Date.now();
+  const answer = await waiting;
+  assert.equal(answer.statusCode, 200, answer.body);
+  assert.equal(answer.json().version, 2);
+  assert.deepEqual(answer.json().params, (await app.inject({ url: '/v1/sessions/w/params' })).json().params);
+  assert.ok(Date.now() - steppedAt < 1000 && Date.now() - began >= 300, `answered ${Date.now() - steppedAt} ms after the step committed`);
+  assert.equal(stepped.statusCode, 200);
+  assert.equal(app.versions.stats().waiters, 0, 'the waiter is released');
+  // Nothing comes: 304 after the wait.
+  const t0 = Date.now();
+  const timeout = await app.inject({ url: '/v1/sessions/w/params?after_version=2&wait=0.5' });
+  assert.equal(timeout.statusCode, 304);
+  assert.ok(Date.now() - t0 >= 450, `waited ${Date.now() - t0} ms`);
+  // Bad input.
+  for (const [url, field] of [
+    ['/v1/sessions/w/params?after_version=1&wait=61', 'wait'],
+    ['/v1/sessions/w/params?after_version=-1', 'after_version'],
+    ['/v1/sessions/w/params?after_version=1&version=1', 'after_version'],
+    ['/v1/sessions/w/params?wait=5', 'wait'],
+  ]) {
+    const res = await app.inject({ url });
+    assert.equal(res.statusCode, 400, `${url}: ${res.body}`);
+    assert.match(res.json().message, new RegExp(field));
+  }
+  // A deleted session ends the wait with a 404.
+  const gone = app.inject({ url: '/v1/sessions/w/params?after_version=2&wait=30' });
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  assert.equal((await app.inject({ method: 'DELETE', url: '/v1/sessions/w' })).statusCode, 204);
+  assert.equal((await gone).statusCode, 404);
+});
+
+test('a waiting read on one app sees a step committed by another app on the same database', async (t) => {
+  const a = await buildTestApp(t);
+  if (!a.databaseUrl) return t.skip('needs PostgreSQL (two processes cannot share an embedded database)');
+  const b = await buildTestApp(t, { databaseUrl: a.databaseUrl });
+  await setup(a.app, 'x');
+  const waiting = b.app.inject({ url: '/v1/sessions/x/params?after_version=1&wait=30' });
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  const stepped = await step(a.app, 'x', 0);
+  const steppedAt = Date.now();
+  const answer = await waiting;
+  const ms = Date.now() - steppedAt;
+  assert.equal(answer.statusCode, 200, answer.body);
+  assert.equal(answer.json().version, 2);
+  assert.equal(stepped.json().version, 2);
+  assert.ok(ms < 1000, `seen ${ms} ms after the commit`);
+  // The other app's If-None-Match sees the new version too.
+  assert.equal((await b.app.inject({ url: '/v1/sessions/x', headers: { 'if-none-match': '"1"' } })).statusCode, 200);
+  assert.equal((await b.app.inject({ url: '/v1/sessions/x', headers: { 'if-none-match': '"2"' } })).statusCode, 304);
+});
+
+/** Reads server-sent events from a listening app until `until` says stop. */
+function readEvents(url: string, headers: Record<string, string> = {}) {
+  const events: { event: string; id?: string; data: any }[] = []; // eslint-disable-line @typescript-eslint/no-explicit-any
+  let buffer = '';
+  let ended = false;
+  let status = 0;
+  let contentType = '';
+  const request = http.get(url, { headers }, (res) => {
+    status = res.statusCode ?? 0;
+    contentType = String(res.headers['content-type']);
+    res.setEncoding('utf8');
+    res.on('data', (chunk: string) => {
+      buffer += chunk;
+      let at;
+      while ((at = buffer.indexOf('\n\n')) >= 0) {
+        const block = buffer.slice(0, at);
+        buffer = buffer.slice(at + 2);
+        const fields = Object.fromEntries(block.split('\n').filter((l) => !l.startsWith(':') && l.includes(':')).map((l) => [l.slice(0, l.indexOf(':')), l.slice(l.indexOf(':') + 1).trim()]));
+        if (fields.event) events.push({ event: fields.event, id: fields.id, data: JSON.parse(fields.data) });
+      }
+    });
+    res.on('end', () => (ended = true));
+    res.on('close', () => (ended = true));
+  });
+  request.on('error', () => (ended = true));
+  const until = async (check: () => boolean, ms = 5000) => {
+    const deadline = Date.now() + ms;
+    while (!check()) {
+      if (Date.now() > deadline) throw new Error(`no such event in ${ms} ms: ${JSON.stringify(events)}`);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  };
+  return { events, until, ended: () => ended, status: () => status, contentType: () => contentType, close: () => request.destroy() };
+}
+
+test('the event stream sends each new version with its kind, metrics and staleness, and ends on delete and on shutdown', async (t) => {
+  const { app } = await buildTestApp(t);
+  await app.listen({ port: 0, host: '127.0.0.1' });
+  const base = `http://127.0.0.1:${(app.server.address() as { port: number }).port}`;
+  await setup(app, 'e');
+  const stream = readEvents(`${base}/v1/sessions/e/events`);
+  await stream.until(() => stream.status() === 200 && app.versions.stats().streams === 1);
+  assert.match(stream.contentType(), /^text\/event-stream/);
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  assert.equal(stream.events.length, 0, 'nothing until a new version');
+  assert.equal((await step(app, 'e', 0, { metrics: { loss: 0.5 }, base_version: 1 })).statusCode, 200);
+  await stream.until(() => stream.events.length === 1);
+  const [first] = stream.events;
+  assert.equal(first.event, 'version');
+  assert.equal(first.id, '2');
+  assert.deepEqual({ ...first.data, time: undefined }, { version: 2, step: 1, kind: 'step', staleness: 0, metrics: { loss: 0.5 }, time: undefined });
+  assert.ok(!Number.isNaN(Date.parse(first.data.time)));
+  // A restore is a version too, of another kind.
+  const snapshot = (await app.inject({ url: '/v1/sessions/e/snapshots' })).json().snapshots.at(-1);
+  assert.equal((await app.inject({ method: 'POST', url: `/v1/sessions/e/snapshots/${snapshot.id}/restore` })).statusCode, 200);
+  await stream.until(() => stream.events.length === 2);
+  assert.deepEqual([stream.events[1].data.version, stream.events[1].data.kind], [3, 'restore']);
+  // Resuming with Last-Event-ID: the newer version at once.
+  const resumed = readEvents(`${base}/v1/sessions/e/events`, { 'last-event-id': '2' });
+  await resumed.until(() => resumed.events.length === 1);
+  assert.equal(resumed.events[0].data.version, 3);
+  resumed.close();
+  await stream.until(() => app.versions.stats().streams === 1, 2000);
+  // Deleted: the stream says so and ends.
+  assert.equal((await app.inject({ method: 'DELETE', url: '/v1/sessions/e' })).statusCode, 204);
+  await stream.until(() => stream.ended() && stream.events.at(-1)?.event === 'deleted');
+  assert.equal(app.versions.stats().streams, 0);
+  assert.equal((await app.inject({ url: '/v1/sessions/e/events' })).statusCode, 404);
+  // Shutdown ends open streams instead of waiting for them.
+  await setup(app, 'e2');
+  const open = readEvents(`${base}/v1/sessions/e2/events`);
+  await open.until(() => app.versions.stats().streams === 1);
+  const closing = Date.now();
+  await app.close();
+  assert.ok(Date.now() - closing < 5000, `closed in ${Date.now() - closing} ms`);
+  await open.until(() => open.ended());
+});
+
+test('a waiting read whose client disconnects is released at once; waiters are answered at shutdown', async (t) => {
+  const { app } = await buildTestApp(t);
+  await app.listen({ port: 0, host: '127.0.0.1' });
+  const base = `http://127.0.0.1:${(app.server.address() as { port: number }).port}`;
+  await setup(app, 'd');
+  const until = async (check: () => boolean) => {
+    const deadline = Date.now() + 5000;
+    while (!check()) {
+      assert.ok(Date.now() < deadline, JSON.stringify(app.versions.stats()));
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  };
+  const request = http.get(`${base}/v1/sessions/d/params?after_version=1&wait=60`);
+  request.on('error', () => {});
+  await until(() => app.versions.stats().waiters === 1);
+  request.destroy();
+  await until(() => app.versions.stats().waiters === 0);
+  // At shutdown a waiting read answers (304, nothing newer came) instead of holding the close for 60 s.
+  const answered = new Promise<number>((resolve) => http.get(`${base}/v1/sessions/d/params?after_version=1&wait=60`, (res) => resolve(res.statusCode ?? 0)).on('error', () => resolve(-1)));
+  await until(() => app.versions.stats().waiters === 1);
+  const closing = Date.now();
+  await app.close();
+  assert.equal(await answered, 304);
+  assert.ok(Date.now() - closing < 5000, `closed in ${Date.now() - closing} ms`);
+});
