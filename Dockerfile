@@ -10,7 +10,8 @@ COPY package.json package-lock.json ./
 RUN npm ci --no-audit --no-fund
 COPY tsconfig.json ./
 COPY src ./src
-RUN npx tsc --noEmit -p tsconfig.json
+COPY ui ./ui
+RUN npx tsc --noEmit -p tsconfig.json && npx tsc -p ui/tsconfig.json
 
 # 2. Production dependencies only: no TypeScript, no pino-pretty, and not the `node` package (Node 24 for
 #    machines whose system Node is older; here the base image's Node runs the service).
@@ -27,6 +28,8 @@ ENV HOST=0.0.0.0 \
     ASGD_DATA_DIR=/data/pglite
 COPY --from=deps /app/node_modules ./node_modules
 COPY --from=build /app/src ./src
+# The dashboard (/ui): plain ES modules, checked above; its chart library comes with node_modules (uplot).
+COPY --from=build /app/ui ./ui
 COPY package.json ./
 COPY bin ./bin
 COPY migrations ./migrations

@@ -1,13 +1,14 @@
 // Runs the benchmarks and writes bench/RESULTS.md (and bench/results.json, the figures it is made from).
 //   npm run bench                      every benchmark
 //   npm run bench -- durable-step pglite   some of them (the others keep their last figures)
-// Names: kernel, durable-step, throughput, pglite, catchup, memory, training. Each also runs alone:
+// Names: kernel, durable-step, throughput, pglite, catchup, memory, training, dashboard. Each also runs alone:
 // `node bench/<name>.ts` (prints, writes nothing).
 import { execFileSync } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { runCatchupBench } from './catchup.ts';
+import { runDashboardBench } from './dashboard.ts';
 import { describe, holds, machine, postgresVersion, ROOT, type BenchResult } from './common.ts';
 import { runDurableStepBench } from './durable-step.ts';
 import { runKernelBench, type KernelBenchRow } from './kernel.ts';
@@ -52,6 +53,7 @@ const BENCHES: Record<string, () => Promise<{ result: BenchResult; rows?: Kernel
   catchup: async () => ({ result: await runCatchupBench() }),
   memory: async () => ({ result: await runMemoryBench() }),
   training: async () => ({ result: await runTrainingBench({ python: PYTHON }) }),
+  dashboard: async () => ({ result: await runDashboardBench() }),
 };
 
 function torchVersion(): string {

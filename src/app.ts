@@ -16,6 +16,7 @@ import notifierPlugin from './plugins/notifier.ts';
 import limitsPlugin from './plugins/limits.ts';
 import authPlugin from './plugins/auth.ts';
 import swaggerPlugin from './plugins/swagger.ts';
+import uiPlugin from './plugins/ui.ts';
 import metricsPlugin from './plugins/metrics.ts';
 import storagePlugin from './plugins/storage.ts';
 import { RequestLogController, requestId } from './request-log.ts';
@@ -62,6 +63,7 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
   await fastify.register(swaggerPlugin);
   await fastify.register(metricsPlugin, { config });
   await fastify.register(storagePlugin, { config });
+  await fastify.register(uiPlugin);
   await fastify.register(healthRoutes);
   await fastify.register(rootRoutes);
   await fastify.register(tokenRoutes, { prefix: '/v1/tokens' });

@@ -47,7 +47,7 @@ const rank = (a: RouteAccess) => (a.scope === 'public' ? 0 : SCOPE_RANK[a.scope]
 /** The access a route needs when its config does not say. */
 export function accessFor(method: string, url: string): RouteAccess {
   const path = url.length > 1 ? url.replace(/\/+$/, '') : url;
-  if (path === '/healthz' || path === '/readyz' || path === '/docs' || path.startsWith('/docs/')) return PUBLIC;
+  if (path === '/healthz' || path === '/readyz' || path === '/docs' || path.startsWith('/docs/') || path === '/ui' || path.startsWith('/ui/')) return PUBLIC;
   if (path === '/v1/tokens' || path.startsWith('/v1/tokens/')) return { scope: 'admin', allSessions: true };
   if (path === '/v1/sessions' || path.startsWith('/v1/sessions/')) {
     if (method === 'GET' || method === 'HEAD') return { scope: 'read', allSessions: false };

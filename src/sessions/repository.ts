@@ -146,11 +146,17 @@ export async function findSession(q: Queryable, name: string, lock = false): Pro
   return rows.length ? toSession(rows[0]) : null;
 }
 
-/** `only`: restrict to these names (a token limited to a list of sessions sees only those). */
-export async function listSessions(q: Queryable, after: string | null, limit: number, only: readonly string[] | null = null): Promise<SessionRecord[]> {
+/**
+ * `only`: restrict to these names (a token limited to a list of sessions sees only those). `search`: names
+ * that contain it, ignoring case (strpos, not LIKE: the text is matched literally).
+ */
+export async function listSessions(
+  q: Queryable, after: string | null, limit: number, only: readonly string[] | null = null, search: string | null = null,
+): Promise<SessionRecord[]> {
   const rows = await q.query(
-    `SELECT ${SESSION_COLUMNS} FROM sessions WHERE ($1::text IS NULL OR name > $1) AND ($3::text[] IS NULL OR name = ANY($3::text[])) ORDER BY name LIMIT $2`,
-    [after, limit, only],
+    `SELECT ${SESSION_COLUMNS} FROM sessions WHERE ($1::text IS NULL OR name > $1) AND ($3::text[] IS NULL OR name = ANY($3::text[]))
+       AND ($4::text IS NULL OR strpos(lower(name), lower($4::text)) > 0) ORDER BY name LIMIT $2`,
+    [after, limit, only, search],
   );
   return rows.map(toSession);
 }

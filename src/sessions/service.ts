@@ -58,6 +58,8 @@ export interface StepOptions {
    * current, which it is right after this process's step).
    */
   encodeAt?: (view: StateView, answer: StepAnswer) => void;
+  /** Checks of the caller's that need the session's layout (e.g. the answer's size), run before anything is written. */
+  beforeWrite?: (layout: Layout) => void;
 }
 
 export type { StepAnswer } from './model.ts';
@@ -326,8 +328,8 @@ export function createSessionService(options: SessionServiceOptions) {
     return mustFind(db, name);
   }
 
-  async function list(after: string | null, limit: number, only: readonly string[] | null = null): Promise<SessionRecord[]> {
-    return repo.listSessions(db, after, limit, only);
+  async function list(after: string | null, limit: number, only: readonly string[] | null = null, search: string | null = null): Promise<SessionRecord[]> {
+    return repo.listSessions(db, after, limit, only, search);
   }
 
   async function remove(name: string, ifMatch?: number | null): Promise<void> {
@@ -395,6 +397,7 @@ export function createSessionService(options: SessionServiceOptions) {
     const id = stateId(state);
     const present = decodeGradients(input, state); // validates everything before anything is written
     const hyper = parseStepHyper(opts.paramGroups, state.groups);
+    opts.beforeWrite?.(state.layout);
     const grads = packGradients(state, present);
     const appended = await repo.appendStep(db, db, id, { present, grads, hyper, metrics: opts.metrics ?? null }, { ifMatch: opts.ifMatch ?? null, baseVersion: opts.baseVersion ?? null });
     if (!appended) {
@@ -450,6 +453,7 @@ export function createSessionService(options: SessionServiceOptions) {
         const { state } = entry;
         const present = decodeGradients(input, state); // validates everything before anything moves
         const hyper = parseStepHyper(opts.paramGroups, state.groups);
+        opts.beforeWrite?.(state.layout);
         const version = session.version + 1;
         await repo.insertStep(db, tx, session.id, { version, present, grads: packGradients(state, present), hyper }, baseVersion);
         touched = session.id;

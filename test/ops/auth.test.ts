@@ -42,6 +42,9 @@ const EXPECTED: Record<string, string> = {
   'GET /v1/sessions/{name}/snapshots/{id}/state_dict': 'read',
   'GET /v1/sessions/{name}/snapshots/{id}/checkpoint': 'read',
   'POST /v1/sessions/{name}/snapshots/{id}/restore': 'admin',
+  'GET /v1/tokens/self': 'read',
+  'GET /v1/sessions/{name}/norms': 'read',
+  'GET /v1/sessions/{name}/hyperparameters': 'read',
 };
 
 test('every route in the OpenAPI document: 401 without a token, 403 below its scope, and its scope gets through', async (t) => {
@@ -57,8 +60,9 @@ test('every route in the OpenAPI document: 401 without a token, 403 below its sc
   const doc = app.swagger() as { paths: Record<string, Record<string, unknown>> };
   const ops = operations(doc);
 
-  // The document is the whole API: every route the app serves (but HEAD twins and the docs UI) is in it.
-  const served = new Set(app.routeAccess.filter((r) => r.method !== 'HEAD' && !r.url.startsWith('/docs'))
+  // The document is the whole API: every route the app serves (but HEAD twins, the docs UI and the
+  // dashboard's files) is in it.
+  const served = new Set(app.routeAccess.filter((r) => r.method !== 'HEAD' && !r.url.startsWith('/docs') && !r.url.startsWith('/ui'))
     .map((r) => `${r.method} ${(r.url.length > 1 ? r.url.replace(/\/$/, '') : r.url).replace(/:(\w+)/g, '{$1}')}`));
   assert.deepEqual([...served].sort(), ops.map((o) => `${o.method} ${o.path}`).sort());
 
@@ -112,8 +116,8 @@ test('every route in the OpenAPI document: 401 without a token, 403 below its sc
     const res = await app.inject({ method: 'HEAD', url: r.url.replace(':name', 'sa').replace(':id', String(snapshot)) });
     assert.equal(res.statusCode, 401, `HEAD ${r.url}`);
   }
-  // The docs UI and the document it shows are open.
-  for (const url of ['/docs', '/docs/json', '/docs/static/index.html']) {
+  // The docs UI and the document it shows are open, and so are the dashboard's files (not its data).
+  for (const url of ['/docs', '/docs/json', '/docs/static/index.html', '/ui', '/ui/', '/ui/js/main.js', '/ui/vendor/uPlot.esm.js']) {
     const res = await app.inject({ url });
     assert.ok(res.statusCode < 400, `${url}: ${res.statusCode}`);
   }

@@ -14,6 +14,9 @@ import snapshotRoutes from './snapshots.ts';
 import metricsRoutes from './metrics.ts';
 import eventsRoutes from './events.ts';
 import { noneMatch, sendNotModified } from './conditional.ts';
+import normRoutes from './norms.ts';
+import seriesRoutes, { activityJson, ListedSession } from './series.ts';
+import { sessionActivity } from '../../sessions/series.ts';
 
 /** The JSON form of a create request. Tensors are checked element by element by the domain. */
 const CreateBody = Type.Object({
@@ -66,18 +69,28 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
       querystring: Type.Object({
         limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 100 })),
         after: Type.Optional(Type.String({ maxLength: 128, description: 'Cursor: the last name of the previous page' })),
+        search: Type.Optional(Type.String({ maxLength: 128, pattern: '^[A-Za-z0-9._-]*$', description: 'Only names that contain this text (case-insensitive)' })),
+        figures: Type.Optional(Type.Boolean({ description: 'Include each session\'s `activity`: steps in the last minute and the time of the last step (an index probe a session)' })),
         storage: Type.Optional(Type.Boolean({ description: 'Include each session\'s stored bytes (one more query for the page)' })),
       }),
-      response: { 200: Type.Object({ sessions: Type.Array(Session), next: Type.Union([Type.String(), Type.Null()]) }, { title: 'SessionList' }), ...errorResponses(400, 401, 403) },
+      response: { 200: Type.Object({ sessions: Type.Array(ListedSession), next: Type.Union([Type.String(), Type.Null()]) }, { title: 'SessionList' }), ...errorResponses(400, 401, 403) },
     },
   }, async (request) => {
-    const { limit = 100, after, storage } = request.query;
+    const { limit = 100, after, search, figures, storage } = request.query;
     // A token limited to a list of sessions lists only those (src/plugins/auth.ts).
-    const rows = await fastify.sessions.list(after ?? null, limit + 1, request.auth?.sessions ?? null);
+    const rows = await fastify.sessions.list(after ?? null, limit + 1, request.auth?.sessions ?? null, search || null);
     const page = rows.slice(0, limit);
-    const stored = storage ? await fastify.sessions.storageOfMany(page) : null;
+    const ids = page.map((s) => s.id);
+    const [stored, activity] = await Promise.all([
+      storage ? fastify.sessions.storageOfMany(page) : null,
+      figures ? sessionActivity(fastify.db, ids) : null,
+    ]);
     return {
-      sessions: page.map((s) => ({ ...sessionJson(s), ...(stored?.has(s.id) && { storage: stored.get(s.id) }) })),
+      sessions: page.map((s) => ({
+        ...sessionJson(s),
+        ...(stored?.has(s.id) && { storage: stored.get(s.id) }),
+        ...(activity && { activity: activityJson(activity.get(s.id)) }),
+      })),
       next: rows.length > limit ? page[page.length - 1].name : null,
     };
   });
@@ -169,6 +182,8 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
   await fastify.register(stepRoutes, { config });
   await fastify.register(stateRoutes, { config });
   await fastify.register(snapshotRoutes, { config });
+  await fastify.register(normRoutes);
+  await fastify.register(seriesRoutes);
   await fastify.register(metricsRoutes);
   await fastify.register(eventsRoutes);
 };

@@ -4,36 +4,58 @@ import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import { setVersion } from '../common.ts';
 import { errorResponses, NameParams } from '../schemas.ts';
+import { errors } from '../../errors.ts';
+import { createMetricNames, downsampledSeries, type SeriesPoint } from '../../sessions/series.ts';
 
 export const MAX_METRICS_LIMIT = 10_000;
+export const MAX_POINTS = 10_000;
+
+const Figures = Type.Record(Type.String(), Type.Number());
 
 const MetricsPoint = Type.Object({
   version: Type.Integer(),
   step: Type.Integer(),
   time: Type.String({ format: 'date-time', description: 'When the step committed' }),
-  staleness: Type.Integer(),
-  values: Type.Record(Type.String(), Type.Number(), { description: 'The step\'s metrics ({} when it sent none)' }),
+  staleness: Type.Number({ description: 'The step\'s staleness (a bucket: the mean of its steps\')' }),
+  values: Type.Record(Type.String(), Type.Number(), { description: 'The step\'s metrics ({} when it sent none); a bucket: the mean of each' }),
   param_groups: Type.Optional(Type.Array(Type.Record(Type.String(), Type.Unknown()), { description: 'Each group\'s hyperparameters after the step, when the step changed them' })),
+  version_from: Type.Optional(Type.Integer({ description: 'A bucket (max_points): its first version; `version`, `step` and `time` are its last' })),
+  count: Type.Optional(Type.Integer({ description: 'A bucket: how many steps it holds' })),
+  staleness_max: Type.Optional(Type.Integer({ description: 'A bucket: the largest staleness in it' })),
+  min: Type.Optional(Figures),
+  max: Type.Optional(Figures),
 });
 
+function bucketJson(p: SeriesPoint) {
+  return {
+    version: p.version, step: p.step, time: p.time.toISOString(), staleness: p.staleness, values: p.values,
+    ...(p.count !== undefined && { version_from: p.versionFrom, count: p.count, staleness_max: p.stalenessMax, min: p.min, max: p.max }),
+  };
+}
+
 const metricsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
+  const metricNames = createMetricNames();
   fastify.get('/:name/metrics', {
     schema: {
       operationId: 'getMetrics',
       summary: 'Read the training series',
       description: 'One point per step after `after_version`, oldest first: version, step, time, staleness and the metrics the step carried. ' +
-        'Poll with `after_version` = the last `next_after_version`.',
+        'Poll with `after_version` = the last `next_after_version`. With `max_points`, the whole series after `after_version` in at most ' +
+        'that many points: the steps themselves when there are that few, else buckets of consecutive versions with the mean, min and max ' +
+        'of each metric and of the staleness (`downsampled`: true). Hyperparameter changes are not in buckets: see .../hyperparameters.',
       tags: ['training'],
       params: NameParams,
       querystring: Type.Object({
         after_version: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, default: 0 })),
-        limit: Type.Optional(Type.Integer({ minimum: 1, maximum: MAX_METRICS_LIMIT, default: 1000 })),
+        limit: Type.Optional(Type.Integer({ minimum: 1, maximum: MAX_METRICS_LIMIT, description: 'Default 1000; not with max_points' })),
+        max_points: Type.Optional(Type.Integer({ minimum: 2, maximum: MAX_POINTS, description: 'Downsample the series after after_version to at most this many points' })),
       }),
       response: {
         200: Type.Object({
           session: Type.String(),
           points: Type.Array(MetricsPoint),
           next_after_version: Type.Integer({ description: 'The after_version of the next page: the last point\'s version (or the one asked for when there are none)' }),
+          downsampled: Type.Optional(Type.Boolean({ description: 'With max_points: whether the points are buckets' })),
         }),
         ...errorResponses(400, 401, 403, 404),
       },
@@ -41,6 +63,14 @@ const metricsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   }, async (request, reply) => {
     const { name } = request.params;
     const afterVersion = request.query.after_version ?? 0;
+    const maxPoints = request.query.max_points;
+    if (maxPoints !== undefined) {
+      if (request.query.limit !== undefined) throw errors.invalidQuery('limit', 'cannot be combined with max_points (which reads the whole series)');
+      const session = await fastify.sessions.get(name);
+      const { points, downsampled } = await downsampledSeries(fastify.db, metricNames, session.id, afterVersion, maxPoints);
+      setVersion(reply, session.version);
+      return { session: name, points: points.map(bucketJson), next_after_version: points.length ? points[points.length - 1].version : afterVersion, downsampled };
+    }
     const { session, points } = await fastify.sessions.history(name, afterVersion, request.query.limit ?? 1000);
     setVersion(reply, session.version);
     return {

@@ -9,6 +9,7 @@ import { errors } from '../../errors.ts';
 import { streamToBuffer, writeSafetensors, type Float32Tensor } from '../../formats/index.ts';
 import type { GradientInput } from '../../sessions/gradients.ts';
 import type { StateView, StepAnswer as StepAnswerValue } from '../../sessions/service.ts';
+import type { Layout } from '../../sessions/state.ts';
 import { paramTensor, paramsJson } from '../../sessions/state-dict.ts';
 import { metadataJson, parseMetrics } from '../../sessions/step-input.ts';
 import { idempotencyKeyOf, ifMatchOf, jsonBody, jsonOrFile, optionalWhole, setVersion } from '../common.ts';
@@ -57,12 +58,7 @@ type ReturnKind = 'none' | 'params' | 'averaged';
 type Encoded = { format: 'json'; params: Record<string, unknown> } | { format: 'safetensors'; body: Buffer };
 
 function encodeParams(view: StateView, answer: StepAnswerValue, averaged: boolean, format: 'json' | 'safetensors'): Encoded {
-  if (format === 'json') {
-    if (view.layout.numel > MAX_JSON_ELEMENTS) {
-      throw errors.notAcceptable('application/json', `application/x-safetensors for a session of ${view.layout.numel} elements; JSON answers hold at most ${MAX_JSON_ELEMENTS} numbers`);
-    }
-    return { format, params: paramsJson(view, averaged) };
-  }
+  if (format === 'json') return { format, params: paramsJson(view, averaged) };
   const tensors = view.params.map((p, i): [string, Float32Tensor] => [p.name, { dtype: 'float32', shape: [...p.shape], data: paramTensor(view, i, averaged) }]);
   const metadata = {
     format: 'pt', session: view.session, version: String(view.version), step: String(view.step), staleness: String(answer.staleness), averaged: String(averaged),
@@ -146,6 +142,12 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
       paramGroups,
       metrics,
       ...(returning !== 'none' && {
+        // Refused before the step is written: an error after the commit would invite a retry that steps twice.
+        beforeWrite: (layout: Layout) => {
+          if (answerFormat === 'json' && layout.numel > MAX_JSON_ELEMENTS) {
+            throw errors.notAcceptable('application/json', `application/x-safetensors for a session of ${layout.numel} elements (JSON answers hold at most ${MAX_JSON_ELEMENTS} numbers)`);
+          }
+        },
         encodeAt: (view: StateView, stepped: StepAnswerValue) => (encoded = encodeParams(view, stepped, returning === 'averaged', answerFormat as 'json' | 'safetensors')),
       }),
     });

@@ -58,6 +58,30 @@ const tokenRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     },
   }, async () => ({ tokens: (await fastify.tokens.list()).map(tokenJson) }));
 
+  // What the presented token may do, so that a client (the dashboard) can offer only that. Any token may
+  // ask about itself; with auth off the answer is the anonymous admin every request runs as.
+  fastify.get('/self', {
+    config: { scope: 'read', allSessions: false },
+    schema: {
+      operationId: 'getOwnToken',
+      summary: 'The token of this request: its scope and session list',
+      tags: ['tokens'],
+      response: {
+        200: Type.Object({
+          id: Type.String({ description: '"admin" for ASGD_ADMIN_TOKEN, "anonymous" when auth is off' }),
+          name: Type.String(),
+          scope: ScopeSchema,
+          sessions: Type.Union([Type.Array(Type.String()), Type.Null()], { description: 'null: every session' }),
+          auth: Type.Boolean({ description: 'false when the service runs without auth (no ASGD_ADMIN_TOKEN)' }),
+        }),
+        ...errorResponses(401),
+      },
+    },
+  }, async (request) => {
+    const who = request.auth ?? { tokenId: 'anonymous', name: 'anonymous', scope: 'admin' as const, sessions: null };
+    return { id: who.tokenId, name: who.name, scope: who.scope, sessions: who.sessions, auth: fastify.authEnabled };
+  });
+
   fastify.delete('/:id', {
     config: access,
     schema: {

@@ -1,0 +1,97 @@
+// The dashboard at /ui: static files from ui/ and the chart library from its npm package, read once at
+// start, compressed once (brotli and gzip) and served from memory. Nothing is fetched from elsewhere, so
+// the page works offline. The files are public like /docs; the data they show needs a token (the page
+// asks for one when the API answers 401).
+import { createHash } from 'node:crypto';
+import { readdirSync, readFileSync, statSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, extname, join, relative, sep } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { brotliCompressSync, constants as zlib, gzipSync } from 'node:zlib';
+import fp from 'fastify-plugin';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { errors } from '../errors.ts';
+
+export const UI_ROOT = fileURLToPath(new URL('../../ui/', import.meta.url));
+
+const TYPES: Record<string, string> = {
+  '.html': 'text/html; charset=utf-8',
+  '.js': 'text/javascript; charset=utf-8',
+  '.css': 'text/css; charset=utf-8',
+  '.svg': 'image/svg+xml',
+  '.png': 'image/png',
+};
+
+export interface UiAsset {
+  type: string;
+  etag: string;
+  identity: Buffer;
+  br: Buffer;
+  gzip: Buffer;
+}
+
+function asset(path: string): UiAsset {
+  const identity = readFileSync(path);
+  const type = TYPES[extname(path)] ?? 'application/octet-stream';
+  return {
+    type,
+    etag: `"${createHash('sha256').update(identity).digest('base64url').slice(0, 22)}"`,
+    identity,
+    br: brotliCompressSync(identity, { params: { [zlib.BROTLI_PARAM_QUALITY]: 11, [zlib.BROTLI_PARAM_SIZE_HINT]: identity.length } }),
+    gzip: gzipSync(identity, { level: 9 }),
+  };
+}
+
+function walk(dir: string): string[] {
+  return readdirSync(dir).flatMap((entry) => {
+    const path = join(dir, entry);
+    return statSync(path).isDirectory() ? walk(path) : [path];
+  });
+}
+
+/** Every file the dashboard serves, by its path under /ui/. */
+export function loadUiAssets(root = UI_ROOT): Map<string, UiAsset> {
+  const assets = new Map<string, UiAsset>();
+  for (const path of walk(root)) {
+    if (!(extname(path) in TYPES)) continue; // tsconfig.json and the like are for the type checker only
+    assets.set(relative(root, path).split(sep).join('/'), asset(path));
+  }
+  // The chart library, from its npm package (uPlot: small, fast, canvas-based).
+  const uplot = dirname(createRequire(import.meta.url).resolve('uplot'));
+  assets.set('vendor/uPlot.esm.js', asset(join(uplot, 'uPlot.esm.js')));
+  assets.set('vendor/uPlot.min.css', asset(join(uplot, 'uPlot.min.css')));
+  return assets;
+}
+
+function send(request: FastifyRequest, reply: FastifyReply, file: UiAsset) {
+  reply.header('content-type', file.type);
+  reply.header('etag', file.etag);
+  // Revalidate every time (a 304 is cheap): a new deploy is seen at once, without versioned file names.
+  reply.header('cache-control', 'no-cache');
+  reply.header('vary', 'accept-encoding');
+  reply.header('x-content-type-options', 'nosniff');
+  if (request.headers['if-none-match'] === file.etag) return reply.status(304).send();
+  const accept = String(request.headers['accept-encoding'] ?? '');
+  const encoding = /\bbr\b/.test(accept) ? 'br' : /\bgzip\b/.test(accept) ? 'gzip' : null;
+  if (encoding) reply.header('content-encoding', encoding);
+  return reply.send(encoding === 'br' ? file.br : encoding === 'gzip' ? file.gzip : file.identity);
+}
+
+export default fp(
+  async function uiPlugin(fastify: FastifyInstance) {
+    const assets = loadUiAssets();
+    const index = assets.get('index.html');
+    if (!index) throw new Error(`the dashboard's index.html is missing from ${UI_ROOT}`);
+    const config = { scope: 'public' as const };
+    const schema = { hide: true };
+    fastify.get('/ui', { config, schema }, async (_request, reply) => reply.redirect('/ui/', 302));
+    fastify.get('/ui/', { config, schema }, async (request, reply) => send(request, reply, index));
+    fastify.get('/ui/*', { config, schema }, async (request, reply) => {
+      const path = (request.params as { '*': string })['*'];
+      const file = assets.get(path);
+      if (!file) throw errors.routeNotFound('GET', `/ui/${path.slice(0, 200)}`);
+      return send(request, reply, file);
+    });
+  },
+  { name: 'ui', dependencies: ['auth'] },
+);

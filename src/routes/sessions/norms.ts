@@ -1,0 +1,73 @@
+// GET /v1/sessions/:name/norms: per parameter, the L2 norm of the parameters and of ASGD's average `ax`,
+// with its step/eta/mu, computed on demand at the current version from the state this process holds in
+// memory (one pass over the floats, no snapshot read when the copy is current). The dashboard polls it.
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
+import { Type } from 'typebox';
+import { setVersion } from '../common.ts';
+import { errorResponses, NameParams } from '../schemas.ts';
+import type { StateView } from '../../sessions/service.ts';
+
+const ParamNorm = Type.Object({
+  name: Type.String(),
+  numel: Type.Integer(),
+  norm: Type.Number({ description: 'L2 norm of the parameter (float64 sum of squares of its float32 values)' }),
+  ax_norm: Type.Number({ description: 'L2 norm of ASGD\'s averaged parameter ax' }),
+  step: Type.Union([Type.Number(), Type.Null()], { description: 'ASGD\'s per-parameter step; null before its first step' }),
+  eta: Type.Union([Type.Number(), Type.Null()]),
+  mu: Type.Union([Type.Number(), Type.Null()]),
+});
+
+const NormsAnswer = Type.Object({
+  session: Type.String(),
+  version: Type.Integer(),
+  step: Type.Integer(),
+  params: Type.Array(ParamNorm),
+});
+
+/** L2 norm in float64 of `data[offset, offset + n)`. */
+export function l2(data: Float32Array, offset: number, n: number): number {
+  let sum = 0;
+  for (let i = offset, end = offset + n; i < end; i++) sum += data[i] * data[i];
+  return Math.sqrt(sum);
+}
+
+export function normsOf(view: StateView) {
+  return {
+    session: view.session,
+    version: view.version,
+    step: view.step,
+    params: view.params.map((p, i) => {
+      const offset = view.layout.offsets[i];
+      const numel = view.layout.numels[i];
+      const scalars = view.scalars[i];
+      return {
+        name: p.name,
+        numel,
+        norm: l2(view.paramData, offset, numel),
+        ax_norm: l2(view.axData, offset, numel),
+        step: scalars?.step ?? null,
+        eta: scalars?.eta ?? null,
+        mu: scalars?.mu ?? null,
+      };
+    }),
+  };
+}
+
+const normRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
+  fastify.get('/:name/norms', {
+    schema: {
+      operationId: 'getNorms',
+      summary: 'Norms of the parameters and of ax, at the current version',
+      description: 'Computed on demand from the current state (not sampled at snapshots): per parameter the L2 norm of its values and of ASGD\'s average ax, with its step, eta and mu.',
+      tags: ['state'],
+      params: NameParams,
+      response: { 200: NormsAnswer, ...errorResponses(400, 401, 403, 404) },
+    },
+  }, async (request, reply) => {
+    const view = await fastify.sessions.view(request.params.name);
+    setVersion(reply, view.version);
+    return normsOf(view);
+  });
+};
+
+export default normRoutes;

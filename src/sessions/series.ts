@@ -1,0 +1,151 @@
+// Reads of step_history for the dashboard: a long training series downsampled on the server (buckets of
+// versions with min/max/mean of each metric, so a 100,000-step session opens with a few thousand
+// numbers), the steps that changed hyperparameters, and the activity figures of the sessions list.
+import type { Database, Queryable } from '../db/database.ts';
+
+export interface SeriesPoint {
+  /** The last version in the point (its only one for a raw point). */
+  version: number;
+  step: number;
+  time: Date;
+  staleness: number;
+  values: Record<string, number>;
+  /** Buckets only: the first version in it, how many steps it holds, and min/max of each figure. */
+  versionFrom?: number;
+  count?: number;
+  stalenessMax?: number;
+  min?: Record<string, number>;
+  max?: Record<string, number>;
+}
+
+/**
+ * The metric names a session's steps reported, kept per session id and extended with the rows after the
+ * newest version already scanned. Rows are only appended, in version order (each under the session's
+ * row lock), so names seen through version V stay right; finding them over 100,000 rows (jsonb_object_keys
+ * of every row) takes ~300 ms, which a page would otherwise pay on every open.
+ */
+export function createMetricNames(capacity = 10_000) {
+  const known = new Map<number, { through: number; names: Set<string> }>();
+  return async (q: Queryable, sessionId: number, through: number): Promise<string[]> => {
+    let entry = known.get(sessionId);
+    if (!entry || entry.through < through) {
+      const from = entry?.through ?? 0;
+      const rows = await q.query<{ key: string }>(
+        'SELECT DISTINCT jsonb_object_keys(metrics) AS key FROM step_history WHERE session_id = $1 AND version > $2 AND version <= $3 AND metrics IS NOT NULL',
+        [sessionId, from, through],
+      );
+      entry = { through, names: new Set([...(entry?.names ?? []), ...rows.map((r) => r.key)]) };
+    }
+    known.delete(sessionId); // re-inserted: the Map's order is then least recently used first
+    known.set(sessionId, entry);
+    if (known.size > capacity) known.delete(known.keys().next().value!);
+    return [...entry.names].sort();
+  };
+}
+
+export type MetricNames = ReturnType<typeof createMetricNames>;
+
+/**
+ * The series after `afterVersion` in at most `maxPoints` points: the raw points when there are that few,
+ * else buckets of `width` consecutive versions from the first (a version without a step, e.g. a restore,
+ * has no row). With the metric names known, one grouped scan in version order (the primary key) computes every figure
+ * as a column. Expanding each row's metrics into rows (jsonb_each) and grouping those was 10x slower:
+ * 200,000 rows sorted by (bucket, key), planned so large that PostgreSQL compiled the query (JIT).
+ */
+export async function downsampledSeries(
+  db: Database, metricNames: MetricNames, sessionId: number, afterVersion: number, maxPoints: number,
+): Promise<{ points: SeriesPoint[]; downsampled: boolean }> {
+  const [range] = await db.query<{ n: number; first: number | null; last: number | null }>(
+    'SELECT count(*)::float8 AS n, min(version)::float8 AS first, max(version)::float8 AS last FROM step_history WHERE session_id = $1 AND version > $2',
+    [sessionId, afterVersion],
+  );
+  if (range.n <= maxPoints || range.first === null || range.last === null) {
+    const rows = await db.query<{ version: number; step: number; staleness: number; created_at: string; metrics: Record<string, number> | null }>(
+      `SELECT version::float8 AS version, step::float8 AS step, staleness, created_at, metrics FROM step_history
+       WHERE session_id = $1 AND version > $2 ORDER BY version LIMIT $3`,
+      [sessionId, afterVersion, maxPoints],
+    );
+    return {
+      downsampled: false,
+      points: rows.map((r) => ({ version: r.version, step: r.step, time: new Date(r.created_at), staleness: r.staleness, values: r.metrics ?? {} })),
+    };
+  }
+  const { first, last } = range;
+  const width = Math.ceil((last - first + 1) / maxPoints);
+  const rows = await db.transaction(async (tx) => {
+    // The planner guesses 100 keys a row for jsonb_object_keys and would compile that query (JIT) for
+    // seconds; the scan itself takes milliseconds.
+    // The grouping sorts ~10 MB for 100,000 rows: in memory, not in a temporary file.
+    if (db.kind === 'postgres') {
+      await tx.query('SET LOCAL jit = off');
+      await tx.query("SET LOCAL work_mem = '64MB'");
+    }
+    const keys = await metricNames(tx, sessionId, last);
+    // Each metric is read from the row's jsonb once (the subquery; OFFSET 0 keeps it from being inlined).
+    const values = keys.map((_, k) => `, (metrics->>$${k + 5})::float8 AS v${k}`).join('');
+    const figures = keys.map((_, k) => `, min(v${k}) AS "min${k}", max(v${k}) AS "max${k}", avg(v${k}) AS "mean${k}"`).join('');
+    const buckets = await tx.query<Record<string, number | string | null>>(
+      `SELECT min(version)::float8 AS version_from, max(version)::float8 AS version, max(step)::float8 AS step, max(created_at) AS time,
+         avg(staleness)::float8 AS staleness, max(staleness)::float8 AS staleness_max, count(*)::float8 AS count${figures}
+       FROM (SELECT version, step, created_at, staleness${values} FROM step_history WHERE session_id = $1 AND version > $2 OFFSET 0) r
+       GROUP BY (version - $4) / $3 ORDER BY 1`,
+      [sessionId, afterVersion, width, first, ...keys],
+    );
+    return { keys, buckets };
+  }, { consistentRead: true });
+  const points = rows.buckets.map((r) => {
+    const point: SeriesPoint = {
+      version: r.version as number, step: r.step as number, time: new Date(r.time as string), staleness: r.staleness as number, values: {},
+      versionFrom: r.version_from as number, count: r.count as number, stalenessMax: r.staleness_max as number, min: {}, max: {},
+    };
+    rows.keys.forEach((key, k) => {
+      if (r[`mean${k}`] === null) return; // no step of this bucket reported it
+      point.values[key] = r[`mean${k}`] as number;
+      point.min![key] = r[`min${k}`] as number;
+      point.max![key] = r[`max${k}`] as number;
+    });
+    return point;
+  });
+  return { points, downsampled: true };
+}
+
+export interface HyperChange {
+  version: number;
+  step: number;
+  time: Date;
+  paramGroups: Record<string, unknown>[];
+}
+
+/** The steps after `afterVersion` that changed hyperparameters, with each group's values after them. */
+export async function hyperChanges(q: Queryable, sessionId: number, afterVersion: number, limit: number): Promise<HyperChange[]> {
+  const rows = await q.query<{ version: number; step: number; created_at: string; hyper: Record<string, unknown>[] }>(
+    `SELECT version::float8 AS version, step::float8 AS step, created_at, hyper FROM step_history
+     WHERE session_id = $1 AND version > $2 AND hyper IS NOT NULL ORDER BY version LIMIT $3`,
+    [sessionId, afterVersion, limit],
+  );
+  return rows.map((r) => ({ version: r.version, step: r.step, time: new Date(r.created_at), paramGroups: r.hyper }));
+}
+
+export interface Activity {
+  stepsLastMinute: number;
+  lastStepAt: Date | null;
+}
+
+/** Steps of the last minute and the time of the last step, per session id. */
+export async function sessionActivity(q: Queryable, ids: readonly number[]): Promise<Map<number, Activity>> {
+  if (ids.length === 0) return new Map();
+  // The count runs only for sessions that stepped within the minute, over the primary key's newest
+  // versions (at most 60,000: 1,000 steps/s), so an idle session with a long history costs one index probe.
+  const rows = await q.query<{ id: number; last_step_at: string | null; steps: number }>(
+    `SELECT s.id::float8 AS id, last.created_at AS last_step_at,
+       CASE WHEN last.created_at > now() - interval '1 minute' THEN (
+         SELECT count(*)::float8 FROM step_history h
+         WHERE h.session_id = s.id AND h.version > s.version - 60000 AND h.created_at > now() - interval '1 minute'
+       ) ELSE 0 END AS steps
+     FROM sessions s
+     LEFT JOIN LATERAL (SELECT created_at FROM step_history h WHERE h.session_id = s.id ORDER BY version DESC LIMIT 1) last ON true
+     WHERE s.id = ANY($1::bigint[])`,
+    [ids],
+  );
+  return new Map(rows.map((r) => [r.id, { stepsLastMinute: r.steps, lastStepAt: r.last_step_at === null ? null : new Date(r.last_step_at) }]));
+}

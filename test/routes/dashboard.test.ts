@@ -1,0 +1,206 @@
+// The API routes the dashboard reads, and its files: norms on demand, the token's own scope, searching the
+// sessions list, and /ui served compressed, cached and public.
+import assert from 'node:assert/strict';
+import { gunzipSync, brotliDecompressSync } from 'node:zlib';
+import { readFileSync } from 'node:fs';
+import { test } from 'node:test';
+import type { FastifyInstance } from 'fastify';
+import { buildTestApp } from '../helper.ts';
+
+const ADMIN = 'admin-token-for-dashboard-route-tests';
+const auth = { authorization: `Bearer ${ADMIN}` };
+
+async function create(app: FastifyInstance, name: string, headers: Record<string, string> = {}) {
+  const res = await app.inject({
+    method: 'POST', url: '/v1/sessions', headers,
+    payload: { name, params: [{ name: 'w', shape: [2, 2], data: [3, 4, 0, 0] }, { name: 'b', shape: [1], data: [-2] }], hyperparameters: { lr: 0.5, t0: 0 } },
+  });
+  assert.equal(res.statusCode, 201, res.body);
+}
+
+test('norms: L2 norms of the parameters and of ax at the current version, with step, eta and mu', async (t) => {
+  const { app } = await buildTestApp(t);
+  await create(app, 'n1');
+  let res = await app.inject({ url: '/v1/sessions/n1/norms' });
+  assert.equal(res.statusCode, 200, res.body);
+  // Before any step: ax is zeros (PyTorch's initial state), ‖w‖ = ‖(3, 4, 0, 0)‖ = 5.
+  assert.deepEqual(res.json(), {
+    session: 'n1', version: 1, step: 0,
+    params: [
+      { name: 'w', numel: 4, norm: 5, ax_norm: 0, step: null, eta: null, mu: null },
+      { name: 'b', numel: 1, norm: 2, ax_norm: 0, step: null, eta: null, mu: null },
+    ],
+  });
+  assert.equal(res.headers.etag, '"1"');
+  res = await app.inject({ method: 'POST', url: '/v1/sessions/n1/step', payload: { grads: { w: [1, 1, 1, 1] } } });
+  assert.equal(res.statusCode, 200, res.body);
+  const norms = (await app.inject({ url: '/v1/sessions/n1/norms' })).json();
+  const params = (await app.inject({ url: '/v1/sessions/n1/params' })).json().params;
+  const averaged = (await app.inject({ url: '/v1/sessions/n1/params?averaged=true' })).json().params;
+  const l2 = (data: number[]) => Math.sqrt(data.reduce((s, x) => s + x * x, 0));
+  assert.equal(norms.version, 2);
+  assert.equal(norms.params[0].norm, l2(params.w.data));
+  assert.equal(norms.params[0].ax_norm, l2(averaged.w.data));
+  assert.notEqual(norms.params[0].ax_norm, 0);
+  assert.equal(norms.params[0].step, 1);
+  // b had no gradient: no state yet, as in PyTorch.
+  assert.equal(norms.params[1].step, null);
+  assert.equal(norms.params[1].norm, 2);
+  assert.equal((await app.inject({ url: '/v1/sessions/nope/norms' })).json().code, 'SESSION_NOT_FOUND');
+  assert.equal((await app.inject({ url: '/v1/sessions/bad%20name/norms' })).statusCode, 400);
+});
+
+test('tokens/self: the scope and sessions of the presented token; auth off says so', async (t) => {
+  const off = await buildTestApp(t);
+  assert.deepEqual((await off.app.inject({ url: '/v1/tokens/self' })).json(), { id: 'anonymous', name: 'anonymous', scope: 'admin', sessions: null, auth: false });
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  assert.equal((await app.inject({ url: '/v1/tokens/self' })).json().code, 'UNAUTHORIZED');
+  assert.deepEqual((await app.inject({ url: '/v1/tokens/self', headers: auth })).json(), { id: 'admin', name: 'admin', scope: 'admin', sessions: null, auth: true });
+  const made = await app.inject({ method: 'POST', url: '/v1/tokens', headers: auth, payload: { name: 'viewer', scope: 'read', sessions: ['a'] } });
+  const { token, id } = made.json();
+  assert.deepEqual((await app.inject({ url: '/v1/tokens/self', headers: { authorization: `Bearer ${token}` } })).json(), { id, name: 'viewer', scope: 'read', sessions: ['a'], auth: true });
+});
+
+test('sessions list: search by part of the name (case-insensitive, literal), paged; bad search text is a 400', async (t) => {
+  const { app } = await buildTestApp(t);
+  for (const name of ['alpha-1', 'ALPHA-2', 'beta', 'gamma_alpha', 'a.b']) await create(app, name);
+  const names = async (query: string) => (await app.inject({ url: `/v1/sessions?${query}` })).json();
+  assert.deepEqual((await names('search=alpha')).sessions.map((s: { name: string }) => s.name), ['ALPHA-2', 'alpha-1', 'gamma_alpha']);
+  const page = await names('search=alpha&limit=2');
+  assert.equal(page.next, 'alpha-1');
+  assert.deepEqual((await names(`search=alpha&limit=2&after=${page.next}`)).sessions.map((s: { name: string }) => s.name), ['gamma_alpha']);
+  // "." and "_" are matched literally (no LIKE wildcards).
+  assert.deepEqual((await names('search=.')).sessions.map((s: { name: string }) => s.name), ['a.b']);
+  assert.deepEqual((await names('search=_')).sessions.map((s: { name: string }) => s.name), ['gamma_alpha']);
+  assert.equal((await names('search=')).sessions.length, 5);
+  for (const bad of ['search=a%25', 'search=' + 'x'.repeat(129), 'figures=maybe']) {
+    const res = await app.inject({ url: `/v1/sessions?${bad}` });
+    assert.equal(res.statusCode, 400, bad);
+    assert.equal(res.json().code, 'INVALID_QUERY');
+    assert.match(res.json().message, /search|figures/);
+  }
+});
+
+test('/ui: the dashboard\'s files, public with auth on, compressed, revalidated by ETag; the chart library from npm', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  assert.equal((await app.inject({ url: '/ui' })).headers.location, '/ui/');
+  const index = await app.inject({ url: '/ui/' });
+  assert.equal(index.statusCode, 200);
+  assert.match(index.headers['content-type'] as string, /^text\/html/);
+  assert.match(index.body, /"uplot": "\/ui\/vendor\/uPlot\.esm\.js"/);
+  // Nothing is loaded from elsewhere.
+  assert.doesNotMatch(index.body, /https?:\/\//);
+
+  const plain = await app.inject({ url: '/ui/vendor/uPlot.esm.js' });
+  assert.equal(plain.headers['content-encoding'], undefined);
+  assert.equal(plain.body, readFileSync('node_modules/uplot/dist/uPlot.esm.js', 'utf8'));
+  const gz = await app.inject({ url: '/ui/vendor/uPlot.esm.js', headers: { 'accept-encoding': 'gzip, deflate' } });
+  assert.equal(gz.headers['content-encoding'], 'gzip');
+  assert.equal(gunzipSync(gz.rawPayload).toString(), plain.body);
+  const br = await app.inject({ url: '/ui/vendor/uPlot.esm.js', headers: { 'accept-encoding': 'gzip, br' } });
+  assert.equal(br.headers['content-encoding'], 'br');
+  assert.equal(brotliDecompressSync(br.rawPayload).toString(), plain.body);
+  assert.ok(br.rawPayload.length < plain.rawPayload.length / 2);
+  assert.equal(br.headers.vary, 'accept-encoding');
+
+  const again = await app.inject({ url: '/ui/vendor/uPlot.esm.js', headers: { 'if-none-match': plain.headers.etag as string } });
+  assert.equal(again.statusCode, 304);
+  assert.equal(again.body, '');
+  const js = await app.inject({ url: '/ui/js/main.js' });
+  assert.match(js.headers['content-type'] as string, /^text\/javascript/);
+  for (const missing of ['/ui/nope.js', '/ui/tsconfig.json', '/ui/../package.json', '/ui/js/../../src/app.ts']) {
+    const res = await app.inject({ url: missing });
+    assert.equal(res.statusCode, 404, missing);
+    assert.equal(res.json().code, 'ROUTE_NOT_FOUND');
+  }
+  // The data behind the page still needs a token.
+  assert.equal((await app.inject({ url: '/v1/sessions' })).statusCode, 401);
+});
+
+async function stepWith(app: FastifyInstance, name: string, body: Record<string, unknown>) {
+  const res = await app.inject({ method: 'POST', url: `/v1/sessions/${name}/step`, payload: { grads: { w: [1, 1, 1, 1] }, ...body } });
+  assert.equal(res.statusCode, 200, res.body);
+}
+
+test('metrics ?max_points: the steps themselves when few, else buckets whose min/max/mean are those of their steps', async (t) => {
+  const { app } = await buildTestApp(t);
+  await create(app, 'm1');
+  const losses = [5, 3, 4, 1, 2, 0.5, 0.75, 0.25, 1.5, 0.125];
+  for (const [i, loss] of losses.entries()) await stepWith(app, 'm1', { metrics: { loss, ...(i % 2 === 0 && { even: i }) } });
+  const raw = (await app.inject({ url: '/v1/sessions/m1/metrics?max_points=10' })).json();
+  assert.equal(raw.downsampled, false);
+  assert.deepEqual(raw.points.map((p: { values: { loss: number } }) => p.values.loss), losses);
+  assert.equal(raw.next_after_version, 11);
+
+  const res = await app.inject({ url: '/v1/sessions/m1/metrics?max_points=4' });
+  assert.equal(res.statusCode, 200, res.body);
+  const { points, downsampled, next_after_version: next } = res.json();
+  assert.equal(downsampled, true);
+  assert.equal(next, 11);
+  // Versions 2..11 in buckets of ceil(10 / 4) = 3 versions: 2-4, 5-7, 8-10, 11.
+  assert.deepEqual(points.map((p: Record<string, unknown>) => [p.version_from, p.version, p.step, p.count]), [[2, 4, 3, 3], [5, 7, 6, 3], [8, 10, 9, 3], [11, 11, 10, 1]]);
+  assert.deepEqual(points[0].min, { loss: 3, even: 0 });
+  assert.deepEqual(points[0].max, { loss: 5, even: 2 });
+  assert.deepEqual(points[0].values, { loss: 4, even: 1 });
+  assert.deepEqual(points[1], { ...points[1], min: { loss: 0.5, even: 4 }, max: { loss: 2, even: 4 }, values: { loss: (1 + 2 + 0.5) / 3, even: 4 } });
+  assert.deepEqual(points[3].values, { loss: 0.125 }, 'a bucket without "even" has no figure for it');
+  assert.equal(points[0].staleness, 0);
+  assert.equal(points[0].staleness_max, 0);
+  // after_version: the series after it, downsampled on its own.
+  const tail = (await app.inject({ url: '/v1/sessions/m1/metrics?max_points=2&after_version=7' })).json();
+  assert.deepEqual(tail.points.map((p: Record<string, unknown>) => [p.version_from, p.version]), [[8, 9], [10, 11]]);
+  const third = (await app.inject({ url: '/v1/sessions/m1/metrics?max_points=3&after_version=7' })).json();
+  assert.deepEqual(third.points.map((p: Record<string, unknown>) => [p.version_from, p.version]), [[8, 9], [10, 11]]);
+
+  for (const [query, field] of [['max_points=1', 'max_points'], ['max_points=10001', 'max_points'], ['max_points=x', 'max_points'], ['max_points=5&limit=5', 'limit']]) {
+    const bad = await app.inject({ url: `/v1/sessions/m1/metrics?${query}` });
+    assert.equal(bad.statusCode, 400, query);
+    assert.equal(bad.json().code, 'INVALID_QUERY');
+    assert.match(bad.json().message, new RegExp(field), query);
+  }
+  assert.equal((await app.inject({ url: '/v1/sessions/none/metrics?max_points=5' })).json().code, 'SESSION_NOT_FOUND');
+});
+
+test('hyperparameters: the steps that changed them, with every group after; paged by version', async (t) => {
+  const { app } = await buildTestApp(t);
+  await create(app, 'h1');
+  await stepWith(app, 'h1', {});
+  await stepWith(app, 'h1', { param_groups: [{ lr: 0.25 }] });
+  await stepWith(app, 'h1', {});
+  await stepWith(app, 'h1', { param_groups: [{ lr: 0.125, weight_decay: 0.5 }] });
+  const res = await app.inject({ url: '/v1/sessions/h1/hyperparameters' });
+  assert.equal(res.statusCode, 200, res.body);
+  const { changes, next_after_version: next } = res.json();
+  assert.deepEqual(changes.map((c: { version: number; step: number }) => [c.version, c.step]), [[3, 2], [5, 4]]);
+  assert.equal(changes[0].param_groups[0].lr, 0.25);
+  assert.equal(changes[1].param_groups[0].lr, 0.125);
+  assert.equal(changes[1].param_groups[0].weight_decay, 0.5);
+  assert.equal(changes[1].param_groups[0].t0, 0, 'the values the step left alone are there too');
+  assert.equal(next, 5);
+  const page = (await app.inject({ url: '/v1/sessions/h1/hyperparameters?after_version=3&limit=1' })).json();
+  assert.deepEqual(page.changes.map((c: { version: number }) => c.version), [5]);
+  for (const query of ['limit=0', 'limit=10001', 'after_version=-1']) {
+    const bad = await app.inject({ url: `/v1/sessions/h1/hyperparameters?${query}` });
+    assert.equal(bad.statusCode, 400, query);
+    assert.equal(bad.json().code, 'INVALID_QUERY');
+  }
+});
+
+test('sessions list ?figures=true&storage=true: steps in the last minute, the last step, stored bytes', async (t) => {
+  const { app } = await buildTestApp(t);
+  await create(app, 'busy');
+  await create(app, 'idle');
+  for (let i = 0; i < 3; i++) await stepWith(app, 'busy', {});
+  const plain = (await app.inject({ url: '/v1/sessions' })).json().sessions;
+  assert.equal(plain[0].activity, undefined);
+  const listed = (await app.inject({ url: '/v1/sessions?figures=true&storage=true' })).json().sessions;
+  const [busy, idle] = listed;
+  assert.equal(busy.name, 'busy');
+  assert.equal(busy.activity.steps_last_minute, 3);
+  assert.equal(busy.activity.steps_per_second, 3 / 60);
+  assert.ok(Date.now() - Date.parse(busy.activity.last_step_at) < 60_000);
+  assert.deepEqual(idle.activity, { steps_last_minute: 0, steps_per_second: 0, last_step_at: null });
+  // The same figures as GET session reports.
+  assert.deepEqual(busy.storage, (await app.inject({ url: '/v1/sessions/busy' })).json().storage);
+  assert.ok(busy.storage.total_bytes > idle.storage.total_bytes);
+});

@@ -1,0 +1,43 @@
+// Headless Chromium for the dashboard's tests: Debian's /usr/bin/chromium driven by playwright-core (no
+// browser download). Without Chromium the tests skip with a message, except in CI, where they fail.
+import { existsSync, mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import type { TestContext } from 'node:test';
+import { chromium, type Browser, type Page } from 'playwright-core';
+
+export const CHROMIUM = process.env.ASGD_CHROMIUM ?? '/usr/bin/chromium';
+export const ARTIFACTS = join(process.cwd(), 'test-artifacts', 'ui');
+
+/** Why the browser tests cannot run here, or null when they can. Throws in CI (they must run there). */
+export function chromiumMissing(): string | null {
+  if (existsSync(CHROMIUM)) return null;
+  const message = `${CHROMIUM} is missing: install Debian's chromium (apt-get install chromium) to run the dashboard's browser tests`;
+  if (process.env.CI) throw new Error(message);
+  return message;
+}
+
+export async function launch(t: TestContext): Promise<Browser> {
+  const browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+  t.after(() => browser.close());
+  return browser;
+}
+
+/** A page that fails the test on a script error and keeps the console for the failure message. */
+export async function newPage(browser: Browser, log: string[]): Promise<Page> {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const page = await context.newPage();
+  page.on('console', (m) => log.push(`console.${m.type()}: ${m.text()}`));
+  page.on('pageerror', (e) => log.push(`pageerror: ${e.message}`));
+  return page;
+}
+
+/** The whole page, or the top `height` pixels of it. */
+export async function screenshot(page: Page, name: string, height?: number): Promise<string> {
+  mkdirSync(ARTIFACTS, { recursive: true });
+  const path = join(ARTIFACTS, `${name}.png`);
+  await page.screenshot({ path, ...(height ? { clip: { x: 0, y: 0, width: page.viewportSize()?.width ?? 1280, height } } : { fullPage: true }) });
+  return path;
+}

@@ -1,0 +1,59 @@
+// Small formatting helpers shared by the pages.
+
+/** @param {number | null | undefined} n */
+export function fmtNum(n, digits = 4) {
+  if (n === null || n === undefined || Number.isNaN(n)) return '—';
+  if (Number.isInteger(n) && Math.abs(n) < 1e15) return n.toLocaleString('en-US');
+  const a = Math.abs(n);
+  if (a !== 0 && (a < 1e-3 || a >= 1e6)) return Number(n.toPrecision(digits)).toExponential();
+  return Number(n.toPrecision(digits)).toString();
+}
+
+/** @param {number | null | undefined} bytes */
+export function fmtBytes(bytes) {
+  if (bytes === null || bytes === undefined) return '—';
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let v = bytes;
+  let u = 0;
+  while (v >= 1024 && u < units.length - 1) {
+    v /= 1024;
+    u++;
+  }
+  return `${u === 0 ? v : v.toFixed(v < 10 ? 2 : 1)} ${units[u]}`;
+}
+
+/** Time since an ISO date, as "12 s", "3 min", "2 h", "5 d". @param {string | null | undefined} iso */
+export function fmtAgo(iso, now = Date.now()) {
+  if (!iso) return '—';
+  const s = Math.max(0, (now - Date.parse(iso)) / 1000);
+  if (s < 90) return `${Math.round(s)} s`;
+  if (s < 5400) return `${Math.round(s / 60)} min`;
+  if (s < 172800) return `${Math.round(s / 3600)} h`;
+  return `${Math.round(s / 86400)} d`;
+}
+
+/**
+ * @param {string} tag @param {Record<string, any>} [attrs]
+ * @param {(Node | string | null | undefined | false)[]} children
+ * @returns {HTMLElement}
+ */
+export function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith('on') && typeof v === 'function') el.addEventListener(k.slice(2), v);
+    else if (k === 'className') el.className = v;
+    else el.setAttribute(k, v === true ? '' : String(v));
+  }
+  for (const c of children) if (c !== null && c !== undefined && c !== false) el.append(c);
+  return el;
+}
+
+/** Asks for a confirmation in a modal dialog. @param {string} text @returns {Promise<boolean>} */
+export function confirmDialog(text) {
+  const dialog = /** @type {HTMLDialogElement} */ (document.getElementById('confirm-dialog'));
+  /** @type {HTMLElement} */ (document.getElementById('confirm-text')).textContent = text;
+  dialog.returnValue = '';
+  dialog.showModal();
+  return new Promise((resolve) => dialog.addEventListener('close', () => resolve(dialog.returnValue === 'ok'), { once: true }));
+}

@@ -1,0 +1,87 @@
+// The dashboard's shell: who the token is, the token prompt, and the routes #/ (sessions) and
+// #/s/<name> (one session). Each page returns a function that stops its timers and streams.
+import { api, ApiError, getToken, setToken } from './api.js';
+import { h } from './format.js';
+import { sessionsPage } from './sessions.js';
+import { sessionPage } from './session.js';
+
+/** @typedef {{ id: string, name: string, scope: 'read' | 'step' | 'admin', sessions: string[] | null, auth: boolean }} Who */
+
+const app = /** @type {HTMLElement} */ (document.getElementById('app'));
+const crumbs = /** @type {HTMLElement} */ (document.getElementById('crumbs'));
+const whoEl = /** @type {HTMLElement} */ (document.getElementById('who'));
+
+/** @type {(() => void) | null} */
+let stopPage = null;
+
+/** Asks for a token in the dialog; resolves once one was entered. @param {string} reason */
+function askToken(reason) {
+  const dialog = /** @type {HTMLDialogElement} */ (document.getElementById('token-dialog'));
+  const input = /** @type {HTMLInputElement} */ (document.getElementById('token-input'));
+  /** @type {HTMLElement} */ (document.getElementById('token-reason')).textContent = reason;
+  input.value = '';
+  dialog.showModal();
+  return new Promise((resolve) => {
+    dialog.addEventListener('close', () => {
+      setToken(input.value.trim() || null);
+      resolve(undefined);
+    }, { once: true });
+  });
+}
+
+/** Who the tab's token is; asks for a token until the service accepts one. @returns {Promise<Who>} */
+async function identify() {
+  let reason = 'This service needs a bearer token to show its sessions.';
+  for (;;) {
+    try {
+      return await api('/v1/tokens/self');
+    } catch (err) {
+      if (!(err instanceof ApiError) || err.status !== 401) throw err;
+      if (getToken()) reason = `The service refused the token: ${err.message}`;
+      setToken(null);
+      await askToken(reason);
+    }
+  }
+}
+
+/** @param {Who} who */
+function showWho(who) {
+  whoEl.replaceChildren();
+  if (!who.auth) {
+    whoEl.append('auth off');
+    return;
+  }
+  whoEl.append(
+    `${who.name} · ${who.scope}${who.sessions ? ` · ${who.sessions.length} session${who.sessions.length === 1 ? '' : 's'}` : ''} `,
+    h('button', { onclick: () => { setToken(null); location.reload(); } }, 'Change token'),
+  );
+}
+
+/** @param {Who} who */
+function route(who) {
+  stopPage?.();
+  stopPage = null;
+  app.replaceChildren();
+  const m = /^#\/s\/([^/?]+)/.exec(location.hash);
+  if (m) {
+    const name = decodeURIComponent(m[1]);
+    crumbs.replaceChildren(h('a', { href: '#/' }, 'Sessions'), ' / ', h('b', {}, name));
+    stopPage = sessionPage(app, name, who);
+  } else {
+    crumbs.replaceChildren(h('b', {}, 'Sessions'));
+    stopPage = sessionsPage(app, who);
+  }
+}
+
+async function start() {
+  try {
+    const who = await identify();
+    showWho(who);
+    addEventListener('hashchange', () => route(who));
+    route(who);
+  } catch (err) {
+    app.replaceChildren(h('p', { className: 'error' }, `The service could not be reached: ${err instanceof Error ? err.message : String(err)}`));
+  }
+}
+
+start();

@@ -1,0 +1,62 @@
+// A session's training series as the charts need it: the metrics route's points (raw, or buckets of
+// versions with min/max/mean when the server downsampled), and the figures derived from them.
+
+/**
+ * @typedef {{ version: number, step: number, time: number, staleness: number, staleness_max?: number,
+ *   values: Record<string, number>, min?: Record<string, number>, max?: Record<string, number>, count?: number }} Point
+ * @typedef {{ version: number, step: number, time: string, param_groups: Record<string, any>[] }} HyperChange
+ */
+
+/** How many points the page asks for: enough for a wide chart, few enough to open at once. */
+export const MAX_POINTS = 1500;
+
+/** @param {any} p @returns {Point} */
+export function toPoint(p) {
+  return { ...p, time: Date.parse(p.time) };
+}
+
+/** Metric names, loss first, then by name. @param {Point[]} points */
+export function metricNames(points) {
+  const names = new Set();
+  for (const p of points) for (const k of Object.keys(p.values ?? {})) names.add(k);
+  return [...names].sort((a, b) => (a === 'loss' ? -1 : b === 'loss' ? 1 : a < b ? -1 : a > b ? 1 : 0));
+}
+
+/**
+ * Steps per second at each point, over a window of ~1/100 of the series (at least one point), so that a
+ * raw series of single steps is not dominated by the jitter between two requests.
+ * @param {Point[]} points @returns {(number | null)[]}
+ */
+export function stepsPerSecond(points) {
+  const w = Math.max(1, Math.round(points.length / 100));
+  return points.map((p, i) => {
+    if (i === 0) return null;
+    const q = points[Math.max(0, i - w)];
+    const dt = (p.time - q.time) / 1000;
+    return dt > 0 ? (p.step - q.step) / dt : null;
+  });
+}
+
+/**
+ * The groups' hyperparameters in force at each point: the newest change at or below its version; before
+ * the first recorded change, unknown (null) unless the session never changed them (then its groups now).
+ * @param {Point[]} points @param {HyperChange[]} changes sorted by version @param {Record<string, any>[]} current
+ * @returns {(Record<string, any>[] | null)[]}
+ */
+export function hyperAt(points, changes, current) {
+  let c = -1;
+  return points.map((p) => {
+    while (c + 1 < changes.length && changes[c + 1].version <= p.version) c++;
+    if (c >= 0) return changes[c].param_groups;
+    return changes.length === 0 ? current : null;
+  });
+}
+
+/**
+ * ASGD's eta and mu after a step, as torch.optim.asgd computes them from the group's values:
+ * eta = lr / (1 + lambd * lr * step) ** alpha, mu = 1 / max(1, step - t0).
+ * @param {Record<string, any>} g @param {number} step
+ */
+export function etaMu(g, step) {
+  return { eta: g.lr / (1 + g.lambd * g.lr * step) ** g.alpha, mu: 1 / Math.max(1, step - g.t0) };
+}

@@ -1,0 +1,98 @@
+// The sessions page: one row per session with its progress, paged by name (the API's cursor) and
+// filtered on the server by a search text, so thousands of sessions stay one small request away.
+import { api } from './api.js';
+import { fmtAgo, fmtBytes, fmtNum, h } from './format.js';
+
+const PAGE = 50;
+
+/** Stored bytes of a session, when the service reports them. @param {any} s @returns {number | null} */
+export const storedBytes = (s) => s.storage?.total_bytes ?? null;
+
+/** @param {HTMLElement} root @param {import('./main.js').Who} who */
+export function sessionsPage(root, who) {
+  let search = '';
+  /** @type {(string | null)[]} cursors of the pages before this one */
+  const cursors = [];
+  /** @type {string | null} */
+  let after = null;
+  /** @type {string | null} */
+  let next = null;
+  let stopped = false;
+
+  const input = /** @type {HTMLInputElement} */ (h('input', { type: 'search', placeholder: 'Search sessions by name', 'aria-label': 'Search sessions' }));
+  const status = h('span', { className: 'muted' });
+  const body = h('tbody');
+  const openRoundHead = h('th', { className: 'num', hidden: true }, 'open round');
+  const table = h('table', { id: 'sessions' },
+    h('thead', {}, h('tr', {},
+      h('th', {}, 'name'), h('th', { className: 'num' }, 'step'), h('th', { className: 'num' }, 'version'),
+      h('th', { className: 'num' }, 'steps/s (1 min)'), h('th', { className: 'num' }, 'since last step'),
+      h('th', { className: 'num' }, 'stored'), openRoundHead, h('th', { className: 'num' }, 'parameters'))),
+    body);
+  const prev = /** @type {HTMLButtonElement} */ (h('button', { onclick: () => { after = cursors.pop() ?? null; load(); } }, '← Previous'));
+  const nextButton = /** @type {HTMLButtonElement} */ (h('button', { onclick: () => { cursors.push(after); after = next; load(); } }, 'Next →'));
+  const pageInfo = h('span', { className: 'muted' });
+  root.append(
+    h('div', { className: 'toolbar' }, input, status),
+    table,
+    h('div', { className: 'pager' }, prev, nextButton, pageInfo),
+  );
+  if (who.sessions) root.append(h('p', { className: 'muted' }, `This token sees only its ${who.sessions.length} session(s).`));
+
+  /** @type {ReturnType<typeof setTimeout> | undefined} */
+  let debounce;
+  input.addEventListener('input', () => {
+    clearTimeout(debounce);
+    debounce = setTimeout(() => {
+      search = input.value.trim();
+      cursors.length = 0;
+      after = null;
+      load();
+    }, 250);
+  });
+
+  let loading = 0;
+  async function load() {
+    const ticket = ++loading;
+    const query = new URLSearchParams({ limit: String(PAGE), figures: 'true', storage: 'true' });
+    if (after) query.set('after', after);
+    if (search) query.set('search', search);
+    try {
+      const page = await api(`/v1/sessions?${query}`);
+      if (ticket !== loading || stopped) return;
+      next = page.next;
+      render(page.sessions);
+      status.textContent = '';
+    } catch (err) {
+      if (ticket === loading) status.textContent = `Could not list sessions: ${err instanceof Error ? err.message : err}`;
+    }
+  }
+
+  /** @param {any[]} sessions */
+  function render(sessions) {
+    const rounds = sessions.some((s) => s.round !== undefined);
+    openRoundHead.hidden = !rounds;
+    body.replaceChildren(...sessions.map((s) => h('tr', { 'data-session': s.name },
+      h('td', {}, h('a', { href: `#/s/${encodeURIComponent(s.name)}` }, s.name)),
+      h('td', { className: 'num' }, fmtNum(s.step)),
+      h('td', { className: 'num' }, fmtNum(s.version)),
+      h('td', { className: 'num' }, s.activity ? fmtNum(s.activity.steps_per_second, 3) : '—'),
+      h('td', { className: 'num' }, fmtAgo(s.activity?.last_step_at ?? null)),
+      h('td', { className: 'num' }, fmtBytes(storedBytes(s))),
+      rounds ? h('td', { className: 'num' }, s.round?.open ? String(s.round.id ?? 'open') : '—') : null,
+      h('td', { className: 'num' }, `${s.params.length} · ${fmtNum(s.numel)}`),
+    )));
+    if (sessions.length === 0) body.append(h('tr', {}, h('td', { colspan: '8', className: 'muted' }, search ? `No session name contains "${search}".` : 'No sessions yet.')));
+    prev.disabled = cursors.length === 0;
+    nextButton.disabled = next === null;
+    pageInfo.textContent = `page ${cursors.length + 1}`;
+  }
+
+  load();
+  // The list follows training: refreshed every few seconds (one small request).
+  const timer = setInterval(() => { if (!document.hidden) load(); }, 3000);
+  return () => {
+    stopped = true;
+    clearInterval(timer);
+  };
+}
