@@ -1,14 +1,15 @@
 // The whole service as one Fastify plugin. It never listens: src/server.ts does, tests inject.
 import { createRequire } from 'node:module';
 import type { Socket } from 'node:net';
-import { STATUS_CODES } from 'node:http';
 import fp from 'fastify-plugin';
 import { AjvCompiler } from '@fastify/ajv-compiler';
-import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify';
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyServerOptions } from 'fastify';
 import type { Config } from './config.ts';
-import { ApiError, errors } from './errors.ts';
-import { FormatError } from './formats/errors.ts';
+import { errors, type ApiError } from './errors.ts';
 import type { Database } from './db/database.ts';
+import errorsPlugin, { ERROR_CODE_KEYWORD, errorBody } from './plugins/errors.ts';
+import { SESSION_NAME_SOURCE } from './sessions/spec.ts';
+import contentTypesPlugin from './plugins/content-types.ts';
 import dbPlugin from './plugins/db.ts';
 import sessionsPlugin from './plugins/sessions.ts';
 import notifierPlugin from './plugins/notifier.ts';
@@ -23,7 +24,6 @@ import healthRoutes from './routes/health/index.ts';
 import rootRoutes from './routes/root/index.ts';
 import tokenRoutes from './routes/tokens/index.ts';
 import sessionRoutes from './routes/sessions/index.ts';
-import { isRetryableDbError } from './sessions/service.ts';
 
 export interface AppOptions {
   config: Config;
@@ -33,118 +33,8 @@ export interface AppOptions {
   logger?: FastifyServerOptions['logger'];
 }
 
-/** Error body: {statusCode, code, error, message, ...details}. 5xx bodies never carry internals. */
-export function toApiError(err: unknown, request?: FastifyRequest): ApiError {
-  if (err instanceof ApiError) return err;
-  if (err instanceof FormatError) return errors.fileFormat(err.code, err.message);
-  const e = err as FastifyError & { validation?: unknown; validationContext?: string };
-  if (e?.validation) {
-    const message = `${e.validationContext ?? 'body'}: ${e.message}`;
-    if (e.validationContext === 'params') return errors.invalidPath(message);
-    if (e.validationContext === 'querystring') return new ApiError(400, 'INVALID_QUERY', message);
-    if (e.validationContext === 'headers') return new ApiError(400, 'INVALID_HEADER', message);
-    return errors.invalidBody(message);
-  }
-  if (e?.code === 'ERR_STRING_TOO_LONG') return errors.badRequest('body: holds a string longer than this service reads');
-  switch (e?.code) {
-    case 'FST_ERR_CTP_BODY_TOO_LARGE':
-      return errors.bodyTooLarge(request?.routeOptions.bodyLimit ?? 0);
-    case 'FST_ERR_CTP_INVALID_TYPE':
-    case 'FST_ERR_CTP_EMPTY_TYPE':
-      return errors.invalidHeader('Content-Type', 'must be a media type such as application/json');
-    case 'FST_ERR_HANDLER_TIMEOUT':
-      return errors.unavailable('the request took too long; retry shortly');
-    case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':
-      return errors.unsupportedMediaType(
-        String(e.message.split(': ').pop()).slice(0, 100),
-        ((request?.routeOptions.schema as { consumes?: string[] } | undefined)?.consumes ?? ['application/json']).join(', '),
-      );
-    case 'FST_ERR_CTP_EMPTY_JSON_BODY':
-      return errors.invalidJson('the body is empty');
-    case 'FST_ERR_CTP_INVALID_CONTENT_LENGTH':
-      return errors.badRequest('Content-Length: does not match the body');
-    case 'FST_ERR_CTP_INVALID_JSON_BODY':
-      return errors.invalidJson(e.message);
-  }
-  if (e instanceof SyntaxError || (e?.statusCode === 400 && /JSON/i.test(e.message ?? ''))) return errors.invalidJson(e.message);
-  if (isRetryableDbError(err)) return errors.unavailable('the database is unreachable; retry shortly');
-  // The database server answers but will not serve us (it was dropped, renamed, or our login was
-  // changed): the service is unavailable, which is no fault of the request.
-  if (typeof e?.code === 'string' && /^(3D000|57P04|28[0-9A-Z]{3})$/.test(e.code) && (err as { severity?: unknown }).severity !== undefined) {
-    return errors.unavailable('the database is not available', 5);
-  }
-  // PostgreSQL class 22 (data exception: a number out of a column's range, …) means a value got past the
-  // route's checks: the client's input, not the server, is at fault. The route should have named the field.
-  if (typeof e?.code === 'string' && /^22[0-9A-Z]{3}$/.test(e.code) && (err as { severity?: unknown }).severity !== undefined) {
-    return errors.badRequest('a value in the request is out of the range this service stores');
-  }
-  if (typeof e?.statusCode === 'number' && e.statusCode >= 400 && e.statusCode < 500) {
-    // Fastify's own codes (FST_ERR_…) are not part of this API's catalogue.
-    const code = typeof e.code === 'string' && !e.code.startsWith('FST_') ? e.code : 'BAD_REQUEST';
-    return new ApiError(e.statusCode, code, e.message);
-  }
-  return errors.internal();
-}
-
 export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<void> {
   const { config } = opts;
-
-  fastify.setErrorHandler((err, request, reply) => {
-    const api = toApiError(err, request);
-    if (api.statusCode >= 500) request.log.error({ err }, 'request failed');
-    // An error mapped from elsewhere (fastify, the database) keeps its original in the log line.
-    else request.log.info({ code: api.code, statusCode: api.statusCode, ...(!(err instanceof ApiError) && { err }) }, api.message);
-    if (api.headers) reply.headers(api.headers);
-    return reply.status(api.statusCode).send({
-      statusCode: api.statusCode,
-      code: api.code,
-      error: STATUS_CODES[api.statusCode] ?? 'Error',
-      message: api.message,
-      ...api.details,
-    });
-  });
-  fastify.setNotFoundHandler((request, reply) => {
-    const api = errors.routeNotFound(request.method, request.url.split('?')[0].slice(0, 200));
-    return reply.status(404).send({ statusCode: 404, code: api.code, error: 'Not Found', message: api.message });
-  });
-
-  // Bodies are JSON or files; fastify's default text/plain parser would hand routes a string.
-  fastify.removeContentTypeParser('text/plain');
-  // JSON arrives as bytes and is bounded before it becomes one string: a text beyond V8's string limit
-  // (~512 MiB) would otherwise throw inside the body reader and take the process down.
-  const parseJson = fastify.getDefaultJsonParser('error', 'error');
-  fastify.removeContentTypeParser('application/json');
-  fastify.addContentTypeParser('application/json', { parseAs: 'buffer' }, (request, body, done) => {
-    const bytes = body as Buffer;
-    if (bytes.length > config.bodyLimitJson) {
-      done(new ApiError(413, 'BODY_TOO_LARGE', `body: a JSON body is limited to ${config.bodyLimitJson} bytes; send tensors as safetensors or a torch.save file`), undefined);
-      return;
-    }
-    parseJson(request, bytes.toString('utf8'), done);
-  });
-  fastify.addHook('preParsing', async (request) => {
-    // Refuse a JSON body announced as too large before reading it.
-    const length = Number(request.headers['content-length']);
-    const type = (request.headers['content-type'] ?? '').split(';')[0].trim().toLowerCase();
-    if (type === 'application/json' && length > config.bodyLimitJson) {
-      throw new ApiError(413, 'BODY_TOO_LARGE', `body: a JSON body is limited to ${config.bodyLimitJson} bytes; send tensors as safetensors or a torch.save file`);
-    }
-  });
-  // Binary bodies (torch.save files, safetensors) arrive as one Buffer, bounded by the route's bodyLimit.
-  fastify.addContentTypeParser(
-    ['application/octet-stream', 'application/vnd.pytorch', 'application/x-safetensors', 'application/safetensors'],
-    { parseAs: 'buffer' },
-    (_request, body, done) => done(null, body),
-  );
-  // A route accepts the media types its schema lists in `consumes` (JSON only when it lists none); the
-  // parsers above are global, so without this a file sent to a JSON route would reach its handler.
-  fastify.addHook('preValidation', async (request) => {
-    const type = request.headers['content-type'];
-    if (type === undefined || request.body === undefined) return;
-    const media = type.split(';')[0].trim().toLowerCase();
-    const accepted = (request.routeOptions.schema as { consumes?: string[] } | undefined)?.consumes ?? ['application/json'];
-    if (!accepted.includes(media)) throw errors.unsupportedMediaType(media.slice(0, 100), accepted.join(', '));
-  });
 
   // Every response says which request it was (the same id is on every log line of the request). Once the
   // app is closing (SIGTERM), requests that still arrive on open connections are turned away with a code,
@@ -163,6 +53,8 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
 
   // Order matters: the limits' onRequest hook sheds load before auth touches the database; auth's onRoute
   // hook must see every route, and swagger's collector every route after it.
+  await fastify.register(errorsPlugin);
+  await fastify.register(contentTypesPlugin, { config });
   await fastify.register(dbPlugin, { config, migrate: opts.migrate ?? false, database: opts.database });
   await fastify.register(sessionsPlugin, { config });
   await fastify.register(notifierPlugin);
@@ -201,12 +93,10 @@ function hasPinoPretty(): boolean {
   }
 }
 
-const SESSION_PATH = /^\/v1\/sessions\/([A-Za-z0-9._-]{1,128})(?:[/?]|$)/;
+const SESSION_PATH = new RegExp(`^/v1/sessions/(${SESSION_NAME_SOURCE})(?:[/?]|$)`);
 
-/** Write a framework-level error (bad URL, oversized headers, timeouts) in the API's error shape. */
-function errorBody(api: ApiError): string {
-  return JSON.stringify({ statusCode: api.statusCode, code: api.code, error: STATUS_CODES[api.statusCode] ?? 'Error', message: api.message });
-}
+/** A framework-level error (bad URL, oversized headers, timeouts) in the API's error shape. */
+const errorText = (api: ApiError): string => JSON.stringify(errorBody(api));
 
 function clientErrorHandler(this: FastifyInstance, err: Error & { code?: string }, socket: Socket): void {
   if (err.code === 'ECONNRESET' || socket.destroyed) return;
@@ -215,7 +105,7 @@ function clientErrorHandler(this: FastifyInstance, err: Error & { code?: string 
     : errors.badRequest('the request is not valid HTTP/1.1');
   this.log.debug({ err, code: api.code }, 'client error');
   if (socket.writable) {
-    const body = errorBody(api);
+    const body = errorText(api);
     socket.write(`HTTP/1.1 ${api.statusCode} ${api.code}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n${body}`);
   }
   socket.destroy(err);
@@ -255,10 +145,11 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     routerOptions: { maxParamLength: MAX_PARAM_LENGTH },
     frameworkErrors: (err, _request, reply) => {
       const api = err.code === 'FST_ERR_MAX_PARAM_LENGTH' ? errors.uriTooLong(MAX_PARAM_LENGTH) : errors.invalidUrl('path: is not a valid URL (bad percent-encoding)');
-      void (reply as FastifyReply).code(api.statusCode).header('content-type', 'application/json').send(errorBody(api));
+      void (reply as FastifyReply).code(api.statusCode).header('content-type', 'application/json').send(errorText(api));
     },
     clientErrorHandler,
-    ajv: { customOptions: { coerceTypes: 'array', removeAdditional: false, allErrors: false } },
+    // `x-error-code` is an annotation: a field's own error code (src/plugins/errors.ts).
+    ajv: { customOptions: { coerceTypes: 'array', removeAdditional: false, allErrors: false, keywords: [ERROR_CODE_KEYWORD] } },
     // Query strings, path parameters and headers are text and are coerced to their schema's types; JSON
     // bodies have types of their own, so {"name": true} is a 400, not a session called "true".
     schemaController: {

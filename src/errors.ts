@@ -1,17 +1,81 @@
-// Every error the API can return, in one catalogue (after fastify's lib/errors.js).
-// Clients get a stable `code`; messages name the field at fault; 5xx bodies never carry internals.
+// Every error the API can return, in one catalogue (after fastify's lib/errors.js): the table CODES lists
+// each code a client can receive with its status and meaning (the file-format codes of src/formats
+// included), the factories below are the only way to build one, and the OpenAPI document lists the codes
+// of each status from this table. Messages name the field at fault; 5xx bodies never carry internals.
+import { FORMAT_ERROR_CODES, type FormatErrorCode } from './formats/errors.ts';
+
+/** The codes of the API's own errors: status and meaning. Codes are stable API. */
+const API_CODES = {
+  /** Requests: framing, validation */
+  BAD_REQUEST: [400, 'The request is malformed in a way no more specific code covers'],
+  INVALID_BODY: [400, 'The body does not have the documented structure; the message names the field'],
+  INVALID_JSON: [400, 'The body is not valid JSON'],
+  INVALID_PATH: [400, 'A path parameter (session name, snapshot id, token id) is malformed'],
+  INVALID_QUERY: [400, 'A query parameter is malformed or out of range'],
+  INVALID_HEADER: [400, 'A request header is malformed (If-Match, Idempotency-Key, Content-Type, …)'],
+  INVALID_URL: [400, 'The URL cannot be decoded'],
+  URI_TOO_LONG: [414, 'A path segment is longer than the server reads'],
+  REQUEST_TIMEOUT: [408, 'The request was not received in time'],
+  HEADERS_TOO_LARGE: [431, 'The request headers are larger than the server accepts'],
+  BODY_TOO_LARGE: [413, 'The body is larger than this route (or a JSON body) accepts'],
+  UNSUPPORTED_MEDIA_TYPE: [415, 'The Content-Type is not one this route accepts'],
+  NOT_ACCEPTABLE: [406, 'No format this route offers is acceptable (Accept, ?format=, or JSON too large)'],
+  ROUTE_NOT_FOUND: [404, 'No such route'],
+  /** Sessions, tensors, hyperparameters */
+  INVALID_NAME: [400, 'A session name is not 1-128 characters of A-Za-z0-9._-'],
+  INVALID_HYPERPARAMETER: [400, 'A hyperparameter is out of range or of the wrong type (as torch.optim.ASGD checks)'],
+  INVALID_PARAM_GROUPS: [400, 'param_groups do not partition the parameters'],
+  INVALID_TENSOR: [400, 'A tensor is malformed: shape, dtype, values, name'],
+  SHAPE_MISMATCH: [400, 'A tensor does not have its parameter\'s shape'],
+  UNKNOWN_PARAMETER: [400, 'A tensor names no parameter of this session'],
+  EMPTY_STEP: [400, 'A step without any gradient'],
+  STATE_DICT_MISMATCH: [400, 'A state_dict does not fit this session (group count, sizes)'],
+  INVALID_STATE_DICT: [400, 'A state_dict is malformed; the message names the field'],
+  INVALID_METRICS: [400, 'A step\'s metrics are malformed: at most 32 finite numbers named like sessions'],
+  SESSION_NOT_FOUND: [404, 'No session of this name'],
+  SNAPSHOT_NOT_FOUND: [404, 'No snapshot of this id in this session'],
+  VERSION_NOT_AVAILABLE: [404, 'The version asked for is older than the oldest snapshot or newer than the session'],
+  SESSION_EXISTS: [409, 'A session of this name exists'],
+  STALE_GRADIENT: [409, 'The gradient is older than max_staleness allows; the body carries the current version'],
+  VERSION_MISMATCH: [412, 'If-Match does not match the session\'s version; the body carries the current version'],
+  NON_FINITE_GRADIENT: [422, 'A gradient holds NaN or an infinity'],
+  IDEMPOTENCY_KEY_REUSED: [422, 'An Idempotency-Key was used before for a different request'],
+  SESSION_TOO_LARGE: [422, 'The session would hold more elements than the service allows'],
+  /** Access */
+  UNAUTHORIZED: [401, 'No bearer token, or an unknown or revoked one (WWW-Authenticate: Bearer)'],
+  FORBIDDEN: [403, 'The token\'s scope or session list does not allow this'],
+  TOKEN_NOT_FOUND: [404, 'No token of this id'],
+  /** Load and availability */
+  RATE_LIMITED: [429, 'Too many requests for this token; see Retry-After'],
+  SERVICE_UNAVAILABLE: [503, 'Overloaded, shutting down, or the database is unreachable; see Retry-After'],
+  TOO_MANY_WAITERS: [503, 'This process holds as many waiting reads or event streams as it allows; retry shortly or on another replica'],
+  SNAPSHOT_UNAVAILABLE: [503, 'A snapshot changed while it was read (another process pruned it); retry'],
+  INTERNAL: [500, 'An unexpected failure; the log has the details'],
+} as const satisfies Record<string, readonly [number, string]>;
+
+export type ErrorCode = keyof typeof API_CODES | FormatErrorCode;
+
+/** Every code a client can receive: status and meaning. File-format codes (src/formats/errors.ts) are 400s. */
+export const CODES: Readonly<Record<ErrorCode, { status: number; meaning: string }>> = Object.freeze({
+  ...Object.fromEntries(Object.entries(API_CODES).map(([code, [status, meaning]]) => [code, { status, meaning }])),
+  ...Object.fromEntries(Object.entries(FORMAT_ERROR_CODES).map(([code, meaning]) => [code, { status: 400, meaning: `File format: ${meaning}` }])),
+} as Record<ErrorCode, { status: number; meaning: string }>);
+
+/** The codes a response of this status can carry, in catalogue order. */
+export const codesOfStatus = (status: number): ErrorCode[] => (Object.keys(CODES) as ErrorCode[]).filter((code) => CODES[code].status === status);
 
 export class ApiError extends Error {
   readonly statusCode: number;
-  readonly code: string;
+  readonly code: ErrorCode;
   /** Extra fields sent with the error body (e.g. the current version on a 412). */
   readonly details?: Record<string, unknown>;
   readonly headers?: Record<string, string>;
 
-  constructor(statusCode: number, code: string, message: string, details?: Record<string, unknown>, headers?: Record<string, string>) {
+  /** Only the catalogue below constructs these. */
+  constructor(code: ErrorCode, message: string, details?: Record<string, unknown>, headers?: Record<string, string>) {
     super(message);
     this.name = 'ApiError';
-    this.statusCode = statusCode;
+    this.statusCode = CODES[code].status;
     this.code = code;
     this.details = details;
     this.headers = headers;
@@ -19,69 +83,80 @@ export class ApiError extends Error {
 }
 
 const make =
-  <A extends unknown[]>(statusCode: number, code: string, message: (...args: A) => string) =>
+  <A extends unknown[]>(code: ErrorCode, message: (...args: A) => string) =>
   (...args: A) =>
-    new ApiError(statusCode, code, message(...args));
+    new ApiError(code, message(...args));
+
+/** The part of a request a schema checked: its code, so a bad name is INVALID_PATH on every route. */
+const PART_CODES = { params: 'INVALID_PATH', querystring: 'INVALID_QUERY', headers: 'INVALID_HEADER', body: 'INVALID_BODY' } as const;
+export type RequestPart = keyof typeof PART_CODES;
 
 export const errors = {
   // 400: the request is malformed
-  badRequest: make(400, 'BAD_REQUEST', (message: string) => message),
-  invalidBody: make(400, 'INVALID_BODY', (message: string) => message),
-  invalidJson: make(400, 'INVALID_JSON', (message: string) => `request body is not valid JSON: ${message}`),
-  invalidName: make(400, 'INVALID_NAME', (field: string) => `${field} must be 1-128 characters of A-Za-z0-9._-`),
-  invalidHyperparameter: make(400, 'INVALID_HYPERPARAMETER', (field: string, message: string) => `${field}: ${message}`),
-  invalidParamGroups: make(400, 'INVALID_PARAM_GROUPS', (message: string) => message),
-  invalidTensor: make(400, 'INVALID_TENSOR', (field: string, message: string) => `${field}: ${message}`),
-  shapeMismatch: make(400, 'SHAPE_MISMATCH', (field: string, message: string) => `${field}: ${message}`),
-  unknownParameter: make(400, 'UNKNOWN_PARAMETER', (field: string, name: string) => `${field}: no parameter named ${JSON.stringify(name)} in this session`),
-  emptyStep: make(400, 'EMPTY_STEP', () => 'grads: a step needs a gradient for at least one parameter'),
-  stateDictMismatch: make(400, 'STATE_DICT_MISMATCH', (message: string) => message),
-  invalidStateDict: make(400, 'INVALID_STATE_DICT', (field: string, message: string) => `${field}: ${message}`),
-  invalidMetrics: make(400, 'INVALID_METRICS', (field: string, message: string) => `${field}: ${message}`),
-  invalidQuery: make(400, 'INVALID_QUERY', (field: string, message: string) => `${field}: ${message}`),
-  invalidHeader: make(400, 'INVALID_HEADER', (field: string, message: string) => `${field}: ${message}`),
-  fileFormat: (code: string, message: string) => new ApiError(400, code, message),
-  invalidPath: make(400, 'INVALID_PATH', (message: string) => message),
-  invalidUrl: make(400, 'INVALID_URL', (message: string) => message),
-  uriTooLong: make(414, 'URI_TOO_LONG', (limit: number) => `path: a path segment is longer than ${limit} characters`),
+  badRequest: make('BAD_REQUEST', (message: string) => message),
+  invalidBody: make('INVALID_BODY', (message: string) => message),
+  /** A schema check failed (AJV): the code of the part, the field first in the message. */
+  invalidPart: (part: RequestPart, field: string, message: string) => new ApiError(PART_CODES[part], `${field}: ${message}`),
+  /** A schema check failed where the schema names a more specific code (`x-error-code`). */
+  invalidField: (code: ErrorCode, field: string, message: string) => new ApiError(code, `${field}: ${message}`),
+  invalidJson: make('INVALID_JSON', (message: string) => `request body is not valid JSON: ${message}`),
+  invalidName: make('INVALID_NAME', (field: string) => `${field} must be 1-128 characters of A-Za-z0-9._-`),
+  invalidHyperparameter: make('INVALID_HYPERPARAMETER', (field: string, message: string) => `${field}: ${message}`),
+  invalidParamGroups: make('INVALID_PARAM_GROUPS', (message: string) => message),
+  invalidTensor: make('INVALID_TENSOR', (field: string, message: string) => `${field}: ${message}`),
+  shapeMismatch: make('SHAPE_MISMATCH', (field: string, message: string) => `${field}: ${message}`),
+  unknownParameter: make('UNKNOWN_PARAMETER', (field: string, name: string) => `${field}: no parameter named ${JSON.stringify(name)} in this session`),
+  emptyStep: make('EMPTY_STEP', () => 'grads: a step needs a gradient for at least one parameter'),
+  stateDictMismatch: make('STATE_DICT_MISMATCH', (message: string) => message),
+  invalidStateDict: make('INVALID_STATE_DICT', (field: string, message: string) => `${field}: ${message}`),
+  invalidMetrics: make('INVALID_METRICS', (field: string, message: string) => `${field}: ${message}`),
+  invalidQuery: make('INVALID_QUERY', (field: string, message: string) => `${field}: ${message}`),
+  invalidHeader: make('INVALID_HEADER', (field: string, message: string) => `${field}: ${message}`),
+  /** A file that src/formats refused: its code is one of FORMAT_ERROR_CODES. */
+  fileFormat: (code: FormatErrorCode, message: string) => new ApiError(code, message),
+  invalidUrl: make('INVALID_URL', (message: string) => message),
+  uriTooLong: make('URI_TOO_LONG', (limit: number) => `path: a path segment is longer than ${limit} characters`),
   // 401/403: access. The WWW-Authenticate challenge follows RFC 6750 section 3.
   unauthorized: (message: string, invalidToken = false) =>
-    new ApiError(401, 'UNAUTHORIZED', message, undefined, {
+    new ApiError('UNAUTHORIZED', message, undefined, {
       'www-authenticate': invalidToken ? 'Bearer realm="asgd-serve", error="invalid_token"' : 'Bearer realm="asgd-serve"',
     }),
   forbidden: (message: string, scope?: string) =>
-    new ApiError(403, 'FORBIDDEN', message, undefined, {
+    new ApiError('FORBIDDEN', message, undefined, {
       'www-authenticate': `Bearer realm="asgd-serve", error="insufficient_scope"${scope ? `, scope="${scope}"` : ''}`,
     }),
   // 404/405/406
-  sessionNotFound: make(404, 'SESSION_NOT_FOUND', (name: string) => `session ${JSON.stringify(name)} does not exist`),
-  snapshotNotFound: make(404, 'SNAPSHOT_NOT_FOUND', (id: string) => `snapshot ${id} does not exist in this session`),
-  tokenNotFound: make(404, 'TOKEN_NOT_FOUND', (id: string) => `token ${id} does not exist`),
-  routeNotFound: make(404, 'ROUTE_NOT_FOUND', (method: string, url: string) => `no route ${method} ${url}`),
-  versionNotAvailable: make(404, 'VERSION_NOT_AVAILABLE', (version: number, oldest: number | null, newest: number) =>
+  sessionNotFound: make('SESSION_NOT_FOUND', (name: string) => `session ${JSON.stringify(name)} does not exist`),
+  snapshotNotFound: make('SNAPSHOT_NOT_FOUND', (id: string) => `snapshot ${id} does not exist in this session`),
+  tokenNotFound: make('TOKEN_NOT_FOUND', (id: string) => `token ${id} does not exist`),
+  routeNotFound: make('ROUTE_NOT_FOUND', (method: string, url: string) => `no route ${method} ${url}`),
+  versionNotAvailable: make('VERSION_NOT_AVAILABLE', (version: number, oldest: number | null, newest: number) =>
     oldest === null
       ? `version: ${version} is not available (newest is ${newest})`
       : `version: ${version} is not available; versions ${oldest} to ${newest} can be read`),
-  notAcceptable: make(406, 'NOT_ACCEPTABLE', (accept: string, offered: string) => `Accept: cannot answer ${accept}; this route offers ${offered}`),
-  requestTimeout: make(408, 'REQUEST_TIMEOUT', () => 'the request was not received in time'),
+  notAcceptable: make('NOT_ACCEPTABLE', (accept: string, offered: string) => `Accept: cannot answer ${accept}; this route offers ${offered}`),
+  requestTimeout: make('REQUEST_TIMEOUT', () => 'the request was not received in time'),
   // 409/412/413/415/422/431
-  sessionExists: make(409, 'SESSION_EXISTS', (name: string) => `name: session ${JSON.stringify(name)} already exists`),
+  sessionExists: make('SESSION_EXISTS', (name: string) => `name: session ${JSON.stringify(name)} already exists`),
   staleGradient: (staleness: number, maxStaleness: number, version: number) =>
-    new ApiError(409, 'STALE_GRADIENT', `base_version: the gradient is ${staleness} versions old; this session accepts at most ${maxStaleness}`, { version, staleness, max_staleness: maxStaleness }),
+    new ApiError('STALE_GRADIENT', `base_version: the gradient is ${staleness} versions old; this session accepts at most ${maxStaleness}`, { version, staleness, max_staleness: maxStaleness }),
   versionMismatch: (expected: string, version: number) =>
-    new ApiError(412, 'VERSION_MISMATCH', `If-Match: expected ${expected}, the session is at version ${version}`, { version }, { etag: `"${version}"` }),
-  bodyTooLarge: make(413, 'BODY_TOO_LARGE', (limit: number) => `body: larger than the limit of ${limit} bytes for this route`),
-  unsupportedMediaType: make(415, 'UNSUPPORTED_MEDIA_TYPE', (type: string, accepted: string) => `Content-Type: ${type} is not accepted here; use ${accepted}`),
-  headersTooLarge: make(431, 'HEADERS_TOO_LARGE', () => 'the request headers are larger than this server accepts'),
-  nonFiniteGradient: make(422, 'NON_FINITE_GRADIENT', (field: string, index: number) => `${field}: element ${index} is not finite`),
-  idempotencyKeyReused: make(422, 'IDEMPOTENCY_KEY_REUSED', () => 'Idempotency-Key: this key was used for a request with a different body'),
-  tooLarge: make(422, 'SESSION_TOO_LARGE', (message: string) => message),
+    new ApiError('VERSION_MISMATCH', `If-Match: expected ${expected}, the session is at version ${version}`, { version }, { etag: `"${version}"` }),
+  bodyTooLarge: make('BODY_TOO_LARGE', (limit: number) => `body: larger than the limit of ${limit} bytes for this route`),
+  jsonBodyTooLarge: make('BODY_TOO_LARGE', (limit: number) => `body: a JSON body is limited to ${limit} bytes; send tensors as safetensors or a torch.save file`),
+  unsupportedMediaType: make('UNSUPPORTED_MEDIA_TYPE', (type: string, accepted: string) => `Content-Type: ${type} is not accepted here; use ${accepted}`),
+  headersTooLarge: make('HEADERS_TOO_LARGE', () => 'the request headers are larger than this server accepts'),
+  nonFiniteGradient: make('NON_FINITE_GRADIENT', (field: string, index: number) => `${field}: element ${index} is not finite`),
+  idempotencyKeyReused: make('IDEMPOTENCY_KEY_REUSED', () => 'Idempotency-Key: this key was used for a request with a different body'),
+  tooLarge: make('SESSION_TOO_LARGE', (message: string) => message),
   // 429/503
   rateLimited: (limit: number, retryAfterSeconds: number) =>
-    new ApiError(429, 'RATE_LIMITED', `more than ${limit} requests a minute; retry in ${retryAfterSeconds} s`, undefined, { 'retry-after': String(retryAfterSeconds) }),
+    new ApiError('RATE_LIMITED', `more than ${limit} requests a minute; retry in ${retryAfterSeconds} s`, undefined, { 'retry-after': String(retryAfterSeconds) }),
   unavailable: (message: string, retryAfterSeconds = 1) =>
-    new ApiError(503, 'SERVICE_UNAVAILABLE', message, undefined, { 'retry-after': String(retryAfterSeconds) }),
+    new ApiError('SERVICE_UNAVAILABLE', message, undefined, { 'retry-after': String(retryAfterSeconds) }),
   tooManyWaiters: (what: string, limit: number) =>
-    new ApiError(503, 'TOO_MANY_WAITERS', `${what}: this process already holds ${limit}; retry shortly or on another replica`, undefined, { 'retry-after': '1' }),
-  internal: make(500, 'INTERNAL', () => 'internal error'),
+    new ApiError('TOO_MANY_WAITERS', `${what}: this process already holds ${limit}; retry shortly or on another replica`, undefined, { 'retry-after': '1' }),
+  snapshotUnavailable: (id: number) =>
+    new ApiError('SNAPSHOT_UNAVAILABLE', `snapshot ${id} changed while it was read; try again`, undefined, { 'retry-after': '1' }),
+  internal: make('INTERNAL', () => 'internal error'),
 } as const;

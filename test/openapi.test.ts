@@ -1,9 +1,12 @@
 // openapi/openapi.json is generated from the routes (npm run openapi) and must be fresh; the document must
 // say what the routes do: their errors, their access, and the media types they really accept and answer.
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { test } from 'node:test';
 import { generateOpenApi, OPENAPI_FILE } from '../scripts/openapi.ts';
+import { CODES } from '../src/errors.ts';
 import { buildTestApp, PG_ADMIN_URL, TEST_DB_KIND } from './helper.ts';
 import { createSession, fillPath, operations, type Operation } from './ops/support.ts';
 
@@ -16,6 +19,14 @@ test('openapi/openapi.json is what the routes generate (run `npm run openapi` af
   assert.deepEqual(differences, [], 'openapi/openapi.json is stale: run `npm run openapi` and commit it');
   assert.deepEqual(committed, fresh);
 });
+
+/** A local $ref resolved in the document (other values as they are). */
+function resolve(doc: unknown, value: unknown): unknown {
+  const ref = (value as { $ref?: unknown } | undefined)?.$ref;
+  if (typeof ref !== 'string') return value;
+  assert.ok(ref.startsWith('#/'), ref);
+  return resolve(doc, ref.slice(2).split('/').reduce((at: unknown, key) => (at as Record<string, unknown> | undefined)?.[key.replace(/~1/g, '/').replace(/~0/g, '~')], doc));
+}
 
 /** JSON pointers where two documents differ (the first few). */
 function diff(a: unknown, b: unknown, at: string, out: string[] = []): string[] {
@@ -36,14 +47,18 @@ test('every operation documents its errors and its access', async (t) => {
   const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: 'an-admin-token-for-openapi' } });
   const access = new Map(app.routeAccess.map((r) => [`${r.method} ${(r.url.length > 1 ? r.url.replace(/\/$/, '') : r.url).replace(/:(\w+)/g, '{$1}')}`, r]));
 
-  for (const { method, path, op } of operations(doc) as (Operation & { op: { tags?: string[]; summary?: string } })[]) {
+  const operationIds = new Set<string>();
+  for (const { method, path, op } of operations(doc) as (Operation & { op: { tags?: string[]; summary?: string; operationId?: string } })[]) {
     const label = `${method} ${path}`;
     assert.ok(op.summary, `${label} has a summary`);
     assert.ok(op.tags?.length && op.tags.every((tag) => tags.has(tag)), `${label} has declared tags`);
     const route = access.get(label);
     assert.ok(route, `${label} is a route of the app`);
     // Access: a security requirement exactly where the route needs a token.
-    if (route.scope === 'public') assert.equal(op.security, undefined, label);
+    assert.ok(typeof op.operationId === 'string' && /^[a-z][A-Za-z]+$/.test(op.operationId), `${label} has an operationId`);
+    assert.ok(!operationIds.has(op.operationId), `${label}: operationId ${op.operationId} is unique`);
+    operationIds.add(op.operationId);
+    if (route.scope === 'public') assert.deepEqual(op.security, [], label);
     else {
       assert.deepEqual(op.security, [{ bearerAuth: [] }], label);
       assert.equal(op['x-scope'], route.scope, label);
@@ -56,10 +71,14 @@ test('every operation documents its errors and its access', async (t) => {
     if (op.parameters?.some((p) => p.in === 'path')) expected.add(404);
     if (path.startsWith('/v1/')) expected.add(503);
     for (const status of expected) {
-      const response = op.responses[String(status)] as { content?: Record<string, { schema: { properties?: Record<string, unknown>; required?: string[] } }> } | undefined;
+      const response = resolve(doc, op.responses[String(status)]) as { content?: Record<string, { schema: unknown }> } | undefined;
       assert.ok(response, `${label} documents ${status}`);
-      const schema = response.content?.['application/json']?.schema;
+      const schema = resolve(doc, response.content?.['application/json']?.schema) as { properties?: Record<string, { enum?: string[] }>; required?: string[] } | undefined;
       assert.ok(schema?.properties?.code && schema.required?.includes('code'), `${label} ${status} is an error body with a code`);
+      // The codes the status can carry are listed, and each is one of the catalogue's with that status.
+      const codes = schema.properties.code.enum ?? [];
+      assert.ok(codes.length > 0, `${label} ${status} lists its codes`);
+      for (const code of codes) assert.equal(CODES[code as keyof typeof CODES]?.status, status, `${label} ${status}: ${code}`);
     }
     assert.ok(Object.keys(op.responses).some((s) => /^2\d\d$/.test(s)), `${label} documents its success`);
   }
@@ -86,6 +105,8 @@ test('the media types each operation documents are the ones it accepts and answe
         else {
           assert.equal(res.statusCode, 415, `${label} accepts ${type} but does not document it: ${res.body}`);
           assert.equal(res.json().code, 'UNSUPPORTED_MEDIA_TYPE');
+          // The answer names the type that was sent and the ones the route takes.
+          assert.ok(res.json().message.startsWith(`Content-Type: ${type} is not accepted here; use application/json`), res.body);
         }
       }
     }
@@ -108,4 +129,35 @@ test('the media types each operation documents are the ones it accepts and answe
   }
   assert.ok(probes >= 60, `${probes} probes`);
   t.diagnostic(`media probes: ${probes}`);
+});
+
+test('the committed document passes an OpenAPI linter (redocly, recommended rules): no errors, no warnings', () => {
+  // Offline: no telemetry, no update check. Accepted findings are listed, with why, in .redocly.lint-ignore.yaml.
+  const run = spawnSync(join('node_modules', '.bin', 'redocly'), ['lint', OPENAPI_FILE, '--format=json'], {
+    encoding: 'utf8',
+    env: { ...process.env, REDOCLY_TELEMETRY: 'off', REDOCLY_SUPPRESS_UPDATE_NOTICE: 'true', CI: 'true' },
+    timeout: 120_000,
+  });
+  const report = JSON.parse(run.stdout) as { totals: { errors: number; warnings: number }; problems: { ruleId: string; message: string; location: { pointer: string }[] }[] };
+  const problems = report.problems.map((p) => `${p.ruleId}: ${p.message} at ${p.location[0]?.pointer}`);
+  assert.deepEqual(problems, []);
+  assert.deepEqual([report.totals.errors, report.totals.warnings], [0, 0]);
+  assert.equal(run.status, 0, run.stderr);
+});
+
+test('shared shapes are components referenced by $ref; tensor answers are typed', () => {
+  const doc = JSON.parse(readFileSync(OPENAPI_FILE, 'utf8'));
+  for (const name of ['Session', 'Snapshot', 'StepAnswer', 'Tensor', 'Params', 'StateDict', 'Checkpoint', 'Hyperparameters', 'ParamGroup', 'Error400', 'Error404']) {
+    assert.ok(doc.components.schemas[name], `components.schemas.${name}`);
+  }
+  const text = JSON.stringify(doc.paths);
+  // The error body is written once per status, not once per operation.
+  assert.equal((text.match(/"statusCode"/g) ?? []).length, 0, 'no inline error bodies in paths');
+  const json = (path: string) => doc.paths[path].get.responses['200'].content['application/json'].schema.$ref;
+  assert.equal(json('/v1/sessions/{name}/params'), '#/components/schemas/Params');
+  assert.equal(json('/v1/sessions/{name}/state_dict'), '#/components/schemas/StateDict');
+  assert.equal(json('/v1/sessions/{name}/checkpoint'), '#/components/schemas/Checkpoint');
+  assert.equal(doc.paths['/v1/sessions/{name}/step'].post.responses['200'].content['application/json'].schema.$ref, '#/components/schemas/StepAnswer');
+  assert.deepEqual(doc.components.schemas.Params.properties.params, { $ref: '#/components/schemas/NamedTensors' });
+  assert.deepEqual(doc.components.schemas.NamedTensors.additionalProperties, { $ref: '#/components/schemas/Tensor' });
 });

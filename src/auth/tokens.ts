@@ -5,8 +5,8 @@ import { asc, eq } from 'drizzle-orm';
 import type { Database } from '../db/database.ts';
 import { tokens, type TokenRow } from '../db/schema.ts';
 
-export type Scope = 'read' | 'step' | 'admin';
-export const SCOPES: readonly Scope[] = ['read', 'step', 'admin'];
+export const SCOPES = ['read', 'step', 'admin'] as const;
+export type Scope = (typeof SCOPES)[number];
 
 /** read < step < admin: a token may do what its scope and every lower scope allow. */
 export const SCOPE_RANK: Record<Scope, number> = { read: 1, step: 2, admin: 3 };

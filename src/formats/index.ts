@@ -22,4 +22,5 @@ export {
   type AsgdNumericKey, type AsgdParamGroup, type AsgdParamState, type AsgdStateDict, type StateDictReadOptions,
 } from './optimizer-state.ts';
 export { fromCheckpoint, fromModelStateDict, toCheckpoint, toModelStateDict, type Checkpoint, type ModelStateDict } from './model-state.ts';
+export { readOptimizerSafetensors, writeOptimizerSafetensors } from './optimizer-safetensors.ts';
 export { readSafetensors, writeSafetensors, type SafetensorsFile, type SafetensorsReadOptions } from './safetensors.ts';

@@ -128,6 +128,7 @@ export default fp(
     fastify.get('/metrics', {
       config: opts.config.metricsRequireToken ? { scope: 'read', allSessions: true } : { scope: 'public' },
       schema: {
+        operationId: 'metrics',
         summary: 'Prometheus metrics',
         description: 'Open unless ASGD_METRICS_REQUIRE_TOKEN=true (then a read token not limited to sessions: the counters name sessions).',
         tags: ['operations'],

@@ -7,18 +7,9 @@ import type { FastifyInstance } from 'fastify';
 import swagger from '@fastify/swagger';
 import swaggerUi from '@fastify/swagger-ui';
 import { ErrorBody } from '../routes/schemas.ts';
+import { finishDocument } from './openapi-document.ts';
 
 const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string; description: string; license: string };
-
-const INFRA_ERRORS: Record<number, string> = {
-  400: 'The request is malformed: the `code` says how, the message names the field',
-  401: 'No bearer token, or an unknown or revoked one (WWW-Authenticate: Bearer)',
-  403: 'The token\'s scope or session list does not allow this',
-  413: 'The body is larger than this route accepts (BODY_TOO_LARGE)',
-  415: 'The Content-Type is not one this route accepts',
-  429: 'Too many requests for this token (RATE_LIMITED); see Retry-After',
-  503: 'Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After',
-};
 
 type Schema = Record<string, unknown> & { response?: Record<string, unknown>; body?: unknown; params?: unknown; querystring?: unknown; headers?: unknown; description?: string };
 
@@ -33,8 +24,10 @@ export default fp(
             'Send `Authorization: Bearer <token>` (ASGD_ADMIN_TOKEN, or a token from POST /v1/tokens). Scopes: read < step < admin; ' +
             'each operation lists the scope it needs as `x-scope`.',
           version: pkg.version,
-          license: { name: pkg.license },
+          license: { name: pkg.license, url: `https://spdx.org/licenses/${pkg.license}.html` },
         },
+        // Relative: the document describes the server that serves it (GET /docs/json).
+        servers: [{ url: '/', description: 'The server this document was read from' }],
         components: {
           securitySchemes: {
             bearerAuth: { type: 'http', scheme: 'bearer', description: 'ASGD_ADMIN_TOKEN, or asgd_<id>_<secret> from POST /v1/tokens' },
@@ -51,13 +44,15 @@ export default fp(
       },
       transform: ({ schema, url, route }) => {
         const s: Schema = { ...((schema ?? {}) as Schema) };
-        // `consumes` is what the route accepts (src/app.ts enforces it): JSON with the route's body schema,
-        // files as binary strings.
+        if (s.hide !== true && typeof s.operationId !== 'string') throw new Error(`route ${route.method} ${url}: its schema needs an operationId`);
+        // `consumes` is what the route accepts (src/plugins/content-types.ts enforces it): JSON with the
+        // route's body schema, files as binary strings read by their format's parser.
         if (Array.isArray(s.consumes) && s.consumes.length > 0) {
+          const json = (s.body as { content?: Record<string, { schema: unknown }> } | undefined)?.content?.['application/json']?.schema ?? s.body ?? { type: 'object' };
           s.body = {
             content: Object.fromEntries((s.consumes as string[]).map((type) => [
               type,
-              { schema: type === 'application/json' ? (s.body ?? { type: 'object' }) : { type: 'string', format: 'binary' } },
+              { schema: type === 'application/json' ? json : { type: 'string', format: 'binary' } },
             ])),
           };
           delete s.consumes;
@@ -65,6 +60,8 @@ export default fp(
         const response: Record<string, unknown> = { ...(s.response ?? {}) };
         const scope = route.config?.scope ?? 'admin';
         const statuses: number[] = [];
+        // Public routes say so: an empty requirement overrides any global one.
+        s.security = [];
         if (scope !== 'public') {
           s.security = [{ bearerAuth: [] }];
           s['x-scope'] = scope;
@@ -76,12 +73,13 @@ export default fp(
         if (s.body) statuses.push(413, 415);
         if (url.startsWith('/v1/') || url === '/readyz') statuses.push(503);
         for (const status of statuses) {
-          if (!response[status]) response[status] = { ...ErrorBody, description: INFRA_ERRORS[status] };
+          if (!response[status]) response[status] = ErrorBody;
         }
         s.response = response;
         // '/v1/sessions/' (a prefix's root route) is documented as '/v1/sessions'; fastify answers both.
         return { schema: s as typeof schema, url: url.length > 1 ? url.replace(/\/+$/, '') : url };
       },
+      transformObject: (document) => finishDocument(('openapiObject' in document ? document.openapiObject : document.swaggerObject) as Record<string, unknown>),
     });
     await fastify.register(swaggerUi, { routePrefix: '/docs', uiConfig: { deepLinking: true } });
   },

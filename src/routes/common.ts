@@ -1,9 +1,10 @@
 // Helpers shared by the route plugins: headers, session bodies, query parsing.
 import type { FastifyReply, FastifyRequest } from 'fastify';
+import type { Static, TSchema } from 'typebox';
 import { errors } from '../errors.ts';
 import type { SessionRecord, SnapshotRecord } from '../sessions/repository.ts';
-import { publicGroup } from '../sessions/spec.ts';
-import { numelOf } from '../sessions/spec.ts';
+import { numelOf, publicGroup } from '../sessions/spec.ts';
+import type { Session, Snapshot } from './schemas.ts';
 
 /** If-Match: "<version>" (W/ and unquoted accepted; * matches any). */
 export function ifMatchOf(request: FastifyRequest): number | null {
@@ -29,7 +30,7 @@ export function setVersion(reply: FastifyReply, version: number): void {
   reply.header('x-session-version', String(version));
 }
 
-export function sessionJson(s: SessionRecord): Record<string, unknown> {
+export function sessionJson(s: SessionRecord): Static<typeof Session> {
   return {
     name: s.name,
     version: s.version,
@@ -47,7 +48,7 @@ export function sessionJson(s: SessionRecord): Record<string, unknown> {
   };
 }
 
-export function snapshotJson(s: SnapshotRecord): Record<string, unknown> {
+export function snapshotJson(s: SnapshotRecord): Static<typeof Snapshot> {
   return {
     id: s.id,
     version: s.version,
@@ -76,8 +77,15 @@ export const SETTING_LIMITS = {
   keep_log_bytes: Number.MAX_SAFE_INTEGER, expire_after_idle_s: 2_147_483_647,
 } as const;
 
-export function booleanQuery(value: unknown, field: string): boolean {
-  if (value === undefined || value === '' || value === 'false' || value === '0' || value === false) return false;
-  if (value === 'true' || value === '1' || value === true) return true;
-  throw errors.invalidQuery(field, 'must be true or false');
+/**
+ * The body of a route that takes JSON or a file: a Buffer for a file (its format's reader checks it), else
+ * the JSON that AJV checked against `schema` (the route's body.content['application/json'] schema; the type
+ * provider cannot infer a body keyed by media type, so the schema is named here once more).
+ */
+export function jsonOrFile<T extends TSchema>(body: unknown, schema: T): Static<T> | Buffer {
+  void schema;
+  return body as Static<T> | Buffer;
 }
+
+/** A body schema keyed by media type: JSON checked by AJV, the route's other types (files) by their parsers. */
+export const jsonBody = <T extends TSchema>(schema: T) => ({ content: { 'application/json': { schema } } });

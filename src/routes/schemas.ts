@@ -1,37 +1,90 @@
-// JSON Schemas shared by the routes, for validation of small inputs and for the OpenAPI document.
-// Tensor data is not validated element by element here (a gradient can hold millions of numbers): the
-// domain reads it once, naming the element at fault.
-import { Type } from 'typebox';
+// JSON Schemas of the API (TypeBox): validation of every request part and the OpenAPI document's shared
+// components. A schema with a `title` becomes components.schemas.<title> and is referenced by $ref
+// (src/plugins/swagger.ts). Tensor data is not validated element by element here (a gradient can hold
+// millions of numbers): the domain reads it once, naming the element at fault.
+import { Type, type TSchema } from 'typebox';
+import type { ErrorCode } from '../errors.ts';
+import { ASGD_DEFAULTS } from '../optim/types.ts';
+import { SESSION_NAME_SOURCE } from '../sessions/spec.ts';
+import { StepAnswer } from '../sessions/model.ts';
+import { SETTING_LIMITS } from './common.ts';
 
-export const SessionName = Type.String({ pattern: '^[A-Za-z0-9._-]{1,128}$', description: 'Session name: 1-128 of A-Za-z0-9._-' });
+export { StepAnswer };
+
+/** A field whose failures carry a more specific code than the request part's (src/plugins/errors.ts). */
+export const withCode = <T extends TSchema>(schema: T, code: ErrorCode): T => ({ ...schema, 'x-error-code': code });
+
+// ---- path parameters: a malformed one is INVALID_PATH on every route -------------------------------------
+export const SessionName = Type.String({ pattern: `^${SESSION_NAME_SOURCE}$`, description: 'Session name: 1-128 of A-Za-z0-9._-', examples: ['mnist-run-1'] });
+/** A session name in a body that names a new session: INVALID_NAME, as the domain says. */
+export const NewSessionName = withCode(SessionName, 'INVALID_NAME');
 export const NameParams = Type.Object({ name: SessionName });
-export const SnapshotParams = Type.Object({ name: SessionName, id: Type.String({ pattern: '^[0-9]{1,15}$', description: 'Snapshot id' }) });
+export const SnapshotParams = Type.Object({ name: SessionName, id: Type.String({ pattern: '^[0-9]{1,15}$', description: 'Snapshot id', examples: ['3'] }) });
 
-export const Tensor = Type.Object(
-  {
-    shape: Type.Array(Type.Integer({ minimum: 0 }), { description: 'Dimensions, row-major' }),
-    data: Type.Array(Type.Union([Type.Number(), Type.String()]), { description: 'Flat row-major float32 values; "NaN", "Infinity", "-Infinity" for non-finite values' }),
-  },
-  { description: 'A float32 tensor', examples: [{ shape: [2], data: [0.5, -1.25] }] },
-);
+// ---- headers and query parameters shared by several routes -----------------------------------------------
+const IfMatch = Type.String({ maxLength: 64, description: 'Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise', examples: ['"42"'] });
+export const IfMatchHeaders = Type.Object({ 'if-match': Type.Optional(IfMatch) });
+export const StepHeaders = Type.Object({
+  'if-match': Type.Optional(IfMatch),
+  'idempotency-key': Type.Optional(Type.String({ pattern: '^[\\x21-\\x7e]{1,255}$', description: 'A retry with the same key returns the first answer and does not step twice' })),
+});
+export const Version = Type.String({ pattern: '^[1-9][0-9]{0,14}$', description: 'Read the state at this version (rebuilt from a snapshot and the step log)' });
 
-export const Hyperparameters = Type.Object(
-  {
-    lr: Type.Optional(Type.Number({ minimum: 0, default: 0.01 })),
-    lambd: Type.Optional(Type.Number({ minimum: 0, default: 1e-4 })),
-    alpha: Type.Optional(Type.Number({ minimum: 0, default: 0.75 })),
-    t0: Type.Optional(Type.Number({ default: 1e6 })),
-    weight_decay: Type.Optional(Type.Number({ minimum: 0, default: 0 })),
-    maximize: Type.Optional(Type.Boolean({ default: false })),
-  },
-  { description: 'torch.optim.ASGD hyperparameters' },
-);
+// ---- tensors and hyperparameters ---------------------------------------------------------------------------
+const DATA_DESCRIPTION = 'Flat row-major float32 values; "NaN", "Infinity", "-Infinity" for non-finite values';
+const TensorData = Type.Array(Type.Union([Type.Number(), Type.String()]), { description: DATA_DESCRIPTION });
+export const Tensor = Type.Object({
+  shape: Type.Array(Type.Integer({ minimum: 0 }), { description: 'Dimensions, row-major' }),
+  data: TensorData,
+}, { title: 'Tensor', description: 'A float32 tensor', examples: [{ shape: [2], data: [0.5, -1.25] }] });
+/** A tensor in a request: structure checked here, shape and values by the domain (INVALID_TENSOR, …). */
+export const TensorIn = Type.Object({
+  shape: withCode(Type.Array(Type.Unknown(), { description: 'Dimensions, row-major' }), 'INVALID_TENSOR'),
+  data: withCode(Type.Array(Type.Unknown(), { description: DATA_DESCRIPTION }), 'INVALID_TENSOR'),
+  dtype: Type.Optional(withCode(Type.String({ description: 'float32 (the default and only one)' }), 'INVALID_TENSOR')),
+}, { description: 'A float32 tensor {"shape", "data"}' });
 
-export const ParamGroupOut = Type.Object({
+const hyper = (description: string, value: TSchema) => Type.Optional(withCode({ ...value, description }, 'INVALID_HYPERPARAMETER'));
+const flag = (key: string) => Type.Optional(withCode(Type.Unknown({ description: `Accepted as PyTorch writes it (null or false): the service computes the single-tensor CPU path; ${key}=true is refused` }), 'INVALID_HYPERPARAMETER'));
+/** The hyperparameter fields: types checked here, ranges by the domain as torch.optim.ASGD checks them (its messages). */
+const HyperparameterFields = {
+  lr: hyper(`Learning rate (default ${ASGD_DEFAULTS.lr})`, Type.Number()),
+  lambd: hyper(`Decay term (default ${ASGD_DEFAULTS.lambd})`, Type.Number()),
+  alpha: hyper(`Power for eta update (default ${ASGD_DEFAULTS.alpha})`, Type.Number()),
+  t0: hyper(`Point at which to start averaging (default ${ASGD_DEFAULTS.t0})`, Type.Number()),
+  weight_decay: hyper(`L2 penalty (default ${ASGD_DEFAULTS.weightDecay})`, Type.Number()),
+  maximize: hyper(`Maximize the objective (default ${ASGD_DEFAULTS.maximize})`, Type.Boolean()),
+  foreach: flag('foreach'),
+  differentiable: flag('differentiable'),
+  capturable: flag('capturable'),
+};
+export const Hyperparameters = withCode(Type.Object(HyperparameterFields, {
+  title: 'Hyperparameters', description: 'torch.optim.ASGD hyperparameters', additionalProperties: false, examples: [{ lr: 0.01, t0: 100 }],
+}), 'INVALID_HYPERPARAMETER');
+/** A param group of a create request: parameter names and the hyperparameters that differ from the defaults. */
+export const ParamGroupIn = withCode(Type.Object({
+  params: Type.Array(Type.String(), { minItems: 1, description: 'Names of the group\'s parameters' }),
+  ...HyperparameterFields,
+}, { additionalProperties: false }), 'INVALID_PARAM_GROUPS');
+
+export const ParamGroup = Type.Object({
   lr: Type.Number(), lambd: Type.Number(), alpha: Type.Number(), t0: Type.Number(), weight_decay: Type.Number(),
   foreach: Type.Null(), maximize: Type.Boolean(), differentiable: Type.Boolean(), capturable: Type.Boolean(),
-  params: Type.Array(Type.Integer()),
-}, { additionalProperties: true });
+  params: Type.Array(Type.Integer(), { description: 'Indices of the group\'s parameters, in session order' }),
+}, { title: 'ParamGroup', additionalProperties: true, description: 'A param group as torch.optim.ASGD.state_dict() writes it' });
+
+// ---- sessions and snapshots ---------------------------------------------------------------------------------
+export const SessionSettings = {
+  snapshot_every: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.snapshot_every, description: 'Write a snapshot every this many versions' })),
+  keep_snapshots: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.keep_snapshots, description: 'Unpinned snapshots kept' })),
+  max_staleness: Type.Optional(Type.Union([Type.Integer({ minimum: 0, maximum: SETTING_LIMITS.max_staleness }), Type.Null()], { description: 'Refuse gradients more than this many versions old (null: any)' })),
+  keep_log_bytes: Type.Optional(Type.Union([Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.keep_log_bytes }), Type.Null()], {
+    description: 'Byte bound on the step log: a snapshot is taken and older log dropped to stay under it (null: no bound)',
+  })),
+  expire_after_idle_s: Type.Optional(Type.Union([Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.expire_after_idle_s }), Type.Null()], {
+    description: 'Delete the session after this many seconds without a step or a write; reads do not count (null: never)',
+  })),
+};
 
 export const SessionStorage = Type.Object({
   log_bytes: Type.Integer({ description: 'The step log (gradients), as PostgreSQL stores it' }),
@@ -40,7 +93,7 @@ export const SessionStorage = Type.Object({
   snapshots: Type.Integer(),
   other_bytes: Type.Integer({ description: 'The session row, Idempotency-Key answers, per-step history' }),
   total_bytes: Type.Integer(),
-}, { description: 'Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true)' });
+}, { title: 'SessionStorage', description: 'Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true)' });
 
 export const Session = Type.Object({
   name: Type.String(),
@@ -48,7 +101,7 @@ export const Session = Type.Object({
   step: Type.Integer({ description: 'optimizer.step() calls applied' }),
   numel: Type.Integer(),
   params: Type.Array(Type.Object({ name: Type.String(), shape: Type.Array(Type.Integer()), numel: Type.Integer() })),
-  param_groups: Type.Array(ParamGroupOut),
+  param_groups: Type.Array(ParamGroup),
   snapshot_every: Type.Integer(),
   keep_snapshots: Type.Integer(),
   max_staleness: Type.Union([Type.Integer(), Type.Null()]),
@@ -57,29 +110,39 @@ export const Session = Type.Object({
   created_at: Type.String({ format: 'date-time' }),
   updated_at: Type.String({ format: 'date-time' }),
   storage: Type.Optional(SessionStorage),
-});
+}, { title: 'Session' });
 
 export const Snapshot = Type.Object({
   id: Type.Integer(), version: Type.Integer(), step: Type.Integer(), reason: Type.String(), pinned: Type.Boolean(),
-  byte_size: Type.Integer(), checksum: Type.String(), created_at: Type.String({ format: 'date-time' }),
-});
+  byte_size: Type.Integer(), checksum: Type.String({ description: 'sha256:<hex> of the snapshot\'s bytes' }), created_at: Type.String({ format: 'date-time' }),
+}, { title: 'Snapshot' });
 
+// ---- state: parameters, state_dict, checkpoint (JSON forms) --------------------------------------------------
+export const NamedTensors = Type.Record(Type.String(), Tensor, { title: 'NamedTensors', description: 'Tensors by parameter name (a model state_dict)' });
+export const Params = Type.Object({
+  session: Type.String(), version: Type.Integer(), step: Type.Integer(), averaged: Type.Boolean({ description: 'true: ASGD\'s averages (ax)' }),
+  params: NamedTensors,
+}, { title: 'Params' });
+export const StateDict = Type.Object({
+  state: Type.Record(Type.String(), Type.Object({
+    step: Type.Union([Type.Number(), Type.String()]), eta: Type.Union([Type.Number(), Type.String()]), mu: Type.Union([Type.Number(), Type.String()]), ax: Tensor,
+  }), { description: 'Per-parameter state by parameter index (absent for a parameter that never stepped)' }),
+  param_groups: Type.Array(ParamGroup),
+}, { title: 'StateDict', description: 'torch.optim.ASGD.state_dict() as JSON' });
+export const Checkpoint = Type.Object({ model: NamedTensors, optimizer: StateDict, step: Type.Integer({ minimum: 0 }) }, { title: 'Checkpoint' });
+
+// ---- errors -------------------------------------------------------------------------------------------------
 export const ErrorBody = Type.Object(
-  { statusCode: Type.Integer(), code: Type.String(), error: Type.String(), message: Type.String() },
-  { additionalProperties: true, description: 'Every error: a stable code and a message that names the field' },
+  { statusCode: Type.Integer(), code: Type.String({ description: 'Stable; the codes each status can carry are listed with the response' }), error: Type.String(), message: Type.String({ description: 'Starts with the field at fault' }) },
+  { title: 'Error', additionalProperties: true, description: 'Every error: a stable code and a message that names the field', examples: [{ statusCode: 404, code: 'SESSION_NOT_FOUND', error: 'Not Found', message: 'session "nope" does not exist' }] },
 );
-
-export const StepAnswer = Type.Object({
-  session: Type.String(), step: Type.Integer(), version: Type.Integer(),
-  staleness: Type.Integer({ description: 'Versions between the gradient\'s base_version and the version it was applied to' }),
-  replayed: Type.Optional(Type.Boolean({ description: 'true when an Idempotency-Key retry returned the original answer' })),
-});
 
 /** 304: the client's copy (If-None-Match, or after_version when no newer one came) is current; ETag names the version. */
 export const NotModified = Type.Null({ description: 'Not modified: the version in the ETag is the one you have' });
+/** If-None-Match: "<version>" on a read: 304 while the session is at that version. */
+export const IfNoneMatchHeaders = Type.Object({ 'if-none-match': Type.Optional(Type.String({ maxLength: 64, description: '"<version>": 304 while the session is at that version' })) });
 
 export const errorResponses = (...codes: number[]) => Object.fromEntries(codes.map((c) => [c, ErrorBody]));
 
-export const VersionHeaders = Type.Object({
-  'if-match': Type.Optional(Type.String({ description: 'Apply only at this version: "<version>"; 412 otherwise' })),
-});
+/** A binary body or answer (a file) in the OpenAPI document. */
+export const Binary = Type.String({ format: 'binary' });

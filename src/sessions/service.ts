@@ -14,10 +14,11 @@
 import type { FastifyBaseLogger } from 'fastify';
 import type { Database, Queryable } from '../db/database.ts';
 import type { GroupSpec, ParamSpec, ScalarStateRow } from '../db/schema.ts';
-import { ApiError, errors } from '../errors.ts';
+import { errors } from '../errors.ts';
 import type { AsgdKernel, KernelOptions } from '../optim/types.ts';
 import { decodeGradients, packGradients, unpackGradients, type GradientInput } from './gradients.ts';
 import { KeyedMutex } from './mutex.ts';
+import type { StepAnswer } from './model.ts';
 import { applyHyperDelta, groupHyperparameters, parseStepHyper } from './step-input.ts';
 import * as repo from './repository.ts';
 import type { SessionRecord, SnapshotRecord } from './repository.ts';
@@ -61,13 +62,7 @@ export interface StepOptions {
   beforeWrite?: (layout: Layout) => void;
 }
 
-export interface StepAnswer {
-  session: string;
-  step: number;
-  version: number;
-  staleness: number;
-  replayed?: boolean;
-}
+export type { StepAnswer } from './model.ts';
 
 /** A consistent copy of a session's state at one version, for encoders (JSON, torch.save, safetensors). */
 export interface StateView {
@@ -104,16 +99,6 @@ interface Cached {
   state: SessionState;
   lastSnapshotVersion: number;
   lastUsed: number;
-}
-
-/** A hint for the route layer: the pg error codes that mean "try again", never "you sent something wrong". */
-const RETRYABLE_PG = /^(08|53|57P0[1-3]|40001|40P01)/;
-
-export function isRetryableDbError(err: unknown): boolean {
-  const e = err as { code?: unknown; message?: unknown };
-  if (typeof e?.code === 'string' && (RETRYABLE_PG.test(e.code) || ['ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'ENOTFOUND'].includes(e.code))) return true;
-  const message = typeof e?.message === 'string' ? e.message : '';
-  return /Connection terminated|connection timeout|timeout exceeded when trying to connect|Client has encountered a connection error|not queryable/i.test(message);
 }
 
 /**
@@ -203,7 +188,7 @@ export function createSessionService(options: SessionServiceOptions) {
     });
     if (chunks !== snapshot.chunkCount || at !== total) {
       state.arena.release();
-      throw new ApiError(503, 'SNAPSHOT_UNAVAILABLE', `snapshot ${snapshot.id} changed while it was read; try again`, undefined, { 'retry-after': '1' });
+      throw errors.snapshotUnavailable(snapshot.id);
     }
     const checksum = snapshotChecksum(seen, snapshot.groups, snapshot.scalars);
     if (checksum !== snapshot.checksum) {

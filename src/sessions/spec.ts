@@ -5,7 +5,9 @@ import { errors } from '../errors.ts';
 import type { GroupSpec, ParamSpec } from '../db/schema.ts';
 import { ASGD_DEFAULTS, type AsgdHyperparameters } from '../optim/types.ts';
 
-export const NAME_PATTERN = /^[A-Za-z0-9._-]{1,128}$/;
+/** A session name, the one definition: URLs, schemas, the log's session field and assertName use it. */
+export const SESSION_NAME_SOURCE = '[A-Za-z0-9._-]{1,128}';
+export const NAME_PATTERN = new RegExp(`^${SESSION_NAME_SOURCE}$`);
 export const PARAM_NAME_MAX = 256;
 /** Largest session: every tensor and every logged gradient must stay below PostgreSQL's 1 GB value limit. */
 export const MAX_SESSION_NUMEL = 250_000_000;
@@ -150,8 +152,16 @@ export function groupIndexOf(groups: GroupSpec[], paramCount: number): Int32Arra
   return out;
 }
 
+/** A param group as torch.optim.ASGD.state_dict() writes it. */
+export interface PublicGroup {
+  lr: number; lambd: number; alpha: number; t0: number; weight_decay: number;
+  foreach: null; maximize: boolean; differentiable: boolean; capturable: boolean;
+  params: number[];
+  [extra: string]: unknown;
+}
+
 /** The public view of a group, with the keys of torch.optim.ASGD's param_groups (newest PyTorch). */
-export function publicGroup(group: GroupSpec): Record<string, unknown> {
+export function publicGroup(group: GroupSpec): PublicGroup {
   return {
     lr: group.lr,
     lambd: group.lambd,

@@ -63,11 +63,6 @@ export function float32Bits(x: number): number {
   return u32[0];
 }
 
-export function float32FromBits(bits: number): number {
-  u32[0] = bits >>> 0;
-  return f32[0];
-}
-
 export function hex32(x: number): string {
   return '0x' + float32Bits(x).toString(16).padStart(8, '0');
 }

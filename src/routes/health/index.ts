@@ -1,15 +1,16 @@
 // Liveness and readiness for orchestrators and load balancers. Both are open (no token).
-import type { FastifyInstance } from 'fastify';
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import { errors } from '../../errors.ts';
 import { errorResponses } from '../schemas.ts';
 
 const READY_TIMEOUT_MS = 2_000;
 
-export default async function healthRoutes(fastify: FastifyInstance) {
+const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   fastify.get('/healthz', {
     config: { scope: 'public' },
     schema: {
+      operationId: 'liveness',
       summary: 'Liveness: the process is up',
       description: 'Answers without touching the database, so a database outage does not get replicas restarted.',
       tags: ['operations'],
@@ -20,6 +21,7 @@ export default async function healthRoutes(fastify: FastifyInstance) {
   fastify.get('/readyz', {
     config: { scope: 'public' },
     schema: {
+      operationId: 'readiness',
       summary: 'Readiness: the database is reachable and migrated',
       description: '503 while the database is unreachable, its migrations are not applied, or the process is shutting down.',
       tags: ['operations'],
@@ -42,4 +44,6 @@ export default async function healthRoutes(fastify: FastifyInstance) {
     }
     return { status: 'ready' as const };
   });
-}
+};
+
+export default healthRoutes;

@@ -56,6 +56,7 @@ const rootRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   fastify.get('/', {
     config: { scope: 'public' },
     schema: {
+      operationId: 'index',
       summary: 'Links to the documentation, the dashboard and the API',
       description: 'JSON by default; an HTML page of the same links when the Accept header prefers text/html (a browser).',
       tags: ['operations'],

@@ -1,5 +1,5 @@
-// Reads a create request (JSON today; torch.save / safetensors bodies go through the same checks).
-import type { FastifyRequest } from 'fastify';
+// Reads a create request: JSON, or a safetensors / torch.save file of the initial parameters; both go
+// through the same checks.
 import type { Config } from '../../config.ts';
 import type { GroupSpec, ParamSpec } from '../../db/schema.ts';
 import { errors } from '../../errors.ts';
@@ -10,12 +10,12 @@ import {
 } from '../../sessions/spec.ts';
 import { firstNonFinite, readJsonTensor } from '../../sessions/tensors.ts';
 import { readNamedTensors } from './binary.ts';
+import type { WireFormat } from '../media.ts';
 import { optionalWhole, SETTING_LIMITS } from '../common.ts';
 
 const CREATE_KEYS = ['name', 'params', 'hyperparameters', 'param_groups', 'snapshot_every', 'keep_snapshots', 'max_staleness', 'keep_log_bytes', 'expire_after_idle_s'];
 
-export function assertParamName(value: unknown, field: string): string {
-  // eslint-disable-next-line no-control-regex
+function assertParamName(value: unknown, field: string): string {
   if (typeof value !== 'string' || value.length === 0 || value.length > PARAM_NAME_MAX || /[\u0000-\u001f\u007f]/.test(value)) {
     throw errors.invalidTensor(field, `parameter names must be 1-${PARAM_NAME_MAX} characters without control characters`);
   }
@@ -23,7 +23,7 @@ export function assertParamName(value: unknown, field: string): string {
 }
 
 /** The parts of a create request other than the tensors (shared by the JSON and the file forms). */
-export function parseCreateOptions(body: Record<string, unknown>, config: Config, params: ParamSpec[], data: Float32Array[]): CreateInput {
+function parseCreateOptions(body: Record<string, unknown>, config: Config, params: ParamSpec[], data: Float32Array[]): CreateInput {
   const name = assertName(body.name, 'name');
   if (params.length === 0) throw errors.invalidBody('params: a session needs at least one parameter');
   const hyper = body.hyperparameters;
@@ -46,7 +46,7 @@ export function parseCreateOptions(body: Record<string, unknown>, config: Config
   return { name, params: ordered, data: order.map((i) => data[i]), groups, snapshotEvery, keepSnapshots, maxStaleness, keepLogBytes, expireAfterIdleS };
 }
 
-export function checkParamList(params: ParamSpec[]): void {
+function checkParamList(params: ParamSpec[]): void {
   if (params.length > MAX_PARAMS) throw errors.invalidBody(`params: at most ${MAX_PARAMS} parameters`);
   const seen = new Set<string>();
   let total = 0;
@@ -64,9 +64,8 @@ export function checkParamList(params: ParamSpec[]): void {
  * the same keys as the JSON form (name, hyperparameters, param_groups, …) taken from the `options` query
  * parameter or, in safetensors, the `asgd` metadata entry; `?name=` may give the name alone.
  */
-function parseFileCreate(request: FastifyRequest, config: Config, body: Buffer): CreateInput {
-  const query = request.query as { name?: string; options?: string };
-  const { tensors, metadata } = readNamedTensors(request, body, 'params');
+function parseFileCreate(body: Buffer, query: CreateQuery, format: WireFormat, config: Config): CreateInput {
+  const { tensors, metadata } = readNamedTensors(format, body, 'params');
   const rawOptions = query.options ?? metadata.get('asgd');
   let options: Record<string, unknown> = {};
   if (rawOptions !== undefined) {
@@ -93,9 +92,14 @@ function parseFileCreate(request: FastifyRequest, config: Config, body: Buffer):
   return parseCreateOptions(options, config, params, data);
 }
 
-export async function parseCreateBody(request: FastifyRequest, config: Config): Promise<CreateInput> {
-  const body = request.body;
-  if (Buffer.isBuffer(body)) return parseFileCreate(request, config, body);
+/** The query parameters of a create request (a file body's options). */
+export interface CreateQuery {
+  name?: string;
+  options?: string;
+}
+
+export function parseCreateBody(body: unknown, query: CreateQuery, format: WireFormat, config: Config): CreateInput {
+  if (Buffer.isBuffer(body)) return parseFileCreate(body, query, format, config);
   if (body === null || typeof body !== 'object' || Array.isArray(body)) {
     throw errors.invalidBody('body: must be a JSON object {"name", "params", ...}');
   }

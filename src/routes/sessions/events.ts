@@ -15,6 +15,7 @@ const KIND_OF_REASON: Record<string, string> = { load_state_dict: 'load', load_c
 const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   fastify.get('/:name/events', {
     schema: {
+      operationId: 'getEvents',
       summary: 'Follow the session\'s versions as server-sent events',
       description: 'text/event-stream. `event: version`, `id: <version>`, data {"version", "step", "time", "kind": "step"|"load"|"restore"|…, "metrics"?, "staleness"?} ' +
         'for each new version (under load only the latest of several); a `: keep-alive` comment every 15 s; `event: deleted` when the session is deleted. ' +

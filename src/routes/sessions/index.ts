@@ -1,59 +1,60 @@
 // /v1/sessions: create, list, read, change settings, delete; and the sub-resources' plugins.
-import type { FastifyInstance } from 'fastify';
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import type { Config } from '../../config.ts';
-import { sessionJson, setVersion, ifMatchOf, optionalWhole, SETTING_LIMITS } from '../common.ts';
-import { errorResponses, Hyperparameters, NameParams, NotModified, Session } from '../schemas.ts';
-import { noneMatch, sendNotModified } from './conditional.ts';
+import { sessionJson, setVersion, ifMatchOf, jsonBody, jsonOrFile } from '../common.ts';
+import { mediaTypes, ROUTE_MEDIA, contentFormat } from '../media.ts';
+import {
+  errorResponses, Hyperparameters, IfMatchHeaders, IfNoneMatchHeaders, NameParams, NotModified, NewSessionName, ParamGroupIn, Session, SessionSettings, TensorIn, withCode,
+} from '../schemas.ts';
 import { parseCreateBody } from './create.ts';
-import { BINARY_TYPES } from './binary.ts';
 import stepRoutes from './step.ts';
 import stateRoutes from './state.ts';
 import snapshotRoutes from './snapshots.ts';
+import metricsRoutes from './metrics.ts';
+import eventsRoutes from './events.ts';
+import { noneMatch, sendNotModified } from './conditional.ts';
 import normRoutes from './norms.ts';
 import seriesRoutes, { activityJson, ListedSession } from './series.ts';
 import { sessionActivity } from '../../sessions/series.ts';
 
-/** keep_log_bytes and expire_after_idle_s: on create, PATCH and fork; null turns each off. */
-const STORAGE_SETTINGS = {
-  keep_log_bytes: Type.Optional(Type.Union([Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.keep_log_bytes }), Type.Null()], {
-    description: 'Byte bound on the step log: a snapshot is taken and older log dropped to stay under it (null: no bound)',
-  })),
-  expire_after_idle_s: Type.Optional(Type.Union([Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.expire_after_idle_s }), Type.Null()], {
-    description: 'Delete the session after this many seconds without a step or a write; reads do not count (null: never)',
-  })),
-};
-import metricsRoutes from './metrics.ts';
-import eventsRoutes from './events.ts';
+/** The JSON form of a create request. Tensors are checked element by element by the domain. */
+const CreateBody = Type.Object({
+  name: NewSessionName,
+  params: Type.Array(Type.Object({
+    name: withCode(Type.String({ description: 'Parameter name: 1-256 characters without control characters' }), 'INVALID_TENSOR'),
+    ...TensorIn.properties,
+  }, { additionalProperties: false }), { minItems: 1, description: 'The parameters in the model\'s order' }),
+  hyperparameters: Type.Optional(Hyperparameters),
+  param_groups: Type.Optional(withCode(Type.Array(ParamGroupIn, { minItems: 1, description: 'Param groups, as in torch.optim.ASGD(param_groups)' }), 'INVALID_PARAM_GROUPS')),
+  ...SessionSettings,
+}, {
+  additionalProperties: false,
+  examples: [{ name: 'mnist-run-1', params: [{ name: 'w', shape: [2, 2], data: [0.1, 0.2, 0.3, 0.4] }], hyperparameters: { lr: 0.01, t0: 100 } }],
+});
 
-export default async function sessionRoutes(fastify: FastifyInstance, opts: { config: Config }) {
+const CreateQuery = Type.Object({
+  name: Type.Optional(NewSessionName),
+  options: Type.Optional(Type.String({ maxLength: 65536, description: 'With a file body: the JSON form\'s other keys as a JSON object {"name", "hyperparameters", "param_groups", …}' })),
+});
+
+const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify, opts) => {
   const { config } = opts;
 
   fastify.post('/', {
     bodyLimit: config.bodyLimitCreate,
     schema: {
+      operationId: 'createSession',
       summary: 'Create a session',
-      description: 'Creates a training session from named float32 parameters and ASGD hyperparameters. The body is JSON, or a torch.save / safetensors file (see the README).',
+      description: 'Creates a training session from named float32 parameters and ASGD hyperparameters. The body is JSON, or a safetensors / torch.save file of the initial parameters with the other keys in ?options= (or the safetensors metadata entry "asgd").',
       tags: ['sessions'],
-      consumes: ['application/json', ...BINARY_TYPES.safetensors, ...BINARY_TYPES.pt],
-      body: Type.Object({
-        name: Type.String(),
-        params: Type.Array(Type.Object({ name: Type.String(), shape: Type.Array(Type.Integer()), data: Type.Array(Type.Number()) })),
-        hyperparameters: Type.Optional(Hyperparameters),
-        param_groups: Type.Optional(Type.Array(Type.Object({ params: Type.Array(Type.String()) }, { additionalProperties: true }))),
-        snapshot_every: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.snapshot_every })),
-        keep_snapshots: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.keep_snapshots })),
-        max_staleness: Type.Optional(Type.Union([Type.Integer({ minimum: 0, maximum: SETTING_LIMITS.max_staleness }), Type.Null()])),
-        ...STORAGE_SETTINGS,
-      }, {
-        examples: [{ name: 'mnist-run-1', params: [{ name: 'w', shape: [2, 2], data: [0.1, 0.2, 0.3, 0.4] }], hyperparameters: { lr: 0.01, t0: 100 } }],
-      }),
-      response: { 201: Session, ...errorResponses(400, 401, 403, 409, 413, 415) },
+      consumes: mediaTypes(ROUTE_MEDIA.create.accepts),
+      querystring: CreateQuery,
+      body: jsonBody(CreateBody),
+      response: { 201: Session, ...errorResponses(400, 401, 403, 409, 413, 415, 422) },
     },
-    // The body is validated by the domain (it may hold millions of numbers); the schema above documents it.
-    validatorCompiler: () => () => true,
   }, async (request, reply) => {
-    const input = await parseCreateBody(request, config);
+    const input = parseCreateBody(jsonOrFile(request.body, CreateBody), request.query, contentFormat(request), config);
     const session = await fastify.sessions.create(input);
     setVersion(reply, session.version);
     reply.header('location', `/v1/sessions/${session.name}`);
@@ -62,6 +63,7 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
 
   fastify.get('/', {
     schema: {
+      operationId: 'listSessions',
       summary: 'List sessions',
       tags: ['sessions'],
       querystring: Type.Object({
@@ -71,10 +73,10 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
         figures: Type.Optional(Type.Boolean({ description: 'Include each session\'s `activity`: steps in the last minute and the time of the last step (an index probe a session)' })),
         storage: Type.Optional(Type.Boolean({ description: 'Include each session\'s stored bytes (one more query for the page)' })),
       }),
-      response: { 200: Type.Object({ sessions: Type.Array(ListedSession), next: Type.Union([Type.String(), Type.Null()]) }), ...errorResponses(400, 401, 403) },
+      response: { 200: Type.Object({ sessions: Type.Array(ListedSession), next: Type.Union([Type.String(), Type.Null()]) }, { title: 'SessionList' }), ...errorResponses(400, 401, 403) },
     },
   }, async (request) => {
-    const { limit = 100, after, search, figures, storage } = request.query as { limit?: number; after?: string; search?: string; figures?: boolean; storage?: boolean };
+    const { limit = 100, after, search, figures, storage } = request.query;
     // A token limited to a list of sessions lists only those (src/plugins/auth.ts).
     const rows = await fastify.sessions.list(after ?? null, limit + 1, request.auth?.sessions ?? null, search || null);
     const page = rows.slice(0, limit);
@@ -95,14 +97,15 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
 
   fastify.get('/:name', {
     schema: {
+      operationId: 'getSession',
       summary: 'Read a session',
       tags: ['sessions'],
       params: NameParams,
-      headers: Type.Object({ 'if-none-match': Type.Optional(Type.String({ description: '"<version>": 304 while the session is at that version' })) }),
+      headers: IfNoneMatchHeaders,
       response: { 200: Session, 304: NotModified, ...errorResponses(400, 401, 403, 404) },
     },
   }, async (request, reply) => {
-    const { name } = request.params as { name: string };
+    const { name } = request.params;
     const session = await fastify.sessions.get(name);
     if (noneMatch(request, session.version)) return sendNotModified(reply, session.version);
     setVersion(reply, session.version);
@@ -111,23 +114,17 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
 
   fastify.patch('/:name', {
     schema: {
+      operationId: 'updateSession',
       summary: 'Change a session\'s settings',
       description: 'Settings do not change the state, so the version stays.',
       tags: ['sessions'],
       params: NameParams,
-      body: Type.Object({
-        snapshot_every: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.snapshot_every })),
-        keep_snapshots: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.keep_snapshots })),
-        max_staleness: Type.Optional(Type.Union([Type.Integer({ minimum: 0, maximum: SETTING_LIMITS.max_staleness }), Type.Null()])),
-        ...STORAGE_SETTINGS,
-      }, { additionalProperties: false }),
+      body: Type.Object(SessionSettings, { additionalProperties: false, examples: [{ snapshot_every: 100 }] }),
       response: { 200: Session, ...errorResponses(400, 401, 403, 404) },
     },
   }, async (request, reply) => {
-    const body = request.body as {
-      snapshot_every?: number; keep_snapshots?: number; max_staleness?: number | null; keep_log_bytes?: number | null; expire_after_idle_s?: number | null;
-    };
-    const session = await fastify.sessions.updateSettings((request.params as { name: string }).name, {
+    const body = request.body;
+    const session = await fastify.sessions.updateSettings(request.params.name, {
       ...(body.snapshot_every !== undefined && { snapshotEvery: body.snapshot_every }),
       ...(body.keep_snapshots !== undefined && { keepSnapshots: body.keep_snapshots }),
       ...(body.max_staleness !== undefined && { maxStaleness: body.max_staleness }),
@@ -140,40 +137,37 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
 
   fastify.delete('/:name', {
     schema: {
+      operationId: 'deleteSession',
       summary: 'Delete a session with its snapshots and log',
       tags: ['sessions'],
       params: NameParams,
-      response: { 204: Type.Null(), ...errorResponses(400, 401, 403, 404, 412) },
+      headers: IfMatchHeaders,
+      response: { 204: Type.Null({ description: 'Deleted' }), ...errorResponses(400, 401, 403, 404, 412) },
     },
   }, async (request, reply) => {
-    await fastify.sessions.remove((request.params as { name: string }).name, ifMatchOf(request));
-    return reply.status(204).send();
+    await fastify.sessions.remove(request.params.name, ifMatchOf(request));
+    return reply.status(204).send(null);
   });
 
   fastify.post('/:name/fork', {
     schema: {
+      operationId: 'forkSession',
       summary: 'Fork a session',
       description: 'A new session that starts from a snapshot of this one (or its current state): same parameters, optimizer state and step count, version 1.',
       tags: ['snapshots'],
       params: NameParams,
       body: Type.Object({
-        name: Type.String({ pattern: '^[A-Za-z0-9._-]{1,128}$' }),
-        snapshot: Type.Optional(Type.Integer({ minimum: 1 })),
-        snapshot_every: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.snapshot_every })),
-        keep_snapshots: Type.Optional(Type.Integer({ minimum: 1, maximum: SETTING_LIMITS.keep_snapshots })),
-        max_staleness: Type.Optional(Type.Union([Type.Integer({ minimum: 0, maximum: SETTING_LIMITS.max_staleness }), Type.Null()])),
-        ...STORAGE_SETTINGS,
-      }, { additionalProperties: false }),
+        name: NewSessionName,
+        snapshot: Type.Optional(Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER, description: 'Fork from this snapshot (default: the current state)' })),
+        ...SessionSettings,
+      }, { additionalProperties: false, examples: [{ name: 'mnist-run-1-lr-sweep', snapshot: 3 }] }),
       response: { 201: Session, ...errorResponses(400, 401, 403, 404, 409) },
     },
   }, async (request, reply) => {
-    const body = request.body as {
-      name: string; snapshot?: number; snapshot_every?: number; keep_snapshots?: number; max_staleness?: number | null;
-      keep_log_bytes?: number | null; expire_after_idle_s?: number | null;
-    };
-    const session = await fastify.sessions.fork((request.params as { name: string }).name, {
+    const body = request.body;
+    const session = await fastify.sessions.fork(request.params.name, {
       name: body.name,
-      snapshotId: optionalWhole(body.snapshot, 'snapshot', 1),
+      snapshotId: body.snapshot ?? null,
       snapshotEvery: body.snapshot_every,
       keepSnapshots: body.keep_snapshots,
       maxStaleness: body.max_staleness,
@@ -192,4 +186,6 @@ export default async function sessionRoutes(fastify: FastifyInstance, opts: { co
   await fastify.register(seriesRoutes);
   await fastify.register(metricsRoutes);
   await fastify.register(eventsRoutes);
-}
+};
+
+export default sessionRoutes;

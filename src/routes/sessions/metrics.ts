@@ -37,6 +37,7 @@ const metricsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   const metricNames = createMetricNames();
   fastify.get('/:name/metrics', {
     schema: {
+      operationId: 'getMetrics',
       summary: 'Read the training series',
       description: 'One point per step after `after_version`, oldest first: version, step, time, staleness and the metrics the step carried. ' +
         'Poll with `after_version` = the last `next_after_version`. With `max_points`, the whole series after `after_version` in at most ' +

@@ -56,6 +56,7 @@ export function normsOf(view: StateView) {
 const normRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   fastify.get('/:name/norms', {
     schema: {
+      operationId: 'getNorms',
       summary: 'Norms of the parameters and of ax, at the current version',
       description: 'Computed on demand from the current state (not sampled at snapshots): per parameter the L2 norm of its values and of ASGD\'s average ax, with its step, eta and mu.',
       tags: ['state'],

@@ -24,6 +24,7 @@ export function activityJson(a: Activity | undefined) {
 const seriesRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   fastify.get('/:name/hyperparameters', {
     schema: {
+      operationId: 'getHyperparameterChanges',
       summary: 'The steps that changed hyperparameters',
       description: 'Oldest first, after `after_version`: each step that set a group\'s hyperparameters (a scheduler), with every group\'s values after it.',
       tags: ['training'],

@@ -12,10 +12,11 @@ import type { StateView, StepAnswer as StepAnswerValue } from '../../sessions/se
 import type { Layout } from '../../sessions/state.ts';
 import { paramTensor, paramsJson } from '../../sessions/state-dict.ts';
 import { metadataJson, parseMetrics } from '../../sessions/step-input.ts';
-import { idempotencyKeyOf, ifMatchOf, optionalWhole, setVersion } from '../common.ts';
-import { errorResponses, NameParams, StepAnswer, Tensor } from '../schemas.ts';
-import { BINARY_TYPES, binaryGradients, contentFormat, negotiate } from './binary.ts';
-import { MAX_JSON_ELEMENTS } from './state.ts';
+import { idempotencyKeyOf, ifMatchOf, jsonBody, jsonOrFile, optionalWhole, setVersion } from '../common.ts';
+import { contentFormat, MEDIA, mediaTypes, negotiate, ROUTE_MEDIA } from '../media.ts';
+import { Binary, errorResponses, NameParams, StepAnswer, StepHeaders, Tensor } from '../schemas.ts';
+import { readGradients } from './binary.ts';
+import { MAX_JSON_ELEMENTS } from './views.ts';
 
 const StepGroup = Type.Object({
   lr: Type.Optional(Type.Number()),
@@ -26,9 +27,10 @@ const StepGroup = Type.Object({
   maximize: Type.Optional(Type.Boolean()),
 }, { description: 'Hyperparameters of one group for this step and after it (only the keys that change are needed)' });
 
+/** The JSON form of a step. Gradients are read element by element by the domain. */
 const StepBody = Type.Object({
-  grads: Type.Record(Type.String(), Type.Unknown(), { description: 'Parameter name -> tensor {"shape", "data"} or a flat list' }),
-  base_version: Type.Optional(Type.Integer({ minimum: 0, description: 'The version the gradient was computed from' })),
+  grads: Type.Record(Type.String(), Type.Unknown(), { description: 'Parameter name -> tensor {"shape", "data"} or a flat list of numbers' }),
+  base_version: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'The version the gradient was computed from' })),
   param_groups: Type.Optional(Type.Array(StepGroup, {
     description: 'One object per session group, in the session\'s group order: what a scheduler sets before optimizer.step(). Kept with the step (replays stay exact); no extra version.',
   })),
@@ -36,7 +38,7 @@ const StepBody = Type.Object({
     maxProperties: 32,
     description: 'Training metrics of this step, e.g. {"loss": 0.41, "samples": 32}: at most 32 finite numbers named like sessions. GET .../metrics returns the series.',
   })),
-}, { examples: [{ grads: { w: { shape: [2, 2], data: [0.01, -0.02, 0.03, 0.0] } }, param_groups: [{ lr: 0.05 }], metrics: { loss: 0.41 } }] });
+}, { additionalProperties: false, examples: [{ grads: { w: { shape: [2, 2], data: [0.01, -0.02, 0.03, 0.0] } }, param_groups: [{ lr: 0.05 }], metrics: { loss: 0.41 } }] });
 
 const StepQuery = Type.Object({
   base_version: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'The version the gradient was computed from' })),
@@ -48,7 +50,7 @@ const StepQuery = Type.Object({
 const StepAnswerWithParams = Type.Object({
   ...StepAnswer.properties,
   params: Type.Optional(Type.Record(Type.String(), Tensor, { description: 'With ?return=params|averaged: the parameters at `version`' })),
-});
+}, { title: 'StepAnswer', description: 'A committed step (with the parameters at its version when asked)' });
 
 type ReturnKind = 'none' | 'params' | 'averaged';
 
@@ -69,29 +71,27 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
   fastify.post('/:name/step', {
     bodyLimit: opts.config.bodyLimitStep,
     schema: {
+      operationId: 'step',
       summary: 'Apply one optimizer step',
       description:
         'Applies exactly the step torch.optim.ASGD would apply for these gradients and answers once it is committed. ' +
-        'Body: JSON {"grads": {name: tensor or flat list}, "base_version"?, "param_groups"?, "metrics"?} or a safetensors file of gradients ' +
-        '(Content-Type application/x-safetensors; F32, or F16/BF16 widened exactly to float32 and logged as received; base_version in the query or, like param_groups and metrics, as JSON in __metadata__). ' +
+        'Body: JSON {"grads": {name: tensor or flat list}, "base_version"?, "param_groups"?, "metrics"?} or a safetensors / torch.save file of gradients ' +
+        '(F32, or F16/BF16 widened exactly to float32 and logged as received; base_version in the query or, like param_groups and metrics, as JSON in the safetensors __metadata__). ' +
         'A parameter without a gradient is skipped, as in PyTorch. ?return=params|averaged answers with the parameters at the new version ' +
         '(as JSON, or as a safetensors file with Accept: application/x-safetensors whose __metadata__ holds session, version, step, staleness).',
       tags: ['training'],
-      consumes: ['application/json', ...BINARY_TYPES.safetensors, ...BINARY_TYPES.pt],
+      consumes: mediaTypes(ROUTE_MEDIA.step.accepts),
       params: NameParams,
       querystring: StepQuery,
-      headers: Type.Object({
-        'if-match': Type.Optional(Type.String({ description: 'Apply only at this version' })),
-        'idempotency-key': Type.Optional(Type.String({ description: 'A retry with the same key returns the first answer (with the parameters at its version when asked) and does not step twice' })),
-      }),
-      // Keyed by media type: binary bodies skip JSON validation and go to their format's reader.
-      body: { content: { 'application/json': { schema: StepBody } } },
+      headers: StepHeaders,
+      body: jsonBody(StepBody),
       response: {
         200: {
           description: 'The step is committed',
           content: {
             'application/json': { schema: StepAnswerWithParams },
-            'application/x-safetensors': { schema: Type.Unsafe<Buffer>({ type: 'string', format: 'binary', description: 'With ?return=params|averaged and Accept: application/x-safetensors' }) },
+            // Unsafe<Buffer>: the answer is the file's bytes (the type provider then types reply.send).
+            [MEDIA.safetensors[0]]: { schema: Type.Unsafe<Buffer>(Binary) },
           },
         },
         ...errorResponses(400, 401, 403, 404, 406, 409, 412, 413, 415, 422, 503),
@@ -99,7 +99,7 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
     },
   }, async (request, reply) => {
     const { name } = request.params;
-    const body = request.body as unknown;
+    const body = jsonOrFile(request.body, StepBody);
     let baseVersion = request.query.base_version ?? null;
     const returning: ReturnKind = request.query.return ?? 'none';
     const answerFormat = returning === 'none' ? 'json' : negotiate(request, undefined, ['json', 'safetensors']);
@@ -110,10 +110,11 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
     let paramGroups: unknown;
     let metrics: Record<string, number> | null;
     if (Buffer.isBuffer(body)) {
-      const read = binaryGradients(request, body); // float32, or F16/BF16 widened exactly and logged as received
+      const format = contentFormat(request);
+      const read = readGradients(format, body); // float32, or F16/BF16 widened exactly and logged as received
       const { metadata } = read;
       input = read.input;
-      if (contentFormat(request) === 'safetensors') {
+      if (format === 'safetensors') {
         for (const key of metadata.keys()) {
           if (!['param_groups', 'metrics', 'base_version', 'format'].includes(key)) throw errors.invalidBody(`__metadata__.${key}: unknown key (param_groups, metrics, base_version)`);
         }
@@ -126,17 +127,10 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
       }
       hash?.update(body);
     } else {
-      if (body === null || typeof body !== 'object' || Array.isArray(body)) throw errors.invalidBody('body: must be a JSON object {"grads": {...}}');
-      const b = body as Record<string, unknown>;
-      for (const key of Object.keys(b)) {
-        if (!['grads', 'base_version', 'param_groups', 'metrics'].includes(key)) throw errors.invalidBody(`${key}: unknown key`);
-      }
-      if (b.grads === undefined) throw errors.invalidBody('grads: is missing');
-      const bodyBase = optionalWhole(b.base_version, 'base_version');
-      if (bodyBase !== null) baseVersion = bodyBase;
-      input = { format: 'json', grads: b.grads };
-      paramGroups = b.param_groups;
-      metrics = parseMetrics(b.metrics);
+      if (body.base_version !== undefined) baseVersion = body.base_version;
+      input = { format: 'json', grads: body.grads };
+      paramGroups = body.param_groups;
+      metrics = parseMetrics(body.metrics);
       hash?.update(JSON.stringify(body));
     }
     if (baseVersion !== null) hash?.update(`base:${baseVersion}`);
@@ -164,7 +158,7 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
     const result = encoded as Encoded | null;
     if (result?.format === 'safetensors') {
       reply.header('content-disposition', `attachment; filename="${name}-v${answer.version}.safetensors"`);
-      return reply.type('application/x-safetensors').send(result.body);
+      return reply.type(MEDIA.safetensors[0]).send(result.body);
     }
     reply.type('application/json');
     // Tensors as plain JSON.stringify: the schema's serializer would check every number against a union.

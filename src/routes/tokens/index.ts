@@ -1,11 +1,11 @@
 // /v1/tokens: create (the secret is shown once), list, revoke. Unrestricted admin tokens only.
-import type { FastifyInstance } from 'fastify';
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import { errors } from '../../errors.ts';
-import { SCOPES, tokenJson, type Scope } from '../../auth/tokens.ts';
+import { SCOPES, tokenJson } from '../../auth/tokens.ts';
 import { errorResponses, SessionName } from '../schemas.ts';
 
-const ScopeSchema = Type.Union(SCOPES.map((s) => Type.Literal(s)), {
+const ScopeSchema = Type.Union([Type.Literal(SCOPES[0]), Type.Literal(SCOPES[1]), Type.Literal(SCOPES[2])], {
   description: 'read: GET routes of sessions; step: read and POST step; admin: everything',
 });
 
@@ -16,16 +16,17 @@ const TokenInfo = Type.Object({
   sessions: Type.Union([Type.Array(Type.String()), Type.Null()], { description: 'null: every session' }),
   created_at: Type.String({ format: 'date-time' }),
   revoked_at: Type.Union([Type.String({ format: 'date-time' }), Type.Null()]),
-});
+}, { title: 'TokenInfo' });
 
 const TokenParams = Type.Object({ id: Type.String({ pattern: '^[0-9a-f]{16}$', description: 'Token id (the part after asgd_)' }) });
 
 const access = { scope: 'admin', allSessions: true } as const;
 
-export default async function tokenRoutes(fastify: FastifyInstance) {
+const tokenRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   fastify.post('/', {
     config: access,
     schema: {
+      operationId: 'createToken',
       summary: 'Create an API token',
       description: 'Answers the token once, as `asgd_<id>_<secret>`; only its sha256 is stored. A token limited to a list of sessions can only touch those (and cannot create sessions).',
       tags: ['tokens'],
@@ -40,7 +41,7 @@ export default async function tokenRoutes(fastify: FastifyInstance) {
       },
     },
   }, async (request, reply) => {
-    const body = request.body as { name: string; scope: Scope; sessions?: string[] | null };
+    const { body } = request;
     const { row, token } = await fastify.tokens.create({ name: body.name, scope: body.scope, sessions: body.sessions ?? null });
     request.log.info({ tokenId: row.id, scope: row.scope }, 'token created');
     reply.header('cache-control', 'no-store');
@@ -50,6 +51,7 @@ export default async function tokenRoutes(fastify: FastifyInstance) {
   fastify.get('/', {
     config: access,
     schema: {
+      operationId: 'listTokens',
       summary: 'List API tokens (never their secrets)',
       tags: ['tokens'],
       response: { 200: Type.Object({ tokens: Type.Array(TokenInfo) }), ...errorResponses(401, 403) },
@@ -61,6 +63,7 @@ export default async function tokenRoutes(fastify: FastifyInstance) {
   fastify.get('/self', {
     config: { scope: 'read', allSessions: false },
     schema: {
+      operationId: 'getOwnToken',
       summary: 'The token of this request: its scope and session list',
       tags: ['tokens'],
       response: {
@@ -82,17 +85,20 @@ export default async function tokenRoutes(fastify: FastifyInstance) {
   fastify.delete('/:id', {
     config: access,
     schema: {
+      operationId: 'revokeToken',
       summary: 'Revoke an API token',
       description: 'The token stops working at once on every replica (each request checks the database). Revoking twice is not an error.',
       tags: ['tokens'],
       params: TokenParams,
-      response: { 204: Type.Null(), ...errorResponses(400, 401, 403, 404) },
+      response: { 204: Type.Null({ description: 'Revoked' }), ...errorResponses(400, 401, 403, 404) },
     },
   }, async (request, reply) => {
-    const { id } = request.params as { id: string };
+    const { id } = request.params;
     const row = await fastify.tokens.revoke(id);
     if (!row) throw errors.tokenNotFound(id);
     request.log.info({ tokenId: id }, 'token revoked');
-    return reply.status(204).send();
+    return reply.status(204).send(null);
   });
-}
+};
+
+export default tokenRoutes;

@@ -12,26 +12,7 @@ export interface paths {
          * Prometheus metrics
          * @description Open unless ASGD_METRICS_REQUIRE_TOKEN=true (then a read token not limited to sessions: the counters name sessions).
          */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Prometheus text exposition format 0.0.4 */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "text/plain": string;
-                    };
-                };
-            };
-        };
+        get: operations["metrics"];
         put?: never;
         post?: never;
         delete?: never;
@@ -51,29 +32,7 @@ export interface paths {
          * Liveness: the process is up
          * @description Answers without touching the database, so a database outage does not get replicas restarted.
          */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Default Response */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            /** @enum {string} */
-                            status: "ok";
-                        };
-                    };
-                };
-            };
-        };
+        get: operations["liveness"];
         put?: never;
         post?: never;
         delete?: never;
@@ -93,45 +52,7 @@ export interface paths {
          * Readiness: the database is reachable and migrated
          * @description 503 while the database is unreachable, its migrations are not applied, or the process is shutting down.
          */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Default Response */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            /** @enum {string} */
-                            status: "ready";
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        get: operations["readiness"];
         put?: never;
         post?: never;
         delete?: never;
@@ -151,40 +72,7 @@ export interface paths {
          * Links to the documentation, the dashboard and the API
          * @description JSON by default; an HTML page of the same links when the Accept header prefers text/html (a browser).
          */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description The links */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            /** @enum {string} */
-                            name: "asgd-serve";
-                            version: string;
-                            links: {
-                                docs: string;
-                                openapi: string;
-                                dashboard: string;
-                                sessions: string;
-                                health: string;
-                                ready: string;
-                                metrics: string;
-                            };
-                        };
-                        "text/html": string;
-                    };
-                };
-            };
-        };
+        get: operations["index"];
         put?: never;
         post?: never;
         delete?: never;
@@ -204,103 +92,7 @@ export interface paths {
          * List API tokens (never their secrets)
          * @description Needs a token with scope `admin` that is not limited to a list of sessions.
          */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Default Response */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            tokens: {
-                                id: string;
-                                name: string;
-                                /** @description read: GET routes of sessions; step: read and POST step; admin: everything */
-                                scope: "read" | "step" | "admin";
-                                /** @description null: every session */
-                                sessions: string[] | null;
-                                /** Format: date-time */
-                                created_at: string;
-                                /** Format: date-time */
-                                revoked_at: string | null;
-                            }[];
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        get: operations["listTokens"];
         put?: never;
         /**
          * Create an API token
@@ -308,170 +100,7 @@ export interface paths {
          *
          *     Needs a token with scope `admin` that is not limited to a list of sessions.
          */
-        post: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody: {
-                content: {
-                    /**
-                     * @example {
-                     *       "name": "trainer-7",
-                     *       "scope": "step",
-                     *       "sessions": [
-                     *         "mnist-run-1"
-                     *       ]
-                     *     }
-                     */
-                    "application/json": {
-                        /** @description What the token is for */
-                        name: string;
-                        /** @description read: GET routes of sessions; step: read and POST step; admin: everything */
-                        scope: "read" | "step" | "admin";
-                        sessions?: string[] | null;
-                    };
-                };
-            };
-            responses: {
-                /** @description Default Response */
-                201: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            id: string;
-                            name: string;
-                            /** @description read: GET routes of sessions; step: read and POST step; admin: everything */
-                            scope: "read" | "step" | "admin";
-                            /** @description null: every session */
-                            sessions: string[] | null;
-                            /** Format: date-time */
-                            created_at: string;
-                            /** Format: date-time */
-                            revoked_at: string | null;
-                            /** @description The secret: shown only in this answer */
-                            token: string;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                413: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                415: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        post: operations["createToken"];
         delete?: never;
         options?: never;
         head?: never;
@@ -489,100 +118,7 @@ export interface paths {
          * The token of this request: its scope and session list
          * @description Needs a token with scope `read`.
          */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Default Response */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            /** @description "admin" for ASGD_ADMIN_TOKEN, "anonymous" when auth is off */
-                            id: string;
-                            name: string;
-                            /** @description read: GET routes of sessions; step: read and POST step; admin: everything */
-                            scope: "read" | "step" | "admin";
-                            /** @description null: every session */
-                            sessions: string[] | null;
-                            /** @description false when the service runs without auth (no ASGD_ADMIN_TOKEN) */
-                            auth: boolean;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description The token's scope or session list does not allow this */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        get: operations["getOwnToken"];
         put?: never;
         post?: never;
         delete?: never;
@@ -607,123 +143,7 @@ export interface paths {
          *
          *     Needs a token with scope `admin` that is not limited to a list of sessions.
          */
-        delete: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path: {
-                    /** @description Token id (the part after asgd_) */
-                    id: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Default Response */
-                204: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content?: never;
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        delete: operations["revokeToken"];
         options?: never;
         head?: never;
         patch?: never;
@@ -740,452 +160,15 @@ export interface paths {
          * List sessions
          * @description Needs a token with scope `read`.
          */
-        get: {
-            parameters: {
-                query?: {
-                    limit?: number;
-                    /** @description Cursor: the last name of the previous page */
-                    after?: string;
-                    /** @description Only names that contain this text (case-insensitive) */
-                    search?: string;
-                    /** @description Include each session's `activity`: steps in the last minute and the time of the last step (an index probe a session) */
-                    figures?: boolean;
-                    /** @description Include each session's stored bytes (one more query for the page) */
-                    storage?: boolean;
-                };
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Default Response */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            sessions: {
-                                name: string;
-                                /** @description Bumped by every change (step, load, restore); also the ETag */
-                                version: number;
-                                /** @description optimizer.step() calls applied */
-                                step: number;
-                                numel: number;
-                                params: {
-                                    name: string;
-                                    shape: number[];
-                                    numel: number;
-                                }[];
-                                param_groups: ({
-                                    lr: number;
-                                    lambd: number;
-                                    alpha: number;
-                                    t0: number;
-                                    weight_decay: number;
-                                    /** @enum {object|null} */
-                                    foreach: never | null;
-                                    maximize: boolean;
-                                    differentiable: boolean;
-                                    capturable: boolean;
-                                    params: number[];
-                                } & {
-                                    [key: string]: unknown;
-                                })[];
-                                snapshot_every: number;
-                                keep_snapshots: number;
-                                max_staleness: number | null;
-                                /** @description Byte bound on the step log; null: none (keep_snapshots still bounds it) */
-                                keep_log_bytes: number | null;
-                                /** @description Deleted after this many seconds without a step or a write; null: never */
-                                expire_after_idle_s: number | null;
-                                /** Format: date-time */
-                                created_at: string;
-                                /** Format: date-time */
-                                updated_at: string;
-                                /** @description Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true) */
-                                storage?: {
-                                    /** @description The step log (gradients), as PostgreSQL stores it */
-                                    log_bytes: number;
-                                    /** @description Steps in the log */
-                                    log_steps: number;
-                                    /** @description Snapshots with their tensor chunks */
-                                    snapshot_bytes: number;
-                                    snapshots: number;
-                                    /** @description The session row, Idempotency-Key answers, per-step history */
-                                    other_bytes: number;
-                                    total_bytes: number;
-                                };
-                                activity?: {
-                                    steps_last_minute: number;
-                                    /** @description steps_last_minute / 60 */
-                                    steps_per_second: number;
-                                    /**
-                                     * Format: date-time
-                                     * @description null: never stepped
-                                     */
-                                    last_step_at: string | null;
-                                };
-                            }[];
-                            next: string | null;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        get: operations["listSessions"];
         put?: never;
         /**
          * Create a session
-         * @description Creates a training session from named float32 parameters and ASGD hyperparameters. The body is JSON, or a torch.save / safetensors file (see the README).
+         * @description Creates a training session from named float32 parameters and ASGD hyperparameters. The body is JSON, or a safetensors / torch.save file of the initial parameters with the other keys in ?options= (or the safetensors metadata entry "asgd").
          *
          *     Needs a token with scope `admin` that is not limited to a list of sessions.
          */
-        post: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody: {
-                content: {
-                    /**
-                     * @example {
-                     *       "name": "mnist-run-1",
-                     *       "params": [
-                     *         {
-                     *           "name": "w",
-                     *           "shape": [
-                     *             2,
-                     *             2
-                     *           ],
-                     *           "data": [
-                     *             0.1,
-                     *             0.2,
-                     *             0.3,
-                     *             0.4
-                     *           ]
-                     *         }
-                     *       ],
-                     *       "hyperparameters": {
-                     *         "lr": 0.01,
-                     *         "t0": 100
-                     *       }
-                     *     }
-                     */
-                    "application/json": {
-                        name: string;
-                        params: {
-                            name: string;
-                            shape: number[];
-                            data: number[];
-                        }[];
-                        /** @description torch.optim.ASGD hyperparameters */
-                        hyperparameters?: {
-                            /** @default 0.01 */
-                            lr?: number;
-                            /** @default 0.0001 */
-                            lambd?: number;
-                            /** @default 0.75 */
-                            alpha?: number;
-                            /** @default 1000000 */
-                            t0?: number;
-                            /** @default 0 */
-                            weight_decay?: number;
-                            /** @default false */
-                            maximize?: boolean;
-                        };
-                        param_groups?: ({
-                            params: string[];
-                        } & {
-                            [key: string]: unknown;
-                        })[];
-                        snapshot_every?: number;
-                        keep_snapshots?: number;
-                        max_staleness?: number | null;
-                        /** @description Byte bound on the step log: a snapshot is taken and older log dropped to stay under it (null: no bound) */
-                        keep_log_bytes?: number | null;
-                        /** @description Delete the session after this many seconds without a step or a write; reads do not count (null: never) */
-                        expire_after_idle_s?: number | null;
-                    };
-                    "application/x-safetensors": string;
-                    "application/safetensors": string;
-                    "application/octet-stream": string;
-                    "application/vnd.pytorch": string;
-                };
-            };
-            responses: {
-                /** @description Default Response */
-                201: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            name: string;
-                            /** @description Bumped by every change (step, load, restore); also the ETag */
-                            version: number;
-                            /** @description optimizer.step() calls applied */
-                            step: number;
-                            numel: number;
-                            params: {
-                                name: string;
-                                shape: number[];
-                                numel: number;
-                            }[];
-                            param_groups: ({
-                                lr: number;
-                                lambd: number;
-                                alpha: number;
-                                t0: number;
-                                weight_decay: number;
-                                /** @enum {object|null} */
-                                foreach: never | null;
-                                maximize: boolean;
-                                differentiable: boolean;
-                                capturable: boolean;
-                                params: number[];
-                            } & {
-                                [key: string]: unknown;
-                            })[];
-                            snapshot_every: number;
-                            keep_snapshots: number;
-                            max_staleness: number | null;
-                            /** @description Byte bound on the step log; null: none (keep_snapshots still bounds it) */
-                            keep_log_bytes: number | null;
-                            /** @description Deleted after this many seconds without a step or a write; null: never */
-                            expire_after_idle_s: number | null;
-                            /** Format: date-time */
-                            created_at: string;
-                            /** Format: date-time */
-                            updated_at: string;
-                            /** @description Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true) */
-                            storage?: {
-                                /** @description The step log (gradients), as PostgreSQL stores it */
-                                log_bytes: number;
-                                /** @description Steps in the log */
-                                log_steps: number;
-                                /** @description Snapshots with their tensor chunks */
-                                snapshot_bytes: number;
-                                snapshots: number;
-                                /** @description The session row, Idempotency-Key answers, per-step history */
-                                other_bytes: number;
-                                total_bytes: number;
-                            };
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                409: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                413: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                415: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        post: operations["createSession"];
         delete?: never;
         options?: never;
         head?: never;
@@ -1203,325 +186,14 @@ export interface paths {
          * Read a session
          * @description Needs a token with scope `read`.
          */
-        get: {
-            parameters: {
-                query?: never;
-                header?: {
-                    /** @description "<version>": 304 while the session is at that version */
-                    "if-none-match"?: string;
-                };
-                path: {
-                    /** @description Session name: 1-128 of A-Za-z0-9._- */
-                    name: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Default Response */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            name: string;
-                            /** @description Bumped by every change (step, load, restore); also the ETag */
-                            version: number;
-                            /** @description optimizer.step() calls applied */
-                            step: number;
-                            numel: number;
-                            params: {
-                                name: string;
-                                shape: number[];
-                                numel: number;
-                            }[];
-                            param_groups: ({
-                                lr: number;
-                                lambd: number;
-                                alpha: number;
-                                t0: number;
-                                weight_decay: number;
-                                /** @enum {object|null} */
-                                foreach: never | null;
-                                maximize: boolean;
-                                differentiable: boolean;
-                                capturable: boolean;
-                                params: number[];
-                            } & {
-                                [key: string]: unknown;
-                            })[];
-                            snapshot_every: number;
-                            keep_snapshots: number;
-                            max_staleness: number | null;
-                            /** @description Byte bound on the step log; null: none (keep_snapshots still bounds it) */
-                            keep_log_bytes: number | null;
-                            /** @description Deleted after this many seconds without a step or a write; null: never */
-                            expire_after_idle_s: number | null;
-                            /** Format: date-time */
-                            created_at: string;
-                            /** Format: date-time */
-                            updated_at: string;
-                            /** @description Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true) */
-                            storage?: {
-                                /** @description The step log (gradients), as PostgreSQL stores it */
-                                log_bytes: number;
-                                /** @description Steps in the log */
-                                log_steps: number;
-                                /** @description Snapshots with their tensor chunks */
-                                snapshot_bytes: number;
-                                snapshots: number;
-                                /** @description The session row, Idempotency-Key answers, per-step history */
-                                other_bytes: number;
-                                total_bytes: number;
-                            };
-                        };
-                    };
-                };
-                /** @description Not modified: the version in the ETag is the one you have */
-                304: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content?: never;
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        get: operations["getSession"];
         put?: never;
         post?: never;
         /**
          * Delete a session with its snapshots and log
          * @description Needs a token with scope `admin`.
          */
-        delete: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path: {
-                    /** @description Session name: 1-128 of A-Za-z0-9._- */
-                    name: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Default Response */
-                204: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content?: never;
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                412: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        delete: operations["deleteSession"];
         options?: never;
         head?: never;
         /**
@@ -1530,220 +202,7 @@ export interface paths {
          *
          *     Needs a token with scope `admin`.
          */
-        patch: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path: {
-                    /** @description Session name: 1-128 of A-Za-z0-9._- */
-                    name: string;
-                };
-                cookie?: never;
-            };
-            requestBody: {
-                content: {
-                    "application/json": {
-                        snapshot_every?: number;
-                        keep_snapshots?: number;
-                        max_staleness?: number | null;
-                        /** @description Byte bound on the step log: a snapshot is taken and older log dropped to stay under it (null: no bound) */
-                        keep_log_bytes?: number | null;
-                        /** @description Delete the session after this many seconds without a step or a write; reads do not count (null: never) */
-                        expire_after_idle_s?: number | null;
-                    };
-                };
-            };
-            responses: {
-                /** @description Default Response */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            name: string;
-                            /** @description Bumped by every change (step, load, restore); also the ETag */
-                            version: number;
-                            /** @description optimizer.step() calls applied */
-                            step: number;
-                            numel: number;
-                            params: {
-                                name: string;
-                                shape: number[];
-                                numel: number;
-                            }[];
-                            param_groups: ({
-                                lr: number;
-                                lambd: number;
-                                alpha: number;
-                                t0: number;
-                                weight_decay: number;
-                                /** @enum {object|null} */
-                                foreach: never | null;
-                                maximize: boolean;
-                                differentiable: boolean;
-                                capturable: boolean;
-                                params: number[];
-                            } & {
-                                [key: string]: unknown;
-                            })[];
-                            snapshot_every: number;
-                            keep_snapshots: number;
-                            max_staleness: number | null;
-                            /** @description Byte bound on the step log; null: none (keep_snapshots still bounds it) */
-                            keep_log_bytes: number | null;
-                            /** @description Deleted after this many seconds without a step or a write; null: never */
-                            expire_after_idle_s: number | null;
-                            /** Format: date-time */
-                            created_at: string;
-                            /** Format: date-time */
-                            updated_at: string;
-                            /** @description Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true) */
-                            storage?: {
-                                /** @description The step log (gradients), as PostgreSQL stores it */
-                                log_bytes: number;
-                                /** @description Steps in the log */
-                                log_steps: number;
-                                /** @description Snapshots with their tensor chunks */
-                                snapshot_bytes: number;
-                                snapshots: number;
-                                /** @description The session row, Idempotency-Key answers, per-step history */
-                                other_bytes: number;
-                                total_bytes: number;
-                            };
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description The body is larger than this route accepts (BODY_TOO_LARGE) */
-                413: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description The Content-Type is not one this route accepts */
-                415: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        patch: operations["updateSession"];
         trace?: never;
     };
     "/v1/sessions/{name}/fork": {
@@ -1761,238 +220,7 @@ export interface paths {
          *
          *     Needs a token with scope `admin` that is not limited to a list of sessions.
          */
-        post: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path: {
-                    /** @description Session name: 1-128 of A-Za-z0-9._- */
-                    name: string;
-                };
-                cookie?: never;
-            };
-            requestBody: {
-                content: {
-                    "application/json": {
-                        name: string;
-                        snapshot?: number;
-                        snapshot_every?: number;
-                        keep_snapshots?: number;
-                        max_staleness?: number | null;
-                        /** @description Byte bound on the step log: a snapshot is taken and older log dropped to stay under it (null: no bound) */
-                        keep_log_bytes?: number | null;
-                        /** @description Delete the session after this many seconds without a step or a write; reads do not count (null: never) */
-                        expire_after_idle_s?: number | null;
-                    };
-                };
-            };
-            responses: {
-                /** @description Default Response */
-                201: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            name: string;
-                            /** @description Bumped by every change (step, load, restore); also the ETag */
-                            version: number;
-                            /** @description optimizer.step() calls applied */
-                            step: number;
-                            numel: number;
-                            params: {
-                                name: string;
-                                shape: number[];
-                                numel: number;
-                            }[];
-                            param_groups: ({
-                                lr: number;
-                                lambd: number;
-                                alpha: number;
-                                t0: number;
-                                weight_decay: number;
-                                /** @enum {object|null} */
-                                foreach: never | null;
-                                maximize: boolean;
-                                differentiable: boolean;
-                                capturable: boolean;
-                                params: number[];
-                            } & {
-                                [key: string]: unknown;
-                            })[];
-                            snapshot_every: number;
-                            keep_snapshots: number;
-                            max_staleness: number | null;
-                            /** @description Byte bound on the step log; null: none (keep_snapshots still bounds it) */
-                            keep_log_bytes: number | null;
-                            /** @description Deleted after this many seconds without a step or a write; null: never */
-                            expire_after_idle_s: number | null;
-                            /** Format: date-time */
-                            created_at: string;
-                            /** Format: date-time */
-                            updated_at: string;
-                            /** @description Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true) */
-                            storage?: {
-                                /** @description The step log (gradients), as PostgreSQL stores it */
-                                log_bytes: number;
-                                /** @description Steps in the log */
-                                log_steps: number;
-                                /** @description Snapshots with their tensor chunks */
-                                snapshot_bytes: number;
-                                snapshots: number;
-                                /** @description The session row, Idempotency-Key answers, per-step history */
-                                other_bytes: number;
-                                total_bytes: number;
-                            };
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                409: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description The body is larger than this route accepts (BODY_TOO_LARGE) */
-                413: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description The Content-Type is not one this route accepts */
-                415: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        post: operations["forkSession"];
         delete?: never;
         options?: never;
         head?: never;
@@ -2010,261 +238,11 @@ export interface paths {
         put?: never;
         /**
          * Apply one optimizer step
-         * @description Applies exactly the step torch.optim.ASGD would apply for these gradients and answers once it is committed. Body: JSON {"grads": {name: tensor or flat list}, "base_version"?, "param_groups"?, "metrics"?} or a safetensors file of gradients (Content-Type application/x-safetensors; base_version in the query or, like param_groups and metrics, as JSON in __metadata__). A parameter without a gradient is skipped, as in PyTorch. ?return=params|averaged answers with the parameters at the new version (as JSON, or as a safetensors file with Accept: application/x-safetensors whose __metadata__ holds session, version, step, staleness).
+         * @description Applies exactly the step torch.optim.ASGD would apply for these gradients and answers once it is committed. Body: JSON {"grads": {name: tensor or flat list}, "base_version"?, "param_groups"?, "metrics"?} or a safetensors / torch.save file of gradients (F32, or F16/BF16 widened exactly to float32 and logged as received; base_version in the query or, like param_groups and metrics, as JSON in the safetensors __metadata__). A parameter without a gradient is skipped, as in PyTorch. ?return=params|averaged answers with the parameters at the new version (as JSON, or as a safetensors file with Accept: application/x-safetensors whose __metadata__ holds session, version, step, staleness).
          *
          *     Needs a token with scope `step`.
          */
-        post: {
-            parameters: {
-                query?: {
-                    /** @description The version the gradient was computed from */
-                    base_version?: number;
-                    /** @description Answer with the parameters (or ASGD's averaged parameters) at the answered version too: one round trip per training step */
-                    return?: "none" | "params" | "averaged";
-                };
-                header?: {
-                    /** @description Apply only at this version */
-                    "if-match"?: string;
-                    /** @description A retry with the same key returns the first answer (with the parameters at its version when asked) and does not step twice */
-                    "idempotency-key"?: string;
-                };
-                path: {
-                    /** @description Session name: 1-128 of A-Za-z0-9._- */
-                    name: string;
-                };
-                cookie?: never;
-            };
-            requestBody: {
-                content: {
-                    "application/json": unknown;
-                    "application/x-safetensors": string;
-                    "application/safetensors": string;
-                    "application/octet-stream": string;
-                    "application/vnd.pytorch": string;
-                };
-            };
-            responses: {
-                /** @description The step is committed */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            session: string;
-                            step: number;
-                            version: number;
-                            /** @description Versions between the gradient's base_version and the version it was applied to */
-                            staleness: number;
-                            /** @description true when an Idempotency-Key retry returned the original answer */
-                            replayed?: boolean;
-                            /** @description With ?return=params|averaged: the parameters at `version` */
-                            params?: {
-                                [key: string]: {
-                                    /** @description Dimensions, row-major */
-                                    shape: number[];
-                                    /** @description Flat row-major float32 values; "NaN", "Infinity", "-Infinity" for non-finite values */
-                                    data: (number | string)[];
-                                };
-                            };
-                        };
-                        "application/x-safetensors": string;
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                406: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                409: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                412: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                413: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                415: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                422: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        post: operations["step"];
         delete?: never;
         options?: never;
         head?: never;
@@ -2284,165 +262,7 @@ export interface paths {
          *
          *     Needs a token with scope `read`.
          */
-        get: {
-            parameters: {
-                query?: {
-                    /** @description Read the state at this version (rebuilt from a snapshot and the step log) */
-                    version?: string;
-                    /** @description Instead of an Accept header */
-                    format?: "json" | "pt" | "safetensors";
-                    averaged?: boolean;
-                    /** @description Answer only with a version above this one: at once, or when one commits within `wait` seconds; else 304 */
-                    after_version?: number;
-                    /** @description With after_version: how long to wait for a newer version (at most 60 s) */
-                    wait?: number;
-                };
-                header?: {
-                    /** @description "<version>": 304 while the parameters are at that version */
-                    "if-none-match"?: string;
-                };
-                path: {
-                    /** @description Session name: 1-128 of A-Za-z0-9._- */
-                    name: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description The state, as JSON, a torch.save file (application/octet-stream) or safetensors (application/x-safetensors) */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            [key: string]: unknown;
-                        };
-                        "application/octet-stream": string;
-                        "application/x-safetensors": string;
-                    };
-                };
-                /** @description Not modified: the version in the ETag is the one you have */
-                304: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content?: never;
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                406: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        get: operations["getParams"];
         put?: never;
         post?: never;
         delete?: never;
@@ -2464,401 +284,14 @@ export interface paths {
          *
          *     Needs a token with scope `read`.
          */
-        get: {
-            parameters: {
-                query?: {
-                    /** @description Read the state at this version (rebuilt from a snapshot and the step log) */
-                    version?: string;
-                    /** @description Instead of an Accept header */
-                    format?: "json" | "pt" | "safetensors";
-                };
-                header?: {
-                    /** @description "<version>": 304 while the state is at that version */
-                    "if-none-match"?: string;
-                };
-                path: {
-                    /** @description Session name: 1-128 of A-Za-z0-9._- */
-                    name: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description The state, as JSON, a torch.save file (application/octet-stream) or safetensors (application/x-safetensors) */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            [key: string]: unknown;
-                        };
-                        "application/octet-stream": string;
-                        "application/x-safetensors": string;
-                    };
-                };
-                /** @description Not modified: the version in the ETag is the one you have */
-                304: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content?: never;
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                406: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        get: operations["getStateDict"];
         /**
          * Restore the optimizer state_dict
          * @description Optimizer.load_state_dict semantics: hyperparameters come from the loaded groups; group count and sizes must match. Parameters are not changed. JSON, a torch.save file or safetensors. Bumps the version.
          *
          *     Needs a token with scope `admin`.
          */
-        put: {
-            parameters: {
-                query?: never;
-                header?: {
-                    "if-match"?: string;
-                };
-                path: {
-                    /** @description Session name: 1-128 of A-Za-z0-9._- */
-                    name: string;
-                };
-                cookie?: never;
-            };
-            requestBody: {
-                content: {
-                    "application/json": {
-                        state: {
-                            [key: string]: unknown;
-                        };
-                        param_groups: {
-                            [key: string]: unknown;
-                        }[];
-                    };
-                    "application/octet-stream": string;
-                    "application/vnd.pytorch": string;
-                    "application/x-safetensors": string;
-                    "application/safetensors": string;
-                };
-            };
-            responses: {
-                /** @description Default Response */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            name: string;
-                            /** @description Bumped by every change (step, load, restore); also the ETag */
-                            version: number;
-                            /** @description optimizer.step() calls applied */
-                            step: number;
-                            numel: number;
-                            params: {
-                                name: string;
-                                shape: number[];
-                                numel: number;
-                            }[];
-                            param_groups: ({
-                                lr: number;
-                                lambd: number;
-                                alpha: number;
-                                t0: number;
-                                weight_decay: number;
-                                /** @enum {object|null} */
-                                foreach: never | null;
-                                maximize: boolean;
-                                differentiable: boolean;
-                                capturable: boolean;
-                                params: number[];
-                            } & {
-                                [key: string]: unknown;
-                            })[];
-                            snapshot_every: number;
-                            keep_snapshots: number;
-                            max_staleness: number | null;
-                            /** @description Byte bound on the step log; null: none (keep_snapshots still bounds it) */
-                            keep_log_bytes: number | null;
-                            /** @description Deleted after this many seconds without a step or a write; null: never */
-                            expire_after_idle_s: number | null;
-                            /** Format: date-time */
-                            created_at: string;
-                            /** Format: date-time */
-                            updated_at: string;
-                            /** @description Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true) */
-                            storage?: {
-                                /** @description The step log (gradients), as PostgreSQL stores it */
-                                log_bytes: number;
-                                /** @description Steps in the log */
-                                log_steps: number;
-                                /** @description Snapshots with their tensor chunks */
-                                snapshot_bytes: number;
-                                snapshots: number;
-                                /** @description The session row, Idempotency-Key answers, per-step history */
-                                other_bytes: number;
-                                total_bytes: number;
-                            };
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                412: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                413: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                415: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        put: operations["loadStateDict"];
         post?: never;
         delete?: never;
         options?: never;
@@ -2879,390 +312,14 @@ export interface paths {
          *
          *     Needs a token with scope `read`.
          */
-        get: {
-            parameters: {
-                query?: {
-                    /** @description Read the state at this version (rebuilt from a snapshot and the step log) */
-                    version?: string;
-                    format?: "json" | "pt";
-                };
-                header?: {
-                    /** @description "<version>": 304 while the state is at that version */
-                    "if-none-match"?: string;
-                };
-                path: {
-                    /** @description Session name: 1-128 of A-Za-z0-9._- */
-                    name: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description The checkpoint, as a torch.save file (application/octet-stream) or JSON */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/octet-stream": string;
-                        "application/json": {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Not modified: the version in the ETag is the one you have */
-                304: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content?: never;
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                406: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        get: operations["getCheckpoint"];
         /**
          * Upload a checkpoint
          * @description Replaces parameters and optimizer state from {"model", "optimizer", "step"} (a torch.save file, or JSON). Bumps the version.
          *
          *     Needs a token with scope `admin`.
          */
-        put: {
-            parameters: {
-                query?: never;
-                header?: {
-                    "if-match"?: string;
-                };
-                path: {
-                    /** @description Session name: 1-128 of A-Za-z0-9._- */
-                    name: string;
-                };
-                cookie?: never;
-            };
-            requestBody: {
-                content: {
-                    "application/json": Record<string, never>;
-                    "application/octet-stream": string;
-                    "application/vnd.pytorch": string;
-                };
-            };
-            responses: {
-                /** @description Default Response */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            name: string;
-                            /** @description Bumped by every change (step, load, restore); also the ETag */
-                            version: number;
-                            /** @description optimizer.step() calls applied */
-                            step: number;
-                            numel: number;
-                            params: {
-                                name: string;
-                                shape: number[];
-                                numel: number;
-                            }[];
-                            param_groups: ({
-                                lr: number;
-                                lambd: number;
-                                alpha: number;
-                                t0: number;
-                                weight_decay: number;
-                                /** @enum {object|null} */
-                                foreach: never | null;
-                                maximize: boolean;
-                                differentiable: boolean;
-                                capturable: boolean;
-                                params: number[];
-                            } & {
-                                [key: string]: unknown;
-                            })[];
-                            snapshot_every: number;
-                            keep_snapshots: number;
-                            max_staleness: number | null;
-                            /** @description Byte bound on the step log; null: none (keep_snapshots still bounds it) */
-                            keep_log_bytes: number | null;
-                            /** @description Deleted after this many seconds without a step or a write; null: never */
-                            expire_after_idle_s: number | null;
-                            /** Format: date-time */
-                            created_at: string;
-                            /** Format: date-time */
-                            updated_at: string;
-                            /** @description Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true) */
-                            storage?: {
-                                /** @description The step log (gradients), as PostgreSQL stores it */
-                                log_bytes: number;
-                                /** @description Steps in the log */
-                                log_steps: number;
-                                /** @description Snapshots with their tensor chunks */
-                                snapshot_bytes: number;
-                                snapshots: number;
-                                /** @description The session row, Idempotency-Key answers, per-step history */
-                                other_bytes: number;
-                                total_bytes: number;
-                            };
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                412: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                413: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                415: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        put: operations["loadCheckpoint"];
         post?: never;
         delete?: never;
         options?: never;
@@ -3283,312 +340,13 @@ export interface paths {
          *
          *     Needs a token with scope `read`.
          */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path: {
-                    /** @description Session name: 1-128 of A-Za-z0-9._- */
-                    name: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Default Response */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            session: string;
-                            version: number;
-                            snapshots: {
-                                id: number;
-                                version: number;
-                                step: number;
-                                reason: string;
-                                pinned: boolean;
-                                byte_size: number;
-                                checksum: string;
-                                /** Format: date-time */
-                                created_at: string;
-                            }[];
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        get: operations["listSnapshots"];
         put?: never;
         /**
          * Take a snapshot now
          * @description Needs a token with scope `admin`.
          */
-        post: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path: {
-                    /** @description Session name: 1-128 of A-Za-z0-9._- */
-                    name: string;
-                };
-                cookie?: never;
-            };
-            /** @description Optional; no body takes an unpinned snapshot */
-            requestBody: {
-                content: {
-                    "application/json": {
-                        pinned?: boolean;
-                    };
-                };
-            };
-            responses: {
-                /** @description Default Response */
-                201: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            id: number;
-                            version: number;
-                            step: number;
-                            reason: string;
-                            pinned: boolean;
-                            byte_size: number;
-                            checksum: string;
-                            /** Format: date-time */
-                            created_at: string;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description The body is larger than this route accepts (BODY_TOO_LARGE) */
-                413: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description The Content-Type is not one this route accepts */
-                415: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        post: operations["createSnapshot"];
         delete?: never;
         options?: never;
         head?: never;
@@ -3606,137 +364,7 @@ export interface paths {
          * Read a snapshot's metadata
          * @description Needs a token with scope `read`.
          */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path: {
-                    /** @description Session name: 1-128 of A-Za-z0-9._- */
-                    name: string;
-                    /** @description Snapshot id */
-                    id: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Default Response */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            id: number;
-                            version: number;
-                            step: number;
-                            reason: string;
-                            pinned: boolean;
-                            byte_size: number;
-                            checksum: string;
-                            /** Format: date-time */
-                            created_at: string;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        get: operations["getSnapshot"];
         put?: never;
         post?: never;
         delete?: never;
@@ -3748,175 +376,7 @@ export interface paths {
          *
          *     Needs a token with scope `admin`.
          */
-        patch: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path: {
-                    /** @description Session name: 1-128 of A-Za-z0-9._- */
-                    name: string;
-                    /** @description Snapshot id */
-                    id: string;
-                };
-                cookie?: never;
-            };
-            requestBody: {
-                content: {
-                    "application/json": {
-                        pinned: boolean;
-                    };
-                };
-            };
-            responses: {
-                /** @description Default Response */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            id: number;
-                            version: number;
-                            step: number;
-                            reason: string;
-                            pinned: boolean;
-                            byte_size: number;
-                            checksum: string;
-                            /** Format: date-time */
-                            created_at: string;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description The body is larger than this route accepts (BODY_TOO_LARGE) */
-                413: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description The Content-Type is not one this route accepts */
-                415: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        patch: operations["pinSnapshot"];
         trace?: never;
     };
     "/v1/sessions/{name}/snapshots/{id}/params": {
@@ -3930,150 +390,7 @@ export interface paths {
          * Download a snapshot's params
          * @description Needs a token with scope `read`.
          */
-        get: {
-            parameters: {
-                query?: {
-                    format?: "json" | "pt" | "safetensors";
-                    averaged?: boolean;
-                };
-                header?: never;
-                path: {
-                    /** @description Session name: 1-128 of A-Za-z0-9._- */
-                    name: string;
-                    /** @description Snapshot id */
-                    id: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description The state, as JSON, a torch.save file (application/octet-stream) or safetensors (application/x-safetensors) */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            [key: string]: unknown;
-                        };
-                        "application/octet-stream": string;
-                        "application/x-safetensors": string;
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                406: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        get: operations["getSnapshotParams"];
         put?: never;
         post?: never;
         delete?: never;
@@ -4093,149 +410,7 @@ export interface paths {
          * Download a snapshot's state_dict
          * @description Needs a token with scope `read`.
          */
-        get: {
-            parameters: {
-                query?: {
-                    format?: "json" | "pt" | "safetensors";
-                };
-                header?: never;
-                path: {
-                    /** @description Session name: 1-128 of A-Za-z0-9._- */
-                    name: string;
-                    /** @description Snapshot id */
-                    id: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description The state, as JSON, a torch.save file (application/octet-stream) or safetensors (application/x-safetensors) */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            [key: string]: unknown;
-                        };
-                        "application/octet-stream": string;
-                        "application/x-safetensors": string;
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                406: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        get: operations["getSnapshotStateDict"];
         put?: never;
         post?: never;
         delete?: never;
@@ -4255,148 +430,7 @@ export interface paths {
          * Download a snapshot's checkpoint
          * @description Needs a token with scope `read`.
          */
-        get: {
-            parameters: {
-                query?: {
-                    format?: "json" | "pt" | "safetensors";
-                };
-                header?: never;
-                path: {
-                    /** @description Session name: 1-128 of A-Za-z0-9._- */
-                    name: string;
-                    /** @description Snapshot id */
-                    id: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description The checkpoint, as a torch.save file (application/octet-stream) or JSON */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/octet-stream": string;
-                        "application/json": {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                406: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        get: operations["getSnapshotCheckpoint"];
         put?: never;
         post?: never;
         delete?: never;
@@ -4420,196 +454,7 @@ export interface paths {
          *
          *     Needs a token with scope `admin`.
          */
-        post: {
-            parameters: {
-                query?: never;
-                header?: {
-                    "if-match"?: string;
-                };
-                path: {
-                    /** @description Session name: 1-128 of A-Za-z0-9._- */
-                    name: string;
-                    /** @description Snapshot id */
-                    id: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Default Response */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            name: string;
-                            /** @description Bumped by every change (step, load, restore); also the ETag */
-                            version: number;
-                            /** @description optimizer.step() calls applied */
-                            step: number;
-                            numel: number;
-                            params: {
-                                name: string;
-                                shape: number[];
-                                numel: number;
-                            }[];
-                            param_groups: ({
-                                lr: number;
-                                lambd: number;
-                                alpha: number;
-                                t0: number;
-                                weight_decay: number;
-                                /** @enum {object|null} */
-                                foreach: never | null;
-                                maximize: boolean;
-                                differentiable: boolean;
-                                capturable: boolean;
-                                params: number[];
-                            } & {
-                                [key: string]: unknown;
-                            })[];
-                            snapshot_every: number;
-                            keep_snapshots: number;
-                            max_staleness: number | null;
-                            /** @description Byte bound on the step log; null: none (keep_snapshots still bounds it) */
-                            keep_log_bytes: number | null;
-                            /** @description Deleted after this many seconds without a step or a write; null: never */
-                            expire_after_idle_s: number | null;
-                            /** Format: date-time */
-                            created_at: string;
-                            /** Format: date-time */
-                            updated_at: string;
-                            /** @description Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true) */
-                            storage?: {
-                                /** @description The step log (gradients), as PostgreSQL stores it */
-                                log_bytes: number;
-                                /** @description Steps in the log */
-                                log_steps: number;
-                                /** @description Snapshots with their tensor chunks */
-                                snapshot_bytes: number;
-                                snapshots: number;
-                                /** @description The session row, Idempotency-Key answers, per-step history */
-                                other_bytes: number;
-                                total_bytes: number;
-                            };
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                412: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        post: operations["restoreSnapshot"];
         delete?: never;
         options?: never;
         head?: never;
@@ -4629,141 +474,7 @@ export interface paths {
          *
          *     Needs a token with scope `read`.
          */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path: {
-                    /** @description Session name: 1-128 of A-Za-z0-9._- */
-                    name: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Default Response */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            session: string;
-                            version: number;
-                            step: number;
-                            params: {
-                                name: string;
-                                numel: number;
-                                /** @description L2 norm of the parameter (float64 sum of squares of its float32 values) */
-                                norm: number;
-                                /** @description L2 norm of ASGD's averaged parameter ax */
-                                ax_norm: number;
-                                /** @description ASGD's per-parameter step; null before its first step */
-                                step: number | null;
-                                eta: number | null;
-                                mu: number | null;
-                            }[];
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        get: operations["getNorms"];
         put?: never;
         post?: never;
         delete?: never;
@@ -4785,141 +496,7 @@ export interface paths {
          *
          *     Needs a token with scope `read`.
          */
-        get: {
-            parameters: {
-                query?: {
-                    after_version?: number;
-                    limit?: number;
-                };
-                header?: never;
-                path: {
-                    /** @description Session name: 1-128 of A-Za-z0-9._- */
-                    name: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Default Response */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            session: string;
-                            changes: {
-                                version: number;
-                                step: number;
-                                /** Format: date-time */
-                                time: string;
-                                /** @description Each group's hyperparameters after the step */
-                                param_groups: {
-                                    [key: string]: unknown;
-                                }[];
-                            }[];
-                            next_after_version: number;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        get: operations["getHyperparameterChanges"];
         put?: never;
         post?: never;
         delete?: never;
@@ -4941,168 +518,7 @@ export interface paths {
          *
          *     Needs a token with scope `read`.
          */
-        get: {
-            parameters: {
-                query?: {
-                    after_version?: number;
-                    /** @description Default 1000; not with max_points */
-                    limit?: number;
-                    /** @description Downsample the series after after_version to at most this many points */
-                    max_points?: number;
-                };
-                header?: never;
-                path: {
-                    /** @description Session name: 1-128 of A-Za-z0-9._- */
-                    name: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Default Response */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            session: string;
-                            points: {
-                                version: number;
-                                step: number;
-                                /**
-                                 * Format: date-time
-                                 * @description When the step committed
-                                 */
-                                time: string;
-                                /** @description The step's staleness (a bucket: the mean of its steps') */
-                                staleness: number;
-                                /** @description The step's metrics ({} when it sent none); a bucket: the mean of each */
-                                values: {
-                                    [key: string]: number;
-                                };
-                                /** @description Each group's hyperparameters after the step, when the step changed them */
-                                param_groups?: {
-                                    [key: string]: unknown;
-                                }[];
-                                /** @description A bucket (max_points): its first version; `version`, `step` and `time` are its last */
-                                version_from?: number;
-                                /** @description A bucket: how many steps it holds */
-                                count?: number;
-                                /** @description A bucket: the largest staleness in it */
-                                staleness_max?: number;
-                                min?: {
-                                    [key: string]: number;
-                                };
-                                max?: {
-                                    [key: string]: number;
-                                };
-                            }[];
-                            /** @description The after_version of the next page: the last point's version (or the one asked for when there are none) */
-                            next_after_version: number;
-                            /** @description With max_points: whether the points are buckets */
-                            downsampled?: boolean;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Overloaded, shutting down, or the database is unreachable (SERVICE_UNAVAILABLE); see Retry-After */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        get: operations["getMetrics"];
         put?: never;
         post?: never;
         delete?: never;
@@ -5124,131 +540,7 @@ export interface paths {
          *
          *     Needs a token with scope `read`.
          */
-        get: {
-            parameters: {
-                query?: {
-                    /** @description The version you have (as Last-Event-ID) */
-                    after_version?: number;
-                };
-                header?: {
-                    /** @description The id (version) of the last event received */
-                    "last-event-id"?: string;
-                };
-                path: {
-                    /** @description Session name: 1-128 of A-Za-z0-9._- */
-                    name: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description The event stream */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "text/event-stream": string;
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Too many requests for this token (RATE_LIMITED); see Retry-After */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description Every error: a stable code and a message that names the field */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            statusCode: number;
-                            code: string;
-                            error: string;
-                            message: string;
-                        } & {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-            };
-        };
+        get: operations["getEvents"];
         put?: never;
         post?: never;
         delete?: never;
@@ -5260,12 +552,2226 @@ export interface paths {
 }
 export type webhooks = Record<string, never>;
 export interface components {
-    schemas: never;
-    responses: never;
+    schemas: {
+        /** Checkpoint */
+        Checkpoint: {
+            model: components["schemas"]["NamedTensors"];
+            optimizer: components["schemas"]["StateDict"];
+            step: number;
+        };
+        /**
+         * @description An error of status 400: a stable code and a message that starts with the field at fault
+         * @example {
+         *       "statusCode": 400,
+         *       "code": "BAD_REQUEST",
+         *       "error": "Bad Request",
+         *       "message": "The request is malformed in a way no more specific code covers"
+         *     }
+         */
+        Error400: {
+            /** @enum {integer} */
+            statusCode: 400;
+            /** @enum {string} */
+            code: "BAD_REQUEST" | "INVALID_BODY" | "INVALID_JSON" | "INVALID_PATH" | "INVALID_QUERY" | "INVALID_HEADER" | "INVALID_URL" | "INVALID_NAME" | "INVALID_HYPERPARAMETER" | "INVALID_PARAM_GROUPS" | "INVALID_TENSOR" | "SHAPE_MISMATCH" | "UNKNOWN_PARAMETER" | "EMPTY_STEP" | "STATE_DICT_MISMATCH" | "INVALID_STATE_DICT" | "INVALID_METRICS" | "ZIP_TRUNCATED" | "ZIP_CORRUPT" | "ZIP_UNSUPPORTED" | "ZIP_CRC_MISMATCH" | "ZIP_DUPLICATE_ENTRY" | "ZIP_ENTRY_MISSING" | "ZIP_LIMIT_EXCEEDED" | "PICKLE_TRUNCATED" | "PICKLE_OPCODE_REFUSED" | "PICKLE_GLOBAL_REFUSED" | "PICKLE_STACK_INVALID" | "PICKLE_MEMO_INVALID" | "PICKLE_CALL_INVALID" | "PICKLE_VALUE_UNSUPPORTED" | "PICKLE_TOO_DEEP" | "PICKLE_LIMIT_EXCEEDED" | "PICKLE_STRING_INVALID" | "TENSOR_DTYPE_UNSUPPORTED" | "TENSOR_SHAPE_INVALID" | "STORAGE_MISSING" | "TORCH_SAVE_INVALID" | "STATE_DICT_INVALID" | "SAFETENSORS_HEADER_INVALID";
+            /** @example Bad Request */
+            error: string;
+            message: string;
+        } & {
+            [key: string]: unknown;
+        };
+        /**
+         * @description An error of status 401: a stable code and a message that starts with the field at fault
+         * @example {
+         *       "statusCode": 401,
+         *       "code": "UNAUTHORIZED",
+         *       "error": "Unauthorized",
+         *       "message": "No bearer token, or an unknown or revoked one (WWW-Authenticate: Bearer)"
+         *     }
+         */
+        Error401: {
+            /** @enum {integer} */
+            statusCode: 401;
+            /** @enum {string} */
+            code: "UNAUTHORIZED";
+            /** @example Unauthorized */
+            error: string;
+            message: string;
+        } & {
+            [key: string]: unknown;
+        };
+        /**
+         * @description An error of status 403: a stable code and a message that starts with the field at fault
+         * @example {
+         *       "statusCode": 403,
+         *       "code": "FORBIDDEN",
+         *       "error": "Forbidden",
+         *       "message": "The token's scope or session list does not allow this"
+         *     }
+         */
+        Error403: {
+            /** @enum {integer} */
+            statusCode: 403;
+            /** @enum {string} */
+            code: "FORBIDDEN";
+            /** @example Forbidden */
+            error: string;
+            message: string;
+        } & {
+            [key: string]: unknown;
+        };
+        /**
+         * @description An error of status 404: a stable code and a message that starts with the field at fault
+         * @example {
+         *       "statusCode": 404,
+         *       "code": "ROUTE_NOT_FOUND",
+         *       "error": "Not Found",
+         *       "message": "No such route"
+         *     }
+         */
+        Error404: {
+            /** @enum {integer} */
+            statusCode: 404;
+            /** @enum {string} */
+            code: "ROUTE_NOT_FOUND" | "SESSION_NOT_FOUND" | "SNAPSHOT_NOT_FOUND" | "VERSION_NOT_AVAILABLE" | "TOKEN_NOT_FOUND";
+            /** @example Not Found */
+            error: string;
+            message: string;
+        } & {
+            [key: string]: unknown;
+        };
+        /**
+         * @description An error of status 406: a stable code and a message that starts with the field at fault
+         * @example {
+         *       "statusCode": 406,
+         *       "code": "NOT_ACCEPTABLE",
+         *       "error": "Not Acceptable",
+         *       "message": "No format this route offers is acceptable (Accept, ?format=, or JSON too large)"
+         *     }
+         */
+        Error406: {
+            /** @enum {integer} */
+            statusCode: 406;
+            /** @enum {string} */
+            code: "NOT_ACCEPTABLE";
+            /** @example Not Acceptable */
+            error: string;
+            message: string;
+        } & {
+            [key: string]: unknown;
+        };
+        /**
+         * @description An error of status 409: a stable code and a message that starts with the field at fault
+         * @example {
+         *       "statusCode": 409,
+         *       "code": "SESSION_EXISTS",
+         *       "error": "Conflict",
+         *       "message": "A session of this name exists"
+         *     }
+         */
+        Error409: {
+            /** @enum {integer} */
+            statusCode: 409;
+            /** @enum {string} */
+            code: "SESSION_EXISTS" | "STALE_GRADIENT";
+            /** @example Conflict */
+            error: string;
+            message: string;
+        } & {
+            [key: string]: unknown;
+        };
+        /**
+         * @description An error of status 412: a stable code and a message that starts with the field at fault
+         * @example {
+         *       "statusCode": 412,
+         *       "code": "VERSION_MISMATCH",
+         *       "error": "Precondition Failed",
+         *       "message": "If-Match does not match the session's version; the body carries the current version"
+         *     }
+         */
+        Error412: {
+            /** @enum {integer} */
+            statusCode: 412;
+            /** @enum {string} */
+            code: "VERSION_MISMATCH";
+            /** @example Precondition Failed */
+            error: string;
+            message: string;
+        } & {
+            [key: string]: unknown;
+        };
+        /**
+         * @description An error of status 413: a stable code and a message that starts with the field at fault
+         * @example {
+         *       "statusCode": 413,
+         *       "code": "BODY_TOO_LARGE",
+         *       "error": "Payload Too Large",
+         *       "message": "The body is larger than this route (or a JSON body) accepts"
+         *     }
+         */
+        Error413: {
+            /** @enum {integer} */
+            statusCode: 413;
+            /** @enum {string} */
+            code: "BODY_TOO_LARGE";
+            /** @example Payload Too Large */
+            error: string;
+            message: string;
+        } & {
+            [key: string]: unknown;
+        };
+        /**
+         * @description An error of status 415: a stable code and a message that starts with the field at fault
+         * @example {
+         *       "statusCode": 415,
+         *       "code": "UNSUPPORTED_MEDIA_TYPE",
+         *       "error": "Unsupported Media Type",
+         *       "message": "The Content-Type is not one this route accepts"
+         *     }
+         */
+        Error415: {
+            /** @enum {integer} */
+            statusCode: 415;
+            /** @enum {string} */
+            code: "UNSUPPORTED_MEDIA_TYPE";
+            /** @example Unsupported Media Type */
+            error: string;
+            message: string;
+        } & {
+            [key: string]: unknown;
+        };
+        /**
+         * @description An error of status 422: a stable code and a message that starts with the field at fault
+         * @example {
+         *       "statusCode": 422,
+         *       "code": "NON_FINITE_GRADIENT",
+         *       "error": "Unprocessable Entity",
+         *       "message": "A gradient holds NaN or an infinity"
+         *     }
+         */
+        Error422: {
+            /** @enum {integer} */
+            statusCode: 422;
+            /** @enum {string} */
+            code: "NON_FINITE_GRADIENT" | "IDEMPOTENCY_KEY_REUSED" | "SESSION_TOO_LARGE";
+            /** @example Unprocessable Entity */
+            error: string;
+            message: string;
+        } & {
+            [key: string]: unknown;
+        };
+        /**
+         * @description An error of status 429: a stable code and a message that starts with the field at fault
+         * @example {
+         *       "statusCode": 429,
+         *       "code": "RATE_LIMITED",
+         *       "error": "Too Many Requests",
+         *       "message": "Too many requests for this token; see Retry-After"
+         *     }
+         */
+        Error429: {
+            /** @enum {integer} */
+            statusCode: 429;
+            /** @enum {string} */
+            code: "RATE_LIMITED";
+            /** @example Too Many Requests */
+            error: string;
+            message: string;
+        } & {
+            [key: string]: unknown;
+        };
+        /**
+         * @description An error of status 503: a stable code and a message that starts with the field at fault
+         * @example {
+         *       "statusCode": 503,
+         *       "code": "SERVICE_UNAVAILABLE",
+         *       "error": "Service Unavailable",
+         *       "message": "Overloaded, shutting down, or the database is unreachable; see Retry-After"
+         *     }
+         */
+        Error503: {
+            /** @enum {integer} */
+            statusCode: 503;
+            /** @enum {string} */
+            code: "SERVICE_UNAVAILABLE" | "TOO_MANY_WAITERS" | "SNAPSHOT_UNAVAILABLE";
+            /** @example Service Unavailable */
+            error: string;
+            message: string;
+        } & {
+            [key: string]: unknown;
+        };
+        /**
+         * Hyperparameters
+         * @description torch.optim.ASGD hyperparameters
+         * @example {
+         *       "lr": 0.01,
+         *       "t0": 100
+         *     }
+         */
+        Hyperparameters: {
+            /** @description Learning rate (default 0.01) */
+            lr?: number;
+            /** @description Decay term (default 0.0001) */
+            lambd?: number;
+            /** @description Power for eta update (default 0.75) */
+            alpha?: number;
+            /** @description Point at which to start averaging (default 1000000) */
+            t0?: number;
+            /** @description L2 penalty (default 0) */
+            weight_decay?: number;
+            /** @description Maximize the objective (default false) */
+            maximize?: boolean;
+            /** @description Accepted as PyTorch writes it (null or false): the service computes the single-tensor CPU path; foreach=true is refused */
+            foreach?: unknown;
+            /** @description Accepted as PyTorch writes it (null or false): the service computes the single-tensor CPU path; differentiable=true is refused */
+            differentiable?: unknown;
+            /** @description Accepted as PyTorch writes it (null or false): the service computes the single-tensor CPU path; capturable=true is refused */
+            capturable?: unknown;
+        };
+        /**
+         * NamedTensors
+         * @description Tensors by parameter name (a model state_dict)
+         */
+        NamedTensors: {
+            [key: string]: components["schemas"]["Tensor"];
+        };
+        /**
+         * ParamGroup
+         * @description A param group as torch.optim.ASGD.state_dict() writes it
+         */
+        ParamGroup: {
+            lr: number;
+            lambd: number;
+            alpha: number;
+            t0: number;
+            weight_decay: number;
+            /** @enum {object|null} */
+            foreach: never | null;
+            maximize: boolean;
+            differentiable: boolean;
+            capturable: boolean;
+            /** @description Indices of the group's parameters, in session order */
+            params: number[];
+        } & {
+            [key: string]: unknown;
+        };
+        /** Params */
+        Params: {
+            session: string;
+            version: number;
+            step: number;
+            /** @description true: ASGD's averages (ax) */
+            averaged: boolean;
+            params: components["schemas"]["NamedTensors"];
+        };
+        /** Session */
+        Session: {
+            name: string;
+            /** @description Bumped by every change (step, load, restore); also the ETag */
+            version: number;
+            /** @description optimizer.step() calls applied */
+            step: number;
+            numel: number;
+            params: {
+                name: string;
+                shape: number[];
+                numel: number;
+            }[];
+            param_groups: components["schemas"]["ParamGroup"][];
+            snapshot_every: number;
+            keep_snapshots: number;
+            max_staleness: number | null;
+            /** @description Byte bound on the step log; null: none (keep_snapshots still bounds it) */
+            keep_log_bytes: number | null;
+            /** @description Deleted after this many seconds without a step or a write; null: never */
+            expire_after_idle_s: number | null;
+            /** Format: date-time */
+            created_at: string;
+            /** Format: date-time */
+            updated_at: string;
+            storage?: components["schemas"]["SessionStorage"];
+        };
+        /** SessionList */
+        SessionList: {
+            sessions: {
+                name: string;
+                /** @description Bumped by every change (step, load, restore); also the ETag */
+                version: number;
+                /** @description optimizer.step() calls applied */
+                step: number;
+                numel: number;
+                params: {
+                    name: string;
+                    shape: number[];
+                    numel: number;
+                }[];
+                param_groups: components["schemas"]["ParamGroup"][];
+                snapshot_every: number;
+                keep_snapshots: number;
+                max_staleness: number | null;
+                /** @description Byte bound on the step log; null: none (keep_snapshots still bounds it) */
+                keep_log_bytes: number | null;
+                /** @description Deleted after this many seconds without a step or a write; null: never */
+                expire_after_idle_s: number | null;
+                /** Format: date-time */
+                created_at: string;
+                /** Format: date-time */
+                updated_at: string;
+                storage?: components["schemas"]["SessionStorage"];
+                activity?: {
+                    steps_last_minute: number;
+                    /** @description steps_last_minute / 60 */
+                    steps_per_second: number;
+                    /**
+                     * Format: date-time
+                     * @description null: never stepped
+                     */
+                    last_step_at: string | null;
+                };
+            }[];
+            next: string | null;
+        };
+        /**
+         * SessionStorage
+         * @description Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true)
+         */
+        SessionStorage: {
+            /** @description The step log (gradients), as PostgreSQL stores it */
+            log_bytes: number;
+            /** @description Steps in the log */
+            log_steps: number;
+            /** @description Snapshots with their tensor chunks */
+            snapshot_bytes: number;
+            snapshots: number;
+            /** @description The session row, Idempotency-Key answers, per-step history */
+            other_bytes: number;
+            total_bytes: number;
+        };
+        /** Snapshot */
+        Snapshot: {
+            id: number;
+            version: number;
+            step: number;
+            reason: string;
+            pinned: boolean;
+            byte_size: number;
+            /** @description sha256:<hex> of the snapshot's bytes */
+            checksum: string;
+            /** Format: date-time */
+            created_at: string;
+        };
+        /** SnapshotList */
+        SnapshotList: {
+            session: string;
+            version: number;
+            snapshots: components["schemas"]["Snapshot"][];
+        };
+        /**
+         * StateDict
+         * @description torch.optim.ASGD.state_dict() as JSON
+         */
+        StateDict: {
+            /** @description Per-parameter state by parameter index (absent for a parameter that never stepped) */
+            state: {
+                [key: string]: {
+                    step: number | string;
+                    eta: number | string;
+                    mu: number | string;
+                    ax: components["schemas"]["Tensor"];
+                };
+            };
+            param_groups: components["schemas"]["ParamGroup"][];
+        };
+        /**
+         * StepAnswer
+         * @description A committed step (with the parameters at its version when asked)
+         */
+        StepAnswer: {
+            session: string;
+            /** @description optimizer.step() calls applied */
+            step: number;
+            /** @description The session version after this step (also the ETag) */
+            version: number;
+            /** @description Versions between the gradient's base_version and the version it was applied to */
+            staleness: number;
+            /** @description true when an Idempotency-Key retry returned the original answer */
+            replayed?: boolean;
+            /** @description With ?return=params|averaged: the parameters at `version` */
+            params?: {
+                [key: string]: components["schemas"]["Tensor"];
+            };
+        };
+        /**
+         * Tensor
+         * @description A float32 tensor
+         * @example {
+         *       "shape": [
+         *         2
+         *       ],
+         *       "data": [
+         *         0.5,
+         *         -1.25
+         *       ]
+         *     }
+         */
+        Tensor: {
+            /** @description Dimensions, row-major */
+            shape: number[];
+            /** @description Flat row-major float32 values; "NaN", "Infinity", "-Infinity" for non-finite values */
+            data: (number | string)[];
+        };
+        /** TokenInfo */
+        TokenInfo: {
+            id: string;
+            name: string;
+            /** @description read: GET routes of sessions; step: read and POST step; admin: everything */
+            scope: "read" | "step" | "admin";
+            /** @description null: every session */
+            sessions: string[] | null;
+            /** Format: date-time */
+            created_at: string;
+            /** Format: date-time */
+            revoked_at: string | null;
+        };
+    };
+    responses: {
+        /**
+         * @description Bad Request. The `code` is one of:
+         *
+         *     - `BAD_REQUEST`: The request is malformed in a way no more specific code covers
+         *     - `INVALID_BODY`: The body does not have the documented structure; the message names the field
+         *     - `INVALID_JSON`: The body is not valid JSON
+         *     - `INVALID_PATH`: A path parameter (session name, snapshot id, token id) is malformed
+         *     - `INVALID_QUERY`: A query parameter is malformed or out of range
+         *     - `INVALID_HEADER`: A request header is malformed (If-Match, Idempotency-Key, Content-Type, …)
+         *     - `INVALID_URL`: The URL cannot be decoded
+         *     - `INVALID_NAME`: A session name is not 1-128 characters of A-Za-z0-9._-
+         *     - `INVALID_HYPERPARAMETER`: A hyperparameter is out of range or of the wrong type (as torch.optim.ASGD checks)
+         *     - `INVALID_PARAM_GROUPS`: param_groups do not partition the parameters
+         *     - `INVALID_TENSOR`: A tensor is malformed: shape, dtype, values, name
+         *     - `SHAPE_MISMATCH`: A tensor does not have its parameter's shape
+         *     - `UNKNOWN_PARAMETER`: A tensor names no parameter of this session
+         *     - `EMPTY_STEP`: A step without any gradient
+         *     - `STATE_DICT_MISMATCH`: A state_dict does not fit this session (group count, sizes)
+         *     - `INVALID_STATE_DICT`: A state_dict is malformed; the message names the field
+         *     - `INVALID_METRICS`: A step's metrics are malformed: at most 32 finite numbers named like sessions
+         *     - `ZIP_TRUNCATED`: File format: the zip archive ends before a record it declares
+         *     - `ZIP_CORRUPT`: File format: a zip record is malformed: bad signature, offsets outside the file, overlapping entries, size mismatch
+         *     - `ZIP_UNSUPPORTED`: File format: a zip feature this reader refuses: encryption, multiple disks, a compression method other than stored/deflate
+         *     - `ZIP_CRC_MISMATCH`: File format: an entry does not match the CRC-32 its header declares
+         *     - `ZIP_DUPLICATE_ENTRY`: File format: two zip entries have the same name
+         *     - `ZIP_ENTRY_MISSING`: File format: a zip entry the format requires is absent
+         *     - `ZIP_LIMIT_EXCEEDED`: File format: an entry or archive is larger than the caller allows
+         *     - `PICKLE_TRUNCATED`: File format: the pickle ends before its STOP opcode or inside an argument
+         *     - `PICKLE_OPCODE_REFUSED`: File format: a pickle opcode this safe unpickler does not run
+         *     - `PICKLE_GLOBAL_REFUSED`: File format: a pickle global outside the allow-list (module.name)
+         *     - `PICKLE_STACK_INVALID`: File format: the pickle stack or mark stack does not hold what an opcode needs
+         *     - `PICKLE_MEMO_INVALID`: File format: a memo lookup of an index never stored
+         *     - `PICKLE_CALL_INVALID`: File format: an allowed callable was called with arguments it does not accept
+         *     - `PICKLE_VALUE_UNSUPPORTED`: File format: a value the Python value model cannot hold (sets, float keys, cycles, bare classes)
+         *     - `PICKLE_TOO_DEEP`: File format: values or marks nest deeper than the limit
+         *     - `PICKLE_LIMIT_EXCEEDED`: File format: the pickle exceeds a size limit (integer length, expanded size)
+         *     - `PICKLE_STRING_INVALID`: File format: a string is not valid UTF-8
+         *     - `TENSOR_DTYPE_UNSUPPORTED`: File format: a tensor dtype (or storage class) this service does not handle here
+         *     - `TENSOR_SHAPE_INVALID`: File format: a tensor shape, stride or offset is invalid or does not fit its data
+         *     - `STORAGE_MISSING`: File format: a tensor refers to a storage record that is absent or too small
+         *     - `TORCH_SAVE_INVALID`: File format: the archive is not a torch.save file this reader understands (version, layout)
+         *     - `STATE_DICT_INVALID`: File format: a state_dict or checkpoint does not have the expected shape; the message names the field
+         *     - `SAFETENSORS_HEADER_INVALID`: File format: the safetensors header is malformed or inconsistent with the body
+         */
+        Error400: {
+            headers: {
+                [name: string]: unknown;
+            };
+            content: {
+                "application/json": components["schemas"]["Error400"];
+            };
+        };
+        /**
+         * @description Unauthorized. The `code` is one of:
+         *
+         *     - `UNAUTHORIZED`: No bearer token, or an unknown or revoked one (WWW-Authenticate: Bearer)
+         */
+        Error401: {
+            headers: {
+                [name: string]: unknown;
+            };
+            content: {
+                "application/json": components["schemas"]["Error401"];
+            };
+        };
+        /**
+         * @description Forbidden. The `code` is one of:
+         *
+         *     - `FORBIDDEN`: The token's scope or session list does not allow this
+         */
+        Error403: {
+            headers: {
+                [name: string]: unknown;
+            };
+            content: {
+                "application/json": components["schemas"]["Error403"];
+            };
+        };
+        /**
+         * @description Not Found. The `code` is one of:
+         *
+         *     - `ROUTE_NOT_FOUND`: No such route
+         *     - `SESSION_NOT_FOUND`: No session of this name
+         *     - `SNAPSHOT_NOT_FOUND`: No snapshot of this id in this session
+         *     - `VERSION_NOT_AVAILABLE`: The version asked for is older than the oldest snapshot or newer than the session
+         *     - `TOKEN_NOT_FOUND`: No token of this id
+         */
+        Error404: {
+            headers: {
+                [name: string]: unknown;
+            };
+            content: {
+                "application/json": components["schemas"]["Error404"];
+            };
+        };
+        /**
+         * @description Not Acceptable. The `code` is one of:
+         *
+         *     - `NOT_ACCEPTABLE`: No format this route offers is acceptable (Accept, ?format=, or JSON too large)
+         */
+        Error406: {
+            headers: {
+                [name: string]: unknown;
+            };
+            content: {
+                "application/json": components["schemas"]["Error406"];
+            };
+        };
+        /**
+         * @description Conflict. The `code` is one of:
+         *
+         *     - `SESSION_EXISTS`: A session of this name exists
+         *     - `STALE_GRADIENT`: The gradient is older than max_staleness allows; the body carries the current version
+         */
+        Error409: {
+            headers: {
+                [name: string]: unknown;
+            };
+            content: {
+                "application/json": components["schemas"]["Error409"];
+            };
+        };
+        /**
+         * @description Precondition Failed. The `code` is one of:
+         *
+         *     - `VERSION_MISMATCH`: If-Match does not match the session's version; the body carries the current version
+         */
+        Error412: {
+            headers: {
+                [name: string]: unknown;
+            };
+            content: {
+                "application/json": components["schemas"]["Error412"];
+            };
+        };
+        /**
+         * @description Payload Too Large. The `code` is one of:
+         *
+         *     - `BODY_TOO_LARGE`: The body is larger than this route (or a JSON body) accepts
+         */
+        Error413: {
+            headers: {
+                [name: string]: unknown;
+            };
+            content: {
+                "application/json": components["schemas"]["Error413"];
+            };
+        };
+        /**
+         * @description Unsupported Media Type. The `code` is one of:
+         *
+         *     - `UNSUPPORTED_MEDIA_TYPE`: The Content-Type is not one this route accepts
+         */
+        Error415: {
+            headers: {
+                [name: string]: unknown;
+            };
+            content: {
+                "application/json": components["schemas"]["Error415"];
+            };
+        };
+        /**
+         * @description Unprocessable Entity. The `code` is one of:
+         *
+         *     - `NON_FINITE_GRADIENT`: A gradient holds NaN or an infinity
+         *     - `IDEMPOTENCY_KEY_REUSED`: An Idempotency-Key was used before for a different request
+         *     - `SESSION_TOO_LARGE`: The session would hold more elements than the service allows
+         */
+        Error422: {
+            headers: {
+                [name: string]: unknown;
+            };
+            content: {
+                "application/json": components["schemas"]["Error422"];
+            };
+        };
+        /**
+         * @description Too Many Requests. The `code` is one of:
+         *
+         *     - `RATE_LIMITED`: Too many requests for this token; see Retry-After
+         */
+        Error429: {
+            headers: {
+                [name: string]: unknown;
+            };
+            content: {
+                "application/json": components["schemas"]["Error429"];
+            };
+        };
+        /**
+         * @description Service Unavailable. The `code` is one of:
+         *
+         *     - `SERVICE_UNAVAILABLE`: Overloaded, shutting down, or the database is unreachable; see Retry-After
+         *     - `TOO_MANY_WAITERS`: This process holds as many waiting reads or event streams as it allows; retry shortly or on another replica
+         *     - `SNAPSHOT_UNAVAILABLE`: A snapshot changed while it was read (another process pruned it); retry
+         */
+        Error503: {
+            headers: {
+                [name: string]: unknown;
+            };
+            content: {
+                "application/json": components["schemas"]["Error503"];
+            };
+        };
+    };
     parameters: never;
     requestBodies: never;
     headers: never;
     pathItems: never;
 }
 export type $defs = Record<string, never>;
-export type operations = Record<string, never>;
+export interface operations {
+    metrics: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Prometheus text exposition format 0.0.4 */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/plain": string;
+                };
+            };
+        };
+    };
+    liveness: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        /** @enum {string} */
+                        status: "ok";
+                    };
+                };
+            };
+        };
+    };
+    readiness: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        /** @enum {string} */
+                        status: "ready";
+                    };
+                };
+            };
+            503: components["responses"]["Error503"];
+        };
+    };
+    index: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The links */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        /** @enum {string} */
+                        name: "asgd-serve";
+                        version: string;
+                        links: {
+                            docs: string;
+                            openapi: string;
+                            dashboard: string;
+                            sessions: string;
+                            health: string;
+                            ready: string;
+                            metrics: string;
+                        };
+                    };
+                    "text/html": string;
+                };
+            };
+        };
+    };
+    listTokens: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        tokens: components["schemas"]["TokenInfo"][];
+                    };
+                };
+            };
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    createToken: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                /**
+                 * @example {
+                 *       "name": "trainer-7",
+                 *       "scope": "step",
+                 *       "sessions": [
+                 *         "mnist-run-1"
+                 *       ]
+                 *     }
+                 */
+                "application/json": {
+                    /** @description What the token is for */
+                    name: string;
+                    /** @description read: GET routes of sessions; step: read and POST step; admin: everything */
+                    scope: "read" | "step" | "admin";
+                    sessions?: string[] | null;
+                };
+            };
+        };
+        responses: {
+            /** @description Created */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        id: string;
+                        name: string;
+                        /** @description read: GET routes of sessions; step: read and POST step; admin: everything */
+                        scope: "read" | "step" | "admin";
+                        /** @description null: every session */
+                        sessions: string[] | null;
+                        /** Format: date-time */
+                        created_at: string;
+                        /** Format: date-time */
+                        revoked_at: string | null;
+                        /** @description The secret: shown only in this answer */
+                        token: string;
+                    };
+                };
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            413: components["responses"]["Error413"];
+            415: components["responses"]["Error415"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    getOwnToken: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        /** @description "admin" for ASGD_ADMIN_TOKEN, "anonymous" when auth is off */
+                        id: string;
+                        name: string;
+                        /** @description read: GET routes of sessions; step: read and POST step; admin: everything */
+                        scope: "read" | "step" | "admin";
+                        /** @description null: every session */
+                        sessions: string[] | null;
+                        /** @description false when the service runs without auth (no ASGD_ADMIN_TOKEN) */
+                        auth: boolean;
+                    };
+                };
+            };
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    revokeToken: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Token id (the part after asgd_) */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Revoked */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    listSessions: {
+        parameters: {
+            query?: {
+                limit?: number;
+                /** @description Cursor: the last name of the previous page */
+                after?: string;
+                /** @description Only names that contain this text (case-insensitive) */
+                search?: string;
+                /** @description Include each session's `activity`: steps in the last minute and the time of the last step (an index probe a session) */
+                figures?: boolean;
+                /** @description Include each session's stored bytes (one more query for the page) */
+                storage?: boolean;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["SessionList"];
+                };
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    createSession: {
+        parameters: {
+            query?: {
+                /**
+                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @example mnist-run-1
+                 */
+                name?: string;
+                /** @description With a file body: the JSON form's other keys as a JSON object {"name", "hyperparameters", "param_groups", …} */
+                options?: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                /**
+                 * @example {
+                 *       "name": "mnist-run-1",
+                 *       "params": [
+                 *         {
+                 *           "name": "w",
+                 *           "shape": [
+                 *             2,
+                 *             2
+                 *           ],
+                 *           "data": [
+                 *             0.1,
+                 *             0.2,
+                 *             0.3,
+                 *             0.4
+                 *           ]
+                 *         }
+                 *       ],
+                 *       "hyperparameters": {
+                 *         "lr": 0.01,
+                 *         "t0": 100
+                 *       }
+                 *     }
+                 */
+                "application/json": {
+                    /**
+                     * @description Session name: 1-128 of A-Za-z0-9._-
+                     * @example mnist-run-1
+                     */
+                    name: string;
+                    /** @description The parameters in the model's order */
+                    params: {
+                        /** @description Parameter name: 1-256 characters without control characters */
+                        name: string;
+                        /** @description Dimensions, row-major */
+                        shape: unknown[];
+                        /** @description Flat row-major float32 values; "NaN", "Infinity", "-Infinity" for non-finite values */
+                        data: unknown[];
+                        /** @description float32 (the default and only one) */
+                        dtype?: string;
+                    }[];
+                    hyperparameters?: components["schemas"]["Hyperparameters"];
+                    /** @description Param groups, as in torch.optim.ASGD(param_groups) */
+                    param_groups?: {
+                        /** @description Names of the group's parameters */
+                        params: string[];
+                        /** @description Learning rate (default 0.01) */
+                        lr?: number;
+                        /** @description Decay term (default 0.0001) */
+                        lambd?: number;
+                        /** @description Power for eta update (default 0.75) */
+                        alpha?: number;
+                        /** @description Point at which to start averaging (default 1000000) */
+                        t0?: number;
+                        /** @description L2 penalty (default 0) */
+                        weight_decay?: number;
+                        /** @description Maximize the objective (default false) */
+                        maximize?: boolean;
+                        /** @description Accepted as PyTorch writes it (null or false): the service computes the single-tensor CPU path; foreach=true is refused */
+                        foreach?: unknown;
+                        /** @description Accepted as PyTorch writes it (null or false): the service computes the single-tensor CPU path; differentiable=true is refused */
+                        differentiable?: unknown;
+                        /** @description Accepted as PyTorch writes it (null or false): the service computes the single-tensor CPU path; capturable=true is refused */
+                        capturable?: unknown;
+                    }[];
+                    /** @description Write a snapshot every this many versions */
+                    snapshot_every?: number;
+                    /** @description Unpinned snapshots kept */
+                    keep_snapshots?: number;
+                    /** @description Refuse gradients more than this many versions old (null: any) */
+                    max_staleness?: number | null;
+                    /** @description Byte bound on the step log: a snapshot is taken and older log dropped to stay under it (null: no bound) */
+                    keep_log_bytes?: number | null;
+                    /** @description Delete the session after this many seconds without a step or a write; reads do not count (null: never) */
+                    expire_after_idle_s?: number | null;
+                };
+                "application/x-safetensors": string;
+                "application/safetensors": string;
+                "application/octet-stream": string;
+                "application/vnd.pytorch": string;
+            };
+        };
+        responses: {
+            /** @description Created */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Session"];
+                };
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            409: components["responses"]["Error409"];
+            413: components["responses"]["Error413"];
+            415: components["responses"]["Error415"];
+            422: components["responses"]["Error422"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    getSession: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description "<version>": 304 while the session is at that version */
+                "if-none-match"?: string;
+            };
+            path: {
+                /**
+                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @example mnist-run-1
+                 */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Session"];
+                };
+            };
+            /** @description Not modified: the version in the ETag is the one you have */
+            304: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    deleteSession: {
+        parameters: {
+            query?: never;
+            header?: {
+                /**
+                 * @description Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise
+                 * @example "42"
+                 */
+                "if-match"?: string;
+            };
+            path: {
+                /**
+                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @example mnist-run-1
+                 */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Deleted */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            412: components["responses"]["Error412"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    updateSession: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /**
+                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @example mnist-run-1
+                 */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                /**
+                 * @example {
+                 *       "snapshot_every": 100
+                 *     }
+                 */
+                "application/json": {
+                    /** @description Write a snapshot every this many versions */
+                    snapshot_every?: number;
+                    /** @description Unpinned snapshots kept */
+                    keep_snapshots?: number;
+                    /** @description Refuse gradients more than this many versions old (null: any) */
+                    max_staleness?: number | null;
+                    /** @description Byte bound on the step log: a snapshot is taken and older log dropped to stay under it (null: no bound) */
+                    keep_log_bytes?: number | null;
+                    /** @description Delete the session after this many seconds without a step or a write; reads do not count (null: never) */
+                    expire_after_idle_s?: number | null;
+                };
+            };
+        };
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Session"];
+                };
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            413: components["responses"]["Error413"];
+            415: components["responses"]["Error415"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    forkSession: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /**
+                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @example mnist-run-1
+                 */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                /**
+                 * @example {
+                 *       "name": "mnist-run-1-lr-sweep",
+                 *       "snapshot": 3
+                 *     }
+                 */
+                "application/json": {
+                    /**
+                     * @description Session name: 1-128 of A-Za-z0-9._-
+                     * @example mnist-run-1
+                     */
+                    name: string;
+                    /** @description Fork from this snapshot (default: the current state) */
+                    snapshot?: number;
+                    /** @description Write a snapshot every this many versions */
+                    snapshot_every?: number;
+                    /** @description Unpinned snapshots kept */
+                    keep_snapshots?: number;
+                    /** @description Refuse gradients more than this many versions old (null: any) */
+                    max_staleness?: number | null;
+                    /** @description Byte bound on the step log: a snapshot is taken and older log dropped to stay under it (null: no bound) */
+                    keep_log_bytes?: number | null;
+                    /** @description Delete the session after this many seconds without a step or a write; reads do not count (null: never) */
+                    expire_after_idle_s?: number | null;
+                };
+            };
+        };
+        responses: {
+            /** @description Created */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Session"];
+                };
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            409: components["responses"]["Error409"];
+            413: components["responses"]["Error413"];
+            415: components["responses"]["Error415"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    step: {
+        parameters: {
+            query?: {
+                /** @description The version the gradient was computed from */
+                base_version?: number;
+                /** @description Answer with the parameters (or ASGD's averaged parameters) at the answered version too: one round trip per training step */
+                return?: "none" | "params" | "averaged";
+            };
+            header?: {
+                /**
+                 * @description Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise
+                 * @example "42"
+                 */
+                "if-match"?: string;
+                /** @description A retry with the same key returns the first answer and does not step twice */
+                "idempotency-key"?: string;
+            };
+            path: {
+                /**
+                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @example mnist-run-1
+                 */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                /**
+                 * @example {
+                 *       "grads": {
+                 *         "w": {
+                 *           "shape": [
+                 *             2,
+                 *             2
+                 *           ],
+                 *           "data": [
+                 *             0.01,
+                 *             -0.02,
+                 *             0.03,
+                 *             0
+                 *           ]
+                 *         }
+                 *       },
+                 *       "param_groups": [
+                 *         {
+                 *           "lr": 0.05
+                 *         }
+                 *       ],
+                 *       "metrics": {
+                 *         "loss": 0.41
+                 *       }
+                 *     }
+                 */
+                "application/json": {
+                    /** @description Parameter name -> tensor {"shape", "data"} or a flat list of numbers */
+                    grads: {
+                        [key: string]: unknown;
+                    };
+                    /** @description The version the gradient was computed from */
+                    base_version?: number;
+                    /** @description One object per session group, in the session's group order: what a scheduler sets before optimizer.step(). Kept with the step (replays stay exact); no extra version. */
+                    param_groups?: {
+                        lr?: number;
+                        lambd?: number;
+                        alpha?: number;
+                        t0?: number;
+                        weight_decay?: number;
+                        maximize?: boolean;
+                    }[];
+                    /** @description Training metrics of this step, e.g. {"loss": 0.41, "samples": 32}: at most 32 finite numbers named like sessions. GET .../metrics returns the series. */
+                    metrics?: {
+                        [key: string]: number;
+                    };
+                };
+                "application/x-safetensors": string;
+                "application/safetensors": string;
+                "application/octet-stream": string;
+                "application/vnd.pytorch": string;
+            };
+        };
+        responses: {
+            /** @description The step is committed */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["StepAnswer"];
+                    "application/x-safetensors": string;
+                };
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            406: components["responses"]["Error406"];
+            409: components["responses"]["Error409"];
+            412: components["responses"]["Error412"];
+            413: components["responses"]["Error413"];
+            415: components["responses"]["Error415"];
+            422: components["responses"]["Error422"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    getParams: {
+        parameters: {
+            query?: {
+                /** @description Read the state at this version (rebuilt from a snapshot and the step log) */
+                version?: string;
+                /** @description Instead of an Accept header */
+                format?: "json" | "pt" | "safetensors";
+                averaged?: boolean;
+                /** @description Answer only with a version above this one: at once, or when one commits within `wait` seconds; else 304 */
+                after_version?: number;
+                /** @description With after_version: how long to wait for a newer version (at most 60 s) */
+                wait?: number;
+            };
+            header?: {
+                /** @description "<version>": 304 while the session is at that version */
+                "if-none-match"?: string;
+            };
+            path: {
+                /**
+                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @example mnist-run-1
+                 */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The parameters, as JSON (application/json), a torch.save file (application/octet-stream), safetensors (application/x-safetensors) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Params"];
+                    "application/octet-stream": string;
+                    "application/x-safetensors": string;
+                };
+            };
+            /** @description Not modified: the version in the ETag is the one you have */
+            304: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            406: components["responses"]["Error406"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    getStateDict: {
+        parameters: {
+            query?: {
+                /** @description Read the state at this version (rebuilt from a snapshot and the step log) */
+                version?: string;
+                /** @description Instead of an Accept header */
+                format?: "json" | "pt" | "safetensors";
+            };
+            header?: {
+                /** @description "<version>": 304 while the session is at that version */
+                "if-none-match"?: string;
+            };
+            path: {
+                /**
+                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @example mnist-run-1
+                 */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The optimizer state_dict, as JSON (application/json), a torch.save file (application/octet-stream), safetensors (application/x-safetensors) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["StateDict"];
+                    "application/octet-stream": string;
+                    "application/x-safetensors": string;
+                };
+            };
+            /** @description Not modified: the version in the ETag is the one you have */
+            304: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            406: components["responses"]["Error406"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    loadStateDict: {
+        parameters: {
+            query?: never;
+            header?: {
+                /**
+                 * @description Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise
+                 * @example "42"
+                 */
+                "if-match"?: string;
+            };
+            path: {
+                /**
+                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @example mnist-run-1
+                 */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    /** @description Per-parameter state by index: {step, eta, mu, ax} */
+                    state: {
+                        [key: string]: unknown;
+                    };
+                    /** @description The param groups, as state_dict() writes them */
+                    param_groups: {
+                        [key: string]: unknown;
+                    }[];
+                };
+                "application/octet-stream": string;
+                "application/vnd.pytorch": string;
+                "application/x-safetensors": string;
+                "application/safetensors": string;
+            };
+        };
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Session"];
+                };
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            412: components["responses"]["Error412"];
+            413: components["responses"]["Error413"];
+            415: components["responses"]["Error415"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    getCheckpoint: {
+        parameters: {
+            query?: {
+                /** @description Read the state at this version (rebuilt from a snapshot and the step log) */
+                version?: string;
+                /** @description Instead of an Accept header */
+                format?: "pt" | "json";
+            };
+            header?: {
+                /** @description "<version>": 304 while the session is at that version */
+                "if-none-match"?: string;
+            };
+            path: {
+                /**
+                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @example mnist-run-1
+                 */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The checkpoint {"model", "optimizer", "step"}, as a torch.save file (application/octet-stream), JSON (application/json) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/octet-stream": string;
+                    "application/json": components["schemas"]["Checkpoint"];
+                };
+            };
+            /** @description Not modified: the version in the ETag is the one you have */
+            304: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            406: components["responses"]["Error406"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    loadCheckpoint: {
+        parameters: {
+            query?: never;
+            header?: {
+                /**
+                 * @description Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise
+                 * @example "42"
+                 */
+                "if-match"?: string;
+            };
+            path: {
+                /**
+                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @example mnist-run-1
+                 */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    /** @description The model state_dict: tensors by name */
+                    model: {
+                        [key: string]: unknown;
+                    };
+                    optimizer: {
+                        /** @description Per-parameter state by index: {step, eta, mu, ax} */
+                        state: {
+                            [key: string]: unknown;
+                        };
+                        /** @description The param groups, as state_dict() writes them */
+                        param_groups: {
+                            [key: string]: unknown;
+                        }[];
+                    };
+                    step: number;
+                };
+                "application/octet-stream": string;
+                "application/vnd.pytorch": string;
+            };
+        };
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Session"];
+                };
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            412: components["responses"]["Error412"];
+            413: components["responses"]["Error413"];
+            415: components["responses"]["Error415"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    listSnapshots: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /**
+                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @example mnist-run-1
+                 */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["SnapshotList"];
+                };
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    createSnapshot: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /**
+                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @example mnist-run-1
+                 */
+                name: string;
+            };
+            cookie?: never;
+        };
+        /** @description Optional; no body takes an unpinned snapshot */
+        requestBody?: {
+            content: {
+                "application/json": {
+                    /** @description Retention never removes a pinned snapshot */
+                    pinned?: boolean;
+                };
+            };
+        };
+        responses: {
+            /** @description Created */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Snapshot"];
+                };
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            413: components["responses"]["Error413"];
+            415: components["responses"]["Error415"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    getSnapshot: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /**
+                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @example mnist-run-1
+                 */
+                name: string;
+                /**
+                 * @description Snapshot id
+                 * @example 3
+                 */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Snapshot"];
+                };
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    pinSnapshot: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /**
+                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @example mnist-run-1
+                 */
+                name: string;
+                /**
+                 * @description Snapshot id
+                 * @example 3
+                 */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                /**
+                 * @example {
+                 *       "pinned": true
+                 *     }
+                 */
+                "application/json": {
+                    /** @description Retention never removes a pinned snapshot */
+                    pinned: boolean;
+                };
+            };
+        };
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Snapshot"];
+                };
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            413: components["responses"]["Error413"];
+            415: components["responses"]["Error415"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    getSnapshotParams: {
+        parameters: {
+            query?: {
+                /** @description Instead of an Accept header */
+                format?: "json" | "pt" | "safetensors";
+                /** @description params only: ASGD's averages (ax) */
+                averaged?: boolean;
+            };
+            header?: never;
+            path: {
+                /**
+                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @example mnist-run-1
+                 */
+                name: string;
+                /**
+                 * @description Snapshot id
+                 * @example 3
+                 */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The parameters, as JSON (application/json), a torch.save file (application/octet-stream), safetensors (application/x-safetensors) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Params"];
+                    "application/octet-stream": string;
+                    "application/x-safetensors": string;
+                };
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            406: components["responses"]["Error406"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    getSnapshotStateDict: {
+        parameters: {
+            query?: {
+                /** @description Instead of an Accept header */
+                format?: "json" | "pt" | "safetensors";
+                /** @description params only: ASGD's averages (ax) */
+                averaged?: boolean;
+            };
+            header?: never;
+            path: {
+                /**
+                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @example mnist-run-1
+                 */
+                name: string;
+                /**
+                 * @description Snapshot id
+                 * @example 3
+                 */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The optimizer state_dict, as JSON (application/json), a torch.save file (application/octet-stream), safetensors (application/x-safetensors) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["StateDict"];
+                    "application/octet-stream": string;
+                    "application/x-safetensors": string;
+                };
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            406: components["responses"]["Error406"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    getSnapshotCheckpoint: {
+        parameters: {
+            query?: {
+                /** @description Instead of an Accept header */
+                format?: "pt" | "json";
+                /** @description params only: ASGD's averages (ax) */
+                averaged?: boolean;
+            };
+            header?: never;
+            path: {
+                /**
+                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @example mnist-run-1
+                 */
+                name: string;
+                /**
+                 * @description Snapshot id
+                 * @example 3
+                 */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The checkpoint {"model", "optimizer", "step"}, as a torch.save file (application/octet-stream), JSON (application/json) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/octet-stream": string;
+                    "application/json": components["schemas"]["Checkpoint"];
+                };
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            406: components["responses"]["Error406"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    restoreSnapshot: {
+        parameters: {
+            query?: never;
+            header?: {
+                /**
+                 * @description Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise
+                 * @example "42"
+                 */
+                "if-match"?: string;
+            };
+            path: {
+                /**
+                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @example mnist-run-1
+                 */
+                name: string;
+                /**
+                 * @description Snapshot id
+                 * @example 3
+                 */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Session"];
+                };
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            412: components["responses"]["Error412"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    getNorms: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /**
+                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @example mnist-run-1
+                 */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        session: string;
+                        version: number;
+                        step: number;
+                        params: {
+                            name: string;
+                            numel: number;
+                            /** @description L2 norm of the parameter (float64 sum of squares of its float32 values) */
+                            norm: number;
+                            /** @description L2 norm of ASGD's averaged parameter ax */
+                            ax_norm: number;
+                            /** @description ASGD's per-parameter step; null before its first step */
+                            step: number | null;
+                            eta: number | null;
+                            mu: number | null;
+                        }[];
+                    };
+                };
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    getHyperparameterChanges: {
+        parameters: {
+            query?: {
+                after_version?: number;
+                limit?: number;
+            };
+            header?: never;
+            path: {
+                /**
+                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @example mnist-run-1
+                 */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        session: string;
+                        changes: {
+                            version: number;
+                            step: number;
+                            /** Format: date-time */
+                            time: string;
+                            /** @description Each group's hyperparameters after the step */
+                            param_groups: {
+                                [key: string]: unknown;
+                            }[];
+                        }[];
+                        next_after_version: number;
+                    };
+                };
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    getMetrics: {
+        parameters: {
+            query?: {
+                after_version?: number;
+                /** @description Default 1000; not with max_points */
+                limit?: number;
+                /** @description Downsample the series after after_version to at most this many points */
+                max_points?: number;
+            };
+            header?: never;
+            path: {
+                /**
+                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @example mnist-run-1
+                 */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        session: string;
+                        points: {
+                            version: number;
+                            step: number;
+                            /**
+                             * Format: date-time
+                             * @description When the step committed
+                             */
+                            time: string;
+                            /** @description The step's staleness (a bucket: the mean of its steps') */
+                            staleness: number;
+                            /** @description The step's metrics ({} when it sent none); a bucket: the mean of each */
+                            values: {
+                                [key: string]: number;
+                            };
+                            /** @description Each group's hyperparameters after the step, when the step changed them */
+                            param_groups?: {
+                                [key: string]: unknown;
+                            }[];
+                            /** @description A bucket (max_points): its first version; `version`, `step` and `time` are its last */
+                            version_from?: number;
+                            /** @description A bucket: how many steps it holds */
+                            count?: number;
+                            /** @description A bucket: the largest staleness in it */
+                            staleness_max?: number;
+                            min?: {
+                                [key: string]: number;
+                            };
+                            max?: {
+                                [key: string]: number;
+                            };
+                        }[];
+                        /** @description The after_version of the next page: the last point's version (or the one asked for when there are none) */
+                        next_after_version: number;
+                        /** @description With max_points: whether the points are buckets */
+                        downsampled?: boolean;
+                    };
+                };
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    getEvents: {
+        parameters: {
+            query?: {
+                /** @description The version you have (as Last-Event-ID) */
+                after_version?: number;
+            };
+            header?: {
+                /** @description The id (version) of the last event received */
+                "last-event-id"?: string;
+            };
+            path: {
+                /**
+                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @example mnist-run-1
+                 */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The event stream */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/event-stream": string;
+                };
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+}

@@ -1,0 +1,28 @@
+// What a database error means for a request, from its SQLSTATE (PostgreSQL appendix A) or the driver's
+// socket error: the HTTP layer turns the class into a status without knowing any SQL.
+
+/** Codes that mean "try again", never "you sent something wrong": connection (08), resources (53),
+ *  operator intervention (57P01-03), serialization failure and deadlock (40001, 40P01). */
+const RETRYABLE_SQLSTATE = /^(08|53|57P0[1-3]|40001|40P01)/;
+const RETRYABLE_SOCKET = ['ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'ENOTFOUND'];
+const RETRYABLE_MESSAGE = /Connection terminated|connection timeout|timeout exceeded when trying to connect|Client has encountered a connection error|not queryable/i;
+/** The server answers but will not serve us: database dropped or renamed (3D000), admin shutdown (57P04),
+ *  our login changed (class 28). */
+const UNAVAILABLE_SQLSTATE = /^(3D000|57P04|28[0-9A-Z]{3})$/;
+/** Class 22, data exception: a value (a number out of a column's range, …) got past the route's checks. */
+const BAD_VALUE_SQLSTATE = /^22[0-9A-Z]{3}$/;
+
+export type DbErrorClass = 'retryable' | 'unavailable' | 'bad-value';
+
+/** The class of a database error, or null when `err` is not one. */
+export function classifyDbError(err: unknown): DbErrorClass | null {
+  const e = err as { code?: unknown; message?: unknown; severity?: unknown } | null | undefined;
+  const code = typeof e?.code === 'string' ? e.code : '';
+  if (RETRYABLE_SQLSTATE.test(code) || RETRYABLE_SOCKET.includes(code)) return 'retryable';
+  if (typeof e?.message === 'string' && RETRYABLE_MESSAGE.test(e.message)) return 'retryable';
+  // Only a server's error carries a severity; a JS error with a code like '22…' is not PostgreSQL's.
+  if (e?.severity === undefined) return null;
+  if (UNAVAILABLE_SQLSTATE.test(code)) return 'unavailable';
+  if (BAD_VALUE_SQLSTATE.test(code)) return 'bad-value';
+  return null;
+}

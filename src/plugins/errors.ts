@@ -1,0 +1,136 @@
+// How every failure becomes the API's error body {statusCode, code, error, message, ...details}: errors of
+// the catalogue as they are, file-format errors with their code, schema (AJV) failures with the code of the
+// request part (or the field's own `x-error-code`), fastify's and the database's errors by their code.
+import { STATUS_CODES } from 'node:http';
+import fp from 'fastify-plugin';
+import type { FastifyError, FastifyInstance, FastifyRequest, FastifySchemaValidationError } from 'fastify';
+import { ApiError, CODES, errors, type ErrorCode, type RequestPart } from '../errors.ts';
+import { FormatError } from '../formats/errors.ts';
+import { classifyDbError } from '../db/errors.ts';
+
+/** The error body of a catalogue error. */
+export function errorBody(api: ApiError): Record<string, unknown> {
+  return { statusCode: api.statusCode, code: api.code, error: STATUS_CODES[api.statusCode] ?? 'Error', message: api.message, ...api.details };
+}
+
+/** The keyword a schema uses to give its field a more specific code than the request part's. */
+export const ERROR_CODE_KEYWORD = 'x-error-code';
+
+type SchemaNode = { properties?: Record<string, SchemaNode>; items?: SchemaNode; additionalProperties?: SchemaNode | boolean; anyOf?: SchemaNode[]; [ERROR_CODE_KEYWORD]?: string };
+
+/** The deepest `x-error-code` on the way from a schema's root to the field at `path`. */
+function codeAlong(schema: SchemaNode | undefined, path: string[]): ErrorCode | null {
+  let code: ErrorCode | null = null;
+  let node = schema;
+  for (let i = 0; node; i++) {
+    const own = node[ERROR_CODE_KEYWORD];
+    if (typeof own === 'string' && own in CODES) code = own as ErrorCode;
+    if (i === path.length) break;
+    const key = path[i];
+    const branches = node.anyOf ?? [node];
+    node = branches.map((b) => b.properties?.[key] ?? (/^\d+$/.test(key) ? b.items : undefined) ?? (typeof b.additionalProperties === 'object' ? b.additionalProperties : undefined)).find((n) => n !== undefined);
+  }
+  return code;
+}
+
+function partSchema(request: FastifyRequest, part: RequestPart): SchemaNode | undefined {
+  const schema = request.routeOptions.schema as Record<string, unknown> | undefined;
+  const s = schema?.[part] as (SchemaNode & { content?: Record<string, { schema: SchemaNode }> }) | undefined;
+  if (part === 'body' && s?.content) return s.content[request.mediaType ?? '']?.schema;
+  return s;
+}
+
+/** A failed schema check as a catalogue error whose message starts with the field (`params[0].name: …`). */
+function validationError(request: FastifyRequest, part: RequestPart, failures: FastifySchemaValidationError[]): ApiError {
+  const first = failures[0];
+  const path = (first.instancePath ?? '').split('/').slice(1).map((s) => s.replace(/~1/g, '/').replace(/~0/g, '~'));
+  const params = (first.params ?? {}) as Record<string, unknown>;
+  let message = first.message ?? 'is not valid';
+  if (first.keyword === 'required') {
+    path.push(String(params.missingProperty));
+    message = 'is missing';
+  } else if (first.keyword === 'additionalProperties') {
+    path.push(String(params.additionalProperty));
+    message = 'unknown key';
+  } else if (first.keyword === 'const' || first.keyword === 'enum') {
+    // A union of literals fails once per literal: name them all.
+    const allowed = failures.filter((f) => f.instancePath === first.instancePath && (f.keyword === 'const' || f.keyword === 'enum'))
+      .flatMap((f) => (f.params as { allowedValue?: unknown; allowedValues?: unknown[] }).allowedValues ?? [(f.params as { allowedValue?: unknown }).allowedValue]);
+    message = `must be one of ${allowed.map((v) => JSON.stringify(v)).join(', ')}`;
+  }
+  const field = path.reduce((at, key) => (/^\d+$/.test(key) ? `${at}[${key}]` : at ? `${at}.${key}` : key), '') || 'body';
+  const code = codeAlong(partSchema(request, part), path);
+  return code ? errors.invalidField(code, field, message) : errors.invalidPart(part, field, message);
+}
+
+const PARTS: Record<string, RequestPart> = { params: 'params', querystring: 'querystring', headers: 'headers', body: 'body' };
+
+/** Any error thrown while serving a request, as a catalogue error. */
+export function toApiError(err: unknown, request: FastifyRequest): ApiError {
+  if (err instanceof ApiError) return err;
+  if (err instanceof FormatError) return errors.fileFormat(err.code, err.message);
+  const e = err as FastifyError & { validation?: FastifySchemaValidationError[]; validationContext?: string };
+  if (Array.isArray(e?.validation) && e.validation.length > 0) return validationError(request, PARTS[e.validationContext ?? 'body'] ?? 'body', e.validation);
+  if (e?.code === 'ERR_STRING_TOO_LONG') return errors.badRequest('body: holds a string longer than this service reads');
+  switch (e?.code) {
+    case 'FST_ERR_CTP_BODY_TOO_LARGE':
+      return errors.bodyTooLarge(request.routeOptions.bodyLimit ?? 0);
+    case 'FST_ERR_CTP_INVALID_TYPE':
+    case 'FST_ERR_CTP_EMPTY_TYPE':
+      return errors.invalidHeader('Content-Type', 'must be a media type such as application/json');
+    case 'FST_ERR_HANDLER_TIMEOUT':
+      return errors.unavailable('the request took too long; retry shortly');
+    case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':
+      return unsupportedMediaType(request);
+    case 'FST_ERR_CTP_EMPTY_JSON_BODY':
+      return errors.invalidJson('the body is empty');
+    case 'FST_ERR_CTP_INVALID_CONTENT_LENGTH':
+      return errors.badRequest('Content-Length: does not match the body');
+    case 'FST_ERR_CTP_INVALID_JSON_BODY':
+      return errors.invalidJson(e.message);
+  }
+  if (e instanceof SyntaxError || (e?.statusCode === 400 && /JSON/i.test(e.message ?? ''))) return errors.invalidJson(e.message);
+  switch (classifyDbError(err)) {
+    case 'retryable':
+      return errors.unavailable('the database is unreachable; retry shortly');
+    case 'unavailable':
+      // The database server answers but will not serve us: no fault of the request.
+      return errors.unavailable('the database is not available', 5);
+    case 'bad-value':
+      // A value got past the route's checks: the client's input is at fault. The route should have named the field.
+      return errors.badRequest('a value in the request is out of the range this service stores');
+  }
+  // Anything else at 4xx (a plugin's own error): fastify's codes are not part of this API's catalogue.
+  if (typeof e?.statusCode === 'number' && e.statusCode >= 400 && e.statusCode < 500) return errors.badRequest(e.message);
+  return errors.internal();
+}
+
+/** 415 naming the type that was sent and the types the route accepts. */
+export function unsupportedMediaType(request: FastifyRequest): ApiError {
+  const header = String(request.headers['content-type'] ?? '').trim();
+  // The media type as sent (parameters dropped), or the whole header when it has none (";;;").
+  const sent = (header.split(';')[0].trim() || header || '(none)').slice(0, 100);
+  return errors.unsupportedMediaType(sent, acceptedTypes(request).join(', '));
+}
+
+/** The media types a route accepts: its schema's `consumes`, else JSON. */
+export const acceptedTypes = (request: FastifyRequest): string[] =>
+  (request.routeOptions.schema as { consumes?: string[] } | undefined)?.consumes ?? ['application/json'];
+
+export default fp(
+  async function errorsPlugin(fastify: FastifyInstance) {
+    fastify.setErrorHandler((err, request, reply) => {
+      const api = toApiError(err, request);
+      if (api.statusCode >= 500) request.log.error({ err }, 'request failed');
+      // An error mapped from elsewhere (fastify, the database) keeps its original in the log line.
+      else request.log.info({ code: api.code, statusCode: api.statusCode, ...(!(err instanceof ApiError) && { err }) }, api.message);
+      if (api.headers) reply.headers(api.headers);
+      return reply.status(api.statusCode).send(errorBody(api));
+    });
+    fastify.setNotFoundHandler((request, reply) => {
+      const api = errors.routeNotFound(request.method, request.url.split('?')[0].slice(0, 200));
+      return reply.status(api.statusCode).send(errorBody(api));
+    });
+  },
+  { name: 'errors' },
+);

@@ -1,0 +1,56 @@
+// The media types of the API, in one table: which types each route family accepts as a body and offers
+// as an answer. The body parsers (src/plugins/content-types.ts), the 415 check, content negotiation and
+// the OpenAPI document are built from it. A new file format is an entry here plus its code in src/formats.
+import type { FastifyRequest } from 'fastify';
+import { errors } from '../errors.ts';
+
+/** Each wire format's media types; the first is the one answers carry. */
+export const MEDIA = {
+  json: ['application/json'],
+  pt: ['application/octet-stream', 'application/vnd.pytorch'],
+  safetensors: ['application/x-safetensors', 'application/safetensors'],
+} as const;
+export type WireFormat = keyof typeof MEDIA;
+
+/** The route families: the formats a body may come in (first: the default) and an answer may go out in. */
+export const ROUTE_MEDIA = {
+  create: { accepts: ['json', 'safetensors', 'pt'] },
+  step: { accepts: ['json', 'safetensors', 'pt'] },
+  params: { offers: ['json', 'pt', 'safetensors'] },
+  stateDict: { accepts: ['json', 'pt', 'safetensors'], offers: ['json', 'pt', 'safetensors'] },
+  checkpoint: { accepts: ['json', 'pt'], offers: ['pt', 'json'] },
+} as const satisfies Record<string, { accepts?: readonly WireFormat[]; offers?: readonly WireFormat[] }>;
+
+/** Media types a body is read as bytes for: every non-JSON type of the table. */
+export const BINARY_MEDIA_TYPES: readonly string[] = [...MEDIA.pt, ...MEDIA.safetensors];
+
+/** The media types of these formats, for a route's `consumes`. */
+export const mediaTypes = (formats: readonly WireFormat[]): string[] => formats.flatMap((f) => MEDIA[f]);
+
+/** The wire format of a request body, from its Content-Type (fastify's parsed media type). */
+export function contentFormat(request: FastifyRequest): WireFormat {
+  const type = request.mediaType ?? '';
+  for (const format of ['safetensors', 'pt'] as const) if ((MEDIA[format] as readonly string[]).includes(type)) return format;
+  return 'json';
+}
+
+/** The format from ?format= or else the Accept header; the route's first offer by default. */
+export function negotiate(request: FastifyRequest, queryFormat: string | undefined, offered: readonly WireFormat[]): WireFormat {
+  if (queryFormat !== undefined) {
+    if (!(offered as readonly string[]).includes(queryFormat)) throw errors.invalidQuery('format', `must be one of ${offered.join(', ')}`);
+    return queryFormat as WireFormat;
+  }
+  const accept = request.headers.accept;
+  if (!accept) return offered[0];
+  const wanted = accept.split(',').slice(0, 32).map((part) => {
+    const [type, ...params] = part.trim().toLowerCase().split(';');
+    const q = params.map((p) => p.trim()).find((p) => p.startsWith('q='));
+    const quality = q ? Number(q.slice(2)) : 1;
+    return { type: type.trim(), q: Number.isFinite(quality) ? quality : 0 };
+  }).filter((w) => w.q > 0).sort((a, b) => b.q - a.q);
+  for (const { type } of wanted) {
+    if (type === '*/*' || type === 'application/*') return offered[0];
+    for (const format of offered) if ((MEDIA[format] as readonly string[]).includes(type)) return format;
+  }
+  throw errors.notAcceptable(accept.slice(0, 200), offered.map((f) => MEDIA[f][0]).join(', '));
+}
