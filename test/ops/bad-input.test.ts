@@ -362,9 +362,11 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
   // Each broken file with the code it answers as a step, as a state_dict and as a create.
   const fileCodes: Record<string, [step: string, stateDict: string, create: string]> = {
     'nan': ['NON_FINITE_GRADIENT', 'STATE_DICT_INVALID', 'INVALID_TENSOR'],
-    // dtypes the reader knows but a session does not hold (state_dict tensors are named params here: refused first).
-    'f16 nan': ['INVALID_TENSOR', 'STATE_DICT_INVALID', 'INVALID_TENSOR'],
-    'bf16 inf': ['INVALID_TENSOR', 'STATE_DICT_INVALID', 'INVALID_TENSOR'],
+    // Half-precision gradients are taken (widened exactly), so a non-finite one is refused like a float32 one;
+    // sessions and state_dicts hold float32 only (state_dict tensors are named params here: refused first).
+    'f16 nan': ['NON_FINITE_GRADIENT', 'STATE_DICT_INVALID', 'INVALID_TENSOR'],
+    'bf16 inf': ['NON_FINITE_GRADIENT', 'STATE_DICT_INVALID', 'INVALID_TENSOR'],
+    // dtypes the reader knows but neither a session nor a step takes.
     'f64 nan': ['INVALID_TENSOR', 'STATE_DICT_INVALID', 'INVALID_TENSOR'],
     'i64': ['INVALID_TENSOR', 'STATE_DICT_INVALID', 'INVALID_TENSOR'],
     'bogus dtype': ['TENSOR_DTYPE_UNSUPPORTED', 'TENSOR_DTYPE_UNSUPPORTED', 'TENSOR_DTYPE_UNSUPPORTED'],
