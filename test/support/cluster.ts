@@ -229,6 +229,8 @@ export const count503 = (stats: ClientStats): number => Object.values(stats.unav
 export interface RetryOptions extends RequestOptions {
   /** Index of the process to try first; later attempts go round the others. */
   prefer?: number;
+  /** Retry on `prefer` only (a read that must come from that process; it may answer 503 a while after an outage). */
+  only?: boolean;
   /** Give up (throw) after this long; bounded loops only. */
   deadlineMs?: number;
   /** Statuses that end the loop as an answer besides 2xx (e.g. 404, 422 when a test expects them). */
@@ -252,10 +254,10 @@ export async function requestWithRetry(cluster: Cluster, stats: ClientStats, pat
       if (cluster.crashes() > 0) throw new Error(`${opts.method ?? 'GET'} ${path}: a service process crashed\n${cluster.describe()}`);
       if (attempt >= (opts.attempts ?? Infinity)) throw new Error(`${opts.method ?? 'GET'} ${path}: failed (${last}) and may not be sent again`);
       stats.retries++;
-      at++;
+      if (!opts.only) at++;
       if (Date.now() > deadline) throw new Error(`${opts.method ?? 'GET'} ${path}: no answer after ${attempt} attempts (last: ${last})\n${cluster.describe()}`);
       // Every process was tried once: wait a little longer before the next round (a database restart).
-      await sleep(attempt % cluster.processes.length === 0 ? 200 : 20);
+      await sleep(opts.only || attempt % cluster.processes.length === 0 ? 200 : 20);
     }
     const target = cluster.processes[at % cluster.processes.length];
     stats.requests++;
