@@ -130,12 +130,14 @@ export function createRoundService(options: RoundServiceOptions) {
 
   /** A step request: an ordinary step, or in a session with aggregation a contribution that waits for its round. */
   async function step(name: string, input: GradientInput, opts: ContributionOptions = {}): Promise<StepResult> {
-    for (let attempt = 0; ; attempt++) {
+    // Each pass settles on what the session is under its row lock; only a PATCH of aggregation racing this
+    // request sends it round again.
+    for (let attempt = 0; attempt < 3; attempt++) {
       if (!aggregated.has(name)) {
         try {
           return { status: 200, answer: await sessions.step(name, input, opts) };
         } catch (err) {
-          if (!(err instanceof AggregatedSession) || attempt > 0) throw err;
+          if (!(err instanceof AggregatedSession)) throw err;
           aggregated.add(name);
         }
       }
@@ -143,6 +145,7 @@ export function createRoundService(options: RoundServiceOptions) {
       if (result) return result;
       aggregated.delete(name); // aggregation was removed meanwhile: an ordinary step after all
     }
+    throw errors.unavailable('aggregation: the session\'s aggregation changed while this request ran; retry');
   }
 
   /** null: the session has no aggregation (any more). */

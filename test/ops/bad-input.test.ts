@@ -457,7 +457,7 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
   }
   // worker and samples in the metadata: checked in every session; in gamma the round's rules too.
   const metaFile = (metadata: Record<string, string>) => safetensors({ w: w(twelve()), b: { shape: [4], data: new Float32Array(4).fill(0.25) } }, metadata);
-  for (const metadata of [{ worker: 'bad worker' }, { worker: '"a b"' }, { worker: '' }, { samples: '0' }, { samples: '"x"' }, { samples: '1.5' }]) {
+  for (const metadata of [{ worker: 'bad worker' }, { worker: '"a b"' }, { worker: '' }, { samples: '0' }, { samples: '"x"' }, { samples: '1.5' }] as Record<string, string>[]) {
     add({ family: 'safetensors:round', op: 'POST /v1/sessions/{name}/step', method: 'POST', url: stepUrl, headers: stHeaders, payload: metaFile(metadata), expect: 'INVALID_BODY' });
   }
   for (const [metadata, expect] of [[{ worker: 'g2' }, 'INVALID_BODY'], [{ worker: 'g1', base_version: '1' }, 'DUPLICATE_CONTRIBUTION'], [{ base_version: '1' }, 'INVALID_BODY']] as const) {
