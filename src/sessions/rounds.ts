@@ -16,15 +16,15 @@ import type { FastifyBaseLogger } from 'fastify';
 import type { Database, Queryable } from '../db/database.ts';
 import type { Aggregation, GroupSpec, HyperDelta, RoundRecord } from '../db/schema.ts';
 import { errors } from '../errors.ts';
-import { AggregatedSession, averageMetrics, combineContributions, roundDue, type RoundTally } from './aggregation.ts';
+import { AggregatedSession, averageMetrics, byWorker, combineContributions, roundDue, type RoundTally } from './aggregation.ts';
 import { decodeGradients, packGradients, type GradientInput } from './gradients.ts';
-import type { StepAnswer } from './model.ts';
 import type { VersionNotifier } from './notifier.ts';
 import * as repo from './repository.ts';
 import type { SessionRecord } from './repository.ts';
 import * as store from './rounds-repository.ts';
 import type { OpenRound } from './rounds-repository.ts';
-import type { SessionService, StateView, StepOptions } from './service.ts';
+import type { StateView, StepAnswer, StepOptions } from './model.ts';
+import type { SessionService } from './service.ts';
 import type { SessionState } from './state.ts';
 import { applyHyperDelta, groupHyperparameters, parseStepHyper } from './step-input.ts';
 
@@ -246,7 +246,8 @@ export function createRoundService(options: RoundServiceOptions) {
   async function closeRound(tx: Queryable, session: SessionRecord, timedOut: boolean, ranKernel: (sessionId: number) => void): Promise<Closed> {
     const entry = await host.currentState(tx, session);
     const { state } = entry;
-    const rows = await store.readContributions(tx, session.id, session.version); // in worker order
+    // In worker order: the query sorts by bytes (COLLATE "C"), and so does byWorker, whatever the database's collation.
+    const rows = (await store.readContributions(tx, session.id, session.version)).sort(byWorker);
     const present = combineContributions(state, rows.map((r) => ({ worker: r.worker, present: r.present, grads: r.grads, dtype: r.gradDtype })));
     const hyper = rows.find((r) => r.hyper !== null)?.hyper ?? null;
     const reported = rows.filter((r) => r.samples !== null);
