@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { FastifyInstance } from 'fastify';
-import { streamToBuffer, writeSafetensors, type Tensor } from '../../src/formats/index.ts';
+import { readSafetensors, streamToBuffer, writeSafetensors, type Tensor } from '../../src/formats/index.ts';
 import { buildTestApp, randomData } from '../helper.ts';
 
 type Grads = Record<string, number[] | null>;
@@ -147,9 +147,16 @@ test('concurrent contributions wait for the round and are answered together: a m
   const grads = { w0: gradsOf(1), w1: { w: null, b: randomData(4, 9) } };
   const answers = await Promise.all([
     contribute(app, 'c', { worker: 'w1', grads: grads.w1, key: 'k1' }),
-    app.inject({ method: 'POST', url: '/v1/sessions/c/step?wait=30', headers: { 'content-type': 'application/x-safetensors', 'idempotency-key': 'k2' }, payload: body }),
+    app.inject({
+      method: 'POST', url: '/v1/sessions/c/step?wait=30&return=params', payload: body,
+      headers: { 'content-type': 'application/x-safetensors', accept: 'application/x-safetensors', 'idempotency-key': 'k2' },
+    }),
     contribute(app, 'c', { worker: 'w0', grads: grads.w0, key: 'k0' }),
   ]);
+  // The safetensors answer: the new parameters, the round in its metadata.
+  const file = readSafetensors(answers[1].rawPayload);
+  assert.deepEqual([file.metadata.get('version'), JSON.parse(file.metadata.get('round')!)], ['2', { version: 1, contributions: 3, samples: null, timed_out: false }]);
+  answers.splice(1, 1);
   for (const res of answers) {
     assert.equal(res.statusCode, 200, res.body);
     assert.deepEqual(res.json(), { session: 'c', step: 1, version: 2, staleness: 0, round: { version: 1, contributions: 3, samples: null, timed_out: false } });

@@ -99,6 +99,7 @@ function encodeParams(view: StateView, answer: StepAnswerValue, averaged: boolea
   const metadata = {
     format: 'pt', session: view.session, version: String(view.version), step: String(view.step), staleness: String(answer.staleness), averaged: String(averaged),
     ...(answer.replayed && { replayed: 'true' }),
+    ...(answer.round && { round: JSON.stringify(answer.round) }),
   };
   return { format, body: streamToBuffer(writeSafetensors(tensors, metadata)) }; // the one copy
 }
@@ -114,7 +115,7 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
         'Body: JSON {"grads": {name: tensor or flat list}, "base_version"?, "param_groups"?, "metrics"?} or a safetensors / torch.save file of gradients ' +
         '(F32, or F16/BF16 widened exactly to float32 and logged as received; base_version in the query or, like param_groups and metrics, as JSON in the safetensors __metadata__). ' +
         'A parameter without a gradient is skipped, as in PyTorch. ?return=params|averaged answers with the parameters at the new version ' +
-        '(as JSON, or as a safetensors file with Accept: application/x-safetensors whose __metadata__ holds session, version, step, staleness). ' +
+        '(as JSON, or as a safetensors file with Accept: application/x-safetensors whose __metadata__ holds session, version, step, staleness, and round as JSON). ' +
         'In a session with `aggregation` the request is a contribution to the open round: base_version and worker (body, query or __metadata__) are required, ' +
         'samples optional; it is answered once the round\'s step committed (the answer\'s `round`), or 202 after ?wait= seconds (re-POST with the same Idempotency-Key).',
       tags: ['training'],
