@@ -1,7 +1,8 @@
 // The body-parser policy, built from the media table (src/routes/media.ts): JSON read as bytes and bounded
 // before it becomes a string, files as one bounded Buffer, and every route held to the types it lists.
 import fp from 'fastify-plugin';
-import type { FastifyInstance } from 'fastify';
+import type { Readable } from 'node:stream';
+import { errorCodes, type FastifyInstance } from 'fastify';
 import type { Config } from '../config.ts';
 import { errors } from '../errors.ts';
 import { BINARY_MEDIA_TYPES } from '../routes/media.ts';
@@ -30,7 +31,9 @@ export default fp(
     });
     // Files (torch.save, safetensors) arrive as one Buffer, bounded by the route's bodyLimit; their format's
     // reader in src/formats checks them, not AJV (route schemas key their body schema by media type).
-    fastify.addContentTypeParser([...BINARY_MEDIA_TYPES], { parseAs: 'buffer' }, (_request, body, done) => done(null, body));
+    fastify.addContentTypeParser([...BINARY_MEDIA_TYPES], (request, payload, done) => {
+      readBinaryBody(payload, request.headers['content-length'], request.routeOptions.bodyLimit ?? opts.config.bodyLimitDefault, done);
+    });
     // A route accepts the media types its schema lists in `consumes` (JSON only when it lists none); the
     // parsers above are global, so without this a file sent to a JSON route would reach its handler.
     fastify.addHook('preValidation', async (request) => {
@@ -40,3 +43,63 @@ export default fp(
   },
   { name: 'content-types' },
 );
+
+type Done = (err: Error | null, body?: Buffer) => void;
+
+/**
+ * A file body (torch.save, safetensors: up to a GiB of tensors) read straight into one Buffer sized from
+ * Content-Length, without Fastify's list of chunks and the concatenation copy at the end: half the peak
+ * memory and one pass less over the bytes. Without a Content-Length (chunked), the chunks are joined once.
+ * Limits and errors are Fastify's own (413 FST_ERR_CTP_BODY_TOO_LARGE before a byte is read when the
+ * announced length is over the route's bodyLimit, 400 FST_ERR_CTP_INVALID_CONTENT_LENGTH when the bytes
+ * received differ from it), so the error mapping is unchanged. The Buffer is allocated uninitialised: its
+ * pages are backed by memory only as bytes arrive, so a client that announces a large body and sends
+ * little holds little.
+ */
+function readBinaryBody(payload: Readable, contentLength: string | undefined, limit: number, done: Done): void {
+  const declared = contentLength === undefined ? NaN : Number(contentLength);
+  if (declared > limit) {
+    done(new errorCodes.FST_ERR_CTP_BODY_TOO_LARGE());
+    return;
+  }
+  const sized = Number.isSafeInteger(declared) && declared >= 0;
+  const target = sized ? Buffer.allocUnsafe(declared) : null;
+  const chunks: Buffer[] = [];
+  let received = 0;
+  let finished = false;
+
+  const finish = (err: Error | null, body?: Buffer) => {
+    if (finished) return;
+    finished = true;
+    payload.removeListener('data', onData);
+    payload.removeListener('end', onEnd);
+    payload.removeListener('error', onError);
+    done(err, body);
+  };
+  function onData(chunk: Buffer | string) {
+    const bytes = typeof chunk === 'string' ? Buffer.from(chunk) : chunk;
+    if (received + bytes.length > limit) return finish(new errorCodes.FST_ERR_CTP_BODY_TOO_LARGE());
+    if (target) {
+      if (received + bytes.length > target.length) return finish(new errorCodes.FST_ERR_CTP_INVALID_CONTENT_LENGTH());
+      bytes.copy(target, received);
+    } else {
+      chunks.push(bytes); // a chunk may be a view of the socket's buffer: copied once, by the concat below
+    }
+    received += bytes.length;
+  }
+  function onEnd() {
+    if (target) {
+      if (received !== target.length) return finish(new errorCodes.FST_ERR_CTP_INVALID_CONTENT_LENGTH());
+      return finish(null, target);
+    }
+    finish(null, Buffer.concat(chunks, received));
+  }
+  function onError(err: Error & { statusCode?: number }) {
+    if (!(typeof err.statusCode === 'number' && err.statusCode >= 400)) err.statusCode = 400;
+    finish(err);
+  }
+  payload.on('data', onData);
+  payload.on('end', onEnd);
+  payload.on('error', onError);
+  payload.resume();
+}

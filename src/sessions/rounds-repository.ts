@@ -64,6 +64,16 @@ export async function readOpenRounds(q: Queryable, sessions: readonly { id: numb
   return new Map(rows.map((r) => [r.id as number, toRound(r.version as number, r)]));
 }
 
+/** The answer recorded under an Idempotency-Key within the window (a round's, or a step's before aggregation). */
+export async function findKeyAnswer(q: Queryable, sessionId: number, key: string, windowSeconds: number): Promise<{ requestHash: string; response: Record<string, unknown> } | null> {
+  const rows = await q.query<{ request_hash: string; response: Record<string, unknown> }>(
+    'SELECT request_hash, response FROM idempotency_keys WHERE session_id = $1 AND key = $2 AND created_at >= now() - make_interval(secs => $3)',
+    [sessionId, key, windowSeconds],
+    { name: 'round_key_answer' },
+  );
+  return rows.length ? { requestHash: rows[0].request_hash, response: rows[0].response } : null;
+}
+
 /** The contribution an Idempotency-Key stored, at whatever version. */
 export async function findContributionByKey(q: Queryable, sessionId: number, key: string): Promise<{ version: number; worker: string; requestHash: string | null } | null> {
   const rows = await q.query<{ version: number; worker: string; request_hash: string | null }>(
@@ -106,6 +116,15 @@ export async function readContributions(q: Queryable, sessionId: number, version
   return rows.map(({ grad_dtype, idempotency_key, request_hash, age_seconds, ...row }) => ({
     ...row, gradDtype: grad_dtype ?? 'float32', idempotencyKey: idempotency_key, requestHash: request_hash, ageSeconds: Math.max(0, age_seconds),
   }));
+}
+
+/** The round's step in the log: its combined gradient (float32), as an ordinary step computed at the round's version. */
+export async function insertRoundStep(db: Database, q: Queryable, sessionId: number, step: { version: number; present: number[]; grads: Buffer; hyper: HyperDelta | null }): Promise<void> {
+  await q.query(
+    `INSERT INTO step_log (session_id, version, present, grads, base_version, hyper) VALUES ($1, $2, $3, ${db.byteaParam(4)}, $2::bigint - 1, $5::jsonb)`,
+    [sessionId, step.version, JSON.stringify(step.present), db.byteaValue(step.grads), step.hyper === null ? null : JSON.stringify(step.hyper)],
+    { name: 'round_step_insert' },
+  );
 }
 
 /** Deletes the contributions below `version` (void) or, with `through`, up to and including it (a round that stepped). */

@@ -181,7 +181,7 @@ export function createRoundService(options: RoundServiceOptions) {
           if (!aggregation) return { kind: 'plain' };
           const key = opts.idempotencyKey ?? null;
           if (key !== null) {
-            const previous = await repo.findIdempotentAnswer(tx, session.id, key, host.idempotencyWindowSeconds);
+            const previous = await store.findKeyAnswer(tx, session.id, key, host.idempotencyWindowSeconds);
             if (previous) {
               if (previous.requestHash !== (opts.requestHash ?? '')) throw errors.idempotencyKeyReused();
               return { kind: 'answered', answer: { ...(previous.response as unknown as StepAnswer), replayed: true } };
@@ -257,7 +257,7 @@ export function createRoundService(options: RoundServiceOptions) {
       timed_out: timedOut,
     };
     const version = session.version + 1;
-    await repo.insertStep(db, tx, session.id, { version, present, grads: packGradients(state, { present, dtype: 'float32', bits: null }), gradDtype: 'float32', hyper }, session.version);
+    await store.insertRoundStep(db, tx, session.id, { version, present, grads: packGradients(state, { present, dtype: 'float32', bits: null }), hyper });
     ranKernel(session.id);
     if (hyper) state.groups = applyHyperDelta(state.groups, hyper);
     host.applyStep(state, present);

@@ -3,6 +3,7 @@ import { connect } from 'node:net';
 import { Readable, Writable } from 'node:stream';
 import { test } from 'node:test';
 import { buildApp } from '../../src/app.ts';
+import { streamToBuffer, writeSafetensors } from '../../src/formats/index.ts';
 import { buildTestApp, createTestDatabase, testConfig, TEST_DB_KIND } from '../helper.ts';
 import { ADMIN, asAdmin, bearer, createSession, createToken, step } from './support.ts';
 
@@ -117,6 +118,14 @@ test('body limits per route answer 413 BODY_TOO_LARGE, for declared and for chun
   }
   assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/l/step', payload: { grads: { b: [1, 2, 3, 4] } } })).statusCode, 200, 'under the limit is fine');
   assert.equal((await app.inject({ url: '/v1/sessions/l' })).json().version, 2);
+  // A file under the limit is read whole, with a Content-Length (into one buffer of that size) and chunked.
+  const file = await streamToBuffer(writeSafetensors([['b', { dtype: 'float32', shape: [4], data: Float32Array.of(1, 2, 3, 4) }]]));
+  const sized = await app.inject({ method: 'POST', url: '/v1/sessions/l/step', headers: { 'content-type': 'application/x-safetensors' }, payload: file });
+  assert.equal(sized.statusCode, 200, sized.body);
+  const chunks = [file.subarray(0, 10), file.subarray(10, 50), file.subarray(50)];
+  const chunked = await app.inject({ method: 'POST', url: '/v1/sessions/l/step', headers: { 'content-type': 'application/x-safetensors' }, payload: Readable.from(chunks) });
+  assert.equal(chunked.statusCode, 200, chunked.body);
+  assert.equal((await app.inject({ url: '/v1/sessions/l' })).json().version, 4);
 });
 
 test('rate limit per token: 429 RATE_LIMITED with Retry-After; other tokens and health checks are not counted', async (t) => {
