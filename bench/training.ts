@@ -6,7 +6,8 @@
 //   node bench/training.ts [--steps 2000] [--rounds 3] [--percall-steps 15] [--python /usr/bin/python3]
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
-import { createDatabase, describe, isMain, median, ms, ROOT, startServer, type BenchResult } from './common.ts';
+import pg from 'pg';
+import { createDatabase, describe, isMain, median, ms, request, ROOT, startServer, type BenchResult } from './common.ts';
 
 const WORKER = join(ROOT, 'bench', 'training_worker.py');
 
@@ -65,6 +66,25 @@ async function run(exe: string, args: string[]): Promise<Record<string, number>>
   return worker.result;
 }
 
+/** Seconds for one autocommit INSERT of `bytes` of bytea (stored like step_log's grads): the disk's floor for a step. */
+async function durableWriteSeconds(url: string, bytes: number): Promise<number> {
+  const client = new pg.Client({ connectionString: url });
+  await client.connect();
+  try {
+    await client.query('CREATE TABLE floor_probe (b bytea)');
+    await client.query('ALTER TABLE floor_probe ALTER COLUMN b SET STORAGE EXTERNAL');
+    const data = Buffer.alloc(bytes, 7);
+    for (let i = 0; i < 20; i++) await client.query('INSERT INTO floor_probe VALUES ($1)', [data]);
+    const n = 300;
+    const started = performance.now();
+    for (let i = 0; i < n; i++) await client.query('INSERT INTO floor_probe VALUES ($1)', [data]);
+    return (performance.now() - started) / n / 1000;
+  } finally {
+    await client.query('DROP TABLE IF EXISTS floor_probe');
+    await client.end();
+  }
+}
+
 export async function runTrainingBench(opts: TrainingBenchOptions = {}): Promise<BenchResult> {
   const steps = opts.steps ?? 2000;
   const rounds = opts.rounds ?? 3;
@@ -94,6 +114,10 @@ export async function runTrainingBench(opts: TrainingBenchOptions = {}): Promise
       losses = [`local ${l.loss?.toFixed(3)}`, ...runs.map((x, i) => `worker ${i} ${x.loss?.toFixed(3)}`)];
       log(`round ${r}: local ${ms(local[r])}, two workers ${ms(wall)}`);
     }
+    const metrics = (await request(server.url, 'GET', '/metrics')).body.toString();
+    const sample = (name: string) => Number(/^(\S+) (\S+)$/m.exec(metrics.split('\n').find((l) => l.startsWith(`${name} `)) ?? '')?.[2] ?? NaN);
+    const perCommit = sample('asgd_step_batch_size_sum') / sample('asgd_step_batch_size_count');
+    const floor = await durableWriteSeconds(db.url, 9610 * 4);
     const percall = await run(exe, ['percall', '--url', server.url, '--session', `percall-${Date.now()}`, '--steps', String(percallSteps)]);
     const wall = median(remote);
     const base = median(local);
@@ -108,6 +132,7 @@ export async function runTrainingBench(opts: TrainingBenchOptions = {}): Promise
         `medians of ${rounds} rounds (local, then the two workers), loops timed inside the processes (no start-up, import or session creation)`,
         `per step: ${ms(wall / steps)} remote (both workers together) against ${ms(base / steps)} local, forward and backward included`,
         `one optimizer step at 1e6 parameters (blocking, one request): ${ms(percall.remote)} remote against ${ms(percall.local)} for torch.optim.ASGD.step() = ${(percall.remote / percall.local).toFixed(1)}x`,
+        `floor: one bare durable INSERT of a step's gradient bytes (${9610 * 4} bytes, autocommit) takes ${ms(floor)}; the service committed ${perCommit.toFixed(2)} steps per commit (group commit), so the disk alone costs ${ms(floor / perCommit)} a global step = ${(floor / perCommit / (base / steps)).toFixed(1)}x the local step`,
         `gradients dropped as stale: ${dropped} (no max_staleness: none expected); last losses: ${losses.join(', ')}`,
       ],
     };
