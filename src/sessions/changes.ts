@@ -53,7 +53,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
         const row = await repo.insertSession(tx, {
           name: input.name, params: input.params, groups: input.groups, numel, step: 0,
           snapshotEvery: input.snapshotEvery, keepSnapshots: input.keepSnapshots, maxStaleness: input.maxStaleness,
-          keepLogBytes: input.keepLogBytes, expireAfterIdleS: input.expireAfterIdleS,
+          keepLogBytes: input.keepLogBytes, expireAfterIdleS: input.expireAfterIdleS, aggregation: input.aggregation,
         });
         if (!row) throw errors.sessionExists(input.name);
         const state = cache.create(row, row.version, 0, input.groups, input.params.map(() => null));
@@ -142,6 +142,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
           maxStaleness: target.maxStaleness !== undefined ? target.maxStaleness : sourceSession.maxStaleness,
           keepLogBytes: target.keepLogBytes !== undefined ? target.keepLogBytes : sourceSession.keepLogBytes,
           expireAfterIdleS: target.expireAfterIdleS !== undefined ? target.expireAfterIdleS : sourceSession.expireAfterIdleS,
+          aggregation: sourceSession.aggregation,
         });
         if (!row) throw errors.sessionExists(target.name);
         const state = cache.create(row, row.version, source.step, source.groups, source.scalars);

@@ -1,7 +1,7 @@
 // SQL of the session domain. Hot-path statements are prepared (named) on PostgreSQL and send bytea
 // parameters in binary; PGlite gets base64 parameters (see Database.byteaParam).
 import type { Database, Queryable } from '../db/database.ts';
-import type { GroupSpec, HyperDelta, ParamSpec, ScalarStateRow, SessionRow, SnapshotRow } from '../db/schema.ts';
+import type { Aggregation, GroupSpec, HyperDelta, ParamSpec, ScalarStateRow, SessionRow, SnapshotRow } from '../db/schema.ts';
 import type { GradDtype } from './gradients.ts';
 import { pruneLogToBytes } from './retention.ts';
 import { groupHyperparameters } from './step-input.ts';
@@ -58,7 +58,7 @@ const groupHyperSql = (groups: string) => `(
 /** The session columns as SessionRecord reads them, qualified by `t` ("sessions.") where a join needs it. */
 const sessionColumns = (t = '') => `${t}id::float8 AS id, ${t}name, ${t}params, ${t}groups, ${t}numel::float8 AS numel, ${t}version::float8 AS version,
   ${t}step::float8 AS step, ${t}snapshot_every, ${t}keep_snapshots, ${t}max_staleness, ${t}keep_log_bytes::float8 AS keep_log_bytes, ${t}expire_after_idle_s,
-  ${t}created_at, ${t}updated_at`;
+  ${t}aggregation, ${t}created_at, ${t}updated_at`;
 const SESSION_COLUMNS = sessionColumns();
 
 function toSession(r: Record<string, unknown>): SessionRecord {
@@ -75,6 +75,7 @@ function toSession(r: Record<string, unknown>): SessionRecord {
     maxStaleness: (r.max_staleness as number | null) ?? null,
     keepLogBytes: (r.keep_log_bytes as number | null) ?? null,
     expireAfterIdleS: (r.expire_after_idle_s as number | null) ?? null,
+    aggregation: (r.aggregation as Aggregation | null) ?? null,
     createdAt: new Date(r.created_at as string),
     updatedAt: new Date(r.updated_at as string),
   };
@@ -103,13 +104,13 @@ function toSnapshot(r: Record<string, unknown>): SnapshotRecord {
 export async function insertSession(
   q: Queryable,
   s: Pick<SessionRecord, 'name' | 'params' | 'groups' | 'numel' | 'step' | 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness'>
-    & Partial<Pick<SessionRecord, 'keepLogBytes' | 'expireAfterIdleS'>>,
+    & Partial<Pick<SessionRecord, 'keepLogBytes' | 'expireAfterIdleS' | 'aggregation'>>,
 ): Promise<SessionRecord | null> {
   const rows = await q.query(
-    `INSERT INTO sessions (name, params, groups, numel, version, step, snapshot_every, keep_snapshots, max_staleness, keep_log_bytes, expire_after_idle_s)
-     VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9, $10) ON CONFLICT (name) DO NOTHING RETURNING ${SESSION_COLUMNS}`,
+    `INSERT INTO sessions (name, params, groups, numel, version, step, snapshot_every, keep_snapshots, max_staleness, keep_log_bytes, expire_after_idle_s, aggregation)
+     VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (name) DO NOTHING RETURNING ${SESSION_COLUMNS}`,
     [s.name, JSON.stringify(s.params), JSON.stringify(s.groups), s.numel, s.step, s.snapshotEvery, s.keepSnapshots, s.maxStaleness,
-      s.keepLogBytes ?? null, s.expireAfterIdleS ?? null],
+      s.keepLogBytes ?? null, s.expireAfterIdleS ?? null, s.aggregation ? JSON.stringify(s.aggregation) : null],
   );
   return rows.length ? toSession(rows[0]) : null;
 }
@@ -146,12 +147,12 @@ export async function deleteSession(q: Queryable, name: string): Promise<boolean
 export async function updateSessionSettings(
   q: Queryable,
   id: number,
-  s: Pick<SessionRecord, 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness' | 'keepLogBytes' | 'expireAfterIdleS'>,
+  s: Pick<SessionRecord, 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness' | 'keepLogBytes' | 'expireAfterIdleS' | 'aggregation'>,
 ): Promise<SessionRecord> {
   const rows = await q.query(
-    `UPDATE sessions SET snapshot_every = $2, keep_snapshots = $3, max_staleness = $4, keep_log_bytes = $5, expire_after_idle_s = $6, updated_at = now()
+    `UPDATE sessions SET snapshot_every = $2, keep_snapshots = $3, max_staleness = $4, keep_log_bytes = $5, expire_after_idle_s = $6, aggregation = $7, updated_at = now()
      WHERE id = $1 RETURNING ${SESSION_COLUMNS}`,
-    [id, s.snapshotEvery, s.keepSnapshots, s.maxStaleness, s.keepLogBytes, s.expireAfterIdleS],
+    [id, s.snapshotEvery, s.keepSnapshots, s.maxStaleness, s.keepLogBytes, s.expireAfterIdleS, s.aggregation ? JSON.stringify(s.aggregation) : null],
   );
   return toSession(rows[0]);
 }
@@ -250,6 +251,8 @@ export interface AppendedSteps {
   /** The session's version and max_staleness when the row lock was granted (before the batch). */
   previousVersion: number;
   maxStaleness: number | null;
+  /** The session has `aggregation`: nothing was written; its step requests are contributions (rounds.ts). */
+  aggregated: boolean;
   /** The session after the batch (its steps are versions previousVersion+1..+n, in order); null: nothing written. */
   session: SessionRecord | null;
   /** The batch's keys that already have a row: nothing was written; the caller answers or clears them, then retries. */
@@ -298,7 +301,7 @@ export async function appendSteps(db: Database, sessionId: number, steps: readon
   // `notified` is a plain SELECT: referenced below, or PostgreSQL would not run it.
   const result = await db.query(
     `WITH locked AS (
-       SELECT id, name, version, step, max_staleness FROM sessions WHERE id = $1 FOR UPDATE
+       SELECT id, name, version, step, max_staleness, aggregation IS NOT NULL AS aggregated FROM sessions WHERE id = $1 FOR UPDATE
      ), input (i, ${BATCH_COLUMNS.map((c) => c.split(' ')[0]).join(', ')}) AS (
        VALUES ${rows.join(', ')}
      ), known AS (
@@ -306,7 +309,7 @@ export async function appendSteps(db: Database, sessionId: number, steps: readon
        FROM input JOIN idempotency_keys k ON k.session_id = $1 AND k.key = input.key
      ), accepted AS (
        SELECT locked.* FROM locked
-       WHERE NOT EXISTS (SELECT 1 FROM known)
+       WHERE NOT locked.aggregated AND NOT EXISTS (SELECT 1 FROM known)
          AND NOT EXISTS (SELECT 1 FROM input WHERE NOT (
            (if_match IS NULL OR if_match = locked.version + i)
            AND (base IS NULL OR base <= locked.version + i)
@@ -333,7 +336,7 @@ export async function appendSteps(db: Database, sessionId: number, steps: readon
      ), notified AS (
        SELECT pg_notify('${VERSION_CHANNEL}', a.name || ':' || (a.version + input.i + 1) || ':' || (a.step + input.i + 1)) FROM accepted a, input
      )
-     SELECT locked.version::float8 AS previous_version, locked.max_staleness AS previous_max_staleness, advanced.*,
+     SELECT locked.version::float8 AS previous_version, locked.max_staleness AS previous_max_staleness, locked.aggregated AS previous_aggregated, advanced.*,
        (SELECT count(*) FROM notified) + (SELECT count(*) FROM logged) AS written,
        (SELECT jsonb_agg(jsonb_build_object('index', i, 'request_hash', request_hash, 'response', response, 'live', live)) FROM known) AS known
      FROM locked LEFT JOIN advanced ON true`,
@@ -347,6 +350,7 @@ export async function appendSteps(db: Database, sessionId: number, steps: readon
   return {
     previousVersion: r.previous_version as number,
     maxStaleness: (r.previous_max_staleness as number | null) ?? null,
+    aggregated: r.previous_aggregated === true,
     session: r.id === null || r.id === undefined ? null : toSession(r),
     known,
   };
@@ -370,12 +374,13 @@ export async function clearExpiredKeys(q: Queryable, sessionId: number, keys: st
  */
 async function appendStepsPglite(db: Database, sessionId: number, steps: readonly BatchStep[], windowSeconds: number): Promise<AppendedSteps | null> {
   return db.transaction(async (tx) => {
-    const locked = await tx.query<{ version: number; max_staleness: number | null }>(
-      'SELECT version::float8 AS version, max_staleness FROM sessions WHERE id = $1 FOR UPDATE',
+    const locked = await tx.query<{ version: number; max_staleness: number | null; aggregated: boolean }>(
+      'SELECT version::float8 AS version, max_staleness, aggregation IS NOT NULL AS aggregated FROM sessions WHERE id = $1 FOR UPDATE',
       [sessionId],
     );
     if (locked.length === 0) return null;
-    const { version, max_staleness: maxStaleness } = locked[0];
+    const { version, max_staleness: maxStaleness, aggregated } = locked[0];
+    if (aggregated) return { previousVersion: version, maxStaleness, aggregated, session: null, known: [] };
     const keys = steps.map((s) => s.key).filter((k): k is string => k !== null);
     const known: KnownKey[] = [];
     if (keys.length) {
@@ -385,7 +390,7 @@ async function appendStepsPglite(db: Database, sessionId: number, steps: readonl
       );
       for (const f of found) known.push({ index: steps.findIndex((s) => s.key === f.key), requestHash: f.request_hash, response: f.response, live: f.live });
     }
-    if (known.length || steps.some((s, i) => refusedAt(s, versionAt(version, i) - 1, maxStaleness))) return { previousVersion: version, maxStaleness, session: null, known };
+    if (known.length || steps.some((s, i) => refusedAt(s, versionAt(version, i) - 1, maxStaleness))) return { previousVersion: version, maxStaleness, aggregated, session: null, known };
     let step = 0;
     for (const [i, s] of steps.entries()) {
       const hyper = s.hyper === null ? null : JSON.stringify(s.hyper);
@@ -414,7 +419,7 @@ async function appendStepsPglite(db: Database, sessionId: number, steps: readonl
       if (s.key !== null) await saveIdempotentAnswer(tx, sessionId, s.key, s.requestHash, { session: session.name, step, version: v, staleness });
       await notifyVersion(tx, session.name, v, step);
     }
-    return { previousVersion: version, maxStaleness, session, known };
+    return { previousVersion: version, maxStaleness, aggregated, session, known };
   });
 }
 

@@ -24,6 +24,7 @@ import type { SessionRecord } from './repository.ts';
 import { createSnapshotWriter } from './snapshot-writer.ts';
 import { createSnapshots } from './snapshots.ts';
 import { createSteps } from './steps.ts';
+import { assertNoOpenRound, type RoundHost } from './rounds.ts';
 import { sessionStorage, storageOfSessions, type SessionStorage } from './storage.ts';
 
 export interface SessionServiceOptions {
@@ -54,10 +55,11 @@ export function createSessionService(options: SessionServiceOptions) {
 
   async function updateSettings(
     name: string,
-    patch: Partial<Pick<SessionRecord, 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness' | 'keepLogBytes' | 'expireAfterIdleS'>>,
+    patch: Partial<Pick<SessionRecord, 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness' | 'keepLogBytes' | 'expireAfterIdleS' | 'aggregation'>>,
   ): Promise<SessionRecord> {
     return db.transaction(async (tx) => {
       const session = await mustFind(tx, name, true);
+      if (patch.aggregation !== undefined) await assertNoOpenRound(tx, session);
       return repo.updateSessionSettings(tx, session.id, { ...session, ...patch });
     });
   }
@@ -96,7 +98,23 @@ export function createSessionService(options: SessionServiceOptions) {
     return gone.map((g) => g.name);
   }
 
+  /** What the rounds of sessions with `aggregation` (rounds.ts) use of the session modules. */
+  const roundHost: RoundHost = {
+    run: (name, fn) => ctx.mutex.run(name, fn),
+    currentState: history.currentState,
+    forget: (id) => cache.forget(id),
+    withStateAt: reads.withStateAt,
+    applyStep: (state, present) => state.applyStep(present, ctx.kernel, ctx.kernelOptions),
+    afterStep(session, entry, seconds, lockWaitSeconds) {
+      options.hooks?.stepped?.(session.name, seconds, lockWaitSeconds);
+      const cached = cache.get(session.id);
+      if (cached === entry && writer.due(session, cached)) writer.inBackground(session, cached, 'auto');
+    },
+    idempotencyWindowSeconds: options.idempotencyWindowSeconds,
+  };
+
   return {
+    roundHost,
     create: changes.create,
     get: (name: string) => mustFind(db, name),
     list: (after: string | null, limit: number, only: readonly string[] | null = null, search: string | null = null) => repo.listSessions(db, after, limit, only, search),

@@ -14,6 +14,7 @@
 // No copy is ever ahead of the database, and none is served or stepped at a version other than the one it
 // claims.
 import { errors } from '../errors.ts';
+import { AggregatedSession } from './aggregation.ts';
 import type { CacheEntry } from './cache.ts';
 import { consistentRead, mustFind, type SessionContext } from './context.ts';
 import { decodeGradients, packGradients, unpackGradients, type GradientInput } from './gradients.ts';
@@ -162,6 +163,11 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
         cache.forgetName(name, id);
         if (retried) throw errors.sessionNotFound(name);
         return commitBatch(name, steps.map((s) => s.request), true);
+      }
+      if (appended.aggregated) {
+        // Nothing written: in a session with aggregation a step request is a contribution (rounds.ts).
+        for (const s of steps) s.request.reject(new AggregatedSession(name));
+        return;
       }
       if (appended.known.length) {
         // Keys with an answer: a retry gets the first answer (a live key), a reused key its error; an expired
