@@ -13,6 +13,7 @@ import contentTypesPlugin from './plugins/content-types.ts';
 import dbPlugin from './plugins/db.ts';
 import sessionsPlugin from './plugins/sessions.ts';
 import notifierPlugin from './plugins/notifier.ts';
+import roundsPlugin from './plugins/rounds.ts';
 import limitsPlugin from './plugins/limits.ts';
 import authPlugin from './plugins/auth.ts';
 import swaggerPlugin from './plugins/swagger.ts';
@@ -58,6 +59,7 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
   await fastify.register(dbPlugin, { config, migrate: opts.migrate ?? false, database: opts.database });
   await fastify.register(sessionsPlugin, { config });
   await fastify.register(notifierPlugin);
+  await fastify.register(roundsPlugin);
   await fastify.register(limitsPlugin, { config });
   await fastify.register(authPlugin, { config });
   await fastify.register(swaggerPlugin);

@@ -36,7 +36,10 @@ const API_CODES = {
   SNAPSHOT_NOT_FOUND: [404, 'No snapshot of this id in this session'],
   VERSION_NOT_AVAILABLE: [404, 'The version asked for is older than the oldest snapshot or newer than the session'],
   SESSION_EXISTS: [409, 'A session of this name exists'],
-  STALE_GRADIENT: [409, 'The gradient is older than max_staleness allows; the body carries the current version'],
+  STALE_GRADIENT: [409, 'The gradient is older than max_staleness allows (in a session with aggregation: older than the open round); the body carries the current version'],
+  ROUND_OPEN: [409, 'A round of contributions is open: aggregation cannot change until it steps'],
+  DUPLICATE_CONTRIBUTION: [409, 'This worker has already contributed to the open round'],
+  ROUND_CONFLICT: [409, 'The contribution\'s param_groups differ from those of the open round\'s other contributions'],
   VERSION_MISMATCH: [412, 'If-Match does not match the session\'s version; the body carries the current version'],
   NON_FINITE_GRADIENT: [422, 'A gradient holds NaN or an infinity'],
   IDEMPOTENCY_KEY_REUSED: [422, 'An Idempotency-Key was used before for a different request'],
@@ -140,6 +143,15 @@ export const errors = {
   sessionExists: make('SESSION_EXISTS', (name: string) => `name: session ${JSON.stringify(name)} already exists`),
   staleGradient: (staleness: number, maxStaleness: number, version: number) =>
     new ApiError('STALE_GRADIENT', `base_version: the gradient is ${staleness} versions old; this session accepts at most ${maxStaleness}`, { version, staleness, max_staleness: maxStaleness }),
+  staleContribution: (baseVersion: number, version: number) =>
+    new ApiError('STALE_GRADIENT', `base_version: the gradient was computed at version ${baseVersion}; rounds take gradients of the current version ${version}`, {
+      version, staleness: version - baseVersion, max_staleness: 0,
+    }),
+  roundOpen: (version: number, contributions: number) =>
+    new ApiError('ROUND_OPEN', `aggregation: the round at version ${version} has ${contributions} contribution(s); change it once no round is open`, { version }),
+  duplicateContribution: (worker: string, version: number) =>
+    new ApiError('DUPLICATE_CONTRIBUTION', `worker: ${JSON.stringify(worker)} has already contributed to the round at version ${version}`, { version }),
+  roundConflict: make('ROUND_CONFLICT', (version: number) => `param_groups: differ from those of the other contributions to the round at version ${version} (a round applies one set)`),
   versionMismatch: (expected: string, version: number) =>
     new ApiError('VERSION_MISMATCH', `If-Match: expected ${expected}, the session is at version ${version}`, { version }, { etag: `"${version}"` }),
   bodyTooLarge: make('BODY_TOO_LARGE', (limit: number) => `body: larger than the limit of ${limit} bytes for this route`),

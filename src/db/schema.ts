@@ -35,6 +35,26 @@ export interface ParamSpec {
  */
 export type HyperDelta = (Partial<Pick<GroupSpec, 'lr' | 'lambd' | 'alpha' | 't0' | 'weight_decay' | 'maximize'>> & { int_keys?: string[] } | null)[];
 
+/**
+ * A session's synchronous rounds (src/sessions/rounds.ts): a round of contributions at one version steps once
+ * `contributions` are in, or their `samples` add up to `target_samples`, or `timeout_s` after its first
+ * contribution when at least `min_contributions` are in.
+ */
+export interface Aggregation {
+  contributions?: number;
+  timeout_s?: number;
+  min_contributions?: number;
+  target_samples?: number;
+}
+
+/** What step_history keeps of a round's step (null for an ordinary step): the answer's `round`. */
+export interface RoundRecord {
+  contributions: number;
+  /** The contributions' samples added up, or null when none reported any. */
+  samples: number | null;
+  timed_out: boolean;
+}
+
 /** Per-parameter scalar state (float32 values) or null when the parameter has not stepped yet. */
 export type ScalarStateRow = { step: number; eta: number; mu: number } | null;
 
@@ -53,6 +73,8 @@ export const sessions = pgTable('sessions', {
   keepLogBytes: bigint('keep_log_bytes', { mode: 'number' }),
   /** Deleted by the sweeper after this many seconds without a step or a write (null: never). */
   expireAfterIdleS: integer('expire_after_idle_s'),
+  /** Synchronous rounds (null: every step request is its own step). */
+  aggregation: jsonb('aggregation').$type<Aggregation>(),
   createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
   updatedAt: timestamp('updated_at', { withTimezone: true }).notNull().defaultNow(),
 }, (t) => [uniqueIndex('sessions_name_key').on(t.name)]);
@@ -116,7 +138,35 @@ export const stepHistory = pgTable('step_history', {
   metrics: jsonb('metrics').$type<Record<string, number>>(),
   /** Each group's hyperparameters after the step, when the step changed any; else null. */
   hyper: jsonb('hyper').$type<Record<string, unknown>[]>(),
+  /** A round's step: its size and how it closed; null for an ordinary step. */
+  round: jsonb('round').$type<RoundRecord>(),
 }, (t) => [primaryKey({ columns: [t.sessionId, t.version] })]);
+
+/**
+ * A worker's gradient for the open round of a session with `aggregation`: stored as it arrives, under the
+ * session row lock, at the version it was computed on. The round's step (one transaction) reads the
+ * round's rows, logs their mean as an ordinary step and deletes them. Rows at an older version than the
+ * session's belong to no round any more (a load or restore moved the version): they are void.
+ */
+export const roundContributions = pgTable('round_contributions', {
+  sessionId: bigint('session_id', { mode: 'number' }).notNull().references(() => sessions.id, { onDelete: 'cascade' }),
+  version: bigint('version', { mode: 'number' }).notNull(),
+  worker: text('worker').notNull(),
+  samples: integer('samples'),
+  /** As step_log: the parameters that have a gradient, their gradients concatenated, and their dtype. */
+  present: jsonb('present').$type<number[]>().notNull(),
+  grads: bytea('grads').notNull(),
+  gradDtype: text('grad_dtype').$type<'float16' | 'bfloat16'>(),
+  /** The contribution's param_groups as a HyperDelta (the round applies them; all contributions agree). */
+  hyper: jsonb('hyper').$type<HyperDelta>(),
+  metrics: jsonb('metrics').$type<Record<string, number>>(),
+  idempotencyKey: text('idempotency_key'),
+  requestHash: text('request_hash'),
+  createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
+}, (t) => [
+  primaryKey({ columns: [t.sessionId, t.version, t.worker] }),
+  uniqueIndex('round_contributions_session_key').on(t.sessionId, t.idempotencyKey),
+]);
 
 /** Answers to steps sent with an Idempotency-Key, kept for the configured window. */
 export const idempotencyKeys = pgTable('idempotency_keys', {
@@ -143,4 +193,4 @@ export type SessionRow = typeof sessions.$inferSelect;
 export type SnapshotRow = typeof snapshots.$inferSelect;
 export type TokenRow = typeof tokens.$inferSelect;
 
-export const schema = { sessions, snapshots, snapshotChunks, stepLog, stepHistory, idempotencyKeys, tokens };
+export const schema = { sessions, snapshots, snapshotChunks, stepLog, stepHistory, roundContributions, idempotencyKeys, tokens };

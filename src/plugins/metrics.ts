@@ -38,6 +38,16 @@ export default fp(
     const snapshots = new Counter({
       name: 'asgd_snapshots_total', help: 'Snapshots written by this process, by session and reason', labelNames: ['session', 'reason'], registers,
     });
+    const roundsCompleted = new Counter({ name: 'asgd_rounds_completed_total', help: 'Rounds (sessions with aggregation) this process stepped, by session', labelNames: ['session'], registers });
+    const roundsTimedOut = new Counter({
+      name: 'asgd_rounds_timed_out_total', help: 'Rounds this process stepped at their timeout with fewer than aggregation.contributions, by session', labelNames: ['session'], registers,
+    });
+    const roundContributions = new Histogram({
+      name: 'asgd_round_contributions', help: 'Contributions a round\'s step combined', buckets: [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256, 512, 1024], registers,
+    });
+    const roundWait = new Histogram({
+      name: 'asgd_round_wait_seconds', help: 'Time from a round\'s first contribution to its step (the database\'s clock)', buckets: [...SECONDS_BUCKETS, 120, 300, 600, 1800, 3600], registers,
+    });
     new Gauge({
       name: 'asgd_db_pool_connections', help: 'Database pool connections by state (total, idle, waiting clients)', labelNames: ['state'], registers,
       collect() {
@@ -64,6 +74,12 @@ export default fp(
       stepSeconds.observe(seconds);
       lockWait.observe(lockWaitSeconds);
       steps.inc({ session });
+    };
+    fastify.roundHooks.closed = (session, contributions, waitSeconds, timedOut) => {
+      roundsCompleted.inc({ session });
+      if (timedOut) roundsTimedOut.inc({ session });
+      roundContributions.observe(contributions);
+      roundWait.observe(waitSeconds);
     };
     const reasonsSeen = new Map<string, Set<string>>();
     fastify.sessionHooks.snapshotted = (session, reason) => {
@@ -118,6 +134,8 @@ export default fp(
       if (request.method === 'DELETE' && reply.statusCode === 204 && route === '/v1/sessions/:name') {
         const session = (request.params as { name: string }).name;
         steps.remove({ session });
+        roundsCompleted.remove({ session });
+        roundsTimedOut.remove({ session });
         for (const reason of reasonsSeen.get(session) ?? []) snapshots.remove({ session, reason });
         reasonsSeen.delete(session);
       }
@@ -141,5 +159,5 @@ export default fp(
       return registry.metrics();
     });
   },
-  { name: 'metrics', dependencies: ['db', 'sessions'] },
+  { name: 'metrics', dependencies: ['db', 'sessions', 'rounds'] },
 );

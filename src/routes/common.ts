@@ -3,6 +3,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Static, TSchema } from 'typebox';
 import { errors } from '../errors.ts';
 import type { SessionRecord, SnapshotRecord } from '../sessions/repository.ts';
+import type { RoundStatus } from '../sessions/rounds.ts';
 import { numelOf, publicGroup } from '../sessions/spec.ts';
 import type { Session, Snapshot } from './schemas.ts';
 
@@ -30,7 +31,8 @@ export function setVersion(reply: FastifyReply, version: number): void {
   reply.header('x-session-version', String(version));
 }
 
-export function sessionJson(s: SessionRecord): Static<typeof Session> {
+/** A session as answers show it, with its open round (null for answers that just changed its version: a round is void then). */
+export function sessionJson(s: SessionRecord, round: RoundStatus | null): Static<typeof Session> {
   return {
     name: s.name,
     version: s.version,
@@ -43,6 +45,8 @@ export function sessionJson(s: SessionRecord): Static<typeof Session> {
     max_staleness: s.maxStaleness,
     keep_log_bytes: s.keepLogBytes,
     expire_after_idle_s: s.expireAfterIdleS,
+    aggregation: s.aggregation,
+    round,
     created_at: s.createdAt.toISOString(),
     updated_at: s.updatedAt.toISOString(),
   };

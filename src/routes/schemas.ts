@@ -5,6 +5,7 @@
 import { Type, type TSchema } from 'typebox';
 import type { ErrorCode } from '../errors.ts';
 import { ASGD_DEFAULTS } from '../optim/types.ts';
+import { MAX_ROUND_CONTRIBUTIONS, MAX_ROUND_TIMEOUT_S } from '../sessions/aggregation.ts';
 import { SESSION_NAME_SOURCE } from '../sessions/spec.ts';
 import { StepAnswer } from '../sessions/model.ts';
 import { SETTING_LIMITS } from './common.ts';
@@ -86,6 +87,28 @@ export const SessionSettings = {
   })),
 };
 
+/** Synchronous rounds: types and ranges here, the rules between the keys in src/sessions/aggregation.ts. */
+export const Aggregation = Type.Object({
+  contributions: Type.Optional(Type.Integer({ minimum: 1, maximum: MAX_ROUND_CONTRIBUTIONS, description: 'A round steps once this many workers contributed (K)' })),
+  timeout_s: Type.Optional(Type.Number({ minimum: 0, maximum: MAX_ROUND_TIMEOUT_S, description: 'Above 0. After this many seconds from its first contribution a round steps with what it has, if at least min_contributions' })),
+  min_contributions: Type.Optional(Type.Integer({ minimum: 1, maximum: MAX_ROUND_CONTRIBUTIONS, description: 'With timeout_s: the fewest contributions a round steps with (1..K; default K)' })),
+  target_samples: Type.Optional(Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER, description: 'A round steps once its contributions\' samples add up to this (each contribution then needs samples)' })),
+}, {
+  title: 'Aggregation',
+  additionalProperties: false,
+  description: 'Synchronous rounds: a step request is a contribution (worker, base_version); a round\'s mean gradient is one step. Needs contributions or target_samples.',
+  examples: [{ contributions: 3, timeout_s: 30, min_contributions: 2 }],
+});
+
+/** The open round of a session with aggregation. */
+export const RoundStatus = Type.Object({
+  version: Type.Integer({ description: 'The version the round\'s contributions were computed at (the session\'s version)' }),
+  contributions: Type.Integer(),
+  samples: Type.Union([Type.Integer(), Type.Null()], { description: 'The contributions\' samples added up; null when none reported any' }),
+  workers: Type.Array(Type.String(), { description: 'Worker ids that contributed, ascending (byte order)' }),
+  age_s: Type.Number({ description: 'Seconds since the round\'s first contribution' }),
+}, { title: 'Round', description: 'The open round: contributions at the session\'s version so far' });
+
 export const SessionStorage = Type.Object({
   log_bytes: Type.Integer({ description: 'The step log (gradients), as PostgreSQL stores it' }),
   log_steps: Type.Integer({ description: 'Steps in the log' }),
@@ -107,6 +130,8 @@ export const Session = Type.Object({
   max_staleness: Type.Union([Type.Integer(), Type.Null()]),
   keep_log_bytes: Type.Union([Type.Integer(), Type.Null()], { description: 'Byte bound on the step log; null: none (keep_snapshots still bounds it)' }),
   expire_after_idle_s: Type.Union([Type.Integer(), Type.Null()], { description: 'Deleted after this many seconds without a step or a write; null: never' }),
+  aggregation: Type.Union([Aggregation, Type.Null()], { description: 'Synchronous rounds; null: every step request is its own step' }),
+  round: Type.Union([RoundStatus, Type.Null()], { description: 'The open round (contributions at the current version); null when none' }),
   created_at: Type.String({ format: 'date-time' }),
   updated_at: Type.String({ format: 'date-time' }),
   storage: Type.Optional(SessionStorage),

@@ -1,7 +1,7 @@
 // SQL of the session domain. Hot-path statements are prepared (named) on PostgreSQL and send bytea
 // parameters in binary; PGlite gets base64 parameters (see Database.byteaParam).
 import type { Database, Queryable } from '../db/database.ts';
-import type { GroupSpec, HyperDelta, ParamSpec, ScalarStateRow } from '../db/schema.ts';
+import type { Aggregation, GroupSpec, HyperDelta, ParamSpec, ScalarStateRow } from '../db/schema.ts';
 import type { GradDtype } from './gradients.ts';
 import { pruneLogToBytes } from './retention.ts';
 
@@ -22,6 +22,8 @@ export interface SessionRecord {
   keepLogBytes: number | null;
   /** The sweeper deletes the session after this many idle seconds (expiry.ts); null: never. */
   expireAfterIdleS: number | null;
+  /** Synchronous rounds (src/sessions/rounds.ts); null: every step request is its own step. */
+  aggregation: Aggregation | null;
   createdAt: Date;
   updatedAt: Date;
 }
@@ -87,7 +89,7 @@ const groupHyperSql = (groups: string) => `(
 /** The session columns as SessionRecord reads them, qualified by `t` ("sessions.") where a join needs it. */
 const sessionColumns = (t = '') => `${t}id::float8 AS id, ${t}name, ${t}params, ${t}groups, ${t}numel::float8 AS numel, ${t}version::float8 AS version,
   ${t}step::float8 AS step, ${t}snapshot_every, ${t}keep_snapshots, ${t}max_staleness, ${t}keep_log_bytes::float8 AS keep_log_bytes, ${t}expire_after_idle_s,
-  ${t}created_at, ${t}updated_at`;
+  ${t}aggregation, ${t}created_at, ${t}updated_at`;
 const SESSION_COLUMNS = sessionColumns();
 
 function toSession(r: Record<string, unknown>): SessionRecord {
@@ -104,6 +106,7 @@ function toSession(r: Record<string, unknown>): SessionRecord {
     maxStaleness: (r.max_staleness as number | null) ?? null,
     keepLogBytes: (r.keep_log_bytes as number | null) ?? null,
     expireAfterIdleS: (r.expire_after_idle_s as number | null) ?? null,
+    aggregation: (r.aggregation as Aggregation | null) ?? null,
     createdAt: new Date(r.created_at as string),
     updatedAt: new Date(r.updated_at as string),
   };
@@ -132,13 +135,13 @@ function toSnapshot(r: Record<string, unknown>): SnapshotRecord {
 export async function insertSession(
   q: Queryable,
   s: Pick<SessionRecord, 'name' | 'params' | 'groups' | 'numel' | 'step' | 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness'>
-    & Partial<Pick<SessionRecord, 'keepLogBytes' | 'expireAfterIdleS'>>,
+    & Partial<Pick<SessionRecord, 'keepLogBytes' | 'expireAfterIdleS' | 'aggregation'>>,
 ): Promise<SessionRecord | null> {
   const rows = await q.query(
-    `INSERT INTO sessions (name, params, groups, numel, version, step, snapshot_every, keep_snapshots, max_staleness, keep_log_bytes, expire_after_idle_s)
-     VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9, $10) ON CONFLICT (name) DO NOTHING RETURNING ${SESSION_COLUMNS}`,
+    `INSERT INTO sessions (name, params, groups, numel, version, step, snapshot_every, keep_snapshots, max_staleness, keep_log_bytes, expire_after_idle_s, aggregation)
+     VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (name) DO NOTHING RETURNING ${SESSION_COLUMNS}`,
     [s.name, JSON.stringify(s.params), JSON.stringify(s.groups), s.numel, s.step, s.snapshotEvery, s.keepSnapshots, s.maxStaleness,
-      s.keepLogBytes ?? null, s.expireAfterIdleS ?? null],
+      s.keepLogBytes ?? null, s.expireAfterIdleS ?? null, s.aggregation ? JSON.stringify(s.aggregation) : null],
   );
   return rows.length ? toSession(rows[0]) : null;
 }
@@ -175,12 +178,12 @@ export async function deleteSession(q: Queryable, name: string): Promise<boolean
 export async function updateSessionSettings(
   q: Queryable,
   id: number,
-  s: Pick<SessionRecord, 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness' | 'keepLogBytes' | 'expireAfterIdleS'>,
+  s: Pick<SessionRecord, 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness' | 'keepLogBytes' | 'expireAfterIdleS' | 'aggregation'>,
 ): Promise<SessionRecord> {
   const rows = await q.query(
-    `UPDATE sessions SET snapshot_every = $2, keep_snapshots = $3, max_staleness = $4, keep_log_bytes = $5, expire_after_idle_s = $6, updated_at = now()
+    `UPDATE sessions SET snapshot_every = $2, keep_snapshots = $3, max_staleness = $4, keep_log_bytes = $5, expire_after_idle_s = $6, aggregation = $7, updated_at = now()
      WHERE id = $1 RETURNING ${SESSION_COLUMNS}`,
-    [id, s.snapshotEvery, s.keepSnapshots, s.maxStaleness, s.keepLogBytes, s.expireAfterIdleS],
+    [id, s.snapshotEvery, s.keepSnapshots, s.maxStaleness, s.keepLogBytes, s.expireAfterIdleS, s.aggregation ? JSON.stringify(s.aggregation) : null],
   );
   return toSession(rows[0]);
 }
@@ -266,6 +269,8 @@ export interface AppendedStep {
   /** The session's version and max_staleness when the row lock was granted (before this step). */
   previousVersion: number;
   maxStaleness: number | null;
+  /** The session has `aggregation`: nothing was written; its step requests are contributions (rounds.ts). */
+  aggregated: boolean;
   /** The session after the step; null when a check failed and nothing was written. */
   session: SessionRecord | null;
 }
@@ -290,11 +295,11 @@ export async function appendStep(
   // or PostgreSQL would not run it.
   const rows = await q.query(
     `WITH locked AS (
-       SELECT id, name, version, step, max_staleness FROM sessions WHERE id = $1 FOR UPDATE
+       SELECT id, name, version, step, max_staleness, aggregation IS NOT NULL AS aggregated FROM sessions WHERE id = $1 FOR UPDATE
      ), logged AS (
        INSERT INTO step_log (session_id, version, present, grads, base_version, hyper, grad_dtype)
        SELECT id, version + 1, $2, ${db.byteaParam(3)}, $4::bigint, $6::jsonb, $8::text FROM locked
-       WHERE ($5::bigint IS NULL OR version = $5::bigint)
+       WHERE NOT aggregated AND ($5::bigint IS NULL OR version = $5::bigint)
          AND ($4::bigint IS NULL OR $4::bigint <= version)
          AND (max_staleness IS NULL OR $4::bigint IS NULL OR version - $4::bigint <= max_staleness)
        RETURNING session_id, version
@@ -311,7 +316,7 @@ export async function appendStep(
      ), notified AS (
        SELECT pg_notify('${VERSION_CHANNEL}', locked.name || ':' || logged.version || ':' || (locked.step + 1)) FROM logged, locked
      )
-     SELECT locked.version::float8 AS previous_version, locked.max_staleness AS previous_max_staleness, advanced.*,
+     SELECT locked.version::float8 AS previous_version, locked.max_staleness AS previous_max_staleness, locked.aggregated AS previous_aggregated, advanced.*,
        (SELECT count(*) FROM notified) AS notified
      FROM locked LEFT JOIN advanced ON true`,
     [sessionId, JSON.stringify(entry.present), db.byteaValue(entry.grads), checks.baseVersion, checks.ifMatch,
@@ -323,6 +328,7 @@ export async function appendStep(
   return {
     previousVersion: r.previous_version as number,
     maxStaleness: (r.previous_max_staleness as number | null) ?? null,
+    aggregated: r.previous_aggregated === true,
     session: r.id === null || r.id === undefined ? null : toSession(r),
   };
 }
@@ -339,16 +345,17 @@ async function appendStepPglite(
   checks: { ifMatch: number | null; baseVersion: number | null },
 ): Promise<AppendedStep | null> {
   return db.transaction(async (tx) => {
-    const locked = await tx.query<{ version: number; max_staleness: number | null }>(
-      'SELECT version::float8 AS version, max_staleness FROM sessions WHERE id = $1 FOR UPDATE',
+    const locked = await tx.query<{ version: number; max_staleness: number | null; aggregated: boolean }>(
+      'SELECT version::float8 AS version, max_staleness, aggregation IS NOT NULL AS aggregated FROM sessions WHERE id = $1 FOR UPDATE',
       [sessionId],
     );
     if (locked.length === 0) return null;
-    const { version, max_staleness: maxStaleness } = locked[0];
+    const { version, max_staleness: maxStaleness, aggregated } = locked[0];
+    if (aggregated) return { previousVersion: version, maxStaleness, aggregated, session: null };
     const { ifMatch, baseVersion } = checks;
     const allowed = (ifMatch === null || version === ifMatch) && (baseVersion === null || baseVersion <= version)
       && (maxStaleness === null || baseVersion === null || version - baseVersion <= maxStaleness);
-    if (!allowed) return { previousVersion: version, maxStaleness, session: null };
+    if (!allowed) return { previousVersion: version, maxStaleness, aggregated, session: null };
     const hyper = entry.hyper === null ? null : JSON.stringify(entry.hyper);
     const gradDtype = gradDtypeColumn(entry.gradDtype);
     await tx.query("COPY step_log (session_id, version, present, grads, base_version, hyper, grad_dtype) FROM '/dev/blob' WITH (FORMAT binary)", [], {
@@ -369,7 +376,7 @@ async function appendStepPglite(
       metrics: entry.metrics, hyper: entry.hyper === null ? null : groupHyperparametersOf(session.groups),
     });
     await notifyVersion(tx, session.name, session.version, session.step);
-    return { previousVersion: version, maxStaleness, session };
+    return { previousVersion: version, maxStaleness, aggregated, session };
   });
 }
 

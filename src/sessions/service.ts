@@ -13,9 +13,10 @@
 // of the database, and none is served or stepped at a version other than the one it claims.
 import type { FastifyBaseLogger } from 'fastify';
 import type { Database, Queryable } from '../db/database.ts';
-import type { GroupSpec, ParamSpec, ScalarStateRow } from '../db/schema.ts';
+import type { Aggregation, GroupSpec, ParamSpec, ScalarStateRow } from '../db/schema.ts';
 import { errors } from '../errors.ts';
 import type { AsgdKernel, KernelOptions } from '../optim/types.ts';
+import { AggregatedSession } from './aggregation.ts';
 import { decodeGradients, packGradients, unpackGradients, type GradientInput } from './gradients.ts';
 import { KeyedMutex } from './mutex.ts';
 import type { StepAnswer } from './model.ts';
@@ -26,6 +27,7 @@ import { snapshotInterval } from './retention.ts';
 import { sessionStorage, storageOfSessions, type SessionStorage } from './storage.ts';
 import { sweepIdleSessions } from './expiry.ts';
 import { SessionState, layoutOf, snapshotChecksum, type Layout } from './state.ts';
+import { assertNoOpenRound, type RoundHost } from './rounds.ts';
 
 export interface SessionServiceOptions {
   db: Database;
@@ -93,6 +95,7 @@ export interface CreateInput {
   maxStaleness: number | null;
   keepLogBytes: number | null;
   expireAfterIdleS: number | null;
+  aggregation: Aggregation | null;
 }
 
 interface Cached {
@@ -330,7 +333,7 @@ export function createSessionService(options: SessionServiceOptions) {
         const row = await repo.insertSession(tx, {
           name: input.name, params: input.params, groups: input.groups, numel, step: 0,
           snapshotEvery: input.snapshotEvery, keepSnapshots: input.keepSnapshots, maxStaleness: input.maxStaleness,
-          keepLogBytes: input.keepLogBytes, expireAfterIdleS: input.expireAfterIdleS,
+          keepLogBytes: input.keepLogBytes, expireAfterIdleS: input.expireAfterIdleS, aggregation: input.aggregation,
         });
         if (!row) throw errors.sessionExists(input.name);
         const state = newState(row, row.version, 0, input.groups, input.params.map(() => null));
@@ -367,10 +370,11 @@ export function createSessionService(options: SessionServiceOptions) {
 
   async function updateSettings(
     name: string,
-    patch: Partial<Pick<SessionRecord, 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness' | 'keepLogBytes' | 'expireAfterIdleS'>>,
+    patch: Partial<Pick<SessionRecord, 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness' | 'keepLogBytes' | 'expireAfterIdleS' | 'aggregation'>>,
   ): Promise<SessionRecord> {
     return db.transaction(async (tx) => {
       const session = await mustFind(tx, name, true);
+      if (patch.aggregation !== undefined) await assertNoOpenRound(tx, session);
       return repo.updateSessionSettings(tx, session.id, { ...session, ...patch });
     });
   }
@@ -428,6 +432,7 @@ export function createSessionService(options: SessionServiceOptions) {
       if (retried) throw errors.sessionNotFound(name);
       return appendedStep(name, input, opts, true);
     }
+    if (appended.aggregated) throw new AggregatedSession(name); // nothing written: a contribution (rounds.ts)
     const staleness = checkStep(appended.previousVersion, appended.maxStaleness, opts);
     const session = appended.session!;
     let current = false;
@@ -461,6 +466,7 @@ export function createSessionService(options: SessionServiceOptions) {
     try {
       const answer = await db.transaction(async (tx) => {
         const session = await mustFind(tx, name, true);
+        if (session.aggregation) throw new AggregatedSession(name); // a contribution (rounds.ts)
         if (opts.idempotencyKey) {
           const previous = await repo.findIdempotentAnswer(tx, session.id, opts.idempotencyKey, options.idempotencyWindowSeconds);
           if (previous) {
@@ -781,6 +787,7 @@ export function createSessionService(options: SessionServiceOptions) {
           maxStaleness: target.maxStaleness !== undefined ? target.maxStaleness : sourceSession.maxStaleness,
           keepLogBytes: target.keepLogBytes !== undefined ? target.keepLogBytes : sourceSession.keepLogBytes,
           expireAfterIdleS: target.expireAfterIdleS !== undefined ? target.expireAfterIdleS : sourceSession.expireAfterIdleS,
+          aggregation: sourceSession.aggregation,
         });
         if (!row) throw errors.sessionExists(target.name);
         const state = newState(row, row.version, source.step, source.groups, source.scalars);
@@ -866,7 +873,23 @@ export function createSessionService(options: SessionServiceOptions) {
     return gone.map((g) => g.name);
   }
 
+  /** What the rounds of sessions with `aggregation` (rounds.ts) use of this service. */
+  const roundHost: RoundHost = {
+    run: (name, fn) => mutex.run(name, fn),
+    currentState,
+    forget,
+    withStateAt,
+    applyStep: (state, present) => state.applyStep(present, kernel, kernelOptions),
+    afterStep(session, entry, seconds, lockWaitSeconds) {
+      hooks?.stepped?.(session.name, seconds, lockWaitSeconds);
+      const cached = cache.get(session.id);
+      if (!closing && cached === entry && snapshotDue(cached.state.version, cached.lastSnapshotVersion, snapshotInterval(session))) snapshotInBackground(session, cached, 'auto');
+    },
+    idempotencyWindowSeconds: options.idempotencyWindowSeconds,
+  };
+
   return {
+    roundHost,
     create, get, list, remove, updateSettings, step, view, load, history, latestChange, snapshotNow, listSnapshots: listSnapshotsOf, getSnapshot,
     pinSnapshot, snapshotView, restore, fork, versionRange, close, pruneIdempotency, storage, storageOfMany, sweepExpired,
     /** For tests and metrics: how many sessions and bytes this process holds decoded. */

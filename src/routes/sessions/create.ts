@@ -9,11 +9,12 @@ import {
   type HyperparameterInput,
 } from '../../sessions/spec.ts';
 import { firstNonFinite, readJsonTensor } from '../../sessions/tensors.ts';
+import { parseAggregation } from '../../sessions/aggregation.ts';
 import { readNamedTensors } from './binary.ts';
 import type { WireFormat } from '../media.ts';
 import { optionalWhole, SETTING_LIMITS } from '../common.ts';
 
-const CREATE_KEYS = ['name', 'params', 'hyperparameters', 'param_groups', 'snapshot_every', 'keep_snapshots', 'max_staleness', 'keep_log_bytes', 'expire_after_idle_s'];
+const CREATE_KEYS = ['name', 'params', 'hyperparameters', 'param_groups', 'snapshot_every', 'keep_snapshots', 'max_staleness', 'keep_log_bytes', 'expire_after_idle_s', 'aggregation'];
 
 function assertParamName(value: unknown, field: string): string {
   if (typeof value !== 'string' || value.length === 0 || value.length > PARAM_NAME_MAX || /[\u0000-\u001f\u007f]/.test(value)) {
@@ -43,7 +44,8 @@ function parseCreateOptions(body: Record<string, unknown>, config: Config, param
     : optionalWhole(body.keep_log_bytes, 'keep_log_bytes', 1, SETTING_LIMITS.keep_log_bytes) ?? config.defaultKeepLogBytes;
   const expireAfterIdleS = body.expire_after_idle_s === null ? null
     : optionalWhole(body.expire_after_idle_s, 'expire_after_idle_s', 1, SETTING_LIMITS.expire_after_idle_s) ?? config.defaultExpireAfterIdleS;
-  return { name, params: ordered, data: order.map((i) => data[i]), groups, snapshotEvery, keepSnapshots, maxStaleness, keepLogBytes, expireAfterIdleS };
+  const aggregation = parseAggregation(body.aggregation) ?? null;
+  return { name, params: ordered, data: order.map((i) => data[i]), groups, snapshotEvery, keepSnapshots, maxStaleness, keepLogBytes, expireAfterIdleS, aggregation };
 }
 
 function checkParamList(params: ParamSpec[]): void {

@@ -5,7 +5,7 @@ import type { Config } from '../../config.ts';
 import { sessionJson, setVersion, ifMatchOf, jsonBody, jsonOrFile } from '../common.ts';
 import { mediaTypes, ROUTE_MEDIA, contentFormat } from '../media.ts';
 import {
-  errorResponses, Hyperparameters, IfMatchHeaders, IfNoneMatchHeaders, NameParams, NotModified, NewSessionName, ParamGroupIn, Session, SessionSettings, TensorIn, withCode,
+  Aggregation, errorResponses, Hyperparameters, IfMatchHeaders, IfNoneMatchHeaders, NameParams, NotModified, NewSessionName, ParamGroupIn, Session, SessionSettings, TensorIn, withCode,
 } from '../schemas.ts';
 import { parseCreateBody } from './create.ts';
 import stepRoutes from './step.ts';
@@ -17,6 +17,10 @@ import { noneMatch, sendNotModified } from './conditional.ts';
 import normRoutes from './norms.ts';
 import seriesRoutes, { activityJson, ListedSession } from './series.ts';
 import { sessionActivity } from '../../sessions/series.ts';
+import { parseAggregation } from '../../sessions/aggregation.ts';
+
+/** `aggregation` in a create or settings body: an object, or null for none. */
+const AggregationIn = Type.Optional(Type.Union([Aggregation, Type.Null()], { description: 'Synchronous rounds (null: none); see Aggregation' }));
 
 /** The JSON form of a create request. Tensors are checked element by element by the domain. */
 const CreateBody = Type.Object({
@@ -28,6 +32,7 @@ const CreateBody = Type.Object({
   hyperparameters: Type.Optional(Hyperparameters),
   param_groups: Type.Optional(withCode(Type.Array(ParamGroupIn, { minItems: 1, description: 'Param groups, as in torch.optim.ASGD(param_groups)' }), 'INVALID_PARAM_GROUPS')),
   ...SessionSettings,
+  aggregation: AggregationIn,
 }, {
   additionalProperties: false,
   examples: [{ name: 'mnist-run-1', params: [{ name: 'w', shape: [2, 2], data: [0.1, 0.2, 0.3, 0.4] }], hyperparameters: { lr: 0.01, t0: 100 } }],
@@ -58,7 +63,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
     const session = await fastify.sessions.create(input);
     setVersion(reply, session.version);
     reply.header('location', `/v1/sessions/${session.name}`);
-    return reply.status(201).send(sessionJson(session));
+    return reply.status(201).send(sessionJson(session, null));
   });
 
   fastify.get('/', {
@@ -81,13 +86,14 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
     const rows = await fastify.sessions.list(after ?? null, limit + 1, request.auth?.sessions ?? null, search || null);
     const page = rows.slice(0, limit);
     const ids = page.map((s) => s.id);
-    const [stored, activity] = await Promise.all([
+    const [stored, activity, rounds] = await Promise.all([
       storage ? fastify.sessions.storageOfMany(page) : null,
       figures ? sessionActivity(fastify.db, ids) : null,
+      fastify.rounds.openRounds(page),
     ]);
     return {
       sessions: page.map((s) => ({
-        ...sessionJson(s),
+        ...sessionJson(s, rounds.get(s.id) ?? null),
         ...(stored?.has(s.id) && { storage: stored.get(s.id) }),
         ...(activity && { activity: activityJson(activity.get(s.id)) }),
       })),
@@ -109,30 +115,33 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
     const session = await fastify.sessions.get(name);
     if (noneMatch(request, session.version)) return sendNotModified(reply, session.version);
     setVersion(reply, session.version);
-    return { ...sessionJson(session), storage: await fastify.sessions.storage(name) };
+    const [round, storage] = await Promise.all([fastify.rounds.openRound(session), fastify.sessions.storage(name)]);
+    return { ...sessionJson(session, round), storage };
   });
 
   fastify.patch('/:name', {
     schema: {
       operationId: 'updateSession',
       summary: 'Change a session\'s settings',
-      description: 'Settings do not change the state, so the version stays.',
+      description: 'Settings do not change the state, so the version stays. `aggregation` cannot change while a round has contributions (409 ROUND_OPEN).',
       tags: ['sessions'],
       params: NameParams,
-      body: Type.Object(SessionSettings, { additionalProperties: false, examples: [{ snapshot_every: 100 }] }),
-      response: { 200: Session, ...errorResponses(400, 401, 403, 404) },
+      body: Type.Object({ ...SessionSettings, aggregation: AggregationIn }, { additionalProperties: false, examples: [{ snapshot_every: 100 }] }),
+      response: { 200: Session, ...errorResponses(400, 401, 403, 404, 409) },
     },
   }, async (request, reply) => {
     const body = request.body;
+    const aggregation = parseAggregation(body.aggregation);
     const session = await fastify.sessions.updateSettings(request.params.name, {
       ...(body.snapshot_every !== undefined && { snapshotEvery: body.snapshot_every }),
       ...(body.keep_snapshots !== undefined && { keepSnapshots: body.keep_snapshots }),
       ...(body.max_staleness !== undefined && { maxStaleness: body.max_staleness }),
       ...(body.keep_log_bytes !== undefined && { keepLogBytes: body.keep_log_bytes }),
       ...(body.expire_after_idle_s !== undefined && { expireAfterIdleS: body.expire_after_idle_s }),
+      ...(aggregation !== undefined && { aggregation }),
     });
     setVersion(reply, session.version);
-    return sessionJson(session);
+    return sessionJson(session, await fastify.rounds.openRound(session));
   });
 
   fastify.delete('/:name', {
@@ -176,7 +185,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
     });
     setVersion(reply, session.version);
     reply.header('location', `/v1/sessions/${session.name}`);
-    return reply.status(201).send(sessionJson(session));
+    return reply.status(201).send(sessionJson(session, null));
   });
 
   await fastify.register(stepRoutes, { config });

@@ -92,7 +92,7 @@ const snapshotRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fas
   }, async (request, reply) => {
     const session = await fastify.sessions.restore(request.params.name, Number(request.params.id), ifMatchOf(request));
     setVersion(reply, session.version);
-    return sessionJson(session);
+    return sessionJson(session, null); // a new version: no round is open
   });
 };
 

@@ -97,7 +97,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
     const stateDict = Buffer.isBuffer(body) ? readStateDictBody(contentFormat(request), body) : parseStateDict(body);
     const session = await fastify.sessions.load(request.params.name, { stateDict }, { ifMatch: ifMatchOf(request), reason: 'load_state_dict' });
     setVersion(reply, session.version);
-    return sessionJson(session);
+    return sessionJson(session, null); // a new version: no round is open
   });
 
   fastify.get('/:name/checkpoint', {
@@ -131,7 +131,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
     const checkpoint = Buffer.isBuffer(body) ? readCheckpointFile(body) : readCheckpointJson(body);
     const session = await fastify.sessions.load(request.params.name, checkpoint, { ifMatch: ifMatchOf(request), reason: 'load_checkpoint' });
     setVersion(reply, session.version);
-    return sessionJson(session);
+    return sessionJson(session, null); // a new version: no round is open
   });
 };
 

@@ -9,12 +9,15 @@ import { errors } from '../../errors.ts';
 import { streamToBuffer, writeSafetensors, type Float32Tensor } from '../../formats/index.ts';
 import type { GradientInput } from '../../sessions/gradients.ts';
 import type { StateView, StepAnswer as StepAnswerValue } from '../../sessions/service.ts';
+import { MAX_SAMPLES } from '../../sessions/aggregation.ts';
+import { DEFAULT_WAIT_SECONDS } from '../../sessions/rounds.ts';
+import { NAME_PATTERN, SESSION_NAME_SOURCE } from '../../sessions/spec.ts';
 import type { Layout } from '../../sessions/state.ts';
 import { paramTensor, paramsJson } from '../../sessions/state-dict.ts';
 import { metadataJson, parseMetrics } from '../../sessions/step-input.ts';
 import { idempotencyKeyOf, ifMatchOf, jsonBody, jsonOrFile, optionalWhole, setVersion } from '../common.ts';
 import { contentFormat, MEDIA, mediaTypes, negotiate, ROUTE_MEDIA } from '../media.ts';
-import { Binary, errorResponses, NameParams, StepAnswer, StepHeaders, Tensor } from '../schemas.ts';
+import { Binary, errorResponses, NameParams, RoundStatus, StepAnswer, StepHeaders, Tensor } from '../schemas.ts';
 import { readGradients } from './binary.ts';
 import { MAX_JSON_ELEMENTS } from './views.ts';
 
@@ -27,6 +30,10 @@ const StepGroup = Type.Object({
   maximize: Type.Optional(Type.Boolean()),
 }, { description: 'Hyperparameters of one group for this step and after it (only the keys that change are needed)' });
 
+const Worker = Type.String({ pattern: `^${SESSION_NAME_SOURCE}$`, description: 'In a session with aggregation: the contributing worker (required there; like a session name)', examples: ['w0'] });
+const Samples = Type.Integer({ minimum: 1, maximum: MAX_SAMPLES, description: 'In a session with aggregation: samples behind this gradient (counts toward target_samples)' });
+const MAX_WAIT_SECONDS = 3600;
+
 /** The JSON form of a step. Gradients are read element by element by the domain. */
 const StepBody = Type.Object({
   grads: Type.Record(Type.String(), Type.Unknown(), { description: 'Parameter name -> tensor {"shape", "data"} or a flat list of numbers' }),
@@ -38,6 +45,8 @@ const StepBody = Type.Object({
     maxProperties: 32,
     description: 'Training metrics of this step, e.g. {"loss": 0.41, "samples": 32}: at most 32 finite numbers named like sessions. GET .../metrics returns the series.',
   })),
+  worker: Type.Optional(Worker),
+  samples: Type.Optional(Samples),
 }, { additionalProperties: false, examples: [{ grads: { w: { shape: [2, 2], data: [0.01, -0.02, 0.03, 0.0] } }, param_groups: [{ lr: 0.05 }], metrics: { loss: 0.41 } }] });
 
 const StepQuery = Type.Object({
@@ -45,7 +54,34 @@ const StepQuery = Type.Object({
   return: Type.Optional(Type.Union([Type.Literal('none'), Type.Literal('params'), Type.Literal('averaged')], {
     description: 'Answer with the parameters (or ASGD\'s averaged parameters) at the answered version too: one round trip per training step',
   })),
+  worker: Type.Optional(Worker),
+  samples: Type.Optional(Samples),
+  wait: Type.Optional(Type.Integer({
+    minimum: 1, maximum: MAX_WAIT_SECONDS,
+    description: `In a session with aggregation: seconds to wait for the round to step (default ${DEFAULT_WAIT_SECONDS}); then 202 and the client re-POSTs with the same Idempotency-Key`,
+  })),
 });
+
+const RoundPending = Type.Object({
+  pending: Type.Literal(true),
+  round: RoundStatus,
+}, { title: 'RoundPending', description: 'The contribution is stored; its round has not stepped within `wait`. Re-POST the same request with the same Idempotency-Key to wait on.' });
+
+/** A worker id from the safetensors metadata: the string itself, or (like the other keys) JSON of it. */
+function metadataWorker(metadata: ReadonlyMap<string, string>): string | null {
+  const raw = metadata.get('worker');
+  if (raw === undefined) return null;
+  const value = raw.startsWith('"') ? metadataJson(metadata, 'worker') : raw;
+  if (typeof value !== 'string' || !NAME_PATTERN.test(value)) throw errors.invalidBody('__metadata__.worker: must be 1-128 characters of A-Za-z0-9._-');
+  return value;
+}
+
+function metadataSamples(metadata: ReadonlyMap<string, string>): number | null {
+  const value = metadataJson(metadata, 'samples');
+  if (value === undefined) return null;
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 1 || value > MAX_SAMPLES) throw errors.invalidBody(`__metadata__.samples: must be a whole number from 1 to ${MAX_SAMPLES}`);
+  return value;
+}
 
 const StepAnswerWithParams = Type.Object({
   ...StepAnswer.properties,
@@ -78,7 +114,9 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
         'Body: JSON {"grads": {name: tensor or flat list}, "base_version"?, "param_groups"?, "metrics"?} or a safetensors / torch.save file of gradients ' +
         '(F32, or F16/BF16 widened exactly to float32 and logged as received; base_version in the query or, like param_groups and metrics, as JSON in the safetensors __metadata__). ' +
         'A parameter without a gradient is skipped, as in PyTorch. ?return=params|averaged answers with the parameters at the new version ' +
-        '(as JSON, or as a safetensors file with Accept: application/x-safetensors whose __metadata__ holds session, version, step, staleness).',
+        '(as JSON, or as a safetensors file with Accept: application/x-safetensors whose __metadata__ holds session, version, step, staleness). ' +
+        'In a session with `aggregation` the request is a contribution to the open round: base_version and worker (body, query or __metadata__) are required, ' +
+        'samples optional; it is answered once the round\'s step committed (the answer\'s `round`), or 202 after ?wait= seconds (re-POST with the same Idempotency-Key).',
       tags: ['training'],
       consumes: mediaTypes(ROUTE_MEDIA.step.accepts),
       params: NameParams,
@@ -94,6 +132,7 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
             [MEDIA.safetensors[0]]: { schema: Type.Unsafe<Buffer>(Binary) },
           },
         },
+        202: { description: 'A contribution stored; its round has not stepped yet', content: { 'application/json': { schema: RoundPending } } },
         ...errorResponses(400, 401, 403, 404, 406, 409, 412, 413, 415, 422, 503),
       },
     },
@@ -101,6 +140,8 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
     const { name } = request.params;
     const body = jsonOrFile(request.body, StepBody);
     let baseVersion = request.query.base_version ?? null;
+    let worker = request.query.worker ?? null;
+    let samples = request.query.samples ?? null;
     const returning: ReturnKind = request.query.return ?? 'none';
     const answerFormat = returning === 'none' ? 'json' : negotiate(request, undefined, ['json', 'safetensors']);
     // The request's hash is only kept with an Idempotency-Key; hashing 4 MB of gradients costs ~3.5 ms.
@@ -116,8 +157,12 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
       input = read.input;
       if (format === 'safetensors') {
         for (const key of metadata.keys()) {
-          if (!['param_groups', 'metrics', 'base_version', 'format'].includes(key)) throw errors.invalidBody(`__metadata__.${key}: unknown key (param_groups, metrics, base_version)`);
+          if (!['param_groups', 'metrics', 'base_version', 'worker', 'samples', 'format'].includes(key)) {
+            throw errors.invalidBody(`__metadata__.${key}: unknown key (param_groups, metrics, base_version, worker, samples)`);
+          }
         }
+        worker = metadataWorker(metadata) ?? worker;
+        samples = metadataSamples(metadata) ?? samples;
         paramGroups = metadataJson(metadata, 'param_groups');
         metrics = parseMetrics(metadataJson(metadata, 'metrics'), '__metadata__.metrics');
         const metaBase = optionalWhole(metadataJson(metadata, 'base_version'), '__metadata__.base_version');
@@ -128,20 +173,34 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
       hash?.update(body);
     } else {
       if (body.base_version !== undefined) baseVersion = body.base_version;
+      if (body.worker !== undefined) worker = body.worker;
+      if (body.samples !== undefined) samples = body.samples;
       input = { format: 'json', grads: body.grads };
       paramGroups = body.param_groups;
       metrics = parseMetrics(body.metrics);
       hash?.update(JSON.stringify(body));
     }
     if (baseVersion !== null) hash?.update(`base:${baseVersion}`);
+    if (worker !== null) hash?.update(`worker:${worker}`);
+    if (samples !== null) hash?.update(`samples:${samples}`);
     let encoded: Encoded | null = null;
-    const answer = await fastify.sessions.step(name, input, {
+    // A contribution may wait for its round: a client that goes away ends the wait.
+    const gone = new AbortController();
+    const onClose = () => {
+      if (!reply.raw.writableFinished) gone.abort();
+    };
+    reply.raw.once('close', onClose);
+    const outcome = await fastify.rounds.step(name, input, {
       ifMatch: ifMatchOf(request),
       idempotencyKey,
       requestHash: hash?.digest('hex'),
       baseVersion,
       paramGroups,
       metrics,
+      worker,
+      samples,
+      waitSeconds: request.query.wait ?? DEFAULT_WAIT_SECONDS,
+      signal: gone.signal,
       ...(returning !== 'none' && {
         // Refused before the step is written: an error after the commit would invite a retry that steps twice.
         beforeWrite: (layout: Layout) => {
@@ -151,7 +210,13 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
         },
         encodeAt: (view: StateView, stepped: StepAnswerValue) => (encoded = encodeParams(view, stepped, returning === 'averaged', answerFormat as 'json' | 'safetensors')),
       }),
-    });
+    }).finally(() => reply.raw.removeListener('close', onClose));
+    if (outcome.status === 202) {
+      request.log.info({ round: outcome.round.version, contributions: outcome.round.contributions }, 'contribution pending');
+      if (fastify.versions.stats().closed) reply.header('connection', 'close'); // shutting down: re-POST elsewhere
+      return reply.code(202).type('application/json').send({ pending: true as const, round: outcome.round });
+    }
+    const { answer } = outcome;
     request.log.info({ step: answer.step, version: answer.version }, 'stepped'); // the request's logger names the session
     setVersion(reply, answer.version);
     reply.header('x-session-step', String(answer.step));

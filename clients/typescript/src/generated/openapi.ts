@@ -198,7 +198,7 @@ export interface paths {
         head?: never;
         /**
          * Change a session's settings
-         * @description Settings do not change the state, so the version stays.
+         * @description Settings do not change the state, so the version stays. `aggregation` cannot change while a round has contributions (409 ROUND_OPEN).
          *
          *     Needs a token with scope `admin`.
          */
@@ -238,7 +238,7 @@ export interface paths {
         put?: never;
         /**
          * Apply one optimizer step
-         * @description Applies exactly the step torch.optim.ASGD would apply for these gradients and answers once it is committed. Body: JSON {"grads": {name: tensor or flat list}, "base_version"?, "param_groups"?, "metrics"?} or a safetensors / torch.save file of gradients (F32, or F16/BF16 widened exactly to float32 and logged as received; base_version in the query or, like param_groups and metrics, as JSON in the safetensors __metadata__). A parameter without a gradient is skipped, as in PyTorch. ?return=params|averaged answers with the parameters at the new version (as JSON, or as a safetensors file with Accept: application/x-safetensors whose __metadata__ holds session, version, step, staleness).
+         * @description Applies exactly the step torch.optim.ASGD would apply for these gradients and answers once it is committed. Body: JSON {"grads": {name: tensor or flat list}, "base_version"?, "param_groups"?, "metrics"?} or a safetensors / torch.save file of gradients (F32, or F16/BF16 widened exactly to float32 and logged as received; base_version in the query or, like param_groups and metrics, as JSON in the safetensors __metadata__). A parameter without a gradient is skipped, as in PyTorch. ?return=params|averaged answers with the parameters at the new version (as JSON, or as a safetensors file with Accept: application/x-safetensors whose __metadata__ holds session, version, step, staleness). In a session with `aggregation` the request is a contribution to the open round: base_version and worker (body, query or __metadata__) are required, samples optional; it is answered once the round's step committed (the answer's `round`), or 202 after ?wait= seconds (re-POST with the same Idempotency-Key).
          *
          *     Needs a token with scope `step`.
          */
@@ -553,6 +553,25 @@ export interface paths {
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        /**
+         * Aggregation
+         * @description Synchronous rounds: a step request is a contribution (worker, base_version); a round's mean gradient is one step. Needs contributions or target_samples.
+         * @example {
+         *       "contributions": 3,
+         *       "timeout_s": 30,
+         *       "min_contributions": 2
+         *     }
+         */
+        Aggregation: {
+            /** @description A round steps once this many workers contributed (K) */
+            contributions?: number;
+            /** @description Above 0. After this many seconds from its first contribution a round steps with what it has, if at least min_contributions */
+            timeout_s?: number;
+            /** @description With timeout_s: the fewest contributions a round steps with (1..K; default K) */
+            min_contributions?: number;
+            /** @description A round steps once its contributions' samples add up to this (each contribution then needs samples) */
+            target_samples?: number;
+        };
         /** Checkpoint */
         Checkpoint: {
             model: components["schemas"]["NamedTensors"];
@@ -672,7 +691,7 @@ export interface components {
             /** @enum {integer} */
             statusCode: 409;
             /** @enum {string} */
-            code: "SESSION_EXISTS" | "STALE_GRADIENT";
+            code: "SESSION_EXISTS" | "STALE_GRADIENT" | "ROUND_OPEN" | "DUPLICATE_CONTRIBUTION" | "ROUND_CONFLICT";
             /** @example Conflict */
             error: string;
             message: string;
@@ -863,6 +882,30 @@ export interface components {
             averaged: boolean;
             params: components["schemas"]["NamedTensors"];
         };
+        /**
+         * Round
+         * @description The open round: contributions at the session's version so far
+         */
+        Round: {
+            /** @description The version the round's contributions were computed at (the session's version) */
+            version: number;
+            contributions: number;
+            /** @description The contributions' samples added up; null when none reported any */
+            samples: number | null;
+            /** @description Worker ids that contributed, ascending (byte order) */
+            workers: string[];
+            /** @description Seconds since the round's first contribution */
+            age_s: number;
+        };
+        /**
+         * RoundPending
+         * @description The contribution is stored; its round has not stepped within `wait`. Re-POST the same request with the same Idempotency-Key to wait on.
+         */
+        RoundPending: {
+            /** @enum {boolean} */
+            pending: true;
+            round: components["schemas"]["Round"];
+        };
         /** Session */
         Session: {
             name: string;
@@ -884,6 +927,10 @@ export interface components {
             keep_log_bytes: number | null;
             /** @description Deleted after this many seconds without a step or a write; null: never */
             expire_after_idle_s: number | null;
+            /** @description Synchronous rounds; null: every step request is its own step */
+            aggregation: components["schemas"]["Aggregation"] | (never | null);
+            /** @description The open round (contributions at the current version); null when none */
+            round: components["schemas"]["Round"] | (never | null);
             /** Format: date-time */
             created_at: string;
             /** Format: date-time */
@@ -912,6 +959,10 @@ export interface components {
                 keep_log_bytes: number | null;
                 /** @description Deleted after this many seconds without a step or a write; null: never */
                 expire_after_idle_s: number | null;
+                /** @description Synchronous rounds; null: every step request is its own step */
+                aggregation: components["schemas"]["Aggregation"] | (never | null);
+                /** @description The open round (contributions at the current version); null when none */
+                round: components["schemas"]["Round"] | (never | null);
                 /** Format: date-time */
                 created_at: string;
                 /** Format: date-time */
@@ -995,6 +1046,17 @@ export interface components {
             staleness: number;
             /** @description true when an Idempotency-Key retry returned the original answer */
             replayed?: boolean;
+            /** @description In a session with aggregation: the round this contribution was part of */
+            round?: {
+                /** @description The version the round's contributions were computed at (the step made version + 1) */
+                version: number;
+                /** @description Contributions the round's step combined */
+                contributions: number;
+                /** @description Their samples added up; null when none reported any */
+                samples: number | null;
+                /** @description true when the round stepped at its timeout with fewer than aggregation.contributions */
+                timed_out: boolean;
+            };
             /** @description With ?return=params|averaged: the parameters at `version` */
             params?: {
                 [key: string]: components["schemas"]["Tensor"];
@@ -1146,7 +1208,10 @@ export interface components {
          * @description Conflict. The `code` is one of:
          *
          *     - `SESSION_EXISTS`: A session of this name exists
-         *     - `STALE_GRADIENT`: The gradient is older than max_staleness allows; the body carries the current version
+         *     - `STALE_GRADIENT`: The gradient is older than max_staleness allows (in a session with aggregation: older than the open round); the body carries the current version
+         *     - `ROUND_OPEN`: A round of contributions is open: aggregation cannot change until it steps
+         *     - `DUPLICATE_CONTRIBUTION`: This worker has already contributed to the open round
+         *     - `ROUND_CONFLICT`: The contribution's param_groups differ from those of the open round's other contributions
          */
         Error409: {
             headers: {
@@ -1620,6 +1685,8 @@ export interface operations {
                     keep_log_bytes?: number | null;
                     /** @description Delete the session after this many seconds without a step or a write; reads do not count (null: never) */
                     expire_after_idle_s?: number | null;
+                    /** @description Synchronous rounds (null: none); see Aggregation */
+                    aggregation?: components["schemas"]["Aggregation"] | (never | null);
                 };
                 "application/x-safetensors": string;
                 "application/safetensors": string;
@@ -1758,6 +1825,8 @@ export interface operations {
                     keep_log_bytes?: number | null;
                     /** @description Delete the session after this many seconds without a step or a write; reads do not count (null: never) */
                     expire_after_idle_s?: number | null;
+                    /** @description Synchronous rounds (null: none); see Aggregation */
+                    aggregation?: components["schemas"]["Aggregation"] | (never | null);
                 };
             };
         };
@@ -1775,6 +1844,7 @@ export interface operations {
             401: components["responses"]["Error401"];
             403: components["responses"]["Error403"];
             404: components["responses"]["Error404"];
+            409: components["responses"]["Error409"];
             413: components["responses"]["Error413"];
             415: components["responses"]["Error415"];
             429: components["responses"]["Error429"];
@@ -1851,6 +1921,15 @@ export interface operations {
                 base_version?: number;
                 /** @description Answer with the parameters (or ASGD's averaged parameters) at the answered version too: one round trip per training step */
                 return?: "none" | "params" | "averaged";
+                /**
+                 * @description In a session with aggregation: the contributing worker (required there; like a session name)
+                 * @example w0
+                 */
+                worker?: string;
+                /** @description In a session with aggregation: samples behind this gradient (counts toward target_samples) */
+                samples?: number;
+                /** @description In a session with aggregation: seconds to wait for the round to step (default 60); then 202 and the client re-POSTs with the same Idempotency-Key */
+                wait?: number;
             };
             header?: {
                 /**
@@ -1918,6 +1997,13 @@ export interface operations {
                     metrics?: {
                         [key: string]: number;
                     };
+                    /**
+                     * @description In a session with aggregation: the contributing worker (required there; like a session name)
+                     * @example w0
+                     */
+                    worker?: string;
+                    /** @description In a session with aggregation: samples behind this gradient (counts toward target_samples) */
+                    samples?: number;
                 };
                 "application/x-safetensors": string;
                 "application/safetensors": string;
@@ -1934,6 +2020,15 @@ export interface operations {
                 content: {
                     "application/json": components["schemas"]["StepAnswer"];
                     "application/x-safetensors": string;
+                };
+            };
+            /** @description A contribution stored; its round has not stepped yet */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["RoundPending"];
                 };
             };
             400: components["responses"]["Error400"];
