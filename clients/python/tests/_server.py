@@ -101,7 +101,8 @@ def _database_admin_url():
 
 class _Process:
     """One src/server.ts child on its own port. ``start`` returns once it answers; ``terminate`` is the
-    one way it ends (graceful SIGTERM, SIGKILL after 30 s); ``restart`` is the two on the same port."""
+    one way it ends (graceful SIGTERM, SIGKILL after 30 s; or SIGKILL at once); ``restart`` is the two on
+    the same port."""
 
     def __init__(self, root: str, env: dict, log_path: str, token) -> None:
         self.port = _free_port()
@@ -119,19 +120,19 @@ class _Process:
         log.close()
         self._wait_ready(float(os.environ.get("ASGD_TEST_START_TIMEOUT", "90")))
 
-    def terminate(self) -> None:
+    def terminate(self, sig: int = signal.SIGTERM) -> None:
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
 
-    def restart(self, down_s: float) -> None:
-        self.terminate()
+    def restart(self, down_s: float, sig: int = signal.SIGTERM) -> None:
+        self.terminate(sig)
         time.sleep(down_s)
         self.start()
 
@@ -224,12 +225,12 @@ class Server:
         """False for a service the tests did not start (ASGD_TEST_URL)."""
         return self._main is not None
 
-    def restart(self, down_s: float = 1.0) -> None:
-        """Stops the main process (graceful), keeps it down ``down_s`` seconds, and starts it again on the
-        same port and database; returns once it answers."""
+    def restart(self, down_s: float = 1.0, sig: int = signal.SIGTERM) -> None:
+        """Stops the main process (SIGTERM: graceful; SIGKILL: kill -9, no shutdown code runs), keeps it down
+        ``down_s`` seconds, and starts it again on the same port and database; returns once it answers."""
         if self._main is None:
             raise RuntimeError("the service was not started by the tests")
-        self._main.restart(down_s)
+        self._main.restart(down_s, sig)
 
     def replicas(self, n: int):
         """URLs of ``n`` processes on this service's database (the first is ``url``; more are started on

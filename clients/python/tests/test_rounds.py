@@ -3,6 +3,8 @@ service process when the tests run on PostgreSQL, train one model; every round's
 step on the documented mean of the three gradients, bit for bit. Also: a 202 pending followed with the
 same Idempotency-Key, a duplicate contribution refused, and the aggregation setting changed by PATCH."""
 
+import logging
+import signal
 import threading
 import time
 
@@ -123,6 +125,56 @@ class ThreeWorkers(RoundsTestCase):
         averaged = opts[1].named_averaged_parameters()
         for (pname, _), q in zip(models[0].named_parameters(), want.parameters()):
             self.assertTrue(torch.equal(averaged[pname], torch_opt.state[q]["ax"]), f"ax of {pname}")
+
+
+class KilledMidRound(RoundsTestCase):
+    def test_rounds_complete_once_across_a_kill_9_of_a_service_process(self):
+        from asgd_client import RemoteASGD
+
+        self.requireRounds()
+        if not self.srv.restartable:
+            self.skipTest("the service was not started by the tests (ASGD_TEST_URL)")
+        rounds = 12
+        urls = self.srv.replicas(3) or [self.url] * 3  # worker 0 is on the process that is killed
+        name = unique("rounds-kill")
+        models = [make_model() for _ in WORKERS]
+        opts = [RemoteASGD(models[rank].named_parameters(), url=urls[rank], token=self.token, session=name, worker=worker,
+                           aggregation={"contributions": 3}, max_round_wait_s=300, round_wait_s=2, **HYPER)
+                for rank, worker in enumerate(WORKERS)]
+        for opt in opts:
+            self.addCleanup(opt.close)
+        killed = threading.Event()
+        failure = []
+
+        def kill_and_start():
+            try:
+                self.srv.restart(down_s=1.0, sig=signal.SIGKILL)
+            except BaseException as err:
+                failure.append(err)
+            finally:
+                killed.set()
+
+        def train(rank):
+            def loop():
+                for r in range(rounds):
+                    if rank == 0 and r == rounds // 2:  # its gradient computed, the others' rounds open
+                        threading.Thread(target=kill_and_start, daemon=True).start()
+                    X, y = shard(r, rank)
+                    opts[rank].zero_grad()
+                    nn.functional.mse_loss(models[rank](X), y).backward()
+                    opts[rank].step()
+            return loop
+
+        with self.assertLogs("asgd_client", logging.WARNING) as logs:
+            self.run_workers([train(rank) for rank in range(len(WORKERS))])
+            self.assertTrue(killed.wait(120))
+        self.assertEqual(failure, [])
+        self.assertTrue(any("retry" in line for line in logs.output), "worker 0 retried across the kill")
+        want, _ = torch_rounds(rounds, lambda r: {w: shard(r, rank) for rank, w in enumerate(WORKERS)})
+        for rank, worker in enumerate(WORKERS):
+            self.assertParamsIdentical(models[rank], want, f"worker {worker}:")
+        info = opts[1].client.get_session(name)
+        self.assertEqual((info["step"], info["version"]), (rounds, rounds + 1), "every round stepped once")
 
 
 class Pending(RoundsTestCase):
