@@ -114,7 +114,7 @@ export const SessionStorage = Type.Object({
   log_steps: Type.Integer({ description: 'Steps in the log' }),
   snapshot_bytes: Type.Integer({ description: 'Snapshots with their tensor chunks' }),
   snapshots: Type.Integer(),
-  other_bytes: Type.Integer({ description: 'The session row, Idempotency-Key answers, per-step history' }),
+  other_bytes: Type.Integer({ description: 'The session row, Idempotency-Key answers, per-step history, an open round\'s contributions' }),
   total_bytes: Type.Integer(),
 }, { title: 'SessionStorage', description: 'Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true)' });
 

@@ -3,7 +3,8 @@
 // passes over a session a step or a write holds locked: it is not idle.
 //
 // Idle means no change since the later of updated_at (bumped by every step, state load, restore and
-// settings change) and the newest snapshot (a manual snapshot is an operator's write). Reads (params,
+// settings change), the newest snapshot (a manual snapshot is an operator's write) and the newest
+// contribution to a round (src/sessions/rounds.ts). Reads (params,
 // state_dict, checkpoints, downloads, listing) do not count: a session only read is still idle.
 import type { Database } from '../db/database.ts';
 
@@ -21,7 +22,8 @@ export async function sweepIdleSessions(db: Database): Promise<{ id: number; nam
       `DELETE FROM sessions WHERE id IN (
          SELECT s.id FROM sessions s
          WHERE s.expire_after_idle_s IS NOT NULL
-           AND greatest(s.updated_at, (SELECT max(created_at) FROM snapshots p WHERE p.session_id = s.id))
+           AND greatest(s.updated_at, (SELECT max(created_at) FROM snapshots p WHERE p.session_id = s.id),
+                        (SELECT max(created_at) FROM round_contributions c WHERE c.session_id = s.id))
                < now() - make_interval(secs => s.expire_after_idle_s)
          ORDER BY s.updated_at
          LIMIT ${BATCH}

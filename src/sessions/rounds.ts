@@ -16,15 +16,15 @@ import type { FastifyBaseLogger } from 'fastify';
 import type { Database, Queryable } from '../db/database.ts';
 import type { Aggregation, GroupSpec, HyperDelta, RoundRecord } from '../db/schema.ts';
 import { errors } from '../errors.ts';
-import { AggregatedSession, averageMetrics, combineContributions, roundDue, type RoundTally } from './aggregation.ts';
+import { AggregatedSession, averageMetrics, byWorker, combineContributions, roundDue, type RoundTally } from './aggregation.ts';
 import { decodeGradients, packGradients, type GradientInput } from './gradients.ts';
-import type { StepAnswer } from './model.ts';
 import type { VersionNotifier } from './notifier.ts';
 import * as repo from './repository.ts';
 import type { SessionRecord } from './repository.ts';
 import * as store from './rounds-repository.ts';
 import type { OpenRound } from './rounds-repository.ts';
-import type { SessionService, StateView, StepOptions } from './service.ts';
+import type { StateView, StepAnswer, StepOptions } from './model.ts';
+import type { SessionService } from './service.ts';
 import type { SessionState } from './state.ts';
 import { applyHyperDelta, groupHyperparameters, parseStepHyper } from './step-input.ts';
 
@@ -130,12 +130,14 @@ export function createRoundService(options: RoundServiceOptions) {
 
   /** A step request: an ordinary step, or in a session with aggregation a contribution that waits for its round. */
   async function step(name: string, input: GradientInput, opts: ContributionOptions = {}): Promise<StepResult> {
-    for (let attempt = 0; ; attempt++) {
+    // Each pass settles on what the session is under its row lock; only a PATCH of aggregation racing this
+    // request sends it round again.
+    for (let attempt = 0; attempt < 3; attempt++) {
       if (!aggregated.has(name)) {
         try {
           return { status: 200, answer: await sessions.step(name, input, opts) };
         } catch (err) {
-          if (!(err instanceof AggregatedSession) || attempt > 0) throw err;
+          if (!(err instanceof AggregatedSession)) throw err;
           aggregated.add(name);
         }
       }
@@ -143,6 +145,7 @@ export function createRoundService(options: RoundServiceOptions) {
       if (result) return result;
       aggregated.delete(name); // aggregation was removed meanwhile: an ordinary step after all
     }
+    throw errors.unavailable('aggregation: the session\'s aggregation changed while this request ran; retry');
   }
 
   /** null: the session has no aggregation (any more). */
@@ -243,7 +246,8 @@ export function createRoundService(options: RoundServiceOptions) {
   async function closeRound(tx: Queryable, session: SessionRecord, timedOut: boolean, ranKernel: (sessionId: number) => void): Promise<Closed> {
     const entry = await host.currentState(tx, session);
     const { state } = entry;
-    const rows = await store.readContributions(tx, session.id, session.version); // in worker order
+    // In worker order: the query sorts by bytes (COLLATE "C"), and so does byWorker, whatever the database's collation.
+    const rows = (await store.readContributions(tx, session.id, session.version)).sort(byWorker);
     const present = combineContributions(state, rows.map((r) => ({ worker: r.worker, present: r.present, grads: r.grads, dtype: r.gradDtype })));
     const hyper = rows.find((r) => r.hyper !== null)?.hyper ?? null;
     const reported = rows.filter((r) => r.samples !== null);

@@ -77,10 +77,13 @@ const NAN_BITS = [0x7fc00000, 0x7f800001, 0xffc00000, 0x7f800000, 0xff800000, 0x
 /** Every JSON spelling of "not a finite float32" this API might meet. */
 const NONFINITE_JSON = ['NaN', '-NaN', 'Infinity', '-Infinity', '+Infinity', 'inf', '-inf', 'nan', '1e39', '-1e39', '1e999', '-1e999', '"NaN"', '"nan"', '"Infinity"', '"-Infinity"', '"inf"', '"-inf"', '"infinity"', '"1e999"', 'null', '"  NaN"'];
 
+/** The session list, with the open rounds' ages (which grow by themselves) left out. */
+const sessionList = async (app: FastifyInstance) => (await app.inject({ url: '/v1/sessions?limit=1000', headers: asAdmin })).body.replace(/"age_s":[0-9.e+-]+/g, '"age_s":0');
+
 async function stateChecksum(app: FastifyInstance): Promise<string> {
   const hash = createHash('sha256');
   const list = await app.inject({ url: '/v1/sessions?limit=1000', headers: asAdmin });
-  hash.update(list.body);
+  hash.update(await sessionList(app));
   for (const s of list.json().sessions as { name: string }[]) {
     for (const part of ['state_dict', 'params', 'params?averaged=true', 'snapshots']) {
       hash.update((await app.inject({ url: `/v1/sessions/${s.name}/${part}`, headers: asAdmin })).body);
@@ -117,6 +120,11 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
   });
   await createSession(app, 'alpha', asAdmin, 1);
   await createSession(app, 'beta', asAdmin, 7);
+  // A session of rounds with one contribution in its open round: bad contributions must leave that round as it is.
+  const gamma = await app.inject({ method: 'POST', url: '/v1/sessions', headers: asAdmin, payload: { ...sessionBody('gamma', 3), aggregation: { contributions: 3 } } });
+  assert.equal(gamma.statusCode, 201, gamma.body);
+  const pending = await app.inject({ method: 'POST', url: '/v1/sessions/gamma/step?wait=1', headers: asAdmin, payload: { ...gradBody(5), base_version: 1, worker: 'g1' } });
+  assert.equal(pending.statusCode, 202, pending.body);
   for (let k = 0; k < 3; k++) assert.equal((await step(app, 'alpha', k)).statusCode, 200);
   const snapshot = (await app.inject({ method: 'POST', url: '/v1/sessions/alpha/snapshots', headers: asAdmin, payload: { pinned: true } })).json().id as number;
   const version = (await app.inject({ url: '/v1/sessions/alpha', headers: asAdmin })).json().version as number;
@@ -211,7 +219,12 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
   const wrong: unknown[] = [null, true, 'x', '', -1, 0, 1.5, 1e300, [], [[[]]], {}, { a: { b: {} } }, '\u0000', 'ü'.repeat(300)];
   const templates: [string, string, Record<string, unknown>, Record<string, unknown[]>][] = [
     // Bodies are not coerced: true is not 1, 1 is not "1". Values that are valid for a field are left out.
-    ['PATCH', '/v1/sessions/{name}', { snapshot_every: 5 }, { snapshot_every: [...wrong, 2 ** 31, 2 ** 40], keep_snapshots: [...wrong, 2 ** 31], max_staleness: [...wrong.filter((v) => v !== null && v !== 0), 2 ** 31, 2 ** 53] }],
+    ['PATCH', '/v1/sessions/{name}', { snapshot_every: 5 }, {
+      snapshot_every: [...wrong, 2 ** 31, 2 ** 40], keep_snapshots: [...wrong, 2 ** 31], max_staleness: [...wrong.filter((v) => v !== null && v !== 0), 2 ** 31, 2 ** 53],
+      aggregation: [...wrong.filter((v) => v !== null), { contributions: 0 }, { contributions: 1.5 }, { contributions: 1025 }, { contributions: 2, k: 1 }, { timeout_s: 5 },
+        { contributions: 2, min_contributions: 1 }, { contributions: 2, timeout_s: 0 }, { contributions: 2, timeout_s: 86401 }, { contributions: 2, timeout_s: 'x' },
+        { contributions: 2, timeout_s: 1, min_contributions: 3 }, { target_samples: 0 }, { target_samples: 2 ** 53 }],
+    }],
     ['POST', '/v1/sessions/{name}/fork', { name: 'alpha' }, { name: wrong.filter((v) => v !== 'x'), snapshot: [...wrong, 2 ** 53], snapshot_every: [...wrong, 2 ** 31], keep_snapshots: [...wrong, 2 ** 31], max_staleness: [...wrong.filter((v) => v !== null && v !== 0), 2 ** 31] }],
     ['POST', '/v1/sessions/{name}/snapshots', {}, { pinned: wrong.filter((v) => v !== true) }],
     ['PATCH', '/v1/sessions/{name}/snapshots/{id}', {}, { pinned: wrong.filter((v) => v !== true) }],
@@ -275,8 +288,28 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     ...[-1, 'x', 1.5, 1e20].map((v): [unknown, string] => [{ grads: good, base_version: v }, 'INVALID_BODY']),
     [{ grads: good, base_version: version + 5 }, 'INVALID_BODY'],
     [{ grads: good, extra: 1 }, 'INVALID_BODY'],
+    // worker and samples are validated in every session (and used in a session with aggregation).
+    ...['', 'a b', 'ü', 'x'.repeat(129), 5, null, [], {}, 'a:b'].map((worker): [unknown, string] => [{ grads: good, worker }, 'INVALID_BODY']),
+    ...[0, -1, 1.5, 'x', 2 ** 31, null, []].map((samples): [unknown, string] => [{ grads: good, samples }, 'INVALID_BODY']),
   ];
   for (const [payload, expect] of stepVariants) add({ family: 'step', op: 'POST /v1/sessions/{name}/step', method: 'POST', url: stepUrl, headers: asAdmin, payload: payload as object, expect });
+  for (const query of ['worker=a%20b', `worker=${'w'.repeat(129)}`, 'worker=', 'samples=0', 'samples=x', 'samples=2147483648', 'wait=0', 'wait=3601', 'wait=x', 'wait=1.5']) {
+    add({ family: 'step', op: 'POST /v1/sessions/{name}/step', method: 'POST', url: `${stepUrl}?${query}`, headers: asAdmin, payload: gradBody(3), expect: 'INVALID_QUERY' });
+  }
+  // Contributions to the open round of `gamma` (one from g1): every bad one refused, the round as it was.
+  const roundUrl = '/v1/sessions/gamma/step?wait=1';
+  const contribution = { ...gradBody(6), base_version: 1, worker: 'g2' };
+  const roundVariants: [unknown, string][] = [
+    [{ grads: good, worker: 'g2' }, 'INVALID_BODY'], [{ grads: good, base_version: 1 }, 'INVALID_BODY'],
+    [{ ...contribution, worker: 'g1' }, 'DUPLICATE_CONTRIBUTION'], [{ ...contribution, base_version: 0 }, 'STALE_GRADIENT'], [{ ...contribution, base_version: 9 }, 'INVALID_BODY'],
+    [{ ...contribution, grads: { ...good, w: good.w.slice(1) } }, 'SHAPE_MISMATCH'], [{ ...contribution, grads: { ...good, b: [1, 'NaN', 2, 3] } }, 'NON_FINITE_GRADIENT'],
+    [{ ...contribution, grads: { ...good, nope: [1] } }, 'UNKNOWN_PARAMETER'], [{ ...contribution, grads: {} }, 'EMPTY_STEP'],
+    [{ ...contribution, param_groups: [{ lr: 0.9 }] }, 'ROUND_CONFLICT'], [{ ...contribution, param_groups: [{ lr: -1 }] }, 'INVALID_HYPERPARAMETER'],
+    [{ ...contribution, worker: 'bad worker' }, 'INVALID_BODY'], [{ ...contribution, samples: 0 }, 'INVALID_BODY'],
+  ];
+  for (const [payload, expect] of roundVariants) add({ family: 'round', op: 'POST /v1/sessions/{name}/step', method: 'POST', url: roundUrl, headers: asAdmin, payload: payload as object, expect });
+  add({ family: 'round', op: 'PATCH /v1/sessions/{name}', method: 'PATCH', url: '/v1/sessions/gamma', headers: asAdmin, payload: { aggregation: { contributions: 2 } }, expect: 'ROUND_OPEN' });
+  add({ family: 'round', op: 'PATCH /v1/sessions/{name}', method: 'PATCH', url: '/v1/sessions/gamma', headers: asAdmin, payload: { aggregation: null }, expect: 'ROUND_OPEN' });
   for (const spelling of NONFINITE_JSON) {
     for (const where of ['w', 'b']) {
       const values = (where === 'w' ? good.w : good.b).map(String);
@@ -422,6 +455,14 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     add({ family: `safetensors:${what}`, op: STATE_DICT_OP, method: 'PUT', url: '/v1/sessions/alpha/state_dict', headers: { ...stHeaders, ...wrongVersion }, payload: file, expect: stateDictCode });
     add({ family: `safetensors:${what}`, op: 'POST /v1/sessions', method: 'POST', url: '/v1/sessions?name=alpha', headers: stHeaders, payload: file, expect: createCode });
   }
+  // worker and samples in the metadata: checked in every session; in gamma the round's rules too.
+  const metaFile = (metadata: Record<string, string>) => safetensors({ w: w(twelve()), b: { shape: [4], data: new Float32Array(4).fill(0.25) } }, metadata);
+  for (const metadata of [{ worker: 'bad worker' }, { worker: '"a b"' }, { worker: '' }, { samples: '0' }, { samples: '"x"' }, { samples: '1.5' }] as Record<string, string>[]) {
+    add({ family: 'safetensors:round', op: 'POST /v1/sessions/{name}/step', method: 'POST', url: stepUrl, headers: stHeaders, payload: metaFile(metadata), expect: 'INVALID_BODY' });
+  }
+  for (const [metadata, expect] of [[{ worker: 'g2' }, 'INVALID_BODY'], [{ worker: 'g1', base_version: '1' }, 'DUPLICATE_CONTRIBUTION'], [{ base_version: '1' }, 'INVALID_BODY']] as const) {
+    add({ family: 'safetensors:round', op: 'POST /v1/sessions/{name}/step', method: 'POST', url: roundUrl, headers: stHeaders, payload: metaFile(metadata), expect });
+  }
   // JSON state_dicts and checkpoints with broken parts (a wrong If-Match where a variant could still load).
   // [body, code with a wrong If-Match, code without one]: a body that is well formed reaches the If-Match check.
   const sdVariants: [unknown, string, string][] = [
@@ -452,7 +493,7 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
   // Run everything in process (inject), then the raw-socket cases on a listening server.
   const failures: string[] = [];
   const observed = new Map<string, Set<number>>();
-  let list = (await app.inject({ url: '/v1/sessions?limit=1000', headers: asAdmin })).body;
+  let list = await sessionList(app);
   const window: string[] = [];
   const started = Date.now();
   for (const c of cases) {
@@ -478,7 +519,7 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     // Every 25 changing requests (and at the end), nothing may have moved; a change names its window.
     if (c.method !== 'GET') window.push(what);
     if (window.length >= 25 || (c === cases[cases.length - 1] && window.length > 0)) {
-      const now = (await app.inject({ url: '/v1/sessions?limit=1000', headers: asAdmin })).body;
+      const now = await sessionList(app);
       if (now !== list) failures.push(`one of these changed the sessions:\n  ${window.join('\n  ')}`);
       list = now;
       window.length = 0;

@@ -6,6 +6,9 @@ Input: {"params": [{"name", "shape", "data"}], "defaults": {hyper}, "groups": [{
         "steps": [{name: flat grad list | null}], "state_dict": optional state_dict JSON to load first,
         "step_hyper": optional, per step null or [per group {key: value} | null]: set on the groups before
         that step, as an LR scheduler does}
+       A step may instead be a list of contributions [{name: flat grad list | null}] in worker order (a round
+       of a session with aggregation): each parameter's gradient is the documented mean of the contributions
+       that carry it, s = g[0].clone(); s += g for the rest; s /= n (float32), or None when none does.
 Output: {"params": {name: [hex]}, "state": {index: {"step", "eta", "mu": hex, "ax": [hex]}}, "param_groups": [...]}
 """
 import json
@@ -19,6 +22,17 @@ torch.set_num_threads(1)
 
 def hexbits(t):
     return [format(x, "08x") for x in struct.unpack("<%dI" % t.numel(), t.detach().contiguous().numpy().astype("<f4").tobytes())]
+
+
+def round_mean(grads, shape):
+    carried = [torch.tensor(g, dtype=torch.float32).reshape(shape) for g in grads if g is not None]
+    if not carried:
+        return None
+    s = carried[0].clone()
+    for g in carried[1:]:
+        s += g
+    s /= len(carried)
+    return s
 
 
 def main():
@@ -53,6 +67,9 @@ def main():
         for group, values in zip(opt.param_groups, hyper or []):
             group.update(values or {})
         for name, t in tensors.items():
+            if isinstance(step, list):
+                t.grad = round_mean([c.get(name) for c in step], t.shape)
+                continue
             g = step.get(name)
             t.grad = None if g is None else torch.tensor(g, dtype=torch.float32).reshape(t.shape)
         opt.step()

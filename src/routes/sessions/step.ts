@@ -8,7 +8,7 @@ import type { Config } from '../../config.ts';
 import { errors } from '../../errors.ts';
 import { streamToBuffer, writeSafetensors, type Float32Tensor } from '../../formats/index.ts';
 import type { GradientInput } from '../../sessions/gradients.ts';
-import type { StateView, StepAnswer as StepAnswerValue } from '../../sessions/service.ts';
+import type { StateView, StepAnswer as StepAnswerValue } from '../../sessions/model.ts';
 import { MAX_SAMPLES } from '../../sessions/aggregation.ts';
 import { DEFAULT_WAIT_SECONDS } from '../../sessions/rounds.ts';
 import { NAME_PATTERN, SESSION_NAME_SOURCE } from '../../sessions/spec.ts';

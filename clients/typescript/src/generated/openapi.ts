@@ -993,7 +993,7 @@ export interface components {
             /** @description Snapshots with their tensor chunks */
             snapshot_bytes: number;
             snapshots: number;
-            /** @description The session row, Idempotency-Key answers, per-step history */
+            /** @description The session row, Idempotency-Key answers, per-step history, an open round's contributions */
             other_bytes: number;
             total_bytes: number;
         };
