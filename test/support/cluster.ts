@@ -161,15 +161,18 @@ export class ServiceProcess {
   }
 
   /**
-   * Polls GET /v1/sessions until it answers 200; fails at once if the process exits. Generous: three
-   * processes loading the app at once take a few seconds on 2 idle cores, many more on a busy machine.
+   * Polls GET /v1/sessions until it answers 200 (with the admin token when the process has one); fails at
+   * once if the process exits. Generous: three processes loading the app at once take a few seconds on
+   * 2 idle cores, many more on a busy machine.
    */
   async waitReady(agent: http.Agent, timeoutMs = 120_000): Promise<void> {
     const deadline = Date.now() + timeoutMs;
+    const token = this.env.ASGD_ADMIN_TOKEN;
+    const headers = token ? { authorization: `Bearer ${token}` } : undefined;
     for (;;) {
       if (!this.alive) throw new Error(`process ${this.index} exited while starting:\n${this.log}`);
       try {
-        const res = await httpRequest(agent, this.url, '/v1/sessions?limit=1', { timeoutMs: 2_000 });
+        const res = await httpRequest(agent, this.url, '/v1/sessions?limit=1', { timeoutMs: 2_000, headers });
         if (res.status === 200) return;
       } catch (err) {
         if (!(err instanceof ConnectionError)) throw err;

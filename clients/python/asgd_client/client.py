@@ -16,13 +16,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 import uuid
 import warnings
 from collections import OrderedDict
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import safetensors as st
-from .errors import SessionExists, SessionNotFound, UnsupportedFormat
+from .errors import RoundPending, SessionExists, SessionNotFound, UnsupportedFormat
 from .http import DEFAULT_RETRY_BUDGET_S, Connection, Response
 from .tensors import group_from_json, state_dict_from_json, state_dict_to_json, tensor_from_json, tensor_to_json
 
@@ -128,11 +129,14 @@ class Client:
         snapshot_every: Optional[int] = None,
         keep_snapshots: Optional[int] = None,
         max_staleness: Optional[int] = None,
+        aggregation: Optional[Mapping[str, Any]] = None,
     ) -> Dict[str, Any]:
         """POST /v1/sessions (JSON body). ``params``: name -> tensor, [(name, tensor)] or [{name, shape, data}].
 
         ``param_groups``: ``[{"params": [names], **overrides}]``; the state_dict numbers parameters in
-        the groups' order, as PyTorch does.
+        the groups' order, as PyTorch does. ``aggregation``: synchronous rounds, e.g.
+        ``{"contributions": 3}`` or ``{"contributions": 3, "timeout_s": 30, "min_contributions": 2}`` or
+        ``{"target_samples": 256}``: each step is then the mean of a round's gradients (see the README).
         """
         options: Dict[str, Any] = {"name": name}
         if hyperparameters:
@@ -142,6 +146,8 @@ class Client:
         for key, value in (("snapshot_every", snapshot_every), ("keep_snapshots", keep_snapshots), ("max_staleness", max_staleness)):
             if value is not None:
                 options[key] = value
+        if aggregation is not None:
+            options["aggregation"] = dict(aggregation)
         tensors = named_tensors(params)
         if self._binary():
             # A safetensors file of the initial parameters, the other options in its "asgd" metadata.
@@ -186,7 +192,8 @@ class Client:
                 raise
 
     def update_settings(self, name: str, **settings: Any) -> Dict[str, Any]:
-        """PATCH snapshot_every / keep_snapshots / max_staleness."""
+        """PATCH snapshot_every / keep_snapshots / max_staleness / aggregation (``aggregation=None``
+        removes it; refused with :class:`RoundOpen` while a round has contributions)."""
         return self.conn.request("PATCH", f"/v1/sessions/{_quote(name)}", json_body=settings, retry=True).json()
 
     # -- training --------------------------------------------------------------------------------
@@ -202,8 +209,23 @@ class Client:
         param_groups: Optional[Sequence[Mapping[str, Any]]] = None,
         metrics: Optional[Mapping[str, float]] = None,
         grad_dtype: str = "F32",
+        worker: Optional[str] = None,
+        samples: Optional[int] = None,
+        wait: Optional[int] = None,
+        max_wait_s: Optional[float] = None,
     ) -> Dict[str, Any]:
         """POST /step: one optimizer step with these gradients (parameters absent from ``grads`` are skipped).
+
+        In a session with ``aggregation`` this is a contribution to the open round at ``base_version``
+        (required there), from ``worker`` (required there) with ``samples`` (optional, the batch size:
+        ``target_samples`` counts them); the answer comes once the round has stepped and carries
+        ``round`` ({version, contributions, samples, timed_out}); with ``returns="params"`` the
+        parameters are those of version ``base_version + 1``. The service holds each request at most
+        ``wait`` seconds (its ``?wait=``, 1..3600, default 60) and then answers 202 pending: the same
+        request is sent again with the same Idempotency-Key (it counts once) until the round steps, or
+        until ``max_wait_s`` seconds have passed (:class:`RoundPending`; None: no limit).
+        A second contribution of the worker to one round raises :class:`DuplicateContribution`.
+        Without ``aggregation``, ``worker`` and ``samples`` are checked and otherwise ignored.
 
         ``returns``: "none", "params" or "averaged": the answer then also holds ``"params"`` ({name:
         tensor} at the answered version; safetensors in and out with the safetensors transport).
@@ -226,15 +248,15 @@ class Client:
         if metrics is not None:
             extras["metrics"] = dict(metrics)
         _check_json("step", extras)
-        query: Dict[str, Any] = {"return": returns if returns != "none" else None}
+        query: Dict[str, Any] = {"return": returns if returns != "none" else None, "wait": wait}
+        # The round's fields: in the query with a safetensors body, in the JSON body otherwise.
+        contribution = {k: v for k, v in (("worker", worker), ("samples", samples)) if v is not None}
         if self._binary():
             metadata = {k: json.dumps(v, separators=(",", ":"), allow_nan=False) for k, v in extras.items()}
             body = st.encode(grads, metadata=metadata or None, dtype=grad_dtype)
             try:
-                res = self.conn.request("POST", path, query={**query, "base_version": base_version}, body=body,
-                                        content_type=SAFETENSORS, headers=headers,
-                                        accept=SAFETENSORS if returns != "none" else None)
-                return _step_answer(res)
+                return self._contribute(name, headers, max_wait_s, path, query={**query, "base_version": base_version, **contribution},
+                                        body=body, content_type=SAFETENSORS, accept=SAFETENSORS if returns != "none" else None)
             except UnsupportedFormat as err:
                 if self.transport != "auto":
                     raise
@@ -243,8 +265,24 @@ class Client:
         payload: Dict[str, Any] = {"grads": {n: tensor_to_json(_rounded(g, grad_dtype)) for n, g in grads.items()}}
         if base_version is not None:
             payload["base_version"] = base_version
+        payload.update(contribution)
         payload.update(extras)
-        return _step_answer(self.conn.request("POST", path, query=query, json_body=payload, headers=headers, accept=JSON))
+        return self._contribute(name, headers, max_wait_s, path, query=query, json_body=payload, accept=JSON)
+
+    def _contribute(self, name: str, headers: Dict[str, str], max_wait_s: Optional[float], path: str, **request: Any) -> Dict[str, Any]:
+        """Sends a step and, while the service answers 202 (its round is still open), the same request
+        again with the same Idempotency-Key: the service stores the contribution once and answers
+        each repeat once the round has stepped (or with 202 again after ``?wait``)."""
+        started = time.monotonic()
+        while True:
+            res = self.conn.request("POST", path, headers=headers, expect=(200, 202), **request)
+            if res.status == 200:
+                return _step_answer(res)
+            pending = res.json().get("round")
+            waited = time.monotonic() - started
+            log.debug("session %r: round %s still open after %.1f s; asking again", name, pending, waited)
+            if max_wait_s is not None and waited >= max_wait_s:
+                raise RoundPending(name, pending, headers["Idempotency-Key"], waited)
 
     def get_params(
         self, name: str, *, averaged: bool = False, version: Optional[int] = None
@@ -395,7 +433,15 @@ def _step_answer(res: Response) -> Dict[str, Any]:
         raw, meta = st.decode(res.body)
         answer: Dict[str, Any] = {}
         for k, v in meta.items():
-            answer[k] = int(v) if k in ("version", "step", "staleness") and v.lstrip("-").isdigit() else v
+            if k in ("version", "step", "staleness") and v.lstrip("-").isdigit():
+                answer[k] = int(v)
+            elif k == "round":  # {"version", "contributions", "samples", "timed_out"} as JSON
+                try:
+                    answer[k] = json.loads(v)
+                except ValueError:
+                    answer[k] = v
+            else:
+                answer[k] = v
         answer["params"] = OrderedDict((k, st.raw_to_torch(v)) for k, v in raw.items())
         return answer
     answer = res.json()

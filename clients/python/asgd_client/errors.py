@@ -67,6 +67,19 @@ class StaleGradient(ServiceError):
     """409 STALE_GRADIENT: the gradient was computed from parameters older than max_staleness allows."""
 
 
+class DuplicateContribution(ServiceError):
+    """409 DUPLICATE_CONTRIBUTION: this worker already contributed to the open round (with another
+    Idempotency-Key). The round steps without a second gradient from it."""
+
+
+class RoundConflict(ServiceError):
+    """409 ROUND_CONFLICT: the contribution's ``param_groups`` differ from those already in the round."""
+
+
+class RoundOpen(ServiceError):
+    """409 ROUND_OPEN: ``aggregation`` cannot change while a round has contributions."""
+
+
 class VersionMismatch(ServiceError):
     """412 VERSION_MISMATCH: If-Match did not match the session's version."""
 
@@ -80,6 +93,23 @@ class UnsupportedFormat(ServiceError):
 
 class ServiceUnavailable(ServiceError):
     """503 (or 502/504/429) that was still answered after every retry."""
+
+
+class RoundPending(ASGDClientError, TimeoutError):
+    """The round of a contribution had not stepped within ``max_wait_s`` (the client's limit; the
+    service keeps the contribution). Sending the same request again with ``idempotency_key`` goes on
+    waiting without contributing twice.
+
+    Attributes: ``round`` (the open round as the service last described it), ``idempotency_key``.
+    """
+
+    def __init__(self, session: str, round: Any, idempotency_key: str, waited_s: float) -> None:
+        self.session = session
+        self.round = round
+        self.idempotency_key = idempotency_key
+        self.waited_s = waited_s
+        super().__init__(f"session {session!r}: the round had not stepped after {waited_s:.0f} s ({round}); "
+                         f"send again with idempotency_key={idempotency_key!r} to keep waiting")
 
 
 class ConnectionFailed(ASGDClientError):
@@ -98,6 +128,9 @@ _BY_CODE = {
     "SESSION_EXISTS": SessionExists,
     "STALE_GRADIENT": StaleGradient,
     "VERSION_MISMATCH": VersionMismatch,
+    "DUPLICATE_CONTRIBUTION": DuplicateContribution,
+    "ROUND_CONFLICT": RoundConflict,
+    "ROUND_OPEN": RoundOpen,
     "NOT_ACCEPTABLE": UnsupportedFormat,
     "UNSUPPORTED_MEDIA_TYPE": UnsupportedFormat,
 }

@@ -45,12 +45,14 @@ def create_session_from_model(
     snapshot_every: Optional[int] = None,
     keep_snapshots: Optional[int] = None,
     max_staleness: Optional[int] = None,
+    aggregation: Optional[Mapping[str, Any]] = None,
     **hyperparameters: Any,
 ) -> Dict[str, Any]:
     """Creates a session holding ``model.named_parameters()`` (names as in ``model.state_dict()``).
 
     ``hyperparameters``: lr, lambd, alpha, t0, weight_decay, maximize. ``param_groups``:
-    ``[{"params": [names], **overrides}]``. With ``exist_ok`` an existing session is returned as is.
+    ``[{"params": [names], **overrides}]``. ``aggregation``: synchronous rounds (``{"contributions": K}``,
+    see :meth:`Client.create_session`). With ``exist_ok`` an existing session is returned as is.
     Returns the session (``{"name", "version", "step", "params", "param_groups", ...}``).
     """
     if not name:
@@ -61,6 +63,7 @@ def create_session_from_model(
         return client.create_session(
             name, params, hyperparameters=hyperparameters or None, param_groups=param_groups,
             snapshot_every=snapshot_every, keep_snapshots=keep_snapshots, max_staleness=max_staleness,
+            aggregation=aggregation,
         )
     except Exception as err:
         from .errors import SessionExists

@@ -7,6 +7,10 @@ is bit for bit what ``torch.optim.ASGD`` computes locally.
 
 With ``pipeline=True`` the request runs in a background thread and its answer is applied at the next
 ``step()``, ``zero_grad()`` or ``synchronize()``: the next forward/backward overlaps the round trip.
+
+In a session with ``aggregation`` (synchronous rounds) each ``step()`` is this worker's contribution to
+the round at the model's version: it returns once the round has stepped, with the parameters of the
+next version, which every worker of the round then holds.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import contextlib
 import logging
 import math
 import os
+import re
+import socket
 import threading
 import uuid
 from collections import OrderedDict
@@ -37,6 +43,13 @@ _WIRE_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF1
 __all__ = ["RemoteASGD"]
 
 _SCALAR_TYPES = (type(None), bool, int, float, str)
+_WORKER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def _default_worker() -> str:
+    """host-pid-random: unique per optimizer, also for several optimizers in one process."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64] or "host"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 def _split_params(params: Any) -> Tuple[List[Dict[str, Any]], List[List[Optional[str]]]]:
@@ -129,7 +142,19 @@ class RemoteASGD(torch.optim.Optimizer):
             ``base_version``, so the service applies it).
         grad_dtype: ``torch.float32`` (default), ``torch.float16`` or ``torch.bfloat16``: gradients
             travel rounded to that type (half the bytes; not bit-exact with a float32 client).
-        worker: a label for this worker in log lines (default: the process id).
+        worker: this worker's id (1-128 of ``A-Za-z0-9._-``), in log lines and, in a session with
+            ``aggregation``, as the contributor of each round (default: ``host-pid-random``). Give each
+            worker a stable id (its rank): the round's mean adds the gradients in the order of the ids.
+        aggregation: synchronous rounds for a session this optimizer creates, e.g. ``{"contributions":
+            3}`` (see :meth:`asgd_client.Client.create_session`). Whether steps are rounds is the
+            session's setting: joining a session with ``aggregation`` makes every ``step()`` a
+            contribution (``base_version`` and ``worker`` sent, the answer waited for; not with
+            ``pipeline=True``, which raises ValueError, nor ``on_stale="apply"``).
+        round_wait_s: how long the service holds one request for its round (``?wait=``, 1..3600; the
+            service's default is 60) before answering 202; the client then asks again with the same
+            Idempotency-Key.
+        max_round_wait_s: give up waiting for a round after this many seconds (:class:`RoundPending`;
+            the contribution stays in the round). Default None: wait as long as the round takes.
         transport: ``"safetensors"`` (default), ``"json"`` or ``"auto"`` (see :class:`asgd_client.Client`).
         snapshot_every, keep_snapshots, max_staleness: session settings used at creation.
         send_base_version: send the version of the parameters the gradients were computed from, so
@@ -166,6 +191,9 @@ class RemoteASGD(torch.optim.Optimizer):
         snapshot_every: Optional[int] = None,
         keep_snapshots: Optional[int] = None,
         max_staleness: Optional[int] = None,
+        aggregation: Optional[Mapping[str, Any]] = None,
+        round_wait_s: Optional[int] = None,
+        max_round_wait_s: Optional[float] = None,
         send_base_version: bool = True,
         timeout: float = 300.0,
         retries: Optional[int] = None,
@@ -185,6 +213,10 @@ class RemoteASGD(torch.optim.Optimizer):
             raise ValueError(f"on_stale must be one of {STALE_POLICIES}, got {on_stale!r}")
         if grad_dtype not in _WIRE_DTYPES:
             raise ValueError(f"grad_dtype must be torch.float32, torch.float16 or torch.bfloat16, got {grad_dtype}")
+        if worker is not None and not (isinstance(worker, str) and _WORKER_ID.fullmatch(worker)):
+            raise ValueError(f"worker must be 1-128 characters of A-Za-z0-9._-, got {worker!r}")
+        if aggregation is not None:
+            self._check_rounds(pipeline, on_stale, send_base_version)
         if connection is None and client is None:
             connection = Connection(url, token, timeout=timeout, retries=retries, retry_budget_s=retry_budget_s)
         self.client = client or Client(transport=transport, connection=connection)
@@ -193,7 +225,12 @@ class RemoteASGD(torch.optim.Optimizer):
         self.pipeline = bool(pipeline)
         self.on_stale = on_stale
         self.grad_dtype = grad_dtype
-        self.worker = worker or f"pid{os.getpid()}"
+        self.worker: str = worker or _default_worker()
+        self._worker_given = worker is not None
+        self.round_wait_s = round_wait_s
+        self.max_round_wait_s = max_round_wait_s
+        #: The session's ``aggregation`` (None: every step is applied on its own).
+        self.aggregation: Optional[Dict[str, Any]] = None
         #: Gradients dropped because the service refused them as stale (``on_stale="pull"``).
         self.stale_dropped = 0
         #: The service's answer to the last applied step: {session, step, version, staleness}.
@@ -247,10 +284,16 @@ class RemoteASGD(torch.optim.Optimizer):
             snapshot_every=snapshot_every,
             keep_snapshots=keep_snapshots,
             max_staleness=max_staleness,
+            aggregation=aggregation,
         )
         info, created = ensure_session(self.client, self.session, create, create_kwargs)
         self._check_layout(info)
         self._take_session(info, update_local=not created)
+        if self.aggregation is not None:
+            self._check_rounds(self.pipeline, self.on_stale, self.send_base_version)
+        if not created and aggregation is not None and dict(aggregation).items() - (self.aggregation or {}).items():
+            log.warning("[%s] session %r exists with aggregation %s; this optimizer asked for %s (the session's holds)",
+                        self.worker, self.session, self.aggregation, dict(aggregation))
         if not created:
             self._pull()
         if self.pipeline and self.send_base_version and info.get("max_staleness") == 0:
@@ -274,9 +317,22 @@ class RemoteASGD(torch.optim.Optimizer):
         if remote_groups != local_groups:
             raise ValueError(f"session {self.session!r} groups its parameters as {remote_groups}, the optimizer as {local_groups}")
 
+    @staticmethod
+    def _check_rounds(pipeline: bool, on_stale: str, send_base_version: bool) -> None:
+        """What a session with ``aggregation`` cannot do: a contribution is computed at the round's version."""
+        if pipeline:
+            raise ValueError("pipeline=True cannot be used in a session with aggregation: each round needs gradients "
+                             "computed at its version, and a pipelined gradient is one version old")
+        if on_stale == "apply":
+            raise ValueError('on_stale="apply" cannot be used in a session with aggregation: a contribution needs its base_version')
+        if not send_base_version:
+            raise ValueError("send_base_version=False cannot be used in a session with aggregation: a contribution needs its base_version")
+
     def _take_session(self, info: Mapping[str, Any], update_local: bool = True) -> None:
         """Records a session answer; with ``update_local`` the groups take the session's hyperparameters."""
         self._info = dict(info)
+        if "aggregation" in info:
+            self.aggregation = info["aggregation"]
         self._version = info.get("version", self._version)
         self._session_step = info.get("step", self._session_step)
         remote_groups = [group_from_json({k: v for k, v in g.items() if k != "params"}) for g in info["param_groups"]]
@@ -321,7 +377,8 @@ class RemoteASGD(torch.optim.Optimizer):
                             p.grad.requires_grad_(False)
                         p.grad.zero_()
 
-    def step(self, closure: Any = None, *, metrics: Optional[Mapping[str, float]] = None, wait: bool = True) -> Any:
+    def step(self, closure: Any = None, *, metrics: Optional[Mapping[str, float]] = None, samples: Optional[int] = None,
+             wait: bool = True) -> Any:
         """One ASGD step on the service, in one request. Returns the closure's loss (a Future with
         ``wait=False``).
 
@@ -332,6 +389,11 @@ class RemoteASGD(torch.optim.Optimizer):
         ``step()``, ``zero_grad()`` or ``synchronize()``; ``wait=False`` returns a Future of the
         service's answer ({session, step, version, staleness}; ``{"dropped": True, ...}`` for a
         gradient dropped as stale). An error of a background step is raised by the next call.
+
+        ``samples``: how many samples the gradient was computed from (sent with the step; a session's
+        ``aggregation.target_samples`` counts them). In a session with ``aggregation`` the step is this
+        worker's contribution to the round at the model's version and returns once the round has
+        stepped (its answer, with ``round``, in ``last_step``).
         """
         loss = None
         if closure is not None:
@@ -342,6 +404,8 @@ class RemoteASGD(torch.optim.Optimizer):
             # from before it (its answer is loaded just below, after the gradient is taken).
             base = self._version if self.send_base_version else None
             self._apply_pending(block=True)
+            if self.aggregation is not None:
+                self._check_rounds(self.pipeline, self.on_stale, self.send_base_version)
             grads: "OrderedDict[str, torch.Tensor]" = OrderedDict()
             for group in self.param_groups:
                 for p in group["params"]:
@@ -363,19 +427,21 @@ class RemoteASGD(torch.optim.Optimizer):
             groups = self._group_changes()
             metrics = dict(metrics) if metrics is not None else None
             if not background:
-                self._apply(self._request(grads, base, groups, metrics))
+                self._apply(self._request(grads, base, groups, metrics, samples))
                 return loss
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asgd-step")
-            future = self._executor.submit(self._request, grads, base, groups, metrics)
+            future = self._executor.submit(self._request, grads, base, groups, metrics, samples)
             self._pending = future
             return loss if wait else _AnswerFuture(future)
 
     def _request(self, grads: Mapping[str, torch.Tensor], base: Optional[int], groups: Optional[List[Dict[str, Any]]],
-                 metrics: Optional[Dict[str, float]]) -> _Outcome:
+                 metrics: Optional[Dict[str, float]], samples: Optional[int] = None) -> _Outcome:
         """The step's request (in the caller's or the background thread); touches no optimizer state."""
         wire = _WIRE_DTYPES[self.grad_dtype]
-        send = dict(returns="params", param_groups=groups, metrics=metrics, grad_dtype=wire)
+        send: Dict[str, Any] = dict(returns="params", param_groups=groups, metrics=metrics, grad_dtype=wire, samples=samples)
+        if self.aggregation is not None or self._worker_given:
+            send.update(worker=self.worker, wait=self.round_wait_s, max_wait_s=self.max_round_wait_s)
         try:
             answer = self.client.step(self.session, grads, base_version=base, **send)
         except StaleGradient as err:

@@ -1,4 +1,5 @@
-"""Starts one asgd-serve for the whole test run (shared by every test module), stops it at exit.
+"""Starts one asgd-serve for the whole test run (shared by every test module), stops it at exit; on
+PostgreSQL, tests may ask for more processes on its database (``server().replicas(n)``).
 
 Environment:
     ASGD_TEST_URL         use this running service instead of starting one.
@@ -98,22 +99,93 @@ def _database_admin_url():
         return None
 
 
+class _Process:
+    """One src/server.ts child on its own port. ``start`` returns once it answers; ``terminate`` is the
+    one way it ends (graceful SIGTERM, SIGKILL after 30 s; or SIGKILL at once); ``restart`` is the two on
+    the same port."""
+
+    def __init__(self, root: str, env: dict, log_path: str, token) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+        self.log_path = log_path
+        self._root, self._env, self._token = root, {**env, "PORT": str(self.port)}, token
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [_node(self._root), "src/server.ts"], cwd=self._root, env=self._env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        log.close()
+        self._wait_ready(float(os.environ.get("ASGD_TEST_START_TIMEOUT", "90")))
+
+    def terminate(self, sig: int = signal.SIGTERM) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def restart(self, down_s: float, sig: int = signal.SIGTERM) -> None:
+        self.terminate(sig)
+        time.sleep(down_s)
+        self.start()
+
+    def log_tail(self, n: int = 4000) -> str:
+        if not os.path.exists(self.log_path):
+            return ""
+        with open(self.log_path, "rb") as f:
+            data = f.read()
+        return data[-n:].decode("utf-8", "replace")
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            code = self.proc.poll()
+            if code is not None:
+                self.proc = None
+                raise RuntimeError(f"asgd-serve exited with {code} before answering:\n{self.log_tail()}")
+            for path in ("/healthz", "/v1/sessions?limit=1"):
+                try:
+                    req = urllib.request.Request(self.url + path)
+                    if self._token:
+                        req.add_header("Authorization", f"Bearer {self._token}")
+                    with urllib.request.urlopen(req, timeout=2) as res:
+                        if res.status == 200:
+                            return
+                except urllib.error.HTTPError as err:
+                    last = err
+                except (OSError, urllib.error.URLError) as err:
+                    last = err
+            time.sleep(0.25)
+        self.terminate()
+        raise RuntimeError(f"asgd-serve did not answer at {self.url} within {timeout}s ({last}):\n{self.log_tail()}")
+
+
 class Server:
+    """The tests' service: one process (``url``), and on PostgreSQL more processes on its database
+    (``replicas``), as a deployment runs them."""
+
     def __init__(self) -> None:
         self.url = os.environ.get("ASGD_TEST_URL")
         self.token = os.environ.get("ASGD_TEST_TOKEN") or None
-        self.proc = None
         self.tmp = None
         self.db_admin_url = None
         self.db_name = None
-        self.log_path = None
+        self._main = None
+        self._replicas = []
         if self.url:
             return
-        root = _find_root()
+        self._root = _find_root()
         self.tmp = tempfile.mkdtemp(prefix="asgd-client-tests-")
-        port = _free_port()
         env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "ASGD_DATA_DIR", "ASGD_ADMIN_TOKEN")}
-        env.update(PORT=str(port), HOST="127.0.0.1", LOG_LEVEL=os.environ.get("ASGD_TEST_LOG_LEVEL", "warn"))
+        env.update(HOST="127.0.0.1", LOG_LEVEL=os.environ.get("ASGD_TEST_LOG_LEVEL", "warn"))
         admin = _database_admin_url()
         if admin:
             self.db_admin_url = admin
@@ -129,83 +201,54 @@ class Server:
         for pair in os.environ.get("ASGD_TEST_SERVER_ENV", "").split():
             k, _, v = pair.partition("=")
             env[k] = v
-        self.log_path = os.path.join(self.tmp, "server.log")
-        self._root, self._env = root, env
-        self.url = f"http://127.0.0.1:{port}"
+        self._env = env
         atexit.register(self.stop)
-        self._start()
+        try:
+            self._main = self._process("server.log")
+        except BaseException:
+            self.stop()  # the database and the folder
+            raise
+        self.url = self._main.url
 
-    def _start(self) -> None:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [_node(self._root), "src/server.ts"], cwd=self._root, env=self._env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-        log.close()
-        self._wait_ready(float(os.environ.get("ASGD_TEST_START_TIMEOUT", "90")))
+    def _process(self, log_name: str) -> _Process:
+        process = _Process(self._root, self._env, os.path.join(self.tmp, log_name), self.token)
+        process.start()
+        return process
+
+    @property
+    def proc(self):
+        """The main process (None while a restart has it down)."""
+        return self._main.proc if self._main else None
 
     @property
     def restartable(self) -> bool:
         """False for a service the tests did not start (ASGD_TEST_URL)."""
-        return self.proc is not None
+        return self._main is not None
 
-    def restart(self, down_s: float = 1.0) -> None:
-        """Stops the service (SIGTERM, graceful), keeps it down ``down_s`` seconds, and starts it again on
-        the same port and database; returns once it answers."""
-        proc, self.proc = self.proc, None
-        if proc is None:
+    def restart(self, down_s: float = 1.0, sig: int = signal.SIGTERM) -> None:
+        """Stops the main process (SIGTERM: graceful; SIGKILL: kill -9, no shutdown code runs), keeps it down
+        ``down_s`` seconds, and starts it again on the same port and database; returns once it answers."""
+        if self._main is None:
             raise RuntimeError("the service was not started by the tests")
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        time.sleep(down_s)
-        self._start()
+        self._main.restart(down_s, sig)
+
+    def replicas(self, n: int):
+        """URLs of ``n`` processes on this service's database (the first is ``url``; more are started on
+        first use and run until the end), or None when the service is not on PostgreSQL of its own."""
+        if self._main is None or self.db_name is None:
+            return None
+        while len(self._replicas) < n - 1:
+            self._replicas.append(self._process(f"replica-{len(self._replicas) + 1}.log"))
+        return [self.url] + [r.url for r in self._replicas[: n - 1]]
 
     def log_tail(self, n: int = 4000) -> str:
-        if not self.log_path or not os.path.exists(self.log_path):
-            return ""
-        with open(self.log_path, "rb") as f:
-            data = f.read()
-        return data[-n:].decode("utf-8", "replace")
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            code = self.proc.poll()
-            if code is not None:
-                tail = self.log_tail()
-                self.stop()
-                raise RuntimeError(f"asgd-serve exited with {code} before answering:\n{tail}")
-            for path in ("/healthz", "/v1/sessions?limit=1"):
-                try:
-                    req = urllib.request.Request(self.url + path)
-                    if self.token:
-                        req.add_header("Authorization", f"Bearer {self.token}")
-                    with urllib.request.urlopen(req, timeout=2) as res:
-                        if res.status == 200:
-                            return
-                except urllib.error.HTTPError as err:
-                    last = err
-                except (OSError, urllib.error.URLError) as err:
-                    last = err
-            time.sleep(0.25)
-        tail = self.log_tail()
-        self.stop()
-        raise RuntimeError(f"asgd-serve did not answer at {self.url} within {timeout}s ({last}):\n{tail}")
+        return self._main.log_tail(n) if self._main else ""
 
     def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        """Ends the processes, drops the test database and removes the temporary folder."""
+        for process in [self._main, *self._replicas]:
+            if process is not None:
+                process.terminate()
         if self.db_name and self.db_admin_url:
             try:
                 _psql(self.db_admin_url, f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')

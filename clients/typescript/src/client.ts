@@ -1,11 +1,11 @@
 // ASGDClient: every operation of the asgd-serve API v1, typed from the OpenAPI document.
-import { ProtocolError } from './errors.ts';
+import { ProtocolError, RoundPending } from './errors.ts';
 import { type Answer, type Exchange, newIdempotencyKey, parseJson, Transport, type TransportOptions } from './http.ts';
 import { decodeSafetensors, encodeSafetensors, type SafetensorsFile } from './safetensors.ts';
 import { asFloat32, fromJsonTensors, type Tensor, toJsonData } from './tensors.ts';
 import type {
   CreatedToken, CreateSessionSpec, CreateTokenRequest, ForkRequest, Gradients, MetricsPage, ParamsResult, PatchSessionRequest,
-  ReadOptions, Session, SessionList, Snapshot, SnapshotList, StateDictJson, StepAnswerJson, StepOptions, StepResult, TokenList,
+  PendingAnswer, ReadOptions, Session, SessionList, Snapshot, SnapshotList, StateDictJson, StepAnswerJson, StepOptions, StepResult, TokenList,
 } from './types.ts';
 
 const SAFETENSORS = 'application/x-safetensors';
@@ -99,14 +99,22 @@ export class ASGDClient {
   /**
    * One optimizer step. By default the gradients go as safetensors with a fresh Idempotency-Key, and a
    * lost answer is retried with that key within the retry budget: the step is applied once.
+   *
+   * In a session with `aggregation` the step is `worker`'s contribution to the round at `baseVersion`; it
+   * resolves once the round has stepped (`round` in the result; with `return: 'params'` the parameters of
+   * `baseVersion + 1`). While the round is open the service answers 202 after `wait` seconds, and the same
+   * request goes again with the same key: the contribution counts once.
    */
   async step(name: string, grads: Gradients, options: StepOptions = {}): Promise<StepResult> {
+    if (options.idempotencyKey === null && options.worker !== undefined) {
+      throw new RangeError('idempotencyKey: a contribution to a round needs one (its 202 pending is followed by sending it again)');
+    }
     const key = options.idempotencyKey === null ? undefined : (options.idempotencyKey ?? newIdempotencyKey());
     const ret = options.return ?? 'none';
     const x: Exchange = {
       method: 'POST',
       path: `${sessionPath(name)}/step`,
-      query: { return: ret === 'none' ? undefined : ret },
+      query: { return: ret === 'none' ? undefined : ret, wait: options.wait },
       headers: { 'idempotency-key': key, 'if-match': options.ifMatch === undefined ? undefined : etag(options.ifMatch) },
       repeatable: key !== undefined,
       retryBudgetMs: options.retryBudgetMs,
@@ -114,6 +122,8 @@ export class ASGDClient {
     if ((options.format ?? 'safetensors') === 'json') {
       const body: Record<string, unknown> = { grads: jsonGradients(grads) };
       if (options.baseVersion !== undefined) body.base_version = options.baseVersion;
+      if (options.worker !== undefined) body.worker = options.worker;
+      if (options.samples !== undefined) body.samples = options.samples;
       if (options.paramGroups) body.param_groups = options.paramGroups;
       if (options.metrics) body.metrics = options.metrics;
       x.json = body;
@@ -122,14 +132,22 @@ export class ASGDClient {
       const metadata: Record<string, string> = {};
       if (options.paramGroups) metadata.param_groups = JSON.stringify(options.paramGroups);
       if (options.metrics) metadata.metrics = JSON.stringify(options.metrics);
-      x.query!.base_version = options.baseVersion;
+      // The round's fields in the query, beside base_version: the file's metadata holds JSON only.
+      Object.assign(x.query!, { base_version: options.baseVersion, worker: options.worker, samples: options.samples });
       x.bytes = encodeSafetensors(await this.shaped(name, grads), metadata, options.dtype ?? 'F32');
       x.contentType = SAFETENSORS;
       x.accept = ret === 'none' ? 'application/json' : `${SAFETENSORS}, application/json;q=0.5`;
     }
-    const answer = await this.http.send(x);
-    const result = readStepAnswer(answer, x.path);
-    return { ...result, idempotencyKey: key, attempts: answer.attempts };
+    const started = Date.now();
+    let attempts = 0;
+    for (;;) {
+      const answer = await this.http.send(x);
+      attempts += answer.attempts;
+      if (answer.status !== 202) return { ...readStepAnswer(answer, x.path), idempotencyKey: key, attempts };
+      const pending = parseJson<PendingAnswer>(answer, 'POST', x.path);
+      const waited = Date.now() - started;
+      if (key === undefined || (options.maxWaitMs !== undefined && waited >= options.maxWaitMs)) throw new RoundPending(name, pending.round, key, waited);
+    }
   }
 
   /** Gradients with their shapes: flat arrays take the parameter's shape from the session (fetched once). */
@@ -306,6 +324,7 @@ function readStepAnswer(answer: Answer, path: string): Omit<StepResult, 'attempt
       version: Number(m.version),
       staleness: Number(m.staleness),
       ...(m.replayed !== undefined && { replayed: m.replayed === 'true' }),
+      ...(m.round !== undefined && { round: JSON.parse(m.round) }),
       params: paramsFromSafetensors(file),
     };
   }

@@ -1,5 +1,6 @@
 // Errors as classes, one per stable error code of the service (src/errors.ts there), so that callers can
 // `catch (e) { if (e instanceof StaleGradient) ... }`. Every service error keeps the request and the answer.
+import type { RoundStatus } from './types.ts';
 
 /** Base class of everything this client throws. */
 export class ASGDError extends Error {
@@ -65,8 +66,14 @@ export class VersionNotAvailable extends NotFound {}
 export class NotAcceptable extends ServiceError {}
 /** 409 SESSION_EXISTS. */
 export class SessionExists extends ServiceError {}
-/** 409 STALE_GRADIENT: older than the session's max_staleness; `version` is the current version. */
+/** 409 STALE_GRADIENT: older than the session's max_staleness (in a session with aggregation: its round has stepped); `version` is the current version. */
 export class StaleGradient extends ServiceError {}
+/** 409 DUPLICATE_CONTRIBUTION: this worker already contributed to the open round (with another Idempotency-Key). */
+export class DuplicateContribution extends ServiceError {}
+/** 409 ROUND_CONFLICT: the contribution's param_groups differ from those already in the round. */
+export class RoundConflict extends ServiceError {}
+/** 409 ROUND_OPEN: aggregation cannot change while a round has contributions. */
+export class RoundOpen extends ServiceError {}
 /** 412 VERSION_MISMATCH: If-Match did not match; `version` is the current version. */
 export class VersionMismatch extends ServiceError {}
 /** 413 BODY_TOO_LARGE. */
@@ -98,6 +105,26 @@ export class ConnectionFailed extends ASGDError {
   }
 }
 
+/**
+ * A contribution's round had not stepped within the step's `maxWaitMs` (the client's limit; the service keeps
+ * the contribution). Sending the same step again with `idempotencyKey` waits on without contributing twice.
+ */
+export class RoundPending extends ASGDError {
+  readonly session: string;
+  /** The open round as the service last described it: {version, contributions, samples, workers, age_s}. */
+  readonly round: RoundStatus;
+  readonly idempotencyKey: string | undefined;
+  readonly waitedMs: number;
+
+  constructor(session: string, round: RoundStatus, idempotencyKey: string | undefined, waitedMs: number) {
+    super(`session ${session}: the round had not stepped after ${Math.round(waitedMs / 1000)} s (${JSON.stringify(round)}); send the step again with idempotencyKey ${idempotencyKey} to keep waiting`);
+    this.session = session;
+    this.round = round;
+    this.idempotencyKey = idempotencyKey;
+    this.waitedMs = waitedMs;
+  }
+}
+
 /** An answer the client cannot read (not the JSON or safetensors the route promises). */
 export class ProtocolError extends ASGDError {}
 
@@ -125,6 +152,9 @@ const BY_CODE: Record<string, ServiceErrorClass> = {
   NOT_ACCEPTABLE: NotAcceptable,
   SESSION_EXISTS: SessionExists,
   STALE_GRADIENT: StaleGradient,
+  DUPLICATE_CONTRIBUTION: DuplicateContribution,
+  ROUND_CONFLICT: RoundConflict,
+  ROUND_OPEN: RoundOpen,
   VERSION_MISMATCH: VersionMismatch,
   BODY_TOO_LARGE: BodyTooLarge,
   UNSUPPORTED_MEDIA_TYPE: UnsupportedMediaType,

@@ -5,12 +5,14 @@
 // `callbacks: [opt.callback]` in model.fit (it synchronizes at the end of every batch). A gradient
 // computed before the previous answer landed is sent with the version it was computed from
 // (base_version), so the service counts it as stale rather than pretending otherwise.
+// In a session with `aggregation` each step is this worker's contribution to the round at the variables'
+// version; its answer (after the round has stepped) brings the parameters of the next version.
 import { Optimizer, tensor, type NamedTensorMap, type Scalar, type Tensor as TfTensor, type Variable } from '@tensorflow/tfjs-core';
 import { ASGDClient } from './client.ts';
 import { SessionNotFound } from './errors.ts';
 import type { TransportOptions } from './http.ts';
 import type { Tensor } from './tensors.ts';
-import type { Hyperparameters, Session, StepOptions, StepParamGroup, StepResult } from './types.ts';
+import type { Aggregation, Hyperparameters, Session, StepOptions, StepParamGroup, StepResult } from './types.ts';
 
 /** A tf.Variable, or a tfjs-layers LayerVariable (model.trainableWeights), whose read() is the tf.Variable. */
 export type VariableLike = Variable | { read(): unknown; name: string };
@@ -25,8 +27,18 @@ export interface RemoteASGDOptions {
   hyperparameters?: Hyperparameters;
   /** 'if_missing' (default): create the session from the variables unless it exists; 'never': it must exist. */
   create?: 'if_missing' | 'never';
-  /** Session settings for creation (snapshot_every, keep_snapshots, max_staleness). */
-  sessionSettings?: { snapshot_every?: number; keep_snapshots?: number; max_staleness?: number | null };
+  /** Session settings for creation (snapshot_every, keep_snapshots, max_staleness, aggregation). */
+  sessionSettings?: { snapshot_every?: number; keep_snapshots?: number; max_staleness?: number | null; aggregation?: Aggregation | null };
+  /**
+   * This worker's id (1-128 of A-Za-z0-9._-). In a session with `aggregation` every step is its contribution
+   * to the round at the variables' version (default id: `js-` and 12 random hex digits). Give each worker a
+   * stable id: a round adds the gradients in the order of the ids.
+   */
+  worker?: string;
+  /** With aggregation: seconds the service holds a step for its round before the client asks again (`?wait=`). */
+  roundWaitSeconds?: number;
+  /** With aggregation: give up waiting for a round after this long (RoundPending). Default: no limit. */
+  maxRoundWaitMs?: number;
   /** Gradient transport: safetensors (default) or JSON, and the wire dtype (F32 default). */
   format?: StepOptions['format'];
   dtype?: StepOptions['dtype'];
@@ -63,6 +75,12 @@ export class RemoteASGD extends Optimizer {
   lastStep: StepResult | null = null;
   /** Hyperparameters for the next step only (e.g. a learning-rate schedule): one object per session group. */
   nextParamGroups: StepParamGroup[] | undefined;
+  /** The batch size of the next step (sent as its `samples`; a session's aggregation.target_samples counts them). */
+  nextSamples: number | undefined;
+  /** This worker's id (see the `worker` option). */
+  readonly worker: string;
+  /** The session's aggregation as attach() found it (null: every step is applied on its own). */
+  aggregation: Aggregation | null = null;
   private pending: Promise<void> = Promise.resolve();
   private failure: unknown = null;
   private pendingLoss: number | undefined;
@@ -72,6 +90,7 @@ export class RemoteASGD extends Optimizer {
     this.options = options;
     this.client = typeof options.client === 'string' ? new ASGDClient(options.client, options.clientOptions) : options.client;
     this.session = options.session;
+    this.worker = options.worker ?? `js-${crypto.randomUUID().replaceAll('-', '').slice(0, 12)}`;
   }
 
   /**
@@ -95,8 +114,10 @@ export class RemoteASGD extends Optimizer {
       const params = await Promise.all(vars.map(async (v) => ({ name: this.paramOf.get(v.name)!, shape: v.shape, data: Float32Array.from(await v.data()) })));
       session = await this.client.createSession({ name: this.session, params, hyperparameters: this.options.hyperparameters, ...this.options.sessionSettings });
       this.version = session.version;
+      this.aggregation = session.aggregation ?? null;
       return session;
     }
+    this.aggregation = session.aggregation ?? null;
     const known = new Set(session.params.map((p) => p.name));
     const missing = [...this.variableOf.keys()].filter((p) => !known.has(p));
     if (missing.length) throw new RangeError(`session ${this.session} has no parameter ${missing.join(', ')} (it has ${[...known].join(', ')})`);
@@ -131,14 +152,20 @@ export class RemoteASGD extends Optimizer {
     const baseVersion = this.version;
     const metrics = this.pendingLoss !== undefined && Number.isFinite(this.pendingLoss) ? { loss: this.pendingLoss } : undefined;
     const paramGroups = this.nextParamGroups;
+    // A contribution when the session has rounds; the worker id is also sent when given (checked, then ignored).
+    const round: StepOptions = this.aggregation !== null || this.options.worker !== undefined
+      ? { worker: this.worker, wait: this.options.roundWaitSeconds, maxWaitMs: this.options.maxRoundWaitMs }
+      : {};
+    const samples = this.nextSamples;
     this.pendingLoss = undefined;
     this.nextParamGroups = undefined;
+    this.nextSamples = undefined;
     this.incrementIterations();
     this.pending = this.pending.then(async () => {
       if (this.failure) return; // a failed step ends the run: the rest are not sent
       try {
         const answer = await this.client.step(this.session, grads, {
-          return: 'params', baseVersion, metrics, paramGroups, format: this.options.format, dtype: this.options.dtype, retryBudgetMs: this.options.retryBudgetMs,
+          return: 'params', baseVersion, metrics, paramGroups, samples, ...round, format: this.options.format, dtype: this.options.dtype, retryBudgetMs: this.options.retryBudgetMs,
         });
         this.lastStep = answer;
         if (answer.params) this.write(answer.params, answer.version);

@@ -20,6 +20,8 @@ export type StepAnswerJson = JsonOf<paths['/v1/sessions/{name}/step']['post']['r
 export type StateDictJson = RequestJson<paths['/v1/sessions/{name}/state_dict']['put']>;
 export type ParamGroup = Session['param_groups'][number];
 export type Hyperparameters = NonNullable<CreateSessionRequest['hyperparameters']>;
+/** A session's synchronous rounds: {contributions?, timeout_s?, min_contributions?, target_samples?}. */
+export type Aggregation = NonNullable<Session['aggregation']>;
 
 /** A session to create; parameter data may be a Float32Array. */
 export type CreateSessionSpec = Omit<CreateSessionRequest, 'params'> & {
@@ -32,8 +34,23 @@ export type StepParamGroup = Partial<Pick<ParamGroup, 'lr' | 'lambd' | 'alpha' |
 export type ReturnKind = 'none' | 'params' | 'averaged';
 
 export interface StepOptions {
-  /** The version the gradient was computed from (the service's staleness check). */
+  /** The version the gradient was computed from (the service's staleness check; required with aggregation). */
   baseVersion?: number;
+  /**
+   * This worker's id (like session names) in a session with `aggregation`: the step is then a contribution to
+   * the open round at `baseVersion`, answered once the round has stepped. Checked and otherwise ignored
+   * without aggregation.
+   */
+  worker?: string;
+  /** How many samples the gradient was computed from (an integer >= 1; `aggregation.target_samples` counts them). */
+  samples?: number;
+  /**
+   * Seconds the service holds the request for its round (`?wait=`, 1..3600; its default is 60) before it
+   * answers 202 pending; the client then sends the same request again with the same Idempotency-Key.
+   */
+  wait?: number;
+  /** Give up waiting for the round after this long (RoundPending; the contribution stays). Default: no limit. */
+  maxWaitMs?: number;
   /** Apply only if the session is at this version (412 VersionMismatch otherwise). */
   ifMatch?: number;
   /** Defaults to a fresh random key, so that a retry never steps twice; pass null to send none. */
@@ -58,15 +75,24 @@ export interface StepResult {
   staleness: number;
   /** true when an Idempotency-Key repeat was answered with the first answer. */
   replayed?: boolean;
+  /** In a session with aggregation: the round this step closed. */
+  round?: RoundAnswer;
   /** With return=params|averaged: the tensors at `version`. */
   params?: Record<string, Tensor>;
   /** The Idempotency-Key the step was sent with. */
   idempotencyKey?: string;
-  /** Attempts it took. */
+  /** Attempts it took (with a round: every request until it stepped). */
   attempts: number;
 }
 
 export type Gradients = Record<string, TensorLike>;
+
+/** The round a step closed (in a session with aggregation): {version, contributions, samples, timed_out}. */
+export type RoundAnswer = NonNullable<StepAnswerJson['round']>;
+/** An open round as session answers and 202 pending answers show it: {version, contributions, samples, workers, age_s}. */
+export type RoundStatus = NonNullable<Session['round']>;
+/** The 202 answer of a contribution whose round is still open. */
+export type PendingAnswer = JsonOf<paths['/v1/sessions/{name}/step']['post']['responses'][202]>;
 
 export interface ParamsResult {
   session: string;

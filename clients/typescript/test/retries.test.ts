@@ -32,11 +32,11 @@ test('retries across a service restart apply every step exactly once', { skip: s
   const client = new ASGDClient(url, { fetch: lossyFetch, retryBudgetMs: 120_000 });
   const name = uniqueName('retry');
   const random = rng(11);
-  const init = Array.from({ length: 6 }, () => random() - 0.5);
+  const init = Array.from({ length: 6 }, () => random());
   await client.createSession({ name, params: [{ name: 'w', shape: [2, 3], data: init }], hyperparameters: { lr: 0.1, t0: 2 } });
   const grads: number[][] = [];
   const nextGrad = () => {
-    const g = Array.from({ length: 6 }, () => random() - 0.5);
+    const g = Array.from({ length: 6 }, () => random());
     grads.push(g);
     return { w: Float32Array.from(g) };
   };

@@ -7,7 +7,8 @@ import { decodeSafetensors, encodeSafetensors, float32ToBfloat16Bits, float32ToF
 import { rng, skipWithoutTorch, TORCH_PYTHON } from './service.ts';
 
 function values(): Float32Array {
-  const random = rng(7);
+  const signed = rng(7); // uniform in [-0.5, 0.5)
+  const random = () => signed() + 0.5;
   const out: number[] = [0, -0, 1, -1, 65504, 65519.99, 65520, -65536, 1e-8, 2 ** -24, 2 ** -25, 3 * 2 ** -26, 2 ** -14, 2 ** -15 * 1.5, 1e30, -1e-40, Infinity, -Infinity, 3.4e38];
   const u = new Uint32Array(1);
   const f = new Float32Array(u.buffer);

@@ -12,7 +12,7 @@ tf.setBackend('cpu');
 
 function data(seed: number, n = 64) {
   const random = rng(seed);
-  const xs = Array.from({ length: n * 4 }, () => random() * 2 - 1);
+  const xs = Array.from({ length: n * 4 }, () => random() * 2);
   const ys = Array.from({ length: n }, (_, i) => 0.7 * xs[i * 4] - 1.3 * xs[i * 4 + 1] + 0.4 * xs[i * 4 + 2] * xs[i * 4 + 3] + 0.2);
   return { x: tf.tensor2d(xs, [n, 4]), y: tf.tensor2d(ys, [n, 1]) };
 }

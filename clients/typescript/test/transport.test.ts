@@ -1,10 +1,11 @@
 // The retry rules on a local stand-in server: 503 answers are retried (Retry-After honoured) for any
-// method, a silent server counts as a lost answer (retried only when repeatable), and the budget ends it.
+// method, a silent server counts as a lost answer (retried only when repeatable), and the budget ends it;
+// a contribution's 202 pending is sent again, byte for byte with the same key, until its round answers.
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import http from 'node:http';
 import test from 'node:test';
-import { ASGDClient, ConnectionFailed, ServiceUnavailable } from '../src/index.ts';
+import { ASGDClient, ConnectionFailed, encodeSafetensors, ServiceUnavailable } from '../src/index.ts';
 
 async function standIn(t: test.TestContext, handler: http.RequestListener) {
   const server = http.createServer(handler);
@@ -42,4 +43,23 @@ test('a server that never answers: one attempt per timeout; a read is sent again
   const read = await new ASGDClient(url, { timeoutMs: 200, retryBudgetMs: 1_000 }).getSession('s').then(() => null, (e: unknown) => e);
   assert.ok(read instanceof ConnectionFailed && read.attempts > 1, String(read));
   assert.equal(calls, read.attempts);
+});
+
+test('a 202 pending is sent again with the same key and body; the round in a safetensors answer is read', async (t) => {
+  const sent: { url: string; key: string | undefined; body: Buffer }[] = [];
+  const url = await standIn(t, async (req, res) => {
+    const chunks: Buffer[] = [];
+    for await (const c of req) chunks.push(c as Buffer);
+    sent.push({ url: req.url!, key: req.headers['idempotency-key'] as string | undefined, body: Buffer.concat(chunks) });
+    const round = { version: 4, contributions: 1, samples: 8, workers: ['w0'], age_s: 0.5 };
+    if (sent.length < 3) return res.writeHead(202, { 'content-type': 'application/json' }).end(JSON.stringify({ pending: true, round }));
+    const metadata = { session: 's', version: '5', step: '4', staleness: '0', round: JSON.stringify({ version: 4, contributions: 2, samples: 16, timed_out: false }) };
+    res.writeHead(200, { 'content-type': 'application/x-safetensors' }).end(encodeSafetensors({ w: { shape: [1], data: Float32Array.from([0.5]) } }, metadata));
+  });
+  const r = await new ASGDClient(url).step('s', { w: { shape: [1], data: Float32Array.from([1]) } }, { baseVersion: 4, worker: 'w0', samples: 8, wait: 2, return: 'params' });
+  assert.deepEqual([r.version, r.attempts, r.round, Array.from(r.params!.w.data)], [5, 3, { version: 4, contributions: 2, samples: 16, timed_out: false }, [0.5]]);
+  assert.equal(sent.length, 3);
+  assert.ok(sent[0].key && sent.every((s) => s.key === sent[0].key && s.url === sent[0].url && s.body.equals(sent[0].body)), 'the same request each time');
+  assert.deepEqual(Object.fromEntries(new URL(sent[0].url, url).searchParams), { return: 'params', wait: '2', base_version: '4', worker: 'w0', samples: '8' });
+  await assert.rejects(new ASGDClient(url).step('s', { w: [1] }, { worker: 'w0', idempotencyKey: null }), RangeError, 'a contribution without a key could not be sent again');
 });

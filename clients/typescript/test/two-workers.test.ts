@@ -45,7 +45,7 @@ test('a Python worker and a JavaScript worker step one session alternately', { s
   };
 
   const random = rng(9);
-  const xs = tf.tensor2d(Array.from({ length: 32 * 4 }, () => random() * 2 - 1), [32, 4]);
+  const xs = tf.tensor2d(Array.from({ length: 32 * 4 }, () => random() * 2), [32, 4]);
   const ys = tf.matMul(xs, tf.tensor2d([[0.7], [-1.3], [0.4], [0.1]])).add(0.2);
   for (let i = 0; i < 20; i++) {
     await opt.pull(); // the Python worker's step

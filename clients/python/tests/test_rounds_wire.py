@@ -1,0 +1,177 @@
+"""What a contribution to a synchronous round puts on the wire, against a scripted fake service (no
+asgd-serve needed): base_version, worker and samples with the step, a 202 pending followed by the same
+request with the same Idempotency-Key, the answered parameters loaded, and what rounds cannot do."""
+
+import json
+import unittest
+from urllib.parse import parse_qs, urlsplit
+
+import torch
+
+from _fakes import LocalServer
+from asgd_client import Client, Connection, DuplicateContribution, RemoteASGD, RoundPending
+from asgd_client import safetensors as st
+
+SHAPES = {"w": [2, 3], "b": [2]}
+GROUP = {"lr": 0.01, "lambd": 1e-4, "alpha": 0.75, "t0": 1e6, "weight_decay": 0.0, "maximize": False, "foreach": None}
+AGGREGATION = {"contributions": 2}
+
+
+class FakeRounds:
+    """One session with ``aggregation``; each step request is answered 202 ``pending`` times in a row
+    (per Idempotency-Key), then 200 with parameters of value ``version + 1``."""
+
+    def __init__(self, test, pending=2, aggregation=AGGREGATION, duplicate=False):
+        self.version, self.pending, self.aggregation, self.duplicate = 1, pending, aggregation, duplicate
+        self.answered_202 = {}
+        self.srv = LocalServer(self.decide)
+        test.addCleanup(self.srv.close)
+        self.conn = Connection(self.srv.url, retries=0)
+        test.addCleanup(self.conn.close)
+
+    def info(self):
+        return {"name": "s", "version": self.version, "step": self.version - 1, "aggregation": self.aggregation, "round": None,
+                "params": [{"name": n, "shape": s} for n, s in SHAPES.items()], "param_groups": [dict(GROUP, params=[0, 1])]}
+
+    def tensors(self, value):
+        return {n: (s, [float(value)] * (s[0] * (s[1] if len(s) > 1 else 1))) for n, s in SHAPES.items()}
+
+    def decide(self, req):
+        path = urlsplit(req.path).path
+        if req.method == "POST" and path == "/v1/sessions":
+            return 201, [], json.dumps(self.info()).encode()
+        if req.method == "GET" and path == "/v1/sessions/s":
+            return 200, [], json.dumps(self.info()).encode()
+        if req.method == "POST" and path.endswith("/step"):
+            if self.duplicate:
+                body = {"statusCode": 409, "code": "DUPLICATE_CONTRIBUTION", "message": "worker: w0 already contributed to the round at version 1"}
+                return 409, [], json.dumps(body).encode()
+            key = req.headers["idempotency-key"]
+            round_ = {"version": self.version, "contributions": 1, "samples": None, "workers": ["w0"], "age_s": 0.5}
+            if self.answered_202.get(key, 0) < self.pending:
+                self.answered_202[key] = self.answered_202.get(key, 0) + 1
+                return 202, [("Content-Type", "application/json")], json.dumps({"pending": True, "round": round_}).encode()
+            self.version += 1
+            meta = {"session": "s", "version": str(self.version), "step": str(self.version - 1), "staleness": "0",
+                    "round": json.dumps({"version": self.version - 1, "contributions": 2, "samples": 32, "timed_out": False})}
+            body = st.encode(self.tensors(self.version), metadata=meta)
+            return 200, [("ETag", f'"{self.version}"'), ("Content-Type", "application/x-safetensors")], body
+        if req.method == "GET" and path.endswith("/params"):
+            body = st.encode(self.tensors(self.version))
+            return 200, [("ETag", f'"{self.version}"'), ("Content-Type", "application/x-safetensors")], body
+        return 404, [], b'{"statusCode":404,"code":"SESSION_NOT_FOUND","message":"fake"}'
+
+    def steps(self):
+        return [r for r in self.srv.requests if r.method == "POST" and urlsplit(r.path).path.endswith("/step")]
+
+
+def model():
+    return [("w", torch.nn.Parameter(torch.zeros(2, 3))), ("b", torch.nn.Parameter(torch.zeros(2)))]
+
+
+def with_grads(params):
+    for _, p in params:
+        p.grad = torch.ones_like(p)
+
+
+class Contribution(unittest.TestCase):
+    def test_a_pending_round_is_asked_again_with_the_same_key_and_its_parameters_loaded(self):
+        fake = FakeRounds(self, pending=2)
+        params = model()
+        opt = RemoteASGD(params, session="s", create=False, connection=fake.conn, worker="w0", round_wait_s=1)
+        self.assertEqual(opt.aggregation, AGGREGATION)
+        with_grads(params)
+        opt.step(samples=16)
+        steps = fake.steps()
+        self.assertEqual(len(steps), 3, "202, 202, then 200")
+        self.assertEqual(len({r.headers["idempotency-key"] for r in steps}), 1, "one key for the whole wait")
+        self.assertEqual(len({r.body for r in steps}), 1, "the same body each time")
+        for r in steps:
+            query = parse_qs(urlsplit(r.path).query)
+            self.assertEqual(query, {"return": ["params"], "wait": ["1"], "base_version": ["1"], "worker": ["w0"], "samples": ["16"]})
+        self.assertEqual(opt.version, 2)
+        self.assertTrue(all(torch.equal(p, torch.full_like(p, 2.0)) for _, p in params), "the parameters of version 2")
+        self.assertEqual(opt.last_step["round"], {"version": 1, "contributions": 2, "samples": 32, "timed_out": False})
+        with_grads(params)
+        opt.step()  # the next round: computed at version 2
+        self.assertEqual(parse_qs(urlsplit(fake.steps()[-1].path).query)["base_version"], ["2"])
+        self.assertNotIn("samples", parse_qs(urlsplit(fake.steps()[-1].path).query))
+
+    def test_json_transport_carries_worker_and_samples_in_the_body(self):
+        fake = FakeRounds(self, pending=1)
+        client = Client(transport="json", connection=fake.conn)
+        answer = client.step("s", {"b": torch.ones(2)}, base_version=1, worker="w1", samples=8)
+        first, second = fake.steps()
+        self.assertEqual(first.body, second.body)
+        self.assertEqual(first.headers["idempotency-key"], second.headers["idempotency-key"])
+        body = json.loads(first.body)
+        self.assertEqual((body["base_version"], body["worker"], body["samples"]), (1, "w1", 8))
+        self.assertEqual(answer["version"], 2)
+
+    def test_max_wait_gives_up_with_the_key_to_resume(self):
+        fake = FakeRounds(self, pending=5)
+        client = Client(connection=fake.conn)
+        with self.assertRaises(RoundPending) as caught:
+            client.step("s", {"b": torch.ones(2)}, base_version=1, worker="w0", max_wait_s=0)
+        self.assertEqual(len(fake.steps()), 1)
+        self.assertEqual(caught.exception.round["workers"], ["w0"])
+        key = caught.exception.idempotency_key
+        self.assertEqual(fake.steps()[0].headers["idempotency-key"], key)
+        answer = client.step("s", {"b": torch.ones(2)}, base_version=1, worker="w0", idempotency_key=key)
+        self.assertEqual(answer["version"], 2)
+        self.assertEqual({r.headers["idempotency-key"] for r in fake.steps()}, {key})
+
+    def test_a_duplicate_contribution_is_raised(self):
+        fake = FakeRounds(self, duplicate=True)
+        params = model()
+        opt = RemoteASGD(params, session="s", create=False, connection=fake.conn, worker="w0")
+        with_grads(params)
+        with self.assertRaises(DuplicateContribution) as caught:
+            opt.step()
+        self.assertEqual(caught.exception.status, 409)
+        self.assertIn("worker", caught.exception.message)
+        self.assertEqual(opt.version, 1)
+        self.assertTrue(all(torch.equal(p, torch.ones_like(p)) for _, p in params), "still version 1's parameters")
+
+
+class WhatRoundsCannotDo(unittest.TestCase):
+    def test_pipeline_with_aggregation_raises_before_any_request(self):
+        srv = LocalServer(lambda req: (500, [], b""))
+        self.addCleanup(srv.close)
+        conn = Connection(srv.url, retries=0)
+        with self.assertRaisesRegex(ValueError, "pipeline"):
+            RemoteASGD(model(), session="s", connection=conn, pipeline=True, aggregation={"contributions": 2})
+        with self.assertRaisesRegex(ValueError, "apply"):
+            RemoteASGD(model(), session="s", connection=conn, on_stale="apply", aggregation={"contributions": 2})
+        self.assertEqual(srv.requests, [])
+
+    def test_pipeline_on_joining_a_session_with_aggregation_raises(self):
+        fake = FakeRounds(self)
+        with self.assertRaisesRegex(ValueError, "pipeline"):
+            RemoteASGD(model(), session="s", create=False, connection=fake.conn, pipeline=True)
+        self.assertEqual(fake.steps(), [])
+
+    def test_a_bad_worker_id_is_refused_locally(self):
+        fake = FakeRounds(self)
+        for bad in ("", "a b", "x" * 129, "w/0"):
+            with self.assertRaisesRegex(ValueError, "worker"):
+                RemoteASGD(model(), session="s", create=False, connection=fake.conn, worker=bad)
+        self.assertEqual(fake.srv.requests, [])
+
+    def test_the_default_worker_ids_differ_between_optimizers(self):
+        fake = FakeRounds(self)
+        a = RemoteASGD(model(), session="s", create=False, connection=fake.conn)
+        b = RemoteASGD(model(), session="s", create=False, connection=fake.conn)
+        self.assertNotEqual(a.worker, b.worker)
+        self.assertRegex(a.worker, r"^[A-Za-z0-9._-]{1,128}$")
+
+    def test_create_sends_the_aggregation(self):
+        fake = FakeRounds(self)
+        RemoteASGD(model(), session="s", create=True, connection=fake.conn, worker="w0", aggregation={"contributions": 2})
+        create = next(r for r in fake.srv.requests if r.method == "POST")
+        _, meta = st.decode(create.body)
+        self.assertEqual(json.loads(meta["asgd"])["aggregation"], {"contributions": 2})
+
+
+if __name__ == "__main__":
+    unittest.main()
