@@ -572,7 +572,7 @@ export interface components {
             /** @enum {integer} */
             statusCode: 400;
             /** @enum {string} */
-            code: "BAD_REQUEST" | "INVALID_BODY" | "INVALID_JSON" | "INVALID_PATH" | "INVALID_QUERY" | "INVALID_HEADER" | "INVALID_URL" | "INVALID_NAME" | "INVALID_HYPERPARAMETER" | "INVALID_PARAM_GROUPS" | "INVALID_TENSOR" | "SHAPE_MISMATCH" | "UNKNOWN_PARAMETER" | "EMPTY_STEP" | "STATE_DICT_MISMATCH" | "INVALID_STATE_DICT" | "INVALID_METRICS" | "ZIP_TRUNCATED" | "ZIP_CORRUPT" | "ZIP_UNSUPPORTED" | "ZIP_CRC_MISMATCH" | "ZIP_DUPLICATE_ENTRY" | "ZIP_ENTRY_MISSING" | "ZIP_LIMIT_EXCEEDED" | "PICKLE_TRUNCATED" | "PICKLE_OPCODE_REFUSED" | "PICKLE_GLOBAL_REFUSED" | "PICKLE_STACK_INVALID" | "PICKLE_MEMO_INVALID" | "PICKLE_CALL_INVALID" | "PICKLE_VALUE_UNSUPPORTED" | "PICKLE_TOO_DEEP" | "PICKLE_LIMIT_EXCEEDED" | "PICKLE_STRING_INVALID" | "TENSOR_DTYPE_UNSUPPORTED" | "TENSOR_SHAPE_INVALID" | "STORAGE_MISSING" | "TORCH_SAVE_INVALID" | "STATE_DICT_INVALID" | "SAFETENSORS_HEADER_INVALID";
+            code: "BAD_REQUEST" | "INVALID_BODY" | "INVALID_JSON" | "INVALID_PATH" | "INVALID_QUERY" | "INVALID_HEADER" | "INVALID_URL" | "INVALID_NAME" | "INVALID_HYPERPARAMETER" | "INVALID_PARAM_GROUPS" | "INVALID_TENSOR" | "SHAPE_MISMATCH" | "UNKNOWN_PARAMETER" | "EMPTY_STEP" | "STATE_DICT_MISMATCH" | "INVALID_STATE_DICT" | "INVALID_METRICS" | "ZIP_TRUNCATED" | "ZIP_CORRUPT" | "ZIP_UNSUPPORTED" | "ZIP_CRC_MISMATCH" | "ZIP_DUPLICATE_ENTRY" | "ZIP_ENTRY_MISSING" | "ZIP_LIMIT_EXCEEDED" | "PICKLE_TRUNCATED" | "PICKLE_OPCODE_REFUSED" | "PICKLE_GLOBAL_REFUSED" | "PICKLE_STACK_INVALID" | "PICKLE_MEMO_INVALID" | "PICKLE_CALL_INVALID" | "PICKLE_VALUE_UNSUPPORTED" | "PICKLE_TOO_DEEP" | "PICKLE_LIMIT_EXCEEDED" | "PICKLE_STRING_INVALID" | "TENSOR_DTYPE_UNSUPPORTED" | "TENSOR_SHAPE_INVALID" | "STORAGE_MISSING" | "TORCH_SAVE_INVALID" | "SAFETENSORS_HEADER_INVALID";
             /** @example Bad Request */
             error: string;
             message: string;
@@ -1052,7 +1052,7 @@ export interface components {
          *     - `UNKNOWN_PARAMETER`: A tensor names no parameter of this session
          *     - `EMPTY_STEP`: A step without any gradient
          *     - `STATE_DICT_MISMATCH`: A state_dict does not fit this session (group count, sizes)
-         *     - `INVALID_STATE_DICT`: A state_dict is malformed; the message names the field
+         *     - `INVALID_STATE_DICT`: A state_dict or checkpoint (JSON or file) is malformed; the message names the field
          *     - `INVALID_METRICS`: A step's metrics are malformed: at most 32 finite numbers named like sessions
          *     - `ZIP_TRUNCATED`: File format: the zip archive ends before a record it declares
          *     - `ZIP_CORRUPT`: File format: a zip record is malformed: bad signature, offsets outside the file, overlapping entries, size mismatch
@@ -1075,7 +1075,6 @@ export interface components {
          *     - `TENSOR_SHAPE_INVALID`: File format: a tensor shape, stride or offset is invalid or does not fit its data
          *     - `STORAGE_MISSING`: File format: a tensor refers to a storage record that is absent or too small
          *     - `TORCH_SAVE_INVALID`: File format: the archive is not a torch.save file this reader understands (version, layout)
-         *     - `STATE_DICT_INVALID`: File format: a state_dict or checkpoint does not have the expected shape; the message names the field
          *     - `SAFETENSORS_HEADER_INVALID`: File format: the safetensors header is malformed or inconsistent with the body
          */
         Error400: {
