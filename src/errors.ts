@@ -22,7 +22,7 @@ const API_CODES = {
   NOT_ACCEPTABLE: [406, 'No format this route offers is acceptable (Accept, ?format=, or JSON too large)'],
   ROUTE_NOT_FOUND: [404, 'No such route'],
   /** Sessions, tensors, hyperparameters */
-  INVALID_NAME: [400, 'A session name is not 1-128 characters of A-Za-z0-9._-'],
+  INVALID_NAME: [400, 'A session name is not 1-128 characters of A-Za-z0-9._-, or is "." or ".."'],
   INVALID_HYPERPARAMETER: [400, 'A hyperparameter is out of range or of the wrong type (as torch.optim.ASGD checks)'],
   INVALID_PARAM_GROUPS: [400, 'param_groups do not partition the parameters'],
   INVALID_TENSOR: [400, 'A tensor is malformed: shape, dtype, values, name'],
@@ -105,7 +105,7 @@ export const errors = {
   /** A schema check failed where the schema names a more specific code (`x-error-code`). */
   invalidField: (code: ErrorCode, field: string, message: string) => new ApiError(code, `${field}: ${message}`),
   invalidJson: make('INVALID_JSON', (message: string) => `request body is not valid JSON: ${message}`),
-  invalidName: make('INVALID_NAME', (field: string) => `${field} must be 1-128 characters of A-Za-z0-9._-`),
+  invalidName: make('INVALID_NAME', (field: string) => `${field} must be 1-128 characters of A-Za-z0-9._-, not "." or ".."`),
   invalidHyperparameter: make('INVALID_HYPERPARAMETER', (field: string, message: string) => `${field}: ${message}`),
   invalidParamGroups: make('INVALID_PARAM_GROUPS', (message: string) => message),
   invalidTensor: make('INVALID_TENSOR', (field: string, message: string) => `${field}: ${message}`),

@@ -504,6 +504,10 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     ['raw UTF-8 path', Buffer.concat([Buffer.from('GET /v1/sessions/'), Buffer.from('ünï', 'utf8'), Buffer.from(` HTTP/1.1\r\nHost: x\r\n${auth}\r\n`)]), 'BAD_REQUEST'],
     ['raw latin-1 token', Buffer.concat([Buffer.from('GET /v1/sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer '), Buffer.from([0xe9, 0xff]), Buffer.from('\r\n\r\n')]), 'UNAUTHORIZED'],
     ['raw latin-1 If-Match', Buffer.concat([Buffer.from(`DELETE /v1/sessions/beta HTTP/1.1\r\nHost: x\r\n${auth}If-Match: "`), Buffer.from([0xe9, 0xff]), Buffer.from('"\r\n\r\n')]), 'INVALID_HEADER'],
+    // A client that sends a dot segment as it is (or encoded) names no session: INVALID_PATH, not a lookup.
+    ['dot segment as name', `GET /v1/sessions/./params HTTP/1.1\r\nHost: x\r\n${auth}\r\n`, 'INVALID_PATH'],
+    ['encoded dot as name', `DELETE /v1/sessions/%2E HTTP/1.1\r\nHost: x\r\n${auth}\r\n`, 'INVALID_PATH'],
+    ['encoded dot-dot as name', `GET /v1/sessions/%2E%2E/state_dict HTTP/1.1\r\nHost: x\r\n${auth}\r\n`, 'INVALID_PATH'],
     ['NUL in path', `GET /v1/sessions/a\u0000b HTTP/1.1\r\nHost: x\r\n${auth}\r\n`, 'BAD_REQUEST'],
     ['huge header', `GET /v1/sessions HTTP/1.1\r\nHost: x\r\n${auth}If-Match: ${'"1",'.repeat(5000)}"1"\r\n\r\n`, 'HEADERS_TOO_LARGE'],
     ['many headers', `GET /v1/sessions HTTP/1.1\r\nHost: x\r\n${auth}${Array.from({ length: 3000 }, (_, i) => `X-H${i}: v`).join('\r\n')}\r\n\r\n`, 'HEADERS_TOO_LARGE'],

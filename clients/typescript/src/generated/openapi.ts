@@ -1044,7 +1044,7 @@ export interface components {
          *     - `INVALID_QUERY`: A query parameter is malformed or out of range
          *     - `INVALID_HEADER`: A request header is malformed (If-Match, Idempotency-Key, Content-Type, …)
          *     - `INVALID_URL`: The URL cannot be decoded
-         *     - `INVALID_NAME`: A session name is not 1-128 characters of A-Za-z0-9._-
+         *     - `INVALID_NAME`: A session name is not 1-128 characters of A-Za-z0-9._-, or is "." or ".."
          *     - `INVALID_HYPERPARAMETER`: A hyperparameter is out of range or of the wrong type (as torch.optim.ASGD checks)
          *     - `INVALID_PARAM_GROUPS`: param_groups do not partition the parameters
          *     - `INVALID_TENSOR`: A tensor is malformed: shape, dtype, values, name
@@ -1531,7 +1531,7 @@ export interface operations {
         parameters: {
             query?: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name?: string;
@@ -1570,7 +1570,7 @@ export interface operations {
                  */
                 "application/json": {
                     /**
-                     * @description Session name: 1-128 of A-Za-z0-9._-
+                     * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                      * @example mnist-run-1
                      */
                     name: string;
@@ -1656,7 +1656,7 @@ export interface operations {
             };
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -1701,7 +1701,7 @@ export interface operations {
             };
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -1732,7 +1732,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -1786,7 +1786,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -1803,7 +1803,7 @@ export interface operations {
                  */
                 "application/json": {
                     /**
-                     * @description Session name: 1-128 of A-Za-z0-9._-
+                     * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                      * @example mnist-run-1
                      */
                     name: string;
@@ -1862,7 +1862,7 @@ export interface operations {
             };
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -1968,7 +1968,7 @@ export interface operations {
             };
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2018,7 +2018,7 @@ export interface operations {
             };
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2066,7 +2066,7 @@ export interface operations {
             };
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2126,7 +2126,7 @@ export interface operations {
             };
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2173,7 +2173,7 @@ export interface operations {
             };
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2230,7 +2230,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2262,7 +2262,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2304,7 +2304,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2341,7 +2341,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2397,7 +2397,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2442,7 +2442,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2487,7 +2487,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2532,7 +2532,7 @@ export interface operations {
             };
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2570,7 +2570,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2621,7 +2621,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2672,7 +2672,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2747,7 +2747,7 @@ export interface operations {
             };
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
