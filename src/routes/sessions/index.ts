@@ -2,7 +2,7 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import type { Config } from '../../config.ts';
-import { sessionJson, setVersion, ifMatchOf, jsonBody, jsonOrFile } from '../common.ts';
+import { ACCESS, ifMatchOf, jsonBody, jsonOrFile, sessionJson, setVersion } from '../common.ts';
 import { mediaTypes, ROUTE_MEDIA, contentFormat } from '../media.ts';
 import {
   errorResponses, Hyperparameters, IfMatchHeaders, IfNoneMatchHeaders, NameParams, NotModified, NewSessionName, ParamGroupIn, Session, SessionSettings, TensorIn, withCode,
@@ -42,6 +42,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
   const { config } = opts;
 
   fastify.post('/', {
+    config: ACCESS.adminAllSessions,
     bodyLimit: config.bodyLimitCreate,
     schema: {
       operationId: 'createSession',
@@ -62,6 +63,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
   });
 
   fastify.get('/', {
+    config: ACCESS.read,
     schema: {
       operationId: 'listSessions',
       summary: 'List sessions',
@@ -96,6 +98,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
   });
 
   fastify.get('/:name', {
+    config: ACCESS.read,
     schema: {
       operationId: 'getSession',
       summary: 'Read a session',
@@ -113,6 +116,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
   });
 
   fastify.patch('/:name', {
+    config: ACCESS.admin,
     schema: {
       operationId: 'updateSession',
       summary: 'Change a session\'s settings',
@@ -136,6 +140,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
   });
 
   fastify.delete('/:name', {
+    config: ACCESS.admin,
     schema: {
       operationId: 'deleteSession',
       summary: 'Delete a session with its snapshots and log',
@@ -150,6 +155,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
   });
 
   fastify.post('/:name/fork', {
+    config: ACCESS.adminAllSessions,
     schema: {
       operationId: 'forkSession',
       summary: 'Fork a session',

@@ -2,7 +2,7 @@
 // and the activity figures the sessions list adds with ?figures=true.
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
-import { setVersion } from '../common.ts';
+import { ACCESS, setVersion } from '../common.ts';
 import { errorResponses, NameParams, Session } from '../schemas.ts';
 import { hyperChanges, type Activity } from '../../sessions/series.ts';
 
@@ -23,6 +23,7 @@ export function activityJson(a: Activity | undefined) {
 
 const seriesRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   fastify.get('/:name/hyperparameters', {
+    config: ACCESS.read,
     schema: {
       operationId: 'getHyperparameterChanges',
       summary: 'The steps that changed hyperparameters',

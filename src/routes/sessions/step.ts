@@ -12,7 +12,7 @@ import type { StateView, StepAnswer as StepAnswerValue } from '../../sessions/se
 import type { Layout } from '../../sessions/state.ts';
 import { paramTensor, paramsJson } from '../../sessions/state-dict.ts';
 import { metadataJson, parseMetrics } from '../../sessions/step-input.ts';
-import { idempotencyKeyOf, ifMatchOf, jsonBody, jsonOrFile, optionalWhole, setVersion } from '../common.ts';
+import { ACCESS, idempotencyKeyOf, ifMatchOf, jsonBody, jsonOrFile, optionalWhole, setVersion } from '../common.ts';
 import { contentFormat, MEDIA, mediaTypes, negotiate, ROUTE_MEDIA } from '../media.ts';
 import { Binary, errorResponses, NameParams, StepAnswer, StepHeaders, Tensor } from '../schemas.ts';
 import { readGradients } from './binary.ts';
@@ -69,6 +69,7 @@ function encodeParams(view: StateView, answer: StepAnswerValue, averaged: boolea
 
 const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify, opts) => {
   fastify.post('/:name/step', {
+    config: ACCESS.step,
     bodyLimit: opts.config.bodyLimitStep,
     schema: {
       operationId: 'step',
