@@ -53,6 +53,12 @@ export const sessions = pgTable('sessions', {
   keepLogBytes: bigint('keep_log_bytes', { mode: 'number' }),
   /** Deleted by the sweeper after this many seconds without a step or a write (null: never). */
   expireAfterIdleS: integer('expire_after_idle_s'),
+  /**
+   * The groups at version 1 (created or forked): the hyperparameters in force before a step first changed
+   * them (step_history). Set by the database at insert (trigger sessions_initial_groups, migration 0005);
+   * null for a session older than that whose version-1 snapshot was pruned.
+   */
+  initialGroups: jsonb('initial_groups').$type<GroupSpec[]>(),
   createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
   updatedAt: timestamp('updated_at', { withTimezone: true }).notNull().defaultNow(),
 }, (t) => [uniqueIndex('sessions_name_key').on(t.name)]);

@@ -492,7 +492,7 @@ export interface paths {
         };
         /**
          * The steps that changed hyperparameters
-         * @description Oldest first, after `after_version`: each step that set a group's hyperparameters (a scheduler), with every group's values after it.
+         * @description Oldest first, after `after_version`: each step that set a group's hyperparameters (a scheduler), with every group's values after it; and every group's values at the session's first version, in force until the first change.
          *
          *     Needs a token with scope `read`.
          */
@@ -2649,6 +2649,10 @@ export interface operations {
                             }[];
                         }[];
                         next_after_version: number;
+                        /** @description Each group's hyperparameters at the session's first version (created or forked); null: not known (a session made before this was kept, whose first snapshot is gone) */
+                        initial_param_groups: {
+                            [key: string]: unknown;
+                        }[] | null;
                     };
                 };
             };
