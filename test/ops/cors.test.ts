@@ -1,6 +1,7 @@
 // CORS for browser pages on other origins (ASGD_CORS_ORIGINS): off by default; preflights answered without
 // a token; every answer to an allowed origin, errors included, names it and exposes what clients read.
 import assert from 'node:assert/strict';
+import { get, type IncomingMessage } from 'node:http';
 import { test } from 'node:test';
 import { ConfigError } from '../../src/config.ts';
 import { buildTestApp, testConfig } from '../helper.ts';
@@ -68,6 +69,17 @@ test('CORS for listed origins: preflight without a token, the origin and exposed
   assert.ok(list(otherGet.headers.vary).includes('origin'));
   // A preflight changed nothing.
   assert.equal((await app.inject({ url: '/v1/sessions/c', headers: asAdmin })).json().version, 2);
+
+  // An event stream (written directly, not through fastify's reply) carries the origin too.
+  await app.listen({ host: '127.0.0.1', port: 0 });
+  const { port } = app.server.address() as { port: number };
+  const stream = await new Promise<IncomingMessage>((resolve, reject) => {
+    get({ host: '127.0.0.1', port, path: '/v1/sessions/c/events', headers: { ...asAdmin, origin: PAGE } }, resolve).on('error', reject);
+  });
+  stream.destroy();
+  assert.equal(stream.statusCode, 200);
+  assert.match(String(stream.headers['content-type']), /^text\/event-stream/);
+  assert.equal(stream.headers['access-control-allow-origin'], PAGE);
 });
 
 test('ASGD_CORS_ORIGINS=*: any origin, answered as *', async (t) => {
