@@ -1,7 +1,8 @@
 // The session domain as a named plugin: one service per process, flushed on close.
 import fp from 'fastify-plugin';
 import type { FastifyInstance } from 'fastify';
-import { createSessionService, type SessionHooks, type SessionService } from '../sessions/service.ts';
+import { createSessionService, type SessionService } from '../sessions/service.ts';
+import type { SessionHooks } from '../sessions/context.ts';
 import { selectKernel } from '../optim/index.ts';
 import type { Config } from '../config.ts';
 

@@ -1,6 +1,9 @@
-// Shapes the domain answers with that the HTTP layer documents as they are: one definition, a TypeBox
-// schema (for validation and the OpenAPI document) with its static type.
+// The session domain's types: the shapes it answers with that the HTTP layer documents as they are (one
+// definition, a TypeBox schema for validation and the OpenAPI document, with its static type), and the
+// inputs and views the routes and the session modules share.
 import { Type, type Static } from 'typebox';
+import type { GroupSpec, ParamSpec, ScalarStateRow } from '../db/schema.ts';
+import type { Layout } from './state.ts';
 
 export const StepAnswer = Type.Object({
   session: Type.String(),
@@ -10,3 +13,60 @@ export const StepAnswer = Type.Object({
   replayed: Type.Optional(Type.Boolean({ description: 'true when an Idempotency-Key retry returned the original answer' })),
 }, { title: 'StepAnswer', examples: [{ session: 'mnist-run-1', step: 42, version: 43, staleness: 0 }] });
 export type StepAnswer = Static<typeof StepAnswer>;
+
+// ---- domain types the routes and the session modules share -----------------------------------------
+
+
+/** A consistent copy of a session's state at one version, for encoders (JSON, torch.save, safetensors). */
+export interface StateView {
+  session: string;
+  version: number;
+  step: number;
+  params: ParamSpec[];
+  layout: Layout;
+  groups: GroupSpec[];
+  scalars: ScalarStateRow[];
+  paramData: Float32Array;
+  axData: Float32Array;
+}
+
+/** A state_dict to load, already decoded from JSON or a torch.save file (indices as saved). */
+export interface LoadedStateDict {
+  paramGroups: { params: number[]; hyper: Omit<GroupSpec, 'params'> }[];
+  state: Map<number, { step: number; eta: number; mu: number; ax: Float32Array; axShape: number[] | null }>;
+}
+
+/** A model's parameters to load (load_checkpoint), by name. */
+export type LoadedParams = Map<string, { shape: number[] | null; data: Float32Array }>;
+
+export interface CreateInput {
+  name: string;
+  params: ParamSpec[];
+  data: Float32Array[];
+  groups: GroupSpec[];
+  snapshotEvery: number;
+  keepSnapshots: number;
+  maxStaleness: number | null;
+  keepLogBytes: number | null;
+  expireAfterIdleS: number | null;
+}
+
+export interface StepOptions {
+  ifMatch?: number | null;
+  idempotencyKey?: string | null;
+  requestHash?: string;
+  baseVersion?: number | null;
+  /** The step body's `param_groups` (validated here against the session's groups). */
+  paramGroups?: unknown;
+  /** The step body's `metrics`, already validated (step-input.ts parseMetrics). */
+  metrics?: Record<string, number> | null;
+  /**
+   * Called once the step is committed with the state at the answered version (an Idempotency-Key retry:
+   * the first answer's version), under the session's lock: the view's tensors are this process's copy
+   * itself, valid only during the call, so encode them there (one copy, no database read when the copy is
+   * current, which it is right after this process's step).
+   */
+  encodeAt?: (view: StateView, answer: StepAnswer) => void;
+  /** Checks of the caller's that need the session's layout (e.g. the answer's size), run before anything is written. */
+  beforeWrite?: (layout: Layout) => void;
+}

@@ -1,45 +1,15 @@
 // SQL of the session domain. Hot-path statements are prepared (named) on PostgreSQL and send bytea
 // parameters in binary; PGlite gets base64 parameters (see Database.byteaParam).
 import type { Database, Queryable } from '../db/database.ts';
-import type { GroupSpec, HyperDelta, ParamSpec, ScalarStateRow } from '../db/schema.ts';
+import type { GroupSpec, HyperDelta, ParamSpec, ScalarStateRow, SessionRow, SnapshotRow } from '../db/schema.ts';
 import type { GradDtype } from './gradients.ts';
 import { pruneLogToBytes } from './retention.ts';
 
 export const CHUNK_BYTES = 8 * 1024 * 1024;
 
-export interface SessionRecord {
-  id: number;
-  name: string;
-  params: ParamSpec[];
-  groups: GroupSpec[];
-  numel: number;
-  version: number;
-  step: number;
-  snapshotEvery: number;
-  keepSnapshots: number;
-  maxStaleness: number | null;
-  /** Byte bound on the step log (retention.ts); null: only the count bound. */
-  keepLogBytes: number | null;
-  /** The sweeper deletes the session after this many idle seconds (expiry.ts); null: never. */
-  expireAfterIdleS: number | null;
-  createdAt: Date;
-  updatedAt: Date;
-}
-
-export interface SnapshotRecord {
-  id: number;
-  sessionId: number;
-  version: number;
-  step: number;
-  reason: string;
-  pinned: boolean;
-  groups: GroupSpec[];
-  scalars: ScalarStateRow[];
-  byteSize: number;
-  chunkCount: number;
-  checksum: string;
-  createdAt: Date;
-}
+/** Row types come from the drizzle schema; the raw SQL here reads its columns under the same names (aliases). */
+export type SessionRecord = SessionRow;
+export type SnapshotRecord = SnapshotRow;
 
 export interface StepLogEntry {
   version: number;
@@ -468,11 +438,6 @@ export async function listSnapshots(q: Queryable, sessionId: number): Promise<Sn
 
 export async function oldestSnapshotVersion(q: Queryable, sessionId: number): Promise<number | null> {
   const rows = await q.query<{ v: number | null }>('SELECT min(version)::float8 AS v FROM snapshots WHERE session_id = $1', [sessionId]);
-  return rows[0]?.v ?? null;
-}
-
-export async function newestSnapshotVersion(q: Queryable, sessionId: number): Promise<number | null> {
-  const rows = await q.query<{ v: number | null }>('SELECT max(version)::float8 AS v FROM snapshots WHERE session_id = $1', [sessionId]);
   return rows[0]?.v ?? null;
 }
 

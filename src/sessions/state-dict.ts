@@ -4,7 +4,7 @@
 import { errors } from '../errors.ts';
 import type { GroupSpec } from '../db/schema.ts';
 import { FLAG_KEYS, HYPERPARAMETER_KEYS, resolveHyperparameters, DEFAULT_GROUP, publicGroup } from './spec.ts';
-import type { LoadedStateDict, StateView } from './service.ts';
+import type { LoadedStateDict, StateView } from './model.ts';
 import { jsonScalar, jsonTensor, readJsonTensor, readScalar } from './tensors.ts';
 import { ASGD_NUMERIC_KEYS, type AsgdParamGroup, type AsgdStateDict, type PyValue } from '../formats/index.ts';
 

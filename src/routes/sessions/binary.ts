@@ -9,7 +9,7 @@ import {
   toModelStateDict, writeOptimizerSafetensors, writeSafetensors, writeTorchSave, type ByteStream, type Float32Tensor, type Tensor,
 } from '../../formats/index.ts';
 import type { BinaryGradient, GradientInput } from '../../sessions/gradients.ts';
-import type { LoadedStateDict, StateView } from '../../sessions/service.ts';
+import type { LoadedStateDict, StateView } from '../../sessions/model.ts';
 import { publicGroup } from '../../sessions/spec.ts';
 import { asgdFromView, loadedFromAsgd, paramTensor, parseStateDict, readTensorField } from '../../sessions/state-dict.ts';
 import { MEDIA, type WireFormat } from '../media.ts';

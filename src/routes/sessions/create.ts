@@ -3,7 +3,7 @@
 import type { Config } from '../../config.ts';
 import type { GroupSpec, ParamSpec } from '../../db/schema.ts';
 import { errors } from '../../errors.ts';
-import type { CreateInput } from '../../sessions/service.ts';
+import type { CreateInput } from '../../sessions/model.ts';
 import {
   assertName, assertShape, buildGroups, DEFAULT_GROUP, FLAG_KEYS, HYPERPARAMETER_KEYS, MAX_PARAMS, MAX_SESSION_NUMEL, numelOf, PARAM_NAME_MAX, resolveHyperparameters,
   type HyperparameterInput,

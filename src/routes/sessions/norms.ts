@@ -5,7 +5,7 @@ import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import { ACCESS, setVersion } from '../common.ts';
 import { errorResponses, NameParams } from '../schemas.ts';
-import type { StateView } from '../../sessions/service.ts';
+import type { StateView } from '../../sessions/model.ts';
 
 const ParamNorm = Type.Object({
   name: Type.String(),

@@ -8,7 +8,7 @@ import type { Config } from '../../config.ts';
 import { errors } from '../../errors.ts';
 import { streamToBuffer, writeSafetensors, type Float32Tensor } from '../../formats/index.ts';
 import type { GradientInput } from '../../sessions/gradients.ts';
-import type { StateView, StepAnswer as StepAnswerValue } from '../../sessions/service.ts';
+import type { StateView, StepAnswer as StepAnswerValue } from '../../sessions/model.ts';
 import type { Layout } from '../../sessions/state.ts';
 import { paramTensor, paramsJson } from '../../sessions/state-dict.ts';
 import { metadataJson, parseMetrics } from '../../sessions/step-input.ts';

@@ -3,7 +3,7 @@
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { TSchema } from 'typebox';
 import { errors } from '../../errors.ts';
-import type { StateView } from '../../sessions/service.ts';
+import type { StateView } from '../../sessions/model.ts';
 import { paramsJson, stateDictJson } from '../../sessions/state-dict.ts';
 import { setVersion } from '../common.ts';
 import { MEDIA, negotiate, ROUTE_MEDIA, type WireFormat } from '../media.ts';

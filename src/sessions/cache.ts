@@ -1,0 +1,107 @@
+// This process's decoded copies of sessions' state, bounded in bytes (least recently used go first).
+// A copy is never ahead of the database: the step code keeps that promise, this file keeps the books.
+import type { GroupSpec, ParamSpec, ScalarStateRow } from '../db/schema.ts';
+import type { AsgdKernel } from '../optim/types.ts';
+import { SessionState, layoutOf } from './state.ts';
+
+export interface CacheEntry {
+  state: SessionState;
+  /** The newest version this process wrote or loaded a snapshot at (scheduled snapshots go by it). */
+  lastSnapshotVersion: number;
+  lastUsed: number;
+}
+
+/** Bytes a cached session holds: params, ax and the gradient buffer, float32 each. */
+const bytesOf = (state: SessionState) => state.layout.numel * 12;
+
+export class StateCache {
+  readonly #entries = new Map<number, CacheEntry>();
+  readonly #ids = new WeakMap<SessionState, number>();
+  /** Session name -> id of the sessions this process has loaded: a hint, checked by the statement that uses it. */
+  readonly #hints = new Map<string, number>();
+  readonly #kernel: AsgdKernel;
+  readonly #budget: number;
+  #bytes = 0;
+
+  constructor(kernel: AsgdKernel, budgetBytes: number) {
+    this.#kernel = kernel;
+    this.#budget = budgetBytes;
+  }
+
+  /** A new state in a fresh kernel arena, owned by session `session.id` (not cached until remembered). */
+  create(session: { id: number; params: ParamSpec[] }, version: number, step: number, groups: GroupSpec[], scalars: ScalarStateRow[]): SessionState {
+    const layout = layoutOf(session.params);
+    const state = new SessionState(layout, this.#kernel.createArena(layout.numel), version, step, groups, scalars);
+    this.#ids.set(state, session.id);
+    return state;
+  }
+
+  /** The session id a state belongs to. */
+  idOf(state: SessionState): number {
+    return this.#ids.get(state)!;
+  }
+
+  get(id: number): CacheEntry | undefined {
+    return this.#entries.get(id);
+  }
+
+  /** The cached entry of a session by name, when this process has loaded it (the id is a hint: check it). */
+  byName(name: string): CacheEntry | undefined {
+    const id = this.#hints.get(name);
+    return id === undefined ? undefined : this.#entries.get(id);
+  }
+
+  hint(name: string, id: number): void {
+    this.#hints.set(name, id);
+  }
+
+  /** Forgets a session's copy and its name hint (deleted, or created again under the same name elsewhere). */
+  forgetName(name: string, id: number): void {
+    this.forget(id);
+    this.#hints.delete(name);
+  }
+
+  touch(entry: CacheEntry): CacheEntry {
+    entry.lastUsed = Date.now();
+    return entry;
+  }
+
+  /** Caches `state` as its session's copy (replacing another), then evicts beyond the budget (never this one). */
+  remember(state: SessionState, lastSnapshotVersion: number): CacheEntry {
+    const id = this.idOf(state);
+    const old = this.#entries.get(id);
+    if (old && old.state !== state) this.forget(id);
+    if (!old || old.state !== state) this.#bytes += bytesOf(state);
+    const entry: CacheEntry = { state, lastSnapshotVersion, lastUsed: Date.now() };
+    this.#entries.set(id, entry);
+    if (this.#bytes > this.#budget) {
+      const byAge = [...this.#entries.entries()].sort((a, b) => a[1].lastUsed - b[1].lastUsed);
+      for (const [other, e] of byAge) {
+        if (this.#bytes <= this.#budget || e.state === state) continue;
+        this.forget(other);
+      }
+    }
+    return entry;
+  }
+
+  /** Drops a session's copy and releases its arena. */
+  forget(id: number): void {
+    const entry = this.#entries.get(id);
+    if (!entry) return;
+    this.#entries.delete(id);
+    this.#bytes -= bytesOf(entry.state);
+    entry.state.arena.release();
+  }
+
+  entries(): [number, CacheEntry][] {
+    return [...this.#entries.entries()];
+  }
+
+  clear(): void {
+    for (const id of [...this.#entries.keys()]) this.forget(id);
+  }
+
+  stats(): { sessions: number; bytes: number } {
+    return { sessions: this.#entries.size, bytes: this.#bytes };
+  }
+}

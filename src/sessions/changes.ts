@@ -1,0 +1,159 @@
+// Changes that are not steps: create, delete, load a state_dict or checkpoint, restore a snapshot, fork.
+// Each is one transaction under the session's row lock that writes its new version as a snapshot.
+import type { Queryable } from '../db/database.ts';
+import { errors } from '../errors.ts';
+import type { History } from './history.ts';
+import { checkIfMatch, mustFind, type SessionContext } from './context.ts';
+import { checkModel, planLoad } from './load-plan.ts';
+import type { CreateInput, LoadedParams, LoadedStateDict } from './model.ts';
+import type { Reads } from './reads.ts';
+import * as repo from './repository.ts';
+import type { SessionRecord } from './repository.ts';
+import type { SnapshotWriter } from './snapshot-writer.ts';
+
+/** A fork's settings: each one not given is the source session's. */
+export interface ForkTarget {
+  name: string;
+  snapshotId?: number | null;
+  snapshotEvery?: number;
+  keepSnapshots?: number;
+  maxStaleness?: number | null;
+  keepLogBytes?: number | null;
+  expireAfterIdleS?: number | null;
+}
+
+export function createChanges(ctx: SessionContext, history: History, writer: SnapshotWriter, reads: Reads) {
+  const { db, cache, mutex } = ctx;
+
+  /**
+   * Runs `fn` in a transaction on the locked session; when it fails after it began changing this process's
+   * copy (it calls `touch`), the copy is dropped: it may be ahead of the database.
+   */
+  async function changeLocked<T>(name: string, ifMatch: number | null | undefined, fn: (tx: Queryable, session: SessionRecord, touch: () => void) => Promise<T>): Promise<T> {
+    return mutex.run(name, async () => {
+      let touched: number | null = null;
+      try {
+        return await db.transaction(async (tx) => {
+          const session = await mustFind(tx, name, true);
+          checkIfMatch(ifMatch, session.version);
+          const result = await fn(tx, session, () => (touched = session.id));
+          touched = null;
+          return result;
+        });
+      } finally {
+        if (touched !== null) cache.forget(touched);
+      }
+    });
+  }
+
+  async function create(input: CreateInput): Promise<SessionRecord> {
+    return mutex.run(input.name, async () => {
+      const numel = input.data.reduce((a, d) => a + d.length, 0);
+      return db.transaction(async (tx) => {
+        const row = await repo.insertSession(tx, {
+          name: input.name, params: input.params, groups: input.groups, numel, step: 0,
+          snapshotEvery: input.snapshotEvery, keepSnapshots: input.keepSnapshots, maxStaleness: input.maxStaleness,
+          keepLogBytes: input.keepLogBytes, expireAfterIdleS: input.expireAfterIdleS,
+        });
+        if (!row) throw errors.sessionExists(input.name);
+        const state = cache.create(row, row.version, 0, input.groups, input.params.map(() => null));
+        input.data.forEach((d, i) => state.param(i).set(d));
+        await writer.writeState(tx, row.id, state, 'create');
+        cache.forget(row.id);
+        cache.remember(state, row.version);
+        return row;
+      });
+    });
+  }
+
+  async function remove(name: string, ifMatch?: number | null): Promise<void> {
+    await changeLocked(name, ifMatch, async (tx, session) => {
+      await repo.deleteSession(tx, name);
+      // Version 0: the session is gone (waiters and event streams of this name end).
+      await repo.notifyVersion(tx, name, 0, 0);
+      cache.forget(session.id);
+    });
+  }
+
+  /**
+   * Replaces the optimizer state (and the parameters, when given) as a new version, with the semantics of
+   * Optimizer.load_state_dict: hyperparameters come from the loaded groups. Written as a snapshot.
+   */
+  async function load(
+    name: string,
+    input: { stateDict?: LoadedStateDict; params?: LoadedParams; step?: number },
+    opts: { ifMatch?: number | null; reason: string },
+  ): Promise<SessionRecord> {
+    return changeLocked(name, opts.ifMatch, async (tx, session, touch) => {
+      const entry = await history.currentState(tx, session);
+      const { state } = entry;
+      const plan = input.stateDict ? planLoad(session, input.stateDict) : null;
+      if (input.params) checkModel(session, state.layout, input.params);
+      touch();
+      if (input.params) for (const [pname, t] of input.params) state.param(state.layout.index.get(pname)!).set(t.data);
+      if (plan) {
+        state.groups = plan.groups;
+        state.scalars = plan.scalars;
+        for (let i = 0; i < plan.ax.length; i++) {
+          const ax = plan.ax[i];
+          if (ax) state.ax(i).set(ax);
+          else state.ax(i).fill(0);
+        }
+      }
+      if (input.step !== undefined) state.step = input.step;
+      state.version = session.version + 1;
+      await writer.writeState(tx, session.id, state, opts.reason);
+      await repo.advanceSession(tx, session.id, state.version, state.step, state.groups);
+      await repo.notifyVersion(tx, name, state.version, state.step);
+      await repo.pruneHistory(tx, session.id, session.keepSnapshots);
+      entry.lastSnapshotVersion = state.version;
+      return mustFind(tx, name);
+    });
+  }
+
+  /** Rolls the session back to a snapshot's state, as a new version. */
+  async function restore(name: string, id: number, ifMatch?: number | null): Promise<SessionRecord> {
+    return changeLocked(name, ifMatch, async (tx, session, touch) => {
+      const snapshot = await repo.findSnapshot(tx, session.id, id);
+      if (!snapshot) throw errors.snapshotNotFound(String(id));
+      touch();
+      cache.forget(session.id);
+      const state = await history.loadSnapshot(tx, snapshot, session);
+      state.version = session.version + 1;
+      await writer.writeState(tx, session.id, state, 'restore');
+      await repo.advanceSession(tx, session.id, state.version, state.step, state.groups);
+      await repo.notifyVersion(tx, name, state.version, state.step);
+      await repo.pruneHistory(tx, session.id, session.keepSnapshots);
+      cache.remember(state, state.version);
+      return mustFind(tx, name);
+    });
+  }
+
+  /** A new session starting from a snapshot of another (or its current state). */
+  async function fork(sourceName: string, target: ForkTarget): Promise<SessionRecord> {
+    const source = target.snapshotId != null ? await reads.snapshotView(sourceName, target.snapshotId) : await reads.view(sourceName);
+    const sourceSession = await mustFind(db, sourceName);
+    return mutex.run(target.name, async () =>
+      db.transaction(async (tx) => {
+        const row = await repo.insertSession(tx, {
+          name: target.name, params: source.params, groups: source.groups, numel: source.layout.numel, step: source.step,
+          snapshotEvery: target.snapshotEvery ?? sourceSession.snapshotEvery,
+          keepSnapshots: target.keepSnapshots ?? sourceSession.keepSnapshots,
+          maxStaleness: target.maxStaleness !== undefined ? target.maxStaleness : sourceSession.maxStaleness,
+          keepLogBytes: target.keepLogBytes !== undefined ? target.keepLogBytes : sourceSession.keepLogBytes,
+          expireAfterIdleS: target.expireAfterIdleS !== undefined ? target.expireAfterIdleS : sourceSession.expireAfterIdleS,
+        });
+        if (!row) throw errors.sessionExists(target.name);
+        const state = cache.create(row, row.version, source.step, source.groups, source.scalars);
+        state.arena.params.set(source.paramData);
+        state.arena.ax.set(source.axData);
+        await writer.writeState(tx, row.id, state, 'fork');
+        cache.forget(row.id);
+        cache.remember(state, row.version);
+        return row;
+      }),
+    );
+  }
+
+  return { create, remove, load, restore, fork };
+}

@@ -1,0 +1,58 @@
+// Checking a state_dict (and a model's parameters) against a session before it is loaded, as
+// torch.optim.Optimizer.load_state_dict does, and stricter. Pure: no database, no cache.
+import type { GroupSpec, ScalarStateRow } from '../db/schema.ts';
+import { errors } from '../errors.ts';
+import type { LoadedParams, LoadedStateDict } from './model.ts';
+import type { SessionRecord } from './repository.ts';
+import { layoutOf, type Layout } from './state.ts';
+
+/** What loading a state_dict sets: the groups (hyperparameters as loaded), each parameter's scalars and ax. */
+export interface LoadPlan {
+  groups: GroupSpec[];
+  scalars: ScalarStateRow[];
+  ax: (Float32Array | null)[];
+}
+
+/** A model state_dict must name exactly the session's parameters, with their shapes. */
+export function checkModel(session: SessionRecord, layout: Layout, params: LoadedParams): void {
+  for (const pname of params.keys()) {
+    if (!layout.index.has(pname)) throw errors.unknownParameter(`model.${pname}`, pname);
+  }
+  session.params.forEach((p, i) => {
+    const t = params.get(p.name);
+    if (!t) throw errors.stateDictMismatch(`model: parameter ${JSON.stringify(p.name)} is missing`);
+    if ((t.shape && (t.shape.length !== p.shape.length || t.shape.some((d, k) => d !== p.shape[k]))) || t.data.length !== layout.numels[i]) {
+      throw errors.shapeMismatch(`model.${p.name}`, `expected shape ${JSON.stringify(p.shape)}, got ${t.shape ? JSON.stringify(t.shape) : `${t.data.length} elements`}`);
+    }
+  });
+}
+
+/** Validates a loaded state_dict against the session (groups by position, state by saved index) into a plan. */
+export function planLoad(session: SessionRecord, sd: LoadedStateDict): LoadPlan {
+  if (sd.paramGroups.length !== session.groups.length) throw errors.stateDictMismatch('loaded state dict has a different number of parameter groups');
+  const savedToIndex = new Map<number, number>();
+  const groups: GroupSpec[] = [];
+  sd.paramGroups.forEach((g, k) => {
+    const mine = session.groups[k];
+    if (g.params.length !== mine.params.length) throw errors.stateDictMismatch("loaded state dict contains a parameter group that doesn't match the size of optimizer's group");
+    g.params.forEach((saved, j) => savedToIndex.set(saved, mine.params[j]));
+    groups.push({ ...g.hyper, params: mine.params });
+  });
+  const scalars: ScalarStateRow[] = session.params.map(() => null);
+  const ax: (Float32Array | null)[] = session.params.map(() => null);
+  const layout = layoutOf(session.params);
+  for (const [saved, s] of sd.state) {
+    const i = savedToIndex.get(saved);
+    if (i === undefined) continue; // PyTorch keeps state for unknown ids; no parameter would ever use it
+    const shape = session.params[i].shape;
+    if (s.axShape && (s.axShape.length !== shape.length || s.axShape.some((d, k) => d !== shape[k]))) {
+      throw errors.stateDictMismatch(`state.${saved}.ax: shape ${JSON.stringify(s.axShape)} does not match parameter ${JSON.stringify(session.params[i].name)} of shape ${JSON.stringify(shape)}`);
+    }
+    if (s.ax.length !== layout.numels[i]) {
+      throw errors.stateDictMismatch(`state.${saved}.ax: ${s.ax.length} elements, parameter ${JSON.stringify(session.params[i].name)} has ${layout.numels[i]}`);
+    }
+    scalars[i] = { step: Math.fround(s.step), eta: Math.fround(s.eta), mu: Math.fround(s.mu) };
+    ax[i] = s.ax;
+  }
+  return { groups, scalars, ax };
+}

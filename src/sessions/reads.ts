@@ -1,0 +1,102 @@
+// Reading a session's state as a consistent view: the current version from this process's copy (no
+// database read beyond the session row when the copy is current), an older version or a snapshot rebuilt.
+import type { ParamSpec } from '../db/schema.ts';
+import { errors } from '../errors.ts';
+import { consistentRead, mustFind, type SessionContext } from './context.ts';
+import type { History } from './history.ts';
+import type { StateView } from './model.ts';
+import * as repo from './repository.ts';
+import type { SessionState } from './state.ts';
+
+/** A view of the state without copying its tensors: valid until the state next changes. */
+function liveView(name: string, state: SessionState): StateView {
+  return {
+    session: name,
+    version: state.version,
+    step: state.step,
+    params: state.layout.params as ParamSpec[],
+    layout: state.layout,
+    groups: state.groups,
+    scalars: state.scalarRows(),
+    paramData: state.arena.params,
+    axData: state.arena.ax,
+  };
+}
+
+/** A view that owns copies of the tensors. */
+function copyView(name: string, params: ParamSpec[], state: SessionState): StateView {
+  return { ...liveView(name, state), params, paramData: state.arena.params.slice(), axData: state.arena.ax.slice() };
+}
+
+export type Reads = ReturnType<typeof createReads>;
+
+export function createReads(ctx: SessionContext, history: History) {
+  const { db, cache, mutex } = ctx;
+
+  /** A consistent copy of the state at `version` (default: current). */
+  async function view(name: string, version?: number | null): Promise<StateView> {
+    return mutex.run(name, async () => {
+      // The common case, a copy that is current, needs one read and no transaction.
+      const current = await mustFind(db, name);
+      const cached = cache.get(current.id);
+      if ((version == null || version === current.version) && cached?.state.version === current.version) {
+        return copyView(name, current.params, cache.touch(cached).state);
+      }
+      return consistentRead(db, async (q) => {
+        const session = await mustFind(q, name);
+        const target = version ?? session.version;
+        if (target > session.version || target < 1) throw errors.versionNotAvailable(target, await repo.oldestSnapshotVersion(q, session.id), session.version);
+        if (target === session.version) return copyView(name, session.params, (await history.currentState(q, session)).state);
+        const { state } = await history.buildState(q, session, target);
+        try {
+          return copyView(name, session.params, state);
+        } finally {
+          state.arena.release();
+        }
+      });
+    });
+  }
+
+  /**
+   * Calls `fn` with the state at `version` under the session's lock held by the caller: this process's copy
+   * itself when it is there (no read, no copy), else the copy caught up from the log, else a rebuild.
+   */
+  async function withStateAt(name: string, version: number, fn: (view: StateView) => void): Promise<void> {
+    const cached = cache.byName(name);
+    if (cached && cached.state.version === version) {
+      fn(liveView(name, cached.state));
+      return;
+    }
+    await consistentRead(db, async (q) => {
+      const session = await mustFind(q, name);
+      if (version > session.version || version < 1) throw errors.versionNotAvailable(version, await repo.oldestSnapshotVersion(q, session.id), session.version);
+      if (version === session.version) {
+        fn(liveView(name, (await history.currentState(q, session)).state));
+        return;
+      }
+      const { state } = await history.buildState(q, session, version);
+      try {
+        fn(liveView(name, state));
+      } finally {
+        state.arena.release();
+      }
+    });
+  }
+
+  /** A snapshot's state as a view (read and checked, not cached). */
+  async function snapshotView(name: string, id: number): Promise<StateView> {
+    const { session, state } = await consistentRead(db, async (q) => {
+      const session = await mustFind(q, name);
+      const snapshot = await repo.findSnapshot(q, session.id, id);
+      if (!snapshot) throw errors.snapshotNotFound(String(id));
+      return { session, state: await history.loadSnapshot(q, snapshot, session) };
+    });
+    try {
+      return copyView(name, session.params, state);
+    } finally {
+      state.arena.release();
+    }
+  }
+
+  return { view, withStateAt, snapshotView };
+}

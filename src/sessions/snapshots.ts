@@ -1,0 +1,55 @@
+// The snapshot resource: take one now (optionally pinned), list, read one, pin or unpin.
+import { errors } from '../errors.ts';
+import { consistentRead, mustFind, type SessionContext } from './context.ts';
+import type { History } from './history.ts';
+import * as repo from './repository.ts';
+import type { SessionRecord, SnapshotRecord } from './repository.ts';
+import { metaOf, type SnapshotWriter } from './snapshot-writer.ts';
+
+export function createSnapshots(ctx: SessionContext, history: History, writer: SnapshotWriter) {
+  const { db, mutex, hooks } = ctx;
+
+  async function snapshotNow(name: string, pinned: boolean): Promise<SnapshotRecord> {
+    return mutex.run(name, async () => {
+      const { session, entry } = await consistentRead(db, async (q) => {
+        const session = await mustFind(q, name);
+        return { session, entry: await history.currentState(q, session) };
+      });
+      const meta = metaOf(entry.state);
+      const bytes = entry.state.tensorBytes();
+      return db.transaction(async (tx) => {
+        let snapshot = await writer.write(tx, session.id, meta, bytes, 'manual', pinned);
+        if (!snapshot) {
+          // One already exists at this version: it is the same state; pin it if asked.
+          const existing = (await repo.findSnapshotAtOrBelow(tx, session.id, meta.version))!;
+          snapshot = pinned && !existing.pinned ? (await repo.setSnapshotPinned(tx, session.id, existing.id, true))! : existing;
+        }
+        entry.lastSnapshotVersion = Math.max(entry.lastSnapshotVersion, meta.version);
+        await repo.pruneHistory(tx, session.id, session.keepSnapshots);
+        hooks?.snapshotted?.(name, 'manual');
+        return snapshot;
+      });
+    });
+  }
+
+  async function list(name: string): Promise<{ session: SessionRecord; snapshots: SnapshotRecord[] }> {
+    const session = await mustFind(db, name);
+    return { session, snapshots: await repo.listSnapshots(db, session.id) };
+  }
+
+  async function get(name: string, id: number): Promise<{ session: SessionRecord; snapshot: SnapshotRecord }> {
+    const session = await mustFind(db, name);
+    const snapshot = await repo.findSnapshot(db, session.id, id);
+    if (!snapshot) throw errors.snapshotNotFound(String(id));
+    return { session, snapshot };
+  }
+
+  async function pin(name: string, id: number, pinned: boolean): Promise<SnapshotRecord> {
+    const session = await mustFind(db, name);
+    const snapshot = await repo.setSnapshotPinned(db, session.id, id, pinned);
+    if (!snapshot) throw errors.snapshotNotFound(String(id));
+    return snapshot;
+  }
+
+  return { snapshotNow, list, get, pin };
+}
