@@ -53,12 +53,6 @@ export const sessions = pgTable('sessions', {
   keepLogBytes: bigint('keep_log_bytes', { mode: 'number' }),
   /** Deleted by the sweeper after this many seconds without a step or a write (null: never). */
   expireAfterIdleS: integer('expire_after_idle_s'),
-  /**
-   * The groups at version 1 (created or forked): the hyperparameters in force before a step first changed
-   * them (step_history). Set by the database at insert (trigger sessions_initial_groups, migration 0005);
-   * null for a session older than that whose version-1 snapshot was pruned.
-   */
-  initialGroups: jsonb('initial_groups').$type<GroupSpec[]>(),
   createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
   updatedAt: timestamp('updated_at', { withTimezone: true }).notNull().defaultNow(),
 }, (t) => [uniqueIndex('sessions_name_key').on(t.name)]);
@@ -109,6 +103,19 @@ export const stepLog = pgTable('step_log', {
 }, (t) => [primaryKey({ columns: [t.sessionId, t.version] })]);
 
 /**
+ * The groups a session had at version 1 (created or forked), kept for its lifetime (its version-1 snapshot
+ * is pruned like any other): the hyperparameters in force before a step first changed them (step_history).
+ * Written by the database when the session row is inserted (trigger sessions_initial_groups, migration
+ * 0005), so every way of creating a session records them in its transaction. A session made before that
+ * migration has a row only while its version-1 snapshot was still kept then. Apart from the session row:
+ * only the dashboard reads it.
+ */
+export const initialGroups = pgTable('initial_groups', {
+  sessionId: bigint('session_id', { mode: 'number' }).primaryKey().references(() => sessions.id, { onDelete: 'cascade' }),
+  groups: jsonb('groups').$type<GroupSpec[]>().notNull(),
+});
+
+/**
  * One row per committed step, kept for the session's lifetime (not pruned with the log): the training
  * series a dashboard plots (metrics the client sent, staleness) and the groups' values when the step
  * changed them.
@@ -149,4 +156,4 @@ export type SessionRow = typeof sessions.$inferSelect;
 export type SnapshotRow = typeof snapshots.$inferSelect;
 export type TokenRow = typeof tokens.$inferSelect;
 
-export const schema = { sessions, snapshots, snapshotChunks, stepLog, stepHistory, idempotencyKeys, tokens };
+export const schema = { sessions, snapshots, snapshotChunks, stepLog, stepHistory, initialGroups, idempotencyKeys, tokens };

@@ -128,11 +128,11 @@ export async function hyperChanges(q: Queryable, sessionId: number, afterVersion
 }
 
 /**
- * Each group's hyperparameters at the session's first version (sessions.initial_groups), in the form of a
- * change's: what was in force before the first change. null when not known (see the column).
+ * Each group's hyperparameters at the session's first version (the initial_groups table), in the form of a
+ * change's: what was in force before the first change. null when not known (see the table).
  */
 export async function initialHyperparameters(q: Queryable, sessionId: number): Promise<Record<string, unknown>[] | null> {
-  const [row] = await q.query<{ groups: GroupSpec[] | null }>('SELECT initial_groups AS groups FROM sessions WHERE id = $1', [sessionId]);
+  const [row] = await q.query<{ groups: GroupSpec[] }>('SELECT groups FROM initial_groups WHERE session_id = $1', [sessionId]);
   return row?.groups?.map((g) => ({ lr: g.lr, lambd: g.lambd, alpha: g.alpha, t0: g.t0, weight_decay: g.weight_decay, maximize: g.maximize })) ?? null;
 }
 

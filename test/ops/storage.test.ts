@@ -63,7 +63,8 @@ test('a session reports the bytes PostgreSQL holds for its rows (within a page)'
       snapshotCount: await one('SELECT count(*) AS v FROM snapshots WHERE session_id = $1'),
       chunkBytes: await one('SELECT coalesce(sum(octet_length(c.data)), 0) AS v FROM snapshot_chunks c JOIN snapshots q ON q.id = c.snapshot_id WHERE q.session_id = $1'),
       other: await one(`SELECT (SELECT pg_column_size(s.*) FROM sessions s WHERE id = $1)
-        + coalesce((SELECT sum(pg_column_size(k.*)) FROM idempotency_keys k WHERE session_id = $1), 0) AS v`)
+        + coalesce((SELECT sum(pg_column_size(k.*)) FROM idempotency_keys k WHERE session_id = $1), 0)
+        + coalesce((SELECT sum(pg_column_size(g.*)) FROM initial_groups g WHERE session_id = $1), 0) AS v`)
         // Per-step history (issue 11), where that table exists.
         + ((await c.query("SELECT to_regclass('step_history') IS NOT NULL AS present")).rows[0].present
           ? await one('SELECT coalesce(sum(pg_column_size(h.*)), 0) AS v FROM step_history h WHERE session_id = $1') : 0),
