@@ -34,6 +34,9 @@ export default fp(
     const lockWait = new Histogram({
       name: 'asgd_step_lock_wait_seconds', help: 'Time a step waited for its session lock in this process', buckets: SECONDS_BUCKETS, registers,
     });
+    const batchSize = new Histogram({
+      name: 'asgd_step_batch_size', help: 'Steps committed together by one statement (group commit)', buckets: [1, 2, 4, 8, 16, 32, 64], registers,
+    });
     const steps = new Counter({ name: 'asgd_steps_total', help: 'Optimizer steps committed by this process, by session', labelNames: ['session'], registers });
     const snapshots = new Counter({
       name: 'asgd_snapshots_total', help: 'Snapshots written by this process, by session and reason', labelNames: ['session', 'reason'], registers,
@@ -65,6 +68,7 @@ export default fp(
       lockWait.observe(lockWaitSeconds);
       steps.inc({ session });
     };
+    fastify.sessionHooks.committed = (_session, count) => batchSize.observe(count);
     const reasonsSeen = new Map<string, Set<string>>();
     fastify.sessionHooks.snapshotted = (session, reason) => {
       snapshots.inc({ session, reason });

@@ -29,6 +29,7 @@ export default fp(
       idempotencyWindowSeconds: opts.config.idempotencyWindowSeconds,
       hooks: {
         stepped: (...args) => hooks.stepped?.(...args),
+        committed: (...args) => hooks.committed?.(...args),
         snapshotted: (...args) => hooks.snapshotted?.(...args),
       },
     });

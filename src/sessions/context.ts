@@ -11,6 +11,8 @@ import type { SessionRecord } from './repository.ts';
 
 export interface SessionHooks {
   stepped?(session: string, seconds: number, lockWaitSeconds: number): void;
+  /** A batch of `steps` steps committed as one statement (group commit). */
+  committed?(session: string, steps: number): void;
   snapshotted?(session: string, reason: string): void;
 }
 

@@ -4,6 +4,7 @@ import type { Database, Queryable } from '../db/database.ts';
 import type { GroupSpec, HyperDelta, ParamSpec, ScalarStateRow, SessionRow, SnapshotRow } from '../db/schema.ts';
 import type { GradDtype } from './gradients.ts';
 import { pruneLogToBytes } from './retention.ts';
+import { groupHyperparameters } from './step-input.ts';
 
 export const CHUNK_BYTES = 8 * 1024 * 1024;
 
@@ -170,14 +171,6 @@ export async function advanceSession(q: Queryable, id: number, version: number, 
   return new Date(rows[0].updated_at);
 }
 
-export async function insertStep(db: Database, q: Queryable, sessionId: number, entry: StepLogEntry, baseVersion: number | null): Promise<void> {
-  await q.query(
-    `INSERT INTO step_log (session_id, version, present, grads, base_version, hyper, grad_dtype) VALUES ($1, $2, $3, ${db.byteaParam(4)}, $5, $6::jsonb, $7)`,
-    [sessionId, entry.version, JSON.stringify(entry.present), db.byteaValue(entry.grads), baseVersion, entry.hyper === null ? null : JSON.stringify(entry.hyper), gradDtypeColumn(entry.gradDtype)],
-    { name: 'step_log_insert' },
-  );
-}
-
 /** One step's row of the training series (kept for the session's lifetime). */
 export async function insertHistory(
   q: Queryable,
@@ -232,82 +225,150 @@ export async function findHistoryPoint(q: Queryable, sessionId: number, version:
   return rows.length ? toHistory(rows[0]) : null;
 }
 
-export interface AppendedStep {
-  /** The session's version and max_staleness when the row lock was granted (before this step). */
-  previousVersion: number;
-  maxStaleness: number | null;
-  /** The session after the step; null when a check failed and nothing was written. */
-  session: SessionRecord | null;
+/** One step of a batch (repo.appendSteps): its gradient, what it sets, its checks and its Idempotency-Key. */
+export interface BatchStep extends StepExtras {
+  present: number[];
+  grads: Buffer;
+  gradDtype: GradDtype;
+  ifMatch: number | null;
+  baseVersion: number | null;
+  /** With its request's hash; null: no key. */
+  key: string | null;
+  requestHash: string;
 }
 
+/** An answer recorded under one of the batch's keys before (`live`: within the window; else expired). */
+export interface KnownKey {
+  /** The step's position in the batch. */
+  index: number;
+  requestHash: string;
+  response: Record<string, unknown>;
+  live: boolean;
+}
+
+export interface AppendedSteps {
+  /** The session's version and max_staleness when the row lock was granted (before the batch). */
+  previousVersion: number;
+  maxStaleness: number | null;
+  /** The session after the batch (its steps are versions previousVersion+1..+n, in order); null: nothing written. */
+  session: SessionRecord | null;
+  /** The batch's keys that already have a row: nothing was written; the caller answers or clears them, then retries. */
+  known: KnownKey[];
+}
+
+/** The step's position in the batch (0-based) -> its version, when every step before it is accepted. */
+const versionAt = (previous: number, index: number) => previous + index + 1;
+
+/** Whether a step is refused (If-Match, base_version, staleness) when applied to version `before`, as appendSteps checks. */
+export function refusedAt(s: Pick<BatchStep, 'ifMatch' | 'baseVersion'>, before: number, maxStaleness: number | null): boolean {
+  return (s.ifMatch !== null && s.ifMatch !== before) || (s.baseVersion !== null && s.baseVersion > before)
+    || (maxStaleness !== null && s.baseVersion !== null && before - s.baseVersion > maxStaleness);
+}
+
+/** The batch's steps' parameter columns in appendSteps' statement, in order. */
+const BATCH_COLUMNS = ['present jsonb', 'grads bytea', 'base bigint', 'if_match bigint', 'hyper jsonb', 'metrics jsonb', 'dtype text', 'key text', 'hash text'];
+
 /**
- * One step as one statement (one round trip, autocommit): lock the session row, check If-Match and
- * staleness against the locked version, log the gradient as version + 1 and bump the row. The row lock
- * is held for this statement and its commit only. null when the session (this id) no longer exists.
- * Under READ COMMITTED the lock wait ends on the newest row version (EvalPlanQual), and the UPDATE
- * re-reads that version too, so the checks and the new version are those of the row as locked.
+ * Group commit: a batch of steps as one statement (one round trip, autocommit). Lock the session row; if
+ * none of the batch's keys has an answer recorded and every step passes its checks at its position, log the
+ * gradients as versions v+1..v+n in order, advance the row once, write each step's row of step_history, its
+ * answer under its Idempotency-Key, and its NOTIFY (sent at commit). Otherwise write nothing and say why
+ * (`known`, or the version the caller checks each step at with refusedAt). Only the batch's last step may set
+ * hyperparameters. null when the session (this id) no longer exists.
+ *
+ * Keys: the statement's snapshot is taken before its lock wait, so a key another request recorded just
+ * before may be unseen here; its INSERT then fails on the key's primary key (23505) and nothing of the
+ * statement remains: the caller retries and finds the answer (isKeyConflict).
+ * Under READ COMMITTED the lock wait ends on the newest row version (EvalPlanQual), and the UPDATE re-reads
+ * that version too, so the checks and the new versions are those of the row as locked.
  */
-export async function appendStep(
-  db: Database,
-  q: Queryable,
-  sessionId: number,
-  entry: { present: number[]; grads: Buffer; gradDtype: GradDtype } & StepExtras,
-  checks: { ifMatch: number | null; baseVersion: number | null },
-): Promise<AppendedStep | null> {
-  if (db.kind === 'pglite') return appendStepPglite(db, sessionId, entry, checks);
-  // Also in this statement: the step's row of step_history, and the NOTIFY (sent at commit, so no
-  // listener ever hears of a version that did not commit). `notified` is a plain SELECT: referenced below,
-  // or PostgreSQL would not run it.
-  const rows = await q.query(
+export async function appendSteps(db: Database, sessionId: number, steps: readonly BatchStep[], windowSeconds: number): Promise<AppendedSteps | null> {
+  if (steps.some((s, i) => s.hyper !== null && i !== steps.length - 1)) throw new Error('appendSteps: only the last step of a batch may set hyperparameters');
+  if (db.kind === 'pglite') return appendStepsPglite(db, sessionId, steps, windowSeconds);
+  const n = steps.length;
+  const params: unknown[] = [sessionId, windowSeconds];
+  const rows: string[] = [];
+  steps.forEach((s, i) => {
+    const at = params.length;
+    rows.push(`(${i}, ${BATCH_COLUMNS.map((c, j) => `$${at + j + 1}::${c.split(' ')[1]}`).join(', ')})`);
+    params.push(JSON.stringify(s.present), s.grads, s.baseVersion, s.ifMatch, s.hyper === null ? null : JSON.stringify(s.hyper),
+      s.metrics === null ? null : JSON.stringify(s.metrics), gradDtypeColumn(s.gradDtype), s.key, s.requestHash);
+  });
+  const last = `(SELECT hyper FROM input WHERE i = ${n - 1})`;
+  // `notified` is a plain SELECT: referenced below, or PostgreSQL would not run it.
+  const result = await db.query(
     `WITH locked AS (
        SELECT id, name, version, step, max_staleness FROM sessions WHERE id = $1 FOR UPDATE
+     ), input (i, ${BATCH_COLUMNS.map((c) => c.split(' ')[0]).join(', ')}) AS (
+       VALUES ${rows.join(', ')}
+     ), known AS (
+       SELECT input.i, k.request_hash, k.response, k.created_at >= now() - make_interval(secs => $2) AS live
+       FROM input JOIN idempotency_keys k ON k.session_id = $1 AND k.key = input.key
+     ), accepted AS (
+       SELECT locked.* FROM locked
+       WHERE NOT EXISTS (SELECT 1 FROM known)
+         AND NOT EXISTS (SELECT 1 FROM input WHERE NOT (
+           (if_match IS NULL OR if_match = locked.version + i)
+           AND (base IS NULL OR base <= locked.version + i)
+           AND (locked.max_staleness IS NULL OR base IS NULL OR locked.version + i - base <= locked.max_staleness)))
      ), logged AS (
        INSERT INTO step_log (session_id, version, present, grads, base_version, hyper, grad_dtype)
-       SELECT id, version + 1, $2, ${db.byteaParam(3)}, $4::bigint, $6::jsonb, $8::text FROM locked
-       WHERE ($5::bigint IS NULL OR version = $5::bigint)
-         AND ($4::bigint IS NULL OR $4::bigint <= version)
-         AND (max_staleness IS NULL OR $4::bigint IS NULL OR version - $4::bigint <= max_staleness)
-       RETURNING session_id, version
+       SELECT a.id, a.version + input.i + 1, input.present, input.grads, input.base, input.hyper, input.dtype FROM accepted a, input
+       RETURNING version
      ), advanced AS (
-       UPDATE sessions SET version = logged.version, step = sessions.step + 1, updated_at = now(),
-         groups = CASE WHEN $6::jsonb IS NULL THEN sessions.groups ELSE ${mergeGroupsSql('sessions.groups', '$6::jsonb')} END
-       FROM logged WHERE sessions.id = logged.session_id
+       UPDATE sessions SET version = a.version + ${n}, step = sessions.step + ${n}, updated_at = now(),
+         groups = CASE WHEN ${last} IS NULL THEN sessions.groups ELSE ${mergeGroupsSql('sessions.groups', last)} END
+       FROM accepted a WHERE sessions.id = a.id
        RETURNING ${sessionColumns('sessions.')}
      ), recorded AS (
        INSERT INTO step_history (session_id, version, step, staleness, metrics, hyper)
-       SELECT logged.session_id, logged.version, locked.step + 1, CASE WHEN $4::bigint IS NULL THEN 0 ELSE logged.version - 1 - $4::bigint END,
-         $7::jsonb, CASE WHEN $6::jsonb IS NULL THEN NULL ELSE ${groupHyperSql('advanced.groups')} END
-       FROM logged, locked, advanced
+       SELECT a.id, a.version + input.i + 1, a.step + input.i + 1, CASE WHEN input.base IS NULL THEN 0 ELSE a.version + input.i - input.base END,
+         input.metrics, CASE WHEN input.hyper IS NULL THEN NULL ELSE ${groupHyperSql('advanced.groups')} END
+       FROM accepted a, input, advanced
+     ), answered AS (
+       INSERT INTO idempotency_keys (session_id, key, request_hash, response)
+       SELECT a.id, input.key, input.hash, jsonb_build_object('session', a.name, 'step', a.step + input.i + 1, 'version', a.version + input.i + 1,
+         'staleness', CASE WHEN input.base IS NULL THEN 0 ELSE a.version + input.i - input.base END)
+       FROM accepted a, input WHERE input.key IS NOT NULL
      ), notified AS (
-       SELECT pg_notify('${VERSION_CHANNEL}', locked.name || ':' || logged.version || ':' || (locked.step + 1)) FROM logged, locked
+       SELECT pg_notify('${VERSION_CHANNEL}', a.name || ':' || (a.version + input.i + 1) || ':' || (a.step + input.i + 1)) FROM accepted a, input
      )
      SELECT locked.version::float8 AS previous_version, locked.max_staleness AS previous_max_staleness, advanced.*,
-       (SELECT count(*) FROM notified) AS notified
+       (SELECT count(*) FROM notified) + (SELECT count(*) FROM logged) AS written,
+       (SELECT jsonb_agg(jsonb_build_object('index', i, 'request_hash', request_hash, 'response', response, 'live', live)) FROM known) AS known
      FROM locked LEFT JOIN advanced ON true`,
-    [sessionId, JSON.stringify(entry.present), db.byteaValue(entry.grads), checks.baseVersion, checks.ifMatch,
-      entry.hyper === null ? null : JSON.stringify(entry.hyper), entry.metrics === null ? null : JSON.stringify(entry.metrics), gradDtypeColumn(entry.gradDtype)],
-    { name: 'step_append' },
+    params,
+    { name: `step_append_${n}` },
   );
-  if (rows.length === 0) return null;
-  const r = rows[0];
+  if (result.length === 0) return null;
+  const r = result[0];
+  const known = ((r.known as { index: number; request_hash: string; response: Record<string, unknown>; live: boolean }[] | null) ?? [])
+    .map((k) => ({ index: k.index, requestHash: k.request_hash, response: k.response, live: k.live }));
   return {
     previousVersion: r.previous_version as number,
     maxStaleness: (r.previous_max_staleness as number | null) ?? null,
     session: r.id === null || r.id === undefined ? null : toSession(r),
+    known,
   };
 }
 
+/** True for the error of a batch whose key another request recorded meanwhile (appendSteps): retry it. */
+export function isKeyConflict(err: unknown): boolean {
+  const e = err as { code?: unknown; constraint?: unknown } | null;
+  return e?.code === '23505' && typeof e.constraint === 'string' && e.constraint.startsWith('idempotency_keys');
+}
+
+/** Forgets expired answers under these keys (their window has passed: the keys are new again). */
+export async function clearExpiredKeys(q: Queryable, sessionId: number, keys: string[], windowSeconds: number): Promise<void> {
+  await q.query('DELETE FROM idempotency_keys WHERE session_id = $1 AND key = ANY($2::text[]) AND created_at < now() - make_interval(secs => $3)', [sessionId, keys, windowSeconds]);
+}
+
 /**
- * appendStep on PGlite: a transaction (its statements are calls within this process, not round trips)
- * whose log row arrives by binary COPY from a blob: 4 MB of gradients in 120-150 ms instead of 300-600 ms
- * as base64 text decoded in SQL. The checks are appendStep's WHERE clause.
+ * appendSteps on PGlite: a transaction (its statements are calls within this process, not round trips)
+ * whose log rows arrive by binary COPY from a blob: 4 MB of gradients in 120-150 ms instead of 300-600 ms
+ * as base64 text decoded in SQL. The checks are appendSteps' (refusedAt).
  */
-async function appendStepPglite(
-  db: Database,
-  sessionId: number,
-  entry: { present: number[]; grads: Buffer; gradDtype: GradDtype } & StepExtras,
-  checks: { ifMatch: number | null; baseVersion: number | null },
-): Promise<AppendedStep | null> {
+async function appendStepsPglite(db: Database, sessionId: number, steps: readonly BatchStep[], windowSeconds: number): Promise<AppendedSteps | null> {
   return db.transaction(async (tx) => {
     const locked = await tx.query<{ version: number; max_staleness: number | null }>(
       'SELECT version::float8 AS version, max_staleness FROM sessions WHERE id = $1 FOR UPDATE',
@@ -315,36 +376,47 @@ async function appendStepPglite(
     );
     if (locked.length === 0) return null;
     const { version, max_staleness: maxStaleness } = locked[0];
-    const { ifMatch, baseVersion } = checks;
-    const allowed = (ifMatch === null || version === ifMatch) && (baseVersion === null || baseVersion <= version)
-      && (maxStaleness === null || baseVersion === null || version - baseVersion <= maxStaleness);
-    if (!allowed) return { previousVersion: version, maxStaleness, session: null };
-    const hyper = entry.hyper === null ? null : JSON.stringify(entry.hyper);
-    const gradDtype = gradDtypeColumn(entry.gradDtype);
-    await tx.query("COPY step_log (session_id, version, present, grads, base_version, hyper, grad_dtype) FROM '/dev/blob' WITH (FORMAT binary)", [], {
-      blob: copyRow([
-        int8(sessionId), int8(version + 1), jsonb(JSON.stringify(entry.present)), entry.grads, baseVersion === null ? null : int8(baseVersion),
-        hyper === null ? null : jsonb(hyper), gradDtype === null ? null : Buffer.from(gradDtype, 'utf8'),
-      ]),
-    });
+    const keys = steps.map((s) => s.key).filter((k): k is string => k !== null);
+    const known: KnownKey[] = [];
+    if (keys.length) {
+      const found = await tx.query<{ key: string; request_hash: string; response: Record<string, unknown>; live: boolean }>(
+        'SELECT key, request_hash, response, created_at >= now() - make_interval(secs => $3) AS live FROM idempotency_keys WHERE session_id = $1 AND key = ANY($2::text[])',
+        [sessionId, keys, windowSeconds],
+      );
+      for (const f of found) known.push({ index: steps.findIndex((s) => s.key === f.key), requestHash: f.request_hash, response: f.response, live: f.live });
+    }
+    if (known.length || steps.some((s, i) => refusedAt(s, versionAt(version, i) - 1, maxStaleness))) return { previousVersion: version, maxStaleness, session: null, known };
+    let step = 0;
+    for (const [i, s] of steps.entries()) {
+      const hyper = s.hyper === null ? null : JSON.stringify(s.hyper);
+      const gradDtype = gradDtypeColumn(s.gradDtype);
+      await tx.query("COPY step_log (session_id, version, present, grads, base_version, hyper, grad_dtype) FROM '/dev/blob' WITH (FORMAT binary)", [], {
+        blob: copyRow([
+          int8(sessionId), int8(versionAt(version, i)), jsonb(JSON.stringify(s.present)), s.grads, s.baseVersion === null ? null : int8(s.baseVersion),
+          hyper === null ? null : jsonb(hyper), gradDtype === null ? null : Buffer.from(gradDtype, 'utf8'),
+        ]),
+      });
+    }
+    const lastHyper = steps[steps.length - 1].hyper;
     const rows = await tx.query(
-      `UPDATE sessions SET version = $2, step = step + 1, updated_at = now(),
+      `UPDATE sessions SET version = $2, step = step + $4, updated_at = now(),
          groups = CASE WHEN $3::jsonb IS NULL THEN groups ELSE ${mergeGroupsSql('groups', '$3::jsonb')} END
        WHERE id = $1 RETURNING ${SESSION_COLUMNS}`,
-      [sessionId, version + 1, hyper],
+      [sessionId, version + steps.length, lastHyper === null ? null : JSON.stringify(lastHyper), steps.length],
     );
     const session = toSession(rows[0]);
-    await insertHistory(tx, {
-      sessionId, version: session.version, step: session.step, staleness: baseVersion === null ? 0 : version - baseVersion,
-      metrics: entry.metrics, hyper: entry.hyper === null ? null : groupHyperparametersOf(session.groups),
-    });
-    await notifyVersion(tx, session.name, session.version, session.step);
-    return { previousVersion: version, maxStaleness, session };
+    const firstStep = session.step - steps.length;
+    for (const [i, s] of steps.entries()) {
+      const v = versionAt(version, i);
+      step = firstStep + i + 1;
+      const staleness = s.baseVersion === null ? 0 : v - 1 - s.baseVersion;
+      await insertHistory(tx, { sessionId, version: v, step, staleness, metrics: s.metrics, hyper: s.hyper === null ? null : groupHyperparameters(session.groups) });
+      if (s.key !== null) await saveIdempotentAnswer(tx, sessionId, s.key, s.requestHash, { session: session.name, step, version: v, staleness });
+      await notifyVersion(tx, session.name, v, step);
+    }
+    return { previousVersion: version, maxStaleness, session, known };
   });
 }
-
-const groupHyperparametersOf = (groups: GroupSpec[]) =>
-  groups.map((g) => ({ lr: g.lr, lambd: g.lambd, alpha: g.alpha, t0: g.t0, weight_decay: g.weight_decay, maximize: g.maximize }));
 
 const int8 = (value: number) => {
   const out = Buffer.allocUnsafe(8);
@@ -480,20 +552,6 @@ export async function pruneHistory(q: Queryable, sessionId: number, keep: number
     [sessionId, keep],
   );
   return { snapshots: deleted.length, steps: steps.length + (await pruneLogToBytes(q, sessionId)) };
-}
-
-export async function findIdempotentAnswer(
-  q: Queryable,
-  sessionId: number,
-  key: string,
-  windowSeconds: number,
-): Promise<{ requestHash: string; response: Record<string, unknown> } | null> {
-  const rows = await q.query<{ request_hash: string; response: Record<string, unknown> }>(
-    'SELECT request_hash, response FROM idempotency_keys WHERE session_id = $1 AND key = $2 AND created_at >= now() - make_interval(secs => $3)',
-    [sessionId, key, windowSeconds],
-    { name: 'idempotency_find' },
-  );
-  return rows.length ? { requestHash: rows[0].request_hash, response: rows[0].response } : null;
 }
 
 export async function saveIdempotentAnswer(q: Queryable, sessionId: number, key: string, requestHash: string, response: Record<string, unknown>): Promise<void> {

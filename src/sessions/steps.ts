@@ -1,151 +1,259 @@
-// The step protocols.
+// The step protocol: group commit.
 //
-// Durability model: a step writes the gradient (and the hyperparameters it sets) to the step log, its row
-// of step_history, bumps the version and NOTIFYs asgd_versions under the session's row lock, as one
-// statement (repo.appendStep) or, with an Idempotency-Key, one transaction that also records the answer;
-// the answer comes after the commit. Full snapshots (params + optimizer state) are
-// written every `snapshotEvery` steps off the request path, and synchronously for changes that are not
-// steps (create, load_state_dict, restore, fork). The state at version v is the newest snapshot at or
-// below v with the logged steps after it replayed; the kernel is deterministic, so the replay is
-// bit-exact. A process keeps decoded state in memory: a plain step runs the kernel after its commit, on
-// a copy that was at the version before it; a copy left behind by other processes catches up from the
-// log when next read; a keyed step that fails after the kernel ran drops the copy. No copy is ever ahead
-// of the database, and none is served or stepped at a version other than the one it claims.
+// Durability model: steps on one session that wait in this process are committed as one batch, one
+// statement (repo.appendSteps): under the session's row lock it logs their gradients (and the
+// hyperparameters they set) to the step log as versions v+1..v+n in arrival order, writes each one's row of
+// step_history and, with an Idempotency-Key, its answer, bumps the version once and NOTIFYs asgd_versions
+// per version; every request is answered after that commit, with its own version. Across processes the
+// row lock orders the batches. Full snapshots (params + optimizer state) are written every `snapshotEvery`
+// steps off the request path, and synchronously for changes that are not steps (create, load_state_dict,
+// restore, fork). The state at version v is the newest snapshot at or below v with the logged steps after
+// it replayed; the kernel is deterministic, so the replay is bit-exact. A process keeps decoded state in
+// memory: the kernel runs after the commit, step by step in the batch's order, on a copy that was at the
+// version before the batch; a copy left behind by other processes catches up from the log when next read.
+// No copy is ever ahead of the database, and none is served or stepped at a version other than the one it
+// claims.
 import { errors } from '../errors.ts';
 import type { CacheEntry } from './cache.ts';
 import { consistentRead, mustFind, type SessionContext } from './context.ts';
-import { decodeGradients, packGradients, type GradientInput } from './gradients.ts';
+import { decodeGradients, packGradients, unpackGradients, type GradientInput } from './gradients.ts';
 import type { History } from './history.ts';
 import type { StepAnswer, StepOptions } from './model.ts';
 import type { Reads } from './reads.ts';
 import * as repo from './repository.ts';
-import type { SessionRecord } from './repository.ts';
 import type { SnapshotWriter } from './snapshot-writer.ts';
-import { applyHyperDelta, groupHyperparameters, parseStepHyper } from './step-input.ts';
+import { applyHyperDelta, parseStepHyper } from './step-input.ts';
 
-type StepOutcome = { answer: StepAnswer; snapshot: { session: SessionRecord; entry: CacheEntry } | null };
+/** A batch holds at most this many steps and this many bytes of gradients (each step owns a copy until it commits). */
+const MAX_BATCH_STEPS = 64;
+const MAX_BATCH_BYTES = 64 * 1024 * 1024;
+/** How often a batch is tried again after a key conflict with a request committed meanwhile. */
+const MAX_KEY_RETRIES = 3;
 
-/** The errors of a step refused by the checks on the locked version, in the order they are checked; its staleness. */
-function checkStep(version: number, maxStaleness: number | null, opts: StepOptions): number {
-  if (opts.ifMatch !== null && opts.ifMatch !== undefined && opts.ifMatch !== version) throw errors.versionMismatch(`"${opts.ifMatch}"`, version);
+/** A step request waiting in this process for its batch. */
+interface Waiting {
+  input: GradientInput;
+  opts: StepOptions;
+  queued: bigint;
+  resolve: (answer: StepAnswer) => void;
+  reject: (err: unknown) => void;
+}
+
+/** A request of the batch being committed, validated and packed. */
+interface Prepared extends repo.BatchStep {
+  request: Waiting;
+}
+
+/** The error of a step refused by the checks at the version it would have been applied to (repo.refusedAt). */
+function refusal(opts: StepOptions, version: number, maxStaleness: number | null): Error {
+  if (opts.ifMatch !== null && opts.ifMatch !== undefined && opts.ifMatch !== version) return errors.versionMismatch(`"${opts.ifMatch}"`, version);
   const baseVersion = opts.baseVersion ?? null;
   if (baseVersion !== null && baseVersion > version) {
-    throw errors.invalidBody(`base_version: ${baseVersion} is newer than the session's version ${version}`);
+    return errors.invalidBody(`base_version: ${baseVersion} is newer than the session's version ${version}`);
   }
-  const staleness = baseVersion === null ? 0 : version - baseVersion;
-  if (maxStaleness !== null && staleness > maxStaleness) throw errors.staleGradient(staleness, maxStaleness, version);
-  return staleness;
+  return errors.staleGradient(version - (baseVersion ?? version), maxStaleness ?? 0, version);
 }
+
+const gradBytes = (input: GradientInput) => {
+  if (input.format !== 'tensors') return 0;
+  let total = 0;
+  for (const t of input.tensors.values()) total += t.data.byteLength;
+  return total;
+};
 
 export function createSteps(ctx: SessionContext, history: History, writer: SnapshotWriter, reads: Reads) {
   const { db, cache, mutex, kernel, kernelOptions, log, hooks } = ctx;
+  const queues = new Map<string, Waiting[]>();
 
-  async function step(name: string, input: GradientInput, opts: StepOptions = {}): Promise<StepAnswer> {
-    const queued = process.hrtime.bigint();
-    return mutex.run(name, async () => {
-      const started = process.hrtime.bigint();
-      // An Idempotency-Key needs its lookup and its answer under the row lock: a transaction. Every other
-      // step is one statement, with the row lock held for that statement and its commit only.
-      const { answer, snapshot } = opts.idempotencyKey ? await lockedStep(name, input, opts) : await appendedStep(name, input, opts);
-      const done = process.hrtime.bigint();
-      hooks?.stepped?.(name, Number(done - started) / 1e9, Number(started - queued) / 1e9);
-      if (opts.encodeAt) await reads.withStateAt(name, answer.version, (view) => opts.encodeAt!(view, answer));
-      if (snapshot) writer.inBackground(snapshot.session, snapshot.entry, 'auto');
-      return answer;
+  /** Queues the step; a batch of the waiting steps of this session runs when the session's lock is free. */
+  function step(name: string, input: GradientInput, opts: StepOptions = {}): Promise<StepAnswer> {
+    return new Promise<StepAnswer>((resolve, reject) => {
+      const queue = queues.get(name);
+      const request: Waiting = { input, opts, queued: process.hrtime.bigint(), resolve, reject };
+      if (queue) {
+        queue.push(request);
+        return;
+      }
+      queues.set(name, [request]);
+      void mutex.run(name, () => drain(name));
     });
   }
 
+  /** Takes the next batch off the session's queue (in arrival order) and commits it; the rest waits for the lock again. */
+  async function drain(name: string): Promise<void> {
+    const queue = queues.get(name)!;
+    const batch: Waiting[] = [];
+    let bytes = 0;
+    while (queue.length && batch.length < MAX_BATCH_STEPS) {
+      const next = queue[0];
+      const size = gradBytes(next.input);
+      if (batch.length && bytes + size > MAX_BATCH_BYTES) break;
+      // A retry of a step in this batch (its Idempotency-Key) waits for the next: it gets the first one's answer.
+      if (next.opts.idempotencyKey && batch.some((b) => b.opts.idempotencyKey === next.opts.idempotencyKey)) break;
+      batch.push(queue.shift()!);
+      bytes += size;
+      // Hyperparameters a step sets end its batch: the steps after it run with them (the statement merges one set).
+      if (next.opts.paramGroups !== undefined && next.opts.paramGroups !== null) break;
+    }
+    if (queue.length) void mutex.run(name, () => drain(name));
+    else queues.delete(name);
+    try {
+      await commitBatch(name, batch);
+    } catch (err) {
+      for (const request of batch) request.reject(err);
+    }
+  }
+
   /**
-   * A step as one statement (repo.appendStep). The gradient is validated against this process's copy of the
-   * session first (its layout); the kernel runs after the commit, when the copy was at the version before
-   * this step. A copy is never ahead of the database, so a failed statement leaves nothing to undo.
+   * Validates each request against this process's copy (its layout: a bad gradient is refused alone), packs
+   * its gradient, commits the batch, runs the kernel and answers. A request is settled once.
    */
-  async function appendedStep(name: string, input: GradientInput, opts: StepOptions, retried = false): Promise<StepOutcome> {
+  async function commitBatch(name: string, batch: Waiting[], retried = false): Promise<void> {
+    const started = process.hrtime.bigint();
     let entry = cache.byName(name);
     if (!entry) entry = await consistentRead(db, async (q) => history.currentState(q, await mustFind(q, name)));
     const { state } = entry;
     const id = cache.idOf(state);
-    const decoded = decodeGradients(input, state); // validates everything before anything is written
-    const { present } = decoded;
-    const hyper = parseStepHyper(opts.paramGroups, state.groups);
-    opts.beforeWrite?.(state.layout);
-    const grads = packGradients(state, decoded);
-    const appended = await repo.appendStep(db, db, id, { present, grads, gradDtype: decoded.dtype, hyper, metrics: opts.metrics ?? null }, { ifMatch: opts.ifMatch ?? null, baseVersion: opts.baseVersion ?? null });
-    if (!appended) {
-      // Deleted (and perhaps created again under the same name) by another process since this copy was made.
-      cache.forgetName(name, id);
-      if (retried) throw errors.sessionNotFound(name);
-      return appendedStep(name, input, opts, true);
-    }
-    const staleness = checkStep(appended.previousVersion, appended.maxStaleness, opts);
-    const session = appended.session!;
-    let current = false;
-    if (cache.get(id) === entry) {
+    let steps: Prepared[] = [];
+    for (const request of batch) {
       try {
-        if (state.version === appended.previousVersion) {
-          // In step with the database: stays current. The step's hyperparameters first, as a scheduler sets them.
-          if (hyper) state.groups = applyHyperDelta(state.groups, hyper);
-          state.applyStep(present, kernel, kernelOptions);
-        } else if (writer.due(session, entry, session.version)) {
-          // Behind (other steps committed meanwhile) and a snapshot is due: catch up, this step included.
-          if (!(await history.replay(db, state, session.version))) cache.forget(id);
-        }
-        // Otherwise the copy stays behind and catches up from the log when it is next read (currentState):
-        // under several writers that is one batched read instead of one per step.
-        current = cache.get(id) === entry && state.version === session.version;
+        const { opts } = request;
+        const decoded = decodeGradients(request.input, state); // validates everything before anything is written
+        const hyper = parseStepHyper(opts.paramGroups, state.groups);
+        opts.beforeWrite?.(state.layout);
+        let grads = packGradients(state, decoded);
+        // With every parameter present that is a view of the arena's gradient buffer, which the next request
+        // decodes into and the kernel reads: in a batch of several, each step keeps its own copy.
+        if (batch.length > 1 && grads.buffer === state.arena.grads.buffer) grads = Buffer.from(grads);
+        steps.push({
+          request, present: decoded.present, grads, gradDtype: decoded.dtype, hyper, metrics: opts.metrics ?? null,
+          ifMatch: opts.ifMatch ?? null, baseVersion: opts.baseVersion ?? null, key: opts.idempotencyKey ?? null, requestHash: opts.requestHash ?? '',
+        });
       } catch (err) {
-        // The step is committed; only this process's copy is lost (the next request rebuilds it).
+        request.reject(err);
+      }
+    }
+    // A lone step's gradient is still in the arena (nothing touches it before the kernel runs: answers to
+    // retried keys wait until the batch is done); in a batch of several each is unpacked before its turn.
+    const inArena = batch.length === 1 && steps.length === 1 ? steps[0] : null;
+    const replayed: { request: Waiting; result: StepAnswer }[] = [];
+    try {
+      await commitSteps(name, entry, id, steps, inArena, replayed, started, retried);
+    } finally {
+      for (const { request, result } of replayed) await answer(name, request, result);
+    }
+  }
+
+  async function commitSteps(
+    name: string, entry: CacheEntry, id: number, steps: Prepared[], inArena: Prepared | null,
+    replayed: { request: Waiting; result: StepAnswer }[], started: bigint, retried: boolean,
+  ): Promise<void> {
+    let conflicts = 0;
+    while (steps.length) {
+      let appended: repo.AppendedSteps | null;
+      try {
+        appended = await repo.appendSteps(db, id, steps, ctx.idempotencyWindowSeconds);
+      } catch (err) {
+        if (!repo.isKeyConflict(err) || ++conflicts > MAX_KEY_RETRIES) throw err;
+        continue; // a key recorded meanwhile by another request: the next try sees its answer
+      }
+      if (!appended) {
+        // Deleted (and perhaps created again under the same name) by another process since this copy was made.
+        cache.forgetName(name, id);
+        if (retried) throw errors.sessionNotFound(name);
+        return commitBatch(name, steps.map((s) => s.request), true);
+      }
+      if (appended.known.length) {
+        // Keys with an answer: a retry gets the first answer (a live key), a reused key its error; an expired
+        // key is new again. Nothing was written; the others go again.
+        const expired: string[] = [];
+        const settled = new Set<number>();
+        for (const k of appended.known) {
+          const s = steps[k.index];
+          if (!k.live) expired.push(s.key!);
+          else if (k.requestHash !== s.requestHash) {
+            s.request.reject(errors.idempotencyKeyReused());
+            settled.add(k.index);
+          } else {
+            settled.add(k.index);
+            replayed.push({ request: s.request, result: { ...(k.response as unknown as StepAnswer), replayed: true } });
+          }
+        }
+        if (expired.length) await repo.clearExpiredKeys(db, id, expired, ctx.idempotencyWindowSeconds);
+        steps = steps.filter((_, i) => !settled.has(i));
+        continue;
+      }
+      if (!appended.session) {
+        // A check failed at a step's position: refuse each step that fails at the position it would have
+        // once those before it are refused, try the others again.
+        const kept: Prepared[] = [];
+        let before = appended.previousVersion;
+        for (const s of steps) {
+          if (repo.refusedAt(s, before, appended.maxStaleness)) s.request.reject(refusal(s.request.opts, before, appended.maxStaleness));
+          else {
+            kept.push(s);
+            before += 1;
+          }
+        }
+        if (kept.length === steps.length) throw new Error(`step batch of ${steps.length} refused at version ${appended.previousVersion} with no check failing`);
+        steps = kept;
+        continue;
+      }
+      await committed(name, entry, id, steps, appended, inArena, started);
+      return;
+    }
+  }
+
+  /** After the batch's commit: the kernel runs each step in order on a copy that was current, and each request is answered. */
+  async function committed(name: string, entry: CacheEntry, id: number, steps: Prepared[], appended: repo.AppendedSteps, inArena: Prepared | null, started: bigint): Promise<void> {
+    const session = appended.session!;
+    const { state } = entry;
+    const first = appended.previousVersion + 1;
+    const answers: StepAnswer[] = steps.map((s, i) => ({
+      session: name, step: session.step - steps.length + i + 1, version: first + i,
+      staleness: s.baseVersion === null ? 0 : first + i - 1 - s.baseVersion,
+    }));
+    const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+    hooks?.committed?.(name, steps.length);
+    let current = cache.get(id) === entry && state.version === appended.previousVersion;
+    for (const [i, s] of steps.entries()) {
+      hooks?.stepped?.(name, seconds, Number(started - s.request.queued) / 1e9);
+      if (current) {
+        try {
+          // In step with the database: stays current. The step's hyperparameters first, as a scheduler sets them.
+          if (s !== inArena) unpackGradients(state, s.present, s.grads, s.gradDtype);
+          if (s.hyper) state.groups = applyHyperDelta(state.groups, s.hyper);
+          state.applyStep(s.present, kernel, kernelOptions);
+        } catch (err) {
+          // The steps are committed; only this process's copy is lost (the next request rebuilds it).
+          cache.forget(id);
+          current = false;
+          log.warn({ err, session: name, version: answers[i].version }, 'could not bring the cached state up to a committed step');
+        }
+      }
+      await answer(name, s.request, answers[i]);
+    }
+    if (!current && cache.get(id) === entry && writer.due(session, entry, session.version)) {
+      // Behind (other steps committed meanwhile) and a snapshot is due: catch up, these steps included.
+      // Otherwise the copy stays behind and catches up from the log when it is next read (currentState):
+      // under several writers that is one batched read instead of one per step.
+      try {
+        if (!(await history.replay(db, state, session.version))) cache.forget(id);
+      } catch (err) {
         cache.forget(id);
         log.warn({ err, session: name, version: session.version }, 'could not bring the cached state up to a committed step');
       }
     }
-    const answer: StepAnswer = { session: name, step: session.step, version: session.version, staleness };
-    return { answer, snapshot: current && writer.due(session, entry) ? { session, entry } : null };
+    if (cache.get(id) === entry && state.version === session.version && writer.due(session, entry)) writer.inBackground(session, entry, 'auto');
   }
 
-  /** A step with an Idempotency-Key: a transaction under the row lock (lookup, checks, log, answer). */
-  async function lockedStep(name: string, input: GradientInput, opts: StepOptions): Promise<StepOutcome> {
-    let touched: number | null = null;
-    let snapshot: StepOutcome['snapshot'] = null;
+  /** Answers a committed (or replayed) step, with its state encoded at its version when the request asks for it. */
+  async function answer(name: string, request: Waiting, result: StepAnswer): Promise<void> {
     try {
-      const answer = await db.transaction(async (tx) => {
-        const session = await mustFind(tx, name, true);
-        if (opts.idempotencyKey) {
-          const previous = await repo.findIdempotentAnswer(tx, session.id, opts.idempotencyKey, ctx.idempotencyWindowSeconds);
-          if (previous) {
-            if (previous.requestHash !== opts.requestHash) throw errors.idempotencyKeyReused();
-            return { ...(previous.response as unknown as StepAnswer), replayed: true };
-          }
-        }
-        const staleness = checkStep(session.version, session.maxStaleness, opts);
-        const baseVersion = opts.baseVersion ?? null;
-        const entry = await history.currentState(tx, session);
-        const { state } = entry;
-        const decoded = decodeGradients(input, state); // validates everything before anything moves
-        const { present } = decoded;
-        const hyper = parseStepHyper(opts.paramGroups, state.groups);
-        opts.beforeWrite?.(state.layout);
-        const version = session.version + 1;
-        await repo.insertStep(db, tx, session.id, { version, present, grads: packGradients(state, decoded), gradDtype: decoded.dtype, hyper }, baseVersion);
-        touched = session.id;
-        if (hyper) state.groups = applyHyperDelta(state.groups, hyper);
-        state.applyStep(present, kernel, kernelOptions);
-        await repo.advanceSession(tx, session.id, state.version, state.step, hyper ? state.groups : undefined);
-        await repo.insertHistory(tx, {
-          sessionId: session.id, version: state.version, step: state.step, staleness, metrics: opts.metrics ?? null,
-          hyper: hyper ? groupHyperparameters(state.groups) : null,
-        });
-        await repo.notifyVersion(tx, name, state.version, state.step);
-        const result: StepAnswer = { session: name, step: state.step, version: state.version, staleness };
-        if (opts.idempotencyKey) await repo.saveIdempotentAnswer(tx, session.id, opts.idempotencyKey, opts.requestHash ?? '', { ...result });
-        if (writer.due(session, entry)) snapshot = { session, entry };
-        return result;
-      });
-      touched = null;
-      return { answer, snapshot };
-    } finally {
-      // The transaction did not commit after the kernel ran: this process's copy is ahead of the database.
-      if (touched !== null) cache.forget(touched);
+      if (request.opts.encodeAt) await reads.withStateAt(name, result.version, (view) => request.opts.encodeAt!(view, result));
+      request.resolve(result);
+    } catch (err) {
+      request.reject(err);
     }
   }
 
