@@ -10,6 +10,7 @@ import type { Database } from './db/database.ts';
 import errorsPlugin, { ERROR_CODE_KEYWORD, errorBody } from './plugins/errors.ts';
 import { SESSION_NAME_SOURCE } from './sessions/spec.ts';
 import contentTypesPlugin from './plugins/content-types.ts';
+import corsPlugin from './plugins/cors.ts';
 import dbPlugin from './plugins/db.ts';
 import sessionsPlugin from './plugins/sessions.ts';
 import notifierPlugin from './plugins/notifier.ts';
@@ -55,6 +56,8 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
   // Order matters: the limits' onRequest hook sheds load before auth touches the database; auth's onRoute
   // hook must see every route, and swagger's collector every route after it.
   await fastify.register(errorsPlugin);
+  // Before load shedding, the database's health gate and auth: a browser's preflight carries no token.
+  await fastify.register(corsPlugin, { config });
   await fastify.register(contentTypesPlugin, { config });
   await fastify.register(dbPlugin, { config, migrate: opts.migrate ?? false, database: opts.database });
   await fastify.register(sessionsPlugin, { config });

@@ -29,6 +29,7 @@ export const FLAGS: Flag[] = [
   { env: 'ASGD_ADMIN_TOKEN', value: 'token', help: 'admin bearer token, 16+ characters (prefer the variable: flags show in ps)' },
   { env: 'ASGD_ALLOW_INSECURE', boolean: true, help: 'allow a non-loopback --host without a token' },
   { env: 'ASGD_TRUST_PROXY', value: 'v', help: 'trust X-Forwarded-For from: true, a hop count, or addresses/CIDRs (default false)' },
+  { env: 'ASGD_CORS_ORIGINS', value: 'origins', help: 'browser origins allowed to call the API (CORS): https://host[:port],… or * (default off)' },
   { env: 'ASGD_BODY_LIMIT_STEP', value: 'bytes', help: 'largest step body (default 1 GiB)' },
   { env: 'ASGD_BODY_LIMIT_CREATE', value: 'bytes', help: 'largest create / state_dict / checkpoint body (default 2 GiB)' },
   { env: 'ASGD_BODY_LIMIT_DEFAULT', value: 'bytes', help: 'largest body of other routes (default 1 MiB)' },

@@ -52,6 +52,8 @@ export interface Config {
   metricsRequireToken: boolean;
   /** Fastify's trustProxy: false, true, a hop count, or a comma-separated list of proxy addresses/CIDRs. */
   trustProxy: boolean | number | string[];
+  /** Browser origins allowed to call the API (CORS, src/plugins/cors.ts): a list, '*' for any, null = off. */
+  corsOrigins: string[] | '*' | null;
   /** Apply pending migrations when `serve` starts; null (unset) = yes. */
   migrateOnStart: boolean | null;
   /** After SIGTERM, in-flight requests get this long to finish before the process exits anyway. */
@@ -94,6 +96,23 @@ function trustProxyOf(env: Env): Config['trustProxy'] {
     if (!/^[0-9A-Fa-f:.]+(\/\d{1,3})?$/.test(entry)) throw new ConfigError(`ASGD_TRUST_PROXY: ${JSON.stringify(entry)} is not an address or CIDR (or use true, false or a hop count)`);
   }
   return list;
+}
+
+function corsOriginsOf(env: Env): Config['corsOrigins'] {
+  const raw = env.ASGD_CORS_ORIGINS?.trim() ?? '';
+  if (raw === '') return null;
+  if (raw === '*') return '*';
+  return raw.split(',').map((s) => s.trim()).filter(Boolean).map((entry) => {
+    // An origin as a browser sends it: scheme://host[:port], no path; compared in URL's serialization.
+    if (!/^https?:\/\/[^/?#\s*]+$/i.test(entry)) {
+      throw new ConfigError(`ASGD_CORS_ORIGINS: ${JSON.stringify(entry)} is not an origin (http(s)://host[:port], no path); or use * alone`);
+    }
+    try {
+      return new URL(entry).origin;
+    } catch {
+      throw new ConfigError(`ASGD_CORS_ORIGINS: ${JSON.stringify(entry)} is not an origin (http(s)://host[:port], no path); or use * alone`);
+    }
+  });
 }
 
 export function isLoopback(host: string): boolean {
@@ -141,6 +160,7 @@ export function loadConfig(env: Env = process.env): Config {
     healthCheckIntervalMs: int(env, 'ASGD_HEALTH_CHECK_INTERVAL_MS', 5_000, 0),
     metricsRequireToken: bool(env, 'ASGD_METRICS_REQUIRE_TOKEN', false),
     trustProxy: trustProxyOf(env),
+    corsOrigins: corsOriginsOf(env),
     migrateOnStart: env.ASGD_MIGRATE?.trim() ? bool(env, 'ASGD_MIGRATE', false) : null,
     shutdownTimeoutMs: int(env, 'ASGD_SHUTDOWN_TIMEOUT_MS', 60_000, 0),
   };

@@ -22,7 +22,7 @@ const API_CODES = {
   NOT_ACCEPTABLE: [406, 'No format this route offers is acceptable (Accept, ?format=, or JSON too large)'],
   ROUTE_NOT_FOUND: [404, 'No such route'],
   /** Sessions, tensors, hyperparameters */
-  INVALID_NAME: [400, 'A session name is not 1-128 characters of A-Za-z0-9._-'],
+  INVALID_NAME: [400, 'A session name is not 1-128 characters of A-Za-z0-9._-, or is "." or ".."'],
   INVALID_HYPERPARAMETER: [400, 'A hyperparameter is out of range or of the wrong type (as torch.optim.ASGD checks)'],
   INVALID_PARAM_GROUPS: [400, 'param_groups do not partition the parameters'],
   INVALID_TENSOR: [400, 'A tensor is malformed: shape, dtype, values, name'],
@@ -30,7 +30,8 @@ const API_CODES = {
   UNKNOWN_PARAMETER: [400, 'A tensor names no parameter of this session'],
   EMPTY_STEP: [400, 'A step without any gradient'],
   STATE_DICT_MISMATCH: [400, 'A state_dict does not fit this session (group count, sizes)'],
-  INVALID_STATE_DICT: [400, 'A state_dict is malformed; the message names the field'],
+  /** Also raised by src/formats for a state_dict or checkpoint file: one code for JSON and files. */
+  INVALID_STATE_DICT: [400, 'A state_dict or checkpoint (JSON or file) is malformed; the message names the field'],
   INVALID_METRICS: [400, 'A step\'s metrics are malformed: at most 32 finite numbers named like sessions'],
   SESSION_NOT_FOUND: [404, 'No session of this name'],
   SNAPSHOT_NOT_FOUND: [404, 'No snapshot of this id in this session'],
@@ -58,10 +59,14 @@ const API_CODES = {
 
 export type ErrorCode = keyof typeof API_CODES | FormatErrorCode;
 
-/** Every code a client can receive: status and meaning. File-format codes (src/formats/errors.ts) are 400s. */
+/**
+ * Every code a client can receive: status and meaning. File-format codes (src/formats/errors.ts) are 400s;
+ * one the API also raises for JSON bodies (INVALID_STATE_DICT) is listed once, with the API's meaning.
+ */
 export const CODES: Readonly<Record<ErrorCode, { status: number; meaning: string }>> = Object.freeze({
   ...Object.fromEntries(Object.entries(API_CODES).map(([code, [status, meaning]]) => [code, { status, meaning }])),
-  ...Object.fromEntries(Object.entries(FORMAT_ERROR_CODES).map(([code, meaning]) => [code, { status: 400, meaning: `File format: ${meaning}` }])),
+  ...Object.fromEntries(Object.entries(FORMAT_ERROR_CODES).filter(([code]) => !(code in API_CODES))
+    .map(([code, meaning]) => [code, { status: 400, meaning: `File format: ${meaning}` }])),
 } as Record<ErrorCode, { status: number; meaning: string }>);
 
 /** The codes a response of this status can carry, in catalogue order. */
@@ -103,7 +108,7 @@ export const errors = {
   /** A schema check failed where the schema names a more specific code (`x-error-code`). */
   invalidField: (code: ErrorCode, field: string, message: string) => new ApiError(code, `${field}: ${message}`),
   invalidJson: make('INVALID_JSON', (message: string) => `request body is not valid JSON: ${message}`),
-  invalidName: make('INVALID_NAME', (field: string) => `${field} must be 1-128 characters of A-Za-z0-9._-`),
+  invalidName: make('INVALID_NAME', (field: string) => `${field} must be 1-128 characters of A-Za-z0-9._-, not "." or ".."`),
   invalidHyperparameter: make('INVALID_HYPERPARAMETER', (field: string, message: string) => `${field}: ${message}`),
   invalidParamGroups: make('INVALID_PARAM_GROUPS', (message: string) => message),
   invalidTensor: make('INVALID_TENSOR', (field: string, message: string) => `${field}: ${message}`),

@@ -1,23 +1,12 @@
 // The README's first command and its curl walk-through, run as written against a freshly started
 // service on its embedded database (only the port differs).
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as { port: number };
-      server.close(() => resolve(port));
-    });
-  });
-}
+import { startServer } from './ops/processes.ts';
 
 test('the README walk-through works as written on the embedded database', { timeout: 180_000 }, async (t) => {
   if (spawnSync('curl', ['--version']).status !== 0) {
@@ -30,27 +19,11 @@ test('the README walk-through works as written on the embedded database', { time
   const script = /```sh\n([\s\S]*?)```/.exec(section)?.[1];
   assert.ok(script && script.includes('curl'), 'the README has a curl walk-through');
 
-  const port = await freePort();
   const dir = mkdtempSync(join(tmpdir(), 'asgd-readme-'));
-  // `npm start` is `node src/server.ts`; the same here, with the README's defaults.
-  const server = spawn(process.execPath, ['src/server.ts'], {
-    env: { ...process.env, PORT: String(port), ASGD_DATA_DIR: join(dir, 'data'), LOG_LEVEL: 'warn', DATABASE_URL: '' },
-    stdio: ['ignore', 'inherit', 'inherit'],
-  });
-  t.after(() => {
-    server.kill('SIGTERM');
-    rmSync(dir, { recursive: true, force: true });
-  });
-  const deadline = Date.now() + 120_000;
-  for (;;) {
-    try {
-      if ((await fetch(`http://127.0.0.1:${port}/healthz`)).ok) break;
-    } catch {
-      // not listening yet
-    }
-    assert.ok(Date.now() < deadline, 'the service started');
-    await new Promise((r) => setTimeout(r, 250));
-  }
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  // `npm start` is `node src/server.ts`; the same here, with the README's defaults (no DATABASE_URL).
+  const { run: server, port } = await startServer(process.execPath, ['src/server.ts'], { ASGD_DATA_DIR: join(dir, 'data'), LOG_LEVEL: 'info' });
+  t.after(() => { server.child.kill('SIGTERM'); });
 
   const run = spawnSync('bash', ['-euo', 'pipefail', '-c', script.replaceAll('localhost:8080', `localhost:${port}`)], { cwd: dir, encoding: 'utf8' });
   assert.equal(run.status, 0, run.stderr);

@@ -125,6 +125,18 @@ export const stepLog = pgTable('step_log', {
 }, (t) => [primaryKey({ columns: [t.sessionId, t.version] })]);
 
 /**
+ * The groups a session had at version 1 (created or forked), kept for its lifetime (its version-1 snapshot
+ * is pruned like any other): the hyperparameters in force before a step first changed them (step_history).
+ * Written with the session row by the statement that inserts it (repository.insertSession), so create and
+ * fork record them in their transaction. A session made before migration 0006 has a row only when its
+ * version-1 snapshot was still kept then. Apart from the session row: only the dashboard reads it.
+ */
+export const initialGroups = pgTable('initial_groups', {
+  sessionId: bigint('session_id', { mode: 'number' }).primaryKey().references(() => sessions.id, { onDelete: 'cascade' }),
+  groups: jsonb('groups').$type<GroupSpec[]>().notNull(),
+});
+
+/**
  * One row per committed step, kept for the session's lifetime (not pruned with the log): the training
  * series a dashboard plots (metrics the client sent, staleness) and the groups' values when the step
  * changed them.
@@ -193,4 +205,4 @@ export type SessionRow = typeof sessions.$inferSelect;
 export type SnapshotRow = typeof snapshots.$inferSelect;
 export type TokenRow = typeof tokens.$inferSelect;
 
-export const schema = { sessions, snapshots, snapshotChunks, stepLog, stepHistory, roundContributions, idempotencyKeys, tokens };
+export const schema = { sessions, snapshots, snapshotChunks, stepLog, stepHistory, roundContributions, initialGroups, idempotencyKeys, tokens };

@@ -24,7 +24,8 @@ export const FORMAT_ERROR_CODES = {
   TENSOR_SHAPE_INVALID: 'a tensor shape, stride or offset is invalid or does not fit its data',
   STORAGE_MISSING: 'a tensor refers to a storage record that is absent or too small',
   TORCH_SAVE_INVALID: 'the archive is not a torch.save file this reader understands (version, layout)',
-  STATE_DICT_INVALID: 'a state_dict or checkpoint does not have the expected shape; the message names the field',
+  /** The API's code for a malformed state_dict (src/errors.ts), so a file and a JSON body answer alike. */
+  INVALID_STATE_DICT: 'a state_dict or checkpoint does not have the expected shape; the message names the field',
   SAFETENSORS_HEADER_INVALID: 'the safetensors header is malformed or inconsistent with the body',
 } as const;
 

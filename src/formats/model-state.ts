@@ -66,14 +66,14 @@ export function toCheckpoint(value: PyValue, options: StateDictReadOptions = {})
 }
 
 export function fromCheckpoint(checkpoint: Checkpoint): PyDict {
-  if (!Number.isSafeInteger(checkpoint.step)) throw new FormatError('STATE_DICT_INVALID', `checkpoint.step must be a whole number, got ${checkpoint.step}`);
+  if (!Number.isSafeInteger(checkpoint.step)) throw new FormatError('INVALID_STATE_DICT', `checkpoint.step must be a whole number, got ${checkpoint.step}`);
   const dict = new PyDict([
     ['model', fromModelStateDict(checkpoint.model)],
     ['optimizer', fromAsgdStateDict(checkpoint.optimizer)],
     ['step', BigInt(checkpoint.step)],
   ]);
   for (const [key, value] of checkpoint.extra ?? []) {
-    if (dict.has(key)) throw new FormatError('STATE_DICT_INVALID', `checkpoint extra key ${key} duplicates a known key`);
+    if (dict.has(key)) throw new FormatError('INVALID_STATE_DICT', `checkpoint extra key ${key} duplicates a known key`);
     dict.set(key, value);
   }
   return dict;

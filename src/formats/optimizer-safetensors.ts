@@ -20,7 +20,7 @@ export function readOptimizerSafetensors(body: Uint8Array): { state: Record<stri
   const state: Record<string, Record<string, unknown>> = {};
   for (const [name, tensor] of file.tensors) {
     const m = STATE_NAME.exec(name);
-    if (!m) fail('STATE_DICT_INVALID', `${name}: tensor names must be state.<index>.<step|eta|mu|ax>`);
+    if (!m) fail('INVALID_STATE_DICT', `${name}: tensor names must be state.<index>.<step|eta|mu|ax>`);
     if (tensor.dtype !== 'float32') fail('TENSOR_DTYPE_UNSUPPORTED', `${name}: dtype ${tensor.dtype} is not supported; the state is float32`);
     (state[m[1]] ??= {})[m[2]] = { shape: tensor.shape, data: tensor.data };
   }

@@ -71,7 +71,7 @@ export interface StateDictReadOptions {
 const GROUP_FLAGS = ['foreach', 'maximize', 'differentiable', 'capturable'] as const;
 const KNOWN_GROUP_KEYS = new Set<string>([...ASGD_NUMERIC_KEYS, ...GROUP_FLAGS, 'params']);
 
-/** Reads the Python value of an ASGD state_dict. STATE_DICT_INVALID names the field that is wrong. */
+/** Reads the Python value of an ASGD state_dict. INVALID_STATE_DICT names the field that is wrong. */
 export function toAsgdStateDict(value: PyValue, options: StateDictReadOptions = {}, path = 'state_dict'): AsgdStateDict {
   const top = expectDict(value, path);
   const groupsValue = top.get('param_groups');
@@ -206,7 +206,7 @@ function writeGroup(group: AsgdParamGroup): PyDict {
   if (group.differentiable !== undefined) dict.set('differentiable', group.differentiable);
   if (group.capturable !== undefined) dict.set('capturable', group.capturable);
   for (const [key, value] of group.extra ?? []) {
-    if (KNOWN_GROUP_KEYS.has(key)) throw new FormatError('STATE_DICT_INVALID', `param group extra key ${key} duplicates a known key`);
+    if (KNOWN_GROUP_KEYS.has(key)) throw new FormatError('INVALID_STATE_DICT', `param group extra key ${key} duplicates a known key`);
     dict.set(key, value);
   }
   dict.set('params', group.params.map((index) => BigInt(index)));
@@ -224,7 +224,7 @@ export function expectDict(value: PyValue | undefined, path: string): PyDict {
 }
 
 export function invalid(path: string, message: string): FormatError {
-  return new FormatError('STATE_DICT_INVALID', `${path} ${message}`);
+  return new FormatError('INVALID_STATE_DICT', `${path} ${message}`);
 }
 
 function describe(value: PyValue | undefined): string {

@@ -69,13 +69,13 @@ export function pyTypeName(value: unknown): string {
   return typeof value;
 }
 
-/** Python's int(value) for a bigint within the safe integer range, else a STATE_DICT_INVALID error naming `path`. */
+/** Python's int(value) for a bigint within the safe integer range, else an INVALID_STATE_DICT error naming `path`. */
 export function pyIntToNumber(value: PyValue, path: string): number {
   if (typeof value !== 'bigint') {
-    throw new FormatError('STATE_DICT_INVALID', `${path} must be an int, got ${pyTypeName(value)}`);
+    throw new FormatError('INVALID_STATE_DICT', `${path} must be an int, got ${pyTypeName(value)}`);
   }
   if (value > BigInt(Number.MAX_SAFE_INTEGER) || value < BigInt(Number.MIN_SAFE_INTEGER)) {
-    throw new FormatError('STATE_DICT_INVALID', `${path} is out of range: ${value}`);
+    throw new FormatError('INVALID_STATE_DICT', `${path} is out of range: ${value}`);
   }
   return Number(value);
 }

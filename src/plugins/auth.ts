@@ -1,11 +1,11 @@
 // Bearer-token access control as a named plugin.
 //
-// Every route carries its required scope in its route config (`config: { scope, allSessions }`). Routes
-// that do not set one get it from `accessFor` below when they are added, so a new route is never open
-// by accident: GET is read, POST .../step is step, everything else under /v1 is admin, and any path this
-// table does not know needs an unrestricted admin token.
+// Every route declares the access it needs in its own config (`config: ACCESS.read`, src/routes/common.ts):
+// there is no table of routes here to forget a new route in. A route that declares nothing stops the app
+// at start, naming the route. Routes of plugins we do not write (Swagger UI) get theirs from the context
+// that registers them (`withAccess`).
 import fp from 'fastify-plugin';
-import type { FastifyInstance, FastifyRequest } from 'fastify';
+import type { FastifyInstance, FastifyPluginAsync, FastifyPluginCallback, FastifyPluginOptions, FastifyRequest } from 'fastify';
 import type { Config } from '../config.ts';
 import { errors } from '../errors.ts';
 import { createTokenStore, SCOPE_RANK, sameHash, sha256, type Principal, type Scope, type TokenStore } from '../auth/tokens.ts';
@@ -33,6 +33,8 @@ declare module 'fastify' {
     auth: Principal | null;
   }
   interface FastifyInstance {
+    /** Set by `withAccess` on the context of a plugin whose routes cannot carry a config. */
+    pluginRouteAccess?: RouteAccess;
     tokens: TokenStore;
     /** Every route with the access it requires (the auth tests walk it). */
     routeAccess: RouteAccessEntry[];
@@ -40,22 +42,19 @@ declare module 'fastify' {
   }
 }
 
-const PUBLIC: RouteAccess = { scope: 'public', allSessions: false };
 const ROUTE_SCOPES: readonly RouteScope[] = ['public', 'read', 'step', 'admin'];
-const rank = (a: RouteAccess) => (a.scope === 'public' ? 0 : SCOPE_RANK[a.scope]) * 2 + (a.allSessions ? 1 : 0);
 
-/** The access a route needs when its config does not say. */
-export function accessFor(method: string, url: string): RouteAccess {
-  const path = url.length > 1 ? url.replace(/\/+$/, '') : url;
-  if (path === '/healthz' || path === '/readyz' || path === '/docs' || path.startsWith('/docs/') || path === '/ui' || path.startsWith('/ui/')) return PUBLIC;
-  if (path === '/v1/tokens' || path.startsWith('/v1/tokens/')) return { scope: 'admin', allSessions: true };
-  if (path === '/v1/sessions' || path.startsWith('/v1/sessions/')) {
-    if (method === 'GET' || method === 'HEAD') return { scope: 'read', allSessions: false };
-    if (method === 'POST' && (path === '/v1/sessions' || path === '/v1/sessions/:name/fork')) return { scope: 'admin', allSessions: true };
-    if (method === 'POST' && path === '/v1/sessions/:name/step') return { scope: 'step', allSessions: false };
-    return { scope: 'admin', allSessions: false };
-  }
-  return { scope: 'admin', allSessions: true };
+/**
+ * A third-party plugin whose routes cannot carry a config, registered so that all of them need `access`
+ * (fastify-plugin would merge it into the parent context: this wrapper is encapsulated on purpose).
+ */
+export function withAccess<Options extends FastifyPluginOptions>(
+  access: RouteAccess, plugin: FastifyPluginAsync<Options> | FastifyPluginCallback<Options>,
+): FastifyPluginAsync<Options> {
+  return async function scoped(instance, opts) {
+    instance.decorate('pluginRouteAccess', access);
+    await instance.register(plugin as FastifyPluginAsync<Options>, opts);
+  };
 }
 
 const BEARER = /^Bearer +([\x21-\x7e]{1,512}) *$/i;
@@ -70,16 +69,12 @@ export default fp(
     fastify.decorate('authEnabled', adminHash !== null);
     fastify.decorateRequest('auth', null);
 
-    fastify.addHook('onRoute', (route) => {
-      const explicit = route.config?.scope;
-      let access: RouteAccess;
-      if (explicit !== undefined) {
-        if (!ROUTE_SCOPES.includes(explicit)) throw new Error(`route ${route.url}: config.scope must be one of ${ROUTE_SCOPES.join(', ')}`);
-        access = { scope: explicit, allSessions: route.config?.allSessions ?? false };
-      } else {
-        // A route for several methods needs what its strictest method needs.
-        access = [route.method].flat().map((m) => accessFor(m, route.url)).reduce((a, b) => (rank(b) > rank(a) ? b : a));
-      }
+    fastify.addHook('onRoute', function declaredAccess(route) {
+      const declared = route.config?.scope;
+      const access: RouteAccess | undefined = declared === undefined ? this.pluginRouteAccess : { scope: declared, allSessions: route.config?.allSessions ?? false };
+      const label = `${[route.method].flat().join(',')} ${route.url}`;
+      if (!access) throw new Error(`route ${label}: declare the access it needs in its config (config: ACCESS.read, …; src/routes/common.ts)`);
+      if (!ROUTE_SCOPES.includes(access.scope)) throw new Error(`route ${label}: config.scope must be one of ${ROUTE_SCOPES.join(', ')}`);
       route.config = { ...route.config, scope: access.scope, allSessions: access.allSessions };
       for (const method of [route.method].flat()) table.push({ method, url: route.url, ...access });
     });

@@ -91,6 +91,17 @@ export default fp(
       if (!reasonsSeen.has(session)) reasonsSeen.set(session, new Set());
       reasonsSeen.get(session)!.add(reason);
     };
+    // A deleted session's series go with it, so counters of short-lived sessions do not pile up: whoever
+    // deleted it (DELETE on any replica, the CLI through it, the idle sweeper), every process hears it.
+    const forget = (session: string) => {
+      steps.remove({ session });
+      roundsCompleted.remove({ session });
+      roundsTimedOut.remove({ session });
+      for (const reason of reasonsSeen.get(session) ?? []) snapshots.remove({ session, reason });
+      reasonsSeen.delete(session);
+    };
+    const stopListening = fastify.versions.onDeleted(forget);
+    fastify.addHook('onClose', async () => { stopListening(); });
 
     const routeOf = (request: FastifyRequest) => (request.is404 ? 'unmatched' : (request.routeOptions.url ?? 'unmatched'));
     const received = new WeakMap<FastifyRequest, number>();
@@ -134,15 +145,8 @@ export default fp(
       if (bytes) bytesIn.inc({ route }, bytes);
       requests.inc({ method: request.method, route, status_code: String(reply.statusCode) });
       duration.observe({ method: request.method, route }, reply.elapsedTime / 1000);
-      // A deleted session's series go with it, so counters of short-lived sessions do not pile up.
-      if (request.method === 'DELETE' && reply.statusCode === 204 && route === '/v1/sessions/:name') {
-        const session = (request.params as { name: string }).name;
-        steps.remove({ session });
-        roundsCompleted.remove({ session });
-        roundsTimedOut.remove({ session });
-        for (const reason of reasonsSeen.get(session) ?? []) snapshots.remove({ session, reason });
-        reasonsSeen.delete(session);
-      }
+      // Deleted here: gone from this process's series at once (the announcement follows).
+      if (request.method === 'DELETE' && reply.statusCode === 204 && route === '/v1/sessions/:name') forget((request.params as { name: string }).name);
     });
 
     fastify.decorate('metrics', registry);
@@ -163,5 +167,5 @@ export default fp(
       return registry.metrics();
     });
   },
-  { name: 'metrics', dependencies: ['db', 'sessions', 'rounds'] },
+  { name: 'metrics', dependencies: ['db', 'sessions', 'rounds', 'notifier'] },
 );

@@ -20,8 +20,14 @@ type Figures = { totals: Record<(typeof KINDS)[number], number>; sessions: numbe
 export default fp(
   async function storagePlugin(fastify: FastifyInstance, opts: { config: Config }) {
     let cached: { at: number; figures: Promise<Figures> } | null = null;
+    // Sessions deleted (by any process) since the figures were computed leave the per-session series at
+    // once, not when the figures are next computed.
+    const deletedSince = new Set<string>();
+    const stopListening = fastify.versions.onDeleted((name) => deletedSince.add(name));
+    fastify.addHook('onClose', async () => { stopListening(); });
     const figures = (): Promise<Figures> => {
       if (!cached || Date.now() - cached.at > STORAGE_TTL_MS) {
+        deletedSince.clear();
         const pending = allSessionStorage(fastify.db).then((all) => {
           const totals = { log: 0, snapshots: 0, other: 0, total: 0 };
           for (const s of all) {
@@ -35,7 +41,7 @@ export default fp(
         cached = { at: Date.now(), figures: pending };
         pending.catch(() => { cached = null; }); // a failed query is retried on the next scrape
       }
-      return cached.figures;
+      return cached.figures.then((f) => (deletedSince.size === 0 ? f : { ...f, top: f.top.filter((s) => !deletedSince.has(s.name)) }));
     };
     const kindOf = (s: SessionStorage, kind: (typeof KINDS)[number]) =>
       kind === 'log' ? s.log_bytes : kind === 'snapshots' ? s.snapshot_bytes : kind === 'other' ? s.other_bytes : s.total_bytes;
@@ -88,5 +94,5 @@ export default fp(
       fastify.addHook('onClose', async () => clearInterval(sweep));
     }
   },
-  { name: 'storage', dependencies: ['db', 'sessions', 'metrics'] },
+  { name: 'storage', dependencies: ['db', 'sessions', 'notifier', 'metrics'] },
 );

@@ -8,6 +8,7 @@ import swagger from '@fastify/swagger';
 import swaggerUi from '@fastify/swagger-ui';
 import { ErrorBody } from '../routes/schemas.ts';
 import { finishDocument } from './openapi-document.ts';
+import { withAccess } from './auth.ts';
 
 const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string; description: string; license: string };
 
@@ -81,7 +82,8 @@ export default fp(
       },
       transformObject: (document) => finishDocument(('openapiObject' in document ? document.openapiObject : document.swaggerObject) as Record<string, unknown>),
     });
-    await fastify.register(swaggerUi, { routePrefix: '/docs', uiConfig: { deepLinking: true } });
+    // The docs UI and the document it shows are open, like the service's description at GET /.
+    await fastify.register(withAccess({ scope: 'public', allSessions: false }, swaggerUi), { routePrefix: '/docs', uiConfig: { deepLinking: true } });
   },
   { name: 'swagger', dependencies: ['auth'] },
 );

@@ -2,10 +2,24 @@
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Static, TSchema } from 'typebox';
 import { errors } from '../errors.ts';
+import type { RouteAccess } from '../plugins/auth.ts';
 import type { SessionRecord, SnapshotRecord } from '../sessions/repository.ts';
 import type { RoundStatus } from '../sessions/rounds.ts';
 import { numelOf, publicGroup } from '../sessions/spec.ts';
 import type { Session, Snapshot } from './schemas.ts';
+
+/**
+ * The access a route needs, as its `config` (src/plugins/auth.ts reads it; a route without one stops the
+ * app at start). allSessions: the route creates sessions or manages tokens, so a token limited to some
+ * sessions may not use it.
+ */
+export const ACCESS = {
+  public: { scope: 'public', allSessions: false },
+  read: { scope: 'read', allSessions: false },
+  step: { scope: 'step', allSessions: false },
+  admin: { scope: 'admin', allSessions: false },
+  adminAllSessions: { scope: 'admin', allSessions: true },
+} as const satisfies Record<string, RouteAccess>;
 
 /** If-Match: "<version>" (W/ and unquoted accepted; * matches any). */
 export function ifMatchOf(request: FastifyRequest): number | null {

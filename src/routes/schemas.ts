@@ -6,7 +6,7 @@ import { Type, type TSchema } from 'typebox';
 import type { ErrorCode } from '../errors.ts';
 import { ASGD_DEFAULTS } from '../optim/types.ts';
 import { MAX_ROUND_CONTRIBUTIONS, MAX_ROUND_TIMEOUT_S } from '../sessions/aggregation.ts';
-import { SESSION_NAME_SOURCE } from '../sessions/spec.ts';
+import { SESSION_NAME_RULE, SESSION_NAME_SOURCE } from '../sessions/spec.ts';
 import { StepAnswer } from '../sessions/model.ts';
 import { SETTING_LIMITS } from './common.ts';
 
@@ -16,7 +16,7 @@ export { StepAnswer };
 export const withCode = <T extends TSchema>(schema: T, code: ErrorCode): T => ({ ...schema, 'x-error-code': code });
 
 // ---- path parameters: a malformed one is INVALID_PATH on every route -------------------------------------
-export const SessionName = Type.String({ pattern: `^${SESSION_NAME_SOURCE}$`, description: 'Session name: 1-128 of A-Za-z0-9._-', examples: ['mnist-run-1'] });
+export const SessionName = Type.String({ pattern: `^${SESSION_NAME_SOURCE}$`, description: `Session name: ${SESSION_NAME_RULE}`, examples: ['mnist-run-1'] });
 /** A session name in a body that names a new session: INVALID_NAME, as the domain says. */
 export const NewSessionName = withCode(SessionName, 'INVALID_NAME');
 export const NameParams = Type.Object({ name: SessionName });

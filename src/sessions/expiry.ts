@@ -6,7 +6,11 @@
 // settings change), the newest snapshot (a manual snapshot is an operator's write) and the newest
 // contribution to a round (src/sessions/rounds.ts). Reads (params,
 // state_dict, checkpoints, downloads, listing) do not count: a session only read is still idle.
+//
+// A deleted session is announced as DELETE /v1/sessions/{name} announces it (version 0 on asgd_versions,
+// at commit): its waiters and event streams end, and every process drops what it keeps about it.
 import type { Database } from '../db/database.ts';
+import { VERSION_CHANNEL } from './repository.ts';
 
 /** pg_try_advisory_xact_lock key, next to the migration lock's (src/db/database.ts). */
 const SWEEP_LOCK = 7_142_053_312;
@@ -18,7 +22,7 @@ export async function sweepIdleSessions(db: Database): Promise<{ id: number; nam
   return db.transaction(async (tx) => {
     const [lock] = await tx.query<{ got: boolean }>('SELECT pg_try_advisory_xact_lock($1::bigint) AS got', [SWEEP_LOCK]);
     if (!lock?.got) return [];
-    return tx.query<{ id: number; name: string }>(
+    const gone = await tx.query<{ id: number; name: string }>(
       `DELETE FROM sessions WHERE id IN (
          SELECT s.id FROM sessions s
          WHERE s.expire_after_idle_s IS NOT NULL
@@ -30,5 +34,9 @@ export async function sweepIdleSessions(db: Database): Promise<{ id: number; nam
          FOR UPDATE SKIP LOCKED)
        RETURNING id::float8 AS id, name`,
     );
+    if (gone.length > 0) {
+      await tx.query(`SELECT pg_notify($1, name || ':0:0') FROM unnest($2::text[]) AS name`, [VERSION_CHANNEL, gone.map((g) => g.name)]);
+    }
+    return gone;
   });
 }

@@ -92,31 +92,25 @@ export function decodeGradients(input: GradientInput, state: SessionState): Deco
  * float32 or (decoded.dtype 16-bit) as the bits received.
  */
 export function packGradients(state: SessionState, decoded: DecodedGradients): Buffer {
-  const { present } = decoded;
-  if (decoded.bits) {
-    let count = 0;
-    for (const i of present) count += state.layout.numels[i];
-    const out = Buffer.allocUnsafe(count * 2);
-    const view = new Uint16Array(out.buffer, out.byteOffset, count);
-    let at = 0;
-    for (const i of present) {
-      view.set(decoded.bits.get(i)!, at);
-      at += state.layout.numels[i];
-    }
-    return out;
-  }
+  const { present, bits } = decoded;
+  if (bits) return concatenate(present, (i) => bits.get(i)!);
   const grads = state.arena.grads;
   if (present.length === state.layout.params.length) {
     return Buffer.from(grads.buffer, grads.byteOffset, grads.byteLength); // every parameter: the arena as it is
   }
+  return concatenate(present, (i) => state.grad(i));
+}
+
+/** The bytes of each present parameter's array, one after another in index order (the platform's byte order, as the arena holds them). */
+function concatenate(present: readonly number[], arrayOf: (i: number) => Float32Array | Uint16Array): Buffer {
   let total = 0;
-  for (const i of present) total += state.layout.numels[i];
-  const out = Buffer.allocUnsafe(total * 4);
-  const view = new Float32Array(out.buffer, out.byteOffset, total);
+  for (const i of present) total += arrayOf(i).byteLength;
+  const out = Buffer.allocUnsafe(total);
   let at = 0;
   for (const i of present) {
-    view.set(state.grad(i), at);
-    at += state.layout.numels[i];
+    const a = arrayOf(i);
+    out.set(new Uint8Array(a.buffer, a.byteOffset, a.byteLength), at);
+    at += a.byteLength;
   }
   return out;
 }

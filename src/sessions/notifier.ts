@@ -29,6 +29,8 @@ export function parseVersionPayload(payload: string): { name: string; version: n
 export function createVersionNotifier(options: NotifierOptions) {
   const { db, log } = options;
   const subscribers = new Map<string, Set<Subscriber>>();
+  /** Told the name of every session deleted by any process (DELETE, the idle sweeper). */
+  const deletedListeners = new Set<(name: string) => void>();
   let waiters = 0;
   let streams = 0;
   let listener: Listener | null = null;
@@ -56,7 +58,9 @@ export function createVersionNotifier(options: NotifierOptions) {
     listener = await db.listen(VERSION_CHANNEL, {
       onNotify(payload) {
         const parsed = parseVersionPayload(payload);
-        if (parsed) publish(parsed.name, { version: parsed.version, step: parsed.step });
+        if (!parsed) return;
+        publish(parsed.name, { version: parsed.version, step: parsed.step });
+        if (parsed.version === 0) for (const fn of deletedListeners) fn(parsed.name);
       },
       onReset() {
         log.info('version listener reconnected');
@@ -134,7 +138,13 @@ export function createVersionNotifier(options: NotifierOptions) {
     listener = null;
   }
 
-  return { start, subscribe, waitFor, openStream, release, close, stats: () => ({ waiters, streams, closed }) };
+  /** Calls `fn` with the name of each session deleted from now on, by this process or another. */
+  function onDeleted(fn: (name: string) => void): () => void {
+    deletedListeners.add(fn);
+    return () => deletedListeners.delete(fn);
+  }
+
+  return { start, subscribe, onDeleted, waitFor, openStream, release, close, stats: () => ({ waiters, streams, closed }) };
 }
 
 export type VersionNotifier = ReturnType<typeof createVersionNotifier>;

@@ -106,9 +106,16 @@ export async function insertSession(
   s: Pick<SessionRecord, 'name' | 'params' | 'groups' | 'numel' | 'step' | 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness'>
     & Partial<Pick<SessionRecord, 'keepLogBytes' | 'expireAfterIdleS' | 'aggregation'>>,
 ): Promise<SessionRecord | null> {
+  // The groups it starts with are kept beside the row (initial_groups: the dashboard's charts begin there),
+  // not in it: every step locks and reads the session row.
   const rows = await q.query(
-    `INSERT INTO sessions (name, params, groups, numel, version, step, snapshot_every, keep_snapshots, max_staleness, keep_log_bytes, expire_after_idle_s, aggregation)
-     VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (name) DO NOTHING RETURNING ${SESSION_COLUMNS}`,
+    `WITH inserted AS (
+       INSERT INTO sessions (name, params, groups, numel, version, step, snapshot_every, keep_snapshots, max_staleness, keep_log_bytes, expire_after_idle_s, aggregation)
+       VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (name) DO NOTHING RETURNING *
+     ), initial AS (
+       INSERT INTO initial_groups (session_id, groups) SELECT id, groups FROM inserted
+     )
+     SELECT ${SESSION_COLUMNS} FROM inserted`,
     [s.name, JSON.stringify(s.params), JSON.stringify(s.groups), s.numel, s.step, s.snapshotEvery, s.keepSnapshots, s.maxStaleness,
       s.keepLogBytes ?? null, s.expireAfterIdleS ?? null, s.aggregation ? JSON.stringify(s.aggregation) : null],
   );

@@ -2,6 +2,7 @@
 // versions with min/max/mean of each metric, so a 100,000-step session opens with a few thousand
 // numbers), the steps that changed hyperparameters, and the activity figures of the sessions list.
 import type { Database, Queryable } from '../db/database.ts';
+import type { GroupSpec } from '../db/schema.ts';
 
 export interface SeriesPoint {
   /** The last version in the point (its only one for a raw point). */
@@ -124,6 +125,15 @@ export async function hyperChanges(q: Queryable, sessionId: number, afterVersion
     [sessionId, afterVersion, limit],
   );
   return rows.map((r) => ({ version: r.version, step: r.step, time: new Date(r.created_at), paramGroups: r.hyper }));
+}
+
+/**
+ * Each group's hyperparameters at the session's first version (the initial_groups table), in the form of a
+ * change's: what was in force before the first change. null when not known (see the table).
+ */
+export async function initialHyperparameters(q: Queryable, sessionId: number): Promise<Record<string, unknown>[] | null> {
+  const [row] = await q.query<{ groups: GroupSpec[] }>('SELECT groups FROM initial_groups WHERE session_id = $1', [sessionId]);
+  return row?.groups?.map((g) => ({ lr: g.lr, lambd: g.lambd, alpha: g.alpha, t0: g.t0, weight_decay: g.weight_decay, maximize: g.maximize })) ?? null;
 }
 
 export interface Activity {

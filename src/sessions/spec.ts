@@ -5,8 +5,15 @@ import { errors } from '../errors.ts';
 import type { GroupSpec, ParamSpec } from '../db/schema.ts';
 import { ASGD_DEFAULTS, type AsgdHyperparameters } from '../optim/types.ts';
 
-/** A session name, the one definition: URLs, schemas, the log's session field and assertName use it. */
-export const SESSION_NAME_SOURCE = '[A-Za-z0-9._-]{1,128}';
+/**
+ * A session name, the one definition: URLs, schemas, the log's session field and assertName use it.
+ * `.` and `..` are refused: as a path segment they are dot segments, which clients and proxies resolve
+ * away (RFC 3986 section 5.2.4), so no URL could name such a session. The lookahead ends the dots at any
+ * character that is not a name's, so the source also works inside a longer pattern (src/app.ts).
+ */
+export const SESSION_NAME_SOURCE = '(?!\\.\\.?(?![A-Za-z0-9._-]))[A-Za-z0-9._-]{1,128}';
+/** What a name may be, in words (the OpenAPI document, metric name errors; src/errors.ts says it too). */
+export const SESSION_NAME_RULE = '1-128 characters of A-Za-z0-9._-, not "." or ".."';
 export const NAME_PATTERN = new RegExp(`^${SESSION_NAME_SOURCE}$`);
 export const PARAM_NAME_MAX = 256;
 /** Largest session: every tensor and every logged gradient must stay below PostgreSQL's 1 GB value limit. */

@@ -2,7 +2,7 @@
 // `group['lr'] = …` before `optimizer.step()`) and training metrics. Validated before anything is written.
 import { errors } from '../errors.ts';
 import type { GroupSpec, HyperDelta } from '../db/schema.ts';
-import { FLAG_KEYS, HYPERPARAMETER_KEYS, NAME_PATTERN, resolveHyperparameters } from './spec.ts';
+import { FLAG_KEYS, HYPERPARAMETER_KEYS, NAME_PATTERN, resolveHyperparameters, SESSION_NAME_RULE } from './spec.ts';
 
 export const MAX_METRICS = 32;
 
@@ -67,7 +67,7 @@ export function parseMetrics(value: unknown, field = 'metrics'): Record<string, 
   const entries = Object.entries(value as Record<string, unknown>);
   if (entries.length > MAX_METRICS) throw errors.invalidMetrics(field, `${entries.length} metrics; at most ${MAX_METRICS} are allowed`);
   for (const [name, v] of entries) {
-    if (!NAME_PATTERN.test(name)) throw errors.invalidMetrics(`${field}.${name.slice(0, 140)}`, 'a metric name must be 1-128 characters of A-Za-z0-9._-');
+    if (!NAME_PATTERN.test(name)) throw errors.invalidMetrics(`${field}.${name.slice(0, 140)}`, `a metric name must be ${SESSION_NAME_RULE}`);
     if (typeof v !== 'number' || !Number.isFinite(v)) throw errors.invalidMetrics(`${field}.${name}`, 'must be a finite number');
   }
   return entries.length === 0 ? null : (value as Record<string, number>);

@@ -160,7 +160,7 @@ describe('torch.save reader refuses what torch.load would not read, or should no
   test('typed converters name the field that is wrong', () => {
     const withGroups = (groups: PyValue, state: PyValue = new PyDict()) => new PyDict([['state', state], ['param_groups', groups]]);
     const group = (changes: [string, PyValue][] = []) => new PyDict([['lr', 0.01], ['lambd', 1e-4], ['alpha', 0.75], ['t0', 1e6], ['weight_decay', 0n], ['params', [0n]], ...changes]);
-    const message = (fn: () => unknown) => { try { fn(); } catch (err) { assert.equal((err as FormatError).code, 'STATE_DICT_INVALID'); return (err as Error).message; } return 'no error'; };
+    const message = (fn: () => unknown) => { try { fn(); } catch (err) { assert.equal((err as FormatError).code, 'INVALID_STATE_DICT'); return (err as Error).message; } return 'no error'; };
     assert.match(message(() => toAsgdStateDict(withGroups([group([['lr', 'fast']])]))), /param_groups\[0\]\.lr must be a number, got str/);
     assert.match(message(() => toAsgdStateDict(withGroups([group([['params', [0n, 1.5]]])]))), /param_groups\[0\]\.params\[1\] must be an int/);
     assert.match(message(() => toAsgdStateDict(withGroups([group(), group()]))), /parameter 0 is already in group 0/);

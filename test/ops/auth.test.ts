@@ -1,8 +1,8 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { test } from 'node:test';
-import { buildTestApp, testConfig } from '../helper.ts';
-import { accessFor } from '../../src/plugins/auth.ts';
+import { buildTestApp, createTestDatabase, TEST_DB_KIND, testConfig } from '../helper.ts';
+import { buildApp } from '../../src/app.ts';
 import { ConfigError } from '../../src/config.ts';
 import { ADMIN, asAdmin, bearer, createSession, createToken, fillPath, operations, step } from './support.ts';
 
@@ -128,14 +128,21 @@ test('every route in the OpenAPI document: 401 without a token, 403 below its sc
   t.diagnostic(`auth walk: ${JSON.stringify(counts)}`);
 });
 
-test('the default access of a route: GET read, step step, the rest admin, unknown paths unrestricted admin', () => {
-  assert.deepEqual(accessFor('GET', '/v1/sessions/:name/whatever'), { scope: 'read', allSessions: false });
-  assert.deepEqual(accessFor('POST', '/v1/sessions/:name/step'), { scope: 'step', allSessions: false });
-  assert.deepEqual(accessFor('POST', '/v1/sessions/:name/new-thing'), { scope: 'admin', allSessions: false });
-  assert.deepEqual(accessFor('POST', '/v1/sessions/'), { scope: 'admin', allSessions: true });
-  assert.deepEqual(accessFor('GET', '/v1/tokens'), { scope: 'admin', allSessions: true });
-  assert.deepEqual(accessFor('GET', '/v2/anything'), { scope: 'admin', allSessions: true });
-  assert.deepEqual(accessFor('GET', '/healthz'), { scope: 'public', allSessions: false });
+test('every route declares the access it needs: a route that does not stops the app at start, named', async (t) => {
+  const db = TEST_DB_KIND === 'postgres' ? await createTestDatabase() : null;
+  if (db) t.after(db.drop);
+  for (const [config, error] of [
+    [undefined, /route GET \/v1\/sessions\/:name\/forgotten: declare the access it needs in its config/],
+    [{ scope: 'root' }, /route GET \/v1\/sessions\/:name\/forgotten: config.scope must be one of public, read, step, admin/],
+  ] as const) {
+    const app = await buildApp({ config: testConfig(db ? { DATABASE_URL: db.url } : { ASGD_DATA_DIR: 'memory://' }), migrate: false, logger: false });
+    // As a new route would be added: in a route plugin, with its schema and handler, and no access of its own.
+    void app.register(async (routes) => {
+      routes.get('/v1/sessions/:name/forgotten', { ...(config && { config: config as never }), schema: { operationId: 'forgotten' } }, async () => ({ open: true }));
+    });
+    await assert.rejects(async () => { await app.ready(); }, error);
+    await app.close();
+  }
 });
 
 test('a token limited to session A cannot read, step, restore or list session B', async (t) => {

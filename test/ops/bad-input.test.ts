@@ -394,14 +394,14 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
   const twelve = () => new Float32Array(12).fill(0.5);
   // Each broken file with the code it answers as a step, as a state_dict and as a create.
   const fileCodes: Record<string, [step: string, stateDict: string, create: string]> = {
-    'nan': ['NON_FINITE_GRADIENT', 'STATE_DICT_INVALID', 'INVALID_TENSOR'],
+    'nan': ['NON_FINITE_GRADIENT', 'INVALID_STATE_DICT', 'INVALID_TENSOR'],
     // Half-precision gradients are taken (widened exactly), so a non-finite one is refused like a float32 one;
     // sessions and state_dicts hold float32 only (state_dict tensors are named params here: refused first).
-    'f16 nan': ['NON_FINITE_GRADIENT', 'STATE_DICT_INVALID', 'INVALID_TENSOR'],
-    'bf16 inf': ['NON_FINITE_GRADIENT', 'STATE_DICT_INVALID', 'INVALID_TENSOR'],
+    'f16 nan': ['NON_FINITE_GRADIENT', 'INVALID_STATE_DICT', 'INVALID_TENSOR'],
+    'bf16 inf': ['NON_FINITE_GRADIENT', 'INVALID_STATE_DICT', 'INVALID_TENSOR'],
     // dtypes the reader knows but neither a session nor a step takes.
-    'f64 nan': ['INVALID_TENSOR', 'STATE_DICT_INVALID', 'INVALID_TENSOR'],
-    'i64': ['INVALID_TENSOR', 'STATE_DICT_INVALID', 'INVALID_TENSOR'],
+    'f64 nan': ['INVALID_TENSOR', 'INVALID_STATE_DICT', 'INVALID_TENSOR'],
+    'i64': ['INVALID_TENSOR', 'INVALID_STATE_DICT', 'INVALID_TENSOR'],
     'bogus dtype': ['TENSOR_DTYPE_UNSUPPORTED', 'TENSOR_DTYPE_UNSUPPORTED', 'TENSOR_DTYPE_UNSUPPORTED'],
     'negative shape': ['TENSOR_SHAPE_INVALID', 'TENSOR_SHAPE_INVALID', 'TENSOR_SHAPE_INVALID'],
     'enormous shape': ['TENSOR_SHAPE_INVALID', 'TENSOR_SHAPE_INVALID', 'TENSOR_SHAPE_INVALID'],
@@ -411,16 +411,16 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     'overlapping': ['SAFETENSORS_HEADER_INVALID', 'SAFETENSORS_HEADER_INVALID', 'SAFETENSORS_HEADER_INVALID'],
     'shape/offset mismatch': ['TENSOR_SHAPE_INVALID', 'TENSOR_SHAPE_INVALID', 'TENSOR_SHAPE_INVALID'],
     'no tensors': ['EMPTY_STEP', 'INVALID_STATE_DICT', 'INVALID_BODY'],
-    'unknown param': ['UNKNOWN_PARAMETER', 'STATE_DICT_INVALID', 'SESSION_EXISTS'],
+    'unknown param': ['UNKNOWN_PARAMETER', 'INVALID_STATE_DICT', 'SESSION_EXISTS'],
     'not an object': ['SAFETENSORS_HEADER_INVALID', 'SAFETENSORS_HEADER_INVALID', 'SAFETENSORS_HEADER_INVALID'],
     'header length 2^63': ['SAFETENSORS_HEADER_INVALID', 'SAFETENSORS_HEADER_INVALID', 'SAFETENSORS_HEADER_INVALID'],
     'header length past the end': ['SAFETENSORS_HEADER_INVALID', 'SAFETENSORS_HEADER_INVALID', 'SAFETENSORS_HEADER_INVALID'],
     'metadata not strings': ['SAFETENSORS_HEADER_INVALID', 'SAFETENSORS_HEADER_INVALID', 'SAFETENSORS_HEADER_INVALID'],
     // A step reads param_groups, metrics and base_version from the metadata and refuses other keys; create
     // reads `asgd` as its options.
-    'bad asgd metadata': ['INVALID_BODY', 'STATE_DICT_INVALID', 'INVALID_QUERY'],
+    'bad asgd metadata': ['INVALID_BODY', 'INVALID_STATE_DICT', 'INVALID_QUERY'],
     'param_groups not json': ['INVALID_BODY', 'INVALID_STATE_DICT', 'SESSION_EXISTS'],
-    'bad state name': ['UNKNOWN_PARAMETER', 'STATE_DICT_INVALID', 'SESSION_EXISTS'],
+    'bad state name': ['UNKNOWN_PARAMETER', 'INVALID_STATE_DICT', 'SESSION_EXISTS'],
   };
   const broken: [string, Buffer][] = [
     ['nan', safetensors({ w: w(f32(...Array(11).fill(0), NAN_BITS[0])), b: { shape: [4], data: new Float32Array(4) } })],
@@ -545,6 +545,10 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     ['raw UTF-8 path', Buffer.concat([Buffer.from('GET /v1/sessions/'), Buffer.from('ünï', 'utf8'), Buffer.from(` HTTP/1.1\r\nHost: x\r\n${auth}\r\n`)]), 'BAD_REQUEST'],
     ['raw latin-1 token', Buffer.concat([Buffer.from('GET /v1/sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer '), Buffer.from([0xe9, 0xff]), Buffer.from('\r\n\r\n')]), 'UNAUTHORIZED'],
     ['raw latin-1 If-Match', Buffer.concat([Buffer.from(`DELETE /v1/sessions/beta HTTP/1.1\r\nHost: x\r\n${auth}If-Match: "`), Buffer.from([0xe9, 0xff]), Buffer.from('"\r\n\r\n')]), 'INVALID_HEADER'],
+    // A client that sends a dot segment as it is (or encoded) names no session: INVALID_PATH, not a lookup.
+    ['dot segment as name', `GET /v1/sessions/./params HTTP/1.1\r\nHost: x\r\n${auth}\r\n`, 'INVALID_PATH'],
+    ['encoded dot as name', `DELETE /v1/sessions/%2E HTTP/1.1\r\nHost: x\r\n${auth}\r\n`, 'INVALID_PATH'],
+    ['encoded dot-dot as name', `GET /v1/sessions/%2E%2E/state_dict HTTP/1.1\r\nHost: x\r\n${auth}\r\n`, 'INVALID_PATH'],
     ['NUL in path', `GET /v1/sessions/a\u0000b HTTP/1.1\r\nHost: x\r\n${auth}\r\n`, 'BAD_REQUEST'],
     ['huge header', `GET /v1/sessions HTTP/1.1\r\nHost: x\r\n${auth}If-Match: ${'"1",'.repeat(5000)}"1"\r\n\r\n`, 'HEADERS_TOO_LARGE'],
     ['many headers', `GET /v1/sessions HTTP/1.1\r\nHost: x\r\n${auth}${Array.from({ length: 3000 }, (_, i) => `X-H${i}: v`).join('\r\n')}\r\n\r\n`, 'HEADERS_TOO_LARGE'],

@@ -3,45 +3,31 @@
 // whose npm died without relaying the signal does not stay behind as an orphan.
 import assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { connect, createServer, type Socket } from 'node:net';
+import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { LOCK_FILE } from '../../src/db/data-dir-lock.ts';
-import { listening, running, spawnService, waitFor } from './processes.ts';
+import { listening, running, startServer, waitFor } from './processes.ts';
 
 const SHUTDOWN_TIMEOUT_MS = 20_000;
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as { port: number };
-      server.close(() => resolve(port));
-    });
-  });
-}
 
 const parentOf = (pid: number) => Number(readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')[1]);
 
 async function startNpm(t: { after(fn: () => void): void }) {
   const dir = mkdtempSync(join(tmpdir(), 'asgd-npm-'));
-  const port = await freePort();
-  const npm = spawnService('npm', ['start'], {
-    PORT: String(port),
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const { run: npm, port, url, pid } = await startServer('npm', ['start'], {
     ASGD_DATA_DIR: join(dir, 'data'),
     LOG_LEVEL: 'info',
     ASGD_SHUTDOWN_TIMEOUT_MS: String(SHUTDOWN_TIMEOUT_MS),
     ASGD_HEALTH_CHECK_INTERVAL_MS: '0',
   });
-  const banner = (await npm.banner()) as Awaited<ReturnType<typeof npm.banner>> & { pid: number };
   t.after(() => {
-    if (running(banner.pid)) process.kill(banner.pid, 'SIGKILL');
+    if (running(pid)) process.kill(pid, 'SIGKILL');
     npm.child.kill('SIGKILL');
-    rmSync(dir, { recursive: true, force: true });
   });
-  return { npm, port, server: banner.pid, url: banner.url, dataDir: join(dir, 'data') };
+  return { npm, port, server: pid, url, dataDir: join(dir, 'data') };
 }
 
 /** A step whose headers and first half of the body are sent; `finish()` sends the rest and reads the answer. */

@@ -2,7 +2,7 @@
 // spawned as an operator would, their output collected, their start-up banner read for the URL.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
-import { connect } from 'node:net';
+import { connect, createServer } from 'node:net';
 
 export interface ServiceRun {
   child: ChildProcess;
@@ -39,6 +39,29 @@ export function spawnService(command: string, args: string[], env: Record<string
       }
     },
   };
+}
+
+/** A port nothing listens on right now (the system picks it). */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address() as { port: number };
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+/**
+ * The service started as `command args` on a free port (PORT is set here), once it serves: its start-up
+ * banner (logged at info) says so, with the URL and the server's pid.
+ */
+export async function startServer(command: string, args: string[], env: Record<string, string>) {
+  const port = await freePort();
+  const run = spawnService(command, args, { ...env, PORT: String(port) });
+  const banner = await run.banner() as Awaited<ReturnType<ServiceRun['banner']>> & { pid: number };
+  return { run, port, url: banner.url, pid: banner.pid };
 }
 
 /** Whether something accepts TCP connections on the port. */

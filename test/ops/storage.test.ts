@@ -7,6 +7,7 @@ import type { FastifyInstance } from 'fastify';
 import { buildTestApp, randomData, TEST_DB_KIND } from '../helper.ts';
 import { stepBytes } from '../../src/sessions/retention.ts';
 import { STORAGE_TOP_SESSIONS } from '../../src/plugins/storage.ts';
+import { waitFor } from './processes.ts';
 
 const PAGE = 8192;
 const skipPglite = TEST_DB_KIND === 'pglite' ? 'compares with a PostgreSQL server' : false;
@@ -62,7 +63,8 @@ test('a session reports the bytes PostgreSQL holds for its rows (within a page)'
       snapshotCount: await one('SELECT count(*) AS v FROM snapshots WHERE session_id = $1'),
       chunkBytes: await one('SELECT coalesce(sum(octet_length(c.data)), 0) AS v FROM snapshot_chunks c JOIN snapshots q ON q.id = c.snapshot_id WHERE q.session_id = $1'),
       other: await one(`SELECT (SELECT pg_column_size(s.*) FROM sessions s WHERE id = $1)
-        + coalesce((SELECT sum(pg_column_size(k.*)) FROM idempotency_keys k WHERE session_id = $1), 0) AS v`)
+        + coalesce((SELECT sum(pg_column_size(k.*)) FROM idempotency_keys k WHERE session_id = $1), 0)
+        + coalesce((SELECT sum(pg_column_size(g.*)) FROM initial_groups g WHERE session_id = $1), 0) AS v`)
         // Per-step history (issue 11), where that table exists.
         + ((await c.query("SELECT to_regclass('step_history') IS NOT NULL AS present")).rows[0].present
           ? await one('SELECT coalesce(sum(pg_column_size(h.*)), 0) AS v FROM step_history h WHERE session_id = $1') : 0),
@@ -246,4 +248,31 @@ test('the sweeper deletes only sessions idle longer than their expire_after_idle
   assert.deepEqual(left, ['kept', 'patient']);
   const stepGone = await app.inject({ method: 'POST', url: '/v1/sessions/busy/step', payload: grads(8, 2) });
   assert.equal(stepGone.statusCode, 404, 'a process that had the session cached sees it gone');
+});
+
+test('a deleted session leaves /metrics on every process, whether the sweeper or DELETE removed it', async (t) => {
+  const { app, databaseUrl } = await buildTestApp(t);
+  // On PostgreSQL a second process: it hears of deletions it did not make.
+  const replica = TEST_DB_KIND === 'pglite' ? null : (await buildTestApp(t, { databaseUrl: databaseUrl! })).app;
+  const processes = replica ? [app, replica] : [app];
+  for (const [name, expire] of [['swept', 1], ['deleted', null], ['kept', null]] as const) {
+    const res = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name, params: model(8), expire_after_idle_s: expire } });
+    assert.equal(res.statusCode, 201, res.body);
+    for (const [k, p] of processes.entries()) await stepOk(p, name, 8, k);
+    assert.equal((await app.inject({ method: 'POST', url: `/v1/sessions/${name}/snapshots`, payload: {} })).statusCode, 201);
+  }
+  const seriesNaming = async (p: FastifyInstance, name: string) =>
+    (await p.inject({ url: '/metrics' })).body.split('\n').filter((line) => !line.startsWith('#') && line.includes(`session="${name}"`)).map((line) => line.split('{')[0]);
+  // Every process counts its steps per session; the storage figures (kept a while between scrapes) name them too.
+  for (const p of processes) for (const name of ['swept', 'deleted', 'kept']) assert.ok((await seriesNaming(p, name)).includes('asgd_steps_total'), name);
+  for (const kind of ['asgd_snapshots_total', 'asgd_session_storage_bytes', 'asgd_session_log_steps']) assert.ok((await seriesNaming(app, 'swept')).includes(kind), kind);
+
+  await new Promise((r) => setTimeout(r, 1300)); // 'swept' is idle past its expire_after_idle_s
+  assert.deepEqual(await app.sessions.sweepExpired(), ['swept']);
+  assert.equal((await (replica ?? app).inject({ method: 'DELETE', url: '/v1/sessions/deleted' })).statusCode, 204);
+  for (const p of processes) {
+    await waitFor('the deleted sessions leave /metrics', async () => (await seriesNaming(p, 'swept')).length + (await seriesNaming(p, 'deleted')).length === 0, 10_000);
+    assert.ok((await seriesNaming(p, 'kept')).includes('asgd_steps_total'), 'a session still there keeps its series');
+  }
+  assert.ok((await seriesNaming(app, 'kept')).includes('asgd_session_storage_bytes'));
 });

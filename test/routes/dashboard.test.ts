@@ -177,8 +177,23 @@ test('hyperparameters: the steps that changed them, with every group after; page
   assert.equal(changes[1].param_groups[0].weight_decay, 0.5);
   assert.equal(changes[1].param_groups[0].t0, 0, 'the values the step left alone are there too');
   assert.equal(next, 5);
+  // What was in force before the first change: the groups the session was created with.
+  const created = { lr: 0.5, lambd: 1e-4, alpha: 0.75, t0: 0, weight_decay: 0, maximize: false };
+  assert.deepEqual(res.json().initial_param_groups, [created]);
   const page = (await app.inject({ url: '/v1/sessions/h1/hyperparameters?after_version=3&limit=1' })).json();
   assert.deepEqual(page.changes.map((c: { version: number }) => c.version), [5]);
+  assert.deepEqual(page.initial_param_groups, [created], 'on every page');
+  // Kept for the session's lifetime: not read from the version-1 snapshot, which retention drops.
+  assert.equal((await app.inject({ method: 'PATCH', url: '/v1/sessions/h1', payload: { snapshot_every: 1, keep_snapshots: 1 } })).statusCode, 200);
+  await stepWith(app, 'h1', {});
+  await stepWith(app, 'h1', {});
+  await app.sessions.pendingSnapshots();
+  const kept = (await app.inject({ url: '/v1/sessions/h1/snapshots' })).json().snapshots.map((s: { version: number }) => s.version);
+  assert.ok(kept.length === 1 && kept[0] > 1, `the first snapshot is gone: ${kept}`);
+  assert.deepEqual((await app.inject({ url: '/v1/sessions/h1/hyperparameters' })).json().initial_param_groups, [created]);
+  // A fork starts with the groups it was forked with.
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/h1/fork', payload: { name: 'h2' } })).statusCode, 201);
+  assert.deepEqual((await app.inject({ url: '/v1/sessions/h2/hyperparameters' })).json().initial_param_groups, [{ ...created, lr: 0.125, weight_decay: 0.5 }]);
   for (const query of ['limit=0', 'limit=10001', 'after_version=-1']) {
     const bad = await app.inject({ url: `/v1/sessions/h1/hyperparameters?${query}` });
     assert.equal(bad.statusCode, 400, query);

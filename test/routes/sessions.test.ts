@@ -81,6 +81,32 @@ test('create rejects bad input with a code that names the field', async (t) => {
   assert.equal(list.sessions.length, 0, 'no failed create left anything behind');
 });
 
+test('"." and ".." are no session names: URLs resolve them away, so every place that takes a name refuses them', async (t) => {
+  const { app } = await buildTestApp(t);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: twoParams('src') })).statusCode, 201);
+  for (const name of ['.', '..']) {
+    const created = await app.inject({ method: 'POST', url: '/v1/sessions', payload: twoParams(name) });
+    assert.equal(created.statusCode, 400, created.body);
+    assert.equal(created.json().code, 'INVALID_NAME');
+    assert.match(created.json().message, /^name: /);
+    const forked = await app.inject({ method: 'POST', url: '/v1/sessions/src/fork', payload: { name } });
+    assert.equal(forked.json().code, 'INVALID_NAME', forked.body);
+    const token = await app.inject({ method: 'POST', url: '/v1/tokens', payload: { name: 'viewer', scope: 'read', sessions: [name] } });
+    assert.equal(token.json().code, 'INVALID_BODY', token.body);
+    assert.match(token.json().message, /sessions/);
+    // Metric names are named like sessions.
+    const step = await app.inject({ method: 'POST', url: '/v1/sessions/src/step', payload: { grads: { b: randomData(7, 3) }, metrics: { [name]: 1 } } });
+    assert.equal(step.json().code, 'INVALID_METRICS', step.body);
+  }
+  // Names that merely hold dots are fine.
+  for (const name of ['...', '.a', 'a.', 'v1.2']) {
+    assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: twoParams(name) })).statusCode, 201, name);
+    assert.equal((await app.inject({ url: `/v1/sessions/${name}` })).json().name, name);
+  }
+  assert.deepEqual((await app.inject({ url: '/v1/sessions' })).json().sessions.map((s: { name: string }) => s.name), ['...', '.a', 'a.', 'src', 'v1.2']);
+  assert.equal((await app.inject({ url: '/v1/sessions/src' })).json().version, 1, 'the refused step changed nothing');
+});
+
 test('steps match torch.optim.ASGD bit for bit: groups, weight decay, maximize, averaging, missing grads', async (t) => {
   const skip = skipWithoutTorch();
   if (skip) return t.skip(skip);

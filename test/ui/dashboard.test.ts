@@ -94,8 +94,16 @@ test('dashboard: sessions listed, loss chart holds the points sent, live steps, 
   const loss = await chartData(page, 'metric:loss');
   assert.deepEqual(loss, [[1, 2, 3, 4, 5], losses]);
   assert.deepEqual((await chartData(page, 'metric:samples'))?.[1], [32, 32, 32, 32, 32]);
+  // The hyperparameter charts start at the first step, with the values the session was created with
+  // (lr 0.1, t0 1) until the change at step 3.
   const lr = await chartData(page, 'lr');
-  assert.deepEqual(lr?.[1].slice(2), [0.05, 0.05, 0.05], 'the lr change at step 3 is charted');
+  assert.deepEqual(lr?.[1], [0.1, 0.1, 0.05, 0.05, 0.05], 'the lr from the start, and its change at step 3');
+  const lrAt = [0.1, 0.1, 0.05, 0.05, 0.05];
+  const near = (a: (number | null)[] | undefined, b: number[], what: string) =>
+    assert.ok(a && a.length === b.length && a.every((v, i) => v !== null && Math.abs(v - b[i]) <= 1e-12 * Math.abs(b[i])), `${what}: ${JSON.stringify(a)} vs ${JSON.stringify(b)}`);
+  // torch.optim.asgd: eta = lr / (1 + lambd * lr * step) ** alpha, mu = 1 / max(1, step - t0); lambd 1e-4, alpha 0.75 (defaults)
+  near((await chartData(page, 'eta'))?.[1], lrAt.map((r, i) => r / (1 + 1e-4 * r * (i + 1)) ** 0.75), 'eta');
+  near((await chartData(page, 'mu'))?.[1], lrAt.map((_, i) => 1 / Math.max(1, i + 1 - 1)), 'mu');
   await page.waitForSelector('#norms-table');
   await screenshot(page, 'session');
 

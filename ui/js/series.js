@@ -39,16 +39,18 @@ export function stepsPerSecond(points) {
 
 /**
  * The groups' hyperparameters in force at each point: the newest change at or below its version; before
- * the first recorded change, unknown (null) unless the session never changed them (then its groups now).
+ * the first change, the session's first version's (`initial`). A service that does not say those: its
+ * groups now when it never changed them, else unknown (null).
  * @param {Point[]} points @param {HyperChange[]} changes sorted by version @param {Record<string, any>[]} current
+ * @param {Record<string, any>[] | null} [initial]
  * @returns {(Record<string, any>[] | null)[]}
  */
-export function hyperAt(points, changes, current) {
+export function hyperAt(points, changes, current, initial = null) {
   let c = -1;
   return points.map((p) => {
     while (c + 1 < changes.length && changes[c + 1].version <= p.version) c++;
     if (c >= 0) return changes[c].param_groups;
-    return changes.length === 0 ? current : null;
+    return initial ?? (changes.length === 0 ? current : null);
   });
 }
 

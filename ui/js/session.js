@@ -26,6 +26,9 @@ export function sessionPage(root, name, who) {
   let seriesAvailable = true;
   /** @type {import('./series.js').HyperChange[]} */
   let changes = [];
+  /** Each group's hyperparameters at the session's first version (null: the service does not know). */
+  /** @type {Record<string, any>[] | null} */
+  let initialGroups = null;
   let hyperAvailable = true;
   /** Norms seen at each version since the page opened (computed on demand by the server). */
   /** @type {{ version: number, step: number, time: number, params: any[] }[]} */
@@ -91,7 +94,7 @@ export function sessionPage(root, name, who) {
       chart({ key: 'steps_per_second', title: 'steps/s', series: [{ label: 'steps/s' }] }, [xs, stepsPerSecond(points)]);
       chart({ key: 'staleness', title: 'staleness (versions)', series: [{ label: buckets ? 'mean' : 'staleness' }, ...(buckets ? [{ label: 'max' }] : [])] },
         [xs, points.map((p) => p.staleness), ...(buckets ? [points.map((p) => p.staleness_max ?? p.staleness)] : [])]);
-      const groups = hyperAt(points, changes, session?.param_groups ?? []);
+      const groups = hyperAt(points, changes, session?.param_groups ?? [], initialGroups);
       const nGroups = session?.param_groups.length ?? 0;
       const perGroup = (/** @type {(g: any, p: import('./series.js').Point) => number} */ f) =>
         Array.from({ length: nGroups }, (_, g) => points.map((p, i) => (groups[i]?.[g] ? f(groups[i]?.[g], p) : null)));
@@ -199,6 +202,7 @@ export function sessionPage(root, name, who) {
       const after = changes.length ? changes[changes.length - 1].version : 0;
       const answer = await api(`${base}/hyperparameters?after_version=${after}&limit=1000`, { signal: stop.signal });
       changes.push(...answer.changes);
+      initialGroups = answer.initial_param_groups ?? initialGroups;
     } catch (err) {
       if (err instanceof ApiError && err.code === 'ROUTE_NOT_FOUND') hyperAvailable = false;
       else throw err;

@@ -6,6 +6,7 @@ import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import { ApiError } from '../../errors.ts';
 import { errorResponses, NameParams } from '../schemas.ts';
+import { ACCESS } from '../common.ts';
 
 export const KEEP_ALIVE_MS = 15_000;
 
@@ -14,6 +15,7 @@ const KIND_OF_REASON: Record<string, string> = { load_state_dict: 'load', load_c
 
 const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   fastify.get('/:name/events', {
+    config: ACCESS.read,
     schema: {
       operationId: 'getEvents',
       summary: 'Follow the session\'s versions as server-sent events',

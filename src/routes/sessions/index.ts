@@ -2,7 +2,7 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import type { Config } from '../../config.ts';
-import { sessionJson, setVersion, ifMatchOf, jsonBody, jsonOrFile } from '../common.ts';
+import { ACCESS, ifMatchOf, jsonBody, jsonOrFile, sessionJson, setVersion } from '../common.ts';
 import { mediaTypes, ROUTE_MEDIA, contentFormat } from '../media.ts';
 import {
   Aggregation, errorResponses, Hyperparameters, IfMatchHeaders, IfNoneMatchHeaders, NameParams, NotModified, NewSessionName, ParamGroupIn, Session, SessionSettings, TensorIn, withCode,
@@ -47,6 +47,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
   const { config } = opts;
 
   fastify.post('/', {
+    config: ACCESS.adminAllSessions,
     bodyLimit: config.bodyLimitCreate,
     schema: {
       operationId: 'createSession',
@@ -67,6 +68,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
   });
 
   fastify.get('/', {
+    config: ACCESS.read,
     schema: {
       operationId: 'listSessions',
       summary: 'List sessions',
@@ -102,6 +104,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
   });
 
   fastify.get('/:name', {
+    config: ACCESS.read,
     schema: {
       operationId: 'getSession',
       summary: 'Read a session',
@@ -120,6 +123,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
   });
 
   fastify.patch('/:name', {
+    config: ACCESS.admin,
     schema: {
       operationId: 'updateSession',
       summary: 'Change a session\'s settings',
@@ -145,6 +149,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
   });
 
   fastify.delete('/:name', {
+    config: ACCESS.admin,
     schema: {
       operationId: 'deleteSession',
       summary: 'Delete a session with its snapshots and log',
@@ -159,6 +164,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
   });
 
   fastify.post('/:name/fork', {
+    config: ACCESS.adminAllSessions,
     schema: {
       operationId: 'forkSession',
       summary: 'Fork a session',

@@ -2,7 +2,7 @@
 // session's lifetime, unlike the step log): what the client sent as `metrics`, and the step's staleness.
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
-import { setVersion } from '../common.ts';
+import { ACCESS, setVersion } from '../common.ts';
 import { errorResponses, NameParams } from '../schemas.ts';
 import { errors } from '../../errors.ts';
 import { createMetricNames, downsampledSeries, type SeriesPoint } from '../../sessions/series.ts';
@@ -36,6 +36,7 @@ function bucketJson(p: SeriesPoint) {
 const metricsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   const metricNames = createMetricNames();
   fastify.get('/:name/metrics', {
+    config: ACCESS.read,
     schema: {
       operationId: 'getMetrics',
       summary: 'Read the training series',

@@ -3,7 +3,7 @@
 // memory (one pass over the floats, no snapshot read when the copy is current). The dashboard polls it.
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
-import { setVersion } from '../common.ts';
+import { ACCESS, setVersion } from '../common.ts';
 import { errorResponses, NameParams } from '../schemas.ts';
 import type { StateView } from '../../sessions/model.ts';
 
@@ -55,6 +55,7 @@ export function normsOf(view: StateView) {
 
 const normRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   fastify.get('/:name/norms', {
+    config: ACCESS.read,
     schema: {
       operationId: 'getNorms',
       summary: 'Norms of the parameters and of ax, at the current version',

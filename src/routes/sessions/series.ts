@@ -2,9 +2,9 @@
 // and the activity figures the sessions list adds with ?figures=true.
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
-import { setVersion } from '../common.ts';
+import { ACCESS, setVersion } from '../common.ts';
 import { errorResponses, NameParams, Session } from '../schemas.ts';
-import { hyperChanges, type Activity } from '../../sessions/series.ts';
+import { hyperChanges, initialHyperparameters, type Activity } from '../../sessions/series.ts';
 
 export const MAX_CHANGES_LIMIT = 10_000;
 
@@ -23,10 +23,11 @@ export function activityJson(a: Activity | undefined) {
 
 const seriesRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   fastify.get('/:name/hyperparameters', {
+    config: ACCESS.read,
     schema: {
       operationId: 'getHyperparameterChanges',
       summary: 'The steps that changed hyperparameters',
-      description: 'Oldest first, after `after_version`: each step that set a group\'s hyperparameters (a scheduler), with every group\'s values after it.',
+      description: 'Oldest first, after `after_version`: each step that set a group\'s hyperparameters (a scheduler), with every group\'s values after it; and every group\'s values at the session\'s first version, in force until the first change.',
       tags: ['training'],
       params: NameParams,
       querystring: Type.Object({
@@ -43,6 +44,9 @@ const seriesRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
             param_groups: Type.Array(Type.Record(Type.String(), Type.Unknown()), { description: 'Each group\'s hyperparameters after the step' }),
           })),
           next_after_version: Type.Integer(),
+          initial_param_groups: Type.Union([Type.Array(Type.Record(Type.String(), Type.Unknown())), Type.Null()], {
+            description: 'Each group\'s hyperparameters at the session\'s first version (created or forked); null: not known (a session made before this was kept, whose first snapshot is gone)',
+          }),
         }),
         ...errorResponses(400, 401, 403, 404),
       },
@@ -50,12 +54,15 @@ const seriesRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   }, async (request, reply) => {
     const afterVersion = request.query.after_version ?? 0;
     const session = await fastify.sessions.get(request.params.name);
-    const changes = await hyperChanges(fastify.db, session.id, afterVersion, request.query.limit ?? 1000);
+    const [changes, initial] = await Promise.all([
+      hyperChanges(fastify.db, session.id, afterVersion, request.query.limit ?? 1000), initialHyperparameters(fastify.db, session.id),
+    ]);
     setVersion(reply, session.version);
     return {
       session: session.name,
       changes: changes.map((c) => ({ version: c.version, step: c.step, time: c.time.toISOString(), param_groups: c.paramGroups })),
       next_after_version: changes.length ? changes[changes.length - 1].version : afterVersion,
+      initial_param_groups: initial,
     };
   });
 };

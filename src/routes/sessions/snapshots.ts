@@ -2,7 +2,7 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import type { Config } from '../../config.ts';
-import { ifMatchOf, sessionJson, setVersion, snapshotJson } from '../common.ts';
+import { ACCESS, ifMatchOf, sessionJson, setVersion, snapshotJson } from '../common.ts';
 import { ROUTE_MEDIA } from '../media.ts';
 import { errorResponses, IfMatchHeaders, NameParams, Session, Snapshot, SnapshotParams } from '../schemas.ts';
 import { sendView, viewResponse, type ViewKind } from './views.ts';
@@ -14,6 +14,7 @@ const OFFERS: Record<ViewKind, readonly string[]> = { params: ROUTE_MEDIA.params
 
 const snapshotRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify) => {
   fastify.post('/:name/snapshots', {
+    config: ACCESS.admin,
     schema: {
       operationId: 'createSnapshot',
       summary: 'Take a snapshot now',
@@ -31,6 +32,7 @@ const snapshotRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fas
   });
 
   fastify.get('/:name/snapshots', {
+    config: ACCESS.read,
     schema: {
       operationId: 'listSnapshots',
       summary: 'List snapshots, newest first',
@@ -45,10 +47,12 @@ const snapshotRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fas
   });
 
   fastify.get('/:name/snapshots/:id', {
+    config: ACCESS.read,
     schema: { operationId: 'getSnapshot', summary: 'Read a snapshot\'s metadata', tags: ['snapshots'], params: SnapshotParams, response: { 200: Snapshot, ...errorResponses(400, 401, 403, 404) } },
   }, async (request) => snapshotJson((await fastify.sessions.getSnapshot(request.params.name, Number(request.params.id))).snapshot));
 
   fastify.patch('/:name/snapshots/:id', {
+    config: ACCESS.admin,
     schema: {
       operationId: 'pinSnapshot',
       summary: 'Pin or unpin a snapshot',
@@ -62,6 +66,7 @@ const snapshotRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fas
 
   for (const kind of ['params', 'state_dict', 'checkpoint'] as const) {
     fastify.get(`/:name/snapshots/:id/${kind}`, {
+      config: ACCESS.read,
       schema: {
         operationId: OPERATION_IDS[kind],
         summary: `Download a snapshot's ${kind}`,
@@ -80,6 +85,7 @@ const snapshotRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fas
   }
 
   fastify.post('/:name/snapshots/:id/restore', {
+    config: ACCESS.admin,
     schema: {
       operationId: 'restoreSnapshot',
       summary: 'Roll the session back to a snapshot',

@@ -5,7 +5,7 @@ import { Type } from 'typebox';
 import type { Config } from '../../config.ts';
 import { errors } from '../../errors.ts';
 import { parseStateDict } from '../../sessions/state-dict.ts';
-import { ifMatchOf, jsonBody, jsonOrFile, sessionJson, setVersion } from '../common.ts';
+import { ACCESS, ifMatchOf, jsonBody, jsonOrFile, sessionJson, setVersion } from '../common.ts';
 import { contentFormat, mediaTypes, ROUTE_MEDIA } from '../media.ts';
 import { errorResponses, IfMatchHeaders, IfNoneMatchHeaders, NameParams, NotModified, Session, Version, withCode } from '../schemas.ts';
 import { readCheckpointFile, readCheckpointJson, readStateDictBody } from './binary.ts';
@@ -48,6 +48,7 @@ const CheckpointIn = Type.Object({
 
 const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify, opts) => {
   fastify.get('/:name/params', {
+    config: ACCESS.read,
     schema: {
       operationId: 'getParams',
       summary: 'Read the parameters (or ASGD\'s averaged parameters)',
@@ -67,6 +68,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
   }, async (request, reply) => answerRead(fastify, 'params', request, reply, request.params.name, request.query));
 
   fastify.get('/:name/state_dict', {
+    config: ACCESS.read,
     schema: {
       operationId: 'getStateDict',
       summary: 'Read the optimizer state_dict',
@@ -80,6 +82,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
   }, async (request, reply) => answerRead(fastify, 'state_dict', request, reply, request.params.name, request.query));
 
   fastify.put('/:name/state_dict', {
+    config: ACCESS.admin,
     bodyLimit: opts.config.bodyLimitCreate,
     schema: {
       operationId: 'loadStateDict',
@@ -101,6 +104,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
   });
 
   fastify.get('/:name/checkpoint', {
+    config: ACCESS.read,
     schema: {
       operationId: 'getCheckpoint',
       summary: 'Download a checkpoint',
@@ -114,6 +118,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
   }, async (request, reply) => answerRead(fastify, 'checkpoint', request, reply, request.params.name, request.query));
 
   fastify.put('/:name/checkpoint', {
+    config: ACCESS.admin,
     bodyLimit: opts.config.bodyLimitCreate,
     schema: {
       operationId: 'loadCheckpoint',

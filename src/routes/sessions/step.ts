@@ -15,7 +15,7 @@ import { NAME_PATTERN, SESSION_NAME_SOURCE } from '../../sessions/spec.ts';
 import type { Layout } from '../../sessions/state.ts';
 import { paramTensor, paramsJson } from '../../sessions/state-dict.ts';
 import { metadataJson, parseMetrics } from '../../sessions/step-input.ts';
-import { idempotencyKeyOf, ifMatchOf, jsonBody, jsonOrFile, optionalWhole, setVersion } from '../common.ts';
+import { ACCESS, idempotencyKeyOf, ifMatchOf, jsonBody, jsonOrFile, optionalWhole, setVersion } from '../common.ts';
 import { contentFormat, MEDIA, mediaTypes, negotiate, ROUTE_MEDIA } from '../media.ts';
 import { Binary, errorResponses, NameParams, RoundStatus, StepAnswer, StepHeaders, Tensor } from '../schemas.ts';
 import { readGradients } from './binary.ts';
@@ -106,6 +106,7 @@ function encodeParams(view: StateView, answer: StepAnswerValue, averaged: boolea
 
 const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify, opts) => {
   fastify.post('/:name/step', {
+    config: ACCESS.step,
     bodyLimit: opts.config.bodyLimitStep,
     schema: {
       operationId: 'step',

@@ -492,7 +492,7 @@ export interface paths {
         };
         /**
          * The steps that changed hyperparameters
-         * @description Oldest first, after `after_version`: each step that set a group's hyperparameters (a scheduler), with every group's values after it.
+         * @description Oldest first, after `after_version`: each step that set a group's hyperparameters (a scheduler), with every group's values after it; and every group's values at the session's first version, in force until the first change.
          *
          *     Needs a token with scope `read`.
          */
@@ -591,7 +591,7 @@ export interface components {
             /** @enum {integer} */
             statusCode: 400;
             /** @enum {string} */
-            code: "BAD_REQUEST" | "INVALID_BODY" | "INVALID_JSON" | "INVALID_PATH" | "INVALID_QUERY" | "INVALID_HEADER" | "INVALID_URL" | "INVALID_NAME" | "INVALID_HYPERPARAMETER" | "INVALID_PARAM_GROUPS" | "INVALID_TENSOR" | "SHAPE_MISMATCH" | "UNKNOWN_PARAMETER" | "EMPTY_STEP" | "STATE_DICT_MISMATCH" | "INVALID_STATE_DICT" | "INVALID_METRICS" | "ZIP_TRUNCATED" | "ZIP_CORRUPT" | "ZIP_UNSUPPORTED" | "ZIP_CRC_MISMATCH" | "ZIP_DUPLICATE_ENTRY" | "ZIP_ENTRY_MISSING" | "ZIP_LIMIT_EXCEEDED" | "PICKLE_TRUNCATED" | "PICKLE_OPCODE_REFUSED" | "PICKLE_GLOBAL_REFUSED" | "PICKLE_STACK_INVALID" | "PICKLE_MEMO_INVALID" | "PICKLE_CALL_INVALID" | "PICKLE_VALUE_UNSUPPORTED" | "PICKLE_TOO_DEEP" | "PICKLE_LIMIT_EXCEEDED" | "PICKLE_STRING_INVALID" | "TENSOR_DTYPE_UNSUPPORTED" | "TENSOR_SHAPE_INVALID" | "STORAGE_MISSING" | "TORCH_SAVE_INVALID" | "STATE_DICT_INVALID" | "SAFETENSORS_HEADER_INVALID";
+            code: "BAD_REQUEST" | "INVALID_BODY" | "INVALID_JSON" | "INVALID_PATH" | "INVALID_QUERY" | "INVALID_HEADER" | "INVALID_URL" | "INVALID_NAME" | "INVALID_HYPERPARAMETER" | "INVALID_PARAM_GROUPS" | "INVALID_TENSOR" | "SHAPE_MISMATCH" | "UNKNOWN_PARAMETER" | "EMPTY_STEP" | "STATE_DICT_MISMATCH" | "INVALID_STATE_DICT" | "INVALID_METRICS" | "ZIP_TRUNCATED" | "ZIP_CORRUPT" | "ZIP_UNSUPPORTED" | "ZIP_CRC_MISMATCH" | "ZIP_DUPLICATE_ENTRY" | "ZIP_ENTRY_MISSING" | "ZIP_LIMIT_EXCEEDED" | "PICKLE_TRUNCATED" | "PICKLE_OPCODE_REFUSED" | "PICKLE_GLOBAL_REFUSED" | "PICKLE_STACK_INVALID" | "PICKLE_MEMO_INVALID" | "PICKLE_CALL_INVALID" | "PICKLE_VALUE_UNSUPPORTED" | "PICKLE_TOO_DEEP" | "PICKLE_LIMIT_EXCEEDED" | "PICKLE_STRING_INVALID" | "TENSOR_DTYPE_UNSUPPORTED" | "TENSOR_SHAPE_INVALID" | "STORAGE_MISSING" | "TORCH_SAVE_INVALID" | "SAFETENSORS_HEADER_INVALID";
             /** @example Bad Request */
             error: string;
             message: string;
@@ -1106,7 +1106,7 @@ export interface components {
          *     - `INVALID_QUERY`: A query parameter is malformed or out of range
          *     - `INVALID_HEADER`: A request header is malformed (If-Match, Idempotency-Key, Content-Type, …)
          *     - `INVALID_URL`: The URL cannot be decoded
-         *     - `INVALID_NAME`: A session name is not 1-128 characters of A-Za-z0-9._-
+         *     - `INVALID_NAME`: A session name is not 1-128 characters of A-Za-z0-9._-, or is "." or ".."
          *     - `INVALID_HYPERPARAMETER`: A hyperparameter is out of range or of the wrong type (as torch.optim.ASGD checks)
          *     - `INVALID_PARAM_GROUPS`: param_groups do not partition the parameters
          *     - `INVALID_TENSOR`: A tensor is malformed: shape, dtype, values, name
@@ -1114,7 +1114,7 @@ export interface components {
          *     - `UNKNOWN_PARAMETER`: A tensor names no parameter of this session
          *     - `EMPTY_STEP`: A step without any gradient
          *     - `STATE_DICT_MISMATCH`: A state_dict does not fit this session (group count, sizes)
-         *     - `INVALID_STATE_DICT`: A state_dict is malformed; the message names the field
+         *     - `INVALID_STATE_DICT`: A state_dict or checkpoint (JSON or file) is malformed; the message names the field
          *     - `INVALID_METRICS`: A step's metrics are malformed: at most 32 finite numbers named like sessions
          *     - `ZIP_TRUNCATED`: File format: the zip archive ends before a record it declares
          *     - `ZIP_CORRUPT`: File format: a zip record is malformed: bad signature, offsets outside the file, overlapping entries, size mismatch
@@ -1137,7 +1137,6 @@ export interface components {
          *     - `TENSOR_SHAPE_INVALID`: File format: a tensor shape, stride or offset is invalid or does not fit its data
          *     - `STORAGE_MISSING`: File format: a tensor refers to a storage record that is absent or too small
          *     - `TORCH_SAVE_INVALID`: File format: the archive is not a torch.save file this reader understands (version, layout)
-         *     - `STATE_DICT_INVALID`: File format: a state_dict or checkpoint does not have the expected shape; the message names the field
          *     - `SAFETENSORS_HEADER_INVALID`: File format: the safetensors header is malformed or inconsistent with the body
          */
         Error400: {
@@ -1597,7 +1596,7 @@ export interface operations {
         parameters: {
             query?: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name?: string;
@@ -1636,7 +1635,7 @@ export interface operations {
                  */
                 "application/json": {
                     /**
-                     * @description Session name: 1-128 of A-Za-z0-9._-
+                     * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                      * @example mnist-run-1
                      */
                     name: string;
@@ -1724,7 +1723,7 @@ export interface operations {
             };
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -1769,7 +1768,7 @@ export interface operations {
             };
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -1800,7 +1799,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -1857,7 +1856,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -1874,7 +1873,7 @@ export interface operations {
                  */
                 "application/json": {
                     /**
-                     * @description Session name: 1-128 of A-Za-z0-9._-
+                     * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                      * @example mnist-run-1
                      */
                     name: string;
@@ -1942,7 +1941,7 @@ export interface operations {
             };
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2064,7 +2063,7 @@ export interface operations {
             };
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2114,7 +2113,7 @@ export interface operations {
             };
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2162,7 +2161,7 @@ export interface operations {
             };
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2222,7 +2221,7 @@ export interface operations {
             };
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2269,7 +2268,7 @@ export interface operations {
             };
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2326,7 +2325,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2358,7 +2357,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2400,7 +2399,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2437,7 +2436,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2493,7 +2492,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2538,7 +2537,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2583,7 +2582,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2628,7 +2627,7 @@ export interface operations {
             };
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2666,7 +2665,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2717,7 +2716,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2745,6 +2744,10 @@ export interface operations {
                             }[];
                         }[];
                         next_after_version: number;
+                        /** @description Each group's hyperparameters at the session's first version (created or forked); null: not known (a session made before this was kept, whose first snapshot is gone) */
+                        initial_param_groups: {
+                            [key: string]: unknown;
+                        }[] | null;
                     };
                 };
             };
@@ -2768,7 +2771,7 @@ export interface operations {
             header?: never;
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;
@@ -2843,7 +2846,7 @@ export interface operations {
             };
             path: {
                 /**
-                 * @description Session name: 1-128 of A-Za-z0-9._-
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
                  * @example mnist-run-1
                  */
                 name: string;

@@ -1,0 +1,68 @@
+// A page on another origin calls the API from a real browser (headless Chromium): with ASGD_CORS_ORIGINS
+// naming the page's origin, a step with a bearer token, Idempotency-Key and If-Match goes through (after
+// the browser's preflight) and the page reads ETag, X-Request-Id and the error codes; without it the
+// browser refuses every answer to the page.
+import assert from 'node:assert/strict';
+import { createServer } from 'node:http';
+import { once } from 'node:events';
+import { test } from 'node:test';
+import type { FastifyInstance } from 'fastify';
+import { buildTestApp } from '../helper.ts';
+import { chromiumMissing, launch, newPage } from './browser.ts';
+
+const ADMIN = 'admin-token-for-the-cors-browser-test';
+const skip = chromiumMissing() ?? false;
+
+async function listen(app: FastifyInstance): Promise<string> {
+  await app.listen({ port: 0, host: '127.0.0.1' });
+  return `http://127.0.0.1:${(app.server.address() as { port: number }).port}`;
+}
+
+/** What the page does, as a training script in a browser would: create, step twice (once retried), read. */
+async function trainFromPage({ api, token }: { api: string; token: string }) {
+  const auth = { authorization: `Bearer ${token}` };
+  const json = { ...auth, 'content-type': 'application/json' };
+  try {
+    const created = await fetch(`${api}/v1/sessions`, { method: 'POST', headers: json, body: JSON.stringify({ name: 'browser', params: [{ name: 'w', shape: [2], data: [1, 2] }] }) });
+    const step = () => fetch(`${api}/v1/sessions/browser/step`, {
+      method: 'POST', headers: { ...json, 'idempotency-key': 'page-step-1', 'if-match': '"1"' }, body: JSON.stringify({ grads: { w: [0.5, -0.5] } }),
+    });
+    const first = await step();
+    const retried = await step();
+    const anonymous = await fetch(`${api}/v1/sessions/browser`);
+    return {
+      created: created.status, etag: first.headers.get('etag'), requestId: first.headers.get('x-request-id'), step: (await first.json()).step,
+      retried: [retried.status, (await retried.json()).step], anonymous: [anonymous.status, (await anonymous.json()).code, anonymous.headers.get('www-authenticate')],
+    };
+  } catch (err) {
+    return { failed: String(err) };
+  }
+}
+
+test('a page on another origin trains through the API with ASGD_CORS_ORIGINS, and cannot without it', { skip }, async (t) => {
+  const pages = createServer((_req, res) => res.end('<!doctype html><title>trainer</title>'));
+  pages.listen(0, '127.0.0.1');
+  await once(pages, 'listening');
+  t.after(() => pages.close());
+  const pageOrigin = `http://127.0.0.1:${(pages.address() as { port: number }).port}`;
+
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN, ASGD_CORS_ORIGINS: pageOrigin } });
+  const { app: closed } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  const [api, closedApi] = [await listen(app), await listen(closed)];
+
+  const browser = await launch(t);
+  const log: string[] = [];
+  const page = await newPage(browser, log);
+  await page.goto(pageOrigin);
+  const open = await page.evaluate(trainFromPage, { api, token: ADMIN });
+  assert.deepEqual({ ...open, requestId: typeof open.requestId }, {
+    created: 201, etag: '"2"', requestId: 'string', step: 1, retried: [200, 1],
+    anonymous: [401, 'UNAUTHORIZED', 'Bearer realm="asgd-serve"'],
+  }, log.join('\n'));
+  assert.equal((await app.inject({ url: '/v1/sessions/browser', headers: { authorization: `Bearer ${ADMIN}` } })).json().step, 1, 'the retry did not step twice');
+
+  // The control: the same page against a service without CORS gets no answer at all.
+  const refused = await page.evaluate(trainFromPage, { api: closedApi, token: ADMIN });
+  assert.match(String(refused.failed), /Failed to fetch/);
+  assert.equal((await closed.inject({ url: '/v1/sessions/browser', headers: { authorization: `Bearer ${ADMIN}` } })).statusCode, 404, 'the preflight stopped the create');
+});
