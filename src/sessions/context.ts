@@ -8,6 +8,8 @@ import type { StateCache } from './cache.ts';
 import type { KeyedMutex } from './mutex.ts';
 import * as repo from './repository.ts';
 import type { SessionRecord } from './repository.ts';
+import type { StateView } from './model.ts';
+import type { SessionState } from './state.ts';
 
 export interface SessionHooks {
   stepped?(session: string, seconds: number, lockWaitSeconds: number): void;
@@ -46,4 +48,20 @@ export function checkIfMatch(ifMatch: number | null | undefined, version: number
  */
 export function consistentRead<T>(db: Database, fn: (q: Queryable) => Promise<T>): Promise<T> {
   return db.transaction(fn, { consistentRead: true });
+}
+
+/** What the rounds of sessions with aggregation (rounds.ts) use of the session modules (service.ts `roundHost`): the lock, the cached state, the snapshots. */
+export interface RoundHost {
+  /** Runs `fn` under the session's lock in this process (the cached state is stepped and read under it). */
+  run<T>(name: string, fn: () => Promise<T>): Promise<T>;
+  /** This process's copy of the session's state at its current version (caught up or rebuilt). */
+  currentState(q: Queryable, session: SessionRecord): Promise<{ state: SessionState }>;
+  /** Drops this process's copy (a transaction failed after the kernel ran on it). */
+  forget(sessionId: number): void;
+  /** Calls `fn` with the state at `version`; the caller holds the session's lock. */
+  withStateAt(name: string, version: number, fn: (view: StateView) => void): Promise<void>;
+  applyStep(state: SessionState, present: readonly number[]): void;
+  /** After a round's step committed: the step metrics, and a background snapshot when one is due. */
+  afterStep(session: SessionRecord, entry: { state: SessionState }, seconds: number, lockWaitSeconds: number): void;
+  idempotencyWindowSeconds: number;
 }

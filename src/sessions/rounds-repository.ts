@@ -4,7 +4,9 @@
 // belong to no round (a load or restore moved the version on) and are deleted by the next write.
 import type { Database, Queryable } from '../db/database.ts';
 import type { HyperDelta, RoundRecord } from '../db/schema.ts';
+import { errors } from '../errors.ts';
 import type { GradDtype } from './gradients.ts';
+import type { SessionRecord } from './repository.ts';
 
 /** The open round of a session, as session answers show it. */
 export interface OpenRound {
@@ -158,4 +160,10 @@ export async function readRoundOutcome(
     { name: 'round_outcome' },
   );
   return rows[0] ?? null;
+}
+
+/** PATCH of `aggregation` is refused while a round has contributions (they were made for the old settings). */
+export async function assertNoOpenRound(q: Queryable, session: SessionRecord): Promise<void> {
+  const round = await readRound(q, session.id, session.version);
+  if (round.contributions > 0) throw errors.roundOpen(session.version, round.contributions);
 }

@@ -18,31 +18,15 @@ import type { Aggregation, GroupSpec, HyperDelta, RoundRecord } from '../db/sche
 import { errors } from '../errors.ts';
 import { AggregatedSession, averageMetrics, byWorker, combineContributions, roundDue, type RoundTally } from './aggregation.ts';
 import { decodeGradients, packGradients, type GradientInput } from './gradients.ts';
+import type { RoundHost } from './context.ts';
 import type { VersionNotifier } from './notifier.ts';
 import * as repo from './repository.ts';
 import type { SessionRecord } from './repository.ts';
 import * as store from './rounds-repository.ts';
 import type { OpenRound } from './rounds-repository.ts';
 import type { StateView, StepAnswer, StepOptions } from './model.ts';
-import type { SessionService } from './service.ts';
 import type { SessionState } from './state.ts';
 import { applyHyperDelta, groupHyperparameters, parseStepHyper } from './step-input.ts';
-
-/** What rounds use of the session service (service.ts `roundHost`): its lock, its cached state, its snapshots. */
-export interface RoundHost {
-  /** Runs `fn` under the session's lock in this process (the cached state is stepped and read under it). */
-  run<T>(name: string, fn: () => Promise<T>): Promise<T>;
-  /** This process's copy of the session's state at its current version (caught up or rebuilt). */
-  currentState(q: Queryable, session: SessionRecord): Promise<{ state: SessionState }>;
-  /** Drops this process's copy (a transaction failed after the kernel ran on it). */
-  forget(sessionId: number): void;
-  /** Calls `fn` with the state at `version`; the caller holds the session's lock. */
-  withStateAt(name: string, version: number, fn: (view: StateView) => void): Promise<void>;
-  applyStep(state: SessionState, present: readonly number[]): void;
-  /** After a round's step committed: the step metrics, and a background snapshot when one is due. */
-  afterStep(session: SessionRecord, entry: { state: SessionState }, seconds: number, lockWaitSeconds: number): void;
-  idempotencyWindowSeconds: number;
-}
 
 export interface RoundHooks {
   closed?(session: string, contributions: number, waitSeconds: number, timedOut: boolean): void;
@@ -76,12 +60,6 @@ export const roundStatus = (round: OpenRound): RoundStatus => ({
   version: round.version, contributions: round.contributions, samples: round.samples, workers: round.workers, age_s: round.ageSeconds,
 });
 
-/** PATCH of `aggregation` is refused while a round has contributions (they were made for the old settings). */
-export async function assertNoOpenRound(q: Queryable, session: SessionRecord): Promise<void> {
-  const round = await store.readRound(q, session.id, session.version);
-  if (round.contributions > 0) throw errors.roundOpen(session.version, round.contributions);
-}
-
 const tallyOf = (round: OpenRound): RoundTally => ({ contributions: round.contributions, samples: round.samples ?? 0, ageSeconds: round.ageSeconds });
 
 /** Two contributions' param_groups agree when the groups they make are the same (what the round's step applies). */
@@ -113,7 +91,8 @@ interface Closed {
 
 export interface RoundServiceOptions {
   db: Database;
-  sessions: SessionService;
+  /** The plain step (sessions without aggregation) and what rounds use of the session modules. */
+  sessions: { step(name: string, input: GradientInput, opts?: StepOptions): Promise<StepAnswer>; roundHost: RoundHost };
   versions: VersionNotifier;
   log: FastifyBaseLogger;
   hooks?: RoundHooks;

@@ -14,7 +14,7 @@ import type { AsgdKernel, KernelOptions } from '../optim/types.ts';
 import { errors } from '../errors.ts';
 import { StateCache } from './cache.ts';
 import { createChanges } from './changes.ts';
-import { mustFind, type SessionContext, type SessionHooks } from './context.ts';
+import { mustFind, type RoundHost, type SessionContext, type SessionHooks } from './context.ts';
 import { sweepIdleSessions } from './expiry.ts';
 import { createHistory } from './history.ts';
 import { KeyedMutex } from './mutex.ts';
@@ -24,7 +24,7 @@ import type { SessionRecord } from './repository.ts';
 import { createSnapshotWriter } from './snapshot-writer.ts';
 import { createSnapshots } from './snapshots.ts';
 import { createSteps } from './steps.ts';
-import { assertNoOpenRound, type RoundHost } from './rounds.ts';
+import { assertNoOpenRound } from './rounds-repository.ts';
 import { sessionStorage, storageOfSessions, type SessionStorage } from './storage.ts';
 
 export interface SessionServiceOptions {

@@ -222,3 +222,26 @@ test('dashboard: a 100,000-step session opens with a downsampled series that kee
   // machine's load. bench/dashboard.ts holds the one-second target on a quiet machine.
   assert.ok(openMs < 15_000, `opening took ${openMs} ms`);
 });
+
+test('dashboard: a session with synchronous rounds shows its open round in the list (contributions of the count, age)', { skip }, async (t) => {
+  const { app } = await buildTestApp(t);
+  const base = await listen(app);
+  const api = client(base, null);
+  const params = [{ name: 'w', shape: [2], data: [0.5, 0.25] }];
+  await api('POST', '/v1/sessions', { name: 'rounds-run', params, aggregation: { contributions: 3 } });
+  await api('POST', '/v1/sessions', { name: 'plain-run', params });
+  // Two of three workers contribute; their requests wait (202 after a second), the round stays open.
+  const contributions = ['w0', 'w1'].map((worker) => fetch(`${base}/v1/sessions/rounds-run/step?wait=1`, {
+    method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': `k-${worker}` },
+    body: JSON.stringify({ grads: { w: [0.1, 0.2] }, base_version: 1, worker }),
+  }));
+  assert.deepEqual((await Promise.all(contributions)).map((r) => r.status), [202, 202]);
+  const browser = await launch(t);
+  const page = await newPage(browser, []);
+  await page.goto(`${base}/ui/`);
+  await page.waitForSelector('tr[data-session="rounds-run"] td[data-round="2"]');
+  const cell = (name: string) => page.textContent(`tr[data-session="${name}"] td[data-round]`);
+  assert.match((await cell('rounds-run')) ?? '', /^2 of 3 · \d+ s$/);
+  assert.equal(await cell('plain-run'), '—');
+  await screenshot(page, 'sessions-rounds');
+});

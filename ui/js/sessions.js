@@ -70,7 +70,9 @@ export function sessionsPage(root, who) {
 
   /** @param {any[]} sessions */
   function render(sessions) {
-    const rounds = sessions.some((s) => s.round !== undefined);
+    // Sessions with synchronous rounds (aggregation) show their open round: contributions so far of those
+    // it waits for, and how long it has been open.
+    const rounds = sessions.some((s) => s.aggregation);
     openRoundHead.hidden = !rounds;
     body.replaceChildren(...sessions.map((s) => h('tr', { 'data-session': s.name },
       h('td', {}, h('a', { href: `#/s/${encodeURIComponent(s.name)}` }, s.name)),
@@ -79,7 +81,7 @@ export function sessionsPage(root, who) {
       h('td', { className: 'num' }, s.activity ? fmtNum(s.activity.steps_per_second, 3) : '—'),
       h('td', { className: 'num' }, fmtAgo(s.activity?.last_step_at ?? null)),
       h('td', { className: 'num' }, fmtBytes(storedBytes(s))),
-      rounds ? h('td', { className: 'num' }, s.round?.open ? String(s.round.id ?? 'open') : '—') : null,
+      rounds ? h('td', { className: 'num', 'data-round': s.round ? String(s.round.contributions) : '' }, roundCell(s)) : null,
       h('td', { className: 'num' }, `${s.params.length} · ${fmtNum(s.numel)}`),
     )));
     if (sessions.length === 0) body.append(h('tr', {}, h('td', { colspan: '8', className: 'muted' }, search ? `No session name contains "${search}".` : 'No sessions yet.')));
@@ -95,4 +97,16 @@ export function sessionsPage(root, who) {
     stopped = true;
     clearInterval(timer);
   };
+}
+
+/**
+ * The open round of a session with aggregation: "2 of 3 · 4 s" (contributions of the count it steps at, and
+ * its age), or "waiting" with none yet; "—" for a session without rounds.
+ * @param {any} s
+ */
+function roundCell(s) {
+  if (!s.aggregation) return '—';
+  if (!s.round || s.round.contributions === 0) return 'waiting';
+  const of = s.aggregation.contributions ? ` of ${s.aggregation.contributions}` : '';
+  return `${s.round.contributions}${of} · ${fmtAgo(new Date(Date.now() - s.round.age_s * 1000).toISOString())}`;
 }
