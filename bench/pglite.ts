@@ -42,7 +42,7 @@ export async function runPgliteBench(options: PgliteOptions = {}): Promise<Bench
       figure: `${ms(lite)}/step`,
       baseline: `${ms(base)}/step on PostgreSQL`,
       ratio: lite / base,
-      target: { op: '<=', value: 3 },
+      target: { op: '<=', value: 1.5 },
       notes: [`median of ${rounds} alternating rounds of ${k} sequential steps on each`],
     };
   } finally {

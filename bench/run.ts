@@ -58,13 +58,13 @@ const BENCHES: Record<string, () => Promise<{ results: BenchResult[]; rows?: Ker
   throughput: one(runThroughputBench),
   pglite: one(runPgliteBench),
   catchup: one(runCatchupBench),
-  memory: one(runMemoryBench),
+  memory: async () => ({ results: await runMemoryBench() }),
   training: one(() => runTrainingBench({ python: PYTHON })),
   dashboard: one(runDashboardBench),
   rounds: one(runRoundsBench),
 };
 /** Result keys in the order the summary lists them. */
-const RESULT_ORDER = ['kernel', 'kernel-wd', 'durable-step', 'throughput', 'pglite', 'catchup', 'memory', 'training', 'dashboard', 'rounds'];
+const RESULT_ORDER = ['kernel', 'kernel-wd', 'durable-step', 'throughput', 'pglite', 'catchup', 'memory', 'big-step', 'training', 'dashboard', 'rounds'];
 
 function torchVersion(): string {
   try {
