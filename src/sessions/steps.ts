@@ -25,7 +25,11 @@ import * as repo from './repository.ts';
 import type { SnapshotWriter } from './snapshot-writer.ts';
 import { applyHyperDelta, parseStepHyper } from './step-input.ts';
 
-/** A batch holds at most this many steps and this many bytes of gradients (each step owns a copy until it commits). */
+/**
+ * A batch holds at most this many steps and about this many bytes of gradients (each step owns a copy
+ * until it commits): file bodies are counted as they are queued, every step's packed gradient as it is
+ * decoded (JSON ones too; the batch closes once it passes the bound).
+ */
 const MAX_BATCH_STEPS = 64;
 const MAX_BATCH_BYTES = 64 * 1024 * 1024;
 /** How often a batch is tried again after a key conflict with a request committed meanwhile. */
@@ -80,6 +84,17 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
     });
   }
 
+  /** Puts requests back at the front of the session's queue (taken off for a batch they did not fit in). */
+  function requeue(name: string, requests: Waiting[]): void {
+    const queue = queues.get(name);
+    if (queue) {
+      queue.unshift(...requests); // a drain is scheduled already
+      return;
+    }
+    queues.set(name, [...requests]);
+    void mutex.run(name, () => drain(name));
+  }
+
   /** Takes the next batch off the session's queue (in arrival order) and commits it; the rest waits for the lock again. */
   async function drain(name: string): Promise<void> {
     const queue = queues.get(name)!;
@@ -98,11 +113,7 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
     }
     if (queue.length) void mutex.run(name, () => drain(name));
     else queues.delete(name);
-    try {
-      await commitBatch(name, batch);
-    } catch (err) {
-      for (const request of batch) request.reject(err);
-    }
+    await commitBatch(name, batch);
   }
 
   /**
@@ -110,13 +121,30 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
    * its gradient, commits the batch, runs the kernel and answers. A request is settled once.
    */
   async function commitBatch(name: string, batch: Waiting[], retried = false): Promise<void> {
+    const taken = { batch };
+    try {
+      await prepareAndCommit(name, taken, retried);
+    } catch (err) {
+      for (const request of taken.batch) request.reject(err); // those answered already keep their answer
+    }
+  }
+
+  async function prepareAndCommit(name: string, taken: { batch: Waiting[] }, retried: boolean): Promise<void> {
+    let { batch } = taken;
     const started = process.hrtime.bigint();
     let entry = cache.byName(name);
     if (!entry) entry = await consistentRead(db, async (q) => history.currentState(q, await mustFind(q, name)));
     const { state } = entry;
     const id = cache.idOf(state);
     let steps: Prepared[] = [];
-    for (const request of batch) {
+    let packed = 0;
+    for (const [k, request] of batch.entries()) {
+      if (steps.length && packed >= MAX_BATCH_BYTES) {
+        // Each step of a batch holds its packed gradient until the commit: the rest waits for the next batch.
+        requeue(name, batch.slice(k));
+        batch = taken.batch = batch.slice(0, k);
+        break;
+      }
       try {
         const { opts } = request;
         const decoded = decodeGradients(request.input, state); // validates everything before anything is written
@@ -126,6 +154,7 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
         // With every parameter present that is a view of the arena's gradient buffer, which the next request
         // decodes into and the kernel reads: in a batch of several, each step keeps its own copy.
         if (batch.length > 1 && grads.buffer === state.arena.grads.buffer) grads = Buffer.from(grads);
+        packed += grads.byteLength;
         steps.push({
           request, present: decoded.present, grads, gradDtype: decoded.dtype, hyper, metrics: opts.metrics ?? null,
           ifMatch: opts.ifMatch ?? null, baseVersion: opts.baseVersion ?? null, key: opts.idempotencyKey ?? null, requestHash: opts.requestHash ?? '',

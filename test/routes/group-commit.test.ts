@@ -119,3 +119,24 @@ test('steps queued together on the service commit as one batch, in queue order, 
   app.sessions.dropCache();
   assert.deepEqual((await app.inject({ url: '/v1/sessions/q/state_dict' })).json(), batched);
 });
+
+test('a batch holds about 64 MiB of gradients: the steps beyond wait for the next batch, in order', async (t) => {
+  const { app } = await buildTestApp(t);
+  const n = 2 * 1024 * 1024; // 8 MiB a step: 8 steps fill a batch
+  await app.sessions.create({
+    name: 'big', params: [{ name: 'w', shape: [n] }], data: [new Float32Array(n).fill(0.5)],
+    groups: [{ params: [0], lr: 0.01, lambd: 1e-4, alpha: 0.75, t0: 1e6, weight_decay: 0, maximize: false }],
+    snapshotEvery: 1000, keepSnapshots: 2, maxStaleness: null, keepLogBytes: null, expireAfterIdleS: null, aggregation: null,
+  });
+  // JSON gradients: their size is known only once decoded, so the bound is applied as they are packed.
+  const grad = (k: number) => ({ w: Array.from({ length: n }, (_, i) => ((i % 7) - 3) * 0.001 * (k + 1)) });
+  const answers = await Promise.all(Array.from({ length: 10 }, (_, k) => app.sessions.step('big', { format: 'json', grads: grad(k) })));
+  assert.deepEqual(answers.map((a) => a.version), Array.from({ length: 10 }, (_, k) => k + 2));
+  const text = (await app.inject({ url: '/metrics' })).body;
+  assert.equal(sample(text, 'asgd_step_batch_size_sum'), 10);
+  assert.equal(sample(text, 'asgd_step_batch_size_count'), 2, 'a batch of 8, then one of 2');
+  // The same as one at a time: the state rebuilt from the log equals the live one.
+  const live = (await app.inject({ url: '/v1/sessions/big/params?format=safetensors', headers: { accept: 'application/x-safetensors' } })).rawPayload;
+  app.sessions.dropCache();
+  assert.ok(live.equals((await app.inject({ url: '/v1/sessions/big/params?format=safetensors', headers: { accept: 'application/x-safetensors' } })).rawPayload));
+});
