@@ -142,6 +142,31 @@ export function peakRssOf(pid: number | 'self'): number {
   return kb * 1024;
 }
 
+/**
+ * Seconds of each of `count` bare durable writes of `bytes` bytes of bytea (one autocommit INSERT each, into a
+ * column stored like step_log's grads), after `warmup` untimed ones: the least a step that logs those bytes costs.
+ */
+export async function bareWrites(url: string, bytes: number, opts: { count: number; warmup?: number }): Promise<number[]> {
+  const client = new pg.Client({ connectionString: url });
+  await client.connect();
+  try {
+    await client.query('CREATE TABLE bare_writes (b bytea)');
+    await client.query('ALTER TABLE bare_writes ALTER COLUMN b SET STORAGE EXTERNAL');
+    const data = Buffer.alloc(bytes, 7);
+    for (let i = 0; i < (opts.warmup ?? 0); i++) await client.query('INSERT INTO bare_writes VALUES ($1)', [data]);
+    const times: number[] = [];
+    for (let i = 0; i < opts.count; i++) {
+      const start = now();
+      await client.query('INSERT INTO bare_writes VALUES ($1)', [data]);
+      times.push(now() - start);
+    }
+    return times;
+  } finally {
+    await client.query('DROP TABLE IF EXISTS bare_writes');
+    await client.end();
+  }
+}
+
 // ---- HTTP ------------------------------------------------------------------------------------------
 
 export const agent = new http.Agent({ keepAlive: true, maxSockets: 64 });

@@ -10,9 +10,8 @@
 // read after resetting the high-water mark (/proc/<pid>/clear_refs) once the session exists.
 import { writeFileSync } from 'node:fs';
 import { createServer } from 'node:http';
-import pg from 'pg';
 import {
-  call, createDatabase, createSession, describe, isMain, median, modelSpec, ms, now, request, SAFETENSORS, safetensorsOf, startServer, type BenchResult,
+  bareWrites, call, createDatabase, createSession, describe, isMain, median, modelSpec, ms, now, request, SAFETENSORS, safetensorsOf, startServer, type BenchResult,
   type ServerProcess,
 } from './common.ts';
 
@@ -42,30 +41,6 @@ async function loopbackSend(body: Buffer, n: number): Promise<number> {
     return median(times);
   } finally {
     sink.close();
-  }
-}
-
-/** Seconds of one bare transaction writing `bytes` bytes of bytea (stored like step_log's grads), median of `n`. */
-async function bareWrite(url: string, bytes: number, n: number): Promise<number> {
-  const client = new pg.Client({ connectionString: url });
-  await client.connect();
-  try {
-    await client.query('CREATE TABLE big_write (b bytea)');
-    await client.query('ALTER TABLE big_write ALTER COLUMN b SET STORAGE EXTERNAL');
-    const data = Buffer.alloc(bytes, 3);
-    const times: number[] = [];
-    for (let i = 0; i < n; i++) {
-      const start = now();
-      await client.query('BEGIN');
-      await client.query('INSERT INTO big_write VALUES ($1)', [data]);
-      await client.query('COMMIT');
-      times.push(now() - start);
-      await client.query('TRUNCATE big_write');
-    }
-    return median(times);
-  } finally {
-    await client.query('DROP TABLE IF EXISTS big_write');
-    await client.end();
   }
 }
 
@@ -113,7 +88,7 @@ export async function runMemoryBench(options: MemoryOptions = {}): Promise<Bench
     }
     // The floor of a durable step of this size, measured after the server's figures (it is not counted in them).
     const send = await loopbackSend(gradient, 3);
-    const write = await bareWrite(db.url, NUMEL * 4, 3);
+    const write = median(await bareWrites(db.url, NUMEL * 4, { count: 3 }));
     const step = median(aloneTimes);
     log(`  loopback send of the body ${ms(send)}, bare transaction writing ${NUMEL * 4 / MB} MB ${ms(write)}`);
     const bigStep: BenchResult = {

@@ -6,8 +6,7 @@
 //   node bench/training.ts [--steps 2000] [--rounds 3] [--percall-steps 15] [--python /usr/bin/python3]
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
-import pg from 'pg';
-import { createDatabase, describe, isMain, median, ms, request, ROOT, startServer, type BenchResult } from './common.ts';
+import { bareWrites, createDatabase, describe, isMain, median, ms, request, ROOT, startServer, type BenchResult } from './common.ts';
 
 const WORKER = join(ROOT, 'bench', 'training_worker.py');
 
@@ -66,25 +65,6 @@ async function run(exe: string, args: string[]): Promise<Record<string, number>>
   return worker.result;
 }
 
-/** Seconds for one autocommit INSERT of `bytes` of bytea (stored like step_log's grads): the disk's floor for a step. */
-async function durableWriteSeconds(url: string, bytes: number): Promise<number> {
-  const client = new pg.Client({ connectionString: url });
-  await client.connect();
-  try {
-    await client.query('CREATE TABLE floor_probe (b bytea)');
-    await client.query('ALTER TABLE floor_probe ALTER COLUMN b SET STORAGE EXTERNAL');
-    const data = Buffer.alloc(bytes, 7);
-    for (let i = 0; i < 20; i++) await client.query('INSERT INTO floor_probe VALUES ($1)', [data]);
-    const n = 300;
-    const started = performance.now();
-    for (let i = 0; i < n; i++) await client.query('INSERT INTO floor_probe VALUES ($1)', [data]);
-    return (performance.now() - started) / n / 1000;
-  } finally {
-    await client.query('DROP TABLE IF EXISTS floor_probe');
-    await client.end();
-  }
-}
-
 export async function runTrainingBench(opts: TrainingBenchOptions = {}): Promise<BenchResult> {
   const steps = opts.steps ?? 2000;
   const rounds = opts.rounds ?? 3;
@@ -117,7 +97,8 @@ export async function runTrainingBench(opts: TrainingBenchOptions = {}): Promise
     const metrics = (await request(server.url, 'GET', '/metrics')).body.toString();
     const sample = (name: string) => Number(/^(\S+) (\S+)$/m.exec(metrics.split('\n').find((l) => l.startsWith(`${name} `)) ?? '')?.[2] ?? NaN);
     const perCommit = sample('asgd_step_batch_size_sum') / sample('asgd_step_batch_size_count');
-    const floor = await durableWriteSeconds(db.url, 9610 * 4);
+    const writes = await bareWrites(db.url, 9610 * 4, { count: 300, warmup: 20 });
+    const floor = writes.reduce((a, b) => a + b, 0) / writes.length;
     const percall = await run(exe, ['percall', '--url', server.url, '--session', `percall-${Date.now()}`, '--steps', String(percallSteps)]);
     const wall = median(remote);
     const base = median(local);
