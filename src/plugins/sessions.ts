@@ -26,6 +26,7 @@ export default fp(
       kernelOptions: { fma: opts.config.fma },
       log: fastify.log,
       cacheBytes: opts.config.cacheBytes,
+      snapshotCopyLimitBytes: opts.config.snapshotCopyLimitBytes,
       idempotencyWindowSeconds: opts.config.idempotencyWindowSeconds,
       hooks: {
         stepped: (...args) => hooks.stepped?.(...args),

@@ -25,6 +25,8 @@ export interface SessionContext {
   log: FastifyBaseLogger;
   hooks: SessionHooks | undefined;
   idempotencyWindowSeconds: number;
+  /** Background snapshots of a bigger state (params + ax) are written in place under `mutex` instead of from a copy. */
+  snapshotCopyLimitBytes: number;
   cache: StateCache;
   /** One operation per session at a time in this process (across processes the row lock orders them). */
   mutex: KeyedMutex;

@@ -464,22 +464,22 @@ export async function readSteps(q: Queryable, sessionId: number, fromVersion: nu
   return rows.map(({ grad_dtype, ...row }) => ({ ...row, gradDtype: grad_dtype ?? 'float32' }));
 }
 
+/** Writes a snapshot row and its tensor chunks (each at most CHUNK_BYTES, in order); null when one exists at that version. */
 export async function insertSnapshot(
   db: Database,
   q: Queryable,
   s: Omit<SnapshotRecord, 'id' | 'createdAt' | 'chunkCount' | 'byteSize'>,
-  bytes: Buffer,
+  chunks: readonly Buffer[],
 ): Promise<SnapshotRecord | null> {
-  const chunkCount = Math.ceil(bytes.byteLength / CHUNK_BYTES);
+  const byteSize = chunks.reduce((a, c) => a + c.byteLength, 0);
   const rows = await q.query(
     `INSERT INTO snapshots (session_id, version, step, reason, pinned, groups, scalars, byte_size, chunk_count, checksum)
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (session_id, version) DO NOTHING RETURNING ${SNAPSHOT_COLUMNS}`,
-    [s.sessionId, s.version, s.step, s.reason, s.pinned, JSON.stringify(s.groups), JSON.stringify(s.scalars), bytes.byteLength, chunkCount, s.checksum],
+    [s.sessionId, s.version, s.step, s.reason, s.pinned, JSON.stringify(s.groups), JSON.stringify(s.scalars), byteSize, chunks.length, s.checksum],
   );
   if (rows.length === 0) return null;
   const snapshot = toSnapshot(rows[0]);
-  for (let seq = 0; seq < chunkCount; seq++) {
-    const chunk = bytes.subarray(seq * CHUNK_BYTES, Math.min(bytes.byteLength, (seq + 1) * CHUNK_BYTES));
+  for (const [seq, chunk] of chunks.entries()) {
     await q.query(`INSERT INTO snapshot_chunks (snapshot_id, seq, data) VALUES ($1, $2, ${db.byteaParam(3)})`, [snapshot.id, seq, db.byteaValue(chunk)], {
       name: 'snapshot_chunk_insert',
     });

@@ -33,6 +33,7 @@ export interface SessionServiceOptions {
   kernelOptions: KernelOptions;
   log: FastifyBaseLogger;
   cacheBytes: number;
+  snapshotCopyLimitBytes?: number;
   idempotencyWindowSeconds: number;
   hooks?: SessionHooks;
 }
@@ -42,6 +43,7 @@ export function createSessionService(options: SessionServiceOptions) {
   const ctx: SessionContext = {
     db, kernel: options.kernel, kernelOptions: options.kernelOptions, log, hooks: options.hooks,
     idempotencyWindowSeconds: options.idempotencyWindowSeconds,
+    snapshotCopyLimitBytes: options.snapshotCopyLimitBytes ?? 256 * 1024 * 1024,
     cache: new StateCache(options.kernel, options.cacheBytes),
     mutex: new KeyedMutex(),
   };

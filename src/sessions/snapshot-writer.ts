@@ -31,22 +31,53 @@ export const metaOf = (state: SessionState): SnapshotMeta => ({ version: state.v
 
 export type SnapshotWriter = ReturnType<typeof createSnapshotWriter>;
 
+/** `parts` (bytes in order) cut into chunks of at most `size` bytes: views, a copy only where a chunk spans two parts. */
+function chunksOf(parts: readonly Buffer[], size: number): Buffer[] {
+  const chunks: Buffer[] = [];
+  let pending: Buffer[] = [];
+  let pendingBytes = 0;
+  for (const part of parts) {
+    let at = 0;
+    while (at < part.byteLength) {
+      const take = Math.min(size - pendingBytes, part.byteLength - at);
+      const piece = part.subarray(at, at + take);
+      at += take;
+      if (pendingBytes === 0 && take === size) {
+        chunks.push(piece);
+        continue;
+      }
+      pending.push(piece);
+      pendingBytes += take;
+      if (pendingBytes === size) {
+        chunks.push(Buffer.concat(pending, size));
+        pending = [];
+        pendingBytes = 0;
+      }
+    }
+  }
+  if (pendingBytes) chunks.push(pending.length === 1 ? pending[0] : Buffer.concat(pending, pendingBytes));
+  return chunks;
+}
+
 export function createSnapshotWriter(ctx: SessionContext) {
   const { db, log, hooks, cache } = ctx;
   const pending = new Set<Promise<void>>();
   let closing = false;
 
-  /** Writes a snapshot in `q`'s transaction (null when one exists at that version already). */
-  async function write(q: Queryable, sessionId: number, meta: SnapshotMeta, bytes: Buffer, reason: string, pinned = false): Promise<SnapshotRecord | null> {
-    const chunks: Buffer[] = [];
-    for (let at = 0; at < bytes.byteLength; at += repo.CHUNK_BYTES) chunks.push(bytes.subarray(at, Math.min(bytes.byteLength, at + repo.CHUNK_BYTES)));
+  /**
+   * Writes a snapshot in `q`'s transaction (null when one exists at that version already) from `parts`, the
+   * tensor bytes in order (params then ax), cut into chunks of CHUNK_BYTES: views of the parts, a copy only
+   * for a chunk that spans two of them.
+   */
+  async function write(q: Queryable, sessionId: number, meta: SnapshotMeta, parts: readonly Buffer[], reason: string, pinned = false): Promise<SnapshotRecord | null> {
+    const chunks = chunksOf(parts, repo.CHUNK_BYTES);
     const checksum = snapshotChecksum(chunks, meta.groups, meta.scalars);
-    return repo.insertSnapshot(db, q, { sessionId, version: meta.version, step: meta.step, reason, pinned, groups: meta.groups, scalars: meta.scalars, checksum }, bytes);
+    return repo.insertSnapshot(db, q, { sessionId, version: meta.version, step: meta.step, reason, pinned, groups: meta.groups, scalars: meta.scalars, checksum }, chunks);
   }
 
-  /** The state as a snapshot, in `q`'s transaction. */
+  /** The state as a snapshot, in `q`'s transaction, written from the state itself (the caller holds it still). */
   function writeState(q: Queryable, sessionId: number, state: SessionState, reason: string): Promise<SnapshotRecord | null> {
-    return write(q, sessionId, metaOf(state), state.tensorBytes(), reason);
+    return write(q, sessionId, metaOf(state), state.tensorViews(), reason);
   }
 
   /** True when a scheduled snapshot is due at `version` (default: the copy's) for this process's copy. */
@@ -55,22 +86,28 @@ export function createSnapshotWriter(ctx: SessionContext) {
   }
 
   /**
-   * Copies the state now and writes it as a snapshot in the background (one transaction: all or nothing),
-   * unless a process already wrote one in this version's slot (repo.claimSnapshotSlot): every process
-   * that is current when a slot begins schedules one, exactly one is written. Not once shutdown began, nor
-   * for a copy no longer cached.
+   * Writes a snapshot of this process's copy in the background (one transaction: all or nothing), unless a
+   * process already wrote one in this version's slot (repo.claimSnapshotSlot): every process that is current
+   * when a slot begins schedules one, exactly one is written. A state up to `snapshotCopyLimitBytes` is
+   * copied now and written while steps go on; a bigger one is written from the state itself under the
+   * session's lock in this process (its steps wait; no second copy of a large model), at the version it has
+   * then. Not once shutdown began, nor for a copy no longer cached.
    */
   function inBackground(session: SessionRecord, entry: CacheEntry, reason: string): void {
     if (closing || cache.get(session.id) !== entry) return;
     const { state } = entry;
-    const meta = metaOf(state);
-    const bytes = state.tensorBytes();
-    entry.lastSnapshotVersion = meta.version;
-    const job = (async () => {
+    entry.lastSnapshotVersion = state.version;
+    const scheduled = state.version;
+    const inPlace = state.layout.numel * 8 > ctx.snapshotCopyLimitBytes;
+    const copied = inPlace ? null : { meta: metaOf(state), parts: [state.tensorBytes()] };
+    const job = async () => {
+      // In place: the state as it is now that this job holds the lock (steps may have moved it since).
+      if (!copied && (closing || cache.get(session.id) !== entry)) return;
+      const { meta, parts } = copied ?? { meta: metaOf(state), parts: state.tensorViews() };
       try {
         const written = await db.transaction(async (tx) => {
           if (!(await repo.claimSnapshotSlot(tx, session.id, slotStart(meta.version, snapshotInterval(session))))) return false;
-          const snapshot = await write(tx, session.id, meta, bytes, reason);
+          const snapshot = await write(tx, session.id, meta, parts, reason);
           if (snapshot) await repo.pruneHistory(tx, session.id, session.keepSnapshots);
           return snapshot !== null;
         });
@@ -78,16 +115,18 @@ export function createSnapshotWriter(ctx: SessionContext) {
           log.debug({ session: session.name, version: meta.version }, 'snapshot slot already taken by another process');
           return;
         }
+        entry.lastSnapshotVersion = Math.max(entry.lastSnapshotVersion, meta.version);
         hooks?.snapshotted?.(session.name, reason);
-        log.info({ session: session.name, version: meta.version, step: meta.step, reason }, 'snapshot written');
+        log.info({ session: session.name, version: meta.version, step: meta.step, reason, inPlace }, 'snapshot written');
       } catch (err) {
         // Not fatal: the log still holds every step; the next step schedules another attempt.
-        entry.lastSnapshotVersion = Math.min(entry.lastSnapshotVersion, meta.version - snapshotInterval(session));
+        entry.lastSnapshotVersion = Math.min(entry.lastSnapshotVersion, scheduled - snapshotInterval(session));
         log.warn({ err, session: session.name, version: meta.version }, 'background snapshot failed');
       }
-    })();
-    pending.add(job);
-    void job.finally(() => pending.delete(job));
+    };
+    const running = inPlace ? ctx.mutex.run(session.name, job) : job();
+    pending.add(running);
+    void running.finally(() => pending.delete(running));
   }
 
   /** Waits for the background snapshots under way. */
@@ -102,11 +141,14 @@ export function createSnapshotWriter(ctx: SessionContext) {
     for (const [id, entry] of cache.entries()) {
       if (entry.state.version <= entry.lastSnapshotVersion) continue;
       try {
-        await db.transaction(async (tx) => {
-          const rows = await tx.query<{ version: number }>('SELECT version::float8 AS version FROM sessions WHERE id = $1', [id]);
-          if (!rows.length || rows[0].version !== entry.state.version) return; // another process moved on
+        const rows = await db.query<{ name: string }>('SELECT name FROM sessions WHERE id = $1', [id]);
+        if (!rows.length) continue;
+        // Under the session's lock: the snapshot is written from the state itself, which no step may move meanwhile.
+        await ctx.mutex.run(rows[0].name, () => db.transaction(async (tx) => {
+          const current = await tx.query<{ version: number }>('SELECT version::float8 AS version FROM sessions WHERE id = $1', [id]);
+          if (!current.length || current[0].version !== entry.state.version || cache.get(id) !== entry) return; // moved on, or gone
           await writeState(tx, id, entry.state, 'shutdown');
-        });
+        }));
       } catch (err) {
         log.warn({ err, sessionId: id }, 'shutdown snapshot failed');
       }

@@ -15,10 +15,11 @@ export function createSnapshots(ctx: SessionContext, history: History, writer: S
         const session = await mustFind(q, name);
         return { session, entry: await history.currentState(q, session) };
       });
+      // Written from the state itself: this process's steps of the session wait for the lock held here.
       const meta = metaOf(entry.state);
-      const bytes = entry.state.tensorBytes();
+      const parts = entry.state.tensorViews();
       return db.transaction(async (tx) => {
-        let snapshot = await writer.write(tx, session.id, meta, bytes, 'manual', pinned);
+        let snapshot = await writer.write(tx, session.id, meta, parts, 'manual', pinned);
         if (!snapshot) {
           // One already exists at this version: it is the same state; pin it if asked.
           const existing = (await repo.findSnapshotAtOrBelow(tx, session.id, meta.version))!;

@@ -97,6 +97,12 @@ export class SessionState {
   }
 
   /** Params then ax as bytes, copied (the copy is what a background snapshot writes while stepping goes on). */
+  /** Params and ax as they are in the arena (no copy): valid until the state next changes. */
+  tensorViews(): Buffer[] {
+    const { params, ax } = this.arena;
+    return [Buffer.from(params.buffer, params.byteOffset, params.byteLength), Buffer.from(ax.buffer, ax.byteOffset, ax.byteLength)];
+  }
+
   tensorBytes(): Buffer {
     const n = this.layout.numel;
     const out = Buffer.allocUnsafe(n * 8);
