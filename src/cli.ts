@@ -51,6 +51,7 @@ export const FLAGS: Flag[] = [
   { env: 'ASGD_KERNEL', value: 'auto|wasm-fma|wasm|js', help: 'optimizer kernel (default auto: wasm-fma where its self-test passes, else wasm)' },
   { env: 'ASGD_FMA', value: 'true|false', help: 'fused multiply-add as PyTorch on AVX2 (default true)' },
   { env: 'ASGD_CACHE_BYTES', value: 'bytes', help: 'decoded session state kept in memory (default 4 GiB)' },
+  { env: 'ASGD_SNAPSHOT_COPY_LIMIT_BYTES', value: 'bytes', help: 'background snapshots of a bigger state are written from it, its steps waiting, not from a copy (default 256 MiB)' },
 ];
 
 export const flagName = (env: string) => `--${env.replace(/^ASGD_/, '').toLowerCase().replace(/_/g, '-')}`;
