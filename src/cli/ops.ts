@@ -4,7 +4,8 @@
 import { createInterface } from 'node:readline/promises';
 import type { Writable } from 'node:stream';
 import { parseOptions, stringOption, type OptionSpec } from './args.ts';
-import { CliError, createClient, EXIT, type ApiClient } from './http.ts';
+import type { OpsContext } from './context.ts';
+import { CliError, createClient, EXIT } from './http.ts';
 import { SESSION_OPTIONS, sessionsCommand } from './sessions.ts';
 import { TOKEN_OPTIONS, tokensCommand } from './tokens.ts';
 
@@ -21,18 +22,6 @@ export interface OpsIo {
   stdoutStream?: () => Writable;
 }
 
-export interface OpsContext {
-  client: ApiClient;
-  json: boolean;
-  interactive: boolean;
-  /** Draw download progress (stderr is a terminal and the output is not JSON). */
-  progress: boolean;
-  out(text: string): void;
-  err(text: string): void;
-  print(value: unknown): number;
-  confirm(question: string): Promise<boolean>;
-  stdoutStream(): Writable;
-}
 
 const COMMON: Record<string, OptionSpec> = {
   url: { kind: 'value' },

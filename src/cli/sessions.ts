@@ -6,7 +6,7 @@ import { pipeline } from 'node:stream/promises';
 import { positionals, stringOption, wholeOption, type ParsedArgs } from './args.ts';
 import { CliError, EXIT, usageError } from './http.ts';
 import { age, bytes, duration, fields, table } from './output.ts';
-import type { OpsContext } from './ops.ts';
+import type { OpsContext } from './context.ts';
 
 interface Storage { log_bytes: number; log_steps: number; snapshot_bytes: number; snapshots: number; other_bytes: number; total_bytes: number }
 interface Session {

@@ -2,7 +2,7 @@
 import { positionals, stringOption, type ParsedArgs } from './args.ts';
 import { EXIT, usageError } from './http.ts';
 import { age, table } from './output.ts';
-import type { OpsContext } from './ops.ts';
+import type { OpsContext } from './context.ts';
 
 interface Token { id: string; name: string; scope: string; sessions: string[] | null; created_at: string; revoked_at: string | null; token?: string }
 

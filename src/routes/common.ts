@@ -89,12 +89,6 @@ export function optionalWhole(value: unknown, field: string, min = 0, max = Numb
   return n;
 }
 
-/** Session settings are int4 columns; these bounds keep them there (and sane). */
-export const SETTING_LIMITS = {
-  snapshot_every: 1_000_000, keep_snapshots: 100_000, max_staleness: 2_147_483_647,
-  keep_log_bytes: Number.MAX_SAFE_INTEGER, expire_after_idle_s: 2_147_483_647,
-} as const;
-
 /**
  * The body of a route that takes JSON or a file: a Buffer for a file (its format's reader checks it), else
  * the JSON that AJV checked against `schema` (the route's body.content['application/json'] schema; the type

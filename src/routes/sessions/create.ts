@@ -12,7 +12,8 @@ import { firstNonFinite, readJsonTensor } from '../../sessions/tensors.ts';
 import { parseAggregation } from '../../sessions/aggregation.ts';
 import { readNamedTensors } from './binary.ts';
 import type { WireFormat } from '../media.ts';
-import { optionalWhole, SETTING_LIMITS } from '../common.ts';
+import { optionalWhole } from '../common.ts';
+import { SETTING_LIMITS } from '../schemas.ts';
 
 const CREATE_KEYS = ['name', 'params', 'hyperparameters', 'param_groups', 'snapshot_every', 'keep_snapshots', 'max_staleness', 'keep_log_bytes', 'expire_after_idle_s', 'aggregation'];
 
