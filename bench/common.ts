@@ -167,6 +167,14 @@ export async function bareWrites(url: string, bytes: number, opts: { count: numb
   }
 }
 
+export /** The machine's busy and total CPU seconds so far (all cores), from /proc/stat. */
+function machineCpu(): { busy: number; total: number } {
+  const [, ...ticks] = readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/);
+  const t = ticks.map(Number);
+  const total = t.reduce((a, b) => a + b, 0);
+  return { busy: (total - t[3] - t[4]) / 100, total: total / 100 }; // idle and iowait are not busy
+}
+
 // ---- HTTP ------------------------------------------------------------------------------------------
 
 export const agent = new http.Agent({ keepAlive: true, maxSockets: 64 });

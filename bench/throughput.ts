@@ -7,7 +7,7 @@
 import { readFileSync } from 'node:fs';
 import pg from 'pg';
 import {
-  call, createDatabase, createSession, describe, isMain, median, modelSpec, now, SAFETENSORS, safetensorsOf, startServer,
+  call, createDatabase, createSession, describe, isMain, machineCpu, median, modelSpec, now, SAFETENSORS, safetensorsOf, startServer,
   type BenchResult, type ServerProcess,
 } from './common.ts';
 
@@ -27,14 +27,6 @@ export interface ThroughputOptions {
 function cpuSecondsOf(pid: number): number {
   const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
   return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in clock ticks (USER_HZ = 100)
-}
-
-/** The machine's busy and total CPU seconds so far (all cores), from /proc/stat. */
-function machineCpu(): { busy: number; total: number } {
-  const [, ...ticks] = readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/);
-  const t = ticks.map(Number);
-  const total = t.reduce((a, b) => a + b, 0);
-  return { busy: (total - t[3] - t[4]) / 100, total: total / 100 }; // idle and iowait are not busy
 }
 
 /** Runs `clients` loops of `one(client)` for `seconds`; returns completed operations per second. */

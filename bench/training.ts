@@ -6,7 +6,7 @@
 //   node bench/training.ts [--steps 2000] [--rounds 3] [--percall-steps 15] [--python /usr/bin/python3]
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
-import { bareWrites, createDatabase, describe, isMain, median, ms, request, ROOT, startServer, type BenchResult } from './common.ts';
+import { bareWrites, createDatabase, describe, machineCpu, isMain, median, ms, request, ROOT, startServer, type BenchResult } from './common.ts';
 
 const WORKER = join(ROOT, 'bench', 'training_worker.py');
 
@@ -77,6 +77,7 @@ export async function runTrainingBench(opts: TrainingBenchOptions = {}): Promise
   try {
     const remote: number[] = [];
     const local: number[] = [];
+    const busy: number[] = [];
     let dropped = 0;
     let losses: string[] = [];
     for (let r = 0; r < rounds; r++) {
@@ -86,9 +87,12 @@ export async function runTrainingBench(opts: TrainingBenchOptions = {}): Promise
       const procs = Array.from({ length: workers }, (_, rank) =>
         python(exe, ['remote', '--url', server.url, '--session', session, '--rank', String(rank), '--workers', String(workers), '--steps', String(steps / workers)]));
       await Promise.all(procs.map((p) => p.ready)); // both joined the session: start their loops together
+      const cpuBefore = machineCpu();
       for (const p of procs) p.go();
       const runs = (await Promise.all(procs.map((p) => p.result))) as unknown as LoopTimes[];
       const wall = Math.max(...runs.map((x) => x.end)) - Math.min(...runs.map((x) => x.start));
+      const cpuAfter = machineCpu();
+      busy.push((cpuAfter.busy - cpuBefore.busy) / (cpuAfter.total - cpuBefore.total));
       remote.push(wall);
       dropped += runs.reduce((a, x) => a + (x.stale_dropped ?? 0), 0);
       losses = [`local ${l.loss?.toFixed(3)}`, ...runs.map((x, i) => `worker ${i} ${x.loss?.toFixed(3)}`)];
@@ -113,6 +117,7 @@ export async function runTrainingBench(opts: TrainingBenchOptions = {}): Promise
         `medians of ${rounds} rounds (local, then the two workers), loops timed inside the processes (no start-up, import or session creation)`,
         `per step: ${ms(wall / steps)} remote (both workers together) against ${ms(base / steps)} local, forward and backward included`,
         `one optimizer step at 1e6 parameters (blocking, one request): ${ms(percall.remote)} remote against ${ms(percall.local)} for torch.optim.ASGD.step() = ${(percall.remote / percall.local).toFixed(1)}x`,
+        `CPU while the workers trained: the machine was ${(100 * median(busy)).toFixed(0)}% busy (both cores; two torch workers, the service and PostgreSQL share them, where the local run has one core to itself)`,
         `floor: one bare durable INSERT of a step's gradient bytes (${9610 * 4} bytes, autocommit) takes ${ms(floor)}; the service committed ${perCommit.toFixed(2)} steps per commit (group commit), so the disk alone costs ${ms(floor / perCommit)} a global step = ${(floor / perCommit / (base / steps)).toFixed(1)}x the local step`,
         `gradients dropped as stale: ${dropped} (no max_staleness: none expected); last losses: ${losses.join(', ')}`,
       ],
