@@ -1,5 +1,6 @@
 // The process: read the configuration, build the app, listen, close with grace on SIGTERM/SIGINT.
 import type { AddressInfo } from 'node:net';
+import { setFlagsFromString } from 'node:v8';
 import { buildApp, loggerOptions } from './app.ts';
 import { startupBanner } from './banner.ts';
 import { ConfigError, isLoopback, loadConfig, type Config } from './config.ts';
@@ -9,7 +10,21 @@ import { DASHBOARD_PATH } from './routes/root/index.ts';
 
 const PARENT_CHECK_MS = 1_000;
 
+/**
+ * Lets the V8 heap grow to 4x its live size between full collections (V8 picks about 1.1-2x for a heap this
+ * small). A step allocates ~100 KB that dies young, yet it was reclaimed by full collections of the whole
+ * ~30 MB heap: measured with one client stepping a 9,610-parameter session, 43 full collections in 3000
+ * steps took a third of the server's CPU, and a blocking step took 1.8 ms; with this, 9 and 1.4 ms. The
+ * cost is at most a few tens of MB more heap. A --heap-growing-percent given in NODE_OPTIONS or on the
+ * command line wins.
+ */
+export function tuneHeap(): void {
+  const given = [...process.execArgv, ...(process.env.NODE_OPTIONS ?? '').split(/\s+/)].some((a) => a.startsWith('--heap-growing-percent'));
+  if (!given) setFlagsFromString('--heap-growing-percent=300');
+}
+
 export async function startServer(config: Config, opts: { migrate?: boolean } = {}) {
+  tuneHeap();
   const app = await buildApp({
     config,
     // Pending migrations are applied at start unless ASGD_MIGRATE=false: replicas on PostgreSQL take an
