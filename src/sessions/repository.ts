@@ -1,7 +1,7 @@
 // SQL of the session domain. Hot-path statements are prepared (named) on PostgreSQL and send bytea
 // parameters in binary; PGlite gets base64 parameters (see Database.byteaParam).
 import type { Database, Queryable } from '../db/database.ts';
-import type { Aggregation, GroupSpec, HyperDelta, ParamSpec, ScalarStateRow, SessionRow, SnapshotRow } from '../db/schema.ts';
+import type { Aggregation, GroupSpec, HyperDelta, ParamSpec, RoundRecord, ScalarStateRow, SessionRow, SnapshotRow } from '../db/schema.ts';
 import type { GradDtype } from './gradients.ts';
 import { pruneLogToBytes } from './retention.ts';
 import { groupHyperparameters } from './step-input.ts';
@@ -182,11 +182,16 @@ export async function advanceSession(q: Queryable, id: number, version: number, 
 /** One step's row of the training series (kept for the session's lifetime). */
 export async function insertHistory(
   q: Queryable,
-  row: { sessionId: number; version: number; step: number; staleness: number; metrics: Record<string, number> | null; hyper: Record<string, unknown>[] | null },
+  row: {
+    sessionId: number; version: number; step: number; staleness: number; metrics: Record<string, number> | null; hyper: Record<string, unknown>[] | null;
+    /** A round's step (rounds.ts): its size and how it closed. */
+    round?: RoundRecord | null;
+  },
 ): Promise<void> {
   await q.query(
-    'INSERT INTO step_history (session_id, version, step, staleness, metrics, hyper) VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb)',
-    [row.sessionId, row.version, row.step, row.staleness, row.metrics === null ? null : JSON.stringify(row.metrics), row.hyper === null ? null : JSON.stringify(row.hyper)],
+    'INSERT INTO step_history (session_id, version, step, staleness, metrics, hyper, round) VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7::jsonb)',
+    [row.sessionId, row.version, row.step, row.staleness, row.metrics === null ? null : JSON.stringify(row.metrics), row.hyper === null ? null : JSON.stringify(row.hyper),
+      row.round ? JSON.stringify(row.round) : null],
     { name: 'step_history_insert' },
   );
 }

@@ -134,18 +134,6 @@ export async function deleteContributions(q: Queryable, sessionId: number, versi
   await q.query(`DELETE FROM round_contributions WHERE session_id = $1 AND version ${through ? '<=' : '<'} $2`, [sessionId, version]);
 }
 
-/** The round's row of the training series: an ordinary step's, with the round's size and how it closed. */
-export async function insertRoundHistory(
-  q: Queryable,
-  row: { sessionId: number; version: number; step: number; metrics: Record<string, number> | null; hyper: Record<string, unknown>[] | null; round: RoundRecord },
-): Promise<void> {
-  await q.query(
-    'INSERT INTO step_history (session_id, version, step, staleness, metrics, hyper, round) VALUES ($1, $2, $3, 0, $4::jsonb, $5::jsonb, $6::jsonb)',
-    [row.sessionId, row.version, row.step, row.metrics === null ? null : JSON.stringify(row.metrics), row.hyper === null ? null : JSON.stringify(row.hyper), JSON.stringify(row.round)],
-    { name: 'round_history_insert' },
-  );
-}
-
 /**
  * What became of the round at `version`: the session's version now, and the step that followed the round
  * (its step count and round record) when that step was the round's. null: the session is gone.

@@ -241,8 +241,9 @@ export function createRoundService(options: RoundServiceOptions) {
     if (hyper) state.groups = applyHyperDelta(state.groups, hyper);
     host.applyStep(state, present);
     await repo.advanceSession(tx, session.id, state.version, state.step, hyper ? state.groups : undefined);
-    await store.insertRoundHistory(tx, {
-      sessionId: session.id, version: state.version, step: state.step, metrics: averageMetrics(rows), hyper: hyper ? groupHyperparameters(state.groups) : null, round: record,
+    await repo.insertHistory(tx, {
+      sessionId: session.id, version: state.version, step: state.step, staleness: 0, metrics: averageMetrics(rows),
+      hyper: hyper ? groupHyperparameters(state.groups) : null, round: record,
     });
     await repo.notifyVersion(tx, session.name, state.version, state.step);
     const answer: StepAnswer = { session: session.name, step: state.step, version: state.version, staleness: 0, round: { version: session.version, ...record } };

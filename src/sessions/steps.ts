@@ -27,8 +27,8 @@ import { applyHyperDelta, parseStepHyper } from './step-input.ts';
 
 /**
  * A batch holds at most this many steps and about this many bytes of gradients (each step owns a copy
- * until it commits): file bodies are counted as they are queued, every step's packed gradient as it is
- * decoded (JSON ones too; the batch closes once it passes the bound).
+ * until it commits): the packed gradients are counted as they are decoded, and the batch closes once it
+ * passes the bound (the steps left go back to the front of the queue).
  */
 const MAX_BATCH_STEPS = 64;
 const MAX_BATCH_BYTES = 64 * 1024 * 1024;
@@ -59,36 +59,24 @@ function refusal(opts: StepOptions, version: number, maxStaleness: number | null
   return errors.staleGradient(version - (baseVersion ?? version), maxStaleness ?? 0, version);
 }
 
-const gradBytes = (input: GradientInput) => {
-  if (input.format !== 'tensors') return 0;
-  let total = 0;
-  for (const t of input.tensors.values()) total += t.data.byteLength;
-  return total;
-};
-
 export function createSteps(ctx: SessionContext, history: History, writer: SnapshotWriter, reads: Reads) {
   const { db, cache, mutex, kernel, kernelOptions, log, hooks } = ctx;
   const queues = new Map<string, Waiting[]>();
 
   /** Queues the step; a batch of the waiting steps of this session runs when the session's lock is free. */
   function step(name: string, input: GradientInput, opts: StepOptions = {}): Promise<StepAnswer> {
-    return new Promise<StepAnswer>((resolve, reject) => {
-      const queue = queues.get(name);
-      const request: Waiting = { input, opts, queued: process.hrtime.bigint(), resolve, reject };
-      if (queue) {
-        queue.push(request);
-        return;
-      }
-      queues.set(name, [request]);
-      void mutex.run(name, () => drain(name));
-    });
+    return new Promise<StepAnswer>((resolve, reject) => enqueue(name, [{ input, opts, queued: process.hrtime.bigint(), resolve, reject }], 'back'));
   }
 
-  /** Puts requests back at the front of the session's queue (taken off for a batch they did not fit in). */
-  function requeue(name: string, requests: Waiting[]): void {
+  /**
+   * Adds requests to the session's queue: new ones at the back, those taken off for a batch they did not fit
+   * in at the front. A queue that exists has its drain scheduled; a new one gets one.
+   */
+  function enqueue(name: string, requests: Waiting[], end: 'back' | 'front'): void {
     const queue = queues.get(name);
     if (queue) {
-      queue.unshift(...requests); // a drain is scheduled already
+      if (end === 'back') queue.push(...requests);
+      else queue.unshift(...requests);
       return;
     }
     queues.set(name, [...requests]);
@@ -99,15 +87,11 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
   async function drain(name: string): Promise<void> {
     const queue = queues.get(name)!;
     const batch: Waiting[] = [];
-    let bytes = 0;
     while (queue.length && batch.length < MAX_BATCH_STEPS) {
       const next = queue[0];
-      const size = gradBytes(next.input);
-      if (batch.length && bytes + size > MAX_BATCH_BYTES) break;
       // A retry of a step in this batch (its Idempotency-Key) waits for the next: it gets the first one's answer.
       if (next.opts.idempotencyKey && batch.some((b) => b.opts.idempotencyKey === next.opts.idempotencyKey)) break;
       batch.push(queue.shift()!);
-      bytes += size;
       // Hyperparameters a step sets end its batch: the steps after it run with them (the statement merges one set).
       if (next.opts.paramGroups !== undefined && next.opts.paramGroups !== null) break;
     }
@@ -138,22 +122,24 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
     const id = cache.idOf(state);
     let steps: Prepared[] = [];
     let packed = 0;
+    const inArenaView = (s: Prepared) => s.grads.buffer === state.arena.grads.buffer;
     for (const [k, request] of batch.entries()) {
       if (steps.length && packed >= MAX_BATCH_BYTES) {
         // Each step of a batch holds its packed gradient until the commit: the rest waits for the next batch.
-        requeue(name, batch.slice(k));
+        enqueue(name, batch.slice(k), 'front');
         batch = taken.batch = batch.slice(0, k);
         break;
       }
+      // With every parameter present, a packed gradient is a view of the arena's gradient buffer, which the
+      // next request decodes into: the step before keeps its own copy from here on.
+      const previous = steps.at(-1);
+      if (previous && inArenaView(previous)) previous.grads = Buffer.from(previous.grads);
       try {
         const { opts } = request;
         const decoded = decodeGradients(request.input, state); // validates everything before anything is written
         const hyper = parseStepHyper(opts.paramGroups, state.groups);
         opts.beforeWrite?.(state.layout);
-        let grads = packGradients(state, decoded);
-        // With every parameter present that is a view of the arena's gradient buffer, which the next request
-        // decodes into and the kernel reads: in a batch of several, each step keeps its own copy.
-        if (batch.length > 1 && grads.buffer === state.arena.grads.buffer) grads = Buffer.from(grads);
+        const grads = packGradients(state, decoded);
         packed += grads.byteLength;
         steps.push({
           request, present: decoded.present, grads, gradDtype: decoded.dtype, hyper, metrics: opts.metrics ?? null,
@@ -163,9 +149,12 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
         request.reject(err);
       }
     }
-    // A lone step's gradient is still in the arena (nothing touches it before the kernel runs: answers to
-    // retried keys wait until the batch is done); in a batch of several each is unpacked before its turn.
-    const inArena = batch.length === 1 && steps.length === 1 ? steps[0] : null;
+    // A lone step's gradient may still be the arena's (nothing touches it before the kernel runs: answers to
+    // retried keys wait until the batch is done); in a batch of several each is unpacked into the arena before
+    // its turn, so the last one, too, keeps a copy.
+    const last = steps.at(-1);
+    const inArena = steps.length === 1 && inArenaView(steps[0]) ? steps[0] : null;
+    if (last && last !== inArena && inArenaView(last)) last.grads = Buffer.from(last.grads);
     const replayed: { request: Waiting; result: StepAnswer }[] = [];
     try {
       await commitSteps(name, entry, id, steps, inArena, replayed, started, retried);
