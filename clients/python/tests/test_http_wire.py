@@ -1,0 +1,196 @@
+"""The client's own HTTP/1.1 reader and writer (http._PlainConnection) against a raw socket server that
+answers with scripted bytes: framing (Content-Length, chunked, read to close), heads split across reads,
+1xx answers, connections closed early (retried when safe), keep-alive reuse and large bodies both ways."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+import unittest
+from typing import Callable, List, Tuple
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from asgd_client.errors import ConnectionFailed  # noqa: E402
+from asgd_client.http import Connection  # noqa: E402
+
+Request = Tuple[str, str, dict, bytes]  # method, target, headers (lower-case), body
+
+
+def _read_request(f) -> Request:
+    line = f.readline()
+    if not line:
+        raise EOFError
+    method, target, _ = line.decode().split(" ", 2)
+    headers = {}
+    while True:
+        h = f.readline().decode()
+        if h in ("\r\n", ""):
+            break
+        k, _, v = h.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    body = f.read(int(headers.get("content-length", "0")))
+    return method, target, headers, body
+
+
+class RawServer:
+    """Each request is answered by ``script(n, request)``: a list of byte strings written one by one
+    (with a short pause between them, so that they arrive in separate reads), then the connection is
+    closed when the script's second value is True."""
+
+    def __init__(self, script: Callable[[int, Request], Tuple[List[bytes], bool]]) -> None:
+        self.script = script
+        self.requests: List[Request] = []
+        self.connections = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        f = conn.makefile("rb")
+        try:
+            while True:
+                try:
+                    req = _read_request(f)
+                except (EOFError, OSError, ValueError):
+                    return
+                self.requests.append(req)
+                parts, close = self.script(len(self.requests) - 1, req)
+                for i, part in enumerate(parts):
+                    if i:
+                        time.sleep(0.02)
+                    conn.sendall(part)
+                if close:
+                    return
+        finally:
+            f.close()
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def ok(body: bytes, extra: str = "") -> bytes:
+    return f"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
+
+
+class PlainHttp(unittest.TestCase):
+    def serve(self, script) -> Tuple[RawServer, Connection]:
+        server = RawServer(script)
+        conn = Connection(server.url, retry_budget_s=5, backoff=0.01)
+        self.addCleanup(server.close)
+        self.addCleanup(conn.close)
+        return server, conn
+
+    def test_content_length_body_and_keep_alive(self):
+        server, conn = self.serve(lambda n, req: ([ok(b"answer %d" % n)], False))
+        for n in range(3):
+            self.assertEqual(conn.request("GET", "/x").body, b"answer %d" % n)
+        self.assertEqual(server.connections, 1)  # one kept-alive connection for all three
+
+    def test_request_head_and_body(self):
+        server, conn = self.serve(lambda n, req: ([ok(req[3])], False))
+        big = os.urandom(600_000)  # over the size sent together with the head
+        for body in (b"small", big, b""):
+            res = conn.request("POST", "/echo", body=body, content_type="application/x-test", headers={"X-A": "1"})
+            self.assertEqual(res.body, body)
+        method, target, headers, _ = server.requests[0]
+        self.assertEqual((method, target), ("POST", "/echo"))
+        self.assertEqual(headers["content-type"], "application/x-test")
+        self.assertEqual(headers["x-a"], "1")
+        self.assertEqual(headers["content-length"], "5")
+        self.assertTrue(headers["host"].startswith("127.0.0.1:"))
+        self.assertEqual(server.requests[2][2]["content-length"], "0")
+
+    def test_head_split_across_reads_and_repeated_headers(self):
+        answer = ok(b"split", "Vary: a\r\nVary: b\r\n")
+        pieces = [answer[i : i + 7] for i in range(0, len(answer), 7)]
+        _, conn = self.serve(lambda n, req: (pieces, False))
+        res = conn.request("GET", "/")
+        self.assertEqual(res.status, 200)
+        self.assertEqual(res.body, b"split")
+        self.assertEqual(res.headers["vary"], "a, b")
+        self.assertEqual(res.content_type, "application/octet-stream")
+
+    def test_chunked_with_trailers(self):
+        body = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n"
+        _, conn = self.serve(lambda n, req: ([body[:30], body[30:]], False))
+        self.assertEqual(conn.request("GET", "/").body, b"hello, world")
+        self.assertEqual(conn.request("GET", "/").body, b"hello, world")  # the connection is still in step
+
+    def test_informational_answers_are_skipped(self):
+        _, conn = self.serve(lambda n, req: ([b"HTTP/1.1 100 Continue\r\n\r\n", ok(b"final")], False))
+        res = conn.request("PUT", "/", body=b"x")
+        self.assertEqual((res.status, res.body), (200, b"final"))
+
+    def test_no_length_reads_to_close_and_reconnects(self):
+        server, conn = self.serve(lambda n, req: ([b"HTTP/1.1 200 OK\r\n\r\nuntil ", b"close"], True))
+        self.assertEqual(conn.request("GET", "/").body, b"until close")
+        self.assertEqual(conn.request("GET", "/").body, b"until close")
+        self.assertEqual(server.connections, 2)
+
+    def test_no_body_statuses_and_head(self):
+        def script(n, req):
+            if req[0] == "HEAD":
+                return [b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"], False
+            return [b"HTTP/1.1 204 No Content\r\n\r\n"], False
+
+        server, conn = self.serve(script)
+        self.assertEqual(conn.request("HEAD", "/").body, b"")
+        self.assertEqual(conn.request("DELETE", "/").status, 204)
+        self.assertEqual(conn.request("HEAD", "/").headers["content-length"], "1000")
+        self.assertEqual(server.connections, 1)
+
+    def test_large_answer(self):
+        big = os.urandom(5_000_000)
+        _, conn = self.serve(lambda n, req: ([ok(big)[:1000], ok(big)[1000:]], False))
+        self.assertEqual(conn.request("GET", "/").body, big)
+
+    def test_cut_inside_the_body_is_retried_when_repeatable(self):
+        def script(n, req):
+            if n == 0:
+                return [ok(b"0123456789")[:-4]], True  # closes 4 bytes short
+            return [ok(b"0123456789")], False
+
+        server, conn = self.serve(script)
+        self.assertEqual(conn.request("GET", "/").body, b"0123456789")
+        self.assertEqual(len(server.requests), 2)
+
+    def test_closed_without_answer_is_not_repeated_for_a_plain_post(self):
+        server, conn = self.serve(lambda n, req: ([], True))
+        with self.assertRaises(ConnectionFailed):
+            conn.request("POST", "/step", body=b"g")
+        self.assertEqual(len(server.requests), 1)  # not sent twice: it may have been applied
+
+    def test_garbage_status_line_fails_cleanly(self):
+        _, conn = self.serve(lambda n, req: ([b"SMTP ready\r\n\r\n"], True))
+        with self.assertRaises(ConnectionFailed):
+            conn.request("POST", "/", body=b"x")
+
+    def test_timeout(self):
+        _, conn = self.serve(lambda n, req: ([], False))  # never answers, keeps the connection
+        conn.timeout = 0.3
+        conn.close()
+        started = time.monotonic()
+        with self.assertRaises(ConnectionFailed):
+            conn.request("POST", "/", body=b"x")
+        self.assertLess(time.monotonic() - started, 5)
+
+
+if __name__ == "__main__":
+    unittest.main()
