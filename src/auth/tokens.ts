@@ -1,9 +1,11 @@
 // API tokens: `asgd_<id>_<secret>`, shown once, stored only as a sha256 of the whole token.
 // The id half lets a request find its row without scanning; the secret half is checked in constant time.
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
-import { asc, eq } from 'drizzle-orm';
 import type { Database } from '../db/database.ts';
+import { drizzleOrm } from '../db/drizzle.ts';
 import { tokens, type TokenRow } from '../db/schema.ts';
+
+const { asc, eq } = drizzleOrm;
 
 export const SCOPES = ['read', 'step', 'admin'] as const;
 export type Scope = (typeof SCOPES)[number];

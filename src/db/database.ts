@@ -5,8 +5,7 @@ import { mkdirSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
-import { drizzle as drizzlePg } from 'drizzle-orm/node-postgres';
-import { migrate as migratePg } from 'drizzle-orm/node-postgres/migrator';
+import { nodePostgres, nodePostgresMigrator, pgliteDrizzle } from './drizzle.ts';
 import type { PgDatabase, PgQueryResultHKT } from 'drizzle-orm/pg-core';
 import { schema } from './schema.ts';
 import { to as copyTo } from 'pg-copy-streams';
@@ -127,7 +126,7 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
       },
     };
   };
-  const orm = drizzlePg(pool, { schema });
+  const orm = nodePostgres.drizzle(pool, { schema });
 
   /** A binary COPY of the query's rows to STDOUT (binary-results.ts), on a client of its own when given the pool. */
   const binaryRead = async <R>(on: pg.Pool | pg.PoolClient, text: string, params: unknown[], columns: BinaryColumns): Promise<R[]> => {
@@ -186,7 +185,7 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
         try {
           // On the client that holds the lock: through the pool it would need a second connection, which
           // never comes with ASGD_DB_POOL_SIZE=1 (migrate hung, then failed on the connection timeout).
-          await migratePg(drizzlePg(client, { schema }), { migrationsFolder: MIGRATIONS_DIR });
+          await nodePostgresMigrator.migrate(nodePostgres.drizzle(client, { schema }), { migrationsFolder: MIGRATIONS_DIR });
         } finally {
           await client.query('SELECT pg_advisory_unlock($1)', [MIGRATION_LOCK]);
         }
@@ -206,8 +205,7 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
 
 async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Database> {
   const { PGlite } = await import('@electric-sql/pglite');
-  const { drizzle: drizzlePglite } = await import('drizzle-orm/pglite');
-  const { migrate: migratePglite } = await import('drizzle-orm/pglite/migrator');
+  const { drizzle: drizzlePglite, migrate: migratePglite } = pgliteDrizzle();
   let lock: DataDirLock | null = null;
   if (dataDir !== 'memory://') {
     mkdirSync(dataDir, { recursive: true });

@@ -1,8 +1,8 @@
 // The drizzle tables: the single source of row types. Migrations come from `npm run db:generate`.
 
-import {
-  bigint, bigserial, boolean, customType, index, integer, jsonb, pgTable, primaryKey, text, timestamp, uniqueIndex,
-} from 'drizzle-orm/pg-core';
+import { pgCore } from './drizzle.ts';
+
+const { bigint, bigserial, boolean, customType, index, integer, jsonb, pgTable, primaryKey, text, timestamp, uniqueIndex } = pgCore;
 
 /** bytea as a Node Buffer. Tensor columns are set to STORAGE EXTERNAL in a migration (floats do not compress). */
 export const bytea = customType<{ data: Buffer; driverData: Buffer }>({
