@@ -7,7 +7,7 @@
 import { readFileSync } from 'node:fs';
 import pg from 'pg';
 import {
-  call, createDatabase, createSession, describe, isMain, machineCpu, median, modelSpec, now, SAFETENSORS, safetensorsOf, startServer,
+  call, createDatabase, createSession, describe, isMain, machineCpu, median, modelSpec, now, RawConnection, SAFETENSORS, safetensorsOf, startServer,
   type BenchResult, type ServerProcess,
 } from './common.ts';
 
@@ -52,12 +52,19 @@ export async function runThroughputBench(options: ThroughputOptions = {}): Promi
   const db = await createDatabase();
   const servers: ServerProcess[] = [];
   const connections: pg.Client[] = [];
+  const links: RawConnection[] = [];
   try {
     for (let s = 0; s < SERVERS; s++) servers.push(await startServer({ DATABASE_URL: db.url }));
     const spec = modelSpec(NUMEL, 2);
     await createSession(servers[0].url, 'small', spec);
     const bodies = Array.from({ length: CLIENTS }, (_, c) => safetensorsOf(spec, 200 + c, 0.01));
-    const step = (c: number) => call(servers[c % SERVERS].url, 'POST', '/v1/sessions/small/step', { headers: SAFETENSORS, body: bodies[c] }).then(() => undefined);
+    // Each client on its own keep-alive connection to its server, sending prebuilt requests (as wrk does).
+    for (let c = 0; c < CLIENTS; c++) links.push(await RawConnection.open(servers[c % SERVERS].url));
+    const requests = bodies.map((body, c) => RawConnection.requestBytes(servers[c % SERVERS].url, 'POST', '/v1/sessions/small/step', SAFETENSORS, body));
+    const step = async (c: number) => {
+      const status = await links[c].send(requests[c]);
+      if (status !== 200) throw new Error(`step: HTTP ${status}`);
+    };
 
     const setup = new pg.Client({ connectionString: db.url });
     await setup.connect();
@@ -82,32 +89,53 @@ export async function runThroughputBench(options: ThroughputOptions = {}): Promi
     const oursRounds: number[] = [];
     const baseRounds: number[] = [];
     let serverCpu = 0;
+    let clientCpu = 0;
     let machineBusy = 0;
     let machineTotal = 0;
     let oursSteps = 0;
     for (let r = 0; r < rounds; r++) {
       const cpuBefore = servers.reduce((a, x) => a + cpuSecondsOf(x.pid), 0);
+      const selfBefore = cpuSecondsOf(process.pid);
       const machineBefore = machineCpu();
       const started = now();
       oursRounds.push(await saturate(CLIENTS, seconds, step));
       oursSteps += oursRounds[r] * (now() - started);
       serverCpu += servers.reduce((a, x) => a + cpuSecondsOf(x.pid), 0) - cpuBefore;
+      clientCpu += cpuSecondsOf(process.pid) - selfBefore;
       const machineAfter = machineCpu();
       machineBusy += machineAfter.busy - machineBefore.busy;
       machineTotal += machineAfter.total - machineBefore.total;
       baseRounds.push(await saturate(CLIENTS, seconds, lockedUpdate));
       log(`  round ${r + 1}/${rounds}: ${oursRounds[r].toFixed(0)} steps/s, bare locked update ${baseRounds[r].toFixed(0)}/s`);
     }
+    // The same clients on one process: one queue batches all 16 (the row lock is never contended).
+    const batchSizeOf = async (server: ServerProcess) => {
+      const text = (await call(server.url, 'GET', '/metrics')).body.toString();
+      const sample = (name: string) => Number(text.split('\n').find((l) => l.startsWith(`${name} `))?.split(' ')[1] ?? 0);
+      return { steps: sample('asgd_step_batch_size_sum'), commits: sample('asgd_step_batch_size_count') };
+    };
+    const soloLinks: RawConnection[] = [];
+    for (let c = 0; c < CLIENTS; c++) soloLinks.push(await RawConnection.open(servers[0].url));
+    links.push(...soloLinks);
+    const soloRequests = bodies.map((body) => RawConnection.requestBytes(servers[0].url, 'POST', '/v1/sessions/small/step', SAFETENSORS, body));
+    const soloStep = async (c: number) => {
+      const status = await soloLinks[c].send(soloRequests[c]);
+      if (status !== 200) throw new Error(`step: HTTP ${status}`);
+    };
+    const soloBefore = await batchSizeOf(servers[0]);
+    const soloRounds: number[] = [];
+    for (let r = 0; r < 2; r++) soloRounds.push(await saturate(CLIENTS, seconds, soloStep));
+    const soloAfter = await batchSizeOf(servers[0]);
+    const solo = median(soloRounds);
     const ours = median(oursRounds);
     const base = median(baseRounds);
     const version = (await call(servers[0].url, 'GET', '/v1/sessions/small')).json<{ version: number }>().version;
-    let batched = 0;
-    let commits = 0;
+    let batched = -(soloAfter.steps - soloBefore.steps);
+    let commits = -(soloAfter.commits - soloBefore.commits);
     for (const server of servers) {
-      const text = (await call(server.url, 'GET', '/metrics')).body.toString();
-      const sample = (name: string) => Number(text.split('\n').find((l) => l.startsWith(`${name} `))?.split(' ')[1] ?? 0);
-      batched += sample('asgd_step_batch_size_sum');
-      commits += sample('asgd_step_batch_size_count');
+      const counts = await batchSizeOf(server);
+      batched += counts.steps;
+      commits += counts.commits;
     }
     return {
       key: 'throughput',
@@ -118,11 +146,13 @@ export async function runThroughputBench(options: ThroughputOptions = {}): Promi
       target: { op: '>=', value: 2 },
       notes: [
         `median of ${rounds} alternating rounds of ${seconds} s each; the session reached version ${version}`,
-        `CPU while stepping: the machine was ${((100 * machineBusy) / machineTotal).toFixed(0)}% busy (all cores; clients, servers and PostgreSQL share them); the ${SERVERS} servers used ${((1000 * serverCpu) / oursSteps).toFixed(2)} ms of CPU a step`,
+        `CPU while stepping: the machine was ${((100 * machineBusy) / machineTotal).toFixed(0)}% busy (all cores; clients, servers and PostgreSQL share them); the ${SERVERS} servers used ${((1000 * serverCpu) / oursSteps).toFixed(2)} ms of CPU a step, the ${CLIENTS} clients (this process, raw keep-alive connections) ${((1000 * clientCpu) / oursSteps).toFixed(2)} ms`,
         `group commit: ${(batched / commits).toFixed(2)} steps per commit on average (${batched} steps in ${commits} statements over the ${SERVERS} processes)`,
+        `the same ${CLIENTS} clients on one process (${soloRounds.length} rounds after the others): ${solo.toFixed(0)} steps/s = ${(solo / base).toFixed(2)}x the baseline, ${((soloAfter.steps - soloBefore.steps) / (soloAfter.commits - soloBefore.commits)).toFixed(2)} steps per commit: with ${SERVERS} processes each queue holds a third of the clients and the batches take turns at the row lock`,
       ],
     };
   } finally {
+    for (const link of links) link.close();
     await Promise.all(connections.map((c) => c.end()));
     await Promise.all(servers.map((s) => s.stop()));
     await db.drop();
