@@ -269,6 +269,43 @@ class Client:
         payload.update(extras)
         return self._contribute(name, headers, max_wait_s, path, query=query, json_body=payload, accept=JSON)
 
+    def start_step(
+        self,
+        name: str,
+        grads: Mapping[str, TensorLike],
+        *,
+        base_version: Optional[int] = None,
+        returns: str = "none",
+        param_groups: Optional[Sequence[Mapping[str, Any]]] = None,
+        metrics: Optional[Mapping[str, float]] = None,
+        grad_dtype: str = "F32",
+        samples: Optional[int] = None,
+        worker: Optional[str] = None,
+    ) -> Optional["StartedStep"]:
+        """:meth:`step` in two halves, for a pipelined training loop without a thread: the request is sent
+        now (the gradients are encoded into it, so the caller may overwrite them), and the handle's
+        ``finish()`` reads the answer, as :meth:`step` returns it, or raises as it does; ``answered()``
+        tells without waiting whether it has begun to arrive. The step carries an Idempotency-Key: if the
+        connection fails, ``finish()`` sends it again with the usual retries, and it is applied once. None
+        where this cannot be done (https, a transport other than "safetensors"): use :meth:`step`.
+        Not for a session with ``aggregation`` (a contribution may be answered 202 and asked again)."""
+        if returns not in ("none", "params", "averaged"):
+            raise ValueError(f"returns must be 'none', 'params' or 'averaged', got {returns!r}")
+        if self.transport != "safetensors":
+            return None
+        extras: Dict[str, Any] = {}
+        if param_groups is not None:
+            extras["param_groups"] = [dict(g) for g in param_groups]
+        if metrics is not None:
+            extras["metrics"] = dict(metrics)
+        _check_json("step", extras)
+        metadata = {k: json.dumps(v, separators=(",", ":"), allow_nan=False) for k, v in extras.items()}
+        body = st.encode(grads, metadata=metadata or None, dtype=grad_dtype)
+        query = {"return": returns if returns != "none" else None, "base_version": base_version, "worker": worker, "samples": samples}
+        started = self.conn.start("POST", f"/v1/sessions/{_quote(name)}/step", query=query, body=body, content_type=SAFETENSORS,
+                                  headers={"Idempotency-Key": uuid.uuid4().hex}, accept=SAFETENSORS if returns != "none" else None)
+        return None if started is None else StartedStep(started)
+
     def _contribute(self, name: str, headers: Dict[str, str], max_wait_s: Optional[float], path: str, **request: Any) -> Dict[str, Any]:
         """Sends a step and, while the service answers 202 (its round is still open), the same request
         again with the same Idempotency-Key: the service stores the contribution once and answers
@@ -448,6 +485,21 @@ def _step_answer(res: Response) -> Dict[str, Any]:
     if isinstance(answer.get("params"), dict) and _has_torch():
         answer["params"] = OrderedDict((k, tensor_from_json(v)) for k, v in answer["params"].items())
     return answer
+
+
+class StartedStep:
+    """A step sent by :meth:`Client.start_step`: ``answered()`` (no waiting) and ``finish()`` (the answer)."""
+
+    __slots__ = ("_started",)
+
+    def __init__(self, started: Any) -> None:
+        self._started = started
+
+    def answered(self) -> bool:
+        return self._started.answered()
+
+    def finish(self) -> Dict[str, Any]:
+        return _step_answer(self._started.finish())
 
 
 def _torch_save(obj: Any) -> bytes:

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import select
 import socket
 import ssl
 import threading
@@ -199,20 +200,10 @@ class Connection:
         ``retry``: None decides from the method and an Idempotency-Key header (see the module doc).
         """
         method = method.upper()
-        hdrs: Dict[str, str] = {"User-Agent": USER_AGENT}
         if json_body is not None:
             body = json.dumps(json_body, separators=(",", ":"), allow_nan=False).encode("utf-8")
             content_type = "application/json"
-        if body is not None:
-            hdrs["Content-Type"] = content_type or "application/octet-stream"
-        elif method in ("POST", "PUT", "PATCH"):
-            hdrs["Content-Length"] = "0"
-        if accept:
-            hdrs["Accept"] = accept
-        if self.token:
-            hdrs["Authorization"] = f"Bearer {self.token}"
-        if headers:
-            hdrs.update(headers)
+        hdrs = self._headers(method, body, content_type, accept, headers)
         if retry is None:
             retry = method in IDEMPOTENT_METHODS or any(k.lower() == "idempotency-key" for k in hdrs)
         target = self.path_url(path, query)
@@ -244,6 +235,61 @@ class Connection:
                 self._retrying(method, full_url, attempt, response, response.headers.get("retry-after"), deadline)
                 continue
             raise self._error(response, hdrs.get("Content-Type"))
+
+    def start(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Optional[Mapping[str, Any]] = None,
+        body: Optional[Union[bytes, bytearray, memoryview]] = None,
+        content_type: Optional[str] = None,
+        headers: Optional[Mapping[str, str]] = None,
+        accept: Optional[str] = None,
+        expect: Iterable[int] = (200,),
+    ) -> Optional["Started"]:
+        """Sends a repeatable request (an Idempotency-Key, or an idempotent method) now and returns a handle
+        whose ``finish()`` reads its answer later: the caller works meanwhile, with no thread. None for an
+        https URL (the caller uses request()). Should sending or reading fail, or the answer be a status
+        worth retrying, ``finish()`` sends the request again through request(), with its retries."""
+        if self._scheme != "http":
+            return None
+        conn = self._connection()
+        self._local.conn = None  # this request owns the connection until finished
+        last = getattr(self._local, "last_used", None)
+        if last is not None and time.monotonic() - last > self.idle_reuse:
+            conn.close()  # may have been closed by the service: a fresh one (a failed send would be retried anyway)
+        args = dict(query=query, body=body, content_type=content_type, headers=headers, accept=accept, expect=tuple(expect), retry=True)
+        started = Started(self, method, path, args, conn)
+        try:
+            hdrs = self._headers(method, body, content_type, accept, headers)
+            conn.send(method, self.path_url(path, query), body, hdrs)  # type: ignore[union-attr]
+        except _CONNECTION_ERRORS:
+            started.failed()
+        return started
+
+    def _give_back(self, conn: "_PlainConnection", will_close: bool) -> None:
+        """A connection a started request is done with: this thread's keep-alive one again (or closed)."""
+        self._local.last_used = time.monotonic()
+        if will_close or getattr(self._local, "conn", None) is not None:
+            conn.close()
+        else:
+            self._local.conn = conn
+
+    def _headers(self, method: str, body: Any, content_type: Optional[str], accept: Optional[str],
+                 headers: Optional[Mapping[str, str]]) -> Dict[str, str]:
+        hdrs: Dict[str, str] = {"User-Agent": USER_AGENT}
+        if body is not None:
+            hdrs["Content-Type"] = content_type or "application/octet-stream"
+        elif method in ("POST", "PUT", "PATCH"):
+            hdrs["Content-Length"] = "0"
+        if accept:
+            hdrs["Accept"] = accept
+        if self.token:
+            hdrs["Authorization"] = f"Bearer {self.token}"
+        if headers:
+            hdrs.update(headers)
+        return hdrs
 
     def _may_retry(self, attempt: int, deadline: float) -> bool:
         return (self.retries is None or attempt <= self.retries) and time.monotonic() < deadline
@@ -304,6 +350,54 @@ class Connection:
                    request_content_type=request_content_type, headers=response.headers)
 
 
+class Started:
+    """A request sent by Connection.start(): ``answered()`` tells without waiting whether its answer has
+    begun to arrive, ``finish()`` reads it (once) and returns the Response as request() does, or raises
+    as request() does."""
+
+    __slots__ = ("_owner", "_method", "_path", "_args", "_conn", "_result")
+
+    def __init__(self, owner: Connection, method: str, path: str, args: Dict[str, Any], conn: Any) -> None:
+        self._owner = owner
+        self._method = method
+        self._path = path
+        self._args = args
+        self._conn: Optional[_PlainConnection] = conn
+        self._result: Optional[Response] = None
+
+    def failed(self) -> None:
+        """Sending failed: finish() sends the request again through request()."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def answered(self) -> bool:
+        return self._result is not None or self._conn is None or self._conn.answered()
+
+    def finish(self) -> Response:
+        if self._result is not None:
+            return self._result
+        owner, args = self._owner, self._args
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                status, names, data, will_close = conn.receive(self._method)
+            except _CONNECTION_ERRORS:
+                conn.close()
+            else:
+                owner._give_back(conn, will_close)
+                response = Response(status, names, data, self._method, owner._origin + owner.path_url(self._path, args["query"]))
+                if status in args["expect"]:
+                    self._result = response
+                    return response
+                if status not in RETRY_STATUSES:
+                    raise owner._error(response, args["content_type"])
+        # Not sent, no answer, or a status worth retrying: the request again, with request()'s retries (it
+        # is repeatable: a step carries its Idempotency-Key and is applied at most once).
+        self._result = owner.request(self._method, self._path, **args)
+        return self._result
+
+
 _MAX_LINE = 64 * 1024  # bytes of one status or header line
 _MAX_HEADERS = 100
 _SEND_TOGETHER = 256 * 1024  # a body up to this size goes out in the same send as the headers
@@ -338,6 +432,17 @@ class _PlainConnection:
 
     def exchange(self, method: str, target: str, body: Any, headers: Mapping[str, str]) -> Tuple[int, Dict[str, str], bytes, bool]:
         """Sends one request and reads its answer: (status, headers with lower-case names, body, will_close)."""
+        self.send(method, target, body, headers)
+        return self.receive(method)
+
+    def answered(self) -> bool:
+        """True when (part of) the answer to the request sent has arrived: receive() would not wait long."""
+        if self.sock is None:
+            return True
+        return bool(select.select([self.sock], [], [], 0)[0])
+
+    def send(self, method: str, target: str, body: Any, headers: Mapping[str, str]) -> None:
+        """Sends one request (its answer is read by receive())."""
         if self.sock is None:
             self.sock = socket.create_connection((self.host, self.port), self.timeout)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -354,6 +459,11 @@ class _PlainConnection:
             self.sock.sendall(head)
             if body is not None:
                 self.sock.sendall(body)
+
+    def receive(self, method: str) -> Tuple[int, Dict[str, str], bytes, bool]:
+        """Reads the answer to the request sent: (status, headers with lower-case names, body, will_close)."""
+        if self.fp is None:
+            raise http.client.RemoteDisconnected("the connection was closed")
         first = True
         while True:
             status, version, names = self._read_head(first)

@@ -5,8 +5,10 @@ The session on the service holds the parameters and the optimizer state (step, e
 and the service answers with the new parameters, which are copied into the model in place; the result
 is bit for bit what ``torch.optim.ASGD`` computes locally.
 
-With ``pipeline=True`` the request runs in a background thread and its answer is applied at the next
-``step()``, ``zero_grad()`` or ``synchronize()``: the next forward/backward overlaps the round trip.
+With ``pipeline=True`` the request is sent and ``step()`` returns; its answer is read and applied at the
+next ``step()``, ``zero_grad()`` or ``synchronize()``: the next forward/backward overlaps the round trip.
+Over http with the safetensors transport this needs no thread (the answer waits in the socket); otherwise,
+and for ``step(wait=False)``, a background thread sends it.
 
 In a session with ``aggregation`` (synchronous rounds) each ``step()`` is this worker's contribution to
 the round at the model's version: it returns once the round has stepped, with the parameters of the
@@ -120,6 +122,28 @@ class _Outcome:
         self.stale = stale
 
 
+class _Sent:
+    """A pipelined step sent without a thread: ``done()`` without waiting, ``result()`` reads its outcome
+    (the interface of the Future the background thread gives)."""
+
+    __slots__ = ("_opt", "_handle", "_groups")
+
+    def __init__(self, opt: "RemoteASGD", handle: Any, groups: Optional[List[Dict[str, Any]]]) -> None:
+        self._opt = opt
+        self._handle = handle
+        self._groups = groups
+
+    def done(self) -> bool:
+        return self._handle.answered()
+
+    def result(self) -> _Outcome:
+        return self._opt._settle(self._handle.finish, self._groups, resend=None)
+
+    def wait(self) -> None:
+        """Reads the answer (the step is then applied or refused on the service) without loading it."""
+        self._handle.finish()
+
+
 class RemoteASGD(torch.optim.Optimizer):
     """torch.optim.ASGD, computed by an asgd-serve session.
 
@@ -132,7 +156,7 @@ class RemoteASGD(torch.optim.Optimizer):
         create: ``"if_missing"`` (the default when a session name is given: every worker can start with
             the same arguments), True (create; fails if it exists), or False (attach). Attaching copies
             the session's parameters and hyperparameters into the model and groups.
-        pipeline: ``step()`` sends in a background thread and returns at once; the answer's parameters
+        pipeline: ``step()`` sends the gradients and returns at once; the answer's parameters
             are applied at the next ``step()`` (which waits for them), ``zero_grad()`` (if they have
             arrived) or ``synchronize()``. The next gradient is then computed on the parameters from
             before the previous step (staleness 1), as Hivemind's delayed optimizer step.
@@ -241,7 +265,7 @@ class RemoteASGD(torch.optim.Optimizer):
         self._info: Dict[str, Any] = {}
         self._lock = threading.RLock()
         self._executor: Optional[ThreadPoolExecutor] = None
-        self._pending: Optional[Future] = None
+        self._pending: Any = None  # a Future (background thread) or a _Sent
 
         groups, given_names = _split_params(params)
         defaults: Dict[str, Any] = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, foreach=foreach, maximize=maximize)
@@ -421,16 +445,21 @@ class RemoteASGD(torch.optim.Optimizer):
                 done: Future = Future()
                 done.set_result(None)
                 return done
-            if background:
-                # The gradients leave the caller's tensors now: backward() may overwrite them next.
-                grads = OrderedDict((n, g.detach().clone()) for n, g in grads.items())
             groups = self._group_changes()
             metrics = dict(metrics) if metrics is not None else None
             if not background:
                 self._apply(self._request(grads, base, groups, metrics, samples))
                 return loss
+            if wait and self.aggregation is None:
+                # Pipelined: sent now on this thread, its answer read at the next call (no thread).
+                sent = self._start(grads, base, groups, metrics, samples)
+                if sent is not None:
+                    self._pending = sent
+                    return loss
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asgd-step")
+            # The gradients leave the caller's tensors now: backward() may overwrite them next.
+            grads = OrderedDict((n, g.detach().clone()) for n, g in grads.items())
             future = self._executor.submit(self._request, grads, base, groups, metrics, samples)
             self._pending = future
             return loss if wait else _AnswerFuture(future)
@@ -442,15 +471,31 @@ class RemoteASGD(torch.optim.Optimizer):
         send: Dict[str, Any] = dict(returns="params", param_groups=groups, metrics=metrics, grad_dtype=wire, samples=samples)
         if self.aggregation is not None or self._worker_given:
             send.update(worker=self.worker, wait=self.round_wait_s, max_wait_s=self.max_round_wait_s)
+        return self._settle(lambda: self.client.step(self.session, grads, base_version=base, **send), groups,
+                            resend=lambda: self.client.step(self.session, grads, base_version=None, **send))
+
+    def _start(self, grads: Mapping[str, torch.Tensor], base: Optional[int], groups: Optional[List[Dict[str, Any]]],
+               metrics: Optional[Dict[str, float]], samples: Optional[int]) -> Optional["_Sent"]:
+        """A pipelined step sent now without a thread (Client.start_step); None where that cannot be done
+        (https, another transport, on_stale="apply", which sends the gradients again): the thread does it."""
+        if self.on_stale == "apply":
+            return None
+        handle = self.client.start_step(self.session, grads, base_version=base, returns="params", param_groups=groups, metrics=metrics,
+                                        grad_dtype=_WIRE_DTYPES[self.grad_dtype], samples=samples,
+                                        worker=self.worker if self._worker_given else None)
+        return None if handle is None else _Sent(self, handle, groups)
+
+    def _settle(self, call: Any, groups: Optional[List[Dict[str, Any]]], resend: Any) -> _Outcome:
+        """The outcome of a step's request ``call()``, by the staleness policy when it is refused as stale."""
         try:
-            answer = self.client.step(self.session, grads, base_version=base, **send)
+            answer = call()
         except StaleGradient as err:
             if self.on_stale == "raise":
                 raise
             if self.on_stale == "pull":
                 tensors, version = self.client.get_params(self.session)
                 return _Outcome(None, tensors, version, None, stale=err)
-            answer = self.client.step(self.session, grads, base_version=None, **send)
+            answer = resend()
         params = answer.pop("params", None)
         if params is None:  # a service without return=params (before issue 11): a second request
             if groups is not None:
@@ -631,6 +676,10 @@ class RemoteASGD(torch.optim.Optimizer):
     def close(self) -> None:
         """Waits for a pipelined step (without applying it), stops the background thread and closes the
         keep-alive connection (the session stays on the service)."""
+        pending = self._pending
+        if isinstance(pending, _Sent):
+            with contextlib.suppress(Exception):  # as a background step's error is not raised here either
+                pending.wait()
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True)
