@@ -379,19 +379,24 @@ class Started:
             return self._result
         owner, args = self._owner, self._args
         conn, self._conn = self._conn, None
+        url = owner._origin + owner.path_url(self._path, args["query"])
+        cause = "the request could not be sent"
         if conn is not None:
             try:
                 status, names, data, will_close = conn.receive(self._method)
-            except _CONNECTION_ERRORS:
+            except _CONNECTION_ERRORS as err:
                 conn.close()
+                cause = f"{type(err).__name__}: {err}"
             else:
                 owner._give_back(conn, will_close)
-                response = Response(status, names, data, self._method, owner._origin + owner.path_url(self._path, args["query"]))
+                response = Response(status, names, data, self._method, url)
                 if status in args["expect"]:
                     self._result = response
                     return response
                 if status not in RETRY_STATUSES:
                     raise owner._error(response, args["content_type"])
+                cause = f"HTTP {status}"
+        log.warning("%s %s: %s; sending it again", self._method, url, cause)
         # Not sent, no answer, or a status worth retrying: the request again, with request()'s retries (it
         # is repeatable: a step carries its Idempotency-Key and is applied at most once).
         self._result = owner.request(self._method, self._path, **args)

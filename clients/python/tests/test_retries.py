@@ -55,6 +55,25 @@ class RetriesAreSafe(ServiceTestCase):
     def test_lost_answers_and_503_do_not_step_twice_safetensors(self):
         self._train_through("safetensors")
 
+    def test_pipelined_steps_with_lost_answers_and_503_step_once_each(self):
+        # Sent on the caller's thread and read at the next step: a lost answer or a 503 found then is
+        # sent again under the same key, and the loop goes on.
+        proxy, conn = self.proxy({3: "lose-answer", 5: "503", 6: "lose-answer", 9: "refuse"})
+        model = make_model()
+        opt = self.remote(model.named_parameters(), connection=conn, pipeline=True)
+        train(model, opt, range(STEPS))
+        version = opt.synchronize()
+        info = opt.client.get_session(opt.session)
+        self.assertEqual(info["step"], STEPS, "every step applied exactly once")
+        self.assertEqual(version, info["version"])
+        got, _ = opt.client.get_params(opt.session)
+        for n, p in model.named_parameters():
+            self.assertTrue(torch.equal(p, got[n]), n)
+        steps = [r for r in proxy.requests if r.method == "POST" and r.path.split("?")[0].endswith("/step")]
+        self.assertEqual(len(steps), STEPS + 4)
+        self.assertEqual(steps[2].headers["idempotency-key"], steps[3].headers["idempotency-key"])
+        self.assertEqual(steps[5].headers["idempotency-key"], steps[6].headers["idempotency-key"])
+
     def test_replayed_answer_is_the_first_answer(self):
         model = make_model()
         opt = self.remote(model.named_parameters(), transport="json")
