@@ -130,8 +130,19 @@ for (const name of wanted) if (!(name in BENCHES)) throw new Error(`unknown benc
 const jsonPath = join(ROOT, 'bench', 'results.json');
 const stored: Record<string, Stored> = existsSync(jsonPath) ? JSON.parse(readFileSync(jsonPath, 'utf8')) : {};
 const env = { ...machine(), PostgreSQL: await postgresVersion(), PyTorch: `${torchVersion()} (${PYTHON})` };
+/**
+ * Waits (at most `maxSeconds`) for the 1-minute load average to fall below `below`: each benchmark starts on
+ * a machine as quiet as it gets, not on the tail of the one before (whose servers, clients and PostgreSQL
+ * work leave the load at 2-3). ASGD_BENCH_QUIET_WAIT_S=0 skips the wait.
+ */
+async function settle(below = 1, maxSeconds = Number(process.env.ASGD_BENCH_QUIET_WAIT_S ?? 120)): Promise<void> {
+  const deadline = Date.now() + maxSeconds * 1000;
+  while (loadavg()[0] >= below && Date.now() < deadline) await new Promise((r) => setTimeout(r, 2000));
+}
+
 for (const name of wanted.length ? wanted : Object.keys(BENCHES)) {
-  console.log(`== ${name}`);
+  await settle();
+  console.log(`== ${name} (1-minute load average ${loadavg()[0].toFixed(2)})`);
   const before = loadavg()[0];
   const { results, rows } = await BENCHES[name]();
   for (const [i, result] of results.entries()) {

@@ -204,8 +204,7 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
 }
 
 async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Database> {
-  const { PGlite } = await import('@electric-sql/pglite');
-  const { drizzle: drizzlePglite, migrate: migratePglite } = pgliteDrizzle();
+  const { PGlite, drizzle: drizzlePglite, migrate: migratePglite } = pgliteDrizzle();
   let lock: DataDirLock | null = null;
   if (dataDir !== 'memory://') {
     mkdirSync(dataDir, { recursive: true });

@@ -13,9 +13,13 @@ export const pgCore = load('drizzle-orm/pg-core') as typeof import('drizzle-orm/
 export const nodePostgres = load('drizzle-orm/node-postgres') as typeof import('drizzle-orm/node-postgres');
 export const nodePostgresMigrator = load('drizzle-orm/node-postgres/migrator') as typeof import('drizzle-orm/node-postgres/migrator');
 
-/** The PGlite driver and migrator (only a PGlite database loads them). */
+/**
+ * PGlite with its drizzle driver and migrator (only a PGlite database loads them). PGlite comes through
+ * require too: drizzle's driver requires it, and one copy of it in the process is enough.
+ */
 export function pgliteDrizzle() {
   return {
+    PGlite: (load('@electric-sql/pglite') as typeof import('@electric-sql/pglite')).PGlite,
     drizzle: (load('drizzle-orm/pglite') as typeof import('drizzle-orm/pglite')).drizzle,
     migrate: (load('drizzle-orm/pglite/migrator') as typeof import('drizzle-orm/pglite/migrator')).migrate,
   };
