@@ -237,23 +237,15 @@ class Client:
         Always sent with an Idempotency-Key (a fresh one unless given), so connection errors and 503s
         are retried without ever stepping twice. Answer: {session, step, version, staleness[, params]}.
         """
-        if returns not in ("none", "params", "averaged"):
-            raise ValueError(f"returns must be 'none', 'params' or 'averaged', got {returns!r}")
+        extras = _step_extras(returns, param_groups, metrics)
         key = idempotency_key or uuid.uuid4().hex
         headers = {"Idempotency-Key": key, **_if_match(if_match)}
         path = f"/v1/sessions/{_quote(name)}/step"
-        extras: Dict[str, Any] = {}
-        if param_groups is not None:
-            extras["param_groups"] = [dict(g) for g in param_groups]
-        if metrics is not None:
-            extras["metrics"] = dict(metrics)
-        _check_json("step", extras)
         query: Dict[str, Any] = {"return": returns if returns != "none" else None, "wait": wait}
         # The round's fields: in the query with a safetensors body, in the JSON body otherwise.
         contribution = {k: v for k, v in (("worker", worker), ("samples", samples)) if v is not None}
         if self._binary():
-            metadata = {k: json.dumps(v, separators=(",", ":"), allow_nan=False) for k, v in extras.items()}
-            body = st.encode(grads, metadata=metadata or None, dtype=grad_dtype)
+            body = _safetensors_step(grads, extras, grad_dtype)
             try:
                 return self._contribute(name, headers, max_wait_s, path, query={**query, "base_version": base_version, **contribution},
                                         body=body, content_type=SAFETENSORS, accept=SAFETENSORS if returns != "none" else None)
@@ -289,18 +281,10 @@ class Client:
         connection fails, ``finish()`` sends it again with the usual retries, and it is applied once. None
         where this cannot be done (https, a transport other than "safetensors"): use :meth:`step`.
         Not for a session with ``aggregation`` (a contribution may be answered 202 and asked again)."""
-        if returns not in ("none", "params", "averaged"):
-            raise ValueError(f"returns must be 'none', 'params' or 'averaged', got {returns!r}")
+        extras = _step_extras(returns, param_groups, metrics)
         if self.transport != "safetensors":
             return None
-        extras: Dict[str, Any] = {}
-        if param_groups is not None:
-            extras["param_groups"] = [dict(g) for g in param_groups]
-        if metrics is not None:
-            extras["metrics"] = dict(metrics)
-        _check_json("step", extras)
-        metadata = {k: json.dumps(v, separators=(",", ":"), allow_nan=False) for k, v in extras.items()}
-        body = st.encode(grads, metadata=metadata or None, dtype=grad_dtype)
+        body = _safetensors_step(grads, extras, grad_dtype)
         query = {"return": returns if returns != "none" else None, "base_version": base_version, "worker": worker, "samples": samples}
         started = self.conn.start("POST", f"/v1/sessions/{_quote(name)}/step", query=query, body=body, content_type=SAFETENSORS,
                                   headers={"Idempotency-Key": uuid.uuid4().hex}, accept=SAFETENSORS if returns != "none" else None)
@@ -485,6 +469,25 @@ def _step_answer(res: Response) -> Dict[str, Any]:
     if isinstance(answer.get("params"), dict) and _has_torch():
         answer["params"] = OrderedDict((k, tensor_from_json(v)) for k, v in answer["params"].items())
     return answer
+
+
+def _step_extras(returns: str, param_groups: Optional[Sequence[Mapping[str, Any]]], metrics: Optional[Mapping[str, float]]) -> Dict[str, Any]:
+    """A step's ``param_groups`` and ``metrics`` as they travel (checked), after checking ``returns``."""
+    if returns not in ("none", "params", "averaged"):
+        raise ValueError(f"returns must be 'none', 'params' or 'averaged', got {returns!r}")
+    extras: Dict[str, Any] = {}
+    if param_groups is not None:
+        extras["param_groups"] = [dict(g) for g in param_groups]
+    if metrics is not None:
+        extras["metrics"] = dict(metrics)
+    _check_json("step", extras)
+    return extras
+
+
+def _safetensors_step(grads: Mapping[str, TensorLike], extras: Mapping[str, Any], grad_dtype: str) -> bytearray:
+    """A safetensors step body: the gradients, and the extras as JSON in ``__metadata__``."""
+    metadata = {k: json.dumps(v, separators=(",", ":"), allow_nan=False) for k, v in extras.items()}
+    return st.encode(grads, metadata=metadata or None, dtype=grad_dtype)
 
 
 class StartedStep:

@@ -256,9 +256,6 @@ class Connection:
             return None
         conn = self._connection()
         self._local.conn = None  # this request owns the connection until finished
-        last = getattr(self._local, "last_used", None)
-        if last is not None and time.monotonic() - last > self.idle_reuse:
-            conn.close()  # may have been closed by the service: a fresh one (a failed send would be retried anyway)
         args = dict(query=query, body=body, content_type=content_type, headers=headers, accept=accept, expect=tuple(expect), retry=True)
         started = Started(self, method, path, args, conn)
         try:
