@@ -15,11 +15,22 @@ import { lockDataDir, type DataDirLock } from './data-dir-lock.ts';
 
 export const MIGRATIONS_DIR = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'migrations');
 
+/**
+ * PGlite: the file in its in-memory file system (MEMFS) that `QueryOptions.copyFrom` fills. Its '/dev/blob'
+ * device copies a COPY's input into PostgreSQL's buffer one byte at a time in JavaScript; a MEMFS file is read
+ * with one memcpy per 64 KB: a 4 MB step log row took 5-10 ms less (bench: durable step on PGlite).
+ */
+export const PGLITE_COPY_FILE = '/tmp/asgd-copy-in';
+
 export interface QueryOptions {
   /** Prepared statement name (PostgreSQL only; PGlite ignores it). */
   name?: string;
-  /** PGlite only: the file a `COPY … FROM '/dev/blob'` reads (binary COPY skips base64 for large bytea). */
-  blob?: Blob;
+  /**
+   * PGlite only: the bytes a `COPY … FROM '${PGLITE_COPY_FILE}'` reads (binary COPY skips base64 for large
+   * bytea). They are handed to PGlite's in-memory file system as they are (no copy) and the file is removed
+   * after the statement.
+   */
+  copyFrom?: Uint8Array;
   /**
    * Read the rows in binary (bytea as bytes, not hex text): the selected columns and their types, in
    * select order (see binary-results.ts). Only numeric parameters are allowed (PGlite inlines them).
@@ -238,7 +249,16 @@ async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Da
       if (!result.blob) return [];
       return parseBinaryCopy<R>(Buffer.from(await result.blob.arrayBuffer()), opts.binary);
     }
-    return fix<R>((await on.query(text, params, opts.blob && { blob: opts.blob })).rows);
+    if (opts.copyFrom) {
+      // One statement at a time (PGlite's own mutex), so one file name serves every COPY.
+      client.Module.FS.writeFile(PGLITE_COPY_FILE, opts.copyFrom, { canOwn: true });
+      try {
+        return fix<R>((await on.query(text, params)).rows);
+      } finally {
+        client.Module.FS.unlink(PGLITE_COPY_FILE);
+      }
+    }
+    return fix<R>((await on.query(text, params)).rows);
   };
   // PGlite runs one statement at a time; transactions are serialised by its own mutex.
   return {

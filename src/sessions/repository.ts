@@ -1,6 +1,6 @@
 // SQL of the session domain. Hot-path statements are prepared (named) on PostgreSQL and send bytea
 // parameters in binary; PGlite gets base64 parameters (see Database.byteaParam).
-import type { Database, Queryable } from '../db/database.ts';
+import { PGLITE_COPY_FILE, type Database, type Queryable } from '../db/database.ts';
 import type { Aggregation, GroupSpec, HyperDelta, ParamSpec, RoundRecord, ScalarStateRow, SessionRow, SnapshotRow } from '../db/schema.ts';
 import type { GradDtype } from './gradients.ts';
 import { pruneLogToBytes } from './retention.ts';
@@ -418,8 +418,8 @@ async function appendStepsPglite(db: Database, sessionId: number, steps: readonl
     for (const [i, s] of steps.entries()) {
       const hyper = s.hyper === null ? null : JSON.stringify(s.hyper);
       const gradDtype = gradDtypeColumn(s.gradDtype);
-      await tx.query("COPY step_log (session_id, version, present, grads, base_version, hyper, grad_dtype) FROM '/dev/blob' WITH (FORMAT binary)", [], {
-        blob: copyRow([
+      await tx.query(`COPY step_log (session_id, version, present, grads, base_version, hyper, grad_dtype) FROM '${PGLITE_COPY_FILE}' WITH (FORMAT binary)`, [], {
+        copyFrom: copyRow([
           int8(sessionId), int8(versionAt(version, i)), jsonb(JSON.stringify(s.present)), s.grads, s.baseVersion === null ? null : int8(s.baseVersion),
           hyper === null ? null : jsonb(hyper), gradDtype === null ? null : Buffer.from(gradDtype, 'utf8'),
         ]),
@@ -454,20 +454,20 @@ const int8 = (value: number) => {
 /** jsonb's binary form: format version 1, then the text. */
 const jsonb = (text: string) => Buffer.concat([Buffer.of(1), Buffer.from(text, 'utf8')]);
 
-/** One row in PostgreSQL's binary COPY format (fields already in their binary forms; null for NULL). */
-function copyRow(fields: (Buffer | null)[]): Blob {
-  const header = Buffer.alloc(19 + 2);
-  header.write('PGCOPY\n\xff\r\n\0', 0, 'latin1'); // signature; then flags and header extension length, both 0
-  header.writeInt16BE(fields.length, 19);
-  const parts: Buffer[] = [header];
+/** One row in PostgreSQL's binary COPY format (fields already in their binary forms; null for NULL), in one buffer. */
+function copyRow(fields: (Buffer | null)[]): Uint8Array {
+  const size = 19 + 2 + fields.reduce((n, f) => n + 4 + (f === null ? 0 : f.byteLength), 0) + 2;
+  const out = Buffer.allocUnsafe(size);
+  out.write('PGCOPY\n\xff\r\n\0', 0, 'latin1'); // signature (11 bytes)
+  out.writeInt32BE(0, 11); // flags
+  out.writeInt32BE(0, 15); // header extension length
+  let at = out.writeInt16BE(fields.length, 19);
   for (const field of fields) {
-    const length = Buffer.allocUnsafe(4);
-    length.writeInt32BE(field === null ? -1 : field.byteLength);
-    parts.push(length);
-    if (field !== null) parts.push(field);
+    at = out.writeInt32BE(field === null ? -1 : field.byteLength, at);
+    if (field !== null) at += field.copy(out, at);
   }
-  parts.push(Buffer.of(0xff, 0xff)); // trailer: field count -1
-  return new Blob(parts as unknown as BlobPart[]); // Buffers are Uint8Arrays; the typings want ArrayBuffer-backed ones
+  out.writeInt16BE(-1, at); // trailer: field count -1
+  return out;
 }
 
 /** The log entries in (fromVersion, toVersion], in order, at most `limit` of them. */
