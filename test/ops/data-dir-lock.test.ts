@@ -29,6 +29,14 @@ test('a second process on the same data directory exits non-zero naming the dire
     body: JSON.stringify({ name: 'kept', params: [{ name: 'w', shape: [2], data: [1, 2] }] }),
   });
   assert.equal(created.status, 201, await created.text());
+  // Acknowledged steps, too, must outlive the kill: their log rows are what the new owner replays.
+  for (const g of [[0.5, -0.25], [0.125, 1]]) {
+    const stepped = await fetch(`${url}/v1/sessions/kept/step`, {
+      method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ grads: { w: g } }),
+    });
+    assert.equal(stepped.status, 200, await stepped.text());
+  }
+  const before = await (await fetch(`${url}/v1/sessions/kept/params`)).json();
   const holder = JSON.parse(readFileSync(join(dir, LOCK_FILE), 'utf8')) as LockHolder;
   assert.equal(holder.pid, first.child.pid);
 
@@ -52,6 +60,7 @@ test('a second process on the same data directory exits non-zero naming the dire
   t.after(() => restarted.child.kill('SIGKILL'));
   const again = await restarted.banner();
   assert.equal((await fetch(`${again.url}/v1/sessions/kept`)).status, 200, 'the new owner has the acknowledged session');
+  assert.deepEqual(await (await fetch(`${again.url}/v1/sessions/kept/params`)).json(), before, 'and its acknowledged steps');
   assert.equal((JSON.parse(readFileSync(join(dir, LOCK_FILE), 'utf8')) as LockHolder).pid, restarted.child.pid);
   restarted.child.kill('SIGTERM');
   assert.equal(await restarted.exited, 0, restarted.output());
