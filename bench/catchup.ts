@@ -5,6 +5,8 @@
 //   node bench/catchup.ts [--rounds 5]
 // Each round builds two fresh apps in this process (listening on loopback) on the same database, times
 // one first read on each, and closes them without writing anything (their caches are dropped first).
+import pg from 'pg';
+import { to as copyTo } from 'pg-copy-streams';
 import { buildApp } from '../src/app.ts';
 import { loadConfig } from '../src/config.ts';
 import {
@@ -37,6 +39,24 @@ async function firstRead(databaseUrl: string, session: string): Promise<number> 
   }
 }
 
+/**
+ * The floor: seconds for PostgreSQL alone to hand over the logged gradients a takeover replays (one binary
+ * COPY of them to a client that only counts the bytes), and how many bytes that is.
+ */
+async function bareLogRead(url: string, session: string): Promise<{ seconds: number; bytes: number }> {
+  const client = new pg.Client({ connectionString: url });
+  await client.connect();
+  try {
+    const start = now();
+    let bytes = 0;
+    const sql = `COPY (SELECT l.grads FROM step_log l JOIN sessions s ON s.id = l.session_id WHERE s.name = '${session}' ORDER BY l.version) TO STDOUT WITH (FORMAT binary)`;
+    for await (const chunk of client.query(copyTo(sql))) bytes += (chunk as Buffer).byteLength;
+    return { seconds: now() - start, bytes };
+  } finally {
+    await client.end();
+  }
+}
+
 export async function runCatchupBench(options: CatchupOptions = {}): Promise<BenchResult> {
   const rounds = options.rounds ?? 5;
   const log = options.log ?? console.log;
@@ -61,13 +81,19 @@ export async function runCatchupBench(options: CatchupOptions = {}): Promise<Ben
     await firstRead(db.url, 'takeover');
     const takeover: number[] = [];
     const snapshotOnly: number[] = [];
+    const logOnly: number[] = [];
+    let logBytes = 0;
     for (let r = 0; r < rounds; r++) {
       takeover.push(await firstRead(db.url, 'takeover'));
       snapshotOnly.push(await firstRead(db.url, 'snapshotted'));
-      log(`  round ${r + 1}/${rounds}: takeover ${ms(takeover[r])}, snapshot alone ${ms(snapshotOnly[r])}`);
+      const bare = await bareLogRead(db.url, 'takeover');
+      logOnly.push(bare.seconds);
+      logBytes = bare.bytes;
+      log(`  round ${r + 1}/${rounds}: takeover ${ms(takeover[r])}, snapshot alone ${ms(snapshotOnly[r])}, bare COPY of the log ${ms(bare.seconds)}`);
     }
     const figure = median(takeover);
     const base = median(snapshotOnly);
+    const floor = median(logOnly);
     return {
       key: 'catchup',
       title: `catch-up: first read on a fresh app, 1e6 parameters, ${STEPS_AFTER_SNAPSHOT} steps after the last snapshot`,
@@ -78,6 +104,8 @@ export async function runCatchupBench(options: CatchupOptions = {}): Promise<Ben
       notes: [
         `median of ${rounds} rounds; replay reads ${STEPS_AFTER_SNAPSHOT} x 4 MB of logged gradients and runs ${STEPS_AFTER_SNAPSHOT} kernel steps: ` +
           `${ms((figure - base) / STEPS_AFTER_SNAPSHOT)} per replayed step`,
+        `floor, in the same rounds: PostgreSQL alone hands over the ${STEPS_AFTER_SNAPSHOT} logged gradients (one bare binary COPY of ${(logBytes / 1e6).toFixed(0)} MB ` +
+          `to a client that only counts them) in ${ms(floor)} = ${(floor / base).toFixed(2)}x the baseline; the first read is ${(figure / (base + floor)).toFixed(2)}x the snapshot load plus that COPY`,
       ],
     };
   } finally {
