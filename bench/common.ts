@@ -101,7 +101,7 @@ export interface ServerProcess {
 export async function startServer(env: Record<string, string>, nodeArgs: string[] = []): Promise<ServerProcess> {
   const port = await freePort();
   let stderr = '';
-  const child = spawn(process.execPath, [...nodeArgs, join(ROOT, 'src', 'server.ts')], {
+  const child = spawn(process.execPath, [...nodeArgs, ...(process.env.BENCH_SERVER_ARGS ? process.env.BENCH_SERVER_ARGS.split(' ') : []), join(ROOT, 'src', 'server.ts')], {
     cwd: ROOT,
     env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', HOST: '127.0.0.1', PORT: String(port), ...env },
     stdio: ['ignore', 'ignore', 'pipe'],

@@ -77,6 +77,12 @@ export const sessions = pgTable('sessions', {
   aggregation: jsonb('aggregation').$type<Aggregation>(),
   createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
   updatedAt: timestamp('updated_at', { withTimezone: true }).notNull().defaultNow(),
+  /**
+   * Until when some process waits for this session's next version (a waiting read or an event stream):
+   * a step NOTIFYs asgd_versions only before then. Set and renewed by the waiting process
+   * (src/sessions/notifier.ts); null: nobody has waited.
+   */
+  listenedUntil: timestamp('listened_until', { withTimezone: true }),
 }, (t) => [uniqueIndex('sessions_name_key').on(t.name)]);
 
 /** An immutable copy of parameters and optimizer state at one version. Written in one transaction. */
@@ -201,7 +207,8 @@ export const tokens = pgTable('tokens', {
   revokedAt: timestamp('revoked_at', { withTimezone: true }),
 }, (t) => [uniqueIndex('tokens_secret_hash_key').on(t.secretHash)]);
 
-export type SessionRow = typeof sessions.$inferSelect;
+/** A session as the service reads it (the listening lease is the notifier's bookkeeping, not the session's). */
+export type SessionRow = Omit<typeof sessions.$inferSelect, 'listenedUntil'>;
 export type SnapshotRow = typeof snapshots.$inferSelect;
 export type TokenRow = typeof tokens.$inferSelect;
 

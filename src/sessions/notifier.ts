@@ -2,11 +2,21 @@
 // + `wait`) and event streams. Fed by the database's NOTIFY on asgd_versions (every process's commits,
 // this one's included), so a replica sees another's step as soon as it commits. Bounded: a fixed number
 // of waiters and of streams per process, each released on timeout, client disconnect and shutdown.
+//
+// Steps announce themselves only to those who listen: a step NOTIFYs while its session's row carries a
+// listening lease (sessions.listened_until), which a process takes before its first waiter or stream of
+// that session reads the version (`listening`) and renews while it has them. Loads, restores, forks,
+// rounds and deletions always NOTIFY. The embedded database (one process) needs no lease: it always does.
 import type { FastifyBaseLogger } from 'fastify';
 import type { Database } from '../db/database.ts';
 import type { Listener } from '../db/listener.ts';
 import { errors } from '../errors.ts';
-import { VERSION_CHANNEL } from './repository.ts';
+import { leaseListening, VERSION_CHANNEL } from './repository.ts';
+
+/** A listening lease lasts this long in the database, and is renewed when less than RENEW_BEFORE_S of it is left. */
+export const LEASE_SECONDS = 120;
+const RENEW_BEFORE_S = 60;
+const RENEW_CHECK_MS = 20_000;
 
 /** A version change as announced: version 0 means the session was deleted; null: anything may have changed (listener reconnected). */
 export type VersionSignal = { version: number; step: number } | null;
@@ -37,6 +47,9 @@ export function createVersionNotifier(options: NotifierOptions) {
   let closed = false;
   /** Called when the process shuts down: waiters answer, streams end. */
   const onClose = new Set<() => void>();
+  /** Sessions this process holds a listening lease on: until when (this clock, from before the lease was asked for), or the request under way. */
+  const leases = new Map<string, { until: number; pending: Promise<void> | null }>();
+  let renewTimer: NodeJS.Timeout | null = null;
 
   function publish(name: string, signal: VersionSignal): void {
     const set = subscribers.get(name);
@@ -54,11 +67,66 @@ export function createVersionNotifier(options: NotifierOptions) {
     };
   }
 
+  /** Takes (or extends) the listening lease on `name` in the database; one request at a time per name. */
+  function lease(name: string): Promise<void> {
+    const held = leases.get(name);
+    if (held?.pending) return held.pending;
+    const asked = Date.now();
+    const pending = leaseListening(db, name, LEASE_SECONDS).then(
+      (exists) => {
+        if (exists) leases.set(name, { until: asked + LEASE_SECONDS * 1000, pending: null });
+        else leases.delete(name);
+      },
+      (err: unknown) => {
+        if (leases.get(name)?.pending === pending) leases.set(name, { until: held?.until ?? 0, pending: null });
+        throw err;
+      },
+    );
+    leases.set(name, { until: held?.until ?? 0, pending });
+    return pending;
+  }
+
+  /**
+   * Resolves once the steps of `name` are announced to this process (its listening lease is held): a waiter
+   * or stream registered before this and reading the version after it misses no commit. No database round
+   * trip while the lease has more than RENEW_BEFORE_S left.
+   */
+  function listening(name: string): Promise<void> {
+    if (db.kind === 'pglite') return Promise.resolve(); // one process: every step NOTIFYs
+    const held = leases.get(name);
+    if (held && !held.pending && held.until - Date.now() > RENEW_BEFORE_S * 1000) return Promise.resolve();
+    return lease(name);
+  }
+
+  /**
+   * Renews the leases of sessions that still have waiters or streams here; drops the others (they lapse in
+   * the database). A lease that lapsed (renewal failed, the database was away) may have missed steps: its
+   * subscribers are told to read again once it is back.
+   */
+  async function renewLeases(): Promise<void> {
+    for (const [name, held] of [...leases]) {
+      if (held.pending) continue;
+      if (!subscribers.has(name)) {
+        leases.delete(name);
+        continue;
+      }
+      if (held.until - Date.now() > RENEW_BEFORE_S * 1000) continue;
+      const lapsed = held.until <= Date.now();
+      try {
+        await lease(name);
+        if (lapsed) publish(name, null);
+      } catch (err) {
+        log.warn({ err, session: name }, 'could not renew the listening lease; waiters may see new versions late');
+      }
+    }
+  }
+
   async function start(): Promise<void> {
     listener = await db.listen(VERSION_CHANNEL, {
       onNotify(payload) {
         const parsed = parseVersionPayload(payload);
         if (!parsed) return;
+        if (parsed.version === 0) leases.delete(parsed.name); // a session of that name made later has no lease
         publish(parsed.name, { version: parsed.version, step: parsed.step });
         if (parsed.version === 0) for (const fn of deletedListeners) fn(parsed.name);
       },
@@ -70,12 +138,17 @@ export function createVersionNotifier(options: NotifierOptions) {
         log.warn({ err }, 'version listener lost its connection; reconnecting');
       },
     });
+    if (db.kind !== 'pglite') {
+      renewTimer = setInterval(() => void renewLeases(), RENEW_CHECK_MS);
+      renewTimer.unref();
+    }
   }
 
   /**
    * A wait for `name` to pass `afterVersion`: `ready` resolves on a newer version (or a deletion, or a
-   * listener reset: the caller re-reads), after `ms`, when `signal` aborts, or at shutdown. Register it
-   * before reading the current version, so that no commit falls between the read and the wait.
+   * listener reset: the caller re-reads), after `ms`, when `signal` aborts, or at shutdown. Register it,
+   * then await `listening(name)` (steps announced only while a lease is held), then read the current
+   * version: no commit falls between the read and the wait.
    */
   function waitFor(name: string, afterVersion: number, ms: number, signal: AbortSignal): { ready: Promise<void>; cancel: () => void } {
     if (closed) return { ready: Promise.resolve(), cancel: () => {} };
@@ -104,7 +177,7 @@ export function createVersionNotifier(options: NotifierOptions) {
     return { ready, cancel: release };
   }
 
-  /** Holds one of the bounded stream slots until `release` (also called at shutdown via `end`). */
+  /** Holds one of the bounded stream slots until `release` (also called at shutdown via `end`); then await `listening(name)` before reading. */
   function openStream(name: string, fn: Subscriber, end: () => void): () => void {
     if (closed) throw errors.unavailable('the server is shutting down; retry on another replica');
     if (streams >= options.maxStreams) throw errors.tooManyWaiters('event streams', options.maxStreams);
@@ -134,6 +207,8 @@ export function createVersionNotifier(options: NotifierOptions) {
 
   async function close(): Promise<void> {
     release();
+    if (renewTimer) clearInterval(renewTimer);
+    renewTimer = null;
     await listener?.close();
     listener = null;
   }
@@ -144,7 +219,7 @@ export function createVersionNotifier(options: NotifierOptions) {
     return () => deletedListeners.delete(fn);
   }
 
-  return { start, subscribe, onDeleted, waitFor, openStream, release, close, stats: () => ({ waiters, streams, closed }) };
+  return { start, subscribe, onDeleted, waitFor, openStream, listening, release, close, stats: () => ({ waiters, streams, closed }) };
 }
 
 export type VersionNotifier = ReturnType<typeof createVersionNotifier>;

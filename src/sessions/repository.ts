@@ -35,6 +35,21 @@ export interface StepExtras {
 export const VERSION_CHANNEL = 'asgd_versions';
 
 /**
+ * Marks `name` as listened to for `seconds` from now (never shortening a lease another process holds): until
+ * then its steps NOTIFY asgd_versions (appendSteps). The UPDATE takes the session's row lock, so a step batch
+ * either committed before it (the waiter's next read sees that version) or locks the row after it and sees
+ * the lease. False when the session does not exist.
+ */
+export async function leaseListening(q: Queryable, name: string, seconds: number): Promise<boolean> {
+  const rows = await q.query(
+    `UPDATE sessions SET listened_until = greatest(listened_until, now() + make_interval(secs => $2)) WHERE name = $1 RETURNING id`,
+    [name, seconds],
+    { name: 'session_listen_lease' },
+  );
+  return rows.length > 0;
+}
+
+/**
  * `groups` (a jsonb list of GroupSpec) with a step's HyperDelta (the jsonb parameter `delta`) merged in:
  * src/sessions/step-input.ts applyHyperDelta in SQL, so that the single-statement step keeps the
  * session row's groups right without reading them first. Given keys replace the group's and leave
@@ -292,7 +307,8 @@ const BATCH_COLUMNS = ['present jsonb', 'base bigint', 'if_match bigint', 'hyper
  * Group commit: a batch of steps as one statement (one round trip, autocommit). Lock the session row; if
  * none of the batch's keys has an answer recorded and every step passes its checks at its position, log the
  * gradients as versions v+1..v+n in order, advance the row once, write each step's row of step_history, its
- * answer under its Idempotency-Key, and its NOTIFY (sent at commit). Otherwise write nothing and say why
+ * answer under its Idempotency-Key, and, while some process listens to the session (its lease, as locked:
+ * leaseListening), its NOTIFY (sent at commit). Otherwise write nothing and say why
  * (`known`, or the version the caller checks each step at with refusedAt). Only the batch's last step may set
  * hyperparameters. null when the session (this id) no longer exists.
  *
@@ -323,7 +339,8 @@ export async function appendSteps(db: Database, sessionId: number, steps: readon
   // `notified` is a plain SELECT: referenced below, or PostgreSQL would not run it.
   const result = await db.query(
     `WITH locked AS (
-       SELECT id, name, version, step, max_staleness, aggregation IS NOT NULL AS aggregated FROM sessions WHERE id = $1 FOR UPDATE
+       SELECT id, name, version, step, max_staleness, aggregation IS NOT NULL AS aggregated, coalesce(listened_until >= now(), false) AS listened
+       FROM sessions WHERE id = $1 FOR UPDATE
      ), input (i, ${BATCH_COLUMNS.map((c) => c.split(' ')[0]).join(', ')}) AS (
        VALUES ${rows.join(', ')}
      ), known AS (
@@ -358,6 +375,7 @@ export async function appendSteps(db: Database, sessionId: number, steps: readon
        FROM accepted a, input WHERE input.key IS NOT NULL
      ), notified AS (
        SELECT pg_notify('${VERSION_CHANNEL}', a.name || ':' || (a.version + input.i + 1) || ':' || (a.step + input.i + 1)) FROM accepted a, input
+       WHERE a.listened
      )
      SELECT locked.version::float8 AS previous_version, locked.max_staleness AS previous_max_staleness, locked.aggregated AS previous_aggregated, advanced.*,
        (SELECT count(*) FROM notified) + (SELECT count(*) FROM logged) AS written,

@@ -3,8 +3,8 @@
 // Durability model: steps on one session that wait in this process are committed as one batch, one
 // statement (repo.appendSteps): under the session's row lock it logs their gradients (and the
 // hyperparameters they set) to the step log as versions v+1..v+n in arrival order, writes each one's row of
-// step_history and, with an Idempotency-Key, its answer, bumps the version once and NOTIFYs asgd_versions
-// per version; every request is answered after that commit, with its own version. Across processes the
+// step_history and, with an Idempotency-Key, its answer, bumps the version once and, while a process waits
+// for the session's versions (notifier.ts), NOTIFYs asgd_versions per version; every request is answered after that commit, with its own version. Across processes the
 // row lock orders the batches. Full snapshots (params + optimizer state) are written every `snapshotEvery`
 // steps off the request path, and synchronously for changes that are not steps (create, load_state_dict,
 // restore, fork). The state at version v is the newest snapshot at or below v with the logged steps after

@@ -61,6 +61,7 @@ export async function waitPastVersion(
       const remaining = deadline - Date.now();
       const waiter = remaining > 0 && !gone.signal.aborted ? fastify.versions.waitFor(name, afterVersion, remaining, gone.signal) : null;
       try {
+        if (waiter) await fastify.versions.listening(name);
         const session = await fastify.sessions.get(name);
         if (session.version > afterVersion) return true;
         if (!waiter) {

@@ -107,8 +107,16 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     res.on('close', end);
     keepAlive = setInterval(() => write(': keep-alive\n\n'), KEEP_ALIVE_MS);
     keepAlive.unref();
-    // A commit between the read above and the subscription is not missed: read once more now.
-    void refresh();
+    // A commit between the read above and the subscription is not missed: once this process listens to the
+    // session (its steps are announced from then on), read once more. If the lease cannot be taken now, the
+    // notifier retries it and asks for a read when it holds it.
+    fastify.versions.listening(name).then(
+      () => void refresh(),
+      (err: unknown) => {
+        request.log.warn({ err }, 'event stream could not take the listening lease');
+        void refresh();
+      },
+    );
   });
 };
 
