@@ -1,6 +1,6 @@
 // The dashboard at /ui: static files from ui/ and the chart library from its npm package, read once at
-// start, compressed once (brotli and gzip, on libuv's thread pool: start-up does not wait for it; a request
-// that comes before its file is compressed waits for that file) and served from memory. Nothing is fetched from elsewhere, so
+// start, compressed once when first asked for in that encoding (brotli and gzip, on libuv's thread pool; a
+// replica whose dashboard is never opened never compresses) and served from memory. Nothing is fetched from elsewhere, so
 // the page works offline. The files are public like /docs; the data they show needs a token (the page
 // asks for one when the API answers 401).
 import { createHash } from 'node:crypto';
@@ -31,25 +31,29 @@ export interface UiAsset {
   type: string;
   etag: string;
   identity: Buffer;
-  /** Compressed off the main thread, started when the file is read (brotli at quality 11 took 300-440 ms of start-up in all). */
-  br: Promise<Buffer>;
-  gzip: Promise<Buffer>;
+  /**
+   * The file compressed, made off the main thread at the first request for that encoding and kept (brotli at
+   * quality 11 of every file had taken 300-440 ms of each start-up's main thread).
+   */
+  encoded(encoding: 'br' | 'gzip'): Promise<Buffer>;
 }
 
 function asset(path: string): UiAsset {
   const identity = readFileSync(path);
   const type = TYPES[extname(path)] ?? 'application/octet-stream';
-  const br = brotliAsync(identity, { params: { [zlib.BROTLI_PARAM_QUALITY]: 11, [zlib.BROTLI_PARAM_SIZE_HINT]: identity.length } });
-  const gz = gzipAsync(identity, { level: 9 });
-  // Awaited by the first request that wants them; a failure (out of memory) is that request's 500, not an unhandled rejection.
-  br.catch(() => {});
-  gz.catch(() => {});
+  const made: { br?: Promise<Buffer>; gzip?: Promise<Buffer> } = {};
+  const compress = (encoding: 'br' | 'gzip') => encoding === 'br'
+    ? brotliAsync(identity, { params: { [zlib.BROTLI_PARAM_QUALITY]: 11, [zlib.BROTLI_PARAM_SIZE_HINT]: identity.length } })
+    : gzipAsync(identity, { level: 9 });
   return {
     type,
     etag: `"${createHash('sha256').update(identity).digest('base64url').slice(0, 22)}"`,
     identity,
-    br,
-    gzip: gz,
+    encoded(encoding) {
+      const pending = (made[encoding] ??= compress(encoding));
+      pending.catch(() => delete made[encoding]); // a failure (out of memory) is that request's 500; the next one tries again
+      return pending;
+    },
   };
 }
 
@@ -85,7 +89,7 @@ async function send(request: FastifyRequest, reply: FastifyReply, file: UiAsset)
   const accept = String(request.headers['accept-encoding'] ?? '');
   const encoding = /\bbr\b/.test(accept) ? 'br' : /\bgzip\b/.test(accept) ? 'gzip' : null;
   if (encoding) reply.header('content-encoding', encoding);
-  return reply.send(encoding === 'br' ? await file.br : encoding === 'gzip' ? await file.gzip : file.identity);
+  return reply.send(encoding ? await file.encoded(encoding) : file.identity);
 }
 
 export default fp(
