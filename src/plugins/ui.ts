@@ -1,7 +1,7 @@
 // The dashboard at /ui: static files from ui/ and the chart library from its npm package, read once at
 // start, compressed once when first asked for in that encoding (brotli and gzip, on libuv's thread pool; a
-// replica whose dashboard is never opened never compresses) and served from memory. Nothing is fetched from elsewhere, so
-// the page works offline. The files are public like /docs; the data they show needs a token (the page
+// replica whose dashboard is never opened never compresses) and served from memory. Nothing is fetched
+// from elsewhere, so the page works offline. The files are public like /docs; the data they show needs a token (the page
 // asks for one when the API answers 401).
 import { createHash } from 'node:crypto';
 import { readdirSync, readFileSync, statSync } from 'node:fs';
@@ -50,8 +50,11 @@ function asset(path: string): UiAsset {
     etag: `"${createHash('sha256').update(identity).digest('base64url').slice(0, 22)}"`,
     identity,
     encoded(encoding) {
-      const pending = (made[encoding] ??= compress(encoding));
-      pending.catch(() => delete made[encoding]); // a failure (out of memory) is that request's 500; the next one tries again
+      let pending = made[encoding];
+      if (!pending) {
+        pending = made[encoding] = compress(encoding);
+        pending.catch(() => delete made[encoding]); // a failure (out of memory) is that request's 500; the next one tries again
+      }
       return pending;
     },
   };
