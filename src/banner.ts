@@ -26,7 +26,10 @@ export function databaseLocation(config: Pick<Config, 'databaseUrl' | 'dataDir'>
 }
 
 function describe(db: DatabaseLocation): string {
-  if (db.kind === 'pglite') return db.dataDir === 'memory://' ? 'embedded PGlite in memory (nothing is kept)' : `embedded PGlite in ${db.dataDir}`;
+  if (db.kind === 'pglite') {
+    // PGlite does not fsync (README, "How a step is kept"): say so where the operator looks first.
+    return db.dataDir === 'memory://' ? 'embedded PGlite in memory (nothing is kept)' : `embedded PGlite in ${db.dataDir} (no fsync: kept through a killed process, not a power cut)`;
+  }
   return `PostgreSQL ${db.user ? `${db.user}@` : ''}${db.host}:${db.port}/${db.database}`;
 }
 

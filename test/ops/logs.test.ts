@@ -124,7 +124,7 @@ test('the start-up banner: version, database and where, auth, URL, docs; never t
   assert.deepEqual(pglite.fields.database, { kind: 'pglite', dataDir: `${process.cwd()}/rel/dir` });
   assert.equal(pglite.fields.auth, 'off');
   assert.equal(pglite.fields.docs, 'http://127.0.0.1:8080/docs');
-  assert.match(pglite.message, /^asgd-serve \d+\.\d+\.\d+\S* listening on http:\/\/127\.0\.0\.1:8080 \| database: embedded PGlite in \/.*rel\/dir \| auth: off .*\| docs: http:\/\/127\.0\.0\.1:8080\/docs \| dashboard: http:\/\/127\.0\.0\.1:8080\/ui$/);
+  assert.match(pglite.message, /^asgd-serve \d+\.\d+\.\d+\S* listening on http:\/\/127\.0\.0\.1:8080 \| database: embedded PGlite in \/.*rel\/dir \(no fsync: kept through a killed process, not a power cut\) \| auth: off .*\| docs: http:\/\/127\.0\.0\.1:8080\/docs \| dashboard: http:\/\/127\.0\.0\.1:8080\/ui$/);
 
   const pg = startupBanner(loadConfig({ DATABASE_URL: 'postgres://asgd:s3cret-pw@db.internal:6543/training?sslmode=require', ASGD_ADMIN_TOKEN: 'x'.repeat(20) }), 'http://127.0.0.1:1', '/ui');
   assert.deepEqual(pg.fields.database, { kind: 'postgres', host: 'db.internal', port: 6543, database: 'training', user: 'asgd' });
