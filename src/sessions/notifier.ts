@@ -13,10 +13,15 @@ import type { Listener } from '../db/listener.ts';
 import { errors } from '../errors.ts';
 import { leaseListening, VERSION_CHANNEL } from './repository.ts';
 
-/** A listening lease lasts this long in the database, and is renewed when less than RENEW_BEFORE_S of it is left. */
-export const LEASE_SECONDS = 120;
-const RENEW_BEFORE_S = 60;
-const RENEW_CHECK_MS = 20_000;
+/** How long a listening lease lasts in the database, when it is renewed, and how often that is checked. */
+export interface LeaseTiming {
+  seconds: number;
+  renewBeforeSeconds: number;
+  checkMs: number;
+}
+
+/** 120 s, renewed when less than 60 s is left, checked every 20 s. */
+export const LEASE: LeaseTiming = { seconds: 120, renewBeforeSeconds: 60, checkMs: 20_000 };
 
 /** A version change as announced: version 0 means the session was deleted; null: anything may have changed (listener reconnected). */
 export type VersionSignal = { version: number; step: number } | null;
@@ -26,6 +31,8 @@ export interface NotifierOptions {
   log: FastifyBaseLogger;
   maxWaiters: number;
   maxStreams: number;
+  /** The listening lease's timing (tests shorten it). */
+  lease?: LeaseTiming;
 }
 
 type Subscriber = (signal: VersionSignal) => void;
@@ -38,6 +45,7 @@ export function parseVersionPayload(payload: string): { name: string; version: n
 
 export function createVersionNotifier(options: NotifierOptions) {
   const { db, log } = options;
+  const timing = options.lease ?? LEASE;
   const subscribers = new Map<string, Set<Subscriber>>();
   /** Told the name of every session deleted by any process (DELETE, the idle sweeper). */
   const deletedListeners = new Set<(name: string) => void>();
@@ -72,9 +80,9 @@ export function createVersionNotifier(options: NotifierOptions) {
     const held = leases.get(name);
     if (held?.pending) return held.pending;
     const asked = Date.now();
-    const pending = leaseListening(db, name, LEASE_SECONDS).then(
+    const pending = leaseListening(db, name, timing.seconds).then(
       (exists) => {
-        if (exists) leases.set(name, { until: asked + LEASE_SECONDS * 1000, pending: null });
+        if (exists) leases.set(name, { until: asked + timing.seconds * 1000, pending: null });
         else leases.delete(name);
       },
       (err: unknown) => {
@@ -89,12 +97,12 @@ export function createVersionNotifier(options: NotifierOptions) {
   /**
    * Resolves once the steps of `name` are announced to this process (its listening lease is held): a waiter
    * or stream registered before this and reading the version after it misses no commit. No database round
-   * trip while the lease has more than RENEW_BEFORE_S left.
+   * trip while the lease has more than `renewBeforeSeconds` left.
    */
   function listening(name: string): Promise<void> {
     if (db.kind === 'pglite') return Promise.resolve(); // one process: every step NOTIFYs
     const held = leases.get(name);
-    if (held && !held.pending && held.until - Date.now() > RENEW_BEFORE_S * 1000) return Promise.resolve();
+    if (held && !held.pending && held.until - Date.now() > timing.renewBeforeSeconds * 1000) return Promise.resolve();
     return lease(name);
   }
 
@@ -110,7 +118,7 @@ export function createVersionNotifier(options: NotifierOptions) {
         leases.delete(name);
         continue;
       }
-      if (held.until - Date.now() > RENEW_BEFORE_S * 1000) continue;
+      if (held.until - Date.now() > timing.renewBeforeSeconds * 1000) continue;
       const lapsed = held.until <= Date.now();
       try {
         await lease(name);
@@ -139,7 +147,7 @@ export function createVersionNotifier(options: NotifierOptions) {
       },
     });
     if (db.kind !== 'pglite') {
-      renewTimer = setInterval(() => void renewLeases(), RENEW_CHECK_MS);
+      renewTimer = setInterval(() => void renewLeases(), timing.checkMs);
       renewTimer.unref();
     }
   }
