@@ -312,6 +312,11 @@ const BATCH_COLUMNS = ['present jsonb', 'base bigint', 'if_match bigint', 'hyper
  * (`known`, or the version the caller checks each step at with refusedAt). Only the batch's last step may set
  * hyperparameters. null when the session (this id) no longer exists.
  *
+ * Each step's key is looked up on its own (a LATERAL subquery that OFFSET 0 keeps from being flattened): an
+ * index probe of the (session_id, key) primary key. Joined to `input`, or with `key = ANY(...)`, the generic
+ * plan read every key the session recorded in the window: the statement took 3 ms more after 5,000 steps
+ * with keys, and grew with every step (measured).
+ *
  * Keys: the statement's snapshot is taken before its lock wait, so a key another request recorded just
  * before may be unseen here; its INSERT then fails on the key's primary key (23505) and nothing of the
  * statement remains: the caller retries and finds the answer (isKeyConflict).
@@ -345,7 +350,9 @@ export async function appendSteps(db: Database, sessionId: number, steps: readon
        VALUES ${rows.join(', ')}
      ), known AS (
        SELECT input.i, k.request_hash, k.response, k.created_at >= now() - make_interval(secs => $2) AS live
-       FROM input JOIN idempotency_keys k ON k.session_id = $1 AND k.key = input.key
+       FROM input CROSS JOIN LATERAL (
+         SELECT * FROM idempotency_keys k WHERE k.session_id = $1 AND k.key = input.key OFFSET 0
+       ) k
      ), accepted AS (
        SELECT locked.* FROM locked
        WHERE NOT locked.aggregated AND NOT EXISTS (SELECT 1 FROM known)

@@ -4,6 +4,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { openDatabase, withGenericPlans } from '../../src/db/database.ts';
+import * as repo from '../../src/sessions/repository.ts';
 import { createTestDatabase } from '../helper.ts';
 
 test('withGenericPlans adds the setting to the startup options and keeps what the URL has', () => {
@@ -32,6 +33,42 @@ test('PostgreSQL: every pooled connection plans generically; the URL can still c
       assert.equal((await chosen.query<{ plan_cache_mode: string }>('SHOW plan_cache_mode'))[0].plan_cache_mode, 'force_custom_plan');
     } finally {
       await chosen.close();
+    }
+  } finally {
+    await scratch.drop();
+  }
+});
+
+test('PostgreSQL, generic plans: a step looks its Idempotency-Key up with one index probe, however many keys its session holds', async () => {
+  const scratch = await createTestDatabase();
+  try {
+    const db = await openDatabase({ databaseUrl: scratch.url, dataDir: '', poolSize: 1 }); // one connection: one plan, its statistics
+    try {
+      await db.migrate();
+      const session = await repo.insertSession(db, {
+        name: 'keyed', params: [{ name: 'w', shape: [4], numel: 4, offset: 0 }] as never, groups: [{ lr: 0.01, lambd: 1e-4, alpha: 0.75, t0: 1e6, weight_decay: 0, maximize: false, int_keys: [], params: [0] }] as never,
+        numel: 4, step: 0, snapshotEvery: 100, keepSnapshots: 10, maxStaleness: null,
+      });
+      assert.ok(session);
+      const step = (key: string): repo.BatchStep => ({
+        present: [0], grads: Buffer.alloc(16), gradDtype: 'float32' as never, hyper: null, metrics: null, ifMatch: null, baseVersion: null, key, requestHash: key,
+      });
+      // Planned while the session holds no key (as a training run's first step is), then 3,000 keys recorded.
+      assert.ok((await repo.appendSteps(db, session.id, [step('first'), step('second')], 86_400))?.session);
+      await db.query("INSERT INTO idempotency_keys (session_id, key, request_hash, response) SELECT $1, 'k' || i, 'h', '{}' FROM generate_series(1, 3000) i", [session.id]);
+      const indexReads = async () => {
+        await db.query('SELECT pg_stat_force_next_flush()');
+        await db.query('SELECT 1'); // the flush happens when this connection goes idle
+        const [r] = await db.query<{ n: number }>("SELECT coalesce(sum(idx_tup_read), 0)::float8 AS n FROM pg_stat_user_indexes WHERE relname = 'idempotency_keys'");
+        return r.n;
+      };
+      const before = await indexReads();
+      const appended = await repo.appendSteps(db, session.id, [step('next'), step('k17')], 86_400);
+      const read = (await indexReads()) - before;
+      assert.deepEqual(appended?.known.map((k) => k.index), [1], 'the batch finds the key recorded before');
+      assert.ok(read <= 4, `the statement read ${read} index entries of idempotency_keys for a batch of 2 keys`);
+    } finally {
+      await db.close();
     }
   } finally {
     await scratch.drop();
