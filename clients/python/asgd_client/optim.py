@@ -7,6 +7,8 @@ is bit for bit what ``torch.optim.ASGD`` computes locally.
 
 With ``pipeline=True`` the request is sent and ``step()`` returns; its answer is read and applied at the
 next ``step()``, ``zero_grad()`` or ``synchronize()``: the next forward/backward overlaps the round trip.
+The next ``step()`` sends its gradients before it reads that answer (they were computed without it), so the
+service can commit them with other workers' steps while the answer travels.
 Over http with the safetensors transport this needs no thread (the answer waits in the socket); otherwise,
 and for ``step(wait=False)``, a background thread sends it.
 
@@ -159,7 +161,8 @@ class RemoteASGD(torch.optim.Optimizer):
         pipeline: ``step()`` sends the gradients and returns at once; the answer's parameters
             are applied at the next ``step()`` (which waits for them), ``zero_grad()`` (if they have
             arrived) or ``synchronize()``. The next gradient is then computed on the parameters from
-            before the previous step (staleness 1), as Hivemind's delayed optimizer step.
+            before the previous step (staleness 1), as Hivemind's delayed optimizer step. ``step()``
+            sends its gradients before it waits for the previous answer (a second connection).
         on_stale: what a step refused as stale (409, ``max_staleness``) does: ``"pull"`` (default: drop
             the gradient, load the current parameters, log a warning, count it in ``stale_dropped``),
             ``"raise"`` (:class:`StaleGradient`), or ``"apply"`` (send it again without
@@ -266,6 +269,7 @@ class RemoteASGD(torch.optim.Optimizer):
         self._lock = threading.RLock()
         self._executor: Optional[ThreadPoolExecutor] = None
         self._pending: Any = None  # a Future (background thread) or a _Sent
+        self._overlap_floor: Optional[int] = None  # see _apply
 
         groups, given_names = _split_params(params)
         defaults: Dict[str, Any] = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, foreach=foreach, maximize=maximize)
@@ -427,7 +431,12 @@ class RemoteASGD(torch.optim.Optimizer):
             # The gradient was computed on the parameters in the model now: with a step in flight, those
             # from before it (its answer is loaded just below, after the gradient is taken).
             base = self._version if self.send_base_version else None
-            self._apply_pending(block=True)
+            background = self.pipeline or not wait
+            # A pipelined step sent without a thread goes out before the previous one's answer is read
+            # (below): the service can commit it while this process waits, with other workers' steps.
+            overlap = background and wait and self.aggregation is None and not isinstance(self._pending, Future)
+            if not overlap:
+                self._apply_pending(block=True)
             if self.aggregation is not None:
                 self._check_rounds(self.pipeline, self.on_stale, self.send_base_version)
             grads: "OrderedDict[str, torch.Tensor]" = OrderedDict()
@@ -438,8 +447,8 @@ class RemoteASGD(torch.optim.Optimizer):
                     if p.grad.is_sparse:
                         raise RuntimeError("ASGD does not support sparse gradients")
                     grads[self._name_of[id(p)]] = p.grad
-            background = self.pipeline or not wait
             if not grads:  # torch.optim.ASGD changes nothing either
+                self._apply_pending(block=True)
                 if wait:
                     return loss
                 done: Future = Future()
@@ -452,10 +461,14 @@ class RemoteASGD(torch.optim.Optimizer):
                 return loss
             if wait and self.aggregation is None:
                 # Pipelined: sent now on this thread, its answer read at the next call (no thread).
+                # Group changes not yet confirmed by the previous step's answer travel again: the same values.
                 sent = self._start(grads, base, groups, metrics, samples)
                 if sent is not None:
-                    self._pending = sent
+                    previous, self._pending = self._pending, sent
+                    if previous is not None:
+                        self._apply(previous.result(), overlapped=True)  # its error is raised here, this step sent
                     return loss
+            self._apply_pending(block=True)
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asgd-step")
             # The gradients leave the caller's tensors now: backward() may overwrite them next.
@@ -506,11 +519,20 @@ class RemoteASGD(torch.optim.Optimizer):
             version = answer.get("version")
         return _Outcome(answer, params, version, groups)
 
-    def _apply(self, outcome: _Outcome) -> None:
-        """Loads a step's outcome into the model (caller's thread, under the lock)."""
-        self._copy_into_params(outcome.params)
-        if outcome.version is not None:
-            self._version = outcome.version
+    def _apply(self, outcome: _Outcome, overlapped: bool = False) -> None:
+        """Loads a step's outcome into the model (caller's thread, under the lock). ``overlapped``: the next
+        step was sent before this answer was read."""
+        floor, self._overlap_floor = self._overlap_floor, None
+        if floor is not None and outcome.stale is None and outcome.version is not None and outcome.version < floor:
+            # The two steps in flight were committed in the other order (by two replicas): the parameters
+            # loaded from the other answer are newer and hold this step too.
+            pass
+        else:
+            self._copy_into_params(outcome.params)
+            if outcome.version is not None:
+                self._version = outcome.version
+        if overlapped:
+            self._overlap_floor = self._version
         if outcome.stale is not None:
             self.stale_dropped += 1
             log.warning("[%s] session %r: gradient dropped as stale (%s); loaded the parameters at version %s "

@@ -95,6 +95,98 @@ class PipelineMatchesReplay(ServiceTestCase):
         for i, q in enumerate(want.parameters()):
             self.assertTrue(torch.equal(state[i]["ax"], torch_opt.state[q]["ax"]))
 
+    def _proxy(self, decide):
+        from _fakes import LocalServer
+        from asgd_client import Connection
+
+        proxy = LocalServer(decide, upstream=self.url)
+        self.addCleanup(proxy.close)
+        conn = Connection(proxy.url, self.token)
+        self.addCleanup(conn.close)
+        return proxy, conn
+
+    def test_a_pipelined_step_is_sent_before_the_previous_answer_is_read(self):
+        # The proxy holds each step's answer until the next step's request has arrived (at most 3 s): a
+        # client that waits for an answer before it sends the next step waits out every hold.
+        arrived, held, lock = [], [], threading.Lock()
+
+        def decide(req):
+            if not req.path.split("?")[0].endswith("/step"):
+                return proxy.forward(req)
+            with lock:
+                mine = threading.Event()
+                arrived.append(mine)
+                if len(arrived) > 1:
+                    arrived[-2].set()
+            answer = proxy.forward(req)
+            held.append(mine.wait(3.0))
+            return answer
+
+        proxy, conn = self._proxy(decide)
+        model = make_model()
+        opt = self.remote(model.named_parameters(), pipeline=True, connection=conn)
+        steps = 8
+        grads, versions = [], []
+        for i in range(steps):
+            X, y = batch(i)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(X), y).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+            opt.step()
+            if i:
+                versions.append(opt.last_step["version"])  # the previous step's answer, read by this step()
+        opt.synchronize()
+        versions.append(opt.last_step["version"])
+        # Every step but the last found its successor sent while its answer was held.
+        self.assertEqual(held, [True] * (steps - 1) + [False])
+        self.assertEqual(sorted(versions), list(range(2, steps + 2)), "each step applied once")
+        got, version = self.client().get_params(opt.session)
+        self.assertEqual(opt.version, version)
+        # Two steps in flight may reach the service in either order (the proxy forwards each on its own
+        # connection): the session applied the gradients in its version order, bit for bit.
+        want, _ = replay(list(zip(versions, grads)))
+        for n, q in want.named_parameters():
+            self.assertTrue(torch.equal(got[n], q), n)
+            self.assertTrue(torch.equal(dict(model.named_parameters())[n], q), n)
+
+    def test_two_steps_in_flight_answered_out_of_order_never_move_the_model_back(self):
+        # Two replicas may commit a worker's two steps in flight in either order. The proxy forwards the
+        # third step only after the fourth has been answered: the fourth gets the lower version.
+        third_sent, fourth_done = threading.Event(), threading.Event()
+        count, lock = [0], threading.Lock()
+
+        def decide(req):
+            if not req.path.split("?")[0].endswith("/step"):
+                return proxy.forward(req)
+            with lock:
+                count[0] += 1
+                n = count[0]
+            if n == 3:
+                third_sent.set()
+                fourth_done.wait(10)
+            answer = proxy.forward(req)
+            if n == 4:
+                fourth_done.set()
+            return answer
+
+        proxy, conn = self._proxy(decide)
+        model = make_model()
+        opt = self.remote(model.named_parameters(), pipeline=True, connection=conn)
+        versions = []
+        for i in range(6):
+            X, y = batch(i)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(X), y).backward()
+            opt.step()
+            versions.append(opt.version)
+        opt.synchronize()
+        versions.append(opt.version)
+        self.assertEqual(versions, sorted(versions), "the model's version never goes back")
+        got, version = self.client().get_params(opt.session)
+        self.assertEqual(opt.version, version)
+        for n, p in model.named_parameters():
+            self.assertTrue(torch.equal(p, got[n]), n)
+
     def test_wait_false_without_pipeline_returns_a_future(self):
         model = make_model()
         opt = self.remote(model.named_parameters())
