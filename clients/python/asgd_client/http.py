@@ -157,8 +157,11 @@ class Connection:
                 pass
 
     def close(self) -> None:
-        """Closes this thread's keep-alive connection."""
+        """Closes this thread's keep-alive connections."""
         self._drop_connection()
+        spare, self._local.spare = getattr(self._local, "spare", None), None
+        if spare is not None:
+            spare.close()
 
     def __del__(self) -> None:
         try:
@@ -254,7 +257,11 @@ class Connection:
         worth retrying, ``finish()`` sends the request again through request(), with its retries."""
         if self._scheme != "http":
             return None
-        conn = self._connection()
+        conn = getattr(self._local, "conn", None)
+        if conn is None:  # the kept one is busy with a started request: the spare, or a new one
+            conn, self._local.spare = getattr(self._local, "spare", None), None
+        if conn is None:
+            conn = self._new_connection()
         self._local.conn = None  # this request owns the connection until finished
         args = dict(query=query, body=body, content_type=content_type, headers=headers, accept=accept, expect=tuple(expect), retry=True)
         started = Started(self, method, path, args, conn)
@@ -266,12 +273,17 @@ class Connection:
         return started
 
     def _give_back(self, conn: "_PlainConnection", will_close: bool) -> None:
-        """A connection a started request is done with: this thread's keep-alive one again (or closed)."""
+        """A connection a started request is done with: this thread's keep-alive one again, else its spare
+        (a pipelined loop has two steps in flight at times, so it keeps two), else closed."""
         self._local.last_used = time.monotonic()
-        if will_close or getattr(self._local, "conn", None) is not None:
+        if will_close:
             conn.close()
-        else:
+        elif getattr(self._local, "conn", None) is None:
             self._local.conn = conn
+        elif getattr(self._local, "spare", None) is None:
+            self._local.spare = conn
+        else:
+            conn.close()
 
     def _headers(self, method: str, body: Any, content_type: Optional[str], accept: Optional[str],
                  headers: Optional[Mapping[str, str]]) -> Dict[str, str]:

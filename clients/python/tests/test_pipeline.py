@@ -2,6 +2,7 @@
 still applies exactly the gradients sent, in its version order (checked by a torch replay)."""
 
 import threading
+import time
 import unittest
 
 import torch
@@ -148,6 +149,32 @@ class PipelineMatchesReplay(ServiceTestCase):
         for n, q in want.named_parameters():
             self.assertTrue(torch.equal(got[n], q), n)
             self.assertTrue(torch.equal(dict(model.named_parameters())[n], q), n)
+
+    def test_a_pipelined_loop_keeps_its_two_connections(self):
+        # zero_grad() loads an answer that has arrived while the next step is not sent yet: both keep-alive
+        # connections stay open for the steps after (none opened per step).
+        proxy, conn = self._proxy(lambda req: proxy.forward(req))
+        accepted = []
+        serve = proxy.httpd.process_request
+
+        def counting(request, address):
+            accepted.append(address)
+            return serve(request, address)
+
+        proxy.httpd.process_request = counting
+        model = make_model()
+        opt = self.remote(model.named_parameters(), pipeline=True, connection=conn)
+        before = len(accepted)
+        for i in range(20):
+            X, y = batch(i)
+            if i % 2:
+                time.sleep(0.05)  # the answer arrives before zero_grad() half of the time
+            opt.zero_grad()
+            nn.functional.mse_loss(model(X), y).backward()
+            opt.step()
+        opt.synchronize()
+        self.assertLessEqual(len(accepted) - before, 2, "connections opened by 20 pipelined steps")
+        self.assertEqual(opt.step_count, 20)
 
     def test_two_steps_in_flight_answered_out_of_order_never_move_the_model_back(self):
         # Two replicas may commit a worker's two steps in flight in either order. The proxy forwards the
