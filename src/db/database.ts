@@ -36,6 +36,16 @@ export interface QueryOptions {
    * select order (see binary-results.ts). Only numeric parameters are allowed (PGlite inlines them).
    */
   binary?: BinaryColumns;
+  /**
+   * PostgreSQL only: a statement (named, prepared once per connection) run just before this one in the same
+   * round trip and the same implicit transaction: both go out before one Sync, and the transaction commits
+   * at that Sync. For a row lock: a statement that would wait for it waits in this small one instead, and
+   * then starts with a snapshot that already sees the row as the lock's last holder left it. A big
+   * statement that waits for a row lock itself re-initializes its whole plan when the lock comes
+   * (EvalPlanQual): with three processes stepping one session, 0.5x the steps a second (measured). Its rows
+   * are dropped. PGlite runs the two in a transaction.
+   */
+  lockFirst?: { name: string; text: string; values: unknown[] };
 }
 
 export interface Queryable {
@@ -107,6 +117,34 @@ export function withGenericPlans(url: string): string {
   return parsed.toString();
 }
 
+/** The part of pg's connection a LockFirstQuery writes to (pg's own Query does the same). */
+interface PgConnection {
+  parsedStatements: Record<string, string>;
+  bind(config: { portal: string; statement: string; values: unknown[]; valueMapper?: (v: unknown) => unknown }): void;
+  execute(config: { portal: string; rows: number }): void;
+}
+
+/**
+ * QueryOptions.lockFirst on PostgreSQL: pg's Query, with the Bind and Execute of an already prepared
+ * statement sent before its own Parse/Bind/Describe/Execute and the one Sync. The first statement's rows
+ * come before any RowDescription, so pg's Query neither keeps them nor mistakes them for its own; the
+ * results arrive as an array (one per statement).
+ */
+class LockFirstQuery extends (pg.Query as unknown as new (config: pg.QueryConfig, values?: unknown, callback?: (err: Error | null, res: pg.QueryResult | pg.QueryResult[]) => void) => { prepare(connection: PgConnection): void }) {
+  readonly #lock: { name: string; values: unknown[] };
+
+  constructor(config: pg.QueryConfig, lock: { name: string; values: unknown[] }, callback: (err: Error | null, res: pg.QueryResult | pg.QueryResult[]) => void) {
+    super(config, undefined, callback);
+    this.#lock = lock;
+  }
+
+  override prepare(connection: PgConnection): void {
+    connection.bind({ portal: '', statement: this.#lock.name, values: this.#lock.values.map((v) => (v === null ? null : String(v))) });
+    connection.execute({ portal: '', rows: 0 });
+    super.prepare(connection);
+  }
+}
+
 async function openPostgres(url: string, options: DatabaseOptions): Promise<Database> {
   const pool = new pg.Pool({ connectionString: withGenericPlans(url), max: options.poolSize, connectionTimeoutMillis: 10_000 });
   // An idle client losing its server must not crash the process; the next query reports it. pg-pool hangs
@@ -155,10 +193,34 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
     }
   };
 
+  /** The statement after opts.lockFirst in one round trip (LockFirstQuery), on one connection. */
+  const lockedRun = async <R>(on: pg.Pool | pg.PoolClient, text: string, params: unknown[], opts: QueryOptions): Promise<R[]> => {
+    const lock = opts.lockFirst!;
+    const own = on instanceof pg.Pool ? await checkout() : null;
+    const client = own ? own.client : (on as pg.PoolClient);
+    let broken = false;
+    try {
+      const connection = (client as unknown as { connection: PgConnection }).connection;
+      // Prepared on its own the first time, so that pg's bookkeeping of prepared statements stays right.
+      if (connection.parsedStatements[lock.name] === undefined) await client.query({ name: lock.name, text: lock.text, values: lock.values });
+      const results = await new Promise<pg.QueryResult | pg.QueryResult[]>((resolve, reject) => {
+        const query = new LockFirstQuery({ text, values: params, name: opts.name }, lock, (err, res) => (err ? reject(err) : resolve(res)));
+        client.query(query as unknown as pg.Submittable);
+      });
+      return (Array.isArray(results) ? results[results.length - 1] : results).rows as R[];
+    } catch (err) {
+      broken = !(err as { code?: unknown }).code; // a connection error, not one of PostgreSQL's
+      throw err;
+    } finally {
+      own?.release(broken);
+    }
+  };
+
   const run = async <R>(client: pg.Pool | pg.PoolClient, text: string, params: unknown[] = [], opts: QueryOptions = {}) => {
     // Buffers travel as binary parameters; bytea results arrive hex-encoded unless the rows are read in
     // binary (opts.binary), which large bytea reads (snapshots, the step log) do.
     if (opts.binary) return binaryRead<R>(client, text, params, opts.binary);
+    if (opts.lockFirst) return lockedRun<R>(client, text, params, opts);
     const result = await client.query({ text, values: params, name: opts.name });
     return result.rows as R[];
   };
@@ -243,6 +305,15 @@ async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Da
   };
   type Runner = Pick<typeof client, 'query'>;
   const run = async <R>(on: Runner, text: string, params: unknown[] = [], opts: QueryOptions = {}): Promise<R[]> => {
+    if (opts.lockFirst) {
+      // One connection: nothing waits for the lock; the two statements still commit together.
+      const { lockFirst, ...rest } = opts;
+      const both = async (tx: Runner) => {
+        await tx.query(lockFirst.text, lockFirst.values);
+        return run<R>(tx, text, params, rest);
+      };
+      return on === client ? client.transaction(both) : both(on);
+    }
     if (opts.binary) {
       // No binary result format in PGlite: a binary COPY into its blob device (binary-results.ts).
       const result = await on.query(copyToSql(text, params, "'/dev/blob'"));

@@ -1,0 +1,75 @@
+// QueryOptions.lockFirst on PostgreSQL: a small locking statement and the statement itself go out in one
+// round trip and run in one implicit transaction. The statement starts once the lock is granted, so it sees
+// the row as the lock's last holder left it; both commit (or roll back) together; the locking statement is
+// prepared once per connection. The step statement takes its session's row lock this way (repository.ts).
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import pg from 'pg';
+import { openDatabase } from '../../src/db/database.ts';
+import { createTestDatabase, TEST_DB_KIND } from '../helper.ts';
+
+const skip = TEST_DB_KIND !== 'postgres' && 'PostgreSQL only (PGlite has one connection: nothing waits for a lock)';
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+const LOCK = { name: 'lock_first_t', text: 'SELECT FROM t WHERE id = $1 FOR UPDATE', values: [1] };
+
+test('lockFirst: the statement waits for the row lock, then sees the row as its holder left it, and commits with the lock', { skip, timeout: 30_000 }, async (t) => {
+  const scratch = await createTestDatabase();
+  const db = await openDatabase({ databaseUrl: scratch.url, dataDir: '', poolSize: 2 });
+  const holder = new pg.Client({ connectionString: scratch.url });
+  t.after(async () => {
+    await holder.end();
+    await db.close();
+    await scratch.drop();
+  });
+  await db.query('CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL)');
+  await db.query('INSERT INTO t VALUES (1, 0)');
+  await holder.connect();
+
+  await holder.query('BEGIN');
+  await holder.query('SELECT FROM t WHERE id = 1 FOR UPDATE');
+  await holder.query('UPDATE t SET v = 1 WHERE id = 1');
+  // Without the lock, a statement reads the row as committed now; with it, it waits.
+  assert.deepEqual(await db.query('SELECT v FROM t WHERE id = $1', [1]), [{ v: 0 }]);
+  let settled = false;
+  // A plain read, which takes no lock itself; txid_current_if_assigned() is set only in a transaction that
+  // locked a row: the lock's own.
+  const read = 'SELECT v, txid_current_if_assigned() IS NOT NULL AS holds_lock FROM t WHERE id = $1';
+  const locked = db.query<{ v: number; holds_lock: boolean }>(read, [1], { name: 'read_t', lockFirst: LOCK }).finally(() => (settled = true));
+  await sleep(300);
+  assert.equal(settled, false, 'the statement waits while another transaction holds the row lock');
+  await holder.query('COMMIT');
+  assert.deepEqual(await locked, [{ v: 1, holds_lock: true }], 'it ran after the holder committed, in the lock\'s transaction');
+
+  // Again on the same connections (both statements prepared by now), several times; writes commit.
+  for (let i = 0; i < 5; i++) await db.query('UPDATE t SET v = v + 1 WHERE id = $1 RETURNING v', [1], { name: 'bump_t', lockFirst: LOCK });
+  assert.deepEqual(await db.query('SELECT v FROM t WHERE id = 1'), [{ v: 6 }]);
+  assert.deepEqual(await db.query(read, [1], { name: 'read_t', lockFirst: LOCK }), [{ v: 6, holds_lock: true }]);
+});
+
+test('lockFirst: a failing statement rolls the lock back with it and leaves the connection usable', { skip, timeout: 30_000 }, async (t) => {
+  const scratch = await createTestDatabase();
+  const db = await openDatabase({ databaseUrl: scratch.url, dataDir: '', poolSize: 1 });
+  const other = new pg.Client({ connectionString: scratch.url });
+  t.after(async () => {
+    await other.end();
+    await db.close();
+    await scratch.drop();
+  });
+  await db.query('CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL)');
+  await db.query('INSERT INTO t VALUES (1, 0)');
+  await other.connect();
+
+  await assert.rejects(
+    db.query('UPDATE t SET v = v / (v - v) WHERE id = $1 RETURNING v', [1], { name: 'divide_t', lockFirst: LOCK }),
+    (err: { code?: string }) => err.code === '22012',
+  );
+  // The lock is gone (NOWAIT would fail at once otherwise) and nothing was written.
+  await other.query('BEGIN');
+  await other.query('SELECT FROM t WHERE id = 1 FOR UPDATE NOWAIT');
+  await other.query('ROLLBACK');
+  assert.deepEqual(await db.query('SELECT v FROM t WHERE id = 1'), [{ v: 0 }]);
+  // The same connection (pool of one) goes on, with the failed statement and the lock statement.
+  assert.deepEqual(await db.query('UPDATE t SET v = v + 2 WHERE id = $1 RETURNING v', [1], { name: 'bump_t', lockFirst: LOCK }), [{ v: 2 }]);
+  await assert.rejects(db.query('UPDATE t SET v = v / (v - v) WHERE id = $1 RETURNING v', [1], { name: 'divide_t', lockFirst: LOCK }), (err: { code?: string }) => err.code === '22012');
+  assert.deepEqual(await db.query('SELECT count(*)::int AS n FROM t WHERE v = 2'), [{ n: 1 }]);
+});
