@@ -198,7 +198,6 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
     const lock = opts.lockFirst!;
     const own = on instanceof pg.Pool ? await checkout() : null;
     const client = own ? own.client : (on as pg.PoolClient);
-    let broken = false;
     try {
       const connection = (client as unknown as { connection: PgConnection }).connection;
       // Prepared on its own the first time, so that pg's bookkeeping of prepared statements stays right.
@@ -207,12 +206,14 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
         const query = new LockFirstQuery({ text, values: params, name: opts.name }, lock, (err, res) => (err ? reject(err) : resolve(res)));
         client.query(query as unknown as pg.Submittable);
       });
-      return (Array.isArray(results) ? results[results.length - 1] : results).rows as R[];
+      const rows = (Array.isArray(results) ? results[results.length - 1] : results).rows as R[];
+      own?.release();
+      return rows;
     } catch (err) {
-      broken = !(err as { code?: unknown }).code; // a connection error, not one of PostgreSQL's
+      // As pg-pool does after a failed query: the connection is not reused. An error with a code may be
+      // PostgreSQL's FATAL at shutdown (57P01), on a connection that is closing.
+      own?.release(true);
       throw err;
-    } finally {
-      own?.release(broken);
     }
   };
 
