@@ -4,27 +4,33 @@
 // prepared once per connection, and a connection whose statement failed is not reused. The step statement
 // takes its session's row lock this way (repository.ts).
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import pg from 'pg';
-import { openDatabase } from '../../src/db/database.ts';
+import { openDatabase, type Database } from '../../src/db/database.ts';
 import { createTestDatabase, TEST_DB_KIND } from '../helper.ts';
 
 const skip = TEST_DB_KIND !== 'postgres' && 'PostgreSQL only (PGlite has one connection: nothing waits for a lock)';
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 const LOCK = { name: 'lock_first_t', text: 'SELECT FROM t WHERE id = $1 FOR UPDATE', values: [1] };
 
-test('lockFirst: the statement waits for the row lock, then sees the row as its holder left it, and commits with the lock', { skip, timeout: 30_000 }, async (t) => {
+/** A scratch database with table t holding the row (1, 0), the service's pool on it and one other connection. */
+async function tableT(t: TestContext, poolSize: number): Promise<{ db: Database; other: pg.Client }> {
   const scratch = await createTestDatabase();
-  const db = await openDatabase({ databaseUrl: scratch.url, dataDir: '', poolSize: 2 });
-  const holder = new pg.Client({ connectionString: scratch.url });
+  const db = await openDatabase({ databaseUrl: scratch.url, dataDir: '', poolSize });
+  const other = new pg.Client({ connectionString: scratch.url });
   t.after(async () => {
-    await holder.end();
+    await other.end();
     await db.close();
     await scratch.drop();
   });
   await db.query('CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL)');
   await db.query('INSERT INTO t VALUES (1, 0)');
-  await holder.connect();
+  await other.connect();
+  return { db, other };
+}
+
+test('lockFirst: the statement waits for the row lock, then sees the row as its holder left it, and commits with the lock', { skip, timeout: 30_000 }, async (t) => {
+  const { db, other: holder } = await tableT(t, 2);
 
   await holder.query('BEGIN');
   await holder.query('SELECT FROM t WHERE id = 1 FOR UPDATE');
@@ -48,17 +54,7 @@ test('lockFirst: the statement waits for the row lock, then sees the row as its 
 });
 
 test('lockFirst: a failing statement rolls the lock back with it, and the pool goes on', { skip, timeout: 30_000 }, async (t) => {
-  const scratch = await createTestDatabase();
-  const db = await openDatabase({ databaseUrl: scratch.url, dataDir: '', poolSize: 1 });
-  const other = new pg.Client({ connectionString: scratch.url });
-  t.after(async () => {
-    await other.end();
-    await db.close();
-    await scratch.drop();
-  });
-  await db.query('CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL)');
-  await db.query('INSERT INTO t VALUES (1, 0)');
-  await other.connect();
+  const { db, other } = await tableT(t, 1);
 
   await assert.rejects(
     db.query('UPDATE t SET v = v / (v - v) WHERE id = $1 RETURNING v', [1], { name: 'divide_t', lockFirst: LOCK }),

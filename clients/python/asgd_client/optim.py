@@ -523,11 +523,10 @@ class RemoteASGD(torch.optim.Optimizer):
         """Loads a step's outcome into the model (caller's thread, under the lock). ``overlapped``: the next
         step was sent before this answer was read."""
         floor, self._overlap_floor = self._overlap_floor, None
-        if floor is not None and outcome.stale is None and outcome.version is not None and outcome.version < floor:
-            # The two steps in flight were committed in the other order (by two replicas): the parameters
-            # loaded from the other answer are newer and hold this step too.
-            pass
-        else:
+        # The two steps in flight may have been committed in the other order (two replicas): then the
+        # parameters loaded from the other answer are newer and hold this step too.
+        older = floor is not None and outcome.stale is None and outcome.version is not None and outcome.version < floor
+        if not older:
             self._copy_into_params(outcome.params)
             if outcome.version is not None:
                 self._version = outcome.version
