@@ -106,9 +106,12 @@ export async function startServer(env: Record<string, string>, nodeArgs: string[
   const port = await freePort();
   let stderr = '';
   const extra = process.env.BENCH_SERVER_ARGS?.split(' ').filter(Boolean) ?? [];
+  // BENCH_SERVER_ENV="ASGD_STEP_LINGER_US=0 LOG_LEVEL=warn": settings for every server a bench starts (the
+  // servers get a fixed environment, not this process's), for A/B runs of one switch.
+  const extraEnv = Object.fromEntries((process.env.BENCH_SERVER_ENV?.split(' ').filter(Boolean) ?? []).map((kv) => [kv.split('=')[0], kv.split('=').slice(1).join('=')]));
   const child = spawn(process.execPath, [...nodeArgs, ...extra, join(ROOT, 'src', 'server.ts')], {
     cwd: ROOT,
-    env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', HOST: '127.0.0.1', PORT: String(port), ...env },
+    env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', HOST: '127.0.0.1', PORT: String(port), ...env, ...extraEnv },
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   child.stderr!.on('data', (chunk) => (stderr = (stderr + chunk).slice(-4000)));

@@ -36,6 +36,8 @@ export interface Config {
   /** How often this process runs the idle-session sweep (0 = never; one replica at a time does it). */
   sweepIntervalMs: number;
   idempotencyWindowSeconds: number;
+  /** How long a batch of steps may wait for clients that usually step again sooner (sessions/linger.ts); 0 = never. */
+  stepLingerUs: number;
   /** ASGD_KERNEL: 'auto' picks wasm-fma where its start-up self-test passes, else wasm. */
   kernel: KernelChoice;
   fma: boolean;
@@ -153,6 +155,7 @@ export function loadConfig(env: Env = process.env): Config {
     defaultExpireAfterIdleS: env.ASGD_EXPIRE_AFTER_IDLE_S?.trim() ? int(env, 'ASGD_EXPIRE_AFTER_IDLE_S', 0, 1, 2_147_483_647) : null,
     sweepIntervalMs: int(env, 'ASGD_SWEEP_INTERVAL_MS', 60_000, 0),
     idempotencyWindowSeconds: int(env, 'ASGD_IDEMPOTENCY_WINDOW_SECONDS', 86_400, 1),
+    stepLingerUs: int(env, 'ASGD_STEP_LINGER_US', 2_000, 0, 100_000),
     kernel,
     fma: bool(env, 'ASGD_FMA', true),
     cacheBytes: int(env, 'ASGD_CACHE_BYTES', 4096 * MiB, 0),

@@ -28,6 +28,7 @@ export default fp(
       cacheBytes: opts.config.cacheBytes,
       snapshotCopyLimitBytes: opts.config.snapshotCopyLimitBytes,
       idempotencyWindowSeconds: opts.config.idempotencyWindowSeconds,
+      stepLingerMs: opts.config.stepLingerUs / 1000,
       hooks: {
         stepped: (...args) => hooks.stepped?.(...args),
         committed: (...args) => hooks.committed?.(...args),

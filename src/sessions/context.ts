@@ -25,6 +25,8 @@ export interface SessionContext {
   log: FastifyBaseLogger;
   hooks: SessionHooks | undefined;
   idempotencyWindowSeconds: number;
+  /** How long a step batch may wait for clients about to step again (linger.ts); 0: never. */
+  stepLingerMs: number;
   /** Background snapshots of a bigger state (params + ax) are written in place under `mutex` instead of from a copy. */
   snapshotCopyLimitBytes: number;
   cache: StateCache;

@@ -35,6 +35,8 @@ export interface SessionServiceOptions {
   cacheBytes: number;
   snapshotCopyLimitBytes?: number;
   idempotencyWindowSeconds: number;
+  /** How long a step batch may wait for clients about to step again (linger.ts); 0 (the default here): never. */
+  stepLingerMs?: number;
   hooks?: SessionHooks;
 }
 
@@ -43,6 +45,7 @@ export function createSessionService(options: SessionServiceOptions) {
   const ctx: SessionContext = {
     db, kernel: options.kernel, kernelOptions: options.kernelOptions, log, hooks: options.hooks,
     idempotencyWindowSeconds: options.idempotencyWindowSeconds,
+    stepLingerMs: options.stepLingerMs ?? 0,
     snapshotCopyLimitBytes: options.snapshotCopyLimitBytes ?? 256 * 1024 * 1024,
     cache: new StateCache(options.kernel, options.cacheBytes),
     mutex: new KeyedMutex(),

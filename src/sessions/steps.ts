@@ -1,6 +1,7 @@
 // The step protocol: group commit.
 //
-// Durability model: steps on one session that wait in this process are committed as one batch, one
+// Durability model: steps on one session that wait in this process (a batch about to start waits a moment
+// for clients about to step again: linger.ts) are committed as one batch, one
 // statement (repo.appendSteps): under the session's row lock it logs their gradients (and the
 // hyperparameters they set) to the step log as versions v+1..v+n in arrival order, writes each one's row of
 // step_history and, with an Idempotency-Key, its answer, bumps the version once and, while a process waits
@@ -19,6 +20,7 @@ import type { CacheEntry } from './cache.ts';
 import { consistentRead, mustFind, type SessionContext } from './context.ts';
 import { decodeGradients, packGradients, unpackGradients, type GradientInput } from './gradients.ts';
 import type { History } from './history.ts';
+import { Linger } from './linger.ts';
 import type { StepAnswer, StepOptions } from './model.ts';
 import type { Reads } from './reads.ts';
 import * as repo from './repository.ts';
@@ -62,10 +64,21 @@ function refusal(opts: StepOptions, version: number, maxStaleness: number | null
 export function createSteps(ctx: SessionContext, history: History, writer: SnapshotWriter, reads: Reads) {
   const { db, cache, mutex, kernel, kernelOptions, log, hooks } = ctx;
   const queues = new Map<string, Waiting[]>();
+  const linger = new Linger(ctx.stepLingerMs);
 
   /** Queues the step; a batch of the waiting steps of this session runs when the session's lock is free. */
   function step(name: string, input: GradientInput, opts: StepOptions = {}): Promise<StepAnswer> {
-    return new Promise<StepAnswer>((resolve, reject) => enqueue(name, [{ input, opts, queued: process.hrtime.bigint(), resolve, reject }], 'back'));
+    const queued = process.hrtime.bigint();
+    return new Promise<StepAnswer>((resolve, reject) => {
+      const settled = () => linger.answered(name, opts.client);
+      const request: Waiting = {
+        input, opts, queued,
+        resolve: (answer) => (settled(), resolve(answer)),
+        reject: (err) => (settled(), reject(err)),
+      };
+      enqueue(name, [request], 'back');
+      linger.arrived(name, opts.client, queued);
+    });
   }
 
   /**
@@ -86,6 +99,8 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
   /** Takes the next batch off the session's queue (in arrival order) and commits it; the rest waits for the lock again. */
   async function drain(name: string): Promise<void> {
     const queue = queues.get(name)!;
+    // Clients answered a moment ago and about to step again join this batch rather than start the next one.
+    await linger.wait(name, queue[0].queued, () => queue.length, MAX_BATCH_STEPS);
     const batch: Waiting[] = [];
     while (queue.length && batch.length < MAX_BATCH_STEPS) {
       const next = queue[0];

@@ -195,6 +195,7 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
     const outcome = await fastify.rounds.step(name, input, {
       ifMatch: ifMatchOf(request),
       idempotencyKey,
+      client: request.raw.socket,
       requestHash: hash?.digest('hex'),
       baseVersion,
       paramGroups,
