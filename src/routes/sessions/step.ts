@@ -105,6 +105,7 @@ function encodeParams(view: StateView, answer: StepAnswerValue, averaged: boolea
 }
 
 const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify, opts) => {
+  const steppedLevel = opts.config.logRequests === 'all' ? 'info' : 'debug';
   fastify.post('/:name/step', {
     config: ACCESS.step,
     bodyLimit: opts.config.bodyLimitStep,
@@ -220,7 +221,9 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
       return reply.code(202).type('application/json').send({ pending: true as const, round: outcome.round });
     }
     const { answer } = outcome;
-    request.log.info({ step: answer.step, version: answer.version }, 'stepped'); // the request's logger names the session
+    // The request's logger names the session. At info only with ASGD_LOG_REQUESTS=all, as the step's request
+    // lines: a training loop steps many times a second, and step_history and /metrics keep count anyway.
+    request.log[steppedLevel]({ step: answer.step, version: answer.version }, 'stepped');
     setVersion(reply, answer.version);
     reply.header('x-session-step', String(answer.step));
     const result = encoded as Encoded | null;
