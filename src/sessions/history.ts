@@ -14,6 +14,10 @@ import type { ParamSpec } from '../db/schema.ts';
 
 export type History = ReturnType<typeof createHistory>;
 
+/** Bytes of logged float32 gradients one read of the log brings in while replaying, and its bound in steps. */
+const REPLAY_PAGE_BYTES = 64 * 1024 * 1024;
+const MAX_REPLAY_PAGE_STEPS = 1024;
+
 export function createHistory(ctx: SessionContext) {
   const { cache, kernel, kernelOptions } = ctx;
 
@@ -58,11 +62,15 @@ export function createHistory(ctx: SessionContext) {
     return state;
   }
 
-  /** Replays the logged steps in (state.version, target]; false when the log has a gap (pruned). */
+  /**
+   * Replays the logged steps in (state.version, target]; false when the log has a gap (pruned). The log is
+   * read in pages of about REPLAY_PAGE_BYTES of float32 gradients: 16 steps of a 1e6-parameter model, all of
+   * a small model's steps since its last snapshot in one read.
+   */
   async function replay(q: Queryable, state: SessionState, target: number): Promise<boolean> {
-    const BATCH = 16;
+    const page = Math.max(1, Math.min(MAX_REPLAY_PAGE_STEPS, Math.floor(REPLAY_PAGE_BYTES / (4 * Math.max(1, state.layout.numel)))));
     while (state.version < target) {
-      const entries = await repo.readSteps(q, cache.idOf(state), state.version, target, BATCH);
+      const entries = await repo.readSteps(q, cache.idOf(state), state.version, target, page);
       if (entries.length === 0) return false;
       for (const entry of entries) {
         if (entry.version !== state.version + 1) return false;
