@@ -148,7 +148,7 @@ export async function runThroughputBench(options: ThroughputOptions = {}): Promi
         `median of ${rounds} alternating rounds of ${seconds} s each; the session reached version ${version}`,
         `CPU while stepping: the machine was ${((100 * machineBusy) / machineTotal).toFixed(0)}% busy (all cores; clients, servers and PostgreSQL share them); the ${SERVERS} servers used ${((1000 * serverCpu) / oursSteps).toFixed(2)} ms of CPU a step, the ${CLIENTS} clients (this process, raw keep-alive connections) ${((1000 * clientCpu) / oursSteps).toFixed(2)} ms`,
         `group commit: ${(batched / commits).toFixed(2)} steps per commit on average (${batched} steps in ${commits} statements over the ${SERVERS} processes)`,
-        `the same ${CLIENTS} clients on one process (${soloRounds.length} rounds after the others): ${solo.toFixed(0)} steps/s = ${(solo / base).toFixed(2)}x the baseline, ${((soloAfter.steps - soloBefore.steps) / (soloAfter.commits - soloBefore.commits)).toFixed(2)} steps per commit: with ${SERVERS} processes each queue holds a third of the clients and the batches take turns at the row lock`,
+        `the same ${CLIENTS} clients on one process (${soloRounds.length} rounds after the others): ${solo.toFixed(0)} steps/s = ${(solo / base).toFixed(2)}x the baseline, ${((soloAfter.steps - soloBefore.steps) / (soloAfter.commits - soloBefore.commits)).toFixed(2)} steps per commit (each of ${SERVERS} processes serves about a third of the clients)`,
       ],
     };
   } finally {
