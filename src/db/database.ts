@@ -43,7 +43,7 @@ export interface QueryOptions {
    * then starts with a snapshot that already sees the row as the lock's last holder left it. A big
    * statement that waits for a row lock itself re-initializes its whole plan when the lock comes
    * (EvalPlanQual): with three processes stepping one session, 0.5x the steps a second (measured). Its rows
-   * are dropped. PGlite runs the two in a transaction.
+   * are dropped. PostgreSQL only (PGlite refuses it).
    */
   lockFirst?: { name: string; text: string; values: unknown[] };
 }
@@ -177,28 +177,37 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
   };
   const orm = nodePostgres.drizzle(pool, { schema });
 
-  /** A binary COPY of the query's rows to STDOUT (binary-results.ts), on a client of its own when given the pool. */
-  const binaryRead = async <R>(on: pg.Pool | pg.PoolClient, text: string, params: unknown[], columns: BinaryColumns): Promise<R[]> => {
-    const own = on instanceof pg.Pool ? await checkout() : null;
-    const client = own ? own.client : (on as pg.PoolClient);
+  /**
+   * Runs `fn` on `on`, or, given the pool, on a client checked out for it: released after, and destroyed
+   * after a failure (as pg-pool does after a failed query: an error with a code may be PostgreSQL's FATAL
+   * at shutdown, 57P01, on a connection that is closing).
+   */
+  const onClient = async <T>(on: pg.Pool | pg.PoolClient, fn: (client: pg.PoolClient) => Promise<T>): Promise<T> => {
+    if (!(on instanceof pg.Pool)) return fn(on);
+    const own = await checkout();
+    let result: T;
     try {
+      result = await fn(own.client);
+    } catch (err) {
+      own.release(true);
+      throw err;
+    }
+    own.release();
+    return result;
+  };
+
+  /** A binary COPY of the query's rows to STDOUT (binary-results.ts). */
+  const binaryRead = <R>(on: pg.Pool | pg.PoolClient, text: string, params: unknown[], columns: BinaryColumns): Promise<R[]> =>
+    onClient(on, async (client) => {
       const chunks: Buffer[] = [];
       for await (const chunk of client.query(copyTo(copyToSql(text, params, 'STDOUT')))) chunks.push(chunk as Buffer);
       return parseBinaryCopy<R>(chunks, columns);
-    } catch (err) {
-      own?.release(true);
-      throw err;
-    } finally {
-      own?.release();
-    }
-  };
+    });
 
   /** The statement after opts.lockFirst in one round trip (LockFirstQuery), on one connection. */
-  const lockedRun = async <R>(on: pg.Pool | pg.PoolClient, text: string, params: unknown[], opts: QueryOptions): Promise<R[]> => {
-    const lock = opts.lockFirst!;
-    const own = on instanceof pg.Pool ? await checkout() : null;
-    const client = own ? own.client : (on as pg.PoolClient);
-    try {
+  const lockedRun = <R>(on: pg.Pool | pg.PoolClient, text: string, params: unknown[], opts: QueryOptions): Promise<R[]> =>
+    onClient(on, async (client) => {
+      const lock = opts.lockFirst!;
       const connection = (client as unknown as { connection: PgConnection }).connection;
       // Prepared on its own the first time, so that pg's bookkeeping of prepared statements stays right.
       if (connection.parsedStatements[lock.name] === undefined) await client.query({ name: lock.name, text: lock.text, values: lock.values });
@@ -206,16 +215,8 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
         const query = new LockFirstQuery({ text, values: params, name: opts.name }, lock, (err, res) => (err ? reject(err) : resolve(res)));
         client.query(query as unknown as pg.Submittable);
       });
-      const rows = (Array.isArray(results) ? results[results.length - 1] : results).rows as R[];
-      own?.release();
-      return rows;
-    } catch (err) {
-      // As pg-pool does after a failed query: the connection is not reused. An error with a code may be
-      // PostgreSQL's FATAL at shutdown (57P01), on a connection that is closing.
-      own?.release(true);
-      throw err;
-    }
-  };
+      return (Array.isArray(results) ? results[results.length - 1] : results).rows as R[];
+    });
 
   const run = async <R>(client: pg.Pool | pg.PoolClient, text: string, params: unknown[] = [], opts: QueryOptions = {}) => {
     // Buffers travel as binary parameters; bytea results arrive hex-encoded unless the rows are read in
@@ -306,15 +307,8 @@ async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Da
   };
   type Runner = Pick<typeof client, 'query'>;
   const run = async <R>(on: Runner, text: string, params: unknown[] = [], opts: QueryOptions = {}): Promise<R[]> => {
-    if (opts.lockFirst) {
-      // One connection: nothing waits for the lock; the two statements still commit together.
-      const { lockFirst, ...rest } = opts;
-      const both = async (tx: Runner) => {
-        await tx.query(lockFirst.text, lockFirst.values);
-        return run<R>(tx, text, params, rest);
-      };
-      return on === client ? client.transaction(both) : both(on);
-    }
+    // Nothing on PGlite sends it (its steps take their own path, appendStepsPglite): refused, not ignored.
+    if (opts.lockFirst) throw new Error('QueryOptions.lockFirst: PostgreSQL only');
     if (opts.binary) {
       // No binary result format in PGlite: a binary COPY into its blob device (binary-results.ts).
       const result = await on.query(copyToSql(text, params, "'/dev/blob'"));

@@ -78,3 +78,18 @@ test('a COPY stream split anywhere parses the same (fields spanning chunks are j
   }
   assert.throws(() => parseBinaryCopy([stream.subarray(0, 40)], columns), /ended early/);
 });
+
+test('PostgreSQL: a binary read that fails rejects with PostgreSQL\'s error, and the pool goes on', async () => {
+  const scratch = await createTestDatabase();
+  try {
+    const db = await openDatabase({ databaseUrl: scratch.url, dataDir: '', poolSize: 1 });
+    try {
+      await assert.rejects(db.query('SELECT x FROM nowhere', [], { binary: { x: 'float8' } }), (err: Error & { code?: string }) => err.code === '42P01');
+      assert.deepEqual(await db.query('SELECT 1 AS n'), [{ n: 1 }]);
+    } finally {
+      await db.close();
+    }
+  } finally {
+    await scratch.drop();
+  }
+});
