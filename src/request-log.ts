@@ -21,6 +21,21 @@ export function requestId(req: IncomingMessage): string {
 
 type Level = 'info' | 'debug';
 
+/** The level of a request's lines under ASGD_LOG_REQUESTS `mode`, given its route and, when known, its answer's status. */
+export function requestLogLevel(mode: Config['logRequests'], routeUrl: string, status?: number): Level {
+  const failed = status !== undefined && status >= 400;
+  switch (mode) {
+    case 'all':
+      return 'info';
+    case 'none':
+      return 'debug';
+    case 'errors':
+      return failed ? 'info' : 'debug';
+    case 'auto':
+      return failed || !PER_STEP_ROUTE.test(routeUrl) ? 'info' : 'debug';
+  }
+}
+
 export class RequestLogController extends LogController {
   readonly mode: Config['logRequests'];
 
@@ -31,17 +46,7 @@ export class RequestLogController extends LogController {
 
   /** Whether this request's lines go out at info (else debug), given its answer's status when known. */
   level(request: FastifyRequest, status?: number): Level {
-    const failed = status !== undefined && status >= 400;
-    switch (this.mode) {
-      case 'all':
-        return 'info';
-      case 'none':
-        return 'debug';
-      case 'errors':
-        return failed ? 'info' : 'debug';
-      case 'auto':
-        return failed || !PER_STEP_ROUTE.test(request.routeOptions.url ?? '') ? 'info' : 'debug';
-    }
+    return requestLogLevel(this.mode, request.routeOptions.url ?? '', status);
   }
 
   override incomingRequest(request: FastifyRequest): void {

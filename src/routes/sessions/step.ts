@@ -7,6 +7,7 @@ import { Type } from 'typebox';
 import type { Config } from '../../config.ts';
 import { errors } from '../../errors.ts';
 import { streamToBuffer, writeSafetensors, type Float32Tensor } from '../../formats/index.ts';
+import { requestLogLevel } from '../../request-log.ts';
 import type { GradientInput } from '../../sessions/gradients.ts';
 import type { StateView, StepAnswer as StepAnswerValue } from '../../sessions/model.ts';
 import { MAX_SAMPLES } from '../../sessions/aggregation.ts';
@@ -105,7 +106,8 @@ function encodeParams(view: StateView, answer: StepAnswerValue, averaged: boolea
 }
 
 const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify, opts) => {
-  const steppedLevel = opts.config.logRequests === 'all' ? 'info' : 'debug';
+  // A successful step's 'stepped' line goes at the level of the step's request lines.
+  const steppedLevel = requestLogLevel(opts.config.logRequests, '/v1/sessions/:name/step', 200);
   fastify.post('/:name/step', {
     config: ACCESS.step,
     bodyLimit: opts.config.bodyLimitStep,
@@ -221,8 +223,8 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
       return reply.code(202).type('application/json').send({ pending: true as const, round: outcome.round });
     }
     const { answer } = outcome;
-    // The request's logger names the session. At info only with ASGD_LOG_REQUESTS=all, as the step's request
-    // lines: a training loop steps many times a second, and step_history and /metrics keep count anyway.
+    // The request's logger names the session. At info only with ASGD_LOG_REQUESTS=all: a training loop steps
+    // many times a second, and step_history and /metrics keep count anyway.
     request.log[steppedLevel]({ step: answer.step, version: answer.version }, 'stepped');
     setVersion(reply, answer.version);
     reply.header('x-session-step', String(answer.step));
