@@ -62,12 +62,18 @@ export function readTorchSave(buf: Uint8Array, options: TorchLoadOptions = {}): 
       return known;
     }
     const record = `${prefix}data/${key}`;
-    if (!zip.entries.has(record)) throw new FormatError('STORAGE_MISSING', `storage record data/${key} is missing`);
-    const bytes = zip.read(record);
+    const entry = zip.entries.get(record);
+    if (!entry) throw new FormatError('STORAGE_MISSING', `storage record data/${key} is missing`);
+    // torch.save writes exactly a storage's bytes. The size is checked before the record is read: a small
+    // storage whose (deflated) record is large would otherwise be inflated for nothing.
     const nbytes = BigInt(elementSize(dtype)) * count;
-    if (nbytes > BigInt(bytes.length)) {
-      throw new FormatError('STORAGE_MISSING', `storage ${key} declares ${count} ${dtype} elements but its record has ${bytes.length} bytes`);
+    if (nbytes > BigInt(entry.size)) {
+      throw new FormatError('STORAGE_MISSING', `storage ${key} declares ${count} ${dtype} elements but its record has ${entry.size} bytes`);
     }
+    if (nbytes < BigInt(entry.size)) {
+      throw new FormatError('TORCH_SAVE_INVALID', `storage ${key} declares ${count} ${dtype} elements (${nbytes} bytes) but its record has ${entry.size} bytes`);
+    }
+    const bytes = zip.read(record);
     const storage = new Storage(key, dtype, arrayFromBytes(dtype, bytes.subarray(0, Number(nbytes)), options.copy ?? false));
     storages.set(key, storage);
     return storage;

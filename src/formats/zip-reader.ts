@@ -20,7 +20,12 @@ export interface ZipEntry {
 export interface ZipReadOptions {
   /** Check CRC-32s on read. A stored CRC of 0 is not checked: PyTorch 2.x writes 0 when CRCs are disabled. Default true. */
   verifyCrc?: boolean;
-  /** Most bytes deflated entries may inflate to, in total over all reads from this archive. Default 1 GiB. */
+  /**
+   * Most bytes deflated entries may inflate to, in total over all reads from this archive. Default: 64 MiB
+   * plus 4 times the archive's size, at most 1 GiB. torch.save stores its records uncompressed; a file
+   * zipped again by another tool inflates to about its own size (float data hardly compresses), while a
+   * small archive of zeros could otherwise hold 1 GiB and keep the process busy inflating it for seconds.
+   */
   maxInflatedSize?: number;
 }
 
@@ -51,7 +56,7 @@ const latin1 = new TextDecoder('latin1');
 export function readZip(input: Uint8Array, options: ZipReadOptions = {}): ZipArchive {
   const buf = Buffer.isBuffer(input) ? input : Buffer.from(input.buffer, input.byteOffset, input.byteLength);
   const verifyCrc = options.verifyCrc ?? true;
-  const maxInflatedSize = options.maxInflatedSize ?? 2 ** 30;
+  const maxInflatedSize = options.maxInflatedSize ?? defaultInflateBudget(buf.length);
 
   const { count, cdOffset, cdSize } = readEndOfCentralDirectory(buf);
   const entries = new Map<string, ZipEntry>();
@@ -212,12 +217,17 @@ function checkNoOverlap(entries: ZipEntry[], cdOffset: number): void {
   }
 }
 
+/** ZipReadOptions.maxInflatedSize's default for an archive of `archiveBytes`. */
+export function defaultInflateBudget(archiveBytes: number): number {
+  return Math.min(2 ** 30, 64 * 2 ** 20 + 4 * archiveBytes);
+}
+
 function inflateEntry(entry: ZipEntry, raw: Buffer, budget: number, maxInflatedSize: number): Buffer {
   if (entry.size > raw.length * DEFLATE_MAX_RATIO + 1024) {
     throw new FormatError('ZIP_CORRUPT', `zip entry ${entry.name} claims ${entry.size} bytes from ${raw.length} deflated bytes`);
   }
   if (entry.size > budget) {
-    throw new FormatError('ZIP_LIMIT_EXCEEDED', `zip entry ${entry.name} inflates to ${entry.size} bytes; deflated entries may inflate to ${maxInflatedSize} bytes in total`);
+    throw new FormatError('ZIP_LIMIT_EXCEEDED', `zip entry ${entry.name} inflates to ${entry.size} bytes; deflated entries of this archive may inflate to ${maxInflatedSize} bytes in total (store the records uncompressed, as torch.save does)`);
   }
   let out: Buffer;
   try {

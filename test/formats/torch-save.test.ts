@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
+import { deflateRawSync } from 'node:zlib';
 import {
   FormatError, PyDict, PyTuple, fromAsgdStateDict, orderedDict, readTorchSave, readZip, streamToBuffer, toAsgdStateDict, toCheckpoint,
   torchSaveToBuffer, writeTorchSave, zipStream, type PyValue, type Tensor,
@@ -146,6 +147,22 @@ describe('torch.save reader refuses what torch.load would not read, or should no
     assert.equal(codeOf(() => readTorchSave(valid(tensorPickle({ numel: 3, cls: 'EvilStorage', size: [3], stride: [1] })))), 'PICKLE_GLOBAL_REFUSED');
     const twoDtypes = '\x80\x02' + tensorPickle({ numel: 6, size: [6], stride: [1] }).slice(2, -1) + tensorPickle({ numel: 3, cls: 'LongStorage', size: [3], stride: [1] }).slice(2, -1) + '\x86.';
     assert.throws(() => readTorchSave(valid(twoDtypes)), (err: FormatError) => err.code === 'TORCH_SAVE_INVALID' && /float32 and int64/.test(err.message));
+  });
+
+  test('a storage record must hold exactly the bytes its storage declares; a large one is refused before it is inflated', () => {
+    assert.equal(codeOf(() => readTorchSave(valid(tensorPickle({ numel: 5, size: [5], stride: [1] })))), 'TORCH_SAVE_INVALID');
+    // A two-element storage whose record is 64 MiB of zeros, deflated to 64 KB: refused by its sizes alone.
+    const zeros = 64 * 2 ** 20;
+    const zip = archive({ 'a/data.pkl': tensorPickle({ numel: 2, size: [2], stride: [1] }), 'a/data/0': deflateRawSync(Buffer.alloc(zeros), { level: 9 }), 'a/version': '3\n' });
+    const entry = readZip(zip).entries.get('a/data/0')!;
+    const central = zip.lastIndexOf(Buffer.from('a/data/0')) - 46;
+    assert.equal(zip.readUInt32LE(central), 0x02014b50);
+    zip.writeUInt16LE(8, central + 10);
+    zip.writeUInt32LE(0, central + 16);
+    zip.writeUInt32LE(zeros, central + 24);
+    assert.equal(entry.compressedSize < 100_000, true);
+    assert.throws(() => readTorchSave(zip, { maxInflatedSize: 2 ** 30 }),
+      (err: FormatError) => err.code === 'TORCH_SAVE_INVALID' && /storage 0 declares 2 float32 elements \(8 bytes\) but its record has 67108864 bytes/.test(err.message));
   });
 
   test('strided and expanded views are materialised in row-major order', () => {

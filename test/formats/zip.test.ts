@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { deflateRawSync } from 'node:zlib';
 import { describe, test } from 'node:test';
 import { FormatError, readZip, streamToBuffer, zipStream, type ZipWriterEntry } from '../../src/formats/index.ts';
+import { defaultInflateBudget } from '../../src/formats/zip-reader.ts';
 
 const entry = (name: string, data: Uint8Array): ZipWriterEntry => ({ name, size: data.byteLength, data: () => [data] });
 const bytes = (n: number, seed = 1) => Uint8Array.from({ length: n }, (_, i) => (i * 31 + seed) & 0xff);
@@ -229,5 +230,22 @@ describe('zip reader refuses hostile archives', () => {
     assert.equal(codeOf(() => budget.read('a/bomb')), 'ZIP_LIMIT_EXCEEDED'); // the limit is a total over all reads
     assert.equal(codeOf(() => readZip(asDeflate(0xfffffff0)).read('a/bomb')), 'ZIP_CORRUPT');
     assert.equal(codeOf(() => readZip(asDeflate((1 << 20) - 1)).read('a/bomb')), 'ZIP_CORRUPT');
+  });
+
+  test('by default a small archive inflates to at most 64 MiB plus 4 times its size, before anything is inflated', () => {
+    // 80 MiB of zeros deflate to about 80 KB: under the 1 GiB cap, over this archive's default budget.
+    const size = 80 * 2 ** 20;
+    const bomb = streamToBuffer(zipStream([entry('a/bomb', deflateRawSync(Buffer.alloc(size), { level: 9 }))]));
+    const record = centralRecords(bomb)[0];
+    bomb.writeUInt16LE(8, record + 10);
+    bomb.writeUInt32LE(0, record + 16);
+    bomb.writeUInt32LE(size, record + 24);
+    assert.ok(bomb.length < 200_000 && bomb.length * 1032 > size);
+    const archive = readZip(bomb);
+    assert.equal(archive.entries.get('a/bomb')!.size, size);
+    assert.throws(() => archive.read('a/bomb'), (err: FormatError) => err.code === 'ZIP_LIMIT_EXCEEDED' && /stored uncompressed|uncompressed/.test(err.message));
+    assert.equal(defaultInflateBudget(bomb.length), 64 * 2 ** 20 + 4 * bomb.length);
+    assert.equal(defaultInflateBudget(2 ** 30), 2 ** 30);
+    assert.equal(readZip(bomb, { maxInflatedSize: size }).read('a/bomb').length, size); // a caller may allow more
   });
 });
