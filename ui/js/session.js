@@ -9,6 +9,9 @@ import { snapshotsSection } from './snapshots.js';
 import { storedBytes } from './sessions.js';
 
 const HYPER_KEYS = ['lr', 'lambd', 'alpha', 't0', 'weight_decay', 'maximize'];
+/** A value for a chart: null (a gap) where it is not a finite number. */
+const finite = (/** @type {unknown} */ v) => (typeof v === 'number' && Number.isFinite(v) ? v : null);
+
 /** Parameters drawn in the norms charts (the table lists all). */
 const NORM_CHART_PARAMS = 8;
 
@@ -108,8 +111,8 @@ export function sessionPage(root, name, who) {
       const shown = norms[norms.length - 1].params.slice(0, NORM_CHART_PARAMS);
       const nx = norms.map((n) => (xMode === 'time' ? n.time / 1000 : n.step));
       const note = 'computed on demand at each version seen since this page opened';
-      chart({ key: 'norm', title: '‖param‖', note, series: shown.map((p) => ({ label: p.name })) }, [nx, ...shown.map((_, i) => norms.map((n) => n.params[i]?.norm ?? null))]);
-      chart({ key: 'ax_norm', title: '‖ax‖ (ASGD average)', note, series: shown.map((p) => ({ label: p.name })) }, [nx, ...shown.map((_, i) => norms.map((n) => n.params[i]?.ax_norm ?? null))]);
+      chart({ key: 'norm', title: '‖param‖', note, series: shown.map((p) => ({ label: p.name })) }, [nx, ...shown.map((_, i) => norms.map((n) => finite(n.params[i]?.norm)))]);
+      chart({ key: 'ax_norm', title: '‖ax‖ (ASGD average)', note, series: shown.map((p) => ({ label: p.name })) }, [nx, ...shown.map((_, i) => norms.map((n) => finite(n.params[i]?.ax_norm)))]);
     }
   }
 
@@ -156,6 +159,9 @@ export function sessionPage(root, name, who) {
     );
   }
 
+  /** A norm or scalar for the table: NaN (a diverged run) said, not shown as missing. */
+  const cell = (/** @type {number | null} */ v, digits = 4) => (typeof v === 'number' && Number.isNaN(v) ? 'NaN' : fmtNum(v, digits));
+
   function drawNorms() {
     const latest = norms[norms.length - 1];
     if (!latest) return;
@@ -164,9 +170,9 @@ export function sessionPage(root, name, who) {
       h('table', { id: 'norms-table' },
         h('thead', {}, h('tr', {}, ...['parameter', 'numel', '‖param‖', '‖ax‖', 'step', 'eta', 'mu'].map((t, i) => h('th', { className: i ? 'num' : '' }, t)))),
         h('tbody', {}, ...latest.params.map((p) => h('tr', {},
-          h('td', {}, p.name), h('td', { className: 'num' }, fmtNum(p.numel)), h('td', { className: 'num' }, fmtNum(p.norm, 6)),
-          h('td', { className: 'num' }, fmtNum(p.ax_norm, 6)), h('td', { className: 'num' }, fmtNum(p.step)),
-          h('td', { className: 'num' }, fmtNum(p.eta, 6)), h('td', { className: 'num' }, fmtNum(p.mu, 6)))))),
+          h('td', {}, p.name), h('td', { className: 'num' }, fmtNum(p.numel)), h('td', { className: 'num' }, cell(p.norm, 6)),
+          h('td', { className: 'num' }, cell(p.ax_norm, 6)), h('td', { className: 'num' }, cell(p.step)),
+          h('td', { className: 'num' }, cell(p.eta, 6)), h('td', { className: 'num' }, cell(p.mu, 6)))))),
     );
   }
 
@@ -212,7 +218,11 @@ export function sessionPage(root, name, who) {
   async function loadNorms() {
     const answer = await api(`${base}/norms`, { signal: stop.signal });
     if (norms.length && norms[norms.length - 1].version === answer.version) return;
-    norms.push({ ...answer, time: Date.now() });
+    // A diverged run's norms and scalars come as "NaN", "Infinity" or "-Infinity": numbers here (the charts
+    // leave a gap, the table shows them).
+    const num = (/** @type {unknown} */ v) => (typeof v === 'string' ? Number(v) : v);
+    const params = answer.params.map((/** @type {any} */ p) => ({ ...p, norm: num(p.norm), ax_norm: num(p.ax_norm), step: num(p.step), eta: num(p.eta), mu: num(p.mu) }));
+    norms.push({ ...answer, params, time: Date.now() });
   }
 
   let running = false;

@@ -7,15 +7,25 @@ import { ACCESS, setVersion } from '../common.ts';
 import { errorResponses, NameParams } from '../schemas.ts';
 import type { StateView } from '../../sessions/model.ts';
 
+/** A float64 that may not be finite (a diverged run): a number, or "NaN", "Infinity", "-Infinity" as in tensor data. */
+const Float = (description: string) => Type.Union([Type.Number(), Type.Union([Type.Literal('NaN'), Type.Literal('Infinity'), Type.Literal('-Infinity')])], { description });
+const NONFINITE = ' ("NaN", "Infinity" or "-Infinity" when not finite)';
+
 const ParamNorm = Type.Object({
   name: Type.String(),
   numel: Type.Integer(),
-  norm: Type.Number({ description: 'L2 norm of the parameter (float64 sum of squares of its float32 values)' }),
-  ax_norm: Type.Number({ description: 'L2 norm of ASGD\'s averaged parameter ax' }),
-  step: Type.Union([Type.Number(), Type.Null()], { description: 'ASGD\'s per-parameter step; null before its first step' }),
-  eta: Type.Union([Type.Number(), Type.Null()]),
-  mu: Type.Union([Type.Number(), Type.Null()]),
+  norm: Float(`L2 norm of the parameter (float64 sum of squares of its float32 values)${NONFINITE}`),
+  ax_norm: Float(`L2 norm of ASGD's averaged parameter ax${NONFINITE}`),
+  step: Type.Union([Float('ASGD\'s per-parameter step'), Type.Null()], { description: `ASGD's per-parameter step; null before its first step${NONFINITE}` }),
+  eta: Type.Union([Float('eta'), Type.Null()], { description: `ASGD's eta; null before the first step${NONFINITE}` }),
+  mu: Type.Union([Float('mu'), Type.Null()], { description: `ASGD's mu; null before the first step${NONFINITE}` }),
 });
+
+/** A number as JSON carries it: non-finite ones as the strings tensor data uses. */
+export function jsonFloat(x: number): number | 'NaN' | 'Infinity' | '-Infinity' {
+  if (Number.isFinite(x)) return x;
+  return Number.isNaN(x) ? 'NaN' : x > 0 ? 'Infinity' : '-Infinity';
+}
 
 const NormsAnswer = Type.Object({
   session: Type.String(),
@@ -43,11 +53,11 @@ export function normsOf(view: StateView) {
       return {
         name: p.name,
         numel,
-        norm: l2(view.paramData, offset, numel),
-        ax_norm: l2(view.axData, offset, numel),
-        step: scalars?.step ?? null,
-        eta: scalars?.eta ?? null,
-        mu: scalars?.mu ?? null,
+        norm: jsonFloat(l2(view.paramData, offset, numel)),
+        ax_norm: jsonFloat(l2(view.axData, offset, numel)),
+        step: scalars ? jsonFloat(scalars.step) : null,
+        eta: scalars ? jsonFloat(scalars.eta) : null,
+        mu: scalars ? jsonFloat(scalars.mu) : null,
       };
     }),
   };

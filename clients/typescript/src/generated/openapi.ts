@@ -2687,14 +2687,16 @@ export interface operations {
                         params: {
                             name: string;
                             numel: number;
-                            /** @description L2 norm of the parameter (float64 sum of squares of its float32 values) */
-                            norm: number;
-                            /** @description L2 norm of ASGD's averaged parameter ax */
-                            ax_norm: number;
-                            /** @description ASGD's per-parameter step; null before its first step */
-                            step: number | null;
-                            eta: number | null;
-                            mu: number | null;
+                            /** @description L2 norm of the parameter (float64 sum of squares of its float32 values) ("NaN", "Infinity" or "-Infinity" when not finite) */
+                            norm: number | ("NaN" | "Infinity" | "-Infinity");
+                            /** @description L2 norm of ASGD's averaged parameter ax ("NaN", "Infinity" or "-Infinity" when not finite) */
+                            ax_norm: number | ("NaN" | "Infinity" | "-Infinity");
+                            /** @description ASGD's per-parameter step; null before its first step ("NaN", "Infinity" or "-Infinity" when not finite) */
+                            step: (number | ("NaN" | "Infinity" | "-Infinity")) | (never | null);
+                            /** @description ASGD's eta; null before the first step ("NaN", "Infinity" or "-Infinity" when not finite) */
+                            eta: (number | ("NaN" | "Infinity" | "-Infinity")) | (never | null);
+                            /** @description ASGD's mu; null before the first step ("NaN", "Infinity" or "-Infinity" when not finite) */
+                            mu: (number | ("NaN" | "Infinity" | "-Infinity")) | (never | null);
                         }[];
                     };
                 };
