@@ -72,6 +72,21 @@ export const CODES: Readonly<Record<ErrorCode, { status: number; meaning: string
 /** The codes a response of this status can carry, in catalogue order. */
 export const codesOfStatus = (status: number): ErrorCode[] => (Object.keys(CODES) as ErrorCode[]).filter((code) => CODES[code].status === status);
 
+/**
+ * A client's value for an error message: its JSON, cut at `max` characters. A value too deeply nested to
+ * write (JSON.stringify overflows the stack) is described instead: the message must not fail.
+ */
+export function quoteValue(value: unknown, max = 200): string {
+  let text: string | undefined;
+  try {
+    text = JSON.stringify(value);
+  } catch {
+    return Array.isArray(value) ? 'a nested list' : 'a nested object';
+  }
+  if (text === undefined) return typeof value;
+  return text.length > max ? `${text.slice(0, max)}…` : text;
+}
+
 export class ApiError extends Error {
   readonly statusCode: number;
   readonly code: ErrorCode;

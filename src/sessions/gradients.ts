@@ -4,7 +4,7 @@
 // Half-precision gradients (safetensors F16 or BF16) are widened exactly to float32 (every half and
 // bfloat16 value is a float32), so the step is PyTorch's for the widened gradient. They are logged as
 // received, two bytes an element, and widened again on replay.
-import { errors } from '../errors.ts';
+import { errors, quoteValue } from '../errors.ts';
 import { halfToFloat } from '../formats/tensor.ts';
 import type { SessionState } from './state.ts';
 import { firstNonFinite, readJsonTensor } from './tensors.ts';
@@ -64,7 +64,7 @@ export function decodeGradients(input: GradientInput, state: SessionState): Deco
       if (i === undefined) throw errors.unknownParameter(`grads.${name}`, name);
       const shape = layout.params[i].shape;
       if (tensor.shape.length !== shape.length || tensor.shape.some((d, k) => d !== shape[k])) {
-        throw errors.shapeMismatch(`grads.${name}`, `expected shape ${JSON.stringify(shape)}, got ${JSON.stringify(tensor.shape)}`);
+        throw errors.shapeMismatch(`grads.${name}`, `expected shape ${JSON.stringify(shape)}, got ${quoteValue(tensor.shape)}`);
       }
       const target = state.grad(i);
       if (tensor.dtype === 'float16' || tensor.dtype === 'bfloat16') {

@@ -1,7 +1,7 @@
 // What a session is made of: named float32 parameters and torch.optim.ASGD param groups.
 // Validation mirrors torch/optim/asgd.py (ASGD.__init__) and torch/optim/optimizer.py (add_param_group),
 // and is stricter where a value would break the run (negative lambd/alpha, non-finite numbers).
-import { errors } from '../errors.ts';
+import { errors, quoteValue } from '../errors.ts';
 import type { GroupSpec, ParamSpec } from '../db/schema.ts';
 import { ASGD_DEFAULTS, type AsgdHyperparameters } from '../optim/types.ts';
 
@@ -76,7 +76,7 @@ export function resolveHyperparameters(base: Omit<GroupSpec, 'params'>, input: H
     if (value === undefined || value === null || value === false) continue;
     throw errors.invalidHyperparameter(
       `${field}.${key}`,
-      `${key}=${JSON.stringify(value)} is not supported: the service computes PyTorch's single-tensor CPU path (use null or false)`,
+      `${key}=${quoteValue(value)} is not supported: the service computes PyTorch's single-tensor CPU path (use null or false)`,
     );
   }
   return out;
@@ -139,8 +139,8 @@ export function buildGroups(
     const indices: number[] = [];
     for (const [k, name] of (input.params as unknown[]).entries()) {
       const index = typeof name === 'string' ? byName.get(name) : undefined;
-      if (index === undefined) throw errors.invalidParamGroups(`${field}.params[${k}]: no parameter named ${JSON.stringify(name)}`);
-      if (seen.has(index)) throw errors.invalidParamGroups(`${field}.params[${k}]: some parameters appear in more than one parameter group (${JSON.stringify(name)})`);
+      if (index === undefined) throw errors.invalidParamGroups(`${field}.params[${k}]: no parameter named ${quoteValue(name)}`);
+      if (seen.has(index)) throw errors.invalidParamGroups(`${field}.params[${k}]: some parameters appear in more than one parameter group (${quoteValue(name)})`);
       seen.add(index);
       order.push(index);
       indices.push(order.length - 1);

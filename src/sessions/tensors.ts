@@ -1,13 +1,14 @@
 // JSON tensors: {"shape": [...], "data": [flat row-major numbers]} or, where the shape is known, a flat list.
 // JSON has no NaN or infinity: they are written as the strings "NaN", "Infinity", "-Infinity".
-import { errors } from '../errors.ts';
+import { errors, quoteValue } from '../errors.ts';
 
 export interface JsonTensor {
   shape: number[];
   data: (number | string)[];
 }
 
-const SPECIAL: Record<string, number> = { NaN: NaN, Infinity: Infinity, '-Infinity': -Infinity, inf: Infinity, '-inf': -Infinity, nan: NaN };
+/** The strings that spell a non-finite number (a Map: "toString" and other Object.prototype names are not among them). */
+const SPECIAL = new Map<string, number>([['NaN', NaN], ['Infinity', Infinity], ['-Infinity', -Infinity], ['inf', Infinity], ['-inf', -Infinity], ['nan', NaN]]);
 
 export type NonFinitePolicy = 'gradient' | 'allow' | 'reject';
 
@@ -22,12 +23,12 @@ export function readJsonTensor(value: unknown, field: string, shape: readonly nu
   } else if (value !== null && typeof value === 'object') {
     const t = value as Record<string, unknown>;
     for (const key of Object.keys(t)) {
-      if (key !== 'shape' && key !== 'data' && key !== 'dtype') throw errors.invalidTensor(field, `unknown key ${JSON.stringify(key)} (a tensor is {"shape", "data"})`);
+      if (key !== 'shape' && key !== 'data' && key !== 'dtype') throw errors.invalidTensor(field, `unknown key ${quoteValue(key)} (a tensor is {"shape", "data"})`);
     }
-    if (t.dtype !== undefined && t.dtype !== 'float32') throw errors.invalidTensor(`${field}.dtype`, `only float32 is supported, got ${JSON.stringify(t.dtype)}`);
+    if (t.dtype !== undefined && t.dtype !== 'float32') throw errors.invalidTensor(`${field}.dtype`, `only float32 is supported, got ${quoteValue(t.dtype)}`);
     if (!Array.isArray(t.shape)) throw errors.invalidTensor(`${field}.shape`, 'must be a list of whole numbers');
     if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i])) {
-      throw errors.shapeMismatch(`${field}.shape`, `expected ${JSON.stringify(shape)}, got ${JSON.stringify(t.shape).slice(0, 200)}`);
+      throw errors.shapeMismatch(`${field}.shape`, `expected ${JSON.stringify(shape)}, got ${quoteValue(t.shape)}`);
     }
     data = t.data;
   } else {
@@ -41,7 +42,7 @@ export function readJsonTensor(value: unknown, field: string, shape: readonly nu
     const raw = data[i];
     let x: number;
     if (typeof raw === 'number') x = raw;
-    else if (typeof raw === 'string' && raw in SPECIAL) x = SPECIAL[raw];
+    else if (typeof raw === 'string' && SPECIAL.has(raw)) x = SPECIAL.get(raw)!;
     else throw errors.invalidTensor(`${field}.data[${i}]`, 'must be a number');
     const f = Math.fround(x);
     if (!Number.isFinite(f) && policy !== 'allow') {
@@ -69,7 +70,7 @@ export const jsonScalar = (x: number): number | string => (Number.isFinite(x) ? 
 
 export function readScalar(value: unknown, field: string): number {
   if (typeof value === 'number') return value;
-  if (typeof value === 'string' && value in SPECIAL) return SPECIAL[value];
+  if (typeof value === 'string' && SPECIAL.has(value)) return SPECIAL.get(value)!;
   throw errors.invalidStateDict(field, 'must be a number');
 }
 

@@ -9,6 +9,7 @@ import { test } from 'node:test';
 import type { FastifyInstance } from 'fastify';
 import { CODES } from '../../src/errors.ts';
 import { FORMAT_ERROR_CODES } from '../../src/formats/errors.ts';
+import { readTorchSave, torchSaveToBuffer, type PyDict } from '../../src/formats/index.ts';
 import { buildTestApp, rng } from '../helper.ts';
 import { ADMIN, asAdmin, createSession, fillPath, gradBody, operations, sessionBody, step, type Operation } from './support.ts';
 
@@ -204,6 +205,8 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
         add({ family: 'deep', op: label(op), method: op.method, url, headers: { ...asAdmin, ...wrongVersion, 'content-type': 'application/json' }, payload, expect });
       }
     }
+    // No body at all (and so no Content-Type): refused, except where an absent body means the defaults (a snapshot).
+    if (label(op) !== 'POST /v1/sessions/{name}/snapshots') add({ family: 'json', op: label(op), method: op.method, url, headers: asAdmin, expect: notObject(label(op)) });
     // Over the route's body limit: declared, and chunked.
     add({ family: 'oversized', op: label(op), method: op.method, url, headers: { ...asAdmin, 'content-type': 'application/json' }, payload: `{"pad":"${'x'.repeat(140_000)}"}`, expect: 'BODY_TOO_LARGE' });
   }
@@ -267,6 +270,10 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     [{ name: 'fresh', params: [param({})], extra: 1 }, 'INVALID_BODY'],
     [{ name: 'fresh', params: [param({ dtype: 'float64' })] }, 'INVALID_TENSOR'],
     [{ name: 'fresh', params: [param({ extra: 1 })] }, 'INVALID_BODY'],
+    // safetensors keeps its metadata under "__metadata__": a parameter of that name could never be read as one.
+    [{ name: 'fresh', params: [param({ name: '__metadata__' })] }, 'INVALID_TENSOR'],
+    // Object.prototype's names are not spellings of NaN.
+    ...each([['toString', 1], [1, 'constructor'], ['__proto__', 1], ['hasOwnProperty', 1]], (data) => ({ name: 'fresh', params: [param({ data })] }), 'INVALID_TENSOR'),
   ];
   for (const [payload, expect] of createVariants) add({ family: 'create', op: 'POST /v1/sessions', method: 'POST', url: '/v1/sessions', headers: asAdmin, payload: payload as object, expect });
   for (const spelling of NONFINITE_JSON) {
@@ -291,7 +298,16 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     // worker and samples are validated in every session (and used in a session with aggregation).
     ...['', 'a b', 'ü', 'x'.repeat(129), 5, null, [], {}, 'a:b'].map((worker): [unknown, string] => [{ grads: good, worker }, 'INVALID_BODY']),
     ...[0, -1, 1.5, 'x', 2 ** 31, null, []].map((samples): [unknown, string] => [{ grads: good, samples }, 'INVALID_BODY']),
+    // Object.prototype's names are not spellings of NaN: a type error, not a non-finite gradient.
+    ...['toString', 'constructor', 'valueOf', '__proto__'].map((v): [unknown, string] => [{ grads: { ...good, b: [1, 2, 3, v] } }, 'INVALID_TENSOR']),
   ];
+  // A tensor's shape or dtype nested thousands deep: the error message describes it (writing it as JSON overflowed the stack: a 500).
+  const deepObject = '{"a":'.repeat(5000) + '1' + '}'.repeat(5000);
+  for (const [key, code] of [['dtype', 'INVALID_TENSOR'], ['shape', 'SHAPE_MISMATCH']] as const) {
+    const shape = key === 'shape' ? `[3,${deepObject}]` : '[3,4]';
+    const payload = `{"grads":{"w":{"shape":${shape},"data":[${good.w.join(',')}]${key === 'dtype' ? `,"dtype":${deepObject}` : ''}}}}`;
+    add({ family: 'deep', op: 'POST /v1/sessions/{name}/step', method: 'POST', url: '/v1/sessions/alpha/step', headers: { ...asAdmin, 'content-type': 'application/json' }, payload, expect: code });
+  }
   for (const [payload, expect] of stepVariants) add({ family: 'step', op: 'POST /v1/sessions/{name}/step', method: 'POST', url: stepUrl, headers: asAdmin, payload: payload as object, expect });
   for (const query of ['worker=a%20b', `worker=${'w'.repeat(129)}`, 'worker=', 'samples=0', 'samples=x', 'samples=2147483648', 'wait=0', 'wait=3601', 'wait=x', 'wait=1.5']) {
     add({ family: 'step', op: 'POST /v1/sessions/{name}/step', method: 'POST', url: `${stepUrl}?${query}`, headers: asAdmin, payload: gradBody(3), expect: 'INVALID_QUERY' });
@@ -389,6 +405,10 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     // Two files back to back: a zip is read from its end (the second archive), a safetensors file from its start.
     add({ family: 'file', op, method: op.split(' ')[0], url, headers: headers(pick(types)), payload: Buffer.concat([file, file]), expect: safetensors ? 'SAFETENSORS_HEADER_INVALID' : parses });
   }
+  // A checkpoint file whose step is negative: refused as its JSON form is (the file's step is any Python int).
+  const negative = readTorchSave(files.checkpointPt) as PyDict;
+  negative.set('step', -1n);
+  add({ family: 'file', op: 'PUT /v1/sessions/{name}/checkpoint', method: 'PUT', url: '/v1/sessions/alpha/checkpoint', headers: { ...asAdmin, 'content-type': 'application/octet-stream' }, payload: torchSaveToBuffer(negative), expect: 'INVALID_STATE_DICT' });
   const stHeaders = { ...asAdmin, 'content-type': 'application/x-safetensors' };
   const w = (data: Float32Array | Buffer, over: object = {}) => ({ shape: [3, 4], data, ...over });
   const twelve = () => new Float32Array(12).fill(0.5);

@@ -74,6 +74,8 @@ export interface CheckpointInput {
 /** A checkpoint {"model", "optimizer", "step"} from a torch.save file. */
 export function readCheckpointFile(body: Buffer): CheckpointInput {
   const checkpoint = toCheckpoint(readTorchSave(body), { toFloat32: true });
+  // As the JSON form's schema checks it (the file's step is any Python int).
+  if (checkpoint.step < 0) throw errors.invalidStateDict('step', 'must be >= 0');
   const params: CheckpointInput['params'] = new Map();
   for (const [name, tensor] of checkpoint.model.tensors) params.set(name, { shape: tensor.shape, data: float32Of(tensor, `model.${name}`).data });
   return { stateDict: loadedFromAsgd(checkpoint.optimizer), params, step: checkpoint.step };

@@ -21,6 +21,8 @@ function assertParamName(value: unknown, field: string): string {
   if (typeof value !== 'string' || value.length === 0 || value.length > PARAM_NAME_MAX || /[\u0000-\u001f\u007f]/.test(value)) {
     throw errors.invalidTensor(field, `parameter names must be 1-${PARAM_NAME_MAX} characters without control characters`);
   }
+  // A safetensors file keeps its metadata under this key: such a parameter could never be read or stepped in one.
+  if (value === '__metadata__') throw errors.invalidTensor(field, '"__metadata__" is reserved (safetensors keeps its metadata under it)');
   return value;
 }
 

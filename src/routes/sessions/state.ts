@@ -96,7 +96,8 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
       response: { 200: Session, ...errorResponses(400, 401, 403, 404, 412, 413, 415) },
     },
   }, async (request, reply) => {
-    const body = jsonOrFile(request.body, StateDictIn);
+    // A state_dict that is not there is a malformed state_dict (the code of its other structural errors).
+    const body = jsonOrFile(request.body, StateDictIn, (message) => errors.invalidStateDict('body', message.replace(/^body: /, '')));
     const stateDict = Buffer.isBuffer(body) ? readStateDictBody(contentFormat(request), body) : parseStateDict(body);
     const session = await fastify.sessions.load(request.params.name, { stateDict }, { ifMatch: ifMatchOf(request), reason: 'load_state_dict' });
     setVersion(reply, session.version);
