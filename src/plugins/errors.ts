@@ -90,6 +90,11 @@ export function toApiError(err: unknown, request: FastifyRequest): ApiError {
       return errors.invalidJson(e.message);
   }
   if (e instanceof SyntaxError || (e?.statusCode === 400 && /JSON/i.test(e.message ?? ''))) return errors.invalidJson(e.message);
+  // The client hung up while its body was being read (Node's "aborted", code ECONNRESET): nobody is left to
+  // answer, and it is not the database's ECONNRESET (a 503 and an error line in the operator's log).
+  if (e?.code === 'ECONNRESET' && (request.raw.readableAborted || request.raw.destroyed)) {
+    return errors.badRequest('the client closed the connection before its body arrived in full');
+  }
   switch (classifyDbError(err)) {
     case 'retryable':
       return errors.unavailable('the database is unreachable; retry shortly');

@@ -1,6 +1,8 @@
 // What an operator reads: request lines at a level per route (ASGD_LOG_REQUESTS), no key written twice on a
 // line, the client's X-Request-Id kept, the start-up banner, and GET / pointing at the docs and dashboard.
 import assert from 'node:assert/strict';
+import type { AddressInfo } from 'node:net';
+import { connect } from 'node:net';
 import { Writable } from 'node:stream';
 import { test, type TestContext } from 'node:test';
 import { buildApp } from '../../src/app.ts';
@@ -59,6 +61,30 @@ test('ASGD_LOG_REQUESTS=auto (the default): step and params requests log at debu
   const read = requestLines(lines, '/v1/sessions/quiet').map((l) => l.entry.msg);
   assert.deepEqual(read, ['incoming request', 'request completed'], 'other routes log both lines at info');
   for (const line of lines) assert.deepEqual(duplicateKeys(line.raw), [], line.raw);
+});
+
+test('a client that hangs up in the middle of its upload is no error of the service: no error line, no 5xx counted', { timeout: 120_000 }, async (t) => {
+  const { app, lines } = await loggedApp(t);
+  await createSession(app, 'cut', {});
+  await app.listen({ port: 0, host: '127.0.0.1' });
+  const { port } = app.server.address() as AddressInfo;
+  for (const path of ['/v1/sessions/cut/step', '/v1/sessions/cut/state_dict']) {
+    await new Promise<void>((resolve, reject) => {
+      const socket = connect(port, '127.0.0.1', () => {
+        socket.write(`${path.endsWith('step') ? 'POST' : 'PUT'} ${path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"grads": {"w": [`);
+        setTimeout(() => socket.destroy(), 100);
+      });
+      socket.on('close', () => resolve());
+      socket.on('error', reject);
+    });
+  }
+  // The server sees the hang-up a moment later.
+  for (let i = 0; i < 50 && !lines.some((l) => /closed|aborted/i.test(String(l.entry.msg))); i++) await new Promise((r) => setTimeout(r, 20));
+  const errorLines = lines.filter((l) => Number(l.entry.level) >= 50);
+  assert.deepEqual(errorLines.map((l) => l.raw), []);
+  const metrics = (await app.inject({ url: '/metrics' })).body;
+  assert.deepEqual(metrics.split('\n').filter((l) => l.startsWith('asgd_http_requests_total') && /status_code="5/.test(l)), []);
+  assert.ok(lines.some((l) => /closed the connection/.test(String(l.entry.msg))), 'an info line says the client went away');
 });
 
 test('ASGD_LOG_REQUESTS: all, errors and none; a bad value is refused naming the variable', { timeout: 120_000 }, async (t) => {
