@@ -87,7 +87,9 @@ export function readSafetensors(input: Uint8Array, options: SafetensorsReadOptio
 function parseHeader(bytes: Buffer): Record<string, unknown> {
   let text: string;
   try {
-    text = new TextDecoder('utf-8', { fatal: true }).decode(bytes);
+    // ignoreBOM keeps a leading byte-order mark in the text, where JSON.parse refuses it, as the safetensors
+    // library (serde_json) does: the header is JSON, and JSON has no BOM.
+    text = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true }).decode(bytes);
   } catch {
     throw headerError('header is not valid UTF-8');
   }

@@ -140,6 +140,11 @@ describe('safetensors reader refuses hostile files', () => {
     refused(file([1, 2]), 'SAFETENSORS_HEADER_INVALID', /object/);
     refused(file({ x: 'nope' }), 'SAFETENSORS_HEADER_INVALID');
     refused(file({ __metadata__: { a: 1 } }), 'SAFETENSORS_HEADER_INVALID', /__metadata__\.a/);
+    // A byte-order mark before the JSON: the safetensors library refuses it (JSON has none), so do we.
+    const json = Buffer.from('\ufeff{}', 'utf8');
+    const length = Buffer.alloc(8);
+    length.writeBigUInt64LE(BigInt(json.length));
+    refused(Buffer.concat([length, json]), 'SAFETENSORS_HEADER_INVALID', /JSON/);
   });
 
   test('offsets: overlapping, gaps, past the end, trailing bytes, inverted, non-integers', () => {
