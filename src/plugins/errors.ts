@@ -122,8 +122,31 @@ export function unsupportedMediaType(request: FastifyRequest): ApiError {
 export const acceptedTypes = (request: FastifyRequest): string[] =>
   (request.routeOptions.schema as { consumes?: string[] } | undefined)?.consumes ?? ['application/json'];
 
+/** The decimal text of a query parameter whose schema is a number (before AJV coerces the text). */
+const DECIMAL = { integer: /^-?[0-9]{1,16}$/, number: /^-?[0-9]{1,16}(\.[0-9]{1,20})?$/ } as const;
+
+/**
+ * A query parameter typed integer or number must be written in decimal. AJV's coercion takes whatever
+ * JavaScript's Number() reads: "Infinity" passed every bound (a round contribution with ?wait=Infinity spun
+ * on a 1 ms timer), and "1e400", "0x10" and " 5" were numbers too.
+ */
+export function checkNumericQuery(request: FastifyRequest): void {
+  const properties = (request.routeOptions.schema?.querystring as { properties?: Record<string, { type?: unknown }> } | undefined)?.properties;
+  if (!properties) return;
+  for (const [key, value] of Object.entries((request.query ?? {}) as Record<string, unknown>)) {
+    const type = properties[key]?.type;
+    if (type !== 'integer' && type !== 'number') continue;
+    for (const text of Array.isArray(value) ? value : [value]) {
+      if (typeof text === 'string' && !DECIMAL[type].test(text)) {
+        throw errors.invalidQuery(key, type === 'integer' ? 'must be a whole number written in decimal' : 'must be a decimal number');
+      }
+    }
+  }
+}
+
 export default fp(
   async function errorsPlugin(fastify: FastifyInstance) {
+    fastify.addHook('preValidation', async (request) => checkNumericQuery(request));
     fastify.setErrorHandler((err, request, reply) => {
       const api = toApiError(err, request);
       if (api.statusCode >= 500) request.log.error({ err }, 'request failed');

@@ -309,7 +309,10 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     add({ family: 'deep', op: 'POST /v1/sessions/{name}/step', method: 'POST', url: '/v1/sessions/alpha/step', headers: { ...asAdmin, 'content-type': 'application/json' }, payload, expect: code });
   }
   for (const [payload, expect] of stepVariants) add({ family: 'step', op: 'POST /v1/sessions/{name}/step', method: 'POST', url: stepUrl, headers: asAdmin, payload: payload as object, expect });
-  for (const query of ['worker=a%20b', `worker=${'w'.repeat(129)}`, 'worker=', 'samples=0', 'samples=x', 'samples=2147483648', 'wait=0', 'wait=3601', 'wait=x', 'wait=1.5']) {
+  // Numbers in a query are decimal: Infinity passed every bound once (a contribution's ?wait=Infinity spun on a 1 ms timer).
+  const notDecimal = ['Infinity', '-Infinity', '1e400', '1e1', '0x10', '%205', '+5', '5%20'];
+  for (const query of ['worker=a%20b', `worker=${'w'.repeat(129)}`, 'worker=', 'samples=0', 'samples=x', 'samples=2147483648', 'wait=0', 'wait=3601', 'wait=x', 'wait=1.5',
+    ...notDecimal.flatMap((n) => [`wait=${n}`, `samples=${n}`, `base_version=${n}`])]) {
     add({ family: 'step', op: 'POST /v1/sessions/{name}/step', method: 'POST', url: `${stepUrl}?${query}`, headers: asAdmin, payload: gradBody(3), expect: 'INVALID_QUERY' });
   }
   // Contributions to the open round of `gamma` (one from g1): every bad one refused, the round as it was.
@@ -370,7 +373,11 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
       add({ family: 'query', op: label(op), method: 'GET', url: `${urlOf(op)}?${query}`, headers: asAdmin, expect: query === `version=${version + 9}` ? 'VERSION_NOT_AVAILABLE' : 'INVALID_QUERY' });
     }
   }
-  for (const query of ['limit=0', 'limit=-1', 'limit=abc', 'limit=100000', `after=${'a'.repeat(200)}`, 'limit=1.5']) {
+  for (const [url, key] of [['/v1/sessions/alpha/params', 'after_version'], ['/v1/sessions/alpha/metrics', 'limit'], ['/v1/sessions/alpha/hyperparameters', 'after_version'], ['/v1/sessions/alpha/events', 'after_version']]) {
+    const op = `GET ${url.replace('alpha', '{name}')}`;
+    for (const n of notDecimal) add({ family: 'query', op, method: 'GET', url: `${url}?${key}=${n}${key === 'after_version' && url.endsWith('params') ? '&wait=1' : ''}`, headers: asAdmin, expect: 'INVALID_QUERY' });
+  }
+  for (const query of ['limit=0', 'limit=-1', 'limit=abc', 'limit=100000', `after=${'a'.repeat(200)}`, 'limit=1.5', ...notDecimal.map((n) => `limit=${n}`)]) {
     add({ family: 'query', op: 'GET /v1/sessions', method: 'GET', url: `/v1/sessions?${query}`, headers: asAdmin, expect: 'INVALID_QUERY' });
   }
 

@@ -1,6 +1,7 @@
 // Conditional reads (If-None-Match -> 304), waiting reads (after_version + wait) and the event stream.
 import assert from 'node:assert/strict';
 import http from 'node:http';
+import { connect } from 'node:net';
 import { test } from 'node:test';
 import { buildTestApp, randomData } from '../helper.ts';
 
@@ -210,4 +211,30 @@ test('a waiting read whose client disconnects is released at once; waiters are a
   await app.close();
   assert.equal(await answered, 304);
   assert.ok(Date.now() - closing < 5000, `closed in ${Date.now() - closing} ms`);
+});
+
+test('event streams whose clients hang up while the session is looked up are released; HEAD answers the headers and holds nothing', async (t) => {
+  const { app } = await buildTestApp(t);
+  await app.listen({ port: 0, host: '127.0.0.1' });
+  const { port } = app.server.address() as { port: number };
+  await setup(app, 'h');
+  // Each client sends its request and hangs up a moment later, most of them during the lookup.
+  for (let round = 0; round < 4; round++) {
+    await Promise.all(Array.from({ length: 100 }, (_, i) => new Promise<void>((resolve) => {
+      const socket = connect(port, '127.0.0.1');
+      socket.on('error', () => {});
+      socket.on('close', () => resolve());
+      socket.on('connect', () => {
+        socket.write('GET /v1/sessions/h/events HTTP/1.1\r\nHost: x\r\n\r\n');
+        setTimeout(() => socket.destroy(), i % 3);
+      });
+    })));
+  }
+  const deadline = Date.now() + 5000;
+  while (app.versions.stats().streams > 0 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20));
+  assert.equal(app.versions.stats().streams, 0, 'every slot released');
+  const head = await new Promise<http.IncomingMessage>((resolve, reject) => http.request(`http://127.0.0.1:${port}/v1/sessions/h/events`, { method: 'HEAD' }, resolve).on('error', reject).end());
+  assert.equal(head.statusCode, 200);
+  assert.match(String(head.headers['content-type']), /^text\/event-stream/);
+  assert.equal(app.versions.stats().streams, 0);
 });

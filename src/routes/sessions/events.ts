@@ -34,6 +34,8 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   }, async (request, reply) => {
     const { name } = request.params;
     const current = await fastify.sessions.get(name); // 404 before the stream starts
+    // HEAD: the stream's headers and no stream (a body would never be sent, and the slot held until the client gave up).
+    if (request.method === 'HEAD') return reply.header('content-type', 'text/event-stream; charset=utf-8').header('cache-control', 'no-cache, no-transform').send('');
     const resume = request.query.after_version ?? (request.headers['last-event-id'] !== undefined ? Number(request.headers['last-event-id']) : null);
     let sent = resume ?? current.version;
     const res = reply.raw;
@@ -105,6 +107,11 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     });
     write('retry: 2000\n\n');
     res.on('close', end);
+    // A client that hung up while the session was looked up closed before this listener: release its slot now.
+    if (request.raw.socket.destroyed) {
+      end();
+      return;
+    }
     keepAlive = setInterval(() => write(': keep-alive\n\n'), KEEP_ALIVE_MS);
     keepAlive.unref();
     // A commit between the read above and the subscription is not missed: once this process listens to the
