@@ -132,6 +132,10 @@ export function loadConfig(env: Env = process.env): Config {
   if (!LOG_REQUESTS.includes(logRequests)) throw new ConfigError(`ASGD_LOG_REQUESTS must be one of ${LOG_REQUESTS.join(', ')}, got ${JSON.stringify(logRequests)}`);
   const adminToken = env.ASGD_ADMIN_TOKEN?.trim() || null;
   if (adminToken !== null && adminToken.length < 16) throw new ConfigError('ASGD_ADMIN_TOKEN must be at least 16 characters');
+  // What an Authorization: Bearer header can carry (src/plugins/auth.ts): a token outside it could never log in.
+  if (adminToken !== null && !/^[\x21-\x7e]{16,512}$/.test(adminToken)) {
+    throw new ConfigError('ASGD_ADMIN_TOKEN must be at most 512 characters of visible ASCII (no spaces): a bearer token cannot carry others');
+  }
   const config: Config = {
     host: env.HOST?.trim() || '127.0.0.1',
     port: int(env, 'PORT', 8080, 0, 65535),

@@ -259,6 +259,11 @@ test('without an admin token auth is off, and only loopback is allowed', async (
   assert.throws(() => testConfig({ HOST: '0.0.0.0' }), (err: Error) => err instanceof ConfigError && /refusing to listen on 0\.0\.0\.0/.test(err.message));
   assert.throws(() => testConfig({ HOST: '10.1.2.3' }), ConfigError);
   assert.throws(() => testConfig({ HOST: '0.0.0.0', ASGD_ADMIN_TOKEN: 'short' }), /at least 16/);
+  // A token no Authorization header can carry would start a service nobody can administer.
+  for (const token of ['correct horse battery staple 42', 'x'.repeat(513), `${'y'.repeat(20)}é`]) {
+    assert.throws(() => testConfig({ HOST: '0.0.0.0', ASGD_ADMIN_TOKEN: token }), /ASGD_ADMIN_TOKEN must be at most 512 characters of visible ASCII/);
+  }
+  assert.equal(testConfig({ ASGD_ADMIN_TOKEN: 'z'.repeat(512) }).adminToken, 'z'.repeat(512));
   assert.equal(testConfig({ HOST: '0.0.0.0', ASGD_ADMIN_TOKEN: ADMIN }).host, '0.0.0.0');
   assert.equal(testConfig({ HOST: '0.0.0.0', ASGD_ALLOW_INSECURE: 'true' }).adminToken, null);
   for (const host of ['127.0.0.1', 'localhost', '::1', '127.9.9.9']) assert.equal(testConfig({ HOST: host }).host, host);
