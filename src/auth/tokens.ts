@@ -91,6 +91,12 @@ export function createTokenStore(db: Database) {
       return updated ?? row;
     },
 
+    /** Whether the stored token `id` exists and is not revoked (for what outlives a request: event streams). */
+    async isActive(id: string): Promise<boolean> {
+      const [row] = await db.orm.select({ revokedAt: tokens.revokedAt }).from(tokens).where(eq(tokens.id, id));
+      return row !== undefined && row.revokedAt === null;
+    },
+
     /** The principal a presented token stands for, or null (unknown, malformed, revoked or wrong secret). */
     async verify(presented: string): Promise<Principal | null> {
       const id = tokenIdOf(presented);

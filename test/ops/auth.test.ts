@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
+import http from 'node:http';
 import { test } from 'node:test';
 import { buildTestApp, createTestDatabase, TEST_DB_KIND, testConfig } from '../helper.ts';
 import { buildApp } from '../../src/app.ts';
@@ -267,4 +268,47 @@ test('without an admin token auth is off, and only loopback is allowed', async (
   assert.equal(testConfig({ HOST: '0.0.0.0', ASGD_ADMIN_TOKEN: ADMIN }).host, '0.0.0.0');
   assert.equal(testConfig({ HOST: '0.0.0.0', ASGD_ALLOW_INSECURE: 'true' }).adminToken, null);
   for (const host of ['127.0.0.1', 'localhost', '::1', '127.9.9.9']) assert.equal(testConfig({ HOST: host }).host, host);
+});
+
+test('an event stream opened with a token ends once the token is revoked, and sends nothing after', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  await createSession(app, 'watched');
+  const token = await createToken(app, 'read', ['watched']);
+  const id = token.split('_')[1];
+  await app.listen({ port: 0, host: '127.0.0.1' });
+  const { port } = app.server.address() as { port: number };
+  const open = (headers: Record<string, string>) => {
+    const state = { text: '', ended: false, status: 0 };
+    const req = http.get(`http://127.0.0.1:${port}/v1/sessions/watched/events`, { headers }, (res) => {
+      state.status = res.statusCode ?? 0;
+      res.setEncoding('utf8');
+      res.on('data', (chunk) => (state.text += chunk));
+      res.on('end', () => (state.ended = true));
+      res.on('close', () => (state.ended = true));
+    });
+    req.on('error', () => (state.ended = true));
+    return state;
+  };
+  const until = async (check: () => boolean, ms = 5000) => {
+    const deadline = Date.now() + ms;
+    while (!check()) {
+      assert.ok(Date.now() < deadline, JSON.stringify(app.versions.stats()));
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  };
+  const revokedOne = open(bearer(token));
+  const adminOne = open(asAdmin);
+  await until(() => revokedOne.status === 200 && adminOne.status === 200 && app.versions.stats().streams === 2);
+  assert.equal((await step(app, 'watched', 1)).statusCode, 200);
+  await until(() => revokedOne.text.includes('event: version') && adminOne.text.includes('event: version'));
+  assert.equal((await app.inject({ method: 'DELETE', url: `/v1/tokens/${id}`, headers: asAdmin })).statusCode, 204);
+  await new Promise((resolve) => setTimeout(resolve, 1100)); // past the stream's one-second trust in its token
+  assert.equal((await step(app, 'watched', 2)).statusCode, 200);
+  await until(() => adminOne.text.includes('"version":3'));
+  await until(() => revokedOne.ended);
+  assert.ok(!revokedOne.text.includes('"version":3'), 'nothing is sent after the revocation');
+  await until(() => app.versions.stats().streams === 1);
+  const again = open(bearer(token));
+  await until(() => again.status !== 0);
+  assert.equal(again.status, 401);
 });

@@ -9,6 +9,8 @@ import { errorResponses, NameParams } from '../schemas.ts';
 import { ACCESS } from '../common.ts';
 
 export const KEEP_ALIVE_MS = 15_000;
+/** How long a stream trusts that its token is not revoked before it asks again (when it has an event to send). */
+const TOKEN_RECHECK_MS = 1000;
 
 /** The `kind` of a version that is not a step, from the reason of the snapshot it wrote. */
 const KIND_OF_REASON: Record<string, string> = { load_state_dict: 'load', load_checkpoint: 'load', restore: 'restore', create: 'create', fork: 'create' };
@@ -51,6 +53,17 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     const write = (text: string) => {
       if (!ended) res.write(text);
     };
+    // A stream opened with a stored token ends once the token is revoked, on any replica: checked before an
+    // event is sent (at most once a second) and at each keep-alive. The admin token and auth off have no row.
+    const tokenId = request.auth && request.auth.tokenId !== 'admin' && request.auth.tokenId !== 'anonymous' ? request.auth.tokenId : null;
+    let allowedUntil = Date.now() + TOKEN_RECHECK_MS;
+    const allowed = async (): Promise<boolean> => {
+      if (tokenId === null || Date.now() < allowedUntil) return true;
+      const active = await fastify.tokens.isActive(tokenId).catch(() => true); // the database away: the next check decides
+      if (active) allowedUntil = Date.now() + TOKEN_RECHECK_MS;
+      else end();
+      return active;
+    };
 
     // Reads the latest version once per burst of signals: a signal during a read asks for one more read.
     let reading = false;
@@ -79,6 +92,7 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
           }
           const { session, point, reason } = change;
           if (session.version <= sent) continue;
+          if (!(await allowed())) return;
           sent = session.version;
           const data = point
             ? { version: session.version, step: session.step, time: point.createdAt.toISOString(), kind: 'step', staleness: point.staleness, ...(point.metrics && { metrics: point.metrics }) }
@@ -112,7 +126,10 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       end();
       return;
     }
-    keepAlive = setInterval(() => write(': keep-alive\n\n'), KEEP_ALIVE_MS);
+    keepAlive = setInterval(() => {
+      allowedUntil = 0;
+      void allowed().then((ok) => ok && write(': keep-alive\n\n'));
+    }, KEEP_ALIVE_MS);
     keepAlive.unref();
     // A commit between the read above and the subscription is not missed: once this process listens to the
     // session (its steps are announced from then on), read once more. If the lease cannot be taken now, the
