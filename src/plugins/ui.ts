@@ -81,6 +81,27 @@ export function loadUiAssets(root = UI_ROOT): Map<string, UiAsset> {
   return assets;
 }
 
+/** If-None-Match against a file's tag (RFC 9110 13.1.2): weak comparison, a list, or "*". */
+export function etagMatches(header: string | string[] | undefined, etag: string): boolean {
+  if (header === undefined) return false;
+  const value = Array.isArray(header) ? header.join(',') : header;
+  if (value.trim() === '*') return true;
+  const strong = etag.replace(/^W\//, '');
+  return value.split(',').slice(0, 64).some((tag) => tag.trim().replace(/^W\//, '') === strong);
+}
+
+/** The content coding to send for an Accept-Encoding header: br, then gzip, each only with a q above 0. */
+export function pickEncoding(header: string | undefined): 'br' | 'gzip' | null {
+  const q = new Map<string, number>();
+  for (const part of String(header ?? '').split(',').slice(0, 64)) {
+    const [coding, ...params] = part.trim().toLowerCase().split(';');
+    const weight = params.map((p) => /^\s*q=([0-9.]+)\s*$/.exec(p)?.[1]).find((v) => v !== undefined);
+    if (coding) q.set(coding, weight === undefined ? 1 : Number(weight));
+  }
+  const wanted = (coding: string) => (q.get(coding) ?? (q.has(coding) ? 0 : q.get('*') ?? 0)) > 0;
+  return wanted('br') ? 'br' : wanted('gzip') ? 'gzip' : null;
+}
+
 async function send(request: FastifyRequest, reply: FastifyReply, file: UiAsset) {
   reply.header('content-type', file.type);
   reply.header('etag', file.etag);
@@ -88,9 +109,8 @@ async function send(request: FastifyRequest, reply: FastifyReply, file: UiAsset)
   reply.header('cache-control', 'no-cache');
   reply.header('vary', 'accept-encoding');
   reply.header('x-content-type-options', 'nosniff');
-  if (request.headers['if-none-match'] === file.etag) return reply.status(304).send();
-  const accept = String(request.headers['accept-encoding'] ?? '');
-  const encoding = /\bbr\b/.test(accept) ? 'br' : /\bgzip\b/.test(accept) ? 'gzip' : null;
+  if (etagMatches(request.headers['if-none-match'], file.etag)) return reply.status(304).send();
+  const encoding = pickEncoding(request.headers['accept-encoding']);
   if (encoding) reply.header('content-encoding', encoding);
   return reply.send(encoding ? await file.encoded(encoding) : file.identity);
 }

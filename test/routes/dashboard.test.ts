@@ -128,6 +128,13 @@ test('/ui: the dashboard\'s files, public with auth on, compressed, revalidated 
   const again = await app.inject({ url: '/ui/vendor/uPlot.esm.js', headers: { 'if-none-match': plain.headers.etag as string } });
   assert.equal(again.statusCode, 304);
   assert.equal(again.body, '');
+  // If-None-Match compares weakly, takes a list and "*" (RFC 9110); Accept-Encoding's q=0 refuses a coding.
+  const etag = plain.headers.etag as string;
+  for (const tag of [`W/${etag}`, `"other", ${etag}`, '*']) assert.equal((await app.inject({ url: '/ui/vendor/uPlot.esm.js', headers: { 'if-none-match': tag } })).statusCode, 304, tag);
+  assert.equal((await app.inject({ url: '/ui/vendor/uPlot.esm.js', headers: { 'if-none-match': '"other"' } })).statusCode, 200);
+  for (const [accept, coding] of [['br;q=0, gzip;q=0', undefined], ['br;q=0, gzip', 'gzip'], ['*', 'br'], ['*;q=0', undefined], ['gzip;q=0.5, br;q=0', 'gzip'], ['identity', undefined]] as const) {
+    assert.equal((await app.inject({ url: '/ui/vendor/uPlot.esm.js', headers: { 'accept-encoding': accept } })).headers['content-encoding'], coding, accept);
+  }
   const js = await app.inject({ url: '/ui/js/main.js' });
   assert.match(js.headers['content-type'] as string, /^text\/javascript/);
   for (const missing of ['/ui/nope.js', '/ui/tsconfig.json', '/ui/../package.json', '/ui/js/../../src/app.ts']) {
