@@ -123,12 +123,13 @@ export const acceptedTypes = (request: FastifyRequest): string[] =>
   (request.routeOptions.schema as { consumes?: string[] } | undefined)?.consumes ?? ['application/json'];
 
 /** The decimal text of a query parameter whose schema is a number (before AJV coerces the text). */
-const DECIMAL = { integer: /^-?[0-9]{1,16}$/, number: /^-?[0-9]{1,16}(\.[0-9]{1,20})?$/ } as const;
+const DECIMAL = { integer: /^-?[0-9]{1,16}(\.0{1,20})?$/, number: /^-?[0-9]{1,16}(\.[0-9]{1,20})?$/ } as const;
 
 /**
  * A query parameter typed integer or number must be written in decimal. AJV's coercion takes whatever
  * JavaScript's Number() reads: "Infinity" passed every bound (a round contribution with ?wait=Infinity spun
- * on a 1 ms timer), and "1e400", "0x10" and " 5" were numbers too.
+ * on a 1 ms timer), and "1e400", "0x10" and " 5" were numbers too. A whole number may end in ".0", as
+ * Python's str() of a float writes it (AJV took "30.0" for 30 before, and still does).
  */
 export function checkNumericQuery(request: FastifyRequest): void {
   const properties = (request.routeOptions.schema?.querystring as { properties?: Record<string, { type?: unknown }> } | undefined)?.properties;

@@ -311,6 +311,11 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
   for (const [payload, expect] of stepVariants) add({ family: 'step', op: 'POST /v1/sessions/{name}/step', method: 'POST', url: stepUrl, headers: asAdmin, payload: payload as object, expect });
   // Numbers in a query are decimal: Infinity passed every bound once (a contribution's ?wait=Infinity spun on a 1 ms timer).
   const notDecimal = ['Infinity', '-Infinity', '1e400', '1e1', '0x10', '%205', '+5', '5%20'];
+  // A whole number written as Python writes a float is still one (?wait=30.0, ?limit=5.0), as before this check.
+  for (const url of ['/v1/sessions/alpha/metrics?limit=5.0', '/v1/sessions?limit=10.00', '/v1/sessions/alpha/params?after_version=0.0&wait=1.0']) {
+    const res = await app.inject({ url, headers: asAdmin });
+    assert.equal(res.statusCode, 200, `${url}: ${res.body}`);
+  }
   for (const query of ['worker=a%20b', `worker=${'w'.repeat(129)}`, 'worker=', 'samples=0', 'samples=x', 'samples=2147483648', 'wait=0', 'wait=3601', 'wait=x', 'wait=1.5',
     ...notDecimal.flatMap((n) => [`wait=${n}`, `samples=${n}`, `base_version=${n}`])]) {
     add({ family: 'step', op: 'POST /v1/sessions/{name}/step', method: 'POST', url: `${stepUrl}?${query}`, headers: asAdmin, payload: gradBody(3), expect: 'INVALID_QUERY' });
