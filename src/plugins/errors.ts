@@ -92,7 +92,8 @@ export function toApiError(err: unknown, request: FastifyRequest): ApiError {
   if (e instanceof SyntaxError || (e?.statusCode === 400 && /JSON/i.test(e.message ?? ''))) return errors.invalidJson(e.message);
   // The client hung up while its body was being read (Node's "aborted", code ECONNRESET): nobody is left to
   // answer, and it is not the database's ECONNRESET (a 503 and an error line in the operator's log).
-  if (e?.code === 'ECONNRESET' && (request.raw.readableAborted || request.raw.destroyed)) {
+  // (readableAborted: destroyed before its end. `destroyed` alone is true of every request read in full.)
+  if (e?.code === 'ECONNRESET' && request.raw.readableAborted) {
     return errors.badRequest('the client closed the connection before its body arrived in full');
   }
   switch (classifyDbError(err)) {
