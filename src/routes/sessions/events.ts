@@ -9,13 +9,29 @@ import { errorResponses, NameParams } from '../schemas.ts';
 import { ACCESS } from '../common.ts';
 
 export const KEEP_ALIVE_MS = 15_000;
-/** How long a stream trusts that its token is not revoked before it asks again (when it has an event to send). */
+/** How long a token found active is trusted by the streams it opened before one of them asks again. */
 const TOKEN_RECHECK_MS = 1000;
 
 /** The `kind` of a version that is not a step, from the reason of the snapshot it wrote. */
 const KIND_OF_REASON: Record<string, string> = { load_state_dict: 'load', load_checkpoint: 'load', restore: 'restore', create: 'create', fork: 'create' };
 
 const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
+  /**
+   * Whether a stored token is still active, asked at most once a second per token in this process: the
+   * streams of one token (a dashboard open in many tabs) share one query. The database away: true (the
+   * next check decides).
+   */
+  const checks = new Map<string, { until: number; active: Promise<boolean> }>();
+  const tokenActive = (tokenId: string): Promise<boolean> => {
+    const now = Date.now();
+    const known = checks.get(tokenId);
+    if (known && now < known.until) return known.active;
+    for (const [id, check] of checks) if (check.until <= now) checks.delete(id); // only a second's tokens stay
+    const active = fastify.tokens.isActive(tokenId).catch(() => true);
+    checks.set(tokenId, { until: now + TOKEN_RECHECK_MS, active });
+    return active;
+  };
+
   fastify.get('/:name/events', {
     config: ACCESS.read,
     schema: {
@@ -56,12 +72,12 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     // A stream opened with a stored token ends once the token is revoked, on any replica: checked before an
     // event is sent (at most once a second) and at each keep-alive. The admin token and auth off have no row.
     const tokenId = request.auth && request.auth.tokenId !== 'admin' && request.auth.tokenId !== 'anonymous' ? request.auth.tokenId : null;
-    let allowedUntil = Date.now() + TOKEN_RECHECK_MS;
+    const opened = Date.now();
     const allowed = async (): Promise<boolean> => {
-      if (tokenId === null || Date.now() < allowedUntil) return true;
-      const active = await fastify.tokens.isActive(tokenId).catch(() => true); // the database away: the next check decides
-      if (active) allowedUntil = Date.now() + TOKEN_RECHECK_MS;
-      else end();
+      // The request itself was authenticated a moment ago.
+      if (tokenId === null || Date.now() < opened + TOKEN_RECHECK_MS) return true;
+      const active = await tokenActive(tokenId);
+      if (!active) end();
       return active;
     };
 
@@ -126,10 +142,7 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       end();
       return;
     }
-    keepAlive = setInterval(() => {
-      allowedUntil = 0;
-      void allowed().then((ok) => ok && write(': keep-alive\n\n'));
-    }, KEEP_ALIVE_MS);
+    keepAlive = setInterval(() => void allowed().then((ok) => ok && write(': keep-alive\n\n')), KEEP_ALIVE_MS);
     keepAlive.unref();
     // A commit between the read above and the subscription is not missed: once this process listens to the
     // session (its steps are announced from then on), read once more. If the lease cannot be taken now, the
