@@ -94,10 +94,12 @@ export function optionalWhole(value: unknown, field: string, min = 0, max = Numb
  * the JSON that AJV checked against `schema` (the route's body.content['application/json'] schema; the type
  * provider cannot infer a body keyed by media type, so the schema is named here once more).
  */
-export function jsonOrFile<T extends TSchema>(body: unknown, schema: T, absent = errors.invalidBody): Static<T> | Buffer {
+export function jsonOrFile<T extends TSchema>(
+  body: unknown, schema: T, absent = (message: string): Error => errors.invalidBody(`body: ${message}`),
+): Static<T> | Buffer {
   void schema;
   // No body (and so no Content-Type): AJV checks nothing, as no media type matched.
-  if (body === undefined || body === null) throw absent('body: is required: JSON (Content-Type: application/json) or a file in a format this route takes');
+  if (body === undefined || body === null) throw absent('is required: JSON (Content-Type: application/json) or a file in a format this route takes');
   return body as Static<T> | Buffer;
 }
 

@@ -66,7 +66,7 @@ export function jsonData(values: Float32Array): (number | string)[] {
 export const jsonTensor = (values: Float32Array, shape: readonly number[]): JsonTensor => ({ shape: [...shape], data: jsonData(values) });
 
 /** A float32 scalar as a JSON value (non-finite as a string). */
-export const jsonScalar = (x: number): number | string => (Number.isFinite(x) ? x : Number.isNaN(x) ? 'NaN' : x > 0 ? 'Infinity' : '-Infinity');
+export const jsonScalar = (x: number): number | 'NaN' | 'Infinity' | '-Infinity' => (Number.isFinite(x) ? x : Number.isNaN(x) ? 'NaN' : x > 0 ? 'Infinity' : '-Infinity');
 
 export function readScalar(value: unknown, field: string): number {
   if (typeof value === 'number') return value;

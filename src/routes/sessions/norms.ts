@@ -6,9 +6,10 @@ import { Type } from 'typebox';
 import { ACCESS, setVersion } from '../common.ts';
 import { errorResponses, NameParams } from '../schemas.ts';
 import type { StateView } from '../../sessions/model.ts';
+import { jsonScalar } from '../../sessions/tensors.ts';
 
 /** A float64 that may not be finite (a diverged run): a number, or "NaN", "Infinity", "-Infinity" as in tensor data. */
-const Float = (description: string) => Type.Union([Type.Number(), Type.Union([Type.Literal('NaN'), Type.Literal('Infinity'), Type.Literal('-Infinity')])], { description });
+const Float = (description: string) => Type.Union([Type.Number(), Type.Literal('NaN'), Type.Literal('Infinity'), Type.Literal('-Infinity')], { description });
 const NONFINITE = ' ("NaN", "Infinity" or "-Infinity" when not finite)';
 
 const ParamNorm = Type.Object({
@@ -20,12 +21,6 @@ const ParamNorm = Type.Object({
   eta: Type.Union([Float('eta'), Type.Null()], { description: `ASGD's eta; null before the first step${NONFINITE}` }),
   mu: Type.Union([Float('mu'), Type.Null()], { description: `ASGD's mu; null before the first step${NONFINITE}` }),
 });
-
-/** A number as JSON carries it: non-finite ones as the strings tensor data uses. */
-export function jsonFloat(x: number): number | 'NaN' | 'Infinity' | '-Infinity' {
-  if (Number.isFinite(x)) return x;
-  return Number.isNaN(x) ? 'NaN' : x > 0 ? 'Infinity' : '-Infinity';
-}
 
 const NormsAnswer = Type.Object({
   session: Type.String(),
@@ -53,11 +48,11 @@ export function normsOf(view: StateView) {
       return {
         name: p.name,
         numel,
-        norm: jsonFloat(l2(view.paramData, offset, numel)),
-        ax_norm: jsonFloat(l2(view.axData, offset, numel)),
-        step: scalars ? jsonFloat(scalars.step) : null,
-        eta: scalars ? jsonFloat(scalars.eta) : null,
-        mu: scalars ? jsonFloat(scalars.mu) : null,
+        norm: jsonScalar(l2(view.paramData, offset, numel)),
+        ax_norm: jsonScalar(l2(view.axData, offset, numel)),
+        step: scalars ? jsonScalar(scalars.step) : null,
+        eta: scalars ? jsonScalar(scalars.eta) : null,
+        mu: scalars ? jsonScalar(scalars.mu) : null,
       };
     }),
   };

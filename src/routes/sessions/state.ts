@@ -97,7 +97,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
     },
   }, async (request, reply) => {
     // A state_dict that is not there is a malformed state_dict (the code of its other structural errors).
-    const body = jsonOrFile(request.body, StateDictIn, (message) => errors.invalidStateDict('body', message.replace(/^body: /, '')));
+    const body = jsonOrFile(request.body, StateDictIn, (message) => errors.invalidStateDict('body', message));
     const stateDict = Buffer.isBuffer(body) ? readStateDictBody(contentFormat(request), body) : parseStateDict(body);
     const session = await fastify.sessions.load(request.params.name, { stateDict }, { ifMatch: ifMatchOf(request), reason: 'load_state_dict' });
     setVersion(reply, session.version);

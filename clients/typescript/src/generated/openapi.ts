@@ -2688,15 +2688,15 @@ export interface operations {
                             name: string;
                             numel: number;
                             /** @description L2 norm of the parameter (float64 sum of squares of its float32 values) ("NaN", "Infinity" or "-Infinity" when not finite) */
-                            norm: number | ("NaN" | "Infinity" | "-Infinity");
+                            norm: number | "NaN" | "Infinity" | "-Infinity";
                             /** @description L2 norm of ASGD's averaged parameter ax ("NaN", "Infinity" or "-Infinity" when not finite) */
-                            ax_norm: number | ("NaN" | "Infinity" | "-Infinity");
+                            ax_norm: number | "NaN" | "Infinity" | "-Infinity";
                             /** @description ASGD's per-parameter step; null before its first step ("NaN", "Infinity" or "-Infinity" when not finite) */
-                            step: (number | ("NaN" | "Infinity" | "-Infinity")) | (never | null);
+                            step: (number | "NaN" | "Infinity" | "-Infinity") | (never | null);
                             /** @description ASGD's eta; null before the first step ("NaN", "Infinity" or "-Infinity" when not finite) */
-                            eta: (number | ("NaN" | "Infinity" | "-Infinity")) | (never | null);
+                            eta: (number | "NaN" | "Infinity" | "-Infinity") | (never | null);
                             /** @description ASGD's mu; null before the first step ("NaN", "Infinity" or "-Infinity" when not finite) */
-                            mu: (number | ("NaN" | "Infinity" | "-Infinity")) | (never | null);
+                            mu: (number | "NaN" | "Infinity" | "-Infinity") | (never | null);
                         }[];
                     };
                 };
