@@ -76,6 +76,10 @@ export interface StepOptions {
   encodeAt?: (view: StateView, answer: StepAnswer) => void;
   /** Checks of the caller's that need the session's layout (e.g. the answer's size), run before anything is written. */
   beforeWrite?: (layout: Layout) => void;
-  /** The client's connection (any object that stays the same across its steps): batches may wait for clients that step back to back (linger.ts). */
-  client?: object;
+  /**
+   * Who sends the step, the same across its steps: batches may wait for clients that step back to back
+   * (linger.ts). The worker id when the request names one (a pipelined RemoteASGD sends its steps over two
+   * connections), else the connection.
+   */
+  client?: object | string;
 }

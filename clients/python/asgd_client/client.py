@@ -225,7 +225,9 @@ class Client:
         request is sent again with the same Idempotency-Key (it counts once) until the round steps, or
         until ``max_wait_s`` seconds have passed (:class:`RoundPending`; None: no limit).
         A second contribution of the worker to one round raises :class:`DuplicateContribution`.
-        Without ``aggregation``, ``worker`` and ``samples`` are checked and otherwise ignored.
+        Without ``aggregation``, ``samples`` is checked and otherwise ignored, and ``worker`` tells the
+        service which steps come from one worker (its group commit never holds a step back for the same
+        worker's next one).
 
         ``returns``: "none", "params" or "averaged": the answer then also holds ``"params"`` ({name:
         tensor} at the answered version; safetensors in and out with the safetensors transport).

@@ -169,8 +169,10 @@ class RemoteASGD(torch.optim.Optimizer):
             ``base_version``, so the service applies it).
         grad_dtype: ``torch.float32`` (default), ``torch.float16`` or ``torch.bfloat16``: gradients
             travel rounded to that type (half the bytes; not bit-exact with a float32 client).
-        worker: this worker's id (1-128 of ``A-Za-z0-9._-``), in log lines and, in a session with
-            ``aggregation``, as the contributor of each round (default: ``host-pid-random``). Give each
+        worker: this worker's id (1-128 of ``A-Za-z0-9._-``), sent with every step: in log lines, as the
+            sender of a pipelined loop's steps (the service's group commit does not hold one back for the
+            same worker's next), and in a session with ``aggregation`` as the contributor of each round
+            (default: ``host-pid-random``). Give each
             worker a stable id (its rank): the round's mean adds the gradients in the order of the ids.
         aggregation: synchronous rounds for a session this optimizer creates, e.g. ``{"contributions":
             3}`` (see :meth:`asgd_client.Client.create_session`). Whether steps are rounds is the
@@ -481,9 +483,12 @@ class RemoteASGD(torch.optim.Optimizer):
                  metrics: Optional[Dict[str, float]], samples: Optional[int] = None) -> _Outcome:
         """The step's request (in the caller's or the background thread); touches no optimizer state."""
         wire = _WIRE_DTYPES[self.grad_dtype]
-        send: Dict[str, Any] = dict(returns="params", param_groups=groups, metrics=metrics, grad_dtype=wire, samples=samples)
+        # The worker id goes with every step: in a plain session it tells the service that the steps of a
+        # pipelined loop, sent over two connections, come from one worker (its group commit does not hold
+        # one step back for the next one of the same worker).
+        send: Dict[str, Any] = dict(returns="params", param_groups=groups, metrics=metrics, grad_dtype=wire, samples=samples, worker=self.worker)
         if self.aggregation is not None or self._worker_given:
-            send.update(worker=self.worker, wait=self.round_wait_s, max_wait_s=self.max_round_wait_s)
+            send.update(wait=self.round_wait_s, max_wait_s=self.max_round_wait_s)
         return self._settle(lambda: self.client.step(self.session, grads, base_version=base, **send), groups,
                             resend=lambda: self.client.step(self.session, grads, base_version=None, **send))
 
@@ -495,7 +500,7 @@ class RemoteASGD(torch.optim.Optimizer):
             return None
         handle = self.client.start_step(self.session, grads, base_version=base, returns="params", param_groups=groups, metrics=metrics,
                                         grad_dtype=_WIRE_DTYPES[self.grad_dtype], samples=samples,
-                                        worker=self.worker if self._worker_given else None)
+                                        worker=self.worker)
         return None if handle is None else _Sent(self, handle, groups)
 
     def _settle(self, call: Any, groups: Optional[List[Dict[str, Any]]], resend: Any) -> _Outcome:

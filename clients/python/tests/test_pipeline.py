@@ -2,6 +2,7 @@
 still applies exactly the gradients sent, in its version order (checked by a torch replay)."""
 
 import threading
+import urllib.parse
 import time
 import unittest
 
@@ -175,6 +176,31 @@ class PipelineMatchesReplay(ServiceTestCase):
         opt.synchronize()
         self.assertLessEqual(len(accepted) - before, 2, "connections opened by 20 pipelined steps")
         self.assertEqual(opt.step_count, 20)
+
+    def test_every_step_names_its_worker_pipelined_or_not(self):
+        # Over two connections a pipelined worker's steps look like two clients; the worker id tells the
+        # service they are one (its group commit then never holds a step back for the same worker's next).
+        workers, lock = [], threading.Lock()
+
+        def decide(req):
+            if req.path.split("?")[0].endswith("/step"):
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(req.path).query)
+                with lock:
+                    workers.append(query.get("worker", [None])[0])
+            return proxy.forward(req)
+
+        proxy, conn = self._proxy(decide)
+        for pipeline in (True, False):
+            model = make_model()
+            opt = self.remote(model.named_parameters(), pipeline=pipeline, connection=conn)
+            workers.clear()
+            for i in range(6):
+                X, y = batch(i)
+                opt.zero_grad()
+                nn.functional.mse_loss(model(X), y).backward()
+                opt.step()
+            opt.synchronize()
+            self.assertEqual(workers, [opt.worker] * 6, f"pipeline={pipeline}")
 
     def test_two_steps_in_flight_answered_out_of_order_never_move_the_model_back(self):
         # Two replicas may commit a worker's two steps in flight in either order. The proxy forwards the

@@ -31,7 +31,7 @@ const StepGroup = Type.Object({
   maximize: Type.Optional(Type.Boolean()),
 }, { description: 'Hyperparameters of one group for this step and after it (only the keys that change are needed)' });
 
-const Worker = Type.String({ pattern: `^${SESSION_NAME_SOURCE}$`, description: 'In a session with aggregation: the contributing worker (required there; like a session name)', examples: ['w0'] });
+const Worker = Type.String({ pattern: `^${SESSION_NAME_SOURCE}$`, description: 'The sending worker, like a session name. In a session with aggregation the contributor (required there); otherwise it tells which steps come from one worker: group commit never holds a step back for the next one of the same worker (a pipelined loop sends it before it reads the answer)', examples: ['w0'] });
 const Samples = Type.Integer({ minimum: 1, maximum: MAX_SAMPLES, description: 'In a session with aggregation: samples behind this gradient (counts toward target_samples)' });
 const MAX_WAIT_SECONDS = 3600;
 
@@ -198,7 +198,7 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
     const outcome = await fastify.rounds.step(name, input, {
       ifMatch: ifMatchOf(request),
       idempotencyKey,
-      client: request.raw.socket,
+      client: worker ?? request.raw.socket,
       requestHash: hash?.digest('hex'),
       baseVersion,
       paramGroups,

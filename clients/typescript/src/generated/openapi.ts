@@ -1921,7 +1921,7 @@ export interface operations {
                 /** @description Answer with the parameters (or ASGD's averaged parameters) at the answered version too: one round trip per training step */
                 return?: "none" | "params" | "averaged";
                 /**
-                 * @description In a session with aggregation: the contributing worker (required there; like a session name)
+                 * @description The sending worker, like a session name. In a session with aggregation the contributor (required there); otherwise it tells which steps come from one worker: group commit never holds a step back for the next one of the same worker (a pipelined loop sends it before it reads the answer)
                  * @example w0
                  */
                 worker?: string;
@@ -1997,7 +1997,7 @@ export interface operations {
                         [key: string]: number;
                     };
                     /**
-                     * @description In a session with aggregation: the contributing worker (required there; like a session name)
+                     * @description The sending worker, like a session name. In a session with aggregation the contributor (required there); otherwise it tells which steps come from one worker: group commit never holds a step back for the next one of the same worker (a pipelined loop sends it before it reads the answer)
                      * @example w0
                      */
                     worker?: string;
