@@ -1,11 +1,12 @@
 // The whole service as one Fastify plugin. It never listens: src/server.ts does, tests inject.
 import { createRequire } from 'node:module';
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import fp from 'fastify-plugin';
 import { AjvCompiler } from '@fastify/ajv-compiler';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyServerOptions } from 'fastify';
 import type { Config } from './config.ts';
-import { errors, type ApiError } from './errors.ts';
+import { errors, quoteValue, type ApiError } from './errors.ts';
 import type { Database } from './db/database.ts';
 import errorsPlugin, { ERROR_CODE_KEYWORD, errorBody } from './plugins/errors.ts';
 import { SESSION_NAME_SOURCE } from './sessions/spec.ts';
@@ -172,6 +173,12 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     // Opening the embedded database (PGlite compiles PostgreSQL to WebAssembly) and migrating it can take
     // well over fastify's default 10 s on a busy machine.
     pluginTimeout: 120_000,
+  });
+  // An Expect other than 100-continue: Node answers a bare 417 unless someone listens for it.
+  fastify.server.on('checkExpectation', (request: IncomingMessage, response: ServerResponse) => {
+    const body = errorText(errors.invalidHeader('Expect', `${quoteValue(request.headers.expect)} is not supported (only 100-continue)`));
+    response.writeHead(400, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), connection: 'close' });
+    response.end(body);
   });
   // fastify-plugin: the app's decorations (db, sessions) are visible on the instance tests hold.
   await fastify.register(fp(app, { name: 'asgd-serve' }), opts);

@@ -4,7 +4,7 @@ import fp from 'fastify-plugin';
 import type { Readable } from 'node:stream';
 import { errorCodes, type FastifyInstance } from 'fastify';
 import type { Config } from '../config.ts';
-import { errors } from '../errors.ts';
+import { errors, quoteValue } from '../errors.ts';
 import { BINARY_MEDIA_TYPES } from '../routes/media.ts';
 import { acceptedTypes, unsupportedMediaType } from './errors.ts';
 
@@ -21,6 +21,12 @@ export default fp(
       const bytes = body as Buffer;
       if (bytes.length > limit) {
         done(errors.jsonBodyTooLarge(limit), undefined);
+        return;
+      }
+      // JSON is UTF-8 (RFC 8259): a body announced in another charset would be misread, not refused.
+      const charset = /;\s*charset\s*=\s*"?([^";\s]*)/i.exec(request.headers['content-type'] ?? '')?.[1];
+      if (charset !== undefined && !/^utf-?8$/i.test(charset)) {
+        done(errors.unsupportedMediaType(`application/json; charset=${quoteValue(charset)}`, 'application/json (UTF-8)'), undefined);
         return;
       }
       parseJson(request, bytes.toString('utf8'), done);

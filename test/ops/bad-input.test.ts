@@ -186,7 +186,9 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     for (const type of MEDIA) {
       const headers: Record<string, string> = { ...asAdmin, ...wrongVersion, ...(type && { 'content-type': type }) };
       // Random bytes: not JSON, not a zip, not a safetensors header; types the route does not take are 415.
-      const expect = type.startsWith('application/json;') || type === 'application/json' ? 'INVALID_JSON'
+      // JSON is UTF-8: a body announced in another charset is refused before it is read as JSON.
+      const expect = type === 'application/json; charset=utf-16' ? 'UNSUPPORTED_MEDIA_TYPE'
+        : type.startsWith('application/json;') || type === 'application/json' ? 'INVALID_JSON'
         : PT_TYPES.includes(type) && accepted.includes(type) ? ZIP_DAMAGE
         : SAFETENSORS_TYPES.includes(type) && accepted.includes(type) ? 'SAFETENSORS_HEADER_INVALID'
         : 'UNSUPPORTED_MEDIA_TYPE';
@@ -348,11 +350,12 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     { 'if-match': '"abc"' }, { 'if-match': 'W/' }, { 'if-match': '""' }, { 'if-match': '"1", "2"' }, { 'if-match': `"${'9'.repeat(16)}"` }, { 'if-match': 'x'.repeat(8000) },
     { 'if-match': `"${version + 1}"` }, { 'if-match': '"-1"' },
     { 'idempotency-key': 'k'.repeat(256) }, { 'idempotency-key': 'a b' }, { 'idempotency-key': 'tab\there' }, { 'idempotency-key': '' },
-    { 'content-type': 'x'.repeat(8000) }, { 'content-type': 'application/json; charset=latin1; ' + 'p=1; '.repeat(500) }, { 'content-type': ';;;' },
+    { 'content-type': 'x'.repeat(8000) }, { 'content-type': 'application/json; charset=utf-8; ' + 'p=1; '.repeat(500) }, { 'content-type': ';;;' },
+    { 'content-type': 'application/json; charset=latin1' }, { 'content-type': 'application/json; charset="UTF-16LE"' },
   ];
-  /** A well-formed If-Match that does not match is 412; a malformed header is 400; an unreadable Content-Type 415. */
+  /** A well-formed If-Match that does not match is 412; a malformed header is 400; an unreadable Content-Type (or JSON not in UTF-8) 415. */
   const headerCode = (headers: Record<string, string>) => (headers['if-match'] === `"${version + 1}"` ? 'VERSION_MISMATCH'
-    : headers['content-type']?.startsWith('application/json;') ? 'VERSION_MISMATCH'
+    : headers['content-type']?.startsWith('application/json;') && !/charset="?utf-16|charset=latin1/i.test(headers['content-type']) ? 'VERSION_MISMATCH'
     : headers['content-type'] ? 'UNSUPPORTED_MEDIA_TYPE' : 'INVALID_HEADER');
   for (const headers of headerAbuse) {
     // A strange but valid Content-Type still gets a wrong If-Match, so the step cannot happen.
@@ -588,6 +591,10 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     ['bad version', `GET /v1/sessions HTTP/9.9\r\nHost: x\r\n\r\n`, 'BAD_REQUEST'],
     ['header without colon', `GET /v1/sessions HTTP/1.1\r\nHost: x\r\nNoColonHere\r\n\r\n`, 'BAD_REQUEST'],
     ['space before colon', `GET /v1/sessions HTTP/1.1\r\nHost : x\r\n\r\n`, 'BAD_REQUEST'],
+    // Node answers an unknown expectation with a bare 417 unless the server listens for it.
+    ['unknown Expect', `POST /v1/sessions/alpha/step HTTP/1.1\r\nHost: x\r\n${auth}Expect: nonsense\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`, 'INVALID_HEADER'],
+    // A valid JSON body in a charset other than UTF-8 would be misread as UTF-8.
+    ['JSON in UTF-16', `POST /v1/sessions/alpha/step HTTP/1.1\r\nHost: x\r\n${auth}Content-Type: application/json; charset=utf-16\r\nContent-Length: ${body.length}\r\n\r\n${body}`, 'UNSUPPORTED_MEDIA_TYPE'],
   ];
   for (const [what, request, expected] of raw) {
     const answer = await rawRequest(port, request);
