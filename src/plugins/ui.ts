@@ -13,6 +13,7 @@ import { brotliCompress, constants as zlib, gzip } from 'node:zlib';
 import fp from 'fastify-plugin';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { errors } from '../errors.ts';
+import { ifNoneMatchTags } from '../routes/common.ts';
 
 export const UI_ROOT = fileURLToPath(new URL('../../ui/', import.meta.url));
 
@@ -83,11 +84,9 @@ export function loadUiAssets(root = UI_ROOT): Map<string, UiAsset> {
 
 /** If-None-Match against a file's tag (RFC 9110 13.1.2): weak comparison, a list, or "*". */
 export function etagMatches(header: string | string[] | undefined, etag: string): boolean {
-  if (header === undefined) return false;
-  const value = Array.isArray(header) ? header.join(',') : header;
-  if (value.trim() === '*') return true;
-  const strong = etag.replace(/^W\//, '');
-  return value.split(',').slice(0, 64).some((tag) => tag.trim().replace(/^W\//, '') === strong);
+  const tags = ifNoneMatchTags(header);
+  if (tags === null || tags === '*') return tags === '*';
+  return tags.includes(etag.replace(/^W\//, ''));
 }
 
 /** The content coding to send for an Accept-Encoding header: br, then gzip, each only with a q above 0. */

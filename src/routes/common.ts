@@ -32,6 +32,18 @@ export function ifMatchOf(request: FastifyRequest): number | null {
   return Number(m[1]);
 }
 
+/**
+ * The entity tags of an If-None-Match header (RFC 9110 section 13.1.2), for weak comparison: each without
+ * its W/ prefix, as sent (quotes kept), at most 64; '*' for "any current state"; null without the header.
+ * The API's tags are versions (routes/sessions/conditional.ts), /ui's are file hashes (plugins/ui.ts).
+ */
+export function ifNoneMatchTags(header: string | string[] | undefined): string[] | '*' | null {
+  if (header === undefined) return null;
+  const value = Array.isArray(header) ? header.join(',') : header;
+  if (value.trim() === '*') return '*';
+  return value.split(',').slice(0, 64).map((tag) => tag.trim().replace(/^W\//, ''));
+}
+
 export function idempotencyKeyOf(request: FastifyRequest): string | null {
   const raw = request.headers['idempotency-key'];
   if (raw === undefined) return null;

@@ -3,7 +3,7 @@
 // newer version commits on any replica (the notifier hears it), else answers 304 when the wait ends.
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { errors } from '../../errors.ts';
-import { setVersion } from '../common.ts';
+import { ifNoneMatchTags, setVersion } from '../common.ts';
 
 export const MAX_WAIT_SECONDS = 60;
 
@@ -12,12 +12,10 @@ export const MAX_WAIT_SECONDS = 60;
  * when any tag does; "*" matches any current state. Tags that are not versions never match.
  */
 export function noneMatch(request: FastifyRequest, version: number): boolean {
-  const raw = request.headers['if-none-match'];
-  if (raw === undefined) return false;
-  const value = Array.isArray(raw) ? raw.join(',') : raw;
-  if (value.trim() === '*') return true;
-  return value.split(',').slice(0, 64).some((tag) => {
-    const m = /^\s*(?:W\/)?"?(\d{1,15})"?\s*$/.exec(tag);
+  const tags = ifNoneMatchTags(request.headers['if-none-match']);
+  if (tags === null || tags === '*') return tags === '*';
+  return tags.some((tag) => {
+    const m = /^"?(\d{1,15})"?$/.exec(tag);
     return m !== null && Number(m[1]) === version;
   });
 }
