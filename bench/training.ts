@@ -9,6 +9,8 @@ import { join } from 'node:path';
 import { bareWrites, createDatabase, describe, machineCpu, isMain, median, ms, request, ROOT, startServer, type BenchResult } from './common.ts';
 
 const WORKER = join(ROOT, 'bench', 'training_worker.py');
+/** Sub-millisecond times: two decimals. */
+const fine = (seconds: number) => `${(seconds * 1000).toFixed(2)} ms`;
 
 export interface TrainingBenchOptions {
   /** Global steps of one run (the workers share them). */
@@ -24,6 +26,8 @@ interface LoopTimes {
   start: number;
   end: number;
   loss: number | null;
+  /** CPU seconds of the loop's forward and backward passes. */
+  compute: number;
   stale_dropped?: number;
 }
 
@@ -78,11 +82,14 @@ export async function runTrainingBench(opts: TrainingBenchOptions = {}): Promise
     const remote: number[] = [];
     const local: number[] = [];
     const busy: number[] = [];
+    // CPU ms of one forward and backward pass: local, local sleeping after each step, in the remote workers.
+    const compute = { local: [] as number[], paused: [] as number[], remote: [] as number[] };
     let dropped = 0;
     let losses: string[] = [];
     for (let r = 0; r < rounds; r++) {
       const l = (await run(exe, ['local', '--steps', String(steps)])) as unknown as LoopTimes;
       local.push(l.end - l.start);
+      compute.local.push(l.compute / steps);
       const session = `training-${r}-${Date.now()}`;
       const procs = Array.from({ length: workers }, (_, rank) =>
         python(exe, ['remote', '--url', server.url, '--session', session, '--rank', String(rank), '--workers', String(workers), '--steps', String(steps / workers)]));
@@ -94,9 +101,17 @@ export async function runTrainingBench(opts: TrainingBenchOptions = {}): Promise
       const cpuAfter = machineCpu();
       busy.push((cpuAfter.busy - cpuBefore.busy) / (cpuAfter.total - cpuBefore.total));
       remote.push(wall);
+      compute.remote.push(runs.reduce((a, x) => a + x.compute, 0) / steps);
       dropped += runs.reduce((a, x) => a + (x.stale_dropped ?? 0), 0);
       losses = [`local ${l.loss?.toFixed(3)}`, ...runs.map((x, i) => `worker ${i} ${x.loss?.toFixed(3)}`)];
       log(`round ${r}: local ${ms(local[r])}, two workers ${ms(wall)}`);
+    }
+    // The same local loop sleeping 2 ms after each step, as a worker waits for its answers (not timed as a
+    // figure: only its forward and backward passes count). A round of 1000 steps is enough.
+    const pausedSteps = Math.min(steps, 1000);
+    for (let r = 0; r < Math.min(rounds, 2); r++) {
+      const p = (await run(exe, ['local', '--steps', String(pausedSteps), '--pause-ms', '2'])) as unknown as LoopTimes;
+      compute.paused.push(p.compute / pausedSteps);
     }
     const metrics = (await request(server.url, 'GET', '/metrics')).body.toString();
     const sample = (name: string) => Number(/^(\S+) (\S+)$/m.exec(metrics.split('\n').find((l) => l.startsWith(`${name} `)) ?? '')?.[2] ?? NaN);
@@ -117,6 +132,8 @@ export async function runTrainingBench(opts: TrainingBenchOptions = {}): Promise
         `medians of ${rounds} rounds (local, then the two workers), loops timed inside the processes (no start-up, import or session creation)`,
         `per step: ${ms(wall / steps)} remote (both workers together) against ${ms(base / steps)} local, forward and backward included`,
         `one optimizer step at 1e6 parameters (blocking, one request): ${ms(percall.remote)} remote against ${ms(percall.local)} for torch.optim.ASGD.step() = ${(percall.remote / percall.local).toFixed(1)}x`,
+        `forward and backward, CPU time a pass: ${fine(median(compute.local))} in the local loop; ${fine(median(compute.paused))} in the same loop sleeping 2 ms after each step; ${fine(median(compute.remote))} in the remote workers. ` +
+          'The same work: a loop that waits (its core goes idle) computes slower after each wait on this machine, so part of the remote figure is not the service\'s',
         `CPU while the workers trained: the machine was ${(100 * median(busy)).toFixed(0)}% busy (both cores; two torch workers, the service and PostgreSQL share them, where the local run has one core to itself)`,
         `floor: one bare durable INSERT of a step's gradient bytes (${9610 * 4} bytes, autocommit) takes ${ms(floor)}; the service committed ${perCommit.toFixed(2)} steps per commit (group commit), so the disk alone costs ${ms(floor / perCommit)} a global step = ${(floor / perCommit / (base / steps)).toFixed(1)}x the local step`,
         `gradients dropped as stale: ${dropped} (no max_staleness: none expected); last losses: ${losses.join(', ')}`,

@@ -1,6 +1,8 @@
 """The processes of bench/training.ts (run with a Python that has torch; the client comes from this checkout).
 
-    training_worker.py local  --steps N                        one local torch.optim.ASGD process
+    training_worker.py local  --steps N [--pause-ms P]         one local torch.optim.ASGD process (sleeping P ms
+                                                               after each step: a loop that waits, as a remote
+                                                               worker waits for its answers)
     training_worker.py remote --url U --session S --rank R --workers W --steps N
                                                                one of W workers, RemoteASGD(pipeline=True);
                                                                prints "ready", starts at a line on stdin
@@ -9,7 +11,8 @@
 
 Each prints one JSON line. Times are measured inside the process around the training loop only (not
 Python's start, the torch import or the session's creation), with time.time() so that the loops of
-several processes can be laid on one clock. The model is an MLP 64-128-10 (9,610 parameters) on
+several processes can be laid on one clock. "compute" is the CPU time (time.process_time) the loop spent in
+forward and backward: the same work in every mode, so it shows what waiting does to the CPU. The model is an MLP 64-128-10 (9,610 parameters) on
 synthetic data made here: inputs N(0, 1), labels from a fixed random linear teacher.
 """
 
@@ -42,18 +45,24 @@ def model(seed=0):
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
-def train(m, opt, X, y, steps, rank=0, workers=1):
-    """``steps`` steps on this worker's shard (rows rank, rank + workers, ...); returns the last loss."""
+def train(m, opt, X, y, steps, rank=0, workers=1, pause=0.0):
+    """``steps`` steps on this worker's shard (rows rank, rank + workers, ...), sleeping ``pause`` seconds
+    after each; returns the last loss and the CPU seconds of the forward and backward passes."""
     Xs, ys = X[rank::workers], y[rank::workers]
     n = Xs.shape[0] // BATCH
     loss = None
+    compute = 0.0
     for i in range(steps):
         k = (i % n) * BATCH
         opt.zero_grad()
+        t = time.process_time()
         loss = nn.functional.cross_entropy(m(Xs[k : k + BATCH]), ys[k : k + BATCH])
         loss.backward()
+        compute += time.process_time() - t
         opt.step()
-    return float(loss.item()) if loss is not None else None
+        if pause:
+            time.sleep(pause)
+    return (float(loss.item()) if loss is not None else None), compute
 
 
 def local(args):
@@ -61,8 +70,8 @@ def local(args):
     m = model()
     opt = torch.optim.ASGD(m.parameters(), **HYPER)
     start = time.time()
-    loss = train(m, opt, X, y, args.steps)
-    print(json.dumps({"start": start, "end": time.time(), "loss": loss, "numel": sum(p.numel() for p in m.parameters())}))
+    loss, compute = train(m, opt, X, y, args.steps, pause=args.pause_ms / 1000)
+    print(json.dumps({"start": start, "end": time.time(), "loss": loss, "compute": compute, "numel": sum(p.numel() for p in m.parameters())}))
 
 
 def remote(args):
@@ -74,10 +83,10 @@ def remote(args):
     print("ready", flush=True)  # the workers' loops start together, when the bench says so
     sys.stdin.readline()
     start = time.time()
-    loss = train(m, opt, X, y, args.steps, args.rank, args.workers)
+    loss, compute = train(m, opt, X, y, args.steps, args.rank, args.workers)
     opt.synchronize()
     end = time.time()
-    print(json.dumps({"start": start, "end": end, "loss": loss, "stale_dropped": opt.stale_dropped,
+    print(json.dumps({"start": start, "end": end, "loss": loss, "compute": compute, "stale_dropped": opt.stale_dropped,
                       "last_staleness": (opt.last_step or {}).get("staleness"), "version": opt.version}))
     opt.close()
 
@@ -118,6 +127,7 @@ def main():
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--numel", type=int, default=1_000_000)
+    parser.add_argument("--pause-ms", type=float, default=0.0)
     args = parser.parse_args()
     {"local": local, "remote": remote, "percall": percall}[args.mode](args)
 
