@@ -52,6 +52,12 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
       reply.header('connection', 'close');
       throw errors.unavailable('the server is shutting down; retry on another replica', 1);
     }
+    // RFC 9112 section 3.2: an HTTP/1.1 request without Host (or with several) is a 400.
+    const host = request.raw.headers.host;
+    if (request.raw.httpVersionMinor === 1 && request.raw.httpVersionMajor === 1 && (host === undefined || request.raw.rawHeaders.filter((_, i) => i % 2 === 0 && /^host$/i.test(_)).length !== 1)) {
+      reply.header('connection', 'close');
+      throw errors.invalidHeader('Host', host === undefined ? 'is required in HTTP/1.1' : 'must be sent once');
+    }
   });
 
   // Order matters: the limits' onRequest hook sheds load before auth touches the database; auth's onRoute
@@ -104,17 +110,62 @@ const SESSION_PATH = new RegExp(`^/v1/sessions/(${SESSION_NAME_SOURCE})(?:[/?]|$
 /** A framework-level error (bad URL, oversized headers, timeouts) in the API's error shape. */
 const errorText = (api: ApiError): string => JSON.stringify(errorBody(api));
 
-function clientErrorHandler(this: FastifyInstance, err: Error & { code?: string }, socket: Socket): void {
-  if (err.code === 'ECONNRESET' || socket.destroyed) return;
-  const api = err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? errors.requestTimeout()
-    : err.code === 'HPE_HEADER_OVERFLOW' ? errors.headersTooLarge()
-    : errors.badRequest('the request is not valid HTTP/1.1');
-  this.log.debug({ err, code: api.code }, 'client error');
-  if (socket.writable) {
-    const body = errorText(api);
-    socket.write(`HTTP/1.1 ${api.statusCode} ${api.code}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n${body}`);
+/** The API error for an HTTP parse error of Node's parser (llhttp's code), naming what was wrong where it can. */
+function parseError(err: Error & { code?: string; reason?: string }): ApiError {
+  switch (err.code) {
+    case 'ERR_HTTP_REQUEST_TIMEOUT': return errors.requestTimeout();
+    case 'HPE_HEADER_OVERFLOW': return errors.headersTooLarge();
+    case 'HPE_INVALID_CONTENT_LENGTH':
+    case 'HPE_UNEXPECTED_CONTENT_LENGTH':
+      return /transfer-encoding/i.test(err.reason ?? '') || err.code === 'HPE_UNEXPECTED_CONTENT_LENGTH'
+        ? errors.invalidHeader('Content-Length', 'may not be sent with Transfer-Encoding')
+        : errors.invalidHeader('Content-Length', 'must be one whole number of bytes, sent once');
+    case 'HPE_INVALID_TRANSFER_ENCODING':
+      return /content-length/i.test(err.reason ?? '')
+        ? errors.invalidHeader('Transfer-Encoding', 'may not be sent with Content-Length')
+        : errors.invalidHeader('Transfer-Encoding', 'only chunked is supported, as the last coding and once');
+    case 'HPE_INVALID_CHUNK_SIZE':
+    case 'HPE_CHUNK_EXTENSIONS_OVERFLOW': return errors.badRequest('body: the chunked encoding is not valid (a chunk size line)');
+    case 'HPE_INVALID_HEADER_TOKEN': return errors.badRequest('headers: a header line is not a valid "Name: value" line');
+    case 'HPE_INVALID_METHOD': return errors.badRequest('method: not a valid HTTP method');
+    case 'HPE_INVALID_URL': return errors.invalidUrl('path: is not a valid request target');
+    case 'HPE_INVALID_VERSION': return errors.badRequest('the request line: the version must be HTTP/1.0 or HTTP/1.1');
+    default: return errors.badRequest(`the request is not valid HTTP/1.1${err.reason ? ` (${err.reason.replace(/[^\x20-\x7e]/g, '?')})` : ''}`);
   }
-  socket.destroy(err);
+}
+
+const clientErrored = Symbol('asgd.clientErrored');
+
+/**
+ * A request Node's parser could not read, or one that timed out: its error in the API's shape, then the
+ * connection closes. A request read before it on the same connection (pipelined, or bytes after a body
+ * that Content-Length did not count) may still be running; it is answered first: a step committed must
+ * not be answered with the next request's 400.
+ */
+function clientErrorHandler(this: FastifyInstance, err: Error & { code?: string; reason?: string }, socket: Socket): void {
+  if (err.code === 'ECONNRESET' || socket.destroyed) return;
+  const marked = socket as Socket & { [clientErrored]?: true; _httpMessage?: ServerResponse | null };
+  if (marked[clientErrored]) return; // the parser reports again on later bytes: one answer
+  marked[clientErrored] = true;
+  const api = parseError(err);
+  this.log.debug({ err, code: api.code }, 'client error');
+  const close = () => {
+    if (socket.destroyed) return;
+    if (socket.writable) {
+      const body = errorText(api);
+      socket.write(`HTTP/1.1 ${api.statusCode} ${api.code}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n${body}`);
+    }
+    socket.destroy(err);
+  };
+  const inFlight = marked._httpMessage;
+  // Only a request read whole: one whose body is still being read is the request the error is about.
+  if (inFlight && !inFlight.writableFinished && inFlight.req?.complete && err.code !== 'ERR_HTTP_REQUEST_TIMEOUT') {
+    socket.pause(); // nothing more is read: what follows the bad bytes is not a request
+    inFlight.once('finish', close);
+    inFlight.once('close', close);
+    return;
+  }
+  close();
 }
 
 const MAX_PARAM_LENGTH = 512;
@@ -136,6 +187,8 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     http: {
       requestTimeout: config.requestTimeoutMs,
       ...(config.requestTimeoutMs > 0 && { headersTimeout: Math.min(60_000, config.requestTimeoutMs) }),
+      // A request without Host is refused by the app (onRequest, in the API's error shape), not by Node's bare 400.
+      requireHostHeader: false,
       connectionsCheckingInterval: Math.min(30_000, Math.max(100, Math.floor((config.requestTimeoutMs || 120_000) / 4))),
     },
     // A hop count is valid at runtime (fastify's trust-proxy); the typings only list the other forms.

@@ -1,0 +1,65 @@
+// A request Node's HTTP parser reads whole, followed on the same connection by bytes it cannot read: the
+// request is answered as it was handled, then the bad bytes get their error and the connection closes. A
+// step committed must not be answered with the next request's 400 (the client would take it as refused).
+import assert from 'node:assert/strict';
+import { connect } from 'node:net';
+import { test } from 'node:test';
+import { buildTestApp } from '../helper.ts';
+import { ADMIN, asAdmin, createSession, gradBody } from './support.ts';
+
+/** Writes `bytes` in one write and reads until the server closes the connection. */
+function exchange(port: number, bytes: Buffer | string): Promise<string> {
+  return new Promise((resolve) => {
+    const socket = connect(port, '127.0.0.1');
+    let answer = '';
+    socket.on('data', (d) => (answer += d.toString('latin1')));
+    socket.on('close', () => resolve(answer));
+    socket.on('error', () => resolve(answer));
+    socket.setTimeout(10_000, () => socket.destroy());
+    socket.write(bytes);
+  });
+}
+
+/** The status lines and JSON bodies of the answers in `raw`, in order. */
+function answers(raw: string): { status: number; body: Record<string, unknown> }[] {
+  const out: { status: number; body: Record<string, unknown> }[] = [];
+  let rest = raw;
+  while (rest.startsWith('HTTP/1.1 ')) {
+    const head = rest.indexOf('\r\n\r\n');
+    const length = Number(/\r\ncontent-length: *(\d+)/i.exec(rest.slice(0, head))?.[1] ?? 0);
+    out.push({ status: Number(rest.slice(9, 12)), body: JSON.parse(rest.slice(head + 4, head + 4 + length)) });
+    rest = rest.slice(head + 4 + length);
+  }
+  return out;
+}
+
+test('a step followed on its connection by bytes that are not HTTP is answered 200, then the bytes get their 4xx', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  await createSession(app, 'framed');
+  await app.listen({ host: '127.0.0.1', port: 0 });
+  const { port } = app.server.address() as { port: number };
+  const body = JSON.stringify(gradBody(1));
+  const stepRequest = `POST /v1/sessions/framed/step HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${ADMIN}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`;
+  const followers: [string, string, number, string][] = [
+    ['bytes that are no request', '\u0001garbage\r\n\r\n', 400, 'BAD_REQUEST'],
+    ['a request line of an unknown version', 'GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n', 400, 'BAD_REQUEST'],
+    ['a request with oversized headers', `GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(70_000)}\r\n\r\n`, 431, 'HEADERS_TOO_LARGE'],
+  ];
+  let version = (await app.inject({ url: '/v1/sessions/framed', headers: asAdmin })).json().version as number;
+  for (const [what, follower, status, code] of followers) {
+    const got = answers(await exchange(port, stepRequest + follower));
+    assert.equal(got.length, 2, `${what}: two answers, the step's and the error's`);
+    assert.equal(got[0].status, 200, `${what}: ${JSON.stringify(got[0].body)}`);
+    assert.equal(got[0].body.version, version + 1, what);
+    assert.equal(got[1].status, status, what);
+    assert.equal(got[1].body.code, code, what);
+    // The step was applied once, as its answer says.
+    version += 1;
+    assert.equal((await app.inject({ url: '/v1/sessions/framed', headers: asAdmin })).json().version, version, what);
+  }
+  // A request whose own body is bad still gets its error at once (it is the request the error is about).
+  const chunkedBad = `POST /v1/sessions/framed/step HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${ADMIN}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n`;
+  const bad = answers(await exchange(port, chunkedBad));
+  assert.deepEqual(bad.map((a) => [a.status, a.body.code]), [[400, 'BAD_REQUEST']]);
+  assert.equal((await app.inject({ url: '/v1/sessions/framed', headers: asAdmin })).json().version, version);
+});
