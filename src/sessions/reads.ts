@@ -58,17 +58,18 @@ export function createReads(ctx: SessionContext, history: History) {
   }
 
   /**
-   * Calls `fn` with the state at `version` under the session's lock held by the caller: this process's copy
+   * Calls `fn` with the state at version `at` (null: the current one) under the session's lock held by the caller: this process's copy
    * itself when it is there (no read, no copy), else the copy caught up from the log, else a rebuild.
    */
-  async function withStateAt(name: string, version: number, fn: (view: StateView) => void): Promise<void> {
+  async function withStateAt(name: string, at: number | null, fn: (view: StateView) => void): Promise<void> {
     const cached = cache.byName(name);
-    if (cached && cached.state.version === version) {
+    if (cached && at !== null && cached.state.version === at) {
       fn(liveView(name, cached.state));
       return;
     }
     await consistentRead(db, async (q) => {
       const session = await mustFind(q, name);
+      const version = at ?? session.version;
       if (version > session.version || version < 1) throw errors.versionNotAvailable(version, await repo.oldestSnapshotVersion(q, session.id), session.version);
       if (version === session.version) {
         fn(liveView(name, (await history.currentState(q, session)).state));
@@ -81,6 +82,20 @@ export function createReads(ctx: SessionContext, history: History) {
         state.arena.release();
       }
     });
+  }
+
+  /**
+   * withStateAt the version of a step's answer. A replayed answer (a retry with the same Idempotency-Key) of
+   * a step committed before the oldest version still kept gets the current state: the step stands, and the
+   * parameters say their version, rather than a 404 for a version the request never named.
+   */
+  async function withAnswerState(name: string, answer: { version: number; replayed?: boolean }, fn: (view: StateView) => void): Promise<void> {
+    try {
+      await withStateAt(name, answer.version, fn);
+    } catch (err) {
+      if (!answer.replayed || (err as { code?: unknown }).code !== 'VERSION_NOT_AVAILABLE') throw err;
+      await withStateAt(name, null, fn);
+    }
   }
 
   /** A snapshot's state as a view (read and checked, not cached). */
@@ -98,5 +113,5 @@ export function createReads(ctx: SessionContext, history: History) {
     }
   }
 
-  return { view, withStateAt, snapshotView };
+  return { view, withStateAt, withAnswerState, snapshotView };
 }

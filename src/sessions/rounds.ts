@@ -134,7 +134,7 @@ export function createRoundService(options: RoundServiceOptions) {
     const answered = stored.kind === 'answered' ? stored.answer : await awaitRound(name, stored, opts);
     if (!('session' in answered)) return { status: 202, round: answered };
     const encodeAt = opts.encodeAt;
-    if (encodeAt) await host.run(name, () => host.withStateAt(name, answered.version, (view) => encodeAt(view, answered)));
+    if (encodeAt) await host.run(name, () => host.withAnswerState(name, answered, (view) => encodeAt(view, answered)));
     return { status: 200, answer: answered };
   }
 

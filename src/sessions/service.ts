@@ -108,7 +108,7 @@ export function createSessionService(options: SessionServiceOptions) {
     run: (name, fn) => ctx.mutex.run(name, fn),
     currentState: history.currentState,
     forget: (id) => cache.forget(id),
-    withStateAt: reads.withStateAt,
+    withAnswerState: reads.withAnswerState,
     applyStep: (state, present) => state.applyStep(present, ctx.kernel, ctx.kernelOptions),
     afterStep(session, entry, seconds, lockWaitSeconds) {
       options.hooks?.stepped?.(session.name, seconds, lockWaitSeconds);

@@ -289,7 +289,8 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
   /** Answers a committed (or replayed) step, with its state encoded at its version when the request asks for it. */
   async function answer(name: string, request: Waiting, result: StepAnswer): Promise<void> {
     try {
-      if (request.opts.encodeAt) await reads.withStateAt(name, result.version, (view) => request.opts.encodeAt!(view, result));
+      const encodeAt = request.opts.encodeAt;
+      if (encodeAt) await reads.withAnswerState(name, result, (view) => encodeAt(view, result));
       request.resolve(result);
     } catch (err) {
       request.reject(err);

@@ -456,7 +456,7 @@ def _step_answer(res: Response) -> Dict[str, Any]:
         raw, meta = st.decode(res.body)
         answer: Dict[str, Any] = {}
         for k, v in meta.items():
-            if k in ("version", "step", "staleness") and v.lstrip("-").isdigit():
+            if k in ("version", "step", "staleness", "params_version") and v.lstrip("-").isdigit():
                 answer[k] = int(v)
             elif k == "round":  # {"version", "contributions", "samples", "timed_out"} as JSON
                 try:

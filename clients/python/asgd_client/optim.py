@@ -521,7 +521,8 @@ class RemoteASGD(torch.optim.Optimizer):
                                    "upgrade asgd-serve, or change them with load_state_dict()")
             params, version = self.client.get_params(self.session)
         else:
-            version = answer.get("version")
+            # A retried step whose version the service no longer keeps comes with the parameters now.
+            version = answer.get("params_version", answer.get("version"))
         return _Outcome(answer, params, version, groups)
 
     def _apply(self, outcome: _Outcome, overlapped: bool = False) -> None:

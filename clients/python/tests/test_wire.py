@@ -120,6 +120,34 @@ class Wire(unittest.TestCase):
         with self.assertRaisesRegex(RuntimeError, "hyperparameters"):
             opt.step()
 
+    def test_a_replayed_answer_with_the_current_parameters_sets_their_version(self):
+        # A retried step whose version the service no longer keeps: its first answer, with the parameters
+        # now and their version as params_version (JSON) or __metadata__ params_version (safetensors).
+        for accept_safetensors in (False, True):
+            fake = FakeService(self)
+            decide = fake.decide
+
+            def replay_gone(req, fake=fake, decide=decide, accept_safetensors=accept_safetensors):
+                if not (req.method == "POST" and req.path.split("?")[0].endswith("/step")):
+                    return decide(req)
+                fake.version = 9  # others stepped meanwhile
+                meta = {"session": "s", "step": "1", "version": "2", "staleness": "0", "replayed": "true", "params_version": "9"}
+                if accept_safetensors:
+                    body = st.encode({n: (v["shape"], v["data"]) for n, v in fake.params().items()}, metadata=meta)
+                    return 200, [("ETag", '"2"'), ("Content-Type", "application/x-safetensors")], body
+                answer = {"session": "s", "step": 1, "version": 2, "staleness": 0, "replayed": True, "params_version": 9, "params": fake.params()}
+                return 200, [("ETag", '"2"')], json.dumps(answer).encode()
+
+            fake.srv._decide = replay_gone
+            params = self.model()
+            opt = RemoteASGD(params, session="s", create=True, connection=fake.conn)
+            for _, p in params:
+                p.grad = torch.ones_like(p)
+            opt.step()
+            self.assertEqual(opt.version, 9, "the version of the parameters loaded")
+            self.assertEqual(params[1][1].tolist(), [9.0, 9.0])
+            self.assertEqual(opt.last_step["version"], 2, "the step's own version")
+
     def test_create_defaults_to_if_missing_with_a_name_and_logs_it(self):
         fake = FakeService(self)
         with self.assertLogs("asgd_client", logging.INFO) as logs:

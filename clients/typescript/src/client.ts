@@ -325,10 +325,11 @@ function readStepAnswer(answer: Answer, path: string): Omit<StepResult, 'attempt
       staleness: Number(m.staleness),
       ...(m.replayed !== undefined && { replayed: m.replayed === 'true' }),
       ...(m.round !== undefined && { round: JSON.parse(m.round) }),
+      ...(m.params_version !== undefined && { paramsVersion: Number(m.params_version) }),
       params: paramsFromSafetensors(file),
     };
   }
   const body = parseJson<StepAnswerJson & { params?: unknown }>(answer, 'POST', path);
-  const { params, ...rest } = body;
-  return params === undefined ? rest : { ...rest, params: fromJsonTensors(params, 'params') };
+  const { params, params_version: paramsVersion, ...rest } = body as typeof body & { params_version?: number };
+  return params === undefined ? rest : { ...rest, ...(paramsVersion !== undefined && { paramsVersion }), params: fromJsonTensors(params, 'params') };
 }

@@ -168,7 +168,7 @@ export class RemoteASGD extends Optimizer {
           return: 'params', baseVersion, metrics, paramGroups, samples, ...round, format: this.options.format, dtype: this.options.dtype, retryBudgetMs: this.options.retryBudgetMs,
         });
         this.lastStep = answer;
-        if (answer.params) this.write(answer.params, answer.version);
+        if (answer.params) this.write(answer.params, answer.paramsVersion ?? answer.version);
         else {
           // A service without return=params: read them (a second request).
           const current = await this.client.params(this.session);

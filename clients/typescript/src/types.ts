@@ -77,8 +77,10 @@ export interface StepResult {
   replayed?: boolean;
   /** In a session with aggregation: the round this step closed. */
   round?: RoundAnswer;
-  /** With return=params|averaged: the tensors at `version`. */
+  /** With return=params|averaged: the tensors at `version` (at `paramsVersion` when that is given). */
   params?: Record<string, Tensor>;
+  /** Only for a replayed step whose version the service no longer keeps: the version of `params` (the current one). */
+  paramsVersion?: number;
   /** The Idempotency-Key the step was sent with. */
   idempotencyKey?: string;
   /** Attempts it took (with a round: every request until it stepped). */

@@ -120,6 +120,22 @@ test('the client against a live service', { skip: skipWithoutTorch() }, async (t
     assert.equal(woke!.params.w.data.length, 4);
   });
 
+  await t.test('a retried step whose version is no longer kept: replayed, with the current parameters and paramsVersion', async () => {
+    const name = (await client.createSession({ ...spec(uniqueName('replay-gone')), snapshot_every: 2, keep_snapshots: 1 })).name;
+    for (const format of ['json', 'safetensors'] as const) {
+      const key = `replay-gone-${format}`;
+      const first = await client.step(name, g1, { idempotencyKey: key, return: 'params', format });
+      assert.equal(first.paramsVersion, undefined);
+      for (let k = 0; k < 6; k++) await client.step(name, g2);
+      const current = await client.params(name);
+      const again = await client.step(name, g1, { idempotencyKey: key, return: 'params', format });
+      assert.equal(again.replayed, true, format);
+      assert.equal(again.version, first.version, format);
+      assert.equal(again.paramsVersion, current.version, format);
+      assert.deepEqual(Array.from(again.params!.w.data), Array.from(current.params.w.data), format);
+    }
+  });
+
   await t.test('step errors come back as their classes and change nothing', async () => {
     const name = (await client.createSession(spec(uniqueName('errors')))).name;
     await assert.rejects(client.step(name, { w: { shape: [4], data: new Float32Array(4) } }), ShapeMismatch);

@@ -86,19 +86,23 @@ function metadataSamples(metadata: ReadonlyMap<string, string>): number | null {
 
 const StepAnswerWithParams = Type.Object({
   ...StepAnswer.properties,
-  params: Type.Optional(Type.Record(Type.String(), Tensor, { description: 'With ?return=params|averaged: the parameters at `version`' })),
+  params: Type.Optional(Type.Record(Type.String(), Tensor, { description: 'With ?return=params|averaged: the parameters at `version` (at `params_version` when that is given)' })),
+  params_version: Type.Optional(Type.Integer({
+    description: 'Only in the answer to a retried step (replayed) whose version is no longer kept: the session version of `params`, the current one',
+  })),
 }, { title: 'StepAnswer', description: 'A committed step (with the parameters at its version when asked)' });
 
 type ReturnKind = 'none' | 'params' | 'averaged';
 
 /** The encoded parameters of a step's answer, made from the state while the session is locked. */
-type Encoded = { format: 'json'; params: Record<string, unknown> } | { format: 'safetensors'; body: Buffer };
+type Encoded = { format: 'json'; params: Record<string, unknown>; version: number } | { format: 'safetensors'; body: Buffer };
 
 function encodeParams(view: StateView, answer: StepAnswerValue, averaged: boolean, format: 'json' | 'safetensors'): Encoded {
-  if (format === 'json') return { format, params: paramsJson(view, averaged) };
+  if (format === 'json') return { format, params: paramsJson(view, averaged), version: view.version };
   const tensors = view.params.map((p, i): [string, Float32Tensor] => [p.name, { dtype: 'float32', shape: [...p.shape], data: paramTensor(view, i, averaged) }]);
   const metadata = {
-    format: 'pt', session: view.session, version: String(view.version), step: String(view.step), staleness: String(answer.staleness), averaged: String(averaged),
+    format: 'pt', session: view.session, version: String(answer.version), step: String(answer.step), staleness: String(answer.staleness), averaged: String(averaged),
+    ...(view.version !== answer.version && { params_version: String(view.version) }),
     ...(answer.replayed && { replayed: 'true' }),
     ...(answer.round && { round: JSON.stringify(answer.round) }),
   };
@@ -120,6 +124,7 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
         '(F32, or F16/BF16 widened exactly to float32 and logged as received; base_version in the query or, like param_groups and metrics, as JSON in the safetensors __metadata__). ' +
         'A parameter without a gradient is skipped, as in PyTorch. ?return=params|averaged answers with the parameters at the new version ' +
         '(as JSON, or as a safetensors file with Accept: application/x-safetensors whose __metadata__ holds session, version, step, staleness, and round as JSON). ' +
+        'A retry (same Idempotency-Key) gets the first answer, replayed; if its version is no longer kept, with the current parameters and their version as params_version. ' +
         'In a session with `aggregation` the request is a contribution to the open round: base_version and worker (body, query or __metadata__) are required, ' +
         'samples optional; it is answered once the round\'s step committed (the answer\'s `round`), or 202 after ?wait= seconds (re-POST with the same Idempotency-Key).',
       tags: ['training'],
@@ -235,7 +240,9 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
     }
     reply.type('application/json');
     // Tensors as plain JSON.stringify: the schema's serializer would check every number against a union.
-    if (result?.format === 'json') return reply.serializer(JSON.stringify).send({ ...answer, params: result.params as never });
+    if (result?.format === 'json') {
+      return reply.serializer(JSON.stringify).send({ ...answer, ...(result.version !== answer.version && { params_version: result.version }), params: result.params as never });
+    }
     return answer;
   });
 };
