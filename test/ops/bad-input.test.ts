@@ -385,7 +385,7 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     const op = `GET ${url.replace('alpha', '{name}')}`;
     for (const n of notDecimal) add({ family: 'query', op, method: 'GET', url: `${url}?${key}=${n}${key === 'after_version' && url.endsWith('params') ? '&wait=1' : ''}`, headers: asAdmin, expect: 'INVALID_QUERY' });
   }
-  for (const query of ['limit=0', 'limit=-1', 'limit=abc', 'limit=100000', `after=${'a'.repeat(200)}`, 'limit=1.5', ...notDecimal.map((n) => `limit=${n}`)]) {
+  for (const query of ['limit=0', 'limit=-1', 'limit=abc', 'limit=100000', `after=${'a'.repeat(200)}`, 'after=%00', 'after=1%00', 'after=a%2Fb', 'limit=1.5', ...notDecimal.map((n) => `limit=${n}`)]) {
     add({ family: 'query', op: 'GET /v1/sessions', method: 'GET', url: `/v1/sessions?${query}`, headers: asAdmin, expect: 'INVALID_QUERY' });
   }
 
