@@ -58,6 +58,18 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
       reply.header('connection', 'close');
       throw errors.invalidHeader('Host', host === undefined ? 'is required in HTTP/1.1' : 'must be sent once');
     }
+    // Bodies are read as they come: a compressed one would be misread (a gzipped JSON step as bad JSON, a
+    // header length of 8e18 in a gzipped safetensors file), and a coding the service does not apply must
+    // not be ignored (RFC 9110 section 8.4).
+    const contentEncoding = request.headers['content-encoding'];
+    const hasBody = request.headers['transfer-encoding'] !== undefined || Number(request.headers['content-length'] ?? 0) > 0;
+    if (hasBody && contentEncoding !== undefined && !/^\s*(identity)?\s*$/i.test(contentEncoding)) throw errors.unsupportedContentEncoding(quoteValue(contentEncoding));
+    // Node's parser takes chunked as the last coding and ignores those before it (gzip, chunked).
+    const transferEncoding = request.headers['transfer-encoding'];
+    if (transferEncoding !== undefined && !/^\s*chunked\s*$/i.test(transferEncoding)) {
+      reply.header('connection', 'close');
+      throw errors.invalidHeader('Transfer-Encoding', `${quoteValue(transferEncoding)} is not supported (only chunked)`);
+    }
   });
 
   // Order matters: the limits' onRequest hook sheds load before auth touches the database; auth's onRoute

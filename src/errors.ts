@@ -177,6 +177,7 @@ export const errors = {
   bodyTooLarge: make('BODY_TOO_LARGE', (limit: number) => `body: larger than the limit of ${limit} bytes for this route`),
   jsonBodyTooLarge: make('BODY_TOO_LARGE', (limit: number) => `body: a JSON body is limited to ${limit} bytes; send tensors as safetensors or a torch.save file`),
   unsupportedMediaType: make('UNSUPPORTED_MEDIA_TYPE', (type: string, accepted: string) => `Content-Type: ${type} is not accepted here; use ${accepted}`),
+  unsupportedContentEncoding: make('UNSUPPORTED_MEDIA_TYPE', (coding: string) => `Content-Encoding: ${coding} is not accepted; send the body uncompressed`),
   headersTooLarge: make('HEADERS_TOO_LARGE', () => 'the request headers are larger than this server accepts'),
   nonFiniteGradient: make('NON_FINITE_GRADIENT', (field: string, index: number) => `${field}: element ${index} is not finite`),
   idempotencyKeyReused: make('IDEMPOTENCY_KEY_REUSED', () => 'Idempotency-Key: this key was used for a request with a different body'),

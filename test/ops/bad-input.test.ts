@@ -194,6 +194,10 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
         : 'UNSUPPORTED_MEDIA_TYPE';
       add({ family: 'bytes', op: label(op), method: op.method, url, headers, payload: bytes(1 + Math.floor((random() + 0.5) * 600)), expect });
     }
+    // A compressed body is refused, not misread: the service applies no content coding.
+    for (const coding of ['gzip', 'br', 'deflate, gzip', 'x-unknown']) {
+      add({ family: 'types', op: label(op), method: op.method, url, headers: { ...asAdmin, ...wrongVersion, 'content-type': accepted[0], 'content-encoding': coding }, payload: bytes(64), expect: 'UNSUPPORTED_MEDIA_TYPE' });
+    }
     for (const text of ['', '{', '{"a":', '[1,2', '{"a":1}}', 'nul', '"\\ud800"', '{"__proto__": {"polluted": 1}}', '{"constructor": {"prototype": {"polluted": 1}}}', '{"a":1,"a":2}']) {
       // Prototype keys are refused by the JSON parser; a lone escaped surrogate is valid JSON (a string).
       const expect = !isJson(text) || text.includes('__proto__') || text.includes('constructor') ? 'INVALID_JSON' : text.startsWith('{') ? missingKeys(label(op)) : notObject(label(op));
@@ -576,6 +580,7 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     ['Content-Length and chunked', `POST /v1/sessions/alpha/step HTTP/1.1\r\nHost: x\r\n${auth}Content-Type: application/json\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n`, 'INVALID_HEADER', 'Transfer-Encoding'],
     ['Content-Length and identity', `POST /v1/sessions/alpha/step HTTP/1.1\r\nHost: x\r\n${auth}Content-Type: application/json\r\nTransfer-Encoding: identity\r\nContent-Length: ${body.length}\r\n\r\n${body}`, 'INVALID_HEADER', 'Content-Length'],
     ['Transfer-Encoding not chunked', `POST /v1/sessions/alpha/step HTTP/1.1\r\nHost: x\r\n${auth}Content-Type: application/json\r\nTransfer-Encoding: xchunked\r\n\r\n5\r\n{"a":\r\n0\r\n\r\n`, 'INVALID_HEADER', 'Transfer-Encoding'],
+    ['gzip before chunked', `POST /v1/sessions/alpha/step HTTP/1.1\r\nHost: x\r\n${auth}Content-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\n\r\n${body.length.toString(16)}\r\n${body}\r\n0\r\n\r\n`, 'INVALID_HEADER', 'Transfer-Encoding'],
     ['chunked twice', `POST /v1/sessions/alpha/step HTTP/1.1\r\nHost: x\r\n${auth}Content-Type: application/json\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n`, 'INVALID_HEADER', 'Transfer-Encoding'],
     // Node's own check answers a bare 400 with no body: the app checks Host itself.
     ['no Host', `POST /v1/sessions/alpha/step HTTP/1.1\r\n${auth}Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`, 'INVALID_HEADER', 'Host'],
