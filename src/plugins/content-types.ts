@@ -24,7 +24,12 @@ export default fp(
         return;
       }
       // JSON is UTF-8 (RFC 8259): a body announced in another charset would be misread, not refused.
-      const charset = /;\s*charset\s*=\s*"?([^";\s]*)/i.exec(request.headers['content-type'] ?? '')?.[1];
+      const params = mediaTypeParameters(request.headers['content-type'] ?? '');
+      if (params instanceof Error) {
+        done(params, undefined);
+        return;
+      }
+      const charset = params.get('charset');
       if (charset !== undefined && !/^utf-?8$/i.test(charset)) {
         done(errors.unsupportedMediaType(`application/json; charset=${quoteValue(charset)}`, 'application/json (UTF-8)'), undefined);
         return;
@@ -49,6 +54,32 @@ export default fp(
   },
   { name: 'content-types' },
 );
+
+/**
+ * The parameters of a Content-Type (RFC 9110 section 5.6.6: `; name=token` or `; name="quoted string"`),
+ * names lowercased; charset given twice, or a parameter that is neither form, is an error naming the header.
+ */
+export function mediaTypeParameters(header: string): Map<string, string> | Error {
+  const params = new Map<string, string>();
+  const bad = (why: string) => errors.invalidHeader('Content-Type', why);
+  let at = header.indexOf(';');
+  if (at < 0) return params;
+  const PARAM = /[ \t]*;[ \t]*(?:([!#$%&'*+.^_`|~0-9A-Za-z-]+)[ \t]*=[ \t]*(?:([!#$%&'*+.^_`|~0-9A-Za-z-]+)|"((?:[^"\\]|\\.)*)"))?[ \t]*/y;
+  while (at < header.length) {
+    PARAM.lastIndex = at;
+    const m = PARAM.exec(header);
+    if (!m || m[0].length === 0) return bad(`a parameter is not name=value or name="value" (at ${quoteValue(header.slice(at, at + 40))})`);
+    at = PARAM.lastIndex;
+    if (m[1] === undefined) continue; // an empty parameter (";;", a trailing ";")
+    const name = m[1].toLowerCase();
+    if (params.has(name)) {
+      if (name === 'charset') return bad('charset is given twice');
+      continue; // the first of another parameter given twice: none is read
+    }
+    params.set(name, m[2] ?? m[3].replace(/\\(.)/g, '$1'));
+  }
+  return params;
+}
 
 type Done = (err: Error | null, body?: Buffer) => void;
 

@@ -27,6 +27,15 @@ interface Case {
 
 /** Every code a reader in src/formats can raise: what a damaged file may answer. */
 const FILE_CODES = Object.keys(FORMAT_ERROR_CODES);
+/** JSON Content-Types whose parameters are read as RFC 9110 writes them, and what a step sent with them gets. */
+const CONTENT_TYPE_PARAMETERS: Record<string, string> = {
+  'application/json; charset=utf-8; charset=utf-16': 'INVALID_HEADER', // which one? refused
+  'application/json; charset=utf-16; charset=utf-8': 'INVALID_HEADER',
+  'application/json; charset=utf-8"': 'INVALID_HEADER', // an unbalanced quote
+  'application/json; charset=\u00e9': 'INVALID_HEADER', // not a token
+  'application/json; foo="x;charset=utf-16"': 'VERSION_MISMATCH', // no charset: a quoted value of another parameter
+  'application/json ; charset = "utf-8"': 'VERSION_MISMATCH',
+};
 const ZIP_DAMAGE = ['ZIP_CORRUPT', 'ZIP_TRUNCATED'];
 const PT_TYPES = ['application/octet-stream', 'application/vnd.pytorch'];
 const SAFETENSORS_TYPES = ['application/x-safetensors', 'application/safetensors'];
@@ -356,9 +365,11 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     { 'idempotency-key': 'k'.repeat(256) }, { 'idempotency-key': 'a b' }, { 'idempotency-key': 'tab\there' }, { 'idempotency-key': '' },
     { 'content-type': 'x'.repeat(8000) }, { 'content-type': 'application/json; charset=utf-8; ' + 'p=1; '.repeat(500) }, { 'content-type': ';;;' },
     { 'content-type': 'application/json; charset=latin1' }, { 'content-type': 'application/json; charset="UTF-16LE"' },
+    ...Object.keys(CONTENT_TYPE_PARAMETERS).map((type) => ({ 'content-type': type })),
   ];
   /** A well-formed If-Match that does not match is 412; a malformed header is 400; an unreadable Content-Type (or JSON not in UTF-8) 415. */
   const headerCode = (headers: Record<string, string>) => (headers['if-match'] === `"${version + 1}"` ? 'VERSION_MISMATCH'
+    : CONTENT_TYPE_PARAMETERS[headers['content-type'] ?? ''] !== undefined ? CONTENT_TYPE_PARAMETERS[headers['content-type']]
     : headers['content-type']?.startsWith('application/json;') && !/charset="?utf-16|charset=latin1/i.test(headers['content-type']) ? 'VERSION_MISMATCH'
     : headers['content-type'] ? 'UNSUPPORTED_MEDIA_TYPE' : 'INVALID_HEADER');
   for (const headers of headerAbuse) {
