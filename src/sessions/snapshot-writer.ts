@@ -121,7 +121,9 @@ export function createSnapshotWriter(ctx: SessionContext) {
       } catch (err) {
         // Not fatal: the log still holds every step; the next step schedules another attempt.
         entry.lastSnapshotVersion = Math.min(entry.lastSnapshotVersion, scheduled - snapshotInterval(session));
-        log.warn({ err, session: session.name, version: meta.version }, 'background snapshot failed');
+        // The session deleted meanwhile (its row gone, the snapshot's foreign key fails): nothing is lost.
+        if ((err as { code?: unknown }).code === '23503') log.debug({ session: session.name, version: meta.version }, 'session deleted before its background snapshot was written');
+        else log.warn({ err, session: session.name, version: meta.version }, 'background snapshot failed');
       }
     };
     const running = inPlace ? ctx.mutex.run(session.name, job) : job();
