@@ -8,7 +8,7 @@ import Fastify, { type FastifyInstance, type FastifyReply, type FastifyServerOpt
 import type { Config } from './config.ts';
 import { errors, quoteValue, type ApiError } from './errors.ts';
 import type { Database } from './db/database.ts';
-import errorsPlugin, { ERROR_CODE_KEYWORD, errorBody } from './plugins/errors.ts';
+import errorsPlugin, { ERROR_CODE_KEYWORD, errorBody, RULE_KEYWORD } from './plugins/errors.ts';
 import { SESSION_NAME_SOURCE } from './sessions/spec.ts';
 import contentTypesPlugin from './plugins/content-types.ts';
 import corsPlugin from './plugins/cors.ts';
@@ -220,7 +220,7 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     },
     clientErrorHandler,
     // `x-error-code` is an annotation: a field's own error code (src/plugins/errors.ts).
-    ajv: { customOptions: { coerceTypes: 'array', removeAdditional: false, allErrors: false, keywords: [ERROR_CODE_KEYWORD] } },
+    ajv: { customOptions: { coerceTypes: 'array', removeAdditional: false, allErrors: false, keywords: [ERROR_CODE_KEYWORD, RULE_KEYWORD] } },
     // Query strings, path parameters and headers are text and are coerced to their schema's types; JSON
     // bodies have types of their own, so {"name": true} is a 400, not a session called "true".
     schemaController: {

@@ -16,21 +16,31 @@ export function errorBody(api: ApiError): Record<string, unknown> {
 /** The keyword a schema uses to give its field a more specific code than the request part's. */
 export const ERROR_CODE_KEYWORD = 'x-error-code';
 
-type SchemaNode = { properties?: Record<string, SchemaNode>; items?: SchemaNode; additionalProperties?: SchemaNode | boolean; anyOf?: SchemaNode[]; [ERROR_CODE_KEYWORD]?: string };
+/** The keyword a string schema with a `pattern` uses to say in words what the pattern allows. */
+export const RULE_KEYWORD = 'x-rule';
 
-/** The deepest `x-error-code` on the way from a schema's root to the field at `path`. */
-function codeAlong(schema: SchemaNode | undefined, path: string[]): ErrorCode | null {
+type SchemaNode = {
+  properties?: Record<string, SchemaNode>; items?: SchemaNode; additionalProperties?: SchemaNode | boolean; anyOf?: SchemaNode[];
+  [ERROR_CODE_KEYWORD]?: string; [RULE_KEYWORD]?: string;
+};
+
+/** The deepest `x-error-code` on the way from a schema's root to the field at `path`, and the field's `x-rule`. */
+function codeAlong(schema: SchemaNode | undefined, path: string[]): { code: ErrorCode | null; rule: string | null } {
   let code: ErrorCode | null = null;
+  let rule: string | null = null;
   let node = schema;
   for (let i = 0; node; i++) {
     const own = node[ERROR_CODE_KEYWORD];
     if (typeof own === 'string' && own in CODES) code = own as ErrorCode;
-    if (i === path.length) break;
+    if (i === path.length) {
+      rule = typeof node[RULE_KEYWORD] === 'string' ? node[RULE_KEYWORD] : null;
+      break;
+    }
     const key = path[i];
     const branches = node.anyOf ?? [node];
     node = branches.map((b) => b.properties?.[key] ?? (/^\d+$/.test(key) ? b.items : undefined) ?? (typeof b.additionalProperties === 'object' ? b.additionalProperties : undefined)).find((n) => n !== undefined);
   }
-  return code;
+  return { code, rule };
 }
 
 function partSchema(request: FastifyRequest, part: RequestPart): SchemaNode | undefined {
@@ -59,7 +69,9 @@ function validationError(request: FastifyRequest, part: RequestPart, failures: F
     message = `must be one of ${allowed.map((v) => JSON.stringify(v)).join(', ')}`;
   }
   const field = path.reduce((at, key) => (/^\d+$/.test(key) ? `${at}[${key}]` : at ? `${at}.${key}` : key), '') || 'body';
-  const code = codeAlong(partSchema(request, part), path);
+  const { code, rule } = codeAlong(partSchema(request, part), path);
+  // A pattern's failure in words where the schema gives them, not as the regular expression.
+  if (first.keyword === 'pattern' && rule) message = `must be ${rule}`;
   return code ? errors.invalidField(code, field, message) : errors.invalidPart(part, field, message);
 }
 

@@ -21,20 +21,20 @@ export { StepAnswer };
 export const withCode = <T extends TSchema>(schema: T, code: ErrorCode): T => ({ ...schema, 'x-error-code': code });
 
 // ---- path parameters: a malformed one is INVALID_PATH on every route -------------------------------------
-export const SessionName = Type.String({ pattern: `^${SESSION_NAME_SOURCE}$`, description: `Session name: ${SESSION_NAME_RULE}`, examples: ['mnist-run-1'] });
+export const SessionName = Type.String({ pattern: `^${SESSION_NAME_SOURCE}$`, 'x-rule': SESSION_NAME_RULE, description: `Session name: ${SESSION_NAME_RULE}`, examples: ['mnist-run-1'] });
 /** A session name in a body that names a new session: INVALID_NAME, as the domain says. */
 export const NewSessionName = withCode(SessionName, 'INVALID_NAME');
 export const NameParams = Type.Object({ name: SessionName });
-export const SnapshotParams = Type.Object({ name: SessionName, id: Type.String({ pattern: '^[0-9]{1,15}$', description: 'Snapshot id', examples: ['3'] }) });
+export const SnapshotParams = Type.Object({ name: SessionName, id: Type.String({ pattern: '^[0-9]{1,15}$', 'x-rule': 'a snapshot id: a whole number written in decimal', description: 'Snapshot id', examples: ['3'] }) });
 
 // ---- headers and query parameters shared by several routes -----------------------------------------------
 const IfMatch = Type.String({ maxLength: 64, description: 'Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise', examples: ['"42"'] });
 export const IfMatchHeaders = Type.Object({ 'if-match': Type.Optional(IfMatch) });
 export const StepHeaders = Type.Object({
   'if-match': Type.Optional(IfMatch),
-  'idempotency-key': Type.Optional(Type.String({ pattern: '^[\\x21-\\x7e]{1,255}$', description: 'A retry with the same key returns the first answer and does not step twice' })),
+  'idempotency-key': Type.Optional(Type.String({ pattern: '^[\\x21-\\x7e]{1,255}$', 'x-rule': '1-255 visible ASCII characters, sent once', description: 'A retry with the same key returns the first answer and does not step twice' })),
 });
-export const Version = Type.String({ pattern: '^[1-9][0-9]{0,14}$', description: 'Read the state at this version (rebuilt from a snapshot and the step log)' });
+export const Version = Type.String({ pattern: '^[1-9][0-9]{0,14}$', 'x-rule': 'a whole number from 1, written in decimal', description: 'Read the state at this version (rebuilt from a snapshot and the step log)' });
 
 // ---- tensors and hyperparameters ---------------------------------------------------------------------------
 const DATA_DESCRIPTION = 'Flat row-major float32 values; "NaN", "Infinity", "-Infinity" for non-finite values';

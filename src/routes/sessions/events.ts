@@ -43,7 +43,7 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       tags: ['training'],
       params: NameParams,
       querystring: Type.Object({ after_version: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'The version you have (as Last-Event-ID)' })) }),
-      headers: Type.Object({ 'last-event-id': Type.Optional(Type.String({ pattern: '^[0-9]{1,15}$', description: 'The id (version) of the last event received' })) }),
+      headers: Type.Object({ 'last-event-id': Type.Optional(Type.String({ pattern: '^[0-9]{1,15}$', 'x-rule': 'a version: a whole number written in decimal', description: 'The id (version) of the last event received' })) }),
       response: {
         200: { description: 'The event stream', content: { 'text/event-stream': { schema: Type.String() } } },
         ...errorResponses(400, 401, 403, 404, 503),

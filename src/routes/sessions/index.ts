@@ -76,8 +76,8 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
       querystring: Type.Object({
         limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 100 })),
         // A cursor is a session name: PostgreSQL refuses text with NUL in it (it was a generic 400).
-        after: Type.Optional(Type.String({ maxLength: 128, pattern: '^[A-Za-z0-9._-]*$', description: 'Cursor: the last name of the previous page' })),
-        search: Type.Optional(Type.String({ maxLength: 128, pattern: '^[A-Za-z0-9._-]*$', description: 'Only names that contain this text (case-insensitive)' })),
+        after: Type.Optional(Type.String({ maxLength: 128, pattern: '^[A-Za-z0-9._-]*$', 'x-rule': 'letters, digits, ".", "_" and "-"', description: 'Cursor: the last name of the previous page' })),
+        search: Type.Optional(Type.String({ maxLength: 128, pattern: '^[A-Za-z0-9._-]*$', 'x-rule': 'letters, digits, ".", "_" and "-"', description: 'Only names that contain this text (case-insensitive)' })),
         figures: Type.Optional(Type.Boolean({ description: 'Include each session\'s `activity`: steps in the last minute and the time of the last step (an index probe a session)' })),
         storage: Type.Optional(Type.Boolean({ description: 'Include each session\'s stored bytes (one more query for the page)' })),
       }),

@@ -12,7 +12,7 @@ import type { GradientInput } from '../../sessions/gradients.ts';
 import type { StateView, StepAnswer as StepAnswerValue } from '../../sessions/model.ts';
 import { MAX_SAMPLES } from '../../sessions/aggregation.ts';
 import { DEFAULT_WAIT_SECONDS } from '../../sessions/rounds.ts';
-import { NAME_PATTERN, SESSION_NAME_SOURCE } from '../../sessions/spec.ts';
+import { NAME_PATTERN, SESSION_NAME_RULE, SESSION_NAME_SOURCE } from '../../sessions/spec.ts';
 import type { Layout } from '../../sessions/state.ts';
 import { paramTensor, paramsJson } from '../../sessions/state-dict.ts';
 import { metadataJson, parseMetrics } from '../../sessions/step-input.ts';
@@ -31,7 +31,7 @@ const StepGroup = Type.Object({
   maximize: Type.Optional(Type.Boolean()),
 }, { description: 'Hyperparameters of one group for this step and after it (only the keys that change are needed)' });
 
-const Worker = Type.String({ pattern: `^${SESSION_NAME_SOURCE}$`, description: 'The sending worker, like a session name. In a session with aggregation the contributor (required there); otherwise it tells which steps come from one worker: group commit never holds a step back for the next one of the same worker (a pipelined loop sends it before it reads the answer)', examples: ['w0'] });
+const Worker = Type.String({ pattern: `^${SESSION_NAME_SOURCE}$`, 'x-rule': SESSION_NAME_RULE, description: 'The sending worker, like a session name. In a session with aggregation the contributor (required there); otherwise it tells which steps come from one worker: group commit never holds a step back for the next one of the same worker (a pipelined loop sends it before it reads the answer)', examples: ['w0'] });
 const Samples = Type.Integer({ minimum: 1, maximum: MAX_SAMPLES, description: 'In a session with aggregation: samples behind this gradient (counts toward target_samples)' });
 const MAX_WAIT_SECONDS = 3600;
 
@@ -73,7 +73,7 @@ function metadataWorker(metadata: ReadonlyMap<string, string>): string | null {
   const raw = metadata.get('worker');
   if (raw === undefined) return null;
   const value = raw.startsWith('"') ? metadataJson(metadata, 'worker') : raw;
-  if (typeof value !== 'string' || !NAME_PATTERN.test(value)) throw errors.invalidBody('__metadata__.worker: must be 1-128 characters of A-Za-z0-9._-');
+  if (typeof value !== 'string' || !NAME_PATTERN.test(value)) throw errors.invalidBody(`__metadata__.worker: must be ${SESSION_NAME_RULE}`);
   return value;
 }
 

@@ -18,7 +18,7 @@ const TokenInfo = Type.Object({
   revoked_at: Type.Union([Type.String({ format: 'date-time' }), Type.Null()]),
 }, { title: 'TokenInfo' });
 
-const TokenParams = Type.Object({ id: Type.String({ pattern: '^[0-9a-f]{16}$', description: 'Token id (the part after asgd_)' }) });
+const TokenParams = Type.Object({ id: Type.String({ pattern: '^[0-9a-f]{16}$', 'x-rule': 'a token id: 16 hexadecimal digits', description: 'Token id (the part after asgd_)' }) });
 
 const access = { scope: 'admin', allSessions: true } as const;
 
@@ -31,7 +31,7 @@ const tokenRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       description: 'Answers the token once, as `asgd_<id>_<secret>`; only its sha256 is stored. A token limited to a list of sessions can only touch those (and cannot create sessions).',
       tags: ['tokens'],
       body: Type.Object({
-        name: Type.String({ minLength: 1, maxLength: 128, pattern: '^[^\\u0000-\\u001f\\u007f]+$', description: 'What the token is for' }),
+        name: Type.String({ minLength: 1, maxLength: 128, pattern: '^[^\\u0000-\\u001f\\u007f]+$', 'x-rule': 'text without control characters', description: 'What the token is for' }),
         scope: ScopeSchema,
         sessions: Type.Optional(Type.Union([Type.Array(SessionName, { minItems: 1, maxItems: 1000, uniqueItems: true }), Type.Null()])),
       }, { additionalProperties: false, examples: [{ name: 'trainer-7', scope: 'step', sessions: ['mnist-run-1'] }] }),
