@@ -239,10 +239,6 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     // well over fastify's default 10 s on a busy machine.
     pluginTimeout: 120_000,
   });
-  // A client that half-closes after sending its request (shutdown(SHUT_WR), `curl --no-keepalive` through some
-  // proxies) still gets its answer, then the connection closes. By default Node aborts the request: a step
-  // was committed and nobody was told.
-  (fastify.server as typeof fastify.server & { httpAllowHalfOpen: boolean }).httpAllowHalfOpen = true;
   // An Expect other than 100-continue: Node answers a bare 417 unless someone listens for it.
   fastify.server.on('checkExpectation', (request: IncomingMessage, response: ServerResponse) => {
     const body = errorText(errors.invalidHeader('Expect', `${quoteValue(request.headers.expect)} is not supported (only 100-continue)`));

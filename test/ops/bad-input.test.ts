@@ -119,7 +119,7 @@ function rawRequest(port: number, request: Buffer | string): Promise<string> {
     socket.on('close', done);
     socket.on('error', done);
     socket.setTimeout(5_000, () => socket.destroy());
-    // write, not end: the answer is read until the server closes (a half-closed client is answered too: test/ops/framing.test.ts).
+    // write, not end: a client that half-closes before its answer may not get one.
     socket.write(request);
   });
 }
