@@ -187,6 +187,24 @@ test('the event stream sends each new version with its kind, metrics and stalene
   await open.until(() => open.ended());
 });
 
+test('a step answered just before its session is deleted still gets its event, before the deletion\'s', async (t) => {
+  const { app } = await buildTestApp(t);
+  await app.listen({ port: 0, host: '127.0.0.1' });
+  const base = `http://127.0.0.1:${(app.server.address() as { port: number }).port}`;
+  for (let round = 0; round < 5; round++) {
+    const name = `gone-${round}`;
+    await setup(app, name);
+    const stream = readEvents(`${base}/v1/sessions/${name}/events`);
+    await stream.until(() => stream.status() === 200 && app.versions.stats().streams === 1);
+    assert.equal((await step(app, name, 0)).statusCode, 200);
+    // At once: the stream reads the session after the step's notice, and finds it gone.
+    assert.equal((await app.inject({ method: 'DELETE', url: `/v1/sessions/${name}` })).statusCode, 204);
+    await stream.until(() => stream.ended());
+    assert.deepEqual(stream.events.map((e) => [e.event, e.data.version]), [['version', 2], ['deleted', undefined]], `round ${round}`);
+    assert.equal(stream.events[0].data.step, 1);
+  }
+});
+
 test('a waiting read whose client disconnects is released at once; waiters are answered at shutdown', async (t) => {
   const { app } = await buildTestApp(t);
   await app.listen({ port: 0, host: '127.0.0.1' });

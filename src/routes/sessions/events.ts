@@ -81,6 +81,13 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       return active;
     };
 
+    // The newest version announced to this process (NOTIFY carries version and step) and when: a session
+    // deleted right after a step is gone by the time it is read, and that step's event is sent from this.
+    let announced: { version: number; step: number; at: Date } | null = null;
+    const onSignal = (signal: { version: number; step: number } | null) => {
+      if (signal && signal.version > 0 && signal.version > (announced?.version ?? 0)) announced = { ...signal, at: new Date() };
+      void refresh();
+    };
     // Reads the latest version once per burst of signals: a signal during a read asks for one more read.
     let reading = false;
     let again = false;
@@ -98,6 +105,11 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
             change = await fastify.sessions.latestChange(name);
           } catch (err) {
             if (err instanceof ApiError && err.code === 'SESSION_NOT_FOUND') {
+              const last = announced;
+              if (last && last.version > sent) {
+                const data = { version: last.version, step: last.step, time: last.at.toISOString(), kind: 'step' };
+                write(`id: ${last.version}\nevent: version\ndata: ${JSON.stringify(data)}\n\n`);
+              }
               write(`event: deleted\ndata: ${JSON.stringify({ session: name })}\n\n`);
               end();
             } else {
@@ -122,7 +134,7 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
 
     // Holds a bounded slot (503 TOO_MANY_WAITERS beyond it) before the answer starts.
     // At shutdown the socket goes too: the server closes idle keep-alive connections only once, early.
-    const release = fastify.versions.openStream(name, () => void refresh(), () => {
+    const release = fastify.versions.openStream(name, onSignal, () => {
       end();
       if (res.writableFinished) res.socket?.destroy();
       else res.once('finish', () => res.socket?.destroy());
