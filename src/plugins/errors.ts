@@ -139,7 +139,7 @@ export const acceptedTypes = (request: FastifyRequest): string[] =>
 const DECIMAL = { integer: /^-?[0-9]{1,16}(\.0{1,20})?$/, number: /^-?[0-9]{1,16}(\.[0-9]{1,20})?$/ } as const;
 
 /**
- * A query parameter typed integer or number must be written in decimal. AJV's coercion takes whatever
+ * A query parameter is given once (unless its schema is a list), and one typed integer or number is written in decimal. AJV's coercion takes whatever
  * JavaScript's Number() reads: "Infinity" passed every bound (a round contribution with ?wait=Infinity spun
  * on a 1 ms timer), and "1e400", "0x10" and " 5" were numbers too. A whole number may end in ".0", as
  * Python's str() of a float writes it (AJV took "30.0" for 30 before, and still does).
@@ -149,11 +149,11 @@ export function checkNumericQuery(request: FastifyRequest): void {
   if (!properties) return;
   for (const [key, value] of Object.entries((request.query ?? {}) as Record<string, unknown>)) {
     const type = properties[key]?.type;
+    // ?limit=1&limit=2 arrives as a list, which AJV then called 'must be integer' (or took the first of).
+    if (Array.isArray(value) && properties[key] !== undefined && type !== 'array') throw errors.invalidQuery(key, 'is given more than once');
     if (type !== 'integer' && type !== 'number') continue;
-    for (const text of Array.isArray(value) ? value : [value]) {
-      if (typeof text === 'string' && !DECIMAL[type].test(text)) {
-        throw errors.invalidQuery(key, type === 'integer' ? 'must be a whole number written in decimal' : 'must be a decimal number');
-      }
+    if (typeof value === 'string' && !DECIMAL[type].test(value)) {
+      throw errors.invalidQuery(key, type === 'integer' ? 'must be a whole number written in decimal' : 'must be a decimal number');
     }
   }
 }

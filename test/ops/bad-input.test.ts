@@ -390,7 +390,7 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
       add({ family: 'accept', op: label(op), method: 'GET', url: urlOf(op), headers: { ...asAdmin, accept }, expect: 'NOT_ACCEPTABLE' });
     }
     const queries = ['format=xml', 'format=', 'format=pt&format=json'];
-    if (!op.path.includes('{id}')) queries.push('version=0', 'version=-1', 'version=abc', `version=${version + 9}`, 'version=99999999999999999999');
+    if (!op.path.includes('{id}')) queries.push('version=0', 'version=-1', 'version=abc', 'version=2&version=2', `version=${version + 9}`, 'version=99999999999999999999');
     if (op.path.endsWith('/params')) queries.push('averaged=maybe', 'averaged=2');
     for (const query of queries) {
       add({ family: 'query', op: label(op), method: 'GET', url: `${urlOf(op)}?${query}`, headers: asAdmin, expect: query === `version=${version + 9}` ? 'VERSION_NOT_AVAILABLE' : 'INVALID_QUERY' });
@@ -400,7 +400,7 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     const op = `GET ${url.replace('alpha', '{name}')}`;
     for (const n of notDecimal) add({ family: 'query', op, method: 'GET', url: `${url}?${key}=${n}${key === 'after_version' && url.endsWith('params') ? '&wait=1' : ''}`, headers: asAdmin, expect: 'INVALID_QUERY' });
   }
-  for (const query of ['limit=0', 'limit=-1', 'limit=abc', 'limit=100000', `after=${'a'.repeat(200)}`, 'after=%00', 'after=1%00', 'after=a%2Fb', 'limit=1.5', ...notDecimal.map((n) => `limit=${n}`)]) {
+  for (const query of ['limit=0', 'limit=-1', 'limit=abc', 'limit=100000', `after=${'a'.repeat(200)}`, 'after=%00', 'after=1%00', 'after=a%2Fb', 'limit=1.5', 'limit=1&limit=1', 'after=a&after=b', 'search=a&search=a', ...notDecimal.map((n) => `limit=${n}`)]) {
     add({ family: 'query', op: 'GET /v1/sessions', method: 'GET', url: `/v1/sessions?${query}`, headers: asAdmin, expect: 'INVALID_QUERY' });
   }
 
@@ -652,4 +652,17 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
   assert.deepEqual(failures.slice(0, 40), [], `${failures.length} failures`);
   assert.equal(after, before, 'no session, snapshot or token changed');
   assert.ok(total >= 300, `${total} cases`);
+});
+
+test('a query parameter given twice is refused by name, whatever its type', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  await createSession(app, 'twice');
+  for (const [url, key] of [['/v1/sessions?limit=1&limit=1', 'limit'], ['/v1/sessions?search=a&search=b', 'search'], ['/v1/sessions/twice/params?version=1&version=1', 'version'], ['/v1/sessions/twice/params?averaged=true&averaged=false', 'averaged']]) {
+    const res = await app.inject({ url, headers: asAdmin });
+    assert.equal(res.statusCode, 400, url);
+    assert.deepEqual([res.json().code, res.json().message], ['INVALID_QUERY', `${key}: is given more than once`], url);
+  }
+  const stepped = await app.inject({ method: 'POST', url: '/v1/sessions/twice/step?return=params&return=none', headers: asAdmin, payload: gradBody(1) });
+  assert.deepEqual([stepped.statusCode, stepped.json().message], [400, 'return: is given more than once']);
+  assert.equal((await app.inject({ url: '/v1/sessions/twice', headers: asAdmin })).json().version, 1, 'not stepped');
 });
