@@ -666,3 +666,18 @@ test('a query parameter given twice is refused by name, whatever its type', asyn
   assert.deepEqual([stepped.statusCode, stepped.json().message], [400, 'return: is given more than once']);
   assert.equal((await app.inject({ url: '/v1/sessions/twice', headers: asAdmin })).json().version, 1, 'not stepped');
 });
+
+test('a step field given in the query and the body with different values is refused by name; the same value in both is taken', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  await createSession(app, 'both');
+  for (const [query, field, body] of [['worker=a', 'worker', { worker: 'b' }], ['base_version=1', 'base_version', { base_version: 0 }], ['samples=4', 'samples', { samples: 8 }]] as const) {
+    const res = await app.inject({ method: 'POST', url: `/v1/sessions/both/step?${query}`, headers: asAdmin, payload: { ...gradBody(1), ...body } });
+    assert.equal(res.statusCode, 400, res.body);
+    assert.equal(res.json().code, 'INVALID_BODY');
+    assert.match(res.json().message, new RegExp(`^${field}: `));
+  }
+  assert.equal((await app.inject({ url: '/v1/sessions/both', headers: asAdmin })).json().version, 1, 'not stepped');
+  const same = await app.inject({ method: 'POST', url: '/v1/sessions/both/step?worker=a&base_version=1', headers: asAdmin, payload: { ...gradBody(1), worker: 'a', base_version: 1 } });
+  assert.equal(same.statusCode, 200, same.body);
+  assert.equal(same.json().version, 2);
+});

@@ -77,6 +77,15 @@ function metadataWorker(metadata: ReadonlyMap<string, string>): string | null {
   return value;
 }
 
+/** A field a step may carry in its query and in its body (or __metadata__): given in both, the two agree. */
+function agreed<T extends string | number>(field: string, fromQuery: T | null, fromBody: T | null | undefined): T | null {
+  if (fromBody === undefined || fromBody === null) return fromQuery;
+  if (fromQuery !== null && fromQuery !== fromBody) {
+    throw errors.invalidBody(`${field}: ${JSON.stringify(fromQuery)} in the query and ${JSON.stringify(fromBody)} in the body; give it once, or the same in both`);
+  }
+  return fromBody;
+}
+
 function metadataSamples(metadata: ReadonlyMap<string, string>): number | null {
   const value = metadataJson(metadata, 'samples');
   if (value === undefined) return null;
@@ -171,20 +180,19 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
             throw errors.invalidBody(`__metadata__.${key}: unknown key (param_groups, metrics, base_version, worker, samples)`);
           }
         }
-        worker = metadataWorker(metadata) ?? worker;
-        samples = metadataSamples(metadata) ?? samples;
+        worker = agreed('worker', worker, metadataWorker(metadata));
+        samples = agreed('samples', samples, metadataSamples(metadata));
         paramGroups = metadataJson(metadata, 'param_groups');
         metrics = parseMetrics(metadataJson(metadata, 'metrics'), '__metadata__.metrics');
-        const metaBase = optionalWhole(metadataJson(metadata, 'base_version'), '__metadata__.base_version');
-        if (metaBase !== null) baseVersion = metaBase;
+        baseVersion = agreed('base_version', baseVersion, optionalWhole(metadataJson(metadata, 'base_version'), '__metadata__.base_version'));
       } else {
         metrics = null;
       }
       hash?.update(body);
     } else {
-      if (body.base_version !== undefined) baseVersion = body.base_version;
-      if (body.worker !== undefined) worker = body.worker;
-      if (body.samples !== undefined) samples = body.samples;
+      baseVersion = agreed('base_version', baseVersion, body.base_version);
+      worker = agreed('worker', worker, body.worker);
+      samples = agreed('samples', samples, body.samples);
       input = { format: 'json', grads: body.grads };
       paramGroups = body.param_groups;
       metrics = parseMetrics(body.metrics);
