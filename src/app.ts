@@ -4,7 +4,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import fp from 'fastify-plugin';
 import { AjvCompiler } from '@fastify/ajv-compiler';
-import Fastify, { type FastifyInstance, type FastifyReply, type FastifyServerOptions } from 'fastify';
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify';
 import type { Config } from './config.ts';
 import { errors, quoteValue, type ApiError } from './errors.ts';
 import type { Database } from './db/database.ts';
@@ -52,24 +52,7 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
       reply.header('connection', 'close');
       throw errors.unavailable('the server is shutting down; retry on another replica', 1);
     }
-    // RFC 9112 section 3.2: an HTTP/1.1 request without Host (or with several) is a 400.
-    const host = request.raw.headers.host;
-    if (request.raw.httpVersionMinor === 1 && request.raw.httpVersionMajor === 1 && (host === undefined || request.raw.rawHeaders.filter((_, i) => i % 2 === 0 && /^host$/i.test(_)).length !== 1)) {
-      reply.header('connection', 'close');
-      throw errors.invalidHeader('Host', host === undefined ? 'is required in HTTP/1.1' : 'must be sent once');
-    }
-    // Bodies are read as they come: a compressed one would be misread (a gzipped JSON step as bad JSON, a
-    // header length of 8e18 in a gzipped safetensors file), and a coding the service does not apply must
-    // not be ignored (RFC 9110 section 8.4).
-    const contentEncoding = request.headers['content-encoding'];
-    const hasBody = request.headers['transfer-encoding'] !== undefined || Number(request.headers['content-length'] ?? 0) > 0;
-    if (hasBody && contentEncoding !== undefined && !/^\s*(identity)?\s*$/i.test(contentEncoding)) throw errors.unsupportedContentEncoding(quoteValue(contentEncoding));
-    // Node's parser takes chunked as the last coding and ignores those before it (gzip, chunked).
-    const transferEncoding = request.headers['transfer-encoding'];
-    if (transferEncoding !== undefined && !/^\s*chunked\s*$/i.test(transferEncoding)) {
-      reply.header('connection', 'close');
-      throw errors.invalidHeader('Transfer-Encoding', `${quoteValue(transferEncoding)} is not supported (only chunked)`);
-    }
+    refuseUnreadable(request, reply);
   });
 
   // Order matters: the limits' onRequest hook sheds load before auth touches the database; auth's onRoute
@@ -114,6 +97,31 @@ function hasPinoPretty(): boolean {
     return true;
   } catch {
     return false;
+  }
+}
+
+/**
+ * What the app refuses before any route reads a request: an HTTP/1.1 request without one Host (RFC 9112
+ * section 3.2), a body in a content coding, a transfer coding other than chunked.
+ */
+function refuseUnreadable(request: FastifyRequest, reply: FastifyReply): void {
+  // RFC 9112 section 3.2: an HTTP/1.1 request without Host (or with several) is a 400.
+  const host = request.raw.headers.host;
+  if (request.raw.httpVersionMinor === 1 && request.raw.httpVersionMajor === 1 && (host === undefined || request.raw.rawHeaders.filter((_, i) => i % 2 === 0 && /^host$/i.test(_)).length !== 1)) {
+    reply.header('connection', 'close');
+    throw errors.invalidHeader('Host', host === undefined ? 'is required in HTTP/1.1' : 'must be sent once');
+  }
+  // Bodies are read as they come: a compressed one would be misread (a gzipped JSON step as bad JSON, a
+  // header length of 8e18 in a gzipped safetensors file), and a coding the service does not apply must
+  // not be ignored (RFC 9110 section 8.4).
+  const contentEncoding = request.headers['content-encoding'];
+  const hasBody = request.headers['transfer-encoding'] !== undefined || Number(request.headers['content-length'] ?? 0) > 0;
+  if (hasBody && contentEncoding !== undefined && !/^\s*(identity)?\s*$/i.test(contentEncoding)) throw errors.unsupportedContentEncoding(quoteValue(contentEncoding));
+  // Node's parser takes chunked as the last coding and ignores those before it (gzip, chunked).
+  const transferEncoding = request.headers['transfer-encoding'];
+  if (transferEncoding !== undefined && !/^\s*chunked\s*$/i.test(transferEncoding)) {
+    reply.header('connection', 'close');
+    throw errors.invalidHeader('Transfer-Encoding', `${quoteValue(transferEncoding)} is not supported (only chunked)`);
   }
 }
 
@@ -219,7 +227,7 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
       void (reply as FastifyReply).code(api.statusCode).header('content-type', 'application/json').send(errorText(api));
     },
     clientErrorHandler,
-    // `x-error-code` is an annotation: a field's own error code (src/plugins/errors.ts).
+    // `x-error-code` and `x-rule` are annotations: a field's own error code, its pattern in words (src/plugins/errors.ts).
     ajv: { customOptions: { coerceTypes: 'array', removeAdditional: false, allErrors: false, keywords: [ERROR_CODE_KEYWORD, RULE_KEYWORD] } },
     // Query strings, path parameters and headers are text and are coerced to their schema's types; JSON
     // bodies have types of their own, so {"name": true} is a 400, not a session called "true".
