@@ -100,6 +100,13 @@ function hasPinoPretty(): boolean {
   }
 }
 
+/** How many Host headers a request sent (Node keeps the first of several in `headers`). */
+function hostHeaders(raw: string[]): number {
+  let count = 0;
+  for (let i = 0; i < raw.length; i += 2) if (raw[i].length === 4 && raw[i].toLowerCase() === 'host') count++;
+  return count;
+}
+
 /**
  * What the app refuses before any route reads a request: an HTTP/1.1 request without one Host (RFC 9112
  * section 3.2), a body in a content coding, a transfer coding other than chunked.
@@ -107,7 +114,7 @@ function hasPinoPretty(): boolean {
 function refuseUnreadable(request: FastifyRequest, reply: FastifyReply): void {
   // RFC 9112 section 3.2: an HTTP/1.1 request without Host (or with several) is a 400.
   const host = request.raw.headers.host;
-  if (request.raw.httpVersionMinor === 1 && request.raw.httpVersionMajor === 1 && (host === undefined || request.raw.rawHeaders.filter((_, i) => i % 2 === 0 && /^host$/i.test(_)).length !== 1)) {
+  if (request.raw.httpVersion === '1.1' && (host === undefined || hostHeaders(request.raw.rawHeaders) !== 1)) {
     reply.header('connection', 'close');
     throw errors.invalidHeader('Host', host === undefined ? 'is required in HTTP/1.1' : 'must be sent once');
   }

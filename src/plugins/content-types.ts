@@ -59,7 +59,7 @@ export default fp(
  * The parameters of a Content-Type (RFC 9110 section 5.6.6: `; name=token` or `; name="quoted string"`),
  * names lowercased; charset given twice, or a parameter that is neither form, is an error naming the header.
  */
-export function mediaTypeParameters(header: string): Map<string, string> | Error {
+function mediaTypeParameters(header: string): Map<string, string> | Error {
   const params = new Map<string, string>();
   const bad = (why: string) => errors.invalidHeader('Content-Type', why);
   let at = header.indexOf(';');

@@ -144,7 +144,7 @@ const DECIMAL = { integer: /^-?[0-9]{1,16}(\.0{1,20})?$/, number: /^-?[0-9]{1,16
  * on a 1 ms timer), and "1e400", "0x10" and " 5" were numbers too. A whole number may end in ".0", as
  * Python's str() of a float writes it (AJV took "30.0" for 30 before, and still does).
  */
-export function checkNumericQuery(request: FastifyRequest): void {
+export function checkQueryText(request: FastifyRequest): void {
   const properties = (request.routeOptions.schema?.querystring as { properties?: Record<string, { type?: unknown }> } | undefined)?.properties;
   if (!properties) return;
   for (const [key, value] of Object.entries((request.query ?? {}) as Record<string, unknown>)) {
@@ -163,7 +163,7 @@ export default fp(
     // A callback hook: an async one costs a promise and a microtask on every request.
     fastify.addHook('preValidation', (request, _reply, done) => {
       try {
-        checkNumericQuery(request);
+        checkQueryText(request);
       } catch (err) {
         return done(err as Error);
       }

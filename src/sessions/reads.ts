@@ -1,7 +1,7 @@
 // Reading a session's state as a consistent view: the current version from this process's copy (no
 // database read beyond the session row when the copy is current), an older version or a snapshot rebuilt.
 import type { ParamSpec } from '../db/schema.ts';
-import { errors } from '../errors.ts';
+import { ApiError, errors } from '../errors.ts';
 import { consistentRead, mustFind, type SessionContext } from './context.ts';
 import type { History } from './history.ts';
 import type { StateView } from './model.ts';
@@ -93,7 +93,7 @@ export function createReads(ctx: SessionContext, history: History) {
     try {
       await withStateAt(name, answer.version, fn);
     } catch (err) {
-      if (!answer.replayed || (err as { code?: unknown }).code !== 'VERSION_NOT_AVAILABLE') throw err;
+      if (!answer.replayed || !(err instanceof ApiError && err.code === 'VERSION_NOT_AVAILABLE')) throw err;
       await withStateAt(name, null, fn);
     }
   }
