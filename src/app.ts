@@ -19,12 +19,12 @@ import roundsPlugin from './plugins/rounds.ts';
 import limitsPlugin from './plugins/limits.ts';
 import authPlugin from './plugins/auth.ts';
 import swaggerPlugin from './plugins/swagger.ts';
-import uiPlugin from './plugins/ui.ts';
 import metricsPlugin from './plugins/metrics.ts';
 import storagePlugin from './plugins/storage.ts';
 import { RequestLogController, requestId } from './request-log.ts';
 import healthRoutes from './routes/health/index.ts';
 import rootRoutes from './routes/root/index.ts';
+import uiRoutes from './routes/ui/index.ts';
 import tokenRoutes from './routes/tokens/index.ts';
 import sessionRoutes from './routes/sessions/index.ts';
 
@@ -70,7 +70,7 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
   await fastify.register(swaggerPlugin);
   await fastify.register(metricsPlugin, { config });
   await fastify.register(storagePlugin, { config });
-  await fastify.register(uiPlugin);
+  await fastify.register(uiRoutes);
   await fastify.register(healthRoutes);
   await fastify.register(rootRoutes);
   await fastify.register(tokenRoutes, { prefix: '/v1/tokens' });

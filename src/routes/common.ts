@@ -35,7 +35,7 @@ export function ifMatchOf(request: FastifyRequest): number | null {
 /**
  * The entity tags of an If-None-Match header (RFC 9110 section 13.1.2), for weak comparison: each without
  * its W/ prefix, as sent (quotes kept), at most 64; '*' for "any current state"; null without the header.
- * The API's tags are versions (routes/sessions/conditional.ts), /ui's are file hashes (plugins/ui.ts).
+ * The API's tags are versions (routes/sessions/conditional.ts), /ui's are file hashes (routes/ui/index.ts).
  */
 export function ifNoneMatchTags(header: string | string[] | undefined): string[] | '*' | null {
   if (header === undefined) return null;

@@ -10,12 +10,13 @@ import { dirname, extname, join, relative, sep } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { brotliCompress, constants as zlib, gzip } from 'node:zlib';
-import fp from 'fastify-plugin';
-import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import { errors } from '../errors.ts';
-import { ifNoneMatchTags } from '../routes/common.ts';
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
+import type { FastifyReply, FastifyRequest } from 'fastify';
+import { Type } from 'typebox';
+import { errors } from '../../errors.ts';
+import { ACCESS, ifNoneMatchTags } from '../common.ts';
 
-export const UI_ROOT = fileURLToPath(new URL('../../ui/', import.meta.url));
+export const UI_ROOT = fileURLToPath(new URL('../../../ui/', import.meta.url));
 
 const TYPES: Record<string, string> = {
   '.html': 'text/html; charset=utf-8',
@@ -114,21 +115,20 @@ async function send(request: FastifyRequest, reply: FastifyReply, file: UiAsset)
   return reply.send(encoding ? await file.encoded(encoding) : file.identity);
 }
 
-export default fp(
-  async function uiPlugin(fastify: FastifyInstance) {
-    const assets = loadUiAssets();
-    const index = assets.get('index.html');
-    if (!index) throw new Error(`the dashboard's index.html is missing from ${UI_ROOT}`);
-    const config = { scope: 'public' as const };
-    const schema = { hide: true };
-    fastify.get('/ui', { config, schema }, async (_request, reply) => reply.redirect('/ui/', 302));
-    fastify.get('/ui/', { config, schema }, async (request, reply) => send(request, reply, index));
-    fastify.get('/ui/*', { config, schema }, async (request, reply) => {
-      const path = (request.params as { '*': string })['*'];
-      const file = assets.get(path);
-      if (!file) throw errors.routeNotFound('GET', `/ui/${path.slice(0, 200)}`);
-      return send(request, reply, file);
-    });
-  },
-  { name: 'ui', dependencies: ['auth'] },
-);
+const uiRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
+  const assets = loadUiAssets();
+  const index = assets.get('index.html');
+  if (!index) throw new Error(`the dashboard's index.html is missing from ${UI_ROOT}`);
+  const config = ACCESS.public;
+  const schema = { hide: true };
+  fastify.get('/ui', { config, schema }, async (_request, reply) => reply.redirect('/ui/', 302));
+  fastify.get('/ui/', { config, schema }, async (request, reply) => send(request, reply, index));
+  fastify.get('/ui/*', { config, schema: { ...schema, params: Type.Object({ '*': Type.String() }) } }, async (request, reply) => {
+    const path = request.params['*'];
+    const file = assets.get(path);
+    if (!file) throw errors.routeNotFound('GET', `/ui/${path.slice(0, 200)}`);
+    return send(request, reply, file);
+  });
+};
+
+export default uiRoutes;
