@@ -1,6 +1,6 @@
 // The whole service as one Fastify plugin. It never listens: src/server.ts does, tests inject.
 import { createRequire } from 'node:module';
-import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import fp from 'fastify-plugin';
 import { AjvCompiler } from '@fastify/ajv-compiler';
@@ -195,6 +195,26 @@ function clientErrorHandler(this: FastifyInstance, err: Error & { code?: string;
   close();
 }
 
+/**
+ * Expect: 100-continue (RFC 9110 section 10.1.1): the 100 goes out when a route begins to read the body, not
+ * when the headers arrive (Node's default). A request refused on its headers (401, 404, 413, 415, 400) gets
+ * that answer instead and the client does not send the body, a 200 MB gradient for a wrong token, say. Such
+ * an answer closes the connection: the body the client may still send is not a next request.
+ */
+function continueOnRead(this: Server, request: IncomingMessage, response: ServerResponse): void {
+  const keepAlive = response.shouldKeepAlive;
+  response.shouldKeepAlive = false;
+  const onListener = (event: string | symbol) => {
+    if (event !== 'data' && event !== 'readable') return;
+    request.off('newListener', onListener);
+    if (response.headersSent) return;
+    response.shouldKeepAlive = keepAlive;
+    response.writeContinue();
+  };
+  request.on('newListener', onListener);
+  this.emit('request', request, response);
+}
+
 const MAX_PARAM_LENGTH = 512;
 const validatorFactory = AjvCompiler();
 
@@ -260,6 +280,7 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     response.writeHead(400, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), connection: 'close' });
     response.end(body);
   });
+  fastify.server.on('checkContinue', continueOnRead);
   // fastify-plugin: the app's decorations (db, sessions) are visible on the instance tests hold.
   await fastify.register(fp(app, { name: 'asgd-serve' }), opts);
   return fastify;
