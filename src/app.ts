@@ -6,7 +6,7 @@ import fp from 'fastify-plugin';
 import { AjvCompiler } from '@fastify/ajv-compiler';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify';
 import type { Config } from './config.ts';
-import { errors, quoteValue, type ApiError } from './errors.ts';
+import { errors, headerText, quoteValue, type ApiError } from './errors.ts';
 import type { Database } from './db/database.ts';
 import errorsPlugin, { ERROR_CODE_KEYWORD, errorBody, RULE_KEYWORD } from './plugins/errors.ts';
 import { SESSION_NAME_SOURCE } from './sessions/spec.ts';
@@ -123,12 +123,12 @@ function refuseUnreadable(request: FastifyRequest, reply: FastifyReply): void {
   // not be ignored (RFC 9110 section 8.4).
   const contentEncoding = request.headers['content-encoding'];
   const hasBody = request.headers['transfer-encoding'] !== undefined || Number(request.headers['content-length'] ?? 0) > 0;
-  if (hasBody && contentEncoding !== undefined && !/^\s*(identity)?\s*$/i.test(contentEncoding)) throw errors.unsupportedContentEncoding(quoteValue(contentEncoding));
+  if (hasBody && contentEncoding !== undefined && !/^\s*(identity)?\s*$/i.test(contentEncoding)) throw errors.unsupportedContentEncoding(quoteValue(headerText(contentEncoding)));
   // Node's parser takes chunked as the last coding and ignores those before it (gzip, chunked).
   const transferEncoding = request.headers['transfer-encoding'];
   if (transferEncoding !== undefined && !/^\s*chunked\s*$/i.test(transferEncoding)) {
     reply.header('connection', 'close');
-    throw errors.invalidHeader('Transfer-Encoding', `${quoteValue(transferEncoding)} is not supported (only chunked)`);
+    throw errors.invalidHeader('Transfer-Encoding', `${quoteValue(headerText(transferEncoding))} is not supported (only chunked)`);
   }
 }
 
@@ -276,7 +276,7 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
   });
   // An Expect other than 100-continue: Node answers a bare 417 unless someone listens for it.
   fastify.server.on('checkExpectation', (request: IncomingMessage, response: ServerResponse) => {
-    const body = errorText(errors.invalidHeader('Expect', `${quoteValue(request.headers.expect)} is not supported (only 100-continue)`));
+    const body = errorText(errors.invalidHeader('Expect', `${quoteValue(headerText(request.headers.expect))} is not supported (only 100-continue)`));
     response.writeHead(400, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), connection: 'close' });
     response.end(body);
   });

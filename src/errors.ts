@@ -87,6 +87,19 @@ export function quoteValue(value: unknown, max = 200): string {
   return text.length > max ? `${text.slice(0, max)}…` : text;
 }
 
+/**
+ * A request header's text as it was sent. Node reads header bytes as latin1; a value that is valid UTF-8
+ * (what clients send) is decoded as such, so a message shows "é" rather than "Ã©". Other bytes stay as read.
+ */
+export function headerText(value: string | readonly string[] | undefined): string {
+  if (value === undefined) return '';
+  const text = typeof value === 'string' ? value : value.join(', ');
+  if (!/[\x80-\xff]/.test(text)) return text;
+  const bytes = Buffer.from(text, 'latin1');
+  const decoded = bytes.toString('utf8');
+  return Buffer.from(decoded, 'utf8').equals(bytes) ? decoded : text;
+}
+
 export class ApiError extends Error {
   readonly statusCode: number;
   readonly code: ErrorCode;

@@ -4,7 +4,7 @@ import fp from 'fastify-plugin';
 import type { Readable } from 'node:stream';
 import { errorCodes, type FastifyInstance } from 'fastify';
 import type { Config } from '../config.ts';
-import { errors, quoteValue } from '../errors.ts';
+import { errors, headerText, quoteValue } from '../errors.ts';
 import { BINARY_MEDIA_TYPES } from '../routes/media.ts';
 import { acceptedTypes, unsupportedMediaType } from './errors.ts';
 
@@ -31,7 +31,7 @@ export default fp(
       }
       const charset = params.get('charset');
       if (charset !== undefined && !/^utf-?8$/i.test(charset)) {
-        done(errors.unsupportedMediaType(`application/json; charset=${quoteValue(charset)}`, 'application/json (UTF-8)'), undefined);
+        done(errors.unsupportedMediaType(`application/json; charset=${quoteValue(headerText(charset))}`, 'application/json (UTF-8)'), undefined);
         return;
       }
       parseJson(request, bytes.toString('utf8'), done);
@@ -68,7 +68,7 @@ function mediaTypeParameters(header: string): Map<string, string> | Error {
   while (at < header.length) {
     PARAM.lastIndex = at;
     const m = PARAM.exec(header);
-    if (!m || m[0].length === 0) return bad(`a parameter is not name=value or name="value" (at ${quoteValue(header.slice(at, at + 40))})`);
+    if (!m || m[0].length === 0) return bad(`a parameter is not name=value or name="value" (at ${quoteValue(headerText(header.slice(at, at + 40)))})`);
     at = PARAM.lastIndex;
     if (m[1] === undefined) continue; // an empty parameter (";;", a trailing ";")
     const name = m[1].toLowerCase();

@@ -4,7 +4,7 @@
 import { STATUS_CODES } from 'node:http';
 import fp from 'fastify-plugin';
 import type { FastifyError, FastifyInstance, FastifyRequest, FastifySchemaValidationError } from 'fastify';
-import { ApiError, CODES, errors, type ErrorCode, type RequestPart } from '../errors.ts';
+import { ApiError, CODES, errors, headerText, type ErrorCode, type RequestPart } from '../errors.ts';
 import { FormatError } from '../formats/errors.ts';
 import { classifyDbError } from '../db/errors.ts';
 
@@ -125,7 +125,7 @@ export function toApiError(err: unknown, request: FastifyRequest): ApiError {
 
 /** 415 naming the type that was sent and the types the route accepts. */
 export function unsupportedMediaType(request: FastifyRequest): ApiError {
-  const header = String(request.headers['content-type'] ?? '').trim();
+  const header = headerText(request.headers['content-type']).trim();
   // The media type as sent (parameters dropped), or the whole header when it has none (";;;").
   const sent = (header.split(';')[0].trim() || header || '(none)').slice(0, 100);
   return errors.unsupportedMediaType(sent, acceptedTypes(request).join(', '));

@@ -2,7 +2,7 @@
 // as an answer. The body parsers (src/plugins/content-types.ts), the 415 check, content negotiation and
 // the OpenAPI document are built from it. A new file format is an entry here plus its code in src/formats.
 import type { FastifyRequest } from 'fastify';
-import { errors } from '../errors.ts';
+import { errors, headerText } from '../errors.ts';
 
 /** Each wire format's media types; the first is the one answers carry. */
 export const MEDIA = {
@@ -52,5 +52,5 @@ export function negotiate(request: FastifyRequest, queryFormat: string | undefin
     if (type === '*/*' || type === 'application/*') return offered[0];
     for (const format of offered) if ((MEDIA[format] as readonly string[]).includes(type)) return format;
   }
-  throw errors.notAcceptable(accept.slice(0, 200), offered.map((f) => MEDIA[f][0]).join(', '));
+  throw errors.notAcceptable(headerText(accept).slice(0, 200), offered.map((f) => MEDIA[f][0]).join(', '));
 }

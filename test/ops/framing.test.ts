@@ -63,3 +63,22 @@ test('a step followed on its connection by bytes that are not HTTP is answered 2
   assert.deepEqual(bad.map((a) => [a.status, a.body.code]), [[400, 'BAD_REQUEST']]);
   assert.equal((await app.inject({ url: '/v1/sessions/framed', headers: asAdmin })).json().version, version);
 });
+
+test('header values are quoted in messages as the client wrote them (UTF-8), not as latin1 mojibake', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  await createSession(app, 'quoted');
+  await app.listen({ host: '127.0.0.1', port: 0 });
+  const { port } = app.server.address() as { port: number };
+  const request = (head: string) => Buffer.from(`${head}Host: x\r\nAuthorization: Bearer ${ADMIN}\r\nConnection: close\r\n\r\n`, 'utf8');
+  const cases: [string, string, number, string][] = [
+    ['Content-Type', 'POST /v1/sessions/quoted/step HTTP/1.1\r\nContent-Type: tëxt/çsv\r\nContent-Length: 0\r\n', 415, 'tëxt/çsv'],
+    ['Accept', 'GET /v1/sessions/quoted/params HTTP/1.1\r\nAccept: äpplication/x\r\n', 406, 'äpplication/x'],
+    ['Content-Encoding', 'POST /v1/sessions/quoted/step HTTP/1.1\r\nContent-Type: application/json\r\nContent-Encoding: gzïp\r\nContent-Length: 2\r\n', 415, 'gzïp'],
+  ];
+  for (const [header, head, status, shown] of cases) {
+    const raw = await exchange(port, request(head));
+    const [got] = answers(Buffer.from(raw, 'latin1').toString('utf8'));
+    assert.equal(got?.status, status, `${header}: ${raw.slice(0, 200)}`);
+    assert.ok(String(got.body.message).includes(shown), `${header}: ${String(got.body.message)}`);
+  }
+});
