@@ -67,6 +67,15 @@ export function createReads(ctx: SessionContext, history: History) {
       fn(liveView(name, cached.state));
       return;
     }
+    // The current version: the copy, when the session row says it is current (one read, no transaction).
+    if (at === null) {
+      const current = await mustFind(db, name);
+      const copy = cache.get(current.id);
+      if (copy?.state.version === current.version) {
+        fn(liveView(name, cache.touch(copy).state));
+        return;
+      }
+    }
     await consistentRead(db, async (q) => {
       const session = await mustFind(q, name);
       const version = at ?? session.version;
