@@ -100,7 +100,11 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
           else state.ax(i).fill(0);
         }
       }
+      // The session's step counts optimizer.step() calls. A checkpoint says it; a loaded state_dict holds it
+      // as its parameters' step (the most any took; 0 for an optimizer that has not stepped), as a checkpoint
+      // downloaded afterwards says it.
       if (input.step !== undefined) state.step = input.step;
+      else if (plan) state.step = Math.round(plan.scalars.reduce((most, s) => Math.max(most, s?.step ?? 0), 0));
       state.version = session.version + 1;
       await writer.writeState(tx, session.id, state, opts.reason);
       await repo.advanceSession(tx, session.id, state.version, state.step, state.groups);

@@ -34,6 +34,8 @@ test('PUT state_dict restores optimizer state as load_state_dict does; stepping 
   const put = await app.inject({ method: 'PUT', url: '/v1/sessions/sd/state_dict', payload: saved });
   assert.equal(put.statusCode, 200, put.body);
   assert.equal(put.json().version, 12);
+  // The session's step is the loaded state's (6 optimizer steps), not the 10 it had taken.
+  assert.equal(put.json().step, 6);
   assert.equal(put.json().param_groups[1].lr, 0.07);
   const back = (await app.inject({ url: '/v1/sessions/sd/state_dict' })).json();
   assert.deepEqual(back.state, saved.state);
@@ -58,6 +60,10 @@ test('PUT state_dict restores optimizer state as load_state_dict does; stepping 
   for (const p of params) assert.deepEqual(hexOf(mine[p.name].data), ref.params[p.name]);
   const sd = (await app.inject({ url: '/v1/sessions/sd/state_dict' })).json();
   for (const [k, s] of Object.entries(ref.state)) assert.deepEqual(hexOf(sd.state[k].ax.data), s.ax);
+  // A checkpoint says as many steps as its optimizer state holds.
+  const checkpoint = (await app.inject({ url: '/v1/sessions/sd/checkpoint?format=json' })).json();
+  assert.equal(checkpoint.step, 16);
+  for (const s of Object.values(checkpoint.optimizer.state) as { step: number }[]) assert.equal(s.step, 16);
   void paramsAt6;
 });
 

@@ -87,7 +87,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
     schema: {
       operationId: 'loadStateDict',
       summary: 'Restore the optimizer state_dict',
-      description: 'Optimizer.load_state_dict semantics: hyperparameters come from the loaded groups; group count and sizes must match. Parameters are not changed. JSON, a torch.save file or safetensors. Bumps the version.',
+      description: 'Optimizer.load_state_dict semantics: hyperparameters come from the loaded groups; group count and sizes must match. Parameters are not changed. The session\'s step becomes the loaded state\'s (the most steps any parameter took; 0 for an optimizer that has not stepped). JSON, a torch.save file or safetensors. Bumps the version.',
       tags: ['state'],
       params: NameParams,
       headers: IfMatchHeaders,
