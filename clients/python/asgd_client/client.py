@@ -454,6 +454,8 @@ def _step_answer(res: Response) -> Dict[str, Any]:
     """The step answer as a dict; a safetensors answer's tensors under "params" (torch tensors)."""
     if res.content_type in (SAFETENSORS, "application/safetensors"):
         raw, meta = st.decode(res.body)
+        # The answer's fields, as the JSON answer has them; the file's other metadata ("format": "pt",
+        # "averaged", "replayed") describes the file, not the step.
         answer: Dict[str, Any] = {}
         for k, v in meta.items():
             if k in ("version", "step", "staleness", "params_version") and v.lstrip("-").isdigit():
@@ -463,7 +465,7 @@ def _step_answer(res: Response) -> Dict[str, Any]:
                     answer[k] = json.loads(v)
                 except ValueError:
                     answer[k] = v
-            else:
+            elif k == "session":
                 answer[k] = v
         answer["params"] = OrderedDict((k, st.raw_to_torch(v)) for k, v in raw.items())
         return answer

@@ -20,6 +20,7 @@ next version, which every worker of the round then holds.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -38,6 +39,10 @@ from .errors import StaleGradient
 from .http import DEFAULT_RETRY_BUDGET_S, Connection
 from .state import SessionState
 from .tensors import FLAG_KEYS, HYPERPARAMETER_KEYS, group_from_json, local_group_keys
+
+# torch.optim.Optimizer.zero_grad's own default (False before torch 2.0, True since): RemoteASGD.zero_grad()
+# does what the installed torch's would.
+_TORCH_SET_TO_NONE = bool(inspect.signature(torch.optim.Optimizer.zero_grad).parameters["set_to_none"].default)
 
 log = logging.getLogger("asgd_client")
 
@@ -144,6 +149,17 @@ class _Sent:
     def wait(self) -> None:
         """Reads the answer (the step is then applied or refused on the service) without loading it."""
         self._handle.finish()
+
+
+def _result_of_previous(pending: Any, then: str) -> Any:
+    """A background step's outcome; its error is raised by a later call (step(), zero_grad(), synchronize()),
+    with a note saying it is the earlier step's and what became of this call's."""
+    try:
+        return pending.result()
+    except Exception as err:
+        if hasattr(err, "add_note"):  # Python 3.11+
+            err.add_note(f"raised for the previous step, sent in the background; {then}")
+        raise
 
 
 class RemoteASGD(torch.optim.Optimizer):
@@ -327,9 +343,10 @@ class RemoteASGD(torch.optim.Optimizer):
         if not created:
             self._pull()
         if self.pipeline and self.send_base_version and info.get("max_staleness") == 0:
-            log.warning("[%s] session %r accepts no stale gradient (max_staleness 0), but with pipeline=True every "
-                        "gradient is at least one version old: each will be %s", self.worker, self.session,
-                        {"pull": "dropped", "raise": "refused", "apply": "sent twice"}[self.on_stale])
+            log.warning("[%s] session %r accepts no stale gradient (max_staleness 0), but with pipeline=True a "
+                        "gradient is computed while the step before it is in flight: each one that comes out a "
+                        "version old will be %s", self.worker, self.session,
+                        {"pull": "dropped", "raise": "refused", "apply": "sent again without base_version"}[self.on_stale])
 
     # -- session bookkeeping -----------------------------------------------------------------------
     def _check_layout(self, info: Mapping[str, Any]) -> None:
@@ -390,8 +407,12 @@ class RemoteASGD(torch.optim.Optimizer):
             raise NotImplementedError("RemoteASGD cannot add a parameter group to an existing session; create a new session")
         super().add_param_group(param_group)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """As torch's; also applies a pipelined step's parameters if they have arrived (never waits)."""
+    def zero_grad(self, set_to_none: Optional[bool] = None) -> None:
+        """As torch's, with the installed torch's default for ``set_to_none`` (False in 1.x, True in 2.x: a
+        parameter without a gradient then steps on a zero gradient, or is skipped, as locally); also applies a
+        pipelined step's parameters if they have arrived (never waits)."""
+        if set_to_none is None:
+            set_to_none = _TORCH_SET_TO_NONE
         with self._lock:
             self._apply_pending(block=False)
             for group in self.param_groups:
@@ -468,7 +489,7 @@ class RemoteASGD(torch.optim.Optimizer):
                 if sent is not None:
                     previous, self._pending = self._pending, sent
                     if previous is not None:
-                        self._apply(previous.result(), overlapped=True)  # its error is raised here, this step sent
+                        self._apply(_result_of_previous(previous, "this step's request was sent, do not send it again"), overlapped=True)
                     return loss
             self._apply_pending(block=True)
             if self._executor is None:
@@ -555,7 +576,7 @@ class RemoteASGD(torch.optim.Optimizer):
         if future is None or (not block and not future.done()):
             return
         self._pending = None
-        self._apply(future.result())  # re-raises the background request's error here
+        self._apply(_result_of_previous(future, "this call sent nothing"))
 
     def synchronize(self) -> Optional[int]:
         """Waits for a pipelined step and loads its parameters; returns the model's version."""

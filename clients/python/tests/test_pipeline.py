@@ -274,5 +274,29 @@ class PipelineMatchesReplay(ServiceTestCase):
         self.assertEqual(opt.step_count, 1)
 
 
+    def test_an_error_raised_by_the_next_step_says_it_is_the_previous_steps(self):
+        # A pipelined step() sends its own gradients before it reads the previous step's answer: when that
+        # answer is an error, the step() raising it has been sent (and applied). The error says so.
+        from asgd_client import ServiceError
+
+        model = make_model()
+        opt = self.remote(model.named_parameters(), pipeline=True, transport="safetensors")
+        model(batch(0)[0]).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        model(batch(1)[0]).sum().backward()
+        next(model.parameters()).grad[0, 0] = float("nan")
+        opt.step()  # refused by the service, reported at the next call
+        for p in model.parameters():  # no zero_grad(): it would report the error if the answer is in
+            p.grad = torch.full_like(p, 1e-3)
+        with self.assertRaises(ServiceError) as caught:
+            opt.step()
+        self.assertEqual(caught.exception.code, "NON_FINITE_GRADIENT")
+        notes = getattr(caught.exception, "__notes__", [])
+        if hasattr(caught.exception, "add_note"):
+            self.assertTrue(any("previous step" in n and "was sent" in n for n in notes), notes)
+        self.assertEqual(opt.synchronize(), 3)  # the first and the third step were applied
+        self.assertEqual(opt.step_count, 2)
+
 if __name__ == "__main__":
     unittest.main()

@@ -33,6 +33,40 @@ class TrainingMatchesTorch(ServiceTestCase):
         self.assertStateDictEqual(got, want)
         self.assertLess(want["state"][3]["step"].item(), STEPS)
 
+    def test_zero_grad_with_the_installed_torchs_default(self):
+        # A plain zero_grad(), as most loops write it: torch 1.x zeroes the gradients (set_to_none=False), so
+        # a parameter that gets no gradient on a step still steps on zeros; torch 2.x sets them to None and
+        # skips it. RemoteASGD does what the installed torch does.
+        def freeze_every_third(model, opt, steps):
+            head = model[-1]
+            for i in range(steps):
+                X, y = batch(i)
+                opt.zero_grad()
+                # Every third step the head's bias does not reach the loss: its gradient stays zeros or None.
+                bias = head.bias.detach() if i % 3 == 1 else head.bias
+                out = torch.nn.functional.linear(model[:-1](X), head.weight, bias)
+                loss = torch.nn.functional.mse_loss(out, y)
+                loss.backward()
+                opt.step()
+
+        ref = make_model()
+        ref_opt = torch.optim.ASGD(ref.parameters(), **HYPER)
+        freeze_every_third(ref, ref_opt, 12)
+        model = make_model()
+        opt = self.remote(model.named_parameters(), transport="safetensors")
+        freeze_every_third(model, opt, 12)
+        self.assertParamsIdentical(model, ref)
+        self.assertStateDictEqual(opt.state_dict(), ref_opt.state_dict())
+
+    def test_last_step_holds_the_answers_fields(self):
+        # The same fields with either transport: the safetensors answer's other metadata is the file's.
+        for transport in ("json", "safetensors"):
+            model = make_model()
+            opt = self.remote(model.named_parameters(), transport=transport, session=unique(f"last-step-{transport}"))
+            train(model, opt, range(2))
+            self.assertEqual(sorted(opt.last_step), ["session", "staleness", "step", "version"], transport)
+            self.assertEqual(opt.last_step["step"], 2, transport)
+
     def test_auto_transport_trains_identically(self):
         # "auto" uses safetensors and falls back to JSON (with a warning) where the service lacks it.
         with warnings.catch_warnings():
