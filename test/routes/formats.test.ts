@@ -265,3 +265,27 @@ print(json.dumps({'w': hx(model.fc.weight), 'b': hx(model.fc.bias)}))
   assert.deepEqual(hexOf(mine['fc.weight'].data), out.w);
   assert.deepEqual(hexOf(mine['fc.bias'].data), out.b);
 });
+
+test('a model state_dict with buffers (BatchNorm) is refused naming the buffer and what to send; its parameters alone create the session', async (t) => {
+  const skip = skipWithoutTorch();
+  if (skip) return t.skip(skip);
+  const { app } = await buildTestApp(t);
+  const files = JSON.parse(runPython(`
+import io, json, base64
+m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+def saved(obj):
+    b = io.BytesIO(); torch.save(obj, b); return base64.b64encode(b.getvalue()).decode()
+print(json.dumps({"state_dict": saved(m.state_dict()), "parameters": saved(dict(m.named_parameters()))}))
+`)) as Record<string, string>;
+  const create = (name: string, file: string) => app.inject({
+    method: 'POST', url: `/v1/sessions?name=${name}`, headers: { 'content-type': 'application/octet-stream' }, payload: Buffer.from(file, 'base64'),
+  });
+  const refused = await create('bn', files.state_dict);
+  assert.equal(refused.statusCode, 400, refused.body);
+  assert.equal(refused.json().code, 'INVALID_TENSOR');
+  assert.match(refused.json().message, /1\.num_batches_tracked: dtype int64 is not supported.*named_parameters/);
+  assert.equal((await app.inject({ url: '/v1/sessions/bn' })).statusCode, 404);
+  const created = await create('bn', files.parameters);
+  assert.equal(created.statusCode, 201, created.body);
+  assert.deepEqual(created.json().params.map((p: { name: string }) => p.name), ['0.weight', '0.bias', '1.weight', '1.bias']);
+});

@@ -15,8 +15,10 @@ import { asgdFromView, loadedFromAsgd, paramTensor, parseStateDict, readTensorFi
 import { MEDIA, type WireFormat } from '../media.ts';
 
 function float32Of(tensor: Tensor, field: string): Float32Tensor {
-  if (tensor.dtype !== 'float32') throw errors.invalidTensor(field, `dtype ${tensor.dtype} is not supported; sessions hold float32 tensors`);
-  return tensor;
+  if (tensor.dtype === 'float32') return tensor;
+  // An integer tensor in a model's state_dict is a buffer (BatchNorm's num_batches_tracked), not a parameter.
+  const buffer = /int|bool/.test(tensor.dtype) ? ' (a buffer, not a parameter? send the parameters only: dict(model.named_parameters()))' : '';
+  throw errors.invalidTensor(field, `dtype ${tensor.dtype} is not supported; sessions hold float32 parameters${buffer}`);
 }
 
 /** Named float32 tensors from a safetensors file or a torch.save'd dict of tensors (a model state_dict). */
