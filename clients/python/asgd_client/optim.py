@@ -334,6 +334,8 @@ class RemoteASGD(torch.optim.Optimizer):
         )
         info, created = ensure_session(self.client, self.session, create, create_kwargs)
         self._check_layout(info)
+        if not created:
+            self._warn_settings_replaced(info, group_specs, max_staleness)
         self._take_session(info, update_local=not created)
         if self.aggregation is not None:
             self._check_rounds(self.pipeline, self.on_stale, self.send_base_version)
@@ -349,6 +351,22 @@ class RemoteASGD(torch.optim.Optimizer):
                         {"pull": "dropped", "raise": "refused", "apply": "sent again without base_version"}[self.on_stale])
 
     # -- session bookkeeping -----------------------------------------------------------------------
+    def _warn_settings_replaced(self, info: Mapping[str, Any], asked_groups: List[Dict[str, Any]], max_staleness: Optional[int]) -> None:
+        """Joining a session: the session's hyperparameters and max_staleness hold; say which asked-for values
+        they replace (a worker started with other settings than the session's would otherwise not know)."""
+        differ = []
+        for k, (asked, remote) in enumerate(zip(asked_groups, info["param_groups"])):
+            held = group_from_json({key: v for key, v in remote.items() if key != "params"})
+            for key in HYPERPARAMETER_KEYS:
+                mine, theirs = _hyper_value(key, asked.get(key)), _hyper_value(key, held.get(key))
+                if mine is not None and theirs is not None and not _same(mine, theirs):
+                    differ.append(f"group {k} {key}={theirs!r} (asked {mine!r})")
+        if max_staleness is not None and info.get("max_staleness") != max_staleness:
+            differ.append(f"max_staleness={info.get('max_staleness')!r} (asked {max_staleness!r})")
+        if differ:
+            log.warning("[%s] session %r exists with other settings than this optimizer asked for; the session's hold: %s",
+                        self.worker, self.session, ", ".join(differ))
+
     def _check_layout(self, info: Mapping[str, Any]) -> None:
         remote = info["params"]
         remote_names = [p["name"] for p in remote]

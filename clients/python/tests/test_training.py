@@ -185,6 +185,20 @@ class TrainingMatchesTorch(ServiceTestCase):
         new = self.remote(fresh.named_parameters(), transport="json", session=unique("if-missing"), create="if_missing")
         self.assertEqual(new.step_count, 0)
 
+    def test_joining_with_other_settings_says_which_the_session_keeps(self):
+        model = make_model()
+        opt = self.remote(model.named_parameters(), transport="json", max_staleness=4)
+        other = make_model()
+        with self.assertLogs("asgd_client", "WARNING") as logs:
+            joined = self.remote(other.named_parameters(), transport="json", session=opt.session, lr=0.1, max_staleness=2)
+        said = "\n".join(logs.output)
+        self.assertIn(f"group 0 lr={HYPER['lr']!r} (asked 0.1)", said)
+        self.assertIn("max_staleness=4 (asked 2)", said)
+        self.assertEqual(joined.param_groups[0]["lr"], HYPER["lr"])  # the session's holds
+        # The same settings join silently.
+        with self.assertNoLogs("asgd_client", "WARNING"):
+            self.remote(make_model().named_parameters(), transport="json", session=opt.session, max_staleness=4)
+
     def test_attach_refuses_a_different_model(self):
         model = make_model()
         opt = self.remote(model.named_parameters(), transport="json")
