@@ -1,6 +1,7 @@
 // The service's configuration: read from the environment once at boot, validated, typed, passed in.
 // The CLI (src/cli.ts) maps its flags onto the same names.
 
+import { isIP } from 'node:net';
 import { KERNEL_CHOICES, type KernelChoice } from './optim/index.ts';
 
 export interface Config {
@@ -77,6 +78,12 @@ function int(env: Env, key: string, fallback: number, min: number, max = Number.
   return value;
 }
 
+/** The longest delay a Node timer takes (2^31 - 1 ms, about 24.8 days); a longer one fires after 1 ms. */
+const TIMER_MAX_MS = 2_147_483_647;
+
+/** A duration in milliseconds that a timer will wait (int, at most TIMER_MAX_MS). */
+const ms = (env: Env, key: string, fallback: number, min: number): number => int(env, key, fallback, min, TIMER_MAX_MS);
+
 function bool(env: Env, key: string, fallback: boolean): boolean {
   const raw = env[key];
   if (raw === undefined || raw === '') return fallback;
@@ -97,7 +104,12 @@ function trustProxyOf(env: Env): Config['trustProxy'] {
   if (/^\d{1,2}$/.test(raw)) return Number(raw);
   const list = raw.split(',').map((s) => s.trim()).filter(Boolean);
   for (const entry of list) {
-    if (!/^[0-9A-Fa-f:.]+(\/\d{1,3})?$/.test(entry)) throw new ConfigError(`ASGD_TRUST_PROXY: ${JSON.stringify(entry)} is not an address or CIDR (or use true, false or a hop count)`);
+    const [address, bits, ...rest] = entry.split('/');
+    const family = isIP(address);
+    const prefixOk = bits === undefined || (/^\d{1,3}$/.test(bits) && Number(bits) <= (family === 6 ? 128 : 32));
+    if (family === 0 || !prefixOk || rest.length > 0) {
+      throw new ConfigError(`ASGD_TRUST_PROXY: ${JSON.stringify(entry)} is not an IP address or CIDR (or use true, false or a hop count up to 99)`);
+    }
   }
   return list;
 }
@@ -137,7 +149,8 @@ export function loadConfig(env: Env = process.env): Config {
     throw new ConfigError('ASGD_ADMIN_TOKEN must be at most 512 characters of visible ASCII (no spaces): a bearer token cannot carry others');
   }
   const config: Config = {
-    host: env.HOST?.trim() || '127.0.0.1',
+    // An IPv6 address as a URL writes it ([::1]) is listened on as the address itself.
+    host: (env.HOST?.trim() || '127.0.0.1').replace(/^\[(.*)\]$/, '$1'),
     port: int(env, 'PORT', 8080, 0, 65535),
     databaseUrl: env.DATABASE_URL?.trim() || null,
     dataDir: env.ASGD_DATA_DIR?.trim() || '.data/pglite',
@@ -150,29 +163,29 @@ export function loadConfig(env: Env = process.env): Config {
     bodyLimitCreate: int(env, 'ASGD_BODY_LIMIT_CREATE', 2048 * MiB, 1024),
     bodyLimitDefault: int(env, 'ASGD_BODY_LIMIT_DEFAULT', 1 * MiB, 1024),
     bodyLimitJson: int(env, 'ASGD_BODY_LIMIT_JSON', 256 * MiB, 1024, 512 * MiB),
-    requestTimeoutMs: int(env, 'ASGD_REQUEST_TIMEOUT_MS', 300_000, 0),
+    requestTimeoutMs: ms(env, 'ASGD_REQUEST_TIMEOUT_MS', 300_000, 0),
     rateLimitPerMinute: env.ASGD_RATE_LIMIT_PER_MINUTE ? int(env, 'ASGD_RATE_LIMIT_PER_MINUTE', 0, 1) : null,
     defaultSnapshotEvery: int(env, 'ASGD_SNAPSHOT_EVERY', 100, 1),
     defaultKeepSnapshots: int(env, 'ASGD_KEEP_SNAPSHOTS', 10, 1),
     // 0 or "none" turns the byte bound off; 4 GiB keeps a 1e6-parameter model's default log whole.
     defaultKeepLogBytes: /^\s*(none|0)\s*$/i.test(env.ASGD_KEEP_LOG_BYTES ?? '') ? null : int(env, 'ASGD_KEEP_LOG_BYTES', 4096 * MiB, 1),
     defaultExpireAfterIdleS: env.ASGD_EXPIRE_AFTER_IDLE_S?.trim() ? int(env, 'ASGD_EXPIRE_AFTER_IDLE_S', 0, 1, 2_147_483_647) : null,
-    sweepIntervalMs: int(env, 'ASGD_SWEEP_INTERVAL_MS', 60_000, 0),
+    sweepIntervalMs: ms(env, 'ASGD_SWEEP_INTERVAL_MS', 60_000, 0),
     idempotencyWindowSeconds: int(env, 'ASGD_IDEMPOTENCY_WINDOW_SECONDS', 86_400, 1),
     stepLingerUs: int(env, 'ASGD_STEP_LINGER_US', 2_000, 0, 100_000),
     kernel,
     fma: bool(env, 'ASGD_FMA', true),
     cacheBytes: int(env, 'ASGD_CACHE_BYTES', 4096 * MiB, 0),
     snapshotCopyLimitBytes: int(env, 'ASGD_SNAPSHOT_COPY_LIMIT_BYTES', 256 * MiB, 0),
-    maxEventLoopDelayMs: int(env, 'ASGD_MAX_EVENT_LOOP_DELAY_MS', 0, 0),
+    maxEventLoopDelayMs: ms(env, 'ASGD_MAX_EVENT_LOOP_DELAY_MS', 0, 0),
     maxHeapUsedBytes: int(env, 'ASGD_MAX_HEAP_USED_BYTES', 0, 0),
     maxRssBytes: int(env, 'ASGD_MAX_RSS_BYTES', 0, 0),
-    healthCheckIntervalMs: int(env, 'ASGD_HEALTH_CHECK_INTERVAL_MS', 5_000, 0),
+    healthCheckIntervalMs: ms(env, 'ASGD_HEALTH_CHECK_INTERVAL_MS', 5_000, 0),
     metricsRequireToken: bool(env, 'ASGD_METRICS_REQUIRE_TOKEN', false),
     trustProxy: trustProxyOf(env),
     corsOrigins: corsOriginsOf(env),
     migrateOnStart: env.ASGD_MIGRATE?.trim() ? bool(env, 'ASGD_MIGRATE', false) : null,
-    shutdownTimeoutMs: int(env, 'ASGD_SHUTDOWN_TIMEOUT_MS', 60_000, 0),
+    shutdownTimeoutMs: ms(env, 'ASGD_SHUTDOWN_TIMEOUT_MS', 60_000, 1),
   };
   if (!config.adminToken && !config.allowInsecure && !isLoopback(config.host)) {
     throw new ConfigError(

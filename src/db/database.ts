@@ -145,8 +145,11 @@ class LockFirstQuery extends (pg.Query as unknown as new (config: pg.QueryConfig
   }
 }
 
+/** How the service's connections show in pg_stat_activity (an application_name in the URL wins). */
+export const APPLICATION_NAME = 'asgd-serve';
+
 async function openPostgres(url: string, options: DatabaseOptions): Promise<Database> {
-  const pool = new pg.Pool({ connectionString: withGenericPlans(url), max: options.poolSize, connectionTimeoutMillis: 10_000 });
+  const pool = new pg.Pool({ connectionString: withGenericPlans(url), max: options.poolSize, connectionTimeoutMillis: 10_000, application_name: APPLICATION_NAME });
   // An idle client losing its server must not crash the process; the next query reports it. pg-pool hangs
   // the whole client object on the error (`err.client`): not something to serialise into a log line.
   pool.on('error', (err) => {

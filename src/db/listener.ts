@@ -3,6 +3,7 @@
 // connection drops. Notifications sent while it was down are lost, so `onReset` tells subscribers to
 // re-read what they wait for.
 import pg from 'pg';
+import { APPLICATION_NAME } from './database.ts';
 
 export interface ListenHandlers {
   onNotify(payload: string): void;
@@ -24,7 +25,7 @@ export async function listenPostgres(url: string, channel: string, handlers: Lis
   let timer: NodeJS.Timeout | null = null;
 
   const connect = async (): Promise<void> => {
-    const next = new pg.Client({ connectionString: url, connectionTimeoutMillis: 5_000, keepAlive: true });
+    const next = new pg.Client({ connectionString: url, connectionTimeoutMillis: 5_000, keepAlive: true, application_name: APPLICATION_NAME });
     // An error on an idle client is an event: unheard, it would end the process.
     next.on('error', (err) => {
       handlers.onError?.(err);

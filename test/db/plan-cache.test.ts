@@ -74,3 +74,23 @@ test('PostgreSQL, generic plans: a step looks its Idempotency-Key up with one in
     await scratch.drop();
   }
 });
+
+test('PostgreSQL: the service names its connections (application_name asgd-serve); a name in the URL wins', async () => {
+  const scratch = await createTestDatabase();
+  try {
+    const names = async (url: string) => {
+      const db = await openDatabase({ databaseUrl: url, dataDir: '', poolSize: 2 });
+      try {
+        return (await db.transaction((tx) => tx.query<{ name: string }>("SELECT current_setting('application_name') AS name")))[0].name;
+      } finally {
+        await db.close();
+      }
+    };
+    assert.equal(await names(scratch.url), 'asgd-serve');
+    const url = new URL(scratch.url);
+    url.searchParams.set('application_name', 'trainer-7');
+    assert.equal(await names(url.toString()), 'trainer-7');
+  } finally {
+    await scratch.drop();
+  }
+});

@@ -1,0 +1,27 @@
+// The environment is checked once at start: a value the service cannot use stops it, naming the variable.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { ConfigError, loadConfig } from '../src/config.ts';
+
+test('durations a Node timer cannot wait (over 2^31 - 1 ms, which fire after 1 ms) are refused, naming the variable', () => {
+  for (const key of ['ASGD_SWEEP_INTERVAL_MS', 'ASGD_HEALTH_CHECK_INTERVAL_MS', 'ASGD_SHUTDOWN_TIMEOUT_MS', 'ASGD_REQUEST_TIMEOUT_MS', 'ASGD_MAX_EVENT_LOOP_DELAY_MS']) {
+    assert.throws(() => loadConfig({ [key]: '2147483648' }), (err: Error) => err instanceof ConfigError && err.message.startsWith(`${key} must be between`), key);
+    assert.doesNotThrow(() => loadConfig({ [key]: '2147483647' }), key);
+  }
+  // No grace at all is not a shutdown: SIGKILL is that.
+  assert.throws(() => loadConfig({ ASGD_SHUTDOWN_TIMEOUT_MS: '0' }), /ASGD_SHUTDOWN_TIMEOUT_MS must be between 1 and/);
+});
+
+test('ASGD_TRUST_PROXY takes IP addresses and CIDRs, a hop count or a boolean; anything else is refused', () => {
+  assert.deepEqual(loadConfig({ ASGD_TRUST_PROXY: '10.0.0.0/8, ::1, 192.168.1.7, fd00::/8' }).trustProxy, ['10.0.0.0/8', '::1', '192.168.1.7', 'fd00::/8']);
+  assert.equal(loadConfig({ ASGD_TRUST_PROXY: '1' }).trustProxy, 1);
+  assert.equal(loadConfig({ ASGD_TRUST_PROXY: 'true' }).trustProxy, true);
+  for (const bad of ['abc', '100', '10.0.0.0/33', '::1/129', '10.0.0.1/8/8', '999.1.1.1']) {
+    assert.throws(() => loadConfig({ ASGD_TRUST_PROXY: bad }), /: ASGD_TRUST_PROXY: .* is not an IP address or CIDR/, bad);
+  }
+});
+
+test('HOST as a URL writes an IPv6 address ([::1]) is listened on as the address', () => {
+  assert.equal(loadConfig({ HOST: '[::1]' }).host, '::1');
+  assert.equal(loadConfig({ HOST: '::1' }).host, '::1');
+});
