@@ -1,5 +1,7 @@
 // The process: read the configuration, build the app, listen, close with grace on SIGTERM/SIGINT.
+import { realpathSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
+import { fileURLToPath } from 'node:url';
 import { setFlagsFromString } from 'node:v8';
 import { buildApp, loggerOptions } from './app.ts';
 import { startupBanner } from './banner.ts';
@@ -90,7 +92,17 @@ function watchNpmParent(onOrphaned: () => void): void {
   timer.unref();
 }
 
-const isMain = import.meta.url === `file://${process.argv[1]}`;
+/** This file is the program node runs, also when it is started through a symlink (/srv/app/current/...). */
+function runAsMain(): boolean {
+  if (!process.argv[1]) return false;
+  try {
+    return fileURLToPath(import.meta.url) === realpathSync(process.argv[1]);
+  } catch {
+    return false;
+  }
+}
+
+const isMain = runAsMain();
 if (isMain) {
   try {
     await startServer(loadConfig());
@@ -99,10 +111,9 @@ if (isMain) {
       console.error(`asgd-serve: ${err.message}`);
       process.exit(2);
     }
-    if (err instanceof DataDirLockedError) {
-      console.error(`asgd-serve: ${err.message}`);
-      process.exit(1);
-    }
-    throw err;
+    // One line an operator can act on (the database unreachable or missing, the port taken, ...), not a stack.
+    const reason = err instanceof DataDirLockedError ? err.message : `could not start: ${err instanceof Error ? err.message : String(err)}`;
+    console.error(`asgd-serve: ${reason}`);
+    process.exit(1);
   }
 }
