@@ -52,6 +52,8 @@ export interface DataDirLock {
 export interface LockOptions {
   heartbeatMs?: number;
   staleAfterMs?: number;
+  /** Told when the lock's holder runs elsewhere and the wait for its heartbeat (up to staleAfterMs) begins. */
+  onWait?: (message: string) => void;
 }
 
 const readText = (path: string): string | null => {
@@ -95,10 +97,12 @@ const heldHere = new Set<string>();
 function alive(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return true;
   } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM'; // exists, owned by another user
+    if ((err as NodeJS.ErrnoException).code !== 'EPERM') return false; // EPERM: exists, owned by another user
   }
+  // A process killed (kill -9) but not yet reaped by its parent is a zombie: it has exited and holds nothing.
+  const stat = readText(`/proc/${pid}/stat`);
+  return stat === null || stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
 }
 
 /** On this machine: is the recorded holder still running? Decided at once from the process table. */
@@ -169,6 +173,9 @@ export async function lockDataDir(dir: string, options: LockOptions = {}): Promi
       }
     } else {
       const sameMachine = holder.host === me.host && holder.bootId === me.bootId && holder.pidNamespace === me.pidNamespace;
+      if (!sameMachine) {
+        options.onWait?.(`the data directory ${absolute} is locked by pid ${holder.pid} on ${holder.host}; waiting up to ${Math.round(staleAfterMs / 1000)} s to see whether it still renews the lock`);
+      }
       const running = sameMachine ? holderRunsHere(path, holder, me) : await heartbeatAlive(path, staleAfterMs);
       if (running) {
         throw new DataDirLockedError(absolute, holder, sameMachine ? '' : ` (it renewed the lock within the last ${Math.round(staleAfterMs / 1000)} s)`);

@@ -286,7 +286,8 @@ async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Da
   let lock: DataDirLock | null = null;
   if (dataDir !== 'memory://') {
     mkdirSync(dataDir, { recursive: true });
-    lock = await lockDataDir(dataDir); // before PGlite reads a file: a second owner would lose writes
+    // Before PGlite reads a file: a second owner would lose writes. (No logger yet: stderr, as start-up errors.)
+    lock = await lockDataDir(dataDir, { onWait: (message) => process.stderr.write(`asgd-serve: ${message}\n`) });
   }
   let client: InstanceType<typeof PGlite>;
   try {

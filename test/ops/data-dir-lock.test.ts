@@ -1,7 +1,7 @@
 // One owner per embedded data directory: a second process is refused with a message naming the directory
 // and the holder while the first keeps serving; a lock left by a killed process does not block a restart.
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -119,6 +119,20 @@ test('a lock whose process is gone, or whose pid now belongs to another process,
   plant(dir, { pid: process.pid, processStart: '1' });
   (await lockDataDir(dir)).release();
 
+  // A holder killed but not yet reaped by its parent (a zombie) has exited: taken over at once. The
+  // background sleep exits after its shell has become `exec sleep 10`, which never reaps it.
+  await template(dir);
+  const parent = spawn('sh', ['-c', 'sleep 0.3 & echo $!; exec sleep 10'], { stdio: ['ignore', 'pipe', 'ignore'] });
+  t.after(() => parent.kill('SIGKILL'));
+  const zombie = Number((await new Promise<string>((r) => parent.stdout!.once('data', (d) => r(String(d))))).trim());
+  for (let i = 0; i < 200 && !readFileSync(`/proc/${zombie}/stat`, 'utf8').includes(') Z '); i++) await new Promise((r) => setTimeout(r, 20));
+  assert.match(readFileSync(`/proc/${zombie}/stat`, 'utf8'), /\) Z /, 'the holder is a zombie');
+  const zombieStart = readFileSync(`/proc/${zombie}/stat`, 'utf8').split(') ')[1].split(' ')[19];
+  plant(dir, { pid: zombie, processStart: zombieStart });
+  const fromZombie = await lockDataDir(dir, { staleAfterMs: 60_000 });
+  assert.equal(JSON.parse(readFileSync(fromZombie.path, 'utf8')).pid, process.pid, 'a zombie holder is replaced');
+  fromZombie.release();
+
   // Another boot of this host: judged like another machine, by its heartbeat (none: taken over).
   await template(dir);
   plant(dir, { pid: process.ppid, bootId: 'an-earlier-boot' });
@@ -138,8 +152,10 @@ test('a holder on another host (a shared volume) is alive while its heartbeat re
     clearInterval(beat);
   }
   const started = Date.now();
-  const lock = await lockDataDir(dir, { staleAfterMs: 1_000 });
+  const told: string[] = [];
+  const lock = await lockDataDir(dir, { staleAfterMs: 1_000, onWait: (m) => told.push(m) });
   assert.ok(Date.now() - started >= 500, 'waited for the heartbeat to be missed');
+  assert.match(told.join('\n'), /locked by pid 1 on another-host; waiting up to 1 s/, 'the wait is said, not silent');
   assert.equal(JSON.parse(readFileSync(lock.path, 'utf8')).host, hostname());
 
   lock.release();
