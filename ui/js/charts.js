@@ -14,6 +14,33 @@ const STEP_INCREMENTS = Array.from({ length: 15 }, (_, e) => [1, 2, 5].map((m) =
  * @typedef {{ key: string, title: string, note?: string, series: SeriesSpec[], time?: boolean, log?: boolean, stepped?: boolean }} ChartSpec
  */
 
+/**
+ * Labels for the ticks of a value axis: as many digits as the spacing of the ticks needs (so that distinct
+ * ticks read differently: 0.049994, 0.049996, … not 0.05 four times), in exponent form (1.5e6, 2.5e-5) when
+ * the values are large or small.
+ * @param {number[]} splits @param {number} [incr] the spacing of the ticks
+ * @returns {string[]}
+ */
+export function tickLabels(splits, incr) {
+  const values = splits.filter((v) => Number.isFinite(v));
+  if (values.length === 0) return splits.map(String);
+  let step = incr !== undefined && Number.isFinite(incr) && incr > 0 ? incr : Infinity;
+  if (step === Infinity) for (let i = 1; i < values.length; i++) { const d = Math.abs(values[i] - values[i - 1]); if (d > 0) step = Math.min(step, d); }
+  if (step === Infinity) step = Math.abs(values[0]) || 1;
+  // Decimal places the spacing needs (negative: that many whole-number places are zeros): 0.002 → 3, 0.0025 → 4, 500 → -2.
+  let places = -Math.floor(Math.log10(step) + 1e-9);
+  while (places < 20 && Math.abs(step * 10 ** places - Math.round(step * 10 ** places)) > 1e-6 * step * 10 ** places) places++;
+  const magnitude = Math.max(...values.map(Math.abs));
+  const exponent = magnitude > 0 ? Math.floor(Math.log10(magnitude) + 1e-12) : 0;
+  const compact = magnitude >= 1e6 || (magnitude > 0 && magnitude < 1e-3);
+  return splits.map((v) => {
+    if (!Number.isFinite(v)) return String(v);
+    if (Math.abs(v) < step * 1e-6) return '0';
+    if (compact) return v.toExponential(Math.min(20, Math.max(0, exponent + places))).replace('e+', 'e');
+    return v.toFixed(Math.min(20, Math.max(0, places)));
+  });
+}
+
 export class Chart {
   /** @param {HTMLElement} parent @param {ChartSpec} spec */
   constructor(parent, spec) {
@@ -40,7 +67,7 @@ export class Chart {
   }
 
   size() {
-    return { width: Math.max(300, this.box.clientWidth - 10), height: 200 };
+    return { width: Math.max(160, this.box.clientWidth - 10), height: 200 };
   }
 
   /** @param {uPlot.AlignedData} data */
@@ -76,7 +103,7 @@ export class Chart {
       // Steps are whole numbers: no tick at step 2.5. Values get the digits their spacing needs.
       axes: [
         this.spec.time ? {} : { incrs: STEP_INCREMENTS },
-        { size: 64, values: (_u, splits) => splits.map((v) => (v === 0 ? '0' : String(Number(v.toPrecision(3))))) },
+        { size: (_u, values) => Math.max(50, 14 + 7 * Math.max(0, ...(values ?? []).map((v) => String(v).length))), values: (_u, splits, _axis, _space, incr) => tickLabels(splits, incr) },
       ],
       legend: { live: true },
     }, data, this.box);

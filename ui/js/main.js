@@ -1,6 +1,6 @@
 // The dashboard's shell: who the token is, the token prompt, and the routes #/ (sessions) and
 // #/s/<name> (one session). Each page returns a function that stops its timers and streams.
-import { api, ApiError, getToken, setToken } from './api.js';
+import { api, ApiError, getToken, setToken, setUnauthorizedHandler } from './api.js';
 import { h } from './format.js';
 import { sessionsPage } from './sessions.js';
 import { sessionPage } from './session.js';
@@ -73,12 +73,42 @@ function route(who) {
   }
 }
 
+/** @type {Who | null} */
+let current = null;
+let asking = false;
+
+/**
+ * The service refused the token while a page was open (revoked, expired, or the service's admin token
+ * changed): the page stops (no retries with a refused token) and the prompt says why; with the new token
+ * the page opens again.
+ * @param {string} message
+ */
+async function tokenRefused(message) {
+  if (asking || !current?.auth) return;
+  asking = true;
+  stopPage?.();
+  stopPage = null;
+  app.replaceChildren(h('p', { className: 'error', id: 'token-refused' }, `The service refused the token: ${message}`));
+  try {
+    setToken(null);
+    await askToken(`The service refused the token: ${message}`);
+    current = await identify();
+    showWho(current);
+    route(current);
+  } catch (err) {
+    app.replaceChildren(h('p', { className: 'error' }, `The service could not be reached: ${err instanceof Error ? err.message : String(err)}`));
+  } finally {
+    asking = false;
+  }
+}
+
 async function start() {
   try {
-    const who = await identify();
-    showWho(who);
-    addEventListener('hashchange', () => route(who));
-    route(who);
+    current = await identify();
+    showWho(current);
+    setUnauthorizedHandler((message) => void tokenRefused(message));
+    addEventListener('hashchange', () => { if (current && !asking) route(current); });
+    route(current);
   } catch (err) {
     app.replaceChildren(h('p', { className: 'error' }, `The service could not be reached: ${err instanceof Error ? err.message : String(err)}`));
   }

@@ -3,7 +3,8 @@
 
 /**
  * @typedef {{ version: number, step: number, time: number, staleness: number, staleness_max?: number,
- *   values: Record<string, number>, min?: Record<string, number>, max?: Record<string, number>, count?: number }} Point
+ *   values: Record<string, number>, min?: Record<string, number>, max?: Record<string, number>, count?: number,
+ *   version_from?: number, param_groups?: Record<string, any>[] }} Point
  * @typedef {{ version: number, step: number, time: string, param_groups: Record<string, any>[] }} HyperChange
  */
 
@@ -13,6 +14,47 @@ export const MAX_POINTS = 1500;
 /** @param {any} p @returns {Point} */
 export function toPoint(p) {
   return { ...p, time: Date.parse(p.time) };
+}
+
+/**
+ * The session's present history: after a restore (or a load that set the step back) the series holds the
+ * steps of the abandoned history too (steps 1..40, then 21..40 again). Walking from the newest point back,
+ * a point is kept when its step is below the last kept one's, so the steps (and versions, and times) of
+ * what is kept strictly increase. A series without a going-back is returned as it is.
+ * @template {{ step: number }} T
+ * @param {T[]} points in version order @returns {T[]}
+ */
+export function lineage(points) {
+  let monotone = true;
+  for (let i = 1; i < points.length && monotone; i++) monotone = points[i].step > points[i - 1].step;
+  if (monotone) return points;
+  /** @type {T[]} */
+  const kept = [];
+  let below = Infinity;
+  for (let i = points.length - 1; i >= 0; i--) {
+    if (points[i].step < below) {
+      kept.push(points[i]);
+      below = points[i].step;
+    }
+  }
+  return kept.reverse();
+}
+
+/**
+ * The hyperparameter changes of the present history: those made by a step that `lineage` kept (or newer
+ * than every point read), not those of an abandoned history.
+ * @param {HyperChange[]} changes sorted by version @param {Point[]} kept `lineage`'s points @param {Point[]} points all of them
+ */
+export function changesOn(changes, kept, points) {
+  if (kept.length === points.length) return changes;
+  const newest = points.length ? points[points.length - 1].version : 0;
+  let k = 0;
+  return changes.filter((c) => {
+    if (c.version > newest) return true;
+    while (k < kept.length && kept[k].version < c.version) k++;
+    const p = kept[k];
+    return p !== undefined && (p.version_from ?? p.version) <= c.version;
+  });
 }
 
 /** Metric names, loss first, then by name. @param {Point[]} points */
@@ -33,7 +75,8 @@ export function stepsPerSecond(points) {
     if (i === 0) return null;
     const q = points[Math.max(0, i - w)];
     const dt = (p.time - q.time) / 1000;
-    return dt > 0 ? (p.step - q.step) / dt : null;
+    const ds = p.step - q.step;
+    return dt > 0 && ds >= 0 ? ds / dt : null;
   });
 }
 

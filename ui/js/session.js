@@ -1,10 +1,10 @@
 // One session: figures, charts of its training series over steps or time, hyperparameters per group and
 // their changes, norms of the parameters and of ax, and its snapshots. Live: the events stream (or, on a
 // service without it, polling with If-None-Match) triggers a refresh of what changed, with no reload.
-import { api, ApiError, followEvents, getToken } from './api.js';
+import { api, ApiError, backoffMs, followEvents, getToken, sleep } from './api.js';
 import { Chart } from './charts.js';
 import { fmtAgo, fmtBytes, fmtNum, h } from './format.js';
-import { etaMu, hyperAt, MAX_POINTS, metricNames, stepsPerSecond, toPoint } from './series.js';
+import { changesOn, etaMu, hyperAt, lineage, MAX_POINTS, metricNames, stepsPerSecond, toPoint } from './series.js';
 import { snapshotsSection } from './snapshots.js';
 import { storedBytes } from './sessions.js';
 
@@ -14,6 +14,11 @@ const finite = (/** @type {unknown} */ v) => (typeof v === 'number' && Number.is
 
 /** Parameters drawn in the norms charts (the table lists all). */
 const NORM_CHART_PARAMS = 8;
+/** While steps stream in: at most one refresh per this (the first of a burst at once). */
+const REFRESH_EVERY_MS = 1000;
+/** The norms (the server reads every parameter) are read again at most this often. */
+const NORMS_EVERY_MS = 5000;
+const TICK_MS = 5000;
 
 /** @param {HTMLElement} root @param {string} name @param {import('./main.js').Who} who */
 export function sessionPage(root, name, who) {
@@ -54,14 +59,14 @@ export function sessionPage(root, name, who) {
   const error = h('p', { className: 'error' });
   root.append(
     error,
-    h('div', { className: 'toolbar' }, h('h1', { style: 'font-size:18px;margin:0;flex:1' }, name), xToggle, live),
+    h('div', { className: 'toolbar' }, h('h1', { className: 'title' }, name), xToggle, live),
     cards,
     seriesNote,
     chartsEl,
     h('section', {}, h('h2', {}, 'Hyperparameters'), hyperEl),
     h('section', {}, h('h2', {}, 'Norms'), normsEl),
   );
-  const snapshots = snapshotsSection(root, name, admin, () => refresh());
+  const snapshots = snapshotsSection(root, name, admin, () => refresh(true));
 
   /** @type {Map<string, Chart>} */
   const charts = new Map();
@@ -82,25 +87,31 @@ export function sessionPage(root, name, who) {
   }
 
   function drawCharts() {
-    const xs = points.map((p) => (xMode === 'time' ? p.time / 1000 : p.step));
-    const buckets = points.some((p) => p.min);
-    for (const k of metricNames(points)) {
-      const mean = points.map((p) => p.values?.[k] ?? null);
+    // After a restore the series holds an abandoned history too: the charts show the present one.
+    const shown = lineage(points);
+    const dropped = points.length - shown.length;
+    if (points.length) {
+      seriesNote.textContent = dropped ? `The session went back to an earlier step (a restore or load): ${fmtNum(dropped)} point(s) of the history it left are not drawn.` : '';
+    }
+    const xs = shown.map((p) => (xMode === 'time' ? p.time / 1000 : p.step));
+    const buckets = shown.some((p) => p.min);
+    for (const k of metricNames(shown)) {
+      const mean = shown.map((p) => p.values?.[k] ?? null);
       if (buckets) {
         chart({ key: `metric:${k}`, title: k, note: 'mean per bucket of versions, band: min to max', series: [{ label: k, band: true }, { label: 'min' }, { label: 'max' }] },
-          [xs, mean, points.map((p) => p.min?.[k] ?? null), points.map((p) => p.max?.[k] ?? null)]);
+          [xs, mean, shown.map((p) => p.min?.[k] ?? null), shown.map((p) => p.max?.[k] ?? null)]);
       } else {
         chart({ key: `metric:${k}`, title: k, series: [{ label: k }] }, [xs, mean]);
       }
     }
-    if (points.length > 0) {
-      chart({ key: 'steps_per_second', title: 'steps/s', series: [{ label: 'steps/s' }] }, [xs, stepsPerSecond(points)]);
+    if (shown.length > 0) {
+      chart({ key: 'steps_per_second', title: 'steps/s', series: [{ label: 'steps/s' }] }, [xs, stepsPerSecond(shown)]);
       chart({ key: 'staleness', title: 'staleness (versions)', series: [{ label: buckets ? 'mean' : 'staleness' }, ...(buckets ? [{ label: 'max' }] : [])] },
-        [xs, points.map((p) => p.staleness), ...(buckets ? [points.map((p) => p.staleness_max ?? p.staleness)] : [])]);
-      const groups = hyperAt(points, changes, session?.param_groups ?? [], initialGroups);
+        [xs, shown.map((p) => p.staleness), ...(buckets ? [shown.map((p) => p.staleness_max ?? p.staleness)] : [])]);
+      const groups = hyperAt(shown, changesOn(changes, shown, points), session?.param_groups ?? [], initialGroups);
       const nGroups = session?.param_groups.length ?? 0;
       const perGroup = (/** @type {(g: any, p: import('./series.js').Point) => number} */ f) =>
-        Array.from({ length: nGroups }, (_, g) => points.map((p, i) => (groups[i]?.[g] ? f(groups[i]?.[g], p) : null)));
+        Array.from({ length: nGroups }, (_, g) => shown.map((p, i) => (groups[i]?.[g] ? f(groups[i]?.[g], p) : null)));
       const labels = Array.from({ length: nGroups }, (_, g) => ({ label: `group ${g}` }));
       const formula = 'from the step and the group\'s hyperparameters at that step (PyTorch\'s formula)';
       chart({ key: 'eta', title: 'eta', note: formula, series: labels }, [xs, ...perGroup((g, p) => etaMu(g, p.step).eta)]);
@@ -108,20 +119,23 @@ export function sessionPage(root, name, who) {
       chart({ key: 'lr', title: 'lr per group', stepped: true, series: labels }, [xs, ...perGroup((g) => g.lr)]);
     }
     if (norms.length > 0) {
-      const shown = norms[norms.length - 1].params.slice(0, NORM_CHART_PARAMS);
-      const nx = norms.map((n) => (xMode === 'time' ? n.time / 1000 : n.step));
-      const note = 'computed on demand at each version seen since this page opened';
-      chart({ key: 'norm', title: '‖param‖', note, series: shown.map((p) => ({ label: p.name })) }, [nx, ...shown.map((_, i) => norms.map((n) => finite(n.params[i]?.norm)))]);
-      chart({ key: 'ax_norm', title: '‖ax‖ (ASGD average)', note, series: shown.map((p) => ({ label: p.name })) }, [nx, ...shown.map((_, i) => norms.map((n) => finite(n.params[i]?.ax_norm)))]);
+      const params = norms[norms.length - 1].params.slice(0, NORM_CHART_PARAMS);
+      const seen = lineage(norms);
+      const nx = seen.map((n) => (xMode === 'time' ? n.time / 1000 : n.step));
+      const note = 'computed on demand since this page opened (at most every 5 s while steps stream in)';
+      chart({ key: 'norm', title: '‖param‖', note, series: params.map((p) => ({ label: p.name })) }, [nx, ...params.map((_, i) => seen.map((n) => finite(n.params[i]?.norm)))]);
+      chart({ key: 'ax_norm', title: '‖ax‖ (ASGD average)', note, series: params.map((p) => ({ label: p.name })) }, [nx, ...params.map((_, i) => seen.map((n) => finite(n.params[i]?.ax_norm)))]);
     }
   }
 
   function drawCards() {
     if (!session) return;
-    const last = points[points.length - 1];
+    const shown = lineage(points);
+    const last = shown[shown.length - 1];
     const minuteAgo = Date.now() - 60_000;
-    const recent = points.filter((p) => p.time >= minuteAgo);
-    const rate = recent.length > 1 ? (recent[recent.length - 1].step - recent[0].step) / ((recent[recent.length - 1].time - recent[0].time) / 1000) : null;
+    const recent = shown.filter((p) => p.time >= minuteAgo);
+    const span = recent.length > 1 ? (recent[recent.length - 1].time - recent[0].time) / 1000 : 0;
+    const rate = span > 0 ? (recent[recent.length - 1].step - recent[0].step) / span : null;
     const card = (/** @type {string} */ id, /** @type {string} */ label, /** @type {string} */ value) => h('div', { className: 'card', 'data-card': id }, h('b', {}, value), h('span', {}, label));
     cards.replaceChildren(
       card('step', 'step', fmtNum(session.step)),
@@ -144,17 +158,17 @@ export function sessionPage(root, name, who) {
         ...HYPER_KEYS.map((k) => h('td', { className: 'num' }, typeof g[k] === 'number' ? fmtNum(g[k], 6) : String(g[k])))))));
     const recent = changes.slice(-20).reverse();
     hyperEl.replaceChildren(
-      table,
+      h('div', { className: 'scroll' }, table),
       !hyperAvailable ? h('p', { className: 'muted' }, 'This service does not report hyperparameter changes.')
         : changes.length === 0 ? h('p', { className: 'muted' }, 'No step has changed them.')
         : h('div', {},
           h('p', { className: 'muted' }, `${changes.length} step(s) changed them${changes.length > 20 ? '; the newest 20:' : ':'}`),
-          h('table', { id: 'hyper-changes' },
+          h('div', { className: 'scroll' }, h('table', { id: 'hyper-changes' },
             h('thead', {}, h('tr', {}, h('th', { className: 'num' }, 'step'), h('th', { className: 'num' }, 'version'), h('th', {}, 'when'), h('th', {}, 'groups after the step'))),
             h('tbody', {}, ...recent.map((c) => h('tr', {},
               h('td', { className: 'num' }, String(c.step)), h('td', { className: 'num' }, String(c.version)),
               h('td', {}, new Date(c.time).toLocaleTimeString()),
-              h('td', {}, c.param_groups.map((g, i) => `${i}: ${HYPER_KEYS.filter((k) => g[k] !== undefined).map((k) => `${k}=${typeof g[k] === 'number' ? fmtNum(g[k], 6) : g[k]}`).join(' ')}`).join(' | ')))))),
+              h('td', {}, c.param_groups.map((g, i) => `${i}: ${HYPER_KEYS.filter((k) => g[k] !== undefined).map((k) => `${k}=${typeof g[k] === 'number' ? fmtNum(g[k], 6) : g[k]}`).join(' ')}`).join(' | '))))))),
         ),
     );
   }
@@ -167,33 +181,43 @@ export function sessionPage(root, name, who) {
     if (!latest) return;
     normsEl.replaceChildren(
       h('p', { className: 'muted' }, `Computed on demand from the state at version ${fmtNum(latest.version)} (L2 norms; not sampled at snapshots).`),
-      h('table', { id: 'norms-table' },
+      h('div', { className: 'scroll' }, h('table', { id: 'norms-table' },
         h('thead', {}, h('tr', {}, ...['parameter', 'numel', '‖param‖', '‖ax‖', 'step', 'eta', 'mu'].map((t, i) => h('th', { className: i ? 'num' : '' }, t)))),
         h('tbody', {}, ...latest.params.map((p) => h('tr', {},
           h('td', {}, p.name), h('td', { className: 'num' }, fmtNum(p.numel)), h('td', { className: 'num' }, cell(p.norm, 6)),
           h('td', { className: 'num' }, cell(p.ax_norm, 6)), h('td', { className: 'num' }, cell(p.step)),
-          h('td', { className: 'num' }, cell(p.eta, 6)), h('td', { className: 'num' }, cell(p.mu, 6)))))),
+          h('td', { className: 'num' }, cell(p.eta, 6)), h('td', { className: 'num' }, cell(p.mu, 6))))))),
     );
   }
+
+  /** Whether the page has shown the session (a 404 after that: it was deleted). */
+  let seen = false;
+  /** Whether the hyperparameters may have changed since they were read (a step that changed them, a load or restore). */
+  let hyperDue = true;
+  /** The session's groups as last read, to see a change that came without a step (a load or restore). */
+  let groupsSeen = '';
 
   async function loadSeries() {
     if (!seriesAvailable) return;
     try {
-      // The first load asks the server to downsample; later ones append the new points as they are.
+      // The first load asks the server to downsample; later ones read only the points after the last one read.
       const full = seriesVersion === 0 || points.length > 4 * MAX_POINTS;
       if (full) {
         const answer = await api(`${base}/metrics?max_points=${MAX_POINTS}`, { signal: stop.signal });
         points = answer.points.map(toPoint);
+        seriesVersion = answer.next_after_version ?? (points.length ? points[points.length - 1].version : 0);
       } else {
         for (;;) {
           const answer = await api(`${base}/metrics?after_version=${seriesVersion}&limit=1000`, { signal: stop.signal });
-          points.push(...answer.points.map(toPoint));
+          /** @type {import('./series.js').Point[]} */
+          const fresh = answer.points.map(toPoint);
+          points.push(...fresh);
+          if (fresh.some((p) => p.param_groups)) hyperDue = true;
           seriesVersion = answer.next_after_version ?? seriesVersion;
           if (answer.points.length < 1000) break;
         }
       }
-      if (full) seriesVersion = points.length ? points[points.length - 1].version : 0;
-      seriesNote.textContent = points.length === 0 ? 'No step has reported metrics yet.' : '';
+      if (points.length === 0) seriesNote.textContent = 'No step has reported metrics yet.';
     } catch (err) {
       if (err instanceof ApiError && err.code === 'ROUTE_NOT_FOUND') {
         seriesAvailable = false;
@@ -204,93 +228,298 @@ export function sessionPage(root, name, who) {
 
   async function loadHyper() {
     if (!hyperAvailable) return;
+    hyperDue = false;
     try {
-      const after = changes.length ? changes[changes.length - 1].version : 0;
-      const answer = await api(`${base}/hyperparameters?after_version=${after}&limit=1000`, { signal: stop.signal });
-      changes.push(...answer.changes);
-      initialGroups = answer.initial_param_groups ?? initialGroups;
+      for (;;) {
+        const after = changes.length ? changes[changes.length - 1].version : 0;
+        const answer = await api(`${base}/hyperparameters?after_version=${after}&limit=1000`, { signal: stop.signal });
+        changes.push(...answer.changes);
+        initialGroups = answer.initial_param_groups ?? initialGroups;
+        if (answer.changes.length < 1000) break;
+      }
     } catch (err) {
+      hyperDue = true;
       if (err instanceof ApiError && err.code === 'ROUTE_NOT_FOUND') hyperAvailable = false;
       else throw err;
     }
   }
 
+  let normsAt = 0;
   async function loadNorms() {
+    normsAt = Date.now();
     const answer = await api(`${base}/norms`, { signal: stop.signal });
-    if (norms.length && norms[norms.length - 1].version === answer.version) return;
+    if (norms.length && norms[norms.length - 1].version === answer.version) return false;
     // A diverged run's norms and scalars come as "NaN", "Infinity" or "-Infinity": numbers here (the charts
     // leave a gap, the table shows them).
     const num = (/** @type {unknown} */ v) => (typeof v === 'string' ? Number(v) : v);
     const params = answer.params.map((/** @type {any} */ p) => ({ ...p, norm: num(p.norm), ax_norm: num(p.ax_norm), step: num(p.step), eta: num(p.eta), mu: num(p.mu) }));
     norms.push({ ...answer, params, time: Date.now() });
+    return true;
+  }
+
+  /** @type {any[] | null} */
+  let snaps = null;
+  let snapsAt = 0;
+  let snapsVersion = -1;
+  async function loadSnapshots() {
+    snapsAt = Date.now();
+    const version = session?.version ?? 0;
+    const answer = await api(`${base}/snapshots`, { signal: stop.signal });
+    snaps = answer.snapshots;
+    snapsVersion = version;
+  }
+
+  /** The newest version the events announced (the page catches up to it). */
+  let announced = 0;
+  let versionChangedAt = 0;
+
+  /**
+   * Reads what changed. Always the session (its figures) and the new points of the series; the norms
+   * (computed by the server over every parameter) at most every NORMS_EVERY_MS while steps stream in; the
+   * hyperparameters when a step changed them or the groups changed; the snapshots on a full refresh (first
+   * load, an action, a restore or load) and otherwise from the ticker.
+   * @param {boolean} full
+   */
+  async function load(full) {
+    const normsDue = full || Date.now() - normsAt >= NORMS_EVERY_MS;
+    const hyperNow = full || hyperDue;
+    const [current] = await Promise.all([
+      api(base, { signal: stop.signal }),
+      loadSeries(),
+      hyperNow ? loadHyper() : null,
+      normsDue ? loadNorms() : null,
+      full ? loadSnapshots() : null,
+    ]);
+    if (session?.version !== current.version) versionChangedAt = Date.now();
+    session = current;
+    seen = true;
+    const groups = JSON.stringify(current.param_groups);
+    const groupsChanged = groupsSeen !== '' && groups !== groupsSeen;
+    groupsSeen = groups;
+    if (groupsChanged && !full) await loadHyper();
+    if (snaps) snapshots.render(snaps, session.version);
+    drawCards();
+    drawCharts();
+    if (hyperNow || groupsChanged) drawHyper();
+    if (normsDue) drawNorms();
+    error.textContent = '';
+    root.dataset.version = String(session.version);
   }
 
   let running = false;
   let again = false;
-  /** Reloads what a new version changes; one at a time, coalescing requests that arrive meanwhile. */
-  async function refresh() {
+  let againFull = false;
+  let lastStart = 0;
+  /** @type {ReturnType<typeof setTimeout> | undefined} */
+  let timer;
+  /**
+   * Asks for a refresh. Bursts are coalesced: at most one refresh starts per REFRESH_EVERY_MS (the first at
+   * once, the next when the interval is over), one at a time, and a full one when any request asked for it.
+   * Resolves when a refresh that covers this request has run.
+   * @param {boolean} [full]
+   */
+  function refresh(full = false) {
+    againFull ||= full;
     if (running) {
       again = true;
       return;
     }
+    if (timer !== undefined) {
+      if (!full) return;
+      // An action or a restore is shown at once, not after the interval.
+      clearTimeout(timer);
+      timer = undefined;
+    }
+    const wait = lastStart + REFRESH_EVERY_MS - Date.now();
+    if (wait > 0 && !full) timer = setTimeout(run, wait);
+    else void run();
+  }
+
+  async function run() {
+    timer = undefined;
+    if (running || stop.signal.aborted) return;
     running = true;
     try {
       do {
         again = false;
-        // All at once: the page is as slow as the slowest read, not their sum.
-        const [current, snaps] = await Promise.all([
-          api(base, { signal: stop.signal }), api(`${base}/snapshots`, { signal: stop.signal }), loadSeries(), loadHyper(), loadNorms(),
-        ]);
-        session = current;
-        snapshots.render(snaps.snapshots, session.version);
-        drawCards();
-        drawCharts();
-        drawHyper();
-        drawNorms();
-        error.textContent = '';
-        root.dataset.version = String(session.version);
+        const full = againFull;
+        againFull = false;
+        lastStart = Date.now();
+        await load(full);
+        // An event announced a version this read did not see yet: read once more.
+        if (session && session.version < announced) again = true;
+        // Events that came while reading: one more read, no sooner than the interval.
+        if (again && !stop.signal.aborted) {
+          const wait = lastStart + REFRESH_EVERY_MS - Date.now();
+          if (wait > 0 && !againFull) await sleep(wait, stop.signal);
+        }
       } while (again && !stop.signal.aborted);
     } catch (err) {
-      if (!stop.signal.aborted) error.textContent = err instanceof ApiError && err.status === 404 ? `Session ${name} does not exist.` : `${err instanceof Error ? err.message : err}`;
+      if (!stop.signal.aborted) failed(err);
     } finally {
       running = false;
     }
   }
 
-  /** Without an events route: ask every second whether the version moved (304 while it did not). */
+  /**
+   * The live indicator: green only while the page follows the session.
+   * @param {'connecting' | 'live' | 'polling' | 'offline' | 'error' | 'gone' | 'missing' | 'refused' | 'forbidden'} state @param {string} text
+   */
+  function setLive(state, text) {
+    live.textContent = text;
+    live.className = `live ${state === 'live' || state === 'polling' ? 'on' : state === 'connecting' ? '' : 'off'}`;
+    live.dataset.state = state;
+  }
+
+  /** The session was deleted while the page showed it: said, and nothing is retried. */
+  function gone() {
+    setLive('gone', 'not live: the session was deleted');
+    error.textContent = `Session ${name} was deleted.`;
+    root.dataset.gone = 'true';
+    stop.abort();
+    clearInterval(ticker);
+  }
+
+  /** @param {unknown} err */
+  function failed(err) {
+    if (err instanceof ApiError && err.status === 404 && err.code !== 'ROUTE_NOT_FOUND') {
+      if (seen) gone();
+      else error.textContent = `Session ${name} does not exist.`;
+    } else if (err instanceof ApiError && err.status === 401) {
+      setLive('refused', 'not live: the service refused the token');
+      error.textContent = `The service refused the token: ${err.message}`;
+    } else if (err instanceof ApiError && err.status === 403) {
+      setLive('forbidden', 'not live: this token may not read this session');
+      error.textContent = err.message;
+      stop.abort();
+      clearInterval(ticker);
+    } else {
+      error.textContent = err instanceof ApiError ? err.message : `The service cannot be reached (${err instanceof Error ? err.message : err}).`;
+    }
+  }
+
+  /** Without an events route: ask every second whether the version moved (304 while it did not); back off while it fails. */
   async function poll() {
-    live.textContent = 'live (polling)';
-    live.className = 'live on';
+    setLive('polling', 'live (polling)');
+    let failures = 0;
     while (!stop.signal.aborted) {
-      await new Promise((resolve) => setTimeout(resolve, 1000));
+      await sleep(failures ? backoffMs(failures) : 1000, stop.signal);
+      if (stop.signal.aborted) break;
       if (document.hidden || !session) continue;
       try {
         const response = await fetch(base, {
           headers: { accept: 'application/json', 'if-none-match': `"${session.version}"`, ...(getToken() && { authorization: `Bearer ${getToken()}` }) },
           signal: stop.signal,
         });
-        if (response.status === 200 && (await response.json()).version !== session.version) await refresh();
+        if (response.status === 200 || response.status === 304) {
+          if (failures) setLive('polling', 'live (polling)');
+          failures = 0;
+          if (response.status === 200 && (await response.json()).version !== session.version) refresh(true);
+        } else {
+          const body = await response.json().catch(() => null);
+          failed(new ApiError(response.status, body?.code ?? 'HTTP_ERROR', body?.message ?? response.statusText));
+          if (response.status === 401 || response.status === 403 || (response.status === 404 && body?.code === 'SESSION_NOT_FOUND')) return;
+          failures++;
+          setLive('error', `not live: ${body?.message ?? response.statusText}; retrying in ${Math.round(backoffMs(failures) / 1000)} s`);
+        }
       } catch {
-        // The next round tries again.
+        if (stop.signal.aborted) break;
+        failures++;
+        setLive('offline', `not live: the service cannot be reached; retrying in ${Math.round(backoffMs(failures) / 1000)} s`);
       }
     }
   }
 
-  refresh().then(async () => {
-    const streamed = await followEvents(name, (event) => {
-      if (event === 'version') refresh();
-    }, stop.signal, () => {
-      live.textContent = 'live';
-      live.className = 'live on';
-    }).catch(() => false);
-    if (!streamed && !stop.signal.aborted) await poll();
-  });
-  // Relative figures ("12 s ago") age without events; snapshots are written after the step that made them
-  // due (off the request path), so the list is read again now and then.
+  /** Follows the events stream (or polls), telling its state. */
+  async function follow() {
+    let reconnecting = false;
+    try {
+      const how = await followEvents(name, (event, data) => {
+        if (event === 'version') {
+          if (typeof data?.version === 'number') announced = Math.max(announced, data.version);
+          // A step adds points; a restore or load changes the state, its groups and its snapshots.
+          refresh(data?.kind !== 'step');
+        } else if (event === 'deleted') gone();
+      }, stop.signal, (state, detail) => {
+        if (state === 'open') {
+          setLive('live', 'live');
+          // Back after a failure: catch up with what was missed.
+          if (reconnecting) refresh(true);
+          reconnecting = false;
+          return;
+        }
+        reconnecting = true;
+        const retry = detail && detail.retryMs > 0 ? `; retrying in ${Math.round(detail.retryMs / 1000)} s` : '; reconnecting…';
+        setLive(state, `not live: ${state === 'offline' ? 'the service cannot be reached' : detail?.message ?? 'error'}${retry}`);
+      }, () => session?.version ?? null);
+      if (how === 'gone') {
+        if (seen) gone();
+        else await missing();
+      } else if (how === 'unsupported' && !stop.signal.aborted) await poll();
+    } catch (err) {
+      if (!stop.signal.aborted) failed(err);
+    }
+  }
+
+  /** The session does not exist (yet): said, and asked again with a growing delay until it does. */
+  async function missing() {
+    for (let n = 1; !stop.signal.aborted; n++) {
+      const retryMs = Math.min(60_000, 2000 * 2 ** (n - 1));
+      setLive('missing', `not live: no session ${name}; checking again in ${Math.round(retryMs / 1000)} s`);
+      error.textContent = `Session ${name} does not exist.`;
+      await sleep(retryMs, stop.signal);
+      if (stop.signal.aborted) return;
+      try {
+        // One small read to see whether it exists now; then everything.
+        await api(base, { signal: stop.signal });
+        lastStart = Date.now();
+        await load(true);
+        setLive('connecting', 'connecting…');
+        await follow();
+        return;
+      } catch (err) {
+        if (!(err instanceof ApiError && err.status === 404 && err.code !== 'ROUTE_NOT_FOUND')) {
+          failed(err);
+          if (err instanceof ApiError && (err.status === 401 || err.status === 403)) return;
+        }
+      }
+    }
+  }
+
+  (async () => {
+    try {
+      lastStart = Date.now();
+      running = true;
+      await load(true);
+    } catch (err) {
+      if (stop.signal.aborted) return;
+      if (err instanceof ApiError && err.status === 404 && err.code !== 'ROUTE_NOT_FOUND') {
+        await missing();
+        return;
+      }
+      failed(err);
+      if (err instanceof ApiError && (err.status === 401 || err.status === 403)) return;
+    } finally {
+      running = false;
+      if (again && !stop.signal.aborted) refresh(againFull);
+    }
+    await follow();
+  })();
+
+  // Relative figures ("12 s ago") age without events. Snapshots are written after the step that made them
+  // due (off the request path): read again while the version moves (and a little after), else now and
+  // then. The norms catch up with the last version once steps pause.
   const ticker = setInterval(() => {
     drawCards();
-    if (!document.hidden && session) api(`${base}/snapshots`, { signal: stop.signal }).then((a) => snapshots.render(a.snapshots, session.version), () => {});
-  }, 5000);
+    if (document.hidden || !session || stop.signal.aborted) return;
+    const now = Date.now();
+    if (snapsVersion !== session.version || now - versionChangedAt < 2 * TICK_MS || now - snapsAt > 30_000) {
+      loadSnapshots().then(() => { if (snaps && session) snapshots.render(snaps, session.version); }, () => {});
+    }
+    if ((norms.at(-1)?.version ?? 0) < session.version && now - normsAt >= NORMS_EVERY_MS) {
+      loadNorms().then((changed) => { if (changed) { drawNorms(); drawCharts(); } }, () => {});
+    }
+  }, TICK_MS);
 
   return () => {
     stop.abort();

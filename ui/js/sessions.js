@@ -34,7 +34,7 @@ export function sessionsPage(root, who) {
   const pageInfo = h('span', { className: 'muted' });
   root.append(
     h('div', { className: 'toolbar' }, input, status),
-    table,
+    h('div', { className: 'scroll' }, table),
     h('div', { className: 'pager' }, prev, nextButton, pageInfo),
   );
   if (who.sessions) root.append(h('p', { className: 'muted' }, `This token sees only its ${who.sessions.length} session(s).`));
@@ -84,7 +84,9 @@ export function sessionsPage(root, who) {
       rounds ? h('td', { className: 'num', 'data-round': s.round ? String(s.round.contributions) : '' }, roundCell(s)) : null,
       h('td', { className: 'num' }, `${s.params.length} · ${fmtNum(s.numel)}`),
     )));
-    if (sessions.length === 0) body.append(h('tr', {}, h('td', { colspan: '8', className: 'muted' }, search ? `No session name contains "${search}".` : 'No sessions yet.')));
+    // The empty state spans every column shown (the open-round column only when a session has rounds).
+    const columns = [...table.querySelectorAll('thead th')].filter((th) => !(/** @type {HTMLElement} */ (th)).hidden).length;
+    if (sessions.length === 0) body.append(h('tr', { className: 'empty' }, h('td', { colspan: String(columns), className: 'muted' }, search ? `No session name contains "${search}".` : 'No sessions yet.')));
     prev.disabled = cursors.length === 0;
     nextButton.disabled = next === null;
     pageInfo.textContent = `page ${cursors.length + 1}`;

@@ -13,7 +13,7 @@ export function snapshotsSection(root, name, admin, changed) {
   const base = `/v1/sessions/${encodeURIComponent(name)}`;
   const timeline = h('div', { className: 'timeline', id: 'timeline', title: 'snapshots by version' });
   const body = h('tbody');
-  const status = h('span', { className: 'muted' });
+  const status = h('span', { className: 'muted', id: 'snapshots-status', role: 'status' });
   const disabledNote = admin ? null : 'needs an admin token';
   const take = h('button', { disabled: !admin, title: disabledNote, onclick: () => act(() => api(`${base}/snapshots`, { method: 'POST', json: { pinned: false } }), 'snapshot taken') }, 'Take snapshot');
   root.append(
@@ -21,24 +21,29 @@ export function snapshotsSection(root, name, admin, changed) {
       h('h2', {}, 'Snapshots'),
       h('div', { className: 'toolbar' }, take, status),
       timeline,
-      h('table', {}, h('thead', {}, h('tr', {},
+      h('div', { className: 'scroll' }, h('table', { id: 'snapshots-table' }, h('thead', {}, h('tr', {},
         h('th', { className: 'num' }, 'id'), h('th', { className: 'num' }, 'version'), h('th', { className: 'num' }, 'step'),
-        h('th', {}, 'reason'), h('th', {}, 'taken'), h('th', { className: 'num' }, 'size'), h('th', {}, 'download'), h('th', {}, 'actions'))), body)),
+        h('th', {}, 'reason'), h('th', {}, 'taken'), h('th', { className: 'num' }, 'size'), h('th', {}, 'download'), h('th', {}, 'actions'))), body))),
   );
 
-  /** @param {() => Promise<unknown>} action @param {string} done */
-  async function act(action, done) {
+  /**
+   * Runs an action; says that it was done, or the API's error (and resolves false).
+   * @param {() => Promise<unknown>} action @param {string} done @param {boolean} [changes] whether it changes this session
+   * @returns {Promise<boolean>}
+   */
+  async function act(action, done, changes = true) {
+    status.className = 'muted';
     status.textContent = '…';
     try {
       await action();
-      status.textContent = done;
-      changed();
     } catch (err) {
-      status.textContent = `${err instanceof Error ? err.message : err}`;
+      status.textContent = `Failed: ${err instanceof Error && err.message ? err.message : String(err)}`;
       status.className = 'error';
-      return;
+      return false;
     }
-    status.className = 'muted';
+    status.textContent = done;
+    if (changes) changed();
+    return true;
   }
 
   /** @param {any[]} snapshots newest first @param {number} version the session's */
@@ -49,10 +54,14 @@ export function snapshotsSection(root, name, admin, changed) {
       title: `snapshot ${s.id}: version ${s.version}, step ${s.step}${s.pinned ? ', pinned' : ''}`,
       onclick: () => document.getElementById(`snapshot-${s.id}`)?.scrollIntoView({ block: 'center' }),
     })));
+    if (snapshots.length === 0) {
+      body.replaceChildren(h('tr', { className: 'empty' }, h('td', { colspan: '8', className: 'muted' }, 'No snapshots.')));
+      return;
+    }
     body.replaceChildren(...snapshots.map((s) => {
       const file = `${name}-v${s.version}`;
       const dl = (/** @type {string} */ path, /** @type {string} */ filename, /** @type {string} */ label) =>
-        h('button', { onclick: () => download(`${base}/snapshots/${s.id}/${path}`, filename).catch((err) => { status.textContent = err.message; }) }, label);
+        h('button', { onclick: () => download(`${base}/snapshots/${s.id}/${path}`, filename).catch((err) => { status.textContent = `Failed: ${err.message}`; status.className = 'error'; }) }, label);
       return h('tr', { id: `snapshot-${s.id}`, 'data-snapshot': s.id },
         h('td', { className: 'num' }, String(s.id)),
         h('td', { className: 'num' }, String(s.version)),
@@ -81,8 +90,11 @@ export function snapshotsSection(root, name, admin, changed) {
             onclick: async () => {
               const target = prompt(`Fork ${name} at snapshot ${s.id} as a new session named:`, `${name}-fork-${s.version}`);
               if (!target) return;
-              await act(() => api(`${base}/fork`, { method: 'POST', json: { name: target, snapshot: s.id } }), `forked as ${target}`);
-              location.hash = `#/s/${encodeURIComponent(target)}`;
+              // Only a fork that was made opens the new session; a refused one (name taken or invalid, a token
+              // without admin) says why and the page stays.
+              if (await act(() => api(`${base}/fork`, { method: 'POST', json: { name: target, snapshot: s.id } }), `forked as ${target}`, false)) {
+                location.hash = `#/s/${encodeURIComponent(target)}`;
+              }
             },
           }, 'Fork…')),
       );

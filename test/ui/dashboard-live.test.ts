@@ -1,0 +1,336 @@
+// The dashboard in a real browser (Debian's headless Chromium), for what a reviewer found: a refused fork
+// navigates nowhere, axis labels that tell ticks apart, the charts after a restore, cheap live updates, a
+// live indicator that tells the truth, the page at phone width, no favicon 404, the empty row's colspan.
+import assert from 'node:assert/strict';
+import { test, type TestContext } from 'node:test';
+import type { FastifyInstance } from 'fastify';
+import type { Browser, Page } from 'playwright-core';
+import { buildTestApp } from '../helper.ts';
+import { chromiumMissing, launch, newPage, screenshot } from './browser.ts';
+
+const ADMIN = 'admin-token-for-the-dashboard-ui-tests';
+const skip = chromiumMissing() ?? false;
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+async function listen(app: FastifyInstance): Promise<string> {
+  await app.listen({ port: 0, host: '127.0.0.1' });
+  const address = app.server.address();
+  assert.ok(address && typeof address === 'object');
+  return `http://127.0.0.1:${address.port}`;
+}
+
+/** A client of the API over HTTP, as a training script would be; `expect` is the status it must answer. */
+function client(base: string, token: string | null) {
+  return async (method: string, path: string, body?: unknown, expect?: number): Promise<any> => {
+    const response = await fetch(base + path, {
+      method,
+      headers: { ...(token && { authorization: `Bearer ${token}` }), ...(body !== undefined && { 'content-type': 'application/json' }) },
+      ...(body !== undefined && { body: JSON.stringify(body) }),
+    });
+    const text = await response.text();
+    if (expect !== undefined) assert.equal(response.status, expect, `${method} ${path}: ${text}`);
+    else assert.ok(response.ok, `${method} ${path}: ${response.status} ${text}`);
+    return text ? JSON.parse(text) : null;
+  };
+}
+type Client = ReturnType<typeof client>;
+
+const PARAMS = [{ name: 'w', shape: [2, 2], data: [0.1, 0.2, 0.3, 0.4] }, { name: 'b', shape: [2], data: [0, 0] }];
+const GRAD = { w: [0.5, -0.25, 0.125, 1], b: [0.1, -0.2] };
+
+async function setup(t: TestContext, opts: { auth?: boolean } = {}) {
+  const { app } = await buildTestApp(t, opts.auth ? { env: { ASGD_ADMIN_TOKEN: ADMIN } } : {});
+  const base = await listen(app);
+  const api = client(base, opts.auth ? ADMIN : null);
+  const browser = await launch(t);
+  const log: string[] = [];
+  t.after(() => { if (log.length) console.log(log.join('\n')); });
+  return { app, base, api, browser, log };
+}
+
+/** The data a chart holds: [xs, ...series], as uPlot has it. */
+function chartData(page: Page, key: string): Promise<(number | null)[][] | null> {
+  return page.evaluate((k) => {
+    const chart = (window as any).asgdCharts?.[k];
+    return chart ? chart.data.map((s: ArrayLike<number | null>) => Array.from(s)) : null;
+  }, key);
+}
+
+/** Requests the page sends to the API, as paths with their query. */
+function recordRequests(page: Page): string[] {
+  const seen: string[] = [];
+  page.on('request', (request) => {
+    const url = new URL(request.url());
+    if (url.pathname.startsWith('/v1/')) seen.push(url.pathname + url.search);
+  });
+  return seen;
+}
+
+async function openSession(browser: Browser, base: string, name: string, log: string[]): Promise<Page> {
+  const page = await newPage(browser, log);
+  await page.goto(`${base}/ui/#/s/${name}`);
+  return page;
+}
+
+const liveState = (page: Page) => page.evaluate(() => {
+  const el = document.getElementById('live');
+  return { text: el?.textContent ?? '', green: el?.classList.contains('on') ?? false };
+});
+
+test('fork refused (name taken, invalid name): the API\'s message is shown and the page stays on the session', { skip }, async (t) => {
+  const { base, api, browser, log } = await setup(t);
+  await api('POST', '/v1/sessions', { name: 'src', params: PARAMS });
+  await api('POST', '/v1/sessions', { name: 'taken', params: PARAMS });
+  await api('POST', '/v1/sessions/src/step', { grads: GRAD, metrics: { loss: 1 } });
+  const { snapshots } = await api('GET', '/v1/sessions/src/snapshots');
+  const snap = snapshots[0];
+  const page = await openSession(browser, base, 'src', log);
+  await page.waitForSelector(`tr[data-snapshot="${snap.id}"] button[data-action=fork]`);
+
+  for (const target of ['taken', 'bad name!']) {
+    // What the API says to that fork.
+    const refusal = await api('POST', '/v1/sessions/src/fork', { name: target, snapshot: snap.id }, target === 'taken' ? 409 : 400);
+    page.once('dialog', (dialog) => dialog.accept(target));
+    await page.click(`tr[data-snapshot="${snap.id}"] button[data-action=fork]`);
+    await page.waitForFunction((m) => document.querySelector('#snapshots')?.textContent?.includes(m), refusal.message, { timeout: 5000 });
+    await sleep(300); // a navigation would have happened by now
+    assert.equal(await page.evaluate(() => location.hash), '#/s/src', `the page stays after the refused fork as ${target}`);
+    assert.match(await page.textContent('#snapshots .error') ?? '', new RegExp(refusal.message.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')));
+    assert.equal(await page.textContent('#app h1'), 'src');
+  }
+  // A fork that is made still opens the new session.
+  page.once('dialog', (dialog) => dialog.accept('made'));
+  await page.click(`tr[data-snapshot="${snap.id}"] button[data-action=fork]`);
+  await page.waitForFunction(() => location.hash === '#/s/made');
+});
+
+test('the value axis labels every tick differently when the values span a small range', { skip }, async (t) => {
+  const { base, api, browser, log } = await setup(t);
+  await api('POST', '/v1/sessions', { name: 'flat', params: PARAMS });
+  for (const loss of [0.05, 0.049998, 0.049996, 0.049994, 0.049995, 0.05]) await api('POST', '/v1/sessions/flat/step', { grads: GRAD, metrics: { loss, big: 1e7 + loss * 1e6 } });
+  const page = await openSession(browser, base, 'flat', log);
+  await page.waitForFunction(() => (window as any).asgdCharts?.['metric:loss']?.data[0].length === 6);
+  // The labels uPlot drew on the y axis of each chart.
+  const labels = (key: string) => page.evaluate((k) => (window as any).asgdCharts[k].axes[1]._values as string[], key);
+  for (const key of ['metric:loss', 'metric:big']) {
+    const shown = await labels(key);
+    assert.ok(shown.length >= 2, `${key}: ${JSON.stringify(shown)}`);
+    assert.equal(new Set(shown).size, shown.length, `${key}: distinct ticks read the same: ${JSON.stringify(shown)}`);
+  }
+  const loss = await labels('metric:loss');
+  assert.ok(loss.some((l) => /^0\.0499/.test(l)) && loss.every((l) => l.length <= 8), JSON.stringify(loss));
+  // Large values in exponent form.
+  assert.ok((await labels('metric:big')).every((l) => /^1\.\d+e7$/.test(l)), JSON.stringify(await labels('metric:big')));
+});
+
+/** Steps `from`..`to` with a loss that tells the branch apart. */
+async function steps(api: Client, name: string, from: number, to: number, loss: (step: number) => number) {
+  for (let s = from; s <= to; s++) await api('POST', `/v1/sessions/${name}/step`, { grads: GRAD, metrics: { loss: loss(s) } });
+}
+
+function assertLineage(data: (number | null)[][] | null, last: number, loss: (step: number) => number, what: string) {
+  assert.ok(data, what);
+  const [xs, ys] = data;
+  assert.deepEqual(xs, Array.from({ length: last }, (_, i) => i + 1), `${what}: the steps of the present history, once each`);
+  assert.deepEqual(ys, xs.map((s) => loss(s as number)), `${what}: the losses of the present history`);
+}
+
+test('after a restore the charts show the session\'s present history: steps strictly increasing, no negative steps/s', { skip }, async (t) => {
+  const { base, api, browser, log } = await setup(t);
+  await api('POST', '/v1/sessions', { name: 'rb', params: PARAMS });
+  const first = (s: number) => 10 + s; // the history the restore leaves
+  const second = (s: number) => s / 100; // the one after it
+  const loss = (s: number) => (s <= 20 ? first(s) : second(s));
+  await steps(api, 'rb', 1, 20, first);
+  const snap = await api('POST', '/v1/sessions/rb/snapshots', { pinned: true });
+  await steps(api, 'rb', 21, 40, first);
+  const page = await openSession(browser, base, 'rb', log);
+  await page.waitForFunction(() => (window as any).asgdCharts?.['metric:loss']?.data[0].length === 40);
+
+  // Restored to step 20 while the page is open, then 10 more steps: seen live.
+  await api('POST', `/v1/sessions/rb/snapshots/${snap.id}/restore`);
+  await steps(api, 'rb', 21, 30, second);
+  await page.waitForFunction(() => (window as any).asgdCharts?.['metric:loss']?.data[0].at(-1) === 30 && (window as any).asgdCharts['metric:loss'].data[1].at(-1) === 0.3, undefined, { timeout: 10_000 });
+  assertLineage(await chartData(page, 'metric:loss'), 30, loss, 'live');
+  const rate = (await chartData(page, 'steps_per_second'))![1];
+  assert.ok(rate.every((r) => r === null || r >= 0), `steps/s ${JSON.stringify(rate)}`);
+  assert.match(await page.textContent('#app') ?? '', /went back to an earlier step/);
+
+  // 10 more: step 40 again, on the new history; and the page opened afresh shows the same.
+  await steps(api, 'rb', 31, 40, second);
+  await page.waitForFunction(() => (window as any).asgdCharts?.['metric:loss']?.data[1].at(-1) === 0.4, undefined, { timeout: 10_000 });
+  assertLineage(await chartData(page, 'metric:loss'), 40, loss, 'live, back at step 40');
+  const fresh = await openSession(browser, base, 'rb', log);
+  await fresh.waitForFunction(() => ((window as any).asgdCharts?.['metric:loss']?.data[0].length ?? 0) > 0);
+  assertLineage(await chartData(fresh, 'metric:loss'), 40, loss, 'opened after');
+  for (const key of ['steps_per_second', 'staleness', 'lr', 'eta', 'mu']) {
+    const xs = (await chartData(fresh, key))![0] as number[];
+    assert.ok(xs.every((x, i) => i === 0 || x > xs[i - 1]), `${key}: x strictly increasing`);
+  }
+  assert.ok((await chartData(fresh, 'steps_per_second'))![1].every((r) => r === null || r >= 0));
+  await screenshot(fresh, 'session-after-restore-lineage');
+});
+
+test('live updates are cheap: a burst of steps costs about one refresh a second, the expensive reads less, and the newest version still shows', { skip }, async (t) => {
+  const { base, api, browser, log } = await setup(t);
+  await api('POST', '/v1/sessions', { name: 'burst', params: PARAMS, hyperparameters: { lr: 0.1 } });
+  await steps(api, 'burst', 1, 3, (s) => 1 / s);
+  const page = await openSession(browser, base, 'burst', log);
+  await page.waitForFunction(() => (window as any).asgdCharts?.['metric:loss']?.data[0].length === 3);
+  await page.waitForFunction(() => document.getElementById('live')?.classList.contains('on'));
+  const requests = recordRequests(page);
+
+  const started = Date.now();
+  const N = 40;
+  for (let s = 4; s < 4 + N; s++) {
+    await api('POST', '/v1/sessions/burst/step', { grads: GRAD, metrics: { loss: 1 / s }, ...(s === 20 && { param_groups: [{ lr: 0.05 }] }) });
+    await sleep(60);
+  }
+  const { version } = await api('GET', '/v1/sessions/burst');
+  const sent = Date.now();
+  await page.waitForFunction((v) => Number(document.querySelector('#app')?.getAttribute('data-version')) === v && document.querySelector('[data-card=step] b')?.textContent === '43', version, { timeout: 5000 });
+  const lagMs = Date.now() - sent;
+  const seconds = (Date.now() - started) / 1000;
+  console.log(`${N} steps over ${seconds.toFixed(1)} s: ${requests.length} requests; the last version showed ${lagMs} ms after it was made`);
+  assert.ok(lagMs < 2000, `the newest version took ${lagMs} ms to show`);
+  const count = (re: RegExp) => requests.filter((r) => re.test(r)).length;
+  const sessionReads = count(/^\/v1\/sessions\/burst$/);
+  assert.ok(sessionReads <= Math.ceil(seconds) + 2, `${sessionReads} refreshes in ${seconds.toFixed(1)} s: ${requests.join(' ')}`);
+  // Only the new points of the series, never the whole of it again.
+  const metrics = requests.filter((r) => r.startsWith('/v1/sessions/burst/metrics'));
+  assert.ok(metrics.length >= 1 && metrics.every((r) => /after_version=[1-9]/.test(r) && !/max_points/.test(r)), metrics.join(' '));
+  assert.ok(count(/\/norms/) <= Math.ceil(seconds / 5) + 1, `norms read ${count(/\/norms/)} times`);
+  assert.ok(count(/\/snapshots/) <= Math.ceil(seconds / 5) + 1, `snapshots read ${count(/\/snapshots/)} times`);
+  // The hyperparameters only for the step that changed them.
+  assert.ok(count(/\/hyperparameters/) >= 1 && count(/\/hyperparameters/) <= 2, `hyperparameters read ${count(/\/hyperparameters/)} times`);
+  assert.ok(requests.length <= 2.5 * seconds + 8, `${requests.length} requests: ${requests.join(' ')}`);
+  // And what is shown is complete: every step, the lr change at step 20.
+  const loss = await chartData(page, 'metric:loss');
+  assert.deepEqual(loss?.[0], Array.from({ length: 3 + N }, (_, i) => i + 1));
+  assert.equal((await chartData(page, 'lr'))?.[1].at(-1), 0.05);
+  assert.match(await page.textContent('#hyper-changes') ?? '', /lr=0\.05/);
+  // Once the steps stop, the norms catch up with the last version.
+  await page.waitForFunction((v) => (document.querySelector('#norms')?.textContent ?? '').includes(`version ${v}`), version, { timeout: 12_000 });
+});
+
+test('live indicator: the session deleted while viewed says so and stops asking; a missing session is asked for with a growing delay', { skip }, async (t) => {
+  const { base, api, browser, log } = await setup(t);
+  await api('POST', '/v1/sessions', { name: 'doomed', params: PARAMS });
+  await steps(api, 'doomed', 1, 2, (s) => s);
+  const page = await openSession(browser, base, 'doomed', log);
+  await page.waitForFunction(() => document.getElementById('live')?.classList.contains('on'));
+  const requests = recordRequests(page);
+  await api('DELETE', '/v1/sessions/doomed');
+  await page.waitForFunction(() => /deleted/.test(document.querySelector('#app')?.textContent ?? ''), undefined, { timeout: 5000 });
+  await page.waitForFunction(() => !document.getElementById('live')?.classList.contains('on'), undefined, { timeout: 3000 });
+  assert.match((await liveState(page)).text, /deleted/);
+  const after = requests.length;
+  await sleep(3500);
+  assert.deepEqual(requests.slice(after), [], 'nothing is asked for a deleted session');
+
+  const missing = await newPage(browser, log);
+  const asked = recordRequests(missing);
+  await missing.goto(`${base}/ui/#/s/not-yet`);
+  await missing.waitForFunction(() => /does not exist/.test(document.querySelector('#app')?.textContent ?? ''));
+  const before = asked.length;
+  await sleep(4500);
+  const state = await liveState(missing);
+  assert.equal(state.green, false, state.text);
+  assert.match(state.text, /no session|not live/);
+  // Asked again after 2 s, then after 4 s more: not every second.
+  const tries = asked.slice(before);
+  assert.ok(tries.length <= 2, `${tries.length} requests in 4.5 s: ${tries.join(' ')}`);
+  // Once it exists, the page shows it and goes live.
+  await api('POST', '/v1/sessions', { name: 'not-yet', params: PARAMS });
+  await missing.waitForFunction(() => document.getElementById('live')?.classList.contains('on'), undefined, { timeout: 10_000 });
+  assert.equal(await missing.textContent('[data-card=step] b'), '0');
+});
+
+test('live indicator: a revoked token brings the token prompt with the reason; no green light', { skip }, async (t) => {
+  const { base, api, browser, log } = await setup(t, { auth: true });
+  await api('POST', '/v1/sessions', { name: 'watched', params: PARAMS });
+  await steps(api, 'watched', 1, 2, (s) => s);
+  const { token, id } = await api('POST', '/v1/tokens', { name: 'viewer', scope: 'read' });
+  const page = await newPage(browser, log);
+  await page.goto(`${base}/ui/#/s/watched`);
+  await page.waitForSelector('#token-dialog[open]');
+  await page.fill('#token-input', token);
+  await page.click('#token-form button[type=submit]');
+  await page.waitForFunction(() => document.getElementById('live')?.classList.contains('on'));
+  await api('DELETE', `/v1/tokens/${id}`);
+  await page.waitForSelector('#token-dialog[open]', { timeout: 8000 });
+  assert.match(await page.textContent('#token-reason') ?? '', /refused/);
+  assert.equal((await liveState(page)).green, false);
+  // With a good token the page is back.
+  await page.fill('#token-input', ADMIN);
+  await page.click('#token-form button[type=submit]');
+  await page.waitForFunction(() => document.getElementById('live')?.classList.contains('on'), undefined, { timeout: 5000 });
+  assert.equal(await page.textContent('[data-card=step] b'), '2');
+});
+
+test('live indicator: the service stopped turns it off and the page retries with a growing delay', { skip }, async (t) => {
+  const { app, base, api, browser, log } = await setup(t);
+  await api('POST', '/v1/sessions', { name: 'alone', params: PARAMS });
+  const page = await openSession(browser, base, 'alone', log);
+  await page.waitForFunction(() => document.getElementById('live')?.classList.contains('on'));
+  let failed = 0;
+  page.on('requestfailed', (r) => { if (r.url().includes('/events')) failed++; });
+  await app.close();
+  await page.waitForFunction(() => !document.getElementById('live')?.classList.contains('on'), undefined, { timeout: 5000 });
+  assert.match((await liveState(page)).text, /cannot be reached/);
+  const at = failed;
+  await sleep(6000);
+  // 1 s, 2 s, 4 s…: at most three tries in six seconds, not six.
+  assert.ok(failed - at <= 3, `${failed - at} tries in 6 s`);
+  assert.equal((await liveState(page)).green, false);
+});
+
+test('at phone width (375 px) neither the list nor a session page scrolls sideways; the tables scroll in their box', { skip }, async (t) => {
+  const { base, api, browser } = await setup(t);
+  const long = 'a-rather-long-session-name-for-a-phone-screen';
+  await api('POST', '/v1/sessions', { name: long, params: PARAMS, snapshot_every: 2 });
+  await api('POST', '/v1/sessions', { name: 'other', params: PARAMS });
+  for (let s = 1; s <= 4; s++) await api('POST', `/v1/sessions/${long}/step`, { grads: GRAD, metrics: { loss: 1 / s }, ...(s === 2 && { param_groups: [{ lr: 0.001 }] }) });
+  const context = await browser.newContext({ viewport: { width: 375, height: 800 } });
+  const page = await context.newPage();
+  const width = () => page.evaluate(() => document.documentElement.scrollWidth);
+
+  await page.goto(`${base}/ui/`);
+  await page.waitForSelector(`tr[data-session="${long}"]`);
+  assert.ok(await width() <= 375, `the list is ${await width()} px wide`);
+  await screenshot(page, 'phone-sessions');
+
+  await page.goto(`${base}/ui/#/s/${long}`);
+  await page.waitForSelector('#hyper-changes');
+  await page.waitForSelector('tr[data-snapshot]');
+  await page.waitForSelector('#norms-table');
+  await page.waitForFunction(() => (window as any).asgdCharts?.['metric:loss']?.data[0].length === 4);
+  assert.ok(await width() <= 375, `the session page is ${await width()} px wide`);
+  // The wide table scrolls inside its own box.
+  const box = await page.$eval('#snapshots-table', (table) => {
+    const parent = table.parentElement!;
+    return { overflow: getComputedStyle(parent).overflowX, scrolls: parent.scrollWidth > parent.clientWidth };
+  });
+  assert.deepEqual(box, { overflow: 'auto', scrolls: true });
+  const header = await page.$eval('header', (el) => el.getBoundingClientRect().width);
+  assert.equal(Math.round(header), 375, 'the header spans the width');
+  await screenshot(page, 'phone-session');
+});
+
+test('no console error on opening the list (a favicon); the empty row spans the table\'s columns', { skip }, async (t) => {
+  const { base, api, browser, log } = await setup(t);
+  await api('POST', '/v1/sessions', { name: 'one', params: PARAMS });
+  const page = await newPage(browser, log);
+  await page.goto(`${base}/ui/`);
+  await page.waitForSelector('tr[data-session="one"]');
+  await sleep(500);
+  assert.deepEqual(log.filter((l) => l.startsWith('console.error') || l.startsWith('pageerror')), []);
+  await page.fill('input[type=search]', 'zzz');
+  await page.waitForSelector('#sessions tbody tr.empty, #sessions tbody td[colspan]');
+  const { colspan, columns } = await page.$eval('#sessions', (table) => ({
+    colspan: Number(table.querySelector('tbody td[colspan]')!.getAttribute('colspan')),
+    columns: [...table.querySelectorAll('thead th')].filter((th) => getComputedStyle(th).display !== 'none').length,
+  }));
+  assert.equal(colspan, columns);
+  assert.match(await page.textContent('#sessions tbody') ?? '', /No session name contains "zzz"/);
+});
