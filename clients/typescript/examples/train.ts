@@ -1,8 +1,11 @@
 // Trains a small TensorFlow.js model through asgd-serve: the optimizer's steps are torch.optim.ASGD
-// steps, applied and kept by the service. Start the service (`npm start` at the repository root), then:
+// steps, applied and kept by the service. Start the service (`npm start` at the repository root), then
+// run it with Node 24 (it imports the TypeScript sources; Node 20 cannot run .ts files):
 //
-//   node clients/typescript/examples/train.ts            # ASGD_URL=http://127.0.0.1:8080 by default
+//   node_modules/.bin/node clients/typescript/examples/train.ts   # from the repository root, after npm ci there
+//   npm run example                                               # or in clients/typescript
 //
+// ASGD_URL=http://127.0.0.1:8080 by default.
 // Run it twice, or on two machines at once: every run joins the same session and continues its training.
 // Environment: ASGD_URL, ASGD_TOKEN (when the service has ASGD_ADMIN_TOKEN), ASGD_SESSION, EPOCHS.
 import * as tf from '@tensorflow/tfjs';
@@ -27,7 +30,8 @@ const model = tf.sequential({
 
 const client = new ASGDClient(url, { token: process.env.ASGD_TOKEN });
 const optimizer = new RemoteASGD({ client, session, hyperparameters: { lr: 0.05, t0: 200 } });
-// Names of our own choosing, so that every run (and the Python side) agrees on them.
+// Names of our own choosing, so that every run agrees on them. (A PyTorch worker on this session would also
+// need tfjs's layout: a Dense kernel is [in, out], an nn.Linear weight [out, in]; see the README.)
 const joined = await optimizer.attach(model.trainableWeights, ['hidden.weight', 'hidden.bias', 'out.weight', 'out.bias']);
 console.log(`session ${session}: version ${joined.version}, step ${joined.step}`);
 

@@ -1,11 +1,13 @@
-// ASGDClient: every operation of the asgd-serve API v1, typed from the OpenAPI document.
+// ASGDClient: every operation of the asgd-serve API v1 (except the server-sent events of
+// GET /v1/sessions/{name}/events: use an EventSource or a streaming fetch), typed from the OpenAPI document.
 import { ProtocolError, RoundPending } from './errors.ts';
 import { type Answer, type Exchange, newIdempotencyKey, parseJson, Transport, type TransportOptions } from './http.ts';
 import { decodeSafetensors, encodeSafetensors, type SafetensorsFile } from './safetensors.ts';
-import { asFloat32, fromJsonTensors, type Tensor, toJsonData } from './tensors.ts';
+import { asFloat32, fromJsonTensors, type Tensor, type TensorInput, toJsonData } from './tensors.ts';
 import type {
-  CreatedToken, CreateSessionSpec, CreateTokenRequest, ForkRequest, Gradients, MetricsPage, ParamsResult, PatchSessionRequest,
-  PendingAnswer, ReadOptions, Session, SessionList, Snapshot, SnapshotList, StateDictJson, StepAnswerJson, StepOptions, StepResult, TokenList,
+  CheckpointFormat, CreatedToken, CreateSessionSpec, CreateTokenRequest, ForkRequest, Gradients, HyperparameterChanges, ListSessionsOptions,
+  MetricsOptions, MetricsPage, Norms, OwnToken, ParamsResult, PatchSessionRequest, PendingAnswer, ReadOptions, Session, SessionList, Snapshot,
+  SnapshotList, StateDictFormat, StateDictJson, StepAnswerJson, StepOptions, StepResult, TokenList,
 } from './types.ts';
 
 const SAFETENSORS = 'application/x-safetensors';
@@ -42,7 +44,7 @@ export class ASGDClient {
   }
 
   /** Creates a session from named tensors sent as safetensors; `options` are the JSON form's other keys. */
-  async createSessionFromTensors(name: string, tensors: Record<string, Tensor>, options: Omit<CreateSessionSpec, 'name' | 'params'> = {}): Promise<Session> {
+  async createSessionFromTensors(name: string, tensors: Record<string, TensorInput>, options: Omit<CreateSessionSpec, 'name' | 'params'> = {}): Promise<Session> {
     const bytes = encodeSafetensors(tensors, { asgd: JSON.stringify({ name, ...options }) });
     return (await this.http.json<Session>({ method: 'POST', path: '/v1/sessions', bytes, contentType: SAFETENSORS })).value;
   }
@@ -53,15 +55,21 @@ export class ASGDClient {
     return (await this.http.json<Session>({ method: 'POST', path: '/v1/sessions', query, bytes, contentType: format === 'pt' ? TORCH : SAFETENSORS })).value;
   }
 
-  async listSessions(page: { limit?: number; after?: string } = {}): Promise<SessionList> {
-    return (await this.http.json<SessionList>({ method: 'GET', path: '/v1/sessions', query: page, repeatable: true })).value;
+  /**
+   * One page of sessions, by name: `limit`, `after` (the previous page's `next`), `search` (names containing
+   * it, case-insensitive), `figures` (each session's `activity`), `storage` (each session's stored bytes).
+   */
+  async listSessions(options: ListSessionsOptions = {}): Promise<SessionList> {
+    const { limit, after, search, figures, storage } = options;
+    return (await this.http.json<SessionList>({ method: 'GET', path: '/v1/sessions', query: { limit, after, search, figures, storage }, repeatable: true })).value;
   }
 
-  /** Every session, page after page. */
-  async *sessions(pageSize = 100): AsyncGenerator<Session> {
+  /** Every session (matching `search`, with `figures`/`storage` when asked), page after page; a number is the page size. */
+  async *sessions(options: number | Omit<ListSessionsOptions, 'after'> = {}): AsyncGenerator<SessionList['sessions'][number]> {
+    const { limit = 100, ...rest } = typeof options === 'number' ? { limit: options } : options;
     let after: string | undefined;
     for (;;) {
-      const page = await this.listSessions({ limit: pageSize, after });
+      const page = await this.listSessions({ ...rest, limit, after });
       yield* page.sessions;
       if (!page.next) return;
       after = page.next;
@@ -171,10 +179,24 @@ export class ASGDClient {
     return shapes;
   }
 
-  /** Metrics and staleness of committed steps, in version order (issue 11's history). */
-  async metrics(name: string, page: { afterVersion?: number; limit?: number } = {}): Promise<MetricsPage> {
-    const query = { after_version: page.afterVersion, limit: page.limit };
+  /**
+   * Metrics and staleness of committed steps, in version order; with `maxPoints` the whole series after
+   * `afterVersion` downsampled to at most that many points (buckets with the mean, min and max).
+   */
+  async metrics(name: string, options: MetricsOptions = {}): Promise<MetricsPage> {
+    const query = { after_version: options.afterVersion, limit: options.limit, max_points: options.maxPoints };
     return (await this.http.json<MetricsPage>({ method: 'GET', path: `${sessionPath(name)}/metrics`, query, repeatable: true })).value;
+  }
+
+  /** The steps that changed hyperparameters (oldest first, after `afterVersion`), and every group's values at the first version. */
+  async hyperparameterChanges(name: string, options: { afterVersion?: number; limit?: number } = {}): Promise<HyperparameterChanges> {
+    const query = { after_version: options.afterVersion, limit: options.limit };
+    return (await this.http.json<HyperparameterChanges>({ method: 'GET', path: `${sessionPath(name)}/hyperparameters`, query, repeatable: true })).value;
+  }
+
+  /** L2 norms of each parameter and of its average ax, with ASGD's step, eta and mu, at the current version. */
+  async norms(name: string): Promise<Norms> {
+    return (await this.http.json<Norms>({ method: 'GET', path: `${sessionPath(name)}/norms`, repeatable: true })).value;
   }
 
   // ---- params ---------------------------------------------------------------------------------------
@@ -280,8 +302,11 @@ export class ASGDClient {
     return { session: file.metadata.session ?? name, version: Number(file.metadata.version), step: Number(file.metadata.step), averaged: !!options.averaged, params: paramsFromSafetensors(file) };
   }
 
-  /** A snapshot's state_dict or checkpoint as a file ('pt' or, for the state_dict, 'safetensors'). */
-  async snapshotBytes(name: string, id: number, what: 'state_dict' | 'checkpoint', format: 'pt' | 'safetensors' = 'pt'): Promise<Uint8Array> {
+  /** A snapshot's state_dict ('pt', 'safetensors' or 'json') or checkpoint ('pt' or 'json': not safetensors) as a file's bytes. */
+  snapshotBytes(name: string, id: number, what: 'state_dict', format?: StateDictFormat): Promise<Uint8Array>;
+  snapshotBytes(name: string, id: number, what: 'checkpoint', format?: CheckpointFormat): Promise<Uint8Array>;
+  async snapshotBytes(name: string, id: number, what: 'state_dict' | 'checkpoint', format: StateDictFormat | CheckpointFormat = 'pt'): Promise<Uint8Array> {
+    if (what === 'checkpoint' && format === 'safetensors') throw new RangeError("snapshotBytes: a checkpoint is 'pt' or 'json', not safetensors");
     return (await this.http.send({ method: 'GET', path: `${sessionPath(name)}/snapshots/${id}/${what}`, query: { format }, repeatable: true })).bytes;
   }
 
@@ -295,6 +320,11 @@ export class ASGDClient {
 
   async createToken(request: CreateTokenRequest): Promise<CreatedToken> {
     return (await this.http.json<CreatedToken>({ method: 'POST', path: '/v1/tokens', json: request })).value;
+  }
+
+  /** The token this client sends: its id, name, scope and sessions (`auth: false` when the service runs without tokens). */
+  async getOwnToken(): Promise<OwnToken> {
+    return (await this.http.json<OwnToken>({ method: 'GET', path: '/v1/tokens/self', repeatable: true })).value;
   }
 
   async listTokens(): Promise<TokenList> {

@@ -3,7 +3,7 @@
 // to a multiple of 8, then the tensors' bytes, little-endian. Float32 in and out; F16 and BF16 are written
 // from float32 by rounding to nearest, ties to even (as torch's .half() and .bfloat16() do), and read back
 // exactly; F64 is read by rounding to float32.
-import type { Tensor } from './tensors.ts';
+import type { Tensor, TensorInput } from './tensors.ts';
 import { numelOf } from './tensors.ts';
 
 export type DType = 'F32' | 'F16' | 'BF16';
@@ -68,7 +68,7 @@ export function bfloat16BitsToFloat32(b: number): number {
   return f32[0];
 }
 
-function encodeData(data: Float32Array, dtype: DType): Uint8Array {
+function encodeData(data: ArrayLike<number>, dtype: DType): Uint8Array {
   if (dtype === 'F32') {
     const out = new Uint8Array(data.length * 4);
     const view = new DataView(out.buffer);
@@ -82,8 +82,11 @@ function encodeData(data: Float32Array, dtype: DType): Uint8Array {
   return out;
 }
 
-/** A safetensors file of these tensors, all in `dtype`, with `metadata` (string values) in `__metadata__`. */
-export function encodeSafetensors(tensors: Record<string, Tensor>, metadata: Record<string, string> = {}, dtype: DType = 'F32'): Uint8Array {
+/**
+ * A safetensors file of these tensors, all in `dtype`, with `metadata` (string values) in `__metadata__`.
+ * Data given as numbers is rounded to float32 first (as Float32Array.from does).
+ */
+export function encodeSafetensors(tensors: Record<string, TensorInput>, metadata: Record<string, string> = {}, dtype: DType = 'F32'): Uint8Array {
   const header: Record<string, unknown> = {};
   if (Object.keys(metadata).length) header.__metadata__ = metadata;
   const parts: Uint8Array[] = [];

@@ -6,8 +6,14 @@ export interface Tensor {
   data: Float32Array;
 }
 
-/** What a gradient may be given as: a tensor, or flat data (the session's shape is then used). */
-export type TensorLike = Tensor | Float32Array | number[];
+/** A tensor as this client accepts it: the data as a Float32Array or as plain numbers (made float32 when sent). */
+export interface TensorInput {
+  shape: number[];
+  data: Float32Array | number[];
+}
+
+/** What a gradient may be given as: a tensor (with Float32Array or number[] data), or flat data (the session's shape is then used). */
+export type TensorLike = TensorInput | Float32Array | number[];
 
 export const numelOf = (shape: readonly number[]): number => shape.reduce((a, b) => a * b, 1);
 

@@ -7,7 +7,7 @@
 // (base_version), so the service counts it as stale rather than pretending otherwise.
 // In a session with `aggregation` each step is this worker's contribution to the round at the variables'
 // version; its answer (after the round has stepped) brings the parameters of the next version.
-import { Optimizer, tensor, type NamedTensorMap, type Scalar, type Tensor as TfTensor, type Variable } from '@tensorflow/tfjs-core';
+import { Optimizer, serialization, tensor, type NamedTensorMap, type Scalar, type Tensor as TfTensor, type Variable } from '@tensorflow/tfjs-core';
 import { ASGDClient } from './client.ts';
 import { SessionNotFound } from './errors.ts';
 import type { TransportOptions } from './http.ts';
@@ -58,10 +58,70 @@ function asVariable(v: VariableLike): Variable {
   return ('assign' in v ? v : (v as { read(): unknown }).read()) as Variable;
 }
 
+const sameShape = (a: readonly number[], b: readonly number[]): boolean => a.length === b.length && a.every((d, i) => d === b[i]);
+const shapeText = (shape: readonly number[]): string => `[${shape.join(', ')}]`;
+
+/** One variable whose shape is not its session parameter's. */
+export interface ShapeMismatchEntry {
+  param: string;
+  variable: string;
+  sessionShape: number[];
+  variableShape: number[];
+}
+
+/**
+ * attach() (or an answer) found variables whose shapes differ from their session parameters': nothing was
+ * written into any variable. (tfjs Dense kernels are [in, out]; a PyTorch nn.Linear weight is [out, in].)
+ */
+export class VariableShapeMismatch extends RangeError {
+  readonly session: string;
+  readonly mismatches: ShapeMismatchEntry[];
+
+  constructor(session: string, mismatches: ShapeMismatchEntry[]) {
+    const list = mismatches.map((m) => `parameter ${m.param} is ${shapeText(m.sessionShape)} in the session but the variable ${m.variable} is ${shapeText(m.variableShape)}`);
+    super(`session ${session}: ${list.join('; ')} (no variable was changed)`);
+    this.name = 'VariableShapeMismatch';
+    this.session = session;
+    this.mismatches = mismatches;
+  }
+}
+
+// tfjs-layers turns the saved optimizer config's keys and string values from snake_case to camelCase when
+// it loads a model (convertPythonicToTs): "my_run" would come back "myRun". getConfig() therefore writes
+// '%' as %25 and '_' as %5F in every key and string, and fromConfig() reads them back.
+function protect(value: unknown): unknown {
+  if (typeof value === 'string') return value.replace(/%/g, '%25').replace(/_/g, '%5F');
+  if (Array.isArray(value)) return value.map(protect);
+  if (value !== null && typeof value === 'object') {
+    return Object.fromEntries(Object.entries(value).filter(([, v]) => v !== undefined).map(([k, v]) => [protect(k), protect(v)]));
+  }
+  return value;
+}
+
+function unprotect(value: unknown): unknown {
+  if (typeof value === 'string') return value.replace(/%(25|5F)/gi, (m) => (m === '%25' ? '%' : '_'));
+  if (Array.isArray(value)) return value.map(unprotect);
+  if (value !== null && typeof value === 'object') return Object.fromEntries(Object.entries(value).map(([k, v]) => [unprotect(k), unprotect(v)]));
+  return value;
+}
+
+/** The RemoteASGD options a saved model holds (getConfig): everything but the client, which is rebuilt from `url`. */
+export type RemoteASGDConfig = Omit<RemoteASGDOptions, 'client' | 'clientOptions'> & { url: string };
+
+const environmentToken = (): string | undefined => (globalThis as { process?: { env?: Record<string, string | undefined> } }).process?.env?.ASGD_TOKEN || undefined;
+
 export class RemoteASGD extends Optimizer {
   static get className(): string {
     return 'RemoteASGD';
   }
+
+  /**
+   * The client options of optimizers rebuilt from a saved model (`tf.loadLayersModel` of a model saved with
+   * `includeOptimizer: true`, through fromConfig): the model file holds the service's URL and the session,
+   * never a token. Set `RemoteASGD.clientOptions = { token }` before loading; when it is unset the token is
+   * `ASGD_TOKEN` from the environment (Node), or none.
+   */
+  static clientOptions: TransportOptions | undefined = undefined;
 
   readonly client: ASGDClient;
   readonly session: string;
@@ -101,29 +161,51 @@ export class RemoteASGD extends Optimizer {
   async attach(variables: VariableLike[], names?: string[]): Promise<Session> {
     if (names && names.length !== variables.length) throw new RangeError(`names: ${names.length} names for ${variables.length} variables`);
     const vars = variables.map(asVariable);
+    // The binding is kept only once the session agrees with the variables: a failed attach changes nothing.
+    const paramOf = new Map<string, string>();
+    const variableOf = new Map<string, Variable>();
     vars.forEach((v, i) => {
       const param = names?.[i] ?? paramNameOf(v.name);
-      this.paramOf.set(v.name, param);
-      this.variableOf.set(param, v);
+      if (variableOf.has(param)) throw new RangeError(`attach: variables ${variableOf.get(param)!.name} and ${v.name} are both parameter ${param}`);
+      paramOf.set(v.name, param);
+      variableOf.set(param, v);
     });
+    const bind = () => {
+      for (const [variable, param] of paramOf) this.paramOf.set(variable, param);
+      for (const [param, v] of variableOf) this.variableOf.set(param, v);
+    };
     let session: Session;
     try {
       session = await this.client.getSession(this.session);
     } catch (err) {
       if (!(err instanceof SessionNotFound) || this.options.create === 'never') throw err;
-      const params = await Promise.all(vars.map(async (v) => ({ name: this.paramOf.get(v.name)!, shape: v.shape, data: Float32Array.from(await v.data()) })));
+      const params = await Promise.all(vars.map(async (v) => ({ name: paramOf.get(v.name)!, shape: v.shape, data: Float32Array.from(await v.data()) })));
       session = await this.client.createSession({ name: this.session, params, hyperparameters: this.options.hyperparameters, ...this.options.sessionSettings });
+      bind();
       this.version = session.version;
       this.aggregation = session.aggregation ?? null;
       return session;
     }
-    this.aggregation = session.aggregation ?? null;
-    const known = new Set(session.params.map((p) => p.name));
-    const missing = [...this.variableOf.keys()].filter((p) => !known.has(p));
-    if (missing.length) throw new RangeError(`session ${this.session} has no parameter ${missing.join(', ')} (it has ${[...known].join(', ')})`);
+    const shapes = new Map(session.params.map((p) => [p.name, p.shape]));
+    const missing = [...variableOf.keys()].filter((p) => !shapes.has(p));
+    if (missing.length) throw new RangeError(`session ${this.session} has no parameter ${missing.join(', ')} (it has ${[...shapes.keys()].join(', ')})`);
+    this.checkShapes(variableOf, shapes);
     const current = await this.client.params(this.session);
+    this.checkShapes(variableOf, new Map(Object.entries(current.params).map(([p, t]) => [p, t.shape])));
+    bind();
+    this.aggregation = session.aggregation ?? null;
     this.write(current.params, current.version);
     return session;
+  }
+
+  /** Throws VariableShapeMismatch, naming every parameter whose session shape is not its variable's. */
+  private checkShapes(variableOf: Map<string, Variable>, shapes: Map<string, number[]>): void {
+    const mismatches: ShapeMismatchEntry[] = [];
+    for (const [param, v] of variableOf) {
+      const sessionShape = shapes.get(param);
+      if (sessionShape && !sameShape(sessionShape, v.shape)) mismatches.push({ param, variable: v.name, sessionShape, variableShape: v.shape.slice() });
+    }
+    if (mismatches.length) throw new VariableShapeMismatch(this.session, mismatches);
   }
 
   /** Computes the loss and its gradients, then steps; the loss goes with the step as a metric. */
@@ -205,6 +287,8 @@ export class RemoteASGD extends Optimizer {
 
   private write(params: Record<string, Tensor>, version: number): void {
     if (version < this.version) return; // an older answer than what the variables hold
+    // Every shape first: a mismatch leaves all variables as they were.
+    this.checkShapes(this.variableOf, new Map(Object.entries(params).map(([p, t]) => [p, t.shape])));
     for (const [param, t] of Object.entries(params)) {
       const v = this.variableOf.get(param);
       if (!v) continue;
@@ -215,8 +299,29 @@ export class RemoteASGD extends Optimizer {
     this.version = version;
   }
 
-  override getConfig() {
-    return { session: this.session, url: this.client.http.baseUrl };
+  /**
+   * What `model.save(..., {includeOptimizer: true})` keeps: the service's URL, the session and this
+   * optimizer's other options (never the client's token). Keys and strings are stored with '%' as %25 and
+   * '_' as %5F, since tfjs-layers camel-cases them when it loads a model.
+   */
+  override getConfig(): serialization.ConfigDict {
+    const { client: _client, clientOptions: _clientOptions, ...rest } = this.options;
+    const config: RemoteASGDConfig = { ...rest, url: this.client.http.baseUrl, session: this.session };
+    return protect(config) as serialization.ConfigDict;
+  }
+
+  /**
+   * Rebuilds a RemoteASGD from getConfig() (tf.loadLayersModel calls it): a client of the saved URL with
+   * `RemoteASGD.clientOptions` (default: the token in the environment's ASGD_TOKEN). It is not attached:
+   * `await optimizer.attach(model.trainableWeights)` before training, which reads the session's parameters.
+   */
+  static override fromConfig<T extends serialization.Serializable>(cls: serialization.SerializableConstructor<T>, config: serialization.ConfigDict): T {
+    const { customObjects: _customObjects, ...saved } = config; // tfjs-layers adds customObjects to the config
+    const { url, ...options } = unprotect(saved) as RemoteASGDConfig;
+    if (typeof url !== 'string' || typeof options.session !== 'string') throw new TypeError('RemoteASGD.fromConfig: the config has no url and session');
+    const token = environmentToken();
+    const clientOptions = RemoteASGD.clientOptions ?? (token === undefined ? {} : { token });
+    return new cls({ ...options, client: new ASGDClient(url, clientOptions) });
   }
 
   override async getWeights(): Promise<NamedTensor[]> {
@@ -227,5 +332,8 @@ export class RemoteASGD extends Optimizer {
     // The optimizer's state lives in the service (GET /v1/sessions/{name}/state_dict), not in the model file.
   }
 }
+
+// tf.loadLayersModel finds the optimizer of a model saved with includeOptimizer: true by this name.
+serialization.registerClass(RemoteASGD);
 
 export { ASGDClient };

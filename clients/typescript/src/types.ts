@@ -1,10 +1,11 @@
 // The API's shapes, taken from the generated OpenAPI types (src/generated/openapi.ts, regenerated from
 // openapi/openapi.json by `npm run generate`; a test keeps it fresh), plus the few this client adds.
 import type { paths } from './generated/openapi.ts';
-import type { Tensor, TensorLike } from './tensors.ts';
+import type { Tensor, TensorInput, TensorLike } from './tensors.ts';
 
 type JsonOf<T> = T extends { content: { 'application/json': infer J } } ? J : never;
 type RequestJson<T> = T extends { requestBody?: infer B } ? JsonOf<NonNullable<B>> : never;
+type QueryOf<T> = T extends { parameters: { query?: infer Q } } ? NonNullable<Q> : never;
 
 export type Session = JsonOf<paths['/v1/sessions/{name}']['get']['responses'][200]>;
 export type SessionList = JsonOf<paths['/v1/sessions']['get']['responses'][200]>;
@@ -16,6 +17,18 @@ export type SnapshotList = JsonOf<paths['/v1/sessions/{name}/snapshots']['get'][
 export type CreateTokenRequest = RequestJson<paths['/v1/tokens']['post']>;
 export type CreatedToken = JsonOf<paths['/v1/tokens']['post']['responses'][201]>;
 export type TokenList = JsonOf<paths['/v1/tokens']['get']['responses'][200]>;
+/** GET /v1/tokens/self: the token of the request ({id, name, scope, sessions, auth}). */
+export type OwnToken = JsonOf<paths['/v1/tokens/self']['get']['responses'][200]>;
+/** GET /v1/sessions query: {limit, after, search, figures, storage}. */
+export type ListSessionsOptions = QueryOf<paths['/v1/sessions']['get']>;
+/** GET .../norms: per parameter the L2 norms of its values and of ax, and ASGD's step, eta, mu (non-finite values as "NaN", "Infinity", "-Infinity"). */
+export type Norms = JsonOf<paths['/v1/sessions/{name}/norms']['get']['responses'][200]>;
+/** GET .../hyperparameters: the steps that changed hyperparameters, and every group's values at the first version. */
+export type HyperparameterChanges = JsonOf<paths['/v1/sessions/{name}/hyperparameters']['get']['responses'][200]>;
+/** The formats GET .../snapshots/{id}/state_dict answers in ('json' | 'pt' | 'safetensors'). */
+export type StateDictFormat = NonNullable<QueryOf<paths['/v1/sessions/{name}/snapshots/{id}/state_dict']['get']>['format']>;
+/** The formats GET .../snapshots/{id}/checkpoint answers in ('pt' | 'json': no safetensors). */
+export type CheckpointFormat = NonNullable<QueryOf<paths['/v1/sessions/{name}/snapshots/{id}/checkpoint']['get']>['format']>;
 export type StepAnswerJson = JsonOf<paths['/v1/sessions/{name}/step']['post']['responses'][200]>;
 export type StateDictJson = RequestJson<paths['/v1/sessions/{name}/state_dict']['put']>;
 export type ParamGroup = Session['param_groups'][number];
@@ -25,7 +38,7 @@ export type Aggregation = NonNullable<Session['aggregation']>;
 
 /** A session to create; parameter data may be a Float32Array. */
 export type CreateSessionSpec = Omit<CreateSessionRequest, 'params'> & {
-  params: { name: string; shape: number[]; data: Float32Array | number[] }[];
+  params: ({ name: string } & TensorInput)[];
 };
 
 /** Hyperparameters one step may set for a group; they stay the group's values afterwards. */
@@ -111,4 +124,13 @@ export interface ReadOptions {
 }
 
 export type MetricsPage = JsonOf<paths['/v1/sessions/{name}/metrics']['get']['responses'][200]>;
+
+export interface MetricsOptions {
+  /** Points after this version (poll with the last page's `next_after_version`). */
+  afterVersion?: number;
+  /** At most this many steps (the service's default 1000); not with `maxPoints`. */
+  limit?: number;
+  /** The whole series after `afterVersion` in at most this many points: buckets (mean, min, max) when there are more steps (`downsampled`). */
+  maxPoints?: number;
+}
 export type MetricPoint = MetricsPage['points'][number];

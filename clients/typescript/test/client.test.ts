@@ -225,6 +225,52 @@ test('the client against a live service', { skip: skipWithoutTorch() }, async (t
     await assert.rejects(new ASGDClient(url).listSessions(), Unauthorized);
   });
 
+  await t.test('the rest of v1: tokens/self, norms, hyperparameter changes, metrics max_points, list options', async () => {
+    assert.deepEqual(await client.getOwnToken(), { id: 'admin', name: 'admin', scope: 'admin', sessions: null, auth: true });
+    const name = (await client.createSession(spec(uniqueName('rest-of-v1')))).name;
+    const made = await client.createToken({ name: 'reader', scope: 'read', sessions: [name] });
+    const self = await new ASGDClient(url, { token: made.token }).getOwnToken();
+    assert.deepEqual([self.id, self.name, self.scope, self.sessions, self.auth], [made.id, 'reader', 'read', [name], true]);
+
+    const before = await client.norms(name);
+    assert.deepEqual([before.session, before.version, before.step], [name, 1, 0]);
+    assert.deepEqual(before.params.map((p) => [p.name, p.numel, p.step]), [['w', 4, null], ['b', 2, null]]);
+    assert.equal(before.params[1].norm, 0.5);
+    // Gradients as {shape, data} with plain numbers, and flat number arrays.
+    await client.step(name, { w: { shape: [2, 2], data: [0.5, -0.5, 0.25, 1] }, b: [0.1, 0.2] }, { metrics: { loss: 1 } });
+    assert.deepEqual((await client.norms(name)).params.map((p) => p.step), [1, 1]);
+    for (let i = 2; i <= 6; i++) await client.step(name, g2, { metrics: { loss: i }, ...(i === 4 && { paramGroups: [{ lr: 0.05 }] }) });
+
+    const changes = await client.hyperparameterChanges(name);
+    assert.equal(changes.session, name);
+    assert.equal(changes.initial_param_groups![0].lr, 0.1);
+    assert.deepEqual(changes.changes.map((c) => [c.version, c.step, c.param_groups[0].lr]), [[5, 4, 0.05]]);
+    assert.deepEqual((await client.hyperparameterChanges(name, { afterVersion: 5 })).changes, []);
+
+    const all = await client.metrics(name);
+    assert.equal(all.points.length, 6);
+    const down = await client.metrics(name, { maxPoints: 2 });
+    assert.equal(down.downsampled, true);
+    assert.equal(down.points.length, 2);
+    assert.deepEqual(down.points.map((p) => p.count), [3, 3]);
+    assert.deepEqual(down.points.map((p) => [p.min!.loss, p.max!.loss]), [[1, 3], [4, 6]]);
+
+    const other = (await client.createSession(spec(uniqueName('rest-of-v1-other')))).name;
+    const found = await client.listSessions({ search: name.toUpperCase(), figures: true, storage: true });
+    assert.deepEqual(found.sessions.map((x) => x.name), [name]);
+    assert.equal(found.sessions[0].activity!.steps_last_minute, 6);
+    assert.ok(found.sessions[0].storage, 'storage was asked for');
+    const plain = await client.listSessions({ search: name });
+    assert.equal(plain.sessions[0].activity, undefined);
+    assert.equal(plain.sessions[0].storage, undefined);
+    const listed = [];
+    for await (const x of client.sessions({ search: 'rest-of-v1', limit: 1 })) listed.push(x.name);
+    assert.deepEqual(listed.sort(), [name, other].sort());
+
+    // A checkpoint is pt or json: the types reject safetensors (test/types), and so does the client at run time.
+    await assert.rejects(client.snapshotBytes(name, 1, 'checkpoint', 'safetensors' as 'pt'), RangeError);
+  });
+
   await t.test('a file the service cannot read is a BadRequest naming the problem', async () => {
     const bytes = encodeSafetensors({ w: { shape: [2, 2], data: new Float32Array(4) } });
     const err = await client.createSessionFromFile('x', bytes.subarray(0, 20), 'safetensors').then(() => null, (e: unknown) => e);
