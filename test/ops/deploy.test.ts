@@ -99,6 +99,10 @@ test('nginx: no body limit of its own, timeouts above the service request timeou
   assert.match(nginx, /server asgd:8080 resolve;/);
   assert.match(nginx, /resolver 127\.0\.0\.11/);
   assert.doesNotMatch(nginx, /non_idempotent/, 'steps are not replayed by the proxy');
+  // The edge proxy replaces a client's X-Forwarded-For, and the service trusts that one hop only.
+  assert.match(nginx, /proxy_set_header X-Forwarded-For \$remote_addr;/);
+  assert.doesNotMatch(nginx, /proxy_add_x_forwarded_for/);
+  assert.match(read('docker-compose.yml'), /ASGD_TRUST_PROXY: "1"/);
 });
 
 test('Node 24 without a runtime compiler: engines, the pinned runtime, `npm start` execs node, the image takes node_modules from the production install only', () => {
