@@ -88,7 +88,19 @@ export function loggerOptions(config: Config, extra: Record<string, unknown> = {
     ...(process.stdout.isTTY && hasPinoPretty() && { transport: { target: 'pino-pretty' } }),
     ...extra,
     redact: { paths: REDACTED_PATHS, censor: '[redacted]' },
+    serializers: { req: requestForLog },
   };
+}
+
+/** Query parameters that carry a credential when a client puts one in the URL (the API never reads it there). */
+const SECRET_QUERY = /([?&](?:token|access_token|api_key|apikey|password|secret)=)[^&#]*/gi;
+
+/** A URL as logged: a credential in its query is replaced (tokens are never logged). */
+export const redactUrl = (url: string): string => url.replace(SECRET_QUERY, '$1[redacted]');
+
+/** Fastify's request fields for the log, with the URL's credentials redacted. */
+function requestForLog(req: FastifyRequest) {
+  return { method: req.method, url: redactUrl(req.url), host: req.host, remoteAddress: req.ip, remotePort: req.socket?.remotePort };
 }
 
 function hasPinoPretty(): boolean {

@@ -5,7 +5,7 @@ import type { AddressInfo } from 'node:net';
 import { connect } from 'node:net';
 import { Writable } from 'node:stream';
 import { test, type TestContext } from 'node:test';
-import { buildApp } from '../../src/app.ts';
+import { buildApp, loggerOptions } from '../../src/app.ts';
 import { databaseLocation, startupBanner } from '../../src/banner.ts';
 import { ConfigError, loadConfig } from '../../src/config.ts';
 import { LINKS, prefersHtml } from '../../src/routes/root/index.ts';
@@ -157,4 +157,23 @@ test('the start-up banner: version, database and where, auth, URL, docs; never t
   assert.ok(!JSON.stringify(pg).includes('s3cret'), 'no password');
   assert.deepEqual(databaseLocation({ databaseUrl: 'postgresql:///asgd?host=/var/run/postgresql', dataDir: '' }), { kind: 'postgres', host: '/var/run/postgresql', port: 5432, database: 'asgd', user: null });
   assert.equal(databaseLocation({ databaseUrl: null, dataDir: 'memory://' }).kind, 'pglite');
+});
+
+test('a credential a client put in the query (token=...) is not logged; the rest of the URL is', { timeout: 120_000 }, async (t) => {
+  const lines: Line[] = [];
+  const stream = new Writable({
+    write(chunk, _encoding, done) {
+      for (const raw of String(chunk).split('\n').filter(Boolean)) lines.push({ raw, entry: JSON.parse(raw) });
+      done();
+    },
+  });
+  const config = testConfig({ ASGD_DATA_DIR: 'memory://', LOG_LEVEL: 'info', ASGD_HEALTH_CHECK_INTERVAL_MS: '0', ASGD_LOG_REQUESTS: 'all' });
+  const app = await buildApp({ config, migrate: true, logger: loggerOptions(config, { stream }) });
+  t.after(() => app.close());
+  await app.inject({ url: '/v1/sessions?token=s3cret-token-value-0123&limit=5' });
+  await app.inject({ url: '/v1/sessions?limit=5&access_token=another-s3cret' });
+  assert.ok(!lines.some((l) => l.raw.includes('s3cret')), 'no secret on any line');
+  const urls = lines.map((l) => (l.entry.req as { url?: string } | undefined)?.url).filter(Boolean);
+  assert.ok(urls.includes('/v1/sessions?token=[redacted]&limit=5'), urls.join(' '));
+  assert.ok(urls.includes('/v1/sessions?limit=5&access_token=[redacted]'), urls.join(' '));
 });
