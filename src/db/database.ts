@@ -84,6 +84,29 @@ export interface DatabaseOptions {
   onError?: (err: Error) => void;
 }
 
+/** The database answers but lacks migrations this build needs (none at all: its tables are missing). */
+export class NotMigratedError extends Error {
+  constructor(applied: number, expected: number) {
+    super(`the database is not migrated: ${applied} of ${expected} migrations applied (run \`asgd-serve migrate\`, or start with ASGD_MIGRATE=true)`);
+  }
+}
+
+/** Migrations applied, per drizzle's journal table; 0 when it does not exist yet (42P01: an empty database). */
+async function appliedMigrations(count: () => Promise<string>): Promise<number> {
+  try {
+    return Number(await count());
+  } catch (err) {
+    if ((err as { code?: unknown }).code === '42P01' || (err as { code?: unknown }).code === '3F000') return 0;
+    throw err;
+  }
+}
+
+async function checkMigrated(count: () => Promise<string>): Promise<void> {
+  const applied = await appliedMigrations(count);
+  const expected = expectedMigrations();
+  if (applied < expected) throw new NotMigratedError(applied, expected);
+}
+
 const MIGRATION_LOCK = 7_142_053_311; // pg_advisory_lock key: one migrator at a time across replicas
 
 /** How many migrations this build ships: /readyz fails until the database has them all. */
@@ -272,8 +295,7 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
       }
     },
     async ready() {
-      const rows = await run<{ n: string }>(pool, 'SELECT count(*)::text AS n FROM drizzle.__drizzle_migrations');
-      if (Number(rows[0].n) < expectedMigrations()) throw new Error('migrations are not applied');
+      await checkMigrated(async () => (await run<{ n: string }>(pool, 'SELECT count(*)::text AS n FROM drizzle.__drizzle_migrations'))[0].n);
     },
     poolStats: () => ({ total: pool.totalCount, idle: pool.idleCount, waiting: pool.waitingCount }),
     listen: (channel, handlers) => listenPostgres(url, channel, handlers),
@@ -340,8 +362,7 @@ async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Da
     byteaValue: (buf) => buf.toString('base64'),
     migrate: () => migratePglite(orm, { migrationsFolder: MIGRATIONS_DIR }),
     async ready() {
-      const res = await client.query<{ n: string }>('SELECT count(*)::text AS n FROM drizzle.__drizzle_migrations');
-      if (Number(res.rows[0].n) < expectedMigrations()) throw new Error('migrations are not applied');
+      await checkMigrated(async () => (await client.query<{ n: string }>('SELECT count(*)::text AS n FROM drizzle.__drizzle_migrations')).rows[0].n);
     },
     poolStats: () => ({ total: 1, idle: 1, waiting: 0 }),
     // In-process: PGlite delivers a committed NOTIFY to its own listeners.

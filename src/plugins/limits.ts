@@ -6,30 +6,63 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import underPressure from '@fastify/under-pressure';
 import rateLimit from '@fastify/rate-limit';
 import type { Config } from '../config.ts';
+import { NotMigratedError } from '../db/database.ts';
 import { errors } from '../errors.ts';
 
 const PRESSURE_RETRY_AFTER_SECONDS = 5;
 /** Still answered under pressure: liveness (the process is up) and the metrics that show the pressure. */
 const EXEMPT_FROM_PRESSURE = new Set(['/healthz', '/metrics']);
+/** Pages that never read the database: still served while it is down (the links, the API docs, the dashboard's files). */
+const needsNoDatabase = (url: string) => url === '/' || url === '/docs' || url.startsWith('/docs/') || url === '/ui' || url.startsWith('/ui/');
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** The periodic database probe's last outcome (null: probes are off, ASGD_HEALTH_CHECK_INTERVAL_MS=0). */
+    databaseHealth: DatabaseHealth | null;
+  }
+}
+
+export interface DatabaseHealth {
+  up: boolean;
+  /** Why the last probe failed: the database unreachable, or reachable but not migrated. */
+  problem: 'unreachable' | 'not-migrated' | null;
+}
 
 export default fp(
   async function limitsPlugin(fastify: FastifyInstance, opts: { config: Config }) {
     const { config } = opts;
+    const health: DatabaseHealth | null = config.healthCheckIntervalMs > 0 ? { up: true, problem: null } : null;
+    fastify.decorate('databaseHealth', health);
+    /** One probe: logged when the outcome changes (once, not at every interval), never thrown. */
+    const probe = async (): Promise<boolean> => {
+      let problem: DatabaseHealth['problem'] = null;
+      let error: unknown = null;
+      try {
+        await fastify.db.ready();
+      } catch (err) {
+        problem = err instanceof NotMigratedError ? 'not-migrated' : 'unreachable';
+        error = err;
+      }
+      if (health && problem !== health.problem) {
+        if (problem) fastify.log.error({ err: error, problem }, problem === 'not-migrated' ? 'database not migrated: answering 503 until it is' : 'database unreachable: answering 503 until it answers');
+        else fastify.log.info('database reachable again');
+      }
+      if (health) Object.assign(health, { up: problem === null, problem });
+      return problem === null;
+    };
     await fastify.register(underPressure, {
       maxEventLoopDelay: config.maxEventLoopDelayMs,
       maxHeapUsedBytes: config.maxHeapUsedBytes,
       maxRssBytes: config.maxRssBytes,
-      ...(config.healthCheckIntervalMs > 0 && {
-        healthCheck: async () => {
-          await fastify.db.ready();
-          return true;
-        },
-        healthCheckInterval: config.healthCheckIntervalMs,
-      }),
+      ...(health && { healthCheck: probe, healthCheckInterval: config.healthCheckIntervalMs }),
       pressureHandler: (request: FastifyRequest, _reply: unknown, type: string) => {
-        if (request.routeOptions.url && EXEMPT_FROM_PRESSURE.has(request.routeOptions.url)) return undefined;
-        const why = type === 'healthCheck' ? 'the database is unreachable' : `the server is overloaded (${type})`;
-        return Promise.reject(errors.unavailable(`${why}; retry shortly`, PRESSURE_RETRY_AFTER_SECONDS));
+        const url = request.routeOptions.url ?? '';
+        if (EXEMPT_FROM_PRESSURE.has(url)) return undefined;
+        if (type === 'healthCheck' && needsNoDatabase(url)) return undefined;
+        const why = type !== 'healthCheck' ? `the server is overloaded (${type}); retry shortly`
+          : health?.problem === 'not-migrated' ? 'the database is not migrated: run `asgd-serve migrate` (or start with ASGD_MIGRATE=true)'
+          : 'the database is unreachable; retry shortly';
+        return Promise.reject(errors.unavailable(why, PRESSURE_RETRY_AFTER_SECONDS));
       },
     });
 

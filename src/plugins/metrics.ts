@@ -60,6 +60,13 @@ export default fp(
         this.set({ state: 'waiting' }, stats.waiting);
       },
     });
+    if (fastify.databaseHealth) {
+      const health = fastify.databaseHealth;
+      new Gauge({
+        name: 'asgd_database_up', help: 'Whether the last database probe (every ASGD_HEALTH_CHECK_INTERVAL_MS) found it reachable and migrated (1) or not (0)', registers,
+        collect() { this.set(health.up ? 1 : 0); },
+      });
+    }
     new Gauge({
       name: 'asgd_session_cache_bytes', help: 'Bytes of decoded session state held by this process', registers,
       collect() {
@@ -150,13 +157,16 @@ export default fp(
     });
 
     fastify.decorate('metrics', registry);
+    if (opts.config.metricsRequireToken && !opts.config.adminToken) {
+      fastify.log.warn('ASGD_METRICS_REQUIRE_TOKEN=true has no effect without ASGD_ADMIN_TOKEN (no tokens): /metrics is open');
+    }
 
     fastify.get('/metrics', {
       config: opts.config.metricsRequireToken ? { scope: 'read', allSessions: true } : { scope: 'public' },
       schema: {
         operationId: 'metrics',
         summary: 'Prometheus metrics',
-        description: 'Open unless ASGD_METRICS_REQUIRE_TOKEN=true (then a read token not limited to sessions: the counters name sessions).',
+        description: 'Open unless ASGD_METRICS_REQUIRE_TOKEN=true with auth on (then a read token not limited to sessions, as the counters name sessions: 401 UNAUTHORIZED without one, 403 FORBIDDEN for a token limited to sessions).',
         tags: ['operations'],
         response: {
           200: { description: 'Prometheus text exposition format 0.0.4', content: { 'text/plain': { schema: { type: 'string' } } } },
@@ -167,5 +177,5 @@ export default fp(
       return registry.metrics();
     });
   },
-  { name: 'metrics', dependencies: ['db', 'sessions', 'rounds', 'notifier'] },
+  { name: 'metrics', dependencies: ['db', 'sessions', 'rounds', 'notifier', 'limits'] },
 );

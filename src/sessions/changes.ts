@@ -24,6 +24,11 @@ export interface ForkTarget {
 
 export function createChanges(ctx: SessionContext, history: History, writer: SnapshotWriter, reads: Reads) {
   const { db, cache, mutex } = ctx;
+  /** Counts a snapshot a change wrote, once its transaction has committed. */
+  const written = <T>(name: string, reason: string, result: T): T => {
+    ctx.hooks?.snapshotted?.(name, reason);
+    return result;
+  };
 
   /**
    * Runs `fn` in a transaction on the locked session; when it fails after it began changing this process's
@@ -62,7 +67,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
         cache.forget(row.id);
         cache.remember(state, row.version);
         return row;
-      });
+      }).then((row) => written(input.name, 'create', row));
     });
   }
 
@@ -84,7 +89,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
     input: { stateDict?: LoadedStateDict; params?: LoadedParams; step?: number },
     opts: { ifMatch?: number | null; reason: string },
   ): Promise<SessionRecord> {
-    return changeLocked(name, opts.ifMatch, async (tx, session, touch) => {
+    const session = await changeLocked(name, opts.ifMatch, async (tx, session, touch) => {
       const entry = await history.currentState(tx, session);
       const { state } = entry;
       const plan = input.stateDict ? planLoad(session, input.stateDict) : null;
@@ -113,11 +118,12 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
       entry.lastSnapshotVersion = state.version;
       return mustFind(tx, name);
     });
+    return written(name, opts.reason, session);
   }
 
   /** Rolls the session back to a snapshot's state, as a new version. */
   async function restore(name: string, id: number, ifMatch?: number | null): Promise<SessionRecord> {
-    return changeLocked(name, ifMatch, async (tx, session, touch) => {
+    const restored = await changeLocked(name, ifMatch, async (tx, session, touch) => {
       const snapshot = await repo.findSnapshot(tx, session.id, id);
       if (!snapshot) throw errors.snapshotNotFound(String(id));
       touch();
@@ -131,6 +137,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
       cache.remember(state, state.version);
       return mustFind(tx, name);
     });
+    return written(name, 'restore', restored);
   }
 
   /** A new session starting from a snapshot of another (or its current state). */
@@ -156,7 +163,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
         cache.forget(row.id);
         cache.remember(state, row.version);
         return row;
-      }),
+      }).then((row) => written(target.name, 'fork', row)),
     );
   }
 

@@ -25,7 +25,13 @@ function columnsOf(q: Queryable): Promise<Map<Table, string[]>> {
      WHERE c.relname = ANY($1::text[]) AND c.relkind = 'r' AND pg_table_is_visible(c.oid) AND a.attnum > 0 AND NOT a.attisdropped
      GROUP BY c.relname`,
     [[...TABLES]],
-  ).then((rows) => new Map(rows.map((r) => [r.relname, r.columns])));
+  ).then((rows) => {
+    const found = new Map(rows.map((r) => [r.relname, r.columns]));
+    // Read before the migrations ran (a /metrics scrape of a server started with ASGD_MIGRATE=false): kept,
+    // it would leave every later storage query of the process without the tables' columns.
+    if (!found.has('step_log')) columns = null;
+    return found;
+  });
   columns.catch(() => { columns = null; }); // a failed read is retried next time
   return columns;
 }

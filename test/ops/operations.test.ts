@@ -43,6 +43,37 @@ test('/healthz needs no database; /readyz and the API answer 503 with Retry-Afte
   assert.ok(Number(api.headers['retry-after']) > 0);
   assert.equal((await app.inject({ url: '/healthz' })).statusCode, 200);
   assert.equal((await app.inject({ url: '/metrics' })).statusCode, 200, 'metrics still answer under pressure');
+  assert.equal(sample((await app.inject({ url: '/metrics' })).body, 'asgd_database_up'), 0, 'the metrics say the database is down');
+  // Pages that read no database are still served: the links, the API docs, the dashboard's files.
+  for (const url of ['/', '/docs/json', '/ui/', '/ui/js/main.js']) assert.equal((await app.inject({ url })).statusCode, 200, url);
+});
+
+test('a database that answers but is not migrated: the API and /readyz say so (not "unreachable"); asgd_database_up is 0, then 1 once migrated', async (t) => {
+  if (TEST_DB_KIND !== 'postgres') return t.skip('uses a fresh PostgreSQL database');
+  const db = await createTestDatabase();
+  const config = testConfig({ DATABASE_URL: db.url, ASGD_HEALTH_CHECK_INTERVAL_MS: '100' });
+  const app = await buildApp({ config, migrate: false, logger: false });
+  t.after(async () => {
+    await app.close();
+    await db.drop();
+  });
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  for (const url of ['/readyz', '/v1/sessions']) {
+    const res = await app.inject({ url });
+    assert.equal(res.statusCode, 503, url);
+    assert.match(res.json().message, /the database is not migrated.*asgd-serve migrate/, url);
+  }
+  assert.equal(sample((await app.inject({ url: '/metrics' })).body, 'asgd_database_up'), 0);
+  await app.db.migrate();
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  assert.equal((await app.inject({ url: '/readyz' })).statusCode, 200);
+  assert.equal(sample((await app.inject({ url: '/metrics' })).body, 'asgd_database_up'), 1);
+  // What was read of the unmigrated database (a /metrics scrape above) is not kept: storage works now.
+  await createSession(app, 'late', {});
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/late/snapshots', payload: {} })).statusCode, 201);
+  const late = await app.inject({ url: '/v1/sessions/late' });
+  assert.equal(late.statusCode, 200, late.body);
+  assert.ok(late.json().storage.total_bytes > 0);
 });
 
 test('/readyz is 503 while the migrations are not applied', async (t) => {
@@ -66,7 +97,8 @@ test('/metrics: step latency and lock wait histograms, per-session counters, HTT
   const before = (await app.inject({ url: '/metrics' })).body;
   assert.equal(sample(before, 'asgd_step_duration_seconds_count'), 0);
   for (let k = 0; k < 3; k++) assert.equal((await step(app, 'm', k, {})).statusCode, 200);
-  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/m/snapshots', payload: {} })).statusCode, 201);
+  const snap = await app.inject({ method: 'POST', url: '/v1/sessions/m/snapshots', payload: {} });
+  assert.equal(snap.statusCode, 201, snap.body);
   const res = await app.inject({ url: '/metrics' });
   assert.equal(res.statusCode, 200);
   assert.match(String(res.headers['content-type']), /^text\/plain; version=0\.0\.4/);
@@ -76,11 +108,22 @@ test('/metrics: step latency and lock wait histograms, per-session counters, HTT
   assert.equal(sample(text, 'asgd_step_lock_wait_seconds_count'), 3);
   assert.equal(sample(text, 'asgd_steps_total', 'session="m"'), 3);
   assert.equal(sample(text, 'asgd_snapshots_total', 'session="m",reason="manual"'), 1);
+  assert.equal(sample(text, 'asgd_snapshots_total', 'session="m",reason="create"'), 1);
   assert.equal(sample(text, 'asgd_http_requests_total', 'method="POST",route="/v1/sessions/:name/step",status_code="200"'), 3);
   assert.ok(sample(text, 'asgd_http_request_bytes_total', 'route="/v1/sessions/:name/step"') > 100);
   assert.ok(sample(text, 'asgd_http_response_bytes_total', 'route="/v1/sessions/:name/step"') > 100);
   assert.ok(sample(text, 'asgd_db_pool_connections', 'state="total"') >= 1);
   assert.match(text, /^process_cpu_user_seconds_total /m);
+  // Every snapshot a change writes is counted: a restore, a state_dict load, a fork (the new session's).
+  const snapshotId = (await app.inject({ url: '/v1/sessions/m/snapshots' })).json().snapshots.at(-1).id as number;
+  assert.equal((await app.inject({ method: 'POST', url: `/v1/sessions/m/snapshots/${snapshotId}/restore` })).statusCode, 200);
+  const sd = (await app.inject({ url: '/v1/sessions/m/state_dict' })).json();
+  assert.equal((await app.inject({ method: 'PUT', url: '/v1/sessions/m/state_dict', payload: sd })).statusCode, 200);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/m/fork', payload: { name: 'm2' } })).statusCode, 201);
+  const after = (await app.inject({ url: '/metrics' })).body;
+  for (const [session, reason] of [['m', 'restore'], ['m', 'load_state_dict'], ['m2', 'fork']]) {
+    assert.equal(sample(after, 'asgd_snapshots_total', `session="${session}",reason="${reason}"`), 1, `${session} ${reason}`);
+  }
   // Another app in the same process has its own registry.
   assert.equal(sample((await other.inject({ url: '/metrics' })).body, 'asgd_step_duration_seconds_count'), 0);
   // A deleted session's series go away.

@@ -1,6 +1,7 @@
 // Liveness and readiness for orchestrators and load balancers. Both are open (no token).
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
+import { NotMigratedError } from '../../db/database.ts';
 import { errors } from '../../errors.ts';
 import { errorResponses } from '../schemas.ts';
 
@@ -38,7 +39,7 @@ const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       ]);
     } catch (err) {
       request.log.warn({ err }, 'not ready');
-      throw errors.unavailable('the database is not ready', 5);
+      throw errors.unavailable(err instanceof NotMigratedError ? err.message : 'the database is not ready', 5);
     } finally {
       clearTimeout(timer);
     }
