@@ -10,7 +10,7 @@ export interface paths {
         };
         /**
          * Prometheus metrics
-         * @description Open unless ASGD_METRICS_REQUIRE_TOKEN=true (then a read token not limited to sessions: the counters name sessions).
+         * @description Open unless ASGD_METRICS_REQUIRE_TOKEN=true with auth on (then a read token not limited to sessions, as the counters name sessions: 401 UNAUTHORIZED without one, 403 FORBIDDEN for a token limited to sessions).
          */
         get: operations["metrics"];
         put?: never;
