@@ -130,6 +130,8 @@ export function createVersionNotifier(options: NotifierOptions) {
   }
 
   async function start(): Promise<void> {
+    // A database down for a while fails every reconnection attempt (every 2 s): said once, then at debug.
+    let failedAttempts = 0;
     listener = await db.listen(VERSION_CHANNEL, {
       onNotify(payload) {
         const parsed = parseVersionPayload(payload);
@@ -139,11 +141,13 @@ export function createVersionNotifier(options: NotifierOptions) {
         if (parsed.version === 0) for (const fn of deletedListeners) fn(parsed.name);
       },
       onReset() {
-        log.info('version listener reconnected');
+        log.info({ failedAttempts }, 'version listener reconnected');
+        failedAttempts = 0;
         for (const name of [...subscribers.keys()]) publish(name, null);
       },
       onError(err) {
-        log.warn({ err }, 'version listener lost its connection; reconnecting');
+        if (failedAttempts++ === 0) log.warn({ err }, 'version listener lost its connection; reconnecting (further failures at debug)');
+        else log.debug({ err, failedAttempts }, 'version listener: reconnection failed');
       },
     });
     if (db.kind !== 'pglite') {
