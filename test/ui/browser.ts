@@ -1,8 +1,10 @@
 // Headless Chromium for the dashboard's tests: Debian's /usr/bin/chromium driven by playwright-core (no
 // browser download). Without Chromium the tests skip with a message, except in CI, where they fail.
+import assert from 'node:assert/strict';
 import { existsSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import type { TestContext } from 'node:test';
+import type { FastifyInstance } from 'fastify';
 import { chromium, type Browser, type Page } from 'playwright-core';
 
 export const CHROMIUM = process.env.ASGD_CHROMIUM ?? '/usr/bin/chromium';
@@ -40,4 +42,12 @@ export async function screenshot(page: Page, name: string, height?: number): Pro
   const path = join(ARTIFACTS, `${name}.png`);
   await page.screenshot({ path, ...(height ? { clip: { x: 0, y: 0, width: page.viewportSize()?.width ?? 1280, height } } : { fullPage: true }) });
   return path;
+}
+
+/** Starts `app` listening on a loopback port; its base URL. */
+export async function listen(app: FastifyInstance): Promise<string> {
+  await app.listen({ port: 0, host: '127.0.0.1' });
+  const address = app.server.address();
+  assert.ok(address && typeof address === 'object');
+  return `http://127.0.0.1:${address.port}`;
 }

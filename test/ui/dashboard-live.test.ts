@@ -3,21 +3,13 @@
 // live indicator that tells the truth, the page at phone width, no favicon 404, the empty row's colspan.
 import assert from 'node:assert/strict';
 import { test, type TestContext } from 'node:test';
-import type { FastifyInstance } from 'fastify';
 import type { Browser, Page } from 'playwright-core';
 import { buildTestApp } from '../helper.ts';
-import { chromiumMissing, launch, newPage, screenshot } from './browser.ts';
+import { chromiumMissing, launch, listen, newPage, screenshot } from './browser.ts';
 
 const ADMIN = 'admin-token-for-the-dashboard-ui-tests';
 const skip = chromiumMissing() ?? false;
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
-
-async function listen(app: FastifyInstance): Promise<string> {
-  await app.listen({ port: 0, host: '127.0.0.1' });
-  const address = app.server.address();
-  assert.ok(address && typeof address === 'object');
-  return `http://127.0.0.1:${address.port}`;
-}
 
 /** A client of the API over HTTP, as a training script would be; `expect` is the status it must answer. */
 function client(base: string, token: string | null) {

@@ -4,20 +4,12 @@
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
-import type { FastifyInstance } from 'fastify';
 import type { Page } from 'playwright-core';
 import { buildTestApp } from '../helper.ts';
-import { chromiumMissing, launch, newPage, screenshot } from './browser.ts';
+import { chromiumMissing, launch, listen, newPage, screenshot } from './browser.ts';
 
 const ADMIN = 'admin-token-for-the-dashboard-tests';
 const skip = chromiumMissing() ?? false;
-
-async function listen(app: FastifyInstance): Promise<string> {
-  await app.listen({ port: 0, host: '127.0.0.1' });
-  const address = app.server.address();
-  assert.ok(address && typeof address === 'object');
-  return `http://127.0.0.1:${address.port}`;
-}
 
 /** A client of the API over HTTP, as a training script would be. */
 function client(base: string, token: string | null) {
