@@ -177,3 +177,11 @@ test('a credential a client put in the query (token=...) is not logged; the rest
   assert.ok(urls.includes('/v1/sessions?token=[redacted]&limit=5'), urls.join(' '));
   assert.ok(urls.includes('/v1/sessions?limit=5&access_token=[redacted]'), urls.join(' '));
 });
+
+test('ASGD_METRICS_REQUIRE_TOKEN=true without auth warns at start that /metrics is open', { timeout: 120_000 }, async (t) => {
+  const { app, lines } = await loggedApp(t, { ASGD_METRICS_REQUIRE_TOKEN: 'true' });
+  assert.ok(lines.some((l) => l.entry.level === 40 && /ASGD_METRICS_REQUIRE_TOKEN=true has no effect without ASGD_ADMIN_TOKEN/.test(String(l.entry.msg))), 'a warning');
+  assert.equal((await app.inject({ url: '/metrics' })).statusCode, 200, 'open, as the warning says');
+  const { lines: quiet } = await loggedApp(t, {});
+  assert.ok(!quiet.some((l) => /ASGD_METRICS_REQUIRE_TOKEN/.test(String(l.entry.msg))), 'no warning when not asked for');
+});
