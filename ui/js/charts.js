@@ -1,6 +1,7 @@
 // Line charts with uPlot (from its npm package, served by the service). Every chart registers itself in
 // window.asgdCharts under its key, so tests and the curious can read the data a chart holds.
 import uPlot from 'uplot';
+import { fmtNum } from './format.js';
 
 const PALETTE = ['#2f6fde', '#d9534f', '#25a25a', '#e39b1b', '#8e44ad', '#16a2b8', '#6b7585', '#c0398b'];
 
@@ -48,6 +49,9 @@ export class Chart {
     this.box = document.createElement('div');
     this.box.className = 'chart';
     this.box.dataset.chart = spec.key;
+    // A canvas says nothing to a screen reader: the box is an image named by the chart and its latest values.
+    this.box.setAttribute('role', 'img');
+    this.box.setAttribute('aria-label', `${spec.title}: no data yet`);
     const title = document.createElement('h3');
     title.textContent = spec.title;
     this.box.append(title);
@@ -73,6 +77,7 @@ export class Chart {
   /** @param {uPlot.AlignedData} data */
   set(data) {
     this.data = data;
+    this.box.setAttribute('aria-label', this.describe(data));
     if (this.plot) {
       this.plot.setData(data);
       return;
@@ -108,6 +113,28 @@ export class Chart {
       legend: { live: true },
     }, data, this.box);
     registry[this.spec.key] = this.plot;
+  }
+
+  /**
+   * The chart in words: its title, how many points, and the latest value of each line (not of a band's
+   * min and max) at the latest step or time, e.g. "loss chart, 5 points; at step 5: loss 0.625".
+   * @param {uPlot.AlignedData} data
+   */
+  describe(data) {
+    const xs = data[0];
+    if (!xs || xs.length === 0) return `${this.spec.title}: no data yet`;
+    const x = xs[xs.length - 1];
+    const at = this.spec.time ? `at ${new Date(x * 1000).toLocaleTimeString()}` : `at step ${fmtNum(x)}`;
+    /** @type {string[]} */
+    const latest = [];
+    this.spec.series.forEach((s, i) => {
+      if ((i > 0 && this.spec.series[i - 1].band) || (i > 1 && this.spec.series[i - 2].band)) return;
+      const ys = data[i + 1] ?? [];
+      let v = null;
+      for (let j = ys.length - 1; j >= 0 && v === null; j--) v = ys[j] ?? null;
+      latest.push(`${s.label} ${v === null ? 'none' : fmtNum(v)}`);
+    });
+    return `${this.spec.title} chart, ${fmtNum(xs.length)} point${xs.length === 1 ? '' : 's'}; latest ${at}: ${latest.join(', ')}`;
   }
 
   destroy() {

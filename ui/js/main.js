@@ -2,7 +2,7 @@
 // #/s/<name> (one session). Each page returns a function that stops its timers and streams.
 import { api, ApiError, getToken, setToken, setUnauthorizedHandler } from './api.js';
 import { h } from './format.js';
-import { sessionsPage } from './sessions.js';
+import { lastListHash, sessionsPage } from './sessions.js';
 import { sessionPage } from './session.js';
 
 /** @typedef {{ id: string, name: string, scope: 'read' | 'step' | 'admin', sessions: string[] | null, auth: boolean }} Who */
@@ -57,20 +57,25 @@ function showWho(who) {
   );
 }
 
-/** @param {Who} who */
-function route(who) {
+/**
+ * Shows the page the hash names. After a navigation (not the first load) the focus moves to the page's
+ * main heading, so that a screen reader or the keyboard starts there rather than on <body>.
+ * @param {Who} who @param {boolean} [navigated]
+ */
+function route(who, navigated = false) {
   stopPage?.();
   stopPage = null;
   app.replaceChildren();
   const m = /^#\/s\/([^/?]+)/.exec(location.hash);
   if (m) {
     const name = decodeURIComponent(m[1]);
-    crumbs.replaceChildren(h('a', { href: '#/' }, 'Sessions'), ' / ', h('b', {}, name));
+    crumbs.replaceChildren(h('a', { href: lastListHash() }, 'Sessions'), ' / ', h('b', {}, name));
     stopPage = sessionPage(app, name, who);
   } else {
     crumbs.replaceChildren(h('b', {}, 'Sessions'));
     stopPage = sessionsPage(app, who);
   }
+  if (navigated) /** @type {HTMLElement | null} */ (app.querySelector('h1'))?.focus();
 }
 
 /** @type {Who | null} */
@@ -107,7 +112,7 @@ async function start() {
     current = await identify();
     showWho(current);
     setUnauthorizedHandler((message) => void tokenRefused(message));
-    addEventListener('hashchange', () => { if (current && !asking) route(current); });
+    addEventListener('hashchange', () => { if (current && !asking) route(current, true); });
     route(current);
   } catch (err) {
     app.replaceChildren(h('p', { className: 'error' }, `The service could not be reached: ${err instanceof Error ? err.message : String(err)}`));

@@ -64,6 +64,23 @@ export function metricNames(points) {
   return [...names].sort((a, b) => (a === 'loss' ? -1 : b === 'loss' ? 1 : a < b ? -1 : a > b ? 1 : 0));
 }
 
+/** The window of the "steps/s" figure, in the list and on a session's page alike. */
+export const RATE_WINDOW_MS = 60_000;
+/** How the "steps/s" figure is labelled wherever it is shown: the same definition as the API's activity. */
+export const RATE_LABEL = 'steps/s (steps in last min ÷ 60)';
+
+/**
+ * Steps per second as the sessions list shows it (the API's `activity.steps_per_second`): the steps made
+ * in the last minute, divided by 60 (not by the span of those steps). Every point is a step (a bucket of
+ * `count` steps when downsampled), those of an abandoned history too, as the server counts them.
+ * @param {Point[]} points @param {number} [now]
+ */
+export function stepsLastMinute(points, now = Date.now()) {
+  let steps = 0;
+  for (let i = points.length - 1; i >= 0 && points[i].time > now - RATE_WINDOW_MS; i--) steps += points[i].count ?? 1;
+  return { steps, perSecond: steps / (RATE_WINDOW_MS / 1000) };
+}
+
 /**
  * Steps per second at each point, over a window of ~1/100 of the series (at least one point), so that a
  * raw series of single steps is not dominated by the jitter between two requests.

@@ -4,7 +4,7 @@
 import { api, ApiError, backoffMs, followEvents, getToken, sleep } from './api.js';
 import { Chart } from './charts.js';
 import { fmtAgo, fmtBytes, fmtNum, h } from './format.js';
-import { changesOn, etaMu, hyperAt, lineage, MAX_POINTS, metricNames, stepsPerSecond, toPoint } from './series.js';
+import { changesOn, etaMu, hyperAt, lineage, MAX_POINTS, metricNames, RATE_LABEL, stepsLastMinute, stepsPerSecond, toPoint } from './series.js';
 import { snapshotsSection } from './snapshots.js';
 import { storedBytes } from './sessions.js';
 
@@ -59,7 +59,7 @@ export function sessionPage(root, name, who) {
   const error = h('p', { className: 'error' });
   root.append(
     error,
-    h('div', { className: 'toolbar' }, h('h1', { className: 'title' }, name), xToggle, live),
+    h('div', { className: 'toolbar' }, h('h1', { className: 'title', tabindex: '-1' }, name), xToggle, live),
     cards,
     seriesNote,
     chartsEl,
@@ -105,7 +105,7 @@ export function sessionPage(root, name, who) {
       }
     }
     if (shown.length > 0) {
-      chart({ key: 'steps_per_second', title: 'steps/s', series: [{ label: 'steps/s' }] }, [xs, stepsPerSecond(shown)]);
+      chart({ key: 'steps_per_second', title: 'steps/s at each step', note: 'over the last ~1/100 of the series (the card above counts the last minute ÷ 60)', series: [{ label: 'steps/s' }] }, [xs, stepsPerSecond(shown)]);
       chart({ key: 'staleness', title: 'staleness (versions)', series: [{ label: buckets ? 'mean' : 'staleness' }, ...(buckets ? [{ label: 'max' }] : [])] },
         [xs, shown.map((p) => p.staleness), ...(buckets ? [shown.map((p) => p.staleness_max ?? p.staleness)] : [])]);
       const groups = hyperAt(shown, changesOn(changes, shown, points), session?.param_groups ?? [], initialGroups);
@@ -132,15 +132,13 @@ export function sessionPage(root, name, who) {
     if (!session) return;
     const shown = lineage(points);
     const last = shown[shown.length - 1];
-    const minuteAgo = Date.now() - 60_000;
-    const recent = shown.filter((p) => p.time >= minuteAgo);
-    const span = recent.length > 1 ? (recent[recent.length - 1].time - recent[0].time) / 1000 : 0;
-    const rate = span > 0 ? (recent[recent.length - 1].step - recent[0].step) / span : null;
+    // The same figure as the sessions list's: steps in the last minute ÷ 60.
+    const rate = seriesAvailable ? stepsLastMinute(points).perSecond : null;
     const card = (/** @type {string} */ id, /** @type {string} */ label, /** @type {string} */ value) => h('div', { className: 'card', 'data-card': id }, h('b', {}, value), h('span', {}, label));
     cards.replaceChildren(
       card('step', 'step', fmtNum(session.step)),
       card('version', 'version', fmtNum(session.version)),
-      card('rate', 'steps/s (last minute)', rate === null ? '—' : fmtNum(rate, 3)),
+      card('rate', RATE_LABEL, rate === null ? '—' : fmtNum(rate, 3)),
       card('since', 'since last change', fmtAgo(session.updated_at)),
       card('staleness', 'staleness (last step)', last ? fmtNum(last.staleness) : '—'),
       card('stored', 'stored', fmtBytes(storedBytes(session))),

@@ -2,38 +2,80 @@
 // filtered on the server by a search text, so thousands of sessions stay one small request away.
 import { api } from './api.js';
 import { fmtAgo, fmtBytes, fmtNum, h } from './format.js';
+import { RATE_LABEL } from './series.js';
 
 const PAGE = 50;
 
 /** Stored bytes of a session, when the service reports them. @param {any} s @returns {number | null} */
 export const storedBytes = (s) => s.storage?.total_bytes ?? null;
 
+/** The list's hash as last shown (its search and page), for the way back from a session. */
+let listHash = '#/';
+export const lastListHash = () => listHash;
+
+/**
+ * The list's state in the URL's hash, so that Back (and a bookmark) brings the same search and page:
+ * #/?q=<search>&after=<cursor of this page>&prev=<cursor of page 2>&prev=<page 3>… (page 1 has none).
+ * @param {string} hash
+ */
+function parseListHash(hash) {
+  const at = hash.indexOf('?');
+  const query = new URLSearchParams(at >= 0 ? hash.slice(at + 1) : '');
+  const after = query.get('after') || null;
+  return {
+    search: (query.get('q') ?? '').trim(),
+    after,
+    /** @type {(string | null)[]} */
+    cursors: after ? [null, ...query.getAll('prev')] : [],
+  };
+}
+
+/** @param {string} search @param {string | null} after @param {(string | null)[]} cursors */
+function toListHash(search, after, cursors) {
+  const query = new URLSearchParams();
+  if (search) query.set('q', search);
+  if (after) {
+    query.set('after', after);
+    for (const c of cursors.slice(1)) if (c) query.append('prev', c);
+  }
+  const text = query.toString();
+  return text ? `#/?${text}` : '#/';
+}
+
 /** @param {HTMLElement} root @param {import('./main.js').Who} who */
 export function sessionsPage(root, who) {
-  let search = '';
+  const initial = parseListHash(location.hash);
+  let search = initial.search;
   /** @type {(string | null)[]} cursors of the pages before this one */
-  const cursors = [];
+  const cursors = initial.cursors;
   /** @type {string | null} */
-  let after = null;
+  let after = initial.after;
+  listHash = toListHash(search, after, cursors);
   /** @type {string | null} */
   let next = null;
   let stopped = false;
 
   const input = /** @type {HTMLInputElement} */ (h('input', { type: 'search', placeholder: 'Search sessions by name', 'aria-label': 'Search sessions' }));
+  input.value = search;
+  /** Keeps the search and page in the hash (replacing the entry: no hashchange, no new history entry). */
+  function remember() {
+    listHash = toListHash(search, after, cursors);
+    if (location.hash !== listHash && !stopped) history.replaceState(history.state, '', listHash);
+  }
   const status = h('span', { className: 'muted' });
   const body = h('tbody');
   const openRoundHead = h('th', { className: 'num', hidden: true }, 'open round');
   const table = h('table', { id: 'sessions' },
     h('thead', {}, h('tr', {},
       h('th', {}, 'name'), h('th', { className: 'num' }, 'step'), h('th', { className: 'num' }, 'version'),
-      h('th', { className: 'num' }, 'steps/s (1 min)'), h('th', { className: 'num' }, 'since last step'),
+      h('th', { className: 'num', title: 'the steps made in the last minute, divided by 60' }, RATE_LABEL), h('th', { className: 'num' }, 'since last step'),
       h('th', { className: 'num' }, 'stored'), openRoundHead, h('th', { className: 'num' }, 'parameters'))),
     body);
-  const prev = /** @type {HTMLButtonElement} */ (h('button', { onclick: () => { after = cursors.pop() ?? null; load(); } }, '← Previous'));
-  const nextButton = /** @type {HTMLButtonElement} */ (h('button', { onclick: () => { cursors.push(after); after = next; load(); } }, 'Next →'));
+  const prev = /** @type {HTMLButtonElement} */ (h('button', { onclick: () => { after = cursors.pop() ?? null; remember(); load(); } }, '← Previous'));
+  const nextButton = /** @type {HTMLButtonElement} */ (h('button', { onclick: () => { cursors.push(after); after = next; remember(); load(); } }, 'Next →'));
   const pageInfo = h('span', { className: 'muted' });
   root.append(
-    h('div', { className: 'toolbar' }, input, status),
+    h('div', { className: 'toolbar' }, h('h1', { className: 'title', tabindex: '-1' }, 'Sessions'), input, status),
     h('div', { className: 'scroll' }, table),
     h('div', { className: 'pager' }, prev, nextButton, pageInfo),
   );
@@ -47,6 +89,7 @@ export function sessionsPage(root, who) {
       search = input.value.trim();
       cursors.length = 0;
       after = null;
+      remember();
       load();
     }, 250);
   });
@@ -98,6 +141,7 @@ export function sessionsPage(root, who) {
   return () => {
     stopped = true;
     clearInterval(timer);
+    clearTimeout(debounce);
   };
 }
 

@@ -3,6 +3,14 @@
 import { api, download } from './api.js';
 import { confirmDialog, fmtBytes, h } from './format.js';
 
+/** Width of a tick on the timeline, of a group's box at least (its count fits), and the least space between two. */
+const TICK_PX = 10;
+const GROUP_MIN_PX = 18;
+const TICK_SPACE_PX = 4;
+
+/** A snapshot as a tick names it. @param {any} s */
+const describe = (s) => `snapshot ${s.id}: version ${s.version}, step ${s.step}${s.pinned ? ', pinned' : ''}`;
+
 /**
  * @param {HTMLElement} root
  * @param {string} name
@@ -46,14 +54,62 @@ export function snapshotsSection(root, name, admin, changed) {
     return true;
   }
 
+  /** What was last drawn, to draw the timeline again at another width. @type {[any[], number] | null} */
+  let drawn = null;
+  let drawnWidth = 0;
+  new ResizeObserver(() => {
+    if (drawn && timeline.clientWidth !== drawnWidth) drawTimeline(...drawn);
+  }).observe(timeline);
+
+  /**
+   * The timeline: a tick per snapshot at its version. Ticks that would overlap (or come
+   * closer than TICK_SPACE_PX): they are drawn as one group (a box from the first to the last, with their count), named
+   * and titled with every snapshot in it; a click shows the newest of them in the table.
+   * @param {any[]} snapshots newest first @param {number} version the session's
+   */
+  function drawTimeline(snapshots, version) {
+    drawn = [snapshots, version];
+    drawnWidth = timeline.clientWidth;
+    const width = drawnWidth || 800;
+    const x = (/** @type {any} */ s) => (width * (version > 1 ? 1 + (98 * (s.version - 1)) / (version - 1) : 50)) / 100;
+    /** @type {any[][]} */
+    const groups = [];
+    let right = -Infinity; // the right edge of the last group's box
+    for (const s of [...snapshots].sort((a, b) => a.version - b.version || a.id - b.id)) {
+      const at = x(s);
+      const group = groups[groups.length - 1];
+      if (group && at - TICK_PX / 2 < right + TICK_SPACE_PX) {
+        group.push(s);
+        right = Math.max(x(group[0]) - TICK_PX / 2 + GROUP_MIN_PX, at + TICK_PX / 2);
+      } else {
+        groups.push([s]);
+        right = at + TICK_PX / 2;
+      }
+    }
+    timeline.replaceChildren(...groups.map((g) => {
+      const first = g[0];
+      const newest = g[g.length - 1];
+      const pinned = g.filter((s) => s.pinned).length;
+      const scroll = () => document.getElementById(`snapshot-${newest.id}`)?.scrollIntoView({ block: 'center' });
+      if (g.length === 1) {
+        const label = describe(first);
+        return h('button', { className: `tick${first.pinned ? ' pinned' : ''}`, style: `left: ${x(first)}px`, title: label, 'aria-label': label, 'data-snapshots': String(first.id), onclick: scroll });
+      }
+      const label = `${g.length} snapshots, versions ${first.version} to ${newest.version}${pinned ? `, ${pinned} pinned` : ''}`;
+      return h('button', {
+        className: `tick group${pinned ? ' pinned' : ''}`,
+        style: `left: ${x(first)}px; width: ${Math.max(GROUP_MIN_PX, x(newest) - x(first) + TICK_PX)}px`,
+        title: `${label}:\n${g.map(describe).join('\n')}`,
+        'aria-label': `${label}: ${g.map(describe).join('; ')}`,
+        'data-snapshots': g.map((s) => s.id).join(' '),
+        onclick: scroll,
+      }, String(g.length));
+    }));
+  }
+
   /** @param {any[]} snapshots newest first @param {number} version the session's */
   function render(snapshots, version) {
-    timeline.replaceChildren(...snapshots.map((s) => h('button', {
-      className: `tick${s.pinned ? ' pinned' : ''}`,
-      style: `left: ${version > 1 ? 1 + (98 * (s.version - 1)) / (version - 1) : 50}%`,
-      title: `snapshot ${s.id}: version ${s.version}, step ${s.step}${s.pinned ? ', pinned' : ''}`,
-      onclick: () => document.getElementById(`snapshot-${s.id}`)?.scrollIntoView({ block: 'center' }),
-    })));
+    drawTimeline(snapshots, version);
     if (snapshots.length === 0) {
       body.replaceChildren(h('tr', { className: 'empty' }, h('td', { colspan: '8', className: 'muted' }, 'No snapshots.')));
       return;

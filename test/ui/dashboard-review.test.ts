@@ -1,0 +1,217 @@
+// The dashboard in a real browser (Debian's headless Chromium), for a reviewer's rough edges: one
+// definition of steps/s in the list and on a session's page, the list's search and page kept across Back,
+// the focus on the page's heading after a navigation, names for the timeline's ticks and the charts, and
+// snapshots close together on the timeline told apart.
+import assert from 'node:assert/strict';
+import { test, type TestContext } from 'node:test';
+import type { Page } from 'playwright-core';
+import { buildTestApp } from '../helper.ts';
+import { chromiumMissing, launch, listen, newPage, screenshot } from './browser.ts';
+
+const skip = chromiumMissing() ?? false;
+
+/** A client of the API over HTTP, as a training script would be. */
+function client(base: string) {
+  return async (method: string, path: string, body?: unknown): Promise<any> => {
+    const response = await fetch(base + path, {
+      method,
+      headers: body !== undefined ? { 'content-type': 'application/json' } : {},
+      ...(body !== undefined && { body: JSON.stringify(body) }),
+    });
+    const text = await response.text();
+    assert.ok(response.ok, `${method} ${path}: ${response.status} ${text}`);
+    return text ? JSON.parse(text) : null;
+  };
+}
+
+const PARAMS = [{ name: 'w', shape: [2, 2], data: [0.1, 0.2, 0.3, 0.4] }, { name: 'b', shape: [2], data: [0, 0] }];
+const GRAD = { w: [0.5, -0.25, 0.125, 1], b: [0.1, -0.2] };
+
+async function setup(t: TestContext) {
+  const { app } = await buildTestApp(t);
+  const base = await listen(app);
+  const browser = await launch(t);
+  const log: string[] = [];
+  t.after(() => { if (log.length) console.log(log.join('\n')); });
+  return { base, api: client(base), browser, log, page: await newPage(browser, log) };
+}
+
+/** What has the focus: its tag and text. */
+const focused = (page: Page) => page.evaluate(() => ({ tag: document.activeElement?.tagName ?? '', text: document.activeElement?.textContent ?? '' }));
+
+test('steps/s: the sessions list and the session page show the same figure (steps in the last minute ÷ 60), labelled the same', { skip }, async (t) => {
+  const { base, api, page } = await setup(t);
+  await api('POST', '/v1/sessions', { name: 'rate', params: PARAMS });
+  // 30 steps within a second or two: over their span that is ~20 steps/s; over the minute, 0.5.
+  for (let s = 1; s <= 30; s++) await api('POST', '/v1/sessions/rate/step', { grads: GRAD, metrics: { loss: 1 / s } });
+  const { sessions } = await api('GET', '/v1/sessions?figures=true');
+  assert.equal(sessions[0].activity.steps_last_minute, 30);
+
+  await page.goto(`${base}/ui/`);
+  await page.waitForSelector('tr[data-session="rate"]');
+  const { listLabel, listValue } = await page.$eval('#sessions', (table) => {
+    const heads = [...table.querySelectorAll('thead th')].map((th) => th.textContent ?? '');
+    const column = heads.findIndex((text) => text.startsWith('steps/s'));
+    return { listLabel: heads[column], listValue: table.querySelectorAll('tr[data-session="rate"] td')[column]?.textContent ?? '' };
+  });
+  assert.equal(listValue, '0.5');
+
+  await page.click('tr[data-session="rate"] a');
+  await page.waitForFunction(() => document.querySelector('[data-card=step] b')?.textContent === '30');
+  const card = await page.$eval('[data-card=rate]', (el) => ({ value: el.querySelector('b')?.textContent ?? '', label: el.querySelector('span')?.textContent ?? '' }));
+  assert.equal(card.value, listValue, 'the card and the list give the same steps/s');
+  assert.equal(card.label, listLabel, 'and call it the same');
+  assert.match(card.label, /last min/);
+});
+
+/** 60 sessions run-000… and one "other"; the list searched for "run-" and on its page 2 (run-050…run-059). */
+async function searchedPage2(t: TestContext) {
+  const ctx = await setup(t);
+  const { base, api, page } = ctx;
+  const names = Array.from({ length: 60 }, (_, i) => `run-${String(i).padStart(3, '0')}`);
+  for (const name of [...names, 'other']) await api('POST', '/v1/sessions', { name, params: PARAMS });
+  await page.goto(`${base}/ui/`);
+  await page.waitForSelector('tr[data-session="other"]');
+  await page.fill('input[type=search]', 'run-');
+  await page.waitForFunction(() => !document.querySelector('tr[data-session="other"]') && document.querySelector('tr[data-session="run-000"]'));
+  await page.click('button:has-text("Next")');
+  await page.waitForSelector('tr[data-session="run-050"]');
+  assert.equal(await page.locator('#sessions tbody tr').count(), 10);
+  return ctx;
+}
+
+/** The list shows page 2 of the search "run-". */
+async function assertSearchedPage2(page: Page) {
+  await page.waitForSelector('tr[data-session="run-050"]', { timeout: 5000 });
+  assert.equal(await page.inputValue('input[type=search]'), 'run-');
+  assert.match(await page.textContent('.pager') ?? '', /page 2/);
+  assert.equal(await page.locator('#sessions tbody tr').count(), 10);
+  assert.ok(!(await page.$('tr[data-session="other"]')));
+}
+
+test('Back from a session brings the list\'s search and page back (they are in the URL)', { skip }, async (t) => {
+  const { page } = await searchedPage2(t);
+  await page.click('a[href="#/s/run-055"]');
+  await page.waitForFunction(() => document.querySelector('#app h1')?.textContent === 'run-055');
+  await page.goBack();
+  await assertSearchedPage2(page);
+
+  // The "Sessions" link of a session page leads back to them too.
+  await page.click('a[href="#/s/run-052"]');
+  await page.waitForFunction(() => document.querySelector('#app h1')?.textContent === 'run-052');
+  await page.click('#crumbs a');
+  await assertSearchedPage2(page);
+
+  // Previous still works on the page brought back: page 1 of the search.
+  await page.click('button:has-text("Previous")');
+  await page.waitForSelector('tr[data-session="run-000"]');
+  assert.match(await page.textContent('.pager') ?? '', /page 1/);
+  assert.ok(!(await page.$('tr[data-session="other"]')));
+  // A reload keeps the search.
+  await page.reload();
+  await page.waitForSelector('tr[data-session="run-000"]');
+  assert.equal(await page.inputValue('input[type=search]'), 'run-');
+  assert.ok(!(await page.$('tr[data-session="other"]')));
+});
+
+test('after a navigation the focus is on the page\'s heading, not on <body>: opening a session (keyboard or click) and going back', { skip }, async (t) => {
+  const { base, api, page } = await setup(t);
+  await api('POST', '/v1/sessions', { name: 'alpha', params: PARAMS });
+  await api('POST', '/v1/sessions', { name: 'beta', params: PARAMS });
+  await page.goto(`${base}/ui/`);
+  await page.waitForSelector('tr[data-session="beta"]');
+  // Opened with the keyboard.
+  await page.focus('a[href="#/s/alpha"]');
+  await page.keyboard.press('Enter');
+  await page.waitForFunction(() => document.querySelector('#app h1')?.textContent === 'alpha');
+  assert.deepEqual(await focused(page), { tag: 'H1', text: 'alpha' });
+  // Back to the list.
+  await page.goBack();
+  await page.waitForSelector('tr[data-session="beta"]');
+  assert.deepEqual(await focused(page), { tag: 'H1', text: 'Sessions' });
+  // Opened with a click; back through the "Sessions" link.
+  await page.click('a[href="#/s/beta"]');
+  await page.waitForFunction(() => document.querySelector('#app h1')?.textContent === 'beta');
+  assert.deepEqual(await focused(page), { tag: 'H1', text: 'beta' });
+  // The heading takes the focus from script only (it is no tab stop).
+  assert.equal(await page.getAttribute('#app h1', 'tabindex'), '-1');
+  await page.click('#crumbs a');
+  await page.waitForSelector('tr[data-session="beta"]');
+  assert.deepEqual(await focused(page), { tag: 'H1', text: 'Sessions' });
+});
+
+test('the timeline\'s ticks and the charts have accessible names', { skip }, async (t) => {
+  const { base, api, page } = await setup(t);
+  await api('POST', '/v1/sessions', { name: 'named', params: PARAMS, snapshot_every: 1_000_000 });
+  const losses = [2, 1.5, 1.25, 0.875];
+  for (const [i, loss] of losses.entries()) {
+    await api('POST', '/v1/sessions/named/step', { grads: GRAD, metrics: { loss } });
+    if (i === 1) await api('POST', '/v1/sessions/named/snapshots', { pinned: true });
+  }
+  const { snapshots } = await api('GET', '/v1/sessions/named/snapshots');
+  const pinned = snapshots.find((s: any) => s.pinned);
+  assert.ok(pinned);
+
+  await page.goto(`${base}/ui/#/s/named`);
+  await page.waitForFunction((n) => document.querySelectorAll('#timeline .tick').length === n, snapshots.length);
+  // Each tick is a button named by its snapshot (not only by a title).
+  const tick = page.getByRole('button', { name: `snapshot ${pinned.id}: version ${pinned.version}, step ${pinned.step}, pinned` });
+  assert.equal(await tick.count(), 1);
+  assert.equal(await tick.getAttribute('aria-label'), `snapshot ${pinned.id}: version ${pinned.version}, step ${pinned.step}, pinned`);
+
+  // Each chart is an image named by its title and its latest values.
+  await page.waitForFunction(() => (window as any).asgdCharts?.['metric:loss']?.data[0].length === 4);
+  const loss = page.locator('[data-chart="metric:loss"]');
+  assert.equal(await loss.getAttribute('role'), 'img');
+  assert.match(await loss.getAttribute('aria-label') ?? '', /^loss chart, 4 points; latest at step 4: loss 0\.875$/);
+  assert.equal(await page.getByRole('img', { name: /^loss chart/ }).count(), 1);
+  const charts = await page.$$eval('[data-chart]', (els) => els.map((el) => ({ key: (el as HTMLElement).dataset.chart, role: el.getAttribute('role'), label: el.getAttribute('aria-label') ?? '' })));
+  assert.ok(charts.length >= 6, JSON.stringify(charts));
+  for (const c of charts) {
+    assert.equal(c.role, 'img', `${c.key}`);
+    assert.match(c.label, /chart, \d+ points?; latest at step \d+: /, `${c.key}: ${c.label}`);
+  }
+});
+
+test('snapshots close together on the timeline are told apart: no two ticks overlap, and every snapshot is named in one', { skip }, async (t) => {
+  const { base, api, page } = await setup(t);
+  await api('POST', '/v1/sessions', { name: 'dense', params: PARAMS, snapshot_every: 1_000_000, keep_snapshots: 100 });
+  // 400 versions; a snapshot midway and at each of the last 10 (one pinned): ~3 px apart at this width.
+  for (let s = 1; s <= 400; s++) {
+    await api('POST', '/v1/sessions/dense/step', { grads: GRAD });
+    if (s === 200 || s > 390) await api('POST', '/v1/sessions/dense/snapshots', { pinned: s === 395 });
+  }
+  const { snapshots } = await api('GET', '/v1/sessions/dense/snapshots');
+  const early = snapshots.filter((s: any) => s.version < 390).length; // the session's first one, and the one midway
+  assert.equal(snapshots.length - early, 10);
+
+  await page.goto(`${base}/ui/#/s/dense`);
+  await page.waitForSelector('#timeline .tick');
+  await page.waitForSelector('tr[data-snapshot]');
+  const ticks = await page.$$eval('#timeline .tick', (els) => els.map((el) => {
+    const box = el.getBoundingClientRect();
+    return { left: box.left, right: box.right, label: el.getAttribute('aria-label') ?? '', text: el.textContent ?? '' };
+  }));
+  const sorted = [...ticks].sort((a, b) => a.left - b.left);
+  for (let i = 1; i < sorted.length; i++) {
+    assert.ok(sorted[i].left >= sorted[i - 1].right + 2, `ticks overlap: ${JSON.stringify(sorted[i - 1])} and ${JSON.stringify(sorted[i])}`);
+  }
+  // The early ones stand alone; the last ten are one group that names each of them and says how many.
+  assert.equal(ticks.length, early + 1, JSON.stringify(ticks));
+  const group = sorted[sorted.length - 1];
+  assert.equal(group.text, '10');
+  assert.match(group.label, /^10 snapshots, versions \d+ to \d+, 1 pinned: /);
+  for (const s of snapshots) {
+    const named = ticks.filter((tick) => tick.label.includes(`snapshot ${s.id}: version ${s.version}, step ${s.step}`));
+    assert.equal(named.length, 1, `snapshot ${s.id} is named by one tick`);
+  }
+  // A click on the group shows its newest snapshot in the table.
+  const newest = snapshots.reduce((a: any, b: any) => (b.version > a.version ? b : a));
+  await page.evaluate(() => window.scrollTo(0, 0));
+  await page.click('#timeline .tick.group');
+  await page.waitForFunction((id) => {
+    const box = document.getElementById(`snapshot-${id}`)?.getBoundingClientRect();
+    return box && box.top >= 0 && box.bottom <= innerHeight;
+  }, newest.id);
+  await screenshot(page, 'session-dense-timeline');
+});
