@@ -91,18 +91,19 @@ export class NotMigratedError extends Error {
   }
 }
 
-/** Migrations applied, per drizzle's journal table; 0 when it does not exist yet (42P01: an empty database). */
-async function appliedMigrations(count: () => Promise<string>): Promise<number> {
-  try {
-    return Number(await count());
-  } catch (err) {
-    if ((err as { code?: unknown }).code === '42P01' || (err as { code?: unknown }).code === '3F000') return 0;
-    throw err;
-  }
-}
+/** drizzle's journal of applied migrations; the table does not exist in an empty database. */
+const APPLIED_MIGRATIONS_SQL = 'SELECT count(*)::text AS n FROM drizzle.__drizzle_migrations';
 
+/** Throws NotMigratedError unless `count()` (APPLIED_MIGRATIONS_SQL's answer) covers every migration of this build. */
 async function checkMigrated(count: () => Promise<string>): Promise<void> {
-  const applied = await appliedMigrations(count);
+  let applied: number;
+  try {
+    applied = Number(await count());
+  } catch (err) {
+    const code = (err as { code?: unknown }).code;
+    if (code !== '42P01' && code !== '3F000') throw err; // undefined table or schema: nothing applied yet
+    applied = 0;
+  }
   const expected = expectedMigrations();
   if (applied < expected) throw new NotMigratedError(applied, expected);
 }
@@ -295,7 +296,7 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
       }
     },
     async ready() {
-      await checkMigrated(async () => (await run<{ n: string }>(pool, 'SELECT count(*)::text AS n FROM drizzle.__drizzle_migrations'))[0].n);
+      await checkMigrated(async () => (await run<{ n: string }>(pool, APPLIED_MIGRATIONS_SQL))[0].n);
     },
     poolStats: () => ({ total: pool.totalCount, idle: pool.idleCount, waiting: pool.waitingCount }),
     listen: (channel, handlers) => listenPostgres(url, channel, handlers),
@@ -362,7 +363,7 @@ async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Da
     byteaValue: (buf) => buf.toString('base64'),
     migrate: () => migratePglite(orm, { migrationsFolder: MIGRATIONS_DIR }),
     async ready() {
-      await checkMigrated(async () => (await client.query<{ n: string }>('SELECT count(*)::text AS n FROM drizzle.__drizzle_migrations')).rows[0].n);
+      await checkMigrated(async () => (await client.query<{ n: string }>(APPLIED_MIGRATIONS_SQL)).rows[0].n);
     },
     poolStats: () => ({ total: 1, idle: 1, waiting: 0 }),
     // In-process: PGlite delivers a committed NOTIFY to its own listeners.

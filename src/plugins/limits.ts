@@ -31,8 +31,9 @@ export interface DatabaseHealth {
 export default fp(
   async function limitsPlugin(fastify: FastifyInstance, opts: { config: Config }) {
     const { config } = opts;
-    const health: DatabaseHealth | null = config.healthCheckIntervalMs > 0 ? { up: true, problem: null } : null;
-    fastify.decorate('databaseHealth', health);
+    const probing = config.healthCheckIntervalMs > 0;
+    const health: DatabaseHealth = { up: true, problem: null };
+    fastify.decorate('databaseHealth', probing ? health : null);
     /** One probe: logged when the outcome changes (once, not at every interval), never thrown. */
     const probe = async (): Promise<boolean> => {
       let problem: DatabaseHealth['problem'] = null;
@@ -43,24 +44,24 @@ export default fp(
         problem = err instanceof NotMigratedError ? 'not-migrated' : 'unreachable';
         error = err;
       }
-      if (health && problem !== health.problem) {
+      if (problem !== health.problem) {
         if (problem) fastify.log.error({ err: error, problem }, problem === 'not-migrated' ? 'database not migrated: answering 503 until it is' : 'database unreachable: answering 503 until it answers');
         else fastify.log.info('database reachable again');
       }
-      if (health) Object.assign(health, { up: problem === null, problem });
+      Object.assign(health, { up: problem === null, problem });
       return problem === null;
     };
     await fastify.register(underPressure, {
       maxEventLoopDelay: config.maxEventLoopDelayMs,
       maxHeapUsedBytes: config.maxHeapUsedBytes,
       maxRssBytes: config.maxRssBytes,
-      ...(health && { healthCheck: probe, healthCheckInterval: config.healthCheckIntervalMs }),
+      ...(probing && { healthCheck: probe, healthCheckInterval: config.healthCheckIntervalMs }),
       pressureHandler: (request: FastifyRequest, _reply: unknown, type: string) => {
         const url = request.routeOptions.url ?? '';
         if (EXEMPT_FROM_PRESSURE.has(url)) return undefined;
         if (type === 'healthCheck' && needsNoDatabase(url)) return undefined;
         const why = type !== 'healthCheck' ? `the server is overloaded (${type}); retry shortly`
-          : health?.problem === 'not-migrated' ? 'the database is not migrated: run `asgd-serve migrate` (or start with ASGD_MIGRATE=true)'
+          : health.problem === 'not-migrated' ? 'the database is not migrated: run `asgd-serve migrate` (or start with ASGD_MIGRATE=true)'
           : 'the database is unreachable; retry shortly';
         return Promise.reject(errors.unavailable(why, PRESSURE_RETRY_AFTER_SECONDS));
       },

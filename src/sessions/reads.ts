@@ -6,6 +6,7 @@ import { consistentRead, mustFind, type SessionContext } from './context.ts';
 import type { History } from './history.ts';
 import type { StateView } from './model.ts';
 import * as repo from './repository.ts';
+import type { SessionRecord } from './repository.ts';
 import type { SessionState } from './state.ts';
 
 /** A view of the state without copying its tensors: valid until the state next changes. */
@@ -33,15 +34,19 @@ export type Reads = ReturnType<typeof createReads>;
 export function createReads(ctx: SessionContext, history: History) {
   const { db, cache, mutex } = ctx;
 
+  /** The session's row, and this process's copy when the row says it is current (one read, no transaction). */
+  async function currentCopy(name: string): Promise<{ current: SessionRecord; state: SessionState | null }> {
+    const current = await mustFind(db, name);
+    const cached = cache.get(current.id);
+    return { current, state: cached?.state.version === current.version ? cache.touch(cached).state : null };
+  }
+
   /** A consistent copy of the state at `version` (default: current). */
   async function view(name: string, version?: number | null): Promise<StateView> {
     return mutex.run(name, async () => {
       // The common case, a copy that is current, needs one read and no transaction.
-      const current = await mustFind(db, name);
-      const cached = cache.get(current.id);
-      if ((version == null || version === current.version) && cached?.state.version === current.version) {
-        return copyView(name, current.params, cache.touch(cached).state);
-      }
+      const { current, state } = await currentCopy(name);
+      if ((version == null || version === current.version) && state) return copyView(name, current.params, state);
       return consistentRead(db, async (q) => {
         const session = await mustFind(q, name);
         const target = version ?? session.version;
@@ -67,14 +72,11 @@ export function createReads(ctx: SessionContext, history: History) {
       fn(liveView(name, cached.state));
       return;
     }
-    // The current version: the copy, when the session row says it is current (one read, no transaction).
-    if (at === null) {
-      const current = await mustFind(db, name);
-      const copy = cache.get(current.id);
-      if (copy?.state.version === current.version) {
-        fn(liveView(name, cache.touch(copy).state));
-        return;
-      }
+    // The current version: the copy, when the session row says it is current.
+    const copy = at === null ? (await currentCopy(name)).state : null;
+    if (copy) {
+      fn(liveView(name, copy));
+      return;
     }
     await consistentRead(db, async (q) => {
       const session = await mustFind(q, name);

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { connect } from 'node:net';
 import { Readable, Writable } from 'node:stream';
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import { buildApp } from '../../src/app.ts';
 import { streamToBuffer, writeSafetensors } from '../../src/formats/index.ts';
 import { buildTestApp, createTestDatabase, testConfig, TEST_DB_KIND } from '../helper.ts';
@@ -11,6 +11,18 @@ import { ADMIN, asAdmin, bearer, createSession, createToken, step } from './supp
 function sample(text: string, name: string, labels = ''): number {
   const line = text.split('\n').find((l) => l.startsWith(`${name}${labels ? `{${labels}}` : ''} `));
   return line ? Number(line.split(' ').pop()) : 0;
+}
+
+/** An app on a fresh PostgreSQL database that is not migrated (dropped with the app at the test's end). */
+async function unmigratedApp(t: TestContext, healthCheckIntervalMs: number) {
+  const db = await createTestDatabase();
+  const config = testConfig({ DATABASE_URL: db.url, ASGD_HEALTH_CHECK_INTERVAL_MS: String(healthCheckIntervalMs) });
+  const app = await buildApp({ config, migrate: false, logger: false });
+  t.after(async () => {
+    await app.close();
+    await db.drop();
+  });
+  return app;
 }
 
 test('/healthz needs no database; /readyz and the API answer 503 with Retry-After once the database is gone', async (t) => {
@@ -50,13 +62,7 @@ test('/healthz needs no database; /readyz and the API answer 503 with Retry-Afte
 
 test('a database that answers but is not migrated: the API and /readyz say so (not "unreachable"); asgd_database_up is 0, then 1 once migrated', async (t) => {
   if (TEST_DB_KIND !== 'postgres') return t.skip('uses a fresh PostgreSQL database');
-  const db = await createTestDatabase();
-  const config = testConfig({ DATABASE_URL: db.url, ASGD_HEALTH_CHECK_INTERVAL_MS: '100' });
-  const app = await buildApp({ config, migrate: false, logger: false });
-  t.after(async () => {
-    await app.close();
-    await db.drop();
-  });
+  const app = await unmigratedApp(t, 100);
   await new Promise((resolve) => setTimeout(resolve, 300));
   for (const url of ['/readyz', '/v1/sessions']) {
     const res = await app.inject({ url });
@@ -78,13 +84,7 @@ test('a database that answers but is not migrated: the API and /readyz say so (n
 
 test('/readyz is 503 while the migrations are not applied', async (t) => {
   if (TEST_DB_KIND !== 'postgres') return t.skip('uses a fresh PostgreSQL database');
-  const db = await createTestDatabase();
-  const config = testConfig({ DATABASE_URL: db.url, ASGD_HEALTH_CHECK_INTERVAL_MS: '0' });
-  const app = await buildApp({ config, migrate: false, logger: false });
-  t.after(async () => {
-    await app.close();
-    await db.drop();
-  });
+  const app = await unmigratedApp(t, 0);
   const res = await app.inject({ url: '/readyz' });
   assert.equal(res.statusCode, 503);
   assert.equal(res.json().code, 'SERVICE_UNAVAILABLE');
