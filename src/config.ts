@@ -11,6 +11,8 @@ export interface Config {
   databaseUrl: string | null;
   dataDir: string;
   dbPoolSize: number;
+  /** PostgreSQL: a statement silent this long fails with 503 and its connection is dropped (0: never). */
+  dbTimeoutMs: number;
   logLevel: string;
   /**
    * Which requests get the "incoming request" / "request completed" lines at info (the rest at debug):
@@ -155,6 +157,7 @@ export function loadConfig(env: Env = process.env): Config {
     databaseUrl: env.DATABASE_URL?.trim() || null,
     dataDir: env.ASGD_DATA_DIR?.trim() || '.data/pglite',
     dbPoolSize: int(env, 'ASGD_DB_POOL_SIZE', 10, 1, 1000),
+    dbTimeoutMs: ms(env, 'ASGD_DB_TIMEOUT_MS', 30_000, 0),
     logLevel,
     logRequests,
     adminToken,

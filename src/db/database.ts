@@ -81,7 +81,49 @@ export interface DatabaseOptions {
   databaseUrl: string | null;
   dataDir: string;
   poolSize: number;
+  /**
+   * PostgreSQL: a statement that hears nothing from the server for this long (a network black hole, a hung
+   * server) fails with DatabaseSilentError and its connection is dropped; 0 waits for ever.
+   */
+  silenceTimeoutMs?: number;
   onError?: (err: Error) => void;
+}
+
+/**
+ * A statement heard nothing from PostgreSQL for `ms` (ASGD_DB_TIMEOUT_MS): its connection was destroyed, so
+ * the statement and any queued behind it on that connection fail with this error (a 503). Whether a commit
+ * sent before the silence took effect is unknown: a step retried with its Idempotency-Key counts once.
+ */
+export class DatabaseSilentError extends Error {
+  readonly code = 'ETIMEDOUT';
+  readonly ms: number;
+
+  constructor(ms: number) {
+    super(`the database did not answer for ${ms / 1000} s (ASGD_DB_TIMEOUT_MS); the connection was dropped`);
+    this.name = 'DatabaseSilentError';
+    this.ms = ms;
+  }
+}
+
+/** pg's client while it has a statement sent or queued (pg 8's fields; the black-hole test would notice a change). */
+function busy(client: pg.Client): boolean {
+  const c = client as unknown as { _activeQuery?: unknown; _sentQueryQueue?: unknown[]; _queryQueue?: unknown[] };
+  return Boolean(c._activeQuery) || (c._sentQueryQueue?.length ?? 0) > 0 || (c._queryQueue?.length ?? 0) > 0;
+}
+
+/**
+ * Fails a statement whose connection stays silent for `ms`. The socket's own inactivity timer (reset by every
+ * byte read or written, and by a large write still draining) fires; on a connection with nothing in flight
+ * (idle in the pool) it means nothing. Destroying the socket makes pg fail every statement on it with the
+ * error, and the pool drops the client.
+ */
+function watchSilence(client: pg.Client, ms: number): void {
+  if (ms <= 0) return;
+  const stream = (client as unknown as { connection: { stream: import('node:net').Socket } }).connection.stream;
+  stream.setTimeout(ms);
+  stream.on('timeout', () => {
+    if (busy(client)) stream.destroy(new DatabaseSilentError(ms));
+  });
 }
 
 /** The database answers but lacks migrations this build needs (none at all: its tables are missing). */
@@ -173,7 +215,15 @@ class LockFirstQuery extends (pg.Query as unknown as new (config: pg.QueryConfig
 export const APPLICATION_NAME = 'asgd-serve';
 
 async function openPostgres(url: string, options: DatabaseOptions): Promise<Database> {
-  const pool = new pg.Pool({ connectionString: withGenericPlans(url), max: options.poolSize, connectionTimeoutMillis: 10_000, application_name: APPLICATION_NAME });
+  const silence = options.silenceTimeoutMs ?? 0;
+  const pool = new pg.Pool({
+    connectionString: withGenericPlans(url), max: options.poolSize, application_name: APPLICATION_NAME,
+    // A connection that gets no answer to its start-up is given up after 10 s, sooner with a shorter silence timeout.
+    connectionTimeoutMillis: silence > 0 ? Math.min(10_000, silence) : 10_000,
+    // An idle connection to a server that vanished (no FIN, no RST) is noticed by the kernel's keepalive.
+    keepAlive: true,
+  });
+  pool.on('connect', (client) => watchSilence(client, silence));
   // An idle client losing its server must not crash the process; the next query reports it. pg-pool hangs
   // the whole client object on the error (`err.client`): not something to serialise into a log line.
   pool.on('error', (err) => {

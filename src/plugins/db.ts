@@ -26,6 +26,7 @@ export default fp(
         databaseUrl: opts.config.databaseUrl,
         dataDir: opts.config.dataDir,
         poolSize: opts.config.dbPoolSize,
+        silenceTimeoutMs: opts.config.dbTimeoutMs,
         onError: (err) => fastify.log.warn({ err }, 'database connection error'),
       }));
     if (opts.migrate) {

@@ -6,6 +6,7 @@ import fp from 'fastify-plugin';
 import type { FastifyError, FastifyInstance, FastifyRequest, FastifySchemaValidationError } from 'fastify';
 import { ApiError, CODES, errors, headerText, type ErrorCode, type RequestPart } from '../errors.ts';
 import { FormatError } from '../formats/errors.ts';
+import { DatabaseSilentError } from '../db/database.ts';
 import { classifyDbError } from '../db/errors.ts';
 
 /** The error body of a catalogue error. */
@@ -107,6 +108,10 @@ export function toApiError(err: unknown, request: FastifyRequest): ApiError {
   // (readableAborted: destroyed before its end. `destroyed` alone is true of every request read in full.)
   if (e?.code === 'ECONNRESET' && request.raw.readableAborted) {
     return errors.badRequest('the client closed the connection before its body arrived in full');
+  }
+  if (err instanceof DatabaseSilentError) {
+    // A commit may have been on its way: the outcome is unknown, and a retry with the same key tells.
+    return errors.unavailable(`${err.message}; retry shortly (a step retried with the same Idempotency-Key counts once)`);
   }
   switch (classifyDbError(err)) {
     case 'retryable':
