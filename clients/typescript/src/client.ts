@@ -1,12 +1,12 @@
-// ASGDClient: every operation of the asgd-serve API v1 (except the server-sent events of
-// GET /v1/sessions/{name}/events: use an EventSource or a streaming fetch), typed from the OpenAPI document.
+// ASGDClient: every operation of the asgd-serve API v1, typed from the OpenAPI document; the server-sent
+// events of GET /v1/sessions/{name}/events as an async iterator.
 import { ProtocolError, RoundPending } from './errors.ts';
 import { type Answer, type Exchange, newIdempotencyKey, parseJson, Transport, type TransportOptions } from './http.ts';
 import { decodeSafetensors, encodeSafetensors, type SafetensorsFile } from './safetensors.ts';
 import { asFloat32, fromJsonTensors, type Tensor, type TensorInput, toJsonData } from './tensors.ts';
 import type {
   CheckpointFormat, CreatedToken, CreateSessionSpec, CreateTokenRequest, ForkRequest, Gradients, HyperparameterChanges, ListSessionsOptions,
-  MetricsOptions, MetricsPage, Norms, OwnToken, ParamsResult, PatchSessionRequest, PendingAnswer, ReadOptions, Session, SessionList, Snapshot,
+  EventsOptions, MetricsOptions, MetricsPage, SessionEvent, Norms, OwnToken, ParamsResult, PatchSessionRequest, PendingAnswer, ReadOptions, Session, SessionList, Snapshot,
   SnapshotList, StateDictFormat, StateDictJson, StepAnswerJson, StepOptions, StepResult, TokenList,
 } from './types.ts';
 
@@ -197,6 +197,78 @@ export class ASGDClient {
   /** L2 norms of each parameter and of its average ax, with ASGD's step, eta and mu, at the current version. */
   async norms(name: string): Promise<Norms> {
     return (await this.http.json<Norms>({ method: 'GET', path: `${sessionPath(name)}/norms`, repeatable: true })).value;
+  }
+
+  /**
+   * The session's new versions as they are committed (GET .../events, server-sent events), on any replica:
+   * `for await (const e of client.events(name, {signal})) ...`. Under load only the latest of several
+   * versions comes. A dropped connection is opened again, resuming after the last version received
+   * (Last-Event-ID), as an EventSource does; the stream ends after a `deleted` event, when `signal` aborts,
+   * or with the error of a request that cannot succeed (SessionNotFound, Unauthorized, …).
+   */
+  async *events(name: string, options: EventsOptions = {}): AsyncGenerator<SessionEvent, void, undefined> {
+    const { signal } = options;
+    let last: number | undefined = options.afterVersion;
+    let pause = 100;
+    while (!signal?.aborted) {
+      let res: Response;
+      try {
+        res = await this.http.open({
+          method: 'GET', path: `${sessionPath(name)}/events`, accept: 'text/event-stream',
+          headers: last === undefined ? undefined : { 'last-event-id': String(last) },
+        }, signal);
+      } catch (err) {
+        if (signal?.aborted) return;
+        throw err;
+      }
+      const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = '';
+      let event = { type: 'message', id: undefined as string | undefined, data: [] as string[] };
+      try {
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          pause = 100; // the stream works: a later drop starts the back-off afresh
+          buffer += value;
+          let nl: number;
+          while ((nl = buffer.search(/\r\n|\r|\n/)) >= 0) {
+            const line = buffer.slice(0, nl);
+            buffer = buffer.slice(nl + (buffer.startsWith('\r\n', nl) ? 2 : 1));
+            if (line === '') {
+              // The end of an event (text/event-stream: a blank line dispatches it).
+              const { type, id, data } = event;
+              event = { type: 'message', id: undefined, data: [] };
+              if (data.length === 0) continue;
+              const payload = JSON.parse(data.join('\n')) as Record<string, unknown>;
+              if (type === 'version') {
+                if (id !== undefined) last = Number(id);
+                yield { event: 'version', ...payload } as SessionEvent;
+              } else if (type === 'deleted') {
+                yield { event: 'deleted', session: String(payload.session ?? name) };
+                return;
+              }
+              continue;
+            }
+            if (line.startsWith(':')) continue; // a comment: the keep-alive
+            const colon = line.indexOf(':');
+            const field = colon < 0 ? line : line.slice(0, colon);
+            const text = colon < 0 ? '' : line.slice(colon + 1).replace(/^ /, '');
+            if (field === 'event') event.type = text;
+            else if (field === 'data') event.data.push(text);
+            else if (field === 'id') event.id = text;
+          }
+        }
+      } catch (err) {
+        if (signal?.aborted) return;
+        if (err instanceof SyntaxError) throw new ProtocolError(`GET ${sessionPath(name)}/events: an event's data is not JSON: ${err.message}`);
+        // The connection broke: open it again below.
+      } finally {
+        await reader.cancel().catch(() => {}); // closes the connection (the source of the pipe is cancelled too)
+      }
+      if (signal?.aborted) return;
+      await new Promise((resolve) => setTimeout(resolve, pause));
+      pause = Math.min(pause * 2, 2_000);
+    }
   }
 
   // ---- params ---------------------------------------------------------------------------------------

@@ -124,6 +124,47 @@ export class Transport {
     }
   }
 
+  /**
+   * Opens a streamed answer (server-sent events): the Response once its status is 2xx, its body unread.
+   * Retries as send() does before the stream starts (a refused connection, 429/502/503/504; reads only).
+   */
+  async open(x: Exchange, signal?: AbortSignal): Promise<Response> {
+    const url = this.url(x.path, x.query);
+    const headers: Record<string, string> = { ...this.options.headers };
+    if (this.options.token) headers.authorization = `Bearer ${this.options.token}`;
+    for (const [k, v] of Object.entries(x.headers ?? {})) if (v !== undefined) headers[k] = v;
+    if (x.accept) headers.accept = x.accept;
+    const doFetch = this.options.fetch ?? fetch;
+    const deadline = Date.now() + (x.retryBudgetMs ?? this.options.retryBudgetMs ?? 60_000);
+    let pause = 100;
+    for (let attempt = 1; ; attempt++) {
+      let res: Response;
+      try {
+        res = await doFetch(url, { method: x.method, headers, signal });
+      } catch (err) {
+        if (signal?.aborted) throw err;
+        if (Date.now() + pause < deadline) {
+          await sleep(pause);
+          pause = Math.min(pause * 2, 2_000);
+          continue;
+        }
+        throw new ConnectionFailed(x.method, url, attempt, err);
+      }
+      if (res.status >= 200 && res.status < 300) return res;
+      const bytes = new Uint8Array(await res.arrayBuffer());
+      if (RETRY_STATUS.has(res.status)) {
+        const after = Number(res.headers.get('retry-after'));
+        const wait = Number.isFinite(after) && after > 0 ? Math.min(after * 1000, 10_000) : pause;
+        if (Date.now() + wait < deadline) {
+          await sleep(wait);
+          pause = Math.min(pause * 2, 2_000);
+          continue;
+        }
+      }
+      throw this.error(x.method, url, res, bytes);
+    }
+  }
+
   async json<T>(x: Exchange): Promise<{ value: T; answer: Answer }> {
     const answer = await this.send({ accept: 'application/json', ...x });
     return { value: parseJson<T>(answer, x.method, x.path), answer };

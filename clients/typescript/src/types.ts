@@ -134,3 +134,30 @@ export interface MetricsOptions {
   maxPoints?: number;
 }
 export type MetricPoint = MetricsPage['points'][number];
+
+/** One event of GET .../events: a new version (`kind` "step" with its staleness and metrics, or "load", "restore", "create", …). */
+export interface VersionEvent {
+  event: 'version';
+  version: number;
+  step: number;
+  /** When the version was committed (ISO 8601). */
+  time: string;
+  kind: string;
+  staleness?: number;
+  metrics?: Record<string, number>;
+}
+
+/** The session was deleted: the last event of the stream. */
+export interface DeletedEvent {
+  event: 'deleted';
+  session: string;
+}
+
+export type SessionEvent = VersionEvent | DeletedEvent;
+
+export interface EventsOptions {
+  /** The version you have: a newer one is sent at once (default: the session's current version, so only later ones come). */
+  afterVersion?: number;
+  /** Ends the stream (the iterator returns). */
+  signal?: AbortSignal;
+}
