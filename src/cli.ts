@@ -148,7 +148,10 @@ export async function main(
   try {
     const config = loadConfig(parsed.env);
     if (parsed.command === 'migrate') {
-      const db = await openDatabase({ databaseUrl: config.databaseUrl, dataDir: config.dataDir, poolSize: 1 });
+      const db = await openDatabase({
+        databaseUrl: config.databaseUrl, dataDir: config.dataDir, poolSize: 1,
+        onWarning: (message) => io.stderr.write(`asgd-serve: ${message}\n`),
+      });
       try {
         await db.migrate();
         await db.ready();

@@ -12,6 +12,9 @@ import { to as copyTo } from 'pg-copy-streams';
 import { copyToSql, parseBinaryCopy, type BinaryColumns } from './binary-results.ts';
 import { listenPostgres, type ListenHandlers, type Listener } from './listener.ts';
 import { lockDataDir, type DataDirLock } from './data-dir-lock.ts';
+import { endWithin, watchSilence } from './silence.ts';
+
+export { DatabaseSilentError, QUERY_CANCELED } from './silence.ts';
 
 export const MIGRATIONS_DIR = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'migrations');
 
@@ -87,44 +90,10 @@ export interface DatabaseOptions {
    */
   silenceTimeoutMs?: number;
   onError?: (err: Error) => void;
+  /** Said once: the database has migrations this build does not know, a migration waits for another's lock. */
+  onWarning?: (message: string) => void;
 }
 
-/**
- * A statement heard nothing from PostgreSQL for `ms` (ASGD_DB_TIMEOUT_MS): its connection was destroyed, so
- * the statement and any queued behind it on that connection fail with this error (a 503). Whether a commit
- * sent before the silence took effect is unknown: a step retried with its Idempotency-Key counts once.
- */
-export class DatabaseSilentError extends Error {
-  readonly code = 'ETIMEDOUT';
-  readonly ms: number;
-
-  constructor(ms: number) {
-    super(`the database did not answer for ${ms / 1000} s (ASGD_DB_TIMEOUT_MS); the connection was dropped`);
-    this.name = 'DatabaseSilentError';
-    this.ms = ms;
-  }
-}
-
-/** pg's client while it has a statement sent or queued (pg 8's fields; the black-hole test would notice a change). */
-function busy(client: pg.Client): boolean {
-  const c = client as unknown as { _activeQuery?: unknown; _sentQueryQueue?: unknown[]; _queryQueue?: unknown[] };
-  return Boolean(c._activeQuery) || (c._sentQueryQueue?.length ?? 0) > 0 || (c._queryQueue?.length ?? 0) > 0;
-}
-
-/**
- * Fails a statement whose connection stays silent for `ms`. The socket's own inactivity timer (reset by every
- * byte read or written, and by a large write still draining) fires; on a connection with nothing in flight
- * (idle in the pool) it means nothing. Destroying the socket makes pg fail every statement on it with the
- * error, and the pool drops the client.
- */
-function watchSilence(client: pg.Client, ms: number): void {
-  if (ms <= 0) return;
-  const stream = (client as unknown as { connection: { stream: import('node:net').Socket } }).connection.stream;
-  stream.setTimeout(ms);
-  stream.on('timeout', () => {
-    if (busy(client)) stream.destroy(new DatabaseSilentError(ms));
-  });
-}
 
 /** The database answers but lacks migrations this build needs (none at all: its tables are missing). */
 export class NotMigratedError extends Error {
@@ -137,7 +106,7 @@ export class NotMigratedError extends Error {
 const APPLIED_MIGRATIONS_SQL = 'SELECT count(*)::text AS n FROM drizzle.__drizzle_migrations';
 
 /** Throws NotMigratedError unless `count()` (APPLIED_MIGRATIONS_SQL's answer) covers every migration of this build. */
-async function checkMigrated(count: () => Promise<string>): Promise<void> {
+async function checkMigrated(count: () => Promise<string>, warn?: (message: string) => void): Promise<void> {
   let applied: number;
   try {
     applied = Number(await count());
@@ -148,7 +117,15 @@ async function checkMigrated(count: () => Promise<string>): Promise<void> {
   }
   const expected = expectedMigrations();
   if (applied < expected) throw new NotMigratedError(applied, expected);
+  // A newer build migrated it (a rolling upgrade under way, or a rollback): this build still serves, as its
+  // own migrations are there and the newer ones add to them, but an operator rolling back should know.
+  if (applied > expected && warn && !warnedNewer) {
+    warnedNewer = true;
+    warn(`the database has ${applied} migrations applied and this build knows ${expected}: a newer asgd-serve migrated it (fine during a rolling upgrade; after a rollback, check that build's release notes)`);
+  }
 }
+
+let warnedNewer = false;
 
 const MIGRATION_LOCK = 7_142_053_311; // pg_advisory_lock key: one migrator at a time across replicas
 
@@ -177,6 +154,9 @@ export function withGenericPlans(url: string): string {
     return url;
   }
   if (parsed.protocol !== 'postgres:' && parsed.protocol !== 'postgresql:') return url;
+  // A '%' that starts no escape (a password "se%cret" written as it is): pg reads such a URL, but written
+  // back by URL it would not read as the same; leave it alone (no generic plans, as before this option).
+  if (/%(?![0-9A-Fa-f]{2})/.test(url)) return url;
   const given = parsed.searchParams.get('options');
   if (given?.includes('plan_cache_mode')) return url;
   parsed.searchParams.set('options', [given, '-c plan_cache_mode=force_generic_plan'].filter(Boolean).join(' '));
@@ -211,6 +191,9 @@ class LockFirstQuery extends (pg.Query as unknown as new (config: pg.QueryConfig
   }
 }
 
+/** How long closing waits for PostgreSQL to close a connection before it is destroyed. */
+const CLOSE_GRACE_MS = 2_000;
+
 /** How the service's connections show in pg_stat_activity (an application_name in the URL wins). */
 export const APPLICATION_NAME = 'asgd-serve';
 
@@ -223,7 +206,7 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
     // An idle connection to a server that vanished (no FIN, no RST) is noticed by the kernel's keepalive.
     keepAlive: true,
   });
-  pool.on('connect', (client) => watchSilence(client, silence));
+  pool.on('connect', (client) => watchSilence(client, silence, url));
   // An idle client losing its server must not crash the process; the next query reports it. pg-pool hangs
   // the whole client object on the error (`err.client`): not something to serialise into a log line.
   pool.on('error', (err) => {
@@ -253,6 +236,36 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
     };
   };
   const orm = nodePostgres.drizzle(pool, { schema });
+
+  /**
+   * The health probe's own connection, outside the pool: a pool whose connections are all taken (long
+   * statements, lock waits) is not a database that is unreachable. Dropped after a failure; the next probe
+   * connects again.
+   */
+  let probe: Promise<pg.Client> | null = null;
+  const probeCount = async (): Promise<string> => {
+    const current = (probe ??= (async () => {
+      const client = new pg.Client({ connectionString: withGenericPlans(url), connectionTimeoutMillis: silence > 0 ? Math.min(10_000, silence) : 10_000, keepAlive: true, application_name: APPLICATION_NAME });
+      client.on('error', () => {}); // the query in flight reports it
+      try {
+        await client.connect();
+      } catch (err) {
+        await endWithin(client, CLOSE_GRACE_MS);
+        throw err;
+      }
+      watchSilence(client, silence, url);
+      return client;
+    })());
+    let client: pg.Client | null = null;
+    try {
+      client = await current;
+      return (await client.query<{ n: string }>(APPLIED_MIGRATIONS_SQL)).rows[0].n;
+    } catch (err) {
+      if (probe === current) probe = null;
+      if (client) void endWithin(client, CLOSE_GRACE_MS);
+      throw err;
+    }
+  };
 
   /**
    * Runs `fn` on `on`, or, given the pool, on a client checked out for it: released after, and destroyed
@@ -333,7 +346,11 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
     async migrate() {
       const { client, release } = await checkout();
       try {
-        await client.query('SELECT pg_advisory_lock($1)', [MIGRATION_LOCK]);
+        const free = (await client.query<{ locked: boolean }>('SELECT pg_try_advisory_lock($1) AS locked', [MIGRATION_LOCK])).rows[0].locked;
+        if (!free) {
+          options.onWarning?.(`waiting for another process's migration to finish (it holds PostgreSQL advisory lock ${MIGRATION_LOCK})`);
+          await client.query('SELECT pg_advisory_lock($1)', [MIGRATION_LOCK]);
+        }
         try {
           // On the client that holds the lock: through the pool it would need a second connection, which
           // never comes with ASGD_DB_POOL_SIZE=1 (migrate hung, then failed on the connection timeout).
@@ -346,11 +363,27 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
       }
     },
     async ready() {
-      await checkMigrated(async () => (await run<{ n: string }>(pool, APPLIED_MIGRATIONS_SQL))[0].n);
+      await checkMigrated(probeCount, options.onWarning);
     },
     poolStats: () => ({ total: pool.totalCount, idle: pool.idleCount, waiting: pool.waitingCount }),
-    listen: (channel, handlers) => listenPostgres(url, channel, handlers),
-    close: () => pool.end(),
+    listen: (channel, handlers) => listenPostgres(url, channel, handlers, silence),
+    async close() {
+      // Idle connections end at once on a server that answers; a server that cannot answer (a black hole)
+      // never closes them, and a shutdown must not wait for it.
+      const ending = pool.end();
+      const timer = setTimeout(() => {
+        for (const c of (pool as unknown as { _clients: pg.Client[] })._clients) (c as unknown as { connection: { stream: { destroy(): void } } }).connection.stream.destroy();
+      }, CLOSE_GRACE_MS);
+      try {
+        await ending;
+      } finally {
+        clearTimeout(timer);
+      }
+      const p = probe;
+      probe = null;
+      const client = await p?.catch(() => null);
+      if (client) await endWithin(client, CLOSE_GRACE_MS);
+    },
   };
 }
 

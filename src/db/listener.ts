@@ -4,6 +4,7 @@
 // re-read what they wait for.
 import pg from 'pg';
 import { APPLICATION_NAME } from './database.ts';
+import { endWithin } from './silence.ts';
 
 export interface ListenHandlers {
   onNotify(payload: string): void;
@@ -18,7 +19,12 @@ export interface Listener {
 
 const MAX_BACKOFF_MS = 2_000;
 
-export async function listenPostgres(url: string, channel: string, handlers: ListenHandlers): Promise<Listener> {
+/**
+ * `silenceMs` (ASGD_DB_TIMEOUT_MS; 0: off): a LISTEN connection is quiet by nature, so after that long with
+ * nothing heard it sends `SELECT 1`; no answer within as long again means the server is gone without
+ * closing the connection (a black hole): it is dropped and connected again, and subscribers re-read.
+ */
+export async function listenPostgres(url: string, channel: string, handlers: ListenHandlers, silenceMs = 0): Promise<Listener> {
   let client: pg.Client | null = null;
   let closed = false;
   let backoff = 50;
@@ -36,9 +42,22 @@ export async function listenPostgres(url: string, channel: string, handlers: Lis
       if (message.channel === channel && message.payload !== undefined) handlers.onNotify(message.payload);
     });
     await next.connect();
+    if (silenceMs > 0) {
+      const stream = (next as unknown as { connection: { stream: import('node:net').Socket } }).connection.stream;
+      let pinged = false;
+      stream.setTimeout(silenceMs);
+      stream.on('timeout', () => {
+        if (pinged) {
+          stream.destroy(new Error(`the LISTEN connection got no answer to a ping within ${silenceMs / 1000} s`));
+          return;
+        }
+        pinged = true;
+        next.query('SELECT 1').then(() => (pinged = false), () => {});
+      });
+    }
     await next.query(`LISTEN ${pg.escapeIdentifier(channel)}`);
     if (closed) {
-      await next.end().catch(() => {});
+      await endWithin(next, 2_000);
       return;
     }
     client = next;
@@ -48,7 +67,7 @@ export async function listenPostgres(url: string, channel: string, handlers: Lis
   const lost = (which: pg.Client) => {
     if (client !== which) return;
     client = null;
-    which.end().catch(() => {});
+    void endWithin(which, 2_000);
     schedule();
   };
 
@@ -82,7 +101,7 @@ export async function listenPostgres(url: string, channel: string, handlers: Lis
       if (timer) clearTimeout(timer);
       const current = client;
       client = null;
-      await current?.end().catch(() => {});
+      if (current) await endWithin(current, 2_000);
     },
   };
 }

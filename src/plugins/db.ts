@@ -28,6 +28,7 @@ export default fp(
         poolSize: opts.config.dbPoolSize,
         silenceTimeoutMs: opts.config.dbTimeoutMs,
         onError: (err) => fastify.log.warn({ err }, 'database connection error'),
+        onWarning: (message) => fastify.log.warn(message),
       }));
     if (opts.migrate) {
       try {

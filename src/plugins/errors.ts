@@ -6,7 +6,7 @@ import fp from 'fastify-plugin';
 import type { FastifyError, FastifyInstance, FastifyRequest, FastifySchemaValidationError } from 'fastify';
 import { ApiError, CODES, errors, headerText, type ErrorCode, type RequestPart } from '../errors.ts';
 import { FormatError } from '../formats/errors.ts';
-import { DatabaseSilentError } from '../db/database.ts';
+import { DatabaseSilentError, QUERY_CANCELED } from '../db/database.ts';
 import { classifyDbError } from '../db/errors.ts';
 
 /** The error body of a catalogue error. */
@@ -113,8 +113,18 @@ export function toApiError(err: unknown, request: FastifyRequest): ApiError {
     // A commit may have been on its way: the outcome is unknown, and a retry with the same key tells.
     return errors.unavailable(`${err.message}; retry shortly (a step retried with the same Idempotency-Key counts once)`);
   }
+  if (e?.code === QUERY_CANCELED && (err as { severity?: unknown }).severity !== undefined) {
+    // Ours after ASGD_DB_TIMEOUT_MS of silence (db/silence.ts), or statement_timeout, or an operator's: the
+    // statement was aborted, so none of it was committed.
+    return errors.unavailable('PostgreSQL cancelled the statement: it had no answer within ASGD_DB_TIMEOUT_MS (waiting for a lock another connection holds?), or statement_timeout or an operator cancelled it; nothing of it was committed; retry shortly');
+  }
   switch (classifyDbError(err)) {
     case 'retryable':
+      if (/timeout exceeded when trying to connect/i.test(e?.message ?? '') && request.server.db?.poolStats().idle === 0) {
+        // pg-pool's wait for a free connection ran out: the database may be fine and merely busy.
+        const { total } = request.server.db.poolStats();
+        return errors.unavailable(`all ${total} database connections of this process are busy (ASGD_DB_POOL_SIZE) or the database does not answer new ones; retry shortly`);
+      }
       return errors.unavailable('the database is unreachable; retry shortly');
     case 'unavailable':
       // The database server answers but will not serve us: no fault of the request.
@@ -176,7 +186,10 @@ export default fp(
     });
     fastify.setErrorHandler((err, request, reply) => {
       const api = toApiError(err, request);
-      if (api.statusCode >= 500) request.log.error({ err }, 'request failed');
+      // A 503 is a state of the database or the process, said once by the health probe: one line without a
+      // stack per request; a 500 is a bug, with its stack.
+      if (api.statusCode === 503) request.log.warn({ code: api.code, statusCode: 503, cause: (err as Error)?.message }, api.message);
+      else if (api.statusCode >= 500) request.log.error({ err }, 'request failed');
       // An error mapped from elsewhere (fastify, the database) keeps its original in the log line.
       else request.log.info({ code: api.code, statusCode: api.statusCode, ...(!(err instanceof ApiError) && { err }) }, api.message);
       if (api.headers) reply.headers(api.headers);

@@ -6,26 +6,38 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { test } from 'node:test';
-import { buildTestApp, createTestDatabase, TEST_DB_KIND } from '../helper.ts';
+import pg from 'pg';
+import { Writable } from 'node:stream';
+import { buildApp } from '../../src/app.ts';
+import { openDatabase, withGenericPlans } from '../../src/db/database.ts';
+import { buildTestApp, createTestDatabase, TEST_DB_KIND, testConfig } from '../helper.ts';
 
 type Mode = 'pass' | 'drop-replies' | 'black-hole';
 
 /**
  * A TCP proxy to PostgreSQL. 'drop-replies': what the service sends reaches PostgreSQL, its answers vanish;
- * 'black-hole': nothing gets through either way. The sockets stay open (no FIN, no RST), as behind a dead
- * route; a side the service closes is closed on the other side too.
+ * 'black-hole': nothing gets through either way, not even a FIN. The sockets stay open (no FIN, no RST), as
+ * behind a dead route; a side the service destroys is closed on the other side too.
  */
 async function startProxy(target: { host: string; port: number }): Promise<{ port: number; mode: Mode; server: Server }> {
   const state = { port: 0, mode: 'pass' as Mode, server: null as unknown as Server };
   const sockets = new Set<Socket>();
-  state.server = createServer((client) => {
-    const upstream = connect(target.port, target.host);
+  // Half-open allowed: a FIN the service sends into the black hole is not answered by one (a dead route
+  // answers nothing).
+  state.server = createServer({ allowHalfOpen: true }, (client) => {
+    const upstream = connect({ port: target.port, host: target.host, allowHalfOpen: true });
     sockets.add(client).add(upstream);
     client.on('data', (chunk) => {
       if (state.mode !== 'black-hole') upstream.write(chunk);
     });
     upstream.on('data', (chunk) => {
       if (state.mode === 'pass') client.write(chunk);
+    });
+    client.on('end', () => {
+      if (state.mode === 'pass') upstream.end();
+    });
+    upstream.on('end', () => {
+      if (state.mode === 'pass') client.end();
     });
     const close = () => {
       client.destroy();
@@ -111,4 +123,130 @@ test('ASGD_DB_TIMEOUT_MS=0 waits for the database; a bad value is refused naming
   assert.equal(loadConfig({}).dbTimeoutMs, 30_000);
   assert.throws(() => loadConfig({ ASGD_DB_TIMEOUT_MS: '-5' }), /ASGD_DB_TIMEOUT_MS/);
   assert.throws(() => loadConfig({ ASGD_DB_TIMEOUT_MS: 'soon' }), /ASGD_DB_TIMEOUT_MS/);
+});
+
+/** A connection of its own holding the session's row lock (as another replica's long batch would) until released. */
+async function holdRowLock(databaseUrl: string, session: string): Promise<{ release(): Promise<void> }> {
+  const client = new pg.Client({ connectionString: databaseUrl });
+  client.on('error', () => {}); // the database is dropped at the test's end
+  await client.connect();
+  await client.query('BEGIN');
+  await client.query('SELECT 1 FROM sessions WHERE name = $1 FOR UPDATE', [session]);
+  return {
+    async release() {
+      await client.query('COMMIT');
+      await client.end();
+    },
+  };
+}
+
+test('a statement waiting for a lock past ASGD_DB_TIMEOUT_MS is cancelled in PostgreSQL: 503, nothing committed then or later', async (t) => {
+  if (TEST_DB_KIND !== 'postgres') return t.skip('PostgreSQL over TCP');
+  const { app, databaseUrl } = await buildTestApp(t, { env: { ASGD_DB_TIMEOUT_MS: '1000', ASGD_HEALTH_CHECK_INTERVAL_MS: '0' } });
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: session })).statusCode, 201);
+  const lock = await holdRowLock(databaseUrl!, 'silent');
+  const started = Date.now();
+  // No Idempotency-Key, as a curl user sends it: the step must not commit behind the 503.
+  const waited = await app.inject({ method: 'POST', url: '/v1/sessions/silent/step', payload: stepBody(1) });
+  assert.equal(waited.statusCode, 503, waited.body);
+  assert.match(waited.json().message, /cancelled the statement.*nothing of it was committed/);
+  assert.ok(Date.now() - started < 5_000, `answered after ${Date.now() - started} ms`);
+  // No backend of the service is left waiting for the lock; released, the session is where it was.
+  const admin = new pg.Client({ connectionString: databaseUrl! });
+  admin.on('error', () => {});
+  await admin.connect();
+  const waiting = await admin.query("SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'");
+  await admin.end();
+  await lock.release();
+  assert.equal(waiting.rows[0].n, 0);
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal((await app.inject({ url: '/v1/sessions/silent' })).json().version, 1);
+  // The connection that was cancelled serves the next step.
+  const next = await app.inject({ method: 'POST', url: '/v1/sessions/silent/step', payload: stepBody(1) });
+  assert.equal(next.statusCode, 200, next.body);
+  assert.equal(next.json().version, 2);
+});
+
+test('every pooled connection taken by a lock wait: the replica stays ready (the probe has its own connection)', async (t) => {
+  if (TEST_DB_KIND !== 'postgres') return t.skip('PostgreSQL');
+  const { app, databaseUrl } = await buildTestApp(t, { env: { ASGD_DB_POOL_SIZE: '1', ASGD_DB_TIMEOUT_MS: '20000', ASGD_HEALTH_CHECK_INTERVAL_MS: '100' } });
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: session })).statusCode, 201);
+  const lock = await holdRowLock(databaseUrl!, 'silent');
+  const stepping = app.inject({ method: 'POST', url: '/v1/sessions/silent/step', payload: stepBody(1) });
+  await new Promise((r) => setTimeout(r, 700)); // the step holds the one pooled connection, waiting for the lock
+  const ready = await app.inject({ url: '/readyz' });
+  assert.equal(ready.statusCode, 200, ready.body);
+  assert.equal(app.databaseHealth?.up, true);
+  await lock.release();
+  assert.equal((await stepping).statusCode, 200);
+});
+
+test('shutdown does not wait for a database that stopped answering', async (t) => {
+  if (TEST_DB_KIND !== 'postgres') return t.skip('PostgreSQL over TCP');
+  const db = await createTestDatabase();
+  t.after(() => db.drop());
+  const url = new URL(db.url);
+  const proxy = await startProxy({ host: url.hostname, port: Number(url.port || 5432) });
+  t.after(() => proxy.server.close());
+  url.port = String(proxy.port);
+  const { app } = await buildTestApp(null, { databaseUrl: url.toString(), env: { ASGD_DB_TIMEOUT_MS: '1000', ASGD_HEALTH_CHECK_INTERVAL_MS: '0' } });
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: session })).statusCode, 201);
+  proxy.mode = 'black-hole';
+  const started = Date.now();
+  await app.close();
+  assert.ok(Date.now() - started < 8_000, `closed after ${Date.now() - started} ms`);
+});
+
+test('a 503 of a database outage is one warn line without a stack per request (the outage itself is said once)', async (t) => {
+  const lines: Record<string, unknown>[] = [];
+  const stream = new Writable({
+    write(chunk, _encoding, done) {
+      for (const raw of String(chunk).split('\n').filter(Boolean)) lines.push(JSON.parse(raw));
+      done();
+    },
+  });
+  // Nothing listens on port 1: every statement is refused.
+  const config = testConfig({ DATABASE_URL: 'postgres://postgres@127.0.0.1:1/none', LOG_LEVEL: 'info', ASGD_HEALTH_CHECK_INTERVAL_MS: '0' });
+  const app = await buildApp({ config, migrate: false, logger: { level: 'info', stream } });
+  t.after(() => app.close());
+  await app.ready();
+  const answer = await app.inject({ url: '/v1/sessions/anything' });
+  assert.equal(answer.statusCode, 503, answer.body);
+  const failed = lines.filter((l) => l.statusCode === 503 && l.code === 'SERVICE_UNAVAILABLE');
+  assert.equal(failed.length, 1, JSON.stringify(lines));
+  assert.equal(failed[0].level, 40);
+  assert.match(String(failed[0].cause), /ECONNREFUSED|connect/);
+  const ofRequest = lines.filter((l) => l.reqId === failed[0].reqId);
+  assert.ok(!JSON.stringify(ofRequest).includes('"stack"'), `a stack in ${JSON.stringify(ofRequest)}`);
+});
+
+test('migrate says when it waits for another migration; a database a newer build migrated is said once; a password with a bare % connects', async (t) => {
+  if (TEST_DB_KIND !== 'postgres') return t.skip('PostgreSQL');
+  const db = await createTestDatabase();
+  t.after(() => db.drop());
+  const warnings: string[] = [];
+  const holder = new pg.Client({ connectionString: db.url });
+  holder.on('error', () => {});
+  await holder.connect();
+  await holder.query('SELECT pg_advisory_lock(7142053311)');
+  const database = await openDatabase({ databaseUrl: db.url, dataDir: '', poolSize: 2, onWarning: (m) => warnings.push(m) });
+  t.after(() => database.close());
+  const migrating = database.migrate();
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(warnings.length, 1);
+  assert.match(warnings[0], /waiting for another process's migration.*advisory lock 7142053311/);
+  await holder.query('SELECT pg_advisory_unlock(7142053311)');
+  await migrating;
+  await database.ready();
+  assert.equal(warnings.length, 1);
+  // A newer build added a migration this one does not know: still ready, said once.
+  await holder.query("INSERT INTO drizzle.__drizzle_migrations (hash, created_at) VALUES ('from-a-newer-build', 99999999999999)");
+  await holder.end();
+  await database.ready();
+  await database.ready();
+  assert.equal(warnings.length, 2);
+  assert.match(warnings[1], /a newer asgd-serve migrated it/);
+  // pg reads "se%cret" as it is written; the URL the service derives from it must too.
+  assert.equal(withGenericPlans('postgres://postgres:se%cret@127.0.0.1:5432/x'), 'postgres://postgres:se%cret@127.0.0.1:5432/x');
+  assert.match(withGenericPlans('postgres://postgres:se%25cret@127.0.0.1:5432/x'), /plan_cache_mode/);
 });
