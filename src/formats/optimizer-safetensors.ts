@@ -3,7 +3,7 @@
 // param_groups as a JSON list in the `param_groups` metadata entry. torch users read it with
 // safetensors.torch.load_file plus json.loads(metadata["param_groups"]).
 import { fail } from './errors.ts';
-import { readSafetensors, writeSafetensors } from './safetensors.ts';
+import { readSafetensors, writeSafetensors, type SafetensorsReadOptions } from './safetensors.ts';
 import type { Float32Tensor, Tensor } from './tensor.ts';
 import type { AsgdParamState } from './optimizer-state.ts';
 import type { ByteStream } from './zip.ts';
@@ -15,8 +15,8 @@ const STATE_NAME = /^state\.(\d{1,9})\.(step|eta|mu|ax)$/;
  * metadata entry as written (a JSON text, or undefined when absent): its contents are checked by the
  * state_dict reader like a JSON upload's.
  */
-export function readOptimizerSafetensors(body: Uint8Array): { state: Record<string, Record<string, unknown>>; paramGroups: string | undefined } {
-  const file = readSafetensors(body, { dtypes: 'all' });
+export function readOptimizerSafetensors(body: Uint8Array, options: Pick<SafetensorsReadOptions, 'maxTensors'> = {}): { state: Record<string, Record<string, unknown>>; paramGroups: string | undefined } {
+  const file = readSafetensors(body, { dtypes: 'all', maxTensors: options.maxTensors });
   const state: Record<string, Record<string, unknown>> = {};
   for (const [name, tensor] of file.tensors) {
     const m = STATE_NAME.exec(name);

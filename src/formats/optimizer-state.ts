@@ -147,11 +147,31 @@ function readGroup(value: PyValue, path: string): AsgdParamGroup {
 function readParamState(value: PyValue, path: string, options: StateDictReadOptions): AsgdParamState {
   const dict = expectDict(value, path);
   const step = readScalar(dict.get('step'), `${path}.step`, options);
+  const problem = stepCountProblem(step);
+  if (problem) throw invalid(`${path}.step`, problem);
   const eta = readScalar(dict.get('eta'), `${path}.eta`, options);
   const mu = readScalar(dict.get('mu'), `${path}.mu`, options);
   const ax = dict.get('ax');
   if (!isTensor(ax)) throw invalid(`${path}.ax`, ax === undefined ? 'is missing' : `must be a tensor, got ${describe(ax)}`);
   return { step, eta, mu, ax: float32Of(ax, `${path}.ax`, options) };
+}
+
+/**
+ * The largest step count a parameter's state may hold: the largest float32 below 2**53 (2**53 - 2**29).
+ * PyTorch's counter is a float32 tensor, and the session's step (the most any parameter took) must be
+ * a safe integer, so every count up to here is stored, served and loaded back exactly.
+ */
+export const MAX_STEP_COUNT = 2 ** 53 - 2 ** 29;
+
+/**
+ * Why `step` cannot be a parameter's step count, or null when it can. ASGD only ever adds 1 to the
+ * count (torch/optim/asgd.py, `step_t += 1`), so torch saves whole numbers from 0; the bound applies to
+ * the value as float32, as it is stored.
+ */
+export function stepCountProblem(step: number): string | null {
+  if (Number.isInteger(step) && step >= 0 && Math.fround(step) <= MAX_STEP_COUNT) return null;
+  const got = Number.isNaN(step) ? 'NaN' : String(step);
+  return `must be a whole number of steps from 0 to ${MAX_STEP_COUNT} (PyTorch's float32 step count), got ${got}`;
 }
 
 /** A float32 scalar: a one-element float32 tensor, or (with toFloat32) any one-element tensor or Python number. */

@@ -15,6 +15,15 @@ const DTYPE_OF: Record<string, DType> = {
 const NAME_OF = Object.fromEntries(Object.entries(DTYPE_OF).map(([name, dtype]) => [dtype, name])) as Record<DType, string>;
 /** The reference implementation refuses headers above 100 MB. */
 const MAX_HEADER = 100_000_000;
+/**
+ * Header bytes one tensor entry can need: a 256-character name written as \uXXXX escapes (1,536 bytes),
+ * 16 dimensions of 16 digits, two offsets and the keys. Bounds the header of a file of known tensor count.
+ */
+const HEADER_BYTES_PER_TENSOR = 2048;
+/** Header bytes for __metadata__ and the braces around it, beside the tensors (param_groups JSON, metrics, options). */
+const HEADER_BYTES_METADATA = 1 << 20;
+/** Most __metadata__ entries: files carry a handful ("format", the service's own keys). */
+const MAX_METADATA_KEYS = 1024;
 
 export interface SafetensorsFile {
   /** Tensors by name, in body order. */
@@ -28,6 +37,16 @@ export interface SafetensorsReadOptions {
   dtypes?: 'float32' | 'all';
   /** Copy tensor data out of the file. Default false: views into `buf` where aligned. */
   copy?: boolean;
+  /**
+   * Most tensors the caller can use (e.g. a session's parameter count). A header longer than that many
+   * entries can need, or listing more, is refused before its entries are read.
+   */
+  maxTensors?: number;
+  /**
+   * Throws the caller's error for a tensor name it cannot use. Called for each name in header order
+   * before any entry is checked, so the first unknown name is refused without reading the rest.
+   */
+  checkName?: (name: string) => void;
 }
 
 export function readSafetensors(input: Uint8Array, options: SafetensorsReadOptions = {}): SafetensorsFile {
@@ -37,7 +56,24 @@ export function readSafetensors(input: Uint8Array, options: SafetensorsReadOptio
   if (declared > BigInt(buf.length - 8)) throw headerError(`header length ${declared} exceeds the ${buf.length - 8} bytes after it`);
   const headerLength = Number(declared);
   if (headerLength > MAX_HEADER) throw headerError(`header length ${headerLength} exceeds ${MAX_HEADER}`);
+  // Parsing and checking a header costs time on the event loop in proportion to its size: refuse one
+  // larger than the tensors the caller can use need before parsing it, and one listing more entries
+  // than they (and a few metadata keys) make before reading any entry.
+  const { maxTensors, checkName } = options;
+  if (maxTensors !== undefined && headerLength > maxTensors * HEADER_BYTES_PER_TENSOR + HEADER_BYTES_METADATA) {
+    throw headerError(`header of ${headerLength} bytes is larger than ${maxTensors} tensors need (at most ${maxTensors * HEADER_BYTES_PER_TENSOR + HEADER_BYTES_METADATA} bytes)`);
+  }
   const header = parseHeader(buf.subarray(8, 8 + headerLength));
+  let entries = 0;
+  for (const name in header) {
+    if (name === '__metadata__') {
+      const info = header[name];
+      if (isPlainObject(info) && countKeys(info, MAX_METADATA_KEYS) > MAX_METADATA_KEYS) throw headerError(`header __metadata__ has more than ${MAX_METADATA_KEYS} entries`);
+      continue;
+    }
+    if (maxTensors !== undefined && ++entries > maxTensors) throw headerError(`header lists more than ${maxTensors} tensors`);
+    checkName?.(name);
+  }
   const bodyStart = 8 + headerLength;
   const bodyLength = buf.length - bodyStart;
 
@@ -160,6 +196,13 @@ export function writeSafetensors(tensors: Iterable<readonly [string, Tensor]>, m
       },
     },
   };
+}
+
+/** The object's key count, counted no further than one past `limit`. */
+function countKeys(object: Record<string, unknown>, limit: number): number {
+  let count = 0;
+  for (const key in object) if (Object.hasOwn(object, key) && ++count > limit) break;
+  return count;
 }
 
 function isPlainObject(value: unknown): value is Record<string, unknown> {

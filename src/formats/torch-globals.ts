@@ -10,7 +10,7 @@
 import { FormatError } from './errors.ts';
 import { Opaque, PyGlobal, type Item } from './pickle-reader.ts';
 import { PyDict, PyTuple, pyTypeName, type PyValue } from './pyvalue.ts';
-import { checkShape, contiguousStrides, isTensor, numel, type DType, type Tensor, type TypedArray } from './tensor.ts';
+import { checkShape, contiguousStrides, elementSize, isTensor, numel, type DType, type Tensor, type TypedArray } from './tensor.ts';
 
 /** torch.<name> storage class for each dtype (torch/storage.py, pickle_storage_type). */
 export const STORAGE_CLASS: Record<DType, string> = {
@@ -152,7 +152,10 @@ function rebuildParameter(data: Item, requiresGrad: Item, hooks: Item): Tensor {
 
 /**
  * A dense tensor from a storage, offset, sizes and strides (torch._utils._rebuild_tensor).
- * Contiguous layouts are views of the storage; other strides are materialised into a new array.
+ * Contiguous layouts are views of the storage. Other strides are checked here but copied later, by
+ * copyStridedViews, once the tensor's place in the file is known: the copy can be larger than the
+ * file (a stride of 0 repeats one element, as torch.zeros(1).expand(n) saves it), so it is charged
+ * against a budget and refused by name before anything is allocated.
  */
 export function rebuildTensor(storage: Item, offsetItem: Item, sizeItem: Item, strideItem: Item): Tensor {
   if (!(storage instanceof Storage)) throw callError(`tensor storage must come from a persistent id, got ${describeItem(storage)}`);
@@ -174,7 +177,61 @@ export function rebuildTensor(storage: Item, offsetItem: Item, sizeItem: Item, s
   const expected = contiguousStrides(shape);
   const contiguous = shape.every((size, i) => size === 1 || stride[i] === expected[i]);
   if (contiguous) return { dtype: storage.dtype, shape, data: data.subarray(offset, offset + count) } as Tensor;
-  return { dtype: storage.dtype, shape, data: gather(data, offset, shape, stride, count) } as Tensor;
+  // A distinct empty array stands in for the data: _rebuild_parameter copies the tensor object, not
+  // its array, so every tensor made from this view finds the same pending copy through it.
+  const placeholder = data.subarray(0, 0);
+  PENDING_VIEWS.set(placeholder, { storage, offset, shape, stride, count });
+  return { dtype: storage.dtype, shape, data: placeholder } as Tensor;
+}
+
+interface StridedView {
+  storage: Storage;
+  offset: number;
+  shape: number[];
+  stride: number[];
+  count: number;
+}
+
+/** Strided views not yet copied, by their placeholder array. Weak: a load that fails leaves nothing behind. */
+const PENDING_VIEWS = new WeakMap<TypedArray, StridedView>();
+
+/**
+ * Copies the strided views in `value` into row-major arrays, in place. Their copies may take at most
+ * `budgetBytes` together; a view that would go over is refused, named by its place in `value` (`root`
+ * for the value itself, `root.key` and `root[index]` inside it), before its array is allocated.
+ */
+export function copyStridedViews(value: PyValue, budgetBytes: number, root: string): void {
+  const copies = new Map<TypedArray, TypedArray>();
+  const seen = new Set<object>(); // shared sub-values (memo) are walked once
+  let spent = 0;
+  const visit = (item: PyValue, path: string): void => {
+    if (item === null || typeof item !== 'object' || item instanceof Uint8Array || seen.has(item)) return;
+    seen.add(item);
+    if (item instanceof PyDict) {
+      for (const [key, child] of item) visit(child, typeof key === 'string' ? (path ? `${path}.${key}` : key) : `${path}[${key}]`);
+      if (item.attributes) visit(item.attributes, path);
+    } else if (item instanceof PyTuple || Array.isArray(item)) {
+      items(item).forEach((child, i) => visit(child, `${path}[${i}]`));
+    } else if (isTensor(item)) {
+      const view = PENDING_VIEWS.get(item.data);
+      if (!view) return;
+      let copy = copies.get(item.data);
+      if (!copy) {
+        const bytes = view.count * elementSize(item.dtype);
+        if (spent + bytes > budgetBytes) {
+          const { storage } = view;
+          throw new FormatError('TENSOR_SHAPE_INVALID', `${path || 'tensor'}: a view of shape [${view.shape.join(', ')}] with strides [${view.stride.join(', ')}] `
+            + `into storage ${storage.key} (${storage.data.length} ${storage.dtype} element${storage.data.length === 1 ? '' : 's'}) would take ${bytes} bytes to copy; `
+            + `this file's strided views may take ${budgetBytes} bytes in all${spent ? ` (${spent} already taken)` : ''}`);
+        }
+        spent += bytes;
+        copy = gather(view.storage.data, view.offset, view.shape, view.stride, view.count);
+        copies.set(item.data, copy);
+      }
+      (item as { data: TypedArray }).data = copy;
+    }
+  };
+  visit(value, root);
 }
 
 /** Copies a strided view into row-major order. */

@@ -16,7 +16,7 @@ import { unpickle, type Item } from './pickle-reader.ts';
 import { pickle, type StorageId } from './pickle-writer.ts';
 import { PyTuple, type PyValue } from './pyvalue.ts';
 import { arrayFromBytes, elementSize, makeTensor, tensorBytes, type DType, type Tensor, type TypedArray } from './tensor.ts';
-import { findTorchGlobal, Storage, STORAGE_CLASS, StorageClass } from './torch-globals.ts';
+import { copyStridedViews, findTorchGlobal, Storage, STORAGE_CLASS, StorageClass } from './torch-globals.ts';
 import { readZip, type ZipArchive, type ZipReadOptions } from './zip-reader.ts';
 import { streamToBuffer, zipStream, type ByteStream, type ZipWriterEntry } from './zip-writer.ts';
 
@@ -29,7 +29,23 @@ export interface TorchLoadOptions extends ZipReadOptions {
   /** Pickle limits (see UnpickleOptions). */
   maxDepth?: number;
   maxExpandedSize?: number;
+  /**
+   * Most bytes the file's strided views (transposes, column slices, expanded tensors) may take, together,
+   * once copied into row-major order. Default: four times the file's own size, and at least 1 MiB. A view
+   * that repeats no element is never larger than its storage, whose bytes are in the file; several such
+   * views of one storage (a transpose saved next to a column slice of it) may add up to a few times it.
+   * Only views that repeat elements (a stride of 0, as expand() makes) grow without bound: such a view of
+   * a few bytes could otherwise claim gigabytes.
+   */
+  maxViewCopyBytes?: number;
+  /** What the file's value is called in error messages (e.g. "grads"); its tensors are named inside it ("grads.w"). */
+  name?: string;
 }
+
+/** The least copy budget for strided views, so that a small file may still hold a modest expanded tensor. */
+const MIN_VIEW_COPY_BYTES = 1 << 20;
+/** The copy budget for strided views, in multiples of the file's size (see maxViewCopyBytes). */
+const VIEW_COPY_FACTOR = 4;
 
 export interface TorchSaveOptions {
   /** Folder name inside the zip; torch.save uses the file's stem, torch.load ignores it. Default "archive". */
@@ -81,12 +97,14 @@ export function readTorchSave(buf: Uint8Array, options: TorchLoadOptions = {}): 
 
   const pkl = `${prefix}data.pkl`;
   if (!zip.entries.has(pkl)) throw new FormatError('ZIP_ENTRY_MISSING', 'torch.save archive has no data.pkl');
-  return unpickle(zip.read(pkl), {
+  const value = unpickle(zip.read(pkl), {
     findGlobal: findTorchGlobal,
     persistentLoad,
     maxDepth: options.maxDepth,
     maxExpandedSize: options.maxExpandedSize,
   });
+  copyStridedViews(value, options.maxViewCopyBytes ?? Math.max(VIEW_COPY_FACTOR * buf.byteLength, MIN_VIEW_COPY_BYTES), options.name ?? '');
+  return value;
 }
 
 /** The "<archive>/" folder every record sits in; PyTorch takes it from the first entry (inline_container.cc). */

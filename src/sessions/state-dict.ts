@@ -6,7 +6,7 @@ import type { GroupSpec } from '../db/schema.ts';
 import { FLAG_KEYS, HYPERPARAMETER_KEYS, resolveHyperparameters, DEFAULT_GROUP, publicGroup } from './spec.ts';
 import type { LoadedStateDict, StateView } from './model.ts';
 import { jsonScalar, jsonTensor, readJsonTensor, readScalar } from './tensors.ts';
-import { ASGD_NUMERIC_KEYS, type AsgdParamGroup, type AsgdStateDict, type PyValue } from '../formats/index.ts';
+import { ASGD_NUMERIC_KEYS, stepCountProblem, type AsgdParamGroup, type AsgdStateDict, type PyValue } from '../formats/index.ts';
 
 export interface DecodedTensor {
   shape: number[];
@@ -93,8 +93,13 @@ export function parseStateDict(body: unknown, intKeysOf?: (group: number) => str
     if (!isPlainObject(entry)) throw errors.invalidStateDict(field, 'must be an object {step, eta, mu, ax}');
     for (const k of ['step', 'eta', 'mu', 'ax']) if (entry[k] === undefined) throw errors.invalidStateDict(`${field}.${k}`, 'is missing');
     const ax = readTensorField(entry.ax, `${field}.ax`);
+    const step = readStateScalar(entry.step, `${field}.step`);
+    // Checked here, not by the database: a count it cannot store (or that could not be served back and
+    // loaded again) is refused by name, the same for JSON, safetensors and checkpoint bodies.
+    const problem = stepCountProblem(step);
+    if (problem) throw errors.invalidStateDict(`${field}.step`, problem);
     state.set(Number(key), {
-      step: readStateScalar(entry.step, `${field}.step`),
+      step,
       eta: readStateScalar(entry.eta, `${field}.eta`),
       mu: readStateScalar(entry.mu, `${field}.mu`),
       ax: ax.data,

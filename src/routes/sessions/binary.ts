@@ -10,7 +10,7 @@ import {
 } from '../../formats/index.ts';
 import type { BinaryGradient, GradientInput } from '../../sessions/gradients.ts';
 import type { LoadedStateDict, StateView } from '../../sessions/model.ts';
-import { publicGroup } from '../../sessions/spec.ts';
+import { MAX_PARAMS, publicGroup } from '../../sessions/spec.ts';
 import { asgdFromView, loadedFromAsgd, paramTensor, parseStateDict, readTensorField } from '../../sessions/state-dict.ts';
 import { MEDIA, type WireFormat } from '../media.ts';
 
@@ -25,11 +25,11 @@ function float32Of(tensor: Tensor, field: string): Float32Tensor {
 export function readNamedTensors(format: WireFormat, body: Buffer, field: string): { tensors: Map<string, Float32Tensor>; metadata: Map<string, string> } {
   const out = new Map<string, Float32Tensor>();
   if (format === 'safetensors') {
-    const file = readSafetensors(body, { dtypes: 'all' });
+    const file = readSafetensors(body, { dtypes: 'all', maxTensors: MAX_PARAMS });
     for (const [name, tensor] of file.tensors) out.set(name, float32Of(tensor, `${field}.${name}`));
     return { tensors: out, metadata: file.metadata };
   }
-  const model = toModelStateDict(readTorchSave(body), {}, field);
+  const model = toModelStateDict(readTorchSave(body, { name: field }), {}, field);
   for (const [name, tensor] of model.tensors) out.set(name, float32Of(tensor, `${field}.${name}`));
   return { tensors: out, metadata: new Map() };
 }
@@ -37,11 +37,16 @@ export function readNamedTensors(format: WireFormat, body: Buffer, field: string
 /**
  * Gradients from a safetensors file or a torch.save'd dict: float32, or float16/bfloat16 kept as their
  * bits (widened exactly, and logged as received, by sessions/gradients.ts). Other dtypes are refused.
+ * Given the session's parameter names (its layout's index), a safetensors header is bounded by their
+ * count and refused at its first unknown name, before the rest of it is read.
  */
-export function readGradients(format: WireFormat, body: Buffer): { input: GradientInput; metadata: Map<string, string> } {
+export function readGradients(format: WireFormat, body: Buffer, parameters?: ReadonlyMap<string, unknown>): { input: GradientInput; metadata: Map<string, string> } {
+  const checkName = parameters && ((name: string) => {
+    if (!parameters.has(name)) throw errors.unknownParameter(`grads.${name}`, name);
+  });
   const file = format === 'safetensors'
-    ? readSafetensors(body, { dtypes: 'all' })
-    : { tensors: toModelStateDict(readTorchSave(body), {}, 'grads').tensors, metadata: new Map<string, string>() };
+    ? readSafetensors(body, { dtypes: 'all', maxTensors: parameters?.size ?? MAX_PARAMS, checkName })
+    : { tensors: toModelStateDict(readTorchSave(body, { name: 'grads' }), {}, 'grads').tensors, metadata: new Map<string, string>() };
   const tensors = new Map<string, BinaryGradient>();
   for (const [name, tensor] of file.tensors) {
     if (tensor.dtype === 'float16' || tensor.dtype === 'bfloat16') tensors.set(name, { shape: tensor.shape, dtype: tensor.dtype, data: tensor.data });
@@ -54,7 +59,8 @@ export function readGradients(format: WireFormat, body: Buffer): { input: Gradie
 /** A state_dict from a torch.save file or the service's safetensors layout. */
 export function readStateDictBody(format: WireFormat, body: Buffer): LoadedStateDict {
   if (format === 'safetensors') {
-    const { state, paramGroups } = readOptimizerSafetensors(body);
+    // Four tensors (step, eta, mu, ax) for each parameter of the largest session.
+    const { state, paramGroups } = readOptimizerSafetensors(body, { maxTensors: 4 * MAX_PARAMS });
     if (paramGroups === undefined) throw errors.invalidStateDict('__metadata__.param_groups', 'is missing (a JSON list of the param groups)');
     let groups: unknown;
     try {
@@ -64,7 +70,7 @@ export function readStateDictBody(format: WireFormat, body: Buffer): LoadedState
     }
     return parseStateDict({ state, param_groups: groups });
   }
-  return loadedFromAsgd(toAsgdStateDict(readTorchSave(body), { toFloat32: true }));
+  return loadedFromAsgd(toAsgdStateDict(readTorchSave(body, { name: 'state_dict' }), { toFloat32: true }));
 }
 
 export interface CheckpointInput {
@@ -75,7 +81,7 @@ export interface CheckpointInput {
 
 /** A checkpoint {"model", "optimizer", "step"} from a torch.save file. */
 export function readCheckpointFile(body: Buffer): CheckpointInput {
-  const checkpoint = toCheckpoint(readTorchSave(body), { toFloat32: true });
+  const checkpoint = toCheckpoint(readTorchSave(body, { name: 'checkpoint' }), { toFloat32: true });
   // As the JSON form's schema checks it (the file's step is any Python int).
   if (checkpoint.step < 0) throw errors.invalidStateDict('step', 'must be >= 0');
   const params: CheckpointInput['params'] = new Map();

@@ -1,0 +1,130 @@
+// Hostile files and state_dicts through the API: each refused with a 4xx that names the tensor or field,
+// the session unchanged, and what the service serves always loads back.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import type { FastifyInstance } from 'fastify';
+import { streamToBuffer, writeSafetensors } from '../../src/formats/index.ts';
+import { MAX_STEP_COUNT } from '../../src/formats/optimizer-state.ts';
+import { readGradients } from '../../src/routes/sessions/binary.ts';
+import { buildTestApp } from '../helper.ts';
+import { torchFile, type PickleValue, type View } from '../formats/torch-files.ts';
+
+const PT = { 'content-type': 'application/octet-stream' };
+const SAFETENSORS = { 'content-type': 'application/x-safetensors' };
+
+async function setup(t: Parameters<typeof buildTestApp>[0]): Promise<FastifyInstance> {
+  const { app } = await buildTestApp(t);
+  const params = [{ name: 'w', shape: [2, 2], data: [0.1, 0.2, 0.3, 0.4] }, { name: 'b', shape: [2], data: [0, 0] }];
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 't', params, hyperparameters: { lr: 0.1, t0: 1 } } })).statusCode, 201);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/t/step', payload: { grads: { w: [1, 1, 1, 1], b: [1, 1] } } })).statusCode, 200);
+  return app;
+}
+
+/** What a client can see of the session: version, step, parameters and optimizer state. */
+async function observed(app: FastifyInstance) {
+  const session = (await app.inject({ url: '/v1/sessions/t' })).json();
+  return {
+    version: session.version, step: session.step,
+    params: (await app.inject({ url: '/v1/sessions/t/params' })).json().params,
+    stateDict: (await app.inject({ url: '/v1/sessions/t/state_dict' })).json(),
+  };
+}
+
+const scalar = (key: string, fill: number): View => ({ key, numel: 1, size: [], stride: [], fill });
+const group = () => new Map<string, PickleValue>([
+  ['lr', 0.1], ['lambd', 1e-4], ['alpha', 0.75], ['t0', 1.0], ['weight_decay', 0n], ['foreach', null],
+  ['maximize', false], ['differentiable', false], ['capturable', false], ['params', [0n, 1n]],
+]);
+const stateDict = (step: View, ax: View) => new Map<string, PickleValue>([
+  ['state', new Map([[0n, new Map<string, PickleValue>([['step', step], ['eta', scalar('e', 0.1)], ['mu', scalar('m', 1)], ['ax', ax]])]])],
+  ['param_groups', [group()]],
+]);
+
+test('a few-KB .pt whose view claims 2**50 elements gets 400 naming the tensor on step, state_dict, checkpoint and create; nothing changes', async (t) => {
+  const app = await setup(t);
+  const before = await observed(app);
+  // torch.save(torch.zeros(1).expand(2**50)) writes a one-element storage and a stride of 0
+  const bomb: View = { key: 'x', numel: 1, size: [2n ** 50n], stride: [0] };
+  const bias: View = { key: 'b', numel: 2, size: [2], stride: [1] };
+  const weight: View = { key: 'w', numel: 4, size: [2, 2], stride: [2, 1] };
+  const cases: [string, string, PickleValue, RegExp][] = [
+    ['POST', '/v1/sessions/t/step', new Map([['w', bomb], ['b', bias]]), /^grads\.w: a view of shape \[1125899906842624\] with strides \[0\]/],
+    ['PUT', '/v1/sessions/t/state_dict', stateDict(scalar('s', 1), bomb), /^state_dict\.state\[0\]\.ax: a view of shape \[1125899906842624\]/],
+    ['PUT', '/v1/sessions/t/checkpoint', new Map<string, PickleValue>([['model', new Map([['w', bomb], ['b', bias]])], ['optimizer', stateDict(scalar('s', 1), weight)], ['step', 1n]]),
+      /^checkpoint\.model\.w: a view of shape \[1125899906842624\]/],
+    ['POST', '/v1/sessions?name=bomb', new Map([['w', bomb]]), /^params\.w: a view of shape \[1125899906842624\]/],
+  ];
+  for (const [method, url, value, message] of cases) {
+    const file = torchFile(value);
+    assert.ok(file.length < 4096, `${url}: ${file.length} bytes`);
+    const res = await app.inject({ method: method as 'POST' | 'PUT', url, headers: PT, payload: file });
+    assert.equal(res.statusCode, 400, `${method} ${url}: ${res.body}`);
+    assert.equal(res.json().code, 'TENSOR_SHAPE_INVALID', url);
+    assert.match(res.json().message, message, url);
+  }
+  assert.deepEqual(await observed(app), before);
+  assert.equal((await app.inject({ url: '/v1/sessions/bomb' })).statusCode, 404);
+});
+
+test('a state_dict step count that cannot be stored and served back is refused by name in JSON, safetensors and .pt; the largest one round-trips', async (t) => {
+  const app = await setup(t);
+  const before = await observed(app);
+  const served = before.stateDict;
+  const withStep = (step: unknown) => ({ ...served, state: { ...served.state, 0: { ...served.state[0], step } } });
+  for (const step of [1e300, 'NaN', 'Infinity', '-Infinity', -1, 2.5, Number.MAX_SAFE_INTEGER]) {
+    const res = await app.inject({ method: 'PUT', url: '/v1/sessions/t/state_dict', payload: withStep(step) });
+    assert.equal(res.statusCode, 400, `${step}: ${res.body}`);
+    assert.equal(res.json().code, 'INVALID_STATE_DICT');
+    assert.match(res.json().message, /^state\.0\.step: must be a whole number of steps from 0 to 9007198717870080/, String(step));
+  }
+  // the service's safetensors layout: state.<i>.step as a 0-dim F32
+  const f32 = (...values: number[]) => ({ dtype: 'float32' as const, shape: values.length === 1 ? [] : [values.length], data: Float32Array.from(values) });
+  const layout = streamToBuffer(writeSafetensors([
+    ['state.0.step', f32(Infinity)], ['state.0.eta', f32(0.1)], ['state.0.mu', f32(1)], ['state.0.ax', { dtype: 'float32', shape: [2, 2], data: new Float32Array(4) }],
+  ], { param_groups: JSON.stringify(served.param_groups) }));
+  const st = await app.inject({ method: 'PUT', url: '/v1/sessions/t/state_dict', headers: SAFETENSORS, payload: layout });
+  assert.equal(st.statusCode, 400, st.body);
+  assert.match(st.json().message, /^state\.0\.step: must be a whole number/);
+  // a checkpoint's optimizer state, as a .pt file (its own step is an int and fine)
+  const weight: View = { key: 'w', numel: 4, size: [2, 2], stride: [2, 1] };
+  const checkpoint = torchFile(new Map<string, PickleValue>([
+    ['model', new Map([['w', weight], ['b', { key: 'b', numel: 2, size: [2], stride: [1] }]])], ['optimizer', stateDict(scalar('s', 1e30), weight)], ['step', 1n],
+  ]));
+  const ck = await app.inject({ method: 'PUT', url: '/v1/sessions/t/checkpoint', headers: PT, payload: checkpoint });
+  assert.equal(ck.statusCode, 400, ck.body);
+  assert.equal(ck.json().code, 'INVALID_STATE_DICT');
+  assert.match(ck.json().message, /^checkpoint\.optimizer\.state\[0\]\.step must be a whole number .* got 1\.0000000150474662e\+30/);
+  assert.deepEqual(await observed(app), before);
+
+  // the largest count (2**53 - 2**29, a float32) loads, and what is served then loads back, as JSON and as .pt
+  assert.equal((await app.inject({ method: 'PUT', url: '/v1/sessions/t/state_dict', payload: withStep(MAX_STEP_COUNT) })).statusCode, 200);
+  assert.equal((await app.inject({ url: '/v1/sessions/t' })).json().step, MAX_STEP_COUNT);
+  const json = (await app.inject({ url: '/v1/sessions/t/state_dict' })).json();
+  assert.equal(json.state[0].step, MAX_STEP_COUNT);
+  assert.equal((await app.inject({ method: 'PUT', url: '/v1/sessions/t/state_dict', payload: json })).statusCode, 200);
+  const pt = (await app.inject({ url: '/v1/sessions/t/state_dict?format=pt' })).rawPayload;
+  const back = await app.inject({ method: 'PUT', url: '/v1/sessions/t/state_dict', headers: PT, payload: pt });
+  assert.equal(back.statusCode, 200, back.body);
+});
+
+test('a safetensors step with thousands of metadata keys is refused as a bad header; with the session\'s names, an unknown tensor is refused first', async (t) => {
+  const app = await setup(t);
+  const before = await observed(app);
+  const json = Buffer.from('{"__metadata__":{' + Array.from({ length: 5000 }, (_, i) => `"m${i}":"x"`).join(',') + '}}');
+  const length = Buffer.alloc(8);
+  length.writeBigUInt64LE(BigInt(json.length));
+  const res = await app.inject({ method: 'POST', url: '/v1/sessions/t/step', headers: SAFETENSORS, payload: Buffer.concat([length, json]) });
+  assert.equal(res.statusCode, 400, res.body);
+  assert.equal(res.json().code, 'SAFETENSORS_HEADER_INVALID');
+  assert.match(res.json().message, /^header __metadata__ has more than 1024 entries/);
+  assert.deepEqual(await observed(app), before);
+
+  // readGradients given the session's parameter names stops at the first name it does not know,
+  // before the entries after it (here, one whose offsets are wrong) are read
+  const names = new Map([['w', 0], ['b', 1]]);
+  const header = Buffer.from('{"evil":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,999]}}');
+  const prefix = Buffer.alloc(8);
+  prefix.writeBigUInt64LE(BigInt(header.length));
+  assert.throws(() => readGradients('safetensors', Buffer.concat([prefix, header]), names), (err: { code?: string; message?: string }) =>
+    err.code === 'UNKNOWN_PARAMETER' && /^grads\.evil: /.test(err.message ?? ''));
+});
