@@ -38,7 +38,10 @@ RUN mkdir -p /data && chown node:node /data
 USER node
 EXPOSE 8080
 # Liveness only (no database): a database outage must not get every replica restarted.
-HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 CMD ["node", "bin/healthcheck.mjs"]
+# The start period covers a first start on a fresh embedded data directory (no DATABASE_URL): PGlite's
+# initdb took 17-49 s before the service listened, and the service says it can take up to a minute.
+# A check that passes ends the start period early, so a normal start is not held back by it.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 CMD ["node", "bin/healthcheck.mjs"]
 # HOST=0.0.0.0 needs ASGD_ADMIN_TOKEN: without it the service refuses to start (exit code 2).
 ENTRYPOINT ["node", "bin/asgd-serve.mjs"]
 CMD ["serve"]

@@ -1,4 +1,6 @@
 // The database as a named plugin: opened (and migrated when asked) at boot, closed in onClose.
+import { existsSync } from 'node:fs';
+import { join, resolve } from 'node:path';
 import fp from 'fastify-plugin';
 import type { FastifyInstance } from 'fastify';
 import { openDatabase, type Database } from '../db/database.ts';
@@ -20,11 +22,17 @@ export interface DbPluginOptions {
 
 export default fp(
   async function dbPlugin(fastify: FastifyInstance, opts: DbPluginOptions) {
+    const { databaseUrl, dataDir } = opts.config;
+    // PGlite runs initdb (in WebAssembly: 17-49 s measured) when its directory has no PG_VERSION, the test
+    // it makes itself: say so before it begins, or the first start is silent for that long.
+    if (!opts.database && !databaseUrl && dataDir !== 'memory://' && !existsSync(join(dataDir, 'PG_VERSION'))) {
+      fastify.log.info({ dataDir: resolve(dataDir) }, 'initialising a new embedded database: the first start can take up to a minute');
+    }
     const db =
       opts.database ??
       (await openDatabase({
-        databaseUrl: opts.config.databaseUrl,
-        dataDir: opts.config.dataDir,
+        databaseUrl,
+        dataDir,
         poolSize: opts.config.dbPoolSize,
         silenceTimeoutMs: opts.config.dbTimeoutMs,
         onError: (err) => fastify.log.warn({ err }, 'database connection error'),

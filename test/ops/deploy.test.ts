@@ -4,13 +4,29 @@
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
+import { buildApp } from '../../src/app.ts';
 import { FLAGS, parseArgs } from '../../src/cli.ts';
-import { loadConfig } from '../../src/config.ts';
+import { isLoopback, loadConfig } from '../../src/config.ts';
 
 const read = (path: string) => readFileSync(path, 'utf8');
 const SERVICE_VARIABLES = new Set(FLAGS.map((f) => f.env));
 /** Variables only docker compose itself uses. */
-const COMPOSE_ONLY = new Set(['POSTGRES_USER', 'POSTGRES_PASSWORD', 'POSTGRES_DB', 'ASGD_PUBLIC_PORT']);
+const COMPOSE_ONLY = new Set(['POSTGRES_USER', 'POSTGRES_PASSWORD', 'POSTGRES_DB', 'ASGD_PUBLIC_ADDRESS', 'ASGD_PUBLIC_PORT']);
+/** A value of docker-compose.yml as compose makes it when .env sets nothing: `${X:-default}` -> default. */
+const withDefaults = (value: string) => value.replace(/\$\{[A-Z_]+:-([^}]*)\}/g, '$1');
+/** A service's lines in docker-compose.yml. */
+function composeService(compose: string, name: string): string {
+  const m = new RegExp(`^  ${name}:\\n((?:    .*\\n|\\n)*)`, 'm').exec(compose);
+  assert.ok(m, `service ${name}`);
+  return m[1];
+}
+/** Docker's byte sizes: 512m, 4g, 4GiB. */
+function bytesOf(size: string): number {
+  const m = /^(\d+)\s*([kmg]?)(?:i?b)?$/i.exec(size.trim());
+  assert.ok(m, `a size: ${size}`);
+  return Number(m[1]) * 1024 ** ' kmg'.indexOf((m[2] || ' ').toLowerCase());
+}
+const MiB = 1024 ** 2;
 
 test('the image runs the tested commands as a non-root user, with production dependencies and a node health check', () => {
   const dockerfile = read('Dockerfile');
@@ -21,6 +37,10 @@ test('the image runs the tested commands as a non-root user, with production dep
   assert.match(dockerfile, /npm ci --omit=dev/);
   assert.match(runtime, /^USER node$/m);
   assert.match(runtime, /^HEALTHCHECK .*CMD \["node", "bin\/healthcheck\.mjs"\]$/m);
+  // A first start on a fresh embedded data directory logs that it can take up to a minute (src/plugins/db.ts):
+  // a replica must not be marked unhealthy, and nginx held back, while it is still initialising.
+  const startPeriod = Number(/^HEALTHCHECK .*--start-period=(\d+)s/m.exec(runtime)?.[1]);
+  assert.ok(startPeriod >= 90, `start period ${startPeriod} s leaves a one-minute first start little margin`);
   assert.doesNotMatch(dockerfile, /curl|wget/);
   assert.match(runtime, /^ENTRYPOINT \["node", "bin\/asgd-serve\.mjs"\]$/m);
   const cmd = JSON.parse(/^CMD (\[.*\])$/m.exec(runtime)![1]) as string[];
@@ -66,8 +86,13 @@ test('docker-compose.yml: PostgreSQL 15 with a volume and a health check, a one-
 
   const proxy = service('proxy');
   assert.match(proxy, /image: nginx:1\.(2[8-9]|[3-9]\d)/, 'nginx with `resolve` in upstreams');
-  assert.match(proxy, /ports:\n\s+- "\$\{ASGD_PUBLIC_PORT:-8080\}:8080"/);
   assert.equal((compose.match(/^\s+ports:/gm) ?? []).length, 1, 'one published port');
+  // Plain HTTP carries the bearer tokens: by default only this machine reaches it (a TLS terminator forwards).
+  const published = /ports:\n\s+- "(.*)"/.exec(proxy)![1];
+  assert.match(published, /\$\{ASGD_PUBLIC_PORT:-8080\}:8080$/);
+  const [address, port] = withDefaults(published).split(':');
+  assert.ok(isLoopback(address), `published on ${address}`);
+  assert.equal(port, '8080');
 
   // Both app services get the shared block: the env file, the database URL and the listen address.
   assert.match(compose, /x-asgd: &asgd\n(?:  .*\n)*  env_file: \.env\n/);
@@ -76,6 +101,34 @@ test('docker-compose.yml: PostgreSQL 15 with a volume and a health check, a one-
   const variables = [...environment.matchAll(/^    ([A-Z_]+):/gm)].map((m) => m[1]);
   assert.ok(variables.includes('DATABASE_URL') && variables.includes('HOST'));
   for (const key of variables) assert.ok(SERVICE_VARIABLES.has(key), `${key} is read by src/config.ts`);
+});
+
+test('docker-compose.yml: every service has a memory limit; a replica with a full cache and the largest body stays under its RSS guard, and the guard under the limit', () => {
+  const compose = read('docker-compose.yml');
+  const limits = Object.fromEntries(['postgres', 'migrate', 'asgd', 'proxy'].map((name) => {
+    const memory = /deploy:\n(?:      .*\n)*?      resources:\n        limits:\n(?:          #.*\n)*          memory: (\S+)\n/.exec(composeService(compose, name));
+    assert.ok(memory, `${name} has deploy.resources.limits.memory`);
+    return [name, bytesOf(memory[1])];
+  }));
+  // The service as a replica starts it, with compose's defaults.
+  const environment = /x-asgd: &asgd\n(?:  .*\n)*?  environment:\n((?:    .*\n)+)/.exec(compose)![1];
+  const env = Object.fromEntries([...environment.matchAll(/^    ([A-Z_]+): (.*)$/gm)].map((m) => [m[1], withDefaults(m[2]).replace(/^"(.*)"$/, '$1')]));
+  const config = loadConfig({ ...env, ASGD_ADMIN_TOKEN: 'x'.repeat(32) });
+  // Measured (review-ops 14): 197 MB at rest; creating a session of P bytes of parameters peaks about 6 P
+  // higher (2.5e7 parameters: 765 MB). A full cache plus the largest body stays under the RSS guard, and the
+  // guard (503 to new requests) comes before the container's limit (the kernel kills the replica).
+  const atRest = 200 * MiB;
+  const peakPerBodyByte = 6;
+  assert.ok(config.maxRssBytes > 0, 'ASGD_MAX_RSS_BYTES is on');
+  assert.ok(config.maxRssBytes < limits.asgd, 'the RSS guard answers 503 before the memory limit kills');
+  const biggestBody = Math.max(config.bodyLimitCreate, config.bodyLimitStep, config.bodyLimitJson);
+  assert.ok(atRest + config.cacheBytes + peakPerBodyByte * biggestBody <= config.maxRssBytes,
+    `a full cache (${config.cacheBytes / MiB} MiB) and a ${biggestBody / MiB} MiB body fit under ${config.maxRssBytes / MiB} MiB`);
+  // .env.example shows the same numbers as compose's defaults (what an operator edits, and scales together).
+  const example = Object.fromEntries([...read('.env.example').matchAll(/^# ([A-Z_]+)=(.*)$/gm)].map((m) => [m[1], m[2]]));
+  for (const key of ['ASGD_CACHE_BYTES', 'ASGD_MAX_RSS_BYTES', 'ASGD_BODY_LIMIT_CREATE', 'ASGD_BODY_LIMIT_STEP']) {
+    assert.equal(example[key], env[key], `.env.example ${key}`);
+  }
 });
 
 test('.env.example names only variables the service or compose read, and starts nothing without a token', () => {
@@ -103,6 +156,21 @@ test('nginx: no body limit of its own, timeouts above the service request timeou
   assert.match(nginx, /proxy_set_header X-Forwarded-For \$remote_addr;/);
   assert.doesNotMatch(nginx, /proxy_add_x_forwarded_for/);
   assert.match(read('docker-compose.yml'), /ASGD_TRUST_PROXY: "1"/);
+});
+
+test('nginx does not pass /metrics to the public port, and the service serves metrics at no other spelling', async (t) => {
+  // /metrics names every session and its stored bytes, and is open by default (ASGD_METRICS_REQUIRE_TOKEN).
+  const nginx = read('deploy/nginx.conf');
+  assert.match(nginx, /location = \/metrics \{\s*return 404;\s*\}/);
+  // nginx matches after decoding %XX and merging slashes; the spellings it would still pass on get no metrics.
+  const app = await buildApp({ config: loadConfig({ ASGD_DATA_DIR: 'memory://', LOG_LEVEL: 'silent', ASGD_HEALTH_CHECK_INTERVAL_MS: '0' }), migrate: true, logger: false });
+  t.after(() => app.close());
+  assert.equal((await app.inject({ url: '/metrics' })).statusCode, 200, 'control: the service serves /metrics');
+  for (const url of ['/metrics/', '/metrics%2F', '/METRICS', '/metrics;x', '/metrics/x', '/metrics.txt']) {
+    const res = await app.inject({ url });
+    assert.equal(res.statusCode, 404, url);
+    assert.doesNotMatch(res.body, /asgd_/, url);
+  }
 });
 
 test('Node 24 without a runtime compiler: engines, the pinned runtime, `npm start` execs node, the image takes node_modules from the production install only', () => {
