@@ -68,6 +68,8 @@ export function parseMetrics(value: unknown, field = 'metrics'): Record<string, 
   if (entries.length > MAX_METRICS) throw errors.invalidMetrics(field, `${entries.length} metrics; at most ${MAX_METRICS} are allowed`);
   for (const [name, v] of entries) {
     if (!NAME_PATTERN.test(name)) throw errors.invalidMetrics(`${field}.${name.slice(0, 140)}`, `a metric name must be ${SESSION_NAME_RULE}`);
+    // Series are built as objects by metric name, which cannot hold this key (it vanished when downsampled).
+    if (name === '__proto__') throw errors.invalidMetrics(`${field}.${name}`, 'cannot be a metric name (JSON answers could not hold it)');
     if (typeof v !== 'number' || !Number.isFinite(v)) throw errors.invalidMetrics(`${field}.${name}`, 'must be a finite number');
   }
   return entries.length === 0 ? null : (value as Record<string, number>);

@@ -185,3 +185,13 @@ test('ASGD_METRICS_REQUIRE_TOKEN=true without auth warns at start that /metrics 
   const { lines: quiet } = await loggedApp(t, {});
   assert.ok(!quiet.some((l) => /ASGD_METRICS_REQUIRE_TOKEN/.test(String(l.entry.msg))), 'no warning when not asked for');
 });
+
+test('a retried step answered with its first answer is logged as replayed, not as a second step', { timeout: 120_000 }, async (t) => {
+  const { app, lines } = await loggedApp(t, { ASGD_LOG_REQUESTS: 'all' });
+  await createSession(app, 's', {});
+  for (let i = 0; i < 2; i++) {
+    const r = await app.inject({ method: 'POST', url: '/v1/sessions/s/step', headers: { 'idempotency-key': 'once' }, payload: gradBody(1) });
+    assert.equal(r.statusCode, 200, r.body);
+  }
+  assert.deepEqual(lines.filter((l) => l.entry.msg === 'stepped' || l.entry.msg === 'replayed').map((l) => `${l.entry.msg} ${l.entry.version}`), ['stepped 2', 'replayed 2']);
+});

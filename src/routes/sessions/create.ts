@@ -23,6 +23,9 @@ function assertParamName(value: unknown, field: string): string {
   }
   // A safetensors file keeps its metadata under this key: such a parameter could never be read or stepped in one.
   if (value === '__metadata__') throw errors.invalidTensor(field, '"__metadata__" is reserved (safetensors keeps its metadata under it)');
+  // JSON answers are objects by parameter name, and JavaScript does not keep an own key of this name in
+  // an object it builds (the parameter vanished from GET .../params); JSON bodies refuse it already.
+  if (value === '__proto__') throw errors.invalidTensor(field, '"__proto__" cannot be a parameter name (JSON answers could not hold it)');
   return value;
 }
 

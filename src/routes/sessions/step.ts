@@ -196,7 +196,16 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
       input = { format: 'json', grads: body.grads };
       paramGroups = body.param_groups;
       metrics = parseMetrics(body.metrics);
-      hash?.update(JSON.stringify(body));
+      if (hash) {
+        let text: string;
+        try {
+          text = JSON.stringify(body);
+        } catch {
+          // Only nesting deep enough to exhaust the stack fails here; the gradient would be refused anyway.
+          throw errors.invalidBody('grads: nested too deeply');
+        }
+        hash.update(text);
+      }
     }
     if (baseVersion !== null) hash?.update(`base:${baseVersion}`);
     if (worker !== null) hash?.update(`worker:${worker}`);
@@ -238,7 +247,8 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
     const { answer } = outcome;
     // The request's logger names the session. At info only with ASGD_LOG_REQUESTS=all: a training loop steps
     // many times a second, and step_history and /metrics keep count anyway.
-    request.log[steppedLevel]({ step: answer.step, version: answer.version }, 'stepped');
+    // A retry answered with the first answer says so: counting 'stepped' lines must not count it twice.
+    request.log[steppedLevel]({ step: answer.step, version: answer.version }, answer.replayed ? 'replayed' : 'stepped');
     setVersion(reply, answer.version);
     reply.header('x-session-step', String(answer.step));
     const result = encoded as Encoded | null;

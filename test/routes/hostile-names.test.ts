@@ -1,0 +1,48 @@
+// Inputs from the hostile-input review that got a 500 or were accepted and then lost: deep nesting hashed
+// for an Idempotency-Key, and the name __proto__ for a parameter or a metric (JavaScript objects built by
+// name cannot hold it as their own key).
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { streamToBuffer, writeSafetensors, type Tensor } from '../../src/formats/index.ts';
+import { buildTestApp } from '../helper.ts';
+
+const safetensorsOf = (tensors: Record<string, Tensor>, metadata?: Record<string, string>) => streamToBuffer(writeSafetensors(Object.entries(tensors), metadata));
+const f32 = (...v: number[]): Tensor => ({ dtype: 'float32', shape: [v.length], data: Float32Array.from(v) });
+const session = { name: 's', params: [{ name: 'w', shape: [2], data: [0.5, -0.5] }] };
+
+test('a deeply nested JSON step with an Idempotency-Key is a 400 naming grads, not a 500; the session is unchanged', async (t) => {
+  const { app } = await buildTestApp(t);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: session })).statusCode, 201);
+  const depth = 20_000;
+  const payload = `{"grads":{"w":${'['.repeat(depth)}${']'.repeat(depth)}}}`;
+  const r = await app.inject({ method: 'POST', url: '/v1/sessions/s/step', headers: { 'content-type': 'application/json', 'idempotency-key': 'deep' }, payload });
+  assert.equal(r.statusCode, 400, r.body);
+  assert.equal(r.json().code, 'INVALID_BODY');
+  assert.match(r.json().message, /^grads/);
+  const now = (await app.inject({ url: '/v1/sessions/s' })).json();
+  assert.equal(now.version, 1);
+  // The key was not spent: the same key with a good body steps.
+  const good = await app.inject({ method: 'POST', url: '/v1/sessions/s/step', headers: { 'idempotency-key': 'deep' }, payload: { grads: { w: [0.1, 0.2] } } });
+  assert.equal(good.statusCode, 200, good.body);
+});
+
+test('__proto__ is refused as a parameter name (safetensors create) and as a metric name (safetensors step)', async (t) => {
+  const { app } = await buildTestApp(t);
+  // An object literal's __proto__ key sets the prototype: build the file's entries explicitly instead.
+  const entries: [string, Tensor][] = [['w', f32(1, 2)], ['__proto__', f32(3)]];
+  const file = streamToBuffer(writeSafetensors(entries));
+  const refused = await app.inject({ method: 'POST', url: '/v1/sessions?name=p', headers: { 'content-type': 'application/x-safetensors' }, payload: file });
+  assert.equal(refused.statusCode, 400, refused.body);
+  assert.match(refused.json().message, /__proto__/);
+  assert.equal((await app.inject({ url: '/v1/sessions/p' })).statusCode, 404);
+
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: session })).statusCode, 201);
+  const step = await app.inject({
+    method: 'POST', url: '/v1/sessions/s/step', headers: { 'content-type': 'application/x-safetensors' },
+    payload: safetensorsOf({ w: f32(0.1, 0.2) }, { metrics: '{"__proto__": 1, "loss": 0.5}' }),
+  });
+  assert.equal(step.statusCode, 400, step.body);
+  assert.equal(step.json().code, 'INVALID_METRICS');
+  assert.match(step.json().message, /__metadata__\.metrics\.__proto__/);
+  assert.equal((await app.inject({ url: '/v1/sessions/s' })).json().version, 1);
+});
