@@ -79,6 +79,26 @@ export default fp(
       for (const method of [route.method].flat()) table.push({ method, url: route.url, ...access });
     });
 
+    // With ASGD_RATE_LIMIT_PER_MINUTE, requests without a valid token count per client address here: they
+    // are refused before the rate limiter (keyed by token) runs, so guessing tokens was unlimited, each
+    // guess a database lookup. Beyond the limit in a minute, the address gets 429 without a lookup for the
+    // rest of that minute; only the admin token (compared in memory) still passes from it.
+    const max = opts.config.rateLimitPerMinute;
+    const failures = new Map<string, { count: number; until: number }>();
+    const tooManyFailures = (ip: string): void => {
+      const now = Date.now();
+      const seen = failures.get(ip);
+      if (max && seen && now < seen.until && seen.count >= max) throw errors.rateLimited(max, Math.max(1, Math.ceil((seen.until - now) / 1000)));
+    };
+    const failed = (ip: string): void => {
+      if (!max) return;
+      const now = Date.now();
+      if (failures.size >= 100_000) for (const [key, f] of failures) if (f.until <= now) failures.delete(key);
+      const seen = failures.get(ip);
+      if (seen && now < seen.until) seen.count += 1;
+      else failures.set(ip, { count: 1, until: now + 60_000 });
+    };
+
     async function authenticate(request: FastifyRequest): Promise<Principal> {
       const header = request.headers.authorization;
       if (header === undefined || header === '') throw errors.unauthorized('Authorization: this route needs a bearer token (Authorization: Bearer <token>)');
@@ -100,7 +120,16 @@ export default fp(
         request.auth = { tokenId: 'anonymous', name: 'anonymous', scope: 'admin', sessions: null };
         return;
       }
-      const principal = await authenticate(request);
+      const header = request.headers.authorization;
+      const admin = adminHash !== null && typeof header === 'string' && sameHash(sha256(BEARER.exec(header)?.[1] ?? ''), adminHash);
+      if (!admin) tooManyFailures(request.ip);
+      let principal: Principal;
+      try {
+        principal = await authenticate(request);
+      } catch (err) {
+        failed(request.ip);
+        throw err;
+      }
       const needed = need.scope as Scope;
       if (SCOPE_RANK[principal.scope] < SCOPE_RANK[needed]) {
         throw errors.forbidden(`this route needs a token with scope ${needed}; this token has scope ${principal.scope}`, needed);

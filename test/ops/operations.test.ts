@@ -184,6 +184,21 @@ test('rate limit per token: 429 RATE_LIMITED with Retry-After; other tokens and 
   for (let i = 0; i < 10; i++) assert.equal((await app.inject({ url: '/healthz' })).statusCode, 200);
 });
 
+test('rate limit without a valid token: guesses count per client address, then 429 without a lookup; valid tokens keep their own budget', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN, ASGD_RATE_LIMIT_PER_MINUTE: '5' } });
+  const statuses: number[] = [];
+  for (let i = 0; i < 4; i++) statuses.push((await app.inject({ url: '/v1/sessions', headers: bearer(`asgd_guess${i}`) })).statusCode);
+  statuses.push((await app.inject({ url: '/v1/sessions' })).statusCode); // no token at all counts too
+  for (let i = 0; i < 3; i++) statuses.push((await app.inject({ url: '/v1/sessions', headers: bearer(`asgd_more${i}`) })).statusCode);
+  assert.deepEqual(statuses, [401, 401, 401, 401, 401, 429, 429, 429]);
+  const limited = await app.inject({ url: '/v1/sessions', headers: bearer('asgd_again') });
+  assert.equal(limited.json().code, 'RATE_LIMITED');
+  assert.ok(Number(limited.headers['retry-after']) >= 1 && Number(limited.headers['retry-after']) <= 60);
+  // The admin token from the same address is not a guess.
+  assert.equal((await app.inject({ url: '/v1/sessions', headers: bearer(ADMIN) })).statusCode, 200);
+  assert.equal((await app.inject({ url: '/healthz' })).statusCode, 200);
+});
+
 test('under pressure (heap above the limit) the API answers 503 with Retry-After; liveness and metrics still answer', async (t) => {
   const { app } = await buildTestApp(t, { env: { ASGD_MAX_HEAP_USED_BYTES: '1' } });
   await new Promise((resolve) => setTimeout(resolve, 1_200)); // under-pressure samples once a second
