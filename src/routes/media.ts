@@ -16,7 +16,7 @@ export type WireFormat = keyof typeof MEDIA;
 export const ROUTE_MEDIA = {
   create: { accepts: ['json', 'safetensors', 'pt'] },
   step: { accepts: ['json', 'safetensors', 'pt'] },
-  params: { offers: ['json', 'pt', 'safetensors'] },
+  params: { accepts: ['json', 'safetensors', 'pt'], offers: ['json', 'pt', 'safetensors'] },
   stateDict: { accepts: ['json', 'pt', 'safetensors'], offers: ['json', 'pt', 'safetensors'] },
   checkpoint: { accepts: ['json', 'pt'], offers: ['pt', 'json'] },
 } as const satisfies Record<string, { accepts?: readonly WireFormat[]; offers?: readonly WireFormat[] }>;

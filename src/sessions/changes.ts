@@ -83,17 +83,19 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
   /**
    * Replaces the optimizer state (and the parameters, when given) as a new version, with the semantics of
    * Optimizer.load_state_dict: hyperparameters come from the loaded groups. Written as a snapshot.
+   * Parameters alone (no stateDict) leave the optimizer state, hyperparameters and step as they are, as
+   * editing a model's weights leaves torch.optim.ASGD's state. `paramsField` names them in messages.
    */
   async function load(
     name: string,
-    input: { stateDict?: LoadedStateDict; params?: LoadedParams; step?: number },
+    input: { stateDict?: LoadedStateDict; params?: LoadedParams; step?: number; paramsField?: string },
     opts: { ifMatch?: number | null; reason: string },
   ): Promise<SessionRecord> {
     const session = await changeLocked(name, opts.ifMatch, async (tx, session, touch) => {
       const entry = await history.currentState(tx, session);
       const { state } = entry;
       const plan = input.stateDict ? planLoad(session, input.stateDict) : null;
-      if (input.params) checkModel(session, state.layout, input.params);
+      if (input.params) checkModel(session, state.layout, input.params, input.paramsField);
       touch();
       if (input.params) for (const [pname, t] of input.params) state.param(state.layout.index.get(pname)!).set(t.data);
       if (plan) {

@@ -13,16 +13,19 @@ export interface LoadPlan {
   ax: (Float32Array | null)[];
 }
 
-/** A model state_dict must name exactly the session's parameters, with their shapes. */
-export function checkModel(session: SessionRecord, layout: Layout, params: LoadedParams): void {
+/**
+ * A model state_dict must name exactly the session's parameters, with their shapes. `field`: where the
+ * request holds them (a checkpoint's "model", PUT params' "params"), for the messages.
+ */
+export function checkModel(session: SessionRecord, layout: Layout, params: LoadedParams, field = 'model'): void {
   for (const pname of params.keys()) {
-    if (!layout.index.has(pname)) throw errors.unknownParameter(`model.${pname}`, pname);
+    if (!layout.index.has(pname)) throw errors.unknownParameter(`${field}.${pname}`, pname);
   }
   session.params.forEach((p, i) => {
     const t = params.get(p.name);
-    if (!t) throw errors.stateDictMismatch(`model: parameter ${JSON.stringify(p.name)} is missing`);
+    if (!t) throw errors.stateDictMismatch(`${field}: parameter ${JSON.stringify(p.name)} is missing`);
     if ((t.shape && (t.shape.length !== p.shape.length || t.shape.some((d, k) => d !== p.shape[k]))) || t.data.length !== layout.numels[i]) {
-      throw errors.shapeMismatch(`model.${p.name}`, `expected shape ${JSON.stringify(p.shape)}, got ${t.shape ? JSON.stringify(t.shape) : `${t.data.length} elements`}`);
+      throw errors.shapeMismatch(`${field}.${p.name}`, `expected shape ${JSON.stringify(p.shape)}, got ${t.shape ? JSON.stringify(t.shape) : `${t.data.length} elements`}`);
     }
   });
 }

@@ -341,6 +341,33 @@ class Client:
             return OrderedDict((k, tensor_from_json(v)) for k, v in params.items()), body.get("version", res.version)
         return OrderedDict(params), body.get("version", res.version)
 
+    def put_params(self, name: str, tensors: Mapping[str, TensorLike], *, format: Optional[str] = None,
+                   if_match: Optional[int] = None) -> Dict[str, Any]:
+        """PUT /params: replaces every parameter of the session ({name: tensor}, all of them, the session's
+        shapes, finite); the optimizer state (step, eta, mu, ax) and the hyperparameters stay, as editing a
+        model's weights leaves torch.optim.ASGD's state. Returns the session (its new ``version``).
+
+        ``format``: ``"safetensors"``, ``"json"`` or ``"pt"`` (a torch.save'd dict); default: the transport's.
+        """
+        path = f"/v1/sessions/{_quote(name)}/params"
+        headers = _if_match(if_match)
+        if format is None:
+            format = "safetensors" if self._binary() else "json"
+        if format == "safetensors":
+            try:
+                return self.conn.request("PUT", path, body=st.encode(tensors), content_type=SAFETENSORS, headers=headers).json()
+            except UnsupportedFormat as err:
+                if self.transport != "auto":
+                    raise
+                self._fall_back(err)
+                format = "json"
+        if format == "pt":
+            return self.conn.request("PUT", path, body=_torch_save(dict(tensors)), content_type=PT, headers=headers).json()
+        if format != "json":
+            raise ValueError("format must be 'safetensors', 'json' or 'pt'")
+        body = {"params": {n: tensor_to_json(t) for n, t in tensors.items()}}
+        return self.conn.request("PUT", path, json_body=body, headers=headers).json()
+
     # -- state_dict and checkpoints -------------------------------------------------------------
     def get_state_dict(self, name: str, *, format: str = "json", version: Optional[int] = None, raw: bool = False) -> Any:
         """GET /state_dict as torch.optim.ASGD.state_dict() (tensors; needs torch).

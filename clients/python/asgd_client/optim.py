@@ -38,7 +38,7 @@ from .client import Client, ensure_session
 from .errors import StaleGradient
 from .http import DEFAULT_RETRY_BUDGET_S, Connection
 from .state import SessionState
-from .tensors import FLAG_KEYS, HYPERPARAMETER_KEYS, group_from_json, local_group_keys
+from .tensors import FLAG_KEYS, HYPERPARAMETER_KEYS, group_from_json, local_group_keys, state_dict_to_torch
 
 # torch.optim.Optimizer.zero_grad's own default (False before torch 2.0, True since): RemoteASGD.zero_grad()
 # does what the installed torch's would.
@@ -107,6 +107,18 @@ def _hyper_value(key: str, value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value)
+
+
+_PUSH_ATTEMPTS = 5
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor's bit patterns: -0.0 differs from 0.0, a NaN equals itself (what bit-exact means)."""
+    return t.detach().view(torch.int32)
+
+
+def _same_bits(p: torch.Tensor, synced: torch.Tensor) -> bool:
+    return torch.equal(_bits(p), _bits(synced))
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -207,6 +219,11 @@ class RemoteASGD(torch.optim.Optimizer):
         retry_budget_s: seconds a request keeps retrying (connection errors, 429/502/503/504); the
             default 60 outlasts a restart of the service. ``retries`` caps the count as well.
         timeout: socket timeout of one attempt.
+
+    Parameters edited outside the optimizer between steps (``model.load_state_dict``, ``p.data.clamp_``,
+    masks) are sent to the session before the next step (and by ``synchronize()``, ``push_params()``), so
+    the step applies to them as torch.optim.ASGD's would; with ``pipeline=True`` the changed elements keep
+    their values over the result of a step that was in flight (see the README, "Editing the weights").
 
     ``state[p]`` reads ASGD's state (step, eta, mu, ax) from the session (see :mod:`asgd_client.state`).
     Changed group hyperparameters (``param_groups[i]["lr"] = ...``, any LR scheduler) travel with the
@@ -313,6 +330,10 @@ class RemoteASGD(torch.optim.Optimizer):
         self._params: List[torch.Tensor] = flat
         self._name_of: Dict[int, str] = {id(p): n for p, n in zip(flat, names)}
         self._index_of: Dict[int, int] = {id(p): i for i, p in enumerate(flat)}
+        #: The parameters as the session last held them for this optimizer (created from, loaded from a step's
+        #: answer or a pull, or pushed). A model that no longer matches them was edited outside the optimizer
+        #: (model.load_state_dict, clamp_, a pruning mask, re-initialisation): see _push_edits.
+        self._synced: List[torch.Tensor] = [p.detach().clone() for p in flat]
         #: The hyperparameters the session holds for each group, as far as this optimizer knows.
         self._session_groups: List[Dict[str, Any]] = []
         self.state = SessionState(self)  # type: ignore[assignment]
@@ -469,6 +490,13 @@ class RemoteASGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with self._lock:
+            # Parameters edited since the last sync (model.load_state_dict after building the optimizer,
+            # clamp_, a mask): the gradient was computed on them and torch.optim.ASGD would step them, so the
+            # session takes them first. A step in flight is waited for (its result merged under the edit):
+            # this step then goes out without overlap.
+            if any(not _same_bits(p, s) for p, s in zip(self._params, self._synced)):
+                self._apply_pending(block=True)
+                self._push_edits()
             # The gradient was computed on the parameters in the model now: with a step in flight, those
             # from before it (its answer is loaded just below, after the gradient is taken).
             base = self._version if self.send_base_version else None
@@ -572,7 +600,7 @@ class RemoteASGD(torch.optim.Optimizer):
         # parameters loaded from the other answer are newer and hold this step too.
         older = floor is not None and outcome.stale is None and outcome.version is not None and outcome.version < floor
         if not older:
-            self._copy_into_params(outcome.params)
+            self._load_from_service(outcome.params, keep_edits=True)
             if outcome.version is not None:
                 self._version = outcome.version
         if overlapped:
@@ -597,10 +625,61 @@ class RemoteASGD(torch.optim.Optimizer):
         self._apply(_result_of_previous(future, "this call sent nothing"))
 
     def synchronize(self) -> Optional[int]:
-        """Waits for a pipelined step and loads its parameters; returns the model's version."""
+        """Waits for a pipelined step and loads its parameters, sends the model's parameters if they were
+        edited outside the optimizer (see :meth:`push_params`); returns the model's version. Afterwards the
+        session holds what the model holds."""
         with self._lock:
             self._apply_pending(block=True)
+            self._push_edits()
             return self._version
+
+    def push_params(self) -> Optional[int]:
+        """Sends the model's parameters to the session (PUT params): the next step applies to them, as
+        torch.optim.ASGD steps whatever the parameters hold. The optimizer state (step, eta, mu, ax) and the
+        hyperparameters stay. Returns the new version.
+
+        ``step()`` and ``synchronize()`` do this by themselves when the model's parameters differ from the
+        ones the optimizer last loaded (``model.load_state_dict``, ``p.data.clamp_``, pruning masks); call it
+        to send them at a moment of your choice (e.g. before another worker or a download reads them).
+        """
+        with self._lock:
+            self._apply_pending(block=True)
+            self._push([n for n, p, s in zip(self._names, self._params, self._synced) if not _same_bits(p, s)])
+            return self._version
+
+    def _push_edits(self) -> bool:
+        """Sends the model's parameters when they differ (bit for bit) from the last synced ones; True if it did.
+        Caller holds the lock and has loaded any pending answer (its step applied on the old parameters)."""
+        edited = [n for n, p, s in zip(self._names, self._params, self._synced) if not _same_bits(p, s)]
+        if not edited:
+            return False
+        self._push(edited)
+        return True
+
+    def _push(self, edited: List[str]) -> None:
+        """PUT params with the model's parameters, at the version the optimizer knows (If-Match). When other
+        workers' steps came in between (412), their parameters are loaded first, the edited elements kept,
+        and the result sent at the newer version: an edit replaces the elements it changed, nothing else."""
+        from .errors import VersionMismatch
+
+        for attempt in range(_PUSH_ATTEMPTS):
+            tensors = OrderedDict((n, p.detach()) for n, p in zip(self._names, self._params))
+            try:
+                info = self.client.put_params(self.session, tensors, if_match=self._version)
+            except VersionMismatch:
+                if attempt == _PUSH_ATTEMPTS - 1:
+                    raise
+                current, version = self.client.get_params(self.session)
+                self._load_from_service(current, keep_edits=True)
+                if version is not None:
+                    self._version = version
+                continue
+            self._synced = [p.detach().clone() for p in self._params]
+            self._take_session(info, update_local=False)
+            shown = ", ".join(edited[:5]) + (f" and {len(edited) - 5} more" if len(edited) > 5 else "")
+            log.info("[%s] session %r: parameters changed outside the optimizer (%s); sent the model's parameters "
+                     "(version %s): the next step applies to them", self.worker, self.session, shown or "none", self._version)
+            return
 
     def pull(self) -> int:
         """Copies the session's current parameters into the model (in place); returns their version."""
@@ -610,12 +689,35 @@ class RemoteASGD(torch.optim.Optimizer):
 
     def _pull(self) -> int:
         tensors, version = self.client.get_params(self.session)
-        self._copy_into_params(tensors)
+        self._load_from_service(tensors, keep_edits=False)
         if version is not None:
             self._version = version
         return self._version  # type: ignore[return-value]
 
-    def _copy_into_params(self, tensors: Mapping[str, torch.Tensor]) -> None:
+    def _load_from_service(self, tensors: Mapping[str, torch.Tensor], keep_edits: bool) -> None:
+        """Copies the session's parameters into the model and remembers them as synced. ``keep_edits``: the
+        elements changed in the model since the last sync (while a pipelined step was in flight, or before
+        another worker's steps were pulled) keep the model's value; the others take the session's."""
+        self._copy_into_params(tensors, check_only=True)
+        kept = []
+        with torch.no_grad():
+            for i, (n, p, s) in enumerate(zip(self._names, self._params, self._synced)):
+                # The decoded answer is this optimizer's own (never written to): kept as the synced copy
+                # rather than copied into one, which saves a copy of the model per step.
+                t = tensors[n].reshape(p.shape)
+                if keep_edits and not _same_bits(p, s):
+                    changed = _bits(p) != _bits(s)
+                    p.copy_(torch.where(changed, p.detach(), t))
+                    kept.append(n)
+                else:
+                    p.copy_(t)
+                self._synced[i] = t if t.dtype == torch.float32 else p.detach().clone()
+        if kept:
+            log.info("[%s] session %r: parameters %s were changed while a step was in flight; the changed elements "
+                     "keep their new values over that step's result and are sent with the next step",
+                     self.worker, self.session, ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else ""))
+
+    def _copy_into_params(self, tensors: Mapping[str, torch.Tensor], check_only: bool = False) -> None:
         missing = [n for n in self._names if n not in tensors]
         if missing:
             raise RuntimeError(f"the service's answer lacks parameters {missing}")
@@ -624,7 +726,8 @@ class RemoteASGD(torch.optim.Optimizer):
                 t = tensors[n]
                 if list(t.shape) != list(p.shape):
                     raise RuntimeError(f"parameter {n!r}: the service answered shape {list(t.shape)}, the model has {list(p.shape)}")
-                p.copy_(t)
+                if not check_only:
+                    p.copy_(t)
 
     def state_dict(self) -> Dict[str, Any]:
         """torch.optim.ASGD.state_dict() of the session: {"state": {i: {step, eta, mu, ax}}, "param_groups": [...]}.
@@ -633,7 +736,8 @@ class RemoteASGD(torch.optim.Optimizer):
         does not keep (e.g. a scheduler's ``initial_lr``) and changes not yet sent with a step.
         """
         self.synchronize()
-        sd = self.client.get_state_dict(self.session)
+        # A torch.save file, not JSON: JSON answers stop at 16M numbers (a state_dict counts 2 x numel).
+        sd = self.client.get_state_dict(self.session, format="pt")
         for remote, local in zip(sd["param_groups"], self.param_groups):
             for k, v in local.items():
                 if k == "params":
@@ -654,7 +758,8 @@ class RemoteASGD(torch.optim.Optimizer):
         for g, s in zip(self.param_groups, sd["param_groups"]):
             if len(g["params"]) != len(s["params"]):
                 raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
-        info = self.client.put_state_dict(self.session, sd)
+        # A torch.save file, not JSON (limited to 256 MiB, about 12M parameters): the same values either way.
+        info = self.client.put_state_dict(self.session, state_dict_to_torch(sd), format="pt")
         with self._lock:
             self._take_session(info, update_local=True)
         # Keys of the loaded groups that the service does not echo (kept as PyTorch keeps them).

@@ -16,7 +16,8 @@ import math
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set
 
 __all__ = [
-    "json_data", "floats_from_json", "tensor_to_json", "tensor_from_json", "state_dict_to_json", "state_dict_from_json",
+    "json_data", "floats_from_json", "tensor_to_json", "tensor_from_json", "state_dict_to_json", "state_dict_to_torch",
+    "state_dict_from_json",
     "local_group_keys", "group_from_json", "HYPERPARAMETER_KEYS", "FLAG_KEYS",
 ]
 
@@ -129,23 +130,23 @@ def _group_value_to_json(key: str, value: Any) -> Any:
     raise TypeError(f"param_groups: {key} = {value!r} cannot be sent to the service (numbers, strings, booleans, None)")
 
 
-def state_dict_to_json(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
-    """The JSON body for PUT /state_dict from a torch.optim.ASGD.state_dict() (tensors or JSON values)."""
+def _state_dict_to_wire(state_dict: Mapping[str, Any], key_of: Any, scalar_of: Any, ax_of: Any) -> Dict[str, Any]:
+    """A state_dict checked and converted for PUT /state_dict, its state keys, step/eta/mu and ax written by
+    the given functions; the groups' values as numbers, strings, booleans and None (either form)."""
     if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
         raise ValueError('a state_dict is {"state": {...}, "param_groups": [...]}')
-    state: Dict[str, Any] = {}
+    state: Dict[Any, Any] = {}
     for key, entry in state_dict["state"].items():
         if isinstance(key, bool) or not isinstance(key, (int, str)) or not str(key).isdigit():
             raise ValueError(f"state: key {key!r} is not a parameter id (PyTorch's state_dict uses ints)")
         missing = [k for k in ("step", "eta", "mu", "ax") if k not in entry]
         if missing:
             raise ValueError(f"state[{key}]: missing {', '.join(missing)} (is this an ASGD state_dict?)")
-        ax = entry["ax"]
-        state[str(int(key))] = {
-            "step": _json_scalar(_scalar(entry["step"])),
-            "eta": _json_scalar(_scalar(entry["eta"])),
-            "mu": _json_scalar(_scalar(entry["mu"])),
-            "ax": dict(ax) if isinstance(ax, Mapping) else tensor_to_json(ax),
+        state[key_of(int(key))] = {
+            "step": scalar_of(_scalar(entry["step"])),
+            "eta": scalar_of(_scalar(entry["eta"])),
+            "mu": scalar_of(_scalar(entry["mu"])),
+            "ax": ax_of(entry["ax"]),
         }
     groups = []
     for g in state_dict["param_groups"]:
@@ -153,6 +154,24 @@ def state_dict_to_json(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
         out["params"] = [int(p) for p in g["params"]]
         groups.append(out)
     return {"state": state, "param_groups": groups}
+
+
+def state_dict_to_json(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+    """The JSON body for PUT /state_dict from a torch.optim.ASGD.state_dict() (tensors or JSON values)."""
+    return _state_dict_to_wire(state_dict, str, _json_scalar, lambda ax: dict(ax) if isinstance(ax, Mapping) else tensor_to_json(ax))
+
+
+def state_dict_to_torch(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+    """The same state_dict for a torch.save body (no JSON size limits): the same checks, and the values the
+    JSON body would carry (0-dim float32 step/eta/mu, float32 ax on the CPU, the groups' plain values)."""
+    torch = _torch()
+
+    def ax_of(ax: Any) -> Any:
+        if isinstance(ax, torch.Tensor):
+            return ax.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        return tensor_from_json(ax if isinstance(ax, Mapping) else tensor_to_json(ax))
+
+    return _state_dict_to_wire(state_dict, int, lambda x: torch.tensor(x, dtype=torch.float32), ax_of)
 
 
 _LOCAL_KEYS: Optional[Set[str]] = None

@@ -3,7 +3,7 @@
 import { ProtocolError, RoundPending } from './errors.ts';
 import { type Answer, type Exchange, newIdempotencyKey, parseJson, Transport, type TransportOptions } from './http.ts';
 import { decodeSafetensors, encodeSafetensors, type SafetensorsFile } from './safetensors.ts';
-import { asFloat32, fromJsonTensors, type Tensor, type TensorInput, toJsonData } from './tensors.ts';
+import { asFloat32, fromJsonTensors, type Tensor, type TensorInput, type TensorLike, toJsonData } from './tensors.ts';
 import type {
   CheckpointFormat, CreatedToken, CreateSessionSpec, CreateTokenRequest, ForkRequest, Gradients, HyperparameterChanges, ListSessionsOptions,
   EventsOptions, MetricsOptions, MetricsPage, SessionEvent, Norms, OwnToken, ParamsResult, PatchSessionRequest, PendingAnswer, ReadOptions, Session, SessionList, Snapshot,
@@ -330,6 +330,21 @@ export class ASGDClient {
   /** Loads a state_dict (Optimizer.load_state_dict semantics): JSON, or file bytes in `format`. */
   async loadStateDict(name: string, stateDict: StateDictJson | Uint8Array, options: { format?: 'pt' | 'safetensors'; ifMatch?: number } = {}): Promise<Session> {
     return this.put(`${sessionPath(name)}/state_dict`, stateDict, options);
+  }
+
+  /**
+   * Replaces every parameter of the session (PUT params), as editing a model's weights in place: the next
+   * step applies to them; the optimizer state (step, eta, mu, ax) and the hyperparameters stay. Flat data
+   * takes the parameter's shape from the session. Safetensors by default; 'json' sends {"params"}.
+   */
+  async loadParams(name: string, tensors: Record<string, TensorLike>, options: { ifMatch?: number; format?: 'safetensors' | 'json' } = {}): Promise<Session> {
+    const path = `${sessionPath(name)}/params`;
+    const headers = { 'if-match': options.ifMatch === undefined ? undefined : etag(options.ifMatch) };
+    const shaped = await this.shaped(name, tensors);
+    const body: Partial<Exchange> = options.format === 'json'
+      ? { json: { params: Object.fromEntries(Object.entries(shaped).map(([param, t]) => [param, { shape: t.shape, data: toJsonData(t.data) }])) } }
+      : { bytes: encodeSafetensors(shaped), contentType: SAFETENSORS };
+    return (await this.http.json<Session>({ method: 'PUT', path, headers, ...body })).value;
   }
 
   /** {"model", "optimizer", "step"} as one torch.save file. */

@@ -1,14 +1,18 @@
 // Reading and replacing a session's state: parameters, the optimizer's state_dict, whole checkpoints.
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import { Type } from 'typebox';
+import { Type, type Static } from 'typebox';
 import type { Config } from '../../config.ts';
 import { errors } from '../../errors.ts';
+import type { ParamSpec } from '../../db/schema.ts';
+import type { LoadedParams } from '../../sessions/model.ts';
+import { numelOf } from '../../sessions/spec.ts';
 import { parseStateDict } from '../../sessions/state-dict.ts';
+import { firstNonFinite, readJsonTensor } from '../../sessions/tensors.ts';
 import { ACCESS, ifMatchOf, jsonBody, jsonOrFile, sessionJson, setVersion } from '../common.ts';
-import { contentFormat, mediaTypes, ROUTE_MEDIA } from '../media.ts';
+import { contentFormat, mediaTypes, ROUTE_MEDIA, type WireFormat } from '../media.ts';
 import { errorResponses, IfMatchHeaders, IfNoneMatchHeaders, NameParams, NotModified, Session, Version, withCode } from '../schemas.ts';
-import { readCheckpointFile, readCheckpointJson, readStateDictBody } from './binary.ts';
+import { readCheckpointFile, readCheckpointJson, readNamedTensors, readStateDictBody } from './binary.ts';
 import { answeredNotModified, MAX_WAIT_SECONDS, waitPastVersion } from './conditional.ts';
 import { sendView, viewResponse, type ViewKind, type ViewQuery } from './views.ts';
 
@@ -46,6 +50,38 @@ const CheckpointIn = Type.Object({
   step: Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER }),
 }, { additionalProperties: false });
 
+/** The parameters to load, as JSON: each a tensor {"shape", "data"} or a flat list (the session knows the shape). */
+const ParamsIn = Type.Object({
+  params: Type.Record(Type.String(), Type.Unknown(), { description: 'Every parameter of the session by name: a tensor {"shape", "data"} or a flat list of numbers' }),
+}, { additionalProperties: false, examples: [{ params: { w: { shape: [2, 2], data: [0.5, -0.25, 0.125, 0] }, b: [0.1, 0.2] } }] });
+
+/**
+ * The parameters of a PUT params body, float32 and finite. Finite as create requires it: a session never
+ * holds a NaN it was given (a step refuses non-finite gradients too), so a diverged model is refused here,
+ * not trained on. Names and shapes are checked against the session by the domain (sessions/load-plan.ts);
+ * a JSON flat list takes the session's shape (fixed at create, so read outside the session's lock).
+ */
+function readParamsBody(body: Static<typeof ParamsIn> | Buffer, format: WireFormat, sessionParams: readonly ParamSpec[]): LoadedParams {
+  const params: LoadedParams = new Map();
+  if (Buffer.isBuffer(body)) {
+    for (const [name, tensor] of readNamedTensors(format, body, 'params').tensors) {
+      const bad = firstNonFinite(tensor.data);
+      if (bad >= 0) throw errors.invalidTensor(`params.${name}.data[${bad}]`, 'is not finite');
+      params.set(name, { shape: tensor.shape, data: tensor.data });
+    }
+    return params;
+  }
+  const shapes = new Map(sessionParams.map((p) => [p.name, p.shape]));
+  for (const [name, value] of Object.entries(body.params)) {
+    const shape = shapes.get(name);
+    if (!shape) throw errors.unknownParameter(`params.${name}`, name);
+    const data = new Float32Array(numelOf(shape));
+    readJsonTensor(value, `params.${name}`, shape, data, 'reject');
+    params.set(name, { shape, data });
+  }
+  return params;
+}
+
 const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify, opts) => {
   fastify.get('/:name/params', {
     config: ACCESS.read,
@@ -66,6 +102,35 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
       response: { ...viewResponse('params'), 304: NotModified, ...errorResponses(400, 401, 403, 404, 406, 503) },
     },
   }, async (request, reply) => answerRead(fastify, 'params', request, reply, request.params.name, request.query));
+
+  fastify.put('/:name/params', {
+    // A worker's step token: a worker that clips or masks its weights after each step has to send them,
+    // and such a token already moves the parameters anywhere through steps (and their lr). The optimizer
+    // state and hyperparameters, which this route leaves alone, stay behind admin (PUT state_dict).
+    config: ACCESS.step,
+    bodyLimit: opts.config.bodyLimitCreate,
+    schema: {
+      operationId: 'loadParams',
+      summary: 'Replace the parameters (the optimizer state stays)',
+      description: 'What editing a model\'s weights in place does to torch.optim.ASGD: the parameters become the ones sent and the next step applies to them; ' +
+        'the optimizer state (step, eta, mu, ax), the hyperparameters and the session\'s step are unchanged. Every parameter, with its shape, finite. ' +
+        'JSON {"params": {name: tensor or flat list}}, safetensors, or a torch.save file of a model state_dict (torch.save(model.state_dict(), f) of the parameters). ' +
+        'Bumps the version (written as a snapshot).',
+      tags: ['state'],
+      params: NameParams,
+      headers: IfMatchHeaders,
+      consumes: mediaTypes(ROUTE_MEDIA.params.accepts),
+      body: jsonBody(ParamsIn),
+      response: { 200: Session, ...errorResponses(400, 401, 403, 404, 412, 413, 415) },
+    },
+  }, async (request, reply) => {
+    const { name } = request.params;
+    const body = jsonOrFile(request.body, ParamsIn);
+    const params = readParamsBody(body, contentFormat(request), (await fastify.sessions.get(name)).params);
+    const session = await fastify.sessions.load(name, { params, paramsField: 'params' }, { ifMatch: ifMatchOf(request), reason: 'load_params' });
+    setVersion(reply, session.version);
+    return sessionJson(session, null); // a new version: no round is open
+  });
 
   fastify.get('/:name/state_dict', {
     config: ACCESS.read,

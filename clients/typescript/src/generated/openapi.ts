@@ -263,7 +263,13 @@ export interface paths {
          *     Needs a token with scope `read`.
          */
         get: operations["getParams"];
-        put?: never;
+        /**
+         * Replace the parameters (the optimizer state stays)
+         * @description What editing a model's weights in place does to torch.optim.ASGD: the parameters become the ones sent and the next step applies to them; the optimizer state (step, eta, mu, ax), the hyperparameters and the session's step are unchanged. Every parameter, with its shape, finite. JSON {"params": {name: tensor or flat list}}, safetensors, or a torch.save file of a model state_dict (torch.save(model.state_dict(), f) of the parameters). Bumps the version (written as a snapshot).
+         *
+         *     Needs a token with scope `step`.
+         */
+        put: operations["loadParams"];
         post?: never;
         delete?: never;
         options?: never;
@@ -2097,6 +2103,82 @@ export interface operations {
             403: components["responses"]["Error403"];
             404: components["responses"]["Error404"];
             406: components["responses"]["Error406"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+        };
+    };
+    loadParams: {
+        parameters: {
+            query?: never;
+            header?: {
+                /**
+                 * @description Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise
+                 * @example "42"
+                 */
+                "if-match"?: string;
+            };
+            path: {
+                /**
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
+                 * @example mnist-run-1
+                 */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                /**
+                 * @example {
+                 *       "params": {
+                 *         "w": {
+                 *           "shape": [
+                 *             2,
+                 *             2
+                 *           ],
+                 *           "data": [
+                 *             0.5,
+                 *             -0.25,
+                 *             0.125,
+                 *             0
+                 *           ]
+                 *         },
+                 *         "b": [
+                 *           0.1,
+                 *           0.2
+                 *         ]
+                 *       }
+                 *     }
+                 */
+                "application/json": {
+                    /** @description Every parameter of the session by name: a tensor {"shape", "data"} or a flat list of numbers */
+                    params: {
+                        [key: string]: unknown;
+                    };
+                };
+                "application/x-safetensors": string;
+                "application/safetensors": string;
+                "application/octet-stream": string;
+                "application/vnd.pytorch": string;
+            };
+        };
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Session"];
+                };
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            412: components["responses"]["Error412"];
+            413: components["responses"]["Error413"];
+            415: components["responses"]["Error415"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
         };

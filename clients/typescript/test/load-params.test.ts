@@ -1,0 +1,31 @@
+// loadParams: PUT params through the client; the weights change, the optimizer state does not.
+import assert from 'node:assert/strict';
+import test from 'node:test';
+import { UnknownParameter, VersionMismatch } from '../src/index.ts';
+import { liveService, uniqueName } from './service.ts';
+
+test('loadParams replaces the weights and keeps the optimizer state', async (t) => {
+  const { client } = await liveService(t, { retryBudgetMs: 10_000 });
+  const name = uniqueName('load-params');
+  await client.createSession({ name, params: [{ name: 'w', shape: [2, 2], data: [0.1, 0.2, 0.3, 0.4] }, { name: 'b', shape: [2], data: [0, 0.5] }], hyperparameters: { lr: 0.1, t0: 1 } });
+  await client.step(name, { w: [0.5, -0.5, 0.25, 1], b: [0.1, 0.2] });
+  const stateBefore = await client.stateDict(name);
+
+  // Clipped weights: a tensor and a flat list (the session's shape), as safetensors.
+  const clipped = await client.loadParams(name, { w: { shape: [2, 2], data: Float32Array.from([0.05, 0.05, 0.05, -0.05]) }, b: [0, 0.05] }, { ifMatch: 2 });
+  assert.equal(clipped.version, 3);
+  assert.equal(clipped.step, 1);
+  const read = await client.params(name, { format: 'json' });
+  assert.deepEqual(Array.from(read!.params.w.data), Array.from(Float32Array.from([0.05, 0.05, 0.05, -0.05])));
+  assert.deepEqual(read!.params.w.shape, [2, 2]);
+  assert.deepEqual(Array.from(read!.params.b.data), [0, Math.fround(0.05)]);
+  assert.deepEqual(await client.stateDict(name), stateBefore);
+
+  const json = await client.loadParams(name, { w: [1, 2, 3, 4], b: [5, 6] }, { format: 'json' });
+  assert.equal(json.version, 4);
+  assert.deepEqual(Array.from((await client.params(name))!.params.b.data), [5, 6]);
+
+  await assert.rejects(client.loadParams(name, { w: [1, 2, 3, 4], b: [5, 6] }, { ifMatch: 2 }), VersionMismatch);
+  await assert.rejects(client.loadParams(name, { w: [1, 2, 3, 4], b: [5, 6], c: { shape: [1], data: [0] } }), UnknownParameter);
+  assert.equal((await client.getSession(name)).version, 4);
+});
