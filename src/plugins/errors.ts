@@ -154,7 +154,7 @@ export const acceptedTypes = (request: FastifyRequest): string[] =>
 const DECIMAL = { integer: /^-?[0-9]{1,16}(\.0{1,20})?$/, number: /^-?[0-9]{1,16}(\.[0-9]{1,20})?$/ } as const;
 
 /**
- * A query parameter is given once (unless its schema is a list), and one typed integer or number is written in decimal. AJV's coercion takes whatever
+ * A query parameter is one the route reads, given once (unless its schema is a list), and one typed integer or number is written in decimal. AJV's coercion takes whatever
  * JavaScript's Number() reads: "Infinity" passed every bound (a round contribution with ?wait=Infinity spun
  * on a 1 ms timer), and "1e400", "0x10" and " 5" were numbers too. A whole number may end in ".0", as
  * Python's str() of a float writes it (AJV took "30.0" for 30 before, and still does).
@@ -163,6 +163,12 @@ export function checkQueryText(request: FastifyRequest): void {
   const properties = (request.routeOptions.schema?.querystring as { properties?: Record<string, { type?: unknown }> } | undefined)?.properties;
   if (!properties) return;
   for (const [key, value] of Object.entries((request.query ?? {}) as Record<string, unknown>)) {
+    // A misspelt parameter (?base_versoin=3) was dropped without a word, and the step went without the
+    // check it asked for. The route's schema lists what it reads.
+    if (!Object.hasOwn(properties, key)) {
+      const known = Object.keys(properties);
+      throw errors.invalidQuery(key.slice(0, 100), `is not a parameter of this route${known.length ? ` (it reads ${known.join(', ')})` : ' (it reads none)'}`);
+    }
     const type = properties[key]?.type;
     // ?limit=1&limit=2 arrives as a list, which AJV then called 'must be integer' (or took the first of).
     if (Array.isArray(value) && properties[key] !== undefined && type !== 'array') throw errors.invalidQuery(key, 'is given more than once');

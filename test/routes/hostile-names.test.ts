@@ -46,3 +46,17 @@ test('__proto__ is refused as a parameter name (safetensors create) and as a met
   assert.match(step.json().message, /__metadata__\.metrics\.__proto__/);
   assert.equal((await app.inject({ url: '/v1/sessions/s' })).json().version, 1);
 });
+
+test('a query parameter the route does not read is refused by name (a misspelt check is not skipped)', async (t) => {
+  const { app } = await buildTestApp(t);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: session })).statusCode, 201);
+  const r = await app.inject({ method: 'POST', url: '/v1/sessions/s/step?base_versoin=0', payload: { grads: { w: [0.1, 0.2] } } });
+  assert.equal(r.statusCode, 400, r.body);
+  assert.equal(r.json().code, 'INVALID_QUERY');
+  assert.match(r.json().message, /^base_versoin: is not a parameter of this route \(it reads .*base_version/);
+  assert.equal((await app.inject({ url: '/v1/sessions/s' })).json().version, 1);
+  const read = await app.inject({ url: '/v1/sessions/s/params?fromat=pt' });
+  assert.equal(read.statusCode, 400);
+  assert.match(read.json().message, /^fromat:/);
+  assert.equal((await app.inject({ url: '/v1/sessions/s/params?format=json' })).statusCode, 200);
+});
