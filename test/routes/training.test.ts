@@ -23,7 +23,9 @@ test('return=params answers the parameters at the new version, as JSON and as sa
   const first = await app.inject({ method: 'POST', url: '/v1/sessions/p/step?return=params', payload: { grads: grads(0) } });
   assert.equal(first.statusCode, 200, first.body);
   const answer = first.json();
-  assert.deepEqual({ ...answer, params: undefined }, { session: 'p', step: 1, version: 2, staleness: 0, params: undefined });
+  assert.deepEqual({ ...answer, params: undefined, param_groups: undefined }, { session: 'p', step: 1, version: 2, staleness: 0, params: undefined, param_groups: undefined });
+  // With the parameters, each group's hyperparameters at their version.
+  assert.deepEqual(answer.param_groups, [{ lr: 0.05, lambd: 1e-4, alpha: 0.75, t0: 2, weight_decay: 0, maximize: false }]);
   assert.equal(first.headers.etag, '"2"');
   const read = (await app.inject({ url: '/v1/sessions/p/params' })).json();
   assert.deepEqual(answer.params, read.params);
@@ -42,6 +44,7 @@ test('return=params answers the parameters at the new version, as JSON and as sa
   assert.equal(st.headers.etag, '"5"');
   const file = readSafetensors(st.rawPayload);
   assert.deepEqual(Object.fromEntries(['session', 'version', 'step', 'staleness'].map((k) => [k, file.metadata.get(k)])), { session: 'p', version: '5', step: '4', staleness: '1' });
+  assert.deepEqual(JSON.parse(file.metadata.get('param_groups')!), [{ lr: 0.05, lambd: 1e-4, alpha: 0.75, t0: 2, weight_decay: 0, maximize: false }]);
   const now = (await app.inject({ url: '/v1/sessions/p/params' })).json().params;
   for (const name of ['w', 'b']) {
     const tensor = file.tensors.get(name)!;

@@ -487,7 +487,7 @@ def _step_answer(res: Response) -> Dict[str, Any]:
         for k, v in meta.items():
             if k in ("version", "step", "staleness", "params_version") and v.lstrip("-").isdigit():
                 answer[k] = int(v)
-            elif k == "round":  # {"version", "contributions", "samples", "timed_out"} as JSON
+            elif k in ("round", "param_groups"):  # JSON: {"version", "contributions", …}; [{"lr", …}] per group
                 try:
                     answer[k] = json.loads(v)
                 except ValueError:

@@ -616,6 +616,28 @@ class RemoteASGD(torch.optim.Optimizer):
         if outcome.sent_groups is not None:
             for known, sent in zip(self._session_groups, outcome.sent_groups):
                 known.update(sent)
+        self._follow_session_groups(answer.get("param_groups"))
+
+    def _follow_session_groups(self, groups: Any) -> None:
+        """The session's hyperparameters at the answered version (a step answer's ``param_groups``): a value
+        this optimizer has not changed since it last knew the session's takes the session's, so a worker that
+        does not run the schedule follows the one that does (its param_groups and state_dict() say what the
+        session steps with, and a load_state_dict() of them writes nothing stale back). A value changed here
+        and not yet sent (a scheduler's, travelling with the next step) stays."""
+        if not isinstance(groups, list) or len(groups) != len(self._session_groups):
+            return
+        for local, known, remote in zip(self.param_groups, self._session_groups, groups):
+            if not isinstance(remote, dict):
+                continue
+            for k in HYPERPARAMETER_KEYS:
+                if k not in remote:
+                    continue
+                value = _hyper_value(k, remote[k])
+                if _same(value, known.get(k)):
+                    continue
+                if k in local and _same(_hyper_value(k, local[k]), known.get(k)):
+                    local[k] = value
+                known[k] = value
 
     def _apply_pending(self, block: bool) -> None:
         future = self._pending

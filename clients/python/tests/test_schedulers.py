@@ -7,7 +7,7 @@ import unittest
 import torch
 from torch import nn
 
-from _common import HYPER, ServiceTestCase, StepCounter, batch, make_model, unique
+from _common import HYPER, ServiceTestCase, StepCounter, batch, make_model, train, unique
 
 STEPS = 120
 
@@ -160,3 +160,40 @@ class WorkersWithTheirOwnSchedulers(ServiceTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class WorkersFollowTheSessionsSchedule(ServiceTestCase):
+    """A worker that does not run the schedule learns the session's hyperparameters with each step's answer."""
+
+    def _two(self, pipeline: bool):
+        a_model, b_model = make_model(), make_model()
+        a = self.remote(a_model.named_parameters(), pipeline=pipeline)
+        b = self.remote(b_model.named_parameters(), session=a.session, create=False, pipeline=pipeline)
+        return a_model, a, b_model, b
+
+    def check(self, pipeline: bool) -> None:
+        a_model, a, b_model, b = self._two(pipeline)
+        start = b.param_groups[0]["lr"]
+        train(a_model, a, range(2))
+        a.param_groups[0]["lr"] = start / 1000  # the schedule, on worker a only
+        train(a_model, a, range(2, 4))
+        a.synchronize()
+        train(b_model, b, range(4, 6))
+        b.synchronize()
+        self.assertEqual(b.param_groups[0]["lr"], start / 1000)
+        self.assertEqual(b.state_dict()["param_groups"][0]["lr"], start / 1000)
+        # Loading its own state_dict writes back nothing stale.
+        b.load_state_dict(b.state_dict())
+        self.assertEqual(b.client.get_session(b.session)["param_groups"][0]["lr"], start / 1000)
+        # A change made on b and not yet sent stays b's, and travels with b's next step.
+        b.param_groups[0]["lr"] = start / 10
+        train(b_model, b, range(6, 7))
+        b.synchronize()
+        self.assertEqual(b.param_groups[0]["lr"], start / 10)
+        self.assertEqual(b.client.get_session(b.session)["param_groups"][0]["lr"], start / 10)
+
+    def test_a_worker_without_the_scheduler_takes_the_sessions_lr(self):
+        self.check(pipeline=False)
+
+    def test_a_pipelined_worker_without_the_scheduler_takes_the_sessions_lr(self):
+        self.check(pipeline=True)

@@ -64,7 +64,7 @@ class TrainingMatchesTorch(ServiceTestCase):
             model = make_model()
             opt = self.remote(model.named_parameters(), transport=transport, session=unique(f"last-step-{transport}"))
             train(model, opt, range(2))
-            self.assertEqual(sorted(opt.last_step), ["session", "staleness", "step", "version"], transport)
+            self.assertEqual(sorted(opt.last_step), ["param_groups", "session", "staleness", "step", "version"], transport)
             self.assertEqual(opt.last_step["step"], 2, transport)
 
     def test_auto_transport_trains_identically(self):

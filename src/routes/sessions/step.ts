@@ -9,6 +9,7 @@ import { errors } from '../../errors.ts';
 import { streamToBuffer, writeSafetensors, type Float32Tensor } from '../../formats/index.ts';
 import { requestLogLevel } from '../../request-log.ts';
 import type { GradientInput } from '../../sessions/gradients.ts';
+import type { GroupSpec } from '../../db/schema.ts';
 import type { StateView, StepAnswer as StepAnswerValue } from '../../sessions/model.ts';
 import { MAX_SAMPLES } from '../../sessions/aggregation.ts';
 import { DEFAULT_WAIT_SECONDS } from '../../sessions/rounds.ts';
@@ -96,6 +97,9 @@ function metadataSamples(metadata: ReadonlyMap<string, string>): number | null {
 const StepAnswerWithParams = Type.Object({
   ...StepAnswer.properties,
   params: Type.Optional(Type.Record(Type.String(), Tensor, { description: 'With ?return=params|averaged: the parameters at `version` (at `params_version` when that is given)' })),
+  param_groups: Type.Optional(Type.Array(Type.Object({
+    lr: Type.Number(), lambd: Type.Number(), alpha: Type.Number(), t0: Type.Number(), weight_decay: Type.Number(), maximize: Type.Boolean(),
+  }), { description: 'With ?return=params|averaged: each group\'s hyperparameters at the version of `params` (a worker that does not run the schedule learns the lr another worker set)' })),
   params_version: Type.Optional(Type.Integer({
     description: 'Only in the answer to a retried step (replayed) whose version is no longer kept: the session version of `params`, the current one',
   })),
@@ -104,13 +108,24 @@ const StepAnswerWithParams = Type.Object({
 type ReturnKind = 'none' | 'params' | 'averaged';
 
 /** The encoded parameters of a step's answer, made from the state while the session is locked. */
-type Encoded = { format: 'json'; params: Record<string, unknown>; version: number } | { format: 'safetensors'; body: Buffer };
+type Encoded = { format: 'json'; params: Record<string, unknown>; version: number; groups: GroupHyper[] } | { format: 'safetensors'; body: Buffer };
+
+type GroupHyper = Pick<GroupSpec, 'lr' | 'lambd' | 'alpha' | 't0' | 'weight_decay' | 'maximize'>;
+
+/**
+ * The groups' hyperparameters at the answered version: a worker that does not run the schedule (another
+ * worker's scheduler sets the lr) learns the session's values with its parameters, so its param_groups and
+ * state_dict() say what the session steps with.
+ */
+const groupHyper = (groups: readonly GroupSpec[]): GroupHyper[] =>
+  groups.map((g) => ({ lr: g.lr, lambd: g.lambd, alpha: g.alpha, t0: g.t0, weight_decay: g.weight_decay, maximize: g.maximize }));
 
 function encodeParams(view: StateView, answer: StepAnswerValue, averaged: boolean, format: 'json' | 'safetensors'): Encoded {
-  if (format === 'json') return { format, params: paramsJson(view, averaged), version: view.version };
+  if (format === 'json') return { format, params: paramsJson(view, averaged), version: view.version, groups: groupHyper(view.groups) };
   const tensors = view.params.map((p, i): [string, Float32Tensor] => [p.name, { dtype: 'float32', shape: [...p.shape], data: paramTensor(view, i, averaged) }]);
   const metadata = {
     format: 'pt', session: view.session, version: String(answer.version), step: String(answer.step), staleness: String(answer.staleness), averaged: String(averaged),
+    param_groups: JSON.stringify(groupHyper(view.groups)),
     ...(view.version !== answer.version && { params_version: String(view.version) }),
     ...(answer.replayed && { replayed: 'true' }),
     ...(answer.round && { round: JSON.stringify(answer.round) }),
@@ -132,7 +147,7 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
         'Body: JSON {"grads": {name: tensor or flat list}, "base_version"?, "param_groups"?, "metrics"?} or a safetensors / torch.save file of gradients ' +
         '(F32, or F16/BF16 widened exactly to float32 and logged as received; base_version in the query or, like param_groups and metrics, as JSON in the safetensors __metadata__). ' +
         'A parameter without a gradient is skipped, as in PyTorch. ?return=params|averaged answers with the parameters at the new version ' +
-        '(as JSON, or as a safetensors file with Accept: application/x-safetensors whose __metadata__ holds session, version, step, staleness, and round as JSON). ' +
+        '(as JSON, or as a safetensors file with Accept: application/x-safetensors whose __metadata__ holds session, version, step, staleness, and round and param_groups as JSON), with each group\'s hyperparameters at that version (`param_groups`). ' +
         'A retry (same Idempotency-Key) gets the first answer, replayed; if its version is no longer kept, with the current parameters and their version as params_version. ' +
         'In a session with `aggregation` the request is a contribution to the open round: base_version and worker (body, query or __metadata__) are required, ' +
         'samples optional; it is answered once the round\'s step committed (the answer\'s `round`), or 202 after ?wait= seconds (re-POST with the same Idempotency-Key).',
@@ -259,7 +274,9 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
     reply.type('application/json');
     // Tensors as plain JSON.stringify: the schema's serializer would check every number against a union.
     if (result?.format === 'json') {
-      return reply.serializer(JSON.stringify).send({ ...answer, ...(result.version !== answer.version && { params_version: result.version }), params: result.params as never });
+      return reply.serializer(JSON.stringify).send({
+        ...answer, ...(result.version !== answer.version && { params_version: result.version }), params: result.params as never, param_groups: result.groups,
+      });
     }
     return answer;
   });
