@@ -57,7 +57,14 @@ export interface TorchSaveOptions {
 }
 
 /** Reads a torch.save file into a Python value. Throws only FormatError on bad input. */
+/** What torch.save wrote before PyTorch 1.6 (or with _use_new_zipfile_serialization=False): pickle protocol 2, then its magic number as a LONG1. */
+const LEGACY_MAGIC = Uint8Array.of(0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19);
+
 export function readTorchSave(buf: Uint8Array, options: TorchLoadOptions = {}): PyValue {
+  if (buf.length >= LEGACY_MAGIC.length && LEGACY_MAGIC.every((b, i) => buf[i] === b)) {
+    // Not a zip at all: said as such, rather than as a corrupt zip.
+    throw new FormatError('TORCH_SAVE_INVALID', 'this is a torch.save file in the legacy format (PyTorch before 1.6, or _use_new_zipfile_serialization=False), which is not read: save it again with torch.save(obj, f) on PyTorch 1.6 or later');
+  }
   const zip = readZip(buf, options);
   const prefix = archivePrefix(zip);
   checkVersion(zip, prefix);

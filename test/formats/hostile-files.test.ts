@@ -156,3 +156,9 @@ describe('safetensors headers', () => {
     assert.deepEqual(seen, ['w', 'evil']);
   });
 });
+
+test('a torch.save file in the legacy (pre-1.6) format is refused as such, not as a corrupt zip', () => {
+  // The first bytes torch.save(obj, f, _use_new_zipfile_serialization=False) writes (torch 1.13).
+  const legacy = Buffer.from('80028a0a6cfc9c46f9206aa850192e80024de9032e80027d', 'hex');
+  assert.throws(() => readTorchSave(legacy), (err: FormatError) => err.code === 'TORCH_SAVE_INVALID' && /legacy format.*PyTorch 1\.6/.test(err.message));
+});

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import logging
 import time
 import uuid
@@ -141,8 +142,11 @@ class Client:
         options: Dict[str, Any] = {"name": name}
         if hyperparameters:
             options["hyperparameters"] = dict(hyperparameters)
+            _check_hyperparameters("hyperparameters", options["hyperparameters"])
         if param_groups is not None:
             options["param_groups"] = [dict(g, params=list(g["params"])) for g in param_groups]
+            for i, g in enumerate(options["param_groups"]):
+                _check_hyperparameters(f"param_groups[{i}]", g)
         for key, value in (("snapshot_every", snapshot_every), ("keep_snapshots", keep_snapshots), ("max_staleness", max_staleness)):
             if value is not None:
                 options[key] = value
@@ -458,6 +462,14 @@ class Client:
         if snapshot is not None:
             body["snapshot"] = int(snapshot)
         return self.conn.request("POST", f"/v1/sessions/{_quote(name)}/fork", json_body=body, expect=(201,)).json()
+
+
+def _check_hyperparameters(where: str, values: Mapping[str, Any]) -> None:
+    """A ValueError naming the hyperparameter JSON cannot carry (torch takes t0=float("inf") for "never average")."""
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            hint = " (t0=1e30 behaves the same as inf: averaging never starts)" if key == "t0" and value > 0 else ""
+            raise ValueError(f"{where}.{key}: {value} cannot be sent to the service, which keeps finite hyperparameters{hint}")
 
 
 def _check_json(what: str, value: Any) -> None:

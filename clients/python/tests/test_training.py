@@ -238,3 +238,10 @@ class TrainingMatchesTorch(ServiceTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class HyperparametersJsonCannotCarry(ServiceTestCase):
+    def test_an_infinite_t0_is_refused_naming_it_with_an_equivalent(self):
+        # torch takes t0=float("inf") ("never average"); JSON cannot carry it: a ValueError naming the field.
+        with self.assertRaisesRegex(ValueError, r"hyperparameters\.t0: inf .*t0=1e30 behaves the same"):
+            self.remote(make_model().named_parameters(), t0=float("inf"))
