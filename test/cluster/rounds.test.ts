@@ -73,8 +73,11 @@ async function runWorker(cluster: Cluster, stats: ClientStats, session: string, 
         continue;
       }
       assert.equal(res.status, 200, res.text);
-      const { params: answered, ...answer } = res.body;
+      const { params: answered, param_groups: groups, ...answer } = res.body;
       if (answer.replayed) stats.replayed++;
+      // With the parameters, the groups' hyperparameters (the session's, unchanged here).
+      assert.equal(groups.length, 1);
+      assert.equal(groups[0].lr, HYPERPARAMETERS.lr, `${worker}, round ${round}: param_groups`);
       assert.deepEqual({ ...answer, replayed: undefined }, {
         session, step: round + 1, version: version + 1, staleness: 0, round: { version, contributions: 3, samples: null, timed_out: false }, replayed: undefined,
       }, `${worker}, round ${round}`);

@@ -32,6 +32,7 @@ const EXPECTED: Record<string, string> = {
   'GET /v1/sessions/{name}/metrics': 'read',
   'GET /v1/sessions/{name}/events': 'read',
   'GET /v1/sessions/{name}/state_dict': 'read',
+  'PUT /v1/sessions/{name}/params': 'step',
   'PUT /v1/sessions/{name}/state_dict': 'admin',
   'GET /v1/sessions/{name}/checkpoint': 'read',
   'PUT /v1/sessions/{name}/checkpoint': 'admin',

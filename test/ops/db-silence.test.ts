@@ -19,9 +19,16 @@ type Mode = 'pass' | 'drop-replies' | 'black-hole';
  * 'black-hole': nothing gets through either way, not even a FIN. The sockets stay open (no FIN, no RST), as
  * behind a dead route; a side the service destroys is closed on the other side too.
  */
-async function startProxy(target: { host: string; port: number }): Promise<{ port: number; mode: Mode; server: Server }> {
-  const state = { port: 0, mode: 'pass' as Mode, server: null as unknown as Server };
+async function startProxy(target: { host: string; port: number }): Promise<{ port: number; mode: Mode; server: Server; stop(): void }> {
   const sockets = new Set<Socket>();
+  const state = {
+    port: 0, mode: 'pass' as Mode, server: null as unknown as Server,
+    /** Destroys every connection (half-open ones keep the process alive otherwise) and closes the server. */
+    stop() {
+      for (const s of sockets) s.destroy();
+      state.server.close();
+    },
+  };
   // Half-open allowed: a FIN the service sends into the black hole is not answered by one (a dead route
   // answers nothing).
   state.server = createServer({ allowHalfOpen: true }, (client) => {
@@ -46,9 +53,6 @@ async function startProxy(target: { host: string; port: number }): Promise<{ por
     client.on('close', close).on('error', close);
     upstream.on('close', close).on('error', close);
   });
-  state.server.on('close', () => {
-    for (const s of sockets) s.destroy();
-  });
   state.server.listen(0, '127.0.0.1');
   await once(state.server, 'listening');
   state.port = (state.server.address() as { port: number }).port;
@@ -68,7 +72,7 @@ test('a statement PostgreSQL leaves unanswered fails with 503 after ASGD_DB_TIME
   t.after(() => db.drop());
   const url = new URL(db.url);
   const proxy = await startProxy({ host: url.hostname, port: Number(url.port || 5432) });
-  t.after(() => proxy.server.close());
+  t.after(() => proxy.stop());
   url.port = String(proxy.port);
   // The periodic probe is off: this test is about the statements of requests.
   const { app } = await buildTestApp(t, { databaseUrl: url.toString(), env: { ASGD_DB_TIMEOUT_MS: '1000', ASGD_HEALTH_CHECK_INTERVAL_MS: '0' } });
@@ -187,7 +191,7 @@ test('shutdown does not wait for a database that stopped answering', async (t) =
   t.after(() => db.drop());
   const url = new URL(db.url);
   const proxy = await startProxy({ host: url.hostname, port: Number(url.port || 5432) });
-  t.after(() => proxy.server.close());
+  t.after(() => proxy.stop());
   url.port = String(proxy.port);
   const { app } = await buildTestApp(null, { databaseUrl: url.toString(), env: { ASGD_DB_TIMEOUT_MS: '1000', ASGD_HEALTH_CHECK_INTERVAL_MS: '0' } });
   assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: session })).statusCode, 201);
