@@ -261,8 +261,11 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
       client = await current;
       return (await client.query<{ n: string }>(APPLIED_MIGRATIONS_SQL)).rows[0].n;
     } catch (err) {
-      if (probe === current) probe = null;
-      if (client) void endWithin(client, CLOSE_GRACE_MS);
+      // PostgreSQL's own error (an unmigrated database's missing table) leaves the connection usable.
+      if ((err as { severity?: unknown }).severity === undefined) {
+        if (probe === current) probe = null;
+        if (client) void endWithin(client, CLOSE_GRACE_MS);
+      }
       throw err;
     }
   };
