@@ -106,8 +106,9 @@ test('three contributions make one step, the mean in worker order; 202 and the o
   const third = await contribute(app, 'r', { worker: 'w_0', grads: grads.w_0, key: 'k0', query: 'return=params' });
   assert.equal(third.statusCode, 200, third.body);
   const answer = { session: 'r', step: 1, version: 2, staleness: 0, round: { version: 1, contributions: 3, samples: 5, timed_out: false } };
-  const { params, ...rest } = third.json();
+  const { params, param_groups: groups, ...rest } = third.json();
   assert.deepEqual(rest, answer);
+  assert.equal(groups.length, 1, 'with the parameters, the groups\' hyperparameters');
   assert.equal(third.headers.etag, '"2"');
   // The re-POSTs of the pending ones: the round's answer, once.
   for (const [worker, key] of [['wb', 'kb'], ['wA', 'ka']] as const) {
