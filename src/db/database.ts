@@ -243,32 +243,40 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
    * connects again.
    */
   let probe: Promise<pg.Client> | null = null;
-  const probeCount = async (): Promise<string> => {
-    const current = (probe ??= (async () => {
-      const client = new pg.Client({ connectionString: withGenericPlans(url), connectionTimeoutMillis: silence > 0 ? Math.min(10_000, silence) : 10_000, keepAlive: true, application_name: APPLICATION_NAME });
-      client.on('error', () => {}); // the query in flight reports it
-      try {
-        await client.connect();
-      } catch (err) {
-        await endWithin(client, CLOSE_GRACE_MS);
-        throw err;
-      }
-      watchSilence(client, silence, url);
-      return client;
-    })());
-    let client: pg.Client | null = null;
+  const connectProbe = async (): Promise<pg.Client> => {
+    const client = new pg.Client({ connectionString: withGenericPlans(url), connectionTimeoutMillis: silence > 0 ? Math.min(10_000, silence) : 10_000, keepAlive: true, application_name: APPLICATION_NAME });
+    client.on('error', () => {}); // the query in flight reports it; an idle one's loss is found by the next probe
     try {
-      client = await current;
-      return (await client.query<{ n: string }>(APPLIED_MIGRATIONS_SQL)).rows[0].n;
+      await client.connect();
     } catch (err) {
-      // PostgreSQL's own error (an unmigrated database's missing table) leaves the connection usable.
-      if ((err as { severity?: unknown }).severity === undefined) {
-        if (probe === current) probe = null;
-        if (client) void endWithin(client, CLOSE_GRACE_MS);
-      }
+      await endWithin(client, CLOSE_GRACE_MS);
       throw err;
     }
+    watchSilence(client, silence, url);
+    return client;
   };
+  const probeCount = async (): Promise<string> => {
+    // A connection lost while idle (a restart of PostgreSQL) says nothing of the database now: one more try
+    // on a new connection before the probe fails.
+    for (let attempt = 0; ; attempt++) {
+      const fresh = probe === null;
+      const current = (probe ??= connectProbe());
+      let client: pg.Client | null = null;
+      try {
+        client = await current;
+        return (await client.query<{ n: string }>(APPLIED_MIGRATIONS_SQL)).rows[0].n;
+      } catch (err) {
+        // PostgreSQL's own error (an unmigrated database's missing table) leaves the connection usable;
+        // a FATAL one (a restart terminating it) does not.
+        const severity = (err as { severity?: unknown }).severity;
+        if (severity !== undefined && severity !== 'FATAL' && severity !== 'PANIC') throw err;
+        if (probe === current) probe = null;
+        if (client) void endWithin(client, CLOSE_GRACE_MS);
+        if (fresh || attempt > 0) throw err;
+      }
+    }
+  };
+
 
   /**
    * Runs `fn` on `on`, or, given the pool, on a client checked out for it: released after, and destroyed

@@ -254,3 +254,21 @@ test('migrate says when it waits for another migration; a database a newer build
   assert.equal(withGenericPlans('postgres://postgres:se%cret@127.0.0.1:5432/x'), 'postgres://postgres:se%cret@127.0.0.1:5432/x');
   assert.match(withGenericPlans('postgres://postgres:se%25cret@127.0.0.1:5432/x'), /plan_cache_mode/);
 });
+
+test('the health probe survives losing its idle connection (a PostgreSQL restart): the next probe reconnects and passes', async (t) => {
+  if (TEST_DB_KIND !== 'postgres') return t.skip('PostgreSQL');
+  const db = await createTestDatabase();
+  t.after(() => db.drop());
+  const database = await openDatabase({ databaseUrl: db.url, dataDir: '', poolSize: 2 });
+  t.after(() => database.close());
+  await database.migrate();
+  await database.ready();
+  // Every connection of the service to this database is terminated, as a restart does.
+  const admin = new pg.Client({ connectionString: db.url });
+  admin.on('error', () => {});
+  await admin.connect();
+  await admin.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()");
+  await admin.end();
+  await new Promise((r) => setTimeout(r, 200));
+  await database.ready(); // resolves: a lost idle connection is no outage
+});
