@@ -46,6 +46,12 @@ export interface Answer {
 const RETRY_STATUS = new Set([429, 502, 503, 504]);
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 
+/** How long to wait before retrying a 429/502/503/504: its Retry-After (at most 10 s), else the back-off. */
+function retryWait(res: Response, pause: number): number {
+  const after = Number(res.headers.get('retry-after'));
+  return Number.isFinite(after) && after > 0 ? Math.min(after * 1000, 10_000) : pause;
+}
+
 /** Was the request certainly never received? (then any method may be sent again) */
 function neverSent(err: unknown): boolean {
   const code = (err as { cause?: { code?: string } })?.cause?.code;
@@ -70,10 +76,7 @@ export class Transport {
 
   async send(x: Exchange): Promise<Answer> {
     const url = this.url(x.path, x.query);
-    const headers: Record<string, string> = { ...this.options.headers };
-    if (this.options.token) headers.authorization = `Bearer ${this.options.token}`;
-    for (const [k, v] of Object.entries(x.headers ?? {})) if (v !== undefined) headers[k] = v;
-    if (x.accept) headers.accept = x.accept;
+    const headers = this.headersOf(x);
     let body: Uint8Array | string | undefined;
     if (x.json !== undefined) {
       body = JSON.stringify(x.json);
@@ -112,8 +115,7 @@ export class Transport {
       }
       if ((res.status >= 200 && res.status < 300) || x.allow?.includes(res.status)) return { status: res.status, headers: res.headers, bytes, attempts: attempt };
       if (RETRY_STATUS.has(res.status)) {
-        const after = Number(res.headers.get('retry-after'));
-        const wait = Number.isFinite(after) && after > 0 ? Math.min(after * 1000, 10_000) : pause;
+        const wait = retryWait(res, pause);
         if (Date.now() + wait < deadline) {
           await sleep(wait);
           pause = Math.min(pause * 2, 2_000);
@@ -130,10 +132,7 @@ export class Transport {
    */
   async open(x: Exchange, signal?: AbortSignal): Promise<Response> {
     const url = this.url(x.path, x.query);
-    const headers: Record<string, string> = { ...this.options.headers };
-    if (this.options.token) headers.authorization = `Bearer ${this.options.token}`;
-    for (const [k, v] of Object.entries(x.headers ?? {})) if (v !== undefined) headers[k] = v;
-    if (x.accept) headers.accept = x.accept;
+    const headers = this.headersOf(x);
     const doFetch = this.options.fetch ?? fetch;
     const deadline = Date.now() + (x.retryBudgetMs ?? this.options.retryBudgetMs ?? 60_000);
     let pause = 100;
@@ -153,8 +152,7 @@ export class Transport {
       if (res.status >= 200 && res.status < 300) return res;
       const bytes = new Uint8Array(await res.arrayBuffer());
       if (RETRY_STATUS.has(res.status)) {
-        const after = Number(res.headers.get('retry-after'));
-        const wait = Number.isFinite(after) && after > 0 ? Math.min(after * 1000, 10_000) : pause;
+        const wait = retryWait(res, pause);
         if (Date.now() + wait < deadline) {
           await sleep(wait);
           pause = Math.min(pause * 2, 2_000);
@@ -163,6 +161,15 @@ export class Transport {
       }
       throw this.error(x.method, url, res, bytes);
     }
+  }
+
+  /** The request's headers: the client's own, the token, the exchange's, its Accept. */
+  private headersOf(x: Exchange): Record<string, string> {
+    const headers: Record<string, string> = { ...this.options.headers };
+    if (this.options.token) headers.authorization = `Bearer ${this.options.token}`;
+    for (const [k, v] of Object.entries(x.headers ?? {})) if (v !== undefined) headers[k] = v;
+    if (x.accept) headers.accept = x.accept;
+    return headers;
   }
 
   async json<T>(x: Exchange): Promise<{ value: T; answer: Answer }> {
