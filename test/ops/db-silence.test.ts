@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { createServer, connect, type Server, type Socket } from 'node:net';
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import pg from 'pg';
 import { Writable } from 'node:stream';
 import { buildApp } from '../../src/app.ts';
@@ -59,6 +59,17 @@ async function startProxy(target: { host: string; port: number }): Promise<{ por
   return state;
 }
 
+/** A fresh database reached through the proxy (both gone when the test ends): its URL and the proxy. */
+async function proxiedDatabase(t: TestContext) {
+  const db = await createTestDatabase();
+  t.after(() => db.drop());
+  const url = new URL(db.url);
+  const proxy = await startProxy({ host: url.hostname, port: Number(url.port || 5432) });
+  t.after(() => proxy.stop());
+  url.port = String(proxy.port);
+  return { url, proxy };
+}
+
 const session = {
   name: 'silent',
   params: [{ name: 'w', shape: [4], data: [0.5, -0.25, 1, 2] }],
@@ -68,12 +79,7 @@ const stepBody = (k: number) => ({ grads: { w: [0.01 * k, -0.02, 0.03, 0.04] } }
 
 test('a statement PostgreSQL leaves unanswered fails with 503 after ASGD_DB_TIMEOUT_MS; a retried step counts once', async (t) => {
   if (TEST_DB_KIND !== 'postgres') return t.skip('PostgreSQL over TCP');
-  const db = await createTestDatabase();
-  t.after(() => db.drop());
-  const url = new URL(db.url);
-  const proxy = await startProxy({ host: url.hostname, port: Number(url.port || 5432) });
-  t.after(() => proxy.stop());
-  url.port = String(proxy.port);
+  const { url, proxy } = await proxiedDatabase(t);
   // The periodic probe is off: this test is about the statements of requests.
   const { app } = await buildTestApp(t, { databaseUrl: url.toString(), env: { ASGD_DB_TIMEOUT_MS: '1000', ASGD_HEALTH_CHECK_INTERVAL_MS: '0' } });
   const step = (k: number, key: string) => app.inject({ method: 'POST', url: '/v1/sessions/silent/step', headers: { 'idempotency-key': key }, payload: stepBody(k) });
@@ -187,12 +193,7 @@ test('every pooled connection taken by a lock wait: the replica stays ready (the
 
 test('shutdown does not wait for a database that stopped answering', async (t) => {
   if (TEST_DB_KIND !== 'postgres') return t.skip('PostgreSQL over TCP');
-  const db = await createTestDatabase();
-  t.after(() => db.drop());
-  const url = new URL(db.url);
-  const proxy = await startProxy({ host: url.hostname, port: Number(url.port || 5432) });
-  t.after(() => proxy.stop());
-  url.port = String(proxy.port);
+  const { url, proxy } = await proxiedDatabase(t);
   const { app } = await buildTestApp(null, { databaseUrl: url.toString(), env: { ASGD_DB_TIMEOUT_MS: '1000', ASGD_HEALTH_CHECK_INTERVAL_MS: '0' } });
   assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: session })).statusCode, 201);
   proxy.mode = 'black-hole';
