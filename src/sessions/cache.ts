@@ -28,11 +28,15 @@ export class StateCache {
     this.#budget = budgetBytes;
   }
 
-  /** A new state in a fresh kernel arena, owned by session `session.id` (not cached until remembered). */
-  create(session: { id: number; params: ParamSpec[] }, version: number, step: number, groups: GroupSpec[], scalars: ScalarStateRow[]): SessionState {
+  /**
+   * A new state in a fresh kernel arena, owned by session `session.id` (not cached until remembered). The
+   * session's name now hints at this id (byName).
+   */
+  create(session: { id: number; name: string; params: ParamSpec[] }, version: number, step: number, groups: GroupSpec[], scalars: ScalarStateRow[]): SessionState {
     const layout = layoutOf(session.params);
     const state = new SessionState(layout, this.#kernel.createArena(layout.numel), version, step, groups, scalars);
     this.#ids.set(state, session.id);
+    this.#hints.set(session.name, session.id);
     return state;
   }
 

@@ -22,7 +22,7 @@ export function createHistory(ctx: SessionContext) {
   const { cache, kernel, kernelOptions } = ctx;
 
   /** A snapshot's state, read chunk by chunk straight into a new arena and checked against its checksum. */
-  async function loadSnapshot(q: Queryable, snapshot: SnapshotRecord, session: { id: number; params: ParamSpec[] }): Promise<SessionState> {
+  async function loadSnapshot(q: Queryable, snapshot: SnapshotRecord, session: { id: number; name: string; params: ParamSpec[] }): Promise<SessionState> {
     const state = cache.create(session, snapshot.version, snapshot.step, snapshot.groups, snapshot.scalars);
     const n = state.layout.numel;
     const total = n * 8;

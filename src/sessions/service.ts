@@ -69,6 +69,20 @@ export function createSessionService(options: SessionServiceOptions) {
     });
   }
 
+  /**
+   * The session's parameter names (its layout's index), to bound and check an upload before it is parsed:
+   * from this process's copy when it has one, else (`load`: the body is large enough for it to matter) from
+   * the database. `id` says which session they are of: a copy may be of a session since deleted and created
+   * again under the same name elsewhere, so a refusal made with them is checked against the database.
+   */
+  async function parameterNames(name: string, load: boolean): Promise<{ id: number; names: ReadonlyMap<string, unknown>; cached: boolean } | null> {
+    const entry = cache.byName(name);
+    if (entry) return { id: cache.idOf(entry.state), names: entry.state.layout.index, cached: true };
+    if (!load) return null;
+    const session = await mustFind(db, name);
+    return { id: session.id, names: new Map(session.params.map((p, i) => [p.name, i])), cached: false };
+  }
+
   /** The training series (one point per step) after `afterVersion`, oldest first. */
   async function series(name: string, afterVersion: number, limit: number): Promise<{ session: SessionRecord; points: repo.HistoryPoint[] }> {
     const session = await mustFind(db, name);
@@ -122,6 +136,7 @@ export function createSessionService(options: SessionServiceOptions) {
     roundHost,
     create: changes.create,
     get: (name: string) => mustFind(db, name),
+    parameterNames,
     list: (after: string | null, limit: number, only: readonly string[] | null = null, search: string | null = null) => repo.listSessions(db, after, limit, only, search),
     remove: changes.remove,
     updateSettings,

@@ -115,6 +115,14 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
     await commitBatch(name, batch);
   }
 
+  /** True when the session named `name` is no longer session `id` (gone, or created again): its copy is dropped. */
+  async function replacedElsewhere(name: string, id: number): Promise<boolean> {
+    const now = await repo.findSession(db, name);
+    if (now?.id === id) return false;
+    cache.forgetName(name, id);
+    return true;
+  }
+
   /**
    * Validates each request against this process's copy (its layout: a bad gradient is refused alone), packs
    * its gradient, commits the batch, runs the kernel and answers. A request is settled once.
@@ -132,12 +140,14 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
     let { batch } = taken;
     const started = process.hrtime.bigint();
     let entry = cache.byName(name);
+    const copied = entry !== undefined; // the name's copy: a hint, of a session that may since be gone or created again elsewhere
     if (!entry) entry = await consistentRead(db, async (q) => history.currentState(q, await mustFind(q, name)));
     const { state } = entry;
     const id = cache.idOf(state);
     let steps: Prepared[] = [];
     let packed = 0;
     const inArenaView = (s: Prepared) => s.grads.buffer === state.arena.grads.buffer;
+    let checkedCopy = false;
     for (const [k, request] of batch.entries()) {
       if (steps.length && packed >= MAX_BATCH_BYTES) {
         // Each step of a batch holds its packed gradient until the commit: the rest waits for the next batch.
@@ -161,6 +171,13 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
           ifMatch: opts.ifMatch ?? null, baseVersion: opts.baseVersion ?? null, key: opts.idempotencyKey ?? null, requestHash: opts.requestHash ?? '',
         });
       } catch (err) {
+        // Refused by a copy's layout: if the name is now another session's (deleted and created again by
+        // another process), the batch goes again with that session's state; nothing is written yet.
+        // Checked once, at the batch's first refusal (so no request was refused before it).
+        if (copied && !retried && !checkedCopy) {
+          checkedCopy = true;
+          if (await replacedElsewhere(name, id)) return commitBatch(name, batch, true);
+        }
         request.reject(err);
       }
     }

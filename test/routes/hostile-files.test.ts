@@ -128,3 +128,53 @@ test('a safetensors step with thousands of metadata keys is refused as a bad hea
   assert.throws(() => readGradients('safetensors', Buffer.concat([prefix, header]), names), (err: { code?: string; message?: string }) =>
     err.code === 'UNKNOWN_PARAMETER' && /^grads\.evil: /.test(err.message ?? ''));
 });
+
+/** A safetensors file of just this header (its tensors, if any, empty). */
+function headerOnly(header: object | string): Buffer {
+  const json = Buffer.from(typeof header === 'string' ? header : JSON.stringify(header));
+  const length = Buffer.alloc(8);
+  length.writeBigUInt64LE(BigInt(json.length));
+  return Buffer.concat([length, json]);
+}
+
+test('a step\'s safetensors header is bounded by the session\'s parameters, from this process\'s copy or the database, and a session created again elsewhere is judged by its own', async (t) => {
+  const { app, databaseUrl } = await buildTestApp(t);
+  const params = [{ name: 'w', shape: [2, 2], data: [0.1, 0.2, 0.3, 0.4] }, { name: 'b', shape: [2], data: [0, 0] }];
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 't', params } })).statusCode, 201);
+  const before = await observed(app);
+  // with this process's copy of the session, the first name that is not a parameter is refused before
+  // the entries after it are checked (here, one whose offsets are wrong)
+  const evil = headerOnly('{"evil":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,999]}}');
+  const res = await app.inject({ method: 'POST', url: '/v1/sessions/t/step', headers: SAFETENSORS, payload: evil });
+  assert.equal(res.statusCode, 400, res.body);
+  assert.equal(res.json().code, 'UNKNOWN_PARAMETER');
+  assert.match(res.json().message, /^grads\.evil: /);
+  // 3 MB of header for a session of two parameters: refused by its size, before it is parsed (a
+  // parsed one would be refused later, for its unknown metadata key)
+  const big = headerOnly({ __metadata__: { x: 'y'.repeat(3_000_000) } });
+  for (const cached of [true, false]) {
+    if (!cached) app.sessions.dropCache();
+    const res = await app.inject({ method: 'POST', url: '/v1/sessions/t/step', headers: SAFETENSORS, payload: big });
+    assert.equal(res.statusCode, 400, res.body);
+    assert.equal(res.json().code, 'SAFETENSORS_HEADER_INVALID');
+    assert.match(res.json().message, /^header of 3000\d+ bytes is larger than 2 tensors need/);
+  }
+  assert.deepEqual(await observed(app), before);
+  if (!databaseUrl) return; // another process needs a database both reach
+  // another process deletes the session and creates it again with other parameters: this process's copy
+  // has the old names, which must not refuse a step on the new session
+  const { app: other } = await buildTestApp(t, { databaseUrl });
+  assert.equal((await other.inject({ method: 'DELETE', url: '/v1/sessions/t' })).statusCode, 204);
+  const fresh = [{ name: 'z', shape: [2], data: [1, 2] }];
+  assert.equal((await other.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 't', params: fresh, hyperparameters: { lr: 0.5, lambd: 0 } } })).statusCode, 201);
+  const grads = await streamToBuffer(writeSafetensors(new Map([['z', { dtype: 'float32' as const, shape: [2], data: Float32Array.of(1, 1) }]])));
+  const step = await app.inject({ method: 'POST', url: '/v1/sessions/t/step?return=params', headers: SAFETENSORS, payload: grads });
+  assert.equal(step.statusCode, 200, step.body);
+  assert.deepEqual(step.json().params.z, { shape: [2], data: [0.5, 1.5] });
+  // the same with JSON gradients, once more from a stale copy
+  assert.equal((await other.inject({ method: 'DELETE', url: '/v1/sessions/t' })).statusCode, 204);
+  assert.equal((await other.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 't', params: [{ name: 'y', shape: [1], data: [3] }], hyperparameters: { lr: 1, lambd: 0 } } })).statusCode, 201);
+  const json = await app.inject({ method: 'POST', url: '/v1/sessions/t/step?return=params', payload: { grads: { y: [1] } } });
+  assert.equal(json.statusCode, 200, json.body);
+  assert.deepEqual(json.json().params.y, { shape: [1], data: [2] });
+});

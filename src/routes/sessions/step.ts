@@ -18,10 +18,13 @@ import type { Layout } from '../../sessions/state.ts';
 import { paramTensor, paramsJson } from '../../sessions/state-dict.ts';
 import { metadataJson, parseMetrics } from '../../sessions/step-input.ts';
 import { ACCESS, idempotencyKeyOf, ifMatchOf, jsonBody, jsonOrFile, optionalWhole, setVersion } from '../common.ts';
-import { contentFormat, MEDIA, mediaTypes, negotiate, ROUTE_MEDIA } from '../media.ts';
+import { contentFormat, MEDIA, mediaTypes, negotiate, ROUTE_MEDIA, type WireFormat } from '../media.ts';
 import { Binary, errorResponses, NameParams, RoundStatus, StepAnswer, StepHeaders, Tensor } from '../schemas.ts';
 import { readGradients } from './binary.ts';
 import { MAX_JSON_ELEMENTS } from './views.ts';
+
+/** A safetensors step header longer than this is bounded by the session's parameters even when they must be read from the database. */
+const HEADER_LOOKUP_BYTES = 64 * 1024;
 
 const StepGroup = Type.Object({
   lr: Type.Optional(Type.Number()),
@@ -136,6 +139,27 @@ function encodeParams(view: StateView, answer: StepAnswerValue, averaged: boolea
 const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify, opts) => {
   // A successful step's 'stepped' line goes at the level of the step's request lines.
   const steppedLevel = requestLogLevel(opts.config.logRequests, '/v1/sessions/:name/step', 200);
+  /**
+   * The step's gradients, a safetensors header bounded by the session's parameter count and refused at its
+   * first name that is not a parameter, before the rest is checked: parsing a header costs the event loop
+   * time in proportion to its size (a 29 MB one, about 2 s). The names come from this process's copy, or,
+   * for a header above HEADER_LOOKUP_BYTES without one, from the database. A refusal made with a copy's names
+   * stands only if the session was not created again under this name since (then its own names decide).
+   */
+  async function readStepGradients(name: string, format: WireFormat, body: Buffer): Promise<ReturnType<typeof readGradients>> {
+    const large = format === 'safetensors' && body.length >= 8 && body.readBigUInt64LE(0) > BigInt(HEADER_LOOKUP_BYTES);
+    const known = await fastify.sessions.parameterNames(name, large);
+    if (!known) return readGradients(format, body);
+    try {
+      return readGradients(format, body, known.names);
+    } catch (err) {
+      if (!known.cached) throw err;
+      const session = await fastify.sessions.get(name); // gone: SESSION_NOT_FOUND
+      if (session.id === known.id) throw err;
+      return readGradients(format, body, new Map(session.params.map((p, i) => [p.name, i])));
+    }
+  }
+
   fastify.post('/:name/step', {
     config: ACCESS.step,
     bodyLimit: opts.config.bodyLimitStep,
@@ -186,7 +210,7 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
     let metrics: Record<string, number> | null;
     if (Buffer.isBuffer(body)) {
       const format = contentFormat(request);
-      const read = readGradients(format, body); // float32, or F16/BF16 widened exactly and logged as received
+      const read = await readStepGradients(name, format, body); // float32, or F16/BF16 widened exactly and logged as received
       const { metadata } = read;
       input = read.input;
       if (format === 'safetensors') {
