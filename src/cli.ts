@@ -71,7 +71,7 @@ export function usage(): string {
     'Commands:',
     '  serve      listen for HTTP requests (the default)',
     '  migrate    apply the database migrations and exit (run once before starting replicas)',
-    '  sessions   ls, show, rm, snapshot, download: against a running service (--url, --token)',
+    '  sessions   ls, show, rm, snapshot, download, import, restore, fork: against a running service (--url, --token)',
     '  tokens     ls, create, revoke: against a running service',
     '',
     'Options (each overrides the environment variable in brackets):',

@@ -17,8 +17,10 @@ const REQUEST_TIMEOUT_MS = 60_000;
 
 export interface ApiClient {
   readonly url: string;
-  /** A JSON request; resolves to the parsed answer (null for 204). */
-  json<T = unknown>(method: string, path: string, body?: unknown): Promise<T>;
+  /** A JSON request; resolves to the parsed answer (null for 204). `headers`: If-Match, say. */
+  json<T = unknown>(method: string, path: string, body?: unknown, headers?: Record<string, string>): Promise<T>;
+  /** A file sent as the body, in its media type (uploads: no time limit, as downloads); resolves to the parsed JSON answer. */
+  upload<T = unknown>(method: string, path: string, file: { body: Uint8Array<ArrayBuffer>; type: string }, headers?: Record<string, string>): Promise<T>;
   /** A streamed GET (downloads): the response once its status is OK. */
   stream(path: string): Promise<Response>;
 }
@@ -74,21 +76,30 @@ export function createClient(baseUrl: string, token: string | null): ApiClient {
     }
   }
 
+  /** The JSON answer of a request that is not a download (null for 204). */
+  async function answer<T>(res: Response, method: string, path: string): Promise<T> {
+    if (!res.ok) throw await failure(res, token);
+    if (res.status === 204) return null as T;
+    const text = await res.text();
+    try {
+      return JSON.parse(text) as T;
+    } catch {
+      throw new CliError(EXIT.unreachable, `${root} answered ${method} ${path} with something other than JSON: is it an asgd-serve?`);
+    }
+  }
+
   return {
     url: root,
-    async json<T>(method: string, path: string, body?: unknown): Promise<T> {
+    async json<T>(method: string, path: string, body?: unknown, extra: Record<string, string> = {}): Promise<T> {
       const res = await send(method, path, {
-        headers: headers({ accept: 'application/json', ...(body !== undefined ? { 'content-type': 'application/json' } : {}) }),
+        headers: headers({ accept: 'application/json', ...(body !== undefined ? { 'content-type': 'application/json' } : {}), ...extra }),
         body: body !== undefined ? JSON.stringify(body) : undefined,
       });
-      if (!res.ok) throw await failure(res, token);
-      if (res.status === 204) return null as T;
-      const text = await res.text();
-      try {
-        return JSON.parse(text) as T;
-      } catch {
-        throw new CliError(EXIT.unreachable, `${root} answered ${method} ${path} with something other than JSON: is it an asgd-serve?`);
-      }
+      return answer<T>(res, method, path);
+    },
+    async upload<T>(method: string, path: string, file: { body: Uint8Array<ArrayBuffer>; type: string }, extra: Record<string, string> = {}): Promise<T> {
+      const res = await send(method, path, { headers: headers({ accept: 'application/json', 'content-type': file.type, ...extra }), body: file.body, timeout: false });
+      return answer<T>(res, method, path);
     },
     async stream(path: string): Promise<Response> {
       const res = await send('GET', path, { headers: headers(), timeout: false });

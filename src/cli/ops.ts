@@ -41,6 +41,16 @@ export function opsUsage(): string {
                     [--snapshot ID | --version V]
                                           checkpoint (default; torch.save), the optimizer's state_dict or the
                                           parameters (default for safetensors); -o - writes to stdout
+  sessions import NAME FILE [--what checkpoint|state_dict|params] [--if-match VERSION]
+                                          load a torch.save, safetensors or JSON file into the session: a
+                                          checkpoint, the optimizer's state_dict or the parameters, as the file
+                                          holds (--what to say so); prints the new version
+  sessions restore NAME --snapshot ID [--yes] [--if-match VERSION]
+                                          roll back to a snapshot, as a new version (asks on a terminal)
+  sessions fork NAME NEW_NAME [--snapshot ID] [--snapshot-every N] [--keep-snapshots N]
+                    [--max-staleness N|none] [--keep-log-bytes N|none] [--expire-after-idle-s S|none]
+                                          a new session from the current state or a snapshot (settings: the
+                                          source's unless given)
   tokens ls [--all]                       API tokens (--all: revoked ones too)
   tokens create NAME --scope read|step|admin [--sessions a,b]
                                           prints the secret once, alone on stdout
@@ -49,11 +59,11 @@ export function opsUsage(): string {
 Options:
   --url URL       the service (default $ASGD_URL, else http://127.0.0.1:8080)
   --token TOKEN   bearer token (default $ASGD_TOKEN, else $ASGD_ADMIN_TOKEN)
-  --json          machine-readable output on stdout
+  --json          machine-readable output on stdout (import, restore, fork: the session as the API answers it)
   --help          this help
 
 Exit codes: 0 ok, 1 the service refused or failed (5xx, 409, ...), 2 usage (bad arguments, or the
-service answered 400), 3 not found (session, snapshot, token), 4 authentication (401/403), 5 unreachable.
+service answered 400), 3 not found (session, snapshot, version, token), 4 authentication (401/403), 5 unreachable.
 `;
 }
 

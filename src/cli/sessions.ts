@@ -1,4 +1,5 @@
-// `asgd-serve sessions ls|show|rm|snapshot|download`: what an operator does with sessions, over the API.
+// `asgd-serve sessions ls|show|rm|snapshot|download|import|restore|fork`: what an operator does with sessions,
+// over the API.
 import { createWriteStream } from 'node:fs';
 import { rename, rm } from 'node:fs/promises';
 import { Readable, Transform } from 'node:stream';
@@ -7,6 +8,7 @@ import { positionals, stringOption, wholeOption, type ParsedArgs } from './args.
 import { CliError, EXIT, usageError } from './http.ts';
 import { age, bytes, duration, fields, table } from './output.ts';
 import type { OpsContext } from './context.ts';
+import { readStateFile, WHATS, type What } from './state-file.ts';
 
 interface Storage { log_bytes: number; log_steps: number; snapshot_bytes: number; snapshots: number; other_bytes: number; total_bytes: number }
 interface Session {
@@ -30,7 +32,16 @@ export const SESSION_OPTIONS = {
   format: { kind: 'value' },
   what: { kind: 'value' },
   output: { kind: 'value', short: 'o' },
+  'if-match': { kind: 'value' },
+  // fork: the new session's settings, as POST .../fork takes them (default: the source's)
+  'snapshot-every': { kind: 'value' },
+  'keep-snapshots': { kind: 'value' },
+  'max-staleness': { kind: 'value' },
+  'keep-log-bytes': { kind: 'value' },
+  'expire-after-idle-s': { kind: 'value' },
 } as const;
+
+const COMMANDS = 'ls, show, rm, snapshot, download, import, restore, fork';
 
 export async function sessionsCommand(sub: string | undefined, args: ParsedArgs, ctx: OpsContext): Promise<number> {
   switch (sub) {
@@ -46,8 +57,14 @@ export async function sessionsCommand(sub: string | undefined, args: ParsedArgs,
       return snapshot(args, ctx);
     case 'download':
       return download(args, ctx);
+    case 'import':
+      return importFile(args, ctx);
+    case 'restore':
+      return restore(args, ctx);
+    case 'fork':
+      return fork(args, ctx);
     default:
-      throw usageError(sub === undefined ? 'sessions: say what to do (ls, show, rm, snapshot, download)' : `sessions: unknown command ${JSON.stringify(sub)} (ls, show, rm, snapshot, download)`);
+      throw usageError(sub === undefined ? `sessions: say what to do (${COMMANDS})` : `sessions: unknown command ${JSON.stringify(sub)} (${COMMANDS})`);
   }
 }
 
@@ -135,7 +152,6 @@ async function snapshot(args: ParsedArgs, ctx: OpsContext): Promise<number> {
 }
 
 const FORMATS = ['pt', 'safetensors', 'json'] as const;
-const WHATS = ['checkpoint', 'state_dict', 'params'] as const;
 
 /**
  * Downloads a checkpoint (model + optimizer, torch.save), the optimizer's state_dict or the parameters, of
@@ -188,6 +204,86 @@ async function download(args: ParsedArgs, ctx: OpsContext): Promise<number> {
   const version_ = res.headers.get('x-session-version');
   if (ctx.json) return ctx.print({ session: name, file: output, bytes: received, format, what, version: version_ ? Number(version_) : null, snapshot: snapshotId ?? null });
   ctx.out(`wrote ${output}: ${what} of ${name}${snapshotId !== undefined ? ` snapshot ${snapshotId}` : ''}${version_ ? ` at version ${version_}` : ''}, ${bytes(received)}\n`);
+  return EXIT.ok;
+}
+
+/** If-Match for a change that applies only at this version (412 VERSION_MISMATCH otherwise). */
+function ifMatch(args: ParsedArgs): Record<string, string> {
+  const version = wholeOption(args, 'if-match');
+  return version === undefined ? {} : { 'if-match': `"${version}"` };
+}
+
+/**
+ * Loads a file into a session: PUT state_dict, checkpoint or params, by what the file holds (or --what).
+ * Read and recognised before anything is sent, and the session read first: a misspelt name fails before
+ * the upload.
+ */
+async function importFile(args: ParsedArgs, ctx: OpsContext): Promise<number> {
+  const [name, file] = positionals(args, ['name', 'file'], 'sessions import');
+  const forced = stringOption(args, 'what');
+  if (forced !== undefined && !(WHATS as readonly string[]).includes(forced)) throw usageError(`sessions import: --what must be one of ${WHATS.join(', ')}`);
+  const headers = ifMatch(args);
+  const upload = await readStateFile(file, forced as What | undefined);
+  await ctx.client.json<Session>('GET', path(name));
+  const session = await ctx.client.upload<Session>('PUT', `${path(name)}/${upload.what}`, upload, headers);
+  if (ctx.json) return ctx.print(session);
+  ctx.out(`loaded ${upload.what} from ${file} into ${name}: version ${session.version} (step ${session.step})\n`);
+  return EXIT.ok;
+}
+
+/** Rolls a session back to a snapshot, as a new version; asks first on a terminal, as rm does. */
+async function restore(args: ParsedArgs, ctx: OpsContext): Promise<number> {
+  const [name] = positionals(args, ['name'], 'sessions restore');
+  if (args.options.version !== undefined) {
+    throw usageError('sessions restore: the service restores snapshots, not versions: download the version (sessions download NAME --version V --format pt -o FILE) and import that');
+  }
+  const snapshotId = wholeOption(args, 'snapshot');
+  if (snapshotId === undefined) throw usageError('sessions restore: say which snapshot with --snapshot ID (sessions show NAME lists them)');
+  const headers = ifMatch(args);
+  // Read first: a misspelt name or snapshot fails before any question, and the question can say what changes.
+  const session = await ctx.client.json<Session>('GET', path(name));
+  const snap = await ctx.client.json<Snapshot>('GET', `${path(name)}/snapshots/${snapshotId}`);
+  if (!args.options.yes) {
+    if (!ctx.interactive) throw usageError(`sessions restore: not on a terminal: pass --yes to restore ${JSON.stringify(name)} without asking`);
+    const question = `Restore session ${JSON.stringify(name)} (version ${session.version}, step ${session.step}) to snapshot ${snap.id} (version ${snap.version}, step ${snap.step})? ` +
+      'Its state becomes a new version. [y/N] ';
+    if (!(await ctx.confirm(question))) {
+      ctx.err('not restored\n');
+      return EXIT.usage;
+    }
+  }
+  const restored = await ctx.client.json<Session>('POST', `${path(name)}/snapshots/${snapshotId}/restore`, undefined, headers);
+  if (ctx.json) return ctx.print(restored);
+  ctx.out(`restored ${name} to snapshot ${snap.id} (version ${snap.version}): version ${restored.version} (step ${restored.step})\n`);
+  return EXIT.ok;
+}
+
+/** A setting that may be turned off (null): a whole number, or none (never, for an expiry). */
+function nullableOption(args: ParsedArgs, name: string, min: number): number | null | undefined {
+  const value = stringOption(args, name);
+  if (value === 'none' || value === 'never') return null;
+  if (value !== undefined && (!/^\d{1,15}$/.test(value) || Number(value) < min)) throw usageError(`--${name}: must be a whole number >= ${min} or none, got ${JSON.stringify(value)}`);
+  return value === undefined ? undefined : Number(value);
+}
+
+/** A new session from another's current state or one of its snapshots (POST /v1/sessions/{name}/fork). */
+async function fork(args: ParsedArgs, ctx: OpsContext): Promise<number> {
+  const [source, target] = positionals(args, ['name', 'new_name'], 'sessions fork');
+  if (args.options.version !== undefined) throw usageError('sessions fork: the service forks the current state or a snapshot (--snapshot ID), not a version');
+  const snapshotId = wholeOption(args, 'snapshot');
+  const body = {
+    name: target,
+    snapshot: snapshotId,
+    snapshot_every: wholeOption(args, 'snapshot-every'),
+    keep_snapshots: wholeOption(args, 'keep-snapshots'),
+    max_staleness: nullableOption(args, 'max-staleness', 0),
+    keep_log_bytes: nullableOption(args, 'keep-log-bytes', 1),
+    expire_after_idle_s: nullableOption(args, 'expire-after-idle-s', 1),
+  };
+  const session = await ctx.client.json<Session>('POST', `${path(source)}/fork`, body); // undefined settings are left out
+  if (ctx.json) return ctx.print(session);
+  ctx.out(`forked ${source}${snapshotId !== undefined ? ` snapshot ${snapshotId}` : ''} into ${session.name}: version ${session.version}, step ${session.step}, ` +
+    `${session.params.length} tensors, ${session.numel} elements\n`);
   return EXIT.ok;
 }
 

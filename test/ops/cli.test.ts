@@ -3,11 +3,15 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
-import { test } from 'node:test';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import type { FastifyInstance } from 'fastify';
 import pg from 'pg';
-import { createTestDatabase, TEST_DB_KIND } from '../helper.ts';
+import { buildTestApp, createTestDatabase, TEST_DB_KIND } from '../helper.ts';
 import { FLAGS, flagName, main, parseArgs } from '../../src/cli.ts';
-import { ADMIN } from './support.ts';
+import { ADMIN, asAdmin, gradBody, sessionBody } from './support.ts';
 
 const BIN = 'bin/asgd-serve.mjs';
 
@@ -133,4 +137,242 @@ test('migrate, then serve: ready, guarded, healthy, and a clean exit on SIGTERM 
   const down = await run(['bin/healthcheck.mjs'], { PORT: String(port) });
   assert.equal(down.code, 1);
   assert.match(down.stderr, /ECONNREFUSED/);
+});
+
+// ---- the operator's write commands: sessions import, restore, fork ------------------------------------------
+// Against the app listening on a port of this process, on its own database; the commands run through main()
+// as the executable runs them (one of them through the executable itself).
+describe('sessions import, restore and fork', () => {
+  let app: FastifyInstance;
+  let url: string;
+  let dir: string;
+  let dropDb: (() => Promise<void>) | null = null;
+
+  /** A session made from support.ts's body (w [3, 4], b [4]), stepped `steps` times. */
+  async function makeSession(name: string, seed: number, steps: number): Promise<void> {
+    const created = await app.inject({ method: 'POST', url: '/v1/sessions', headers: asAdmin, payload: sessionBody(name, seed) });
+    assert.equal(created.statusCode, 201, created.body);
+    for (let k = 0; k < steps; k++) {
+      const res = await app.inject({ method: 'POST', url: `/v1/sessions/${name}/step`, headers: asAdmin, payload: gradBody(seed * 10 + k) });
+      assert.equal(res.statusCode, 200, res.body);
+    }
+  }
+
+  async function read<T = Record<string, unknown>>(path: string): Promise<T> {
+    const res = await app.inject({ method: 'GET', url: path, headers: asAdmin });
+    assert.equal(res.statusCode, 200, res.body);
+    return res.json() as T;
+  }
+  const params = async (name: string) => (await read<{ params: unknown }>(`/v1/sessions/${name}/params`)).params;
+  const stateDict = (name: string) => read(`/v1/sessions/${name}/state_dict`);
+  const session = (name: string) => read<{ version: number; step: number; keep_snapshots: number; max_staleness: number | null }>(`/v1/sessions/${name}`);
+
+  /** main() in this process, as a script runs it (or on a terminal, with `answer` to its question). */
+  async function ops(args: string[], opts: { interactive?: boolean; answer?: string } = {}): Promise<Run & { asked: string[] }> {
+    const out = { stdout: '', stderr: '' };
+    const asked: string[] = [];
+    const code = await main(args, { ASGD_URL: url, ASGD_TOKEN: ADMIN }, {
+      stdout: { write: (s: string) => (out.stdout += s) },
+      stderr: { write: (s: string) => (out.stderr += s) },
+      interactive: opts.interactive ?? false,
+      confirm: async (question) => {
+        asked.push(question);
+        return /^y/i.test(opts.answer ?? 'n');
+      },
+    });
+    return { code, ...out, asked };
+  }
+
+  async function download(name: string, flags: string[], file: string): Promise<string> {
+    const path = join(dir, file);
+    const r = await ops(['sessions', 'download', name, ...flags, '-o', path]);
+    assert.equal(r.code, 0, r.stderr);
+    return path;
+  }
+
+  /** A failure: the exit code, one line on stderr naming the problem, no stack trace, nothing on stdout. */
+  function assertFails(r: Run, code: number, message: RegExp): void {
+    assert.equal(r.code, code, `exit ${r.code}: ${r.stderr}`);
+    assert.match(r.stderr, message);
+    assert.match(r.stderr, /^asgd-serve: [^\n]+\n$/, 'one line');
+    assert.equal(r.stdout, '');
+  }
+
+  before(async () => {
+    const db = TEST_DB_KIND === 'postgres' ? await createTestDatabase() : null;
+    dropDb = db ? db.drop : null;
+    ({ app } = await buildTestApp(null, { env: { ASGD_ADMIN_TOKEN: ADMIN }, databaseUrl: db?.url }));
+    url = await app.listen({ port: 0, host: '127.0.0.1' });
+    dir = await mkdtemp(join(tmpdir(), 'asgd-cli-writes-'));
+    await makeSession('source', 1, 3);
+  });
+
+  after(async () => {
+    await app?.close();
+    await dropDb?.();
+    if (dir) await rm(dir, { recursive: true, force: true });
+  });
+
+  test('import: a state_dict downloaded as .pt from another session becomes the target\'s; the parameters stay', async () => {
+    await makeSession('target', 5, 1);
+    const [targetParams, targetVersion] = [await params('target'), (await session('target')).version];
+    assert.notDeepEqual(await stateDict('target'), await stateDict('source'), 'control: the two differ before');
+    const file = await download('source', ['--what', 'state_dict', '--format', 'pt'], 'source-sd.pt');
+
+    const stale = await ops(['sessions', 'import', 'target', file, '--if-match', String(targetVersion - 1)]);
+    assertFails(stale, 1, /VERSION_MISMATCH/);
+    assert.equal((await session('target')).version, targetVersion, 'a refused import changes nothing');
+
+    const r = await ops(['sessions', 'import', 'target', file, '--if-match', String(targetVersion)]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stdout, `loaded state_dict from ${file} into target: version ${targetVersion + 1} (step 3)\n`);
+    assert.deepEqual(await stateDict('target'), await stateDict('source'));
+    assert.deepEqual(await params('target'), targetParams, 'a state_dict leaves the parameters alone (it went to PUT state_dict)');
+
+    // The service's safetensors layout of a state_dict, through the executable, for a script (--json).
+    await makeSession('target-st', 6, 2);
+    const st = await download('source', ['--what', 'state_dict', '--format', 'safetensors'], 'source-sd.safetensors');
+    const viaBin = await run([BIN, 'sessions', 'import', 'target-st', st, '--json'], { ASGD_URL: url, ASGD_TOKEN: ADMIN });
+    assert.equal(viaBin.code, 0, viaBin.stderr);
+    const answer = JSON.parse(viaBin.stdout);
+    assert.equal(answer.name, 'target-st');
+    assert.equal(answer.version, (await session('target-st')).version);
+    assert.deepEqual(await stateDict('target-st'), await stateDict('source'));
+  });
+
+  test('import: a checkpoint replaces parameters and optimizer state; parameters files go to PUT params', async () => {
+    await makeSession('restored', 7, 0);
+    assert.notDeepEqual(await params('restored'), await params('source'), 'control');
+    const checkpoint = await download('source', ['--format', 'pt'], 'source-checkpoint.pt');
+    const r = await ops(['sessions', 'import', 'restored', checkpoint]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, new RegExp(`^loaded checkpoint from ${checkpoint} into restored: version 2 \\(step 3\\)\n$`));
+    assert.deepEqual(await params('restored'), await params('source'));
+    assert.deepEqual(await stateDict('restored'), await stateDict('source'));
+    assert.equal((await session('restored')).step, 3);
+
+    // Parameters: safetensors, a .pt model state_dict, and JSON as download writes it (with session, version, step beside them).
+    for (const [i, flags] of [['--format', 'safetensors'], ['--format', 'pt', '--what', 'params'], ['--format', 'json', '--what', 'params']].entries()) {
+      const name = `weights-${i}`;
+      await makeSession(name, 20 + i, 1);
+      const before = await stateDict(name);
+      const file = await download('source', flags, `source-params-${i}`);
+      const loaded = await ops(['sessions', 'import', name, file]);
+      assert.equal(loaded.code, 0, loaded.stderr);
+      assert.match(loaded.stdout, /^loaded params from .* version 3 \(step 1\)\n$/, flags.join(' '));
+      assert.deepEqual(await params(name), await params('source'), flags.join(' '));
+      assert.deepEqual((await stateDict(name)).param_groups, before.param_groups, 'the optimizer state stays');
+    }
+    // --what says which route: a checkpoint's JSON sent as a checkpoint.
+    await makeSession('forced', 30, 0);
+    const json = await download('source', ['--format', 'json'], 'source-checkpoint.json');
+    const forced = await ops(['sessions', 'import', 'forced', json, '--what', 'checkpoint']);
+    assert.equal(forced.code, 0, forced.stderr);
+    assert.deepEqual(await params('forced'), await params('source'));
+  });
+
+  test('import: bad input is a usage error naming it; the service\'s refusals print its code', async () => {
+    const sd = await download('source', ['--what', 'state_dict', '--format', 'pt'], 'errors-sd.pt');
+    const before = await session('source');
+    assertFails(await ops(['sessions', 'import', 'source']), 2, /sessions import: missing FILE/);
+    assertFails(await ops(['sessions', 'import']), 2, /sessions import: missing NAME FILE/);
+    assertFails(await ops(['sessions', 'import', 'source', join(dir, 'no-such.pt')]), 2, /cannot read .*no-such\.pt: no such file/);
+    await mkdir(join(dir, 'a-dir'));
+    assertFails(await ops(['sessions', 'import', 'source', join(dir, 'a-dir')]), 2, /cannot read .*a-dir: it is a directory/);
+    assertFails(await ops(['sessions', 'import', 'source', sd, '--what', 'weights']), 2, /--what must be one of checkpoint, state_dict, params/);
+    assertFails(await ops(['sessions', 'import', 'source', sd, '--if-match', 'latest']), 2, /--if-match: must be a whole number/);
+    const files: [string, string | Buffer, RegExp][] = [
+      ['empty.pt', '', /empty\.pt is empty/],
+      ['notes.txt', 'not a model\n', /notes\.txt is not a torch\.save file, safetensors or JSON/],
+      ['broken.pt', Buffer.concat([Buffer.from('PK\x03\x04'), Buffer.alloc(60, 7)]), /broken\.pt is not a readable torch\.save file: /],
+      ['other.json', '{"weights": [1, 2]}', /cannot tell what .*other\.json holds \(an object with keys weights\): pass --what checkpoint\|state_dict\|params/],
+      ['bad.json', '{"state": ', /bad\.json is not valid JSON/],
+    ];
+    for (const [name, content, message] of files) {
+      await writeFile(join(dir, name), content);
+      assertFails(await ops(['sessions', 'import', 'source', join(dir, name)]), 2, message);
+    }
+    assertFails(await ops(['sessions', 'import', 'source', join(dir, 'notes.txt'), '--what', 'checkpoint']), 2, /not a torch\.save file, safetensors or JSON/);
+    assert.equal((await session('source')).version, before.version, 'nothing was loaded');
+
+    assertFails(await ops(['sessions', 'import', 'nowhere', sd]), 3, /^asgd-serve: session "nowhere" does not exist \(SESSION_NOT_FOUND\)\n$/);
+    // A state_dict of other parameters: refused by the service, its code printed (400: a usage error).
+    const small = await app.inject({ method: 'POST', url: '/v1/sessions', headers: asAdmin, payload: { name: 'small', params: [{ name: 'w', shape: [2], data: [1, 2] }] } });
+    assert.equal(small.statusCode, 201, small.body);
+    assertFails(await ops(['sessions', 'import', 'small', sd]), 2, /doesn.t match the size of optimizer.s group \(STATE_DICT_MISMATCH\)\n$/);
+  });
+
+  test('restore: asks on a terminal, needs --yes in a script, and brings the snapshot\'s parameters back', async () => {
+    await makeSession('rollback', 40, 2);
+    const snap = await ops(['sessions', 'snapshot', 'rollback', '--json']);
+    assert.equal(snap.code, 0, snap.stderr);
+    const { id, version: snapVersion } = JSON.parse(snap.stdout) as { id: number; version: number };
+    const atSnapshot = await params('rollback');
+    const stateAtSnapshot = await stateDict('rollback');
+    for (let k = 0; k < 2; k++) assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/rollback/step', headers: asAdmin, payload: gradBody(90 + k) })).statusCode, 200);
+    const stepped = await params('rollback');
+    assert.notDeepEqual(stepped, atSnapshot, 'control: the steps moved the parameters');
+    const current = await session('rollback');
+
+    assertFails(await ops(['sessions', 'restore', 'rollback', '--snapshot', String(id)]), 2, /not on a terminal: pass --yes/);
+    const declined = await ops(['sessions', 'restore', 'rollback', '--snapshot', String(id)], { interactive: true, answer: 'n' });
+    assert.equal(declined.code, 2);
+    assert.equal(declined.stderr, 'not restored\n');
+    assert.equal(declined.asked[0], `Restore session "rollback" (version ${current.version}, step ${current.step}) to snapshot ${id} (version ${snapVersion}, step 2)? Its state becomes a new version. [y/N] `);
+    assert.deepEqual(await params('rollback'), stepped, 'declined: unchanged');
+
+    const confirmed = await ops(['sessions', 'restore', 'rollback', '--snapshot', String(id)], { interactive: true, answer: 'y' });
+    assert.equal(confirmed.code, 0, confirmed.stderr);
+    assert.equal(confirmed.stdout, `restored rollback to snapshot ${id} (version ${snapVersion}): version ${current.version + 1} (step 2)\n`);
+    assert.deepEqual(await params('rollback'), atSnapshot, 'the snapshot\'s exact values');
+    assert.deepEqual(await stateDict('rollback'), stateAtSnapshot);
+
+    const scripted = await ops(['sessions', 'restore', 'rollback', '--snapshot', String(id), '--yes', '--json', '--if-match', String(current.version + 1)]);
+    assert.equal(scripted.code, 0, scripted.stderr);
+    assert.equal(JSON.parse(scripted.stdout).version, current.version + 2);
+    assertFails(await ops(['sessions', 'restore', 'rollback', '--snapshot', String(id), '--yes', '--if-match', '1']), 1, /VERSION_MISMATCH/);
+
+    assertFails(await ops(['sessions', 'restore', 'rollback', '--yes']), 2, /say which snapshot with --snapshot ID/);
+    assertFails(await ops(['sessions', 'restore', 'rollback', '--version', '2', '--yes']), 2, /restores snapshots, not versions/);
+    assertFails(await ops(['sessions', 'restore', 'rollback', '--snapshot', '999999', '--yes']), 3, /\(SNAPSHOT_NOT_FOUND\)/);
+    assertFails(await ops(['sessions', 'restore', 'nowhere', '--snapshot', String(id), '--yes']), 3, /session "nowhere" does not exist \(SESSION_NOT_FOUND\)/);
+  });
+
+  test('fork: a new session with the source\'s parameters, from its current state or a snapshot', async () => {
+    const r = await ops(['sessions', 'fork', 'source', 'copy']);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stdout, 'forked source into copy: version 1, step 3, 2 tensors, 16 elements\n');
+    assert.deepEqual(await params('copy'), await params('source'));
+    assert.deepEqual(await stateDict('copy'), await stateDict('source'));
+
+    const snap = JSON.parse((await ops(['sessions', 'snapshot', 'source', '--json'])).stdout) as { id: number };
+    const atSnapshot = await params('source');
+    assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/source/step', headers: asAdmin, payload: gradBody(77) })).statusCode, 200);
+    const fromSnapshot = await ops(['sessions', 'fork', 'source', 'copy-2', '--snapshot', String(snap.id), '--keep-snapshots', '3', '--max-staleness', '4', '--json']);
+    assert.equal(fromSnapshot.code, 0, fromSnapshot.stderr);
+    assert.equal(JSON.parse(fromSnapshot.stdout).name, 'copy-2');
+    assert.deepEqual(await params('copy-2'), atSnapshot);
+    assert.notDeepEqual(await params('copy-2'), await params('source'), 'control: the source stepped on');
+    const settings = await session('copy-2');
+    assert.deepEqual([settings.keep_snapshots, settings.max_staleness], [3, 4]);
+
+    assertFails(await ops(['sessions', 'fork', 'source', 'copy']), 1, /session "copy" already exists \(SESSION_EXISTS\)/);
+    assertFails(await ops(['sessions', 'fork', 'nowhere', 'copy-3']), 3, /\(SESSION_NOT_FOUND\)/);
+    assertFails(await ops(['sessions', 'fork', 'source']), 2, /sessions fork: missing NEW_NAME/);
+    assertFails(await ops(['sessions', 'fork', 'source', 'copy-3', '--version', '2']), 2, /forks the current state or a snapshot/);
+    assertFails(await ops(['sessions', 'fork', 'source', 'copy-3', '--max-staleness', 'some']), 2, /--max-staleness: must be a whole number >= 0 or none/);
+    assert.equal((await app.inject({ method: 'GET', url: '/v1/sessions/copy-3', headers: asAdmin })).statusCode, 404);
+  });
+
+  test('help and the unknown-command message list import, restore and fork', async () => {
+    const help = await ops(['sessions', '--help']);
+    assert.equal(help.code, 0);
+    for (const line of [/sessions import NAME FILE \[--what checkpoint\|state_dict\|params\] \[--if-match VERSION\]/, /sessions restore NAME --snapshot ID \[--yes\]/, /sessions fork NAME NEW_NAME \[--snapshot ID\]/]) {
+      assert.match(help.stdout, line);
+    }
+    const unknown = await ops(['sessions', 'upload', 'x']);
+    assert.equal(unknown.code, 2);
+    assert.match(unknown.stderr, /unknown command "upload" \(ls, show, rm, snapshot, download, import, restore, fork\)/);
+    assert.match((await runHere(['--help'])).stdout, /sessions\s+ls, show, rm, snapshot, download, import, restore, fork:/);
+  });
 });
