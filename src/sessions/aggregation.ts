@@ -144,15 +144,19 @@ export function combineContributions(state: SessionState, contributions: readonl
 
 /** The round's metrics: each name's mean over the contributions that report it (in worker order). */
 export function averageMetrics(contributions: readonly { metrics: Record<string, number> | null }[]): Record<string, number> | null {
-  const sums = new Map<string, { sum: number; n: number }>();
+  const sums = new Map<string, { sum: number; n: number; values: number[] }>();
   for (const c of contributions) {
     for (const [name, value] of Object.entries(c.metrics ?? {})) {
-      const entry = sums.get(name) ?? { sum: 0, n: 0 };
+      const entry = sums.get(name) ?? { sum: 0, n: 0, values: [] };
       entry.sum += value;
       entry.n++;
+      entry.values.push(value);
       sums.set(name, entry);
     }
   }
   if (sums.size === 0) return null;
-  return Object.fromEntries([...sums].map(([name, { sum, n }]) => [name, sum / n]));
+  // Finite values have a finite mean: when their sum overflows (two of 1.7e308), each is divided first.
+  const mean = ({ sum, n, values }: { sum: number; n: number; values: number[] }) =>
+    Number.isFinite(sum) ? sum / n : values.reduce((a, v) => a + v / n, 0);
+  return Object.fromEntries([...sums].map(([name, entry]) => [name, mean(entry)]));
 }

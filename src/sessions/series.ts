@@ -53,6 +53,9 @@ export type MetricNames = ReturnType<typeof createMetricNames>;
  * as a column. Expanding each row's metrics into rows (jsonb_each) and grouping those was 10x slower:
  * 200,000 rows sorted by (bucket, key), planned so large that PostgreSQL compiled the query (JIT).
  */
+/** Metrics one scan of downsampledSeries reads: 3 columns each and 7 more stay below PostgreSQL's 1664. */
+const METRICS_PER_SCAN = 500;
+
 export async function downsampledSeries(
   db: Database, metricNames: MetricNames, sessionId: number, afterVersion: number, maxPoints: number,
 ): Promise<{ points: SeriesPoint[]; downsampled: boolean }> {
@@ -73,6 +76,10 @@ export async function downsampledSeries(
   }
   const { first, last } = range;
   const width = Math.ceil((last - first + 1) / maxPoints);
+  // A mean is the sum of the values divided by a power of two at least the bucket's width (exact, but for
+  // values below ~1e-300), so no sum overflows: a bucket of finite values has a finite mean, whatever their
+  // size. (avg(float8) also sums the squares, which overflow above 1.3e154.)
+  const scale = 2 ** Math.ceil(Math.log2(width));
   const rows = await db.transaction(async (tx) => {
     // The planner guesses 100 keys a row for jsonb_object_keys and would compile that query (JIT) for
     // seconds; the scan itself takes milliseconds.
@@ -82,28 +89,37 @@ export async function downsampledSeries(
       await tx.query("SET LOCAL work_mem = '64MB'");
     }
     const keys = await metricNames(tx, sessionId, last);
-    // Each metric is read from the row's jsonb once (the subquery; OFFSET 0 keeps it from being inlined).
-    const values = keys.map((_, k) => `, (metrics->>$${k + 5})::float8 AS v${k}`).join('');
-    const figures = keys.map((_, k) => `, min(v${k}) AS "min${k}", max(v${k}) AS "max${k}", avg(v${k}) AS "mean${k}"`).join('');
-    const buckets = await tx.query<Record<string, number | string | null>>(
-      `SELECT min(version)::float8 AS version_from, max(version)::float8 AS version, max(step)::float8 AS step, max(created_at) AS time,
-         avg(staleness)::float8 AS staleness, max(staleness)::float8 AS staleness_max, count(*)::float8 AS count${figures}
-       FROM (SELECT version, step, created_at, staleness${values} FROM step_history WHERE session_id = $1 AND version > $2 OFFSET 0) r
-       GROUP BY (version - $4) / $3 ORDER BY 1`,
-      [sessionId, afterVersion, width, first, ...keys],
-    );
-    return { keys, buckets };
+    // A statement has at most 1664 columns: three a metric, so a session that reported more names than one
+    // scan holds is read in several scans of the same buckets, each with its share of the names.
+    const scans: Record<string, number | string | null>[][] = [];
+    for (let from = 0; from === 0 || from < keys.length; from += METRICS_PER_SCAN) {
+      const names = keys.slice(from, from + METRICS_PER_SCAN);
+      // Each metric is read from the row's jsonb once (the subquery; OFFSET 0 keeps it from being inlined).
+      const values = names.map((_, k) => `, (metrics->>$${k + 6})::float8 AS v${k}`).join('');
+      const figures = names.map((_, k) => `, min(v${k}) AS "min${k}", max(v${k}) AS "max${k}", sum(v${k} / $5) / count(v${k}) * $5 AS "mean${k}"`).join('');
+      scans.push(await tx.query<Record<string, number | string | null>>(
+        `SELECT min(version)::float8 AS version_from, max(version)::float8 AS version, max(step)::float8 AS step, max(created_at) AS time,
+           avg(staleness)::float8 AS staleness, max(staleness)::float8 AS staleness_max, count(*)::float8 AS count${figures}
+         FROM (SELECT version, step, created_at, staleness${values} FROM step_history WHERE session_id = $1 AND version > $2 OFFSET 0) r
+         GROUP BY (version - $4) / $3 ORDER BY 1`,
+        [sessionId, afterVersion, width, first, scale, ...names],
+      ));
+    }
+    return { keys, scans };
   }, { consistentRead: true });
-  const points = rows.buckets.map((r) => {
+  // Every scan has the same buckets in the same order (one transaction's snapshot, the same grouping).
+  const points = rows.scans[0].map((r, b) => {
     const point: SeriesPoint = {
       version: r.version as number, step: r.step as number, time: new Date(r.time as string), staleness: r.staleness as number, values: {},
       versionFrom: r.version_from as number, count: r.count as number, stalenessMax: r.staleness_max as number, min: {}, max: {},
     };
-    rows.keys.forEach((key, k) => {
-      if (r[`mean${k}`] === null) return; // no step of this bucket reported it
-      point.values[key] = r[`mean${k}`] as number;
-      point.min![key] = r[`min${k}`] as number;
-      point.max![key] = r[`max${k}`] as number;
+    rows.keys.forEach((key, i) => {
+      const scan = rows.scans[Math.floor(i / METRICS_PER_SCAN)][b];
+      const k = i % METRICS_PER_SCAN;
+      if (scan[`mean${k}`] === null) return; // no step of this bucket reported it
+      point.values[key] = scan[`mean${k}`] as number;
+      point.min![key] = scan[`min${k}`] as number;
+      point.max![key] = scan[`max${k}`] as number;
     });
     return point;
   });

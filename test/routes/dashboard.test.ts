@@ -190,6 +190,30 @@ test('metrics ?max_points: the steps themselves when few, else buckets whose min
   assert.equal((await app.inject({ url: '/v1/sessions/none/metrics?max_points=5' })).json().code, 'SESSION_NOT_FOUND');
 });
 
+test('metrics ?max_points: hundreds of metric names over a session\'s life, and huge finite values, are still a series', async (t) => {
+  const { app } = await buildTestApp(t);
+  await create(app, 'many');
+  // 20 steps, each with 32 names of its own: 640 names (three figures each would pass PostgreSQL's 1664 columns in one scan)
+  for (let s = 0; s < 20; s++) {
+    await stepWith(app, 'many', { metrics: Object.fromEntries(Array.from({ length: 32 }, (_, k) => [`m${s}_${k}`, s * 100 + k])) });
+  }
+  const res = await app.inject({ url: '/v1/sessions/many/metrics?max_points=2' });
+  assert.equal(res.statusCode, 200, res.body);
+  const { points } = res.json();
+  assert.deepEqual(points.map((p: Record<string, unknown>) => [p.version_from, p.version, p.count]), [[2, 11, 10], [12, 21, 10]]);
+  assert.equal(Object.keys(points[0].values).length + Object.keys(points[1].values).length, 640);
+  assert.deepEqual([points[0].values.m0_0, points[0].values.m9_31, points[1].values.m10_0, points[1].values.m19_31], [0, 931, 1000, 1931]);
+  assert.equal(points[1].values.m0_0, undefined);
+
+  // finite values whose sum overflows a double: their mean is finite
+  await create(app, 'huge');
+  for (const loss of [1.7e308, 1.7e308, 1.7e308, -1.7e308]) await stepWith(app, 'huge', { metrics: { loss } });
+  const huge = await app.inject({ url: '/v1/sessions/huge/metrics?max_points=2' });
+  assert.equal(huge.statusCode, 200, huge.body);
+  assert.deepEqual(huge.json().points.map((p: { values: { loss: number }; min: { loss: number }; max: { loss: number } }) => [p.values.loss, p.min.loss, p.max.loss]),
+    [[1.7e308, 1.7e308, 1.7e308], [0, -1.7e308, 1.7e308]]);
+});
+
 test('hyperparameters: the steps that changed them, with every group after; paged by version', async (t) => {
   const { app } = await buildTestApp(t);
   await create(app, 'h1');

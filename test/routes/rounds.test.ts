@@ -315,3 +315,14 @@ test('a load voids the open round: its contributions are stale; aggregation: nul
   const contribution = await contribute(app, 'v', { worker: 'w1', grads, base: 3, wait: 1 });
   assert.equal(contribution.statusCode, 202, contribution.body);
 });
+
+test('a round\'s metrics are the mean of its contributions\', finite even when their sum is not', async (t) => {
+  const { app } = await buildTestApp(t);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: sessionBody('big', { contributions: 2 }) })).statusCode, 201);
+  const first = contribute(app, 'big', { worker: 'a', grads: gradsOf(1), extra: { metrics: { loss: 1.7e308, acc: 0.5 } } });
+  const second = await contribute(app, 'big', { worker: 'b', grads: gradsOf(2), extra: { metrics: { loss: 1.7e308, acc: 0.25 } } });
+  assert.equal(second.statusCode, 200, second.body);
+  assert.equal((await first).statusCode, 200);
+  const series = (await app.inject({ url: '/v1/sessions/big/metrics' })).json();
+  assert.deepEqual(series.points.map((p: { values: unknown }) => p.values), [{ loss: 1.7e308, acc: 0.375 }]);
+});
