@@ -31,7 +31,8 @@ test('If-None-Match: "<version>" answers 304 on session, params, state_dict and 
       assert.equal(res.headers.etag, '"2"');
       assert.equal(res.body, '');
     }
-    for (const tag of ['"1"', '"3"', 'W/"x"', 'garbage']) assert.equal((await get(url, tag)).statusCode, 200, `${url} ${tag}`);
+    // tags are opaque: only the one sent matches, not "02", an unquoted 2 or an unbalanced "2
+    for (const tag of ['"1"', '"3"', 'W/"x"', 'garbage', '"02"', '2', '"2', '2"']) assert.equal((await get(url, tag)).statusCode, 200, `${url} ${tag}`);
   }
   await step(app, 'c', 1); // version 3: the old tag no longer matches
   for (const url of urls) assert.equal((await get(url, '"2"')).statusCode, 200, url);
@@ -171,6 +172,18 @@ test('the event stream sends each new version with its kind, metrics and stalene
   await resumed.until(() => resumed.events.length === 1);
   assert.equal(resumed.events[0].data.version, 3);
   resumed.close();
+  // A resume point past the current version (another session's, deleted and created again under this name
+  // while the client reconnected): the current version at once, not silence until the version passes it.
+  const ahead = readEvents(`${base}/v1/sessions/e/events`, { 'last-event-id': '50' });
+  await ahead.until(() => ahead.events.length === 1);
+  assert.equal(ahead.events[0].data.version, 3);
+  ahead.close();
+  await stream.until(() => app.versions.stats().streams === 1, 2000);
+  // Resuming at the current version: nothing until the next one.
+  const level = readEvents(`${base}/v1/sessions/e/events`, { 'last-event-id': '3' });
+  await level.until(() => app.versions.stats().streams === 2, 2000);
+  assert.equal(level.events.length, 0);
+  level.close();
   await stream.until(() => app.versions.stats().streams === 1, 2000);
   // Deleted: the stream says so and ends.
   assert.equal((await app.inject({ method: 'DELETE', url: '/v1/sessions/e' })).statusCode, 204);
@@ -222,12 +235,19 @@ test('a waiting read whose client disconnects is released at once; waiters are a
   await until(() => app.versions.stats().waiters === 1);
   request.destroy();
   await until(() => app.versions.stats().waiters === 0);
-  // At shutdown a waiting read answers (304, nothing newer came) instead of holding the close for 60 s.
-  const answered = new Promise<number>((resolve) => http.get(`${base}/v1/sessions/d/params?after_version=1&wait=60`, (res) => resolve(res.statusCode ?? 0)).on('error', () => resolve(-1)));
+  // At shutdown a waiting read answers instead of holding the close for 60 s: 503 with Retry-After (the
+  // wait was cut short: wait again elsewhere), not a 304 that would say nothing came in 60 s.
+  const answered = new Promise<http.IncomingMessage | null>((resolve) => http.get(`${base}/v1/sessions/d/params?after_version=1&wait=60`, resolve).on('error', () => resolve(null)));
   await until(() => app.versions.stats().waiters === 1);
   const closing = Date.now();
   await app.close();
-  assert.equal(await answered, 304);
+  const res = await answered;
+  assert.equal(res?.statusCode, 503);
+  assert.equal(res?.headers['retry-after'], '1');
+  assert.equal(res?.headers.connection, 'close');
+  const body = JSON.parse(await new Promise<string>((resolve) => { let text = ''; res!.on('data', (c) => (text += c)).on('end', () => resolve(text)); }));
+  assert.equal(body.code, 'SERVICE_UNAVAILABLE');
+  assert.match(body.message, /^shutting down: the wait for a version after 1 was cut short/);
   assert.ok(Date.now() - closing < 5000, `closed in ${Date.now() - closing} ms`);
 });
 

@@ -9,14 +9,14 @@ export const MAX_WAIT_SECONDS = 60;
 
 /**
  * If-None-Match (RFC 9110 section 13.1.2): weak comparison, so W/"3" and "3" are alike; a list matches
- * when any tag does; "*" matches any current state. Tags that are not versions never match.
+ * when any tag does; "*" matches any current state. Tags this service did not send never match.
  */
 export function noneMatch(request: FastifyRequest, version: number): boolean {
   const tags = ifNoneMatchTags(request.headers['if-none-match']);
   if (tags === null || tags === '*') return tags === '*';
   return tags.some((tag) => {
-    const m = /^"?(\d{1,15})"?$/.exec(tag);
-    return m !== null && Number(m[1]) === version;
+    // Entity tags are opaque strings: "3" (or W/"3"), not "03", an unquoted 3 or an unbalanced "3.
+    return tag === `"${version}"`;
   });
 }
 
@@ -78,6 +78,9 @@ export async function waitPastVersion(
       if (gone.signal.aborted || closing) {
         const session = await fastify.sessions.get(name);
         if (session.version > afterVersion) return true;
+        // Shutting down: the wait was cut short, which a 304 would pass off as "nothing new in `wait`
+        // seconds"; a 503 sends the client to wait again (on another replica), as every request refused at shutdown.
+        if (!gone.signal.aborted) throw errors.unavailable(`shutting down: the wait for a version after ${afterVersion} was cut short; wait again`);
         await sendNotModified(reply, session.version);
         return false;
       }

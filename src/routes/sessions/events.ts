@@ -55,7 +55,9 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     // HEAD: the stream's headers and no stream (a body would never be sent, and the slot held until the client gave up).
     if (request.method === 'HEAD') return reply.header('content-type', 'text/event-stream; charset=utf-8').header('cache-control', 'no-cache, no-transform').send('');
     const resume = request.query.after_version ?? (request.headers['last-event-id'] !== undefined ? Number(request.headers['last-event-id']) : null);
-    let sent = resume ?? current.version;
+    // A resume point past the current version is another session's (deleted and created again under this
+    // name while the client reconnected): the current version is sent at once, as after any gap.
+    let sent = resume === null ? current.version : resume > current.version ? current.version - 1 : resume;
     const res = reply.raw;
     let ended = false;
     let keepAlive: NodeJS.Timeout | undefined;
