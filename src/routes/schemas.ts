@@ -70,6 +70,9 @@ export const Hyperparameters = withCode(Type.Object(HyperparameterFields, {
 /** A param group of a create request: parameter names and the hyperparameters that differ from the defaults. */
 export const ParamGroupIn = withCode(Type.Object({
   params: Type.Array(Type.String(), { minItems: 1, description: 'Names of the group\'s parameters' }),
+  param_names: Type.Optional(Type.Array(Type.String({ minLength: 1, maxLength: 1024 }), {
+    description: 'As torch (2.6 on) keeps them for an optimizer made from model.named_parameters(): one name for each of `params`, served back in the state_dict',
+  })),
   ...HyperparameterFields,
 }, { additionalProperties: false }), 'INVALID_PARAM_GROUPS');
 

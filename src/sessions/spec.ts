@@ -105,6 +105,7 @@ export function kernelHyperparameters(group: GroupSpec): AsgdHyperparameters {
 
 export interface ParamGroupInput extends HyperparameterInput {
   params?: unknown;
+  param_names?: unknown;
 }
 
 /**
@@ -129,13 +130,21 @@ export function buildGroups(
     if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) throw errors.invalidParamGroups(`${field}: must be an object`);
     const input = raw as ParamGroupInput;
     for (const key of Object.keys(input)) {
-      if (key !== 'params' && !(HYPERPARAMETER_KEYS as readonly string[]).includes(key) && !(FLAG_KEYS as readonly string[]).includes(key)) {
+      if (key !== 'params' && key !== 'param_names' && !(HYPERPARAMETER_KEYS as readonly string[]).includes(key) && !(FLAG_KEYS as readonly string[]).includes(key)) {
         throw errors.invalidParamGroups(`${field}.${key}: unknown key`);
       }
     }
     if (!Array.isArray(input.params) || input.params.length === 0) throw errors.invalidParamGroups(`${field}.params: must be a non-empty list of parameter names`);
-    const { params: _ignored, ...overrides } = input;
+    const { params: _ignored, param_names: names, ...overrides } = input;
     const hyper = resolveHyperparameters(defaults, overrides, field);
+    // torch (2.6 on) keeps each group's parameter names when built from model.named_parameters(); they
+    // travel with the state_dict as its param_names.
+    if (names !== undefined) {
+      if (!Array.isArray(names) || names.length !== input.params.length || names.some((n) => typeof n !== 'string' || n.length === 0 || n.length > 1024)) {
+        throw errors.invalidParamGroups(`${field}.param_names: must be a list of names (strings of 1 to 1024 characters), one for each of the group's parameters`);
+      }
+      hyper.extra = { param_names: names };
+    }
     const indices: number[] = [];
     for (const [k, name] of (input.params as unknown[]).entries()) {
       const index = typeof name === 'string' ? byName.get(name) : undefined;

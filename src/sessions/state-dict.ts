@@ -72,8 +72,12 @@ export function parseStateDict(body: unknown, intKeysOf?: (group: number) => str
       if ((HYPERPARAMETER_KEYS as readonly string[]).includes(key) || (FLAG_KEYS as readonly string[]).includes(key)) known[key] = value;
       else {
         // Keys other code put there (initial_lr from an LR scheduler, …) travel along, as in PyTorch.
+        if (key === 'param_names') {
+          extra[key] = paramNames(value, (g.params as number[]).length, `${field}.${key}`);
+          continue;
+        }
         if (!(value === null || ['number', 'string', 'boolean'].includes(typeof value))) {
-          throw errors.invalidStateDict(`${field}.${key}`, 'extra group keys must be numbers, strings, booleans or null');
+          throw errors.invalidStateDict(`${field}.${key}`, 'extra group keys must be numbers, strings, booleans or null (or param_names, a list of strings)');
         }
         if (typeof value === 'number' && !Number.isFinite(value)) throw errors.invalidStateDict(`${field}.${key}`, 'must be finite');
         extra[key] = value;
@@ -144,6 +148,22 @@ export function paramsJson(view: StateView, averaged: boolean): Record<string, u
 
 // ---- the typed state_dict of src/formats (torch.save files) ----------------------------------------
 
+/** Longest parameter name a param group's param_names may hold. */
+const MAX_PARAM_NAME_LENGTH = 1024;
+
+/**
+ * A group's `param_names`: torch (2.6 on) keeps them in each group of an optimizer made from
+ * model.named_parameters(), one per parameter of the group, and they travel with its state_dict. Names
+ * only: loading does not match parameters by them, as in torch.
+ */
+function paramNames(value: unknown, count: number, field: string): string[] {
+  if (!Array.isArray(value) || value.some((n) => typeof n !== 'string' || n.length === 0 || n.length > MAX_PARAM_NAME_LENGTH)) {
+    throw errors.invalidStateDict(field, `must be a list of parameter names (strings of 1 to ${MAX_PARAM_NAME_LENGTH} characters)`);
+  }
+  if (value.length !== count) throw errors.invalidStateDict(field, `has ${value.length} names for the group's ${count} parameters`);
+  return value as string[];
+}
+
 /** A state_dict read from a torch.save file, validated like a JSON one. */
 export function loadedFromAsgd(sd: AsgdStateDict): LoadedStateDict {
   const paramGroups = sd.paramGroups.map((g, k) => {
@@ -161,8 +181,10 @@ export function loadedFromAsgd(sd: AsgdStateDict): LoadedStateDict {
         hyper.int_keys.push(key);
       } else if (value === null || typeof value === 'string' || typeof value === 'boolean' || (typeof value === 'number' && Number.isFinite(value))) {
         extra[key] = value;
+      } else if (key === 'param_names') {
+        extra[key] = paramNames(value, g.params.length, `${field}.${key}`);
       } else {
-        throw errors.invalidStateDict(`${field}.${key}`, 'extra group keys must be numbers, strings, booleans or None');
+        throw errors.invalidStateDict(`${field}.${key}`, 'extra group keys must be numbers, strings, booleans or None (or param_names, a list of strings)');
       }
     }
     if (Object.keys(extra).length) hyper.extra = extra;

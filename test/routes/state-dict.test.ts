@@ -137,3 +137,41 @@ test('If-Match, Idempotency-Key and bounded staleness', async (t) => {
   const future = await step({}, '?base_version=999');
   assert.equal(future.statusCode, 400);
 });
+
+test('param_names (torch 2.6 on, an optimizer made from named_parameters()) travel with the state_dict: created, loaded and served in JSON, .pt and safetensors', async (t) => {
+  const { app } = await buildTestApp(t);
+  const named = [{ params: ['w'], param_names: ['encoder.weight'], weight_decay: 0.01 }, { params: ['b'], param_names: ['encoder.bias'], lr: 0.1 }];
+  const created = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'n', params, hyperparameters: defaults, param_groups: named } });
+  assert.equal(created.statusCode, 201, created.body);
+  const served = (await app.inject({ url: '/v1/sessions/n/state_dict' })).json();
+  assert.deepEqual(served.param_groups.map((g: { param_names: string[] }) => g.param_names), [['encoder.weight'], ['encoder.bias']]);
+  // loaded names replace the session's, as torch's load_state_dict does; every form serves them back
+  const renamed = { ...served, param_groups: served.param_groups.map((g: Record<string, unknown>, i: number) => ({ ...g, param_names: [`layer${i}`] })) };
+  const loaded = await app.inject({ method: 'PUT', url: '/v1/sessions/n/state_dict', payload: renamed });
+  assert.equal(loaded.statusCode, 200, loaded.body);
+  const names = (sd: { param_groups: { param_names: string[] }[] }) => sd.param_groups.map((g) => g.param_names);
+  assert.deepEqual(names((await app.inject({ url: '/v1/sessions/n/state_dict' })).json()), [['layer0'], ['layer1']]);
+  for (const format of ['pt', 'safetensors']) {
+    const file = (await app.inject({ url: `/v1/sessions/n/state_dict?format=${format}` })).rawPayload;
+    const back = await app.inject({ method: 'PUT', url: '/v1/sessions/n/state_dict', headers: { 'content-type': format === 'pt' ? 'application/octet-stream' : 'application/x-safetensors' }, payload: file });
+    assert.equal(back.statusCode, 200, `${format}: ${back.body}`);
+    assert.deepEqual(names((await app.inject({ url: '/v1/sessions/n/state_dict' })).json()), [['layer0'], ['layer1']], format);
+  }
+  // a state_dict without them (an optimizer made from parameters()) loads too
+  const plain = { ...served, param_groups: served.param_groups.map(({ param_names: _, ...g }: Record<string, unknown>) => g) };
+  assert.equal((await app.inject({ method: 'PUT', url: '/v1/sessions/n/state_dict', payload: plain })).statusCode, 200);
+  // bad names: 400 naming the field, the session unchanged
+  const before = (await app.inject({ url: '/v1/sessions/n/state_dict' })).json();
+  for (const [value, message] of [[['a', 'b'], /has 2 names for the group's 1 parameters/], [[3], /must be a list of parameter names/], ['w', /must be a list of parameter names/], [[''], /must be a list/]] as const) {
+    const bad = { ...served, param_groups: served.param_groups.map((g: Record<string, unknown>, i: number) => (i === 0 ? { ...g, param_names: value } : g)) };
+    const res = await app.inject({ method: 'PUT', url: '/v1/sessions/n/state_dict', payload: bad });
+    assert.equal(res.statusCode, 400, JSON.stringify(value));
+    assert.equal(res.json().code, 'INVALID_STATE_DICT');
+    assert.match(res.json().message, /^param_groups\[0\]\.param_names: /);
+    assert.match(res.json().message, message);
+  }
+  assert.deepEqual((await app.inject({ url: '/v1/sessions/n/state_dict' })).json(), before);
+  const badCreate = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'n2', params, param_groups: [{ params: ['w', 'b'], param_names: ['x'] }] } });
+  assert.equal(badCreate.statusCode, 400);
+  assert.match(badCreate.json().message, /^param_groups\[0\]\.param_names: /);
+});

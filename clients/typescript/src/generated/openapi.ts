@@ -1672,6 +1672,8 @@ export interface operations {
                     param_groups?: {
                         /** @description Names of the group's parameters */
                         params: string[];
+                        /** @description As torch (2.6 on) keeps them for an optimizer made from model.named_parameters(): one name for each of `params`, served back in the state_dict */
+                        param_names?: string[];
                         /** @description Learning rate (default 0.01) */
                         lr?: number;
                         /** @description Decay term (default 0.0001) */
