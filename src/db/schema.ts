@@ -161,6 +161,22 @@ export const stepHistory = pgTable('step_history', {
 }, (t) => [primaryKey({ columns: [t.sessionId, t.version] })]);
 
 /**
+ * Changes of the groups' hyperparameters that are not steps: a load (state_dict, checkpoint) or a restore
+ * whose groups differ from the ones before. With the steps' (step_history.hyper) and the first ones
+ * (initial_groups) they tell the values every step ran with; kept for the session's lifetime.
+ */
+export const groupChanges = pgTable('group_changes', {
+  sessionId: bigint('session_id', { mode: 'number' }).notNull().references(() => sessions.id, { onDelete: 'cascade' }),
+  version: bigint('version', { mode: 'number' }).notNull(),
+  step: bigint('step', { mode: 'number' }).notNull(),
+  createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
+  /** What made the version: load_state_dict, load_checkpoint, restore. */
+  reason: text('reason').notNull(),
+  /** Each group's hyperparameters after the change (as step_history.hyper). */
+  hyper: jsonb('hyper').$type<Record<string, unknown>[]>().notNull(),
+}, (t) => [primaryKey({ columns: [t.sessionId, t.version] })]);
+
+/**
  * A worker's gradient for the open round of a session with `aggregation`: stored as it arrives, under the
  * session row lock, at the version it was computed on. The round's step (one transaction) reads the
  * round's rows, logs their mean as an ordinary step and deletes them. Rows at an older version than the
@@ -212,4 +228,4 @@ export type SessionRow = Omit<typeof sessions.$inferSelect, 'listenedUntil'>;
 export type SnapshotRow = typeof snapshots.$inferSelect;
 export type TokenRow = typeof tokens.$inferSelect;
 
-export const schema = { sessions, snapshots, snapshotChunks, stepLog, stepHistory, roundContributions, initialGroups, idempotencyKeys, tokens };
+export const schema = { sessions, snapshots, snapshotChunks, stepLog, stepHistory, groupChanges, roundContributions, initialGroups, idempotencyKeys, tokens };

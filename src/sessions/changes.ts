@@ -10,6 +10,8 @@ import type { Reads } from './reads.ts';
 import * as repo from './repository.ts';
 import type { SessionRecord } from './repository.ts';
 import type { SnapshotWriter } from './snapshot-writer.ts';
+import type { SessionState } from './state.ts';
+import { groupHyperparameters } from './step-input.ts';
 
 /** A fork's settings: each one not given is the source session's. */
 export interface ForkTarget {
@@ -114,6 +116,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
       else if (plan) state.step = Math.round(plan.scalars.reduce((most, s) => Math.max(most, s?.step ?? 0), 0));
       state.version = session.version + 1;
       await writer.writeState(tx, session.id, state, opts.reason);
+      await recordGroupChange(tx, session, state, opts.reason);
       await repo.advanceSession(tx, session.id, state.version, state.step, state.groups);
       await repo.notifyVersion(tx, name, state.version, state.step);
       await repo.pruneHistory(tx, session.id, session.keepSnapshots);
@@ -121,6 +124,16 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
       return mustFind(tx, name);
     });
     return written(name, opts.reason, session);
+  }
+
+  /**
+   * A change that is not a step and sets the groups' hyperparameters to other values: kept (group_changes)
+   * so that the values every step ran with stay known (the dashboard's charts of lr, eta and mu).
+   */
+  async function recordGroupChange(tx: Queryable, before: SessionRecord, state: SessionState, reason: string): Promise<void> {
+    const after = groupHyperparameters(state.groups);
+    if (JSON.stringify(after) === JSON.stringify(groupHyperparameters(before.groups))) return;
+    await repo.insertGroupChange(tx, before.id, state.version, state.step, reason, after);
   }
 
   /** Rolls the session back to a snapshot's state, as a new version. */
@@ -133,6 +146,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
       const state = await history.loadSnapshot(tx, snapshot, session);
       state.version = session.version + 1;
       await writer.writeState(tx, session.id, state, 'restore');
+      await recordGroupChange(tx, session, state, 'restore');
       await repo.advanceSession(tx, session.id, state.version, state.step, state.groups);
       await repo.notifyVersion(tx, name, state.version, state.step);
       await repo.pruneHistory(tx, session.id, session.keepSnapshots);

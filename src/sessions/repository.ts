@@ -22,6 +22,11 @@ export interface StepLogEntry {
   hyper: HyperDelta | null;
 }
 
+/** A change of the groups' hyperparameters that is not a step (series.ts hyperChanges reads them with the steps'). */
+export async function insertGroupChange(q: Queryable, sessionId: number, version: number, step: number, reason: string, hyper: Record<string, unknown>[]): Promise<void> {
+  await q.query('INSERT INTO group_changes (session_id, version, step, reason, hyper) VALUES ($1, $2, $3, $4, $5::jsonb)', [sessionId, version, step, reason, JSON.stringify(hyper)]);
+}
+
 /** The step_log.grad_dtype value: NULL for float32 (every row before the column existed). */
 const gradDtypeColumn = (dtype: GradDtype) => (dtype === 'float32' ? null : dtype);
 

@@ -130,17 +130,25 @@ export interface HyperChange {
   version: number;
   step: number;
   time: Date;
+  /** 'step', or what else made the version: load_state_dict, load_checkpoint, restore. */
+  reason: string;
   paramGroups: Record<string, unknown>[];
 }
 
-/** The steps after `afterVersion` that changed hyperparameters, with each group's values after them. */
+/**
+ * The versions after `afterVersion` that changed hyperparameters, with each group's values after them:
+ * steps that set them, and loads and restores that changed them (group_changes).
+ */
 export async function hyperChanges(q: Queryable, sessionId: number, afterVersion: number, limit: number): Promise<HyperChange[]> {
-  const rows = await q.query<{ version: number; step: number; created_at: string; hyper: Record<string, unknown>[] }>(
-    `SELECT version::float8 AS version, step::float8 AS step, created_at, hyper FROM step_history
-     WHERE session_id = $1 AND version > $2 AND hyper IS NOT NULL ORDER BY version LIMIT $3`,
+  const rows = await q.query<{ version: number; step: number; created_at: string; reason: string; hyper: Record<string, unknown>[] }>(
+    `SELECT version::float8 AS version, step::float8 AS step, created_at, 'step' AS reason, hyper FROM step_history
+     WHERE session_id = $1 AND version > $2 AND hyper IS NOT NULL
+     UNION ALL
+     SELECT version::float8, step::float8, created_at, reason, hyper FROM group_changes WHERE session_id = $1 AND version > $2
+     ORDER BY version LIMIT $3`,
     [sessionId, afterVersion, limit],
   );
-  return rows.map((r) => ({ version: r.version, step: r.step, time: new Date(r.created_at), paramGroups: r.hyper }));
+  return rows.map((r) => ({ version: r.version, step: r.step, time: new Date(r.created_at), reason: r.reason, paramGroups: r.hyper }));
 }
 
 /**

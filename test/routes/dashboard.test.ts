@@ -224,7 +224,7 @@ test('hyperparameters: the steps that changed them, with every group after; page
   const res = await app.inject({ url: '/v1/sessions/h1/hyperparameters' });
   assert.equal(res.statusCode, 200, res.body);
   const { changes, next_after_version: next } = res.json();
-  assert.deepEqual(changes.map((c: { version: number; step: number }) => [c.version, c.step]), [[3, 2], [5, 4]]);
+  assert.deepEqual(changes.map((c: { version: number; step: number; reason: string }) => [c.version, c.step, c.reason]), [[3, 2, 'step'], [5, 4, 'step']]);
   assert.equal(changes[0].param_groups[0].lr, 0.25);
   assert.equal(changes[1].param_groups[0].lr, 0.125);
   assert.equal(changes[1].param_groups[0].weight_decay, 0.5);
@@ -247,6 +247,20 @@ test('hyperparameters: the steps that changed them, with every group after; page
   // A fork starts with the groups it was forked with.
   assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/h1/fork', payload: { name: 'h2' } })).statusCode, 201);
   assert.deepEqual((await app.inject({ url: '/v1/sessions/h2/hyperparameters' })).json().initial_param_groups, [{ ...created, lr: 0.125, weight_decay: 0.5 }]);
+  // A load that changes them is a change too (the steps after it ran with its values); one that keeps
+  // them, and a restore to the same values, are not. A restore to other values is.
+  assert.equal((await app.inject({ method: 'PATCH', url: '/v1/sessions/h1', payload: { keep_snapshots: 10 } })).statusCode, 200);
+  const sd = (await app.inject({ url: '/v1/sessions/h1/state_dict' })).json();
+  const withLr = (lr: number) => ({ ...sd, param_groups: [{ ...sd.param_groups[0], lr }] });
+  assert.equal((await app.inject({ method: 'PUT', url: '/v1/sessions/h1/state_dict', payload: withLr(0.125) })).statusCode, 200); // the same values
+  assert.equal((await app.inject({ method: 'PUT', url: '/v1/sessions/h1/state_dict', payload: withLr(0.75) })).statusCode, 200);
+  await stepWith(app, 'h1', {});
+  const snapshot = (await app.inject({ url: '/v1/sessions/h1/snapshots' })).json().snapshots.find((s: { version: number }) => s.version === 8);
+  assert.ok(snapshot, 'the snapshot of version 8 (lr 0.125)');
+  assert.equal((await app.inject({ method: 'POST', url: `/v1/sessions/h1/snapshots/${snapshot.id}/restore` })).statusCode, 200);
+  const all = (await app.inject({ url: '/v1/sessions/h1/hyperparameters' })).json().changes;
+  assert.deepEqual(all.map((c: { version: number; step: number; reason: string; param_groups: { lr: number }[] }) => [c.version, c.step, c.reason, c.param_groups[0].lr]),
+    [[3, 2, 'step', 0.25], [5, 4, 'step', 0.125], [9, 6, 'load_state_dict', 0.75], [11, 6, 'restore', 0.125]]);
   for (const query of ['limit=0', 'limit=10001', 'after_version=-1']) {
     const bad = await app.inject({ url: `/v1/sessions/h1/hyperparameters?${query}` });
     assert.equal(bad.statusCode, 400, query);

@@ -26,8 +26,8 @@ const seriesRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     config: ACCESS.read,
     schema: {
       operationId: 'getHyperparameterChanges',
-      summary: 'The steps that changed hyperparameters',
-      description: 'Oldest first, after `after_version`: each step that set a group\'s hyperparameters (a scheduler), with every group\'s values after it; and every group\'s values at the session\'s first version, in force until the first change.',
+      summary: 'The versions that changed hyperparameters',
+      description: 'Oldest first, after `after_version`: each step that set a group\'s hyperparameters (a scheduler), and each load (state_dict, checkpoint) or restore that changed them, with every group\'s values after it; and every group\'s values at the session\'s first version, in force until the first change.',
       tags: ['training'],
       params: NameParams,
       querystring: Type.Object({
@@ -41,7 +41,8 @@ const seriesRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
             version: Type.Integer(),
             step: Type.Integer(),
             time: Type.String({ format: 'date-time' }),
-            param_groups: Type.Array(Type.Record(Type.String(), Type.Unknown()), { description: 'Each group\'s hyperparameters after the step' }),
+            reason: Type.String({ description: '"step" (a step set them: a scheduler), or the change that is not a step: load_state_dict, load_checkpoint, restore' }),
+            param_groups: Type.Array(Type.Record(Type.String(), Type.Unknown()), { description: 'Each group\'s hyperparameters after the change' }),
           })),
           next_after_version: Type.Integer(),
           initial_param_groups: Type.Union([Type.Array(Type.Record(Type.String(), Type.Unknown())), Type.Null()], {
@@ -60,7 +61,7 @@ const seriesRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     setVersion(reply, session.version);
     return {
       session: session.name,
-      changes: changes.map((c) => ({ version: c.version, step: c.step, time: c.time.toISOString(), param_groups: c.paramGroups })),
+      changes: changes.map((c) => ({ version: c.version, step: c.step, time: c.time.toISOString(), reason: c.reason, param_groups: c.paramGroups })),
       next_after_version: changes.length ? changes[changes.length - 1].version : afterVersion,
       initial_param_groups: initial,
     };

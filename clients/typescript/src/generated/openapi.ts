@@ -497,8 +497,8 @@ export interface paths {
             cookie?: never;
         };
         /**
-         * The steps that changed hyperparameters
-         * @description Oldest first, after `after_version`: each step that set a group's hyperparameters (a scheduler), with every group's values after it; and every group's values at the session's first version, in force until the first change.
+         * The versions that changed hyperparameters
+         * @description Oldest first, after `after_version`: each step that set a group's hyperparameters (a scheduler), and each load (state_dict, checkpoint) or restore that changed them, with every group's values after it; and every group's values at the session's first version, in force until the first change.
          *
          *     Needs a token with scope `read`.
          */
@@ -2835,7 +2835,9 @@ export interface operations {
                             step: number;
                             /** Format: date-time */
                             time: string;
-                            /** @description Each group's hyperparameters after the step */
+                            /** @description "step" (a step set them: a scheduler), or the change that is not a step: load_state_dict, load_checkpoint, restore */
+                            reason: string;
+                            /** @description Each group's hyperparameters after the change */
                             param_groups: {
                                 [key: string]: unknown;
                             }[];
