@@ -115,6 +115,52 @@ test('the value axis labels every tick differently when the values span a small 
   assert.ok((await labels('metric:big')).every((l) => /^1\.\d+e7$/.test(l)), JSON.stringify(await labels('metric:big')));
 });
 
+test('a metric whose range overflows a double (±1.7e308) is drawn: a finite y range that holds every point, ticks labelled with the values', { skip }, async (t) => {
+  const { base, api, browser, log } = await setup(t);
+  await api('POST', '/v1/sessions', { name: 'huge', params: PARAMS });
+  const losses = [1.7e308, -1.7e308, 1.7e308, -1.7e308, 1, 0];
+  for (const loss of losses) await api('POST', '/v1/sessions/huge/step', { grads: GRAD, metrics: { loss, small: loss === 1 ? 2 : 1 } });
+  const page = await openSession(browser, base, 'huge', log);
+  await page.waitForFunction(() => (window as any).asgdCharts?.['metric:loss']?.data[0].length === 6);
+  const drawn = (key: string) => page.evaluate((k) => {
+    const u = (window as any).asgdCharts[k];
+    const height = u.over.clientHeight;
+    return {
+      min: u.scales.y.min as number | null, max: u.scales.y.max as number | null, height,
+      // Where each point is drawn, in CSS pixels from the top of the plot.
+      ys: Array.from(u.data[1] as ArrayLike<number>, (v) => u.valToPos(v, 'y') as number),
+      labels: u.axes[1]._values as string[],
+      legend: [...u.root.querySelectorAll('.u-legend .u-value')].map((el: Element) => el.textContent),
+    };
+  }, key);
+  const loss = await drawn('metric:loss');
+  assert.ok(Number.isFinite(loss.min) && Number.isFinite(loss.max) && loss.max! > loss.min!, `y range ${loss.min} .. ${loss.max}`);
+  assert.ok(loss.ys.every((y) => Number.isFinite(y) && y >= 0 && y <= loss.height), `points at ${JSON.stringify(loss.ys)} in a plot ${loss.height} px high`);
+  // 1.7e308 on top, -1.7e308 at the bottom, 1 and 0 in the middle.
+  assert.ok(loss.ys[0] < loss.ys[4] && loss.ys[4] < loss.ys[1], JSON.stringify(loss.ys));
+  assert.ok(Math.abs(loss.ys[4] - loss.height / 2) < loss.height / 4, JSON.stringify(loss.ys));
+  // The ticks say the values (about ±1e308), not the scaled ones the chart draws.
+  assert.ok(loss.labels.length >= 2 && loss.labels.every((l) => /^-?\d(\.\d+)?e30[78]$|^0$/.test(l)), JSON.stringify(loss.labels));
+  assert.ok(loss.labels.some((l) => /^1(\.\d+)?e308$/.test(l)), JSON.stringify(loss.labels));
+  // Over the first point the legend says its value.
+  await page.hover('[data-chart="metric:loss"] .u-over', { position: { x: 2, y: 10 } });
+  assert.deepEqual((await drawn('metric:loss')).legend, ['1', '1.7e+308']);
+  // A chart of ordinary values is drawn as before: uPlot's own range.
+  const small = await drawn('metric:small');
+  assert.ok(Math.abs(small.min! - 0.9) < 1e-9 && Math.abs(small.max! - 2.1) < 1e-9, `${small.min} .. ${small.max}`);
+  // The range function alone.
+  const unit = await page.evaluate(async () => {
+    const { drawScale, valueRange } = await import('/ui/js/charts.js' as string);
+    const scale = drawScale([[1, 2], [1.7e308, -1.7e308]]);
+    return { scale, range: valueRange(-1.7e308 * scale, 1.7e308 * scale, scale), plain: drawScale([[1, 2], [1e300, -1e300]]), empty: valueRange(null, null, 1) };
+  });
+  assert.equal(unit.scale, 1 / 8);
+  assert.equal(unit.plain, 1);
+  assert.deepEqual(unit.empty, [null, null]);
+  assert.ok(unit.range.every(Number.isFinite) && Number.isFinite(unit.range[1] - unit.range[0]) && unit.range[0] * 8 >= -Number.MAX_VALUE, JSON.stringify(unit.range));
+  await screenshot(page, 'session-huge-metric', 480);
+});
+
 /** Steps `from`..`to` with a loss that tells the branch apart. */
 async function steps(api: Client, name: string, from: number, to: number, loss: (step: number) => number) {
   for (let s = from; s <= to; s++) await api('POST', `/v1/sessions/${name}/step`, { grads: GRAD, metrics: { loss: loss(s) } });

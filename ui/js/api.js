@@ -3,6 +3,34 @@
 
 const TOKEN_KEY = 'asgd-token';
 
+/**
+ * How long the page waits before it takes silence for a failure (a hung replica or a network black hole
+ * keeps the connection up and says nothing). `eventsIdleMs`: the events stream carries `: keep-alive` every
+ * 15 s (KEEP_ALIVE_MS in src/routes/sessions/events.ts), so 35 s without a byte is two missed ones: the
+ * stream is dropped and opened again. `readMs`: a read (GET) with no complete answer by then fails. Tests
+ * shorten them by setting `window.asgdTimeouts` before the page's scripts run.
+ * @type {{ eventsIdleMs: number, readMs: number }}
+ */
+const TIMEOUTS = { eventsIdleMs: 35_000, readMs: 30_000, .../** @type {any} */ (window).asgdTimeouts };
+
+/** A read that got no answer within TIMEOUTS.readMs. */
+class TimeoutError extends Error {
+  /** @param {number} ms */
+  constructor(ms) {
+    super(`no answer within ${ms / 1000} s`);
+    this.name = 'TimeoutError';
+  }
+}
+
+/**
+ * The signal for a read: the caller's, and a timeout. `timedOut()` tells the timeout from the caller's abort.
+ * @param {AbortSignal | null | undefined} signal @param {number} ms
+ */
+export function readSignal(signal, ms = TIMEOUTS.readMs) {
+  const timeout = AbortSignal.timeout(ms);
+  return { signal: signal ? AbortSignal.any([signal, timeout]) : timeout, timedOut: () => timeout.aborted && !signal?.aborted, ms };
+}
+
 export class ApiError extends Error {
   /** @param {number} status @param {string} code @param {string} message */
   constructor(status, code, message) {
@@ -27,6 +55,8 @@ function withAuth(headers = {}) {
 }
 
 /**
+ * A request with the tab's token. A read (GET) that has no complete answer within TIMEOUTS.readMs fails
+ * with a TimeoutError; writes are not timed (a restore may take long, and giving up would not undo it).
  * @param {string} path
  * @param {RequestInit & {json?: unknown}} [init]
  * @returns {Promise<any>} the JSON answer (null for 204/304)
@@ -36,9 +66,24 @@ export async function api(path, init = {}) {
   /** @type {Record<string, string>} */
   const headers = { accept: 'application/json', ...(/** @type {Record<string, string>} */ (rest.headers ?? {})) };
   if (json !== undefined) headers['content-type'] = 'application/json';
-  const response = await fetch(path, { ...rest, headers: withAuth(headers), ...(json !== undefined && { body: JSON.stringify(json) }) });
+  const read = (rest.method ?? 'GET').toUpperCase() === 'GET' ? readSignal(rest.signal) : null;
+  /** @type {Response} */
+  let response;
+  let text;
+  try {
+    response = await fetch(path, { ...rest, headers: withAuth(headers), ...(json !== undefined && { body: JSON.stringify(json) }), ...(read && { signal: read.signal }) });
+    text = await response.text();
+  } catch (err) {
+    if (read?.timedOut()) throw new TimeoutError(read.ms);
+    throw err;
+  }
   if (response.status === 204 || response.status === 304) return null;
-  const body = await response.json().catch(() => null);
+  let body = null;
+  try {
+    body = JSON.parse(text);
+  } catch {
+    // not JSON (a proxy's page): the status says what happened
+  }
   if (!response.ok) {
     const err = new ApiError(response.status, body?.code ?? 'HTTP_ERROR', body?.message ?? response.statusText);
     refused(err);
@@ -104,12 +149,25 @@ export async function followEvents(session, onEvent, signal, onState, since) {
   while (!signal.aborted) {
     /** @type {{ message: string, status?: number, ended?: boolean }} */
     let failure;
+    // One connection: dropped by the page's signal, or after TIMEOUTS.eventsIdleMs without a byte (no
+    // answer, no event, no keep-alive), as a connection that broke.
+    const connection = new AbortController();
+    const drop = () => connection.abort();
+    signal.addEventListener('abort', drop, { once: true });
+    let silent = false;
+    /** @type {ReturnType<typeof setTimeout> | undefined} */
+    let idle;
+    const heard = () => {
+      clearTimeout(idle);
+      idle = setTimeout(() => { silent = true; connection.abort(); }, TIMEOUTS.eventsIdleMs);
+    };
     try {
       /** @type {Record<string, string>} */
       const headers = { accept: 'text/event-stream' };
       const have = lastVersion ?? since?.() ?? null;
       if (have !== null && have > 0) headers['last-event-id'] = String(have);
-      const response = await fetch(`/v1/sessions/${encodeURIComponent(session)}/events`, { headers: withAuth(headers), signal });
+      heard();
+      const response = await fetch(`/v1/sessions/${encodeURIComponent(session)}/events`, { headers: withAuth(headers), signal: connection.signal });
       if (!response.ok || !response.body) {
         const body = await response.json().catch(() => null);
         if (response.status === 405 || body?.code === 'ROUTE_NOT_FOUND') return 'unsupported';
@@ -129,6 +187,7 @@ export async function followEvents(session, onEvent, signal, onState, since) {
       for (;;) {
         const { value, done } = await reader.read();
         if (done) break;
+        heard();
         buffer += value;
         let end;
         while ((end = buffer.indexOf('\n\n')) >= 0) {
@@ -159,7 +218,12 @@ export async function followEvents(session, onEvent, signal, onState, since) {
     } catch (err) {
       if (signal.aborted) return 'aborted';
       if (err instanceof ApiError && (err.status === 401 || err.status === 403)) throw err;
-      failure = err instanceof ApiError ? { message: err.message, status: err.status } : { message: 'the service cannot be reached' };
+      failure = err instanceof ApiError ? { message: err.message, status: err.status }
+        : silent ? { message: `the service stopped answering (nothing for ${TIMEOUTS.eventsIdleMs / 1000} s)` }
+        : { message: 'the service cannot be reached' };
+    } finally {
+      clearTimeout(idle);
+      signal.removeEventListener('abort', drop);
     }
     failures++;
     const retryMs = failure.ended && failures === 1 ? 0 : backoffMs(failure.ended ? failures - 1 : failures);

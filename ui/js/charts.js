@@ -1,5 +1,6 @@
 // Line charts with uPlot (from its npm package, served by the service). Every chart registers itself in
-// window.asgdCharts under its key, so tests and the curious can read the data a chart holds.
+// window.asgdCharts under its key, so tests and the curious can read the data a chart holds (as drawn: the
+// values times drawScale, which is 1 unless one of them passes ±2.2e307).
 import uPlot from 'uplot';
 import { fmtNum } from './format.js';
 
@@ -9,6 +10,43 @@ const PALETTE = ['#2f6fde', '#d9534f', '#25a25a', '#e39b1b', '#8e44ad', '#16a2b8
 const registry = {};
 const STEP_INCREMENTS = Array.from({ length: 15 }, (_, e) => [1, 2, 5].map((m) => m * 10 ** e)).flat();
 /** @type {any} */ (window).asgdCharts = registry;
+
+/**
+ * Ticks of a value axis: uPlot's own (1, 2, 2.5, 5 × 10^e, e from -32 to 31, the same numbers, so its table
+ * of decimals applies), continued up to the largest double: without them huge values get no ticks.
+ */
+const VALUE_INCREMENTS = Array.from({ length: 309 + 32 }, (_, i) => i - 32)
+  .flatMap((e) => [1, 2, 2.5, 5].map((m) => Number(`${m}e${e}`)))
+  .filter(Number.isFinite);
+
+/** Values beyond this magnitude are drawn scaled by DRAW_SCALE. */
+const HUGE = Number.MAX_VALUE / 8;
+const DRAW_SCALE = 1 / 8;
+
+/**
+ * The factor a chart's values are drawn at: 1, or 1/8 when one of them is beyond ±MAX_VALUE/8 (about
+ * 2.2e307). uPlot's range and ticks take max - min, which overflows a double for values of ±1.7e308: the
+ * scale became null and no point was drawn. A power of two: the scaling is exact, and the axis labels and
+ * the legend multiply it back.
+ * @param {uPlot.AlignedData} data
+ */
+export function drawScale(data) {
+  for (let s = 1; s < data.length; s++) for (const v of data[s]) if (typeof v === 'number' && Math.abs(v) > HUGE) return DRAW_SCALE;
+  return 1;
+}
+
+/**
+ * The value axis's range for the drawn (scaled) values: uPlot's own (10% padding, rounded to its ticks),
+ * kept within what the labels can multiply back to a finite number.
+ * @param {number | null} min @param {number | null} max @param {number} scale the chart's drawScale
+ * @returns {uPlot.Range.MinMax}
+ */
+export function valueRange(min, max, scale) {
+  if (min == null || max == null) return [null, null];
+  const [lo, hi] = uPlot.rangeNum(min, max, 0.1, true);
+  const limit = Number.MAX_VALUE * scale;
+  return [Math.max(lo ?? min, -limit), Math.min(hi ?? max, limit)];
+}
 
 /**
  * @typedef {{ label: string, band?: boolean }} SeriesSpec  band: the next two series are this one's min and max
@@ -66,6 +104,8 @@ export class Chart {
     this.plot = null;
     /** @type {uPlot.AlignedData} */
     this.data = [[], ...spec.series.map(() => [])];
+    /** The factor the values are drawn at (drawScale). */
+    this.scale = 1;
     this.resize = new ResizeObserver(() => this.plot?.setSize(this.size()));
     this.resize.observe(this.box);
   }
@@ -78,10 +118,25 @@ export class Chart {
   set(data) {
     this.data = data;
     this.box.setAttribute('aria-label', this.describe(data));
+    this.scale = drawScale(data);
+    const scale = this.scale;
+    /** @type {uPlot.AlignedData} */
+    const drawn = scale === 1 ? data : [data[0], ...data.slice(1).map((ys) => Array.from(ys, (v) => (typeof v === 'number' ? v * scale : v)))];
     if (this.plot) {
-      this.plot.setData(data);
+      this.plot.setData(drawn);
       return;
     }
+    /**
+     * The legend shows the values, not the drawn ones; as uPlot writes them, except huge ones in exponent
+     * form (uPlot would write 1.7e308 with all its 309 digits).
+     * @type {uPlot.Series.Value}
+     */
+    const value = (_u, v, _si, di) => {
+      if (di == null) return '--';
+      if (v == null) return '';
+      const x = v / this.scale;
+      return Math.abs(x) >= 1e15 ? fmtNum(x) : uPlot.fmtNum(x);
+    };
     /** @type {uPlot.Series[]} */
     const series = [{ label: this.spec.time ? 'time' : 'step' }];
     /** @type {uPlot.Band[]} */
@@ -93,25 +148,30 @@ export class Chart {
       const isBandMax = i > 1 && this.spec.series[i - 2].band;
       if (isBand || isBandMax) {
         const base = PALETTE[(colour - 1) % PALETTE.length];
-        series.push({ label: s.label, stroke: `${base}40`, width: 1, show: true });
+        series.push({ label: s.label, stroke: `${base}40`, width: 1, show: true, value });
         if (isBandMax) bands.push({ series: [i + 1, i], fill: `${base}1a` });
         return;
       }
       colour++;
-      series.push({ label: s.label, stroke, width: 1.5, spanGaps: true, ...(this.spec.stepped && { paths: uPlot.paths.stepped?.({ align: 1 }) }) });
+      series.push({ label: s.label, stroke, width: 1.5, spanGaps: true, value, ...(this.spec.stepped && { paths: uPlot.paths.stepped?.({ align: 1 }) }) });
     });
     this.plot = new uPlot({
       ...this.size(),
       series,
       bands,
-      scales: { x: { time: !!this.spec.time }, y: this.spec.log ? { distr: 3 } : {} },
-      // Steps are whole numbers: no tick at step 2.5. Values get the digits their spacing needs.
+      scales: { x: { time: !!this.spec.time }, y: this.spec.log ? { distr: 3 } : { range: (_u, min, max) => valueRange(min, max, this.scale) } },
+      // Steps are whole numbers: no tick at step 2.5. Values get the digits their spacing needs, and the
+      // labels say the values, not the drawn ones.
       axes: [
         this.spec.time ? {} : { incrs: STEP_INCREMENTS },
-        { size: (_u, values) => Math.max(50, 14 + 7 * Math.max(0, ...(values ?? []).map((v) => String(v).length))), values: (_u, splits, _axis, _space, incr) => tickLabels(splits, incr) },
+        {
+          size: (_u, values) => Math.max(50, 14 + 7 * Math.max(0, ...(values ?? []).map((v) => String(v).length))),
+          ...(!this.spec.log && { incrs: VALUE_INCREMENTS }),
+          values: (_u, splits, _axis, _space, incr) => tickLabels(splits.map((v) => v / this.scale), incr / this.scale),
+        },
       ],
       legend: { live: true },
-    }, data, this.box);
+    }, drawn, this.box);
     registry[this.spec.key] = this.plot;
   }
 

@@ -1,7 +1,7 @@
 // One session: figures, charts of its training series over steps or time, hyperparameters per group and
 // their changes, norms of the parameters and of ax, and its snapshots. Live: the events stream (or, on a
 // service without it, polling with If-None-Match) triggers a refresh of what changed, with no reload.
-import { api, ApiError, backoffMs, followEvents, getToken, sleep } from './api.js';
+import { api, ApiError, backoffMs, followEvents, getToken, readSignal, sleep } from './api.js';
 import { Chart } from './charts.js';
 import { fmtAgo, fmtBytes, fmtNum, h } from './format.js';
 import { changesOn, etaMu, hyperAt, lineage, MAX_POINTS, metricNames, RATE_LABEL, stepsLastMinute, stepsPerSecond, toPoint } from './series.js';
@@ -405,14 +405,17 @@ export function sessionPage(root, name, who) {
       if (stop.signal.aborted) break;
       if (document.hidden || !session) continue;
       try {
+        // Timed as any read: a poll that hangs would leave the page green and frozen.
+        const { signal } = readSignal(stop.signal);
         const response = await fetch(base, {
           headers: { accept: 'application/json', 'if-none-match': `"${session.version}"`, ...(getToken() && { authorization: `Bearer ${getToken()}` }) },
-          signal: stop.signal,
+          signal,
         });
         if (response.status === 200 || response.status === 304) {
+          const changed = response.status === 200 && (await response.json()).version !== session.version;
           if (failures) setLive('polling', 'live (polling)');
           failures = 0;
-          if (response.status === 200 && (await response.json()).version !== session.version) refresh(true);
+          if (changed) refresh(true);
         } else {
           const body = await response.json().catch(() => null);
           failed(new ApiError(response.status, body?.code ?? 'HTTP_ERROR', body?.message ?? response.statusText));
@@ -448,7 +451,8 @@ export function sessionPage(root, name, who) {
         }
         reconnecting = true;
         const retry = detail && detail.retryMs > 0 ? `; retrying in ${Math.round(detail.retryMs / 1000)} s` : '; reconnecting…';
-        setLive(state, `not live: ${state === 'offline' ? 'the service cannot be reached' : detail?.message ?? 'error'}${retry}`);
+        // offline: the service cannot be reached, or it stopped answering (a silent stream was dropped).
+        setLive(state, `not live: ${detail?.message ?? (state === 'offline' ? 'the service cannot be reached' : 'error')}${retry}`);
       }, () => session?.version ?? null);
       if (how === 'gone') {
         if (seen) gone();

@@ -12,6 +12,11 @@ import type {
 
 const SAFETENSORS = 'application/x-safetensors';
 const TORCH = 'application/octet-stream';
+/**
+ * events(): silence after which a stream counts as dropped. The service sends `: keep-alive` every 15 s
+ * (KEEP_ALIVE_MS in src/routes/sessions/events.ts): two missed ones and some slack.
+ */
+const EVENTS_IDLE_TIMEOUT_MS = 35_000;
 
 const enc = encodeURIComponent;
 const sessionPath = (name: string) => `/v1/sessions/${enc(name)}`;
@@ -203,11 +208,14 @@ export class ASGDClient {
    * The session's new versions as they are committed (GET .../events, server-sent events), on any replica:
    * `for await (const e of client.events(name, {signal})) ...`. Under load only the latest of several
    * versions comes. A dropped connection is opened again, resuming after the last version received
-   * (Last-Event-ID), as an EventSource does; the stream ends after a `deleted` event, when `signal` aborts,
-   * or with the error of a request that cannot succeed (SessionNotFound, Unauthorized, …).
+   * (Last-Event-ID), as an EventSource does; so is a connection silent for `idleTimeoutMs` (a hung replica
+   * or a network black hole: the service sends a keep-alive every 15 s). The stream ends after a `deleted`
+   * event, when `signal` aborts, or with the error of a request that cannot succeed (SessionNotFound,
+   * Unauthorized, ConnectionFailed once the retry budget is spent, …).
    */
   async *events(name: string, options: EventsOptions = {}): AsyncGenerator<SessionEvent, void, undefined> {
-    const { signal } = options;
+    const { signal, idleTimeoutMs = EVENTS_IDLE_TIMEOUT_MS } = options;
+    if (!(idleTimeoutMs > 0)) throw new RangeError(`idleTimeoutMs: a positive number of milliseconds, not ${idleTimeoutMs}`);
     let last: number | undefined = options.afterVersion;
     let pause = 100;
     while (!signal?.aborted) {
@@ -216,7 +224,7 @@ export class ASGDClient {
         res = await this.http.open({
           method: 'GET', path: `${sessionPath(name)}/events`, accept: 'text/event-stream',
           headers: last === undefined ? undefined : { 'last-event-id': String(last) },
-        }, signal);
+        }, signal, idleTimeoutMs);
       } catch (err) {
         if (signal?.aborted) return;
         throw err;
@@ -226,7 +234,16 @@ export class ASGDClient {
       let event = { type: 'message', id: undefined as string | undefined, data: [] as string[] };
       try {
         for (;;) {
-          const { value, done } = await reader.read();
+          // Silence for idleTimeoutMs: the connection is taken for dropped. Cancelling the reader ends the
+          // pending read (done) and closes the connection. Only the read is timed, not the consumer's turn.
+          const idle = Number.isFinite(idleTimeoutMs) ? setTimeout(() => void reader.cancel().catch(() => {}), idleTimeoutMs) : undefined;
+          let chunk: ReadableStreamReadResult<string>;
+          try {
+            chunk = await reader.read();
+          } finally {
+            clearTimeout(idle);
+          }
+          const { value, done } = chunk;
           if (done) break;
           pause = 100; // the stream works: a later drop starts the back-off afresh
           buffer += value;
@@ -431,6 +448,15 @@ function jsonGradients(grads: Gradients): Record<string, unknown> {
   return out;
 }
 
+/** A JSON value in a safetensors answer's __metadata__ (whose values are strings). */
+function metadataJson<T>(metadata: Record<string, string>, key: string, path: string): T {
+  try {
+    return JSON.parse(metadata[key]) as T;
+  } catch {
+    throw new ProtocolError(`POST ${path}: __metadata__.${key} is not JSON: ${metadata[key].slice(0, 200)}`);
+  }
+}
+
 function readStepAnswer(answer: Answer, path: string): Omit<StepResult, 'attempts'> {
   if (isSafetensors(answer)) {
     const file = decodeSafetensors(answer.bytes);
@@ -441,8 +467,10 @@ function readStepAnswer(answer: Answer, path: string): Omit<StepResult, 'attempt
       version: Number(m.version),
       staleness: Number(m.staleness),
       ...(m.replayed !== undefined && { replayed: m.replayed === 'true' }),
-      ...(m.round !== undefined && { round: JSON.parse(m.round) }),
+      ...(m.round !== undefined && { round: metadataJson(m, 'round', path) }),
       ...(m.params_version !== undefined && { paramsVersion: Number(m.params_version) }),
+      // Each group's hyperparameters at the answered version, as the JSON answer's param_groups.
+      ...(m.param_groups !== undefined && { param_groups: metadataJson(m, 'param_groups', path) }),
       params: paramsFromSafetensors(file),
     };
   }

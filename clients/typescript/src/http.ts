@@ -129,8 +129,10 @@ export class Transport {
   /**
    * Opens a streamed answer (server-sent events): the Response once its status is 2xx, its body unread.
    * Retries as send() does before the stream starts (a refused connection, 429/502/503/504; reads only).
+   * An attempt whose headers do not come within `headersTimeoutMs` (a hung server keeps the connection up
+   * and says nothing) is abandoned and counts as a lost answer.
    */
-  async open(x: Exchange, signal?: AbortSignal): Promise<Response> {
+  async open(x: Exchange, signal?: AbortSignal, headersTimeoutMs = this.options.timeoutMs ?? 300_000): Promise<Response> {
     const url = this.url(x.path, x.query);
     const headers = this.headersOf(x);
     const doFetch = this.options.fetch ?? fetch;
@@ -138,8 +140,13 @@ export class Transport {
     let pause = 100;
     for (let attempt = 1; ; attempt++) {
       let res: Response;
+      // Not AbortSignal.timeout: this signal also governs the body, which is read long after the headers.
+      const silent = new AbortController();
+      const timer = Number.isFinite(headersTimeoutMs)
+        ? setTimeout(() => silent.abort(new DOMException(`no answer within ${headersTimeoutMs} ms`, 'TimeoutError')), headersTimeoutMs)
+        : undefined;
       try {
-        res = await doFetch(url, { method: x.method, headers, signal });
+        res = await doFetch(url, { method: x.method, headers, signal: signal ? AbortSignal.any([signal, silent.signal]) : silent.signal });
       } catch (err) {
         if (signal?.aborted) throw err;
         if (Date.now() + pause < deadline) {
@@ -148,6 +155,8 @@ export class Transport {
           continue;
         }
         throw new ConnectionFailed(x.method, url, attempt, err);
+      } finally {
+        clearTimeout(timer);
       }
       if (res.status >= 200 && res.status < 300) return res;
       const bytes = new Uint8Array(await res.arrayBuffer());

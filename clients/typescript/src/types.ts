@@ -94,6 +94,11 @@ export interface StepResult {
   params?: Record<string, Tensor>;
   /** Only for a replayed step whose version the service no longer keeps: the version of `params` (the current one). */
   paramsVersion?: number;
+  /**
+   * With return=params|averaged: every group's hyperparameters after the step (as the session's
+   * `param_groups`), so a worker learns the lr another worker set. Both formats carry them.
+   */
+  param_groups?: StepAnswerGroup[];
   /** The Idempotency-Key the step was sent with. */
   idempotencyKey?: string;
   /** Attempts it took (with a round: every request until it stepped). */
@@ -101,6 +106,9 @@ export interface StepResult {
 }
 
 export type Gradients = Record<string, TensorLike>;
+
+/** A group's hyperparameters in a step's answer: {lr, lambd, alpha, t0, weight_decay, maximize}. */
+export type StepAnswerGroup = NonNullable<StepAnswerJson['param_groups']>[number];
 
 /** The round a step closed (in a session with aggregation): {version, contributions, samples, timed_out}. */
 export type RoundAnswer = NonNullable<StepAnswerJson['round']>;
@@ -160,4 +168,10 @@ export interface EventsOptions {
   afterVersion?: number;
   /** Ends the stream (the iterator returns). */
   signal?: AbortSignal;
+  /**
+   * Silence (no event, no keep-alive, no answer to the request) after which the connection counts as dropped
+   * and is opened again, resuming after the last version received, within the retry budget. The service
+   * sends a keep-alive every 15 s; default 35 000 (two missed ones). `Infinity`: wait forever.
+   */
+  idleTimeoutMs?: number;
 }

@@ -101,6 +101,26 @@ test('the client against a live service', { skip: skipWithoutTorch() }, async (t
     await assert.rejects(client.step(name, g1, { paramGroups: [{ lr: -1 }] }), BadRequest);
   });
 
+  await t.test('a step with return=params carries every group\'s hyperparameters (param_groups) in safetensors as in JSON', async () => {
+    const name = (await client.createSession({
+      ...spec(uniqueName('groups')),
+      param_groups: [{ params: ['w'], lr: 0.1, t0: 1 }, { params: ['b'], lr: 0.2, weight_decay: 0.01, maximize: true }],
+    })).name;
+    // Another worker's step sets group 1's lr; the next steps (sent without param_groups) learn it.
+    await client.step(name, g1, { paramGroups: [{}, { lr: 0.05 }], format: 'json' });
+    const viaSafetensors = await client.step(name, g1, { return: 'params' });
+    const viaJson = await client.step(name, g2, { return: 'params', format: 'json' });
+    const averaged = await client.step(name, g1, { return: 'averaged' });
+    const expected = [
+      { lr: 0.1, lambd: 0.0001, alpha: 0.75, t0: 1, weight_decay: 0, maximize: false },
+      { lr: 0.05, lambd: 0.0001, alpha: 0.75, t0: 1, weight_decay: 0.01, maximize: true }, // t0 from the session's hyperparameters
+    ];
+    assert.deepEqual(viaSafetensors.param_groups, expected);
+    assert.deepEqual(viaJson.param_groups, expected);
+    assert.deepEqual(averaged.param_groups, expected);
+    assert.equal((await client.step(name, g1)).param_groups, undefined, 'without return=params the answer has none');
+  });
+
   await t.test('conditional reads (If-None-Match) and waiting reads (after_version, wait)', async () => {
     const name = (await client.createSession(spec(uniqueName('cond')))).name;
     await client.step(name, g1);

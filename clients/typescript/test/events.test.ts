@@ -1,8 +1,9 @@
 // client.events(): the session's versions as they are committed, from another replica's steps, resumed
-// after a dropped connection, ended by a signal or by the session's deletion.
+// after a dropped connection or a silent one (a hung replica), ended by a signal or by the session's deletion.
 import assert from 'node:assert/strict';
-import test from 'node:test';
-import { ASGDClient, SessionNotFound, type SessionEvent } from '../src/index.ts';
+import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
+import test, { type TestContext } from 'node:test';
+import { ASGDClient, ConnectionFailed, SessionNotFound, type SessionEvent } from '../src/index.ts';
 import { liveService, uniqueName } from './service.ts';
 
 const spec = (name: string) => ({ name, params: [{ name: 'w', shape: [2], data: [0.5, -0.5] }], hyperparameters: { lr: 0.1 } });
@@ -71,4 +72,90 @@ test('events: versions from another replica, resumed after a restart, ended by t
   await assert.rejects(async () => {
     for await (const e of client.events(uniqueName('missing'))) assert.fail(`an event: ${JSON.stringify(e)}`);
   }, SessionNotFound);
+});
+
+/**
+ * A fake replica on a loopback port: `answer(request, n)` serves the n-th events request (from 1) and may
+ * leave it open and silent, as a stopped process whose kernel keeps the TCP connection up. Records each
+ * request's Last-Event-ID and whether the client closed it.
+ */
+async function fakeReplica(t: TestContext, answer: (res: ServerResponse, n: number) => void) {
+  const requests: { lastEventId: string | undefined; closed: boolean; at: number }[] = [];
+  const server = createServer((req: IncomingMessage, res: ServerResponse) => {
+    const seen = { lastEventId: req.headers['last-event-id'] as string | undefined, closed: false, at: Date.now() };
+    requests.push(seen);
+    res.on('close', () => (seen.closed = true));
+    answer(res, requests.length);
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.after(() => new Promise((resolve) => { server.closeAllConnections(); server.close(resolve); }));
+  const address = server.address();
+  assert.ok(address && typeof address === 'object');
+  return { url: `http://127.0.0.1:${address.port}`, requests };
+}
+
+const sse = (res: ServerResponse) => res.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8', 'cache-control': 'no-cache' });
+const version = (v: number) => `id: ${v}\nevent: version\ndata: ${JSON.stringify({ version: v, step: v - 1, time: new Date().toISOString(), kind: 'step' })}\n\n`;
+
+test('events: a stream that goes silent (a hung replica) is opened again after idleTimeoutMs, with Last-Event-ID, and the next version comes', async (t) => {
+  const { url, requests } = await fakeReplica(t, (res, n) => {
+    sse(res);
+    // The first connection: one version, then nothing, the connection left open. The second: the next version.
+    res.write(`retry: 2000\n\n${version(n === 1 ? 2 : 3)}`);
+  });
+  const stop = new AbortController();
+  t.after(() => stop.abort());
+  const it = new ASGDClient(url, { retryBudgetMs: 5_000 }).events('hung', { signal: stop.signal, idleTimeoutMs: 400 })[Symbol.asyncIterator]();
+  const e1 = await next(it, 5_000);
+  assert.ok(e1 !== 'end' && e1.event === 'version' && e1.version === 2, JSON.stringify(e1));
+  const e2 = await next(it, 5_000);
+  assert.ok(e2 !== 'end' && e2.event === 'version' && e2.version === 3, JSON.stringify(e2));
+  assert.equal(requests.length, 2);
+  assert.equal(requests[1].lastEventId, '2', 'resumed after the last version received');
+  assert.ok(requests[1].at - requests[0].at >= 400, `reconnected after ${requests[1].at - requests[0].at} ms of silence, not before`);
+  assert.equal(requests[0].closed, true, 'the silent connection was closed');
+});
+
+test('events: keep-alives keep a quiet stream open past idleTimeoutMs; a replica that never answers ends in ConnectionFailed', async (t) => {
+  // The control: a keep-alive every 100 ms, no event for 1.5 s (well past the 400 ms timeout): one connection.
+  const quiet = await fakeReplica(t, (res) => {
+    sse(res);
+    res.write('retry: 2000\n\n');
+    const timer = setInterval(() => res.write(': keep-alive\n\n'), 100);
+    res.on('close', () => clearInterval(timer));
+    setTimeout(() => res.write(version(2)), 1_500);
+  });
+  const stop = new AbortController();
+  t.after(() => stop.abort());
+  const it = new ASGDClient(quiet.url).events('quiet', { signal: stop.signal, idleTimeoutMs: 400 })[Symbol.asyncIterator]();
+  const e = await next(it, 5_000);
+  assert.ok(e !== 'end' && e.event === 'version' && e.version === 2, JSON.stringify(e));
+  assert.equal(quiet.requests.length, 1, 'no reconnection while keep-alives come');
+
+  // Accepts the connection and never answers (no headers): each attempt is given up after idleTimeoutMs and
+  // the iterator throws once the retry budget is spent, rather than waiting forever.
+  const mute = await fakeReplica(t, () => {});
+  const started = Date.now();
+  await assert.rejects(async () => {
+    for await (const ev of new ASGDClient(mute.url, { retryBudgetMs: 1_000 }).events('mute', { idleTimeoutMs: 300 })) assert.fail(`an event: ${JSON.stringify(ev)}`);
+  }, ConnectionFailed);
+  const took = Date.now() - started;
+  assert.ok(took >= 600 && took < 5_000, `gave up after ${took} ms`);
+  assert.ok(mute.requests.length >= 2, `${mute.requests.length} attempts`);
+});
+
+test('events: idleTimeoutMs is a positive number; Infinity waits as long as it takes', async (t) => {
+  await assert.rejects(async () => {
+    for await (const ev of new ASGDClient('http://127.0.0.1:9').events('x', { idleTimeoutMs: 0 })) assert.fail(`an event: ${JSON.stringify(ev)}`);
+  }, RangeError);
+  // Headers and the first event after 300 ms of silence: no timer fires early.
+  const slow = await fakeReplica(t, (res) => setTimeout(() => {
+    sse(res);
+    res.write(version(2));
+  }, 300));
+  const stop = new AbortController();
+  t.after(() => stop.abort());
+  const e = await next(new ASGDClient(slow.url).events('slow', { signal: stop.signal, idleTimeoutMs: Infinity })[Symbol.asyncIterator](), 5_000);
+  assert.ok(e !== 'end' && e.event === 'version' && e.version === 2, JSON.stringify(e));
+  assert.equal(slow.requests.length, 1);
 });
