@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from . import safetensors as st
 from .errors import RoundPending, SessionExists, SessionNotFound, UnsupportedFormat
 from .http import DEFAULT_RETRY_BUDGET_S, Connection, Response
-from .tensors import group_from_json, state_dict_from_json, state_dict_to_json, tensor_from_json, tensor_to_json
+from .tensors import group_from_json, plain_number, state_dict_from_json, state_dict_to_json, tensor_from_json, tensor_to_json
 
 __all__ = ["Client", "TRANSPORTS", "SAFETENSORS", "PT"]
 
@@ -140,11 +140,12 @@ class Client:
         ``{"target_samples": 256}``: each step is then the mean of a round's gradients (see the README).
         """
         options: Dict[str, Any] = {"name": name}
+        # numpy scalars and 1-element tensors (torch takes them) as the Python numbers JSON carries.
         if hyperparameters:
-            options["hyperparameters"] = dict(hyperparameters)
+            options["hyperparameters"] = {k: plain_number(v) for k, v in hyperparameters.items()}
             _check_hyperparameters("hyperparameters", options["hyperparameters"])
         if param_groups is not None:
-            options["param_groups"] = [dict(g, params=list(g["params"])) for g in param_groups]
+            options["param_groups"] = [dict({k: plain_number(v) for k, v in g.items()}, params=list(g["params"])) for g in param_groups]
             for i, g in enumerate(options["param_groups"]):
                 _check_hyperparameters(f"param_groups[{i}]", g)
         for key, value in (("snapshot_every", snapshot_every), ("keep_snapshots", keep_snapshots), ("max_staleness", max_staleness)):
@@ -520,7 +521,7 @@ def _step_extras(returns: str, param_groups: Optional[Sequence[Mapping[str, Any]
         raise ValueError(f"returns must be 'none', 'params' or 'averaged', got {returns!r}")
     extras: Dict[str, Any] = {}
     if param_groups is not None:
-        extras["param_groups"] = [dict(g) for g in param_groups]
+        extras["param_groups"] = [{k: plain_number(v) for k, v in g.items()} for g in param_groups]
     if metrics is not None:
         extras["metrics"] = dict(metrics)
     _check_json("step", extras)

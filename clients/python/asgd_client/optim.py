@@ -20,14 +20,17 @@ next version, which every worker of the round then holds.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import logging
 import math
+import numbers
 import os
 import re
 import socket
 import threading
 import uuid
+import warnings
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
@@ -38,7 +41,7 @@ from .client import Client, ensure_session
 from .errors import StaleGradient
 from .http import DEFAULT_RETRY_BUDGET_S, Connection
 from .state import SessionState
-from .tensors import FLAG_KEYS, HYPERPARAMETER_KEYS, group_from_json, local_group_keys, state_dict_to_torch
+from .tensors import FLAG_KEYS, HYPERPARAMETER_KEYS, group_from_json, local_group_keys, plain_number, state_dict_to_torch
 
 # torch.optim.Optimizer.zero_grad's own default (False before torch 2.0, True since): RemoteASGD.zero_grad()
 # does what the installed torch's would.
@@ -49,9 +52,8 @@ log = logging.getLogger("asgd_client")
 STALE_POLICIES = ("pull", "raise", "apply")
 _WIRE_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
-__all__ = ["RemoteASGD"]
+__all__ = ["RemoteASGD", "DetachedRemoteASGD"]
 
-_SCALAR_TYPES = (type(None), bool, int, float, str)
 _WORKER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
@@ -61,8 +63,28 @@ def _default_worker() -> str:
     return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+_KEEPS_PARAM_NAMES: Optional[bool] = None
+
+
+def _torch_keeps_param_names() -> bool:
+    """Whether the installed torch keeps ``param_names`` in the groups of an optimizer built from
+    ``named_parameters()`` (torch 2.6 on: Optimizer.add_param_group); 1.13 refuses the (name, tensor) pairs."""
+    global _KEEPS_PARAM_NAMES
+    if _KEEPS_PARAM_NAMES is None:
+        try:
+            probe = torch.optim.ASGD([("w", torch.zeros(1, requires_grad=True))])
+            _KEEPS_PARAM_NAMES = "param_names" in probe.param_groups[0]
+        except TypeError:
+            _KEEPS_PARAM_NAMES = False
+    return _KEEPS_PARAM_NAMES
+
+
 def _split_params(params: Any) -> Tuple[List[Dict[str, Any]], List[List[Optional[str]]]]:
-    """Param groups (as torch takes them) and, per group, the names given (None for plain tensors)."""
+    """Param groups (as torch takes them) and, per group, the names given (None for plain tensors).
+
+    Where the installed torch keeps them (2.6 on), a group given with names carries them as
+    ``param_names``, as torch.optim.Optimizer.add_param_group does; a group naming only some of its
+    parameters is refused as there."""
     if isinstance(params, torch.Tensor):
         raise TypeError("params argument given to the optimizer should be an iterable of Tensors or dicts, but got " + torch.typename(params))
     if isinstance(params, Mapping):  # a state_dict-like {name: tensor}
@@ -93,20 +115,41 @@ def _split_params(params: Any) -> Tuple[List[Dict[str, Any]], List[List[Optional
             else:
                 group_names.append(None)
                 tensors.append(item)
-        groups.append({**g, "params": tensors})
+        group = {**g, "params": tensors}
+        if _torch_keeps_param_names() and any(n is not None for n in group_names):
+            if any(n is None for n in group_names):
+                raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+            group["param_names"] = list(group_names)
+        groups.append(group)
         names.append(group_names)
     return groups, names
 
 
 def _hyper_value(key: str, value: Any) -> Any:
-    """A group's hyperparameter as the step body carries it (None: not sendable, kept locally)."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:  # PyTorch 2.x allows a tensor lr
-        value = value.item()
+    """A group's hyperparameter as the step body carries it (None: not sendable, kept locally): any real
+    number (numpy's included) as a Python float, a 1-element tensor lr (PyTorch 2.x) as float(lr.item())."""
+    value = plain_number(value)
     if key == "maximize":
         return bool(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value)
+
+
+def _given_as_other_type(value: Any) -> bool:
+    """A number torch keeps as given that the service holds as a Python number (a tensor lr, np.float32)."""
+    return isinstance(value, torch.Tensor) or (isinstance(value, numbers.Number) and type(value) not in (bool, int, float))
+
+
+def _tensor_hyper_message(key: str) -> str:
+    return (f"{key} is a tensor: the service computes the step with float({key}.item()) and eta in double precision, "
+            f"as torch.optim.ASGD does for a Python float; torch with a tensor {key} computes eta in float32 tensor "
+            f"arithmetic, so the results can differ from a local torch.optim.ASGD in the last bits")
+
+
+_FOREACH_MESSAGE = ("foreach=True: the service applies torch's single-tensor ASGD step (foreach=False); torch's foreach "
+                    "path computes eta and the update differently, so the results can differ from a local "
+                    "torch.optim.ASGD(foreach=True) in the last bits")
 
 
 _PUSH_ATTEMPTS = 5
@@ -177,10 +220,14 @@ def _result_of_previous(pending: Any, then: str) -> Any:
 class RemoteASGD(torch.optim.Optimizer):
     """torch.optim.ASGD, computed by an asgd-serve session.
 
-    Arguments (besides ASGD's ``lr, lambd, alpha, t0, weight_decay, foreach, maximize``):
+    Arguments (besides ASGD's ``lr, lambd, alpha, t0, weight_decay, foreach, maximize``, which are given as
+    keywords here: the second positional argument is ``url``; real numbers of any type, numpy's included,
+    and a 1-element tensor lr are taken; ``foreach=True`` and a tensor lr are warned about once, as the
+    service computes the single-tensor step with the lr's Python float; ``differentiable`` and
+    ``capturable`` must stay False):
         params: ``model.parameters()``, ``model.named_parameters()`` (the names become the session's
-            parameter names; plain tensors are named ``p0, p1, ...`` by position) or param-group dicts
-            whose ``params`` are either.
+            parameter names, and with torch 2.6+ each group's ``param_names``, as in torch; plain tensors
+            are named ``p0, p1, ...`` by position) or param-group dicts whose ``params`` are either.
         url, token: the service (default ``$ASGD_URL``, ``$ASGD_TOKEN``).
         session: the session's name (default: a new random name, created).
         create: ``"if_missing"`` (the default when a session name is given: every worker can start with
@@ -225,7 +272,8 @@ class RemoteASGD(torch.optim.Optimizer):
     the step applies to them as torch.optim.ASGD's would; with ``pipeline=True`` the changed elements keep
     their values over the result of a step that was in flight (see the README, "Editing the weights").
 
-    ``state[p]`` reads ASGD's state (step, eta, mu, ax) from the session (see :mod:`asgd_client.state`).
+    ``state[p]`` reads ASGD's state (step, eta, mu, ax) from the session (see :mod:`asgd_client.state`);
+    reading it sends nothing, so swapping ``ax`` in and back (AWD-LSTM's evaluation) leaves the session alone.
     Changed group hyperparameters (``param_groups[i]["lr"] = ...``, any LR scheduler) travel with the
     next step, at no extra cost.
     """
@@ -245,6 +293,8 @@ class RemoteASGD(torch.optim.Optimizer):
         foreach: Optional[bool] = None,
         maximize: bool = False,
         *,
+        differentiable: bool = False,
+        capturable: bool = False,
         pipeline: bool = False,
         on_stale: str = "pull",
         grad_dtype: torch.dtype = torch.float32,
@@ -263,6 +313,11 @@ class RemoteASGD(torch.optim.Optimizer):
         client: Optional[Client] = None,
         connection: Optional[Connection] = None,
     ) -> None:
+        if url is not None and not isinstance(url, str) and (isinstance(url, (numbers.Number, torch.Tensor)) or hasattr(url, "__float__")):
+            raise TypeError(f"RemoteASGD(params, {url!r}): the second positional argument of RemoteASGD is url, not lr; "
+                            f"give lr (and the other hyperparameters) as keywords: RemoteASGD(params, lr={url!r}, url=...)")
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
             raise ValueError("Invalid learning rate: {}".format(lr))
         if not 0.0 <= weight_decay:
@@ -306,13 +361,28 @@ class RemoteASGD(torch.optim.Optimizer):
         self._pending: Any = None  # a Future (background thread) or a _Sent
         self._overlap_floor: Optional[int] = None  # see _apply
 
+        #: Caveats already warned about (once per optimizer): a tensor hyperparameter, foreach=True.
+        self._warned: set = set()
+
         groups, given_names = _split_params(params)
         defaults: Dict[str, Any] = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, foreach=foreach, maximize=maximize)
-        for key in local_group_keys():  # newer PyTorch's flags (differentiable, capturable), as ASGD sets them
+        flags = {"differentiable": differentiable, "capturable": capturable}
+        for key in flags:  # newer PyTorch's flags, in the order ASGD sets them (1.13 has none)
+            if key in local_group_keys():
+                defaults[key] = flags[key]
+        for key in sorted(local_group_keys()):  # a flag of a later PyTorch, as ASGD defaults it
             defaults.setdefault(key, False)
         self._initializing = True
         super().__init__(groups, defaults)
         self._initializing = False
+        for k, g in enumerate(self.param_groups):
+            for flag, value in flags.items():
+                if g.get(flag, value):
+                    raise ValueError(f"{flag}=True (param group {k}) is not supported: the service computes the step "
+                                     f"outside autograd and CUDA graphs; leave it False")
+            if isinstance(g["lr"], torch.Tensor) and g["lr"].numel() != 1:
+                raise ValueError("Tensor lr must be 1-element")
+        self._warn_caveats(self.param_groups)
 
         # Names in state_dict order (group by group, as PyTorch numbers them).
         flat: List[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
@@ -342,11 +412,13 @@ class RemoteASGD(torch.optim.Optimizer):
         for g in self.param_groups:
             spec: Dict[str, Any] = {"params": [self._name_of[id(p)] for p in g["params"]]}
             for key in HYPERPARAMETER_KEYS:
-                spec[key] = g[key]
+                spec[key] = plain_number(g[key])  # numpy scalars, a tensor lr: as the Python numbers JSON carries
+            if "param_names" in g:  # torch 2.6+: the session's state_dict carries them, as torch's does
+                spec["param_names"] = list(g["param_names"])
             group_specs.append(spec)
         create_kwargs = dict(
             params=list(zip(names, flat)),
-            hyperparameters={k: defaults[k] for k in HYPERPARAMETER_KEYS},
+            hyperparameters={k: plain_number(defaults[k]) for k in HYPERPARAMETER_KEYS},
             param_groups=group_specs,
             snapshot_every=snapshot_every,
             keep_snapshots=keep_snapshots,
@@ -428,12 +500,26 @@ class RemoteASGD(torch.optim.Optimizer):
                 for k, v in remote.items():
                     local[k] = v
 
+    def _warn_caveats(self, groups: Any) -> None:
+        """Once per optimizer: values torch takes whose step the service computes as for another value (a
+        tensor lr, as a Python float; foreach=True, as foreach=False)."""
+        for g in groups:
+            for k in HYPERPARAMETER_KEYS:
+                if isinstance(g.get(k), torch.Tensor) and k not in self._warned:
+                    self._warned.add(k)
+                    warnings.warn(_tensor_hyper_message(k), UserWarning, stacklevel=3)
+            if g.get("foreach") and "foreach" not in self._warned:
+                self._warned.add("foreach")
+                warnings.warn(_FOREACH_MESSAGE, UserWarning, stacklevel=3)
+
     def _group_changes(self) -> Optional[List[Dict[str, Any]]]:
         """Per group, the hyperparameters that differ from the session's (None when none does)."""
         changes: List[Dict[str, Any]] = []
         for local, known in zip(self.param_groups, self._session_groups):
             changed = {}
             for k in HYPERPARAMETER_KEYS:
+                if isinstance(local.get(k), torch.Tensor) and k not in self._warned:
+                    self._warn_caveats([local])
                 v = _hyper_value(k, local.get(k))
                 if v is not None and not _same(v, known.get(k)):
                     changed[k] = v
@@ -646,6 +732,14 @@ class RemoteASGD(torch.optim.Optimizer):
         self._pending = None
         self._apply(_result_of_previous(future, "this call sent nothing"))
 
+    def _catch_up(self) -> Optional[int]:
+        """Waits for a pipelined step and loads its parameters (as :meth:`synchronize`), but sends nothing:
+        what reading the state does. Parameters edited in the model stay edited (the AWD-LSTM idiom swaps
+        ``ax`` in while it reads ``state[p]``) and are sent by the next step only if they still differ then."""
+        with self._lock:
+            self._apply_pending(block=True)
+            return self._version
+
     def synchronize(self) -> Optional[int]:
         """Waits for a pipelined step and loads its parameters, sends the model's parameters if they were
         edited outside the optimizer (see :meth:`push_params`); returns the model's version. Afterwards the
@@ -751,44 +845,83 @@ class RemoteASGD(torch.optim.Optimizer):
                 if not check_only:
                     p.copy_(t)
 
+    def _hooks(self, kind: str) -> Any:
+        """torch 2.x's state_dict / load_state_dict hooks (``register_state_dict_pre_hook`` ...); none in 1.13."""
+        return list(getattr(self, f"_optimizer_{kind}_hooks", {}).values())
+
     def state_dict(self) -> Dict[str, Any]:
         """torch.optim.ASGD.state_dict() of the session: {"state": {i: {step, eta, mu, ax}}, "param_groups": [...]}.
 
         The groups carry this optimizer's own values (as torch's state_dict does): keys the service
-        does not keep (e.g. a scheduler's ``initial_lr``) and changes not yet sent with a step.
+        does not keep (e.g. a scheduler's ``initial_lr``), changes not yet sent with a step, and the values
+        as they were set (a tensor lr stays the tensor, a numpy lr the numpy scalar; the session holds
+        their float). torch 2.x's state_dict pre and post hooks run as in torch.optim.Optimizer.state_dict.
         """
+        for pre_hook in self._hooks("state_dict_pre"):
+            pre_hook(self)
         self.synchronize()
         # A torch.save file, not JSON: JSON answers stop at 16M numbers (a state_dict counts 2 x numel).
         sd = self.client.get_state_dict(self.session, format="pt")
+        groups = []
         for remote, local in zip(sd["param_groups"], self.param_groups):
-            for k, v in local.items():
-                if k == "params":
-                    continue
-                if isinstance(v, torch.Tensor) and v.numel() == 1:
-                    v = v.item()
-                if isinstance(v, _SCALAR_TYPES):
-                    remote[k] = v
-            remote["params"] = remote.pop("params")  # PyTorch puts params last
+            # torch's pack_group: the group's own values in its order, then keys only the session has; params last.
+            group = {k: v for k, v in local.items() if k != "params"}
+            group.update((k, v) for k, v in remote.items() if k not in group and k != "params")
+            group["params"] = remote["params"]
+            groups.append(group)
+        sd["param_groups"] = groups
+        for post_hook in self._hooks("state_dict_post"):
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """torch.optim.ASGD.load_state_dict, applied to the session (parameters unchanged)."""
+        """torch.optim.ASGD.load_state_dict, applied to the session (parameters unchanged).
+
+        As in torch: the loaded groups' ``param_names`` replace the optimizer's, and a group loaded without
+        them keeps the optimizer's (torch 2.6 on); values torch keeps as given (a tensor lr) stay so in
+        ``param_groups``, and the session takes their float. torch 2.x's load_state_dict pre and post hooks
+        run as in torch.optim.Optimizer.load_state_dict.
+        """
+        state_dict = dict(state_dict)  # shallow copy, as torch's
+        for pre_hook in self._hooks("load_state_dict_pre"):
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         self.synchronize()
-        sd = {"state": state_dict["state"], "param_groups": state_dict["param_groups"]}
-        if len(sd["param_groups"]) != len(self.param_groups):
+        loaded_groups = state_dict["param_groups"]
+        if len(loaded_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
-        for g, s in zip(self.param_groups, sd["param_groups"]):
+        for g, s in zip(self.param_groups, loaded_groups):
             if len(g["params"]) != len(s["params"]):
                 raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+        keep_names = _torch_keeps_param_names()
+        sent_groups = []
+        for local, loaded in zip(self.param_groups, loaded_groups):
+            group = dict(loaded)
+            if keep_names and "param_names" in local and "param_names" not in group:
+                group["param_names"] = list(local["param_names"])  # torch's update_group keeps the optimizer's names
+            sent_groups.append(group)
+        sd = {"state": state_dict["state"], "param_groups": sent_groups}
+        self._warn_caveats(loaded_groups)
         # A torch.save file, not JSON (limited to 256 MiB, about 12M parameters): the same values either way.
         info = self.client.put_state_dict(self.session, state_dict_to_torch(sd), format="pt")
         with self._lock:
             self._take_session(info, update_local=True)
-        # Keys of the loaded groups that the service does not echo (kept as PyTorch keeps them).
         for local, loaded in zip(self.param_groups, sd["param_groups"]):
             for k, v in loaded.items():
-                if k != "params" and k not in local and not (k in FLAG_KEYS and k not in local_group_keys()):
-                    local[k] = v
+                if k == "params" or (k in FLAG_KEYS and k not in local_group_keys()):
+                    continue
+                if k not in local or k == "param_names":
+                    # Keys the service does not echo, and the names (kept as PyTorch keeps them).
+                    local[k] = copy.deepcopy(v)
+                elif _given_as_other_type(v) and _same(plain_number(v), plain_number(local[k])):
+                    local[k] = copy.deepcopy(v)  # the value as given (a tensor lr); the session holds its float
+            if "param_names" in local and "param_names" not in loaded:
+                del local["param_names"]  # torch before 2.6 replaces the group, names included
+        for post_hook in self._hooks("load_state_dict_post"):
+            post_hook(self)
 
     # -- evaluation helpers -----------------------------------------------------------------------
     def named_averaged_parameters(self) -> "OrderedDict[str, torch.Tensor]":
@@ -894,8 +1027,34 @@ class RemoteASGD(torch.optim.Optimizer):
                 lines.append(f"    {k}: {g[k]}")
         return "\n".join(lines)
 
-    def __getstate__(self) -> Dict[str, Any]:  # pragma: no cover - pickling an optimizer bound to a service
-        raise TypeError("RemoteASGD is bound to a service session; save state_dict() or a checkpoint instead")
+    def __reduce__(self) -> Any:
+        """Pickled (torch.save of an object that refers to it, such as torch 1.13's OneCycleLR.state_dict(),
+        whose ``anneal_func`` is a bound method of the scheduler) as a :class:`DetachedRemoteASGD`: the
+        session's address and name, no connection, no token. Save ``state_dict()`` or a checkpoint to keep
+        the optimizer's state."""
+        return (DetachedRemoteASGD, (self.client.url, self.session))
+
+
+class DetachedRemoteASGD:
+    """What a pickled :class:`RemoteASGD` becomes: the session's url and name, detached from the service.
+
+    It lets objects that refer to the optimizer be saved with torch.save (a torch 1.13 scheduler's
+    state_dict, as with torch.optim.ASGD, whose pickle is a copy detached from the model); it cannot
+    train: its optimizer methods raise, naming the session to attach to."""
+
+    def __init__(self, url: Optional[str], session: str) -> None:
+        self.url = url
+        self.session = session
+
+    def _detached(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"this is a pickled RemoteASGD of session {self.session!r} at {self.url}, detached from the "
+                           f"service; to train, build RemoteASGD(model.named_parameters(), url=..., session="
+                           f"{self.session!r}) (it attaches to the session), and load state_dict() for the state")
+
+    step = zero_grad = state_dict = load_state_dict = synchronize = add_param_group = _detached
+
+    def __repr__(self) -> str:
+        return f"DetachedRemoteASGD(session {self.session!r} at {self.url})"
 
 
 class _AnswerFuture(Future):

@@ -3,7 +3,8 @@
 ASGD users evaluate on the averaged parameters with ``p.data = opt.state[p]["ax"].clone()`` (AWD-LSTM).
 The state lives in the session, so this mapping reads the session's state_dict when it is first looked at
 and keeps it until the model's parameters move to another version (then it asks again, with
-``If-None-Match``: a 304 costs no transfer). The tensors are what torch.optim.ASGD holds: 0-dim float32
+``If-None-Match``: a 304 costs no transfer). Reading it never writes to the session: parameters edited in
+the model (the idiom's swap) are not sent; the next ``step()`` sends them if they are still edited then. The tensors are what torch.optim.ASGD holds: 0-dim float32
 ``step``, ``eta`` and ``mu``, and ``ax`` of the parameter's shape. They are read-only copies: change the
 state with ``load_state_dict``.
 """
@@ -36,7 +37,10 @@ class SessionState(Mapping):
     def entries(self) -> Dict[int, Dict[str, Any]]:
         """{flat parameter index: {step, eta, mu, ax}} of the session, cached by the model's version."""
         opt = self._opt
-        opt.synchronize()
+        # Reading writes nothing: a pipelined step in flight is waited for and loaded, but the model's
+        # parameters are not sent, even if they differ from the session's (the AWD-LSTM idiom assigns
+        # p.data = state[p]["ax"] one parameter at a time; see RemoteASGD._catch_up).
+        opt._catch_up()
         if self._cache is not None and self._model_version == opt.version:
             return self._cache
         known = self._session_version if self._cache is not None else None

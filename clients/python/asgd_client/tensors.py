@@ -13,12 +13,13 @@ param-group flags that the installed PyTorch's ASGD has (1.13 has no ``different
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set
 
 __all__ = [
     "json_data", "floats_from_json", "tensor_to_json", "tensor_from_json", "state_dict_to_json", "state_dict_to_torch",
     "state_dict_from_json",
-    "local_group_keys", "group_from_json", "HYPERPARAMETER_KEYS", "FLAG_KEYS",
+    "local_group_keys", "group_from_json", "plain_number", "HYPERPARAMETER_KEYS", "FLAG_KEYS",
 ]
 
 HYPERPARAMETER_KEYS = ("lr", "lambd", "alpha", "t0", "weight_decay", "maximize")
@@ -118,16 +119,48 @@ def _json_scalar(x: float) -> Any:
     return json_data([x])[0]
 
 
+def _is_bool(value: Any) -> bool:
+    """bool or numpy's bool (which is no numbers.Number but has __float__)."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"))
+
+
+def plain_number(value: Any) -> Any:
+    """A group value as JSON carries it: a 1-element tensor (PyTorch 2.x allows a tensor lr) as
+    ``float(value.item())``, a numpy scalar or other real number as the Python int or float of its value
+    (``np.float32(0.1)`` -> its float32 value, exactly), numpy's bool as bool; anything else unchanged."""
+    if value is None or isinstance(value, str):
+        return value
+    if _is_bool(value):
+        return bool(value)
+    if hasattr(value, "numel") and hasattr(value, "item"):  # a torch tensor
+        if value.numel() != 1:
+            return value
+        item = value.item()
+        return item if isinstance(item, bool) else float(item)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) or hasattr(value, "__float__"):
+        try:
+            return float(value)
+        except (TypeError, ValueError):  # complex has __float__, and refuses
+            return value
+    return value
+
+
 def _group_value_to_json(key: str, value: Any) -> Any:
-    if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:  # tensor lr (PyTorch 2.x allows it)
-        value = value.item()
+    value = plain_number(value)
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"param_groups: {key} = {value} is not finite")
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        return list(value)
-    raise TypeError(f"param_groups: {key} = {value!r} cannot be sent to the service (numbers, strings, booleans, None)")
+    if key == "param_names" and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)  # torch 2.6+ keeps the names of a group built from named_parameters()
+    if isinstance(value, (list, tuple)):
+        values = [plain_number(v) for v in value]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return values
+    raise TypeError(f"param_groups: {key} = {value!r} cannot be sent to the service (numbers, strings, booleans, None, "
+                    "and param_names, a list of strings)")
 
 
 def _state_dict_to_wire(state_dict: Mapping[str, Any], key_of: Any, scalar_of: Any, ax_of: Any) -> Dict[str, Any]:

@@ -57,10 +57,38 @@ def train(model: nn.Module, opt: Any, steps: range, *, skip_bias_every: int = 0,
     return losses
 
 
+def _torch_keeps_param_names() -> bool:
+    try:
+        return "param_names" in torch.optim.ASGD([("w", torch.zeros(1, requires_grad=True))]).param_groups[0]
+    except TypeError:  # torch before 2.6 takes tensors only
+        return False
+
+
+#: torch 2.6+ keeps "param_names" in the groups (and state_dict) of an optimizer built from named parameters.
+TORCH_KEEPS_PARAM_NAMES = _torch_keeps_param_names()
+
+
+def for_torch(params: Any) -> Any:
+    """What RemoteASGD was given (``named_parameters()``, (name, tensor) pairs, or groups of them), as the
+    installed torch.optim.ASGD takes it: unchanged where torch keeps param_names (its groups and state_dict
+    then match RemoteASGD's, names included), the bare tensors before torch 2.6."""
+    items = list(params)
+    if TORCH_KEEPS_PARAM_NAMES:
+        return items
+
+    def bare(ps: Any) -> List[Any]:
+        return [p[1] if isinstance(p, tuple) else p for p in ps]
+
+    if items and isinstance(items[0], dict):
+        return [dict(g, params=bare(g["params"])) for g in items]
+    return bare(items)
+
+
 def torch_run(steps: int = STEPS, seed: int = 0, **kw: Any):
-    """(model, torch.optim.ASGD) after ``steps`` local steps."""
+    """(model, torch.optim.ASGD) after ``steps`` local steps (built from named_parameters() where torch keeps
+    names, as the tests build RemoteASGD)."""
     model = make_model(seed)
-    opt = torch.optim.ASGD(model.parameters(), **HYPER)
+    opt = torch.optim.ASGD(for_torch(model.named_parameters()), **HYPER)
     train(model, opt, range(steps), **kw)
     return model, opt
 
@@ -177,4 +205,4 @@ def differs(a: nn.Module, b: nn.Module) -> bool:
     return any(not torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters()))
 
 
-__all__ = ["step_returns_params", "StepCounter", "HYPER", "STEPS", "make_model", "batch", "train", "torch_run", "ServiceTestCase", "differs", "unique", "server"]
+__all__ = ["for_torch", "TORCH_KEEPS_PARAM_NAMES", "step_returns_params", "StepCounter", "HYPER", "STEPS", "make_model", "batch", "train", "torch_run", "ServiceTestCase", "differs", "unique", "server"]

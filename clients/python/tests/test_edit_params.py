@@ -7,7 +7,7 @@ import unittest
 import torch
 from torch import nn
 
-from _common import HYPER, STEPS, ServiceTestCase, batch, make_model, torch_run, train
+from _common import HYPER, STEPS, ServiceTestCase, batch, for_torch, make_model, torch_run, train
 
 
 def clip(model: nn.Module, c: float = 0.25) -> None:
@@ -57,7 +57,7 @@ class EditsReachTheSession(ServiceTestCase):
                     # Pipelined steps lag by one step; the first step after the resume does not.
                     local, local_opt = make_model(), None
                     local.load_state_dict(ckpt["model"])
-                    local_opt = torch.optim.ASGD(local.parameters(), **HYPER)
+                    local_opt = torch.optim.ASGD(for_torch(local.named_parameters()), **HYPER)
                     local_opt.load_state_dict(ckpt["optimizer"])
                     train(local, local_opt, range(k, k + 1))
                     train(model, opt, range(k, k + 1))
@@ -71,7 +71,7 @@ class EditsReachTheSession(ServiceTestCase):
         pretrained, _ = torch_run(steps=30, seed=5)
         want = make_model()
         want.load_state_dict(pretrained.state_dict())
-        want_opt = torch.optim.ASGD(want.parameters(), **HYPER)
+        want_opt = torch.optim.ASGD(for_torch(want.named_parameters()), **HYPER)
         train(want, want_opt, range(20))
         model = make_model()
         opt = self.remote(model.named_parameters())
@@ -85,7 +85,7 @@ class EditsReachTheSession(ServiceTestCase):
     def test_weight_clipping_after_every_step_matches_torch(self):
         steps = range(60)
         want = make_model()
-        want_opt = torch.optim.ASGD(want.parameters(), **HYPER)
+        want_opt = torch.optim.ASGD(for_torch(want.named_parameters()), **HYPER)
         train_clipped(want, want_opt, steps)
         model = make_model()
         opt = self.remote(model.named_parameters())
@@ -105,7 +105,7 @@ class EditsReachTheSession(ServiceTestCase):
         model = make_model()
         opt = self.remote(model.named_parameters(), pipeline=True)
         local = make_model()
-        local_opt = torch.optim.ASGD(local.parameters(), **HYPER)
+        local_opt = torch.optim.ASGD(for_torch(local.named_parameters()), **HYPER)
         X, y = batch(0)
         for m, o in ((model, opt), (local, local_opt)):
             o.zero_grad(set_to_none=True)
@@ -196,7 +196,7 @@ class StateDictTravelsAsTorchSave(ServiceTestCase):
             for k, v in entry.items():
                 self.assertEqual(sd["state"][i][k].dtype, v.dtype)
                 self.assertTrue(torch.equal(sd["state"][i][k].view(torch.int32), v.view(torch.int32)), (i, k))
-        local = torch.optim.ASGD(make_model().parameters(), **HYPER)
+        local = torch.optim.ASGD(for_torch(make_model().named_parameters()), **HYPER)
         for g, local_group in zip(sd["param_groups"], local.state_dict()["param_groups"]):
             self.assertEqual(list(g), list(local_group))
             self.assertEqual({k: type(v) for k, v in g.items()}, {k: type(v) for k, v in local_group.items()})

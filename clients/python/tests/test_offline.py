@@ -106,6 +106,21 @@ class JsonForms(unittest.TestCase):
                 self.assertEqual(got["state"][i][k].dtype, want["state"][i][k].dtype)
         torch.optim.ASGD(torch.nn.Linear(3, 2).parameters()).load_state_dict(got)
 
+    def test_group_values_numpy_tensors_and_param_names_as_json(self):
+        # What torch keeps in a group travels as the Python values JSON carries; param_names as a list of strings.
+        import numpy as np
+
+        group = {"param_names": ["a", "b"], "lr": np.float32(0.1), "t0": np.int64(3), "maximize": np.bool_(True),
+                 "initial_lr": torch.tensor(0.25), "params": [0, 1]}
+        got = state_dict_to_json({"state": {}, "param_groups": [group]})["param_groups"][0]
+        self.assertEqual(got, {"param_names": ["a", "b"], "lr": float(np.float32(0.1)), "t0": 3, "maximize": True,
+                               "initial_lr": 0.25, "params": [0, 1]})
+        self.assertEqual({k: type(v) for k, v in got.items()},
+                         {"param_names": list, "lr": float, "t0": int, "maximize": bool, "initial_lr": float, "params": list})
+        json.dumps(got, allow_nan=False)
+        with self.assertRaisesRegex(TypeError, "tags"):  # lists of strings only as param_names
+            state_dict_to_json({"state": {}, "param_groups": [{"tags": ["x"], "params": [0]}]})
+
     def test_groups_keep_only_this_torchs_flags(self):
         local = set(torch.optim.ASGD([torch.zeros(1, requires_grad=True)]).param_groups[0]) - {"params"}
         g = group_from_json({"lr": 1, "lambd": 0.0001, "alpha": 0.75, "t0": 1000000, "weight_decay": 0, "foreach": None,

@@ -11,7 +11,7 @@ import time
 import torch
 from torch import nn
 
-from _common import HYPER, ServiceTestCase, StepCounter, batch, make_model, unique
+from _common import HYPER, ServiceTestCase, StepCounter, batch, for_torch, make_model, unique
 
 ROUNDS = 20
 # Not in rank order, and "w10" sorts between "w1" and "w2" in byte order: the mean adds in that order.
@@ -49,7 +49,7 @@ def torch_rounds(rounds, shards):
     """(model, torch.optim.ASGD) after ``rounds`` steps, each on the documented mean of the gradients that
     ``shards(round)`` ({worker: (X, y)}) gives at that round's parameters."""
     model = make_model()
-    opt = torch.optim.ASGD(model.parameters(), **HYPER)
+    opt = torch.optim.ASGD(for_torch(model.named_parameters()), **HYPER)
     for r in range(rounds):
         grads = {w: gradients(model, X, y) for w, (X, y) in shards(r).items()}
         for p, g in zip(model.parameters(), documented_mean(grads)):

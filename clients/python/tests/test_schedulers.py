@@ -7,7 +7,7 @@ import unittest
 import torch
 from torch import nn
 
-from _common import HYPER, ServiceTestCase, StepCounter, batch, make_model, train, unique
+from _common import HYPER, ServiceTestCase, StepCounter, batch, for_torch, make_model, train, unique
 
 STEPS = 120
 
@@ -45,7 +45,7 @@ class SchedulersMatchTorch(ServiceTestCase):
 
     def check(self, kind, transport="safetensors"):
         ref = make_model()
-        torch_opt = torch.optim.ASGD(ref.parameters(), **HYPER)
+        torch_opt = torch.optim.ASGD(for_torch(ref.named_parameters()), **HYPER)
         want_lrs = loop(ref, torch_opt, SCHEDULERS[kind](torch_opt), range(STEPS))
         self.assertGreater(len(set(want_lrs)), 1, f"{kind} never changed the lr: the test would prove nothing")
 
@@ -89,8 +89,7 @@ class SchedulersMatchTorch(ServiceTestCase):
             return [{"params": named[:2]}, {"params": named[2:], "lr": 0.02}]
 
         ref = make_model()
-        refs = list(ref.parameters())
-        torch_opt = torch.optim.ASGD([{"params": refs[:2]}, {"params": refs[2:], "lr": 0.02}], **HYPER)
+        torch_opt = torch.optim.ASGD(for_torch(groups(ref)), **HYPER)
         model = make_model()
         opt = self.remote(groups(model))
         for o, m in ((torch_opt, ref), (opt, model)):

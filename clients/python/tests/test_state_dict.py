@@ -5,7 +5,7 @@ import unittest
 
 import torch
 
-from _common import HYPER, STEPS, ServiceTestCase, make_model, torch_run, train
+from _common import HYPER, STEPS, ServiceTestCase, for_torch, make_model, torch_run, train
 
 
 class StateDictMatchesTorch(ServiceTestCase):
@@ -29,7 +29,7 @@ class StateDictMatchesTorch(ServiceTestCase):
         self.assertStateDictEqual(torch.load(buf), want)
 
     def test_state_dict_before_any_step(self):
-        torch_opt = torch.optim.ASGD(make_model().parameters(), **HYPER)
+        torch_opt = torch.optim.ASGD(for_torch(make_model().named_parameters()), **HYPER)
         opt = self.remote(make_model().named_parameters(), transport="json")
         self.assertStateDictEqual(opt.state_dict(), torch_opt.state_dict())
 
@@ -55,7 +55,7 @@ class StateDictMatchesTorch(ServiceTestCase):
         train(model, opt, range(k))
         local = make_model(3)
         local.load_state_dict(model.state_dict())
-        torch_opt = torch.optim.ASGD(local.parameters(), **HYPER)
+        torch_opt = torch.optim.ASGD(for_torch(local.named_parameters()), **HYPER)
         torch_opt.load_state_dict(opt.state_dict())
         train(local, torch_opt, range(k, STEPS))
         want, _ = torch_run()
@@ -63,7 +63,7 @@ class StateDictMatchesTorch(ServiceTestCase):
 
     def test_load_state_dict_takes_the_groups_hyperparameters(self):
         opt = self.remote(make_model().named_parameters(), transport="json")
-        torch_opt = torch.optim.ASGD(make_model().parameters(), lr=0.125, lambd=2e-4, alpha=0.5, t0=3.0, weight_decay=0.25)
+        torch_opt = torch.optim.ASGD(for_torch(make_model().named_parameters()), lr=0.125, lambd=2e-4, alpha=0.5, t0=3.0, weight_decay=0.25)
         opt.load_state_dict(torch_opt.state_dict())
         self.assertEqual(opt.param_groups[0]["lr"], 0.125)
         self.assertEqual(opt.param_groups[0]["t0"], 3.0)

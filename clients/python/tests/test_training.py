@@ -5,7 +5,7 @@ import warnings
 
 import torch
 
-from _common import HYPER, STEPS, ServiceTestCase, batch, make_model, torch_run, train, unique
+from _common import HYPER, STEPS, ServiceTestCase, batch, for_torch, make_model, torch_run, train, unique
 
 
 class TrainingMatchesTorch(ServiceTestCase):
@@ -50,7 +50,7 @@ class TrainingMatchesTorch(ServiceTestCase):
                 opt.step()
 
         ref = make_model()
-        ref_opt = torch.optim.ASGD(ref.parameters(), **HYPER)
+        ref_opt = torch.optim.ASGD(for_torch(ref.named_parameters()), **HYPER)
         freeze_every_third(ref, ref_opt, 12)
         model = make_model()
         opt = self.remote(model.named_parameters(), transport="safetensors")
@@ -92,7 +92,7 @@ class TrainingMatchesTorch(ServiceTestCase):
             return [{"params": second, "lr": 0.02, "t0": 5.0, "name": "head"}, {"params": first, "weight_decay": 0.0}]
 
         ref = make_model()
-        torch_opt = torch.optim.ASGD(groups(ref, False), **HYPER)
+        torch_opt = torch.optim.ASGD(for_torch(groups(ref, True)), **HYPER)
         train(ref, torch_opt, range(60))
         model = make_model()
         opt = self.remote(groups(model, True), transport="json")
@@ -124,7 +124,7 @@ class TrainingMatchesTorch(ServiceTestCase):
     def test_lr_scheduler_changes_reach_the_session(self):
         self.requireStepParams()  # they travel with the step (issue 11)
         ref = make_model()
-        torch_opt = torch.optim.ASGD(ref.parameters(), **HYPER)
+        torch_opt = torch.optim.ASGD(for_torch(ref.named_parameters()), **HYPER)
         train(ref, torch_opt, range(40), scheduler=torch.optim.lr_scheduler.StepLR(torch_opt, step_size=10, gamma=0.5))
         model = make_model()
         opt = self.remote(model.named_parameters(), transport="json")

@@ -1,0 +1,305 @@
+"""RemoteASGD takes what torch.optim.ASGD takes: numpy and tensor hyperparameters, ``param_names`` (torch 2.6+),
+torch's flags, pickling through a scheduler's state_dict (torch 1.13), and the state_dict hooks (torch 2.x)."""
+
+import io
+import pickle
+import unittest
+import warnings
+
+import numpy as np
+import torch
+
+from _common import HYPER, TORCH_KEEPS_PARAM_NAMES as KEEPS_NAMES, ServiceTestCase, make_model, train
+
+STEPS = 30
+HAS_SD_HOOKS = hasattr(torch.optim.Optimizer, "register_state_dict_pre_hook")
+
+
+def train_with_lrs(model, opt, lrs, start=0):
+    """``len(lrs)`` steps, setting the group's lr to each value before its step (a schedule written by hand)."""
+    for i, lr in enumerate(lrs, start):
+        opt.param_groups[0]["lr"] = lr
+        train(model, opt, range(i, i + 1))
+
+
+def state_only(sd):
+    return {"state": sd["state"], "param_groups": []}
+
+
+class NumpyHyperparameters(ServiceTestCase):
+    def setUp(self):
+        self.requireStepParams()
+
+    def test_a_float32_numpy_schedule_takes_effect(self):
+        # np.float32 is no Python float: it used to be ignored, and the session kept its first lr.
+        schedule = np.linspace(0.1, 0.001, STEPS).astype(np.float32)
+        ref, model = make_model(), make_model()
+        torch_opt = torch.optim.ASGD(ref.parameters(), **HYPER)
+        opt = self.remote(model.named_parameters())
+        train_with_lrs(ref, torch_opt, [float(lr) for lr in schedule])  # torch given the same values as Python floats
+        train_with_lrs(model, opt, list(schedule))
+        self.assertParamsIdentical(model, ref)
+        self.assertEqual(opt.client.get_session(opt.session)["param_groups"][0]["lr"], float(schedule[-1]))
+        sd = opt.state_dict()
+        self.assertStateDictEqual(state_only(sd), state_only(torch_opt.state_dict()))
+        self.assertEqual(sd["param_groups"][0]["lr"], schedule[-1])
+
+    def test_numpy_values_at_construction_and_mid_training(self):
+        values = dict(lr=np.float32(0.05), lambd=np.float64(1e-4), alpha=np.float32(0.75), t0=np.int64(10), weight_decay=np.float32(1e-3))
+        ref, model = make_model(), make_model()
+        torch_opt = torch.optim.ASGD(ref.parameters(), **{k: v.item() for k, v in values.items()})
+        opt = self.remote(model.named_parameters(), **values)  # json.dumps refused np.float32 here
+        group = opt.client.get_session(opt.session)["param_groups"][0]
+        self.assertEqual({k: group[k] for k in values}, {k: v.item() for k, v in values.items()})
+        train(ref, torch_opt, range(10))
+        train(model, opt, range(10))
+        for o, t0, wd in ((torch_opt, 1, 0.5), (opt, np.int64(1), np.float32(0.5))):
+            o.param_groups[0]["t0"], o.param_groups[0]["weight_decay"] = t0, wd
+        train(ref, torch_opt, range(10, 20))
+        train(model, opt, range(10, 20))
+        self.assertParamsIdentical(model, ref)
+        group = opt.client.get_session(opt.session)["param_groups"][0]
+        self.assertEqual((group["t0"], group["weight_decay"]), (1, 0.5))
+        self.assertStateDictEqual(state_only(opt.state_dict()), state_only(torch_opt.state_dict()))
+
+
+class TensorLearningRate(ServiceTestCase):
+    def setUp(self):
+        self.requireStepParams()
+
+    def test_a_tensor_lr_works_with_one_warning(self):
+        lr = torch.tensor(0.05)
+        ref, model = make_model(), make_model()
+        hyper = dict(HYPER, lr=lr.item())
+        torch_opt = torch.optim.ASGD(ref.parameters(), **hyper)  # torch with the same value as a Python float
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt = self.remote(model.named_parameters(), **dict(hyper, lr=lr.clone()))
+            train(ref, torch_opt, range(10))
+            train(model, opt, range(10))
+            # A scheduler on a tensor lr changes it in place (torch 2.x); the change travels with the next step.
+            torch_opt.param_groups[0]["lr"] = torch.tensor(0.02).item()
+            opt.param_groups[0]["lr"].fill_(0.02)
+            train(ref, torch_opt, range(10, 20))
+            train(model, opt, range(10, 20))
+        about = [w for w in caught if "lr is a tensor" in str(w.message)]
+        self.assertEqual(len(about), 1, [str(w.message) for w in caught])
+        self.assertIn("float32", str(about[0].message))
+        self.assertParamsIdentical(model, ref)
+        self.assertEqual(opt.client.get_session(opt.session)["param_groups"][0]["lr"], torch.tensor(0.02).item())
+        sd = opt.state_dict()
+        self.assertIsInstance(sd["param_groups"][0]["lr"], torch.Tensor, "state_dict keeps the tensor, as torch's")
+        self.assertEqual(sd["param_groups"][0]["lr"].item(), torch.tensor(0.02).item())
+        self.assertStateDictEqual(state_only(sd), state_only(torch_opt.state_dict()))
+
+    def test_load_state_dict_with_a_tensor_lr_keeps_it_and_steps_with_its_value(self):
+        ref, model = make_model(), make_model()
+        torch_opt = torch.optim.ASGD(ref.parameters(), **HYPER)
+        opt = self.remote(model.named_parameters())
+        sd = torch_opt.state_dict()
+        sd["param_groups"][0]["lr"] = torch.tensor(0.03)
+        torch_opt.param_groups[0]["lr"] = torch.tensor(0.03).item()
+        with self.assertWarns(UserWarning):
+            opt.load_state_dict(sd)
+        self.assertIsInstance(opt.param_groups[0]["lr"], torch.Tensor)
+        self.assertEqual(opt.client.get_session(opt.session)["param_groups"][0]["lr"], torch.tensor(0.03).item())
+        train(ref, torch_opt, range(10))
+        train(model, opt, range(10))
+        self.assertParamsIdentical(model, ref)
+
+
+class TorchFlagsAndSignature(ServiceTestCase):
+    def test_lr_given_positionally_gets_a_clear_error(self):
+        from asgd_client import RemoteASGD
+
+        with self.assertRaisesRegex(TypeError, r"url, not lr.*lr=0\.05"):
+            RemoteASGD(make_model().parameters(), 0.05)
+
+    def test_differentiable_and_capturable_false_are_accepted_true_refused(self):
+        from asgd_client import RemoteASGD
+
+        opt = self.remote(make_model().named_parameters(), differentiable=False, capturable=False)
+        self.assertEqual(opt.param_groups[0].get("capturable", False), False)
+        for flag in ("differentiable", "capturable"):
+            with self.subTest(flag=flag):
+                with self.assertRaisesRegex(ValueError, f"{flag}=True .*not supported"):
+                    RemoteASGD(make_model().parameters(), url=self.url, **{flag: True})
+                with self.assertRaisesRegex(ValueError, f"{flag}=True .*not supported"):
+                    RemoteASGD([{"params": list(make_model().parameters()), flag: True}], url=self.url)
+
+    def test_foreach_true_warns_once_and_steps_as_foreach_false(self):
+        self.requireStepParams()
+        ref, model = make_model(), make_model()
+        torch_opt = torch.optim.ASGD(ref.parameters(), foreach=False, **HYPER)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt = self.remote(model.named_parameters(), foreach=True)
+            train(ref, torch_opt, range(10))
+            train(model, opt, range(10))
+        about = [w for w in caught if "foreach=True" in str(w.message)]
+        self.assertEqual(len(about), 1, [str(w.message) for w in caught])
+        self.assertIn("single-tensor", str(about[0].message))
+        self.assertParamsIdentical(model, ref)
+        self.assertIs(opt.state_dict()["param_groups"][0]["foreach"], True)
+
+
+class Pickling(ServiceTestCase):
+    def test_a_one_cycle_schedulers_state_dict_can_be_saved_and_loaded(self):
+        # torch 1.13's OneCycleLR.state_dict() holds anneal_func, a method bound to the scheduler, whose
+        # pickle holds the optimizer: torch.save(sched.state_dict()) pickled RemoteASGD, which refused.
+        def make(opt):
+            return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=40, cycle_momentum=False)
+
+        model, ref = make_model(), make_model()
+        opt = self.remote(model.named_parameters())
+        torch_opt = torch.optim.ASGD(ref.parameters(), **HYPER)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")  # the schedule alone, no training
+            sched, torch_sched = make(opt), make(torch_opt)
+            for s in (sched, torch_sched):
+                for _ in range(5):
+                    s.step()
+            buf = io.BytesIO()
+            torch.save(sched.state_dict(), buf)
+            if self.token:
+                self.assertNotIn(self.token.encode(), buf.getvalue(), "the token is not pickled")
+            buf.seek(0)
+            loaded = torch.load(buf)
+            # A new scheduler takes it and goes on as torch's does.
+            sched2 = make(opt)
+            sched2.load_state_dict(loaded)
+            for _ in range(5):
+                sched2.step()
+                torch_sched.step()
+                self.assertEqual(opt.param_groups[0]["lr"], torch_opt.param_groups[0]["lr"])
+
+    def test_a_pickled_optimizer_is_a_detached_placeholder(self):
+        opt = self.remote(make_model().named_parameters())
+        copy = pickle.loads(pickle.dumps(opt))
+        self.assertEqual(type(copy).__name__, "DetachedRemoteASGD")
+        self.assertEqual((copy.session, copy.url), (opt.session, opt.client.url))
+        with self.assertRaisesRegex(RuntimeError, f"detached.*{opt.session}"):
+            copy.step()
+
+
+class ParamNames(ServiceTestCase):
+    """torch 2.6+: ASGD(model.named_parameters()) keeps "param_names" in its groups and state_dict."""
+
+    def setUp(self):
+        self.requireStepParams()
+
+    def named_sd(self, names):
+        """A state_dict as torch 2.6+ writes it for an optimizer built from named_parameters()."""
+        ref = make_model()
+        torch_opt = torch.optim.ASGD(ref.parameters(), **HYPER)
+        train(ref, torch_opt, range(10))
+        sd = torch_opt.state_dict()
+        sd["param_groups"][0] = {"param_names": list(names), **sd["param_groups"][0]}
+        return ref, torch_opt, sd
+
+    def test_a_state_dict_with_param_names_loads_as_into_torch(self):
+        # Every torch: torch 1.13 keeps the loaded group's keys, torch 2.6+ takes its names.
+        names = [n for n, _ in make_model().named_parameters()]
+        ref, torch_opt, sd = self.named_sd(names)
+        model = make_model()
+        model.load_state_dict(ref.state_dict())
+        opt = self.remote(model.named_parameters())
+        opt.load_state_dict(sd)  # TypeError: param_names cannot be sent to the service
+        torch_opt.load_state_dict(sd)
+        self.assertEqual(opt.param_groups[0]["param_names"], names)
+        self.assertStateDictEqual(opt.state_dict(), torch_opt.state_dict())
+        self.assertEqual(opt.client.get_state_dict(opt.session)["param_groups"][0]["param_names"], names)
+        train(ref, torch_opt, range(10, 20))
+        train(model, opt, range(10, 20))
+        self.assertParamsIdentical(model, ref)
+
+    def test_put_state_dict_sends_param_names(self):
+        names = [n for n, _ in make_model().named_parameters()]
+        _, _, sd = self.named_sd(names)
+        opt = self.remote(make_model().named_parameters())
+        client = self.client()
+        client.put_state_dict(opt.session, sd)  # JSON
+        self.assertEqual(client.get_state_dict(opt.session)["param_groups"][0]["param_names"], names)
+
+    @unittest.skipUnless(KEEPS_NAMES, "this torch keeps no param_names (torch < 2.6)")
+    def test_named_parameters_give_torchs_groups_and_state_dict(self):
+        ref, model = make_model(), make_model()
+        torch_opt = torch.optim.ASGD(ref.named_parameters(), **HYPER)
+        opt = self.remote(model.named_parameters())
+        self.assertEqual(opt.param_groups[0]["param_names"], torch_opt.param_groups[0]["param_names"])
+        train(ref, torch_opt, range(STEPS))
+        train(model, opt, range(STEPS))
+        self.assertParamsIdentical(model, ref)
+        got, want = opt.state_dict(), torch_opt.state_dict()
+        self.assertStateDictEqual(got, want)
+        self.assertEqual(list(got["param_groups"][0]), list(want["param_groups"][0]), "the keys in torch's order")
+        # Both ways: each optimizer loads the other's state_dict.
+        torch_opt.load_state_dict(got)
+        opt.load_state_dict(want)
+        self.assertStateDictEqual(opt.state_dict(), torch_opt.state_dict())
+
+    @unittest.skipUnless(KEEPS_NAMES, "this torch keeps no param_names (torch < 2.6)")
+    def test_loaded_names_replace_the_optimizers_and_a_group_without_names_keeps_them(self):
+        model = make_model()
+        torch_opt = torch.optim.ASGD(make_model().named_parameters(), **HYPER)
+        opt = self.remote(model.named_parameters())
+        renamed = ["a", "b", "c", "d"]
+        _, _, sd = self.named_sd(renamed)
+        for o in (opt, torch_opt):
+            o.load_state_dict(sd)
+            self.assertEqual(o.param_groups[0]["param_names"], renamed)
+        del sd["param_groups"][0]["param_names"]
+        for o in (opt, torch_opt):
+            o.load_state_dict(sd)
+            self.assertEqual(o.param_groups[0]["param_names"], renamed)
+        self.assertStateDictEqual(opt.state_dict(), torch_opt.state_dict())
+        self.assertEqual(opt.client.get_state_dict(opt.session)["param_groups"][0]["param_names"], renamed)
+
+    @unittest.skipUnless(KEEPS_NAMES, "this torch keeps no param_names (torch < 2.6)")
+    def test_groups_with_and_without_names_are_refused_as_by_torch(self):
+        from asgd_client import RemoteASGD
+
+        m = make_model()
+        mixed_groups = [{"params": list(m[0].named_parameters())}, {"params": list(m[2].parameters())}]
+        mixed_group = [("w", m[0].weight), m[0].bias]
+        for params in (mixed_groups, mixed_group):
+            with self.assertRaisesRegex(ValueError, "with/without names"):
+                torch.optim.ASGD(params)
+            with self.assertRaisesRegex(ValueError, "with/without names"):
+                RemoteASGD(params, url=self.url, token=self.token)
+
+
+@unittest.skipUnless(HAS_SD_HOOKS, "this torch has no state_dict hooks (torch < 2.1)")
+class StateDictHooks(ServiceTestCase):
+    def test_state_dict_and_load_state_dict_hooks_run_as_in_torch(self):
+        calls = {}
+        sds = {}
+        for kind, opt in (("torch", torch.optim.ASGD(make_model().parameters(), **HYPER)),
+                          ("remote", self.remote(make_model().parameters()))):
+            seen = calls[kind] = []
+            opt.register_state_dict_pre_hook(lambda o: seen.append("sd_pre"))
+
+            def sd_post(o, sd, seen=seen):
+                seen.append("sd_post")
+                sd["extra"] = 1
+                return sd
+
+            opt.register_state_dict_post_hook(sd_post)
+
+            def load_pre(o, sd, seen=seen):
+                seen.append("load_pre")
+                sd = dict(sd)
+                sd["param_groups"] = [dict(g, lr=0.125) for g in sd["param_groups"]]
+                return sd
+
+            opt.register_load_state_dict_pre_hook(load_pre)
+            opt.register_load_state_dict_post_hook(lambda o: seen.append("load_post"))
+            sds[kind] = opt.state_dict()
+            opt.load_state_dict(sds[kind])
+            self.assertEqual(opt.param_groups[0]["lr"], 0.125, kind)
+        self.assertEqual(calls["remote"], calls["torch"])
+        self.assertEqual(sds["remote"]["extra"], 1)
+
+
+if __name__ == "__main__":
+    unittest.main()
