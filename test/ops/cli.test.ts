@@ -10,36 +10,12 @@ import { after, before, describe, test } from 'node:test';
 import type { FastifyInstance } from 'fastify';
 import pg from 'pg';
 import { buildTestApp, createTestDatabase, TEST_DB_KIND } from '../helper.ts';
-import { FLAGS, flagName, main, parseArgs } from '../../src/cli.ts';
+import { FLAGS, flagName, parseArgs } from '../../src/cli.ts';
+import { assertFails as assertFailsAs, BIN, runMain, runProcess, type Run } from '../support/cli.ts';
 import { ADMIN, asAdmin, gradBody, sessionBody } from './support.ts';
 
-const BIN = 'bin/asgd-serve.mjs';
-
-interface Run { code: number | null; stdout: string; stderr: string }
-
-/** Runs a command to its end with a clean environment plus `env`. */
-function run(args: string[], env: Record<string, string> = {}, timeoutMs = 60_000): Promise<Run> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, args, { env: { PATH: process.env.PATH ?? '', ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d) => { stdout += d; });
-    child.stderr.on('data', (d) => { stderr += d; });
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-    child.on('error', reject);
-    child.on('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
-
-/** main() in this process, its output captured. */
-async function runHere(argv: string[], env: Record<string, string> = {}): Promise<Run> {
-  const out = { stdout: '', stderr: '' };
-  const code = await main(argv, env, { stdout: { write: (s: string) => (out.stdout += s) }, stderr: { write: (s: string) => (out.stderr += s) } });
-  return { code, ...out };
-}
+const run = runProcess;
+const runHere = (argv: string[], env: Record<string, string> = {}) => runMain(argv, { env });
 
 test('--help lists a flag for every variable src/config.ts reads; 0.0.0.0 without a token is refused with exit code 2', async () => {
   const source = readFileSync('src/config.ts', 'utf8');
@@ -168,20 +144,7 @@ describe('sessions import, restore and fork', () => {
   const session = (name: string) => read<{ version: number; step: number; keep_snapshots: number; max_staleness: number | null }>(`/v1/sessions/${name}`);
 
   /** main() in this process, as a script runs it (or on a terminal, with `answer` to its question). */
-  async function ops(args: string[], opts: { interactive?: boolean; answer?: string } = {}): Promise<Run & { asked: string[] }> {
-    const out = { stdout: '', stderr: '' };
-    const asked: string[] = [];
-    const code = await main(args, { ASGD_URL: url, ASGD_TOKEN: ADMIN }, {
-      stdout: { write: (s: string) => (out.stdout += s) },
-      stderr: { write: (s: string) => (out.stderr += s) },
-      interactive: opts.interactive ?? false,
-      confirm: async (question) => {
-        asked.push(question);
-        return /^y/i.test(opts.answer ?? 'n');
-      },
-    });
-    return { code, ...out, asked };
-  }
+  const ops = (args: string[], opts: { interactive?: boolean; answer?: string } = {}) => runMain(args, { ...opts, env: { ASGD_URL: url, ASGD_TOKEN: ADMIN } });
 
   async function download(name: string, flags: string[], file: string): Promise<string> {
     const path = join(dir, file);
@@ -191,12 +154,8 @@ describe('sessions import, restore and fork', () => {
   }
 
   /** A failure: the exit code, one line on stderr naming the problem, no stack trace, nothing on stdout. */
-  function assertFails(r: Run, code: number, message: RegExp): void {
-    assert.equal(r.code, code, `exit ${r.code}: ${r.stderr}`);
-    assert.match(r.stderr, message);
-    assert.match(r.stderr, /^asgd-serve: [^\n]+\n$/, 'one line');
-    assert.equal(r.stdout, '');
-  }
+  const assertFails = (r: Run, code: number, message: RegExp) => assertFailsAs(r, code, message, { oneLine: true });
+
 
   before(async () => {
     const db = TEST_DB_KIND === 'postgres' ? await createTestDatabase() : null;

@@ -2,21 +2,17 @@
 // scratch PostgreSQL database, the commands run as a script runs them (bin/asgd-serve.mjs) and, for the
 // cases a terminal needs (the question of rm, progress), in this process through main().
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Writable } from 'node:stream';
 import { after, before, test } from 'node:test';
-import { main } from '../../src/cli.ts';
+import { assertFails, BIN, runMain, runProcess, type HereOptions, type Run } from '../support/cli.ts';
 import { readZip } from '../../src/formats/zip.ts';
 import { ServiceProcess } from '../support/cluster.ts';
 import { createTestDatabase, randomData } from '../helper.ts';
 import { ADMIN } from './support.ts';
-
-interface Run { code: number | null; stdout: string; stderr: string }
 
 async function freePort(): Promise<number> {
   const server = createServer();
@@ -70,38 +66,10 @@ after(async () => {
 });
 
 /** The real executable, as a script runs it: no terminal. */
-function cli(args: string[], env: Record<string, string> = {}): Promise<Run> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['bin/asgd-serve.mjs', ...args], {
-      env: { PATH: process.env.PATH ?? '', ASGD_URL: service.url, ASGD_TOKEN: ADMIN, ...env },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d) => { stdout += d; });
-    child.stderr.on('data', (d) => { stderr += d; });
-    child.on('error', reject);
-    child.on('close', (code) => resolve({ code, stdout, stderr }));
-  });
-}
+const cli = (args: string[], env: Record<string, string> = {}) => runProcess([BIN, ...args], { ASGD_URL: service.url, ASGD_TOKEN: ADMIN, ...env });
 
 /** main() in this process, as on a terminal when `interactive`. */
-async function here(args: string[], opts: { env?: Record<string, string>; interactive?: boolean; answer?: string } = {}): Promise<Run & { asked: string[]; piped: Buffer }> {
-  const out = { stdout: '', stderr: '' };
-  const asked: string[] = [];
-  const chunks: Buffer[] = [];
-  const code = await main(args, { ASGD_URL: service.url, ASGD_TOKEN: ADMIN, ...opts.env }, {
-    stdout: { write: (s: string) => (out.stdout += s) },
-    stderr: { write: (s: string) => (out.stderr += s) },
-    interactive: opts.interactive ?? false,
-    confirm: async (question) => {
-      asked.push(question);
-      return /^y/i.test(opts.answer ?? 'n');
-    },
-    stdoutStream: () => new Writable({ write(chunk: Buffer, _e, done) { chunks.push(chunk); done(); } }),
-  });
-  return { code, ...out, asked, piped: Buffer.concat(chunks) };
-}
+const here = (args: string[], opts: HereOptions = {}) => runMain(args, { ...opts, env: { ASGD_URL: service.url, ASGD_TOKEN: ADMIN, ...opts.env } });
 
 /** A torch.save file's entries but its random serialization id (PyTorch writes a new one each save); other files as they are. */
 function comparable(file: Buffer): unknown {
@@ -110,13 +78,6 @@ function comparable(file: Buffer): unknown {
   return [...zip.entries.keys()].filter((name) => !name.endsWith('/serialization_id')).map((name) => [name, zip.read(name).toString('base64')]);
 }
 
-/** A failure: the exit code, one line on stderr naming the problem, no stack trace. */
-function assertFails(r: Run, code: number, message: RegExp): void {
-  assert.equal(r.code, code, `exit ${r.code}: ${r.stderr}`);
-  assert.match(r.stderr, message);
-  assert.doesNotMatch(r.stderr, /\n\s+at |Error:|node:internal/, 'no stack trace');
-  assert.equal(r.stdout, '');
-}
 
 test('sessions ls and show: readable tables, --json for scripts', async () => {
   const ls = await cli(['sessions', 'ls']); // the real executable; the rest runs main() in this process
