@@ -23,7 +23,7 @@ export function checkModel(session: SessionRecord, layout: Layout, params: Loade
   }
   session.params.forEach((p, i) => {
     const t = params.get(p.name);
-    if (!t) throw errors.stateDictMismatch(`${field}: parameter ${JSON.stringify(p.name)} is missing`);
+    if (!t) throw errors.stateDictMismatch(`${field}.${p.name}: missing (every parameter of the session is needed)`);
     if ((t.shape && (t.shape.length !== p.shape.length || t.shape.some((d, k) => d !== p.shape[k]))) || t.data.length !== layout.numels[i]) {
       throw errors.shapeMismatch(`${field}.${p.name}`, `expected shape ${JSON.stringify(p.shape)}, got ${t.shape ? JSON.stringify(t.shape) : `${t.data.length} elements`}`);
     }

@@ -58,11 +58,16 @@ export interface CreateInput {
   aggregation: Aggregation | null;
 }
 
+/** Where a step's base_version was given: the query, the JSON body, or a safetensors body's __metadata__. */
+export type BaseVersionFrom = 'query' | 'body' | '__metadata__';
+
 export interface StepOptions {
   ifMatch?: number | null;
   idempotencyKey?: string | null;
   requestHash?: string;
   baseVersion?: number | null;
+  /** Where base_version came from: its 400 when it is newer than the session names it there (INVALID_QUERY for the query). */
+  baseVersionFrom?: BaseVersionFrom;
   /** The step body's `param_groups` (validated here against the session's groups). */
   paramGroups?: unknown;
   /** The step body's `metrics`, already validated (step-input.ts parseMetrics). */

@@ -26,7 +26,7 @@ import * as store from './rounds-repository.ts';
 import type { OpenRound } from './rounds-repository.ts';
 import type { StateView, StepAnswer, StepOptions } from './model.ts';
 import type { SessionState } from './state.ts';
-import { applyHyperDelta, groupHyperparameters, parseStepHyper } from './step-input.ts';
+import { applyHyperDelta, baseVersionTooNew, groupHyperparameters, parseStepHyper } from './step-input.ts';
 
 export interface RoundHooks {
   closed?(session: string, contributions: number, waitSeconds: number, timedOut: boolean): void;
@@ -183,7 +183,7 @@ export function createRoundService(options: RoundServiceOptions) {
           if (baseVersion === null) throw errors.invalidBody('base_version: is required in a session with aggregation (the version the gradient was computed at)');
           if (worker === null) throw errors.invalidBody('worker: is required in a session with aggregation (the contributing worker\'s id, 1-128 of A-Za-z0-9._-)');
           if (opts.ifMatch != null && opts.ifMatch !== session.version) throw errors.versionMismatch(`"${opts.ifMatch}"`, session.version);
-          if (baseVersion > session.version) throw errors.invalidBody(`base_version: ${baseVersion} is newer than the session's version ${session.version}`);
+          if (baseVersion > session.version) throw baseVersionTooNew(baseVersion, session.version, opts.baseVersionFrom);
           if (baseVersion < session.version) throw errors.staleContribution(baseVersion, session.version);
           const samples = opts.samples ?? null;
           if (aggregation.target_samples !== undefined && samples === null) throw errors.invalidBody('samples: is required in a session with aggregation.target_samples');

@@ -1,10 +1,18 @@
 // What a step may carry besides its gradients: the groups' hyperparameters for this step (a scheduler's
 // `group['lr'] = …` before `optimizer.step()`) and training metrics. Validated before anything is written.
-import { errors } from '../errors.ts';
+import { errors, type ApiError } from '../errors.ts';
 import type { GroupSpec, HyperDelta } from '../db/schema.ts';
+import type { BaseVersionFrom } from './model.ts';
 import { FLAG_KEYS, HYPERPARAMETER_KEYS, NAME_PATTERN, resolveHyperparameters, SESSION_NAME_RULE } from './spec.ts';
 
 export const MAX_METRICS = 32;
+
+/** The 400 for a step's base_version newer than the session's version, naming where it was given. */
+export function baseVersionTooNew(baseVersion: number, version: number, from: BaseVersionFrom = 'body'): ApiError {
+  const message = `${baseVersion} is newer than the session's version ${version}`;
+  if (from === 'query') return errors.invalidQuery('base_version', message);
+  return errors.invalidBody(`${from === '__metadata__' ? '__metadata__.' : ''}base_version: ${message}`);
+}
 
 /**
  * `param_groups` of a step: exactly one object per session group, in the session's group order, each with

@@ -25,7 +25,7 @@ import type { StepAnswer, StepOptions } from './model.ts';
 import type { Reads } from './reads.ts';
 import * as repo from './repository.ts';
 import type { SnapshotWriter } from './snapshot-writer.ts';
-import { applyHyperDelta, parseStepHyper } from './step-input.ts';
+import { applyHyperDelta, baseVersionTooNew, parseStepHyper } from './step-input.ts';
 
 /**
  * A batch holds at most this many steps and about this many bytes of gradients (each step owns a copy
@@ -56,7 +56,7 @@ function refusal(opts: StepOptions, version: number, maxStaleness: number | null
   if (opts.ifMatch !== null && opts.ifMatch !== undefined && opts.ifMatch !== version) return errors.versionMismatch(`"${opts.ifMatch}"`, version);
   const baseVersion = opts.baseVersion ?? null;
   if (baseVersion !== null && baseVersion > version) {
-    return errors.invalidBody(`base_version: ${baseVersion} is newer than the session's version ${version}`);
+    return baseVersionTooNew(baseVersion, version, opts.baseVersionFrom);
   }
   return errors.staleGradient(version - (baseVersion ?? version), maxStaleness ?? 0, version);
 }

@@ -9,7 +9,7 @@ import { test } from 'node:test';
 import type { FastifyInstance } from 'fastify';
 import { CODES } from '../../src/errors.ts';
 import { FORMAT_ERROR_CODES } from '../../src/formats/errors.ts';
-import { readTorchSave, torchSaveToBuffer, type PyDict } from '../../src/formats/index.ts';
+import { readTorchSave, streamToBuffer, torchSaveToBuffer, writeSafetensors, type PyDict } from '../../src/formats/index.ts';
 import { buildTestApp, rng } from '../helper.ts';
 import { ADMIN, asAdmin, createSession, fillPath, gradBody, operations, sessionBody, step, type Operation } from './support.ts';
 
@@ -307,7 +307,7 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     [{ grads: { ...good, w: { shape: [3, 4], data: good.w, extra: 1 } } }, 'INVALID_TENSOR'], [{ grads: { ...good, w: { shape: [3, 4] } } }, 'INVALID_TENSOR'], [{ grads: { ...good, w: { shape: [-3, -4], data: good.w } } }, 'SHAPE_MISMATCH'],
     [{ grads: { ...good, w: { shape: [1e9, 1e9], data: good.w } } }, 'SHAPE_MISMATCH'], [{ grads: { ...good, w: { shape: [3, 4], data: good.w, dtype: 'float16' } } }, 'INVALID_TENSOR'],
     [{ grads: { ...good, b: [[1, 2, 3, 4]] } }, 'SHAPE_MISMATCH'], [{ grads: { ...good, b: [1, 2, 3, '4'] } }, 'INVALID_TENSOR'], [{ grads: { ...good, b: [1, 2, 3, true] } }, 'INVALID_TENSOR'], [{ grads: { ...good, b: [1, 2, 3, {}] } }, 'INVALID_TENSOR'],
-    ...[-1, 'x', 1.5, 1e20].map((v): [unknown, string] => [{ grads: good, base_version: v }, 'INVALID_BODY']),
+    ...[-1, 0, 'x', 1.5, 1e20].map((v): [unknown, string] => [{ grads: good, base_version: v }, 'INVALID_BODY']),
     [{ grads: good, base_version: version + 5 }, 'INVALID_BODY'],
     [{ grads: good, extra: 1 }, 'INVALID_BODY'],
     // worker and samples are validated in every session (and used in a session with aggregation).
@@ -331,7 +331,7 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     const res = await app.inject({ url, headers: asAdmin });
     assert.equal(res.statusCode, 200, `${url}: ${res.body}`);
   }
-  for (const query of ['worker=a%20b', `worker=${'w'.repeat(129)}`, 'worker=', 'samples=0', 'samples=x', 'samples=2147483648', 'wait=0', 'wait=3601', 'wait=x', 'wait=1.5',
+  for (const query of ['base_version=0', 'worker=a%20b', `worker=${'w'.repeat(129)}`, 'worker=', 'samples=0', 'samples=x', 'samples=2147483648', 'wait=0', 'wait=3601', 'wait=x', 'wait=1.5',
     ...notDecimal.flatMap((n) => [`wait=${n}`, `samples=${n}`, `base_version=${n}`])]) {
     add({ family: 'step', op: 'POST /v1/sessions/{name}/step', method: 'POST', url: `${stepUrl}?${query}`, headers: asAdmin, payload: gradBody(3), expect: 'INVALID_QUERY' });
   }
@@ -340,7 +340,7 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
   const contribution = { ...gradBody(6), base_version: 1, worker: 'g2' };
   const roundVariants: [unknown, string][] = [
     [{ grads: good, worker: 'g2' }, 'INVALID_BODY'], [{ grads: good, base_version: 1 }, 'INVALID_BODY'],
-    [{ ...contribution, worker: 'g1' }, 'DUPLICATE_CONTRIBUTION'], [{ ...contribution, base_version: 0 }, 'STALE_GRADIENT'], [{ ...contribution, base_version: 9 }, 'INVALID_BODY'],
+    [{ ...contribution, worker: 'g1' }, 'DUPLICATE_CONTRIBUTION'], [{ ...contribution, base_version: 0 }, 'INVALID_BODY'], [{ ...contribution, base_version: 9 }, 'INVALID_BODY'],
     [{ ...contribution, grads: { ...good, w: good.w.slice(1) } }, 'SHAPE_MISMATCH'], [{ ...contribution, grads: { ...good, b: [1, 'NaN', 2, 3] } }, 'NON_FINITE_GRADIENT'],
     [{ ...contribution, grads: { ...good, nope: [1] } }, 'UNKNOWN_PARAMETER'], [{ ...contribution, grads: {} }, 'EMPTY_STEP'],
     [{ ...contribution, param_groups: [{ lr: 0.9 }] }, 'ROUND_CONFLICT'], [{ ...contribution, param_groups: [{ lr: -1 }] }, 'INVALID_HYPERPARAMETER'],
@@ -672,7 +672,7 @@ test('a query parameter given twice is refused by name, whatever its type', asyn
 test('a step field given in the query and the body with different values is refused by name; the same value in both is taken', async (t) => {
   const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
   await createSession(app, 'both');
-  for (const [query, field, body] of [['worker=a', 'worker', { worker: 'b' }], ['base_version=1', 'base_version', { base_version: 0 }], ['samples=4', 'samples', { samples: 8 }]] as const) {
+  for (const [query, field, body] of [['worker=a', 'worker', { worker: 'b' }], ['base_version=1', 'base_version', { base_version: 2 }], ['samples=4', 'samples', { samples: 8 }]] as const) {
     const res = await app.inject({ method: 'POST', url: `/v1/sessions/both/step?${query}`, headers: asAdmin, payload: { ...gradBody(1), ...body } });
     assert.equal(res.statusCode, 400, res.body);
     assert.equal(res.json().code, 'INVALID_BODY');
@@ -682,4 +682,22 @@ test('a step field given in the query and the body with different values is refu
   const same = await app.inject({ method: 'POST', url: '/v1/sessions/both/step?worker=a&base_version=1', headers: asAdmin, payload: { ...gradBody(1), worker: 'a', base_version: 1 } });
   assert.equal(same.statusCode, 200, same.body);
   assert.equal(same.json().version, 2);
+});
+
+test('a base_version newer than the session is refused where it was given: query (INVALID_QUERY), body or __metadata__ (INVALID_BODY)', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  await createSession(app, 'nv');
+  const file = streamToBuffer(writeSafetensors(Object.entries(gradBody(1).grads).map(([k, v]) => [k, { dtype: 'float32' as const, data: Float32Array.from(v), shape: k === 'w' ? [3, 4] : [4] }] as const), { base_version: '7' }));
+  const cases = [
+    { url: '/v1/sessions/nv/step?base_version=7', payload: gradBody(1), headers: asAdmin, code: 'INVALID_QUERY', message: /^base_version: 7 is newer than the session's version 1$/ },
+    { url: '/v1/sessions/nv/step', payload: { ...gradBody(1), base_version: 7 }, headers: asAdmin, code: 'INVALID_BODY', message: /^base_version: 7 is newer than the session's version 1$/ },
+    { url: '/v1/sessions/nv/step', payload: file, headers: { ...asAdmin, 'content-type': 'application/x-safetensors' }, code: 'INVALID_BODY', message: /^__metadata__\.base_version: 7 is newer than the session's version 1$/ },
+  ];
+  for (const c of cases) {
+    const res = await app.inject({ method: 'POST', url: c.url, headers: c.headers, payload: c.payload });
+    assert.equal(res.statusCode, 400, res.body);
+    assert.equal(res.json().code, c.code, res.body);
+    assert.match(res.json().message, c.message);
+  }
+  assert.equal((await app.inject({ url: '/v1/sessions/nv', headers: asAdmin })).json().version, 1, 'not stepped');
 });

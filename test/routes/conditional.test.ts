@@ -34,6 +34,12 @@ test('If-None-Match: "<version>" answers 304 on session, params, state_dict and 
     // tags are opaque: only the one sent matches, not "02", an unquoted 2 or an unbalanced "2
     for (const tag of ['"1"', '"3"', 'W/"x"', 'garbage', '"02"', '2', '"2', '2"']) assert.equal((await get(url, tag)).statusCode, 200, `${url} ${tag}`);
   }
+  // Settings change without a version: no HTTP cache may revalidate the session into showing old ones.
+  const patched = await app.inject({ method: 'PATCH', url: '/v1/sessions/c', payload: { snapshot_every: 7 } });
+  assert.equal(patched.statusCode, 200, patched.body);
+  const read = await get('/v1/sessions/c');
+  assert.equal(read.headers['cache-control'], 'no-store');
+  assert.equal(read.json().snapshot_every, 7);
   await step(app, 'c', 1); // version 3: the old tag no longer matches
   for (const url of urls) assert.equal((await get(url, '"2"')).statusCode, 200, url);
   // An old version asked for by ?version= keeps its tag.

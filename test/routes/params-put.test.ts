@@ -2,7 +2,7 @@
 // user edits model weights in place between torch.optim.ASGD steps.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { fromModelStateDict, streamToBuffer, torchSaveToBuffer, writeSafetensors, type Tensor } from '../../src/formats/index.ts';
+import { bfloat16ToFloat, fromModelStateDict, halfToFloat, streamToBuffer, torchSaveToBuffer, writeSafetensors, type Tensor } from '../../src/formats/index.ts';
 import { buildTestApp, randomData } from '../helper.ts';
 import { hexOf, runTorchReference, skipWithoutTorch } from '../support/torch.ts';
 
@@ -75,6 +75,41 @@ test('PUT params takes safetensors and a torch.save model state_dict', async (t)
   assert.deepEqual(got.b.data, w.slice(0, 4));
 });
 
+test('PUT params and create take float16 and bfloat16 parameters, widened exactly to float32', async (t) => {
+  const app = await setup(t);
+  // Every bit pattern class: normal, subnormal, negative zero, the largest finite.
+  const halfBits = Uint16Array.from([0x3c00, 0x0001, 0x8000, 0x7bff, 0xb555, 0x03ff, 0x4248, 0xc000, 0x1234, 0x5678, 0x9abc, 0x0400]);
+  const bBits = Uint16Array.from([0x7f7f, 0x0080, 0xbf00, 0x4049]);
+  const half = { dtype: 'float16', shape: [3, 4], data: halfBits } as unknown as Tensor;
+  const bf16 = { dtype: 'bfloat16', shape: [4], data: bBits } as unknown as Tensor;
+  const expectW = Array.from(halfBits, (bits) => halfToFloat(bits) + 0); // JSON answers write -0 as 0
+  const expectB = Array.from(bBits, bfloat16ToFloat);
+  for (const [type, body] of [
+    ['application/x-safetensors', streamToBuffer(writeSafetensors([['w', half], ['b', bf16]]))],
+    ['application/octet-stream', torchSaveToBuffer(fromModelStateDict({ tensors: new Map([['w', half], ['b', bf16]]) }))],
+  ] as const) {
+    const put = await app.inject({ method: 'PUT', url: '/v1/sessions/p/params', headers: { 'content-type': type }, payload: body });
+    assert.equal(put.statusCode, 200, put.body);
+    const got = (await app.inject({ url: '/v1/sessions/p/params' })).json().params;
+    assert.deepEqual(got.w.data, expectW, type);
+    assert.deepEqual(got.b.data, expectB, type);
+  }
+  const created = await app.inject({
+    method: 'POST', url: '/v1/sessions?name=h', headers: { 'content-type': 'application/x-safetensors' }, payload: streamToBuffer(writeSafetensors([['w', half], ['b', bf16]])),
+  });
+  assert.equal(created.statusCode, 201, created.body);
+  const got = (await app.inject({ url: '/v1/sessions/h/params' })).json().params;
+  assert.deepEqual(got.w.data, expectW);
+  assert.deepEqual(got.b.data, expectB);
+  // A half parameter holding Inf is refused as a float32 one.
+  const inf = await app.inject({
+    method: 'PUT', url: '/v1/sessions/p/params', headers: { 'content-type': 'application/x-safetensors' },
+    payload: streamToBuffer(writeSafetensors([['w', half], ['b', { ...bf16, data: Uint16Array.from([0, 0x7f80, 0, 0]) } as unknown as Tensor]])),
+  });
+  assert.equal(inf.statusCode, 400, inf.body);
+  assert.match(inf.json().message, /^params\.b\.data\[1\]: is not finite$/);
+});
+
 test('PUT params refuses what does not fit the session, naming the field, and changes nothing', async (t) => {
   const app = await setup(t);
   await app.inject({ method: 'POST', url: '/v1/sessions/p/step', payload: { grads: grads(0) } });
@@ -87,7 +122,8 @@ test('PUT params refuses what does not fit the session, naming the field, and ch
   });
   const cases: [Promise<{ statusCode: number; json(): { code: string; message: string } }>, number, string, RegExp][] = [
     [json({ params: { w, b, extra: [1] } }), 400, 'UNKNOWN_PARAMETER', /^params\.extra: /],
-    [json({ params: { w } }), 400, 'STATE_DICT_MISMATCH', /^params: parameter "b" is missing$/],
+    [json({ params: { w } }), 400, 'STATE_DICT_MISMATCH', /^params\.b: missing /],
+    [file([['w', f32([3, 4], w)]]), 400, 'STATE_DICT_MISMATCH', /^params\.b: missing /],
     [json({ params: { w: { shape: [4, 3], data: w }, b } }), 400, 'SHAPE_MISMATCH', /^params\.w\.shape: expected \[3,4\]/],
     [json({ params: { w: w.slice(1), b } }), 400, 'SHAPE_MISMATCH', /^params\.w: expected 12 elements/],
     [json({ params: { w: [...w.slice(1), 'NaN'], b } }), 400, 'INVALID_TENSOR', /^params\.w\.data\[11\]: is not finite$/],

@@ -6,7 +6,7 @@ import type { FastifyReply } from 'fastify';
 import { errors } from '../../errors.ts';
 import {
   fromAsgdStateDict, fromCheckpoint, fromModelStateDict, readOptimizerSafetensors, readSafetensors, readTorchSave, toAsgdStateDict, toCheckpoint,
-  toModelStateDict, writeOptimizerSafetensors, writeSafetensors, writeTorchSave, type ByteStream, type Float32Tensor, type Tensor,
+  toFloat32Tensor, toModelStateDict, writeOptimizerSafetensors, writeSafetensors, writeTorchSave, type ByteStream, type Float32Tensor, type Tensor,
 } from '../../formats/index.ts';
 import type { BinaryGradient, GradientInput } from '../../sessions/gradients.ts';
 import type { LoadedStateDict, StateView } from '../../sessions/model.ts';
@@ -14,14 +14,16 @@ import { MAX_PARAMS, publicGroup } from '../../sessions/spec.ts';
 import { asgdFromView, loadedFromAsgd, paramTensor, parseStateDict, readTensorField } from '../../sessions/state-dict.ts';
 import { MEDIA, type WireFormat } from '../media.ts';
 
+/** A parameter as float32: float16 and bfloat16 (a half-precision model's weights) are widened exactly. */
 function float32Of(tensor: Tensor, field: string): Float32Tensor {
   if (tensor.dtype === 'float32') return tensor;
+  if (tensor.dtype === 'float16' || tensor.dtype === 'bfloat16') return toFloat32Tensor(tensor);
   // An integer tensor in a model's state_dict is a buffer (BatchNorm's num_batches_tracked), not a parameter.
   const buffer = /int|bool/.test(tensor.dtype) ? ' (a buffer, not a parameter? send the parameters only: dict(model.named_parameters()))' : '';
-  throw errors.invalidTensor(field, `dtype ${tensor.dtype} is not supported; sessions hold float32 parameters${buffer}`);
+  throw errors.invalidTensor(field, `dtype ${tensor.dtype} is not supported; sessions hold float32 parameters (float16 and bfloat16 are widened exactly)${buffer}`);
 }
 
-/** Named float32 tensors from a safetensors file or a torch.save'd dict of tensors (a model state_dict). */
+/** Named float32 tensors (float16/bfloat16 widened) from a safetensors file or a torch.save'd dict of tensors (a model state_dict). */
 export function readNamedTensors(format: WireFormat, body: Buffer, field: string): { tensors: Map<string, Float32Tensor>; metadata: Map<string, string> } {
   const out = new Map<string, Float32Tensor>();
   if (format === 'safetensors') {

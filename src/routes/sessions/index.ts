@@ -117,6 +117,10 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
   }, async (request, reply) => {
     const { name } = request.params;
     const session = await fastify.sessions.get(name);
+    // The ETag is the version (If-None-Match: "<version>" asks whether the state moved), but settings
+    // (PATCH), the open round and the stored bytes change without a new version: no HTTP cache may keep
+    // this answer and revalidate it into showing old settings (a browser would).
+    reply.header('cache-control', 'no-store');
     if (noneMatch(request, session.version)) return sendNotModified(reply, session.version);
     setVersion(reply, session.version);
     const [round, storage] = await Promise.all([fastify.rounds.openRound(session), fastify.sessions.storage(name)]);

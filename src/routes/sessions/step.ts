@@ -10,14 +10,14 @@ import { streamToBuffer, writeSafetensors, type Float32Tensor } from '../../form
 import { requestLogLevel } from '../../request-log.ts';
 import type { GradientInput } from '../../sessions/gradients.ts';
 import type { GroupSpec } from '../../db/schema.ts';
-import type { StateView, StepAnswer as StepAnswerValue } from '../../sessions/model.ts';
+import type { BaseVersionFrom, StateView, StepAnswer as StepAnswerValue } from '../../sessions/model.ts';
 import { MAX_SAMPLES } from '../../sessions/aggregation.ts';
 import { DEFAULT_WAIT_SECONDS } from '../../sessions/rounds.ts';
 import { NAME_PATTERN, SESSION_NAME_RULE, SESSION_NAME_SOURCE } from '../../sessions/spec.ts';
 import type { Layout } from '../../sessions/state.ts';
 import { paramTensor, paramsJson } from '../../sessions/state-dict.ts';
 import { metadataJson, parseMetrics } from '../../sessions/step-input.ts';
-import { ACCESS, idempotencyKeyOf, ifMatchOf, jsonBody, jsonOrFile, optionalWhole, setVersion } from '../common.ts';
+import { ACCESS, idempotencyKeyOf, ifMatchOf, jsonBody, jsonOrFile, setVersion } from '../common.ts';
 import { contentFormat, MEDIA, mediaTypes, negotiate, ROUTE_MEDIA, type WireFormat } from '../media.ts';
 import { Binary, errorResponses, NameParams, RoundStatus, StepAnswer, StepHeaders, Tensor } from '../schemas.ts';
 import { readGradients } from './binary.ts';
@@ -42,7 +42,7 @@ const MAX_WAIT_SECONDS = 3600;
 /** The JSON form of a step. Gradients are read element by element by the domain. */
 const StepBody = Type.Object({
   grads: Type.Record(Type.String(), Type.Unknown(), { description: 'Parameter name -> tensor {"shape", "data"} or a flat list of numbers' }),
-  base_version: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'The version the gradient was computed from' })),
+  base_version: Type.Optional(Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER, description: 'The version the gradient was computed from (versions start at 1)' })),
   param_groups: Type.Optional(Type.Array(StepGroup, {
     description: 'One object per session group, in the session\'s group order: what a scheduler sets before optimizer.step(). Kept with the step (replays stay exact); no extra version.',
   })),
@@ -55,7 +55,7 @@ const StepBody = Type.Object({
 }, { additionalProperties: false, examples: [{ grads: { w: { shape: [2, 2], data: [0.01, -0.02, 0.03, 0.0] } }, param_groups: [{ lr: 0.05 }], metrics: { loss: 0.41 } }] });
 
 const StepQuery = Type.Object({
-  base_version: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'The version the gradient was computed from' })),
+  base_version: Type.Optional(Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER, description: 'The version the gradient was computed from (versions start at 1)' })),
   return: Type.Optional(Type.Union([Type.Literal('none'), Type.Literal('params'), Type.Literal('averaged')], {
     description: 'Answer with the parameters (or ASGD\'s averaged parameters) at the answered version too: one round trip per training step',
   })),
@@ -88,6 +88,15 @@ function agreed<T extends string | number>(field: string, fromQuery: T | null, f
     throw errors.invalidBody(`${field}: ${JSON.stringify(fromQuery)} in the query and ${JSON.stringify(fromBody)} in the body; give it once, or the same in both`);
   }
   return fromBody;
+}
+
+/** `__metadata__.base_version`: a version (JSON number, or a string of digits as torch's metadata holds only strings). */
+function metadataBaseVersion(metadata: ReadonlyMap<string, string>): number | null {
+  const value = metadataJson(metadata, 'base_version');
+  if (value === undefined || value === null || value === '') return null;
+  const n = typeof value === 'string' && /^\d{1,16}$/.test(value) ? Number(value) : value;
+  if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 1) throw errors.invalidBody('__metadata__.base_version: must be a whole number >= 1 (a version)');
+  return n;
 }
 
 function metadataSamples(metadata: ReadonlyMap<string, string>): number | null {
@@ -198,6 +207,7 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
     const { name } = request.params;
     const body = jsonOrFile(request.body, StepBody);
     let baseVersion = request.query.base_version ?? null;
+    let baseVersionFrom: BaseVersionFrom = 'query';
     let worker = request.query.worker ?? null;
     let samples = request.query.samples ?? null;
     const returning: ReturnKind = request.query.return ?? 'none';
@@ -223,13 +233,15 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
         samples = agreed('samples', samples, metadataSamples(metadata));
         paramGroups = metadataJson(metadata, 'param_groups');
         metrics = parseMetrics(metadataJson(metadata, 'metrics'), '__metadata__.metrics');
-        baseVersion = agreed('base_version', baseVersion, optionalWhole(metadataJson(metadata, 'base_version'), '__metadata__.base_version'));
+        baseVersion = agreed('base_version', baseVersion, metadataBaseVersion(metadata));
       } else {
         metrics = null;
       }
       hash?.update(body);
+      if (request.query.base_version === undefined && baseVersion !== null) baseVersionFrom = '__metadata__';
     } else {
       baseVersion = agreed('base_version', baseVersion, body.base_version);
+      if (request.query.base_version === undefined && baseVersion !== null) baseVersionFrom = 'body';
       worker = agreed('worker', worker, body.worker);
       samples = agreed('samples', samples, body.samples);
       input = { format: 'json', grads: body.grads };
@@ -262,6 +274,7 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
       client: worker ?? request.raw.socket,
       requestHash: hash?.digest('hex'),
       baseVersion,
+      baseVersionFrom,
       paramGroups,
       metrics,
       worker,

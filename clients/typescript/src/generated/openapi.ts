@@ -1935,7 +1935,7 @@ export interface operations {
     step: {
         parameters: {
             query?: {
-                /** @description The version the gradient was computed from */
+                /** @description The version the gradient was computed from (versions start at 1) */
                 base_version?: number;
                 /** @description Answer with the parameters (or ASGD's averaged parameters) at the answered version too: one round trip per training step */
                 return?: "none" | "params" | "averaged";
@@ -2000,7 +2000,7 @@ export interface operations {
                     grads: {
                         [key: string]: unknown;
                     };
-                    /** @description The version the gradient was computed from */
+                    /** @description The version the gradient was computed from (versions start at 1) */
                     base_version?: number;
                     /** @description One object per session group, in the session's group order: what a scheduler sets before optimizer.step(). Kept with the step (replays stay exact); no extra version. */
                     param_groups?: {
