@@ -1,9 +1,10 @@
 // What a database error means for a request, from its SQLSTATE (PostgreSQL appendix A) or the driver's
 // socket error: the HTTP layer turns the class into a status without knowing any SQL.
 
-/** Codes that mean "try again", never "you sent something wrong": connection (08), resources (53),
+/** Codes that mean "try again", never "you sent something wrong": connection (08; but 08P01, a protocol
+ *  violation, is a statement of ours PostgreSQL cannot take: a bug, not an outage), resources (53),
  *  operator intervention (57P01-03), serialization failure and deadlock (40001, 40P01). */
-const RETRYABLE_SQLSTATE = /^(08|53|57P0[1-3]|40001|40P01)/;
+const RETRYABLE_SQLSTATE = /^(08(?!P01)|53|57P0[1-3]|40001|40P01)/;
 const RETRYABLE_SOCKET = ['ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'ENOTFOUND'];
 const RETRYABLE_MESSAGE = /Connection terminated|connection timeout|timeout exceeded when trying to connect|Client has encountered a connection error|not queryable/i;
 /** The server answers but will not serve us: database dropped or renamed (3D000), admin shutdown (57P04),

@@ -95,11 +95,14 @@ export async function downsampledSeries(
     for (let from = 0; from === 0 || from < keys.length; from += METRICS_PER_SCAN) {
       const names = keys.slice(from, from + METRICS_PER_SCAN);
       // Each metric is read from the row's jsonb once (the subquery; OFFSET 0 keeps it from being inlined).
+      // $5 (the scale) is selected too: a session that reported no metrics has no figures that use it, and a
+      // parameter the statement never names is refused by PostgreSQL.
       const values = names.map((_, k) => `, (metrics->>$${k + 6})::float8 AS v${k}`).join('');
       const figures = names.map((_, k) => `, min(v${k}) AS "min${k}", max(v${k}) AS "max${k}", sum(v${k} / $5) / count(v${k}) * $5 AS "mean${k}"`).join('');
       scans.push(await tx.query<Record<string, number | string | null>>(
         `SELECT min(version)::float8 AS version_from, max(version)::float8 AS version, max(step)::float8 AS step, max(created_at) AS time,
-           avg(staleness)::float8 AS staleness, max(staleness)::float8 AS staleness_max, count(*)::float8 AS count${figures}
+           avg(staleness)::float8 AS staleness, max(staleness)::float8 AS staleness_max, count(*)::float8 AS count,
+           $5::float8 AS scale${figures}
          FROM (SELECT version, step, created_at, staleness${values} FROM step_history WHERE session_id = $1 AND version > $2 OFFSET 0) r
          GROUP BY (version - $4) / $3 ORDER BY 1`,
         [sessionId, afterVersion, width, first, scale, ...names],

@@ -188,6 +188,14 @@ test('metrics ?max_points: the steps themselves when few, else buckets whose min
     assert.match(bad.json().message, new RegExp(field), query);
   }
   assert.equal((await app.inject({ url: '/v1/sessions/none/metrics?max_points=5' })).json().code, 'SESSION_NOT_FOUND');
+
+  // A session whose steps never reported metrics (the dashboard asks for max_points=1500): buckets of counts
+  // and staleness (the statement once named a parameter it did not use: 503 "the database is unreachable").
+  await create(app, 'plain');
+  for (let i = 0; i < 5; i++) await stepWith(app, 'plain', {});
+  const plain = await app.inject({ url: '/v1/sessions/plain/metrics?max_points=2' });
+  assert.equal(plain.statusCode, 200, plain.body);
+  assert.deepEqual(plain.json().points.map((p: Record<string, unknown>) => [p.version_from, p.version, p.count, p.values]), [[2, 4, 3, {}], [5, 6, 2, {}]]);
 });
 
 test('metrics ?max_points: hundreds of metric names over a session\'s life, and huge finite values, are still a series', async (t) => {

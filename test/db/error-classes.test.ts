@@ -1,0 +1,24 @@
+// What a database error means for a request (src/db/errors.ts): retry, unavailable, a bad value, or a bug.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import pg from 'pg';
+import { classifyDbError } from '../../src/db/errors.ts';
+import { createTestDatabase } from '../helper.ts';
+
+test('a statement PostgreSQL refuses as a protocol violation (08P01) is a bug of ours, not a database to retry', async (t) => {
+  const db = await createTestDatabase();
+  const client = new pg.Client({ connectionString: db.url });
+  await client.connect();
+  t.after(async () => {
+    await client.end();
+    await db.drop();
+  });
+  // Five values bound to a statement that names four: what a metrics read once sent.
+  const err = await client.query('SELECT $1::int + $2::int + $3::int + $4::int', [1, 2, 3, 4, 5]).then(() => null, (e: unknown) => e);
+  assert.equal((err as { code?: string } | null)?.code, '08P01');
+  assert.equal(classifyDbError(err), null);
+  // Connection trouble stays retryable.
+  assert.equal(classifyDbError({ code: '08006', severity: 'FATAL', message: 'connection failure' }), 'retryable');
+  assert.equal(classifyDbError({ code: 'ECONNRESET', message: 'read ECONNRESET' }), 'retryable');
+  assert.equal(classifyDbError({ code: '22003', severity: 'ERROR', message: 'out of range' }), 'bad-value');
+});
