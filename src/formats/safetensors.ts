@@ -7,6 +7,7 @@
 import { FormatError } from './errors.ts';
 import { arrayFromBytes, checkShape, elementSize, isTensor, numel, tensorBytes, type DType, type Tensor } from './tensor.ts';
 import type { ByteStream } from './zip-writer.ts';
+import { jsonTooDeepAt } from './json-depth.ts';
 
 const DTYPE_OF: Record<string, DType> = {
   F32: 'float32', F64: 'float64', F16: 'float16', BF16: 'bfloat16',
@@ -120,7 +121,13 @@ export function readSafetensors(input: Uint8Array, options: SafetensorsReadOptio
   return { tensors, metadata };
 }
 
+/** A header is an object of objects holding short lists: nothing in one nests deeper. */
+const MAX_HEADER_DEPTH = 8;
+
 function parseHeader(bytes: Buffer): Record<string, unknown> {
+  // Bounded before JSON.parse builds anything (json-depth.ts): 94 MB of `[` took seconds and gigabytes.
+  const deep = jsonTooDeepAt(bytes, MAX_HEADER_DEPTH);
+  if (deep >= 0) throw headerError(`header nests deeper than ${MAX_HEADER_DEPTH} levels (at byte ${deep} of the header)`);
   let text: string;
   try {
     // ignoreBOM keeps a leading byte-order mark in the text, where JSON.parse refuses it, as the safetensors

@@ -5,8 +5,13 @@ import type { Readable } from 'node:stream';
 import { errorCodes, type FastifyInstance } from 'fastify';
 import type { Config } from '../config.ts';
 import { errors, headerText, quoteValue } from '../errors.ts';
+import { jsonTooDeepAt } from '../formats/json-depth.ts';
 import { BINARY_MEDIA_TYPES } from '../routes/media.ts';
+import { MAX_DIMS } from '../sessions/spec.ts';
 import { acceptedTypes, unsupportedMediaType } from './errors.ts';
+
+/** The deepest JSON body any route takes is a state_dict holding a nested-list tensor of 16 dimensions: about 22. */
+export const MAX_JSON_DEPTH = 64;
 
 export default fp(
   async function contentTypesPlugin(fastify: FastifyInstance, opts: { config: Config }) {
@@ -32,6 +37,12 @@ export default fp(
       const charset = params.get('charset');
       if (charset !== undefined && !/^utf-?8$/i.test(charset)) {
         done(errors.unsupportedMediaType(`application/json; charset=${quoteValue(headerText(charset))}`, 'application/json (UTF-8)'), undefined);
+        return;
+      }
+      // Nesting is bounded before JSON.parse builds anything (formats/json-depth.ts).
+      const deep = jsonTooDeepAt(bytes, MAX_JSON_DEPTH);
+      if (deep >= 0) {
+        done(errors.invalidBody(`body: JSON nested deeper than ${MAX_JSON_DEPTH} levels (at byte ${deep}); no request nests that deep (a tensor has at most ${MAX_DIMS} dimensions)`), undefined);
         return;
       }
       parseJson(request, bytes.toString('utf8'), done);

@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { FastifyInstance } from 'fastify';
-import { streamToBuffer, writeSafetensors } from '../../src/formats/index.ts';
+import { streamToBuffer, writeSafetensors, type Tensor } from '../../src/formats/index.ts';
 import { MAX_STEP_COUNT } from '../../src/formats/optimizer-state.ts';
 import { readGradients } from '../../src/routes/sessions/binary.ts';
 import { buildTestApp } from '../helper.ts';
@@ -177,4 +177,72 @@ test('a step\'s safetensors header is bounded by the session\'s parameters, from
   const json = await app.inject({ method: 'POST', url: '/v1/sessions/t/step?return=params', payload: { grads: { y: [1] } } });
   assert.equal(json.statusCode, 200, json.body);
   assert.deepEqual(json.json().params.y, { shape: [1], data: [2] });
+});
+
+test('JSON nested deeper than any request needs is refused before it is parsed, in bodies and in file metadata; the process stays responsive', async (t) => {
+  const app = await setup(t);
+  const before = await observed(app);
+  // 2 MB of `[`: JSON.parse would build a million arrays (a 200 MB one took the process past its heap limit).
+  const deep = (n: number) => `${'['.repeat(n)}${']'.repeat(n)}`;
+  const bodies: [string, string, string][] = [
+    ['POST', '/v1/sessions/t/step', `{"grads":{"w":${deep(1_000_000)}}}`],
+    ['POST', '/v1/sessions', `{"name":"d","params":${deep(1_000_000)}}`],
+    ['PUT', '/v1/sessions/t/state_dict', `{"state":${deep(1_000_000)}}`],
+    ['PUT', '/v1/sessions/t/params', `{"params":{"w":${deep(1_000_000)}}}`],
+    ['PUT', '/v1/sessions/t/checkpoint', `{"model":${deep(1_000_000)}}`],
+  ];
+  for (const [method, url, payload] of bodies) {
+    const began = Date.now();
+    const res = await app.inject({ method: method as 'POST', url, headers: { 'content-type': 'application/json' }, payload });
+    assert.equal(res.statusCode, 400, `${method} ${url}: ${res.body}`);
+    assert.equal(res.json().code, 'INVALID_BODY');
+    assert.match(res.json().message, /^body: JSON nested deeper than 64 levels \(at byte \d+\)/);
+    assert.ok(Date.now() - began < 5000, `${url} took ${Date.now() - began} ms`);
+  }
+  // Brackets inside strings are text, and a body as deep as a request gets is taken.
+  const inString = await app.inject({ method: 'POST', url: '/v1/sessions/t/step', headers: { 'content-type': 'application/json' }, payload: `{"grads":{"w":[1,1,1,1]},"metrics":{"${'['.repeat(10)}":1}}` });
+  assert.equal(inString.json().code, 'INVALID_METRICS', inString.body);
+  // Deep JSON inside safetensors metadata: the header and the values it holds.
+  const grads: [string, Tensor][] = [['w', { dtype: 'float32', shape: [2, 2], data: new Float32Array(4) }], ['b', { dtype: 'float32', shape: [2], data: new Float32Array(2) }]];
+  const file = (metadata: Record<string, string>) => streamToBuffer(writeSafetensors(grads, metadata));
+  for (const [url, metadata, code, message] of [
+    ['/v1/sessions/t/step', { param_groups: deep(100_000) }, 'INVALID_BODY', /^__metadata__\.param_groups: nested deeper than 16 levels/],
+    ['/v1/sessions/t/step', { metrics: deep(100_000) }, 'INVALID_BODY', /^__metadata__\.metrics: nested deeper than 16 levels/],
+    ['/v1/sessions?name=d', { asgd: deep(100_000) }, 'INVALID_BODY', /^__metadata__\.asgd: nested deeper than 16 levels/],
+    ['/v1/sessions?name=d', { asgd: '{"hyperparameters": 5' }, 'INVALID_BODY', /^__metadata__\.asgd: must be a JSON object/],
+  ] as const) {
+    const res = await app.inject({ method: 'POST', url, headers: SAFETENSORS, payload: file(metadata) });
+    assert.equal(res.statusCode, 400, `${url}: ${res.body}`);
+    assert.equal(res.json().code, code, res.body);
+    assert.match(res.json().message, message);
+  }
+  // A header that is itself deep (its bytes, before any JSON.parse).
+  const header = Buffer.from(`{"__metadata__":${deep(50_000)}}`);
+  const raw = Buffer.concat([Buffer.alloc(8), header]);
+  raw.writeBigUInt64LE(BigInt(header.length));
+  const res = await app.inject({ method: 'POST', url: '/v1/sessions?name=d', headers: SAFETENSORS, payload: raw });
+  assert.equal(res.statusCode, 400, res.body);
+  assert.match(res.json().message, /header nests deeper than 8 levels/);
+  assert.deepEqual(await observed(app), before);
+  assert.equal((await app.inject({ url: '/v1/sessions/d' })).statusCode, 404);
+});
+
+test('create: a name in the query and another in the body or the file\'s options is refused naming both; ?options= goes with a file', async (t) => {
+  const app = await setup(t);
+  const params = [{ name: 'w', shape: [1], data: [1] }];
+  const cases: [string, Record<string, string>, string | Buffer, string, RegExp][] = [
+    ['/v1/sessions?name=q1', {}, JSON.stringify({ name: 'b1', params }), 'INVALID_QUERY', /^name: "q1" in the query and "b1" in the body/],
+    ['/v1/sessions?options=%7B%7D', {}, JSON.stringify({ name: 'b1', params }), 'INVALID_QUERY', /^options: is for a file body/],
+    ['/v1/sessions?name=q1&options=%7B%22name%22%3A%22o1%22%7D', SAFETENSORS, streamToBuffer(writeSafetensors([['w', { dtype: 'float32', shape: [1], data: new Float32Array(1) }]])), 'INVALID_QUERY', /^name: "q1" in the query and "o1" in options/],
+    ['/v1/sessions?name=q1', SAFETENSORS, streamToBuffer(writeSafetensors([['w', { dtype: 'float32', shape: [1], data: new Float32Array(1) }]], { asgd: '{"name":"m1"}' })), 'INVALID_QUERY', /^name: "q1" in the query and "m1" in __metadata__\.asgd/],
+  ];
+  for (const [url, headers, payload, code, message] of cases) {
+    const res = await app.inject({ method: 'POST', url, headers: { 'content-type': 'application/json', ...headers }, payload });
+    assert.equal(res.statusCode, 400, `${url}: ${res.body}`);
+    assert.equal(res.json().code, code);
+    assert.match(res.json().message, message);
+  }
+  for (const name of ['q1', 'b1', 'o1', 'm1']) assert.equal((await app.inject({ url: `/v1/sessions/${name}` })).statusCode, 404, name);
+  // The same name in both is taken.
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions?name=same', payload: { name: 'same', params } })).statusCode, 201);
 });

@@ -3,6 +3,7 @@
 import type { Config } from '../../config.ts';
 import type { GroupSpec, ParamSpec } from '../../db/schema.ts';
 import { errors } from '../../errors.ts';
+import { jsonTextTooDeepAt } from '../../formats/json-depth.ts';
 import type { CreateInput } from '../../sessions/model.ts';
 import {
   assertName, assertShape, buildGroups, DEFAULT_GROUP, FLAG_KEYS, HYPERPARAMETER_KEYS, MAX_PARAMS, MAX_SESSION_NUMEL, numelOf, PARAM_NAME_MAX, resolveHyperparameters,
@@ -74,18 +75,30 @@ function checkParamList(params: ParamSpec[]): void {
  */
 function parseFileCreate(body: Buffer, query: CreateQuery, format: WireFormat, config: Config): CreateInput {
   const { tensors, metadata } = readNamedTensors(format, body, 'params');
+  // The options come from the query (?options=) or, in a safetensors file, its `asgd` metadata entry: a
+  // fault in them is named where it is (INVALID_QUERY options… / INVALID_BODY __metadata__.asgd…).
+  const fromQuery = query.options !== undefined;
   const rawOptions = query.options ?? metadata.get('asgd');
+  const where = fromQuery ? 'options' : '__metadata__.asgd';
+  const refuse = (field: string, message: string) => (fromQuery ? errors.invalidQuery(field, message) : errors.invalidBody(`${field}: ${message}`));
   let options: Record<string, unknown> = {};
   if (rawOptions !== undefined) {
+    if (jsonTextTooDeepAt(rawOptions, 16) >= 0) throw refuse(where, 'nested deeper than 16 levels');
     try {
       options = JSON.parse(rawOptions);
     } catch {
-      throw errors.invalidQuery('options', 'must be a JSON object {"name", "hyperparameters", "param_groups", …}');
+      throw refuse(where, 'must be a JSON object {"name", "hyperparameters", "param_groups", …}');
     }
-    if (options === null || typeof options !== 'object' || Array.isArray(options)) throw errors.invalidQuery('options', 'must be a JSON object');
+    if (options === null || typeof options !== 'object' || Array.isArray(options)) throw refuse(where, 'must be a JSON object');
   }
-  for (const key of Object.keys(options)) if (!CREATE_KEYS.includes(key) || key === 'params') throw errors.invalidQuery(`options.${key}`, 'unknown key');
-  if (query.name !== undefined) options.name = query.name;
+  for (const key of Object.keys(options)) if (!CREATE_KEYS.includes(key) || key === 'params') throw refuse(`${where}.${key}`, 'unknown key');
+  if (query.name !== undefined) {
+    // Two names for one session: refused, as a step refuses a field given twice with different values.
+    if (options.name !== undefined && options.name !== query.name) {
+      throw errors.invalidQuery('name', `${JSON.stringify(query.name)} in the query and ${JSON.stringify(options.name)} in ${where}; give it once, or the same in both`);
+    }
+    options.name = query.name;
+  }
   assertName(options.name, 'name');
   const params: ParamSpec[] = [];
   const data: Float32Array[] = [];
@@ -113,6 +126,11 @@ export function parseCreateBody(body: unknown, query: CreateQuery, format: WireF
   }
   const b = body as Record<string, unknown>;
   for (const key of Object.keys(b)) if (!CREATE_KEYS.includes(key)) throw errors.invalidBody(`${key}: unknown key`);
+  // The query's name and options are a file body's; with a JSON body they were ignored (the session got the body's name).
+  if (query.options !== undefined) throw errors.invalidQuery('options', 'is for a file body (torch.save or safetensors); a JSON body holds its options itself');
+  if (query.name !== undefined && query.name !== b.name) {
+    throw errors.invalidQuery('name', `${JSON.stringify(query.name)} in the query and ${JSON.stringify(b.name)} in the body; give it once, or the same in both`);
+  }
   assertName(b.name, 'name');
   if (!Array.isArray(b.params)) throw errors.invalidBody('params: must be a list of {"name", "shape", "data"}');
   if (b.params.length > MAX_PARAMS) throw errors.invalidBody(`params: at most ${MAX_PARAMS} parameters`);
