@@ -125,9 +125,6 @@ export function readSafetensors(input: Uint8Array, options: SafetensorsReadOptio
 const MAX_HEADER_DEPTH = 8;
 
 function parseHeader(bytes: Buffer): Record<string, unknown> {
-  // Bounded before JSON.parse builds anything (json-depth.ts): 94 MB of `[` took seconds and gigabytes.
-  const deep = jsonTooDeepAt(bytes, MAX_HEADER_DEPTH);
-  if (deep >= 0) throw headerError(`header nests deeper than ${MAX_HEADER_DEPTH} levels (at byte ${deep} of the header)`);
   let text: string;
   try {
     // ignoreBOM keeps a leading byte-order mark in the text, where JSON.parse refuses it, as the safetensors
@@ -136,6 +133,9 @@ function parseHeader(bytes: Buffer): Record<string, unknown> {
   } catch {
     throw headerError('header is not valid UTF-8');
   }
+  // Bounded before JSON.parse builds anything (json-depth.ts): 94 MB of `[` took seconds and gigabytes.
+  const deep = jsonTooDeepAt(text, MAX_HEADER_DEPTH);
+  if (deep >= 0) throw headerError(`header nests deeper than ${MAX_HEADER_DEPTH} levels (at character ${deep} of the header)`);
   let header: unknown;
   try {
     header = JSON.parse(text);

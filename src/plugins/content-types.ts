@@ -40,12 +40,13 @@ export default fp(
         return;
       }
       // Nesting is bounded before JSON.parse builds anything (formats/json-depth.ts).
-      const deep = jsonTooDeepAt(bytes, MAX_JSON_DEPTH);
+      const text = bytes.toString('utf8');
+      const deep = jsonTooDeepAt(text, MAX_JSON_DEPTH);
       if (deep >= 0) {
-        done(errors.invalidBody(`body: JSON nested deeper than ${MAX_JSON_DEPTH} levels (at byte ${deep}); no request nests that deep (a tensor has at most ${MAX_DIMS} dimensions)`), undefined);
+        done(errors.invalidBody(`body: JSON nested deeper than ${MAX_JSON_DEPTH} levels (at character ${deep}); no request nests that deep (a tensor has at most ${MAX_DIMS} dimensions)`), undefined);
         return;
       }
-      parseJson(request, bytes.toString('utf8'), done);
+      parseJson(request, text, done);
     });
     fastify.addHook('preParsing', async (request) => {
       // Refuse a JSON body announced as too large before reading it.

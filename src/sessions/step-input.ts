@@ -2,7 +2,7 @@
 // `group['lr'] = …` before `optimizer.step()`) and training metrics. Validated before anything is written.
 import { errors, type ApiError } from '../errors.ts';
 import type { GroupSpec, HyperDelta } from '../db/schema.ts';
-import { jsonTextTooDeepAt } from '../formats/json-depth.ts';
+import { jsonTooDeepAt } from '../formats/json-depth.ts';
 import type { BaseVersionFrom } from './model.ts';
 import { FLAG_KEYS, HYPERPARAMETER_KEYS, NAME_PATTERN, resolveHyperparameters, SESSION_NAME_RULE } from './spec.ts';
 
@@ -90,7 +90,7 @@ export function parseMetrics(value: unknown, field = 'metrics'): Record<string, 
 export function metadataJson(metadata: ReadonlyMap<string, string>, key: string): unknown {
   const text = metadata.get(key);
   if (text === undefined) return undefined;
-  if (jsonTextTooDeepAt(text, MAX_METADATA_DEPTH) >= 0) throw errors.invalidBody(`__metadata__.${key}: nested deeper than ${MAX_METADATA_DEPTH} levels`);
+  if (jsonTooDeepAt(text, MAX_METADATA_DEPTH) >= 0) throw errors.invalidBody(`__metadata__.${key}: nested deeper than ${MAX_METADATA_DEPTH} levels`);
   try {
     return JSON.parse(text);
   } catch {

@@ -196,7 +196,7 @@ test('JSON nested deeper than any request needs is refused before it is parsed, 
     const res = await app.inject({ method: method as 'POST', url, headers: { 'content-type': 'application/json' }, payload });
     assert.equal(res.statusCode, 400, `${method} ${url}: ${res.body}`);
     assert.equal(res.json().code, 'INVALID_BODY');
-    assert.match(res.json().message, /^body: JSON nested deeper than 64 levels \(at byte \d+\)/);
+    assert.match(res.json().message, /^body: JSON nested deeper than 64 levels \(at character \d+\)/);
     assert.ok(Date.now() - began < 5000, `${url} took ${Date.now() - began} ms`);
   }
   // Brackets inside strings are text, and a body as deep as a request gets is taken.

@@ -12,7 +12,7 @@ import type { BinaryGradient, GradientInput } from '../../sessions/gradients.ts'
 import type { LoadedStateDict, StateView } from '../../sessions/model.ts';
 import { MAX_PARAMS, publicGroup } from '../../sessions/spec.ts';
 import { asgdFromView, loadedFromAsgd, paramTensor, parseStateDict, readTensorField } from '../../sessions/state-dict.ts';
-import { jsonTextTooDeepAt } from '../../formats/json-depth.ts';
+import { jsonTooDeepAt } from '../../formats/json-depth.ts';
 import { MEDIA, type WireFormat } from '../media.ts';
 
 /** A parameter as float32: float16 and bfloat16 (a half-precision model's weights) are widened exactly. */
@@ -66,7 +66,7 @@ export function readStateDictBody(format: WireFormat, body: Buffer): LoadedState
     const { state, paramGroups } = readOptimizerSafetensors(body, { maxTensors: 4 * MAX_PARAMS });
     if (paramGroups === undefined) throw errors.invalidStateDict('__metadata__.param_groups', 'is missing (a JSON list of the param groups)');
     let groups: unknown;
-    if (jsonTextTooDeepAt(paramGroups, 16) >= 0) throw errors.invalidStateDict('__metadata__.param_groups', 'nested deeper than 16 levels');
+    if (jsonTooDeepAt(paramGroups, 16) >= 0) throw errors.invalidStateDict('__metadata__.param_groups', 'nested deeper than 16 levels');
     try {
       groups = JSON.parse(paramGroups);
     } catch {

@@ -3,7 +3,7 @@
 import type { Config } from '../../config.ts';
 import type { GroupSpec, ParamSpec } from '../../db/schema.ts';
 import { errors } from '../../errors.ts';
-import { jsonTextTooDeepAt } from '../../formats/json-depth.ts';
+import { jsonTooDeepAt } from '../../formats/json-depth.ts';
 import type { CreateInput } from '../../sessions/model.ts';
 import {
   assertName, assertShape, buildGroups, DEFAULT_GROUP, FLAG_KEYS, HYPERPARAMETER_KEYS, MAX_PARAMS, MAX_SESSION_NUMEL, numelOf, PARAM_NAME_MAX, resolveHyperparameters,
@@ -83,7 +83,7 @@ function parseFileCreate(body: Buffer, query: CreateQuery, format: WireFormat, c
   const refuse = (field: string, message: string) => (fromQuery ? errors.invalidQuery(field, message) : errors.invalidBody(`${field}: ${message}`));
   let options: Record<string, unknown> = {};
   if (rawOptions !== undefined) {
-    if (jsonTextTooDeepAt(rawOptions, 16) >= 0) throw refuse(where, 'nested deeper than 16 levels');
+    if (jsonTooDeepAt(rawOptions, 16) >= 0) throw refuse(where, 'nested deeper than 16 levels');
     try {
       options = JSON.parse(rawOptions);
     } catch {
