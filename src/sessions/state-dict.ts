@@ -5,7 +5,7 @@ import { errors } from '../errors.ts';
 import type { GroupSpec } from '../db/schema.ts';
 import { FLAG_KEYS, HYPERPARAMETER_KEYS, resolveHyperparameters, DEFAULT_GROUP, publicGroup } from './spec.ts';
 import type { LoadedStateDict, StateView } from './model.ts';
-import { jsonScalar, jsonTensor, readJsonTensor, readScalar } from './tensors.ts';
+import { jsonScalar, jsonTensor, readJsonTensor, readScalar, type NonFinitePolicy } from './tensors.ts';
 import { ASGD_NUMERIC_KEYS, stepCountProblem, type AsgdParamGroup, type AsgdStateDict, type PyValue } from '../formats/index.ts';
 
 export interface DecodedTensor {
@@ -17,7 +17,7 @@ const isDecoded = (v: unknown): v is DecodedTensor =>
   v !== null && typeof v === 'object' && (v as DecodedTensor).data instanceof Float32Array && Array.isArray((v as DecodedTensor).shape);
 
 /** A tensor field: decoded binary, or a JSON tensor whose shape it carries itself. */
-export function readTensorField(value: unknown, field: string): DecodedTensor {
+export function readTensorField(value: unknown, field: string, nonFinite: NonFinitePolicy = 'allow'): DecodedTensor {
   if (isDecoded(value)) return value;
   if (value === null || typeof value !== 'object' || Array.isArray(value) || !Array.isArray((value as { shape?: unknown }).shape)) {
     throw errors.invalidStateDict(field, 'must be a tensor {"shape", "data"}');
@@ -32,7 +32,7 @@ export function readTensorField(value: unknown, field: string): DecodedTensor {
     throw errors.invalidStateDict(`${field}.data`, `must hold ${numel} numbers for shape ${JSON.stringify(shape)}`);
   }
   const out = new Float32Array(numel);
-  readJsonTensor(value, field, shape as number[], out, 'allow');
+  readJsonTensor(value, field, shape as number[], out, nonFinite);
   return { shape: shape as number[], data: out };
 }
 

@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { FastifyInstance } from 'fastify';
-import { streamToBuffer, writeSafetensors, type Tensor } from '../../src/formats/index.ts';
+import { fromCheckpoint, readTorchSave, streamToBuffer, toCheckpoint, torchSaveToBuffer, writeSafetensors, type Tensor } from '../../src/formats/index.ts';
 import { MAX_STEP_COUNT } from '../../src/formats/optimizer-state.ts';
 import { readGradients } from '../../src/routes/sessions/binary.ts';
 import { buildTestApp } from '../helper.ts';
@@ -245,4 +245,32 @@ test('create: a name in the query and another in the body or the file\'s options
   for (const name of ['q1', 'b1', 'o1', 'm1']) assert.equal((await app.inject({ url: `/v1/sessions/${name}` })).statusCode, 404, name);
   // The same name in both is taken.
   assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions?name=same', payload: { name: 'same', params } })).statusCode, 201);
+});
+
+test('PUT checkpoint refuses the parameters create and PUT params refuse (not finite, beyond float32, float64), naming them', async (t) => {
+  const app = await setup(t);
+  const before = await observed(app);
+  const json = (await app.inject({ url: '/v1/sessions/t/checkpoint?format=json' })).json();
+  const withB = (data: unknown[]) => ({ ...json, model: { ...json.model, b: { shape: [2], data } } });
+  const file = (await app.inject({ url: '/v1/sessions/t/checkpoint' })).rawPayload;
+  const ptWithB = (b: Tensor) => {
+    const checkpoint = toCheckpoint(readTorchSave(file));
+    checkpoint.model.tensors.set('b', b);
+    return torchSaveToBuffer(fromCheckpoint(checkpoint));
+  };
+  const cases: [string | Buffer, string, RegExp][] = [
+    [JSON.stringify(withB(['NaN', 0])), 'INVALID_TENSOR', /^model\.b\.data\[0\]: is not finite/],
+    [JSON.stringify(withB([0, 1e39])), 'INVALID_TENSOR', /^model\.b\.data\[1\]: overflows float32/],
+    [ptWithB({ dtype: 'float32', shape: [2], data: Float32Array.from([0, Infinity]) }), 'INVALID_TENSOR', /^model\.b\.data\[1\]: is not finite/],
+    [ptWithB({ dtype: 'float64', shape: [2], data: Float64Array.from([1e300, 0.1]) }), 'INVALID_TENSOR', /^model\.b: dtype float64 is not supported/],
+  ];
+  for (const [payload, code, message] of cases) {
+    const res = await app.inject({ method: 'PUT', url: '/v1/sessions/t/checkpoint', headers: Buffer.isBuffer(payload) ? PT : { 'content-type': 'application/json' }, payload });
+    assert.equal(res.statusCode, 400, res.body);
+    assert.equal(res.json().code, code, res.body);
+    assert.match(res.json().message, message);
+  }
+  assert.deepEqual(await observed(app), before);
+  // The checkpoint as served still loads.
+  assert.equal((await app.inject({ method: 'PUT', url: '/v1/sessions/t/checkpoint', headers: PT, payload: file })).statusCode, 200);
 });

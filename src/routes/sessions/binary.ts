@@ -6,11 +6,12 @@ import type { FastifyReply } from 'fastify';
 import { errors } from '../../errors.ts';
 import {
   fromAsgdStateDict, fromCheckpoint, fromModelStateDict, readOptimizerSafetensors, readSafetensors, readTorchSave, toAsgdStateDict, toCheckpoint,
-  toFloat32Tensor, toModelStateDict, writeOptimizerSafetensors, writeSafetensors, writeTorchSave, type ByteStream, type Float32Tensor, type Tensor,
+  toFloat32Tensor, toModelStateDict, writeOptimizerSafetensors, writeSafetensors, writeTorchSave, type ByteStream, type Float32Tensor, type PyDict, type Tensor,
 } from '../../formats/index.ts';
 import type { BinaryGradient, GradientInput } from '../../sessions/gradients.ts';
 import type { LoadedStateDict, StateView } from '../../sessions/model.ts';
 import { MAX_PARAMS, publicGroup } from '../../sessions/spec.ts';
+import { firstNonFinite } from '../../sessions/tensors.ts';
 import { asgdFromView, loadedFromAsgd, paramTensor, parseStateDict, readTensorField } from '../../sessions/state-dict.ts';
 import { jsonTooDeepAt } from '../../formats/json-depth.ts';
 import { MEDIA, type WireFormat } from '../media.ts';
@@ -85,12 +86,23 @@ export interface CheckpointInput {
 
 /** A checkpoint {"model", "optimizer", "step"} from a torch.save file. */
 export function readCheckpointFile(body: Buffer): CheckpointInput {
-  const checkpoint = toCheckpoint(readTorchSave(body, { name: 'checkpoint' }), { toFloat32: true });
+  const value = readTorchSave(body, { name: 'checkpoint' });
+  const checkpoint = toCheckpoint(value, { toFloat32: true });
   // As the JSON form's schema checks it (the file's step is any Python int).
   if (checkpoint.step < 0) throw errors.invalidStateDict('step', 'must be >= 0');
+  // The model's parameters as PUT params takes them: float32 (or half widened), finite. Read again from the
+  // file without the optimizer's conversion, which would round a float64 1e300 to Infinity.
+  const model = toModelStateDict((value as PyDict).get('model')!, {}, 'checkpoint.model');
   const params: CheckpointInput['params'] = new Map();
-  for (const [name, tensor] of checkpoint.model.tensors) params.set(name, { shape: tensor.shape, data: float32Of(tensor, `model.${name}`).data });
+  for (const [name, tensor] of model.tensors) params.set(name, finiteParam(float32Of(tensor, `model.${name}`), `model.${name}`));
   return { stateDict: loadedFromAsgd(checkpoint.optimizer), params, step: checkpoint.step };
+}
+
+/** A parameter is finite, as create and PUT params require: a checkpoint is no way around that. */
+function finiteParam(tensor: Float32Tensor, field: string): { shape: number[]; data: Float32Array } {
+  const bad = firstNonFinite(tensor.data);
+  if (bad >= 0) throw errors.invalidTensor(`${field}.data[${bad}]`, 'is not finite');
+  return { shape: tensor.shape, data: tensor.data };
 }
 
 /** A checkpoint from its JSON form (structure checked by the route's schema; tensors and state here). */
@@ -98,7 +110,7 @@ export function readCheckpointJson(body: { model: Record<string, unknown>; optim
   const params: CheckpointInput['params'] = new Map();
   for (const [name, value] of Object.entries(body.model)) {
     // Shapes are checked against the session by the domain.
-    const tensor = readTensorField(value, `model.${name}`);
+    const tensor = readTensorField(value, `model.${name}`, 'reject');
     params.set(name, { shape: tensor.shape, data: tensor.data });
   }
   return { stateDict: parseStateDict(body.optimizer), params, step: body.step };
