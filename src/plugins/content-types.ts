@@ -62,10 +62,19 @@ export default fp(
     fastify.addHook('preValidation', async (request) => {
       if (request.headers['content-type'] === undefined || request.body === undefined) return;
       if (!acceptedTypes(request).includes(request.mediaType ?? '')) throw unsupportedMediaType(request);
+      // A route that takes no body (DELETE, restore, …) refuses one rather than act as if it had not seen it;
+      // an empty JSON object or null is no body.
+      if (request.routeOptions.url !== undefined && request.routeOptions.schema?.body === undefined && !isEmptyJson(request.body)) {
+        throw errors.invalidBody(`body: ${request.method} ${request.routeOptions.url ?? ''} takes no body`);
+      }
     });
   },
   { name: 'content-types' },
 );
+
+function isEmptyJson(body: unknown): boolean {
+  return body === null || (typeof body === 'object' && !Buffer.isBuffer(body) && !Array.isArray(body) && Object.keys(body as object).length === 0);
+}
 
 /**
  * The parameters of a Content-Type (RFC 9110 section 5.6.6: `; name=token` or `; name="quoted string"`),

@@ -27,9 +27,10 @@ export function ifMatchOf(request: FastifyRequest): number | null {
   if (raw === undefined) return null;
   const value = (Array.isArray(raw) ? raw[0] : raw).trim();
   if (value === '*') return null;
-  const m = /^(?:W\/)?"?(\d{1,15})"?$/.exec(value);
+  // "<version>" (W/ and unquoted accepted, as documented); an unbalanced quote is no tag.
+  const m = /^(?:W\/)?(?:"(\d{1,15})"|(\d{1,15}))$/.exec(value);
   if (!m) throw errors.invalidHeader('If-Match', 'must be a session version as "<version>"');
-  return Number(m[1]);
+  return Number(m[1] ?? m[2]);
 }
 
 /**

@@ -173,7 +173,7 @@ export const ErrorBody = Type.Object(
 /** 304: the client's copy (If-None-Match, or after_version when no newer one came) is current; ETag names the version. */
 export const NotModified = Type.Null({ description: 'Not modified: the version in the ETag is the one you have' });
 /** If-None-Match: "<version>" on a read: 304 while the session is at that version. */
-export const IfNoneMatchHeaders = Type.Object({ 'if-none-match': Type.Optional(Type.String({ maxLength: 64, description: '"<version>": 304 while the session is at that version' })) });
+export const IfNoneMatchHeaders = Type.Object({ 'if-none-match': Type.Optional(Type.String({ maxLength: 1024, description: '"<version>": 304 while the session is at that version' })) });
 
 export const errorResponses = (...codes: number[]) => Object.fromEntries(codes.map((c) => [c, ErrorBody]));
 

@@ -22,6 +22,8 @@ export interface ForkTarget {
   maxStaleness?: number | null;
   keepLogBytes?: number | null;
   expireAfterIdleS?: number | null;
+  /** If-Match: the source's version (the state forked when no snapshot is named; else the session's now). */
+  ifMatch?: number | null;
 }
 
 export function createChanges(ctx: SessionContext, history: History, writer: SnapshotWriter, reads: Reads) {
@@ -160,6 +162,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
   async function fork(sourceName: string, target: ForkTarget): Promise<SessionRecord> {
     const source = target.snapshotId != null ? await reads.snapshotView(sourceName, target.snapshotId) : await reads.view(sourceName);
     const sourceSession = await mustFind(db, sourceName);
+    checkIfMatch(target.ifMatch, target.snapshotId != null ? sourceSession.version : source.version);
     return mutex.run(target.name, async () =>
       db.transaction(async (tx) => {
         const row = await repo.insertSession(tx, {

@@ -14,7 +14,7 @@ import type { AsgdKernel, KernelOptions } from '../optim/types.ts';
 import { errors } from '../errors.ts';
 import { StateCache } from './cache.ts';
 import { createChanges } from './changes.ts';
-import { mustFind, type RoundHost, type SessionContext, type SessionHooks } from './context.ts';
+import { checkIfMatch, mustFind, type RoundHost, type SessionContext, type SessionHooks } from './context.ts';
 import { sweepIdleSessions } from './expiry.ts';
 import { createHistory } from './history.ts';
 import { KeyedMutex } from './mutex.ts';
@@ -61,9 +61,11 @@ export function createSessionService(options: SessionServiceOptions) {
   async function updateSettings(
     name: string,
     patch: Partial<Pick<SessionRecord, 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness' | 'keepLogBytes' | 'expireAfterIdleS' | 'aggregation'>>,
+    ifMatch: number | null = null,
   ): Promise<SessionRecord> {
     return db.transaction(async (tx) => {
       const session = await mustFind(tx, name, true);
+      checkIfMatch(ifMatch, session.version); // under the row lock
       if (patch.aggregation !== undefined) await assertNoOpenRound(tx, session);
       return repo.updateSessionSettings(tx, session.id, { ...session, ...patch });
     });

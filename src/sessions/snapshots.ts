@@ -1,6 +1,6 @@
 // The snapshot resource: take one now (optionally pinned), list, read one, pin or unpin.
 import { errors } from '../errors.ts';
-import { consistentRead, mustFind, type SessionContext } from './context.ts';
+import { checkIfMatch, consistentRead, mustFind, type SessionContext } from './context.ts';
 import type { History } from './history.ts';
 import * as repo from './repository.ts';
 import type { SessionRecord, SnapshotRecord } from './repository.ts';
@@ -45,8 +45,9 @@ export function createSnapshots(ctx: SessionContext, history: History, writer: S
     return { session, snapshot };
   }
 
-  async function pin(name: string, id: number, pinned: boolean): Promise<SnapshotRecord> {
+  async function pin(name: string, id: number, pinned: boolean, ifMatch: number | null = null): Promise<SnapshotRecord> {
     const session = await mustFind(db, name);
+    checkIfMatch(ifMatch, session.version); // If-Match: the session's version, as on every route of a session
     const snapshot = await repo.setSnapshotPinned(db, session.id, id, pinned);
     if (!snapshot) throw errors.snapshotNotFound(String(id));
     return snapshot;

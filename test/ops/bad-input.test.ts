@@ -212,11 +212,11 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
       const expect = !isJson(text) || text.includes('__proto__') || text.includes('constructor') ? 'INVALID_JSON' : text.startsWith('{') ? missingKeys(label(op)) : notObject(label(op));
       add({ family: 'json', op: label(op), method: op.method, url, headers: { ...asAdmin, ...wrongVersion, 'content-type': 'application/json' }, payload: text, expect });
     }
-    // Deep nesting, as arrays and as objects: refused by the schema (or the body limit), never a stack overflow.
+    // Deep nesting, as arrays and as objects: refused before it is parsed (or by the body limit), never a stack overflow.
     for (const depth of [1_000, 3_000]) {
       const nested = ['['.repeat(depth) + ']'.repeat(depth), '{"a":'.repeat(depth) + '1' + '}'.repeat(depth)];
       for (const payload of nested) {
-        const expect = payload.length > bodyLimitOf(label(op)) ? 'BODY_TOO_LARGE' : payload.startsWith('{') ? missingKeys(label(op)) : notObject(label(op));
+        const expect = payload.length > bodyLimitOf(label(op)) ? 'BODY_TOO_LARGE' : 'INVALID_BODY';
         add({ family: 'deep', op: label(op), method: op.method, url, headers: { ...asAdmin, ...wrongVersion, 'content-type': 'application/json' }, payload, expect });
       }
     }
@@ -316,9 +316,10 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     // Object.prototype's names are not spellings of NaN: a type error, not a non-finite gradient.
     ...['toString', 'constructor', 'valueOf', '__proto__'].map((v): [unknown, string] => [{ grads: { ...good, b: [1, 2, 3, v] } }, 'INVALID_TENSOR']),
   ];
-  // A tensor's shape or dtype nested thousands deep: the error message describes it (writing it as JSON overflowed the stack: a 500).
-  const deepObject = '{"a":'.repeat(5000) + '1' + '}'.repeat(5000);
-  for (const [key, code] of [['dtype', 'INVALID_TENSOR'], ['shape', 'SHAPE_MISMATCH']] as const) {
+  // A tensor's shape or dtype nested thousands deep (writing it into the error message as JSON once overflowed
+  // the stack: a 500): refused before it is parsed; nested as deep as a body may, the message describes it.
+  for (const [depth, key, code] of [[5000, 'dtype', 'INVALID_BODY'], [5000, 'shape', 'INVALID_BODY'], [50, 'dtype', 'INVALID_TENSOR'], [50, 'shape', 'SHAPE_MISMATCH']] as const) {
+    const deepObject = '{"a":'.repeat(depth) + '1' + '}'.repeat(depth);
     const shape = key === 'shape' ? `[3,${deepObject}]` : '[3,4]';
     const payload = `{"grads":{"w":{"shape":${shape},"data":[${good.w.join(',')}]${key === 'dtype' ? `,"dtype":${deepObject}` : ''}}}}`;
     add({ family: 'deep', op: 'POST /v1/sessions/{name}/step', method: 'POST', url: '/v1/sessions/alpha/step', headers: { ...asAdmin, 'content-type': 'application/json' }, payload, expect: code });
@@ -467,8 +468,8 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     'header length past the end': ['SAFETENSORS_HEADER_INVALID', 'SAFETENSORS_HEADER_INVALID', 'SAFETENSORS_HEADER_INVALID'],
     'metadata not strings': ['SAFETENSORS_HEADER_INVALID', 'SAFETENSORS_HEADER_INVALID', 'SAFETENSORS_HEADER_INVALID'],
     // A step reads param_groups, metrics and base_version from the metadata and refuses other keys; create
-    // reads `asgd` as its options.
-    'bad asgd metadata': ['INVALID_BODY', 'INVALID_STATE_DICT', 'INVALID_QUERY'],
+    // reads `asgd` as its options (a fault in them is the body's: INVALID_BODY naming __metadata__.asgd).
+    'bad asgd metadata': ['INVALID_BODY', 'INVALID_STATE_DICT', 'INVALID_BODY'],
     // Its tensor (state.0.ax) is no parameter of the session: a step refuses the first unknown name before
     // reading the rest of the header.
     'param_groups not json': ['UNKNOWN_PARAMETER', 'INVALID_STATE_DICT', 'SESSION_EXISTS'],

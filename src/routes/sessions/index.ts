@@ -135,8 +135,9 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
       description: 'Settings do not change the state, so the version stays. `aggregation` cannot change while a round has contributions (409 ROUND_OPEN).',
       tags: ['sessions'],
       params: NameParams,
+      headers: IfMatchHeaders,
       body: Type.Object({ ...SessionSettings, aggregation: AggregationIn }, { additionalProperties: false, examples: [{ snapshot_every: 100 }] }),
-      response: { 200: Session, ...errorResponses(400, 401, 403, 404, 409) },
+      response: { 200: Session, ...errorResponses(400, 401, 403, 404, 409, 412) },
     },
   }, async (request, reply) => {
     const body = request.body;
@@ -148,7 +149,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
       ...(body.keep_log_bytes !== undefined && { keepLogBytes: body.keep_log_bytes }),
       ...(body.expire_after_idle_s !== undefined && { expireAfterIdleS: body.expire_after_idle_s }),
       ...(aggregation !== undefined && { aggregation }),
-    });
+    }, ifMatchOf(request));
     setVersion(reply, session.version);
     return sessionJson(session, await fastify.rounds.openRound(session));
   });
@@ -181,7 +182,8 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
         snapshot: Type.Optional(Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER, description: 'Fork from this snapshot (default: the current state)' })),
         ...SessionSettings,
       }, { additionalProperties: false, examples: [{ name: 'mnist-run-1-lr-sweep', snapshot: 3 }] }),
-      response: { 201: Session, ...errorResponses(400, 401, 403, 404, 409) },
+      headers: IfMatchHeaders,
+      response: { 201: Session, ...errorResponses(400, 401, 403, 404, 409, 412) },
     },
   }, async (request, reply) => {
     const body = request.body;
@@ -193,6 +195,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
       maxStaleness: body.max_staleness,
       keepLogBytes: body.keep_log_bytes,
       expireAfterIdleS: body.expire_after_idle_s,
+      ifMatch: ifMatchOf(request),
     });
     setVersion(reply, session.version);
     reply.header('location', `/v1/sessions/${session.name}`);

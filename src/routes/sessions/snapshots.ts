@@ -59,10 +59,11 @@ const snapshotRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fas
       description: 'Retention never removes a pinned snapshot.',
       tags: ['snapshots'],
       params: SnapshotParams,
+      headers: IfMatchHeaders,
       body: PinBody,
-      response: { 200: Snapshot, ...errorResponses(400, 401, 403, 404) },
+      response: { 200: Snapshot, ...errorResponses(400, 401, 403, 404, 412) },
     },
-  }, async (request) => snapshotJson(await fastify.sessions.pinSnapshot(request.params.name, Number(request.params.id), request.body.pinned)));
+  }, async (request) => snapshotJson(await fastify.sessions.pinSnapshot(request.params.name, Number(request.params.id), request.body.pinned, ifMatchOf(request))));
 
   for (const kind of ['params', 'state_dict', 'checkpoint'] as const) {
     fastify.get(`/:name/snapshots/:id/${kind}`, {

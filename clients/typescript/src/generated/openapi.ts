@@ -1815,7 +1815,13 @@ export interface operations {
     updateSession: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /**
+                 * @description Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise
+                 * @example "42"
+                 */
+                "if-match"?: string;
+            };
             path: {
                 /**
                  * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
@@ -1863,6 +1869,7 @@ export interface operations {
             403: components["responses"]["Error403"];
             404: components["responses"]["Error404"];
             409: components["responses"]["Error409"];
+            412: components["responses"]["Error412"];
             413: components["responses"]["Error413"];
             415: components["responses"]["Error415"];
             429: components["responses"]["Error429"];
@@ -1872,7 +1879,13 @@ export interface operations {
     forkSession: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /**
+                 * @description Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise
+                 * @example "42"
+                 */
+                "if-match"?: string;
+            };
             path: {
                 /**
                  * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
@@ -1926,6 +1939,7 @@ export interface operations {
             403: components["responses"]["Error403"];
             404: components["responses"]["Error404"];
             409: components["responses"]["Error409"];
+            412: components["responses"]["Error412"];
             413: components["responses"]["Error413"];
             415: components["responses"]["Error415"];
             429: components["responses"]["Error429"];
@@ -2528,7 +2542,13 @@ export interface operations {
     pinSnapshot: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /**
+                 * @description Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise
+                 * @example "42"
+                 */
+                "if-match"?: string;
+            };
             path: {
                 /**
                  * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
@@ -2570,6 +2590,7 @@ export interface operations {
             401: components["responses"]["Error401"];
             403: components["responses"]["Error403"];
             404: components["responses"]["Error404"];
+            412: components["responses"]["Error412"];
             413: components["responses"]["Error413"];
             415: components["responses"]["Error415"];
             429: components["responses"]["Error429"];

@@ -1,0 +1,72 @@
+// If-Match on every route that changes a session, and no body where a route takes none: a request whose
+// precondition or body the route does not honour is refused, never carried out as if it had none.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { buildTestApp, randomData } from '../helper.ts';
+
+const params = [{ name: 'w', shape: [3], data: randomData(3, 1) }];
+
+async function setup(t: Parameters<typeof buildTestApp>[0]) {
+  const { app } = await buildTestApp(t);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'p', params } })).statusCode, 201);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/p/step', payload: { grads: { w: [0.1, 0.2, 0.3] } } })).statusCode, 200); // version 2
+  return app;
+}
+
+test('If-Match on PATCH session, fork and PATCH snapshot: 412 at another version, nothing changed; applied at this one', async (t) => {
+  const app = await setup(t);
+  const before = (await app.inject({ url: '/v1/sessions/p' })).json();
+  const stale = { 'if-match': '"1"' };
+  const cases = [
+    { method: 'PATCH', url: '/v1/sessions/p', payload: { max_staleness: 3 } },
+    { method: 'POST', url: '/v1/sessions/p/fork', payload: { name: 'f' } },
+    { method: 'POST', url: '/v1/sessions/p/fork', payload: { name: 'f', snapshot: 1 } },
+    { method: 'PATCH', url: '/v1/sessions/p/snapshots/1', payload: { pinned: true } },
+  ] as const;
+  for (const c of cases) {
+    const res = await app.inject({ ...c, headers: stale });
+    assert.equal(res.statusCode, 412, `${c.method} ${c.url}: ${res.body}`);
+    assert.equal(res.json().code, 'VERSION_MISMATCH');
+    assert.match(res.json().message, /^If-Match: expected "1", the session is at version 2$/);
+  }
+  assert.deepEqual((await app.inject({ url: '/v1/sessions/p' })).json(), before);
+  assert.equal((await app.inject({ url: '/v1/sessions/f' })).statusCode, 404);
+  assert.equal((await app.inject({ url: '/v1/sessions/p/snapshots/1' })).json().pinned, false);
+  for (const c of cases.slice(0, 2).concat(cases.slice(3))) {
+    const res = await app.inject({ ...c, headers: { 'if-match': '"2"' } });
+    assert.ok(res.statusCode === 200 || res.statusCode === 201, `${c.method} ${c.url}: ${res.body}`);
+  }
+  assert.equal((await app.inject({ url: '/v1/sessions/p' })).json().max_staleness, 3);
+  assert.equal((await app.inject({ url: '/v1/sessions/f' })).statusCode, 200);
+  assert.equal((await app.inject({ url: '/v1/sessions/p/snapshots/1' })).json().pinned, true);
+});
+
+test('If-Match must be one tag: an unbalanced quote is refused; If-None-Match takes a list of tags', async (t) => {
+  const app = await setup(t);
+  for (const tag of ['"2', '2"', 'W/"2', '"2"x']) {
+    const res = await app.inject({ method: 'POST', url: '/v1/sessions/p/step', headers: { 'if-match': tag }, payload: { grads: { w: [0.1, 0.2, 0.3] } } });
+    assert.equal(res.statusCode, 400, `${tag}: ${res.body}`);
+    assert.equal(res.json().code, 'INVALID_HEADER');
+  }
+  assert.equal((await app.inject({ url: '/v1/sessions/p' })).json().version, 2, 'not stepped');
+  for (const tag of ['"2"', 'W/"2"', '2']) {
+    const res = await app.inject({ method: 'PATCH', url: '/v1/sessions/p', headers: { 'if-match': tag }, payload: { snapshot_every: 50 } });
+    assert.equal(res.statusCode, 200, `${tag}: ${res.body}`);
+  }
+  const list = Array.from({ length: 30 }, (_, i) => `"${i + 100}"`).concat('"2"').join(', ');
+  assert.equal((await app.inject({ url: '/v1/sessions/p/params', headers: { 'if-none-match': list } })).statusCode, 304);
+});
+
+test('a route that takes no body refuses one (DELETE, restore), and does nothing; an empty object is no body', async (t) => {
+  const app = await setup(t);
+  for (const [method, url] of [['DELETE', '/v1/sessions/p'], ['POST', '/v1/sessions/p/snapshots/1/restore']] as const) {
+    const res = await app.inject({ method, url, headers: { 'content-type': 'application/json' }, payload: '{"x":1}' });
+    assert.equal(res.statusCode, 400, `${method} ${url}: ${res.body}`);
+    assert.equal(res.json().code, 'INVALID_BODY');
+    assert.match(res.json().message, /^body: .* takes no body$/);
+  }
+  assert.equal((await app.inject({ url: '/v1/sessions/p' })).json().version, 2, 'neither deleted nor restored');
+  const restored = await app.inject({ method: 'POST', url: '/v1/sessions/p/snapshots/1/restore', headers: { 'content-type': 'application/json' }, payload: '{}' });
+  assert.equal(restored.statusCode, 200, restored.body);
+  assert.equal((await app.inject({ method: 'DELETE', url: '/v1/sessions/p' })).statusCode, 204);
+});
