@@ -160,7 +160,9 @@ const DECIMAL = { integer: /^-?[0-9]{1,16}(\.0{1,20})?$/, number: /^-?[0-9]{1,16
  * Python's str() of a float writes it (AJV took "30.0" for 30 before, and still does).
  */
 export function checkQueryText(request: FastifyRequest): void {
-  const properties = (request.routeOptions.schema?.querystring as { properties?: Record<string, { type?: unknown }> } | undefined)?.properties;
+  const declared = (request.routeOptions.schema?.querystring as { properties?: Record<string, { type?: unknown }> } | undefined)?.properties;
+  // An API route without a query schema reads no query (?all=true on GET /v1/tokens looked as if it worked).
+  const properties = declared ?? (request.routeOptions.url?.startsWith('/v1/') ? {} : undefined);
   if (!properties) return;
   for (const [key, value] of Object.entries((request.query ?? {}) as Record<string, unknown>)) {
     // A misspelt parameter (?base_versoin=3) was dropped without a word, and the step went without the

@@ -10,7 +10,7 @@ const safetensorsOf = (tensors: Record<string, Tensor>, metadata?: Record<string
 const f32 = (...v: number[]): Tensor => ({ dtype: 'float32', shape: [v.length], data: Float32Array.from(v) });
 const session = { name: 's', params: [{ name: 'w', shape: [2], data: [0.5, -0.5] }] };
 
-test('a deeply nested JSON step with an Idempotency-Key is a 400 naming grads, not a 500; the session is unchanged', async (t) => {
+test('a deeply nested JSON step with an Idempotency-Key is a 400 (refused before parsing), not a 500; the session is unchanged', async (t) => {
   const { app } = await buildTestApp(t);
   assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: session })).statusCode, 201);
   const depth = 20_000;
@@ -18,7 +18,7 @@ test('a deeply nested JSON step with an Idempotency-Key is a 400 naming grads, n
   const r = await app.inject({ method: 'POST', url: '/v1/sessions/s/step', headers: { 'content-type': 'application/json', 'idempotency-key': 'deep' }, payload });
   assert.equal(r.statusCode, 400, r.body);
   assert.equal(r.json().code, 'INVALID_BODY');
-  assert.match(r.json().message, /^grads/);
+  assert.match(r.json().message, /^body: JSON nested deeper than 64 levels/);
   const now = (await app.inject({ url: '/v1/sessions/s' })).json();
   assert.equal(now.version, 1);
   // The key was not spent: the same key with a good body steps.
@@ -59,4 +59,13 @@ test('a query parameter the route does not read is refused by name (a misspelt c
   assert.equal(read.statusCode, 400);
   assert.match(read.json().message, /^fromat:/);
   assert.equal((await app.inject({ url: '/v1/sessions/s/params?format=json' })).statusCode, 200);
+  // Routes that read no query refuse one too (DELETE ?force=true deleted, GET /v1/tokens?all=true looked filtered).
+  for (const [method, url] of [['GET', '/v1/sessions/s?x=1'], ['DELETE', '/v1/sessions/s?force=true'], ['GET', '/v1/tokens?all=true'], ['GET', '/v1/sessions/s/snapshots?x=1'],
+    ['GET', '/v1/sessions/s/snapshots/1/state_dict?averaged=true'], ['GET', '/v1/sessions/s/snapshots/1/checkpoint?averaged=true']] as const) {
+    const res = await app.inject({ method, url });
+    assert.equal(res.statusCode, 400, `${method} ${url}: ${res.body}`);
+    assert.equal(res.json().code, 'INVALID_QUERY');
+  }
+  assert.equal((await app.inject({ url: '/v1/sessions/s' })).statusCode, 200, 'not deleted');
+  assert.equal((await app.inject({ url: '/v1/sessions/s/snapshots/1/params?averaged=true' })).statusCode, 200);
 });

@@ -5,7 +5,7 @@ import type { Config } from '../../config.ts';
 import { ACCESS, ifMatchOf, sessionJson, setVersion, snapshotJson } from '../common.ts';
 import { ROUTE_MEDIA } from '../media.ts';
 import { errorResponses, IfMatchHeaders, NameParams, Session, Snapshot, SnapshotParams } from '../schemas.ts';
-import { sendView, viewResponse, type ViewKind } from './views.ts';
+import { sendView, viewResponse, type ViewKind, type ViewQuery } from './views.ts';
 
 const PinBody = Type.Object({ pinned: Type.Boolean({ description: 'Retention never removes a pinned snapshot' }) }, { additionalProperties: false, examples: [{ pinned: true }] });
 
@@ -75,13 +75,14 @@ const snapshotRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fas
         params: SnapshotParams,
         querystring: Type.Object({
           format: Type.Optional(Type.Union(OFFERS[kind].map((f) => Type.Literal(f)), { description: 'Instead of an Accept header' })),
-          averaged: Type.Optional(Type.Boolean({ description: 'params only: ASGD\'s averages (ax)' })),
+          // The state_dict and the checkpoint hold ax already: only params has an averaged form.
+          ...(kind === 'params' && { averaged: Type.Optional(Type.Boolean({ description: 'ASGD\'s averages (ax) instead of the parameters' })) }),
         }),
         response: { ...viewResponse(kind), ...errorResponses(400, 401, 403, 404, 406) },
       },
     }, async (request, reply) => {
       const view = await fastify.sessions.snapshotView(request.params.name, Number(request.params.id));
-      return sendView(kind, request, reply, view, request.query);
+      return sendView(kind, request, reply, view, request.query as ViewQuery);
     });
   }
 

@@ -19,7 +19,7 @@ import { paramTensor, paramsJson } from '../../sessions/state-dict.ts';
 import { metadataJson, parseMetrics } from '../../sessions/step-input.ts';
 import { ACCESS, idempotencyKeyOf, ifMatchOf, jsonBody, jsonOrFile, setVersion } from '../common.ts';
 import { contentFormat, MEDIA, mediaTypes, negotiate, ROUTE_MEDIA, type WireFormat } from '../media.ts';
-import { Binary, errorResponses, NameParams, RoundStatus, StepAnswer, StepHeaders, Tensor } from '../schemas.ts';
+import { Binary, errorResponses, NameParams, RoundStatus, StepAnswer, StepHeaders, Tensor, withCode } from '../schemas.ts';
 import { readGradients } from './binary.ts';
 import { MAX_JSON_ELEMENTS } from './views.ts';
 
@@ -46,10 +46,11 @@ const StepBody = Type.Object({
   param_groups: Type.Optional(Type.Array(StepGroup, {
     description: 'One object per session group, in the session\'s group order: what a scheduler sets before optimizer.step(). Kept with the step (replays stay exact); no extra version.',
   })),
-  metrics: Type.Optional(Type.Record(Type.String(), Type.Number(), {
+  // INVALID_METRICS, as the same fault in a safetensors body's __metadata__ and a bad metric name.
+  metrics: Type.Optional(withCode(Type.Record(Type.String(), Type.Number(), {
     maxProperties: 32,
     description: 'Training metrics of this step, e.g. {"loss": 0.41, "samples": 32}: at most 32 finite numbers named like sessions. GET .../metrics returns the series.',
-  })),
+  }), 'INVALID_METRICS')),
   worker: Type.Optional(Worker),
   samples: Type.Optional(Samples),
 }, { additionalProperties: false, examples: [{ grads: { w: { shape: [2, 2], data: [0.01, -0.02, 0.03, 0.0] } }, param_groups: [{ lr: 0.05 }], metrics: { loss: 0.41 } }] });

@@ -2602,7 +2602,7 @@ export interface operations {
             query?: {
                 /** @description Instead of an Accept header */
                 format?: "json" | "pt" | "safetensors";
-                /** @description params only: ASGD's averages (ax) */
+                /** @description ASGD's averages (ax) instead of the parameters */
                 averaged?: boolean;
             };
             header?: never;
@@ -2647,8 +2647,6 @@ export interface operations {
             query?: {
                 /** @description Instead of an Accept header */
                 format?: "json" | "pt" | "safetensors";
-                /** @description params only: ASGD's averages (ax) */
-                averaged?: boolean;
             };
             header?: never;
             path: {
@@ -2692,8 +2690,6 @@ export interface operations {
             query?: {
                 /** @description Instead of an Accept header */
                 format?: "pt" | "json";
-                /** @description params only: ASGD's averages (ax) */
-                averaged?: boolean;
             };
             header?: never;
             path: {
