@@ -197,6 +197,48 @@ const CLOSE_GRACE_MS = 2_000;
 /** How the service's connections show in pg_stat_activity (an application_name in the URL wins). */
 export const APPLICATION_NAME = 'asgd-serve';
 
+/** SQLSTATE 53300: no connection slot (max_connections, or a role's or database's CONNECTION LIMIT). */
+const TOO_MANY_CONNECTIONS = '53300';
+/** How long a pool refused a new connection keeps to the connections it has. */
+const SLOT_CAP_MS = 30_000;
+
+/**
+ * When PostgreSQL refuses this pool a new connection for want of a slot while the pool holds some, the pool
+ * stops opening more for a while and the request waits for one of those (as it would at ASGD_DB_POOL_SIZE),
+ * instead of failing with a 503: two replicas at the default pool size against a max_connections of 8 failed
+ * a third of their requests. With no connection at all the error stands.
+ */
+function capOnRefusedSlots(pool: pg.Pool, max: number, warn?: (message: string) => void): void {
+  const options = (pool as unknown as { options: { max: number } }).options;
+  const connect = pool.connect.bind(pool) as () => Promise<pg.PoolClient>;
+  let established = 0;
+  pool.on('connect', () => established++);
+  pool.on('remove', () => established--);
+  let restore: NodeJS.Timeout | null = null;
+  const attempt = (tries: number): Promise<pg.PoolClient> => connect().catch((err: unknown) => {
+    // Connections made, not those still connecting (pg-pool's totalCount counts those, and they may fail too).
+    if ((err as { code?: unknown }).code !== TOO_MANY_CONNECTIONS || established === 0 || tries === 0) throw err;
+    if (options.max > established) {
+      if (options.max === max) warn?.(`PostgreSQL has no connection slot for this process's next connection (${(err as Error).message}): it keeps to the ${established} it has for ${SLOT_CAP_MS / 1000} s (ASGD_DB_POOL_SIZE is ${max}); raise max_connections or lower ASGD_DB_POOL_SIZE`);
+      options.max = established;
+    }
+    if (restore) clearTimeout(restore);
+    restore = setTimeout(() => {
+      options.max = max;
+      restore = null;
+    }, SLOT_CAP_MS);
+    restore.unref();
+    return attempt(tries - 1);
+  });
+  // pg-pool's query() checks out with a callback; everything else with the promise.
+  (pool as unknown as { connect: unknown }).connect = (cb?: (err: Error | undefined, client?: pg.PoolClient, done?: (e?: Error) => void) => void) => {
+    const pending = attempt(2);
+    if (!cb) return pending;
+    pending.then((client) => cb(undefined, client, (e?: Error) => client.release(e)), (err: Error) => cb(err));
+    return undefined;
+  };
+}
+
 async function openPostgres(url: string, options: DatabaseOptions): Promise<Database> {
   const silence = options.silenceTimeoutMs ?? 0;
   const pool = new pg.Pool({
@@ -207,6 +249,7 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
     keepAlive: true,
   });
   pool.on('connect', (client) => watchSilence(client, silence, url));
+  capOnRefusedSlots(pool, options.poolSize, options.onWarning);
   // An idle client losing its server must not crash the process; the next query reports it. pg-pool hangs
   // the whole client object on the error (`err.client`): not something to serialise into a log line.
   pool.on('error', (err) => {

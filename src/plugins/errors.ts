@@ -125,6 +125,10 @@ export function toApiError(err: unknown, request: FastifyRequest): ApiError {
         const { total } = request.server.db.poolStats();
         return errors.unavailable(`all ${total} database connections of this process are busy (ASGD_DB_POOL_SIZE) or the database does not answer new ones; retry shortly`);
       }
+      if (e?.code === '53300') {
+        return errors.unavailable('PostgreSQL has no connection slot for this process (max_connections, or a CONNECTION LIMIT; each replica holds up to ASGD_DB_POOL_SIZE + 2); retry shortly');
+      }
+      if (typeof e?.code === 'string' && /^(53|57P0)/.test(e.code)) return errors.unavailable(`the database cannot serve this now (SQLSTATE ${e.code}); retry shortly`);
       return errors.unavailable('the database is unreachable; retry shortly');
     case 'unavailable':
       // The database server answers but will not serve us: no fault of the request.
