@@ -6,6 +6,7 @@ import { pathToFileURL } from 'node:url';
 import { ConfigError, loadConfig } from './config.ts';
 import { KernelUnavailableError } from './optim/index.ts';
 import { openDatabase } from './db/database.ts';
+import { describeDbFailure } from './db/errors.ts';
 import { OPS_COMMANDS, runOps, type OpsIo } from './cli/ops.ts';
 
 interface Flag {
@@ -169,7 +170,7 @@ export async function main(
       io.stderr.write(`asgd-serve: ${err.message}\n`);
       return 2;
     }
-    io.stderr.write(`asgd-serve: ${parsed.command} failed: ${(err as Error)?.message ?? String(err)}\n`);
+    io.stderr.write(`asgd-serve: ${parsed.command} failed: ${describeDbFailure(err)}\n`);
     return 1;
   }
 }

@@ -7,6 +7,7 @@ import { buildApp, loggerOptions } from './app.ts';
 import { startupBanner } from './banner.ts';
 import { ConfigError, isLoopback, loadConfig, type Config } from './config.ts';
 import { DataDirLockedError } from './db/data-dir-lock.ts';
+import { describeDbFailure } from './db/errors.ts';
 import { KernelUnavailableError } from './optim/index.ts';
 import { DASHBOARD_PATH } from './routes/root/index.ts';
 
@@ -112,7 +113,7 @@ if (isMain) {
       process.exit(2);
     }
     // One line an operator can act on (the database unreachable or missing, the port taken, ...), not a stack.
-    const reason = err instanceof DataDirLockedError ? err.message : `could not start: ${err instanceof Error ? err.message : String(err)}`;
+    const reason = err instanceof DataDirLockedError ? err.message : `could not start: ${describeDbFailure(err)}`;
     console.error(`asgd-serve: ${reason}`);
     process.exit(1);
   }

@@ -128,6 +128,11 @@ async function checkMigrated(count: () => Promise<string>, warn?: (message: stri
 let warnedNewer = false;
 
 const MIGRATION_LOCK = 7_142_053_311; // pg_advisory_lock key: one migrator at a time across replicas
+/** A migration's wait for a table lock, and how often it tries (drizzle rolls all pending ones back between). */
+const MIGRATION_LOCK_TIMEOUT_MS = 3_000;
+const MIGRATION_ATTEMPTS = 10;
+/** SQLSTATE 55P03: lock_timeout ran out. */
+const LOCK_NOT_AVAILABLE = '55P03';
 
 /** How many migrations this build ships: /readyz fails until the database has them all. */
 function expectedMigrations(): number {
@@ -406,10 +411,26 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
           await client.query('SELECT pg_advisory_lock($1)', [MIGRATION_LOCK]);
         }
         try {
-          // On the client that holds the lock: through the pool it would need a second connection, which
-          // never comes with ASGD_DB_POOL_SIZE=1 (migrate hung, then failed on the connection timeout).
-          await nodePostgresMigrator.migrate(nodePostgres.drizzle(client, { schema }), { migrationsFolder: MIGRATIONS_DIR });
+          // A migration that ALTERs a table waits for every transaction using it, and every statement on that
+          // table then queues behind the ALTER: a 25 s read held each step on every replica for 22 s. Each
+          // try waits at most MIGRATION_LOCK_TIMEOUT for a lock, then rolls back (drizzle runs the pending
+          // migrations in one transaction) and lets traffic through before the next.
+          await client.query(`SET lock_timeout = '${MIGRATION_LOCK_TIMEOUT_MS}ms'`);
+          for (let attempt = 1; ; attempt++) {
+            try {
+              // On the client that holds the lock: through the pool it would need a second connection, which
+              // never comes with ASGD_DB_POOL_SIZE=1 (migrate hung, then failed on the connection timeout).
+              await nodePostgresMigrator.migrate(nodePostgres.drizzle(client, { schema }), { migrationsFolder: MIGRATIONS_DIR });
+              break;
+            } catch (err) {
+              const code = (err as { cause?: { code?: unknown } }).cause?.code ?? (err as { code?: unknown }).code;
+              if (code !== LOCK_NOT_AVAILABLE || attempt >= MIGRATION_ATTEMPTS) throw err;
+              options.onWarning?.(`migration ${attempt} of ${MIGRATION_ATTEMPTS} waited ${MIGRATION_LOCK_TIMEOUT_MS} ms for a table lock other transactions hold; rolled back, trying again in ${attempt} s`);
+              await new Promise((resolve) => setTimeout(resolve, attempt * 1000));
+            }
+          }
         } finally {
+          await client.query('RESET lock_timeout').catch(() => {});
           await client.query('SELECT pg_advisory_unlock($1)', [MIGRATION_LOCK]);
         }
       } finally {

@@ -27,3 +27,33 @@ export function classifyDbError(err: unknown): DbErrorClass | null {
   if (BAD_VALUE_SQLSTATE.test(code)) return 'bad-value';
   return null;
 }
+
+/**
+ * One line for an operator about a failure to start, migrate or reach the database: PostgreSQL's own message
+ * and SQLSTATE (drizzle wraps it as "Failed query: …" with the reason only in `cause`), the statement it
+ * failed in, and for a refused connection where it tried.
+ */
+export function describeDbFailure(err: unknown): string {
+  const e = (err ?? {}) as { message?: unknown; code?: unknown; cause?: unknown };
+  const cause = e.cause !== null && typeof e.cause === 'object' ? e.cause as { message?: unknown; code?: unknown } : null;
+  const message = typeof e.message === 'string' ? e.message : String(err);
+  const failedQuery = /^Failed query: ([^\n]*)/.exec(message)?.[1];
+  if (failedQuery !== undefined && cause && typeof cause.message === 'string') {
+    return `${cause.message}${typeof cause.code === 'string' ? ` (SQLSTATE ${cause.code})` : ''} while running ${failedQuery.slice(0, 120)}`;
+  }
+  const code = typeof e.code === 'string' ? e.code : '';
+  if (['ECONNREFUSED', 'ENOTFOUND', 'EHOSTUNREACH', 'ETIMEDOUT'].includes(code)) return `cannot connect to PostgreSQL: ${message} (is it running there? DATABASE_URL)`;
+  if (/^[0-9A-Z]{5}$/.test(code) && (err as { severity?: unknown }).severity !== undefined) return `PostgreSQL: ${message} (SQLSTATE ${code})`;
+  return message;
+}
+
+/**
+ * The SQLSTATE of a PostgreSQL error that is no trouble reaching it (a privilege, a missing schema, a
+ * login refused): what an operator must fix, not wait out; null for anything else. drizzle keeps
+ * PostgreSQL's error as the cause.
+ */
+export function refusedBy(err: unknown): string | null {
+  const outer = err as { cause?: unknown } | null;
+  const e = (outer?.cause ?? err) as { code?: unknown; severity?: unknown } | null;
+  return typeof e?.code === 'string' && e.severity !== undefined && classifyDbError(e) !== 'retryable' ? e.code : null;
+}

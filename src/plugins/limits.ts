@@ -7,6 +7,7 @@ import underPressure from '@fastify/under-pressure';
 import rateLimit from '@fastify/rate-limit';
 import type { Config } from '../config.ts';
 import { NotMigratedError } from '../db/database.ts';
+import { describeDbFailure, refusedBy } from '../db/errors.ts';
 import { errors } from '../errors.ts';
 
 const PRESSURE_RETRY_AFTER_SECONDS = 5;
@@ -24,8 +25,13 @@ declare module 'fastify' {
 
 export interface DatabaseHealth {
   up: boolean;
-  /** Why the last probe failed: the database unreachable, or reachable but not migrated. */
-  problem: 'unreachable' | 'not-migrated' | null;
+  /**
+   * Why the last probe failed: the database unreachable, reachable but not migrated, or refusing this
+   * service's queries (a permission, a missing schema: a PostgreSQL error that is no connection trouble).
+   */
+  problem: 'unreachable' | 'not-migrated' | 'refused' | null;
+  /** The SQLSTATE of a refusal. */
+  sqlstate?: string;
 }
 
 export default fp(
@@ -41,14 +47,18 @@ export default fp(
       try {
         await fastify.db.ready();
       } catch (err) {
-        problem = err instanceof NotMigratedError ? 'not-migrated' : 'unreachable';
+        problem = err instanceof NotMigratedError ? 'not-migrated' : refusedBy(err) !== null ? 'refused' : 'unreachable';
         error = err;
       }
       if (problem !== health.problem) {
-        if (problem) fastify.log.error({ err: error, problem }, problem === 'not-migrated' ? 'database not migrated: answering 503 until it is' : 'database unreachable: answering 503 until it answers');
+        if (problem) {
+          fastify.log.error({ err: error, problem }, problem === 'not-migrated' ? 'database not migrated: answering 503 until it is'
+            : problem === 'refused' ? `database refuses this service's queries: ${describeDbFailure(error)}; answering 503 until it does not`
+            : 'database unreachable: answering 503 until it answers');
+        }
         else fastify.log.info('database reachable again');
       }
-      Object.assign(health, { up: problem === null, problem });
+      Object.assign(health, { up: problem === null, problem, sqlstate: problem === 'refused' ? refusedBy(error)! : undefined });
       return problem === null;
     };
     await fastify.register(underPressure, {
@@ -62,6 +72,7 @@ export default fp(
         if (type === 'healthCheck' && needsNoDatabase(url)) return undefined;
         const why = type !== 'healthCheck' ? `the server is overloaded (${type}); retry shortly`
           : health.problem === 'not-migrated' ? 'the database is not migrated: run `asgd-serve migrate` (or start with ASGD_MIGRATE=true)'
+          : health.problem === 'refused' ? `the database refuses this service's queries (SQLSTATE ${health.sqlstate}: a privilege or the schema; the log says which)`
           : 'the database is unreachable; retry shortly';
         return Promise.reject(errors.unavailable(why, PRESSURE_RETRY_AFTER_SECONDS));
       },

@@ -4,6 +4,7 @@ import { Type } from 'typebox';
 import { NotMigratedError } from '../../db/database.ts';
 import { errors } from '../../errors.ts';
 import { errorResponses } from '../schemas.ts';
+import { refusedBy } from '../../db/errors.ts';
 
 const READY_TIMEOUT_MS = 2_000;
 
@@ -39,7 +40,9 @@ const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       ]);
     } catch (err) {
       request.log.warn({ err }, 'not ready');
-      throw errors.unavailable(err instanceof NotMigratedError ? err.message : 'the database is not ready', 5);
+      const refused = refusedBy(err);
+      throw errors.unavailable(err instanceof NotMigratedError ? err.message
+        : refused ? `the database refuses this service's queries (SQLSTATE ${refused}: a privilege or the schema; the log says which)` : 'the database is not ready', 5);
     } finally {
       clearTimeout(timer);
     }

@@ -1,0 +1,50 @@
+// A database that answers but refuses the service (a privilege, a schema) is said to refuse, with its
+// SQLSTATE, not to be unreachable; and `migrate` says PostgreSQL's reason, not only the statement.
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { test } from 'node:test';
+import pg from 'pg';
+import { buildApp } from '../../src/app.ts';
+import { main } from '../../src/cli.ts';
+import { createTestDatabase, PG_ADMIN_URL, testConfig, TEST_DB_KIND } from '../helper.ts';
+
+test('a role without the migrations schema: /readyz and the API say the database refuses (42501); migrate says why it failed', async (t) => {
+  if (TEST_DB_KIND !== 'postgres') return t.skip('PostgreSQL only');
+  const scratch = await createTestDatabase();
+  const role = `asgd_limited_${randomBytes(4).toString('hex')}`;
+  const admin = new pg.Client({ connectionString: scratch.url });
+  await admin.connect();
+  t.after(async () => {
+    await admin.end();
+    await scratch.drop();
+    const root = new pg.Client({ connectionString: PG_ADMIN_URL });
+    await root.connect();
+    await root.query(`DROP ROLE IF EXISTS ${role}`);
+    await root.end();
+  });
+  // Migrated by the owner; the app's role gets the tables, not the drizzle schema (a usual least-privilege setup).
+  assert.equal(await main(['migrate'], { DATABASE_URL: scratch.url, LOG_LEVEL: 'silent' }, { stdout: { write: () => {} }, stderr: { write: () => {} } }), 0);
+  await admin.query(`CREATE ROLE ${role} LOGIN`);
+  await admin.query(`GRANT USAGE ON SCHEMA public TO ${role}; GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO ${role}; GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ${role}`);
+  await admin.query(`REVOKE CREATE ON DATABASE ${new URL(scratch.url).pathname.slice(1)} FROM PUBLIC`);
+  const url = new URL(scratch.url);
+  url.username = role;
+
+  const app = await buildApp({ config: testConfig({ DATABASE_URL: url.toString(), ASGD_MIGRATE: 'false', ASGD_HEALTH_CHECK_INTERVAL_MS: '100' }), migrate: false, logger: false });
+  t.after(() => app.close());
+  await app.ready();
+  const ready = await app.inject({ url: '/readyz' });
+  assert.equal(ready.statusCode, 503);
+  assert.match(ready.json().message, /refuses this service's queries \(SQLSTATE 42501/);
+  await new Promise((resolve) => setTimeout(resolve, 400)); // a probe or two
+  const api = await app.inject({ url: '/v1/sessions' });
+  assert.equal(api.statusCode, 503, api.body);
+  assert.match(api.json().message, /refuses this service's queries \(SQLSTATE 42501/);
+
+  // migrate as that role: PostgreSQL's reason, one line.
+  let stderr = '';
+  const code = await main(['migrate'], { DATABASE_URL: url.toString(), LOG_LEVEL: 'silent' }, { stdout: { write: () => {} }, stderr: { write: (s: string) => (stderr += s) } });
+  assert.equal(code, 1);
+  assert.match(stderr, /^asgd-serve: migrate failed: permission denied for (schema|database) \S+ \(SQLSTATE 42501\) while running /);
+  assert.match(stderr, /^[^\n]+\n$/, 'one line');
+});
