@@ -280,6 +280,7 @@ class Client:
         grad_dtype: str = "F32",
         samples: Optional[int] = None,
         worker: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
     ) -> Optional["StartedStep"]:
         """:meth:`step` in two halves, for a pipelined training loop without a thread: the request is sent
         now (the gradients are encoded into it, so the caller may overwrite them), and the handle's
@@ -294,7 +295,7 @@ class Client:
         body = _safetensors_step(grads, extras, grad_dtype)
         query = {"return": returns if returns != "none" else None, "base_version": base_version, "worker": worker, "samples": samples}
         started = self.conn.start("POST", f"/v1/sessions/{_quote(name)}/step", query=query, body=body, content_type=SAFETENSORS,
-                                  headers={"Idempotency-Key": uuid.uuid4().hex}, accept=SAFETENSORS if returns != "none" else None)
+                                  headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex}, accept=SAFETENSORS if returns != "none" else None)
         return None if started is None else StartedStep(started)
 
     def _contribute(self, name: str, headers: Dict[str, str], max_wait_s: Optional[float], path: str, **request: Any) -> Dict[str, Any]:

@@ -115,12 +115,12 @@ class RoundPending(ASGDClientError, TimeoutError):
 class ConnectionFailed(ASGDClientError):
     """The service could not be reached (after the retries that were safe to make)."""
 
-    def __init__(self, method: str, url: str, cause: BaseException, attempts: int) -> None:
+    def __init__(self, method: str, url: str, cause: BaseException, attempts: int, hint: str = "") -> None:
         self.method = method
         self.url = url
         self.cause = cause
         self.attempts = attempts
-        super().__init__(f"{method} {url}: {type(cause).__name__}: {cause} (after {attempts} attempt(s))")
+        super().__init__(f"{method} {url}: {type(cause).__name__}: {cause} (after {attempts} attempt(s)){hint}")
 
 
 _BY_CODE = {

@@ -111,6 +111,9 @@ class Connection:
         max_backoff: float = 2.0,
         ssl_context: Optional[ssl.SSLContext] = None,
     ) -> None:
+        #: True when neither ``url`` nor ``$ASGD_URL`` was given: the client uses DEFAULT_URL, and a refused
+        #: first connection fails at once (a missing url would otherwise look like a hang of the retry budget).
+        self.default_url = not (url or os.environ.get("ASGD_URL"))
         url = url or os.environ.get("ASGD_URL") or DEFAULT_URL
         parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
         if parts.scheme not in ("http", "https"):
@@ -129,6 +132,9 @@ class Connection:
         self.max_backoff = max_backoff
         self._ssl_context = ssl_context
         self._local = threading.local()
+        self._reached = False  # some answer has come from the service (see default_url)
+        if self.default_url:
+            log.info("no url given and $ASGD_URL unset: using the default %s", self.url)
         #: Seconds a kept-alive connection may idle before a non-repeatable request opens a new one.
         self.idle_reuse = 2.0
         #: Set by tests: called with (attempt, error_or_response) before a retry.
@@ -228,6 +234,10 @@ class Connection:
                 response = self._send(method, target, body, hdrs, full_url)
             except _CONNECTION_ERRORS as err:
                 self._drop_connection()
+                if self.default_url and not self._reached and _is_refused(err):
+                    raise ConnectionFailed(method, full_url, err, attempt, hint=(
+                        f"; no url was given and $ASGD_URL is unset, so the client used the default {self.url}, where "
+                        "nothing answers: pass url=... (or set $ASGD_URL) to the service's address")) from err
                 if (retry or _is_refused(err)) and self._may_retry(attempt, deadline):
                     self._retrying(method, full_url, attempt, err, None, deadline)
                     continue
@@ -270,6 +280,9 @@ class Connection:
             conn.send(method, self.path_url(path, query), body, hdrs)  # type: ignore[union-attr]
         except _CONNECTION_ERRORS:
             started.failed()
+        except BaseException:  # an interrupt inside the send: the connection (half a request) is closed
+            started.failed()
+            raise
         return started
 
     def _give_back(self, conn: "_PlainConnection", will_close: bool) -> None:
@@ -313,14 +326,23 @@ class Connection:
 
     def _send(self, method: str, target: str, body: Any, headers: Dict[str, str], full_url: str) -> Response:
         conn = self._connection()
-        if isinstance(conn, _PlainConnection):
-            status, names, data, will_close = conn.exchange(method, target, body, headers)
-        else:
-            conn.request(method, target, body=body, headers=headers)
-            res = conn.getresponse()
-            data = res.read()
-            status, names, will_close = res.status, {k.lower(): v for k, v in res.getheaders()}, res.will_close
+        try:
+            if isinstance(conn, _PlainConnection):
+                status, names, data, will_close = conn.exchange(method, target, body, headers)
+            else:
+                conn.request(method, target, body=body, headers=headers)
+                res = conn.getresponse()
+                data = res.read()
+                status, names, will_close = res.status, {k.lower(): v for k, v in res.getheaders()}, res.will_close
+        except BaseException:
+            # Anything but a whole answer read (a connection error, and also KeyboardInterrupt, SystemExit or
+            # a signal handler's exception between sending and the end of the answer): the connection may
+            # hold a request half sent or an answer unread, so it is never used again; the next request
+            # opens a new one (and cannot read this request's answer as its own).
+            self._drop_connection()
+            raise
         self._local.last_used = time.monotonic()
+        self._reached = True
         response = Response(status, names, data, method, full_url)
         if will_close:
             self._drop_connection()
@@ -389,13 +411,19 @@ class Started:
         owner, args = self._owner, self._args
         conn, self._conn = self._conn, None
         url = owner._origin + owner.path_url(self._path, args["query"])
-        cause = "the request could not be sent"
+        cause = "the request could not be sent, or its answer was not read"
         if conn is not None:
             try:
                 status, names, data, will_close = conn.receive(self._method)
             except _CONNECTION_ERRORS as err:
                 conn.close()
                 cause = f"{type(err).__name__}: {err}"
+            except BaseException:
+                # Interrupted while the answer arrives (KeyboardInterrupt, SystemExit, a signal handler's
+                # exception): the rest of it is left in the socket, so the connection is closed, never given
+                # back. A later finish() sends the request again with its Idempotency-Key (applied once).
+                conn.close()
+                raise
             else:
                 owner._give_back(conn, will_close)
                 response = Response(status, names, data, self._method, url)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import http.client
 import inspect
 import logging
 import math
@@ -38,7 +39,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 
 from .client import Client, ensure_session
-from .errors import StaleGradient
+from .errors import ConnectionFailed, StaleGradient
 from .http import DEFAULT_RETRY_BUDGET_S, Connection
 from .state import SessionState
 from .tensors import FLAG_KEYS, HYPERPARAMETER_KEYS, group_from_json, local_group_keys, plain_number, state_dict_to_torch
@@ -206,6 +207,108 @@ class _Sent:
         self._handle.finish()
 
 
+class _Resend:
+    """A step whose request was interrupted (KeyboardInterrupt, SystemExit, a signal handler's exception) after
+    it may have reached the service: it is owed. ``result()`` sends it again with the same Idempotency-Key,
+    so the service applies it once whatever happened before (it answers a step it already applied with
+    that first answer). It never counts as arrived (``zero_grad()`` does not send it)."""
+
+    __slots__ = ("_opt", "_key", "_args")
+
+    def __init__(self, opt: "RemoteASGD", key: str, args: Tuple[Any, ...]) -> None:
+        self._opt = opt
+        self._key = key
+        self._args = args
+
+    def done(self) -> bool:
+        return False
+
+    def result(self) -> _Outcome:
+        return self._opt._request(*self._args, key=self._key)
+
+
+class _Done:
+    """An outcome read but not (wholly) loaded into the model when an interrupt came: loaded again."""
+
+    __slots__ = ("_outcome",)
+
+    def __init__(self, outcome: _Outcome) -> None:
+        self._outcome = outcome
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> _Outcome:
+        return self._outcome
+
+
+class _Both:
+    """Two steps outstanding after an interrupt in a pipelined ``step()``: the earlier one's outcome is
+    loaded first (as ``step()`` would have), then the later one's is the result."""
+
+    __slots__ = ("_opt", "first", "rest")
+
+    def __init__(self, opt: "RemoteASGD", first: Any, rest: Any) -> None:
+        self._opt = opt
+        self.first = first
+        self.rest = rest
+
+    def done(self) -> bool:
+        return (self.first is None or self.first.done()) and self.rest.done()
+
+    def result(self) -> _Outcome:
+        if self.first is not None:
+            outcome = self.first.result()
+            self.first = _Done(outcome)  # read: not sent again should loading it be interrupted
+            self._opt._apply(outcome, overlapped=True)
+            self.first = None
+        return self.rest.result()
+
+    def wait(self) -> None:
+        for part in (self.first, self.rest):
+            if hasattr(part, "wait"):
+                part.wait()
+
+
+def _fate_unknown(err: BaseException) -> bool:
+    """An exception after which a step's request may or may not have been applied: an interrupt, or a
+    connection that failed (past the retries). Not an answer of the service (ServiceError)."""
+    return _is_interrupt(err) or isinstance(err, (ConnectionFailed, OSError, http.client.HTTPException))
+
+
+def _clone_grads(grads: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    return OrderedDict((n, g.detach().clone()) for n, g in grads.items())
+
+
+def _same_grads(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    """The same parameters with bit-identical gradients (of the same dtype and shape)."""
+    if list(a) != list(b):
+        return False
+    for n, ga in a.items():
+        gb = b[n]
+        if ga.dtype != gb.dtype or ga.shape != gb.shape or ga.device != gb.device:
+            return False
+        if ga.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            view = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}[ga.dtype]
+            if not torch.equal(ga.detach().contiguous().view(view), gb.detach().contiguous().view(view)):
+                return False
+        elif not torch.equal(ga, gb):
+            return False
+    return True
+
+
+def _storable_extra(value: Any) -> bool:
+    """Whether the service stores a param group's extra key with this value (numbers, strings, booleans, None)."""
+    value = plain_number(value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _is_interrupt(err: BaseException) -> bool:
+    """KeyboardInterrupt, SystemExit, GeneratorExit, a signal handler's own BaseException: not an error of
+    the request, which may or may not have reached the service."""
+    return not isinstance(err, Exception)
+
+
 def _result_of_previous(pending: Any, then: str) -> Any:
     """A background step's outcome; its error is raised by a later call (step(), zero_grad(), synchronize()),
     with a note saying it is the earlier step's and what became of this call's."""
@@ -236,7 +339,9 @@ class RemoteASGD(torch.optim.Optimizer):
         pipeline: ``step()`` sends the gradients and returns at once; the answer's parameters
             are applied at the next ``step()`` (which waits for them), ``zero_grad()`` (if they have
             arrived) or ``synchronize()``. The next gradient is then computed on the parameters from
-            before the previous step (staleness 1), as Hivemind's delayed optimizer step. ``step()``
+            before the previous step (staleness 1, as Hivemind's delayed optimizer step), or on its
+            parameters when its answer arrived before ``zero_grad()`` (staleness 0): at most 1, depending on
+            timing, so pipelined runs are not bit-reproducible from run to run. ``step()``
             sends its gradients before it waits for the previous answer (a second connection).
         on_stale: what a step refused as stale (409, ``max_staleness``) does: ``"pull"`` (default: drop
             the gradient, load the current parameters, log a warning, count it in ``stale_dropped``),
@@ -360,6 +465,8 @@ class RemoteASGD(torch.optim.Optimizer):
         self._executor: Optional[ThreadPoolExecutor] = None
         self._pending: Any = None  # a Future (background thread) or a _Sent
         self._overlap_floor: Optional[int] = None  # see _apply
+        #: The gradients of a step() interrupted after its request may have reached the service (see _owe).
+        self._interrupted: Optional["OrderedDict[str, torch.Tensor]"] = None
 
         #: Caveats already warned about (once per optimizer): a tensor hyperparameter, foreach=True.
         self._warned: set = set()
@@ -391,6 +498,14 @@ class RemoteASGD(torch.optim.Optimizer):
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise ValueError(f"parameter name {dup!r} is used twice")
+        first_of: Dict[int, int] = {}
+        for i, p in enumerate(flat):
+            j = first_of.setdefault(id(p), i)
+            if j != i:
+                k_i = next(k for k, g in enumerate(self.param_groups) if any(q is p for q in g["params"]))
+                where = "twice in param group %d" % k_i if sum(q is p for q in self.param_groups[k_i]["params"]) > 1 else "in two param groups"
+                raise ValueError(f"parameter {names[i]!r} is the same tensor as {names[j]!r}: it is listed {where}; "
+                                 f"a session holds each parameter once, so list it once")
         for n, p in zip(names, flat):
             if p.dtype != torch.float32:
                 raise TypeError(f"parameter {n!r} is {p.dtype}; the service holds float32 parameters")
@@ -398,6 +513,8 @@ class RemoteASGD(torch.optim.Optimizer):
                 raise TypeError(f"parameter {n!r} is sparse; ASGD does not support sparse tensors")
         self._names: List[str] = names
         self._params: List[torch.Tensor] = flat
+        #: Each parameter's device and shape when the optimizer was built (see _check_params).
+        self._layout: List[Tuple[torch.device, Tuple[int, ...]]] = [(p.device, tuple(p.shape)) for p in flat]
         self._name_of: Dict[int, str] = {id(p): n for p, n in zip(flat, names)}
         self._index_of: Dict[int, int] = {id(p): i for i, p in enumerate(flat)}
         #: The parameters as the session last held them for this optimizer (created from, loaded from a step's
@@ -406,6 +523,9 @@ class RemoteASGD(torch.optim.Optimizer):
         self._synced: List[torch.Tensor] = [p.detach().clone() for p in flat]
         #: The hyperparameters the session holds for each group, as far as this optimizer knows.
         self._session_groups: List[Dict[str, Any]] = []
+        #: This optimizer's own hyperparameters as last sent to (or taken from) the session, per group: a
+        #: value in param_groups that differs from them travels with the next step (see _group_changes).
+        self._own_groups: List[Dict[str, Any]] = []
         self.state = SessionState(self)  # type: ignore[assignment]
 
         group_specs = []
@@ -430,6 +550,7 @@ class RemoteASGD(torch.optim.Optimizer):
         if not created:
             self._warn_settings_replaced(info, group_specs, max_staleness)
         self._take_session(info, update_local=not created)
+        self._mark_own()
         if self.aggregation is not None:
             self._check_rounds(self.pipeline, self.on_stale, self.send_base_version)
         if not created and aggregation is not None and dict(aggregation).items() - (self.aggregation or {}).items():
@@ -499,6 +620,18 @@ class RemoteASGD(torch.optim.Optimizer):
             for local, remote in zip(self.param_groups, remote_groups):
                 for k, v in remote.items():
                     local[k] = v
+            self._mark_own()
+
+    def _mark_own(self) -> None:
+        """The groups' values now are this optimizer's, in step with the session: only later changes are sent."""
+        self._own_groups = [{k: _hyper_value(k, g.get(k)) for k in HYPERPARAMETER_KEYS} for g in self.param_groups]
+
+    @property
+    def session_hyperparameters(self) -> List[Dict[str, Any]]:
+        """Per group, the hyperparameters the session holds (lr, lambd, alpha, t0, weight_decay, maximize) as
+        of the last answer this optimizer read. With several workers they can differ from this optimizer's
+        ``param_groups``, which hold its own values: the ones it set (its scheduler's) and sends."""
+        return [dict(g) for g in self._session_groups]
 
     def _warn_caveats(self, groups: Any) -> None:
         """Once per optimizer: values torch takes whose step the service computes as for another value (a
@@ -513,9 +646,10 @@ class RemoteASGD(torch.optim.Optimizer):
                 warnings.warn(_FOREACH_MESSAGE, UserWarning, stacklevel=3)
 
     def _group_changes(self) -> Optional[List[Dict[str, Any]]]:
-        """Per group, the hyperparameters that differ from the session's (None when none does)."""
+        """Per group, the hyperparameters changed here since this optimizer last sent (or took) them (None when
+        none is). A value another worker gave the session is not one of them: it is not sent back."""
         changes: List[Dict[str, Any]] = []
-        for local, known in zip(self.param_groups, self._session_groups):
+        for local, known in zip(self.param_groups, self._own_groups):
             changed = {}
             for k in HYPERPARAMETER_KEYS:
                 if isinstance(local.get(k), torch.Tensor) and k not in self._warned:
@@ -529,8 +663,27 @@ class RemoteASGD(torch.optim.Optimizer):
     # -- torch.optim.Optimizer API ----------------------------------------------------------------
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         if not getattr(self, "_initializing", False):
-            raise NotImplementedError("RemoteASGD cannot add a parameter group to an existing session; create a new session")
+            raise NotImplementedError(
+                "RemoteASGD does not support add_param_group(): a session's parameters and groups are fixed when it is "
+                "created. Give every parameter (and group) to RemoteASGD when you build it: a parameter that is frozen "
+                "for now (requires_grad=False, or .grad None) is skipped by step() until it gets a gradient, as in "
+                "torch.optim.ASGD; set its group's lr when you unfreeze it. Or create a new session")
         super().add_param_group(param_group)
+
+    def _check_params(self) -> None:
+        """The parameters still are what the session holds: float32, on the device and of the shape they had
+        when the optimizer was built (``model.double()``, ``.half()``, ``.to(...)`` or a resize after building
+        it would otherwise train in float32 or fail deep inside). Raised before anything is sent."""
+        for n, p, (device, shape) in zip(self._names, self._params, self._layout):
+            if p.dtype != torch.float32:
+                raise TypeError(f"parameter {n!r} is now {p.dtype} (model.double()/half()/bfloat16() after building the "
+                                f"optimizer?); the service holds float32 parameters: keep the model in float32 (autocast "
+                                f"works), or build the optimizer again for a float32 model")
+            if p.device != device:
+                raise RuntimeError(f"parameter {n!r} is now on {p.device}, it was on {device} when the optimizer was built; "
+                                   f"move the model before building RemoteASGD")
+            if tuple(p.shape) != shape:
+                raise RuntimeError(f"parameter {n!r} now has shape {list(p.shape)}, the session holds {list(shape)}")
 
     def zero_grad(self, set_to_none: Optional[bool] = None) -> None:
         """As torch's, with the installed torch's default for ``set_to_none`` (False in 1.x, True in 2.x: a
@@ -539,6 +692,7 @@ class RemoteASGD(torch.optim.Optimizer):
         if set_to_none is None:
             set_to_none = _TORCH_SET_TO_NONE
         with self._lock:
+            self._check_params()
             self._apply_pending(block=False)
             for group in self.param_groups:
                 for p in group["params"]:
@@ -576,6 +730,7 @@ class RemoteASGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with self._lock:
+            self._check_params()
             # Parameters edited since the last sync (model.load_state_dict after building the optimizer,
             # clamp_, a mask): the gradient was computed on them and torch.optim.ASGD would step them, so the
             # session takes them first. A step in flight is waited for (its result merged under the edit):
@@ -609,31 +764,87 @@ class RemoteASGD(torch.optim.Optimizer):
                 done: Future = Future()
                 done.set_result(None)
                 return done
+            retried, self._interrupted = self._interrupted, None
+            if retried is not None and _same_grads(retried, grads):
+                # The same gradients as a step() that was interrupted after its request may have reached the
+                # service: this is its retry. That step is owed (sent again with its Idempotency-Key, so it is
+                # applied once) or in flight; nothing more is sent.
+                log.info("[%s] session %r: step() with the gradients of the interrupted step: taken as its retry "
+                         "(sent again with its Idempotency-Key: applied once)", self.worker, self.session)
+                if not (background and wait and self.aggregation is None):
+                    self._apply_pending(block=True)
+                if wait:
+                    return loss
+                done = Future()
+                done.set_result(dict(self.last_step or {}))
+                return done
             groups = self._group_changes()
             metrics = dict(metrics) if metrics is not None else None
+            key = uuid.uuid4().hex
+            args = (grads, base, groups, metrics, samples)
             if not background:
-                self._apply(self._request(grads, base, groups, metrics, samples))
+                try:
+                    outcome = self._request(*args, key=key)
+                except BaseException as err:
+                    if _fate_unknown(err):
+                        self._owe(key, args)
+                    raise
+                self._apply_outcome(outcome)
                 return loss
             if wait and self.aggregation is None:
                 # Pipelined: sent now on this thread, its answer read at the next call (no thread).
                 # Group changes not yet confirmed by the previous step's answer travel again: the same values.
-                sent = self._start(grads, base, groups, metrics, samples)
+                try:
+                    sent = self._start(*args, key=key)
+                except BaseException as err:
+                    if _fate_unknown(err):
+                        self._owe(key, args)
+                    raise
                 if sent is not None:
                     previous, self._pending = self._pending, sent
                     if previous is not None:
-                        self._apply(_result_of_previous(previous, "this step's request was sent, do not send it again"), overlapped=True)
+                        try:
+                            outcome = _result_of_previous(previous, "this step's request was sent, do not send it again")
+                        except BaseException as err:
+                            if _fate_unknown(err) and not isinstance(previous, Future):
+                                self._pending = _Both(self, previous, sent)  # the previous one is owed too
+                            self._interrupted = _clone_grads(grads)
+                            raise
+                        try:
+                            self._apply(outcome, overlapped=True)
+                        except BaseException:
+                            self._pending = _Both(self, _Done(outcome), sent)
+                            self._interrupted = _clone_grads(grads)
+                            raise
                     return loss
             self._apply_pending(block=True)
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asgd-step")
             # The gradients leave the caller's tensors now: backward() may overwrite them next.
             grads = OrderedDict((n, g.detach().clone()) for n, g in grads.items())
-            future = self._executor.submit(self._request, grads, base, groups, metrics, samples)
+            future = self._executor.submit(self._request, grads, base, groups, metrics, samples, key=key)
             self._pending = future
             return loss if wait else _AnswerFuture(future)
 
+    def _owe(self, key: str, args: Tuple[Any, ...]) -> None:
+        """This step's request was interrupted (or its connection failed) after it may have reached the
+        service: the next call sends it again with the same Idempotency-Key (applied once), and a step()
+        with the same gradients is its retry (see step())."""
+        grads = _clone_grads(args[0])
+        owed = _Resend(self, key, (grads,) + tuple(args[1:]))
+        self._pending = owed if self._pending is None else _Both(self, self._pending, owed)
+        self._interrupted = grads
+
+    def _apply_outcome(self, outcome: _Outcome) -> None:
+        """_apply for an outcome this call read: should an interrupt come while it loads, it is loaded again."""
+        try:
+            self._apply(outcome)
+        except BaseException:
+            self._pending = _Done(outcome) if self._pending is None else _Both(self, self._pending, _Done(outcome))
+            raise
+
     def _request(self, grads: Mapping[str, torch.Tensor], base: Optional[int], groups: Optional[List[Dict[str, Any]]],
-                 metrics: Optional[Dict[str, float]], samples: Optional[int] = None) -> _Outcome:
+                 metrics: Optional[Dict[str, float]], samples: Optional[int] = None, key: Optional[str] = None) -> _Outcome:
         """The step's request (in the caller's or the background thread); touches no optimizer state."""
         wire = _WIRE_DTYPES[self.grad_dtype]
         # The worker id goes with every step: in a plain session it tells the service that the steps of a
@@ -642,18 +853,18 @@ class RemoteASGD(torch.optim.Optimizer):
         send: Dict[str, Any] = dict(returns="params", param_groups=groups, metrics=metrics, grad_dtype=wire, samples=samples, worker=self.worker)
         if self.aggregation is not None or self._worker_given:
             send.update(wait=self.round_wait_s, max_wait_s=self.max_round_wait_s)
-        return self._settle(lambda: self.client.step(self.session, grads, base_version=base, **send), groups,
+        return self._settle(lambda: self.client.step(self.session, grads, base_version=base, idempotency_key=key, **send), groups,
                             resend=lambda: self.client.step(self.session, grads, base_version=None, **send))
 
     def _start(self, grads: Mapping[str, torch.Tensor], base: Optional[int], groups: Optional[List[Dict[str, Any]]],
-               metrics: Optional[Dict[str, float]], samples: Optional[int]) -> Optional["_Sent"]:
+               metrics: Optional[Dict[str, float]], samples: Optional[int], key: Optional[str] = None) -> Optional["_Sent"]:
         """A pipelined step sent now without a thread (Client.start_step); None where that cannot be done
         (https, another transport, on_stale="apply", which sends the gradients again): the thread does it."""
         if self.on_stale == "apply":
             return None
         handle = self.client.start_step(self.session, grads, base_version=base, returns="params", param_groups=groups, metrics=metrics,
                                         grad_dtype=_WIRE_DTYPES[self.grad_dtype], samples=samples,
-                                        worker=self.worker)
+                                        worker=self.worker, idempotency_key=key)
         return None if handle is None else _Sent(self, handle, groups)
 
     def _settle(self, call: Any, groups: Optional[List[Dict[str, Any]]], resend: Any) -> _Outcome:
@@ -700,37 +911,43 @@ class RemoteASGD(torch.optim.Optimizer):
         self._session_step = answer.get("step", self._session_step)
         self.last_step = answer
         if outcome.sent_groups is not None:
-            for known, sent in zip(self._session_groups, outcome.sent_groups):
+            for own, known, sent in zip(self._own_groups, self._session_groups, outcome.sent_groups):
+                own.update(sent)
                 known.update(sent)
-        self._follow_session_groups(answer.get("param_groups"))
+        self._note_session_groups(answer.get("param_groups"))
 
-    def _follow_session_groups(self, groups: Any) -> None:
-        """The session's hyperparameters at the answered version (a step answer's ``param_groups``): a value
-        this optimizer has not changed since it last knew the session's takes the session's, so a worker that
-        does not run the schedule follows the one that does (its param_groups and state_dict() say what the
-        session steps with, and a load_state_dict() of them writes nothing stale back). A value changed here
-        and not yet sent (a scheduler's, travelling with the next step) stays."""
+    def _note_session_groups(self, groups: Any) -> None:
+        """Records the session's hyperparameters at the answered version (a step answer's ``param_groups``),
+        for :attr:`session_hyperparameters`. They are never written into ``param_groups``: those hold this
+        optimizer's own values (a scheduler's multiplies them: a value another worker's scheduler reached,
+        copied in, would be decayed a second time), and only the ones changed here are sent."""
         if not isinstance(groups, list) or len(groups) != len(self._session_groups):
             return
-        for local, known, remote in zip(self.param_groups, self._session_groups, groups):
+        for known, remote in zip(self._session_groups, groups):
             if not isinstance(remote, dict):
                 continue
             for k in HYPERPARAMETER_KEYS:
-                if k not in remote:
-                    continue
-                value = _hyper_value(k, remote[k])
-                if _same(value, known.get(k)):
-                    continue
-                if k in local and _same(_hyper_value(k, local[k]), known.get(k)):
-                    local[k] = value
-                known[k] = value
+                if k in remote:
+                    known[k] = _hyper_value(k, remote[k])
 
     def _apply_pending(self, block: bool) -> None:
-        future = self._pending
-        if future is None or (not block and not future.done()):
+        pending = self._pending
+        if pending is None or (not block and not pending.done()):
             return
+        try:
+            outcome = _result_of_previous(pending, "this call sent nothing")
+        except BaseException as err:
+            # An interrupt (or a connection that failed) leaves the step pending: the next call reads it,
+            # sending it again with its Idempotency-Key where its answer was not read (applied once). A
+            # background thread's Future keeps running. An error the service answered is raised once.
+            if isinstance(pending, Future):
+                if not _is_interrupt(err):
+                    self._pending = None
+            elif not _fate_unknown(err):
+                self._pending = pending.rest if isinstance(pending, _Both) and pending.first is not None else None
+            raise
         self._pending = None
-        self._apply(_result_of_previous(future, "this call sent nothing"))
+        self._apply_outcome(outcome)
 
     def _catch_up(self) -> Optional[int]:
         """Waits for a pipelined step and loads its parameters (as :meth:`synchronize`), but sends nothing:
@@ -745,6 +962,7 @@ class RemoteASGD(torch.optim.Optimizer):
         edited outside the optimizer (see :meth:`push_params`); returns the model's version. Afterwards the
         session holds what the model holds."""
         with self._lock:
+            self._check_params()
             self._apply_pending(block=True)
             self._push_edits()
             return self._version
@@ -759,6 +977,7 @@ class RemoteASGD(torch.optim.Optimizer):
         to send them at a moment of your choice (e.g. before another worker or a download reads them).
         """
         with self._lock:
+            self._check_params()
             self._apply_pending(block=True)
             self._push([n for n, p, s in zip(self._names, self._params, self._synced) if not _same_bits(p, s)])
             return self._version
@@ -814,6 +1033,7 @@ class RemoteASGD(torch.optim.Optimizer):
         """Copies the session's parameters into the model and remembers them as synced. ``keep_edits``: the
         elements changed in the model since the last sync (while a pipelined step was in flight, or before
         another worker's steps were pulled) keep the model's value; the others take the session's."""
+        self._check_params()
         self._copy_into_params(tensors, check_only=True)
         kept = []
         with torch.no_grad():
@@ -897,29 +1117,34 @@ class RemoteASGD(torch.optim.Optimizer):
             if len(g["params"]) != len(s["params"]):
                 raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
         keep_names = _torch_keeps_param_names()
-        sent_groups = []
+        sent_groups, full_groups = [], []
         for local, loaded in zip(self.param_groups, loaded_groups):
             group = dict(loaded)
             if keep_names and "param_names" in local and "param_names" not in group:
                 group["param_names"] = list(local["param_names"])  # torch's update_group keeps the optimizer's names
-            sent_groups.append(group)
+            full_groups.append(group)
+            # Keys of other code (a dict of metadata, a list) that the service does not store stay here, in
+            # param_groups, as torch keeps them; state_dict() gives them back.
+            sent_groups.append({k: v for k, v in group.items() if k in ("params", "param_names") or k in HYPERPARAMETER_KEYS
+                                or k in FLAG_KEYS or _storable_extra(v)})
         sd = {"state": state_dict["state"], "param_groups": sent_groups}
         self._warn_caveats(loaded_groups)
         # A torch.save file, not JSON (limited to 256 MiB, about 12M parameters): the same values either way.
         info = self.client.put_state_dict(self.session, state_dict_to_torch(sd), format="pt")
         with self._lock:
             self._take_session(info, update_local=True)
-        for local, loaded in zip(self.param_groups, sd["param_groups"]):
+        for local, loaded in zip(self.param_groups, full_groups):
             for k, v in loaded.items():
                 if k == "params" or (k in FLAG_KEYS and k not in local_group_keys()):
                     continue
-                if k not in local or k == "param_names":
+                if k not in local or k == "param_names" or not _storable_extra(v):
                     # Keys the service does not echo, and the names (kept as PyTorch keeps them).
                     local[k] = copy.deepcopy(v)
                 elif _given_as_other_type(v) and _same(plain_number(v), plain_number(local[k])):
                     local[k] = copy.deepcopy(v)  # the value as given (a tensor lr); the session holds its float
             if "param_names" in local and "param_names" not in loaded:
                 del local["param_names"]  # torch before 2.6 replaces the group, names included
+        self._mark_own()  # the loaded values are this optimizer's, and the session's
         for post_hook in self._hooks("load_state_dict_post"):
             post_hook(self)
 
@@ -1003,7 +1228,7 @@ class RemoteASGD(torch.optim.Optimizer):
         """Waits for a pipelined step (without applying it), stops the background thread and closes the
         keep-alive connection (the session stays on the service)."""
         pending = self._pending
-        if isinstance(pending, _Sent):
+        if isinstance(pending, (_Sent, _Both)):  # an interrupted step owed (_Resend) is not sent again here
             with contextlib.suppress(Exception):  # as a background step's error is not raised here either
                 pending.wait()
         executor, self._executor = self._executor, None

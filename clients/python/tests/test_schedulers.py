@@ -163,14 +163,19 @@ if __name__ == "__main__":
     unittest.main()
 
 
-class WorkersFollowTheSessionsSchedule(ServiceTestCase):
-    """A worker that does not run the schedule learns the session's hyperparameters with each step's answer."""
+class EachWorkersHyperparametersAreItsOwn(ServiceTestCase):
+    """A worker's param_groups hold its own values (set at construction, by its scheduler or code, by its
+    load_state_dict): it sends them when they changed since its last step, and never takes other workers'
+    values from the session's answers (a chainable scheduler would multiply them a second time)."""
 
     def _two(self, pipeline: bool):
         a_model, b_model = make_model(), make_model()
         a = self.remote(a_model.named_parameters(), pipeline=pipeline)
         b = self.remote(b_model.named_parameters(), session=a.session, create=False, pipeline=pipeline)
         return a_model, a, b_model, b
+
+    def session_lr(self, opt):
+        return opt.client.get_session(opt.session)["param_groups"][0]["lr"]
 
     def check(self, pipeline: bool) -> None:
         a_model, a, b_model, b = self._two(pipeline)
@@ -181,20 +186,64 @@ class WorkersFollowTheSessionsSchedule(ServiceTestCase):
         a.synchronize()
         train(b_model, b, range(4, 6))
         b.synchronize()
-        self.assertEqual(b.param_groups[0]["lr"], start / 1000)
-        self.assertEqual(b.state_dict()["param_groups"][0]["lr"], start / 1000)
-        # Loading its own state_dict writes back nothing stale.
-        b.load_state_dict(b.state_dict())
-        self.assertEqual(b.client.get_session(b.session)["param_groups"][0]["lr"], start / 1000)
-        # A change made on b and not yet sent stays b's, and travels with b's next step.
+        # b keeps its own value and does not send it back: the session steps with a's.
+        self.assertEqual(b.param_groups[0]["lr"], start)
+        self.assertEqual(b.state_dict()["param_groups"][0]["lr"], start)
+        self.assertEqual(b.session_hyperparameters[0]["lr"], start / 1000)
+        self.assertEqual(self.session_lr(b), start / 1000)
+        # A change made on b travels with b's next step; a's unchanged value is not sent back by a's steps.
         b.param_groups[0]["lr"] = start / 10
         train(b_model, b, range(6, 7))
         b.synchronize()
         self.assertEqual(b.param_groups[0]["lr"], start / 10)
-        self.assertEqual(b.client.get_session(b.session)["param_groups"][0]["lr"], start / 10)
+        self.assertEqual(self.session_lr(b), start / 10)
+        train(a_model, a, range(7, 9))
+        a.synchronize()
+        self.assertEqual(a.param_groups[0]["lr"], start / 1000)
+        self.assertEqual(self.session_lr(a), start / 10)
+        self.assertEqual(a.session_hyperparameters[0]["lr"], start / 10)
 
-    def test_a_worker_without_the_scheduler_takes_the_sessions_lr(self):
+    def test_a_worker_without_the_scheduler_keeps_its_own_lr_and_does_not_send_it(self):
         self.check(pipeline=False)
 
-    def test_a_pipelined_worker_without_the_scheduler_takes_the_sessions_lr(self):
+    def test_a_pipelined_worker_without_the_scheduler_keeps_its_own_lr(self):
         self.check(pipeline=True)
+
+    def check_chainable(self, make_sched, pipeline: bool, want_lr: float) -> None:
+        """The review's case: worker A steps twice as often as B, each runs the same chainable scheduler;
+        the decay must be applied once, not once per worker."""
+        a_model, b_model = make_model(0), make_model(1)
+        a = self.remote(a_model.named_parameters(), pipeline=pipeline, lr=0.05)
+        b = self.remote(b_model.named_parameters(), session=a.session, pipeline=pipeline, lr=0.05)
+        A, B = (a_model, a, make_sched(a)), (b_model, b, make_sched(b))
+        counter = [0]
+
+        def step(w):
+            model, opt, sched = w
+            opt.zero_grad()
+            X, y = batch(counter[0])
+            counter[0] += 1
+            nn.functional.mse_loss(model(X), y).backward()
+            opt.step()
+            sched.step()
+
+        for _ in range(10):
+            step(A)
+            step(A)
+            step(B)
+        for _ in range(3):
+            step(B)  # B reaches its own milestone
+        step(A)
+        A[1].synchronize()
+        B[1].synchronize()
+        self.assertEqual(self.session_lr(A[1]), want_lr)
+        self.assertEqual(A[1].param_groups[0]["lr"], want_lr)
+        self.assertEqual(B[1].param_groups[0]["lr"], want_lr)
+
+    def test_two_workers_with_multistep_lr_decay_once(self):
+        sched = lambda o: torch.optim.lr_scheduler.MultiStepLR(o, milestones=[10], gamma=0.1)  # noqa: E731
+        self.check_chainable(sched, pipeline=False, want_lr=0.05 * 0.1)
+
+    def test_two_pipelined_workers_with_multistep_lr_decay_once(self):
+        sched = lambda o: torch.optim.lr_scheduler.MultiStepLR(o, milestones=[10], gamma=0.1)  # noqa: E731
+        self.check_chainable(sched, pipeline=True, want_lr=0.05 * 0.1)

@@ -1,0 +1,105 @@
+"""Clear errors where a user's setup cannot work (a model converted to another dtype after building the
+optimizer, a tensor listed twice, add_param_group, no url and nothing at the default), and param groups
+holding keys the service does not store (a dict of metadata) round-tripping through state_dict() as in torch."""
+
+import os
+import socket
+import time
+import unittest
+from unittest import mock
+
+import torch
+from torch import nn
+
+from _common import ServiceTestCase, make_model, train
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ModelConvertedAfterTheOptimizer(ServiceTestCase):
+    def check(self, convert, dtype) -> None:
+        model = make_model()
+        opt = self.remote(model.named_parameters())
+        train(model, opt, range(2))
+        version = opt.version
+        convert(model)
+        for p in model.parameters():  # (torch 1.13 has no half-precision matmul on the CPU)
+            p.grad = torch.full_like(p, 0.5)
+        with self.assertRaisesRegex(TypeError, r"parameter '0\.weight' is now torch\.%s" % str(dtype).split(".")[1]):
+            opt.step()
+        with self.assertRaisesRegex(TypeError, "float32"):
+            opt.synchronize()
+        # Nothing was sent.
+        self.assertEqual(opt.client.get_session(opt.session)["version"], version)
+        # Back to float32, training goes on.
+        model.float()
+        train(model, opt, range(2, 4))
+        self.assertEqual(opt.client.get_session(opt.session)["step"], 4)
+
+    def test_double(self):
+        self.check(lambda m: m.double(), torch.float64)
+
+    def test_half(self):
+        self.check(lambda m: m.half(), torch.float16)
+
+    def test_bfloat16(self):
+        self.check(lambda m: m.bfloat16(), torch.bfloat16)
+
+
+class GroupKeysTheServiceDoesNotStore(ServiceTestCase):
+    def test_a_dict_valued_group_key_round_trips(self):
+        model = make_model()
+        named = list(model.named_parameters())
+        groups = [{"params": named[:2], "name": "backbone"},
+                  {"params": named[2:], "meta": {"frozen_epochs": 2}, "ids": [1, 2]}]
+        opt = self.remote(groups)
+        train(model, opt, range(2))
+        sd = opt.state_dict()
+        self.assertEqual(sd["param_groups"][1]["meta"], {"frozen_epochs": 2})
+        opt.load_state_dict(sd)
+        self.assertEqual(opt.param_groups[1]["meta"], {"frozen_epochs": 2})
+        self.assertEqual(opt.param_groups[1]["ids"], [1, 2])
+        self.assertEqual(opt.param_groups[0]["name"], "backbone")
+        # A loaded value replaces the group's, as in torch.
+        sd["param_groups"][1]["meta"] = {"frozen_epochs": 5}
+        sd["param_groups"][1]["lr"] = 0.125
+        opt.load_state_dict(sd)
+        self.assertEqual(opt.param_groups[1]["meta"], {"frozen_epochs": 5})
+        self.assertEqual(opt.state_dict()["param_groups"][1]["meta"], {"frozen_epochs": 5})
+        self.assertEqual(opt.client.get_session(opt.session)["param_groups"][1]["lr"], 0.125)
+        train(model, opt, range(2, 4))
+        # torch.optim.ASGD loads it too.
+        ref = torch.optim.ASGD([{"params": list(make_model()[0].parameters())}, {"params": list(make_model()[2].parameters())}])
+        ref.load_state_dict(opt.state_dict())
+        self.assertEqual(ref.param_groups[1]["meta"], {"frozen_epochs": 5})
+
+
+class ClearErrors(ServiceTestCase):
+    def test_the_same_tensor_twice_in_a_group(self):
+        p = nn.Parameter(torch.zeros(3))
+        with self.assertRaisesRegex(ValueError, r"'p1' is the same tensor as 'p0'"):
+            self.remote([p, p])
+
+    def test_add_param_group_says_what_to_do_instead(self):
+        model = make_model()
+        opt = self.remote(list(model[0].parameters()))
+        with self.assertRaisesRegex(NotImplementedError, "frozen"):
+            opt.add_param_group({"params": list(model[2].parameters())})
+
+    def test_no_url_and_nothing_at_the_default_fails_at_once_saying_so(self):
+        from asgd_client import ConnectionFailed, RemoteASGD, http as h
+
+        env = {k: v for k, v in os.environ.items() if k != "ASGD_URL"}
+        with mock.patch.dict(os.environ, env, clear=True), mock.patch.object(h, "DEFAULT_URL", f"http://127.0.0.1:{_free_port()}"):
+            started = time.monotonic()
+            with self.assertRaisesRegex(ConnectionFailed, r"no url was given and \$ASGD_URL is unset"):
+                RemoteASGD(make_model().parameters(), session="nowhere", retry_budget_s=8)
+            self.assertLess(time.monotonic() - started, 5)
+
+
+if __name__ == "__main__":
+    unittest.main()

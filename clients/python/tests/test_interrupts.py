@@ -1,0 +1,128 @@
+"""An interrupt (KeyboardInterrupt, SystemExit, a signal handler's exception) between sending a request and
+reading its whole answer: the connection is dropped (the next request never reads that answer as its own),
+and an interrupted step is applied exactly once: the next call sends it again with its Idempotency-Key, and
+a step() with the same gradients is its retry."""
+
+import unittest
+from unittest import mock
+
+import torch
+from torch import nn
+
+from _common import STEPS, ServiceTestCase, batch, make_model, torch_run, train, unique
+
+
+def gradients(model: nn.Module, i: int) -> None:
+    """The gradients of batch i, without the optimizer's zero_grad (which would load a pipelined answer)."""
+    for p in model.parameters():
+        p.grad = None
+    X, y = batch(i)
+    nn.functional.mse_loss(model(X), y).backward()
+
+
+class Interrupts(ServiceTestCase):
+    def interrupt_next_answer(self, after_head: bool = False, exc: type = KeyboardInterrupt) -> None:
+        """The next answer read over a plain http connection is interrupted once it has begun to arrive (so the
+        service has answered: a step is committed), before (or, ``after_head``, inside) the read."""
+        from asgd_client import http as h
+
+        original = h._PlainConnection.receive
+        armed = [True]
+
+        def receive(conn, method):
+            if armed[0]:
+                armed[0] = False
+                conn.fp.peek(1)  # waits for the answer's first bytes
+                if after_head:
+                    conn._read_head(True)
+                raise exc()
+            return original(conn, method)
+
+        patcher = mock.patch.object(h._PlainConnection, "receive", receive)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_an_interrupted_request_does_not_leave_its_answer_to_the_next(self):
+        c = self.client()
+        name = unique("intr-get")
+        c.create_session(name, {"w": torch.arange(4.0)})
+        self.addCleanup(c.delete_session, name, missing_ok=True)
+        self.interrupt_next_answer()
+        with self.assertRaises(KeyboardInterrupt):
+            c.get_params(name)
+        self.assertEqual(c.get_session(name)["name"], name)
+        tensors, _ = c.get_params(name)
+        self.assertTrue(torch.equal(tensors["w"], torch.arange(4.0)))
+
+    def check_blocking(self, exc: type, after_head: bool) -> None:
+        self.requireStepParams()
+        model = make_model()
+        opt = self.remote(model.named_parameters())
+        train(model, opt, range(3))
+        gradients(model, 3)
+        self.interrupt_next_answer(after_head=after_head, exc=exc)
+        with self.assertRaises(exc):
+            opt.step()
+        # The next call reads its own answer; the interrupted step is completed (applied once) first.
+        ref4, ref4_opt = torch_run(4)
+        self.assertStateDictEqual(opt.state_dict(), ref4_opt.state_dict())
+        self.assertParamsIdentical(model, ref4)
+        # step() again with the same gradients is the retry of the interrupted step: not applied twice.
+        opt.step()
+        self.assertEqual(opt.client.get_session(opt.session)["step"], 4)
+        self.assertParamsIdentical(model, ref4)
+        train(model, opt, range(4, 20))
+        ref, ref_opt = torch_run(20)
+        self.assertParamsIdentical(model, ref)
+        self.assertStateDictEqual(opt.state_dict(), ref_opt.state_dict())
+
+    def test_a_step_interrupted_by_ctrl_c_is_applied_once_and_the_next_calls_read_their_answers(self):
+        self.check_blocking(KeyboardInterrupt, after_head=False)
+
+    def test_a_step_interrupted_inside_its_answer_by_systemexit(self):
+        self.check_blocking(SystemExit, after_head=True)
+
+    def test_retrying_the_interrupted_step_at_once(self):
+        self.requireStepParams()
+        model = make_model()
+        opt = self.remote(model.named_parameters())
+        train(model, opt, range(3))
+        gradients(model, 3)
+        self.interrupt_next_answer()
+        with self.assertRaises(KeyboardInterrupt):
+            opt.step()
+        opt.step()  # the retry: sent again with its key, applied once
+        ref4, _ = torch_run(4)
+        self.assertParamsIdentical(model, ref4)
+        train(model, opt, range(4, STEPS))
+        ref, ref_opt = torch_run(STEPS)
+        self.assertParamsIdentical(model, ref)
+        self.assertStateDictEqual(opt.state_dict(), ref_opt.state_dict())
+
+    def test_a_pipelined_step_interrupted_while_it_reads_the_previous_answer(self):
+        self.requireStepParams()
+        model = make_model()
+        opt = self.remote(model.named_parameters(), pipeline=True)
+        for i in range(3):
+            gradients(model, i)
+            opt.step()
+        gradients(model, 3)
+        self.interrupt_next_answer()
+        with self.assertRaises(KeyboardInterrupt):
+            opt.step()  # sends step 4, then reading step 3's answer is interrupted
+        opt.state_dict()
+        opt.step()  # the retry: step 4 is already sent, nothing more is
+        for i in range(4, 10):
+            gradients(model, i)
+            opt.step()
+        opt.synchronize()
+        session = opt.client.get_session(opt.session)
+        self.assertEqual(session["step"], 10, "each step() applied exactly once")
+        tensors, version = opt.client.get_params(opt.session)
+        self.assertEqual(opt.version, version)
+        for n, p in model.named_parameters():
+            self.assertTrue(torch.equal(tensors[n], p.detach()), n)
+
+
+if __name__ == "__main__":
+    unittest.main()
