@@ -133,6 +133,27 @@ function corsOriginsOf(env: Env): Config['corsOrigins'] {
   });
 }
 
+/**
+ * DATABASE_URL: a PostgreSQL connection URL (postgres:// or postgresql://; socket: or a socket directory
+ * path as pg reads them). Anything else was tried as one (`notaurl` failed later as "ENOTFOUND base").
+ * The message never repeats the value: it may hold a password.
+ */
+function databaseUrl(env: Env): string | null {
+  const raw = env.DATABASE_URL?.trim() || null;
+  if (raw === null || raw.startsWith('/')) return raw;
+  let url: URL;
+  try {
+    url = new URL(raw);
+  } catch {
+    throw new ConfigError('DATABASE_URL must be a PostgreSQL URL, postgres://user:password@host:port/database; it is not a URL');
+  }
+  if (!['postgres:', 'postgresql:', 'socket:'].includes(url.protocol)) {
+    throw new ConfigError(`DATABASE_URL must be a PostgreSQL URL, postgres://user:password@host:port/database; it is a ${url.protocol.slice(0, 20)}// URL`);
+  }
+  if (url.protocol !== 'socket:' && url.hostname === '') throw new ConfigError('DATABASE_URL must name a host: postgres://user:password@host:port/database');
+  return raw;
+}
+
 export function isLoopback(host: string): boolean {
   return host === 'localhost' || host === '::1' || host === '[::1]' || /^127\.\d+\.\d+\.\d+$/.test(host);
 }
@@ -154,7 +175,7 @@ export function loadConfig(env: Env = process.env): Config {
     // An IPv6 address as a URL writes it ([::1]) is listened on as the address itself.
     host: (env.HOST?.trim() || '127.0.0.1').replace(/^\[(.*)\]$/, '$1'),
     port: int(env, 'PORT', 8080, 0, 65535),
-    databaseUrl: env.DATABASE_URL?.trim() || null,
+    databaseUrl: databaseUrl(env),
     dataDir: env.ASGD_DATA_DIR?.trim() || '.data/pglite',
     dbPoolSize: int(env, 'ASGD_DB_POOL_SIZE', 10, 1, 1000),
     dbTimeoutMs: ms(env, 'ASGD_DB_TIMEOUT_MS', 30_000, 0),

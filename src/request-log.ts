@@ -8,8 +8,11 @@ import type { IncomingMessage } from 'node:http';
 import { LogController, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { Config } from './config.ts';
 
-/** The routes a training loop calls on every step. */
-const PER_STEP_ROUTE = /^\/v1\/sessions\/:name\/(step|params)$/;
+/**
+ * The routes called all the time: a training loop's on every step, a probe's and a scraper's every few
+ * seconds (an image's HEALTHCHECK and a Prometheus scrape came to ~25k info lines a day a replica).
+ */
+const PER_STEP_ROUTE = /^\/v1\/sessions\/:name\/(step|params)$|^\/(healthz|readyz|livez|metrics)$/;
 /** An id a proxy or client may send (UUIDs, trace ids, nginx's $request_id): no spaces, no control characters. */
 const REQUEST_ID = /^[A-Za-z0-9][A-Za-z0-9._:/+=@-]{0,127}$/;
 

@@ -25,3 +25,13 @@ test('HOST as a URL writes an IPv6 address ([::1]) is listened on as the address
   assert.equal(loadConfig({ HOST: '[::1]' }).host, '::1');
   assert.equal(loadConfig({ HOST: '::1' }).host, '::1');
 });
+
+test('DATABASE_URL must be a PostgreSQL URL; the message names the variable and never repeats the value (a password)', () => {
+  for (const bad of ['notaurl', 'mysql://u:secret@127.0.0.1/db', 'http://u:secret@h/db', 'postgres://']) {
+    assert.throws(() => loadConfig({ DATABASE_URL: bad }), (err: Error) => err instanceof ConfigError && /^DATABASE_URL must/.test(err.message) && !err.message.includes('secret'), bad);
+  }
+  for (const good of ['postgres://u:p@127.0.0.1:5432/db', 'postgresql://h/db?sslmode=require', 'socket:/var/run/postgresql?db=x', '/var/run/postgresql db']) {
+    assert.equal(loadConfig({ DATABASE_URL: good }).databaseUrl, good);
+  }
+  assert.equal(loadConfig({ DATABASE_URL: '  ' }).databaseUrl, null);
+});

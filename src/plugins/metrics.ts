@@ -151,7 +151,11 @@ export default fp(
       const bytes = received.get(request);
       if (bytes) bytesIn.inc({ route }, bytes);
       requests.inc({ method: request.method, route, status_code: String(reply.statusCode) });
-      duration.observe({ method: request.method, route }, reply.elapsedTime / 1000);
+      // A waiting read (after_version + wait) lasts as long as it waits: timed apart, or every long poll would
+      // look like a slow params read to a latency alert.
+      const query = request.query as { after_version?: unknown; wait?: unknown } | undefined;
+      const waited = query?.after_version !== undefined && Number(query?.wait ?? 0) > 0;
+      duration.observe({ method: request.method, route: waited ? `${route} (waiting)` : route }, reply.elapsedTime / 1000);
       // Deleted here: gone from this process's series at once (the announcement follows).
       if (request.method === 'DELETE' && reply.statusCode === 204 && route === '/v1/sessions/:name') forget((request.params as { name: string }).name);
     });

@@ -60,6 +60,11 @@ test('ASGD_LOG_REQUESTS=auto (the default): step and params requests log at debu
   assert.deepEqual(lines.filter((l) => l.entry.msg === 'stepped'), [], 'nor a stepped line: a training loop steps many times a second');
   const read = requestLines(lines, '/v1/sessions/quiet').map((l) => l.entry.msg);
   assert.deepEqual(read, ['incoming request', 'request completed'], 'other routes log both lines at info');
+  // Probes and scrapes (every few seconds, all day) are quiet too.
+  for (const url of ['/healthz', '/readyz', '/metrics']) {
+    assert.equal((await app.inject({ url })).statusCode, 200, url);
+    assert.deepEqual(requestLines(lines, url), [], `${url} writes no request line at info`);
+  }
   for (const line of lines) assert.deepEqual(duplicateKeys(line.raw), [], line.raw);
 });
 

@@ -124,6 +124,14 @@ test('/metrics: step latency and lock wait histograms, per-session counters, HTT
   for (const [session, reason] of [['m', 'restore'], ['m', 'load_state_dict'], ['m2', 'fork']]) {
     assert.equal(sample(after, 'asgd_snapshots_total', `session="${session}",reason="${reason}"`), 1, `${session} ${reason}`);
   }
+  // A waiting read (a long poll) is timed apart from params reads: it lasts as long as it waits.
+  assert.equal((await app.inject({ url: '/v1/sessions/m/params' })).statusCode, 200);
+  const version = (await app.inject({ url: '/v1/sessions/m' })).json().version;
+  assert.equal((await app.inject({ url: `/v1/sessions/m/params?after_version=${version}&wait=0.3` })).statusCode, 304);
+  const timed = (await app.inject({ url: '/metrics' })).body;
+  assert.equal(sample(timed, 'asgd_http_request_duration_seconds_count', 'method="GET",route="/v1/sessions/:name/params"'), 1);
+  assert.equal(sample(timed, 'asgd_http_request_duration_seconds_count', 'method="GET",route="/v1/sessions/:name/params (waiting)"'), 1);
+  assert.ok(sample(timed, 'asgd_http_request_duration_seconds_sum', 'method="GET",route="/v1/sessions/:name/params"') < 0.3);
   // Another app in the same process has its own registry.
   assert.equal(sample((await other.inject({ url: '/metrics' })).body, 'asgd_step_duration_seconds_count'), 0);
   // A deleted session's series go away.
