@@ -133,6 +133,7 @@ class Connection:
         self._ssl_context = ssl_context
         self._local = threading.local()
         self._reached = False  # some answer has come from the service (see default_url)
+        self._warned_default = False
         if self.default_url:
             log.info("no url given and $ASGD_URL unset: using the default %s", self.url)
         #: Seconds a kept-alive connection may idle before a non-repeatable request opens a new one.
@@ -234,14 +235,21 @@ class Connection:
                 response = self._send(method, target, body, hdrs, full_url)
             except _CONNECTION_ERRORS as err:
                 self._drop_connection()
+                # With no url given, a refused connection may be a service still starting at the default (a
+                # worker started with `npm start`: the retry budget outlasts its cold start) or no service
+                # there at all: it is retried, and said once, and the final error says it too.
+                hint = ""
                 if self.default_url and not self._reached and _is_refused(err):
-                    raise ConnectionFailed(method, full_url, err, attempt, hint=(
-                        f"; no url was given and $ASGD_URL is unset, so the client used the default {self.url}, where "
-                        "nothing answers: pass url=... (or set $ASGD_URL) to the service's address")) from err
+                    hint = (f"; no url was given and $ASGD_URL is unset, so the client used the default {self.url}, "
+                            "where nothing answers: pass url=... (or set $ASGD_URL) to the service's address")
+                    if not self._warned_default:
+                        self._warned_default = True
+                        log.warning("nothing answers at %s, the default url (no url given, $ASGD_URL unset): retrying "
+                                    "for up to %.0f s in case the service is starting", self.url, self.retry_budget_s)
                 if (retry or _is_refused(err)) and self._may_retry(attempt, deadline):
                     self._retrying(method, full_url, attempt, err, None, deadline)
                     continue
-                raise ConnectionFailed(method, full_url, err, attempt) from err
+                raise ConnectionFailed(method, full_url, err, attempt, hint=hint) from err
             if response.status in expect:
                 return response
             if response.status in RETRY_STATUSES and retry and self._may_retry(attempt, deadline):
