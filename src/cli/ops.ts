@@ -82,7 +82,7 @@ export async function runOps(argv: string[], env: Record<string, string | undefi
       return EXIT.ok;
     }
     const json = args.options.json === true;
-    const client = createClient(stringOption(args, 'url') ?? env.ASGD_URL?.trim() ?? 'http://127.0.0.1:8080', stringOption(args, 'token') ?? (env.ASGD_TOKEN?.trim() || env.ASGD_ADMIN_TOKEN?.trim() || null));
+    const client = createClient(stringOption(args, 'url') ?? (env.ASGD_URL?.trim() || 'http://127.0.0.1:8080'), stringOption(args, 'token') ?? (env.ASGD_TOKEN?.trim() || env.ASGD_ADMIN_TOKEN?.trim() || null));
     const interactive = io.interactive ?? false;
     const ctx: OpsContext = {
       client,

@@ -227,3 +227,9 @@ test('errors: unknown session, bad or missing token, unreachable service, bad us
   const top = await cli(['--help']);
   assert.match(top.stdout, /sessions\s+ls, show, rm, snapshot, download/);
 });
+
+test('an empty ASGD_URL (ASGD_URL= in an .env file) is unset: the default url, as an empty ASGD_TOKEN is', async () => {
+  const r = await here(['sessions', 'ls'], { env: { ASGD_URL: '' } });
+  assert.doesNotMatch(r.stderr, /is not an http/);
+  if (r.code !== 0) assert.match(r.stderr, /127\.0\.0\.1:8080/);
+});
