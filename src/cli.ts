@@ -106,7 +106,8 @@ export function parseArgs(argv: string[], env: Record<string, string | undefined
     if (!flag) throw new UsageError(`unknown option ${name}`);
     let value: string | undefined = eq === -1 ? undefined : arg.slice(eq + 1);
     if (value === undefined) {
-      if (flag.boolean) value = 'true';
+      // A switch alone is true; `--migrate false` (the value as the next word) is read as --migrate=false.
+      if (flag.boolean) value = i + 1 < argv.length && /^(true|false)$/i.test(argv[i + 1]) ? argv[++i] : 'true';
       else if (i + 1 < argv.length) value = argv[++i];
       else throw new UsageError(`${name} needs a value`);
     }

@@ -45,6 +45,9 @@ test('flags override the environment; bad flags and values exit 2', async () => 
   assert.equal(command, 'migrate');
   assert.deepEqual([env.HOST, env.PORT, env.ASGD_ALLOW_INSECURE, env.ASGD_FMA], ['0.0.0.0', '9', 'true', 'false']);
   assert.equal(parseArgs([], {}).command, 'serve');
+  // A switch's value may be the next word (`--migrate false`); a command after a switch is still the command.
+  assert.deepEqual(parseArgs(['--migrate', 'false', '--fma', 'TRUE'], {}).env, { ASGD_MIGRATE: 'false', ASGD_FMA: 'TRUE' });
+  assert.deepEqual([parseArgs(['--allow-insecure', 'migrate'], {}).command, parseArgs(['--allow-insecure', 'migrate'], {}).env.ASGD_ALLOW_INSECURE], ['migrate', 'true']);
   assert.throws(() => parseArgs(['--port'], {}), /needs a value/);
   assert.throws(() => parseArgs(['start'], {}), /unknown command/);
   const shortToken = await runHere(['--host', '0.0.0.0', '--admin-token', 'too-short']);
