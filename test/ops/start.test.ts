@@ -25,8 +25,8 @@ test('a server that cannot start says why in one line and exits 1', async () => 
   const missing = new URL(PG_ADMIN_URL);
   missing.pathname = '/asgd_no_such_database_for_this_test';
   const cases: [string, Record<string, string>, RegExp][] = [
-    ['a database that does not exist', { DATABASE_URL: missing.toString() }, /^asgd-serve: could not start: database "asgd_no_such_database_for_this_test" does not exist$/],
-    ['a database nobody listens for', { DATABASE_URL: `postgres://postgres@127.0.0.1:${port}/x` }, /^asgd-serve: could not start: .*ECONNREFUSED/],
+    ['a database that does not exist', { DATABASE_URL: missing.toString() }, /^asgd-serve: could not start: PostgreSQL: database "asgd_no_such_database_for_this_test" does not exist \(SQLSTATE 3D000\)$/],
+    ['a database nobody listens for', { DATABASE_URL: `postgres://postgres@127.0.0.1:${port}/x` }, /^asgd-serve: could not start: cannot connect to PostgreSQL: .*ECONNREFUSED.*\(is it running there\? DATABASE_URL\)$/],
   ];
   for (const [what, env, line] of cases) {
     const run = spawnService(process.execPath, ['src/server.ts'], { ...env, PORT: '0', LOG_LEVEL: 'silent' });
