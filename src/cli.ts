@@ -24,6 +24,7 @@ export const FLAGS: Flag[] = [
   { env: 'DATABASE_URL', value: 'url', help: 'PostgreSQL connection string; unset: embedded PGlite in --data-dir' },
   { env: 'ASGD_DATA_DIR', value: 'dir', help: 'embedded database directory (default .data/pglite; memory:// for a throwaway one)' },
   { env: 'ASGD_DB_POOL_SIZE', value: 'n', help: 'PostgreSQL connections per process (default 10)' },
+  { env: 'ASGD_DB_START_TIMEOUT_MS', value: 'ms', help: 'how long start-up waits for a PostgreSQL that refuses connections (starting, down) (default 60000; 0: fail at once)' },
   { env: 'ASGD_DB_TIMEOUT_MS', value: 'ms', help: 'a statement PostgreSQL leaves silent this long fails with 503, its connection dropped (default 30000; 0: never)' },
   { env: 'ASGD_MIGRATE', boolean: true, help: 'apply pending migrations when serving (default: true; replicas take a lock)' },
   { env: 'LOG_LEVEL', value: 'level', help: 'fatal, error, warn, info (default), debug, trace or silent' },

@@ -13,6 +13,8 @@ export interface Config {
   dbPoolSize: number;
   /** PostgreSQL: a statement silent this long fails with 503 and its connection is dropped (0: never). */
   dbTimeoutMs: number;
+  /** PostgreSQL: how long start-up waits for a database that refuses connections (still starting, down) before giving up (0: not at all). */
+  dbStartTimeoutMs: number;
   logLevel: string;
   /**
    * Which requests get the "incoming request" / "request completed" lines at info (the rest at debug):
@@ -179,6 +181,7 @@ export function loadConfig(env: Env = process.env): Config {
     dataDir: env.ASGD_DATA_DIR?.trim() || '.data/pglite',
     dbPoolSize: int(env, 'ASGD_DB_POOL_SIZE', 10, 1, 1000),
     dbTimeoutMs: ms(env, 'ASGD_DB_TIMEOUT_MS', 30_000, 0),
+    dbStartTimeoutMs: ms(env, 'ASGD_DB_START_TIMEOUT_MS', 60_000, 0),
     logLevel,
     logRequests,
     adminToken,

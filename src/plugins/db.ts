@@ -5,6 +5,7 @@ import fp from 'fastify-plugin';
 import type { FastifyInstance } from 'fastify';
 import { openDatabase, type Database } from '../db/database.ts';
 import type { Config } from '../config.ts';
+import { classifyDbError, describeDbFailure } from '../db/errors.ts';
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -18,6 +19,40 @@ export interface DbPluginOptions {
   migrate: boolean;
   /** Use this database instead of opening one (tests share one). */
   database?: Database;
+}
+
+/** host:port/database of a PostgreSQL URL, for a log line (never the password). */
+function databaseTarget(url: string | null): string | null {
+  if (!url) return null;
+  try {
+    const u = new URL(url);
+    return `${u.hostname}:${u.port || 5432}${u.pathname}`;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Runs `attempt` until it stops failing for want of a connection (a refused or dropped one, a database
+ * starting up or out of slots: classifyDbError's 'retryable'), for at most `waitMs`; other failures, and the
+ * last one after the wait, are thrown. Waits 0.5 s, then up to 5 s, between tries; `onWait` every 5 s of it.
+ */
+export async function untilConnected(attempt: () => Promise<void>, opts: { waitMs: number; onWait: (err: unknown, waitedMs: number) => void }): Promise<void> {
+  const started = Date.now();
+  let said = -Infinity;
+  for (let k = 1; ; k++) {
+    try {
+      return await attempt();
+    } catch (err) {
+      const waited = Date.now() - started;
+      if (classifyDbError(err) !== 'retryable' || waited >= opts.waitMs) throw err;
+      if (waited - said >= 5_000) {
+        opts.onWait(err, waited);
+        said = waited;
+      }
+      await new Promise((resolve) => setTimeout(resolve, Math.min(opts.waitMs - waited, Math.min(5_000, 500 * k))));
+    }
+  }
 }
 
 export default fp(
@@ -38,14 +73,17 @@ export default fp(
         onError: (err) => fastify.log.warn({ err }, 'database connection error'),
         onWarning: (message) => fastify.log.warn(message),
       }));
-    if (opts.migrate) {
-      try {
-        await db.migrate();
-      } catch (err) {
-        // Nothing else will close it: the app never finished starting. (It may hold a data directory.)
-        if (!opts.database) await db.close().catch(() => {});
-        throw err;
-      }
+    try {
+      // A PostgreSQL still starting or down (a host reboot starts every container at once; Kubernetes and
+      // systemd restart a replica that exits, with growing delays): wait for it, saying where, rather than exit.
+      await untilConnected(() => (opts.migrate ? db.migrate() : db.query('SELECT 1').then(() => {})), {
+        waitMs: databaseUrl && !opts.database ? opts.config.dbStartTimeoutMs : 0,
+        onWait: (err, waitedMs) => fastify.log.warn({ database: databaseTarget(databaseUrl) }, `waiting for PostgreSQL (${describeDbFailure(err)}); ${Math.round(waitedMs / 1000)} s so far, up to ${Math.round(opts.config.dbStartTimeoutMs / 1000)} s (ASGD_DB_START_TIMEOUT_MS)`),
+      });
+    } catch (err) {
+      // Nothing else will close it: the app never finished starting. (It may hold a data directory.)
+      if (!opts.database) await db.close().catch(() => {});
+      throw err;
     }
     fastify.decorate('db', db);
     if (!opts.database) fastify.addHook('onClose', async () => db.close());

@@ -13,7 +13,8 @@ const SERVICE_VARIABLES = new Set(FLAGS.map((f) => f.env));
 /** Variables only docker compose itself uses. */
 const COMPOSE_ONLY = new Set(['POSTGRES_USER', 'POSTGRES_PASSWORD', 'POSTGRES_DB', 'ASGD_PUBLIC_ADDRESS', 'ASGD_PUBLIC_PORT']);
 /** A value of docker-compose.yml as compose makes it when .env sets nothing: `${X:-default}` -> default. */
-const withDefaults = (value: string) => value.replace(/\$\{[A-Z_]+:-([^}]*)\}/g, '$1');
+/** A compose value with its ${VAR:-default}s as their defaults and its required ${VAR:?message}s as a stand-in value. */
+const withDefaults = (value: string) => value.replace(/\$\{[A-Z_]+:-([^}]*)\}/g, '$1').replace(/\$\{[A-Z_]+:\?[^}]*\}/g, 'required');
 /** A service's lines in docker-compose.yml. */
 function composeService(compose: string, name: string): string {
   const m = new RegExp(`^  ${name}:\\n((?:    .*\\n|\\n)*)`, 'm').exec(compose);

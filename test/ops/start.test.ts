@@ -4,6 +4,7 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync, symlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
+import { createServer, connect, type Socket } from 'node:net';
 import { test } from 'node:test';
 import { PG_ADMIN_URL } from '../helper.ts';
 import { freePort, spawnService, startServer } from './processes.ts';
@@ -26,7 +27,8 @@ test('a server that cannot start says why in one line and exits 1', async () => 
   missing.pathname = '/asgd_no_such_database_for_this_test';
   const cases: [string, Record<string, string>, RegExp][] = [
     ['a database that does not exist', { DATABASE_URL: missing.toString() }, /^asgd-serve: could not start: PostgreSQL: database "asgd_no_such_database_for_this_test" does not exist \(SQLSTATE 3D000\)$/],
-    ['a database nobody listens for', { DATABASE_URL: `postgres://postgres@127.0.0.1:${port}/x` }, /^asgd-serve: could not start: cannot connect to PostgreSQL: .*ECONNREFUSED.*\(is it running there\? DATABASE_URL\)$/],
+    // Waited for (ASGD_DB_START_TIMEOUT_MS), then given up.
+    ['a database nobody listens for', { DATABASE_URL: `postgres://postgres@127.0.0.1:${port}/x`, ASGD_DB_START_TIMEOUT_MS: '1500' }, /^asgd-serve: could not start: cannot connect to PostgreSQL: .*ECONNREFUSED.*\(is it running there\? DATABASE_URL\)$/],
   ];
   for (const [what, env, line] of cases) {
     const run = spawnService(process.execPath, ['src/server.ts'], { ...env, PORT: '0', LOG_LEVEL: 'silent' });
@@ -35,4 +37,33 @@ test('a server that cannot start says why in one line and exits 1', async () => 
     assert.equal(lines.length, 1, `${what}: ${run.output()}`);
     assert.match(lines[0], line, what);
   }
+});
+
+test('a replica started before PostgreSQL accepts connections waits for it (saying so) and serves once it does', async (t) => {
+  // PostgreSQL "comes up" when a TCP proxy to it starts listening on the port the replica was given.
+  const port = await freePort();
+  const target = new URL(PG_ADMIN_URL);
+  const url = new URL(PG_ADMIN_URL);
+  url.port = String(port);
+  const run = spawnService(process.execPath, ['src/server.ts'], { DATABASE_URL: url.toString(), ASGD_DB_START_TIMEOUT_MS: '60000', PORT: '0', LOG_LEVEL: 'info' });
+  t.after(() => { run.child.kill('SIGKILL'); });
+  const deadline = Date.now() + 20_000;
+  while (!/waiting for PostgreSQL/.test(run.output()) && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100));
+  assert.match(run.output(), /waiting for PostgreSQL \(cannot connect to PostgreSQL: .*ECONNREFUSED/);
+  assert.equal(run.child.exitCode, null, 'still running');
+  const sockets = new Set<Socket>();
+  const proxy = createServer((client) => {
+    const upstream = connect(Number(target.port || 5432), target.hostname);
+    sockets.add(client).add(upstream);
+    client.pipe(upstream).pipe(client);
+    client.on('error', () => upstream.destroy());
+    upstream.on('error', () => client.destroy());
+  });
+  await new Promise<void>((resolve) => proxy.listen(port, '127.0.0.1', resolve));
+  t.after(() => {
+    for (const s of sockets) s.destroy();
+    proxy.close();
+  });
+  const banner = await run.banner(30_000);
+  assert.equal((await fetch(`${banner.url}/readyz`)).status, 200);
 });
