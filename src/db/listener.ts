@@ -55,6 +55,10 @@ export async function listenPostgres(url: string, channel: string, handlers: Lis
         next.query('SELECT 1').then(() => (pinged = false), () => {});
       });
     }
+    // A LISTEN connection is idle by nature: a server-side idle_session_timeout (PostgreSQL 14+) shorter than
+    // the ping period closed it every few seconds, and every reconnect warned. It is turned off for this
+    // connection only (the DBA's setting stays for the pool's); a server without the setting has no timeout.
+    await next.query('SET idle_session_timeout = 0').catch(() => {});
     await next.query(`LISTEN ${pg.escapeIdentifier(channel)}`);
     if (closed) {
       await endWithin(next, 2_000);
