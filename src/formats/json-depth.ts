@@ -41,3 +41,31 @@ function stringEnd(text: string, from: number): number {
     at = quote + 1;
   }
 }
+
+/** The bare tokens Python's json.dumps writes for non-finite floats (allow_nan=True, its default). */
+const NON_FINITE_TOKEN = /[["\]{},:]|-?\bInfinity\b|\bNaN\b/g;
+
+/**
+ * The JSON text with Python's bare NaN, Infinity and -Infinity (not JSON; json.dumps writes them by default)
+ * as the strings "NaN", "Infinity" and "-Infinity", which the API reads as those values wherever a number
+ * may be one (and refuses, naming the field, wherever it may not); null when the text has none outside
+ * strings.
+ */
+export function quoteNonFiniteTokens(text: string): string | null {
+  const re = new RegExp(NON_FINITE_TOKEN);
+  let out = '';
+  let from = 0;
+  let m: RegExpExecArray | null;
+  while ((m = re.exec(text)) !== null) {
+    const token = m[0];
+    if (token === '"') {
+      const end = stringEnd(text, m.index + 1);
+      if (end < 0) return null;
+      re.lastIndex = end + 1;
+    } else if (token.length > 1) {
+      out += `${text.slice(from, m.index)}"${token}"`;
+      from = m.index + token.length;
+    }
+  }
+  return from === 0 ? null : out + text.slice(from);
+}

@@ -5,7 +5,7 @@ import type { Readable } from 'node:stream';
 import { errorCodes, type FastifyInstance } from 'fastify';
 import type { Config } from '../config.ts';
 import { errors, headerText, quoteValue } from '../errors.ts';
-import { jsonTooDeepAt } from '../formats/json-depth.ts';
+import { jsonTooDeepAt, quoteNonFiniteTokens } from '../formats/json-depth.ts';
 import { BINARY_MEDIA_TYPES } from '../routes/media.ts';
 import { MAX_DIMS } from '../sessions/spec.ts';
 import { acceptedTypes, unsupportedMediaType } from './errors.ts';
@@ -46,7 +46,14 @@ export default fp(
         done(errors.invalidBody(`body: JSON nested deeper than ${MAX_JSON_DEPTH} levels (at character ${deep}); no request nests that deep (a tensor has at most ${MAX_DIMS} dimensions)`), undefined);
         return;
       }
-      parseJson(request, text, done);
+      parseJson(request, text, (err, body) => {
+        // Python's json.dumps writes a NaN or an infinity as a bare NaN / Infinity, which is not JSON: read
+        // as the strings the API takes for them, so that the field is named (a gradient's 422, a metric's or
+        // a hyperparameter's 400) instead of a 400 'not valid JSON' that names nothing.
+        const quoted = err ? quoteNonFiniteTokens(text) : null;
+        if (quoted !== null) parseJson(request, quoted, done);
+        else done(err, body);
+      });
     });
     fastify.addHook('preParsing', async (request) => {
       // Refuse a JSON body announced as too large before reading it.

@@ -85,6 +85,9 @@ function safetensors(tensors: Record<string, { dtype?: string; shape: number[]; 
 const f32 = (...bits: number[]) => new Float32Array(new Uint32Array(bits).buffer);
 const NAN_BITS = [0x7fc00000, 0x7f800001, 0xffc00000, 0x7f800000, 0xff800000, 0x7fffffff];
 /** Every JSON spelling of "not a finite float32" this API might meet. */
+/** Python's json.dumps writes these bare (not JSON); the service reads them as the strings "NaN", … */
+const PYTHON_TOKENS = ['NaN', 'Infinity', '-Infinity'];
+const asRead = (spelling: string) => (PYTHON_TOKENS.includes(spelling) ? `"${spelling}"` : spelling);
 const NONFINITE_JSON = ['NaN', '-NaN', 'Infinity', '-Infinity', '+Infinity', 'inf', '-inf', 'nan', '1e39', '-1e39', '1e999', '-1e999', '"NaN"', '"nan"', '"Infinity"', '"-Infinity"', '"inf"', '"-inf"', '"infinity"', '"1e999"', 'null', '"  NaN"'];
 
 /** The session list, with the open rounds' ages (which grow by themselves) left out. */
@@ -292,9 +295,9 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
   ];
   for (const [payload, expect] of createVariants) add({ family: 'create', op: 'POST /v1/sessions', method: 'POST', url: '/v1/sessions', headers: asAdmin, payload: payload as object, expect });
   for (const spelling of NONFINITE_JSON) {
-    add({ family: 'nonfinite', op: 'POST /v1/sessions', method: 'POST', url: '/v1/sessions', headers: { ...asAdmin, 'content-type': 'application/json' }, payload: `{"name":"fresh","params":[{"name":"w","shape":[2],"data":[1,${spelling}]}]}`, expect: isJson(spelling) ? 'INVALID_TENSOR' : 'INVALID_JSON' });
+    add({ family: 'nonfinite', op: 'POST /v1/sessions', method: 'POST', url: '/v1/sessions', headers: { ...asAdmin, 'content-type': 'application/json' }, payload: `{"name":"fresh","params":[{"name":"w","shape":[2],"data":[1,${spelling}]}]}`, expect: isJson(asRead(spelling)) ? 'INVALID_TENSOR' : 'INVALID_JSON' });
     // A learning rate is a double, as in PyTorch: 1e39 is a fine (if useless) one.
-    if (spelling !== '1e39') add({ family: 'nonfinite', op: 'POST /v1/sessions', method: 'POST', url: '/v1/sessions', headers: { ...asAdmin, 'content-type': 'application/json' }, payload: `{"name":"fresh","params":[{"name":"w","shape":[2],"data":[1,2]}],"hyperparameters":{"lr":${spelling}}}`, expect: isJson(spelling) ? 'INVALID_HYPERPARAMETER' : 'INVALID_JSON' });
+    if (spelling !== '1e39') add({ family: 'nonfinite', op: 'POST /v1/sessions', method: 'POST', url: '/v1/sessions', headers: { ...asAdmin, 'content-type': 'application/json' }, payload: `{"name":"fresh","params":[{"name":"w","shape":[2],"data":[1,2]}],"hyperparameters":{"lr":${spelling}}}`, expect: isJson(asRead(spelling)) ? 'INVALID_HYPERPARAMETER' : 'INVALID_JSON' });
   }
 
   // 5. Steps: wrong gradients, every NaN spelling in every tensor, bad versions and headers.
@@ -355,7 +358,7 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
       const values = (where === 'w' ? good.w : good.b).map(String);
       values[Math.floor((random() + 0.5) * values.length)] = spelling;
       const other = where === 'w' ? `"b":[${good.b.join(',')}]` : `"w":[${good.w.join(',')}]`;
-      const expect = !isJson(spelling) ? 'INVALID_JSON' : GRADIENT_SPECIALS.includes(spelling) ? 'NON_FINITE_GRADIENT' : 'INVALID_TENSOR';
+      const expect = !isJson(asRead(spelling)) ? 'INVALID_JSON' : GRADIENT_SPECIALS.includes(asRead(spelling)) ? 'NON_FINITE_GRADIENT' : 'INVALID_TENSOR';
       add({ family: 'nonfinite', op: 'POST /v1/sessions/{name}/step', method: 'POST', url: stepUrl, headers: { ...asAdmin, 'content-type': 'application/json' }, payload: `{"grads":{"${where}":[${values.join(',')}],${other}}}`, expect });
     }
   }

@@ -69,3 +69,26 @@ test('a query parameter the route does not read is refused by name (a misspelt c
   assert.equal((await app.inject({ url: '/v1/sessions/s' })).statusCode, 200, 'not deleted');
   assert.equal((await app.inject({ url: '/v1/sessions/s/snapshots/1/params?averaged=true' })).statusCode, 200);
 });
+
+test('Python json.dumps\' bare NaN and Infinity (not JSON) are read as those values: the field is named, not "not valid JSON"', async (t) => {
+  const { app } = await buildTestApp(t);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: session })).statusCode, 201);
+  const send = (text: string) => app.inject({ method: 'POST', url: '/v1/sessions/s/step', headers: { 'content-type': 'application/json' }, payload: text });
+  const cases: [string, number, string, RegExp][] = [
+    ['{"grads": {"w": [0.1, 0.2]}, "metrics": {"loss": NaN}}', 400, 'INVALID_METRICS', /^metrics\.loss/],
+    ['{"grads": {"w": [0.1, 0.2]}, "metrics": {"NaN": -Infinity}}', 400, 'INVALID_METRICS', /^metrics\.NaN/],
+    ['{"grads": {"w": [0.1, 0.2]}, "param_groups": [{"lr": Infinity}]}', 400, 'INVALID_BODY', /^param_groups\/0\/lr|^param_groups\[0\]\.lr/],
+    ['{"grads": {"w": [0.1, NaN]}}', 422, 'NON_FINITE_GRADIENT', /^grads\.w: element 1 is not finite/],
+    ['{"grads": {"w": [0.1, NaN}}', 400, 'INVALID_JSON', /not valid JSON/],
+  ];
+  for (const [text, status, code, message] of cases) {
+    const res = await send(text);
+    assert.equal(res.statusCode, status, `${text}: ${res.body}`);
+    assert.equal(res.json().code, code, res.body);
+    assert.match(res.json().message, message);
+  }
+  assert.equal((await app.inject({ url: '/v1/sessions/s' })).json().version, 1);
+  // A string that says NaN stays a string (a parameter named "NaN" is no number).
+  const named = await send('{"grads": {"w": [0.5, 0.25]}, "metrics": {"NaN": 1}}');
+  assert.equal(named.statusCode, 200, named.body);
+});
