@@ -19,7 +19,10 @@ export default fp(
     fastify.decorate('sessionHooks', hooks);
     // Throws KernelUnavailableError (the app does not start) when ASGD_KERNEL=wasm-fma is not exact here.
     const { kernel, reason } = selectKernel(opts.config.kernel);
-    fastify.log.info({ kernel: kernel.name, fma: opts.config.fma }, `ASGD kernel: ${kernel.name}, ${reason}`);
+    // With ASGD_FMA=false every kernel rounds the multiply and the add apart (PyTorch's ATEN_CPU_CAPABILITY=default):
+    // the line says so, not only why this kernel was chosen.
+    const rounding = opts.config.fma ? '' : '; ASGD_FMA=false: unfused multiply-adds, as PyTorch under ATEN_CPU_CAPABILITY=default';
+    fastify.log.info({ kernel: kernel.name, fma: opts.config.fma }, `ASGD kernel: ${kernel.name}, ${reason}${rounding}`);
     const service = createSessionService({
       db: fastify.db,
       kernel,
