@@ -180,6 +180,7 @@ export function checkQueryText(request: FastifyRequest): void {
     if (Array.isArray(value) && properties[key] !== undefined && type !== 'array') throw errors.invalidQuery(key, 'is given more than once');
     if (type !== 'integer' && type !== 'number') continue;
     if (typeof value === 'string' && !DECIMAL[type].test(value)) {
+      if (/^-?[0-9]{17,}(\.[0-9]*)?$/.test(value)) throw errors.invalidQuery(key, `is too large (at most ${Number.MAX_SAFE_INTEGER})`);
       throw errors.invalidQuery(key, type === 'integer' ? 'must be a whole number written in decimal' : 'must be a decimal number');
     }
   }

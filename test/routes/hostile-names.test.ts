@@ -68,6 +68,10 @@ test('a query parameter the route does not read is refused by name (a misspelt c
   }
   assert.equal((await app.inject({ url: '/v1/sessions/s' })).statusCode, 200, 'not deleted');
   assert.equal((await app.inject({ url: '/v1/sessions/s/snapshots/1/params?averaged=true' })).statusCode, 200);
+  // A whole decimal number too large to be a version says so (not "must be a whole number written in decimal").
+  const huge = await app.inject({ url: '/v1/sessions/s/params?after_version=99999999999999999999' });
+  assert.equal(huge.statusCode, 400);
+  assert.equal(huge.json().message, 'after_version: is too large (at most 9007199254740991)');
 });
 
 test('Python json.dumps\' bare NaN and Infinity (not JSON) are read as those values: the field is named, not "not valid JSON"', async (t) => {
