@@ -3,15 +3,18 @@
 # The image runs the TypeScript sources with Node 24's type stripping, exactly as the tests run
 # them: `node bin/asgd-serve.mjs migrate|serve`, and `node bin/healthcheck.mjs` for the HEALTHCHECK.
 
-# 1. Build stage: every dependency, and a type check that fails the build on a type error.
+# 1. Build stage: every dependency, and a type check that fails the build on a type error. Install scripts
+#    are skipped: the only ones are the dev package `node`'s (it downloads a Node binary the image never
+#    uses, and fails an offline build) and esbuild's (drizzle-kit's). tsc runs on the base image's Node
+#    (not through npx, whose PATH would find the `node` package's stub first).
 FROM node:24-slim AS build
 WORKDIR /app
 COPY package.json package-lock.json ./
-RUN npm ci --no-audit --no-fund
+RUN npm ci --no-audit --no-fund --ignore-scripts
 COPY tsconfig.json ./
 COPY src ./src
 COPY ui ./ui
-RUN npx tsc --noEmit -p tsconfig.json && npx tsc -p ui/tsconfig.json
+RUN node node_modules/typescript/bin/tsc --noEmit -p tsconfig.json && node node_modules/typescript/bin/tsc -p ui/tsconfig.json
 
 # 2. Production dependencies only: no TypeScript, no pino-pretty, and not the `node` package (Node 24 for
 #    machines whose system Node is older; here the base image's Node runs the service).
