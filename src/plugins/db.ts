@@ -73,17 +73,20 @@ export default fp(
         onError: (err) => fastify.log.warn({ err }, 'database connection error'),
         onWarning: (message) => fastify.log.warn(message),
       }));
-    try {
-      // A PostgreSQL still starting or down (a host reboot starts every container at once; Kubernetes and
-      // systemd restart a replica that exits, with growing delays): wait for it, saying where, rather than exit.
-      await untilConnected(() => (opts.migrate ? db.migrate() : db.query('SELECT 1').then(() => {})), {
-        waitMs: databaseUrl && !opts.database ? opts.config.dbStartTimeoutMs : 0,
-        onWait: (err, waitedMs) => fastify.log.warn({ database: databaseTarget(databaseUrl) }, `waiting for PostgreSQL (${describeDbFailure(err)}); ${Math.round(waitedMs / 1000)} s so far, up to ${Math.round(opts.config.dbStartTimeoutMs / 1000)} s (ASGD_DB_START_TIMEOUT_MS)`),
-      });
-    } catch (err) {
-      // Nothing else will close it: the app never finished starting. (It may hold a data directory.)
-      if (!opts.database) await db.close().catch(() => {});
-      throw err;
+    // Without migrating at start the replica needs no database to start: it answers 503 until one answers.
+    if (opts.migrate) {
+      try {
+        // A PostgreSQL still starting or down (a host reboot starts every container at once; Kubernetes and
+        // systemd restart a replica that exits, with growing delays): wait for it, saying where, rather than exit.
+        await untilConnected(() => db.migrate(), {
+          waitMs: databaseUrl && !opts.database ? opts.config.dbStartTimeoutMs : 0,
+          onWait: (err, waitedMs) => fastify.log.warn({ database: databaseTarget(databaseUrl) }, `waiting for PostgreSQL (${describeDbFailure(err)}); ${Math.round(waitedMs / 1000)} s so far, up to ${Math.round(opts.config.dbStartTimeoutMs / 1000)} s (ASGD_DB_START_TIMEOUT_MS)`),
+        });
+      } catch (err) {
+        // Nothing else will close it: the app never finished starting. (It may hold a data directory.)
+        if (!opts.database) await db.close().catch(() => {});
+        throw err;
+      }
     }
     fastify.decorate('db', db);
     if (!opts.database) fastify.addHook('onClose', async () => db.close());
