@@ -168,7 +168,8 @@ test('a bad step answers 4xx with a code naming the parameter and changes nothin
     [{ grads: { w: randomData(20, 1), b: randomData(7, 1) } }, 400, 'SHAPE_MISMATCH', /grads\.w/],
     [{ grads: { w: { shape: [7, 3], data: randomData(21, 1) } } }, 400, 'SHAPE_MISMATCH', /grads\.w\.shape/],
     [{ grads: { nope: [1] } }, 400, 'UNKNOWN_PARAMETER', /grads\.nope/],
-    [{ grads: { w: randomData(21, 1), b: [1, 2, 3, 4, 5, 6, NaN] } }, 400, 'INVALID_JSON', /JSON/],
+    // A bare NaN (Python's json.dumps writes it; not JSON) is read as "NaN": the gradient is named.
+    [{ grads: { w: randomData(21, 1), b: [1, 2, 3, 4, 5, 6, NaN] } }, 422, 'NON_FINITE_GRADIENT', /grads\.b: element 6/],
     [{ grads: { w: randomData(21, 1), b: [1, 2, 3, 4, 5, 6, 'NaN'] } }, 422, 'NON_FINITE_GRADIENT', /grads\.b: element 6/],
     [{ grads: { b: [1, 2, 3, 4, 5, 6, 'Infinity'] } }, 422, 'NON_FINITE_GRADIENT', /grads\.b/],
     [{ grads: { b: [1, 2, 3, 4, 5, 6, 1e39] } }, 422, 'NON_FINITE_GRADIENT', /grads\.b: element 6/],
