@@ -282,6 +282,11 @@ test('live indicator: the session deleted while viewed says so and stops asking;
   await api('POST', '/v1/sessions', { name: 'not-yet', params: PARAMS });
   await missing.waitForFunction(() => document.getElementById('live')?.classList.contains('on'), undefined, { timeout: 10_000 });
   assert.equal(await missing.textContent('[data-card=step] b'), '0');
+  // And it keeps following it: the steps after the first pick-up show up (the page once froze after one).
+  await steps(api, 'not-yet', 1, 3, (s) => s);
+  await missing.waitForFunction(() => document.querySelector('[data-card=step] b')?.textContent === '3', undefined, { timeout: 10_000 });
+  await steps(api, 'not-yet', 4, 6, (s) => s);
+  await missing.waitForFunction(() => document.querySelector('[data-card=step] b')?.textContent === '6', undefined, { timeout: 10_000 });
 });
 
 test('live indicator: a revoked token brings the token prompt with the reason; no green light', { skip }, async (t) => {

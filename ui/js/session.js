@@ -489,23 +489,26 @@ export function sessionPage(root, name, who) {
   }
 
   (async () => {
+    // The first load marks a refresh as running until it is over: not until what follows it (waiting for a
+    // missing session, then following it for good) is over, or every later refresh is queued for ever.
+    let absent = false;
     try {
       lastStart = Date.now();
       running = true;
       await load(true);
     } catch (err) {
       if (stop.signal.aborted) return;
-      if (err instanceof ApiError && err.status === 404 && err.code !== 'ROUTE_NOT_FOUND') {
-        await missing();
-        return;
+      if (err instanceof ApiError && err.status === 404 && err.code !== 'ROUTE_NOT_FOUND') absent = true;
+      else {
+        failed(err);
+        if (err instanceof ApiError && (err.status === 401 || err.status === 403)) return;
       }
-      failed(err);
-      if (err instanceof ApiError && (err.status === 401 || err.status === 403)) return;
     } finally {
       running = false;
       if (again && !stop.signal.aborted) refresh(againFull);
     }
-    await follow();
+    if (absent) await missing();
+    else await follow();
   })();
 
   // Relative figures ("12 s ago") age without events. Snapshots are written after the step that made them
