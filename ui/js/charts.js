@@ -80,6 +80,20 @@ export function tickLabels(splits, incr) {
   });
 }
 
+/** The axis' tick length and the gap to its labels (uPlot's defaults: 10 and 5 px). */
+const AXIS_TICK_GAP = 15;
+/** uPlot's default axis font. */
+const AXIS_FONT = '12px system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, "Noto Sans", sans-serif, "Apple Color Emoji", "Segoe UI Emoji", "Segoe UI Symbol", "Noto Color Emoji"';
+/** @type {CanvasRenderingContext2D | null} */
+let measure = null;
+/** The width of an axis label as drawn, in CSS pixels. @param {uPlot} _u @param {string} text */
+function labelWidth(_u, text) {
+  measure ??= document.createElement('canvas').getContext('2d');
+  if (!measure) return 8 * text.length;
+  measure.font = AXIS_FONT;
+  return measure.measureText(text).width;
+}
+
 export class Chart {
   /** @param {HTMLElement} parent @param {ChartSpec} spec */
   constructor(parent, spec) {
@@ -165,7 +179,8 @@ export class Chart {
       axes: [
         this.spec.time ? {} : { incrs: STEP_INCREMENTS },
         {
-          size: (_u, values) => Math.max(50, 14 + 7 * Math.max(0, ...(values ?? []).map((v) => String(v).length))),
+          // Wide enough for the widest label as drawn (measured in the axis' font), besides the tick and gap.
+          size: (u, values) => Math.max(50, Math.ceil(Math.max(0, ...(values ?? []).map((v) => labelWidth(u, String(v))))) + AXIS_TICK_GAP + 8),
           ...(!this.spec.log && { incrs: VALUE_INCREMENTS }),
           values: (_u, splits, _axis, _space, incr) => tickLabels(splits.map((v) => v / this.scale), incr / this.scale),
         },
@@ -201,5 +216,6 @@ export class Chart {
     this.resize.disconnect();
     this.plot?.destroy();
     if (registry[this.spec.key] === this.plot) delete registry[this.spec.key];
+    this.box.remove();
   }
 }

@@ -57,3 +57,23 @@ export function confirmDialog(text) {
   dialog.showModal();
   return new Promise((resolve) => dialog.addEventListener('close', () => resolve(dialog.returnValue === 'ok'), { once: true }));
 }
+
+/**
+ * Rebuilds part of a page and keeps the keyboard focus: when the focus was on an element inside `container`
+ * (a link, a button), it goes to the element at the same place after the rebuild: in the element with the
+ * same `keyAttr` value (a session's name, a snapshot's id), the focusable one with the same index.
+ * @param {HTMLElement} container @param {string} keyAttr @param {() => void} rebuild
+ */
+export function keepFocus(container, keyAttr, rebuild) {
+  const active = document.activeElement;
+  const keyed = active && active !== container && container.contains(active) ? active.closest(`[${keyAttr}]`) : null;
+  const key = keyed?.getAttribute(keyAttr) ?? null;
+  const focusable = 'a[href], button, input, select, textarea, [tabindex]';
+  const index = keyed ? [...keyed.querySelectorAll(focusable), ...(keyed.matches(focusable) ? [keyed] : [])].indexOf(/** @type {Element} */ (active)) : -1;
+  rebuild();
+  if (key === null || index < 0) return;
+  const again = [...container.querySelectorAll(`[${keyAttr}]`)].find((el) => el.getAttribute(keyAttr) === key);
+  if (!again) return;
+  const target = [...again.querySelectorAll(focusable), ...(again.matches(focusable) ? [again] : [])][index];
+  /** @type {HTMLElement | undefined} */ (target)?.focus({ preventScroll: true });
+}

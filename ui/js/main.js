@@ -1,6 +1,6 @@
 // The dashboard's shell: who the token is, the token prompt, and the routes #/ (sessions) and
 // #/s/<name> (one session). Each page returns a function that stops its timers and streams.
-import { api, ApiError, getToken, setToken, setUnauthorizedHandler } from './api.js';
+import { api, ApiError, backoffMs, getToken, setToken, setUnauthorizedHandler } from './api.js';
 import { h } from './format.js';
 import { lastListHash, sessionsPage } from './sessions.js';
 import { sessionPage } from './session.js';
@@ -13,6 +13,10 @@ const whoEl = /** @type {HTMLElement} */ (document.getElementById('who'));
 
 /** @type {(() => void) | null} */
 let stopPage = null;
+
+/** The API's rule for a session name (src/sessions/spec.ts SESSION_NAME_SOURCE). */
+const SESSION_NAME = /^(?!\.\.?$)[A-Za-z0-9._-]{1,128}$/;
+const SESSION_NAME_RULE = '1-128 characters of A-Za-z0-9._-, not "." or ".."';
 
 /** Asks for a token in the dialog; resolves once one was entered. @param {string} reason */
 function askToken(reason) {
@@ -68,9 +72,22 @@ function route(who, navigated = false) {
   app.replaceChildren();
   const m = /^#\/s\/([^/?]+)/.exec(location.hash);
   if (m) {
-    const name = decodeURIComponent(m[1]);
-    crumbs.replaceChildren(h('a', { href: lastListHash() }, 'Sessions'), ' / ', h('b', {}, name));
-    stopPage = sessionPage(app, name, who);
+    /** @type {string | null} */
+    let name = null;
+    try {
+      name = decodeURIComponent(m[1]);
+    } catch {
+      // A malformed escape (e.g. %E0): not a name at all.
+    }
+    crumbs.replaceChildren(h('a', { href: lastListHash() }, 'Sessions'), ' / ', h('b', {}, name ?? m[1]));
+    if (name !== null && SESSION_NAME.test(name)) stopPage = sessionPage(app, name, who);
+    else {
+      // No request for a name the API refuses (".." would even resolve to another route).
+      app.append(
+        h('h1', { className: 'title', tabindex: '-1' }, name ?? m[1]),
+        h('p', { className: 'error', id: 'bad-name' }, `This is not a session name: a name is ${SESSION_NAME_RULE}.`),
+      );
+    }
   } else {
     crumbs.replaceChildren(h('b', {}, 'Sessions'));
     stopPage = sessionsPage(app, who);
@@ -107,9 +124,29 @@ async function tokenRefused(message) {
   }
 }
 
+/**
+ * Who the token is, asked again with a growing delay (1 s, 2 s, 4 s, … 30 s) while the service cannot
+ * be reached or answers with an error (e.g. 503 while its database is unreachable): the page says so and
+ * opens by itself once the service answers.
+ * @returns {Promise<Who>}
+ */
+async function identifyRetrying() {
+  for (let failures = 1; ; failures++) {
+    try {
+      return await identify();
+    } catch (err) {
+      const retryMs = backoffMs(failures);
+      app.replaceChildren(h('p', { className: 'error', id: 'unreachable' },
+        `The service could not be reached: ${err instanceof Error ? err.message : String(err)}; trying again in ${Math.round(retryMs / 1000)} s.`));
+      await new Promise((resolve) => setTimeout(resolve, retryMs));
+    }
+  }
+}
+
 async function start() {
   try {
-    current = await identify();
+    current = await identifyRetrying();
+    app.replaceChildren();
     showWho(current);
     setUnauthorizedHandler((message) => void tokenRefused(message));
     addEventListener('hashchange', () => { if (current && !asking) route(current, true); });

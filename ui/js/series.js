@@ -5,7 +5,7 @@
  * @typedef {{ version: number, step: number, time: number, staleness: number, staleness_max?: number,
  *   values: Record<string, number>, min?: Record<string, number>, max?: Record<string, number>, count?: number,
  *   version_from?: number, param_groups?: Record<string, any>[] }} Point
- * @typedef {{ version: number, step: number, time: string, param_groups: Record<string, any>[] }} HyperChange
+ * @typedef {{ version: number, step: number, time: string, reason?: string, param_groups: Record<string, any>[] }} HyperChange
  */
 
 /** How many points the page asks for: enough for a wide chart, few enough to open at once. */
@@ -41,19 +41,35 @@ export function lineage(points) {
 }
 
 /**
- * The hyperparameter changes of the present history: those made by a step that `lineage` kept (or newer
- * than every point read), not those of an abandoned history.
- * @param {HyperChange[]} changes sorted by version @param {Point[]} kept `lineage`'s points @param {Point[]} points all of them
+ * The present history up to the session as it is now: `lineage`, and when the session went back after the
+ * last point (a restore or a load adds no point), without the points after its step, until a step comes.
+ * @template {{ step: number, version: number }} T
+ * @param {T[]} points in version order @param {{ step: number, version: number } | null} [now] the session
+ * @returns {T[]}
  */
-export function changesOn(changes, kept, points) {
+export function present(points, now) {
+  const kept = lineage(points);
+  const last = kept[kept.length - 1];
+  if (!now || !last || now.version <= last.version || now.step >= last.step) return kept;
+  return kept.filter((p) => p.step <= now.step);
+}
+
+/**
+ * The hyperparameter changes of the present history, not those of an abandoned history: a change made by a
+ * step that was kept, or one that is not a step (a load or restore) whose step is below that of the next
+ * kept point (or, with `now`, not above the session's step when no point came after it).
+ * @param {HyperChange[]} changes sorted by version @param {Point[]} kept `present`'s (or `lineage`'s) points
+ * @param {Point[]} points all of them @param {{ step: number, version: number } | null} [now] the session
+ */
+export function changesOn(changes, kept, points, now = null) {
   if (kept.length === points.length) return changes;
-  const newest = points.length ? points[points.length - 1].version : 0;
   let k = 0;
   return changes.filter((c) => {
-    if (c.version > newest) return true;
     while (k < kept.length && kept[k].version < c.version) k++;
     const p = kept[k];
-    return p !== undefined && (p.version_from ?? p.version) <= c.version;
+    if (p === undefined) return now ? c.step <= now.step && c.version <= now.version : c.version > (points.at(-1)?.version ?? 0);
+    if ((p.version_from ?? p.version) <= c.version) return true;
+    return c.step < p.step && (k === 0 || c.step >= kept[k - 1].step);
   });
 }
 

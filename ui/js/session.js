@@ -4,10 +4,13 @@
 import { api, ApiError, backoffMs, followEvents, getToken, readSignal, sleep } from './api.js';
 import { Chart } from './charts.js';
 import { fmtAgo, fmtBytes, fmtNum, h } from './format.js';
-import { changesOn, etaMu, hyperAt, lineage, MAX_POINTS, metricNames, RATE_LABEL, stepsLastMinute, stepsPerSecond, toPoint } from './series.js';
+import { changesOn, etaMu, hyperAt, lineage, MAX_POINTS, present, metricNames, RATE_LABEL, stepsLastMinute, stepsPerSecond, toPoint } from './series.js';
 import { snapshotsSection } from './snapshots.js';
 import { storedBytes } from './sessions.js';
 
+/** How the hyperparameters changed, as the API's `reason` says. */
+/** @type {Record<string, string>} */
+const REASONS = { step: 'a step', load_state_dict: 'load (state_dict)', load_checkpoint: 'load (checkpoint)', restore: 'restore' };
 const HYPER_KEYS = ['lr', 'lambd', 'alpha', 't0', 'weight_decay', 'maximize'];
 /** A value for a chart: null (a gap) where it is not a finite number. */
 const finite = (/** @type {unknown} */ v) => (typeof v === 'number' && Number.isFinite(v) ? v : null);
@@ -70,6 +73,8 @@ export function sessionPage(root, name, who) {
 
   /** @type {Map<string, Chart>} */
   const charts = new Map();
+  /** The charts the last drawCharts drew (one it did not: its series is not in the present history). */
+  const drawnKeys = new Set();
   function resetCharts() {
     for (const c of charts.values()) c.destroy();
     charts.clear();
@@ -77,6 +82,7 @@ export function sessionPage(root, name, who) {
   }
   /** @param {import('./charts.js').ChartSpec} spec @param {any[]} data */
   function chart(spec, data) {
+    drawnKeys.add(spec.key);
     let c = charts.get(spec.key);
     if (!c || c.spec.series.length !== spec.series.length) {
       c?.destroy();
@@ -87,8 +93,23 @@ export function sessionPage(root, name, who) {
   }
 
   function drawCharts() {
+    drawnKeys.clear();
+    try {
+      drawAllCharts();
+    } finally {
+      // A chart with nothing to draw now (e.g. after a restore to before the first step): not left showing
+      // the history the session left.
+      for (const [key, c] of charts) {
+        if (drawnKeys.has(key)) continue;
+        c.destroy();
+        charts.delete(key);
+      }
+    }
+  }
+
+  function drawAllCharts() {
     // After a restore the series holds an abandoned history too: the charts show the present one.
-    const shown = lineage(points);
+    const shown = present(points, session);
     const dropped = points.length - shown.length;
     if (points.length) {
       seriesNote.textContent = dropped ? `The session went back to an earlier step (a restore or load): ${fmtNum(dropped)} point(s) of the history it left are not drawn.` : '';
@@ -108,7 +129,7 @@ export function sessionPage(root, name, who) {
       chart({ key: 'steps_per_second', title: 'steps/s at each step', note: 'over the last ~1/100 of the series (the card above counts the last minute ÷ 60)', series: [{ label: 'steps/s' }] }, [xs, stepsPerSecond(shown)]);
       chart({ key: 'staleness', title: 'staleness (versions)', series: [{ label: buckets ? 'mean' : 'staleness' }, ...(buckets ? [{ label: 'max' }] : [])] },
         [xs, shown.map((p) => p.staleness), ...(buckets ? [shown.map((p) => p.staleness_max ?? p.staleness)] : [])]);
-      const groups = hyperAt(shown, changesOn(changes, shown, points), session?.param_groups ?? [], initialGroups);
+      const groups = hyperAt(shown, changesOn(changes, shown, points, session), session?.param_groups ?? [], initialGroups);
       const nGroups = session?.param_groups.length ?? 0;
       const perGroup = (/** @type {(g: any, p: import('./series.js').Point) => number} */ f) =>
         Array.from({ length: nGroups }, (_, g) => shown.map((p, i) => (groups[i]?.[g] ? f(groups[i]?.[g], p) : null)));
@@ -130,7 +151,7 @@ export function sessionPage(root, name, who) {
 
   function drawCards() {
     if (!session) return;
-    const shown = lineage(points);
+    const shown = present(points, session);
     const last = shown[shown.length - 1];
     // The same figure as the sessions list's: steps in the last minute ÷ 60.
     const rate = seriesAvailable ? stepsLastMinute(points).perSecond : null;
@@ -152,20 +173,26 @@ export function sessionPage(root, name, who) {
       h('thead', {}, h('tr', {}, h('th', {}, 'group'), h('th', {}, 'parameters'), ...HYPER_KEYS.map((k) => h('th', { className: 'num' }, k)))),
       h('tbody', {}, ...session.param_groups.map((/** @type {any} */ g, /** @type {number} */ i) => h('tr', {},
         h('td', {}, String(i)),
-        h('td', {}, g.params.map((/** @type {number} */ p) => session.params[p]?.name ?? p).join(', ')),
+        // The names of a real model's parameters are many and long: wrapped in a narrow column, cut after a few
+        // lines, the whole list in the title.
+        ((names) => h('td', { className: 'param-names' }, h('div', { title: names }, names)))(g.params.map((/** @type {number} */ p) => session.params[p]?.name ?? p).join(', ')),
         ...HYPER_KEYS.map((k) => h('td', { className: 'num' }, typeof g[k] === 'number' ? fmtNum(g[k], 6) : String(g[k])))))));
-    const recent = changes.slice(-20).reverse();
+    // The changes of the present history (not those of a history a restore or load left), newest first.
+    const ours = changesOn(changes, present(points, session), points, session);
+    const abandoned = changes.length - ours.length;
+    const recent = ours.slice(-20).reverse();
     hyperEl.replaceChildren(
       h('div', { className: 'scroll' }, table),
       !hyperAvailable ? h('p', { className: 'muted' }, 'This service does not report hyperparameter changes.')
-        : changes.length === 0 ? h('p', { className: 'muted' }, 'No step has changed them.')
+        : ours.length === 0 ? h('p', { className: 'muted' }, `No step has changed them${abandoned ? ` (${abandoned} change(s) of a history the session left are not listed)` : ''}.`)
         : h('div', {},
-          h('p', { className: 'muted' }, `${changes.length} step(s) changed them${changes.length > 20 ? '; the newest 20:' : ':'}`),
+          h('p', { className: 'muted' }, `${ours.length} change(s)${abandoned ? ` (and ${abandoned} of a history the session left, not listed)` : ''}${ours.length > 20 ? '; the newest 20:' : ':'}`),
           h('div', { className: 'scroll' }, h('table', { id: 'hyper-changes' },
-            h('thead', {}, h('tr', {}, h('th', { className: 'num' }, 'step'), h('th', { className: 'num' }, 'version'), h('th', {}, 'when'), h('th', {}, 'groups after the step'))),
+            h('thead', {}, h('tr', {}, h('th', { className: 'num' }, 'step'), h('th', { className: 'num' }, 'version'), h('th', {}, 'when'), h('th', {}, 'by'), h('th', {}, 'groups after it'))),
             h('tbody', {}, ...recent.map((c) => h('tr', {},
               h('td', { className: 'num' }, String(c.step)), h('td', { className: 'num' }, String(c.version)),
               h('td', {}, new Date(c.time).toLocaleTimeString()),
+              h('td', { className: 'reason' }, (c.reason && REASONS[c.reason]) ?? c.reason ?? 'a step'),
               h('td', {}, c.param_groups.map((g, i) => `${i}: ${HYPER_KEYS.filter((k) => g[k] !== undefined).map((k) => `${k}=${typeof g[k] === 'number' ? fmtNum(g[k], 6) : g[k]}`).join(' ')}`).join(' | '))))))),
         ),
     );
@@ -301,8 +328,53 @@ export function sessionPage(root, name, who) {
     if (hyperNow || groupsChanged) drawHyper();
     if (normsDue) drawNorms();
     error.textContent = '';
+    readOk();
     root.dataset.version = String(session.version);
   }
+
+  /**
+   * What the events stream (or polling) last said, and whether the page's reads are failing (the service
+   * answers, e.g. 503 while its database is unreachable, or cannot be reached): while they fail the
+   * indicator is off with the reason, whatever the stream says, and the reads are retried with a growing
+   * delay; once one succeeds the stream's state shows again.
+   * @type {{ state: string, text: string }}
+   */
+  let streamLive = { state: 'connecting', text: 'connecting…' };
+  /** @type {string | null} */
+  let readTrouble = null;
+  let readFailures = 0;
+  /** @type {ReturnType<typeof setTimeout> | undefined} */
+  let readRetry;
+  /** When a read of the session last succeeded. */
+  let readOkAt = Date.now();
+
+  /** A read failed for a reason that passes (not 401/403/404): the indicator goes off and the reads are retried. @param {unknown} err */
+  function readFailed(err) {
+    if (stop.signal.aborted || root.dataset.gone) return;
+    readFailures++;
+    const retryMs = backoffMs(readFailures);
+    readTrouble = err instanceof ApiError ? err.message : 'the service cannot be reached';
+    const state = err instanceof ApiError ? 'error' : 'offline';
+    showLive(state, `not live: ${readTrouble}; retrying in ${Math.round(retryMs / 1000)} s`);
+    live.dataset.reads = 'failing';
+    clearTimeout(readRetry);
+    readRetry = setTimeout(() => { readRetry = undefined; refresh(true); }, retryMs);
+  }
+
+  /** A read succeeded: the indicator says what the stream says again. */
+  function readOk() {
+    readOkAt = Date.now();
+    if (readTrouble === null) return;
+    readTrouble = null;
+    readFailures = 0;
+    clearTimeout(readRetry);
+    readRetry = undefined;
+    delete live.dataset.reads;
+    setLive(/** @type {any} */ (streamLive.state), streamLive.text);
+  }
+
+  /** Whether an error says that a read failed for a passing reason (the service or its database is away). @param {unknown} err */
+  const passing = (err) => !(err instanceof ApiError) || (err.status !== 401 && err.status !== 403 && err.status !== 404 && err.status !== 400);
 
   let running = false;
   let again = false;
@@ -364,6 +436,12 @@ export function sessionPage(root, name, who) {
    * @param {'connecting' | 'live' | 'polling' | 'offline' | 'error' | 'gone' | 'missing' | 'refused' | 'forbidden'} state @param {string} text
    */
   function setLive(state, text) {
+    streamLive = { state, text };
+    if (readTrouble && (state === 'live' || state === 'polling' || state === 'connecting')) return;
+    showLive(state, text);
+  }
+  /** @param {string} state @param {string} text */
+  function showLive(state, text) {
     live.textContent = text;
     live.className = `live ${state === 'live' || state === 'polling' ? 'on' : state === 'connecting' ? '' : 'off'}`;
     live.dataset.state = state;
@@ -393,6 +471,7 @@ export function sessionPage(root, name, who) {
       clearInterval(ticker);
     } else {
       error.textContent = err instanceof ApiError ? err.message : `The service cannot be reached (${err instanceof Error ? err.message : err}).`;
+      if (passing(err) && !(err instanceof ApiError && err.code === 'ROUTE_NOT_FOUND')) readFailed(err);
     }
   }
 
@@ -518,17 +597,27 @@ export function sessionPage(root, name, who) {
     drawCards();
     if (document.hidden || !session || stop.signal.aborted) return;
     const now = Date.now();
+    // While reads fail, the retry (with its growing delay) reads everything again: nothing more from here.
+    if (readTrouble !== null) return;
+    /** A read of the ticker that fails for a passing reason turns the indicator off (the stream may stay up while the database is away). @param {unknown} err */
+    const tickFailed = (err) => { if (!stop.signal.aborted && passing(err)) readFailed(err); };
     if (snapsVersion !== session.version || now - versionChangedAt < 2 * TICK_MS || now - snapsAt > 30_000) {
-      loadSnapshots().then(() => { if (snaps && session) snapshots.render(snaps, session.version); }, () => {});
+      loadSnapshots().then(() => { if (snaps && session) snapshots.render(snaps, session.version); }, tickFailed);
     }
     if ((norms.at(-1)?.version ?? 0) < session.version && now - normsAt >= NORMS_EVERY_MS) {
-      loadNorms().then((changed) => { if (changed) { drawNorms(); drawCharts(); } }, () => {});
+      loadNorms().then((changed) => { if (changed) { drawNorms(); drawCharts(); } }, tickFailed);
+    }
+    // A quiet session (no events) is still read now and then: the stream stays up while the database is
+    // away, and the indicator must not stay green over reads that would fail.
+    if (now - readOkAt >= 3 * TICK_MS && !running) {
+      api(base, { signal: stop.signal }).then(() => readOk(), tickFailed);
     }
   }, TICK_MS);
 
   return () => {
     stop.abort();
     clearInterval(ticker);
+    clearTimeout(readRetry);
     resetCharts();
   };
 }

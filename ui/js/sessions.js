@@ -1,10 +1,12 @@
 // The sessions page: one row per session with its progress, paged by name (the API's cursor) and
 // filtered on the server by a search text, so thousands of sessions stay one small request away.
 import { api } from './api.js';
-import { fmtAgo, fmtBytes, fmtNum, h } from './format.js';
+import { fmtAgo, fmtBytes, fmtNum, h, keepFocus } from './format.js';
 import { RATE_LABEL } from './series.js';
 
 const PAGE = 50;
+/** What the API takes as a search: letters, digits, ".", "_" and "-", at most 128 (src/routes/sessions/index.ts). */
+const SEARCHABLE = /^[A-Za-z0-9._-]{0,128}$/;
 
 /** Stored bytes of a session, when the service reports them. @param {any} s @returns {number | null} */
 export const storedBytes = (s) => s.storage?.total_bytes ?? null;
@@ -97,6 +99,14 @@ export function sessionsPage(root, who) {
   let loading = 0;
   async function load() {
     const ticket = ++loading;
+    // A search no name can contain is answered here, with no request (the API would refuse it, again at
+    // every refresh, while the table kept the previous results).
+    if (!SEARCHABLE.test(search)) {
+      next = null;
+      render([], `No session name contains "${search}": names are made of letters, digits, ".", "_" and "-".`);
+      status.textContent = '';
+      return;
+    }
     const query = new URLSearchParams({ limit: String(PAGE), figures: 'true', storage: 'true' });
     if (after) query.set('after', after);
     if (search) query.set('search', search);
@@ -111,14 +121,14 @@ export function sessionsPage(root, who) {
     }
   }
 
-  /** @param {any[]} sessions */
-  function render(sessions) {
+  /** @param {any[]} sessions @param {string} [why] what the empty state says instead of the usual */
+  function render(sessions, why) {
     // Sessions with synchronous rounds (aggregation) show their open round: contributions so far of those
     // it waits for, and how long it has been open.
     const rounds = sessions.some((s) => s.aggregation);
     openRoundHead.hidden = !rounds;
-    body.replaceChildren(...sessions.map((s) => h('tr', { 'data-session': s.name },
-      h('td', {}, h('a', { href: `#/s/${encodeURIComponent(s.name)}` }, s.name)),
+    keepFocus(body, 'data-session', () => body.replaceChildren(...sessions.map((s) => h('tr', { 'data-session': s.name },
+      h('td', { className: 'name' }, h('a', { href: `#/s/${encodeURIComponent(s.name)}`, title: s.name }, s.name)),
       h('td', { className: 'num' }, fmtNum(s.step)),
       h('td', { className: 'num' }, fmtNum(s.version)),
       h('td', { className: 'num' }, s.activity ? fmtNum(s.activity.steps_per_second, 3) : '—'),
@@ -126,10 +136,10 @@ export function sessionsPage(root, who) {
       h('td', { className: 'num' }, fmtBytes(storedBytes(s))),
       rounds ? h('td', { className: 'num', 'data-round': s.round ? String(s.round.contributions) : '' }, roundCell(s)) : null,
       h('td', { className: 'num' }, `${s.params.length} · ${fmtNum(s.numel)}`),
-    )));
+    ))));
     // The empty state spans every column shown (the open-round column only when a session has rounds).
     const columns = [...table.querySelectorAll('thead th')].filter((th) => !(/** @type {HTMLElement} */ (th)).hidden).length;
-    if (sessions.length === 0) body.append(h('tr', { className: 'empty' }, h('td', { colspan: String(columns), className: 'muted' }, search ? `No session name contains "${search}".` : 'No sessions yet.')));
+    if (sessions.length === 0) body.append(h('tr', { className: 'empty' }, h('td', { colspan: String(columns), className: 'muted' }, why ?? (search ? `No session name contains "${search}".` : 'No sessions yet.'))));
     prev.disabled = cursors.length === 0;
     nextButton.disabled = next === null;
     pageInfo.textContent = `page ${cursors.length + 1}`;

@@ -1,7 +1,7 @@
 // A session's snapshots: a timeline over its versions and a table with downloads, pin/unpin, restore
 // (after a confirmation) and fork. The admin-only actions are disabled for other tokens.
 import { api, download } from './api.js';
-import { confirmDialog, fmtBytes, h } from './format.js';
+import { confirmDialog, fmtBytes, h, keepFocus } from './format.js';
 
 /** Width of a tick on the timeline, of a group's box at least (its count fits), and the least space between two. */
 const TICK_PX = 10;
@@ -86,7 +86,7 @@ export function snapshotsSection(root, name, admin, changed) {
         right = at + TICK_PX / 2;
       }
     }
-    timeline.replaceChildren(...groups.map((g) => {
+    keepFocus(timeline, 'data-snapshots', () => timeline.replaceChildren(...groups.map((g) => {
       const first = g[0];
       const newest = g[g.length - 1];
       const pinned = g.filter((s) => s.pinned).length;
@@ -104,17 +104,25 @@ export function snapshotsSection(root, name, admin, changed) {
         'data-snapshots': g.map((s) => s.id).join(' '),
         onclick: scroll,
       }, String(g.length));
-    }));
+    })));
   }
+
+  /** The snapshots the table shows (the rows do not depend on the session's version): not rebuilt while the same. */
+  let rowsShown = '';
 
   /** @param {any[]} snapshots newest first @param {number} version the session's */
   function render(snapshots, version) {
     drawTimeline(snapshots, version);
+    // Rebuilding unchanged rows would lose the focus and a click in progress (the button replaced between
+    // mousedown and mouseup).
+    const rows = JSON.stringify(snapshots);
+    if (rows === rowsShown) return;
+    rowsShown = rows;
     if (snapshots.length === 0) {
       body.replaceChildren(h('tr', { className: 'empty' }, h('td', { colspan: '8', className: 'muted' }, 'No snapshots.')));
       return;
     }
-    body.replaceChildren(...snapshots.map((s) => {
+    keepFocus(body, 'data-snapshot', () => body.replaceChildren(...snapshots.map((s) => {
       const file = `${name}-v${s.version}`;
       const dl = (/** @type {string} */ path, /** @type {string} */ filename, /** @type {string} */ label) =>
         h('button', { onclick: () => download(`${base}/snapshots/${s.id}/${path}`, filename).catch((err) => { status.textContent = `Failed: ${err.message}`; status.className = 'error'; }) }, label);
@@ -154,7 +162,7 @@ export function snapshotsSection(root, name, admin, changed) {
             },
           }, 'Fork…')),
       );
-    }));
+    })));
   }
 
   return { render };
