@@ -108,7 +108,7 @@ class PipelineMatchesReplay(ServiceTestCase):
         return proxy, conn
 
     def test_a_pipelined_step_is_sent_before_the_previous_answer_is_read(self):
-        # The proxy holds each step's answer until the next step's request has arrived (at most 3 s): a
+        # The proxy holds each step's answer until the next step's request has arrived (at most 10 s): a
         # client that waits for an answer before it sends the next step waits out every hold.
         arrived, held, lock = [], [], threading.Lock()
 
@@ -121,7 +121,7 @@ class PipelineMatchesReplay(ServiceTestCase):
                 if len(arrived) > 1:
                     arrived[-2].set()
             answer = proxy.forward(req)
-            held.append(mine.wait(3.0))
+            held.append(mine.wait(10.0))
             return answer
 
         proxy, conn = self._proxy(decide)
