@@ -42,6 +42,23 @@ function stringEnd(text: string, from: number): number {
   }
 }
 
+/** How deep the JSON a metadata entry or an option string holds may nest (a few levels in practice). */
+export const MAX_EMBEDDED_JSON_DEPTH = 16;
+
+/**
+ * JSON.parse of JSON text embedded in a file's metadata or a query (small, but its nesting bounded before it
+ * is parsed, as every JSON the service reads); `refuse(deep)` makes the error for text nested deeper than
+ * `maxDepth` (deep) or not JSON.
+ */
+export function parseJsonWithin(text: string, refuse: (deep: boolean) => Error, maxDepth = MAX_EMBEDDED_JSON_DEPTH): unknown {
+  if (jsonTooDeepAt(text, maxDepth) >= 0) throw refuse(true);
+  try {
+    return JSON.parse(text);
+  } catch {
+    throw refuse(false);
+  }
+}
+
 /** The bare tokens Python's json.dumps writes for non-finite floats (allow_nan=True, its default). */
 const NON_FINITE_TOKEN = /[["\]{},:]|-?\bInfinity\b|\bNaN\b/g;
 

@@ -2,13 +2,11 @@
 // `group['lr'] = …` before `optimizer.step()`) and training metrics. Validated before anything is written.
 import { errors, type ApiError } from '../errors.ts';
 import type { GroupSpec, HyperDelta } from '../db/schema.ts';
-import { jsonTooDeepAt } from '../formats/json-depth.ts';
+import { MAX_EMBEDDED_JSON_DEPTH, parseJsonWithin } from '../formats/json-depth.ts';
 import type { BaseVersionFrom } from './model.ts';
 import { FLAG_KEYS, HYPERPARAMETER_KEYS, NAME_PATTERN, resolveHyperparameters, SESSION_NAME_RULE } from './spec.ts';
 
 export const MAX_METRICS = 32;
-/** param_groups and metrics in a step file's __metadata__ nest two or three levels deep. */
-const MAX_METADATA_DEPTH = 16;
 
 /** The 400 for a step's base_version newer than the session's version, naming where it was given. */
 export function baseVersionTooNew(baseVersion: number, version: number, from: BaseVersionFrom = 'body'): ApiError {
@@ -90,10 +88,5 @@ export function parseMetrics(value: unknown, field = 'metrics'): Record<string, 
 export function metadataJson(metadata: ReadonlyMap<string, string>, key: string): unknown {
   const text = metadata.get(key);
   if (text === undefined) return undefined;
-  if (jsonTooDeepAt(text, MAX_METADATA_DEPTH) >= 0) throw errors.invalidBody(`__metadata__.${key}: nested deeper than ${MAX_METADATA_DEPTH} levels`);
-  try {
-    return JSON.parse(text);
-  } catch {
-    throw errors.invalidBody(`__metadata__.${key}: is not valid JSON`);
-  }
+  return parseJsonWithin(text, (deep) => errors.invalidBody(`__metadata__.${key}: ${deep ? `nested deeper than ${MAX_EMBEDDED_JSON_DEPTH} levels` : 'is not valid JSON'}`));
 }

@@ -51,3 +51,33 @@ export async function listen(app: FastifyInstance): Promise<string> {
   assert.ok(address && typeof address === 'object');
   return `http://127.0.0.1:${address.port}`;
 }
+
+/** A client of the API over HTTP, as a training script would be. */
+export function client(base: string) {
+  return async (method: string, path: string, body?: unknown): Promise<any> => {
+    const response = await fetch(base + path, {
+      method,
+      headers: body !== undefined ? { 'content-type': 'application/json' } : {},
+      ...(body !== undefined && { body: JSON.stringify(body) }),
+    });
+    const text = await response.text();
+    assert.ok(response.ok, `${method} ${path}: ${response.status} ${text}`);
+    return text ? JSON.parse(text) : null;
+  };
+}
+
+/** Requests the page sends to the API, as paths with their query. */
+export function recordRequests(page: Page): string[] {
+  const seen: string[] = [];
+  page.on('request', (request) => {
+    const url = new URL(request.url());
+    if (url.pathname.startsWith('/v1/')) seen.push(url.pathname + url.search);
+  });
+  return seen;
+}
+
+/** The live indicator: its text and whether it is green. */
+export const liveState = (page: Page) => page.evaluate(() => {
+  const el = document.getElementById('live');
+  return { text: el?.textContent ?? '', green: el?.classList.contains('on') ?? false };
+});

@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { test, type TestContext } from 'node:test';
 import type { Browser, Page } from 'playwright-core';
 import { buildTestApp } from '../helper.ts';
-import { chromiumMissing, launch, listen, newPage, screenshot } from './browser.ts';
+import { chromiumMissing, launch, listen, liveState, newPage, recordRequests, screenshot } from './browser.ts';
 
 const ADMIN = 'admin-token-for-the-dashboard-ui-tests';
 const skip = chromiumMissing() ?? false;
@@ -48,26 +48,11 @@ function chartData(page: Page, key: string): Promise<(number | null)[][] | null>
   }, key);
 }
 
-/** Requests the page sends to the API, as paths with their query. */
-function recordRequests(page: Page): string[] {
-  const seen: string[] = [];
-  page.on('request', (request) => {
-    const url = new URL(request.url());
-    if (url.pathname.startsWith('/v1/')) seen.push(url.pathname + url.search);
-  });
-  return seen;
-}
-
 async function openSession(browser: Browser, base: string, name: string, log: string[]): Promise<Page> {
   const page = await newPage(browser, log);
   await page.goto(`${base}/ui/#/s/${name}`);
   return page;
 }
-
-const liveState = (page: Page) => page.evaluate(() => {
-  const el = document.getElementById('live');
-  return { text: el?.textContent ?? '', green: el?.classList.contains('on') ?? false };
-});
 
 test('fork refused (name taken, invalid name): the API\'s message is shown and the page stays on the session', { skip }, async (t) => {
   const { base, api, browser, log } = await setup(t);

@@ -7,24 +7,10 @@ import assert from 'node:assert/strict';
 import { test, type TestContext } from 'node:test';
 import type { Page, Route } from 'playwright-core';
 import { buildTestApp } from '../helper.ts';
-import { chromiumMissing, launch, listen, newPage, screenshot } from './browser.ts';
+import { chromiumMissing, client, launch, listen, liveState, newPage, recordRequests, screenshot } from './browser.ts';
 
 const skip = chromiumMissing() ?? false;
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
-
-/** A client of the API over HTTP, as a training script would be. */
-function client(base: string) {
-  return async (method: string, path: string, body?: unknown): Promise<any> => {
-    const response = await fetch(base + path, {
-      method,
-      headers: body !== undefined ? { 'content-type': 'application/json' } : {},
-      ...(body !== undefined && { body: JSON.stringify(body) }),
-    });
-    const text = await response.text();
-    assert.ok(response.ok, `${method} ${path}: ${response.status} ${text}`);
-    return text ? JSON.parse(text) : null;
-  };
-}
 
 const PARAMS = [{ name: 'w', shape: [2, 2], data: [0.1, 0.2, 0.3, 0.4] }, { name: 'b', shape: [2], data: [0, 0] }];
 const GRAD = { w: [0.5, -0.25, 0.125, 1], b: [0.1, -0.2] };
@@ -46,21 +32,6 @@ const unavailable = (route: Route) => route.fulfill({
   headers: { 'retry-after': '1' },
   body: JSON.stringify({ code: 'SERVICE_UNAVAILABLE', message: 'the database is unreachable; retry shortly' }),
 });
-
-const liveState = (page: Page) => page.evaluate(() => {
-  const el = document.getElementById('live');
-  return { text: el?.textContent ?? '', green: el?.classList.contains('on') ?? false };
-});
-
-/** Requests the page sends to the API, as paths with their query. */
-function recordRequests(page: Page): string[] {
-  const seen: string[] = [];
-  page.on('request', (request) => {
-    const url = new URL(request.url());
-    if (url.pathname.startsWith('/v1/')) seen.push(url.pathname + url.search);
-  });
-  return seen;
-}
 
 test('an open session page whose reads answer 503 (database down) is not live and says why, and is live again once they succeed', { skip }, async (t) => {
   const { base, api, browser, log } = await setup(t);
@@ -267,7 +238,7 @@ test('the periodic re-renders keep the keyboard focus: a session link in the lis
     await api('POST', '/v1/sessions/b-run/step', { grads: GRAD, metrics: { loss: 1 / s } });
     await sleep(300);
   }
-  await page.waitForFunction(() => document.getElementById('app')?.dataset.version === '8', null, { timeout: 5000 });
+  await page.waitForFunction(() => document.getElementById('app')?.dataset.version === '8', null, { timeout: 15_000 });
   await sleep(500);
   assert.equal(await focused(), `BUTTON ${snap.id} .pt`, 'after steps streamed in');
 
@@ -287,7 +258,7 @@ test('restored to before the first step: the open page draws no chart of the his
   await page.goto(`${base}/ui/#/s/r0`);
   await page.waitForFunction(() => (window as any).asgdCharts?.['metric:loss']?.data[0].length === 5);
   await api('POST', `/v1/sessions/r0/snapshots/${snapshots[0].id}/restore`);
-  await page.waitForFunction(() => document.querySelector('[data-card=step] b')?.textContent === '0', null, { timeout: 5000 });
+  await page.waitForFunction(() => document.querySelector('[data-card=step] b')?.textContent === '0', null, { timeout: 15_000 });
   await page.waitForFunction(() => /5 point\(s\) of the history it left are not drawn/.test(document.getElementById('app')?.textContent ?? ''), null, { timeout: 5000 });
   assert.equal(await page.$('[data-chart="metric:loss"]'), null, 'the loss chart of the abandoned history is gone');
   await api('POST', '/v1/sessions/r0/step', { grads: GRAD, metrics: { loss: 7 } });

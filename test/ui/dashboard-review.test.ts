@@ -6,23 +6,9 @@ import assert from 'node:assert/strict';
 import { test, type TestContext } from 'node:test';
 import type { Page } from 'playwright-core';
 import { buildTestApp } from '../helper.ts';
-import { chromiumMissing, launch, listen, newPage, screenshot } from './browser.ts';
+import { chromiumMissing, client, launch, listen, newPage, screenshot } from './browser.ts';
 
 const skip = chromiumMissing() ?? false;
-
-/** A client of the API over HTTP, as a training script would be. */
-function client(base: string) {
-  return async (method: string, path: string, body?: unknown): Promise<any> => {
-    const response = await fetch(base + path, {
-      method,
-      headers: body !== undefined ? { 'content-type': 'application/json' } : {},
-      ...(body !== undefined && { body: JSON.stringify(body) }),
-    });
-    const text = await response.text();
-    assert.ok(response.ok, `${method} ${path}: ${response.status} ${text}`);
-    return text ? JSON.parse(text) : null;
-  };
-}
 
 const PARAMS = [{ name: 'w', shape: [2, 2], data: [0.1, 0.2, 0.3, 0.4] }, { name: 'b', shape: [2], data: [0, 0] }];
 const GRAD = { w: [0.5, -0.25, 0.125, 1], b: [0.1, -0.2] };

@@ -783,23 +783,12 @@ class RemoteASGD(torch.optim.Optimizer):
             key = uuid.uuid4().hex
             args = (grads, base, groups, metrics, samples)
             if not background:
-                try:
-                    outcome = self._request(*args, key=key)
-                except BaseException as err:
-                    if _fate_unknown(err):
-                        self._owe(key, args)
-                    raise
-                self._apply_outcome(outcome)
+                self._apply_outcome(self._send_owing(self._request, key, args))
                 return loss
             if wait and self.aggregation is None:
                 # Pipelined: sent now on this thread, its answer read at the next call (no thread).
                 # Group changes not yet confirmed by the previous step's answer travel again: the same values.
-                try:
-                    sent = self._start(*args, key=key)
-                except BaseException as err:
-                    if _fate_unknown(err):
-                        self._owe(key, args)
-                    raise
+                sent = self._send_owing(self._start, key, args)
                 if sent is not None:
                     previous, self._pending = self._pending, sent
                     if previous is not None:
@@ -825,6 +814,16 @@ class RemoteASGD(torch.optim.Optimizer):
             future = self._executor.submit(self._request, grads, base, groups, metrics, samples, key=key)
             self._pending = future
             return loss if wait else _AnswerFuture(future)
+
+    def _send_owing(self, send: Any, key: str, args: Tuple[Any, ...]) -> Any:
+        """``send(*args, key=key)``; should it fail with its fate unknown (an interrupt, a connection lost),
+        the step is owed (see :meth:`_owe`) and the error raised."""
+        try:
+            return send(*args, key=key)
+        except BaseException as err:
+            if _fate_unknown(err):
+                self._owe(key, args)
+            raise
 
     def _owe(self, key: str, args: Tuple[Any, ...]) -> None:
         """This step's request was interrupted (or its connection failed) after it may have reached the

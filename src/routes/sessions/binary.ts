@@ -13,7 +13,7 @@ import type { LoadedStateDict, StateView } from '../../sessions/model.ts';
 import { MAX_PARAMS, publicGroup } from '../../sessions/spec.ts';
 import { firstNonFinite } from '../../sessions/tensors.ts';
 import { asgdFromView, loadedFromAsgd, paramTensor, parseStateDict, readTensorField } from '../../sessions/state-dict.ts';
-import { jsonTooDeepAt } from '../../formats/json-depth.ts';
+import { MAX_EMBEDDED_JSON_DEPTH, parseJsonWithin } from '../../formats/json-depth.ts';
 import { MEDIA, type WireFormat } from '../media.ts';
 
 /** A parameter as float32: float16 and bfloat16 (a half-precision model's weights) are widened exactly. */
@@ -66,13 +66,8 @@ export function readStateDictBody(format: WireFormat, body: Buffer): LoadedState
     // Four tensors (step, eta, mu, ax) for each parameter of the largest session.
     const { state, paramGroups } = readOptimizerSafetensors(body, { maxTensors: 4 * MAX_PARAMS });
     if (paramGroups === undefined) throw errors.invalidStateDict('__metadata__.param_groups', 'is missing (a JSON list of the param groups)');
-    let groups: unknown;
-    if (jsonTooDeepAt(paramGroups, 16) >= 0) throw errors.invalidStateDict('__metadata__.param_groups', 'nested deeper than 16 levels');
-    try {
-      groups = JSON.parse(paramGroups);
-    } catch {
-      throw errors.invalidStateDict('__metadata__.param_groups', 'is not valid JSON');
-    }
+    const groups = parseJsonWithin(paramGroups, (deep) =>
+      errors.invalidStateDict('__metadata__.param_groups', deep ? `nested deeper than ${MAX_EMBEDDED_JSON_DEPTH} levels` : 'is not valid JSON'));
     return parseStateDict({ state, param_groups: groups });
   }
   return loadedFromAsgd(toAsgdStateDict(readTorchSave(body, { name: 'state_dict' }), { toFloat32: true }));

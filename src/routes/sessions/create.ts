@@ -3,7 +3,7 @@
 import type { Config } from '../../config.ts';
 import type { GroupSpec, ParamSpec } from '../../db/schema.ts';
 import { errors } from '../../errors.ts';
-import { jsonTooDeepAt } from '../../formats/json-depth.ts';
+import { MAX_EMBEDDED_JSON_DEPTH, parseJsonWithin } from '../../formats/json-depth.ts';
 import type { CreateInput } from '../../sessions/model.ts';
 import {
   assertName, assertShape, buildGroups, DEFAULT_GROUP, FLAG_KEYS, HYPERPARAMETER_KEYS, MAX_PARAMS, MAX_SESSION_NUMEL, numelOf, PARAM_NAME_MAX, resolveHyperparameters,
@@ -83,12 +83,8 @@ function parseFileCreate(body: Buffer, query: CreateQuery, format: WireFormat, c
   const refuse = (field: string, message: string) => (fromQuery ? errors.invalidQuery(field, message) : errors.invalidBody(`${field}: ${message}`));
   let options: Record<string, unknown> = {};
   if (rawOptions !== undefined) {
-    if (jsonTooDeepAt(rawOptions, 16) >= 0) throw refuse(where, 'nested deeper than 16 levels');
-    try {
-      options = JSON.parse(rawOptions);
-    } catch {
-      throw refuse(where, 'must be a JSON object {"name", "hyperparameters", "param_groups", …}');
-    }
+    options = parseJsonWithin(rawOptions, (deep) =>
+      refuse(where, deep ? `nested deeper than ${MAX_EMBEDDED_JSON_DEPTH} levels` : 'must be a JSON object {"name", "hyperparameters", "param_groups", …}')) as Record<string, unknown>;
     if (options === null || typeof options !== 'object' || Array.isArray(options)) throw refuse(where, 'must be a JSON object');
   }
   for (const key of Object.keys(options)) if (!CREATE_KEYS.includes(key) || key === 'params') throw refuse(`${where}.${key}`, 'unknown key');
