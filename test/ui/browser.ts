@@ -81,3 +81,29 @@ export const liveState = (page: Page) => page.evaluate(() => {
   const el = document.getElementById('live');
   return { text: el?.textContent ?? '', green: el?.classList.contains('on') ?? false };
 });
+
+/**
+ * Waits until the session page shows `version`; on timeout the error says what the page showed (its
+ * version, live indicator, error line) and which requests it made meanwhile, so that a failure in CI can
+ * be told apart: a lost event, a read that hung, a read that failed.
+ */
+export async function waitForVersion(page: Page, version: number, timeout: number): Promise<void> {
+  const asked: string[] = [];
+  const onRequest = (r: { url(): string }) => asked.push(`${new Date().toISOString().slice(11, 23)} ${new URL(r.url()).pathname}${new URL(r.url()).search}`);
+  const onFinished = (r: { url(): string }) => asked.push(`${new Date().toISOString().slice(11, 23)} done ${new URL(r.url()).pathname}`);
+  page.on('request', onRequest);
+  page.on('requestfinished', onFinished);
+  try {
+    await page.waitForFunction((v) => document.getElementById('app')?.dataset.version === String(v), version, { timeout });
+  } catch (err) {
+    const shown = await page.evaluate(() => ({
+      version: document.getElementById('app')?.dataset.version,
+      live: document.getElementById('live')?.textContent,
+      error: document.querySelector('#app p.error')?.textContent,
+    })).catch(() => null);
+    throw new Error(`the page did not reach version ${version} in ${timeout} ms: it shows ${JSON.stringify(shown)}; requests meanwhile:\n${asked.join('\n')}`, { cause: err });
+  } finally {
+    page.off('request', onRequest);
+    page.off('requestfinished', onFinished);
+  }
+}

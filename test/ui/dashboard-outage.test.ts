@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { test, type TestContext } from 'node:test';
 import type { Page, Route } from 'playwright-core';
 import { buildTestApp } from '../helper.ts';
-import { chromiumMissing, client, launch, listen, liveState, newPage, recordRequests, screenshot } from './browser.ts';
+import { chromiumMissing, client, launch, listen, liveState, newPage, recordRequests, screenshot, waitForVersion } from './browser.ts';
 
 const skip = chromiumMissing() ?? false;
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -57,7 +57,7 @@ test('an open session page whose reads answer 503 (database down) is not live an
   await page.unroute(down, unavailable);
   await page.waitForFunction(() => document.getElementById('live')?.classList.contains('on'), null, { timeout: 10_000 });
   assert.equal((await liveState(page)).text, 'live');
-  await page.waitForFunction(() => document.getElementById('app')?.dataset.version === '3', null, { timeout: 5000 });
+  await waitForVersion(page, 3, 5000);
   assert.equal(await page.textContent('#app p.error'), '');
 });
 
@@ -238,7 +238,7 @@ test('the periodic re-renders keep the keyboard focus: a session link in the lis
     await api('POST', '/v1/sessions/b-run/step', { grads: GRAD, metrics: { loss: 1 / s } });
     await sleep(300);
   }
-  await page.waitForFunction(() => document.getElementById('app')?.dataset.version === '8', null, { timeout: 15_000 });
+  await waitForVersion(page, 8, 25_000);
   await sleep(500);
   assert.equal(await focused(), `BUTTON ${snap.id} .pt`, 'after steps streamed in');
 

@@ -609,8 +609,12 @@ export function sessionPage(root, name, who) {
     }
     // A quiet session (no events) is still read now and then: the stream stays up while the database is
     // away, and the indicator must not stay green over reads that would fail.
+    // A version newer than the page shows (an event lost on the way) is caught up with from here.
     if (now - readOkAt >= 3 * TICK_MS && !running) {
-      api(base, { signal: stop.signal }).then(() => readOk(), tickFailed);
+      api(base, { signal: stop.signal }).then((current) => {
+        readOk();
+        if (session && current.version !== session.version) refresh(true);
+      }, tickFailed);
     }
   }, TICK_MS);
 
