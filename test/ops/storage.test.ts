@@ -91,12 +91,16 @@ test('a session reports the bytes PostgreSQL holds for its rows (within a page)'
   // /metrics: the same figures, per session and in total.
   const metrics = (await app.inject({ url: '/metrics' })).body;
   const gauge = (line: string) => Number(new RegExp(`^${line.replace(/[{}"]/g, (c) => `\\${c}`)} (\\S+)$`, 'm').exec(metrics)?.[1]);
-  assert.equal(gauge('asgd_session_storage_bytes{session="sized",kind="total"}'), storage.total_bytes);
   assert.equal(gauge('asgd_session_storage_bytes{session="sized",kind="log"}'), storage.log_bytes);
+  assert.equal(gauge('asgd_session_storage_bytes{session="sized",kind="snapshots"}'), storage.snapshot_bytes);
+  assert.equal(gauge('asgd_session_storage_bytes{session="sized",kind="other"}'), storage.other_bytes);
+  // No kind="total" next to its parts: summing over the kinds (what `sum()` does) is the total, counted once.
+  assert.doesNotMatch(metrics, /kind="total"/);
   assert.equal(gauge('asgd_session_log_steps{session="sized"}'), 7);
   assert.equal(gauge('asgd_storage_sessions'), 2);
   const other = await storageOf(app, 'other');
-  assert.equal(gauge('asgd_storage_bytes{kind="total"}'), storage.total_bytes + other.total_bytes);
+  const kinds = ['log', 'snapshots', 'other'].map((kind) => gauge(`asgd_storage_bytes{kind="${kind}"}`));
+  assert.equal(kinds.reduce((a, b) => a + b, 0), storage.total_bytes + other.total_bytes);
 });
 
 test('/metrics names only the sessions that store the most', async (t) => {
@@ -108,7 +112,7 @@ test('/metrics names only the sessions that store the most', async (t) => {
     assert.equal(res.statusCode, 201, res.body);
   }
   const metrics = (await app.inject({ url: '/metrics' })).body;
-  const named = new Set([...metrics.matchAll(/^asgd_session_storage_bytes\{session="([^"]+)",kind="total"\}/gm)].map((m) => m[1]));
+  const named = new Set([...metrics.matchAll(/^asgd_session_storage_bytes\{session="([^"]+)",kind="log"\}/gm)].map((m) => m[1]));
   assert.equal(named.size, STORAGE_TOP_SESSIONS);
   for (let i = 5; i < count; i++) assert.ok(named.has(`s${String(i).padStart(3, '0')}`), `s${i} is among the largest`);
   assert.match(metrics, new RegExp(`^asgd_storage_sessions ${count}$`, 'm'));
