@@ -144,6 +144,8 @@ function readGroup(value: PyValue, path: string): AsgdParamGroup {
   return group;
 }
 
+const PARAM_STATE_KEYS: ReadonlySet<string> = new Set(['step', 'eta', 'mu', 'ax']);
+
 function readParamState(value: PyValue, path: string, options: StateDictReadOptions): AsgdParamState {
   const dict = expectDict(value, path);
   const step = readScalar(dict.get('step'), `${path}.step`, options);
@@ -153,6 +155,12 @@ function readParamState(value: PyValue, path: string, options: StateDictReadOpti
   const mu = readScalar(dict.get('mu'), `${path}.mu`, options);
   const ax = dict.get('ax');
   if (!isTensor(ax)) throw invalid(`${path}.ax`, ax === undefined ? 'is missing' : `must be a tensor, got ${describe(ax)}`);
+  // Another optimizer's state (SGD's momentum_buffer, Adam's exp_avg) would otherwise be dropped without a word.
+  for (const key of dict.keys()) {
+    if (!PARAM_STATE_KEYS.has(key as string)) {
+      throw invalid(`${path}.${String(key)}`, `is not part of ASGD's per-parameter state (step, eta, mu, ax): a state_dict of another optimizer?`);
+    }
+  }
   return { step, eta, mu, ax: float32Of(ax, `${path}.ax`, options) };
 }
 

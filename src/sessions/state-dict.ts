@@ -96,6 +96,10 @@ export function parseStateDict(body: unknown, intKeysOf?: (group: number) => str
     if (!/^(0|[1-9]\d{0,8})$/.test(key)) throw errors.invalidStateDict(field, 'keys must be parameter ids (whole numbers)');
     if (!isPlainObject(entry)) throw errors.invalidStateDict(field, 'must be an object {step, eta, mu, ax}');
     for (const k of ['step', 'eta', 'mu', 'ax']) if (entry[k] === undefined) throw errors.invalidStateDict(`${field}.${k}`, 'is missing');
+    // Another optimizer's state (SGD's momentum_buffer, Adam's exp_avg) would otherwise be dropped without a word.
+    for (const k of Object.keys(entry)) {
+      if (!['step', 'eta', 'mu', 'ax'].includes(k)) throw errors.invalidStateDict(`${field}.${k}`, 'is not part of ASGD\'s per-parameter state (step, eta, mu, ax): a state_dict of another optimizer?');
+    }
     const ax = readTensorField(entry.ax, `${field}.ax`);
     const step = readStateScalar(entry.step, `${field}.step`);
     // Checked here, not by the database: a count it cannot store (or that could not be served back and

@@ -122,6 +122,16 @@ describe('step counts in a torch.save state_dict', () => {
   });
 });
 
+describe('another optimizer\'s state in a torch.save state_dict', () => {
+  test('a per-parameter key ASGD does not have (SGD\'s momentum_buffer) is refused by name, not dropped', () => {
+    const sd = asgdStateDict(f32(3));
+    ((sd.get('state') as PyDict).get(0n) as PyDict).set('momentum_buffer', { dtype: 'float32', shape: [2], data: Float32Array.of(0, 0) });
+    const err = refusal(() => toAsgdStateDict(readTorchSave(torchSaveToBuffer(sd))));
+    assert.equal(err.code, 'INVALID_STATE_DICT');
+    assert.match(err.message, /^state_dict\.state\[0\]\.momentum_buffer is not part of ASGD's per-parameter state/);
+  });
+});
+
 // ---- safetensors headers: bounded by what the caller can use, refused before the work ----
 
 function safetensorsHeader(header: string): Buffer {

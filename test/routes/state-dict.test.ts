@@ -80,6 +80,8 @@ test('PUT state_dict rejects what load_state_dict rejects, and more, leaving the
     [(sd) => { sd.state['0'].ax = { shape: [3], data: [1, 2, 3] }; return sd; }, 'STATE_DICT_MISMATCH', /state\.0\.ax/],
     [(sd) => { delete sd.state['0'].eta; return sd; }, 'INVALID_STATE_DICT', /state\.0\.eta: is missing/],
     [(sd) => { sd.state['0'].mu = 'one'; return sd; }, 'INVALID_STATE_DICT', /state\.0\.mu/],
+    // another optimizer's state (SGD's momentum buffer) is refused, not dropped
+    [(sd) => { sd.state['0'].momentum_buffer = sd.state['0'].ax; return sd; }, 'INVALID_STATE_DICT', /state\.0\.momentum_buffer.*not part of ASGD's per-parameter state/],
     [(sd) => { sd.param_groups[0].lr = -1; return sd; }, 'INVALID_HYPERPARAMETER', /param_groups\[0\]\.lr/],
     [(sd) => { delete sd.param_groups[0].t0; return sd; }, 'INVALID_STATE_DICT', /param_groups\[0\]\.t0: is missing/],
     [(sd) => { sd.state.x = sd.state['0']; return sd; }, 'INVALID_STATE_DICT', /state\.x/],
