@@ -21,6 +21,7 @@ const API_CODES = {
   UNSUPPORTED_MEDIA_TYPE: [415, 'The Content-Type is not one this route accepts'],
   NOT_ACCEPTABLE: [406, 'No format this route offers is acceptable (Accept, ?format=, or JSON too large)'],
   ROUTE_NOT_FOUND: [404, 'No such route'],
+  METHOD_NOT_ALLOWED: [405, 'The path exists but not with this method; Allow lists the methods it has'],
   /** Sessions, tensors, hyperparameters */
   INVALID_NAME: [400, 'A session name is not 1-128 characters of A-Za-z0-9._-, or is "." or ".."'],
   INVALID_HYPERPARAMETER: [400, 'A hyperparameter is out of range or of the wrong type (as torch.optim.ASGD checks)'],
@@ -166,6 +167,7 @@ export const errors = {
   snapshotNotFound: make('SNAPSHOT_NOT_FOUND', (id: string) => `snapshot ${id} does not exist in this session`),
   tokenNotFound: make('TOKEN_NOT_FOUND', (id: string) => `token ${id} does not exist`),
   routeNotFound: make('ROUTE_NOT_FOUND', (method: string, url: string) => `no route ${method} ${url}`),
+  methodNotAllowed: make('METHOD_NOT_ALLOWED', (method: string, url: string, allowed: readonly string[]) => `${url} has no ${method}; it allows ${allowed.join(', ')}`),
   versionNotAvailable: make('VERSION_NOT_AVAILABLE', (version: number, oldest: number | null, newest: number) =>
     oldest === null
       ? `version: ${version} is not available (newest is ${newest})`

@@ -208,8 +208,28 @@ export default fp(
       if (api.headers) reply.headers(api.headers);
       return reply.status(api.statusCode).send(errorBody(api));
     });
+    // A path that exists with other methods answers 405 with Allow (RFC 9110), not 404: every route's
+    // path as a pattern, recorded as the routes are added (this plugin is registered before them).
+    const paths = new Map<string, { pattern: RegExp; methods: Set<string> }>();
+    fastify.addHook('onRoute', (route) => {
+      if (route.url === '*' || route.url === '/*') return; // a catch-all would make every path a known one
+      let entry = paths.get(route.url);
+      if (!entry) {
+        const source = route.url.split('/').map((part) => (part === '*' ? '.*' : part.startsWith(':') ? '[^/]+' : part.replace(/[.*+?^${}()|[\]\\]/g, '\\$&'))).join('/');
+        paths.set(route.url, (entry = { pattern: new RegExp(`^${source}$`), methods: new Set() }));
+      }
+      for (const method of [route.method].flat()) entry.methods.add(method);
+    });
     fastify.setNotFoundHandler((request, reply) => {
-      const api = errors.routeNotFound(request.method, request.url.split('?')[0].slice(0, 200));
+      const path = request.url.split('?')[0];
+      const allowed = new Set<string>();
+      for (const { pattern, methods } of paths.values()) if (pattern.test(path)) for (const m of methods) allowed.add(m);
+      if (allowed.size > 0 && !allowed.has(request.method)) {
+        const methods = [...allowed].sort();
+        const api = errors.methodNotAllowed(request.method, path.slice(0, 200), methods);
+        return reply.status(api.statusCode).header('allow', methods.join(', ')).send(errorBody(api));
+      }
+      const api = errors.routeNotFound(request.method, path.slice(0, 200));
       return reply.status(api.statusCode).send(errorBody(api));
     });
   },

@@ -705,3 +705,33 @@ test('a base_version newer than the session is refused where it was given: query
   }
   assert.equal((await app.inject({ url: '/v1/sessions/nv', headers: asAdmin })).json().version, 1, 'not stepped');
 });
+
+test('a method a path does not have is 405 METHOD_NOT_ALLOWED with Allow listing those the document declares; unknown paths stay 404', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  await createSession(app, 'alpha');
+  const before = (await app.inject({ url: '/v1/sessions/alpha', headers: asAdmin })).json().version;
+  const doc = app.swagger() as { paths: Record<string, Record<string, unknown>> };
+  const byPath = new Map<string, Set<string>>();
+  for (const op of operations(doc)) (byPath.get(op.path) ?? byPath.set(op.path, new Set()).get(op.path)!).add(op.method);
+  let checked = 0;
+  for (let [path, declared] of byPath) {
+    const url = fillPath(path, { name: 'alpha', id: '1' });
+    // Every template the URL fits routes it (/v1/tokens/self is also a /v1/tokens/{id}).
+    const fits = [...byPath].filter(([p]) => new RegExp(`^${p.replace(/\{\w+\}/g, '[^/]+')}$`).test(url)).flatMap(([, m]) => [...m]);
+    if (fits.length > declared.size) declared = new Set(fits);
+    const allow = [...new Set([...declared, ...(declared.has('GET') ? ['HEAD'] : [])])].sort().join(', ');
+    for (const method of ['GET', 'POST', 'PUT', 'PATCH', 'DELETE'].filter((m) => !declared.has(m))) {
+      const res = await app.inject({ method: method as 'GET', url, headers: asAdmin, payload: method === 'GET' ? undefined : {} });
+      assert.equal(res.statusCode, 405, `${method} ${url}: ${res.body}`);
+      assert.equal(res.json().code, 'METHOD_NOT_ALLOWED');
+      assert.equal(res.headers.allow, allow, `${method} ${url}`);
+      assert.match(res.json().message, new RegExp(`has no ${method}; it allows ${allow}$`));
+      checked++;
+    }
+  }
+  assert.ok(checked > 50, `${checked} cases`);
+  for (const url of ['/v1/sessions/alpha/nothing', '/v2/sessions', '/nothing']) {
+    assert.equal((await app.inject({ method: 'POST', url, headers: asAdmin })).json().code, 'ROUTE_NOT_FOUND', url);
+  }
+  assert.equal((await app.inject({ url: '/v1/sessions/alpha', headers: asAdmin })).json().version, before, 'nothing moved');
+});
