@@ -7,6 +7,7 @@ import { ConfigError, loadConfig } from './config.ts';
 import { KernelUnavailableError } from './optim/index.ts';
 import { openDatabase } from './db/database.ts';
 import { describeDbFailure } from './db/errors.ts';
+import { databaseTarget, untilConnected } from './db/wait.ts';
 import { OPS_COMMANDS, runOps, type OpsIo } from './cli/ops.ts';
 
 interface Flag {
@@ -156,7 +157,12 @@ export async function main(
         onWarning: (message) => io.stderr.write(`asgd-serve: ${message}\n`),
       });
       try {
-        await db.migrate();
+        // As `serve` does at start: a PostgreSQL still starting (a host reboot starts everything at once) is
+        // waited for, up to ASGD_DB_START_TIMEOUT_MS, saying so every 5 s.
+        await untilConnected(() => db.migrate(), {
+          waitMs: config.databaseUrl ? config.dbStartTimeoutMs : 0,
+          onWait: (err, waitedMs) => io.stderr.write(`asgd-serve: waiting for PostgreSQL at ${databaseTarget(config.databaseUrl)} (${describeDbFailure(err)}); ${Math.round(waitedMs / 1000)} s so far, up to ${Math.round(config.dbStartTimeoutMs / 1000)} s (ASGD_DB_START_TIMEOUT_MS)\n`),
+        });
         await db.ready();
       } finally {
         await db.close();

@@ -5,7 +5,8 @@ import fp from 'fastify-plugin';
 import type { FastifyInstance } from 'fastify';
 import { openDatabase, type Database } from '../db/database.ts';
 import type { Config } from '../config.ts';
-import { classifyDbError, describeDbFailure } from '../db/errors.ts';
+import { describeDbFailure } from '../db/errors.ts';
+import { databaseTarget, untilConnected } from '../db/wait.ts';
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -22,39 +23,6 @@ export interface DbPluginOptions {
 }
 
 /** host:port/database of a PostgreSQL URL, for a log line (never the password). */
-function databaseTarget(url: string | null): string | null {
-  if (!url) return null;
-  try {
-    const u = new URL(url);
-    return `${u.hostname}:${u.port || 5432}${u.pathname}`;
-  } catch {
-    return null;
-  }
-}
-
-/**
- * Runs `attempt` until it stops failing for want of a connection (a refused or dropped one, a database
- * starting up or out of slots: classifyDbError's 'retryable'), for at most `waitMs`; other failures, and the
- * last one after the wait, are thrown. Waits 0.5 s, then up to 5 s, between tries; `onWait` every 5 s of it.
- */
-export async function untilConnected(attempt: () => Promise<void>, opts: { waitMs: number; onWait: (err: unknown, waitedMs: number) => void }): Promise<void> {
-  const started = Date.now();
-  let said = -Infinity;
-  for (let k = 1; ; k++) {
-    try {
-      return await attempt();
-    } catch (err) {
-      const waited = Date.now() - started;
-      if (classifyDbError(err) !== 'retryable' || waited >= opts.waitMs) throw err;
-      if (waited - said >= 5_000) {
-        opts.onWait(err, waited);
-        said = waited;
-      }
-      await new Promise((resolve) => setTimeout(resolve, Math.min(opts.waitMs - waited, Math.min(5_000, 500 * k))));
-    }
-  }
-}
-
 export default fp(
   async function dbPlugin(fastify: FastifyInstance, opts: DbPluginOptions) {
     const { databaseUrl, dataDir } = opts.config;

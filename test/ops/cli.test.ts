@@ -2,6 +2,7 @@
 // migrate, bin/asgd-serve.mjs serve, bin/healthcheck.mjs.
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { connect, createServer, type AddressInfo } from 'node:net';
 import { readFileSync } from 'node:fs';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -59,9 +60,45 @@ test('flags override the environment; bad flags and values exit 2', async () => 
   const badPort = await runHere(['--port', 'eighty']);
   assert.equal(badPort.code, 2);
   assert.match(badPort.stderr, /PORT must be a whole number/);
-  const unreachable = await runHere(['migrate', '--database-url', 'postgres://postgres@127.0.0.1:1/none']);
+  const unreachable = await runHere(['migrate', '--database-url', 'postgres://postgres@127.0.0.1:1/none'], { ASGD_DB_START_TIMEOUT_MS: '0' });
   assert.equal(unreachable.code, 1);
   assert.match(unreachable.stderr, /migrate failed/);
+});
+
+test('migrate waits for a PostgreSQL that is not up yet (ASGD_DB_START_TIMEOUT_MS), saying so, and gives up after it', async (t) => {
+  if (TEST_DB_KIND !== 'postgres') return t.skip('runs against PostgreSQL');
+  const db = await createTestDatabase();
+  t.after(() => db.drop());
+  // A port where nothing listens yet; after 1.5 s a forwarder to the real PostgreSQL opens there.
+  const probe = createServer();
+  await new Promise<void>((resolve) => probe.listen(0, '127.0.0.1', resolve));
+  const port = (probe.address() as AddressInfo).port;
+  await new Promise((resolve) => probe.close(resolve));
+  const target = new URL(db.url);
+  const late = new URL(db.url);
+  late.port = String(port);
+  const forwarder = createServer((socket) => {
+    const upstream = connect(Number(target.port || 5432), target.hostname);
+    socket.pipe(upstream).pipe(socket);
+    socket.on('error', () => upstream.destroy());
+    upstream.on('error', () => socket.destroy());
+  });
+  t.after(() => new Promise((resolve) => forwarder.close(resolve)));
+  const opened = setTimeout(() => forwarder.listen(port, '127.0.0.1'), 1500);
+  t.after(() => clearTimeout(opened));
+  const started = Date.now();
+  const migrated = await runHere(['migrate', '--database-url', late.href], { ASGD_DB_START_TIMEOUT_MS: '20000' });
+  assert.equal(migrated.code, 0, migrated.stderr);
+  assert.ok(Date.now() - started >= 1400, 'it waited for the database');
+  assert.match(migrated.stderr, new RegExp(`waiting for PostgreSQL at 127\\.0\\.0\\.1:${port}/`));
+  assert.match(migrated.stdout, /migrations applied \(PostgreSQL\)/);
+
+  // Nothing comes: it gives up after the wait, with the reason.
+  const gaveUp = Date.now();
+  const never = await runHere(['migrate', '--database-url', 'postgres://postgres@127.0.0.1:1/none'], { ASGD_DB_START_TIMEOUT_MS: '1200' });
+  assert.equal(never.code, 1);
+  assert.ok(Date.now() - gaveUp >= 1100, 'waited before giving up');
+  assert.match(never.stderr, /migrate failed/);
 });
 
 test('migrate, then serve: ready, guarded, healthy, and a clean exit on SIGTERM (the compose sequence)', async (t) => {
