@@ -1,6 +1,6 @@
 // The whole service as one Fastify plugin. It never listens: src/server.ts does, tests inject.
 import { createRequire } from 'node:module';
-import type { IncomingMessage, Server, ServerResponse } from 'node:http';
+import { STATUS_CODES, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import fp from 'fastify-plugin';
 import { AjvCompiler } from '@fastify/ajv-compiler';
@@ -144,6 +144,9 @@ function refuseUnreadable(request: FastifyRequest, reply: FastifyReply): void {
   }
 }
 
+/** The request line and headers a request may have: 256 KiB (?options= of 65,536 characters percent-encoded, and the rest). */
+const MAX_HEADER_BYTES = 256 * 1024;
+
 const SESSION_PATH = new RegExp(`^/v1/sessions/(${SESSION_NAME_SOURCE})(?:[/?]|$)`);
 
 /** A framework-level error (bad URL, oversized headers, timeouts) in the API's error shape. */
@@ -192,7 +195,7 @@ function clientErrorHandler(this: FastifyInstance, err: Error & { code?: string;
     if (socket.destroyed) return;
     if (socket.writable) {
       const body = errorText(api);
-      socket.write(`HTTP/1.1 ${api.statusCode} ${api.code}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n${body}`);
+      socket.write(`HTTP/1.1 ${api.statusCode} ${STATUS_CODES[api.statusCode] ?? 'Error'}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nContent-Type: application/json; charset=utf-8\r\nConnection: close\r\n\r\n${body}`);
     }
     socket.destroy(err);
   };
@@ -248,6 +251,9 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
       ...(config.requestTimeoutMs > 0 && { headersTimeout: Math.min(60_000, config.requestTimeoutMs) }),
       // A request without Host is refused by the app (onRequest, in the API's error shape), not by Node's bare 400.
       requireHostHeader: false,
+      // Node's 16 KiB would refuse (431) a create from a file whose ?options= (declared up to 65,536
+      // characters: the param_groups of a large model name every parameter) is percent-encoded to 3x.
+      maxHeaderSize: MAX_HEADER_BYTES,
       connectionsCheckingInterval: Math.min(30_000, Math.max(100, Math.floor((config.requestTimeoutMs || 120_000) / 4))),
     },
     // A hop count is valid at runtime (fastify's trust-proxy); the typings only list the other forms.

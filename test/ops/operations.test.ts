@@ -219,6 +219,30 @@ test('under pressure (heap above the limit) the API answers 503 with Retry-After
   assert.equal((await app.inject({ url: '/metrics' })).statusCode, 200);
 });
 
+test('a create from a file takes ?options= up to its declared 65,536 characters over real HTTP (percent-encoded to ~3x); one more is INVALID_QUERY naming it', async (t) => {
+  const { app } = await buildTestApp(t);
+  await app.listen({ host: '127.0.0.1', port: 0 });
+  const { port } = app.server.address() as { port: number };
+  const file = streamToBuffer(writeSafetensors([['w', { dtype: 'float32', shape: [2], data: Float32Array.of(1, 2) }]]));
+  // Options as long as allowed: JSON padded with spaces, each sent as %20.
+  const options = (length: number) => {
+    const json = JSON.stringify({ hyperparameters: { lr: 0.5 } });
+    return `${json.slice(0, -1)}${' '.repeat(length - json.length)}}`;
+  };
+  const create = (name: string, length: number) => fetch(`http://127.0.0.1:${port}/v1/sessions?name=${name}&options=${encodeURIComponent(options(length))}`, {
+    method: 'POST', headers: { 'content-type': 'application/x-safetensors' }, body: new Uint8Array(file),
+  });
+  const ok = await create('long', 65_536);
+  assert.equal(ok.status, 201, await ok.clone().text());
+  assert.equal((await ok.json()).param_groups[0].lr, 0.5);
+  const over = await create('longer', 65_537);
+  assert.equal(over.status, 400);
+  const body = await over.json();
+  assert.equal(body.code, 'INVALID_QUERY');
+  assert.match(body.message, /^options/);
+  assert.equal((await fetch(`http://127.0.0.1:${port}/v1/sessions/longer`)).status, 404, 'not created');
+});
+
 test('a request whose body does not arrive in time gets 408 REQUEST_TIMEOUT; oversized headers 431 HEADERS_TOO_LARGE', async (t) => {
   const { app } = await buildTestApp(t, { env: { ASGD_REQUEST_TIMEOUT_MS: '300' } });
   await app.listen({ host: '127.0.0.1', port: 0 });
@@ -233,10 +257,14 @@ test('a request whose body does not arrive in time gets 408 REQUEST_TIMEOUT; ove
     setTimeout(() => socket.destroy(), wait);
   });
   const slow = await raw('POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"name"');
-  assert.match(slow, /^HTTP\/1\.1 408/);
+  assert.match(slow, /^HTTP\/1\.1 408 Request Timeout\r\n/);
+  assert.match(slow, /\r\nContent-Type: application\/json; charset=utf-8\r\n/);
   assert.equal(JSON.parse(slow.slice(slow.indexOf('\r\n\r\n') + 4)).code, 'REQUEST_TIMEOUT');
-  const huge = await raw(`GET /v1/sessions HTTP/1.1\r\nHost: x\r\nX-Pad: ${'a'.repeat(20_000)}\r\n\r\n`);
-  assert.match(huge, /^HTTP\/1\.1 431/);
+  // 64 KiB of headers is taken (a create's ?options= may be that long), 300 KB is not.
+  const big = await raw(`GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: ${'a'.repeat(65_536)}\r\n\r\n`);
+  assert.match(big, /^HTTP\/1\.1 200/);
+  const huge = await raw(`GET /v1/sessions HTTP/1.1\r\nHost: x\r\nX-Pad: ${'a'.repeat(300_000)}\r\n\r\n`);
+  assert.match(huge, /^HTTP\/1\.1 431 Request Header Fields Too Large\r\n/);
   assert.equal(JSON.parse(huge.slice(huge.indexOf('\r\n\r\n') + 4)).code, 'HEADERS_TOO_LARGE');
   assert.equal((await fetch(`http://127.0.0.1:${port}/healthz`)).status, 200, 'the server is fine afterwards');
 });
