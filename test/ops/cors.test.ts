@@ -14,14 +14,15 @@ const preflight = (origin: string, method = 'POST', headers = 'authorization, co
 });
 const list = (value: unknown) => String(value ?? '').split(',').map((s) => s.trim().toLowerCase()).filter(Boolean);
 
-test('CORS is off unless configured: no CORS headers, and a preflight is an unknown route', async (t) => {
+test('CORS is off unless configured: no CORS headers, and a preflight is a method the path does not have (405)', async (t) => {
   const { app } = await buildTestApp(t);
   await createSession(app, 'c', {});
   const res = await app.inject({ url: '/v1/sessions/c', headers: { origin: PAGE } });
   assert.equal(res.statusCode, 200);
   assert.equal(res.headers['access-control-allow-origin'], undefined);
   const pre = await app.inject(preflight(PAGE));
-  assert.equal(pre.statusCode, 404);
+  assert.equal(pre.statusCode, 405);
+  assert.equal(pre.json().code, 'METHOD_NOT_ALLOWED');
   assert.equal(pre.headers['access-control-allow-origin'], undefined);
 });
 
