@@ -72,8 +72,10 @@ export function readSafetensors(input: Uint8Array, options: SafetensorsReadOptio
       if (isPlainObject(info) && countKeys(info, MAX_METADATA_KEYS) > MAX_METADATA_KEYS) throw headerError(`header __metadata__ has more than ${MAX_METADATA_KEYS} entries`);
       continue;
     }
-    if (maxTensors !== undefined && ++entries > maxTensors) throw headerError(`header lists more than ${maxTensors} tensors`);
+    // Names first: with the caller's names as the bound, one tensor too many has a name it cannot use,
+    // refused by that name (an extra variable of the model) rather than by the count.
     checkName?.(name);
+    if (maxTensors !== undefined && ++entries > maxTensors) throw headerError(`header lists more than ${maxTensors} tensors`);
   }
   const bodyStart = 8 + headerLength;
   const bodyLength = buf.length - bodyStart;

@@ -209,6 +209,8 @@ test('malformed files: each a 4xx with a code, the session unchanged, nothing ru
     ['POST', '/v1/sessions/f/step', st, safetensorsOf({ 'fc.bias': f32([1, 3], [1, 2, 3]) }), 'SHAPE_MISMATCH'],
     ['POST', '/v1/sessions/f/step', st, safetensorsOf({ 'fc.bias': f32([3], [1, NaN, 3]) }), 'NON_FINITE_GRADIENT'],
     ['POST', '/v1/sessions/f/step', st, safetensorsOf({ nope: f32([3], [1, 2, 3]) }), 'UNKNOWN_PARAMETER'],
+    // One tensor more than the session has (a model with an extra variable): named, as in JSON.
+    ['POST', '/v1/sessions/f/step', st, safetensorsOf({ 'fc.weight': f32([3, 5], new Array(15).fill(0)), 'fc.bias': f32([3], [1, 2, 3]), extra: f32([1], [1]) }), 'UNKNOWN_PARAMETER'],
     ['PUT', '/v1/sessions/f/state_dict', st, safetensorsOf({ 'state.0.ax': f32([3], [1, 2, 3]) }), 'INVALID_STATE_DICT'],
     // A malformed state_dict file answers the code a malformed JSON state_dict does.
     ['PUT', '/v1/sessions/f/state_dict', st, safetensorsOf({ 'state.x.ax': f32([3], [1, 2, 3]) }), 'INVALID_STATE_DICT'],
