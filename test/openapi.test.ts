@@ -161,3 +161,85 @@ test('shared shapes are components referenced by $ref; tensor answers are typed'
   assert.deepEqual(doc.components.schemas.Params.properties.params, { $ref: '#/components/schemas/NamedTensors' });
   assert.deepEqual(doc.components.schemas.NamedTensors.additionalProperties, { $ref: '#/components/schemas/Tensor' });
 });
+
+test('the headers the document declares on each answer are sent, and the API headers sent are declared', async (t) => {
+  const doc = JSON.parse(readFileSync(OPENAPI_FILE, 'utf8'));
+  type Response = { $ref?: string; headers?: Record<string, unknown> };
+  const byId = new Map(operations(doc).map((o) => [(o.op as { operationId?: string }).operationId as string, o.op.responses as Record<string, Response>]));
+  const API_HEADERS = ['etag', 'x-session-version', 'x-session-step', 'location', 'cache-control', 'content-disposition', 'retry-after', 'www-authenticate', 'x-request-id'];
+  const declaredFor = (operationId: string, status: number): string[] => {
+    const responses = byId.get(operationId);
+    assert.ok(responses, operationId);
+    let response = responses[String(status)] ?? responses.default;
+    assert.ok(response, `${operationId} ${status} is declared`);
+    if (response.$ref) response = doc.components.responses[response.$ref.split('/').pop()!] as Response;
+    return Object.keys(response.headers ?? {}).map((h) => h.toLowerCase());
+  };
+  let checked = 0;
+  const check = (operationId: string, res: { statusCode: number; headers: Record<string, unknown>; body: string }, file = false) => {
+    const declared = declaredFor(operationId, res.statusCode);
+    for (const name of declared) {
+      if (name === 'content-disposition' && !file) continue; // file answers only
+      assert.ok(res.headers[name] !== undefined, `${operationId} ${res.statusCode}: ${name} declared, not sent (${res.body.slice(0, 120)})`);
+    }
+    for (const name of API_HEADERS) if (res.headers[name] !== undefined) assert.ok(declared.includes(name), `${operationId} ${res.statusCode}: ${name} sent, not declared`);
+    checked++;
+  };
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: 'admin-token-for-tests-0123456789' } });
+  const admin = { authorization: 'Bearer admin-token-for-tests-0123456789' };
+  const call = async (operationId: string, req: { method?: string; url: string; payload?: unknown; headers?: Record<string, string> }, file = false) => {
+    const res = await app.inject({ method: (req.method ?? 'GET') as 'GET', url: req.url, payload: req.payload as string, headers: { ...admin, ...req.headers } });
+    check(operationId, res, file);
+    return res;
+  };
+  const params = [{ name: 'w', shape: [3], data: [0.1, 0.2, 0.3] }];
+  const grads = { grads: { w: [1, 2, 3] } };
+  for (const [id, url] of [['index', '/'], ['liveness', '/healthz'], ['readiness', '/readyz'], ['metrics', '/metrics']]) await call(id, { url });
+  const token = (await call('createToken', { method: 'POST', url: '/v1/tokens', payload: { scope: 'read', name: 'reader' } })).json();
+  await call('listTokens', { url: '/v1/tokens' });
+  await call('getOwnToken', { url: '/v1/tokens/self' });
+  await call('createSession', { method: 'POST', url: '/v1/sessions', payload: { name: 's', params } });
+  await call('listSessions', { url: '/v1/sessions' });
+  await call('getSession', { url: '/v1/sessions/s' });
+  await call('getSession', { url: '/v1/sessions/s', headers: { 'if-none-match': '"1"' } });
+  await call('updateSession', { method: 'PATCH', url: '/v1/sessions/s', payload: { snapshot_every: 50 } });
+  await call('forkSession', { method: 'POST', url: '/v1/sessions/s/fork', payload: { name: 's2' } });
+  await call('step', { method: 'POST', url: '/v1/sessions/s/step', payload: grads });
+  await call('step', { method: 'POST', url: '/v1/sessions/s/step?return=params', payload: grads, headers: { accept: 'application/x-safetensors' } }, true);
+  for (const [id, what] of [['getParams', 'params'], ['getStateDict', 'state_dict'], ['getCheckpoint', 'checkpoint']]) {
+    await call(id, { url: `/v1/sessions/s/${what}?format=json` });
+    await call(id, { url: `/v1/sessions/s/${what}?format=pt` }, true);
+    await call(id, { url: `/v1/sessions/s/${what}`, headers: { 'if-none-match': '"3"' } });
+  }
+  const current = (path: string) => app.inject({ url: `/v1/sessions/s/${path}`, headers: admin }).then((r) => r.json());
+  await call('loadParams', { method: 'PUT', url: '/v1/sessions/s/params', payload: { params: (await current('params')).params } });
+  await call('loadStateDict', { method: 'PUT', url: '/v1/sessions/s/state_dict', payload: await current('state_dict') });
+  await call('loadCheckpoint', { method: 'PUT', url: '/v1/sessions/s/checkpoint', payload: await current('checkpoint?format=json') });
+  const snapshot = (await call('createSnapshot', { method: 'POST', url: '/v1/sessions/s/snapshots', payload: {} })).json().id;
+  await call('listSnapshots', { url: '/v1/sessions/s/snapshots' });
+  await call('getSnapshot', { url: `/v1/sessions/s/snapshots/${snapshot}` });
+  await call('pinSnapshot', { method: 'PATCH', url: `/v1/sessions/s/snapshots/${snapshot}`, payload: { pinned: true } });
+  for (const [id, what] of [['getSnapshotParams', 'params'], ['getSnapshotStateDict', 'state_dict'], ['getSnapshotCheckpoint', 'checkpoint']]) {
+    await call(id, { url: `/v1/sessions/s/snapshots/${snapshot}/${what}?format=json` });
+    await call(id, { url: `/v1/sessions/s/snapshots/${snapshot}/${what}?format=safetensors`.replace('checkpoint?format=safetensors', 'checkpoint?format=pt') }, true);
+  }
+  await call('restoreSnapshot', { method: 'POST', url: `/v1/sessions/s/snapshots/${snapshot}/restore` });
+  for (const [id, what] of [['getNorms', 'norms'], ['getHyperparameterChanges', 'hyperparameters'], ['getMetrics', 'metrics']]) await call(id, { url: `/v1/sessions/s/${what}` });
+  await call('getEvents', { method: 'HEAD', url: '/v1/sessions/s/events' });
+  // errors: 401, 403, 404, 412 and the default (405)
+  await call('getSession', { url: '/v1/sessions/s', headers: { authorization: 'Bearer not-a-token-at-all' } });
+  await call('deleteSession', { method: 'DELETE', url: '/v1/sessions/s', headers: { authorization: `Bearer ${token.token}` } });
+  await call('getSession', { url: '/v1/sessions/nope' });
+  await call('updateSession', { method: 'PATCH', url: '/v1/sessions/s', payload: {}, headers: { 'if-match': '"99"' } });
+  await call('getSession', { method: 'DELETE', url: '/v1/sessions/s/step' });
+  await call('deleteSession', { method: 'DELETE', url: '/v1/sessions/s2' });
+  await call('revokeToken', { method: 'DELETE', url: `/v1/tokens/${token.id}` });
+
+  // 429 and 503 (Retry-After): a rate limit of one request a minute; an RSS limit every process is over.
+  const limited = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: 'admin-token-for-tests-0123456789', ASGD_RATE_LIMIT_PER_MINUTE: '1' } });
+  await limited.app.inject({ url: '/v1/sessions', headers: admin });
+  check('listSessions', await limited.app.inject({ url: '/v1/sessions', headers: admin }));
+  const overloaded = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: 'admin-token-for-tests-0123456789', ASGD_MAX_RSS_BYTES: '1000000' } });
+  check('listSessions', await overloaded.app.inject({ url: '/v1/sessions', headers: admin }));
+  assert.ok(checked >= 50, `${checked} answers checked`);
+});

@@ -68,17 +68,28 @@ function errorResponse(status: number): Json {
   };
 }
 
+/** Fields some errors add to the body, by status. */
+const ERROR_DETAILS: Record<number, Json> = {
+  409: {
+    version: { type: 'integer', description: 'STALE_GRADIENT, ROUND_OPEN, DUPLICATE_CONTRIBUTION: the session\'s current version (pull the parameters at it)' },
+    staleness: { type: 'integer', description: 'STALE_GRADIENT: how many versions the gradient\'s base_version is behind' },
+    max_staleness: { type: 'integer', description: 'STALE_GRADIENT: the session\'s bound' },
+  },
+  412: { version: { type: 'integer', description: 'The session\'s current version (as its ETag)' } },
+};
+
 function errorSchema(status: number): Json {
   const codes = codesOfStatus(status);
   return {
     type: 'object',
-    description: `An error of status ${status}: a stable code and a message that starts with the field at fault`,
+    description: `An error of status ${status}: a stable code and a message that names the field at fault (first, as "field: …", where one field is)`,
     required: ['statusCode', 'code', 'error', 'message'],
     properties: {
       statusCode: { type: 'integer', enum: [status] },
       code: { type: 'string', enum: codes },
       error: { type: 'string', example: STATUS_CODES[status] },
       message: { type: 'string' },
+      ...ERROR_DETAILS[status],
     },
     additionalProperties: true,
     example: { statusCode: status, code: codes[0], error: STATUS_CODES[status], message: CODES[codes[0]].meaning },
@@ -86,6 +97,57 @@ function errorSchema(status: number): Json {
 }
 
 const METHODS = ['get', 'put', 'post', 'delete', 'patch', 'head', 'options'];
+
+/** The response headers the service sends, as components.headers. */
+const HEADERS: Record<string, Json> = {
+  'X-Request-Id': { description: 'The request\'s id, as in the service\'s log lines: the X-Request-Id the client sent when it is one (1-128 characters, no spaces), else a new UUID', schema: { type: 'string' } },
+  ETag: { description: 'The version of the state this answer shows (or the session is at), quoted: `"7"`. Send it as If-Match to change only that version, as If-None-Match to read only a newer one', schema: { type: 'string', example: '"7"' } },
+  'X-Session-Version': { description: 'The same version, unquoted', schema: { type: 'integer', minimum: 0 } },
+  'X-Session-Step': { description: 'The optimizer step count of the state answered', schema: { type: 'integer', minimum: 0 } },
+  Location: { description: 'The new session\'s URL', schema: { type: 'string', example: '/v1/sessions/run-1' } },
+  'Cache-Control': { description: 'no-store (an answer no cache may keep: settings change without a new version; a new token\'s secret), or no-cache for an event stream', schema: { type: 'string' } },
+  'Content-Disposition': { description: 'On a file answer (torch.save, safetensors): `attachment; filename="<session>-v<version>[-checkpoint].<pt|safetensors>"`', schema: { type: 'string' } },
+  'Retry-After': { description: 'Seconds to wait before trying again', schema: { type: 'integer', minimum: 0 } },
+  'WWW-Authenticate': { description: 'Bearer realm="asgd-serve", with error="invalid_token" (401) or error="insufficient_scope" and the scope needed (403)', schema: { type: 'string' } },
+};
+const VERSIONED = ['ETag', 'X-Session-Version'];
+const STATE_FILE = [...VERSIONED, 'X-Session-Step', 'Content-Disposition'];
+/** The headers of each operation's answers, by status (X-Request-Id goes on every answer). Tested against the answers in test/openapi.test.ts. */
+export const SUCCESS_HEADERS: Record<string, Record<string, string[]>> = {
+  createToken: { 201: ['Cache-Control'] },
+  createSession: { 201: [...VERSIONED, 'Location'] },
+  getSession: { 200: [...VERSIONED, 'Cache-Control'], 304: [...VERSIONED, 'Cache-Control'] },
+  updateSession: { 200: VERSIONED },
+  forkSession: { 201: [...VERSIONED, 'Location'] },
+  step: { 200: [...VERSIONED, 'X-Session-Step', 'Content-Disposition'] },
+  getParams: { 200: STATE_FILE, 304: VERSIONED },
+  getStateDict: { 200: STATE_FILE, 304: VERSIONED },
+  getCheckpoint: { 200: STATE_FILE, 304: VERSIONED },
+  loadParams: { 200: VERSIONED },
+  loadStateDict: { 200: VERSIONED },
+  loadCheckpoint: { 200: VERSIONED },
+  getSnapshotParams: { 200: STATE_FILE },
+  getSnapshotStateDict: { 200: STATE_FILE },
+  getSnapshotCheckpoint: { 200: STATE_FILE },
+  restoreSnapshot: { 200: VERSIONED },
+  getNorms: { 200: VERSIONED },
+  getHyperparameterChanges: { 200: VERSIONED },
+  getMetrics: { 200: VERSIONED },
+  getEvents: { 200: ['Cache-Control'] },
+};
+/** Headers of the error answers, by status. */
+export const ERROR_HEADERS: Record<number, string[]> = { 401: ['WWW-Authenticate'], 403: ['WWW-Authenticate'], 412: ['ETag'], 429: ['Retry-After'], 503: ['Retry-After'] };
+/** Where a header is sent only in some cases, when. */
+export const CONDITIONAL_HEADERS: Record<string, string> = {
+  'Content-Disposition': 'file answers (torch.save, safetensors) only',
+  'WWW-Authenticate': 'on 403, when the token\'s scope is too low',
+};
+
+const headerRefs = (names: readonly string[]): Json =>
+  Object.fromEntries(['X-Request-Id', ...names].map((n) => [n, { $ref: `#/components/headers/${n.replace(/-/g, '')}` }]));
+
+/** Statuses any operation may answer beyond those it lists, in the `default` response. */
+const OTHER_STATUSES = [405, 408, 414, 431, 500];
 
 export function finishDocument(doc: Json): Json {
   const schemas: Json = {};
@@ -116,14 +178,38 @@ export function finishDocument(doc: Json): Json {
         }
         for (const media of Object.values((response.content ?? {}) as Record<string, Json>)) media.schema = toOpenApiSchema(media.schema, schemas);
         if (response.description === 'Default Response') response.description = STATUS_CODES[Number(status)] ?? 'Success';
+        response.headers = headerRefs(SUCCESS_HEADERS[op.operationId as string]?.[status] ?? []);
       }
+      out.default = { $ref: '#/components/responses/ErrorOther' };
     }
   }
   for (const status of [...errorStatuses].sort()) {
     schemas[`Error${status}`] = errorSchema(status);
-    responses[`Error${status}`] = errorResponse(status);
+    responses[`Error${status}`] = { ...errorResponse(status), headers: headerRefs(ERROR_HEADERS[status] ?? []) };
   }
+  const otherCodes = OTHER_STATUSES.flatMap(codesOfStatus);
+  schemas.ErrorOther = {
+    type: 'object',
+    description: 'An error of a status the operation does not list',
+    required: ['statusCode', 'code', 'error', 'message'],
+    properties: {
+      statusCode: { type: 'integer', enum: OTHER_STATUSES },
+      code: { type: 'string', enum: otherCodes },
+      error: { type: 'string' },
+      message: { type: 'string' },
+    },
+    additionalProperties: true,
+    example: { statusCode: 405, code: 'METHOD_NOT_ALLOWED', error: 'Method Not Allowed', message: '/v1/sessions has no DELETE; it allows GET, HEAD, POST' },
+  };
+  responses.ErrorOther = {
+    description: 'A status the operation does not list: 405 (a method the path does not have; Allow lists those it has), 408 (the request was not received in time), ' +
+      '414 (a path segment over 512 characters), 431 (request line and headers over 256 KiB), 500 (an unexpected failure; the log has the details). The `code` is one of:\n\n' +
+      otherCodes.map((c) => `- \`${c}\`: ${CODES[c].meaning}`).join('\n'),
+    headers: headerRefs([]),
+    content: { 'application/json': { schema: { $ref: '#/components/schemas/ErrorOther' } } },
+  };
   const components = (doc.components ?? {}) as Json;
-  doc.components = { ...components, schemas: Object.fromEntries(Object.entries(schemas).sort(([a], [b]) => a.localeCompare(b))), responses };
+  const headers = Object.fromEntries(Object.entries(HEADERS).map(([name, h]) => [name.replace(/-/g, ''), CONDITIONAL_HEADERS[name] ? { ...h, description: `${h.description}. Sent on ${CONDITIONAL_HEADERS[name]}` } : h]));
+  doc.components = { ...components, schemas: Object.fromEntries(Object.entries(schemas).sort(([a], [b]) => a.localeCompare(b))), responses, headers };
   return doc;
 }

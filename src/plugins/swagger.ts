@@ -70,8 +70,11 @@ export default fp(
           s.description = `${s.description ? `${s.description}\n\n` : ''}Needs a token with scope \`${scope}\`${route.config?.allSessions ? ' that is not limited to a list of sessions' : ''}.`;
           statuses.push(401, 403, 429);
         }
-        if (s.body || s.params || s.querystring || s.headers) statuses.push(400);
-        if (s.body) statuses.push(413, 415);
+        // Every /v1 route refuses query parameters it does not read (400 INVALID_QUERY).
+        if (s.body || s.params || s.querystring || s.headers || url.startsWith('/v1/')) statuses.push(400);
+        // A route without a body (DELETE, a restore) refuses one: 415 for another type, 413 for a large one.
+        const readsBody = ![route.method].flat().every((m) => m === 'GET' || m === 'HEAD');
+        if (s.body || readsBody) statuses.push(413, 415);
         if (url.startsWith('/v1/') || url === '/readyz') statuses.push(503);
         for (const status of statuses) {
           if (!response[status]) response[status] = ErrorBody;

@@ -128,12 +128,32 @@ export class RoundPending extends ASGDError {
 /** An answer the client cannot read (not the JSON or safetensors the route promises). */
 export class ProtocolError extends ASGDError {}
 
-function describeCause(cause: unknown): string {
-  if (cause instanceof Error) {
-    const inner = (cause as { cause?: { code?: string; message?: string } }).cause;
-    return inner?.code ? `${cause.message} (${inner.code})` : cause.message;
-  }
-  return String(cause);
+/**
+ * Why a request failed, from the error and its causes: Node's fetch throws "fetch failed" whose cause says
+ * why ("connect ECONNREFUSED 127.0.0.1:8080", "getaddrinfo ENOTFOUND host", an AggregateError of each
+ * address tried), and a code ("ECONNREFUSED") that is named when the messages do not already say it.
+ */
+export function describeCause(cause: unknown): string {
+  const parts: string[] = [];
+  const codes: string[] = [];
+  const seen = new Set<unknown>();
+  const visit = (err: unknown, depth: number): void => {
+    if (err == null || seen.has(err) || depth > 5) return;
+    seen.add(err);
+    if (typeof err !== 'object') {
+      parts.push(String(err));
+      return;
+    }
+    const { message, code, errors, cause: inner } = err as { message?: unknown; code?: unknown; errors?: unknown; cause?: unknown };
+    if (typeof message === 'string' && message && !parts.includes(message)) parts.push(message);
+    if (typeof code === 'string' && !codes.includes(code)) codes.push(code);
+    if (Array.isArray(errors)) for (const e of errors.slice(0, 4)) visit(e, depth + 1);
+    visit(inner, depth + 1);
+  };
+  visit(cause, 0);
+  const text = parts.join(': ') || 'unknown error';
+  const unnamed = codes.filter((c) => !text.includes(c));
+  return unnamed.length ? `${text} (${unnamed.join(', ')})` : text;
 }
 
 type ServiceErrorClass = new (...args: ConstructorParameters<typeof ServiceError>) => ServiceError;

@@ -58,12 +58,50 @@ function neverSent(err: unknown): boolean {
   return code === 'ECONNREFUSED' || code === 'ENOTFOUND' || code === 'EAI_AGAIN';
 }
 
+/**
+ * Failures that no retry can mend (Node's fetch: a URL it cannot send to, a port fetch refuses): thrown at
+ * once rather than retried for the whole budget.
+ */
+function permanent(err: unknown): boolean {
+  const cause = (err as { cause?: { code?: string; message?: string } })?.cause;
+  return cause?.code === 'ERR_INVALID_URL' || cause?.message === 'unknown scheme' || cause?.message === 'bad port';
+}
+
+const EXPECTED_URL = 'an http:// or https:// URL such as http://host:port (e.g. http://127.0.0.1:8080)';
+
+/**
+ * The base URL, checked: an absolute http(s) URL without credentials, query or fragment (a path prefix is
+ * fine), or in a browser a path on the page's own origin ("/asgd"). Anything else is a TypeError at once,
+ * naming the URL and what is expected, rather than a minute of retries of a request that cannot be sent.
+ */
+export function checkBaseUrl(baseUrl: string): string {
+  const shown = JSON.stringify(baseUrl);
+  if (typeof baseUrl !== 'string') throw new TypeError(`ASGDClient: the base URL must be a string, ${EXPECTED_URL}; got ${String(baseUrl)}`);
+  const trimmed = baseUrl.replace(/\/+$/, '');
+  // "localhost:8080" parses as the scheme "localhost:", and "127.0.0.1:8080" not at all: both are a host and a port.
+  const hostPort = /^[A-Za-z0-9.-]+:\d+(\/|$)/.test(baseUrl) || /^\[[0-9A-Fa-f:.]+\]:\d+(\/|$)/.test(baseUrl);
+  if (hostPort) throw new TypeError(`ASGDClient: the base URL ${shown} has no scheme; expected ${EXPECTED_URL}: did you mean "http://${trimmed}"?`);
+  const page = (globalThis as { location?: { href?: string } }).location?.href;
+  let url: URL;
+  try {
+    url = baseUrl.startsWith('/') && !baseUrl.startsWith('//') && page ? new URL(baseUrl, page) : new URL(baseUrl);
+  } catch {
+    throw new TypeError(`ASGDClient: the base URL ${shown} is not a URL; expected ${EXPECTED_URL}`);
+  }
+  if (url.protocol !== 'http:' && url.protocol !== 'https:') {
+    throw new TypeError(`ASGDClient: the base URL ${shown} has the scheme "${url.protocol.slice(0, -1)}"; expected ${EXPECTED_URL}`);
+  }
+  if (url.username || url.password) throw new TypeError(`ASGDClient: the base URL ${shown} holds credentials, which fetch refuses; pass a token in the options instead (expected ${EXPECTED_URL})`);
+  if (url.search || url.hash) throw new TypeError(`ASGDClient: the base URL ${shown} has a query or fragment; expected ${EXPECTED_URL}, optionally with a path prefix`);
+  return trimmed;
+}
+
 export class Transport {
   readonly baseUrl: string;
   private readonly options: TransportOptions;
 
   constructor(baseUrl: string, options: TransportOptions = {}) {
-    this.baseUrl = baseUrl.replace(/\/+$/, '');
+    this.baseUrl = checkBaseUrl(baseUrl);
     this.options = options;
   }
 
@@ -94,7 +132,7 @@ export class Transport {
       try {
         res = await doFetch(url, { method: x.method, headers, body: body as BodyInit | undefined, signal: AbortSignal.timeout(this.options.timeoutMs ?? 300_000) });
       } catch (err) {
-        if ((x.repeatable || neverSent(err)) && Date.now() + pause < deadline) {
+        if (!permanent(err) && (x.repeatable || neverSent(err)) && Date.now() + pause < deadline) {
           await sleep(pause);
           pause = Math.min(pause * 2, 2_000);
           continue;
@@ -149,7 +187,7 @@ export class Transport {
         res = await doFetch(url, { method: x.method, headers, signal: signal ? AbortSignal.any([signal, silent.signal]) : silent.signal });
       } catch (err) {
         if (signal?.aborted) throw err;
-        if (Date.now() + pause < deadline) {
+        if (!permanent(err) && Date.now() + pause < deadline) {
           await sleep(pause);
           pause = Math.min(pause * 2, 2_000);
           continue;

@@ -7,10 +7,12 @@
 // (base_version), so the service counts it as stale rather than pretending otherwise.
 // In a session with `aggregation` each step is this worker's contribution to the round at the variables'
 // version; its answer (after the round has stepped) brings the parameters of the next version.
+// A step refused as stale (max_staleness, or a round that stepped without it) is handled by `onStale`:
+// 'pull' (default) drops it and loads the session's parameters, 'raise' throws it from synchronize().
 import { Optimizer, serialization, tensor, type NamedTensorMap, type Scalar, type Tensor as TfTensor, type Variable } from '@tensorflow/tfjs-core';
 import { ASGDClient } from './client.ts';
-import { SessionNotFound } from './errors.ts';
-import type { TransportOptions } from './http.ts';
+import { RoundPending, SessionNotFound, StaleGradient } from './errors.ts';
+import { newIdempotencyKey, type TransportOptions } from './http.ts';
 import type { Tensor } from './tensors.ts';
 import type { Aggregation, Hyperparameters, Session, StepOptions, StepParamGroup, StepResult } from './types.ts';
 
@@ -37,8 +39,19 @@ export interface RemoteASGDOptions {
   worker?: string;
   /** With aggregation: seconds the service holds a step for its round before the client asks again (`?wait=`). */
   roundWaitSeconds?: number;
-  /** With aggregation: give up waiting for a round after this long (RoundPending). Default: no limit. */
+  /**
+   * With aggregation: give up waiting for a round after this long (RoundPending; the contribution stays in
+   * the round). `resumeRound()`, or the next `minimize`, waits on for that round. Default: no limit.
+   */
   maxRoundWaitMs?: number;
+  /**
+   * What a step refused as stale (409 STALE_GRADIENT: older than the session's `max_staleness`, or a
+   * contribution to a round that has already stepped, e.g. after its `timeout_s`) does:
+   * 'pull' (default, as the Python client's `on_stale="pull"`): drop the gradient, load the session's current
+   * parameters into the variables, count it in `staleDropped`; training goes on (`model.fit` is not ended).
+   * 'raise': the step's StaleGradient is thrown by `synchronize()` (in `model.fit`, by `optimizer.callback`).
+   */
+  onStale?: StalePolicy;
   /** Gradient transport: safetensors (default) or JSON, and the wire dtype (F32 default). */
   format?: StepOptions['format'];
   dtype?: StepOptions['dtype'];
@@ -48,6 +61,20 @@ export interface RemoteASGDOptions {
 }
 
 type NamedTensor = { name: string; tensor: TfTensor };
+
+/** RemoteASGDOptions.onStale: what a gradient refused as stale does. */
+export type StalePolicy = 'pull' | 'raise';
+const STALE_POLICIES: readonly StalePolicy[] = ['pull', 'raise'];
+
+/** This worker's contribution to a round it stopped waiting for (RoundPending): the same request again. */
+interface PendingContribution {
+  /** The round's version (the contribution's base_version). */
+  version: number;
+  /** Sends the contribution again with its Idempotency-Key: the service counts it once. */
+  send: (maxWaitMs: number | undefined) => Promise<StepResult>;
+  /** The step's hyperparameters, given back to nextParamGroups if the contribution is dropped. */
+  paramGroups: StepParamGroup[] | undefined;
+}
 
 const NAME = /[^A-Za-z0-9._-]/g;
 
@@ -141,6 +168,14 @@ export class RemoteASGD extends Optimizer {
   readonly worker: string;
   /** The session's aggregation as attach() found it (null: every step is applied on its own). */
   aggregation: Aggregation | null = null;
+  /** What a gradient refused as stale does (the `onStale` option; default 'pull'). */
+  readonly onStale: StalePolicy;
+  /** Gradients dropped because the service refused them as stale (`onStale: 'pull'`). */
+  staleDropped = 0;
+  /** The last StaleGradient dropped under `onStale: 'pull'` (its message says how stale), or null. */
+  lastStale: StaleGradient | null = null;
+  /** The contribution whose round this optimizer stopped waiting for (RoundPending), until that round's outcome is in. */
+  private pendingRound: PendingContribution | null = null;
   private pending: Promise<void> = Promise.resolve();
   private failure: unknown = null;
   private pendingLoss: number | undefined;
@@ -151,6 +186,8 @@ export class RemoteASGD extends Optimizer {
     this.client = typeof options.client === 'string' ? new ASGDClient(options.client, options.clientOptions) : options.client;
     this.session = options.session;
     this.worker = options.worker ?? `js-${crypto.randomUUID().replaceAll('-', '').slice(0, 12)}`;
+    this.onStale = options.onStale ?? 'pull';
+    if (!STALE_POLICIES.includes(this.onStale)) throw new RangeError(`RemoteASGD: onStale must be one of ${STALE_POLICIES.map((p) => `'${p}'`).join(', ')}, not ${JSON.stringify(options.onStale)}`);
   }
 
   /**
@@ -236,33 +273,100 @@ export class RemoteASGD extends Optimizer {
     const paramGroups = this.nextParamGroups;
     // A contribution when the session has rounds; the worker id is also sent when given (checked, then ignored).
     const round: StepOptions = this.aggregation !== null || this.options.worker !== undefined
-      ? { worker: this.worker, wait: this.options.roundWaitSeconds, maxWaitMs: this.options.maxRoundWaitMs }
+      ? { worker: this.worker, wait: this.options.roundWaitSeconds }
       : {};
     const samples = this.nextSamples;
     this.pendingLoss = undefined;
     this.nextParamGroups = undefined;
     this.nextSamples = undefined;
     this.incrementIterations();
+    // One key for this step: its retries, and a resumed wait for its round after RoundPending, count once.
+    const idempotencyKey = newIdempotencyKey();
+    const send = (maxWaitMs: number | undefined) => this.client.step(this.session, grads, {
+      return: 'params', baseVersion, metrics, paramGroups, samples, ...round, maxWaitMs, idempotencyKey,
+      format: this.options.format, dtype: this.options.dtype, retryBudgetMs: this.options.retryBudgetMs,
+    });
     this.pending = this.pending.then(async () => {
       if (this.failure) return; // a failed step ends the run: the rest are not sent
-      try {
-        const answer = await this.client.step(this.session, grads, {
-          return: 'params', baseVersion, metrics, paramGroups, samples, ...round, format: this.options.format, dtype: this.options.dtype, retryBudgetMs: this.options.retryBudgetMs,
-        });
-        this.lastStep = answer;
-        if (answer.params) this.write(answer.params, answer.paramsVersion ?? answer.version);
-        else {
-          // A service without return=params: read them (a second request).
-          const current = await this.client.params(this.session);
-          this.write(current.params, current.version);
-        }
-      } catch (err) {
-        this.failure = err;
+      const own = this.pendingRound;
+      if (own && own.version === baseVersion) {
+        // This worker is already in the round of this gradient's version (it stopped waiting, RoundPending):
+        // a second contribution would be refused (DuplicateContribution). Wait for that round's outcome
+        // instead; this gradient, of the same version, is not sent.
+        this.restoreParamGroups(paramGroups);
+        await this.settle(own);
+        return;
       }
+      if (own && own.version < baseVersion) this.pendingRound = null; // the variables are past that round
+      await this.settle({ version: baseVersion, send, paramGroups });
     });
   }
 
-  /** Waits for every step in flight; their parameters are in the variables after it. Throws a step's error. */
+  /**
+   * Sends a step (or a pending contribution again) and writes its answer into the variables. A StaleGradient
+   * is handled by `onStale`; a RoundPending keeps the contribution for `resumeRound()`; any other error is
+   * kept for `synchronize()` to throw.
+   */
+  private async settle(step: PendingContribution, maxWaitMs = this.options.maxRoundWaitMs): Promise<void> {
+    try {
+      let answer: StepResult;
+      try {
+        answer = await step.send(maxWaitMs);
+      } catch (err) {
+        if (err instanceof RoundPending) this.pendingRound = step;
+        else if (this.pendingRound?.version === step.version) this.pendingRound = null;
+        if (!(err instanceof StaleGradient) || this.onStale !== 'pull') throw err;
+        // Dropped: the session moved on without this gradient. Continue from its current parameters.
+        const current = await this.client.params(this.session);
+        this.write(current.params, current.version);
+        this.staleDropped++;
+        this.lastStale = err;
+        this.restoreParamGroups(step.paramGroups);
+        return;
+      }
+      if (this.pendingRound?.version === step.version) this.pendingRound = null;
+      this.lastStep = answer;
+      if (answer.params) this.write(answer.params, answer.paramsVersion ?? answer.version);
+      else {
+        // A service without return=params: read them (a second request).
+        const current = await this.client.params(this.session);
+        this.write(current.params, current.version);
+      }
+    } catch (err) {
+      this.failure = err;
+    }
+  }
+
+  /** A dropped step's hyperparameters go with the next step, unless new ones were set meanwhile. */
+  private restoreParamGroups(paramGroups: StepParamGroup[] | undefined): void {
+    if (paramGroups !== undefined && this.nextParamGroups === undefined) this.nextParamGroups = paramGroups;
+  }
+
+  /**
+   * After RoundPending (`maxRoundWaitMs` passed): waits again, up to `maxWaitMs` (default `maxRoundWaitMs`),
+   * for the round this optimizer has already contributed to, by sending the same contribution with the
+   * same Idempotency-Key (the service counts it once). Once the round has stepped its parameters are in the
+   * variables; returns their version. Throws RoundPending again if the round is still open after
+   * `maxWaitMs`, or the error of a step in flight. Without such a contribution it returns the version at once.
+   */
+  async resumeRound(options: { maxWaitMs?: number } = {}): Promise<number> {
+    await this.pending;
+    if (this.failure instanceof RoundPending) this.failure = null; // the wait this call resumes
+    const own = this.pendingRound;
+    if (own) this.pending = this.pending.then(() => this.settle(own, options.maxWaitMs ?? this.options.maxRoundWaitMs));
+    await this.synchronize();
+    return this.version;
+  }
+
+  /** Whether a contribution of this optimizer waits for its round (after RoundPending): see resumeRound(). */
+  get roundPending(): boolean {
+    return this.pendingRound !== null;
+  }
+
+  /**
+   * Waits for every step in flight; their parameters are in the variables after it. Throws a step's error
+   * (a StaleGradient only with `onStale: 'raise'`; RoundPending after `maxRoundWaitMs`: see resumeRound()).
+   */
   async synchronize(): Promise<void> {
     await this.pending;
     if (this.failure) {
@@ -282,6 +386,8 @@ export class RemoteASGD extends Optimizer {
     await this.synchronize();
     const current = await this.client.paramsIfChanged(this.session, this.version);
     if (current) this.write(current.params, current.version);
+    // Past the round of a pending contribution: that round has stepped, with the contribution in it.
+    if (this.pendingRound && this.pendingRound.version < this.version) this.pendingRound = null;
     return this.version;
   }
 
