@@ -9,10 +9,11 @@ import { metaOf, type SnapshotWriter } from './snapshot-writer.ts';
 export function createSnapshots(ctx: SessionContext, history: History, writer: SnapshotWriter) {
   const { db, mutex, hooks } = ctx;
 
-  async function snapshotNow(name: string, pinned: boolean): Promise<SnapshotRecord> {
+  async function snapshotNow(name: string, pinned: boolean, ifMatch: number | null = null): Promise<SnapshotRecord> {
     return mutex.run(name, async () => {
       const { session, entry } = await consistentRead(db, async (q) => {
         const session = await mustFind(q, name);
+        checkIfMatch(ifMatch, session.version); // a snapshot of the version the caller saw, or none
         return { session, entry: await history.currentState(q, session) };
       });
       // Written from the state itself: this process's steps of the session wait for the lock held here.

@@ -13,7 +13,7 @@ async function setup(t: Parameters<typeof buildTestApp>[0]) {
   return app;
 }
 
-test('If-Match on PATCH session, fork and PATCH snapshot: 412 at another version, nothing changed; applied at this one', async (t) => {
+test('If-Match on PATCH session, fork, PATCH snapshot and POST snapshots: 412 at another version, nothing changed; applied at this one', async (t) => {
   const app = await setup(t);
   const before = (await app.inject({ url: '/v1/sessions/p' })).json();
   const stale = { 'if-match': '"1"' };
@@ -22,6 +22,7 @@ test('If-Match on PATCH session, fork and PATCH snapshot: 412 at another version
     { method: 'POST', url: '/v1/sessions/p/fork', payload: { name: 'f' } },
     { method: 'POST', url: '/v1/sessions/p/fork', payload: { name: 'f', snapshot: 1 } },
     { method: 'PATCH', url: '/v1/sessions/p/snapshots/1', payload: { pinned: true } },
+    { method: 'POST', url: '/v1/sessions/p/snapshots', payload: { pinned: true } },
   ] as const;
   for (const c of cases) {
     const res = await app.inject({ ...c, headers: stale });
@@ -32,6 +33,7 @@ test('If-Match on PATCH session, fork and PATCH snapshot: 412 at another version
   assert.deepEqual((await app.inject({ url: '/v1/sessions/p' })).json(), before);
   assert.equal((await app.inject({ url: '/v1/sessions/f' })).statusCode, 404);
   assert.equal((await app.inject({ url: '/v1/sessions/p/snapshots/1' })).json().pinned, false);
+  assert.deepEqual((await app.inject({ url: '/v1/sessions/p/snapshots' })).json().snapshots.map((x: { version: number }) => x.version), [1], 'no snapshot taken');
   for (const c of cases.slice(0, 2).concat(cases.slice(3))) {
     const res = await app.inject({ ...c, headers: { 'if-match': '"2"' } });
     assert.ok(res.statusCode === 200 || res.statusCode === 201, `${c.method} ${c.url}: ${res.body}`);
@@ -39,6 +41,7 @@ test('If-Match on PATCH session, fork and PATCH snapshot: 412 at another version
   assert.equal((await app.inject({ url: '/v1/sessions/p' })).json().max_staleness, 3);
   assert.equal((await app.inject({ url: '/v1/sessions/f' })).statusCode, 200);
   assert.equal((await app.inject({ url: '/v1/sessions/p/snapshots/1' })).json().pinned, true);
+  assert.deepEqual((await app.inject({ url: '/v1/sessions/p/snapshots' })).json().snapshots.map((x: { version: number; pinned: boolean }) => [x.version, x.pinned]), [[2, true], [1, true]]);
 });
 
 test('If-Match must be one tag: an unbalanced quote is refused; If-None-Match takes a list of tags', async (t) => {

@@ -207,9 +207,10 @@ export class ASGDClient {
   /**
    * The session's new versions as they are committed (GET .../events, server-sent events), on any replica:
    * `for await (const e of client.events(name, {signal})) ...`. Under load only the latest of several
-   * versions comes. A dropped connection is opened again, resuming after the last version received
-   * (Last-Event-ID), as an EventSource does; so is a connection silent for `idleTimeoutMs` (a hung replica
-   * or a network black hole: the service sends a keep-alive every 15 s). The stream ends after a `deleted`
+   * versions comes. A dropped connection is opened again with Last-Event-ID (the last version received), and
+   * so is a connection silent for `idleTimeoutMs` (a hung replica or a network black hole: the service sends
+   * a keep-alive every 15 s); the service then sends only the newest version at once: the versions committed
+   * meanwhile are coalesced into it, not replayed (read them with `metrics(name, {afterVersion})`). The stream ends after a `deleted`
    * event, when `signal` aborts, or with the error of a request that cannot succeed (SessionNotFound,
    * Unauthorized, ConnectionFailed once the retry budget is spent, …).
    */

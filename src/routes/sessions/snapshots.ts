@@ -18,16 +18,19 @@ const snapshotRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fas
     schema: {
       operationId: 'createSnapshot',
       summary: 'Take a snapshot now',
+      description: 'A snapshot of the session\'s current version. When one exists at that version already (written on schedule, by a load or a restore), ' +
+        'that one is answered (pinned if asked), with its own `reason`. With If-Match, only while the session is at that version (else 412).',
       tags: ['snapshots'],
       params: NameParams,
+      headers: IfMatchHeaders,
       // No body takes an unpinned snapshot: fastify validates an absent body as null.
       body: Type.Union([Type.Object({ pinned: Type.Optional(PinBody.properties.pinned) }, { additionalProperties: false }), Type.Null()], {
         description: 'Optional; no body takes an unpinned snapshot',
       }),
-      response: { 201: Snapshot, ...errorResponses(400, 401, 403, 404) },
+      response: { 201: Snapshot, ...errorResponses(400, 401, 403, 404, 412) },
     },
   }, async (request, reply) => {
-    const snapshot = await fastify.sessions.snapshotNow(request.params.name, request.body?.pinned ?? false);
+    const snapshot = await fastify.sessions.snapshotNow(request.params.name, request.body?.pinned ?? false, ifMatchOf(request));
     return reply.status(201).send(snapshotJson(snapshot));
   });
 
