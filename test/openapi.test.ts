@@ -172,6 +172,7 @@ test('the headers the document declares on each answer are sent, and the API hea
     assert.ok(responses, operationId);
     let response = responses[String(status)] ?? responses.default;
     assert.ok(response, `${operationId} ${status} is declared`);
+    if (!responses[String(status)]) assert.ok((doc.components.schemas.ErrorOther.properties.statusCode.enum as number[]).includes(status), `${operationId} ${status}: neither listed nor a status of the default answer`);
     if (response.$ref) response = doc.components.responses[response.$ref.split('/').pop()!] as Response;
     return Object.keys(response.headers ?? {}).map((h) => h.toLowerCase());
   };
@@ -241,5 +242,8 @@ test('the headers the document declares on each answer are sent, and the API hea
   check('listSessions', await limited.app.inject({ url: '/v1/sessions', headers: admin }));
   const overloaded = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: 'admin-token-for-tests-0123456789', ASGD_MAX_RSS_BYTES: '1000000' } });
   check('listSessions', await overloaded.app.inject({ url: '/v1/sessions', headers: admin }));
+  const index = await overloaded.app.inject({ url: '/' });
+  assert.equal(index.statusCode, 503);
+  check('index', index);
   assert.ok(checked >= 50, `${checked} answers checked`);
 });

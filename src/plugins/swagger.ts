@@ -75,7 +75,8 @@ export default fp(
         // A route without a body (DELETE, a restore) refuses one: 415 for another type, 413 for a large one.
         const readsBody = ![route.method].flat().every((m) => m === 'GET' || m === 'HEAD');
         if (s.body || readsBody) statuses.push(413, 415);
-        if (url.startsWith('/v1/') || url === '/readyz') statuses.push(503);
+        // 503: the database away (/v1, /readyz) or the process under pressure (all but /healthz and /metrics).
+        if (url !== '/healthz' && url !== '/metrics') statuses.push(503);
         for (const status of statuses) {
           if (!response[status]) response[status] = ErrorBody;
         }

@@ -1,0 +1,140 @@
+// RemoteASGD's stale-gradient policy (onStale, as the Python client's on_stale) and its way on after a
+// RoundPending, against a live service: a worker whose gradient is refused as stale (max_staleness, or a
+// round that stepped without it after timeout_s) goes on with 'pull' inside model.fit, and stops with
+// 'raise'; after maxRoundWaitMs, resumeRound() and the next minimize wait for the round the worker is in.
+import assert from 'node:assert/strict';
+import test from 'node:test';
+import * as tf from '@tensorflow/tfjs';
+import { ASGDClient, RoundPending, StaleGradient } from '../src/index.ts';
+import { RemoteASGD } from '../src/tfjs.ts';
+import { liveService, uniqueName } from './service.ts';
+
+tf.setBackend('cpu');
+
+const NAMES = ['k', 'b'];
+
+function model(seed: number) {
+  const m = tf.sequential();
+  m.add(tf.layers.dense({ units: 1, inputShape: [3], kernelInitializer: tf.initializers.glorotUniform({ seed }) }));
+  return m;
+}
+
+function batches(n: number) {
+  const xs = tf.tensor2d(Array.from({ length: n * 3 }, (_, i) => Math.sin(i + 1)), [n, 3]);
+  const ys = tf.tensor2d(Array.from({ length: n }, (_, i) => Math.cos(i)), [n, 1]);
+  return { xs, ys };
+}
+
+async function valuesOf(m: tf.LayersModel): Promise<number[][]> {
+  return Promise.all(m.trainableWeights.map(async (w) => Array.from(await w.read().data())));
+}
+
+async function sessionValues(client: ASGDClient, session: string): Promise<number[][]> {
+  const p = await client.params(session);
+  return NAMES.map((n) => Array.from(p.params[n].data));
+}
+
+const fit = (m: tf.LayersModel, opt: RemoteASGD, n: number) => {
+  const { xs, ys } = batches(n);
+  return m.fit(xs, ys, { epochs: 1, batchSize: 4, shuffle: false, verbose: 0, callbacks: [opt.callback] }).finally(() => tf.dispose([xs, ys]));
+};
+
+test('RemoteASGD onStale and RoundPending', async (t) => {
+  const { client } = await liveService(t, { retryBudgetMs: 30_000 });
+
+  await t.test("max_staleness: with onStale 'pull' (the default) model.fit drops the stale gradient, loads the session's parameters and goes on; 'raise' ends it", async () => {
+    const session = uniqueName('stale-fit');
+    const [ma, mb, mc] = [model(1), model(1), model(1)];
+    const a = new RemoteASGD({ client, session, hyperparameters: { lr: 0.05 }, sessionSettings: { max_staleness: 0 } });
+    const b = new RemoteASGD({ client, session });
+    const c = new RemoteASGD({ client, session, onStale: 'raise' });
+    assert.equal(b.onStale, 'pull');
+    await a.attach(ma.trainableWeights, NAMES);
+    await b.attach(mb.trainableWeights, NAMES);
+    await c.attach(mc.trainableWeights, NAMES);
+    for (const [m, o] of [[ma, a], [mb, b], [mc, c]] as const) m.compile({ optimizer: o, loss: 'meanSquaredError' });
+    await fit(ma, a, 8); // two steps: the session is at version 3, b and c still hold version 1
+    assert.equal(a.version, 3);
+
+    // b's first gradient (version 1) is refused, as staleness 2 > max_staleness 0: dropped, b loads version 3;
+    // its second batch is computed at version 3 and applied. The learning rate set for the dropped step goes with the next.
+    b.nextParamGroups = [{ lr: 0.02 }];
+    await fit(mb, b, 8);
+    assert.equal(b.staleDropped, 1);
+    assert.ok(b.lastStale instanceof StaleGradient && b.lastStale.version === 3, String(b.lastStale));
+    assert.equal(b.version, 4);
+    assert.deepEqual([b.lastStep!.version, b.lastStep!.staleness], [4, 0]);
+    const info = await client.getSession(session);
+    assert.deepEqual([info.step, info.version, info.param_groups[0].lr], [3, 4, 0.02]);
+    assert.deepEqual(await valuesOf(mb), await sessionValues(client, session), "b's variables hold the session's parameters");
+
+    // 'raise': c's fit ends with the StaleGradient, its variables are left at version 1.
+    await assert.rejects(fit(mc, c, 8), (err: unknown) => err instanceof StaleGradient && err.version === 4);
+    assert.deepEqual([c.staleDropped, c.version], [0, 1]);
+    assert.throws(() => new RemoteASGD({ client, session, onStale: 'apply' as 'pull' }), RangeError);
+  });
+
+  await t.test("a worker late for a round that stepped after timeout_s: 'pull' drops its contribution and it joins the next round inside model.fit", async () => {
+    const session = uniqueName('stale-round');
+    const [m0, m1] = [model(2), model(2)];
+    const w0 = new RemoteASGD({ client, session, worker: 'w0', sessionSettings: { aggregation: { contributions: 2, timeout_s: 1, min_contributions: 1 } } });
+    const w1 = new RemoteASGD({ client, session, worker: 'w1' });
+    await w0.attach(m0.trainableWeights, NAMES);
+    await w1.attach(m1.trainableWeights, NAMES);
+    m1.compile({ optimizer: w1, loss: 'meanSquaredError' });
+    // w0 alone: the round at version 1 steps after timeout_s with one contribution.
+    const { xs, ys } = batches(4);
+    w0.minimize(() => tf.losses.meanSquaredError(ys, m0.predict(xs) as tf.Tensor) as tf.Scalar);
+    await w0.synchronize();
+    tf.dispose([xs, ys]);
+    assert.deepEqual([w0.version, w0.lastStep!.round?.timed_out, w0.lastStep!.round?.contributions], [2, true, 1]);
+
+    // w1 (at version 1) fits two batches: the first is late (STALE_GRADIENT), the second joins round 2.
+    await fit(m1, w1, 8);
+    assert.equal(w1.staleDropped, 1);
+    assert.equal(w1.version, 3);
+    assert.deepEqual([w1.lastStep!.round?.version, w1.lastStep!.round?.contributions], [2, 1]);
+    assert.deepEqual([(await client.getSession(session)).step], [2]);
+    assert.deepEqual(await valuesOf(m1), await sessionValues(client, session));
+  });
+
+  await t.test('after RoundPending: resumeRound() waits for the same round; the next minimize waits for it instead of contributing twice', async () => {
+    const session = uniqueName('round-pending');
+    const m = model(3);
+    const opt = new RemoteASGD({ client, session, worker: 'w0', roundWaitSeconds: 1, maxRoundWaitMs: 0, sessionSettings: { aggregation: { contributions: 2 } } });
+    await opt.attach(m.trainableWeights, NAMES);
+    const { xs, ys } = batches(4);
+    const loss = () => tf.losses.meanSquaredError(ys, m.predict(xs) as tf.Tensor) as tf.Scalar;
+    /** The other worker's contribution to the round at `version`. */
+    const other = (version: number) => client.step(session, { k: [0.5, -0.25, 1], b: [0.125] }, { baseVersion: version, worker: 'w1' });
+
+    opt.minimize(loss);
+    await assert.rejects(opt.synchronize(), RoundPending);
+    assert.equal(opt.roundPending, true);
+    assert.deepEqual((await client.getSession(session)).round?.workers, ['w0'], 'the contribution stays in the round');
+    const resumed = opt.resumeRound({ maxWaitMs: 60_000 });
+    await new Promise((r) => setTimeout(r, 300));
+    await other(1);
+    assert.equal(await resumed, 2);
+    assert.equal(opt.roundPending, false);
+    assert.deepEqual([opt.lastStep!.round?.contributions, opt.lastStep!.replayed], [2, false]);
+    assert.deepEqual(await valuesOf(m), await sessionValues(client, session));
+
+    // Round 2: RoundPending again; then minimize once more (its gradient is of version 2 as well): it is not
+    // sent as a second contribution (DuplicateContribution), it waits for round 2.
+    opt.minimize(loss);
+    await assert.rejects(opt.synchronize(), RoundPending);
+    (opt as unknown as { options: { maxRoundWaitMs?: number } }).options.maxRoundWaitMs = 60_000;
+    opt.minimize(loss);
+    const waiting = opt.synchronize();
+    await new Promise((r) => setTimeout(r, 300));
+    assert.deepEqual((await client.getSession(session)).round?.workers, ['w0']);
+    await other(2);
+    await waiting;
+    assert.deepEqual([opt.version, opt.roundPending, opt.lastStep!.round?.contributions], [3, false, 2]);
+    const info = await client.getSession(session);
+    assert.deepEqual([info.step, info.version, info.round], [2, 3, null]);
+    assert.deepEqual(await valuesOf(m), await sessionValues(client, session));
+    tf.dispose([xs, ys]);
+  });
+});
