@@ -117,20 +117,22 @@ test('RemoteASGD onStale and RoundPending', async (t) => {
     await other(1);
     assert.equal(await resumed, 2);
     assert.equal(opt.roundPending, false);
-    assert.deepEqual([opt.lastStep!.round?.contributions, opt.lastStep!.replayed], [2, false]);
+    assert.equal(opt.lastStep!.round?.contributions, 2);
     assert.deepEqual(await valuesOf(m), await sessionValues(client, session));
 
     // Round 2: RoundPending again; then minimize once more (its gradient is of version 2 as well): it is not
     // sent as a second contribution (DuplicateContribution), it waits for round 2.
     opt.minimize(loss);
     await assert.rejects(opt.synchronize(), RoundPending);
-    (opt as unknown as { options: { maxRoundWaitMs?: number } }).options.maxRoundWaitMs = 60_000;
     opt.minimize(loss);
-    const waiting = opt.synchronize();
+    const waiting = opt.synchronize().then(() => null, (e: unknown) => e);
     await new Promise((r) => setTimeout(r, 300));
     assert.deepEqual((await client.getSession(session)).round?.workers, ['w0']);
     await other(2);
-    await waiting;
+    // Answered once the round steps, or (on a slow machine, past maxRoundWaitMs 0 after one 1 s wait) RoundPending again.
+    const outcome = await waiting;
+    if (outcome instanceof RoundPending) await opt.resumeRound();
+    else assert.equal(outcome, null, 'no DuplicateContribution');
     assert.deepEqual([opt.version, opt.roundPending, opt.lastStep!.round?.contributions], [3, false, 2]);
     const info = await client.getSession(session);
     assert.deepEqual([info.step, info.version, info.round], [2, 3, null]);
