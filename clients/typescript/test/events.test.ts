@@ -51,7 +51,7 @@ test('events: versions from another replica, resumed after a restart, ended by t
   assert.equal(e2.version, 5);
   assert.deepEqual(e2.metrics, { loss: 0.0625 });
   const gap = await client.metrics(name, { afterVersion: 2 });
-  assert.deepEqual(gap.points.map((p) => [p.version, p.metrics?.loss]), [[3, 0.25], [4, 0.125], [5, 0.0625]]);
+  assert.deepEqual(gap.points.map((p) => [p.version, p.values.loss]), [[3, 0.25], [4, 0.125], [5, 0.0625]]);
 
   // The session is deleted: a last event, and the iterator ends.
   await other.deleteSession(name);

@@ -350,7 +350,9 @@ export interface paths {
         put?: never;
         /**
          * Take a snapshot now
-         * @description Needs a token with scope `admin`.
+         * @description A snapshot of the session's current version. When one exists at that version already (written on schedule, by a load or a restore), that one is answered (pinned if asked), with its own `reason`. With If-Match, only while the session is at that version (else 412).
+         *
+         *     Needs a token with scope `admin`.
          */
         post: operations["createSnapshot"];
         delete?: never;
@@ -585,7 +587,7 @@ export interface components {
             step: number;
         };
         /**
-         * @description An error of status 400: a stable code and a message that starts with the field at fault
+         * @description An error of status 400: a stable code and a message that names the field at fault (first, as "field: …", where one field is)
          * @example {
          *       "statusCode": 400,
          *       "code": "BAD_REQUEST",
@@ -605,7 +607,7 @@ export interface components {
             [key: string]: unknown;
         };
         /**
-         * @description An error of status 401: a stable code and a message that starts with the field at fault
+         * @description An error of status 401: a stable code and a message that names the field at fault (first, as "field: …", where one field is)
          * @example {
          *       "statusCode": 401,
          *       "code": "UNAUTHORIZED",
@@ -625,7 +627,7 @@ export interface components {
             [key: string]: unknown;
         };
         /**
-         * @description An error of status 403: a stable code and a message that starts with the field at fault
+         * @description An error of status 403: a stable code and a message that names the field at fault (first, as "field: …", where one field is)
          * @example {
          *       "statusCode": 403,
          *       "code": "FORBIDDEN",
@@ -645,7 +647,7 @@ export interface components {
             [key: string]: unknown;
         };
         /**
-         * @description An error of status 404: a stable code and a message that starts with the field at fault
+         * @description An error of status 404: a stable code and a message that names the field at fault (first, as "field: …", where one field is)
          * @example {
          *       "statusCode": 404,
          *       "code": "ROUTE_NOT_FOUND",
@@ -665,7 +667,7 @@ export interface components {
             [key: string]: unknown;
         };
         /**
-         * @description An error of status 406: a stable code and a message that starts with the field at fault
+         * @description An error of status 406: a stable code and a message that names the field at fault (first, as "field: …", where one field is)
          * @example {
          *       "statusCode": 406,
          *       "code": "NOT_ACCEPTABLE",
@@ -685,7 +687,7 @@ export interface components {
             [key: string]: unknown;
         };
         /**
-         * @description An error of status 409: a stable code and a message that starts with the field at fault
+         * @description An error of status 409: a stable code and a message that names the field at fault (first, as "field: …", where one field is)
          * @example {
          *       "statusCode": 409,
          *       "code": "SESSION_EXISTS",
@@ -701,11 +703,17 @@ export interface components {
             /** @example Conflict */
             error: string;
             message: string;
+            /** @description STALE_GRADIENT, ROUND_OPEN, DUPLICATE_CONTRIBUTION: the session's current version (pull the parameters at it) */
+            version?: number;
+            /** @description STALE_GRADIENT: how many versions the gradient's base_version is behind */
+            staleness?: number;
+            /** @description STALE_GRADIENT: the session's bound */
+            max_staleness?: number;
         } & {
             [key: string]: unknown;
         };
         /**
-         * @description An error of status 412: a stable code and a message that starts with the field at fault
+         * @description An error of status 412: a stable code and a message that names the field at fault (first, as "field: …", where one field is)
          * @example {
          *       "statusCode": 412,
          *       "code": "VERSION_MISMATCH",
@@ -721,11 +729,13 @@ export interface components {
             /** @example Precondition Failed */
             error: string;
             message: string;
+            /** @description The session's current version (as its ETag) */
+            version?: number;
         } & {
             [key: string]: unknown;
         };
         /**
-         * @description An error of status 413: a stable code and a message that starts with the field at fault
+         * @description An error of status 413: a stable code and a message that names the field at fault (first, as "field: …", where one field is)
          * @example {
          *       "statusCode": 413,
          *       "code": "BODY_TOO_LARGE",
@@ -745,7 +755,7 @@ export interface components {
             [key: string]: unknown;
         };
         /**
-         * @description An error of status 415: a stable code and a message that starts with the field at fault
+         * @description An error of status 415: a stable code and a message that names the field at fault (first, as "field: …", where one field is)
          * @example {
          *       "statusCode": 415,
          *       "code": "UNSUPPORTED_MEDIA_TYPE",
@@ -765,7 +775,7 @@ export interface components {
             [key: string]: unknown;
         };
         /**
-         * @description An error of status 422: a stable code and a message that starts with the field at fault
+         * @description An error of status 422: a stable code and a message that names the field at fault (first, as "field: …", where one field is)
          * @example {
          *       "statusCode": 422,
          *       "code": "NON_FINITE_GRADIENT",
@@ -785,7 +795,7 @@ export interface components {
             [key: string]: unknown;
         };
         /**
-         * @description An error of status 429: a stable code and a message that starts with the field at fault
+         * @description An error of status 429: a stable code and a message that names the field at fault (first, as "field: …", where one field is)
          * @example {
          *       "statusCode": 429,
          *       "code": "RATE_LIMITED",
@@ -805,7 +815,7 @@ export interface components {
             [key: string]: unknown;
         };
         /**
-         * @description An error of status 503: a stable code and a message that starts with the field at fault
+         * @description An error of status 503: a stable code and a message that names the field at fault (first, as "field: …", where one field is)
          * @example {
          *       "statusCode": 503,
          *       "code": "SERVICE_UNAVAILABLE",
@@ -819,6 +829,25 @@ export interface components {
             /** @enum {string} */
             code: "SERVICE_UNAVAILABLE" | "TOO_MANY_WAITERS" | "SNAPSHOT_UNAVAILABLE";
             /** @example Service Unavailable */
+            error: string;
+            message: string;
+        } & {
+            [key: string]: unknown;
+        };
+        /**
+         * @description An error of a status the operation does not list
+         * @example {
+         *       "statusCode": 405,
+         *       "code": "METHOD_NOT_ALLOWED",
+         *       "error": "Method Not Allowed",
+         *       "message": "/v1/sessions has no DELETE; it allows GET, HEAD, POST"
+         *     }
+         */
+        ErrorOther: {
+            /** @enum {integer} */
+            statusCode: 405 | 408 | 414 | 431 | 500;
+            /** @enum {string} */
+            code: "METHOD_NOT_ALLOWED" | "REQUEST_TIMEOUT" | "URI_TOO_LONG" | "HEADERS_TOO_LARGE" | "INTERNAL";
             error: string;
             message: string;
         } & {
@@ -1158,6 +1187,7 @@ export interface components {
          */
         Error400: {
             headers: {
+                "X-Request-Id": components["headers"]["XRequestId"];
                 [name: string]: unknown;
             };
             content: {
@@ -1171,6 +1201,8 @@ export interface components {
          */
         Error401: {
             headers: {
+                "X-Request-Id": components["headers"]["XRequestId"];
+                "WWW-Authenticate": components["headers"]["WWWAuthenticate"];
                 [name: string]: unknown;
             };
             content: {
@@ -1184,6 +1216,8 @@ export interface components {
          */
         Error403: {
             headers: {
+                "X-Request-Id": components["headers"]["XRequestId"];
+                "WWW-Authenticate": components["headers"]["WWWAuthenticate"];
                 [name: string]: unknown;
             };
             content: {
@@ -1201,6 +1235,7 @@ export interface components {
          */
         Error404: {
             headers: {
+                "X-Request-Id": components["headers"]["XRequestId"];
                 [name: string]: unknown;
             };
             content: {
@@ -1214,6 +1249,7 @@ export interface components {
          */
         Error406: {
             headers: {
+                "X-Request-Id": components["headers"]["XRequestId"];
                 [name: string]: unknown;
             };
             content: {
@@ -1231,6 +1267,7 @@ export interface components {
          */
         Error409: {
             headers: {
+                "X-Request-Id": components["headers"]["XRequestId"];
                 [name: string]: unknown;
             };
             content: {
@@ -1244,6 +1281,8 @@ export interface components {
          */
         Error412: {
             headers: {
+                "X-Request-Id": components["headers"]["XRequestId"];
+                ETag: components["headers"]["ETag"];
                 [name: string]: unknown;
             };
             content: {
@@ -1257,6 +1296,7 @@ export interface components {
          */
         Error413: {
             headers: {
+                "X-Request-Id": components["headers"]["XRequestId"];
                 [name: string]: unknown;
             };
             content: {
@@ -1270,6 +1310,7 @@ export interface components {
          */
         Error415: {
             headers: {
+                "X-Request-Id": components["headers"]["XRequestId"];
                 [name: string]: unknown;
             };
             content: {
@@ -1285,6 +1326,7 @@ export interface components {
          */
         Error422: {
             headers: {
+                "X-Request-Id": components["headers"]["XRequestId"];
                 [name: string]: unknown;
             };
             content: {
@@ -1298,6 +1340,8 @@ export interface components {
          */
         Error429: {
             headers: {
+                "X-Request-Id": components["headers"]["XRequestId"];
+                "Retry-After": components["headers"]["RetryAfter"];
                 [name: string]: unknown;
             };
             content: {
@@ -1313,16 +1357,55 @@ export interface components {
          */
         Error503: {
             headers: {
+                "X-Request-Id": components["headers"]["XRequestId"];
+                "Retry-After": components["headers"]["RetryAfter"];
                 [name: string]: unknown;
             };
             content: {
                 "application/json": components["schemas"]["Error503"];
             };
         };
+        /**
+         * @description A status the operation does not list: 405 (a method the path does not have; Allow lists those it has), 408 (the request was not received in time), 414 (a path segment over 512 characters), 431 (request line and headers over 256 KiB), 500 (an unexpected failure; the log has the details). The `code` is one of:
+         *
+         *     - `METHOD_NOT_ALLOWED`: The path exists but not with this method; Allow lists the methods it has
+         *     - `REQUEST_TIMEOUT`: The request was not received in time
+         *     - `URI_TOO_LONG`: A path segment is longer than the server reads
+         *     - `HEADERS_TOO_LARGE`: The request headers are larger than the server accepts
+         *     - `INTERNAL`: An unexpected failure; the log has the details
+         */
+        ErrorOther: {
+            headers: {
+                "X-Request-Id": components["headers"]["XRequestId"];
+                [name: string]: unknown;
+            };
+            content: {
+                "application/json": components["schemas"]["ErrorOther"];
+            };
+        };
     };
     parameters: never;
     requestBodies: never;
-    headers: never;
+    headers: {
+        /** @description The request's id, as in the service's log lines: the X-Request-Id the client sent when it is one (1-128 characters, no spaces), else a new UUID */
+        XRequestId: string;
+        /** @description The version of the state this answer shows (or the session is at), quoted: `"7"`. Send it as If-Match to change only that version, as If-None-Match to read only a newer one */
+        ETag: string;
+        /** @description The same version, unquoted */
+        XSessionVersion: number;
+        /** @description The optimizer step count of the state answered */
+        XSessionStep: number;
+        /** @description The new session's URL */
+        Location: string;
+        /** @description no-store (an answer no cache may keep: settings change without a new version; a new token's secret), or no-cache for an event stream */
+        CacheControl: string;
+        /** @description On a file answer (torch.save, safetensors): `attachment; filename="<session>-v<version>[-checkpoint].<pt|safetensors>"`. Sent on file answers (torch.save, safetensors) only */
+        ContentDisposition: string;
+        /** @description Seconds to wait before trying again */
+        RetryAfter: number;
+        /** @description Bearer realm="asgd-serve", with error="invalid_token" (401) or error="insufficient_scope" and the scope needed (403). Sent on on 403, when the token's scope is too low */
+        WWWAuthenticate: string;
+    };
     pathItems: never;
 }
 export type $defs = Record<string, never>;
@@ -1339,12 +1422,14 @@ export interface operations {
             /** @description Prometheus text exposition format 0.0.4 */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
                     [name: string]: unknown;
                 };
                 content: {
                     "text/plain": string;
                 };
             };
+            default: components["responses"]["ErrorOther"];
         };
     };
     liveness: {
@@ -1359,6 +1444,7 @@ export interface operations {
             /** @description OK */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -1368,6 +1454,7 @@ export interface operations {
                     };
                 };
             };
+            default: components["responses"]["ErrorOther"];
         };
     };
     readiness: {
@@ -1382,6 +1469,7 @@ export interface operations {
             /** @description OK */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -1392,6 +1480,7 @@ export interface operations {
                 };
             };
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     index: {
@@ -1406,6 +1495,7 @@ export interface operations {
             /** @description The links */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -1426,6 +1516,8 @@ export interface operations {
                     "text/html": string;
                 };
             };
+            503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     listTokens: {
@@ -1440,6 +1532,7 @@ export interface operations {
             /** @description OK */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -1448,10 +1541,12 @@ export interface operations {
                     };
                 };
             };
+            400: components["responses"]["Error400"];
             401: components["responses"]["Error401"];
             403: components["responses"]["Error403"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     createToken: {
@@ -1485,6 +1580,8 @@ export interface operations {
             /** @description Created */
             201: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -1511,6 +1608,7 @@ export interface operations {
             415: components["responses"]["Error415"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     getOwnToken: {
@@ -1525,6 +1623,7 @@ export interface operations {
             /** @description OK */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -1541,10 +1640,12 @@ export interface operations {
                     };
                 };
             };
+            400: components["responses"]["Error400"];
             401: components["responses"]["Error401"];
             403: components["responses"]["Error403"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     revokeToken: {
@@ -1562,6 +1663,7 @@ export interface operations {
             /** @description Revoked */
             204: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
                     [name: string]: unknown;
                 };
                 content?: never;
@@ -1570,8 +1672,11 @@ export interface operations {
             401: components["responses"]["Error401"];
             403: components["responses"]["Error403"];
             404: components["responses"]["Error404"];
+            413: components["responses"]["Error413"];
+            415: components["responses"]["Error415"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     listSessions: {
@@ -1596,6 +1701,7 @@ export interface operations {
             /** @description OK */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -1607,6 +1713,7 @@ export interface operations {
             403: components["responses"]["Error403"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     createSession: {
@@ -1716,6 +1823,10 @@ export interface operations {
             /** @description Created */
             201: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
+                    Location: components["headers"]["Location"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -1731,6 +1842,7 @@ export interface operations {
             422: components["responses"]["Error422"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     getSession: {
@@ -1754,6 +1866,10 @@ export interface operations {
             /** @description OK */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -1763,6 +1879,10 @@ export interface operations {
             /** @description Not modified: the version in the ETag is the one you have */
             304: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     [name: string]: unknown;
                 };
                 content?: never;
@@ -1773,6 +1893,7 @@ export interface operations {
             404: components["responses"]["Error404"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     deleteSession: {
@@ -1799,6 +1920,7 @@ export interface operations {
             /** @description Deleted */
             204: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
                     [name: string]: unknown;
                 };
                 content?: never;
@@ -1808,8 +1930,11 @@ export interface operations {
             403: components["responses"]["Error403"];
             404: components["responses"]["Error404"];
             412: components["responses"]["Error412"];
+            413: components["responses"]["Error413"];
+            415: components["responses"]["Error415"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     updateSession: {
@@ -1858,6 +1983,9 @@ export interface operations {
             /** @description OK */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -1874,6 +2002,7 @@ export interface operations {
             415: components["responses"]["Error415"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     forkSession: {
@@ -1928,6 +2057,10 @@ export interface operations {
             /** @description Created */
             201: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
+                    Location: components["headers"]["Location"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -1944,6 +2077,7 @@ export interface operations {
             415: components["responses"]["Error415"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     step: {
@@ -2047,6 +2181,11 @@ export interface operations {
             /** @description The step is committed */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "X-Session-Step": components["headers"]["XSessionStep"];
+                    "Content-Disposition": components["headers"]["ContentDisposition"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2057,6 +2196,7 @@ export interface operations {
             /** @description A contribution stored; its round has not stepped yet */
             202: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2075,6 +2215,7 @@ export interface operations {
             422: components["responses"]["Error422"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     getParams: {
@@ -2108,6 +2249,11 @@ export interface operations {
             /** @description The parameters, as JSON (application/json), a torch.save file (application/octet-stream), safetensors (application/x-safetensors) */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "X-Session-Step": components["headers"]["XSessionStep"];
+                    "Content-Disposition": components["headers"]["ContentDisposition"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2119,6 +2265,9 @@ export interface operations {
             /** @description Not modified: the version in the ETag is the one you have */
             304: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
                     [name: string]: unknown;
                 };
                 content?: never;
@@ -2130,6 +2279,7 @@ export interface operations {
             406: components["responses"]["Error406"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     loadParams: {
@@ -2191,6 +2341,9 @@ export interface operations {
             /** @description OK */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2206,6 +2359,7 @@ export interface operations {
             415: components["responses"]["Error415"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     getStateDict: {
@@ -2234,6 +2388,11 @@ export interface operations {
             /** @description The optimizer state_dict, as JSON (application/json), a torch.save file (application/octet-stream), safetensors (application/x-safetensors) */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "X-Session-Step": components["headers"]["XSessionStep"];
+                    "Content-Disposition": components["headers"]["ContentDisposition"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2245,6 +2404,9 @@ export interface operations {
             /** @description Not modified: the version in the ETag is the one you have */
             304: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
                     [name: string]: unknown;
                 };
                 content?: never;
@@ -2256,6 +2418,7 @@ export interface operations {
             406: components["responses"]["Error406"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     loadStateDict: {
@@ -2299,6 +2462,9 @@ export interface operations {
             /** @description OK */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2314,6 +2480,7 @@ export interface operations {
             415: components["responses"]["Error415"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     getCheckpoint: {
@@ -2342,6 +2509,11 @@ export interface operations {
             /** @description The checkpoint {"model", "optimizer", "step"}, as a torch.save file (application/octet-stream), JSON (application/json) */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "X-Session-Step": components["headers"]["XSessionStep"];
+                    "Content-Disposition": components["headers"]["ContentDisposition"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2352,6 +2524,9 @@ export interface operations {
             /** @description Not modified: the version in the ETag is the one you have */
             304: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
                     [name: string]: unknown;
                 };
                 content?: never;
@@ -2363,6 +2538,7 @@ export interface operations {
             406: components["responses"]["Error406"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     loadCheckpoint: {
@@ -2411,6 +2587,9 @@ export interface operations {
             /** @description OK */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2426,6 +2605,7 @@ export interface operations {
             415: components["responses"]["Error415"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     listSnapshots: {
@@ -2446,6 +2626,7 @@ export interface operations {
             /** @description OK */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2458,12 +2639,19 @@ export interface operations {
             404: components["responses"]["Error404"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     createSnapshot: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /**
+                 * @description Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise
+                 * @example "42"
+                 */
+                "if-match"?: string;
+            };
             path: {
                 /**
                  * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
@@ -2486,6 +2674,7 @@ export interface operations {
             /** @description Created */
             201: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2496,10 +2685,12 @@ export interface operations {
             401: components["responses"]["Error401"];
             403: components["responses"]["Error403"];
             404: components["responses"]["Error404"];
+            412: components["responses"]["Error412"];
             413: components["responses"]["Error413"];
             415: components["responses"]["Error415"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     getSnapshot: {
@@ -2525,6 +2716,7 @@ export interface operations {
             /** @description OK */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2537,6 +2729,7 @@ export interface operations {
             404: components["responses"]["Error404"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     pinSnapshot: {
@@ -2580,6 +2773,7 @@ export interface operations {
             /** @description OK */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2595,6 +2789,7 @@ export interface operations {
             415: components["responses"]["Error415"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     getSnapshotParams: {
@@ -2625,6 +2820,11 @@ export interface operations {
             /** @description The parameters, as JSON (application/json), a torch.save file (application/octet-stream), safetensors (application/x-safetensors) */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "X-Session-Step": components["headers"]["XSessionStep"];
+                    "Content-Disposition": components["headers"]["ContentDisposition"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2640,6 +2840,7 @@ export interface operations {
             406: components["responses"]["Error406"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     getSnapshotStateDict: {
@@ -2668,6 +2869,11 @@ export interface operations {
             /** @description The optimizer state_dict, as JSON (application/json), a torch.save file (application/octet-stream), safetensors (application/x-safetensors) */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "X-Session-Step": components["headers"]["XSessionStep"];
+                    "Content-Disposition": components["headers"]["ContentDisposition"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2683,6 +2889,7 @@ export interface operations {
             406: components["responses"]["Error406"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     getSnapshotCheckpoint: {
@@ -2711,6 +2918,11 @@ export interface operations {
             /** @description The checkpoint {"model", "optimizer", "step"}, as a torch.save file (application/octet-stream), JSON (application/json) */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "X-Session-Step": components["headers"]["XSessionStep"];
+                    "Content-Disposition": components["headers"]["ContentDisposition"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2725,6 +2937,7 @@ export interface operations {
             406: components["responses"]["Error406"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     restoreSnapshot: {
@@ -2756,6 +2969,9 @@ export interface operations {
             /** @description OK */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2767,8 +2983,11 @@ export interface operations {
             403: components["responses"]["Error403"];
             404: components["responses"]["Error404"];
             412: components["responses"]["Error412"];
+            413: components["responses"]["Error413"];
+            415: components["responses"]["Error415"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     getNorms: {
@@ -2789,6 +3008,9 @@ export interface operations {
             /** @description OK */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2819,6 +3041,7 @@ export interface operations {
             404: components["responses"]["Error404"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     getHyperparameterChanges: {
@@ -2842,6 +3065,9 @@ export interface operations {
             /** @description OK */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2873,6 +3099,7 @@ export interface operations {
             404: components["responses"]["Error404"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     getMetrics: {
@@ -2899,6 +3126,9 @@ export interface operations {
             /** @description OK */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2948,6 +3178,7 @@ export interface operations {
             404: components["responses"]["Error404"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
     getEvents: {
@@ -2974,6 +3205,8 @@ export interface operations {
             /** @description The event stream */
             200: {
                 headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2986,6 +3219,7 @@ export interface operations {
             404: components["responses"]["Error404"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
         };
     };
 }
