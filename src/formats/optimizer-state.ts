@@ -92,6 +92,9 @@ export function toAsgdStateDict(value: PyValue, options: StateDictReadOptions = 
     const field = `${path}.state[${String(key)}]`;
     const index = typeof key === 'bigint' ? pyIntToNumber(key, field) : NaN;
     if (!owners.has(index)) throw invalid(field, 'is not the index of a parameter in param_groups');
+    // {}: no state, as torch leaves it when code read optimizer.state[p] of a parameter that never stepped
+    // (a defaultdict); its load_state_dict takes it, and so does this.
+    if (entry instanceof PyDict && entry.size === 0) continue;
     state.set(index, readParamState(entry, field, options));
   }
   return { state, paramGroups };

@@ -95,6 +95,8 @@ export function parseStateDict(body: unknown, intKeysOf?: (group: number) => str
     const field = `state.${key}`;
     if (!/^(0|[1-9]\d{0,8})$/.test(key)) throw errors.invalidStateDict(field, 'keys must be parameter ids (whole numbers)');
     if (!isPlainObject(entry)) throw errors.invalidStateDict(field, 'must be an object {step, eta, mu, ax}');
+    // {}: no state (torch leaves it when code read optimizer.state[p] of a parameter that never stepped).
+    if (Object.keys(entry).length === 0) continue;
     for (const k of ['step', 'eta', 'mu', 'ax']) if (entry[k] === undefined) throw errors.invalidStateDict(`${field}.${k}`, 'is missing');
     // Another optimizer's state (SGD's momentum_buffer, Adam's exp_avg) would otherwise be dropped without a word.
     for (const k of Object.keys(entry)) {

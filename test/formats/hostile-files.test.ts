@@ -122,6 +122,14 @@ describe('step counts in a torch.save state_dict', () => {
   });
 });
 
+describe('an empty per-parameter entry in a torch.save state_dict', () => {
+  test('{} (torch leaves it after optimizer.state[p] was read) is no state, as torch.optim.ASGD.load_state_dict takes it', () => {
+    const sd = asgdStateDict(f32(3));
+    (sd.get('state') as PyDict).set(0n, new PyDict());
+    assert.equal(toAsgdStateDict(readTorchSave(torchSaveToBuffer(sd))).state.size, 0);
+  });
+});
+
 describe('another optimizer\'s state in a torch.save state_dict', () => {
   test('a per-parameter key ASGD does not have (SGD\'s momentum_buffer) is refused by name, not dropped', () => {
     const sd = asgdStateDict(f32(3));

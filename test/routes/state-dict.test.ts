@@ -67,6 +67,18 @@ test('PUT state_dict restores optimizer state as load_state_dict does; stepping 
   void paramsAt6;
 });
 
+test('PUT state_dict: an empty per-parameter entry ({}, what torch leaves after optimizer.state[p] was read) is no state, as torch loads it', async (t) => {
+  const app = await setup(t);
+  await app.inject({ method: 'POST', url: '/v1/sessions/sd/step', payload: { grads: grads(0) } });
+  const sd = (await app.inject({ url: '/v1/sessions/sd/state_dict' })).json();
+  const withEmpty = { ...sd, state: { ...sd.state, 0: {} } };
+  const put = await app.inject({ method: 'PUT', url: '/v1/sessions/sd/state_dict', payload: withEmpty });
+  assert.equal(put.statusCode, 200, put.body);
+  const back = (await app.inject({ url: '/v1/sessions/sd/state_dict' })).json();
+  assert.deepEqual(Object.keys(back.state), ['1'], 'parameter 0 has no state, parameter 1 keeps its own');
+  assert.deepEqual(back.state['1'], sd.state['1']);
+});
+
 test('PUT state_dict rejects what load_state_dict rejects, and more, leaving the session unchanged', async (t) => {
   const app = await setup(t);
   await app.inject({ method: 'POST', url: '/v1/sessions/sd/step', payload: { grads: grads(0) } });

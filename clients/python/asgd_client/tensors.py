@@ -172,9 +172,17 @@ def _state_dict_to_wire(state_dict: Mapping[str, Any], key_of: Any, scalar_of: A
     for key, entry in state_dict["state"].items():
         if isinstance(key, bool) or not isinstance(key, (int, str)) or not str(key).isdigit():
             raise ValueError(f"state: key {key!r} is not a parameter id (PyTorch's state_dict uses ints)")
+        if isinstance(entry, Mapping) and len(entry) == 0:
+            # {}: no state, as torch leaves it after optimizer.state[p] was read for a parameter that never
+            # stepped (a defaultdict); torch's load_state_dict takes it.
+            continue
         missing = [k for k in ("step", "eta", "mu", "ax") if k not in entry]
         if missing:
             raise ValueError(f"state[{key}]: missing {', '.join(missing)} (is this an ASGD state_dict?)")
+        extra = [str(k) for k in entry if k not in ("step", "eta", "mu", "ax")]
+        if extra:
+            raise ValueError(f"state[{key}]: {', '.join(extra)} is not part of ASGD's per-parameter state (step, eta, mu, ax): "
+                             "a state_dict of another optimizer?")
         state[key_of(int(key))] = {
             "step": scalar_of(_scalar(entry["step"])),
             "eta": scalar_of(_scalar(entry["eta"])),

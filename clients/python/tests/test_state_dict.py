@@ -61,6 +61,41 @@ class StateDictMatchesTorch(ServiceTestCase):
         want, _ = torch_run()
         self.assertParamsIdentical(local, want)
 
+    def test_load_state_dict_with_an_empty_entry_as_torch_leaves_it(self):
+        # A parameter that never stepped, whose optimizer.state[p] some code read: torch's state_dict holds
+        # {} for it, and torch loads that. So does RemoteASGD; both then train on identically.
+        k = 9
+        ref = make_model()
+        torch_opt = torch.optim.ASGD(for_torch(ref.named_parameters()), **HYPER)
+        frozen = list(ref.parameters())[-1]
+        frozen.requires_grad_(False)
+        train(ref, torch_opt, range(k))
+        self.assertEqual(torch_opt.state[frozen], {})  # the read leaves {}
+        frozen.requires_grad_(True)
+        saved = torch_opt.state_dict()
+        self.assertEqual(saved["state"][len(list(ref.parameters())) - 1], {})
+        model = make_model()
+        model.load_state_dict(ref.state_dict())
+        opt = self.remote(model.named_parameters(), transport="json")
+        opt.load_state_dict(saved)
+        train(ref, torch_opt, range(k, k + 20))
+        train(model, opt, range(k, k + 20))
+        self.assertParamsIdentical(model, ref)
+        self.assertStateDictEqual(opt.state_dict(), torch_opt.state_dict())
+
+    def test_load_state_dict_of_another_optimizer_is_refused_by_name(self):
+        # An ASGD state_dict with SGD's momentum_buffer in it: refused, not loaded without it.
+        opt = self.remote(make_model().named_parameters(), transport="json")
+        model = make_model()
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        local = torch.optim.ASGD(for_torch(model.named_parameters()), **HYPER)
+        local.step()
+        sd = local.state_dict()
+        sd["state"][0]["momentum_buffer"] = torch.zeros(1)
+        with self.assertRaisesRegex(ValueError, r"state\[0\]: momentum_buffer is not part of ASGD's per-parameter state"):
+            opt.load_state_dict(sd)
+
     def test_load_state_dict_takes_the_groups_hyperparameters(self):
         opt = self.remote(make_model().named_parameters(), transport="json")
         torch_opt = torch.optim.ASGD(for_torch(make_model().named_parameters()), lr=0.125, lambd=2e-4, alpha=0.5, t0=3.0, weight_decay=0.25)
