@@ -112,11 +112,25 @@ function hasPinoPretty(): boolean {
   }
 }
 
-/** How many Host headers a request sent (Node keeps the first of several in `headers`). */
-function hostHeaders(raw: string[]): number {
-  let count = 0;
-  for (let i = 0; i < raw.length; i += 2) if (raw[i].length === 4 && raw[i].toLowerCase() === 'host') count++;
-  return count;
+/**
+ * Headers that must come once: Node keeps the first of several in `headers`, and a proxy in front may act on
+ * the last (another token, another body type): refused instead of guessing. Their display names.
+ */
+const SINGLE_HEADERS = new Map([
+  ['host', 'Host'], ['authorization', 'Authorization'], ['content-type', 'Content-Type'], ['content-length', 'Content-Length'],
+  ['idempotency-key', 'Idempotency-Key'], ['last-event-id', 'Last-Event-ID'],
+]);
+
+/** The first header of SINGLE_HEADERS a request sent more than once (raw header names, in order), or null. */
+function repeatedHeader(raw: string[]): string | null {
+  const seen = new Set<string>();
+  for (let i = 0; i < raw.length; i += 2) {
+    const name = raw[i].toLowerCase();
+    if (!SINGLE_HEADERS.has(name)) continue;
+    if (seen.has(name)) return SINGLE_HEADERS.get(name)!;
+    seen.add(name);
+  }
+  return null;
 }
 
 /**
@@ -126,9 +140,16 @@ function hostHeaders(raw: string[]): number {
 function refuseUnreadable(request: FastifyRequest, reply: FastifyReply): void {
   // RFC 9112 section 3.2: an HTTP/1.1 request without Host (or with several) is a 400.
   const host = request.raw.headers.host;
-  if (request.raw.httpVersion === '1.1' && (host === undefined || hostHeaders(request.raw.rawHeaders) !== 1)) {
+  if (request.raw.httpVersion === '1.1' && host === undefined) {
     reply.header('connection', 'close');
-    throw errors.invalidHeader('Host', host === undefined ? 'is required in HTTP/1.1' : 'must be sent once');
+    throw errors.invalidHeader('Host', 'is required in HTTP/1.1');
+  }
+  // The asterisk-form target (RFC 9112 section 3.2.4) names no resource: not the root document.
+  if (request.raw.url === '*') throw errors.invalidUrl('path: "*" names no resource of this service');
+  const repeated = repeatedHeader(request.raw.rawHeaders);
+  if (repeated !== null) {
+    reply.header('connection', 'close');
+    throw errors.invalidHeader(repeated, 'must be sent once');
   }
   // Bodies are read as they come: a compressed one would be misread (a gzipped JSON step as bad JSON, a
   // header length of 8e18 in a gzipped safetensors file), and a coding the service does not apply must

@@ -593,8 +593,11 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
   const raw: [string, Buffer | string, string, string?][] = [
     ['duplicate If-Match', `POST /v1/sessions/alpha/step HTTP/1.1\r\nHost: x\r\n${auth}If-Match: "${version}"\r\nIf-Match: "${version + 1}"\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`, 'INVALID_HEADER'],
     ['duplicate Idempotency-Key', `POST /v1/sessions/alpha/step HTTP/1.1\r\nHost: x\r\n${auth}Idempotency-Key: a\r\nIdempotency-Key: b\r\nIf-Match: "0"\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`, 'INVALID_HEADER'],
-    ['duplicate Content-Type', `POST /v1/sessions/alpha/step HTTP/1.1\r\nHost: x\r\n${auth}If-Match: "0"\r\nContent-Type: application/json\r\nContent-Type: text/plain\r\nContent-Length: ${body.length}\r\n\r\n${body}`, 'VERSION_MISMATCH'],
-    ['duplicate Authorization', `GET /v1/sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope-nope-nope-nope\r\n${auth}\r\n`, 'UNAUTHORIZED'],
+    ['duplicate Content-Type', `POST /v1/sessions/alpha/step HTTP/1.1\r\nHost: x\r\n${auth}If-Match: "0"\r\nContent-Type: application/json\r\nContent-Type: text/plain\r\nContent-Length: ${body.length}\r\n\r\n${body}`, 'INVALID_HEADER', 'Content-Type'],
+    // Node keeps the first of two; a proxy may act on the last: refused, whichever is the good one.
+    ['duplicate Authorization', `GET /v1/sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope-nope-nope-nope\r\n${auth}\r\n`, 'INVALID_HEADER', 'Authorization'],
+    ['duplicate Authorization, the good one first', `GET /v1/sessions HTTP/1.1\r\nHost: x\r\n${auth}Authorization: Bearer nope-nope-nope-nope\r\n\r\n`, 'INVALID_HEADER', 'Authorization'],
+    ['duplicate Content-Type, a valid step first', `POST /v1/sessions/alpha/step HTTP/1.1\r\nHost: x\r\n${auth}Content-Type: application/json\r\nContent-Type: application/x-safetensors\r\nContent-Length: ${body.length}\r\n\r\n${body}`, 'INVALID_HEADER', 'Content-Type'],
     ['duplicate Content-Length', `POST /v1/sessions/alpha/step HTTP/1.1\r\nHost: x\r\n${auth}Content-Type: application/json\r\nContent-Length: ${body.length}\r\nContent-Length: 5\r\n\r\n${body}`, 'INVALID_HEADER', 'Content-Length'],
     ['Content-Length and chunked', `POST /v1/sessions/alpha/step HTTP/1.1\r\nHost: x\r\n${auth}Content-Type: application/json\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n`, 'INVALID_HEADER', 'Transfer-Encoding'],
     ['Content-Length and identity', `POST /v1/sessions/alpha/step HTTP/1.1\r\nHost: x\r\n${auth}Content-Type: application/json\r\nTransfer-Encoding: identity\r\nContent-Length: ${body.length}\r\n\r\n${body}`, 'INVALID_HEADER', 'Content-Length'],
@@ -616,6 +619,7 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     ['dot segment as name', `GET /v1/sessions/./params HTTP/1.1\r\nHost: x\r\n${auth}\r\n`, 'INVALID_PATH'],
     ['encoded dot as name', `DELETE /v1/sessions/%2E HTTP/1.1\r\nHost: x\r\n${auth}\r\n`, 'INVALID_PATH'],
     ['encoded dot-dot as name', `GET /v1/sessions/%2E%2E/state_dict HTTP/1.1\r\nHost: x\r\n${auth}\r\n`, 'INVALID_PATH'],
+    ['asterisk-form target', `GET * HTTP/1.1\r\nHost: x\r\n${auth}\r\n`, 'INVALID_URL', 'path'],
     ['NUL in path', `GET /v1/sessions/a\u0000b HTTP/1.1\r\nHost: x\r\n${auth}\r\n`, 'INVALID_URL', 'path'],
     ['huge header', `GET /v1/sessions HTTP/1.1\r\nHost: x\r\n${auth}If-Match: ${'"1",'.repeat(70_000)}"1"\r\n\r\n`, 'HEADERS_TOO_LARGE'],
     ['many headers', `GET /v1/sessions HTTP/1.1\r\nHost: x\r\n${auth}${Array.from({ length: 30_000 }, (_, i) => `X-H${i}: v`).join('\r\n')}\r\n\r\n`, 'HEADERS_TOO_LARGE'],
