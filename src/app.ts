@@ -269,7 +269,9 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     // afterwards), and checks it on an interval (30 s by default): keep that a fraction of the timeout.
     http: {
       requestTimeout: config.requestTimeoutMs,
-      ...(config.requestTimeoutMs > 0 && { headersTimeout: Math.min(60_000, config.requestTimeoutMs) }),
+      // Headers come at once from any client: a connection that trickles them (up to MAX_HEADER_BYTES each)
+      // holds their memory only this long.
+      ...(config.requestTimeoutMs > 0 && { headersTimeout: Math.min(10_000, config.requestTimeoutMs) }),
       // A request without Host is refused by the app (onRequest, in the API's error shape), not by Node's bare 400.
       requireHostHeader: false,
       // Node's 16 KiB would refuse (431) a create from a file whose ?options= (declared up to 65,536
@@ -314,6 +316,9 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     pluginTimeout: 120_000,
   });
   // An Expect other than 100-continue: Node answers a bare 417 unless someone listens for it.
+  // Each connection may hold up to MAX_HEADER_BYTES of headers being read, and an event stream or keep-alive
+  // connection some memory: bounded in number, past which Node closes new connections as they come.
+  fastify.server.maxConnections = config.maxConnections;
   fastify.server.on('checkExpectation', (request: IncomingMessage, response: ServerResponse) => {
     const body = errorText(errors.invalidHeader('Expect', `${quoteValue(headerText(request.headers.expect))} is not supported (only 100-continue)`));
     response.writeHead(400, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), connection: 'close' });

@@ -31,6 +31,8 @@ export interface Config {
   /** Largest JSON body on any route: a JSON text is decoded into one string, which V8 caps at ~512 MiB. */
   bodyLimitJson: number;
   requestTimeoutMs: number;
+  /** Open connections a process accepts (Node's server.maxConnections); more are closed as they come. */
+  maxConnections: number;
   rateLimitPerMinute: number | null;
   defaultSnapshotEvery: number;
   defaultKeepSnapshots: number;
@@ -191,6 +193,7 @@ export function loadConfig(env: Env = process.env): Config {
     bodyLimitDefault: int(env, 'ASGD_BODY_LIMIT_DEFAULT', 1 * MiB, 1024),
     bodyLimitJson: int(env, 'ASGD_BODY_LIMIT_JSON', 256 * MiB, 1024, 512 * MiB),
     requestTimeoutMs: ms(env, 'ASGD_REQUEST_TIMEOUT_MS', 300_000, 0),
+    maxConnections: int(env, 'ASGD_MAX_CONNECTIONS', 4096, 1),
     rateLimitPerMinute: env.ASGD_RATE_LIMIT_PER_MINUTE ? int(env, 'ASGD_RATE_LIMIT_PER_MINUTE', 0, 1) : null,
     defaultSnapshotEvery: int(env, 'ASGD_SNAPSHOT_EVERY', 100, 1),
     defaultKeepSnapshots: int(env, 'ASGD_KEEP_SNAPSHOTS', 10, 1),

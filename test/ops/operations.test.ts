@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { connect } from 'node:net';
+import { connect, type Socket } from 'node:net';
 import { Readable, Writable } from 'node:stream';
 import { test, type TestContext } from 'node:test';
 import { buildApp } from '../../src/app.ts';
@@ -243,6 +243,26 @@ test('a create from a file takes ?options= up to its declared 65,536 characters 
   assert.equal((await fetch(`http://127.0.0.1:${port}/v1/sessions/longer`)).status, 404, 'not created');
 });
 
+test('ASGD_MAX_CONNECTIONS bounds the open connections: one more is closed as it comes, and served again once one closes', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_MAX_CONNECTIONS: '3' } });
+  await app.listen({ host: '127.0.0.1', port: 0 });
+  const { port } = app.server.address() as { port: number };
+  // Three connections that trickle headers (a slow or hostile client) hold every slot.
+  const held = await Promise.all(Array.from({ length: 3 }, () => new Promise<Socket>((resolve) => {
+    const socket = connect(port, '127.0.0.1', () => { socket.write('GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: '); resolve(socket); });
+    socket.on('error', () => {});
+  })));
+  try {
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    await assert.rejects(fetch(`http://127.0.0.1:${port}/healthz`, { signal: AbortSignal.timeout(5000) }), 'the fourth connection is closed');
+    held[0].destroy();
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    assert.equal((await fetch(`http://127.0.0.1:${port}/healthz`, { headers: { connection: 'close' } })).status, 200, 'a slot is free again');
+  } finally {
+    for (const s of held) s.destroy(); // before the app closes: it waits for its connections
+  }
+});
+
 test('a request whose body does not arrive in time gets 408 REQUEST_TIMEOUT; oversized headers 431 HEADERS_TOO_LARGE', async (t) => {
   const { app } = await buildTestApp(t, { env: { ASGD_REQUEST_TIMEOUT_MS: '300' } });
   await app.listen({ host: '127.0.0.1', port: 0 });
@@ -260,6 +280,9 @@ test('a request whose body does not arrive in time gets 408 REQUEST_TIMEOUT; ove
   assert.match(slow, /^HTTP\/1\.1 408 Request Timeout\r\n/);
   assert.match(slow, /\r\nContent-Type: application\/json; charset=utf-8\r\n/);
   assert.equal(JSON.parse(slow.slice(slow.indexOf('\r\n\r\n') + 4)).code, 'REQUEST_TIMEOUT');
+  // Headers that never end (each connection may hold up to 256 KiB of them) are dropped as well.
+  const trickled = await raw(`GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ${'a'.repeat(100_000)}`);
+  assert.match(trickled, /^HTTP\/1\.1 408 /);
   // 64 KiB of headers is taken (a create's ?options= may be that long), 300 KB is not.
   const big = await raw(`GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: ${'a'.repeat(65_536)}\r\n\r\n`);
   assert.match(big, /^HTTP\/1\.1 200/);
