@@ -41,7 +41,49 @@ export interface UnpickleOptions {
   maxDepth?: number;
   /** Most nodes the result may have when shared sub-values are counted each time they appear. Default 10 million. */
   maxExpandedSize?: number;
+  /**
+   * Most items the whole pickle may push onto its stacks (every push counts: new values, DUP, memo gets, REDUCE
+   * results) plus the memo entries it stores. Default MAX_PICKLE_ITEMS.
+   */
+  maxItems?: number;
+  /**
+   * Most new values the pickle may create: ints beyond BININT1, floats, str, non-empty bytes, tuples, lists, dicts,
+   * and what REDUCE, BUILD and BINPERSID make. Default MAX_PICKLE_OBJECTS.
+   */
+  maxObjects?: number;
+  /** Most items the stack and the stacks its MARKs set aside may hold together at any time. Default MAX_PICKLE_STACK_ITEMS. */
+  maxStackItems?: number;
+  /** Most bytes the str, bytes and long int values the pickle creates may hold together (their encoded lengths). Default MAX_PICKLE_TEXT_BYTES. */
+  maxTextBytes?: number;
 }
+
+/**
+ * Items (pushes plus memo entries) of one pickle: 2**25. torch.save of a checkpoint of a session's largest size
+ * (100,000 parameters; each a model tensor plus ASGD's step, eta, mu and ax) pushes 9.7 million items and stores
+ * 3.1 million memo entries (12.8 million, PyTorch 1.13, 1-dimensional tensors; about 14 million with 4-dimensional
+ * ones): a 2.6x margin. Every count and collection stays far below V8's limits (2**24 entries for a Map).
+ */
+export const MAX_PICKLE_ITEMS = 2 ** 25;
+/**
+ * New values of one pickle: 2**23 (8,388,608). The same checkpoint of 100,000 parameters creates 4.9 million
+ * (tuples, tensors, OrderedDicts, storages, names, ints): a 1.7x margin, whatever the tensors' dimensions. Lists,
+ * dicts and tuples cost 50-200 bytes each, so this bounds the memory a pickle of cheap opcodes (`}` is one byte) can
+ * take far below what MAX_PICKLE_ITEMS alone would.
+ */
+export const MAX_PICKLE_OBJECTS = 2 ** 23;
+/**
+ * Items on the stacks at once: 2**20. CPython's pickler (and this service's writer) appends and sets items in
+ * batches of 1000, so a state_dict keeps a few thousand items there; a writer that does not batch keeps two per
+ * entry of its largest dict (200,000 for a dict of 100,000 tensors, 2.6x below this). A hostile pickle piles millions of new
+ * objects there instead.
+ */
+export const MAX_PICKLE_STACK_ITEMS = 2 ** 19;
+/**
+ * Bytes of str and bytes values of one pickle: 128 MiB. A checkpoint of 100,000 parameters names each once
+ * (parameter names of at most 256 characters: 25.6 MB in ASCII, 102 MB if every character took 4 bytes) and
+ * adds a few bytes of storage key per tensor.
+ */
+export const MAX_PICKLE_TEXT_BYTES = 128 * 2 ** 20;
 
 const LONG_MAX_BYTES = 1 << 16;
 const utf8 = new TextDecoder('utf-8', { fatal: true });
@@ -51,6 +93,58 @@ interface Measure {
   size: number;
 }
 const LEAF: Measure = { depth: 0, size: 1 };
+const EMPTY_CONTAINER: Measure = { depth: 1, size: 1 };
+/** BININT1's values, made once: bigints are immutable, so a pickle of a million small ints allocates none. */
+const SMALL_INTS: readonly bigint[] = Array.from({ length: 256 }, (_, i) => BigInt(i));
+const EMPTY_BYTES = new Uint8Array(0);
+
+/** Entries split over Maps of at most 2**22 each: a pickle may create more objects than one Map can hold (2**24). */
+class ObjectMap<V> {
+  private static readonly SHARD = 2 ** 22;
+  private readonly shards: Map<object, V>[] = [new Map()];
+
+  get(key: object): V | undefined {
+    for (const shard of this.shards) {
+      const value = shard.get(key);
+      if (value !== undefined) return value;
+    }
+    return undefined;
+  }
+
+  has(key: object): boolean {
+    return this.get(key) !== undefined;
+  }
+
+  set(key: object, value: V): void {
+    for (const shard of this.shards) {
+      if (shard.has(key)) {
+        shard.set(key, value);
+        return;
+      }
+    }
+    let last = this.shards[this.shards.length - 1];
+    if (last.size >= ObjectMap.SHARD) this.shards.push((last = new Map()));
+    last.set(key, value);
+  }
+}
+
+/** The memo, by index (any uint32) in Maps of at most 2**16 entries each. */
+class Memo {
+  private readonly pages = new Map<number, Map<number, Item>>();
+  size = 0;
+
+  get(index: number): Item | undefined {
+    return this.pages.get(index >>> 16)?.get(index & 0xffff);
+  }
+
+  set(index: number, item: Item): void {
+    let page = this.pages.get(index >>> 16);
+    if (!page) this.pages.set(index >>> 16, (page = new Map()));
+    const before = page.size;
+    page.set(index & 0xffff, item);
+    this.size += page.size - before;
+  }
+}
 
 /** Unpickles `data` into a Python value. Throws only FormatError. */
 export function unpickle(data: Uint8Array, options: UnpickleOptions): PyValue {
@@ -62,15 +156,26 @@ class Unpickler {
   private pos = 0;
   private stack: Item[] = [];
   private readonly metastack: Item[][] = [];
-  private readonly memo = new Map<number, Item>();
-  // Plain Map/Set (faster than the weak kinds); they live only as long as this unpickler.
-  private readonly measures = new Map<object, Measure>();
-  /** Containers already placed inside another value: mutating one could close a cycle. */
-  private readonly sealed = new Set<object>();
+  /** Items in the stacks of `metastack`. */
+  private metastackItems = 0;
+  private readonly memo = new Memo();
+  // Plain Maps/Sets (faster than the weak kinds), split so none nears V8's size limit; they live only as long as this unpickler.
+  /** Depth and expanded size of containers and tuples; a container without an entry is an empty one. */
+  private readonly measures = new ObjectMap<Measure>();
+  /** Lists and dicts already placed inside another value: mutating one could close a cycle. */
+  private readonly sealed = new ObjectMap<true>();
   /** Tuples that hold opaque items, directly or in nested tuples. */
-  private readonly internal = new Set<PyTuple>();
+  private readonly internal = new ObjectMap<true>();
   private readonly maxDepth: number;
   private readonly maxExpandedSize: number;
+  private readonly maxStackItems: number;
+  /** Items (pushes and memo entries) and text bytes this pickle may still create. */
+  private itemsLeft: number;
+  private objectsLeft: number;
+  private textBytesLeft: number;
+  private readonly maxItems: number;
+  private readonly maxObjects: number;
+  private readonly maxTextBytes: number;
 
   private readonly options: UnpickleOptions;
 
@@ -79,6 +184,10 @@ class Unpickler {
     this.buf = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
     this.maxDepth = options.maxDepth ?? 100;
     this.maxExpandedSize = options.maxExpandedSize ?? 10_000_000;
+    this.maxItems = this.itemsLeft = options.maxItems ?? MAX_PICKLE_ITEMS;
+    this.maxObjects = this.objectsLeft = options.maxObjects ?? MAX_PICKLE_OBJECTS;
+    this.maxStackItems = options.maxStackItems ?? MAX_PICKLE_STACK_ITEMS;
+    this.maxTextBytes = this.textBytesLeft = options.maxTextBytes ?? MAX_PICKLE_TEXT_BYTES;
   }
 
   run(): PyValue {
@@ -110,6 +219,7 @@ class Unpickler {
       case OP.MARK:
         if (this.metastack.length >= this.maxDepth) throw new FormatError('PICKLE_TOO_DEEP', `pickle MARKs nest deeper than ${this.maxDepth}`);
         this.metastack.push(this.stack);
+        this.metastackItems += this.stack.length;
         this.stack = [];
         return;
       case OP.POP:
@@ -129,59 +239,64 @@ class Unpickler {
       case OP.NEWFALSE:
         return this.push(false);
       case OP.BININT:
-        return this.push(BigInt(this.take(4).readInt32LE(0)));
+        return this.pushNew(BigInt(this.take(4).readInt32LE(0)));
       case OP.BININT1:
-        return this.push(BigInt(this.u8()));
+        return this.push(SMALL_INTS[this.u8()]);
       case OP.BININT2:
-        return this.push(BigInt(this.take(2).readUInt16LE(0)));
-      case OP.LONG1:
-        return this.push(decodeLong(this.take(this.u8())));
+        return this.pushNew(BigInt(this.take(2).readUInt16LE(0)));
+      case OP.LONG1: {
+        const bytes = this.take(this.u8());
+        this.countText(bytes.length);
+        return this.pushNew(decodeLong(bytes));
+      }
       case OP.LONG4: {
         const n = this.take(4).readInt32LE(0);
         if (n < 0) throw new FormatError('PICKLE_STACK_INVALID', 'LONG4 with a negative byte count');
         if (n > LONG_MAX_BYTES) throw new FormatError('PICKLE_LIMIT_EXCEEDED', `integer of ${n} bytes exceeds the ${LONG_MAX_BYTES}-byte limit`);
-        return this.push(decodeLong(this.take(n)));
+        const bytes = this.take(n);
+        this.countText(n);
+        return this.pushNew(decodeLong(bytes));
       }
       case OP.BINFLOAT:
-        return this.push(this.take(8).readDoubleBE(0));
+        return this.pushNew(this.take(8).readDoubleBE(0));
       case OP.SHORT_BINUNICODE:
-        return this.push(this.text(this.u8()));
+        return this.pushNew(this.text(this.u8()));
       case OP.BINUNICODE:
-        return this.push(this.text(this.take(4).readUInt32LE(0)));
+        return this.pushNew(this.text(this.take(4).readUInt32LE(0)));
       case OP.BINUNICODE8:
-        return this.push(this.text(this.length64()));
+        return this.pushNew(this.text(this.length64()));
       case OP.SHORT_BINSTRING:
-        return this.push(this.text(this.u8())); // Python 2 str; torch.load decodes it as UTF-8
+        return this.pushNew(this.text(this.u8())); // Python 2 str; torch.load decodes it as UTF-8
       case OP.BINSTRING: {
         const n = this.take(4).readInt32LE(0);
         if (n < 0) throw new FormatError('PICKLE_STACK_INVALID', 'BINSTRING with a negative length');
-        return this.push(this.text(n));
+        return this.pushNew(this.text(n));
       }
       case OP.SHORT_BINBYTES:
-        return this.push(Uint8Array.from(this.take(this.u8())));
+        return this.push(this.bytes(this.u8()));
       case OP.BINBYTES:
-        return this.push(Uint8Array.from(this.take(this.take(4).readUInt32LE(0))));
+        return this.push(this.bytes(this.take(4).readUInt32LE(0)));
       case OP.BINBYTES8:
       case OP.BYTEARRAY8:
-        return this.push(Uint8Array.from(this.take(this.length64())));
+        return this.push(this.bytes(this.length64()));
       case OP.EMPTY_TUPLE:
-        return this.push(this.tuple([]));
+        return this.pushNew(this.tuple([]));
       case OP.TUPLE1:
       case OP.TUPLE2:
       case OP.TUPLE3: {
         const n = code - OP.TUPLE1 + 1;
         if (this.stack.length < n) throw stackError(`${opcodeName(code)} needs ${n} items on the stack`);
-        return this.push(this.tuple(this.stack.splice(this.stack.length - n, n)));
+        return this.pushNew(this.tuple(this.stack.splice(this.stack.length - n, n)));
       }
       case OP.TUPLE:
-        return this.push(this.tuple(this.popMark()));
+        return this.pushNew(this.tuple(this.popMark()));
       case OP.EMPTY_LIST:
-        return this.push(this.container([]));
+        return this.pushNew(this.container([]));
       case OP.LIST: {
         const items = this.popMark();
         const list = this.container([] as PyValue[]);
         this.extend(list, items);
-        return this.push(list);
+        return this.pushNew(list);
       }
       case OP.APPEND: {
         const item = this.pop();
@@ -194,12 +309,12 @@ class Unpickler {
         return;
       }
       case OP.EMPTY_DICT:
-        return this.push(this.container(new PyDict()));
+        return this.pushNew(this.container(new PyDict()));
       case OP.DICT: {
         const items = this.popMark();
         const dict = this.container(new PyDict());
         this.setItems(dict, items);
-        return this.push(dict);
+        return this.pushNew(dict);
       }
       case OP.SETITEM: {
         const value = this.pop();
@@ -265,8 +380,26 @@ class Unpickler {
     return Number(n);
   }
 
+  /** Counts `n` bytes of a str, bytes or LONG int value against the pickle's limit, before they are decoded. */
+  private countText(n: number): void {
+    this.textBytesLeft -= n;
+    if (this.textBytesLeft < 0) {
+      throw new FormatError('PICKLE_LIMIT_EXCEEDED', `pickle strings, bytes and long ints exceed ${this.maxTextBytes} bytes in total`);
+    }
+  }
+
+  /** A bytes value; every empty one is the same (immutable, as in Python) and costs nothing. */
+  private bytes(n: number): Uint8Array {
+    const bytes = this.take(n);
+    if (n === 0) return EMPTY_BYTES;
+    this.countText(n);
+    this.countObject();
+    return Uint8Array.from(bytes);
+  }
+
   private text(n: number): string {
     const bytes = this.take(n);
+    this.countText(n);
     if (n <= 64 && isAscii(bytes)) return bytes.toString('latin1');
     try {
       return utf8.decode(bytes);
@@ -284,7 +417,30 @@ class Unpickler {
   // --- stack -------------------------------------------------------------------------------
 
   private push(item: Item): void {
+    this.countItem();
+    if (this.stack.length + this.metastackItems >= this.maxStackItems) {
+      throw new FormatError('PICKLE_LIMIT_EXCEEDED', `pickle stacks hold more than ${this.maxStackItems} items`);
+    }
     this.stack.push(item);
+  }
+
+  /** Pushes a value the pickle just created, counting it against the limit of new values. */
+  private pushNew(item: Item): void {
+    this.countObject();
+    this.push(item);
+  }
+
+  private countObject(): void {
+    if (--this.objectsLeft < 0) {
+      throw new FormatError('PICKLE_LIMIT_EXCEEDED', `pickle creates more than ${this.maxObjects} values`);
+    }
+  }
+
+  /** Counts one push or memo entry against the pickle's limit. */
+  private countItem(): void {
+    if (--this.itemsLeft < 0) {
+      throw new FormatError('PICKLE_LIMIT_EXCEEDED', `pickle pushes and memoizes more than ${this.maxItems} items`);
+    }
   }
 
   private pop(): Item {
@@ -301,12 +457,15 @@ class Unpickler {
     const items = this.stack;
     const previous = this.metastack.pop();
     if (!previous) throw stackError('no MARK to pop to');
+    this.metastackItems -= previous.length;
     this.stack = previous;
     return items;
   }
 
   private memoPut(index: number): void {
-    this.memo.set(index, this.top());
+    const item = this.top();
+    this.countItem();
+    this.memo.set(index, item);
   }
 
   private memoGet(index: number): void {
@@ -318,11 +477,12 @@ class Unpickler {
   // --- values ------------------------------------------------------------------------------
 
   private measure(item: Item): Measure {
-    return (typeof item === 'object' && item !== null && this.measures.get(item)) || LEAF;
+    if (typeof item !== 'object' || item === null) return LEAF;
+    return this.measures.get(item) ?? (Array.isArray(item) || item instanceof PyDict || item instanceof PyTuple ? EMPTY_CONTAINER : LEAF);
   }
 
+  /** A new list or dict; its measure is EMPTY_CONTAINER until it holds something. */
   private container<T extends PyValue[] | PyDict>(value: T): T {
-    this.measures.set(value, { depth: 1, size: 1 });
     return value;
   }
 
@@ -342,7 +502,7 @@ class Unpickler {
       const m = this.measure(child);
       depth = Math.max(depth, m.depth + 1);
       size += m.size;
-      if (typeof child === 'object' && child !== null) this.sealed.add(child);
+      if (Array.isArray(child) || child instanceof PyDict) this.sealed.set(child, true);
     }
     if (depth > this.maxDepth) throw new FormatError('PICKLE_TOO_DEEP', `pickle values nest deeper than ${this.maxDepth}`);
     if (size > this.maxExpandedSize) {
@@ -361,8 +521,9 @@ class Unpickler {
 
   private tuple(items: Item[]): PyTuple {
     const tuple = new PyTuple(items as PyValue[]);
+    if (items.length === 0) return tuple; // measured as EMPTY_CONTAINER
     this.adopt(tuple, items, { depth: 1, size: 1 });
-    if (items.some((item) => item instanceof Opaque || (item instanceof PyTuple && this.internal.has(item)))) this.internal.add(tuple);
+    if (items.some((item) => item instanceof Opaque || (item instanceof PyTuple && this.internal.has(item)))) this.internal.set(tuple, true);
     return tuple;
   }
 
@@ -400,7 +561,7 @@ class Unpickler {
     if (!(callable instanceof PyGlobal)) throw stackError(`REDUCE of ${describe(callable)}, which is not an allowed global`);
     if (!callable.call) throw new FormatError('PICKLE_GLOBAL_REFUSED', `pickle global ${callable.qualifiedName} may not be called`);
     if (!(args instanceof PyTuple)) throw stackError(`REDUCE arguments must be a tuple, got ${describe(args)}`);
-    this.push(callable.call(args.items));
+    this.pushNew(callable.call(args.items));
   }
 
   /** BUILD: only an OrderedDict's attributes (its __dict__), as torch's weights_only unpickler allows. */
@@ -410,6 +571,7 @@ class Unpickler {
     if (!(target instanceof PyDict) || !target.ordered) throw new FormatError('PICKLE_CALL_INVALID', `BUILD is only supported on an OrderedDict, not ${describe(target)}`);
     if (!(state instanceof PyDict)) throw new FormatError('PICKLE_CALL_INVALID', `BUILD state must be a dict, got ${describe(state)}`);
     this.checkMutable(target, 'BUILD');
+    this.countObject();
     const attributes = this.container(new PyDict());
     const items: Item[] = [];
     for (const [key, value] of [...(target.attributes ?? []), ...state]) {
@@ -425,7 +587,7 @@ class Unpickler {
     const pid = this.pop();
     if (!this.options.persistentLoad) throw new FormatError('PICKLE_OPCODE_REFUSED', 'pickle persistent ids are not supported here');
     if (!(pid instanceof PyTuple)) throw stackError(`persistent id must be a tuple, got ${describe(pid)}`);
-    this.push(this.options.persistentLoad(pid));
+    this.pushNew(this.options.persistentLoad(pid));
   }
 }
 

@@ -29,6 +29,10 @@ export interface TorchLoadOptions extends ZipReadOptions {
   /** Pickle limits (see UnpickleOptions). */
   maxDepth?: number;
   maxExpandedSize?: number;
+  maxItems?: number;
+  maxObjects?: number;
+  maxStackItems?: number;
+  maxTextBytes?: number;
   /**
    * Most bytes the file's strided views (transposes, column slices, expanded tensors) may take, together,
    * once copied into row-major order. Default: four times the file's own size, and at least 1 MiB. A view
@@ -109,6 +113,10 @@ export function readTorchSave(buf: Uint8Array, options: TorchLoadOptions = {}): 
     persistentLoad,
     maxDepth: options.maxDepth,
     maxExpandedSize: options.maxExpandedSize,
+    maxItems: options.maxItems,
+    maxObjects: options.maxObjects,
+    maxStackItems: options.maxStackItems,
+    maxTextBytes: options.maxTextBytes,
   });
   copyStridedViews(value, options.maxViewCopyBytes ?? Math.max(VIEW_COPY_FACTOR * buf.byteLength, MIN_VIEW_COPY_BYTES), options.name ?? '');
   return value;

@@ -2,9 +2,12 @@
 // and state_dicts PyTorch users actually save must still load exactly.
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
+import { deflateRawSync } from 'node:zlib';
 import {
-  FormatError, PyDict, fromAsgdStateDict, readSafetensors, readTorchSave, toAsgdStateDict, toCheckpoint, torchSaveToBuffer, type Tensor,
+  FormatError, MAX_PICKLE_ITEMS, MAX_PICKLE_OBJECTS, MAX_PICKLE_STACK_ITEMS, MAX_PICKLE_TEXT_BYTES, MAX_ZIP_ENTRIES, PyDict, findTorchGlobal, fromAsgdStateDict,
+  readSafetensors, readTorchSave, readZip, streamToBuffer, toAsgdStateDict, toCheckpoint, torchSaveToBuffer, unpickle, zipStream, type Tensor, type UnpickleOptions,
 } from '../../src/formats/index.ts';
+import { MAX_PARAMS } from '../../src/sessions/spec.ts';
 import { MAX_STEP_COUNT } from '../../src/formats/optimizer-state.ts';
 import { runPython, skipWithoutTorch } from '../support/torch.ts';
 import { viewsFile as torchFile, type View } from './torch-files.ts';
@@ -179,4 +182,140 @@ test('a torch.save file in the legacy (pre-1.6) format is refused as such, not a
   // The first bytes torch.save(obj, f, _use_new_zipfile_serialization=False) writes (torch 1.13).
   const legacy = Buffer.from('80028a0a6cfc9c46f9206aa850192e80024de9032e80027d', 'hex');
   assert.throws(() => readTorchSave(legacy), (err: FormatError) => err.code === 'TORCH_SAVE_INVALID' && /legacy format.*PyTorch 1\.6/.test(err.message));
+});
+
+// ---- pickles and archives of a few KB that would push millions of items (review hostile-2: H1, H2, H3, H5) ----
+
+/** A torch.save-shaped archive whose data.pkl is `pkl` (deflated when `deflate`, as a re-zipped file is). */
+function archiveOf(pkl: Buffer, deflate = false): Buffer {
+  const records: [string, Buffer][] = [['a/data.pkl', pkl], ['a/version', Buffer.from('3\n')]];
+  const zip = streamToBuffer(zipStream(records.map(([name, data]) => ({ name, size: data.length, data: () => [data] }))));
+  return deflate ? deflateEntries(zip) : zip;
+}
+
+/** The same archive with every entry deflated (zip's method 8). */
+function deflateEntries(zip: Buffer): Buffer {
+  const archive = readZip(zip);
+  const locals: Buffer[] = [];
+  const central: Buffer[] = [];
+  let offset = 0;
+  for (const [name, entry] of archive.entries) {
+    const data = archive.read(name);
+    const packed = deflateRawSync(data, { level: 9 });
+    const nameBytes = Buffer.from(name);
+    const local = Buffer.alloc(30);
+    local.writeUInt32LE(0x04034b50, 0); local.writeUInt16LE(20, 4); local.writeUInt16LE(8, 8);
+    local.writeUInt32LE(entry.crc32, 14); local.writeUInt32LE(packed.length, 18); local.writeUInt32LE(data.length, 22); local.writeUInt16LE(nameBytes.length, 26);
+    const record = Buffer.alloc(46);
+    record.writeUInt32LE(0x02014b50, 0); record.writeUInt16LE(20, 4); record.writeUInt16LE(20, 6); record.writeUInt16LE(8, 10);
+    record.writeUInt32LE(entry.crc32, 16); record.writeUInt32LE(packed.length, 20); record.writeUInt32LE(data.length, 24); record.writeUInt16LE(nameBytes.length, 28);
+    record.writeUInt32LE(offset, 42);
+    locals.push(local, nameBytes, packed);
+    central.push(record, nameBytes);
+    offset += 30 + nameBytes.length + packed.length;
+  }
+  const cd = Buffer.concat(central);
+  const eocd = Buffer.alloc(22);
+  eocd.writeUInt32LE(0x06054b50, 0); eocd.writeUInt16LE(archive.entries.size, 8); eocd.writeUInt16LE(archive.entries.size, 10);
+  eocd.writeUInt32LE(cd.length, 12); eocd.writeUInt32LE(offset, 16);
+  return Buffer.concat([...locals, cd, eocd]);
+}
+
+const pickleOf = (...parts: (string | Buffer)[]) => Buffer.concat([Buffer.from('\x80\x02', 'latin1'), ...parts.map((p) => (typeof p === 'string' ? Buffer.from(p, 'latin1') : p)), Buffer.from('.')]);
+const repeat = (unit: string, n: number) => Buffer.alloc(unit.length * n, unit, 'latin1');
+
+/** Refused with PICKLE_LIMIT_EXCEEDED (not a RangeError, not after the whole pickle was run) and a message matching `message`. */
+function limitRefusal(fn: () => unknown, message: RegExp): void {
+  const err = refusal(fn);
+  assert.equal(err.code, 'PICKLE_LIMIT_EXCEEDED', err.message);
+  assert.match(err.message, message);
+}
+
+describe('pickles that push millions of items', () => {
+  test('H1: 2 million empty bytes (4 MB, 10 KB deflated) are refused once the stacks hold MAX_PICKLE_STACK_ITEMS, not run to an out-of-memory', () => {
+    const file = archiveOf(pickleOf(repeat('C\x00', 2_000_000)), true);
+    assert.ok(file.length < 20_000, `${file.length} bytes`);
+    limitRefusal(() => readTorchSave(file), new RegExp(`^pickle stacks hold more than ${MAX_PICKLE_STACK_ITEMS} items`));
+    // DUPs behind MARKs count too: the items of every stack a MARK set aside
+    const half = MAX_PICKLE_STACK_ITEMS / 2 + 1;
+    limitRefusal(() => readTorchSave(archiveOf(pickleOf('N(N', repeat('2', half), '(N', repeat('2', half)))), /^pickle stacks hold more than/);
+  });
+
+  test('H2/H3: a deflated pickle of a million EMPTY_LIST (and 17 MB of them, past V8\'s Map limit) is refused by the stack limit', () => {
+    const bomb = archiveOf(pickleOf(repeat(']', 1_000_000)), true);
+    assert.ok(bomb.length < 5000, `${bomb.length} bytes`);
+    limitRefusal(() => readTorchSave(bomb), /^pickle stacks hold more than/);
+    limitRefusal(() => unpickle(pickleOf(repeat(']', 17_000_000)), { findGlobal: findTorchGlobal }), /^pickle stacks hold more than/);
+  });
+
+  test('every push (new values, DUP, memo gets) and every memo entry counts against maxItems, across the whole pickle', () => {
+    const load = (pkl: Buffer, options: Partial<UnpickleOptions>) => unpickle(pkl, { findGlobal: findTorchGlobal, ...options });
+    // pushed and popped again: the stack stays small, the count does not
+    assert.equal(load(pickleOf(repeat('N0', 99), 'N'), { maxItems: 100 }), null);
+    limitRefusal(() => load(pickleOf(repeat('N0', 100), 'N'), { maxItems: 100 }), /^pickle pushes and memoizes more than 100 items/);
+    limitRefusal(() => load(pickleOf('N', repeat('2', 100)), { maxItems: 100 }), /more than 100 items/); // DUP
+    limitRefusal(() => load(pickleOf('Nq\x00', repeat('0h\x00', 99)), { maxItems: 100 }), /more than 100 items/); // BINGET
+    const puts = Buffer.concat(Array.from({ length: 100 }, (_, i) => Buffer.from([0x72, i, 0, 0, 0])));
+    limitRefusal(() => load(pickleOf('N', puts), { maxItems: 100 }), /more than 100 items/); // LONG_BINPUT: memo entries
+    // new values: lists, dicts, tuples, strings, non-empty bytes, ints beyond BININT1
+    limitRefusal(() => load(pickleOf('](', repeat('}', 100), 'e'), { maxObjects: 100 }), /^pickle creates more than 100 values/);
+    limitRefusal(() => load(pickleOf('](', repeat(')', 100), 'e'), { maxObjects: 100 }), /^pickle creates more than 100 values/);
+    limitRefusal(() => load(pickleOf('](', repeat('C\x01x', 100), 'e'), { maxObjects: 100 }), /^pickle creates more than 100 values/);
+    // BININT1 and empty bytes allocate nothing: they count as items only
+    assert.equal((load(pickleOf('](', repeat('K\x07', 200), repeat('C\x00', 200), 'e'), { maxObjects: 2 }) as unknown[]).length, 400);
+    // bytes of str, bytes and long ints
+    limitRefusal(() => load(pickleOf('](', repeat('X\x05\x00\x00\x00abcde', 20), 'e'), { maxTextBytes: 99 }), /^pickle strings, bytes and long ints exceed 99 bytes in total/);
+    limitRefusal(() => load(pickleOf('](', repeat('\x8a\x08\x01\x01\x01\x01\x01\x01\x01\x01', 20), 'e'), { maxTextBytes: 99 }), /exceed 99 bytes/);
+  });
+
+  test('the defaults leave a real checkpoint room: one of 1,000 parameters reads within a hundredth of each limit (MAX_PARAMS is 100,000)', () => {
+    const tensor = (n: number): Tensor => ({ dtype: 'float32', shape: [n, 2], data: new Float32Array(2 * n) });
+    const scalar = (x: number): Tensor => ({ dtype: 'float32', shape: [], data: Float32Array.of(x) });
+    const n = 1000;
+    const names = Array.from({ length: n }, (_, i) => `encoder.layers.${i}.self_attention.out_projection.weight`);
+    const checkpoint = new PyDict([
+      ['model', new PyDict(names.map((name) => [name, tensor(3)]))],
+      ['optimizer', new PyDict([
+        ['state', new PyDict(names.map((_, i) => [BigInt(i), new PyDict([['step', scalar(1)], ['eta', scalar(0.01)], ['mu', scalar(1)], ['ax', tensor(3)]])]))],
+        ['param_groups', [new PyDict([['lr', 0.01], ['lambd', 1e-4], ['alpha', 0.75], ['t0', 1e6], ['weight_decay', 0n], ['foreach', null], ['maximize', false], ['params', names.map((_, i) => BigInt(i))]])]],
+      ])],
+      ['step', 1n],
+    ]);
+    const file = torchSaveToBuffer(checkpoint);
+    const read = readTorchSave(file, {
+      maxItems: MAX_PICKLE_ITEMS / 100, maxObjects: MAX_PICKLE_OBJECTS / 100, maxTextBytes: MAX_PICKLE_TEXT_BYTES / 100, maxEntries: (MAX_ZIP_ENTRIES - 16) / 100 + 16,
+    });
+    assert.equal(toCheckpoint(read).model.tensors.size, n);
+    // and at a tenth of that, the same file is refused: the limits are not idle
+    assert.equal(refusal(() => readTorchSave(file, { maxItems: MAX_PICKLE_ITEMS / 1000 })).code, 'PICKLE_LIMIT_EXCEEDED');
+    assert.equal(refusal(() => readTorchSave(file, { maxEntries: (MAX_ZIP_ENTRIES - 16) / 1000 + 16 })).code, 'ZIP_LIMIT_EXCEEDED');
+  });
+});
+
+describe('zip archives that list more entries than a torch.save file can have', () => {
+  /** A zip64 archive whose central directory declares `count` entries (and is as large as they need), of zeros. */
+  function manyEntries(count: number): Buffer {
+    const cdSize = 46 * count;
+    const buf = Buffer.alloc(cdSize + 56 + 20 + 22);
+    const z64 = cdSize;
+    buf.writeUInt32LE(0x06064b50, z64); buf.writeBigUInt64LE(44n, z64 + 4); buf.writeUInt16LE(45, z64 + 12); buf.writeUInt16LE(45, z64 + 14);
+    buf.writeBigUInt64LE(BigInt(count), z64 + 24); buf.writeBigUInt64LE(BigInt(count), z64 + 32); buf.writeBigUInt64LE(BigInt(cdSize), z64 + 40); buf.writeBigUInt64LE(0n, z64 + 48);
+    const locator = z64 + 56;
+    buf.writeUInt32LE(0x07064b50, locator); buf.writeBigUInt64LE(BigInt(z64), locator + 8); buf.writeUInt32LE(1, locator + 16);
+    const eocd = locator + 20;
+    buf.writeUInt32LE(0x06054b50, eocd); buf.writeUInt16LE(0xffff, eocd + 8); buf.writeUInt16LE(0xffff, eocd + 10);
+    buf.writeUInt32LE(0xffffffff, eocd + 12); buf.writeUInt32LE(0xffffffff, eocd + 16);
+    return buf;
+  }
+
+  test('H5: MAX_ZIP_ENTRIES + 1 entries are refused from the end records, before any entry is read', () => {
+    assert.equal(MAX_ZIP_ENTRIES, 5 * MAX_PARAMS + 16); // five storages per parameter of a checkpoint, and torch.save's own records
+    const err = refusal(() => readTorchSave(manyEntries(MAX_ZIP_ENTRIES + 1)));
+    assert.equal(err.code, 'ZIP_LIMIT_EXCEEDED');
+    assert.match(err.message, /^zip archive lists 500017 entries; at most 500016 are allowed/);
+    // a caller may set its own bound
+    const small = archiveOf(pickleOf('N'));
+    assert.equal(readTorchSave(small, { maxEntries: 2 }), null);
+    assert.equal(refusal(() => readZip(small, { maxEntries: 1 })).code, 'ZIP_LIMIT_EXCEEDED');
+  });
 });

@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { FastifyInstance } from 'fastify';
-import { fromCheckpoint, readTorchSave, streamToBuffer, toCheckpoint, torchSaveToBuffer, writeSafetensors, type Tensor } from '../../src/formats/index.ts';
+import { fromCheckpoint, readTorchSave, streamToBuffer, toCheckpoint, torchSaveToBuffer, writeSafetensors, zipStream, type Tensor } from '../../src/formats/index.ts';
 import { MAX_STEP_COUNT } from '../../src/formats/optimizer-state.ts';
 import { readGradients } from '../../src/routes/sessions/binary.ts';
 import { buildTestApp } from '../helper.ts';
@@ -273,4 +273,40 @@ test('PUT checkpoint refuses the parameters create and PUT params refuse (not fi
   assert.deepEqual(await observed(app), before);
   // The checkpoint as served still loads.
   assert.equal((await app.inject({ method: 'PUT', url: '/v1/sessions/t/checkpoint', headers: PT, payload: file })).statusCode, 200);
+});
+
+test('a .pt whose pickle piles up a million new values, or whose zip lists a million entries, gets 400 with its limit\'s code at once; nothing changes', async (t) => {
+  const app = await setup(t);
+  const before = await observed(app);
+  const records = (pkl: Buffer): Buffer => streamToBuffer(zipStream([['a/data.pkl', pkl], ['a/version', Buffer.from('3\n')]].map(([name, data]) => ({ name: name as string, size: data.length, data: () => [data as Buffer] }))));
+  // 1 MB of EMPTY_LIST (review hostile-2, H2/H3: 17 MB of them took 10 s and answered 500)
+  const lists = records(Buffer.concat([Buffer.from([0x80, 0x02]), Buffer.alloc(1_000_000, ']'), Buffer.from('.')]));
+  // a zip64 end record declaring a million entries over a central directory of zeros (H5: 2.2 s before it was refused)
+  const count = 1_000_000;
+  const many = Buffer.alloc(46 * count + 56 + 20 + 22);
+  const z64 = 46 * count;
+  many.writeUInt32LE(0x06064b50, z64); many.writeBigUInt64LE(44n, z64 + 4); many.writeUInt16LE(45, z64 + 12); many.writeUInt16LE(45, z64 + 14);
+  many.writeBigUInt64LE(BigInt(count), z64 + 24); many.writeBigUInt64LE(BigInt(count), z64 + 32); many.writeBigUInt64LE(BigInt(46 * count), z64 + 40);
+  many.writeUInt32LE(0x07064b50, z64 + 56); many.writeBigUInt64LE(BigInt(z64), z64 + 64); many.writeUInt32LE(1, z64 + 72);
+  many.writeUInt32LE(0x06054b50, z64 + 76); many.writeUInt16LE(0xffff, z64 + 84); many.writeUInt16LE(0xffff, z64 + 86);
+  many.writeUInt32LE(0xffffffff, z64 + 88); many.writeUInt32LE(0xffffffff, z64 + 92);
+  // 100 KB of them: under the limits any file has, over those of a file of one tensor per parameter of this
+  // session (gradients, parameters), which are scaled to its parameter count.
+  const someLists = records(Buffer.concat([Buffer.from([0x80, 0x02]), Buffer.alloc(100_000, ']'), Buffer.from('.')]));
+  const cases: [string, string, Buffer, string, RegExp][] = [
+    ['POST', '/v1/sessions/t/step', lists, 'PICKLE_LIMIT_EXCEEDED', /^pickle stacks hold more than \d+ items/],
+    ['PUT', '/v1/sessions/t/checkpoint', lists, 'PICKLE_LIMIT_EXCEEDED', /^pickle stacks hold more than 524288 items/],
+    ['POST', '/v1/sessions/t/step', someLists, 'PICKLE_LIMIT_EXCEEDED', /^pickle stacks hold more than 41\d\d items/],
+    ['PUT', '/v1/sessions/t/params', someLists, 'PICKLE_LIMIT_EXCEEDED', /^pickle stacks hold more than 41\d\d items/],
+    ['POST', '/v1/sessions/t/step', many, 'ZIP_LIMIT_EXCEEDED', /^zip archive lists 1000000 entries; at most \d\d are allowed/],
+    ['PUT', '/v1/sessions/t/params', many, 'ZIP_LIMIT_EXCEEDED', /^zip archive lists 1000000 entries/],
+    ['PUT', '/v1/sessions/t/checkpoint', many, 'ZIP_LIMIT_EXCEEDED', /^zip archive lists 1000000 entries; at most 500016 are allowed/],
+  ];
+  for (const [method, url, payload, code, message] of cases) {
+    const res = await app.inject({ method: method as 'POST' | 'PUT', url, headers: PT, payload });
+    assert.equal(res.statusCode, 400, `${method} ${url}: ${res.body}`);
+    assert.equal(res.json().code, code, res.body);
+    assert.match(res.json().message, message);
+  }
+  assert.deepEqual(await observed(app), before);
 });

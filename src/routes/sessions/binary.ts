@@ -6,7 +6,7 @@ import type { FastifyReply } from 'fastify';
 import { errors } from '../../errors.ts';
 import {
   fromAsgdStateDict, fromCheckpoint, fromModelStateDict, readOptimizerSafetensors, readSafetensors, readTorchSave, toAsgdStateDict, toCheckpoint,
-  toFloat32Tensor, toModelStateDict, writeOptimizerSafetensors, writeSafetensors, writeTorchSave, type ByteStream, type Float32Tensor, type PyDict, type Tensor,
+  toFloat32Tensor, toModelStateDict, writeOptimizerSafetensors, writeSafetensors, writeTorchSave, type ByteStream, type Float32Tensor, type PyDict, type Tensor, type TorchLoadOptions,
 } from '../../formats/index.ts';
 import type { BinaryGradient, GradientInput } from '../../sessions/gradients.ts';
 import type { LoadedStateDict, StateView } from '../../sessions/model.ts';
@@ -26,14 +26,24 @@ function float32Of(tensor: Tensor, field: string): Float32Tensor {
 }
 
 /** Named float32 tensors (float16/bfloat16 widened) from a safetensors file or a torch.save'd dict of tensors (a model state_dict). */
-export function readNamedTensors(format: WireFormat, body: Buffer, field: string): { tensors: Map<string, Float32Tensor>; metadata: Map<string, string> } {
+/**
+ * Limits on a torch.save file of one tensor per parameter (gradients, parameters) for a session of `count`
+ * parameters: a real one takes about 26 pickle items and 10 values a tensor and one zip entry a storage
+ * (measured on torch 1.13 files); 4-6x that, plus room for the file's own few, bounds what a hostile
+ * file of a small session can make the reader do to milliseconds.
+ */
+export function perTensorLimits(count: number): TorchLoadOptions {
+  return { maxItems: 128 * count + 4096, maxObjects: 64 * count + 4096, maxStackItems: 16 * count + 4096, maxEntries: count + 16 };
+}
+
+export function readNamedTensors(format: WireFormat, body: Buffer, field: string, limits: TorchLoadOptions = {}): { tensors: Map<string, Float32Tensor>; metadata: Map<string, string> } {
   const out = new Map<string, Float32Tensor>();
   if (format === 'safetensors') {
     const file = readSafetensors(body, { dtypes: 'all', maxTensors: MAX_PARAMS });
     for (const [name, tensor] of file.tensors) out.set(name, float32Of(tensor, `${field}.${name}`));
     return { tensors: out, metadata: file.metadata };
   }
-  const model = toModelStateDict(readTorchSave(body, { name: field }), {}, field);
+  const model = toModelStateDict(readTorchSave(body, { ...limits, name: field }), {}, field);
   for (const [name, tensor] of model.tensors) out.set(name, float32Of(tensor, `${field}.${name}`));
   return { tensors: out, metadata: new Map() };
 }
@@ -50,7 +60,7 @@ export function readGradients(format: WireFormat, body: Buffer, parameters?: Rea
   });
   const file = format === 'safetensors'
     ? readSafetensors(body, { dtypes: 'all', maxTensors: parameters?.size ?? MAX_PARAMS, checkName })
-    : { tensors: toModelStateDict(readTorchSave(body, { name: 'grads' }), {}, 'grads').tensors, metadata: new Map<string, string>() };
+    : { tensors: toModelStateDict(readTorchSave(body, { ...(parameters && perTensorLimits(parameters.size)), name: 'grads' }), {}, 'grads').tensors, metadata: new Map<string, string>() };
   const tensors = new Map<string, BinaryGradient>();
   for (const [name, tensor] of file.tensors) {
     if (tensor.dtype === 'float16' || tensor.dtype === 'bfloat16') tensors.set(name, { shape: tensor.shape, dtype: tensor.dtype, data: tensor.data });
