@@ -126,6 +126,7 @@ export const SUCCESS_HEADERS: Record<string, Record<string, string[]>> = {
   loadParams: { 200: VERSIONED },
   loadStateDict: { 200: VERSIONED },
   loadCheckpoint: { 200: VERSIONED },
+  setHyperparameters: { 200: VERSIONED },
   getSnapshotParams: { 200: STATE_FILE },
   getSnapshotStateDict: { 200: STATE_FILE },
   getSnapshotCheckpoint: { 200: STATE_FILE },

@@ -164,6 +164,16 @@ export const StateDict = Type.Object({
 }, { title: 'StateDict', description: 'torch.optim.ASGD.state_dict() as JSON' });
 export const Checkpoint = Type.Object({ model: NamedTensors, optimizer: StateDict, step: Type.Integer({ minimum: 0 }) }, { title: 'Checkpoint' });
 
+/** What a step (or PATCH .../param_groups) sets in one group: only the keys that change. */
+export const GroupHyperparameters = Type.Object({
+  lr: Type.Optional(Type.Number()),
+  lambd: Type.Optional(Type.Number()),
+  alpha: Type.Optional(Type.Number()),
+  t0: Type.Optional(Type.Number()),
+  weight_decay: Type.Optional(Type.Number()),
+  maximize: Type.Optional(Type.Boolean()),
+}, { description: 'Hyperparameters of one group for this step and after it (only the keys that change are needed)' });
+
 // ---- errors -------------------------------------------------------------------------------------------------
 export const ErrorBody = Type.Object(
   { statusCode: Type.Integer(), code: Type.String({ description: 'Stable; the codes each status can carry are listed with the response' }), error: Type.String(), message: Type.String({ description: 'Starts with the field at fault' }) },

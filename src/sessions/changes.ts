@@ -11,7 +11,7 @@ import * as repo from './repository.ts';
 import type { SessionRecord } from './repository.ts';
 import type { SnapshotWriter } from './snapshot-writer.ts';
 import type { SessionState } from './state.ts';
-import { groupHyperparameters } from './step-input.ts';
+import { applyHyperDelta, groupHyperparameters, parseStepHyper } from './step-input.ts';
 
 /** A fork's settings: each one not given is the source session's. */
 export interface ForkTarget {
@@ -129,6 +129,35 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
   }
 
   /**
+   * Sets hyperparameters of the groups without a step (what a scheduler did after the last step, before a
+   * checkpoint or a snapshot): a new version, written as a snapshot (reason 'hyperparameters'), like a load
+   * of the same state with other group values. `raw` is a step's param_groups (one object per group, only
+   * the keys that change), checked as a step's are. Nothing to change: the session as it is, no new version.
+   */
+  async function setHyperparameters(name: string, raw: unknown, ifMatch: number | null): Promise<SessionRecord> {
+    let changed = false;
+    const session = await changeLocked(name, ifMatch, async (tx, session, touch) => {
+      const delta = parseStepHyper(raw, session.groups);
+      const next = delta ? applyHyperDelta(session.groups, delta) : session.groups;
+      if (JSON.stringify(next) === JSON.stringify(session.groups)) return session;
+      const entry = await history.currentState(tx, session);
+      const { state } = entry;
+      touch();
+      state.groups = applyHyperDelta(state.groups, delta!);
+      state.version = session.version + 1;
+      await writer.writeState(tx, session.id, state, 'hyperparameters');
+      await recordGroupChange(tx, session, state, 'hyperparameters');
+      await repo.advanceSession(tx, session.id, state.version, state.step, state.groups);
+      await repo.notifyVersion(tx, name, state.version, state.step);
+      await repo.pruneHistory(tx, session.id, session.keepSnapshots);
+      entry.lastSnapshotVersion = state.version;
+      changed = true;
+      return mustFind(tx, name);
+    });
+    return changed ? written(name, 'hyperparameters', session) : session;
+  }
+
+  /**
    * A change that is not a step and sets the groups' hyperparameters to other values: kept (group_changes)
    * so that the values every step ran with stay known (the dashboard's charts of lr, eta and mu).
    */
@@ -186,5 +215,5 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
     );
   }
 
-  return { create, remove, load, restore, fork };
+  return { create, remove, load, setHyperparameters, restore, fork };
 }

@@ -152,6 +152,7 @@ export function createSessionService(options: SessionServiceOptions) {
     getSnapshot: snapshots.get,
     pinSnapshot: snapshots.pin,
     snapshotView: reads.snapshotView,
+    setHyperparameters: changes.setHyperparameters,
     restore: changes.restore,
     fork: changes.fork,
     /** Graceful shutdown: the background snapshots finish, every copy that moved is written, the copies go. */

@@ -28,6 +28,7 @@ const EXPECTED: Record<string, string> = {
   'DELETE /v1/sessions/{name}': 'admin',
   'POST /v1/sessions/{name}/fork': 'admin*',
   'POST /v1/sessions/{name}/step': 'step',
+  'PATCH /v1/sessions/{name}/param_groups': 'step',
   'GET /v1/sessions/{name}/params': 'read',
   'GET /v1/sessions/{name}/metrics': 'read',
   'GET /v1/sessions/{name}/events': 'read',

@@ -10,7 +10,7 @@ import { storedBytes } from './sessions.js';
 
 /** How the hyperparameters changed, as the API's `reason` says. */
 /** @type {Record<string, string>} */
-const REASONS = { step: 'a step', load_state_dict: 'load (state_dict)', load_checkpoint: 'load (checkpoint)', restore: 'restore' };
+const REASONS = { step: 'a step', load_state_dict: 'load (state_dict)', load_checkpoint: 'load (checkpoint)', hyperparameters: 'set without a step', restore: 'restore' };
 const HYPER_KEYS = ['lr', 'lambd', 'alpha', 't0', 'weight_decay', 'maximize'];
 /** A value for a chart: null (a gap) where it is not a finite number. */
 const finite = (/** @type {unknown} */ v) => (typeof v === 'number' && Number.isFinite(v) ? v : null);

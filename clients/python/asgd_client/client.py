@@ -201,6 +201,13 @@ class Client:
         removes it; refused with :class:`RoundOpen` while a round has contributions)."""
         return self.conn.request("PATCH", f"/v1/sessions/{_quote(name)}", json_body=settings, retry=True).json()
 
+    def set_hyperparameters(self, name: str, param_groups: List[Mapping[str, Any]], *, if_match: Optional[int] = None) -> Dict[str, Any]:
+        """PATCH /param_groups: sets hyperparameters of the groups without a step (one dict per group, only the
+        keys that change), as a new version written as a snapshot. Returns the session."""
+        headers = {"If-Match": f'"{if_match}"'} if if_match is not None else None
+        return self.conn.request("PATCH", f"/v1/sessions/{_quote(name)}/param_groups", json_body={"param_groups": list(param_groups)},
+                                 headers=headers, retry=True).json()
+
     # -- training --------------------------------------------------------------------------------
     def step(
         self,

@@ -958,13 +958,50 @@ class RemoteASGD(torch.optim.Optimizer):
 
     def synchronize(self) -> Optional[int]:
         """Waits for a pipelined step and loads its parameters, sends the model's parameters if they were
-        edited outside the optimizer (see :meth:`push_params`); returns the model's version. Afterwards the
-        session holds what the model holds."""
+        edited outside the optimizer (see :meth:`push_params`) and the hyperparameters changed in
+        ``param_groups`` since the last step (a scheduler's ``step()`` at the end of an epoch); returns the
+        model's version. Afterwards the session holds what the model and ``param_groups`` hold: a snapshot or
+        checkpoint taken next (:meth:`snapshot`, :meth:`download_checkpoint` call this) has them."""
+        return self._synchronize(groups=True)
+
+    def _synchronize(self, groups: bool) -> Optional[int]:
+        """synchronize(); with ``groups`` False the changed hyperparameters stay to travel with the next step
+        (state_dict() and load_state_dict() read or replace them locally: no new version for that)."""
         with self._lock:
             self._check_params()
             self._apply_pending(block=True)
             self._push_edits()
+            if groups:
+                self._push_group_changes()
             return self._version
+
+    def _push_group_changes(self) -> bool:
+        """Sends the hyperparameters changed here since the last step (PATCH param_groups: a new version, no
+        step); True if it did. Caller holds the lock and has loaded any pending answer."""
+        from .errors import ServiceError
+
+        changes = self._group_changes()
+        if changes is None:
+            return False
+        try:
+            info = self.client.set_hyperparameters(self.session, changes)
+        except ServiceError as err:
+            if err.status in (404, 405) and err.code in ("ROUTE_NOT_FOUND", "METHOD_NOT_ALLOWED"):
+                if "param_groups_route" not in self._warned:
+                    self._warned.add("param_groups_route")
+                    warnings.warn("this asgd-serve cannot set hyperparameters without a step: the changed param_groups reach "
+                                  "the session with the next step (a snapshot or checkpoint taken before has the old values)",
+                                  UserWarning, stacklevel=3)
+                return False
+            raise
+        for own, known, sent in zip(self._own_groups, self._session_groups, changes):
+            own.update(sent)
+            known.update(sent)
+        self._note_session_groups(info.get("param_groups"))
+        # The parameters did not change: the model is at the new version unless other workers stepped between.
+        if self._version is not None and info.get("version") == self._version + 1:
+            self._version = info["version"]
+        return True
 
     def push_params(self) -> Optional[int]:
         """Sends the model's parameters to the session (PUT params): the next step applies to them, as
@@ -1078,7 +1115,7 @@ class RemoteASGD(torch.optim.Optimizer):
         """
         for pre_hook in self._hooks("state_dict_pre"):
             pre_hook(self)
-        self.synchronize()
+        self._synchronize(groups=False)
         # A torch.save file, not JSON: JSON answers stop at 16M numbers (a state_dict counts 2 x numel).
         sd = self.client.get_state_dict(self.session, format="pt")
         groups = []
@@ -1108,7 +1145,7 @@ class RemoteASGD(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        self.synchronize()
+        self._synchronize(groups=False)
         loaded_groups = state_dict["param_groups"]
         if len(loaded_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
@@ -1150,7 +1187,7 @@ class RemoteASGD(torch.optim.Optimizer):
     # -- evaluation helpers -----------------------------------------------------------------------
     def named_averaged_parameters(self) -> "OrderedDict[str, torch.Tensor]":
         """ASGD's averages (``ax``; the parameter itself where it has not stepped), by name."""
-        self.synchronize()
+        self._synchronize(groups=False)
         tensors, _ = self.client.get_params(self.session, averaged=True)
         return OrderedDict((n, tensors[n]) for n in self._names)
 
@@ -1240,7 +1277,7 @@ class RemoteASGD(torch.optim.Optimizer):
 
     def __exit__(self, *exc: Any) -> None:
         if exc[0] is None:
-            self.synchronize()
+            self._synchronize(groups=False)
         self.close()
 
     def __repr__(self) -> str:

@@ -136,3 +136,51 @@ class ResumeFromCheckpoint(ServiceTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class CheckpointAfterSchedulerStep(ServiceTestCase):
+    """The epoch-end order: the epoch's steps, scheduler.step(), then a checkpoint or snapshot. The new lr is
+    in param_groups but no step has carried it yet: download_checkpoint() and snapshot() send it first
+    (PATCH param_groups), so the file and the snapshot hold it, and a resume from them is exact."""
+
+    def _epoch(self, model, opt, steps):
+        train(model, opt, steps)
+
+    def test_checkpoint_and_snapshot_after_scheduler_step_hold_the_new_lr(self):
+        from asgd_client import download_checkpoint  # noqa: F401  (the method is what is tested)
+
+        tmp = tempfile.mkdtemp(prefix="asgd-client-sched-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        # uninterrupted, locally: two epochs of 20 steps, StepLR(gamma=0.1) after the first
+        ref = make_model()
+        local = torch.optim.ASGD(ref.parameters(), **HYPER)
+        sched = torch.optim.lr_scheduler.StepLR(local, step_size=1, gamma=0.1)
+        self._epoch(ref, local, range(20))
+        sched.step()
+        self._epoch(ref, local, range(20, 40))
+
+        model = make_model()
+        opt = self.remote(model.named_parameters(), transport="json")
+        remote_sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+        self._epoch(model, opt, range(20))
+        remote_sched.step()
+        path = opt.download_checkpoint(os.path.join(tmp, "epoch1.pt"))
+        ckpt = torch.load(path)
+        self.assertEqual(ckpt["optimizer"]["param_groups"][0]["lr"], opt.param_groups[0]["lr"])
+        snap = opt.snapshot()
+        self.assertEqual(opt.client.get_session(opt.session)["param_groups"][0]["lr"], opt.param_groups[0]["lr"])
+
+        # resumed locally from the file: ends where the uninterrupted run ends
+        resumed = make_model(9)
+        resumed.load_state_dict(ckpt["model"])
+        resumed_opt = torch.optim.ASGD(resumed.parameters(), **HYPER)
+        resumed_opt.load_state_dict(ckpt["optimizer"])
+        self._epoch(resumed, resumed_opt, range(20, 40))
+        self.assertParamsIdentical(resumed, ref, "resumed from the checkpoint:")
+
+        # and the remote run goes on with the new lr, after a restore of the snapshot too
+        self._epoch(model, opt, range(20, 25))
+        opt.restore(snap["id"])
+        self.assertEqual(opt.param_groups[0]["lr"], local.param_groups[0]["lr"])
+        self._epoch(model, opt, range(20, 40))
+        self.assertParamsIdentical(model, ref, "restored from the snapshot:")

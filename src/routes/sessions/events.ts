@@ -13,7 +13,7 @@ export const KEEP_ALIVE_MS = 15_000;
 const TOKEN_RECHECK_MS = 1000;
 
 /** The `kind` of a version that is not a step, from the reason of the snapshot it wrote. */
-const KIND_OF_REASON: Record<string, string> = { load_state_dict: 'load', load_checkpoint: 'load', load_params: 'load', restore: 'restore', create: 'create', fork: 'create' };
+const KIND_OF_REASON: Record<string, string> = { load_state_dict: 'load', load_checkpoint: 'load', load_params: 'load', hyperparameters: 'hyperparameters', restore: 'restore', create: 'create', fork: 'create' };
 
 const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   /**

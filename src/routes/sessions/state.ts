@@ -11,8 +11,8 @@ import { parseStateDict } from '../../sessions/state-dict.ts';
 import { firstNonFinite, readJsonTensor } from '../../sessions/tensors.ts';
 import { ACCESS, ifMatchOf, jsonBody, jsonOrFile, sessionJson, setVersion } from '../common.ts';
 import { contentFormat, mediaTypes, ROUTE_MEDIA, type WireFormat } from '../media.ts';
-import { errorResponses, IfMatchHeaders, IfNoneMatchHeaders, NameParams, NotModified, Session, Version, withCode } from '../schemas.ts';
-import { readCheckpointFile, readCheckpointJson, readNamedTensors, readStateDictBody } from './binary.ts';
+import { errorResponses, GroupHyperparameters, IfMatchHeaders, IfNoneMatchHeaders, NameParams, NotModified, Session, Version, withCode } from '../schemas.ts';
+import { perTensorLimits, readCheckpointFile, readCheckpointJson, readNamedTensors, readStateDictBody } from './binary.ts';
 import { answeredNotModified, MAX_WAIT_SECONDS, waitPastVersion } from './conditional.ts';
 import { sendView, viewResponse, type ViewKind, type ViewQuery } from './views.ts';
 
@@ -64,7 +64,7 @@ const ParamsIn = Type.Object({
 function readParamsBody(body: Static<typeof ParamsIn> | Buffer, format: WireFormat, sessionParams: readonly ParamSpec[]): LoadedParams {
   const params: LoadedParams = new Map();
   if (Buffer.isBuffer(body)) {
-    for (const [name, tensor] of readNamedTensors(format, body, 'params').tensors) {
+    for (const [name, tensor] of readNamedTensors(format, body, 'params', perTensorLimits(sessionParams.length)).tensors) {
       const bad = firstNonFinite(tensor.data);
       if (bad >= 0) throw errors.invalidTensor(`params.${name}.data[${bad}]`, 'is not finite');
       params.set(name, { shape: tensor.shape, data: tensor.data });
@@ -167,6 +167,28 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
     const session = await fastify.sessions.load(request.params.name, { stateDict }, { ifMatch: ifMatchOf(request), reason: 'load_state_dict' });
     setVersion(reply, session.version);
     return sessionJson(session, null); // a new version: no round is open
+  });
+
+  fastify.patch('/:name/param_groups', {
+    config: ACCESS.step,
+    schema: {
+      operationId: 'setHyperparameters',
+      summary: 'Set hyperparameters of the groups without a step',
+      description: 'What a scheduler (or a hand edit of param_groups) set after the last step, made the session\'s before a checkpoint or snapshot is taken: ' +
+        'one object per group, in the session\'s group order, with only the keys that change (as a step\'s `param_groups`). A new version, written as a snapshot ' +
+        '(reason `hyperparameters`); the optimizer state and the parameters stay as they are. Values equal to the session\'s: no new version.',
+      tags: ['training'],
+      params: NameParams,
+      headers: IfMatchHeaders,
+      body: Type.Object({
+        param_groups: Type.Array(GroupHyperparameters, { minItems: 1, description: 'One object per session group, in the session\'s group order' }),
+      }, { additionalProperties: false, examples: [{ param_groups: [{ lr: 0.005 }] }] }),
+      response: { 200: Session, ...errorResponses(400, 401, 403, 404, 412) },
+    },
+  }, async (request, reply) => {
+    const session = await fastify.sessions.setHyperparameters(request.params.name, request.body.param_groups, ifMatchOf(request));
+    setVersion(reply, session.version);
+    return sessionJson(session, null);
   });
 
   fastify.get('/:name/checkpoint', {

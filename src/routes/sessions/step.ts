@@ -19,21 +19,13 @@ import { paramTensor, paramsJson } from '../../sessions/state-dict.ts';
 import { metadataJson, parseMetrics } from '../../sessions/step-input.ts';
 import { ACCESS, idempotencyKeyOf, ifMatchOf, jsonBody, jsonOrFile, setVersion } from '../common.ts';
 import { contentFormat, MEDIA, mediaTypes, negotiate, ROUTE_MEDIA, type WireFormat } from '../media.ts';
-import { Binary, errorResponses, NameParams, RoundStatus, StepAnswer, StepHeaders, Tensor, withCode } from '../schemas.ts';
+import { Binary, errorResponses, GroupHyperparameters, NameParams, RoundStatus, StepAnswer, StepHeaders, Tensor, withCode } from '../schemas.ts';
 import { readGradients } from './binary.ts';
 import { MAX_JSON_ELEMENTS } from './views.ts';
 
 /** A safetensors step header longer than this is bounded by the session's parameters even when they must be read from the database. */
 const HEADER_LOOKUP_BYTES = 64 * 1024;
 
-const StepGroup = Type.Object({
-  lr: Type.Optional(Type.Number()),
-  lambd: Type.Optional(Type.Number()),
-  alpha: Type.Optional(Type.Number()),
-  t0: Type.Optional(Type.Number()),
-  weight_decay: Type.Optional(Type.Number()),
-  maximize: Type.Optional(Type.Boolean()),
-}, { description: 'Hyperparameters of one group for this step and after it (only the keys that change are needed)' });
 
 const Worker = Type.String({ pattern: `^${SESSION_NAME_SOURCE}$`, 'x-rule': SESSION_NAME_RULE, description: 'The sending worker, like a session name. In a session with aggregation the contributor (required there); otherwise it tells which steps come from one worker: group commit never holds a step back for the next one of the same worker (a pipelined loop sends it before it reads the answer)', examples: ['w0'] });
 const Samples = Type.Integer({ minimum: 1, maximum: MAX_SAMPLES, description: 'In a session with aggregation: samples behind this gradient (counts toward target_samples)' });
@@ -43,7 +35,7 @@ const MAX_WAIT_SECONDS = 3600;
 const StepBody = Type.Object({
   grads: Type.Record(Type.String(), Type.Unknown(), { description: 'Parameter name -> tensor {"shape", "data"} or a flat list of numbers' }),
   base_version: Type.Optional(Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER, description: 'The version the gradient was computed from (versions start at 1)' })),
-  param_groups: Type.Optional(Type.Array(StepGroup, {
+  param_groups: Type.Optional(Type.Array(GroupHyperparameters, {
     description: 'One object per session group, in the session\'s group order: what a scheduler sets before optimizer.step(). Kept with the step (replays stay exact); no extra version.',
   })),
   // INVALID_METRICS, as the same fault in a safetensors body's __metadata__ and a bad metric name.

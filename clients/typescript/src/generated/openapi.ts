@@ -305,6 +305,28 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/sessions/{name}/param_groups": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        /**
+         * Set hyperparameters of the groups without a step
+         * @description What a scheduler (or a hand edit of param_groups) set after the last step, made the session's before a checkpoint or snapshot is taken: one object per group, in the session's group order, with only the keys that change (as a step's `param_groups`). A new version, written as a snapshot (reason `hyperparameters`); the optimizer state and the parameters stay as they are. Values equal to the session's: no new version.
+         *
+         *     Needs a token with scope `step`.
+         */
+        patch: operations["setHyperparameters"];
+        trace?: never;
+    };
     "/v1/sessions/{name}/checkpoint": {
         parameters: {
             query?: never;
@@ -2456,6 +2478,74 @@ export interface operations {
                 "application/vnd.pytorch": string;
                 "application/x-safetensors": string;
                 "application/safetensors": string;
+            };
+        };
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Session"];
+                };
+            };
+            400: components["responses"]["Error400"];
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
+            404: components["responses"]["Error404"];
+            412: components["responses"]["Error412"];
+            413: components["responses"]["Error413"];
+            415: components["responses"]["Error415"];
+            429: components["responses"]["Error429"];
+            503: components["responses"]["Error503"];
+            default: components["responses"]["ErrorOther"];
+        };
+    };
+    setHyperparameters: {
+        parameters: {
+            query?: never;
+            header?: {
+                /**
+                 * @description Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise
+                 * @example "42"
+                 */
+                "if-match"?: string;
+            };
+            path: {
+                /**
+                 * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
+                 * @example mnist-run-1
+                 */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                /**
+                 * @example {
+                 *       "param_groups": [
+                 *         {
+                 *           "lr": 0.005
+                 *         }
+                 *       ]
+                 *     }
+                 */
+                "application/json": {
+                    /** @description One object per session group, in the session's group order */
+                    param_groups: {
+                        lr?: number;
+                        lambd?: number;
+                        alpha?: number;
+                        t0?: number;
+                        weight_decay?: number;
+                        maximize?: boolean;
+                    }[];
+                };
             };
         };
         responses: {

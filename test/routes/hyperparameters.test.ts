@@ -1,0 +1,85 @@
+// PATCH /v1/sessions/{name}/param_groups: hyperparameters set without a step (a scheduler's change made the
+// session's before a checkpoint or snapshot), as a new version written as a snapshot.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { buildTestApp, randomData } from '../helper.ts';
+
+const params = [
+  { name: 'w', shape: [4, 9], data: randomData(36, 21) },
+  { name: 'b', shape: [9], data: randomData(9, 22) },
+];
+const groups = [{ params: ['w'], weight_decay: 0.01 }, { params: ['b'], lr: 0.1 }];
+const grads = (k: number) => ({ w: randomData(36, 500 + k), b: randomData(9, 600 + k) });
+
+const ADMIN = 'admin-token-for-tests-0123456789';
+
+async function setup(t: Parameters<typeof buildTestApp>[0], env: Record<string, string> = {}) {
+  const { app } = await buildTestApp(t, { env });
+  const headers = env.ASGD_ADMIN_TOKEN ? { authorization: `Bearer ${ADMIN}` } : {};
+  const res = await app.inject({ method: 'POST', url: '/v1/sessions', headers, payload: { name: 'h', params, hyperparameters: { lr: 0.03, t0: 2, lambd: 0.01 }, param_groups: groups } });
+  assert.equal(res.statusCode, 201, res.body);
+  for (let k = 0; k < 3; k++) assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/h/step', headers, payload: { grads: grads(k) } })).statusCode, 200);
+  return app;
+}
+
+test('PATCH param_groups: a new version whose state_dict, checkpoint and snapshot carry the values; the next steps run with them, in this process and from the database', async (t) => {
+  const app = await setup(t);
+  const before = (await app.inject({ url: '/v1/sessions/h/state_dict' })).json();
+  const res = await app.inject({ method: 'PATCH', url: '/v1/sessions/h/param_groups', payload: { param_groups: [{}, { lr: 0.005 }] } });
+  assert.equal(res.statusCode, 200, res.body);
+  assert.equal(res.json().version, 5);
+  assert.equal(res.json().step, 3, 'no step');
+  assert.equal(res.headers.etag, '"5"');
+  const after = (await app.inject({ url: '/v1/sessions/h/state_dict' })).json();
+  assert.equal(after.param_groups[1].lr, 0.005);
+  assert.equal(after.param_groups[0].lr, 0.03);
+  assert.deepEqual(after.state, before.state, 'the optimizer state is untouched');
+  const checkpoint = (await app.inject({ url: '/v1/sessions/h/checkpoint?format=json' })).json();
+  assert.equal(checkpoint.optimizer.param_groups[1].lr, 0.005);
+  const snapshots = (await app.inject({ url: '/v1/sessions/h/snapshots' })).json().snapshots;
+  assert.deepEqual([snapshots[0].version, snapshots[0].reason], [5, 'hyperparameters']);
+  const changes = (await app.inject({ url: '/v1/sessions/h/hyperparameters' })).json().changes;
+  assert.equal(changes.at(-1).version, 5);
+  assert.equal(changes.at(-1).param_groups[1].lr, 0.005);
+
+  // The steps after it run with lr 0.005 in group 1, whether this process's copy serves them or a process
+  // that rebuilds the session from the database (snapshot + log).
+  for (let k = 3; k < 6; k++) assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/h/step', payload: { grads: grads(k) } })).statusCode, 200);
+  const cached = (await app.inject({ url: '/v1/sessions/h/state_dict' })).json();
+  app.sessions.dropCache();
+  const rebuilt = (await app.inject({ url: '/v1/sessions/h/state_dict' })).json();
+  assert.deepEqual(rebuilt, cached);
+  // eta of group 1 follows lr 0.005 (eta = lr / (1 + lambd * lr * step)^alpha): not the old 0.1.
+  assert.ok(Number(cached.state['1'].eta) < 0.006, `eta ${cached.state['1'].eta}`);
+
+  // Values the session has already: no new version.
+  const same = await app.inject({ method: 'PATCH', url: '/v1/sessions/h/param_groups', payload: { param_groups: [{}, { lr: 0.005 }] } });
+  assert.equal(same.statusCode, 200);
+  assert.equal(same.json().version, 8);
+});
+
+test('PATCH param_groups refuses what a step\'s param_groups refuses, a stale If-Match and a read token; the session is unchanged', async (t) => {
+  const app = await setup(t, { ASGD_ADMIN_TOKEN: ADMIN });
+  const admin = { authorization: `Bearer ${ADMIN}` };
+  const reader = (await app.inject({ method: 'POST', url: '/v1/tokens', headers: admin, payload: { scope: 'read', name: 'r' } })).json().token;
+  const before = (await app.inject({ url: '/v1/sessions/h/state_dict', headers: admin })).body;
+  const cases: [unknown, Record<string, string>, number, string, RegExp][] = [
+    [{ param_groups: [{ lr: 0.1 }] }, admin, 400, 'INVALID_PARAM_GROUPS', /^param_groups: 1 groups given, the session has 2/],
+    [{ param_groups: [{}, { lr: -1 }] }, admin, 400, 'INVALID_HYPERPARAMETER', /param_groups\[1\]\.lr/],
+    [{ param_groups: [{}, { lr: 'fast' }] }, admin, 400, 'INVALID_BODY', /param_groups\/1\/lr|param_groups\.1\.lr|param_groups\[1\]\.lr/],
+    [{ param_groups: [{}, { momentum: 0.9 }] }, admin, 400, 'INVALID_PARAM_GROUPS', /^param_groups\[1\]\.momentum: unknown key/],
+    [{ param_groups: [{}, { params: ['w'] }] }, admin, 400, 'INVALID_PARAM_GROUPS', /^param_groups\[1\]\.params: /],
+    [{ param_groups: [] }, admin, 400, 'INVALID_BODY', /param_groups/],
+    [{}, admin, 400, 'INVALID_BODY', /param_groups/],
+    [{ param_groups: [{}, { lr: 0.01 }] }, { ...admin, 'if-match': '"1"' }, 412, 'VERSION_MISMATCH', /^If-Match: expected "1", the session is at version 4$/],
+    [{ param_groups: [{}, { lr: 0.01 }] }, { authorization: `Bearer ${reader}` }, 403, 'FORBIDDEN', /scope step/],
+  ];
+  for (const [payload, headers, status, code, message] of cases) {
+    const res = await app.inject({ method: 'PATCH', url: '/v1/sessions/h/param_groups', headers, payload: payload as object });
+    assert.equal(res.statusCode, status, `${JSON.stringify(payload)}: ${res.body}`);
+    assert.equal(res.json().code, code, res.body);
+    assert.match(res.json().message, message);
+  }
+  assert.equal((await app.inject({ url: '/v1/sessions/h/state_dict', headers: admin })).body, before);
+  assert.equal((await app.inject({ url: '/v1/sessions/h', headers: admin })).json().version, 4);
+});
