@@ -22,6 +22,15 @@ export default fp(
     // (~512 MiB) would otherwise throw inside the body reader and take the process down.
     const parseJson = fastify.getDefaultJsonParser('error', 'error');
     fastify.removeContentTypeParser('application/json');
+    /** Whether `text` is JSON as JSON.parse reads it (which takes "__proto__" as a plain key: nothing is polluted). */
+    const isJsonText = (text: string): boolean => {
+      try {
+        JSON.parse(text);
+        return true;
+      } catch {
+        return false;
+      }
+    };
     fastify.addContentTypeParser('application/json', { parseAs: 'buffer' }, (request, body, done) => {
       const bytes = body as Buffer;
       if (bytes.length > limit) {
@@ -52,7 +61,13 @@ export default fp(
         // a hyperparameter's 400) instead of a 400 'not valid JSON' that names nothing.
         const quoted = err ? quoteNonFiniteTokens(text) : null;
         if (quoted !== null) parseJson(request, quoted, done);
-        else done(err, body);
+        else {
+          // Valid JSON whose key would reach an object's prototype once parsed (secure-json-parse refuses it):
+          // named, and where, rather than 'not valid JSON'. No field of the API has such a name.
+          const at = err ? /"(__proto__|constructor)"\s*:/.exec(text) : null;
+          if (at && isJsonText(text)) done(errors.invalidBody(`body: the key "${at[1]}" (at character ${at.index}) is not accepted in a JSON body: no field of this API has that name`), undefined);
+          else done(err, body);
+        }
       });
     });
     fastify.addHook('preParsing', async (request) => {

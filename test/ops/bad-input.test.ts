@@ -212,7 +212,8 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     }
     for (const text of ['', '{', '{"a":', '[1,2', '{"a":1}}', 'nul', '"\\ud800"', '{"__proto__": {"polluted": 1}}', '{"constructor": {"prototype": {"polluted": 1}}}', '{"a":1,"a":2}']) {
       // Prototype keys are refused by the JSON parser; a lone escaped surrogate is valid JSON (a string).
-      const expect = !isJson(text) || text.includes('__proto__') || text.includes('constructor') ? 'INVALID_JSON' : text.startsWith('{') ? missingKeys(label(op)) : notObject(label(op));
+      // Valid JSON with a key that would reach a prototype: refused by name (INVALID_BODY), not as broken JSON.
+      const expect = !isJson(text) ? 'INVALID_JSON' : text.includes('__proto__') || text.includes('constructor') ? 'INVALID_BODY' : text.startsWith('{') ? missingKeys(label(op)) : notObject(label(op));
       add({ family: 'json', op: label(op), method: op.method, url, headers: { ...asAdmin, ...wrongVersion, 'content-type': 'application/json' }, payload: text, expect });
     }
     // Deep nesting, as arrays and as objects: refused before it is parsed (or by the body limit), never a stack overflow.
@@ -738,4 +739,19 @@ test('a method a path does not have is 405 METHOD_NOT_ALLOWED with Allow listing
     assert.equal((await app.inject({ method: 'POST', url, headers: asAdmin })).json().code, 'ROUTE_NOT_FOUND', url);
   }
   assert.equal((await app.inject({ url: '/v1/sessions/alpha', headers: asAdmin })).json().version, before, 'nothing moved');
+});
+
+test('a JSON body with a __proto__ (or constructor.prototype) key is refused by that key and where it is, not as broken JSON; nothing moves', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  await createSession(app, 'proto');
+  const before = (await app.inject({ url: '/v1/sessions/proto/state_dict', headers: asAdmin })).body;
+  const grads = JSON.stringify(gradBody(1).grads);
+  for (const [payload, key] of [[`{"grads": ${grads}, "__proto__": {"polluted": 1}}`, '__proto__'], [`{"grads": ${grads}, "metrics": {"constructor": {"prototype": {"x": 1}}}}`, 'constructor']]) {
+    const res = await app.inject({ method: 'POST', url: '/v1/sessions/proto/step', headers: { ...asAdmin, 'content-type': 'application/json' }, payload });
+    assert.equal(res.statusCode, 400, res.body);
+    assert.equal(res.json().code, 'INVALID_BODY');
+    assert.match(res.json().message, new RegExp(`^body: the key "${key}" \\(at character ${payload.indexOf(`"${key}"`)}\\) is not accepted`));
+  }
+  assert.equal(({} as Record<string, unknown>).polluted, undefined);
+  assert.equal((await app.inject({ url: '/v1/sessions/proto/state_dict', headers: asAdmin })).body, before);
 });
