@@ -32,7 +32,7 @@ const IfMatch = Type.String({ maxLength: 64, description: 'Apply only at this ve
 export const IfMatchHeaders = Type.Object({ 'if-match': Type.Optional(IfMatch) });
 export const StepHeaders = Type.Object({
   'if-match': Type.Optional(IfMatch),
-  'idempotency-key': Type.Optional(Type.String({ pattern: '^[\\x21-\\x7e]{1,255}$', 'x-rule': '1-255 visible ASCII characters, sent once', description: 'A retry with the same key returns the first answer and does not step twice' })),
+  'idempotency-key': Type.Optional(Type.String({ pattern: '^[\\x21-\\x7e]{1,255}$', 'x-rule': '1-255 visible ASCII characters', description: 'A retry with the same key returns the first answer and does not step twice' })),
 });
 export const Version = Type.String({ pattern: '^[1-9][0-9]{0,14}$', 'x-rule': 'a whole number from 1, written in decimal', description: 'Read the state at this version (rebuilt from a snapshot and the step log)' });
 
