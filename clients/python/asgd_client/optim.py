@@ -497,7 +497,10 @@ class RemoteASGD(torch.optim.Optimizer):
         names = [n if n is not None else f"p{i}" for i, n in enumerate(flat_given)]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
-            raise ValueError(f"parameter name {dup!r} is used twice")
+            raise ValueError(f"parameter name {dup!r} is used twice: the session keys parameters by name. Groups built from "
+                             f"submodules' named_parameters() repeat names such as 'weight' (torch 2.6+ allows it); give "
+                             f"full names instead, e.g. [(n, p) for n, p in model.named_parameters() if n.startswith('0.')] "
+                             f"per group, or prefix them: [(f'0.{{n}}', p) for n, p in model[0].named_parameters()]")
         first_of: Dict[int, int] = {}
         for i, p in enumerate(flat):
             j = first_of.setdefault(id(p), i)

@@ -84,6 +84,13 @@ class ClearErrors(ServiceTestCase):
         with self.assertRaisesRegex(ValueError, r"'p1' is the same tensor as 'p0'"):
             self.remote([p, p])
 
+    def test_groups_from_submodules_named_parameters_say_how_to_name_them(self):
+        # torch 2.6+ takes [{'params': model[0].named_parameters()}, ...] with 'weight' twice; a session needs
+        # unique names: refused, saying what to pass instead.
+        model = make_model()
+        with self.assertRaisesRegex(ValueError, r"'weight' is used twice.*full names"):
+            self.remote([{"params": list(model[0].named_parameters())}, {"params": list(model[2].named_parameters()), "lr": 0.1}])
+
     def test_add_param_group_says_what_to_do_instead(self):
         model = make_model()
         opt = self.remote(list(model[0].parameters()))
