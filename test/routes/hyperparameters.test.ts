@@ -83,3 +83,28 @@ test('PATCH param_groups refuses what a step\'s param_groups refuses, a stale If
   assert.equal((await app.inject({ url: '/v1/sessions/h/state_dict', headers: admin })).body, before);
   assert.equal((await app.inject({ url: '/v1/sessions/h', headers: admin })).json().version, 4);
 });
+
+test('PATCH param_groups on one process: the other process\'s next step runs with the new values (as one process would)', async (t) => {
+  const a = await buildTestApp(t);
+  if (!a.databaseUrl) return t.skip('needs PostgreSQL (two processes cannot share an embedded database)');
+  const b = await buildTestApp(t, { databaseUrl: a.databaseUrl });
+  const one = await buildTestApp(t);
+  for (const app of [a.app, one.app]) {
+    const res = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'h', params, hyperparameters: { lr: 0.03, t0: 2, lambd: 0.01 }, param_groups: groups } });
+    assert.equal(res.statusCode, 201, res.body);
+  }
+  const step = (app: typeof a.app, k: number) => app.inject({ method: 'POST', url: '/v1/sessions/h/step', payload: { grads: grads(k) } });
+  // Two processes: steps on A (its copy warm), the change on B, steps on A again.
+  for (let k = 0; k < 3; k++) assert.equal((await step(a.app, k)).statusCode, 200);
+  assert.equal((await b.app.inject({ method: 'PATCH', url: '/v1/sessions/h/param_groups', payload: { param_groups: [{ lr: 0.01 }, {}] } })).statusCode, 200);
+  for (let k = 3; k < 6; k++) assert.equal((await step(a.app, k)).statusCode, 200);
+  // One process doing the same.
+  for (let k = 0; k < 3; k++) await step(one.app, k);
+  await one.app.inject({ method: 'PATCH', url: '/v1/sessions/h/param_groups', payload: { param_groups: [{ lr: 0.01 }, {}] } });
+  for (let k = 3; k < 6; k++) await step(one.app, k);
+  const read = async (app: typeof a.app) => ({ params: (await app.inject({ url: '/v1/sessions/h/params' })).json().params, sd: (await app.inject({ url: '/v1/sessions/h/state_dict' })).json() });
+  const [twoProcesses, oneProcess] = [await read(a.app), await read(one.app)];
+  assert.deepEqual(twoProcesses.params, oneProcess.params);
+  assert.deepEqual(twoProcesses.sd, oneProcess.sd);
+  assert.equal(twoProcesses.sd.param_groups[0].lr, 0.01);
+});
