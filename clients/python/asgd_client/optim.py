@@ -165,6 +165,14 @@ def _same_bits(p: torch.Tensor, synced: torch.Tensor) -> bool:
     return torch.equal(_bits(p), _bits(synced))
 
 
+def _loaded_as_written(loaded: Any, echoed: Any) -> bool:
+    """A loaded group value that the session echoes as another Python number of the same value (an int 15 it
+    gives back as 15.0): torch keeps the loaded one, so does RemoteASGD."""
+    numeric = (int, float)
+    return (type(loaded) in numeric and type(echoed) in numeric and type(loaded) is not type(echoed)
+            and not isinstance(loaded, bool) and not isinstance(echoed, bool) and loaded == echoed)
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
@@ -1181,6 +1189,10 @@ class RemoteASGD(torch.optim.Optimizer):
                     local[k] = copy.deepcopy(v)
                 elif _given_as_other_type(v) and _same(plain_number(v), plain_number(local[k])):
                     local[k] = copy.deepcopy(v)  # the value as given (a tensor lr); the session holds its float
+                elif k in HYPERPARAMETER_KEYS and _loaded_as_written(v, local[k]):
+                    local[k] = v  # t0=15 stays an int as torch keeps it (the session's echo may be 15.0)
+                elif k in FLAG_KEYS and (v is None or isinstance(v, bool)) and bool(v) == bool(local[k]):
+                    local[k] = v  # foreach=False stays False (the session holds None: the same step)
             if "param_names" in local and "param_names" not in loaded:
                 del local["param_names"]  # torch before 2.6 replaces the group, names included
         self._mark_own()  # the loaded values are this optimizer's, and the session's

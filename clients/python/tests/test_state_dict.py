@@ -96,6 +96,20 @@ class StateDictMatchesTorch(ServiceTestCase):
         with self.assertRaisesRegex(ValueError, r"state\[0\]: momentum_buffer is not part of ASGD's per-parameter state"):
             opt.load_state_dict(sd)
 
+    def test_load_state_dict_keeps_group_values_as_torch_does(self):
+        # A state_dict whose group says foreach=False and t0=15 (an int): torch's param_groups keep them so.
+        model = make_model()
+        local = torch.optim.ASGD(for_torch(model.named_parameters()), foreach=False, lr=0.05, t0=15)
+        train(model, local, range(1))
+        sd = local.state_dict()
+        opt = self.remote(make_model().named_parameters(), transport="json")
+        mirror = torch.optim.ASGD(for_torch(make_model().named_parameters()), **HYPER)
+        opt.load_state_dict(sd)
+        mirror.load_state_dict(sd)
+        for got, want in zip(opt.param_groups, mirror.param_groups):
+            for k in ("lr", "lambd", "alpha", "t0", "weight_decay", "foreach", "maximize"):
+                self.assertEqual((got[k], type(got[k])), (want[k], type(want[k])), k)
+
     def test_load_state_dict_takes_the_groups_hyperparameters(self):
         opt = self.remote(make_model().named_parameters(), transport="json")
         torch_opt = torch.optim.ASGD(for_torch(make_model().named_parameters()), lr=0.125, lambd=2e-4, alpha=0.5, t0=3.0, weight_decay=0.25)
