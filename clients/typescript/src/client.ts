@@ -6,7 +6,7 @@ import { decodeSafetensors, encodeSafetensors, type SafetensorsFile } from './sa
 import { asFloat32, fromJsonTensors, type Tensor, type TensorInput, type TensorLike, toJsonData } from './tensors.ts';
 import type {
   CheckpointFormat, CreatedToken, CreateSessionSpec, CreateTokenRequest, ForkRequest, Gradients, HyperparameterChanges, ListSessionsOptions,
-  EventsOptions, MetricsOptions, MetricsPage, SessionEvent, Norms, OwnToken, ParamsResult, PatchSessionRequest, PendingAnswer, ReadOptions, Session, SessionList, Snapshot,
+  EventsOptions, MetricsOptions, MetricsPage, SessionEvent, Norms, OwnToken, ParamsResult, PatchSessionRequest, GroupHyperparameters, PendingAnswer, ReadOptions, Session, SessionList, Snapshot,
   SnapshotList, StateDictFormat, StateDictJson, StepAnswerJson, StepOptions, StepResult, TokenList,
 } from './types.ts';
 
@@ -95,6 +95,16 @@ export class ASGDClient {
 
   async patchSession(name: string, changes: PatchSessionRequest): Promise<Session> {
     return (await this.http.json<Session>({ method: 'PATCH', path: sessionPath(name), json: changes, repeatable: true })).value;
+  }
+
+  /**
+   * Sets hyperparameters of the groups without a step (one object per group, only the keys that change), as a
+   * new version written as a snapshot: what a schedule changed after the last step, before a checkpoint or
+   * snapshot is taken. Values the session has already: no new version.
+   */
+  async setHyperparameters(name: string, paramGroups: GroupHyperparameters[], options: { ifMatch?: number } = {}): Promise<Session> {
+    const headers = { 'if-match': options.ifMatch === undefined ? undefined : etag(options.ifMatch) };
+    return (await this.http.json<Session>({ method: 'PATCH', path: `${sessionPath(name)}/param_groups`, json: { param_groups: paramGroups }, headers, repeatable: true })).value;
   }
 
   async deleteSession(name: string, options: { ifMatch?: number } = {}): Promise<void> {

@@ -11,6 +11,8 @@ export type Session = JsonOf<paths['/v1/sessions/{name}']['get']['responses'][20
 export type SessionList = JsonOf<paths['/v1/sessions']['get']['responses'][200]>;
 export type CreateSessionRequest = RequestJson<paths['/v1/sessions']['post']>;
 export type PatchSessionRequest = RequestJson<paths['/v1/sessions/{name}']['patch']>;
+/** Per group, the hyperparameters that change (PATCH .../param_groups, a step's param_groups). */
+export type GroupHyperparameters = RequestJson<paths['/v1/sessions/{name}/param_groups']['patch']>['param_groups'][number];
 export type ForkRequest = RequestJson<paths['/v1/sessions/{name}/fork']['post']>;
 export type Snapshot = JsonOf<paths['/v1/sessions/{name}/snapshots/{id}']['get']['responses'][200]>;
 export type SnapshotList = JsonOf<paths['/v1/sessions/{name}/snapshots']['get']['responses'][200]>;

@@ -40,6 +40,11 @@ test('the client against a live service', { skip: skipWithoutTorch() }, async (t
     const patched = await client.patchSession(a.name, { snapshot_every: 7, max_staleness: 3 });
     assert.equal(patched.snapshot_every, 7);
     assert.equal(patched.max_staleness, 3);
+    // Hyperparameters without a step: a new version; a stale If-Match is VersionMismatch.
+    const retuned = await client.setHyperparameters(a.name, [{ lr: 0.025 }]);
+    assert.deepEqual([retuned.param_groups[0].lr, retuned.version, retuned.step], [0.025, patched.version + 1, 0]);
+    await assert.rejects(client.setHyperparameters(a.name, [{ lr: 0.5 }], { ifMatch: patched.version }), VersionMismatch);
+    assert.equal((await client.getSession(a.name)).param_groups[0].lr, 0.025);
     await assert.rejects(client.deleteSession(bName, { ifMatch: 99 }), VersionMismatch);
     await client.deleteSession(bName, { ifMatch: 1 });
     await assert.rejects(client.getSession(bName), SessionNotFound);
