@@ -117,11 +117,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
       if (input.step !== undefined) state.step = input.step;
       else if (plan) state.step = Math.round(plan.scalars.reduce((most, s) => Math.max(most, s?.step ?? 0), 0));
       state.version = session.version + 1;
-      await writer.writeState(tx, session.id, state, opts.reason);
-      await recordGroupChange(tx, session, state, opts.reason);
-      await repo.advanceSession(tx, session.id, state.version, state.step, state.groups);
-      await repo.notifyVersion(tx, name, state.version, state.step);
-      await repo.pruneHistory(tx, session.id, session.keepSnapshots);
+      await commitState(tx, session, state, opts.reason);
       entry.lastSnapshotVersion = state.version;
       return mustFind(tx, name);
     });
@@ -145,16 +141,25 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
       touch();
       state.groups = applyHyperDelta(state.groups, delta!);
       state.version = session.version + 1;
-      await writer.writeState(tx, session.id, state, 'hyperparameters');
-      await recordGroupChange(tx, session, state, 'hyperparameters');
-      await repo.advanceSession(tx, session.id, state.version, state.step, state.groups);
-      await repo.notifyVersion(tx, name, state.version, state.step);
-      await repo.pruneHistory(tx, session.id, session.keepSnapshots);
+      await commitState(tx, session, state, 'hyperparameters');
       entry.lastSnapshotVersion = state.version;
       changed = true;
       return mustFind(tx, name);
     });
     return changed ? written(name, 'hyperparameters', session) : session;
+  }
+
+  /**
+   * A change that is not a step (a load, a restore, hyperparameters) committed as the session's next
+   * version: written as a snapshot, its group values recorded when they changed, the session advanced and
+   * announced, snapshots beyond keep_snapshots pruned. `state` already holds the new version.
+   */
+  async function commitState(tx: Queryable, session: SessionRecord, state: SessionState, reason: string): Promise<void> {
+    await writer.writeState(tx, session.id, state, reason);
+    await recordGroupChange(tx, session, state, reason);
+    await repo.advanceSession(tx, session.id, state.version, state.step, state.groups);
+    await repo.notifyVersion(tx, session.name, state.version, state.step);
+    await repo.pruneHistory(tx, session.id, session.keepSnapshots);
   }
 
   /**
@@ -176,11 +181,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
       cache.forget(session.id);
       const state = await history.loadSnapshot(tx, snapshot, session);
       state.version = session.version + 1;
-      await writer.writeState(tx, session.id, state, 'restore');
-      await recordGroupChange(tx, session, state, 'restore');
-      await repo.advanceSession(tx, session.id, state.version, state.step, state.groups);
-      await repo.notifyVersion(tx, name, state.version, state.step);
-      await repo.pruneHistory(tx, session.id, session.keepSnapshots);
+      await commitState(tx, session, state, 'restore');
       cache.remember(state, state.version);
       return mustFind(tx, name);
     });
