@@ -4,6 +4,7 @@ import type { Queryable } from '../db/database.ts';
 import { errors } from '../errors.ts';
 import type { History } from './history.ts';
 import { checkIfMatch, mustFind, type SessionContext } from './context.ts';
+import { assertNoOpenRound } from './rounds-repository.ts';
 import { checkModel, planLoad } from './load-plan.ts';
 import type { CreateInput, LoadedParams, LoadedStateDict } from './model.ts';
 import type { Reads } from './reads.ts';
@@ -136,9 +137,15 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
       const delta = parseStepHyper(raw, session.groups);
       const next = delta ? applyHyperDelta(session.groups, delta) : session.groups;
       if (JSON.stringify(next) === JSON.stringify(session.groups)) return session;
+      // A new version would void the open round's contributions (made at this one): refused as PATCH of
+      // aggregation is; the change goes with a step of the next round instead.
+      if (session.aggregation) await assertNoOpenRound(tx, session);
       const entry = await history.currentState(tx, session);
       const { state } = entry;
       touch();
+      // Changes in a row with no step between: the one before is superseded (no version after it was built
+      // on it), so its snapshot goes; a worker changing lr every epoch leaves one such snapshot, not one a call.
+      await repo.deleteSupersededSnapshot(tx, session.id, session.version, 'hyperparameters');
       state.groups = applyHyperDelta(state.groups, delta!);
       state.version = session.version + 1;
       await commitState(tx, session, state, 'hyperparameters');

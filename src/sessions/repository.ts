@@ -602,20 +602,27 @@ export async function readSnapshotChunks(q: Queryable, snapshotId: number, onChu
  * of the kept window (pinned snapshots outside it stand alone: readable, restorable, not replayed from),
  * and further behind a newer snapshot when the log outgrows the session's keep_log_bytes (retention.ts).
  */
+/**
+ * Keeps the newest `keep` snapshots and the log after the oldest of them. Snapshots of hyperparameter
+ * changes (PATCH param_groups) are not counted: they are replay bases for the versions after them, not
+ * restore points a worker's token could otherwise push out; they go once older than the oldest counted one.
+ */
 export async function pruneHistory(q: Queryable, sessionId: number, keep: number): Promise<{ snapshots: number; steps: number }> {
+  const oldestKept = `SELECT min(version) FROM (SELECT version FROM snapshots WHERE session_id = $1 AND reason <> 'hyperparameters' ORDER BY version DESC LIMIT $2) newest`;
   const deleted = await q.query(
-    `DELETE FROM snapshots WHERE session_id = $1 AND NOT pinned AND version < (
-       SELECT min(version) FROM (SELECT version FROM snapshots WHERE session_id = $1 ORDER BY version DESC LIMIT $2) newest)
-     RETURNING id`,
+    `DELETE FROM snapshots WHERE session_id = $1 AND NOT pinned AND version < (${oldestKept}) RETURNING id`,
     [sessionId, keep],
   );
   const steps = await q.query(
-    `DELETE FROM step_log WHERE session_id = $1 AND version <= (
-       SELECT min(version) FROM (SELECT version FROM snapshots WHERE session_id = $1 ORDER BY version DESC LIMIT $2) newest)
-     RETURNING version`,
+    `DELETE FROM step_log WHERE session_id = $1 AND version <= (${oldestKept}) RETURNING version`,
     [sessionId, keep],
   );
   return { snapshots: deleted.length, steps: steps.length + (await pruneLogToBytes(q, sessionId)) };
+}
+
+/** Deletes the unpinned snapshot of `reason` at `version` (superseded by a change written after it). */
+export async function deleteSupersededSnapshot(q: Queryable, sessionId: number, version: number, reason: string): Promise<void> {
+  await q.query('DELETE FROM snapshots WHERE session_id = $1 AND version = $2 AND reason = $3 AND NOT pinned', [sessionId, version, reason]);
 }
 
 export async function saveIdempotentAnswer(q: Queryable, sessionId: number, key: string, requestHash: string, response: Record<string, unknown>): Promise<void> {

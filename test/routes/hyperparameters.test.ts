@@ -108,3 +108,45 @@ test('PATCH param_groups on one process: the other process\'s next step runs wit
   assert.deepEqual(twoProcesses.sd, oneProcess.sd);
   assert.equal(twoProcesses.sd.param_groups[0].lr, 0.01);
 });
+
+test('hyperparameter changes push out no restore point: they do not count toward keep_snapshots, and one after another leave one snapshot', async (t) => {
+  const { app } = await buildTestApp(t);
+  const created = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'k', params, hyperparameters: { lr: 0.03 }, param_groups: groups, keep_snapshots: 2, snapshot_every: 1000 } });
+  assert.equal(created.statusCode, 201, created.body);
+  const step = (k: number) => app.inject({ method: 'POST', url: '/v1/sessions/k/step', payload: { grads: grads(k) } });
+  for (let k = 0; k < 3; k++) await step(k);
+  const manual = (await app.inject({ method: 'POST', url: '/v1/sessions/k/snapshots', payload: {} })).json();
+  for (let k = 3; k < 6; k++) await step(k);
+  const list = async () => (await app.inject({ url: '/v1/sessions/k/snapshots' })).json().snapshots.map((s: { version: number; reason: string }) => `${s.version}:${s.reason}`);
+  const before = await list();
+  // Ten changes in a row (a worker's token may send them): one snapshot of them is left, the others stay.
+  for (let i = 0; i < 10; i++) {
+    const res = await app.inject({ method: 'PATCH', url: '/v1/sessions/k/param_groups', payload: { param_groups: [{ lr: i % 2 ? 0.02 : 0.01 }, {}] } });
+    assert.equal(res.statusCode, 200, res.body);
+  }
+  assert.deepEqual(await list(), ['17:hyperparameters', ...before]);
+  // The log after the oldest kept snapshot is still there: the version of the manual snapshot + 2 reads back.
+  const old = await app.inject({ url: `/v1/sessions/k/params?version=${manual.version + 2}` });
+  assert.equal(old.statusCode, 200, old.body);
+  // A step, then a change, then a step: the change's snapshot stays (a replay base), the restore points too.
+  await step(6);
+  await app.inject({ method: 'PATCH', url: '/v1/sessions/k/param_groups', payload: { param_groups: [{ lr: 0.05 }, {}] } });
+  await step(7);
+  assert.deepEqual(await list(), ['19:hyperparameters', '17:hyperparameters', ...before]);
+  app.sessions.dropCache();
+  assert.equal((await app.inject({ url: '/v1/sessions/k/state_dict' })).json().param_groups[0].lr, 0.05, 'rebuilt from the database');
+});
+
+test('PATCH param_groups is refused while a round has contributions (a new version would void them)', async (t) => {
+  const { app } = await buildTestApp(t);
+  const created = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'r', params, param_groups: groups, aggregation: { contributions: 2 } } });
+  assert.equal(created.statusCode, 201, created.body);
+  const pending = await app.inject({ method: 'POST', url: '/v1/sessions/r/step?wait=1', payload: { grads: grads(0), worker: 'w0', base_version: 1 } });
+  assert.equal(pending.statusCode, 202, pending.body);
+  const res = await app.inject({ method: 'PATCH', url: '/v1/sessions/r/param_groups', payload: { param_groups: [{ lr: 0.5 }, {}] } });
+  assert.equal(res.statusCode, 409, res.body);
+  assert.equal(res.json().code, 'ROUND_OPEN');
+  const done = await app.inject({ method: 'POST', url: '/v1/sessions/r/step?wait=1', payload: { grads: grads(1), worker: 'w1', base_version: 1 } });
+  assert.equal(done.statusCode, 200, done.body);
+  assert.equal((await app.inject({ method: 'PATCH', url: '/v1/sessions/r/param_groups', payload: { param_groups: [{ lr: 0.5 }, {}] } })).statusCode, 200, 'between rounds');
+});
