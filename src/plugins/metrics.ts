@@ -37,6 +37,26 @@ export default fp(
     const batchSize = new Histogram({
       name: 'asgd_step_batch_size', help: 'Steps committed together by one statement (group commit)', buckets: [1, 2, 4, 8, 16, 32, 64], registers,
     });
+    // Connections past ASGD_MAX_CONNECTIONS are closed by Node as they come ('drop'): counted, and said in
+    // the log at most every 10 s, since the replica then answers nothing to them, probes included.
+    const dropped = new Counter({ name: 'asgd_connections_dropped_total', help: 'Connections closed as they came because this process held ASGD_MAX_CONNECTIONS', registers });
+    let droppedSinceLine = 0;
+    let lastDropLine = 0;
+    fastify.server.on('drop', () => {
+      dropped.inc();
+      droppedSinceLine++;
+      if (Date.now() - lastDropLine >= 10_000) {
+        fastify.log.warn({ dropped: droppedSinceLine, maxConnections: opts.config.maxConnections }, 'connections refused: this process holds ASGD_MAX_CONNECTIONS connections');
+        lastDropLine = Date.now();
+        droppedSinceLine = 0;
+      }
+    });
+    new Gauge({
+      name: 'asgd_open_connections', help: 'HTTP connections this process holds open (keep-alive, event streams, requests being read)', registers,
+      collect() {
+        return new Promise<void>((resolve) => fastify.server.getConnections((err, count) => { if (!err) this.set(count); resolve(); }));
+      },
+    });
     const steps = new Counter({ name: 'asgd_steps_total', help: 'Optimizer steps committed by this process, by session', labelNames: ['session'], registers });
     const snapshots = new Counter({
       name: 'asgd_snapshots_total', help: 'Snapshots written by this process, by session and reason', labelNames: ['session', 'reason'], registers,

@@ -258,6 +258,10 @@ test('ASGD_MAX_CONNECTIONS bounds the open connections: one more is closed as it
     held[0].destroy();
     await new Promise((resolve) => setTimeout(resolve, 100));
     assert.equal((await fetch(`http://127.0.0.1:${port}/healthz`, { headers: { connection: 'close' } })).status, 200, 'a slot is free again');
+    // The operator sees it: counted in /metrics, with the connections held.
+    const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`, { headers: { connection: 'close' } })).text();
+    assert.match(metrics, /^asgd_connections_dropped_total [1-9]/m);
+    assert.match(metrics, /^asgd_open_connections [1-3]$/m);
   } finally {
     for (const s of held) s.destroy(); // before the app closes: it waits for its connections
   }
