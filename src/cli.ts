@@ -179,7 +179,9 @@ export async function main(
       io.stderr.write(`asgd-serve: ${err.message}\n`);
       return 2;
     }
-    io.stderr.write(`asgd-serve: ${parsed.command} failed: ${describeDbFailure(err)}\n`);
+    // Where it was connecting to, when that is PostgreSQL (a bare "Connection terminated" names nothing).
+    const target = databaseTarget(parsed.env.DATABASE_URL ?? null);
+    io.stderr.write(`asgd-serve: ${parsed.command} failed${target ? ` (PostgreSQL at ${target})` : ''}: ${describeDbFailure(err)}\n`);
     return 1;
   }
 }

@@ -62,7 +62,7 @@ test('flags override the environment; bad flags and values exit 2', async () => 
   assert.match(badPort.stderr, /PORT must be a whole number/);
   const unreachable = await runHere(['migrate', '--database-url', 'postgres://postgres@127.0.0.1:1/none'], { ASGD_DB_START_TIMEOUT_MS: '0' });
   assert.equal(unreachable.code, 1);
-  assert.match(unreachable.stderr, /migrate failed/);
+  assert.match(unreachable.stderr, /migrate failed \(PostgreSQL at 127\.0\.0\.1:1\/none\): /);
 });
 
 test('migrate waits for a PostgreSQL that is not up yet (ASGD_DB_START_TIMEOUT_MS), saying so, and gives up after it', async (t) => {
