@@ -45,6 +45,6 @@ test('a role without the migrations schema: /readyz and the API say the database
   let stderr = '';
   const code = await main(['migrate'], { DATABASE_URL: url.toString(), LOG_LEVEL: 'silent' }, { stdout: { write: () => {} }, stderr: { write: (s: string) => (stderr += s) } });
   assert.equal(code, 1);
-  assert.match(stderr, /^asgd-serve: migrate failed: permission denied for (schema|database) \S+ \(SQLSTATE 42501\) while running /);
+  assert.match(stderr, /^asgd-serve: migrate failed \(PostgreSQL at [^)]+\): permission denied for (schema|database) \S+ \(SQLSTATE 42501\) while running /);
   assert.match(stderr, /^[^\n]+\n$/, 'one line');
 });
