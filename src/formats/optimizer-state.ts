@@ -147,7 +147,10 @@ function readGroup(value: PyValue, path: string): AsgdParamGroup {
   return group;
 }
 
-const PARAM_STATE_KEYS: ReadonlySet<string> = new Set(['step', 'eta', 'mu', 'ax']);
+/** The keys of one parameter's state in torch.optim.ASGD.state_dict(), in torch's order. */
+export const PARAM_STATE_KEYS = ['step', 'eta', 'mu', 'ax'] as const;
+/** Said of a per-parameter key that is not one of them. */
+export const NOT_ASGD_STATE = 'is not part of ASGD\'s per-parameter state (step, eta, mu, ax): a state_dict of another optimizer?';
 
 function readParamState(value: PyValue, path: string, options: StateDictReadOptions): AsgdParamState {
   const dict = expectDict(value, path);
@@ -160,9 +163,7 @@ function readParamState(value: PyValue, path: string, options: StateDictReadOpti
   if (!isTensor(ax)) throw invalid(`${path}.ax`, ax === undefined ? 'is missing' : `must be a tensor, got ${describe(ax)}`);
   // Another optimizer's state (SGD's momentum_buffer, Adam's exp_avg) would otherwise be dropped without a word.
   for (const key of dict.keys()) {
-    if (!PARAM_STATE_KEYS.has(key as string)) {
-      throw invalid(`${path}.${String(key)}`, `is not part of ASGD's per-parameter state (step, eta, mu, ax): a state_dict of another optimizer?`);
-    }
+    if (!(PARAM_STATE_KEYS as readonly unknown[]).includes(key)) throw invalid(`${path}.${String(key)}`, NOT_ASGD_STATE);
   }
   return { step, eta, mu, ax: float32Of(ax, `${path}.ax`, options) };
 }

@@ -146,7 +146,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
       // Changes in a row with no step between: the one before is superseded (no version after it was built
       // on it), so its snapshot goes; a worker changing lr every epoch leaves one such snapshot, not one a call.
       await repo.deleteSupersededSnapshot(tx, session.id, session.version, 'hyperparameters');
-      state.groups = applyHyperDelta(state.groups, delta!);
+      state.groups = next; // the state's groups are the session's
       state.version = session.version + 1;
       await commitState(tx, session, state, 'hyperparameters');
       entry.lastSnapshotVersion = state.version;

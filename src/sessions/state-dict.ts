@@ -6,7 +6,7 @@ import type { GroupSpec } from '../db/schema.ts';
 import { FLAG_KEYS, HYPERPARAMETER_KEYS, resolveHyperparameters, DEFAULT_GROUP, publicGroup } from './spec.ts';
 import type { LoadedStateDict, StateView } from './model.ts';
 import { jsonScalar, jsonTensor, readJsonTensor, readScalar, type NonFinitePolicy } from './tensors.ts';
-import { ASGD_NUMERIC_KEYS, stepCountProblem, type AsgdParamGroup, type AsgdStateDict, type PyValue } from '../formats/index.ts';
+import { ASGD_NUMERIC_KEYS, NOT_ASGD_STATE, PARAM_STATE_KEYS, stepCountProblem, type AsgdParamGroup, type AsgdStateDict, type PyValue } from '../formats/index.ts';
 
 export interface DecodedTensor {
   shape: number[];
@@ -97,11 +97,9 @@ export function parseStateDict(body: unknown, intKeysOf?: (group: number) => str
     if (!isPlainObject(entry)) throw errors.invalidStateDict(field, 'must be an object {step, eta, mu, ax}');
     // {}: no state (torch leaves it when code read optimizer.state[p] of a parameter that never stepped).
     if (Object.keys(entry).length === 0) continue;
-    for (const k of ['step', 'eta', 'mu', 'ax']) if (entry[k] === undefined) throw errors.invalidStateDict(`${field}.${k}`, 'is missing');
+    for (const k of PARAM_STATE_KEYS) if (entry[k] === undefined) throw errors.invalidStateDict(`${field}.${k}`, 'is missing');
     // Another optimizer's state (SGD's momentum_buffer, Adam's exp_avg) would otherwise be dropped without a word.
-    for (const k of Object.keys(entry)) {
-      if (!['step', 'eta', 'mu', 'ax'].includes(k)) throw errors.invalidStateDict(`${field}.${k}`, 'is not part of ASGD\'s per-parameter state (step, eta, mu, ax): a state_dict of another optimizer?');
-    }
+    for (const k of Object.keys(entry)) if (!(PARAM_STATE_KEYS as readonly string[]).includes(k)) throw errors.invalidStateDict(`${field}.${k}`, NOT_ASGD_STATE);
     const ax = readTensorField(entry.ax, `${field}.ax`);
     const step = readStateScalar(entry.step, `${field}.step`);
     // Checked here, not by the database: a count it cannot store (or that could not be served back and
