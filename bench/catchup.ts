@@ -1,7 +1,8 @@
 // Catch-up: a fresh process taking over a 1e6-parameter session 99 steps after its last snapshot (the
 // previous owner crashed: no shutdown snapshot). The figure is the time of the first read of the params on
-// a fresh app (snapshot + 99 logged gradients replayed); the baseline, the same first read of a session
-// whose newest snapshot is its current version (loading a snapshot alone).
+// a fresh app (its newest replay point + the logged gradients after it replayed); the baseline, the same
+// first read of a session whose newest snapshot is its current version (loading a snapshot alone). Notes:
+// the worst case (15 steps after a point) and the point lost (all 99 steps replayed).
 //   node bench/catchup.ts [--rounds 5]
 // Each round builds two fresh apps in this process (listening on loopback) on the same database, times
 // one first read on each, and closes them without writing anything (their caches are dropped first).
@@ -14,6 +15,7 @@ import {
   type BenchResult, type ServerProcess,
 } from './common.ts';
 import { STEP_SPEC } from './durable-step.ts';
+import { replayPointInterval } from '../src/sessions/replay-points.ts';
 
 const STEPS_AFTER_SNAPSHOT = 99;
 
@@ -63,37 +65,53 @@ export async function runCatchupBench(options: CatchupOptions = {}): Promise<Ben
   const db = await createDatabase();
   let owner: ServerProcess | null = null;
   try {
-    // The previous owner: both sessions created (snapshot at version 1) and stepped 99 times, never
-    // snapshotted again; 'snapshotted' then gets a manual snapshot at its current version.
+    // The previous owner: the sessions created (snapshot at version 1) and stepped, never snapshotted again
+    // (snapshot_every 1000); 'snapshotted' then gets a manual snapshot at its current version. The owner
+    // writes replay points as configured by default (ASGD_REPLAY_BOUND_BYTES 64 MiB: every 16 steps here).
+    // 'worst' stops 15 steps after a point (the most a takeover replays); 'lost' loses its point, as when
+    // PostgreSQL, crashing, empties its unlogged tables: the takeover replays all 99 steps.
     owner = await startServer({ DATABASE_URL: db.url });
     const bodies = [1, 2, 3].map((seed) => safetensorsOf(STEP_SPEC, 300 + seed, 0.01));
-    for (const name of ['takeover', 'snapshotted']) {
+    const interval = replayPointInterval({ numel: STEP_SPEC.reduce((a, p) => a + p.numel, 0), params: STEP_SPEC }, loadConfig({}).replayBoundBytes);
+    const worstSteps = interval === null ? STEPS_AFTER_SNAPSHOT : Math.floor(STEPS_AFTER_SNAPSHOT / interval) * interval - 2; // version = a point + interval - 1
+    const plan: [string, number][] = [['takeover', STEPS_AFTER_SNAPSHOT], ['snapshotted', STEPS_AFTER_SNAPSHOT], ['worst', worstSteps], ['lost', STEPS_AFTER_SNAPSHOT]];
+    for (const [name, steps] of plan) {
       await createSession(owner.url, name, STEP_SPEC, { snapshot_every: 1000 });
-      for (let i = 0; i < STEPS_AFTER_SNAPSHOT; i++) {
+      for (let i = 0; i < steps; i++) {
         await call(owner.url, 'POST', `/v1/sessions/${name}/step`, { headers: SAFETENSORS, body: bodies[i % bodies.length] });
       }
     }
     await call(owner.url, 'POST', '/v1/sessions/snapshotted/snapshots', { headers: { 'content-type': 'application/json' }, body: '{}' }, 201);
-    await owner.stop('SIGKILL'); // a crash: no shutdown snapshot of 'takeover'
+    await owner.stop('SIGKILL'); // a crash: no shutdown snapshot
     owner = null;
+    const points = await pointsOf(db.url);
+    await dropPoint(db.url, 'lost');
 
     await firstRead(db.url, 'snapshotted'); // warm-up: code paths and the database's caches
     await firstRead(db.url, 'takeover');
     const takeover: number[] = [];
     const snapshotOnly: number[] = [];
+    const worst: number[] = [];
+    const lost: number[] = [];
     const logOnly: number[] = [];
     let logBytes = 0;
     for (let r = 0; r < rounds; r++) {
       takeover.push(await firstRead(db.url, 'takeover'));
       snapshotOnly.push(await firstRead(db.url, 'snapshotted'));
-      const bare = await bareLogRead(db.url, 'takeover');
+      worst.push(await firstRead(db.url, 'worst'));
+      lost.push(await firstRead(db.url, 'lost'));
+      const bare = await bareLogRead(db.url, 'lost');
       logOnly.push(bare.seconds);
       logBytes = bare.bytes;
-      log(`  round ${r + 1}/${rounds}: takeover ${ms(takeover[r])}, snapshot alone ${ms(snapshotOnly[r])}, bare COPY of the log ${ms(bare.seconds)}`);
+      log(`  round ${r + 1}/${rounds}: takeover ${ms(takeover[r])}, snapshot alone ${ms(snapshotOnly[r])}, 15 steps after a point ${ms(worst[r])}, ` +
+        `replay point lost ${ms(lost[r])}, bare COPY of the log ${ms(bare.seconds)}`);
     }
     const figure = median(takeover);
     const base = median(snapshotOnly);
     const floor = median(logOnly);
+    const replayedFrom = (name: string) => points.get(name) ?? 1;
+    const versionOf = (name: string) => 1 + plan.find(([n]) => n === name)![1];
+    const replayedSteps = (name: string) => versionOf(name) - replayedFrom(name);
     return {
       key: 'catchup',
       title: `catch-up: first read on a fresh app, 1e6 parameters, ${STEPS_AFTER_SNAPSHOT} steps after the last snapshot`,
@@ -102,15 +120,40 @@ export async function runCatchupBench(options: CatchupOptions = {}): Promise<Ben
       ratio: figure / base,
       target: { op: '<=', value: 3 },
       notes: [
-        `median of ${rounds} rounds; replay reads ${STEPS_AFTER_SNAPSHOT} x 4 MB of logged gradients and runs ${STEPS_AFTER_SNAPSHOT} kernel steps: ` +
-          `${ms((figure - base) / STEPS_AFTER_SNAPSHOT)} per replayed step`,
-        `floor, in the same rounds: PostgreSQL alone hands over the ${STEPS_AFTER_SNAPSHOT} logged gradients (one bare binary COPY of ${(logBytes / 1e6).toFixed(0)} MB ` +
-          `to a client that only counts them) in ${ms(floor)} = ${(floor / base).toFixed(2)}x the baseline; the first read is ${(figure / (base + floor)).toFixed(2)}x the snapshot load plus that COPY`,
+        `median of ${rounds} rounds; replay points every ${interval ?? '(off)'} steps (ASGD_REPLAY_BOUND_BYTES default): the takeover loads the point at version ` +
+          `${replayedFrom('takeover')} and replays ${replayedSteps('takeover')} steps (4 MB of logged gradients and a kernel step each)`,
+        `the most a takeover replays, ${replayedSteps('worst')} steps after a point: ${ms(median(worst))} = ${(median(worst) / base).toFixed(2)}x the baseline`,
+        `the point lost (PostgreSQL empties unlogged tables when it crashes): all ${replayedSteps('lost')} steps replayed, ${ms(median(lost))} = ${(median(lost) / base).toFixed(2)}x ` +
+          `(${ms((median(lost) - base) / STEPS_AFTER_SNAPSHOT)} per replayed step)`,
+        `floor of that, in the same rounds: PostgreSQL alone hands over the ${STEPS_AFTER_SNAPSHOT} logged gradients (one bare binary COPY of ${(logBytes / 1e6).toFixed(0)} MB ` +
+          `to a client that only counts them) in ${ms(floor)} = ${(floor / base).toFixed(2)}x the baseline`,
       ],
     };
   } finally {
     await owner?.stop('SIGKILL');
     await db.drop();
+  }
+}
+
+/** The version of each session's replay point. */
+async function pointsOf(url: string): Promise<Map<string, number>> {
+  const client = new pg.Client({ connectionString: url });
+  await client.connect();
+  try {
+    const { rows } = await client.query<{ name: string; version: number }>('SELECT s.name, p.version::float8 AS version FROM replay_points p JOIN sessions s ON s.id = p.session_id');
+    return new Map(rows.map((r) => [r.name, r.version]));
+  } finally {
+    await client.end();
+  }
+}
+
+async function dropPoint(url: string, session: string): Promise<void> {
+  const client = new pg.Client({ connectionString: url });
+  await client.connect();
+  try {
+    await client.query('DELETE FROM replay_points WHERE session_id = (SELECT id FROM sessions WHERE name = $1)', [session]);
+  } finally {
+    await client.end();
   }
 }
 

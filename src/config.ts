@@ -52,6 +52,8 @@ export interface Config {
   cacheBytes: number;
   /** Background snapshots of a state (params + ax) up to this size copy it and write while steps go on; bigger ones are written in place, steps waiting. */
   snapshotCopyLimitBytes: number;
+  /** Log bytes between replay points (src/sessions/replay-points.ts); 0: none. */
+  replayBoundBytes: number;
   /** under-pressure: answer 503 while the event loop lags more than this (0 = off). */
   maxEventLoopDelayMs: number;
   /** under-pressure: answer 503 while the V8 heap / the process RSS is above this many bytes (0 = off). */
@@ -207,6 +209,7 @@ export function loadConfig(env: Env = process.env): Config {
     fma: bool(env, 'ASGD_FMA', true),
     cacheBytes: int(env, 'ASGD_CACHE_BYTES', 4096 * MiB, 0),
     snapshotCopyLimitBytes: int(env, 'ASGD_SNAPSHOT_COPY_LIMIT_BYTES', 256 * MiB, 0),
+    replayBoundBytes: int(env, 'ASGD_REPLAY_BOUND_BYTES', 64 * MiB, 0),
     maxEventLoopDelayMs: ms(env, 'ASGD_MAX_EVENT_LOOP_DELAY_MS', 0, 0),
     maxHeapUsedBytes: int(env, 'ASGD_MAX_HEAP_USED_BYTES', 0, 0),
     maxRssBytes: int(env, 'ASGD_MAX_RSS_BYTES', 0, 0),

@@ -10,7 +10,7 @@ import { age, bytes, duration, fields, table } from './output.ts';
 import type { OpsContext } from './context.ts';
 import { readStateFile, WHATS, type What } from './state-file.ts';
 
-interface Storage { log_bytes: number; log_steps: number; snapshot_bytes: number; snapshots: number; other_bytes: number; total_bytes: number }
+interface Storage { log_bytes: number; log_steps: number; snapshot_bytes: number; snapshots: number; replay_point_bytes?: number; other_bytes: number; total_bytes: number }
 interface Session {
   name: string; version: number; step: number; numel: number;
   params: { name: string; shape: number[]; numel: number }[];
@@ -115,7 +115,7 @@ async function show(args: ParsedArgs, ctx: OpsContext): Promise<number> {
     ['expire after idle', session.expire_after_idle_s ? duration(session.expire_after_idle_s) : 'never'],
     ['created', `${session.created_at} (${age(session.created_at)} ago)`],
     ['updated', `${session.updated_at} (${age(session.updated_at)} ago)`],
-    ['stored', st ? `${bytes(st.total_bytes)}: log ${bytes(st.log_bytes)} (${st.log_steps} steps), snapshots ${bytes(st.snapshot_bytes)} (${st.snapshots}), other ${bytes(st.other_bytes)}` : '-'],
+    ['stored', st ? `${bytes(st.total_bytes)}: log ${bytes(st.log_bytes)} (${st.log_steps} steps), snapshots ${bytes(st.snapshot_bytes)} (${st.snapshots}), replay point ${bytes(st.replay_point_bytes ?? 0)}, other ${bytes(st.other_bytes)}` : '-'],
   ]));
   ctx.out('\n');
   ctx.out(snapshots.length === 0 ? 'no snapshots\n' : table(

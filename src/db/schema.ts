@@ -110,6 +110,35 @@ export const snapshotChunks = pgTable('snapshot_chunks', {
 }, (t) => [primaryKey({ columns: [t.snapshotId, t.seq] })]);
 
 /**
+ * Replay points: a session's state written without WAL, so that a process taking a session over replays a
+ * bounded stretch of the log (src/sessions/replay-points.ts). The tables are UNLOGGED (migration 0009):
+ * PostgreSQL empties them after a crash of its own, and nothing is lost then, since snapshots and the log
+ * still hold every version. Not restore points: never listed, never counted by keep_snapshots.
+ */
+export const replayPoints = pgTable('replay_points', {
+  id: bigserial('id', { mode: 'number' }).primaryKey(),
+  sessionId: bigint('session_id', { mode: 'number' }).notNull().references(() => sessions.id, { onDelete: 'cascade' }),
+  version: bigint('version', { mode: 'number' }).notNull(),
+  step: bigint('step', { mode: 'number' }).notNull(),
+  groups: jsonb('groups').$type<GroupSpec[]>().notNull(),
+  scalars: jsonb('scalars').$type<ScalarStateRow[]>().notNull(),
+  byteSize: bigint('byte_size', { mode: 'number' }).notNull(),
+  chunkCount: integer('chunk_count').notNull(),
+  /** As snapshots.checksum (over the bytes stored). */
+  checksum: text('checksum').notNull(),
+  /** True: ax equalled the params bit for bit (no averaging yet), the chunks hold the params alone. */
+  axFromParams: boolean('ax_from_params').notNull(),
+  createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
+}, (t) => [uniqueIndex('replay_points_session_version_key').on(t.sessionId, t.version)]);
+
+/** Tensor bytes of a replay point in chunks, as snapshot_chunks. */
+export const replayPointChunks = pgTable('replay_point_chunks', {
+  pointId: bigint('point_id', { mode: 'number' }).notNull().references(() => replayPoints.id, { onDelete: 'cascade' }),
+  seq: integer('seq').notNull(),
+  data: bytea('data').notNull(),
+}, (t) => [primaryKey({ columns: [t.pointId, t.seq] })]);
+
+/**
  * One row per acknowledged step: the gradient, not the state. The state at version v is the newest
  * snapshot at or below v with the steps after it replayed (the kernel is deterministic).
  */
@@ -226,6 +255,7 @@ export const tokens = pgTable('tokens', {
 /** A session as the service reads it (the listening lease is the notifier's bookkeeping, not the session's). */
 export type SessionRow = Omit<typeof sessions.$inferSelect, 'listenedUntil'>;
 export type SnapshotRow = typeof snapshots.$inferSelect;
+export type ReplayPointRow = typeof replayPoints.$inferSelect;
 export type TokenRow = typeof tokens.$inferSelect;
 
-export const schema = { sessions, snapshots, snapshotChunks, stepLog, stepHistory, groupChanges, roundContributions, initialGroups, idempotencyKeys, tokens };
+export const schema = { sessions, snapshots, snapshotChunks, replayPoints, replayPointChunks, stepLog, stepHistory, groupChanges, roundContributions, initialGroups, idempotencyKeys, tokens };

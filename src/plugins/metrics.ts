@@ -61,6 +61,10 @@ export default fp(
     const snapshots = new Counter({
       name: 'asgd_snapshots_total', help: 'Snapshots written by this process, by session and reason', labelNames: ['session', 'reason'], registers,
     });
+    const replayPoints = new Counter({ name: 'asgd_replay_points_total', help: 'Replay points (unlogged states that bound a takeover\'s replay) written by this process', registers });
+    const replayedSteps = new Counter({
+      name: 'asgd_replayed_steps_total', help: 'Logged steps this process replayed to bring a state to a version (a copy catching up, a takeover, an old version read)', registers,
+    });
     const roundsCompleted = new Counter({ name: 'asgd_rounds_completed_total', help: 'Rounds (sessions with aggregation) this process stepped, by session', labelNames: ['session'], registers });
     const roundsTimedOut = new Counter({
       name: 'asgd_rounds_timed_out_total', help: 'Rounds this process stepped at their timeout with fewer than aggregation.contributions, by session', labelNames: ['session'], registers,
@@ -112,6 +116,8 @@ export default fp(
       roundContributions.observe(contributions);
       roundWait.observe(waitSeconds);
     };
+    fastify.sessionHooks.replayPointWritten = () => replayPoints.inc();
+    fastify.sessionHooks.replayed = (_session, count) => replayedSteps.inc(count);
     const reasonsSeen = new Map<string, Set<string>>();
     fastify.sessionHooks.snapshotted = (session, reason) => {
       snapshots.inc({ session, reason });

@@ -30,12 +30,15 @@ export default fp(
       log: fastify.log,
       cacheBytes: opts.config.cacheBytes,
       snapshotCopyLimitBytes: opts.config.snapshotCopyLimitBytes,
+      replayBoundBytes: opts.config.replayBoundBytes,
       idempotencyWindowSeconds: opts.config.idempotencyWindowSeconds,
       stepLingerMs: opts.config.stepLingerUs / 1000,
       hooks: {
         stepped: (...args) => hooks.stepped?.(...args),
         committed: (...args) => hooks.committed?.(...args),
         snapshotted: (...args) => hooks.snapshotted?.(...args),
+        replayPointWritten: (...args) => hooks.replayPointWritten?.(...args),
+        replayed: (...args) => hooks.replayed?.(...args),
       },
     });
     fastify.decorate('sessions', service);

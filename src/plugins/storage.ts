@@ -14,7 +14,7 @@ import { allSessionStorage, type SessionStorage } from '../sessions/storage.ts';
 export const STORAGE_TOP_SESSIONS = 50;
 const STORAGE_TTL_MS = 30_000;
 // No kind="total": it is the sum of the three, and a `sum(asgd_storage_bytes)` over the kinds would count it twice.
-const KINDS = ['log', 'snapshots', 'other'] as const;
+const KINDS = ['log', 'snapshots', 'replay_points', 'other'] as const;
 
 type Figures = { totals: Record<(typeof KINDS)[number], number>; sessions: number; top: (SessionStorage & { name: string })[] };
 
@@ -30,10 +30,11 @@ export default fp(
       if (!cached || Date.now() - cached.at > STORAGE_TTL_MS) {
         deletedSince.clear();
         const pending = allSessionStorage(fastify.db).then((all) => {
-          const totals = { log: 0, snapshots: 0, other: 0 };
+          const totals = { log: 0, snapshots: 0, replay_points: 0, other: 0 };
           for (const s of all) {
             totals.log += s.log_bytes;
             totals.snapshots += s.snapshot_bytes;
+            totals.replay_points += s.replay_point_bytes;
             totals.other += s.other_bytes;
           }
           return { totals, sessions: all.length, top: all.slice(0, STORAGE_TOP_SESSIONS) };
@@ -44,11 +45,11 @@ export default fp(
       return cached.figures.then((f) => (deletedSince.size === 0 ? f : { ...f, top: f.top.filter((s) => !deletedSince.has(s.name)) }));
     };
     const kindOf = (s: SessionStorage, kind: (typeof KINDS)[number]) =>
-      kind === 'log' ? s.log_bytes : kind === 'snapshots' ? s.snapshot_bytes : s.other_bytes;
+      kind === 'log' ? s.log_bytes : kind === 'snapshots' ? s.snapshot_bytes : kind === 'replay_points' ? s.replay_point_bytes : s.other_bytes;
 
     const registers = [fastify.metrics];
     new Gauge({
-      name: 'asgd_storage_bytes', help: 'Bytes stored for all sessions, by kind (log, snapshots, other; their sum is the total)', labelNames: ['kind'], registers,
+      name: 'asgd_storage_bytes', help: 'Bytes stored for all sessions, by kind (log, snapshots, replay_points, other; their sum is the total)', labelNames: ['kind'], registers,
       async collect() {
         const f = await figures().catch(() => null);
         if (f) for (const kind of KINDS) this.set({ kind }, f.totals[kind]);

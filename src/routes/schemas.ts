@@ -122,6 +122,7 @@ export const SessionStorage = Type.Object({
   log_steps: Type.Integer({ description: 'Steps in the log' }),
   snapshot_bytes: Type.Integer({ description: 'Snapshots with their tensor chunks' }),
   snapshots: Type.Integer(),
+  replay_point_bytes: Type.Integer({ description: 'The replay point (an unlogged copy of a recent state that bounds what a process taking the session over replays; ASGD_REPLAY_BOUND_BYTES)' }),
   other_bytes: Type.Integer({ description: 'The session row, Idempotency-Key answers, per-step history, an open round\'s contributions' }),
   total_bytes: Type.Integer(),
 }, { title: 'SessionStorage', description: 'Bytes the session stores: the sum of pg_column_size over its rows plus 24 bytes a row (GET of one session, and the list with ?storage=true)' });

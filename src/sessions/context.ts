@@ -16,6 +16,10 @@ export interface SessionHooks {
   /** A batch of `steps` steps committed as one statement (group commit). */
   committed?(session: string, steps: number): void;
   snapshotted?(session: string, reason: string): void;
+  /** A replay point (replay-points.ts) written by this process. */
+  replayPointWritten?(session: string): void;
+  /** Steps replayed from the log to bring a state to a version (a copy caught up, or a state rebuilt). */
+  replayed?(session: string, steps: number): void;
 }
 
 export interface SessionContext {
@@ -29,6 +33,8 @@ export interface SessionContext {
   stepLingerMs: number;
   /** Background snapshots of a bigger state (params + ax) are written in place under `mutex` instead of from a copy. */
   snapshotCopyLimitBytes: number;
+  /** ASGD_REPLAY_BOUND_BYTES: the log bytes between replay points (replay-points.ts); 0: none written. */
+  replayBoundBytes: number;
   cache: StateCache;
   /** One operation per session at a time in this process (across processes the row lock orders them). */
   mutex: KeyedMutex;

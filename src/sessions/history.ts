@@ -7,12 +7,19 @@ import type { SessionContext } from './context.ts';
 import { unpackGradients } from './gradients.ts';
 import * as repo from './repository.ts';
 import type { SessionRecord, SnapshotRecord } from './repository.ts';
+import { findReplayPointAtOrBelow, readReplayPointChunks, replayPointInterval, type ReplayPointRecord } from './replay-points.ts';
 import type { SessionState } from './state.ts';
 import { snapshotChecksum } from './state.ts';
 import { applyHyperDelta } from './step-input.ts';
 import type { ParamSpec } from '../db/schema.ts';
 
 export type History = ReturnType<typeof createHistory>;
+
+/** What loading a stored state reads of its row: a snapshot's or a replay point's. */
+type StoredState = SnapshotRecord | ReplayPointRecord;
+
+/** An error PostgreSQL (or PGlite) raised: it carries a five-character SQLSTATE. */
+const isDatabaseError = (err: unknown) => typeof (err as { code?: unknown })?.code === 'string' && /^[0-9A-Z]{5}$/.test((err as { code: string }).code);
 
 /** Bytes of logged float32 gradients one read of the log brings in while replaying, and its bound in steps. */
 const REPLAY_PAGE_BYTES = 64 * 1024 * 1024;
@@ -22,43 +29,60 @@ export function createHistory(ctx: SessionContext) {
   const { cache, kernel, kernelOptions } = ctx;
 
   /** A snapshot's state, read chunk by chunk straight into a new arena and checked against its checksum. */
-  async function loadSnapshot(q: Queryable, snapshot: SnapshotRecord, session: { id: number; name: string; params: ParamSpec[] }): Promise<SessionState> {
-    const state = cache.create(session, snapshot.version, snapshot.step, snapshot.groups, snapshot.scalars);
+  function loadSnapshot(q: Queryable, snapshot: SnapshotRecord, session: { id: number; name: string; params: ParamSpec[] }): Promise<SessionState> {
+    return loadStored(q, snapshot, session, (onChunk) => repo.readSnapshotChunks(q, snapshot.id, onChunk), `snapshot ${snapshot.id}`);
+  }
+
+  /** A stored state (a snapshot or a replay point) read chunk by chunk by `read` into a new arena, checked against its checksum. */
+  async function loadStored(
+    q: Queryable, stored: StoredState, session: { id: number; name: string; params: ParamSpec[] },
+    read: (onChunk: (seq: number, data: Buffer) => void) => Promise<number>, what: string,
+  ): Promise<SessionState> {
+    const state = cache.create(session, stored.version, stored.step, stored.groups, stored.scalars);
     const n = state.layout.numel;
-    const total = n * 8;
-    if (snapshot.byteSize !== total) throw new Error(`snapshot ${snapshot.id} holds ${snapshot.byteSize} bytes, expected ${total}`);
+    const axFromParams = 'axFromParams' in stored && stored.axFromParams;
+    const total = axFromParams ? n * 4 : n * 8;
+    if (stored.byteSize !== total) throw new Error(`${what} holds ${stored.byteSize} bytes, expected ${total}`);
     const paramBytes = new Uint8Array(state.arena.params.buffer, state.arena.params.byteOffset, n * 4);
     const axBytes = new Uint8Array(state.arena.ax.buffer, state.arena.ax.byteOffset, n * 4);
     const seen: Buffer[] = [];
     let at = 0;
-    const chunks = await repo.readSnapshotChunks(q, snapshot.id, (seq, data) => {
-      // Copy the chunk into params (first half) and ax (second half) as it arrives.
-      let offset = 0;
-      while (offset < data.byteLength) {
-        if (at < n * 4) {
-          const take = Math.min(data.byteLength - offset, n * 4 - at);
-          paramBytes.set(data.subarray(offset, offset + take), at);
-          offset += take;
-          at += take;
-        } else {
-          const take = Math.min(data.byteLength - offset, total - at);
-          axBytes.set(data.subarray(offset, offset + take), at - n * 4);
-          offset += take;
-          at += take;
+    let chunks: number;
+    try {
+      chunks = await read((seq, data) => {
+        // Copy the chunk into params (first half) and ax (second half) as it arrives.
+        let offset = 0;
+        while (offset < data.byteLength) {
+          if (at < n * 4) {
+            const take = Math.min(data.byteLength - offset, n * 4 - at);
+            paramBytes.set(data.subarray(offset, offset + take), at);
+            offset += take;
+            at += take;
+          } else {
+            const take = Math.min(data.byteLength - offset, total - at);
+            axBytes.set(data.subarray(offset, offset + take), at - n * 4);
+            offset += take;
+            at += take;
+          }
         }
-      }
-      seen.push(data);
-      if (seen.length !== seq + 1) throw new Error(`snapshot ${snapshot.id}: chunk ${seq} out of order`);
-    });
-    if (chunks !== snapshot.chunkCount || at !== total) {
+        seen.push(data);
+        if (seen.length !== seq + 1) throw new Error(`${what}: chunk ${seq} out of order`);
+      });
+    } catch (err) {
       state.arena.release();
-      throw errors.snapshotUnavailable(snapshot.id);
+      throw err;
     }
-    const checksum = snapshotChecksum(seen, snapshot.groups, snapshot.scalars);
-    if (checksum !== snapshot.checksum) {
+    if (chunks !== stored.chunkCount || at !== total) {
       state.arena.release();
-      throw new Error(`snapshot ${snapshot.id} of session ${session.id} fails its checksum`);
+      if ('reason' in stored) throw errors.snapshotUnavailable(stored.id);
+      throw new Error(`${what} holds ${chunks} of its ${stored.chunkCount} chunks`);
     }
+    const checksum = snapshotChecksum(seen, stored.groups, stored.scalars);
+    if (checksum !== stored.checksum) {
+      state.arena.release();
+      throw new Error(`${what} of session ${session.id} fails its checksum`);
+    }
+    if (axFromParams) state.arena.ax.set(state.arena.params);
     return state;
   }
 
@@ -67,41 +91,71 @@ export function createHistory(ctx: SessionContext) {
    * read in pages of about REPLAY_PAGE_BYTES of float32 gradients: 16 steps of a 1e6-parameter model, all of
    * a small model's steps since its last snapshot in one read.
    */
-  async function replay(q: Queryable, state: SessionState, target: number): Promise<boolean> {
+  async function replay(q: Queryable, state: SessionState, target: number, name?: string): Promise<boolean> {
     const page = Math.max(1, Math.min(MAX_REPLAY_PAGE_STEPS, Math.floor(REPLAY_PAGE_BYTES / (4 * Math.max(1, state.layout.numel)))));
-    while (state.version < target) {
-      const entries = await repo.readSteps(q, cache.idOf(state), state.version, target, page);
-      if (entries.length === 0) return false;
-      for (const entry of entries) {
-        if (entry.version !== state.version + 1) return false;
-        unpackGradients(state, entry.present, entry.grads, entry.gradDtype ?? 'float32');
-        if (entry.hyper) state.groups = applyHyperDelta(state.groups, entry.hyper);
-        state.applyStep(entry.present, kernel, kernelOptions);
+    const from = state.version;
+    try {
+      while (state.version < target) {
+        const entries = await repo.readSteps(q, cache.idOf(state), state.version, target, page);
+        if (entries.length === 0) return false;
+        for (const entry of entries) {
+          if (entry.version !== state.version + 1) return false;
+          unpackGradients(state, entry.present, entry.grads, entry.gradDtype ?? 'float32');
+          if (entry.hyper) state.groups = applyHyperDelta(state.groups, entry.hyper);
+          state.applyStep(entry.present, kernel, kernelOptions);
+        }
       }
+      return true;
+    } finally {
+      if (name !== undefined && state.version > from) ctx.hooks?.replayed?.(name, state.version - from);
     }
-    return true;
   }
 
-  /** The session's state at `version`, built from the newest snapshot at or below it and the log (not cached). */
+  /**
+   * The session's state at `version`, not cached: from its newest replay point at or below it when that is
+   * newer than the newest snapshot there (replay-points.ts), else from that snapshot, with the log after it
+   * replayed. A replay point that cannot be read whole (deleted meanwhile outside a consistent read, emptied
+   * by a crash of PostgreSQL, failing its checksum) is passed over for the snapshot; so is one whose log
+   * after it has a gap.
+   */
   async function buildState(q: Queryable, session: SessionRecord, version: number): Promise<{ state: SessionState; snapshotVersion: number }> {
     const snapshot = await repo.findSnapshotAtOrBelow(q, session.id, version);
     if (!snapshot) throw errors.versionNotAvailable(version, await repo.oldestSnapshotVersion(q, session.id), session.version);
+    const point = await findReplayPointAtOrBelow(q, session.id, version);
+    if (point && point.version > snapshot.version) {
+      const what = `replay point ${point.id} (version ${point.version})`;
+      let state: SessionState | null = null;
+      try {
+        state = await loadStored(q, point, session, (onChunk) => readReplayPointChunks(q, point.id, onChunk), what);
+        if (await replay(q, state, version, session.name)) return { state, snapshotVersion: snapshot.version };
+        ctx.log.warn({ session: session.name, version, point: point.version }, 'the log after a replay point has a gap; reading from the snapshot');
+      } catch (err) {
+        // A database error leaves the transaction unusable: no fallback in it.
+        if (isDatabaseError(err)) throw err;
+        ctx.log.warn({ err, session: session.name, version }, `${what} could not be read; reading from the snapshot`);
+      }
+      state?.arena.release();
+    }
     const state = await loadSnapshot(q, snapshot, session);
-    if (!(await replay(q, state, version))) {
+    if (!(await replay(q, state, version, session.name))) {
       state.arena.release();
       throw errors.versionNotAvailable(version, await repo.oldestSnapshotVersion(q, session.id), session.version);
     }
     return { state, snapshotVersion: snapshot.version };
   }
 
-  /** This process's copy brought to the session's current version (caught up from the log, or rebuilt). */
+  /**
+   * This process's copy brought to the session's current version: caught up from the log, or rebuilt
+   * (buildState) when there is none, or when it is a replay interval or more behind and a snapshot or
+   * replay point newer than it saves replaying two states' worth of log or more.
+   */
   async function currentState(q: Queryable, session: SessionRecord): Promise<CacheEntry> {
     cache.hint(session.name, session.id);
     const cached = cache.get(session.id);
     if (cached && cached.state.version === session.version) return cache.touch(cached);
-    if (cached && cached.state.version < session.version) {
+    if (cached && cached.state.version < session.version && !(await newerBaseWorthIt(q, session, cached.state.version))) {
       try {
-        if (await replay(q, cached.state, session.version)) return cache.touch(cached);
+        if (await replay(q, cached.state, session.version, session.name)) return cache.touch(cached);
       } catch (err) {
         cache.forget(session.id);
         throw err;
@@ -110,6 +164,14 @@ export function createHistory(ctx: SessionContext) {
     cache.forget(session.id);
     const { state, snapshotVersion } = await buildState(q, session, session.version);
     return cache.remember(state, snapshotVersion);
+  }
+
+  /** True when a copy at `copyVersion` is a replay interval or more behind and a stored state 4+ steps newer than it exists. */
+  async function newerBaseWorthIt(q: Queryable, session: SessionRecord, copyVersion: number): Promise<boolean> {
+    const interval = replayPointInterval(session, ctx.replayBoundBytes);
+    if (interval === null || session.version - copyVersion < interval) return false;
+    const [snapshot, point] = await Promise.all([repo.findSnapshotAtOrBelow(q, session.id, session.version), findReplayPointAtOrBelow(q, session.id, session.version)]);
+    return Math.max(snapshot?.version ?? 0, point?.version ?? 0) >= copyVersion + 4;
   }
 
   return { loadSnapshot, replay, buildState, currentState };

@@ -104,14 +104,13 @@ function toSession(r: Record<string, unknown>): SessionRecord {
 const SNAPSHOT_COLUMNS = `id::float8 AS id, session_id::float8 AS session_id, version::float8 AS version, step::float8 AS step, reason,
   pinned, groups, scalars, byte_size::float8 AS byte_size, chunk_count, checksum, created_at`;
 
-function toSnapshot(r: Record<string, unknown>): SnapshotRecord {
+/** The columns a snapshot and a replay point (replay-points.ts) share, from a row read under their names. */
+export function storedStateOf(r: Record<string, unknown>): Omit<SnapshotRecord, 'reason' | 'pinned'> {
   return {
     id: r.id as number,
     sessionId: r.session_id as number,
     version: r.version as number,
     step: r.step as number,
-    reason: r.reason as string,
-    pinned: r.pinned as boolean,
     groups: r.groups as GroupSpec[],
     scalars: r.scalars as ScalarStateRow[],
     byteSize: r.byte_size as number,
@@ -120,6 +119,8 @@ function toSnapshot(r: Record<string, unknown>): SnapshotRecord {
     createdAt: new Date(r.created_at as string),
   };
 }
+
+const toSnapshot = (r: Record<string, unknown>): SnapshotRecord => ({ ...storedStateOf(r), reason: r.reason as string, pinned: r.pinned as boolean });
 
 export async function insertSession(
   q: Queryable,
@@ -531,12 +532,15 @@ export async function insertSnapshot(
   );
   if (rows.length === 0) return null;
   const snapshot = toSnapshot(rows[0]);
-  for (const [seq, chunk] of chunks.entries()) {
-    await q.query(`INSERT INTO snapshot_chunks (snapshot_id, seq, data) VALUES ($1, $2, ${db.byteaParam(3)})`, [snapshot.id, seq, db.byteaValue(chunk)], {
-      name: 'snapshot_chunk_insert',
-    });
-  }
+  await insertChunks(db, q, 'snapshot_chunks (snapshot_id, seq, data)', snapshot.id, chunks);
   return snapshot;
+}
+
+/** Inserts `chunks` in order into `target` (a table with its owner, seq and data columns), owned by `ownerId`. */
+export async function insertChunks(db: Database, q: Queryable, target: string, ownerId: number, chunks: readonly Buffer[]): Promise<void> {
+  for (const [seq, chunk] of chunks.entries()) {
+    await q.query(`INSERT INTO ${target} VALUES ($1, $2, ${db.byteaParam(3)})`, [ownerId, seq, db.byteaValue(chunk)], { name: `${target.split(' ')[0]}_insert` });
+  }
 }
 
 /** pg_advisory_xact_lock(SNAPSHOT_SLOT_LOCK, session): the first key keeps these apart from other advisory locks. */
@@ -583,15 +587,16 @@ export async function setSnapshotPinned(q: Queryable, sessionId: number, id: num
 }
 
 /** Reads a snapshot's tensor bytes into `target` chunk by chunk (bounded memory); returns the chunks read. */
-export async function readSnapshotChunks(q: Queryable, snapshotId: number, onChunk: (seq: number, data: Buffer) => void): Promise<number> {
+export function readSnapshotChunks(q: Queryable, snapshotId: number, onChunk: (seq: number, data: Buffer) => void): Promise<number> {
+  return readChunks(q, 'SELECT data FROM snapshot_chunks WHERE snapshot_id = $1 AND seq >= $2 AND seq < $3 ORDER BY seq', 'snapshot_chunks_read', snapshotId, onChunk);
+}
+
+/** Reads the chunks `sql` selects ($1 the owner, $2..$3 the seq range) in batches, in order; returns how many. */
+export async function readChunks(q: Queryable, sql: string, name: string, ownerId: number, onChunk: (seq: number, data: Buffer) => void): Promise<number> {
   const BATCH = 8;
   let seq = 0;
   for (;;) {
-    const rows = await q.query<{ data: Buffer }>(
-      'SELECT data FROM snapshot_chunks WHERE snapshot_id = $1 AND seq >= $2 AND seq < $3 ORDER BY seq',
-      [snapshotId, seq, seq + BATCH],
-      { name: 'snapshot_chunks_read', binary: { data: 'bytea' } },
-    );
+    const rows = await q.query<{ data: Buffer }>(sql, [ownerId, seq, seq + BATCH], { name, binary: { data: 'bytea' } });
     for (const row of rows) onChunk(seq++, row.data);
     if (rows.length < BATCH) return seq;
   }

@@ -34,6 +34,8 @@ export interface SessionServiceOptions {
   log: FastifyBaseLogger;
   cacheBytes: number;
   snapshotCopyLimitBytes?: number;
+  /** ASGD_REPLAY_BOUND_BYTES (default 64 MiB; 0: no replay points). */
+  replayBoundBytes?: number;
   idempotencyWindowSeconds: number;
   /** How long a step batch may wait for clients about to step again (linger.ts); 0 (the default here): never. */
   stepLingerMs?: number;
@@ -47,6 +49,7 @@ export function createSessionService(options: SessionServiceOptions) {
     idempotencyWindowSeconds: options.idempotencyWindowSeconds,
     stepLingerMs: options.stepLingerMs ?? 0,
     snapshotCopyLimitBytes: options.snapshotCopyLimitBytes ?? 256 * 1024 * 1024,
+    replayBoundBytes: options.replayBoundBytes ?? 64 * 1024 * 1024,
     cache: new StateCache(options.kernel, options.cacheBytes),
     mutex: new KeyedMutex(),
   };
@@ -129,7 +132,9 @@ export function createSessionService(options: SessionServiceOptions) {
     afterStep(session, entry, seconds, lockWaitSeconds) {
       options.hooks?.stepped?.(session.name, seconds, lockWaitSeconds);
       const cached = cache.get(session.id);
-      if (cached === entry && writer.due(session, cached)) writer.inBackground(session, cached, 'auto');
+      if (cached !== entry) return;
+      if (writer.due(session, cached)) writer.inBackground(session, cached, 'auto');
+      else if (writer.pointDue(session, cached, cached.state.version - 1, cached.state.version)) writer.pointInBackground(session, cached);
     },
     idempotencyWindowSeconds: options.idempotencyWindowSeconds,
   };

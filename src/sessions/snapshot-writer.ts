@@ -1,11 +1,13 @@
 // Writing snapshots: synchronously for changes that are not steps (create, load_state_dict, restore, fork,
-// a manual snapshot), in the background every `snapshotEvery` steps, and for every moved copy at shutdown.
+// a manual snapshot), in the background every `snapshotEvery` steps, and for every moved copy at shutdown;
+// and replay points (replay-points.ts) in the background between scheduled snapshots.
 import type { Queryable } from '../db/database.ts';
 import type { GroupSpec, ScalarStateRow } from '../db/schema.ts';
 import type { CacheEntry } from './cache.ts';
 import type { SessionContext } from './context.ts';
 import * as repo from './repository.ts';
 import type { SessionRecord, SnapshotRecord } from './repository.ts';
+import { dropReplayPointsBelow, insertReplayPoint, replayPointDue, replayPointInterval } from './replay-points.ts';
 import { snapshotInterval } from './retention.ts';
 import { snapshotChecksum, type SessionState } from './state.ts';
 
@@ -67,12 +69,14 @@ export function createSnapshotWriter(ctx: SessionContext) {
   /**
    * Writes a snapshot in `q`'s transaction (null when one exists at that version already) from `parts`, the
    * tensor bytes in order (params then ax), cut into chunks of CHUNK_BYTES: views of the parts, a copy only
-   * for a chunk that spans two of them.
+   * for a chunk that spans two of them. The session's replay points below it go: the snapshot supersedes them.
    */
   async function write(q: Queryable, sessionId: number, meta: SnapshotMeta, parts: readonly Buffer[], reason: string, pinned = false): Promise<SnapshotRecord | null> {
     const chunks = chunksOf(parts, repo.CHUNK_BYTES);
     const checksum = snapshotChecksum(chunks, meta.groups, meta.scalars);
-    return repo.insertSnapshot(db, q, { sessionId, version: meta.version, step: meta.step, reason, pinned, groups: meta.groups, scalars: meta.scalars, checksum }, chunks);
+    const snapshot = await repo.insertSnapshot(db, q, { sessionId, version: meta.version, step: meta.step, reason, pinned, groups: meta.groups, scalars: meta.scalars, checksum }, chunks);
+    if (snapshot) await dropReplayPointsBelow(q, sessionId, meta.version);
+    return snapshot;
   }
 
   /** The state as a snapshot, in `q`'s transaction, written from the state itself (the caller holds it still). */
@@ -85,6 +89,22 @@ export function createSnapshotWriter(ctx: SessionContext) {
     return snapshotDue(version, entry.lastSnapshotVersion, snapshotInterval(session));
   }
 
+  /** Steps between the session's replay points, or null: off, or no shorter than its snapshot interval. */
+  function pointInterval(session: SessionRecord): number | null {
+    const interval = replayPointInterval(session, ctx.replayBoundBytes);
+    return interval !== null && interval < snapshotInterval(session) ? interval : null;
+  }
+
+  /**
+   * True when a replay point is due for a batch that took the session from `previous` to `version`: the
+   * batch crossed a multiple of the interval (one batch in all processes does) and this process knows of no
+   * snapshot at that version.
+   */
+  function pointDue(session: SessionRecord, entry: CacheEntry, previous: number, version: number): boolean {
+    const interval = pointInterval(session);
+    return interval !== null && replayPointDue(previous, version, interval) && entry.lastSnapshotVersion < version;
+  }
+
   /**
    * Writes a snapshot of this process's copy in the background (one transaction: all or nothing), unless a
    * process already wrote one in this version's slot (repo.claimSnapshotSlot): every process that is current
@@ -95,35 +115,75 @@ export function createSnapshotWriter(ctx: SessionContext) {
    */
   function inBackground(session: SessionRecord, entry: CacheEntry, reason: string): void {
     if (closing || cache.get(session.id) !== entry) return;
+    const scheduled = entry.state.version;
+    entry.lastSnapshotVersion = scheduled;
+    background(session, entry, 'snapshot', async (tx, meta, parts) => {
+      if (!(await repo.claimSnapshotSlot(tx, session.id, slotStart(meta.version, snapshotInterval(session))))) {
+        log.debug({ session: session.name, version: meta.version }, 'snapshot slot already taken by another process');
+        return false;
+      }
+      const snapshot = await write(tx, session.id, meta, parts, reason);
+      if (!snapshot) return false;
+      await repo.pruneHistory(tx, session.id, session.keepSnapshots);
+      return true;
+    }, (meta, inPlace) => {
+      entry.lastSnapshotVersion = Math.max(entry.lastSnapshotVersion, meta.version);
+      hooks?.snapshotted?.(session.name, reason);
+      log.info({ session: session.name, version: meta.version, step: meta.step, reason, inPlace }, 'snapshot written');
+    }, () => {
+      // The next step schedules another attempt.
+      entry.lastSnapshotVersion = Math.min(entry.lastSnapshotVersion, scheduled - snapshotInterval(session));
+    });
+  }
+
+  /** Writes a replay point of this process's copy in the background, as inBackground writes a snapshot. */
+  function pointInBackground(session: SessionRecord, entry: CacheEntry): void {
+    background(session, entry, 'replay point', async (tx, meta, parts, axFromParams) => {
+      const chunks = chunksOf(parts, repo.CHUNK_BYTES);
+      const checksum = snapshotChecksum(chunks, meta.groups, meta.scalars);
+      const point = { sessionId: session.id, version: meta.version, step: meta.step, groups: meta.groups, scalars: meta.scalars, checksum, axFromParams };
+      return (await insertReplayPoint(db, tx, point, chunks)) !== null;
+    }, (meta, inPlace) => {
+      hooks?.replayPointWritten?.(session.name);
+      log.debug({ session: session.name, version: meta.version, step: meta.step, inPlace }, 'replay point written');
+    }, () => {}, true);
+  }
+
+  /**
+   * Runs `persist` in one transaction in the background with this process's copy: a state up to
+   * `snapshotCopyLimitBytes` copied now (steps go on), a bigger one under the session's lock (its steps
+   * wait; no second copy of a large model), at the version it has then. Not once shutdown began, nor for a
+   * copy no longer cached. A failure is not fatal: the log still holds every step.
+   */
+  function background(
+    session: SessionRecord, entry: CacheEntry, what: string,
+    persist: (tx: Queryable, meta: SnapshotMeta, parts: readonly Buffer[], axFromParams: boolean) => Promise<boolean>,
+    done: (meta: SnapshotMeta, inPlace: boolean) => void,
+    failed: () => void,
+    axFromParams = false,
+  ): void {
+    if (closing || cache.get(session.id) !== entry) return;
     const { state } = entry;
-    entry.lastSnapshotVersion = state.version;
-    const scheduled = state.version;
     const inPlace = state.layout.numel * 8 > ctx.snapshotCopyLimitBytes;
-    const copied = inPlace ? null : { meta: metaOf(state), parts: [state.tensorBytes()] };
+    /** The tensors to write: params then ax, or params alone when `axFromParams` allows it and ax equals them bit for bit. */
+    const capture = (copy: boolean) => {
+      const [params, ax] = state.tensorViews();
+      const same = axFromParams && params.equals(ax);
+      const parts = same ? [params] : [params, ax];
+      return { meta: metaOf(state), parts: copy ? [same ? Buffer.from(params) : state.tensorBytes()] : parts, same };
+    };
+    const copied = inPlace ? null : capture(true);
     const job = async () => {
       // In place: the state as it is now that this job holds the lock (steps may have moved it since).
       if (!copied && (closing || cache.get(session.id) !== entry)) return;
-      const { meta, parts } = copied ?? { meta: metaOf(state), parts: state.tensorViews() };
+      const { meta, parts, same } = copied ?? capture(false);
       try {
-        const written = await db.transaction(async (tx) => {
-          if (!(await repo.claimSnapshotSlot(tx, session.id, slotStart(meta.version, snapshotInterval(session))))) return false;
-          const snapshot = await write(tx, session.id, meta, parts, reason);
-          if (snapshot) await repo.pruneHistory(tx, session.id, session.keepSnapshots);
-          return snapshot !== null;
-        });
-        if (!written) {
-          log.debug({ session: session.name, version: meta.version }, 'snapshot slot already taken by another process');
-          return;
-        }
-        entry.lastSnapshotVersion = Math.max(entry.lastSnapshotVersion, meta.version);
-        hooks?.snapshotted?.(session.name, reason);
-        log.info({ session: session.name, version: meta.version, step: meta.step, reason, inPlace }, 'snapshot written');
+        if (await db.transaction((tx) => persist(tx, meta, parts, same))) done(meta, inPlace);
       } catch (err) {
-        // Not fatal: the log still holds every step; the next step schedules another attempt.
-        entry.lastSnapshotVersion = Math.min(entry.lastSnapshotVersion, scheduled - snapshotInterval(session));
-        // The session deleted meanwhile (its row gone, the snapshot's foreign key fails): nothing is lost.
-        if ((err as { code?: unknown }).code === '23503') log.debug({ session: session.name, version: meta.version }, 'session deleted before its background snapshot was written');
-        else log.warn({ err, session: session.name, version: meta.version }, 'background snapshot failed');
+        failed();
+        // The session deleted meanwhile (its row gone, the foreign key fails): nothing is lost.
+        if ((err as { code?: unknown }).code === '23503') log.debug({ session: session.name, version: meta.version }, `session deleted before its background ${what} was written`);
+        else log.warn({ err, session: session.name, version: meta.version }, `background ${what} failed`);
       }
     };
     const running = inPlace ? ctx.mutex.run(session.name, job) : job();
@@ -157,5 +217,5 @@ export function createSnapshotWriter(ctx: SessionContext) {
     }
   }
 
-  return { write, writeState, due, inBackground, settle, shutdown };
+  return { write, writeState, due, pointDue, inBackground, pointInBackground, settle, shutdown };
 }

@@ -289,18 +289,21 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
       }
       await answer(name, s.request, answers[i]);
     }
-    if (!current && cache.get(id) === entry && writer.due(session, entry, session.version)) {
-      // Behind (other steps committed meanwhile) and a snapshot is due: catch up, these steps included.
+    const pointDue = writer.pointDue(session, entry, appended.previousVersion, session.version);
+    if (!current && cache.get(id) === entry && (pointDue || writer.due(session, entry, session.version))) {
+      // Behind (other steps committed meanwhile) and a snapshot or replay point is due: catch up, these steps included.
       // Otherwise the copy stays behind and catches up from the log when it is next read (currentState):
       // under several writers that is one batched read instead of one per step.
       try {
-        if (!(await history.replay(db, state, session.version))) cache.forget(id);
+        if (!(await history.replay(db, state, session.version, name))) cache.forget(id);
       } catch (err) {
         cache.forget(id);
         log.warn({ err, session: name, version: session.version }, 'could not bring the cached state up to a committed step');
       }
     }
-    if (cache.get(id) === entry && state.version === session.version && writer.due(session, entry)) writer.inBackground(session, entry, 'auto');
+    if (cache.get(id) !== entry || state.version !== session.version) return;
+    if (writer.due(session, entry)) writer.inBackground(session, entry, 'auto');
+    else if (pointDue) writer.pointInBackground(session, entry);
   }
 
   /** Answers a committed (or replayed) step, with its state encoded at its version when the request asks for it. */

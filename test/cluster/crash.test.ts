@@ -2,6 +2,7 @@
 // acknowledged step is lost, none is applied twice, and what is in the database stays whole.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import pg from 'pg';
 import { TEST_DB_KIND } from '../helper.ts';
 import { Cluster, count503, httpRequest, newStats, requestWithRetry } from '../support/cluster.ts';
 import {
@@ -63,6 +64,65 @@ test('kill -9 of a process under load: every acknowledged step is there once, sn
     `cluster/kill-9: ${acks.length} steps acknowledged, ${load.replayed} of them by an idempotent replay, retries ${load.retries}, ` +
       `connection errors ${JSON.stringify(load.connectionCodes)}, 503s ${count503(load)}, ${snapshots} snapshots verified`,
   );
+});
+
+test('kill -9 with replay points every few steps: every process, the restarted one too, serves the exact state', { skip, timeout }, async (t) => {
+  // ASGD_REPLAY_BOUND_BYTES=1: the floor decides, a point every 6 steps of this model; written by whichever
+  // process's batch crosses a multiple, in the background, while the others step and one dies.
+  const cluster = await Cluster.start(t, { env: { ASGD_REPLAY_BOUND_BYTES: '1' } });
+  const stats = newStats();
+  const body = sessionBody('points', { snapshot_every: 1000 });
+  assert.equal((await requestWithRetry(cluster, stats, '/v1/sessions', { method: 'POST', json: body })).status, 201);
+  const victim = cluster.processes[2];
+  let killed: typeof victim.exited | null = null;
+  let restarted: Promise<void> | null = null;
+  const acks = await runLoad(cluster, stats, {
+    session: 'points',
+    clients: 6,
+    steps: 25,
+    target: (c, k) => (c + k) % 3,
+    onAck: (_ack, acked) => {
+      if (acked === 50) {
+        victim.signal('SIGKILL');
+        killed = victim.exited;
+      }
+      if (acked === 90) {
+        restarted = killed!.then(() => cluster.restart(2));
+        restarted.catch(() => {});
+      }
+    },
+  });
+  await restarted;
+  const ordered = assertVersionsExactlyOnce(acks, 2);
+  const expected = await replayAlone(t, body, ordered);
+  const sql = async (text: string) => {
+    const client = new pg.Client({ connectionString: cluster.databaseUrl });
+    await client.connect();
+    try {
+      return (await client.query(text)).rows;
+    } finally {
+      await client.end();
+    }
+  };
+  const rows = await sql('SELECT version FROM replay_points');
+  assert.equal(rows.length, 1, 'one point kept');
+  assert.ok(Number(rows[0].version) > 140 && Number(rows[0].version) % 6 === 0, `point at ${rows[0].version}`);
+  for (const i of [2, 0, 1]) assertSameState(await fingerprintOn(cluster, stats, 'points', i), expected, `process ${i}`);
+  // A fresh process takes the session over from the point: fewer than 6 steps replayed.
+  victim.signal('SIGKILL');
+  await victim.exited;
+  await cluster.restart(2);
+  assertSameState(await fingerprintOn(cluster, stats, 'points', 2), expected, 'process 2, rebuilt from the point');
+  const metrics = await httpRequest(cluster.agent, victim.url, '/metrics');
+  const replayed = Number(/^asgd_replayed_steps_total (\S+)$/m.exec(metrics.text)?.[1]);
+  assert.ok(replayed < 6, `the fresh process replayed ${replayed} steps`);
+  // A point lost (PostgreSQL empties unlogged tables in its crash recovery): a fresh process still rebuilds it.
+  await sql('TRUNCATE replay_points, replay_point_chunks');
+  victim.signal('SIGKILL');
+  await victim.exited;
+  await cluster.restart(2);
+  assertSameState(await fingerprintOn(cluster, stats, 'points', 2), expected, 'process 2, rebuilt from the snapshot');
+  assert.deepEqual(stats.unexpected, []);
 });
 
 test('SIGTERM under load: in-flight steps finish, none is lost or doubled, the process exits 0', { skip, timeout }, async (t) => {

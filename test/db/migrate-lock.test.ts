@@ -24,9 +24,9 @@ test('a pending migration blocked by an open transaction steps aside for traffic
     await scratch.drop();
   });
   await db.migrate();
-  // Make the newest migration pending again (it adds a table with a foreign key to sessions: it locks sessions).
+  // Make the newest migration pending again (it adds tables with a foreign key to sessions: it locks sessions).
   const admin = await client();
-  await admin.query('DROP TABLE group_changes');
+  await admin.query('DROP TABLE replay_point_chunks, replay_points');
   await admin.query('DELETE FROM drizzle.__drizzle_migrations WHERE id = (SELECT max(id) FROM drizzle.__drizzle_migrations)');
 
   // A transaction that wrote to sessions and stays open (a step batch, a long PATCH…).
@@ -47,6 +47,6 @@ test('a pending migration blocked by an open transaction steps aside for traffic
   assert.ok(warnings.some((w) => /waited 3000 ms for a table lock/.test(w)), warnings.join('\n'));
   await blocker.query('COMMIT');
   await migrating;
-  const { rows } = await admin.query("SELECT to_regclass('public.group_changes') IS NOT NULL AS present");
+  const { rows } = await admin.query("SELECT to_regclass('public.replay_points') IS NOT NULL AS present");
   assert.equal(rows[0].present, true);
 });

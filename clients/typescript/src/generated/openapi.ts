@@ -1050,6 +1050,8 @@ export interface components {
             /** @description Snapshots with their tensor chunks */
             snapshot_bytes: number;
             snapshots: number;
+            /** @description The replay point (an unlogged copy of a recent state that bounds what a process taking the session over replays; ASGD_REPLAY_BOUND_BYTES) */
+            replay_point_bytes: number;
             /** @description The session row, Idempotency-Key answers, per-step history, an open round's contributions */
             other_bytes: number;
             total_bytes: number;
