@@ -53,6 +53,7 @@ export function createHistory(ctx: SessionContext) {
         // Copy the chunk into params (first half) and ax (second half) as it arrives.
         let offset = 0;
         while (offset < data.byteLength) {
+          if (at === total) throw new Error(`${what} holds more than its ${total} bytes`);
           if (at < n * 4) {
             const take = Math.min(data.byteLength - offset, n * 4 - at);
             paramBytes.set(data.subarray(offset, offset + take), at);
@@ -131,7 +132,10 @@ export function createHistory(ctx: SessionContext) {
         ctx.log.warn({ session: session.name, version, point: point.version }, 'the log after a replay point has a gap; reading from the snapshot');
       } catch (err) {
         // A database error leaves the transaction unusable: no fallback in it.
-        if (isDatabaseError(err)) throw err;
+        if (isDatabaseError(err)) {
+          state?.arena.release();
+          throw err;
+        }
         ctx.log.warn({ err, session: session.name, version }, `${what} could not be read; reading from the snapshot`);
       }
       state?.arena.release();

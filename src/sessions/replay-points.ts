@@ -9,7 +9,9 @@
 // write and no disk flush on the step's path. PostgreSQL empties unlogged tables after a crash of its own;
 // nothing is lost then, since the snapshots and the log still hold every version (reads fall back to them,
 // as they do when a point fails its checksum or is deleted while being read). A session keeps its newest
-// point only; a snapshot written after it supersedes it. Points are never listed, restored or forked from.
+// point (two written at once may both stay until the next); a snapshot written after it supersedes it.
+// Writing one does not hold up the session's steps: the point's foreign key takes a KEY SHARE lock on the
+// session row, which the steps' FOR NO KEY UPDATE does not wait for. Points are never listed, restored or forked from.
 // Until averaging starts (step t0, a million by default) ax is a copy of the params: a point then holds the
 // params alone (ax_from_params), half the bytes.
 import type { Database, Queryable } from '../db/database.ts';
@@ -57,7 +59,9 @@ export async function insertReplayPoint(
   if (rows.length === 0) return null;
   const point = toReplayPoint(rows[0]);
   await repo.insertChunks(db, q, 'replay_point_chunks (point_id, seq, data)', point.id, chunks);
-  await q.query('DELETE FROM replay_points WHERE session_id = $1 AND version < $2', [p.sessionId, p.version]);
+  // The older points go; this one too when a newer one committed meanwhile (a batch that crossed the next
+  // multiple on another process). Two committing at once may both stay until the next point or snapshot.
+  await q.query('DELETE FROM replay_points WHERE session_id = $1 AND version < (SELECT max(version) FROM replay_points WHERE session_id = $1)', [p.sessionId]);
   return point;
 }
 

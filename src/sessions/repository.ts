@@ -145,7 +145,7 @@ export async function insertSession(
 
 export async function findSession(q: Queryable, name: string, lock = false): Promise<SessionRecord | null> {
   const rows = await q.query(
-    `SELECT ${SESSION_COLUMNS} FROM sessions WHERE name = $1${lock ? ' FOR UPDATE' : ''}`,
+    `SELECT ${SESSION_COLUMNS} FROM sessions WHERE name = $1${lock ? ' FOR NO KEY UPDATE' : ''}`,
     [name],
     { name: lock ? 'session_lock' : 'session_find' },
   );
@@ -357,7 +357,7 @@ export async function appendSteps(db: Database, sessionId: number, steps: readon
   const result = await db.query(
     `WITH locked AS (
        SELECT id, name, version, step, max_staleness, aggregation IS NOT NULL AS aggregated, coalesce(listened_until >= now(), false) AS listened
-       FROM sessions WHERE id = $1 FOR UPDATE
+       FROM sessions WHERE id = $1 FOR NO KEY UPDATE
      ), input (i, ${BATCH_COLUMNS.map((c) => c.split(' ')[0]).join(', ')}) AS (
        VALUES ${rows.join(', ')}
      ), known AS (
@@ -401,7 +401,7 @@ export async function appendSteps(db: Database, sessionId: number, steps: readon
        (SELECT jsonb_agg(jsonb_build_object('index', i, 'request_hash', request_hash, 'response', response, 'live', live)) FROM known) AS known
      FROM locked LEFT JOIN advanced ON true`,
     params,
-    { name: `step_append_${n}`, lockFirst: { name: 'step_lock_session', text: 'SELECT FROM sessions WHERE id = $1 FOR UPDATE', values: [sessionId] } },
+    { name: `step_append_${n}`, lockFirst: { name: 'step_lock_session', text: 'SELECT FROM sessions WHERE id = $1 FOR NO KEY UPDATE', values: [sessionId] } },
   );
   if (result.length === 0) return null;
   const r = result[0];
@@ -435,7 +435,7 @@ export async function clearExpiredKeys(q: Queryable, sessionId: number, keys: st
 async function appendStepsPglite(db: Database, sessionId: number, steps: readonly BatchStep[], windowSeconds: number): Promise<AppendedSteps | null> {
   return db.transaction(async (tx) => {
     const locked = await tx.query<{ version: number; max_staleness: number | null; aggregated: boolean }>(
-      'SELECT version::float8 AS version, max_staleness, aggregation IS NOT NULL AS aggregated FROM sessions WHERE id = $1 FOR UPDATE',
+      'SELECT version::float8 AS version, max_staleness, aggregation IS NOT NULL AS aggregated FROM sessions WHERE id = $1 FOR NO KEY UPDATE',
       [sessionId],
     );
     if (locked.length === 0) return null;

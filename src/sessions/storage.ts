@@ -58,7 +58,7 @@ export interface SessionStorage {
   /** Snapshot rows and their tensor chunks. */
   snapshot_bytes: number;
   snapshots: number;
-  /** The replay point (replay-points.ts) with its chunks: at most one a session. */
+  /** The replay point (replay-points.ts) with its chunks: one a session, rarely two for a moment. */
   replay_point_bytes: number;
   /** The session row, its initial groups and later changes of them, Idempotency-Key answers, the per-step history (when that table exists) and an open round's contributions. */
   other_bytes: number;

@@ -92,6 +92,12 @@ test('a replay point that fails its checksum, or is gone as after a crash of Pos
   assert.deepEqual(await stateDict(afterDamage), expected);
   assert.equal(await counter(afterDamage, 'asgd_replayed_steps_total'), 16, 'replayed from the creation snapshot');
 
+  // A chunk longer than the point says (it used to spin the reading process forever).
+  await owner.app.db.query("UPDATE replay_point_chunks SET data = data || '\\x01020304'::bytea");
+  const afterLonger = await second(t, owner.databaseUrl!);
+  assert.deepEqual(await stateDict(afterLonger), expected);
+  assert.equal(await counter(afterLonger, 'asgd_replayed_steps_total'), 16);
+
   await owner.app.db.query('TRUNCATE replay_points, replay_point_chunks');
   const afterCrash = await second(t, owner.databaseUrl!);
   assert.deepEqual(await stateDict(afterCrash), expected);
@@ -180,4 +186,27 @@ test('a state over ASGD_SNAPSHOT_COPY_LIMIT_BYTES is written to its point in pla
   const taker = await second(t, owner.databaseUrl!);
   assert.deepEqual(await stateDict(taker), await stateDict(owner.app));
   assert.equal(await counter(taker, 'asgd_replayed_steps_total'), 17 - at);
+});
+
+test('a replay point or snapshot being written does not hold the session\'s steps up (its foreign key\'s lock is not theirs)', { skip: multi, timeout: 60_000 }, async (t) => {
+  const owner = await buildTestApp(t, { env: SMALL_BOUND });
+  await create(owner.app);
+  const pg = (await import('pg')).default;
+  const writer = new pg.Client({ connectionString: owner.databaseUrl! });
+  await writer.connect();
+  // What a point's (or a background snapshot's) transaction holds while its chunks go in: a row referencing the session.
+  await writer.query('BEGIN');
+  await writer.query(`INSERT INTO replay_points (session_id, version, step, groups, scalars, byte_size, chunk_count, checksum, ax_from_params)
+    SELECT id, 1000, 1000, '[]', '[]', 0, 0, '', true FROM sessions WHERE name = 's'`);
+  await writer.query(`INSERT INTO snapshots (session_id, version, step, reason, groups, scalars, byte_size, chunk_count, checksum)
+    SELECT id, 1000, 1000, 'auto', '[]', '[]', 0, 0, '' FROM sessions WHERE name = 's'`);
+  const stepped = steps(owner.app, 0, 3).then(() => 'stepped');
+  const held = new Promise((resolve) => setTimeout(resolve, 10_000, 'held up')).then(String);
+  try {
+    assert.equal(await Promise.race([stepped, held]), 'stepped', 'three steps went through while the transaction stayed open');
+  } finally {
+    await writer.query('ROLLBACK');
+    await writer.end();
+  }
+  assert.equal((await owner.app.inject({ url: '/v1/sessions/s' })).json().version, 4);
 });
