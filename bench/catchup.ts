@@ -72,7 +72,7 @@ export async function runCatchupBench(options: CatchupOptions = {}): Promise<Ben
     // PostgreSQL, crashing, empties its unlogged tables: the takeover replays all 99 steps.
     owner = await startServer({ DATABASE_URL: db.url });
     const bodies = [1, 2, 3].map((seed) => safetensorsOf(STEP_SPEC, 300 + seed, 0.01));
-    const interval = replayPointInterval({ numel: STEP_SPEC.reduce((a, p) => a + p.numel, 0), params: STEP_SPEC }, loadConfig({}).replayBoundBytes);
+    const interval = replayPointInterval({ numel: STEP_SPEC.reduce((a, p) => a + p.numel, 0), params: STEP_SPEC }, loadConfig({ DATABASE_URL: db.url }).replayBoundBytes);
     const worstSteps = interval === null ? STEPS_AFTER_SNAPSHOT : Math.floor(STEPS_AFTER_SNAPSHOT / interval) * interval - 2; // version = a point + interval - 1
     const plan: [string, number][] = [['takeover', STEPS_AFTER_SNAPSHOT], ['snapshotted', STEPS_AFTER_SNAPSHOT], ['worst', worstSteps], ['lost', STEPS_AFTER_SNAPSHOT]];
     for (const [name, steps] of plan) {
@@ -84,8 +84,8 @@ export async function runCatchupBench(options: CatchupOptions = {}): Promise<Ben
     await call(owner.url, 'POST', '/v1/sessions/snapshotted/snapshots', { headers: { 'content-type': 'application/json' }, body: '{}' }, 201);
     await owner.stop('SIGKILL'); // a crash: no shutdown snapshot
     owner = null;
-    const points = await pointsOf(db.url);
     await dropPoint(db.url, 'lost');
+    const points = await pointsOf(db.url);
 
     await firstRead(db.url, 'snapshotted'); // warm-up: code paths and the database's caches
     await firstRead(db.url, 'takeover');

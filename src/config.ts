@@ -209,7 +209,9 @@ export function loadConfig(env: Env = process.env): Config {
     fma: bool(env, 'ASGD_FMA', true),
     cacheBytes: int(env, 'ASGD_CACHE_BYTES', 4096 * MiB, 0),
     snapshotCopyLimitBytes: int(env, 'ASGD_SNAPSHOT_COPY_LIMIT_BYTES', 256 * MiB, 0),
-    replayBoundBytes: int(env, 'ASGD_REPLAY_BOUND_BYTES', 64 * MiB, 0),
+    // Replay points serve takeovers by other processes; the embedded database has one process, whose point
+    // writes would run on its event loop: off there unless asked for.
+    replayBoundBytes: int(env, 'ASGD_REPLAY_BOUND_BYTES', databaseUrl(env) ? 64 * MiB : 0, 0),
     maxEventLoopDelayMs: ms(env, 'ASGD_MAX_EVENT_LOOP_DELAY_MS', 0, 0),
     maxHeapUsedBytes: int(env, 'ASGD_MAX_HEAP_USED_BYTES', 0, 0),
     maxRssBytes: int(env, 'ASGD_MAX_RSS_BYTES', 0, 0),

@@ -35,3 +35,11 @@ test('DATABASE_URL must be a PostgreSQL URL; the message names the variable and 
   }
   assert.equal(loadConfig({ DATABASE_URL: '  ' }).databaseUrl, null);
 });
+
+test('replay points: 64 MiB of log on PostgreSQL, off on the embedded database, as set when set; a bad value is refused', () => {
+  assert.equal(loadConfig({ DATABASE_URL: 'postgres://127.0.0.1/x' }).replayBoundBytes, 64 * 1024 * 1024);
+  assert.equal(loadConfig({}).replayBoundBytes, 0);
+  assert.equal(loadConfig({ ASGD_REPLAY_BOUND_BYTES: '1048576' }).replayBoundBytes, 1048576);
+  assert.equal(loadConfig({ DATABASE_URL: 'postgres://127.0.0.1/x', ASGD_REPLAY_BOUND_BYTES: '0' }).replayBoundBytes, 0);
+  assert.throws(() => loadConfig({ ASGD_REPLAY_BOUND_BYTES: '-1' }), (err: Error) => err instanceof ConfigError && err.message.startsWith('ASGD_REPLAY_BOUND_BYTES'));
+});
