@@ -234,11 +234,15 @@ test('the periodic re-renders keep the keyboard focus: a session link in the lis
   await page.waitForFunction(() => document.getElementById('live')?.classList.contains('on'));
   const pt = `tr[data-snapshot="${snap.id}"] td:nth-child(7) button`;
   await page.focus(pt);
+  let last = 0;
   for (let s = 2; s <= 8; s++) {
-    await api('POST', '/v1/sessions/b-run/step', { grads: GRAD, metrics: { loss: 1 / s } });
+    last = (await api('POST', '/v1/sessions/b-run/step', { grads: GRAD, metrics: { loss: 1 / s } })).version;
     await sleep(300);
   }
-  await waitForVersion(page, 8, 25_000);
+  // The version after the last step (9: created at 1, eight steps). This waited for 8, which the page only
+  // showed when it rendered that version on its way to 9; a read that saw both steps at once skipped it.
+  assert.equal(last, 9);
+  await waitForVersion(page, last, 25_000);
   await sleep(500);
   assert.equal(await focused(), `BUTTON ${snap.id} .pt`, 'after steps streamed in');
 
