@@ -28,6 +28,11 @@ export function classifyDbError(err: unknown): DbErrorClass | null {
   return null;
 }
 
+/** True for an error of the database or of the way to it: PostgreSQL's (it carries a severity) or a classified one. */
+export function isDbError(err: unknown): boolean {
+  return (err as { severity?: unknown } | null)?.severity !== undefined || classifyDbError(err) !== null;
+}
+
 /**
  * One line for an operator about a failure to start, migrate or reach the database: PostgreSQL's own message
  * and SQLSTATE (drizzle wraps it as "Failed query: …" with the reason only in `cause`), the statement it

@@ -1,6 +1,7 @@
 // A session's state at a version, from its history: the newest snapshot at or below it, with the logged
 // steps after it replayed (the kernel is deterministic, so the replay is bit-exact).
 import type { Queryable } from '../db/database.ts';
+import { isDbError } from '../db/errors.ts';
 import { errors } from '../errors.ts';
 import type { CacheEntry } from './cache.ts';
 import type { SessionContext } from './context.ts';
@@ -18,8 +19,6 @@ export type History = ReturnType<typeof createHistory>;
 /** What loading a stored state reads of its row: a snapshot's or a replay point's. */
 type StoredState = SnapshotRecord | ReplayPointRecord;
 
-/** An error PostgreSQL (or PGlite) raised: it carries a five-character SQLSTATE. */
-const isDatabaseError = (err: unknown) => typeof (err as { code?: unknown })?.code === 'string' && /^[0-9A-Z]{5}$/.test((err as { code: string }).code);
 
 /** Bytes of logged float32 gradients one read of the log brings in while replaying, and its bound in steps. */
 const REPLAY_PAGE_BYTES = 64 * 1024 * 1024;
@@ -132,7 +131,7 @@ export function createHistory(ctx: SessionContext) {
         ctx.log.warn({ session: session.name, version, point: point.version }, 'the log after a replay point has a gap; reading from the snapshot');
       } catch (err) {
         // A database error leaves the transaction unusable: no fallback in it.
-        if (isDatabaseError(err)) {
+        if (isDbError(err)) {
           state?.arena.release();
           throw err;
         }

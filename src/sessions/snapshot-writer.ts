@@ -61,6 +61,12 @@ function chunksOf(parts: readonly Buffer[], size: number): Buffer[] {
   return chunks;
 }
 
+/** `parts` as stored (chunks of CHUNK_BYTES) and their checksum with `meta`'s groups and scalars: a snapshot's or a replay point's. */
+function chunked(meta: SnapshotMeta, parts: readonly Buffer[]): { chunks: Buffer[]; checksum: string } {
+  const chunks = chunksOf(parts, repo.CHUNK_BYTES);
+  return { chunks, checksum: snapshotChecksum(chunks, meta.groups, meta.scalars) };
+}
+
 export function createSnapshotWriter(ctx: SessionContext) {
   const { db, log, hooks, cache } = ctx;
   const pending = new Set<Promise<void>>();
@@ -72,8 +78,7 @@ export function createSnapshotWriter(ctx: SessionContext) {
    * for a chunk that spans two of them. The session's replay points below it go: the snapshot supersedes them.
    */
   async function write(q: Queryable, sessionId: number, meta: SnapshotMeta, parts: readonly Buffer[], reason: string, pinned = false): Promise<SnapshotRecord | null> {
-    const chunks = chunksOf(parts, repo.CHUNK_BYTES);
-    const checksum = snapshotChecksum(chunks, meta.groups, meta.scalars);
+    const { chunks, checksum } = chunked(meta, parts);
     const snapshot = await repo.insertSnapshot(db, q, { sessionId, version: meta.version, step: meta.step, reason, pinned, groups: meta.groups, scalars: meta.scalars, checksum }, chunks);
     if (snapshot) await dropReplayPointsBelow(q, sessionId, meta.version);
     return snapshot;
@@ -139,8 +144,7 @@ export function createSnapshotWriter(ctx: SessionContext) {
   /** Writes a replay point of this process's copy in the background, as inBackground writes a snapshot. */
   function pointInBackground(session: SessionRecord, entry: CacheEntry): void {
     background(session, entry, 'replay point', async (tx, meta, parts, axFromParams) => {
-      const chunks = chunksOf(parts, repo.CHUNK_BYTES);
-      const checksum = snapshotChecksum(chunks, meta.groups, meta.scalars);
+      const { chunks, checksum } = chunked(meta, parts);
       const point = { sessionId: session.id, version: meta.version, step: meta.step, groups: meta.groups, scalars: meta.scalars, checksum, axFromParams };
       return (await insertReplayPoint(db, tx, point, chunks)) !== null;
     }, (meta, inPlace) => {
