@@ -253,7 +253,18 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
     // An idle connection to a server that vanished (no FIN, no RST) is noticed by the kernel's keepalive.
     keepAlive: true,
   });
-  pool.on('connect', (client) => watchSilence(client, silence, url));
+  pool.on('connect', (client) => {
+    watchSilence(client, silence, url);
+    // A listener for the client's whole life. pg emits 'error' on a client whose server ends its connection
+    // while no statement runs on it (PostgreSQL's shutdown sends each backend FATAL 57P01), and an 'error'
+    // event nobody hears ends the process: one service process died so at a PostgreSQL restart in CI, its
+    // client between the pool's listener and a holder's. The pool's own listener (idle clients) and
+    // checkout's (held ones) still do the work: the client is marked unusable and dropped at its release.
+    // This one speaks only when it is the only one that heard.
+    client.on('error', (err) => {
+      if (client.listenerCount('error') === 1) options.onError?.(Object.assign(err, { unheard: true }));
+    });
+  });
   capOnRefusedSlots(pool, options.poolSize, options.onWarning);
   // An idle client losing its server must not crash the process; the next query reports it. pg-pool hangs
   // the whole client object on the error (`err.client`): not something to serialise into a log line.
