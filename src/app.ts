@@ -254,6 +254,16 @@ function continueOnRead(this: Server, request: IncomingMessage, response: Server
 const MAX_PARAM_LENGTH = 512;
 const validatorFactory = AjvCompiler();
 
+/** An API path's trailing slashes dropped (`/v1/sessions/x/params/?a=1` → `/v1/sessions/x/params?a=1`); other URLs as they are. Linear: no regex to backtrack over a 256 KiB URL. */
+export function withoutTrailingSlash(url: string): string {
+  if (!url.startsWith('/v1/')) return url;
+  const query = url.indexOf('?');
+  const end = query === -1 ? url.length : query;
+  let cut = end;
+  while (cut > 4 && url.charCodeAt(cut - 1) === 47) cut--;
+  return cut === end ? url : url.slice(0, cut) + url.slice(end);
+}
+
 /** Builds the app (not listening). */
 export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
   const { config } = opts;
@@ -291,6 +301,9 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
       return parent.child(session ? { ...bindings, session } : bindings, childOpts);
     },
     routerOptions: { maxParamLength: MAX_PARAM_LENGTH },
+    // The API's paths with a trailing slash are the same paths (/v1/sessions/ already was, as a prefix's
+    // root; /v1/sessions/x/params/ was a 404). The dashboard's /ui/ keeps its slash: its links are relative.
+    rewriteUrl: (req) => withoutTrailingSlash(req.url ?? '/'),
     frameworkErrors: (err, _request, reply) => {
       const api = err.code === 'FST_ERR_MAX_PARAM_LENGTH' ? errors.uriTooLong(MAX_PARAM_LENGTH) : errors.invalidUrl('path: is not a valid URL (bad percent-encoding)');
       void (reply as FastifyReply).code(api.statusCode).header('content-type', 'application/json').send(errorText(api));

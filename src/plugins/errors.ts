@@ -227,9 +227,11 @@ export default fp(
       if (allowed.size > 0 && !allowed.has(request.method)) {
         const methods = [...allowed].sort();
         const api = errors.methodNotAllowed(request.method, path.slice(0, 200), methods);
+        request.log.info({ code: api.code, statusCode: api.statusCode }, api.message);
         return reply.status(api.statusCode).header('allow', methods.join(', ')).send(errorBody(api));
       }
       const api = errors.routeNotFound(request.method, path.slice(0, 200));
+      request.log.info({ code: api.code, statusCode: api.statusCode }, api.message);
       return reply.status(api.statusCode).send(errorBody(api));
     });
   },

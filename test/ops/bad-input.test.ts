@@ -741,6 +741,31 @@ test('a method a path does not have is 405 METHOD_NOT_ALLOWED with Allow listing
   assert.equal((await app.inject({ url: '/v1/sessions/alpha', headers: asAdmin })).json().version, before, 'nothing moved');
 });
 
+test('an API path with a trailing slash is the same path: every GET answers as without it, a step commits, 405 still names the methods', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  await createSession(app, 'alpha');
+  const doc = app.swagger() as { paths: Record<string, Record<string, unknown>> };
+  let checked = 0;
+  for (const op of operations(doc).filter((o) => o.method === 'GET' && o.path.startsWith('/v1/') && !o.path.endsWith('/events'))) {
+    const url = fillPath(op.path, { name: 'alpha', id: '1' });
+    const plain = await app.inject({ url, headers: asAdmin });
+    const slashed = await app.inject({ url: `${url}/`, headers: asAdmin });
+    assert.equal(slashed.statusCode, plain.statusCode, `${url}/: ${slashed.body}`);
+    if (plain.headers['content-type']?.startsWith('application/json')) assert.deepEqual(slashed.json(), plain.json(), `${url}/`);
+    checked++;
+  }
+  assert.ok(checked >= 8, `${checked} paths`);
+  const stepped = await app.inject({ method: 'POST', url: '/v1/sessions/alpha/step/?return=params', headers: asAdmin, payload: gradBody(1) });
+  assert.equal(stepped.statusCode, 200, stepped.body);
+  assert.equal(stepped.json().version, 2);
+  assert.ok(stepped.json().params, 'the query after the slash is kept');
+  const wrong = await app.inject({ method: 'DELETE', url: '/v1/sessions/alpha/step/', headers: asAdmin });
+  assert.equal(wrong.statusCode, 405);
+  assert.equal(wrong.headers.allow, 'POST');
+  assert.equal((await app.inject({ url: '/v1/sessions/alpha/nothing/', headers: asAdmin })).json().code, 'ROUTE_NOT_FOUND');
+  assert.equal((await app.inject({ url: '/ui' })).statusCode, 302, 'the dashboard keeps its own slash rule');
+});
+
 test('a JSON body with a __proto__ (or constructor.prototype) key is refused by that key and where it is, not as broken JSON; nothing moves', async (t) => {
   const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
   await createSession(app, 'proto');

@@ -68,6 +68,17 @@ test('ASGD_LOG_REQUESTS=auto (the default): step and params requests log at debu
   for (const line of lines) assert.deepEqual(duplicateKeys(line.raw), [], line.raw);
 });
 
+test('a wrong path (404) and a wrong method (405) log a line with their code, as every other refusal does', { timeout: 120_000 }, async (t) => {
+  const { app, lines } = await loggedApp(t);
+  const missing = await app.inject({ url: '/v1/nowhere' });
+  assert.equal(missing.statusCode, 404);
+  const wrong = await app.inject({ method: 'DELETE', url: '/v1/sessions' });
+  assert.equal(wrong.statusCode, 405);
+  const coded = (id: unknown) => lines.filter((l) => l.entry.reqId === id && typeof l.entry.code === 'string').map((l) => [l.entry.level, l.entry.code, l.entry.statusCode, l.entry.msg]);
+  assert.deepEqual(coded(missing.headers['x-request-id']), [[30, 'ROUTE_NOT_FOUND', 404, JSON.parse(missing.body).message]]);
+  assert.deepEqual(coded(wrong.headers['x-request-id']), [[30, 'METHOD_NOT_ALLOWED', 405, JSON.parse(wrong.body).message]]);
+});
+
 test('a client that hangs up in the middle of its upload is no error of the service: no error line, no 5xx counted', { timeout: 120_000 }, async (t) => {
   const { app, lines } = await loggedApp(t);
   await createSession(app, 'cut', {});
