@@ -15,7 +15,22 @@ export interface TransportOptions {
   headers?: Record<string, string>;
   /** One attempt's limit in milliseconds (default 300 000, the service's own request timeout); then it counts as a lost answer. */
   timeoutMs?: number;
+  /**
+   * Where the client says what a user should know without anything failing: each retry, a gradient dropped
+   * as stale, a session created or joined. Default `consoleLogger` (warnings to console.warn, as Python's
+   * logging shows warnings unconfigured; info not shown); null: silent.
+   */
+  logger?: ClientLogger | null;
 }
+
+/** Receives the client's warnings (retries, stale drops) and, when it has `info`, its notices (session created or joined). */
+export interface ClientLogger {
+  warn(message: string): void;
+  info?(message: string): void;
+}
+
+/** The default logger: warnings to console.warn, prefixed "asgd-client:"; notices not shown. */
+export const consoleLogger: ClientLogger = { warn: (message) => console.warn(`asgd-client: ${message}`) };
 
 export interface Exchange {
   method: string;
@@ -96,13 +111,29 @@ export function checkBaseUrl(baseUrl: string): string {
   return trimmed;
 }
 
+/** What a failed attempt was, for a retry's warning: the status and the service's code, or the connection error. */
+function failureOf(what: Response | unknown): string {
+  if (what instanceof Response) return `${what.status}${what.statusText ? ` ${what.statusText}` : ''}`;
+  const cause = (what as { cause?: { code?: string; message?: string } })?.cause;
+  return cause?.code ?? cause?.message ?? (what as Error)?.message ?? String(what);
+}
+
 export class Transport {
   readonly baseUrl: string;
+  /** The options' logger (consoleLogger unless given; null: silent). */
+  readonly logger: ClientLogger | null;
   private readonly options: TransportOptions;
 
   constructor(baseUrl: string, options: TransportOptions = {}) {
     this.baseUrl = checkBaseUrl(baseUrl);
     this.options = options;
+    this.logger = options.logger === undefined ? consoleLogger : options.logger;
+  }
+
+  /** Says a retry is coming: Python's line ("POST url: 503; retry 2 (58 s of the retry budget left)"). */
+  private retrying(method: string, url: string, what: Response | unknown, attempt: number, deadline: number): void {
+    const left = Math.max(0, Math.round((deadline - Date.now()) / 1000));
+    this.logger?.warn(`${method} ${url}: ${failureOf(what)}; retry ${attempt} (${left} s of the retry budget left)`);
   }
 
   url(path: string, query?: Exchange['query']): string {
@@ -133,6 +164,7 @@ export class Transport {
         res = await doFetch(url, { method: x.method, headers, body: body as BodyInit | undefined, signal: AbortSignal.timeout(this.options.timeoutMs ?? 300_000) });
       } catch (err) {
         if (!permanent(err) && (x.repeatable || neverSent(err)) && Date.now() + pause < deadline) {
+          this.retrying(x.method, url, err, attempt, deadline);
           await sleep(pause);
           pause = Math.min(pause * 2, 2_000);
           continue;
@@ -145,6 +177,7 @@ export class Transport {
       } catch (err) {
         // The connection broke during the answer: the request may have been applied.
         if (x.repeatable && Date.now() + pause < deadline) {
+          this.retrying(x.method, url, err, attempt, deadline);
           await sleep(pause);
           pause = Math.min(pause * 2, 2_000);
           continue;
@@ -155,6 +188,7 @@ export class Transport {
       if (RETRY_STATUS.has(res.status)) {
         const wait = retryWait(res, pause);
         if (Date.now() + wait < deadline) {
+          this.retrying(x.method, url, res, attempt, deadline);
           await sleep(wait);
           pause = Math.min(pause * 2, 2_000);
           continue;
@@ -188,6 +222,7 @@ export class Transport {
       } catch (err) {
         if (signal?.aborted) throw err;
         if (!permanent(err) && Date.now() + pause < deadline) {
+          this.retrying(x.method, url, err, attempt, deadline);
           await sleep(pause);
           pause = Math.min(pause * 2, 2_000);
           continue;
@@ -201,6 +236,7 @@ export class Transport {
       if (RETRY_STATUS.has(res.status)) {
         const wait = retryWait(res, pause);
         if (Date.now() + wait < deadline) {
+          this.retrying(x.method, url, res, attempt, deadline);
           await sleep(wait);
           pause = Math.min(pause * 2, 2_000);
           continue;

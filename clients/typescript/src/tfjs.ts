@@ -11,7 +11,7 @@
 // 'pull' (default) drops it and loads the session's parameters, 'raise' throws it from synchronize().
 import { Optimizer, serialization, tensor, type NamedTensorMap, type Scalar, type Tensor as TfTensor, type Variable } from '@tensorflow/tfjs-core';
 import { ASGDClient } from './client.ts';
-import { RoundPending, SessionNotFound, StaleGradient } from './errors.ts';
+import { RoundPending, SessionExists, SessionNotFound, StaleGradient } from './errors.ts';
 import { newIdempotencyKey, type TransportOptions } from './http.ts';
 import type { Tensor } from './tensors.ts';
 import type { Aggregation, Hyperparameters, Session, StepOptions, StepParamGroup, StepResult } from './types.ts';
@@ -180,6 +180,11 @@ export class RemoteASGD extends Optimizer {
   private failure: unknown = null;
   private pendingLoss: number | undefined;
 
+  /** The client's logger (its `logger` option): stale drops warn, a session created or joined is a notice. */
+  private get logger() {
+    return this.client.http.logger;
+  }
+
   constructor(options: RemoteASGDOptions) {
     super();
     this.options = options;
@@ -217,12 +222,25 @@ export class RemoteASGD extends Optimizer {
     } catch (err) {
       if (!(err instanceof SessionNotFound) || this.options.create === 'never') throw err;
       const params = await Promise.all(vars.map(async (v) => ({ name: paramOf.get(v.name)!, shape: v.shape, data: Float32Array.from(await v.data()) })));
-      session = await this.client.createSession({ name: this.session, params, hyperparameters: this.options.hyperparameters, ...this.options.sessionSettings });
+      try {
+        session = await this.client.createSession({ name: this.session, params, hyperparameters: this.options.hyperparameters, ...this.options.sessionSettings });
+      } catch (createErr) {
+        // Another worker started with the same arguments created it between the two requests: join it.
+        if (!(createErr instanceof SessionExists)) throw createErr;
+        session = await this.client.getSession(this.session);
+        return this.join(session, variableOf, bind);
+      }
       bind();
       this.version = session.version;
       this.aggregation = session.aggregation ?? null;
+      this.logger?.info?.(`[${this.worker}] session ${this.session} created at ${this.client.http.baseUrl} (version ${session.version}, step ${session.step})`);
       return session;
     }
+    return this.join(session, variableOf, bind);
+  }
+
+  /** Binds to an existing session: its parameters are checked against the variables and written into them. */
+  private async join(session: Session, variableOf: Map<string, Variable>, bind: () => void): Promise<Session> {
     const shapes = new Map(session.params.map((p) => [p.name, p.shape]));
     const missing = [...variableOf.keys()].filter((p) => !shapes.has(p));
     if (missing.length) throw new RangeError(`session ${this.session} has no parameter ${missing.join(', ')} (it has ${[...shapes.keys()].join(', ')})`);
@@ -232,6 +250,7 @@ export class RemoteASGD extends Optimizer {
     bind();
     this.aggregation = session.aggregation ?? null;
     this.write(current.params, current.version);
+    this.logger?.info?.(`[${this.worker}] session ${this.session} joined at ${this.client.http.baseUrl} (version ${current.version}, step ${session.step})`);
     return session;
   }
 
@@ -321,6 +340,7 @@ export class RemoteASGD extends Optimizer {
         this.write(current.params, current.version);
         this.staleDropped++;
         this.lastStale = err;
+        this.logger?.warn(`[${this.worker}] session ${this.session}: gradient dropped as stale (${err.message}); loaded the parameters at version ${current.version} (${this.staleDropped} dropped so far)`);
         this.restoreParamGroups(step.paramGroups);
         return;
       }

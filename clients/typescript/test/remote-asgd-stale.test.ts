@@ -40,7 +40,9 @@ const fit = (m: tf.LayersModel, opt: RemoteASGD, n: number) => {
 };
 
 test('RemoteASGD onStale and RoundPending', async (t) => {
-  const { client } = await liveService(t, { retryBudgetMs: 30_000 });
+  const lines: string[] = [];
+  const logger = { warn: (m: string) => lines.push(`warn ${m}`), info: (m: string) => lines.push(`info ${m}`) };
+  const { client, url } = await liveService(t, { retryBudgetMs: 30_000, logger });
 
   await t.test("max_staleness: with onStale 'pull' (the default) model.fit drops the stale gradient, loads the session's parameters and goes on; 'raise' ends it", async () => {
     const session = uniqueName('stale-fit');
@@ -62,6 +64,12 @@ test('RemoteASGD onStale and RoundPending', async (t) => {
     await fit(mb, b, 8);
     assert.equal(b.staleDropped, 1);
     assert.ok(b.lastStale instanceof StaleGradient && b.lastStale.version === 3, String(b.lastStale));
+    // What the user reads: a warning for the drop, naming the worker and the version loaded; created and joined as notices.
+    const about = lines.filter((l) => l.includes(`session ${session}`));
+    assert.deepEqual(about.filter((l) => l.startsWith('warn')).map((l) => l.replace(/\(.*?\)(?=; loaded)/, '(…)')),
+      [`warn [${b.worker}] session ${session}: gradient dropped as stale (…); loaded the parameters at version 3 (1 dropped so far)`]);
+    assert.deepEqual(about.filter((l) => l.startsWith('info')).map((l) => l.split(' at ')[0]),
+      [`info [${a.worker}] session ${session} created`, `info [${b.worker}] session ${session} joined`, `info [${c.worker}] session ${session} joined`]);
     assert.equal(b.version, 4);
     assert.deepEqual([b.lastStep!.version, b.lastStep!.staleness], [4, 0]);
     const info = await client.getSession(session);
@@ -72,6 +80,35 @@ test('RemoteASGD onStale and RoundPending', async (t) => {
     await assert.rejects(fit(mc, c, 8), (err: unknown) => err instanceof StaleGradient && err.version === 4);
     assert.deepEqual([c.staleDropped, c.version], [0, 1]);
     assert.throws(() => new RemoteASGD({ client, session, onStale: 'apply' as 'pull' }), RangeError);
+  });
+
+  await t.test('workers started at once with the same arguments: one creates the session, the others join it; none fails', async () => {
+    const session = uniqueName('together');
+    const workers = [0, 1, 2, 3].map(() => new RemoteASGD({ client, session, hyperparameters: { lr: 0.05 } }));
+    const models = workers.map(() => model(3));
+    await Promise.all(workers.map((w, i) => w.attach(models[i].trainableWeights, NAMES)));
+    const about = lines.filter((l) => l.includes(`session ${session} `));
+    assert.equal(about.filter((l) => / created at /.test(l)).length, 1, about.join('\n'));
+    assert.equal(about.filter((l) => / joined at /.test(l)).length, 3, about.join('\n'));
+    for (const m of models) assert.deepEqual(await valuesOf(m), await sessionValues(client, session));
+  });
+
+  await t.test('a retry says so: a 503 answered once is retried with a warning naming the request and the budget left', async () => {
+    const seen: string[] = [];
+    let refuse = 1;
+    const flaky: typeof fetch = async (input, init) => {
+      if (String(input).includes('/step') && refuse-- > 0) return new Response('{"code":"SERVICE_UNAVAILABLE"}', { status: 503, statusText: 'Service Unavailable', headers: { 'retry-after': '0' } });
+      return fetch(input, init);
+    };
+    const flakyClient = new ASGDClient(url, { fetch: flaky, retryBudgetMs: 30_000, logger: { warn: (m) => seen.push(m) } });
+    const session = uniqueName('retry-log');
+    await flakyClient.createSession({ name: session, params: [{ name: 'w', shape: [2], data: [1, 2] }] });
+    const r = await flakyClient.step(session, { w: Float32Array.of(0.5, 0.5) });
+    assert.equal(r.attempts, 2);
+    assert.equal(seen.length, 1, seen.join('\n'));
+    assert.match(seen[0], new RegExp(`^POST ${url}/v1/sessions/${session}/step.*: 503 Service Unavailable; retry 1 \\(\\d+ s of the retry budget left\\)$`));
+    const silent = new ASGDClient(url, { logger: null });
+    assert.equal(silent.http.logger, null);
   });
 
   await t.test("a worker late for a round that stepped after timeout_s: 'pull' drops its contribution and it joins the next round inside model.fit", async () => {
