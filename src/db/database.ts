@@ -257,10 +257,12 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
     watchSilence(client, silence, url);
     // A listener for the client's whole life. pg emits 'error' on a client whose server ends its connection
     // while no statement runs on it (PostgreSQL's shutdown sends each backend FATAL 57P01), and an 'error'
-    // event nobody hears ends the process: one service process died so at a PostgreSQL restart in CI, its
-    // client between the pool's listener and a holder's. The pool's own listener (idle clients) and
-    // checkout's (held ones) still do the work: the client is marked unusable and dropped at its release.
-    // This one speaks only when it is the only one that heard.
+    // event nobody hears ends the process. A backend that has just started gets its FATAL in the same
+    // packet as its ReadyForQuery: pg parses both at once, and between them the pool hands the new client
+    // out, its own listener taken off, before the holder could add one (a service process died so at a
+    // PostgreSQL restart in CI; test/db/ended-at-connect.test.ts). The pool's listener (idle clients) and
+    // checkout's (held ones) still do the work: the client is marked unusable, its statements fail as
+    // retryable, and it is dropped at its release. This one speaks only when it is the only one that heard.
     client.on('error', (err) => {
       if (client.listenerCount('error') === 1) options.onError?.(Object.assign(err, { unheard: true }));
     });
