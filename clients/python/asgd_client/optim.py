@@ -823,6 +823,9 @@ class RemoteASGD(torch.optim.Optimizer):
             # The gradients leave the caller's tensors now: backward() may overwrite them next.
             grads = OrderedDict((n, g.detach().clone()) for n, g in grads.items())
             future = self._executor.submit(self._request, grads, base, groups, metrics, samples, key=key)
+            # Should the request fail with its fate unknown (a connection lost past the retries), the call that
+            # reads it owes the step: sent again with this key (applied once), as on the caller's thread.
+            future.asgd_owed = (key, (grads, base, groups, metrics, samples))  # type: ignore[attr-defined]
             self._pending = future
             return loss if wait else _AnswerFuture(future)
 
@@ -953,6 +956,14 @@ class RemoteASGD(torch.optim.Optimizer):
             if isinstance(pending, Future):
                 if not _is_interrupt(err):
                     self._pending = None
+                    owed = getattr(pending, "asgd_owed", None)
+                    if owed is not None and _fate_unknown(err):
+                        # The background request may have been applied: the next call sends it again with
+                        # its key (the service answers it once), and a step() with its gradients is its retry.
+                        log.warning("[%s] session %r: a step sent in the background failed with its fate unknown (%s); "
+                                    "the next call sends it again with its Idempotency-Key (applied once)",
+                                    self.worker, self.session, err)
+                        self._owe(*owed)
             elif not _fate_unknown(err):
                 self._pending = pending.rest if isinstance(pending, _Both) and pending.first is not None else None
             raise

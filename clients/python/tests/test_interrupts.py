@@ -123,6 +123,33 @@ class Interrupts(ServiceTestCase):
         for n, p in model.named_parameters():
             self.assertTrue(torch.equal(tensors[n], p.detach()), n)
 
+    def test_a_background_step_whose_connection_failed_is_sent_again_and_applied_once(self):
+        # step(wait=False) sends on a background thread; there the answer is lost (the service has committed
+        # the step) and, without retries, the request fails with its fate unknown. The next call raises that
+        # error once; the one after sends the step again with its Idempotency-Key: applied once, loaded.
+        from asgd_client import ConnectionFailed
+
+        self.requireStepParams()
+        model = make_model()
+        opt = self.remote(model.named_parameters(), retry_budget_s=0)
+        train(model, opt, range(3))
+        gradients(model, 3)
+        self.interrupt_next_answer(exc=ConnectionResetError)
+        answer = opt.step(wait=False)
+        with self.assertRaises(ConnectionFailed):
+            answer.result(timeout=30)
+        with self.assertLogs("asgd_client", level="WARNING") as logs, self.assertRaises(ConnectionFailed):
+            opt.synchronize()
+        self.assertIn("sends it again with its Idempotency-Key", "\n".join(logs.output))
+        opt.synchronize()
+        self.assertEqual(opt.client.get_session(opt.session)["step"], 4, "the lost step applied once")
+        ref4, ref4_opt = torch_run(4)
+        self.assertParamsIdentical(model, ref4)
+        self.assertStateDictEqual(opt.state_dict(), ref4_opt.state_dict())
+        train(model, opt, range(4, 10))
+        ref, _ = torch_run(10)
+        self.assertParamsIdentical(model, ref)
+
 
 if __name__ == "__main__":
     unittest.main()
