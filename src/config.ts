@@ -3,6 +3,7 @@
 
 import { isIP } from 'node:net';
 import { KERNEL_CHOICES, type KernelChoice } from './optim/index.ts';
+import { SETTING_LIMITS } from './sessions/spec.ts';
 
 export interface Config {
   host: string;
@@ -160,6 +161,25 @@ function databaseUrl(env: Env): string | null {
   return raw;
 }
 
+/** ASGD_IDEMPOTENCY_WINDOW_SECONDS at most: ten years. */
+export const MAX_IDEMPOTENCY_WINDOW_S = 315_360_000;
+
+/** A DNS name as RFC 1123 allows it: dot-separated labels of letters, digits and inner hyphens, at most 253 characters. */
+const HOSTNAME = /^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$/;
+
+/**
+ * HOST: an IP address (IPv6 with or without brackets, listened on as the address itself) or a host name;
+ * anything else is refused here, naming HOST, instead of failing at listen() after the database was opened.
+ */
+function hostOf(env: Env): string {
+  const raw = env.HOST?.trim() || '127.0.0.1';
+  const host = raw.replace(/^\[(.*)\]$/, '$1');
+  if (isIP(host) !== 0) return host;
+  // All digits and dots is meant as an IPv4 address (999.1.1.1 is none), not a name.
+  if (!/^[\d.]+$/.test(host) && HOSTNAME.test(host)) return host;
+  throw new ConfigError(`HOST must be an IP address (0.0.0.0, 127.0.0.1, ::) or a host name, got ${JSON.stringify(raw.slice(0, 100))}`);
+}
+
 export function isLoopback(host: string): boolean {
   return host === 'localhost' || host === '::1' || host === '[::1]' || /^127\.\d+\.\d+\.\d+$/.test(host);
 }
@@ -178,8 +198,7 @@ export function loadConfig(env: Env = process.env): Config {
     throw new ConfigError('ASGD_ADMIN_TOKEN must be at most 512 characters of visible ASCII (no spaces): a bearer token cannot carry others');
   }
   const config: Config = {
-    // An IPv6 address as a URL writes it ([::1]) is listened on as the address itself.
-    host: (env.HOST?.trim() || '127.0.0.1').replace(/^\[(.*)\]$/, '$1'),
+    host: hostOf(env),
     port: int(env, 'PORT', 8080, 0, 65535),
     databaseUrl: databaseUrl(env),
     dataDir: env.ASGD_DATA_DIR?.trim() || '.data/pglite',
@@ -197,13 +216,17 @@ export function loadConfig(env: Env = process.env): Config {
     requestTimeoutMs: ms(env, 'ASGD_REQUEST_TIMEOUT_MS', 300_000, 0),
     maxConnections: int(env, 'ASGD_MAX_CONNECTIONS', 4096, 1),
     rateLimitPerMinute: env.ASGD_RATE_LIMIT_PER_MINUTE ? int(env, 'ASGD_RATE_LIMIT_PER_MINUTE', 0, 1) : null,
-    defaultSnapshotEvery: int(env, 'ASGD_SNAPSHOT_EVERY', 100, 1),
-    defaultKeepSnapshots: int(env, 'ASGD_KEEP_SNAPSHOTS', 10, 1),
+    // The defaults of session settings, within the bounds the API holds them to (a default the API would
+    // refuse in a PATCH was copied into every new session and fork).
+    defaultSnapshotEvery: int(env, 'ASGD_SNAPSHOT_EVERY', 100, 1, SETTING_LIMITS.snapshot_every),
+    defaultKeepSnapshots: int(env, 'ASGD_KEEP_SNAPSHOTS', 10, 1, SETTING_LIMITS.keep_snapshots),
     // 0 or "none" turns the byte bound off; 4 GiB keeps a 1e6-parameter model's default log whole.
-    defaultKeepLogBytes: /^\s*(none|0)\s*$/i.test(env.ASGD_KEEP_LOG_BYTES ?? '') ? null : int(env, 'ASGD_KEEP_LOG_BYTES', 4096 * MiB, 1),
-    defaultExpireAfterIdleS: env.ASGD_EXPIRE_AFTER_IDLE_S?.trim() ? int(env, 'ASGD_EXPIRE_AFTER_IDLE_S', 0, 1, 2_147_483_647) : null,
+    defaultKeepLogBytes: /^\s*(none|0)\s*$/i.test(env.ASGD_KEEP_LOG_BYTES ?? '') ? null : int(env, 'ASGD_KEEP_LOG_BYTES', 4096 * MiB, 1, SETTING_LIMITS.keep_log_bytes),
+    defaultExpireAfterIdleS: env.ASGD_EXPIRE_AFTER_IDLE_S?.trim() ? int(env, 'ASGD_EXPIRE_AFTER_IDLE_S', 0, 1, SETTING_LIMITS.expire_after_idle_s) : null,
     sweepIntervalMs: ms(env, 'ASGD_SWEEP_INTERVAL_MS', 60_000, 0),
-    idempotencyWindowSeconds: int(env, 'ASGD_IDEMPOTENCY_WINDOW_SECONDS', 86_400, 1),
+    // At most ten years: PostgreSQL's now() - interval leaves the timestamp range past ~2e11 s, and every
+    // retry of a keyed step then failed.
+    idempotencyWindowSeconds: int(env, 'ASGD_IDEMPOTENCY_WINDOW_SECONDS', 86_400, 1, MAX_IDEMPOTENCY_WINDOW_S),
     stepLingerUs: int(env, 'ASGD_STEP_LINGER_US', 2_000, 0, 100_000),
     kernel,
     fma: bool(env, 'ASGD_FMA', true),

@@ -13,6 +13,19 @@ import { DASHBOARD_PATH } from './routes/root/index.ts';
 
 const PARENT_CHECK_MS = 1_000;
 
+/** listen() failed: the address is taken, not this machine's, or its name does not resolve. */
+export class ListenError extends Error {
+  constructor(host: string, port: number, cause: unknown) {
+    const code = (cause as { code?: unknown })?.code;
+    const why = code === 'EADDRINUSE' ? 'the port is in use (PORT)'
+      : code === 'EADDRNOTAVAIL' || code === 'ENOTFOUND' || code === 'EAI_AGAIN' ? 'no such address on this machine (HOST)'
+      : code === 'EACCES' ? 'not permitted (a port below 1024 needs privileges: PORT)'
+      : 'check HOST and PORT';
+    super(`cannot listen on ${host}:${port}: ${(cause as Error)?.message ?? String(cause)}; ${why}`, { cause });
+    this.name = 'ListenError';
+  }
+}
+
 /**
  * Lets the V8 heap grow to 4x its live size between full collections (V8 picks about 1.1-2x for a heap this
  * small). A step allocates ~100 KB that dies young, yet it was reclaimed by full collections of the whole
@@ -66,7 +79,8 @@ export async function startServer(config: Config, opts: { migrate?: boolean } = 
     await app.listen({ host: config.host, port: config.port });
   } catch (err) {
     await app.close(); // e.g. EADDRINUSE: release the database before the process reports and exits
-    throw err;
+    // Said as what it is: a host name that does not resolve is no PostgreSQL failure (describeDbFailure's ENOTFOUND).
+    throw new ListenError(config.host, config.port, err);
   }
   const { port } = app.server.address() as AddressInfo;
   const host = config.host.includes(':') && !config.host.startsWith('[') ? `[${config.host}]` : config.host;
@@ -113,7 +127,9 @@ if (isMain) {
       process.exit(2);
     }
     // One line an operator can act on (the database unreachable or missing, the port taken, ...), not a stack.
-    const reason = err instanceof DataDirLockedError ? err.message : `could not start: ${describeDbFailure(err)}`;
+    const reason = err instanceof DataDirLockedError ? err.message
+      : err instanceof ListenError ? `could not start: ${err.message}`
+      : `could not start: ${describeDbFailure(err)}`;
     console.error(`asgd-serve: ${reason}`);
     process.exit(1);
   }

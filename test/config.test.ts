@@ -43,3 +43,24 @@ test('replay points: 64 MiB of log on PostgreSQL, off on the embedded database, 
   assert.equal(loadConfig({ DATABASE_URL: 'postgres://127.0.0.1/x', ASGD_REPLAY_BOUND_BYTES: '0' }).replayBoundBytes, 0);
   assert.throws(() => loadConfig({ ASGD_REPLAY_BOUND_BYTES: '-1' }), (err: Error) => err instanceof ConfigError && err.message.startsWith('ASGD_REPLAY_BOUND_BYTES'));
 });
+
+test('HOST must be an IP address or a host name: refused at start, naming HOST, before the database is touched', () => {
+  for (const good of ['0.0.0.0', '127.0.0.1', '::', 'localhost', 'asgd.internal', 'my-host.example.com.']) {
+    const admin = { ASGD_ADMIN_TOKEN: 'x'.repeat(16) };
+    assert.equal(loadConfig({ HOST: good, ...admin }).host, good);
+  }
+  for (const bad of ['not a host!', '999.1.1.1', '1.2.3', 'host_name', '-lead.example', 'a'.repeat(64), 'http://h', 'h:8080']) {
+    assert.throws(() => loadConfig({ HOST: bad, ASGD_ADMIN_TOKEN: 'x'.repeat(16) }), (err: Error) => err instanceof ConfigError && err.message.startsWith('HOST must be'), bad);
+  }
+});
+
+test('defaults of session settings hold the bounds the API holds them to; the Idempotency-Key window at most ten years', () => {
+  const cases: [string, string, string][] = [
+    ['ASGD_SNAPSHOT_EVERY', '1000000', '1000001'], ['ASGD_KEEP_SNAPSHOTS', '100000', '100001'],
+    ['ASGD_EXPIRE_AFTER_IDLE_S', '2147483647', '2147483648'], ['ASGD_IDEMPOTENCY_WINDOW_SECONDS', '315360000', '300000000000'],
+  ];
+  for (const [key, highest, over] of cases) {
+    assert.doesNotThrow(() => loadConfig({ [key]: highest }), key);
+    assert.throws(() => loadConfig({ [key]: over }), (err: Error) => err instanceof ConfigError && err.message.startsWith(`${key} must be between`), key);
+  }
+});

@@ -6,14 +6,11 @@ import { Type, type TSchema } from 'typebox';
 import type { ErrorCode } from '../errors.ts';
 import { ASGD_DEFAULTS } from '../optim/types.ts';
 import { MAX_ROUND_CONTRIBUTIONS, MAX_ROUND_TIMEOUT_S } from '../sessions/aggregation.ts';
-import { SESSION_NAME_RULE, SESSION_NAME_SOURCE } from '../sessions/spec.ts';
+import { SESSION_NAME_RULE, SESSION_NAME_SOURCE, SETTING_LIMITS } from '../sessions/spec.ts';
 import { StepAnswer } from '../sessions/model.ts';
 
 /** Session settings are int4 columns; these bounds keep them there (and sane). */
-export const SETTING_LIMITS = {
-  snapshot_every: 1_000_000, keep_snapshots: 100_000, max_staleness: 2_147_483_647,
-  keep_log_bytes: Number.MAX_SAFE_INTEGER, expire_after_idle_s: 2_147_483_647,
-} as const;
+export { SETTING_LIMITS };
 
 export { StepAnswer };
 

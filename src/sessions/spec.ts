@@ -13,6 +13,12 @@ import { ASGD_DEFAULTS, type AsgdHyperparameters } from '../optim/types.ts';
  */
 export const SESSION_NAME_SOURCE = '(?!\\.\\.?(?![A-Za-z0-9._-]))[A-Za-z0-9._-]{1,128}';
 /** What a name may be, in words (the OpenAPI document, metric name errors; src/errors.ts says it too). */
+/** The bounds of a session's settings: the API's (create, PATCH) and their defaults' in the environment (src/config.ts). */
+export const SETTING_LIMITS = {
+  snapshot_every: 1_000_000, keep_snapshots: 100_000, max_staleness: 2_147_483_647,
+  keep_log_bytes: Number.MAX_SAFE_INTEGER, expire_after_idle_s: 2_147_483_647,
+} as const;
+
 export const SESSION_NAME_RULE = '1-128 characters of A-Za-z0-9._-, not "." or ".."';
 export const NAME_PATTERN = new RegExp(`^${SESSION_NAME_SOURCE}$`);
 export const PARAM_NAME_MAX = 256;

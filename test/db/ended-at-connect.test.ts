@@ -58,7 +58,7 @@ test('a connection ended right after its start-up: statements fail as retryable,
   const server = await endingServer();
   t.after(() => server.close());
   const unheard: Error[] = [];
-  const db = await openDatabase({ databaseUrl: `postgres://asgd@127.0.0.1:${server.port}/asgd`, poolSize: 2, onError: (err) => unheard.push(err) });
+  const db = await openDatabase({ databaseUrl: `postgres://asgd@127.0.0.1:${server.port}/asgd`, dataDir: '', poolSize: 2, onError: (err) => unheard.push(err) });
   t.after(() => db.close());
   const uncaught: unknown[] = [];
   const onUncaught = (err: unknown) => uncaught.push(err);

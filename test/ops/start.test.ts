@@ -21,17 +21,24 @@ test('node <symlinked release>/src/server.ts serves, as from the real path', asy
   assert.equal((await fetch(`${url}/healthz`)).status, 200);
 });
 
-test('a server that cannot start says why in one line and exits 1', async () => {
+test('a server that cannot start says why in one line and exits 1', async (t) => {
   const port = await freePort();
+  const busy = createServer() as ReturnType<typeof createServer> & { port: number };
+  await new Promise<void>((resolve) => busy.listen(0, '127.0.0.1', resolve));
+  t.after(() => busy.close());
+  Object.assign(busy, { port: (busy.address() as { port: number }).port });
   const missing = new URL(PG_ADMIN_URL);
   missing.pathname = '/asgd_no_such_database_for_this_test';
   const cases: [string, Record<string, string>, RegExp][] = [
     ['a database that does not exist', { DATABASE_URL: missing.toString() }, /^asgd-serve: could not start: PostgreSQL: database "asgd_no_such_database_for_this_test" does not exist \(SQLSTATE 3D000\)$/],
     // Waited for (ASGD_DB_START_TIMEOUT_MS), then given up.
     ['a database nobody listens for', { DATABASE_URL: `postgres://postgres@127.0.0.1:${port}/x`, ASGD_DB_START_TIMEOUT_MS: '1500' }, /^asgd-serve: could not start: cannot connect to PostgreSQL: .*ECONNREFUSED.*\(is it running there\? DATABASE_URL\)$/],
+    // listen() failing is said as that, naming HOST or PORT, not as a PostgreSQL failure (ENOTFOUND was read as one).
+    ['a port already in use', { ASGD_DATA_DIR: 'memory://', PORT: String(busy.port) }, new RegExp(`^asgd-serve: could not start: cannot listen on 127\\.0\\.0\\.1:${busy.port}: .*EADDRINUSE.*; the port is in use \\(PORT\\)$`)],
+    ['a host name that does not resolve', { ASGD_DATA_DIR: 'memory://', HOST: 'no-such-host.invalid', ASGD_ADMIN_TOKEN: 'x'.repeat(16) }, /^asgd-serve: could not start: cannot listen on no-such-host\.invalid:0: .*(ENOTFOUND|EAI_AGAIN).*; no such address on this machine \(HOST\)$/],
   ];
   for (const [what, env, line] of cases) {
-    const run = spawnService(process.execPath, ['src/server.ts'], { ...env, PORT: '0', LOG_LEVEL: 'silent' });
+    const run = spawnService(process.execPath, ['src/server.ts'], { PORT: '0', ...env, LOG_LEVEL: 'silent' });
     assert.equal(await run.exited, 1, what);
     const lines = run.output().trim().split('\n');
     assert.equal(lines.length, 1, `${what}: ${run.output()}`);
