@@ -256,11 +256,14 @@ const validatorFactory = AjvCompiler();
 
 /** An API path's trailing slashes dropped (`/v1/sessions/x/params/?a=1` → `/v1/sessions/x/params?a=1`); other URLs as they are. Linear: no regex to backtrack over a 256 KiB URL. */
 export function withoutTrailingSlash(url: string): string {
-  if (!url.startsWith('/v1/')) return url;
-  const query = url.indexOf('?');
-  const end = query === -1 ? url.length : query;
+  // The path starts after the authority in the absolute form a proxy may send (GET http://host/v1/...).
+  const absolute = /^https?:\/\/[^/?#]*/i.exec(url);
+  const start = absolute ? absolute[0].length : 0;
+  if (!url.startsWith('/v1/', start)) return url;
+  let end = start;
+  while (end < url.length && url[end] !== '?' && url[end] !== '#') end++;
   let cut = end;
-  while (cut > 4 && url.charCodeAt(cut - 1) === 47) cut--;
+  while (cut > start + 4 && url.charCodeAt(cut - 1) === 47) cut--;
   return cut === end ? url : url.slice(0, cut) + url.slice(end);
 }
 

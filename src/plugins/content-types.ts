@@ -64,7 +64,9 @@ export default fp(
         else {
           // Valid JSON whose key would reach an object's prototype once parsed (secure-json-parse refuses it):
           // named, and where, rather than 'not valid JSON'. No field of the API has such a name.
-          const at = err ? /"(__proto__|constructor)"\s*:/.exec(text) : null;
+          // __proto__ is refused wherever it is; "constructor" only holding a "prototype" (a parameter may be
+          // called constructor): the message names the key that was refused, not the first of the two.
+          const at = err ? /"(__proto__)"\s*:/.exec(text) ?? /"(constructor)"\s*:\s*\{[^{}]*"prototype"\s*:/.exec(text) : null;
           if (at && isJsonText(text)) done(errors.invalidBody(`body: the key "${at[1]}" (at character ${at.index}) is not accepted in a JSON body: no field of this API has that name`), undefined);
           else done(err, body);
         }

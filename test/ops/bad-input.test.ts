@@ -10,6 +10,7 @@ import type { FastifyInstance } from 'fastify';
 import { CODES } from '../../src/errors.ts';
 import { FORMAT_ERROR_CODES } from '../../src/formats/errors.ts';
 import { readTorchSave, streamToBuffer, torchSaveToBuffer, writeSafetensors, type PyDict } from '../../src/formats/index.ts';
+import { withoutTrailingSlash } from '../../src/app.ts';
 import { buildTestApp, rng } from '../helper.ts';
 import { ADMIN, asAdmin, createSession, fillPath, gradBody, operations, sessionBody, step, type Operation } from './support.ts';
 
@@ -764,6 +765,15 @@ test('an API path with a trailing slash is the same path: every GET answers as w
   assert.equal(wrong.headers.allow, 'POST');
   assert.equal((await app.inject({ url: '/v1/sessions/alpha/nothing/', headers: asAdmin })).json().code, 'ROUTE_NOT_FOUND');
   assert.equal((await app.inject({ url: '/ui' })).statusCode, 302, 'the dashboard keeps its own slash rule');
+  // The request-target forms a client or proxy may send: a fragment, the absolute form; linear in the URL's length.
+  for (const [url, rewritten] of [
+    ['/v1/sessions/x/params/#f', '/v1/sessions/x/params#f'], ['http://h/v1/sessions/x/', 'http://h/v1/sessions/x'],
+    ['HTTPS://h:1/v1/sessions/x//?q=/', 'HTTPS://h:1/v1/sessions/x?q=/'], ['/v1/', '/v1/'], ['http://h/ui/', 'http://h/ui/'], ['/v1/sessions?after=/', '/v1/sessions?after=/'],
+  ]) assert.equal(withoutTrailingSlash(url), rewritten, url);
+  const started = performance.now();
+  withoutTrailingSlash(`/v1/${'/'.repeat(250_000)}a`);
+  withoutTrailingSlash(`http://${'h'.repeat(250_000)}`);
+  assert.ok(performance.now() - started < 1000, 'no backtracking over a long URL');
 });
 
 test('a JSON body with a __proto__ (or constructor.prototype) key is refused by that key and where it is, not as broken JSON; nothing moves', async (t) => {
@@ -771,7 +781,12 @@ test('a JSON body with a __proto__ (or constructor.prototype) key is refused by 
   await createSession(app, 'proto');
   const before = (await app.inject({ url: '/v1/sessions/proto/state_dict', headers: asAdmin })).body;
   const grads = JSON.stringify(gradBody(1).grads);
-  for (const [payload, key] of [[`{"grads": ${grads}, "__proto__": {"polluted": 1}}`, '__proto__'], [`{"grads": ${grads}, "metrics": {"constructor": {"prototype": {"x": 1}}}}`, 'constructor']]) {
+  for (const [payload, key] of [
+    [`{"grads": ${grads}, "__proto__": {"polluted": 1}}`, '__proto__'],
+    [`{"grads": ${grads}, "metrics": {"constructor": {"prototype": {"x": 1}}}}`, 'constructor'],
+    // A key called constructor (a parameter may be) before the refused one: the message names the refused one.
+    [`{"grads": {"constructor": [1], "__proto__": [1]}}`, '__proto__'],
+  ]) {
     const res = await app.inject({ method: 'POST', url: '/v1/sessions/proto/step', headers: { ...asAdmin, 'content-type': 'application/json' }, payload });
     assert.equal(res.statusCode, 400, res.body);
     assert.equal(res.json().code, 'INVALID_BODY');
