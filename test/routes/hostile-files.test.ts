@@ -243,6 +243,18 @@ test('create: a name in the query and another in the body or the file\'s options
     assert.match(res.json().message, message);
   }
   for (const name of ['q1', 'b1', 'o1', 'm1']) assert.equal((await app.inject({ url: `/v1/sessions/${name}` })).statusCode, 404, name);
+  // ?options= and the file's __metadata__.asgd together: merged; a key in both with different values is
+  // refused naming it (the query's used to win without a word).
+  const file = (asgd: string) => streamToBuffer(writeSafetensors([['w', { dtype: 'float32', shape: [1], data: new Float32Array(1) }]], { asgd }));
+  const opts = (o: unknown) => encodeURIComponent(JSON.stringify(o));
+  const conflict = await app.inject({ method: 'POST', url: `/v1/sessions?options=${opts({ snapshot_every: 4 })}`, headers: SAFETENSORS, payload: file('{"name":"mq","snapshot_every":3}') });
+  assert.equal(conflict.statusCode, 400, conflict.body);
+  assert.equal(conflict.json().code, 'INVALID_QUERY');
+  assert.match(conflict.json().message, /^options\.snapshot_every: 4 in the query and 3 in __metadata__\.asgd; give it once, or the same in both/);
+  assert.equal((await app.inject({ url: '/v1/sessions/mq' })).statusCode, 404);
+  const merged = await app.inject({ method: 'POST', url: `/v1/sessions?options=${opts({ snapshot_every: 4, keep_snapshots: 2 })}`, headers: SAFETENSORS, payload: file('{"name":"mq","snapshot_every":4}') });
+  assert.equal(merged.statusCode, 201, merged.body);
+  assert.deepEqual([merged.json().name, merged.json().snapshot_every, merged.json().keep_snapshots], ['mq', 4, 2]);
   // The same name in both is taken.
   assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions?name=same', payload: { name: 'same', params } })).statusCode, 201);
 });

@@ -71,23 +71,22 @@ function checkParamList(params: ParamSpec[]): void {
  * A create request whose body is a file of initial parameters: safetensors, or a torch.save'd model
  * state_dict (`torch.save(model.state_dict(), f)`). Everything else of the request is a JSON object of
  * the same keys as the JSON form (name, hyperparameters, param_groups, …) taken from the `options` query
- * parameter or, in safetensors, the `asgd` metadata entry; `?name=` may give the name alone.
+ * parameter and, in safetensors, the `asgd` metadata entry (merged); `?name=` may give the name alone.
  */
 function parseFileCreate(body: Buffer, query: CreateQuery, format: WireFormat, config: Config): CreateInput {
   const { tensors, metadata } = readNamedTensors(format, body, 'params');
-  // The options come from the query (?options=) or, in a safetensors file, its `asgd` metadata entry: a
-  // fault in them is named where it is (INVALID_QUERY options… / INVALID_BODY __metadata__.asgd…).
-  const fromQuery = query.options !== undefined;
-  const rawOptions = query.options ?? metadata.get('asgd');
-  const where = fromQuery ? 'options' : '__metadata__.asgd';
-  const refuse = (field: string, message: string) => (fromQuery ? errors.invalidQuery(field, message) : errors.invalidBody(`${field}: ${message}`));
-  let options: Record<string, unknown> = {};
-  if (rawOptions !== undefined) {
-    options = parseJsonWithin(rawOptions, (deep) =>
-      refuse(where, deep ? `nested deeper than ${MAX_EMBEDDED_JSON_DEPTH} levels` : 'must be a JSON object {"name", "hyperparameters", "param_groups", …}')) as Record<string, unknown>;
-    if (options === null || typeof options !== 'object' || Array.isArray(options)) throw refuse(where, 'must be a JSON object');
+  // The options come from the query (?options=) and, in a safetensors file, its `asgd` metadata entry: a
+  // fault in them is named where it is (INVALID_QUERY options… / INVALID_BODY __metadata__.asgd…). Given in
+  // both, they are merged; a key in both with different values is refused (the query's used to win silently).
+  const fromFile = optionsOf(metadata.get('asgd'), false);
+  const fromQuery = optionsOf(query.options, true);
+  for (const [key, value] of Object.entries(fromFile)) {
+    if (key in fromQuery && JSON.stringify(fromQuery[key]) !== JSON.stringify(value)) {
+      throw errors.invalidQuery(`options.${key}`, `${JSON.stringify(fromQuery[key]).slice(0, 100)} in the query and ${JSON.stringify(value).slice(0, 100)} in __metadata__.asgd; give it once, or the same in both`);
+    }
   }
-  for (const key of Object.keys(options)) if (!CREATE_KEYS.includes(key) || key === 'params') throw refuse(`${where}.${key}`, 'unknown key');
+  const options: Record<string, unknown> = { ...fromFile, ...fromQuery };
+  const where = query.options !== undefined && 'name' in fromQuery ? 'options' : '__metadata__.asgd';
   if (query.name !== undefined) {
     // Two names for one session: refused, as a step refuses a field given twice with different values.
     if (options.name !== undefined && options.name !== query.name) {
@@ -107,6 +106,18 @@ function parseFileCreate(body: Buffer, query: CreateQuery, format: WireFormat, c
   }
   checkParamList(params);
   return parseCreateOptions(options, config, params, data);
+}
+
+/** A file create's options object from `?options=` (`inQuery`) or the file's `asgd` metadata entry; {} when absent. */
+function optionsOf(raw: string | undefined, inQuery: boolean): Record<string, unknown> {
+  if (raw === undefined) return {};
+  const where = inQuery ? 'options' : '__metadata__.asgd';
+  const refuse = (field: string, message: string) => (inQuery ? errors.invalidQuery(field, message) : errors.invalidBody(`${field}: ${message}`));
+  const options = parseJsonWithin(raw, (deep) =>
+    refuse(where, deep ? `nested deeper than ${MAX_EMBEDDED_JSON_DEPTH} levels` : 'must be a JSON object {"name", "hyperparameters", "param_groups", …}')) as Record<string, unknown>;
+  if (options === null || typeof options !== 'object' || Array.isArray(options)) throw refuse(where, 'must be a JSON object');
+  for (const key of Object.keys(options)) if (!CREATE_KEYS.includes(key) || key === 'params') throw refuse(`${where}.${key}`, 'unknown key');
+  return options;
 }
 
 /** The query parameters of a create request (a file body's options). */

@@ -52,7 +52,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
     schema: {
       operationId: 'createSession',
       summary: 'Create a session',
-      description: 'Creates a training session from named float32 parameters and ASGD hyperparameters. The body is JSON, or a safetensors / torch.save file of the initial parameters with the other keys in ?options= (or the safetensors metadata entry "asgd").',
+      description: 'Creates a training session from named float32 parameters and ASGD hyperparameters. The body is JSON, or a safetensors / torch.save file of the initial parameters with the other keys in ?options= and/or the safetensors metadata entry "asgd" (merged; a key in both with different values is refused).',
       tags: ['sessions'],
       consumes: mediaTypes(ROUTE_MEDIA.create.accepts),
       querystring: CreateQuery,

@@ -164,7 +164,7 @@ export interface paths {
         put?: never;
         /**
          * Create a session
-         * @description Creates a training session from named float32 parameters and ASGD hyperparameters. The body is JSON, or a safetensors / torch.save file of the initial parameters with the other keys in ?options= (or the safetensors metadata entry "asgd").
+         * @description Creates a training session from named float32 parameters and ASGD hyperparameters. The body is JSON, or a safetensors / torch.save file of the initial parameters with the other keys in ?options= and/or the safetensors metadata entry "asgd" (merged; a key in both with different values is refused).
          *
          *     Needs a token with scope `admin` that is not limited to a list of sessions.
          */
