@@ -42,6 +42,46 @@ function stringEnd(text: string, from: number): number {
   }
 }
 
+/**
+ * The first key given twice in one JSON object ({"grads": {...}, "grads": {...}}), or null. JSON.parse keeps
+ * the last, so a body read one way here may be read the other way by a proxy, a log or another parser: such
+ * a body is refused, naming the key. Keys compare as decoded ("a" and "\u0061" are one key). Linear; the
+ * numbers of a tensor are skipped by the regular expression engine as in jsonTooDeepAt. Text that is not
+ * JSON is left to the parser.
+ */
+export function firstDuplicateKey(text: string): { key: string; at: number } | null {
+  const re = new RegExp(STRUCTURE);
+  // One entry per open bracket: the keys seen in an object, null for an array.
+  const frames: (Set<string> | null)[] = [];
+  let m: RegExpExecArray | null;
+  while ((m = re.exec(text)) !== null) {
+    const c = text.charCodeAt(m.index);
+    if (c === 0x22) {
+      const end = stringEnd(text, m.index + 1);
+      if (end < 0) return null;
+      re.lastIndex = end + 1;
+      const keys = frames.at(-1);
+      if (!keys) continue;
+      let next = end + 1;
+      while (next < text.length && (text.charCodeAt(next) === 0x20 || text.charCodeAt(next) === 0x0a || text.charCodeAt(next) === 0x0d || text.charCodeAt(next) === 0x09)) next++;
+      if (text.charCodeAt(next) !== 0x3a) continue; // a value, not a key
+      let key = text.slice(m.index + 1, end);
+      if (key.includes('\\')) {
+        try {
+          key = JSON.parse(text.slice(m.index, end + 1)) as string;
+        } catch {
+          return null; // a bad escape: the parser names it
+        }
+      }
+      if (keys.has(key)) return { key, at: m.index };
+      keys.add(key);
+    } else if (c === 0x7b) frames.push(new Set());
+    else if (c === 0x5b) frames.push(null);
+    else frames.pop();
+  }
+  return null;
+}
+
 /** How deep the JSON a metadata entry or an option string holds may nest (a few levels in practice). */
 export const MAX_EMBEDDED_JSON_DEPTH = 16;
 

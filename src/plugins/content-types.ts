@@ -5,7 +5,7 @@ import type { Readable } from 'node:stream';
 import { errorCodes, type FastifyInstance } from 'fastify';
 import type { Config } from '../config.ts';
 import { errors, headerText, quoteValue } from '../errors.ts';
-import { jsonTooDeepAt, quoteNonFiniteTokens } from '../formats/json-depth.ts';
+import { firstDuplicateKey, jsonTooDeepAt, quoteNonFiniteTokens } from '../formats/json-depth.ts';
 import { BINARY_MEDIA_TYPES } from '../routes/media.ts';
 import { MAX_DIMS } from '../sessions/spec.ts';
 import { acceptedTypes, unsupportedMediaType } from './errors.ts';
@@ -53,6 +53,12 @@ export default fp(
       const deep = jsonTooDeepAt(text, MAX_JSON_DEPTH);
       if (deep >= 0) {
         done(errors.invalidBody(`body: JSON nested deeper than ${MAX_JSON_DEPTH} levels (at character ${deep}); no request nests that deep (a tensor has at most ${MAX_DIMS} dimensions)`), undefined);
+        return;
+      }
+      // A key given twice: JSON.parse would keep the last (a step of {"grads": A, "grads": B} applied B).
+      const twice = firstDuplicateKey(text);
+      if (twice) {
+        done(errors.invalidBody(`body: the key ${JSON.stringify(twice.key.slice(0, 100))} appears twice in one object (at character ${twice.at}); give each key once`), undefined);
         return;
       }
       parseJson(request, text, (err, body) => {

@@ -214,7 +214,8 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     for (const text of ['', '{', '{"a":', '[1,2', '{"a":1}}', 'nul', '"\\ud800"', '{"__proto__": {"polluted": 1}}', '{"constructor": {"prototype": {"polluted": 1}}}', '{"a":1,"a":2}']) {
       // Prototype keys are refused by the JSON parser; a lone escaped surrogate is valid JSON (a string).
       // Valid JSON with a key that would reach a prototype: refused by name (INVALID_BODY), not as broken JSON.
-      const expect = !isJson(text) ? 'INVALID_JSON' : text.includes('__proto__') || text.includes('constructor') ? 'INVALID_BODY' : text.startsWith('{') ? missingKeys(label(op)) : notObject(label(op));
+      // A key given twice: refused by name (INVALID_BODY) rather than read as its last value.
+      const expect = !isJson(text) ? 'INVALID_JSON' : text.includes('__proto__') || text.includes('constructor') || text === '{"a":1,"a":2}' ? 'INVALID_BODY' : text.startsWith('{') ? missingKeys(label(op)) : notObject(label(op));
       add({ family: 'json', op: label(op), method: op.method, url, headers: { ...asAdmin, ...wrongVersion, 'content-type': 'application/json' }, payload: text, expect });
     }
     // Deep nesting, as arrays and as objects: refused before it is parsed (or by the body limit), never a stack overflow.
@@ -774,6 +775,31 @@ test('an API path with a trailing slash is the same path: every GET answers as w
   withoutTrailingSlash(`/v1/${'/'.repeat(250_000)}a`);
   withoutTrailingSlash(`http://${'h'.repeat(250_000)}`);
   assert.ok(performance.now() - started < 1000, 'no backtracking over a long URL');
+});
+
+test('a JSON key given twice in one object is refused naming it, at any depth, however it is escaped; nothing moves', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  await createSession(app, 'twice');
+  const before = (await app.inject({ url: '/v1/sessions/twice/state_dict', headers: asAdmin })).body;
+  const grads = gradBody(1).grads as Record<string, number[]>;
+  const [first] = Object.keys(grads);
+  const g = JSON.stringify(grads);
+  for (const [payload, key] of [
+    [`{"grads": ${g}, "grads": ${g}}`, 'grads'],
+    [`{"grads": {${JSON.stringify(first)}: ${JSON.stringify(grads[first])}, ${g.slice(1)}}`, first],
+    [`{"grads": ${g}, "metrics": {"loss": 1, "loss": 2}}`, 'loss'],
+    [`{"grads": ${g}, "gr\\u0061ds": ${g}}`, 'grads'],
+  ]) {
+    const res = await app.inject({ method: 'POST', url: '/v1/sessions/twice/step', headers: { ...asAdmin, 'content-type': 'application/json' }, payload });
+    assert.equal(res.statusCode, 400, res.body);
+    assert.equal(res.json().code, 'INVALID_BODY');
+    assert.match(res.json().message, new RegExp(`^body: the key "${key}" appears twice in one object \\(at character \\d+\\); give each key once$`));
+  }
+  // The same key in different objects is no duplicate.
+  const ok = await app.inject({ method: 'POST', url: '/v1/sessions/twice/step', headers: { ...asAdmin, 'content-type': 'application/json' }, payload: `{"grads": ${g}, "metrics": {"grads": 1}}` });
+  assert.equal(ok.statusCode, 200, ok.body);
+  assert.equal(ok.json().version, 2, 'only this step moved the session');
+  assert.notEqual((await app.inject({ url: '/v1/sessions/twice/state_dict', headers: asAdmin })).body, before);
 });
 
 test('a JSON body with a __proto__ (or constructor.prototype) key is refused by that key and where it is, not as broken JSON; nothing moves', async (t) => {
