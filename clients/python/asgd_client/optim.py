@@ -775,7 +775,9 @@ class RemoteASGD(torch.optim.Optimizer):
                 done: Future = Future()
                 done.set_result(None)
                 return done
-            retried, self._interrupted = self._interrupted, None
+            # Cleared only once the retry is done: an interrupt while comparing (long for a big model) or while
+            # the owed step is read and loaded leaves the marker for the next re-run, which is its retry again.
+            retried = self._interrupted
             if retried is not None and _same_grads(retried, grads):
                 # The same gradients as a step() that was interrupted after its request may have reached the
                 # service: this is its retry. That step is owed (sent again with its Idempotency-Key, so it is
@@ -784,39 +786,66 @@ class RemoteASGD(torch.optim.Optimizer):
                          "(sent again with its Idempotency-Key: applied once)", self.worker, self.session)
                 if not (background and wait and self.aggregation is None):
                     self._apply_pending(block=True)
+                self._interrupted = None
                 if wait:
                     return loss
                 done = Future()
                 done.set_result(dict(self.last_step or {}))
                 return done
+            self._interrupted = None
             groups = self._group_changes()
             metrics = dict(metrics) if metrics is not None else None
             key = uuid.uuid4().hex
             args = (grads, base, groups, metrics, samples)
             if not background:
-                self._apply_outcome(self._send_owing(self._request, key, args))
+                outcome: Optional[_Outcome] = None
+                try:
+                    outcome = self._send_owing(self._request, key, args)
+                    self._apply_outcome(outcome)
+                except BaseException as err:
+                    # Interrupted after the request may have gone out, wherever (loading the answer, or between
+                    # two statements here): a re-run with these gradients must be its retry, and the answer
+                    # not yet loaded is owed (read again, or the request sent again with its key: applied once).
+                    if _is_interrupt(err) and self._interrupted is None:
+                        self._interrupted = _clone_grads(grads)
+                        if self._pending is None:
+                            self._pending = _Done(outcome) if outcome is not None else _Resend(self, key, (self._interrupted,) + tuple(args[1:]))
+                    raise
                 return loss
             if wait and self.aggregation is None:
                 # Pipelined: sent now on this thread, its answer read at the next call (no thread).
                 # Group changes not yet confirmed by the previous step's answer travel again: the same values.
-                sent = self._send_owing(self._start, key, args)
-                if sent is not None:
-                    previous, self._pending = self._pending, sent
-                    if previous is not None:
-                        try:
-                            outcome = _result_of_previous(previous, "this step's request was sent, do not send it again")
-                        except BaseException as err:
-                            if _fate_unknown(err) and not isinstance(previous, Future):
-                                self._pending = _Both(self, previous, sent)  # the previous one is owed too
-                            self._interrupted = _clone_grads(grads)
-                            raise
-                        try:
-                            self._apply(outcome, overlapped=True)
-                        except BaseException:
-                            self._pending = _Both(self, _Done(outcome), sent)
-                            self._interrupted = _clone_grads(grads)
-                            raise
-                    return loss
+                sent = None
+                registered = False
+                try:
+                    sent = self._send_owing(self._start, key, args)
+                    if sent is not None:
+                        previous, self._pending = self._pending, sent
+                        registered = True
+                        if previous is not None:
+                            try:
+                                outcome = _result_of_previous(previous, "this step's request was sent, do not send it again")
+                            except BaseException as err:
+                                if _fate_unknown(err) and not isinstance(previous, Future):
+                                    self._pending = _Both(self, previous, sent)  # the previous one is owed too
+                                self._interrupted = _clone_grads(grads)
+                                raise
+                            try:
+                                self._apply(outcome, overlapped=True)
+                            except BaseException:
+                                self._pending = _Both(self, _Done(outcome), sent)
+                                self._interrupted = _clone_grads(grads)
+                                raise
+                        return loss
+                except BaseException as err:
+                    # An interrupt the handlers above did not see (between two statements): this step may be
+                    # out; a re-run with its gradients is its retry, and it is owed unless already in _pending.
+                    if _is_interrupt(err) and self._interrupted is None:
+                        self._interrupted = _clone_grads(grads)
+                        if not registered:
+                            owed: Any = sent if sent is not None else _Resend(self, key, (self._interrupted,) + tuple(args[1:]))
+                            self._pending = owed if self._pending is None else _Both(self, self._pending, owed)
+                    raise
             self._apply_pending(block=True)
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asgd-step")

@@ -123,6 +123,63 @@ class Interrupts(ServiceTestCase):
         for n, p in model.named_parameters():
             self.assertTrue(torch.equal(tensors[n], p.detach()), n)
 
+    def interrupt_loads(self, *which: int) -> None:
+        """Ctrl-C right after the model took the service's parameters, on the loads numbered ``which`` (1-based)."""
+        from asgd_client.optim import RemoteASGD
+
+        original = RemoteASGD._load_from_service
+        count = [0]
+
+        def load(opt, *a, **k):
+            original(opt, *a, **k)
+            count[0] += 1
+            if count[0] in which:
+                raise KeyboardInterrupt()
+
+        patcher = mock.patch.object(RemoteASGD, "_load_from_service", load)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_ctrl_c_while_the_answer_is_loaded_then_the_cell_run_again_applies_the_step_once(self):
+        # The step is committed and its parameters copied in when the interrupt comes: the re-run (same
+        # gradients) is its retry; nothing more is sent.
+        self.requireStepParams()
+        model = make_model()
+        opt = self.remote(model.named_parameters())
+        train(model, opt, range(3))
+        gradients(model, 3)
+        self.interrupt_loads(1)
+        with self.assertRaises(KeyboardInterrupt):
+            opt.step()
+        opt.step()
+        self.assertEqual(opt.client.get_session(opt.session)["step"], 4, "applied once")
+        ref4, ref4_opt = torch_run(4)
+        self.assertParamsIdentical(model, ref4)
+        self.assertStateDictEqual(opt.state_dict(), ref4_opt.state_dict())
+
+    def test_ctrl_c_again_while_the_retry_loads_the_owed_step_still_applies_it_once(self):
+        # First the answer is lost (interrupted in its read: the step is owed); the re-run sends it again with
+        # its key and is interrupted while loading that answer; the third run is still the same step's retry.
+        self.requireStepParams()
+        model = make_model()
+        opt = self.remote(model.named_parameters())
+        train(model, opt, range(3))
+        gradients(model, 3)
+        self.interrupt_next_answer()
+        with self.assertRaises(KeyboardInterrupt):
+            opt.step()
+        self.interrupt_loads(1)
+        with self.assertRaises(KeyboardInterrupt):
+            opt.step()
+        opt.step()
+        self.assertEqual(opt.client.get_session(opt.session)["step"], 4, "applied once")
+        ref4, _ = torch_run(4)
+        self.assertParamsIdentical(model, ref4)
+        train(model, opt, range(4, 10))
+        ref, ref_opt = torch_run(10)
+        self.assertParamsIdentical(model, ref)
+        self.assertStateDictEqual(opt.state_dict(), ref_opt.state_dict())
+
     def test_a_background_step_whose_connection_failed_is_sent_again_and_applied_once(self):
         # step(wait=False) sends on a background thread; there the answer is lost (the service has committed
         # the step) and, without retries, the request fails with its fate unknown. The next call raises that
