@@ -37,7 +37,7 @@ export interface ContributionRow {
 const ROUND_COLUMNS = `count(*)::int AS contributions, sum(c.samples)::float8 AS samples,
   coalesce(array_agg(c.worker::text ORDER BY c.worker COLLATE "C"), '{}') AS workers,
   extract(epoch FROM clock_timestamp() - min(c.created_at))::float8 AS age_seconds,
-  (array_agg(c.hyper ORDER BY c.worker COLLATE "C"))[1] AS hyper`;
+  (array_agg(c.hyper ORDER BY c.worker COLLATE "C") FILTER (WHERE c.hyper IS NOT NULL))[1] AS hyper`;
 
 const toRound = (version: number, r: Record<string, unknown>): OpenRound => ({
   version,

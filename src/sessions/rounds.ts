@@ -62,7 +62,7 @@ export const roundStatus = (round: OpenRound): RoundStatus => ({
 
 const tallyOf = (round: OpenRound): RoundTally => ({ contributions: round.contributions, samples: round.samples ?? 0, ageSeconds: round.ageSeconds });
 
-/** Two contributions' param_groups agree when the groups they make are the same (what the round's step applies). */
+/** Two contributions' param_groups agree when the groups they make are the same (what the round's step applies); one without any agrees with all. */
 function sameEffect(groups: readonly GroupSpec[], a: HyperDelta | null, b: HyperDelta | null): boolean {
   const canonical = (delta: HyperDelta | null) => JSON.stringify(applyHyperDelta(groups, delta ?? []).map((g) => ({
     lr: g.lr, lambd: g.lambd, alpha: g.alpha, t0: g.t0, weight_decay: g.weight_decay, maximize: g.maximize, int_keys: [...(g.int_keys ?? [])].sort(),
@@ -193,7 +193,9 @@ export function createRoundService(options: RoundServiceOptions) {
           opts.beforeWrite?.(state.layout);
           const round = await store.readRound(tx, session.id, session.version);
           if (round.workers.includes(worker)) throw errors.duplicateContribution(worker, session.version);
-          if (round.contributions > 0 && !sameEffect(state.groups, hyper, round.hyper)) throw errors.roundConflict(session.version);
+          // A contribution without param_groups takes the round's (one worker may own the schedule, as the
+          // README advises); those that carry some must agree in effect.
+          if (hyper !== null && round.hyper !== null && !sameEffect(state.groups, hyper, round.hyper)) throw errors.roundConflict(session.version);
           await store.deleteContributions(tx, session.id, session.version, false); // void ones of earlier versions
           await store.insertContribution(db, tx, session.id, session.version, {
             worker, samples, present: decoded.present, grads: packGradients(state, decoded), gradDtype: decoded.dtype, hyper,

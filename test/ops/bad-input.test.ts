@@ -137,7 +137,8 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
   // A session of rounds with one contribution in its open round: bad contributions must leave that round as it is.
   const gamma = await app.inject({ method: 'POST', url: '/v1/sessions', headers: asAdmin, payload: { ...sessionBody('gamma', 3), aggregation: { contributions: 3 } } });
   assert.equal(gamma.statusCode, 201, gamma.body);
-  const pending = await app.inject({ method: 'POST', url: '/v1/sessions/gamma/step?wait=1', headers: asAdmin, payload: { ...gradBody(5), base_version: 1, worker: 'g1' } });
+  // g1 sets the lr for its round: another contribution setting a different one is ROUND_CONFLICT.
+  const pending = await app.inject({ method: 'POST', url: '/v1/sessions/gamma/step?wait=1', headers: asAdmin, payload: { ...gradBody(5), base_version: 1, worker: 'g1', param_groups: [{ lr: 0.02 }] } });
   assert.equal(pending.statusCode, 202, pending.body);
   for (let k = 0; k < 3; k++) assert.equal((await step(app, 'alpha', k)).statusCode, 200);
   const snapshot = (await app.inject({ method: 'POST', url: '/v1/sessions/alpha/snapshots', headers: asAdmin, payload: { pinned: true } })).json().id as number;

@@ -231,11 +231,41 @@ test('target_samples closes a round; each contribution must say its samples', as
   await assertSameState(app, 'ts', [meanOf(grads)], 'target_samples');
 });
 
+test('one worker owns the schedule: a contribution without param_groups takes the round\'s, whichever comes first; two that differ conflict', async (t) => {
+  const { app } = await buildTestApp(t);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: sessionBody('owner', { contributions: 2 }) })).statusCode, 201);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: sessionBody('owner-ref', null) })).statusCode, 201);
+  const rounds = [
+    { lr: 0.02, first: 'a', grads: { a: gradsOf(1), b: gradsOf(2) } }, // the owner (a) sends first
+    { lr: 0.005, first: 'b', grads: { a: gradsOf(3), b: gradsOf(4) } }, // the others' come first
+  ];
+  for (const [r, round] of rounds.entries()) {
+    const base = r + 1;
+    const owner = () => contribute(app, 'owner', { worker: 'a', grads: round.grads.a, base, extra: { param_groups: [{ lr: round.lr }] } });
+    const other = () => contribute(app, 'owner', { worker: 'b', grads: round.grads.b, base });
+    const answers = round.first === 'a' ? await Promise.all([owner(), other()]) : await Promise.all([other(), owner()]);
+    for (const res of answers) assert.equal(res.statusCode, 200, res.body);
+    const ref = await app.inject({ method: 'POST', url: '/v1/sessions/owner-ref/step', payload: { grads: meanOf([round.grads.a, round.grads.b]), param_groups: [{ lr: round.lr }] } });
+    assert.equal(ref.statusCode, 200, ref.body);
+    assert.equal((await session(app, 'owner')).param_groups[0].lr, round.lr, `round ${base}: the owner's lr`);
+  }
+  for (const part of ['params', 'params?averaged=true', 'state_dict']) {
+    assert.deepEqual((await app.inject({ url: `/v1/sessions/owner/${part}` })).json(), { ...(await app.inject({ url: `/v1/sessions/owner-ref/${part}` })).json(), ...(part.startsWith('params') ? { session: 'owner' } : {}) }, part);
+  }
+  // Two contributions that both set the lr, differently: the second is refused, the round keeps the first.
+  assert.equal((await contribute(app, 'owner', { worker: 'a', grads: gradsOf(5), base: 3, wait: 1, extra: { param_groups: [{ lr: 0.1 }] } })).statusCode, 202);
+  const conflict = await contribute(app, 'owner', { worker: 'b', grads: gradsOf(6), base: 3, wait: 1, extra: { param_groups: [{ lr: 0.2 }] } });
+  assert.equal(conflict.statusCode, 409, conflict.body);
+  assert.equal(conflict.json().code, 'ROUND_CONFLICT');
+  assert.equal((await session(app, 'owner')).round.contributions, 1);
+});
+
 test('bad contributions and settings: 4xx naming the field, and the open round is unchanged', async (t) => {
   const { app } = await buildTestApp(t);
   assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: sessionBody('bad', { contributions: 3 }) })).statusCode, 201);
   const good = gradsOf(1);
-  assert.equal((await contribute(app, 'bad', { worker: 'w1', grads: good, key: 'k1', wait: 1 })).statusCode, 202);
+  // w1 sets the lr for its round: another contribution setting a different one conflicts.
+  assert.equal((await contribute(app, 'bad', { worker: 'w1', grads: good, key: 'k1', wait: 1, extra: { param_groups: [{ lr: 0.25 }] } })).statusCode, 202);
   const before = await session(app, 'bad');
   const paramsBefore = (await app.inject({ url: '/v1/sessions/bad/params' })).body;
   const nan = { ...good, b: [1, 2, 'NaN', 4] } as unknown as Grads;
@@ -286,8 +316,8 @@ test('bad contributions and settings: 4xx naming the field, and the open round i
   const patched = await app.inject({ method: 'PATCH', url: '/v1/sessions/bad', payload: { snapshot_every: 50 } });
   assert.equal(patched.statusCode, 200, patched.body);
   assert.deepEqual(patched.json().round.workers, ['w1']);
-  // param_groups of the same effect as the round's (none) are no conflict.
-  const same = await contribute(app, 'bad', { worker: 'w2', grads: gradsOf(4), extra: { param_groups: [{ lr: 0.05 }] }, wait: 1 });
+  // param_groups of the same effect as the round's (w1's lr 0.25) are no conflict.
+  const same = await contribute(app, 'bad', { worker: 'w2', grads: gradsOf(4), extra: { param_groups: [{ lr: 0.25 }] }, wait: 1 });
   assert.equal(same.statusCode, 202, same.body);
 });
 

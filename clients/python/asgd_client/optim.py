@@ -481,6 +481,11 @@ class RemoteASGD(torch.optim.Optimizer):
 
         groups, given_names = _split_params(params)
         defaults: Dict[str, Any] = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, foreach=foreach, maximize=maximize)
+        # The hyperparameters asked for, per group: given in the group's dict, or as a keyword with another value
+        # than torch's default. Joining a session, only these are warned about when the session holds others.
+        signature = inspect.signature(RemoteASGD.__init__).parameters
+        keyword_given = {k for k in HYPERPARAMETER_KEYS if k in signature and not _same(_hyper_value(k, defaults[k]), _hyper_value(k, signature[k].default))}
+        self._asked_keys = [keyword_given | ({k for k in HYPERPARAMETER_KEYS if k in g} if isinstance(g, dict) else set()) for g in groups]
         flags = {"differentiable": differentiable, "capturable": capturable}
         for key in flags:  # newer PyTorch's flags, in the order ASGD sets them (1.13 has none)
             if key in local_group_keys():
@@ -583,6 +588,8 @@ class RemoteASGD(torch.optim.Optimizer):
         for k, (asked, remote) in enumerate(zip(asked_groups, info["param_groups"])):
             held = group_from_json({key: v for key, v in remote.items() if key != "params"})
             for key in HYPERPARAMETER_KEYS:
+                if k < len(self._asked_keys) and key not in self._asked_keys[k]:
+                    continue  # a default, not asked for: the session's value is taken without a word
                 mine, theirs = _hyper_value(key, asked.get(key)), _hyper_value(key, held.get(key))
                 if mine is not None and theirs is not None and not _same(mine, theirs):
                     differ.append(f"group {k} {key}={theirs!r} (asked {mine!r})")
@@ -1291,8 +1298,17 @@ class RemoteASGD(torch.optim.Optimizer):
             self._pull()
             return info
 
+    def _synchronize_for_save(self) -> None:
+        """synchronize() before a snapshot or checkpoint; in a session with rounds without sending changed
+        hyperparameters: a PATCH there would move the version and void the open round for the other workers
+        (their contributions, computed at this version, refused as stale). They go with the next contribution."""
+        if self.aggregation is None:
+            self.synchronize()
+        else:
+            self._synchronize(groups=False)
+
     def snapshot(self, pinned: bool = False) -> Dict[str, Any]:
-        self.synchronize()
+        self._synchronize_for_save()
         return self.client.snapshot(self.session, pinned=pinned)
 
     def restore(self, snapshot_id: int) -> None:
@@ -1306,8 +1322,25 @@ class RemoteASGD(torch.optim.Optimizer):
     def download_checkpoint(self, path: str, format: str = "pt") -> str:
         from .functions import _write_atomic
 
-        self.synchronize()
+        self._synchronize_for_save()
         data = self.client.get_checkpoint(self.session, format=format)
+        # With rounds the values changed here since the last contribution were not sent (see above): the file
+        # gets them, as torch.save(opt.state_dict()) has a scheduler's epoch-end lr.
+        changes = self._group_changes() if self.aggregation is not None else None
+        if changes and format == "json":
+            for group, changed in zip(data["optimizer"]["param_groups"], changes):
+                group.update(changed)
+        elif changes:
+            import io
+
+            # The service's own file; weights_only where it reads floats (torch 2.x; 1.13's refuses them).
+            load_kw: Dict[str, Any] = {"weights_only": True} if int(torch.__version__.split(".")[0]) >= 2 else {}
+            checkpoint = torch.load(io.BytesIO(data), map_location="cpu", **load_kw)
+            for group, changed in zip(checkpoint["optimizer"]["param_groups"], changes):
+                group.update(changed)
+            out = io.BytesIO()
+            torch.save(checkpoint, out)
+            data = out.getvalue()
         if format == "json":
             import json
 

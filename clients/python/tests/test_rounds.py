@@ -222,6 +222,46 @@ class Pending(RoundsTestCase):
         self.assertEqual(b.client.get_session(name)["step"], 1)
 
 
+class ScheduleAndCheckpoint(RoundsTestCase):
+    def test_one_worker_owns_the_schedule_and_checkpoints_at_the_epoch_end_without_voiding_the_round(self):
+        # The README's pattern: rank 0 runs the scheduler and checkpoints after its epoch-end step(); the
+        # other runs none. Neither is refused (ROUND_CONFLICT) nor dropped as stale, the rounds step with the
+        # owner's lr, and the checkpoint holds the new lr as torch.save(opt.state_dict()) would.
+        import os
+        import tempfile
+
+        from asgd_client import RemoteASGD
+
+        self.requireRounds()
+        name = unique("rounds-owner")
+        a_model, b_model = make_model(), make_model()
+        a = self.remote(a_model.named_parameters(), session=name, worker="a", aggregation={"contributions": 2}, round_wait_s=5)
+        b = RemoteASGD(b_model.named_parameters(), url=self.url, token=self.token, session=name, worker="b", create=False, round_wait_s=5)
+        self.addCleanup(b.close)
+        sched = torch.optim.lr_scheduler.StepLR(a, step_size=1, gamma=0.5)
+        path = os.path.join(tempfile.mkdtemp(), "ck.pt")
+        lr0 = a.param_groups[0]["lr"]
+        for epoch in range(3):
+            def a_round():
+                gradients(a_model, *shard(epoch, 0))
+                a.step()
+                sched.step()  # epoch end: a's lr halves, then a checkpoints
+                a.download_checkpoint(path)
+
+            def b_round():
+                gradients(b_model, *shard(epoch, 1))
+                b.step()
+
+            self.run_workers([a_round, b_round])
+            checkpoint = torch.load(path)
+            self.assertEqual(checkpoint["optimizer"]["param_groups"][0]["lr"], lr0 * 0.5 ** (epoch + 1), "the checkpoint has the new lr")
+        self.assertEqual((a.stale_dropped, b.stale_dropped), (0, 0))
+        info = b.client.get_session(name)
+        self.assertEqual(info["step"], 3)
+        # Rounds 2 and 3 stepped with the lr a had set before them; the last halving waits for a's next contribution.
+        self.assertEqual(info["param_groups"][0]["lr"], lr0 * 0.25)
+
+
 class Refusals(RoundsTestCase):
     def test_a_duplicate_worker_gets_the_error_and_the_round_is_unchanged(self):
         from asgd_client import DuplicateContribution, RoundOpen

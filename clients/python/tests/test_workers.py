@@ -103,6 +103,25 @@ class CreateIfMissing(ServiceTestCase):
         self.assertParamsIdentical(opts[0][0], opts[1][0])
 
 
+    def test_joining_warns_of_replaced_values_it_asked_for_and_not_of_defaults(self):
+        from asgd_client import RemoteASGD
+
+        creator = self.remote(make_model().named_parameters(), lr=0.05, t0=3.0)
+        name = creator.session
+
+        def join(**kw):
+            with self.assertLogs("asgd_client", logging.INFO) as logs:
+                opt = RemoteASGD(make_model().named_parameters(), url=self.url, token=self.token, session=name, **kw)
+            self.addCleanup(opt.close)
+            self.assertEqual(opt.param_groups[0]["lr"], 0.05, "the session's value holds")
+            return [line for line in logs.output if "other settings" in line]
+
+        self.assertEqual(join(), [], "no hyperparameter asked for: nothing replaced")
+        warned = join(lr=0.2)
+        self.assertEqual(len(warned), 1, warned)
+        self.assertIn("lr=0.05 (asked 0.2)", warned[0])
+        self.assertNotIn("t0=", warned[0], "t0 was not asked for")
+
 class StalenessPolicies(ServiceTestCase):
     def pair(self, policy):
         a_model, b_model = make_model(), make_model()
