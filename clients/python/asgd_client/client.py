@@ -38,6 +38,9 @@ TRANSPORTS = ("safetensors", "json", "auto")
 TensorLike = Any
 log = logging.getLogger("asgd_client")
 
+#: The seconds the service holds a contribution for its round when the request gives no ?wait= (its DEFAULT_WAIT_SECONDS).
+DEFAULT_ROUND_WAIT_S = 60
+
 
 def _quote(name: str) -> str:
     import urllib.parse
@@ -310,7 +313,13 @@ class Client:
         again with the same Idempotency-Key: the service stores the contribution once and answers
         each repeat once the round has stepped (or with 202 again after ``?wait``)."""
         started = time.monotonic()
+        query = request.get("query") or {}
         while True:
+            if max_wait_s is not None:
+                # The service holds a contribution up to ?wait= seconds (60 by default): never longer than the
+                # time this call has left, so that max_wait_s holds (whole seconds, at least 1).
+                left = max(1, math.ceil(max_wait_s - (time.monotonic() - started)))
+                request["query"] = {**query, "wait": min(left, query.get("wait") or DEFAULT_ROUND_WAIT_S)}
             res = self.conn.request("POST", path, headers=headers, expect=(200, 202), **request)
             if res.status == 200:
                 return _step_answer(res)
@@ -531,7 +540,8 @@ def _step_extras(returns: str, param_groups: Optional[Sequence[Mapping[str, Any]
     if param_groups is not None:
         extras["param_groups"] = [{k: plain_number(v) for k, v in g.items()} for g in param_groups]
     if metrics is not None:
-        extras["metrics"] = dict(metrics)
+        # A loss as it comes: a 0-dim tensor (loss.detach() or not), a numpy scalar: their Python number.
+        extras["metrics"] = {k: plain_number(v) for k, v in dict(metrics).items()}
     _check_json("step", extras)
     return extras
 

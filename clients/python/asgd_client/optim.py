@@ -1248,8 +1248,10 @@ class RemoteASGD(torch.optim.Optimizer):
 
     # -- evaluation helpers -----------------------------------------------------------------------
     def named_averaged_parameters(self) -> "OrderedDict[str, torch.Tensor]":
-        """ASGD's averages (``ax``; the parameter itself where it has not stepped), by name."""
-        self._synchronize(groups=False)
+        """ASGD's averages (``ax``; the parameter itself where it has not stepped), by name. Reads only: a
+        pipelined step is waited for, but parameters edited in the model are not sent (as ``opt.state``; ax,
+        as torch.optim.ASGD's, changes only at a step, and the next step sends the edits)."""
+        self._catch_up()
         tensors, _ = self.client.get_params(self.session, averaged=True)
         return OrderedDict((n, tensors[n]) for n in self._names)
 

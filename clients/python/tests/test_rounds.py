@@ -262,6 +262,23 @@ class ScheduleAndCheckpoint(RoundsTestCase):
         self.assertEqual(info["param_groups"][0]["lr"], lr0 * 0.25)
 
 
+class GivingUp(RoundsTestCase):
+    def test_max_round_wait_s_shorter_than_the_services_wait_is_kept(self):
+        # The service holds a contribution up to ?wait= (60 s by default); the client asks for no longer than
+        # its max_round_wait_s has left, so RoundPending comes after about that, not after 60 s.
+        from asgd_client import RoundPending
+
+        self.requireRounds()
+        model = make_model()
+        opt = self.remote(model.named_parameters(), worker="alone", aggregation={"contributions": 2}, max_round_wait_s=2)
+        gradients(model, *shard(0, 0))
+        started = time.monotonic()
+        with self.assertRaises(RoundPending) as caught:
+            opt.step()
+        self.assertLess(time.monotonic() - started, 30, "gave up near max_round_wait_s, not at the service's 60 s")
+        self.assertEqual(caught.exception.round["contributions"], 1)
+
+
 class Refusals(RoundsTestCase):
     def test_a_duplicate_worker_gets_the_error_and_the_round_is_unchanged(self):
         from asgd_client import DuplicateContribution, RoundOpen

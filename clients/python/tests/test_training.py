@@ -151,6 +151,17 @@ class TrainingMatchesTorch(ServiceTestCase):
                 self.assertTrue(torch.equal(p, want))
         for p, b in zip(model.parameters(), before):
             self.assertTrue(torch.equal(p, b))
+        # Evaluating on the averages only reads: an edit of the model (a clamp) is not sent by it, and stays
+        # in the model afterwards; the next step sends it, as torch.optim.ASGD steps the edited tensor.
+        version = opt.client.get_session(opt.session)["version"]
+        with torch.no_grad():
+            next(iter(model.parameters())).clamp_(-0.01, 0.01)
+        edited = [p.detach().clone() for p in model.parameters()]
+        with opt.swap_to_averaged():
+            pass
+        self.assertEqual(opt.client.get_session(opt.session)["version"], version, "swap_to_averaged wrote nothing")
+        for p, e in zip(model.parameters(), edited):
+            self.assertTrue(torch.equal(p, e))
 
     def test_averaged_parameters_as_safetensors(self):
         ref, torch_opt = torch_run(steps=15)

@@ -191,6 +191,15 @@ class StepExtras(ServiceTestCase):
         points = res.json()["points"]
         self.assertEqual([p["step"] for p in points], [1, 2, 3])
         self.assertEqual(points[0]["values"]["samples"], 16)
+        # The loss as it comes (a 0-dim tensor that requires grad, a numpy scalar) is its number.
+        import numpy as np
+
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(batch(3)[0]), batch(3)[1])
+        loss.backward()
+        opt.step(metrics={"loss": loss, "lr": np.float32(0.5), "samples": np.int64(16)})
+        last = opt.client.conn.request("GET", f"/v1/sessions/{opt.session}/metrics?after_version={points[-1]['version']}").json()["points"]
+        self.assertEqual(last[0]["values"], {"loss": loss.item(), "lr": 0.5, "samples": 16})
 
     def _half(self, dtype, transport):
         from asgd_client import ServiceError
