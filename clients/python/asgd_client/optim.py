@@ -278,6 +278,13 @@ class _Both:
                 part.wait()
 
 
+def _holds(pending: Any, part: Any) -> bool:
+    """Whether ``part`` is ``pending`` or one of a _Both's parts."""
+    if pending is part:
+        return True
+    return isinstance(pending, _Both) and (_holds(pending.first, part) or _holds(pending.rest, part))
+
+
 def _fate_unknown(err: BaseException) -> bool:
     """An exception after which a step's request may or may not have been applied: an interrupt, or a
     connection that failed (past the retries). Not an answer of the service (ServiceError)."""
@@ -823,12 +830,10 @@ class RemoteASGD(torch.optim.Optimizer):
                 # Pipelined: sent now on this thread, its answer read at the next call (no thread).
                 # Group changes not yet confirmed by the previous step's answer travel again: the same values.
                 sent = None
-                registered = False
                 try:
                     sent = self._send_owing(self._start, key, args)
                     if sent is not None:
                         previous, self._pending = self._pending, sent
-                        registered = True
                         if previous is not None:
                             try:
                                 outcome = _result_of_previous(previous, "this step's request was sent, do not send it again")
@@ -849,7 +854,7 @@ class RemoteASGD(torch.optim.Optimizer):
                     # out; a re-run with its gradients is its retry, and it is owed unless already in _pending.
                     if _is_interrupt(err) and self._interrupted is None:
                         self._interrupted = _clone_grads(grads)
-                        if not registered:
+                        if sent is None or not _holds(self._pending, sent):
                             owed: Any = sent if sent is not None else _Resend(self, key, (self._interrupted,) + tuple(args[1:]))
                             self._pending = owed if self._pending is None else _Both(self, self._pending, owed)
                     raise
