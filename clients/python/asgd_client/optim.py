@@ -821,9 +821,12 @@ class RemoteASGD(torch.optim.Optimizer):
                     # two statements here): a re-run with these gradients must be its retry, and the answer
                     # not yet loaded is owed (read again, or the request sent again with its key: applied once).
                     if _is_interrupt(err) and self._interrupted is None:
-                        self._interrupted = _clone_grads(grads)
-                        if self._pending is None:
-                            self._pending = _Done(outcome) if outcome is not None else _Resend(self, key, (self._interrupted,) + tuple(args[1:]))
+                        if outcome is None:
+                            self._owe(key, args)
+                        else:
+                            self._interrupted = _clone_grads(grads)
+                            if self._pending is None:
+                                self._pending = _Done(outcome)
                     raise
                 return loss
             if wait and self.aggregation is None:
@@ -853,10 +856,12 @@ class RemoteASGD(torch.optim.Optimizer):
                     # An interrupt the handlers above did not see (between two statements): this step may be
                     # out; a re-run with its gradients is its retry, and it is owed unless already in _pending.
                     if _is_interrupt(err) and self._interrupted is None:
-                        self._interrupted = _clone_grads(grads)
-                        if sent is None or not _holds(self._pending, sent):
-                            owed: Any = sent if sent is not None else _Resend(self, key, (self._interrupted,) + tuple(args[1:]))
-                            self._pending = owed if self._pending is None else _Both(self, self._pending, owed)
+                        if sent is None:
+                            self._owe(key, args)
+                        else:
+                            self._interrupted = _clone_grads(grads)
+                            if not _holds(self._pending, sent):
+                                self._pending = sent if self._pending is None else _Both(self, self._pending, sent)
                     raise
             self._apply_pending(block=True)
             if self._executor is None:

@@ -55,11 +55,7 @@ class Interrupts(ServiceTestCase):
         self.assertTrue(torch.equal(tensors["w"], torch.arange(4.0)))
 
     def check_blocking(self, exc: type, after_head: bool) -> None:
-        self.requireStepParams()
-        model = make_model()
-        opt = self.remote(model.named_parameters())
-        train(model, opt, range(3))
-        gradients(model, 3)
+        model, opt = self.three_steps_then_gradients()
         self.interrupt_next_answer(after_head=after_head, exc=exc)
         with self.assertRaises(exc):
             opt.step()
@@ -83,11 +79,7 @@ class Interrupts(ServiceTestCase):
         self.check_blocking(SystemExit, after_head=True)
 
     def test_retrying_the_interrupted_step_at_once(self):
-        self.requireStepParams()
-        model = make_model()
-        opt = self.remote(model.named_parameters())
-        train(model, opt, range(3))
-        gradients(model, 3)
+        model, opt = self.three_steps_then_gradients()
         self.interrupt_next_answer()
         with self.assertRaises(KeyboardInterrupt):
             opt.step()
@@ -123,6 +115,15 @@ class Interrupts(ServiceTestCase):
         for n, p in model.named_parameters():
             self.assertTrue(torch.equal(tensors[n], p.detach()), n)
 
+    def three_steps_then_gradients(self, **kw):
+        """A model and its RemoteASGD after three steps, with the gradients of the fourth in place."""
+        self.requireStepParams()
+        model = make_model()
+        opt = self.remote(model.named_parameters(), **kw)
+        train(model, opt, range(3))
+        gradients(model, 3)
+        return model, opt
+
     def interrupt_loads(self, *which: int) -> None:
         """Ctrl-C right after the model took the service's parameters, on the loads numbered ``which`` (1-based)."""
         from asgd_client.optim import RemoteASGD
@@ -143,11 +144,7 @@ class Interrupts(ServiceTestCase):
     def test_ctrl_c_while_the_answer_is_loaded_then_the_cell_run_again_applies_the_step_once(self):
         # The step is committed and its parameters copied in when the interrupt comes: the re-run (same
         # gradients) is its retry; nothing more is sent.
-        self.requireStepParams()
-        model = make_model()
-        opt = self.remote(model.named_parameters())
-        train(model, opt, range(3))
-        gradients(model, 3)
+        model, opt = self.three_steps_then_gradients()
         self.interrupt_loads(1)
         with self.assertRaises(KeyboardInterrupt):
             opt.step()
@@ -160,11 +157,7 @@ class Interrupts(ServiceTestCase):
     def test_ctrl_c_again_while_the_retry_loads_the_owed_step_still_applies_it_once(self):
         # First the answer is lost (interrupted in its read: the step is owed); the re-run sends it again with
         # its key and is interrupted while loading that answer; the third run is still the same step's retry.
-        self.requireStepParams()
-        model = make_model()
-        opt = self.remote(model.named_parameters())
-        train(model, opt, range(3))
-        gradients(model, 3)
+        model, opt = self.three_steps_then_gradients()
         self.interrupt_next_answer()
         with self.assertRaises(KeyboardInterrupt):
             opt.step()
@@ -186,11 +179,7 @@ class Interrupts(ServiceTestCase):
         # error once; the one after sends the step again with its Idempotency-Key: applied once, loaded.
         from asgd_client import ConnectionFailed
 
-        self.requireStepParams()
-        model = make_model()
-        opt = self.remote(model.named_parameters(), retry_budget_s=0)
-        train(model, opt, range(3))
-        gradients(model, 3)
+        model, opt = self.three_steps_then_gradients(retry_budget_s=0)
         self.interrupt_next_answer(exc=ConnectionResetError)
         answer = opt.step(wait=False)
         with self.assertRaises(ConnectionFailed):
