@@ -2,7 +2,7 @@
 // terminal (the message) and structured for log pipelines (the fields). Never the database password.
 import { readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
-import type { Config } from './config.ts';
+import { socketHostOf, type Config } from './config.ts';
 
 export const SERVICE_VERSION = (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version;
 
@@ -14,8 +14,10 @@ export type DatabaseLocation =
 export function databaseLocation(config: Pick<Config, 'databaseUrl' | 'dataDir'>): DatabaseLocation {
   if (!config.databaseUrl) return { kind: 'pglite', dataDir: config.dataDir === 'memory://' ? 'memory://' : resolve(config.dataDir) };
   let url: URL;
+  // libpq's socket form has an empty host (postgres://user@/db?host=/dir), which WHATWG URL refuses.
+  const raw = socketHostOf(config.databaseUrl) === null ? config.databaseUrl : config.databaseUrl.replace(/^(postgres(?:ql)?:\/\/(?:[^/?#@]*@)?)(?=[/?#]|$)/i, '$1localhost');
   try {
-    url = new URL(config.databaseUrl);
+    url = new URL(raw);
   } catch {
     return { kind: 'postgres', host: '(unparsable DATABASE_URL)', port: 5432, database: '', user: null };
   }

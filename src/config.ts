@@ -141,13 +141,30 @@ function corsOriginsOf(env: Env): Config['corsOrigins'] {
 }
 
 /**
- * DATABASE_URL: a PostgreSQL connection URL (postgres:// or postgresql://; socket: or a socket directory
- * path as pg reads them). Anything else was tried as one (`notaurl` failed later as "ENOTFOUND base").
+ * libpq's form for a Unix socket, `postgres://user@/db?host=/var/run/postgresql` (an empty host and the
+ * socket directory in `host`): no WHATWG URL, but pg reads it. The socket directory, or null.
+ */
+export function socketHostOf(raw: string): string | null {
+  if (!/^postgres(?:ql)?:\/\/(?:[^/?#@]*@)?(?:[/?#]|$)/i.test(raw)) return null;
+  const host = /[?&]host=([^&#]*)/.exec(raw)?.[1];
+  if (!host) return null;
+  try {
+    return decodeURIComponent(host);
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * DATABASE_URL: a PostgreSQL connection URL (postgres:// or postgresql://; with an empty host and `?host=`
+ * a socket directory as libpq writes it; socket: or a socket directory path as pg reads them). Anything
+ * else was tried as one (`notaurl` failed later as "ENOTFOUND base").
  * The message never repeats the value: it may hold a password.
  */
 function databaseUrl(env: Env): string | null {
   const raw = env.DATABASE_URL?.trim() || null;
   if (raw === null || raw.startsWith('/')) return raw;
+  if (socketHostOf(raw) !== null) return raw;
   let url: URL;
   try {
     url = new URL(raw);

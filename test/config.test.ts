@@ -2,6 +2,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { ConfigError, loadConfig } from '../src/config.ts';
+import { databaseTarget } from '../src/db/wait.ts';
 
 test('durations a Node timer cannot wait (over 2^31 - 1 ms, which fire after 1 ms) are refused, naming the variable', () => {
   for (const key of ['ASGD_SWEEP_INTERVAL_MS', 'ASGD_HEALTH_CHECK_INTERVAL_MS', 'ASGD_SHUTDOWN_TIMEOUT_MS', 'ASGD_REQUEST_TIMEOUT_MS', 'ASGD_MAX_EVENT_LOOP_DELAY_MS']) {
@@ -27,13 +28,17 @@ test('HOST as a URL writes an IPv6 address ([::1]) is listened on as the address
 });
 
 test('DATABASE_URL must be a PostgreSQL URL; the message names the variable and never repeats the value (a password)', () => {
-  for (const bad of ['notaurl', 'mysql://u:secret@127.0.0.1/db', 'http://u:secret@h/db', 'postgres://']) {
+  for (const bad of ['notaurl', 'mysql://u:secret@127.0.0.1/db', 'http://u:secret@h/db', 'postgres://', 'postgres://u:secret@/db', 'postgres://u:secret@/db?host=']) {
     assert.throws(() => loadConfig({ DATABASE_URL: bad }), (err: Error) => err instanceof ConfigError && /^DATABASE_URL must/.test(err.message) && !err.message.includes('secret'), bad);
   }
-  for (const good of ['postgres://u:p@127.0.0.1:5432/db', 'postgresql://h/db?sslmode=require', 'socket:/var/run/postgresql?db=x', '/var/run/postgresql db']) {
+  for (const good of ['postgres://u:p@127.0.0.1:5432/db', 'postgresql://h/db?sslmode=require', 'socket:/var/run/postgresql?db=x', '/var/run/postgresql db',
+    'postgres://u@/db?host=/var/run/postgresql', 'postgresql:///db?host=%2Fvar%2Frun%2Fpostgresql&sslmode=disable']) {
     assert.equal(loadConfig({ DATABASE_URL: good }).databaseUrl, good);
   }
   assert.equal(loadConfig({ DATABASE_URL: '  ' }).databaseUrl, null);
+  // Log lines name the target, never the password: libpq's socket form names the socket directory.
+  assert.equal(databaseTarget('postgres://u:secret@/db?host=%2Ftmp%2Fpg'), '/tmp/pg/db');
+  assert.equal(databaseTarget('postgres://u:secret@h:6543/db'), 'h:6543/db');
 });
 
 test('replay points: 64 MiB of log on PostgreSQL, off on the embedded database, as set when set; a bad value is refused', () => {

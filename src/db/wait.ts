@@ -1,10 +1,13 @@
 // Waiting for a PostgreSQL that is not there yet (starting, restarting): what start-up (src/plugins/db.ts)
 // and the `migrate` command (src/cli.ts) do before they give up.
+import { socketHostOf } from '../config.ts';
 import { classifyDbError } from './errors.ts';
 
 /** host:port/database of a connection string, for log lines (never its password). */
 export function databaseTarget(url: string | null): string | null {
   if (!url) return null;
+  const socket = socketHostOf(url);
+  if (socket !== null) return `${socket}${/^[a-z]+:\/\/[^/?#]*(\/[^?#]*)?/i.exec(url)?.[1] ?? ''}`;
   try {
     const u = new URL(url);
     return `${u.hostname}:${u.port || 5432}${u.pathname}`;

@@ -172,6 +172,7 @@ test('the start-up banner: version, database and where, auth, URL, docs; never t
   assert.match(pg.message, /database: PostgreSQL asgd@db\.internal:6543\/training/);
   assert.ok(!JSON.stringify(pg).includes('s3cret'), 'no password');
   assert.deepEqual(databaseLocation({ databaseUrl: 'postgresql:///asgd?host=/var/run/postgresql', dataDir: '' }), { kind: 'postgres', host: '/var/run/postgresql', port: 5432, database: 'asgd', user: null });
+  assert.deepEqual(databaseLocation({ databaseUrl: 'postgres://alice:secret@/asgd?host=%2Fvar%2Frun%2Fpostgresql', dataDir: '' }), { kind: 'postgres', host: '/var/run/postgresql', port: 5432, database: 'asgd', user: 'alice' });
   assert.equal(databaseLocation({ databaseUrl: null, dataDir: 'memory://' }).kind, 'pglite');
 });
 
