@@ -19,7 +19,6 @@ export type History = ReturnType<typeof createHistory>;
 /** What loading a stored state reads of its row: a snapshot's or a replay point's. */
 type StoredState = SnapshotRecord | ReplayPointRecord;
 
-
 /** Bytes of logged float32 gradients one read of the log brings in while replaying, and its bound in steps. */
 const REPLAY_PAGE_BYTES = 64 * 1024 * 1024;
 const MAX_REPLAY_PAGE_STEPS = 1024;
