@@ -54,6 +54,14 @@ function withAuth(headers = {}) {
   return token ? { ...headers, authorization: `Bearer ${token}` } : headers;
 }
 
+/** Errors of fetch itself (no answer came): the service or the network is away. */
+const unreachableErrors = new WeakSet();
+
+/** Whether a read failed for want of an answer (fetch failed, or timed out), not for what came back. @param {unknown} err */
+export function isUnreachable(err) {
+  return err instanceof TimeoutError || (err instanceof Error && unreachableErrors.has(err));
+}
+
 /**
  * A request with the tab's token. A read (GET) that has no complete answer within TIMEOUTS.readMs fails
  * with a TimeoutError; writes are not timed (a restore may take long, and giving up would not undo it).
@@ -75,6 +83,7 @@ export async function api(path, init = {}) {
     text = await response.text();
   } catch (err) {
     if (read?.timedOut()) throw new TimeoutError(read.ms);
+    if (err instanceof Error && err.name !== 'AbortError') unreachableErrors.add(err);
     throw err;
   }
   if (response.status === 204 || response.status === 304) return null;

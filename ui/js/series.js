@@ -13,7 +13,14 @@ export const MAX_POINTS = 1500;
 
 /** @param {any} p @returns {Point} */
 export function toPoint(p) {
-  return { ...p, time: Date.parse(p.time) };
+  // Metric names are the workers' (any of [A-Za-z0-9._-]): a name like "constructor" must not find
+  // Object.prototype's member where a point lacks that metric, so the maps have no prototype.
+  return { ...p, time: Date.parse(p.time), values: ownMap(p.values), ...(p.min && { min: ownMap(p.min) }), ...(p.max && { max: ownMap(p.max) }) };
+}
+
+/** @param {Record<string, number> | null | undefined} o @returns {Record<string, number>} */
+function ownMap(o) {
+  return Object.assign(Object.create(null), o ?? {});
 }
 
 /**

@@ -1,7 +1,7 @@
 // One session: figures, charts of its training series over steps or time, hyperparameters per group and
 // their changes, norms of the parameters and of ax, and its snapshots. Live: the events stream (or, on a
 // service without it, polling with If-None-Match) triggers a refresh of what changed, with no reload.
-import { api, ApiError, backoffMs, followEvents, getToken, readSignal, sleep } from './api.js';
+import { api, ApiError, backoffMs, followEvents, getToken, isUnreachable, readSignal, sleep } from './api.js';
 import { Chart } from './charts.js';
 import { fmtAgo, fmtBytes, fmtNum, h } from './format.js';
 import { changesOn, etaMu, hyperAt, lineage, MAX_POINTS, present, metricNames, RATE_LABEL, stepsLastMinute, stepsPerSecond, toPoint } from './series.js';
@@ -353,8 +353,8 @@ export function sessionPage(root, name, who) {
     if (stop.signal.aborted || root.dataset.gone) return;
     readFailures++;
     const retryMs = backoffMs(readFailures);
-    readTrouble = err instanceof ApiError ? err.message : 'the service cannot be reached';
-    const state = err instanceof ApiError ? 'error' : 'offline';
+    readTrouble = err instanceof ApiError ? err.message : isUnreachable(err) ? 'the service cannot be reached' : 'this page failed to draw the session';
+    const state = err instanceof ApiError || !isUnreachable(err) ? 'error' : 'offline';
     showLive(state, `not live: ${readTrouble}; retrying in ${Math.round(retryMs / 1000)} s`);
     live.dataset.reads = 'failing';
     clearTimeout(readRetry);
@@ -470,7 +470,9 @@ export function sessionPage(root, name, who) {
       stop.abort();
       clearInterval(ticker);
     } else {
-      error.textContent = err instanceof ApiError ? err.message : `The service cannot be reached (${err instanceof Error ? err.message : err}).`;
+      const why = err instanceof Error ? err.message : String(err);
+      // Only a failed fetch says the service is away; anything else is this page's own fault, named as such.
+      error.textContent = err instanceof ApiError ? err.message : isUnreachable(err) ? `The service cannot be reached (${why}).` : `This page could not show the session (${why}); reading it again.`;
       if (passing(err) && !(err instanceof ApiError && err.code === 'ROUTE_NOT_FOUND')) readFailed(err);
     }
   }
@@ -623,5 +625,6 @@ export function sessionPage(root, name, who) {
     clearInterval(ticker);
     clearTimeout(readRetry);
     resetCharts();
+    snapshots.stop();
   };
 }

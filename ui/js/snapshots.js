@@ -57,9 +57,10 @@ export function snapshotsSection(root, name, admin, changed) {
   /** What was last drawn, to draw the timeline again at another width. @type {[any[], number] | null} */
   let drawn = null;
   let drawnWidth = 0;
-  new ResizeObserver(() => {
+  const resized = new ResizeObserver(() => {
     if (drawn && timeline.clientWidth !== drawnWidth) drawTimeline(...drawn);
-  }).observe(timeline);
+  });
+  resized.observe(timeline);
 
   /**
    * The timeline: a tick per snapshot at its version. Ticks that would overlap (or come
@@ -165,5 +166,6 @@ export function snapshotsSection(root, name, admin, changed) {
     })));
   }
 
-  return { render };
+  // Leaving the page: the observer lets go of the timeline (it would keep the detached section alive).
+  return { render, stop: () => resized.disconnect() };
 }
