@@ -586,6 +586,20 @@ export async function setSnapshotPinned(q: Queryable, sessionId: number, id: num
   return rows.length ? toSnapshot(rows[0]) : null;
 }
 
+/**
+ * A snapshot asked for at a version that already has one: it becomes the caller's (reason 'manual', pinned
+ * if asked). A 'hyperparameters' snapshot there would otherwise stay disposable: replaced by the next change
+ * of hyperparameters and not counted toward keep_snapshots, so the snapshot the caller was given could vanish.
+ */
+export async function claimSnapshot(q: Queryable, sessionId: number, id: number, pinned: boolean): Promise<SnapshotRecord | null> {
+  const rows = await q.query(
+    `UPDATE snapshots SET pinned = pinned OR $3, reason = CASE WHEN reason = 'hyperparameters' THEN 'manual' ELSE reason END
+     WHERE session_id = $1 AND id = $2 RETURNING ${SNAPSHOT_COLUMNS}`,
+    [sessionId, id, pinned],
+  );
+  return rows.length ? toSnapshot(rows[0]) : null;
+}
+
 /** Reads a snapshot's tensor bytes into `target` chunk by chunk (bounded memory); returns the chunks read. */
 export function readSnapshotChunks(q: Queryable, snapshotId: number, onChunk: (seq: number, data: Buffer) => void): Promise<number> {
   return readChunks(q, 'SELECT data FROM snapshot_chunks WHERE snapshot_id = $1 AND seq >= $2 AND seq < $3 ORDER BY seq', 'snapshot_chunks_read', snapshotId, onChunk);

@@ -22,9 +22,9 @@ export function createSnapshots(ctx: SessionContext, history: History, writer: S
       return db.transaction(async (tx) => {
         let snapshot = await writer.write(tx, session.id, meta, parts, 'manual', pinned);
         if (!snapshot) {
-          // One already exists at this version: it is the same state; pin it if asked.
+          // One already exists at this version: it is the same state, now the caller's (pinned if asked).
           const existing = (await repo.findSnapshotAtOrBelow(tx, session.id, meta.version))!;
-          snapshot = pinned && !existing.pinned ? (await repo.setSnapshotPinned(tx, session.id, existing.id, true))! : existing;
+          snapshot = (pinned && !existing.pinned) || existing.reason === 'hyperparameters' ? (await repo.claimSnapshot(tx, session.id, existing.id, pinned))! : existing;
         }
         entry.lastSnapshotVersion = Math.max(entry.lastSnapshotVersion, meta.version);
         await repo.pruneHistory(tx, session.id, session.keepSnapshots);

@@ -137,6 +137,22 @@ test('hyperparameter changes push out no restore point: they do not count toward
   assert.equal((await app.inject({ url: '/v1/sessions/k/state_dict' })).json().param_groups[0].lr, 0.05, 'rebuilt from the database');
 });
 
+test('a snapshot asked for right after a change of hyperparameters belongs to the caller: manual, kept through the next change, restorable', async (t) => {
+  const app = await setup(t);
+  await app.inject({ method: 'PATCH', url: '/v1/sessions/h/param_groups', payload: { param_groups: [{ lr: 0.05 }, {}] } });
+  const taken = await app.inject({ method: 'POST', url: '/v1/sessions/h/snapshots', payload: {} });
+  assert.equal(taken.statusCode, 201, taken.body);
+  const snapshot = taken.json();
+  assert.deepEqual([snapshot.version, snapshot.reason, snapshot.pinned], [5, 'manual', false]);
+  // The next change, with no step between, replaces a 'hyperparameters' snapshot: not this one.
+  assert.equal((await app.inject({ method: 'PATCH', url: '/v1/sessions/h/param_groups', payload: { param_groups: [{ lr: 0.025 }, {}] } })).statusCode, 200);
+  const listed = (await app.inject({ url: '/v1/sessions/h/snapshots' })).json().snapshots.map((s: { id: number; reason: string }) => `${s.id}:${s.reason}`);
+  assert.ok(listed.includes(`${snapshot.id}:manual`), JSON.stringify(listed));
+  const restored = await app.inject({ method: 'POST', url: `/v1/sessions/h/snapshots/${snapshot.id}/restore`, payload: {} });
+  assert.equal(restored.statusCode, 200, restored.body);
+  assert.equal((await app.inject({ url: '/v1/sessions/h/state_dict' })).json().param_groups[0].lr, 0.05);
+});
+
 test('PATCH param_groups is refused while a round has contributions (a new version would void them)', async (t) => {
   const { app } = await buildTestApp(t);
   const created = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'r', params, param_groups: groups, aggregation: { contributions: 2 } } });
