@@ -250,6 +250,27 @@ class _Done:
         return self._outcome
 
 
+def _keys_in_flight(pending: Any) -> Optional[List[set]]:
+    """Per group, the hyperparameters that steps sent but not yet loaded carry (None: none is in flight)."""
+    if pending is None:
+        return None
+    if isinstance(pending, _Both):
+        first, rest = _keys_in_flight(pending.first), _keys_in_flight(pending.rest)
+        if first is None or rest is None:
+            return first or rest
+        return [a | b for a, b in zip(first, rest)]
+    if isinstance(pending, _Sent):
+        groups = pending._groups
+    elif isinstance(pending, _Resend):
+        groups = pending._args[2]
+    elif isinstance(pending, _Done):
+        groups = pending._outcome.sent_groups
+    else:  # the background thread's Future
+        owed = getattr(pending, "asgd_owed", None)
+        groups = owed[1][2] if owed is not None else None
+    return None if groups is None else [set(g) for g in groups]
+
+
 class _Both:
     """Two steps outstanding after an interrupt in a pipelined ``step()``: the earlier one's outcome is
     loaded first (as ``step()`` would have), then the later one's is the result."""
@@ -672,15 +693,19 @@ class RemoteASGD(torch.optim.Optimizer):
 
     def _group_changes(self) -> Optional[List[Dict[str, Any]]]:
         """Per group, the hyperparameters changed here since this optimizer last sent (or took) them (None when
-        none is). A value another worker gave the session is not one of them: it is not sent back."""
+        none is). A value another worker gave the session is not one of them: it is not sent back.
+        A key that a step still in flight carries (pipelined: sent, its answer not yet loaded) goes again with
+        its value now: compared with the values before that step, a value going back (lr A, B, A, as CyclicLR
+        at a peak) would look unchanged and the session would keep B."""
         changes: List[Dict[str, Any]] = []
-        for local, known in zip(self.param_groups, self._own_groups):
+        in_flight = _keys_in_flight(self._pending) or [set() for _ in self.param_groups]
+        for local, known, flying in zip(self.param_groups, self._own_groups, in_flight):
             changed = {}
             for k in HYPERPARAMETER_KEYS:
                 if isinstance(local.get(k), torch.Tensor) and k not in self._warned:
                     self._warn_caveats([local])
                 v = _hyper_value(k, local.get(k))
-                if v is not None and not _same(v, known.get(k)):
+                if v is not None and (k in flying or not _same(v, known.get(k))):
                     changed[k] = v
             changes.append(changed)
         return changes if any(changes) else None
@@ -1029,8 +1054,13 @@ class RemoteASGD(torch.optim.Optimizer):
         edited outside the optimizer (see :meth:`push_params`) and the hyperparameters changed in
         ``param_groups`` since the last step (a scheduler's ``step()`` at the end of an epoch); returns the
         model's version. Afterwards the session holds what the model and ``param_groups`` hold: a snapshot or
-        checkpoint taken next (:meth:`snapshot`, :meth:`download_checkpoint` call this) has them."""
-        return self._synchronize(groups=True)
+        checkpoint taken next (:meth:`snapshot`, :meth:`download_checkpoint` call this) has them.
+
+        In a session with rounds (``aggregation``) the changed hyperparameters are not sent here: a change
+        without a step would move the version and void the open round for the other workers (their
+        contributions, computed at this version, dropped as stale, or this call refused with RoundOpen).
+        They go with this worker's next contribution; :meth:`download_checkpoint` writes them into its file."""
+        return self._synchronize(groups=self.aggregation is None)
 
     def _synchronize(self, groups: bool) -> Optional[int]:
         """synchronize(); with ``groups`` False the changed hyperparameters stay to travel with the next step
@@ -1314,10 +1344,7 @@ class RemoteASGD(torch.optim.Optimizer):
         """synchronize() before a snapshot or checkpoint; in a session with rounds without sending changed
         hyperparameters: a PATCH there would move the version and void the open round for the other workers
         (their contributions, computed at this version, refused as stale). They go with the next contribution."""
-        if self.aggregation is None:
-            self.synchronize()
-        else:
-            self._synchronize(groups=False)
+        self.synchronize()
 
     def snapshot(self, pinned: bool = False) -> Dict[str, Any]:
         self._synchronize_for_save()

@@ -68,6 +68,31 @@ class PipelineMatchesReplay(ServiceTestCase):
         for p, q in zip(model.parameters(), want.parameters()):
             self.assertTrue(torch.equal(opt.state[p]["ax"], torch_opt.state[q]["ax"]))
 
+    def test_pipelined_lr_going_back_to_an_earlier_value_reaches_the_session(self):
+        # An lr that comes back to its value of two steps before (A, B, A: CyclicLR at each peak and trough)
+        # while the step that set B is still in flight must still be sent: the session stepped with B before.
+        model = make_model()
+        opt = self.remote(model.named_parameters(), pipeline=True)
+        lrs = [0.05, 0.02, 0.05, 0.02, 0.05, 0.05, 0.01, 0.02, 0.01, 0.01]
+        sent = []
+        for i, lr in enumerate(lrs):
+            X, y = batch(i)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(X), y).backward()
+            sent.append([p.grad.clone() for p in model.parameters()])
+            opt.param_groups[0]["lr"] = lr
+            opt.step()
+        opt.synchronize()
+        want = make_model()
+        torch_opt = torch.optim.ASGD(want.parameters(), **HYPER)
+        for lr, grads in zip(lrs, sent):
+            torch_opt.param_groups[0]["lr"] = lr
+            for p, g in zip(want.parameters(), grads):
+                p.grad = g
+            torch_opt.step()
+        self.assertParamsIdentical(model, want, "each step with the lr set before it")
+        self.assertEqual(opt.session_hyperparameters[0]["lr"], lrs[-1])
+
     def test_two_pipelined_workers_equal_torch_replay_in_version_order(self):
         name = unique("pipe2")
         self.remote(make_model().named_parameters(), session=name, create=True)  # the session, from seed 0

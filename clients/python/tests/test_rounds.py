@@ -262,6 +262,47 @@ class ScheduleAndCheckpoint(RoundsTestCase):
         self.assertEqual(info["param_groups"][0]["lr"], lr0 * 0.25)
 
 
+    def test_synchronize_after_a_background_contribution_leaves_a_changed_lr_for_the_next_one(self):
+        # The rounds README: with step(wait=False), synchronize() before the next gradient. With rank 0's
+        # scheduler changing the lr in between, synchronize() must not PATCH it (a new version would drop the
+        # other worker's contribution as stale, or be refused with ROUND_OPEN): it goes with the next one.
+        from asgd_client import RemoteASGD
+
+        self.requireRounds()
+        name = unique("rounds-sync")
+        a_model, b_model = make_model(), make_model()
+        a = self.remote(a_model.named_parameters(), session=name, worker="a", aggregation={"contributions": 2}, round_wait_s=5, max_round_wait_s=30)
+        b = RemoteASGD(b_model.named_parameters(), url=self.url, token=self.token, session=name, worker="b", create=False, round_wait_s=5, max_round_wait_s=30)
+        self.addCleanup(b.close)
+        sched = torch.optim.lr_scheduler.ExponentialLR(a, gamma=0.9)
+        lr0 = a.param_groups[0]["lr"]
+        rounds = 6
+        v0 = b.client.get_session(name)["version"]
+
+        def a_loop():
+            for r in range(rounds):
+                gradients(a_model, *shard(r, 0))
+                a.step(wait=False)
+                sched.step()
+                a.synchronize()
+
+        def b_loop():
+            for r in range(rounds):
+                gradients(b_model, *shard(r, 1))
+                b.step(wait=False)
+                b.synchronize()
+
+        self.run_workers([a_loop, b_loop])
+        self.assertEqual((a.stale_dropped, b.stale_dropped), (0, 0))
+        info = b.client.get_session(name)
+        self.assertEqual(info["step"], rounds)
+        self.assertEqual(info["version"] - v0, rounds, "no version but the rounds'")
+        want = lr0
+        for _ in range(rounds - 1):
+            want *= 0.9  # as ExponentialLR multiplies
+        self.assertEqual(info["param_groups"][0]["lr"], want, "each round after the first with a's lr")
+
+
 class GivingUp(RoundsTestCase):
     def test_max_round_wait_s_shorter_than_the_services_wait_is_kept(self):
         # The service holds a contribution up to ?wait= (60 s by default); the client asks for no longer than
