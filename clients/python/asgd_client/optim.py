@@ -150,7 +150,9 @@ def _tensor_hyper_message(key: str) -> str:
 
 _FOREACH_MESSAGE = ("foreach=True: the service applies torch's single-tensor ASGD step (foreach=False); torch's foreach "
                     "path computes eta and the update differently, so the results can differ from a local "
-                    "torch.optim.ASGD(foreach=True) in the last bits")
+                    "torch.optim.ASGD(foreach=True) in the last bits, and by much more where the parameters of one "
+                    "group have different step counts (a layer frozen for a while: torch 1.13's foreach path steps "
+                    "the whole group with the first parameter's eta)")
 
 
 _PUSH_ATTEMPTS = 5
@@ -992,8 +994,11 @@ class RemoteASGD(torch.optim.Optimizer):
                         "(%d dropped so far)", self.worker, self.session, outcome.stale.message, self._version, self.stale_dropped)
             return
         answer = outcome.answer or {}
-        self._session_step = answer.get("step", self._session_step)
-        self.last_step = answer
+        if not older:
+            # An older answer read after a newer one (two in flight, committed in the other order) leaves the
+            # newer step's figures: step_count and last_step never go back.
+            self._session_step = answer.get("step", self._session_step)
+            self.last_step = answer
         if outcome.sent_groups is not None:
             for own, known, sent in zip(self._own_groups, self._session_groups, outcome.sent_groups):
                 own.update(sent)
