@@ -5,13 +5,20 @@ import type { Readable } from 'node:stream';
 import { errorCodes, type FastifyInstance } from 'fastify';
 import type { Config } from '../config.ts';
 import { errors, headerText, quoteValue } from '../errors.ts';
-import { firstDuplicateKey, jsonTooDeepAt, quoteNonFiniteTokens } from '../formats/json-depth.ts';
+import { firstDuplicateKey, jsonTooBigAt, quoteNonFiniteTokens } from '../formats/json-depth.ts';
 import { BINARY_MEDIA_TYPES } from '../routes/media.ts';
-import { MAX_DIMS } from '../sessions/spec.ts';
+import { MAX_DIMS, MAX_PARAMS } from '../sessions/spec.ts';
 import { acceptedTypes, unsupportedMediaType } from './errors.ts';
 
 /** The deepest JSON body any route takes is a state_dict holding a nested-list tensor of 16 dimensions: about 22. */
 export const MAX_JSON_DEPTH = 64;
+/**
+ * Arrays and objects in one JSON body at most. The most a request needs: a checkpoint or state_dict of
+ * MAX_PARAMS parameters, each with its model tensor (an object, its shape and data lists) and its state
+ * (an object; step, eta and mu as tensor objects; ax): 16 a parameter; 24 leaves room. JSON.parse builds
+ * that many in about two seconds here.
+ */
+export const MAX_JSON_CONTAINERS = 24 * MAX_PARAMS + 1024;
 
 export default fp(
   async function contentTypesPlugin(fastify: FastifyInstance, opts: { config: Config }) {
@@ -50,9 +57,13 @@ export default fp(
       }
       // Nesting is bounded before JSON.parse builds anything (formats/json-depth.ts).
       const text = bytes.toString('utf8');
-      const deep = jsonTooDeepAt(text, MAX_JSON_DEPTH);
-      if (deep >= 0) {
-        done(errors.invalidBody(`body: JSON nested deeper than ${MAX_JSON_DEPTH} levels (at character ${deep}); no request nests that deep (a tensor has at most ${MAX_DIMS} dimensions)`), undefined);
+      const big = jsonTooBigAt(text, MAX_JSON_DEPTH, MAX_JSON_CONTAINERS);
+      if (big?.kind === 'deep') {
+        done(errors.invalidBody(`body: JSON nested deeper than ${MAX_JSON_DEPTH} levels (at character ${big.at}); no request nests that deep (a tensor has at most ${MAX_DIMS} dimensions)`), undefined);
+        return;
+      }
+      if (big?.kind === 'wide') {
+        done(errors.invalidBody(`body: JSON with more than ${MAX_JSON_CONTAINERS} arrays and objects (at character ${big.at}); no request needs that many (at most ${MAX_PARAMS} parameters, a few each; a tensor's data is one flat list)`), undefined);
         return;
       }
       // A key given twice: JSON.parse would keep the last (a step of {"grads": A, "grads": B} applied B).

@@ -26,6 +26,17 @@ test('a deeply nested JSON step with an Idempotency-Key is a 400 (refused before
   assert.equal(good.statusCode, 200, good.body);
 });
 
+test('a wide JSON body (millions of empty lists) is refused before it is parsed, naming the bound; the session is unchanged', async (t) => {
+  const { app } = await buildTestApp(t);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: session })).statusCode, 201);
+  const payload = `{"grads":{"w":[0.1,0.2]},"metrics":{"loss":1},"junk":[${'[],'.repeat(2_500_000)}[]]}`;
+  const r = await app.inject({ method: 'POST', url: '/v1/sessions/s/step', headers: { 'content-type': 'application/json' }, payload });
+  assert.equal(r.statusCode, 400, r.body);
+  assert.equal(r.json().code, 'INVALID_BODY');
+  assert.match(r.json().message, /^body: JSON with more than 2401024 arrays and objects \(at character \d+\)/);
+  assert.equal((await app.inject({ url: '/v1/sessions/s' })).json().version, 1);
+});
+
 test('__proto__ is refused as a parameter name (safetensors create) and as a metric name (safetensors step)', async (t) => {
   const { app } = await buildTestApp(t);
   // An object literal's __proto__ key sets the prototype: build the file's entries explicitly instead.
