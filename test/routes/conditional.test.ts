@@ -34,6 +34,18 @@ test('If-None-Match: "<version>" answers 304 on session, params, state_dict and 
     // tags are opaque: only the one sent matches, not "02", an unquoted 2 or an unbalanced "2
     for (const tag of ['"1"', '"3"', 'W/"x"', 'garbage', '"02"', '2', '"2', '2"']) assert.equal((await get(url, tag)).statusCode, 200, `${url} ${tag}`);
   }
+  // Every format of a version has that tag: where Accept picks the format, a cache is told to key on it.
+  for (const url of ['/v1/sessions/c/params', '/v1/sessions/c/state_dict', '/v1/sessions/c/checkpoint']) {
+    for (const accept of ['application/json', 'application/x-safetensors', 'application/octet-stream']) {
+      const full = await app.inject({ url, headers: { accept } });
+      if (full.statusCode === 406) continue; // not offered for this resource
+      assert.equal(full.statusCode, 200, `${url} ${accept}`);
+      assert.match(String(full.headers.vary), /(^|,\s*)Accept(,|$)/, `${url} ${accept}`);
+      const again = await app.inject({ url, headers: { accept, 'if-none-match': '"2"' } });
+      assert.equal(again.statusCode, 304);
+      assert.match(String(again.headers.vary), /(^|,\s*)Accept(,|$)/, `${url} ${accept}: on the 304 too`);
+    }
+  }
   // Settings change without a version: no HTTP cache may revalidate the session into showing old ones.
   const patched = await app.inject({ method: 'PATCH', url: '/v1/sessions/c', payload: { snapshot_every: 7 } });
   assert.equal(patched.statusCode, 200, patched.body);

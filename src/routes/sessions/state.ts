@@ -24,6 +24,9 @@ interface ReadQuery extends ViewQuery {
 
 /** A GET of the state: 304 for If-None-Match at that version; for params, `after_version` + `wait` first. */
 async function answerRead(fastify: FastifyInstance, kind: ViewKind, request: FastifyRequest, reply: FastifyReply, name: string, query: ReadQuery) {
+  // The format comes from Accept unless ?format= names it: a cache keeps one answer per Accept (every format
+  // of a version has the same ETag), on the 304s too.
+  if (query.format === undefined) reply.header('vary', 'Accept');
   const version = query.version === undefined ? null : Number(query.version);
   if (query.after_version !== undefined) {
     if (version !== null) throw errors.invalidQuery('after_version', 'cannot be combined with version');
