@@ -99,16 +99,21 @@ export const MAX_EMBEDDED_JSON_DEPTH = 16;
 
 /**
  * JSON.parse of JSON text embedded in a file's metadata or a query (small, but its nesting bounded before it
- * is parsed, as every JSON the service reads); `refuse(deep)` makes the error for text nested deeper than
- * `maxDepth` (deep) or not JSON.
+ * is parsed, as every JSON the service reads); `refuse(problem)` makes the error: for text nested deeper than
+ * `maxDepth` or with a key twice in one object, `problem` says so; for text that is not JSON it is null.
  */
-export function parseJsonWithin(text: string, refuse: (deep: boolean) => Error, maxDepth = MAX_EMBEDDED_JSON_DEPTH): unknown {
-  if (jsonTooDeepAt(text, maxDepth) >= 0) throw refuse(true);
+export function parseJsonWithin(text: string, refuse: (problem: string | null) => Error, maxDepth = MAX_EMBEDDED_JSON_DEPTH): unknown {
+  if (jsonTooDeepAt(text, maxDepth) >= 0) throw refuse(`nested deeper than ${maxDepth} levels`);
+  let value: unknown;
   try {
-    return JSON.parse(text);
+    value = JSON.parse(text);
   } catch {
-    throw refuse(false);
+    throw refuse(null);
   }
+  // As in a JSON body: JSON.parse would keep the last of two values ({"lr": 0.1, "lr": 5} set lr to 5).
+  const twice = firstDuplicateKey(text);
+  if (twice) throw refuse(`the key ${JSON.stringify(twice.key.slice(0, 100))} appears twice in one object; give each key once`);
+  return value;
 }
 
 /** The bare tokens Python's json.dumps writes for non-finite floats (allow_nan=True, its default). */

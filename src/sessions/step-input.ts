@@ -2,7 +2,7 @@
 // `group['lr'] = …` before `optimizer.step()`) and training metrics. Validated before anything is written.
 import { errors, type ApiError } from '../errors.ts';
 import type { GroupSpec, HyperDelta } from '../db/schema.ts';
-import { MAX_EMBEDDED_JSON_DEPTH, parseJsonWithin } from '../formats/json-depth.ts';
+import { parseJsonWithin } from '../formats/json-depth.ts';
 import type { BaseVersionFrom } from './model.ts';
 import { FLAG_KEYS, HYPERPARAMETER_KEYS, NAME_PATTERN, resolveHyperparameters, SESSION_NAME_RULE } from './spec.ts';
 
@@ -88,5 +88,5 @@ export function parseMetrics(value: unknown, field = 'metrics'): Record<string, 
 export function metadataJson(metadata: ReadonlyMap<string, string>, key: string): unknown {
   const text = metadata.get(key);
   if (text === undefined) return undefined;
-  return parseJsonWithin(text, (deep) => errors.invalidBody(`__metadata__.${key}: ${deep ? `nested deeper than ${MAX_EMBEDDED_JSON_DEPTH} levels` : 'is not valid JSON'}`));
+  return parseJsonWithin(text, (problem) => errors.invalidBody(`__metadata__.${key}: ${problem ?? 'is not valid JSON'}`));
 }

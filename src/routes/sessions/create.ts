@@ -3,7 +3,7 @@
 import type { Config } from '../../config.ts';
 import type { GroupSpec, ParamSpec } from '../../db/schema.ts';
 import { errors } from '../../errors.ts';
-import { MAX_EMBEDDED_JSON_DEPTH, parseJsonWithin } from '../../formats/json-depth.ts';
+import { parseJsonWithin } from '../../formats/json-depth.ts';
 import type { CreateInput } from '../../sessions/model.ts';
 import {
   assertName, assertShape, buildGroups, DEFAULT_GROUP, FLAG_KEYS, HYPERPARAMETER_KEYS, MAX_PARAMS, MAX_SESSION_NUMEL, numelOf, PARAM_NAME_MAX, resolveHyperparameters,
@@ -113,8 +113,8 @@ function optionsOf(raw: string | undefined, inQuery: boolean): Record<string, un
   if (raw === undefined) return {};
   const where = inQuery ? 'options' : '__metadata__.asgd';
   const refuse = (field: string, message: string) => (inQuery ? errors.invalidQuery(field, message) : errors.invalidBody(`${field}: ${message}`));
-  const options = parseJsonWithin(raw, (deep) =>
-    refuse(where, deep ? `nested deeper than ${MAX_EMBEDDED_JSON_DEPTH} levels` : 'must be a JSON object {"name", "hyperparameters", "param_groups", …}')) as Record<string, unknown>;
+  const options = parseJsonWithin(raw, (problem) =>
+    refuse(where, problem ?? 'must be a JSON object {"name", "hyperparameters", "param_groups", …}')) as Record<string, unknown>;
   if (options === null || typeof options !== 'object' || Array.isArray(options)) throw refuse(where, 'must be a JSON object');
   for (const key of Object.keys(options)) if (!CREATE_KEYS.includes(key) || key === 'params') throw refuse(`${where}.${key}`, 'unknown key');
   return options;
