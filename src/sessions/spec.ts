@@ -25,6 +25,11 @@ export const PARAM_NAME_MAX = 256;
 /** Largest session: every tensor and every logged gradient must stay below PostgreSQL's 1 GB value limit. */
 export const MAX_SESSION_NUMEL = 250_000_000;
 export const MAX_PARAMS = 100_000;
+/**
+ * The most steps a loaded checkpoint may say a session took: 2^50 (over 10^15), far below 2^53, so that the
+ * steps after it are still counted exactly (answers compute step numbers in doubles).
+ */
+export const MAX_LOADED_STEP = 2 ** 50;
 export const MAX_DIMS = 16;
 
 export const HYPERPARAMETER_KEYS = ['lr', 'lambd', 'alpha', 't0', 'weight_decay', 'maximize'] as const;

@@ -94,6 +94,17 @@ test('a state_dict step count that cannot be stored and served back is refused b
   assert.equal(ck.statusCode, 400, ck.body);
   assert.equal(ck.json().code, 'INVALID_STATE_DICT');
   assert.match(ck.json().message, /^checkpoint\.optimizer\.state\[0\]\.step must be a whole number .* got 1\.0000000150474662e\+30/);
+  // A checkpoint's own step count beyond 2^50: the steps after it could not be counted exactly.
+  const served2 = (await app.inject({ url: '/v1/sessions/t/checkpoint?format=json' })).json();
+  const far = await app.inject({ method: 'PUT', url: '/v1/sessions/t/checkpoint', payload: { ...served2, step: 2 ** 50 + 1 } });
+  assert.equal(far.statusCode, 400, far.body);
+  assert.match(far.json().message, /^step: must be <= 1125899906842624/);
+  const farFile = torchFile(new Map<string, PickleValue>([
+    ['model', new Map([['w', weight], ['b', { key: 'b', numel: 2, size: [2], stride: [1] }]])], ['optimizer', stateDict(scalar('s', 1), weight)], ['step', 2n ** 51n],
+  ]));
+  const farPt = await app.inject({ method: 'PUT', url: '/v1/sessions/t/checkpoint', headers: PT, payload: farFile });
+  assert.equal(farPt.statusCode, 400, farPt.body);
+  assert.match(farPt.json().message, /^step: must be at most 1125899906842624/);
   assert.deepEqual(await observed(app), before);
 
   // the largest count (2**53 - 2**29, a float32) loads, and what is served then loads back, as JSON and as .pt
@@ -210,6 +221,10 @@ test('JSON nested deeper than any request needs is refused before it is parsed, 
     ['/v1/sessions/t/step', { metrics: deep(100_000) }, 'INVALID_BODY', /^__metadata__\.metrics: nested deeper than 16 levels/],
     ['/v1/sessions?name=d', { asgd: deep(100_000) }, 'INVALID_BODY', /^__metadata__\.asgd: nested deeper than 16 levels/],
     ['/v1/sessions?name=d', { asgd: '{"hyperparameters": 5' }, 'INVALID_BODY', /^__metadata__\.asgd: must be a JSON object/],
+    // A key twice, as in a JSON body: not the last value silently (lr 0.1 then 5 set lr to 5).
+    ['/v1/sessions/t/step', { param_groups: '[{"lr":0.1,"lr":5}]' }, 'INVALID_BODY', /^__metadata__\.param_groups: the key "lr" appears twice in one object/],
+    ['/v1/sessions/t/step', { metrics: '{"loss":1,"loss":2}' }, 'INVALID_BODY', /^__metadata__\.metrics: the key "loss" appears twice in one object/],
+    ['/v1/sessions?name=d', { asgd: '{"hyperparameters":{"lr":0.1,"lr":5}}' }, 'INVALID_BODY', /^__metadata__\.asgd: the key "lr" appears twice/],
   ] as const) {
     const res = await app.inject({ method: 'POST', url, headers: SAFETENSORS, payload: file(metadata) });
     assert.equal(res.statusCode, 400, `${url}: ${res.body}`);

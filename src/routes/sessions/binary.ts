@@ -10,10 +10,10 @@ import {
 } from '../../formats/index.ts';
 import type { BinaryGradient, GradientInput } from '../../sessions/gradients.ts';
 import type { LoadedStateDict, StateView } from '../../sessions/model.ts';
-import { MAX_PARAMS, publicGroup } from '../../sessions/spec.ts';
+import { MAX_LOADED_STEP, MAX_PARAMS, publicGroup } from '../../sessions/spec.ts';
 import { firstNonFinite } from '../../sessions/tensors.ts';
 import { asgdFromView, loadedFromAsgd, paramTensor, parseStateDict, readTensorField } from '../../sessions/state-dict.ts';
-import { MAX_EMBEDDED_JSON_DEPTH, parseJsonWithin } from '../../formats/json-depth.ts';
+import { parseJsonWithin } from '../../formats/json-depth.ts';
 import { MEDIA, type WireFormat } from '../media.ts';
 
 /** A parameter as float32: float16 and bfloat16 (a half-precision model's weights) are widened exactly. */
@@ -76,8 +76,7 @@ export function readStateDictBody(format: WireFormat, body: Buffer): LoadedState
     // Four tensors (step, eta, mu, ax) for each parameter of the largest session.
     const { state, paramGroups } = readOptimizerSafetensors(body, { maxTensors: 4 * MAX_PARAMS });
     if (paramGroups === undefined) throw errors.invalidStateDict('__metadata__.param_groups', 'is missing (a JSON list of the param groups)');
-    const groups = parseJsonWithin(paramGroups, (deep) =>
-      errors.invalidStateDict('__metadata__.param_groups', deep ? `nested deeper than ${MAX_EMBEDDED_JSON_DEPTH} levels` : 'is not valid JSON'));
+    const groups = parseJsonWithin(paramGroups, (problem) => errors.invalidStateDict('__metadata__.param_groups', problem ?? 'is not valid JSON'));
     return parseStateDict({ state, param_groups: groups });
   }
   return loadedFromAsgd(toAsgdStateDict(readTorchSave(body, { name: 'state_dict' }), { toFloat32: true }));
@@ -95,6 +94,7 @@ export function readCheckpointFile(body: Buffer): CheckpointInput {
   const checkpoint = toCheckpoint(value, { toFloat32: true });
   // As the JSON form's schema checks it (the file's step is any Python int).
   if (checkpoint.step < 0) throw errors.invalidStateDict('step', 'must be >= 0');
+  if (checkpoint.step > MAX_LOADED_STEP) throw errors.invalidStateDict('step', `must be at most ${MAX_LOADED_STEP} (2^50)`);
   // The model's parameters as PUT params takes them: float32 (or half widened), finite. Read again from the
   // file without the optimizer's conversion, which would round a float64 1e300 to Infinity.
   const model = toModelStateDict((value as PyDict).get('model')!, {}, 'checkpoint.model');

@@ -6,7 +6,7 @@ import type { Config } from '../../config.ts';
 import { errors } from '../../errors.ts';
 import type { ParamSpec } from '../../db/schema.ts';
 import type { LoadedParams } from '../../sessions/model.ts';
-import { numelOf } from '../../sessions/spec.ts';
+import { MAX_LOADED_STEP, numelOf } from '../../sessions/spec.ts';
 import { parseStateDict } from '../../sessions/state-dict.ts';
 import { firstNonFinite, readJsonTensor } from '../../sessions/tensors.ts';
 import { ACCESS, ifMatchOf, jsonBody, jsonOrFile, sessionJson, setVersion } from '../common.ts';
@@ -50,7 +50,7 @@ const StateDictIn = withCode(Type.Object({
 const CheckpointIn = Type.Object({
   model: Type.Record(Type.String(), Type.Unknown(), { description: 'The model state_dict: tensors by name' }),
   optimizer: StateDictIn,
-  step: Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER }),
+  step: Type.Integer({ minimum: 0, maximum: MAX_LOADED_STEP, description: 'The steps the session has taken (at most 2^50: the steps after it are counted exactly)' }),
 }, { additionalProperties: false });
 
 /** The parameters to load, as JSON: each a tensor {"shape", "data"} or a flat list (the session knows the shape). */

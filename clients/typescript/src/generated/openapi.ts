@@ -2669,6 +2669,7 @@ export interface operations {
                             [key: string]: unknown;
                         }[];
                     };
+                    /** @description The steps the session has taken (at most 2^50: the steps after it are counted exactly) */
                     step: number;
                 };
                 "application/octet-stream": string;
