@@ -1,6 +1,7 @@
 // The body-parser policy, built from the media table (src/routes/media.ts): JSON read as bytes and bounded
 // before it becomes a string, files as one bounded Buffer, and every route held to the types it lists.
 import fp from 'fastify-plugin';
+import { isUtf8 } from 'node:buffer';
 import type { Readable } from 'node:stream';
 import { errorCodes, type FastifyInstance } from 'fastify';
 import type { Config } from '../config.ts';
@@ -12,6 +13,37 @@ import { acceptedTypes, unsupportedMediaType } from './errors.ts';
 
 /** The deepest JSON body any route takes is a state_dict holding a nested-list tensor of 16 dimensions: about 22. */
 export const MAX_JSON_DEPTH = 64;
+
+/** An unpaired high or low surrogate (regular expressions without the u flag see UTF-16 code units). */
+const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
+const unstorable = (text: string): boolean => text.includes('\0') || LONE_SURROGATE.test(text);
+
+/**
+ * The path of the first string (a value or a key) in a parsed JSON value that holds a NUL or an unpaired
+ * UTF-16 surrogate, or null. Such text reached PostgreSQL (a group's extra value, param_names) and came back
+ * as a 400 naming no field. A list of numbers only (a tensor's data) is passed over in one scan.
+ */
+export function unstorableText(value: unknown, path: string): string | null {
+  if (typeof value === 'string') return unstorable(value) ? path || 'body' : null;
+  if (value === null || typeof value !== 'object') return null;
+  if (Array.isArray(value)) {
+    if (typeof value[0] === 'number' && value.every((v) => typeof v === 'number')) return null;
+    for (let i = 0; i < value.length; i++) {
+      const bad = unstorableText(value[i], `${path}[${i}]`);
+      if (bad) return bad;
+    }
+    return null;
+  }
+  for (const [key, v] of Object.entries(value)) {
+    const name = /^[A-Za-z_][A-Za-z0-9_]*$/.test(key) ? key : JSON.stringify(key);
+    const at = path ? `${path}.${name}` : name;
+    if (unstorable(key)) return at;
+    const bad = unstorableText(v, at);
+    if (bad) return bad;
+  }
+  return null;
+}
+
 /**
  * Arrays and objects in one JSON body at most. The most a request needs: a checkpoint or state_dict of
  * MAX_PARAMS parameters, each with its model tensor (an object, its shape and data lists) and its state
@@ -55,6 +87,11 @@ export default fp(
         done(errors.unsupportedMediaType(`application/json; charset=${quoteValue(headerText(charset))}`, 'application/json (UTF-8)'), undefined);
         return;
       }
+      // Bytes that are not UTF-8 would become U+FFFD silently (a parameter named "w\xff" stored as "w\ufffd").
+      if (!isUtf8(bytes)) {
+        done(errors.invalidBody('body: is not valid UTF-8 (JSON is UTF-8 text)'), undefined);
+        return;
+      }
       // Nesting is bounded before JSON.parse builds anything (formats/json-depth.ts).
       const text = bytes.toString('utf8');
       const big = jsonTooBigAt(text, MAX_JSON_DEPTH, MAX_JSON_CONTAINERS);
@@ -85,7 +122,12 @@ export default fp(
           // called constructor): the message names the key that was refused, not the first of the two.
           const at = err ? /"(__proto__)"\s*:/.exec(text) ?? /"(constructor)"\s*:\s*\{[^{}]*"prototype"\s*:/.exec(text) : null;
           if (at && isJsonText(text)) done(errors.invalidBody(`body: the key "${at[1]}" (at character ${at.index}) is not accepted in a JSON body: no field of this API has that name`), undefined);
-          else done(err, body);
+          else {
+            // A NUL or an unpaired surrogate can only come as a \u escape: only then is the value walked.
+            const bad = !err && text.includes('\\u') ? unstorableText(body, '') : null;
+            if (bad) done(errors.invalidBody(`${bad}: text with a NUL character or an unpaired UTF-16 surrogate is not accepted (PostgreSQL stores neither)`), undefined);
+            else done(err, body);
+          }
         }
       });
     });

@@ -107,3 +107,36 @@ test('Python json.dumps\' bare NaN and Infinity (not JSON) are read as those val
   const named = await send('{"grads": {"w": [0.5, 0.25]}, "metrics": {"NaN": 1}}');
   assert.equal(named.statusCode, 200, named.body);
 });
+
+test('text PostgreSQL cannot store (a NUL, an unpaired surrogate) and bytes that are not UTF-8 are refused, naming the field; the session is unchanged', async (t) => {
+  const { app } = await buildTestApp(t);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: session })).statusCode, 201);
+  const sd = (await app.inject({ url: '/v1/sessions/s/state_dict' })).json();
+  const put = (groups: string) => app.inject({
+    method: 'PUT', url: '/v1/sessions/s/state_dict', headers: { 'content-type': 'application/json' },
+    payload: `{"state":${JSON.stringify(sd.state)},"param_groups":[${groups}]}`,
+  });
+  const group = JSON.stringify(sd.param_groups[0]).slice(1, -1);
+  for (const [groups, field] of [
+    [`{${group},"note":"a\\u0000b"}`, 'param_groups[0].note'],
+    [`{${group},"note":"\\ud800"}`, 'param_groups[0].note'],
+    [`{${group},"\\udc00x":1}`, 'param_groups[0]."\\udc00x"'],
+  ] as const) {
+    const r = await put(groups);
+    assert.equal(r.statusCode, 400, r.body);
+    assert.equal(r.json().code, 'INVALID_BODY');
+    assert.equal(r.json().message.split(': text with')[0], field, r.body);
+  }
+  const created = await app.inject({ method: 'POST', url: '/v1/sessions', headers: { 'content-type': 'application/json' }, payload: '{"name":"u","params":[{"name":"w\\ud800","shape":[1],"data":[1]}]}' });
+  assert.equal(created.statusCode, 400, created.body);
+  assert.match(created.json().message, /^params\[0\]\.name: text with a NUL character or an unpaired UTF-16 surrogate/);
+  const latin1 = Buffer.concat([Buffer.from('{"name":"u","params":[{"name":"w'), Buffer.from([0xff, 0xfe]), Buffer.from('","shape":[1],"data":[1]}]}')]);
+  const notUtf8 = await app.inject({ method: 'POST', url: '/v1/sessions', headers: { 'content-type': 'application/json' }, payload: latin1 });
+  assert.equal(notUtf8.statusCode, 400, notUtf8.body);
+  assert.match(notUtf8.json().message, /^body: is not valid UTF-8/);
+  assert.equal((await app.inject({ url: '/v1/sessions/u' })).statusCode, 404);
+  // A surrogate pair (an emoji, escaped) is text like any other.
+  const ok = await put(`{${group},"note":"\\ud83d\\ude00"}`);
+  assert.equal(ok.statusCode, 200, ok.body);
+  assert.equal((await app.inject({ url: '/v1/sessions/s/state_dict' })).json().param_groups[0].note, '\u{1F600}');
+});
