@@ -94,6 +94,36 @@ export function firstDuplicateKey(text: string): { key: string; at: number } | n
   return null;
 }
 
+/** An unpaired high or low surrogate (regular expressions without the u flag see UTF-16 code units). */
+const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
+const unstorable = (text: string): boolean => text.includes('\0') || LONE_SURROGATE.test(text);
+
+/**
+ * The path of the first string (a value or a key) in a parsed JSON value that holds a NUL or an unpaired
+ * UTF-16 surrogate, or null. Such text reached PostgreSQL (a group's extra value, param_names) and came back
+ * as a 400 naming no field. A list of numbers only (a tensor's data) is passed over in one scan.
+ */
+export function unstorableText(value: unknown, path: string): string | null {
+  if (typeof value === 'string') return unstorable(value) ? path || 'body' : null;
+  if (value === null || typeof value !== 'object') return null;
+  if (Array.isArray(value)) {
+    if (typeof value[0] === 'number' && value.every((v) => typeof v === 'number')) return null;
+    for (let i = 0; i < value.length; i++) {
+      const bad = unstorableText(value[i], `${path}[${i}]`);
+      if (bad) return bad;
+    }
+    return null;
+  }
+  for (const [key, v] of Object.entries(value)) {
+    const name = /^[A-Za-z_][A-Za-z0-9_]*$/.test(key) ? key : JSON.stringify(key);
+    const at = path ? `${path}.${name}` : name;
+    if (unstorable(key)) return at;
+    const bad = unstorableText(v, at);
+    if (bad) return bad;
+  }
+  return null;
+}
+
 /** How deep the JSON a metadata entry or an option string holds may nest (a few levels in practice). */
 export const MAX_EMBEDDED_JSON_DEPTH = 16;
 
@@ -113,6 +143,8 @@ export function parseJsonWithin(text: string, refuse: (problem: string | null) =
   // As in a JSON body: JSON.parse would keep the last of two values ({"lr": 0.1, "lr": 5} set lr to 5).
   const twice = firstDuplicateKey(text);
   if (twice) throw refuse(`the key ${JSON.stringify(twice.key.slice(0, 100))} appears twice in one object; give each key once`);
+  const bad = text.includes('\\u') ? unstorableText(value, '') : null;
+  if (bad) throw refuse(`${bad === 'body' ? 'the value' : bad}: text with a NUL character or an unpaired UTF-16 surrogate is not accepted`);
   return value;
 }
 

@@ -6,43 +6,13 @@ import type { Readable } from 'node:stream';
 import { errorCodes, type FastifyInstance } from 'fastify';
 import type { Config } from '../config.ts';
 import { errors, headerText, quoteValue } from '../errors.ts';
-import { firstDuplicateKey, jsonTooBigAt, quoteNonFiniteTokens } from '../formats/json-depth.ts';
+import { firstDuplicateKey, jsonTooBigAt, quoteNonFiniteTokens, unstorableText } from '../formats/json-depth.ts';
 import { BINARY_MEDIA_TYPES } from '../routes/media.ts';
 import { MAX_DIMS, MAX_PARAMS } from '../sessions/spec.ts';
 import { acceptedTypes, unsupportedMediaType } from './errors.ts';
 
 /** The deepest JSON body any route takes is a state_dict holding a nested-list tensor of 16 dimensions: about 22. */
 export const MAX_JSON_DEPTH = 64;
-
-/** An unpaired high or low surrogate (regular expressions without the u flag see UTF-16 code units). */
-const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
-const unstorable = (text: string): boolean => text.includes('\0') || LONE_SURROGATE.test(text);
-
-/**
- * The path of the first string (a value or a key) in a parsed JSON value that holds a NUL or an unpaired
- * UTF-16 surrogate, or null. Such text reached PostgreSQL (a group's extra value, param_names) and came back
- * as a 400 naming no field. A list of numbers only (a tensor's data) is passed over in one scan.
- */
-export function unstorableText(value: unknown, path: string): string | null {
-  if (typeof value === 'string') return unstorable(value) ? path || 'body' : null;
-  if (value === null || typeof value !== 'object') return null;
-  if (Array.isArray(value)) {
-    if (typeof value[0] === 'number' && value.every((v) => typeof v === 'number')) return null;
-    for (let i = 0; i < value.length; i++) {
-      const bad = unstorableText(value[i], `${path}[${i}]`);
-      if (bad) return bad;
-    }
-    return null;
-  }
-  for (const [key, v] of Object.entries(value)) {
-    const name = /^[A-Za-z_][A-Za-z0-9_]*$/.test(key) ? key : JSON.stringify(key);
-    const at = path ? `${path}.${name}` : name;
-    if (unstorable(key)) return at;
-    const bad = unstorableText(v, at);
-    if (bad) return bad;
-  }
-  return null;
-}
 
 /**
  * Arrays and objects in one JSON body at most. The most a request needs: a checkpoint or state_dict of

@@ -225,6 +225,8 @@ test('JSON nested deeper than any request needs is refused before it is parsed, 
     ['/v1/sessions/t/step', { param_groups: '[{"lr":0.1,"lr":5}]' }, 'INVALID_BODY', /^__metadata__\.param_groups: the key "lr" appears twice in one object/],
     ['/v1/sessions/t/step', { metrics: '{"loss":1,"loss":2}' }, 'INVALID_BODY', /^__metadata__\.metrics: the key "loss" appears twice in one object/],
     ['/v1/sessions?name=d', { asgd: '{"hyperparameters":{"lr":0.1,"lr":5}}' }, 'INVALID_BODY', /^__metadata__\.asgd: the key "lr" appears twice/],
+    ['/v1/sessions/t/step', { metrics: '{"a\\u0000":1}' }, 'INVALID_BODY', /^__metadata__\.metrics: "a\\u0000": text with a NUL character/],
+    ['/v1/sessions/t/step', { param_groups: '[{"note":"\\ud800"}]' }, 'INVALID_BODY', /^__metadata__\.param_groups: \[0\]\.note: text with a NUL character or an unpaired/],
   ] as const) {
     const res = await app.inject({ method: 'POST', url, headers: SAFETENSORS, payload: file(metadata) });
     assert.equal(res.statusCode, 400, `${url}: ${res.body}`);
