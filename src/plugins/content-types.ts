@@ -31,6 +31,12 @@ export default fp(
     // (~512 MiB) would otherwise throw inside the body reader and take the process down.
     const parseJson = fastify.getDefaultJsonParser('error', 'error');
     fastify.removeContentTypeParser('application/json');
+    /** Bodies holding text PostgreSQL cannot store (a NUL, an unpaired surrogate): the field's path. */
+    const unstorableIn = new WeakMap<object, string>();
+    fastify.addHook('preHandler', async (request) => {
+      const bad = unstorableIn.get(request);
+      if (bad !== undefined) throw errors.invalidBody(`${bad}: text with a NUL character or an unpaired UTF-16 surrogate is not accepted (PostgreSQL stores neither)`);
+    });
     /** Whether `text` is JSON as JSON.parse reads it (which takes "__proto__" as a plain key: nothing is polluted). */
     const isJsonText = (text: string): boolean => {
       try {
@@ -59,7 +65,7 @@ export default fp(
       }
       // Bytes that are not UTF-8 would become U+FFFD silently (a parameter named "w\xff" stored as "w\ufffd").
       if (!isUtf8(bytes)) {
-        done(errors.invalidBody('body: is not valid UTF-8 (JSON is UTF-8 text)'), undefined);
+        done(errors.invalidJson('it is not UTF-8 text'), undefined);
         return;
       }
       // Nesting is bounded before JSON.parse builds anything (formats/json-depth.ts).
@@ -94,9 +100,10 @@ export default fp(
           if (at && isJsonText(text)) done(errors.invalidBody(`body: the key "${at[1]}" (at character ${at.index}) is not accepted in a JSON body: no field of this API has that name`), undefined);
           else {
             // A NUL or an unpaired surrogate can only come as a \u escape: only then is the value walked.
+            // Refused after the route's schema (preHandler below), which names a field it checks with its own code.
             const bad = !err && text.includes('\\u') ? unstorableText(body, '') : null;
-            if (bad) done(errors.invalidBody(`${bad}: text with a NUL character or an unpaired UTF-16 surrogate is not accepted (PostgreSQL stores neither)`), undefined);
-            else done(err, body);
+            if (bad) unstorableIn.set(request, bad);
+            done(err, body);
           }
         }
       });
