@@ -149,9 +149,11 @@ export const backoffMs = (n) => Math.min(30_000, 1000 * 2 ** Math.max(0, n - 1))
  * @param {AbortSignal} signal
  * @param {(state: StreamState, detail?: { retryMs: number, message: string, status?: number }) => void} [onState]
  * @param {() => number | null} [since] the version the page has (sent as Last-Event-ID until an event came)
+ * @param {EventTarget} [wake] a 'wake' event on it ends a wait before reconnecting (the page's reads show the
+ *   service is back: the stream need not sit out the rest of its backoff), and the backoff starts again
  * @returns {Promise<'unsupported' | 'gone' | 'aborted'>}
  */
-export async function followEvents(session, onEvent, signal, onState, since) {
+export async function followEvents(session, onEvent, signal, onState, since, wake) {
   let failures = 0;
   /** @type {number | null} */
   let lastVersion = null;
@@ -237,7 +239,14 @@ export async function followEvents(session, onEvent, signal, onState, since) {
     failures++;
     const retryMs = failure.ended && failures === 1 ? 0 : backoffMs(failure.ended ? failures - 1 : failures);
     onState?.(failure.status === undefined ? 'offline' : 'error', { retryMs, message: failure.message, status: failure.status });
-    if (retryMs > 0) await sleep(retryMs, signal);
+    if (retryMs > 0) {
+      const woken = new AbortController();
+      const onWake = () => woken.abort();
+      wake?.addEventListener('wake', onWake, { once: true });
+      await sleep(retryMs, AbortSignal.any([signal, woken.signal]));
+      wake?.removeEventListener('wake', onWake);
+      if (woken.signal.aborted) failures = 0;
+    }
   }
   return 'aborted';
 }

@@ -48,7 +48,9 @@ export function sessionPage(root, name, who) {
   let xMode = 'step';
 
   const cards = h('div', { className: 'cards', id: 'cards' });
-  const live = h('span', { className: 'live', id: 'live' }, 'connecting…');
+  const live = h('span', { className: 'live', id: 'live', role: 'status' }, 'connecting…');
+  /** Told when reads work again, so that the events stream stops waiting to reconnect (followEvents). */
+  const streamWake = new EventTarget();
   const xToggle = /** @type {HTMLSelectElement} */ (h('select', { 'aria-label': 'x axis' }, h('option', { value: 'step' }, 'over steps'), h('option', { value: 'time' }, 'over time')));
   xToggle.addEventListener('change', () => {
     xMode = /** @type {'step' | 'time'} */ (xToggle.value);
@@ -366,6 +368,8 @@ export function sessionPage(root, name, who) {
     readOkAt = Date.now();
     if (readTrouble === null) return;
     readTrouble = null;
+    // Reads work again (the service is back): a stream waiting out its backoff reconnects now.
+    streamWake.dispatchEvent(new Event('wake'));
     readFailures = 0;
     clearTimeout(readRetry);
     readRetry = undefined;
@@ -534,7 +538,7 @@ export function sessionPage(root, name, who) {
         const retry = detail && detail.retryMs > 0 ? `; retrying in ${Math.round(detail.retryMs / 1000)} s` : '; reconnecting…';
         // offline: the service cannot be reached, or it stopped answering (a silent stream was dropped).
         setLive(state, `not live: ${detail?.message ?? (state === 'offline' ? 'the service cannot be reached' : 'error')}${retry}`);
-      }, () => session?.version ?? null);
+      }, () => session?.version ?? null, streamWake);
       if (how === 'gone') {
         if (seen) gone();
         else await missing();
