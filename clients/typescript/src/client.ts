@@ -129,6 +129,9 @@ export class ASGDClient {
    * request goes again with the same key: the contribution counts once.
    */
   async step(name: string, grads: Gradients, options: StepOptions = {}): Promise<StepResult> {
+    if (grads === null || typeof grads !== 'object' || Array.isArray(grads)) {
+      throw new TypeError('grads: must be an object mapping parameter names to gradients (Float32Array, number[] or {shape, data})');
+    }
     if (options.idempotencyKey === null && options.worker !== undefined) {
       throw new RangeError('idempotencyKey: a contribution to a round needs one (its 202 pending is followed by sending it again)');
     }

@@ -303,3 +303,10 @@ test('the client against a live service', { skip: skipWithoutTorch() }, async (t
     assert.equal(err.status, 400);
   });
 });
+
+test('step() with no gradients object says so before any request', async () => {
+  const client = new ASGDClient('http://127.0.0.1:9', { logger: null });
+  for (const grads of [null, undefined, 5, [1, 2]]) {
+    await assert.rejects(client.step('s', grads as never), /^TypeError: grads: must be an object mapping parameter names to gradients/, String(grads));
+  }
+});

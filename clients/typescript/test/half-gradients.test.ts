@@ -30,3 +30,12 @@ test('F16 and BF16 gradients step the session as torch does with the rounded gra
     assert.deepEqual(hexOf((await client.params(name)).params.w.data), torch.params.w, dtype);
   }
 });
+
+test('a finite gradient that overflows float16 is refused by the client, naming the element; infinities and NaN go as they are', () => {
+  assert.throws(() => encodeSafetensors({ b: { shape: [2], data: [1, 1e6] } }, {}, 'F16'), /^RangeError: b: element 1 \(1000000\) overflows float16 \(largest finite 65504\); send it as F32$/);
+  assert.doesNotThrow(() => encodeSafetensors({ b: { shape: [2], data: [65504, -65504] } }, {}, 'F16'));
+  assert.doesNotThrow(() => encodeSafetensors({ b: { shape: [2], data: [1e6, 3e38] } }, {}, 'BF16'));
+  assert.throws(() => encodeSafetensors({ b: { shape: [1], data: [3.4e38] } }, {}, 'BF16'), /overflows bfloat16/);
+  // Not finite to begin with: the service refuses it, naming it (NON_FINITE_GRADIENT).
+  assert.doesNotThrow(() => encodeSafetensors({ b: { shape: [2], data: [Infinity, NaN] } }, {}, 'F16'));
+});
