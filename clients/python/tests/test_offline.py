@@ -70,6 +70,14 @@ class Safetensors(unittest.TestCase):
                 st.decode(bad)
 
 
+    def test_a_finite_gradient_that_overflows_half_precision_is_refused_naming_it(self):
+        with self.assertRaisesRegex(OverflowError, r"^b: element 1 \(1000000\.0\) overflows float16 \(largest finite 65504\)"):
+            st.encode({"w": torch.ones(2), "b": torch.tensor([1.0, 1e6])}, dtype="F16")
+        # Infinities and NaN are sent as they are (the service names them); the largest finite F16 is fine.
+        st.encode({"b": torch.tensor([float("inf"), float("nan"), 65504.0])}, dtype="F16")
+        st.encode({"b": torch.tensor([1e6])}, dtype="BF16")
+
+
 class JsonForms(unittest.TestCase):
     def test_tensor_json_round_trip_keeps_non_finite(self):
         t = torch.tensor([[1.0, math.nan], [math.inf, -math.inf]])
