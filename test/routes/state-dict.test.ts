@@ -137,6 +137,19 @@ test('If-Match, Idempotency-Key and bounded staleness', async (t) => {
   const reused = await step({ 'idempotency-key': 'k-1' }, '', grads(2));
   assert.equal(reused.statusCode, 422);
   assert.equal(reused.json().code, 'IDEMPOTENCY_KEY_REUSED');
+  // The same request serialized anew (keys in another order, base_version in the query instead of the body)
+  // is a retry: the first answer, not a 422.
+  const g3 = grads(3);
+  const sent = await app.inject({ method: 'POST', url: '/v1/sessions/sd/step', headers: { 'idempotency-key': 'k-2', 'content-type': 'application/json' },
+    payload: JSON.stringify({ metrics: { loss: 1, acc: 0.5 }, grads: g3, base_version: 3 }) });
+  assert.equal(sent.statusCode, 200, sent.body);
+  const respelled = await app.inject({ method: 'POST', url: '/v1/sessions/sd/step?base_version=3', headers: { 'idempotency-key': 'k-2', 'content-type': 'application/json' },
+    payload: JSON.stringify({ grads: Object.fromEntries(Object.entries(g3).reverse()), metrics: { acc: 0.5, loss: 1 } }) });
+  assert.equal(respelled.statusCode, 200, respelled.body);
+  assert.equal(respelled.json().replayed, true);
+  assert.equal(respelled.json().version, sent.json().version);
+  const otherBase = await app.inject({ method: 'POST', url: '/v1/sessions/sd/step?base_version=2', headers: { 'idempotency-key': 'k-2' }, payload: { grads: g3, metrics: { loss: 1, acc: 0.5 } } });
+  assert.equal(otherBase.json().code, 'IDEMPOTENCY_KEY_REUSED', 'another base_version is another request');
 
   const patch = await app.inject({ method: 'PATCH', url: '/v1/sessions/sd', payload: { max_staleness: 1 } });
   assert.equal(patch.statusCode, 200);

@@ -241,9 +241,12 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
       paramGroups = body.param_groups;
       metrics = parseMetrics(body.metrics);
       if (hash) {
+        // The request, not its spelling: keys in any order, and base_version, worker and samples wherever they
+        // came (hashed below as read), so that a retry serialized anew gets the first answer.
+        const { base_version: _b, worker: _w, samples: _s, ...rest } = body as Record<string, unknown>;
         let text: string;
         try {
-          text = JSON.stringify(body);
+          text = canonicalJson(rest);
         } catch {
           // Only nesting deep enough to exhaust the stack fails here; the gradient would be refused anyway.
           throw errors.invalidBody('grads: nested too deeply');
@@ -313,3 +316,17 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
 };
 
 export default stepRoutes;
+
+/**
+ * JSON text of a parsed body with every object's keys sorted: the same for the same request however its
+ * keys were ordered. A list of numbers (a gradient's data) is written at once, as JSON.stringify does.
+ */
+function canonicalJson(value: unknown): string {
+  if (Array.isArray(value)) {
+    return typeof value[0] === 'number' ? JSON.stringify(value) : `[${value.map((v) => canonicalJson(v === undefined ? null : v)).join(',')}]`;
+  }
+  if (value !== null && typeof value === 'object') {
+    return `{${Object.keys(value).sort().map((k) => `${JSON.stringify(k)}:${canonicalJson((value as Record<string, unknown>)[k])}`).join(',')}}`;
+  }
+  return JSON.stringify(value) ?? 'null';
+}
