@@ -271,6 +271,7 @@ class Client:
                     raise
                 self._fall_back(err)
                 headers["Idempotency-Key"] = uuid.uuid4().hex
+        _check_half(grads, grad_dtype)
         payload: Dict[str, Any] = {"grads": {n: tensor_to_json(_rounded(g, grad_dtype)) for n, g in grads.items()}}
         if base_version is not None:
             payload["base_version"] = base_version
@@ -546,8 +547,19 @@ def _step_extras(returns: str, param_groups: Optional[Sequence[Mapping[str, Any]
     return extras
 
 
+def _check_half(grads: Mapping[str, TensorLike], grad_dtype: str) -> None:
+    """A finite gradient that overflows the wire's half type is refused here, naming it."""
+    for name, g in grads.items():
+        over = st.half_overflow(g, grad_dtype)
+        if over is not None:
+            largest = "65504" if grad_dtype == "F16" else "about 3.39e38"
+            raise OverflowError(f"grads[{name!r}]: element {over[0]} ({over[1]}) overflows {'float16' if grad_dtype == 'F16' else 'bfloat16'} "
+                                f"(largest finite {largest}); send the gradients as float32")
+
+
 def _safetensors_step(grads: Mapping[str, TensorLike], extras: Mapping[str, Any], grad_dtype: str) -> bytearray:
     """A safetensors step body: the gradients, and the extras as JSON in ``__metadata__``."""
+    _check_half(grads, grad_dtype)
     metadata = {k: json.dumps(v, separators=(",", ":"), allow_nan=False) for k, v in extras.items()}
     return st.encode(grads, metadata=metadata or None, dtype=grad_dtype)
 

@@ -71,17 +71,7 @@ _TORCH_WIRE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 def _torch_bytes(t: Any, dtype: str) -> Any:
     """Little-endian bytes of a CPU torch tensor converted (rounded to nearest even) to ``dtype``."""
     torch = _torch()
-    original = t
     t = t.to(device="cpu", dtype=getattr(torch, _TORCH_WIRE[dtype])).contiguous()
-    if dtype != "F32":
-        # A finite value that rounds to an infinity overflows the narrow type: said here, naming it, rather
-        # than the service's "not finite" about a number the caller never had.
-        over = torch.isinf(t) & torch.isfinite(original.to(device="cpu"))
-        if bool(over.any()):
-            i = int(over.reshape(-1).nonzero()[0])
-            largest = "65504" if dtype == "F16" else "about 3.39e38"
-            raise OverflowError(f"element {i} ({float(original.reshape(-1)[i])}) overflows {_TORCH_WIRE[dtype]} (largest finite "
-                                f"{largest}); send the gradients as float32")
     if dtype == "BF16":  # numpy has no bfloat16: move its bit patterns as int16
         t = t.view(torch.int16)
     try:
@@ -132,6 +122,21 @@ def _as_torch(value: Any) -> Any:
     return torch.tensor([float(x) for x in values], dtype=torch.float32).reshape([int(d) for d in shape])
 
 
+def half_overflow(value: Any, dtype: str) -> Optional[Tuple[int, float]]:
+    """(index, value) of the first element of a torch tensor that is finite but rounds to an infinity in
+    ``dtype`` (F16 above 65504, BF16 near float32's limit), or None. A step refuses such a gradient naming it
+    (the service would say "not finite" about a number the caller never had); encode() rounds as torch does."""
+    if dtype == "F32" or not type(value).__module__.startswith("torch"):
+        return None
+    torch = _torch()
+    t = value.detach().to(device="cpu")
+    over = torch.isinf(t.to(getattr(torch, _TORCH_WIRE[dtype]))) & torch.isfinite(t)
+    if not bool(over.any()):
+        return None
+    i = int(over.reshape(-1).nonzero()[0])
+    return i, float(t.reshape(-1)[i])
+
+
 def _torch():
     import torch
 
@@ -148,10 +153,7 @@ def encode(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, str]] = N
     for name, value in tensors.items():
         if not isinstance(name, str) or name == "__metadata__":
             raise ValueError(f"invalid tensor name {name!r}")
-        try:
-            shape, data = _f32_bytes(value, dtype)
-        except OverflowError as err:
-            raise OverflowError(f"{name}: {err}") from None
+        shape, data = _f32_bytes(value, dtype)
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
         chunks.append(data)
         offset += len(data)

@@ -2,7 +2,7 @@
 // events of GET /v1/sessions/{name}/events as an async iterator.
 import { ProtocolError, RoundPending } from './errors.ts';
 import { type Answer, type Exchange, newIdempotencyKey, parseJson, Transport, type TransportOptions } from './http.ts';
-import { decodeSafetensors, encodeSafetensors, type SafetensorsFile } from './safetensors.ts';
+import { decodeSafetensors, encodeSafetensors, firstHalfOverflow, type SafetensorsFile } from './safetensors.ts';
 import { asFloat32, fromJsonTensors, type Tensor, type TensorInput, type TensorLike, toJsonData } from './tensors.ts';
 import type {
   CheckpointFormat, CreatedToken, CreateSessionSpec, CreateTokenRequest, ForkRequest, Gradients, HyperparameterChanges, ListSessionsOptions,
@@ -160,7 +160,13 @@ export class ASGDClient {
       if (options.metrics) metadata.metrics = JSON.stringify(options.metrics);
       // The round's fields in the query, beside base_version: the file's metadata holds JSON only.
       Object.assign(x.query!, { base_version: options.baseVersion, worker: options.worker, samples: options.samples });
-      x.bytes = encodeSafetensors(await this.shaped(name, grads), metadata, options.dtype ?? 'F32');
+      const shaped = await this.shaped(name, grads);
+      const dtype = options.dtype ?? 'F32';
+      for (const [param, t] of Object.entries(shaped)) {
+        const i = firstHalfOverflow(t.data, dtype);
+        if (i >= 0) throw new RangeError(`grads.${param}: element ${i} (${t.data[i]}) overflows ${dtype === 'F16' ? 'float16 (largest finite 65504)' : 'bfloat16'}; send it as F32`);
+      }
+      x.bytes = encodeSafetensors(shaped, metadata, dtype);
       x.contentType = SAFETENSORS;
       x.accept = ret === 'none' ? 'application/json' : `${SAFETENSORS}, application/json;q=0.5`;
     }

@@ -68,7 +68,22 @@ export function bfloat16BitsToFloat32(b: number): number {
   return f32[0];
 }
 
-function encodeData(data: ArrayLike<number>, dtype: DType, name: string): Uint8Array {
+/**
+ * The first element of `data` that is finite but rounds to an infinity in `dtype` (F16 above 65504, BF16
+ * near float32's limit), or -1. A step refuses such a gradient naming it (Client.step): the service would
+ * otherwise say 'not finite' about a number the caller never had. The encoder itself rounds as torch does.
+ */
+export function firstHalfOverflow(data: ArrayLike<number>, dtype: DType): number {
+  if (dtype === 'F32') return -1;
+  const convert = dtype === 'F16' ? float32ToFloat16Bits : float32ToBfloat16Bits;
+  const exponent = dtype === 'F16' ? 0x7c00 : 0x7f80;
+  for (let i = 0; i < data.length; i++) {
+    if ((convert(data[i]) & exponent) === exponent && Number.isFinite(Math.fround(data[i]))) return i;
+  }
+  return -1;
+}
+
+function encodeData(data: ArrayLike<number>, dtype: DType): Uint8Array {
   if (dtype === 'F32') {
     const out = new Uint8Array(data.length * 4);
     const view = new DataView(out.buffer);
@@ -76,18 +91,9 @@ function encodeData(data: ArrayLike<number>, dtype: DType, name: string): Uint8A
     return out;
   }
   const convert = dtype === 'F16' ? float32ToFloat16Bits : float32ToBfloat16Bits;
-  // All exponent bits set: an infinity (or NaN). A finite value that rounds to one overflows the narrow type:
-  // said here, where the value is the caller's, not as the service's 'not finite' about a number never sent.
-  const exponent = dtype === 'F16' ? 0x7c00 : 0x7f80;
   const out = new Uint8Array(data.length * 2);
   const view = new DataView(out.buffer);
-  for (let i = 0; i < data.length; i++) {
-    const bits = convert(data[i]);
-    if ((bits & exponent) === exponent && Number.isFinite(Math.fround(data[i]))) {
-      throw new RangeError(`${name}: element ${i} (${data[i]}) overflows ${dtype === 'F16' ? 'float16 (largest finite 65504)' : 'bfloat16'}; send it as F32`);
-    }
-    view.setUint16(i * 2, bits, true);
-  }
+  for (let i = 0; i < data.length; i++) view.setUint16(i * 2, convert(data[i]), true);
   return out;
 }
 
@@ -102,7 +108,7 @@ export function encodeSafetensors(tensors: Record<string, TensorInput>, metadata
   let offset = 0;
   for (const [name, t] of Object.entries(tensors)) {
     if (numelOf(t.shape) !== t.data.length) throw new RangeError(`${name}: shape [${t.shape.join(', ')}] does not hold ${t.data.length} values`);
-    const bytes = encodeData(t.data, dtype, name);
+    const bytes = encodeData(t.data, dtype);
     header[name] = { dtype, shape: t.shape, data_offsets: [offset, offset + bytes.length] };
     parts.push(bytes);
     offset += bytes.length;

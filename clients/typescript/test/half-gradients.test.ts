@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import test from 'node:test';
-import { decodeSafetensors, encodeSafetensors } from '../src/index.ts';
+import { ASGDClient, decodeSafetensors, encodeSafetensors } from '../src/index.ts';
 import { hexOf, liveService, rng, runTorchReference, skipWithoutTorch, uniqueName } from './service.ts';
 
 const gradientsSource = readFileSync(new URL('../../../src/sessions/gradients.ts', import.meta.url), 'utf8');
@@ -31,11 +31,12 @@ test('F16 and BF16 gradients step the session as torch does with the rounded gra
   }
 });
 
-test('a finite gradient that overflows float16 is refused by the client, naming the element; infinities and NaN go as they are', () => {
-  assert.throws(() => encodeSafetensors({ b: { shape: [2], data: [1, 1e6] } }, {}, 'F16'), /^RangeError: b: element 1 \(1000000\) overflows float16 \(largest finite 65504\); send it as F32$/);
-  assert.doesNotThrow(() => encodeSafetensors({ b: { shape: [2], data: [65504, -65504] } }, {}, 'F16'));
-  assert.doesNotThrow(() => encodeSafetensors({ b: { shape: [2], data: [1e6, 3e38] } }, {}, 'BF16'));
-  assert.throws(() => encodeSafetensors({ b: { shape: [1], data: [3.4e38] } }, {}, 'BF16'), /overflows bfloat16/);
-  // Not finite to begin with: the service refuses it, naming it (NON_FINITE_GRADIENT).
-  assert.doesNotThrow(() => encodeSafetensors({ b: { shape: [2], data: [Infinity, NaN] } }, {}, 'F16'));
+test('a step with a finite gradient that overflows float16/bfloat16 is refused by the client before any request, naming the element; the encoder rounds as torch does', async () => {
+  const client = new ASGDClient('http://127.0.0.1:9', { logger: null });
+  await assert.rejects(client.step('s', { w: { shape: [1], data: [1] }, b: { shape: [2], data: [1, 1e6] } }, { dtype: 'F16' }),
+    /^RangeError: grads\.b: element 1 \(1000000\) overflows float16 \(largest finite 65504\); send it as F32$/);
+  await assert.rejects(client.step('s', { b: { shape: [1], data: [3.4e38] } }, { dtype: 'BF16' }), /overflows bfloat16/);
+  // The encoder itself is torch's .half(): 1e6 becomes +Infinity there, as in torch.
+  const widened = decodeSafetensors(encodeSafetensors({ b: { shape: [2], data: [65504, 1e6] } }, {}, 'F16')).tensors.get('b')!.data;
+  assert.deepEqual(Array.from(widened), [65504, Infinity]);
 });
