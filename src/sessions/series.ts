@@ -154,6 +154,65 @@ export async function hyperChanges(q: Queryable, sessionId: number, afterVersion
   return rows.map((r) => ({ version: r.version, step: r.step, time: new Date(r.created_at), reason: r.reason, paramGroups: r.hyper }));
 }
 
+/** The newest changes a downsampled read keeps as they are, whatever their bucket (the dashboard lists them). */
+export const NEWEST_CHANGES_KEPT = 20;
+
+/**
+ * The changes after `afterVersion` fitted to the buckets of `downsampledSeries` with the same `afterVersion`
+ * and `maxPoints` (the same first version and width), when there are more than `maxPoints`: in each bucket
+ * its last change made by a step and its last change of another kind (a load, restore or PATCH), and the
+ * newest NEWEST_CHANGES_KEPT changes whatever their bucket. The values in force at a bucket's last step
+ * (its point on the dashboard's charts) are then exactly those the full history gives there. One scan in
+ * version order; 100,000 changes are ~100 pages of the paged read.
+ */
+export async function downsampledHyperChanges(
+  db: Database, sessionId: number, afterVersion: number, maxPoints: number,
+): Promise<{ changes: HyperChange[]; total: number; downsampled: boolean }> {
+  return db.transaction(async (tx) => {
+    const [range] = await tx.query<{ total: number; n: number; first: number | null; last: number | null; cfirst: number | null; clast: number | null }>(
+      `SELECT (SELECT count(*) FROM step_history WHERE session_id = $1 AND version > $2 AND hyper IS NOT NULL)::float8
+                + (SELECT count(*) FROM group_changes WHERE session_id = $1 AND version > $2)::float8 AS total,
+              count(*)::float8 AS n, min(version)::float8 AS first, max(version)::float8 AS last
+       FROM step_history WHERE session_id = $1 AND version > $2`,
+      [sessionId, afterVersion],
+    );
+    if (range.total <= maxPoints) {
+      return { changes: await hyperChanges(tx, sessionId, afterVersion, maxPoints), total: range.total, downsampled: false };
+    }
+    if (db.kind === 'postgres') {
+      await tx.query('SET LOCAL jit = off');
+      await tx.query("SET LOCAL work_mem = '64MB'");
+    }
+    // No step after afterVersion (the changes are all loads/restores): buckets over the changes' own versions.
+    let { first, last } = range;
+    if (first === null || last === null) {
+      const [own] = await tx.query<{ first: number; last: number }>(
+        'SELECT min(version)::float8 AS first, max(version)::float8 AS last FROM group_changes WHERE session_id = $1 AND version > $2',
+        [sessionId, afterVersion],
+      );
+      ({ first, last } = own);
+    }
+    const width = Math.ceil((last! - first! + 1) / maxPoints);
+    const rows = await tx.query<{ version: number; step: number; created_at: string; reason: string; hyper: Record<string, unknown>[] }>(
+      `SELECT version::float8 AS version, step::float8 AS step, created_at, reason, hyper FROM (
+         SELECT c.*,
+           row_number() OVER (ORDER BY version DESC) AS from_end,
+           row_number() OVER (PARTITION BY least(greatest(floor((version - $3)::float8 / $4), 0), $5 - 1), reason = 'step' ORDER BY version DESC) AS in_bucket
+         FROM (SELECT version, step, created_at, 'step' AS reason, hyper FROM step_history WHERE session_id = $1 AND version > $2 AND hyper IS NOT NULL
+               UNION ALL
+               SELECT version, step, created_at, reason, hyper FROM group_changes WHERE session_id = $1 AND version > $2) c
+       ) r
+       WHERE from_end <= $6 OR in_bucket = 1 ORDER BY version`,
+      [sessionId, afterVersion, first, width, maxPoints, NEWEST_CHANGES_KEPT],
+    );
+    return {
+      changes: rows.map((r) => ({ version: r.version, step: r.step, time: new Date(r.created_at), reason: r.reason, paramGroups: r.hyper })),
+      total: range.total,
+      downsampled: true,
+    };
+  }, { consistentRead: true });
+}
+
 /**
  * Each group's hyperparameters at the session's first version (the initial_groups table), in the form of a
  * change's: what was in force before the first change. null when not known (see the table).

@@ -2,6 +2,7 @@
 // session's before a checkpoint or snapshot), as a new version written as a snapshot.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import type { InjectOptions } from 'fastify';
 import { buildTestApp, randomData } from '../helper.ts';
 
 const params = [
@@ -165,4 +166,53 @@ test('PATCH param_groups is refused while a round has contributions (a new versi
   const done = await app.inject({ method: 'POST', url: '/v1/sessions/r/step?wait=1', payload: { grads: grads(1), worker: 'w1', base_version: 1 } });
   assert.equal(done.statusCode, 200, done.body);
   assert.equal((await app.inject({ method: 'PATCH', url: '/v1/sessions/r/param_groups', payload: { param_groups: [{ lr: 0.5 }, {}] } })).statusCode, 200, 'between rounds');
+});
+
+test('GET hyperparameters?max_points: a scheduler\'s every-step changes fitted to the metrics\' buckets; the values at each bucket\'s last step are exact, the newest 20 kept', async (t) => {
+  const app = await setup(t);
+  const inject = async (opts: InjectOptions) => {
+    const res = await app.inject(opts);
+    assert.ok(res.statusCode < 300, res.body);
+    return res.json();
+  };
+  // 3 steps without changes (setup), then 240 steps each setting lr (a scheduler), a PATCH among them.
+  for (let k = 0; k < 240; k++) {
+    await inject({ method: 'POST', url: '/v1/sessions/h/step', payload: { grads: grads(k), param_groups: [{ lr: 0.03 * 0.99 ** k }, { lr: 0.1 / (1 + k) }], metrics: { loss: 1 / (1 + k) } } });
+    if (k === 100) await inject({ method: 'PATCH', url: '/v1/sessions/h/param_groups', payload: { param_groups: [{ weight_decay: 0.02 }, {}] } });
+  }
+  const all: { version: number; param_groups: unknown[] }[] = [];
+  for (;;) {
+    const page = await inject({ url: `/v1/sessions/h/hyperparameters?after_version=${all.at(-1)?.version ?? 0}&limit=100` });
+    all.push(...page.changes);
+    if (page.changes.length < 100) break;
+  }
+  assert.equal(all.length, 241);
+
+  const inForce = (changes: typeof all, version: number) => changes.filter((c) => c.version <= version).at(-1)?.param_groups;
+  for (const maxPoints of [10, 37]) {
+    const down = await inject({ url: `/v1/sessions/h/hyperparameters?max_points=${maxPoints}` });
+    assert.equal(down.downsampled, true);
+    assert.equal(down.total_changes, 241);
+    assert.ok(down.changes.length <= 2 * maxPoints + 20, `${down.changes.length} changes`);
+    assert.deepEqual(down.changes.slice(-20), all.slice(-20), 'the newest 20 as they are');
+    assert.ok(down.changes.some((c: { reason: string }) => c.reason === 'hyperparameters'), 'the PATCH is kept');
+    const { points } = await inject({ url: `/v1/sessions/h/metrics?max_points=${maxPoints}` });
+    assert.ok(points.length <= maxPoints && points.length > 1);
+    for (const p of points) assert.deepEqual(inForce(down.changes, p.version), inForce(all, p.version), `at version ${p.version}`);
+    assert.equal(down.next_after_version, all.at(-1)!.version);
+  }
+  // Few enough: every change, nothing left out; after_version applies.
+  const whole = await inject({ url: '/v1/sessions/h/hyperparameters?max_points=1000' });
+  assert.deepEqual([whole.downsampled, whole.total_changes], [false, 241]);
+  assert.deepEqual(whole.changes, all);
+  const tail = await inject({ url: `/v1/sessions/h/hyperparameters?max_points=5&after_version=${all.at(-3)!.version}` });
+  assert.deepEqual(tail.changes, all.slice(-2));
+
+  const both = await app.inject({ url: '/v1/sessions/h/hyperparameters?max_points=10&limit=5' });
+  assert.equal(both.statusCode, 400);
+  assert.equal(both.json().code, 'INVALID_QUERY');
+  assert.match(both.json().message, /limit/);
+  const tooFew = await app.inject({ url: '/v1/sessions/h/hyperparameters?max_points=1' });
+  assert.equal(tooFew.statusCode, 400);
+  assert.match(tooFew.json().message, /max_points/);
 });

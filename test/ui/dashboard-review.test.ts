@@ -19,7 +19,7 @@ async function setup(t: TestContext) {
   const browser = await launch(t);
   const log: string[] = [];
   t.after(() => { if (log.length) console.log(log.join('\n')); });
-  return { base, api: client(base), browser, log, page: await newPage(browser, log) };
+  return { app, base, api: client(base), browser, log, page: await newPage(browser, log) };
 }
 
 /** What has the focus: its tag and text. */
@@ -213,4 +213,37 @@ test('metric names that are Object.prototype members ("constructor", "toString")
     .map((k) => [k, (window as any).asgdCharts[k]?.data[1]])));
   assert.deepEqual(data, { 'metric:constructor': [1, null], 'metric:toString': [2, null], 'metric:loss': [null, 0.5] });
   assert.deepEqual(await page.$$eval('.error', (els) => els.map((el) => el.textContent ?? '').filter(Boolean)), [], 'no error shown');
+});
+
+test('a scheduler that set lr at each of 30,000 steps: the page reads the changes once, fitted to the series\' buckets, and charts lr exactly at each point', { skip }, async (t) => {
+  const { app, base, api, page } = await setup(t);
+  await api('POST', '/v1/sessions', { name: 'sched', params: PARAMS, param_groups: [{ params: ['w'] }, { params: ['b'], lr: 0.5 }] });
+  const [{ id }] = await app.db.query<{ id: number }>("SELECT id::float8 AS id FROM sessions WHERE name = 'sched'");
+  const steps = 30_000;
+  // The history as 30,000 steps would leave it (stepping that often would time the step, not the page).
+  const group = (lr: string) => `jsonb_build_object('lr', ${lr}, 'lambd', 0.0001, 'alpha', 0.75, 't0', 1000000.0, 'weight_decay', 0, 'maximize', false)`;
+  await app.db.query(
+    `INSERT INTO step_history (session_id, version, step, staleness, created_at, metrics, hyper)
+     SELECT $1, i + 1, i, 0, now() - make_interval(secs => ($2 - i) * 0.01), jsonb_build_object('loss', 1.0 / i),
+            jsonb_build_array(${group('0.01::float8 / i')}, ${group('0.5::float8 / i')})
+     FROM generate_series(1, $2) AS i`,
+    [id, steps],
+  );
+  const reads: string[] = [];
+  page.on('request', (r) => { if (r.url().includes('/hyperparameters')) reads.push(r.url()); });
+  await page.goto(`${base}/ui/#/s/sched`);
+  await page.waitForFunction(() => (window as any).asgdCharts?.lr?.data[0].length > 100);
+  const [xs, lr0, lr1] = await page.evaluate(() => (window as any).asgdCharts.lr.data as number[][]);
+  assert.ok(xs.length <= 1500, `${xs.length} points`);
+  // Each point is a bucket's last step: the lr charted there is the one that step set.
+  xs.forEach((step, i) => {
+    assert.equal(lr0[i], 0.01 / step, `group 0 at step ${step}`);
+    assert.equal(lr1[i], 0.5 / step, `group 1 at step ${step}`);
+  });
+  assert.equal(reads.length, 1, reads.join('\n'));
+  assert.match(reads[0], /max_points=/);
+  await page.waitForSelector('#hyper-changes');
+  assert.match(await page.textContent('#hyper') ?? await page.content(), /30000 change\(s\); the newest 20:/);
+  const newest = await page.$$eval('#hyper-changes tbody tr', (trs) => trs.map((tr) => tr.querySelector('td')?.textContent));
+  assert.deepEqual(newest, Array.from({ length: 20 }, (_, k) => String(steps - k)));
 });

@@ -37,6 +37,13 @@ export function sessionPage(root, name, who) {
   let seriesAvailable = true;
   /** @type {import('./series.js').HyperChange[]} */
   let changes = [];
+  /**
+   * How many changes there are (the server's count on a downsampled read, which leaves out changes between
+   * the buckets' last ones; plus those read after it) and whether `changes` is downsampled.
+   */
+  let changesTotal = 0;
+  let changesDownsampled = false;
+  let hyperLoaded = false;
   /** Each group's hyperparameters at the session's first version (null: the service does not know). */
   /** @type {Record<string, any>[] | null} */
   let initialGroups = null;
@@ -182,13 +189,15 @@ export function sessionPage(root, name, who) {
     // The changes of the present history (not those of a history a restore or load left), newest first.
     const ours = changesOn(changes, present(points, session), points, session);
     const abandoned = changes.length - ours.length;
+    // Downsampled: the server's count (less those of an abandoned history among the changes read).
+    const count = changesDownsampled ? Math.max(ours.length, changesTotal - abandoned) : ours.length;
     const recent = ours.slice(-20).reverse();
     hyperEl.replaceChildren(
       h('div', { className: 'scroll' }, table),
       !hyperAvailable ? h('p', { className: 'muted' }, 'This service does not report hyperparameter changes.')
         : ours.length === 0 ? h('p', { className: 'muted' }, `No step has changed them${abandoned ? ` (${abandoned} change(s) of a history the session left are not listed)` : ''}.`)
         : h('div', {},
-          h('p', { className: 'muted' }, `${ours.length} change(s)${abandoned ? ` (and ${abandoned} of a history the session left, not listed)` : ''}${ours.length > 20 ? '; the newest 20:' : ':'}`),
+          h('p', { className: 'muted' }, `${count} change(s)${abandoned ? ` (and ${abandoned} of a history the session left, not listed)` : ''}${count > 20 ? '; the newest 20:' : ':'}`),
           h('div', { className: 'scroll' }, h('table', { id: 'hyper-changes' },
             h('thead', {}, h('tr', {}, h('th', { className: 'num' }, 'step'), h('th', { className: 'num' }, 'version'), h('th', {}, 'when'), h('th', {}, 'by'), h('th', {}, 'groups after it'))),
             h('tbody', {}, ...recent.map((c) => h('tr', {},
@@ -224,11 +233,14 @@ export function sessionPage(root, name, who) {
   /** The session's groups as last read, to see a change that came without a step (a load or restore). */
   let groupsSeen = '';
 
-  async function loadSeries() {
+  /** Whether the next series read is a whole downsampled one: the first, and when the points read one by one since grew many. */
+  const seriesFullDue = () => seriesVersion === 0 || points.length > 4 * MAX_POINTS;
+
+  /** @param {boolean} full */
+  async function loadSeries(full) {
     if (!seriesAvailable) return;
     try {
       // The first load asks the server to downsample; later ones read only the points after the last one read.
-      const full = seriesVersion === 0 || points.length > 4 * MAX_POINTS;
       if (full) {
         const answer = await api(`${base}/metrics?max_points=${MAX_POINTS}`, { signal: stop.signal });
         points = answer.points.map(toPoint);
@@ -253,14 +265,31 @@ export function sessionPage(root, name, who) {
     }
   }
 
-  async function loadHyper() {
+  /**
+   * The hyperparameter changes: on a whole read (the first, and with each whole read of the series) fitted by
+   * the server to the same buckets as the series' (a scheduler that set lr at each of 100,000 steps is then a
+   * few thousand changes, exact at each bucket's last step, the newest 20 as they are); else those after the
+   * last one read.
+   * @param {boolean} full
+   */
+  async function loadHyper(full = false) {
     if (!hyperAvailable) return;
     hyperDue = false;
     try {
+      if (full || !hyperLoaded) {
+        const answer = await api(`${base}/hyperparameters?max_points=${MAX_POINTS}`, { signal: stop.signal });
+        changes = answer.changes;
+        changesTotal = answer.total_changes ?? changes.length;
+        changesDownsampled = answer.downsampled === true;
+        initialGroups = answer.initial_param_groups ?? initialGroups;
+        hyperLoaded = true;
+        return;
+      }
       for (;;) {
         const after = changes.length ? changes[changes.length - 1].version : 0;
         const answer = await api(`${base}/hyperparameters?after_version=${after}&limit=1000`, { signal: stop.signal });
         changes.push(...answer.changes);
+        changesTotal += answer.changes.length;
         initialGroups = answer.initial_param_groups ?? initialGroups;
         if (answer.changes.length < 1000) break;
       }
@@ -309,11 +338,14 @@ export function sessionPage(root, name, who) {
    */
   async function load(full) {
     const normsDue = full || Date.now() - normsAt >= NORMS_EVERY_MS;
-    const hyperNow = full || hyperDue;
+    // A whole read of the series comes with a whole read of the hyperparameters: the server fits both to the
+    // same buckets.
+    const seriesFull = seriesAvailable && seriesFullDue();
+    const hyperNow = full || hyperDue || seriesFull;
     const [current] = await Promise.all([
       api(base, { signal: stop.signal }),
-      loadSeries(),
-      hyperNow ? loadHyper() : null,
+      loadSeries(seriesFull),
+      hyperNow ? loadHyper(seriesFull) : null,
       normsDue ? loadNorms() : null,
       full ? loadSnapshots() : null,
     ]);

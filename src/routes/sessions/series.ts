@@ -4,7 +4,9 @@ import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import { ACCESS, setVersion } from '../common.ts';
 import { errorResponses, NameParams, Session } from '../schemas.ts';
-import { hyperChanges, initialHyperparameters, type Activity } from '../../sessions/series.ts';
+import { downsampledHyperChanges, hyperChanges, initialHyperparameters, NEWEST_CHANGES_KEPT, type Activity } from '../../sessions/series.ts';
+import { errors } from '../../errors.ts';
+import { MAX_POINTS } from './metrics.ts';
 
 export const MAX_CHANGES_LIMIT = 10_000;
 
@@ -27,12 +29,16 @@ const seriesRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     schema: {
       operationId: 'getHyperparameterChanges',
       summary: 'The versions that changed hyperparameters',
-      description: 'Oldest first, after `after_version`: each step that set a group\'s hyperparameters (a scheduler), and each load (state_dict, checkpoint) or restore that changed them, with every group\'s values after it; and every group\'s values at the session\'s first version, in force until the first change.',
+      description: 'Oldest first, after `after_version`: each step that set a group\'s hyperparameters (a scheduler), and each load (state_dict, checkpoint), restore or PATCH that changed them, with every group\'s values after it; and every group\'s values at the session\'s first version, in force until the first change. ' +
+        'With `max_points`, the whole history after `after_version` in one answer: every change when there are at most that many, else (`downsampled`: true) ' +
+        `the changes fitted to the buckets of .../metrics?max_points= with the same after_version: in each bucket its last change made by a step and its last other change, and the newest ${NEWEST_CHANGES_KEPT} changes; ` +
+        'the values in force at each bucket\'s last step are then exactly those of the whole history. `total_changes` counts them all.',
       tags: ['training'],
       params: NameParams,
       querystring: Type.Object({
         after_version: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, default: 0 })),
-        limit: Type.Optional(Type.Integer({ minimum: 1, maximum: MAX_CHANGES_LIMIT, default: 1000 })),
+        limit: Type.Optional(Type.Integer({ minimum: 1, maximum: MAX_CHANGES_LIMIT, description: 'Default 1000; not with max_points' })),
+        max_points: Type.Optional(Type.Integer({ minimum: 2, maximum: MAX_POINTS, description: 'Read the whole history after after_version, downsampled to the buckets of .../metrics?max_points= when longer' })),
       }),
       response: {
         200: Type.Object({
@@ -45,6 +51,8 @@ const seriesRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
             param_groups: Type.Array(Type.Record(Type.String(), Type.Unknown()), { description: 'Each group\'s hyperparameters after the change' }),
           })),
           next_after_version: Type.Integer(),
+          downsampled: Type.Optional(Type.Boolean({ description: 'With max_points: whether changes were left out (see the description)' })),
+          total_changes: Type.Optional(Type.Integer({ description: 'With max_points: how many changes there are after after_version, those left out included' })),
           initial_param_groups: Type.Union([Type.Array(Type.Record(Type.String(), Type.Unknown())), Type.Null()], {
             description: 'Each group\'s hyperparameters at the session\'s first version (created or forked); null: not known (a session made before this was kept, whose first snapshot is gone)',
           }),
@@ -54,15 +62,22 @@ const seriesRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     },
   }, async (request, reply) => {
     const afterVersion = request.query.after_version ?? 0;
+    const maxPoints = request.query.max_points;
+    if (maxPoints !== undefined && request.query.limit !== undefined) throw errors.invalidQuery('limit', 'cannot be combined with max_points (which reads the whole history)');
     const session = await fastify.sessions.get(request.params.name);
-    const [changes, initial] = await Promise.all([
-      hyperChanges(fastify.db, session.id, afterVersion, request.query.limit ?? 1000), initialHyperparameters(fastify.db, session.id),
+    const [read, initial] = await Promise.all([
+      maxPoints !== undefined
+        ? downsampledHyperChanges(fastify.db, session.id, afterVersion, maxPoints)
+        : hyperChanges(fastify.db, session.id, afterVersion, request.query.limit ?? 1000).then((changes) => ({ changes, total: undefined, downsampled: undefined })),
+      initialHyperparameters(fastify.db, session.id),
     ]);
+    const { changes } = read;
     setVersion(reply, session.version);
     return {
       session: session.name,
       changes: changes.map((c) => ({ version: c.version, step: c.step, time: c.time.toISOString(), reason: c.reason, param_groups: c.paramGroups })),
       next_after_version: changes.length ? changes[changes.length - 1].version : afterVersion,
+      ...(read.downsampled === undefined ? {} : { downsampled: read.downsampled, total_changes: read.total }),
       initial_param_groups: initial,
     };
   });

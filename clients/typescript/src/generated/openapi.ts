@@ -522,7 +522,7 @@ export interface paths {
         };
         /**
          * The versions that changed hyperparameters
-         * @description Oldest first, after `after_version`: each step that set a group's hyperparameters (a scheduler), and each load (state_dict, checkpoint) or restore that changed them, with every group's values after it; and every group's values at the session's first version, in force until the first change.
+         * @description Oldest first, after `after_version`: each step that set a group's hyperparameters (a scheduler), and each load (state_dict, checkpoint), restore or PATCH that changed them, with every group's values after it; and every group's values at the session's first version, in force until the first change. With `max_points`, the whole history after `after_version` in one answer: every change when there are at most that many, else (`downsampled`: true) the changes fitted to the buckets of .../metrics?max_points= with the same after_version: in each bucket its last change made by a step and its last other change, and the newest 20 changes; the values in force at each bucket's last step are then exactly those of the whole history. `total_changes` counts them all.
          *
          *     Needs a token with scope `read`.
          */
@@ -3141,7 +3141,10 @@ export interface operations {
         parameters: {
             query?: {
                 after_version?: number;
+                /** @description Default 1000; not with max_points */
                 limit?: number;
+                /** @description Read the whole history after after_version, downsampled to the buckets of .../metrics?max_points= when longer */
+                max_points?: number;
             };
             header?: never;
             path: {
@@ -3179,6 +3182,10 @@ export interface operations {
                             }[];
                         }[];
                         next_after_version: number;
+                        /** @description With max_points: whether changes were left out (see the description) */
+                        downsampled?: boolean;
+                        /** @description With max_points: how many changes there are after after_version, those left out included */
+                        total_changes?: number;
                         /** @description Each group's hyperparameters at the session's first version (created or forked); null: not known (a session made before this was kept, whose first snapshot is gone) */
                         initial_param_groups: {
                             [key: string]: unknown;
