@@ -20,6 +20,8 @@ export interface GroupSpec {
   /** Hyperparameters that are Python ints in PyTorch's group (weight_decay's default is the int 0): pickles keep the type. */
   int_keys?: string[];
   maximize: boolean;
+  /** torch's foreach flag as given (absent or null: None); kept for the state_dict, the step is the single-tensor path's. */
+  foreach?: boolean | null;
   /** Keys a loaded state_dict carried beyond ASGD's own (foreach, differentiable, capturable, …), echoed back. */
   extra?: Record<string, unknown>;
 }
@@ -33,7 +35,7 @@ export interface ParamSpec {
  * Hyperparameters a step sets, per group in the session's group order (null: that group unchanged).
  * `int_keys` lists the given keys that are Python ints (weight_decay given as a whole number).
  */
-export type HyperDelta = (Partial<Pick<GroupSpec, 'lr' | 'lambd' | 'alpha' | 't0' | 'weight_decay' | 'maximize'>> & { int_keys?: string[] } | null)[];
+export type HyperDelta = (Partial<Pick<GroupSpec, 'lr' | 'lambd' | 'alpha' | 't0' | 'weight_decay' | 'maximize' | 'foreach'>> & { int_keys?: string[] } | null)[];
 
 /**
  * A session's synchronous rounds (src/sessions/rounds.ts): a round of contributions at one version steps once

@@ -49,6 +49,7 @@ export const TensorIn = Type.Object({
 
 const hyper = (description: string, value: TSchema) => Type.Optional(withCode({ ...value, description }, 'INVALID_HYPERPARAMETER'));
 const flag = (key: string) => Type.Optional(withCode(Type.Unknown({ description: `Accepted as PyTorch writes it (null or false): the service computes the single-tensor CPU path; ${key}=true is refused` }), 'INVALID_HYPERPARAMETER'));
+const foreachFlag = Type.Optional(withCode(Type.Unknown({ description: 'true, false or null (PyTorch\'s None), kept for the state_dict; the step is the single-tensor CPU path\'s whatever its value (torch 2.x\'s foreach=True path differs in the last bits: README)' }), 'INVALID_HYPERPARAMETER'));
 /** The hyperparameter fields: types checked here, ranges by the domain as torch.optim.ASGD checks them (its messages). */
 const HyperparameterFields = {
   lr: hyper(`Learning rate (default ${ASGD_DEFAULTS.lr})`, Type.Number()),
@@ -57,7 +58,7 @@ const HyperparameterFields = {
   t0: hyper(`Point at which to start averaging (default ${ASGD_DEFAULTS.t0})`, Type.Number()),
   weight_decay: hyper(`L2 penalty (default ${ASGD_DEFAULTS.weightDecay})`, Type.Number()),
   maximize: hyper(`Maximize the objective (default ${ASGD_DEFAULTS.maximize})`, Type.Boolean()),
-  foreach: flag('foreach'),
+  foreach: foreachFlag,
   differentiable: flag('differentiable'),
   capturable: flag('capturable'),
 };
@@ -75,7 +76,7 @@ export const ParamGroupIn = withCode(Type.Object({
 
 export const ParamGroup = Type.Object({
   lr: Type.Number(), lambd: Type.Number(), alpha: Type.Number(), t0: Type.Number(), weight_decay: Type.Number(),
-  foreach: Type.Null(), maximize: Type.Boolean(), differentiable: Type.Boolean(), capturable: Type.Boolean(),
+  foreach: Type.Union([Type.Boolean(), Type.Null()]), maximize: Type.Boolean(), differentiable: Type.Boolean(), capturable: Type.Boolean(),
   params: Type.Array(Type.Integer(), { description: 'Indices of the group\'s parameters, in session order' }),
 }, { title: 'ParamGroup', additionalProperties: true, description: 'A param group as torch.optim.ASGD.state_dict() writes it' });
 

@@ -82,9 +82,16 @@ export function resolveHyperparameters(base: Omit<GroupSpec, 'params'>, input: H
     if (typeof input.maximize !== 'boolean') throw errors.invalidHyperparameter(`${field}.maximize`, 'must be true or false');
     out.maximize = input.maximize;
   }
+  // foreach is kept as given (a state_dict of torch's foreach=True loads, and saves with it) and stepped as the
+  // single-tensor path, as the README says; differentiable and capturable (autograd through the step, CUDA
+  // graphs) name paths this service does not have.
+  if (input.foreach !== undefined) {
+    if (input.foreach !== null && typeof input.foreach !== 'boolean') throw errors.invalidHyperparameter(`${field}.foreach`, 'must be true, false or null');
+    out.foreach = input.foreach;
+  }
   for (const key of FLAG_KEYS) {
     const value = input[key];
-    if (value === undefined || value === null || value === false) continue;
+    if (key === 'foreach' || value === undefined || value === null || value === false) continue;
     throw errors.invalidHyperparameter(
       `${field}.${key}`,
       `${key}=${quoteValue(value)} is not supported: the service computes PyTorch's single-tensor CPU path (use null or false)`,
@@ -182,7 +189,7 @@ export function groupIndexOf(groups: GroupSpec[], paramCount: number): Int32Arra
 /** A param group as torch.optim.ASGD.state_dict() writes it. */
 export interface PublicGroup {
   lr: number; lambd: number; alpha: number; t0: number; weight_decay: number;
-  foreach: null; maximize: boolean; differentiable: boolean; capturable: boolean;
+  foreach: boolean | null; maximize: boolean; differentiable: boolean; capturable: boolean;
   params: number[];
   [extra: string]: unknown;
 }
@@ -195,7 +202,7 @@ export function publicGroup(group: GroupSpec): PublicGroup {
     alpha: group.alpha,
     t0: group.t0,
     weight_decay: group.weight_decay,
-    foreach: null,
+    foreach: group.foreach ?? null,
     maximize: group.maximize,
     differentiable: false,
     capturable: false,

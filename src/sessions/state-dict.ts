@@ -210,7 +210,7 @@ export function asgdFromView(view: StateView): AsgdStateDict {
   const paramGroups: AsgdParamGroup[] = view.groups.map((g) => {
     const intKeys = new Set(g.int_keys ?? []);
     return {
-      lr: g.lr, lambd: g.lambd, alpha: g.alpha, t0: g.t0, weightDecay: g.weight_decay, foreach: null, maximize: g.maximize,
+      lr: g.lr, lambd: g.lambd, alpha: g.alpha, t0: g.t0, weightDecay: g.weight_decay, foreach: g.foreach ?? null, maximize: g.maximize,
       differentiable: false, capturable: false, params: g.params,
       intKeys: ASGD_NUMERIC_KEYS.filter((k) => intKeys.has(k)),
       extra: Object.entries(g.extra ?? {}).map(([k, v]): [string, PyValue] => [k, intKeys.has(k) && Number.isSafeInteger(v) ? BigInt(v as number) : (v as PyValue)]),

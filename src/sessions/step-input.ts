@@ -40,6 +40,8 @@ export function parseStepHyper(value: unknown, groups: readonly GroupSpec[], fie
     resolveHyperparameters(groups[g], input, at);
     const set: NonNullable<HyperDelta[number]> = {};
     for (const key of HYPERPARAMETER_KEYS) if (input[key] !== undefined) (set as Record<string, unknown>)[key] = input[key];
+    // foreach changes nothing in the step (README), but a group's flag is kept as the caller last set it.
+    if (input.foreach !== undefined && input.foreach !== (groups[g].foreach ?? null)) set.foreach = input.foreach as boolean | null;
     if (typeof input.weight_decay === 'number' && Number.isInteger(input.weight_decay)) set.int_keys = ['weight_decay'];
     return Object.keys(set).length === 0 ? null : set;
   });

@@ -36,6 +36,10 @@ export function readJsonTensor(value: unknown, field: string, shape: readonly nu
   }
   if (!Array.isArray(data)) throw errors.invalidTensor(`${field}.data`, 'must be a flat list of numbers');
   if (data.length !== target.length) {
+    // A nested list (torch's t.tolist() of a matrix) is said as such, not only as a count that looks wrong.
+    if (data.length > 0 && Array.isArray(data[0])) {
+      throw errors.shapeMismatch(field, `expected a flat list of ${target.length} numbers for shape ${JSON.stringify(shape)} in row-major order (t.flatten().tolist()), got a nested list of ${data.length}`);
+    }
     throw errors.shapeMismatch(field, `expected ${target.length} elements for shape ${JSON.stringify(shape)}, got ${data.length}`);
   }
   for (let i = 0; i < data.length; i++) {

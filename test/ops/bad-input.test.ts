@@ -285,7 +285,7 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     ...each([[-1], [2.5], ['2'], [null], [[2]], [1e9, 1e9], [2 ** 53], [1e308], Array(17).fill(1), Array(40).fill(2), {}, 'x', [Infinity]], (shape) => ({ name: 'fresh', params: [param({ shape, data: [1, 2] })] }), 'INVALID_TENSOR'),
     ...each([[1], [1, 2, 3], [[1, 2]]], (data) => ({ name: 'fresh', params: [param({ data })] }), 'SHAPE_MISMATCH'),
     ...each(['x', {}, null, [1, 'x'], [true, 1], [{}, 1], ['1.0', 2]], (data) => ({ name: 'fresh', params: [param({ data })] }), 'INVALID_TENSOR'),
-    ...each([{ lr: -1 }, { lr: 'x' }, { lr: 'NaN' }, { lambd: -1 }, { alpha: [] }, { t0: {} }, { weight_decay: -0.5 }, { maximize: 'yes' }, { foreach: true }, { nope: 1 }, 'x', []], (hyperparameters) => ({ name: 'fresh', params: [param({})], hyperparameters }), 'INVALID_HYPERPARAMETER'),
+    ...each([{ lr: -1 }, { lr: 'x' }, { lr: 'NaN' }, { lambd: -1 }, { alpha: [] }, { t0: {} }, { weight_decay: -0.5 }, { maximize: 'yes' }, { foreach: 'yes' }, { capturable: true }, { nope: 1 }, 'x', []], (hyperparameters) => ({ name: 'fresh', params: [param({})], hyperparameters }), 'INVALID_HYPERPARAMETER'),
     ...each([[{ params: ['nope'] }], [{ params: ['w'] }, { params: ['w'] }], [{ params: 'w' }], [{}], 'x'], (param_groups) => ({ name: 'fresh', params: [param({})], param_groups }), 'INVALID_PARAM_GROUPS'),
     [{ name: 'fresh', params: [param({})], param_groups: [{ params: ['w'], lr: -1 }] }, 'INVALID_HYPERPARAMETER'],
     ...['snapshot_every', 'keep_snapshots', 'max_staleness'].flatMap((key) => each([0, -1, 'x', 1.5, [], 2 ** 31, 2 ** 40, 1e300].filter((v) => !(key === 'max_staleness' && v === 0)), (v) => ({ name: 'fresh', params: [param({})], [key]: v }), 'INVALID_BODY')),

@@ -66,7 +66,8 @@ test('create rejects bad input with a code that names the field', async (t) => {
     [{ name: 'x', params: [{ name: 'w', shape: [1e6, 1e6], data: [] }] }, 400, 'INVALID_TENSOR', /shape/],
     [{ name: 'x', params: [{ name: 'w', shape: [1], data: [1] }, { name: 'w', shape: [1], data: [1] }] }, 400, 'INVALID_BODY', /appears twice/],
     [{ name: 'x', params: [{ name: 'w', shape: [1], data: [1] }], extra: 1 }, 400, 'INVALID_BODY', /extra/],
-    [{ ...twoParams(), hyperparameters: { foreach: true } }, 400, 'INVALID_HYPERPARAMETER', /foreach/],
+    [{ ...twoParams(), hyperparameters: { foreach: 1 } }, 400, 'INVALID_HYPERPARAMETER', /foreach/],
+    [{ ...twoParams(), hyperparameters: { differentiable: true } }, 400, 'INVALID_HYPERPARAMETER', /differentiable/],
   ];
   for (const [payload, status, code, message] of cases) {
     const res = await app.inject({ method: 'POST', url: '/v1/sessions', payload: payload as object });
@@ -168,6 +169,9 @@ test('a bad step answers 4xx with a code naming the parameter and changes nothin
     [{ grads: { w: randomData(20, 1), b: randomData(7, 1) } }, 400, 'SHAPE_MISMATCH', /grads\.w/],
     [{ grads: { w: { shape: [7, 3], data: randomData(21, 1) } } }, 400, 'SHAPE_MISMATCH', /grads\.w\.shape/],
     [{ grads: { nope: [1] } }, 400, 'UNKNOWN_PARAMETER', /grads\.nope/],
+    // torch's t.tolist() of a matrix: said to be nested, not a wrong count.
+    [{ grads: { w: [randomData(7, 1), randomData(7, 2), randomData(7, 3)] } }, 400, 'SHAPE_MISMATCH', /grads\.w: expected a flat list of 21 numbers .*got a nested list/],
+    [{ grads: { w: { shape: [3, 7], data: [randomData(7, 1), randomData(7, 2), randomData(7, 3)] } } }, 400, 'SHAPE_MISMATCH', /grads\.w: expected a flat list .*nested/],
     // A bare NaN (Python's json.dumps writes it; not JSON) is read as "NaN": the gradient is named.
     [{ grads: { w: randomData(21, 1), b: [1, 2, 3, 4, 5, 6, NaN] } }, 422, 'NON_FINITE_GRADIENT', /grads\.b: element 6/],
     [{ grads: { w: randomData(21, 1), b: [1, 2, 3, 4, 5, 6, 'NaN'] } }, 422, 'NON_FINITE_GRADIENT', /grads\.b: element 6/],
@@ -209,4 +213,40 @@ test('a JSON body over the JSON limit is 413 before it becomes a string; the pro
   const small = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'small', params: [{ name: 'w', shape: [2], data: [1, 2] }] } });
   assert.equal(small.statusCode, 201, small.body);
   assert.equal((await app.inject({ url: '/v1/sessions' })).json().sessions.length, 1);
+});
+
+test('foreach: true, false or None is kept as given (JSON, .pt, PATCH) and the step is the single-tensor path either way', async (t) => {
+  const { app } = await buildTestApp(t);
+  const { readTorchSave, toAsgdStateDict, torchSaveToBuffer, fromAsgdStateDict } = await import('../../src/formats/index.ts');
+  const grads = { w: randomData(21, 7), b: randomData(7, 8) };
+  const foreachOf = async (name: string) => (await app.inject({ url: `/v1/sessions/${name}/state_dict` })).json().param_groups.map((g: { foreach: unknown }) => g.foreach);
+  for (const [name, foreach] of [['fe-true', true], ['fe-false', false], ['fe-none', null]] as const) {
+    const res = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { ...twoParams(name), hyperparameters: { lr: 0.05, t0: 1, foreach } } });
+    assert.equal(res.statusCode, 201, res.body);
+    assert.deepEqual(res.json().param_groups.map((g: { foreach: unknown }) => g.foreach), [foreach]);
+    assert.equal((await app.inject({ method: 'POST', url: `/v1/sessions/${name}/step`, payload: { grads } })).statusCode, 200);
+    assert.deepEqual(await foreachOf(name), [foreach]);
+  }
+  // The same step whatever the flag.
+  const paramsOf = async (name: string) => (await app.inject({ url: `/v1/sessions/${name}/params` })).json().params;
+  assert.deepEqual(await paramsOf('fe-true'), await paramsOf('fe-none'));
+  assert.deepEqual(await paramsOf('fe-false'), await paramsOf('fe-none'));
+
+  // Its torch.save state_dict says foreach=True, and loads back as it is.
+  const pt = await app.inject({ url: '/v1/sessions/fe-true/state_dict', headers: { accept: 'application/octet-stream' } });
+  assert.equal(pt.statusCode, 200);
+  const read = toAsgdStateDict(readTorchSave(pt.rawPayload));
+  assert.equal(read.paramGroups[0].foreach, true);
+  const put = await app.inject({ method: 'PUT', url: '/v1/sessions/fe-none/state_dict', headers: { 'content-type': 'application/octet-stream' }, payload: torchSaveToBuffer(fromAsgdStateDict(read)) });
+  assert.equal(put.statusCode, 200, put.body);
+  assert.deepEqual(await foreachOf('fe-none'), [true]);
+  assert.equal((await app.inject({ method: 'PATCH', url: '/v1/sessions/fe-none/param_groups', payload: { param_groups: [{ foreach: false }] } })).statusCode, 200);
+  assert.deepEqual(await foreachOf('fe-none'), [false]);
+
+  // Not a bool or None: refused naming it; the session unchanged.
+  const bad = await app.inject({ method: 'PATCH', url: '/v1/sessions/fe-none/param_groups', payload: { param_groups: [{ foreach: 'yes' }] } });
+  assert.equal(bad.statusCode, 400);
+  assert.equal(bad.json().code, 'INVALID_HYPERPARAMETER');
+  assert.match(bad.json().message, /param_groups\[0\]\.foreach/);
+  assert.deepEqual(await foreachOf('fe-none'), [false]);
 });

@@ -141,6 +141,17 @@ class TorchFlagsAndSignature(ServiceTestCase):
         self.assertIn("single-tensor", str(about[0].message))
         self.assertParamsIdentical(model, ref)
         self.assertIs(opt.state_dict()["param_groups"][0]["foreach"], True)
+        # Its own state_dict, and a local torch.optim.ASGD(foreach=True)'s, load back (the service keeps the
+        # flag and steps as the single-tensor path): the save-and-resume recipe works with the flag set.
+        opt.load_state_dict(opt.state_dict())
+        local_foreach = torch.optim.ASGD(make_model().parameters(), foreach=True, **HYPER)
+        local_foreach.load_state_dict(torch_opt.state_dict())
+        local_foreach.param_groups[0]["foreach"] = True
+        opt.load_state_dict(local_foreach.state_dict())
+        self.assertIs(self.client().get_state_dict(opt.session)["param_groups"][0]["foreach"], True)
+        train(ref, torch_opt, range(10, 15))
+        train(model, opt, range(10, 15))
+        self.assertParamsIdentical(model, ref)
 
 
 class Pickling(ServiceTestCase):

@@ -896,7 +896,7 @@ export interface components {
             weight_decay?: number;
             /** @description Maximize the objective (default false) */
             maximize?: boolean;
-            /** @description Accepted as PyTorch writes it (null or false): the service computes the single-tensor CPU path; foreach=true is refused */
+            /** @description true, false or null (PyTorch's None), kept for the state_dict; the step is the single-tensor CPU path's whatever its value (torch 2.x's foreach=True path differs in the last bits: README) */
             foreach?: unknown;
             /** @description Accepted as PyTorch writes it (null or false): the service computes the single-tensor CPU path; differentiable=true is refused */
             differentiable?: unknown;
@@ -920,8 +920,7 @@ export interface components {
             alpha: number;
             t0: number;
             weight_decay: number;
-            /** @enum {object|null} */
-            foreach: never | null;
+            foreach: boolean | null;
             maximize: boolean;
             differentiable: boolean;
             capturable: boolean;
@@ -1817,7 +1816,7 @@ export interface operations {
                         weight_decay?: number;
                         /** @description Maximize the objective (default false) */
                         maximize?: boolean;
-                        /** @description Accepted as PyTorch writes it (null or false): the service computes the single-tensor CPU path; foreach=true is refused */
+                        /** @description true, false or null (PyTorch's None), kept for the state_dict; the step is the single-tensor CPU path's whatever its value (torch 2.x's foreach=True path differs in the last bits: README) */
                         foreach?: unknown;
                         /** @description Accepted as PyTorch writes it (null or false): the service computes the single-tensor CPU path; differentiable=true is refused */
                         differentiable?: unknown;
