@@ -280,3 +280,45 @@ test('a deleted session leaves /metrics on every process, whether the sweeper or
   }
   assert.ok((await seriesNaming(app, 'kept')).includes('asgd_session_storage_bytes'));
 });
+
+test('the per-step history is counted once a process and then only its new rows: the figures stay those of a whole count, on every process', { skip: skipPglite }, async (t) => {
+  const { app, databaseUrl } = await buildTestApp(t);
+  const { app: other } = await buildTestApp(t, { databaseUrl: databaseUrl ?? undefined });
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'grows', params: model(5) } })).statusCode, 201);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'beside', params: model(5, 7) } })).statusCode, 201);
+  const step = async (on: FastifyInstance, name: string, k: number) => {
+    const res = await on.inject({ method: 'POST', url: `/v1/sessions/${name}/step`, payload: { ...grads(5, k), metrics: { loss: 1 / (k + 1), tag: k } } });
+    assert.equal(res.statusCode, 200, res.body);
+  };
+  // The history's bytes as a whole count gives them: the figure less everything that is not the history.
+  const historyPart = async (on: FastifyInstance, name: string) => {
+    const withHistory = (await storageOf(on, name)).other_bytes;
+    const [{ bytes }] = await on.db.query<{ bytes: number }>(
+      `SELECT coalesce(sum(24 + pg_column_size(h.session_id) + pg_column_size(h.version) + pg_column_size(h.step) + pg_column_size(h.staleness)
+         + pg_column_size(h.created_at) + coalesce(pg_column_size(h.metrics), 0) + coalesce(pg_column_size(h.hyper), 0) + coalesce(pg_column_size(h.round), 0)), 0)::float8 AS bytes
+       FROM step_history h JOIN sessions s ON s.id = h.session_id WHERE s.name = $1`, [name]);
+    return { withHistory, bytes };
+  };
+  const figures: number[] = [];
+  for (let round = 0; round < 4; round++) {
+    for (let k = 0; k < 5 + round; k++) {
+      await step(round % 2 ? other : app, 'grows', 10 * round + k);
+      await step(app, 'beside', 10 * round + k);
+    }
+    // Both processes, each with its own count so far, see the figure a whole count gives.
+    const a = await historyPart(app, 'grows');
+    const b = await historyPart(other, 'grows');
+    // Read again with nothing new: the same figure (a count of no new rows adds nothing).
+    assert.equal((await historyPart(app, 'grows')).withHistory, a.withHistory, `round ${round}: read again`);
+    assert.equal(a.withHistory, b.withHistory, `round ${round}: the two processes agree`);
+    figures.push(a.withHistory);
+    if (round > 0) assert.ok(figures[round] - figures[round - 1] >= (5 + round) * 40, 'grows with the new steps');
+  }
+  // A third process that counts everything at once agrees with the two that counted in parts.
+  const { app: fresh } = await buildTestApp(t, { databaseUrl: databaseUrl ?? undefined });
+  assert.equal((await storageOf(fresh, 'grows')).other_bytes, figures.at(-1));
+  assert.equal((await storageOf(fresh, 'beside')).other_bytes, (await storageOf(app, 'beside')).other_bytes);
+  const listed = (await app.inject({ url: '/v1/sessions?storage=true' })).json();
+  const grows = listed.sessions.find((s: { name: string }) => s.name === 'grows');
+  if (grows?.storage) assert.equal(grows.storage.other_bytes, figures.at(-1));
+});
