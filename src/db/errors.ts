@@ -38,8 +38,21 @@ export function isDbError(err: unknown): boolean {
  * and SQLSTATE (drizzle wraps it as "Failed query: …" with the reason only in `cause`), the statement it
  * failed in, and for a refused connection where it tried.
  */
+/**
+ * The embedded database's file errors (PGlite's Emscripten file system throws `{ name: 'ErrnoError', errno }`,
+ * no message): WASI's numbers of those a data directory meets.
+ */
+const WASI_ERRNO: Record<number, string> = {
+  2: 'EACCES (permission denied)', 19: 'EDQUOT (disk quota exceeded)', 29: 'EIO (input/output error)', 44: 'ENOENT (no such file or directory)',
+  48: 'ENOMEM (out of memory)', 51: 'ENOSPC (no space left on device)', 54: 'ENOTDIR (not a directory)', 63: 'EPERM (operation not permitted)',
+  69: 'EROFS (read-only file system)',
+};
+
 export function describeDbFailure(err: unknown): string {
-  const e = (err ?? {}) as { message?: unknown; code?: unknown; cause?: unknown };
+  const e = (err ?? {}) as { message?: unknown; code?: unknown; cause?: unknown; name?: unknown; errno?: unknown };
+  if (e.name === 'ErrnoError' && typeof e.errno === 'number' && typeof e.message !== 'string') {
+    return `the embedded database could not write its files in ASGD_DATA_DIR: ${WASI_ERRNO[e.errno] ?? `file system error ${e.errno}`}`;
+  }
   const cause = e.cause !== null && typeof e.cause === 'object' ? e.cause as { message?: unknown; code?: unknown } : null;
   const message = typeof e.message === 'string' ? e.message : String(err);
   const failedQuery = /^Failed query: ([^\n]*)/.exec(message)?.[1];

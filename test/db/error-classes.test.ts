@@ -2,7 +2,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import pg from 'pg';
-import { classifyDbError } from '../../src/db/errors.ts';
+import { classifyDbError, describeDbFailure } from '../../src/db/errors.ts';
 import { createTestDatabase } from '../helper.ts';
 
 test('a statement PostgreSQL refuses as a protocol violation (08P01) is a bug of ours, not a database to retry', async (t) => {
@@ -21,4 +21,12 @@ test('a statement PostgreSQL refuses as a protocol violation (08P01) is a bug of
   assert.equal(classifyDbError({ code: '08006', severity: 'FATAL', message: 'connection failure' }), 'retryable');
   assert.equal(classifyDbError({ code: 'ECONNRESET', message: 'read ECONNRESET' }), 'retryable');
   assert.equal(classifyDbError({ code: '22003', severity: 'ERROR', message: 'out of range' }), 'bad-value');
+});
+
+test('the embedded database\'s file errors (no message, an errno) are named, not "[object Object]"', () => {
+  // What PGlite threw on a first start in a full file system (found by an operator's review).
+  const full = Object.assign(Object.create(null), { name: 'ErrnoError', errno: 51 });
+  assert.equal(describeDbFailure(full), 'the embedded database could not write its files in ASGD_DATA_DIR: ENOSPC (no space left on device)');
+  assert.match(describeDbFailure({ name: 'ErrnoError', errno: 69 }), /EROFS \(read-only file system\)/);
+  assert.match(describeDbFailure({ name: 'ErrnoError', errno: 7 }), /file system error 7/);
 });

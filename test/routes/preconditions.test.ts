@@ -71,5 +71,13 @@ test('a route that takes no body refuses one (DELETE, restore), and does nothing
   assert.equal((await app.inject({ url: '/v1/sessions/p' })).json().version, 2, 'neither deleted nor restored');
   const restored = await app.inject({ method: 'POST', url: '/v1/sessions/p/snapshots/1/restore', headers: { 'content-type': 'application/json' }, payload: '{}' });
   assert.equal(restored.statusCode, 200, restored.body);
-  assert.equal((await app.inject({ method: 'DELETE', url: '/v1/sessions/p' })).statusCode, 204);
+  // No body at all, announced as JSON (clients that set Content-Type on every request): no body.
+  const again = await app.inject({ method: 'POST', url: '/v1/sessions/p/snapshots/1/restore', headers: { 'content-type': 'application/json' } });
+  assert.equal(again.statusCode, 200, again.body);
+  const deleted = await app.inject({ method: 'DELETE', url: '/v1/sessions/p', headers: { 'content-type': 'application/json' } });
+  assert.equal(deleted.statusCode, 204, deleted.body);
+  // A route that takes a body still says an empty one is not JSON.
+  const create = await app.inject({ method: 'POST', url: '/v1/sessions', headers: { 'content-type': 'application/json' } });
+  assert.equal(create.statusCode, 400);
+  assert.equal(create.json().code, 'INVALID_JSON');
 });
