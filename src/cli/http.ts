@@ -65,7 +65,8 @@ export function createClient(baseUrl: string, token: string | null): ApiClient {
   } catch {
     throw usageError(`--url: ${JSON.stringify(baseUrl)} is not an http:// or https:// URL`);
   }
-  const root = base.href.replace(/\/+$/, '');
+  // The service's root (a proxy's path prefix kept); the API's /v1, given as part of it, is not doubled.
+  const root = base.href.replace(/\/+$/, '').replace(/\/v1$/, '');
   const headers = (extra: Record<string, string> = {}) => ({ ...(token ? { authorization: `Bearer ${token}` } : {}), ...extra });
 
   async function send(method: string, path: string, init: RequestInit & { timeout?: boolean }): Promise<Response> {

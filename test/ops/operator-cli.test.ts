@@ -89,6 +89,12 @@ test('sessions ls and show: readable tables, --json for scripts', async () => {
   assert.deepEqual(json.sessions.map((s: { name: string }) => s.name), ['alpha', 'beta']);
   const stored = (await (await api('GET', '/v1/sessions/alpha')).json()).storage;
   assert.deepEqual(json.sessions[0].storage, stored, 'the list\'s figures are those of GET session');
+  // The API's URL (…/v1, as the docs write it) is the service's: not doubled into /v1/v1.
+  for (const url of [`${service.url}/v1`, `${service.url}/v1/`]) {
+    const viaApi = await here(['sessions', 'ls', '--json', '--url', url]);
+    assert.equal(viaApi.code, 0, viaApi.stderr);
+    assert.deepEqual(JSON.parse(viaApi.stdout).sessions.map((s: { name: string }) => s.name), ['alpha', 'beta']);
+  }
   const limited = JSON.parse((await here(['sessions', 'ls', '--limit', '1', '--json'])).stdout);
   assert.deepEqual(limited.sessions.map((s: { name: string }) => s.name), ['alpha']);
 
