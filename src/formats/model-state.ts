@@ -18,8 +18,8 @@ export interface ModelStateDict {
 export interface Checkpoint {
   model: ModelStateDict;
   optimizer: AsgdStateDict;
-  /** Training step the checkpoint was taken at. */
-  step: number;
+  /** Training step the checkpoint was taken at (absent in a file that does not say it). */
+  step?: number;
   /** Other top-level keys, in order; written after the known ones. */
   extra?: [string, PyValue][];
 }
@@ -50,16 +50,29 @@ export function fromModelStateDict(model: ModelStateDict): PyDict {
   return dict;
 }
 
+/**
+ * The keys of a checkpoint's model and optimizer: this service's ("model", "optimizer") or those of
+ * PyTorch's tutorial on saving a general checkpoint ("model_state_dict", "optimizer_state_dict"), not both.
+ */
+export function checkpointKeys(dict: PyDict): { model: string; optimizer: string } {
+  const pick = (ours: string, theirs: string) => {
+    if (dict.has(ours) && dict.has(theirs)) throw invalid(`checkpoint.${theirs}`, `given with checkpoint.${ours}: one of the two`);
+    return dict.has(theirs) ? theirs : ours;
+  };
+  return { model: pick('model', 'model_state_dict'), optimizer: pick('optimizer', 'optimizer_state_dict') };
+}
+
 export function toCheckpoint(value: PyValue, options: StateDictReadOptions = {}): Checkpoint {
   const dict = expectDict(value, 'checkpoint');
+  const keys = checkpointKeys(dict);
   const step = dict.get('step');
-  if (step === undefined) throw invalid('checkpoint.step', 'is missing');
   const checkpoint: Checkpoint = {
-    model: toModelStateDict(dict.get('model') ?? missing('checkpoint.model'), options, 'checkpoint.model'),
-    optimizer: toAsgdStateDict(dict.get('optimizer') ?? missing('checkpoint.optimizer'), options, 'checkpoint.optimizer'),
-    step: pyIntToNumber(step, 'checkpoint.step'),
+    model: toModelStateDict(dict.get(keys.model) ?? missing(`checkpoint.${keys.model}`), options, `checkpoint.${keys.model}`),
+    optimizer: toAsgdStateDict(dict.get(keys.optimizer) ?? missing(`checkpoint.${keys.optimizer}`), options, `checkpoint.${keys.optimizer}`),
+    // Without it (the tutorial's layout has an epoch, not a step) the load counts it from the optimizer state.
+    ...(step === undefined ? {} : { step: pyIntToNumber(step, 'checkpoint.step') }),
   };
-  const extra = [...dict].filter(([key]) => key !== 'model' && key !== 'optimizer' && key !== 'step');
+  const extra = [...dict].filter(([key]) => key !== keys.model && key !== keys.optimizer && key !== 'step');
   for (const [key] of extra) if (typeof key !== 'string') throw invalid('checkpoint', `has a non-string key ${String(key)}`);
   if (extra.length > 0) checkpoint.extra = extra as [string, PyValue][];
   return checkpoint;
@@ -70,7 +83,7 @@ export function fromCheckpoint(checkpoint: Checkpoint): PyDict {
   const dict = new PyDict([
     ['model', fromModelStateDict(checkpoint.model)],
     ['optimizer', fromAsgdStateDict(checkpoint.optimizer)],
-    ['step', BigInt(checkpoint.step)],
+    ['step', BigInt(checkpoint.step!)],
   ]);
   for (const [key, value] of checkpoint.extra ?? []) {
     if (dict.has(key)) throw new FormatError('INVALID_STATE_DICT', `checkpoint extra key ${key} duplicates a known key`);

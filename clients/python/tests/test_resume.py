@@ -60,6 +60,31 @@ class ResumeFromCheckpoint(ServiceTestCase):
         self.assertParamsIdentical(model, self.want, "resumed from checkpoint:")
         self._assert_weights_only_restart_differs(ckpt["model"])
 
+    def test_a_checkpoint_saved_as_pytorchs_tutorial_saves_it_uploads_and_resumes(self):
+        # torch.save({"epoch", "model_state_dict", "optimizer_state_dict", "loss"}) of a local run: no "step"
+        # (the session counts it from the optimizer state), the tutorial's key names.
+        from asgd_client import Client, create_session_from_model
+
+        local, local_opt = torch_run(K)
+        path = os.path.join(self.tmp, "tutorial.pt")
+        torch.save({"epoch": 3, "model_state_dict": local.state_dict(), "optimizer_state_dict": local_opt.state_dict(), "loss": 0.25}, path)
+        model = make_model(7)
+        name = unique("tutorial-upload")
+        create_session_from_model(model, self.url, name, token=self.token, **HYPER)
+        client = Client(self.url, token=self.token)
+        with open(path, "rb") as f:
+            info = client.put_checkpoint(name, f.read())
+        self.assertEqual(info["step"], K)
+        opt = self.remote(model.named_parameters(), session=name, create=False, transport="json")
+        train(model, opt, range(K, STEPS))
+        self.assertParamsIdentical(model, self.want, "resumed from the tutorial's checkpoint:")
+        # Both spellings of a key in one file is refused, naming it; the session is unchanged.
+        both = {"model": local.state_dict(), "model_state_dict": local.state_dict(), "optimizer": local_opt.state_dict()}
+        before = client.get_session(name)["version"]
+        with self.assertRaisesRegex(Exception, "model_state_dict"):
+            client.put_checkpoint(name, both)
+        self.assertEqual(client.get_session(name)["version"], before)
+
     def test_resume_from_torch_save_checkpoint_via_torch_load(self):
         from asgd_client import download_checkpoint
 

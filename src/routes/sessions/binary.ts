@@ -5,7 +5,7 @@ import { Readable } from 'node:stream';
 import type { FastifyReply } from 'fastify';
 import { errors } from '../../errors.ts';
 import {
-  fromAsgdStateDict, fromCheckpoint, fromModelStateDict, readOptimizerSafetensors, readSafetensors, readTorchSave, toAsgdStateDict, toCheckpoint,
+  checkpointKeys, fromAsgdStateDict, fromCheckpoint, fromModelStateDict, readOptimizerSafetensors, readSafetensors, readTorchSave, toAsgdStateDict, toCheckpoint,
   toFloat32Tensor, toModelStateDict, writeOptimizerSafetensors, writeSafetensors, writeTorchSave, type ByteStream, type Float32Tensor, type PyDict, type Tensor, type TorchLoadOptions,
 } from '../../formats/index.ts';
 import type { BinaryGradient, GradientInput } from '../../sessions/gradients.ts';
@@ -85,21 +85,26 @@ export function readStateDictBody(format: WireFormat, body: Buffer): LoadedState
 export interface CheckpointInput {
   stateDict: LoadedStateDict;
   params: Map<string, { shape: number[] | null; data: Float32Array }>;
-  step: number;
+  /** Absent: counted from the optimizer state, as a state_dict load counts it. */
+  step: number | undefined;
 }
 
-/** A checkpoint {"model", "optimizer", "step"} from a torch.save file. */
+/**
+ * A checkpoint {"model", "optimizer", "step"} from a torch.save file; also PyTorch tutorial's
+ * {"model_state_dict", "optimizer_state_dict", "epoch", …}, and without "step".
+ */
 export function readCheckpointFile(body: Buffer): CheckpointInput {
   const value = readTorchSave(body, { name: 'checkpoint' });
   const checkpoint = toCheckpoint(value, { toFloat32: true });
   // As the JSON form's schema checks it (the file's step is any Python int).
-  if (checkpoint.step < 0) throw errors.invalidStateDict('step', 'must be >= 0');
-  if (checkpoint.step > MAX_LOADED_STEP) throw errors.invalidStateDict('step', `must be at most ${MAX_LOADED_STEP} (2^50)`);
+  if (checkpoint.step !== undefined && checkpoint.step < 0) throw errors.invalidStateDict('step', 'must be >= 0');
+  if (checkpoint.step !== undefined && checkpoint.step > MAX_LOADED_STEP) throw errors.invalidStateDict('step', `must be at most ${MAX_LOADED_STEP} (2^50)`);
   // The model's parameters as PUT params takes them: float32 (or half widened), finite. Read again from the
   // file without the optimizer's conversion, which would round a float64 1e300 to Infinity.
-  const model = toModelStateDict((value as PyDict).get('model')!, {}, 'checkpoint.model');
+  const modelKey = checkpointKeys(value as PyDict).model;
+  const model = toModelStateDict((value as PyDict).get(modelKey)!, {}, `checkpoint.${modelKey}`);
   const params: CheckpointInput['params'] = new Map();
-  for (const [name, tensor] of model.tensors) params.set(name, finiteParam(float32Of(tensor, `model.${name}`), `model.${name}`));
+  for (const [name, tensor] of model.tensors) params.set(name, finiteParam(float32Of(tensor, `${modelKey}.${name}`), `${modelKey}.${name}`));
   return { stateDict: loadedFromAsgd(checkpoint.optimizer), params, step: checkpoint.step };
 }
 
@@ -111,7 +116,7 @@ function finiteParam(tensor: Float32Tensor, field: string): { shape: number[]; d
 }
 
 /** A checkpoint from its JSON form (structure checked by the route's schema; tensors and state here). */
-export function readCheckpointJson(body: { model: Record<string, unknown>; optimizer: unknown; step: number }): CheckpointInput {
+export function readCheckpointJson(body: { model: Record<string, unknown>; optimizer: unknown; step?: number }): CheckpointInput {
   const params: CheckpointInput['params'] = new Map();
   for (const [name, value] of Object.entries(body.model)) {
     // Shapes are checked against the session by the domain.

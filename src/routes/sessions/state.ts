@@ -50,7 +50,7 @@ const StateDictIn = withCode(Type.Object({
 const CheckpointIn = Type.Object({
   model: Type.Record(Type.String(), Type.Unknown(), { description: 'The model state_dict: tensors by name' }),
   optimizer: StateDictIn,
-  step: Type.Integer({ minimum: 0, maximum: MAX_LOADED_STEP, description: 'The steps the session has taken (at most 2^50: the steps after it are counted exactly)' }),
+  step: Type.Optional(Type.Integer({ minimum: 0, maximum: MAX_LOADED_STEP, description: 'The steps the session has taken (at most 2^50: the steps after it are counted exactly); absent: the most any parameter\'s state took, as a state_dict load counts it' })),
 }, { additionalProperties: false });
 
 /** The parameters to load, as JSON: each a tensor {"shape", "data"} or a flat list (the session knows the shape). */

@@ -2668,8 +2668,8 @@ export interface operations {
                             [key: string]: unknown;
                         }[];
                     };
-                    /** @description The steps the session has taken (at most 2^50: the steps after it are counted exactly) */
-                    step: number;
+                    /** @description The steps the session has taken (at most 2^50: the steps after it are counted exactly); absent: the most any parameter's state took, as a state_dict load counts it */
+                    step?: number;
                 };
                 "application/octet-stream": string;
                 "application/vnd.pytorch": string;
