@@ -11,7 +11,7 @@ import type { Config } from '../config.ts';
 
 export const CORS_METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE'];
 /** What clients send beyond the safelisted headers. */
-export const CORS_ALLOWED_HEADERS = ['Authorization', 'Content-Type', 'Accept', 'If-Match', 'If-None-Match', 'Idempotency-Key', 'X-Request-Id'];
+export const CORS_ALLOWED_HEADERS = ['Authorization', 'Content-Type', 'Accept', 'If-Match', 'If-None-Match', 'Idempotency-Key', 'X-Request-Id', 'Last-Event-ID'];
 /** What clients read beyond the safelisted headers (versions, retries, ids, downloads). */
 export const CORS_EXPOSED_HEADERS = ['ETag', 'X-Session-Version', 'X-Session-Step', 'X-Request-Id', 'Retry-After', 'Location', 'WWW-Authenticate', 'Content-Disposition'];
 /** How long a browser may reuse a preflight's answer, in seconds. */

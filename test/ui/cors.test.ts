@@ -30,9 +30,21 @@ async function trainFromPage({ api, token }: { api: string; token: string }) {
     const first = await step();
     const retried = await step();
     const anonymous = await fetch(`${api}/v1/sessions/browser`);
+    // The event stream as the TypeScript client resumes it (Last-Event-ID): its first event is the version.
+    const stop = new AbortController();
+    const events = await fetch(`${api}/v1/sessions/browser/events`, { headers: { ...auth, 'last-event-id': '1' }, signal: stop.signal });
+    const reader = events.body!.getReader();
+    let text = '';
+    while (!/\nid: \d+/.test(text)) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      text += new TextDecoder().decode(value);
+    }
+    stop.abort();
     return {
       created: created.status, etag: first.headers.get('etag'), requestId: first.headers.get('x-request-id'), step: (await first.json()).step,
       retried: [retried.status, (await retried.json()).step], anonymous: [anonymous.status, (await anonymous.json()).code, anonymous.headers.get('www-authenticate')],
+      resumed: [events.status, /\nid: (\d+)/.exec(text)?.[1] ?? text],
     };
   } catch (err) {
     return { failed: String(err) };
@@ -57,7 +69,7 @@ test('a page on another origin trains through the API with ASGD_CORS_ORIGINS, an
   const open = await page.evaluate(trainFromPage, { api, token: ADMIN });
   assert.deepEqual({ ...open, requestId: typeof open.requestId }, {
     created: 201, etag: '"2"', requestId: 'string', step: 1, retried: [200, 1],
-    anonymous: [401, 'UNAUTHORIZED', 'Bearer realm="asgd-serve"'],
+    anonymous: [401, 'UNAUTHORIZED', 'Bearer realm="asgd-serve"'], resumed: [200, '2'],
   }, log.join('\n'));
   assert.equal((await app.inject({ url: '/v1/sessions/browser', headers: { authorization: `Bearer ${ADMIN}` } })).json().step, 1, 'the retry did not step twice');
 
