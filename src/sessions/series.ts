@@ -143,16 +143,19 @@ export interface HyperChange {
  * steps that set them, and loads and restores that changed them (group_changes).
  */
 export async function hyperChanges(q: Queryable, sessionId: number, afterVersion: number, limit: number): Promise<HyperChange[]> {
-  const rows = await q.query<{ version: number; step: number; created_at: string; reason: string; hyper: Record<string, unknown>[] }>(
-    `SELECT version::float8 AS version, step::float8 AS step, created_at, 'step' AS reason, hyper FROM step_history
+  const rows = await q.query<ChangeRow>(`SELECT * FROM ${CHANGES_SQL} c ORDER BY version LIMIT $3`, [sessionId, afterVersion, limit]);
+  return rows.map(changeOf);
+}
+
+/** The changes of session $1 after version $2 as one relation: the steps that set hyperparameters and group_changes. */
+const CHANGES_SQL = `(SELECT version::float8 AS version, step::float8 AS step, created_at, 'step' AS reason, hyper FROM step_history
      WHERE session_id = $1 AND version > $2 AND hyper IS NOT NULL
      UNION ALL
-     SELECT version::float8, step::float8, created_at, reason, hyper FROM group_changes WHERE session_id = $1 AND version > $2
-     ORDER BY version LIMIT $3`,
-    [sessionId, afterVersion, limit],
-  );
-  return rows.map((r) => ({ version: r.version, step: r.step, time: new Date(r.created_at), reason: r.reason, paramGroups: r.hyper }));
-}
+     SELECT version::float8, step::float8, created_at, reason, hyper FROM group_changes WHERE session_id = $1 AND version > $2)`;
+
+interface ChangeRow { version: number; step: number; created_at: string; reason: string; hyper: Record<string, unknown>[] }
+
+const changeOf = (r: ChangeRow): HyperChange => ({ version: r.version, step: r.step, time: new Date(r.created_at), reason: r.reason, paramGroups: r.hyper });
 
 /** The newest changes a downsampled read keeps as they are, whatever their bucket (the dashboard lists them). */
 export const NEWEST_CHANGES_KEPT = 20;
@@ -169,10 +172,8 @@ export async function downsampledHyperChanges(
   db: Database, sessionId: number, afterVersion: number, maxPoints: number,
 ): Promise<{ changes: HyperChange[]; total: number; downsampled: boolean }> {
   return db.transaction(async (tx) => {
-    const [range] = await tx.query<{ total: number; n: number; first: number | null; last: number | null; cfirst: number | null; clast: number | null }>(
-      `SELECT (SELECT count(*) FROM step_history WHERE session_id = $1 AND version > $2 AND hyper IS NOT NULL)::float8
-                + (SELECT count(*) FROM group_changes WHERE session_id = $1 AND version > $2)::float8 AS total,
-              count(*)::float8 AS n, min(version)::float8 AS first, max(version)::float8 AS last
+    const [range] = await tx.query<{ total: number; first: number | null; last: number | null }>(
+      `SELECT (SELECT count(*) FROM ${CHANGES_SQL} c)::float8 AS total, min(version)::float8 AS first, max(version)::float8 AS last
        FROM step_history WHERE session_id = $1 AND version > $2`,
       [sessionId, afterVersion],
     );
@@ -193,20 +194,18 @@ export async function downsampledHyperChanges(
       ({ first, last } = own);
     }
     const width = Math.ceil((last! - first! + 1) / maxPoints);
-    const rows = await tx.query<{ version: number; step: number; created_at: string; reason: string; hyper: Record<string, unknown>[] }>(
-      `SELECT version::float8 AS version, step::float8 AS step, created_at, reason, hyper FROM (
+    const rows = await tx.query<ChangeRow>(
+      `SELECT version, step, created_at, reason, hyper FROM (
          SELECT c.*,
            row_number() OVER (ORDER BY version DESC) AS from_end,
-           row_number() OVER (PARTITION BY least(greatest(floor((version - $3)::float8 / $4), 0), $5 - 1), reason = 'step' ORDER BY version DESC) AS in_bucket
-         FROM (SELECT version, step, created_at, 'step' AS reason, hyper FROM step_history WHERE session_id = $1 AND version > $2 AND hyper IS NOT NULL
-               UNION ALL
-               SELECT version, step, created_at, reason, hyper FROM group_changes WHERE session_id = $1 AND version > $2) c
+           row_number() OVER (PARTITION BY least(greatest(floor((version - $3) / $4), 0), $5 - 1), reason = 'step' ORDER BY version DESC) AS in_bucket
+         FROM ${CHANGES_SQL} c
        ) r
        WHERE from_end <= $6 OR in_bucket = 1 ORDER BY version`,
       [sessionId, afterVersion, first, width, maxPoints, NEWEST_CHANGES_KEPT],
     );
     return {
-      changes: rows.map((r) => ({ version: r.version, step: r.step, time: new Date(r.created_at), reason: r.reason, paramGroups: r.hyper })),
+      changes: rows.map(changeOf),
       total: range.total,
       downsampled: true,
     };
