@@ -290,6 +290,8 @@ export interface AppendedSteps {
   session: SessionRecord | null;
   /** The batch's keys that already have a row: nothing was written; the caller answers or clears them, then retries. */
   known: KnownKey[];
+  /** The version of the session's newest snapshot (written by any process) when the batch ran; null: not read. */
+  newestSnapshot: number | null;
 }
 
 /** The step's position in the batch (0-based) -> its version, when every step before it is accepted. */
@@ -398,7 +400,8 @@ export async function appendSteps(db: Database, sessionId: number, steps: readon
      )
      SELECT locked.version::float8 AS previous_version, locked.max_staleness AS previous_max_staleness, locked.aggregated AS previous_aggregated, advanced.*,
        (SELECT count(*) FROM notified) + (SELECT count(*) FROM logged) AS written,
-       (SELECT jsonb_agg(jsonb_build_object('index', i, 'request_hash', request_hash, 'response', response, 'live', live)) FROM known) AS known
+       (SELECT jsonb_agg(jsonb_build_object('index', i, 'request_hash', request_hash, 'response', response, 'live', live)) FROM known) AS known,
+       (SELECT max(version) FROM snapshots WHERE session_id = $1)::float8 AS newest_snapshot
      FROM locked LEFT JOIN advanced ON true`,
     params,
     { name: `step_append_${n}`, lockFirst: { name: 'step_lock_session', text: 'SELECT FROM sessions WHERE id = $1 FOR NO KEY UPDATE', values: [sessionId] } },
@@ -413,6 +416,7 @@ export async function appendSteps(db: Database, sessionId: number, steps: readon
     aggregated: r.previous_aggregated === true,
     session: r.id === null || r.id === undefined ? null : toSession(r),
     known,
+    newestSnapshot: (r.newest_snapshot as number | null) ?? null,
   };
 }
 
@@ -440,7 +444,7 @@ async function appendStepsPglite(db: Database, sessionId: number, steps: readonl
     );
     if (locked.length === 0) return null;
     const { version, max_staleness: maxStaleness, aggregated } = locked[0];
-    if (aggregated) return { previousVersion: version, maxStaleness, aggregated, session: null, known: [] };
+    if (aggregated) return { previousVersion: version, maxStaleness, aggregated, session: null, known: [], newestSnapshot: null };
     const keys = steps.map((s) => s.key).filter((k): k is string => k !== null);
     const known: KnownKey[] = [];
     if (keys.length) {
@@ -450,7 +454,7 @@ async function appendStepsPglite(db: Database, sessionId: number, steps: readonl
       );
       for (const f of found) known.push({ index: steps.findIndex((s) => s.key === f.key), requestHash: f.request_hash, response: f.response, live: f.live });
     }
-    if (known.length || steps.some((s, i) => refusedAt(s, versionAt(version, i) - 1, maxStaleness))) return { previousVersion: version, maxStaleness, aggregated, session: null, known };
+    if (known.length || steps.some((s, i) => refusedAt(s, versionAt(version, i) - 1, maxStaleness))) return { previousVersion: version, maxStaleness, aggregated, session: null, known, newestSnapshot: null };
     let step = 0;
     for (const [i, s] of steps.entries()) {
       const hyper = s.hyper === null ? null : JSON.stringify(s.hyper);
@@ -479,7 +483,8 @@ async function appendStepsPglite(db: Database, sessionId: number, steps: readonl
       if (s.key !== null) await saveIdempotentAnswer(tx, sessionId, s.key, s.requestHash, { session: session.name, step, version: v, staleness });
       await notifyVersion(tx, session.name, v, step);
     }
-    return { previousVersion: version, maxStaleness, aggregated, session, known };
+    // One process holds the data directory: its copy knows of every snapshot.
+    return { previousVersion: version, maxStaleness, aggregated, session, known, newestSnapshot: null };
   });
 }
 

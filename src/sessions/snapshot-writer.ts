@@ -89,9 +89,23 @@ export function createSnapshotWriter(ctx: SessionContext) {
     return write(q, sessionId, metaOf(state), state.tensorViews(), reason);
   }
 
-  /** True when a scheduled snapshot is due at `version` (default: the copy's) for this process's copy. */
-  function due(session: SessionRecord, entry: CacheEntry, version = entry.state.version): boolean {
-    return snapshotDue(version, entry.lastSnapshotVersion, snapshotInterval(session));
+  /**
+   * True when a scheduled snapshot is due at `version` (default: the copy's) for this process's copy. Given
+   * `previous`, the version before the batch that took the session to `version`: only when that batch
+   * crossed into a new slot (one batch in all processes does), or when the slot before this one has no
+   * snapshot this process knows of (the one whose batch crossed it did not write it). Without it, every
+   * process stepping the session caught its copy up from the log and tried to claim every slot.
+   */
+  function due(session: SessionRecord, entry: CacheEntry, version = entry.state.version, previous?: number): boolean {
+    const every = snapshotInterval(session);
+    if (!snapshotDue(version, entry.lastSnapshotVersion, every)) return false;
+    if (previous === undefined) return true;
+    return slotOf(version, every) > slotOf(previous, every) || slotOf(version, every) >= slotOf(entry.lastSnapshotVersion, every) + 2;
+  }
+
+  /** What this process learned of the session's newest snapshot (written by any process): a slot it covers is not due here. */
+  function known(entry: CacheEntry, newestSnapshot: number | null): void {
+    if (newestSnapshot !== null && newestSnapshot > entry.lastSnapshotVersion) entry.lastSnapshotVersion = newestSnapshot;
   }
 
   /** Steps between the session's replay points, or null: off, or no shorter than its snapshot interval. */
@@ -221,5 +235,5 @@ export function createSnapshotWriter(ctx: SessionContext) {
     }
   }
 
-  return { write, writeState, due, pointDue, inBackground, pointInBackground, settle, shutdown };
+  return { write, writeState, due, known, pointDue, inBackground, pointInBackground, settle, shutdown };
 }

@@ -289,8 +289,10 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
       }
       await answer(name, s.request, answers[i]);
     }
+    writer.known(entry, appended.newestSnapshot);
     const pointDue = writer.pointDue(session, entry, appended.previousVersion, session.version);
-    if (!current && cache.get(id) === entry && (pointDue || writer.due(session, entry, session.version))) {
+    const snapshotDue = writer.due(session, entry, session.version, appended.previousVersion);
+    if (!current && cache.get(id) === entry && (pointDue || snapshotDue)) {
       // Behind (other steps committed meanwhile) and a snapshot or replay point is due: catch up, these steps included.
       // Otherwise the copy stays behind and catches up from the log when it is next read (currentState):
       // under several writers that is one batched read instead of one per step.
@@ -302,7 +304,7 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
       }
     }
     if (cache.get(id) !== entry || state.version !== session.version) return;
-    if (writer.due(session, entry)) writer.inBackground(session, entry, 'auto');
+    if (snapshotDue) writer.inBackground(session, entry, 'auto');
     else if (pointDue) writer.pointInBackground(session, entry);
   }
 

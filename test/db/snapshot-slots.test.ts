@@ -1,0 +1,73 @@
+// Scheduled snapshots with several processes stepping one session: the process whose batch crosses into a
+// new slot of snapshot_every versions writes the slot's snapshot; the others learn of it with their next
+// step and do not read the log back to try to write it themselves (each of them caught its copy up and
+// tried to claim every slot before). What a user sees: the same exact state from either process, and a
+// process that steps now and then replays nothing for the snapshots the other one wrote
+// (asgd_replayed_steps_total).
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import type { FastifyInstance } from 'fastify';
+import { buildTestApp, randomData, TEST_DB_KIND } from '../helper.ts';
+
+const multi = TEST_DB_KIND !== 'postgres' && 'two processes on one database: PostgreSQL only';
+
+const N = 64;
+const EVERY = 5;
+
+async function step(app: FastifyInstance, k: number): Promise<number> {
+  const res = await app.inject({ method: 'POST', url: '/v1/sessions/s/step', payload: { grads: { w: randomData(N, 100 + k) } } });
+  assert.equal(res.statusCode, 200, res.body);
+  await app.sessions.pendingSnapshots();
+  return res.json().version;
+}
+
+/** The sum of a counter's samples whose labels include `labels` (all of them when it has none). */
+async function counter(app: FastifyInstance, metric: string, labels = ''): Promise<number> {
+  const body = (await app.inject({ url: '/metrics' })).body;
+  return body.split('\n').filter((l) => l.startsWith(`${metric} `) || (l.startsWith(`${metric}{`) && l.includes(labels)))
+    .reduce((sum, l) => sum + Number(l.split(' ').at(-1)), 0);
+}
+
+test('the process whose batch crosses a slot writes its snapshot; another one stepping meanwhile does not replay the log for it', { skip: multi, timeout: 60_000 }, async (t) => {
+  const { app: a, databaseUrl } = await buildTestApp(t);
+  const { app: b } = await buildTestApp(t, { databaseUrl: databaseUrl! });
+  const created = await a.inject({
+    method: 'POST', url: '/v1/sessions',
+    payload: { name: 's', params: [{ name: 'w', shape: [N], data: randomData(N, 1) }], hyperparameters: { lr: 0.01, t0: 2 }, snapshot_every: EVERY, keep_snapshots: 100 },
+  });
+  assert.equal(created.statusCode, 201, created.body);
+
+  let k = 0;
+  const versions: string[] = [];
+  // Slot by slot (versions 5s+1 .. 5s+5): process a steps into the slot (its batch crosses it), process b
+  // steps once in the middle of it, a finishes the slot.
+  for (let slot = 1; slot <= 6; slot++) {
+    versions.push(`a${await step(a, k++)}`);
+    versions.push(`a${await step(a, k++)}`);
+    versions.push(`b${await step(b, k++)}`);
+    versions.push(`a${await step(a, k++)}`);
+    versions.push(`a${await step(a, k++)}`);
+  }
+  // The last crossing's snapshot is scheduled after its answer, once a has caught its copy up: wait for it.
+  const autoSnapshots = async () => ((await a.inject({ url: '/v1/sessions/s/snapshots' })).json().snapshots as { version: number; reason: string }[])
+    .filter((s) => s.reason === 'auto').map((s) => s.version).sort((x, y) => x - y);
+  let auto = await autoSnapshots();
+  for (let tries = 0; auto.length < 6 && tries < 100; tries++) {
+    await new Promise((r) => setTimeout(r, 50));
+    await a.sessions.pendingSnapshots();
+    auto = await autoSnapshots();
+  }
+  assert.deepEqual(auto, [6, 11, 16, 21, 26, 31], `one snapshot per slot, at the version whose batch crossed into it (steps: ${versions.join(' ')})`);
+  assert.equal(await counter(a, 'asgd_snapshots_total', 'reason="auto"'), 6, 'all written by a, whose steps crossed');
+  assert.equal(await counter(b, 'asgd_snapshots_total', 'reason="auto"'), 0);
+  // b loaded the session for its first step (the creation snapshot and versions 2 and 3 replayed) and
+  // stepped that in place; later it never crossed a slot, so it never read the log back for a snapshot.
+  assert.equal(await counter(b, 'asgd_replayed_steps_total'), 2);
+
+  // Both processes answer the same state (b catches its copy up when it is read).
+  const read = async (app: FastifyInstance) => {
+    const [sd, params] = await Promise.all(['state_dict', 'params'].map((w) => app.inject({ url: `/v1/sessions/s/${w}` })));
+    return { sd: sd.json(), params: params.json() };
+  };
+  assert.deepEqual(await read(b), await read(a));
+});
