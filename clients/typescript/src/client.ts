@@ -43,9 +43,15 @@ export class ASGDClient {
 
   // ---- sessions ------------------------------------------------------------------------------------
 
-  async createSession(spec: CreateSessionSpec): Promise<Session> {
+  /**
+   * Creates a session. `options.sendAgain`: send it again after a connection error within the retry budget
+   * (in a browser, fetch cannot say whether a failed request reached the service, so a write is otherwise
+   * not retried there): a create whose answer was lost then answers SessionExists, which the caller takes
+   * as created (RemoteASGD.attach joins the session).
+   */
+  async createSession(spec: CreateSessionSpec, options: { sendAgain?: boolean } = {}): Promise<Session> {
     const body = { ...spec, params: spec.params.map((p) => ({ ...p, data: toJsonData(p.data) })) };
-    return (await this.http.json<Session>({ method: 'POST', path: '/v1/sessions', json: body })).value;
+    return (await this.http.json<Session>({ method: 'POST', path: '/v1/sessions', json: body, repeatable: options.sendAgain === true })).value;
   }
 
   /** Creates a session from named tensors sent as safetensors; `options` are the JSON form's other keys. */

@@ -97,8 +97,8 @@ export class ConnectionFailed extends ASGDError {
   readonly url: string;
   readonly attempts: number;
 
-  constructor(method: string, url: string, attempts: number, cause: unknown) {
-    super(`${method} ${url}: ${describeCause(cause)} (after ${attempts} attempt(s))`, { cause });
+  constructor(method: string, url: string, attempts: number, cause: unknown, hint?: string) {
+    super(`${method} ${url}: ${describeCause(cause)}${hint ? ` (${hint})` : ''} (after ${attempts} attempt(s))`, { cause });
     this.method = method;
     this.url = url;
     this.attempts = attempts;

@@ -61,10 +61,31 @@ export interface Answer {
 const RETRY_STATUS = new Set([429, 502, 503, 504]);
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 
-/** How long to wait before retrying a 429/502/503/504: its Retry-After (at most 10 s), else the back-off. */
+/**
+ * How long to wait before retrying a 429/502/503/504: its Retry-After, else the back-off. A Retry-After
+ * past the retry budget ends the retries at once (a request sent before it is sure to be refused).
+ */
 function retryWait(res: Response, pause: number): number {
   const after = Number(res.headers.get('retry-after'));
-  return Number.isFinite(after) && after > 0 ? Math.min(after * 1000, 10_000) : pause;
+  return Number.isFinite(after) && after > 0 ? after * 1000 : pause;
+}
+
+/**
+ * A browser's fetch says only "Failed to fetch" (a TypeError without a cause) for a refused connection, a
+ * lost answer and a CORS refusal alike: the error then says what to check when the service is on another
+ * origin than the page.
+ */
+function browserHint(url: string, err: unknown): string | undefined {
+  const origin = (globalThis as { location?: { origin?: string } }).location?.origin;
+  if (!origin || origin === 'null' || !(err instanceof TypeError) || err.cause !== undefined) return undefined;
+  let target: string;
+  try {
+    target = new URL(url).origin;
+  } catch {
+    return undefined;
+  }
+  if (target === origin) return undefined;
+  return `a network error, or the service at ${target} refused this page's origin ${origin}: is it in the service's ASGD_CORS_ORIGINS? (the browser's console says which)`;
 }
 
 /** Was the request certainly never received? (then any method may be sent again) */
@@ -169,7 +190,7 @@ export class Transport {
           pause = Math.min(pause * 2, 2_000);
           continue;
         }
-        throw new ConnectionFailed(x.method, url, attempt, err);
+        throw new ConnectionFailed(x.method, url, attempt, err, browserHint(url, err));
       }
       let bytes: Uint8Array;
       try {
@@ -182,7 +203,7 @@ export class Transport {
           pause = Math.min(pause * 2, 2_000);
           continue;
         }
-        throw new ConnectionFailed(x.method, url, attempt, err);
+        throw new ConnectionFailed(x.method, url, attempt, err, browserHint(url, err));
       }
       if ((res.status >= 200 && res.status < 300) || x.allow?.includes(res.status)) return { status: res.status, headers: res.headers, bytes, attempts: attempt };
       if (RETRY_STATUS.has(res.status)) {
@@ -227,7 +248,7 @@ export class Transport {
           pause = Math.min(pause * 2, 2_000);
           continue;
         }
-        throw new ConnectionFailed(x.method, url, attempt, err);
+        throw new ConnectionFailed(x.method, url, attempt, err, browserHint(url, err));
       } finally {
         clearTimeout(timer);
       }

@@ -223,9 +223,10 @@ export class RemoteASGD extends Optimizer {
       if (!(err instanceof SessionNotFound) || this.options.create === 'never') throw err;
       const params = await Promise.all(vars.map(async (v) => ({ name: paramOf.get(v.name)!, shape: v.shape, data: Float32Array.from(await v.data()) })));
       try {
-        session = await this.client.createSession({ name: this.session, params, hyperparameters: this.options.hyperparameters, ...this.options.sessionSettings });
+        session = await this.client.createSession({ name: this.session, params, hyperparameters: this.options.hyperparameters, ...this.options.sessionSettings }, { sendAgain: true });
       } catch (createErr) {
-        // Another worker started with the same arguments created it between the two requests: join it.
+        // Another worker started with the same arguments created it between the two requests (or this
+        // create's answer was lost and it was sent again): join it.
         if (!(createErr instanceof SessionExists)) throw createErr;
         session = await this.client.getSession(this.session);
         return this.join(session, variableOf, bind);

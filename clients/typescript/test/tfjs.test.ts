@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import test from 'node:test';
 import * as tf from '@tensorflow/tfjs';
-import { decodeSafetensors } from '../src/index.ts';
+import { ASGDClient, decodeSafetensors } from '../src/index.ts';
 import { RemoteASGD } from '../src/tfjs.ts';
 import { hexOf, liveService, rng, runTorchReference, skipWithoutTorch, uniqueName } from './service.ts';
 
@@ -177,4 +177,24 @@ test('RemoteASGD', { skip: skipWithoutTorch() }, async (t) => {
     // A square kernel has the same shape transposed: that cannot be caught, hence the README's note on layouts.
     tf.dispose([a, b]);
   });
+});
+
+test('attach: a create whose answer was lost (a browser\'s bare "Failed to fetch") is sent again and the session joined', async (t) => {
+  const { client } = await liveService(t);
+  let lost = 0;
+  // The first create reaches the service and lands; its answer is lost as a browser's fetch loses one.
+  const losesCreate: typeof fetch = async (input, init) => {
+    const res = await fetch(input, init);
+    if (init?.method === 'POST' && String(input).endsWith('/v1/sessions') && lost++ === 0) throw new TypeError('Failed to fetch');
+    return res;
+  };
+  const m = model(11);
+  const name = uniqueName('tfjs-lost-create');
+  const opt = new RemoteASGD({ client: new ASGDClient(client.http.baseUrl, { fetch: losesCreate, logger: null }), session: name, hyperparameters: { lr: 0.01 } });
+  const session = await opt.attach(m.trainableWeights);
+  assert.equal(lost, 2, 'sent again once');
+  assert.equal(session.version, 1);
+  const stored = await client.params(name);
+  const initial = await variablesOf(m);
+  for (const v of initial) assert.deepEqual(Array.from(stored.params[v.name].data), v.data);
 });

@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import http from 'node:http';
 import test from 'node:test';
-import { ASGDClient, ConnectionFailed, encodeSafetensors, ServiceUnavailable } from '../src/index.ts';
+import { ASGDClient, ConnectionFailed, encodeSafetensors, ServiceError, ServiceUnavailable } from '../src/index.ts';
 
 async function standIn(t: test.TestContext, handler: http.RequestListener) {
   const server = http.createServer(handler);
@@ -62,4 +62,49 @@ test('a 202 pending is sent again with the same key and body; the round in a saf
   assert.ok(sent[0].key && sent.every((s) => s.key === sent[0].key && s.url === sent[0].url && s.body.equals(sent[0].body)), 'the same request each time');
   assert.deepEqual(Object.fromEntries(new URL(sent[0].url, url).searchParams), { return: 'params', wait: '2', base_version: '4', worker: 'w0', samples: '8' });
   await assert.rejects(new ASGDClient(url).step('s', { w: [1] }, { worker: 'w0', idempotencyKey: null }), RangeError, 'a contribution without a key could not be sent again');
+});
+
+test('a Retry-After past the retry budget ends the retries at once; one within it is waited for', async (t) => {
+  let calls = 0;
+  let after = '20';
+  const url = await standIn(t, (req, res) => {
+    calls++;
+    if (calls === 1) return res.writeHead(429, { 'content-type': 'application/json', 'retry-after': after }).end(JSON.stringify({ statusCode: 429, code: 'RATE_LIMITED', message: 'too many requests' }));
+    res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ sessions: [], next: null }));
+  });
+  const started = Date.now();
+  const refused = await new ASGDClient(url, { retryBudgetMs: 15_000, logger: null }).listSessions().then(() => null, (e: unknown) => e);
+  assert.ok(refused instanceof ServiceError && refused.code === 'RATE_LIMITED', String(refused));
+  assert.equal(calls, 1, 'not sent again before the service said it would take it');
+  assert.ok(Date.now() - started < 5_000, `${Date.now() - started} ms`);
+  calls = 0;
+  after = '1';
+  const listed = await new ASGDClient(url, { retryBudgetMs: 15_000, logger: null }).listSessions();
+  assert.deepEqual([listed.sessions, calls], [[], 2]);
+});
+
+test('in a browser: a bare "Failed to fetch" from another origin names ASGD_CORS_ORIGINS; a create sent with sendAgain is retried', async (t) => {
+  Object.defineProperty(globalThis, 'location', { value: { origin: 'http://page.example:4811', href: 'http://page.example:4811/index.html' }, configurable: true });
+  t.after(() => delete (globalThis as { location?: unknown }).location);
+  const failing: typeof fetch = async () => {
+    throw new TypeError('Failed to fetch'); // what Chromium's fetch rejects with: no cause, no code
+  };
+  const other = await new ASGDClient('http://asgd.example:8080', { fetch: failing, retryBudgetMs: 0 }).getSession('x').then(() => null, (e: unknown) => e);
+  assert.ok(other instanceof ConnectionFailed, String(other));
+  assert.match(other.message, /Failed to fetch \(a network error, or the service at http:\/\/asgd\.example:8080 refused this page's origin http:\/\/page\.example:4811: is it in the service's ASGD_CORS_ORIGINS\?/);
+  const same = await new ASGDClient('/asgd', { fetch: failing, retryBudgetMs: 0 }).getSession('x').then(() => null, (e: unknown) => e);
+  assert.ok(same instanceof ConnectionFailed && !same.message.includes('ASGD_CORS_ORIGINS'), String(same));
+
+  // A create whose answer is lost once: not sent again by default (it may have landed), sent again with sendAgain.
+  let posts = 0;
+  const losesFirst: typeof fetch = async (input, init) => {
+    if (init?.method === 'POST' && posts++ === 0) throw new TypeError('Failed to fetch');
+    return new Response(JSON.stringify({ name: 's', version: 1 }), { status: 201, headers: { 'content-type': 'application/json' } });
+  };
+  const spec = { name: 's', params: [{ name: 'w', shape: [1], data: [1] }] };
+  const once = await new ASGDClient('http://asgd.example:8080', { fetch: losesFirst, retryBudgetMs: 5_000, logger: null }).createSession(spec).then(() => null, (e: unknown) => e);
+  assert.ok(once instanceof ConnectionFailed && once.attempts === 1, String(once));
+  posts = 0;
+  const created = await new ASGDClient('http://asgd.example:8080', { fetch: losesFirst, retryBudgetMs: 5_000, logger: null }).createSession(spec, { sendAgain: true });
+  assert.deepEqual([created.version, posts], [1, 2]);
 });
