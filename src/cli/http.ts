@@ -48,6 +48,9 @@ async function failure(res: Response, token: string | null): Promise<CliError> {
     message = token ? `the token was refused (${message || 'unauthorized'})` : 'the service needs a token: pass --token or set ASGD_TOKEN';
   }
   const detail = message || `HTTP ${res.status} ${res.statusText}`.trim();
+  // A 404 without one of the service's error codes is some other server's (or a proxy's) "no such page":
+  // to a script that is "not an asgd-serve", not "no such session".
+  if (res.status === 404 && !code) return new CliError(EXIT.unreachable, `${res.url || 'the service'} answered ${detail} without an asgd-serve error code: is it an asgd-serve? (--url or ASGD_URL)`);
   return new CliError(exitCodeOf(res.status), code ? `${detail} (${code})` : detail);
 }
 

@@ -29,12 +29,15 @@ function formatOf(bytes: Buffer): WireFormat | null {
   // header of 123 bytes starts with "{" too.
   if (bytes.length >= 9 && bytes.readBigUInt64LE(0) <= BigInt(bytes.length - 8) && bytes[8] === 0x7b) return 'safetensors';
   const first = bytes.findIndex((b) => b !== 0x20 && b !== 0x09 && b !== 0x0a && b !== 0x0d);
-  return first >= 0 && bytes[first] === 0x7b ? 'json' : null;
+  // JSON: an object, or any other JSON value, which readStateFile then says is not an object.
+  return first >= 0 && (bytes[first] === 0x7b || bytes[first] === 0x5b) ? 'json' : null;
 }
 
 /** What a dict's keys say it is, as the service's three layouts lay it out; null for none of them. */
-function whatOfKeys(keys: readonly unknown[], allTensors: boolean): What | null {
+function whatOfKeys(keys: readonly unknown[], allTensors: boolean, torchSave = false): What | null {
   if (keys.includes('model') && keys.includes('optimizer')) return 'checkpoint';
+  // PyTorch's tutorial on saving a general checkpoint: PUT .../checkpoint takes its torch.save file too.
+  if (torchSave && keys.includes('model_state_dict') && keys.includes('optimizer_state_dict')) return 'checkpoint';
   if (keys.includes('state') && keys.includes('param_groups')) return 'state_dict';
   return keys.length > 0 && allTensors ? 'params' : null;
 }
@@ -68,6 +71,10 @@ export async function readStateFile(file: string, forced: What | undefined): Pro
       } catch (err) {
         throw usageError(`sessions import: ${file} is not valid JSON: ${(err as Error).message}`);
       }
+      if (value === null || typeof value !== 'object' || Array.isArray(value)) {
+        const holds = Array.isArray(value) ? 'a JSON array' : value === null ? 'JSON null' : `a JSON ${typeof value}`;
+        throw usageError(`sessions import: ${file} holds ${holds}, not an object (a state_dict, a checkpoint or {"params": ...})`);
+      }
       const keys = Object.keys(value as object);
       found = { what: keys.includes('params') ? 'params' : whatOfKeys(keys, false), holds: `an object with ${describeKeys(keys)}` };
       // The parameters as `sessions download --what params --format json` writes them carry the session,
@@ -81,7 +88,7 @@ export async function readStateFile(file: string, forced: What | undefined): Pro
       const value = readTorchSave(bytes);
       const keys = value instanceof PyDict ? [...value.keys()] : [];
       found = {
-        what: value instanceof PyDict ? whatOfKeys(keys, [...value.values()].every(isTensor)) : null,
+        what: value instanceof PyDict ? whatOfKeys(keys, [...value.values()].every(isTensor), true) : null,
         holds: value instanceof PyDict ? `a dict with ${describeKeys(keys)}` : `a ${pyTypeName(value)}`,
       };
     } else {

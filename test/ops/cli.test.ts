@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { connect, createServer, type AddressInfo } from 'node:net';
 import { readFileSync } from 'node:fs';
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -12,6 +12,7 @@ import type { FastifyInstance } from 'fastify';
 import pg from 'pg';
 import { buildTestApp, createTestDatabase, TEST_DB_KIND } from '../helper.ts';
 import { FLAGS, flagName, parseArgs } from '../../src/cli.ts';
+import { PyDict, readTorchSave, torchSaveToBuffer } from '../../src/formats/index.ts';
 import { assertFails as assertFailsAs, BIN, runMain, runProcess, type Run } from '../support/cli.ts';
 import { ADMIN, asAdmin, gradBody, sessionBody } from './support.ts';
 
@@ -268,6 +269,19 @@ describe('sessions import, restore and fork', () => {
     const forced = await ops(['sessions', 'import', 'forced', json, '--what', 'checkpoint']);
     assert.equal(forced.code, 0, forced.stderr);
     assert.deepEqual(await params('forced'), await params('source'));
+    // PyTorch's tutorial layout in a torch.save file ({model_state_dict, optimizer_state_dict, epoch, loss,
+    // and here step}) is a checkpoint too.
+    await makeSession('tutorial', 31, 0);
+    const saved = readTorchSave(await readFile(checkpoint)) as PyDict;
+    const tutorial = join(dir, 'tutorial-checkpoint.pt');
+    await writeFile(tutorial, torchSaveToBuffer(new PyDict([
+      ['epoch', 4n], ['model_state_dict', saved.get('model')!], ['optimizer_state_dict', saved.get('optimizer')!], ['loss', 0.25], ['step', saved.get('step')!],
+    ])));
+    const fromTutorial = await ops(['sessions', 'import', 'tutorial', tutorial]);
+    assert.equal(fromTutorial.code, 0, fromTutorial.stderr);
+    assert.match(fromTutorial.stdout, /^loaded checkpoint from .*tutorial-checkpoint\.pt into tutorial: version 2 \(step 3\)\n$/);
+    assert.deepEqual(await params('tutorial'), await params('source'));
+    assert.deepEqual(await stateDict('tutorial'), await stateDict('source'));
   });
 
   test('import: bad input is a usage error naming it; the service\'s refusals print its code', async () => {
@@ -286,6 +300,7 @@ describe('sessions import, restore and fork', () => {
       ['broken.pt', Buffer.concat([Buffer.from('PK\x03\x04'), Buffer.alloc(60, 7)]), /broken\.pt is not a readable torch\.save file: /],
       ['other.json', '{"weights": [1, 2]}', /cannot tell what .*other\.json holds \(an object with keys weights\): pass --what checkpoint\|state_dict\|params/],
       ['bad.json', '{"state": ', /bad\.json is not valid JSON/],
+      ['array.json', ' [1, 2]', /array\.json holds a JSON array, not an object \(a state_dict, a checkpoint or \{"params": \.\.\.\}\)/],
     ];
     for (const [name, content, message] of files) {
       await writeFile(join(dir, name), content);

@@ -4,6 +4,7 @@
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
+import { createServer as createHttpServer } from 'node:http';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -220,6 +221,17 @@ test('errors: unknown session, bad or missing token, unreachable service, bad us
   assertFails(await cli(['sessions', 'ls', '--url', `http://127.0.0.1:${closed}`]), 5, new RegExp(`^asgd-serve: cannot reach http://127.0.0.1:${closed} \\(ECONNREFUSED\\)`));
   assertFails(await here(['tokens', 'ls'], { env: { ASGD_URL: `http://127.0.0.1:${closed}` } }), 5, /cannot reach/);
   assertFails(await here(['sessions', 'ls', '--url', 'ftp://example']), 2, /--url: "ftp:\/\/example" is not an http/);
+  // Another HTTP server (a static file server, a proxy's page): its 404 is "not an asgd-serve", not "not found".
+  const other = createHttpServer((req, res) => res.writeHead(404, { 'content-type': 'text/html' }).end('<h1>File not found</h1>'));
+  other.listen(0, '127.0.0.1');
+  await once(other, 'listening');
+  try {
+    const port = (other.address() as { port: number }).port;
+    assertFails(await cli(['sessions', 'ls', '--url', `http://127.0.0.1:${port}`]), 5, /answered HTTP 404 Not Found without an asgd-serve error code: is it an asgd-serve\? \(--url or ASGD_URL\)\n$/);
+    assertFails(await cli(['sessions', 'show', 'alpha', '--url', `http://127.0.0.1:${port}`]), 5, /is it an asgd-serve\?/);
+  } finally {
+    other.close();
+  }
   const unknown = await cli(['sessions', 'ls', '--colour']);
   assert.equal(unknown.code, 2);
   assert.match(unknown.stderr, /^asgd-serve: unknown option --colour\n\nUsage: asgd-serve sessions\|tokens/);
