@@ -105,11 +105,11 @@ test('sessions list: search by part of the name (case-insensitive, literal), pag
 
 test('/ui: the dashboard\'s files, public with auth on, compressed, revalidated by ETag; the chart library from npm', async (t) => {
   const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
-  assert.equal((await app.inject({ url: '/ui' })).headers.location, '/ui/');
+  assert.equal((await app.inject({ url: '/ui' })).headers.location, 'ui/', 'relative: under a proxy\'s path prefix too');
   const index = await app.inject({ url: '/ui/' });
   assert.equal(index.statusCode, 200);
   assert.match(index.headers['content-type'] as string, /^text\/html/);
-  assert.match(index.body, /"uplot": "\/ui\/vendor\/uPlot\.esm\.js"/);
+  assert.match(index.body, /"uplot": "\.\/vendor\/uPlot\.esm\.js"/); // relative to the page, <root>/ui/
   // Nothing is loaded from elsewhere.
   assert.doesNotMatch(index.body, /https?:\/\//);
 

@@ -13,6 +13,15 @@ const TOKEN_KEY = 'asgd-token';
  */
 const TIMEOUTS = { eventsIdleMs: 35_000, readMs: 30_000, .../** @type {any} */ (window).asgdTimeouts };
 
+/**
+ * The URL of an API path ("/v1/..."), relative to the page: the dashboard is served at <root>/ui/, so the
+ * API is at <root>/v1/ whether <root> is the host's root or a reverse proxy's path prefix ("/asgd").
+ * @param {string} path
+ */
+export function apiUrl(path) {
+  return path.startsWith('/v1/') || path === '/v1' ? new URL(`..${path}`, document.baseURI).href : path;
+}
+
 /** A read that got no answer within TIMEOUTS.readMs. */
 class TimeoutError extends Error {
   /** @param {number} ms */
@@ -79,7 +88,7 @@ export async function api(path, init = {}) {
   let response;
   let text;
   try {
-    response = await fetch(path, { ...rest, headers: withAuth(headers), ...(json !== undefined && { body: JSON.stringify(json) }), ...(read && { signal: read.signal }) });
+    response = await fetch(apiUrl(path), { ...rest, headers: withAuth(headers), ...(json !== undefined && { body: JSON.stringify(json) }), ...(read && { signal: read.signal }) });
     text = await response.text();
   } catch (err) {
     if (read?.timedOut()) throw new TimeoutError(read.ms);
@@ -103,7 +112,7 @@ export async function api(path, init = {}) {
 
 /** Downloads a file through fetch (so the token goes along) and hands it to the browser. */
 export async function download(/** @type {string} */ path, /** @type {string} */ filename) {
-  const response = await fetch(path, { headers: withAuth() });
+  const response = await fetch(apiUrl(path), { headers: withAuth() });
   if (!response.ok) {
     const body = await response.json().catch(() => null);
     throw new ApiError(response.status, body?.code ?? 'HTTP_ERROR', body?.message ?? response.statusText);
@@ -178,7 +187,7 @@ export async function followEvents(session, onEvent, signal, onState, since, wak
       const have = lastVersion ?? since?.() ?? null;
       if (have !== null && have > 0) headers['last-event-id'] = String(have);
       heard();
-      const response = await fetch(`/v1/sessions/${encodeURIComponent(session)}/events`, { headers: withAuth(headers), signal: connection.signal });
+      const response = await fetch(apiUrl(`/v1/sessions/${encodeURIComponent(session)}/events`), { headers: withAuth(headers), signal: connection.signal });
       if (!response.ok || !response.body) {
         const body = await response.json().catch(() => null);
         if (response.status === 405 || body?.code === 'ROUTE_NOT_FOUND') return 'unsupported';

@@ -121,7 +121,8 @@ const uiRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   if (!index) throw new Error(`the dashboard's index.html is missing from ${UI_ROOT}`);
   const config = ACCESS.public;
   const schema = { hide: true };
-  fastify.get('/ui', { config, schema }, async (_request, reply) => reply.redirect('/ui/', 302));
+  // Relative, so that behind a reverse proxy's path prefix (/asgd/ui) the browser stays under it (/asgd/ui/).
+  fastify.get('/ui', { config, schema }, async (_request, reply) => reply.redirect('ui/', 302));
   fastify.get('/ui/', { config, schema }, async (request, reply) => send(request, reply, index));
   fastify.get('/ui/*', { config, schema: { ...schema, params: Type.Object({ '*': Type.String() }) } }, async (request, reply) => {
     const path = request.params['*'];
