@@ -90,17 +90,25 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
    * Optimizer.load_state_dict: hyperparameters come from the loaded groups. Written as a snapshot.
    * Parameters alone (no stateDict) leave the optimizer state, hyperparameters and step as they are, as
    * editing a model's weights leaves torch.optim.ASGD's state. `paramsField` names them in messages.
+   * Parameters alone that equal the session's bit for bit change nothing: the session as it is, no new
+   * version (so that workers of a round making the same edit, a clamp, do not void each other's
+   * contributions with versions that change nothing).
    */
   async function load(
     name: string,
     input: { stateDict?: LoadedStateDict; params?: LoadedParams; step?: number; paramsField?: string },
     opts: { ifMatch?: number | null; reason: string },
   ): Promise<SessionRecord> {
+    let changed = true;
     const session = await changeLocked(name, opts.ifMatch, async (tx, session, touch) => {
       const entry = await history.currentState(tx, session);
       const { state } = entry;
       const plan = input.stateDict ? planLoad(session, input.stateDict) : null;
       if (input.params) checkModel(session, state.layout, input.params, input.paramsField);
+      if (!plan && input.step === undefined && input.params && sameParams(state, input.params)) {
+        changed = false;
+        return session;
+      }
       touch();
       if (input.params) for (const [pname, t] of input.params) state.param(state.layout.index.get(pname)!).set(t.data);
       if (plan) {
@@ -122,7 +130,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
       entry.lastSnapshotVersion = state.version;
       return mustFind(tx, name);
     });
-    return written(name, opts.reason, session);
+    return changed ? written(name, opts.reason, session) : session;
   }
 
   /**
@@ -224,4 +232,13 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
   }
 
   return { create, remove, load, setHyperparameters, restore, fork };
+}
+
+/** True when every parameter given equals the state's, bit for bit (-0 is not 0; a NaN only its own payload). */
+function sameParams(state: SessionState, params: LoadedParams): boolean {
+  for (const [pname, t] of params) {
+    const mine = state.param(state.layout.index.get(pname)!);
+    if (!Buffer.from(mine.buffer, mine.byteOffset, mine.byteLength).equals(Buffer.from(t.data.buffer, t.data.byteOffset, t.data.byteLength))) return false;
+  }
+  return true;
 }

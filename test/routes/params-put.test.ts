@@ -165,3 +165,30 @@ test('PUT params: a step token may send parameters (a worker clipping its weight
   assert.equal(step.statusCode, 200, step.body);
   assert.equal(step.json().version, 2);
 });
+
+test('PUT params equal to the session\'s, bit for bit, changes nothing: no new version, no snapshot; -0 for 0 is a change', async (t) => {
+  const app = await setup(t);
+  for (let k = 0; k < 2; k++) assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/p/step', payload: { grads: grads(k) } })).statusCode, 200);
+  const snapshots = async () => (await app.inject({ url: '/v1/sessions/p/snapshots' })).json().snapshots.length;
+  const before = { snapshots: await snapshots(), state: (await app.inject({ url: '/v1/sessions/p/state_dict' })).json() };
+  const now = (await app.inject({ url: '/v1/sessions/p/params' })).json().params;
+  // The same values, as a worker of a round sends them after the same clamp another worker sent first.
+  const same = await app.inject({ method: 'PUT', url: '/v1/sessions/p/params', headers: { 'if-match': '"3"' }, payload: { params: { w: now.w, b: now.b.data } } });
+  assert.equal(same.statusCode, 200, same.body);
+  assert.deepEqual([same.json().version, same.headers.etag, same.json().step], [3, '"3"', 2]);
+  assert.equal(await snapshots(), before.snapshots, 'no snapshot written');
+  assert.deepEqual((await app.inject({ url: '/v1/sessions/p/state_dict' })).json(), before.state);
+  // The If-Match is still checked.
+  assert.equal((await app.inject({ method: 'PUT', url: '/v1/sessions/p/params', headers: { 'if-match': '"2"' }, payload: { params: { w: now.w, b: now.b.data } } })).statusCode, 412);
+
+  // One element different, or a zero's sign: a new version.
+  const zeroed = { w: { shape: [3, 4], data: (now.w.data as number[]).map((x, i) => (i === 0 ? 0 : x)) }, b: now.b.data };
+  assert.equal((await app.inject({ method: 'PUT', url: '/v1/sessions/p/params', payload: { params: zeroed } })).json().version, 4);
+  const negZero = { ...zeroed, w: { shape: [3, 4], data: zeroed.w.data.map((x, i) => (i === 0 ? -0 : x)) } };
+  const signed = await app.inject({ method: 'PUT', url: '/v1/sessions/p/params', headers: { 'content-type': 'application/x-safetensors' }, payload: streamToBuffer(writeSafetensors([
+    ['w', f32([3, 4], negZero.w.data)], ['b', f32([4], negZero.b)],
+  ])) });
+  assert.equal(signed.statusCode, 200, signed.body);
+  assert.equal(signed.json().version, 5, '-0 is not 0');
+  assert.equal(await snapshots(), before.snapshots + 2);
+});

@@ -127,6 +127,59 @@ class ThreeWorkers(RoundsTestCase):
             self.assertTrue(torch.equal(averaged[pname], torch_opt.state[q]["ax"]), f"ax of {pname}")
 
 
+class ClampedWeights(RoundsTestCase):
+    def test_three_workers_clamping_their_weights_after_each_round_step_as_torch(self):
+        """The weight-editing idiom (p.data.clamp_() after opt.step(), WGAN's clipping) in a round: each worker
+        sends the same clamped parameters before its next contribution; the first makes a new version, the
+        others change nothing (no version, so the contributions made at it stand). Before, each worker's
+        PUT params voided the round the others had contributed to: gradients dropped, then a hang."""
+        from asgd_client import RemoteASGD
+
+        self.requireRounds()
+        urls = self.srv.replicas(3) or [self.url] * 3
+        name = unique("rounds-clamp")
+        rounds, bound = 8, 0.3
+        models = [make_model() for _ in WORKERS]
+        opts = []
+        for rank, worker in enumerate(WORKERS):
+            opt = RemoteASGD(models[rank].named_parameters(), url=urls[rank], token=self.token, session=name, worker=worker,
+                             aggregation={"contributions": 3}, max_round_wait_s=120, **HYPER)
+            self.addCleanup(opt.close)
+            opts.append(opt)
+
+        def train(rank):
+            def loop():
+                for r in range(rounds):
+                    X, y = shard(r, rank)
+                    opts[rank].zero_grad()
+                    nn.functional.mse_loss(models[rank](X), y).backward()
+                    opts[rank].step()
+                    for p in models[rank].parameters():
+                        p.data.clamp_(-bound, bound)
+                opts[rank].synchronize()
+            return loop
+
+        self.run_workers([train(rank) for rank in range(len(WORKERS))])
+
+        want = make_model()
+        torch_opt = torch.optim.ASGD(for_torch(want.named_parameters()), **HYPER)
+        for r in range(rounds):
+            grads = {w: gradients(want, *shard(r, rank)) for rank, w in enumerate(WORKERS)}
+            for p, g in zip(want.parameters(), documented_mean(grads)):
+                p.grad = g
+            torch_opt.step()
+            with torch.no_grad():
+                for p in want.parameters():
+                    p.clamp_(-bound, bound)
+        self.assertTrue(any((p.abs() == bound).any() for p in want.parameters()), "the clamp bit")
+        for rank, worker in enumerate(WORKERS):
+            self.assertEqual(opts[rank].stale_dropped, 0, f"worker {worker} dropped gradients")
+            self.assertParamsIdentical(models[rank], want, f"worker {worker}:")
+        info = opts[0].client.get_session(name)
+        self.assertEqual((info["step"], info["round"]), (rounds, None))
+        self.assertStateDictEqual(opts[0].state_dict(), torch_opt.state_dict())
+
+
 class KilledMidRound(RoundsTestCase):
     def test_rounds_complete_once_across_a_kill_9_of_a_service_process(self):
         from asgd_client import RemoteASGD
