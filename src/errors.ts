@@ -182,8 +182,8 @@ export const errors = {
     new ApiError('STALE_GRADIENT', `base_version: the gradient was computed at version ${baseVersion}; rounds take gradients of the current version ${version}`, {
       version, staleness: version - baseVersion, max_staleness: 0,
     }),
-  roundOpen: (version: number, contributions: number) =>
-    new ApiError('ROUND_OPEN', `aggregation: the round at version ${version} has ${contributions} contribution(s); change it once no round is open`, { version }),
+  roundOpen: (field: string, version: number, contributions: number, instead = '') =>
+    new ApiError('ROUND_OPEN', `${field}: the round at version ${version} has ${contributions} contribution(s); change it once no round is open${instead}`, { version }),
   duplicateContribution: (worker: string, version: number) =>
     new ApiError('DUPLICATE_CONTRIBUTION', `worker: ${JSON.stringify(worker)} has already contributed to the round at version ${version}`, { version }),
   roundConflict: make('ROUND_CONFLICT', (version: number) => `param_groups: differ from those of the other contributions to the round at version ${version} (a round applies one set)`),

@@ -33,6 +33,13 @@ function toOpenApiSchema(schema: unknown, components: Json): unknown {
       s = { type: branches[0].type, enum: branches.map((b) => b.const), ...rest };
     }
   }
+  // JSON Schema's numeric exclusive bounds are OpenAPI 3.0's boolean flags on minimum/maximum.
+  for (const [exclusive, bound] of [['exclusiveMinimum', 'minimum'], ['exclusiveMaximum', 'maximum']] as const) {
+    if (typeof s[exclusive] === 'number') {
+      s[bound] = s[exclusive];
+      s[exclusive] = true;
+    }
+  }
   if (isObject(s.patternProperties)) {
     const values = Object.values(s.patternProperties);
     if (values.length === 1) s.additionalProperties = values[0];

@@ -96,7 +96,7 @@ export const SessionSettings = {
 /** Synchronous rounds: types and ranges here, the rules between the keys in src/sessions/aggregation.ts. */
 export const Aggregation = Type.Object({
   contributions: Type.Optional(Type.Integer({ minimum: 1, maximum: MAX_ROUND_CONTRIBUTIONS, description: 'A round steps once this many workers contributed (K)' })),
-  timeout_s: Type.Optional(Type.Number({ minimum: 0, maximum: MAX_ROUND_TIMEOUT_S, description: 'Above 0. After this many seconds from its first contribution a round steps with what it has, if at least min_contributions' })),
+  timeout_s: Type.Optional(Type.Number({ exclusiveMinimum: 0, maximum: MAX_ROUND_TIMEOUT_S, description: 'Above 0. After this many seconds from its first contribution a round steps with what it has, if at least min_contributions' })),
   min_contributions: Type.Optional(Type.Integer({ minimum: 1, maximum: MAX_ROUND_CONTRIBUTIONS, description: 'With timeout_s: the fewest contributions a round steps with (1..K; default K)' })),
   target_samples: Type.Optional(Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER, description: 'A round steps once its contributions\' samples add up to this (each contribution then needs samples)' })),
 }, {

@@ -147,7 +147,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
       if (JSON.stringify(next) === JSON.stringify(session.groups)) return session;
       // A new version would void the open round's contributions (made at this one): refused as PATCH of
       // aggregation is; the change goes with a step of the next round instead.
-      if (session.aggregation) await assertNoOpenRound(tx, session);
+      if (session.aggregation) await assertNoOpenRound(tx, session, 'param_groups', ', or send them with a contribution (its param_groups)');
       const entry = await history.currentState(tx, session);
       const { state } = entry;
       touch();

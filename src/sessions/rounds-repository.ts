@@ -150,8 +150,11 @@ export async function readRoundOutcome(
   return rows[0] ?? null;
 }
 
-/** PATCH of `aggregation` is refused while a round has contributions (they were made for the old settings). */
-export async function assertNoOpenRound(q: Queryable, session: SessionRecord): Promise<void> {
+/**
+ * A change of `field` (PATCH of aggregation, of param_groups) is refused while a round has contributions
+ * (they were made for the old settings, at this version). `instead`: what to do, appended to the message.
+ */
+export async function assertNoOpenRound(q: Queryable, session: SessionRecord, field = 'aggregation', instead = ''): Promise<void> {
   const round = await readRound(q, session.id, session.version);
-  if (round.contributions > 0) throw errors.roundOpen(session.version, round.contributions);
+  if (round.contributions > 0) throw errors.roundOpen(field, session.version, round.contributions, instead);
 }
