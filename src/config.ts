@@ -51,6 +51,11 @@ export interface Config {
   fma: boolean;
   /** Bytes of decoded session state one process keeps in memory before evicting the least used. */
   cacheBytes: number;
+  /**
+   * Sessions one process keeps decoded at most (the least used go first). Each holds its own WebAssembly
+   * memory, for which V8 reserves about 8 GiB of address space however small it is: some 16,000 exhaust it.
+   */
+  cacheSessions: number;
   /** Background snapshots of a state (params + ax) up to this size copy it and write while steps go on; bigger ones are written in place, steps waiting. */
   snapshotCopyLimitBytes: number;
   /** Log bytes between replay points (src/sessions/replay-points.ts); 0: none. */
@@ -103,6 +108,8 @@ function bool(env: Env, key: string, fallback: boolean): boolean {
 }
 
 const MiB = 1024 * 1024;
+/** ASGD_CACHE_SESSIONS at most: each cached session reserves ~8 GiB of the 128 TiB of address space (its wasm memory). */
+const MAX_CACHE_SESSIONS = 10_000;
 const LOG_REQUESTS: readonly string[] = ['all', 'auto', 'errors', 'none'];
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
 
@@ -248,6 +255,7 @@ export function loadConfig(env: Env = process.env): Config {
     kernel,
     fma: bool(env, 'ASGD_FMA', true),
     cacheBytes: int(env, 'ASGD_CACHE_BYTES', 4096 * MiB, 0),
+    cacheSessions: int(env, 'ASGD_CACHE_SESSIONS', 4096, 1, MAX_CACHE_SESSIONS),
     snapshotCopyLimitBytes: int(env, 'ASGD_SNAPSHOT_COPY_LIMIT_BYTES', 256 * MiB, 0),
     // Replay points serve takeovers by other processes; the embedded database has one process, whose point
     // writes would run on its event loop: off there unless asked for.

@@ -29,6 +29,7 @@ export default fp(
       kernelOptions: { fma: opts.config.fma },
       log: fastify.log,
       cacheBytes: opts.config.cacheBytes,
+      cacheSessions: opts.config.cacheSessions,
       snapshotCopyLimitBytes: opts.config.snapshotCopyLimitBytes,
       replayBoundBytes: opts.config.replayBoundBytes,
       idempotencyWindowSeconds: opts.config.idempotencyWindowSeconds,

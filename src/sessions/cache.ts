@@ -11,8 +11,14 @@ export interface CacheEntry {
   lastUsed: number;
 }
 
-/** Bytes a cached session holds: params, ax and the gradient buffer, float32 each. */
-const bytesOf = (state: SessionState) => state.layout.numel * 12;
+/**
+ * Bytes a cached session is counted for: params, ax and the gradient buffer (float32 each), plus what each
+ * parameter costs besides its elements (its name, shape and views: ~440 bytes measured with 100,000
+ * one-element parameters) and each session (its memory's first pages, its objects).
+ */
+const PER_PARAM_BYTES = 512;
+const PER_SESSION_BYTES = 64 * 1024;
+const bytesOf = (state: SessionState) => state.layout.numel * 12 + state.layout.numels.length * PER_PARAM_BYTES + PER_SESSION_BYTES;
 
 export class StateCache {
   readonly #entries = new Map<number, CacheEntry>();
@@ -21,11 +27,13 @@ export class StateCache {
   readonly #hints = new Map<string, number>();
   readonly #kernel: AsgdKernel;
   readonly #budget: number;
+  readonly #maxSessions: number;
   #bytes = 0;
 
-  constructor(kernel: AsgdKernel, budgetBytes: number) {
+  constructor(kernel: AsgdKernel, budgetBytes: number, maxSessions = 4096) {
     this.#kernel = kernel;
     this.#budget = budgetBytes;
+    this.#maxSessions = maxSessions;
   }
 
   /**
@@ -70,7 +78,10 @@ export class StateCache {
     return entry;
   }
 
-  /** Caches `state` as its session's copy (replacing another), then evicts beyond the budget (never this one). */
+  /**
+   * Caches `state` as its session's copy (replacing another), then evicts the least used beyond the byte
+   * budget or the session count (never this one).
+   */
   remember(state: SessionState, lastSnapshotVersion: number): CacheEntry {
     const id = this.idOf(state);
     const old = this.#entries.get(id);
@@ -78,11 +89,12 @@ export class StateCache {
     if (!old || old.state !== state) this.#bytes += bytesOf(state);
     const entry: CacheEntry = { state, lastSnapshotVersion, lastUsed: Date.now() };
     this.#entries.set(id, entry);
-    if (this.#bytes > this.#budget) {
+    const over = () => this.#bytes > this.#budget || this.#entries.size > this.#maxSessions;
+    if (over()) {
       const byAge = [...this.#entries.entries()].sort((a, b) => a[1].lastUsed - b[1].lastUsed);
       for (const [other, e] of byAge) {
-        if (this.#bytes <= this.#budget || e.state === state) continue;
-        this.forget(other);
+        if (!over()) break;
+        if (e.state !== state) this.forget(other);
       }
     }
     return entry;

@@ -33,6 +33,8 @@ export interface SessionServiceOptions {
   kernelOptions: KernelOptions;
   log: FastifyBaseLogger;
   cacheBytes: number;
+  /** ASGD_CACHE_SESSIONS (default 4096). */
+  cacheSessions?: number;
   snapshotCopyLimitBytes?: number;
   /** ASGD_REPLAY_BOUND_BYTES (default 64 MiB; 0: no replay points). */
   replayBoundBytes?: number;
@@ -50,7 +52,7 @@ export function createSessionService(options: SessionServiceOptions) {
     stepLingerMs: options.stepLingerMs ?? 0,
     snapshotCopyLimitBytes: options.snapshotCopyLimitBytes ?? 256 * 1024 * 1024,
     replayBoundBytes: options.replayBoundBytes ?? 64 * 1024 * 1024,
-    cache: new StateCache(options.kernel, options.cacheBytes),
+    cache: new StateCache(options.kernel, options.cacheBytes, options.cacheSessions ?? 4096),
     mutex: new KeyedMutex(),
   };
   const { cache } = ctx;
