@@ -15,8 +15,12 @@ import { VERSION_CHANNEL } from './repository.ts';
 /** pg_try_advisory_xact_lock key, next to the migration lock's (src/db/database.ts). */
 const SWEEP_LOCK = 7_142_053_312;
 
-/** At most this many sessions are deleted a round (each delete takes its log and snapshots with it). */
-const BATCH = 100;
+/**
+ * At most this many sessions are deleted a transaction (each delete takes its log and snapshots with it); a
+ * sweep goes on with another while the last one was full, up to SWEEP_ROUNDS of them.
+ */
+export const BATCH = 100;
+export const SWEEP_ROUNDS = 100;
 
 export async function sweepIdleSessions(db: Database): Promise<{ id: number; name: string }[]> {
   return db.transaction(async (tx) => {

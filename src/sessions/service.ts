@@ -15,7 +15,7 @@ import { errors } from '../errors.ts';
 import { StateCache } from './cache.ts';
 import { createChanges } from './changes.ts';
 import { checkIfMatch, mustFind, type RoundHost, type SessionContext, type SessionHooks } from './context.ts';
-import { sweepIdleSessions } from './expiry.ts';
+import { BATCH as EXPIRY_BATCH, sweepIdleSessions, SWEEP_ROUNDS } from './expiry.ts';
 import { createHistory } from './history.ts';
 import { KeyedMutex } from './mutex.ts';
 import { createReads } from './reads.ts';
@@ -116,11 +116,19 @@ export function createSessionService(options: SessionServiceOptions) {
     return figures;
   }
 
-  /** Deletes the sessions idle beyond their expire_after_idle_s (expiry.ts); their cached copies go too. */
+  /**
+   * Deletes the sessions idle beyond their expire_after_idle_s (expiry.ts), EXPIRY_BATCH a transaction, so that
+   * a backlog goes in one sweep; their cached copies go too.
+   */
   async function sweepExpired(): Promise<string[]> {
-    const gone = await sweepIdleSessions(db);
-    for (const { id, name } of gone) cache.forgetName(name, id);
-    if (gone.length) log.info({ sessions: gone.map((g) => g.name) }, 'expired idle sessions deleted');
+    const gone: { id: number; name: string }[] = [];
+    for (let round = 0; round < SWEEP_ROUNDS; round++) {
+      const batch = await sweepIdleSessions(db);
+      for (const { id, name } of batch) cache.forgetName(name, id);
+      gone.push(...batch);
+      if (batch.length < EXPIRY_BATCH) break;
+    }
+    if (gone.length) log.info({ count: gone.length, sessions: gone.slice(0, 20).map((g) => g.name) }, 'expired idle sessions deleted');
     return gone.map((g) => g.name);
   }
 

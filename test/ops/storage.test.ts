@@ -322,3 +322,20 @@ test('the per-step history is counted once a process and then only its new rows:
   const grows = listed.sessions.find((s: { name: string }) => s.name === 'grows');
   if (grows?.storage) assert.equal(grows.storage.other_bytes, figures.at(-1));
 });
+
+test('a backlog of expired sessions goes in one sweep, 100 a transaction (it took a sweep a minute for each 100)', async (t) => {
+  const { app } = await buildTestApp(t);
+  for (let i = 0; i < 250; i++) {
+    const res = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: `idle-${i}`, params: model(2), expire_after_idle_s: 60 } });
+    assert.equal(res.statusCode, 201, res.body);
+  }
+  // An hour ago, as far as expiry can tell.
+  await app.db.query(`UPDATE sessions SET updated_at = now() - interval '1 hour'`);
+  await app.db.query(`UPDATE snapshots SET created_at = now() - interval '1 hour'`);
+  const kept = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'busy', params: model(4), expire_after_idle_s: 3600 } });
+  assert.equal(kept.statusCode, 201, kept.body);
+  const gone = await app.sessions.sweepExpired();
+  assert.equal(gone.length, 250);
+  assert.deepEqual((await app.db.query<{ n: number }>('SELECT count(*)::int AS n FROM sessions')).map((r) => r.n), [1]);
+  assert.deepEqual(await app.sessions.sweepExpired(), []);
+});
