@@ -5,7 +5,7 @@ import { Readable } from 'node:stream';
 import type { FastifyReply } from 'fastify';
 import { errors } from '../../errors.ts';
 import {
-  checkpointKeys, fromAsgdStateDict, fromCheckpoint, fromModelStateDict, readOptimizerSafetensors, readSafetensors, readTorchSave, toAsgdStateDict, toCheckpoint,
+  checkpointKeys, fromAsgdStateDict, fromCheckpoint, fromModelStateDict, MAX_PICKLE_ITEMS, MAX_PICKLE_OBJECTS, MAX_PICKLE_STACK_ITEMS, readOptimizerSafetensors, readSafetensors, readTorchSave, toAsgdStateDict, toCheckpoint,
   toFloat32Tensor, toModelStateDict, writeOptimizerSafetensors, writeSafetensors, writeTorchSave, type ByteStream, type Float32Tensor, type PyDict, type Tensor, type TorchLoadOptions,
 } from '../../formats/index.ts';
 import type { BinaryGradient, GradientInput } from '../../sessions/gradients.ts';
@@ -33,8 +33,22 @@ function float32Of(tensor: Tensor, field: string): Float32Tensor {
  * file of a small session can make the reader do to milliseconds.
  */
 export function perTensorLimits(count: number): TorchLoadOptions {
-  return { maxItems: 128 * count + 4096, maxObjects: 64 * count + 4096, maxStackItems: 16 * count + 4096, maxEntries: count + 16 };
+  return {
+    maxItems: Math.min(128 * count + 4096, MAX_PICKLE_ITEMS),
+    maxObjects: Math.min(64 * count + 4096, MAX_PICKLE_OBJECTS),
+    maxStackItems: Math.min(16 * count + 4096, MAX_PICKLE_STACK_ITEMS),
+    maxEntries: count + 16,
+  };
 }
+
+/**
+ * Tensors an optimizer state_dict of a session of `count` parameters holds at most: step, eta, mu and ax
+ * each (torch.save gives each its own storage), and a checkpoint the model's parameters besides. Its
+ * pickle is bounded as a file of that many tensors: a hostile file sent to a small session (8 MiB of
+ * empty dicts: 8 million values, 80-100 s of one core and 2.4 GB before) is refused at once.
+ */
+const STATE_DICT_TENSORS = 5;
+const CHECKPOINT_TENSORS = 8;
 
 export function readNamedTensors(format: WireFormat, body: Buffer, field: string, limits: TorchLoadOptions = {}): { tensors: Map<string, Float32Tensor>; metadata: Map<string, string> } {
   const out = new Map<string, Float32Tensor>();
@@ -70,16 +84,16 @@ export function readGradients(format: WireFormat, body: Buffer, parameters?: Rea
   return { input: { format: 'tensors', tensors }, metadata: file.metadata };
 }
 
-/** A state_dict from a torch.save file or the service's safetensors layout. */
-export function readStateDictBody(format: WireFormat, body: Buffer): LoadedStateDict {
+/** A state_dict from a torch.save file or the service's safetensors layout, for a session of `count` parameters. */
+export function readStateDictBody(format: WireFormat, body: Buffer, count: number): LoadedStateDict {
   if (format === 'safetensors') {
-    // Four tensors (step, eta, mu, ax) for each parameter of the largest session.
-    const { state, paramGroups } = readOptimizerSafetensors(body, { maxTensors: 4 * MAX_PARAMS });
+    // Four tensors (step, eta, mu, ax) for each parameter of the session.
+    const { state, paramGroups } = readOptimizerSafetensors(body, { maxTensors: STATE_DICT_TENSORS * count });
     if (paramGroups === undefined) throw errors.invalidStateDict('__metadata__.param_groups', 'is missing (a JSON list of the param groups)');
     const groups = parseJsonWithin(paramGroups, (problem) => errors.invalidStateDict('__metadata__.param_groups', problem ?? 'is not valid JSON'));
     return parseStateDict({ state, param_groups: groups });
   }
-  return loadedFromAsgd(toAsgdStateDict(readTorchSave(body, { name: 'state_dict' }), { toFloat32: true }));
+  return loadedFromAsgd(toAsgdStateDict(readTorchSave(body, { ...perTensorLimits(STATE_DICT_TENSORS * count), name: 'state_dict' }), { toFloat32: true }));
 }
 
 export interface CheckpointInput {
@@ -93,8 +107,8 @@ export interface CheckpointInput {
  * A checkpoint {"model", "optimizer", "step"} from a torch.save file; also PyTorch tutorial's
  * {"model_state_dict", "optimizer_state_dict", "epoch", …}, and without "step".
  */
-export function readCheckpointFile(body: Buffer): CheckpointInput {
-  const value = readTorchSave(body, { name: 'checkpoint' });
+export function readCheckpointFile(body: Buffer, count: number): CheckpointInput {
+  const value = readTorchSave(body, { ...perTensorLimits(CHECKPOINT_TENSORS * count), name: 'checkpoint' });
   const checkpoint = toCheckpoint(value, { toFloat32: true });
   // As the JSON form's schema checks it (the file's step is any Python int).
   if (checkpoint.step !== undefined && checkpoint.step < 0) throw errors.invalidStateDict('step', 'must be >= 0');

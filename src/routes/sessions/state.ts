@@ -118,7 +118,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
       description: 'What editing a model\'s weights in place does to torch.optim.ASGD: the parameters become the ones sent and the next step applies to them; ' +
         'the optimizer state (step, eta, mu, ax), the hyperparameters and the session\'s step are unchanged. Every parameter, with its shape, finite. ' +
         'JSON {"params": {name: tensor or flat list}}, safetensors, or a torch.save file of a model state_dict (torch.save(model.state_dict(), f) of the parameters). ' +
-        'Bumps the version (written as a snapshot).',
+        'Bumps the version (written as a snapshot), unless the parameters equal the session\'s bit for bit.',
       tags: ['state'],
       params: NameParams,
       headers: IfMatchHeaders,
@@ -166,7 +166,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
   }, async (request, reply) => {
     // A state_dict that is not there is a malformed state_dict (the code of its other structural errors).
     const body = jsonOrFile(request.body, StateDictIn, (message) => errors.invalidStateDict('body', message));
-    const stateDict = Buffer.isBuffer(body) ? readStateDictBody(contentFormat(request), body) : parseStateDict(body);
+    const stateDict = Buffer.isBuffer(body) ? readStateDictBody(contentFormat(request), body, (await fastify.sessions.get(request.params.name)).params.length) : parseStateDict(body);
     const session = await fastify.sessions.load(request.params.name, { stateDict }, { ifMatch: ifMatchOf(request), reason: 'load_state_dict' });
     setVersion(reply, session.version);
     return sessionJson(session, null); // a new version: no round is open
@@ -224,7 +224,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
     },
   }, async (request, reply) => {
     const body = jsonOrFile(request.body, CheckpointIn);
-    const checkpoint = Buffer.isBuffer(body) ? readCheckpointFile(body) : readCheckpointJson(body);
+    const checkpoint = Buffer.isBuffer(body) ? readCheckpointFile(body, (await fastify.sessions.get(request.params.name)).params.length) : readCheckpointJson(body);
     const session = await fastify.sessions.load(request.params.name, checkpoint, { ifMatch: ifMatchOf(request), reason: 'load_checkpoint' });
     setVersion(reply, session.version);
     return sessionJson(session, null); // a new version: no round is open
