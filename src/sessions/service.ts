@@ -90,6 +90,12 @@ export function createSessionService(options: SessionServiceOptions) {
     return { id: session.id, names: new Map(session.params.map((p, i) => [p.name, i])), cached: false };
   }
 
+  /** The size of a session this process holds decoded (elements, parameters), or null: no lookup is made. */
+  function cachedSize(name: string): { numel: number; params: number } | null {
+    const entry = cache.byName(name);
+    return entry ? { numel: entry.state.layout.numel, params: entry.state.layout.numels.length } : null;
+  }
+
   /** The training series (one point per step) after `afterVersion`, oldest first. */
   async function series(name: string, afterVersion: number, limit: number): Promise<{ session: SessionRecord; points: repo.HistoryPoint[] }> {
     const session = await mustFind(db, name);
@@ -154,6 +160,7 @@ export function createSessionService(options: SessionServiceOptions) {
     create: changes.create,
     get: (name: string) => mustFind(db, name),
     parameterNames,
+    cachedSize,
     list: (after: string | null, limit: number, only: readonly string[] | null = null, search: string | null = null) => repo.listSessions(db, after, limit, only, search),
     remove: changes.remove,
     updateSettings,

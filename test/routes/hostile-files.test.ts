@@ -2,6 +2,7 @@
 // the session unchanged, and what the service serves always loads back.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import { Readable } from 'node:stream';
 import type { FastifyInstance } from 'fastify';
 import { fromCheckpoint, readTorchSave, streamToBuffer, toCheckpoint, torchSaveToBuffer, writeSafetensors, zipStream, type Tensor } from '../../src/formats/index.ts';
 import { MAX_STEP_COUNT } from '../../src/formats/optimizer-state.ts';
@@ -196,7 +197,8 @@ test('JSON nested deeper than any request needs is refused before it is parsed, 
   // 2 MB of `[`: JSON.parse would build a million arrays (a 200 MB one took the process past its heap limit).
   const deep = (n: number) => `${'['.repeat(n)}${']'.repeat(n)}`;
   const bodies: [string, string, string][] = [
-    ['POST', '/v1/sessions/t/step', `{"grads":{"w":${deep(1_000_000)}}}`],
+    // (800 KB: under the bound a JSON step of this session has, which refuses more before anything is read)
+    ['POST', '/v1/sessions/t/step', `{"grads":{"w":${deep(400_000)}}}`],
     ['POST', '/v1/sessions', `{"name":"d","params":${deep(1_000_000)}}`],
     ['PUT', '/v1/sessions/t/state_dict', `{"state":${deep(1_000_000)}}`],
     ['PUT', '/v1/sessions/t/params', `{"params":{"w":${deep(1_000_000)}}}`],
@@ -345,4 +347,25 @@ test('a .pt whose pickle piles up a million new values, or whose zip lists a mil
     assert.match(res.json().message, message);
   }
   assert.deepEqual(await observed(app), before);
+});
+
+test('a JSON step far larger than the session could need is refused (413) before it is parsed, announced or chunked; a pretty-printed one fits', async (t) => {
+  const { app } = await buildTestApp(t);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'small', params: [{ name: 'w', shape: [3, 3], data: Array(9).fill(0.5) }] } })).statusCode, 201);
+  const before = (await app.inject({ url: '/v1/sessions/small/state_dict' })).json();
+  // 4 MB of numbers for 9 elements (the review sent 256 MiB: 19 s of one core and 2.6 GB).
+  const huge = `{"grads": {"w": [${Array(400_000).fill('0.125').join(',')}]}}`;
+  const limit = 64 * 9 + 1024 + 1024 * 1024;
+  const announced = await app.inject({ method: 'POST', url: '/v1/sessions/small/step', headers: { 'content-type': 'application/json' }, payload: huge });
+  assert.equal(announced.statusCode, 413, announced.body);
+  assert.equal(announced.json().code, 'BODY_TOO_LARGE');
+  assert.equal(announced.json().message, `body: a JSON step of this session (9 elements) takes at most ${limit} bytes; send its gradients as safetensors or a torch.save file if they need more`);
+  const chunked = await app.inject({ method: 'POST', url: '/v1/sessions/small/step', headers: { 'content-type': 'application/json' }, payload: Readable.from([Buffer.from(huge.slice(0, 2_000_000)), Buffer.from(huge.slice(2_000_000))]) });
+  assert.equal(chunked.statusCode, 413, chunked.body);
+  assert.equal(chunked.json().code, 'BODY_TOO_LARGE');
+  assert.deepEqual((await app.inject({ url: '/v1/sessions/small/state_dict' })).json(), before, 'nothing changed');
+  // A pretty-printed step (Python's json.dumps(indent=8)) fits.
+  const pretty = JSON.stringify({ grads: { w: { shape: [3, 3], data: [0.1, -0.2, 0.3, 0.4, -0.5, 0.6, 0.7, -0.8, 0.9] } }, metrics: { loss: 0.5 } }, null, 8);
+  const ok = await app.inject({ method: 'POST', url: '/v1/sessions/small/step', headers: { 'content-type': 'application/json' }, payload: pretty });
+  assert.equal(ok.statusCode, 200, ok.body);
 });

@@ -2,6 +2,7 @@
 // the groups' hyperparameters for it (a scheduler's values) and training metrics, and may answer with the
 // new parameters, so that a training loop needs one request per step.
 import { createHash } from 'node:crypto';
+import { Transform } from 'node:stream';
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import type { Config } from '../../config.ts';
@@ -165,6 +166,17 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
   fastify.post('/:name/step', {
     config: ACCESS.step,
     bodyLimit: opts.config.bodyLimitStep,
+    // A JSON step of a session this process holds is bounded by its size before the body is read whole and
+    // parsed: a 256 MiB JSON step to a 9-parameter session held the event loop for 19 s and 2.6 GB.
+    preParsing: async (request, _reply, payload) => {
+      if (!/^application\/json\b/i.test(request.headers['content-type'] ?? '')) return payload;
+      const size = fastify.sessions.cachedSize((request.params as { name: string }).name);
+      if (!size) return payload;
+      const limit = jsonStepLimit(size.numel, size.params);
+      const declared = Number(request.headers['content-length']);
+      if (Number.isFinite(declared) && declared > limit) throw errors.jsonStepTooLarge(limit, size.numel);
+      return boundedStream(payload, limit, () => errors.jsonStepTooLarge(limit, size.numel));
+    },
     schema: {
       operationId: 'step',
       summary: 'Apply one optimizer step',
@@ -314,6 +326,29 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
     return answer;
   });
 };
+
+/**
+ * The most bytes a JSON step of a session of `numel` elements in `params` parameters can need: 64 a number
+ * (a double's longest text, its comma, and the indentation of a pretty-printed nested list), 1 KiB a
+ * parameter (its name, shape and brackets), and 1 MiB for the rest (metrics, param_groups, base_version).
+ */
+export function jsonStepLimit(numel: number, params: number): number {
+  return 64 * numel + 1024 * params + 1024 * 1024;
+}
+
+/** `payload` passed through until more than `limit` bytes have come, then failed with `tooLarge()`. */
+function boundedStream(payload: NodeJS.ReadableStream, limit: number, tooLarge: () => Error): NodeJS.ReadableStream {
+  let seen = 0;
+  const bounded = new Transform({
+    transform(chunk: Buffer, _encoding, callback) {
+      seen += chunk.length;
+      if (seen > limit) callback(tooLarge());
+      else callback(null, chunk);
+    },
+  });
+  payload.on('error', (err) => bounded.destroy(err));
+  return payload.pipe(bounded);
+}
 
 export default stepRoutes;
 
