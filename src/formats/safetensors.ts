@@ -7,7 +7,7 @@
 import { FormatError } from './errors.ts';
 import { arrayFromBytes, checkShape, elementSize, isTensor, numel, tensorBytes, type DType, type Tensor } from './tensor.ts';
 import type { ByteStream } from './zip-writer.ts';
-import { jsonTooDeepAt } from './json-depth.ts';
+import { firstDuplicateKey, jsonTooDeepAt } from './json-depth.ts';
 
 const DTYPE_OF: Record<string, DType> = {
   F32: 'float32', F64: 'float64', F16: 'float16', BF16: 'bfloat16',
@@ -107,7 +107,8 @@ export function readSafetensors(input: Uint8Array, options: SafetensorsReadOptio
 
   const tensors = new Map<string, Tensor>();
   for (const info of infos) {
-    const dtype = DTYPE_OF[info.dtypeName];
+    // Own keys only: "constructor" or "toString" is no dtype (they were found on the object's prototype).
+    const dtype = Object.hasOwn(DTYPE_OF, info.dtypeName) ? DTYPE_OF[info.dtypeName] : undefined;
     if (!dtype) throw new FormatError('TENSOR_DTYPE_UNSUPPORTED', `tensor ${info.name} has dtype ${info.dtypeName}, which is not supported`);
     if (dtype !== 'float32' && (options.dtypes ?? 'float32') === 'float32') {
       throw new FormatError('TENSOR_DTYPE_UNSUPPORTED', `tensor ${info.name} has dtype ${info.dtypeName}; only F32 is accepted here`);
@@ -145,6 +146,10 @@ function parseHeader(bytes: Buffer): Record<string, unknown> {
     throw headerError(`header is not valid JSON: ${(err as Error).message}`);
   }
   if (!isPlainObject(header)) throw headerError('header must be a JSON object');
+  // JSON.parse keeps the last of a repeated key: a tensor (or __metadata__) named twice is refused, as JSON
+  // bodies with a repeated key are, rather than one of them silently dropped.
+  const twice = firstDuplicateKey(text);
+  if (twice) throw headerError(`header names ${JSON.stringify(twice.key)} twice (at character ${twice.at} of the header)`);
   return header;
 }
 

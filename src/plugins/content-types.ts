@@ -103,8 +103,12 @@ export default fp(
           // __proto__ is refused wherever it is; "constructor" only holding a "prototype" (a parameter may be
           // called constructor): the message names the key that was refused, not the first of the two.
           const at = err ? /"(__proto__)"\s*:/.exec(text) ?? /"(constructor)"\s*:\s*\{[^{}]*"prototype"\s*:/.exec(text) : null;
-          if (at && isJsonText(text)) done(errors.invalidBody(`body: the key "${at[1]}" (at character ${at.index}) is not accepted in a JSON body: no field of this API has that name`), undefined);
-          else {
+          if (err && isJsonText(text)) {
+            // The key may be spelled with escapes ("\u005f_proto__"): then the message names what it is.
+            done(errors.invalidBody(at
+              ? `body: the key "${at[1]}" (at character ${at.index}) is not accepted in a JSON body: no field of this API has that name`
+              : 'body: a key "__proto__" (or "constructor" holding "prototype"), spelled with \\u escapes, is not accepted in a JSON body: no field of this API has that name'), undefined);
+          } else {
             // A NUL or an unpaired surrogate can only come as a \u escape: only then is the value walked.
             // Refused after the route's schema (preHandler below), which names a field it checks with its own code.
             const bad = !err && text.includes('\\u') ? unstorableText(body, '') : null;

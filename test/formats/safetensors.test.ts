@@ -164,5 +164,22 @@ describe('safetensors reader refuses hostile files', () => {
     refused(file({ x: { dtype: 'F32', shape: [-2], data_offsets: [0, 8] } }, f32(1, 2)), 'TENSOR_SHAPE_INVALID');
     refused(file({ x: { dtype: 'F32', shape: [2 ** 40, 2 ** 40], data_offsets: [0, 8] } }, f32(1, 2)), 'TENSOR_SHAPE_INVALID');
     refused(file({ x: { shape: [2], data_offsets: [0, 8] } }, f32(1, 2)), 'SAFETENSORS_HEADER_INVALID', /dtype/);
+    // Names on a plain object's prototype are no dtypes (they were taken for one, then sized as NaN bytes).
+    for (const dtype of ['constructor', 'toString', '__proto__', 'hasOwnProperty']) {
+      refused(file({ x: { dtype, shape: [2], data_offsets: [0, 8] } }, f32(1, 2)), 'TENSOR_DTYPE_UNSUPPORTED', new RegExp(`dtype ${dtype}, which is not supported`), { dtypes: 'all' });
+    }
+  });
+
+  test('a tensor or __metadata__ named twice is refused, not one of them dropped', () => {
+    const raw = (header: string, body: Uint8Array) => {
+      const json = Buffer.from(header);
+      const length = Buffer.alloc(8);
+      length.writeBigUInt64LE(BigInt(json.length));
+      return Buffer.concat([length, json, body]);
+    };
+    refused(raw('{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', f32(1)), 'SAFETENSORS_HEADER_INVALID', /header names "x" twice/);
+    refused(raw('{"__metadata__":{"a":"1"},"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"__metadata__":{"a":"2"}}', f32(1)), 'SAFETENSORS_HEADER_INVALID', /header names "__metadata__" twice/);
+    refused(raw('{"__metadata__":{"a":"1","a":"2"},"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', f32(1)), 'SAFETENSORS_HEADER_INVALID', /header names "a" twice/);
+    assert.deepEqual([...readSafetensors(raw('{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"y":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}', f32(1, 2))).tensors.keys()], ['x', 'y']);
   });
 });

@@ -819,6 +819,11 @@ test('a JSON body with a __proto__ (or constructor.prototype) key is refused by 
     assert.equal(res.json().code, 'INVALID_BODY');
     assert.match(res.json().message, new RegExp(`^body: the key "${key}" \\(at character ${payload.indexOf(`"${key}"`)}\\) is not accepted`));
   }
+  // Spelled with escapes: JSON.parse reads it as __proto__ all the same; the message says so (it said 'not valid JSON').
+  const escaped = await app.inject({ method: 'POST', url: '/v1/sessions/proto/step', headers: { ...asAdmin, 'content-type': 'application/json' }, payload: `{"grads": ${grads}, "\\u005f_proto__": {"polluted": 1}}` });
+  assert.equal(escaped.statusCode, 400, escaped.body);
+  assert.equal(escaped.json().code, 'INVALID_BODY');
+  assert.match(escaped.json().message, /^body: a key "__proto__" \(or "constructor" holding "prototype"\), spelled with \\u escapes, is not accepted in a JSON body/);
   assert.equal(({} as Record<string, unknown>).polluted, undefined);
   assert.equal((await app.inject({ url: '/v1/sessions/proto/state_dict', headers: asAdmin })).body, before);
 });
