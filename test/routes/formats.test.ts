@@ -291,3 +291,23 @@ print(json.dumps({"state_dict": saved(m.state_dict()), "parameters": saved(dict(
   assert.equal(created.statusCode, 201, created.body);
   assert.deepEqual(created.json().params.map((p: { name: string }) => p.name), ['0.weight', '0.bias', '1.weight', '1.bias']);
 });
+
+test('a JSON read too large to give is refused (406) before an old version is rebuilt for it', async (t) => {
+  const { app } = await buildTestApp(t);
+  const n = 8_400_000; // a state_dict of 2n numbers: over the 16M a JSON answer holds; params alone under it
+  const w = new Float32Array(n).fill(0.5);
+  const created = await app.inject({ method: 'POST', url: '/v1/sessions?name=big', headers: { 'content-type': 'application/x-safetensors' }, payload: streamToBuffer(writeSafetensors([['w', { dtype: 'float32', shape: [n], data: w }]])) });
+  assert.equal(created.statusCode, 201, created.body);
+  const step = await app.inject({ method: 'POST', url: '/v1/sessions/big/step', headers: { 'content-type': 'application/x-safetensors' }, payload: streamToBuffer(writeSafetensors([['w', { dtype: 'float32', shape: [n], data: new Float32Array(n).fill(0.25) }]])) });
+  assert.equal(step.statusCode, 200, step.body);
+  const replayed = async () => Number(/^asgd_replayed_steps_total (\S+)$/m.exec((await app.inject({ url: '/metrics' })).body)?.[1]);
+  const before = await replayed();
+  const old = await app.inject({ url: '/v1/sessions/big/state_dict?version=1', headers: { accept: 'application/json' } });
+  assert.equal(old.statusCode, 406, old.body);
+  assert.match(old.json().message, /JSON answers hold at most 16777216 numbers/);
+  await app.sessions.dropCache(); // the size then comes from the session's row
+  const again = await app.inject({ url: '/v1/sessions/big/checkpoint?version=2&format=json' });
+  assert.equal(again.statusCode, 406, again.body);
+  assert.equal(await replayed(), before, 'no state was built for the refused reads');
+  assert.equal(app.sessions.cacheStats().sessions, 0);
+});

@@ -14,7 +14,7 @@ import { contentFormat, mediaTypes, ROUTE_MEDIA, type WireFormat } from '../medi
 import { errorResponses, GroupHyperparameters, IfMatchHeaders, IfNoneMatchHeaders, NameParams, NotModified, Session, Version, withCode } from '../schemas.ts';
 import { perTensorLimits, readCheckpointFile, readCheckpointJson, readNamedTensors, readStateDictBody } from './binary.ts';
 import { answeredNotModified, MAX_WAIT_SECONDS, waitPastVersion } from './conditional.ts';
-import { sendView, viewResponse, type ViewKind, type ViewQuery } from './views.ts';
+import { refuseLargeJson, sendView, viewResponse, type ViewKind, type ViewQuery } from './views.ts';
 
 interface ReadQuery extends ViewQuery {
   version?: string;
@@ -35,6 +35,10 @@ async function answerRead(fastify: FastifyInstance, kind: ViewKind, request: Fas
     throw errors.invalidQuery('wait', 'needs after_version (the version you have)');
   }
   if (await answeredNotModified(fastify, request, reply, name, version)) return reply;
+  // Before the state is built (an old version is replayed: seconds for a big session): a JSON answer too
+  // large to give is refused first. The size from this process's copy, or for an old version from the row.
+  const numel = fastify.sessions.cachedSize(name)?.numel ?? (version !== null ? (await fastify.sessions.get(name)).numel : null);
+  if (numel !== null) refuseLargeJson(kind, request, query, numel);
   return sendView(kind, request, reply, await fastify.sessions.view(name, version), query);
 }
 

@@ -40,12 +40,20 @@ export interface ViewQuery {
   averaged?: boolean;
 }
 
+/**
+ * Refuses (406) a JSON answer of a session of `numel` elements too large for JSON. Called with the session's
+ * size before its state is built, too: a read that will be refused costs no replay and no memory.
+ */
+export function refuseLargeJson(kind: ViewKind, request: FastifyRequest, query: ViewQuery, numel: number): void {
+  if (numel * (kind === 'params' ? 1 : 2) <= MAX_JSON_ELEMENTS) return;
+  if (negotiate(request, query.format, KINDS[kind].offers) !== 'json') return;
+  // A JSON text of this many numbers nears V8's string limit and is slow for both sides.
+  throw errors.notAcceptable('application/json', `the binary formats for a session of ${numel} elements (?format=${kind === 'checkpoint' ? 'pt' : 'safetensors'}); JSON answers hold at most ${MAX_JSON_ELEMENTS} numbers`);
+}
+
 export function sendView(kind: ViewKind, request: FastifyRequest, reply: FastifyReply, view: StateView, query: ViewQuery) {
+  refuseLargeJson(kind, request, query, view.layout.numel);
   const format = negotiate(request, query.format, KINDS[kind].offers);
-  if (format === 'json' && view.layout.numel * (kind === 'params' ? 1 : 2) > MAX_JSON_ELEMENTS) {
-    // A JSON text of this many numbers nears V8's string limit and is slow for both sides.
-    throw errors.notAcceptable('application/json', `the binary formats for a session of ${view.layout.numel} elements (?format=${kind === 'checkpoint' ? 'pt' : 'safetensors'}); JSON answers hold at most ${MAX_JSON_ELEMENTS} numbers`);
-  }
   setVersion(reply, view.version);
   reply.header('x-session-step', String(view.step));
   const averaged = query.averaged ?? false;
