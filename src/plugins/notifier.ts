@@ -13,6 +13,8 @@ declare module 'fastify' {
 /** Per process: a waiting read or a stream holds a socket and a few hundred bytes; these bound both. */
 export const MAX_WAITERS = 10_000;
 export const MAX_STREAMS = 1_000;
+/** Event streams one stored token may hold on one process: a read token cannot take every slot. */
+export const MAX_STREAMS_PER_TOKEN = MAX_STREAMS / 10;
 
 export default fp(
   async function notifierPlugin(fastify: FastifyInstance) {

@@ -294,3 +294,43 @@ test('event streams whose clients hang up while the session is looked up are rel
   assert.match(String(head.headers['content-type']), /^text\/event-stream/);
   assert.equal(app.versions.stats().streams, 0);
 });
+
+test('event streams: one stored token holds at most 100 on a process (429 TOO_MANY_STREAMS), others still open theirs; one signal, one read for all the streams it wakes', async (t) => {
+  const admin = 'admin-token-for-the-stream-cap-test';
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: admin } });
+  await app.listen({ port: 0, host: '127.0.0.1' });
+  const base = `http://127.0.0.1:${(app.server.address() as { port: number }).port}`;
+  const asAdmin = { authorization: `Bearer ${admin}` };
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', headers: asAdmin, payload: { name: 's', params } })).statusCode, 201);
+  const created = await app.inject({ method: 'POST', url: '/v1/tokens', headers: asAdmin, payload: { name: 'viewer', scope: 'read', sessions: ['s'] } });
+  assert.equal(created.statusCode, 201, created.body);
+  const viewer = { authorization: `Bearer ${created.json().token}` };
+  const streams = Array.from({ length: 100 }, () => readEvents(`${base}/v1/sessions/s/events`, viewer));
+  t.after(() => streams.forEach((s) => s.close()));
+  await streams[0].until(() => app.versions.stats().streams === 100, 20_000);
+  const refused = readEvents(`${base}/v1/sessions/s/events`, viewer);
+  await refused.until(() => refused.status() !== 0);
+  assert.equal(refused.status(), 429);
+  const other = readEvents(`${base}/v1/sessions/s/events`, asAdmin);
+  t.after(() => other.close());
+  await other.until(() => other.status() === 200 && app.versions.stats().streams === 101);
+
+  // A step wakes the 101 streams: one read of the session's latest change serves them all.
+  const latestChange = app.sessions.latestChange;
+  let reads = 0;
+  app.sessions.latestChange = (name: string) => {
+    reads++;
+    return latestChange(name);
+  };
+  t.after(() => { app.sessions.latestChange = latestChange; });
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/s/step', headers: asAdmin, payload: { grads: grads(0) } })).statusCode, 200);
+  for (const s of [...streams, other]) await s.until(() => s.events.some((e) => e.event === 'version' && e.data.version === 2));
+  assert.ok(reads <= 2, `${reads} reads for 101 streams`);
+
+  // A stream closed frees its token's slot.
+  streams[0].close();
+  await streams[1].until(() => app.versions.stats().streams === 100);
+  const again = readEvents(`${base}/v1/sessions/s/events`, viewer);
+  t.after(() => again.close());
+  await again.until(() => again.status() === 200);
+});

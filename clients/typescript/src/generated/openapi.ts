@@ -265,7 +265,7 @@ export interface paths {
         get: operations["getParams"];
         /**
          * Replace the parameters (the optimizer state stays)
-         * @description What editing a model's weights in place does to torch.optim.ASGD: the parameters become the ones sent and the next step applies to them; the optimizer state (step, eta, mu, ax), the hyperparameters and the session's step are unchanged. Every parameter, with its shape, finite. JSON {"params": {name: tensor or flat list}}, safetensors, or a torch.save file of a model state_dict (torch.save(model.state_dict(), f) of the parameters). Bumps the version (written as a snapshot).
+         * @description What editing a model's weights in place does to torch.optim.ASGD: the parameters become the ones sent and the next step applies to them; the optimizer state (step, eta, mu, ax), the hyperparameters and the session's step are unchanged. Every parameter, with its shape, finite. JSON {"params": {name: tensor or flat list}}, safetensors, or a torch.save file of a model state_dict (torch.save(model.state_dict(), f) of the parameters). Bumps the version (written as a snapshot), unless the parameters equal the session's bit for bit.
          *
          *     Needs a token with scope `step`.
          */
@@ -829,7 +829,7 @@ export interface components {
             /** @enum {integer} */
             statusCode: 429;
             /** @enum {string} */
-            code: "RATE_LIMITED";
+            code: "RATE_LIMITED" | "TOO_MANY_STREAMS";
             /** @example Too Many Requests */
             error: string;
             message: string;
@@ -1360,6 +1360,7 @@ export interface components {
          * @description Too Many Requests. The `code` is one of:
          *
          *     - `RATE_LIMITED`: Too many requests for this token; see Retry-After
+         *     - `TOO_MANY_STREAMS`: This token holds as many event streams on this process as one token may; close one first
          */
         Error429: {
             headers: {
