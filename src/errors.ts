@@ -190,7 +190,7 @@ export const errors = {
   roundConflict: make('ROUND_CONFLICT', (version: number) => `param_groups: differ from those of the other contributions to the round at version ${version} (a round applies one set)`),
   versionMismatch: (expected: string, version: number) =>
     new ApiError('VERSION_MISMATCH', `If-Match: expected ${expected}, the session is at version ${version}`, { version }, { etag: `"${version}"` }),
-  bodyTooLarge: make('BODY_TOO_LARGE', (limit: number) => `body: larger than the limit of ${limit} bytes for this route`),
+  bodyTooLarge: make('BODY_TOO_LARGE', (limit: number, variable: string) => `body: larger than the limit of ${limit} bytes for this route (${variable})`),
   jsonBodyTooLarge: make('BODY_TOO_LARGE', (limit: number) => `body: a JSON body is limited to ${limit} bytes; send tensors as safetensors or a torch.save file`),
   jsonStepTooLarge: make('BODY_TOO_LARGE', (limit: number, numel: number) =>
     `body: a JSON step of this session (${numel} elements) takes at most ${limit} bytes; send its gradients as safetensors or a torch.save file if they need more`),

@@ -79,6 +79,14 @@ function validationError(request: FastifyRequest, part: RequestPart, failures: F
 const PARTS: Record<string, RequestPart> = { params: 'params', querystring: 'querystring', headers: 'headers', body: 'body' };
 
 /** Any error thrown while serving a request, as a catalogue error. */
+/** The variable that sets a route's body limit (src/config.ts), for the 413's message. */
+function bodyLimitVariable(request: FastifyRequest): string {
+  const url = request.routeOptions.url ?? '';
+  if (url.endsWith('/step')) return 'ASGD_BODY_LIMIT_STEP';
+  if (url === '/v1/sessions' || /\/(params|state_dict|checkpoint)$/.test(url)) return 'ASGD_BODY_LIMIT_CREATE';
+  return 'ASGD_BODY_LIMIT_DEFAULT';
+}
+
 export function toApiError(err: unknown, request: FastifyRequest): ApiError {
   if (err instanceof ApiError) return err;
   if (err instanceof FormatError) return errors.fileFormat(err.code, err.message);
@@ -87,7 +95,7 @@ export function toApiError(err: unknown, request: FastifyRequest): ApiError {
   if (e?.code === 'ERR_STRING_TOO_LONG') return errors.badRequest('body: holds a string longer than this service reads');
   switch (e?.code) {
     case 'FST_ERR_CTP_BODY_TOO_LARGE':
-      return errors.bodyTooLarge(request.routeOptions.bodyLimit ?? 0);
+      return errors.bodyTooLarge(request.routeOptions.bodyLimit ?? 0, bodyLimitVariable(request));
     case 'FST_ERR_CTP_INVALID_TYPE':
     case 'FST_ERR_CTP_EMPTY_TYPE':
       return errors.invalidHeader('Content-Type', 'must be a media type such as application/json');
