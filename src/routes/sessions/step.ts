@@ -173,8 +173,13 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
       const size = fastify.sessions.cachedSize((request.params as { name: string }).name);
       if (!size) return payload;
       const limit = jsonStepLimit(size.numel, size.params);
-      const declared = Number(request.headers['content-length']);
-      if (Number.isFinite(declared) && declared > limit) throw errors.jsonStepTooLarge(limit, size.numel);
+      // With a Content-Length the body is what it announces (the body reader holds it to that): checked here,
+      // the payload left as it is (untouched, so that a 100 Continue is only sent once the body is wanted).
+      const declared = request.headers['content-length'];
+      if (declared !== undefined) {
+        if (Number(declared) > limit) throw errors.jsonStepTooLarge(limit, size.numel);
+        return payload;
+      }
       return boundedStream(payload, limit, () => errors.jsonStepTooLarge(limit, size.numel));
     },
     schema: {
