@@ -29,11 +29,17 @@ test('a deeply nested JSON step with an Idempotency-Key is a 400 (refused before
 test('a wide JSON body (millions of empty lists) is refused before it is parsed, naming the bound; the session is unchanged', async (t) => {
   const { app } = await buildTestApp(t);
   assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: session })).statusCode, 201);
-  const payload = `{"grads":{"w":[0.1,0.2]},"metrics":{"loss":1},"junk":[${'[],'.repeat(2_500_000)}[]]}`;
-  const r = await app.inject({ method: 'POST', url: '/v1/sessions/s/step', headers: { 'content-type': 'application/json' }, payload });
+  // To a route without a bound of its own on a JSON body's size (a create): the parser's bound on containers.
+  const junk = `[${'[],'.repeat(2_500_000)}[]]`;
+  const r = await app.inject({ method: 'POST', url: '/v1/sessions', headers: { 'content-type': 'application/json' }, payload: `{"name":"t","params":[{"name":"w","shape":[2],"data":[1,2]}],"junk":${junk}}` });
   assert.equal(r.statusCode, 400, r.body);
   assert.equal(r.json().code, 'INVALID_BODY');
   assert.match(r.json().message, /^body: JSON with more than 2401024 arrays and objects \(at character \d+\)/);
+  assert.equal((await app.inject({ url: '/v1/sessions/t' })).statusCode, 404);
+  // A step of this small session: refused sooner, by its size (a JSON step takes what its session needs).
+  const step = await app.inject({ method: 'POST', url: '/v1/sessions/s/step', headers: { 'content-type': 'application/json' }, payload: `{"grads":{"w":[0.1,0.2]},"metrics":{"loss":1},"junk":${junk}}` });
+  assert.equal(step.statusCode, 413, step.body);
+  assert.equal(step.json().code, 'BODY_TOO_LARGE');
   assert.equal((await app.inject({ url: '/v1/sessions/s' })).json().version, 1);
 });
 
