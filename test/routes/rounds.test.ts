@@ -357,3 +357,19 @@ test('a round\'s metrics are the mean of its contributions\', finite even when t
   const series = (await app.inject({ url: '/v1/sessions/big/metrics' })).json();
   assert.deepEqual(series.points.map((p: { values: unknown }) => p.values), [{ loss: 1.7e308, acc: 0.375 }]);
 });
+
+test('PUT params that change nothing during a round: the answer shows the round still open, its contributions kept', async (t) => {
+  const { app } = await buildTestApp(t);
+  const created = await app.inject({ method: 'POST', url: '/v1/sessions', payload: sessionBody('same', { contributions: 2 }) });
+  assert.equal(created.statusCode, 201, created.body);
+  const pending = await app.inject({ method: 'POST', url: '/v1/sessions/same/step?wait=1', payload: { grads: gradsOf(0), worker: 'w0', base_version: 1 } });
+  assert.equal(pending.statusCode, 202, pending.body);
+  const params = (await app.inject({ url: '/v1/sessions/same/params' })).json().params;
+  const put = await app.inject({ method: 'PUT', url: '/v1/sessions/same/params', payload: { params } });
+  assert.equal(put.statusCode, 200, put.body);
+  assert.equal(put.json().version, 1);
+  assert.equal(put.json().round.contributions, 1, JSON.stringify(put.json().round));
+  const done = await app.inject({ method: 'POST', url: '/v1/sessions/same/step?wait=5', payload: { grads: gradsOf(1), worker: 'w1', base_version: 1 } });
+  assert.equal(done.statusCode, 200, done.body);
+  assert.equal(done.json().round.contributions, 2, 'the first contribution was not voided');
+});

@@ -136,7 +136,8 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
     const params = readParamsBody(body, contentFormat(request), (await fastify.sessions.get(name)).params);
     const session = await fastify.sessions.load(name, { params, paramsField: 'params' }, { ifMatch: ifMatchOf(request), reason: 'load_params' });
     setVersion(reply, session.version);
-    return sessionJson(session, null); // a new version: no round is open
+    // A new version has no open round; parameters that changed nothing leave the open round as it was.
+    return sessionJson(session, await fastify.rounds.openRound(session));
   });
 
   fastify.get('/:name/state_dict', {
@@ -195,7 +196,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
   }, async (request, reply) => {
     const session = await fastify.sessions.setHyperparameters(request.params.name, request.body.param_groups, ifMatchOf(request));
     setVersion(reply, session.version);
-    return sessionJson(session, null);
+    return sessionJson(session, await fastify.rounds.openRound(session)); // values that changed nothing: a round may be open
   });
 
   fastify.get('/:name/checkpoint', {
