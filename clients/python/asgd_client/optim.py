@@ -252,15 +252,16 @@ class _Done:
         return self._outcome
 
 
-def _keys_in_flight(pending: Any) -> Optional[List[set]]:
-    """Per group, the hyperparameters that steps sent but not yet loaded carry (None: none is in flight)."""
+def _values_in_flight(pending: Any) -> Optional[List[Dict[str, Any]]]:
+    """Per group, the hyperparameter values that steps sent but not yet loaded carry (the later step's value
+    where two carry a key; None: none is in flight)."""
     if pending is None:
         return None
     if isinstance(pending, _Both):
-        first, rest = _keys_in_flight(pending.first), _keys_in_flight(pending.rest)
+        first, rest = _values_in_flight(pending.first), _values_in_flight(pending.rest)
         if first is None or rest is None:
             return first or rest
-        return [a | b for a, b in zip(first, rest)]
+        return [{**a, **b} for a, b in zip(first, rest)]
     if isinstance(pending, _Sent):
         groups = pending._groups
     elif isinstance(pending, _Resend):
@@ -270,7 +271,7 @@ def _keys_in_flight(pending: Any) -> Optional[List[set]]:
     else:  # the background thread's Future
         owed = getattr(pending, "asgd_owed", None)
         groups = owed[1][2] if owed is not None else None
-    return None if groups is None else [set(g) for g in groups]
+    return None if groups is None else [dict(g) for g in groups]
 
 
 class _Both:
@@ -696,18 +697,21 @@ class RemoteASGD(torch.optim.Optimizer):
     def _group_changes(self) -> Optional[List[Dict[str, Any]]]:
         """Per group, the hyperparameters changed here since this optimizer last sent (or took) them (None when
         none is). A value another worker gave the session is not one of them: it is not sent back.
-        A key that a step still in flight carries (pipelined: sent, its answer not yet loaded) goes again with
-        its value now: compared with the values before that step, a value going back (lr A, B, A, as CyclicLR
-        at a peak) would look unchanged and the session would keep B."""
+        A key that a step still in flight carries (pipelined: sent, its answer not yet loaded) is compared with
+        the value that step carries, not with the values before it: sent again only when it moved on since (a
+        value going back, lr A, B, A as CyclicLR at a peak, goes; one that stayed B does not, else every
+        pipelined step would carry it, and with several workers the session's lr would follow whichever
+        worker stepped last). Should the step in flight be dropped, its values were not taken: they count as
+        unsent and go with the next step."""
         changes: List[Dict[str, Any]] = []
-        in_flight = _keys_in_flight(self._pending) or [set() for _ in self.param_groups]
+        in_flight = _values_in_flight(self._pending) or [{} for _ in self.param_groups]
         for local, known, flying in zip(self.param_groups, self._own_groups, in_flight):
             changed = {}
             for k in HYPERPARAMETER_KEYS:
                 if isinstance(local.get(k), torch.Tensor) and k not in self._warned:
                     self._warn_caveats([local])
                 v = _hyper_value(k, local.get(k))
-                if v is not None and (k in flying or not _same(v, known.get(k))):
+                if v is not None and not _same(v, flying[k] if k in flying else known.get(k)):
                     changed[k] = v
             changes.append(changed)
         return changes if any(changes) else None

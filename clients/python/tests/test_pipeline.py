@@ -93,6 +93,37 @@ class PipelineMatchesReplay(ServiceTestCase):
         self.assertParamsIdentical(model, want, "each step with the lr set before it")
         self.assertEqual(opt.session_hyperparameters[0]["lr"], lrs[-1])
 
+    def _changes(self, name):
+        """The session's recorded hyperparameter changes: (version, lr of group 0)."""
+        import json
+        import urllib.request
+
+        req = urllib.request.Request(f"{self.url}/v1/sessions/{urllib.parse.quote(name)}/hyperparameters?limit=10000",
+                                     headers={"authorization": f"Bearer {self.token}"} if self.token else {})
+        with urllib.request.urlopen(req) as r:
+            return [(c["version"], c["param_groups"][0]["lr"]) for c in json.load(r)["changes"]]
+
+    def test_pipelined_scheduler_sends_each_new_lr_once(self):
+        # A step in flight that carries the lr is not a reason to send it again: a value is sent once, when
+        # it changed. (Sent again on every step while one was in flight, two workers with schedulers out of
+        # phase each re-asserted their own lr at every step, and the session's lr flipped between them.)
+        name = unique("pipe-sched")
+        model = make_model()
+        opt = self.remote(model.named_parameters(), session=name, create=True, pipeline=True)
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+        for i in range(60):
+            X, y = batch(i)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(X), y).backward()
+            opt.step()
+            scheduler.step()
+        opt.synchronize()
+        changes = [c for c in self._changes(name) if c[0] > 1]
+        # the sixth is the lr of the 61st step, which synchronize() gives the session (PATCH param_groups)
+        self.assertEqual([lr for _, lr in changes], [HYPER["lr"] * 0.5 ** k for k in range(1, 7)], changes)
+        # each at the version of the first step after its scheduler.step() (versions 2..61 are the steps)
+        self.assertEqual([v for v, _ in changes][:5], [1 + 10 * k + 1 for k in range(1, 6)])
+
     def test_two_pipelined_workers_equal_torch_replay_in_version_order(self):
         name = unique("pipe2")
         self.remote(make_model().named_parameters(), session=name, create=True)  # the session, from seed 0
