@@ -643,7 +643,13 @@ class RemoteASGD(torch.optim.Optimizer):
         remote_groups = [[remote_names[i] for i in g["params"]] for g in groups]
         local_groups = [[self._name_of[id(p)] for p in g["params"]] for g in self.param_groups]
         if remote_groups != local_groups:
-            raise ValueError(f"session {self.session!r} groups its parameters as {remote_groups}, the optimizer as {local_groups}")
+            hint = ""
+            if sorted(sum(remote_groups, [])) == sorted(sum(local_groups, [])):
+                hint = ("; the same parameters in another order (a session created from a safetensors file takes the "
+                        "file's order, and safetensors sorts by name): create it with param_groups naming the model's "
+                        "order, or from a torch.save file or JSON, or build this optimizer with the parameters in the "
+                        "session's order")
+            raise ValueError(f"session {self.session!r} groups its parameters as {remote_groups}, the optimizer as {local_groups}{hint}")
 
     @staticmethod
     def _check_rounds(pipeline: bool, on_stale: str, send_base_version: bool) -> None:
@@ -1050,11 +1056,19 @@ class RemoteASGD(torch.optim.Optimizer):
         self._pending = None
         self._apply_outcome(outcome)
 
-    def _catch_up(self) -> Optional[int]:
+    def _catch_up(self, warn_in_flight: bool = False) -> Optional[int]:
         """Waits for a pipelined step and loads its parameters (as :meth:`synchronize`), but sends nothing:
         what reading the state does. Parameters edited in the model stay edited (the AWD-LSTM idiom swaps
         ``ax`` in while it reads ``state[p]``) and are sent by the next step only if they still differ then."""
         with self._lock:
+            if warn_in_flight and self._pending is not None and "state-in-flight" not in self._warned:
+                # Copies of p.data taken before this read hold the parameters from before the step in flight:
+                # swapped back after evaluating, they would be sent by the next step as an edit, undoing
+                # that step for every worker. Said once per optimizer (a loop may read the state every step).
+                self._warned.add("state-in-flight")
+                log.warning("[%s] session %r: reading opt.state waited for the step in flight and loaded its parameters; "
+                            "copies of the parameters taken before this read are one step old (restoring them would undo "
+                            "that step for every worker): call opt.synchronize() before copying p.data", self.worker, self.session)
             self._apply_pending(block=True)
             return self._version
 

@@ -40,7 +40,7 @@ class SessionState(Mapping):
         # Reading writes nothing: a pipelined step in flight is waited for and loaded, but the model's
         # parameters are not sent, even if they differ from the session's (the AWD-LSTM idiom assigns
         # p.data = state[p]["ax"] one parameter at a time; see RemoteASGD._catch_up).
-        opt._catch_up()
+        opt._catch_up(warn_in_flight=True)
         if self._cache is not None and self._model_version == opt.version:
             return self._cache
         known = self._session_version if self._cache is not None else None

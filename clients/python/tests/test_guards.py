@@ -91,6 +91,16 @@ class ClearErrors(ServiceTestCase):
         with self.assertRaisesRegex(ValueError, r"'weight' is used twice.*full names"):
             self.remote([{"params": list(model[0].named_parameters())}, {"params": list(model[2].named_parameters()), "lr": 0.1}])
 
+    def test_a_session_with_its_parameters_in_another_order_says_how_to_name_the_order(self):
+        # As a session created from a safetensors file (sorted by name: bias before weight) is.
+        from _common import unique
+
+        model = make_model()
+        name = unique("order")
+        self.client().create_session(name, list(reversed(list(model.named_parameters()))))
+        with self.assertRaisesRegex(ValueError, r"groups its parameters as .*another order.*param_groups naming the model's order"):
+            self.remote(model.named_parameters(), session=name)
+
     def test_add_param_group_says_what_to_do_instead(self):
         model = make_model()
         opt = self.remote(list(model[0].parameters()))

@@ -129,7 +129,11 @@ class ReadingStateWritesNothing(ServiceTestCase):
         train(model, opt, range(3))  # the third step is in flight
         mark = counter.mark()
         p = next(model.parameters())
-        self.assertEqual(opt.state[p]["step"].item(), 3.0, "the state read includes the step in flight")
+        with self.assertLogs("asgd_client", "WARNING") as logged:
+            self.assertEqual(opt.state[p]["step"].item(), 3.0, "the state read includes the step in flight")
+        # the AWD-LSTM idiom's copies of p.data taken before this read would be a step old: said, once
+        self.assertEqual(len(logged.records), 1, logged.output)
+        self.assertIn("opt.synchronize()", logged.output[0])
         self.assertEqual(opt.version, opt.client.get_session(opt.session)["version"], "the step's parameters are loaded")
         # (The step in flight may reach the proxy after the mark: only what the read itself sends counts.)
         self.assertEqual([r for r in counter.since(mark) if r not in ("POST step", "GET state_dict") and not r.startswith("GET test-")], [])
