@@ -67,6 +67,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
         });
         if (!row) throw errors.sessionExists(input.name);
         const state = cache.create(row, row.version, 0, input.groups, input.params.map(() => null));
+        state.setStamp(row.stamp);
         input.data.forEach((d, i) => state.param(i).set(d));
         await writer.writeState(tx, row.id, state, 'create');
         cache.forget(row.id);
@@ -172,7 +173,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
   async function commitState(tx: Queryable, session: SessionRecord, state: SessionState, reason: string): Promise<void> {
     await writer.writeState(tx, session.id, state, reason);
     await recordGroupChange(tx, session, state, reason);
-    await repo.advanceSession(tx, session.id, state.version, state.step, state.groups);
+    state.setStamp(await repo.advanceSession(tx, session.id, state.version, state.step, state.groups));
     await repo.notifyVersion(tx, session.name, state.version, state.step);
     await repo.pruneHistory(tx, session.id, session.keepSnapshots);
   }
@@ -221,6 +222,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
         });
         if (!row) throw errors.sessionExists(target.name);
         const state = cache.create(row, row.version, source.step, source.groups, source.scalars);
+        state.setStamp(row.stamp);
         state.arena.params.set(source.paramData);
         state.arena.ax.set(source.axData);
         await writer.writeState(tx, row.id, state, 'fork');

@@ -154,18 +154,50 @@ export function createHistory(ctx: SessionContext) {
   async function currentState(q: Queryable, session: SessionRecord): Promise<CacheEntry> {
     cache.hint(session.name, session.id);
     const cached = cache.get(session.id);
-    if (cached && cached.state.version === session.version) return cache.touch(cached);
+    if (cached && cached.state.version === session.version) {
+      if (cached.state.stampedAs(session.stamp)) return cache.touch(cached);
+      // Another stamp at the same version: a settings change since (the row's stamp moved, the version did
+      // not), or another history that reached the same version number.
+      if (await repo.ofHistory(q, session.id, cached.state.version, cached.state.stamp)) {
+        cached.state.rowStamp = session.stamp;
+        return cache.touch(cached);
+      }
+    }
     if (cached && cached.state.version < session.version && !(await newerBaseWorthIt(q, session, cached.state.version))) {
       try {
-        if (await replay(q, cached.state, session.version, session.name)) return cache.touch(cached);
+        if (await catchUp(q, cached.state, session)) return cache.touch(cached);
       } catch (err) {
         cache.forget(session.id);
         throw err;
       }
     }
+    if (cached && cached.state.version >= session.version) warnOtherHistory(session, cached.state);
     cache.forget(session.id);
     const { state, snapshotVersion } = await buildState(q, session, session.version);
+    state.setStamp(session.stamp);
     return cache.remember(state, snapshotVersion);
+  }
+
+  /**
+   * Brings this process's copy up to `session` (its row as read in `q`) from the log, when the copy is of the
+   * database's history (repo.ofHistory): false when it is not, or the log has a gap; the caller rebuilds.
+   */
+  async function catchUp(q: Queryable, state: SessionState, session: SessionRecord): Promise<boolean> {
+    if (!(await repo.ofHistory(q, session.id, state.version, state.stamp))) {
+      warnOtherHistory(session, state);
+      return false;
+    }
+    state.setStamp(null); // moving: a copy part of the way there is stamped by nothing
+    if (!(await replay(q, state, session.version, session.name))) return false;
+    state.setStamp(session.stamp);
+    return true;
+  }
+
+  /** A copy whose version the database's history does not hold as it is: restored from a backup, or failed over. */
+  function warnOtherHistory(session: SessionRecord, state: SessionState): void {
+    if (state.stamp === null) return;
+    ctx.log.warn({ session: session.name, version: state.version, databaseVersion: session.version },
+      'this process\'s copy of the session is not of the database\'s history (restored from a backup, or failed over?): rebuilt from the database');
   }
 
   /** True when a copy at `copyVersion` is a replay interval or more behind and a stored state 4+ steps newer than it exists. */
@@ -176,5 +208,5 @@ export function createHistory(ctx: SessionContext) {
     return Math.max(snapshot?.version ?? 0, point?.version ?? 0) >= copyVersion + 4;
   }
 
-  return { loadSnapshot, replay, buildState, currentState };
+  return { loadSnapshot, replay, buildState, currentState, catchUp };
 }

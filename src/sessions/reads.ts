@@ -38,7 +38,8 @@ export function createReads(ctx: SessionContext, history: History) {
   async function currentCopy(name: string): Promise<{ current: SessionRecord; state: SessionState | null }> {
     const current = await mustFind(db, name);
     const cached = cache.get(current.id);
-    return { current, state: cached?.state.version === current.version ? cache.touch(cached).state : null };
+    const known = cached && cached.state.version === current.version && cached.state.stampedAs(current.stamp);
+    return { current, state: known ? cache.touch(cached).state : null };
   }
 
   /** A consistent copy of the state at `version` (default: current). */

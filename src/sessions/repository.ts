@@ -9,7 +9,18 @@ import { groupHyperparameters } from './step-input.ts';
 export const CHUNK_BYTES = 8 * 1024 * 1024;
 
 /** Row types come from the drizzle schema; the raw SQL here reads its columns under the same names (aliases). */
-export type SessionRecord = SessionRow;
+/**
+ * A session's row. `stamp` identifies the commit that last wrote it: the microseconds of its transaction's
+ * now(), which the step log's rows (created_at) and a change's snapshot written in the same transaction
+ * carry as well. A version number alone does not identify a state: after the database is restored from a
+ * backup, or fails over to a standby that had not received the last commits, the session's version goes
+ * back and new steps reach the same numbers with other gradients. A process's copy is used only where
+ * its stamp shows it is of the database's history (ofHistory).
+ */
+export type SessionRecord = SessionRow & { stamp: string };
+
+/** A timestamptz column as microseconds since the epoch (exact: extract gives numeric), as text: a commit's stamp. */
+const stampOf = (column: string) => `(extract(epoch FROM ${column}) * 1000000)::int8::text`;
 export type SnapshotRecord = SnapshotRow;
 
 export interface StepLogEntry {
@@ -78,7 +89,7 @@ const groupHyperSql = (groups: string) => `(
 /** The session columns as SessionRecord reads them, qualified by `t` ("sessions.") where a join needs it. */
 const sessionColumns = (t = '') => `${t}id::float8 AS id, ${t}name, ${t}params, ${t}groups, ${t}numel::float8 AS numel, ${t}version::float8 AS version,
   ${t}step::float8 AS step, ${t}snapshot_every, ${t}keep_snapshots, ${t}max_staleness, ${t}keep_log_bytes::float8 AS keep_log_bytes, ${t}expire_after_idle_s,
-  ${t}aggregation, ${t}created_at, ${t}updated_at`;
+  ${t}aggregation, ${t}created_at, ${t}updated_at, ${stampOf(`${t}updated_at`)} AS stamp`;
 const SESSION_COLUMNS = sessionColumns();
 
 function toSession(r: Record<string, unknown>): SessionRecord {
@@ -98,6 +109,7 @@ function toSession(r: Record<string, unknown>): SessionRecord {
     aggregation: (r.aggregation as Aggregation | null) ?? null,
     createdAt: new Date(r.created_at as string),
     updatedAt: new Date(r.updated_at as string),
+    stamp: r.stamp as string,
   };
 }
 
@@ -185,19 +197,37 @@ export async function updateSessionSettings(
   return toSession(rows[0]);
 }
 
-/** Bumps the version (and the step count when `stepped`), optionally replacing the groups. */
-export async function advanceSession(q: Queryable, id: number, version: number, step: number, groups?: GroupSpec[]): Promise<Date> {
+/** Bumps the version (and the step count when `stepped`), optionally replacing the groups; returns the session's new stamp. */
+export async function advanceSession(q: Queryable, id: number, version: number, step: number, groups?: GroupSpec[]): Promise<string> {
   const rows = groups
-    ? await q.query<{ updated_at: string }>(
-        'UPDATE sessions SET version = $2, step = $3, groups = $4, updated_at = now() WHERE id = $1 RETURNING updated_at',
+    ? await q.query<{ stamp: string }>(
+        `UPDATE sessions SET version = $2, step = $3, groups = $4, updated_at = now() WHERE id = $1 RETURNING ${stampOf('updated_at')} AS stamp`,
         [id, version, step, JSON.stringify(groups)],
       )
-    : await q.query<{ updated_at: string }>(
-        'UPDATE sessions SET version = $2, step = $3, updated_at = now() WHERE id = $1 RETURNING updated_at',
+    : await q.query<{ stamp: string }>(
+        `UPDATE sessions SET version = $2, step = $3, updated_at = now() WHERE id = $1 RETURNING ${stampOf('updated_at')} AS stamp`,
         [id, version, step],
         { name: 'session_advance' },
       );
-  return new Date(rows[0].updated_at);
+  return rows[0].stamp;
+}
+
+/**
+ * Whether a copy of session `sessionId` at `version` stamped `stamp` is of the database's history: the
+ * session is at that version with that stamp, or the step logged at that version, or the snapshot a change
+ * wrote there in its own transaction, carries it. False after a restore or failover took the session back
+ * and it reached the version again with other commits (or when nothing at that version is kept to tell).
+ */
+export async function ofHistory(q: Queryable, sessionId: number, version: number, stamp: string | null): Promise<boolean> {
+  if (stamp === null) return false;
+  const rows = await q.query<{ ok: boolean }>(
+    `SELECT EXISTS (SELECT 1 FROM sessions WHERE id = $1 AND version = $2 AND ${stampOf('updated_at')} = $3)
+       OR EXISTS (SELECT 1 FROM step_log WHERE session_id = $1 AND version = $2 AND ${stampOf('created_at')} = $3)
+       OR EXISTS (SELECT 1 FROM snapshots WHERE session_id = $1 AND version = $2 AND ${stampOf('created_at')} = $3) AS ok`,
+    [sessionId, version, stamp],
+    { name: 'session_of_history' },
+  );
+  return rows[0]?.ok === true;
 }
 
 /** One step's row of the training series (kept for the session's lifetime). */
@@ -283,6 +313,8 @@ export interface KnownKey {
 export interface AppendedSteps {
   /** The session's version and max_staleness when the row lock was granted (before the batch). */
   previousVersion: number;
+  /** The session's stamp then: a copy at previousVersion with another stamp is not of the database's history. */
+  previousStamp: string;
   maxStaleness: number | null;
   /** The session has `aggregation`: nothing was written; its step requests are contributions (rounds.ts). */
   aggregated: boolean;
@@ -358,7 +390,8 @@ export async function appendSteps(db: Database, sessionId: number, steps: readon
   // `notified` is a plain SELECT: referenced below, or PostgreSQL would not run it.
   const result = await db.query(
     `WITH locked AS (
-       SELECT id, name, version, step, max_staleness, aggregation IS NOT NULL AS aggregated, coalesce(listened_until >= now(), false) AS listened
+       SELECT id, name, version, step, max_staleness, aggregation IS NOT NULL AS aggregated, coalesce(listened_until >= now(), false) AS listened,
+         ${stampOf('updated_at')} AS stamp
        FROM sessions WHERE id = $1 FOR NO KEY UPDATE
      ), input (i, ${BATCH_COLUMNS.map((c) => c.split(' ')[0]).join(', ')}) AS (
        VALUES ${rows.join(', ')}
@@ -398,7 +431,7 @@ export async function appendSteps(db: Database, sessionId: number, steps: readon
        SELECT pg_notify('${VERSION_CHANNEL}', a.name || ':' || (a.version + input.i + 1) || ':' || (a.step + input.i + 1)) FROM accepted a, input
        WHERE a.listened
      )
-     SELECT locked.version::float8 AS previous_version, locked.max_staleness AS previous_max_staleness, locked.aggregated AS previous_aggregated, advanced.*,
+     SELECT locked.version::float8 AS previous_version, locked.stamp AS previous_stamp, locked.max_staleness AS previous_max_staleness, locked.aggregated AS previous_aggregated, advanced.*,
        (SELECT count(*) FROM notified) + (SELECT count(*) FROM logged) AS written,
        (SELECT jsonb_agg(jsonb_build_object('index', i, 'request_hash', request_hash, 'response', response, 'live', live)) FROM known) AS known,
        (SELECT max(version) FROM snapshots WHERE session_id = $1)::float8 AS newest_snapshot
@@ -412,6 +445,7 @@ export async function appendSteps(db: Database, sessionId: number, steps: readon
     .map((k) => ({ index: k.index, requestHash: k.request_hash, response: k.response, live: k.live }));
   return {
     previousVersion: r.previous_version as number,
+    previousStamp: r.previous_stamp as string,
     maxStaleness: (r.previous_max_staleness as number | null) ?? null,
     aggregated: r.previous_aggregated === true,
     session: r.id === null || r.id === undefined ? null : toSession(r),
@@ -438,13 +472,13 @@ export async function clearExpiredKeys(q: Queryable, sessionId: number, keys: st
  */
 async function appendStepsPglite(db: Database, sessionId: number, steps: readonly BatchStep[], windowSeconds: number): Promise<AppendedSteps | null> {
   return db.transaction(async (tx) => {
-    const locked = await tx.query<{ version: number; max_staleness: number | null; aggregated: boolean }>(
-      'SELECT version::float8 AS version, max_staleness, aggregation IS NOT NULL AS aggregated FROM sessions WHERE id = $1 FOR NO KEY UPDATE',
+    const locked = await tx.query<{ version: number; max_staleness: number | null; aggregated: boolean; stamp: string }>(
+      `SELECT version::float8 AS version, max_staleness, aggregation IS NOT NULL AS aggregated, ${stampOf('updated_at')} AS stamp FROM sessions WHERE id = $1 FOR NO KEY UPDATE`,
       [sessionId],
     );
     if (locked.length === 0) return null;
-    const { version, max_staleness: maxStaleness, aggregated } = locked[0];
-    if (aggregated) return { previousVersion: version, maxStaleness, aggregated, session: null, known: [], newestSnapshot: null };
+    const { version, max_staleness: maxStaleness, aggregated, stamp: previousStamp } = locked[0];
+    if (aggregated) return { previousVersion: version, previousStamp, maxStaleness, aggregated, session: null, known: [], newestSnapshot: null };
     const keys = steps.map((s) => s.key).filter((k): k is string => k !== null);
     const known: KnownKey[] = [];
     if (keys.length) {
@@ -454,7 +488,7 @@ async function appendStepsPglite(db: Database, sessionId: number, steps: readonl
       );
       for (const f of found) known.push({ index: steps.findIndex((s) => s.key === f.key), requestHash: f.request_hash, response: f.response, live: f.live });
     }
-    if (known.length || steps.some((s, i) => refusedAt(s, versionAt(version, i) - 1, maxStaleness))) return { previousVersion: version, maxStaleness, aggregated, session: null, known, newestSnapshot: null };
+    if (known.length || steps.some((s, i) => refusedAt(s, versionAt(version, i) - 1, maxStaleness))) return { previousVersion: version, previousStamp, maxStaleness, aggregated, session: null, known, newestSnapshot: null };
     let step = 0;
     for (const [i, s] of steps.entries()) {
       const hyper = s.hyper === null ? null : JSON.stringify(s.hyper);
@@ -484,7 +518,7 @@ async function appendStepsPglite(db: Database, sessionId: number, steps: readonl
       await notifyVersion(tx, session.name, v, step);
     }
     // One process holds the data directory: its copy knows of every snapshot.
-    return { previousVersion: version, maxStaleness, aggregated, session, known, newestSnapshot: null };
+    return { previousVersion: version, previousStamp, maxStaleness, aggregated, session, known, newestSnapshot: null };
   });
 }
 

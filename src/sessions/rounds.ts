@@ -242,7 +242,7 @@ export function createRoundService(options: RoundServiceOptions) {
     ranKernel(session.id);
     if (hyper) state.groups = applyHyperDelta(state.groups, hyper);
     host.applyStep(state, present);
-    await repo.advanceSession(tx, session.id, state.version, state.step, hyper ? state.groups : undefined);
+    state.setStamp(await repo.advanceSession(tx, session.id, state.version, state.step, hyper ? state.groups : undefined));
     await repo.insertHistory(tx, {
       sessionId: session.id, version: state.version, step: state.step, staleness: 0, metrics: averageMetrics(rows),
       hyper: hyper ? groupHyperparameters(state.groups) : null, round: record,

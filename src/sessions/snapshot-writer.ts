@@ -27,9 +27,11 @@ export interface SnapshotMeta {
   step: number;
   groups: GroupSpec[];
   scalars: ScalarStateRow[];
+  /** The copy's stamp (SessionState.stamp): a copy not of the database's history is not written. */
+  stamp: string | null;
 }
 
-export const metaOf = (state: SessionState): SnapshotMeta => ({ version: state.version, step: state.step, groups: state.groups, scalars: state.scalarRows() });
+export const metaOf = (state: SessionState): SnapshotMeta => ({ version: state.version, step: state.step, groups: state.groups, scalars: state.scalarRows(), stamp: state.stamp });
 
 export type SnapshotWriter = ReturnType<typeof createSnapshotWriter>;
 
@@ -196,7 +198,15 @@ export function createSnapshotWriter(ctx: SessionContext) {
       if (!copied && (closing || cache.get(session.id) !== entry)) return;
       const { meta, parts, same } = copied ?? capture(false);
       try {
-        if (await db.transaction((tx) => persist(tx, meta, parts, same))) done(meta, inPlace);
+        const written = await db.transaction(async (tx) => {
+          // A copy that is not of the database's history (restored or failed over since) writes nothing.
+          if (!(await repo.ofHistory(tx, session.id, meta.version, meta.stamp))) {
+            log.warn({ session: session.name, version: meta.version }, `background ${what} not written: this process's copy is not of the database's history`);
+            return false;
+          }
+          return persist(tx, meta, parts, same);
+        });
+        if (written) done(meta, inPlace);
       } catch (err) {
         failed();
         // The session deleted meanwhile (its row gone, the foreign key fails): nothing is lost.
@@ -227,6 +237,11 @@ export function createSnapshotWriter(ctx: SessionContext) {
         await ctx.mutex.run(rows[0].name, () => db.transaction(async (tx) => {
           const current = await tx.query<{ version: number }>('SELECT version::float8 AS version FROM sessions WHERE id = $1', [id]);
           if (!current.length || current[0].version !== entry.state.version || cache.get(id) !== entry) return; // moved on, or gone
+          // The same version number in another history (the database restored or failed over): not this copy's to write.
+          if (!(await repo.ofHistory(tx, id, entry.state.version, entry.state.stamp))) {
+            log.warn({ sessionId: id, version: entry.state.version }, 'shutdown snapshot not written: this process\'s copy is not of the database\'s history');
+            return;
+          }
           await writeState(tx, id, entry.state, 'shutdown');
         }));
       } catch (err) {

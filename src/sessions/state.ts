@@ -30,6 +30,24 @@ export class SessionState {
   readonly layout: Layout;
   readonly arena: KernelArena;
   version: number;
+  /**
+   * The stamp of the commit that made `version` (SessionRecord.stamp), when this is a process's copy of the
+   * session's current state; null while unknown (a copy with no stamp is not trusted: repo.ofHistory).
+   */
+  stamp: string | null = null;
+  /** A later stamp of the session row at this same version (a settings change moves it), checked once against the history. */
+  rowStamp: string | null = null;
+
+  /** Whether the session row's stamp is one this copy is known to match (no database read). */
+  stampedAs(stamp: string): boolean {
+    return this.stamp === stamp || this.rowStamp === stamp;
+  }
+
+  /** The copy now holds the version the session row stamped `stamp` holds. */
+  setStamp(stamp: string | null): void {
+    this.stamp = stamp;
+    this.rowStamp = null;
+  }
   step: number;
   private groupsValue!: GroupSpec[];
   private groupOf!: Int32Array;

@@ -271,7 +271,9 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
     }));
     const seconds = Number(process.hrtime.bigint() - started) / 1e9;
     hooks?.committed?.(name, steps.length);
-    let current = cache.get(id) === entry && state.version === appended.previousVersion;
+    // (A copy at that version number with another stamp is not of the database's history: it is not stepped.)
+    let current = cache.get(id) === entry && state.version === appended.previousVersion && state.stampedAs(appended.previousStamp);
+    if (current) state.setStamp(null);
     for (const [i, s] of steps.entries()) {
       hooks?.stepped?.(name, seconds, Number(started - s.request.queued) / 1e9);
       if (current) {
@@ -289,6 +291,7 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
       }
       await answer(name, s.request, answers[i]);
     }
+    if (current) state.setStamp(session.stamp);
     writer.known(entry, appended.newestSnapshot);
     const pointDue = writer.pointDue(session, entry, appended.previousVersion, session.version);
     const snapshotDue = writer.due(session, entry, session.version, appended.previousVersion);
@@ -297,7 +300,7 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
       // Otherwise the copy stays behind and catches up from the log when it is next read (currentState):
       // under several writers that is one batched read instead of one per step.
       try {
-        if (!(await history.replay(db, state, session.version, name))) cache.forget(id);
+        if (!(await consistentRead(db, (q) => history.catchUp(q, state, session)))) cache.forget(id);
       } catch (err) {
         cache.forget(id);
         log.warn({ err, session: name, version: session.version }, 'could not bring the cached state up to a committed step');
