@@ -182,8 +182,19 @@ function databaseUrl(env: Env): string | null {
     throw new ConfigError(`DATABASE_URL must be a PostgreSQL URL, postgres://user:password@host:port/database; it is a ${url.protocol.slice(0, 20)}// URL`);
   }
   if (url.protocol !== 'socket:' && url.hostname === '') throw new ConfigError('DATABASE_URL must name a host: postgres://user:password@host:port/database');
+  const sslmode = url.searchParams.get('sslmode');
+  if (sslmode !== null && !SSL_MODES.includes(sslmode)) {
+    throw new ConfigError(`DATABASE_URL's sslmode must be one of ${SSL_MODES.join(', ')}; it is ${JSON.stringify(sslmode.slice(0, 20))}`);
+  }
   return raw;
 }
+
+/**
+ * The sslmode values node-postgres reads (any other was taken as "use TLS"). Note: it treats prefer,
+ * require and verify-ca as verify-full (the certificate and host name are checked; prefer does not fall
+ * back to plain text); no-verify encrypts without checking.
+ */
+const SSL_MODES = ['disable', 'prefer', 'require', 'verify-ca', 'verify-full', 'no-verify'];
 
 /** ASGD_IDEMPOTENCY_WINDOW_SECONDS at most: ten years. */
 export const MAX_IDEMPOTENCY_WINDOW_S = 315_360_000;

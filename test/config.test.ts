@@ -27,6 +27,14 @@ test('HOST as a URL writes an IPv6 address ([::1]) is listened on as the address
   assert.equal(loadConfig({ HOST: '::1' }).host, '::1');
 });
 
+test("DATABASE_URL's sslmode is one node-postgres knows; another is refused naming it (it was taken as TLS on)", () => {
+  assert.throws(() => loadConfig({ DATABASE_URL: 'postgres://u:secret@db/x?sslmode=bogus' }),
+    (err: Error) => err instanceof ConfigError && /^DATABASE_URL's sslmode must be one of disable, prefer, require, verify-ca, verify-full, no-verify; it is "bogus"$/.test(err.message));
+  for (const mode of ['disable', 'require', 'verify-full', 'no-verify']) {
+    assert.equal(loadConfig({ DATABASE_URL: `postgres://db/x?sslmode=${mode}` }).databaseUrl, `postgres://db/x?sslmode=${mode}`);
+  }
+});
+
 test('DATABASE_URL must be a PostgreSQL URL; the message names the variable and never repeats the value (a password)', () => {
   for (const bad of ['notaurl', 'mysql://u:secret@127.0.0.1/db', 'http://u:secret@h/db', 'postgres://', 'postgres://u:secret@/db', 'postgres://u:secret@/db?host=']) {
     assert.throws(() => loadConfig({ DATABASE_URL: bad }), (err: Error) => err instanceof ConfigError && /^DATABASE_URL must/.test(err.message) && !err.message.includes('secret'), bad);

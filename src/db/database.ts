@@ -10,6 +10,7 @@ import type { PgDatabase, PgQueryResultHKT } from 'drizzle-orm/pg-core';
 import { schema } from './schema.ts';
 import { to as copyTo } from 'pg-copy-streams';
 import { copyToSql, parseBinaryCopy, type BinaryColumns } from './binary-results.ts';
+import { describeDbFailure } from './errors.ts';
 import { listenPostgres, type ListenHandlers, type Listener } from './listener.ts';
 import { lockDataDir, type DataDirLock } from './data-dir-lock.ts';
 import { endWithin, watchSilence } from './silence.ts';
@@ -126,6 +127,25 @@ async function checkMigrated(count: () => Promise<string>, warn?: (message: stri
 }
 
 let warnedNewer = false;
+
+/** Whether every migration of this build is applied (`count()` as in checkMigrated); false where the journal cannot be read. */
+async function allApplied(count: () => Promise<string>): Promise<boolean> {
+  try {
+    return Number(await count()) >= expectedMigrations();
+  } catch {
+    return false; // no journal yet, or not readable by this role: the migrator says what is wrong
+  }
+}
+
+/** SQLSTATE 42501: the role lacks a privilege. */
+const INSUFFICIENT_PRIVILEGE = '42501';
+
+/** A migration the connecting role may not run: PostgreSQL's reason, then what to do instead. */
+function migrationPrivilegeError(err: unknown): Error {
+  const out = new Error(`${describeDbFailure(err)}; migrations are pending and this database role may not apply them: run \`asgd-serve migrate\` as the role that owns the schema, and start the service with ASGD_MIGRATE=false, or grant this role CREATE on the database`);
+  (out as { code?: string }).code = INSUFFICIENT_PRIVILEGE;
+  return out;
+}
 
 const MIGRATION_LOCK = 7_142_053_311; // pg_advisory_lock key: one migrator at a time across replicas
 /** A migration's wait for a table lock, and how often it tries (drizzle rolls all pending ones back between). */
@@ -418,6 +438,9 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
     async migrate() {
       const { client, release } = await checkout();
       try {
+        // Nothing pending: no DDL at all (drizzle's migrator starts with CREATE SCHEMA IF NOT EXISTS, which
+        // a serving role without CREATE on the database may not run, though the database is migrated).
+        if (await allApplied(() => client.query<{ n: string }>(APPLIED_MIGRATIONS_SQL).then((r) => r.rows[0].n))) return;
         const free = (await client.query<{ locked: boolean }>('SELECT pg_try_advisory_lock($1) AS locked', [MIGRATION_LOCK])).rows[0].locked;
         if (!free) {
           options.onWarning?.(`waiting for another process's migration to finish (it holds PostgreSQL advisory lock ${MIGRATION_LOCK})`);
@@ -437,6 +460,7 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
               break;
             } catch (err) {
               const code = (err as { cause?: { code?: unknown } }).cause?.code ?? (err as { code?: unknown }).code;
+              if (code === INSUFFICIENT_PRIVILEGE) throw migrationPrivilegeError(err);
               if (code !== LOCK_NOT_AVAILABLE || attempt >= MIGRATION_ATTEMPTS) throw err;
               options.onWarning?.(`migration ${attempt} of ${MIGRATION_ATTEMPTS} waited ${MIGRATION_LOCK_TIMEOUT_MS} ms for a table lock other transactions hold; rolled back, trying again in ${attempt} s`);
               await new Promise((resolve) => setTimeout(resolve, attempt * 1000));

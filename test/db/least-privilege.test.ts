@@ -1,0 +1,68 @@
+// A serving role with the privileges the README lists (no CREATE on the database) starts with the default
+// ASGD_MIGRATE=true on a migrated database: a start with nothing pending runs no DDL. With a migration
+// pending it fails saying what to do (before: "permission denied ... CREATE SCHEMA" and nothing more, and
+// under a restart policy it restarted in a loop). Found by an operator's review.
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { test } from 'node:test';
+import pg from 'pg';
+import { openDatabase } from '../../src/db/database.ts';
+import { buildTestApp, createTestDatabase, PG_ADMIN_URL, TEST_DB_KIND } from '../helper.ts';
+
+const skip = TEST_DB_KIND !== 'postgres' && 'database roles: PostgreSQL only';
+
+test('a least-privilege serving role starts with ASGD_MIGRATE=true on a migrated database, and is told what to do when one is pending', { skip, timeout: 60_000 }, async (t) => {
+  const scratch = await createTestDatabase();
+  const role = `asgd_serving_${randomBytes(4).toString('hex')}`;
+  const admin = new pg.Client({ connectionString: PG_ADMIN_URL });
+  await admin.connect();
+  const owner = new pg.Client({ connectionString: scratch.url });
+  await owner.connect();
+  t.after(async () => {
+    await owner.end().catch(() => {});
+    await scratch.drop();
+    await admin.query(`DROP ROLE IF EXISTS ${role}`);
+    await admin.end();
+  });
+  const database = new URL(scratch.url).pathname.slice(1);
+  // Migrated by its owner, as `asgd-serve migrate` does.
+  const migrator = await openDatabase({ databaseUrl: scratch.url, dataDir: '', poolSize: 1 });
+  await migrator.migrate();
+  await migrator.close();
+  // The README's grants (PostgreSQL 15 gives PUBLIC no CREATE on schema public; the database's CREATE is revoked here).
+  await admin.query(`CREATE ROLE ${role} LOGIN`);
+  await admin.query(`REVOKE CREATE ON DATABASE ${database} FROM PUBLIC`);
+  await owner.query('REVOKE CREATE ON SCHEMA public FROM PUBLIC');
+  await owner.query(`GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO ${role}`);
+  await owner.query(`GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ${role}`);
+  await owner.query(`GRANT USAGE ON SCHEMA drizzle TO ${role}`);
+  await owner.query(`GRANT SELECT ON drizzle.__drizzle_migrations TO ${role}`);
+  const url = new URL(scratch.url);
+  url.username = role;
+  url.password = '';
+
+  // Start-up with the default ASGD_MIGRATE=true (buildTestApp migrates), then a session and a step.
+  const { app } = await buildTestApp(null, { databaseUrl: url.toString() });
+  try {
+    assert.equal((await app.inject({ url: '/readyz' })).statusCode, 200);
+    const created = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 's', params: [{ name: 'w', shape: [2], data: [1, 2] }] } });
+    assert.equal(created.statusCode, 201, created.body);
+    const stepped = await app.inject({ method: 'POST', url: '/v1/sessions/s/step', payload: { grads: { w: [0.5, 0.5] } } });
+    assert.equal(stepped.statusCode, 200, stepped.body);
+  } finally {
+    await app.close();
+  }
+
+  // A migration pending (the newest one undone by the owner): the serving role cannot apply it, and says what to do.
+  await owner.query('DROP TABLE replay_point_chunks, replay_points');
+  await owner.query('DELETE FROM drizzle.__drizzle_migrations WHERE id = (SELECT max(id) FROM drizzle.__drizzle_migrations)');
+  const serving = await openDatabase({ databaseUrl: url.toString(), dataDir: '', poolSize: 1 });
+  try {
+    await assert.rejects(serving.migrate(), (err: Error) => {
+      assert.match(err.message, /^permission denied for database \S+ \(SQLSTATE 42501\) while running .*; migrations are pending and this database role may not apply them: run `asgd-serve migrate` as the role that owns the schema, and start the service with ASGD_MIGRATE=false/s);
+      return true;
+    });
+  } finally {
+    await serving.close();
+  }
+});
