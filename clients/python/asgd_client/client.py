@@ -13,6 +13,7 @@ torch.save files (``format="pt"``). Checkpoints default to torch.save files.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -42,7 +43,9 @@ log = logging.getLogger("asgd_client")
 DEFAULT_ROUND_WAIT_S = 60
 
 
+@functools.lru_cache(maxsize=1024)
 def _quote(name: str) -> str:
+    """A session name as a path segment (cached: a training loop names its session every step)."""
     import urllib.parse
 
     return urllib.parse.quote(name, safe="")
