@@ -6,6 +6,11 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { Config } from '../config.ts';
 
+/** Sessions with series of their own in the per-session counters (steps, rounds); the rest are counted together. */
+const SESSION_SERIES = 100;
+/** The session label of the sessions beyond SESSION_SERIES (parentheses: no session name has them). */
+const OTHER_SESSIONS = '(other)';
+
 declare module 'fastify' {
   interface FastifyInstance {
     metrics: Registry;
@@ -57,7 +62,7 @@ export default fp(
         return new Promise<void>((resolve) => fastify.server.getConnections((err, count) => { if (!err) this.set(count); resolve(); }));
       },
     });
-    const steps = new Counter({ name: 'asgd_steps_total', help: 'Optimizer steps committed by this process, by session', labelNames: ['session'], registers });
+    const steps = new Counter({ name: 'asgd_steps_total', help: 'Optimizer steps committed by this process, by session (the first 100; the others as session="(other)")', labelNames: ['session'], registers });
     const snapshots = new Counter({
       // By reason only: a series per session and reason made thousands of series (3,021 of 3,827 lines after
       // 3,500 creates); a session's snapshots are listed by GET .../snapshots.
@@ -106,15 +111,25 @@ export default fp(
       },
     });
 
+    // Series by session for the first SESSION_SERIES sessions this process counts; the others count under
+    // session="(other)" (a name a session cannot have): thousands of sessions made thousands of series per
+    // replica. A deleted session frees its place.
+    const named = new Set<string>();
+    const labelOf = (session: string) => {
+      if (named.has(session)) return session;
+      if (named.size >= SESSION_SERIES) return OTHER_SESSIONS;
+      named.add(session);
+      return session;
+    };
     fastify.sessionHooks.stepped = (session, seconds, lockWaitSeconds) => {
       stepSeconds.observe(seconds);
       lockWait.observe(lockWaitSeconds);
-      steps.inc({ session });
+      steps.inc({ session: labelOf(session) });
     };
     fastify.sessionHooks.committed = (_session, count) => batchSize.observe(count);
     fastify.roundHooks.closed = (session, contributions, waitSeconds, timedOut) => {
-      roundsCompleted.inc({ session });
-      if (timedOut) roundsTimedOut.inc({ session });
+      roundsCompleted.inc({ session: labelOf(session) });
+      if (timedOut) roundsTimedOut.inc({ session: labelOf(session) });
       roundContributions.observe(contributions);
       roundWait.observe(waitSeconds);
     };
@@ -124,6 +139,7 @@ export default fp(
     // A deleted session's series go with it, so counters of short-lived sessions do not pile up: whoever
     // deleted it (DELETE on any replica, the CLI through it, the idle sweeper), every process hears it.
     const forget = (session: string) => {
+      if (!named.delete(session)) return;
       steps.remove({ session });
       roundsCompleted.remove({ session });
       roundsTimedOut.remove({ session });

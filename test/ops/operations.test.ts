@@ -364,3 +364,29 @@ test('logs: a request id on every line, the session on session routes, no tokens
   assert.equal(stepped.headers['x-request-id'], [...ids][0], 'the answer names its request id');
   assert.ok(lines.some((l) => l.msg === 'stepped' && l.session === 'logged'));
 });
+
+test('steps by session: a series for each of the first 100 sessions a process steps, the others counted as session="(other)"; a deleted one frees its place', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  const names = Array.from({ length: 102 }, (_, i) => `c${i}`);
+  for (const name of names) {
+    await createSession(app, name);
+    assert.equal((await step(app, name, 1)).statusCode, 200);
+  }
+  await step(app, 'c101', 2);
+  const metrics = async () => (await app.inject({ url: '/metrics', headers: asAdmin })).body;
+  let text = await metrics();
+  const series = (body: string) => body.split('\n').filter((l) => l.startsWith('asgd_steps_total{'));
+  assert.equal(series(text).length, 101, 'a hundred sessions and (other)');
+  assert.equal(sample(text, 'asgd_steps_total', 'session="c0"'), 1);
+  assert.equal(sample(text, 'asgd_steps_total', 'session="c99"'), 1);
+  assert.equal(sample(text, 'asgd_steps_total', 'session="(other)"'), 3, 'c100 once, c101 twice');
+  assert.equal(series(text).some((l) => l.includes('session="c100"')), false);
+  // The steps still add up.
+  assert.equal(series(text).reduce((n, l) => n + Number(l.split(' ').pop()), 0), 103);
+  assert.equal((await app.inject({ method: 'DELETE', url: '/v1/sessions/c5', headers: asAdmin })).statusCode, 204);
+  await createSession(app, 'c102');
+  assert.equal((await step(app, 'c102', 1)).statusCode, 200);
+  text = await metrics();
+  assert.equal(sample(text, 'asgd_steps_total', 'session="c102"'), 1, 'the place c5 left');
+  assert.equal(series(text).some((l) => l.includes('session="c5"')), false);
+});
