@@ -67,15 +67,15 @@ export function createReads(ctx: SessionContext, history: History) {
    * Calls `fn` with the state at version `at` (null: the current one) under the session's lock held by the caller: this process's copy
    * itself when it is there (no read, no copy), else the copy caught up from the log, else a rebuild.
    */
-  async function withStateAt(name: string, at: number | null, fn: (view: StateView) => void): Promise<void> {
-    const cached = cache.byName(name);
-    if (cached && at !== null && cached.state.version === at) {
-      fn(liveView(name, cached.state));
+  async function withStateAt(name: string, at: number | null, fn: (view: StateView) => void, live?: SessionState): Promise<void> {
+    // The copy a batch just stepped (the caller vouches for it: current when the batch committed).
+    if (live && at !== null && live.version === at && cache.byName(name)?.state === live) {
+      fn(liveView(name, live));
       return;
     }
-    // The current version: the copy, when the session row says it is current.
-    const copy = at === null ? (await currentCopy(name)).state : null;
-    if (copy) {
+    // This process's copy only where the session row (version and stamp) says it is current.
+    const { current, state: copy } = await currentCopy(name);
+    if (copy && (at === null || at === current.version)) {
       fn(liveView(name, copy));
       return;
     }
@@ -101,9 +101,9 @@ export function createReads(ctx: SessionContext, history: History) {
    * a step committed before the oldest version still kept gets the current state: the step stands, and the
    * parameters say their version, rather than a 404 for a version the request never named.
    */
-  async function withAnswerState(name: string, answer: { version: number; replayed?: boolean }, fn: (view: StateView) => void): Promise<void> {
+  async function withAnswerState(name: string, answer: { version: number; replayed?: boolean }, fn: (view: StateView) => void, live?: SessionState): Promise<void> {
     try {
-      await withStateAt(name, answer.version, fn);
+      await withStateAt(name, answer.version, fn, live);
     } catch (err) {
       if (!answer.replayed || !(err instanceof ApiError && err.code === 'VERSION_NOT_AVAILABLE')) throw err;
       await withStateAt(name, null, fn);

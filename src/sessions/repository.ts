@@ -350,7 +350,8 @@ const BATCH_COLUMNS = ['present jsonb', 'base bigint', 'if_match bigint', 'hyper
  * answer under its Idempotency-Key, and, while some process listens to the session (its lease, as locked:
  * leaseListening), its NOTIFY (sent at commit). Otherwise write nothing and say why
  * (`known`, or the version the caller checks each step at with refusedAt). Only the batch's last step may set
- * hyperparameters. null when the session (this id) no longer exists.
+ * hyperparameters. null when the session (this id, under this name) no longer exists: deleted, or its id is another
+ * session's (a restore from a backup rewinds the id sequence, and a session created since may have it).
  *
  * Each step's key is looked up on its own (a LATERAL subquery that OFFSET 0 keeps from being flattened): an
  * index probe of the (session_id, key) primary key. Joined to `input`, or with `key = ANY(...)`, the generic
@@ -369,11 +370,11 @@ const BATCH_COLUMNS = ['present jsonb', 'base bigint', 'if_match bigint', 'hyper
  * snapshot is taken once the lock is held (and under READ COMMITTED a lock wait inside it would end on the
  * newest row version as well).
  */
-export async function appendSteps(db: Database, sessionId: number, steps: readonly BatchStep[], windowSeconds: number): Promise<AppendedSteps | null> {
+export async function appendSteps(db: Database, sessionId: number, name: string, steps: readonly BatchStep[], windowSeconds: number): Promise<AppendedSteps | null> {
   if (steps.some((s, i) => s.hyper !== null && i !== steps.length - 1)) throw new Error('appendSteps: only the last step of a batch may set hyperparameters');
-  if (db.kind === 'pglite') return appendStepsPglite(db, sessionId, steps, windowSeconds);
+  if (db.kind === 'pglite') return appendStepsPglite(db, sessionId, name, steps, windowSeconds);
   const n = steps.length;
-  const params: unknown[] = [sessionId, windowSeconds];
+  const params: unknown[] = [sessionId, windowSeconds, name];
   const rows: string[] = [];
   const gradRows: string[] = [];
   steps.forEach((s, i) => {
@@ -392,7 +393,7 @@ export async function appendSteps(db: Database, sessionId: number, steps: readon
     `WITH locked AS (
        SELECT id, name, version, step, max_staleness, aggregation IS NOT NULL AS aggregated, coalesce(listened_until >= now(), false) AS listened,
          ${stampOf('updated_at')} AS stamp
-       FROM sessions WHERE id = $1 FOR NO KEY UPDATE
+       FROM sessions WHERE id = $1 AND name = $3 FOR NO KEY UPDATE
      ), input (i, ${BATCH_COLUMNS.map((c) => c.split(' ')[0]).join(', ')}) AS (
        VALUES ${rows.join(', ')}
      ), known AS (
@@ -437,7 +438,7 @@ export async function appendSteps(db: Database, sessionId: number, steps: readon
        (SELECT max(version) FROM snapshots WHERE session_id = $1)::float8 AS newest_snapshot
      FROM locked LEFT JOIN advanced ON true`,
     params,
-    { name: `step_append_${n}`, lockFirst: { name: 'step_lock_session', text: 'SELECT FROM sessions WHERE id = $1 FOR NO KEY UPDATE', values: [sessionId] } },
+    { name: `step_append_${n}`, lockFirst: { name: 'step_lock_session', text: 'SELECT FROM sessions WHERE id = $1 AND name = $2 FOR NO KEY UPDATE', values: [sessionId, name] } },
   );
   if (result.length === 0) return null;
   const r = result[0];
@@ -470,11 +471,11 @@ export async function clearExpiredKeys(q: Queryable, sessionId: number, keys: st
  * whose log rows arrive by binary COPY from a blob: 4 MB of gradients in 120-150 ms instead of 300-600 ms
  * as base64 text decoded in SQL. The checks are appendSteps' (refusedAt).
  */
-async function appendStepsPglite(db: Database, sessionId: number, steps: readonly BatchStep[], windowSeconds: number): Promise<AppendedSteps | null> {
+async function appendStepsPglite(db: Database, sessionId: number, name: string, steps: readonly BatchStep[], windowSeconds: number): Promise<AppendedSteps | null> {
   return db.transaction(async (tx) => {
     const locked = await tx.query<{ version: number; max_staleness: number | null; aggregated: boolean; stamp: string }>(
-      `SELECT version::float8 AS version, max_staleness, aggregation IS NOT NULL AS aggregated, ${stampOf('updated_at')} AS stamp FROM sessions WHERE id = $1 FOR NO KEY UPDATE`,
-      [sessionId],
+      `SELECT version::float8 AS version, max_staleness, aggregation IS NOT NULL AS aggregated, ${stampOf('updated_at')} AS stamp FROM sessions WHERE id = $1 AND name = $2 FOR NO KEY UPDATE`,
+      [sessionId, name],
     );
     if (locked.length === 0) return null;
     const { version, max_staleness: maxStaleness, aggregated, stamp: previousStamp } = locked[0];

@@ -25,6 +25,7 @@ import type { StepAnswer, StepOptions } from './model.ts';
 import type { Reads } from './reads.ts';
 import * as repo from './repository.ts';
 import type { SnapshotWriter } from './snapshot-writer.ts';
+import type { SessionState } from './state.ts';
 import { applyHyperDelta, baseVersionTooNew, parseStepHyper } from './step-input.ts';
 
 /**
@@ -203,7 +204,7 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
     while (steps.length) {
       let appended: repo.AppendedSteps | null;
       try {
-        appended = await repo.appendSteps(db, id, steps, ctx.idempotencyWindowSeconds);
+        appended = await repo.appendSteps(db, id, name, steps, ctx.idempotencyWindowSeconds);
       } catch (err) {
         if (!repo.isKeyConflict(err) || ++conflicts > MAX_KEY_RETRIES) throw err;
         continue; // a key recorded meanwhile by another request: the next try sees its answer
@@ -289,7 +290,7 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
           log.warn({ err, session: name, version: answers[i].version }, 'could not bring the cached state up to a committed step');
         }
       }
-      await answer(name, s.request, answers[i]);
+      await answer(name, s.request, answers[i], current ? state : undefined);
     }
     if (current) state.setStamp(session.stamp);
     writer.known(entry, appended.newestSnapshot);
@@ -312,10 +313,10 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
   }
 
   /** Answers a committed (or replayed) step, with its state encoded at its version when the request asks for it. */
-  async function answer(name: string, request: Waiting, result: StepAnswer): Promise<void> {
+  async function answer(name: string, request: Waiting, result: StepAnswer, live?: SessionState): Promise<void> {
     try {
       const encodeAt = request.opts.encodeAt;
-      if (encodeAt) await reads.withAnswerState(name, result, (view) => encodeAt(view, result));
+      if (encodeAt) await reads.withAnswerState(name, result, (view) => encodeAt(view, result), live);
       request.resolve(result);
     } catch (err) {
       request.reject(err);

@@ -54,7 +54,7 @@ test('PostgreSQL, generic plans: a step looks its Idempotency-Key up with one in
         present: [0], grads: Buffer.alloc(16), gradDtype: 'float32' as never, hyper: null, metrics: null, ifMatch: null, baseVersion: null, key, requestHash: key,
       });
       // Planned while the session holds no key (as a training run's first step is), then 3,000 keys recorded.
-      assert.ok((await repo.appendSteps(db, session.id, [step('first'), step('second')], 86_400))?.session);
+      assert.ok((await repo.appendSteps(db, session.id, session.name, [step('first'), step('second')], 86_400))?.session);
       await db.query("INSERT INTO idempotency_keys (session_id, key, request_hash, response) SELECT $1, 'k' || i, 'h', '{}' FROM generate_series(1, 3000) i", [session.id]);
       const indexReads = async () => {
         await db.query('SELECT pg_stat_force_next_flush()');
@@ -63,7 +63,7 @@ test('PostgreSQL, generic plans: a step looks its Idempotency-Key up with one in
         return r.n;
       };
       const before = await indexReads();
-      const appended = await repo.appendSteps(db, session.id, [step('next'), step('k17')], 86_400);
+      const appended = await repo.appendSteps(db, session.id, session.name, [step('next'), step('k17')], 86_400);
       const read = (await indexReads()) - before;
       assert.deepEqual(appended?.known.map((k) => k.index), [1], 'the batch finds the key recorded before');
       assert.ok(read <= 4, `the statement read ${read} index entries of idempotency_keys for a batch of 2 keys`);

@@ -9,7 +9,7 @@ import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import type { FastifyInstance } from 'fastify';
 import { bits, buildTestApp, randomData, TEST_DB_KIND } from '../helper.ts';
 
@@ -82,4 +82,82 @@ test('after a restore from a backup, every process serves, steps and snapshots t
   assert.deepEqual(await params(c, 'same', 8), fromA, 'a new process reads version 8 as it was stepped');
   assert.deepEqual(await params(c, 'behind', 8), behindFromA);
   assert.deepEqual(await params(c, 'same', 7), await params(b, 'same', 7));
+});
+
+/** Two processes on one database; sessions stepped to version 4 by `a`, backed up, stepped to 7 by `a`, then the backup restored. */
+async function restoredUnder(t: TestContext, names: string[]) {
+  const { app: b, databaseUrl } = await buildTestApp(t);
+  const { app: a } = await buildTestApp(null, { databaseUrl: databaseUrl! });
+  const state = { aClosed: false };
+  t.after(async () => {
+    if (!state.aClosed) await a.close();
+  });
+  const dir = mkdtempSync(join(tmpdir(), 'asgd-restore-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const dump = join(dir, 'backup.dump');
+  for (const name of names) {
+    const res = await a.inject({
+      method: 'POST', url: '/v1/sessions',
+      payload: { name, params: [{ name: 'w', shape: [N], data: randomData(N, 1) }], hyperparameters: { lr: 0.1 }, snapshot_every: 1000 },
+    });
+    assert.equal(res.statusCode, 201, res.body);
+    for (let k = 0; k < 3; k++) await step(a, name, 10 + k);
+  }
+  execFileSync('pg_dump', ['-Fc', '-f', dump, databaseUrl!]);
+  for (const name of names) for (let k = 0; k < 3; k++) await step(a, name, 20 + k);
+  execFileSync('pg_restore', ['--clean', '--if-exists', '--single-transaction', '-d', databaseUrl!, dump]);
+  return { a, b, databaseUrl: databaseUrl!, state };
+}
+
+test('after a restore, a step through the process with the old copy (not read first) is applied to the restored state', { skip: multi, timeout: 60_000 }, async (t) => {
+  const { a, b } = await restoredUnder(t, ['s']);
+  for (let k = 0; k < 3; k++) await step(b, 's', 30 + k); // version 7 again
+  assert.equal(await step(a, 's', 40), 8);
+  assert.deepEqual(await params(a, 's'), await params(b, 's'));
+});
+
+test('after a restore, a step answer with ?return=params holds the database\'s parameters at its version', { skip: multi, timeout: 60_000 }, async (t) => {
+  const { a, b } = await restoredUnder(t, ['s']);
+  for (let k = 0; k < 2; k++) await step(b, 's', 30 + k); // version 6
+  const res = await a.inject({ method: 'POST', url: '/v1/sessions/s/step?return=params', payload: { grads: { w: randomData(N, 32) } } });
+  assert.equal(res.statusCode, 200, res.body);
+  assert.equal(res.json().version, 7); // a's old copy is at 7 too
+  assert.deepEqual(bits(res.json().params.w.data), (await params(b, 's', 7)).w);
+});
+
+test('after a restore, the shutdown of a process holding an old copy at the database\'s version writes no snapshot of it', { skip: multi, timeout: 60_000 }, async (t) => {
+  const { a, b, databaseUrl, state } = await restoredUnder(t, ['s']);
+  for (let k = 0; k < 3; k++) await step(b, 's', 30 + k); // version 7 again, never read through a
+  const truth = await params(b, 's');
+  state.aClosed = true;
+  await a.close();
+  const { app: c } = await buildTestApp(t, { databaseUrl });
+  assert.deepEqual(await params(c, 's', 7), truth);
+});
+
+test('after a restore, a session created with an id the restore freed does not take the steps of the one it removed', { skip: multi, timeout: 60_000 }, async (t) => {
+  // `gone` exists only after the backup: the restore removes it and rewinds the id sequence, and the
+  // session created next gets its id. The process that served `gone` still knows its name by that id.
+  const { app: b, databaseUrl } = await buildTestApp(t);
+  const { app: a } = await buildTestApp(t, { databaseUrl: databaseUrl! });
+  const dir = mkdtempSync(join(tmpdir(), 'asgd-restore-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const dump = join(dir, 'backup.dump');
+  const create = async (app: FastifyInstance, name: string) => {
+    const res = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name, params: [{ name: 'w', shape: [N], data: randomData(N, 1) }], hyperparameters: { lr: 0.1 } } });
+    assert.equal(res.statusCode, 201, res.body);
+    return res.json();
+  };
+  await create(a, 'kept');
+  execFileSync('pg_dump', ['-Fc', '-f', dump, databaseUrl!]);
+  await create(a, 'gone');
+  await step(a, 'gone', 1);
+  execFileSync('pg_restore', ['--clean', '--if-exists', '--single-transaction', '-d', databaseUrl!, dump]);
+  await create(b, 'new');
+  const before = await params(b, 'new');
+  const res = await a.inject({ method: 'POST', url: '/v1/sessions/gone/step', payload: { grads: { w: randomData(N, 2) } } });
+  assert.equal(res.statusCode, 404, res.body);
+  assert.equal(res.json().code, 'SESSION_NOT_FOUND');
+  assert.deepEqual(await params(b, 'new'), before, 'the new session is as it was created');
+  assert.deepEqual(await params(a, 'new'), before);
 });
