@@ -193,11 +193,20 @@ export function createHistory(ctx: SessionContext) {
     return true;
   }
 
-  /** A copy whose version the database's history does not hold as it is: restored from a backup, or failed over. */
+  /**
+   * A copy whose version's commit the database does not hold as this process knew it. Said at warn where it
+   * is sure to be another history (the copy is ahead of the database: a restore or a failover took the
+   * session back), else at info: a settings change since also moves the session's stamp, and a log row
+   * pruned since leaves nothing to tell by (the copy is rebuilt either way).
+   */
   function warnOtherHistory(session: SessionRecord, state: SessionState): void {
     if (state.stamp === null) return;
-    ctx.log.warn({ session: session.name, version: state.version, databaseVersion: session.version },
-      'this process\'s copy of the session is not of the database\'s history (restored from a backup, or failed over?): rebuilt from the database');
+    const fields = { session: session.name, version: state.version, databaseVersion: session.version };
+    if (state.version > session.version) {
+      ctx.log.warn(fields, 'this process\'s copy of the session is ahead of the database (restored from a backup, or failed over?): rebuilt from the database');
+    } else {
+      ctx.log.info(fields, 'this process\'s copy of the session is not at a commit the database holds (a restore or failover, a settings change, or its log pruned): rebuilt from the database');
+    }
   }
 
   /** True when a copy at `copyVersion` is a replay interval or more behind and a stored state 4+ steps newer than it exists. */
