@@ -5,7 +5,7 @@ import { Readable } from 'node:stream';
 import type { FastifyReply } from 'fastify';
 import { errors } from '../../errors.ts';
 import {
-  checkpointKeys, fromAsgdStateDict, fromCheckpoint, fromModelStateDict, MAX_PICKLE_ITEMS, MAX_PICKLE_OBJECTS, MAX_PICKLE_STACK_ITEMS, readOptimizerSafetensors, readSafetensors, readTorchSave, toAsgdStateDict, toCheckpoint,
+  checkpointKeys, FormatError, fromAsgdStateDict, fromCheckpoint, fromModelStateDict, MAX_PICKLE_ITEMS, MAX_PICKLE_OBJECTS, MAX_PICKLE_STACK_ITEMS, readOptimizerSafetensors, readSafetensors, readTorchSave, toAsgdStateDict, toCheckpoint,
   toFloat32Tensor, toModelStateDict, writeOptimizerSafetensors, writeSafetensors, writeTorchSave, type ByteStream, type Float32Tensor, type PyDict, type Tensor, type TorchLoadOptions,
 } from '../../formats/index.ts';
 import type { BinaryGradient, GradientInput } from '../../sessions/gradients.ts';
@@ -34,8 +34,10 @@ function float32Of(tensor: Tensor, field: string): Float32Tensor {
  */
 export function perTensorLimits(count: number): TorchLoadOptions {
   return {
-    maxItems: Math.min(128 * count + 4096, MAX_PICKLE_ITEMS),
-    maxObjects: Math.min(64 * count + 4096, MAX_PICKLE_OBJECTS),
+    // The floors leave room for what a checkpoint carries besides the state dicts (a loss history of tens
+    // of thousands of floats: a review's 5,000 were refused by a two-parameter session) at a few MB of memory.
+    maxItems: Math.min(128 * count + 131_072, MAX_PICKLE_ITEMS),
+    maxObjects: Math.min(64 * count + 65_536, MAX_PICKLE_OBJECTS),
     maxStackItems: Math.min(16 * count + 4096, MAX_PICKLE_STACK_ITEMS),
     maxEntries: count + 16,
   };
@@ -93,7 +95,19 @@ export function readStateDictBody(format: WireFormat, body: Buffer, count: numbe
     const groups = parseJsonWithin(paramGroups, (problem) => errors.invalidStateDict('__metadata__.param_groups', problem ?? 'is not valid JSON'));
     return parseStateDict({ state, param_groups: groups });
   }
-  return loadedFromAsgd(toAsgdStateDict(readTorchSave(body, { ...perTensorLimits(STATE_DICT_TENSORS * count), name: 'state_dict' }), { toFloat32: true }));
+  return loadedFromAsgd(toAsgdStateDict(scaledRead(body, STATE_DICT_TENSORS * count, 'state_dict', count), { toFloat32: true }));
+}
+
+/** readTorchSave under limits scaled to `tensors` tensors; a limit's refusal says they follow the session's size. */
+function scaledRead(body: Buffer, tensors: number, name: string, params: number): ReturnType<typeof readTorchSave> {
+  try {
+    return readTorchSave(body, { ...perTensorLimits(tensors), name });
+  } catch (err) {
+    if (err instanceof FormatError && err.code === 'PICKLE_LIMIT_EXCEEDED') {
+      throw new FormatError(err.code, `${err.message} (a ${name} of this session, ${params} parameter${params === 1 ? '' : 's'}, is read under limits that follow its size, with room for other keys; save the state dicts without large extras)`);
+    }
+    throw err;
+  }
 }
 
 export interface CheckpointInput {
@@ -108,7 +122,7 @@ export interface CheckpointInput {
  * {"model_state_dict", "optimizer_state_dict", "epoch", …}, and without "step".
  */
 export function readCheckpointFile(body: Buffer, count: number): CheckpointInput {
-  const value = readTorchSave(body, { ...perTensorLimits(CHECKPOINT_TENSORS * count), name: 'checkpoint' });
+  const value = scaledRead(body, CHECKPOINT_TENSORS * count, 'checkpoint', count);
   const checkpoint = toCheckpoint(value, { toFloat32: true });
   // As the JSON form's schema checks it (the file's step is any Python int).
   if (checkpoint.step !== undefined && checkpoint.step < 0) throw errors.invalidStateDict('step', 'must be >= 0');
