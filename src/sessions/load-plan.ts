@@ -5,6 +5,7 @@ import { errors } from '../errors.ts';
 import type { LoadedParams, LoadedStateDict } from './model.ts';
 import type { SessionRecord } from './repository.ts';
 import { layoutOf, type Layout } from './state.ts';
+import { firstNonFinite } from './tensors.ts';
 
 /** What loading a state_dict sets: the groups (hyperparameters as loaded), each parameter's scalars and ax. */
 export interface LoadPlan {
@@ -54,7 +55,15 @@ export function planLoad(session: SessionRecord, sd: LoadedStateDict): LoadPlan 
     if (s.ax.length !== layout.numels[i]) {
       throw errors.stateDictMismatch(`state.${saved}.ax: ${s.ax.length} elements, parameter ${JSON.stringify(session.params[i].name)} has ${layout.numels[i]}`);
     }
-    scalars[i] = { step: Math.fround(s.step), eta: Math.fround(s.eta), mu: Math.fround(s.mu) };
+    // As parameters and gradients are: a NaN or infinite state would reach the parameters at the next step
+    // (torch takes it as it is), and a file is the one way it could enter a session.
+    const scalar = { step: Math.fround(s.step), eta: Math.fround(s.eta), mu: Math.fround(s.mu) };
+    for (const key of ['eta', 'mu'] as const) {
+      if (!Number.isFinite(scalar[key])) throw errors.invalidStateDict(`state.${saved}.${key}`, `must be finite in float32 (it is ${s[key]})`);
+    }
+    const bad = firstNonFinite(s.ax);
+    if (bad >= 0) throw errors.invalidStateDict(`state.${saved}.ax`, `must be finite (element ${bad} is ${s.ax[bad]})`);
+    scalars[i] = scalar;
     ax[i] = s.ax;
   }
   return { groups, scalars, ax };

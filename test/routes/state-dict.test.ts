@@ -202,3 +202,26 @@ test('param_names (torch 2.6 on, an optimizer made from named_parameters()) trav
   assert.equal(badCreate.statusCode, 400);
   assert.match(badCreate.json().message, /^param_groups\[0\]\.param_names: /);
 });
+
+test('a state_dict whose eta, mu or ax is not finite is refused naming the field (it would reach the parameters at the next step); nothing changes', async (t) => {
+  const app = await setup(t);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/sd/step', payload: { grads: grads(0) } })).statusCode, 200);
+  const saved = (await app.inject({ url: '/v1/sessions/sd/state_dict' })).json();
+  const before = (await app.inject({ url: '/v1/sessions/sd' })).json().version;
+  const cases: [(sd: any) => void, RegExp][] = [
+    [(sd) => (sd.state['0'].eta = 'NaN'), /^state\.0\.eta: must be finite in float32 \(it is NaN\)$/],
+    [(sd) => (sd.state['1'].mu = 'Infinity'), /^state\.1\.mu: must be finite in float32 \(it is Infinity\)$/],
+    [(sd) => (sd.state['0'].eta = 1e300), /^state\.0\.eta: must be finite in float32 \(it is 1e\+300\)$/],
+    [(sd) => { const ax = sd.state['1'].ax; (ax.data ?? ax)[3] = '-Infinity'; }, /^state\.1\.ax: must be finite \(element 3 is -Infinity\)$/],
+  ];
+  for (const [mutate, message] of cases) {
+    const sd = structuredClone(saved);
+    mutate(sd);
+    const res = await app.inject({ method: 'PUT', url: '/v1/sessions/sd/state_dict', payload: sd });
+    assert.equal(res.statusCode, 400, res.body);
+    assert.equal(res.json().code, 'INVALID_STATE_DICT');
+    assert.match(res.json().message, message);
+  }
+  assert.equal((await app.inject({ url: '/v1/sessions/sd' })).json().version, before, 'nothing changed');
+  assert.equal((await app.inject({ method: 'PUT', url: '/v1/sessions/sd/state_dict', payload: saved })).statusCode, 200, 'the state as served loads');
+});
