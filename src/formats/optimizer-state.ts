@@ -109,7 +109,13 @@ function readGroup(value: PyValue, path: string): AsgdParamGroup {
       intKeys.push(key);
       return pyIntToNumber(v, `${path}.${key}`);
     }
-    if (typeof v !== 'number') throw invalid(`${path}.${key}`, v === undefined ? 'is missing' : `must be a number, got ${describe(v)}`);
+    if (typeof v !== 'number') {
+      if (v === undefined) throw invalid(`${path}.${key}`, 'is missing');
+      // torch 2.x takes a tensor lr (capturable, fused): its steps then compute eta as float32 tensors, which
+      // the service's exact double-precision replay of the float path does not reproduce.
+      const tensor = describe(v).startsWith('Tensor') ? `; save the group's value as a Python float (g['${key}'] = float(g['${key}'])) before torch.save: the service steps the float path` : '';
+      throw invalid(`${path}.${key}`, `must be a number, got ${describe(v)}${tensor}`);
+    }
     return v;
   };
   const flag = (key: (typeof GROUP_FLAGS)[number]): boolean | undefined => {

@@ -179,6 +179,10 @@ describe('torch.save reader refuses what torch.load would not read, or should no
     const group = (changes: [string, PyValue][] = []) => new PyDict([['lr', 0.01], ['lambd', 1e-4], ['alpha', 0.75], ['t0', 1e6], ['weight_decay', 0n], ['params', [0n]], ...changes]);
     const message = (fn: () => unknown) => { try { fn(); } catch (err) { assert.equal((err as FormatError).code, 'INVALID_STATE_DICT'); return (err as Error).message; } return 'no error'; };
     assert.match(message(() => toAsgdStateDict(withGroups([group([['lr', 'fast']])]))), /param_groups\[0\]\.lr must be a number, got str/);
+    // torch 2.x's tensor lr: refused saying what to do (its eta is computed in float32, not the float path replayed here)
+    const tensorLr = { dtype: 'float32', shape: [], data: Float32Array.of(0.01) } as Tensor;
+    assert.match(message(() => toAsgdStateDict(withGroups([group([['lr', tensorLr]])]))),
+      /param_groups\[0\]\.lr must be a number, got Tensor\(float32\); save the group's value as a Python float \(g\['lr'\] = float\(g\['lr'\]\)\) before torch\.save/);
     assert.match(message(() => toAsgdStateDict(withGroups([group([['params', [0n, 1.5]]])]))), /param_groups\[0\]\.params\[1\] must be an int/);
     assert.match(message(() => toAsgdStateDict(withGroups([group(), group()]))), /parameter 0 is already in group 0/);
     assert.match(message(() => toAsgdStateDict(withGroups([group()], new PyDict([[3n, new PyDict()]])))), /state\[3\] is not the index of a parameter/);
