@@ -78,7 +78,6 @@ function validationError(request: FastifyRequest, part: RequestPart, failures: F
 
 const PARTS: Record<string, RequestPart> = { params: 'params', querystring: 'querystring', headers: 'headers', body: 'body' };
 
-/** Any error thrown while serving a request, as a catalogue error. */
 /** The variable that sets a route's body limit (src/config.ts), for the 413's message. */
 function bodyLimitVariable(request: FastifyRequest): string {
   const url = request.routeOptions.url ?? '';
@@ -87,6 +86,7 @@ function bodyLimitVariable(request: FastifyRequest): string {
   return 'ASGD_BODY_LIMIT_DEFAULT';
 }
 
+/** Any error thrown while serving a request, as a catalogue error. */
 export function toApiError(err: unknown, request: FastifyRequest): ApiError {
   if (err instanceof ApiError) return err;
   if (err instanceof FormatError) return errors.fileFormat(err.code, err.message);

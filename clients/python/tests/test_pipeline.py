@@ -9,7 +9,7 @@ import unittest
 import torch
 from torch import nn
 
-from _common import HYPER, ServiceTestCase, StepCounter, batch, make_model, unique
+from _common import HYPER, ServiceTestCase, StepCounter, batch, make_model, train, unique
 
 STEPS = 100
 
@@ -110,13 +110,7 @@ class PipelineMatchesReplay(ServiceTestCase):
         name = unique("pipe-sched")
         model = make_model()
         opt = self.remote(model.named_parameters(), session=name, create=True, pipeline=True)
-        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
-        for i in range(60):
-            X, y = batch(i)
-            opt.zero_grad()
-            nn.functional.mse_loss(model(X), y).backward()
-            opt.step()
-            scheduler.step()
+        train(model, opt, range(60), scheduler=torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5))
         opt.synchronize()
         changes = [c for c in self._changes(name) if c[0] > 1]
         # the sixth is the lr of the 61st step, which synchronize() gives the session (PATCH param_groups)
