@@ -11,26 +11,36 @@ export function createSnapshots(ctx: SessionContext, history: History, writer: S
 
   async function snapshotNow(name: string, pinned: boolean, ifMatch: number | null = null): Promise<SnapshotRecord> {
     return mutex.run(name, async () => {
-      const { session, entry } = await consistentRead(db, async (q) => {
-        const session = await mustFind(q, name);
-        checkIfMatch(ifMatch, session.version); // a snapshot of the version the caller saw, or none
-        return { session, entry: await history.currentState(q, session) };
-      });
-      // Written from the state itself: this process's steps of the session wait for the lock held here.
-      const meta = metaOf(entry.state);
-      const parts = entry.state.tensorViews();
-      return db.transaction(async (tx) => {
-        let snapshot = await writer.write(tx, session.id, meta, parts, 'manual', pinned);
-        if (!snapshot) {
-          // One already exists at this version: it is the same state, now the caller's (pinned if asked).
-          const existing = (await repo.findSnapshotAtOrBelow(tx, session.id, meta.version))!;
-          snapshot = (pinned && !existing.pinned) || existing.reason === 'hyperparameters' ? (await repo.claimSnapshot(tx, session.id, existing.id, pinned))! : existing;
+      // Read and written in two transactions: the write checks that the copy is still of the database's
+      // history (a restore or a failover between the two writes nothing of the old one; the check's lock
+      // makes a restore wait for this transaction) and reads again when it is not.
+      for (let attempt = 1; ; attempt++) {
+        const { session, entry } = await consistentRead(db, async (q) => {
+          const session = await mustFind(q, name);
+          checkIfMatch(ifMatch, session.version); // a snapshot of the version the caller saw, or none
+          return { session, entry: await history.currentState(q, session) };
+        });
+        // Written from the state itself: this process's steps of the session wait for the lock held here.
+        const meta = metaOf(entry.state);
+        const parts = entry.state.tensorViews();
+        const snapshot = await db.transaction(async (tx) => {
+          if (!(await repo.ofHistory(tx, session.id, meta.version, meta.stamp))) return null;
+          let snapshot = await writer.write(tx, session.id, meta, parts, 'manual', pinned);
+          if (!snapshot) {
+            // One already exists at this version: it is the same state, now the caller's (pinned if asked).
+            const existing = (await repo.findSnapshotAtOrBelow(tx, session.id, meta.version))!;
+            snapshot = (pinned && !existing.pinned) || existing.reason === 'hyperparameters' ? (await repo.claimSnapshot(tx, session.id, existing.id, pinned))! : existing;
+          }
+          entry.lastSnapshotVersion = Math.max(entry.lastSnapshotVersion, meta.version);
+          await repo.pruneHistory(tx, session.id, session.keepSnapshots);
+          return snapshot;
+        });
+        if (snapshot) {
+          hooks?.snapshotted?.(name, 'manual');
+          return snapshot;
         }
-        entry.lastSnapshotVersion = Math.max(entry.lastSnapshotVersion, meta.version);
-        await repo.pruneHistory(tx, session.id, session.keepSnapshots);
-        hooks?.snapshotted?.(name, 'manual');
-        return snapshot;
-      });
+        if (attempt >= 3) throw errors.unavailable(`the session "${name}" changed history (a database restore or failover) while its snapshot was taken; try again`);
+      }
     });
   }
 

@@ -161,3 +161,43 @@ test('after a restore, a session created with an id the restore freed does not t
   assert.deepEqual(await params(b, 'new'), before, 'the new session is as it was created');
   assert.deepEqual(await params(a, 'new'), before);
 });
+
+test('a restore between reading a session and writing its manual snapshot writes no snapshot of the old history', { skip: multi, timeout: 60_000 }, async (t) => {
+  const { app: b, databaseUrl } = await buildTestApp(t);
+  const { app: a } = await buildTestApp(t, { databaseUrl: databaseUrl! });
+  const dir = mkdtempSync(join(tmpdir(), 'asgd-restore-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const dump = join(dir, 'backup.dump');
+  const res = await a.inject({
+    method: 'POST', url: '/v1/sessions',
+    payload: { name: 's', params: [{ name: 'w', shape: [N], data: randomData(N, 1) }], hyperparameters: { lr: 0.1 }, snapshot_every: 1000 },
+  });
+  assert.equal(res.statusCode, 201, res.body);
+  for (let k = 0; k < 3; k++) await step(a, 's', 10 + k); // version 4
+  execFileSync('pg_dump', ['-Fc', '-f', dump, databaseUrl!]);
+  for (let k = 0; k < 3; k++) await step(a, 's', 20 + k); // version 7, in a's copy
+
+  // The restore lands in the moment between the snapshot's read (a transaction for a consistent read)
+  // and its write (the next transaction): the first plain transaction a opens from here on.
+  const db = a.db;
+  const transaction = db.transaction.bind(db);
+  let armed = true;
+  db.transaction = ((fn, options) => {
+    if (armed && !options?.consistentRead) {
+      armed = false;
+      execFileSync('pg_restore', ['--clean', '--if-exists', '--single-transaction', '-d', databaseUrl!, dump]);
+    }
+    return transaction(fn, options);
+  }) as typeof db.transaction;
+  const taken = await a.inject({ method: 'POST', url: '/v1/sessions/s/snapshots' });
+  assert.equal(armed, false, 'the restore ran');
+  assert.equal(taken.statusCode, 201, taken.body);
+  assert.equal(taken.json().version, 4, 'the snapshot is of the restored history, at its version');
+  const listed = await b.inject({ url: '/v1/sessions/s/snapshots' });
+  assert.equal(listed.statusCode, 200, listed.body);
+  for (const s of listed.json().snapshots) assert.ok(s.version <= 4, `no snapshot above the restored version 4: ${s.version}`);
+
+  for (let k = 0; k < 3; k++) await step(b, 's', 30 + k); // version 7 again, with other gradients
+  const { app: c } = await buildTestApp(t, { databaseUrl: databaseUrl! });
+  assert.deepEqual(await params(c, 's', 7), await params(b, 's', 7), 'a new process reads version 7 of the restored history');
+});
