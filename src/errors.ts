@@ -172,7 +172,7 @@ export const errors = {
   versionNotAvailable: make('VERSION_NOT_AVAILABLE', (version: number, oldest: number | null, newest: number) =>
     oldest === null
       ? `version: ${version} is not available (newest is ${newest})`
-      : `version: ${version} is not available; versions ${oldest} to ${newest} can be read`),
+      : `version: ${version} is not available (no snapshot at or below it with the log after it is kept); the session is at version ${newest}, its oldest snapshot at ${oldest}`),
   notAcceptable: make('NOT_ACCEPTABLE', (accept: string, offered: string) => `Accept: cannot answer ${accept}; this route offers ${offered}`),
   requestTimeout: make('REQUEST_TIMEOUT', () => 'the request was not received in time'),
   // 409/412/413/415/422/431

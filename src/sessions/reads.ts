@@ -97,15 +97,17 @@ export function createReads(ctx: SessionContext, history: History) {
   }
 
   /**
-   * withStateAt the version of a step's answer. A replayed answer (a retry with the same Idempotency-Key) of
-   * a step committed before the oldest version still kept gets the current state: the step stands, and the
-   * parameters say their version, rather than a 404 for a version the request never named.
+   * withStateAt the version of a step's answer. The step is committed: when its version can no longer be
+   * read (a retry, with the same Idempotency-Key, of a step older than what is kept; or, on a process whose
+   * copy was behind, another process's load or restore that pruned the log in the moment between this
+   * step's commit and its answer), the answer gets the current state, whose version the parameters say
+   * (params_version), rather than a 404 that would read as "not applied".
    */
   async function withAnswerState(name: string, answer: { version: number; replayed?: boolean }, fn: (view: StateView) => void, live?: SessionState): Promise<void> {
     try {
       await withStateAt(name, answer.version, fn, live);
     } catch (err) {
-      if (!answer.replayed || !(err instanceof ApiError && err.code === 'VERSION_NOT_AVAILABLE')) throw err;
+      if (!(err instanceof ApiError && err.code === 'VERSION_NOT_AVAILABLE')) throw err;
       await withStateAt(name, null, fn);
     }
   }

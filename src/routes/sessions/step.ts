@@ -107,7 +107,7 @@ const StepAnswerWithParams = Type.Object({
     lr: Type.Number(), lambd: Type.Number(), alpha: Type.Number(), t0: Type.Number(), weight_decay: Type.Number(), maximize: Type.Boolean(),
   }), { description: 'With ?return=params|averaged: each group\'s hyperparameters at the version of `params` (a worker that does not run the schedule learns the lr another worker set)' })),
   params_version: Type.Optional(Type.Integer({
-    description: 'Only in the answer to a retried step (replayed) whose version is no longer kept: the session version of `params`, the current one',
+    description: 'Only when the step\'s version is no longer kept when it is answered (a replayed answer, or the log pruned by another replica meanwhile): the session version of `params`, the current one',
   })),
 }, { title: 'StepAnswer', description: 'A committed step (with the parameters at its version when asked)' });
 
@@ -191,7 +191,7 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
         '(F32, or F16/BF16 widened exactly to float32 and logged as received; base_version in the query or, like param_groups and metrics, as JSON in the safetensors __metadata__). ' +
         'A parameter without a gradient is skipped, as in PyTorch. ?return=params|averaged answers with the parameters at the new version ' +
         '(as JSON, or as a safetensors file with Accept: application/x-safetensors whose __metadata__ holds session, version, step, staleness, and round and param_groups as JSON), with each group\'s hyperparameters at that version (`param_groups`). ' +
-        'A retry (same Idempotency-Key) gets the first answer, replayed; if its version is no longer kept, with the current parameters and their version as params_version. ' +
+        'A retry (same Idempotency-Key) gets the first answer, replayed. When the answer\'s version is no longer kept (a replayed one; or another replica loaded or restored a state and pruned the log between this step\'s commit and its answer), the parameters are the current ones, their version in params_version. ' +
         'In a session with `aggregation` the request is a contribution to the open round: base_version and worker (body, query or __metadata__) are required, ' +
         'samples optional; it is answered once the round\'s step committed (the answer\'s `round`), or 202 after ?wait= seconds (re-POST with the same Idempotency-Key).',
       tags: ['training'],
