@@ -192,8 +192,8 @@ export const errors = {
     new ApiError('VERSION_MISMATCH', `If-Match: expected ${expected}, the session is at version ${version}`, { version }, { etag: `"${version}"` }),
   bodyTooLarge: make('BODY_TOO_LARGE', (limit: number, variable: string) => `body: larger than the limit of ${limit} bytes for this route (${variable})`),
   jsonBodyTooLarge: make('BODY_TOO_LARGE', (limit: number) => `body: a JSON body is limited to ${limit} bytes; send tensors as safetensors or a torch.save file`),
-  jsonStepTooLarge: make('BODY_TOO_LARGE', (limit: number, numel: number) =>
-    `body: a JSON step of this session (${numel} elements) takes at most ${limit} bytes; send its gradients as safetensors or a torch.save file if they need more`),
+  jsonTensorsTooLarge: make('BODY_TOO_LARGE', (what: string, tensors: string, limit: number, numel: number) =>
+    `body: ${what} of this session (${numel} elements) takes at most ${limit} bytes; send its ${tensors} as safetensors or a torch.save file if they need more`),
   unsupportedMediaType: make('UNSUPPORTED_MEDIA_TYPE', (type: string, accepted: string) => `Content-Type: ${type} is not accepted here; use ${accepted}`),
   unsupportedContentEncoding: make('UNSUPPORTED_MEDIA_TYPE', (coding: string) => `Content-Encoding: ${coding} is not accepted; send the body uncompressed`),
   headersTooLarge: make('HEADERS_TOO_LARGE', () => 'the request headers are larger than this server accepts'),

@@ -197,11 +197,11 @@ test('JSON nested deeper than any request needs is refused before it is parsed, 
   // 2 MB of `[`: JSON.parse would build a million arrays (a 200 MB one took the process past its heap limit).
   const deep = (n: number) => `${'['.repeat(n)}${']'.repeat(n)}`;
   const bodies: [string, string, string][] = [
-    // (800 KB: under the bound a JSON step of this session has, which refuses more before anything is read)
+    // (800 KB: under the bound a JSON step or PUT params of this session has, which refuses more before anything is read)
     ['POST', '/v1/sessions/t/step', `{"grads":{"w":${deep(400_000)}}}`],
     ['POST', '/v1/sessions', `{"name":"d","params":${deep(1_000_000)}}`],
     ['PUT', '/v1/sessions/t/state_dict', `{"state":${deep(1_000_000)}}`],
-    ['PUT', '/v1/sessions/t/params', `{"params":{"w":${deep(1_000_000)}}}`],
+    ['PUT', '/v1/sessions/t/params', `{"params":{"w":${deep(400_000)}}}`],
     ['PUT', '/v1/sessions/t/checkpoint', `{"model":${deep(1_000_000)}}`],
   ];
   for (const [method, url, payload] of bodies) {
@@ -360,14 +360,42 @@ test('a JSON step far larger than the session could need is refused (413) before
   assert.equal(announced.statusCode, 413, announced.body);
   assert.equal(announced.json().code, 'BODY_TOO_LARGE');
   assert.equal(announced.json().message, `body: a JSON step of this session (9 elements) takes at most ${limit} bytes; send its gradients as safetensors or a torch.save file if they need more`);
+  const params = await app.inject({ method: 'PUT', url: '/v1/sessions/small/params', headers: { 'content-type': 'application/json' }, payload: huge.replace('grads', 'params') });
+  assert.equal(params.statusCode, 413, params.body);
+  assert.match(params.json().message, /^body: a JSON PUT of the parameters of this session \(9 elements\) takes at most \d+ bytes; send its parameters as safetensors/);
   const chunked = await app.inject({ method: 'POST', url: '/v1/sessions/small/step', headers: { 'content-type': 'application/json' }, payload: Readable.from([Buffer.from(huge.slice(0, 2_000_000)), Buffer.from(huge.slice(2_000_000))]) });
   assert.equal(chunked.statusCode, 413, chunked.body);
   assert.equal(chunked.json().code, 'BODY_TOO_LARGE');
   assert.deepEqual((await app.inject({ url: '/v1/sessions/small/state_dict' })).json(), before, 'nothing changed');
+  // An unknown session: 404 before the body is read.
+  const unknown = await app.inject({ method: 'POST', url: '/v1/sessions/nosuch/step', headers: { 'content-type': 'application/json' }, payload: huge });
+  assert.equal(unknown.statusCode, 404, unknown.body);
+  assert.equal(unknown.json().code, 'SESSION_NOT_FOUND');
   // A pretty-printed step (Python's json.dumps(indent=8)) fits.
   const pretty = JSON.stringify({ grads: { w: { shape: [3, 3], data: [0.1, -0.2, 0.3, 0.4, -0.5, 0.6, 0.7, -0.8, 0.9] } }, metrics: { loss: 0.5 } }, null, 8);
   const ok = await app.inject({ method: 'POST', url: '/v1/sessions/small/step', headers: { 'content-type': 'application/json' }, payload: pretty });
   assert.equal(ok.statusCode, 200, ok.body);
+});
+
+test('a JSON step or PUT params to a session this process does not hold (a cold replica, an evicted session) is bounded by its size too', async (t) => {
+  // Found by a security review: the bound applied only to sessions held decoded, so a step token could make a
+  // freshly started replica parse 256 MiB of JSON (3 s of the event loop, 1.5 GB) again and again.
+  const { app } = await buildTestApp(t, { env: { ASGD_CACHE_SESSIONS: '1' } });
+  for (const name of ['small', 'other']) {
+    assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name, params: [{ name: 'w', shape: [3, 3], data: Array(9).fill(0.5) }] } })).statusCode, 201);
+  }
+  await app.inject({ url: '/v1/sessions/other/params' }); // 'other' held, 'small' not
+  const huge = `{"grads": {"w": [${Array(400_000).fill('0.125').join(',')}]}}`;
+  for (const [method, url, payload] of [['POST', '/v1/sessions/small/step', huge], ['PUT', '/v1/sessions/small/params', huge.replace('grads', 'params')]] as const) {
+    await app.inject({ url: '/v1/sessions/other/params' });
+    const res = await app.inject({ method, url, headers: { 'content-type': 'application/json' }, payload });
+    assert.equal(res.statusCode, 413, `${method} ${url}: ${res.body}`);
+    assert.equal(res.json().code, 'BODY_TOO_LARGE');
+    const chunked = await app.inject({ method, url, headers: { 'content-type': 'application/json' }, payload: Readable.from([Buffer.from(payload.slice(0, 2_000_000)), Buffer.from(payload.slice(2_000_000))]) });
+    assert.equal(chunked.statusCode, 413, chunked.body);
+  }
+  const session = (await app.inject({ url: '/v1/sessions/small' })).json();
+  assert.equal(session.version, 1, 'nothing changed');
 });
 
 test('a checkpoint carrying a loss history of tens of thousands of floats loads into a two-parameter session (its limits leave room for other keys)', async (t) => {

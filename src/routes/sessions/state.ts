@@ -13,6 +13,7 @@ import { ACCESS, ifMatchOf, jsonBody, jsonOrFile, sessionJson, setVersion } from
 import { contentFormat, mediaTypes, ROUTE_MEDIA, type WireFormat } from '../media.ts';
 import { errorResponses, GroupHyperparameters, IfMatchHeaders, IfNoneMatchHeaders, NameParams, NotModified, Session, Version, withCode } from '../schemas.ts';
 import { perTensorLimits, readCheckpointFile, readCheckpointJson, readNamedTensors, readStateDictBody } from './binary.ts';
+import { jsonBoundBySession } from './json-bound.ts';
 import { answeredNotModified, MAX_WAIT_SECONDS, waitPastVersion } from './conditional.ts';
 import { refuseLargeJson, sendView, viewResponse, type ViewKind, type ViewQuery } from './views.ts';
 
@@ -116,6 +117,8 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
     // state and hyperparameters, which this route leaves alone, stay behind admin (PUT state_dict).
     config: ACCESS.step,
     bodyLimit: opts.config.bodyLimitCreate,
+    // JSON parameters bounded by the session's size before the body is read whole and parsed (json-bound.ts).
+    preParsing: jsonBoundBySession(fastify, 'a JSON PUT of the parameters', 'parameters'),
     schema: {
       operationId: 'loadParams',
       summary: 'Replace the parameters (the optimizer state stays)',

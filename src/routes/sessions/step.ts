@@ -2,7 +2,6 @@
 // the groups' hyperparameters for it (a scheduler's values) and training metrics, and may answer with the
 // new parameters, so that a training loop needs one request per step.
 import { createHash } from 'node:crypto';
-import { Transform } from 'node:stream';
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import type { Config } from '../../config.ts';
@@ -22,6 +21,7 @@ import { ACCESS, idempotencyKeyOf, ifMatchOf, jsonBody, jsonOrFile, setVersion }
 import { contentFormat, MEDIA, mediaTypes, negotiate, ROUTE_MEDIA, type WireFormat } from '../media.ts';
 import { Binary, errorResponses, GroupHyperparameters, NameParams, RoundStatus, StepAnswer, StepHeaders, Tensor, withCode } from '../schemas.ts';
 import { readGradients } from './binary.ts';
+import { jsonBoundBySession } from './json-bound.ts';
 import { MAX_JSON_ELEMENTS } from './views.ts';
 
 /** A safetensors step header longer than this is bounded by the session's parameters even when they must be read from the database. */
@@ -166,22 +166,8 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
   fastify.post('/:name/step', {
     config: ACCESS.step,
     bodyLimit: opts.config.bodyLimitStep,
-    // A JSON step of a session this process holds is bounded by its size before the body is read whole and
-    // parsed: a 256 MiB JSON step to a 9-parameter session held the event loop for 19 s and 2.6 GB.
-    preParsing: async (request, _reply, payload) => {
-      if (!/^application\/json\b/i.test(request.headers['content-type'] ?? '')) return payload;
-      const size = fastify.sessions.cachedSize((request.params as { name: string }).name);
-      if (!size) return payload;
-      const limit = jsonStepLimit(size.numel, size.params);
-      // With a Content-Length the body is what it announces (the body reader holds it to that): checked here,
-      // the payload left as it is (untouched, so that a 100 Continue is only sent once the body is wanted).
-      const declared = request.headers['content-length'];
-      if (declared !== undefined) {
-        if (Number(declared) > limit) throw errors.jsonStepTooLarge(limit, size.numel);
-        return payload;
-      }
-      return boundedStream(payload, limit, () => errors.jsonStepTooLarge(limit, size.numel));
-    },
+    // A JSON step is bounded by the session's size before the body is read whole and parsed (json-bound.ts).
+    preParsing: jsonBoundBySession(fastify, 'a JSON step', 'gradients'),
     schema: {
       operationId: 'step',
       summary: 'Apply one optimizer step',
@@ -331,29 +317,6 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
     return answer;
   });
 };
-
-/**
- * The most bytes a JSON step of a session of `numel` elements in `params` parameters can need: 64 a number
- * (a double's longest text, its comma, and the indentation of a pretty-printed nested list), 1 KiB a
- * parameter (its name, shape and brackets), and 1 MiB for the rest (metrics, param_groups, base_version).
- */
-export function jsonStepLimit(numel: number, params: number): number {
-  return 64 * numel + 1024 * params + 1024 * 1024;
-}
-
-/** `payload` passed through until more than `limit` bytes have come, then failed with `tooLarge()`. */
-function boundedStream(payload: NodeJS.ReadableStream, limit: number, tooLarge: () => Error): NodeJS.ReadableStream {
-  let seen = 0;
-  const bounded = new Transform({
-    transform(chunk: Buffer, _encoding, callback) {
-      seen += chunk.length;
-      if (seen > limit) callback(tooLarge());
-      else callback(null, chunk);
-    },
-  });
-  payload.on('error', (err) => bounded.destroy(err));
-  return payload.pipe(bounded);
-}
 
 export default stepRoutes;
 

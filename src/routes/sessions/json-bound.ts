@@ -1,0 +1,57 @@
+// JSON bodies of a session's tensors (a step's gradients, PUT params) bounded by the session's size before
+// they are read whole and parsed: parsing JSON holds the event loop (a 256 MiB step to a 9-parameter session:
+// 19 s and 2.6 GB), and a step token may send them. The session is looked up first where this process does
+// not hold it (a cold replica, an evicted session): an unknown name is a 404 before its body is read.
+import { Transform } from 'node:stream';
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import { errors } from '../../errors.ts';
+
+/**
+ * The most bytes a JSON body of a session's tensors of `numel` elements in `params` parameters can need: 64 a
+ * number (a double's longest text, its comma, and the indentation of a pretty-printed nested list), 1 KiB a
+ * parameter (its name, shape and brackets), and 1 MiB for the rest (metrics, param_groups, base_version).
+ */
+export function jsonTensorsLimit(numel: number, params: number): number {
+  return 64 * numel + 1024 * params + 1024 * 1024;
+}
+
+/** Below this, a body is not worth a lookup: every session's bound is above it. */
+const FLOOR = jsonTensorsLimit(0, 0);
+
+/** A preParsing hook for a route of `/:name`: JSON bodies above the session's bound are refused with 413 (`what`: "a JSON step", `tensors`: "gradients"). */
+export function jsonBoundBySession(fastify: FastifyInstance, what: string, tensors: string) {
+  return async (request: FastifyRequest, _reply: unknown, payload: NodeJS.ReadableStream): Promise<NodeJS.ReadableStream> => {
+    if (!/^application\/json\b/i.test(request.headers['content-type'] ?? '')) return payload;
+    // With a Content-Length the body is what it announces (the body reader holds it to that): checked here,
+    // the payload left as it is (untouched, so that a 100 Continue is only sent once the body is wanted).
+    const declared = request.headers['content-length'];
+    if (declared !== undefined && Number(declared) <= FLOOR) return payload;
+    const name = (request.params as { name: string }).name;
+    const size = fastify.sessions.cachedSize(name) ?? sizeOf(await fastify.sessions.get(name)); // unknown: 404
+    const limit = jsonTensorsLimit(size.numel, size.params);
+    const tooLarge = () => errors.jsonTensorsTooLarge(what, tensors, limit, size.numel);
+    if (declared !== undefined) {
+      if (Number(declared) > limit) throw tooLarge();
+      return payload;
+    }
+    return boundedStream(payload, limit, tooLarge);
+  };
+}
+
+function sizeOf(session: { numel: number; params: readonly unknown[] }): { numel: number; params: number } {
+  return { numel: session.numel, params: session.params.length };
+}
+
+/** `payload` passed through until more than `limit` bytes have come, then failed with `tooLarge()`. */
+function boundedStream(payload: NodeJS.ReadableStream, limit: number, tooLarge: () => Error): NodeJS.ReadableStream {
+  let seen = 0;
+  const bounded = new Transform({
+    transform(chunk: Buffer, _encoding, callback) {
+      seen += chunk.length;
+      if (seen > limit) callback(tooLarge());
+      else callback(null, chunk);
+    },
+  });
+  payload.on('error', (err) => bounded.destroy(err));
+  return payload.pipe(bounded);
+}
