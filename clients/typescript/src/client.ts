@@ -54,10 +54,16 @@ export class ASGDClient {
     return (await this.http.json<Session>({ method: 'POST', path: '/v1/sessions', json: body, repeatable: options.sendAgain === true })).value;
   }
 
-  /** Creates a session from named tensors sent as safetensors; `options` are the JSON form's other keys. */
-  async createSessionFromTensors(name: string, tensors: Record<string, TensorInput>, options: Omit<CreateSessionSpec, 'name' | 'params'> = {}): Promise<Session> {
+  /**
+   * Creates a session from named tensors sent as safetensors (float32 bits as they are, 4 bytes an element:
+   * no JSON limit); `options` are the JSON form's other keys, `sendAgain` as in createSession. The
+   * parameters are in `tensors`' key order (JavaScript puts integer-like keys first: name the order with
+   * `param_groups` for such names).
+   */
+  async createSessionFromTensors(name: string, tensors: Record<string, TensorInput>, options: Omit<CreateSessionSpec, 'name' | 'params'> = {},
+    sending: { sendAgain?: boolean } = {}): Promise<Session> {
     const bytes = encodeSafetensors(tensors, { asgd: JSON.stringify({ name, ...options }) });
-    return (await this.http.json<Session>({ method: 'POST', path: '/v1/sessions', bytes, contentType: SAFETENSORS })).value;
+    return (await this.http.json<Session>({ method: 'POST', path: '/v1/sessions', bytes, contentType: SAFETENSORS, repeatable: sending.sendAgain === true })).value;
   }
 
   /** Creates a session from a file: safetensors or a torch.save'd model state_dict. */

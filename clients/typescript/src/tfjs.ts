@@ -13,7 +13,7 @@ import { Optimizer, serialization, tensor, type NamedTensorMap, type Scalar, typ
 import { ASGDClient } from './client.ts';
 import { RoundPending, SessionExists, SessionNotFound, StaleGradient } from './errors.ts';
 import { newIdempotencyKey, type TransportOptions } from './http.ts';
-import type { Tensor } from './tensors.ts';
+import type { Tensor, TensorInput } from './tensors.ts';
 import type { Aggregation, Hyperparameters, Session, StepOptions, StepParamGroup, StepResult } from './types.ts';
 
 /** A tf.Variable, or a tfjs-layers LayerVariable (model.trainableWeights), whose read() is the tf.Variable. */
@@ -86,6 +86,10 @@ function asVariable(v: VariableLike): Variable {
 }
 
 const sameShape = (a: readonly number[], b: readonly number[]): boolean => a.length === b.length && a.every((d, i) => d === b[i]);
+/** A session's groups' hyperparameters (the keys a step may set). */
+const groupsOf = (session: Session): StepParamGroup[] =>
+  session.param_groups.map((g) => ({ lr: g.lr, lambd: g.lambd, alpha: g.alpha, t0: g.t0, weight_decay: g.weight_decay, maximize: g.maximize }));
+
 const shapeText = (shape: readonly number[]): string => `[${shape.join(', ')}]`;
 
 /** One variable whose shape is not its session parameter's. */
@@ -160,8 +164,14 @@ export class RemoteASGD extends Optimizer {
   version = -1;
   /** The answer to the last step that landed. */
   lastStep: StepResult | null = null;
-  /** Hyperparameters for the next step only (e.g. a learning-rate schedule): one object per session group. */
+  /**
+   * Hyperparameters for the next step (e.g. a learning-rate schedule): one object per session group. Only
+   * the values that differ from the session's as this optimizer last saw them (at attach, in each step's
+   * answer) are sent: a schedule that sets the same lr every batch records no change.
+   */
   nextParamGroups: StepParamGroup[] | undefined;
+  /** Each group's hyperparameters as this optimizer last saw them (attach, a step's answer), or null. */
+  private knownGroups: StepParamGroup[] | null = null;
   /** The batch size of the next step (sent as its `samples`; a session's aggregation.target_samples counts them). */
   nextSamples: number | undefined;
   /** This worker's id (see the `worker` option). */
@@ -221,9 +231,16 @@ export class RemoteASGD extends Optimizer {
       session = await this.client.getSession(this.session);
     } catch (err) {
       if (!(err instanceof SessionNotFound) || this.options.create === 'never') throw err;
-      const params = await Promise.all(vars.map(async (v) => ({ name: paramOf.get(v.name)!, shape: v.shape, data: Float32Array.from(await v.data()) })));
+      // As safetensors: the variables' float32 bits, 4 bytes an element (as JSON, a model above ~23M
+      // parameters passed the service's 256 MiB JSON limit, and building the text took seconds and GBs).
+      const tensors: Record<string, TensorInput> = {};
+      for (const v of vars) tensors[paramOf.get(v.name)!] = { shape: v.shape.slice(), data: Float32Array.from(await v.data()) };
+      // The variables' order is the session's: named where an object's key order would not keep it (integer-like names).
+      const order = vars.map((v) => paramOf.get(v.name)!);
+      const named = order.some((n) => /^(0|[1-9]\d*)$/.test(n)) ? { param_groups: [{ params: order }] } : {};
       try {
-        session = await this.client.createSession({ name: this.session, params, hyperparameters: this.options.hyperparameters, ...this.options.sessionSettings }, { sendAgain: true });
+        session = await this.client.createSessionFromTensors(this.session, tensors,
+          { hyperparameters: this.options.hyperparameters, ...this.options.sessionSettings, ...named }, { sendAgain: true });
       } catch (createErr) {
         // Another worker started with the same arguments created it between the two requests (or this
         // create's answer was lost and it was sent again): join it.
@@ -234,6 +251,7 @@ export class RemoteASGD extends Optimizer {
       bind();
       this.version = session.version;
       this.aggregation = session.aggregation ?? null;
+      this.knownGroups = groupsOf(session);
       this.logger?.info?.(`[${this.worker}] session ${this.session} created at ${this.client.http.baseUrl} (version ${session.version}, step ${session.step})`);
       return session;
     }
@@ -250,6 +268,11 @@ export class RemoteASGD extends Optimizer {
     this.checkShapes(variableOf, new Map(Object.entries(current.params).map(([p, t]) => [p, t.shape])));
     bind();
     this.aggregation = session.aggregation ?? null;
+    this.knownGroups = groupsOf(session);
+    // The session's version is the truth, lower than the variables' too: a session deleted and created
+    // again, or a database restored from a backup (the variables' newer version would refuse its parameters
+    // and make every step's base_version one the session has not reached).
+    this.adoptVersion(current.version);
     this.write(current.params, current.version);
     this.logger?.info?.(`[${this.worker}] session ${this.session} joined at ${this.client.http.baseUrl} (version ${current.version}, step ${session.step})`);
     return session;
@@ -302,8 +325,11 @@ export class RemoteASGD extends Optimizer {
     this.incrementIterations();
     // One key for this step: its retries, and a resumed wait for its round after RoundPending, count once.
     const idempotencyKey = newIdempotencyKey();
+    // The changed values are chosen when the step goes out (after the steps before it answered); a retry
+    // (RoundPending, the same Idempotency-Key) sends what the first send did.
+    let sent: { groups: StepParamGroup[] | undefined } | null = null;
     const send = (maxWaitMs: number | undefined) => this.client.step(this.session, grads, {
-      return: 'params', baseVersion, metrics, paramGroups, samples, ...round, maxWaitMs, idempotencyKey,
+      return: 'params', baseVersion, metrics, paramGroups: (sent ??= { groups: this.changedGroups(paramGroups) }).groups, samples, ...round, maxWaitMs, idempotencyKey,
       format: this.options.format, dtype: this.options.dtype, retryBudgetMs: this.options.retryBudgetMs,
     });
     this.pending = this.pending.then(async () => {
@@ -347,6 +373,7 @@ export class RemoteASGD extends Optimizer {
       }
       if (this.pendingRound?.version === step.version) this.pendingRound = null;
       this.lastStep = answer;
+      if (answer.param_groups) this.knownGroups = answer.param_groups.map((g) => ({ ...g }));
       if (answer.params) this.write(answer.params, answer.paramsVersion ?? answer.version);
       else {
         // A service without return=params: read them (a second request).
@@ -356,6 +383,14 @@ export class RemoteASGD extends Optimizer {
     } catch (err) {
       this.failure = err;
     }
+  }
+
+  /** Of `groups`, the values that differ from the session's as last seen (undefined when none does). */
+  private changedGroups(groups: StepParamGroup[] | undefined): StepParamGroup[] | undefined {
+    const known = this.knownGroups;
+    if (!groups || !known || known.length !== groups.length) return groups; // the service checks the count
+    const changed = groups.map((g, i) => Object.fromEntries(Object.entries(g).filter(([k, v]) => !Object.is(v, (known[i] as Record<string, unknown>)[k]))) as StepParamGroup);
+    return changed.some((g) => Object.keys(g).length > 0) ? changed : undefined;
   }
 
   /** A dropped step's hyperparameters go with the next step, unless new ones were set meanwhile. */
@@ -406,10 +441,21 @@ export class RemoteASGD extends Optimizer {
   async pull(): Promise<number> {
     await this.synchronize();
     const current = await this.client.paramsIfChanged(this.session, this.version);
-    if (current) this.write(current.params, current.version);
+    if (current) {
+      this.adoptVersion(current.version); // nothing is in flight: the service's version, even a lower one
+      this.write(current.params, current.version);
+    }
     // Past the round of a pending contribution: that round has stepped, with the contribution in it.
     if (this.pendingRound && this.pendingRound.version < this.version) this.pendingRound = null;
     return this.version;
+  }
+
+  /** The session went back to `version` (replaced, or restored): its parameters are taken; a contribution waiting for a round of the old history is not. */
+  private adoptVersion(version: number): void {
+    if (version >= this.version) return;
+    this.logger?.warn?.(`[${this.worker}] session ${this.session} is at version ${version}, below the ${this.version} this optimizer held (deleted and created again, or restored): its parameters are taken`);
+    this.version = -1;
+    this.pendingRound = null;
   }
 
   private write(params: Record<string, Tensor>, version: number): void {
