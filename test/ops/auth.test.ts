@@ -314,3 +314,28 @@ test('an event stream opened with a token ends once the token is revoked, and se
   await until(() => again.status !== 0);
   assert.equal(again.status, 401);
 });
+
+test('a waiting read (after_version + wait) of a token revoked during its wait answers 401, not the new parameters', async (t) => {
+  // Found by a security review: the read delivered the parameters of a step made 6 s after the revocation.
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  await createSession(app, 'waited');
+  const token = await createToken(app, 'read', ['waited']);
+  const id = token.split('_')[1];
+  const waiting = app.inject({ url: '/v1/sessions/waited/params?after_version=1&wait=30', headers: bearer(token) });
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  assert.equal((await app.inject({ method: 'DELETE', url: `/v1/tokens/${id}`, headers: asAdmin })).statusCode, 204);
+  await new Promise((resolve) => setTimeout(resolve, 1000));
+  assert.equal((await step(app, 'waited', 1)).statusCode, 200);
+  const res = await waiting;
+  assert.equal(res.statusCode, 401, res.body);
+  assert.equal(res.json().code, 'UNAUTHORIZED');
+  assert.doesNotMatch(res.body, /"params"/);
+  // An active token's waiting read gets the new version.
+  const other = await createToken(app, 'read', ['waited']);
+  const woken = app.inject({ url: '/v1/sessions/waited/params?after_version=2&wait=30', headers: bearer(other) });
+  await new Promise((resolve) => setTimeout(resolve, 1200));
+  assert.equal((await step(app, 'waited', 2)).statusCode, 200);
+  const ok = await woken;
+  assert.equal(ok.statusCode, 200, ok.body);
+  assert.equal(ok.json().version, 3);
+});

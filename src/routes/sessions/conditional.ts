@@ -53,7 +53,17 @@ export async function waitPastVersion(
     if (!reply.raw.writableFinished) gone.abort();
   };
   reply.raw.once('close', onClose);
-  const deadline = Date.now() + waitSeconds * 1000;
+  const began = Date.now();
+  const deadline = began + waitSeconds * 1000;
+  // A stored token revoked during the wait gets no data: it is asked again before a newer version is
+  // answered, once the wait has lasted a second (the request itself was authenticated when it came).
+  const tokenId = request.auth && request.auth.tokenId !== 'admin' && request.auth.tokenId !== 'anonymous' ? request.auth.tokenId : null;
+  const newer = async (): Promise<true> => {
+    if (tokenId !== null && Date.now() >= began + 1000 && !(await fastify.tokens.isActive(tokenId))) {
+      throw errors.unauthorized('Authorization: the token was revoked while this read waited', true);
+    }
+    return true;
+  };
   try {
     for (;;) {
       const remaining = deadline - Date.now();
@@ -61,7 +71,7 @@ export async function waitPastVersion(
       try {
         if (waiter) await fastify.versions.listening(name);
         const session = await fastify.sessions.get(name);
-        if (session.version > afterVersion) return true;
+        if (session.version > afterVersion) return newer();
         if (!waiter) {
           await sendNotModified(reply, session.version);
           return false;
@@ -77,7 +87,7 @@ export async function waitPastVersion(
       if (closing) reply.header('connection', 'close');
       if (gone.signal.aborted || closing) {
         const session = await fastify.sessions.get(name);
-        if (session.version > afterVersion) return true;
+        if (session.version > afterVersion) return newer();
         // Shutting down: the wait was cut short, which a 304 would pass off as "nothing new in `wait`
         // seconds"; a 503 sends the client to wait again (on another replica), as every request refused at shutdown.
         if (!gone.signal.aborted) throw errors.unavailable(`shutting down: the wait for a version after ${afterVersion} was cut short; wait again`);
