@@ -1,5 +1,7 @@
 // The operator CLI's HTTP client: global fetch against a running service, every failure turned into a
 // CliError with a message for a person and an exit code for a script (documented in the README).
+import { printable } from './output.ts';
+
 export const EXIT = { ok: 0, server: 1, usage: 2, notFound: 3, auth: 4, unreachable: 5 } as const;
 
 export class CliError extends Error {
@@ -12,8 +14,43 @@ export class CliError extends Error {
 
 export const usageError = (message: string) => new CliError(EXIT.usage, message);
 
+/** An answer that is JSON but not of the shape the service sends (exit 5, as an answer that is not JSON). */
+export const notOurs = (what: string) => new CliError(EXIT.unreachable, `the answer to ${what} is not what an asgd-serve sends: is --url (or ASGD_URL) an asgd-serve of this version?`);
+
 /** Seconds a request that is not a download may take before the service counts as unreachable. */
 const REQUEST_TIMEOUT_MS = 60_000;
+/** The most a JSON answer (a page of 1000 sessions with their storage is ~1 MB) or an error body is read. */
+const ANSWER_LIMIT_BYTES = 64 * 1024 * 1024;
+const ERROR_LIMIT_BYTES = 1024 * 1024;
+/** How long an error body is waited for (a download's answer has no time limit; its error body has one). */
+const ERROR_BODY_TIMEOUT_MS = 10_000;
+
+/**
+ * An answer's body as text, at most `limit` bytes (else null, the rest left unread), within `timeoutMs`
+ * when given (else null): a server that sends gigabytes, or trickles, cannot hold the CLI.
+ */
+async function boundedText(res: Response, limit: number, timeoutMs?: number): Promise<string | null> {
+  if (!res.body) return '';
+  const reader = res.body.getReader();
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  let timer: NodeJS.Timeout | undefined;
+  const expired = timeoutMs === undefined ? null : new Promise<null>((resolve) => (timer = setTimeout(() => resolve(null), timeoutMs)));
+  try {
+    for (;;) {
+      const next = expired ? await Promise.race([reader.read(), expired]) : await reader.read();
+      if (next === null) return null;
+      if (next.done) break;
+      size += next.value.length;
+      if (size > limit) return null;
+      chunks.push(next.value);
+    }
+  } finally {
+    clearTimeout(timer);
+    reader.cancel().catch(() => {});
+  }
+  return Buffer.concat(chunks).toString('utf8');
+}
 
 export interface ApiClient {
   readonly url: string;
@@ -36,18 +73,18 @@ function exitCodeOf(status: number): number {
 async function failure(res: Response, token: string | null): Promise<CliError> {
   let code = '';
   let message = '';
-  const text = await res.text().catch(() => '');
+  const text = (await boundedText(res, ERROR_LIMIT_BYTES, ERROR_BODY_TIMEOUT_MS).catch(() => '')) ?? '';
   try {
     const body = JSON.parse(text) as { code?: unknown; message?: unknown };
-    if (typeof body.code === 'string') code = body.code;
-    if (typeof body.message === 'string') message = body.message;
+    if (typeof body.code === 'string') code = printable(body.code);
+    if (typeof body.message === 'string') message = printable(body.message);
   } catch {
     // not one of the service's error bodies (a proxy's page, say): say so with the status alone
   }
   if (res.status === 401) {
     message = token ? `the token was refused (${message || 'unauthorized'})` : 'the service needs a token: pass --token or set ASGD_TOKEN';
   }
-  const detail = message || `HTTP ${res.status} ${res.statusText}`.trim();
+  const detail = message || printable(`HTTP ${res.status} ${res.statusText}`.trim());
   // A 404 without one of the service's error codes is some other server's (or a proxy's) "no such page":
   // to a script that is "not an asgd-serve", not "no such session".
   if (res.status === 404 && !code) return new CliError(EXIT.unreachable, `${res.url || 'the service'} answered ${detail} without an asgd-serve error code: is it an asgd-serve? (--url or ASGD_URL)`);
@@ -84,7 +121,8 @@ export function createClient(baseUrl: string, token: string | null): ApiClient {
   async function answer<T>(res: Response, method: string, path: string): Promise<T> {
     if (!res.ok) throw await failure(res, token);
     if (res.status === 204) return null as T;
-    const text = await res.text();
+    const text = await boundedText(res, ANSWER_LIMIT_BYTES);
+    if (text === null) throw new CliError(EXIT.unreachable, `${root} answered ${method} ${path} with more than ${ANSWER_LIMIT_BYTES / 1024 / 1024} MiB of JSON: is it an asgd-serve?`);
     try {
       return JSON.parse(text) as T;
     } catch {

@@ -6,6 +6,7 @@ import type { Writable } from 'node:stream';
 import { parseOptions, stringOption, type OptionSpec } from './args.ts';
 import type { OpsContext } from './context.ts';
 import { CliError, createClient, EXIT } from './http.ts';
+import { printable } from './output.ts';
 import { SESSION_OPTIONS, sessionsCommand } from './sessions.ts';
 import { TOKEN_OPTIONS, tokensCommand } from './tokens.ts';
 
@@ -106,8 +107,14 @@ export async function runOps(argv: string[], env: Record<string, string | undefi
       if (err.exitCode === EXIT.usage && /^(unknown option|sessions: |tokens: )/.test(err.message)) io.stderr.write(`\n${opsUsage()}`);
       return err.exitCode;
     }
+    // An answer of another shape than the service's (a field missing, null): the CLI read a property of
+    // nothing. Not an asgd-serve answer, as one that is not JSON (exit 5).
+    if (err instanceof TypeError) {
+      io.stderr.write(`asgd-serve: ${group} ${sub ?? ''}: the service's answer is not what an asgd-serve sends (${printable(err.message)}): is --url (or ASGD_URL) an asgd-serve of this version?\n`);
+      return EXIT.unreachable;
+    }
     // Nothing a person can act on is in a stack trace: one line, and exit 1.
-    io.stderr.write(`asgd-serve: ${group} ${sub ?? ''} failed: ${(err as Error)?.message ?? String(err)}\n`);
+    io.stderr.write(`asgd-serve: ${group} ${sub ?? ''} failed: ${printable((err as Error)?.message ?? String(err))}\n`);
     return EXIT.server;
   }
 }

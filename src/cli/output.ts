@@ -1,8 +1,17 @@
 // Readable output of the operator commands: aligned tables, byte sizes and ages for people.
 
+/**
+ * Text from a service as it may be shown on a terminal: control characters (escape sequences that clear the
+ * screen or set the title, carriage returns that overwrite a line) written as visible \u escapes.
+ */
+export function printable(text: string): string {
+  // eslint-disable-next-line no-control-regex
+  return text.replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+}
+
 /** Columns aligned by the widest cell; numbers (and sizes) right-aligned. */
 export function table(headers: string[], rows: (string | number)[][]): string {
-  const cells = rows.map((r) => r.map(String));
+  const cells = rows.map((r) => r.map((c) => printable(String(c))));
   const widths = headers.map((h, i) => Math.max(h.length, ...cells.map((r) => r[i]?.length ?? 0)));
   const numeric = headers.map((_, i) => rows.length > 0 && rows.every((r) => typeof r[i] === 'number' || /^[\d.]+( [KMGT]?i?B)?$/.test(String(r[i])) || r[i] === '-'));
   const line = (r: string[]) => r.map((c, i) => (numeric[i] ? c.padStart(widths[i]) : c.padEnd(widths[i]))).join('  ').trimEnd();
@@ -12,7 +21,7 @@ export function table(headers: string[], rows: (string | number)[][]): string {
 /** Key-value lines, keys aligned. */
 export function fields(entries: [string, string | number | null | undefined][]): string {
   const width = Math.max(...entries.map(([k]) => k.length));
-  return entries.map(([k, v]) => `${`${k}:`.padEnd(width + 1)} ${v ?? '-'}`).join('\n') + '\n';
+  return entries.map(([k, v]) => `${`${k}:`.padEnd(width + 1)} ${printable(String(v ?? '-'))}`).join('\n') + '\n';
 }
 
 const UNITS = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];

@@ -5,7 +5,7 @@ import { rename, rm } from 'node:fs/promises';
 import { Readable, Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { positionals, stringOption, wholeOption, type ParsedArgs } from './args.ts';
-import { CliError, EXIT, usageError } from './http.ts';
+import { CliError, EXIT, notOurs, usageError } from './http.ts';
 import { age, bytes, duration, fields, table } from './output.ts';
 import type { OpsContext } from './context.ts';
 import { readStateFile, WHATS, type What } from './state-file.ts';
@@ -78,7 +78,10 @@ async function list(args: ParsedArgs, ctx: OpsContext): Promise<number> {
     const pageSize = Math.min(1000, max - sessions.length);
     const query: string = `?storage=true&limit=${pageSize}${after ? `&after=${encodeURIComponent(after)}` : ''}`;
     const page: { sessions: Session[]; next: string | null } = await ctx.client.json('GET', `/v1/sessions${query}`);
+    if (!Array.isArray(page?.sessions) || (page.next !== null && typeof page.next !== 'string')) throw notOurs('GET /v1/sessions');
     sessions.push(...page.sessions);
+    // Names come in order: a cursor that does not move on (or a page with nothing) would page forever.
+    if (page.next !== null && (page.sessions.length === 0 || (after !== null && page.next <= after))) throw notOurs('GET /v1/sessions (its next page does not move on)');
     after = page.next;
   } while (after !== null && sessions.length < max);
   if (ctx.json) return ctx.print({ sessions });

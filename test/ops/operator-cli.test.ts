@@ -251,3 +251,58 @@ test('an empty ASGD_URL (ASGD_URL= in an .env file) is unset: the default url, a
   assert.doesNotMatch(r.stderr, /is not an http/);
   if (r.code !== 0) assert.match(r.stderr, /127\.0\.0\.1:8080/);
 });
+
+test('a hostile or broken server: no endless paging, no unbounded read, no terminal escapes, exit 5 for answers of another shape', async () => {
+  // Found by a security review of the CLI against a fake server.
+  let trickle: NodeJS.Timeout | undefined;
+  const fake = createHttpServer((req, res) => {
+    const url = req.url ?? '';
+    const json = (status: number, body: unknown) => res.writeHead(status, { 'content-type': 'application/json' }).end(JSON.stringify(body));
+    if (url.startsWith('/v1/sessions?')) return json(200, { sessions: [], next: 'a' }); // a cursor that never moves on
+    if (url === '/v1/sessions/evil') return json(400, { code: 'X\u001b[2J', message: '\u001b[2J\u001b[31mPWNED\u001b]0;evil title\u0007 \r overwritten' });
+    if (url === '/v1/sessions/null') return json(200, { name: 'null', params: null, param_groups: null });
+    if (url === '/v1/sessions/null/snapshots') return json(200, { snapshots: [] });
+    if (url === '/v1/sessions/huge') {
+      // 80 MiB of JSON, more than any answer the CLI reads
+      res.writeHead(200, { 'content-type': 'application/json' });
+      const chunk = Buffer.alloc(1024 * 1024, 0x20);
+      let sent = 0;
+      const more = () => {
+        while (sent < 80) {
+          sent++;
+          if (!res.write(chunk)) return void res.once('drain', more);
+        }
+        res.end('{}');
+      };
+      return more();
+    }
+    if (url.startsWith('/v1/sessions/slow/')) {
+      // an error whose body trickles: one byte a second, never ending
+      res.writeHead(500, { 'content-type': 'application/json' });
+      trickle = setInterval(() => res.write(' '), 1000);
+      return;
+    }
+    json(404, { code: 'SESSION_NOT_FOUND', message: 'no' });
+  });
+  fake.listen(0, '127.0.0.1');
+  await once(fake, 'listening');
+  const url = `http://127.0.0.1:${(fake.address() as { port: number }).port}`;
+  try {
+    const ls = await here(['sessions', 'ls'], { env: { ASGD_URL: url } });
+    assertFails(ls, 5, /next page does not move on/);
+    const evil = await here(['sessions', 'show', 'evil'], { env: { ASGD_URL: url } });
+    assert.equal(evil.code, 2);
+    assert.doesNotMatch(evil.stderr, /[\u0000-\u0009\u000b-\u001f\u007f]/, 'no control characters but the final newline');
+    assert.match(evil.stderr, /\\u001b\[2J\\u001b\[31mPWNED/);
+    assertFails(await here(['sessions', 'show', 'null'], { env: { ASGD_URL: url } }), 5, /not what an asgd-serve sends/);
+    assertFails(await here(['sessions', 'show', 'huge'], { env: { ASGD_URL: url } }), 5, /more than 64 MiB of JSON/);
+    const began = Date.now();
+    const slow = await here(['sessions', 'download', 'slow', '--format', 'pt', '--what', 'checkpoint', '--output', join(dir, 'slow.pt')], { env: { ASGD_URL: url } });
+    assert.equal(slow.code, 1, slow.stderr);
+    assert.ok(Date.now() - began < 30_000, `the error body is waited for 10 s at most (${Date.now() - began} ms)`);
+  } finally {
+    clearInterval(trickle);
+    fake.closeAllConnections();
+    fake.close();
+  }
+});
