@@ -45,8 +45,13 @@ export function snapshotsSection(root, name, admin, changed) {
     try {
       await action();
     } catch (err) {
-      status.textContent = `Failed: ${err instanceof Error && err.message ? err.message : String(err)}`;
+      // A snapshot gone meanwhile (pruned by newer ones, deleted with a restore's history): the table is
+      // read again, so that its row goes.
+      const gone = /** @type {any} */ (err)?.code === 'SNAPSHOT_NOT_FOUND';
+      const why = err instanceof Error && err.message ? err.message : String(err);
+      status.textContent = gone ? `Failed: that snapshot no longer exists (pruned since the table was read; it is read again): ${why}` : `Failed: ${why}`;
       status.className = 'error';
+      if (gone) changed();
       return false;
     }
     status.textContent = done;
