@@ -270,3 +270,23 @@ test('Restore on a snapshot pruned since the table was read: the page says so an
   await page.waitForSelector(`tr[data-snapshot="${snapshots[0].id}"]`);
   assert.equal((await api('GET', '/v1/sessions/pruned')).version, 2, 'nothing was restored');
 });
+
+test('a metric with a 128-character name: its chart\'s title and legend stay inside the card', { skip }, async (t) => {
+  const { base, api, page } = await setup(t);
+  const metric = `m${'x'.repeat(127)}`;
+  await api('POST', '/v1/sessions', { name: 'longmetric', params: PARAMS });
+  for (let s = 1; s <= 3; s++) await api('POST', '/v1/sessions/longmetric/step', { grads: GRAD, metrics: { [metric]: s / 2 } });
+  await page.goto(`${base}/ui/#/s/longmetric`);
+  await page.waitForSelector('.chart h3');
+  await page.waitForFunction((m) => [...document.querySelectorAll('.chart h3')].some((h) => h.textContent?.includes(m)), metric);
+  const boxes = await page.$$eval('.chart', (charts, m) => charts.filter((c) => c.querySelector('h3')?.textContent?.includes(m)).map((c) => {
+    const card = c.getBoundingClientRect();
+    const inner = [...c.querySelectorAll('h3, .u-legend')].map((el) => el.getBoundingClientRect());
+    return { card: { left: card.left, right: card.right }, inner: inner.map((b) => ({ left: b.left, right: b.right })) };
+  }), metric);
+  assert.ok(boxes.length >= 1);
+  for (const { card, inner } of boxes) {
+    for (const b of inner) assert.ok(b.right <= card.right + 1 && b.left >= card.left - 1, `inside the card: ${JSON.stringify({ card, b })}`);
+  }
+  await screenshot(page, 'session-long-metric-name');
+});
