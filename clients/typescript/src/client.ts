@@ -156,6 +156,7 @@ export class ASGDClient {
       headers: { 'idempotency-key': key, 'if-match': options.ifMatch === undefined ? undefined : etag(options.ifMatch) },
       repeatable: key !== undefined,
       retryBudgetMs: options.retryBudgetMs,
+      signal: options.signal,
     };
     if ((options.format ?? 'safetensors') === 'json') {
       const body: Record<string, unknown> = { grads: jsonGradients(grads) };
@@ -333,7 +334,7 @@ export class ASGDClient {
   }
 
   /** Waits up to `waitSeconds` (at most 60) for a version above `afterVersion`; null if none came. */
-  waitForParams(name: string, afterVersion: number, waitSeconds: number, options: { averaged?: boolean; format?: 'json' | 'safetensors' } = {}): Promise<ParamsResult | null> {
+  waitForParams(name: string, afterVersion: number, waitSeconds: number, options: { averaged?: boolean; format?: 'json' | 'safetensors'; signal?: AbortSignal } = {}): Promise<ParamsResult | null> {
     return this.readParams(name, options, { query: { after_version: afterVersion, wait: waitSeconds } });
   }
 
@@ -348,6 +349,7 @@ export class ASGDClient {
       accept: format === 'json' ? 'application/json' : SAFETENSORS,
       allow: [304],
       repeatable: true,
+      signal: options.signal,
     });
     if (answer.status === 304) return null;
     if (isSafetensors(answer)) {

@@ -48,6 +48,12 @@ export interface Exchange {
   repeatable?: boolean;
   /** Per-call override of the retry budget. */
   retryBudgetMs?: number;
+  /**
+   * Ends the call (and its retries and waits) when aborted: it rejects with the signal's reason (an
+   * AbortError DOMException unless given). A write whose request went out may have been applied (a step:
+   * send it again with the same Idempotency-Key to know; it is applied once).
+   */
+  signal?: AbortSignal;
 }
 
 export interface Answer {
@@ -59,7 +65,21 @@ export interface Answer {
 }
 
 const RETRY_STATUS = new Set([429, 502, 503, 504]);
-const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
+/** Waits `ms`, or rejects with `signal`'s reason once it is aborted. */
+function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    if (signal?.aborted) return reject(signal.reason);
+    const timer = setTimeout(() => {
+      signal?.removeEventListener('abort', onAbort);
+      resolve();
+    }, ms);
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(signal!.reason);
+    };
+    signal?.addEventListener('abort', onAbort, { once: true });
+  });
+}
 
 /**
  * How long to wait before retrying a 429/502/503/504: its Retry-After, else the back-off. A Retry-After
@@ -179,14 +199,18 @@ export class Transport {
     const budget = x.retryBudgetMs ?? this.options.retryBudgetMs ?? 60_000;
     const deadline = Date.now() + budget;
     let pause = 100;
+    const caller = x.signal;
     for (let attempt = 1; ; attempt++) {
+      caller?.throwIfAborted();
       let res: Response;
+      const timeout = AbortSignal.timeout(this.options.timeoutMs ?? 300_000);
       try {
-        res = await doFetch(url, { method: x.method, headers, body: body as BodyInit | undefined, signal: AbortSignal.timeout(this.options.timeoutMs ?? 300_000) });
+        res = await doFetch(url, { method: x.method, headers, body: body as BodyInit | undefined, signal: caller ? AbortSignal.any([caller, timeout]) : timeout });
       } catch (err) {
+        if (caller?.aborted) throw caller.reason;
         if (!permanent(err) && (x.repeatable || neverSent(err)) && Date.now() + pause < deadline) {
           this.retrying(x.method, url, err, attempt, deadline);
-          await sleep(pause);
+          await sleep(pause, caller);
           pause = Math.min(pause * 2, 2_000);
           continue;
         }
@@ -196,10 +220,11 @@ export class Transport {
       try {
         bytes = new Uint8Array(await res.arrayBuffer());
       } catch (err) {
+        if (caller?.aborted) throw caller.reason;
         // The connection broke during the answer: the request may have been applied.
         if (x.repeatable && Date.now() + pause < deadline) {
           this.retrying(x.method, url, err, attempt, deadline);
-          await sleep(pause);
+          await sleep(pause, caller);
           pause = Math.min(pause * 2, 2_000);
           continue;
         }
@@ -210,7 +235,7 @@ export class Transport {
         const wait = retryWait(res, pause);
         if (Date.now() + wait < deadline) {
           this.retrying(x.method, url, res, attempt, deadline);
-          await sleep(wait);
+          await sleep(wait, caller);
           pause = Math.min(pause * 2, 2_000);
           continue;
         }

@@ -58,6 +58,12 @@ export interface RemoteASGDOptions {
   /** Send each step's loss as the metric `loss` (the service keeps it in the session's history). */
   sendLoss?: boolean;
   retryBudgetMs?: number;
+  /**
+   * Stops training when aborted: the step in flight (its retries, a wait for its round) ends, no further
+   * step is sent, and `synchronize()` (in `model.fit`, `optimizer.callback`) throws the signal's reason. A
+   * step whose request had gone out may have been applied. Not saved with the model (getConfig).
+   */
+  signal?: AbortSignal;
 }
 
 type NamedTensor = { name: string; tensor: TfTensor };
@@ -329,11 +335,15 @@ export class RemoteASGD extends Optimizer {
     // (RoundPending, the same Idempotency-Key) sends what the first send did.
     let sent: { groups: StepParamGroup[] | undefined } | null = null;
     const send = (maxWaitMs: number | undefined) => this.client.step(this.session, grads, {
-      return: 'params', baseVersion, metrics, paramGroups: (sent ??= { groups: this.changedGroups(paramGroups) }).groups, samples, ...round, maxWaitMs, idempotencyKey,
+      return: 'params', baseVersion, metrics, paramGroups: (sent ??= { groups: this.changedGroups(paramGroups) }).groups, samples, ...round, maxWaitMs, idempotencyKey, signal: this.options.signal,
       format: this.options.format, dtype: this.options.dtype, retryBudgetMs: this.options.retryBudgetMs,
     });
     this.pending = this.pending.then(async () => {
       if (this.failure) return; // a failed step ends the run: the rest are not sent
+      if (this.options.signal?.aborted) {
+        this.failure = this.options.signal.reason; // stopped: nothing more is sent
+        return;
+      }
       const own = this.pendingRound;
       if (own && own.version === baseVersion) {
         // This worker is already in the round of this gradient's version (it stopped waiting, RoundPending):
@@ -478,7 +488,7 @@ export class RemoteASGD extends Optimizer {
    * '_' as %5F, since tfjs-layers camel-cases them when it loads a model.
    */
   override getConfig(): serialization.ConfigDict {
-    const { client: _client, clientOptions: _clientOptions, ...rest } = this.options;
+    const { client: _client, clientOptions: _clientOptions, signal: _signal, ...rest } = this.options;
     const config: RemoteASGDConfig = { ...rest, url: this.client.http.baseUrl, session: this.session };
     return protect(config) as serialization.ConfigDict;
   }

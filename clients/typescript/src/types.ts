@@ -81,6 +81,12 @@ export interface StepOptions {
   /** Gradient dtype on the wire with safetensors (F16/BF16 halve the bytes; rounded to nearest even). */
   dtype?: 'F32' | 'F16' | 'BF16';
   retryBudgetMs?: number;
+  /**
+   * Ends the call (its retries, a wait for its round) when aborted: it rejects with the signal's reason. A
+   * step whose request went out may have been applied: send it again with its `idempotencyKey` to know
+   * (the service applies it once and answers as it answered the first).
+   */
+  signal?: AbortSignal;
 }
 
 export interface StepResult {
@@ -131,6 +137,8 @@ export interface ReadOptions {
   /** Read the state at an older version. */
   version?: number;
   format?: 'json' | 'safetensors';
+  /** Ends the read (its retries and waits) when aborted: it rejects with the signal's reason. */
+  signal?: AbortSignal;
 }
 
 export type MetricsPage = JsonOf<paths['/v1/sessions/{name}/metrics']['get']['responses'][200]>;

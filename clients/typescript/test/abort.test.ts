@@ -1,0 +1,59 @@
+// An AbortSignal ends a call at once: a waiting read, a step's retries against a service that is down, and
+// a RemoteASGD's training (its step in flight, the steps after it). Found by a review of the client: only
+// events() took a signal, so a page or a service that wanted to stop waited out a call (up to 300 s).
+import assert from 'node:assert/strict';
+import { createServer } from 'node:net';
+import { once } from 'node:events';
+import test from 'node:test';
+import * as tf from '@tensorflow/tfjs';
+import { ASGDClient } from '../src/index.ts';
+import { RemoteASGD } from '../src/tfjs.ts';
+import { liveService, uniqueName } from './service.ts';
+
+tf.setBackend('cpu');
+
+test('a waiting read ends when its signal is aborted, with the signal\'s reason', async (t) => {
+  const { client } = await liveService(t);
+  const name = uniqueName('abort-wait');
+  await client.createSession({ name, params: [{ name: 'w', shape: [2], data: [1, 2] }] });
+  const controller = new AbortController();
+  const began = Date.now();
+  setTimeout(() => controller.abort(), 200);
+  await assert.rejects(client.waitForParams(name, 1, 30, { signal: controller.signal }), (err: Error) => err.name === 'AbortError');
+  assert.ok(Date.now() - began < 5_000, `ended at once (${Date.now() - began} ms)`);
+  // An aborted signal given to a read: nothing is sent.
+  await assert.rejects(client.params(name, { signal: AbortSignal.abort(new Error('stopped')) }), /stopped/);
+});
+
+test('a step retrying against a service that is down ends when its signal is aborted', async () => {
+  // A port with nothing listening: refused connections, retried for the whole budget (60 s) without a signal.
+  const probe = createServer().listen(0, '127.0.0.1');
+  await once(probe, 'listening');
+  const { port } = probe.address() as { port: number };
+  probe.close();
+  const client = new ASGDClient(`http://127.0.0.1:${port}`, { logger: null });
+  const began = Date.now();
+  await assert.rejects(client.step('s', { w: { shape: [1], data: [1] } }, { signal: AbortSignal.timeout(500) }), (err: Error) => err.name === 'TimeoutError');
+  assert.ok(Date.now() - began < 5_000, `ended at once (${Date.now() - began} ms)`);
+});
+
+test('RemoteASGD with a signal: once aborted, synchronize() throws its reason and no further step is sent', async (t) => {
+  const { client } = await liveService(t);
+  const name = uniqueName('abort-fit');
+  const controller = new AbortController();
+  const w = tf.variable(tf.zeros([2]), true, 'w-abort');
+  const opt = new RemoteASGD({ client, session: name, hyperparameters: { lr: 0.1 }, signal: controller.signal });
+  await opt.attach([w], ['w']);
+  const loss = () => w.sub(tf.tensor1d([1, 1])).square().sum() as tf.Scalar;
+  for (let i = 0; i < 3; i++) {
+    opt.minimize(loss, false, [w]);
+    await opt.synchronize();
+  }
+  assert.equal(opt.version, 4);
+  controller.abort(new Error('training stopped by the user'));
+  opt.minimize(loss, false, [w]);
+  opt.minimize(loss, false, [w]);
+  await assert.rejects(opt.synchronize(), /training stopped by the user/);
+  assert.equal((await client.getSession(name)).version, 4, 'nothing sent after the abort');
+  assert.ok(!('signal' in (opt.getConfig() as object)), 'not in the saved config');
+});
