@@ -39,7 +39,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 
 from .client import Client, ensure_session
-from .errors import ConnectionFailed, StaleGradient
+from .errors import ConnectionFailed, ServiceError, StaleGradient
 from .http import DEFAULT_RETRY_BUDGET_S, Connection
 from .state import SessionState
 from .tensors import FLAG_KEYS, HYPERPARAMETER_KEYS, group_from_json, local_group_keys, plain_number, state_dict_to_torch
@@ -181,13 +181,25 @@ def _same(a: Any, b: Any) -> bool:
     return a == b and type(a) is type(b)
 
 
+_WENT_BACK = re.compile(r"base_version: (\d+) is newer than the session's version \d+$")
+
+
+def _went_back(err: ServiceError) -> Optional[int]:
+    """The base_version of a step refused because the session's version is below it (400 INVALID_QUERY or
+    INVALID_BODY, the field named as the service names it), or None for any other error."""
+    if err.status != 400 or err.code not in ("INVALID_QUERY", "INVALID_BODY"):
+        return None
+    m = _WENT_BACK.search(err.message or "")
+    return int(m.group(1)) if m else None
+
+
 class _Outcome:
     """What a step's request brought back: the parameters to load and how they came."""
 
     __slots__ = ("answer", "params", "version", "sent_groups", "stale")
 
     def __init__(self, answer: Optional[Dict[str, Any]], params: Mapping[str, torch.Tensor], version: Optional[int],
-                 sent_groups: Optional[List[Dict[str, Any]]], stale: Optional[StaleGradient] = None) -> None:
+                 sent_groups: Optional[List[Dict[str, Any]]], stale: Optional[ServiceError] = None) -> None:
         self.answer = answer
         self.params = params
         self.version = version
@@ -974,6 +986,17 @@ class RemoteASGD(torch.optim.Optimizer):
                 tensors, version = self.client.get_params(self.session)
                 return _Outcome(None, tensors, version, None, stale=err)
             answer = resend()
+        except ServiceError as err:
+            went_back = _went_back(err)
+            if went_back is None or self.on_stale == "raise":
+                raise
+            # The session is at a lower version than the one this gradient was computed at: deleted and
+            # created again (by another worker, or by its expire_after_idle_s), or its database restored.
+            # Its history is not the one the gradient came from: dropped, and its parameters loaded.
+            tensors, version = self.client.get_params(self.session)
+            log.warning("[%s] session %r is at version %s, below the %s this optimizer held (deleted and created again, "
+                        "or its database restored): training goes on from its parameters", self.worker, self.session, version, went_back)
+            return _Outcome(None, tensors, version, None, stale=err)
         params = answer.pop("params", None)
         if params is None:  # a service without return=params (before issue 11): a second request
             if groups is not None:
