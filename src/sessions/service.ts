@@ -68,12 +68,17 @@ export function createSessionService(options: SessionServiceOptions) {
     patch: Partial<Pick<SessionRecord, 'snapshotEvery' | 'keepSnapshots' | 'maxStaleness' | 'keepLogBytes' | 'expireAfterIdleS' | 'aggregation'>>,
     ifMatch: number | null = null,
   ): Promise<SessionRecord> {
-    return db.transaction(async (tx) => {
+    const { before, after } = await db.transaction(async (tx) => {
       const session = await mustFind(tx, name, true);
       checkIfMatch(ifMatch, session.version); // under the row lock
       if (patch.aggregation !== undefined) await assertNoOpenRound(tx, session);
-      return repo.updateSessionSettings(tx, session.id, { ...session, ...patch });
+      return { before: session, after: await repo.updateSessionSettings(tx, session.id, { ...session, ...patch }) };
     });
+    // The change moves the row's stamp, not its version: this process's copy, current before it, stays
+    // current (else the next step here took it for another history's and caught it up or rebuilt it first).
+    const entry = cache.get(before.id);
+    if (entry && entry.state.version === before.version && entry.state.stampedAs(before.stamp)) entry.state.rowStamp = after.stamp;
+    return after;
   }
 
   /**
