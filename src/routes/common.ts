@@ -53,6 +53,15 @@ export function idempotencyKeyOf(request: FastifyRequest): string | null {
   return value;
 }
 
+/**
+ * The id of the stored token a request came with (a token that can be revoked while the request runs), or
+ * null: the admin token from the environment, or auth off, which have no row.
+ */
+export function storedTokenId(request: FastifyRequest): string | null {
+  const id = request.auth?.tokenId;
+  return id === undefined || id === 'admin' || id === 'anonymous' ? null : id;
+}
+
 export function setVersion(reply: FastifyReply, version: number): void {
   reply.header('etag', `"${version}"`);
   reply.header('x-session-version', String(version));

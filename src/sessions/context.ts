@@ -69,7 +69,7 @@ export interface RoundHost {
   /** Drops this process's copy (a transaction failed after the kernel ran on it). */
   forget(sessionId: number): void;
   /** Calls `fn` with the state at an answer's version (reads.withAnswerState); the caller holds the session's lock. */
-  withAnswerState(name: string, answer: { version: number; replayed?: boolean }, fn: (view: StateView) => void): Promise<void>;
+  withAnswerState(name: string, answer: { version: number }, fn: (view: StateView) => void): Promise<void>;
   applyStep(state: SessionState, present: readonly number[]): void;
   /** After a round's step committed: the step metrics, and a background snapshot when one is due. */
   afterStep(session: SessionRecord, entry: { state: SessionState }, seconds: number, lockWaitSeconds: number): void;

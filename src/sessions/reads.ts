@@ -103,7 +103,7 @@ export function createReads(ctx: SessionContext, history: History) {
    * step's commit and its answer), the answer gets the current state, whose version the parameters say
    * (params_version), rather than a 404 that would read as "not applied".
    */
-  async function withAnswerState(name: string, answer: { version: number; replayed?: boolean }, fn: (view: StateView) => void, live?: SessionState): Promise<void> {
+  async function withAnswerState(name: string, answer: { version: number }, fn: (view: StateView) => void, live?: SessionState): Promise<void> {
     try {
       await withStateAt(name, answer.version, fn, live);
     } catch (err) {

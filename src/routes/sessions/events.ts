@@ -6,7 +6,7 @@ import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import { ApiError, errors } from '../../errors.ts';
 import { errorResponses, NameParams } from '../schemas.ts';
-import { ACCESS } from '../common.ts';
+import { ACCESS, storedTokenId } from '../common.ts';
 import { MAX_STREAMS_PER_TOKEN } from '../../plugins/notifier.ts';
 import type { SessionRecord } from '../../sessions/repository.ts';
 
@@ -98,7 +98,7 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     };
     // A stream opened with a stored token ends once the token is revoked, on any replica: checked before an
     // event is sent (at most once a second) and at each keep-alive. The admin token and auth off have no row.
-    const tokenId = request.auth && request.auth.tokenId !== 'admin' && request.auth.tokenId !== 'anonymous' ? request.auth.tokenId : null;
+    const tokenId = storedTokenId(request);
     const opened = Date.now();
     const allowed = async (): Promise<boolean> => {
       // The request itself was authenticated a moment ago.
