@@ -78,7 +78,7 @@ function errorResponse(status: number): Json {
 /** Fields some errors add to the body, by status. */
 const ERROR_DETAILS: Record<number, Json> = {
   409: {
-    version: { type: 'integer', description: 'STALE_GRADIENT, ROUND_OPEN, DUPLICATE_CONTRIBUTION: the session\'s current version (pull the parameters at it)' },
+    version: { type: 'integer', description: 'STALE_GRADIENT, BASE_VERSION_AHEAD, ROUND_OPEN, DUPLICATE_CONTRIBUTION: the session\'s current version (pull the parameters at it)' },
     staleness: { type: 'integer', description: 'STALE_GRADIENT: how many versions the gradient\'s base_version is behind' },
     max_staleness: { type: 'integer', description: 'STALE_GRADIENT: the session\'s bound' },
   },

@@ -66,7 +66,7 @@ export interface StepOptions {
   idempotencyKey?: string | null;
   requestHash?: string;
   baseVersion?: number | null;
-  /** Where base_version came from: its 400 when it is newer than the session names it there (INVALID_QUERY for the query). */
+  /** Where base_version came from: its 409 BASE_VERSION_AHEAD when it is newer than the session names it there. */
   baseVersionFrom?: BaseVersionFrom;
   /** The step body's `param_groups` (validated here against the session's groups). */
   paramGroups?: unknown;

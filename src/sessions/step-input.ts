@@ -8,11 +8,13 @@ import { FLAG_KEYS, HYPERPARAMETER_KEYS, NAME_PATTERN, resolveHyperparameters, S
 
 export const MAX_METRICS = 32;
 
-/** The 400 for a step's base_version newer than the session's version, naming where it was given. */
+/**
+ * The 409 BASE_VERSION_AHEAD for a step's base_version newer than the session's version, naming where it was
+ * given: the session is not the one the gradient came from (deleted and created again, or its database
+ * restored), and the body carries its version for the worker to pull.
+ */
 export function baseVersionTooNew(baseVersion: number, version: number, from: BaseVersionFrom = 'body'): ApiError {
-  const message = `${baseVersion} is newer than the session's version ${version}`;
-  if (from === 'query') return errors.invalidQuery('base_version', message);
-  return errors.invalidBody(`${from === '__metadata__' ? '__metadata__.' : ''}base_version: ${message}`);
+  return errors.baseVersionAhead(from === '__metadata__' ? '__metadata__.base_version' : 'base_version', baseVersion, version);
 }
 
 /**

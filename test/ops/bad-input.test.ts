@@ -315,7 +315,7 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     [{ grads: { ...good, w: { shape: [1e9, 1e9], data: good.w } } }, 'SHAPE_MISMATCH'], [{ grads: { ...good, w: { shape: [3, 4], data: good.w, dtype: 'float16' } } }, 'INVALID_TENSOR'],
     [{ grads: { ...good, b: [[1, 2, 3, 4]] } }, 'SHAPE_MISMATCH'], [{ grads: { ...good, b: [1, 2, 3, '4'] } }, 'INVALID_TENSOR'], [{ grads: { ...good, b: [1, 2, 3, true] } }, 'INVALID_TENSOR'], [{ grads: { ...good, b: [1, 2, 3, {}] } }, 'INVALID_TENSOR'],
     ...[-1, 0, 'x', 1.5, 1e20].map((v): [unknown, string] => [{ grads: good, base_version: v }, 'INVALID_BODY']),
-    [{ grads: good, base_version: version + 5 }, 'INVALID_BODY'],
+    [{ grads: good, base_version: version + 5 }, 'BASE_VERSION_AHEAD'],
     [{ grads: good, extra: 1 }, 'INVALID_BODY'],
     // worker and samples are validated in every session (and used in a session with aggregation).
     ...['', 'a b', 'ü', 'x'.repeat(129), 5, null, [], {}, 'a:b'].map((worker): [unknown, string] => [{ grads: good, worker }, 'INVALID_BODY']),
@@ -348,7 +348,7 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
   const contribution = { ...gradBody(6), base_version: 1, worker: 'g2' };
   const roundVariants: [unknown, string][] = [
     [{ grads: good, worker: 'g2' }, 'INVALID_BODY'], [{ grads: good, base_version: 1 }, 'INVALID_BODY'],
-    [{ ...contribution, worker: 'g1' }, 'DUPLICATE_CONTRIBUTION'], [{ ...contribution, base_version: 0 }, 'INVALID_BODY'], [{ ...contribution, base_version: 9 }, 'INVALID_BODY'],
+    [{ ...contribution, worker: 'g1' }, 'DUPLICATE_CONTRIBUTION'], [{ ...contribution, base_version: 0 }, 'INVALID_BODY'], [{ ...contribution, base_version: 9 }, 'BASE_VERSION_AHEAD'],
     [{ ...contribution, grads: { ...good, w: good.w.slice(1) } }, 'SHAPE_MISMATCH'], [{ ...contribution, grads: { ...good, b: [1, 'NaN', 2, 3] } }, 'NON_FINITE_GRADIENT'],
     [{ ...contribution, grads: { ...good, nope: [1] } }, 'UNKNOWN_PARAMETER'], [{ ...contribution, grads: {} }, 'EMPTY_STEP'],
     [{ ...contribution, param_groups: [{ lr: 0.9 }] }, 'ROUND_CONFLICT'], [{ ...contribution, param_groups: [{ lr: -1 }] }, 'INVALID_HYPERPARAMETER'],
@@ -696,20 +696,21 @@ test('a step field given in the query and the body with different values is refu
   assert.equal(same.json().version, 2);
 });
 
-test('a base_version newer than the session is refused where it was given: query (INVALID_QUERY), body or __metadata__ (INVALID_BODY)', async (t) => {
+test('a base_version newer than the session is 409 BASE_VERSION_AHEAD naming where it was given (query, body, __metadata__), with the current version', async (t) => {
   const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
   await createSession(app, 'nv');
   const file = streamToBuffer(writeSafetensors(Object.entries(gradBody(1).grads).map(([k, v]) => [k, { dtype: 'float32' as const, data: Float32Array.from(v), shape: k === 'w' ? [3, 4] : [4] }] as const), { base_version: '7' }));
   const cases = [
-    { url: '/v1/sessions/nv/step?base_version=7', payload: gradBody(1), headers: asAdmin, code: 'INVALID_QUERY', message: /^base_version: 7 is newer than the session's version 1$/ },
-    { url: '/v1/sessions/nv/step', payload: { ...gradBody(1), base_version: 7 }, headers: asAdmin, code: 'INVALID_BODY', message: /^base_version: 7 is newer than the session's version 1$/ },
-    { url: '/v1/sessions/nv/step', payload: file, headers: { ...asAdmin, 'content-type': 'application/x-safetensors' }, code: 'INVALID_BODY', message: /^__metadata__\.base_version: 7 is newer than the session's version 1$/ },
+    { url: '/v1/sessions/nv/step?base_version=7', payload: gradBody(1), headers: asAdmin, message: /^base_version: 7 is newer than the session's version 1$/ },
+    { url: '/v1/sessions/nv/step', payload: { ...gradBody(1), base_version: 7 }, headers: asAdmin, message: /^base_version: 7 is newer than the session's version 1$/ },
+    { url: '/v1/sessions/nv/step', payload: file, headers: { ...asAdmin, 'content-type': 'application/x-safetensors' }, message: /^__metadata__\.base_version: 7 is newer than the session's version 1$/ },
   ];
   for (const c of cases) {
     const res = await app.inject({ method: 'POST', url: c.url, headers: c.headers, payload: c.payload });
-    assert.equal(res.statusCode, 400, res.body);
-    assert.equal(res.json().code, c.code, res.body);
+    assert.equal(res.statusCode, 409, res.body);
+    assert.equal(res.json().code, 'BASE_VERSION_AHEAD', res.body);
     assert.match(res.json().message, c.message);
+    assert.equal(res.json().version, 1, 'the body carries the version to pull');
   }
   assert.equal((await app.inject({ url: '/v1/sessions/nv', headers: asAdmin })).json().version, 1, 'not stepped');
 });

@@ -286,7 +286,7 @@ test('bad contributions and settings: 4xx naming the field, and the open round i
     ['duplicate worker', () => contribute(app, 'bad', { worker: 'w1', grads: gradsOf(2) }), 409, 'DUPLICATE_CONTRIBUTION', /^worker: "w1" has already contributed/],
     ['duplicate worker, another key', () => contribute(app, 'bad', { worker: 'w1', grads: good, key: 'other' }), 409, 'DUPLICATE_CONTRIBUTION', /^worker: /],
     ['base_version 0 (versions start at 1)', () => contribute(app, 'bad', { worker: 'w2', grads: good, base: 0 }), 400, 'INVALID_BODY', /^base_version: must be >= 1/],
-    ['future base_version', () => contribute(app, 'bad', { worker: 'w2', grads: good, base: 5 }), 400, 'INVALID_BODY', /^base_version: 5 is newer/],
+    ['future base_version', () => contribute(app, 'bad', { worker: 'w2', grads: good, base: 5 }), 409, 'BASE_VERSION_AHEAD', /^base_version: 5 is newer than the session's version 1$/],
     ['param_groups conflict', () => contribute(app, 'bad', { worker: 'w2', grads: good, extra: { param_groups: [{ lr: 0.5 }] } }), 409, 'ROUND_CONFLICT', /^param_groups: /],
     ['bad param_groups', () => contribute(app, 'bad', { worker: 'w2', grads: good, extra: { param_groups: [{ lr: -1 }] } }), 400, 'INVALID_HYPERPARAMETER', /^param_groups\[0\]\.lr: /],
     ['a key reused for another body', () => contribute(app, 'bad', { worker: 'w1', grads: gradsOf(3), key: 'k1' }), 422, 'IDEMPOTENCY_KEY_REUSED', /^Idempotency-Key: /],

@@ -67,6 +67,11 @@ class StaleGradient(ServiceError):
     """409 STALE_GRADIENT: the gradient was computed from parameters older than max_staleness allows."""
 
 
+class BaseVersionAhead(ServiceError):
+    """409 BASE_VERSION_AHEAD: the step's ``base_version`` is above the session's version: the session was
+    deleted and created again, or its database restored. ``version`` is the session's version."""
+
+
 class DuplicateContribution(ServiceError):
     """409 DUPLICATE_CONTRIBUTION: this worker already contributed to the open round (with another
     Idempotency-Key). The round steps without a second gradient from it."""
@@ -127,6 +132,7 @@ _BY_CODE = {
     "SESSION_NOT_FOUND": SessionNotFound,
     "SESSION_EXISTS": SessionExists,
     "STALE_GRADIENT": StaleGradient,
+    "BASE_VERSION_AHEAD": BaseVersionAhead,
     "VERSION_MISMATCH": VersionMismatch,
     "DUPLICATE_CONTRIBUTION": DuplicateContribution,
     "ROUND_CONFLICT": RoundConflict,

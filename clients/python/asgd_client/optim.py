@@ -39,7 +39,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 
 from .client import Client, ensure_session
-from .errors import ConnectionFailed, ServiceError, StaleGradient
+from .errors import BaseVersionAhead, ConnectionFailed, ServiceError, StaleGradient
 from .http import DEFAULT_RETRY_BUDGET_S, Connection
 from .state import SessionState
 from .tensors import FLAG_KEYS, HYPERPARAMETER_KEYS, group_from_json, local_group_keys, plain_number, state_dict_to_torch
@@ -185,8 +185,12 @@ _WENT_BACK = re.compile(r"base_version: (\d+) is newer than the session's versio
 
 
 def _went_back(err: ServiceError) -> Optional[int]:
-    """The base_version of a step refused because the session's version is below it (400 INVALID_QUERY or
-    INVALID_BODY, the field named as the service names it), or None for any other error."""
+    """The base_version of a step refused because the session's version is below it (409 BASE_VERSION_AHEAD;
+    a service before that code said it as a 400 INVALID_QUERY or INVALID_BODY naming base_version), or None
+    for any other error."""
+    if isinstance(err, BaseVersionAhead):
+        m = _WENT_BACK.search(err.message or "")
+        return int(m.group(1)) if m else (err.version or 0) + 1
     if err.status != 400 or err.code not in ("INVALID_QUERY", "INVALID_BODY"):
         return None
     m = _WENT_BACK.search(err.message or "")

@@ -1,6 +1,7 @@
 """A session replaced under a running worker (deleted and created again, by another worker or by its
 expire_after_idle_s; or its database restored from a backup) is at a lower version than the optimizer
-held: every step was refused (400, base_version newer than the session's) and the loop could not go on.
+held: every step was refused (409 BASE_VERSION_AHEAD: base_version newer than the session's version) and
+the loop could not go on.
 The gradient is now dropped, the session's parameters loaded, and training goes on from them (found by a
 review of the JavaScript client, which had the same bug at attach; checked here for the Python one)."""
 
@@ -8,7 +9,7 @@ import unittest
 
 import torch
 
-from asgd_client import Client, ServiceError
+from asgd_client import BaseVersionAhead, Client
 from _common import ServiceTestCase, unique
 
 
@@ -55,9 +56,10 @@ class SessionReplaced(ServiceTestCase):
         _, w, opt, loss, _ = self._run(False, on_stale="raise")
         opt.zero_grad()
         loss().backward()
-        with self.assertRaises(ServiceError) as ctx:
+        with self.assertRaises(BaseVersionAhead) as ctx:
             opt.step()
-        self.assertIn("is newer than the session's version 1", str(ctx.exception))
+        self.assertEqual((ctx.exception.status, ctx.exception.code, ctx.exception.version), (409, "BASE_VERSION_AHEAD", 1))
+        self.assertIn("base_version: 6 is newer than the session's version 1", str(ctx.exception))
         opt.close()
 
 

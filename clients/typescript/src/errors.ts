@@ -68,6 +68,11 @@ export class NotAcceptable extends ServiceError {}
 export class SessionExists extends ServiceError {}
 /** 409 STALE_GRADIENT: older than the session's max_staleness (in a session with aggregation: its round has stepped); `version` is the current version. */
 export class StaleGradient extends ServiceError {}
+/**
+ * 409 BASE_VERSION_AHEAD: the step's base_version is above the session's version (the session was deleted and
+ * created again, or its database restored); `version` is the session's version.
+ */
+export class BaseVersionAhead extends ServiceError {}
 /** 409 DUPLICATE_CONTRIBUTION: this worker already contributed to the open round (with another Idempotency-Key). */
 export class DuplicateContribution extends ServiceError {}
 /** 409 ROUND_CONFLICT: the contribution's param_groups differ from those already in the round. */
@@ -172,6 +177,7 @@ const BY_CODE: Record<string, ServiceErrorClass> = {
   NOT_ACCEPTABLE: NotAcceptable,
   SESSION_EXISTS: SessionExists,
   STALE_GRADIENT: StaleGradient,
+  BASE_VERSION_AHEAD: BaseVersionAhead,
   DUPLICATE_CONTRIBUTION: DuplicateContribution,
   ROUND_CONFLICT: RoundConflict,
   ROUND_OPEN: RoundOpen,

@@ -11,7 +11,7 @@
 // 'pull' (default) drops it and loads the session's parameters, 'raise' throws it from synchronize().
 import { Optimizer, serialization, tensor, type NamedTensorMap, type Scalar, type Tensor as TfTensor, type Variable } from '@tensorflow/tfjs-core';
 import { ASGDClient } from './client.ts';
-import { RoundPending, SessionExists, SessionNotFound, StaleGradient } from './errors.ts';
+import { BaseVersionAhead, RoundPending, SessionExists, SessionNotFound, StaleGradient } from './errors.ts';
 import { newIdempotencyKey, type TransportOptions } from './http.ts';
 import type { Tensor, TensorInput } from './tensors.ts';
 import type { Aggregation, Hyperparameters, Session, StepOptions, StepParamGroup, StepResult } from './types.ts';
@@ -50,6 +50,9 @@ export interface RemoteASGDOptions {
    * 'pull' (default, as the Python client's `on_stale="pull"`): drop the gradient, load the session's current
    * parameters into the variables, count it in `staleDropped`; training goes on (`model.fit` is not ended).
    * 'raise': the step's StaleGradient is thrown by `synchronize()` (in `model.fit`, by `optimizer.callback`).
+   * A step refused as 409 BASE_VERSION_AHEAD (the session is below the version the gradient was computed
+   * at: deleted and created again, or its database restored) is dropped likewise under 'pull', the session's
+   * parameters loaded at its lower version with a warning; under 'raise' synchronize() throws BaseVersionAhead.
    */
   onStale?: StalePolicy;
   /** Gradient transport: safetensors (default) or JSON, and the wire dtype (F32 default). */
@@ -371,6 +374,15 @@ export class RemoteASGD extends Optimizer {
       } catch (err) {
         if (err instanceof RoundPending) this.pendingRound = step;
         else if (this.pendingRound?.version === step.version) this.pendingRound = null;
+        if (err instanceof BaseVersionAhead && this.onStale !== 'raise') {
+          // The session is below the version this gradient was computed at: deleted and created again, or its
+          // database restored. Its history is not the gradient's: dropped, and its parameters taken.
+          const current = await this.client.params(this.session);
+          this.adoptVersion(current.version);
+          this.write(current.params, current.version);
+          this.restoreParamGroups(step.paramGroups);
+          return;
+        }
         if (!(err instanceof StaleGradient) || this.onStale !== 'pull') throw err;
         // Dropped: the session moved on without this gradient. Continue from its current parameters.
         const current = await this.client.params(this.session);

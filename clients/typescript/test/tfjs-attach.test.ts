@@ -5,6 +5,7 @@
 import assert from 'node:assert/strict';
 import test from 'node:test';
 import * as tf from '@tensorflow/tfjs';
+import { BaseVersionAhead } from '../src/index.ts';
 import { RemoteASGD } from '../src/tfjs.ts';
 import { liveService, uniqueName } from './service.ts';
 
@@ -69,6 +70,42 @@ test('attach to a session deleted and created again takes its parameters at its 
   await client.createSession({ name, params: [{ name: 'w', shape: [2], data: [7, 8] }] });
   assert.equal(await opt.pull(), 1);
   assert.deepEqual(Array.from(await w.data()), [7, 8]);
+});
+
+test('a step to a session replaced under a running optimizer drops its gradient, takes the new session\'s parameters and training goes on; onStale raise throws BaseVersionAhead', async (t) => {
+  const warnings: string[] = [];
+  const { client } = await liveService(t, { logger: { warn: (m: string) => warnings.push(m), info: () => {} } });
+  const name = uniqueName('tfjs-replaced');
+  const w = tf.variable(tf.zeros([2]), true, 'w-replaced');
+  const opt = new RemoteASGD({ client, session: name, hyperparameters: { lr: 0.1 } });
+  await opt.attach([w], ['w']);
+  const loss = () => w.sub(tf.tensor1d([1, 1])).square().sum() as tf.Scalar;
+  for (let i = 0; i < 5; i++) opt.minimize(loss, false, [w]);
+  await opt.synchronize();
+  assert.equal(opt.version, 6);
+  await client.deleteSession(name);
+  await client.createSession({ name, params: [{ name: 'w', shape: [2], data: [42, 43] }], hyperparameters: { lr: 0.1 } });
+
+  opt.minimize(loss, false, [w]); // computed at version 6 of the old session: dropped
+  await opt.synchronize();
+  assert.equal(opt.version, 1, 'the new session\'s version');
+  assert.deepEqual(Array.from(await w.data()), [42, 43], 'its parameters are in the variable');
+  assert.ok(warnings.some((m) => m.includes(`session ${name} is at version 1, below the 6`)), warnings.join('\n'));
+  for (let i = 0; i < 3; i++) opt.minimize(loss, false, [w]);
+  await opt.synchronize();
+  assert.equal(opt.version, 4);
+  const stored = await client.params(name);
+  assert.equal(stored.version, 4);
+  assert.deepEqual(bitsOf(stored.params.w.data), bitsOf(await w.data()));
+  assert.ok(stored.params.w.data[0] < 42, 'stepped from 42');
+
+  const strict = new RemoteASGD({ client, session: name, onStale: 'raise' });
+  await strict.attach([w], ['w']);
+  await client.deleteSession(name);
+  await client.createSession({ name, params: [{ name: 'w', shape: [2], data: [7, 8] }] });
+  strict.minimize(loss, false, [w]);
+  await assert.rejects(strict.synchronize(), (err: unknown) => err instanceof BaseVersionAhead && err.status === 409 && err.version === 1
+    && err.serviceMessage === "base_version: 4 is newer than the session's version 1");
 });
 
 test('nextParamGroups: only values that differ from the session\'s are sent; a schedule that repeats its lr records one change', async (t) => {

@@ -721,11 +721,11 @@ export interface components {
             /** @enum {integer} */
             statusCode: 409;
             /** @enum {string} */
-            code: "SESSION_EXISTS" | "STALE_GRADIENT" | "ROUND_OPEN" | "DUPLICATE_CONTRIBUTION" | "ROUND_CONFLICT";
+            code: "SESSION_EXISTS" | "BASE_VERSION_AHEAD" | "STALE_GRADIENT" | "ROUND_OPEN" | "DUPLICATE_CONTRIBUTION" | "ROUND_CONFLICT";
             /** @example Conflict */
             error: string;
             message: string;
-            /** @description STALE_GRADIENT, ROUND_OPEN, DUPLICATE_CONTRIBUTION: the session's current version (pull the parameters at it) */
+            /** @description STALE_GRADIENT, BASE_VERSION_AHEAD, ROUND_OPEN, DUPLICATE_CONTRIBUTION: the session's current version (pull the parameters at it) */
             version?: number;
             /** @description STALE_GRADIENT: how many versions the gradient's base_version is behind */
             staleness?: number;
@@ -1283,6 +1283,7 @@ export interface components {
          * @description Conflict. The `code` is one of:
          *
          *     - `SESSION_EXISTS`: A session of this name exists
+         *     - `BASE_VERSION_AHEAD`: The step's base_version is above the session's version: the session was deleted and created again, or its database restored; the body carries the current version
          *     - `STALE_GRADIENT`: The gradient is older than max_staleness allows (in a session with aggregation: older than the open round); the body carries the current version
          *     - `ROUND_OPEN`: A round of contributions is open: aggregation cannot change until it steps
          *     - `DUPLICATE_CONTRIBUTION`: This worker has already contributed to the open round
