@@ -5,7 +5,7 @@ import { readFileSync } from 'node:fs';
 import { pathToFileURL } from 'node:url';
 import { ConfigError, loadConfig } from './config.ts';
 import { KernelUnavailableError } from './optim/index.ts';
-import { openDatabase } from './db/database.ts';
+import { openDatabase, type MigrationCount } from './db/database.ts';
 import { describeDbFailure } from './db/errors.ts';
 import { databaseTarget, untilConnected } from './db/wait.ts';
 import { OPS_COMMANDS, runOps, type OpsIo } from './cli/ops.ts';
@@ -155,6 +155,7 @@ export async function main(
   try {
     const config = loadConfig(parsed.env);
     if (parsed.command === 'migrate') {
+      let counted: MigrationCount;
       const db = await openDatabase({
         databaseUrl: config.databaseUrl, dataDir: config.dataDir, poolSize: 1,
         onWarning: (message) => io.stderr.write(`asgd-serve: ${message}\n`),
@@ -166,11 +167,15 @@ export async function main(
           waitMs: config.databaseUrl ? config.dbStartTimeoutMs : 0,
           onWait: (err, waitedMs) => io.stderr.write(`asgd-serve: waiting for PostgreSQL at ${databaseTarget(config.databaseUrl)} (${describeDbFailure(err)}); ${Math.round(waitedMs / 1000)} s so far, up to ${Math.round(config.dbStartTimeoutMs / 1000)} s (ASGD_DB_START_TIMEOUT_MS)\n`),
         });
-        await db.ready();
+        counted = await db.ready();
       } finally {
         await db.close();
       }
-      io.stdout.write(`asgd-serve: migrations applied (${config.databaseUrl ? 'PostgreSQL' : `embedded database in ${config.dataDir}`})\n`);
+      const where = config.databaseUrl ? 'PostgreSQL' : `embedded database in ${config.dataDir}`;
+      // A database a newer build migrated (its warning is on stderr): this build applied nothing.
+      io.stdout.write(counted.applied > counted.expected
+        ? `asgd-serve: nothing to apply (${where}): the database has ${counted.applied} migrations, this build knows ${counted.expected}\n`
+        : `asgd-serve: migrations applied (${where}): ${counted.applied} of ${counted.expected}\n`);
       return 0;
     }
     const { startServer } = await import('./server.ts');

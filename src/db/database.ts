@@ -73,8 +73,8 @@ export interface Database extends Queryable {
   byteaParam(n: number): string;
   byteaValue(buf: Buffer): unknown;
   migrate(): Promise<void>;
-  /** Throws when the database is unreachable or the migrations are not applied. */
-  ready(): Promise<void>;
+  /** Throws when the database is unreachable or the migrations are not applied; else how many are applied. */
+  ready(): Promise<MigrationCount>;
   poolStats(): { total: number; idle: number; waiting: number };
   /** LISTEN on `channel` for this process (NOTIFY is sent at commit, by any process on the database). */
   listen(channel: string, handlers: ListenHandlers): Promise<Listener>;
@@ -106,8 +106,14 @@ export class NotMigratedError extends Error {
 /** drizzle's journal of applied migrations; the table does not exist in an empty database. */
 const APPLIED_MIGRATIONS_SQL = 'SELECT count(*)::text AS n FROM drizzle.__drizzle_migrations';
 
+/** The migrations the database's journal records, and those this build knows. */
+export interface MigrationCount {
+  applied: number;
+  expected: number;
+}
+
 /** Throws NotMigratedError unless `count()` (APPLIED_MIGRATIONS_SQL's answer) covers every migration of this build. */
-async function checkMigrated(count: () => Promise<string>, warn?: (message: string) => void): Promise<void> {
+async function checkMigrated(count: () => Promise<string>, warn?: (message: string) => void): Promise<MigrationCount> {
   let applied: number;
   try {
     applied = Number(await count());
@@ -124,6 +130,7 @@ async function checkMigrated(count: () => Promise<string>, warn?: (message: stri
     warnedNewer = true;
     warn(`the database has ${applied} migrations applied and this build knows ${expected}: a newer asgd-serve migrated it (fine during a rolling upgrade; after a rollback, check that build's release notes)`);
   }
+  return { applied, expected };
 }
 
 let warnedNewer = false;
@@ -474,9 +481,7 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
         release();
       }
     },
-    async ready() {
-      await checkMigrated(probeCount, options.onWarning);
-    },
+    ready: () => checkMigrated(probeCount, options.onWarning),
     poolStats: () => ({ total: pool.totalCount, idle: pool.idleCount, waiting: pool.waitingCount }),
     listen: (channel, handlers) => listenPostgres(url, channel, handlers, silence),
     async close() {
@@ -557,9 +562,7 @@ async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Da
     byteaParam: (n) => `decode($${n}, 'base64')`,
     byteaValue: (buf) => buf.toString('base64'),
     migrate: () => migratePglite(orm, { migrationsFolder: MIGRATIONS_DIR }),
-    async ready() {
-      await checkMigrated(async () => (await client.query<{ n: string }>(APPLIED_MIGRATIONS_SQL)).rows[0].n);
-    },
+    ready: () => checkMigrated(async () => (await client.query<{ n: string }>(APPLIED_MIGRATIONS_SQL)).rows[0].n),
     poolStats: () => ({ total: 1, idle: 1, waiting: 0 }),
     // In-process: PGlite delivers a committed NOTIFY to its own listeners.
     async listen(channel, handlers) {

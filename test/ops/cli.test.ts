@@ -109,12 +109,21 @@ test('migrate, then serve: ready, guarded, healthy, and a clean exit on SIGTERM 
 
   const migrated = await run([BIN, 'migrate'], { DATABASE_URL: db.url });
   assert.equal(migrated.code, 0, migrated.stderr);
-  assert.match(migrated.stdout, /migrations applied \(PostgreSQL\)/);
+  assert.match(migrated.stdout, /migrations applied \(PostgreSQL\): (\d+) of \1\n$/);
   const again = await runHere(['migrate', '--database-url', db.url]);
   assert.equal(again.code, 0, 'migrating twice is harmless');
+  assert.equal(again.stdout, migrated.stdout);
   const client = new pg.Client({ connectionString: db.url });
   await client.connect();
   const tables = (await client.query("SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")).rows.map((r) => r.tablename);
+  // A database a newer build migrated: migrate says it applied nothing (and warns), not "migrations applied".
+  const known = Number(migrated.stdout.match(/(\d+) of/)![1]);
+  await client.query("INSERT INTO drizzle.__drizzle_migrations (hash, created_at) VALUES ('from-a-newer-build', 99999999999999)");
+  const newer = await runHere(['migrate', '--database-url', db.url]);
+  assert.equal(newer.code, 0, newer.stderr);
+  assert.equal(newer.stdout, `asgd-serve: nothing to apply (PostgreSQL): the database has ${known + 1} migrations, this build knows ${known}\n`);
+  assert.match(newer.stderr, /a newer asgd-serve migrated it/);
+  await client.query("DELETE FROM drizzle.__drizzle_migrations WHERE hash = 'from-a-newer-build'");
   await client.end();
   assert.ok(['sessions', 'snapshots', 'step_log', 'tokens'].every((name) => tables.includes(name)), tables.join());
 
