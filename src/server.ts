@@ -9,6 +9,7 @@ import { ConfigError, isLoopback, loadConfig, type Config } from './config.ts';
 import { DataDirLockedError } from './db/data-dir-lock.ts';
 import { describeDbFailure } from './db/errors.ts';
 import { KernelUnavailableError } from './optim/index.ts';
+import { holdProcessWarnings } from './process-warnings.ts';
 import { DASHBOARD_PATH } from './routes/root/index.ts';
 
 const PARENT_CHECK_MS = 1_000;
@@ -41,13 +42,23 @@ export function tuneHeap(): void {
 
 export async function startServer(config: Config, opts: { migrate?: boolean } = {}) {
   tuneHeap();
-  const app = await buildApp({
-    config,
-    // Pending migrations are applied at start unless ASGD_MIGRATE=false: replicas on PostgreSQL take an
-    // advisory lock, so any number can start at once; docker-compose also runs `migrate` once before them.
-    migrate: opts.migrate ?? config.migrateOnStart ?? true,
-    logger: loggerOptions(config),
-  });
+  // Warnings said while the app is built (node-postgres reads DATABASE_URL's sslmode) wait for its logger.
+  const warnings = holdProcessWarnings();
+  let app: Awaited<ReturnType<typeof buildApp>>;
+  try {
+    app = await buildApp({
+      config,
+      // Pending migrations are applied at start unless ASGD_MIGRATE=false: replicas on PostgreSQL take an
+      // advisory lock, so any number can start at once; docker-compose also runs `migrate` once before them.
+      migrate: opts.migrate ?? config.migrateOnStart ?? true,
+      logger: loggerOptions(config),
+    });
+  } catch (err) {
+    warnings.release();
+    throw err;
+  }
+  warnings.logTo(app.log);
+  app.addHook('onClose', async () => warnings.release());
   if (!config.adminToken && !isLoopback(config.host)) {
     app.log.warn({ host: config.host }, 'ASGD_ALLOW_INSECURE: listening beyond loopback WITHOUT authentication');
   }

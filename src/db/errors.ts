@@ -62,6 +62,10 @@ export function describeDbFailure(err: unknown): string {
   const code = typeof e.code === 'string' ? e.code : '';
   if (['ECONNREFUSED', 'ENOTFOUND', 'EHOSTUNREACH', 'ETIMEDOUT'].includes(code)) return `cannot connect to PostgreSQL: ${message} (is it running there? DATABASE_URL)`;
   if (/^[0-9A-Z]{5}$/.test(code) && (err as { severity?: unknown }).severity !== undefined) return `PostgreSQL: ${message} (SQLSTATE ${code})`;
+  // node-postgres's own words when DATABASE_URL's sslmode asks for TLS (prefer included: no fallback) and the server has none.
+  if (message === 'The server does not support SSL connections') {
+    return `${message}: DATABASE_URL's sslmode asks for TLS (node-postgres takes prefer and require as verify-full, with no fallback to plain text); for a server without TLS use sslmode=disable`;
+  }
   return message;
 }
 

@@ -30,3 +30,19 @@ test('the embedded database\'s file errors (no message, an errno) are named, not
   assert.match(describeDbFailure({ name: 'ErrnoError', errno: 69 }), /EROFS \(read-only file system\)/);
   assert.match(describeDbFailure({ name: 'ErrnoError', errno: 7 }), /file system error 7/);
 });
+
+test('sslmode=prefer against a PostgreSQL without TLS: the failure says node-postgres does not fall back, and what to set', async (t) => {
+  // What node-postgres throws (pg-connection-string takes prefer as verify-full); libpq users expect a fallback.
+  const db = await createTestDatabase();
+  t.after(() => db.drop());
+  const client = new pg.Client({ connectionString: `${db.url}?sslmode=disable` });
+  await client.connect();
+  const ssl = (await client.query<{ ssl: string }>('SHOW ssl')).rows[0].ssl;
+  await client.end();
+  if (ssl === 'on') return t.skip('this PostgreSQL has TLS');
+  const refused = new pg.Client({ connectionString: `${db.url}?sslmode=prefer` });
+  const err = await refused.connect().then(() => null, (e: unknown) => e);
+  await refused.end().catch(() => {});
+  assert.ok(err, 'refused');
+  assert.match(describeDbFailure(err), /^The server does not support SSL connections: DATABASE_URL's sslmode asks for TLS .* use sslmode=disable$/);
+});

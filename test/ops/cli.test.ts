@@ -165,6 +165,46 @@ test('migrate, then serve: ready, guarded, healthy, and a clean exit on SIGTERM 
   assert.match(down.stderr, /ECONNREFUSED/);
 });
 
+test('a process warning (node-postgres says one about sslmode) is one JSON log line, not multi-line text on stderr', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'asgd-warn-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  // A module that says a two-line warning, as node-postgres does, when the test asks (SIGUSR2), after start.
+  const say = encodeURIComponent('process.on("SIGUSR2", () => process.emitWarning("SECURITY WARNING: first line\\nsecond line", "SecurityWarning"))');
+  const child = spawn(process.execPath, [BIN, 'serve', '--port', '0', '--log-level', 'info'], {
+    env: { PATH: process.env.PATH ?? '', ASGD_DATA_DIR: dir, HOST: '127.0.0.1', NODE_OPTIONS: `--import=data:text/javascript,${say}` },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let output = '';
+  let stderr = '';
+  child.stderr.on('data', (d) => { stderr += d; });
+  const exited = new Promise<number | null>((resolve) => child.on('close', resolve));
+  t.after(() => { if (child.exitCode === null) child.kill('SIGKILL'); });
+  const seen = (pattern: RegExp) => new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`not seen ${pattern}: ${output} ${stderr}`)), 30_000);
+    const check = () => {
+      if (!pattern.test(output)) return;
+      clearTimeout(timer);
+      child.stdout.off('data', onData);
+      resolve();
+    };
+    const onData = (d: Buffer) => { output += d; check(); };
+    child.stdout.on('data', onData);
+    check();
+  });
+  await seen(/Server listening at/);
+  child.kill('SIGUSR2');
+  await seen(/SecurityWarning/);
+  child.kill('SIGTERM');
+  assert.equal(await exited, 0, stderr);
+  const lines = output.trim().split('\n').map((line) => JSON.parse(line) as { level: number; msg: string; warning?: { name: string; message: string } });
+  const warned = lines.filter((l) => l.warning);
+  assert.equal(warned.length, 1, output);
+  assert.equal(warned[0].level, 40);
+  assert.equal(warned[0].msg, 'SecurityWarning: SECURITY WARNING: first line');
+  assert.deepEqual(warned[0].warning, { name: 'SecurityWarning', message: 'SECURITY WARNING: first line\nsecond line' });
+  assert.doesNotMatch(stderr, /Warning/, 'nothing raw on stderr');
+});
+
 // ---- the operator's write commands: sessions import, restore, fork ------------------------------------------
 // Against the app listening on a port of this process, on its own database; the commands run through main()
 // as the executable runs them (one of them through the executable itself).
