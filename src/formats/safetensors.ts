@@ -141,7 +141,7 @@ function parseHeader(bytes: Buffer): Record<string, unknown> {
   if (deep >= 0) throw headerError(`header nests deeper than ${MAX_HEADER_DEPTH} levels (at character ${deep} of the header)`);
   let header: unknown;
   try {
-    header = JSON.parse(text);
+    header = (JSON.parse as (text: string, reviver: (key: string, value: unknown, context?: { source?: string }) => unknown) => unknown)(text, integersOnly);
   } catch (err) {
     throw headerError(`header is not valid JSON: ${(err as Error).message}`);
   }
@@ -151,6 +151,14 @@ function parseHeader(bytes: Buffer): Record<string, unknown> {
   const twice = firstDuplicateKey(text);
   if (twice) throw headerError(`header names ${JSON.stringify(twice.key)} twice (at character ${twice.at} of the header)`);
   return header;
+}
+
+/**
+ * The header's numbers (shapes and data_offsets) are integers as written: `48.0` or `4.8e1` is NaN here, so
+ * the checks of readInfo refuse it, as the safetensors library (serde_json into usize) does.
+ */
+function integersOnly(_key: string, value: unknown, context?: { source?: string }): unknown {
+  return typeof value === 'number' && context?.source !== undefined && !/^-?\d+$/.test(context.source) ? NaN : value;
 }
 
 function readInfo(name: string, info: unknown): { name: string; dtypeName: string; shape: number[]; begin: number; end: number } {

@@ -50,17 +50,22 @@ export class StorageClass extends PyGlobal {
   }
 }
 
-/** A storage loaded through a persistent id: its elements, in its dtype. */
+/**
+ * A storage loaded through a persistent id: its elements, in its dtype. A storage whose record is missing or
+ * of another size is `refused`: the tensors made from it are refused by their place in the file.
+ */
 export class Storage extends Opaque {
   readonly key: string;
   readonly dtype: DType;
   readonly data: TypedArray;
+  readonly refused: FormatError | null;
 
-  constructor(key: string, dtype: DType, data: TypedArray) {
+  constructor(key: string, dtype: DType, data: TypedArray, refused: FormatError | null = null) {
     super();
     this.key = key;
     this.dtype = dtype;
     this.data = data;
+    this.refused = refused;
   }
 
   describe(): string {
@@ -159,6 +164,27 @@ function rebuildParameter(data: Item, requiresGrad: Item, hooks: Item): Tensor {
  */
 export function rebuildTensor(storage: Item, offsetItem: Item, sizeItem: Item, strideItem: Item): Tensor {
   if (!(storage instanceof Storage)) throw callError(`tensor storage must come from a persistent id, got ${describeItem(storage)}`);
+  // A tensor's place in the file (params.w) is known once the whole value is read: what is wrong with its
+  // storage, sizes or strides is said then, by copyStridedViews, with that place.
+  if (storage.refused) return refusedTensor(storage, storage.refused);
+  try {
+    return viewOf(storage, offsetItem, sizeItem, strideItem);
+  } catch (err) {
+    if (err instanceof FormatError) return refusedTensor(storage, err);
+    throw err;
+  }
+}
+
+/** Tensors refused while the file was read, by their placeholder array, with why. */
+const REFUSED_TENSORS = new WeakMap<TypedArray, FormatError>();
+
+function refusedTensor(storage: Storage, why: FormatError): Tensor {
+  const placeholder = storage.data.subarray(0, 0);
+  REFUSED_TENSORS.set(placeholder, why);
+  return { dtype: storage.dtype, shape: [0], data: placeholder } as Tensor;
+}
+
+function viewOf(storage: Storage, offsetItem: Item, sizeItem: Item, strideItem: Item): Tensor {
   const offset = toIndex(offsetItem, 'storage offset');
   const shape = intTuple(sizeItem, 'size');
   const stride = intTuple(strideItem, 'stride');
@@ -196,7 +222,8 @@ interface StridedView {
 const PENDING_VIEWS = new WeakMap<TypedArray, StridedView>();
 
 /**
- * Copies the strided views in `value` into row-major arrays, in place. Their copies may take at most
+ * Refuses the tensors refused while the file was read (rebuildTensor), named by their place in `value`, and
+ * copies the strided views in `value` into row-major arrays, in place. Their copies may take at most
  * `budgetBytes` together; a view that would go over is refused, named by its place in `value` (`root`
  * for the value itself, `root.key` and `root[index]` inside it), before its array is allocated.
  */
@@ -213,6 +240,8 @@ export function copyStridedViews(value: PyValue, budgetBytes: number, root: stri
     } else if (item instanceof PyTuple || Array.isArray(item)) {
       items(item).forEach((child, i) => visit(child, `${path}[${i}]`));
     } else if (isTensor(item)) {
+      const refused = REFUSED_TENSORS.get(item.data);
+      if (refused) throw new FormatError(refused.code, `${path || 'tensor'}: ${refused.message}`);
       const view = PENDING_VIEWS.get(item.data);
       if (!view) return;
       let copy = copies.get(item.data);

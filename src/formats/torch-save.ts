@@ -90,15 +90,18 @@ export function readTorchSave(buf: Uint8Array, options: TorchLoadOptions = {}): 
     }
     const record = `${prefix}data/${key}`;
     const entry = zip.entries.get(record);
-    if (!entry) throw new FormatError('STORAGE_MISSING', `storage record data/${key} is missing`);
+    // A storage refused here is refused with the first tensor made from it, named by its place in the file.
+    const refuse = (why: FormatError) => {
+      const refused = new Storage(key, dtype, arrayFromBytes(dtype, new Uint8Array(0), true), why);
+      storages.set(key, refused);
+      return refused;
+    };
+    if (!entry) return refuse(new FormatError('STORAGE_MISSING', `storage record data/${key} is missing`));
     // torch.save writes exactly a storage's bytes. The size is checked before the record is read: a small
     // storage whose (deflated) record is large would otherwise be inflated for nothing.
     const nbytes = BigInt(elementSize(dtype)) * count;
-    if (nbytes > BigInt(entry.size)) {
-      throw new FormatError('STORAGE_MISSING', `storage ${key} declares ${count} ${dtype} elements but its record has ${entry.size} bytes`);
-    }
-    if (nbytes < BigInt(entry.size)) {
-      throw new FormatError('TORCH_SAVE_INVALID', `storage ${key} declares ${count} ${dtype} elements (${nbytes} bytes) but its record has ${entry.size} bytes`);
+    if (nbytes !== BigInt(entry.size)) {
+      return refuse(new FormatError('TORCH_SAVE_INVALID', `storage ${key} declares ${count} ${dtype} elements (${nbytes} bytes) but its record has ${entry.size} bytes`));
     }
     const bytes = zip.read(record);
     const storage = new Storage(key, dtype, arrayFromBytes(dtype, bytes.subarray(0, Number(nbytes)), options.copy ?? false));

@@ -187,6 +187,8 @@ export function loadedFromAsgd(sd: AsgdStateDict): LoadedStateDict {
         extra[key] = value;
       } else if (key === 'param_names') {
         extra[key] = paramNames(value, g.params.length, `${field}.${key}`);
+      } else if (typeof value === 'number') {
+        throw errors.invalidStateDict(`${field}.${key}`, `must be finite, got ${value}`);
       } else {
         throw errors.invalidStateDict(`${field}.${key}`, 'extra group keys must be numbers, strings, booleans or None (or param_names, a list of strings)');
       }

@@ -126,6 +126,18 @@ describe('safetensors writer', () => {
 describe('safetensors reader refuses hostile files', () => {
   const good = { x: { dtype: 'F32', shape: [2], data_offsets: [0, 8] } };
 
+  test('shapes and data_offsets are integers as written: 48.0 or 8e0 is refused, as the safetensors library refuses it', () => {
+    const raw = (json: string, body: Uint8Array) => {
+      const length = Buffer.alloc(8);
+      length.writeBigUInt64LE(BigInt(Buffer.byteLength(json)));
+      return Buffer.concat([length, Buffer.from(json), body]);
+    };
+    assert.deepEqual([...readSafetensors(raw('{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', f32(1, 2))).tensors.get('x')!.data], [1, 2]);
+    refused(raw('{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8.0]}}', f32(1, 2)), 'SAFETENSORS_HEADER_INVALID', /^tensor x data_offsets must be \[begin, end\]/);
+    refused(raw('{"x":{"dtype":"F32","shape":[2],"data_offsets":[0e0,8]}}', f32(1, 2)), 'SAFETENSORS_HEADER_INVALID', /data_offsets/);
+    refused(raw('{"x":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}}', f32(1, 2)), 'TENSOR_SHAPE_INVALID', /^tensor x shape must be a list of non-negative integers/);
+  });
+
   test('header length beyond the body, short files, bad JSON', () => {
     refused(Buffer.alloc(4), 'SAFETENSORS_HEADER_INVALID', /too short/);
     const long = file(good, f32(1, 2));

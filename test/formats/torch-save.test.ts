@@ -136,7 +136,7 @@ describe('torch.save reader refuses what torch.load would not read, or should no
 
   test('storages: missing, too small, out-of-range views, mixed dtypes, unsupported dtypes', () => {
     assert.equal(codeOf(() => readTorchSave(valid(tensorPickle({ key: '9', numel: 6, size: [6], stride: [1] })))), 'STORAGE_MISSING');
-    assert.equal(codeOf(() => readTorchSave(valid(tensorPickle({ numel: 7, size: [7], stride: [1] })))), 'STORAGE_MISSING');
+    assert.equal(codeOf(() => readTorchSave(valid(tensorPickle({ numel: 7, size: [7], stride: [1] })))), 'TORCH_SAVE_INVALID', 'a record shorter than its storage, as one longer');
     assert.equal(codeOf(() => readTorchSave(valid(tensorPickle({ numel: 6, offset: 1, size: [6], stride: [1] })))), 'STORAGE_MISSING');
     assert.equal(codeOf(() => readTorchSave(valid(tensorPickle({ numel: 6, size: [3, 2], stride: [3, 1] })))), 'STORAGE_MISSING');
     assert.equal(codeOf(() => readTorchSave(valid(tensorPickle({ numel: 6, size: [-1], stride: [1] })))), 'TENSOR_SHAPE_INVALID');
@@ -147,6 +147,29 @@ describe('torch.save reader refuses what torch.load would not read, or should no
     assert.equal(codeOf(() => readTorchSave(valid(tensorPickle({ numel: 3, cls: 'EvilStorage', size: [3], stride: [1] })))), 'PICKLE_GLOBAL_REFUSED');
     const twoDtypes = '\x80\x02' + tensorPickle({ numel: 6, size: [6], stride: [1] }).slice(2, -1) + tensorPickle({ numel: 3, cls: 'LongStorage', size: [3], stride: [1] }).slice(2, -1) + '\x86.';
     assert.throws(() => readTorchSave(valid(twoDtypes)), (err: FormatError) => err.code === 'TORCH_SAVE_INVALID' && /float32 and int64/.test(err.message));
+  });
+
+  test('what is wrong with a tensor\'s storage, sizes or strides is said with the tensor\'s place in the file', () => {
+    // A state_dict-like file: {"w": tensor, "groups": [tensor]}; each fault in the second tensor only.
+    const bad = (spec: Parameters<typeof tensorPickle>[0]) => {
+      const good = tensorPickle({ numel: 6, size: [6], stride: [1] }).slice(2, -1);
+      const other = tensorPickle({ key: '1', ...spec }).slice(2, -1);
+      return valid(`\x80\x02}X\x01\x00\x00\x00w${good}sX\x06\x00\x00\x00groups]${other}as.`, { 'a/data/1': floats(1, 2, 3, 4) });
+    };
+    const said = (file: Buffer) => {
+      try {
+        readTorchSave(file, { name: 'params' });
+      } catch (err) {
+        return `${(err as FormatError).code} ${(err as FormatError).message}`;
+      }
+      return 'no error';
+    };
+    assert.equal(said(bad({ numel: 4, size: [4], stride: [1] })), 'no error');
+    assert.equal(said(bad({ numel: 4, size: [3, 4], stride: [4, 1] })), 'STORAGE_MISSING params.groups[0]: tensor of shape [3, 4] at offset 0 needs 12 elements, storage 1 has 4');
+    assert.equal(said(bad({ numel: 4, size: [2, 2], stride: [2] })), 'TENSOR_SHAPE_INVALID params.groups[0]: tensor has 2 sizes but 1 strides');
+    assert.equal(said(bad({ numel: 4, offset: 3, size: [2], stride: [1] })), 'STORAGE_MISSING params.groups[0]: tensor of shape [2] at offset 3 needs 5 elements, storage 1 has 4');
+    assert.equal(said(bad({ numel: 5, size: [4], stride: [1] })), 'TORCH_SAVE_INVALID params.groups[0]: storage 1 declares 5 float32 elements (20 bytes) but its record has 16 bytes');
+    assert.equal(said(bad({ key: '7', numel: 4, size: [4], stride: [1] })), 'STORAGE_MISSING params.groups[0]: storage record data/7 is missing');
   });
 
   test('a storage record must hold exactly the bytes its storage declares; a large one is refused before it is inflated', () => {

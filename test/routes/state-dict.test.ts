@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { buildTestApp, randomData } from '../helper.ts';
+import { PyDict, PyTuple, readTorchSave, torchSaveToBuffer } from '../../src/formats/index.ts';
 import { hexOf, runTorchReference, skipWithoutTorch } from '../support/torch.ts';
 
 const params = [
@@ -162,7 +163,8 @@ test('If-Match, Idempotency-Key and bounded staleness', async (t) => {
   assert.equal(tooOld.json().code, 'STALE_GRADIENT');
   assert.equal(tooOld.json().staleness, 2);
   const future = await step({}, '?base_version=999');
-  assert.equal(future.statusCode, 400);
+  assert.equal(future.statusCode, 409);
+  assert.equal(future.json().code, 'BASE_VERSION_AHEAD');
 });
 
 test('param_names (torch 2.6 on, an optimizer made from named_parameters()) travel with the state_dict: created, loaded and served in JSON, .pt and safetensors', async (t) => {
@@ -224,4 +226,37 @@ test('a state_dict whose eta, mu or ax is not finite is refused naming the field
   }
   assert.equal((await app.inject({ url: '/v1/sessions/sd' })).json().version, before, 'nothing changed');
   assert.equal((await app.inject({ method: 'PUT', url: '/v1/sessions/sd/state_dict', payload: saved })).statusCode, 200, 'the state as served loads');
+});
+
+test('a .pt state_dict\'s extra group keys: finite numbers, strings, booleans and None come back with their types; others are a 400 naming the key', async (t) => {
+  const { app } = await buildTestApp(t);
+  await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'x', params, hyperparameters: defaults } });
+  const file = (await app.inject({ url: '/v1/sessions/x/state_dict?format=pt' })).rawPayload;
+  const withExtra = (value: unknown) => {
+    const sd = readTorchSave(file) as PyDict;
+    const group = (sd.get('param_groups') as PyDict[])[0];
+    group.set('initial_lr', 0.03);
+    group.set('warmup', 5n);
+    group.set('note', 'cosine');
+    group.set('extra', value as never);
+    return torchSaveToBuffer(sd);
+  };
+  const put = (body: Buffer) => app.inject({ method: 'PUT', url: '/v1/sessions/x/state_dict', headers: { 'content-type': 'application/octet-stream' }, payload: body });
+  const ok = await put(withExtra(null));
+  assert.equal(ok.statusCode, 200, ok.body);
+  const group = (await app.inject({ url: '/v1/sessions/x/state_dict' })).json().param_groups[0];
+  assert.deepEqual([group.initial_lr, group.warmup, group.note, group.extra], [0.03, 5, 'cosine', null]);
+  const before = (await app.inject({ url: '/v1/sessions/x/state_dict' })).body;
+  for (const [value, message] of [
+    [Infinity, /^param_groups\[0\]\.extra: must be finite, got Infinity$/],
+    [NaN, /^param_groups\[0\]\.extra: must be finite, got NaN$/],
+    [2n ** 70n, /^param_groups\[0\]\.extra: integer out of range$/],
+    [new PyTuple([0.9, 0.999]), /^param_groups\[0\]\.extra: extra group keys must be numbers, strings, booleans or None/],
+  ] as const) {
+    const res = await put(withExtra(value));
+    assert.equal(res.statusCode, 400, String(value));
+    assert.equal(res.json().code, 'INVALID_STATE_DICT');
+    assert.match(res.json().message, message);
+  }
+  assert.equal((await app.inject({ url: '/v1/sessions/x/state_dict' })).body, before, 'unchanged');
 });
