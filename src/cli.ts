@@ -58,6 +58,7 @@ export const FLAGS: Flag[] = [
   { env: 'ASGD_FMA', value: 'true|false', help: 'fused multiply-add as PyTorch on AVX2 (default true)' },
   { env: 'ASGD_CACHE_BYTES', value: 'bytes', help: 'decoded session state kept in memory (default 4 GiB)' },
   { env: 'ASGD_CACHE_SESSIONS', value: 'n', help: 'sessions kept decoded in memory at most (default 4096, at most 10000: each reserves ~8 GiB of address space)' },
+  { env: 'ASGD_MIN_FREE_BYTES', value: 'bytes', help: 'embedded database: writes are refused (507) while its disk has less free than this plus the write (default 64 MiB)' },
   { env: 'ASGD_SNAPSHOT_COPY_LIMIT_BYTES', value: 'bytes', help: 'background snapshots of a bigger state are written from it, its steps waiting, not from a copy (default 256 MiB)' },
   { env: 'ASGD_REPLAY_BOUND_BYTES', value: 'bytes', help: 'a process taking a session over replays at most this much logged gradient, or four states\' worth (unlogged replay points; 0: off; default 64 MiB on PostgreSQL, off on the embedded database)' },
 ];

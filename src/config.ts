@@ -58,6 +58,8 @@ export interface Config {
   cacheSessions: number;
   /** Background snapshots of a state (params + ax) up to this size copy it and write while steps go on; bigger ones are written in place, steps waiting. */
   snapshotCopyLimitBytes: number;
+  /** The embedded database's writes are refused (507) while its disk has less free than this plus the write's size. */
+  minFreeBytes: number;
   /** Log bytes between replay points (src/sessions/replay-points.ts); 0: none. */
   replayBoundBytes: number;
   /** under-pressure: answer 503 while the event loop lags more than this (0 = off). */
@@ -268,6 +270,7 @@ export function loadConfig(env: Env = process.env): Config {
     cacheBytes: int(env, 'ASGD_CACHE_BYTES', 4096 * MiB, 0),
     cacheSessions: int(env, 'ASGD_CACHE_SESSIONS', 4096, 1, MAX_CACHE_SESSIONS),
     snapshotCopyLimitBytes: int(env, 'ASGD_SNAPSHOT_COPY_LIMIT_BYTES', 256 * MiB, 0),
+    minFreeBytes: int(env, 'ASGD_MIN_FREE_BYTES', 64 * MiB, 0),
     // Replay points serve takeovers by other processes; the embedded database has one process, whose point
     // writes would run on its event loop: off there unless asked for.
     replayBoundBytes: int(env, 'ASGD_REPLAY_BOUND_BYTES', databaseUrl(env) ? 64 * MiB : 0, 0),

@@ -1,5 +1,6 @@
 // The database as a named plugin: opened (and migrated when asked) at boot, closed in onClose.
 import { existsSync } from 'node:fs';
+import type { IncomingMessage } from 'node:http';
 import { join, resolve } from 'node:path';
 import fp from 'fastify-plugin';
 import type { FastifyInstance } from 'fastify';
@@ -7,10 +8,14 @@ import { openDatabase, type Database } from '../db/database.ts';
 import type { Config } from '../config.ts';
 import { describeDbFailure } from '../db/errors.ts';
 import { databaseTarget, untilConnected } from '../db/wait.ts';
+import { diskRoom, type DiskRoom } from '../db/disk-room.ts';
+import { errors } from '../errors.ts';
 
 declare module 'fastify' {
   interface FastifyInstance {
     db: Database;
+    /** The embedded database's disk guard (src/db/disk-room.ts); null on PostgreSQL and in memory. */
+    diskRoom: DiskRoom | null;
   }
 }
 
@@ -20,6 +25,16 @@ export interface DbPluginOptions {
   migrate: boolean;
   /** Use this database instead of opening one (tests share one). */
   database?: Database;
+}
+
+/** The largest body read to its end before a 507 (a bigger one is answered at once, and its connection closed). */
+const DRAIN_LIMIT_BYTES = 64 * 1024 * 1024;
+
+function drained(stream: IncomingMessage): Promise<void> {
+  return new Promise((resolve) => {
+    stream.on('end', resolve).on('error', () => resolve()).on('close', resolve);
+    stream.resume();
+  });
 }
 
 /** host:port/database of a PostgreSQL URL, for a log line (never the password). */
@@ -57,6 +72,22 @@ export default fp(
       }
     }
     fastify.decorate('db', db);
+    // Writes on the embedded database need room on its disk: refused (507, the state unchanged) without it.
+    const room = !databaseUrl && dataDir !== 'memory://' ? diskRoom(dataDir, opts.config.minFreeBytes) : null;
+    fastify.decorate('diskRoom', room);
+    if (room) {
+      fastify.addHook('onRequest', async (request) => {
+        if (request.method === 'GET' || request.method === 'HEAD' || request.method === 'OPTIONS') return;
+        const body = Number(request.headers['content-length']) || 0;
+        // The body is logged (a gradient) or written as a state, and a snapshot may follow: twice its size.
+        const short = room(2 * body);
+        if (!short) return;
+        // The body is read and dropped (nothing of it is written) so that a client sending it whole before it
+        // reads the answer gets the 507, not a reset connection; with Expect: 100-continue it is never sent.
+        if (body > 0 && body <= DRAIN_LIMIT_BYTES && !/100-continue/i.test(String(request.headers.expect ?? ''))) await drained(request.raw);
+        throw errors.insufficientStorage(`${request.method} ${request.url.split('?', 1)[0]}`, resolve(dataDir), short.free, short.needed);
+      });
+    }
     if (!opts.database) fastify.addHook('onClose', async () => db.close());
   },
   { name: 'db' },

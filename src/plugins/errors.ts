@@ -207,9 +207,9 @@ export default fp(
     });
     fastify.setErrorHandler((err, request, reply) => {
       const api = toApiError(err, request);
-      // A 503 is a state of the database or the process, said once by the health probe: one line without a
-      // stack per request; a 500 is a bug, with its stack.
-      if (api.statusCode === 503) request.log.warn({ code: api.code, statusCode: 503, cause: (err as Error)?.message }, api.message);
+      // A 503 is a state of the database or the process, said once by the health probe, and a 507 one of the
+      // embedded database's disk: one line without a stack per request; a 500 is a bug, with its stack.
+      if (api.statusCode === 503 || api.statusCode === 507) request.log.warn({ code: api.code, statusCode: api.statusCode, cause: (err as Error)?.message }, api.message);
       else if (api.statusCode >= 500) request.log.error({ err }, 'request failed');
       // An error mapped from elsewhere (fastify, the database) keeps its original in the log line.
       else request.log.info({ code: api.code, statusCode: api.statusCode, ...(!(err instanceof ApiError) && { err }) }, api.message);

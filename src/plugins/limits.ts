@@ -71,7 +71,10 @@ export default fp(
         if (EXEMPT_FROM_PRESSURE.has(url)) return undefined;
         if (type === 'healthCheck' && needsNoDatabase(url)) return undefined;
         const why = type !== 'healthCheck' ? `the server is overloaded (${type}); retry shortly`
-          : health.problem === 'not-migrated' ? 'the database is not migrated: run `asgd-serve migrate` (or start with ASGD_MIGRATE=true)'
+          : health.problem === 'not-migrated' ? (config.databaseUrl
+            ? 'the database is not migrated: run `asgd-serve migrate` (or start with ASGD_MIGRATE=true)'
+            // One process holds an embedded database's directory: migrate cannot run beside this server.
+            : 'the embedded database is not migrated: stop this server and run `asgd-serve migrate` on its ASGD_DATA_DIR, or start it with ASGD_MIGRATE=true')
           : health.problem === 'refused' ? `the database refuses this service's queries (SQLSTATE ${health.sqlstate}: a privilege or the schema; the log says which)`
           : 'the database is unreachable; retry shortly';
         return Promise.reject(errors.unavailable(why, PRESSURE_RETRY_AFTER_SECONDS));

@@ -155,7 +155,7 @@ const headerRefs = (names: readonly string[]): Json =>
   Object.fromEntries(['X-Request-Id', ...names].map((n) => [n, { $ref: `#/components/headers/${n.replace(/-/g, '')}` }]));
 
 /** Statuses any operation may answer beyond those it lists, in the `default` response. */
-const OTHER_STATUSES = [405, 408, 414, 431, 500];
+const OTHER_STATUSES = [405, 408, 414, 431, 500, 507];
 
 export function finishDocument(doc: Json): Json {
   const schemas: Json = {};
@@ -211,7 +211,8 @@ export function finishDocument(doc: Json): Json {
   };
   responses.ErrorOther = {
     description: 'A status the operation does not list: 405 (a method the path does not have; Allow lists those it has), 408 (the request was not received in time), ' +
-      '414 (a path segment over 512 characters), 431 (request line and headers over 256 KiB), 500 (an unexpected failure; the log has the details). The `code` is one of:\n\n' +
+      '414 (a path segment over 512 characters), 431 (request line and headers over 256 KiB), 500 (an unexpected failure; the log has the details), ' +
+      '507 (a write on the embedded database, whose disk is nearly full: ASGD_MIN_FREE_BYTES). The `code` is one of:\n\n' +
       otherCodes.map((c) => `- \`${c}\`: ${CODES[c].meaning}`).join('\n'),
     headers: headerRefs([]),
     content: { 'application/json': { schema: { $ref: '#/components/schemas/ErrorOther' } } },

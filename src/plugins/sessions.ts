@@ -31,6 +31,7 @@ export default fp(
       cacheBytes: opts.config.cacheBytes,
       cacheSessions: opts.config.cacheSessions,
       snapshotCopyLimitBytes: opts.config.snapshotCopyLimitBytes,
+      diskRoom: fastify.diskRoom,
       replayBoundBytes: opts.config.replayBoundBytes,
       idempotencyWindowSeconds: opts.config.idempotencyWindowSeconds,
       stepLingerMs: opts.config.stepLingerUs / 1000,

@@ -2,6 +2,7 @@
 // few checks each operation starts with.
 import type { FastifyBaseLogger } from 'fastify';
 import type { Database, Queryable } from '../db/database.ts';
+import type { DiskRoom } from '../db/disk-room.ts';
 import { errors } from '../errors.ts';
 import type { AsgdKernel, KernelOptions } from '../optim/types.ts';
 import type { StateCache } from './cache.ts';
@@ -33,6 +34,8 @@ export interface SessionContext {
   stepLingerMs: number;
   /** Background snapshots of a bigger state (params + ax) are written in place under `mutex` instead of from a copy. */
   snapshotCopyLimitBytes: number;
+  /** The embedded database's disk guard: background snapshots and replay points without room are not written. */
+  diskRoom?: DiskRoom | null;
   /** ASGD_REPLAY_BOUND_BYTES: the log bytes between replay points (replay-points.ts); 0: none written. */
   replayBoundBytes: number;
   cache: StateCache;

@@ -10,6 +10,7 @@
 // and answers the reads that need no state here.
 import type { FastifyBaseLogger } from 'fastify';
 import type { Database } from '../db/database.ts';
+import type { DiskRoom } from '../db/disk-room.ts';
 import type { AsgdKernel, KernelOptions } from '../optim/types.ts';
 import { errors } from '../errors.ts';
 import { StateCache } from './cache.ts';
@@ -36,6 +37,8 @@ export interface SessionServiceOptions {
   /** ASGD_CACHE_SESSIONS (default 4096). */
   cacheSessions?: number;
   snapshotCopyLimitBytes?: number;
+  /** The embedded database's disk guard (src/db/disk-room.ts). */
+  diskRoom?: DiskRoom | null;
   /** ASGD_REPLAY_BOUND_BYTES (default 64 MiB; 0: no replay points). */
   replayBoundBytes?: number;
   idempotencyWindowSeconds: number;
@@ -51,6 +54,7 @@ export function createSessionService(options: SessionServiceOptions) {
     idempotencyWindowSeconds: options.idempotencyWindowSeconds,
     stepLingerMs: options.stepLingerMs ?? 0,
     snapshotCopyLimitBytes: options.snapshotCopyLimitBytes ?? 256 * 1024 * 1024,
+    diskRoom: options.diskRoom ?? null,
     replayBoundBytes: options.replayBoundBytes ?? 64 * 1024 * 1024,
     cache: new StateCache(options.kernel, options.cacheBytes, options.cacheSessions ?? 4096),
     mutex: new KeyedMutex(),

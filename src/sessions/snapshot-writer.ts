@@ -197,6 +197,12 @@ export function createSnapshotWriter(ctx: SessionContext) {
       // In place: the state as it is now that this job holds the lock (steps may have moved it since).
       if (!copied && (closing || cache.get(session.id) !== entry)) return;
       const { meta, parts, same } = copied ?? capture(false);
+      const short = ctx.diskRoom?.(parts.reduce((n, p) => n + p.length, 0));
+      if (short) {
+        failed();
+        log.warn({ session: session.name, version: meta.version, free: short.free, needed: short.needed }, `background ${what} not written: the embedded database's disk is nearly full (ASGD_MIN_FREE_BYTES); the log holds every step`);
+        return;
+      }
       try {
         const written = await db.transaction(async (tx) => {
           // A copy that is not of the database's history (restored or failed over since) writes nothing.

@@ -313,6 +313,17 @@ test('an event stream opened with a token ends once the token is revoked, and se
   const again = open(bearer(token));
   await until(() => again.status !== 0);
   assert.equal(again.status, 401);
+
+  // An idle stream (no step, keep-alives every 15 s) ends within about a second of the revocation too.
+  const idleToken = await createToken(app, 'read', ['watched']);
+  const idle = open(bearer(idleToken));
+  await until(() => idle.status === 200 && app.versions.stats().streams === 2);
+  await new Promise((resolve) => setTimeout(resolve, 1100)); // past its first second
+  assert.equal((await app.inject({ method: 'DELETE', url: `/v1/tokens/${idleToken.split('_')[1]}`, headers: asAdmin })).statusCode, 204);
+  const revokedAt = Date.now();
+  await until(() => idle.ended, 6000);
+  assert.ok(Date.now() - revokedAt < 4000, `ended ${Date.now() - revokedAt} ms after the revocation`);
+  await until(() => app.versions.stats().streams === 1);
 });
 
 test('a waiting read (after_version + wait) of a token revoked during its wait answers 401, not the new parameters', async (t) => {

@@ -189,3 +189,47 @@ test('an unreadable lock file is taken over once it is old or stops changing; re
   (await lockDataDir(dir, { staleAfterMs: 400 })).release();
   assert.ok(Date.now() - started >= 300, 'waited for the stale period');
 });
+
+test('an embedded database whose disk is nearly full refuses writes with 507 INSUFFICIENT_STORAGE, the state unchanged, reads and shutdown going on; not migrated, it says to stop the server to migrate', { timeout: 300_000 }, async (t) => {
+  // PGlite out of space mid-write was seen to spin for good (no answer, deaf to SIGTERM): the guard keeps it
+  // from getting there. ASGD_MIN_FREE_BYTES above any disk's free space stands in for a full disk.
+  const dir = join(tempDir(t), 'data');
+  const roomy = spawnService(process.execPath, ['src/server.ts'], { ...SERVER_ENV, ASGD_DATA_DIR: dir });
+  t.after(() => roomy.child.kill('SIGKILL'));
+  const first = await roomy.banner();
+  const post = (url: string, path: string, body: unknown) => fetch(`${url}${path}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+  assert.equal((await post(first.url, '/v1/sessions', { name: 'kept', params: [{ name: 'w', shape: [2], data: [1, 2] }] })).status, 201);
+  assert.equal((await post(first.url, '/v1/sessions/kept/step', { grads: { w: [0.5, -0.25] } })).status, 200);
+  roomy.child.kill('SIGTERM');
+  assert.equal(await roomy.exited, 0, roomy.output());
+
+  const full = spawnService(process.execPath, ['src/server.ts'], { ...SERVER_ENV, ASGD_DATA_DIR: dir, ASGD_MIN_FREE_BYTES: String(2 ** 52) });
+  t.after(() => full.child.kill('SIGKILL'));
+  const { url } = await full.banner();
+  const before = await (await fetch(`${url}/v1/sessions/kept/params`)).json();
+  for (const [method, path, body] of [['POST', '/v1/sessions/kept/step', { grads: { w: [1, 1] } }], ['PUT', '/v1/sessions/kept/params', { params: { w: [5, 5] } }],
+    ['POST', '/v1/sessions', { name: 'new', params: [{ name: 'w', shape: [1], data: [1] }] }], ['DELETE', '/v1/sessions/kept', undefined]] as const) {
+    const res = await fetch(`${url}${path}`, { method, headers: body ? { 'content-type': 'application/json' } : {}, body: body ? JSON.stringify(body) : undefined });
+    assert.equal(res.status, 507, `${method} ${path}`);
+    const error = await res.json() as { code: string; message: string };
+    assert.equal(error.code, 'INSUFFICIENT_STORAGE');
+    assert.match(error.message, new RegExp(`^${method} ${path}: the disk of the embedded database \\(ASGD_DATA_DIR ${dir}\\) has \\d+ bytes free, below the \\d+ this write needs`));
+  }
+  assert.deepEqual(await (await fetch(`${url}/v1/sessions/kept/params`)).json(), before, 'unchanged, and reads go on');
+  assert.equal((await fetch(`${url}/healthz`)).status, 200);
+  assert.match(full.output(), /"level":40,[^\n]*"code":"INSUFFICIENT_STORAGE"/, 'a warning line, no stack');
+  full.child.kill('SIGTERM');
+  assert.equal(await full.exited, 0, full.output());
+
+  const unmigrated = spawnService(process.execPath, ['src/server.ts'], { ...SERVER_ENV, ASGD_HEALTH_CHECK_INTERVAL_MS: '200', ASGD_DATA_DIR: join(dir, '..', 'fresh'), ASGD_MIGRATE: 'false' });
+  t.after(() => unmigrated.child.kill('SIGKILL'));
+  const fresh = await unmigrated.banner();
+  let answer: { code?: string; message?: string } = {};
+  for (let i = 0; i < 50 && answer.code !== 'SERVICE_UNAVAILABLE'; i++) {
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    answer = await (await fetch(`${fresh.url}/v1/sessions`)).json() as typeof answer;
+  }
+  assert.equal(answer.message, 'the embedded database is not migrated: stop this server and run `asgd-serve migrate` on its ASGD_DATA_DIR, or start it with ASGD_MIGRATE=true');
+  unmigrated.child.kill('SIGTERM');
+  await unmigrated.exited;
+});

@@ -86,10 +86,12 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     const res = reply.raw;
     let ended = false;
     let keepAlive: NodeJS.Timeout | undefined;
+    let recheck: NodeJS.Timeout | undefined;
     const end = () => {
       if (ended) return;
       ended = true;
       clearInterval(keepAlive);
+      clearInterval(recheck);
       release();
       res.end();
     };
@@ -97,7 +99,8 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       if (!ended) res.write(text);
     };
     // A stream opened with a stored token ends once the token is revoked, on any replica: checked before an
-    // event is sent (at most once a second) and at each keep-alive. The admin token and auth off have no row.
+    // event is sent and every second while idle (one query a second per token in this process, shared by its
+    // streams: tokenActive). The admin token and auth off have no row.
     const tokenId = storedTokenId(request);
     const opened = Date.now();
     const allowed = async (): Promise<boolean> => {
@@ -198,6 +201,10 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     }
     keepAlive = setInterval(() => void allowed().then((ok) => ok && write(': keep-alive\n\n')), KEEP_ALIVE_MS);
     keepAlive.unref();
+    if (tokenId !== null) {
+      recheck = setInterval(() => void allowed(), TOKEN_RECHECK_MS);
+      recheck.unref();
+    }
     // A commit between the read above and the subscription is not missed: once this process listens to the
     // session (its steps are announced from then on), read once more. If the lease cannot be taken now, the
     // notifier retries it and asks for a read when it holds it.

@@ -867,9 +867,9 @@ export interface components {
          */
         ErrorOther: {
             /** @enum {integer} */
-            statusCode: 405 | 408 | 414 | 431 | 500;
+            statusCode: 405 | 408 | 414 | 431 | 500 | 507;
             /** @enum {string} */
-            code: "METHOD_NOT_ALLOWED" | "REQUEST_TIMEOUT" | "URI_TOO_LONG" | "HEADERS_TOO_LARGE" | "INTERNAL";
+            code: "METHOD_NOT_ALLOWED" | "REQUEST_TIMEOUT" | "URI_TOO_LONG" | "HEADERS_TOO_LARGE" | "INTERNAL" | "INSUFFICIENT_STORAGE";
             error: string;
             message: string;
         } & {
@@ -1391,13 +1391,14 @@ export interface components {
             };
         };
         /**
-         * @description A status the operation does not list: 405 (a method the path does not have; Allow lists those it has), 408 (the request was not received in time), 414 (a path segment over 512 characters), 431 (request line and headers over 256 KiB), 500 (an unexpected failure; the log has the details). The `code` is one of:
+         * @description A status the operation does not list: 405 (a method the path does not have; Allow lists those it has), 408 (the request was not received in time), 414 (a path segment over 512 characters), 431 (request line and headers over 256 KiB), 500 (an unexpected failure; the log has the details), 507 (a write on the embedded database, whose disk is nearly full: ASGD_MIN_FREE_BYTES). The `code` is one of:
          *
          *     - `METHOD_NOT_ALLOWED`: The path exists but not with this method; Allow lists the methods it has
          *     - `REQUEST_TIMEOUT`: The request was not received in time
          *     - `URI_TOO_LONG`: A path segment is longer than the server reads
          *     - `HEADERS_TOO_LARGE`: The request headers are larger than the server accepts
          *     - `INTERNAL`: An unexpected failure; the log has the details
+         *     - `INSUFFICIENT_STORAGE`: The embedded database's disk has too little free space for this write (ASGD_MIN_FREE_BYTES); reads go on
          */
         ErrorOther: {
             headers: {
