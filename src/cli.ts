@@ -31,6 +31,7 @@ export const FLAGS: Flag[] = [
   { env: 'LOG_LEVEL', value: 'level', help: 'fatal, error, warn, info (default), debug, trace or silent' },
   { env: 'ASGD_LOG_REQUESTS', value: 'which', help: 'request lines at info: all, auto (default: all but step and params), errors, none' },
   { env: 'ASGD_ADMIN_TOKEN', value: 'token', help: 'admin bearer token, 16-512 visible ASCII characters (prefer the variable: flags show in ps)' },
+  { env: 'ASGD_ADMIN_TOKEN_PREVIOUS', value: 'token', help: 'during a rotation, the old admin token, also accepted (prefer the variable)' },
   { env: 'ASGD_ALLOW_INSECURE', boolean: true, help: 'allow a non-loopback --host without a token' },
   { env: 'ASGD_TRUST_PROXY', value: 'v', help: 'trust X-Forwarded-For from: true, a hop count, or addresses/CIDRs (default false)' },
   { env: 'ASGD_CORS_ORIGINS', value: 'origins', help: 'browser origins allowed to call the API (CORS): https://host[:port],… or * (default off)' },

@@ -25,6 +25,8 @@ export interface Config {
   logRequests: 'all' | 'auto' | 'errors' | 'none';
   /** Admin bearer token; null = no auth configured (then only loopback is allowed unless `allowInsecure`). */
   adminToken: string | null;
+  /** ASGD_ADMIN_TOKEN_PREVIOUS: also the admin's during a rotation (both accepted); null when unset. */
+  previousAdminToken: string | null;
   allowInsecure: boolean;
   bodyLimitStep: number;
   bodyLimitCreate: number;
@@ -198,6 +200,17 @@ function databaseUrl(env: Env): string | null {
  */
 const SSL_MODES = ['disable', 'prefer', 'require', 'verify-ca', 'verify-full', 'no-verify'];
 
+/** An admin token variable: unset or 16-512 visible ASCII characters. */
+function adminTokenOf(env: NodeJS.ProcessEnv, name: string): string | null {
+  const token = env[name]?.trim() || null;
+  if (token !== null && token.length < 16) throw new ConfigError(`${name} must be at least 16 characters`);
+  // What an Authorization: Bearer header can carry (src/plugins/auth.ts): a token outside it could never log in.
+  if (token !== null && !/^[\x21-\x7e]{16,512}$/.test(token)) {
+    throw new ConfigError(`${name} must be at most 512 characters of visible ASCII (no spaces): a bearer token cannot carry others`);
+  }
+  return token;
+}
+
 /** ASGD_IDEMPOTENCY_WINDOW_SECONDS at most: ten years. */
 export const MAX_IDEMPOTENCY_WINDOW_S = 315_360_000;
 
@@ -228,11 +241,10 @@ export function loadConfig(env: Env = process.env): Config {
   if (!LOG_LEVELS.includes(logLevel)) throw new ConfigError(`LOG_LEVEL must be one of ${LOG_LEVELS.join(', ')}, got ${JSON.stringify(logLevel)}`);
   const logRequests = (env.ASGD_LOG_REQUESTS?.trim() || 'auto') as Config['logRequests'];
   if (!LOG_REQUESTS.includes(logRequests)) throw new ConfigError(`ASGD_LOG_REQUESTS must be one of ${LOG_REQUESTS.join(', ')}, got ${JSON.stringify(logRequests)}`);
-  const adminToken = env.ASGD_ADMIN_TOKEN?.trim() || null;
-  if (adminToken !== null && adminToken.length < 16) throw new ConfigError('ASGD_ADMIN_TOKEN must be at least 16 characters');
-  // What an Authorization: Bearer header can carry (src/plugins/auth.ts): a token outside it could never log in.
-  if (adminToken !== null && !/^[\x21-\x7e]{16,512}$/.test(adminToken)) {
-    throw new ConfigError('ASGD_ADMIN_TOKEN must be at most 512 characters of visible ASCII (no spaces): a bearer token cannot carry others');
+  const adminToken = adminTokenOf(env, 'ASGD_ADMIN_TOKEN');
+  const previousAdminToken = adminTokenOf(env, 'ASGD_ADMIN_TOKEN_PREVIOUS');
+  if (previousAdminToken !== null && adminToken === null) {
+    throw new ConfigError('ASGD_ADMIN_TOKEN_PREVIOUS is the old admin token during a rotation: set ASGD_ADMIN_TOKEN (the new one) too');
   }
   const config: Config = {
     host: hostOf(env),
@@ -245,6 +257,7 @@ export function loadConfig(env: Env = process.env): Config {
     logLevel,
     logRequests,
     adminToken,
+    previousAdminToken,
     allowInsecure: bool(env, 'ASGD_ALLOW_INSECURE', false),
     bodyLimitStep: int(env, 'ASGD_BODY_LIMIT_STEP', 1024 * MiB, 1024),
     bodyLimitCreate: int(env, 'ASGD_BODY_LIMIT_CREATE', 2048 * MiB, 1024),

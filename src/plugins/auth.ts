@@ -62,7 +62,10 @@ const BEARER = /^Bearer +([\x21-\x7e]{1,512}) *$/i;
 export default fp(
   async function authPlugin(fastify: FastifyInstance, opts: { config: Config }) {
     const store = createTokenStore(fastify.db);
-    const adminHash = opts.config.adminToken ? sha256(opts.config.adminToken) : null;
+    // The admin token, and during a rotation the previous one (ASGD_ADMIN_TOKEN_PREVIOUS): either is the admin.
+    const adminHashes = [opts.config.adminToken, opts.config.previousAdminToken].filter((t) => t !== null).map((t) => sha256(t));
+    const adminHash = adminHashes[0] ?? null;
+    const isAdmin = (presented: string) => adminHashes.some((h) => sameHash(sha256(presented), h));
     const table: RouteAccessEntry[] = [];
     fastify.decorate('tokens', store);
     fastify.decorate('routeAccess', table);
@@ -105,7 +108,7 @@ export default fp(
       const m = BEARER.exec(header);
       if (!m) throw errors.unauthorized('Authorization: expected "Bearer <token>"', true);
       const presented = m[1];
-      if (adminHash && sameHash(sha256(presented), adminHash)) return { tokenId: 'admin', name: 'admin', scope: 'admin', sessions: null };
+      if (isAdmin(presented)) return { tokenId: 'admin', name: 'admin', scope: 'admin', sessions: null };
       const principal = await store.verify(presented);
       if (!principal) throw errors.unauthorized('Authorization: the token is unknown or revoked', true);
       return principal;
@@ -121,7 +124,7 @@ export default fp(
         return;
       }
       const header = request.headers.authorization;
-      const admin = adminHash !== null && typeof header === 'string' && sameHash(sha256(BEARER.exec(header)?.[1] ?? ''), adminHash);
+      const admin = typeof header === 'string' && isAdmin(BEARER.exec(header)?.[1] ?? '');
       if (!admin) tooManyFailures(request.ip);
       let principal: Principal;
       try {

@@ -254,6 +254,23 @@ test('tokens: shown once, stored as a sha256 only, listed without secrets, revok
   }
 });
 
+test('admin token rotation: with ASGD_ADMIN_TOKEN_PREVIOUS both the new and the old token are the admin; without it only the new', async (t) => {
+  const NEW = 'new-admin-token-0123456789abcdef';
+  const rotating = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: NEW, ASGD_ADMIN_TOKEN_PREVIOUS: ADMIN } });
+  for (const token of [NEW, ADMIN]) {
+    const made = await rotating.app.inject({ method: 'POST', url: '/v1/tokens', headers: bearer(token), payload: { name: `by-${token.slice(0, 3)}`, scope: 'read' } });
+    assert.equal(made.statusCode, 201, made.body);
+  }
+  assert.equal((await rotating.app.inject({ url: '/v1/sessions', headers: bearer('not-an-admin-token-0123456789') })).statusCode, 401);
+  const done = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: NEW } });
+  assert.equal((await done.app.inject({ url: '/v1/tokens', headers: bearer(NEW) })).statusCode, 200);
+  const old = await done.app.inject({ url: '/v1/tokens', headers: bearer(ADMIN) });
+  assert.equal(old.statusCode, 401);
+  assert.equal(old.json().code, 'UNAUTHORIZED');
+  assert.throws(() => testConfig({ ASGD_ADMIN_TOKEN_PREVIOUS: ADMIN }), /ASGD_ADMIN_TOKEN_PREVIOUS is the old admin token during a rotation: set ASGD_ADMIN_TOKEN/);
+  assert.throws(() => testConfig({ ASGD_ADMIN_TOKEN: NEW, ASGD_ADMIN_TOKEN_PREVIOUS: 'short' }), /ASGD_ADMIN_TOKEN_PREVIOUS must be at least 16 characters/);
+});
+
 test('without an admin token auth is off, and only loopback is allowed', async (t) => {
   const { app } = await buildTestApp(t);
   assert.equal(app.authEnabled, false);
