@@ -82,6 +82,12 @@ export function findTorchGlobal(module: string, name: string): PyGlobal | undefi
       throw new FormatError('TENSOR_DTYPE_UNSUPPORTED', `torch.${name} holds ${UNSUPPORTED_STORAGE[name]} tensors, which are not supported`);
     }
   }
+  // torch 2.x pickles tensors of its newer dtypes (uint16, uint32, uint64, the float8 types) with this
+  // rebuild, named before the dtype: the file holds a tensor of a dtype the service does not read.
+  if (module === 'torch._utils' && name === '_rebuild_tensor_v3') {
+    throw new FormatError('TENSOR_DTYPE_UNSUPPORTED', 'the file holds a tensor of a dtype torch saves with _rebuild_tensor_v3 (uint16, uint32, uint64 or a float8 type), which is not supported: '
+      + 'parameters and gradients are float32 (float16 and bfloat16 are widened exactly)');
+  }
   return GLOBALS.get(`${module}.${name}`);
 }
 

@@ -149,6 +149,14 @@ describe('torch.save reader refuses what torch.load would not read, or should no
     assert.throws(() => readTorchSave(valid(twoDtypes)), (err: FormatError) => err.code === 'TORCH_SAVE_INVALID' && /float32 and int64/.test(err.message));
   });
 
+  test('a tensor of a dtype torch 2.x saves with _rebuild_tensor_v3 (uint16, float8, ...) is an unsupported dtype, not a refused global', () => {
+    // As torch 2.13 pickles torch.save({'w': torch.zeros(3, dtype=torch.uint16)}): the rebuild is named first.
+    const pkl = '\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v3\n((' + str('storage') + 'ctorch.storage\nUntypedStorage\n' + str('0') + str('cpu') + int(6)
+      + 'tQ' + int(0) + '(' + int(3) + 't(' + int(1) + 't\x89ccollections\nOrderedDict\n)Rctorch\nuint16\ntRs.';
+    assert.throws(() => readTorchSave(archive({ 'a/data.pkl': pkl, 'a/data/0': new Uint8Array(6), 'a/version': '3\n' })),
+      (err: FormatError) => err.code === 'TENSOR_DTYPE_UNSUPPORTED' && /_rebuild_tensor_v3 \(uint16, uint32, uint64 or a float8 type\)/.test(err.message));
+  });
+
   test('what is wrong with a tensor\'s storage, sizes or strides is said with the tensor\'s place in the file', () => {
     // A state_dict-like file: {"w": tensor, "groups": [tensor]}; each fault in the second tensor only.
     const bad = (spec: Parameters<typeof tensorPickle>[0]) => {
