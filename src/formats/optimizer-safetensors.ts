@@ -4,7 +4,7 @@
 // safetensors.torch.load_file plus json.loads(metadata["param_groups"]).
 import { fail } from './errors.ts';
 import { readSafetensors, writeSafetensors, type SafetensorsReadOptions } from './safetensors.ts';
-import type { Float32Tensor, Tensor } from './tensor.ts';
+import { toFloat32, type Float32Tensor, type Tensor } from './tensor.ts';
 import type { AsgdParamState } from './optimizer-state.ts';
 import type { ByteStream } from './zip.ts';
 
@@ -21,8 +21,9 @@ export function readOptimizerSafetensors(body: Uint8Array, options: Pick<Safeten
   for (const [name, tensor] of file.tensors) {
     const m = STATE_NAME.exec(name);
     if (!m) fail('INVALID_STATE_DICT', `${name}: tensor names must be state.<index>.<step|eta|mu|ax>`);
-    if (tensor.dtype !== 'float32') fail('TENSOR_DTYPE_UNSUPPORTED', `${name}: dtype ${tensor.dtype} is not supported; the state is float32`);
-    (state[m[1]] ??= {})[m[2]] = { shape: tensor.shape, data: tensor.data };
+    // As from a torch.save file, and as torch's load_state_dict casts the state to its parameters' dtype:
+    // another dtype (float64, float16, bfloat16, an integer) is converted to float32 with one rounding.
+    (state[m[1]] ??= {})[m[2]] = { shape: tensor.shape, data: toFloat32(tensor) };
   }
   return { state, paramGroups: file.metadata.get('param_groups') };
 }

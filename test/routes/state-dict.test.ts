@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { buildTestApp, randomData } from '../helper.ts';
-import { PyDict, PyTuple, readTorchSave, torchSaveToBuffer } from '../../src/formats/index.ts';
+import { PyDict, PyTuple, readSafetensors, readTorchSave, streamToBuffer, torchSaveToBuffer, writeSafetensors, type Tensor } from '../../src/formats/index.ts';
 import { hexOf, runTorchReference, skipWithoutTorch } from '../support/torch.ts';
 
 const params = [
@@ -259,4 +259,27 @@ test('a .pt state_dict\'s extra group keys: finite numbers, strings, booleans an
     assert.match(res.json().message, message);
   }
   assert.equal((await app.inject({ url: '/v1/sessions/x/state_dict' })).body, before, 'unchanged');
+});
+
+test('a state_dict whose ax is float64 loads the same from safetensors as from a torch.save file: rounded once to float32, as torch\'s load_state_dict casts it', async (t) => {
+  const { app } = await buildTestApp(t);
+  for (const name of ['st', 'pt']) {
+    await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name, params, hyperparameters: defaults } });
+    const stepped = await app.inject({ method: 'POST', url: `/v1/sessions/${name}/step`, payload: { grads: { w: randomData(36, 5), b: randomData(9, 6) } } });
+    assert.equal(stepped.statusCode, 200, stepped.body);
+  }
+  // ax in float64, each value a float32 moved by a fraction of ulps that is no float32: the rounding matters.
+  const wide = (tensor: Tensor): Tensor => ({ dtype: 'float64', shape: tensor.shape, data: Float64Array.from(tensor.data as Float32Array, (x) => x + Math.abs(x) * 1.3 * 2 ** -22) });
+  const file = readSafetensors((await app.inject({ url: '/v1/sessions/st/state_dict?format=safetensors' })).rawPayload, { dtypes: 'all' });
+  const tensors = [...file.tensors].map(([name, tensor]) => [name, name.endsWith('.ax') ? wide(tensor) : tensor] as const);
+  const st = await app.inject({ method: 'PUT', url: '/v1/sessions/st/state_dict', headers: { 'content-type': 'application/x-safetensors' }, payload: streamToBuffer(writeSafetensors(tensors, file.metadata)) });
+  assert.equal(st.statusCode, 200, st.body);
+  const sd = readTorchSave((await app.inject({ url: '/v1/sessions/pt/state_dict?format=pt' })).rawPayload) as PyDict;
+  for (const entry of (sd.get('state') as PyDict).values()) (entry as PyDict).set('ax', wide((entry as PyDict).get('ax') as Tensor));
+  const pt = await app.inject({ method: 'PUT', url: '/v1/sessions/pt/state_dict', headers: { 'content-type': 'application/octet-stream' }, payload: torchSaveToBuffer(sd) });
+  assert.equal(pt.statusCode, 200, pt.body);
+  const state = async (name: string) => (await app.inject({ url: `/v1/sessions/${name}/state_dict` })).json().state;
+  const [fromSt, fromPt] = [await state('st'), await state('pt')];
+  assert.deepEqual(fromSt, fromPt);
+  assert.notDeepEqual(fromSt['0'].ax, (await app.inject({ url: '/v1/sessions/st/state_dict?version=2' })).json().state['0'].ax, 'the widened values moved ax');
 });
