@@ -3,25 +3,10 @@
 // moment between the commit and the answer, the answer holds the current ones and says their version.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import type { FastifyInstance } from 'fastify';
 import { bits, buildTestApp, randomData, TEST_DB_KIND } from '../helper.ts';
+import { N, params, step } from './support.ts';
 
 const multi = TEST_DB_KIND !== 'postgres' && 'two processes on one database: PostgreSQL only';
-
-const N = 8;
-
-async function step(app: FastifyInstance, name: string, seed: number): Promise<number> {
-  const res = await app.inject({ method: 'POST', url: `/v1/sessions/${name}/step`, payload: { grads: { w: randomData(N, seed) } } });
-  assert.equal(res.statusCode, 200, res.body);
-  return res.json().version;
-}
-
-async function params(app: FastifyInstance, name: string): Promise<{ version: number; w: number[] }> {
-  const res = await app.inject({ url: `/v1/sessions/${name}/params` });
-  assert.equal(res.statusCode, 200, res.body);
-  const body = res.json();
-  return { version: body.version, w: bits(body.params.w.data) };
-}
 
 test('a step answered with ?return=params after another process pruned its version is answered 200 with the current parameters', { skip: multi, timeout: 60_000 }, async (t) => {
   // Found by a review: steps on one replica, loads on another, keep_snapshots 1. A step committed by a

@@ -12,23 +12,9 @@ import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import type { FastifyInstance } from 'fastify';
 import { bits, buildTestApp, randomData, TEST_DB_KIND } from '../helper.ts';
+import { N, params, step } from './support.ts';
 
 const multi = TEST_DB_KIND !== 'postgres' && 'pg_dump and pg_restore under two processes: PostgreSQL only';
-
-const N = 8;
-
-async function step(app: FastifyInstance, name: string, seed: number): Promise<number> {
-  const res = await app.inject({ method: 'POST', url: `/v1/sessions/${name}/step`, payload: { grads: { w: randomData(N, seed) } } });
-  assert.equal(res.statusCode, 200, res.body);
-  return res.json().version;
-}
-
-async function params(app: FastifyInstance, name: string, version?: number): Promise<{ version: number; w: number[] }> {
-  const res = await app.inject({ url: `/v1/sessions/${name}/params${version ? `?version=${version}` : ''}` });
-  assert.equal(res.statusCode, 200, res.body);
-  const body = res.json();
-  return { version: body.version, w: bits(body.params.w.data) };
-}
 
 test('after a restore from a backup, every process serves, steps and snapshots the restored history', { skip: multi, timeout: 120_000 }, async (t) => {
   const { app: b, databaseUrl } = await buildTestApp(t);
