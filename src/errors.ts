@@ -208,7 +208,7 @@ export const errors = {
   rateLimited: (limit: number, retryAfterSeconds: number) =>
     new ApiError('RATE_LIMITED', `more than ${limit} requests a minute; retry in ${retryAfterSeconds} s`, undefined, { 'retry-after': String(retryAfterSeconds) }),
   insufficientStorage: (what: string, dir: string, free: number, needed: number) =>
-    new ApiError('INSUFFICIENT_STORAGE', `${what}: the disk of the embedded database (ASGD_DATA_DIR ${dir}) has ${free} bytes free, below the ${needed} this write needs (ASGD_MIN_FREE_BYTES and the write's size); free space or grow the volume`, undefined, { 'retry-after': '60' }),
+    new ApiError('INSUFFICIENT_STORAGE', `${what}: the disk of the embedded database (ASGD_DATA_DIR ${dir}) has ${free} bytes free, below the ${needed} this write needs (ASGD_MIN_FREE_BYTES and twice the body); free space or grow the volume`, undefined, { 'retry-after': '60' }),
   unavailable: (message: string, retryAfterSeconds = 1) =>
     new ApiError('SERVICE_UNAVAILABLE', message, undefined, { 'retry-after': String(retryAfterSeconds) }),
   tooManyStreams: (limit: number) =>

@@ -8,6 +8,7 @@
 import fp from 'fastify-plugin';
 import type { FastifyInstance } from 'fastify';
 import type { Config } from '../config.ts';
+import { errors } from '../errors.ts';
 
 export const CORS_METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE'];
 /** What clients send beyond the safelisted headers. */
@@ -30,7 +31,14 @@ export default fp(
       // With a list, the answer depends on the Origin header: caches must key on it.
       if (!anyOrigin) res.setHeader('vary', 'Origin');
       const origin = request.headers.origin;
-      if (origin === undefined || (!anyOrigin && !allowed.has(origin))) return;
+      if (origin === undefined) return;
+      if (!anyOrigin && !allowed.has(origin)) {
+        // A preflight from another origin: refused by name (it was a 405, which read as a routing problem).
+        if (request.method === 'OPTIONS' && request.headers['access-control-request-method'] !== undefined) {
+          throw errors.forbidden(`Origin: ${JSON.stringify(origin.slice(0, 200))} is not one of the origins allowed to call this API (ASGD_CORS_ORIGINS)`);
+        }
+        return;
+      }
       res.setHeader('access-control-allow-origin', anyOrigin ? '*' : origin);
       if (request.method !== 'OPTIONS' || request.headers['access-control-request-method'] === undefined) {
         res.setHeader('access-control-expose-headers', CORS_EXPOSED_HEADERS.join(', '));

@@ -355,11 +355,7 @@ class Client:
                                             f"asked for safetensors, got {res.content_type or 'no Content-Type'}",
                                             method="GET", url=res.url, body=res.body[:200])
                 raw, _ = st.decode(res.body)
-                if _has_torch():
-                    tensors = OrderedDict((k, st.raw_to_torch(v)) for k, v in raw.items())
-                else:
-                    tensors = OrderedDict((k, {"shape": v.shape, "data": v.tolist()}) for k, v in raw.items())
-                return tensors, res.version
+                return _tensors_of(raw), res.version
         res = self.conn.request("GET", path, query={**query, "format": "json"}, accept=JSON)
         body = res.json()
         params = body["params"]
@@ -511,8 +507,16 @@ def _rounded(t: Any, grad_dtype: str) -> Any:
     return t.detach().to({"F16": torch.float16, "BF16": torch.bfloat16}[grad_dtype]).float()
 
 
+def _tensors_of(raw: Mapping[str, Any]) -> "OrderedDict[str, Any]":
+    """A decoded safetensors file's tensors: torch tensors when torch is installed, else {"shape", "data"} dicts."""
+    if _has_torch():
+        return OrderedDict((k, st.raw_to_torch(v)) for k, v in raw.items())
+    return OrderedDict((k, {"shape": v.shape, "data": v.tolist()}) for k, v in raw.items())
+
+
 def _step_answer(res: Response) -> Dict[str, Any]:
-    """The step answer as a dict; a safetensors answer's tensors under "params" (torch tensors)."""
+    """The step answer as a dict; a safetensors answer's tensors under "params" (torch tensors when torch is
+    installed, else {"shape", "data"} dicts, as get_params gives them)."""
     if res.content_type in (SAFETENSORS, "application/safetensors"):
         raw, meta = st.decode(res.body)
         # The answer's fields, as the JSON answer has them; the file's other metadata ("format": "pt",
@@ -528,7 +532,7 @@ def _step_answer(res: Response) -> Dict[str, Any]:
                     answer[k] = v
             elif k == "session":
                 answer[k] = v
-        answer["params"] = OrderedDict((k, st.raw_to_torch(v)) for k, v in raw.items())
+        answer["params"] = _tensors_of(raw)
         return answer
     answer = res.json()
     if isinstance(answer.get("params"), dict) and _has_torch():

@@ -596,6 +596,8 @@ class RemoteASGD(torch.optim.Optimizer):
             spec: Dict[str, Any] = {"params": [self._name_of[id(p)] for p in g["params"]]}
             for key in HYPERPARAMETER_KEYS:
                 spec[key] = plain_number(g[key])  # numpy scalars, a tensor lr: as the Python numbers JSON carries
+            if isinstance(g.get("foreach"), bool):  # kept in the session's groups, as torch keeps it (None: not sent)
+                spec["foreach"] = g["foreach"]
             if "param_names" in g:  # torch 2.6+: the session's state_dict carries them, as torch's does
                 spec["param_names"] = list(g["param_names"])
             group_specs.append(spec)

@@ -141,6 +141,10 @@ class TorchFlagsAndSignature(ServiceTestCase):
         self.assertIn("single-tensor", str(about[0].message))
         self.assertParamsIdentical(model, ref)
         self.assertIs(opt.state_dict()["param_groups"][0]["foreach"], True)
+        # The session created by it keeps the flag too: its state_dict, and a worker joining it, have True.
+        self.assertIs(self.client().get_state_dict(opt.session)["param_groups"][0]["foreach"], True)
+        joined = self.remote(make_model().named_parameters(), session=opt.session)
+        self.assertIs(joined.param_groups[0]["foreach"], True)
         # Its own state_dict, and a local torch.optim.ASGD(foreach=True)'s, load back (the service keeps the
         # flag and steps as the single-tensor path): the save-and-resume recipe works with the flag set.
         opt.load_state_dict(opt.state_dict())
