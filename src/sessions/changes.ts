@@ -1,7 +1,7 @@
 // Changes that are not steps: create, delete, load a state_dict or checkpoint, restore a snapshot, fork.
 // Each is one transaction under the session's row lock that writes its new version as a snapshot.
 import type { Queryable } from '../db/database.ts';
-import { errors } from '../errors.ts';
+import { ApiError, errors } from '../errors.ts';
 import type { History } from './history.ts';
 import { checkIfMatch, mustFind, type SessionContext } from './context.ts';
 import { assertNoOpenRound } from './rounds-repository.ts';
@@ -195,7 +195,15 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
       if (!snapshot) throw errors.snapshotNotFound(String(id));
       touch();
       cache.forget(session.id);
-      const state = await history.loadSnapshot(tx, snapshot, session);
+      let state;
+      try {
+        state = await history.loadSnapshot(tx, snapshot, session);
+      } catch (err) {
+        // Retention on another process (a background snapshot's, which takes no session lock) deleted the
+        // snapshot while its chunks were read: the restore lost that race, as one a moment later would have.
+        if (err instanceof ApiError && err.code === 'SNAPSHOT_UNAVAILABLE' && !(await repo.findSnapshot(tx, session.id, id))) throw errors.snapshotNotFound(String(id));
+        throw err;
+      }
       state.version = session.version + 1;
       await commitState(tx, session, state, 'restore');
       cache.remember(state, state.version);

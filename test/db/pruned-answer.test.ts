@@ -1,6 +1,7 @@
 // A step is committed before it is answered: its answer must not say otherwise. With ?return=params the
 // answer holds the parameters at the step's version; where another process pruned that version in the
 // moment between the commit and the answer, the answer holds the current ones and says their version.
+// A restore whose snapshot is pruned while it is read is a 404, as one a moment later.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { bits, buildTestApp, randomData, TEST_DB_KIND } from '../helper.ts';
@@ -51,4 +52,42 @@ test('a step answered with ?return=params after another process pruned its versi
   assert.equal(body.params_version, 6, 'the parameters say their version');
   assert.deepEqual(bits(body.params.w.data), now.w);
   assert.equal(body.step, 4);
+});
+
+test('a restore of a snapshot another process prunes while its chunks are read is 404 SNAPSHOT_NOT_FOUND, not a 503; nothing changes', { skip: multi, timeout: 60_000 }, async (t) => {
+  // Found by a review: restores on one replica, steps with snapshot_every 1 and keep_snapshots 1 on two
+  // others; a background snapshot's retention (no session lock) deleted the snapshot in that moment.
+  const { app } = await buildTestApp(t);
+  const res = await app.inject({
+    method: 'POST', url: '/v1/sessions',
+    payload: { name: 'r', params: [{ name: 'w', shape: [N], data: randomData(N, 1) }], hyperparameters: { lr: 0.1 } },
+  });
+  assert.equal(res.statusCode, 201, res.body);
+  await step(app, 'r', 2);
+  const made = await app.inject({ method: 'POST', url: '/v1/sessions/r/snapshots' });
+  assert.equal(made.statusCode, 201, made.body);
+  const id = made.json().id as number;
+  await step(app, 'r', 3);
+  const before = await params(app, 'r');
+
+  // The snapshot is deleted (on another connection, as another process's retention) once the restore has
+  // found it and begins to read its chunks.
+  const db = app.db;
+  const transaction = db.transaction.bind(db);
+  let pruned = false;
+  db.transaction = ((fn, options) => transaction((tx) => fn({
+    async query(text, values, opts) {
+      if (!pruned && text.includes('snapshot_chunks')) {
+        pruned = true;
+        await db.query('DELETE FROM snapshots WHERE id = $1', [id]);
+      }
+      return tx.query(text, values, opts);
+    },
+  }), options)) as typeof db.transaction;
+  const restored = await app.inject({ method: 'POST', url: `/v1/sessions/r/snapshots/${id}/restore` });
+  db.transaction = transaction;
+  assert.equal(pruned, true, 'the snapshot was deleted in that moment');
+  assert.equal(restored.statusCode, 404, restored.body);
+  assert.equal(restored.json().code, 'SNAPSHOT_NOT_FOUND');
+  assert.deepEqual(await params(app, 'r'), before, 'nothing changed');
 });
