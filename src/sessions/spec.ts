@@ -78,6 +78,13 @@ export function resolveHyperparameters(base: Omit<GroupSpec, 'params'>, input: H
   if (out.weight_decay < 0) throw errors.invalidHyperparameter(`${field}.weight_decay`, `Invalid weight_decay value: ${out.weight_decay}`);
   if (out.lambd < 0) throw errors.invalidHyperparameter(`${field}.lambd`, `Invalid lambd value: ${out.lambd}`);
   if (out.alpha < 0) throw errors.invalidHyperparameter(`${field}.alpha`, `Invalid alpha value: ${out.alpha}`);
+  const overflow = etaOverflowStep(out.lr, out.lambd, out.alpha);
+  if (overflow !== null) {
+    // Named by the key this input gave (of those that make the power), alpha first.
+    const key = (['alpha', 'lambd', 'lr'] as const).find((k) => input[k] !== undefined) ?? 'alpha';
+    throw errors.invalidHyperparameter(`${field}.${key}`, `with lr ${out.lr}, lambd ${out.lambd} and alpha ${out.alpha}, ASGD's eta = lr / (1 + lambd * lr * step) ** alpha `
+      + `overflows at step ${overflow} (torch raises OverflowError there, in the middle of a step)`);
+  }
   if (input.maximize !== undefined) {
     if (typeof input.maximize !== 'boolean') throw errors.invalidHyperparameter(`${field}.maximize`, 'must be true or false');
     out.maximize = input.maximize;
@@ -98,6 +105,42 @@ export function resolveHyperparameters(base: Omit<GroupSpec, 'params'>, input: H
     );
   }
   return out;
+}
+
+/** The float32 step count stops at 2**24 (step_t += 1 in float32): no step is later. */
+const LAST_STEP = 2 ** 24;
+
+/**
+ * The first step (1..2**24) at which torch's `(1 + lambd * lr * step) ** alpha` overflows a double from a
+ * finite base (Python raises OverflowError; an infinite base gives inf and eta 0, as here), or null when none
+ * does. With lr, lambd, alpha >= 0 the power grows with the step: a binary search over the steps.
+ */
+export function etaOverflowStep(lr: number, lambd: number, alpha: number): number | null {
+  const overflows = (step: number) => {
+    const base = 1 + lambd * lr * step;
+    return Number.isFinite(base) && !Number.isFinite(Math.pow(base, alpha));
+  };
+  const finiteBase = (step: number) => Number.isFinite(1 + lambd * lr * step);
+  // The last step with a finite base: past it the power is inf without an error.
+  let hi = LAST_STEP;
+  if (!finiteBase(hi)) {
+    let lo = 1;
+    if (!finiteBase(lo)) return null;
+    while (hi - lo > 1) {
+      const mid = Math.floor((lo + hi) / 2);
+      if (finiteBase(mid)) lo = mid;
+      else hi = mid;
+    }
+    hi = lo;
+  }
+  if (!overflows(hi)) return null;
+  let lo = 0; // overflows(lo) is false (step 0 is no step), overflows(hi) true
+  while (hi - lo > 1) {
+    const mid = Math.floor((lo + hi) / 2);
+    if (overflows(mid)) hi = mid;
+    else lo = mid;
+  }
+  return hi;
 }
 
 export const DEFAULT_GROUP: Omit<GroupSpec, 'params'> = Object.freeze({

@@ -69,6 +69,11 @@ test('PATCH param_groups refuses what a step\'s param_groups refuses, a stale If
     [{ param_groups: [{}, { lr: -1 }] }, admin, 400, 'INVALID_HYPERPARAMETER', /param_groups\[1\]\.lr/],
     [{ param_groups: [{}, { lr: 'fast' }] }, admin, 400, 'INVALID_BODY', /param_groups\/1\/lr|param_groups\.1\.lr|param_groups\[1\]\.lr/],
     [{ param_groups: [{}, { momentum: 0.9 }] }, admin, 400, 'INVALID_PARAM_GROUPS', /^param_groups\[1\]\.momentum: unknown key/],
+    // torch raises OverflowError in eta = lr / (1 + lambd * lr * step) ** alpha (Python floats): at step 1 here,
+    // at step 1209 for lr 1, lambd 1, alpha 100 (found with Python 3's float ** float).
+    [{ param_groups: [{}, { alpha: 1e300 }] }, admin, 400, 'INVALID_HYPERPARAMETER', /^param_groups\[1\]\.alpha: with lr 0\.1, lambd 0\.01 and alpha 1e\+300, .* overflows at step 1 \(torch raises OverflowError/],
+    [{ param_groups: [{}, { lr: 1, lambd: 1, alpha: 100 }] }, admin, 400, 'INVALID_HYPERPARAMETER', /^param_groups\[1\]\.alpha: .* overflows at step 1209 /],
+    [{ param_groups: [{ lambd: 1e300, alpha: 2 }, {}] }, admin, 400, 'INVALID_HYPERPARAMETER', /^param_groups\[0\]\.alpha: .* overflows at step 1 /],
     [{ param_groups: [{}, { params: ['w'] }] }, admin, 400, 'INVALID_PARAM_GROUPS', /^param_groups\[1\]\.params: /],
     [{ param_groups: [] }, admin, 400, 'INVALID_BODY', /param_groups/],
     [{}, admin, 400, 'INVALID_BODY', /param_groups/],

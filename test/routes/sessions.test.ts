@@ -53,6 +53,7 @@ test('create rejects bad input with a code that names the field', async (t) => {
     [{ ...twoParams(), hyperparameters: { lr: -1 } }, 400, 'INVALID_HYPERPARAMETER', /hyperparameters\.lr: Invalid learning rate: -1/],
     [{ ...twoParams(), hyperparameters: { weight_decay: -0.1 } }, 400, 'INVALID_HYPERPARAMETER', /weight_decay/],
     [{ ...twoParams(), hyperparameters: { lambd: -1 } }, 400, 'INVALID_HYPERPARAMETER', /lambd/],
+    [{ ...twoParams(), hyperparameters: { lambd: 1e300, lr: 1, alpha: 2 } }, 400, 'INVALID_HYPERPARAMETER', /^hyperparameters\.alpha: with lr 1, lambd 1e\+300 and alpha 2, .* overflows at step 1 /],
     [{ ...twoParams(), hyperparameters: { alpha: -0.5 } }, 400, 'INVALID_HYPERPARAMETER', /alpha/],
     [{ ...twoParams(), hyperparameters: { lr: 'fast' } }, 400, 'INVALID_HYPERPARAMETER', /lr/],
     [{ ...twoParams(), param_groups: [{ params: ['w'], lr: -2 }, { params: ['b'] }] }, 400, 'INVALID_HYPERPARAMETER', /param_groups\[0\]\.lr/],
