@@ -180,7 +180,8 @@ function parseError(err: Error & { code?: string; reason?: string }): ApiError {
     case 'HPE_HEADER_OVERFLOW': return errors.headersTooLarge();
     case 'HPE_INVALID_CONTENT_LENGTH':
     case 'HPE_UNEXPECTED_CONTENT_LENGTH':
-      return /transfer-encoding/i.test(err.reason ?? '') || err.code === 'HPE_UNEXPECTED_CONTENT_LENGTH'
+      // llhttp's reason tells a Content-Length sent twice ("Duplicate Content-Length") from one beside Transfer-Encoding.
+      return /transfer-encoding/i.test(err.reason ?? '') || (err.code === 'HPE_UNEXPECTED_CONTENT_LENGTH' && !/duplicate/i.test(err.reason ?? ''))
         ? errors.invalidHeader('Content-Length', 'may not be sent with Transfer-Encoding')
         : errors.invalidHeader('Content-Length', 'must be one whole number of bytes, sent once');
     case 'HPE_INVALID_TRANSFER_ENCODING':
