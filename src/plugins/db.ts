@@ -1,6 +1,6 @@
 // The database as a named plugin: opened (and migrated when asked) at boot, closed in onClose.
 import { existsSync } from 'node:fs';
-import type { IncomingMessage } from 'node:http';
+import type { Readable } from 'node:stream';
 import { join, resolve } from 'node:path';
 import fp from 'fastify-plugin';
 import type { FastifyInstance } from 'fastify';
@@ -30,7 +30,7 @@ export interface DbPluginOptions {
 /** The largest body read to its end before a 507 (a bigger one is answered at once, and its connection closed). */
 const DRAIN_LIMIT_BYTES = 64 * 1024 * 1024;
 
-function drained(stream: IncomingMessage): Promise<void> {
+function drained(stream: Readable): Promise<void> {
   return new Promise((resolve) => {
     stream.on('end', resolve).on('error', () => resolve()).on('close', resolve);
     stream.resume();
@@ -76,7 +76,8 @@ export default fp(
     const room = !databaseUrl && dataDir !== 'memory://' ? diskRoom(dataDir, opts.config.minFreeBytes) : null;
     fastify.decorate('diskRoom', room);
     if (room) {
-      fastify.addHook('onRequest', async (request) => {
+      // Before the body is read, after auth (onRequest): a caller without a token learns nothing of the disk.
+      fastify.addHook('preParsing', async (request, _reply, payload) => {
         if (request.method === 'GET' || request.method === 'HEAD' || request.method === 'OPTIONS') return;
         const body = Number(request.headers['content-length']) || 0;
         // The body is logged (a gradient) or written as a state, and a snapshot may follow: twice its size.
@@ -84,7 +85,7 @@ export default fp(
         if (!short) return;
         // The body is read and dropped (nothing of it is written) so that a client sending it whole before it
         // reads the answer gets the 507, not a reset connection; with Expect: 100-continue it is never sent.
-        if (body > 0 && body <= DRAIN_LIMIT_BYTES && !/100-continue/i.test(String(request.headers.expect ?? ''))) await drained(request.raw);
+        if (body > 0 && body <= DRAIN_LIMIT_BYTES && !/100-continue/i.test(String(request.headers.expect ?? ''))) await drained(payload);
         throw errors.insufficientStorage(`${request.method} ${request.url.split('?', 1)[0]}`, resolve(dataDir), short.free, short.needed);
       });
     }

@@ -203,19 +203,24 @@ test('an embedded database whose disk is nearly full refuses writes with 507 INS
   roomy.child.kill('SIGTERM');
   assert.equal(await roomy.exited, 0, roomy.output());
 
-  const full = spawnService(process.execPath, ['src/server.ts'], { ...SERVER_ENV, ASGD_DATA_DIR: dir, ASGD_MIN_FREE_BYTES: String(2 ** 52) });
+  const admin = { authorization: 'Bearer disk-test-admin-token-0123456789' };
+  const full = spawnService(process.execPath, ['src/server.ts'], { ...SERVER_ENV, ASGD_DATA_DIR: dir, ASGD_MIN_FREE_BYTES: String(2 ** 52), ASGD_ADMIN_TOKEN: admin.authorization.slice(7) });
   t.after(() => full.child.kill('SIGKILL'));
   const { url } = await full.banner();
-  const before = await (await fetch(`${url}/v1/sessions/kept/params`)).json();
+  const before = await (await fetch(`${url}/v1/sessions/kept/params`, { headers: admin })).json();
+  // Without a token: 401, nothing said of the disk.
+  const anonymous = await fetch(`${url}/v1/sessions/kept/step`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ grads: { w: [1, 1] } }) });
+  assert.equal(anonymous.status, 401);
+  assert.doesNotMatch(await anonymous.text(), /disk|ASGD_DATA_DIR/);
   for (const [method, path, body] of [['POST', '/v1/sessions/kept/step', { grads: { w: [1, 1] } }], ['PUT', '/v1/sessions/kept/params', { params: { w: [5, 5] } }],
     ['POST', '/v1/sessions', { name: 'new', params: [{ name: 'w', shape: [1], data: [1] }] }], ['DELETE', '/v1/sessions/kept', undefined]] as const) {
-    const res = await fetch(`${url}${path}`, { method, headers: body ? { 'content-type': 'application/json' } : {}, body: body ? JSON.stringify(body) : undefined });
+    const res = await fetch(`${url}${path}`, { method, headers: body ? { ...admin, 'content-type': 'application/json' } : admin, body: body ? JSON.stringify(body) : undefined });
     assert.equal(res.status, 507, `${method} ${path}`);
     const error = await res.json() as { code: string; message: string };
     assert.equal(error.code, 'INSUFFICIENT_STORAGE');
     assert.match(error.message, new RegExp(`^${method} ${path}: the disk of the embedded database \\(ASGD_DATA_DIR ${dir}\\) has \\d+ bytes free, below the \\d+ this write needs`));
   }
-  assert.deepEqual(await (await fetch(`${url}/v1/sessions/kept/params`)).json(), before, 'unchanged, and reads go on');
+  assert.deepEqual(await (await fetch(`${url}/v1/sessions/kept/params`, { headers: admin })).json(), before, 'unchanged, and reads go on');
   assert.equal((await fetch(`${url}/healthz`)).status, 200);
   assert.match(full.output(), /"level":40,[^\n]*"code":"INSUFFICIENT_STORAGE"/, 'a warning line, no stack');
   full.child.kill('SIGTERM');
