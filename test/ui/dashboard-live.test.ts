@@ -79,6 +79,22 @@ test('fork refused (name taken, invalid name): the API\'s message is shown and t
   page.once('dialog', (dialog) => dialog.accept('made'));
   await page.click(`tr[data-snapshot="${snap.id}"] button[data-action=fork]`);
   await page.waitForFunction(() => location.hash === '#/s/made');
+
+  // The name offered for a fork of a session with a 128-character name fits in 128 characters: accepted as
+  // offered, it is made (it was <name>-fork-<version>, 135 characters, and refused).
+  const long = 'l'.repeat(128);
+  await api('POST', '/v1/sessions', { name: long, params: PARAMS });
+  const longSnap = (await api('GET', `/v1/sessions/${long}/snapshots`)).snapshots[0];
+  const longPage = await openSession(browser, base, long, log);
+  await longPage.waitForSelector(`tr[data-snapshot="${longSnap.id}"] button[data-action=fork]`);
+  let offered = '';
+  longPage.once('dialog', (dialog) => {
+    offered = dialog.defaultValue();
+    void dialog.accept(offered);
+  });
+  await longPage.click(`tr[data-snapshot="${longSnap.id}"] button[data-action=fork]`);
+  await longPage.waitForFunction((name) => location.hash === `#/s/${name}`, `${'l'.repeat(121)}-fork-1`, { timeout: 5000 });
+  assert.equal(offered, `${'l'.repeat(121)}-fork-1`);
 });
 
 test('the value axis labels every tick differently when the values span a small range', { skip }, async (t) => {

@@ -97,6 +97,8 @@ export function sessionsPage(root, who) {
   });
 
   let loading = 0;
+  /** The list read in flight (a refresh waits for it rather than pile up behind a service that hangs). @type {{ ticket: number, started: number } | null} */
+  let inFlight = null;
   async function load() {
     const ticket = ++loading;
     // A search no name can contain is answered here, with no request (the API would refuse it, again at
@@ -110,6 +112,7 @@ export function sessionsPage(root, who) {
     const query = new URLSearchParams({ limit: String(PAGE), figures: 'true', storage: 'true' });
     if (after) query.set('after', after);
     if (search) query.set('search', search);
+    inFlight = { ticket, started: Date.now() };
     try {
       const page = await api(`/v1/sessions?${query}`);
       if (ticket !== loading || stopped) return;
@@ -118,7 +121,20 @@ export function sessionsPage(root, who) {
       status.textContent = '';
     } catch (err) {
       if (ticket === loading) status.textContent = `Could not list sessions: ${err instanceof Error ? err.message : err}`;
+    } finally {
+      if (inFlight?.ticket === ticket) inFlight = null;
     }
+  }
+
+  /** Every few seconds: a new read, or while one is still out, how long the service has kept it waiting. */
+  function refresh() {
+    if (document.hidden) return;
+    if (!inFlight) {
+      load();
+      return;
+    }
+    const waited = Math.round((Date.now() - inFlight.started) / 1000);
+    if (waited >= 5) status.textContent = `The service has not answered for ${waited} s; the figures below are from before.`;
   }
 
   /** @param {any[]} sessions @param {string} [why] what the empty state says instead of the usual */
@@ -147,7 +163,7 @@ export function sessionsPage(root, who) {
 
   load();
   // The list follows training: refreshed every few seconds (one small request).
-  const timer = setInterval(() => { if (!document.hidden) load(); }, 3000);
+  const timer = setInterval(refresh, 3000);
   return () => {
     stopped = true;
     clearInterval(timer);

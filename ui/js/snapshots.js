@@ -158,7 +158,7 @@ export function snapshotsSection(root, name, admin, changed) {
           h('button', {
             disabled: !admin, title: disabledNote, 'data-action': 'fork',
             onclick: async () => {
-              const target = prompt(`Fork ${name} at snapshot ${s.id} as a new session named:`, `${name}-fork-${s.version}`);
+              const target = prompt(`Fork ${name} at snapshot ${s.id} as a new session named:`, forkName(name, s.version));
               if (!target) return;
               // Only a fork that was made opens the new session; a refused one (name taken or invalid, a token
               // without admin) says why and the page stays.
@@ -173,4 +173,14 @@ export function snapshotsSection(root, name, admin, changed) {
 
   // Leaving the page: the observer lets go of the timeline (it would keep the detached section alive).
   return { render, stop: () => resized.disconnect() };
+}
+
+/**
+ * The name a fork is offered: `<name>-fork-<version>`, the name cut short so that the whole stays within
+ * the 128 characters a session name may have.
+ * @param {string} name @param {number} version
+ */
+function forkName(name, version) {
+  const suffix = `-fork-${version}`;
+  return `${name.slice(0, 128 - suffix.length)}${suffix}`;
 }
