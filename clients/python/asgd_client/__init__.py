@@ -8,8 +8,9 @@ Standard library only; torch is imported when ``RemoteASGD`` or tensors are used
 
 from .client import Client
 from .errors import (
-    ASGDClientError, BaseVersionAhead, ConnectionFailed, DuplicateContribution, RoundConflict, RoundOpen, RoundPending,
-    ServiceError, ServiceUnavailable, SessionExists, SessionNotFound, StaleGradient, UnsupportedFormat, VersionMismatch,
+    ASGDClientError, BaseVersionAhead, ConnectionFailed, DuplicateContribution, NonFiniteGradient, RoundConflict, RoundOpen,
+    RoundPending, ServiceError, ServiceUnavailable, SessionExists, SessionNotFound, StaleGradient, UnsupportedFormat,
+    VersionMismatch,
 )
 from .functions import (
     create_session_from_model, delete_session, download_checkpoint, get_params, get_state_dict, put_state_dict,
@@ -23,7 +24,7 @@ __all__ = [
     "RemoteASGD", "Client", "Connection",
     "create_session_from_model", "download_checkpoint", "upload_checkpoint", "get_state_dict", "put_state_dict",
     "get_params", "delete_session",
-    "ASGDClientError", "ServiceError", "ConnectionFailed", "SessionNotFound", "SessionExists", "StaleGradient", "BaseVersionAhead",
+    "ASGDClientError", "ServiceError", "ConnectionFailed", "SessionNotFound", "SessionExists", "StaleGradient", "BaseVersionAhead", "NonFiniteGradient",
     "VersionMismatch", "UnsupportedFormat", "ServiceUnavailable", "DuplicateContribution", "RoundConflict", "RoundOpen",
     "RoundPending",
 ]

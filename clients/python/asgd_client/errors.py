@@ -72,6 +72,11 @@ class BaseVersionAhead(ServiceError):
     deleted and created again, or its database restored. ``version`` is the session's version."""
 
 
+class NonFiniteGradient(ServiceError):
+    """422 NON_FINITE_GRADIENT: a gradient holds NaN or an infinity (the message names the parameter and the
+    element); nothing was applied."""
+
+
 class DuplicateContribution(ServiceError):
     """409 DUPLICATE_CONTRIBUTION: this worker already contributed to the open round (with another
     Idempotency-Key). The round steps without a second gradient from it."""
@@ -133,6 +138,7 @@ _BY_CODE = {
     "SESSION_EXISTS": SessionExists,
     "STALE_GRADIENT": StaleGradient,
     "BASE_VERSION_AHEAD": BaseVersionAhead,
+    "NON_FINITE_GRADIENT": NonFiniteGradient,
     "VERSION_MISMATCH": VersionMismatch,
     "DUPLICATE_CONTRIBUTION": DuplicateContribution,
     "ROUND_CONFLICT": RoundConflict,

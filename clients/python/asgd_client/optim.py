@@ -1315,8 +1315,17 @@ class RemoteASGD(torch.optim.Optimizer):
                                 or k in FLAG_KEYS or _storable_extra(v)})
         sd = {"state": state_dict["state"], "param_groups": sent_groups}
         self._warn_caveats(loaded_groups)
+        # The session's step before the load: a load takes every worker sharing the session back to the
+        # loaded state, which is said (a worker that restarts in a shared session should not load one).
+        before = self.client.get_session(self.session).get("step")
         # A torch.save file, not JSON (limited to 256 MiB, about 12M parameters): the same values either way.
         info = self.client.put_state_dict(self.session, state_dict_to_torch(sd), format="pt")
+        after = info.get("step")
+        if isinstance(before, int) and isinstance(after, int) and before > after:
+            log.warning("[%s] load_state_dict took session %r back from step %d to step %d, for every worker that shares it "
+                        "(eta, mu and the averages ax with it). A worker that restarts in a session others train should not "
+                        "load optimizer state: it takes the session's when it joins (load a scheduler's state_dict alone).",
+                        self.worker, self.session, before, after)
         with self._lock:
             self._take_session(info, update_local=True)
         for local, loaded in zip(self.param_groups, full_groups):

@@ -209,3 +209,28 @@ class CheckpointAfterSchedulerStep(ServiceTestCase):
         self.assertEqual(opt.param_groups[0]["lr"], local.param_groups[0]["lr"])
         self._epoch(model, opt, range(20, 40))
         self.assertParamsIdentical(model, ref, "restored from the snapshot:")
+
+
+class LoadInASharedSession(ServiceTestCase):
+    """A worker restored from its own older checkpoint in a session others train takes the whole session back
+    (Optimizer.load_state_dict on the session): said in a warning, found by a review as a PyTorch user."""
+
+    def test_a_load_that_takes_the_session_back_is_warned_about(self):
+        name = unique("rewind")
+        model_a, model_b = make_model(), make_model()
+        a = self.remote(model_a.named_parameters(), session=name)
+        b = self.remote(model_b.named_parameters(), session=name)
+        train(model_b, b, range(2))
+        saved = b.state_dict()
+        train(model_a, a, range(2, 7))
+        a.synchronize()
+        self.assertEqual(a.step_count, 7)
+        restarted = self.remote(make_model().named_parameters(), session=name)
+        with self.assertLogs("asgd_client", "WARNING") as logs:
+            restarted.load_state_dict(saved)
+        self.assertTrue(any(f"took session {name!r} back from step 7 to step 2, for every worker" in line for line in logs.output), logs.output)
+        # A load that takes nothing back (the session's own state) says nothing.
+        with self.assertNoLogs("asgd_client", "WARNING"):
+            restarted.load_state_dict(restarted.state_dict())
+        for opt in (a, b, restarted):
+            opt.close()
