@@ -64,12 +64,15 @@ export default fp(
     const store = createTokenStore(fastify.db);
     // The admin token, and during a rotation the previous one (ASGD_ADMIN_TOKEN_PREVIOUS): either is the admin.
     const adminHashes = [opts.config.adminToken, opts.config.previousAdminToken].filter((t) => t !== null).map((t) => sha256(t));
-    const adminHash = adminHashes[0] ?? null;
-    const isAdmin = (presented: string) => adminHashes.some((h) => sameHash(sha256(presented), h));
+    const authOn = adminHashes.length > 0;
+    const isAdmin = (presented: string) => {
+      const hash = sha256(presented);
+      return adminHashes.some((h) => sameHash(hash, h));
+    };
     const table: RouteAccessEntry[] = [];
     fastify.decorate('tokens', store);
     fastify.decorate('routeAccess', table);
-    fastify.decorate('authEnabled', adminHash !== null);
+    fastify.decorate('authEnabled', authOn);
     fastify.decorateRequest('auth', null);
 
     fastify.addHook('onRoute', function declaredAccess(route) {
@@ -118,7 +121,7 @@ export default fp(
       const { scope, allSessions } = request.routeOptions.config;
       if (scope === 'public' || (scope === undefined && request.is404)) return;
       const need: RouteAccess = scope === undefined ? { scope: 'admin', allSessions: true } : { scope, allSessions: allSessions ?? false };
-      if (!adminHash) {
+      if (!authOn) {
         // No admin token configured: auth is off (config.ts then allows loopback only, unless told otherwise).
         request.auth = { tokenId: 'anonymous', name: 'anonymous', scope: 'admin', sessions: null };
         return;

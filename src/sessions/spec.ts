@@ -113,34 +113,21 @@ const LAST_STEP = 2 ** 24;
 /**
  * The first step (1..2**24) at which torch's `(1 + lambd * lr * step) ** alpha` overflows a double from a
  * finite base (Python raises OverflowError; an infinite base gives inf and eta 0, as here), or null when none
- * does. With lr, lambd, alpha >= 0 the power grows with the step: a binary search over the steps.
+ * does. With lr, lambd, alpha >= 0 the power grows with the step: the first step whose power is infinite is
+ * found by a binary search, and it is an overflow when its base is still finite (the earlier steps' powers
+ * are finite; the later steps' bases too, until the base itself is infinite).
  */
 export function etaOverflowStep(lr: number, lambd: number, alpha: number): number | null {
-  const overflows = (step: number) => {
-    const base = 1 + lambd * lr * step;
-    return Number.isFinite(base) && !Number.isFinite(Math.pow(base, alpha));
-  };
-  const finiteBase = (step: number) => Number.isFinite(1 + lambd * lr * step);
-  // The last step with a finite base: past it the power is inf without an error.
+  const base = (step: number) => 1 + lambd * lr * step;
+  if (Number.isFinite(Math.pow(base(LAST_STEP), alpha))) return null;
+  let lo = 0; // finite at step 0 (no step): the power is 1
   let hi = LAST_STEP;
-  if (!finiteBase(hi)) {
-    let lo = 1;
-    if (!finiteBase(lo)) return null;
-    while (hi - lo > 1) {
-      const mid = Math.floor((lo + hi) / 2);
-      if (finiteBase(mid)) lo = mid;
-      else hi = mid;
-    }
-    hi = lo;
-  }
-  if (!overflows(hi)) return null;
-  let lo = 0; // overflows(lo) is false (step 0 is no step), overflows(hi) true
   while (hi - lo > 1) {
     const mid = Math.floor((lo + hi) / 2);
-    if (overflows(mid)) hi = mid;
-    else lo = mid;
+    if (Number.isFinite(Math.pow(base(mid), alpha))) lo = mid;
+    else hi = mid;
   }
-  return hi;
+  return Number.isFinite(base(hi)) ? hi : null;
 }
 
 export const DEFAULT_GROUP: Omit<GroupSpec, 'params'> = Object.freeze({
