@@ -4,7 +4,7 @@
 //   node bench/throughput.ts [--rounds 5] [--seconds 3]
 // Rounds alternate the two; each runs for a fixed time (and at most a fixed number of steps per client);
 // the figure is the median over rounds.
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 import pg from 'pg';
 import {
   call, createDatabase, createSession, describe, isMain, machineCpu, median, modelSpec, now, RawConnection, SAFETENSORS, safetensorsOf, startServer,
@@ -27,6 +27,23 @@ export interface ThroughputOptions {
 function cpuSecondsOf(pid: number): number {
   const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
   return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in clock ticks (USER_HZ = 100)
+}
+
+/** CPU seconds all PostgreSQL processes on this machine have used (its backends come and go: summed by name). */
+function postgresCpuSeconds(): number {
+  let total = 0;
+  for (const pid of readdirSync('/proc')) {
+    if (!/^\d+$/.test(pid)) continue;
+    try {
+      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+      if (!stat.includes('(postgres)')) continue;
+      const fields = stat.split(') ')[1].split(' ');
+      total += (Number(fields[11]) + Number(fields[12]) + Number(fields[13]) + Number(fields[14])) / 100; // with waited-for children
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return total;
 }
 
 /** Runs `clients` loops of `one(client)` for `seconds`; returns completed operations per second. */
@@ -90,18 +107,21 @@ export async function runThroughputBench(options: ThroughputOptions = {}): Promi
     const baseRounds: number[] = [];
     let serverCpu = 0;
     let clientCpu = 0;
+    let postgresCpu = 0;
     let machineBusy = 0;
     let machineTotal = 0;
     let oursSteps = 0;
     for (let r = 0; r < rounds; r++) {
       const cpuBefore = servers.reduce((a, x) => a + cpuSecondsOf(x.pid), 0);
       const selfBefore = cpuSecondsOf(process.pid);
+      const postgresBefore = postgresCpuSeconds();
       const machineBefore = machineCpu();
       const started = now();
       oursRounds.push(await saturate(CLIENTS, seconds, step));
       oursSteps += oursRounds[r] * (now() - started);
       serverCpu += servers.reduce((a, x) => a + cpuSecondsOf(x.pid), 0) - cpuBefore;
       clientCpu += cpuSecondsOf(process.pid) - selfBefore;
+      postgresCpu += postgresCpuSeconds() - postgresBefore;
       const machineAfter = machineCpu();
       machineBusy += machineAfter.busy - machineBefore.busy;
       machineTotal += machineAfter.total - machineBefore.total;
@@ -146,7 +166,7 @@ export async function runThroughputBench(options: ThroughputOptions = {}): Promi
       target: { op: '>=', value: 2 },
       notes: [
         `median of ${rounds} alternating rounds of ${seconds} s each; the session reached version ${version}`,
-        `CPU while stepping: the machine was ${((100 * machineBusy) / machineTotal).toFixed(0)}% busy (all cores; clients, servers and PostgreSQL share them); the ${SERVERS} servers used ${((1000 * serverCpu) / oursSteps).toFixed(2)} ms of CPU a step, the ${CLIENTS} clients (this process, raw keep-alive connections) ${((1000 * clientCpu) / oursSteps).toFixed(2)} ms`,
+        `CPU while stepping: the machine was ${((100 * machineBusy) / machineTotal).toFixed(0)}% busy (all cores; clients, servers and PostgreSQL share them); the ${SERVERS} servers used ${((1000 * serverCpu) / oursSteps).toFixed(2)} ms of CPU a step, the ${CLIENTS} clients (this process, raw keep-alive connections) ${((1000 * clientCpu) / oursSteps).toFixed(2)} ms, PostgreSQL ${((1000 * postgresCpu) / oursSteps).toFixed(2)} ms`,
         `group commit: ${(batched / commits).toFixed(2)} steps per commit on average (${batched} steps in ${commits} statements over the ${SERVERS} processes)`,
         `the same ${CLIENTS} clients on one process (${soloRounds.length} rounds after the others): ${solo.toFixed(0)} steps/s = ${(solo / base).toFixed(2)}x the baseline, ${((soloAfter.steps - soloBefore.steps) / (soloAfter.commits - soloBefore.commits)).toFixed(2)} steps per commit (each of ${SERVERS} processes serves about a third of the clients)`,
       ],

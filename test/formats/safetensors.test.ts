@@ -136,6 +136,12 @@ describe('safetensors reader refuses hostile files', () => {
     refused(raw('{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8.0]}}', f32(1, 2)), 'SAFETENSORS_HEADER_INVALID', /^tensor x data_offsets must be \[begin, end\]/);
     refused(raw('{"x":{"dtype":"F32","shape":[2],"data_offsets":[0e0,8]}}', f32(1, 2)), 'SAFETENSORS_HEADER_INVALID', /data_offsets/);
     refused(raw('{"x":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}}', f32(1, 2)), 'TENSOR_SHAPE_INVALID', /^tensor x shape must be a list of non-negative integers/);
+    // Digits before a dot or an e inside strings (names, metadata, an escaped quote) are no numbers.
+    const named = readSafetensors(raw('{"__metadata__":{"note":"1.5e3 \\"2.0\\""},"layer1.e2":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', f32(1, 2)));
+    assert.deepEqual([...named.tensors.get('layer1.e2')!.data], [1, 2]);
+    assert.equal(named.metadata.get('note'), '1.5e3 "2.0"');
+    refused(raw('{"layer1.e2":{"dtype":"F32","shape":[2],"data_offsets":[0,8E0]}}', f32(1, 2)), 'SAFETENSORS_HEADER_INVALID', /^tensor layer1\.e2 data_offsets/);
+    refused(raw('{"x\\"1.0":{"dtype":"F32","shape":[2],"data_offsets":[0.0,8]}}', f32(1, 2)), 'SAFETENSORS_HEADER_INVALID', /data_offsets/);
   });
 
   test('header length beyond the body, short files, bad JSON', () => {
