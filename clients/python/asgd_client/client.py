@@ -264,10 +264,11 @@ class Client:
         query: Dict[str, Any] = {"return": returns if returns != "none" else None, "wait": wait}
         # The round's fields: in the query with a safetensors body, in the JSON body otherwise.
         contribution = {k: v for k, v in (("worker", worker), ("samples", samples)) if v is not None}
+        held = worker is not None or wait is not None
         if self._binary():
             body = _safetensors_step(grads, extras, grad_dtype)
             try:
-                return self._contribute(name, headers, max_wait_s, path, query={**query, "base_version": base_version, **contribution},
+                return self._contribute(name, headers, max_wait_s, path, held, query={**query, "base_version": base_version, **contribution},
                                         body=body, content_type=SAFETENSORS, accept=SAFETENSORS if returns != "none" else None)
             except UnsupportedFormat as err:
                 if self.transport != "auto":
@@ -280,7 +281,7 @@ class Client:
             payload["base_version"] = base_version
         payload.update(contribution)
         payload.update(extras)
-        return self._contribute(name, headers, max_wait_s, path, query=query, json_body=payload, accept=JSON)
+        return self._contribute(name, headers, max_wait_s, path, held, query=query, json_body=payload, accept=JSON)
 
     def start_step(
         self,
@@ -312,19 +313,25 @@ class Client:
                                   headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex}, accept=SAFETENSORS if returns != "none" else None)
         return None if started is None else StartedStep(started)
 
-    def _contribute(self, name: str, headers: Dict[str, str], max_wait_s: Optional[float], path: str, **request: Any) -> Dict[str, Any]:
+    def _contribute(self, name: str, headers: Dict[str, str], max_wait_s: Optional[float], path: str, held: bool,
+                    **request: Any) -> Dict[str, Any]:
         """Sends a step and, while the service answers 202 (its round is still open), the same request
         again with the same Idempotency-Key: the service stores the contribution once and answers
-        each repeat once the round has stepped (or with 202 again after ``?wait``)."""
+        each repeat once the round has stepped (or with 202 again after ``?wait``). ``held``: the service
+        may hold the request for a round (a worker or a wait given): the socket timeout and the retry
+        budget count from the end of that hold."""
         started = time.monotonic()
         query = request.get("query") or {}
+
+        def hold_s(req: Dict[str, Any]) -> float:
+            return float((req.get("query") or {}).get("wait") or DEFAULT_ROUND_WAIT_S) if held else 0.0
         while True:
             if max_wait_s is not None:
                 # The service holds a contribution up to ?wait= seconds (60 by default): never longer than the
                 # time this call has left, so that max_wait_s holds (whole seconds, at least 1).
                 left = max(1, math.ceil(max_wait_s - (time.monotonic() - started)))
                 request["query"] = {**query, "wait": min(left, query.get("wait") or DEFAULT_ROUND_WAIT_S)}
-            res = self.conn.request("POST", path, headers=headers, expect=(200, 202), **request)
+            res = self.conn.request("POST", path, headers=headers, expect=(200, 202), hold_s=hold_s(request), **request)
             if res.status == 200:
                 return _step_answer(res)
             pending = res.json().get("round")

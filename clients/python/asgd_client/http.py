@@ -106,7 +106,8 @@ class Connection:
         token: bearer token (default: ``$ASGD_TOKEN``); sent as ``Authorization: Bearer <token>``.
         timeout: socket timeout in seconds for one attempt.
         retries: how many times a retryable failure is retried at most (None: as often as the budget allows).
-        retry_budget_s: total seconds a request keeps retrying (from its first attempt).
+        retry_budget_s: total seconds a request keeps retrying (from its first attempt; for a round
+            contribution, from the end of the hold it asks the service for).
         backoff, max_backoff: first wait and cap of the exponential backoff, in seconds.
     """
 
@@ -215,10 +216,14 @@ class Connection:
         accept: Optional[str] = None,
         expect: Iterable[int] = (200, 201, 204),
         retry: Optional[bool] = None,
+        hold_s: float = 0.0,
     ) -> Response:
         """Sends a request and returns the answer; raises :class:`ServiceError` for an unexpected status.
 
         ``retry``: None decides from the method and an Idempotency-Key header (see the module doc).
+        ``hold_s``: how long the service may hold the request before it answers, as asked (a round's
+        ``?wait=``): each attempt's socket timeout is ``timeout`` on top of it, and the retry budget starts
+        once it has passed, so a connection lost late in a hold is still retried.
         """
         method = method.upper()
         if json_body is not None:
@@ -239,11 +244,12 @@ class Connection:
             if last is not None and time.monotonic() - last > self.idle_reuse:
                 self._drop_connection()
         attempt = 0
-        deadline = time.monotonic() + self.retry_budget_s
+        hold_s = max(0.0, float(hold_s))
+        deadline = time.monotonic() + hold_s + self.retry_budget_s
         while True:
             attempt += 1
             try:
-                response = self._send(method, target, body, hdrs, full_url)
+                response = self._send(method, target, body, hdrs, full_url, self.timeout + hold_s)
             except _CONNECTION_ERRORS as err:
                 self._drop_connection()
                 # With no url given, a refused connection may be a service still starting at the default (a
@@ -343,12 +349,15 @@ class Connection:
             self.on_retry(attempt, cause)
         self._sleep(attempt, retry_after, deadline)
 
-    def _send(self, method: str, target: str, body: Any, headers: Dict[str, str], full_url: str) -> Response:
+    def _send(self, method: str, target: str, body: Any, headers: Dict[str, str], full_url: str, timeout: float) -> Response:
         conn = self._connection()
         try:
             if isinstance(conn, _PlainConnection):
-                status, names, data, will_close = conn.exchange(method, target, body, headers)
+                status, names, data, will_close = conn.exchange(method, target, body, headers, timeout)
             else:
+                conn.timeout = timeout
+                if conn.sock is not None:
+                    conn.sock.settimeout(timeout)
                 conn.request(method, target, body=body, headers=headers)
                 res = conn.getresponse()
                 data = res.read()
@@ -491,9 +500,13 @@ class _PlainConnection:
         if sock is not None:
             sock.close()
 
-    def exchange(self, method: str, target: str, body: Any, headers: Mapping[str, str]) -> Tuple[int, Dict[str, str], bytes, bool]:
-        """Sends one request and reads its answer: (status, headers with lower-case names, body, will_close)."""
+    def exchange(self, method: str, target: str, body: Any, headers: Mapping[str, str],
+                 timeout: Optional[float] = None) -> Tuple[int, Dict[str, str], bytes, bool]:
+        """Sends one request and reads its answer: (status, headers with lower-case names, body, will_close).
+        ``timeout``: the socket timeout for this exchange (the connection's own when None)."""
         self.send(method, target, body, headers)
+        if self.sock is not None:
+            self.sock.settimeout(self.timeout if timeout is None else timeout)
         return self.receive(method)
 
     def answered(self) -> bool:

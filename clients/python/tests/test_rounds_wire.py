@@ -3,6 +3,7 @@ asgd-serve needed): base_version, worker and samples with the step, a 202 pendin
 request with the same Idempotency-Key, the answered parameters loaded, and what rounds cannot do."""
 
 import json
+import time
 import unittest
 from urllib.parse import parse_qs, urlsplit
 
@@ -120,6 +121,36 @@ class Contribution(unittest.TestCase):
         answer = client.step("s", {"b": torch.ones(2)}, base_version=1, worker="w0", idempotency_key=key)
         self.assertEqual(answer["version"], 2)
         self.assertEqual({r.headers["idempotency-key"] for r in fake.steps()}, {key})
+
+    def test_a_hold_longer_than_the_socket_timeout_is_waited_for(self):
+        # The service holds a contribution up to ?wait= seconds: a socket timeout shorter than that is no
+        # sign of a dead connection (it was a timeout, then retries until the budget ran out).
+        fake = FakeRounds(self, pending=1)
+        decide = fake.srv._decide
+        fake.srv._decide = lambda req: (time.sleep(1.0) if req.path.split("?")[0].endswith("/step") else None) or decide(req)
+        client = Client(connection=Connection(fake.srv.url, timeout=0.3, retry_budget_s=0.3))
+        answer = client.step("s", {"b": torch.ones(2)}, base_version=1, worker="w0", wait=2)
+        self.assertEqual(answer["version"], 2)
+        self.assertEqual(len(fake.steps()), 2, "a 202 after the hold, then the answer: no request lost to a timeout")
+
+    def test_a_connection_lost_late_in_a_hold_is_retried_whatever_the_budget(self):
+        # A proxy or a replica going away 1 s into a 2 s hold: the request (its Idempotency-Key) goes again,
+        # though the retry budget (0.3 s) is shorter than the time already spent in the hold.
+        fake = FakeRounds(self, pending=0)
+        decide = fake.srv._decide
+
+        def cut_first(req):
+            if req.path.split("?")[0].endswith("/step") and len(fake.steps()) == 1:
+                time.sleep(1.0)
+                return "drop"
+            return decide(req)
+
+        fake.srv._decide = cut_first
+        client = Client(connection=Connection(fake.srv.url, retry_budget_s=0.3, backoff=0.05))
+        answer = client.step("s", {"b": torch.ones(2)}, base_version=1, worker="w0", wait=2)
+        self.assertEqual(answer["version"], 2)
+        first, second = fake.steps()
+        self.assertEqual(first.headers["idempotency-key"], second.headers["idempotency-key"])
 
     def test_a_duplicate_contribution_is_raised(self):
         fake = FakeRounds(self, duplicate=True)

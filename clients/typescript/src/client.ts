@@ -17,6 +17,8 @@ const TORCH = 'application/octet-stream';
  * (KEEP_ALIVE_MS in src/routes/sessions/events.ts): two missed ones and some slack.
  */
 const EVENTS_IDLE_TIMEOUT_MS = 35_000;
+/** The service's hold of a round contribution when `?wait=` is not given (asgd-serve's DEFAULT_WAIT_SECONDS). */
+const ROUND_WAIT_DEFAULT_S = 60;
 
 const enc = encodeURIComponent;
 const sessionPath = (name: string) => `/v1/sessions/${enc(name)}`;
@@ -186,6 +188,14 @@ export class ASGDClient {
     const started = Date.now();
     let attempts = 0;
     for (;;) {
+      if (options.worker !== undefined || options.wait !== undefined) {
+        // The service holds a contribution up to `wait` seconds (its default when unset): never past
+        // maxWaitMs, which would otherwise be seen only once that hold had ended.
+        let wait = options.wait ?? ROUND_WAIT_DEFAULT_S;
+        if (options.maxWaitMs !== undefined) wait = Math.min(wait, Math.max(1, Math.ceil((options.maxWaitMs - (Date.now() - started)) / 1000)));
+        if (options.wait !== undefined || wait !== ROUND_WAIT_DEFAULT_S) x.query!.wait = wait;
+        x.holdMs = wait * 1000;
+      }
       const answer = await this.http.send(x);
       attempts += answer.attempts;
       if (answer.status !== 202) return { ...readStepAnswer(answer, x.path), idempotencyKey: key, attempts };

@@ -49,6 +49,12 @@ export interface Exchange {
   /** Per-call override of the retry budget. */
   retryBudgetMs?: number;
   /**
+   * How long the service may hold this request before it answers, as asked (a round's `?wait=`): each
+   * attempt's timeout is `timeoutMs` on top of it, and the retry budget starts once it has passed, so a
+   * connection lost late in a hold is still retried.
+   */
+  holdMs?: number;
+  /**
    * Ends the call (and its retries and waits) when aborted: it rejects with the signal's reason (an
    * AbortError DOMException unless given). A write whose request went out may have been applied (a step:
    * send it again with the same Idempotency-Key to know; it is applied once).
@@ -197,13 +203,14 @@ export class Transport {
     }
     const doFetch = this.options.fetch ?? fetch;
     const budget = x.retryBudgetMs ?? this.options.retryBudgetMs ?? 60_000;
-    const deadline = Date.now() + budget;
+    const hold = Math.max(0, x.holdMs ?? 0);
+    const deadline = Date.now() + hold + budget;
     let pause = 100;
     const caller = x.signal;
     for (let attempt = 1; ; attempt++) {
       caller?.throwIfAborted();
       let res: Response;
-      const timeout = AbortSignal.timeout(this.options.timeoutMs ?? 300_000);
+      const timeout = AbortSignal.timeout((this.options.timeoutMs ?? 300_000) + hold);
       try {
         res = await doFetch(url, { method: x.method, headers, body: body as BodyInit | undefined, signal: caller ? AbortSignal.any([caller, timeout]) : timeout });
       } catch (err) {

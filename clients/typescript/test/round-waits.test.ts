@@ -1,0 +1,108 @@
+// How long a round contribution waits, against a live service: `maxWaitMs` (and tfjs's `maxRoundWaitMs`)
+// bounds the hold the request asks for, not only the re-POSTs after it (the service's own hold is 60 s when
+// `?wait=` is not given); a hold longer than the client's `timeoutMs` is not taken for a dead connection;
+// and a connection lost during a hold is still retried (the retry budget starts after the hold).
+import assert from 'node:assert/strict';
+import test from 'node:test';
+import * as tf from '@tensorflow/tfjs';
+import { ASGDClient, RoundPending } from '../src/index.ts';
+import { RemoteASGD } from '../src/tfjs.ts';
+import { liveService, uniqueName } from './service.ts';
+
+tf.setBackend('cpu');
+
+type Sent = { url: string; key: string | null; outcome: string };
+
+/** A fetch that records each step request (its URL, Idempotency-Key and status, or "lost"). */
+function recording(log: Sent[], lose?: (attempt: number) => number | null): typeof fetch {
+  let steps = 0;
+  return async (input, init) => {
+    if (!String(input).includes('/step')) return fetch(input, init);
+    const sent: Sent = { url: String(input), key: new Headers(init?.headers).get('idempotency-key'), outcome: '' };
+    log.push(sent);
+    // A connection cut `after` ms into the request (a proxy or a replica going away): the request has reached
+    // the service, its answer is lost.
+    const after = lose?.(++steps) ?? null;
+    if (after === null) {
+      const res = await fetch(input, init);
+      sent.outcome = String(res.status);
+      return res;
+    }
+    const cut = new AbortController();
+    const timer = setTimeout(() => cut.abort(), after);
+    try {
+      await fetch(input, { ...init, signal: init?.signal ? AbortSignal.any([init.signal, cut.signal]) : cut.signal });
+    } catch {
+      // the cut
+    } finally {
+      clearTimeout(timer);
+    }
+    sent.outcome = 'lost';
+    throw new TypeError('fetch failed', { cause: Object.assign(new Error('other side closed'), { code: 'UND_ERR_SOCKET' }) });
+  };
+}
+
+const waitOf = (url: string) => new URL(url).searchParams.get('wait');
+
+test('round contributions: maxWaitMs, timeoutMs and the retry budget against the hold', async (t) => {
+  const { url, client: admin } = await liveService(t);
+  const create = async (prefix: string) => {
+    const name = uniqueName(prefix);
+    await admin.createSession({ name, params: [{ name: 'w', shape: [2], data: [1, 2] }], aggregation: { contributions: 2 } });
+    return name;
+  };
+
+  await t.test('maxWaitMs alone asks the service for a hold no longer than it (the default hold is 60 s)', async () => {
+    const name = await create('wait-max');
+    const log: Sent[] = [];
+    const client = new ASGDClient(url, { fetch: recording(log), logger: null });
+    const started = Date.now();
+    const err = await client.step(name, { w: [0.5, 0.5] }, { baseVersion: 1, worker: 'a', maxWaitMs: 1500 }).then(() => null, (e: unknown) => e);
+    assert.ok(err instanceof RoundPending, String(err));
+    assert.deepEqual(log.map((s) => [waitOf(s.url), s.outcome]), [['2', '202']]);
+    assert.ok(Date.now() - started < 30_000, `RoundPending after ${Date.now() - started} ms, not after the service's 60 s hold`);
+    assert.deepEqual((await admin.getSession(name)).round?.workers, ['a'], 'the contribution stays in its round');
+    // A wait given and shorter than maxWaitMs is sent as given; the rest of maxWaitMs caps the re-POSTs.
+    const again = await client.step(name, { w: [0.5, 0.5] }, { baseVersion: 1, worker: 'a', idempotencyKey: (err as RoundPending).idempotencyKey, wait: 1, maxWaitMs: 2500 })
+      .then(() => null, (e: unknown) => e);
+    assert.ok(again instanceof RoundPending, String(again));
+    const resent = log.slice(1).map((s) => waitOf(s.url));
+    assert.ok(resent.length >= 2 && resent.every((w) => w === '1'), `re-POSTs until maxWaitMs, each asking for 1 s: ${resent}`);
+    assert.deepEqual((await admin.getSession(name)).round?.workers, ['a'], 'counted once');
+  });
+
+  await t.test('tfjs: maxRoundWaitMs alone gives up after about that long', async () => {
+    const name = await create('wait-tfjs');
+    const log: Sent[] = [];
+    const client = new ASGDClient(url, { fetch: recording(log), logger: null });
+    const w = tf.variable(tf.tensor1d([1, 2]), true, 'w');
+    const opt = new RemoteASGD({ client, session: name, worker: 'solo', maxRoundWaitMs: 1000 });
+    await opt.attach([w]);
+    const started = Date.now();
+    opt.minimize(() => w.square().sum() as tf.Scalar);
+    await assert.rejects(opt.synchronize(), RoundPending);
+    assert.ok(Date.now() - started < 30_000, `RoundPending after ${Date.now() - started} ms`);
+    assert.deepEqual(log.map((s) => waitOf(s.url)), ['1']);
+    w.dispose();
+  });
+
+  await t.test('a hold longer than timeoutMs ends in its 202, not in a timeout', async () => {
+    const name = await create('wait-timeout');
+    const log: Sent[] = [];
+    const client = new ASGDClient(url, { fetch: recording(log), logger: null, timeoutMs: 500, retryBudgetMs: 1000 });
+    const err = await client.step(name, { w: [0.5, 0.5] }, { baseVersion: 1, worker: 'a', wait: 2, maxWaitMs: 2000 }).then(() => null, (e: unknown) => e);
+    assert.ok(err instanceof RoundPending, String(err));
+    assert.deepEqual(log.map((s) => s.outcome), ['202']);
+  });
+
+  await t.test('a connection lost late in a hold is retried with the same key, however short the budget', async () => {
+    const name = await create('wait-lost');
+    const log: Sent[] = [];
+    const client = new ASGDClient(url, { fetch: recording(log, (n) => (n === 1 ? 1500 : null)), logger: null, retryBudgetMs: 500 });
+    const err = await client.step(name, { w: [0.5, 0.5] }, { baseVersion: 1, worker: 'a', wait: 3, maxWaitMs: 3000 }).then(() => null, (e: unknown) => e);
+    assert.ok(err instanceof RoundPending, String(err));
+    assert.deepEqual(log.map((s) => [waitOf(s.url), s.outcome]), [['3', 'lost'], ['3', '202']]);
+    assert.equal(log[0].key, log[1].key);
+    assert.deepEqual((await admin.getSession(name)).round?.workers, ['a'], 'counted once');
+  });
+});
