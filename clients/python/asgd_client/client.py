@@ -231,6 +231,7 @@ class Client:
         samples: Optional[int] = None,
         wait: Optional[int] = None,
         max_wait_s: Optional[float] = None,
+        held: Optional[bool] = None,
     ) -> Dict[str, Any]:
         """POST /step: one optimizer step with these gradients (parameters absent from ``grads`` are skipped).
 
@@ -246,6 +247,10 @@ class Client:
         Without ``aggregation``, ``samples`` is checked and otherwise ignored, and ``worker`` tells the
         service which steps come from one worker (its group commit never holds a step back for the same
         worker's next one).
+
+        ``held``: whether the service may hold the request for a round (None: when ``worker`` or ``wait``
+        is given). Each attempt's socket timeout is then the connection's timeout on top of that hold, and
+        the retry budget starts once the hold has passed: a connection lost late in a hold is still retried.
 
         ``returns``: "none", "params" or "averaged": the answer then also holds ``"params"`` ({name:
         tensor} at the answered version; safetensors in and out with the safetensors transport).
@@ -264,7 +269,8 @@ class Client:
         query: Dict[str, Any] = {"return": returns if returns != "none" else None, "wait": wait}
         # The round's fields: in the query with a safetensors body, in the JSON body otherwise.
         contribution = {k: v for k, v in (("worker", worker), ("samples", samples)) if v is not None}
-        held = worker is not None or wait is not None
+        if held is None:
+            held = worker is not None or wait is not None
         if self._binary():
             body = _safetensors_step(grads, extras, grad_dtype)
             try:

@@ -967,6 +967,10 @@ class RemoteASGD(torch.optim.Optimizer):
         send: Dict[str, Any] = dict(returns="params", param_groups=groups, metrics=metrics, grad_dtype=wire, samples=samples, worker=self.worker)
         if self.aggregation is not None or self._worker_given:
             send.update(wait=self.round_wait_s, max_wait_s=self.max_round_wait_s)
+        else:
+            # The worker id of a plain session's steps: no round holds them, so neither the socket timeout
+            # nor the retry budget waits for one.
+            send.update(held=False)
         return self._settle(lambda: self.client.step(self.session, grads, base_version=base, idempotency_key=key, **send), groups,
                             resend=lambda: self.client.step(self.session, grads, base_version=None, **send))
 

@@ -188,7 +188,7 @@ export class ASGDClient {
     const started = Date.now();
     let attempts = 0;
     for (;;) {
-      if (options.worker !== undefined || options.wait !== undefined) {
+      if (options.held ?? (options.worker !== undefined || options.wait !== undefined)) {
         // The service holds a contribution up to `wait` seconds (its default when unset): never past
         // maxWaitMs, which would otherwise be seen only once that hold had ended.
         let wait = options.wait ?? ROUND_WAIT_DEFAULT_S;

@@ -323,10 +323,12 @@ export class RemoteASGD extends Optimizer {
     const baseVersion = this.version;
     const metrics = this.pendingLoss !== undefined && Number.isFinite(this.pendingLoss) ? { loss: this.pendingLoss } : undefined;
     const paramGroups = this.nextParamGroups;
-    // A contribution when the session has rounds; the worker id is also sent when given (checked, then ignored).
+    // A contribution when the session has rounds. The worker id goes with every step, as the Python client
+    // sends it: without rounds the service checks it and tells one worker's steps by it, and should rounds
+    // be set on the session later (PATCH aggregation) the steps are contributions at once instead of 400s.
     const round: StepOptions = this.aggregation !== null || this.options.worker !== undefined
       ? { worker: this.worker, wait: this.options.roundWaitSeconds }
-      : {};
+      : { worker: this.worker, held: false };
     const samples = this.nextSamples;
     this.pendingLoss = undefined;
     this.nextParamGroups = undefined;

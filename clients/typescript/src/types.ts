@@ -66,6 +66,12 @@ export interface StepOptions {
   wait?: number;
   /** Give up waiting for the round after this long (RoundPending; the contribution stays). Default: no limit. */
   maxWaitMs?: number;
+  /**
+   * Whether the service may hold the request for a round (default: when `worker` or `wait` is given). Each
+   * attempt's timeout is then `timeoutMs` on top of that hold, and the retry budget starts once it has
+   * passed, so a connection lost late in a hold is still retried.
+   */
+  held?: boolean;
   /** Apply only if the session is at this version (412 VersionMismatch otherwise). */
   ifMatch?: number;
   /** Defaults to a fresh random key, so that a retry never steps twice; pass null to send none. */

@@ -95,6 +95,27 @@ test('round contributions: maxWaitMs, timeoutMs and the retry budget against the
     assert.deepEqual(log.map((s) => s.outcome), ['202']);
   });
 
+  await t.test('tfjs: rounds set on a session while a worker trains make its steps contributions (no 400 for a missing worker)', async () => {
+    const name = uniqueName('wait-later');
+    await admin.createSession({ name, params: [{ name: 'w', shape: [2], data: [1, 2] }] });
+    const log: Sent[] = [];
+    const client = new ASGDClient(url, { fetch: recording(log), logger: null });
+    const w = tf.variable(tf.tensor1d([1, 2]), true, 'w');
+    const opt = new RemoteASGD({ client, session: name, create: 'never' });
+    await opt.attach([w]);
+    opt.minimize(() => w.square().sum() as tf.Scalar);
+    await opt.synchronize();
+    await admin.patchSession(name, { aggregation: { contributions: 1 } });
+    opt.minimize(() => w.square().sum() as tf.Scalar);
+    await opt.synchronize();
+    const after = await admin.getSession(name);
+    assert.deepEqual([after.version, after.step], [3, 2]);
+    assert.deepEqual(log.map((s) => s.outcome), ['200', '200']);
+    assert.ok(log.every((s) => new URL(s.url).searchParams.get('worker')), 'every step names its worker');
+    assert.deepEqual(Array.from(w.dataSync()), Array.from((await admin.params(name)).params.w.data));
+    w.dispose();
+  });
+
   await t.test('a connection lost late in a hold is retried with the same key, however short the budget', async () => {
     const name = await create('wait-lost');
     const log: Sent[] = [];
