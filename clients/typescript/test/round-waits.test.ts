@@ -89,7 +89,7 @@ test('round contributions: maxWaitMs, timeoutMs and the retry budget against the
   await t.test('a hold longer than timeoutMs ends in its 202, not in a timeout', async () => {
     const name = await create('wait-timeout');
     const log: Sent[] = [];
-    const client = new ASGDClient(url, { fetch: recording(log), logger: null, timeoutMs: 500, retryBudgetMs: 1000 });
+    const client = new ASGDClient(url, { fetch: recording(log), logger: null, timeoutMs: 1000, retryBudgetMs: 1000 });
     const err = await client.step(name, { w: [0.5, 0.5] }, { baseVersion: 1, worker: 'a', wait: 2, maxWaitMs: 2000 }).then(() => null, (e: unknown) => e);
     assert.ok(err instanceof RoundPending, String(err));
     assert.deepEqual(log.map((s) => s.outcome), ['202']);
