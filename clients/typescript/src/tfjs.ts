@@ -509,15 +509,21 @@ export class RemoteASGD extends Optimizer {
 
   /**
    * Rebuilds a RemoteASGD from getConfig() (tf.loadLayersModel calls it): a client of the saved URL with
-   * `RemoteASGD.clientOptions` (default: the token in the environment's ASGD_TOKEN). It is not attached:
+   * `RemoteASGD.clientOptions` (its token, else the environment's ASGD_TOKEN). It is not attached:
    * `await optimizer.attach(model.trainableWeights)` before training, which reads the session's parameters.
    */
   static override fromConfig<T extends serialization.Serializable>(cls: serialization.SerializableConstructor<T>, config: serialization.ConfigDict): T {
     const { customObjects: _customObjects, ...saved } = config; // tfjs-layers adds customObjects to the config
     const { url, ...options } = unprotect(saved) as RemoteASGDConfig;
     if (typeof url !== 'string' || typeof options.session !== 'string') throw new TypeError('RemoteASGD.fromConfig: the config has no url and session');
-    const token = environmentToken();
-    const clientOptions = RemoteASGD.clientOptions ?? (token === undefined ? {} : { token });
+    // clientOptions without a token (the README's `{ token: process.env.MY_ASGD_TOKEN }` with it unset) still
+    // takes ASGD_TOKEN: an explicit `token: undefined` would otherwise send none and every call be a 401.
+    const clientOptions = { ...RemoteASGD.clientOptions };
+    if (clientOptions.token === undefined) {
+      const token = environmentToken();
+      if (token === undefined) delete clientOptions.token;
+      else clientOptions.token = token;
+    }
     return new cls({ ...options, client: new ASGDClient(url, clientOptions) });
   }
 

@@ -152,7 +152,13 @@ test('RemoteASGD', { skip: skipWithoutTorch() }, async (t) => {
     try {
       const third = (await tf.loadLayersModel(tf.io.fromMemory(saved!))).optimizer as RemoteASGD;
       assert.equal((Reflect.get(third.client.http, 'options') as { token?: string }).token, 'token-from-the-environment');
+      // Client options whose token is unset (the README's `{ token: process.env.MY_ASGD_TOKEN }`): the environment's still.
+      RemoteASGD.clientOptions = { token: undefined, timeoutMs: 12_345 };
+      const fourth = (await tf.loadLayersModel(tf.io.fromMemory(saved!))).optimizer as RemoteASGD;
+      const options = Reflect.get(fourth.client.http, 'options') as { token?: string; timeoutMs?: number };
+      assert.deepEqual([options.token, options.timeoutMs], ['token-from-the-environment', 12_345]);
     } finally {
+      RemoteASGD.clientOptions = undefined;
       if (before === undefined) delete process.env.ASGD_TOKEN;
       else process.env.ASGD_TOKEN = before;
     }
