@@ -488,6 +488,28 @@ class Client:
         return self.conn.request("POST", f"/v1/sessions/{_quote(name)}/snapshots/{int(snapshot_id)}/restore",
                                  headers=_if_match(if_match)).json()
 
+    def metrics(self, name: str, *, after_version: Optional[int] = None, limit: Optional[int] = None,
+                max_points: Optional[int] = None) -> Dict[str, Any]:
+        """GET /metrics: the metrics and staleness of committed steps, in version order: ``{"points": [{version,
+        step, time, staleness, values}], "next_after_version", ...}``. Page with ``after_version`` (the last
+        page's ``next_after_version``) and ``limit`` (the service's default 1000); or ``max_points``: the whole
+        series after ``after_version`` in at most that many points (buckets with the mean, min and max)."""
+        query = {"after_version": after_version, "limit": limit, "max_points": max_points}
+        return self.conn.request("GET", f"/v1/sessions/{_quote(name)}/metrics", query=query).json()
+
+    def hyperparameter_changes(self, name: str, *, after_version: Optional[int] = None, limit: Optional[int] = None,
+                               max_points: Optional[int] = None) -> Dict[str, Any]:
+        """GET /hyperparameters: every group's values at the first version (``initial_param_groups``) and the
+        versions that changed them (``changes``, oldest first, after ``after_version``; ``reason`` "step" for a
+        scheduler's), paged as :meth:`metrics` is."""
+        query = {"after_version": after_version, "limit": limit, "max_points": max_points}
+        return self.conn.request("GET", f"/v1/sessions/{_quote(name)}/hyperparameters", query=query).json()
+
+    def norms(self, name: str) -> Dict[str, Any]:
+        """GET /norms: the L2 norm of each parameter and of its average ``ax``, with ASGD's step, eta and mu,
+        at the current version."""
+        return self.conn.request("GET", f"/v1/sessions/{_quote(name)}/norms").json()
+
     def fork(self, name: str, new_name: str, *, snapshot: Optional[int] = None, **settings: Any) -> Dict[str, Any]:
         body: Dict[str, Any] = {"name": new_name, **settings}
         if snapshot is not None:

@@ -201,6 +201,49 @@ class StepExtras(ServiceTestCase):
         last = opt.client.conn.request("GET", f"/v1/sessions/{opt.session}/metrics?after_version={points[-1]['version']}").json()["points"]
         self.assertEqual(last[0]["values"], {"loss": loss.item(), "lr": 0.5, "samples": 16})
 
+    def test_the_client_reads_metrics_hyperparameter_changes_and_norms(self):
+        # Client.metrics, .hyperparameter_changes and .norms: what a notebook reads back about a run.
+        model = make_model()
+        opt = self.remote(model.named_parameters())
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        ref = make_model()
+        torch_opt = torch.optim.ASGD(ref.parameters(), **HYPER)
+        torch_scheduler = torch.optim.lr_scheduler.StepLR(torch_opt, step_size=2, gamma=0.5)
+        losses = []
+        for i in range(5):
+            for m, o in ((model, opt), (ref, torch_opt)):
+                o.zero_grad()
+                loss = nn.functional.mse_loss(m(batch(i)[0]), batch(i)[1])
+                loss.backward()
+                if o is opt:
+                    opt.step(metrics={"loss": loss.item()})
+                    losses.append(loss.item())
+                else:
+                    o.step()
+            scheduler.step()
+            torch_scheduler.step()
+        client = opt.client
+        first = client.metrics(opt.session, limit=2)
+        rest = client.metrics(opt.session, after_version=first["next_after_version"])
+        points = first["points"] + rest["points"]
+        self.assertEqual([p["step"] for p in points], [1, 2, 3, 4, 5])
+        self.assertEqual([p["values"]["loss"] for p in points], losses)
+        whole = client.metrics(opt.session, max_points=100)
+        self.assertEqual([p["values"]["loss"] for p in whole["points"]], losses)
+        # StepLR halved lr after steps 2 and 4: it went with steps 3 and 5.
+        history = client.hyperparameter_changes(opt.session)
+        self.assertEqual(history["initial_param_groups"][0]["lr"], HYPER["lr"])
+        self.assertEqual([(c["step"], c["reason"], c["param_groups"][0]["lr"]) for c in history["changes"]],
+                         [(3, "step", HYPER["lr"] * 0.5), (5, "step", HYPER["lr"] * 0.25)])
+        norms = client.norms(opt.session)
+        self.assertEqual((norms["version"], norms["step"]), (6, 5))
+        by_name = {n["name"]: n for n in norms["params"]}
+        for (name, _), p in zip(model.named_parameters(), ref.parameters()):
+            ax = torch_opt.state[p]["ax"]
+            self.assertAlmostEqual(by_name[name]["norm"], p.detach().double().norm().item(), delta=1e-12 * (1 + p.detach().double().norm().item()))
+            self.assertAlmostEqual(by_name[name]["ax_norm"], ax.double().norm().item(), delta=1e-12 * (1 + ax.double().norm().item()))
+            self.assertEqual(by_name[name]["eta"], torch_opt.state[p]["eta"].item())
+
     def _half(self, dtype, transport):
         from asgd_client import ServiceError
 
