@@ -23,11 +23,15 @@ export interface ThroughputOptions {
   log?: (line: string) => void;
 }
 
-/** CPU seconds a process has used (user + system), from /proc/<pid>/stat. */
-function cpuSecondsOf(pid: number): number {
-  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in clock ticks (USER_HZ = 100)
+/** A process's name and CPU seconds (user + system; with `children`, also of the children it waited for), from /proc/<pid>/stat. */
+function procStat(pid: number | string, children = false): { name: string; cpu: number } {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.split(') ')[1].split(' ');
+  const ticks = Number(fields[11]) + Number(fields[12]) + (children ? Number(fields[13]) + Number(fields[14]) : 0);
+  return { name: stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')), cpu: ticks / 100 }; // clock ticks (USER_HZ = 100)
 }
+
+const cpuSecondsOf = (pid: number): number => procStat(pid).cpu;
 
 /** CPU seconds all PostgreSQL processes on this machine have used (its backends come and go: summed by name). */
 function postgresCpuSeconds(): number {
@@ -35,10 +39,8 @@ function postgresCpuSeconds(): number {
   for (const pid of readdirSync('/proc')) {
     if (!/^\d+$/.test(pid)) continue;
     try {
-      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-      if (!stat.includes('(postgres)')) continue;
-      const fields = stat.split(') ')[1].split(' ');
-      total += (Number(fields[11]) + Number(fields[12]) + Number(fields[13]) + Number(fields[14])) / 100; // with waited-for children
+      const { name, cpu } = procStat(pid, true);
+      if (name === 'postgres') total += cpu;
     } catch {
       // gone meanwhile
     }

@@ -328,16 +328,13 @@ class Client:
         budget count from the end of that hold."""
         started = time.monotonic()
         query = request.get("query") or {}
-
-        def hold_s(req: Dict[str, Any]) -> float:
-            return float((req.get("query") or {}).get("wait") or DEFAULT_ROUND_WAIT_S) if held else 0.0
+        wait = query.get("wait") or DEFAULT_ROUND_WAIT_S  # what the service holds it for at most
         while True:
             if max_wait_s is not None:
-                # The service holds a contribution up to ?wait= seconds (60 by default): never longer than the
-                # time this call has left, so that max_wait_s holds (whole seconds, at least 1).
-                left = max(1, math.ceil(max_wait_s - (time.monotonic() - started)))
-                request["query"] = {**query, "wait": min(left, query.get("wait") or DEFAULT_ROUND_WAIT_S)}
-            res = self.conn.request("POST", path, headers=headers, expect=(200, 202), hold_s=hold_s(request), **request)
+                # Never longer than the time this call has left, so that max_wait_s holds (whole seconds, at least 1).
+                wait = min(max(1, math.ceil(max_wait_s - (time.monotonic() - started))), query.get("wait") or DEFAULT_ROUND_WAIT_S)
+                request["query"] = {**query, "wait": wait}
+            res = self.conn.request("POST", path, headers=headers, expect=(200, 202), hold_s=float(wait) if held else 0.0, **request)
             if res.status == 200:
                 return _step_answer(res)
             pending = res.json().get("round")

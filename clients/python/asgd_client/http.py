@@ -356,7 +356,7 @@ class Connection:
                 status, names, data, will_close = conn.exchange(method, target, body, headers, timeout)
             else:
                 conn.timeout = timeout
-                if conn.sock is not None:
+                if conn.sock is not None and conn.sock.gettimeout() != timeout:
                     conn.sock.settimeout(timeout)
                 conn.request(method, target, body=body, headers=headers)
                 res = conn.getresponse()
@@ -505,8 +505,9 @@ class _PlainConnection:
         """Sends one request and reads its answer: (status, headers with lower-case names, body, will_close).
         ``timeout``: the socket timeout for this exchange (the connection's own when None)."""
         self.send(method, target, body, headers)
-        if self.sock is not None:
-            self.sock.settimeout(self.timeout if timeout is None else timeout)
+        want = self.timeout if timeout is None else timeout
+        if self.sock is not None and self.sock.gettimeout() != want:  # a system call: only when a hold changes it
+            self.sock.settimeout(want)
         return self.receive(method)
 
     def answered(self) -> bool:
