@@ -346,7 +346,12 @@ export function createRoundService(options: RoundServiceOptions) {
         try {
           const answer = await roundAnswer(name, pending);
           if (answer) return answer;
-          if (!waiter) return roundStatus(await store.readRound(db, pending.sessionId, pending.version));
+          if (!waiter) {
+            const round = await store.readRound(db, pending.sessionId, pending.version);
+            // This contribution is stored: its round empty means it stepped (or a load voided it) since the read above.
+            if (round.contributions === 0) return (await roundAnswer(name, pending)) ?? roundStatus(round);
+            return roundStatus(round);
+          }
           await waiter.ready;
         } finally {
           waiter?.cancel();

@@ -373,3 +373,28 @@ test('PUT params that change nothing during a round: the answer shows the round 
   assert.equal(done.statusCode, 200, done.body);
   assert.equal(done.json().round.contributions, 2, 'the first contribution was not voided');
 });
+
+test('a contribution whose wait ends as its round steps gets the round\'s answer, not a 202 of an empty round', async (t) => {
+  // Found by a review: the wait over, the contribution found its round open, and then read the round's
+  // tally after another worker's contribution had stepped it: a 202 with `contributions: 0`.
+  const { app } = await buildTestApp(t);
+  const created = await app.inject({ method: 'POST', url: '/v1/sessions', payload: sessionBody('late', { contributions: 2 }) });
+  assert.equal(created.statusCode, 201, created.body);
+  const db = app.db;
+  const query = db.query.bind(db);
+  const late: { stepped?: Awaited<ReturnType<typeof contribute>> } = {};
+  db.query = (async (text: string, params?: unknown[], opts?: { name?: string }) => {
+    if (opts?.name === 'round_read' && !late.stepped) {
+      // The second worker's contribution steps the round between the first one's two reads.
+      late.stepped = await contribute(app, 'late', { worker: 'w1', grads: gradsOf(1) });
+    }
+    return query(text, params, opts as never);
+  }) as typeof db.query;
+  const first = await contribute(app, 'late', { worker: 'w0', grads: gradsOf(0), wait: 1 });
+  const { stepped } = late;
+  assert.ok(stepped, `the round stepped in that moment: ${first.statusCode} ${first.body}`);
+  assert.equal(stepped.statusCode, 200, stepped.body);
+  assert.equal(first.statusCode, 200, first.body);
+  assert.deepEqual(first.json(), { session: 'late', step: 1, version: 2, staleness: 0, round: { version: 1, contributions: 2, samples: null, timed_out: false } });
+  assert.deepEqual(first.json(), stepped.json());
+});
