@@ -205,7 +205,7 @@ export class ASGDClient {
     }
   }
 
-  /** Gradients with their shapes: flat arrays take the parameter's shape from the session (fetched once). */
+  /** Gradients with their shapes: flat arrays take the parameter's shape from the session (fetched once, again when a length differs). */
   private async shaped(name: string, grads: Gradients): Promise<Record<string, Tensor>> {
     const out: Record<string, Tensor> = {};
     for (const [param, g] of Object.entries(grads)) {
@@ -213,9 +213,10 @@ export class ASGDClient {
         out[param] = { shape: g.shape, data: asFloat32(g.data) };
         continue;
       }
-      let shapes = this.shapes.get(name);
-      if (!shapes?.has(param)) shapes = this.remember(await this.getSession(name));
-      out[param] = { shape: shapes.get(param) ?? [g.length], data: asFloat32(g) };
+      let shape = this.shapes.get(name)?.get(param);
+      // Unknown, or of another size: the session may have been replaced (by another client) since it was read.
+      if (!shape || shape.reduce((a, b) => a * b, 1) !== g.length) shape = this.remember(await this.getSession(name)).get(param);
+      out[param] = { shape: shape ?? [g.length], data: asFloat32(g) };
     }
     return out;
   }

@@ -296,6 +296,18 @@ test('the client against a live service', { skip: skipWithoutTorch() }, async (t
     await assert.rejects(client.snapshotBytes(name, 1, 'checkpoint', 'safetensors' as 'pt'), RangeError);
   });
 
+  await t.test('flat-array gradients after the session was replaced (by another client) with other shapes take the new shapes', async () => {
+    const name = uniqueName('replaced');
+    await client.createSession(spec(name));
+    await client.step(name, { w: [0.5, -0.5, 0.25, 1], b: [0.1, 0.2] }); // w's shape [2, 2] cached
+    const other = new ASGDClient(url, { token, retryBudgetMs: 10_000 });
+    await other.deleteSession(name);
+    await other.createSession({ name, params: [{ name: 'w', shape: [3], data: [1, 2, 3] }, { name: 'b', shape: [2], data: [0, 0] }], hyperparameters: { lr: 0.5 } });
+    const answer = await client.step(name, { w: [1, 1, 1], b: [0, 0] });
+    assert.equal(answer.version, 2);
+    assert.deepEqual((await client.params(name)).params.w.shape, [3]);
+  });
+
   await t.test('a file the service cannot read is a BadRequest naming the problem', async () => {
     const bytes = encodeSafetensors({ w: { shape: [2, 2], data: new Float32Array(4) } });
     const err = await client.createSessionFromFile('x', bytes.subarray(0, 20), 'safetensors').then(() => null, (e: unknown) => e);
