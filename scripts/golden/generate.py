@@ -450,6 +450,9 @@ def eta_table(rng, count, out_dir):
     alpha = np.where(rng.random(count) < 0.2, 0.75, rng.uniform(0, 2, count))
     t0 = np.where(rng.random(count) < 0.5, 1e6, np.floor(rng.uniform(0, 1000, count)))
     step = f32(np.where(rng.random(count) < 0.7, rng.integers(1, 2000, count), rng.integers(1, 2 ** 24 + 1, count)))
+    # A negative alpha in a fifth of the rows (torch takes it: eta grows with the step; the power stays far
+    # from 0 here), drawn after the others so that the other rows stay what they were.
+    alpha = np.where(rng.random(count) < 0.2, rng.uniform(-2, 0, count), alpha)
     eta = np.zeros(count, dtype=np.float32)
     mu = np.zeros(count, dtype=np.float32)
     for i in range(count):

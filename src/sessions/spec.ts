@@ -76,14 +76,18 @@ export function resolveHyperparameters(base: Omit<GroupSpec, 'params'>, input: H
   }
   if (out.lr < 0) throw errors.invalidHyperparameter(`${field}.lr`, `Invalid learning rate: ${out.lr}`);
   if (out.weight_decay < 0) throw errors.invalidHyperparameter(`${field}.weight_decay`, `Invalid weight_decay value: ${out.weight_decay}`);
-  if (out.lambd < 0) throw errors.invalidHyperparameter(`${field}.lambd`, `Invalid lambd value: ${out.lambd}`);
-  if (out.alpha < 0) throw errors.invalidHyperparameter(`${field}.alpha`, `Invalid alpha value: ${out.alpha}`);
-  const overflow = etaOverflowStep(out.lr, out.lambd, out.alpha);
-  if (overflow !== null) {
+  if (out.lambd < 0) {
+    // torch takes it, but 1 + lambd * lr * step then falls to 0 and below: its eta fails there (a float
+    // division by zero, a math domain error or a complex number, by version and alpha).
+    throw errors.invalidHyperparameter(`${field}.lambd`, `must not be negative (${out.lambd}): ASGD's eta = lr / (1 + lambd * lr * step) ** alpha has a base that falls to 0 and below as the steps go on`);
+  }
+  const failure = etaFailure(out.lr, out.lambd, out.alpha);
+  if (failure !== null) {
     // Named by the key this input gave (of those that make the power), alpha first.
     const key = (['alpha', 'lambd', 'lr'] as const).find((k) => input[k] !== undefined) ?? 'alpha';
+    const what = failure.error === 'OverflowError' ? 'overflows' : 'divides by zero (the power underflows to 0)';
     throw errors.invalidHyperparameter(`${field}.${key}`, `with lr ${out.lr}, lambd ${out.lambd} and alpha ${out.alpha}, ASGD's eta = lr / (1 + lambd * lr * step) ** alpha `
-      + `overflows at step ${overflow} (torch raises OverflowError there, in the middle of a step)`);
+      + `${what} at step ${failure.step} (torch raises ${failure.error} there, in the middle of a step)`);
   }
   if (input.maximize !== undefined) {
     if (typeof input.maximize !== 'boolean') throw errors.invalidHyperparameter(`${field}.maximize`, 'must be true or false');
@@ -111,23 +115,30 @@ export function resolveHyperparameters(base: Omit<GroupSpec, 'params'>, input: H
 const LAST_STEP = 2 ** 24;
 
 /**
- * The first step (1..2**24) at which torch's `(1 + lambd * lr * step) ** alpha` overflows a double from a
- * finite base (Python raises OverflowError; an infinite base gives inf and eta 0, as here), or null when none
- * does. With lr, lambd, alpha >= 0 the power grows with the step: the first step whose power is infinite is
- * found by a binary search, and it is an overflow when its base is still finite (the earlier steps' powers
- * are finite; the later steps' bases too, until the base itself is infinite).
+ * The first step (1..2**24) at which torch's `eta = lr / (1 + lambd * lr * step) ** alpha` (Python floats)
+ * raises, and why, or null when none does. With lr, lambd >= 0 the base grows with the step, from 1:
+ * - alpha > 0: the power grows; the first step whose power is infinite is found by a binary search, and it
+ *   is an overflow (OverflowError) when its base is still finite (an infinite base gives inf, and eta 0, as
+ *   here; the later steps' bases are infinite too);
+ * - alpha < 0 (torch takes it; eta then grows with the step): the power falls towards 0; the first step at
+ *   which it is 0 (an underflow, or an infinite base) divides lr by zero (ZeroDivisionError), and so does
+ *   every later one.
  */
-export function etaOverflowStep(lr: number, lambd: number, alpha: number): number | null {
+export function etaFailure(lr: number, lambd: number, alpha: number): { step: number; error: 'OverflowError' | 'ZeroDivisionError' } | null {
   const base = (step: number) => 1 + lambd * lr * step;
-  if (Number.isFinite(Math.pow(base(LAST_STEP), alpha))) return null;
-  let lo = 0; // finite at step 0 (no step): the power is 1
+  const power = (step: number) => Math.pow(base(step), alpha);
+  // Past the first failing step (of its kind), every step's power fails in the same way.
+  const failing = alpha < 0 ? (step: number) => power(step) === 0 : (step: number) => !Number.isFinite(power(step));
+  if (!failing(LAST_STEP)) return null;
+  let lo = 0; // fine at step 0 (no step): the power is 1
   let hi = LAST_STEP;
   while (hi - lo > 1) {
     const mid = Math.floor((lo + hi) / 2);
-    if (Number.isFinite(Math.pow(base(mid), alpha))) lo = mid;
-    else hi = mid;
+    if (failing(mid)) hi = mid;
+    else lo = mid;
   }
-  return Number.isFinite(base(hi)) ? hi : null;
+  if (alpha < 0) return { step: hi, error: 'ZeroDivisionError' };
+  return Number.isFinite(base(hi)) ? { step: hi, error: 'OverflowError' } : null;
 }
 
 export const DEFAULT_GROUP: Omit<GroupSpec, 'params'> = Object.freeze({

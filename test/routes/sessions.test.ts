@@ -54,7 +54,9 @@ test('create rejects bad input with a code that names the field', async (t) => {
     [{ ...twoParams(), hyperparameters: { weight_decay: -0.1 } }, 400, 'INVALID_HYPERPARAMETER', /weight_decay/],
     [{ ...twoParams(), hyperparameters: { lambd: -1 } }, 400, 'INVALID_HYPERPARAMETER', /lambd/],
     [{ ...twoParams(), hyperparameters: { lambd: 1e300, lr: 1, alpha: 2 } }, 400, 'INVALID_HYPERPARAMETER', /^hyperparameters\.alpha: with lr 1, lambd 1e\+300 and alpha 2, .* overflows at step 1 /],
-    [{ ...twoParams(), hyperparameters: { alpha: -0.5 } }, 400, 'INVALID_HYPERPARAMETER', /alpha/],
+    [{ ...twoParams(), hyperparameters: { lambd: -1e-3 } }, 400, 'INVALID_HYPERPARAMETER', /^hyperparameters\.lambd: must not be negative \(-0\.001\)/],
+    // A negative alpha is torch's too (eta grows with the step), until the power underflows: lr / 0.0.
+    [{ ...twoParams(), hyperparameters: { alpha: -1e300 } }, 400, 'INVALID_HYPERPARAMETER', /^hyperparameters\.alpha: with lr 0\.01, lambd 0\.0001 and alpha -1e\+300, .* divides by zero \(the power underflows to 0\) at step 1 \(torch raises ZeroDivisionError/],
     [{ ...twoParams(), hyperparameters: { lr: 'fast' } }, 400, 'INVALID_HYPERPARAMETER', /lr/],
     [{ ...twoParams(), param_groups: [{ params: ['w'], lr: -2 }, { params: ['b'] }] }, 400, 'INVALID_HYPERPARAMETER', /param_groups\[0\]\.lr/],
     [{ ...twoParams(), param_groups: [{ params: ['w'] }] }, 400, 'INVALID_PARAM_GROUPS', /"b" is in no group/],

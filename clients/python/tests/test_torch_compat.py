@@ -63,6 +63,33 @@ class NumpyHyperparameters(ServiceTestCase):
         self.assertStateDictEqual(state_only(opt.state_dict()), state_only(torch_opt.state_dict()))
 
 
+class EdgeHyperparameters(ServiceTestCase):
+    def setUp(self):
+        self.requireStepParams()
+
+    def test_a_negative_alpha_trains_as_torch_does(self):
+        # torch checks only lr and weight_decay: with alpha < 0, eta grows with the step. Set at creation and
+        # by a schedule mid-training (the step's param_groups).
+        hyper = dict(HYPER, alpha=-0.5, lambd=0.05)
+        ref, model = make_model(), make_model()
+        torch_opt = torch.optim.ASGD(ref.parameters(), **hyper)
+        opt = self.remote(model.named_parameters(), **hyper)
+        train(ref, torch_opt, range(10))
+        train(model, opt, range(10))
+        for o in (torch_opt, opt):
+            o.param_groups[0]["alpha"] = -1.25
+        train(ref, torch_opt, range(10, 20))
+        train(model, opt, range(10, 20))
+        self.assertParamsIdentical(model, ref)
+        self.assertStateDictEqual(state_only(opt.state_dict()), state_only(torch_opt.state_dict()))
+
+    def test_a_negative_lambd_is_refused_naming_it(self):
+        from asgd_client import ServiceError
+
+        with self.assertRaisesRegex(ServiceError, r"INVALID_HYPERPARAMETER.*lambd: must not be negative"):
+            self.remote(make_model().named_parameters(), **dict(HYPER, lambd=-1e-3))
+
+
 class TensorLearningRate(ServiceTestCase):
     def setUp(self):
         self.requireStepParams()
