@@ -5,7 +5,7 @@
 import { fail } from './errors.ts';
 import { readSafetensors, writeSafetensors, type SafetensorsReadOptions } from './safetensors.ts';
 import { toFloat32, type Float32Tensor, type Tensor } from './tensor.ts';
-import type { AsgdParamState } from './optimizer-state.ts';
+import { stepNotFloat32, type AsgdParamState } from './optimizer-state.ts';
 import type { ByteStream } from './zip.ts';
 
 const STATE_NAME = /^state\.(\d{1,9})\.(step|eta|mu|ax)$/;
@@ -23,7 +23,10 @@ export function readOptimizerSafetensors(body: Uint8Array, options: Pick<Safeten
     if (!m) fail('INVALID_STATE_DICT', `${name}: tensor names must be state.<index>.<step|eta|mu|ax>`);
     // As from a torch.save file, and as torch's load_state_dict casts the state to its parameters' dtype:
     // another dtype (float64, float16, bfloat16, an integer) is converted to float32 with one rounding.
-    (state[m[1]] ??= {})[m[2]] = { shape: tensor.shape, data: toFloat32(tensor) };
+    const data = toFloat32(tensor);
+    const problem = m[2] === 'step' && data.length === 1 ? stepNotFloat32(tensor, data[0]) : null;
+    if (problem) fail('INVALID_STATE_DICT', `${name}: ${problem}`);
+    (state[m[1]] ??= {})[m[2]] = { shape: tensor.shape, data };
   }
   return { state, paramGroups: file.metadata.get('param_groups') };
 }

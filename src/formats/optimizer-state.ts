@@ -8,7 +8,7 @@
 
 import { FormatError } from './errors.ts';
 import { PyDict, pyIntToNumber, pyTypeName, type PyValue } from './pyvalue.ts';
-import { isTensor, toFloat32Tensor, type Float32Tensor, type Tensor } from './tensor.ts';
+import { isTensor, scalarValue, toFloat32Tensor, type Float32Tensor, type Tensor } from './tensor.ts';
 
 /** The numeric hyperparameters of an ASGD group, by their Python names. */
 export const ASGD_NUMERIC_KEYS = ['lr', 'lambd', 'alpha', 't0', 'weight_decay'] as const;
@@ -161,7 +161,7 @@ export const NOT_ASGD_STATE = 'is not part of ASGD\'s per-parameter state (step,
 function readParamState(value: PyValue, path: string, options: StateDictReadOptions): AsgdParamState {
   const dict = expectDict(value, path);
   const step = readScalar(dict.get('step'), `${path}.step`, options);
-  const problem = stepCountProblem(step);
+  const problem = stepCountProblem(step) ?? stepNotFloat32(dict.get('step'), step);
   if (problem) throw invalid(`${path}.step`, problem);
   const eta = readScalar(dict.get('eta'), `${path}.eta`, options);
   const mu = readScalar(dict.get('mu'), `${path}.mu`, options);
@@ -190,6 +190,18 @@ export function stepCountProblem(step: number): string | null {
   if (Number.isInteger(step) && step >= 0 && Math.fround(step) <= MAX_STEP_COUNT) return null;
   const got = Number.isNaN(step) ? 'NaN' : String(step);
   return `must be a whole number of steps from 0 to ${MAX_STEP_COUNT} (PyTorch's float32 step count), got ${got}`;
+}
+
+/**
+ * Why a step count read in another dtype (float64, an integer; `raw`) cannot be kept as `as32`, its float32,
+ * or null: the count is stored as PyTorch's float32 tensor, and one that float32 does not hold (2**24 + 1)
+ * would be changed without a word. A tensor is given as itself.
+ */
+export function stepNotFloat32(raw: unknown, as32: number): string | null {
+  const value = raw !== null && typeof raw === 'object' && isTensor(raw as PyValue) ? scalarValue(raw as Tensor) : raw;
+  // (NaN and the like are the count check's to name.)
+  const exact = typeof value === 'bigint' ? Number.isInteger(as32) && BigInt(as32) === value : typeof value !== 'number' || !Number.isFinite(value) || value === as32;
+  return exact ? null : `${String(value)} is not a float32 value: the step count is kept as PyTorch's float32 tensor (whole numbers up to 2**24, then every float32)`;
 }
 
 /** A float32 scalar: a one-element float32 tensor, or (with toFloat32) any one-element tensor or Python number. */

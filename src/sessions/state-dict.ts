@@ -6,7 +6,7 @@ import type { GroupSpec } from '../db/schema.ts';
 import { FLAG_KEYS, HYPERPARAMETER_KEYS, resolveHyperparameters, DEFAULT_GROUP, publicGroup } from './spec.ts';
 import type { LoadedStateDict, StateView } from './model.ts';
 import { jsonScalar, jsonTensor, readJsonTensor, readScalar, type NonFinitePolicy } from './tensors.ts';
-import { ASGD_NUMERIC_KEYS, NOT_ASGD_STATE, PARAM_STATE_KEYS, stepCountProblem, type AsgdParamGroup, type AsgdStateDict, type PyValue } from '../formats/index.ts';
+import { ASGD_NUMERIC_KEYS, NOT_ASGD_STATE, PARAM_STATE_KEYS, stepCountProblem, stepNotFloat32, type AsgdParamGroup, type AsgdStateDict, type PyValue } from '../formats/index.ts';
 
 export interface DecodedTensor {
   shape: number[];
@@ -104,7 +104,7 @@ export function parseStateDict(body: unknown, intKeysOf?: (group: number) => str
     const step = readStateScalar(entry.step, `${field}.step`);
     // Checked here, not by the database: a count it cannot store (or that could not be served back and
     // loaded again) is refused by name, the same for JSON, safetensors and checkpoint bodies.
-    const problem = stepCountProblem(step);
+    const problem = stepCountProblem(step) ?? stepNotFloat32(step, Math.fround(step));
     if (problem) throw errors.invalidStateDict(`${field}.step`, problem);
     state.set(Number(key), {
       step,

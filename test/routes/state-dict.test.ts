@@ -283,3 +283,43 @@ test('a state_dict whose ax is float64 loads the same from safetensors as from a
   assert.deepEqual(fromSt, fromPt);
   assert.notDeepEqual(fromSt['0'].ax, (await app.inject({ url: '/v1/sessions/st/state_dict?version=2' })).json().state['0'].ax, 'the widened values moved ax');
 });
+
+test('a step count in float64 or int64 loads when float32 holds it; one float32 does not hold (2**24 + 1) is refused naming it, in JSON, safetensors and .pt', async (t) => {
+  // torch keeps a loaded step's dtype; the service keeps PyTorch's float32 count: a value float32 holds is
+  // the same count, one it does not would have been rounded without a word (found by a review).
+  const { app } = await buildTestApp(t);
+  await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'c', params, hyperparameters: defaults } });
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/c/step', payload: { grads: grads(1) } })).statusCode, 200);
+  const before = (await app.inject({ url: '/v1/sessions/c/state_dict' })).body;
+  const stFile = readSafetensors((await app.inject({ url: '/v1/sessions/c/state_dict?format=safetensors' })).rawPayload, { dtypes: 'all' });
+  const ptFile = (await app.inject({ url: '/v1/sessions/c/state_dict?format=pt' })).rawPayload;
+  const bodies = (count: number, wide: 'float64' | 'int64') => {
+    const json = JSON.parse(before);
+    json.state['0'].step = count;
+    const step: Tensor = wide === 'float64' ? { dtype: 'float64', shape: [], data: Float64Array.of(count) } : { dtype: 'int64', shape: [], data: BigInt64Array.of(BigInt(count)) };
+    const tensors = [...stFile.tensors].map(([name, tensor]) => [name, name === 'state.0.step' ? step : tensor] as const);
+    const sd = readTorchSave(ptFile) as PyDict;
+    ((sd.get('state') as PyDict).get(0n) as PyDict).set('step', step);
+    return [
+      ['json', { 'content-type': 'application/json' }, JSON.stringify(json)],
+      ['safetensors', { 'content-type': 'application/x-safetensors' }, streamToBuffer(writeSafetensors(tensors, stFile.metadata))],
+      ['pt', { 'content-type': 'application/octet-stream' }, torchSaveToBuffer(sd)],
+    ] as const;
+  };
+  for (const wide of ['float64', 'int64'] as const) {
+    for (const [format, headers, payload] of bodies(2 ** 24 + 1, wide)) {
+      if (format === 'json' && wide === 'int64') continue; // JSON has one kind of number
+      const current = (await app.inject({ url: '/v1/sessions/c/state_dict' })).body;
+      const res = await app.inject({ method: 'PUT', url: '/v1/sessions/c/state_dict', headers, payload });
+      assert.equal(res.statusCode, 400, `${format} ${wide}: ${res.body}`);
+      assert.equal(res.json().code, 'INVALID_STATE_DICT');
+      assert.match(res.json().message, /state(\.0|\[0\])\.step:? 16777217 is not a float32 value/, `${format} ${wide}`);
+      assert.equal((await app.inject({ url: '/v1/sessions/c/state_dict' })).body, current, 'unchanged');
+    }
+    for (const [format, headers, payload] of bodies(2 ** 24, wide)) {
+      const res = await app.inject({ method: 'PUT', url: '/v1/sessions/c/state_dict', headers, payload });
+      assert.equal(res.statusCode, 200, `${format} ${wide}: ${res.body}`);
+      assert.equal((await app.inject({ url: '/v1/sessions/c/state_dict' })).json().state['0'].step, 2 ** 24, `${format} ${wide}`);
+    }
+  }
+});
