@@ -1,6 +1,6 @@
 // The database as a named plugin: opened (and migrated when asked) at boot, closed in onClose.
 import { existsSync } from 'node:fs';
-import type { Readable } from 'node:stream';
+import { Transform, type Readable } from 'node:stream';
 import { join, resolve } from 'node:path';
 import fp from 'fastify-plugin';
 import type { FastifyInstance } from 'fastify';
@@ -29,6 +29,8 @@ export interface DbPluginOptions {
 
 /** The largest body read to its end before a 507 (a bigger one is answered at once, and its connection closed). */
 const DRAIN_LIMIT_BYTES = 64 * 1024 * 1024;
+/** How often the room is looked at again while a body of no declared length arrives. */
+const ROOM_CHECK_BYTES = 1024 * 1024;
 
 function drained(stream: Readable): Promise<void> {
   return new Promise((resolve) => {
@@ -79,14 +81,42 @@ export default fp(
       // Before the body is read, after auth (onRequest): a caller without a token learns nothing of the disk.
       fastify.addHook('preParsing', async (request, _reply, payload) => {
         if (request.method === 'GET' || request.method === 'HEAD' || request.method === 'OPTIONS') return;
-        const body = Number(request.headers['content-length']) || 0;
+        const refusal = (short: { free: number; needed: number }) => errors.insufficientStorage(`${request.method} ${request.url.split('?', 1)[0]}`, resolve(dataDir), short.free, short.needed);
+        const declared = request.headers['content-length'] !== undefined && request.headers['transfer-encoding'] === undefined;
+        const body = declared ? Number(request.headers['content-length']) || 0 : 0;
         // The body is logged (a gradient) or written as a state, and a snapshot may follow: twice its size.
         const short = room(2 * body);
-        if (!short) return;
-        // The body is read and dropped (nothing of it is written) so that a client sending it whole before it
-        // reads the answer gets the 507, not a reset connection; with Expect: 100-continue it is never sent.
-        if (body > 0 && body <= DRAIN_LIMIT_BYTES && !/100-continue/i.test(String(request.headers.expect ?? ''))) await drained(payload);
-        throw errors.insufficientStorage(`${request.method} ${request.url.split('?', 1)[0]}`, resolve(dataDir), short.free, short.needed);
+        if (short) {
+          // The body is read and dropped (nothing of it is written) so that a client sending it whole before it
+          // reads the answer gets the 507, not a reset connection; with Expect: 100-continue it is never sent.
+          if (body > 0 && body <= DRAIN_LIMIT_BYTES && !/100-continue/i.test(String(request.headers.expect ?? ''))) await drained(payload);
+          throw refusal(short);
+        }
+        if (declared) return;
+        // A body of no declared length (chunked) is measured as it arrives (the room looked at every
+        // ROOM_CHECK_BYTES and at its end): once twice what has come exceeds the room, the rest is read and
+        // dropped, as above, and the 507 answered at its end; past DRAIN_LIMIT_BYTES it is answered at once.
+        let received = 0;
+        let next = ROOM_CHECK_BYTES;
+        let over: { free: number; needed: number } | null = null;
+        const measured = new Transform({
+          transform(chunk: Buffer, _encoding, done) {
+            received += chunk.length;
+            if (!over && received >= next) {
+              next = received + ROOM_CHECK_BYTES;
+              over = room(2 * received);
+            }
+            if (!over) return done(null, chunk);
+            done(received > DRAIN_LIMIT_BYTES ? refusal(over) : null);
+          },
+          flush(done) {
+            over ??= room(2 * received);
+            done(over ? refusal(over) : null);
+          },
+        });
+        // Piped, not pipeline(): a refusal must not destroy the request (its socket carries the 507).
+        payload.on('error', (err) => measured.destroy(err));
+        return payload.pipe(measured);
       });
     }
     if (!opts.database) fastify.addHook('onClose', async () => db.close());

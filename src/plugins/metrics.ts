@@ -156,14 +156,18 @@ export default fp(
         received.set(request, declared);
         return payload;
       }
-      // A chunked body: count the bytes as they pass.
+      // A chunked body: count the bytes as they pass. An error of the stream before (a refusal of the disk
+      // guard, a hung-up client) goes on to the body's parser: pipe() does not carry it, and unheard it
+      // would end the process.
       received.set(request, 0);
-      return payload.pipe(new Transform({
+      const counted = new Transform({
         transform(chunk: Buffer, _encoding, done) {
           received.set(request, (received.get(request) ?? 0) + chunk.length);
           done(null, chunk);
         },
-      }));
+      });
+      payload.on('error', (err) => counted.destroy(err));
+      return payload.pipe(counted);
     });
 
     fastify.addHook('onSend', async (request, _reply, payload) => {

@@ -2,7 +2,8 @@
 // and the holder while the first keeps serving; a lock left by a killed process does not block a restart.
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, statfsSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { request as httpRequest } from 'node:http';
 import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -237,4 +238,49 @@ test('an embedded database whose disk is nearly full refuses writes with 507 INS
   assert.equal(answer.message, 'the embedded database is not migrated: stop this server and run `asgd-serve migrate` on its ASGD_DATA_DIR, or start it with ASGD_MIGRATE=true');
   unmigrated.child.kill('SIGTERM');
   await unmigrated.exited;
+});
+
+test('a chunked body (no Content-Length) is measured as it arrives: one the embedded database\'s disk has no room for is refused with 507, a small one goes through', { timeout: 300_000 }, async (t) => {
+  // Found by an operator's review: the guard read the size from Content-Length only, so a chunked body
+  // counted as 0 bytes and a 1.6 MB step went in where the same body with its length was refused.
+  const dir = join(tempDir(t), 'data');
+  const fs = statfsSync(tmpdir());
+  const headroom = 64 * 1024 * 1024;
+  const service = spawnService(process.execPath, ['src/server.ts'], { ...SERVER_ENV, ASGD_DATA_DIR: dir, ASGD_MIN_FREE_BYTES: String(Math.max(0, fs.bavail * fs.bsize - headroom)) });
+  t.after(() => service.child.kill('SIGKILL'));
+  const { url } = await service.banner();
+  const { port } = new URL(url);
+  /** POSTs `total` bytes in 1 MiB chunks with Transfer-Encoding: chunked; resolves with the answer (read as soon as it comes). */
+  const chunked = (path: string, contentType: string, total: number, first?: Buffer) => new Promise<{ status: number; body: string; sent: number }>((done, fail) => {
+    const req = httpRequest({ host: '127.0.0.1', port, method: 'POST', path, headers: { 'content-type': contentType, 'transfer-encoding': 'chunked' } });
+    let sent = 0;
+    let answered = false;
+    req.on('response', (res) => {
+      answered = true;
+      let body = '';
+      res.setEncoding('utf8').on('data', (c) => (body += c)).on('end', () => { done({ status: res.statusCode!, body, sent }); req.destroy(); });
+    });
+    req.on('error', (err) => { if (!answered) fail(new Error(`${path}: ${err.message} after ${sent} bytes: ${service.output().slice(-1500)}`)); });
+    const write = () => {
+      while (!answered && sent < total) {
+        const chunk = sent === 0 && first ? first : Buffer.alloc(Math.min(1024 * 1024, total - sent));
+        sent += chunk.length;
+        if (!req.write(chunk)) return void req.once('drain', write);
+      }
+      if (!answered) req.end();
+    };
+    write();
+  });
+  const small = Buffer.from(JSON.stringify({ name: 'small', params: [{ name: 'w', shape: [2], data: [1, 2] }] }));
+  const created = await chunked('/v1/sessions', 'application/json', small.length, small);
+  assert.equal(created.status, 201, created.body);
+  // 2 x 60 MiB is more than the 64 MiB of room: refused once about 32 MiB have come (the rest read and dropped).
+  const big = await chunked('/v1/sessions/small/step', 'application/x-safetensors', 60 * 1024 * 1024);
+  assert.equal(big.status, 507, big.body);
+  assert.equal(JSON.parse(big.body).code, 'INSUFFICIENT_STORAGE');
+  assert.match(JSON.parse(big.body).message, /^POST \/v1\/sessions\/small\/step: the disk of the embedded database/);
+  assert.equal((await fetch(`${url}/v1/sessions/small`)).status, 200, 'the process goes on');
+  assert.equal((await (await fetch(`${url}/v1/sessions/small`)).json() as { version: number }).version, 1);
+  service.child.kill('SIGTERM');
+  assert.equal(await service.exited, 0, service.output());
 });
