@@ -102,6 +102,18 @@ const TIMER_MAX_MS = 2_147_483_647;
 /** A duration in milliseconds that a timer will wait (int, at most TIMER_MAX_MS). */
 const ms = (env: Env, key: string, fallback: number, min: number): number => int(env, key, fallback, min, TIMER_MAX_MS);
 
+/** The shortest ASGD_DB_TIMEOUT_MS but 0: below it not even a connection to a healthy local PostgreSQL starts. */
+const MIN_DB_TIMEOUT_MS = 100;
+
+/** ASGD_DB_TIMEOUT_MS: 0 (no timeout), or long enough to connect (a shorter one failed every start as "waiting for PostgreSQL"). */
+function dbTimeout(env: Env): number {
+  const value = ms(env, 'ASGD_DB_TIMEOUT_MS', 30_000, 0);
+  if (value > 0 && value < MIN_DB_TIMEOUT_MS) {
+    throw new ConfigError(`ASGD_DB_TIMEOUT_MS must be 0 (no timeout) or at least ${MIN_DB_TIMEOUT_MS}, got ${value}: a connection's start-up gets as long`);
+  }
+  return value;
+}
+
 function bool(env: Env, key: string, fallback: boolean): boolean {
   const raw = env[key];
   if (raw === undefined || raw === '') return fallback;
@@ -252,7 +264,7 @@ export function loadConfig(env: Env = process.env): Config {
     databaseUrl: databaseUrl(env),
     dataDir: env.ASGD_DATA_DIR?.trim() || '.data/pglite',
     dbPoolSize: int(env, 'ASGD_DB_POOL_SIZE', 10, 1, 1000),
-    dbTimeoutMs: ms(env, 'ASGD_DB_TIMEOUT_MS', 30_000, 0),
+    dbTimeoutMs: dbTimeout(env),
     dbStartTimeoutMs: ms(env, 'ASGD_DB_START_TIMEOUT_MS', 60_000, 0),
     logLevel,
     logRequests,

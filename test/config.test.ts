@@ -9,6 +9,9 @@ test('durations a Node timer cannot wait (over 2^31 - 1 ms, which fire after 1 m
     assert.throws(() => loadConfig({ [key]: '2147483648' }), (err: Error) => err instanceof ConfigError && err.message.startsWith(`${key} must be between`), key);
     assert.doesNotThrow(() => loadConfig({ [key]: '2147483647' }), key);
   }
+  // Found by an operator's review: 5 ms failed every start as "waiting for PostgreSQL", the database healthy.
+  assert.throws(() => loadConfig({ ASGD_DB_TIMEOUT_MS: '5' }), (err: Error) => err instanceof ConfigError && /^ASGD_DB_TIMEOUT_MS must be 0 \(no timeout\) or at least 100, got 5/.test(err.message));
+  for (const ok of ['0', '100', '30000']) assert.equal(loadConfig({ ASGD_DB_TIMEOUT_MS: ok }).dbTimeoutMs, Number(ok));
   // No grace at all is not a shutdown: SIGKILL is that.
   assert.throws(() => loadConfig({ ASGD_SHUTDOWN_TIMEOUT_MS: '0' }), /ASGD_SHUTDOWN_TIMEOUT_MS must be between 1 and/);
 });
