@@ -318,6 +318,11 @@ class _Both:
                 part.wait()
 
 
+def _owes(pending: Any) -> bool:
+    """Whether ``pending`` holds an owed step (_Resend): one to send again before any later step."""
+    return isinstance(pending, _Resend) or (isinstance(pending, _Both) and (_owes(pending.first) or _owes(pending.rest)))
+
+
 def _holds(pending: Any, part: Any) -> bool:
     """Whether ``part`` is ``pending`` or one of a _Both's parts."""
     if pending is part:
@@ -887,6 +892,10 @@ class RemoteASGD(torch.optim.Optimizer):
             if wait and self.aggregation is None:
                 # Pipelined: sent now on this thread, its answer read at the next call (no thread).
                 # Group changes not yet confirmed by the previous step's answer travel again: the same values.
+                if _owes(self._pending):
+                    # An interrupted step owed (perhaps never sent) goes first: sent after this one, it would
+                    # be applied after it.
+                    self._apply_pending(block=True)
                 sent = None
                 try:
                     sent = self._send_owing(self._start, key, args)

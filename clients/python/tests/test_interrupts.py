@@ -115,6 +115,37 @@ class Interrupts(ServiceTestCase):
         for n, p in model.named_parameters():
             self.assertTrue(torch.equal(tensors[n], p.detach()), n)
 
+    def test_a_pipelined_step_interrupted_before_it_was_sent_is_applied_before_the_next_one(self):
+        # Found by a review: Ctrl-C while a big pipelined step was still being sent left it owed, and the next
+        # step() sent its own gradients before sending the owed ones again: applied in the order 0, 1, 2, 4, 3.
+        from asgd_client.optim import RemoteASGD
+
+        self.requireStepParams()
+        model = make_model()
+        opt = self.remote(model.named_parameters(), pipeline=True)
+        for i in range(3):
+            gradients(model, i)
+            opt.step(metrics={"i": i})
+        original = RemoteASGD._start
+        armed = [True]
+
+        def start(o, *a, **k):
+            if armed[0]:
+                armed[0] = False
+                raise KeyboardInterrupt()  # nothing of this step has gone out
+            return original(o, *a, **k)
+
+        with mock.patch.object(RemoteASGD, "_start", start):
+            gradients(model, 3)
+            with self.assertRaises(KeyboardInterrupt):
+                opt.step(metrics={"i": 3})
+            for i in range(4, 8):  # the loop goes on (no re-run of the interrupted step)
+                gradients(model, i)
+                opt.step(metrics={"i": i})
+        opt.synchronize()
+        points = opt.client.metrics(opt.session)["points"]
+        self.assertEqual([p["values"]["i"] for p in points], list(range(8)), "each step applied once, in order")
+
     def three_steps_then_gradients(self, **kw):
         """A model and its RemoteASGD after three steps, with the gradients of the fourth in place."""
         self.requireStepParams()
