@@ -2,9 +2,10 @@
 // JSON has no NaN or infinity: they are written as the strings "NaN", "Infinity", "-Infinity".
 import { errors, quoteValue } from '../errors.ts';
 
+/** A tensor as a JSON answer holds it, for JSON.stringify (jsonData). */
 export interface JsonTensor {
   shape: number[];
-  data: (number | string)[];
+  data: (number | string | object)[];
 }
 
 /** The strings that spell a non-finite number (a Map: "toString" and other Object.prototype names are not among them). */
@@ -57,12 +58,21 @@ export function readJsonTensor(value: unknown, field: string, shape: readonly nu
   }
 }
 
-/** Encodes a float32 tensor as JSON-safe data (shortest decimal that round-trips the float32 bits). */
-export function jsonData(values: Float32Array): (number | string)[] {
-  const out = new Array<number | string>(values.length);
+/**
+ * -0.0 as JSON.stringify writes it into a JSON text (a number it would write as `0`): JSON.parse and Python's
+ * json read `-0.0` back as -0.0. Only JSON.stringify knows it (fast-json-stringify does not): tensors only.
+ */
+const NEGATIVE_ZERO = (JSON as unknown as { rawJSON(text: string): object }).rawJSON('-0.0');
+
+/**
+ * Encodes a float32 tensor as data for JSON.stringify: the shortest decimal that round-trips the float32
+ * bits, -0.0 included; non-finite values as strings.
+ */
+export function jsonData(values: Float32Array): (number | string | object)[] {
+  const out = new Array<number | string | object>(values.length);
   for (let i = 0; i < values.length; i++) {
     const x = values[i];
-    out[i] = Number.isFinite(x) ? x : Number.isNaN(x) ? 'NaN' : x > 0 ? 'Infinity' : '-Infinity';
+    out[i] = Number.isFinite(x) ? (x === 0 && 1 / x < 0 ? NEGATIVE_ZERO : x) : Number.isNaN(x) ? 'NaN' : x > 0 ? 'Infinity' : '-Infinity';
   }
   return out;
 }

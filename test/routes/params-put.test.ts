@@ -82,7 +82,7 @@ test('PUT params and create take float16 and bfloat16 parameters, widened exactl
   const bBits = Uint16Array.from([0x7f7f, 0x0080, 0xbf00, 0x4049]);
   const half = { dtype: 'float16', shape: [3, 4], data: halfBits } as unknown as Tensor;
   const bf16 = { dtype: 'bfloat16', shape: [4], data: bBits } as unknown as Tensor;
-  const expectW = Array.from(halfBits, (bits) => halfToFloat(bits) + 0); // JSON answers write -0 as 0
+  const expectW = Array.from(halfBits, halfToFloat); // -0.0 too: JSON answers write it as -0.0 (deepEqual tells it from 0)
   const expectB = Array.from(bBits, bfloat16ToFloat);
   for (const [type, body] of [
     ['application/x-safetensors', streamToBuffer(writeSafetensors([['w', half], ['b', bf16]]))],
@@ -90,7 +90,9 @@ test('PUT params and create take float16 and bfloat16 parameters, widened exactl
   ] as const) {
     const put = await app.inject({ method: 'PUT', url: '/v1/sessions/p/params', headers: { 'content-type': type }, payload: body });
     assert.equal(put.statusCode, 200, put.body);
-    const got = (await app.inject({ url: '/v1/sessions/p/params' })).json().params;
+    const read = await app.inject({ url: '/v1/sessions/p/params' });
+    assert.match(read.body, /"data":\[1,5\.960464477539063e-8,-0\.0,65504,/, 'the sign of the zero in the JSON text');
+    const got = read.json().params;
     assert.deepEqual(got.w.data, expectW, type);
     assert.deepEqual(got.b.data, expectB, type);
   }

@@ -166,6 +166,27 @@ class EditsReachTheSession(ServiceTestCase):
             self.assertTrue(torch.equal(dict(model.named_parameters())[n].detach(), want), n)
 
 
+class SignedZeros(ServiceTestCase):
+    def test_a_parameter_at_negative_zero_keeps_its_sign_in_both_transports(self):
+        # Found by a review: JSON answers wrote -0.0 as 0, so with transport="json" the model's -0.0 became
+        # +0.0 after a step that left it where it was (torch keeps -0.0).
+        self.requireStepParams()
+        for transport in ("json", "safetensors"):
+            with self.subTest(transport=transport):
+                p = nn.Parameter(torch.tensor([-0.0, 1.0, -0.0]))
+                ref = nn.Parameter(p.detach().clone())
+                opt = self.remote([("p", p)], lr=0.0, transport=transport)
+                torch_opt = torch.optim.ASGD([ref], lr=0.0)
+                for q, o in ((p, opt), (ref, torch_opt)):
+                    q.grad = torch.zeros(3)
+                    o.step()
+                opt.synchronize()
+                self.assertEqual(torch.signbit(p.detach()).tolist(), [True, False, True])
+                self.assertTrue(torch.equal(torch.signbit(p.detach()), torch.signbit(ref.detach())))
+                tensors, _ = opt.client.get_params(opt.session)
+                self.assertEqual(torch.signbit(tensors["p"]).tolist(), [True, False, True])
+
+
 class StateDictTravelsAsTorchSave(ServiceTestCase):
     def test_state_dict_and_load_state_dict_do_not_use_json(self):
         # JSON answers stop at 16M numbers and JSON bodies at 256 MiB: the optimizer's own state_dict
