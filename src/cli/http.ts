@@ -6,13 +6,16 @@ export const EXIT = { ok: 0, server: 1, usage: 2, notFound: 3, auth: 4, unreacha
 
 export class CliError extends Error {
   readonly exitCode: number;
-  constructor(exitCode: number, message: string) {
+  /** A mistake in the command line (not the service's 400): the usage is shown after the message. */
+  readonly showUsage: boolean;
+  constructor(exitCode: number, message: string, showUsage = false) {
     super(message);
     this.exitCode = exitCode;
+    this.showUsage = showUsage;
   }
 }
 
-export const usageError = (message: string) => new CliError(EXIT.usage, message);
+export const usageError = (message: string) => new CliError(EXIT.usage, message, /^(unknown option|sessions: |tokens: )/.test(message));
 
 /** An answer that is JSON but not of the shape the service sends (exit 5, as an answer that is not JSON). */
 export const notOurs = (what: string) => new CliError(EXIT.unreachable, `the answer to ${what} is not what an asgd-serve sends: is --url (or ASGD_URL) an asgd-serve of this version?`);

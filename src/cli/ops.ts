@@ -5,10 +5,10 @@ import { createInterface } from 'node:readline/promises';
 import type { Writable } from 'node:stream';
 import { parseOptions, stringOption, type OptionSpec } from './args.ts';
 import type { OpsContext } from './context.ts';
-import { CliError, createClient, EXIT } from './http.ts';
+import { CliError, createClient, EXIT, usageError } from './http.ts';
 import { printable } from './output.ts';
-import { SESSION_OPTIONS, sessionsCommand } from './sessions.ts';
-import { TOKEN_OPTIONS, tokensCommand } from './tokens.ts';
+import { SESSION_COMMAND_OPTIONS, SESSION_OPTIONS, sessionsCommand } from './sessions.ts';
+import { TOKEN_COMMAND_OPTIONS, TOKEN_OPTIONS, tokensCommand } from './tokens.ts';
 
 export const OPS_COMMANDS = ['sessions', 'tokens'] as const;
 
@@ -36,7 +36,9 @@ export function opsUsage(): string {
 
   sessions ls [--limit N]                 every session: version, step, size, stored bytes, idle time
   sessions show NAME                      settings, storage and snapshots of one session
-  sessions rm NAME [--yes]                delete it with its snapshots and log (asks on a terminal)
+  sessions rm NAME [--yes] [--if-match VERSION]
+                                          delete it with its snapshots and log (asks on a terminal; only the
+                                          version it asked about)
   sessions snapshot NAME [--pin]          take a snapshot now (pinned: kept until unpinned)
   sessions download NAME --format pt|safetensors|json -o FILE [--what checkpoint|state_dict|params]
                     [--snapshot ID | --version V]
@@ -82,6 +84,10 @@ export async function runOps(argv: string[], env: Record<string, string | undefi
       io.stdout.write(opsUsage());
       return EXIT.ok;
     }
+    // An option the command does not take is refused, not ignored (rm --if-match once deleted any version).
+    const takes = (group === 'sessions' ? SESSION_COMMAND_OPTIONS : TOKEN_COMMAND_OPTIONS)[sub ?? ''] as readonly string[] | undefined;
+    const foreign = takes && Object.keys(args.options).find((o) => !(o in COMMON) && !takes.includes(o));
+    if (foreign) throw usageError(`unknown option --${foreign} for ${group} ${sub}${takes.length ? ` (it takes ${takes.map((o) => `--${o}`).join(', ')})` : ''}`);
     const json = args.options.json === true;
     const client = createClient(stringOption(args, 'url') ?? (env.ASGD_URL?.trim() || 'http://127.0.0.1:8080'), stringOption(args, 'token') ?? (env.ASGD_TOKEN?.trim() || env.ASGD_ADMIN_TOKEN?.trim() || null));
     const interactive = io.interactive ?? false;
@@ -104,7 +110,7 @@ export async function runOps(argv: string[], env: Record<string, string | undefi
   } catch (err) {
     if (err instanceof CliError) {
       io.stderr.write(`asgd-serve: ${err.message}\n`);
-      if (err.exitCode === EXIT.usage && /^(unknown option|sessions: |tokens: )/.test(err.message)) io.stderr.write(`\n${opsUsage()}`);
+      if (err.showUsage) io.stderr.write(`\n${opsUsage()}`);
       return err.exitCode;
     }
     // An answer of another shape than the service's (a field missing, null): the CLI read a property of

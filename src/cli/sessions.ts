@@ -41,6 +41,21 @@ export const SESSION_OPTIONS = {
   'expire-after-idle-s': { kind: 'value' },
 } as const;
 
+/** The options each command takes (beside --url, --token, --json, --help): any other is refused naming it. */
+export const SESSION_COMMAND_OPTIONS: Record<string, readonly (keyof typeof SESSION_OPTIONS)[]> = {
+  ls: ['limit'],
+  show: [],
+  rm: ['yes', 'if-match'],
+  snapshot: ['pin'],
+  download: ['format', 'what', 'output', 'snapshot', 'version'],
+  import: ['what', 'if-match'],
+  // (--version: refused with a word on what to do instead)
+  restore: ['snapshot', 'yes', 'if-match', 'version'],
+  fork: ['snapshot', 'version', 'snapshot-every', 'keep-snapshots', 'max-staleness', 'keep-log-bytes', 'expire-after-idle-s'],
+};
+SESSION_COMMAND_OPTIONS.list = SESSION_COMMAND_OPTIONS.ls;
+SESSION_COMMAND_OPTIONS.delete = SESSION_COMMAND_OPTIONS.rm;
+
 const COMMANDS = 'ls, show, rm, snapshot, download, import, restore, fork';
 
 export async function sessionsCommand(sub: string | undefined, args: ParsedArgs, ctx: OpsContext): Promise<number> {
@@ -140,7 +155,9 @@ async function remove(args: ParsedArgs, ctx: OpsContext): Promise<number> {
       return EXIT.usage;
     }
   }
-  await ctx.client.json('DELETE', path(name));
+  // After a question, only the version it named is deleted: steps taken meanwhile make it a 412.
+  const headers = args.options['if-match'] !== undefined || args.options.yes ? ifMatch(args) : { 'if-match': `"${session.version}"` };
+  await ctx.client.json('DELETE', path(name), undefined, headers);
   if (ctx.json) return ctx.print({ deleted: name });
   ctx.out(`deleted session ${name}\n`);
   return EXIT.ok;

@@ -12,6 +12,14 @@ export const TOKEN_OPTIONS = {
   all: { kind: 'switch' },
 } as const;
 
+/** The options each command takes (beside --url, --token, --json, --help): any other is refused naming it. */
+export const TOKEN_COMMAND_OPTIONS: Record<string, readonly (keyof typeof TOKEN_OPTIONS)[]> = {
+  ls: ['all'],
+  list: ['all'],
+  create: ['scope', 'sessions'],
+  revoke: [],
+};
+
 export async function tokensCommand(sub: string | undefined, args: ParsedArgs, ctx: OpsContext): Promise<number> {
   switch (sub) {
     case 'ls':
@@ -37,6 +45,7 @@ export async function tokensCommand(sub: string | undefined, args: ParsedArgs, c
       if (!scope || !['read', 'step', 'admin'].includes(scope)) throw usageError('tokens create: --scope must be read, step or admin');
       const list = stringOption(args, 'sessions');
       const sessions = list === undefined ? null : list.split(',').map((s) => s.trim()).filter(Boolean);
+      if (sessions?.length === 0) throw usageError('tokens create: --sessions must name at least one session (a,b); leave it out for a token of every session');
       const token = await ctx.client.json<Token>('POST', '/v1/tokens', { name, scope, sessions });
       if (ctx.json) return ctx.print(token);
       // The secret alone on stdout (for `$(asgd-serve tokens create ...)`); the rest is for the person.

@@ -181,6 +181,31 @@ test('sessions rm asks on a terminal, needs --yes in a script, and deletes', asy
   assertFails(await here(['sessions', 'rm', 'doomed', '-y']), 3, /session "doomed" does not exist \(SESSION_NOT_FOUND\)/);
 });
 
+test('sessions rm --if-match deletes only that version; after its question only the version it named; an option a command does not take is refused', async () => {
+  // Found by a review: the CLI had one option table for every command, so rm --if-match 99 deleted a session
+  // at version 1 (the header was never sent), and show --version 2 showed the current version.
+  const create = await api('POST', '/v1/sessions', { name: 'guarded', params: [{ name: 'w', shape: [2], data: [1, 2] }] });
+  assert.equal(create.status, 201);
+  assertFails(await cli(['sessions', 'rm', 'guarded', '--yes', '--if-match', '99']), 1, /If-Match: expected "99", the session is at version 1/);
+  assert.equal((await api('GET', '/v1/sessions/guarded')).status, 200, 'still there');
+  assertFails(await cli(['sessions', 'show', 'guarded', '--version', '2']), 2, /unknown option --version for sessions show/);
+  assertFails(await cli(['sessions', 'import', 'guarded', 'x.pt', '--snapshot', '1']), 2, /unknown option --snapshot for sessions import \(it takes --what, --if-match\)/);
+  assertFails(await cli(['tokens', 'revoke', '0123456789abcdef', '--all']), 2, /unknown option --all for tokens revoke/);
+  // An empty --sessions list is the CLI's to refuse (it sent it, and showed the service's 400 with the usage).
+  assertFails(await cli(['tokens', 'create', 'e', '--scope', 'read', '--sessions', ',']), 2, /^asgd-serve: tokens create: --sessions must name at least one session/, { oneLine: true });
+  // A step while the question is asked: the version asked about is gone, so nothing is deleted.
+  const raced = await here(['sessions', 'rm', 'guarded'], {
+    interactive: true, answer: 'y',
+    whileAsked: async () => assert.equal((await api('POST', '/v1/sessions/guarded/step', { grads: { w: [0.5, 0.5] } })).status, 200),
+  });
+  assert.equal(raced.code, 1, raced.stderr);
+  assert.match(raced.stderr, /If-Match: expected "1", the session is at version 2/);
+  assert.equal((await api('GET', '/v1/sessions/guarded')).status, 200, 'not deleted');
+  const exact = await cli(['sessions', 'rm', 'guarded', '--yes', '--if-match', '2']);
+  assert.equal(exact.code, 0, exact.stderr);
+  assert.equal((await api('GET', '/v1/sessions/guarded')).status, 404);
+});
+
 test('tokens ls, create and revoke; a token\'s scope is what the CLI can do', async () => {
   const created = await cli(['tokens', 'create', 'ci-reader', '--scope', 'read', '--sessions', 'alpha']);
   assert.equal(created.code, 0, created.stderr);

@@ -31,6 +31,8 @@ export interface HereOptions {
   /** As on a terminal: questions are asked (and answered with `answer`: "y" confirms). */
   interactive?: boolean;
   answer?: string;
+  /** Runs while a question is asked, before it is answered (someone else acting meanwhile). */
+  whileAsked?: () => Promise<void>;
 }
 
 /** main() in this process: its exit code, output, the questions it asked and what it piped to stdout as bytes. */
@@ -44,6 +46,7 @@ export async function runMain(args: string[], opts: HereOptions = {}): Promise<R
     interactive: opts.interactive ?? false,
     confirm: async (question) => {
       asked.push(question);
+      await opts.whileAsked?.();
       return /^y/i.test(opts.answer ?? 'n');
     },
     stdoutStream: () => new Writable({ write(chunk: Buffer, _e, done) { chunks.push(chunk); done(); } }),
