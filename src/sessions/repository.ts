@@ -213,6 +213,15 @@ export async function advanceSession(q: Queryable, id: number, version: number, 
 }
 
 /**
+ * Keeps session `sessionId` from being deleted until the transaction ends (FOR KEY SHARE: steps, which take
+ * FOR NO KEY UPDATE, go on): false when it is gone already. Rows that reference it are then safe to insert.
+ */
+export async function holdSession(q: Queryable, sessionId: number): Promise<boolean> {
+  const rows = await q.query('SELECT 1 FROM sessions WHERE id = $1 FOR KEY SHARE', [sessionId], { name: 'session_hold' });
+  return rows.length > 0;
+}
+
+/**
  * Whether a copy of session `sessionId` at `version` stamped `stamp` is of the database's history: the
  * session is at that version with that stamp, or the step logged at that version, or the snapshot a change
  * wrote there in its own transaction, carries it. False after a restore or failover took the session back

@@ -11,9 +11,10 @@ export function createSnapshots(ctx: SessionContext, history: History, writer: S
 
   async function snapshotNow(name: string, pinned: boolean, ifMatch: number | null = null): Promise<SnapshotRecord> {
     return mutex.run(name, async () => {
-      // Read and written in two transactions: the write checks that the copy is still of the database's
-      // history (a restore or a failover between the two writes nothing of the old one; the check's lock
-      // makes a restore wait for this transaction) and reads again when it is not.
+      // Read and written in two transactions: the write holds the session's row (a DELETE on another
+      // replica waits for it; one that came first makes this read again, and find the name gone or another
+      // session's), checks that the copy is still of the database's history (after a restore or a failover
+      // nothing of the old one is written) and reads again when it is not.
       for (let attempt = 1; ; attempt++) {
         const { session, entry } = await consistentRead(db, async (q) => {
           const session = await mustFind(q, name);
@@ -24,7 +25,7 @@ export function createSnapshots(ctx: SessionContext, history: History, writer: S
         const meta = metaOf(entry.state);
         const parts = entry.state.tensorViews();
         const snapshot = await db.transaction(async (tx) => {
-          if (!(await repo.ofHistory(tx, session.id, meta.version, meta.stamp))) return null;
+          if (!(await repo.holdSession(tx, session.id)) || !(await repo.ofHistory(tx, session.id, meta.version, meta.stamp))) return null;
           let snapshot = await writer.write(tx, session.id, meta, parts, 'manual', pinned);
           if (!snapshot) {
             // One already exists at this version: it is the same state, now the caller's (pinned if asked).
@@ -39,7 +40,7 @@ export function createSnapshots(ctx: SessionContext, history: History, writer: S
           hooks?.snapshotted?.(name, 'manual');
           return snapshot;
         }
-        if (attempt >= 3) throw errors.unavailable(`the session "${name}" changed history (a database restore or failover) while its snapshot was taken; try again`);
+        if (attempt >= 3) throw errors.unavailable(`the session "${name}" changed while its snapshot was taken (deleted and created again, or its history moved by a database restore or failover); try again`);
       }
     });
   }

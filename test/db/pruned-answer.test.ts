@@ -91,3 +91,41 @@ test('a restore of a snapshot another process prunes while its chunks are read i
   assert.equal(restored.json().code, 'SNAPSHOT_NOT_FOUND');
   assert.deepEqual(await params(app, 'r'), before, 'nothing changed');
 });
+
+test('a snapshot taken while another process deletes the session lands first or is 404 SESSION_NOT_FOUND, never a 500', { skip: multi, timeout: 60_000 }, async (t) => {
+  // Found by a review: a delete on another replica committed between the snapshot's check that its copy is
+  // of the session's history and its INSERT, whose foreign key then failed: 500 INTERNAL. The snapshot's
+  // transaction holds the session's row now: the delete waits for it.
+  const { app: b, databaseUrl } = await buildTestApp(t);
+  const { app: a } = await buildTestApp(t, { databaseUrl: databaseUrl! });
+  const res = await a.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'gone', params: [{ name: 'w', shape: [N], data: randomData(N, 1) }] } });
+  assert.equal(res.statusCode, 201, res.body);
+  await step(a, 'gone', 2);
+  const db = a.db;
+  const transaction = db.transaction.bind(db);
+  const race: { deletion?: Promise<{ statusCode: number; body: string }> } = {};
+  db.transaction = ((fn, options) => {
+    if (race.deletion || options?.consistentRead) return transaction(fn, options);
+    return transaction((tx) => fn(new Proxy(tx, {
+      get(target, key) {
+        if (key !== 'query') return Reflect.get(target, key);
+        return async (text: string, params?: unknown[], opts?: { name?: string }) => {
+          const rows = await target.query(text, params, opts as never);
+          if (opts?.name === 'session_of_history' && !race.deletion) {
+            // Checked: the other process deletes the session now, and has time to commit unless held.
+            race.deletion = b.inject({ method: 'DELETE', url: '/v1/sessions/gone' });
+            await Promise.race([race.deletion, new Promise((r) => setTimeout(r, 500))]);
+          }
+          return rows;
+        };
+      },
+    })), options);
+  }) as typeof db.transaction;
+  const snap = await a.inject({ method: 'POST', url: '/v1/sessions/gone/snapshots', payload: {} });
+  const { deletion } = race;
+  assert.ok(deletion, 'the delete ran in that moment');
+  assert.ok(snap.statusCode === 201 || snap.statusCode === 404, `${snap.statusCode} ${snap.body}`);
+  if (snap.statusCode === 404) assert.equal(snap.json().code, 'SESSION_NOT_FOUND');
+  assert.equal((await deletion).statusCode, 204);
+  assert.equal((await b.inject({ url: '/v1/sessions/gone' })).statusCode, 404);
+});
