@@ -194,7 +194,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
       body: Type.Object({
         param_groups: Type.Array(GroupHyperparameters, { minItems: 1, description: 'One object per session group, in the session\'s group order' }),
       }, { additionalProperties: false, examples: [{ param_groups: [{ lr: 0.005 }] }] }),
-      response: { 200: Session, ...errorResponses(400, 401, 403, 404, 412) },
+      response: { 200: Session, ...errorResponses(400, 401, 403, 404, 409, 412) },
     },
   }, async (request, reply) => {
     const session = await fastify.sessions.setHyperparameters(request.params.name, request.body.param_groups, ifMatchOf(request));
