@@ -1,8 +1,8 @@
 // One interface over the two databases the service runs on: PostgreSQL through `pg` (DATABASE_URL set)
 // and embedded PostgreSQL (PGlite) in a data directory. Drizzle serves the schema, migrations and
 // simple queries; the hot path speaks SQL through the same connections (bytea parameters in binary).
-import { mkdirSync, readFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
+import { existsSync, mkdirSync, readFileSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
 import { nodePostgres, nodePostgresMigrator, pgliteDrizzle } from './drizzle.ts';
@@ -504,11 +504,31 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
   };
 }
 
+/**
+ * mkdir -p, one level at a time: Node's mkdirSync(dir, { recursive: true }) spins for good where a level
+ * cannot be made and does not say so (under /proc: ENOENT after the parent exists), seen with
+ * --data-dir /proc/x. Each missing level is made in turn; the first that fails throws, naming itself.
+ */
+function makeDirectories(dir: string): void {
+  const missing: string[] = [];
+  for (let d = resolve(dir); !existsSync(d); d = dirname(d)) {
+    missing.unshift(d);
+    if (dirname(d) === d) break;
+  }
+  for (const d of missing) {
+    try {
+      mkdirSync(d);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+    }
+  }
+}
+
 async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Database> {
   const { PGlite, drizzle: drizzlePglite, migrate: migratePglite } = pgliteDrizzle();
   let lock: DataDirLock | null = null;
   if (dataDir !== 'memory://') {
-    mkdirSync(dataDir, { recursive: true });
+    makeDirectories(dataDir);
     // Before PGlite reads a file: a second owner would lose writes. (No logger yet: stderr, as start-up errors.)
     lock = await lockDataDir(dataDir, { onWait: (message) => process.stderr.write(`asgd-serve: ${message}\n`) });
   }

@@ -5,7 +5,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, statfsSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { request as httpRequest } from 'node:http';
 import { hostname, tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { test } from 'node:test';
 import { DataDirLockedError, LOCK_FILE, lockDataDir, type LockHolder } from '../../src/db/data-dir-lock.ts';
 import { openDatabase } from '../../src/db/database.ts';
@@ -283,4 +283,13 @@ test('a chunked body (no Content-Length) is measured as it arrives: one the embe
   assert.equal((await (await fetch(`${url}/v1/sessions/small`)).json() as { version: number }).version, 1);
   service.child.kill('SIGTERM');
   assert.equal(await service.exited, 0, service.output());
+});
+
+test('a data directory that cannot be made is an error naming it, at once (Node\'s recursive mkdir spins for good under /proc)', { skip: !existsSync('/proc/self') && 'no /proc here' }, async () => {
+  // Found by a review: --data-dir /proc/forbidden never exited, at 100% CPU.
+  await assert.rejects(openDatabase({ databaseUrl: null, dataDir: '/proc/asgd-forbidden/data', poolSize: 1 }), /ENOENT[^\n]*mkdir '\/proc\/asgd-forbidden'/);
+  const file = join(mkdtempSync(join(tmpdir(), 'asgd-file-')), 'f');
+  writeFileSync(file, 'x');
+  await assert.rejects(openDatabase({ databaseUrl: null, dataDir: join(file, 'sub'), poolSize: 1 }), /ENOTDIR[^\n]*/);
+  rmSync(dirname(file), { recursive: true, force: true });
 });
