@@ -172,7 +172,9 @@ export const errors = {
   routeNotFound: make('ROUTE_NOT_FOUND', (method: string, url: string) => `no route ${method} ${url}`),
   methodNotAllowed: make('METHOD_NOT_ALLOWED', (method: string, url: string, allowed: readonly string[]) => `${url} has no ${method}; it allows ${allowed.join(', ')}`),
   versionNotAvailable: make('VERSION_NOT_AVAILABLE', (version: number, oldest: number | null, newest: number) =>
-    oldest === null
+    version > newest
+      ? `version: ${version} is not available: the session is at version ${newest}`
+      : oldest === null
       ? `version: ${version} is not available (newest is ${newest})`
       : `version: ${version} is not available (no snapshot at or below it with the log after it is kept); the session is at version ${newest}, its oldest snapshot at ${oldest}`),
   notAcceptable: make('NOT_ACCEPTABLE', (accept: string, offered: string) => `Accept: cannot answer ${accept}; this route offers ${offered}`),

@@ -36,6 +36,8 @@ test('state at old versions is rebuilt from snapshots and the log, bit for bit',
   const missing = await app.inject({ url: '/v1/sessions/h/state_dict?version=99' });
   assert.equal(missing.statusCode, 404);
   assert.equal(missing.json().code, 'VERSION_NOT_AVAILABLE');
+  // Ahead of the session, not pruned: said so (it spoke of snapshots at or below it; found by a review).
+  assert.match(missing.json().message, /^version: 99 is not available: the session is at version \d+$/);
 });
 
 test('manual snapshots, pinning, retention, restore and fork', async (t) => {
