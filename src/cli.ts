@@ -133,6 +133,14 @@ export async function main(
   env: Record<string, string | undefined> = process.env,
   io: OpsIo = process,
 ): Promise<number | null> {
+  // Options before the command (`asgd-serve --url U sessions ls`): the operator commands take theirs after
+  // their own name; moved there, as a user means them.
+  const opsAt = argv.findIndex((a) => (OPS_COMMANDS as readonly string[]).includes(a));
+  // (Not when the word may be an option's value: `--data-dir sessions` serves from ./sessions.)
+  const valueOf = (i: number) => i > 0 && argv[i - 1].startsWith('--') && !argv[i - 1].includes('=');
+  if (opsAt > 0 && !valueOf(opsAt) && argv.slice(0, opsAt).every((a, i) => a.startsWith('--') || valueOf(i))) {
+    argv = [argv[opsAt], ...argv.slice(opsAt + 1, opsAt + 2), ...argv.slice(0, opsAt), ...argv.slice(opsAt + 2)];
+  }
   if ((OPS_COMMANDS as readonly string[]).includes(argv[0])) {
     // Questions and progress only when a person is there: stdin and stderr on a terminal.
     const interactive = io.interactive ?? (io === process && Boolean(process.stdin.isTTY && process.stderr.isTTY));

@@ -217,7 +217,7 @@ async function download(args: ParsedArgs, ctx: OpsContext): Promise<number> {
     await rm(partial, { force: true });
     const code = (err as { code?: string }).code;
     const local = typeof code === 'string' && /^E(NOENT|ACCES|ISDIR|NOSPC|ROFS|PERM|NOTDIR)$/.test(code);
-    throw new CliError(local ? EXIT.server : EXIT.unreachable, `download of ${name} failed: ${local ? `cannot write ${partial}: ${code}` : (err as Error).message}`);
+    throw new CliError(local ? EXIT.server : EXIT.unreachable, `download of ${name} failed: ${local ? `cannot write ${output} (written first as ${partial}): ${code}` : (err as Error).message}`);
   } finally {
     progress.done();
   }

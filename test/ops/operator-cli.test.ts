@@ -158,7 +158,7 @@ test('sessions snapshot and download: the files the API serves, written whole', 
   assertFails(await here(['sessions', 'download', 'alpha', '-o', missing]), 2, /--format must be one of pt, safetensors, json/);
   assertFails(await here(['sessions', 'download', 'alpha', '--format', 'pt']), 2, /-o FILE/);
   assertFails(await here(['sessions', 'download', 'alpha', '--format', 'safetensors', '--what', 'checkpoint', '-o', missing]), 2, /checkpoint is a torch.save file/);
-  assertFails(await here(['sessions', 'download', 'alpha', '--format', 'pt', '-o', join(dir, 'no-such-dir', 'f.pt')]), 1, /cannot write .*ENOENT/);
+  assertFails(await here(['sessions', 'download', 'alpha', '--format', 'pt', '-o', join(dir, 'no-such-dir', 'f.pt')]), 1, /cannot write [^ ]*no-such-dir\/f\.pt \(written first as [^)]*f\.pt\.part\): ENOENT/);
 });
 
 test('sessions rm asks on a terminal, needs --yes in a script, and deletes', async () => {
@@ -204,6 +204,16 @@ test('sessions rm --if-match deletes only that version; after its question only 
   const exact = await cli(['sessions', 'rm', 'guarded', '--yes', '--if-match', '2']);
   assert.equal(exact.code, 0, exact.stderr);
   assert.equal((await api('GET', '/v1/sessions/guarded')).status, 404);
+});
+
+test('options given before the command (asgd-serve --url U sessions ls) are the command\'s', async () => {
+  // Found by a review: they were taken for the server's, and answered "unknown option --url" with its help.
+  const listed = await runProcess([BIN, '--url', service.url, '--token', ADMIN, 'sessions', 'ls', '--json'], {});
+  assert.equal(listed.code, 0, listed.stderr);
+  assert.ok(JSON.parse(listed.stdout).sessions.some((x: { name: string }) => x.name === 'alpha'), listed.stdout);
+  const shown = await runProcess([BIN, `--url=${service.url}`, 'sessions', 'show', 'alpha', '--json'], { ASGD_TOKEN: ADMIN });
+  assert.equal(shown.code, 0, shown.stderr);
+  assert.equal(JSON.parse(shown.stdout).name, 'alpha');
 });
 
 test('tokens ls, create and revoke; a token\'s scope is what the CLI can do', async () => {
