@@ -138,13 +138,13 @@ export default fp(
       }
       const needed = need.scope as Scope;
       if (SCOPE_RANK[principal.scope] < SCOPE_RANK[needed]) {
-        throw errors.forbidden(`this route needs a token with scope ${needed}; this token has scope ${principal.scope}`, needed);
+        throw errors.forbidden(`Authorization: this route needs a token with scope ${needed}; this token has scope ${principal.scope}`, needed);
       }
       if (principal.sessions !== null) {
-        if (need.allSessions) throw errors.forbidden('this route needs a token that is not limited to a list of sessions', needed);
+        if (need.allSessions) throw errors.forbidden('Authorization: this route needs a token that is not limited to a list of sessions', needed);
         const name = (request.params as { name?: unknown } | null)?.name;
         if (typeof name === 'string' && !principal.sessions.includes(name)) {
-          throw errors.forbidden(`this token may not touch session ${JSON.stringify(name.slice(0, 200))}`, needed);
+          throw errors.forbidden(`Authorization: this token may not touch session ${JSON.stringify(name.slice(0, 200))}`, needed);
         }
       }
       request.auth = principal;
