@@ -132,11 +132,11 @@ export const MAX_EMBEDDED_JSON_DEPTH = 16;
  * is parsed, as every JSON the service reads); `refuse(problem)` makes the error: for text nested deeper than
  * `maxDepth` or with a key twice in one object, `problem` says so; for text that is not JSON it is null.
  */
-export function parseJsonWithin(text: string, refuse: (problem: string | null) => Error, maxDepth = MAX_EMBEDDED_JSON_DEPTH): unknown {
+export function parseJsonWithin(text: string, refuse: (problem: string | null) => Error, maxDepth = MAX_EMBEDDED_JSON_DEPTH, reviver?: (this: object, key: string, value: unknown) => unknown): unknown {
   if (jsonTooDeepAt(text, maxDepth) >= 0) throw refuse(`nested deeper than ${maxDepth} levels`);
   let value: unknown;
   try {
-    value = JSON.parse(text);
+    value = JSON.parse(text, reviver);
   } catch {
     throw refuse(null);
   }

@@ -3,12 +3,12 @@
 import fp from 'fastify-plugin';
 import { isUtf8 } from 'node:buffer';
 import type { Readable } from 'node:stream';
-import { errorCodes, type FastifyInstance } from 'fastify';
+import { errorCodes, type FastifyInstance, type FastifyRequest } from 'fastify';
 import type { Config } from '../config.ts';
 import { errors, headerText, quoteValue } from '../errors.ts';
 import { firstDuplicateKey, jsonTooBigAt, quoteNonFiniteTokens, unstorableText } from '../formats/json-depth.ts';
 import { BINARY_MEDIA_TYPES } from '../routes/media.ts';
-import { MAX_DIMS, MAX_PARAMS } from '../sessions/spec.ts';
+import { MAX_DIMS, MAX_PARAMS, recordIntegerLiterals } from '../sessions/spec.ts';
 import { acceptedTypes, unsupportedMediaType } from './errors.ts';
 
 /** The deepest JSON body any route takes is a state_dict holding a nested-list tensor of 16 dimensions: about 22. */
@@ -21,6 +21,21 @@ export const MAX_JSON_DEPTH = 64;
  * that many in about two seconds here.
  */
 export const MAX_JSON_CONTAINERS = 24 * MAX_PARAMS + 1024;
+
+/** Bodies whose hyperparameters keep the kind of their numbers (torch's int t0): creation and state_dict loads. */
+const LITERAL_ROUTES = new Set(['POST /v1/sessions', 'PUT /v1/sessions/:name/state_dict', 'PUT /v1/sessions/:name/checkpoint']);
+/** Read again (with the literals' text) only up to this size: a bigger body keeps the usual kinds. */
+const LITERAL_BODY_BYTES = 1024 * 1024;
+
+/**
+ * The body as JSON.parse reads it again with its numbers' source text, recording in integerLiterals which
+ * hyperparameters were written as integers (`10`, not `10.0`: Python's json writes an int t0 so), for the
+ * routes that store them; `body` itself (already checked, the same content) for the others.
+ */
+function withIntegerLiterals(request: FastifyRequest, text: string, body: unknown): unknown {
+  if (text.length > LITERAL_BODY_BYTES || !LITERAL_ROUTES.has(`${request.method} ${request.routeOptions.url}`)) return body;
+  return JSON.parse(text, recordIntegerLiterals as (key: string, value: unknown) => unknown);
+}
 
 export default fp(
   async function contentTypesPlugin(fastify: FastifyInstance, opts: { config: Config }) {
@@ -113,7 +128,7 @@ export default fp(
             // Refused after the route's schema (preHandler below), which names a field it checks with its own code.
             const bad = !err && text.includes('\\u') ? unstorableText(body, '') : null;
             if (bad) unstorableIn.set(request, bad);
-            done(err, body);
+            done(err, err ? body : withIntegerLiterals(request, text, body));
           }
         }
       });

@@ -58,10 +58,30 @@ export function assertShape(value: unknown, field: string): number[] {
 export const numelOf = (shape: readonly number[]): number => shape.reduce((a, b) => a * b, 1);
 
 /**
- * Merges `input` over `base` and validates every hyperparameter. `field` prefixes error messages
- * (e.g. "param_groups[1].lr").
+ * The hyperparameters a JSON body wrote as integer literals (`10`, not `10.0`), by the object holding them
+ * (recorded by recordIntegerLiterals for creation and state_dict bodies): torch keeps an int `t0` an int,
+ * and its .pt file says so. An object with numbers of these keys has a set, empty when none was.
  */
-export function resolveHyperparameters(base: Omit<GroupSpec, 'params'>, input: HyperparameterInput | undefined, field: string): Omit<GroupSpec, 'params'> {
+export const integerLiterals = new WeakMap<object, ReadonlySet<string>>();
+
+const NUMERIC_HYPERPARAMETERS: ReadonlySet<string> = new Set(['lr', 'lambd', 'alpha', 't0', 'weight_decay']);
+
+/** A JSON.parse reviver that records integerLiterals from each number's source text (Node 24's JSON.parse). */
+export function recordIntegerLiterals(this: object, key: string, value: unknown, context?: { source?: string }): unknown {
+  if (typeof value === 'number' && NUMERIC_HYPERPARAMETERS.has(key) && context?.source !== undefined) {
+    const seen = (integerLiterals.get(this) ?? new Set<string>()) as Set<string>;
+    if (/^-?\d+$/.test(context.source)) seen.add(key);
+    integerLiterals.set(this, seen);
+  }
+  return value;
+}
+
+/**
+ * Merges `input` over `base` and validates every hyperparameter. `field` prefixes error messages
+ * (e.g. "param_groups[1].lr"). `integers`: which of the input's keys were integer literals (from
+ * integerLiterals), when known; otherwise a whole weight_decay is taken for torch's int default.
+ */
+export function resolveHyperparameters(base: Omit<GroupSpec, 'params'>, input: HyperparameterInput | undefined, field: string, integers?: ReadonlySet<string>): Omit<GroupSpec, 'params'> {
   const out: Omit<GroupSpec, 'params'> = { ...base, int_keys: [...(base.int_keys ?? [])] };
   if (input === undefined) return out;
   if (input === null || typeof input !== 'object' || Array.isArray(input)) throw errors.invalidHyperparameter(field, 'must be an object');
@@ -71,8 +91,9 @@ export function resolveHyperparameters(base: Omit<GroupSpec, 'params'>, input: H
     if (typeof value !== 'number' || !Number.isFinite(value)) throw errors.invalidHyperparameter(`${field}.${key}`, 'must be a finite number');
     out[key] = value;
     out.int_keys = out.int_keys!.filter((k) => k !== key);
-    // A JSON integer weight_decay is PyTorch's int default; the others are Python floats.
-    if (key === 'weight_decay' && Number.isInteger(value)) out.int_keys.push(key);
+    // Written as an integer: a Python int in torch's state_dict. Not known: a whole weight_decay is PyTorch's
+    // int default, the others are Python floats.
+    if (integers ? integers.has(key) : key === 'weight_decay' && Number.isInteger(value)) out.int_keys.push(key);
   }
   if (out.lr < 0) throw errors.invalidHyperparameter(`${field}.lr`, `Invalid learning rate: ${out.lr}`);
   if (out.weight_decay < 0) throw errors.invalidHyperparameter(`${field}.weight_decay`, `Invalid weight_decay value: ${out.weight_decay}`);
@@ -195,7 +216,7 @@ export function buildGroups(
     }
     if (!Array.isArray(input.params) || input.params.length === 0) throw errors.invalidParamGroups(`${field}.params: must be a non-empty list of parameter names`);
     const { params: _ignored, param_names: names, ...overrides } = input;
-    const hyper = resolveHyperparameters(defaults, overrides, field);
+    const hyper = resolveHyperparameters(defaults, overrides, field, integerLiterals.get(input));
     // torch (2.6 on) keeps each group's parameter names when built from model.named_parameters(); they
     // travel with the state_dict as its param_names.
     if (names !== undefined) {

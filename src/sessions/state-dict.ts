@@ -3,7 +3,7 @@
 // or {shape, data: Float32Array}.
 import { errors } from '../errors.ts';
 import type { GroupSpec } from '../db/schema.ts';
-import { FLAG_KEYS, HYPERPARAMETER_KEYS, resolveHyperparameters, DEFAULT_GROUP, publicGroup } from './spec.ts';
+import { FLAG_KEYS, HYPERPARAMETER_KEYS, integerLiterals, resolveHyperparameters, DEFAULT_GROUP, publicGroup } from './spec.ts';
 import type { LoadedStateDict, StateView } from './model.ts';
 import { jsonScalar, jsonTensor, readJsonTensor, readScalar, type NonFinitePolicy } from './tensors.ts';
 import { ASGD_NUMERIC_KEYS, NOT_ASGD_STATE, PARAM_STATE_KEYS, stepCountProblem, stepNotFloat32, type AsgdParamGroup, type AsgdStateDict, type PyValue } from '../formats/index.ts';
@@ -83,7 +83,7 @@ export function parseStateDict(body: unknown, intKeysOf?: (group: number) => str
         extra[key] = value;
       }
     }
-    const hyper = resolveHyperparameters({ ...DEFAULT_GROUP, int_keys: [] }, known, field);
+    const hyper = resolveHyperparameters({ ...DEFAULT_GROUP, int_keys: [] }, known, field, integerLiterals.get(g));
     if (intKeysOf) hyper.int_keys = intKeysOf(k);
     if (Object.keys(extra).length) hyper.extra = extra;
     return { params: g.params as number[], hyper };
@@ -130,7 +130,25 @@ export function stateDictJson(view: StateView): { state: Record<string, unknown>
       ax: jsonTensor(view.axData.subarray(from, from + view.layout.numels[i]), view.params[i].shape),
     };
   });
-  return { state, param_groups: view.groups.map((g: GroupSpec) => publicGroup(g)) };
+  return { state, param_groups: view.groups.map(groupWithKinds) };
+}
+
+/** A group for a state_dict's JSON (the JSON form, a safetensors file's param_groups): numbers of their kinds. */
+export const groupWithKinds = (g: GroupSpec): Record<string, unknown> => floatsAsFloats(publicGroup(g), g.int_keys ?? []);
+
+const rawJson = (JSON as unknown as { rawJSON(text: string): object }).rawJSON;
+
+/**
+ * A group for JSON.stringify with its whole float hyperparameters written as floats (`1000000.0`, not
+ * `1000000`): read back (a JSON state_dict loaded again, Python's json) they stay floats, as torch has them;
+ * the int ones (int_keys) are written as integers.
+ */
+function floatsAsFloats(group: Record<string, unknown>, intKeys: readonly string[]): Record<string, unknown> {
+  for (const key of ASGD_NUMERIC_KEYS) {
+    const value = group[key];
+    if (typeof value === 'number' && Number.isInteger(value) && Math.abs(value) < 1e21 && !intKeys.includes(key)) group[key] = rawJson(`${value}.0`);
+  }
+  return group;
 }
 
 /**

@@ -323,3 +323,30 @@ test('a step count in float64 or int64 loads when float32 holds it; one float32 
     }
   }
 });
+
+test('hyperparameters written as JSON integers stay ints in the .pt state_dict, as torch keeps an int t0; 0.0 stays a float', async (t) => {
+  // Found by two reviews: RemoteASGD(t0=10) made a session whose .pt state_dict (and every joining worker's)
+  // said t0 10.0 where torch says 10. The creation body's literals decide now; a whole weight_decay written
+  // as 0.0 is a float, as torch keeps it.
+  const { app } = await buildTestApp(t);
+  const payload = `{"name": "ints", "params": ${JSON.stringify(params)}, "hyperparameters": {"t0": 10, "lr": 0.05, "weight_decay": 0.0},
+    "param_groups": [{"params": ["w"], "t0": 3.0}, {"params": ["b"], "lr": 1}]}`;
+  const created = await app.inject({ method: 'POST', url: '/v1/sessions', headers: { 'content-type': 'application/json' }, payload });
+  assert.equal(created.statusCode, 201, created.body);
+  const groupsOf = async (name: string) => ((readTorchSave((await app.inject({ url: `/v1/sessions/${name}/state_dict?format=pt` })).rawPayload) as PyDict).get('param_groups') as PyDict[]);
+  const kinds = (groups: PyDict[]) => groups.map((g) => Object.fromEntries(['lr', 't0', 'weight_decay'].map((k) => [k, typeof g.get(k) === 'bigint' ? `int ${g.get(k)}` : `float ${g.get(k)}`])));
+  assert.deepEqual(kinds(await groupsOf('ints')), [
+    { lr: 'float 0.05', t0: 'float 3', weight_decay: 'float 0' },
+    { lr: 'int 1', t0: 'int 10', weight_decay: 'float 0' },
+  ]);
+  // The JSON state_dict writes the float ones as floats (3.0, 0.0), so that loaded again it keeps them; its
+  // own literals decide (t0 edited to the integer 7).
+  const text = (await app.inject({ url: '/v1/sessions/ints/state_dict' })).body;
+  assert.match(text, /"param_groups":\[\{"lr":0\.05,"lambd":0\.0001,"alpha":0\.75,"t0":3\.0,"weight_decay":0\.0,/);
+  const put = await app.inject({ method: 'PUT', url: '/v1/sessions/ints/state_dict', headers: { 'content-type': 'application/json' }, payload: text.replace('"t0":3.0', '"t0":7') });
+  assert.equal(put.statusCode, 200, put.body);
+  assert.deepEqual(kinds(await groupsOf('ints')), [
+    { lr: 'float 0.05', t0: 'int 7', weight_decay: 'float 0' },
+    { lr: 'int 1', t0: 'int 10', weight_decay: 'float 0' },
+  ]);
+});

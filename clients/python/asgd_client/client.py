@@ -416,7 +416,7 @@ class Client:
 
             loaded = torch.load(io.BytesIO(res.body))
             # The file holds the newest PyTorch's group keys: keep this PyTorch's, as from JSON.
-            return {**loaded, "param_groups": [group_from_json(g) for g in loaded["param_groups"]]}
+            return {**loaded, "param_groups": [group_from_json(g, kinds_known=True) for g in loaded["param_groups"]]}
         if format != "json":
             raise ValueError("format must be 'json' or 'pt'")
         body = self.conn.request("GET", path, query={"format": "json", "version": version}, accept=JSON).json()
@@ -433,7 +433,7 @@ class Client:
         import torch
 
         loaded = torch.load(io.BytesIO(res.body))
-        return {**loaded, "param_groups": [group_from_json(g) for g in loaded["param_groups"]]}, res.version
+        return {**loaded, "param_groups": [group_from_json(g, kinds_known=True) for g in loaded["param_groups"]]}, res.version
 
     def put_state_dict(self, name: str, state_dict: Any, *, format: str = "json", if_match: Optional[int] = None) -> Dict[str, Any]:
         """PUT /state_dict: Optimizer.load_state_dict on the service (parameters unchanged). Returns the session.

@@ -231,14 +231,15 @@ def local_group_keys() -> Set[str]:
     return _LOCAL_KEYS
 
 
-def group_from_json(group: Mapping[str, Any], keys: Optional[Set[str]] = None) -> Dict[str, Any]:
-    """A param group as PyTorch holds it: floats for lr/lambd/alpha/t0, flags only where this PyTorch has them."""
+def group_from_json(group: Mapping[str, Any], keys: Optional[Set[str]] = None, kinds_known: bool = False) -> Dict[str, Any]:
+    """A param group as PyTorch holds it: flags only where this PyTorch has them; lr/lambd/alpha/t0 as floats
+    unless ``kinds_known`` (a state_dict, .pt or JSON, says which are ints: torch keeps an int t0 an int)."""
     keys = local_group_keys() if keys is None else keys
     out: Dict[str, Any] = {}
     for k, v in group.items():
         if k in FLAG_KEYS and k not in keys:
             continue  # a newer PyTorch's flag, absent from this one's groups
-        if k in _FLOAT_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool):
+        if not kinds_known and k in _FLOAT_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool):
             v = float(v)
         out[k] = list(v) if k == "params" else v
     for k in FLAG_KEYS:  # an older server's answer lacking a flag this PyTorch has
@@ -260,5 +261,5 @@ def state_dict_from_json(body: Mapping[str, Any], keys: Optional[Set[str]] = Non
             "mu": torch.tensor(_scalar(entry["mu"]), dtype=torch.float32),
             "ax": tensor_from_json(entry["ax"]),
         }
-    groups = [group_from_json(g, keys) for g in body["param_groups"]]
+    groups = [group_from_json(g, keys, kinds_known=True) for g in body["param_groups"]]
     return {"state": state, "param_groups": groups}

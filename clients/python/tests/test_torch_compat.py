@@ -83,6 +83,16 @@ class EdgeHyperparameters(ServiceTestCase):
         self.assertParamsIdentical(model, ref)
         self.assertStateDictEqual(state_only(opt.state_dict()), state_only(torch_opt.state_dict()))
 
+    def test_an_int_t0_stays_an_int_in_the_sessions_state_dict(self):
+        # torch keeps t0=10 an int; the session did not (10.0 in its .pt and in every joining worker's).
+        model = make_model()
+        opt = self.remote(model.named_parameters(), **dict(HYPER, t0=10, weight_decay=0.0))
+        sd = opt.client.get_state_dict(opt.session, format="pt")
+        group = sd["param_groups"][0]
+        ref = torch.optim.ASGD(make_model().parameters(), **dict(HYPER, t0=10, weight_decay=0.0)).state_dict()["param_groups"][0]
+        for key in ("lr", "lambd", "alpha", "t0", "weight_decay"):
+            self.assertEqual((type(group[key]), group[key]), (type(ref[key]), ref[key]), key)
+
     def test_a_negative_lambd_is_refused_naming_it(self):
         from asgd_client import ServiceError
 

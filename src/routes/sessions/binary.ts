@@ -10,9 +10,9 @@ import {
 } from '../../formats/index.ts';
 import type { BinaryGradient, GradientInput } from '../../sessions/gradients.ts';
 import type { LoadedStateDict, StateView } from '../../sessions/model.ts';
-import { MAX_LOADED_STEP, MAX_PARAMS, publicGroup } from '../../sessions/spec.ts';
+import { MAX_LOADED_STEP, MAX_PARAMS, recordIntegerLiterals } from '../../sessions/spec.ts';
 import { firstNonFinite } from '../../sessions/tensors.ts';
-import { asgdFromView, loadedFromAsgd, paramTensor, parseStateDict, readTensorField } from '../../sessions/state-dict.ts';
+import { asgdFromView, groupWithKinds, loadedFromAsgd, paramTensor, parseStateDict, readTensorField } from '../../sessions/state-dict.ts';
 import { parseJsonWithin } from '../../formats/json-depth.ts';
 import { MEDIA, type WireFormat } from '../media.ts';
 
@@ -92,7 +92,7 @@ export function readStateDictBody(format: WireFormat, body: Buffer, count: numbe
     // Four tensors (step, eta, mu, ax) for each parameter of the session.
     const { state, paramGroups } = readOptimizerSafetensors(body, { maxTensors: STATE_DICT_TENSORS * count });
     if (paramGroups === undefined) throw errors.invalidStateDict('__metadata__.param_groups', 'is missing (a JSON list of the param groups)');
-    const groups = parseJsonWithin(paramGroups, (problem) => errors.invalidStateDict('__metadata__.param_groups', problem ?? 'is not valid JSON'));
+    const groups = parseJsonWithin(paramGroups, (problem) => errors.invalidStateDict('__metadata__.param_groups', problem ?? 'is not valid JSON'), undefined, recordIntegerLiterals);
     return parseStateDict({ state, param_groups: groups });
   }
   return loadedFromAsgd(toAsgdStateDict(scaledRead(body, STATE_DICT_TENSORS * count, 'state_dict', count), { toFloat32: true }));
@@ -180,7 +180,7 @@ export function sendStateDict(reply: FastifyReply, format: WireFormat, view: Sta
   const sd = asgdFromView(view);
   if (format === 'safetensors') {
     const metadata = { session: view.session, version: String(view.version), step: String(view.step) };
-    return sendStream(reply, writeOptimizerSafetensors(sd.state, view.groups.map(publicGroup), metadata), MEDIA.safetensors[0], `${base}.safetensors`);
+    return sendStream(reply, writeOptimizerSafetensors(sd.state, view.groups.map(groupWithKinds), metadata), MEDIA.safetensors[0], `${base}.safetensors`);
   }
   return sendStream(reply, writeTorchSave(fromAsgdStateDict(sd), { archiveName: base }), MEDIA.pt[0], `${base}.pt`);
 }

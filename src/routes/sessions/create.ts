@@ -6,7 +6,7 @@ import { errors } from '../../errors.ts';
 import { parseJsonWithin } from '../../formats/json-depth.ts';
 import type { CreateInput } from '../../sessions/model.ts';
 import {
-  assertName, assertShape, buildGroups, DEFAULT_GROUP, FLAG_KEYS, HYPERPARAMETER_KEYS, MAX_PARAMS, MAX_SESSION_NUMEL, numelOf, PARAM_NAME_MAX, resolveHyperparameters,
+  assertName, assertShape, buildGroups, DEFAULT_GROUP, FLAG_KEYS, HYPERPARAMETER_KEYS, MAX_PARAMS, MAX_SESSION_NUMEL, integerLiterals, numelOf, PARAM_NAME_MAX, recordIntegerLiterals, resolveHyperparameters,
   type HyperparameterInput,
 } from '../../sessions/spec.ts';
 import { firstNonFinite, readJsonTensor } from '../../sessions/tensors.ts';
@@ -41,7 +41,7 @@ function parseCreateOptions(body: Record<string, unknown>, config: Config, param
       if (!(HYPERPARAMETER_KEYS as readonly string[]).includes(key) && !(FLAG_KEYS as readonly string[]).includes(key)) throw errors.invalidHyperparameter(`hyperparameters.${key}`, 'unknown key');
     }
   }
-  const defaults = resolveHyperparameters(DEFAULT_GROUP as Omit<GroupSpec, 'params'>, hyper as HyperparameterInput | undefined, 'hyperparameters');
+  const defaults = resolveHyperparameters(DEFAULT_GROUP as Omit<GroupSpec, 'params'>, hyper as HyperparameterInput | undefined, 'hyperparameters', hyper && typeof hyper === 'object' ? integerLiterals.get(hyper) : undefined);
   const { params: ordered, groups, order } = buildGroups(params, defaults, body.param_groups);
   const snapshotEvery = optionalWhole(body.snapshot_every, 'snapshot_every', 1, SETTING_LIMITS.snapshot_every) ?? config.defaultSnapshotEvery;
   const keepSnapshots = optionalWhole(body.keep_snapshots, 'keep_snapshots', 1, SETTING_LIMITS.keep_snapshots) ?? config.defaultKeepSnapshots;
@@ -114,7 +114,7 @@ function optionsOf(raw: string | undefined, inQuery: boolean): Record<string, un
   const where = inQuery ? 'options' : '__metadata__.asgd';
   const refuse = (field: string, message: string) => (inQuery ? errors.invalidQuery(field, message) : errors.invalidBody(`${field}: ${message}`));
   const options = parseJsonWithin(raw, (problem) =>
-    refuse(where, problem ?? 'must be a JSON object {"name", "hyperparameters", "param_groups", …}')) as Record<string, unknown>;
+    refuse(where, problem ?? 'must be a JSON object {"name", "hyperparameters", "param_groups", …}'), undefined, recordIntegerLiterals) as Record<string, unknown>;
   if (options === null || typeof options !== 'object' || Array.isArray(options)) throw refuse(where, 'must be a JSON object');
   for (const key of Object.keys(options)) if (!CREATE_KEYS.includes(key) || key === 'params') throw refuse(`${where}.${key}`, 'unknown key');
   return options;
