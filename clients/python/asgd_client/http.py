@@ -518,6 +518,11 @@ class _PlainConnection:
 
     def send(self, method: str, target: str, body: Any, headers: Mapping[str, str]) -> None:
         """Sends one request (its answer is read by receive())."""
+        if self.sock is not None and self.answered():
+            # A kept-alive connection with something to read before any request: the server closed it while
+            # it was idle (or sent what no request asked for). A request written into it would be lost (a
+            # pipelined step then waits for its answer instead of overlapping): a new connection instead.
+            self.close()
         if self.sock is None:
             self.sock = socket.create_connection((self.host, self.port), self.timeout)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

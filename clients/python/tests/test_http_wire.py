@@ -97,6 +97,22 @@ class PlainHttp(unittest.TestCase):
         self.addCleanup(conn.close)
         return server, conn
 
+    def test_a_started_request_goes_out_at_once_on_a_new_connection_when_the_kept_one_was_closed(self):
+        # The server answers the first request (keep-alive, no "Connection: close") and then closes the idle
+        # connection. A request started after that must reach the server before its answer is read: written
+        # into the closed connection it was lost until finish() sent it again (a pipelined step then waited
+        # for the previous answer; a CI flake of test_pipeline).
+        server, conn = self.serve(lambda n, req: ([ok(b"x")], n == 0))
+        self.assertEqual(conn.request("GET", "/a").body, b"x")
+        time.sleep(0.2)  # the server has closed the kept connection
+        started = conn.start("POST", "/b", body=b"y", headers={"Idempotency-Key": "k"})
+        deadline = time.monotonic() + 5
+        while len(server.requests) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(len(server.requests), 2, "sent at once, not when its answer is read")
+        self.assertEqual(started.finish().body, b"x")
+        self.assertEqual([r[1] for r in server.requests], ["/a", "/b"])
+
     def test_content_length_body_and_keep_alive(self):
         server, conn = self.serve(lambda n, req: ([ok(b"answer %d" % n)], False))
         for n in range(3):
