@@ -4,6 +4,7 @@
 import { errors, quoteValue } from '../errors.ts';
 import type { GroupSpec, ParamSpec } from '../db/schema.ts';
 import { ASGD_DEFAULTS, type AsgdHyperparameters } from '../optim/types.ts';
+import { ASGD_NUMERIC_KEYS } from '../formats/optimizer-state.ts';
 
 /**
  * A session name, the one definition: URLs, schemas, the log's session field and assertName use it.
@@ -64,7 +65,7 @@ export const numelOf = (shape: readonly number[]): number => shape.reduce((a, b)
  */
 export const integerLiterals = new WeakMap<object, ReadonlySet<string>>();
 
-const NUMERIC_HYPERPARAMETERS: ReadonlySet<string> = new Set(['lr', 'lambd', 'alpha', 't0', 'weight_decay']);
+const NUMERIC_HYPERPARAMETERS: ReadonlySet<string> = new Set(ASGD_NUMERIC_KEYS);
 
 /** A JSON.parse reviver that records integerLiterals from each number's source text (Node 24's JSON.parse). */
 export function recordIntegerLiterals(this: object, key: string, value: unknown, context?: { source?: string }): unknown {

@@ -5,7 +5,7 @@ import { errors } from '../errors.ts';
 import type { GroupSpec } from '../db/schema.ts';
 import { FLAG_KEYS, HYPERPARAMETER_KEYS, integerLiterals, resolveHyperparameters, DEFAULT_GROUP, publicGroup } from './spec.ts';
 import type { LoadedStateDict, StateView } from './model.ts';
-import { jsonScalar, jsonTensor, readJsonTensor, readScalar, type NonFinitePolicy } from './tensors.ts';
+import { jsonScalar, jsonTensor, rawJson, readJsonTensor, readScalar, type NonFinitePolicy } from './tensors.ts';
 import { ASGD_NUMERIC_KEYS, NOT_ASGD_STATE, PARAM_STATE_KEYS, stepCountProblem, stepNotFloat32, type AsgdParamGroup, type AsgdStateDict, type PyValue } from '../formats/index.ts';
 
 export interface DecodedTensor {
@@ -135,8 +135,6 @@ export function stateDictJson(view: StateView): { state: Record<string, unknown>
 
 /** A group for a state_dict's JSON (the JSON form, a safetensors file's param_groups): numbers of their kinds. */
 export const groupWithKinds = (g: GroupSpec): Record<string, unknown> => floatsAsFloats(publicGroup(g), g.int_keys ?? []);
-
-const rawJson = (JSON as unknown as { rawJSON(text: string): object }).rawJSON;
 
 /**
  * A group for JSON.stringify with its whole float hyperparameters written as floats (`1000000.0`, not

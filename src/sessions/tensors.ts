@@ -59,10 +59,13 @@ export function readJsonTensor(value: unknown, field: string, shape: readonly nu
 }
 
 /**
- * -0.0 as JSON.stringify writes it into a JSON text (a number it would write as `0`): JSON.parse and Python's
- * json read `-0.0` back as -0.0. Only JSON.stringify knows it (fast-json-stringify does not): tensors only.
+ * A value JSON.stringify writes as the given JSON text, as is (Node 24's JSON.rawJSON): a number in a
+ * spelling JSON.stringify would not choose. Only JSON.stringify knows it (fast-json-stringify does not).
  */
-const NEGATIVE_ZERO = (JSON as unknown as { rawJSON(text: string): object }).rawJSON('-0.0');
+export const rawJson = (JSON as unknown as { rawJSON(text: string): object }).rawJSON;
+
+/** -0.0 (a number JSON.stringify writes as `0`): JSON.parse and Python's json read `-0.0` back as -0.0. */
+const NEGATIVE_ZERO = rawJson('-0.0');
 
 /**
  * Encodes a float32 tensor as data for JSON.stringify: the shortest decimal that round-trips the float32

@@ -92,13 +92,7 @@ class Interrupts(ServiceTestCase):
         self.assertStateDictEqual(opt.state_dict(), ref_opt.state_dict())
 
     def test_a_pipelined_step_interrupted_while_it_reads_the_previous_answer(self):
-        self.requireStepParams()
-        model = make_model()
-        opt = self.remote(model.named_parameters(), pipeline=True)
-        for i in range(3):
-            gradients(model, i)
-            opt.step()
-        gradients(model, 3)
+        model, opt = self.three_steps_then_gradients(pipeline=True)
         self.interrupt_next_answer()
         with self.assertRaises(KeyboardInterrupt):
             opt.step()  # sends step 4, then reading step 3's answer is interrupted
@@ -120,12 +114,7 @@ class Interrupts(ServiceTestCase):
         # step() sent its own gradients before sending the owed ones again: applied in the order 0, 1, 2, 4, 3.
         from asgd_client.optim import RemoteASGD
 
-        self.requireStepParams()
-        model = make_model()
-        opt = self.remote(model.named_parameters(), pipeline=True)
-        for i in range(3):
-            gradients(model, i)
-            opt.step(metrics={"i": i})
+        model, opt = self.three_steps_then_gradients(tagged=True, pipeline=True)
         original = RemoteASGD._start
         armed = [True]
 
@@ -136,7 +125,6 @@ class Interrupts(ServiceTestCase):
             return original(o, *a, **k)
 
         with mock.patch.object(RemoteASGD, "_start", start):
-            gradients(model, 3)
             with self.assertRaises(KeyboardInterrupt):
                 opt.step(metrics={"i": 3})
             for i in range(4, 8):  # the loop goes on (no re-run of the interrupted step)
@@ -146,12 +134,15 @@ class Interrupts(ServiceTestCase):
         points = opt.client.metrics(opt.session)["points"]
         self.assertEqual([p["values"]["i"] for p in points], list(range(8)), "each step applied once, in order")
 
-    def three_steps_then_gradients(self, **kw):
-        """A model and its RemoteASGD after three steps, with the gradients of the fourth in place."""
+    def three_steps_then_gradients(self, tagged: bool = False, **kw):
+        """A model and its RemoteASGD after three steps, with the gradients of the fourth in place; ``tagged``:
+        each step carries its number as the metric ``i``."""
         self.requireStepParams()
         model = make_model()
         opt = self.remote(model.named_parameters(), **kw)
-        train(model, opt, range(3))
+        for i in range(3):
+            gradients(model, i)
+            opt.step(**({"metrics": {"i": i}} if tagged else {}))
         gradients(model, 3)
         return model, opt
 
