@@ -109,7 +109,14 @@ export default fp(
       const header = request.headers.authorization;
       if (header === undefined || header === '') throw errors.unauthorized('Authorization: this route needs a bearer token (Authorization: Bearer <token>)');
       const m = BEARER.exec(header);
-      if (!m) throw errors.unauthorized('Authorization: expected "Bearer <token>"', true);
+      if (!m) {
+        // RFC 6750 section 3: a request in another scheme (Basic, say) has no bearer token to call invalid.
+        const scheme = /^([!#$%&'*+.^_`|~0-9A-Za-z-]+)(?: |$)/.exec(header)?.[1];
+        if (scheme !== undefined && scheme.toLowerCase() !== 'bearer') {
+          throw errors.unauthorized(`Authorization: the ${JSON.stringify(scheme.slice(0, 40))} scheme is not accepted; expected "Bearer <token>"`);
+        }
+        throw errors.unauthorized('Authorization: expected "Bearer <token>"', true);
+      }
       const presented = m[1];
       if (isAdmin(presented)) return { tokenId: 'admin', name: 'admin', scope: 'admin', sessions: null };
       const principal = await store.verify(presented);

@@ -115,7 +115,7 @@ const HEADERS: Record<string, Json> = {
   'Cache-Control': { description: 'no-store (an answer no cache may keep: settings change without a new version; a new token\'s secret), or no-cache for an event stream', schema: { type: 'string' } },
   'Content-Disposition': { description: 'On a file answer (torch.save, safetensors): `attachment; filename="<session>-v<version>[-checkpoint].<pt|safetensors>"`', schema: { type: 'string' } },
   'Retry-After': { description: 'Seconds to wait before trying again', schema: { type: 'integer', minimum: 0 } },
-  'WWW-Authenticate': { description: 'Bearer realm="asgd-serve", with error="invalid_token" (401) or error="insufficient_scope" and the scope needed (403)', schema: { type: 'string' } },
+  'WWW-Authenticate': { description: 'Bearer realm="asgd-serve"; with error="invalid_token" when a bearer token was given and is unknown, revoked or malformed (401), error="insufficient_scope" and the scope needed (403)', schema: { type: 'string' } },
 };
 const VERSIONED = ['ETag', 'X-Session-Version'];
 const STATE_FILE = [...VERSIONED, 'X-Session-Step', 'Content-Disposition'];

@@ -92,6 +92,8 @@ test('every route in the OpenAPI document: 401 without a token, 403 below its sc
       assert.equal(res.statusCode, 401, `${label} with ${JSON.stringify(headers)}: ${res.body}`);
       assert.equal(res.json().code, 'UNAUTHORIZED');
       assert.match(String(res.headers['www-authenticate']), /^Bearer realm="asgd-serve"/);
+      // RFC 6750 section 3: no token (none, or another scheme's credentials) has no error code; an unknown one is invalid_token.
+      assert.equal(/error="invalid_token"/.test(String(res.headers['www-authenticate'])), String(headers.authorization ?? '').startsWith('Bearer'), `${label} with ${JSON.stringify(headers)}: ${res.headers['www-authenticate']}`);
     }
     counts.guarded++;
     for (const [have, token] of Object.entries(tokens).filter(([have]) => RANK[have] < RANK[scope])) {

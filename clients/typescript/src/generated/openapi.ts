@@ -1429,7 +1429,7 @@ export interface components {
         ContentDisposition: string;
         /** @description Seconds to wait before trying again */
         RetryAfter: number;
-        /** @description Bearer realm="asgd-serve", with error="invalid_token" (401) or error="insufficient_scope" and the scope needed (403). Sent on on 403, when the token's scope is too low */
+        /** @description Bearer realm="asgd-serve"; with error="invalid_token" when a bearer token was given and is unknown, revoked or malformed (401), error="insufficient_scope" and the scope needed (403). Sent on on 403, when the token's scope is too low */
         WWWAuthenticate: string;
     };
     pathItems: never;
