@@ -129,6 +129,8 @@ def _split_params(params: Any) -> Tuple[List[Dict[str, Any]], List[List[Optional
 def _hyper_value(key: str, value: Any) -> Any:
     """A group's hyperparameter as the step body carries it (None: not sendable, kept locally): any real
     number (numpy's included) as a Python float, a 1-element tensor lr (PyTorch 2.x) as float(lr.item())."""
+    if type(value) is float and key != "maximize":  # the usual case, asked about every step
+        return value
     value = plain_number(value)
     if key == "maximize":
         return bool(value)

@@ -128,6 +128,9 @@ def plain_number(value: Any) -> Any:
     """A group value as JSON carries it: a 1-element tensor (PyTorch 2.x allows a tensor lr) as
     ``float(value.item())``, a numpy scalar or other real number as the Python int or float of its value
     (``np.float32(0.1)`` -> its float32 value, exactly), numpy's bool as bool; anything else unchanged."""
+    kind = type(value)
+    if kind is float or kind is int or kind is bool:  # the usual case, asked about every step (exact types: not a subclass)
+        return value
     if value is None or isinstance(value, str):
         return value
     if _is_bool(value):
