@@ -198,6 +198,10 @@ export function stepCountProblem(step: number): string | null {
  * would be changed without a word. A tensor is given as itself.
  */
 export function stepNotFloat32(raw: unknown, as32: number): string | null {
+  // torch 1.13 loads a bool step, then fails at the next step (result type Long can't be cast to Bool).
+  if (raw !== null && typeof raw === 'object' && isTensor(raw as PyValue) && (raw as Tensor).dtype === 'bool') {
+    return 'is a bool tensor: a step count is a number (torch loads it, then fails at the next step)';
+  }
   const value = raw !== null && typeof raw === 'object' && isTensor(raw as PyValue) ? scalarValue(raw as Tensor) : raw;
   // (NaN and the like are the count check's to name.)
   const exact = typeof value === 'bigint' ? Number.isInteger(as32) && BigInt(as32) === value : typeof value !== 'number' || !Number.isFinite(value) || value === as32;

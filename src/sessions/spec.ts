@@ -111,6 +111,13 @@ export function resolveHyperparameters(base: Omit<GroupSpec, 'params'>, input: H
     throw errors.invalidHyperparameter(`${field}.${key}`, `with lr ${out.lr}, lambd ${out.lambd} and alpha ${out.alpha}, ASGD's eta = lr / (1 + lambd * lr * step) ** alpha `
       + `${what} at step ${failure.step} (torch raises ${failure.error} there, in the middle of a step)`);
   }
+  const overflow = etaOverflowsFloat32(out.lr, out.lambd, out.alpha);
+  if (overflow !== null) {
+    const key = (['lr', 'alpha', 'lambd'] as const).find((k) => input[k] !== undefined) ?? 'lr';
+    throw errors.invalidHyperparameter(`${field}.${key}`, `with lr ${out.lr}, lambd ${out.lambd} and alpha ${out.alpha}, ASGD's eta `
+      + (overflow === 0 ? '(lr before the first step)' : `= lr / (1 + lambd * lr * step) ** alpha at step ${overflow}`)
+      + ' is too large for float32, where torch keeps it: it would be infinite and step the parameters to infinity and NaN (a loaded eta must be finite too)');
+  }
   if (input.maximize !== undefined) {
     if (typeof input.maximize !== 'boolean') throw errors.invalidHyperparameter(`${field}.maximize`, 'must be true or false');
     out.maximize = input.maximize;
@@ -161,6 +168,26 @@ export function etaFailure(lr: number, lambd: number, alpha: number): { step: nu
   }
   if (alpha < 0) return { step: hi, error: 'ZeroDivisionError' };
   return Number.isFinite(base(hi)) ? { step: hi, error: 'OverflowError' } : null;
+}
+
+/**
+ * The first step (0..2**24; 0: eta's first value, lr itself) whose eta is infinite as float32, PyTorch's
+ * eta tensor, or null when none is. torch takes such an lr and steps the parameters with an infinite eta;
+ * the service would then hold a state it refuses to load. With alpha >= 0 eta only falls from lr; with
+ * alpha < 0 it grows with the step (a binary search; the steps where the power is 0 are etaFailure's).
+ */
+export function etaOverflowsFloat32(lr: number, lambd: number, alpha: number): number | null {
+  const infinite = (step: number) => !Number.isFinite(Math.fround(step === 0 ? lr : lr / Math.pow(1 + lambd * lr * step, alpha)));
+  if (infinite(0)) return 0;
+  if (alpha >= 0 || !infinite(LAST_STEP)) return null;
+  let lo = 0;
+  let hi = LAST_STEP;
+  while (hi - lo > 1) {
+    const mid = Math.floor((lo + hi) / 2);
+    if (infinite(mid)) hi = mid;
+    else lo = mid;
+  }
+  return hi;
 }
 
 export const DEFAULT_GROUP: Omit<GroupSpec, 'params'> = Object.freeze({

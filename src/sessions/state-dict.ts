@@ -80,7 +80,7 @@ export function parseStateDict(body: unknown, intKeysOf?: (group: number) => str
           throw errors.invalidStateDict(`${field}.${key}`, 'extra group keys must be numbers, strings, booleans or null (or param_names, a list of strings)');
         }
         if (typeof value === 'number' && !Number.isFinite(value)) throw errors.invalidStateDict(`${field}.${key}`, 'must be finite');
-        extra[key] = value;
+        setExtra(extra, key, value, field);
       }
     }
     const hyper = resolveHyperparameters({ ...DEFAULT_GROUP, int_keys: [] }, known, field, integerLiterals.get(g));
@@ -184,6 +184,15 @@ function paramNames(value: unknown, count: number, field: string): string[] {
   return value as string[];
 }
 
+/**
+ * Keeps an extra group key to serve back. `__proto__` cannot be one: as a property of a plain object it is
+ * the prototype's setter (the value would vanish without a word), and JSON bodies refuse it already.
+ */
+function setExtra(extra: Record<string, unknown>, key: string, value: unknown, field: string): void {
+  if (key === '__proto__') throw errors.invalidStateDict(`${field}.${key}`, 'is a reserved name; the extra keys of a param group are kept and served back, and this one cannot be');
+  extra[key] = value;
+}
+
 /** A state_dict read from a torch.save file, validated like a JSON one. */
 export function loadedFromAsgd(sd: AsgdStateDict): LoadedStateDict {
   const paramGroups = sd.paramGroups.map((g, k) => {
@@ -197,10 +206,10 @@ export function loadedFromAsgd(sd: AsgdStateDict): LoadedStateDict {
     for (const [key, value] of g.extra ?? []) {
       if (typeof value === 'bigint') {
         if (value > BigInt(Number.MAX_SAFE_INTEGER) || value < BigInt(Number.MIN_SAFE_INTEGER)) throw errors.invalidStateDict(`${field}.${key}`, 'integer out of range');
-        extra[key] = Number(value);
+        setExtra(extra, key, Number(value), field);
         hyper.int_keys.push(key);
       } else if (value === null || typeof value === 'string' || typeof value === 'boolean' || (typeof value === 'number' && Number.isFinite(value))) {
-        extra[key] = value;
+        setExtra(extra, key, value, field);
       } else if (key === 'param_names') {
         extra[key] = paramNames(value, g.params.length, `${field}.${key}`);
       } else if (typeof value === 'number') {

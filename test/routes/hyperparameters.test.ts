@@ -74,6 +74,11 @@ test('PATCH param_groups refuses what a step\'s param_groups refuses, a stale If
     [{ param_groups: [{}, { alpha: 1e300 }] }, admin, 400, 'INVALID_HYPERPARAMETER', /^param_groups\[1\]\.alpha: with lr 0\.1, lambd 0\.01 and alpha 1e\+300, .* overflows at step 1 \(torch raises OverflowError/],
     [{ param_groups: [{}, { lr: 1, lambd: 1, alpha: 100 }] }, admin, 400, 'INVALID_HYPERPARAMETER', /^param_groups\[1\]\.alpha: .* overflows at step 1209 /],
     [{ param_groups: [{ lambd: 1e300, alpha: 2 }, {}] }, admin, 400, 'INVALID_HYPERPARAMETER', /^param_groups\[0\]\.alpha: .* overflows at step 1 /],
+    // An eta float32 cannot hold: torch takes lr 1e39 and its first step makes the parameters -inf (checked with
+    // torch 1.13); with alpha -10 (eta grows) it first overflows at step 7131 (found by a review).
+    [{ param_groups: [{}, { lr: 1e39 }] }, admin, 400, 'INVALID_HYPERPARAMETER', /^param_groups\[1\]\.lr: with lr 1e\+39, .* eta \(lr before the first step\) is too large for float32/],
+    [{ param_groups: [{}, { lr: 1e308, lambd: 0 }] }, admin, 400, 'INVALID_HYPERPARAMETER', /^param_groups\[1\]\.lr: .* too large for float32/],
+    [{ param_groups: [{ lr: 1, lambd: 1, alpha: -10 }, {}] }, admin, 400, 'INVALID_HYPERPARAMETER', /^param_groups\[0\]\.lr: .* at step 7131 is too large for float32/],
     [{ param_groups: [{}, { params: ['w'] }] }, admin, 400, 'INVALID_PARAM_GROUPS', /^param_groups\[1\]\.params: /],
     [{ param_groups: [] }, admin, 400, 'INVALID_BODY', /param_groups/],
     [{}, admin, 400, 'INVALID_BODY', /param_groups/],
