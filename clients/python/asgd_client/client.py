@@ -331,8 +331,9 @@ class Client:
         wait = query.get("wait") or DEFAULT_ROUND_WAIT_S  # what the service holds it for at most
         while True:
             if max_wait_s is not None:
-                # Never longer than the time this call has left, so that max_wait_s holds (whole seconds, at least 1).
-                wait = min(max(1, math.ceil(max_wait_s - (time.monotonic() - started))), query.get("wait") or DEFAULT_ROUND_WAIT_S)
+                # Never longer than the time this call has left, so that max_wait_s holds (in milliseconds: the
+                # service takes fractions of a second, and 0 answers at once).
+                wait = min(round(max(0.0, max_wait_s - (time.monotonic() - started)), 3), query.get("wait") or DEFAULT_ROUND_WAIT_S)
                 request["query"] = {**query, "wait": wait}
             res = self.conn.request("POST", path, headers=headers, expect=(200, 202), hold_s=float(wait) if held else 0.0, **request)
             if res.status == 200:

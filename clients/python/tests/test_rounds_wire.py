@@ -122,6 +122,16 @@ class Contribution(unittest.TestCase):
         self.assertEqual(answer["version"], 2)
         self.assertEqual({r.headers["idempotency-key"] for r in fake.steps()}, {key})
 
+    def test_max_wait_asks_for_no_longer_hold_than_it_has_left(self):
+        # Found by a review: the hold asked for was rounded up to whole seconds, so max_wait_s=1.5 asked for 2.
+        fake = FakeRounds(self, pending=1000)
+        client = Client(connection=fake.conn)
+        with self.assertRaises(RoundPending):
+            client.step("s", {"b": torch.ones(2)}, base_version=1, worker="w0", max_wait_s=0.05)
+        asked = [float(parse_qs(urlsplit(r.path).query)["wait"][0]) for r in fake.steps()]
+        self.assertTrue(all(0 <= w <= 0.05 for w in asked), asked)
+        self.assertEqual(asked, sorted(asked, reverse=True), "what is left shrinks")
+
     def test_a_hold_longer_than_the_socket_timeout_is_waited_for(self):
         # The service holds a contribution up to ?wait= seconds: a socket timeout shorter than that is no
         # sign of a dead connection (it was a timeout, then retries until the budget ran out).

@@ -1,9 +1,9 @@
 // ASGDClient: every operation of the asgd-serve API v1, typed from the OpenAPI document; the server-sent
 // events of GET /v1/sessions/{name}/events as an async iterator.
 import { ProtocolError, RoundPending } from './errors.ts';
-import { type Answer, type Exchange, newIdempotencyKey, parseJson, Transport, type TransportOptions } from './http.ts';
+import { type Answer, type Exchange, newIdempotencyKey, parseJson, sleep, Transport, type TransportOptions } from './http.ts';
 import { decodeSafetensors, encodeSafetensors, firstHalfOverflow, type SafetensorsFile } from './safetensors.ts';
-import { asFloat32, fromJsonTensors, type Tensor, type TensorInput, type TensorLike, toJsonData } from './tensors.ts';
+import { asFloat32, fromJsonTensors, type Tensor, type TensorInput, type TensorLike, tensorProblem, toJsonData } from './tensors.ts';
 import type {
   CheckpointFormat, CreatedToken, CreateSessionSpec, CreateTokenRequest, ForkRequest, Gradients, HyperparameterChanges, ListSessionsOptions,
   EventsOptions, MetricsOptions, MetricsPage, SessionEvent, Norms, OwnToken, ParamsResult, PatchSessionRequest, GroupHyperparameters, PendingAnswer, ReadOptions, Session, SessionList, Snapshot,
@@ -149,6 +149,10 @@ export class ASGDClient {
     if (options.idempotencyKey === null && options.worker !== undefined) {
       throw new RangeError('idempotencyKey: a contribution to a round needs one (its 202 pending is followed by sending it again)');
     }
+    for (const [metric, value] of Object.entries(options.metrics ?? {})) {
+      // Said here: NaN would go out as null (JSON) and come back as an error about fields never written.
+      if (typeof value !== 'number' || !Number.isFinite(value)) throw new TypeError(`metrics.${metric}: must be a finite number, got ${typeof value === 'number' ? value : typeof value}`);
+    }
     const key = options.idempotencyKey === null ? undefined : (options.idempotencyKey ?? newIdempotencyKey());
     const ret = options.return ?? 'none';
     const x: Exchange = {
@@ -192,7 +196,8 @@ export class ASGDClient {
         // The service holds a contribution up to `wait` seconds (its default when unset): never past
         // maxWaitMs, which would otherwise be seen only once that hold had ended.
         let wait = options.wait ?? ROUND_WAIT_DEFAULT_S;
-        if (options.maxWaitMs !== undefined) wait = Math.min(wait, Math.max(1, Math.ceil((options.maxWaitMs - (Date.now() - started)) / 1000)));
+        // In milliseconds (the service takes fractions of a second; 0: answer at once).
+        if (options.maxWaitMs !== undefined) wait = Math.min(wait, Math.round(Math.max(0, options.maxWaitMs - (Date.now() - started))) / 1000);
         if (options.wait !== undefined || wait !== ROUND_WAIT_DEFAULT_S) x.query!.wait = wait;
         x.holdMs = wait * 1000;
       }
@@ -209,6 +214,8 @@ export class ASGDClient {
   private async shaped(name: string, grads: Gradients): Promise<Record<string, Tensor>> {
     const out: Record<string, Tensor> = {};
     for (const [param, g] of Object.entries(grads)) {
+      const problem = tensorProblem(g, `grads.${param}`, true);
+      if (problem) throw new TypeError(problem);
       if (!(g instanceof Float32Array) && !Array.isArray(g)) {
         out[param] = { shape: g.shape, data: asFloat32(g.data) };
         continue;
@@ -327,7 +334,11 @@ export class ASGDClient {
         await reader.cancel().catch(() => {}); // closes the connection (the source of the pipe is cancelled too)
       }
       if (signal?.aborted) return;
-      await new Promise((resolve) => setTimeout(resolve, pause));
+      try {
+        await sleep(pause, signal);
+      } catch {
+        return; // aborted while it waited to reconnect
+      }
       pause = Math.min(pause * 2, 2_000);
     }
   }
@@ -488,6 +499,8 @@ export class ASGDClient {
 function jsonGradients(grads: Gradients): Record<string, unknown> {
   const out: Record<string, unknown> = {};
   for (const [name, g] of Object.entries(grads)) {
+    const problem = tensorProblem(g, `grads.${name}`, true);
+    if (problem) throw new TypeError(problem);
     out[name] = g instanceof Float32Array || Array.isArray(g) ? toJsonData(g) : { shape: g.shape, data: toJsonData(g.data) };
   }
   return out;

@@ -72,7 +72,7 @@ export interface Answer {
 
 const RETRY_STATUS = new Set([429, 502, 503, 504]);
 /** Waits `ms`, or rejects with `signal`'s reason once it is aborted. */
-function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   return new Promise<void>((resolve, reject) => {
     if (signal?.aborted) return reject(signal.reason);
     const timer = setTimeout(() => {
@@ -276,7 +276,7 @@ export class Transport {
         if (signal?.aborted) throw err;
         if (!permanent(err) && Date.now() + pause < deadline) {
           this.retrying(x.method, url, err, attempt, deadline);
-          await sleep(pause);
+          await sleep(pause, signal); // an abort ends the wait, and the call, at once
           pause = Math.min(pause * 2, 2_000);
           continue;
         }
@@ -290,7 +290,7 @@ export class Transport {
         const wait = retryWait(res, pause);
         if (Date.now() + wait < deadline) {
           this.retrying(x.method, url, res, attempt, deadline);
-          await sleep(wait);
+          await sleep(wait, signal);
           pause = Math.min(pause * 2, 2_000);
           continue;
         }
@@ -338,4 +338,17 @@ export function parseJson<T>(answer: Answer, method: string, path: string): T {
 }
 
 /** A new Idempotency-Key (Web Crypto: in Node and every browser). */
-export const newIdempotencyKey = (): string => crypto.randomUUID();
+/**
+ * A random UUID (version 4). `crypto.randomUUID` exists only in secure contexts (https, localhost): a page
+ * served over plain http from another host (`http://devbox:3000`) has `crypto.getRandomValues` alone.
+ */
+export function randomUuid(): string {
+  if (typeof crypto.randomUUID === 'function') return crypto.randomUUID();
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  b[6] = (b[6] & 0x0f) | 0x40; // version 4
+  b[8] = (b[8] & 0x3f) | 0x80; // the RFC 9562 variant
+  const hex = Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('');
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
+
+export const newIdempotencyKey = (): string => randomUuid();

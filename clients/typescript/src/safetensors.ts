@@ -4,7 +4,7 @@
 // from float32 by rounding to nearest, ties to even (as torch's .half() and .bfloat16() do), and read back
 // exactly; F64 is read by rounding to float32.
 import type { Tensor, TensorInput } from './tensors.ts';
-import { numelOf } from './tensors.ts';
+import { numelOf, tensorProblem } from './tensors.ts';
 
 export type DType = 'F32' | 'F16' | 'BF16';
 
@@ -107,6 +107,8 @@ export function encodeSafetensors(tensors: Record<string, TensorInput>, metadata
   const parts: Uint8Array[] = [];
   let offset = 0;
   for (const [name, t] of Object.entries(tensors)) {
+    const problem = tensorProblem(t, name, false);
+    if (problem) throw new TypeError(problem);
     if (numelOf(t.shape) !== t.data.length) throw new RangeError(`${name}: shape [${t.shape.join(', ')}] does not hold ${t.data.length} values`);
     const bytes = encodeData(t.data, dtype);
     header[name] = { dtype, shape: t.shape, data_offsets: [offset, offset + bytes.length] };

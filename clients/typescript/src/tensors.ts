@@ -53,6 +53,23 @@ export function fromJsonTensors(value: unknown, field: string): Record<string, T
   return out;
 }
 
+/**
+ * Why `value` is not a tensor this client takes (a message naming `field`), or null. The types forbid these,
+ * but plain JavaScript passes them: a tf.Tensor, a Float64Array, flat data where a shape is needed.
+ * `flat`: flat data (Float32Array, number[]) is taken, with the session's shape.
+ */
+export function tensorProblem(value: unknown, field: string, flat: boolean): string | null {
+  const isFlat = value instanceof Float32Array || Array.isArray(value);
+  if (flat && isFlat) return null;
+  const t = value as { shape?: unknown; data?: unknown; dataSync?: unknown } | null;
+  if (t !== null && typeof t === 'object' && Array.isArray(t.shape) && (t.data instanceof Float32Array || Array.isArray(t.data))) return null;
+  const got = t !== null && typeof t === 'object' && typeof t.dataSync === 'function' ? 'a tf.Tensor: pass {shape: t.shape, data: t.dataSync()}'
+    : isFlat ? 'flat data: give its shape, {shape, data}'
+    : ArrayBuffer.isView(value) ? `a ${value.constructor.name}: pass Float32Array.from(it)`
+    : value === null ? 'null' : typeof value === 'object' ? 'an object without shape and data arrays' : typeof value;
+  return `${field}: expected ${flat ? 'a Float32Array, a number[] or {shape, data}' : '{shape, data} (data a Float32Array or a number[])'}, got ${got}`;
+}
+
 export function asFloat32(data: Float32Array | number[]): Float32Array {
   return data instanceof Float32Array ? data : Float32Array.from(data);
 }

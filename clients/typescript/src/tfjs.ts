@@ -12,7 +12,7 @@
 import { Optimizer, serialization, tensor, type NamedTensorMap, type Scalar, type Tensor as TfTensor, type Variable } from '@tensorflow/tfjs-core';
 import { ASGDClient } from './client.ts';
 import { BaseVersionAhead, RoundPending, SessionExists, SessionNotFound, StaleGradient } from './errors.ts';
-import { newIdempotencyKey, type TransportOptions } from './http.ts';
+import { newIdempotencyKey, randomUuid, type TransportOptions } from './http.ts';
 import type { Tensor, TensorInput } from './tensors.ts';
 import type { Aggregation, Hyperparameters, Session, StepOptions, StepParamGroup, StepResult } from './types.ts';
 
@@ -198,6 +198,9 @@ export class RemoteASGD extends Optimizer {
   private pending: Promise<void> = Promise.resolve();
   private failure: unknown = null;
   private pendingLoss: number | undefined;
+  /** Steps sent (or queued) whose answers have not been written into the variables yet. */
+  private inFlight = 0;
+  private warnedBehind = false;
 
   /** The client's logger (its `logger` option): stale drops warn, a session created or joined is a notice. */
   private get logger() {
@@ -209,7 +212,7 @@ export class RemoteASGD extends Optimizer {
     this.options = options;
     this.client = typeof options.client === 'string' ? new ASGDClient(options.client, options.clientOptions) : options.client;
     this.session = options.session;
-    this.worker = options.worker ?? `js-${crypto.randomUUID().replaceAll('-', '').slice(0, 12)}`;
+    this.worker = options.worker ?? `js-${randomUuid().replaceAll('-', '').slice(0, 12)}`;
     this.onStale = options.onStale ?? 'pull';
     if (!STALE_POLICIES.includes(this.onStale)) throw new RangeError(`RemoteASGD: onStale must be one of ${STALE_POLICIES.map((p) => `'${p}'`).join(', ')}, not ${JSON.stringify(options.onStale)}`);
   }
@@ -334,6 +337,15 @@ export class RemoteASGD extends Optimizer {
     this.nextParamGroups = undefined;
     this.nextSamples = undefined;
     this.incrementIterations();
+    if (this.inFlight > 0 && !this.warnedBehind) {
+      // A loop that never waits (`await model.trainOnBatch(...)` alone: tfjs's CPU backend never yields) computes
+      // every gradient at the parameters it started from: asynchronous SGD without a word (found by a review).
+      this.warnedBehind = true;
+      this.logger?.warn(`[${this.worker}] session ${this.session}: a gradient computed while ${this.inFlight} step(s) were still in flight, at version ${baseVersion} `
+        + '(sent with that base_version: the service counts its staleness). In a custom loop, await optimizer.synchronize() after each minimize or trainOnBatch; '
+        + 'in model.fit, pass callbacks: [optimizer.callback]. Said once');
+    }
+    this.inFlight++;
     // One key for this step: its retries, and a resumed wait for its round after RoundPending, count once.
     const idempotencyKey = newIdempotencyKey();
     // The changed values are chosen when the step goes out (after the steps before it answered); a retry
@@ -343,6 +355,7 @@ export class RemoteASGD extends Optimizer {
       return: 'params', baseVersion, metrics, paramGroups: (sent ??= { groups: this.changedGroups(paramGroups) }).groups, samples, ...round, maxWaitMs, idempotencyKey, signal: this.options.signal,
       format: this.options.format, dtype: this.options.dtype, retryBudgetMs: this.options.retryBudgetMs,
     });
+    const settled = () => void this.inFlight--;
     this.pending = this.pending.then(async () => {
       if (this.failure) return; // a failed step ends the run: the rest are not sent
       if (this.options.signal?.aborted) {
@@ -360,7 +373,7 @@ export class RemoteASGD extends Optimizer {
       }
       if (own && own.version < baseVersion) this.pendingRound = null; // the variables are past that round
       await this.settle({ version: baseVersion, send, paramGroups });
-    });
+    }).finally(settled);
   }
 
   /**

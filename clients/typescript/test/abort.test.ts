@@ -57,3 +57,23 @@ test('RemoteASGD with a signal: once aborted, synchronize() throws its reason an
   assert.equal((await client.getSession(name)).version, 4, 'nothing sent after the abort');
   assert.ok(!('signal' in (opt.getConfig() as object)), 'not in the saved config');
 });
+
+test('events() ends when its signal is aborted while it waits out a Retry-After (found by a review: 31 s)', async () => {
+  // A replica that is rate-limiting or has lost its database: 503 with Retry-After: 30, retried for 60 s.
+  const busy: typeof fetch = async () => new Response(JSON.stringify({ code: 'DATABASE_UNAVAILABLE', message: 'the database cannot be reached' }), {
+    status: 503, headers: { 'content-type': 'application/json', 'retry-after': '30' },
+  });
+  const client = new ASGDClient('http://127.0.0.1:9', { fetch: busy, logger: null });
+  const controller = new AbortController();
+  const began = Date.now();
+  setTimeout(() => controller.abort(), 300);
+  const seen = [];
+  for await (const event of client.events('s', { signal: controller.signal })) seen.push(event);
+  assert.deepEqual(seen, []);
+  assert.ok(Date.now() - began < 5_000, `ended at once (${Date.now() - began} ms)`);
+  // A call given the signal ends with its reason.
+  const stopped = new AbortController();
+  setTimeout(() => stopped.abort(new Error('stopped')), 300);
+  await assert.rejects(client.params('s', { signal: stopped.signal }), /stopped/);
+  assert.ok(Date.now() - began < 10_000, `ended at once (${Date.now() - began} ms)`);
+});

@@ -55,9 +55,9 @@ const StepQuery = Type.Object({
   })),
   worker: Type.Optional(Worker),
   samples: Type.Optional(Samples),
-  wait: Type.Optional(Type.Integer({
-    minimum: 1, maximum: MAX_WAIT_SECONDS,
-    description: `In a session with aggregation: seconds to wait for the round to step (default ${DEFAULT_WAIT_SECONDS}); then 202 and the client re-POSTs with the same Idempotency-Key`,
+  wait: Type.Optional(Type.Number({
+    minimum: 0, maximum: MAX_WAIT_SECONDS,
+    description: `In a session with aggregation: seconds to wait for the round to step (default ${DEFAULT_WAIT_SECONDS}; fractions of a second too, 0: answer at once); then 202 and the client re-POSTs with the same Idempotency-Key`,
   })),
 });
 

@@ -2120,7 +2120,7 @@ export interface operations {
                 worker?: string;
                 /** @description In a session with aggregation: samples behind this gradient (counts toward target_samples) */
                 samples?: number;
-                /** @description In a session with aggregation: seconds to wait for the round to step (default 60); then 202 and the client re-POSTs with the same Idempotency-Key */
+                /** @description In a session with aggregation: seconds to wait for the round to step (default 60; fractions of a second too, 0: answer at once); then 202 and the client re-POSTs with the same Idempotency-Key */
                 wait?: number;
             };
             header?: {
