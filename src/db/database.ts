@@ -6,6 +6,7 @@ import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
 import { nodePostgres, nodePostgresMigrator, pgliteDrizzle } from './drizzle.ts';
+import { getTableName } from 'drizzle-orm';
 import type { PgDatabase, PgQueryResultHKT } from 'drizzle-orm/pg-core';
 import { schema } from './schema.ts';
 import { to as copyTo } from 'pg-copy-streams';
@@ -105,6 +106,21 @@ export class NotMigratedError extends Error {
 
 /** drizzle's journal of applied migrations; the table does not exist in an empty database. */
 const APPLIED_MIGRATIONS_SQL = 'SELECT count(*)::text AS n FROM drizzle.__drizzle_migrations';
+
+/**
+ * PostgreSQL's readiness probe: the journal's count, and whether this role can use what the migrations made:
+ * a database in read-only mode (a standby after a failover, default_transaction_read_only) takes no step, and
+ * a table the role lacks a privilege on (one a migration added, without its grants) fails every request that
+ * touches it. Either is a refusal (503, /readyz), not a 500 per request.
+ */
+const POSTGRES_PROBE_SQL = `SELECT (${APPLIED_MIGRATIONS_SQL})::text AS n, current_setting('transaction_read_only') AS read_only,
+  (SELECT string_agg(c.relname, ', ' ORDER BY c.relname) FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
+    WHERE ns.nspname = 'public' AND c.relkind IN ('r', 'p') AND c.relname = ANY($1::text[])
+      AND NOT has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE, DELETE')) AS denied`;
+const TABLES = Object.values(schema).map((table) => getTableName(table));
+
+/** An error as PostgreSQL raises it (a code and a severity): the health probe and the error plugin classify it by its SQLSTATE. */
+const refusal = (code: string, message: string): Error => Object.assign(new Error(message), { code, severity: 'ERROR' });
 
 /** The migrations the database's journal records, and those this build knows. */
 export interface MigrationCount {
@@ -350,9 +366,10 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
       const fresh = probe === null;
       const current = (probe ??= connectProbe());
       let client: pg.Client | null = null;
+      let row: { n: string; read_only: string; denied: string | null };
       try {
         client = await current;
-        return (await client.query<{ n: string }>(APPLIED_MIGRATIONS_SQL)).rows[0].n;
+        row = (await client.query<typeof row>(POSTGRES_PROBE_SQL, [TABLES])).rows[0];
       } catch (err) {
         // PostgreSQL's own error (an unmigrated database's missing table) leaves the connection usable;
         // a FATAL one (a restart terminating it) does not.
@@ -361,7 +378,11 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
         if (probe === current) probe = null;
         if (client) void endWithin(client, CLOSE_GRACE_MS);
         if (fresh || attempt > 0) throw err;
+        continue;
       }
+      if (row.read_only === 'on') throw refusal('25006', 'the database is read-only (transaction_read_only is on: a standby after a failover, or default_transaction_read_only); steps and creates cannot commit');
+      if (row.denied) throw refusal('42501', `permission denied for table ${row.denied}: this role needs SELECT, INSERT, UPDATE, DELETE on every table (grants for tables a migration added?)`);
+      return row.n;
     }
   };
 

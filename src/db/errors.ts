@@ -8,8 +8,9 @@ const RETRYABLE_SQLSTATE = /^(08(?!P01)|53|57P0[1-3]|40001|40P01)/;
 const RETRYABLE_SOCKET = ['ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'ENOTFOUND'];
 const RETRYABLE_MESSAGE = /Connection terminated|connection timeout|timeout exceeded when trying to connect|Client has encountered a connection error|not queryable/i;
 /** The server answers but will not serve us: database dropped or renamed (3D000), admin shutdown (57P04),
- *  our login changed (class 28). */
-const UNAVAILABLE_SQLSTATE = /^(3D000|57P04|28[0-9A-Z]{3})$/;
+ *  our login changed (class 28), a privilege this role lacks (42501: a table a migration added without its
+ *  grants), a read-only database (25006: a standby after a failover, default_transaction_read_only). */
+const UNAVAILABLE_SQLSTATE = /^(3D000|57P04|28[0-9A-Z]{3}|42501|25006)$/;
 /** Class 22, data exception: a value (a number out of a column's range, …) got past the route's checks. */
 const BAD_VALUE_SQLSTATE = /^22[0-9A-Z]{3}$/;
 
@@ -17,7 +18,9 @@ export type DbErrorClass = 'retryable' | 'unavailable' | 'bad-value';
 
 /** The class of a database error, or null when `err` is not one. */
 export function classifyDbError(err: unknown): DbErrorClass | null {
-  const e = err as { code?: unknown; message?: unknown; severity?: unknown } | null | undefined;
+  let e = err as { code?: unknown; message?: unknown; severity?: unknown; cause?: unknown } | null | undefined;
+  // drizzle wraps PostgreSQL's error ("Failed query: …") with it as the cause.
+  if (e && e.code === undefined && e.cause !== null && typeof e.cause === 'object' && (e.cause as { severity?: unknown }).severity !== undefined) e = e.cause as typeof e;
   const code = typeof e?.code === 'string' ? e.code : '';
   if (RETRYABLE_SQLSTATE.test(code) || RETRYABLE_SOCKET.includes(code)) return 'retryable';
   if (typeof e?.message === 'string' && RETRYABLE_MESSAGE.test(e.message)) return 'retryable';
@@ -74,6 +77,12 @@ export function describeDbFailure(err: unknown): string {
  * login refused): what an operator must fix, not wait out; null for anything else. drizzle keeps
  * PostgreSQL's error as the cause.
  */
+/** Why the database refuses this service, in words, from the SQLSTATE of a refusal (refusedBy). */
+export function refusalReason(sqlstate: string): string {
+  return sqlstate === '25006' ? 'the database is read-only (SQLSTATE 25006: a standby after a failover, or default_transaction_read_only)'
+    : `the database refuses this service's queries (SQLSTATE ${sqlstate}: a privilege or the schema; the log says which)`;
+}
+
 export function refusedBy(err: unknown): string | null {
   const outer = err as { cause?: unknown } | null;
   const e = (outer?.cause ?? err) as { code?: unknown; severity?: unknown } | null;

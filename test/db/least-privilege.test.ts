@@ -66,3 +66,52 @@ test('a least-privilege serving role starts with ASGD_MIGRATE=true on a migrated
     await serving.close();
   }
 });
+
+test('a table without its grants (one an upgrade added) or a read-only database: /readyz and requests are 503 naming why, not ready and 500', { skip, timeout: 60_000 }, async (t) => {
+  // Found by an operator's review: the readiness check read only the migrations' journal, and a missing
+  // privilege (SQLSTATE 42501) or a read-only database (25006) on a request fell through to 500 INTERNAL,
+  // which the clients do not retry.
+  const scratch = await createTestDatabase();
+  const role = `asgd_serving_${randomBytes(4).toString('hex')}`;
+  const admin = new pg.Client({ connectionString: PG_ADMIN_URL });
+  await admin.connect();
+  const owner = new pg.Client({ connectionString: scratch.url });
+  await owner.connect();
+  t.after(async () => {
+    await owner.end().catch(() => {});
+    await scratch.drop();
+    await admin.query(`DROP ROLE IF EXISTS ${role}`);
+    await admin.end();
+  });
+  const migrator = await openDatabase({ databaseUrl: scratch.url, dataDir: '', poolSize: 1 });
+  await migrator.migrate();
+  await migrator.close();
+  await admin.query(`CREATE ROLE ${role} LOGIN`);
+  await owner.query(`GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO ${role}`);
+  await owner.query(`GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ${role}`);
+  await owner.query(`GRANT USAGE ON SCHEMA drizzle TO ${role}`);
+  await owner.query(`GRANT SELECT ON drizzle.__drizzle_migrations TO ${role}`);
+  // The grants of the newest migration's tables forgotten, as after `migrate` by the owner in an upgrade.
+  await owner.query(`REVOKE ALL ON replay_points, replay_point_chunks FROM ${role}`);
+  const url = new URL(scratch.url);
+  url.username = role;
+  url.password = '';
+  const { app } = await buildTestApp(t, { databaseUrl: url.toString(), env: { ASGD_MIGRATE: 'false' } });
+  const ready = await app.inject({ url: '/readyz' });
+  assert.equal(ready.statusCode, 503, ready.body);
+  assert.match(ready.json().message, /SQLSTATE 42501.*permission denied for table replay_point_chunks, replay_points/);
+  const created = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 's', params: [{ name: 'w', shape: [2], data: [1, 2] }] } });
+  assert.equal(created.statusCode, 503, created.body);
+  assert.match(created.json().message, /SQLSTATE 42501/);
+
+  // A read-only database (a standby, or default_transaction_read_only), as the owner sees it.
+  const readOnly = new URL(scratch.url);
+  readOnly.searchParams.set('options', '-c default_transaction_read_only=on');
+  const ro = await buildTestApp(t, { databaseUrl: readOnly.toString(), env: { ASGD_MIGRATE: 'false' } });
+  const roReady = await ro.app.inject({ url: '/readyz' });
+  assert.equal(roReady.statusCode, 503, roReady.body);
+  assert.match(roReady.json().message, /read-only \(SQLSTATE 25006/);
+  const roCreate = await ro.app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 's', params: [{ name: 'w', shape: [2], data: [1, 2] }] } });
+  assert.equal(roCreate.statusCode, 503, roCreate.body);
+  assert.match(roCreate.json().message, /read-only/);
+});

@@ -4,7 +4,7 @@ import { Type } from 'typebox';
 import { NotMigratedError } from '../../db/database.ts';
 import { errors } from '../../errors.ts';
 import { errorResponses } from '../schemas.ts';
-import { refusedBy } from '../../db/errors.ts';
+import { describeDbFailure, refusalReason, refusedBy } from '../../db/errors.ts';
 
 const READY_TIMEOUT_MS = 2_000;
 
@@ -42,7 +42,7 @@ const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       request.log.warn({ err }, 'not ready');
       const refused = refusedBy(err);
       throw errors.unavailable(err instanceof NotMigratedError ? err.message
-        : refused ? `the database refuses this service's queries (SQLSTATE ${refused}: a privilege or the schema; the log says which)` : 'the database is not ready', 5);
+        : refused ? `${refusalReason(refused)}: ${describeDbFailure(err)}` : 'the database is not ready', 5);
     } finally {
       clearTimeout(timer);
     }
