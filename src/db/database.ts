@@ -14,7 +14,7 @@ import { copyToSql, parseBinaryCopy, type BinaryColumns } from './binary-results
 import { describeDbFailure } from './errors.ts';
 import { listenPostgres, type ListenHandlers, type Listener } from './listener.ts';
 import { lockDataDir, type DataDirLock } from './data-dir-lock.ts';
-import { endWithin, watchSilence } from './silence.ts';
+import { endWithin, pauseSilence, watchSilence } from './silence.ts';
 
 export { DatabaseSilentError, QUERY_CANCELED } from './silence.ts';
 
@@ -465,6 +465,9 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
     byteaValue: (buf) => buf,
     async migrate() {
       const { client, release } = await checkout();
+      // A replica waiting out another's migration took ASGD_DB_TIMEOUT_MS of it for a hung database, cancelled
+      // its wait and exited (found by an operator's review): the migration's connection has no such timer.
+      const resume = pauseSilence(client, silence);
       try {
         // Nothing pending: no DDL at all (drizzle's migrator starts with CREATE SCHEMA IF NOT EXISTS, which
         // a serving role without CREATE on the database may not run, though the database is migrated).
@@ -499,6 +502,7 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
           await client.query('SELECT pg_advisory_unlock($1)', [MIGRATION_LOCK]);
         }
       } finally {
+        resume();
         release();
       }
     },

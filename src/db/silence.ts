@@ -87,6 +87,19 @@ export function watchSilence(client: pg.Client, ms: number, connectionString: st
 }
 
 /**
+ * Turns watchSilence's timer off on `client` until the returned function turns it back on (to `ms`). A
+ * migration waits as long as it takes: for another replica's migration (the advisory lock), for a DDL
+ * statement's own work; `asgd-serve migrate` has no such timer either.
+ */
+export function pauseSilence(client: pg.Client, ms: number): () => void {
+  const stream = internals(client).connection.stream;
+  stream.setTimeout(0);
+  return () => {
+    if (ms > 0 && !stream.destroyed) stream.setTimeout(ms);
+  };
+}
+
+/**
  * Ends a client, or, when the server does not close the connection within `ms` (a black hole), destroys
  * it: a shutdown must not wait for a peer that cannot answer.
  */

@@ -54,3 +54,37 @@ test('a pending migration blocked by an open transaction steps aside for traffic
   const { rows } = await admin.query("SELECT to_regclass('public.replay_points') IS NOT NULL AS present");
   assert.equal(rows[0].present, true);
 });
+
+test('a replica waiting for another\'s migration longer than ASGD_DB_TIMEOUT_MS goes on waiting, then finds it done', async (t) => {
+  // Found by an operator's review: the wait for the migration lock ran on a pool connection with the silence
+  // timer, which cancelled it after ASGD_DB_TIMEOUT_MS, and the replica exited 1 ("canceling statement").
+  if (TEST_DB_KIND !== 'postgres') return t.skip('PostgreSQL only');
+  const scratch = await createTestDatabase();
+  const warnings: string[] = [];
+  const db = await openDatabase({ databaseUrl: scratch.url, dataDir: '', poolSize: 2, silenceTimeoutMs: 200, onWarning: (m) => warnings.push(m) });
+  const other = new pg.Client({ connectionString: scratch.url });
+  await other.connect();
+  t.after(async () => {
+    await other.end().catch(() => {});
+    await db.close();
+    await scratch.drop();
+  });
+  // Another replica migrating: it holds the migration lock for 1.5 s (seven times the timer), then migrates.
+  await other.query('SELECT pg_advisory_lock(7142053311)');
+  const released = (async () => {
+    await new Promise((resolve) => setTimeout(resolve, 1_500));
+    const first = await openDatabase({ databaseUrl: scratch.url, dataDir: '', poolSize: 1 });
+    try {
+      await other.query('SELECT pg_advisory_unlock(7142053311)');
+      await first.migrate();
+    } finally {
+      await first.close();
+    }
+  })();
+  await db.migrate();
+  await released;
+  assert.ok(warnings.some((w) => /waiting for another process's migration/.test(w)), warnings.join('\n'));
+  await db.ready();
+  // The timer is back on the pool's connections afterwards: a statement silent for longer is cancelled.
+  await assert.rejects(db.query('SELECT pg_sleep(2)'), /cancel|ASGD_DB_TIMEOUT_MS|57014/i);
+});
