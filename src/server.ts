@@ -42,6 +42,19 @@ export function tuneHeap(): void {
 
 export async function startServer(config: Config, opts: { migrate?: boolean } = {}) {
   tuneHeap();
+  // A signal while the app is built (waiting for PostgreSQL, migrating, PGlite's first start) ends the start:
+  // without a handler, node as PID 1 (a container without an init) ignores SIGTERM, and `docker stop` waited
+  // out its grace period (found by an operator's review). What a start left half done is redone by the next.
+  const signalledWhileStarting = (signal: NodeJS.Signals) => {
+    console.error(`asgd-serve: ${signal} while starting: stopped before serving`);
+    process.exit(128 + (signal === 'SIGINT' ? 2 : 15));
+  };
+  process.on('SIGTERM', signalledWhileStarting);
+  process.on('SIGINT', signalledWhileStarting);
+  const started = () => {
+    process.off('SIGTERM', signalledWhileStarting);
+    process.off('SIGINT', signalledWhileStarting);
+  };
   // Warnings said while the app is built (node-postgres reads DATABASE_URL's sslmode) wait for its logger.
   const warnings = holdProcessWarnings();
   let app: Awaited<ReturnType<typeof buildApp>>;
@@ -54,9 +67,11 @@ export async function startServer(config: Config, opts: { migrate?: boolean } = 
       logger: loggerOptions(config),
     });
   } catch (err) {
+    started();
     warnings.release();
     throw err;
   }
+  started();
   warnings.logTo(app.log);
   app.addHook('onClose', async () => warnings.release());
   if (!config.adminToken && !isLoopback(config.host)) {

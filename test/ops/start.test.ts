@@ -1,7 +1,8 @@
 // Starting the server as operators do: through a symlinked release path (/srv/app/current -> release), and
 // with a setting the process cannot start with (one line saying why, exit 1, no stack trace).
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync, symlinkSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, symlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { createServer, connect, type Socket } from 'node:net';
@@ -74,4 +75,28 @@ test('a replica started before PostgreSQL accepts connections waits for it (sayi
   });
   const banner = await run.banner(30_000);
   assert.equal((await fetch(`${banner.url}/readyz`)).status, 200);
+});
+
+test('SIGTERM while starting (waiting for PostgreSQL) stops the process at once, also as PID 1 in a container', async (t) => {
+  // Found by an operator's review: the signal handlers came after the start, and node as PID 1 (no init in
+  // the image) ignores a signal it has no handler for: `docker stop` waited its whole grace period.
+  const port = await freePort(); // nothing listens there: the start waits for PostgreSQL
+  const url = new URL(PG_ADMIN_URL);
+  url.port = String(port);
+  const env = { DATABASE_URL: url.toString(), ASGD_DB_START_TIMEOUT_MS: '60000', PORT: '0', LOG_LEVEL: 'info' };
+  const pid1 = spawnSync('unshare', ['-fp', '--kill-child', 'true']).status === 0; // root, as CI: a PID namespace
+  const run = pid1 ? spawnService('unshare', ['-fp', '--kill-child', process.execPath, 'src/server.ts'], env) : spawnService(process.execPath, ['src/server.ts'], env);
+  t.after(() => { run.child.kill('SIGKILL'); });
+  const deadline = Date.now() + 20_000;
+  while (!/waiting for PostgreSQL/.test(run.output()) && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100));
+  assert.match(run.output(), /waiting for PostgreSQL/);
+  // The server itself: unshare's child (PID 1 in its namespace), or the spawned node.
+  const server = pid1 ? Number(readFileSync(`/proc/${run.child.pid}/task/${run.child.pid}/children`, 'utf8').trim().split(' ')[0]) : run.child.pid!;
+  if (pid1) assert.match(readFileSync(`/proc/${server}/status`, 'utf8'), /^NSpid:\s+\d+\s+1$/m, 'PID 1 in its namespace');
+  const sent = Date.now();
+  process.kill(server, 'SIGTERM');
+  const code = await Promise.race([run.exited, new Promise((resolve) => setTimeout(() => resolve('still running 10 s later'), 10_000))]);
+  assert.equal(code, 143, run.output());
+  assert.ok(Date.now() - sent < 10_000);
+  assert.match(run.output(), /asgd-serve: SIGTERM while starting: stopped before serving/);
 });
