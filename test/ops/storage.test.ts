@@ -362,3 +362,35 @@ test('a settings PATCH leaves this process\'s copy current: the steps after it r
   }
   assert.equal(await replayed(), before, 'no step replayed');
 });
+
+test('/metrics answers within seconds while the storage figures cannot be computed, and says how old the ones it serves are', { skip: TEST_DB_KIND !== 'postgres' && 'a second connection holding a lock: PostgreSQL' }, async (t) => {
+  // Found by an operator's review: with the database hanging every scrape took the query's whole timeout
+  // (10 s, Prometheus' default scrape timeout: the target went down with the database), and the gauges read
+  // 0 sessions before any figures were computed.
+  const { app, databaseUrl } = await buildTestApp(t);
+  await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'a', params: model(10, 1) } });
+  const locker = new pg.Client({ connectionString: databaseUrl! });
+  locker.on('error', () => {}); // the database is dropped after the test
+  await locker.connect();
+  t.after(() => locker.end().catch(() => {}));
+  // The figures read the log: a transaction holding it exclusively makes their query wait.
+  await locker.query('BEGIN');
+  await locker.query('LOCK TABLE step_log IN ACCESS EXCLUSIVE MODE');
+  const began = Date.now();
+  const first = (await app.inject({ url: '/metrics' })).body;
+  assert.ok(Date.now() - began < 6_000, `answered in ${Date.now() - began} ms`);
+  assert.match(first, /^asgd_storage_sessions nan$/im, 'no figures yet: NaN (prom-client writes Nan), not 0');
+  assert.match(first, /^asgd_storage_figures_age_seconds nan$/im);
+  assert.match(first, /^asgd_process_cpu_seconds_total|^asgd_database_up|^process_cpu/m, 'the other metrics are there');
+  await locker.query('COMMIT');
+  await locker.end();
+  // The query that waited completes; the next scrape has the figures, fresh.
+  let metrics = '';
+  for (let i = 0; i < 50 && !/^asgd_storage_sessions 1$/m.test(metrics); i++) {
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    metrics = (await app.inject({ url: '/metrics' })).body;
+  }
+  assert.match(metrics, /^asgd_storage_sessions 1$/m);
+  const age = Number(/^asgd_storage_figures_age_seconds (\S+)$/m.exec(metrics)?.[1]);
+  assert.ok(age >= 0 && age < 30, `age ${age}`);
+});
