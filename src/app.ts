@@ -277,7 +277,7 @@ export function withoutTrailingSlash(url: string): string {
  */
 function guardStalledSend(res: ServerResponse, ms: number, log: FastifyBaseLogger): void {
   const socket = res.socket;
-  if (!socket) return;
+  if (!socket || typeof socket.setTimeout !== 'function') return; // an injected request's has none
   const stalled = () => {
     log.warn({ stalledMs: ms, bytesWritten: socket.bytesWritten }, 'the client took none of the answer for ASGD_REQUEST_TIMEOUT_MS; closing the connection');
     socket.destroy();
