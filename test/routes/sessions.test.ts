@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { buildTestApp, randomData } from '../helper.ts';
+import { LIST_PAGE_PARAMS } from '../../src/routes/sessions/index.ts';
 import { hexOf, runTorchReference, skipWithoutTorch } from '../support/torch.ts';
 
 const twoParams = (name = 'run-1') => ({
@@ -252,4 +253,24 @@ test('foreach: true, false or None is kept as given (JSON, .pt, PATCH) and the s
   assert.equal(bad.json().code, 'INVALID_HYPERPARAMETER');
   assert.match(bad.json().message, /param_groups\[0\]\.foreach/);
   assert.deepEqual(await foreachOf('fe-none'), [false]);
+});
+
+test('a page of the session list ends early once its sessions name LIST_PAGE_PARAMS parameters, and next goes on from there', async (t) => {
+  // Found by a review: every entry lists its parameters, and a page of sessions with 100,000 parameters
+  // each was hundreds of MB (past V8's longest string at about 100 such sessions).
+  const { app } = await buildTestApp(t);
+  const many = (name: string, n: number) => ({ name, params: Array.from({ length: n }, (_, i) => ({ name: `p${i}`, shape: [1], data: [i] })) });
+  const share = Math.floor(LIST_PAGE_PARAMS * 0.4);
+  for (const name of ['m-1', 'm-2', 'm-3']) {
+    const res = await app.inject({ method: 'POST', url: '/v1/sessions', payload: many(name, share) });
+    assert.equal(res.statusCode, 201, res.body);
+  }
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: many('m-4', 2) })).statusCode, 201);
+  const names = (page: { sessions: { name: string }[] }) => page.sessions.map((s) => s.name);
+  const page1 = (await app.inject({ url: '/v1/sessions?limit=100' })).json();
+  assert.deepEqual(names(page1), ['m-1', 'm-2'], 'a third would take the page past the bound');
+  assert.equal(page1.next, 'm-2');
+  const page2 = (await app.inject({ url: `/v1/sessions?limit=100&after=${page1.next}` })).json();
+  assert.deepEqual(names(page2), ['m-3', 'm-4']);
+  assert.equal(page2.next, null);
 });

@@ -19,6 +19,9 @@ import seriesRoutes, { activityJson, ListedSession } from './series.ts';
 import { sessionActivity } from '../../sessions/series.ts';
 import { parseAggregation } from '../../sessions/aggregation.ts';
 
+/** The parameters a page of the session list names in all, at most (a page holds one session at least). */
+export const LIST_PAGE_PARAMS = 100_000;
+
 /** `aggregation` in a create or settings body: an object, or null for none. */
 const AggregationIn = Type.Optional(Type.Union([Aggregation, Type.Null()], { description: 'Synchronous rounds (null: none); see Aggregation' }));
 
@@ -72,6 +75,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
     schema: {
       operationId: 'listSessions',
       summary: 'List sessions',
+      description: `Sessions by name, \`limit\` a page, fewer when their parameter lists are long: a page ends before the session that takes it past ${LIST_PAGE_PARAMS.toLocaleString('en')} parameters in all (it holds one session at least). Follow \`next\` until it is null.`,
       tags: ['sessions'],
       querystring: Type.Object({
         limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 100 })),
@@ -87,7 +91,15 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
     const { limit = 100, after, search, figures, storage } = request.query;
     // A token limited to a list of sessions lists only those (src/plugins/auth.ts).
     const rows = await fastify.sessions.list(after ?? null, limit + 1, request.auth?.sessions ?? null, search || null);
-    const page = rows.slice(0, limit);
+    // Each entry lists its parameters (and its groups, their indices): a page of sessions with 100,000
+    // parameters each was hundreds of MB (found by a review). A page ends early, before the entry that takes
+    // it past LIST_PAGE_PARAMS parameters in all (always one entry), and `next` goes on from there.
+    let take = 0;
+    for (let listed = 0; take < Math.min(limit, rows.length); take++) {
+      listed += rows[take].params.length;
+      if (take > 0 && listed > LIST_PAGE_PARAMS) break;
+    }
+    const page = rows.slice(0, take);
     const ids = page.map((s) => s.id);
     const [stored, activity, rounds] = await Promise.all([
       storage ? fastify.sessions.storageOfMany(page) : null,
@@ -100,7 +112,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
         ...(stored?.has(s.id) && { storage: stored.get(s.id) }),
         ...(activity && { activity: activityJson(activity.get(s.id)) }),
       })),
-      next: rows.length > limit ? page[page.length - 1].name : null,
+      next: rows.length > page.length ? page[page.length - 1].name : null,
     };
   });
 

@@ -158,7 +158,9 @@ export interface paths {
         };
         /**
          * List sessions
-         * @description Needs a token with scope `read`.
+         * @description Sessions by name, `limit` a page, fewer when their parameter lists are long: a page ends before the session that takes it past 100,000 parameters in all (it holds one session at least). Follow `next` until it is null.
+         *
+         *     Needs a token with scope `read`.
          */
         get: operations["listSessions"];
         put?: never;
