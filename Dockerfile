@@ -38,6 +38,8 @@ COPY bin ./bin
 COPY migrations ./migrations
 # /data: the embedded database when DATABASE_URL is unset (mount a volume there to keep it).
 RUN mkdir -p /data && chown node:node /data
+# Declared, so that `docker run` without -v keeps it in a volume of its own rather than in the container's layer.
+VOLUME ["/data"]
 USER node
 EXPOSE 8080
 # Liveness only (no database): a database outage must not get every replica restarted.

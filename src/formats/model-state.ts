@@ -30,6 +30,10 @@ export interface Checkpoint {
  */
 export function toModelStateDict(value: PyValue, options: StateDictReadOptions = {}, path = 'model'): ModelStateDict {
   const dict = expectDict(value, path);
+  // A checkpoint (this service's, or a training script's {model, optimizer}) where a model's state_dict belongs.
+  if (dict.has('model') && dict.has('optimizer') && !isTensor(dict.get('model') as PyValue)) {
+    throw invalid(path, 'is a checkpoint (model and optimizer), not a model state_dict: give its model state_dict here (GET …/params?format=pt, or torch.save(model.state_dict())), then load the checkpoint into the session (PUT …/checkpoint)');
+  }
   const tensors = new Map<string, Tensor>();
   for (const [name, tensor] of dict) {
     if (typeof name !== 'string') throw invalid(path, `has a non-string key ${String(name)}`);

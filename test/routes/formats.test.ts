@@ -177,6 +177,11 @@ test('checkpoint download and upload: resuming from it equals never stopping; re
   const restarted = (await app.inject({ url: '/v1/sessions/weights-only/params' })).json().params;
   assert.deepEqual(hexOf(resumed['fc.weight'].data), hexOf(uninterrupted['fc.weight'].data));
   assert.notDeepEqual(hexOf(restarted['fc.weight'].data), hexOf(uninterrupted['fc.weight'].data));
+  // A checkpoint given to create a session (found by an operator's review: "params["model"] must be a
+  // tensor, got OrderedDict") is named as what it is, with the two calls that do it.
+  const asCreate = await app.inject({ method: 'POST', url: '/v1/sessions?name=from-ckpt', headers: { 'content-type': 'application/octet-stream' }, payload: ckpt.rawPayload });
+  assert.equal(asCreate.statusCode, 400, asCreate.body);
+  assert.match(asCreate.json().message, /is a checkpoint \(model and optimizer\), not a model state_dict: .*PUT …\/checkpoint/);
 });
 
 test('malformed files: each a 4xx with a code, the session unchanged, nothing run', async (t) => {
