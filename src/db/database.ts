@@ -199,7 +199,7 @@ export function withGenericPlans(url: string): string {
   try {
     parsed = new URL(url);
   } catch {
-    return url;
+    return withGenericPlansText(url);
   }
   if (parsed.protocol !== 'postgres:' && parsed.protocol !== 'postgresql:') return url;
   // A '%' that starts no escape (a password "se%cret" written as it is): pg reads such a URL, but written
@@ -210,6 +210,33 @@ export function withGenericPlans(url: string): string {
   parsed.searchParams.set('options', [given, '-c plan_cache_mode=force_generic_plan'].filter(Boolean).join(' '));
   return parsed.toString();
 }
+
+/**
+ * withGenericPlans for a URL WHATWG's parser refuses, as libpq's Unix-socket form
+ * `postgres://user@/db?host=/var/run/postgresql` (credentials and no host; found by an operator's review:
+ * such a replica went without generic plans). The option is added to the query text as it is.
+ */
+function withGenericPlansText(url: string): string {
+  const m = /^(postgres(?:ql)?:\/\/[^?#]*)(?:\?([^#]*))?(#.*)?$/.exec(url);
+  if (!m) return url;
+  const [, base, query = '', hash = ''] = m;
+  const params = query === '' ? [] : query.split('&');
+  const at = params.findIndex((p) => p.startsWith('options='));
+  const option = '-c%20plan_cache_mode%3Dforce_generic_plan';
+  if (at >= 0) {
+    if (/plan_cache_mode/.test(decodeURIComponentSafe(params[at]))) return url;
+    params[at] = `${params[at]}%20${option}`;
+  } else params.push(`options=${option}`);
+  return `${base}?${params.join('&')}${hash}`;
+}
+
+const decodeURIComponentSafe = (text: string): string => {
+  try {
+    return decodeURIComponent(text.replace(/\+/g, ' '));
+  } catch {
+    return text;
+  }
+};
 
 /** The part of pg's connection a LockFirstQuery writes to (pg's own Query does the same). */
 interface PgConnection {

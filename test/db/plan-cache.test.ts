@@ -3,6 +3,7 @@
 // DATABASE_URL are kept, and a plan_cache_mode given there wins.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import pg from 'pg';
 import { openDatabase, withGenericPlans } from '../../src/db/database.ts';
 import * as repo from '../../src/sessions/repository.ts';
 import { createTestDatabase } from '../helper.ts';
@@ -14,6 +15,17 @@ test('withGenericPlans adds the setting to the startup options and keeps what th
   assert.equal(new URL(withGenericPlans('postgres://u:p%40ss@db/asgd?sslmode=require')).password, 'p%40ss');
   assert.equal(new URL(withGenericPlans('postgres://u:p%40ss@db/asgd?sslmode=require')).searchParams.get('sslmode'), 'require');
   for (const untouched of ['postgres://u@db/asgd?options=-c%20plan_cache_mode%3Dauto', 'not a url', 'mysql://db/x']) assert.equal(withGenericPlans(untouched), untouched);
+});
+
+test('withGenericPlans: libpq\'s Unix-socket URL (credentials, no host), which WHATWG\'s URL refuses, gets the setting too', () => {
+  // Found by an operator's review: the README's own socket form went without generic plans. Read back as pg does.
+  const parse = (url: string) => (new pg.Client({ connectionString: url }) as unknown as { connectionParameters: { options?: string; host: string } }).connectionParameters;
+  const options = (url: string) => parse(withGenericPlans(url)).options;
+  assert.equal(options('postgres://postgres@/asgd?host=/var/run/postgresql'), '-c plan_cache_mode=force_generic_plan');
+  assert.equal(parse(withGenericPlans('postgres://postgres@/asgd?host=/var/run/postgresql')).host, '/var/run/postgresql');
+  assert.equal(options('postgres://u@/asgd?host=/tmp&options=-c%20statement_timeout%3D5s'), '-c statement_timeout=5s -c plan_cache_mode=force_generic_plan');
+  assert.equal(options('postgres://u@/asgd'), '-c plan_cache_mode=force_generic_plan');
+  assert.equal(withGenericPlans('postgres://u@/asgd?options=-c%20plan_cache_mode%3Dauto'), 'postgres://u@/asgd?options=-c%20plan_cache_mode%3Dauto');
 });
 
 test('PostgreSQL: every pooled connection plans generically; the URL can still choose', async () => {
