@@ -58,7 +58,9 @@ export function describeDbFailure(err: unknown): string {
   }
   const cause = e.cause !== null && typeof e.cause === 'object' ? e.cause as { message?: unknown; code?: unknown } : null;
   const message = typeof e.message === 'string' ? e.message : String(err);
-  const failedQuery = /^Failed query: ([^\n]*)/.exec(message)?.[1];
+  // The statement's first line that says something (a migration's text starts with a blank line: the
+  // message read "while running " and nothing more; found by an operator's review).
+  const failedQuery = /^Failed query: \s*([^\n]*)/.exec(message)?.[1];
   if (failedQuery !== undefined && cause && typeof cause.message === 'string') {
     return `${cause.message}${typeof cause.code === 'string' ? ` (SQLSTATE ${cause.code})` : ''} while running ${failedQuery.slice(0, 120)}`;
   }

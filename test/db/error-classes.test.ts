@@ -23,6 +23,16 @@ test('a statement PostgreSQL refuses as a protocol violation (08P01) is a bug of
   assert.equal(classifyDbError({ code: '22003', severity: 'ERROR', message: 'out of range' }), 'bad-value');
 });
 
+test('a failed migration statement that starts with a blank line is named by its first line that says something', () => {
+  // Found by an operator's review: "… does not exist (SQLSTATE 42P01) while running " and nothing more.
+  const failed = Object.assign(new Error('Failed query: \n\nCREATE TABLE "replay_points" (\n  "session_id" bigint)\nparams: '), {
+    cause: Object.assign(new Error('relation "public.sessions" does not exist'), { code: '42P01', severity: 'ERROR' }),
+  });
+  assert.equal(describeDbFailure(failed), 'relation "public.sessions" does not exist (SQLSTATE 42P01) while running CREATE TABLE "replay_points" (');
+  // And a wrapped refusal is classified as its cause is (drizzle wraps PostgreSQL's error).
+  assert.equal(classifyDbError(Object.assign(new Error('Failed query: SELECT 1'), { cause: { code: '42501', severity: 'ERROR', message: 'permission denied' } })), 'unavailable');
+});
+
 test('the embedded database\'s file errors (no message, an errno) are named, not "[object Object]"', () => {
   // What PGlite threw on a first start in a full file system (found by an operator's review).
   const full = Object.assign(Object.create(null), { name: 'ErrnoError', errno: 51 });
