@@ -85,6 +85,18 @@ export function refusalReason(sqlstate: string): string {
     : `the database refuses this service's queries (SQLSTATE ${sqlstate}: a privilege or the schema; the log says which)`;
 }
 
+/**
+ * PostgreSQL's words for a refusal an answer may carry (the table a privilege is missing on, the read-only
+ * mode), or null: other refusals' messages name the database or the role, which a public answer does not.
+ */
+export function refusalDetail(err: unknown): string | null {
+  const code = refusedBy(err);
+  if (code !== '42501' && code !== '25006') return null;
+  const outer = err as { cause?: unknown } | null;
+  const message = ((outer?.cause ?? err) as { message?: unknown }).message;
+  return typeof message === 'string' ? message.slice(0, 300) : null;
+}
+
 export function refusedBy(err: unknown): string | null {
   const outer = err as { cause?: unknown } | null;
   const e = (outer?.cause ?? err) as { code?: unknown; severity?: unknown } | null;

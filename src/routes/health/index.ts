@@ -4,7 +4,7 @@ import { Type } from 'typebox';
 import { NotMigratedError } from '../../db/database.ts';
 import { errors } from '../../errors.ts';
 import { errorResponses } from '../schemas.ts';
-import { describeDbFailure, refusalReason, refusedBy } from '../../db/errors.ts';
+import { refusalDetail, refusalReason, refusedBy } from '../../db/errors.ts';
 
 const READY_TIMEOUT_MS = 2_000;
 
@@ -42,7 +42,7 @@ const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       request.log.warn({ err }, 'not ready');
       const refused = refusedBy(err);
       throw errors.unavailable(err instanceof NotMigratedError ? err.message
-        : refused ? `${refusalReason(refused)}: ${describeDbFailure(err)}` : 'the database is not ready', 5);
+        : refused ? [refusalReason(refused), refusalDetail(err)].filter(Boolean).join(': ') : 'the database is not ready', 5);
     } finally {
       clearTimeout(timer);
     }
