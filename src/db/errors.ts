@@ -74,13 +74,8 @@ export function describeDbFailure(err: unknown): string {
   return message;
 }
 
-/**
- * The SQLSTATE of a PostgreSQL error that is no trouble reaching it (a privilege, a missing schema, a
- * login refused): what an operator must fix, not wait out; null for anything else. drizzle keeps
- * PostgreSQL's error as the cause.
- */
 /** Why the database refuses this service, in words, from the SQLSTATE of a refusal (refusedBy). */
-export function refusalReason(sqlstate: string): string {
+function refusalReason(sqlstate: string): string {
   return sqlstate === '25006' ? 'the database is read-only (SQLSTATE 25006: a standby after a failover, or default_transaction_read_only)'
     : `the database refuses this service's queries (SQLSTATE ${sqlstate}: a privilege or the schema; the log says which)`;
 }
@@ -89,7 +84,7 @@ export function refusalReason(sqlstate: string): string {
  * PostgreSQL's words for a refusal an answer may carry (the table a privilege is missing on, the read-only
  * mode), or null: other refusals' messages name the database or the role, which a public answer does not.
  */
-export function refusalDetail(err: unknown): string | null {
+function refusalDetail(err: unknown): string | null {
   const code = refusedBy(err);
   if (code !== '42501' && code !== '25006') return null;
   const outer = err as { cause?: unknown } | null;
@@ -97,6 +92,20 @@ export function refusalDetail(err: unknown): string | null {
   return typeof message === 'string' ? message.slice(0, 300) : null;
 }
 
+/**
+ * What a 503 answer says of a refusal (refusedBy): the reason in words, and PostgreSQL's own words where they
+ * name no database or role; null when err is no refusal.
+ */
+export function refusalMessage(err: unknown): string | null {
+  const code = refusedBy(err);
+  return code === null ? null : [refusalReason(code), refusalDetail(err)].filter(Boolean).join(': ');
+}
+
+/**
+ * The SQLSTATE of a PostgreSQL error that is no trouble reaching it (a privilege, a missing schema, a
+ * login refused): what an operator must fix, not wait out; null for anything else. drizzle keeps
+ * PostgreSQL's error as the cause.
+ */
 export function refusedBy(err: unknown): string | null {
   const outer = err as { cause?: unknown } | null;
   const e = (outer?.cause ?? err) as { code?: unknown; severity?: unknown } | null;

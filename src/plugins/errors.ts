@@ -7,7 +7,7 @@ import type { FastifyError, FastifyInstance, FastifyRequest, FastifySchemaValida
 import { ApiError, CODES, errors, headerText, type ErrorCode, type RequestPart } from '../errors.ts';
 import { FormatError } from '../formats/errors.ts';
 import { DatabaseSilentError, QUERY_CANCELED } from '../db/database.ts';
-import { classifyDbError, refusalReason, refusedBy } from '../db/errors.ts';
+import { classifyDbError, refusalMessage } from '../db/errors.ts';
 
 /** The error body of a catalogue error. */
 export function errorBody(api: ApiError): Record<string, unknown> {
@@ -140,8 +140,7 @@ export function toApiError(err: unknown, request: FastifyRequest): ApiError {
       return errors.unavailable('the database is unreachable; retry shortly');
     case 'unavailable': {
       // The database server answers but will not serve us: no fault of the request.
-      const code = refusedBy(err);
-      return errors.unavailable(code === '25006' || code === '42501' ? refusalReason(code) : 'the database is not available', 5);
+      return errors.unavailable(refusalMessage(err) ?? 'the database is not available', 5);
     }
     case 'bad-value':
       // A value got past the route's checks: the client's input is at fault. The route should have named the field.

@@ -7,7 +7,7 @@ import underPressure from '@fastify/under-pressure';
 import rateLimit from '@fastify/rate-limit';
 import type { Config } from '../config.ts';
 import { NotMigratedError } from '../db/database.ts';
-import { describeDbFailure, refusalDetail, refusalReason, refusedBy } from '../db/errors.ts';
+import { describeDbFailure, refusalMessage, refusedBy } from '../db/errors.ts';
 import { errors } from '../errors.ts';
 
 const PRESSURE_RETRY_AFTER_SECONDS = 5;
@@ -30,10 +30,8 @@ export interface DatabaseHealth {
    * service's queries (a permission, a missing schema: a PostgreSQL error that is no connection trouble).
    */
   problem: 'unreachable' | 'not-migrated' | 'refused' | null;
-  /** The SQLSTATE of a refusal. */
-  sqlstate?: string;
-  /** PostgreSQL's words for a refusal an answer may carry (refusalDetail): the table, the privilege. */
-  detail?: string;
+  /** What a 503 answer says of a refusal (refusalMessage). */
+  refusal?: string;
 }
 
 export default fp(
@@ -60,7 +58,7 @@ export default fp(
         }
         else fastify.log.info('database reachable again');
       }
-      Object.assign(health, { up: problem === null, problem, sqlstate: problem === 'refused' ? refusedBy(error)! : undefined, detail: problem === 'refused' ? refusalDetail(error) ?? undefined : undefined });
+      Object.assign(health, { up: problem === null, problem, refusal: problem === 'refused' ? refusalMessage(error)! : undefined });
       return problem === null;
     };
     await fastify.register(underPressure, {
@@ -77,7 +75,7 @@ export default fp(
             ? 'the database is not migrated: run `asgd-serve migrate` (or start with ASGD_MIGRATE=true)'
             // One process holds an embedded database's directory: migrate cannot run beside this server.
             : 'the embedded database is not migrated: stop this server and run `asgd-serve migrate` on its ASGD_DATA_DIR, or start it with ASGD_MIGRATE=true')
-          : health.problem === 'refused' ? [refusalReason(health.sqlstate!), health.detail].filter(Boolean).join(': ')
+          : health.problem === 'refused' ? health.refusal!
           : 'the database is unreachable; retry shortly';
         return Promise.reject(errors.unavailable(why, PRESSURE_RETRY_AFTER_SECONDS));
       },

@@ -4,14 +4,18 @@
 // under a restart policy it restarted in a loop). Found by an operator's review.
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import pg from 'pg';
 import { openDatabase } from '../../src/db/database.ts';
 import { buildTestApp, createTestDatabase, PG_ADMIN_URL, TEST_DB_KIND } from '../helper.ts';
 
 const skip = TEST_DB_KIND !== 'postgres' && 'database roles: PostgreSQL only';
 
-test('a least-privilege serving role starts with ASGD_MIGRATE=true on a migrated database, and is told what to do when one is pending', { skip, timeout: 60_000 }, async (t) => {
+/**
+ * A scratch database migrated by its owner (as `asgd-serve migrate` does) and a new login role with the
+ * README's grants; everything is dropped after the test. url logs in as the role.
+ */
+async function servingRole(t: TestContext) {
   const scratch = await createTestDatabase();
   const role = `asgd_serving_${randomBytes(4).toString('hex')}`;
   const admin = new pg.Client({ connectionString: PG_ADMIN_URL });
@@ -24,15 +28,10 @@ test('a least-privilege serving role starts with ASGD_MIGRATE=true on a migrated
     await admin.query(`DROP ROLE IF EXISTS ${role}`);
     await admin.end();
   });
-  const database = new URL(scratch.url).pathname.slice(1);
-  // Migrated by its owner, as `asgd-serve migrate` does.
   const migrator = await openDatabase({ databaseUrl: scratch.url, dataDir: '', poolSize: 1 });
   await migrator.migrate();
   await migrator.close();
-  // The README's grants (PostgreSQL 15 gives PUBLIC no CREATE on schema public; the database's CREATE is revoked here).
   await admin.query(`CREATE ROLE ${role} LOGIN`);
-  await admin.query(`REVOKE CREATE ON DATABASE ${database} FROM PUBLIC`);
-  await owner.query('REVOKE CREATE ON SCHEMA public FROM PUBLIC');
   await owner.query(`GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO ${role}`);
   await owner.query(`GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ${role}`);
   await owner.query(`GRANT USAGE ON SCHEMA drizzle TO ${role}`);
@@ -40,9 +39,17 @@ test('a least-privilege serving role starts with ASGD_MIGRATE=true on a migrated
   const url = new URL(scratch.url);
   url.username = role;
   url.password = '';
+  return { scratch, admin, owner, role, url: url.toString(), database: new URL(scratch.url).pathname.slice(1) };
+}
+
+test('a least-privilege serving role starts with ASGD_MIGRATE=true on a migrated database, and is told what to do when one is pending', { skip, timeout: 60_000 }, async (t) => {
+  const { admin, owner, url, database } = await servingRole(t);
+  // PostgreSQL 15 gives PUBLIC no CREATE on schema public; the database's CREATE is revoked here.
+  await admin.query(`REVOKE CREATE ON DATABASE ${database} FROM PUBLIC`);
+  await owner.query('REVOKE CREATE ON SCHEMA public FROM PUBLIC');
 
   // Start-up with the default ASGD_MIGRATE=true (buildTestApp migrates), then a session and a step.
-  const { app } = await buildTestApp(null, { databaseUrl: url.toString() });
+  const { app } = await buildTestApp(null, { databaseUrl: url });
   try {
     assert.equal((await app.inject({ url: '/readyz' })).statusCode, 200);
     const created = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 's', params: [{ name: 'w', shape: [2], data: [1, 2] }] } });
@@ -56,7 +63,7 @@ test('a least-privilege serving role starts with ASGD_MIGRATE=true on a migrated
   // A migration pending (the newest one undone by the owner): the serving role cannot apply it, and says what to do.
   await owner.query('DROP TABLE replay_point_chunks, replay_points');
   await owner.query('DELETE FROM drizzle.__drizzle_migrations WHERE id = (SELECT max(id) FROM drizzle.__drizzle_migrations)');
-  const serving = await openDatabase({ databaseUrl: url.toString(), dataDir: '', poolSize: 1 });
+  const serving = await openDatabase({ databaseUrl: url, dataDir: '', poolSize: 1 });
   try {
     await assert.rejects(serving.migrate(), (err: Error) => {
       assert.match(err.message, /^permission denied for database \S+ \(SQLSTATE 42501\) while running .*; migrations are pending and this database role may not apply them: run `asgd-serve migrate` as the role that owns the schema, and start the service with ASGD_MIGRATE=false/s);
@@ -71,38 +78,16 @@ test('a table without its grants (one an upgrade added) or a read-only database:
   // Found by an operator's review: the readiness check read only the migrations' journal, and a missing
   // privilege (SQLSTATE 42501) or a read-only database (25006) on a request fell through to 500 INTERNAL,
   // which the clients do not retry.
-  const scratch = await createTestDatabase();
-  const role = `asgd_serving_${randomBytes(4).toString('hex')}`;
-  const admin = new pg.Client({ connectionString: PG_ADMIN_URL });
-  await admin.connect();
-  const owner = new pg.Client({ connectionString: scratch.url });
-  await owner.connect();
-  t.after(async () => {
-    await owner.end().catch(() => {});
-    await scratch.drop();
-    await admin.query(`DROP ROLE IF EXISTS ${role}`);
-    await admin.end();
-  });
-  const migrator = await openDatabase({ databaseUrl: scratch.url, dataDir: '', poolSize: 1 });
-  await migrator.migrate();
-  await migrator.close();
-  await admin.query(`CREATE ROLE ${role} LOGIN`);
-  await owner.query(`GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO ${role}`);
-  await owner.query(`GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ${role}`);
-  await owner.query(`GRANT USAGE ON SCHEMA drizzle TO ${role}`);
-  await owner.query(`GRANT SELECT ON drizzle.__drizzle_migrations TO ${role}`);
+  const { owner, role, scratch, url } = await servingRole(t);
   // The grants of the newest migration's tables forgotten, as after `migrate` by the owner in an upgrade.
   await owner.query(`REVOKE ALL ON replay_points, replay_point_chunks FROM ${role}`);
-  const url = new URL(scratch.url);
-  url.username = role;
-  url.password = '';
-  const { app } = await buildTestApp(t, { databaseUrl: url.toString(), env: { ASGD_MIGRATE: 'false' } });
+  const { app } = await buildTestApp(t, { databaseUrl: url, env: { ASGD_MIGRATE: 'false' } });
   const ready = await app.inject({ url: '/readyz' });
   assert.equal(ready.statusCode, 503, ready.body);
   assert.match(ready.json().message, /SQLSTATE 42501.*permission denied for table replay_point_chunks, replay_points/);
   const created = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 's', params: [{ name: 'w', shape: [2], data: [1, 2] }] } });
   assert.equal(created.statusCode, 503, created.body);
-  assert.match(created.json().message, /SQLSTATE 42501/);
+  assert.match(created.json().message, /SQLSTATE 42501.*permission denied for table replay_point/);
 
   // A read-only database (a standby, or default_transaction_read_only), as the owner sees it.
   const readOnly = new URL(scratch.url);

@@ -4,7 +4,7 @@ import { Type } from 'typebox';
 import { NotMigratedError } from '../../db/database.ts';
 import { errors } from '../../errors.ts';
 import { errorResponses } from '../schemas.ts';
-import { refusalDetail, refusalReason, refusedBy } from '../../db/errors.ts';
+import { refusalMessage } from '../../db/errors.ts';
 
 const READY_TIMEOUT_MS = 2_000;
 
@@ -40,9 +40,7 @@ const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       ]);
     } catch (err) {
       request.log.warn({ err }, 'not ready');
-      const refused = refusedBy(err);
-      throw errors.unavailable(err instanceof NotMigratedError ? err.message
-        : refused ? [refusalReason(refused), refusalDetail(err)].filter(Boolean).join(': ') : 'the database is not ready', 5);
+      throw errors.unavailable(err instanceof NotMigratedError ? err.message : refusalMessage(err) ?? 'the database is not ready', 5);
     } finally {
       clearTimeout(timer);
     }
