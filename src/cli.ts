@@ -166,6 +166,7 @@ export async function main(
     const config = loadConfig(parsed.env);
     if (parsed.command === 'migrate') {
       let counted: MigrationCount;
+      let applied: number;
       const db = await openDatabase({
         databaseUrl: config.databaseUrl, dataDir: config.dataDir, poolSize: 1,
         onWarning: (message) => io.stderr.write(`asgd-serve: ${message}\n`),
@@ -173,7 +174,7 @@ export async function main(
       try {
         // As `serve` does at start: a PostgreSQL still starting (a host reboot starts everything at once) is
         // waited for, up to ASGD_DB_START_TIMEOUT_MS, saying so every 5 s.
-        await untilConnected(() => db.migrate(), {
+        applied = await untilConnected(() => db.migrate(), {
           waitMs: config.databaseUrl ? config.dbStartTimeoutMs : 0,
           onWait: (err, waitedMs) => io.stderr.write(`asgd-serve: waiting for PostgreSQL at ${databaseTarget(config.databaseUrl)} (${describeDbFailure(err)}); ${Math.round(waitedMs / 1000)} s so far, up to ${Math.round(config.dbStartTimeoutMs / 1000)} s (ASGD_DB_START_TIMEOUT_MS)\n`),
         });
@@ -185,7 +186,8 @@ export async function main(
       // A database a newer build migrated (its warning is on stderr): this build applied nothing.
       io.stdout.write(counted.applied > counted.expected
         ? `asgd-serve: nothing to apply (${where}): the database has ${counted.applied} migrations, this build knows ${counted.expected}\n`
-        : `asgd-serve: migrations applied (${where}): ${counted.applied} of ${counted.expected}\n`);
+        : applied === 0 ? `asgd-serve: nothing to apply (${where}): all ${counted.expected} migrations were applied before\n`
+        : `asgd-serve: migrations applied (${where}): ${applied} now, ${counted.applied} of ${counted.expected} in all\n`);
       return 0;
     }
     const { startServer } = await import('./server.ts');

@@ -73,7 +73,8 @@ export interface Database extends Queryable {
   /** SQL for a bytea parameter at position n: PGlite gets base64 text decoded in SQL (its bytea serializer is slow). */
   byteaParam(n: number): string;
   byteaValue(buf: Buffer): unknown;
-  migrate(): Promise<void>;
+  /** Applies the migrations this build has that the database lacks; how many it applied (0: none pending). */
+  migrate(): Promise<number>;
   /** Throws when the database is unreachable or the migrations are not applied; else how many are applied. */
   ready(): Promise<MigrationCount>;
   poolStats(): { total: number; idle: number; waiting: number };
@@ -151,12 +152,12 @@ async function checkMigrated(count: () => Promise<string>, warn?: (message: stri
 
 let warnedNewer = false;
 
-/** Whether every migration of this build is applied (`count()` as in checkMigrated); false where the journal cannot be read. */
-async function allApplied(count: () => Promise<string>): Promise<boolean> {
+/** How many migrations the journal records (`count()` as in checkMigrated); 0 where it cannot be read. */
+async function appliedCount(count: () => Promise<string>): Promise<number> {
   try {
-    return Number(await count()) >= expectedMigrations();
+    return Number(await count());
   } catch {
-    return false; // no journal yet, or not readable by this role: the migrator says what is wrong
+    return 0; // no journal yet, or not readable by this role: the migrator says what is wrong
   }
 }
 
@@ -498,7 +499,8 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
       try {
         // Nothing pending: no DDL at all (drizzle's migrator starts with CREATE SCHEMA IF NOT EXISTS, which
         // a serving role without CREATE on the database may not run, though the database is migrated).
-        if (await allApplied(() => client.query<{ n: string }>(APPLIED_MIGRATIONS_SQL).then((r) => r.rows[0].n))) return;
+        const applied = () => appliedCount(() => client.query<{ n: string }>(APPLIED_MIGRATIONS_SQL).then((r) => r.rows[0].n));
+        if ((await applied()) >= expectedMigrations()) return 0;
         const free = (await client.query<{ locked: boolean }>('SELECT pg_try_advisory_lock($1) AS locked', [MIGRATION_LOCK])).rows[0].locked;
         if (!free) {
           options.onWarning?.(`waiting for another process's migration to finish (it holds PostgreSQL advisory lock ${MIGRATION_LOCK})`);
@@ -509,13 +511,15 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
           // table then queues behind the ALTER: a 25 s read held each step on every replica for 22 s. Each
           // try waits at most MIGRATION_LOCK_TIMEOUT for a lock, then rolls back (drizzle runs the pending
           // migrations in one transaction) and lets traffic through before the next.
+          // Counted under the lock: what another process applied while this one waited is not this one's.
+          const before = await applied();
           await client.query(`SET lock_timeout = '${MIGRATION_LOCK_TIMEOUT_MS}ms'`);
           for (let attempt = 1; ; attempt++) {
             try {
               // On the client that holds the lock: through the pool it would need a second connection, which
               // never comes with ASGD_DB_POOL_SIZE=1 (migrate hung, then failed on the connection timeout).
               await nodePostgresMigrator.migrate(nodePostgres.drizzle(client, { schema }), { migrationsFolder: MIGRATIONS_DIR });
-              break;
+              return (await applied()) - before;
             } catch (err) {
               const code = (err as { cause?: { code?: unknown } }).cause?.code ?? (err as { code?: unknown }).code;
               if (code === INSUFFICIENT_PRIVILEGE) throw migrationPrivilegeError(err);
@@ -633,7 +637,12 @@ async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Da
     transaction: (fn) => client.transaction(async (tx) => fn({ query: (text, params, opts) => run(tx, text, params, opts) })),
     byteaParam: (n) => `decode($${n}, 'base64')`,
     byteaValue: (buf) => buf.toString('base64'),
-    migrate: () => migratePglite(orm, { migrationsFolder: MIGRATIONS_DIR }),
+    async migrate() {
+      const applied = () => appliedCount(async () => (await client.query<{ n: string }>(APPLIED_MIGRATIONS_SQL)).rows[0].n);
+      const before = await applied();
+      await migratePglite(orm, { migrationsFolder: MIGRATIONS_DIR });
+      return (await applied()) - before;
+    },
     ready: () => checkMigrated(async () => (await client.query<{ n: string }>(APPLIED_MIGRATIONS_SQL)).rows[0].n),
     poolStats: () => ({ total: 1, idle: 1, waiting: 0 }),
     // In-process: PGlite delivers a committed NOTIFY to its own listeners.

@@ -21,7 +21,7 @@ export function databaseTarget(url: string | null): string | null {
  * starting up or out of slots: classifyDbError's 'retryable'), for at most `waitMs`; other failures, and the
  * last one after the wait, are thrown. Waits 0.5 s, then up to 5 s, between tries; `onWait` every 5 s of it.
  */
-export async function untilConnected(attempt: () => Promise<void>, opts: { waitMs: number; onWait: (err: unknown, waitedMs: number) => void }): Promise<void> {
+export async function untilConnected<T>(attempt: () => Promise<T>, opts: { waitMs: number; onWait: (err: unknown, waitedMs: number) => void }): Promise<T> {
   const started = Date.now();
   let said = -Infinity;
   for (let k = 1; ; k++) {

@@ -63,10 +63,11 @@ export default fp(
       try {
         // A PostgreSQL still starting or down (a host reboot starts every container at once; Kubernetes and
         // systemd restart a replica that exits, with growing delays): wait for it, saying where, rather than exit.
-        await untilConnected(() => db.migrate(), {
+        const applied = await untilConnected(() => db.migrate(), {
           waitMs: databaseUrl && !opts.database ? opts.config.dbStartTimeoutMs : 0,
           onWait: (err, waitedMs) => fastify.log.warn({ database: databaseTarget(databaseUrl) }, `waiting for PostgreSQL (${describeDbFailure(err)}); ${Math.round(waitedMs / 1000)} s so far, up to ${Math.round(opts.config.dbStartTimeoutMs / 1000)} s (ASGD_DB_START_TIMEOUT_MS)`),
         });
+        if (applied > 0) fastify.log.info({ applied }, `database migrated: ${applied} migration${applied === 1 ? '' : 's'} applied (ASGD_MIGRATE)`);
       } catch (err) {
         // Nothing else will close it: the app never finished starting. (It may hold a data directory.)
         if (!opts.database) await db.close().catch(() => {});

@@ -3,6 +3,9 @@
 import assert from 'node:assert/strict';
 import type { AddressInfo } from 'node:net';
 import { connect } from 'node:net';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { test, type TestContext } from 'node:test';
 import { buildApp, loggerOptions } from '../../src/app.ts';
@@ -211,4 +214,20 @@ test('a retried step answered with its first answer is logged as replayed, not a
     assert.equal(r.statusCode, 200, r.body);
   }
   assert.deepEqual(lines.filter((l) => l.entry.msg === 'stepped' || l.entry.msg === 'replayed').map((l) => `${l.entry.msg} ${l.entry.version}`), ['stepped 2', 'replayed 2']);
+});
+
+test('a start that migrates says how many migrations it applied; one with nothing pending says nothing of it', async (t) => {
+  // Found by an operator's review: serve logged nothing when it migrated, and `migrate` said "applied 10 of
+  // 10" when nothing was pending.
+  const dir = mkdtempSync(join(tmpdir(), 'asgd-migrated-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const migrated = (lines: Line[]) => lines.filter((l) => /^database migrated: /.test(String(l.entry.msg)));
+  const first = await loggedApp(t, { ASGD_DATA_DIR: dir });
+  const said = migrated(first.lines);
+  assert.equal(said.length, 1, first.lines.map((l) => l.raw).join('\n'));
+  assert.match(String(said[0].entry.msg), /^database migrated: \d+ migrations applied \(ASGD_MIGRATE\)$/);
+  assert.ok(Number(said[0].entry.applied) >= 10);
+  await first.app.close();
+  const second = await loggedApp(t, { ASGD_DATA_DIR: dir });
+  assert.deepEqual(migrated(second.lines), []);
 });
