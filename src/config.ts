@@ -33,6 +33,8 @@ export interface Config {
   bodyLimitDefault: number;
   /** Largest JSON body on any route: a JSON text is decoded into one string, which V8 caps at ~512 MiB. */
   bodyLimitJson: number;
+  /** JSON body bytes a process reads and parses at once (over 1 MiB each; 0: no bound). */
+  jsonInFlightBytes: number;
   requestTimeoutMs: number;
   /** Open connections a process accepts (Node's server.maxConnections); more are closed as they come. */
   maxConnections: number;
@@ -275,6 +277,7 @@ export function loadConfig(env: Env = process.env): Config {
     bodyLimitCreate: int(env, 'ASGD_BODY_LIMIT_CREATE', 2048 * MiB, 1024),
     bodyLimitDefault: int(env, 'ASGD_BODY_LIMIT_DEFAULT', 1 * MiB, 1024),
     bodyLimitJson: int(env, 'ASGD_BODY_LIMIT_JSON', 256 * MiB, 1024, 512 * MiB),
+    jsonInFlightBytes: int(env, 'ASGD_JSON_IN_FLIGHT_BYTES', 512 * MiB, 0),
     requestTimeoutMs: ms(env, 'ASGD_REQUEST_TIMEOUT_MS', 300_000, 0),
     maxConnections: int(env, 'ASGD_MAX_CONNECTIONS', 4096, 1),
     rateLimitPerMinute: env.ASGD_RATE_LIMIT_PER_MINUTE ? int(env, 'ASGD_RATE_LIMIT_PER_MINUTE', 0, 1) : null,

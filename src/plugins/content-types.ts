@@ -37,9 +37,38 @@ function withIntegerLiterals(request: FastifyRequest, text: string, body: unknow
   return JSON.parse(text, recordIntegerLiterals as (key: string, value: unknown) => unknown);
 }
 
+/** JSON bodies from this size on count toward ASGD_JSON_IN_FLIGHT_BYTES. */
+const COUNTED_JSON_BYTES = 1024 * 1024;
+
+const mib = (bytes: number) => `${(bytes / (1024 * 1024)).toFixed(bytes < 10 * 1024 * 1024 ? 1 : 0)} MiB`;
+
 export default fp(
   async function contentTypesPlugin(fastify: FastifyInstance, opts: { config: Config }) {
     const limit = opts.config.bodyLimitJson;
+    // Large JSON bodies read and parsed at once, bounded: JSON.parse of a body of floats takes several times
+    // its size of heap (the text, then an array of numbers), and six 160 MB creates sent together took the
+    // process past V8's heap limit (found by a hostile review). A body over the bound waits for none: 503
+    // with Retry-After (the clients retry it); one body is always taken, however large.
+    const budget = opts.config.jsonInFlightBytes;
+    let inFlight = 0;
+    const held = new WeakMap<FastifyRequest, number>();
+    const hold = (request: FastifyRequest, bytes: number): Error | null => {
+      if (budget === 0 || bytes < COUNTED_JSON_BYTES || held.has(request)) return null;
+      if (inFlight > 0 && inFlight + bytes > budget) {
+        return errors.unavailable(`body: ${mib(bytes)} of JSON while this process is reading ${mib(inFlight)} of JSON bodies (ASGD_JSON_IN_FLIGHT_BYTES ${mib(budget)}: parsing JSON takes several times its size in memory); retry shortly, or send large tensors as safetensors`, 1);
+      }
+      inFlight += bytes;
+      held.set(request, bytes);
+      return null;
+    };
+    const release = async (request: FastifyRequest) => {
+      const bytes = held.get(request);
+      if (bytes === undefined) return;
+      held.delete(request);
+      inFlight -= bytes;
+    };
+    fastify.addHook('onResponse', release);
+    fastify.addHook('onRequestAbort', release);
     // Bodies are JSON or files; fastify's default text/plain parser would hand routes a string.
     fastify.removeContentTypeParser('text/plain');
     // JSON arrives as bytes and is bounded before it becomes one string: a text beyond V8's string limit
@@ -71,6 +100,12 @@ export default fp(
       }
       if (bytes.length > limit) {
         done(errors.jsonBodyTooLarge(limit), undefined);
+        return;
+      }
+      // A chunked body (no Content-Length) is counted once it is here, before it is parsed.
+      const busy = hold(request, bytes.length);
+      if (busy) {
+        done(busy, undefined);
         return;
       }
       // JSON is UTF-8 (RFC 8259): a body announced in another charset would be misread, not refused.
@@ -134,8 +169,12 @@ export default fp(
       });
     });
     fastify.addHook('preParsing', async (request) => {
-      // Refuse a JSON body announced as too large before reading it.
-      if (request.mediaType === 'application/json' && Number(request.headers['content-length']) > limit) throw errors.jsonBodyTooLarge(limit);
+      // Refuse a JSON body announced as too large before reading it; count a large one before reading it.
+      if (request.mediaType !== 'application/json') return;
+      const announced = Number(request.headers['content-length']);
+      if (announced > limit) throw errors.jsonBodyTooLarge(limit);
+      const busy = Number.isSafeInteger(announced) ? hold(request, announced) : null;
+      if (busy) throw busy;
     });
     // Files (torch.save, safetensors) arrive as one Buffer, bounded by the route's bodyLimit; their format's
     // reader in src/formats checks them, not AJV (route schemas key their body schema by media type).

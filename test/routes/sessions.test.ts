@@ -274,3 +274,47 @@ test('a page of the session list ends early once its sessions name LIST_PAGE_PAR
   assert.deepEqual(names(page2), ['m-3', 'm-4']);
   assert.equal(page2.next, null);
 });
+
+test('large JSON bodies read at once are bounded (ASGD_JSON_IN_FLIGHT_BYTES): one over the bound is 503 with Retry-After, and the bound is freed when a body is done or dropped', async (t) => {
+  // Found by a hostile review: six 160 MB JSON creates sent together took the process past V8's heap limit.
+  const { app } = await buildTestApp(t, { env: { ASGD_JSON_IN_FLIGHT_BYTES: String(3 * 1024 * 1024) } });
+  const base = await app.listen({ host: '127.0.0.1', port: 0 });
+  const { port } = new URL(base);
+  const { connect } = await import('node:net');
+  const bodyOf = (name: string) => Buffer.from(JSON.stringify({ name, params: [{ name: 'w', shape: [120_000], data: randomData(120_000, 3) }] }));
+  /** A POST whose body is sent up to `part` bytes now; `rest()` sends the others; `answer` is the status line and body. */
+  const slowPost = (body: Buffer, part: number) => {
+    const socket = connect(Number(port), '127.0.0.1');
+    t.after(() => socket.destroy());
+    let text = '';
+    socket.on('data', (d) => (text += d));
+    const answer = new Promise<string>((resolve) => socket.on('close', () => resolve(text)));
+    socket.write(`POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n`);
+    socket.write(body.subarray(0, part));
+    return { answer, rest: () => socket.write(body.subarray(part)), drop: () => socket.destroy() };
+  };
+  const status = (answer: string) => Number(answer.split(' ')[1]);
+  const a = bodyOf('a');
+  const b = bodyOf('b');
+  assert.ok(a.length > 2 * 1024 * 1024 && a.length + b.length > 3 * 1024 * 1024, `${a.length} bytes`);
+  const first = slowPost(a, 1000);
+  await new Promise((r) => setTimeout(r, 200)); // its headers are read: its share is held
+  const refused = await app.inject({ method: 'POST', url: '/v1/sessions', headers: { 'content-type': 'application/json' }, payload: b });
+  assert.equal(refused.statusCode, 503, refused.body);
+  assert.equal(refused.json().code, 'SERVICE_UNAVAILABLE');
+  assert.equal(refused.headers['retry-after'], '1');
+  assert.match(refused.json().message, /ASGD_JSON_IN_FLIGHT_BYTES 3\.0 MiB.*send large tensors as safetensors/);
+  // Small bodies are not counted.
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'small', params: [{ name: 'w', shape: [2], data: [1, 2] }] } })).statusCode, 201);
+  first.rest();
+  assert.equal(status(await first.answer), 201);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', headers: { 'content-type': 'application/json' }, payload: b })).statusCode, 201);
+  // A body dropped half-way frees its share too.
+  const dropped = slowPost(bodyOf('c'), 1000);
+  await new Promise((r) => setTimeout(r, 200));
+  dropped.drop();
+  await dropped.answer;
+  await new Promise((r) => setTimeout(r, 200));
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', headers: { 'content-type': 'application/json' }, payload: bodyOf('d') })).statusCode, 201);
+  assert.deepEqual((await app.inject({ url: '/v1/sessions' })).json().sessions.map((s: { name: string }) => s.name), ['a', 'b', 'd', 'small']);
+});
