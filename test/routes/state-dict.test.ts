@@ -151,6 +151,15 @@ test('If-Match, Idempotency-Key and bounded staleness', async (t) => {
   assert.equal(respelled.json().version, sent.json().version);
   const otherBase = await app.inject({ method: 'POST', url: '/v1/sessions/sd/step?base_version=2', headers: { 'idempotency-key': 'k-2' }, payload: { grads: g3, metrics: { loss: 1, acc: 0.5 } } });
   assert.equal(otherBase.json().code, 'IDEMPOTENCY_KEY_REUSED', 'another base_version is another request');
+  // A gradient's -0.0 and 0 are other float32 values: another request (the first answer came back for both).
+  const [first0] = Object.keys(g3);
+  const spelled = (zero: string) => JSON.stringify({ grads: { ...g3, [first0]: [12345.5, ...g3[first0 as keyof typeof g3].slice(1)] } }).replace('12345.5', zero);
+  const keyed = (zero: string) => app.inject({ method: 'POST', url: '/v1/sessions/sd/step', headers: { 'idempotency-key': 'k-zero', 'content-type': 'application/json' }, payload: spelled(zero) });
+  assert.equal((await keyed('-0.0')).statusCode, 200);
+  assert.equal((await keyed('-0')).json().replayed, true, '-0 spelled otherwise is the same request');
+  const positive = await keyed('0');
+  assert.equal(positive.statusCode, 422, positive.body);
+  assert.equal(positive.json().code, 'IDEMPOTENCY_KEY_REUSED');
 
   const patch = await app.inject({ method: 'PATCH', url: '/v1/sessions/sd', payload: { max_staleness: 1 } });
   assert.equal(patch.statusCode, 200);

@@ -322,14 +322,17 @@ export default stepRoutes;
 
 /**
  * JSON text of a parsed body with every object's keys sorted: the same for the same request however its
- * keys were ordered. A list of numbers (a gradient's data) is written at once, as JSON.stringify does.
+ * keys were ordered. A list of numbers (a gradient's data) is written at once, as JSON.stringify does,
+ * except that -0 is written `-0` (JSON.stringify writes 0): a gradient's -0.0 and 0 are other float32
+ * values, so a retry that changed one is another request (found by a hostile review).
  */
 function canonicalJson(value: unknown): string {
   if (Array.isArray(value)) {
-    return typeof value[0] === 'number' ? JSON.stringify(value) : `[${value.map((v) => canonicalJson(v === undefined ? null : v)).join(',')}]`;
+    if (typeof value[0] === 'number' && !value.includes(0)) return JSON.stringify(value);
+    return `[${value.map((v) => canonicalJson(v === undefined ? null : v)).join(',')}]`;
   }
   if (value !== null && typeof value === 'object') {
     return `{${Object.keys(value).sort().map((k) => `${JSON.stringify(k)}:${canonicalJson((value as Record<string, unknown>)[k])}`).join(',')}}`;
   }
-  return JSON.stringify(value) ?? 'null';
+  return Object.is(value, -0) ? '-0' : (JSON.stringify(value) ?? 'null');
 }
