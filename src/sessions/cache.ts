@@ -9,6 +9,13 @@ export interface CacheEntry {
   /** The newest version this process wrote or loaded a snapshot at (scheduled snapshots go by it). */
   lastSnapshotVersion: number;
   lastUsed: number;
+  /**
+   * The slot whose scheduled snapshot failed here on a database error (a connection terminated, say): the
+   * next step in that slot tries once more, rather than leave the slot without one.
+   */
+  retrySlot?: number;
+  /** The slot last tried again: a second failure in it waits for the next slot. */
+  retriedSlot?: number;
 }
 
 /**

@@ -11,6 +11,7 @@ import type { Reads } from './reads.ts';
 import * as repo from './repository.ts';
 import type { SessionRecord } from './repository.ts';
 import type { SnapshotWriter } from './snapshot-writer.ts';
+import { copyInSlices } from './slices.ts';
 import type { SessionState } from './state.ts';
 import { applyHyperDelta, groupHyperparameters, parseStepHyper } from './step-input.ts';
 
@@ -68,7 +69,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
         if (!row) throw errors.sessionExists(input.name);
         const state = cache.create(row, row.version, 0, input.groups, input.params.map(() => null));
         state.setStamp(row.stamp);
-        input.data.forEach((d, i) => state.param(i).set(d));
+        for (const [i, d] of input.data.entries()) await copyInSlices(state.param(i), d);
         await writer.writeState(tx, row.id, state, 'create');
         cache.forget(row.id);
         cache.remember(state, row.version);
@@ -231,8 +232,8 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
         if (!row) throw errors.sessionExists(target.name);
         const state = cache.create(row, row.version, source.step, source.groups, source.scalars);
         state.setStamp(row.stamp);
-        state.arena.params.set(source.paramData);
-        state.arena.ax.set(source.axData);
+        await copyInSlices(state.arena.params, source.paramData);
+        await copyInSlices(state.arena.ax, source.axData);
         await writer.writeState(tx, row.id, state, 'fork');
         cache.forget(row.id);
         cache.remember(state, row.version);

@@ -74,7 +74,10 @@ export interface RoundHost {
   /** Calls `fn` with the state at an answer's version (reads.withAnswerState); the caller holds the session's lock. */
   withAnswerState(name: string, answer: { version: number }, fn: (view: StateView) => void): Promise<void>;
   applyStep(state: SessionState, present: readonly number[]): void;
-  /** After a round's step committed: the step metrics, and a background snapshot when one is due. */
-  afterStep(session: SessionRecord, entry: { state: SessionState }, seconds: number, lockWaitSeconds: number): void;
+  /**
+   * After a round's step committed: the step metrics, and a background snapshot when one is due; resolves
+   * once its copy is made (the caller holds the session's lock until then).
+   */
+  afterStep(session: SessionRecord, entry: { state: SessionState }, seconds: number, lockWaitSeconds: number): Promise<void>;
   idempotencyWindowSeconds: number;
 }

@@ -9,8 +9,8 @@ import { unpackGradients } from './gradients.ts';
 import * as repo from './repository.ts';
 import type { SessionRecord, SnapshotRecord } from './repository.ts';
 import { findReplayPointAtOrBelow, readReplayPointChunks, replayPointInterval, type ReplayPointRecord } from './replay-points.ts';
-import type { SessionState } from './state.ts';
-import { snapshotChecksum } from './state.ts';
+import { copyInSlices } from './slices.ts';
+import { SnapshotHash, type SessionState } from './state.ts';
 import { applyHyperDelta } from './step-input.ts';
 import type { ParamSpec } from '../db/schema.ts';
 
@@ -43,11 +43,12 @@ export function createHistory(ctx: SessionContext) {
     if (stored.byteSize !== total) throw new Error(`${what} holds ${stored.byteSize} bytes, expected ${total}`);
     const paramBytes = new Uint8Array(state.arena.params.buffer, state.arena.params.byteOffset, n * 4);
     const axBytes = new Uint8Array(state.arena.ax.buffer, state.arena.ax.byteOffset, n * 4);
-    const seen: Buffer[] = [];
+    // Each chunk is hashed as it arrives (none is kept for a checksum at the end: a model's size of memory).
+    const hash = new SnapshotHash();
+    let chunks = 0;
     let at = 0;
-    let chunks: number;
     try {
-      chunks = await read((seq, data) => {
+      await read((seq, data) => {
         // Copy the chunk into params (first half) and ax (second half) as it arrives.
         let offset = 0;
         while (offset < data.byteLength) {
@@ -64,8 +65,8 @@ export function createHistory(ctx: SessionContext) {
             at += take;
           }
         }
-        seen.push(data);
-        if (seen.length !== seq + 1) throw new Error(`${what}: chunk ${seq} out of order`);
+        hash.update(data);
+        if (++chunks !== seq + 1) throw new Error(`${what}: chunk ${seq} out of order`);
       });
     } catch (err) {
       state.arena.release();
@@ -76,12 +77,12 @@ export function createHistory(ctx: SessionContext) {
       if ('reason' in stored) throw errors.snapshotUnavailable(stored.id);
       throw new Error(`${what} holds ${chunks} of its ${stored.chunkCount} chunks`);
     }
-    const checksum = snapshotChecksum(seen, stored.groups, stored.scalars);
+    const checksum = hash.digest(stored.groups, stored.scalars);
     if (checksum !== stored.checksum) {
       state.arena.release();
       throw new Error(`${what} of session ${session.id} fails its checksum`);
     }
-    if (axFromParams) state.arena.ax.set(state.arena.params);
+    if (axFromParams) await copyInSlices(state.arena.ax, state.arena.params);
     return state;
   }
 

@@ -7,6 +7,7 @@ import type { History } from './history.ts';
 import type { StateView } from './model.ts';
 import * as repo from './repository.ts';
 import type { SessionRecord } from './repository.ts';
+import { copyOf } from './slices.ts';
 import type { SessionState } from './state.ts';
 
 /** A view of the state without copying its tensors: valid until the state next changes. */
@@ -24,9 +25,10 @@ function liveView(name: string, state: SessionState): StateView {
   };
 }
 
-/** A view that owns copies of the tensors. */
-function copyView(name: string, params: ParamSpec[], state: SessionState): StateView {
-  return { ...liveView(name, state), params, paramData: state.arena.params.slice(), axData: state.arena.ax.slice() };
+/** A view that owns copies of the tensors (made a slice at a time: the caller holds the session's lock, or owns the state). */
+async function copyView(name: string, params: ParamSpec[], state: SessionState): Promise<StateView> {
+  const view = liveView(name, state);
+  return { ...view, params, paramData: await copyOf(state.arena.params), axData: await copyOf(state.arena.ax) };
 }
 
 /**
@@ -36,11 +38,11 @@ function copyView(name: string, params: ParamSpec[], state: SessionState): State
  */
 const sharedCopies = new WeakMap<SessionState, { version: number; stamp: string; view: WeakRef<StateView> }>();
 
-function sharedCopyView(name: string, current: SessionRecord, state: SessionState): StateView {
+async function sharedCopyView(name: string, current: SessionRecord, state: SessionState): Promise<StateView> {
   const last = sharedCopies.get(state);
   const kept = last && last.version === state.version && last.stamp === current.stamp ? last.view.deref() : undefined;
   if (kept) return kept;
-  const view = copyView(name, current.params, state);
+  const view = await copyView(name, current.params, state);
   sharedCopies.set(state, { version: state.version, stamp: current.stamp, view: new WeakRef(view) });
   return view;
 }
@@ -71,7 +73,7 @@ export function createReads(ctx: SessionContext, history: History) {
         if (target === session.version) return copyView(name, session.params, (await history.currentState(q, session)).state);
         const { state } = await history.buildState(q, session, target);
         try {
-          return copyView(name, session.params, state);
+          return await copyView(name, session.params, state);
         } finally {
           state.arena.release();
         }
@@ -137,7 +139,7 @@ export function createReads(ctx: SessionContext, history: History) {
       return { session, state: await history.loadSnapshot(q, snapshot, session) };
     });
     try {
-      return copyView(name, session.params, state);
+      return await copyView(name, session.params, state);
     } finally {
       state.arena.release();
     }

@@ -4,6 +4,7 @@ import { PGLITE_COPY_FILE, type Database, type Queryable } from '../db/database.
 import type { Aggregation, GroupSpec, HyperDelta, ParamSpec, RoundRecord, ScalarStateRow, SessionRow, SnapshotRow } from '../db/schema.ts';
 import type { GradDtype } from './gradients.ts';
 import { pruneLogToBytes } from './retention.ts';
+import { nextTurn } from './slices.ts';
 import { groupHyperparameters } from './step-input.ts';
 
 export const CHUNK_BYTES = 8 * 1024 * 1024;
@@ -660,7 +661,10 @@ export async function readChunks(q: Queryable, sql: string, name: string, ownerI
   let seq = 0;
   for (;;) {
     const rows = await q.query<{ data: Buffer }>(sql, [ownerId, seq, seq + BATCH], { name, binary: { data: 'bytea' } });
-    for (const row of rows) onChunk(seq++, row.data);
+    for (const [i, row] of rows.entries()) {
+      if (i > 0) await nextTurn(); // a chunk is copied and hashed at once (8 MB); the others wait a turn
+      onChunk(seq++, row.data);
+    }
     if (rows.length < BATCH) return seq;
   }
 }

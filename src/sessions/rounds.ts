@@ -211,7 +211,7 @@ export function createRoundService(options: RoundServiceOptions) {
           return { kind: 'pending', sessionId: session.id, version: session.version, aggregation, ageSeconds: tally.ageSeconds, replayed: false };
         });
         touched = null;
-        if (closed) afterClose(closed, started, queued);
+        if (closed) await afterClose(closed, started, queued);
         return stored;
       } finally {
         // The round's transaction did not commit after the kernel ran: this process's copy is ahead of the database.
@@ -254,9 +254,9 @@ export function createRoundService(options: RoundServiceOptions) {
     return { session, entry, answer, waitSeconds: Math.max(0, ...rows.map((r) => r.ageSeconds)) };
   }
 
-  function afterClose(closed: Closed, started: bigint, queued: bigint): void {
+  async function afterClose(closed: Closed, started: bigint, queued: bigint): Promise<void> {
     const done = process.hrtime.bigint();
-    host.afterStep(closed.session, closed.entry, Number(done - started) / 1e9, Number(started - queued) / 1e9);
+    await host.afterStep(closed.session, closed.entry, Number(done - started) / 1e9, Number(started - queued) / 1e9);
     const { round } = closed.answer;
     hooks?.closed?.(closed.session.name, round!.contributions, closed.waitSeconds, round!.timed_out);
     log.debug({ session: closed.session.name, version: closed.answer.version, contributions: round!.contributions, timedOut: round!.timed_out }, 'round stepped');
@@ -280,7 +280,7 @@ export function createRoundService(options: RoundServiceOptions) {
           return null;
         });
         touched = null;
-        if (closed) afterClose(closed, started, queued);
+        if (closed) await afterClose(closed, started, queued);
         // Seconds until the timeout by the database's clock when the timer fired early; null: nothing to wait for.
         return early !== null && early > 0 ? early : null;
       } finally {

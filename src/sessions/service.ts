@@ -154,12 +154,12 @@ export function createSessionService(options: SessionServiceOptions) {
     forget: (id) => cache.forget(id),
     withAnswerState: reads.withAnswerState,
     applyStep: (state, present) => state.applyStep(present, ctx.kernel, ctx.kernelOptions),
-    afterStep(session, entry, seconds, lockWaitSeconds) {
+    async afterStep(session, entry, seconds, lockWaitSeconds) {
       options.hooks?.stepped?.(session.name, seconds, lockWaitSeconds);
       const cached = cache.get(session.id);
       if (cached !== entry) return;
-      if (writer.due(session, cached)) writer.inBackground(session, cached, 'auto');
-      else if (writer.pointDue(session, cached, cached.state.version - 1, cached.state.version)) writer.pointInBackground(session, cached);
+      if (writer.due(session, cached)) await writer.inBackground(session, cached, 'auto');
+      else if (writer.pointDue(session, cached, cached.state.version - 1, cached.state.version)) await writer.pointInBackground(session, cached);
     },
     idempotencyWindowSeconds: options.idempotencyWindowSeconds,
   };

@@ -9,6 +9,7 @@ import * as repo from './repository.ts';
 import type { SessionRecord, SnapshotRecord } from './repository.ts';
 import { dropReplayPointsBelow, insertReplayPoint, replayPointDue, replayPointInterval } from './replay-points.ts';
 import { snapshotInterval } from './retention.ts';
+import { copyInSlices } from './slices.ts';
 import { snapshotChecksum, type SessionState } from './state.ts';
 
 /**
@@ -64,9 +65,9 @@ function chunksOf(parts: readonly Buffer[], size: number): Buffer[] {
 }
 
 /** `parts` as stored (chunks of CHUNK_BYTES) and their checksum with `meta`'s groups and scalars: a snapshot's or a replay point's. */
-function chunked(meta: SnapshotMeta, parts: readonly Buffer[]): { chunks: Buffer[]; checksum: string } {
+async function chunked(meta: SnapshotMeta, parts: readonly Buffer[]): Promise<{ chunks: Buffer[]; checksum: string }> {
   const chunks = chunksOf(parts, repo.CHUNK_BYTES);
-  return { chunks, checksum: snapshotChecksum(chunks, meta.groups, meta.scalars) };
+  return { chunks, checksum: await snapshotChecksum(chunks, meta.groups, meta.scalars) };
 }
 
 export function createSnapshotWriter(ctx: SessionContext) {
@@ -80,7 +81,7 @@ export function createSnapshotWriter(ctx: SessionContext) {
    * for a chunk that spans two of them. The session's replay points below it go: the snapshot supersedes them.
    */
   async function write(q: Queryable, sessionId: number, meta: SnapshotMeta, parts: readonly Buffer[], reason: string, pinned = false): Promise<SnapshotRecord | null> {
-    const { chunks, checksum } = chunked(meta, parts);
+    const { chunks, checksum } = await chunked(meta, parts);
     const snapshot = await repo.insertSnapshot(db, q, { sessionId, version: meta.version, step: meta.step, reason, pinned, groups: meta.groups, scalars: meta.scalars, checksum }, chunks);
     if (snapshot) await dropReplayPointsBelow(q, sessionId, meta.version);
     return snapshot;
@@ -101,7 +102,7 @@ export function createSnapshotWriter(ctx: SessionContext) {
   function due(session: SessionRecord, entry: CacheEntry, version = entry.state.version, previous?: number): boolean {
     const every = snapshotInterval(session);
     if (!snapshotDue(version, entry.lastSnapshotVersion, every)) return false;
-    if (previous === undefined) return true;
+    if (previous === undefined || entry.retrySlot === slotOf(version, every)) return true;
     return slotOf(version, every) > slotOf(previous, every) || slotOf(version, every) >= slotOf(entry.lastSnapshotVersion, every) + 2;
   }
 
@@ -134,12 +135,18 @@ export function createSnapshotWriter(ctx: SessionContext) {
    * session's lock in this process (its steps wait; no second copy of a large model), at the version it has
    * then. Not once shutdown began, nor for a copy no longer cached.
    */
-  function inBackground(session: SessionRecord, entry: CacheEntry, reason: string): void {
-    if (closing || cache.get(session.id) !== entry) return;
+  function inBackground(session: SessionRecord, entry: CacheEntry, reason: string): Promise<void> {
+    if (closing || cache.get(session.id) !== entry) return Promise.resolve();
     const scheduled = entry.state.version;
+    const every = snapshotInterval(session);
+    const slot = slotOf(scheduled, every);
     entry.lastSnapshotVersion = scheduled;
-    background(session, entry, 'snapshot', async (tx, meta, parts) => {
-      if (!(await repo.claimSnapshotSlot(tx, session.id, slotStart(meta.version, snapshotInterval(session))))) {
+    if (entry.retrySlot === slot) {
+      entry.retrySlot = undefined;
+      entry.retriedSlot = slot;
+    }
+    return background(session, entry, 'snapshot', async (tx, meta, parts) => {
+      if (!(await repo.claimSnapshotSlot(tx, session.id, slotStart(meta.version, every)))) {
         log.debug({ session: session.name, version: meta.version }, 'snapshot slot already taken by another process');
         return false;
       }
@@ -151,16 +158,17 @@ export function createSnapshotWriter(ctx: SessionContext) {
       entry.lastSnapshotVersion = Math.max(entry.lastSnapshotVersion, meta.version);
       hooks?.snapshotted?.(session.name, reason);
       log.info({ session: session.name, version: meta.version, step: meta.step, reason, inPlace }, 'snapshot written');
-    }, () => {
-      // The next step schedules another attempt.
-      entry.lastSnapshotVersion = Math.min(entry.lastSnapshotVersion, scheduled - snapshotInterval(session));
+    }, (databaseError) => {
+      // The next slot schedules another attempt; after a database error, also the next step in this one (once).
+      entry.lastSnapshotVersion = Math.min(entry.lastSnapshotVersion, scheduled - every);
+      if (databaseError && entry.retriedSlot !== slot) entry.retrySlot = slot;
     });
   }
 
   /** Writes a replay point of this process's copy in the background, as inBackground writes a snapshot. */
-  function pointInBackground(session: SessionRecord, entry: CacheEntry): void {
-    background(session, entry, 'replay point', async (tx, meta, parts, axFromParams) => {
-      const { chunks, checksum } = chunked(meta, parts);
+  function pointInBackground(session: SessionRecord, entry: CacheEntry): Promise<void> {
+    return background(session, entry, 'replay point', async (tx, meta, parts, axFromParams) => {
+      const { chunks, checksum } = await chunked(meta, parts);
       const point = { sessionId: session.id, version: meta.version, step: meta.step, groups: meta.groups, scalars: meta.scalars, checksum, axFromParams };
       return (await insertReplayPoint(db, tx, point, chunks)) !== null;
     }, (meta, inPlace) => {
@@ -173,33 +181,38 @@ export function createSnapshotWriter(ctx: SessionContext) {
    * Runs `persist` in one transaction in the background with this process's copy: a state up to
    * `snapshotCopyLimitBytes` copied now (steps go on), a bigger one under the session's lock (its steps
    * wait; no second copy of a large model), at the version it has then. Not once shutdown began, nor for a
-   * copy no longer cached. A failure is not fatal: the log still holds every step.
+   * copy no longer cached. A failure is not fatal: the log still holds every step. Resolves once the copy is
+   * made (a slice at a time: the caller holds the session's lock until then), not when it is written.
    */
-  function background(
+  async function background(
     session: SessionRecord, entry: CacheEntry, what: string,
     persist: (tx: Queryable, meta: SnapshotMeta, parts: readonly Buffer[], axFromParams: boolean) => Promise<boolean>,
     done: (meta: SnapshotMeta, inPlace: boolean) => void,
-    failed: () => void,
+    failed: (databaseError: boolean) => void,
     axFromParams = false,
-  ): void {
+  ): Promise<void> {
     if (closing || cache.get(session.id) !== entry) return;
     const { state } = entry;
     const inPlace = state.layout.numel * 8 > ctx.snapshotCopyLimitBytes;
     /** The tensors to write: params then ax, or params alone when `axFromParams` allows it and ax equals them bit for bit. */
-    const capture = (copy: boolean) => {
+    const capture = async (copy: boolean) => {
+      const meta = metaOf(state);
       const [params, ax] = state.tensorViews();
       const same = axFromParams && params.equals(ax);
-      const parts = same ? [params] : [params, ax];
-      return { meta: metaOf(state), parts: copy ? [same ? Buffer.from(params) : state.tensorBytes()] : parts, same };
+      if (!copy) return { meta, parts: same ? [params] : [params, ax], same };
+      if (!same) return { meta, parts: [await state.tensorBytes()], same };
+      const bytes = Buffer.allocUnsafe(params.byteLength);
+      await copyInSlices(bytes, params);
+      return { meta, parts: [bytes], same };
     };
-    const copied = inPlace ? null : capture(true);
+    const copied = inPlace ? null : await capture(true);
     const job = async () => {
       // In place: the state as it is now that this job holds the lock (steps may have moved it since).
       if (!copied && (closing || cache.get(session.id) !== entry)) return;
-      const { meta, parts, same } = copied ?? capture(false);
+      const { meta, parts, same } = copied ?? (await capture(false));
       const short = ctx.diskRoom?.(parts.reduce((n, p) => n + p.length, 0));
       if (short) {
-        failed();
+        failed(false);
         log.warn({ session: session.name, version: meta.version, free: short.free, needed: short.needed }, `background ${what} not written: the embedded database's disk is nearly full (ASGD_MIN_FREE_BYTES); the log holds every step`);
         return;
       }
@@ -214,7 +227,7 @@ export function createSnapshotWriter(ctx: SessionContext) {
         });
         if (written) done(meta, inPlace);
       } catch (err) {
-        failed();
+        failed(true);
         // The session deleted meanwhile (its row gone, the foreign key fails): nothing is lost.
         if ((err as { code?: unknown }).code === '23503') log.debug({ session: session.name, version: meta.version }, `session deleted before its background ${what} was written`);
         else log.warn({ err, session: session.name, version: meta.version }, `background ${what} failed`);

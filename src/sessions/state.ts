@@ -3,6 +3,7 @@ import { createHash } from 'node:crypto';
 import type { GroupSpec, ParamSpec, ScalarStateRow } from '../db/schema.ts';
 import { initialState } from '../optim/asgd.ts';
 import type { AsgdHyperparameters, AsgdKernel, AsgdScalarState, KernelArena, KernelOptions } from '../optim/types.ts';
+import { copyInSlices, hashInSlices } from './slices.ts';
 import { groupIndexOf, kernelHyperparameters, numelOf } from './spec.ts';
 
 export interface Layout {
@@ -114,19 +115,22 @@ export class SessionState {
     return this.scalars.map((s) => (s ? { step: s.step, eta: s.eta, mu: s.mu } : null));
   }
 
-  /** Params then ax as bytes, copied (the copy is what a background snapshot writes while stepping goes on). */
   /** Params and ax as they are in the arena (no copy): valid until the state next changes. */
   tensorViews(): Buffer[] {
     const { params, ax } = this.arena;
     return [Buffer.from(params.buffer, params.byteOffset, params.byteLength), Buffer.from(ax.buffer, ax.byteOffset, ax.byteLength)];
   }
 
-  tensorBytes(): Buffer {
+  /**
+   * Params then ax as bytes, copied a slice at a time (the copy is what a background snapshot writes while
+   * stepping goes on): the caller holds the session's lock until it is done.
+   */
+  async tensorBytes(): Promise<Buffer> {
     const n = this.layout.numel;
     const out = Buffer.allocUnsafe(n * 8);
     const view = new Float32Array(out.buffer, out.byteOffset, n * 2);
-    view.set(this.arena.params, 0);
-    view.set(this.arena.ax, n);
+    await copyInSlices(view, this.arena.params, 0);
+    await copyInSlices(view, this.arena.ax, n);
     return out;
   }
 
@@ -151,10 +155,31 @@ export function canonicalJson(value: unknown): string {
   return JSON.stringify(value);
 }
 
-/** sha256 over the tensor bytes and the canonical JSON of groups and scalar state. */
-export function snapshotChecksum(chunks: readonly Buffer[], groups: GroupSpec[], scalars: ScalarStateRow[]): string {
-  const hash = createHash('sha256');
-  for (const chunk of chunks) hash.update(chunk);
-  hash.update(canonicalJson({ groups, scalars }));
-  return hash.digest('hex');
+/**
+ * A snapshot's checksum: sha256 over the tensor bytes, fed in order (`update`, a chunk at a time: a load
+ * hashes each chunk as it arrives), then the canonical JSON of groups and scalar state (`digest`).
+ */
+export class SnapshotHash {
+  readonly #hash = createHash('sha256');
+
+  update(chunk: Uint8Array): void {
+    this.#hash.update(chunk);
+  }
+
+  /** Hashes `chunks` in order, letting other work run between slices (a model's tensors take 0.1-0.2 s a GB). */
+  async updateAll(chunks: readonly Uint8Array[]): Promise<void> {
+    for (const [i, chunk] of chunks.entries()) await hashInSlices(this.#hash, chunk, i === 0);
+  }
+
+  digest(groups: GroupSpec[], scalars: ScalarStateRow[]): string {
+    this.#hash.update(canonicalJson({ groups, scalars }));
+    return this.#hash.digest('hex');
+  }
+}
+
+/** The checksum of a snapshot's tensor bytes (`chunks`, in order) with its groups and scalar state. */
+export async function snapshotChecksum(chunks: readonly Uint8Array[], groups: GroupSpec[], scalars: ScalarStateRow[]): Promise<string> {
+  const hash = new SnapshotHash();
+  await hash.updateAll(chunks);
+  return hash.digest(groups, scalars);
 }

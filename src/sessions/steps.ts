@@ -308,8 +308,9 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
       }
     }
     if (cache.get(id) !== entry || state.version !== session.version) return;
-    if (snapshotDue) writer.inBackground(session, entry, 'auto');
-    else if (pointDue) writer.pointInBackground(session, entry);
+    // The copy a background write takes is made before the next batch may step the state (this holds the lock).
+    if (snapshotDue) await writer.inBackground(session, entry, 'auto');
+    else if (pointDue) await writer.pointInBackground(session, entry);
   }
 
   /** Answers a committed (or replayed) step, with its state encoded at its version when the request asks for it. */

@@ -6,6 +6,7 @@
 // (asgd_replayed_steps_total).
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import pg from 'pg';
 import type { FastifyInstance } from 'fastify';
 import { buildTestApp, randomData, TEST_DB_KIND } from '../helper.ts';
 
@@ -70,4 +71,40 @@ test('the process whose batch crosses a slot writes its snapshot; another one st
     return { sd: sd.json(), params: params.json() };
   };
   assert.deepEqual(await read(b), await read(a));
+});
+
+test('a scheduled snapshot that fails on a database error is tried again at the next step of its slot, once', { skip: multi, timeout: 60_000 }, async (t) => {
+  // Found by a chaos review: a background snapshot failed when the replica's connection was terminated, and
+  // its slot never got one (a restore point missing, a takeover replaying twice as far).
+  const { app, databaseUrl } = await buildTestApp(t);
+  const created = await app.inject({
+    method: 'POST', url: '/v1/sessions',
+    payload: { name: 's', params: [{ name: 'w', shape: [N], data: randomData(N, 1) }], hyperparameters: { lr: 0.01 }, snapshot_every: EVERY, keep_snapshots: 100 },
+  });
+  assert.equal(created.statusCode, 201, created.body);
+  // The database refuses snapshot rows until `attempts` (a sequence: not rolled back with the refusal) passes
+  // refuse_snapshots.n (a trigger: an ERROR like any the database raises).
+  const admin = new pg.Client({ connectionString: databaseUrl! });
+  await admin.connect();
+  admin.on('error', () => {}); // the database is dropped after the test
+  t.after(() => admin.end());
+  await admin.query(`CREATE TABLE refuse_snapshots (n int NOT NULL);
+    CREATE SEQUENCE attempts;
+    CREATE FUNCTION refuse_snapshot() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      IF nextval('attempts') <= (SELECT n FROM refuse_snapshots) THEN RAISE EXCEPTION 'refused for the test'; END IF;
+      RETURN NEW;
+    END $$;
+    CREATE TRIGGER refuse_snapshot BEFORE INSERT ON snapshots FOR EACH ROW EXECUTE FUNCTION refuse_snapshot();`);
+  const versions = async () => (await app.sessions.listSnapshots('s')).snapshots.map((s) => s.version).sort((x, y) => x - y);
+
+  // One failure: the slot's snapshot (due at version 6) is written at the next step, version 7.
+  await admin.query('INSERT INTO refuse_snapshots VALUES (1)');
+  let k = 0;
+  while ((await step(app, k++)) < 7);
+  assert.deepEqual(await versions(), [1, 7]);
+  // Two failures in a slot (attempts 3 and 4): tried again once, then the next slot's snapshot comes as usual (version 16).
+  await admin.query('UPDATE refuse_snapshots SET n = 4');
+  while ((await step(app, k++)) < 16);
+  assert.deepEqual(await versions(), [1, 7, 16]);
 });

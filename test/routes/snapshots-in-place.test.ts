@@ -1,7 +1,9 @@
 // Background snapshots of a state bigger than ASGD_SNAPSHOT_COPY_LIMIT_BYTES are written from the state
-// itself under the session's lock (no second copy of a large model in memory). What a user sees: every such
-// snapshot holds exactly the state of its version (equal to a session that took the same steps and wrote
-// none), also with steps queued while it is written and with chunks that span parameters and `ax`.
+// itself under the session's lock (no second copy of a large model in memory); a smaller one is copied, a
+// slice at a time with other requests let run between slices, under the lock, and written while steps go
+// on. What a user sees: every such snapshot holds exactly the state of its version (equal to a session that
+// took the same steps and wrote none), also with steps queued while it is copied or written and with chunks
+// that span parameters and `ax`.
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { test } from 'node:test';
@@ -44,8 +46,8 @@ const tensorsAt = async (app: App, url: string) => {
   return Object.fromEntries([...tensors].map(([k, v]) => [k, createHash('sha256').update(new Uint8Array(v.data.buffer, v.data.byteOffset, v.data.byteLength)).digest('hex')]));
 };
 
-test('snapshots written in place (state over the copy limit) hold exactly the state of their version', async (t) => {
-  const { app } = await buildTestApp(t, { env: { ASGD_SNAPSHOT_COPY_LIMIT_BYTES: '0' } });
+for (const [mode, limit] of [['written in place (state over the copy limit)', '0'], ['copied in slices (state under the copy limit: 20 MB, three slices)', String(256 * 1024 * 1024)]]) test(`snapshots ${mode} hold exactly the state of their version`, async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_SNAPSHOT_COPY_LIMIT_BYTES: limit } });
   await create(app, 'inplace', 2);
   await create(app, 'plain', 1000);
   // Two full steps, then two clients sending small steps as fast as they are answered: while a snapshot is
