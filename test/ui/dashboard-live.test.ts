@@ -116,6 +116,42 @@ test('the value axis labels every tick differently when the values span a small 
   assert.ok((await labels('metric:big')).every((l) => /^1\.\d+e7$/.test(l)), JSON.stringify(await labels('metric:big')));
 });
 
+test('nearly flat series are drawn: eta at a small lr (1e-12 a step), float32 jitter around 1, all zeros', { skip }, async (t) => {
+  // Found by a dashboard review: uPlot rounds its range to 9 decimals, and such charts had a range of no
+  // width, no line and no axis (the eta chart of every session with lr <= 1e-4, for thousands of steps).
+  const { base, api, browser, log } = await setup(t);
+  await api('POST', '/v1/sessions', { name: 'calm', params: PARAMS, hyperparameters: { lr: 1e-4, t0: 1 } });
+  const jitter = [0.9999999403953552, 1, 0.9999999403953552, 1, 1, 0.9999999403953552];
+  for (const j of jitter) await api('POST', '/v1/sessions/calm/step', { grads: GRAD, metrics: { jitter: j, zero: 0 } });
+  const page = await openSession(browser, base, 'calm', log);
+  await page.waitForFunction(() => (window as any).asgdCharts?.['metric:jitter']?.data[0].length === 6 && (window as any).asgdCharts?.eta);
+  const drawn = (key: string) => page.evaluate((k) => {
+    const u = (window as any).asgdCharts[k];
+    return {
+      min: u.scales.y.min as number, max: u.scales.y.max as number, height: u.over.clientHeight as number,
+      values: Array.from(u.data[1] as ArrayLike<number>),
+      ys: Array.from(u.data[1] as ArrayLike<number>, (v) => u.valToPos(v, 'y') as number),
+      labels: u.axes[1]._values as string[],
+    };
+  }, key);
+  for (const key of ['eta', 'metric:jitter', 'metric:zero']) {
+    const c = await drawn(key);
+    assert.ok(Number.isFinite(c.min) && Number.isFinite(c.max) && c.max > c.min, `${key}: y range ${c.min} .. ${c.max}`);
+    assert.ok(c.ys.every((y) => Number.isFinite(y) && y >= 0 && y <= c.height), `${key}: points at ${JSON.stringify(c.ys)} in ${c.height} px`);
+    assert.ok(c.labels.length >= 2 && new Set(c.labels).size === c.labels.length, `${key}: ticks ${JSON.stringify(c.labels)}`);
+    // Different values are drawn at different heights, the bigger higher.
+    for (let i = 1; i < c.values.length; i++) {
+      if (c.values[i] !== c.values[i - 1]) assert.equal(Math.sign(c.ys[i - 1] - c.ys[i]), Math.sign(c.values[i] - c.values[i - 1]), `${key} at ${i}: ${JSON.stringify(c.values)} drawn at ${JSON.stringify(c.ys)}`);
+    }
+  }
+  const eta = await drawn('eta');
+  assert.ok(new Set(eta.values).size > 1 && eta.max - eta.min < 1e-9, `eta moves by less than 1e-9: ${JSON.stringify(eta.values)}`);
+  assert.deepEqual([(await drawn('metric:zero')).min, (await drawn('metric:zero')).max], [0, 1]);
+  // The legend and the descriptions say a value near the largest double as it is, not Infinity.
+  const near = await page.evaluate(async () => (await import('/ui/js/format.js' as string)).fmtNum(-1.7976931348623157e308));
+  assert.equal(near, '-1.798e+308');
+});
+
 test('a metric whose range overflows a double (±1.7e308) is drawn: a finite y range that holds every point, ticks labelled with the values', { skip }, async (t) => {
   const { base, api, browser, log } = await setup(t);
   await api('POST', '/v1/sessions', { name: 'huge', params: PARAMS });

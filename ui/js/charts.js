@@ -37,15 +37,38 @@ export function drawScale(data) {
 
 /**
  * The value axis's range for the drawn (scaled) values: uPlot's own (10% padding, rounded to its ticks),
- * kept within what the labels can multiply back to a finite number.
+ * kept within what the labels can multiply back to a finite number. uPlot rounds its range to 9 decimals,
+ * so values that differ by less (eta at a small lr moves by 1e-12 a step; float32 jitter around 1) got a
+ * range of no width, and the chart no line and no axis: they get 10% of their spread on either side
+ * (10% of their size when they are all equal; 0..1 when they are all 0).
  * @param {number | null} min @param {number | null} max @param {number} scale the chart's drawScale
  * @returns {uPlot.Range.MinMax}
  */
 export function valueRange(min, max, scale) {
   if (min == null || max == null) return [null, null];
-  const [lo, hi] = uPlot.rangeNum(min, max, 0.1, true);
   const limit = Number.MAX_VALUE * scale;
-  return [Math.max(lo ?? min, -limit), Math.min(hi ?? max, limit)];
+  let [lo, hi] = uPlot.rangeNum(min, max, 0.1, true);
+  const size = Math.max(Math.abs(min), Math.abs(max));
+  if (lo == null || hi == null || !(hi > lo) || lo > min || hi < max || size < 1e-6 || hi - lo > 1e6 * size) {
+    const spread = max - min;
+    const pad = spread > 0 ? spread / 10 : size / 10;
+    [lo, hi] = size === 0 ? [0, 1] : [min - pad, max + pad];
+  }
+  return [Math.max(lo, -limit), Math.min(hi, limit)];
+}
+
+/**
+ * The ticks of a value axis: the multiples of `incr` within the range, each one k × incr for a whole k.
+ * uPlot's own steps from tick to tick and rounds each sum with a repair for float noise that takes a run of
+ * six 9s for noise: near 1 with ticks 2e-8 apart (float32 jitter) it left one tick of four.
+ * @param {uPlot} _u @param {number} _axis @param {number} min @param {number} max @param {number} incr
+ * @returns {number[]}
+ */
+export function valueSplits(_u, _axis, min, max, incr) {
+  if (!(incr > 0) || !Number.isFinite(min) || !Number.isFinite(max)) return [];
+  const splits = [];
+  for (let k = Math.ceil(min / incr); k * incr <= max && splits.length < 1000; k++) splits.push(k * incr || 0);
+  return splits;
 }
 
 /**
@@ -181,7 +204,7 @@ export class Chart {
         {
           // Wide enough for the widest label as drawn (measured in the axis' font), besides the tick and gap.
           size: (u, values) => Math.max(50, Math.ceil(Math.max(0, ...(values ?? []).map((v) => labelWidth(u, String(v))))) + AXIS_TICK_GAP + 8),
-          ...(!this.spec.log && { incrs: VALUE_INCREMENTS }),
+          ...(!this.spec.log && { incrs: VALUE_INCREMENTS, splits: valueSplits }),
           values: (_u, splits, _axis, _space, incr) => tickLabels(splits.map((v) => v / this.scale), incr / this.scale),
         },
       ],

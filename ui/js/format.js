@@ -5,7 +5,8 @@ export function fmtNum(n, digits = 4) {
   if (n === null || n === undefined || Number.isNaN(n)) return '—';
   if (Number.isInteger(n) && Math.abs(n) < 1e15) return n.toLocaleString('en-US');
   const a = Math.abs(n);
-  if (a !== 0 && (a < 1e-3 || a >= 1e6)) return Number(n.toPrecision(digits)).toExponential();
+  // toPrecision's text, not Number(it): 1.797e308 rounded to 4 digits is past the largest double (Infinity).
+  if (a !== 0 && (a < 1e-3 || a >= 1e6)) return n.toExponential(digits - 1).replace(/\.?0+e/, 'e');
   return Number(n.toPrecision(digits)).toString();
 }
 
