@@ -414,3 +414,21 @@ test('no console error on opening the list (a favicon); the empty row spans the 
   assert.equal(colspan, columns);
   assert.match(await page.textContent('#sessions tbody') ?? '', /No session name contains "zzz"/);
 });
+
+test('for a screen reader: the token field has a name, each snapshot row\'s buttons name their snapshot, no heading level is skipped', { skip }, async (t) => {
+  // Found by a dashboard review: "Pin" ten times over, a field with a placeholder only, h1 then h3.
+  const { base, api, browser, log } = await setup(t);
+  await api('POST', '/v1/sessions', { name: 'a11y', params: PARAMS });
+  await api('POST', '/v1/sessions/a11y/step', { grads: GRAD, metrics: { loss: 1 } });
+  await api('POST', '/v1/sessions/a11y/snapshots', {});
+  const page = await openSession(browser, base, 'a11y', log);
+  await page.waitForSelector('[data-snapshot] [data-action="restore"]');
+  await page.waitForFunction(() => document.querySelectorAll('[data-snapshot]').length === 2);
+  const names = await page.$$eval('[data-snapshot] button', (buttons) => buttons.map((b) => b.getAttribute('aria-label') ?? b.textContent ?? ''));
+  assert.equal(new Set(names).size, names.length, `every button has a name of its own: ${JSON.stringify(names)}`);
+  const ids = await page.$$eval('[data-snapshot]', (rows) => rows.map((r) => r.getAttribute('data-snapshot')));
+  for (const id of ids) for (const what of ['Pin', 'Restore', 'Fork', 'download .pt']) assert.ok(names.some((n) => n.startsWith(what) && n.includes(`snapshot ${id}`)), `${what} of snapshot ${id}: ${JSON.stringify(names)}`);
+  const levels = await page.$$eval('h1, h2, h3, h4', (hs) => hs.filter((h) => !h.closest('dialog')).map((h) => Number(h.tagName[1])));
+  for (let i = 1; i < levels.length; i++) assert.ok(levels[i] <= levels[i - 1] + 1, `headings ${JSON.stringify(levels)}`);
+  assert.equal(await page.getAttribute('#token-input', 'aria-label'), 'Bearer token');
+});

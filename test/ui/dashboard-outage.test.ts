@@ -71,6 +71,8 @@ test('the sessions list opened while the service answers 503 retries with backof
   await page.goto(`${base}/ui/#/`);
   await page.waitForFunction(() => document.getElementById('app')?.textContent?.includes('the database is unreachable'));
   assert.match(await page.textContent('#app') ?? '', /trying again in \d+ s/);
+  // It answered (503): not "could not be reached".
+  assert.match(await page.textContent('#app') ?? '', /^The service answered 503: the database is unreachable/);
   await sleep(2500);
   assert.ok(asked.filter((p) => p === '/v1/tokens/self').length >= 2, `retried: ${JSON.stringify(asked)}`);
   await page.unroute(down, unavailable);

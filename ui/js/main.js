@@ -136,8 +136,10 @@ async function identifyRetrying() {
       return await identify();
     } catch (err) {
       const retryMs = backoffMs(failures);
+      // An answer (a 503 while its database is down) is not "could not be reached".
+      const answered = err instanceof ApiError;
       app.replaceChildren(h('p', { className: 'error', id: 'unreachable' },
-        `The service could not be reached: ${err instanceof Error ? err.message : String(err)}; trying again in ${Math.round(retryMs / 1000)} s.`));
+        `${answered ? `The service answered ${err.status}` : 'The service could not be reached'}: ${err instanceof Error ? err.message : String(err)}; trying again in ${Math.round(retryMs / 1000)} s.`));
       await new Promise((resolve) => setTimeout(resolve, retryMs));
     }
   }

@@ -74,6 +74,8 @@ export function sessionPage(root, name, who) {
     h('div', { className: 'toolbar' }, h('h1', { className: 'title', tabindex: '-1' }, name), xToggle, live),
     cards,
     seriesNote,
+    // The charts' titles are h3: a heading above them for those who go by headings (h1, then h3 was a jump).
+    h('h2', { className: 'visually-hidden' }, 'Charts'),
     chartsEl,
     h('section', {}, h('h2', {}, 'Hyperparameters'), hyperEl),
     h('section', {}, h('h2', {}, 'Norms'), normsEl),

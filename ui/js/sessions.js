@@ -155,7 +155,10 @@ export function sessionsPage(root, who) {
     ))));
     // The empty state spans every column shown (the open-round column only when a session has rounds).
     const columns = [...table.querySelectorAll('thead th')].filter((th) => !(/** @type {HTMLElement} */ (th)).hidden).length;
-    if (sessions.length === 0) body.append(h('tr', { className: 'empty' }, h('td', { colspan: String(columns), className: 'muted' }, why ?? (search ? `No session name contains "${search}".` : 'No sessions yet.'))));
+    // A later page emptied meanwhile (its sessions deleted) says so: the sessions before it are still there.
+    const empty = cursors.length > 0 ? 'No more sessions on this page (deleted meanwhile?): Previous goes back.'
+      : search ? `No session name contains "${search}".` : 'No sessions yet.';
+    if (sessions.length === 0) body.append(h('tr', { className: 'empty' }, h('td', { colspan: String(columns), className: 'muted' }, why ?? empty)));
     prev.disabled = cursors.length === 0;
     nextButton.disabled = next === null;
     pageInfo.textContent = `page ${cursors.length + 1}`;

@@ -130,8 +130,10 @@ export function snapshotsSection(root, name, admin, changed) {
     }
     keepFocus(body, 'data-snapshot', () => body.replaceChildren(...snapshots.map((s) => {
       const file = `${name}-v${s.version}`;
+      // Each button names its snapshot for a screen reader ("Pin snapshot 12", not "Pin" once a row).
+      const of = `snapshot ${s.id}`;
       const dl = (/** @type {string} */ path, /** @type {string} */ filename, /** @type {string} */ label) =>
-        h('button', { onclick: () => download(`${base}/snapshots/${s.id}/${path}`, filename).catch((err) => { status.textContent = `Failed: ${err.message}`; status.className = 'error'; }) }, label);
+        h('button', { 'aria-label': `download ${label} of ${of}`, onclick: () => download(`${base}/snapshots/${s.id}/${path}`, filename).catch((err) => { status.textContent = `Failed: ${err.message}`; status.className = 'error'; }) }, label);
       return h('tr', { id: `snapshot-${s.id}`, 'data-snapshot': s.id },
         h('td', { className: 'num' }, String(s.id)),
         h('td', { className: 'num' }, String(s.version)),
@@ -145,18 +147,18 @@ export function snapshotsSection(root, name, admin, changed) {
           dl('params?format=safetensors', `${file}.safetensors`, 'safetensors')),
         h('td', {},
           h('button', {
-            disabled: !admin, title: disabledNote, 'data-action': s.pinned ? 'unpin' : 'pin',
+            disabled: !admin, title: disabledNote, 'data-action': s.pinned ? 'unpin' : 'pin', 'aria-label': `${s.pinned ? 'Unpin' : 'Pin'} ${of}`,
             onclick: () => act(() => api(`${base}/snapshots/${s.id}`, { method: 'PATCH', json: { pinned: !s.pinned } }), s.pinned ? `unpinned ${s.id}` : `pinned ${s.id}`),
           }, s.pinned ? 'Unpin' : 'Pin'), ' ',
           h('button', {
-            disabled: !admin, title: disabledNote, 'data-action': 'restore',
+            disabled: !admin, title: disabledNote, 'data-action': 'restore', 'aria-label': `Restore ${of}…`,
             onclick: async () => {
               if (!(await confirmDialog(`Restore ${name} to snapshot ${s.id} (version ${s.version}, step ${s.step})? The session's current state is replaced by it as a new version; workers continue from there.`))) return;
               await act(() => api(`${base}/snapshots/${s.id}/restore`, { method: 'POST' }), `restored snapshot ${s.id}`);
             },
           }, 'Restore…'), ' ',
           h('button', {
-            disabled: !admin, title: disabledNote, 'data-action': 'fork',
+            disabled: !admin, title: disabledNote, 'data-action': 'fork', 'aria-label': `Fork ${of}…`,
             onclick: async () => {
               const target = prompt(`Fork ${name} at snapshot ${s.id} as a new session named:`, forkName(name, s.version));
               if (!target) return;
