@@ -1,7 +1,7 @@
 // Runs the benchmarks and writes bench/RESULTS.md (and bench/results.json, the figures it is made from).
 //   npm run bench                      every benchmark
 //   npm run bench -- durable-step pglite   some of them (the others keep their last figures)
-// Names: kernel, durable-step, throughput, pglite, catchup, memory, training, dashboard, rounds. Each also runs alone:
+// Names: kernel, durable-step, throughput, pglite, catchup, memory, training, dashboard, rounds, stall. Each also runs alone:
 // `node bench/<name>.ts` (prints, writes nothing).
 import { execFileSync } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
@@ -15,6 +15,7 @@ import { runKernelBench, type KernelBenchRow } from './kernel.ts';
 import { runMemoryBench } from './memory.ts';
 import { runPgliteBench } from './pglite.ts';
 import { runRoundsBench } from './rounds.ts';
+import { runStallBench } from './stall.ts';
 import { runThroughputBench } from './throughput.ts';
 import { runTrainingBench } from './training.ts';
 
@@ -62,9 +63,10 @@ const BENCHES: Record<string, () => Promise<{ results: BenchResult[]; rows?: Ker
   training: one(() => runTrainingBench({ python: PYTHON })),
   dashboard: one(runDashboardBench),
   rounds: one(runRoundsBench),
+  stall: one(runStallBench),
 };
 /** Result keys in the order the summary lists them. */
-const RESULT_ORDER = ['kernel', 'kernel-wd', 'durable-step', 'throughput', 'pglite', 'catchup', 'memory', 'big-step', 'training', 'dashboard', 'rounds'];
+const RESULT_ORDER = ['kernel', 'kernel-wd', 'durable-step', 'throughput', 'pglite', 'catchup', 'memory', 'big-step', 'training', 'dashboard', 'rounds', 'stall'];
 
 function torchVersion(): string {
   try {
