@@ -61,14 +61,18 @@ export default fp(
       held.set(request, bytes);
       return null;
     };
-    const release = async (request: FastifyRequest) => {
+    const release = (request: FastifyRequest, done: () => void) => {
       const bytes = held.get(request);
-      if (bytes === undefined) return;
-      held.delete(request);
-      inFlight -= bytes;
+      if (bytes !== undefined) {
+        held.delete(request);
+        inFlight -= bytes;
+      }
+      done();
     };
-    fastify.addHook('onResponse', release);
-    fastify.addHook('onRequestAbort', release);
+    if (budget > 0) {
+      fastify.addHook('onResponse', (request, _reply, done) => release(request, done));
+      fastify.addHook('onRequestAbort', (request, done) => release(request, done));
+    }
     // Bodies are JSON or files; fastify's default text/plain parser would hand routes a string.
     fastify.removeContentTypeParser('text/plain');
     // JSON arrives as bytes and is bounded before it becomes one string: a text beyond V8's string limit
