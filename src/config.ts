@@ -33,7 +33,7 @@ export interface Config {
   bodyLimitDefault: number;
   /** Largest JSON body on any route: a JSON text is decoded into one string, which V8 caps at ~512 MiB. */
   bodyLimitJson: number;
-  /** JSON body bytes a process reads and parses at once (over 1 MiB each; 0: no bound). */
+  /** JSON body bytes a process parses and holds at once (bodies over 1 MiB, arrived whole, until answered; 0: no bound). */
   jsonInFlightBytes: number;
   requestTimeoutMs: number;
   /** Open connections a process accepts (Node's server.maxConnections); more are closed as they come. */

@@ -45,33 +45,36 @@ const mib = (bytes: number) => `${(bytes / (1024 * 1024)).toFixed(bytes < 10 * 1
 export default fp(
   async function contentTypesPlugin(fastify: FastifyInstance, opts: { config: Config }) {
     const limit = opts.config.bodyLimitJson;
-    // Large JSON bodies read and parsed at once, bounded: JSON.parse of a body of floats takes several times
+    // Large JSON bodies parsed and held at once, bounded: JSON.parse of a body of floats takes several times
     // its size of heap (the text, then an array of numbers), and six 160 MB creates sent together took the
-    // process past V8's heap limit (found by a hostile review). A body over the bound waits for none: 503
-    // with Retry-After (the clients retry it); one body is always taken, however large.
+    // process past V8's heap limit (found by a hostile review). A body is counted once it has arrived whole,
+    // before it is parsed (not when its length is announced: two clients announcing 256 MiB and sending
+    // nothing would have shut large bodies out), until its answer is sent or its connection closes (a
+    // client that gave up on a slow answer got no onResponse, and its share was held for good). A body
+    // over the bound waits for none: 503 with Retry-After (the clients retry it); one is always taken.
     const budget = opts.config.jsonInFlightBytes;
     let inFlight = 0;
     const held = new WeakMap<FastifyRequest, number>();
     const hold = (request: FastifyRequest, bytes: number): Error | null => {
       if (budget === 0 || bytes < COUNTED_JSON_BYTES || held.has(request)) return null;
       if (inFlight > 0 && inFlight + bytes > budget) {
-        return errors.unavailable(`body: ${mib(bytes)} of JSON while this process is reading ${mib(inFlight)} of JSON bodies (ASGD_JSON_IN_FLIGHT_BYTES ${mib(budget)}: parsing JSON takes several times its size in memory); retry shortly, or send large tensors as safetensors`, 1);
+        return errors.unavailable(`body: ${mib(bytes)} of JSON while this process holds ${mib(inFlight)} of JSON bodies it is parsing or answering (ASGD_JSON_IN_FLIGHT_BYTES ${mib(budget)}: parsing JSON takes several times its size in memory); retry shortly, or send large tensors as safetensors`, 1);
       }
       inFlight += bytes;
       held.set(request, bytes);
       return null;
     };
-    const release = (request: FastifyRequest, done: () => void) => {
+    const release = (request: FastifyRequest) => {
       const bytes = held.get(request);
-      if (bytes !== undefined) {
-        held.delete(request);
-        inFlight -= bytes;
-      }
-      done();
+      if (bytes === undefined) return;
+      held.delete(request);
+      inFlight -= bytes;
     };
     if (budget > 0) {
-      fastify.addHook('onResponse', (request, _reply, done) => release(request, done));
-      fastify.addHook('onRequestAbort', (request, done) => release(request, done));
+      fastify.addHook('onResponse', (request, _reply, done) => {
+        release(request);
+        done();
+      });
     }
     // Bodies are JSON or files; fastify's default text/plain parser would hand routes a string.
     fastify.removeContentTypeParser('text/plain');
@@ -106,7 +109,7 @@ export default fp(
         done(errors.jsonBodyTooLarge(limit), undefined);
         return;
       }
-      // A chunked body (no Content-Length) is counted once it is here, before it is parsed.
+      // Counted once it is here, before it is parsed.
       const busy = hold(request, bytes.length);
       if (busy) {
         done(busy, undefined);
@@ -172,13 +175,13 @@ export default fp(
         }
       });
     });
-    fastify.addHook('preParsing', async (request) => {
-      // Refuse a JSON body announced as too large before reading it; count a large one before reading it.
+    fastify.addHook('preParsing', async (request, reply) => {
+      // Refuse a JSON body announced as too large before reading it.
       if (request.mediaType !== 'application/json') return;
       const announced = Number(request.headers['content-length']);
       if (announced > limit) throw errors.jsonBodyTooLarge(limit);
-      const busy = Number.isSafeInteger(announced) ? hold(request, announced) : null;
-      if (busy) throw busy;
+      // A large one's share (taken by the parser) goes when the response is done or the connection closes.
+      if (budget > 0 && !(announced < COUNTED_JSON_BYTES)) reply.raw.once('close', () => release(request));
     });
     // Files (torch.save, safetensors) arrive as one Buffer, bounded by the route's bodyLimit; their format's
     // reader in src/formats checks them, not AJV (route schemas key their body schema by media type).
