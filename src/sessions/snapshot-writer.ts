@@ -205,8 +205,8 @@ export function createSnapshotWriter(ctx: SessionContext) {
       await copyInSlices(bytes, params);
       return { meta, parts: [bytes], same };
     };
-    const copied = inPlace ? null : await capture(true);
-    const job = async () => {
+    type Captured = Awaited<ReturnType<typeof capture>>;
+    const job = async (copied: Captured | null) => {
       // In place: the state as it is now that this job holds the lock (steps may have moved it since).
       if (!copied && (closing || cache.get(session.id) !== entry)) return;
       const { meta, parts, same } = copied ?? (await capture(false));
@@ -233,9 +233,25 @@ export function createSnapshotWriter(ctx: SessionContext) {
         else log.warn({ err, session: session.name, version: meta.version }, `background ${what} failed`);
       }
     };
-    const running = inPlace ? ctx.mutex.run(session.name, job) : job();
+    // Pending from the start, the copy included: a shutdown that begins while the copy is made waits for the
+    // write (it was added once the copy was made: a shutdown then neither waited for it nor wrote its own).
+    let copyMade!: () => void;
+    const made = new Promise<void>((resolve) => (copyMade = resolve));
+    const running = (async () => {
+      let copied: Captured | null = null;
+      try {
+        copied = inPlace ? null : await capture(true);
+      } catch (err) {
+        log.warn({ err, session: session.name }, `background ${what} not written: its copy failed`);
+        return;
+      } finally {
+        copyMade();
+      }
+      await (inPlace ? ctx.mutex.run(session.name, () => job(null)) : job(copied));
+    })();
     pending.add(running);
     void running.finally(() => pending.delete(running));
+    return made;
   }
 
   /** Waits for the background snapshots under way. */
