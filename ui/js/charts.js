@@ -67,7 +67,9 @@ export function valueRange(min, max, scale) {
 export function valueSplits(_u, _axis, min, max, incr) {
   if (!(incr > 0) || !Number.isFinite(min) || !Number.isFinite(max)) return [];
   const splits = [];
-  for (let k = Math.ceil(min / incr); k * incr <= max && splits.length < 1000; k++) splits.push(k * incr || 0);
+  // A hair of slack at both ends: min / incr of a tick that is at the end (0.3 / 0.1) may be 2.9999999999999996.
+  const slack = incr * 1e-9;
+  for (let k = Math.ceil((min - slack) / incr); k * incr <= max + slack && splits.length < 1000; k++) splits.push(k * incr || 0);
   return splits;
 }
 
