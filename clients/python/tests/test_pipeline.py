@@ -71,8 +71,9 @@ class PipelineMatchesReplay(ServiceTestCase):
     def test_pipelined_lr_going_back_to_an_earlier_value_reaches_the_session(self):
         # An lr that comes back to its value of two steps before (A, B, A: CyclicLR at each peak and trough)
         # while the step that set B is still in flight must still be sent: the session stepped with B before.
+        name = unique("pipe-back")
         model = make_model()
-        opt = self.remote(model.named_parameters(), pipeline=True)
+        opt = self.remote(model.named_parameters(), session=name, create=True, pipeline=True)
         lrs = [0.05, 0.02, 0.05, 0.02, 0.05, 0.05, 0.01, 0.02, 0.01, 0.01]
         sent = []
         for i, lr in enumerate(lrs):
@@ -81,17 +82,37 @@ class PipelineMatchesReplay(ServiceTestCase):
             nn.functional.mse_loss(model(X), y).backward()
             sent.append([p.grad.clone() for p in model.parameters()])
             opt.param_groups[0]["lr"] = lr
-            opt.step()
+            opt.step(metrics={"i": i})
         opt.synchronize()
+        # The service's order: the two steps in flight travel on two connections, and under load (seen once
+        # in CI) the service may take the second first; the replay follows the session's versions, each step
+        # with the lr the session had at its version (its recorded hyperparameter changes).
+        order = {int(p["values"]["i"]): p["version"] for p in self._metrics(name)}
+        self.assertEqual(sorted(order), list(range(len(lrs))))
+        changes = self._changes(name)
+        lr_at = lambda v: [lr for version, lr in [(1, HYPER["lr"])] + changes if version <= v][-1]
         want = make_model()
         torch_opt = torch.optim.ASGD(want.parameters(), **HYPER)
-        for lr, grads in zip(lrs, sent):
-            torch_opt.param_groups[0]["lr"] = lr
-            for p, g in zip(want.parameters(), grads):
+        for i in sorted(order, key=order.get):
+            torch_opt.param_groups[0]["lr"] = lr_at(order[i])
+            for p, g in zip(want.parameters(), sent[i]):
                 p.grad = g
             torch_opt.step()
-        self.assertParamsIdentical(model, want, "each step with the lr set before it")
-        self.assertEqual(opt.session_hyperparameters[0]["lr"], lrs[-1])
+        self.assertParamsIdentical(model, want, "each step with the lr the session had at its version")
+        if [order[i] for i in range(len(lrs))] == sorted(order.values()):
+            # In the order sent (as almost always): each step ran with the lr set before it, A, B, A included.
+            self.assertEqual([lr_at(order[i]) for i in range(len(lrs))], lrs)
+            self.assertEqual(opt.session_hyperparameters[0]["lr"], lrs[-1])
+
+    def _metrics(self, name):
+        """The session's training series: one point per step (version, values)."""
+        import json
+        import urllib.request
+
+        req = urllib.request.Request(f"{self.url}/v1/sessions/{urllib.parse.quote(name)}/metrics?limit=10000",
+                                     headers={"authorization": f"Bearer {self.token}"} if self.token else {})
+        with urllib.request.urlopen(req) as r:
+            return json.load(r)["points"]
 
     def _changes(self, name):
         """The session's recorded hyperparameter changes: (version, lr of group 0)."""
