@@ -596,6 +596,8 @@ async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Da
     throw err;
   }
   const orm = drizzlePglite(client, { schema });
+  /** The migrations journal's count (APPLIED_MIGRATIONS_SQL), as checkMigrated and appliedCount read it. */
+  const journalCount = async () => (await client.query<{ n: string }>(APPLIED_MIGRATIONS_SQL)).rows[0].n;
   void options;
 
   const fix = <R>(rows: unknown[]): R[] => {
@@ -638,12 +640,11 @@ async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Da
     byteaParam: (n) => `decode($${n}, 'base64')`,
     byteaValue: (buf) => buf.toString('base64'),
     async migrate() {
-      const applied = () => appliedCount(async () => (await client.query<{ n: string }>(APPLIED_MIGRATIONS_SQL)).rows[0].n);
-      const before = await applied();
+      const before = await appliedCount(journalCount);
       await migratePglite(orm, { migrationsFolder: MIGRATIONS_DIR });
-      return (await applied()) - before;
+      return (await appliedCount(journalCount)) - before;
     },
-    ready: () => checkMigrated(async () => (await client.query<{ n: string }>(APPLIED_MIGRATIONS_SQL)).rows[0].n),
+    ready: () => checkMigrated(journalCount),
     poolStats: () => ({ total: 1, idle: 1, waiting: 0 }),
     // In-process: PGlite delivers a committed NOTIFY to its own listeners.
     async listen(channel, handlers) {

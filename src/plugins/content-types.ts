@@ -70,12 +70,6 @@ export default fp(
       held.delete(request);
       inFlight -= bytes;
     };
-    if (budget > 0) {
-      fastify.addHook('onResponse', (request, _reply, done) => {
-        release(request);
-        done();
-      });
-    }
     // Bodies are JSON or files; fastify's default text/plain parser would hand routes a string.
     fastify.removeContentTypeParser('text/plain');
     // JSON arrives as bytes and is bounded before it becomes one string: a text beyond V8's string limit
@@ -180,7 +174,8 @@ export default fp(
       if (request.mediaType !== 'application/json') return;
       const announced = Number(request.headers['content-length']);
       if (announced > limit) throw errors.jsonBodyTooLarge(limit);
-      // A large one's share (taken by the parser) goes when the response is done or the connection closes.
+      // A large one's share (taken by the parser) goes with the response's close: emitted once it is sent
+      // (injected ones too) or when the connection ends first. No hook on every other request.
       if (budget > 0 && !(announced < COUNTED_JSON_BYTES)) reply.raw.once('close', () => release(request));
     });
     // Files (torch.save, safetensors) arrive as one Buffer, bounded by the route's bodyLimit; their format's
