@@ -14,6 +14,7 @@ import { SESSION_NAME_SOURCE } from './sessions/spec.ts';
 import contentTypesPlugin from './plugins/content-types.ts';
 import corsPlugin from './plugins/cors.ts';
 import dbPlugin from './plugins/db.ts';
+import arrivalOrderPlugin from './plugins/arrival-order.ts';
 import sessionsPlugin from './plugins/sessions.ts';
 import notifierPlugin from './plugins/notifier.ts';
 import roundsPlugin from './plugins/rounds.ts';
@@ -64,6 +65,8 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
   await fastify.register(contentTypesPlugin, { config });
   await fastify.register(dbPlugin, { config, migrate: opts.migrate ?? false, database: opts.database });
   await fastify.register(sessionsPlugin, { config });
+  // Before the hooks that wait on the database (limits, auth): a worker's steps keep their arrival order.
+  await fastify.register(arrivalOrderPlugin, { config });
   await fastify.register(notifierPlugin);
   await fastify.register(roundsPlugin);
   await fastify.register(limitsPlugin, { config });

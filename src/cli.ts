@@ -56,6 +56,7 @@ export const FLAGS: Flag[] = [
   { env: 'ASGD_SWEEP_INTERVAL_MS', value: 'ms', help: 'how often to look for idle sessions to delete (default 60000; 0 = never)' },
   { env: 'ASGD_IDEMPOTENCY_WINDOW_SECONDS', value: 's', help: 'how long Idempotency-Key answers are kept (default 86400)' },
   { env: 'ASGD_STEP_LINGER_US', value: 'us', help: 'how long a batch of steps may wait for clients about to step again (default 2000; 0 = never)' },
+  { env: 'ASGD_WORKER_ORDER_WAIT_MS', value: 'ms', help: 'how long a step that names its worker waits at most for that worker\'s earlier steps (default 2000; 0 = no ordering)' },
   { env: 'ASGD_KERNEL', value: 'auto|wasm-fma|wasm|js', help: 'optimizer kernel (default auto: wasm-fma where its self-test passes, else wasm)' },
   { env: 'ASGD_FMA', value: 'true|false', help: 'fused multiply-add as PyTorch on AVX2 (default true)' },
   { env: 'ASGD_CACHE_BYTES', value: 'bytes', help: 'decoded session state kept in memory (default 4 GiB)' },

@@ -50,6 +50,8 @@ export interface Config {
   idempotencyWindowSeconds: number;
   /** How long a batch of steps may wait for clients that usually step again sooner (sessions/linger.ts); 0 = never. */
   stepLingerUs: number;
+  /** How long a step naming its worker waits at most for that worker's earlier steps in this process (sessions/arrival-order.ts); 0 = no ordering. */
+  workerOrderWaitMs: number;
   /** ASGD_KERNEL: 'auto' picks wasm-fma where its start-up self-test passes, else wasm. */
   kernel: KernelChoice;
   fma: boolean;
@@ -293,6 +295,7 @@ export function loadConfig(env: Env = process.env): Config {
     // retry of a keyed step then failed.
     idempotencyWindowSeconds: int(env, 'ASGD_IDEMPOTENCY_WINDOW_SECONDS', 86_400, 1, MAX_IDEMPOTENCY_WINDOW_S),
     stepLingerUs: int(env, 'ASGD_STEP_LINGER_US', 2_000, 0, 100_000),
+    workerOrderWaitMs: int(env, 'ASGD_WORKER_ORDER_WAIT_MS', 2_000, 0, 60_000),
     kernel,
     fma: bool(env, 'ASGD_FMA', true),
     cacheBytes: int(env, 'ASGD_CACHE_BYTES', 4096 * MiB, 0),

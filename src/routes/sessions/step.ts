@@ -164,7 +164,8 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
   }
 
   fastify.post('/:name/step', {
-    config: ACCESS.step,
+    // A worker named in the query keeps its steps' arrival order (src/sessions/arrival-order.ts).
+    config: { ...ACCESS.step, workerOrder: true },
     bodyLimit: opts.config.bodyLimitStep,
     // A JSON step is bounded by the session's size before the body is read whole and parsed (json-bound.ts).
     preParsing: jsonBoundBySession(fastify, 'a JSON step', 'gradients'),
@@ -267,7 +268,11 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
       if (!reply.raw.writableFinished) gone.abort();
     };
     reply.raw.once('close', onClose);
-    const outcome = await fastify.rounds.step(name, input, {
+    // The worker's earlier steps join the session's queue first; this one joins it in the call below (its
+    // first part runs at once), and the worker's next step may follow.
+    const place = request.workerPlace;
+    if (place) await place.turn();
+    const stepping = fastify.rounds.step(name, input, {
       ifMatch: ifMatchOf(request),
       idempotencyKey,
       client: worker ?? request.raw.socket,
@@ -289,7 +294,9 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
         },
         encodeAt: (view: StateView, stepped: StepAnswerValue) => (encoded = encodeParams(view, stepped, returning === 'averaged', answerFormat as 'json' | 'safetensors')),
       }),
-    }).finally(() => reply.raw.removeListener('close', onClose));
+    });
+    place?.leave();
+    const outcome = await stepping.finally(() => reply.raw.removeListener('close', onClose));
     if (outcome.status === 202) {
       request.log.info({ round: outcome.round.version, contributions: outcome.round.contributions }, 'contribution pending');
       if (fastify.versions.stats().closed) reply.header('connection', 'close'); // shutting down: re-POST elsewhere
