@@ -23,12 +23,13 @@ test('norms: L2 norms of the parameters and of ax at the current version, with s
   await create(app, 'n1');
   let res = await app.inject({ url: '/v1/sessions/n1/norms' });
   assert.equal(res.statusCode, 200, res.body);
-  // Before any step: ax is zeros (PyTorch's initial state), ‖w‖ = ‖(3, 4, 0, 0)‖ = 5.
+  // Before any step: no state, and each parameter averages to itself (as params?averaged=true reads it,
+  // not the zeros of ax that PyTorch creates at the first step): ‖w‖ = ‖(3, 4, 0, 0)‖ = 5.
   assert.deepEqual(res.json(), {
     session: 'n1', version: 1, step: 0,
     params: [
-      { name: 'w', numel: 4, norm: 5, ax_norm: 0, step: null, eta: null, mu: null },
-      { name: 'b', numel: 1, norm: 2, ax_norm: 0, step: null, eta: null, mu: null },
+      { name: 'w', numel: 4, norm: 5, ax_norm: 5, step: null, eta: null, mu: null },
+      { name: 'b', numel: 1, norm: 2, ax_norm: 2, step: null, eta: null, mu: null },
     ],
   });
   assert.equal(res.headers.etag, '"1"');
@@ -46,6 +47,7 @@ test('norms: L2 norms of the parameters and of ax at the current version, with s
   // b had no gradient: no state yet, as in PyTorch.
   assert.equal(norms.params[1].step, null);
   assert.equal(norms.params[1].norm, 2);
+  assert.equal(norms.params[1].ax_norm, l2(averaged.b.data), 'as the averaged read');
   assert.equal((await app.inject({ url: '/v1/sessions/nope/norms' })).json().code, 'SESSION_NOT_FOUND');
   assert.equal((await app.inject({ url: '/v1/sessions/bad%20name/norms' })).statusCode, 400);
 });

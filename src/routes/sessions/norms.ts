@@ -16,7 +16,7 @@ const ParamNorm = Type.Object({
   name: Type.String(),
   numel: Type.Integer(),
   norm: Float(`L2 norm of the parameter (float64 sum of squares of its float32 values)${NONFINITE}`),
-  ax_norm: Float(`L2 norm of ASGD's averaged parameter ax${NONFINITE}`),
+  ax_norm: Float(`L2 norm of ASGD's averaged parameter ax, as params?averaged=true reads it (a parameter that has not stepped averages to itself)${NONFINITE}`),
   step: Type.Union([Float('ASGD\'s per-parameter step'), Type.Null()], { description: `ASGD's per-parameter step; null before its first step${NONFINITE}` }),
   eta: Type.Union([Float('eta'), Type.Null()], { description: `ASGD's eta; null before the first step${NONFINITE}` }),
   mu: Type.Union([Float('mu'), Type.Null()], { description: `ASGD's mu; null before the first step${NONFINITE}` }),
@@ -49,7 +49,8 @@ export function normsOf(view: StateView) {
         name: p.name,
         numel,
         norm: jsonScalar(l2(view.paramData, offset, numel)),
-        ax_norm: jsonScalar(l2(view.axData, offset, numel)),
+        // As ?averaged=true reads it: a parameter that has not stepped (no state, as in PyTorch) averages to itself.
+        ax_norm: jsonScalar(l2(scalars ? view.axData : view.paramData, offset, numel)),
         step: scalars ? jsonScalar(scalars.step) : null,
         eta: scalars ? jsonScalar(scalars.eta) : null,
         mu: scalars ? jsonScalar(scalars.mu) : null,

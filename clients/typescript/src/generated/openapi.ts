@@ -3121,7 +3121,7 @@ export interface operations {
                             numel: number;
                             /** @description L2 norm of the parameter (float64 sum of squares of its float32 values) ("NaN", "Infinity" or "-Infinity" when not finite) */
                             norm: number | "NaN" | "Infinity" | "-Infinity";
-                            /** @description L2 norm of ASGD's averaged parameter ax ("NaN", "Infinity" or "-Infinity" when not finite) */
+                            /** @description L2 norm of ASGD's averaged parameter ax, as params?averaged=true reads it (a parameter that has not stepped averages to itself) ("NaN", "Infinity" or "-Infinity" when not finite) */
                             ax_norm: number | "NaN" | "Infinity" | "-Infinity";
                             /** @description ASGD's per-parameter step; null before its first step ("NaN", "Infinity" or "-Infinity" when not finite) */
                             step: (number | "NaN" | "Infinity" | "-Infinity") | (never | null);
