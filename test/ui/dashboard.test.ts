@@ -238,4 +238,27 @@ test('dashboard: a session with synchronous rounds shows its open round in the l
   assert.match((await cell('rounds-run')) ?? '', /^2 of 3 · \d+ s$/);
   assert.equal(await cell('plain-run'), '—');
   await screenshot(page, 'sessions-rounds');
+
+  // The session's page shows the open round too (found by a review: it showed nothing of it), with who
+  // contributed in its title, and follows it: contributions change the round, not the version.
+  await page.goto(`${base}/ui/#/s/rounds-run`);
+  await page.waitForSelector('[data-card=round]');
+  const round = () => page.$eval('[data-card=round]', (el) => ({ value: el.querySelector('b')?.textContent ?? '', label: el.querySelector('span')?.textContent ?? '', title: el.getAttribute('title') ?? '' }));
+  let shown = await round();
+  assert.match(shown.value, /^2 of 3 · \d+ s$/);
+  assert.equal(shown.label, 'open round');
+  assert.equal(shown.title, 'a round steps at 3 contributions · contributed: w0, w1');
+  const contribute = (worker: string, version: number) => fetch(`${base}/v1/sessions/rounds-run/step?wait=1`, {
+    method: 'POST', headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ grads: { w: [0.1, 0.2] }, base_version: version, worker }),
+  });
+  assert.equal((await contribute('w2', 1)).status, 200, 'the third contribution steps the round');
+  await page.waitForFunction(() => document.querySelector('[data-card=round] b')?.textContent === 'waiting', undefined, { timeout: 10_000 });
+  assert.equal((await contribute('w1', 2)).status, 202);
+  await page.waitForFunction(() => /^1 of 3 · /.test(document.querySelector('[data-card=round] b')?.textContent ?? ''), undefined, { timeout: 15_000 });
+  shown = await round();
+  assert.equal(shown.title, 'a round steps at 3 contributions · contributed: w1');
+  await page.goto(`${base}/ui/#/s/plain-run`);
+  await page.waitForSelector('[data-card=step]');
+  assert.equal(await page.$('[data-card=round]'), null, 'no round card for a session without rounds');
 });

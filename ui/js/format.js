@@ -78,3 +78,29 @@ export function keepFocus(container, keyAttr, rebuild) {
   const target = [...again.querySelectorAll(focusable), ...(again.matches(focusable) ? [again] : [])][index];
   /** @type {HTMLElement | undefined} */ (target)?.focus({ preventScroll: true });
 }
+
+/**
+ * The open round of a session with aggregation: "2 of 3 · 4 s" (contributions of the count it steps at, and
+ * its age), or "waiting" with none yet; "—" for a session without rounds.
+ * @param {any} s
+ */
+export function roundCell(s) {
+  if (!s.aggregation) return '—';
+  if (!s.round || s.round.contributions === 0) return 'waiting';
+  const of = s.aggregation.contributions ? ` of ${s.aggregation.contributions}` : '';
+  return `${s.round.contributions}${of} · ${fmtAgo(new Date(Date.now() - s.round.age_s * 1000).toISOString())}`;
+}
+
+/**
+ * What a session's rounds are set to and who is in the open one, for a title: "steps at 3 contributions or
+ * 30 s (at least 2) · contributed: w0, w1 (96 samples)".
+ * @param {any} s
+ */
+export function roundTitle(s) {
+  const a = s.aggregation;
+  if (!a) return '';
+  const at = [a.contributions ? `${a.contributions} contributions` : null, a.target_samples ? `${a.target_samples} samples` : null].filter(Boolean).join(' or ');
+  const timeout = a.timeout_s ? ` or ${a.timeout_s} s${a.min_contributions ? ` (at least ${a.min_contributions})` : ''}` : '';
+  const workers = s.round?.workers?.length ? ` · contributed: ${s.round.workers.join(', ')}${s.round.samples !== null && s.round.samples !== undefined ? ` (${s.round.samples} samples)` : ''}` : ' · no contribution yet';
+  return `a round steps at ${at}${timeout}${workers}`;
+}

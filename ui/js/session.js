@@ -3,7 +3,7 @@
 // service without it, polling with If-None-Match) triggers a refresh of what changed, with no reload.
 import { api, ApiError, backoffMs, followEvents, getToken, isUnreachable, readSignal, sleep } from './api.js';
 import { Chart } from './charts.js';
-import { fmtAgo, fmtBytes, fmtNum, h } from './format.js';
+import { fmtAgo, fmtBytes, fmtNum, h, roundCell, roundTitle } from './format.js';
 import { changesOn, etaMu, hyperAt, lineage, MAX_POINTS, present, metricNames, RATE_LABEL, stepsLastMinute, stepsPerSecond, toPoint } from './series.js';
 import { snapshotsSection } from './snapshots.js';
 import { storedBytes } from './sessions.js';
@@ -166,8 +166,8 @@ export function sessionPage(root, name, who) {
     const last = shown[shown.length - 1];
     // The same figure as the sessions list's: steps in the last minute ÷ 60.
     const rate = seriesAvailable ? stepsLastMinute(points).perSecond : null;
-    const card = (/** @type {string} */ id, /** @type {string} */ label, /** @type {string} */ value) => h('div', { className: 'card', 'data-card': id }, h('b', {}, value), h('span', {}, label));
-    cards.replaceChildren(
+    const card = (/** @type {string} */ id, /** @type {string} */ label, /** @type {string} */ value, title = '') => h('div', { className: 'card', 'data-card': id, ...(title && { title }) }, h('b', {}, value), h('span', {}, label));
+    cards.replaceChildren(...[
       card('step', 'step', fmtNum(session.step)),
       card('version', 'version', fmtNum(session.version)),
       card('rate', RATE_LABEL, rate === null ? '—' : fmtNum(rate, 3)),
@@ -175,7 +175,9 @@ export function sessionPage(root, name, who) {
       card('staleness', 'staleness (last step)', last ? fmtNum(last.staleness) : '—'),
       card('stored', 'stored', fmtBytes(storedBytes(session))),
       card('params', 'parameters', `${session.params.length} · ${fmtNum(session.numel)}`),
-    );
+      // Synchronous rounds: the open one (its contributions and age; who contributed in the title).
+      session.aggregation ? card('round', 'open round', roundCell(session), roundTitle(session)) : null,
+    ].filter((c) => c !== null));
   }
 
   function drawHyper() {
@@ -650,10 +652,15 @@ export function sessionPage(root, name, who) {
     // A quiet session (no events) is still read now and then: the stream stays up while the database is
     // away, and the indicator must not stay green over reads that would fail.
     // A version newer than the page shows (an event lost on the way) is caught up with from here.
-    if (now - readOkAt >= 3 * TICK_MS && !running) {
+    // A session with rounds is read at every tick: contributions change its open round, not its version.
+    if ((now - readOkAt >= 3 * TICK_MS || session.aggregation) && !running) {
       api(base, { signal: stop.signal }).then((current) => {
         readOk();
         if (session && current.version !== session.version) refresh(true);
+        else if (session && current.aggregation) {
+          session = { ...session, round: current.round, aggregation: current.aggregation };
+          drawCards();
+        }
       }, tickFailed);
     }
   }, TICK_MS);

@@ -1,7 +1,7 @@
 // The sessions page: one row per session with its progress, paged by name (the API's cursor) and
 // filtered on the server by a search text, so thousands of sessions stay one small request away.
 import { api } from './api.js';
-import { fmtAgo, fmtBytes, fmtNum, h, keepFocus } from './format.js';
+import { fmtAgo, fmtBytes, fmtNum, h, keepFocus, roundCell } from './format.js';
 import { RATE_LABEL } from './series.js';
 
 const PAGE = 50;
@@ -172,16 +172,4 @@ export function sessionsPage(root, who) {
     clearInterval(timer);
     clearTimeout(debounce);
   };
-}
-
-/**
- * The open round of a session with aggregation: "2 of 3 · 4 s" (contributions of the count it steps at, and
- * its age), or "waiting" with none yet; "—" for a session without rounds.
- * @param {any} s
- */
-function roundCell(s) {
-  if (!s.aggregation) return '—';
-  if (!s.round || s.round.contributions === 0) return 'waiting';
-  const of = s.aggregation.contributions ? ` of ${s.aggregation.contributions}` : '';
-  return `${s.round.contributions}${of} · ${fmtAgo(new Date(Date.now() - s.round.age_s * 1000).toISOString())}`;
 }
