@@ -183,6 +183,21 @@ def _same(a: Any, b: Any) -> bool:
     return a == b and type(a) is type(b)
 
 
+def _plain(value: Any) -> bool:
+    """A value a checkpoint file (torch.save loaded with weights_only, or JSON) holds as it is."""
+    return value is None or type(value) in (bool, int, float, str)
+
+
+def _merge_group(group: Dict[str, Any], changed: Mapping[str, Any]) -> None:
+    """Into a checkpoint's group: hyperparameters changed here replace the session's; other keys (a
+    scheduler's initial_lr) fill in where the session's group has none."""
+    for k, v in changed.items():
+        if k in HYPERPARAMETER_KEYS:
+            group[k] = v
+        else:
+            group.setdefault(k, v)
+
+
 _WENT_BACK = re.compile(r"base_version: (\d+) is newer than the session's version \d+$")
 
 
@@ -1442,9 +1457,14 @@ class RemoteASGD(torch.optim.Optimizer):
         # With rounds the values changed here since the last contribution were not sent (see above): the file
         # gets them, as torch.save(opt.state_dict()) has a scheduler's epoch-end lr.
         changes = self._group_changes() if self.aggregation is not None else None
+        # Keys of this optimizer's groups that steps do not carry (a scheduler's initial_lr, which resuming
+        # it with last_epoch= requires) go in the file where the session has none, as opt.state_dict() has them.
+        extras = [{k: v for k, v in local.items() if k != "params" and k not in HYPERPARAMETER_KEYS and _plain(v)}
+                  for local in self.param_groups]
+        changes = [{**extra, **(changes[i] if changes else {})} for i, extra in enumerate(extras)] if any(extras) or changes else None
         if changes and format == "json":
             for group, changed in zip(data["optimizer"]["param_groups"], changes):
-                group.update(changed)
+                _merge_group(group, changed)
         elif changes:
             import io
 
@@ -1452,7 +1472,7 @@ class RemoteASGD(torch.optim.Optimizer):
             load_kw: Dict[str, Any] = {"weights_only": True} if int(torch.__version__.split(".")[0]) >= 2 else {}
             checkpoint = torch.load(io.BytesIO(data), map_location="cpu", **load_kw)
             for group, changed in zip(checkpoint["optimizer"]["param_groups"], changes):
-                group.update(changed)
+                _merge_group(group, changed)
             out = io.BytesIO()
             torch.save(checkpoint, out)
             data = out.getvalue()

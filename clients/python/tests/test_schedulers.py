@@ -69,6 +69,43 @@ class SchedulersMatchTorch(ServiceTestCase):
     def test_step_lr(self):
         self.check("StepLR")
 
+    def test_a_downloaded_checkpoint_resumes_a_scheduler_as_torch_save_of_state_dict_does(self):
+        # Found by a review: the file lacked the scheduler's initial_lr, and StepLR(..., last_epoch=) raised KeyError.
+        import os
+        import tempfile
+
+        ref = make_model()
+        torch_opt = torch.optim.ASGD(for_torch(ref.named_parameters()), **HYPER)
+        ref_sched = torch.optim.lr_scheduler.StepLR(torch_opt, step_size=4, gamma=0.5)
+        model = make_model()
+        opt = self.remote(model.named_parameters())
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+        loop(ref, torch_opt, ref_sched, range(10))
+        loop(model, opt, sched, range(10))
+        for fmt in ("pt", "json"):
+            with self.subTest(fmt), tempfile.TemporaryDirectory() as d:
+                path = opt.download_checkpoint(os.path.join(d, f"ck.{fmt}"), format=fmt)
+                if fmt == "pt":
+                    ck = torch.load(path)
+                else:
+                    import json
+
+                    with open(path) as f:
+                        ck = json.load(f)
+                group = ck["optimizer"]["param_groups"][0]
+                self.assertEqual(group["initial_lr"], HYPER["lr"])
+                self.assertEqual(group["lr"], torch_opt.param_groups[0]["lr"], "the session's lr, not the first one")
+        # Resumed locally from the file: the scheduler takes last_epoch and goes on as the reference does.
+        resumed = make_model()
+        local = torch.optim.ASGD(resumed.parameters(), **HYPER)
+        with tempfile.TemporaryDirectory() as d:
+            ck = torch.load(opt.download_checkpoint(os.path.join(d, "ck.pt")))
+        resumed.load_state_dict(ck["model"])
+        local.load_state_dict(ck["optimizer"])
+        local_sched = torch.optim.lr_scheduler.StepLR(local, step_size=4, gamma=0.5, last_epoch=ck["step"] - 1)
+        self.assertEqual(loop(resumed, local, local_sched, range(10, 20)), loop(ref, torch_opt, ref_sched, range(10, 20)))
+        self.assertParamsIdentical(resumed, ref, "resumed from the checkpoint")
+
     def test_one_cycle_lr(self):
         self.check("OneCycleLR")
 
