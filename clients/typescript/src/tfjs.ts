@@ -11,7 +11,7 @@
 // 'pull' (default) drops it and loads the session's parameters, 'raise' throws it from synchronize().
 import { Optimizer, serialization, tensor, type NamedTensorMap, type Scalar, type Tensor as TfTensor, type Variable } from '@tensorflow/tfjs-core';
 import { ASGDClient } from './client.ts';
-import { BaseVersionAhead, RoundPending, SessionExists, SessionNotFound, StaleGradient } from './errors.ts';
+import { BaseVersionAhead, RoundPending, SessionExists, SessionNotFound, StaleGradient, VersionMismatch } from './errors.ts';
 import { newIdempotencyKey, randomUuid, type TransportOptions } from './http.ts';
 import type { Tensor, TensorInput } from './tensors.ts';
 import type { Aggregation, Hyperparameters, Session, StepOptions, StepParamGroup, StepResult } from './types.ts';
@@ -201,6 +201,12 @@ export class RemoteASGD extends Optimizer {
   /** Steps sent (or queued) whose answers have not been written into the variables yet. */
   private inFlight = 0;
   private warnedBehind = false;
+  /**
+   * Per parameter: its values as last synced with the session (written from an answer, created, or sent).
+   * A variable that differs from them was edited outside the optimizer (`assign`, `model.setWeights`, a
+   * clamp): the session takes its values before the next step, as torch.optim.ASGD steps edited weights.
+   */
+  private readonly synced = new Map<string, Float32Array>();
 
   /** The client's logger (its `logger` option): stale drops warn, a session created or joined is a notice. */
   private get logger() {
@@ -246,7 +252,12 @@ export class RemoteASGD extends Optimizer {
       // As safetensors: the variables' float32 bits, 4 bytes an element (as JSON, a model above ~23M
       // parameters passed the service's 256 MiB JSON limit, and building the text took seconds and GBs).
       const tensors: Record<string, TensorInput> = {};
-      for (const v of vars) tensors[paramOf.get(v.name)!] = { shape: v.shape.slice(), data: Float32Array.from(await v.data()) };
+      const values = new Map<string, Float32Array>();
+      for (const v of vars) {
+        const data = Float32Array.from(await v.data());
+        values.set(paramOf.get(v.name)!, data);
+        tensors[paramOf.get(v.name)!] = { shape: v.shape.slice(), data };
+      }
       // The variables' order is the session's: named where an object's key order would not keep it (integer-like names).
       const order = vars.map((v) => paramOf.get(v.name)!);
       const named = order.some((n) => /^(0|[1-9]\d*)$/.test(n)) ? { param_groups: [{ params: order }] } : {};
@@ -261,6 +272,7 @@ export class RemoteASGD extends Optimizer {
         return this.join(session, variableOf, bind);
       }
       bind();
+      for (const [param, data] of values) this.synced.set(param, data);
       this.version = session.version;
       this.aggregation = session.aggregation ?? null;
       this.knownGroups = groupsOf(session);
@@ -323,7 +335,10 @@ export class RemoteASGD extends Optimizer {
       // Read now: tfjs disposes the gradients as soon as this returns.
       grads[param] = { shape: g.shape.slice(), data: Float32Array.from(g.dataSync() as Float32Array) };
     }
-    const baseVersion = this.version;
+    // The gradient was computed on the variables as they are now: edited since the last sync, the session
+    // takes them before this step goes out (and the step's base_version is then the version they made).
+    const edited = this.editedParams().length > 0;
+    let baseVersion = this.version;
     const metrics = this.pendingLoss !== undefined && Number.isFinite(this.pendingLoss) ? { loss: this.pendingLoss } : undefined;
     const paramGroups = this.nextParamGroups;
     // A contribution when the session has rounds. The worker id goes with every step, as the Python client
@@ -372,6 +387,14 @@ export class RemoteASGD extends Optimizer {
         return;
       }
       if (own && own.version < baseVersion) this.pendingRound = null; // the variables are past that round
+      if (edited) {
+        try {
+          if (await this.pushEdits()) baseVersion = this.version;
+        } catch (err) {
+          this.failure = err;
+          return;
+        }
+      }
       await this.settle({ version: baseVersion, send, paramGroups });
     }).finally(settled);
   }
@@ -411,7 +434,7 @@ export class RemoteASGD extends Optimizer {
       if (this.pendingRound?.version === step.version) this.pendingRound = null;
       this.lastStep = answer;
       if (answer.param_groups) this.knownGroups = answer.param_groups.map((g) => ({ ...g }));
-      if (answer.params) this.write(answer.params, answer.paramsVersion ?? answer.version);
+      if (answer.params) this.write(answer.params, answer.paramsVersion ?? answer.version, true);
       else {
         // A service without return=params: read them (a second request).
         const current = await this.client.params(this.session);
@@ -495,18 +518,75 @@ export class RemoteASGD extends Optimizer {
     this.pendingRound = null;
   }
 
-  private write(params: Record<string, Tensor>, version: number): void {
+  /**
+   * Writes the session's parameters into the variables. `keepEdits` (a step's answer): the elements of a
+   * variable edited since the last sync (while its step was in flight) keep their edited values, which the
+   * next step sends; the others take the session's.
+   */
+  private write(params: Record<string, Tensor>, version: number, keepEdits = false): void {
     if (version < this.version) return; // an older answer than what the variables hold
     // Every shape first: a mismatch leaves all variables as they were.
     this.checkShapes(this.variableOf, new Map(Object.entries(params).map(([p, t]) => [p, t.shape])));
+    const kept: string[] = [];
     for (const [param, t] of Object.entries(params)) {
       const v = this.variableOf.get(param);
       if (!v) continue;
-      const value = tensor(t.data, t.shape, 'float32');
+      let data = t.data;
+      const before = keepEdits ? this.synced.get(param) : undefined;
+      if (before && before.length === data.length) {
+        const now = v.dataSync() as Float32Array;
+        if (!sameBits(now, before)) {
+          data = mergeEdits(now, before, data);
+          kept.push(param);
+        }
+      }
+      const value = tensor(data, t.shape, 'float32');
       v.assign(value);
       value.dispose();
+      this.synced.set(param, t.data);
     }
     this.version = version;
+    if (kept.length) {
+      this.logger?.info?.(`[${this.worker}] session ${this.session}: ${listed(kept)} changed while a step was in flight; the changed elements keep their new values over that step's result and are sent with the next step`);
+    }
+  }
+
+  /** The attached parameters whose variables differ (bit for bit) from their last synced values. */
+  private editedParams(): string[] {
+    const edited: string[] = [];
+    for (const [param, v] of this.variableOf) {
+      const before = this.synced.get(param);
+      if (before && !sameBits(v.dataSync() as Float32Array, before)) edited.push(param);
+    }
+    return edited;
+  }
+
+  /**
+   * PUT params with the variables' values, at the version the optimizer knows (If-Match). When other
+   * workers' steps came in between (412), their parameters are written first, the edited elements kept,
+   * and the result sent at the newer version: an edit replaces the elements it changed, nothing else.
+   * True when something was sent.
+   */
+  private async pushEdits(): Promise<boolean> {
+    for (let attempt = 0; ; attempt++) {
+      const edited = this.editedParams();
+      if (!edited.length) return false;
+      const values: Record<string, Tensor> = {};
+      for (const [param, v] of this.variableOf) values[param] = { shape: v.shape.slice(), data: Float32Array.from(await v.data()) };
+      let session: Session;
+      try {
+        session = await this.client.loadParams(this.session, values, { ifMatch: this.version });
+      } catch (err) {
+        if (!(err instanceof VersionMismatch) || attempt >= PUSH_ATTEMPTS - 1) throw err;
+        const current = await this.client.params(this.session);
+        this.write(current.params, current.version, true);
+        continue;
+      }
+      for (const [param, t] of Object.entries(values)) this.synced.set(param, t.data);
+      this.version = Math.max(this.version, session.version);
+      this.logger?.info?.(`[${this.worker}] session ${this.session}: parameters changed outside the optimizer (${listed(edited)}); sent the variables' values (version ${session.version}): the next step applies to them`);
+      return true;
+    }
   }
 
   /**
@@ -548,6 +628,31 @@ export class RemoteASGD extends Optimizer {
     // The optimizer's state lives in the service (GET /v1/sessions/{name}/state_dict), not in the model file.
   }
 }
+
+/** How often an edit is sent again after other workers' steps came in between (412). */
+const PUSH_ATTEMPTS = 5;
+
+/** Whether two float32 arrays hold the same bits (NaN payloads and -0 included). */
+function sameBits(a: Float32Array, b: Float32Array): boolean {
+  if (a.length !== b.length) return false;
+  const x = new Uint32Array(a.buffer, a.byteOffset, a.length);
+  const y = new Uint32Array(b.buffer, b.byteOffset, b.length);
+  for (let i = 0; i < x.length; i++) if (x[i] !== y[i]) return false;
+  return true;
+}
+
+/** `answer` with the elements where `now` differs (in bits) from `before` taken from `now`. */
+function mergeEdits(now: Float32Array, before: Float32Array, answer: Float32Array): Float32Array {
+  const merged = Float32Array.from(answer);
+  const m = new Uint32Array(merged.buffer);
+  const x = new Uint32Array(now.buffer, now.byteOffset, now.length);
+  const y = new Uint32Array(before.buffer, before.byteOffset, before.length);
+  for (let i = 0; i < x.length; i++) if (x[i] !== y[i]) m[i] = x[i];
+  return merged;
+}
+
+/** Up to five names, and how many more. */
+const listed = (names: string[]) => names.slice(0, 5).join(', ') + (names.length > 5 ? ` and ${names.length - 5} more` : '');
 
 // tf.loadLayersModel finds the optimizer of a model saved with includeOptimizer: true by this name.
 serialization.registerClass(RemoteASGD);
