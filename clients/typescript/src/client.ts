@@ -181,6 +181,8 @@ export class ASGDClient {
       Object.assign(x.query!, { base_version: options.baseVersion, worker: options.worker, samples: options.samples });
       const shaped = await this.shaped(name, grads);
       const dtype = options.dtype ?? 'F32';
+      // Plain JavaScript can pass anything: said here, not as the service's shape error about the bytes.
+      if (!['F32', 'F16', 'BF16'].includes(dtype)) throw new RangeError(`dtype: ${JSON.stringify(dtype)} is not a gradient dtype (F32, F16 or BF16)`);
       for (const [param, t] of Object.entries(shaped)) {
         const i = firstHalfOverflow(t.data, dtype);
         if (i >= 0) throw new RangeError(`grads.${param}: element ${i} (${t.data[i]}) overflows ${dtype === 'F16' ? 'float16 (largest finite 65504)' : 'bfloat16'}; send it as F32`);

@@ -36,6 +36,8 @@ test('a step with a finite gradient that overflows float16/bfloat16 is refused b
   await assert.rejects(client.step('s', { w: { shape: [1], data: [1] }, b: { shape: [2], data: [1, 1e6] } }, { dtype: 'F16' }),
     /^RangeError: grads\.b: element 1 \(1000000\) overflows float16 \(largest finite 65504\); send it as F32$/);
   await assert.rejects(client.step('s', { b: { shape: [1], data: [3.4e38] } }, { dtype: 'BF16' }), /overflows bfloat16/);
+  // A dtype plain JavaScript passes that is none of them is named, not sent (the service's error spoke of bytes).
+  await assert.rejects(client.step('s', { b: { shape: [1], data: [1] } }, { dtype: 'F64' as 'F32' }), /^RangeError: dtype: "F64" is not a gradient dtype \(F32, F16 or BF16\)$/);
   // The encoder itself is torch's .half(): 1e6 becomes +Infinity there, as in torch.
   const widened = decodeSafetensors(encodeSafetensors({ b: { shape: [2], data: [65504, 1e6] } }, {}, 'F16')).tensors.get('b')!.data;
   assert.deepEqual(Array.from(widened), [65504, Infinity]);
