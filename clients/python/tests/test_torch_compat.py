@@ -355,3 +355,58 @@ class StateDictHooks(ServiceTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TiedWeights(ServiceTestCase):
+    """AWD-LSTM ties its decoder to its encoder: model.state_dict() names the one tensor twice,
+    named_parameters() once. Found by a review: a session created from model.state_dict() held two untied
+    copies (and RemoteASGD then refused the model's names)."""
+
+    def tied(self):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(7, 4), torch.nn.Linear(4, 7, bias=False))
+        model[1].weight = model[0].weight
+        return model
+
+    def send(self, method, path, data):
+        import urllib.error
+        import urllib.request
+
+        headers = {"Content-Type": "application/vnd.pytorch"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req) as res:
+                return res.status, res.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+
+    def test_a_state_dict_naming_a_tied_tensor_twice_is_refused_at_create_and_taken_by_put_params(self):
+        import json
+
+        from _common import unique
+
+        model = self.tied()
+        self.assertEqual([n for n, _ in model.named_parameters()], ["0.weight"])
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        name = unique("tied")
+        status, body = self.send("POST", f"/v1/sessions?name={name}", buf.getvalue())
+        self.assertEqual(status, 400, body)
+        answer = json.loads(body)
+        self.assertEqual(answer["code"], "INVALID_BODY")
+        self.assertIn("params.1.weight: is the same tensor as params.0.weight", answer["message"])
+        self.assertFalse(self.client().session_exists(name), "nothing was created")
+
+        # Created from the model (one parameter): PUT params takes model.state_dict() of the tied model.
+        opt = self.remote(model.named_parameters(), session=name)
+        with torch.no_grad():
+            model[0].weight.mul_(2)
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        status, body = self.send("PUT", f"/v1/sessions/{name}/params", buf.getvalue())
+        self.assertEqual(status, 200, body)
+        params, _ = opt.client.get_params(name)
+        self.assertEqual(list(params), ["0.weight"])
+        self.assertTrue(torch.equal(params["0.weight"], model[0].weight.detach()))

@@ -52,16 +52,42 @@ export function perTensorLimits(count: number): TorchLoadOptions {
 const STATE_DICT_TENSORS = 5;
 const CHECKPOINT_TENSORS = 8;
 
-export function readNamedTensors(format: WireFormat, body: Buffer, field: string, limits: TorchLoadOptions = {}): { tensors: Map<string, Float32Tensor>; metadata: Map<string, string> } {
+export function readNamedTensors(format: WireFormat, body: Buffer, field: string, limits: TorchLoadOptions = {}): NamedTensors {
   const out = new Map<string, Float32Tensor>();
   if (format === 'safetensors') {
     const file = readSafetensors(body, { dtypes: 'all', maxTensors: MAX_PARAMS });
     for (const [name, tensor] of file.tensors) out.set(name, float32Of(tensor, `${field}.${name}`));
-    return { tensors: out, metadata: file.metadata };
+    return { tensors: out, metadata: file.metadata, aliases: new Map() };
   }
   const model = toModelStateDict(readTorchSave(body, { ...limits, name: field }), {}, field);
   for (const [name, tensor] of model.tensors) out.set(name, float32Of(tensor, `${field}.${name}`));
-  return { tensors: out, metadata: new Map() };
+  return { tensors: out, metadata: new Map(), aliases: aliasesOf(model.tensors) };
+}
+
+export interface NamedTensors {
+  tensors: Map<string, Float32Tensor>;
+  metadata: Map<string, string>;
+  /**
+   * Names of a torch.save'd state_dict that are the same tensor as an earlier name (tied weights, as
+   * `decoder.weight = encoder.weight` makes them: model.state_dict() names the one tensor twice, while
+   * named_parameters() names it once), each with that earlier name.
+   */
+  aliases: Map<string, string>;
+}
+
+/** Entries that view exactly the same elements (storage, offset, shape) as an earlier one: alias -> first name. */
+function aliasesOf(tensors: Map<string, Tensor>): Map<string, string> {
+  const first = new Map<string, string>();
+  const aliases = new Map<string, string>();
+  for (const [name, tensor] of tensors) {
+    const { data } = tensor;
+    if (data.length === 0) continue; // empty tensors share nothing
+    const key = `${data.byteOffset}:${data.byteLength}:${tensor.dtype}:${tensor.shape.join(',')}`;
+    const seen = first.get(key);
+    if (seen !== undefined && tensors.get(seen)!.data.buffer === data.buffer) aliases.set(name, seen);
+    else if (seen === undefined) first.set(key, name);
+  }
+  return aliases;
 }
 
 /**

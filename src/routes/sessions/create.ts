@@ -74,7 +74,12 @@ function checkParamList(params: ParamSpec[]): void {
  * parameter and, in safetensors, the `asgd` metadata entry (merged); `?name=` may give the name alone.
  */
 function parseFileCreate(body: Buffer, query: CreateQuery, format: WireFormat, config: Config): CreateInput {
-  const { tensors, metadata } = readNamedTensors(format, body, 'params');
+  const { tensors, metadata, aliases } = readNamedTensors(format, body, 'params');
+  // Tied weights: two untied copies would train apart, and the model's named_parameters() (RemoteASGD) would
+  // not match the session's names.
+  for (const [alias, name] of aliases) {
+    throw errors.invalidBody(`params.${alias}: is the same tensor as params.${name} in this file (tied weights, as model.state_dict() names them): send the parameters once each, as dict(model.named_parameters()) has them`);
+  }
   // The options come from the query (?options=) and, in a safetensors file, its `asgd` metadata entry: a
   // fault in them is named where it is (INVALID_QUERY options… / INVALID_BODY __metadata__.asgd…). Given in
   // both, they are merged; a key in both with different values is refused (the query's used to win silently).

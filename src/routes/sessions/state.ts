@@ -72,7 +72,12 @@ const ParamsIn = Type.Object({
 function readParamsBody(body: Static<typeof ParamsIn> | Buffer, format: WireFormat, sessionParams: readonly ParamSpec[]): LoadedParams {
   const params: LoadedParams = new Map();
   if (Buffer.isBuffer(body)) {
-    for (const [name, tensor] of readNamedTensors(format, body, 'params', perTensorLimits(sessionParams.length)).tensors) {
+    const { tensors, aliases } = readNamedTensors(format, body, 'params', perTensorLimits(sessionParams.length));
+    const known = new Set(sessionParams.map((p) => p.name));
+    for (const [name, tensor] of tensors) {
+      // model.state_dict() of a model with tied weights names one tensor twice: the name the session does
+      // not have is that tensor again, not an unknown parameter.
+      if (aliases.has(name) && !known.has(name) && known.has(aliases.get(name)!)) continue;
       const bad = firstNonFinite(tensor.data);
       if (bad >= 0) throw errors.invalidTensor(`params.${name}.data[${bad}]`, 'is not finite');
       params.set(name, { shape: tensor.shape, data: tensor.data });
