@@ -152,12 +152,21 @@ async function checkMigrated(count: () => Promise<string>, warn?: (message: stri
 
 let warnedNewer = false;
 
-/** How many migrations the journal records (`count()` as in checkMigrated); 0 where it cannot be read. */
+/** How many migrations the journal records (`count()` as in checkMigrated); 0 where there is no journal yet. */
 async function appliedCount(count: () => Promise<string>): Promise<number> {
   try {
     return Number(await count());
-  } catch {
-    return 0; // no journal yet, or not readable by this role: the migrator says what is wrong
+  } catch (err) {
+    const code = (err as { code?: unknown }).code;
+    // A journal this role may not read is not "nothing applied": that sent an operator who had missed a
+    // grant to apply migrations that were all there (found by an operator's review).
+    if (code === INSUFFICIENT_PRIVILEGE) {
+      const out = new Error(`${describeDbFailure(err)} while reading the migrations journal: grant this role USAGE ON SCHEMA drizzle and SELECT ON drizzle.__drizzle_migrations (README, "PostgreSQL", privileges)`);
+      (out as { code?: string }).code = INSUFFICIENT_PRIVILEGE;
+      throw out;
+    }
+    if (code !== '42P01' && code !== '3F000') throw err; // undefined table or schema: nothing applied yet
+    return 0;
   }
 }
 

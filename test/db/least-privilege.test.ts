@@ -74,6 +74,24 @@ test('a least-privilege serving role starts with ASGD_MIGRATE=true on a migrated
   }
 });
 
+test('a serving role that may not read the migrations journal is told which grant it lacks, not that migrations are pending', { skip, timeout: 60_000 }, async (t) => {
+  // Found by an operator's review: the unreadable journal counted as "nothing applied", the start then ran
+  // drizzle's CREATE SCHEMA and failed saying migrations were pending, when all were applied.
+  const { owner, role, url } = await servingRole(t);
+  await owner.query(`REVOKE SELECT ON drizzle.__drizzle_migrations FROM ${role}`);
+  const serving = await openDatabase({ databaseUrl: url, dataDir: '', poolSize: 1 });
+  try {
+    await assert.rejects(serving.migrate(), (err: Error & { code?: string }) => {
+      assert.match(err.message, /^PostgreSQL: permission denied for table __drizzle_migrations \(SQLSTATE 42501\) while reading the migrations journal: grant this role USAGE ON SCHEMA drizzle and SELECT ON drizzle.__drizzle_migrations/);
+      assert.doesNotMatch(err.message, /pending/);
+      assert.equal(err.code, '42501');
+      return true;
+    });
+  } finally {
+    await serving.close();
+  }
+});
+
 test('a table without its grants (one an upgrade added) or a read-only database: /readyz and requests are 503 naming why, not ready and 500', { skip, timeout: 60_000 }, async (t) => {
   // Found by an operator's review: the readiness check read only the migrations' journal, and a missing
   // privilege (SQLSTATE 42501) or a read-only database (25006) on a request fell through to 500 INTERNAL,
