@@ -9,6 +9,7 @@ import { openDatabase, type MigrationCount } from './db/database.ts';
 import { describeDbFailure } from './db/errors.ts';
 import { databaseTarget, untilConnected } from './db/wait.ts';
 import { OPS_COMMANDS, runOps, type OpsIo } from './cli/ops.ts';
+import { exitOnSignalWhile } from './signals.ts';
 
 interface Flag {
   env: string;
@@ -169,6 +170,9 @@ export async function main(
     if (parsed.command === 'migrate') {
       let counted: MigrationCount;
       let applied: number;
+      // As `serve` while it starts: as PID 1 (the compose file's one-shot migrate service) a signal has no
+      // default effect, and `docker compose stop` waited out its grace period.
+      const stopped = exitOnSignalWhile('migrating: stopped; the next migrate applies what this one did not', (line) => io.stderr.write(`${line}\n`));
       const db = await openDatabase({
         databaseUrl: config.databaseUrl, dataDir: config.dataDir, poolSize: 1,
         onWarning: (message) => io.stderr.write(`asgd-serve: ${message}\n`),
@@ -182,6 +186,7 @@ export async function main(
         });
         counted = await db.ready();
       } finally {
+        stopped();
         await db.close();
       }
       const where = config.databaseUrl ? 'PostgreSQL' : `embedded database in ${config.dataDir}`;

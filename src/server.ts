@@ -11,6 +11,7 @@ import { describeDbFailure } from './db/errors.ts';
 import { KernelUnavailableError } from './optim/index.ts';
 import { holdProcessWarnings } from './process-warnings.ts';
 import { DASHBOARD_PATH } from './routes/root/index.ts';
+import { exitOnSignalWhile } from './signals.ts';
 
 const PARENT_CHECK_MS = 1_000;
 
@@ -42,19 +43,8 @@ export function tuneHeap(): void {
 
 export async function startServer(config: Config, opts: { migrate?: boolean } = {}) {
   tuneHeap();
-  // A signal while the app is built (waiting for PostgreSQL, migrating, PGlite's first start) ends the start:
-  // without a handler, node as PID 1 (a container without an init) ignores SIGTERM, and `docker stop` waited
-  // out its grace period (found by an operator's review). What a start left half done is redone by the next.
-  const signalledWhileStarting = (signal: NodeJS.Signals) => {
-    console.error(`asgd-serve: ${signal} while starting: stopped before serving`);
-    process.exit(128 + (signal === 'SIGINT' ? 2 : 15));
-  };
-  process.on('SIGTERM', signalledWhileStarting);
-  process.on('SIGINT', signalledWhileStarting);
-  const started = () => {
-    process.off('SIGTERM', signalledWhileStarting);
-    process.off('SIGINT', signalledWhileStarting);
-  };
+  // A signal while the app is built ends the start (signals.ts). What a start left half done is redone by the next.
+  const started = exitOnSignalWhile('starting: stopped before serving');
   // Warnings said while the app is built (node-postgres reads DATABASE_URL's sslmode) wait for its logger.
   const warnings = holdProcessWarnings();
   let app: Awaited<ReturnType<typeof buildApp>>;

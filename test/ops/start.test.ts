@@ -77,26 +77,30 @@ test('a replica started before PostgreSQL accepts connections waits for it (sayi
   assert.equal((await fetch(`${banner.url}/readyz`)).status, 200);
 });
 
-test('SIGTERM while starting (waiting for PostgreSQL) stops the process at once, also as PID 1 in a container', async (t) => {
-  // Found by an operator's review: the signal handlers came after the start, and node as PID 1 (no init in
-  // the image) ignores a signal it has no handler for: `docker stop` waited its whole grace period.
-  const port = await freePort(); // nothing listens there: the start waits for PostgreSQL
-  const url = new URL(PG_ADMIN_URL);
-  url.port = String(port);
-  const env = { DATABASE_URL: url.toString(), ASGD_DB_START_TIMEOUT_MS: '60000', PORT: '0', LOG_LEVEL: 'info' };
-  const pid1 = spawnSync('unshare', ['-fp', '--kill-child', 'true']).status === 0; // root, as CI: a PID namespace
-  const run = pid1 ? spawnService('unshare', ['-fp', '--kill-child', process.execPath, 'src/server.ts'], env) : spawnService(process.execPath, ['src/server.ts'], env);
-  t.after(() => { run.child.kill('SIGKILL'); });
-  const deadline = Date.now() + 20_000;
-  while (!/waiting for PostgreSQL/.test(run.output()) && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100));
-  assert.match(run.output(), /waiting for PostgreSQL/);
-  // The server itself: unshare's child (PID 1 in its namespace), or the spawned node.
-  const server = pid1 ? Number(readFileSync(`/proc/${run.child.pid}/task/${run.child.pid}/children`, 'utf8').trim().split(' ')[0]) : run.child.pid!;
-  if (pid1) assert.match(readFileSync(`/proc/${server}/status`, 'utf8'), /^NSpid:\s+\d+\s+1$/m, 'PID 1 in its namespace');
-  const sent = Date.now();
-  process.kill(server, 'SIGTERM');
-  const code = await Promise.race([run.exited, new Promise((resolve) => setTimeout(() => resolve('still running 10 s later'), 10_000))]);
-  assert.equal(code, 143, run.output());
-  assert.ok(Date.now() - sent < 10_000);
-  assert.match(run.output(), /asgd-serve: SIGTERM while starting: stopped before serving/);
-});
+for (const [command, said] of [['serve', 'starting: stopped before serving'], ['migrate', 'migrating: stopped']] as const) {
+  test(`SIGTERM while \`${command}\` waits for PostgreSQL stops the process at once, also as PID 1 in a container`, async (t) => {
+    // Found by operators' reviews: the signal handlers came after the start, and node as PID 1 (no init in
+    // the image) ignores a signal it has no handler for: `docker stop` waited its whole grace period; then
+    // the same of the compose file's one-shot `migrate`.
+    const port = await freePort(); // nothing listens there: the start waits for PostgreSQL
+    const url = new URL(PG_ADMIN_URL);
+    url.port = String(port);
+    const env = { DATABASE_URL: url.toString(), ASGD_DB_START_TIMEOUT_MS: '60000', PORT: '0', LOG_LEVEL: 'info' };
+    const args = command === 'serve' ? ['src/server.ts'] : ['bin/asgd-serve.mjs', 'migrate'];
+    const pid1 = spawnSync('unshare', ['-fp', '--kill-child', 'true']).status === 0; // root, as CI: a PID namespace
+    const run = pid1 ? spawnService('unshare', ['-fp', '--kill-child', process.execPath, ...args], env) : spawnService(process.execPath, args, env);
+    t.after(() => { run.child.kill('SIGKILL'); });
+    const deadline = Date.now() + 20_000;
+    while (!/waiting for PostgreSQL/.test(run.output()) && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100));
+    assert.match(run.output(), /waiting for PostgreSQL/);
+    // The process itself: unshare's child (PID 1 in its namespace), or the spawned node.
+    const server = pid1 ? Number(readFileSync(`/proc/${run.child.pid}/task/${run.child.pid}/children`, 'utf8').trim().split(' ')[0]) : run.child.pid!;
+    if (pid1) assert.match(readFileSync(`/proc/${server}/status`, 'utf8'), /^NSpid:\s+\d+\s+1$/m, 'PID 1 in its namespace');
+    const sent = Date.now();
+    process.kill(server, 'SIGTERM');
+    const code = await Promise.race([run.exited, new Promise((resolve) => setTimeout(() => resolve('still running 10 s later'), 10_000))]);
+    assert.equal(code, 143, run.output());
+    assert.ok(Date.now() - sent < 10_000);
+    assert.ok(run.output().includes(`asgd-serve: SIGTERM while ${said}`), run.output());
+  });
+}
