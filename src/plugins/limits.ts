@@ -34,6 +34,9 @@ export interface DatabaseHealth {
   refusal?: string;
 }
 
+/** How often a database found down is asked again (when the periodic check is less frequent). */
+const RECHECK_MS = 500;
+
 export default fp(
   async function limitsPlugin(fastify: FastifyInstance, opts: { config: Config }) {
     const { config } = opts;
@@ -59,8 +62,29 @@ export default fp(
         else fastify.log.info('database reachable again');
       }
       Object.assign(health, { up: problem === null, problem, refusal: problem === 'refused' ? refusalMessage(error)! : undefined });
+      if (problem !== null) recheckSoon();
       return problem === null;
     };
+    // While the database is down, it is asked again every RECHECK_MS: the API serves again as soon as it
+    // answers, not at the next periodic check (up to ASGD_HEALTH_CHECK_INTERVAL_MS later; found by an
+    // operator's review). under-pressure keeps its own flag until that check: pressureHandler lets requests
+    // through once this probe has seen the database answer.
+    let recheck: NodeJS.Timeout | null = null;
+    let closed = false;
+    function recheckSoon(): void {
+      if (recheck || closed || RECHECK_MS >= config.healthCheckIntervalMs) return;
+      recheck = setTimeout(() => {
+        void probe().finally(() => {
+          recheck = null;
+          if (!health.up) recheckSoon();
+        });
+      }, RECHECK_MS);
+      recheck.unref();
+    }
+    fastify.addHook('onClose', async () => {
+      closed = true;
+      if (recheck) clearTimeout(recheck);
+    });
     await fastify.register(underPressure, {
       maxEventLoopDelay: config.maxEventLoopDelayMs,
       maxHeapUsedBytes: config.maxHeapUsedBytes,
@@ -69,7 +93,7 @@ export default fp(
       pressureHandler: (request: FastifyRequest, _reply: unknown, type: string) => {
         const url = request.routeOptions.url ?? '';
         if (EXEMPT_FROM_PRESSURE.has(url)) return undefined;
-        if (type === 'healthCheck' && needsNoDatabase(url)) return undefined;
+        if (type === 'healthCheck' && (needsNoDatabase(url) || health.up)) return undefined;
         const why = type !== 'healthCheck' ? `the server is overloaded (${type}); retry shortly`
           : health.problem === 'not-migrated' ? (config.databaseUrl
             ? 'the database is not migrated: run `asgd-serve migrate` (or start with ASGD_MIGRATE=true)'
