@@ -14,6 +14,7 @@ import { copyToSql, parseBinaryCopy, type BinaryColumns } from './binary-results
 import { describeDbFailure } from './errors.ts';
 import { listenPostgres, type ListenHandlers, type Listener } from './listener.ts';
 import { lockDataDir, type DataDirLock } from './data-dir-lock.ts';
+import { ConfigError } from '../config.ts';
 import { endWithin, pauseSilence, watchSilence } from './silence.ts';
 
 export { DatabaseSilentError, QUERY_CANCELED } from './silence.ts';
@@ -593,9 +594,15 @@ async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Da
   const { PGlite, drizzle: drizzlePglite, migrate: migratePglite } = pgliteDrizzle();
   let lock: DataDirLock | null = null;
   if (dataDir !== 'memory://') {
-    makeDirectories(dataDir);
-    // Before PGlite reads a file: a second owner would lose writes. (No logger yet: stderr, as start-up errors.)
-    lock = await lockDataDir(dataDir, { onWait: (message) => process.stderr.write(`asgd-serve: ${message}\n`) });
+    try {
+      makeDirectories(dataDir);
+      // Before PGlite reads a file: a second owner would lose writes. (No logger yet: stderr, as start-up errors.)
+      lock = await lockDataDir(dataDir, { onWait: (message) => process.stderr.write(`asgd-serve: ${message}\n`) });
+    } catch (err) {
+      // A directory that cannot be made or written (a file there, no permission): the setting is named.
+      if (typeof (err as NodeJS.ErrnoException).code !== 'string' || !(err as NodeJS.ErrnoException).syscall) throw err;
+      throw new ConfigError(`ASGD_DATA_DIR (--data-dir) ${dataDir}: the embedded database's directory cannot be used: ${(err as Error).message}`);
+    }
   }
   let client: InstanceType<typeof PGlite>;
   try {

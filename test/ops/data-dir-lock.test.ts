@@ -8,6 +8,7 @@ import { hostname, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { test } from 'node:test';
 import { DataDirLockedError, LOCK_FILE, lockDataDir, type LockHolder } from '../../src/db/data-dir-lock.ts';
+import { ConfigError } from '../../src/config.ts';
 import { openDatabase } from '../../src/db/database.ts';
 import { spawnService } from './processes.ts';
 
@@ -287,9 +288,14 @@ test('a chunked body (no Content-Length) is measured as it arrives: one the embe
 
 test('a data directory that cannot be made is an error naming it, at once (Node\'s recursive mkdir spins for good under /proc)', { skip: !existsSync('/proc/self') && 'no /proc here' }, async () => {
   // Found by a review: --data-dir /proc/forbidden never exited, at 100% CPU.
-  await assert.rejects(openDatabase({ databaseUrl: null, dataDir: '/proc/asgd-forbidden/data', poolSize: 1 }), /ENOENT[^\n]*mkdir '\/proc\/asgd-forbidden'/);
+  // The setting is named, as every other bad setting is (an operator's review: the raw ENOENT named nothing).
+  await assert.rejects(openDatabase({ databaseUrl: null, dataDir: '/proc/asgd-forbidden/data', poolSize: 1 }),
+    /^Error: ASGD_DATA_DIR \(--data-dir\) \/proc\/asgd-forbidden\/data: the embedded database's directory cannot be used: ENOENT[^\n]*mkdir '\/proc\/asgd-forbidden'/);
   const file = join(mkdtempSync(join(tmpdir(), 'asgd-file-')), 'f');
   writeFileSync(file, 'x');
-  await assert.rejects(openDatabase({ databaseUrl: null, dataDir: join(file, 'sub'), poolSize: 1 }), /ENOTDIR[^\n]*/);
+  await assert.rejects(openDatabase({ databaseUrl: null, dataDir: join(file, 'sub'), poolSize: 1 }), /^Error: ASGD_DATA_DIR \(--data-dir\) \S+: the embedded database's directory cannot be used: ENOTDIR/);
+  await assert.rejects(openDatabase({ databaseUrl: null, dataDir: '/proc/asgd-forbidden/data', poolSize: 1 }), ConfigError, 'a ConfigError: the CLI says it in one line, exit 2');
+  // A regular file as the directory itself.
+  await assert.rejects(openDatabase({ databaseUrl: null, dataDir: file, poolSize: 1 }), /^Error: ASGD_DATA_DIR \(--data-dir\) \S+: the embedded database's directory cannot be used: ENOTDIR/);
   rmSync(dirname(file), { recursive: true, force: true });
 });
