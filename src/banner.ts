@@ -47,14 +47,17 @@ export interface Banner {
   message: string;
 }
 
-/** `url` is where the process listens (http://host:port, the real port when PORT=0). */
-export function startupBanner(config: Config, url: string, dashboardPath: string): Banner {
+/**
+ * `url` is where the process listens (http://host:port, the real port when PORT=0); `bound`, when it listens
+ * on every interface, what it bound (url is then the loopback address).
+ */
+export function startupBanner(config: Config, url: string, dashboardPath: string, bound?: string): Banner {
   const database = databaseLocation(config);
   const auth = config.adminToken ? 'on' : 'off';
   const docs = `${url}/docs`;
   const dashboard = `${url}${dashboardPath}`;
   const message =
-    `asgd-serve ${SERVICE_VERSION} listening on ${url} | database: ${describe(database)} | ` +
+    `asgd-serve ${SERVICE_VERSION} listening on ${bound ? `${bound}, port ${new URL(url).port}: here ${url}` : url} | database: ${describe(database)} | ` +
     `auth: ${auth === 'on' ? 'on (bearer tokens)' : 'off (no ASGD_ADMIN_TOKEN)'} | docs: ${docs} | dashboard: ${dashboard}`;
   return { fields: { version: SERVICE_VERSION, database, auth, url, docs, dashboard }, message };
 }

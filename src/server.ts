@@ -41,6 +41,9 @@ export function tuneHeap(): void {
   if (!given) setFlagsFromString('--heap-growing-percent=300');
 }
 
+/** Addresses that bind every interface, with the loopback address a client on this host connects to. */
+const WILDCARDS = new Map([['0.0.0.0', '127.0.0.1'], ['::', '::1'], ['[::]', '::1']]);
+
 export async function startServer(config: Config, opts: { migrate?: boolean } = {}) {
   tuneHeap();
   // A signal while the app is built ends the start (signals.ts). What a start left half done is redone by the next.
@@ -99,8 +102,12 @@ export async function startServer(config: Config, opts: { migrate?: boolean } = 
     throw new ListenError(config.host, config.port, err);
   }
   const { port } = app.server.address() as AddressInfo;
-  const host = config.host.includes(':') && !config.host.startsWith('[') ? `[${config.host}]` : config.host;
-  const banner = startupBanner(config, `http://${host}:${port}`, DASHBOARD_PATH);
+  // Bound to every interface (0.0.0.0, ::): the banner's links are the loopback ones, which a browser on this
+  // host can open (http://0.0.0.0:… is no address to connect to), and it says what was bound.
+  const wildcard = WILDCARDS.get(config.host);
+  const shown = wildcard ?? config.host;
+  const host = shown.includes(':') && !shown.startsWith('[') ? `[${shown}]` : shown;
+  const banner = startupBanner(config, `http://${host}:${port}`, DASHBOARD_PATH, wildcard ? `${config.host} (every interface)` : undefined);
   app.log.info(banner.fields, banner.message);
   return app;
 }

@@ -169,6 +169,12 @@ test('the start-up banner: version, database and where, auth, URL, docs; never t
   assert.equal(pglite.fields.docs, 'http://127.0.0.1:8080/docs');
   assert.match(pglite.message, /^asgd-serve \d+\.\d+\.\d+\S* listening on http:\/\/127\.0\.0\.1:8080 \| database: embedded PGlite in \/.*rel\/dir \(no fsync: kept through a killed process, not a power cut\) \| auth: off .*\| docs: http:\/\/127\.0\.0\.1:8080\/docs \| dashboard: http:\/\/127\.0\.0\.1:8080\/ui$/);
 
+  // Bound to every interface (HOST=0.0.0.0): the links are the loopback ones, and the line says what was bound
+  // (an operator's review: http://0.0.0.0:… is no address a client can use).
+  const everywhere = startupBanner(loadConfig({ ASGD_DATA_DIR: 'rel/dir' }), 'http://127.0.0.1:8080', '/ui', '0.0.0.0 (every interface)');
+  assert.equal(everywhere.fields.url, 'http://127.0.0.1:8080');
+  assert.match(everywhere.message, / listening on 0\.0\.0\.0 \(every interface\), port 8080: here http:\/\/127\.0\.0\.1:8080 \| /);
+
   const pg = startupBanner(loadConfig({ DATABASE_URL: 'postgres://asgd:s3cret-pw@db.internal:6543/training?sslmode=require', ASGD_ADMIN_TOKEN: 'x'.repeat(20) }), 'http://127.0.0.1:1', '/ui');
   assert.deepEqual(pg.fields.database, { kind: 'postgres', host: 'db.internal', port: 6543, database: 'training', user: 'asgd' });
   assert.equal(pg.fields.auth, 'on');
