@@ -52,7 +52,10 @@ export interface DataDirLock {
 export interface LockOptions {
   heartbeatMs?: number;
   staleAfterMs?: number;
-  /** Told when the lock's holder runs elsewhere and the wait for its heartbeat (up to staleAfterMs) begins. */
+  /**
+   * Told when the lock's holder runs elsewhere and the wait for its heartbeat (up to staleAfterMs) begins,
+   * and when a lock whose holder is gone is taken over.
+   */
   onWait?: (message: string) => void;
 }
 
@@ -181,6 +184,10 @@ export async function lockDataDir(dir: string, options: LockOptions = {}): Promi
         throw new DataDirLockedError(absolute, holder, sameMachine ? '' : ` (it renewed the lock within the last ${Math.round(staleAfterMs / 1000)} s)`);
       }
     }
+    // Said, as an operator looking at a restart wants to know that the process before did not stop cleanly.
+    options.onWait?.(holder === null
+      ? `the data directory ${absolute} held a lock file nobody renews: taking it over`
+      : `the data directory ${absolute} was locked by pid ${holder.pid} on ${holder.host} (started ${holder.startedAt}), which no longer runs (killed, or its machine restarted): taking the lock over; the database recovers what was committed`);
     takeOver(path, holder, me.token);
   }
   throw new Error(`could not lock the data directory ${absolute}: the lock file ${path} keeps changing`);

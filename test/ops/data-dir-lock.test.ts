@@ -64,6 +64,8 @@ test('a second process on the same data directory exits non-zero naming the dire
   assert.equal((await fetch(`${again.url}/v1/sessions/kept`)).status, 200, 'the new owner has the acknowledged session');
   assert.deepEqual(await (await fetch(`${again.url}/v1/sessions/kept/params`)).json(), before, 'and its acknowledged steps');
   assert.equal((JSON.parse(readFileSync(join(dir, LOCK_FILE), 'utf8')) as LockHolder).pid, restarted.child.pid);
+  // The takeover is said (an operator's review: a restart after a kill -9 looked like any other).
+  assert.match(restarted.output(), new RegExp(`was locked by pid ${first.child.pid} on \\S+ \\(started [^)]+\\), which no longer runs \\(killed, or its machine restarted\\): taking the lock over`));
   restarted.child.kill('SIGTERM');
   assert.equal(await restarted.exited, 0, restarted.output());
   assert.ok(!existsSync(join(dir, LOCK_FILE)), 'a clean exit removes the lock');
