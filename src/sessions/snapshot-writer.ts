@@ -278,6 +278,8 @@ export function createSnapshotWriter(ctx: SessionContext) {
             return;
           }
           await writeState(tx, id, entry.state, 'shutdown');
+          // As background snapshots are: an operator reading a shutdown's log sees what it wrote.
+          log.info({ session: rows[0].name, version: entry.state.version, reason: 'shutdown' }, 'snapshot written');
         }));
       } catch (err) {
         log.warn({ err, sessionId: id }, 'shutdown snapshot failed');

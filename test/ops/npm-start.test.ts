@@ -76,6 +76,8 @@ test('SIGTERM to the pid of `npm start`: the steps in flight are answered, the p
   assert.equal(await listening(port), false, 'the port is free');
   assert.ok(!existsSync(join(dataDir, LOCK_FILE)), 'the data directory is released');
   assert.match(npm.output(), /"msg":"closed"/);
+  // The snapshot the shutdown wrote of the stepped session is said, as background ones are.
+  assert.match(npm.output(), /"session":"inflight","version":4,"reason":"shutdown","msg":"snapshot written"/);
   t.diagnostic(`SIGTERM to exit: ${elapsed} ms`);
 });
 
