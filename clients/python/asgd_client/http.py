@@ -183,8 +183,10 @@ class Connection:
             spare.close()
 
     def __del__(self) -> None:
+        # The spare too (a pipelined loop keeps a second connection): a script that never calls close() got
+        # a ResourceWarning for it at exit (found by a review).
         try:
-            self._drop_connection()
+            self.close()
         except Exception:  # pragma: no cover - interpreter shutdown
             pass
 

@@ -378,3 +378,27 @@ class PipelineMatchesReplay(ServiceTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class PipelineWithoutClose(ServiceTestCase):
+    def test_a_pipelined_script_that_never_calls_close_leaves_no_unclosed_socket_warning(self):
+        # Found by a review: the second keep-alive connection of a pipelined loop was not closed when the
+        # optimizer went away, and python -X dev printed a ResourceWarning at exit.
+        import os
+        import subprocess
+        import sys
+
+        script = (
+            "import sys, torch\n"
+            "from asgd_client import RemoteASGD\n"
+            "m = torch.nn.Linear(3, 2)\n"
+            "o = RemoteASGD(m.named_parameters(), url=sys.argv[1], token=sys.argv[2] or None, session=sys.argv[3], pipeline=True)\n"
+            "for i in range(5):\n"
+            "    o.zero_grad(); m(torch.randn(4, 3)).sum().backward(); o.step()\n"
+            "o.synchronize()\n"
+        )
+        env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), ".."))
+        run = subprocess.run([sys.executable, "-X", "dev", "-c", script, self.url, self.token or "", unique("no-close")],
+                             capture_output=True, text=True, env=env, timeout=120)
+        self.assertEqual(run.returncode, 0, run.stderr)
+        self.assertNotIn("ResourceWarning", run.stderr)
