@@ -60,6 +60,12 @@ export interface RemoteASGDOptions {
   dtype?: StepOptions['dtype'];
   /** Send each step's loss as the metric `loss` (the service keeps it in the session's history). */
   sendLoss?: boolean;
+  /**
+   * Compare the variables with their last synced values at each step and send edited ones first (default
+   * true). It reads the variables back once a step (a GPU read-back on WebGL); false skips it, and edits
+   * made outside the optimizer are then overwritten by the next answer.
+   */
+  detectEdits?: boolean;
   retryBudgetMs?: number;
   /**
    * Stops training when aborted: the step in flight (its retries, a wait for its round) ends, no further
@@ -389,7 +395,12 @@ export class RemoteASGD extends Optimizer {
       if (own && own.version < baseVersion) this.pendingRound = null; // the variables are past that round
       if (edited) {
         try {
-          if (await this.pushEdits()) baseVersion = this.version;
+          // The gradient was computed on the pushed values only when the variables were at its version and
+          // nothing came in between (no step of this worker in flight, no other worker's step merged in on a
+          // 412): then it is the pushed version's. Otherwise it keeps its own, and the service counts how
+          // stale it is (max_staleness, rounds) rather than taking it as fresh (found by a review).
+          const atCapture = this.version === baseVersion;
+          if ((await this.pushEdits()) === 'pushed' && atCapture) baseVersion = this.version;
         } catch (err) {
           this.failure = err;
           return;
@@ -424,7 +435,7 @@ export class RemoteASGD extends Optimizer {
         if (!(err instanceof StaleGradient) || this.onStale !== 'pull') throw err;
         // Dropped: the session moved on without this gradient. Continue from its current parameters.
         const current = await this.client.params(this.session);
-        this.write(current.params, current.version);
+        this.write(current.params, current.version, true); // an edit made meanwhile goes with the next step
         this.staleDropped++;
         this.lastStale = err;
         this.logger?.warn(`[${this.worker}] session ${this.session}: gradient dropped as stale (${err.message}); loaded the parameters at version ${current.version} (${this.staleDropped} dropped so far)`);
@@ -438,7 +449,7 @@ export class RemoteASGD extends Optimizer {
       else {
         // A service without return=params: read them (a second request).
         const current = await this.client.params(this.session);
-        this.write(current.params, current.version);
+        this.write(current.params, current.version, true);
       }
     } catch (err) {
       this.failure = err;
@@ -532,7 +543,7 @@ export class RemoteASGD extends Optimizer {
       const v = this.variableOf.get(param);
       if (!v) continue;
       let data = t.data;
-      const before = keepEdits ? this.synced.get(param) : undefined;
+      const before = keepEdits && this.options.detectEdits !== false ? this.synced.get(param) : undefined;
       if (before && before.length === data.length) {
         const now = v.dataSync() as Float32Array;
         if (!sameBits(now, before)) {
@@ -554,6 +565,7 @@ export class RemoteASGD extends Optimizer {
   /** The attached parameters whose variables differ (bit for bit) from their last synced values. */
   private editedParams(): string[] {
     const edited: string[] = [];
+    if (this.options.detectEdits === false) return edited;
     for (const [param, v] of this.variableOf) {
       const before = this.synced.get(param);
       if (before && !sameBits(v.dataSync() as Float32Array, before)) edited.push(param);
@@ -565,9 +577,10 @@ export class RemoteASGD extends Optimizer {
    * PUT params with the variables' values, at the version the optimizer knows (If-Match). When other
    * workers' steps came in between (412), their parameters are written first, the edited elements kept,
    * and the result sent at the newer version: an edit replaces the elements it changed, nothing else.
-   * True when something was sent.
+   * 'pushed': sent at the version the optimizer knew; 'merged': other workers' steps were merged in first
+   * (412); false: nothing was edited.
    */
-  private async pushEdits(): Promise<boolean> {
+  private async pushEdits(): Promise<'pushed' | 'merged' | false> {
     for (let attempt = 0; ; attempt++) {
       const edited = this.editedParams();
       if (!edited.length) return false;
@@ -585,7 +598,7 @@ export class RemoteASGD extends Optimizer {
       for (const [param, t] of Object.entries(values)) this.synced.set(param, t.data);
       this.version = Math.max(this.version, session.version);
       this.logger?.info?.(`[${this.worker}] session ${this.session}: parameters changed outside the optimizer (${listed(edited)}); sent the variables' values (version ${session.version}): the next step applies to them`);
-      return true;
+      return attempt === 0 ? 'pushed' : 'merged';
     }
   }
 

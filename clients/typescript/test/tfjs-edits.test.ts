@@ -5,6 +5,7 @@
 import assert from 'node:assert/strict';
 import test from 'node:test';
 import * as tf from '@tensorflow/tfjs';
+import { StaleGradient } from '../src/index.ts';
 import { RemoteASGD } from '../src/tfjs.ts';
 import { liveService, uniqueName } from './service.ts';
 
@@ -97,4 +98,24 @@ test('an edit made while other workers stepped the session replaces only the ele
   assert.equal(stored.version, 4, 'the other step, the edit, this step');
   assert.deepEqual(bitsOf(stored.params.v.data), bitsOf(expected.params.v.data));
   assert.deepEqual(bitsOf(await v.data()), bitsOf(expected.params.v.data));
+});
+
+test('a gradient computed before other workers stepped keeps its base_version after an edit is sent: max_staleness still refuses it', async (t) => {
+  // Found by a review: the step took the version the edit made, and a stale gradient went in as fresh.
+  const { client } = await liveService(t, { logger: null });
+  const name = uniqueName('tfjs-edit-stale');
+  const v = tf.variable(tf.tensor1d([1, 2, 3]), true, 'v-edit-stale');
+  const opt = new RemoteASGD({ client, session: name, hyperparameters: { lr: 0.1 }, sessionSettings: { max_staleness: 0 }, onStale: 'raise' });
+  await opt.attach([v], ['v']);
+  const loss = () => v.sub(target).square().sum() as tf.Scalar;
+  // Alone, an edit and a step at the version the edit made: fresh, applied.
+  v.assign(tf.tensor1d([1, 2, 2.5]));
+  opt.minimize(loss, false, [v]);
+  await opt.synchronize();
+  assert.equal((await client.params(name)).version, 3, 'the edit, then the step');
+  // Another worker steps first: this gradient is one version old, edit or not.
+  await client.step(name, { v: [0.5, 0.5, 0.5] });
+  v.assign(tf.tensor1d([1, 2, 2]));
+  opt.minimize(loss, false, [v]);
+  await assert.rejects(opt.synchronize(), StaleGradient);
 });
