@@ -162,7 +162,7 @@ async function appliedCount(count: () => Promise<string>): Promise<number> {
     // A journal this role may not read is not "nothing applied": that sent an operator who had missed a
     // grant to apply migrations that were all there (found by an operator's review).
     if (code === INSUFFICIENT_PRIVILEGE) {
-      const out = new Error(`${describeDbFailure(err)} while reading the migrations journal: grant this role USAGE ON SCHEMA drizzle and SELECT ON drizzle.__drizzle_migrations (README, "PostgreSQL", privileges)`);
+      const out = new Error(`${(err as Error).message} (SQLSTATE ${INSUFFICIENT_PRIVILEGE}) while reading the migrations journal: a serving role needs USAGE ON SCHEMA drizzle and SELECT ON drizzle.__drizzle_migrations (README, "PostgreSQL", privileges); migrations are applied by the role that owns the schema (asgd-serve migrate)`);
       (out as { code?: string }).code = INSUFFICIENT_PRIVILEGE;
       throw out;
     }
