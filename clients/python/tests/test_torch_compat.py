@@ -411,6 +411,20 @@ class TiedWeights(ServiceTestCase):
         self.assertEqual(list(params), ["0.weight"])
         self.assertTrue(torch.equal(params["0.weight"], model[0].weight.detach()))
 
+        # The tutorial's checkpoint of the tied model: {'model': model.state_dict(), 'optimizer': ...}.
+        local = torch.optim.ASGD(model.parameters(), lr=0.05)
+        model(torch.tensor([1, 2])).sum().backward()
+        local.step()
+        buf = io.BytesIO()
+        torch.save({"model": model.state_dict(), "optimizer": local.state_dict(), "step": 1}, buf)
+        status, body = self.send("PUT", f"/v1/sessions/{name}/checkpoint", buf.getvalue())
+        self.assertEqual(status, 200, body)
+        params, _ = opt.client.get_params(name)
+        self.assertEqual(list(params), ["0.weight"])
+        self.assertTrue(torch.equal(params["0.weight"], model[0].weight.detach()))
+        sd = opt.client.get_state_dict(name, format="pt")
+        self.assertTrue(torch.equal(sd["state"][0]["ax"], local.state[model[0].weight]["ax"]))
+
 
 class EtaPower(ServiceTestCase):
     def test_eta_uses_the_c_librarys_pow_as_python_does(self):

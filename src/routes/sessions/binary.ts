@@ -147,7 +147,8 @@ export interface CheckpointInput {
  * A checkpoint {"model", "optimizer", "step"} from a torch.save file; also PyTorch tutorial's
  * {"model_state_dict", "optimizer_state_dict", "epoch", …}, and without "step".
  */
-export function readCheckpointFile(body: Buffer, count: number): CheckpointInput {
+export function readCheckpointFile(body: Buffer, sessionParams: readonly string[]): CheckpointInput {
+  const count = sessionParams.length;
   const value = scaledRead(body, CHECKPOINT_TENSORS * count, 'checkpoint', count);
   const checkpoint = toCheckpoint(value, { toFloat32: true });
   // As the JSON form's schema checks it (the file's step is any Python int).
@@ -158,7 +159,15 @@ export function readCheckpointFile(body: Buffer, count: number): CheckpointInput
   const modelKey = checkpointKeys(value as PyDict).model;
   const model = toModelStateDict((value as PyDict).get(modelKey)!, {}, `checkpoint.${modelKey}`);
   const params: CheckpointInput['params'] = new Map();
-  for (const [name, tensor] of model.tensors) params.set(name, finiteParam(float32Of(tensor, `${modelKey}.${name}`), `${modelKey}.${name}`));
+  // A tied model's state_dict names the tied tensor twice; the name the session lacks is that tensor again
+  // (as PUT params takes it; the tutorial's {'model': model.state_dict(), ...} of AWD-LSTM).
+  const aliases = aliasesOf(model.tensors);
+  const known = new Set(sessionParams);
+  for (const [name, tensor] of model.tensors) {
+    const first = aliases.get(name);
+    if (first !== undefined && !known.has(name) && known.has(first)) continue;
+    params.set(name, finiteParam(float32Of(tensor, `${modelKey}.${name}`), `${modelKey}.${name}`));
+  }
   return { stateDict: loadedFromAsgd(checkpoint.optimizer), params, step: checkpoint.step };
 }
 

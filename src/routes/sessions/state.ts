@@ -237,7 +237,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
     },
   }, async (request, reply) => {
     const body = jsonOrFile(request.body, CheckpointIn);
-    const checkpoint = Buffer.isBuffer(body) ? readCheckpointFile(body, (await fastify.sessions.get(request.params.name)).params.length) : readCheckpointJson(body);
+    const checkpoint = Buffer.isBuffer(body) ? readCheckpointFile(body, (await fastify.sessions.get(request.params.name)).params.map((p) => p.name)) : readCheckpointJson(body);
     const session = await fastify.sessions.load(request.params.name, checkpoint, { ifMatch: ifMatchOf(request), reason: 'load_checkpoint' });
     setVersion(reply, session.version);
     return sessionJson(session, null); // a new version: no round is open
