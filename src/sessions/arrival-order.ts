@@ -23,8 +23,12 @@ export interface Place {
 }
 
 interface Entry {
+  /** Its request went past its turn (joined the queue or is about to), or ended. */
   left: boolean;
-  release: () => void;
+  /** Its turn came (the one before it gone, or the wait's bound passed). */
+  turned: boolean;
+  /** `gone` resolved: the steps after it may go. */
+  done: boolean;
   gone: Promise<void>;
 }
 
@@ -52,21 +56,35 @@ export class ArrivalOrder {
     const key = `${name}\u0000${worker}`;
     const before = this.tails.get(key);
     let release!: () => void;
-    const entry: Entry = { left: false, release: () => release(), gone: new Promise<void>((resolve) => (release = resolve)) };
+    const entry: Entry = { left: false, turned: false, done: false, gone: new Promise<void>((resolve) => (release = resolve)) };
     this.tails.set(key, entry);
     const maxWaitMs = this.maxWaitMs;
+    const finish = () => {
+      entry.done = true;
+      release();
+      if (this.tails.get(key) === entry) this.tails.delete(key);
+    };
     return {
       turn(): Promise<void> {
-        if (!before || before.left) return Promise.resolve();
+        if (!before || before.done) {
+          entry.turned = true;
+          return Promise.resolve();
+        }
         let timer: NodeJS.Timeout | undefined;
         const bound = new Promise<void>((resolve) => (timer = setTimeout(resolve, maxWaitMs)));
-        return Promise.race([before.gone, bound]).finally(() => clearTimeout(timer));
+        return Promise.race([before.gone, bound]).finally(() => {
+          clearTimeout(timer);
+          entry.turned = true;
+        });
       },
       leave: () => {
         if (entry.left) return;
         entry.left = true;
-        entry.release();
-        if (this.tails.get(key) === entry) this.tails.delete(key);
+        // Ended before its turn came (its client gone while it waited, refused before its handler): the steps
+        // after it still wait for the ones before it, or a third step could overtake the first (found by a
+        // review: A stalled, B dropped while waiting, C went at once).
+        if (entry.turned || !before || before.done) finish();
+        else void before.gone.then(finish);
       },
     };
   }

@@ -102,6 +102,27 @@ test('a worker\'s step waits at most ASGD_WORKER_ORDER_WAIT_MS for an earlier on
       assert.equal(await version(), 2, 'the dropped step was not applied');
     });
   });
+  await t.test('a step between them gone while it waited: the third still waits for the first', async (t) => {
+    // Found by a review: the third step went at once, overtaking the first.
+    await withApp(t, { ASGD_WORKER_ORDER_WAIT_MS: '60000' }, async ({ post, seeds }) => {
+      const first = post('?worker=w0', 1, 20);
+      await sleep(100);
+      const second = post('?worker=w0', 2);
+      await sleep(100);
+      second.drop();
+      await second.answer;
+      const third = post('?worker=w0', 3);
+      assert.equal(await within(third.answer, 500), null, 'the third step was answered before the first one of its worker');
+      first.rest();
+      assert.deepEqual(await first.answer, { status: 200, version: 2 });
+      const answered = await third.answer;
+      assert.equal(answered.status, 200);
+      const order = (await seeds()).map(([, seed]) => seed);
+      assert.equal(order[0], 1, `applied in the order ${order}`);
+      assert.ok(order.indexOf(3) > order.indexOf(1));
+      if (order.includes(2)) assert.ok(order.indexOf(2) < order.indexOf(3), `applied in the order ${order}`);
+    });
+  });
   await t.test('0 turns the ordering off', async (t) => {
     await withApp(t, { ASGD_WORKER_ORDER_WAIT_MS: '0' }, async ({ post }) => {
       const first = post('?worker=w0', 1, 20);
