@@ -44,7 +44,12 @@ export default fp(
     const health: DatabaseHealth = { up: true, problem: null };
     fastify.decorate('databaseHealth', probing ? health : null);
     /** One probe: logged when the outcome changes (once, not at every interval), never thrown. */
+    let started = 0;
+    let settled = 0;
     const probe = async (): Promise<boolean> => {
+      // The periodic probe and the recheck below can overlap: a slow failing probe that ends after a newer
+      // one succeeded does not undo it (found by a review).
+      const seq = ++started;
       let problem: DatabaseHealth['problem'] = null;
       let error: unknown = null;
       try {
@@ -53,6 +58,8 @@ export default fp(
         problem = err instanceof NotMigratedError ? 'not-migrated' : refusedBy(err) !== null ? 'refused' : 'unreachable';
         error = err;
       }
+      if (seq < settled) return health.up;
+      settled = seq;
       if (problem !== health.problem) {
         if (problem) {
           fastify.log.error({ err: error, problem }, problem === 'not-migrated' ? 'database not migrated: answering 503 until it is'
