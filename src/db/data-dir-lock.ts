@@ -187,7 +187,9 @@ export async function lockDataDir(dir: string, options: LockOptions = {}): Promi
     // Said, as an operator looking at a restart wants to know that the process before did not stop cleanly.
     options.onWait?.(holder === null
       ? `the data directory ${absolute} held a lock file nobody renews: taking it over`
-      : `the data directory ${absolute} was locked by pid ${holder.pid} on ${holder.host} (started ${holder.startedAt}), which no longer runs (killed, or its machine restarted): taking the lock over; the database recovers what was committed`);
+      : holder.host === me.host
+        ? `the data directory ${absolute} was locked by pid ${holder.pid} on ${holder.host} (started ${holder.startedAt}), which no longer runs (killed, or its machine restarted): taking the lock over; the database recovers what was committed`
+        : `the data directory ${absolute} was locked by pid ${holder.pid} on ${holder.host} (started ${holder.startedAt}), which stopped renewing the lock (gone, hung or cut off from this storage): taking the lock over; the database recovers what was committed`);
     takeOver(path, holder, me.token);
   }
   throw new Error(`could not lock the data directory ${absolute}: the lock file ${path} keeps changing`);

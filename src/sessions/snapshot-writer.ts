@@ -269,7 +269,7 @@ export function createSnapshotWriter(ctx: SessionContext) {
         const rows = await db.query<{ name: string }>('SELECT name FROM sessions WHERE id = $1', [id]);
         if (!rows.length) continue;
         // Under the session's lock: the snapshot is written from the state itself, which no step may move meanwhile.
-        await ctx.mutex.run(rows[0].name, () => db.transaction(async (tx) => {
+        const written = await ctx.mutex.run(rows[0].name, () => db.transaction(async (tx) => {
           const current = await tx.query<{ version: number }>('SELECT version::float8 AS version FROM sessions WHERE id = $1', [id]);
           if (!current.length || current[0].version !== entry.state.version || cache.get(id) !== entry) return; // moved on, or gone
           // The same version number in another history (the database restored or failed over): not this copy's to write.
@@ -278,9 +278,10 @@ export function createSnapshotWriter(ctx: SessionContext) {
             return;
           }
           await writeState(tx, id, entry.state, 'shutdown');
-          // As background snapshots are: an operator reading a shutdown's log sees what it wrote.
-          log.info({ session: rows[0].name, version: entry.state.version, reason: 'shutdown' }, 'snapshot written');
+          return true;
         }));
+        // As background snapshots are (after the commit): an operator reading a shutdown's log sees what it wrote.
+        if (written) log.info({ session: rows[0].name, version: entry.state.version, reason: 'shutdown' }, 'snapshot written');
       } catch (err) {
         log.warn({ err, sessionId: id }, 'shutdown snapshot failed');
       }

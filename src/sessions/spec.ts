@@ -4,6 +4,7 @@
 import { errors, quoteValue } from '../errors.ts';
 import type { GroupSpec, ParamSpec } from '../db/schema.ts';
 import { ASGD_DEFAULTS, type AsgdHyperparameters } from '../optim/types.ts';
+import { pow } from '../optim/pow.ts';
 import { ASGD_NUMERIC_KEYS } from '../formats/optimizer-state.ts';
 
 /**
@@ -155,7 +156,7 @@ const LAST_STEP = 2 ** 24;
  */
 export function etaFailure(lr: number, lambd: number, alpha: number): { step: number; error: 'OverflowError' | 'ZeroDivisionError' } | null {
   const base = (step: number) => 1 + lambd * lr * step;
-  const power = (step: number) => Math.pow(base(step), alpha);
+  const power = (step: number) => pow(base(step), alpha); // the kernel's (glibc's) pow: the same boundary
   // Past the first failing step (of its kind), every step's power fails in the same way.
   const failing = alpha < 0 ? (step: number) => power(step) === 0 : (step: number) => !Number.isFinite(power(step));
   if (!failing(LAST_STEP)) return null;
@@ -177,7 +178,7 @@ export function etaFailure(lr: number, lambd: number, alpha: number): { step: nu
  * alpha < 0 it grows with the step (a binary search; the steps where the power is 0 are etaFailure's).
  */
 export function etaOverflowsFloat32(lr: number, lambd: number, alpha: number): number | null {
-  const infinite = (step: number) => !Number.isFinite(Math.fround(step === 0 ? lr : lr / Math.pow(1 + lambd * lr * step, alpha)));
+  const infinite = (step: number) => !Number.isFinite(Math.fround(step === 0 ? lr : lr / pow(1 + lambd * lr * step, alpha)));
   if (infinite(0)) return 0;
   if (alpha >= 0 || !infinite(LAST_STEP)) return null;
   let lo = 0;

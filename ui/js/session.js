@@ -657,7 +657,8 @@ export function sessionPage(root, name, who) {
       api(base, { signal: stop.signal }).then((current) => {
         readOk();
         if (session && current.version !== session.version) refresh(true);
-        else if (session && current.aggregation) {
+        // Also when aggregation was removed (a PATCH moves no version): the card goes.
+        else if (session && (current.aggregation || session.aggregation)) {
           session = { ...session, round: current.round, aggregation: current.aggregation };
           drawCards();
         }
