@@ -402,7 +402,7 @@ export async function appendSteps(db: Database, sessionId: number, name: string,
   const result = await db.query(
     `WITH locked AS (
        SELECT id, name, version, step, max_staleness, aggregation IS NOT NULL AS aggregated, coalesce(listened_until >= now(), false) AS listened,
-         ${stampOf('updated_at')} AS stamp
+         ${stampOf('updated_at')} AS stamp, groups AS old_groups
        FROM sessions WHERE id = $1 AND name = $3 FOR NO KEY UPDATE
      ), input (i, ${BATCH_COLUMNS.map((c) => c.split(' ')[0]).join(', ')}) AS (
        VALUES ${rows.join(', ')}
@@ -431,7 +431,9 @@ export async function appendSteps(db: Database, sessionId: number, name: string,
      ), recorded AS (
        INSERT INTO step_history (session_id, version, step, staleness, metrics, hyper)
        SELECT a.id, a.version + input.i + 1, a.step + input.i + 1, CASE WHEN input.base IS NULL THEN 0 ELSE a.version + input.i - input.base END,
-         input.metrics, CASE WHEN input.hyper IS NULL THEN NULL ELSE ${groupHyperSql('advanced.groups')} END
+         input.metrics,
+         -- A step that sets the values the groups already had changes nothing: not listed as a change (as a load is not).
+         CASE WHEN input.hyper IS NULL OR ${groupHyperSql('advanced.groups')} = ${groupHyperSql('a.old_groups')} THEN NULL ELSE ${groupHyperSql('advanced.groups')} END
        FROM accepted a, input, advanced
      ), answered AS (
        INSERT INTO idempotency_keys (session_id, key, request_hash, response)
@@ -483,12 +485,12 @@ export async function clearExpiredKeys(q: Queryable, sessionId: number, keys: st
  */
 async function appendStepsPglite(db: Database, sessionId: number, name: string, steps: readonly BatchStep[], windowSeconds: number): Promise<AppendedSteps | null> {
   return db.transaction(async (tx) => {
-    const locked = await tx.query<{ version: number; max_staleness: number | null; aggregated: boolean; stamp: string }>(
-      `SELECT version::float8 AS version, max_staleness, aggregation IS NOT NULL AS aggregated, ${stampOf('updated_at')} AS stamp FROM sessions WHERE id = $1 AND name = $2 FOR NO KEY UPDATE`,
+    const locked = await tx.query<{ version: number; max_staleness: number | null; aggregated: boolean; stamp: string; groups: GroupSpec[] }>(
+      `SELECT version::float8 AS version, max_staleness, aggregation IS NOT NULL AS aggregated, ${stampOf('updated_at')} AS stamp, groups FROM sessions WHERE id = $1 AND name = $2 FOR NO KEY UPDATE`,
       [sessionId, name],
     );
     if (locked.length === 0) return null;
-    const { version, max_staleness: maxStaleness, aggregated, stamp: previousStamp } = locked[0];
+    const { version, max_staleness: maxStaleness, aggregated, stamp: previousStamp, groups: groupsBefore } = locked[0];
     if (aggregated) return { previousVersion: version, previousStamp, maxStaleness, aggregated, session: null, known: [], newestSnapshot: null };
     const keys = steps.map((s) => s.key).filter((k): k is string => k !== null);
     const known: KnownKey[] = [];
@@ -520,11 +522,14 @@ async function appendStepsPglite(db: Database, sessionId: number, name: string, 
     );
     const session = toSession(rows[0]);
     const firstStep = session.step - steps.length;
+    // A step that sets the values the groups already had changes nothing: not listed as a change (appendSteps).
+    const after = groupHyperparameters(session.groups);
+    const changed = JSON.stringify(after) !== JSON.stringify(groupHyperparameters(groupsBefore));
     for (const [i, s] of steps.entries()) {
       const v = versionAt(version, i);
       step = firstStep + i + 1;
       const staleness = s.baseVersion === null ? 0 : v - 1 - s.baseVersion;
-      await insertHistory(tx, { sessionId, version: v, step, staleness, metrics: s.metrics, hyper: s.hyper === null ? null : groupHyperparameters(session.groups) });
+      await insertHistory(tx, { sessionId, version: v, step, staleness, metrics: s.metrics, hyper: s.hyper === null || !changed ? null : after });
       if (s.key !== null) await saveIdempotentAnswer(tx, sessionId, s.key, s.requestHash, { session: session.name, step, version: v, staleness });
       await notifyVersion(tx, session.name, v, step);
     }

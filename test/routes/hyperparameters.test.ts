@@ -230,3 +230,26 @@ test('GET hyperparameters?max_points: a scheduler\'s every-step changes fitted t
   assert.equal(tooFew.statusCode, 400);
   assert.match(tooFew.json().message, /max_points/);
 });
+
+test('a step that sets the values its groups already have is not listed as a change; one that changes them is', async (t) => {
+  // Found by a review of the JS client: a plain client sending the same lr with every step filled the list
+  // (and the dashboard) with changes that changed nothing.
+  const app = await setup(t);
+  const step = async (k: number, paramGroups: unknown) => {
+    const res = await app.inject({ method: 'POST', url: '/v1/sessions/h/step', payload: { grads: grads(k), param_groups: paramGroups } });
+    assert.equal(res.statusCode, 200, res.body);
+    return res.json().version as number;
+  };
+  await step(10, [{ lr: 0.03 }, { lr: 0.1, weight_decay: 0 }]); // what the groups have
+  const changed = await step(11, [{}, { lr: 0.05 }]);
+  await step(12, [{}, { lr: 0.05 }]); // again the same
+  const changes = (await app.inject({ url: '/v1/sessions/h/hyperparameters' })).json().changes as { version: number; param_groups: { lr: number }[] }[];
+  assert.deepEqual(changes.map((c) => [c.version, c.param_groups[1].lr]), [[changed, 0.05]]);
+  const points = (await app.inject({ url: '/v1/sessions/h/metrics' })).json().points as { version: number; param_groups?: unknown }[];
+  assert.deepEqual(points.filter((p) => p.param_groups).map((p) => p.version), [changed]);
+  // The steps still ran with their values: rebuilt from the log, the state is the same.
+  const live = (await app.inject({ url: '/v1/sessions/h/state_dict' })).json();
+  app.sessions.dropCache();
+  assert.deepEqual((await app.inject({ url: '/v1/sessions/h/state_dict' })).json(), live);
+  assert.equal(live.param_groups[1].lr, 0.05);
+});
