@@ -1,6 +1,6 @@
 // The process: read the configuration, build the app, listen, close with grace on SIGTERM/SIGINT.
 import { realpathSync } from 'node:fs';
-import type { AddressInfo } from 'node:net';
+import { createServer, type AddressInfo } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { setFlagsFromString } from 'node:v8';
 import { buildApp, loggerOptions } from './app.ts';
@@ -41,6 +41,15 @@ export function tuneHeap(): void {
   if (!given) setFlagsFromString('--heap-growing-percent=300');
 }
 
+/** Binds host:port and lets it go again: whether the app's listen can (a race with another process aside). */
+function tryListen(host: string, port: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const probe = createServer();
+    probe.once('error', reject);
+    probe.listen({ host: host.replace(/^\[(.*)\]$/, '$1'), port, exclusive: true }, () => probe.close(() => resolve()));
+  });
+}
+
 /** Addresses that bind every interface, with the loopback address a client on this host connects to. */
 const WILDCARDS = new Map([['0.0.0.0', '127.0.0.1'], ['::', '::1'], ['[::]', '::1']]);
 
@@ -48,6 +57,14 @@ export async function startServer(config: Config, opts: { migrate?: boolean } = 
   tuneHeap();
   // A signal while the app is built ends the start (signals.ts). What a start left half done is redone by the next.
   const started = exitOnSignalWhile('starting: stopped before serving');
+  // The address first: a port in use or a HOST not of this machine is said at once, not after the database
+  // was waited for, opened and migrated (seconds for PGlite's first start; found by an operator's review).
+  try {
+    await tryListen(config.host, config.port);
+  } catch (err) {
+    started();
+    throw new ListenError(config.host, config.port, err);
+  }
   // Warnings said while the app is built (node-postgres reads DATABASE_URL's sslmode) wait for its logger.
   const warnings = holdProcessWarnings();
   let app: Awaited<ReturnType<typeof buildApp>>;

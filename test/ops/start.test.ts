@@ -36,6 +36,9 @@ test('a server that cannot start says why in one line and exits 1', async (t) =>
     ['a database nobody listens for', { DATABASE_URL: `postgres://postgres@127.0.0.1:${port}/x`, ASGD_DB_START_TIMEOUT_MS: '1500' }, /^asgd-serve: could not start: cannot connect to PostgreSQL: .*ECONNREFUSED.*\(is it running there\? DATABASE_URL\)$/],
     // listen() failing is said as that, naming HOST or PORT, not as a PostgreSQL failure (ENOTFOUND was read as one).
     ['a port already in use', { ASGD_DATA_DIR: 'memory://', PORT: String(busy.port) }, new RegExp(`^asgd-serve: could not start: cannot listen on 127\\.0\\.0\\.1:${busy.port}: .*EADDRINUSE.*; the port is in use \\(PORT\\)$`)],
+    // Said before the database is waited for (an operator's review: only after PGlite's first start, or the wait).
+    ['a port already in use, the database not up', { DATABASE_URL: `postgres://postgres@127.0.0.1:${port}/x`, ASGD_DB_START_TIMEOUT_MS: '60000', PORT: String(busy.port) },
+      new RegExp(`^asgd-serve: could not start: cannot listen on 127\\.0\\.0\\.1:${busy.port}: .*EADDRINUSE.*; the port is in use \\(PORT\\)$`)],
     // (An address, not a name: a name that does not resolve may wait on the resolver's timeouts.)
     ['an address that is not this machine\'s', { ASGD_DATA_DIR: 'memory://', HOST: '192.0.2.1', ASGD_ADMIN_TOKEN: 'x'.repeat(16) }, /^asgd-serve: could not start: cannot listen on 192\.0\.2\.1:0: .*EADDRNOTAVAIL.*; no such address on this machine \(HOST\)$/],
   ];
