@@ -189,9 +189,10 @@ test('GET hyperparameters?max_points: a scheduler\'s every-step changes fitted t
     assert.ok(res.statusCode < 300, res.body);
     return res.json();
   };
-  // 3 steps without changes (setup), then 240 steps each setting lr (a scheduler), a PATCH among them.
+  // 3 steps without changes (setup), then 240 steps each changing lr (a scheduler; from its first step on:
+  // values the groups already have are no change), a PATCH among them.
   for (let k = 0; k < 240; k++) {
-    await inject({ method: 'POST', url: '/v1/sessions/h/step', payload: { grads: grads(k), param_groups: [{ lr: 0.03 * 0.99 ** k }, { lr: 0.1 / (1 + k) }], metrics: { loss: 1 / (1 + k) } } });
+    await inject({ method: 'POST', url: '/v1/sessions/h/step', payload: { grads: grads(k), param_groups: [{ lr: 0.03 * 0.99 ** (k + 1) }, { lr: 0.1 / (2 + k) }], metrics: { loss: 1 / (1 + k) } } });
     if (k === 100) await inject({ method: 'PATCH', url: '/v1/sessions/h/param_groups', payload: { param_groups: [{ weight_decay: 0.02 }, {}] } });
   }
   const all: { version: number; param_groups: unknown[] }[] = [];
