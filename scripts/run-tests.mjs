@@ -2,12 +2,16 @@
 // Runs every test/**/*.test.ts with node's test runner; Node 24 runs the TypeScript natively (type
 // stripping). We list the files ourselves so that arguments can filter them.
 // Extra arguments are file filters: `npm test -- kernel` runs files whose path contains "kernel".
+//
 // Two files run at once (ASGD_TEST_CONCURRENCY sets how many): each test makes its own database and
 // listens on a port of its own, and most of a file's time is waiting (browsers, processes starting,
-// backoffs), so on 2 cores the suite takes ~620 s against ~900 s one file at a time.
-import { readdirSync, statSync } from 'node:fs';
+// backoffs). Each file is its own `node --test` process; its output is printed whole when it ends, with
+// its time, so two files' lines never interleave. The slowest files start first (test/durations.json,
+// from an earlier run: `--record` rewrites it), so that no long file starts last and runs alone while the
+// other slot idles: that tail was ~3 minutes of a CI run.
+import { readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 
 function walk(dir) {
   const out = [];
@@ -19,7 +23,9 @@ function walk(dir) {
   return out;
 }
 
-const filters = process.argv.slice(2);
+const args = process.argv.slice(2);
+const record = args.includes('--record');
+const filters = args.filter((a) => a !== '--record');
 const files = walk('test').sort().filter((f) => filters.length === 0 || filters.some((p) => f.includes(p)));
 if (files.length === 0) {
   console.error('no test files matched');
@@ -30,9 +36,96 @@ if (!Number.isInteger(concurrency) || concurrency < 1) {
   console.error(`ASGD_TEST_CONCURRENCY must be a whole number >= 1, not ${process.env.ASGD_TEST_CONCURRENCY}`);
   process.exit(1);
 }
-const result = spawnSync(
-  process.execPath,
-  ['--test', `--test-concurrency=${concurrency}`, '--test-reporter=spec', ...files],
-  { stdio: 'inherit' },
+
+// Seconds each file took in a recorded run, per database (the embedded one is slower, and not evenly).
+const mode = process.env.ASGD_TEST_DB === 'pglite' ? 'pglite' : 'postgres';
+const durationsPath = join('test', 'durations.json');
+let durations = {};
+try {
+  durations = JSON.parse(readFileSync(durationsPath, 'utf8'));
+} catch {
+  // No record yet: alphabetical order.
+}
+const known = durations[mode] ?? {};
+// A file with no record starts first: it may be long, and a short one costs little there.
+const expected = (f) => known[f] ?? Infinity;
+const queue = [...files].sort((a, b) => expected(b) - expected(a) || a.localeCompare(b));
+
+const running = new Set();
+const results = [];
+const started = Date.now();
+
+function runFile(file) {
+  return new Promise((resolve) => {
+    const t0 = Date.now();
+    const child = spawn(process.execPath, ['--test', '--test-reporter=spec', file], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    running.add(child);
+    const chunks = [];
+    child.stdout.on('data', (c) => chunks.push(c));
+    child.stderr.on('data', (c) => chunks.push(c));
+    child.on('close', (code, signal) => {
+      running.delete(child);
+      const seconds = (Date.now() - t0) / 1000;
+      const output = Buffer.concat(chunks).toString('utf8');
+      const count = (label) => sumOf(output, label);
+      const result = {
+        file,
+        seconds,
+        ok: code === 0,
+        exit: signal ?? code,
+        tests: count('tests'),
+        pass: count('pass'),
+        fail: count('fail'),
+        skipped: count('skipped'),
+        todo: count('todo'),
+      };
+      const status = result.ok ? 'ok' : `FAILED (exit ${result.exit})`;
+      process.stdout.write(`\n▶ ${file}: ${status}, ${result.tests} tests, ${seconds.toFixed(1)} s\n${output}`);
+      resolve(result);
+    });
+  });
+}
+
+// The summary lines of the spec reporter ("ℹ pass 12"); 0 where a file crashed before printing them.
+function sumOf(output, label) {
+  let n = 0;
+  for (const m of output.matchAll(new RegExp(`^ℹ ${label} (\\d+)$`, 'gm'))) n += Number(m[1]);
+  return n;
+}
+
+for (const signal of ['SIGINT', 'SIGTERM']) {
+  process.on(signal, () => {
+    for (const child of running) child.kill('SIGTERM');
+    process.exit(130);
+  });
+}
+
+async function worker() {
+  for (let file = queue.shift(); file !== undefined; file = queue.shift()) results.push(await runFile(file));
+}
+await Promise.all(Array.from({ length: Math.min(concurrency, files.length) }, worker));
+
+const total = (key) => results.reduce((n, r) => n + r[key], 0);
+const wall = (Date.now() - started) / 1000;
+const slowest = [...results].sort((a, b) => b.seconds - a.seconds).slice(0, 10);
+console.log(`\n== ${results.length} files, ${concurrency} at a time, ${wall.toFixed(0)} s (${mode})`);
+console.log(`slowest: ${slowest.map((r) => `${r.file} ${r.seconds.toFixed(0)} s`).join(', ')}`);
+console.log(
+  `tests ${total('tests')}, pass ${total('pass')}, fail ${total('fail')}, skipped ${total('skipped')}, todo ${total('todo')}`,
 );
-process.exit(result.status ?? 1);
+const failed = results.filter((r) => !r.ok);
+for (const r of failed) console.log(`failed: ${r.file} (exit ${r.exit}, ${r.fail} failing tests)`);
+
+if (record && failed.length === 0) {
+  const next = { ...durations, [mode]: { ...known } };
+  for (const r of results) next[mode][r.file] = Math.round(r.seconds * 10) / 10;
+  // Files that no longer exist leave the record.
+  const all = new Set(walk('test'));
+  for (const f of Object.keys(next[mode])) if (!all.has(f)) delete next[mode][f];
+  next[mode] = Object.fromEntries(Object.entries(next[mode]).sort(([a], [b]) => a.localeCompare(b)));
+  writeFileSync(durationsPath, `${JSON.stringify(next, null, 2)}\n`);
+  console.log(`recorded ${results.length} durations in ${durationsPath}`);
+}
+process.exit(failed.length === 0 ? 0 : 1);
