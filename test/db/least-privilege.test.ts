@@ -4,6 +4,7 @@
 // under a restart policy it restarted in a loop). Found by an operator's review.
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { spawnSync } from 'node:child_process';
 import { test, type TestContext } from 'node:test';
 import pg from 'pg';
 import { openDatabase } from '../../src/db/database.ts';
@@ -117,4 +118,65 @@ test('a table without its grants (one an upgrade added) or a read-only database:
   const roCreate = await ro.app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 's', params: [{ name: 'w', shape: [2], data: [1, 2] }] } });
   assert.equal(roCreate.statusCode, 503, roCreate.body);
   assert.match(roCreate.json().message, /read-only/);
+});
+
+test('compose\'s init script (deploy/postgres-init) makes a serving role that serves after `migrate` by the owner, may not change the tables, and can be run again on a database that has them', { skip, timeout: 60_000 }, async (t) => {
+  const scratch = await createTestDatabase();
+  const app = `asgd_app_${randomBytes(4).toString('hex')}`;
+  const admin = new pg.Client({ connectionString: PG_ADMIN_URL });
+  await admin.connect();
+  t.after(async () => {
+    await scratch.drop();
+    await admin.query(`DROP ROLE IF EXISTS ${app}`);
+    await admin.end();
+  });
+  const database = new URL(scratch.url).pathname.slice(1);
+  const ownerUrl = new URL(scratch.url);
+  // As the postgres image runs it: POSTGRES_USER (the owner) and POSTGRES_DB, here over TCP.
+  const runScript = () => {
+    const run = spawnSync('sh', ['deploy/postgres-init/10-serving-role.sh'], {
+      env: { ...process.env, PGHOST: ownerUrl.hostname, PGPORT: ownerUrl.port || '5432', POSTGRES_USER: decodeURIComponent(ownerUrl.username), POSTGRES_DB: database, ASGD_APP_USER: app, ASGD_APP_PASSWORD: 'pw-for-the-test' },
+      encoding: 'utf8',
+    });
+    assert.equal(run.status, 0, run.stderr);
+  };
+  runScript(); // on a new database, before any migration (the image runs it at the volume's first start)
+  const migrator = await openDatabase({ databaseUrl: scratch.url, dataDir: '', poolSize: 1 });
+  await migrator.migrate();
+  await migrator.close();
+
+  const url = new URL(scratch.url);
+  url.username = app;
+  url.password = 'pw-for-the-test';
+  const served = await buildTestApp(null, { databaseUrl: url.toString() });
+  try {
+    assert.equal((await served.app.inject({ url: '/readyz' })).statusCode, 200);
+    const created = await served.app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 's', params: [{ name: 'w', shape: [2], data: [1, 2] }] } });
+    assert.equal(created.statusCode, 201, created.body);
+    const stepped = await served.app.inject({ method: 'POST', url: '/v1/sessions/s/step', payload: { grads: { w: [0.5, 0.5] } } });
+    assert.equal(stepped.statusCode, 200, stepped.body);
+    const snapshot = await served.app.inject({ method: 'POST', url: '/v1/sessions/s/snapshots', payload: {} });
+    assert.equal(snapshot.statusCode, 201, snapshot.body);
+    assert.equal((await served.app.inject({ method: 'DELETE', url: '/v1/sessions/s' })).statusCode, 204);
+  } finally {
+    await served.app.close();
+  }
+  // It may not change the schema: no table made, none dropped or altered.
+  const asApp = new pg.Client({ connectionString: url.toString() });
+  await asApp.connect();
+  try {
+    for (const ddl of ['CREATE TABLE public.x (a int)', 'DROP TABLE sessions', 'ALTER TABLE step_log ADD COLUMN x int', 'CREATE SCHEMA x', 'DELETE FROM drizzle.__drizzle_migrations']) {
+      await assert.rejects(asApp.query(ddl), (err: Error & { code?: string }) => err.code === '42501', ddl);
+    }
+  } finally {
+    await asApp.end();
+  }
+  // Again on the migrated database (a volume made before the script existed): it succeeds and the role serves.
+  runScript();
+  const again = await buildTestApp(null, { databaseUrl: url.toString() });
+  try {
+    assert.equal((await again.app.inject({ url: '/readyz' })).statusCode, 200);
+  } finally {
+    await again.app.close();
+  }
 });

@@ -2,7 +2,7 @@
 // to what can be checked: they run exactly the commands test/ops/cli.test.ts runs, they only set
 // variables the service reads, and their limits agree with the service's.
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
+import { readFileSync, statSync } from 'node:fs';
 import { test } from 'node:test';
 import { buildApp } from '../../src/app.ts';
 import { FLAGS, parseArgs } from '../../src/cli.ts';
@@ -11,7 +11,7 @@ import { isLoopback, loadConfig } from '../../src/config.ts';
 const read = (path: string) => readFileSync(path, 'utf8');
 const SERVICE_VARIABLES = new Set(FLAGS.map((f) => f.env));
 /** Variables only docker compose itself uses. */
-const COMPOSE_ONLY = new Set(['POSTGRES_USER', 'POSTGRES_PASSWORD', 'POSTGRES_DB', 'ASGD_PUBLIC_ADDRESS', 'ASGD_PUBLIC_PORT']);
+const COMPOSE_ONLY = new Set(['POSTGRES_USER', 'POSTGRES_PASSWORD', 'POSTGRES_DB', 'ASGD_APP_PASSWORD', 'ASGD_PUBLIC_ADDRESS', 'ASGD_PUBLIC_PORT']);
 /** A value of docker-compose.yml as compose makes it when .env sets nothing: `${X:-default}` -> default. */
 /** A compose value with its ${VAR:-default}s as their defaults and its required ${VAR:?message}s as a stand-in value. */
 const withDefaults = (value: string) => value.replace(/\$\{[A-Z_]+:-([^}]*)\}/g, '$1').replace(/\$\{[A-Z_]+:\?[^}]*\}/g, 'required');
@@ -98,10 +98,20 @@ test('docker-compose.yml: PostgreSQL 15 with a volume and a health check, a one-
   // Both app services get the shared block: the env file, the database URL and the listen address.
   assert.match(compose, /x-asgd: &asgd\n(?:  .*\n)*  env_file: \.env\n/);
   for (const block of [migrate, asgd]) assert.match(block, /<<: \*asgd/);
-  const environment = /x-asgd: &asgd\n(?:  .*\n)*?  environment:\n((?:    .*\n)+)/.exec(compose)![1];
+  const environment = /x-asgd: &asgd\n(?:  .*\n)*?  environment: &asgd-env\n((?:    .*\n)+)/.exec(compose)![1];
   const variables = [...environment.matchAll(/^    ([A-Z_]+):/gm)].map((m) => m[1]);
   assert.ok(variables.includes('DATABASE_URL') && variables.includes('HOST'));
   for (const key of variables) assert.ok(SERVICE_VARIABLES.has(key), `${key} is read by src/config.ts`);
+
+  // Two roles: the replicas log in as asgd_app (made by the init script the postgres image runs on a new
+  // volume; test/db/least-privilege.test.ts runs it), migrate as the owner.
+  const urlUser = (block: string) => /DATABASE_URL: postgres:\/\/([^:]+):/.exec(block)?.[1];
+  assert.equal(urlUser(environment), 'asgd_app');
+  assert.match(migrate, /environment:\n\s+<<: \*asgd-env\n/);
+  assert.equal(urlUser(migrate), /POSTGRES_USER: (\S+)/.exec(postgres)![1], 'migrate runs as the owner');
+  assert.match(postgres, /- \.\/deploy\/postgres-init:\/docker-entrypoint-initdb\.d:ro/);
+  assert.match(postgres, /ASGD_APP_PASSWORD: \$\{ASGD_APP_PASSWORD:\?/);
+  assert.ok(statSync('deploy/postgres-init/10-serving-role.sh').mode & 0o111, 'the init script is executable');
 });
 
 test('docker-compose.yml: every service has a memory limit; a replica with a full cache and the largest body stays under its RSS guard, and the guard under the limit', () => {
@@ -112,7 +122,7 @@ test('docker-compose.yml: every service has a memory limit; a replica with a ful
     return [name, bytesOf(memory[1])];
   }));
   // The service as a replica starts it, with compose's defaults.
-  const environment = /x-asgd: &asgd\n(?:  .*\n)*?  environment:\n((?:    .*\n)+)/.exec(compose)![1];
+  const environment = /x-asgd: &asgd\n(?:  .*\n)*?  environment: &asgd-env\n((?:    .*\n)+)/.exec(compose)![1];
   const env = Object.fromEntries([...environment.matchAll(/^    ([A-Z_]+): (.*)$/gm)].map((m) => [m[1], withDefaults(m[2]).replace(/^"(.*)"$/, '$1')]));
   const config = loadConfig({ ...env, ASGD_ADMIN_TOKEN: 'x'.repeat(32) });
   // Measured (review-ops 14): 197 MB at rest; creating a session of P bytes of parameters peaks about 6 P
@@ -135,7 +145,7 @@ test('docker-compose.yml: every service has a memory limit; a replica with a ful
 test('.env.example names only variables the service or compose read, and starts nothing without a token', () => {
   const lines = read('.env.example').split('\n');
   const keys = lines.map((l) => /^#?\s?([A-Z][A-Z0-9_]+)=/.exec(l)?.[1]).filter((k): k is string => !!k);
-  assert.ok(keys.includes('ASGD_ADMIN_TOKEN') && keys.includes('POSTGRES_PASSWORD'));
+  assert.ok(keys.includes('ASGD_ADMIN_TOKEN') && keys.includes('POSTGRES_PASSWORD') && keys.includes('ASGD_APP_PASSWORD'));
   for (const key of keys) assert.ok(SERVICE_VARIABLES.has(key) || COMPOSE_ONLY.has(key), `${key} is not a variable anything reads`);
   // The committed example holds no secret: an unfilled copy makes the service refuse to start.
   const values = Object.fromEntries(lines.filter((l) => /^[A-Z]/.test(l)).map((l) => l.split('=', 2) as [string, string]));
