@@ -57,7 +57,18 @@ export class RequestLogController extends LogController {
   }
 
   override requestCompleted(error: Error | null | undefined, request: FastifyRequest, reply: FastifyReply): void {
-    if (error) reply.log.error({ res: reply, err: error, responseTime: reply.elapsedTime }, 'request errored');
-    else reply.log[this.level(request, reply.statusCode)]({ res: reply, responseTime: reply.elapsedTime }, 'request completed');
+    const who = tokenOf(request);
+    if (error) reply.log.error({ res: reply, err: error, responseTime: reply.elapsedTime, ...who }, 'request errored');
+    else reply.log[this.level(request, reply.statusCode)]({ res: reply, responseTime: reply.elapsedTime, ...who }, 'request completed');
   }
+}
+
+/**
+ * Which token made the request, for the completion line: its id and name (never its secret), so that an
+ * operator can tell which worker or person did what. Nothing without auth, or before a token was accepted.
+ */
+function tokenOf(request: FastifyRequest): { tokenId?: string; tokenName?: string } {
+  const auth = request.auth;
+  if (!auth || auth.tokenId === 'anonymous') return {};
+  return { tokenId: auth.tokenId, tokenName: auth.name };
 }

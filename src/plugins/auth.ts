@@ -143,6 +143,8 @@ export default fp(
         failed(request.ip);
         throw err;
       }
+      // Known from here on, a refusal below included: the request's log line names the token.
+      request.auth = principal;
       const needed = need.scope as Scope;
       if (SCOPE_RANK[principal.scope] < SCOPE_RANK[needed]) {
         throw errors.forbidden(`Authorization: this route needs a token with scope ${needed}; this token has scope ${principal.scope}`, needed);
@@ -154,7 +156,6 @@ export default fp(
           throw errors.forbidden(`Authorization: this token may not touch session ${JSON.stringify(name.slice(0, 200))}`, needed);
         }
       }
-      request.auth = principal;
     });
   },
   { name: 'auth', dependencies: ['db'] },

@@ -136,6 +136,37 @@ test('an incoming X-Request-Id is kept as the request id (on the answer and ever
   assert.match(String((await app.inject({ url: '/healthz' })).headers['x-request-id']), /^[0-9a-f-]{36}$/);
 });
 
+test('a request\'s completion line names the token that made it (id and name, never the secret); none for a refused token or without auth', { timeout: 120_000 }, async (t) => {
+  const ADMIN = 'an-admin-token-for-the-log-test';
+  const { app, lines } = await loggedApp(t, { ASGD_ADMIN_TOKEN: ADMIN, ASGD_LOG_REQUESTS: 'all' });
+  const admin = { authorization: `Bearer ${ADMIN}` };
+  const made = await app.inject({ method: 'POST', url: '/v1/tokens', headers: admin, payload: { name: 'trainer-7', scope: 'read' } });
+  assert.equal(made.statusCode, 201, made.body);
+  const { id, token } = made.json();
+  const completion = (reqId: unknown) => lines.find((l) => l.entry.reqId === reqId && l.entry.msg === 'request completed')?.entry;
+
+  const read = await app.inject({ url: '/v1/sessions', headers: { authorization: `Bearer ${token}` } });
+  assert.equal(read.statusCode, 200);
+  assert.deepEqual([completion(read.headers['x-request-id'])?.tokenId, completion(read.headers['x-request-id'])?.tokenName], [id, 'trainer-7']);
+  // Forbidden (a read token creating a session): the line says who was refused.
+  const forbidden = await app.inject({ method: 'POST', url: '/v1/sessions', headers: { authorization: `Bearer ${token}` }, payload: { name: 'x', params: [{ name: 'w', shape: [1], data: [0] }] } });
+  assert.equal(forbidden.statusCode, 403);
+  assert.equal(completion(forbidden.headers['x-request-id'])?.tokenId, id);
+  assert.equal(completion(made.headers['x-request-id'])?.tokenId, 'admin');
+  // A token the service does not accept is no one.
+  const refused = await app.inject({ url: '/v1/sessions', headers: { authorization: 'Bearer asgd_nosuch_secret' } });
+  assert.equal(refused.statusCode, 401);
+  const line = completion(refused.headers['x-request-id']);
+  assert.ok(line && !('tokenId' in line) && !('tokenName' in line), JSON.stringify(line));
+  for (const l of lines) assert.ok(!l.raw.includes(token) && !l.raw.includes(ADMIN), `a secret in ${l.raw}`);
+
+  // Without auth nobody is named.
+  const open = await loggedApp(t, { ASGD_LOG_REQUESTS: 'all' });
+  const anon = await open.app.inject({ url: '/v1/sessions' });
+  const anonLine = open.lines.find((l) => l.entry.reqId === anon.headers['x-request-id'] && l.entry.msg === 'request completed')?.entry;
+  assert.ok(anonLine && !('tokenId' in anonLine), JSON.stringify(anonLine));
+});
+
 test('GET /: JSON links for API clients, an HTML page for browsers, no token needed', { timeout: 120_000 }, async (t) => {
   const { app } = await loggedApp(t, { ASGD_ADMIN_TOKEN: 'an-admin-token-for-the-root-test' });
   for (const accept of [undefined, '*/*', 'application/json', 'application/json, text/html;q=0.9']) {
