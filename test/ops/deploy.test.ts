@@ -167,6 +167,10 @@ test('nginx: no body limit of its own, timeouts above the service request timeou
   assert.match(nginx, /proxy_set_header X-Forwarded-For \$remote_addr;/);
   assert.doesNotMatch(nginx, /proxy_add_x_forwarded_for/);
   assert.match(read('docker-compose.yml'), /ASGD_TRUST_PROXY: "1"/);
+  // A shutting-down replica's 503 goes to one other replica; a database outage's (every replica) is not
+  // sent round all of them.
+  assert.match(nginx, /proxy_next_upstream error timeout http_503;/);
+  assert.match(nginx, /proxy_next_upstream_tries 2;/);
 });
 
 test('nginx does not pass /metrics to the public port, and the service serves metrics at no other spelling', async (t) => {
