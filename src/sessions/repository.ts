@@ -603,13 +603,18 @@ const SNAPSHOT_SLOT_LOCK = 0x5a5a;
 
 /**
  * In a transaction about to write a scheduled snapshot: true when no snapshot of the session has a version
- * at or after `slotStart` (so this one is the slot's), holding a per-session lock until the commit, so
- * that two processes cannot both see the slot free. False: another process took it, write nothing.
+ * in the slot `slotStart` .. `slotStart + every - 1` (so this one is the slot's), holding a per-session lock
+ * until the commit, so that two processes cannot both see the slot free. False: another process took it,
+ * write nothing. Only the slot itself counts: a later slot's snapshot, written first by a process whose
+ * copy was quicker, left this slot without one (seen in CI under load: 23 snapshots for 24 slots).
  */
-export async function claimSnapshotSlot(q: Queryable, sessionId: number, slotStart: number): Promise<boolean> {
+export async function claimSnapshotSlot(q: Queryable, sessionId: number, slotStart: number, every: number): Promise<boolean> {
   await q.query('SELECT pg_advisory_xact_lock($1, ($2::bigint % 2147483647)::int)', [SNAPSHOT_SLOT_LOCK, sessionId]);
   // A statement of its own: under READ COMMITTED it sees what the lock holder before us committed.
-  const rows = await q.query<{ taken: boolean }>('SELECT EXISTS (SELECT 1 FROM snapshots WHERE session_id = $1 AND version >= $2) AS taken', [sessionId, slotStart]);
+  const rows = await q.query<{ taken: boolean }>(
+    'SELECT EXISTS (SELECT 1 FROM snapshots WHERE session_id = $1 AND version >= $2 AND version < $2::bigint + $3::bigint) AS taken',
+    [sessionId, slotStart, every],
+  );
   return !rows[0].taken;
 }
 

@@ -146,7 +146,7 @@ export function createSnapshotWriter(ctx: SessionContext) {
       entry.retriedSlot = slot;
     }
     return background(session, entry, 'snapshot', async (tx, meta, parts) => {
-      if (!(await repo.claimSnapshotSlot(tx, session.id, slotStart(meta.version, every)))) {
+      if (!(await repo.claimSnapshotSlot(tx, session.id, slotStart(meta.version, every), every))) {
         log.debug({ session: session.name, version: meta.version }, 'snapshot slot already taken by another process');
         return false;
       }

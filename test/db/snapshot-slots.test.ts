@@ -9,6 +9,7 @@ import { test } from 'node:test';
 import pg from 'pg';
 import type { FastifyInstance } from 'fastify';
 import { buildTestApp, randomData, TEST_DB_KIND } from '../helper.ts';
+import { claimSnapshotSlot } from '../../src/sessions/repository.ts';
 
 const multi = TEST_DB_KIND !== 'postgres' && 'two processes on one database: PostgreSQL only';
 
@@ -107,4 +108,27 @@ test('a scheduled snapshot that fails on a database error is tried again at the 
   await admin.query('UPDATE refuse_snapshots SET n = 4');
   while ((await step(app, k++)) < 16);
   assert.deepEqual(await versions(), [1, 7, 16]);
+});
+
+test('a slot is claimed when it has no snapshot of its own, even after a later slot got one (a quicker process\'s snapshot written first)', { skip: TEST_DB_KIND !== 'postgres' && 'advisory locks across connections: PostgreSQL only', timeout: 60_000 }, async (t) => {
+  const { app } = await buildTestApp(t);
+  const created = await app.inject({
+    method: 'POST', url: '/v1/sessions',
+    payload: { name: 's', params: [{ name: 'w', shape: [N], data: randomData(N, 1) }], snapshot_every: 1000, keep_snapshots: 100 },
+  });
+  assert.equal(created.statusCode, 201, created.body);
+  // Snapshots at versions 1 (creation), 15 and 35 (taken by hand): slots of 10 versions 0, 1 and 3.
+  for (let k = 0; k < 34; k++) {
+    await step(app, k);
+    if (k === 13 || k === 33) assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/s/snapshots', payload: {} })).statusCode, 201);
+  }
+  const versions = ((await app.inject({ url: '/v1/sessions/s/snapshots' })).json().snapshots as { version: number }[]).map((s) => s.version).sort((x, y) => x - y);
+  assert.deepEqual(versions, [1, 15, 35]);
+  const [{ id }] = await app.db.query<{ id: number }>("SELECT id FROM sessions WHERE name = 's'");
+  const claim = (slotStart: number) => app.db.transaction((tx) => claimSnapshotSlot(tx, id, slotStart, 10));
+  assert.equal(await claim(1), false, 'slot 0 has the creation snapshot');
+  assert.equal(await claim(11), false, 'slot 1 has version 15');
+  assert.equal(await claim(21), true, 'slot 2 (21..30) has none: a later one (35) does not take it');
+  assert.equal(await claim(31), false, 'slot 3 has version 35');
+  assert.equal(await claim(41), true);
 });
