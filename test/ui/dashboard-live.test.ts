@@ -54,7 +54,7 @@ async function openSession(browser: Browser, base: string, name: string, log: st
   return page;
 }
 
-test('fork refused (name taken, invalid name): the API\'s message is shown and the page stays on the session', { skip }, async (t) => {
+test('fork: a dialog asks for the name (offered: <name>-fork-<version>); a refusal is shown in it and it stays open for another name; Cancel and Escape fork nothing', { skip }, async (t) => {
   const { base, api, browser, log } = await setup(t);
   await api('POST', '/v1/sessions', { name: 'src', params: PARAMS });
   await api('POST', '/v1/sessions', { name: 'taken', params: PARAMS });
@@ -62,23 +62,47 @@ test('fork refused (name taken, invalid name): the API\'s message is shown and t
   const { snapshots } = await api('GET', '/v1/sessions/src/snapshots');
   const snap = snapshots[0];
   const page = await openSession(browser, base, 'src', log);
-  await page.waitForSelector(`tr[data-snapshot="${snap.id}"] button[data-action=fork]`);
+  const forks = recordRequests(page);
+  const forkButton = `tr[data-snapshot="${snap.id}"] button[data-action=fork]`;
+  await page.waitForSelector(forkButton);
+  const sessionNames = async () => (await api('GET', '/v1/sessions')).sessions.map((s: any) => s.name).sort();
+  const before = await sessionNames();
 
-  for (const target of ['taken', 'bad name!']) {
-    // What the API says to that fork.
-    const refusal = await api('POST', '/v1/sessions/src/fork', { name: target, snapshot: snap.id }, target === 'taken' ? 409 : 400);
-    page.once('dialog', (dialog) => dialog.accept(target));
-    await page.click(`tr[data-snapshot="${snap.id}"] button[data-action=fork]`);
-    await page.waitForFunction((m) => document.querySelector('#snapshots')?.textContent?.includes(m), refusal.message, { timeout: 5000 });
-    await sleep(300); // a navigation would have happened by now
-    assert.equal(await page.evaluate(() => location.hash), '#/s/src', `the page stays after the refused fork as ${target}`);
-    assert.match(await page.textContent('#snapshots .error') ?? '', new RegExp(refusal.message.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')));
-    assert.equal(await page.textContent('#app h1'), 'src');
+  // Cancel, then Escape: the dialog closes, nothing is sent, the page stays.
+  for (const close of [() => page.click('#fork-cancel'), () => page.keyboard.press('Escape')]) {
+    await page.click(forkButton);
+    await page.waitForSelector('#fork-dialog[open]');
+    assert.equal(await page.inputValue('#fork-name'), `src-fork-${snap.version}`, 'the name offered');
+    assert.equal(await page.evaluate(() => document.activeElement?.id), 'fork-name', 'the name field has the focus');
+    await close();
+    await page.waitForSelector('#fork-dialog[open]', { state: 'detached' });
   }
-  // A fork that is made still opens the new session.
-  page.once('dialog', (dialog) => dialog.accept('made'));
-  await page.click(`tr[data-snapshot="${snap.id}"] button[data-action=fork]`);
+  // A name the API would refuse is refused in the dialog without a request.
+  await page.click(forkButton);
+  await page.waitForSelector('#fork-dialog[open]');
+  await page.fill('#fork-name', 'bad name!');
+  await page.click('#fork-ok');
+  await page.waitForFunction(() => /Not a session name/.test(document.getElementById('fork-error')?.textContent ?? ''));
+  assert.equal(await page.getAttribute('#fork-name', 'aria-invalid'), 'true');
+  assert.ok(await page.isVisible('#fork-dialog[open]'));
+  assert.deepEqual(forks.filter((r) => r.endsWith('/fork')), [], 'no fork request for an invalid name, nor for Cancel and Escape');
+
+  // A name taken: the API's message in the dialog (and on the page), the dialog open, the page on the session.
+  const refusal = await api('POST', '/v1/sessions/src/fork', { name: 'taken', snapshot: snap.id }, 409);
+  await page.fill('#fork-name', 'taken');
+  await page.click('#fork-ok');
+  await page.waitForFunction((m) => document.getElementById('fork-error')?.textContent?.includes(m), refusal.message, { timeout: 5000 });
+  assert.ok(await page.isVisible('#fork-dialog[open]'), 'the dialog stays open for another name');
+  assert.match(await page.textContent('#snapshots .error') ?? '', new RegExp(refusal.message.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')));
+  assert.equal(await page.evaluate(() => location.hash), '#/s/src');
+  assert.deepEqual(await sessionNames(), before, 'no session made by the refused fork, Cancel or Escape');
+
+  // Another name in the same dialog: made, and the new session opens.
+  await page.fill('#fork-name', 'made');
+  await page.press('#fork-name', 'Enter');
   await page.waitForFunction(() => location.hash === '#/s/made');
+  await page.waitForSelector('#fork-dialog[open]', { state: 'detached' });
+  assert.equal((await api('GET', '/v1/sessions/made')).step, snap.step);
 
   // The name offered for a fork of a session with a 128-character name fits in 128 characters: accepted as
   // offered, it is made (it was <name>-fork-<version>, 135 characters, and refused).
@@ -87,14 +111,12 @@ test('fork refused (name taken, invalid name): the API\'s message is shown and t
   const longSnap = (await api('GET', `/v1/sessions/${long}/snapshots`)).snapshots[0];
   const longPage = await openSession(browser, base, long, log);
   await longPage.waitForSelector(`tr[data-snapshot="${longSnap.id}"] button[data-action=fork]`);
-  let offered = '';
-  longPage.once('dialog', (dialog) => {
-    offered = dialog.defaultValue();
-    void dialog.accept(offered);
-  });
   await longPage.click(`tr[data-snapshot="${longSnap.id}"] button[data-action=fork]`);
+  await longPage.waitForSelector('#fork-dialog[open]');
+  assert.equal(await longPage.inputValue('#fork-name'), `${'l'.repeat(121)}-fork-1`);
+  await longPage.click('#fork-ok');
   await longPage.waitForFunction((name) => location.hash === `#/s/${name}`, `${'l'.repeat(121)}-fork-1`, { timeout: 5000 });
-  assert.equal(offered, `${'l'.repeat(121)}-fork-1`);
+  assert.deepEqual(log.filter((l) => l.startsWith('pageerror')), []);
 });
 
 test('the value axis labels every tick differently when the values span a small range', { skip }, async (t) => {
@@ -307,6 +329,7 @@ test('live indicator: the session deleted while viewed says so and stops asking;
   const asked = recordRequests(missing);
   await missing.goto(`${base}/ui/#/s/not-yet`);
   await missing.waitForFunction(() => /does not exist/.test(document.querySelector('#app')?.textContent ?? ''));
+  assert.equal(await missing.isVisible('#session-content'), false, 'no headings over a session that does not exist');
   const before = asked.length;
   await sleep(4500);
   const state = await liveState(missing);
@@ -319,11 +342,38 @@ test('live indicator: the session deleted while viewed says so and stops asking;
   await api('POST', '/v1/sessions', { name: 'not-yet', params: PARAMS });
   await missing.waitForFunction(() => document.getElementById('live')?.classList.contains('on'), undefined, { timeout: 10_000 });
   assert.equal(await missing.textContent('[data-card=step] b'), '0');
+  assert.ok(await missing.isVisible('#snapshots-table'), 'shown once it exists');
   // And it keeps following it: the steps after the first pick-up show up (the page once froze after one).
   await steps(api, 'not-yet', 1, 3, (s) => s);
   await missing.waitForFunction(() => document.querySelector('[data-card=step] b')?.textContent === '3', undefined, { timeout: 10_000 });
   await steps(api, 'not-yet', 4, 6, (s) => s);
   await missing.waitForFunction(() => document.querySelector('[data-card=step] b')?.textContent === '6', undefined, { timeout: 10_000 });
+});
+
+test('a session this token may not read: the page says why under the name, with no headings over nothing; a session that does not exist yet likewise until it does', { skip }, async (t) => {
+  const { base, api, browser, log } = await setup(t, { auth: true });
+  await api('POST', '/v1/sessions', { name: 'theirs', params: PARAMS });
+  await api('POST', '/v1/sessions', { name: 'mine', params: PARAMS });
+  const { token } = await api('POST', '/v1/tokens', { name: 'limited', scope: 'read', sessions: ['mine'] });
+  const page = await newPage(browser, log);
+  await page.goto(`${base}/ui/#/s/theirs`);
+  await page.waitForSelector('#token-dialog[open]');
+  await page.fill('#token-input', token);
+  await page.click('#token-form button[type=submit]');
+  await page.waitForFunction(() => document.getElementById('live')?.dataset.state === 'forbidden', undefined, { timeout: 5000 });
+  const refusal = await fetch(`${base}/v1/sessions/theirs`, { headers: { authorization: `Bearer ${token}` } });
+  assert.equal(refusal.status, 403);
+  assert.match(await page.textContent('#app .error') ?? '', new RegExp(((await refusal.json()) as any).message.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')));
+  assert.equal(await page.textContent('#app h1'), 'theirs');
+  const visibleHeadings = () => page.$$eval('#app h2, #app h3', (hs) => hs.filter((el) => (el as HTMLElement).offsetParent !== null).map((el) => el.textContent));
+  assert.deepEqual(await visibleHeadings(), [], 'no section headings over nothing');
+  assert.equal(await page.isVisible('#snapshots-table'), false);
+  // The session it may read shows whole.
+  await page.goto(`${base}/ui/#/s/mine`);
+  await page.waitForFunction(() => document.getElementById('live')?.classList.contains('on'), undefined, { timeout: 5000 });
+  assert.ok((await visibleHeadings()).includes('Snapshots'));
+  assert.ok(await page.isVisible('#snapshots-table'));
+  assert.deepEqual(log.filter((l) => l.startsWith('pageerror')), []);
 });
 
 test('live indicator: a revoked token brings the token prompt with the reason; no green light', { skip }, async (t) => {

@@ -151,8 +151,10 @@ test('dashboard: sessions listed, loss chart holds the points sent, live steps, 
   assert.deepEqual(Object.keys(header).filter((k) => k !== '__metadata__').sort(), ['b', 'w']);
 
   // Fork at a snapshot: the page asks for the new name, then opens the new session.
-  page.once('dialog', (dialog) => dialog.accept('mnist-fork'));
   await page.click(`tr[data-snapshot="${toPin.id}"] button[data-action=fork]`);
+  await page.waitForSelector('#fork-dialog[open]');
+  await page.fill('#fork-name', 'mnist-fork');
+  await page.click('#fork-ok');
   await page.waitForFunction(() => location.hash === '#/s/mnist-fork');
   const fork = await admin('GET', '/v1/sessions/mnist-fork');
   assert.equal(fork.step, toPin.step);

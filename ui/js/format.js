@@ -50,6 +50,76 @@ export function h(tag, attrs = {}, ...children) {
   return el;
 }
 
+/** The API's rule for a session name (src/sessions/spec.ts SESSION_NAME_SOURCE). */
+export const SESSION_NAME = /^(?!\.\.?$)[A-Za-z0-9._-]{1,128}$/;
+export const SESSION_NAME_RULE = '1-128 characters of A-Za-z0-9._-, not "." or ".."';
+
+/**
+ * Asks for a new session's name in a modal dialog (the fork dialog of index.html), offering `offered`.
+ * `submit` is called with a valid name and resolves to null when it was done (the dialog closes) or to why
+ * not (shown in the dialog, which stays open to correct the name). Resolves to the name done, or null when
+ * cancelled.
+ * @param {string} text @param {string} offered @param {(name: string) => Promise<string | null>} submit
+ * @returns {Promise<string | null>}
+ */
+export function nameDialog(text, offered, submit) {
+  const dialog = /** @type {HTMLDialogElement} */ (document.getElementById('fork-dialog'));
+  const form = /** @type {HTMLFormElement} */ (document.getElementById('fork-form'));
+  const input = /** @type {HTMLInputElement} */ (document.getElementById('fork-name'));
+  const error = /** @type {HTMLElement} */ (document.getElementById('fork-error'));
+  const ok = /** @type {HTMLButtonElement} */ (document.getElementById('fork-ok'));
+  /** @type {HTMLButtonElement} */ (document.getElementById('fork-cancel')).onclick = () => dialog.close();
+  /** @type {HTMLElement} */ (document.getElementById('fork-text')).textContent = text;
+  /** @type {HTMLElement} */ (document.getElementById('fork-rule')).textContent = `A session name is ${SESSION_NAME_RULE}.`;
+  input.value = offered;
+  error.textContent = '';
+  input.removeAttribute('aria-invalid');
+  dialog.showModal();
+  input.focus();
+  input.select();
+  return new Promise((resolve) => {
+    let done = /** @type {string | null} */ (null);
+    const onInput = () => {
+      error.textContent = '';
+      input.removeAttribute('aria-invalid');
+    };
+    /** @param {SubmitEvent} event */
+    const onSubmit = async (event) => {
+      event.preventDefault();
+      if (ok.disabled) return;
+      const name = input.value.trim();
+      if (!SESSION_NAME.test(name)) {
+        error.textContent = `Not a session name: a name is ${SESSION_NAME_RULE}.`;
+        input.setAttribute('aria-invalid', 'true');
+        input.focus();
+        return;
+      }
+      ok.disabled = true;
+      error.textContent = '…';
+      try {
+        const why = await submit(name);
+        if (why === null) {
+          done = name;
+          dialog.close();
+        } else {
+          error.textContent = why;
+          input.setAttribute('aria-invalid', 'true');
+          input.focus();
+        }
+      } finally {
+        ok.disabled = false;
+      }
+    };
+    input.addEventListener('input', onInput);
+    form.addEventListener('submit', onSubmit);
+    dialog.addEventListener('close', () => {
+      input.removeEventListener('input', onInput);
+      form.removeEventListener('submit', onSubmit);
+      resolve(done);
+    }, { once: true });
+  });
+}
+
 /** Asks for a confirmation in a modal dialog. @param {string} text @returns {Promise<boolean>} */
 export function confirmDialog(text) {
   const dialog = /** @type {HTMLDialogElement} */ (document.getElementById('confirm-dialog'));

@@ -1,7 +1,7 @@
 // The dashboard's shell: who the token is, the token prompt, and the routes #/ (sessions) and
 // #/s/<name> (one session). Each page returns a function that stops its timers and streams.
 import { api, ApiError, backoffMs, getToken, setToken, setUnauthorizedHandler } from './api.js';
-import { h } from './format.js';
+import { h, SESSION_NAME, SESSION_NAME_RULE } from './format.js';
 import { lastListHash, sessionsPage } from './sessions.js';
 import { sessionPage } from './session.js';
 
@@ -14,9 +14,6 @@ const whoEl = /** @type {HTMLElement} */ (document.getElementById('who'));
 /** @type {(() => void) | null} */
 let stopPage = null;
 
-/** The API's rule for a session name (src/sessions/spec.ts SESSION_NAME_SOURCE). */
-const SESSION_NAME = /^(?!\.\.?$)[A-Za-z0-9._-]{1,128}$/;
-const SESSION_NAME_RULE = '1-128 characters of A-Za-z0-9._-, not "." or ".."';
 
 /** Asks for a token in the dialog; resolves once one was entered. @param {string} reason */
 function askToken(reason) {

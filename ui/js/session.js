@@ -69,9 +69,9 @@ export function sessionPage(root, name, who) {
   const hyperEl = h('div', { id: 'hyper' });
   const normsEl = h('div', { id: 'norms' });
   const error = h('p', { className: 'error' });
-  root.append(
-    error,
-    h('div', { className: 'toolbar' }, h('h1', { className: 'title', tabindex: '-1' }, name), xToggle, live),
+  // What a session that was read shows: hidden while a session this token may not read (or one that does
+  // not exist) would show its headings over nothing.
+  const content = h('div', { id: 'session-content' },
     cards,
     seriesNote,
     // The charts' titles are h3: a heading above them for those who go by headings (h1, then h3 was a jump).
@@ -80,7 +80,12 @@ export function sessionPage(root, name, who) {
     h('section', {}, h('h2', {}, 'Hyperparameters'), hyperEl),
     h('section', {}, h('h2', {}, 'Norms'), normsEl),
   );
-  const snapshots = snapshotsSection(root, name, admin, () => refresh(true));
+  root.append(
+    error,
+    h('div', { className: 'toolbar' }, h('h1', { className: 'title', tabindex: '-1' }, name), xToggle, live),
+    content,
+  );
+  const snapshots = snapshotsSection(content, name, admin, () => refresh(true));
 
   /** @type {Map<string, Chart>} */
   const charts = new Map();
@@ -356,6 +361,7 @@ export function sessionPage(root, name, who) {
     if (session?.version !== current.version) versionChangedAt = Date.now();
     session = current;
     seen = true;
+    content.hidden = false;
     const groups = JSON.stringify(current.param_groups);
     const groupsChanged = groupsSeen !== '' && groups !== groupsSeen;
     groupsSeen = groups;
@@ -498,6 +504,8 @@ export function sessionPage(root, name, who) {
 
   /** @param {unknown} err */
   function failed(err) {
+    // Nothing of the session to show: no empty headings under the reason.
+    if (!seen && err instanceof ApiError && (err.status === 401 || err.status === 403 || (err.status === 404 && err.code !== 'ROUTE_NOT_FOUND'))) content.hidden = true;
     if (err instanceof ApiError && err.status === 404 && err.code !== 'ROUTE_NOT_FOUND') {
       if (seen) gone();
       else error.textContent = `Session ${name} does not exist.`;
@@ -590,6 +598,7 @@ export function sessionPage(root, name, who) {
       const retryMs = Math.min(60_000, 2000 * 2 ** (n - 1));
       setLive('missing', `not live: no session ${name}; checking again in ${Math.round(retryMs / 1000)} s`);
       error.textContent = `Session ${name} does not exist.`;
+      if (!seen) content.hidden = true;
       await sleep(retryMs, stop.signal);
       if (stop.signal.aborted) return;
       try {

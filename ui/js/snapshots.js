@@ -1,7 +1,7 @@
 // A session's snapshots: a timeline over its versions and a table with downloads, pin/unpin, restore
 // (after a confirmation) and fork. The admin-only actions are disabled for other tokens.
 import { api, download } from './api.js';
-import { confirmDialog, fmtBytes, h, keepFocus } from './format.js';
+import { confirmDialog, fmtBytes, h, keepFocus, nameDialog } from './format.js';
 
 /** Width of a tick on the timeline, of a group's box at least (its count fits), and the least space between two. */
 const TICK_PX = 10;
@@ -160,13 +160,13 @@ export function snapshotsSection(root, name, admin, changed) {
           h('button', {
             disabled: !admin, title: disabledNote, 'data-action': 'fork', 'aria-label': `Fork ${of}…`,
             onclick: async () => {
-              const target = prompt(`Fork ${name} at snapshot ${s.id} as a new session named:`, forkName(name, s.version));
-              if (!target) return;
               // Only a fork that was made opens the new session; a refused one (name taken or invalid, a token
-              // without admin) says why and the page stays.
-              if (await act(() => api(`${base}/fork`, { method: 'POST', json: { name: target, snapshot: s.id } }), `forked as ${target}`, false)) {
-                location.hash = `#/s/${encodeURIComponent(target)}`;
-              }
+              // without admin) says why in the dialog, which stays open for another name, and on the page.
+              const target = await nameDialog(`Fork ${name} at snapshot ${s.id} (version ${s.version}, step ${s.step}) as a new session.`, forkName(name, s.version), async (target) => {
+                const made = await act(() => api(`${base}/fork`, { method: 'POST', json: { name: target, snapshot: s.id } }), `forked as ${target}`, false);
+                return made ? null : status.textContent;
+              });
+              if (target !== null) location.hash = `#/s/${encodeURIComponent(target)}`;
             },
           }, 'Fork…')),
       );
