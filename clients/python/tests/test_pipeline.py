@@ -1,6 +1,7 @@
 """pipeline=True and step(wait=False): the round trip overlaps the next forward/backward, and the session
 still applies exactly the gradients sent, in its version order (checked by a torch replay)."""
 
+import logging
 import threading
 import urllib.parse
 import time
@@ -12,6 +13,17 @@ from torch import nn
 from _common import HYPER, ServiceTestCase, StepCounter, batch, make_model, train, unique
 
 STEPS = 100
+
+
+class _Records(logging.Handler):
+    """Keeps the client's log lines (with their time) for a failure message."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.created:.3f} {record.levelname} {record.getMessage()}")
 
 
 def replay(records, seed=0):
@@ -187,8 +199,18 @@ class PipelineMatchesReplay(ServiceTestCase):
         # holds the newer one's, not each step's.
         arrived, held, answered, lock = [], [], {}, threading.Lock()
         steps = 8
+        # What the proxy saw and what the client logged, for the failure message: a step that reached the
+        # proxy late, or not at all, shows here with the client's reason (a request sent again, an edit).
+        seen, began = [], time.monotonic()
+        logged = _Records()
+        client_log = logging.getLogger("asgd_client")
+        client_log.addHandler(logged)
+        self.addCleanup(client_log.removeHandler, logged)
+        self.addCleanup(client_log.setLevel, client_log.level)
+        client_log.setLevel(logging.DEBUG)
 
         def decide(req):
+            seen.append((round(time.monotonic() - began, 3), req.method, req.path.split("?")[0].rsplit("/", 1)[-1]))
             if not req.path.split("?")[0].endswith("/step"):
                 return proxy.forward(req)
             with lock:
@@ -218,7 +240,8 @@ class PipelineMatchesReplay(ServiceTestCase):
         opt.synchronize()
         versions = [answered.get(i) for i in range(steps)]
         # Every step but the last found its successor sent while its answer was held.
-        self.assertEqual([(i, ok) for i, ok, _ in sorted(held)], [(i, True) for i in range(steps - 1)], held)
+        self.assertEqual([(i, ok) for i, ok, _ in sorted(held)], [(i, True) for i in range(steps - 1)],
+                         f"held {held}; requests the proxy saw (s, method, last path part): {seen}; the client logged: {logged.lines}")
         self.assertEqual(sorted(versions), list(range(2, steps + 2)), "each step applied once")
         got, version = self.client().get_params(opt.session)
         self.assertEqual(opt.version, version)
