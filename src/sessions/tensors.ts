@@ -51,7 +51,7 @@ export function readJsonTensor(value: unknown, field: string, shape: readonly nu
     else throw errors.invalidTensor(`${field}.data[${i}]`, 'must be a number');
     const f = Math.fround(x);
     if (!Number.isFinite(f) && policy !== 'allow') {
-      if (policy === 'gradient') throw errors.nonFiniteGradient(field, i);
+      if (policy === 'gradient') throw errors.nonFiniteGradient(field, i, Number.isFinite(x));
       throw errors.invalidTensor(`${field}.data[${i}]`, Number.isFinite(x) ? 'overflows float32' : 'is not finite');
     }
     target[i] = f;
