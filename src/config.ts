@@ -28,6 +28,11 @@ export interface Config {
   /** ASGD_ADMIN_TOKEN_PREVIOUS: also the admin's during a rotation (both accepted); null when unset. */
   previousAdminToken: string | null;
   allowInsecure: boolean;
+  /**
+   * ASGD_ALLOWED_HOSTS: with auth off, names a request's Host may carry besides the loopback ones
+   * (localhost, *.localhost, 127.x.x.x, [::1]); lower case, without ports.
+   */
+  allowedHosts: string[];
   bodyLimitStep: number;
   bodyLimitCreate: number;
   bodyLimitDefault: number;
@@ -148,6 +153,18 @@ function trustProxyOf(env: Env): Config['trustProxy'] {
     }
   }
   return list;
+}
+
+/** ASGD_ALLOWED_HOSTS: host names (or IP addresses, IPv6 in brackets) as a Host header carries them, without a port. */
+function allowedHostsOf(env: Env): string[] {
+  return (env.ASGD_ALLOWED_HOSTS ?? '').split(',').map((s) => s.trim().toLowerCase()).filter(Boolean).map((entry) => {
+    const name = entry.replace(/\.$/, '');
+    const ipv6 = /^\[[0-9a-f:.]+\]$/.test(name) && isIP(name.slice(1, -1)) === 6;
+    if (!ipv6 && !/^(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*$/.test(name)) {
+      throw new ConfigError(`ASGD_ALLOWED_HOSTS: ${JSON.stringify(entry)} is not a host name or IP address (no port, no scheme; IPv6 in brackets)`);
+    }
+    return name;
+  });
 }
 
 function corsOriginsOf(env: Env): Config['corsOrigins'] {
@@ -275,6 +292,7 @@ export function loadConfig(env: Env = process.env): Config {
     adminToken,
     previousAdminToken,
     allowInsecure: bool(env, 'ASGD_ALLOW_INSECURE', false),
+    allowedHosts: allowedHostsOf(env),
     bodyLimitStep: int(env, 'ASGD_BODY_LIMIT_STEP', 1024 * MiB, 1024),
     bodyLimitCreate: int(env, 'ASGD_BODY_LIMIT_CREATE', 2048 * MiB, 1024),
     bodyLimitDefault: int(env, 'ASGD_BODY_LIMIT_DEFAULT', 1 * MiB, 1024),

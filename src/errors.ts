@@ -51,6 +51,7 @@ const API_CODES = {
   /** Access */
   UNAUTHORIZED: [401, 'No bearer token, or an unknown or revoked one (WWW-Authenticate: Bearer)'],
   FORBIDDEN: [403, 'The token\'s scope or session list does not allow this'],
+  HOST_NOT_ALLOWED: [403, 'Auth is off and the request\'s Host is not a loopback name (nor in ASGD_ALLOWED_HOSTS): refused, so that a web page cannot reach the service through a DNS name of its own (DNS rebinding)'],
   TOKEN_NOT_FOUND: [404, 'No token of this id'],
   /** Load and availability */
   RATE_LIMITED: [429, 'Too many requests for this token; see Retry-After'],
@@ -165,6 +166,8 @@ export const errors = {
     new ApiError('FORBIDDEN', message, undefined, {
       'www-authenticate': `Bearer realm="asgd-serve", error="insufficient_scope"${scope ? `, scope="${scope}"` : ''}`,
     }),
+  hostNotAllowed: make('HOST_NOT_ALLOWED', (host: string) =>
+    `Host: ${quoteValue(headerText(host).slice(0, 300))} is not a loopback name; with auth off (no ASGD_ADMIN_TOKEN) this service answers only requests addressed to localhost, 127.0.0.1 or [::1] (or a name in ASGD_ALLOWED_HOSTS), so that a web page cannot reach it through a DNS name of its own (DNS rebinding)`),
   // 404/405/406
   sessionNotFound: make('SESSION_NOT_FOUND', (name: string) => `session ${JSON.stringify(name)} does not exist`),
   snapshotNotFound: make('SNAPSHOT_NOT_FOUND', (id: string) => `snapshot ${id} does not exist in this session`),

@@ -6,7 +6,7 @@
 // that registers them (`withAccess`).
 import fp from 'fastify-plugin';
 import type { FastifyInstance, FastifyPluginAsync, FastifyPluginCallback, FastifyPluginOptions, FastifyRequest } from 'fastify';
-import type { Config } from '../config.ts';
+import { isLoopback, type Config } from '../config.ts';
 import { errors } from '../errors.ts';
 import { createTokenStore, SCOPE_RANK, sameHash, sha256, type Principal, type Scope, type TokenStore } from '../auth/tokens.ts';
 
@@ -59,12 +59,35 @@ export function withAccess<Options extends FastifyPluginOptions>(
 
 const BEARER = /^Bearer +([\x21-\x7e]{1,512}) *$/i;
 
+/** The name a Host header addresses, lower case, without its port or a trailing dot ("[::1]" keeps its brackets). */
+export function hostName(header: string): string {
+  const host = header.trim().toLowerCase();
+  if (host.startsWith('[')) {
+    const end = host.indexOf(']');
+    return end < 0 ? host : host.slice(0, end + 1);
+  }
+  const colon = host.indexOf(':');
+  return (colon < 0 ? host : host.slice(0, colon)).replace(/\.$/, '');
+}
+
+/** Names only this machine answers: a DNS name of a web page's own cannot be one (RFC 6761 for .localhost). */
+const isLoopbackName = (name: string) =>
+  name === 'localhost' || name.endsWith('.localhost') || name === '[::1]' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(name);
+
 export default fp(
   async function authPlugin(fastify: FastifyInstance, opts: { config: Config }) {
     const store = createTokenStore(fastify.db);
     // The admin token, and during a rotation the previous one (ASGD_ADMIN_TOKEN_PREVIOUS): either is the admin.
     const adminHashes = [opts.config.adminToken, opts.config.previousAdminToken].filter((t) => t !== null).map((t) => sha256(t));
     const authOn = adminHashes.length > 0;
+    // Auth off is safe only because no one but this machine can reach the service: it listens on loopback.
+    // A web page can still reach it, through a DNS name of the page's own that it points at 127.0.0.1 once
+    // the page has loaded (DNS rebinding): the browser then sends the page's name as Host, and the page reads
+    // the answers as its own origin's. So with auth off, and listening on loopback, the API answers only
+    // requests addressed to a loopback name (or one listed in ASGD_ALLOWED_HOSTS). A service made to listen
+    // beyond loopback without a token (ASGD_ALLOW_INSECURE) is open to the network anyway: not checked.
+    const checkHost = !authOn && isLoopback(opts.config.host);
+    const allowedHosts = new Set(opts.config.allowedHosts);
     const isAdmin = (presented: string) => {
       const hash = sha256(presented);
       return adminHashes.some((h) => sameHash(hash, h));
@@ -125,6 +148,11 @@ export default fp(
     }
 
     fastify.addHook('onRequest', async (request) => {
+      // Every route, public ones too (/metrics names the sessions): a page reaching it by rebinding gets nothing.
+      if (checkHost && request.headers.host !== undefined) {
+        const name = hostName(request.headers.host);
+        if (!isLoopbackName(name) && !allowedHosts.has(name)) throw errors.hostNotAllowed(request.headers.host);
+      }
       const { scope, allSessions } = request.routeOptions.config;
       if (scope === 'public' || (scope === undefined && request.is404)) return;
       const need: RouteAccess = scope === undefined ? { scope: 'admin', allSessions: true } : { scope, allSessions: allSessions ?? false };

@@ -292,6 +292,52 @@ test('without an admin token auth is off, and only loopback is allowed', async (
   for (const host of ['127.0.0.1', 'localhost', '::1', '127.9.9.9']) assert.equal(testConfig({ HOST: host }).host, host);
 });
 
+test('with auth off, a request addressed to a name that is not loopback is refused (DNS rebinding): 403 HOST_NOT_ALLOWED, nothing created', async (t) => {
+  // A web page whose own DNS name is pointed at 127.0.0.1 after it loaded sends that name as Host, and reads
+  // the answers as its own origin's: with auth off the service would hand it every session and an admin token.
+  const { app } = await buildTestApp(t);
+  const as = (host: string, method: 'GET' | 'POST' = 'GET', url = '/v1/sessions', payload?: object) =>
+    app.inject({ method, url, headers: { host, ...(payload && { origin: `http://${host}` }) }, ...(payload && { payload }) });
+  for (const host of ['evil.example:8080', 'evil.example', 'EVIL.example.:8080', '127.0.0.1.evil.example:8080', 'localhost.evil.example', '[::2]:8080', '10.0.0.5:8080']) {
+    for (const [method, url, payload] of [
+      ['GET', '/v1/sessions'], ['POST', '/v1/tokens', { name: 'rebind', scope: 'admin' }], ['POST', '/v1/sessions', { name: 'planted', params: [{ name: 'w', shape: [1], data: [1] }] }],
+      ['GET', '/metrics'], ['GET', '/v1/sessions/nope/params'],
+    ] as const) {
+      const res = await as(host, method, url, payload);
+      assert.equal(res.statusCode, 403, `${method} ${url} with Host ${host}: ${res.body}`);
+      assert.equal(res.json().code, 'HOST_NOT_ALLOWED');
+      assert.match(res.json().message, /^Host: "[^"]+" is not a loopback name; with auth off .*ASGD_ALLOWED_HOSTS/);
+    }
+  }
+  // Nothing was made by the refused requests.
+  assert.deepEqual((await app.inject({ url: '/v1/sessions' })).json().sessions, []);
+  assert.deepEqual((await app.inject({ url: '/v1/tokens' })).json().tokens, []);
+  // Loopback names, with or without a port, in any case: served.
+  for (const host of ['localhost', 'localhost:8080', 'LOCALHOST:1', 'localhost.:8080', '127.0.0.1:8080', '127.9.9.9', '[::1]:8080', 'dev.localhost:8080']) {
+    assert.equal((await as(host)).statusCode, 200, host);
+  }
+  // A long Host is cut in the message, not echoed whole.
+  const long = await as(`${'a'.repeat(5000)}.example`);
+  assert.equal(long.statusCode, 403);
+  assert.ok(long.json().message.length < 800, long.json().message.length.toString());
+
+  // ASGD_ALLOWED_HOSTS adds names (no ports); others stay refused.
+  const named = await buildTestApp(t, { env: { ASGD_ALLOWED_HOSTS: 'devbox, Build.Internal' } });
+  for (const host of ['devbox:8080', 'build.internal', 'BUILD.INTERNAL:9']) assert.equal((await named.app.inject({ url: '/v1/sessions', headers: { host } })).statusCode, 200, host);
+  assert.equal((await named.app.inject({ url: '/v1/sessions', headers: { host: 'other:8080' } })).statusCode, 403);
+  assert.throws(() => testConfig({ ASGD_ALLOWED_HOSTS: 'http://devbox' }), /ASGD_ALLOWED_HOSTS: "http:\/\/devbox" is not a host name/);
+  assert.throws(() => testConfig({ ASGD_ALLOWED_HOSTS: 'devbox:8080' }), /ASGD_ALLOWED_HOSTS: "devbox:8080" is not a host name/);
+
+  // Made to listen beyond loopback without a token (ASGD_ALLOW_INSECURE): open to the network anyway, not checked.
+  const open = await buildTestApp(t, { env: { HOST: '0.0.0.0', ASGD_ALLOW_INSECURE: 'true' } });
+  assert.equal((await open.app.inject({ url: '/v1/sessions', headers: { host: 'evil.example:8080' } })).statusCode, 200);
+
+  // With auth on the token is what counts: any Host.
+  const authed = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  assert.equal((await authed.app.inject({ url: '/v1/sessions', headers: { host: 'evil.example:8080', ...asAdmin } })).statusCode, 200);
+  assert.equal((await authed.app.inject({ url: '/v1/sessions', headers: { host: 'evil.example:8080' } })).statusCode, 401);
+});
+
 test('an event stream opened with a token ends once the token is revoked, and sends nothing after', async (t) => {
   const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
   await createSession(app, 'watched');
