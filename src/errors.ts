@@ -39,7 +39,7 @@ const API_CODES = {
   VERSION_NOT_AVAILABLE: [404, 'The version asked for is older than the oldest snapshot or newer than the session'],
   SESSION_EXISTS: [409, 'A session of this name exists'],
   BASE_VERSION_AHEAD: [409, 'The step\'s base_version is above the session\'s version: the session was deleted and created again, or its database restored; the body carries the current version'],
-  STALE_GRADIENT: [409, 'The gradient is older than max_staleness allows (in a session with aggregation: older than the open round); the body carries the current version'],
+  STALE_GRADIENT: [409, 'The gradient is older than max_staleness allows, or was computed before a restore or state load replaced the session\'s state (in a session with aggregation: older than the open round); the body carries the current version'],
   ROUND_OPEN: [409, 'A round of contributions is open: aggregation cannot change until it steps'],
   DUPLICATE_CONTRIBUTION: [409, 'This worker has already contributed to the open round'],
   ROUND_CONFLICT: [409, 'The contribution\'s param_groups differ from those of the open round\'s other contributions'],
@@ -186,6 +186,10 @@ export const errors = {
   sessionExists: make('SESSION_EXISTS', (name: string) => `name: session ${JSON.stringify(name)} already exists`),
   staleGradient: (staleness: number, maxStaleness: number, version: number) =>
     new ApiError('STALE_GRADIENT', `base_version: the gradient is ${staleness} versions old; this session accepts at most ${maxStaleness}`, { version, staleness, max_staleness: maxStaleness }),
+  gradientOfReplacedState: (baseVersion: number, historyFrom: number, version: number, maxStaleness: number | null) =>
+    new ApiError('STALE_GRADIENT', `base_version: the gradient was computed at version ${baseVersion}, before the session's state was replaced at version ${historyFrom} (a restore, or a state_dict or checkpoint load): those parameters are no longer in its history, so the gradient is dropped; load the parameters and go on from them`, {
+      version, staleness: version - baseVersion, max_staleness: maxStaleness, replaced_at: historyFrom,
+    }),
   baseVersionAhead: (field: string, baseVersion: number, version: number) =>
     new ApiError('BASE_VERSION_AHEAD', `${field}: ${baseVersion} is newer than the session's version ${version}`, { version }),
   staleContribution: (baseVersion: number, version: number) =>

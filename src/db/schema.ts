@@ -85,6 +85,12 @@ export const sessions = pgTable('sessions', {
    * (src/sessions/notifier.ts); null: nobody has waited.
    */
   listenedUntil: timestamp('listened_until', { withTimezone: true }),
+  /**
+   * The version made by the session's last restore or state load (state_dict, checkpoint): a gradient
+   * computed at an older version (its base_version) is of parameters the session's history no longer
+   * holds, and is refused as stale. 0: none since the session was created.
+   */
+  historyFrom: bigint('history_from', { mode: 'number' }).notNull().default(0),
 }, (t) => [uniqueIndex('sessions_name_key').on(t.name)]);
 
 /** An immutable copy of parameters and optimizer state at one version. Written in one transaction. */
@@ -255,7 +261,7 @@ export const tokens = pgTable('tokens', {
 }, (t) => [uniqueIndex('tokens_secret_hash_key').on(t.secretHash)]);
 
 /** A session as the service reads it (the listening lease is the notifier's bookkeeping, not the session's). */
-export type SessionRow = Omit<typeof sessions.$inferSelect, 'listenedUntil'>;
+export type SessionRow = Omit<typeof sessions.$inferSelect, 'listenedUntil' | 'historyFrom'>;
 export type SnapshotRow = typeof snapshots.$inferSelect;
 export type ReplayPointRow = typeof replayPoints.$inferSelect;
 export type TokenRow = typeof tokens.$inferSelect;

@@ -128,7 +128,9 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
       if (input.step !== undefined) state.step = input.step;
       else if (plan) state.step = Math.round(plan.scalars.reduce((most, s) => Math.max(most, s?.step ?? 0), 0));
       state.version = session.version + 1;
-      await commitState(tx, session, state, opts.reason);
+      // A state_dict or checkpoint replaces the state: gradients computed before it are of another history.
+      // Parameters alone (PUT params: a worker's edit, a clamp) keep the history: other workers' steps go on.
+      await commitState(tx, session, state, opts.reason, plan !== null);
       entry.lastSnapshotVersion = state.version;
       return mustFind(tx, name);
     });
@@ -171,10 +173,10 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
    * version: written as a snapshot, its group values recorded when they changed, the session advanced and
    * announced, snapshots beyond keep_snapshots pruned. `state` already holds the new version.
    */
-  async function commitState(tx: Queryable, session: SessionRecord, state: SessionState, reason: string): Promise<void> {
+  async function commitState(tx: Queryable, session: SessionRecord, state: SessionState, reason: string, replaced = false): Promise<void> {
     await writer.writeState(tx, session.id, state, reason);
     await recordGroupChange(tx, session, state, reason);
-    state.setStamp(await repo.advanceSession(tx, session.id, state.version, state.step, state.groups));
+    state.setStamp(await repo.advanceSession(tx, session.id, state.version, state.step, state.groups, replaced));
     await repo.notifyVersion(tx, session.name, state.version, state.step);
     await repo.pruneHistory(tx, session.id, session.keepSnapshots);
   }
@@ -206,7 +208,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
         throw err;
       }
       state.version = session.version + 1;
-      await commitState(tx, session, state, 'restore');
+      await commitState(tx, session, state, 'restore', true);
       cache.remember(state, state.version);
       return mustFind(tx, name);
     });

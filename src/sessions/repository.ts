@@ -198,11 +198,15 @@ export async function updateSessionSettings(
   return toSession(rows[0]);
 }
 
-/** Bumps the version (and the step count when `stepped`), optionally replacing the groups; returns the session's new stamp. */
-export async function advanceSession(q: Queryable, id: number, version: number, step: number, groups?: GroupSpec[]): Promise<string> {
+/**
+ * Bumps the version (and the step count when `stepped`), optionally replacing the groups; returns the
+ * session's new stamp. `replaced`: the new version replaces the state (a restore, a state_dict or checkpoint
+ * load): gradients computed before it are refused from now on (sessions.history_from).
+ */
+export async function advanceSession(q: Queryable, id: number, version: number, step: number, groups?: GroupSpec[], replaced = false): Promise<string> {
   const rows = groups
     ? await q.query<{ stamp: string }>(
-        `UPDATE sessions SET version = $2, step = $3, groups = $4, updated_at = now() WHERE id = $1 RETURNING ${stampOf('updated_at')} AS stamp`,
+        `UPDATE sessions SET version = $2, step = $3, groups = $4, updated_at = now()${replaced ? ', history_from = $2' : ''} WHERE id = $1 RETURNING ${stampOf('updated_at')} AS stamp`,
         [id, version, step, JSON.stringify(groups)],
       )
     : await q.query<{ stamp: string }>(
@@ -326,6 +330,8 @@ export interface AppendedSteps {
   /** The session's stamp then: a copy at previousVersion with another stamp is not of the database's history. */
   previousStamp: string;
   maxStaleness: number | null;
+  /** The session's history_from then: a step computed at an older version is refused (refusedAt). */
+  historyFrom: number;
   /** The session has `aggregation`: nothing was written; its step requests are contributions (rounds.ts). */
   aggregated: boolean;
   /** The session after the batch (its steps are versions previousVersion+1..+n, in order); null: nothing written. */
@@ -339,10 +345,14 @@ export interface AppendedSteps {
 /** The step's position in the batch (0-based) -> its version, when every step before it is accepted. */
 const versionAt = (previous: number, index: number) => previous + index + 1;
 
-/** Whether a step is refused (If-Match, base_version, staleness) when applied to version `before`, as appendSteps checks. */
-export function refusedAt(s: Pick<BatchStep, 'ifMatch' | 'baseVersion'>, before: number, maxStaleness: number | null): boolean {
+/**
+ * Whether a step is refused (If-Match, base_version, staleness, a gradient of a state replaced since) when
+ * applied to version `before`, as appendSteps checks.
+ */
+export function refusedAt(s: Pick<BatchStep, 'ifMatch' | 'baseVersion'>, before: number, maxStaleness: number | null, historyFrom: number): boolean {
   return (s.ifMatch !== null && s.ifMatch !== before) || (s.baseVersion !== null && s.baseVersion > before)
-    || (maxStaleness !== null && s.baseVersion !== null && before - s.baseVersion > maxStaleness);
+    || (maxStaleness !== null && s.baseVersion !== null && before - s.baseVersion > maxStaleness)
+    || (s.baseVersion !== null && s.baseVersion < historyFrom);
 }
 
 /**
@@ -401,7 +411,7 @@ export async function appendSteps(db: Database, sessionId: number, name: string,
   // `notified` is a plain SELECT: referenced below, or PostgreSQL would not run it.
   const result = await db.query(
     `WITH locked AS (
-       SELECT id, name, version, step, max_staleness, aggregation IS NOT NULL AS aggregated, coalesce(listened_until >= now(), false) AS listened,
+       SELECT id, name, version, step, max_staleness, history_from, aggregation IS NOT NULL AS aggregated, coalesce(listened_until >= now(), false) AS listened,
          ${stampOf('updated_at')} AS stamp, groups AS old_groups
        FROM sessions WHERE id = $1 AND name = $3 FOR NO KEY UPDATE
      ), input (i, ${BATCH_COLUMNS.map((c) => c.split(' ')[0]).join(', ')}) AS (
@@ -417,7 +427,8 @@ export async function appendSteps(db: Database, sessionId: number, name: string,
          AND NOT EXISTS (SELECT 1 FROM input WHERE NOT (
            (if_match IS NULL OR if_match = locked.version + i)
            AND (base IS NULL OR base <= locked.version + i)
-           AND (locked.max_staleness IS NULL OR base IS NULL OR locked.version + i - base <= locked.max_staleness)))
+           AND (locked.max_staleness IS NULL OR base IS NULL OR locked.version + i - base <= locked.max_staleness)
+           AND (base IS NULL OR base >= locked.history_from)))
      ), logged AS (
        INSERT INTO step_log (session_id, version, present, grads, base_version, hyper, grad_dtype)
        SELECT a.id, a.version + input.i + 1, input.present, g.grads, input.base, input.hyper, input.dtype
@@ -444,7 +455,8 @@ export async function appendSteps(db: Database, sessionId: number, name: string,
        SELECT pg_notify('${VERSION_CHANNEL}', a.name || ':' || (a.version + input.i + 1) || ':' || (a.step + input.i + 1)) FROM accepted a, input
        WHERE a.listened
      )
-     SELECT locked.version::float8 AS previous_version, locked.stamp AS previous_stamp, locked.max_staleness AS previous_max_staleness, locked.aggregated AS previous_aggregated, advanced.*,
+     SELECT locked.version::float8 AS previous_version, locked.stamp AS previous_stamp, locked.max_staleness AS previous_max_staleness, locked.history_from::float8 AS previous_history_from,
+       locked.aggregated AS previous_aggregated, advanced.*,
        (SELECT count(*) FROM notified) + (SELECT count(*) FROM logged) AS written,
        (SELECT jsonb_agg(jsonb_build_object('index', i, 'request_hash', request_hash, 'response', response, 'live', live)) FROM known) AS known,
        (SELECT max(version) FROM snapshots WHERE session_id = $1)::float8 AS newest_snapshot
@@ -460,6 +472,7 @@ export async function appendSteps(db: Database, sessionId: number, name: string,
     previousVersion: r.previous_version as number,
     previousStamp: r.previous_stamp as string,
     maxStaleness: (r.previous_max_staleness as number | null) ?? null,
+    historyFrom: r.previous_history_from as number,
     aggregated: r.previous_aggregated === true,
     session: r.id === null || r.id === undefined ? null : toSession(r),
     known,
@@ -485,13 +498,14 @@ export async function clearExpiredKeys(q: Queryable, sessionId: number, keys: st
  */
 async function appendStepsPglite(db: Database, sessionId: number, name: string, steps: readonly BatchStep[], windowSeconds: number): Promise<AppendedSteps | null> {
   return db.transaction(async (tx) => {
-    const locked = await tx.query<{ version: number; max_staleness: number | null; aggregated: boolean; stamp: string; groups: GroupSpec[] }>(
-      `SELECT version::float8 AS version, max_staleness, aggregation IS NOT NULL AS aggregated, ${stampOf('updated_at')} AS stamp, groups FROM sessions WHERE id = $1 AND name = $2 FOR NO KEY UPDATE`,
+    const locked = await tx.query<{ version: number; max_staleness: number | null; history_from: number; aggregated: boolean; stamp: string; groups: GroupSpec[] }>(
+      `SELECT version::float8 AS version, max_staleness, history_from::float8 AS history_from, aggregation IS NOT NULL AS aggregated, ${stampOf('updated_at')} AS stamp, groups
+       FROM sessions WHERE id = $1 AND name = $2 FOR NO KEY UPDATE`,
       [sessionId, name],
     );
     if (locked.length === 0) return null;
-    const { version, max_staleness: maxStaleness, aggregated, stamp: previousStamp, groups: groupsBefore } = locked[0];
-    if (aggregated) return { previousVersion: version, previousStamp, maxStaleness, aggregated, session: null, known: [], newestSnapshot: null };
+    const { version, max_staleness: maxStaleness, history_from: historyFrom, aggregated, stamp: previousStamp, groups: groupsBefore } = locked[0];
+    if (aggregated) return { previousVersion: version, previousStamp, maxStaleness, historyFrom, aggregated, session: null, known: [], newestSnapshot: null };
     const keys = steps.map((s) => s.key).filter((k): k is string => k !== null);
     const known: KnownKey[] = [];
     if (keys.length) {
@@ -501,7 +515,9 @@ async function appendStepsPglite(db: Database, sessionId: number, name: string, 
       );
       for (const f of found) known.push({ index: steps.findIndex((s) => s.key === f.key), requestHash: f.request_hash, response: f.response, live: f.live });
     }
-    if (known.length || steps.some((s, i) => refusedAt(s, versionAt(version, i) - 1, maxStaleness))) return { previousVersion: version, previousStamp, maxStaleness, aggregated, session: null, known, newestSnapshot: null };
+    if (known.length || steps.some((s, i) => refusedAt(s, versionAt(version, i) - 1, maxStaleness, historyFrom))) {
+      return { previousVersion: version, previousStamp, maxStaleness, historyFrom, aggregated, session: null, known, newestSnapshot: null };
+    }
     let step = 0;
     for (const [i, s] of steps.entries()) {
       const hyper = s.hyper === null ? null : JSON.stringify(s.hyper);
@@ -534,7 +550,7 @@ async function appendStepsPglite(db: Database, sessionId: number, name: string, 
       await notifyVersion(tx, session.name, v, step);
     }
     // One process holds the data directory: its copy knows of every snapshot.
-    return { previousVersion: version, previousStamp, maxStaleness, aggregated, session, known, newestSnapshot: null };
+    return { previousVersion: version, previousStamp, maxStaleness, historyFrom, aggregated, session, known, newestSnapshot: null };
   });
 }
 

@@ -53,12 +53,13 @@ interface Prepared extends repo.BatchStep {
 }
 
 /** The error of a step refused by the checks at the version it would have been applied to (repo.refusedAt). */
-function refusal(opts: StepOptions, version: number, maxStaleness: number | null): Error {
+function refusal(opts: StepOptions, version: number, maxStaleness: number | null, historyFrom: number): Error {
   if (opts.ifMatch !== null && opts.ifMatch !== undefined && opts.ifMatch !== version) return errors.versionMismatch(`"${opts.ifMatch}"`, version);
   const baseVersion = opts.baseVersion ?? null;
   if (baseVersion !== null && baseVersion > version) {
     return baseVersionTooNew(baseVersion, version, opts.baseVersionFrom);
   }
+  if (baseVersion !== null && baseVersion < historyFrom) return errors.gradientOfReplacedState(baseVersion, historyFrom, version, maxStaleness);
   return errors.staleGradient(version - (baseVersion ?? version), maxStaleness ?? 0, version);
 }
 
@@ -246,7 +247,7 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
         const kept: Prepared[] = [];
         let before = appended.previousVersion;
         for (const s of steps) {
-          if (repo.refusedAt(s, before, appended.maxStaleness)) s.request.reject(refusal(s.request.opts, before, appended.maxStaleness));
+          if (repo.refusedAt(s, before, appended.maxStaleness, appended.historyFrom)) s.request.reject(refusal(s.request.opts, before, appended.maxStaleness, appended.historyFrom));
           else {
             kept.push(s);
             before += 1;

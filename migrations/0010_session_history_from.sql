@@ -1,0 +1,1 @@
+ALTER TABLE "sessions" ADD COLUMN "history_from" bigint DEFAULT 0 NOT NULL;
