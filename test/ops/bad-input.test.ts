@@ -540,7 +540,10 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     [{ ...checkpointJson, step: -1 }, 'INVALID_BODY'], [{ ...checkpointJson, step: 'x' }, 'INVALID_BODY'], [{ ...checkpointJson, model: [] }, 'INVALID_BODY'],
     [{ ...checkpointJson, model: { nope: { shape: [1], data: [1] } } }, 'UNKNOWN_PARAMETER'],
     [{ ...checkpointJson, model: { ...checkpointJson.model, w: { shape: [-1], data: [] } } }, 'INVALID_STATE_DICT'],
-    [{ ...checkpointJson, optimizer: null }, 'INVALID_STATE_DICT'], [{ model: checkpointJson.model }, 'INVALID_STATE_DICT'], [{ ...checkpointJson, extra: 1 }, 'INVALID_BODY'],
+    [{ ...checkpointJson, optimizer: null }, 'INVALID_STATE_DICT'], [{ model: checkpointJson.model }, 'INVALID_STATE_DICT'], [{ optimizer: checkpointJson.optimizer }, 'INVALID_BODY'],
+    // Both names of one part (this service's and the tutorial's): which to take is not guessed.
+    [{ ...checkpointJson, model_state_dict: checkpointJson.model }, 'INVALID_STATE_DICT'], [{ ...checkpointJson, optimizer_state_dict: checkpointJson.optimizer }, 'INVALID_STATE_DICT'],
+    [{ ...checkpointJson, model_state_dict: [] }, 'INVALID_BODY'], [{ model_state_dict: checkpointJson.model, optimizer_state_dict: { state: {} } }, 'INVALID_STATE_DICT'],
   ];
   for (const [payload, expect] of cpVariants) add({ family: 'checkpoint', op: 'PUT /v1/sessions/{name}/checkpoint', method: 'PUT', url: '/v1/sessions/alpha/checkpoint', headers: asAdmin, payload: payload as object, expect });
 

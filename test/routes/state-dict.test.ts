@@ -388,3 +388,36 @@ test('hyperparameters written as JSON integers stay ints in the .pt state_dict, 
     { lr: 'int 1', t0: 'int 10', weight_decay: 'float 0' },
   ]);
 });
+
+test('a JSON checkpoint takes what a torch.save checkpoint takes: the tutorial\'s {"model_state_dict", "optimizer_state_dict", "epoch", "loss"} and keys of its own, ignored; the same state either way', async (t) => {
+  const app = await setup(t);
+  for (let k = 0; k < 5; k++) assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/sd/step', payload: { grads: grads(k) } })).statusCode, 200);
+  const saved = (await app.inject({ url: '/v1/sessions/sd/checkpoint?format=json' })).json();
+  const state = async () => {
+    const [p, sd, s] = await Promise.all(['params', 'state_dict', ''].map((part) => app.inject({ url: `/v1/sessions/sd${part ? `/${part}` : ''}` })));
+    return { params: p.json().params, stateDict: sd.json(), step: s.json().step };
+  };
+  const want = await state();
+  const forms: [string, object, number][] = [
+    ['with keys of its own', { ...saved, epoch: 3, note: 'kept by the caller', extra: { nested: [1, 2] } }, saved.step],
+    // The tutorial's layout has an epoch, not a step: the step is counted from the optimizer state.
+    ['in the tutorial\'s layout', { epoch: 3, model_state_dict: saved.model, optimizer_state_dict: saved.optimizer, loss: 0.25 }, 5],
+  ];
+  for (const [what, body, step] of forms) {
+    for (let k = 10; k < 13; k++) await app.inject({ method: 'POST', url: '/v1/sessions/sd/step', payload: { grads: grads(k) } });
+    const put = await app.inject({ method: 'PUT', url: '/v1/sessions/sd/checkpoint', payload: body });
+    assert.equal(put.statusCode, 200, `${what}: ${put.body}`);
+    assert.equal(put.json().step, step, what);
+    assert.deepEqual(await state(), { ...want, step }, what);
+  }
+  // A field of the tutorial's layout is named as sent.
+  const bad = await app.inject({ method: 'PUT', url: '/v1/sessions/sd/checkpoint', payload: { model_state_dict: { w: { shape: [4, 9], data: [1] } }, optimizer_state_dict: saved.optimizer } });
+  assert.equal(bad.statusCode, 400);
+  assert.match(bad.json().message, /^model_state_dict\.w/);
+  const both = await app.inject({ method: 'PUT', url: '/v1/sessions/sd/checkpoint', payload: { ...saved, optimizer_state_dict: saved.optimizer } });
+  assert.deepEqual([both.statusCode, both.json().code], [400, 'INVALID_STATE_DICT']);
+  assert.match(both.json().message, /^optimizer_state_dict: given with optimizer: one of the two/);
+  const none = await app.inject({ method: 'PUT', url: '/v1/sessions/sd/checkpoint', payload: { epoch: 3 } });
+  assert.deepEqual([none.statusCode, none.json().code], [400, 'INVALID_BODY']);
+  assert.match(none.json().message, /^model: is missing \(a checkpoint is \{"model", "optimizer", "step"\?\}, or the tutorial's/);
+});

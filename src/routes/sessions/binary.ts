@@ -179,14 +179,26 @@ function finiteParam(tensor: Float32Tensor, field: string): { shape: number[]; d
 }
 
 /** A checkpoint from its JSON form (structure checked by the route's schema; tensors and state here). */
-export function readCheckpointJson(body: { model: Record<string, unknown>; optimizer: unknown; step?: number }): CheckpointInput {
+export function readCheckpointJson(body: {
+  model?: Record<string, unknown>; optimizer?: unknown; model_state_dict?: Record<string, unknown>; optimizer_state_dict?: unknown; step?: number;
+}): CheckpointInput {
+  // The checkpoint's own names or the tutorial's, as checkpointKeys takes them from a file; the rest is ignored.
+  const pick = <K extends 'model' | 'optimizer'>(ours: K, theirs: `${K}_state_dict`) => {
+    if (body[ours] !== undefined && body[theirs] !== undefined) throw errors.invalidStateDict(theirs, `given with ${ours}: one of the two`);
+    return body[theirs] !== undefined ? { key: theirs, value: body[theirs] } : { key: ours, value: body[ours] };
+  };
+  const model = pick('model', 'model_state_dict');
+  const optimizer = pick('optimizer', 'optimizer_state_dict');
+  const layouts = 'a checkpoint is {"model", "optimizer", "step"?}, or the tutorial\'s {"model_state_dict", "optimizer_state_dict", …}';
+  if (model.value === undefined) throw errors.invalidBody(`model: is missing (${layouts})`);
+  if (optimizer.value === undefined) throw errors.invalidStateDict('optimizer', `is missing (${layouts})`);
   const params: CheckpointInput['params'] = new Map();
-  for (const [name, value] of Object.entries(body.model)) {
+  for (const [name, value] of Object.entries(model.value as Record<string, unknown>)) {
     // Shapes are checked against the session by the domain.
-    const tensor = readTensorField(value, `model.${name}`, 'reject');
+    const tensor = readTensorField(value, `${model.key}.${name}`, 'reject');
     params.set(name, { shape: tensor.shape, data: tensor.data });
   }
-  return { stateDict: parseStateDict(body.optimizer), params, step: body.step };
+  return { stateDict: parseStateDict(optimizer.value), params, step: body.step };
 }
 
 function sendStream(reply: FastifyReply, stream: ByteStream, type: string, filename: string) {

@@ -52,11 +52,19 @@ const StateDictIn = withCode(Type.Object({
   param_groups: Type.Array(Type.Record(Type.String(), Type.Unknown()), { description: 'The param groups, as state_dict() writes them' }),
 }, { additionalProperties: false }), 'INVALID_STATE_DICT');
 
+/**
+ * A checkpoint to load, as JSON: what a torch.save file may hold, {"model", "optimizer", "step"} or the layout
+ * of PyTorch's tutorial on saving a general checkpoint ({"model_state_dict", "optimizer_state_dict", "epoch",
+ * "loss", …}); other keys are ignored, as in the file. Which of the two names is there: readCheckpointJson.
+ */
+const ModelIn = Type.Record(Type.String(), Type.Unknown(), { description: 'The model state_dict: tensors by name' });
 const CheckpointIn = Type.Object({
-  model: Type.Record(Type.String(), Type.Unknown(), { description: 'The model state_dict: tensors by name' }),
-  optimizer: StateDictIn,
+  model: Type.Optional(ModelIn),
+  optimizer: Type.Optional(StateDictIn),
+  model_state_dict: Type.Optional({ ...ModelIn, description: 'Instead of "model" (the layout of PyTorch\'s tutorial on saving a general checkpoint)' }),
+  optimizer_state_dict: Type.Optional({ ...StateDictIn, description: 'Instead of "optimizer" (the tutorial\'s layout)' }),
   step: Type.Optional(Type.Integer({ minimum: 0, maximum: MAX_LOADED_STEP, description: 'The steps the session has taken (at most 2^50: the steps after it are counted exactly); absent: the most any parameter\'s state took, as a state_dict load counts it' })),
-}, { additionalProperties: false });
+}, { additionalProperties: true, description: 'Keys other than these (the tutorial\'s "epoch", "loss") are ignored, as in a torch.save file' });
 
 /** The parameters to load, as JSON: each a tensor {"shape", "data"} or a flat list (the session knows the shape). */
 const ParamsIn = Type.Object({
