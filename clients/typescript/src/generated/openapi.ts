@@ -663,7 +663,7 @@ export interface components {
             /** @enum {integer} */
             statusCode: 403;
             /** @enum {string} */
-            code: "FORBIDDEN";
+            code: "FORBIDDEN" | "HOST_NOT_ALLOWED";
             /** @example Forbidden */
             error: string;
             message: string;
@@ -1238,6 +1238,7 @@ export interface components {
          * @description Forbidden. The `code` is one of:
          *
          *     - `FORBIDDEN`: The token's scope or session list does not allow this
+         *     - `HOST_NOT_ALLOWED`: Auth is off and the request's Host is not a loopback name (nor in ASGD_ALLOWED_HOSTS): refused, so that a web page cannot reach the service through a DNS name of its own (DNS rebinding)
          */
         Error403: {
             headers: {
@@ -1286,7 +1287,7 @@ export interface components {
          *
          *     - `SESSION_EXISTS`: A session of this name exists
          *     - `BASE_VERSION_AHEAD`: The step's base_version is above the session's version: the session was deleted and created again, or its database restored; the body carries the current version
-         *     - `STALE_GRADIENT`: The gradient is older than max_staleness allows (in a session with aggregation: older than the open round); the body carries the current version
+         *     - `STALE_GRADIENT`: The gradient is older than max_staleness allows, or was computed before a restore or state load replaced the session's state (in a session with aggregation: older than the open round); the body carries the current version
          *     - `ROUND_OPEN`: A round of contributions is open: aggregation cannot change until it steps
          *     - `DUPLICATE_CONTRIBUTION`: This worker has already contributed to the open round
          *     - `ROUND_CONFLICT`: The contribution's param_groups differ from those of the open round's other contributions
@@ -2661,10 +2662,25 @@ export interface operations {
             content: {
                 "application/json": {
                     /** @description The model state_dict: tensors by name */
-                    model: {
+                    model?: {
                         [key: string]: unknown;
                     };
-                    optimizer: {
+                    optimizer?: {
+                        /** @description Per-parameter state by index: {step, eta, mu, ax} */
+                        state: {
+                            [key: string]: unknown;
+                        };
+                        /** @description The param groups, as state_dict() writes them */
+                        param_groups: {
+                            [key: string]: unknown;
+                        }[];
+                    };
+                    /** @description Instead of "model" (the layout of PyTorch's tutorial on saving a general checkpoint) */
+                    model_state_dict?: {
+                        [key: string]: unknown;
+                    };
+                    /** @description Instead of "optimizer" (the tutorial's layout) */
+                    optimizer_state_dict?: {
                         /** @description Per-parameter state by index: {step, eta, mu, ax} */
                         state: {
                             [key: string]: unknown;
@@ -2676,6 +2692,8 @@ export interface operations {
                     };
                     /** @description The steps the session has taken (at most 2^50: the steps after it are counted exactly); absent: the most any parameter's state took, as a state_dict load counts it */
                     step?: number;
+                } & {
+                    [key: string]: unknown;
                 };
                 "application/octet-stream": string;
                 "application/vnd.pytorch": string;
