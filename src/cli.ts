@@ -34,6 +34,7 @@ export const FLAGS: Flag[] = [
   { env: 'ASGD_ADMIN_TOKEN', value: 'token', help: 'admin bearer token, 16-512 visible ASCII characters (prefer the variable: flags show in ps)' },
   { env: 'ASGD_ADMIN_TOKEN_PREVIOUS', value: 'token', help: 'during a rotation, the old admin token, also accepted (prefer the variable)' },
   { env: 'ASGD_ALLOW_INSECURE', boolean: true, help: 'allow a non-loopback --host without a token' },
+  { env: 'ASGD_ALLOWED_HOSTS', value: 'names', help: 'with auth off, host names a request\'s Host may carry besides loopback ones (comma-separated, no ports)' },
   { env: 'ASGD_TRUST_PROXY', value: 'v', help: 'trust X-Forwarded-For from: true, a hop count, or addresses/CIDRs (default false)' },
   { env: 'ASGD_CORS_ORIGINS', value: 'origins', help: 'browser origins allowed to call the API (CORS): https://host[:port],… or * (default off)' },
   { env: 'ASGD_BODY_LIMIT_STEP', value: 'bytes', help: 'largest step body (default 1 GiB)' },

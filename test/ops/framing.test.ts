@@ -39,11 +39,11 @@ test('a step followed on its connection by bytes that are not HTTP is answered 2
   await app.listen({ host: '127.0.0.1', port: 0 });
   const { port } = app.server.address() as { port: number };
   const body = JSON.stringify(gradBody(1));
-  const stepRequest = `POST /v1/sessions/framed/step HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${ADMIN}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`;
+  const stepRequest = `POST /v1/sessions/framed/step HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${ADMIN}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`;
   const followers: [string, string, number, string][] = [
     ['bytes that are no request', '\u0001garbage\r\n\r\n', 400, 'BAD_REQUEST'],
-    ['a request line of an unknown version', 'GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n', 400, 'BAD_REQUEST'],
-    ['a request with oversized headers', `GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(300_000)}\r\n\r\n`, 431, 'HEADERS_TOO_LARGE'],
+    ['a request line of an unknown version', 'GET /healthz HTTP/9.9\r\nHost: localhost\r\n\r\n', 400, 'BAD_REQUEST'],
+    ['a request with oversized headers', `GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: ${'a'.repeat(300_000)}\r\n\r\n`, 431, 'HEADERS_TOO_LARGE'],
   ];
   let version = (await app.inject({ url: '/v1/sessions/framed', headers: asAdmin })).json().version as number;
   for (const [what, follower, status, code] of followers) {
@@ -58,7 +58,7 @@ test('a step followed on its connection by bytes that are not HTTP is answered 2
     assert.equal((await app.inject({ url: '/v1/sessions/framed', headers: asAdmin })).json().version, version, what);
   }
   // A request whose own body is bad still gets its error at once (it is the request the error is about).
-  const chunkedBad = `POST /v1/sessions/framed/step HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${ADMIN}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n`;
+  const chunkedBad = `POST /v1/sessions/framed/step HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${ADMIN}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n`;
   const bad = answers(await exchange(port, chunkedBad));
   assert.deepEqual(bad.map((a) => [a.status, a.body.code]), [[400, 'BAD_REQUEST']]);
   assert.equal((await app.inject({ url: '/v1/sessions/framed', headers: asAdmin })).json().version, version);

@@ -90,7 +90,7 @@ test('a client that hangs up in the middle of its upload is no error of the serv
   for (const path of ['/v1/sessions/cut/step', '/v1/sessions/cut/state_dict']) {
     await new Promise<void>((resolve, reject) => {
       const socket = connect(port, '127.0.0.1', () => {
-        socket.write(`${path.endsWith('step') ? 'POST' : 'PUT'} ${path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"grads": {"w": [`);
+        socket.write(`${path.endsWith('step') ? 'POST' : 'PUT'} ${path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"grads": {"w": [`);
         setTimeout(() => socket.destroy(), 100);
       });
       socket.on('close', () => resolve());

@@ -37,7 +37,7 @@ function stepInFlight(port: number, session: string, seed: number) {
   let answer = '';
   socket.on('data', (d) => { answer += d; });
   const closed = new Promise<void>((resolve) => socket.on('close', () => resolve()));
-  socket.write(`POST /v1/sessions/${session}/step HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body.slice(0, 10)}`);
+  socket.write(`POST /v1/sessions/${session}/step HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body.slice(0, 10)}`);
   return {
     async finish(): Promise<{ status: number; body: Record<string, unknown> }> {
       socket.end(body.slice(10));

@@ -269,7 +269,7 @@ test('ASGD_MAX_CONNECTIONS bounds the open connections: one more is closed as it
   const { port } = app.server.address() as { port: number };
   // Three connections that trickle headers (a slow or hostile client) hold every slot.
   const held = await Promise.all(Array.from({ length: 3 }, () => new Promise<Socket>((resolve) => {
-    const socket = connect(port, '127.0.0.1', () => { socket.write('GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: '); resolve(socket); });
+    const socket = connect(port, '127.0.0.1', () => { socket.write('GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: '); resolve(socket); });
     socket.on('error', () => {});
   })));
   try {
@@ -300,17 +300,17 @@ test('a request whose body does not arrive in time gets 408 REQUEST_TIMEOUT; ove
     socket.write(request);
     setTimeout(() => socket.destroy(), wait);
   });
-  const slow = await raw('POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"name"');
+  const slow = await raw('POST /v1/sessions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"name"');
   assert.match(slow, /^HTTP\/1\.1 408 Request Timeout\r\n/);
   assert.match(slow, /\r\nContent-Type: application\/json; charset=utf-8\r\n/);
   assert.equal(JSON.parse(slow.slice(slow.indexOf('\r\n\r\n') + 4)).code, 'REQUEST_TIMEOUT');
   // Headers that never end (each connection may hold up to 256 KiB of them) are dropped as well.
-  const trickled = await raw(`GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ${'a'.repeat(100_000)}`);
+  const trickled = await raw(`GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ${'a'.repeat(100_000)}`);
   assert.match(trickled, /^HTTP\/1\.1 408 /);
   // 64 KiB of headers is taken (a create's ?options= may be that long), 300 KB is not.
-  const big = await raw(`GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: ${'a'.repeat(65_536)}\r\n\r\n`);
+  const big = await raw(`GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nX-Pad: ${'a'.repeat(65_536)}\r\n\r\n`);
   assert.match(big, /^HTTP\/1\.1 200/);
-  const huge = await raw(`GET /v1/sessions HTTP/1.1\r\nHost: x\r\nX-Pad: ${'a'.repeat(300_000)}\r\n\r\n`);
+  const huge = await raw(`GET /v1/sessions HTTP/1.1\r\nHost: localhost\r\nX-Pad: ${'a'.repeat(300_000)}\r\n\r\n`);
   assert.match(huge, /^HTTP\/1\.1 431 Request Header Fields Too Large\r\n/);
   assert.equal(JSON.parse(huge.slice(huge.indexOf('\r\n\r\n') + 4)).code, 'HEADERS_TOO_LARGE');
   assert.equal((await fetch(`http://127.0.0.1:${port}/healthz`)).status, 200, 'the server is fine afterwards');
@@ -327,11 +327,11 @@ test('SIGTERM-style close: the request in flight finishes; one that arrives on i
   const closed = new Promise((resolve) => socket.on('close', resolve));
   const body = JSON.stringify({ grads: { b: [0.5, 0.5, 0.5, 0.5] } });
   // The step's headers arrive, then the app starts closing, then its body and a second request behind it.
-  socket.write(`POST /v1/sessions/closing/step HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n`);
+  socket.write(`POST /v1/sessions/closing/step HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n`);
   await new Promise((resolve) => setTimeout(resolve, 200));
   const closing = app.close();
   await new Promise((resolve) => setTimeout(resolve, 200));
-  socket.write(`${body}GET /v1/sessions HTTP/1.1\r\nHost: x\r\n\r\n`);
+  socket.write(`${body}GET /v1/sessions HTTP/1.1\r\nHost: localhost\r\n\r\n`);
   await closed;
   await closing;
   const responses = answer.split(/(?=HTTP\/1\.1 )/);

@@ -281,7 +281,7 @@ test('event streams whose clients hang up while the session is looked up are rel
       socket.on('error', () => {});
       socket.on('close', () => resolve());
       socket.on('connect', () => {
-        socket.write('GET /v1/sessions/h/events HTTP/1.1\r\nHost: x\r\n\r\n');
+        socket.write('GET /v1/sessions/h/events HTTP/1.1\r\nHost: localhost\r\n\r\n');
         setTimeout(() => socket.destroy(), i % 3);
       });
     })));

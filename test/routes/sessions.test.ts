@@ -295,7 +295,7 @@ test('large JSON bodies parsed and held at once are bounded (ASGD_JSON_IN_FLIGHT
     let text = '';
     socket.on('data', (d) => (text += d));
     const answer = new Promise<string>((resolve) => socket.on('close', () => resolve(text)));
-    socket.write(`POST ${path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n`);
+    socket.write(`POST ${path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n`);
     socket.write(body.subarray(0, part));
     return { answer, rest: () => socket.write(body.subarray(part)), drop: () => socket.destroy() };
   };
