@@ -45,7 +45,7 @@ const answered = (from = 0) => (text: string) => {
 };
 
 function stepHead(headers: Record<string, string | number>): string {
-  return `POST /v1/sessions/expecting/step HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n${Object.entries(headers).map(([k, v]) => `${k}: ${v}\r\n`).join('')}\r\n`;
+  return `POST /v1/sessions/expecting/step HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n${Object.entries(headers).map(([k, v]) => `${k}: ${v}\r\n`).join('')}\r\n`;
 }
 
 test('Expect: 100-continue: 100 once the body is wanted, then the step; a request refused on its headers gets the refusal, never a 100', async (t) => {

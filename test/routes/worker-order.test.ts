@@ -39,7 +39,7 @@ async function setup(t: TestContext, env: Record<string, string>) {
       const json = text.slice(text.indexOf('\r\n\r\n') + 4);
       resolve({ status: Number(text.split(' ')[1]), version: text ? (JSON.parse(json).version ?? null) : null });
     }));
-    socket.write(`POST /v1/sessions/s/step${query} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n`);
+    socket.write(`POST /v1/sessions/s/step${query} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n`);
     socket.write(body.subarray(0, part ?? body.length));
     return { answer, rest: () => socket.write(body.subarray(part ?? body.length)), drop: () => socket.destroy() };
   }
