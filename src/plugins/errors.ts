@@ -69,6 +69,12 @@ function validationError(request: FastifyRequest, part: RequestPart, failures: F
       .flatMap((f) => (f.params as { allowedValue?: unknown; allowedValues?: unknown[] }).allowedValues ?? [(f.params as { allowedValue?: unknown }).allowedValue]);
     message = `must be one of ${allowed.map((v) => JSON.stringify(v)).join(', ')}`;
   }
+  // A JSON number beyond float64 (1e400) reads as an infinity: "must be number" would call the number sent
+  // something else.
+  if (first.keyword === 'type' && part === 'body') {
+    const value = path.reduce<unknown>((at, key) => (at !== null && typeof at === 'object' ? (at as Record<string, unknown>)[key] : undefined), request.body);
+    if (typeof value === 'number' && !Number.isFinite(value)) message = 'must be a finite number (this one is beyond float64\'s range, about 1.8e308)';
+  }
   const field = path.reduce((at, key) => (/^\d+$/.test(key) ? `${at}[${key}]` : at ? `${at}.${key}` : key), '') || 'body';
   const { code, rule } = codeAlong(partSchema(request, part), path);
   // A pattern's failure in words where the schema gives them, not as the regular expression.
