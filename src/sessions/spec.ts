@@ -68,9 +68,13 @@ export const integerLiterals = new WeakMap<object, ReadonlySet<string>>();
 
 const NUMERIC_HYPERPARAMETERS: ReadonlySet<string> = new Set(ASGD_NUMERIC_KEYS);
 
-/** A JSON.parse reviver that records integerLiterals from each number's source text (Node 24's JSON.parse). */
+/**
+ * A JSON.parse reviver that records integerLiterals from each number's source text (Node 24's JSON.parse):
+ * of the hyperparameters, and of any other key of an object (a param group's extra keys: a scheduler's
+ * `last_epoch`, a step count of one's own), never of an array's elements (a tensor's data).
+ */
 export function recordIntegerLiterals(this: object, key: string, value: unknown, context?: { source?: string }): unknown {
-  if (typeof value === 'number' && NUMERIC_HYPERPARAMETERS.has(key) && context?.source !== undefined) {
+  if (typeof value === 'number' && (NUMERIC_HYPERPARAMETERS.has(key) || !Array.isArray(this)) && context?.source !== undefined) {
     const seen = (integerLiterals.get(this) ?? new Set<string>()) as Set<string>;
     if (/^-?\d+$/.test(context.source)) seen.add(key);
     integerLiterals.set(this, seen);

@@ -67,6 +67,7 @@ export function parseStateDict(body: unknown, intKeysOf?: (group: number) => str
     }
     const known: Record<string, unknown> = {};
     const extra: Record<string, unknown> = {};
+    const extraInts: string[] = [];
     for (const [key, value] of Object.entries(g)) {
       if (key === 'params') continue;
       if ((HYPERPARAMETER_KEYS as readonly string[]).includes(key) || (FLAG_KEYS as readonly string[]).includes(key)) known[key] = value;
@@ -80,11 +81,19 @@ export function parseStateDict(body: unknown, intKeysOf?: (group: number) => str
           throw errors.invalidStateDict(`${field}.${key}`, 'extra group keys must be numbers, strings, booleans or null (or param_names, a list of strings)');
         }
         if (typeof value === 'number' && !Number.isFinite(value)) throw errors.invalidStateDict(`${field}.${key}`, 'must be finite');
+        // Written as an integer (Python's json writes an int so): kept an int, as a .pt file's is, and refused
+        // where JSON's numbers no longer hold it exactly, as a .pt file's is. Known for bodies up to 1 MiB
+        // (read again with their numbers' text); a bigger body's extra numbers keep the kind they had.
+        if (typeof value === 'number' && integerLiterals.get(g)?.has(key)) {
+          if (!Number.isSafeInteger(value)) throw errors.invalidStateDict(`${field}.${key}`, 'integer out of range (JSON numbers hold integers exactly up to 2^53)');
+          extraInts.push(key);
+        }
         setExtra(extra, key, value, field);
       }
     }
     const hyper = resolveHyperparameters({ ...DEFAULT_GROUP, int_keys: [] }, known, field, integerLiterals.get(g));
     if (intKeysOf) hyper.int_keys = intKeysOf(k);
+    else hyper.int_keys = [...(hyper.int_keys ?? []), ...extraInts];
     if (Object.keys(extra).length) hyper.extra = extra;
     return { params: g.params as number[], hyper };
   });

@@ -421,3 +421,31 @@ test('a JSON checkpoint takes what a torch.save checkpoint takes: the tutorial\'
   assert.deepEqual([none.statusCode, none.json().code], [400, 'INVALID_BODY']);
   assert.match(none.json().message, /^model: is missing \(a checkpoint is \{"model", "optimizer", "step"\?\}, or the tutorial's/);
 });
+
+test('a JSON state_dict\'s extra group keys written as integers stay ints in the .pt file, as a .pt file\'s do; one beyond 2^53 is refused naming it, as in a .pt file', async (t) => {
+  const { app } = await buildTestApp(t);
+  await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'x', params, hyperparameters: defaults } });
+  const sd = (await app.inject({ url: '/v1/sessions/x/state_dict' })).json();
+  const put = (extra: Record<string, unknown>) => {
+    const body = { ...sd, param_groups: sd.param_groups.map((g: object, i: number) => (i === 0 ? { ...g, ...extra } : g)) };
+    return app.inject({ method: 'PUT', url: '/v1/sessions/x/state_dict', headers: { 'content-type': 'application/json' }, payload: JSON.stringify(body) });
+  };
+  const before = (await app.inject({ url: '/v1/sessions/x/state_dict' })).body;
+  // Python's json.dumps writes 2**60 as these digits: JSON.parse reads 1152921504606846976, another int.
+  const big = await app.inject({
+    method: 'PUT', url: '/v1/sessions/x/state_dict', headers: { 'content-type': 'application/json' },
+    payload: JSON.stringify({ ...sd, param_groups: [{ ...sd.param_groups[0], last_epoch: 0 }, ...sd.param_groups.slice(1)] }).replace('"last_epoch":0', '"last_epoch":1152921504606846976'),
+  });
+  assert.equal(big.statusCode, 400, big.body);
+  assert.equal(big.json().code, 'INVALID_STATE_DICT');
+  assert.match(big.json().message, /^param_groups\[0\]\.last_epoch: integer out of range/);
+  assert.equal((await app.inject({ url: '/v1/sessions/x/state_dict' })).body, before, 'unchanged');
+
+  const ok = await put({ last_epoch: 7, initial_lr: 0.03, scale: 2.5 });
+  assert.equal(ok.statusCode, 200, ok.body);
+  const group = ((readTorchSave((await app.inject({ url: '/v1/sessions/x/state_dict?format=pt' })).rawPayload) as PyDict).get('param_groups') as PyDict[])[0];
+  assert.equal(typeof group.get('last_epoch'), 'bigint', 'an int in the .pt file, as torch has it');
+  assert.equal(group.get('last_epoch'), 7n);
+  assert.equal(group.get('initial_lr'), 0.03);
+  assert.equal(group.get('scale'), 2.5);
+});
