@@ -185,8 +185,13 @@ function readInfo(name: string, info: unknown): { name: string; dtypeName: strin
   if (!Array.isArray(shape) || !shape.every((s) => Number.isSafeInteger(s) && s >= 0)) {
     throw new FormatError('TENSOR_SHAPE_INVALID', `tensor ${name} shape must be a list of non-negative integers`);
   }
-  if (!Array.isArray(offsets) || offsets.length !== 2 || !offsets.every((o) => Number.isSafeInteger(o) && o >= 0) || offsets[0] > offsets[1]) {
+  if (!Array.isArray(offsets) || offsets.length !== 2 || !offsets.every((o) => Number.isInteger(o) && o >= 0) || offsets[0] > offsets[1]) {
     throw headerError(`tensor ${name} data_offsets must be [begin, end] with 0 <= begin <= end`);
+  }
+  // Whole numbers in order, but beyond what JSON's numbers hold exactly (and far past any body):
+  // said as such, not as the ordering they do satisfy.
+  if (!offsets.every((o) => Number.isSafeInteger(o))) {
+    throw headerError(`tensor ${name} data_offsets ${JSON.stringify(offsets)} point past the end of any body (beyond 2^53 bytes)`);
   }
   return { name, dtypeName: dtype, shape, begin: offsets[0], end: offsets[1] };
 }

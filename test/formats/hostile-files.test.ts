@@ -176,6 +176,16 @@ describe('safetensors headers', () => {
     assert.throws(() => readSafetensors(file, { checkName: (name) => { seen.push(name); if (name !== 'w') throw new Error(`unknown ${name}`); } }), /unknown evil/);
     assert.deepEqual(seen, ['w', 'evil']);
   });
+
+  test('data_offsets beyond 2^53 are said to point past any body, not to break an order they keep (a hostile review)', () => {
+    for (const offsets of ['[0,9007199254740992]', '[16,1152921504606846976]']) {
+      const err = refusal(() => readSafetensors(safetensorsHeader(`{"w":{"dtype":"F32","shape":[4],"data_offsets":${offsets}}}`)));
+      assert.match(err.message, /tensor w data_offsets \[\d+,\d+\] point past the end of any body \(beyond 2\^53 bytes\)/);
+    }
+    for (const offsets of ['[4,0]', '[-1,4]', '[0.5,4]', '[0]']) {
+      assert.match(refusal(() => readSafetensors(safetensorsHeader(`{"w":{"dtype":"F32","shape":[1],"data_offsets":${offsets}}}`))).message, /data_offsets must be \[begin, end\] with 0 <= begin <= end/);
+    }
+  });
 });
 
 test('a torch.save file in the legacy (pre-1.6) format is refused as such, not as a corrupt zip', () => {
