@@ -60,7 +60,7 @@ export function withAccess<Options extends FastifyPluginOptions>(
 const BEARER = /^Bearer +([\x21-\x7e]{1,512}) *$/i;
 
 /** The name a Host header addresses, lower case, without its port or a trailing dot ("[::1]" keeps its brackets). */
-export function hostName(header: string): string {
+function hostName(header: string): string {
   const host = header.trim().toLowerCase();
   if (host.startsWith('[')) {
     const end = host.indexOf(']');
@@ -71,8 +71,7 @@ export function hostName(header: string): string {
 }
 
 /** Names only this machine answers: a DNS name of a web page's own cannot be one (RFC 6761 for .localhost). */
-const isLoopbackName = (name: string) =>
-  name === 'localhost' || name.endsWith('.localhost') || name === '[::1]' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(name);
+const isLoopbackName = (name: string) => isLoopback(name) || name.endsWith('.localhost');
 
 export default fp(
   async function authPlugin(fastify: FastifyInstance, opts: { config: Config }) {

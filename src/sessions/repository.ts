@@ -204,15 +204,17 @@ export async function updateSessionSettings(
  * load): gradients computed before it are refused from now on (sessions.history_from).
  */
 export async function advanceSession(q: Queryable, id: number, version: number, step: number, groups?: GroupSpec[], replaced = false): Promise<string> {
+  const history = replaced ? ', history_from = $2' : '';
   const rows = groups
     ? await q.query<{ stamp: string }>(
-        `UPDATE sessions SET version = $2, step = $3, groups = $4, updated_at = now()${replaced ? ', history_from = $2' : ''} WHERE id = $1 RETURNING ${stampOf('updated_at')} AS stamp`,
+        `UPDATE sessions SET version = $2, step = $3, groups = $4, updated_at = now()${history} WHERE id = $1 RETURNING ${stampOf('updated_at')} AS stamp`,
         [id, version, step, JSON.stringify(groups)],
       )
     : await q.query<{ stamp: string }>(
-        `UPDATE sessions SET version = $2, step = $3, updated_at = now() WHERE id = $1 RETURNING ${stampOf('updated_at')} AS stamp`,
+        `UPDATE sessions SET version = $2, step = $3, updated_at = now()${history} WHERE id = $1 RETURNING ${stampOf('updated_at')} AS stamp`,
         [id, version, step],
-        { name: 'session_advance' },
+        // Named (prepared once a connection) for the rounds' steps, which never replace the state.
+        replaced ? undefined : { name: 'session_advance' },
       );
   return rows[0].stamp;
 }
@@ -324,14 +326,18 @@ export interface KnownKey {
   live: boolean;
 }
 
-export interface AppendedSteps {
-  /** The session's version and max_staleness when the row lock was granted (before the batch). */
+/** What a step is checked against besides its own If-Match and base_version (refusedAt): the session's, as locked. */
+export interface StepChecks {
+  maxStaleness: number | null;
+  /** The session's history_from: a step computed at an older version is refused. */
+  historyFrom: number;
+}
+
+export interface AppendedSteps extends StepChecks {
+  /** The session's version when the row lock was granted (before the batch); its checks (StepChecks) then. */
   previousVersion: number;
   /** The session's stamp then: a copy at previousVersion with another stamp is not of the database's history. */
   previousStamp: string;
-  maxStaleness: number | null;
-  /** The session's history_from then: a step computed at an older version is refused (refusedAt). */
-  historyFrom: number;
   /** The session has `aggregation`: nothing was written; its step requests are contributions (rounds.ts). */
   aggregated: boolean;
   /** The session after the batch (its steps are versions previousVersion+1..+n, in order); null: nothing written. */
@@ -349,7 +355,7 @@ const versionAt = (previous: number, index: number) => previous + index + 1;
  * Whether a step is refused (If-Match, base_version, staleness, a gradient of a state replaced since) when
  * applied to version `before`, as appendSteps checks.
  */
-export function refusedAt(s: Pick<BatchStep, 'ifMatch' | 'baseVersion'>, before: number, maxStaleness: number | null, historyFrom: number): boolean {
+export function refusedAt(s: Pick<BatchStep, 'ifMatch' | 'baseVersion'>, before: number, { maxStaleness, historyFrom }: StepChecks): boolean {
   return (s.ifMatch !== null && s.ifMatch !== before) || (s.baseVersion !== null && s.baseVersion > before)
     || (maxStaleness !== null && s.baseVersion !== null && before - s.baseVersion > maxStaleness)
     || (s.baseVersion !== null && s.baseVersion < historyFrom);
@@ -515,7 +521,7 @@ async function appendStepsPglite(db: Database, sessionId: number, name: string, 
       );
       for (const f of found) known.push({ index: steps.findIndex((s) => s.key === f.key), requestHash: f.request_hash, response: f.response, live: f.live });
     }
-    if (known.length || steps.some((s, i) => refusedAt(s, versionAt(version, i) - 1, maxStaleness, historyFrom))) {
+    if (known.length || steps.some((s, i) => refusedAt(s, versionAt(version, i) - 1, { maxStaleness, historyFrom }))) {
       return { previousVersion: version, previousStamp, maxStaleness, historyFrom, aggregated, session: null, known, newestSnapshot: null };
     }
     let step = 0;

@@ -5,7 +5,6 @@ import { errors, quoteValue } from '../errors.ts';
 import type { GroupSpec, ParamSpec } from '../db/schema.ts';
 import { ASGD_DEFAULTS, type AsgdHyperparameters } from '../optim/types.ts';
 import { pow } from '../optim/pow.ts';
-import { ASGD_NUMERIC_KEYS } from '../formats/optimizer-state.ts';
 
 /**
  * A session name, the one definition: URLs, schemas, the log's session field and assertName use it.
@@ -66,7 +65,6 @@ export const numelOf = (shape: readonly number[]): number => shape.reduce((a, b)
  */
 export const integerLiterals = new WeakMap<object, ReadonlySet<string>>();
 
-const NUMERIC_HYPERPARAMETERS: ReadonlySet<string> = new Set(ASGD_NUMERIC_KEYS);
 
 /**
  * A JSON.parse reviver that records integerLiterals from each number's source text (Node 24's JSON.parse):
@@ -74,7 +72,7 @@ const NUMERIC_HYPERPARAMETERS: ReadonlySet<string> = new Set(ASGD_NUMERIC_KEYS);
  * `last_epoch`, a step count of one's own), never of an array's elements (a tensor's data).
  */
 export function recordIntegerLiterals(this: object, key: string, value: unknown, context?: { source?: string }): unknown {
-  if (typeof value === 'number' && (NUMERIC_HYPERPARAMETERS.has(key) || !Array.isArray(this)) && context?.source !== undefined) {
+  if (typeof value === 'number' && !Array.isArray(this) && context?.source !== undefined) {
     const seen = (integerLiterals.get(this) ?? new Set<string>()) as Set<string>;
     if (/^-?\d+$/.test(context.source)) seen.add(key);
     integerLiterals.set(this, seen);

@@ -49,7 +49,7 @@ function readStateScalar(value: unknown, field: string): number {
 const isPlainObject = (v: unknown): v is Record<string, unknown> => v !== null && typeof v === 'object' && !Array.isArray(v) && !isDecoded(v);
 
 /** Parses a state_dict as torch.optim.Optimizer.load_state_dict reads it (validation against the session comes later). */
-export function parseStateDict(body: unknown, intKeysOf?: (group: number) => string[]): LoadedStateDict {
+export function parseStateDict(body: unknown): LoadedStateDict {
   if (!isPlainObject(body)) throw errors.invalidStateDict('body', 'must be an object {"state", "param_groups"}');
   for (const key of Object.keys(body)) {
     if (key !== 'state' && key !== 'param_groups') throw errors.invalidStateDict(key, 'unknown key (a state_dict has "state" and "param_groups")');
@@ -92,8 +92,7 @@ export function parseStateDict(body: unknown, intKeysOf?: (group: number) => str
       }
     }
     const hyper = resolveHyperparameters({ ...DEFAULT_GROUP, int_keys: [] }, known, field, integerLiterals.get(g));
-    if (intKeysOf) hyper.int_keys = intKeysOf(k);
-    else hyper.int_keys = [...(hyper.int_keys ?? []), ...extraInts];
+    hyper.int_keys = [...(hyper.int_keys ?? []), ...extraInts];
     if (Object.keys(extra).length) hyper.extra = extra;
     return { params: g.params as number[], hyper };
   });

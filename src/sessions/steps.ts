@@ -53,7 +53,7 @@ interface Prepared extends repo.BatchStep {
 }
 
 /** The error of a step refused by the checks at the version it would have been applied to (repo.refusedAt). */
-function refusal(opts: StepOptions, version: number, maxStaleness: number | null, historyFrom: number): Error {
+function refusal(opts: StepOptions, version: number, { maxStaleness, historyFrom }: repo.StepChecks): Error {
   if (opts.ifMatch !== null && opts.ifMatch !== undefined && opts.ifMatch !== version) return errors.versionMismatch(`"${opts.ifMatch}"`, version);
   const baseVersion = opts.baseVersion ?? null;
   if (baseVersion !== null && baseVersion > version) {
@@ -247,7 +247,7 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
         const kept: Prepared[] = [];
         let before = appended.previousVersion;
         for (const s of steps) {
-          if (repo.refusedAt(s, before, appended.maxStaleness, appended.historyFrom)) s.request.reject(refusal(s.request.opts, before, appended.maxStaleness, appended.historyFrom));
+          if (repo.refusedAt(s, before, appended)) s.request.reject(refusal(s.request.opts, before, appended));
           else {
             kept.push(s);
             before += 1;
