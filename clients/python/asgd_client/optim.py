@@ -838,6 +838,8 @@ class RemoteASGD(torch.optim.Optimizer):
             # session takes them first. A step in flight is waited for (its result merged under the edit):
             # this step then goes out without overlap.
             if any(not _same_bits(p, s) for p, s in zip(self._params, self._synced)):
+                log.debug("[%s] session %r: parameters differ from the session's: the step in flight is read first, then they are sent",
+                          self.worker, self.session)
                 self._apply_pending(block=True)
                 self._push_edits()
             # The gradient was computed on the parameters in the model now: with a step in flight, those
@@ -1092,6 +1094,8 @@ class RemoteASGD(torch.optim.Optimizer):
         pending = self._pending
         if pending is None or (not block and not pending.done()):
             return
+        if not block:
+            log.debug("[%s] session %r: the answer of the step in flight has begun to arrive: read now", self.worker, self.session)
         try:
             outcome = _result_of_previous(pending, "this call sent nothing")
         except BaseException as err:

@@ -10,8 +10,9 @@ from urllib.parse import urlsplit
 
 
 class Recorded:
-    def __init__(self, method: str, path: str, headers: dict, body: bytes) -> None:
+    def __init__(self, method: str, path: str, headers: dict, body: bytes, peer: int = 0) -> None:
         self.method, self.path, self.headers, self.body = method, path, headers, body
+        self.peer = peer  # the client's port: which connection the request came on
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -23,7 +24,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self):
         n = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(n) if n else b""
-        req = Recorded(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+        req = Recorded(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body, self.client_address[1])
         owner: "LocalServer" = self.server.owner  # type: ignore[attr-defined]
         with owner.lock:
             owner.requests.append(req)

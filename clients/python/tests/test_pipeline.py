@@ -210,7 +210,7 @@ class PipelineMatchesReplay(ServiceTestCase):
         client_log.setLevel(logging.DEBUG)
 
         def decide(req):
-            seen.append((round(time.monotonic() - began, 3), req.method, req.path.split("?")[0].rsplit("/", 1)[-1]))
+            seen.append((round(time.monotonic() - began, 3), req.method, req.path.split("?")[0].rsplit("/", 1)[-1], req.peer))
             if not req.path.split("?")[0].endswith("/step"):
                 return proxy.forward(req)
             with lock:
@@ -230,18 +230,21 @@ class PipelineMatchesReplay(ServiceTestCase):
         proxy, conn = self._proxy(decide)
         model = make_model()
         opt = self.remote(model.named_parameters(), pipeline=True, connection=conn)
-        grads = []
+        grads, calls = [], []  # (step, seconds zero_grad() and step() returned at) for the failure message
         for i in range(steps):
             X, y = batch(i)
             opt.zero_grad()
+            cleared = round(time.monotonic() - began, 3)
             nn.functional.mse_loss(model(X), y).backward()
             grads.append([p.grad.clone() for p in model.parameters()])
             opt.step()
+            calls.append((i, cleared, round(time.monotonic() - began, 3)))
         opt.synchronize()
         versions = [answered.get(i) for i in range(steps)]
         # Every step but the last found its successor sent while its answer was held.
         self.assertEqual([(i, ok) for i, ok, _ in sorted(held)], [(i, True) for i in range(steps - 1)],
-                         f"held {held}; requests the proxy saw (s, method, last path part): {seen}; the client logged: {logged.lines}")
+                         f"held {held}; requests the proxy saw (s, method, last path part, client port): {seen}; the client logged: {logged.lines}; "
+                         f"(step, s zero_grad() and step() returned at): {calls}; versions answered: {versions}")
         self.assertEqual(sorted(versions), list(range(2, steps + 2)), "each step applied once")
         got, version = self.client().get_params(opt.session)
         self.assertEqual(opt.version, version)
