@@ -97,6 +97,9 @@ export interface ServerProcess {
   stop(signal?: 'SIGTERM' | 'SIGKILL'): Promise<void>;
 }
 
+/** The malloc settings `npm start` and the Docker image run the service with (package.json, Dockerfile). */
+export const MALLOC_TUNABLES = 'glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=134217728';
+
 /**
  * `node src/server.ts` on a free loopback port (one process: its pid is the server's). BENCH_SERVER_ARGS
  * (space-separated) adds node arguments to every server a benchmark starts, for example
@@ -111,7 +114,7 @@ export async function startServer(env: Record<string, string>, nodeArgs: string[
   const extraEnv = Object.fromEntries((process.env.BENCH_SERVER_ENV?.split(' ').filter(Boolean) ?? []).map((kv) => [kv.split('=')[0], kv.split('=').slice(1).join('=')]));
   const child = spawn(process.execPath, [...nodeArgs, ...extra, join(ROOT, 'src', 'server.ts')], {
     cwd: ROOT,
-    env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', HOST: '127.0.0.1', PORT: String(port), ...env, ...extraEnv },
+    env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', HOST: '127.0.0.1', PORT: String(port), GLIBC_TUNABLES: MALLOC_TUNABLES, ...env, ...extraEnv },
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   child.stderr!.on('data', (chunk) => (stderr = (stderr + chunk).slice(-4000)));
