@@ -97,8 +97,8 @@ export interface ServerProcess {
   stop(signal?: 'SIGTERM' | 'SIGKILL'): Promise<void>;
 }
 
-/** The malloc settings `npm start` and the Docker image run the service with (package.json, Dockerfile). */
-export const MALLOC_TUNABLES = 'glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=134217728';
+/** The malloc settings `npm start` runs the service with (its script in package.json; the Docker image sets the same). */
+const MALLOC_TUNABLES = /GLIBC_TUNABLES:-([^}]+)\}/.exec(JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')).scripts.start)?.[1] ?? '';
 
 /**
  * `node src/server.ts` on a free loopback port (one process: its pid is the server's). BENCH_SERVER_ARGS
