@@ -1,7 +1,7 @@
 // Shared pieces of the benchmarks: databases made and dropped per run, server processes on loopback,
 // a keep-alive HTTP client, safetensors bodies, medians, and the shape of a result.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import http from 'node:http';
 import { connect, createServer, type Socket } from 'node:net';
 import { cpus, tmpdir, totalmem } from 'node:os';
@@ -184,6 +184,32 @@ export function machineCpu(): { busy: number; total: number } {
   const t = ticks.map(Number);
   const total = t.reduce((a, b) => a + b, 0);
   return { busy: (total - t[3] - t[4]) / 100, total: total / 100 }; // idle and iowait are not busy
+}
+
+/** A process's name and CPU seconds (user + system; with `children`, also of the children it waited for), from /proc/<pid>/stat. */
+function procStat(pid: number | string, children = false): { name: string; cpu: number } {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.split(') ')[1].split(' ');
+  const ticks = Number(fields[11]) + Number(fields[12]) + (children ? Number(fields[13]) + Number(fields[14]) : 0);
+  return { name: stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')), cpu: ticks / 100 }; // clock ticks (USER_HZ = 100)
+}
+
+/** CPU seconds (user + system) a live process has used. */
+export const cpuSecondsOf = (pid: number): number => procStat(pid).cpu;
+
+/** CPU seconds all PostgreSQL processes on this machine have used (its backends come and go: summed by name). */
+export function postgresCpuSeconds(): number {
+  let total = 0;
+  for (const pid of readdirSync('/proc')) {
+    if (!/^\d+$/.test(pid)) continue;
+    try {
+      const { name, cpu } = procStat(pid, true);
+      if (name === 'postgres') total += cpu;
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return total;
 }
 
 // ---- HTTP ------------------------------------------------------------------------------------------

@@ -4,10 +4,9 @@
 //   node bench/throughput.ts [--rounds 5] [--seconds 3]
 // Rounds alternate the two; each runs for a fixed time (and at most a fixed number of steps per client);
 // the figure is the median over rounds.
-import { readdirSync, readFileSync } from 'node:fs';
 import pg from 'pg';
 import {
-  call, createDatabase, createSession, describe, isMain, machineCpu, median, modelSpec, now, RawConnection, SAFETENSORS, safetensorsOf, startServer,
+  call, cpuSecondsOf, createDatabase, createSession, describe, isMain, machineCpu, median, modelSpec, now, postgresCpuSeconds, RawConnection, SAFETENSORS, safetensorsOf, startServer,
   type BenchResult, type ServerProcess,
 } from './common.ts';
 
@@ -21,31 +20,6 @@ export interface ThroughputOptions {
   rounds?: number;
   seconds?: number;
   log?: (line: string) => void;
-}
-
-/** A process's name and CPU seconds (user + system; with `children`, also of the children it waited for), from /proc/<pid>/stat. */
-function procStat(pid: number | string, children = false): { name: string; cpu: number } {
-  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const fields = stat.split(') ')[1].split(' ');
-  const ticks = Number(fields[11]) + Number(fields[12]) + (children ? Number(fields[13]) + Number(fields[14]) : 0);
-  return { name: stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')), cpu: ticks / 100 }; // clock ticks (USER_HZ = 100)
-}
-
-const cpuSecondsOf = (pid: number): number => procStat(pid).cpu;
-
-/** CPU seconds all PostgreSQL processes on this machine have used (its backends come and go: summed by name). */
-function postgresCpuSeconds(): number {
-  let total = 0;
-  for (const pid of readdirSync('/proc')) {
-    if (!/^\d+$/.test(pid)) continue;
-    try {
-      const { name, cpu } = procStat(pid, true);
-      if (name === 'postgres') total += cpu;
-    } catch {
-      // gone meanwhile
-    }
-  }
-  return total;
 }
 
 /** Runs `clients` loops of `one(client)` for `seconds`; returns completed operations per second. */

@@ -6,7 +6,7 @@
 //   node bench/training.ts [--steps 2000] [--rounds 3] [--percall-steps 15] [--python /usr/bin/python3]
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
-import { bareWrites, createDatabase, describe, machineCpu, isMain, median, ms, request, ROOT, startServer, type BenchResult } from './common.ts';
+import { bareWrites, cpuSecondsOf, createDatabase, describe, machineCpu, isMain, median, ms, postgresCpuSeconds, request, ROOT, startServer, type BenchResult } from './common.ts';
 
 const WORKER = join(ROOT, 'bench', 'training_worker.py');
 /** Sub-millisecond times: two decimals. */
@@ -28,6 +28,8 @@ interface LoopTimes {
   loss: number | null;
   /** CPU seconds of the loop's forward and backward passes. */
   compute: number;
+  /** CPU seconds of the whole loop (remote workers). */
+  cpu?: number;
   stale_dropped?: number;
 }
 
@@ -92,6 +94,8 @@ export async function runTrainingBench(opts: TrainingBenchOptions = {}): Promise
     const busy: number[] = [];
     // CPU ms of one forward and backward pass: local, local sleeping after each step, in the remote workers.
     const compute = { local: [] as number[], paused: [] as number[], remote: [] as number[] };
+    // CPU seconds a global step of the remote rounds: the workers' loops (client included), the service, PostgreSQL.
+    const cpu = { workers: [] as number[], service: [] as number[], postgres: [] as number[] };
     let dropped = 0;
     let losses: string[] = [];
     // One untimed round of the workers first: a service that has just started runs its first thousands of
@@ -103,9 +107,15 @@ export async function runTrainingBench(opts: TrainingBenchOptions = {}): Promise
       local.push(l.end - l.start);
       compute.local.push(l.compute / steps);
       const cpuBefore = machineCpu();
+      const serviceBefore = cpuSecondsOf(server.pid);
+      const postgresBefore = postgresCpuSeconds();
       const runs = await runWorkers(`training-${r}-${Date.now()}`);
       const wall = Math.max(...runs.map((x) => x.end)) - Math.min(...runs.map((x) => x.start));
       const cpuAfter = machineCpu();
+      // The service's and PostgreSQL's from the workers' start-up to their exit (joining the session included: a few requests).
+      cpu.service.push((cpuSecondsOf(server.pid) - serviceBefore) / steps);
+      cpu.postgres.push((postgresCpuSeconds() - postgresBefore) / steps);
+      cpu.workers.push(runs.reduce((a, x) => a + (x.cpu ?? NaN), 0) / steps);
       busy.push((cpuAfter.busy - cpuBefore.busy) / (cpuAfter.total - cpuBefore.total));
       remote.push(wall);
       compute.remote.push(runs.reduce((a, x) => a + x.compute, 0) / steps);
@@ -142,6 +152,9 @@ export async function runTrainingBench(opts: TrainingBenchOptions = {}): Promise
         `forward and backward, CPU time a pass: ${fine(median(compute.local))} in the local loop; ${fine(median(compute.paused))} in the same loop sleeping 2 ms after each step; ${fine(median(compute.remote))} in the remote workers. ` +
           'The same work: a loop that waits (its core goes idle) computes slower after each wait on this machine, so part of the remote figure is not the service\'s',
         `CPU while the workers trained: the machine was ${(100 * median(busy)).toFixed(0)}% busy (both cores; two torch workers, the service and PostgreSQL share them, where the local run has one core to itself)`,
+        `CPU a global step (medians): the workers' loops ${fine(median(cpu.workers))} (forward and backward ${fine(median(compute.remote))}, the rest the client's work), ` +
+          `the service ${fine(median(cpu.service))}, PostgreSQL ${fine(median(cpu.postgres))}; together ${fine(median(cpu.workers) + median(cpu.service) + median(cpu.postgres))} ` +
+          `of the ${fine(2 * (wall / steps))} two cores give in ${fine(wall / steps)} of wall-clock`,
         `floor: one bare durable INSERT of a step's gradient bytes (${9610 * 4} bytes, autocommit) takes ${ms(floor)}; the service committed ${perCommit.toFixed(2)} steps per commit (group commit), so the disk alone costs ${ms(floor / perCommit)} a global step = ${(floor / perCommit / (base / steps)).toFixed(1)}x the local step`,
         `gradients dropped as stale: ${dropped} (no max_staleness: none expected); last losses: ${losses.join(', ')}`,
       ],

@@ -12,7 +12,8 @@
 Each prints one JSON line. Times are measured inside the process around the training loop only (not
 Python's start, the torch import or the session's creation), with time.time() so that the loops of
 several processes can be laid on one clock. "compute" is the CPU time (time.process_time) the loop spent in
-forward and backward: the same work in every mode, so it shows what waiting does to the CPU. The model is an MLP 64-128-10 (9,610 parameters) on
+forward and backward: the same work in every mode, so it shows what waiting does to the CPU; a remote
+worker's "cpu" is the CPU time of its whole loop (forward, backward and the client's work). The model is an MLP 64-128-10 (9,610 parameters) on
 synthetic data made here: inputs N(0, 1), labels from a fixed random linear teacher.
 """
 
@@ -83,10 +84,12 @@ def remote(args):
     print("ready", flush=True)  # the workers' loops start together, when the bench says so
     sys.stdin.readline()
     start = time.time()
+    cpu = time.process_time()
     loss, compute = train(m, opt, X, y, args.steps, args.rank, args.workers)
     opt.synchronize()
     end = time.time()
-    print(json.dumps({"start": start, "end": end, "loss": loss, "compute": compute, "stale_dropped": opt.stale_dropped,
+    cpu = time.process_time() - cpu
+    print(json.dumps({"start": start, "end": end, "loss": loss, "compute": compute, "cpu": cpu, "stale_dropped": opt.stale_dropped,
                       "last_staleness": (opt.last_step or {}).get("staleness"), "version": opt.version}))
     opt.close()
 
