@@ -45,8 +45,9 @@ const STATE_DICT_OP = 'PUT /v1/sessions/{name}/state_dict';
 const bodyLimitOf = (op: string) => (op === 'POST /v1/sessions' || op.startsWith('PUT ') ? 131_072 : op.endsWith('/step') ? 65_536 : 8_192);
 /** A JSON body that is not an object: its route's body schema refuses it (the state_dict's with its own code). */
 const notObject = (op: string) => (op === STATE_DICT_OP ? 'INVALID_STATE_DICT' : 'INVALID_BODY');
-/** A JSON object without its route's required keys: a missing new session name is INVALID_NAME. */
-const missingKeys = (op: string) => (op === 'POST /v1/sessions' || op === 'POST /v1/sessions/{name}/fork' ? 'INVALID_NAME' : notObject(op));
+/** A JSON object without its route's required keys: a missing field answers its own code (a new session's name INVALID_NAME, PATCH's param_groups INVALID_PARAM_GROUPS). */
+const missingKeys = (op: string) =>
+  op === 'POST /v1/sessions' || op === 'POST /v1/sessions/{name}/fork' ? 'INVALID_NAME' : op === 'PATCH /v1/sessions/{name}/param_groups' ? 'INVALID_PARAM_GROUPS' : notObject(op);
 /** Spellings of non-finite numbers a gradient may use on purpose (they answer NON_FINITE_GRADIENT, not a type error). */
 const GRADIENT_SPECIALS = ['"NaN"', '"nan"', '"Infinity"', '"-Infinity"', '"inf"', '"-inf"', '1e39', '-1e39', '1e999', '-1e999'];
 const isJson = (text: string) => {

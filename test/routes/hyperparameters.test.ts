@@ -67,7 +67,9 @@ test('PATCH param_groups refuses what a step\'s param_groups refuses, a stale If
   const cases: [unknown, Record<string, string>, number, string, RegExp][] = [
     [{ param_groups: [{ lr: 0.1 }] }, admin, 400, 'INVALID_PARAM_GROUPS', /^param_groups: 1 groups given, the session has 2/],
     [{ param_groups: [{}, { lr: -1 }] }, admin, 400, 'INVALID_HYPERPARAMETER', /param_groups\[1\]\.lr/],
-    [{ param_groups: [{}, { lr: 'fast' }] }, admin, 400, 'INVALID_BODY', /param_groups\/1\/lr|param_groups\.1\.lr|param_groups\[1\]\.lr/],
+    [{ param_groups: [{}, { lr: 'fast' }] }, admin, 400, 'INVALID_HYPERPARAMETER', /^param_groups\[1\]\.lr: must be number/],
+    [{ param_groups: [{}, 'fast'] }, admin, 400, 'INVALID_PARAM_GROUPS', /^param_groups\[1\]: must be object/],
+    [{ param_groups: { lr: 0.1 } }, admin, 400, 'INVALID_PARAM_GROUPS', /^param_groups: must be array/],
     [{ param_groups: [{}, { momentum: 0.9 }] }, admin, 400, 'INVALID_PARAM_GROUPS', /^param_groups\[1\]\.momentum: unknown key/],
     // torch raises OverflowError in eta = lr / (1 + lambd * lr * step) ** alpha (Python floats): at step 1 here,
     // at step 1209 for lr 1, lambd 1, alpha 100 (found with Python 3's float ** float).
@@ -80,8 +82,8 @@ test('PATCH param_groups refuses what a step\'s param_groups refuses, a stale If
     [{ param_groups: [{}, { lr: 1e308, lambd: 0 }] }, admin, 400, 'INVALID_HYPERPARAMETER', /^param_groups\[1\]\.lr: .* too large for float32/],
     [{ param_groups: [{ lr: 1, lambd: 1, alpha: -10 }, {}] }, admin, 400, 'INVALID_HYPERPARAMETER', /^param_groups\[0\]\.lr: .* at step 7131 is too large for float32/],
     [{ param_groups: [{}, { params: ['w'] }] }, admin, 400, 'INVALID_PARAM_GROUPS', /^param_groups\[1\]\.params: /],
-    [{ param_groups: [] }, admin, 400, 'INVALID_BODY', /param_groups/],
-    [{}, admin, 400, 'INVALID_BODY', /param_groups/],
+    [{ param_groups: [] }, admin, 400, 'INVALID_PARAM_GROUPS', /^param_groups: /],
+    [{}, admin, 400, 'INVALID_PARAM_GROUPS', /^param_groups: is missing/], // a missing field answers its own code, as create's name does
     [{ param_groups: [{}, { lr: 0.01 }] }, { ...admin, 'if-match': '"1"' }, 412, 'VERSION_MISMATCH', /^If-Match: expected "1", the session is at version 4$/],
     [{ param_groups: [{}, { lr: 0.01 }] }, { authorization: `Bearer ${reader}` }, 403, 'FORBIDDEN', /scope step/],
   ];
@@ -253,4 +255,35 @@ test('a step that sets the values its groups already have is not listed as a cha
   app.sessions.dropCache();
   assert.deepEqual((await app.inject({ url: '/v1/sessions/h/state_dict' })).json(), live);
   assert.equal(live.param_groups[1].lr, 0.05);
+});
+
+test('one fault, one code: a hyperparameter of the wrong type or out of range, and a group that is not an object, answer the same code at create, in a step and in PATCH param_groups', async (t) => {
+  const app = await setup(t);
+  const before = (await app.inject({ url: '/v1/sessions/h/state_dict' })).body;
+  // [the group's fault, the code every route answers, how the message starts after the field]
+  const faults: [unknown, string, RegExp][] = [
+    [{ lr: 'fast' }, 'INVALID_HYPERPARAMETER', /^lr: must be number/],
+    [{ lr: null }, 'INVALID_HYPERPARAMETER', /^lr: must be number/],
+    [{ maximize: 'yes' }, 'INVALID_HYPERPARAMETER', /^maximize: must be boolean/],
+    [{ lr: -1 }, 'INVALID_HYPERPARAMETER', /^lr: Invalid learning rate: -1/],
+    [{ weight_decay: -0.5 }, 'INVALID_HYPERPARAMETER', /^weight_decay: Invalid weight_decay value/],
+    [{ momentum: 0.9 }, 'INVALID_PARAM_GROUPS', /^momentum: unknown key/],
+    ['fast', 'INVALID_PARAM_GROUPS', /^: must be object/],
+  ];
+  for (const [fault, code, message] of faults) {
+    const isObject = typeof fault === 'object' && fault !== null;
+    // create: the fault in the second group (with its params); a step and PATCH: in the second of one object per group.
+    const created = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'fresh', params, param_groups: [groups[0], isObject ? { params: ['b'], ...fault } : fault] } });
+    const stepped = await app.inject({ method: 'POST', url: '/v1/sessions/h/step', payload: { grads: grads(9), param_groups: [{}, fault] } });
+    const patched = await app.inject({ method: 'PATCH', url: '/v1/sessions/h/param_groups', payload: { param_groups: [{}, fault] } });
+    const answers = [created, stepped, patched].map((r) => ({ status: r.statusCode, code: r.json().code, message: r.json().message as string }));
+    for (const [i, a] of answers.entries()) {
+      assert.equal(a.status, 400, `${JSON.stringify(fault)} on route ${i}: ${JSON.stringify(a)}`);
+      assert.match(a.message.replace(/^param_groups\[1\]\.?/, ''), message, `${JSON.stringify(fault)} on route ${i}: ${a.message}`);
+    }
+    assert.deepEqual(answers.map((a) => a.code), [code, code, code], `${JSON.stringify(fault)}: ${JSON.stringify(answers)}`);
+  }
+  assert.equal((await app.inject({ url: '/v1/sessions/fresh' })).statusCode, 404);
+  assert.equal((await app.inject({ url: '/v1/sessions/h/state_dict' })).body, before);
+  assert.equal((await app.inject({ url: '/v1/sessions/h' })).json().version, 4);
 });

@@ -150,10 +150,11 @@ test('bad param_groups and metrics: 4xx naming the field, the session unchanged'
     [{ param_groups: [{ lr: 0.1 }] }, 400, 'INVALID_PARAM_GROUPS', /param_groups: 1 groups given, the session has 2/],
     [{ param_groups: [{}, { momentum: 0.9 }] }, 400, 'INVALID_PARAM_GROUPS', /param_groups\[1\]\.momentum: unknown key/],
     [{ param_groups: [{}, { params: ['w'] }] }, 400, 'INVALID_PARAM_GROUPS', /param_groups\[1\]\.params/],
-    [{ param_groups: [{ lr: 'NaN' }, {}] }, 400, 'INVALID_BODY', /param_groups.*lr/],
+    [{ param_groups: [{ lr: 'NaN' }, {}] }, 400, 'INVALID_HYPERPARAMETER', /^param_groups\[0\]\.lr: must be number/],
     [{ param_groups: [{ weight_decay: -1 }, {}] }, 400, 'INVALID_HYPERPARAMETER', /param_groups\[0\]\.weight_decay/],
-    [{ param_groups: [{ maximize: 'yes' }, {}] }, 400, 'INVALID_BODY', /param_groups.*maximize/],
-    [{ param_groups: { lr: 1 } }, 400, 'INVALID_BODY', /param_groups/],
+    [{ param_groups: [{ maximize: 'yes' }, {}] }, 400, 'INVALID_HYPERPARAMETER', /^param_groups\[0\]\.maximize: must be boolean/],
+    [{ param_groups: { lr: 1 } }, 400, 'INVALID_PARAM_GROUPS', /^param_groups: must be array/],
+    [{ param_groups: [{}, null] }, 400, 'INVALID_PARAM_GROUPS', /^param_groups\[1\]: must be object/],
     [{ metrics: { loss: 'low' } }, 400, 'INVALID_METRICS', /metrics.*loss/],
     [{ metrics: { 'bad name': 1 } }, 400, 'INVALID_METRICS', /metrics\.bad name/],
     [{ metrics: Object.fromEntries(Array.from({ length: 33 }, (_, i) => [`m${i}`, i])) }, 400, 'INVALID_METRICS', /metrics/],
@@ -171,6 +172,7 @@ test('bad param_groups and metrics: 4xx naming the field, the session unchanged'
   for (const [meta, code, message] of [
     [{ param_groups: '[{"lr": NaN}, {}]' }, 'INVALID_BODY', /__metadata__\.param_groups/],
     [{ param_groups: '[{}, {}, {}]' }, 'INVALID_PARAM_GROUPS', /param_groups: 3 groups/],
+    [{ param_groups: '[{"lr": "fast"}, {}]' }, 'INVALID_HYPERPARAMETER', /param_groups\[0\]\.lr/],
     [{ metrics: '{"loss": "x"}' }, 'INVALID_METRICS', /__metadata__\.metrics\.loss/],
     [{ colour: 'red' }, 'INVALID_BODY', /__metadata__\.colour/],
   ] as const) {

@@ -11,7 +11,7 @@ import { parseStateDict } from '../../sessions/state-dict.ts';
 import { firstNonFinite, readJsonTensor } from '../../sessions/tensors.ts';
 import { ACCESS, ifMatchOf, jsonBody, jsonOrFile, sessionJson, setVersion } from '../common.ts';
 import { contentFormat, mediaTypes, ROUTE_MEDIA, type WireFormat } from '../media.ts';
-import { errorResponses, GroupHyperparameters, IfMatchHeaders, IfNoneMatchHeaders, NameParams, NotModified, Session, Version, withCode } from '../schemas.ts';
+import { errorResponses, GroupChanges, IfMatchHeaders, IfNoneMatchHeaders, NameParams, NotModified, Session, Version, withCode } from '../schemas.ts';
 import { perTensorLimits, readCheckpointFile, readCheckpointJson, readNamedTensors, readStateDictBody } from './binary.ts';
 import { jsonBoundBySession } from './json-bound.ts';
 import { answeredNotModified, MAX_WAIT_SECONDS, waitPastVersion } from './conditional.ts';
@@ -205,7 +205,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
       params: NameParams,
       headers: IfMatchHeaders,
       body: Type.Object({
-        param_groups: Type.Array(GroupHyperparameters, { minItems: 1, description: 'One object per session group, in the session\'s group order' }),
+        param_groups: GroupChanges('One object per session group, in the session\'s group order', { minItems: 1 }),
       }, { additionalProperties: false, examples: [{ param_groups: [{ lr: 0.005 }] }] }),
       response: { 200: Session, ...errorResponses(400, 401, 403, 404, 409, 412) },
     },

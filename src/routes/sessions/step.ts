@@ -19,7 +19,7 @@ import { paramTensor, paramsJson } from '../../sessions/state-dict.ts';
 import { metadataJson, parseMetrics } from '../../sessions/step-input.ts';
 import { ACCESS, idempotencyKeyOf, ifMatchOf, jsonBody, jsonOrFile, setVersion } from '../common.ts';
 import { contentFormat, MEDIA, mediaTypes, negotiate, ROUTE_MEDIA, type WireFormat } from '../media.ts';
-import { Binary, errorResponses, GroupHyperparameters, NameParams, RoundStatus, StepAnswer, StepHeaders, Tensor, withCode } from '../schemas.ts';
+import { Binary, errorResponses, GroupChanges, NameParams, RoundStatus, StepAnswer, StepHeaders, Tensor, withCode } from '../schemas.ts';
 import { readGradients } from './binary.ts';
 import { jsonBoundBySession } from './json-bound.ts';
 import { MAX_JSON_ELEMENTS } from './views.ts';
@@ -36,9 +36,9 @@ const MAX_WAIT_SECONDS = 3600;
 const StepBody = Type.Object({
   grads: Type.Record(Type.String(), Type.Unknown(), { description: 'Parameter name -> tensor {"shape", "data"} or a flat list of numbers' }),
   base_version: Type.Optional(Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER, description: 'The version the gradient was computed from (versions start at 1)' })),
-  param_groups: Type.Optional(Type.Array(GroupHyperparameters, {
-    description: 'One object per session group, in the session\'s group order: what a scheduler sets before optimizer.step(). Kept with the step (replays stay exact); no extra version.',
-  })),
+  param_groups: Type.Optional(GroupChanges(
+    'One object per session group, in the session\'s group order: what a scheduler sets before optimizer.step(). Kept with the step (replays stay exact); no extra version.',
+  )),
   // INVALID_METRICS, as the same fault in a safetensors body's __metadata__ and a bad metric name.
   metrics: Type.Optional(withCode(Type.Record(Type.String(), Type.Number(), {
     maxProperties: 32,
