@@ -98,10 +98,10 @@ test('Python json.dumps\' bare NaN and Infinity (not JSON) are read as those val
   const cases: [string, number, string, RegExp][] = [
     ['{"grads": {"w": [0.1, 0.2]}, "metrics": {"loss": NaN}}', 400, 'INVALID_METRICS', /^metrics\.loss/],
     ['{"grads": {"w": [0.1, 0.2]}, "metrics": {"NaN": -Infinity}}', 400, 'INVALID_METRICS', /^metrics\.NaN/],
-    ['{"grads": {"w": [0.1, 0.2]}, "param_groups": [{"lr": Infinity}]}', 400, 'INVALID_BODY', /^param_groups\/0\/lr|^param_groups\[0\]\.lr/],
+    ['{"grads": {"w": [0.1, 0.2]}, "param_groups": [{"lr": Infinity}]}', 400, 'INVALID_HYPERPARAMETER', /^param_groups\[0\]\.lr: /],
     ['{"grads": {"w": [0.1, NaN]}}', 422, 'NON_FINITE_GRADIENT', /^grads\.w: element 1 is not finite/],
     // A number beyond float64 (JSON.parse reads it as an infinity) is said to be one, not "must be number".
-    ['{"grads": {"w": [0.1, 0.2]}, "param_groups": [{"weight_decay": 1e400}]}', 400, 'INVALID_BODY', /^param_groups\[0\]\.weight_decay: must be a finite number \(this one is beyond float64's range/],
+    ['{"grads": {"w": [0.1, 0.2]}, "param_groups": [{"weight_decay": 1e400}]}', 400, 'INVALID_HYPERPARAMETER', /^param_groups\[0\]\.weight_decay: must be a finite number \(this one is beyond float64's range/],
     // A finite number beyond float32's range: said as such, not as "not finite" (it is, as written).
     ['{"grads": {"w": [0.1, 1e39]}}', 422, 'NON_FINITE_GRADIENT', /^grads\.w: element 1 overflows float32/],
     ['{"grads": {"w": [-1e39, 0.1]}}', 422, 'NON_FINITE_GRADIENT', /^grads\.w: element 0 overflows float32/],
