@@ -163,20 +163,19 @@ export const StateDict = Type.Object({
 }, { title: 'StateDict', description: 'torch.optim.ASGD.state_dict() as JSON' });
 export const Checkpoint = Type.Object({ model: NamedTensors, optimizer: StateDict, step: Type.Integer({ minimum: 0 }) }, { title: 'Checkpoint' });
 
-/** What a step (or PATCH .../param_groups) changes in one group's hyperparameter: its type here (the code create answers), its range by the domain. */
-const change = (value: TSchema) => Type.Optional(withCode(value, 'INVALID_HYPERPARAMETER'));
 /**
  * What a step (or PATCH .../param_groups) sets in one group: only the keys that change. The faults carry the
- * codes a create request's groups answer for the same fault: a value of the wrong type INVALID_HYPERPARAMETER,
- * a group that is not an object (and, from the domain, an unknown key or a wrong count) INVALID_PARAM_GROUPS.
+ * codes a create request's groups answer for the same fault (hyper: a value of the wrong type
+ * INVALID_HYPERPARAMETER; ranges by the domain), a group that is not an object (and, from the domain, an
+ * unknown key or a wrong count) INVALID_PARAM_GROUPS.
  */
 const GroupHyperparameters = withCode(Type.Object({
-  lr: change(Type.Number()),
-  lambd: change(Type.Number()),
-  alpha: change(Type.Number()),
-  t0: change(Type.Number()),
-  weight_decay: change(Type.Number()),
-  maximize: change(Type.Boolean()),
+  lr: hyper('The group\'s learning rate from this step on', Type.Number()),
+  lambd: hyper('Its decay term', Type.Number()),
+  alpha: hyper('Its power for the eta update', Type.Number()),
+  t0: hyper('Its point at which to start averaging', Type.Number()),
+  weight_decay: hyper('Its L2 penalty', Type.Number()),
+  maximize: hyper('Whether it maximizes the objective', Type.Boolean()),
 }, { description: 'Hyperparameters of one group for this step and after it (only the keys that change are needed)' }), 'INVALID_PARAM_GROUPS');
 /** The `param_groups` of a step or of PATCH .../param_groups: one object per session group. */
 export const GroupChanges = (description: string, options: { minItems?: number } = {}) =>

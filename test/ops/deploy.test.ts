@@ -7,6 +7,7 @@ import { test } from 'node:test';
 import { buildApp } from '../../src/app.ts';
 import { FLAGS, parseArgs } from '../../src/cli.ts';
 import { isLoopback, loadConfig } from '../../src/config.ts';
+import { startScriptTunables } from './support.ts';
 
 const read = (path: string) => readFileSync(path, 'utf8');
 const SERVICE_VARIABLES = new Set(FLAGS.map((f) => f.env));
@@ -53,7 +54,7 @@ test('the image runs the tested commands as a non-root user, with production dep
   // the defaults it sets load.
   const { GLIBC_TUNABLES: tunables, ...env } = Object.fromEntries([...runtime.matchAll(/^\s*(?:ENV\s+)?([A-Z_]+)=(\S+?)\s*\\?$/gm)].map((m) => [m[1], m[2]]));
   assert.deepEqual(Object.keys(env).sort(), ['ASGD_DATA_DIR', 'HOST', 'PORT']);
-  assert.equal(tunables, /GLIBC_TUNABLES:-([^}]+)\}/.exec(JSON.parse(read('package.json')).scripts.start)?.[1]);
+  assert.equal(tunables, startScriptTunables());
   for (const key of Object.keys(env)) assert.ok(SERVICE_VARIABLES.has(key), key);
   assert.throws(() => loadConfig(env), /refusing to listen on 0\.0\.0\.0/, 'the image needs a token to start');
   assert.equal(loadConfig({ ...env, ASGD_ADMIN_TOKEN: 'x'.repeat(32) }).host, '0.0.0.0');

@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { LOCK_FILE } from '../../src/db/data-dir-lock.ts';
 import { listening, running, startServer, waitFor } from './processes.ts';
+import { startScriptTunables } from './support.ts';
 
 const SHUTDOWN_TIMEOUT_MS = 20_000;
 
@@ -54,7 +55,7 @@ test('SIGTERM to the pid of `npm start`: the steps in flight are answered, the p
   assert.equal(parentOf(server), npm.child.pid, 'the server is npm\'s own child');
   // With malloc's settings for big steps (README "Configuration"): the ones the Docker image runs with too
   // (and the benchmarks' servers, which read them from the script).
-  const tunables = /GLIBC_TUNABLES:-([^}]+)\}/.exec(JSON.parse(readFileSync('package.json', 'utf8')).scripts.start)![1];
+  const tunables = startScriptTunables()!;
   assert.ok(readFileSync('Dockerfile', 'utf8').split('\n').some((line) => line.trim() === `GLIBC_TUNABLES=${tunables}`), 'the Dockerfile sets them');
   // The server started with them: glibc parses the variable in place at start-up, so the process's own copy
   // reads as its first setting (ld.so --list-tunables shows both in force).

@@ -1,7 +1,12 @@
 // Shared by the operations tests: an admin token, auth headers, small sessions, the OpenAPI operations.
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
 import type { FastifyInstance } from 'fastify';
 import { randomData } from '../helper.ts';
+
+/** The malloc settings `npm start` sets unless the environment has its own (its script in package.json). */
+export const startScriptTunables = (): string | undefined =>
+  /GLIBC_TUNABLES:-([^}]+)\}/.exec(JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')).scripts.start)?.[1];
 
 export const ADMIN = 'admin-token-for-tests-0123456789';
 export const bearer = (token: string) => ({ authorization: `Bearer ${token}` });
