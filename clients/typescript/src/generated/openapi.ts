@@ -2181,11 +2181,17 @@ export interface operations {
                     base_version?: number;
                     /** @description One object per session group, in the session's group order: what a scheduler sets before optimizer.step(). Kept with the step (replays stay exact); no extra version. */
                     param_groups?: {
+                        /** @description The group's learning rate from this step on */
                         lr?: number;
+                        /** @description Its decay term */
                         lambd?: number;
+                        /** @description Its power for the eta update */
                         alpha?: number;
+                        /** @description Its point at which to start averaging */
                         t0?: number;
+                        /** @description Its L2 penalty */
                         weight_decay?: number;
+                        /** @description Whether it maximizes the objective */
                         maximize?: boolean;
                     }[];
                     /** @description Training metrics of this step, e.g. {"loss": 0.41, "samples": 32}: at most 32 finite numbers named like sessions. GET .../metrics returns the series. */
@@ -2545,11 +2551,17 @@ export interface operations {
                 "application/json": {
                     /** @description One object per session group, in the session's group order */
                     param_groups: {
+                        /** @description The group's learning rate from this step on */
                         lr?: number;
+                        /** @description Its decay term */
                         lambd?: number;
+                        /** @description Its power for the eta update */
                         alpha?: number;
+                        /** @description Its point at which to start averaging */
                         t0?: number;
+                        /** @description Its L2 penalty */
                         weight_decay?: number;
+                        /** @description Whether it maximizes the objective */
                         maximize?: boolean;
                     }[];
                 };
