@@ -130,7 +130,11 @@ test('PUT params refuses what does not fit the session, naming the field, and ch
     [json({ params: { w: w.slice(1), b } }), 400, 'SHAPE_MISMATCH', /^params\.w: expected 12 elements/],
     [json({ params: { w: [...w.slice(1), 'NaN'], b } }), 400, 'INVALID_TENSOR', /^params\.w\.data\[11\]: is not finite$/],
     [json({ params: { w, b: [1e39, 0, 0, 0] } }), 400, 'INVALID_TENSOR', /^params\.b\.data\[0\]: overflows float32$/],
-    [json({ params: { w, b }, step: 3 }), 400, 'INVALID_BODY', /step/],
+    // What GET params answers besides the tensors is taken back (and ignored), but checked as it answers it.
+    [json({ params: { w, b }, step: -1 }), 400, 'INVALID_BODY', /^step: /],
+    [json({ params: { w, b }, version: '2' }), 400, 'INVALID_BODY', /^version: /],
+    [json({ params: { w, b }, averaged: 'yes' }), 400, 'INVALID_BODY', /^averaged: /],
+    [json({ params: { w, b }, epoch: 3 }), 400, 'INVALID_BODY', /epoch: unknown key/],
     [json({ grads: { w, b } }), 400, 'INVALID_BODY', /params/],
     [json({ params: { w, b } }, { 'if-match': '"1"' }), 412, 'VERSION_MISMATCH', /^If-Match: expected "1", the session is at version 2$/],
     [file([['w', f32([3, 4], w)], ['b', f32([4], [0, Infinity, 0, 0])]]), 400, 'INVALID_TENSOR', /^params\.b\.data\[1\]: is not finite$/],
@@ -149,6 +153,30 @@ test('PUT params refuses what does not fit the session, naming the field, and ch
   assert.equal(none.statusCode, 400);
   assert.equal(none.json().code, 'INVALID_BODY');
   assert.equal((await app.inject({ url: '/v1/sessions/p/checkpoint?format=json' })).body, before);
+});
+
+test('what GET params answers, in each format, PUT params takes back as it is (an earlier version, the averages, another session)', async (t) => {
+  const app = await setup(t);
+  const other = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'q', params, hyperparameters: defaults } });
+  assert.equal(other.statusCode, 201, other.body);
+  for (let k = 0; k < 3; k++) assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/p/step', payload: { grads: grads(k) } })).statusCode, 200);
+  const get = (query: string) => app.inject({ url: `/v1/sessions/p/params?${query}` });
+  const paramsOf = async (session: string) => (await app.inject({ url: `/v1/sessions/${session}/params` })).json().params;
+  const cases: [string, string][] = [['version=2', 'application/json'], ['averaged=true', 'application/json'], ['format=safetensors&version=3', 'application/x-safetensors'],
+    ['format=pt&averaged=true', 'application/octet-stream']];
+  for (const [query, type] of cases) {
+    const read = await get(query);
+    assert.equal(read.statusCode, 200, read.body);
+    const expected = (await get(query.replace(/format=\w+&?/, ''))).json().params;
+    for (const session of ['p', 'q']) {
+      const put = await app.inject({ method: 'PUT', url: `/v1/sessions/${session}/params`, headers: { 'content-type': type }, payload: read.rawPayload });
+      assert.equal(put.statusCode, 200, `${query} into ${session}: ${put.body}`);
+      assert.deepEqual(await paramsOf(session), expected, `${query} into ${session}`);
+    }
+  }
+  // The step and the optimizer state stay the session's own: the echoed step is not taken.
+  assert.equal((await app.inject({ url: '/v1/sessions/q' })).json().step, 0);
+  assert.equal((await app.inject({ url: '/v1/sessions/p' })).json().step, 3);
 });
 
 test('PUT params: a step token may send parameters (a worker clipping its weights); a read token may not', async (t) => {

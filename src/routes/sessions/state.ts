@@ -69,6 +69,12 @@ const CheckpointIn = Type.Object({
 /** The parameters to load, as JSON: each a tensor {"shape", "data"} or a flat list (the session knows the shape). */
 const ParamsIn = Type.Object({
   params: Type.Record(Type.String(), Type.Unknown(), { description: 'Every parameter of the session by name: a tensor {"shape", "data"} or a flat list of numbers' }),
+  // What GET params answers along with the tensors, so that its body can be sent back as it is (the
+  // parameters of an earlier version, another session's, or the averaged ones to evaluate with).
+  session: Type.Optional(Type.String({ description: 'As GET params answers it (the session read): ignored' })),
+  version: Type.Optional(Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER, description: 'As GET params answers it (the version read): ignored; If-Match is the condition on the version' })),
+  step: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'As GET params answers it: ignored (the session\'s step stays)' })),
+  averaged: Type.Optional(Type.Boolean({ description: 'As GET params answers it (true for ASGD\'s averages ax): ignored; the tensors sent become the parameters' })),
 }, { additionalProperties: false, examples: [{ params: { w: { shape: [2, 2], data: [0.5, -0.25, 0.125, 0] }, b: [0.1, 0.2] } }] });
 
 /**
@@ -137,7 +143,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
       summary: 'Replace the parameters (the optimizer state stays)',
       description: 'What editing a model\'s weights in place does to torch.optim.ASGD: the parameters become the ones sent and the next step applies to them; ' +
         'the optimizer state (step, eta, mu, ax), the hyperparameters and the session\'s step are unchanged. Every parameter, with its shape, finite. ' +
-        'JSON {"params": {name: tensor or flat list}}, safetensors, or a torch.save file of a model state_dict (torch.save(model.state_dict(), f) of the parameters). ' +
+        'JSON {"params": {name: tensor or flat list}} (the body GET params answers is taken as it is), safetensors, or a torch.save file of a model state_dict (torch.save(model.state_dict(), f) of the parameters). ' +
         'Bumps the version (written as a snapshot), unless the parameters equal the session\'s bit for bit.',
       tags: ['state'],
       params: NameParams,

@@ -267,7 +267,7 @@ export interface paths {
         get: operations["getParams"];
         /**
          * Replace the parameters (the optimizer state stays)
-         * @description What editing a model's weights in place does to torch.optim.ASGD: the parameters become the ones sent and the next step applies to them; the optimizer state (step, eta, mu, ax), the hyperparameters and the session's step are unchanged. Every parameter, with its shape, finite. JSON {"params": {name: tensor or flat list}}, safetensors, or a torch.save file of a model state_dict (torch.save(model.state_dict(), f) of the parameters). Bumps the version (written as a snapshot), unless the parameters equal the session's bit for bit.
+         * @description What editing a model's weights in place does to torch.optim.ASGD: the parameters become the ones sent and the next step applies to them; the optimizer state (step, eta, mu, ax), the hyperparameters and the session's step are unchanged. Every parameter, with its shape, finite. JSON {"params": {name: tensor or flat list}} (the body GET params answers is taken as it is), safetensors, or a torch.save file of a model state_dict (torch.save(model.state_dict(), f) of the parameters). Bumps the version (written as a snapshot), unless the parameters equal the session's bit for bit.
          *
          *     Needs a token with scope `step`.
          */
@@ -2365,6 +2365,14 @@ export interface operations {
                     params: {
                         [key: string]: unknown;
                     };
+                    /** @description As GET params answers it (the session read): ignored */
+                    session?: string;
+                    /** @description As GET params answers it (the version read): ignored; If-Match is the condition on the version */
+                    version?: number;
+                    /** @description As GET params answers it: ignored (the session's step stays) */
+                    step?: number;
+                    /** @description As GET params answers it (true for ASGD's averages ax): ignored; the tensors sent become the parameters */
+                    averaged?: boolean;
                 };
                 "application/x-safetensors": string;
                 "application/safetensors": string;
