@@ -1,7 +1,7 @@
 // The whole service as one Fastify plugin. It never listens: src/server.ts does, tests inject.
 import { createRequire } from 'node:module';
 import { STATUS_CODES, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
-import type { Socket } from 'node:net';
+import { Server as NetServer, type Socket } from 'node:net';
 import { Readable } from 'node:stream';
 import fp from 'fastify-plugin';
 import { AjvCompiler } from '@fastify/ajv-compiler';
@@ -79,6 +79,29 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
   await fastify.register(rootRoutes);
   await fastify.register(tokenRoutes, { prefix: '/v1/tokens' });
   await fastify.register(sessionRoutes, { prefix: '/v1/sessions', config });
+  // After the other plugins' preClose hooks (held round contributions and waiting reads are let go first).
+  fastify.addHook('preClose', async () => stopAccepting(fastify.server));
+}
+
+/** How long kept-alive connections stay open at close, for the requests already on their way on them. */
+const IDLE_CLOSE_GRACE_MS = 100;
+
+/**
+ * Stops accepting connections, and only then, after a moment, lets fastify close the idle kept-alive ones
+ * (Node's server.close() closes them at once). A connection looks idle while a request its client has just
+ * sent is still in the socket, unread (sent as closing began, or while a step kept the event loop busy):
+ * closed then, the client met a reset and could not tell whether its request was applied. During the pause
+ * each such request is read and answered 503 with Connection: close (the onRequest hook above).
+ */
+async function stopAccepting(server: Server): Promise<void> {
+  if (!server.listening) return;
+  // net's close, not http's: the listening socket only (fastify's server.close() later closes the idle connections).
+  NetServer.prototype.close.call(server);
+  const open = await new Promise<number>((resolve) => server.getConnections((err, count) => resolve(err ? 1 : count)));
+  if (open === 0) return;
+  await new Promise((resolve) => setTimeout(resolve, IDLE_CLOSE_GRACE_MS));
+  // A poll of the sockets after the pause, should a busy event loop have run the timer first.
+  await new Promise((resolve) => setImmediate(resolve));
 }
 
 /** Never logged: credentials (tokens travel in the Authorization header). Tensors are never logged at all. */

@@ -343,6 +343,38 @@ test('SIGTERM-style close: the request in flight finishes; one that arrives on i
   assert.equal(JSON.parse(responses[1].slice(responses[1].indexOf('\r\n\r\n') + 4)).code, 'SERVICE_UNAVAILABLE');
 });
 
+test('SIGTERM-style close: a request already sent on an idle kept-alive connection gets the 503, not a reset', async (t) => {
+  const { app } = await buildTestApp(t);
+  await app.listen({ host: '127.0.0.1', port: 0 });
+  const { port } = app.server.address() as { port: number };
+  // Four kept-alive connections, each idle after one answered request.
+  const conns = await Promise.all(Array.from({ length: 4 }, () => new Promise<{ socket: Socket; text: () => string; ended: Promise<string | null> }>((resolve) => {
+    const socket = connect(port, '127.0.0.1');
+    let text = '';
+    const ended = new Promise<string | null>((done) => {
+      socket.on('error', (err: NodeJS.ErrnoException) => done(err.code ?? 'error'));
+      socket.on('close', () => done(null));
+    });
+    socket.on('data', (d) => {
+      text += d;
+      if (/\r\n\r\n[\s\S]*\}$/.test(text) && text.split('HTTP/1.1 ').length === 2) resolve({ socket, text: () => text, ended });
+    });
+    socket.write('GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n');
+  })));
+  // A client sends on each its next request (in the socket, not yet read by the server) as closing begins.
+  for (const c of conns) c.socket.write('GET /v1/sessions HTTP/1.1\r\nHost: localhost\r\n\r\n');
+  const closing = app.close();
+  for (const c of conns) {
+    assert.equal(await c.ended, null, 'closed cleanly, not reset');
+    const responses = c.text().split(/(?=HTTP\/1\.1 )/);
+    assert.equal(responses.length, 2, c.text());
+    assert.match(responses[1], /^HTTP\/1\.1 503/);
+    assert.match(responses[1], /connection: close/i);
+    assert.equal(JSON.parse(responses[1].slice(responses[1].indexOf('\r\n\r\n') + 4)).code, 'SERVICE_UNAVAILABLE');
+  }
+  await closing;
+});
+
 test('logs: a request id on every line, the session on session routes, no tokens and no tensors', async (t) => {
   const lines: Record<string, unknown>[] = [];
   const stream = new Writable({
