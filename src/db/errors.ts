@@ -76,8 +76,17 @@ export function describeDbFailure(err: unknown): string {
 
 /** Why the database refuses this service, in words, from the SQLSTATE of a refusal (refusedBy). */
 function refusalReason(sqlstate: string): string {
-  return sqlstate === '25006' ? 'the database is read-only (SQLSTATE 25006: a standby after a failover, or default_transaction_read_only)'
-    : `the database refuses this service's queries (SQLSTATE ${sqlstate}: a privilege or the schema; the log says which)`;
+  switch (sqlstate) {
+    case '25006': return 'the database is read-only (SQLSTATE 25006: a standby after a failover, or default_transaction_read_only)';
+    case '42501': return 'the database refuses this service\'s queries (SQLSTATE 42501: a privilege this role lacks)';
+    // "database … is not currently accepting connections": ALTER DATABASE … ALLOW_CONNECTIONS false.
+    case '55000': return 'the database does not accept this service\'s connections now (SQLSTATE 55000: not accepting connections, or another object not ready; the log has PostgreSQL\'s words)';
+    case '3D000': return 'the database does not exist (SQLSTATE 3D000: dropped or renamed?)';
+    case '57P04': return 'the database was dropped (SQLSTATE 57P04)';
+    default: return sqlstate.startsWith('28')
+      ? `the database refuses this service's login (SQLSTATE ${sqlstate}: the role or its password)`
+      : `the database refuses this service's queries (SQLSTATE ${sqlstate}; the log has PostgreSQL's words)`;
+  }
 }
 
 /**

@@ -50,3 +50,37 @@ test('a role without the migrations schema: /readyz and the API say the database
   assert.match(stderr, /^asgd-serve: migrate failed \(PostgreSQL at [^)]+\): permission denied for schema drizzle \(SQLSTATE 42501\) while reading the migrations journal: a serving role needs USAGE ON SCHEMA drizzle .*migrations are applied by the role that owns the schema/);
   assert.match(stderr, /^[^\n]+\n$/, 'one line');
 });
+
+test('a database that stops accepting connections (ALLOW_CONNECTIONS false) is said to, not to be a privilege or schema problem; the replica serves again once it accepts them', async (t) => {
+  if (TEST_DB_KIND !== 'postgres') return t.skip('PostgreSQL only');
+  const scratch = await createTestDatabase();
+  const dbName = new URL(scratch.url).pathname.slice(1);
+  const root = new pg.Client({ connectionString: PG_ADMIN_URL });
+  await root.connect();
+  t.after(async () => {
+    await root.query(`ALTER DATABASE ${dbName} ALLOW_CONNECTIONS true`).catch(() => {});
+    await root.end();
+    await scratch.drop();
+  });
+  const app = await buildApp({ config: testConfig({ DATABASE_URL: scratch.url, ASGD_HEALTH_CHECK_INTERVAL_MS: '100' }), migrate: true, logger: false });
+  t.after(() => app.close());
+  await app.ready();
+  assert.equal((await app.inject({ url: '/readyz' })).statusCode, 200);
+  await root.query(`ALTER DATABASE ${dbName} ALLOW_CONNECTIONS false`);
+  await root.query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()', [dbName]);
+  let ready = await app.inject({ url: '/readyz' });
+  for (let i = 0; i < 50 && ready.statusCode === 200; i++) {
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    ready = await app.inject({ url: '/readyz' });
+  }
+  assert.equal(ready.statusCode, 503, ready.body);
+  assert.match(ready.json().message, /does not accept this service's connections now \(SQLSTATE 55000/);
+  assert.doesNotMatch(ready.json().message, /privilege/);
+  await root.query(`ALTER DATABASE ${dbName} ALLOW_CONNECTIONS true`);
+  let api = await app.inject({ url: '/v1/sessions' });
+  for (let i = 0; i < 100 && api.statusCode !== 200; i++) {
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    api = await app.inject({ url: '/v1/sessions' });
+  }
+  assert.equal(api.statusCode, 200, api.body);
+});
