@@ -20,7 +20,17 @@ const EVENTS_IDLE_TIMEOUT_MS = 35_000;
 /** The service's hold of a round contribution when `?wait=` is not given (asgd-serve's DEFAULT_WAIT_SECONDS). */
 const ROUND_WAIT_DEFAULT_S = 60;
 
-const enc = encodeURIComponent;
+/**
+ * A name as one path segment. '', '.' and '..' cannot be one: fetch drops a dot segment (and %2E, which it
+ * takes as one), so `getSession('.')` would have read the session list, and `norms('.')` a session called
+ * "norms". The service refuses such names anyway; refused here, before a request goes anywhere.
+ */
+function enc(name: string, what = 'session name'): string {
+  if (typeof name !== 'string' || name === '' || name === '.' || name === '..') {
+    throw new RangeError(`${what} ${JSON.stringify(name)}: must be 1-128 characters of A-Za-z0-9._-, not "." or ".."`);
+  }
+  return encodeURIComponent(name);
+}
 const sessionPath = (name: string) => `/v1/sessions/${enc(name)}`;
 const etag = (version: number) => `"${version}"`;
 
@@ -494,7 +504,7 @@ export class ASGDClient {
   }
 
   async deleteToken(id: string): Promise<void> {
-    await this.http.send({ method: 'DELETE', path: `/v1/tokens/${enc(id)}`, repeatable: true });
+    await this.http.send({ method: 'DELETE', path: `/v1/tokens/${enc(id, 'token id')}`, repeatable: true });
   }
 }
 

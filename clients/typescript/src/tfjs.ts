@@ -225,6 +225,10 @@ export class RemoteASGD extends Optimizer {
     this.client = typeof options.client === 'string' ? new ASGDClient(options.client, options.clientOptions) : options.client;
     this.session = options.session;
     this.worker = options.worker ?? `js-${randomUuid().replaceAll('-', '').slice(0, 12)}`;
+    // Checked here, as the Python client does: the service would refuse it only at the first step (400 INVALID_QUERY).
+    if (typeof this.worker !== 'string' || !/^[A-Za-z0-9._-]{1,128}$/.test(this.worker)) {
+      throw new RangeError(`RemoteASGD: worker must be 1-128 characters of A-Za-z0-9._-, not ${JSON.stringify(options.worker)}`);
+    }
     this.onStale = options.onStale ?? 'pull';
     if (!STALE_POLICIES.includes(this.onStale)) throw new RangeError(`RemoteASGD: onStale must be one of ${STALE_POLICIES.map((p) => `'${p}'`).join(', ')}, not ${JSON.stringify(options.onStale)}`);
   }
