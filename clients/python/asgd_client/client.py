@@ -45,9 +45,14 @@ DEFAULT_ROUND_WAIT_S = 60
 
 @functools.lru_cache(maxsize=1024)
 def _quote(name: str) -> str:
-    """A session name as a path segment (cached: a training loop names its session every step)."""
+    """A session name as a path segment (cached: a training loop names its session every step). '', '.' and
+    '..' cannot be one: ``get_session("")`` read the session list, and a proxy that normalizes the path (nginx
+    does) takes '.' and '..' as dot segments. The service refuses such names anyway: refused here, before a
+    request is sent."""
     import urllib.parse
 
+    if not isinstance(name, str) or name in ("", ".", ".."):
+        raise ValueError(f"session name {name!r}: must be 1-128 characters of A-Za-z0-9._-, not '.' or '..'")
     return urllib.parse.quote(name, safe="")
 
 

@@ -189,6 +189,19 @@ class RetryPolicy(unittest.TestCase):
         self.assertEqual(len(srv.requests), 4)
         self.assertIn("db down", str(caught.exception))
 
+    def test_names_that_cannot_be_a_path_segment_are_refused_before_a_request(self):
+        # '' read the session list (GET /v1/sessions/), and a proxy that normalizes paths takes '.' and '..'
+        # as dot segments: a ValueError naming it, and nothing is sent.
+        srv, conn = self.serve(lambda req: (200, [], b'{"sessions":[],"next":null}'))
+        client = Client(connection=conn)
+        for name in ("", ".", ".."):
+            for call in (lambda: client.get_session(name), lambda: client.delete_session(name),
+                         lambda: client.step(name, {"w": torch.ones(1)}), lambda: client.get_params(name)):
+                with self.assertRaises(ValueError) as caught:
+                    call()
+                self.assertIn(f"session name {name!r}", str(caught.exception))
+        self.assertEqual(srv.requests, [])
+
     def test_client_errors_are_not_retried_and_name_the_request(self):
         srv, conn = self.serve(lambda req: (404, [], b'{"statusCode":404,"code":"SESSION_NOT_FOUND","message":"session \\"x\\" does not exist"}'))
         with self.assertRaises(SessionNotFound) as caught:
