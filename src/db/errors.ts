@@ -81,7 +81,7 @@ function refusalReason(sqlstate: string): string {
     case '42501': return 'the database refuses this service\'s queries (SQLSTATE 42501: a privilege this role lacks)';
     // "database … is not currently accepting connections": ALTER DATABASE … ALLOW_CONNECTIONS false.
     case '55000': return 'the database does not accept this service\'s connections now (SQLSTATE 55000: not accepting connections, or another object not ready; the log has PostgreSQL\'s words)';
-    case '3D000': return 'the database does not exist (SQLSTATE 3D000: dropped or renamed?)';
+    case '3D000': return 'the database is gone (SQLSTATE 3D000: dropped or renamed?)';
     case '57P04': return 'the database was dropped (SQLSTATE 57P04)';
     default: return sqlstate.startsWith('28')
       ? `the database refuses this service's login (SQLSTATE ${sqlstate}: the role or its password)`
