@@ -40,6 +40,9 @@ const COLUMNS = `id::float8 AS id, session_id::float8 AS session_id, version::fl
 
 const toReplayPoint = (r: Record<string, unknown>): ReplayPointRecord => ({ ...repo.storedStateOf(r), axFromParams: r.ax_from_params as boolean });
 
+/** pg_advisory_xact_lock(REPLAY_POINT_LOCK, session): the first key keeps these apart from other advisory locks (the snapshot slot's is 0x5a5a). */
+const REPLAY_POINT_LOCK = 0x5a5b;
+
 /**
  * Writes a replay point and its chunks in `q`'s transaction, then drops the session's older points (a
  * reader of one of them in a consistent read keeps seeing it); null when one exists at that version.
@@ -60,7 +63,10 @@ export async function insertReplayPoint(
   const point = toReplayPoint(rows[0]);
   await repo.insertChunks(db, q, 'replay_point_chunks (point_id, seq, data)', point.id, chunks);
   // The older points go; this one too when a newer one committed meanwhile (a batch that crossed the next
-  // multiple on another process). Two committing at once may both stay until the next point or snapshot.
+  // multiple on another process). Under a per-session lock held to the commit, the DELETE a statement of its
+  // own: a second writer's sees the first one's point once it committed (without the lock two points written
+  // at once both stayed, each transaction blind to the other's: seen in CI's kill -9 test under load).
+  await q.query('SELECT pg_advisory_xact_lock($1, ($2::bigint % 2147483647)::int)', [REPLAY_POINT_LOCK, p.sessionId]);
   await q.query('DELETE FROM replay_points WHERE session_id = $1 AND version < (SELECT max(version) FROM replay_points WHERE session_id = $1)', [p.sessionId]);
   return point;
 }
