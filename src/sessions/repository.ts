@@ -87,6 +87,14 @@ const groupHyperSql = (groups: string) => `(
     'weight_decay', g->'weight_decay', 'maximize', g->'maximize') ORDER BY i)
   FROM jsonb_array_elements(${groups}) WITH ORDINALITY AS e(g, i))`;
 
+/**
+ * The groups' hyperparameters as JSON, as groupHyperSql builds them (a key a group lacks is null), for
+ * comparing a copy's groups with the row's: jsonb compares numbers by value (15 equals 15.0).
+ */
+const hyperOf = (groups: readonly GroupSpec[]) => JSON.stringify(groups.map((g) => ({
+  lr: g.lr ?? null, lambd: g.lambd ?? null, alpha: g.alpha ?? null, t0: g.t0 ?? null, weight_decay: g.weight_decay ?? null, maximize: g.maximize ?? null,
+})));
+
 /** The session columns as SessionRecord reads them, qualified by `t` ("sessions.") where a join needs it. */
 const sessionColumns = (t = '') => `${t}id::float8 AS id, ${t}name, ${t}params, ${t}groups, ${t}numel::float8 AS numel, ${t}version::float8 AS version,
   ${t}step::float8 AS step, ${t}snapshot_every, ${t}keep_snapshots, ${t}max_staleness, ${t}keep_log_bytes::float8 AS keep_log_bytes, ${t}expire_after_idle_s,
@@ -340,6 +348,12 @@ export interface AppendedSteps extends StepChecks {
   previousStamp: string;
   /** The session has `aggregation`: nothing was written; its step requests are contributions (rounds.ts). */
   aggregated: boolean;
+  /**
+   * The batch's hyperparameters were checked against groups (`checkedGroups`) that are no longer the
+   * session's (another process changed them since this process's copy was made): nothing was written; the
+   * caller checks them again against the session's groups.
+   */
+  groupsMoved: boolean;
   /** The session after the batch (its steps are versions previousVersion+1..+n, in order); null: nothing written. */
   session: SessionRecord | null;
   /** The batch's keys that already have a row: nothing was written; the caller answers or clears them, then retries. */
@@ -396,11 +410,16 @@ const BATCH_COLUMNS = ['present jsonb', 'base bigint', 'if_match bigint', 'hyper
  * snapshot is taken once the lock is held (and under READ COMMITTED a lock wait inside it would end on the
  * newest row version as well).
  */
-export async function appendSteps(db: Database, sessionId: number, name: string, steps: readonly BatchStep[], windowSeconds: number): Promise<AppendedSteps | null> {
+export async function appendSteps(
+  db: Database, sessionId: number, name: string, steps: readonly BatchStep[], windowSeconds: number, checkedGroups: readonly GroupSpec[] | null = null,
+): Promise<AppendedSteps | null> {
   if (steps.some((s, i) => s.hyper !== null && i !== steps.length - 1)) throw new Error('appendSteps: only the last step of a batch may set hyperparameters');
-  if (db.kind === 'pglite') return appendStepsPglite(db, sessionId, name, steps, windowSeconds);
+  // The groups the last step's hyperparameters were checked against (valid values, eta within float32, all
+  // on the merged groups): the batch is written only while they are still the session's.
+  const checked = steps[steps.length - 1].hyper !== null && checkedGroups !== null ? hyperOf(checkedGroups) : null;
+  if (db.kind === 'pglite') return appendStepsPglite(db, sessionId, name, steps, windowSeconds, checked);
   const n = steps.length;
-  const params: unknown[] = [sessionId, windowSeconds, name];
+  const params: unknown[] = [sessionId, windowSeconds, name, checked];
   const rows: string[] = [];
   const gradRows: string[] = [];
   steps.forEach((s, i) => {
@@ -430,6 +449,7 @@ export async function appendSteps(db: Database, sessionId: number, name: string,
      ), accepted AS (
        SELECT locked.* FROM locked
        WHERE NOT locked.aggregated AND NOT EXISTS (SELECT 1 FROM known)
+         AND ($4::jsonb IS NULL OR $4::jsonb = ${groupHyperSql('locked.old_groups')})
          AND NOT EXISTS (SELECT 1 FROM input WHERE NOT (
            (if_match IS NULL OR if_match = locked.version + i)
            AND (base IS NULL OR base <= locked.version + i)
@@ -463,6 +483,7 @@ export async function appendSteps(db: Database, sessionId: number, name: string,
      )
      SELECT locked.version::float8 AS previous_version, locked.stamp AS previous_stamp, locked.max_staleness AS previous_max_staleness, locked.history_from::float8 AS previous_history_from,
        locked.aggregated AS previous_aggregated, advanced.*,
+       ($4::jsonb IS NOT NULL AND $4::jsonb IS DISTINCT FROM ${groupHyperSql('locked.old_groups')}) AS groups_moved,
        (SELECT count(*) FROM notified) + (SELECT count(*) FROM logged) AS written,
        (SELECT jsonb_agg(jsonb_build_object('index', i, 'request_hash', request_hash, 'response', response, 'live', live)) FROM known) AS known,
        (SELECT max(version) FROM snapshots WHERE session_id = $1)::float8 AS newest_snapshot
@@ -480,6 +501,7 @@ export async function appendSteps(db: Database, sessionId: number, name: string,
     maxStaleness: (r.previous_max_staleness as number | null) ?? null,
     historyFrom: r.previous_history_from as number,
     aggregated: r.previous_aggregated === true,
+    groupsMoved: r.groups_moved === true,
     session: r.id === null || r.id === undefined ? null : toSession(r),
     known,
     newestSnapshot: (r.newest_snapshot as number | null) ?? null,
@@ -502,7 +524,7 @@ export async function clearExpiredKeys(q: Queryable, sessionId: number, keys: st
  * whose log rows arrive by binary COPY from a blob: 4 MB of gradients in 120-150 ms instead of 300-600 ms
  * as base64 text decoded in SQL. The checks are appendSteps' (refusedAt).
  */
-async function appendStepsPglite(db: Database, sessionId: number, name: string, steps: readonly BatchStep[], windowSeconds: number): Promise<AppendedSteps | null> {
+async function appendStepsPglite(db: Database, sessionId: number, name: string, steps: readonly BatchStep[], windowSeconds: number, checked: string | null): Promise<AppendedSteps | null> {
   return db.transaction(async (tx) => {
     const locked = await tx.query<{ version: number; max_staleness: number | null; history_from: number; aggregated: boolean; stamp: string; groups: GroupSpec[] }>(
       `SELECT version::float8 AS version, max_staleness, history_from::float8 AS history_from, aggregation IS NOT NULL AS aggregated, ${stampOf('updated_at')} AS stamp, groups
@@ -511,7 +533,8 @@ async function appendStepsPglite(db: Database, sessionId: number, name: string, 
     );
     if (locked.length === 0) return null;
     const { version, max_staleness: maxStaleness, history_from: historyFrom, aggregated, stamp: previousStamp, groups: groupsBefore } = locked[0];
-    if (aggregated) return { previousVersion: version, previousStamp, maxStaleness, historyFrom, aggregated, session: null, known: [], newestSnapshot: null };
+    const groupsMoved = checked !== null && checked !== hyperOf(groupsBefore);
+    if (aggregated || groupsMoved) return { previousVersion: version, previousStamp, maxStaleness, historyFrom, aggregated, groupsMoved, session: null, known: [], newestSnapshot: null };
     const keys = steps.map((s) => s.key).filter((k): k is string => k !== null);
     const known: KnownKey[] = [];
     if (keys.length) {
@@ -522,7 +545,7 @@ async function appendStepsPglite(db: Database, sessionId: number, name: string, 
       for (const f of found) known.push({ index: steps.findIndex((s) => s.key === f.key), requestHash: f.request_hash, response: f.response, live: f.live });
     }
     if (known.length || steps.some((s, i) => refusedAt(s, versionAt(version, i) - 1, { maxStaleness, historyFrom }))) {
-      return { previousVersion: version, previousStamp, maxStaleness, historyFrom, aggregated, session: null, known, newestSnapshot: null };
+      return { previousVersion: version, previousStamp, maxStaleness, historyFrom, aggregated, groupsMoved, session: null, known, newestSnapshot: null };
     }
     let step = 0;
     for (const [i, s] of steps.entries()) {
@@ -556,7 +579,7 @@ async function appendStepsPglite(db: Database, sessionId: number, name: string, 
       await notifyVersion(tx, session.name, v, step);
     }
     // One process holds the data directory: its copy knows of every snapshot.
-    return { previousVersion: version, previousStamp, maxStaleness, historyFrom, aggregated, session, known, newestSnapshot: null };
+    return { previousVersion: version, previousStamp, maxStaleness, historyFrom, aggregated, groupsMoved, session, known, newestSnapshot: null };
   });
 }
 

@@ -205,7 +205,7 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
     while (steps.length) {
       let appended: repo.AppendedSteps | null;
       try {
-        appended = await repo.appendSteps(db, id, name, steps, ctx.idempotencyWindowSeconds);
+        appended = await repo.appendSteps(db, id, name, steps, ctx.idempotencyWindowSeconds, entry.state.groups);
       } catch (err) {
         if (!repo.isKeyConflict(err) || ++conflicts > MAX_KEY_RETRIES) throw err;
         continue; // a key recorded meanwhile by another request: the next try sees its answer
@@ -215,6 +215,14 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
         cache.forgetName(name, id);
         if (retried) throw errors.sessionNotFound(name);
         return commitBatch(name, steps.map((s) => s.request), true);
+      }
+      if (appended.groupsMoved) {
+        // The last step's hyperparameters were checked against this copy's groups, which another process has
+        // changed since (a PATCH, another worker's step): nothing was written. The batch goes again on a copy
+        // read now, where they are checked against the session's groups (a value valid over the old ones, lr
+        // 1e30 with lambd 0, may not be over the new ones).
+        cache.forget(id);
+        return commitBatch(name, steps.map((s) => s.request), retried);
       }
       if (appended.aggregated) {
         // Nothing written: in a session with aggregation a step request is a contribution (rounds.ts).

@@ -241,3 +241,31 @@ test('two apps on one database alternate steps that set hyperparameters and equa
     assert.deepEqual((await app.inject({ url: '/v1/sessions/two' })).json().param_groups, JSON.parse(expected).param_groups);
   }
 });
+
+test('a step\'s hyperparameters are checked against the session\'s groups, not against a copy another process has changed since', async (t) => {
+  const a = await buildTestApp(t);
+  if (!a.databaseUrl) return t.skip('needs PostgreSQL (two processes cannot share an embedded database)');
+  const b = await buildTestApp(t, { databaseUrl: a.databaseUrl });
+  // lr 1e30 is a valid value with lambd 0 (eta = lr), not with lambd 1e-4 (eta overflows float32).
+  const created = await a.app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'moved', params, hyperparameters: { lr: 1e-6, lambd: 0, alpha: -1, t0: 1 } } });
+  assert.equal(created.statusCode, 201, created.body);
+  assert.equal((await b.app.inject({ method: 'POST', url: '/v1/sessions/moved/step', payload: { grads: grads(0) } })).statusCode, 200); // b's copy: lambd 0
+  const patched = await a.app.inject({ method: 'PATCH', url: '/v1/sessions/moved/param_groups', payload: { param_groups: [{ lambd: 1e-4 }] } });
+  assert.equal(patched.statusCode, 200, patched.body);
+  const before = (await a.app.inject({ url: '/v1/sessions/moved/state_dict' })).body;
+
+  for (const app of [b.app, a.app]) {
+    const res = await app.inject({ method: 'POST', url: '/v1/sessions/moved/step', payload: { grads: grads(1), param_groups: [{ lr: 1e30 }] } });
+    assert.equal(res.statusCode, 400, res.body);
+    assert.equal(res.json().code, 'INVALID_HYPERPARAMETER');
+    assert.match(res.json().message, /^param_groups\[0\]/);
+  }
+  assert.equal((await a.app.inject({ url: '/v1/sessions/moved/state_dict' })).body, before, 'nothing written');
+  assert.equal((await b.app.inject({ url: '/v1/sessions/moved/state_dict' })).body, before);
+  // A value valid over the session's groups goes through b, on them.
+  const ok = await b.app.inject({ method: 'POST', url: '/v1/sessions/moved/step', payload: { grads: grads(1), param_groups: [{ lr: 1e-5 }] } });
+  assert.equal(ok.statusCode, 200, ok.body);
+  const groups = (await a.app.inject({ url: '/v1/sessions/moved' })).json().param_groups[0];
+  assert.deepEqual([groups.lr, groups.lambd, groups.alpha], [1e-5, 1e-4, -1]);
+  assert.equal((await b.app.inject({ url: '/v1/sessions/moved/state_dict' })).body, (await a.app.inject({ url: '/v1/sessions/moved/state_dict' })).body);
+});
