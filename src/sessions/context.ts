@@ -79,5 +79,10 @@ export interface RoundHost {
    * once its copy is made (the caller holds the session's lock until then).
    */
   afterStep(session: SessionRecord, entry: { state: SessionState }, seconds: number, lockWaitSeconds: number): Promise<void>;
+  /**
+   * A contribution of the session waits here for its round (a worker is mid-round): while its round is open
+   * the idle-session sweep passes the session over, until the returned release is called.
+   */
+  holdOpen(name: string): () => void;
   idempotencyWindowSeconds: number;
 }

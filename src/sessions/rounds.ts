@@ -330,6 +330,9 @@ export function createRoundService(options: RoundServiceOptions) {
     }, Math.max(0, Math.ceil(seconds * 1000)) + 5);
   }
 
+  /** How long a session stays mid-round (RoundHost.holdOpen) after a contribution's request ended. */
+  const HOLD_OPEN_AFTER_MS = DEFAULT_WAIT_SECONDS * 1000;
+
   /**
    * Waits for the round of a stored contribution to step (announced on the version notifier), at most the
    * request's `wait`: its answer, or the open round's status (202).
@@ -338,12 +341,16 @@ export function createRoundService(options: RoundServiceOptions) {
     const deadline = Date.now() + (opts.waitSeconds ?? DEFAULT_WAIT_SECONDS) * 1000;
     const signal = opts.signal ?? new AbortController().signal;
     const release = holdTimer(name, pending);
+    // A worker mid-round is no idle session: not swept while it waits here (holdOpen), nor, on PostgreSQL,
+    // by another process while this one holds the session's listening lease (expiry.ts).
+    const unhold = host.holdOpen(name);
     try {
       for (;;) {
         const remaining = deadline - Date.now();
         // Registered before the read: a step committed in between wakes it.
         const waiter = remaining > 0 && !signal.aborted && !versions.stats().closed ? versions.waitFor(name, pending.version, remaining, signal) : null;
         try {
+          if (waiter) await versions.listening(name);
           const answer = await roundAnswer(name, pending);
           if (answer) return answer;
           if (!waiter) {
@@ -358,6 +365,8 @@ export function createRoundService(options: RoundServiceOptions) {
         }
       }
     } finally {
+      // Answered pending (202), the worker sends it again at once: still mid-round for a while.
+      setTimeout(unhold, HOLD_OPEN_AFTER_MS).unref();
       release();
     }
   }

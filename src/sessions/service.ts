@@ -138,7 +138,7 @@ export function createSessionService(options: SessionServiceOptions) {
   async function sweepExpired(): Promise<string[]> {
     const gone: { id: number; name: string }[] = [];
     for (let round = 0; round < SWEEP_ROUNDS; round++) {
-      const batch = await sweepIdleSessions(db);
+      const batch = await sweepIdleSessions(db, [...heldOpen.keys()]);
       for (const { id, name } of batch) cache.forgetName(name, id);
       gone.push(...batch);
       if (batch.length < EXPIRY_BATCH) break;
@@ -148,6 +148,8 @@ export function createSessionService(options: SessionServiceOptions) {
   }
 
   /** What the rounds of sessions with `aggregation` (rounds.ts) use of the session modules. */
+  /** Sessions with contributions waiting here for their round, and how many (RoundHost.holdOpen). */
+  const heldOpen = new Map<string, number>();
   const roundHost: RoundHost = {
     run: (name, fn) => ctx.mutex.run(name, fn),
     currentState: history.currentState,
@@ -160,6 +162,17 @@ export function createSessionService(options: SessionServiceOptions) {
       if (cached !== entry) return;
       if (writer.due(session, cached)) await writer.inBackground(session, cached, 'auto');
       else if (writer.pointDue(session, cached, cached.state.version - 1, cached.state.version)) await writer.pointInBackground(session, cached);
+    },
+    holdOpen(name) {
+      heldOpen.set(name, (heldOpen.get(name) ?? 0) + 1);
+      let released = false;
+      return () => {
+        if (released) return;
+        released = true;
+        const left = (heldOpen.get(name) ?? 1) - 1;
+        if (left > 0) heldOpen.set(name, left);
+        else heldOpen.delete(name);
+      };
     },
     idempotencyWindowSeconds: options.idempotencyWindowSeconds,
   };

@@ -394,3 +394,24 @@ test('/metrics answers within seconds while the storage figures cannot be comput
   const age = Number(/^asgd_storage_figures_age_seconds (\S+)$/m.exec(metrics)?.[1]);
   assert.ok(age >= 0 && age < 30, `age ${age}`);
 });
+
+test('a session whose round is open while a worker waits on it is not idle: the sweeper passes it over until no one waits', async (t) => {
+  const { app, databaseUrl } = await buildTestApp(t);
+  // On PostgreSQL another process sweeps too: it knows of the wait by the waiting process's listening lease.
+  const replica = TEST_DB_KIND === 'pglite' ? null : (await buildTestApp(t, { databaseUrl: databaseUrl! })).app;
+  const created = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'round', params: model(4), expire_after_idle_s: 1, aggregation: { contributions: 2 } } });
+  assert.equal(created.statusCode, 201, created.body);
+  // Worker a's contribution, held for the round (which needs two) longer than the session's expire_after_idle_s.
+  const held = app.inject({ method: 'POST', url: '/v1/sessions/round/step?wait=3', headers: { 'idempotency-key': 'a-1' }, payload: { ...grads(4, 0), base_version: 1, worker: 'a' } });
+  await new Promise((r) => setTimeout(r, 1600));
+  assert.deepEqual(await app.sessions.sweepExpired(), [], 'a worker waits on its open round');
+  if (replica) assert.deepEqual(await replica.sessions.sweepExpired(), [], 'another process sees the wait too');
+  assert.equal((await held).statusCode, 202, 'still pending: the round needs another worker');
+  assert.deepEqual(await app.sessions.sweepExpired(), [], 'its lease outlasts the hold: the worker sends it again');
+  const b = await app.inject({ method: 'POST', url: '/v1/sessions/round/step', headers: { 'idempotency-key': 'b-1' }, payload: { ...grads(4, 1), base_version: 1, worker: 'b' } });
+  assert.equal(b.statusCode, 200, b.body);
+  assert.equal(b.json().version, 2);
+  // The round stepped: no round is open, and the session is idle once more (its step is a second old).
+  await new Promise((r) => setTimeout(r, 1100));
+  assert.deepEqual(await app.sessions.sweepExpired(), ['round']);
+});
