@@ -305,21 +305,26 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
     writer.known(entry, appended.newestSnapshot);
     const pointDue = writer.pointDue(session, entry, appended.previousVersion, session.version);
     const snapshotDue = writer.due(session, entry, session.version, appended.previousVersion);
+    let target = entry;
     if (!current && cache.get(id) === entry && (pointDue || snapshotDue)) {
-      // Behind (other steps committed meanwhile) and a snapshot or replay point is due: catch up, these steps included.
-      // Otherwise the copy stays behind and catches up from the log when it is next read (currentState):
-      // under several writers that is one batched read instead of one per step.
+      // Behind (other steps committed meanwhile) and a snapshot or replay point is due: caught up, these steps
+      // included, or rebuilt from the newest stored state where the log no longer reaches back to the copy
+      // (keep_log_bytes or keep_snapshots pruned it): dropped instead, the copy left its slot without a
+      // snapshot, as the other processes' batches in the slot do not start one (found by a review: slots
+      // skipped, the log past keep_log_bytes). Otherwise the copy stays behind and catches up from the log
+      // when it is next read (currentState): under several writers one batched read instead of one per step.
       try {
-        if (!(await consistentRead(db, (q) => history.catchUp(q, state, session)))) cache.forget(id);
+        target = await consistentRead(db, (q) => history.currentState(q, session));
       } catch (err) {
         cache.forget(id);
         log.warn({ err, session: name, version: session.version }, 'could not bring the cached state up to a committed step');
+        return;
       }
     }
-    if (cache.get(id) !== entry || state.version !== session.version) return;
+    if (cache.get(id) !== target || target.state.version !== session.version) return;
     // The copy a background write takes is made before the next batch may step the state (this holds the lock).
-    if (snapshotDue) await writer.inBackground(session, entry, 'auto');
-    else if (pointDue) await writer.pointInBackground(session, entry);
+    if (snapshotDue) await writer.inBackground(session, target, 'auto');
+    else if (pointDue) await writer.pointInBackground(session, target);
   }
 
   /** Answers a committed (or replayed) step, with its state encoded at its version when the request asks for it. */

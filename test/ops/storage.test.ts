@@ -415,3 +415,32 @@ test('a session whose round is open while a worker waits on it is not idle: the 
   await new Promise((r) => setTimeout(r, 1100));
   assert.deepEqual(await app.sessions.sweepExpired(), ['round']);
 });
+
+test('two processes taking turns write a snapshot in every slot, also when the log no longer reaches back to a copy (keep_log_bytes, keep_snapshots)', { skip: skipPglite }, async (t) => {
+  const { app: a, databaseUrl } = await buildTestApp(t);
+  const { app: b } = await buildTestApp(t, { databaseUrl: databaseUrl! });
+  // A process whose copy fell behind the pruned log, and whose batch began a slot, left the slot without a
+  // snapshot: the log then grew past keep_log_bytes (the review saw 52% over it).
+  const cases = [
+    { name: 'bytes', extra: { snapshot_every: 100, keep_snapshots: 3, keep_log_bytes: 4000 }, every: Math.floor(4000 / stepBytes({ numel: 100 + 3, params: model(100) })) },
+    { name: 'kept', extra: { snapshot_every: 3, keep_snapshots: 2 }, every: 3 },
+  ];
+  for (const { name, extra, every } of cases) {
+    assert.equal((await a.inject({ method: 'POST', url: '/v1/sessions', payload: { name, params: model(100), ...extra } })).statusCode, 201);
+    const seen = new Set<number>();
+    for (let k = 1; k <= 4 * every + 2; k++) {
+      await stepOk(k % 2 ? a : b, name, 100, k);
+      if (name === 'kept' && k === 5) assert.equal((await a.inject({ method: 'POST', url: `/v1/sessions/${name}/snapshots`, payload: {} })).statusCode, 201);
+      // Background snapshots: each written before the next step is looked at.
+      await waitFor('the slot\'s snapshot', async () => {
+        const versions: number[] = (await a.inject({ url: `/v1/sessions/${name}/snapshots` })).json().snapshots.map((s: { version: number }) => s.version);
+        versions.forEach((v) => seen.add(v));
+        const slot = Math.floor(k / every); // the version after step k is k + 1: slot floor(k / every)
+        return [...seen].some((v) => Math.floor((v - 1) / every) === slot);
+      }, 5000);
+    }
+    const slots = new Set([...seen].map((v) => Math.floor((v - 1) / every)));
+    assert.deepEqual([...slots].sort((x, y) => x - y), Array.from({ length: slots.size }, (_, i) => i), `${name}: a snapshot in every slot (${[...seen].sort((x, y) => x - y)})`);
+    if (name === 'bytes') assert.ok((await storageOf(a, name)).log_bytes <= 4000, 'the log within keep_log_bytes');
+  }
+});
