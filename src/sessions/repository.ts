@@ -91,9 +91,7 @@ const groupHyperSql = (groups: string) => `(
  * The groups' hyperparameters as JSON, as groupHyperSql builds them (a key a group lacks is null), for
  * comparing a copy's groups with the row's: jsonb compares numbers by value (15 equals 15.0).
  */
-const hyperOf = (groups: readonly GroupSpec[]) => JSON.stringify(groups.map((g) => ({
-  lr: g.lr ?? null, lambd: g.lambd ?? null, alpha: g.alpha ?? null, t0: g.t0 ?? null, weight_decay: g.weight_decay ?? null, maximize: g.maximize ?? null,
-})));
+const hyperOf = (groups: readonly GroupSpec[]) => JSON.stringify(groupHyperparameters(groups));
 
 /** The session columns as SessionRecord reads them, qualified by `t` ("sessions.") where a join needs it. */
 const sessionColumns = (t = '') => `${t}id::float8 AS id, ${t}name, ${t}params, ${t}groups, ${t}numel::float8 AS numel, ${t}version::float8 AS version,

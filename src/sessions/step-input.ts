@@ -68,9 +68,15 @@ export function applyHyperDelta(groups: readonly GroupSpec[], delta: HyperDelta)
   });
 }
 
-/** Each group's hyperparameters, as step_history keeps them. */
+/**
+ * Each group's hyperparameters, as step_history keeps them and as the step statement's groupHyperSql builds
+ * them from the row (repository.ts): a key a group lacks is null there, so here too (else a copy's groups
+ * never equal the row's and a step that sets hyperparameters is tried again for ever).
+ */
 export function groupHyperparameters(groups: readonly GroupSpec[]): Record<string, unknown>[] {
-  return groups.map((g) => ({ lr: g.lr, lambd: g.lambd, alpha: g.alpha, t0: g.t0, weight_decay: g.weight_decay, maximize: g.maximize }));
+  return groups.map((g) => ({
+    lr: g.lr ?? null, lambd: g.lambd ?? null, alpha: g.alpha ?? null, t0: g.t0 ?? null, weight_decay: g.weight_decay ?? null, maximize: g.maximize ?? null,
+  }));
 }
 
 /** `metrics` of a step: a flat object of at most 32 finite numbers whose names are like session names. */
