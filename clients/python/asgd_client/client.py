@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from . import safetensors as st
 from .errors import RoundPending, SessionExists, SessionNotFound, UnsupportedFormat
 from .http import DEFAULT_RETRY_BUDGET_S, Connection, Response
-from .tensors import group_from_json, plain_number, state_dict_from_json, state_dict_to_json, tensor_from_json, tensor_to_json
+from .tensors import HYPERPARAMETER_KEYS, group_from_json, plain_number, state_dict_from_json, state_dict_to_json, tensor_from_json, tensor_to_json
 
 __all__ = ["Client", "TRANSPORTS", "SAFETENSORS", "PT"]
 
@@ -54,6 +54,27 @@ def _quote(name: str) -> str:
     if not isinstance(name, str) or name in ("", ".", ".."):
         raise ValueError(f"session name {name!r}: must be 1-128 characters of A-Za-z0-9._-, not '.' or '..'")
     return urllib.parse.quote(name, safe="")
+
+
+def _warn_tensor_hyperparameters(state_dict: Any) -> None:
+    """A tensor hyperparameter (torch 2.x takes lr=torch.tensor(0.05)) travels in JSON as float(lr.item()): the
+    session then steps as torch.optim.ASGD does with that Python float, not as torch with a tensor lr (eta in
+    float32 tensor arithmetic, differing in the last bits). Said with a UserWarning, as RemoteASGD says it;
+    the same state_dict as a torch.save file (format="pt") is refused by the service (found by a review: the
+    JSON PUT took it silently)."""
+    groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+    if not isinstance(groups, (list, tuple)):
+        return
+    for i, g in enumerate(groups):
+        if not isinstance(g, Mapping):
+            continue
+        for k in HYPERPARAMETER_KEYS:
+            v = g.get(k)
+            if hasattr(v, "numel") and hasattr(v, "item"):
+                warnings.warn(f"param_groups[{i}].{k} is a tensor: it is sent as float({k}.item()), and the session steps as "
+                              f"torch.optim.ASGD does with that Python float; torch with a tensor {k} computes eta in float32 "
+                              f"tensor arithmetic, so the two can differ in the last bits (as a torch.save file, format='pt', "
+                              f"the service refuses a tensor {k})", UserWarning, stacklevel=3)
 
 
 def _if_match(version: Optional[Union[int, str]]) -> Dict[str, str]:
@@ -453,6 +474,7 @@ class Client:
             return self.conn.request("PUT", path, body=data, content_type=PT, headers=_if_match(if_match)).json()
         if format != "json":
             raise ValueError("format must be 'json' or 'pt'")
+        _warn_tensor_hyperparameters(state_dict)
         return self.conn.request("PUT", path, json_body=state_dict_to_json(state_dict), headers=_if_match(if_match)).json()
 
     def get_checkpoint(self, name: str, *, format: str = "pt", version: Optional[int] = None) -> Any:

@@ -157,6 +157,13 @@ _FOREACH_MESSAGE = ("foreach=True: the service applies torch's single-tensor ASG
                     "the whole group with the first parameter's eta)")
 
 
+_DEFAULT_DTYPE_MESSAGE = ("torch.get_default_dtype() is {dtype}: torch.optim.ASGD then keeps a parameter's step, eta and mu "
+                          "(made when it first steps) in {dtype}, and computes the update with that eta; the service keeps "
+                          "them in float32, as torch does under the default float32, so the results can differ from a local "
+                          "torch.optim.ASGD in the last bits. Set the default dtype back to torch.float32 before the "
+                          "optimizer's first step (a float32 model is unaffected by it)")
+
+
 _PUSH_ATTEMPTS = 5
 
 
@@ -776,6 +783,11 @@ class RemoteASGD(torch.optim.Optimizer):
         """The parameters still are what the session holds: float32, on the device and of the shape they had
         when the optimizer was built (``model.double()``, ``.half()``, ``.to(...)`` or a resize after building
         it would otherwise train in float32 or fail deep inside). Raised before anything is sent."""
+        if torch.get_default_dtype() is not torch.float32 and "default-dtype" not in self._warned:
+            # Found by a review (torch 2.13 and 1.13): with a float64 default, local ASGD's eta is float64 and the
+            # parameters drift from the service's from about step 50, silently.
+            self._warned.add("default-dtype")
+            warnings.warn(_DEFAULT_DTYPE_MESSAGE.format(dtype=torch.get_default_dtype()), UserWarning, stacklevel=3)
         for n, p, (device, shape) in zip(self._names, self._params, self._layout):
             if p.dtype != torch.float32:
                 raise TypeError(f"parameter {n!r} is now {p.dtype} (model.double()/half()/bfloat16() after building the "

@@ -144,6 +144,46 @@ class TensorLearningRate(ServiceTestCase):
         train(model, opt, range(10))
         self.assertParamsIdentical(model, ref)
 
+    def test_put_state_dict_as_json_warns_of_a_tensor_lr_and_the_service_refuses_it_in_a_torch_save_file(self):
+        ref = make_model()
+        torch_opt = torch.optim.ASGD(ref.parameters(), **HYPER)
+        opt = self.remote(make_model().named_parameters())
+        before = opt.client.get_state_dict(opt.session)
+        sd = torch_opt.state_dict()
+        sd["param_groups"][0]["lr"] = torch.tensor(0.03)
+        with self.assertRaises(Exception) as refused:
+            opt.client.put_state_dict(opt.session, sd, format="pt")
+        self.assertIn("lr", str(refused.exception))
+        self.assertEqual(opt.client.get_state_dict(opt.session), before, "refused: the session is unchanged")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.client.put_state_dict(opt.session, sd)
+        about = [str(w.message) for w in caught if "param_groups[0].lr is a tensor" in str(w.message)]
+        self.assertEqual(len(about), 1, [str(w.message) for w in caught])
+        self.assertEqual(opt.client.get_session(opt.session)["param_groups"][0]["lr"], torch.tensor(0.03).item())
+
+
+class DefaultDtype(ServiceTestCase):
+    def test_a_float64_default_dtype_is_warned_once(self):
+        # torch.optim.ASGD keeps step/eta/mu in the default dtype: float64 there, float32 in the service.
+        model = make_model()
+        opt = self.remote(model.named_parameters(), **HYPER)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train(model, opt, range(2))
+        self.assertEqual([str(w.message) for w in caught if "default_dtype" in str(w.message)], [])
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                train(model, opt, range(2, 5))
+        finally:
+            torch.set_default_dtype(previous)
+        about = [str(w.message) for w in caught if "default_dtype" in str(w.message)]
+        self.assertEqual(len(about), 1, [str(w.message) for w in caught])
+        self.assertIn("torch.float64", about[0])
+
 
 class TorchFlagsAndSignature(ServiceTestCase):
     def test_lr_given_positionally_gets_a_clear_error(self):
