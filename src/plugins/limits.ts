@@ -66,7 +66,9 @@ export default fp(
             : problem === 'refused' ? `database refuses this service's queries: ${describeDbFailure(error)}; answering 503 until it does not`
             : 'database unreachable: answering 503 until it answers');
         }
-        else fastify.log.info('database reachable again');
+        // Said as what changed: a database that was only not migrated was reachable all along (found by a review).
+        else fastify.log.info(health.problem === 'not-migrated' ? 'database migrated: serving again'
+          : health.problem === 'refused' ? 'database takes this service\'s queries again: serving again' : 'database reachable again');
       }
       Object.assign(health, { up: problem === null, problem, refusal: problem === 'refused' ? refusalMessage(error)! : undefined });
       if (problem !== null) recheckSoon();

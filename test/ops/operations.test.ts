@@ -14,10 +14,16 @@ function sample(text: string, name: string, labels = ''): number {
 }
 
 /** An app on a fresh PostgreSQL database that is not migrated (dropped with the app at the test's end). */
-async function unmigratedApp(t: TestContext, healthCheckIntervalMs: number) {
+async function unmigratedApp(t: TestContext, healthCheckIntervalMs: number, messages: string[] = []) {
   const db = await createTestDatabase();
   const config = testConfig({ DATABASE_URL: db.url, ASGD_HEALTH_CHECK_INTERVAL_MS: String(healthCheckIntervalMs) });
-  const app = await buildApp({ config, migrate: false, logger: false });
+  const stream = new Writable({
+    write(chunk, _encoding, done) {
+      for (const line of String(chunk).split('\n').filter(Boolean)) messages.push(String(JSON.parse(line).msg));
+      done();
+    },
+  });
+  const app = await buildApp({ config, migrate: false, logger: { level: 'info', stream } });
   t.after(async () => {
     await app.close();
     await db.drop();
@@ -62,7 +68,8 @@ test('/healthz needs no database; /readyz and the API answer 503 with Retry-Afte
 
 test('a database that answers but is not migrated: the API and /readyz say so (not "unreachable"); asgd_database_up is 0, then 1 once migrated', async (t) => {
   if (TEST_DB_KIND !== 'postgres') return t.skip('uses a fresh PostgreSQL database');
-  const app = await unmigratedApp(t, 100);
+  const messages: string[] = [];
+  const app = await unmigratedApp(t, 100, messages);
   await new Promise((resolve) => setTimeout(resolve, 300));
   for (const url of ['/readyz', '/v1/sessions']) {
     const res = await app.inject({ url });
@@ -74,6 +81,9 @@ test('a database that answers but is not migrated: the API and /readyz say so (n
   await new Promise((resolve) => setTimeout(resolve, 300));
   assert.equal((await app.inject({ url: '/readyz' })).statusCode, 200);
   assert.equal(sample((await app.inject({ url: '/metrics' })).body, 'asgd_database_up'), 1);
+  // The log says what changed: the database was reachable all along (found by a review: "reachable again").
+  const said = messages.filter((m) => m.startsWith('database '));
+  assert.deepEqual(said, ['database not migrated: answering 503 until it is', 'database migrated: serving again']);
   // What was read of the unmigrated database (a /metrics scrape above) is not kept: storage works now.
   await createSession(app, 'late', {});
   assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/late/snapshots', payload: {} })).statusCode, 201);
