@@ -66,6 +66,10 @@ test('every operation documents its errors and its access', async (t) => {
     // Errors: what auth, limits, validation and lookups can answer.
     const expected = new Set<number>();
     if (route.scope !== 'public') [401, 403, 429].forEach((s) => expected.add(s));
+    // With auth off, a Host that is not a loopback name is refused on every route, open ones included
+    // (found by a review: /healthz, /readyz, /metrics and / did not list it); /metrics may require a token.
+    expected.add(403);
+    if (path === '/metrics') expected.add(401);
     if (op.parameters?.length || op.requestBody) expected.add(400);
     if (op.requestBody) [413, 415].forEach((s) => expected.add(s));
     if (op.parameters?.some((p) => p.in === 'path')) expected.add(404);
@@ -79,6 +83,7 @@ test('every operation documents its errors and its access', async (t) => {
       const codes = schema.properties.code.enum ?? [];
       assert.ok(codes.length > 0, `${label} ${status} lists its codes`);
       for (const code of codes) assert.equal(CODES[code as keyof typeof CODES]?.status, status, `${label} ${status}: ${code}`);
+      if (status === 403) assert.ok(codes.includes('HOST_NOT_ALLOWED'), `${label} 403 lists HOST_NOT_ALLOWED`);
     }
     assert.ok(Object.keys(op.responses).some((s) => /^2\d\d$/.test(s)), `${label} documents its success`);
   }

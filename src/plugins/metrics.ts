@@ -5,6 +5,7 @@ import fp from 'fastify-plugin';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { Config } from '../config.ts';
+import { errorResponses } from '../routes/schemas.ts';
 
 /** Sessions with series of their own in the per-session counters (steps, rounds); the rest are counted together. */
 const SESSION_SERIES = 100;
@@ -215,6 +216,8 @@ export default fp(
         tags: ['operations'],
         response: {
           200: { description: 'Prometheus text exposition format 0.0.4', content: { 'text/plain': { schema: { type: 'string' } } } },
+          // 401/403 with ASGD_METRICS_REQUIRE_TOKEN; 403 HOST_NOT_ALLOWED with auth off (found by a review).
+          ...errorResponses(401, 403),
         },
       },
     }, async (_request, reply) => {

@@ -16,7 +16,8 @@ const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       summary: 'Liveness: the process is up',
       description: 'Answers without touching the database, so a database outage does not get replicas restarted.',
       tags: ['operations'],
-      response: { 200: Type.Object({ status: Type.Literal('ok') }) },
+      // 403 HOST_NOT_ALLOWED: with auth off, a Host that is not a loopback name (every route; found by a review).
+      response: { 200: Type.Object({ status: Type.Literal('ok') }), ...errorResponses(403) },
     },
   }, async () => ({ status: 'ok' as const }));
 
@@ -27,7 +28,7 @@ const healthRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       summary: 'Readiness: the database is reachable and migrated',
       description: '503 while the database is unreachable, its migrations are not applied, or the process is shutting down.',
       tags: ['operations'],
-      response: { 200: Type.Object({ status: Type.Literal('ready') }), ...errorResponses(503) },
+      response: { 200: Type.Object({ status: Type.Literal('ready') }), ...errorResponses(403, 503) },
     },
   }, async (request) => {
     let timer: NodeJS.Timeout | undefined;

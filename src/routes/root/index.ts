@@ -3,6 +3,7 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import { SERVICE_VERSION } from '../../banner.ts';
+import { errorResponses } from '../schemas.ts';
 
 /** The dashboard's path (served by the UI plugin). */
 export const DASHBOARD_PATH = '/ui';
@@ -68,6 +69,8 @@ const rootRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
             'text/html': { schema: Type.String() },
           },
         },
+        // With auth off, a Host that is not a loopback name is refused on every route (found by a review).
+        ...errorResponses(403),
       },
     },
   }, async (request, reply) => {

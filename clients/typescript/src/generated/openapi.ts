@@ -1458,6 +1458,8 @@ export interface operations {
                     "text/plain": string;
                 };
             };
+            401: components["responses"]["Error401"];
+            403: components["responses"]["Error403"];
             default: components["responses"]["ErrorOther"];
         };
     };
@@ -1483,6 +1485,7 @@ export interface operations {
                     };
                 };
             };
+            403: components["responses"]["Error403"];
             default: components["responses"]["ErrorOther"];
         };
     };
@@ -1508,6 +1511,7 @@ export interface operations {
                     };
                 };
             };
+            403: components["responses"]["Error403"];
             503: components["responses"]["Error503"];
             default: components["responses"]["ErrorOther"];
         };
@@ -1545,6 +1549,7 @@ export interface operations {
                     "text/html": string;
                 };
             };
+            403: components["responses"]["Error403"];
             503: components["responses"]["Error503"];
             default: components["responses"]["ErrorOther"];
         };
