@@ -167,7 +167,10 @@ async function snapshot(args: ParsedArgs, ctx: OpsContext): Promise<number> {
   const [name] = positionals(args, ['name'], 'sessions snapshot');
   const snap = await ctx.client.json<Snapshot>('POST', `${path(name)}/snapshots`, args.options.pin ? { pinned: true } : {});
   if (ctx.json) return ctx.print(snap);
-  ctx.out(`snapshot ${snap.id} of ${name} at version ${snap.version} (step ${snap.step})${snap.pinned ? ', pinned' : ''}\n`);
+  // The service answers the snapshot already at the current version where there is one (found by a review:
+  // "take a snapshot" seemed to make none): said, with what wrote it.
+  const earlier = snap.reason !== 'manual' ? `, the one already at this version (${snap.reason})` : '';
+  ctx.out(`snapshot ${snap.id} of ${name} at version ${snap.version} (step ${snap.step})${snap.pinned ? ', pinned' : ''}${earlier}\n`);
   return EXIT.ok;
 }
 
