@@ -60,6 +60,15 @@ export function withAccess<Options extends FastifyPluginOptions>(
 const BEARER = /^Bearer +([\x21-\x7e]{1,512}) *$/i;
 
 /** The name a Host header addresses, lower case, without its port or a trailing dot ("[::1]" keeps its brackets). */
+/** The authority (host and port) of an absolute-form request target; '' when it has none (then refused). */
+function absoluteAuthority(target: string): string {
+  try {
+    return new URL(target).host;
+  } catch {
+    return '';
+  }
+}
+
 function hostName(header: string): string {
   const host = header.trim().toLowerCase();
   if (host.startsWith('[')) {
@@ -151,6 +160,14 @@ export default fp(
       if (checkHost && request.headers.host !== undefined) {
         const name = hostName(request.headers.host);
         if (!isLoopbackName(name) && !allowedHosts.has(name)) throw errors.hostNotAllowed(request.headers.host);
+        // A request line in absolute form (`GET http://name/path`, as clients send to a proxy) names its host
+        // there, and that one is the request's host (RFC 9112 section 3.2.2): checked too (found by a review:
+        // served whatever it named, with a loopback Host header).
+        const target = request.raw.url ?? '';
+        if (target !== '' && target[0] !== '/' && target !== '*') {
+          const authority = absoluteAuthority(target);
+          if (!isLoopbackName(hostName(authority)) && !allowedHosts.has(hostName(authority))) throw errors.hostNotAllowed(authority);
+        }
       }
       const { scope, allSessions } = request.routeOptions.config;
       if (scope === 'public' || (scope === undefined && request.is404)) return;

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import http from 'node:http';
+import { connect, type AddressInfo } from 'node:net';
 import { test } from 'node:test';
 import { buildTestApp, createTestDatabase, TEST_DB_KIND, testConfig } from '../helper.ts';
 import { buildApp } from '../../src/app.ts';
@@ -327,6 +328,26 @@ test('with auth off, a request addressed to a name that is not loopback is refus
   assert.equal((await named.app.inject({ url: '/v1/sessions', headers: { host: 'other:8080' } })).statusCode, 403);
   assert.throws(() => testConfig({ ASGD_ALLOWED_HOSTS: 'http://devbox' }), /ASGD_ALLOWED_HOSTS: "http:\/\/devbox" is not a host name/);
   assert.throws(() => testConfig({ ASGD_ALLOWED_HOSTS: 'devbox:8080' }), /ASGD_ALLOWED_HOSTS: "devbox:8080" is not a host name/);
+
+  // A request line in absolute form names its host there, and that one counts (RFC 9112 section 3.2.2), over a
+  // loopback Host header (found by a review: served).
+  await app.listen({ port: 0, host: '127.0.0.1' });
+  const port = (app.server.address() as AddressInfo).port;
+  const raw = (target: string) => new Promise<string>((resolve, reject) => {
+    const socket = connect(port, '127.0.0.1', () => socket.write(`GET ${target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n`));
+    let text = '';
+    socket.on('data', (chunk) => (text += chunk));
+    socket.on('end', () => resolve(text));
+    socket.on('error', reject);
+  });
+  for (const target of ['http://evil.example/v1/sessions', 'http://evil.example:8080/metrics', 'http://127.0.0.1.evil.example/v1/tokens']) {
+    const answer = await raw(target);
+    assert.match(answer, /^HTTP\/1\.1 403 /, `${target}: ${answer.slice(0, 200)}`);
+    assert.match(answer, /"code":"HOST_NOT_ALLOWED"/);
+  }
+  for (const target of ['http://localhost:8080/v1/sessions', 'http://127.0.0.1/v1/sessions']) {
+    assert.match(await raw(target), /^HTTP\/1\.1 200 /, target);
+  }
 
   // Made to listen beyond loopback without a token (ASGD_ALLOW_INSECURE): open to the network anyway, not checked.
   const open = await buildTestApp(t, { env: { HOST: '0.0.0.0', ASGD_ALLOW_INSECURE: 'true' } });
