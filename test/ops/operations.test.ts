@@ -220,6 +220,18 @@ test('rate limit per token: 429 RATE_LIMITED with Retry-After; other tokens and 
   assert.ok(Number(limited.headers['retry-after']) >= 1 && Number(limited.headers['retry-after']) <= 60);
   assert.equal((await app.inject({ url: '/v1/sessions', headers: b })).statusCode, 200, 'another token has its own budget');
   for (let i = 0; i < 10; i++) assert.equal((await app.inject({ url: '/healthz' })).statusCode, 200);
+
+  // Refused requests (403: scope, other sessions) count toward the token's budget too (found by a review:
+  // a token limited to one session made 80 refused requests a minute under a limit of 20).
+  await createSession(app, 'mine');
+  const limited2 = bearer(await createToken(app, 'read', ['mine']));
+  const statuses: number[] = [];
+  for (let i = 0; i < 3; i++) statuses.push((await app.inject({ url: '/v1/sessions/theirs', headers: limited2 })).statusCode);
+  for (let i = 0; i < 2; i++) statuses.push((await app.inject({ method: 'DELETE', url: '/v1/sessions/mine', headers: limited2 })).statusCode);
+  statuses.push((await app.inject({ url: '/v1/sessions/theirs', headers: limited2 })).statusCode);
+  statuses.push((await app.inject({ url: '/v1/sessions/mine', headers: limited2 })).statusCode);
+  assert.deepEqual(statuses, [403, 403, 403, 403, 403, 429, 429]);
+  assert.equal((await app.inject({ url: '/v1/sessions/mine', headers: asAdmin })).statusCode, 200, 'nothing was deleted');
 });
 
 test('rate limit without a valid token: guesses count per client address, then 429 without a lookup; valid tokens keep their own budget', async (t) => {
@@ -410,9 +422,20 @@ test('logs: a request id on every line, the session on session routes, no tokens
   assert.equal(bad.statusCode, 400);
   await app.inject({ url: '/v1/sessions/logged/params', headers: bearer(token) });
   app.log.info({ req: { headers: { authorization: `Bearer ${token}` } }, token }, 'a careless line');
+  // A token sent without "Bearer " (a common mistake) is no scheme's name to echo (found by a review: the
+  // answer, and the log with it, held its first 40 characters); a registered scheme is named.
+  for (const authorization of [ADMIN, token, `${ADMIN} extra`]) {
+    const res = await app.inject({ url: '/v1/sessions/logged', headers: { authorization } });
+    assert.equal(res.statusCode, 401);
+    assert.ok(!res.body.includes(authorization.slice(0, 8)), res.body);
+    assert.match(res.json().message, /^Authorization: expected "Bearer <token>"/);
+  }
+  const basic = await app.inject({ url: '/v1/sessions/logged', headers: { authorization: `basic ${Buffer.from('u:p').toString('base64')}` } });
+  assert.match(basic.json().message, /^Authorization: the "Basic" scheme is not accepted/);
 
   const text = lines.map((l) => JSON.stringify(l)).join('\n');
   assert.ok(!text.includes(token) && !text.includes(ADMIN), 'no token is ever logged');
+  for (const secret of [ADMIN, token]) assert.ok(!text.includes(secret.slice(0, 12)), `no part of a token is logged: ${secret.slice(0, 12)}`);
   assert.ok(!text.includes('0.123456'), 'no tensor data is logged');
   assert.match(text, /\[redacted\]/);
   const requestLines = lines.filter((l) => l.msg !== 'a careless line' && (l.req || l.res || l.reqId));
