@@ -437,3 +437,30 @@ test('a waiting read (after_version + wait) of a token revoked during its wait a
   assert.equal(ok.statusCode, 200, ok.body);
   assert.equal(ok.json().version, 3);
 });
+
+test('a contribution held for its round, of a token revoked during the wait, answers 401, not the round\'s parameters', async (t) => {
+  // Found by a security review: the held request got the stepped parameters 4 s after the revocation.
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  const created = await app.inject({
+    method: 'POST', url: '/v1/sessions', headers: asAdmin,
+    payload: { name: 'held', params: [{ name: 'w', shape: [2], data: [0.5, 0.25] }], aggregation: { contributions: 2 } },
+  });
+  assert.equal(created.statusCode, 201, created.body);
+  const contribute = (headers: Record<string, string>, worker: string, wait: number) => app.inject({
+    method: 'POST', url: `/v1/sessions/held/step?wait=${wait}&return=params`, headers, payload: { grads: { w: [1, 1] }, base_version: 1, worker },
+  });
+  const token = await createToken(app, 'step', ['held']);
+  const waiting = contribute(bearer(token), 'w0', 30);
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  assert.equal((await app.inject({ method: 'DELETE', url: `/v1/tokens/${token.split('_')[1]}`, headers: asAdmin })).statusCode, 204);
+  await new Promise((resolve) => setTimeout(resolve, 1000));
+  const closing = await contribute(asAdmin, 'w1', 30);
+  assert.equal(closing.statusCode, 200, closing.body);
+  assert.ok(closing.json().params, 'the admin\'s contribution closed the round and got its parameters');
+  const res = await waiting;
+  assert.equal(res.statusCode, 401, res.body);
+  assert.equal(res.json().code, 'UNAUTHORIZED');
+  assert.doesNotMatch(res.body, /"params"/);
+  // The revoked token's contribution was taken: the round stepped with both (version 2).
+  assert.equal((await app.inject({ url: '/v1/sessions/held', headers: asAdmin })).json().version, 2);
+});

@@ -17,7 +17,7 @@ import { NAME_PATTERN, SESSION_NAME_RULE, SESSION_NAME_SOURCE } from '../../sess
 import type { Layout } from '../../sessions/state.ts';
 import { paramTensor, paramsJson } from '../../sessions/state-dict.ts';
 import { metadataJson, parseMetrics } from '../../sessions/step-input.ts';
-import { ACCESS, idempotencyKeyOf, ifMatchOf, jsonBody, jsonOrFile, setVersion } from '../common.ts';
+import { ACCESS, idempotencyKeyOf, ifMatchOf, jsonBody, jsonOrFile, setVersion, storedTokenId } from '../common.ts';
 import { contentFormat, MEDIA, mediaTypes, negotiate, ROUTE_MEDIA, type WireFormat } from '../media.ts';
 import { Binary, errorResponses, GroupChanges, NameParams, RoundStatus, StepAnswer, StepHeaders, Tensor, withCode } from '../schemas.ts';
 import { readGradients } from './binary.ts';
@@ -263,6 +263,7 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
     if (samples !== null) hash?.update(`samples:${samples}`);
     let encoded: Encoded | null = null;
     // A contribution may wait for its round: a client that goes away ends the wait.
+    const arrived = Date.now();
     const gone = new AbortController();
     const onClose = () => {
       if (!reply.raw.writableFinished) gone.abort();
@@ -297,6 +298,12 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
     });
     place?.leave();
     const outcome = await stepping.finally(() => reply.raw.removeListener('close', onClose));
+    // A contribution may be held for its round up to ?wait= seconds (an hour at most): a stored token revoked
+    // meanwhile gets no parameters, as a waiting read's does (found by a review). What it sent was taken.
+    const tokenId = storedTokenId(request);
+    if (tokenId !== null && Date.now() - arrived >= 1000 && !(await fastify.tokens.isActive(tokenId))) {
+      throw errors.unauthorized('Authorization: the token was revoked while this request waited; what it sent was taken, the answer is withheld', true);
+    }
     if (outcome.status === 202) {
       request.log.info({ round: outcome.round.version, contributions: outcome.round.contributions }, 'contribution pending');
       if (fastify.versions.stats().closed) reply.header('connection', 'close'); // shutting down: re-POST elsewhere
