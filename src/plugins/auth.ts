@@ -59,7 +59,6 @@ export function withAccess<Options extends FastifyPluginOptions>(
 
 const BEARER = /^Bearer +([\x21-\x7e]{1,512}) *$/i;
 
-/** The name a Host header addresses, lower case, without its port or a trailing dot ("[::1]" keeps its brackets). */
 /** Why `principal` may not use a route that needs `need` (with these path parameters): a 403, or null. */
 function refusalOf(principal: Principal, need: RouteAccess, params: { name?: unknown } | null): Error | null {
   const needed = need.scope as Scope;
@@ -89,6 +88,7 @@ function absoluteAuthority(target: string): string {
   }
 }
 
+/** The name a Host header addresses, lower case, without its port or a trailing dot ("[::1]" keeps its brackets). */
 function hostName(header: string): string {
   const host = header.trim().toLowerCase();
   if (host.startsWith('[')) {

@@ -300,8 +300,11 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
     const outcome = await stepping.finally(() => reply.raw.removeListener('close', onClose));
     // A contribution may be held for its round up to ?wait= seconds (an hour at most): a stored token revoked
     // meanwhile gets no parameters, as a waiting read's does (found by a review). What it sent was taken.
+    // Only a round's answers: a plain step is answered with what it committed (an error after the commit would
+    // invite a retry that steps twice, were the lookup to fail).
     const tokenId = storedTokenId(request);
-    if (tokenId !== null && Date.now() - arrived >= 1000 && !(await fastify.tokens.isActive(tokenId))) {
+    const ofRound = outcome.status === 202 || outcome.answer.round !== undefined;
+    if (ofRound && tokenId !== null && Date.now() - arrived >= 1000 && !(await fastify.tokens.isActive(tokenId))) {
       throw errors.unauthorized('Authorization: the token was revoked while this request waited; what it sent was taken, the answer is withheld', true);
     }
     if (outcome.status === 202) {
