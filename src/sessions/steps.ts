@@ -306,7 +306,14 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
     const pointDue = writer.pointDue(session, entry, appended.previousVersion, session.version);
     const snapshotDue = writer.due(session, entry, session.version, appended.previousVersion);
     let target = entry;
-    if (!current && cache.get(id) === entry && (pointDue || snapshotDue)) {
+    const now = cache.get(id);
+    if (!current && now && now.state.version >= session.version && (pointDue || snapshotDue)) {
+      // The copy was brought up to this batch's version or past it while the batch answered (an answer with
+      // parameters caught it up, or rebuilt it where the log no longer reached back to the copy this batch
+      // began with): that one is written (found by a soak review: such batches took the rebuilt copy for
+      // another's and skipped their slot's snapshot).
+      target = now;
+    } else if (!current && (pointDue || snapshotDue)) {
       // Behind (other steps committed meanwhile) and a snapshot or replay point is due: caught up, these steps
       // included, or rebuilt from the newest stored state where the log no longer reaches back to the copy
       // (keep_log_bytes or keep_snapshots pruned it): dropped instead, the copy left its slot without a
@@ -321,7 +328,7 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
         return;
       }
     }
-    if (cache.get(id) !== target || target.state.version !== session.version) return;
+    if (cache.get(id) !== target || target.state.version < session.version) return;
     // The copy a background write takes is made before the next batch may step the state (this holds the lock).
     if (snapshotDue) await writer.inBackground(session, target, 'auto');
     else if (pointDue) await writer.pointInBackground(session, target);

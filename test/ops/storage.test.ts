@@ -444,3 +444,32 @@ test('two processes taking turns write a snapshot in every slot, also when the l
     if (name === 'bytes') assert.ok((await storageOf(a, name)).log_bytes <= 4000, 'the log within keep_log_bytes');
   }
 });
+
+test('a process far behind whose step answers with parameters, and whose batch begins a slot, still writes the slot\'s snapshot', { skip: skipPglite, timeout: 60_000 }, async (t) => {
+  // Found by a soak review (steps routed at random over two replicas, RemoteASGD's ?return=params): the
+  // answer's encoding rebuilt the process's copy (the log no longer reached back to it), and the batch,
+  // holding the copy it started with, took the new one for another's and skipped the slot's snapshot:
+  // whole slots went without one and the log reached 1.93x keep_log_bytes.
+  const { app: a, databaseUrl } = await buildTestApp(t);
+  const { app: b } = await buildTestApp(t, { databaseUrl: databaseUrl! });
+  const n = 100;
+  const every = 4;
+  const bound = every * stepBytes({ numel: n + 3, params: model(n) });
+  assert.equal((await a.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'far', params: model(n), snapshot_every: 1000, keep_snapshots: 2, keep_log_bytes: bound } })).statusCode, 201);
+  await stepOk(b, 'far', n, 0); // b's copy: version 2
+  const snapshotVersions = async () => ((await a.inject({ url: '/v1/sessions/far/snapshots' })).json().snapshots as { version: number }[]).map((s) => s.version);
+  let version = 2;
+  // a alone, until the log no longer reaches back to b's copy and the next step begins a slot.
+  while (version < 6 * every || (version - 1) % every !== every - 1) {
+    await stepOk(a, 'far', n, version);
+    version++;
+    await waitFor('a\'s snapshots', async () => (await snapshotVersions()).some((v) => Math.floor((v - 1) / every) === Math.floor((version - 1) / every)) || (version - 1) % every !== 0, 5000);
+  }
+  const oldest = Math.min(...(await snapshotVersions()));
+  assert.ok(oldest > 2 + 1, `the log no longer reaches back to b's copy (oldest snapshot ${oldest})`);
+  const res = await b.inject({ method: 'POST', url: '/v1/sessions/far/step?return=params', payload: grads(n, version) });
+  assert.equal(res.statusCode, 200, res.body);
+  assert.equal(res.json().version, version + 1);
+  const slot = Math.floor(version / every); // of version + 1
+  await waitFor(`a snapshot in b's slot (${slot})`, async () => (await snapshotVersions()).some((v) => Math.floor((v - 1) / every) === slot), 5000);
+});
