@@ -6,6 +6,9 @@ import type { SessionHooks } from '../sessions/context.ts';
 import { selectKernel } from '../optim/index.ts';
 import type { Config } from '../config.ts';
 
+/** How often a process looks for copies it holds of sessions other processes deleted (one small query). */
+const FORGET_GONE_MS = 30_000;
+
 declare module 'fastify' {
   interface FastifyInstance {
     sessions: SessionService;
@@ -48,9 +51,15 @@ export default fp(
       service.pruneIdempotency().catch((err) => fastify.log.warn({ err }, 'pruning idempotency keys failed'));
     }, 60_000);
     prune.unref();
+    // Copies of sessions another replica deleted (or expired) go within half a minute.
+    const gone = setInterval(() => {
+      service.forgetGone().catch((err) => fastify.log.debug({ err }, 'looking for deleted sessions\' copies failed'));
+    }, FORGET_GONE_MS);
+    gone.unref();
     // Runs before the db plugin's onClose (hooks run in reverse order of registration).
     fastify.addHook('onClose', async () => {
       clearInterval(prune);
+      clearInterval(gone);
       await service.close();
     });
   },

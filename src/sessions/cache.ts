@@ -116,6 +116,17 @@ export class StateCache {
     entry.state.arena.release();
   }
 
+  /** Forgets the copies of these sessions, and the names that point at them (deleted by another process). */
+  forgetIds(ids: ReadonlySet<number>): void {
+    for (const id of ids) this.forget(id);
+    for (const [name, id] of this.#hints) if (ids.has(id)) this.#hints.delete(name);
+  }
+
+  /** The sessions this process holds a copy of or knows a name of, by id. */
+  knownIds(): number[] {
+    return [...new Set([...this.#entries.keys(), ...this.#hints.values()])];
+  }
+
   entries(): [number, CacheEntry][] {
     return [...this.#entries.entries()];
   }

@@ -473,3 +473,28 @@ test('a process far behind whose step answers with parameters, and whose batch b
   const slot = Math.floor(version / every); // of version + 1
   await waitFor(`a snapshot in b's slot (${slot})`, async () => (await snapshotVersions()).some((v) => Math.floor((v - 1) / every) === slot), 5000);
 });
+
+test('a process forgets its copies of sessions another process deleted', { skip: skipPglite, timeout: 60_000 }, async (t) => {
+  // Found by a soak review: each replica kept the decoded state (and the WebAssembly memory, ~8 GiB of
+  // address space each) of every session the other replica deleted or expired, 7-13 more a minute.
+  const { app: a, databaseUrl } = await buildTestApp(t);
+  const { app: b } = await buildTestApp(t, { databaseUrl: databaseUrl! });
+  for (const name of ['kept', 'dropped', 'expired']) {
+    const extra = name === 'expired' ? { expire_after_idle_s: 1 } : {};
+    assert.equal((await a.inject({ method: 'POST', url: '/v1/sessions', payload: { name, params: model(10), ...extra } })).statusCode, 201);
+    await stepOk(b, name, 10, 1);
+  }
+  assert.equal(b.sessions.cacheStats().sessions, 3);
+  assert.equal(await b.sessions.forgetGone(), 0, 'all three are there');
+  assert.equal((await a.inject({ method: 'DELETE', url: '/v1/sessions/dropped' })).statusCode, 204);
+  await new Promise((r) => setTimeout(r, 1100));
+  assert.deepEqual(await a.sessions.sweepExpired(), ['expired']);
+  assert.equal(b.sessions.cacheStats().sessions, 3, 'b has not looked yet');
+  assert.equal(await b.sessions.forgetGone(), 2);
+  assert.equal(b.sessions.cacheStats().sessions, 1);
+  // The one left still steps from b's copy; a session created again under a deleted name is the new one.
+  await stepOk(b, 'kept', 10, 2);
+  assert.equal((await a.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'dropped', params: model(10) } })).statusCode, 201);
+  await stepOk(b, 'dropped', 10, 3);
+  assert.equal((await a.inject({ url: '/v1/sessions/dropped' })).json().version, 2);
+});
