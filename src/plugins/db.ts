@@ -75,6 +75,18 @@ export default fp(
       }
     }
     fastify.decorate('db', db);
+    if (databaseUrl) {
+      // Without autovacuum nothing reclaims the rows the service deletes (the log behind each snapshot, pruned
+      // snapshots, expired keys): the tables grow without bound (a soak review on a server with autovacuum
+      // off: 7 MB to 816 MB in 4 minutes, at a few hundred steps a second). Said once at start, not fatal.
+      db.query<{ autovacuum: string; track_counts: string }>("SELECT current_setting('autovacuum') AS autovacuum, current_setting('track_counts') AS track_counts")
+        .then(([row]) => {
+          if (row && (row.autovacuum !== 'on' || row.track_counts !== 'on')) {
+            fastify.log.warn({ autovacuum: row.autovacuum, track_counts: row.track_counts }, 'PostgreSQL runs without autovacuum (autovacuum or track_counts is off): the space of the rows this service deletes (the log behind each snapshot, pruned snapshots) is never reclaimed and its tables grow without bound; turn it on, or VACUUM the database regularly');
+          }
+        })
+        .catch(() => {}); // unreachable now: the health checks say so
+    }
     // Writes on the embedded database need room on its disk: refused (507, the state unchanged) without it.
     const room = !databaseUrl && dataDir !== 'memory://' ? diskRoom(dataDir, opts.config.minFreeBytes) : null;
     fastify.decorate('diskRoom', room);
