@@ -201,8 +201,9 @@ export const errors = {
   duplicateContribution: (worker: string, version: number) =>
     new ApiError('DUPLICATE_CONTRIBUTION', `worker: ${JSON.stringify(worker)} has already contributed to the round at version ${version}`, { version }),
   roundConflict: make('ROUND_CONFLICT', (version: number) => `param_groups: differ from those of the other contributions to the round at version ${version} (a round applies one set)`),
-  versionMismatch: (expected: string, version: number) =>
-    new ApiError('VERSION_MISMATCH', `If-Match: expected ${expected}, the session is at version ${version}`, { version }, { etag: `"${version}"` }),
+  /** expected: the version If-Match named, or -1 for tags that name none (weak, or not a version). */
+  versionMismatch: (expected: number, version: number) =>
+    new ApiError('VERSION_MISMATCH', `If-Match: expected ${expected < 0 ? 'a tag that is none of this session\'s versions (they are compared strongly: "<version>")' : `"${expected}"`}, the session is at version ${version}`, { version }, { etag: `"${version}"` }),
   bodyTooLarge: make('BODY_TOO_LARGE', (limit: number, variable: string) => `body: larger than the limit of ${limit} bytes for this route (${variable})`),
   jsonBodyTooLarge: make('BODY_TOO_LARGE', (limit: number) => `body: a JSON body is limited to ${limit} bytes; send tensors as safetensors or a torch.save file`),
   jsonTensorsTooLarge: make('BODY_TOO_LARGE', (what: string, tensors: string, limit: number, numel: number) =>

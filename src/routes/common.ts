@@ -21,16 +21,30 @@ export const ACCESS = {
   adminAllSessions: { scope: 'admin', allSessions: true },
 } as const satisfies Record<string, RouteAccess>;
 
-/** If-Match: "<version>" (W/ and unquoted accepted; * matches any). */
+/** An If-Match that names no version of the session: it never matches (412), as RFC 9110 asks. */
+export const IF_MATCH_NONE = -1;
+
+/**
+ * If-Match (RFC 9110 section 13.1.1): a list of entity tags, compared strongly, or "*" (any current
+ * state: null, as no header). The service's tags are "<version>"; a weak tag (W/"3") or one that is not
+ * a version written as the service writes it ("03", "x") never matches, so it gives IF_MATCH_NONE and a
+ * 412. A bare version (3, no quotes) is taken as "3" (documented). Tags naming two different versions
+ * are refused: a step or change applies at one version.
+ */
 export function ifMatchOf(request: FastifyRequest): number | null {
   const raw = request.headers['if-match'];
   if (raw === undefined) return null;
-  const value = (Array.isArray(raw) ? raw[0] : raw).trim();
+  const value = (Array.isArray(raw) ? raw.join(',') : raw).trim();
   if (value === '*') return null;
-  // "<version>" (W/ and unquoted accepted, as documented); an unbalanced quote is no tag.
-  const m = /^(?:W\/)?(?:"(\d{1,15})"|(\d{1,15}))$/.exec(value);
-  if (!m) throw errors.invalidHeader('If-Match', 'must be a session version as "<version>"');
-  return Number(m[1] ?? m[2]);
+  const versions = new Set<number>();
+  for (const part of value.split(',')) {
+    const tag = part.trim();
+    if (/^[1-9]\d{0,14}$|^0$/.test(tag)) versions.add(Number(tag));
+    else if (!/^(?:W\/)?"[\x21\x23-\x7e\x80-\xff]*"$/.test(tag)) throw errors.invalidHeader('If-Match', 'must be a session version as "<version>", a list of entity tags, or *');
+    else if (/^"(?:[1-9]\d{0,14}|0)"$/.test(tag)) versions.add(Number(tag.slice(1, -1)));
+  }
+  if (versions.size > 1) throw errors.invalidHeader('If-Match', 'names more than one version; a change applies at one');
+  return versions.size === 1 ? [...versions][0] : IF_MATCH_NONE;
 }
 
 /**

@@ -50,7 +50,7 @@ export async function mustFind(q: Queryable, name: string, lock = false): Promis
 }
 
 export function checkIfMatch(ifMatch: number | null | undefined, version: number): void {
-  if (ifMatch !== null && ifMatch !== undefined && ifMatch !== version) throw errors.versionMismatch(`"${ifMatch}"`, version);
+  if (ifMatch !== null && ifMatch !== undefined && ifMatch !== version) throw errors.versionMismatch(ifMatch, version);
 }
 
 /**

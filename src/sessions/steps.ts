@@ -54,7 +54,7 @@ interface Prepared extends repo.BatchStep {
 
 /** The error of a step refused by the checks at the version it would have been applied to (repo.refusedAt). */
 function refusal(opts: StepOptions, version: number, { maxStaleness, historyFrom }: repo.StepChecks): Error {
-  if (opts.ifMatch !== null && opts.ifMatch !== undefined && opts.ifMatch !== version) return errors.versionMismatch(`"${opts.ifMatch}"`, version);
+  if (opts.ifMatch !== null && opts.ifMatch !== undefined && opts.ifMatch !== version) return errors.versionMismatch(opts.ifMatch, version);
   const baseVersion = opts.baseVersion ?? null;
   if (baseVersion !== null && baseVersion > version) {
     return baseVersionTooNew(baseVersion, version, opts.baseVersionFrom);

@@ -370,14 +370,14 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
   const validStep = JSON.stringify(gradBody(2));
   const headerAbuse: Record<string, string>[] = [
     { 'if-match': '"abc"' }, { 'if-match': 'W/' }, { 'if-match': '""' }, { 'if-match': '"1", "2"' }, { 'if-match': `"${'9'.repeat(16)}"` }, { 'if-match': 'x'.repeat(8000) },
-    { 'if-match': `"${version + 1}"` }, { 'if-match': '"-1"' },
+    { 'if-match': `"${version + 1}"` }, { 'if-match': '"-1"' }, { 'if-match': `W/"${version}"` }, { 'if-match': `"0${version}"` },
     { 'idempotency-key': 'k'.repeat(256) }, { 'idempotency-key': 'a b' }, { 'idempotency-key': 'tab\there' }, { 'idempotency-key': '' },
     { 'content-type': 'x'.repeat(8000) }, { 'content-type': 'application/json; charset=utf-8; ' + 'p=1; '.repeat(500) }, { 'content-type': ';;;' },
     { 'content-type': 'application/json; charset=latin1' }, { 'content-type': 'application/json; charset="UTF-16LE"' },
     ...Object.keys(CONTENT_TYPE_PARAMETERS).map((type) => ({ 'content-type': type })),
   ];
-  /** A well-formed If-Match that does not match is 412; a malformed header is 400; an unreadable Content-Type (or JSON not in UTF-8) 415. */
-  const headerCode = (headers: Record<string, string>) => (headers['if-match'] === `"${version + 1}"` ? 'VERSION_MISMATCH'
+  /** A well-formed If-Match that does not match (a weak tag, any tag not a version as written, another version) is 412; a malformed header is 400; an unreadable Content-Type (or JSON not in UTF-8) 415. */
+  const headerCode = (headers: Record<string, string>) => (/^(?:"[^"]*"|"\d+"|W\/"\d+")$/.test(headers['if-match'] ?? '') ? 'VERSION_MISMATCH'
     : CONTENT_TYPE_PARAMETERS[headers['content-type'] ?? ''] !== undefined ? CONTENT_TYPE_PARAMETERS[headers['content-type']]
     : headers['content-type']?.startsWith('application/json;') && !/charset="?utf-16|charset=latin1/i.test(headers['content-type']) ? 'VERSION_MISMATCH'
     : headers['content-type'] ? 'UNSUPPORTED_MEDIA_TYPE' : 'INVALID_HEADER');
@@ -623,7 +623,8 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
     // Node's HTTP parser refuses bytes above 0x7f in the request target before any route sees it.
     ['raw UTF-8 path', Buffer.concat([Buffer.from('GET /v1/sessions/'), Buffer.from('ünï', 'utf8'), Buffer.from(` HTTP/1.1\r\nHost: x\r\n${auth}\r\n`)]), 'INVALID_URL', 'path'],
     ['raw latin-1 token', Buffer.concat([Buffer.from('GET /v1/sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer '), Buffer.from([0xe9, 0xff]), Buffer.from('\r\n\r\n')]), 'UNAUTHORIZED'],
-    ['raw latin-1 If-Match', Buffer.concat([Buffer.from(`DELETE /v1/sessions/beta HTTP/1.1\r\nHost: x\r\n${auth}If-Match: "`), Buffer.from([0xe9, 0xff]), Buffer.from('"\r\n\r\n')]), 'INVALID_HEADER'],
+    ['raw latin-1 If-Match', Buffer.concat([Buffer.from(`DELETE /v1/sessions/beta HTTP/1.1\r\nHost: x\r\n${auth}If-Match: "`), Buffer.from([0xe9, 0xff]), Buffer.from('"\r\n\r\n')]), 'VERSION_MISMATCH'], // obs-text is allowed in a tag (RFC 9110 8.8.3); it names no version
+    ['raw latin-1 If-Match, unquoted', Buffer.concat([Buffer.from(`DELETE /v1/sessions/beta HTTP/1.1\r\nHost: x\r\n${auth}If-Match: `), Buffer.from([0xe9, 0xff]), Buffer.from('\r\n\r\n')]), 'INVALID_HEADER'],
     // A client that sends a dot segment as it is (or encoded) names no session: INVALID_PATH, not a lookup.
     ['dot segment as name', `GET /v1/sessions/./params HTTP/1.1\r\nHost: x\r\n${auth}\r\n`, 'INVALID_PATH'],
     ['encoded dot as name', `DELETE /v1/sessions/%2E HTTP/1.1\r\nHost: x\r\n${auth}\r\n`, 'INVALID_PATH'],

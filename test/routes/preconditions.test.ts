@@ -44,7 +44,7 @@ test('If-Match on PATCH session, fork, PATCH snapshot and POST snapshots: 412 at
   assert.deepEqual((await app.inject({ url: '/v1/sessions/p/snapshots' })).json().snapshots.map((x: { version: number; pinned: boolean }) => [x.version, x.pinned]), [[2, true], [1, true]]);
 });
 
-test('If-Match must be one tag: an unbalanced quote is refused; If-None-Match takes a list of tags', async (t) => {
+test('If-Match: an unbalanced quote is refused, tags are compared strongly; If-None-Match takes a list of tags', async (t) => {
   const app = await setup(t);
   for (const tag of ['"2', '2"', 'W/"2', '"2"x']) {
     const res = await app.inject({ method: 'POST', url: '/v1/sessions/p/step', headers: { 'if-match': tag }, payload: { grads: { w: [0.1, 0.2, 0.3] } } });
@@ -52,10 +52,23 @@ test('If-Match must be one tag: an unbalanced quote is refused; If-None-Match ta
     assert.equal(res.json().code, 'INVALID_HEADER');
   }
   assert.equal((await app.inject({ url: '/v1/sessions/p' })).json().version, 2, 'not stepped');
-  for (const tag of ['"2"', 'W/"2"', '2']) {
+  for (const tag of ['"2"', '2', 'W/"7", "2"', 'W/"2", "2"', '"x", "2"']) {
     const res = await app.inject({ method: 'PATCH', url: '/v1/sessions/p', headers: { 'if-match': tag }, payload: { snapshot_every: 50 } });
     assert.equal(res.statusCode, 200, `${tag}: ${res.body}`);
   }
+  // Strong comparison (RFC 9110 section 13.1.1): a weak tag, a version not as the service writes it, or
+  // any other tag never matches: 412, the session unchanged. Tags naming two versions are refused.
+  for (const tag of ['W/"2"', '"02"', '"2.0"', '"x"', '""', 'W/"2", "03"']) {
+    const res = await app.inject({ method: 'PATCH', url: '/v1/sessions/p', headers: { 'if-match': tag }, payload: { snapshot_every: 7 } });
+    assert.equal(res.statusCode, 412, `${tag}: ${res.body}`);
+    assert.equal(res.json().code, 'VERSION_MISMATCH');
+    assert.equal(res.headers.etag, '"2"');
+    assert.match(res.json().message, /^If-Match: expected a tag that is none of this session's versions .*, the session is at version 2$/);
+  }
+  const two = await app.inject({ method: 'PATCH', url: '/v1/sessions/p', headers: { 'if-match': '"2", "3"' }, payload: { snapshot_every: 7 } });
+  assert.equal(two.statusCode, 400, two.body);
+  assert.match(two.json().message, /^If-Match: /);
+  assert.equal((await app.inject({ url: '/v1/sessions/p' })).json().snapshot_every, 50, 'unchanged by the refused changes');
   const list = Array.from({ length: 30 }, (_, i) => `"${i + 100}"`).concat('"2"').join(', ');
   assert.equal((await app.inject({ url: '/v1/sessions/p/params', headers: { 'if-none-match': list } })).statusCode, 304);
 });

@@ -1935,7 +1935,7 @@ export interface operations {
             query?: never;
             header?: {
                 /**
-                 * @description Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise
+                 * @description Apply only at this version: "<version>", compared strongly (a weak W/"<version>" never matches; * matches any); 412 VERSION_MISMATCH otherwise
                  * @example "42"
                  */
                 "if-match"?: string;
@@ -1976,7 +1976,7 @@ export interface operations {
             query?: never;
             header?: {
                 /**
-                 * @description Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise
+                 * @description Apply only at this version: "<version>", compared strongly (a weak W/"<version>" never matches; * matches any); 412 VERSION_MISMATCH otherwise
                  * @example "42"
                  */
                 "if-match"?: string;
@@ -2044,7 +2044,7 @@ export interface operations {
             query?: never;
             header?: {
                 /**
-                 * @description Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise
+                 * @description Apply only at this version: "<version>", compared strongly (a weak W/"<version>" never matches; * matches any); 412 VERSION_MISMATCH otherwise
                  * @example "42"
                  */
                 "if-match"?: string;
@@ -2133,7 +2133,7 @@ export interface operations {
             };
             header?: {
                 /**
-                 * @description Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise
+                 * @description Apply only at this version: "<version>", compared strongly (a weak W/"<version>" never matches; * matches any); 412 VERSION_MISMATCH otherwise
                  * @example "42"
                  */
                 "if-match"?: string;
@@ -2327,7 +2327,7 @@ export interface operations {
             query?: never;
             header?: {
                 /**
-                 * @description Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise
+                 * @description Apply only at this version: "<version>", compared strongly (a weak W/"<version>" never matches; * matches any); 412 VERSION_MISMATCH otherwise
                  * @example "42"
                  */
                 "if-match"?: string;
@@ -2474,7 +2474,7 @@ export interface operations {
             query?: never;
             header?: {
                 /**
-                 * @description Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise
+                 * @description Apply only at this version: "<version>", compared strongly (a weak W/"<version>" never matches; * matches any); 412 VERSION_MISMATCH otherwise
                  * @example "42"
                  */
                 "if-match"?: string;
@@ -2536,7 +2536,7 @@ export interface operations {
             query?: never;
             header?: {
                 /**
-                 * @description Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise
+                 * @description Apply only at this version: "<version>", compared strongly (a weak W/"<version>" never matches; * matches any); 412 VERSION_MISMATCH otherwise
                  * @example "42"
                  */
                 "if-match"?: string;
@@ -2669,7 +2669,7 @@ export interface operations {
             query?: never;
             header?: {
                 /**
-                 * @description Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise
+                 * @description Apply only at this version: "<version>", compared strongly (a weak W/"<version>" never matches; * matches any); 412 VERSION_MISMATCH otherwise
                  * @example "42"
                  */
                 "if-match"?: string;
@@ -2788,7 +2788,7 @@ export interface operations {
             query?: never;
             header?: {
                 /**
-                 * @description Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise
+                 * @description Apply only at this version: "<version>", compared strongly (a weak W/"<version>" never matches; * matches any); 412 VERSION_MISMATCH otherwise
                  * @example "42"
                  */
                 "if-match"?: string;
@@ -2878,7 +2878,7 @@ export interface operations {
             query?: never;
             header?: {
                 /**
-                 * @description Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise
+                 * @description Apply only at this version: "<version>", compared strongly (a weak W/"<version>" never matches; * matches any); 412 VERSION_MISMATCH otherwise
                  * @example "42"
                  */
                 "if-match"?: string;
@@ -3086,7 +3086,7 @@ export interface operations {
             query?: never;
             header?: {
                 /**
-                 * @description Apply only at this version: "<version>" (W/ and * accepted); 412 VERSION_MISMATCH otherwise
+                 * @description Apply only at this version: "<version>", compared strongly (a weak W/"<version>" never matches; * matches any); 412 VERSION_MISMATCH otherwise
                  * @example "42"
                  */
                 "if-match"?: string;
