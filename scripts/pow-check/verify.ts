@@ -11,7 +11,6 @@ const same = (a: number, b: number) => Object.is(a, b) || (a !== a && b !== b);
 const cell = new Float64Array(1);
 const big = new BigUint64Array(cell.buffer);
 const hex = (v: number) => { cell[0] = v; return '0x' + big[0].toString(16).padStart(16, '0'); };
-const n = d.length / 4;
 const ours = new Array(names.length).fill(0);
 const mathPow = new Array(names.length).fill(0);
 const count = new Array(names.length).fill(0);

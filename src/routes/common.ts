@@ -1,5 +1,5 @@
 // Helpers shared by the route plugins: headers, session bodies, query parsing.
-import type { FastifyReply, FastifyRequest } from 'fastify';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { Static, TSchema } from 'typebox';
 import { errors } from '../errors.ts';
 import type { RouteAccess } from '../plugins/auth.ts';
@@ -74,6 +74,17 @@ export function idempotencyKeyOf(request: FastifyRequest): string | null {
 export function storedTokenId(request: FastifyRequest): string | null {
   const id = request.auth?.tokenId;
   return id === undefined || id === 'admin' || id === 'anonymous' ? null : id;
+}
+
+/**
+ * For answers held a second or more (a waiting read, a round's contribution): 401 when the stored token the
+ * request came with was revoked meanwhile, on any replica, so it gets no data. `since`: when the request was
+ * authenticated. The admin token and auth off have no row; event streams check on their own (events.ts).
+ */
+export async function checkTokenStillActive(fastify: FastifyInstance, request: FastifyRequest, since: number, what: string): Promise<void> {
+  const tokenId = storedTokenId(request);
+  if (tokenId === null || Date.now() - since < 1000) return;
+  if (!(await fastify.tokens.isActive(tokenId))) throw errors.unauthorized(`Authorization: the token was revoked while ${what}`, true);
 }
 
 export function setVersion(reply: FastifyReply, version: number): void {

@@ -159,7 +159,7 @@ export function createHistory(ctx: SessionContext) {
       if (cached.state.stampedAs(session.stamp)) return cache.touch(cached);
       // Another stamp at the same version: a settings change since (the row's stamp moved, the version did
       // not), or another history that reached the same version number.
-      if (await repo.ofHistory(q, session.id, cached.state.version, cached.state.stamp)) {
+      if (await repo.ofHistory(q, session.id, cached.state.version, cached.state.stamps())) {
         cached.state.rowStamp = session.stamp;
         return cache.touch(cached);
       }
@@ -184,7 +184,7 @@ export function createHistory(ctx: SessionContext) {
    * database's history (repo.ofHistory): false when it is not, or the log has a gap; the caller rebuilds.
    */
   async function catchUp(q: Queryable, state: SessionState, session: SessionRecord): Promise<boolean> {
-    if (!(await repo.ofHistory(q, session.id, state.version, state.stamp))) {
+    if (!(await repo.ofHistory(q, session.id, state.version, state.stamps()))) {
       warnOtherHistory(session, state);
       return false;
     }

@@ -240,13 +240,13 @@ export async function holdSession(q: Queryable, sessionId: number): Promise<bool
  * wrote there in its own transaction, carries it. False after a restore or failover took the session back
  * and it reached the version again with other commits (or when nothing at that version is kept to tell).
  */
-export async function ofHistory(q: Queryable, sessionId: number, version: number, stamp: string | null): Promise<boolean> {
-  if (stamp === null) return false;
+export async function ofHistory(q: Queryable, sessionId: number, version: number, stamps: readonly string[]): Promise<boolean> {
+  if (stamps.length === 0) return false;
   const rows = await q.query<{ ok: boolean }>(
-    `SELECT EXISTS (SELECT 1 FROM sessions WHERE id = $1 AND version = $2 AND ${stampOf('updated_at')} = $3)
-       OR EXISTS (SELECT 1 FROM step_log WHERE session_id = $1 AND version = $2 AND ${stampOf('created_at')} = $3)
-       OR EXISTS (SELECT 1 FROM snapshots WHERE session_id = $1 AND version = $2 AND ${stampOf('created_at')} = $3) AS ok`,
-    [sessionId, version, stamp],
+    `SELECT EXISTS (SELECT 1 FROM sessions WHERE id = $1 AND version = $2 AND ${stampOf('updated_at')} = ANY($3::text[]))
+       OR EXISTS (SELECT 1 FROM step_log WHERE session_id = $1 AND version = $2 AND ${stampOf('created_at')} = ANY($3::text[]))
+       OR EXISTS (SELECT 1 FROM snapshots WHERE session_id = $1 AND version = $2 AND ${stampOf('created_at')} = ANY($3::text[])) AS ok`,
+    [sessionId, version, stamps],
     { name: 'session_of_history' },
   );
   return rows[0]?.ok === true;

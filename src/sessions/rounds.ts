@@ -24,7 +24,7 @@ import * as repo from './repository.ts';
 import type { SessionRecord } from './repository.ts';
 import * as store from './rounds-repository.ts';
 import type { OpenRound } from './rounds-repository.ts';
-import type { StateView, StepAnswer, StepOptions } from './model.ts';
+import type { StepAnswer, StepOptions } from './model.ts';
 import type { SessionState } from './state.ts';
 import { applyHyperDelta, baseVersionTooNew, groupHyperparameters, parseStepHyper } from './step-input.ts';
 

@@ -28,11 +28,11 @@ export interface SnapshotMeta {
   step: number;
   groups: GroupSpec[];
   scalars: ScalarStateRow[];
-  /** The copy's stamp (SessionState.stamp): a copy not of the database's history is not written. */
-  stamp: string | null;
+  /** The copy's stamps (SessionState.stamps): a copy not of the database's history is not written. */
+  stamps: string[];
 }
 
-export const metaOf = (state: SessionState): SnapshotMeta => ({ version: state.version, step: state.step, groups: state.groups, scalars: state.scalarRows(), stamp: state.stamp });
+export const metaOf = (state: SessionState): SnapshotMeta => ({ version: state.version, step: state.step, groups: state.groups, scalars: state.scalarRows(), stamps: state.stamps() });
 
 export type SnapshotWriter = ReturnType<typeof createSnapshotWriter>;
 
@@ -219,7 +219,7 @@ export function createSnapshotWriter(ctx: SessionContext) {
       try {
         const written = await db.transaction(async (tx) => {
           // A copy that is not of the database's history (restored or failed over since) writes nothing.
-          if (!(await repo.ofHistory(tx, session.id, meta.version, meta.stamp))) {
+          if (!(await repo.ofHistory(tx, session.id, meta.version, meta.stamps))) {
             log.warn({ session: session.name, version: meta.version }, `background ${what} not written: this process's copy is not of the database's history`);
             return false;
           }
@@ -273,7 +273,7 @@ export function createSnapshotWriter(ctx: SessionContext) {
           const current = await tx.query<{ version: number }>('SELECT version::float8 AS version FROM sessions WHERE id = $1', [id]);
           if (!current.length || current[0].version !== entry.state.version || cache.get(id) !== entry) return; // moved on, or gone
           // The same version number in another history (the database restored or failed over): not this copy's to write.
-          if (!(await repo.ofHistory(tx, id, entry.state.version, entry.state.stamp))) {
+          if (!(await repo.ofHistory(tx, id, entry.state.version, entry.state.stamps()))) {
             log.warn({ sessionId: id, version: entry.state.version }, 'shutdown snapshot not written: this process\'s copy is not of the database\'s history');
             return;
           }

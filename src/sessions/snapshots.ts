@@ -25,7 +25,7 @@ export function createSnapshots(ctx: SessionContext, history: History, writer: S
         const meta = metaOf(entry.state);
         const parts = entry.state.tensorViews();
         const snapshot = await db.transaction(async (tx) => {
-          if (!(await repo.holdSession(tx, session.id)) || !(await repo.ofHistory(tx, session.id, meta.version, meta.stamp))) return null;
+          if (!(await repo.holdSession(tx, session.id)) || !(await repo.ofHistory(tx, session.id, meta.version, meta.stamps))) return null;
           let snapshot = await writer.write(tx, session.id, meta, parts, 'manual', pinned);
           if (!snapshot) {
             // One already exists at this version: it is the same state, now the caller's (pinned if asked).

@@ -44,6 +44,16 @@ export class SessionState {
     return this.stamp === stamp || this.rowStamp === stamp;
   }
 
+  /**
+   * The stamps this copy is known by, for repo.ofHistory: its own and the row's later one (a copy rebuilt
+   * after a settings change is stamped with that change's stamp, which the next change moves: the row's
+   * stamp then is the one that still shows the copy is of the history; found by a review: a manual
+   * snapshot answered 503 until the next step).
+   */
+  stamps(): string[] {
+    return [this.stamp, this.rowStamp].filter((s): s is string => s !== null);
+  }
+
   /** The copy now holds the version the session row stamped `stamp` holds. */
   setStamp(stamp: string | null): void {
     this.stamp = stamp;

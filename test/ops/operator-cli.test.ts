@@ -9,7 +9,7 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { assertFails, BIN, runMain, runProcess, type HereOptions, type Run } from '../support/cli.ts';
+import { assertFails, BIN, runMain, runProcess, type HereOptions } from '../support/cli.ts';
 import { readZip } from '../../src/formats/zip.ts';
 import { ServiceProcess } from '../support/cluster.ts';
 import { createTestDatabase, randomData } from '../helper.ts';

@@ -105,3 +105,22 @@ test('two processes on one database step one session alternately and equal one p
   const ps = (await solo.app.inject({ url: '/v1/sessions/m/params' })).json();
   assert.deepEqual(pa.params, ps.params);
 });
+
+test('a manual snapshot of a copy rebuilt after a settings change, then another change, is written (was 503 until the next step)', async (t) => {
+  // Found by a review: a copy rebuilt after a PATCH of the session's settings was stamped with that
+  // change's stamp; the next PATCH moved the row's stamp, and the snapshot's check that the copy is of the
+  // database's history failed three times: 503 with Retry-After, on every retry, until a step.
+  const { app } = await buildTestApp(t);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 's', params } })).statusCode, 201);
+  await stepN(app, 's', 0, 1);
+  assert.equal((await app.inject({ method: 'PATCH', url: '/v1/sessions/s', payload: { max_staleness: 5 } })).statusCode, 200);
+  app.sessions.dropCache(); // as another process, or this one restarted
+  const params2 = await app.inject({ url: '/v1/sessions/s/params' }); // the copy is rebuilt now
+  assert.equal(params2.statusCode, 200);
+  assert.equal((await app.inject({ method: 'PATCH', url: '/v1/sessions/s', payload: { max_staleness: 6 } })).statusCode, 200);
+  const snap = await app.inject({ method: 'POST', url: '/v1/sessions/s/snapshots' });
+  assert.equal(snap.statusCode, 201, snap.body);
+  assert.equal(snap.json().version, 2);
+  const state = await app.inject({ url: `/v1/sessions/s/snapshots/${snap.json().id}/params` });
+  assert.deepEqual(state.json().params, params2.json().params, 'the snapshot holds the state');
+});

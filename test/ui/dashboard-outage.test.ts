@@ -5,7 +5,7 @@
 // list's heading at phone width.
 import assert from 'node:assert/strict';
 import { test, type TestContext } from 'node:test';
-import type { Page, Route } from 'playwright-core';
+import type { Route } from 'playwright-core';
 import { buildTestApp } from '../helper.ts';
 import { chromiumMissing, client, launch, listen, liveState, newPage, recordRequests, screenshot, waitForVersion } from './browser.ts';
 

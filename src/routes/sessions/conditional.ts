@@ -3,7 +3,7 @@
 // newer version commits on any replica (the notifier hears it), else answers 304 when the wait ends.
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { errors } from '../../errors.ts';
-import { ifNoneMatchTags, setVersion, storedTokenId } from '../common.ts';
+import { checkTokenStillActive, ifNoneMatchTags, setVersion } from '../common.ts';
 
 export const MAX_WAIT_SECONDS = 60;
 
@@ -57,11 +57,8 @@ export async function waitPastVersion(
   const deadline = began + waitSeconds * 1000;
   // A stored token revoked during the wait gets no data: it is asked again before a newer version is
   // answered, once the wait has lasted a second (the request itself was authenticated when it came).
-  const tokenId = storedTokenId(request);
   const newer = async (): Promise<true> => {
-    if (tokenId !== null && Date.now() >= began + 1000 && !(await fastify.tokens.isActive(tokenId))) {
-      throw errors.unauthorized('Authorization: the token was revoked while this read waited', true);
-    }
+    await checkTokenStillActive(fastify, request, began, 'this read waited');
     return true;
   };
   try {

@@ -17,7 +17,7 @@ import { NAME_PATTERN, SESSION_NAME_RULE, SESSION_NAME_SOURCE } from '../../sess
 import type { Layout } from '../../sessions/state.ts';
 import { paramTensor, paramsJson } from '../../sessions/state-dict.ts';
 import { metadataJson, parseMetrics } from '../../sessions/step-input.ts';
-import { ACCESS, idempotencyKeyOf, ifMatchOf, jsonBody, jsonOrFile, setVersion, storedTokenId } from '../common.ts';
+import { ACCESS, checkTokenStillActive, idempotencyKeyOf, ifMatchOf, jsonBody, jsonOrFile, setVersion } from '../common.ts';
 import { contentFormat, MEDIA, mediaTypes, negotiate, ROUTE_MEDIA, type WireFormat } from '../media.ts';
 import { Binary, errorResponses, GroupChanges, NameParams, RoundStatus, StepAnswer, StepHeaders, Tensor, withCode } from '../schemas.ts';
 import { readGradients } from './binary.ts';
@@ -302,10 +302,8 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
     // meanwhile gets no parameters, as a waiting read's does (found by a review). What it sent was taken.
     // Only a round's answers: a plain step is answered with what it committed (an error after the commit would
     // invite a retry that steps twice, were the lookup to fail).
-    const tokenId = storedTokenId(request);
-    const ofRound = outcome.status === 202 || outcome.answer.round !== undefined;
-    if (ofRound && tokenId !== null && Date.now() - arrived >= 1000 && !(await fastify.tokens.isActive(tokenId))) {
-      throw errors.unauthorized('Authorization: the token was revoked while this request waited; what it sent was taken, the answer is withheld', true);
+    if (outcome.status === 202 || outcome.answer.round !== undefined) {
+      await checkTokenStillActive(fastify, request, arrived, 'this request waited; what it sent was taken, the answer is withheld');
     }
     if (outcome.status === 202) {
       request.log.info({ round: outcome.round.version, contributions: outcome.round.contributions }, 'contribution pending');
