@@ -34,7 +34,12 @@ export function contentFormat(request: FastifyRequest): WireFormat {
   return 'json';
 }
 
-/** The format from ?format= or else the Accept header; the route's first offer by default. */
+/**
+ * The format from ?format= or else the Accept header (RFC 9110 section 12.5.1): each offered format takes
+ * the quality of the most specific range that names it (its type, then application/*, then *\/*), so
+ * `application/json;q=0, *\/*` excludes JSON; the highest quality wins, a tie goes to the range listed first,
+ * then to the route's order (its first offer is the default).
+ */
 export function negotiate(request: FastifyRequest, queryFormat: string | undefined, offered: readonly WireFormat[]): WireFormat {
   if (queryFormat !== undefined) {
     if (!(offered as readonly string[]).includes(queryFormat)) throw errors.invalidQuery('format', `must be one of ${offered.join(', ')}`);
@@ -42,15 +47,23 @@ export function negotiate(request: FastifyRequest, queryFormat: string | undefin
   }
   const accept = request.headers.accept;
   if (!accept) return offered[0];
-  const wanted = accept.split(',').slice(0, 32).map((part) => {
+  const ranges = accept.split(',').slice(0, 32).map((part, index) => {
     const [type, ...params] = part.trim().toLowerCase().split(';');
     const q = params.map((p) => p.trim()).find((p) => p.startsWith('q='));
     const quality = q ? Number(q.slice(2)) : 1;
-    return { type: type.trim(), q: Number.isFinite(quality) ? quality : 0 };
-  }).filter((w) => w.q > 0).sort((a, b) => b.q - a.q);
-  for (const { type } of wanted) {
-    if (type === '*/*' || type === 'application/*') return offered[0];
-    for (const format of offered) if ((MEDIA[format] as readonly string[]).includes(type)) return format;
+    return { type: type.trim(), q: Number.isFinite(quality) ? Math.min(Math.max(quality, 0), 1) : 0, index };
+  });
+  let best: { format: WireFormat; q: number; index: number } | null = null;
+  for (const format of offered) {
+    // The most specific range naming this format decides its quality (of two exact ones, the higher).
+    let match: { specificity: number; q: number; index: number } | null = null;
+    for (const r of ranges) {
+      const specificity = (MEDIA[format] as readonly string[]).includes(r.type) ? 2 : r.type === 'application/*' ? 1 : r.type === '*/*' ? 0 : -1;
+      if (specificity < 0) continue;
+      if (!match || specificity > match.specificity || (specificity === match.specificity && r.q > match.q)) match = { specificity, q: r.q, index: r.index };
+    }
+    if (match && match.q > 0 && (!best || match.q > best.q || (match.q === best.q && match.index < best.index))) best = { format, q: match.q, index: match.index };
   }
+  if (best) return best.format;
   throw errors.notAcceptable(headerText(accept).slice(0, 200), offered.map((f) => MEDIA[f][0]).join(', '));
 }

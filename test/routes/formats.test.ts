@@ -236,6 +236,33 @@ test('malformed files: each a 4xx with a code, the session unchanged, nothing ru
   assert.equal(notAcceptable.statusCode, 406);
 });
 
+test('Accept: the most specific range decides a format\'s quality (q=0 excludes it beside a wildcard); snapshots\' downloads vary by Accept', async (t) => {
+  const app = await setup(t);
+  const typeOf = async (url: string, accept: string) => {
+    const res = await app.inject({ url, headers: { accept } });
+    return res.statusCode === 200 ? String(res.headers['content-type']).split(';')[0] : res.statusCode;
+  };
+  const cases: [string, string, string | number][] = [
+    ['/v1/sessions/f/params', 'application/json;q=0, */*', 'application/octet-stream'],
+    ['/v1/sessions/f/params', 'application/json;q=0, application/*', 'application/octet-stream'],
+    ['/v1/sessions/f/params', 'application/json;q=0, application/octet-stream;q=0, */*', 'application/x-safetensors'],
+    ['/v1/sessions/f/params', 'application/json;q=0, application/octet-stream;q=0, application/x-safetensors;q=0, */*', 406],
+    ['/v1/sessions/f/params', '*/*', 'application/json'],
+    ['/v1/sessions/f/params', 'application/x-safetensors, application/json', 'application/x-safetensors'],
+    ['/v1/sessions/f/params', 'application/json;q=0.5, application/x-safetensors;q=0.9', 'application/x-safetensors'],
+    ['/v1/sessions/f/params', 'text/html, */*;q=0.1', 'application/json'],
+    ['/v1/sessions/f/checkpoint', 'application/octet-stream;q=0, */*', 'application/json'],
+    ['/v1/sessions/f/checkpoint', '*/*', 'application/octet-stream'],
+  ];
+  for (const [url, accept, expected] of cases) assert.equal(await typeOf(url, accept), expected, `${url} Accept: ${accept}`);
+  const snapshot = (await app.inject({ method: 'POST', url: '/v1/sessions/f/snapshots' })).json().id;
+  for (const kind of ['params', 'state_dict', 'checkpoint']) {
+    const res = await app.inject({ url: `/v1/sessions/f/snapshots/${snapshot}/${kind}`, headers: { accept: 'application/x-safetensors, */*' } });
+    assert.equal(res.statusCode, 200, res.body);
+    assert.match(String(res.headers.vary), /(^|, *)Accept(,|$)/, `${kind}: Vary: ${res.headers.vary}`);
+  }
+});
+
 test('torch 2.x (when present): downloaded .pt files load with weights_only=True and step on identically', async (t) => {
   const python = process.env.TORCH2_PYTHON;
   if (!python) return t.skip('TORCH2_PYTHON is not set (no torch 2.x on this machine)');

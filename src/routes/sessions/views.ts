@@ -54,6 +54,7 @@ export function refuseLargeJson(kind: ViewKind, request: FastifyRequest, query: 
 export function sendView(kind: ViewKind, request: FastifyRequest, reply: FastifyReply, view: StateView, query: ViewQuery) {
   refuseLargeJson(kind, request, query, view.layout.numel);
   const format = negotiate(request, query.format, KINDS[kind].offers);
+  if (query.format === undefined) reply.header('vary', 'Accept'); // a cache keeps one answer per Accept (snapshots' downloads too)
   setVersion(reply, view.version);
   reply.header('x-session-step', String(view.step));
   const averaged = query.averaged ?? false;
