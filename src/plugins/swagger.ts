@@ -87,7 +87,16 @@ export default fp(
       transformObject: (document) => finishDocument(('openapiObject' in document ? document.openapiObject : document.swaggerObject) as Record<string, unknown>),
     });
     // The docs UI and the document it shows are open, like the service's description at GET /.
-    await fastify.register(withAccess({ scope: 'public', allSessions: false }, swaggerUi), { routePrefix: '/docs', uiConfig: { deepLinking: true } });
+    // Swagger UI's own Content-Security-Policy, with no framing by any page (it allowed its own origin) and
+    // without upgrade-insecure-requests (it made a browser ask for the page's files over https on a plain
+    // http service); X-Frame-Options for browsers without frame-ancestors.
+    await fastify.register(withAccess({ scope: 'public', allSessions: false }, swaggerUi), {
+      routePrefix: '/docs',
+      uiConfig: { deepLinking: true },
+      staticCSP: true,
+      transformStaticCSP: (csp: string) => csp.replace("frame-ancestors 'self'", "frame-ancestors 'none'").replace("style-src 'self'", "style-src 'self' 'unsafe-inline'").replace(/\s*upgrade-insecure-requests;?/, '').trim(),
+      uiHooks: { onRequest: (_request, reply, done) => { reply.header('x-frame-options', 'DENY'); done(); } },
+    });
   },
   { name: 'swagger', dependencies: ['auth'] },
 );

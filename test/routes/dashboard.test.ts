@@ -1,6 +1,7 @@
 // The API routes the dashboard reads, and its files: norms on demand, the token's own scope, searching the
 // sessions list, and /ui served compressed, cached and public.
 import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
 import { gunzipSync, brotliDecompressSync } from 'node:zlib';
 import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
@@ -137,11 +138,27 @@ test('/ui: the dashboard\'s files, public with auth on, compressed, revalidated 
   assert.equal(again.body, '');
   // If-None-Match compares weakly, takes a list and "*" (RFC 9110); Accept-Encoding's q=0 refuses a coding.
   const etag = plain.headers.etag as string;
-  for (const tag of [`W/${etag}`, `"other", ${etag}`, '*']) assert.equal((await app.inject({ url: '/ui/vendor/uPlot.esm.js', headers: { 'if-none-match': tag } })).statusCode, 304, tag);
+  assert.match(etag, /^W\/"[A-Za-z0-9_-]{22}"$/, 'weak: one tag for the file in every content coding');
+  for (const tag of [etag.slice(2), `"other", ${etag}`, '*']) assert.equal((await app.inject({ url: '/ui/vendor/uPlot.esm.js', headers: { 'if-none-match': tag } })).statusCode, 304, tag);
   assert.equal((await app.inject({ url: '/ui/vendor/uPlot.esm.js', headers: { 'if-none-match': '"other"' } })).statusCode, 200);
   for (const [accept, coding] of [['br;q=0, gzip;q=0', undefined], ['br;q=0, gzip', 'gzip'], ['*', 'br'], ['*;q=0', undefined], ['gzip;q=0.5, br;q=0', 'gzip'], ['identity', undefined]] as const) {
     assert.equal((await app.inject({ url: '/ui/vendor/uPlot.esm.js', headers: { 'accept-encoding': accept } })).headers['content-encoding'], coding, accept);
   }
+  // The dashboard, the links page and /docs may not be framed by any page (clickjacking of Restore, Fork,
+  // Pin); the dashboard runs only its own files, its one inline script (the import map) by its hash.
+  const page = await app.inject({ url: '/ui/' });
+  const csp = String(page.headers['content-security-policy']);
+  assert.match(csp, /frame-ancestors 'none'/);
+  assert.match(csp, /default-src 'none'/);
+  assert.doesNotMatch(csp, /unsafe-inline|unsafe-eval/);
+  const importMap = /<script type="importmap">([\s\S]*?)<\/script>/.exec(page.body)![1];
+  assert.ok(csp.includes(`'sha256-${createHash('sha256').update(importMap).digest('base64')}'`), csp);
+  assert.equal(page.headers['x-frame-options'], 'DENY');
+  assert.match(String((await app.inject({ url: '/ui/js/main.js' })).headers['content-security-policy']), /frame-ancestors 'none'/);
+  const docs = await app.inject({ url: '/docs/static/index.html' });
+  assert.match(String(docs.headers['content-security-policy']), /frame-ancestors 'none'/);
+  assert.doesNotMatch(String(docs.headers['content-security-policy']), /upgrade-insecure-requests/, 'the service is plain http on loopback');
+  assert.match(String((await app.inject({ url: '/', headers: { accept: 'text/html' } })).headers['content-security-policy']), /frame-ancestors 'none'/);
   const js = await app.inject({ url: '/ui/js/main.js' });
   assert.match(js.headers['content-type'] as string, /^text\/javascript/);
   for (const missing of ['/ui/nope.js', '/ui/tsconfig.json', '/ui/../package.json', '/ui/js/../../src/app.ts']) {

@@ -172,6 +172,7 @@ test('dashboard: sessions listed, loss chart holds the points sent, live steps, 
   assert.ok(buttons.length >= 4 && buttons.every(Boolean), JSON.stringify(buttons));
   await screenshot(viewer, 'session-read-only');
   assert.deepEqual(log.filter((l) => l.startsWith('pageerror')), []);
+  assert.deepEqual(log.filter((l) => /Content Security Policy/i.test(l)), [], 'the page keeps to its own CSP');
 });
 
 test('dashboard: a 100,000-step session opens with a downsampled series that keeps every minimum and maximum', { skip }, async (t) => {

@@ -75,7 +75,11 @@ const rootRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     },
   }, async (request, reply) => {
     reply.header('vary', 'Accept');
-    if (prefersHtml(request.headers.accept)) return reply.type('text/html; charset=utf-8').send(page());
+    if (prefersHtml(request.headers.accept)) {
+      // Links only: no script, no style, and no page may frame it.
+      reply.header('content-security-policy', "default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'").header('x-frame-options', 'DENY');
+      return reply.type('text/html; charset=utf-8').send(page());
+    }
     return reply.type('application/json; charset=utf-8').send({ name: 'asgd-serve' as const, version: SERVICE_VERSION, links: { ...LINKS } });
   });
 };

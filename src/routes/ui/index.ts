@@ -49,7 +49,9 @@ function asset(path: string): UiAsset {
     : gzipAsync(identity, { level: 9 });
   return {
     type,
-    etag: `"${createHash('sha256').update(identity).digest('base64url').slice(0, 22)}"`,
+    // Weak: the same tag stands for the file in each content coding (identity, gzip, br), which are not the
+    // same bytes (RFC 9110 8.8.1: a strong tag names one representation's bytes; found by a review).
+    etag: `W/"${createHash('sha256').update(identity).digest('base64url').slice(0, 22)}"`,
     identity,
     encoded(encoding) {
       let pending = made[encoding];
@@ -102,13 +104,29 @@ export function pickEncoding(header: string | undefined): 'br' | 'gzip' | null {
   return wanted('br') ? 'br' : wanted('gzip') ? 'gzip' : null;
 }
 
-async function send(request: FastifyRequest, reply: FastifyReply, file: UiAsset) {
+/**
+ * The dashboard's Content-Security-Policy: its own files only (the import map, its one inline script, by
+ * its hash), requests to this origin only, and no framing by any page (clickjacking of Restore, Fork and
+ * Pin; found by a review).
+ */
+export function uiContentSecurityPolicy(indexHtml: string): string {
+  const inline = [...indexHtml.matchAll(/<script\b[^>]*>([\s\S]*?)<\/script>/g)].map((m) => m[1]).filter((body) => body.trim() !== '');
+  const hashes = inline.map((body) => `'sha256-${createHash('sha256').update(body).digest('base64')}'`);
+  return [
+    "default-src 'none'", `script-src 'self' ${hashes.join(' ')}`.trim(), "style-src 'self'", "img-src 'self' data:", "connect-src 'self'",
+    "base-uri 'none'", "form-action 'none'", "frame-ancestors 'none'",
+  ].join('; ');
+}
+
+async function send(request: FastifyRequest, reply: FastifyReply, file: UiAsset, csp: string) {
   reply.header('content-type', file.type);
   reply.header('etag', file.etag);
   // Revalidate every time (a 304 is cheap): a new deploy is seen at once, without versioned file names.
   reply.header('cache-control', 'no-cache');
   reply.header('vary', 'accept-encoding');
   reply.header('x-content-type-options', 'nosniff');
+  reply.header('content-security-policy', csp);
+  reply.header('x-frame-options', 'DENY'); // for browsers without frame-ancestors
   if (etagMatches(request.headers['if-none-match'], file.etag)) return reply.status(304).send();
   const encoding = pickEncoding(request.headers['accept-encoding']);
   if (encoding) reply.header('content-encoding', encoding);
@@ -119,16 +137,17 @@ const uiRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   const assets = loadUiAssets();
   const index = assets.get('index.html');
   if (!index) throw new Error(`the dashboard's index.html is missing from ${UI_ROOT}`);
+  const csp = uiContentSecurityPolicy(index.identity.toString('utf8'));
   const config = ACCESS.public;
   const schema = { hide: true };
   // Relative, so that behind a reverse proxy's path prefix (/asgd/ui) the browser stays under it (/asgd/ui/).
   fastify.get('/ui', { config, schema }, async (_request, reply) => reply.redirect('ui/', 302));
-  fastify.get('/ui/', { config, schema }, async (request, reply) => send(request, reply, index));
+  fastify.get('/ui/', { config, schema }, async (request, reply) => send(request, reply, index, csp));
   fastify.get('/ui/*', { config, schema: { ...schema, params: Type.Object({ '*': Type.String() }) } }, async (request, reply) => {
     const path = request.params['*'];
     const file = assets.get(path);
     if (!file) throw errors.routeNotFound('GET', `/ui/${path.slice(0, 200)}`);
-    return send(request, reply, file);
+    return send(request, reply, file, csp);
   });
 };
 
