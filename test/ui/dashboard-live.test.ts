@@ -321,6 +321,10 @@ test('live indicator: the session deleted while viewed says so and stops asking;
   await page.waitForFunction(() => /deleted/.test(document.querySelector('#app')?.textContent ?? ''), undefined, { timeout: 5000 });
   await page.waitForFunction(() => !document.getElementById('live')?.classList.contains('on'), undefined, { timeout: 3000 });
   assert.match((await liveState(page)).text, /deleted/);
+  // Its actions are disabled (found by a review: Take snapshot, Pin, Restore, Fork and the downloads stayed enabled).
+  const enabled = await page.$$eval('#session-content button', (els) => els.filter((e) => !(e as HTMLButtonElement).disabled).map((e) => e.textContent));
+  assert.deepEqual(enabled, []);
+  assert.ok((await page.$$('#session-content button')).length > 0, 'the page had buttons to disable');
   const after = requests.length;
   await sleep(3500);
   assert.deepEqual(requests.slice(after), [], 'nothing is asked for a deleted session');

@@ -198,7 +198,9 @@ export class Chart {
       ...this.size(),
       series,
       bands,
-      scales: { x: { time: !!this.spec.time }, y: this.spec.log ? { distr: 3 } : { range: (_u, min, max) => valueRange(min, max, this.scale) } },
+      // One point (the norms, read on demand, start with one): uPlot would draw it mid-way on an axis from 0
+      // to twice its step, as if the series went on; a step (or a minute) either side of it instead.
+      scales: { x: { time: !!this.spec.time, range: (_u, min, max) => (min === max ? [min - (this.spec.time ? 60 : 1), max + (this.spec.time ? 60 : 1)] : [min, max]) }, y: this.spec.log ? { distr: 3 } : { range: (_u, min, max) => valueRange(min, max, this.scale) } },
       // Steps are whole numbers: no tick at step 2.5. Values get the digits their spacing needs, and the
       // labels say the values, not the drawn ones.
       axes: [

@@ -500,6 +500,11 @@ export function sessionPage(root, name, who) {
     root.dataset.gone = 'true';
     stop.abort();
     clearInterval(ticker);
+    // Nothing to snapshot, pin, restore, fork or download any more (the charts and tables stay to be read).
+    for (const button of content.querySelectorAll('button')) {
+      button.disabled = true;
+      button.title = 'the session was deleted';
+    }
   }
 
   /** @param {unknown} err */

@@ -101,13 +101,28 @@ export class ConnectionFailed extends ASGDError {
   readonly method: string;
   readonly url: string;
   readonly attempts: number;
+  /** The system's code from the causes (ECONNREFUSED, ENOTFOUND, ECONNRESET, ...), else 'CONNECTION_FAILED'. */
+  readonly code: string;
 
   constructor(method: string, url: string, attempts: number, cause: unknown, hint?: string) {
     super(`${method} ${url}: ${describeCause(cause)}${hint ? ` (${hint})` : ''} (after ${attempts} attempt(s))`, { cause });
     this.method = method;
     this.url = url;
     this.attempts = attempts;
+    this.code = systemCode(cause) ?? 'CONNECTION_FAILED';
   }
+}
+
+/** The first string `code` along an error's causes (and an AggregateError's errors), or undefined. */
+function systemCode(error: unknown, depth = 0): string | undefined {
+  if (error === null || typeof error !== 'object' || depth > 8) return undefined;
+  const { code, cause, errors } = error as { code?: unknown; cause?: unknown; errors?: unknown };
+  if (typeof code === 'string' && code !== '') return code;
+  for (const inner of [cause, ...(Array.isArray(errors) ? errors : [])]) {
+    const found = systemCode(inner, depth + 1);
+    if (found) return found;
+  }
+  return undefined;
 }
 
 /**

@@ -5,8 +5,11 @@
 import { ConnectionFailed, errorClass, type ErrorBody, ProtocolError } from './errors.ts';
 
 export interface TransportOptions {
-  /** Bearer token (the admin token or one from POST /v1/tokens). */
-  token?: string;
+  /**
+   * Bearer token (the admin token or one from POST /v1/tokens). Absent or undefined: `ASGD_TOKEN` from the
+   * environment (Node), as the Python client does, else none; null or '': none.
+   */
+  token?: string | null | undefined;
   /** Total time one call may spend retrying, in milliseconds (default 60 000; 0: no retries). */
   retryBudgetMs?: number;
   /** A fetch to use instead of the global one (tests, proxies). */
@@ -165,14 +168,20 @@ function failureOf(what: Response | unknown): string {
   return cause?.code ?? cause?.message ?? (what as Error)?.message ?? String(what);
 }
 
+/** ASGD_TOKEN from the environment (Node; a browser has none), or undefined. */
+const environmentToken = (): string | undefined => (globalThis as { process?: { env?: Record<string, string | undefined> } }).process?.env?.ASGD_TOKEN || undefined;
+
 export class Transport {
   readonly baseUrl: string;
   /** The options' logger (consoleLogger unless given; null: silent). */
   readonly logger: ClientLogger | null;
   private readonly options: TransportOptions;
+  /** The token sent (options.token, else ASGD_TOKEN from the environment), or null. */
+  private readonly token: string | null;
 
   constructor(baseUrl: string, options: TransportOptions = {}) {
     this.baseUrl = checkBaseUrl(baseUrl);
+    this.token = (options.token === undefined ? environmentToken() : options.token) || null;
     this.options = options;
     this.logger = options.logger === undefined ? consoleLogger : options.logger;
   }
@@ -302,7 +311,7 @@ export class Transport {
   /** The request's headers: the client's own, the token, the exchange's, its Accept. */
   private headersOf(x: Exchange): Record<string, string> {
     const headers: Record<string, string> = { ...this.options.headers };
-    if (this.options.token) headers.authorization = `Bearer ${this.options.token}`;
+    if (this.token) headers.authorization = `Bearer ${this.token}`;
     for (const [k, v] of Object.entries(x.headers ?? {})) if (v !== undefined) headers[k] = v;
     if (x.accept) headers.accept = x.accept;
     return headers;

@@ -154,7 +154,6 @@ function unprotect(value: unknown): unknown {
 /** The RemoteASGD options a saved model holds (getConfig): everything but the client, which is rebuilt from `url`. */
 export type RemoteASGDConfig = Omit<RemoteASGDOptions, 'client' | 'clientOptions'> & { url: string };
 
-const environmentToken = (): string | undefined => (globalThis as { process?: { env?: Record<string, string | undefined> } }).process?.env?.ASGD_TOKEN || undefined;
 
 export class RemoteASGD extends Optimizer {
   static get className(): string {
@@ -627,14 +626,8 @@ export class RemoteASGD extends Optimizer {
     const { url, ...options } = unprotect(saved) as RemoteASGDConfig;
     if (typeof url !== 'string' || typeof options.session !== 'string') throw new TypeError('RemoteASGD.fromConfig: the config has no url and session');
     // clientOptions without a token (the README's `{ token: process.env.MY_ASGD_TOKEN }` with it unset) still
-    // takes ASGD_TOKEN: an explicit `token: undefined` would otherwise send none and every call be a 401.
-    const clientOptions = { ...RemoteASGD.clientOptions };
-    if (clientOptions.token === undefined) {
-      const token = environmentToken();
-      if (token === undefined) delete clientOptions.token;
-      else clientOptions.token = token;
-    }
-    return new cls({ ...options, client: new ASGDClient(url, clientOptions) });
+    // takes ASGD_TOKEN, as every client does (Transport).
+    return new cls({ ...options, client: new ASGDClient(url, { ...RemoteASGD.clientOptions }) });
   }
 
   override async getWeights(): Promise<NamedTensor[]> {

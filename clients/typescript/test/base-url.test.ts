@@ -47,6 +47,7 @@ test('a refused connection names its cause; a cause without a code is named by i
   const refused = await new ASGDClient(`http://127.0.0.1:${port}`, { retryBudgetMs: 300 }).getSession('x').then(() => null, (e: unknown) => e);
   assert.ok(refused instanceof ConnectionFailed, String(refused));
   assert.match(refused.message, new RegExp(`ECONNREFUSED 127\\.0\\.0\\.1:${port}`));
+  assert.equal(refused.code, 'ECONNREFUSED', 'the system code, for a program to test');
 
   // Node's fetch: TypeError('fetch failed') whose cause says why, with or without a code.
   const failing = (cause: unknown): typeof fetch => async () => {
@@ -55,6 +56,7 @@ test('a refused connection names its cause; a cause without a code is named by i
   const socket = await new ASGDClient('http://127.0.0.1:8530', { fetch: failing(new Error('other side closed')), retryBudgetMs: 0 }).getSession('x').then(() => null, (e: unknown) => e);
   assert.ok(socket instanceof ConnectionFailed);
   assert.match(socket.message, /fetch failed: other side closed \(after 1 attempt\(s\)\)$/);
+  assert.equal(socket.code, 'CONNECTION_FAILED', 'no code among the causes');
   const both = new AggregateError([
     Object.assign(new Error('connect ECONNREFUSED ::1:8530'), { code: 'ECONNREFUSED' }),
     Object.assign(new Error('connect ECONNREFUSED 127.0.0.1:8530'), { code: 'ECONNREFUSED' }),
@@ -65,6 +67,8 @@ test('a refused connection names its cause; a cause without a code is named by i
   assert.match(aggregate.message, /connect ECONNREFUSED ::1:8530: connect ECONNREFUSED 127\.0\.0\.1:8530/);
   const coded = await new ASGDClient('http://h:1', { fetch: failing(Object.assign(new Error('socket hang up'), { code: 'ECONNRESET' })), retryBudgetMs: 0 }).getSession('x').then(() => null, (e: unknown) => e);
   assert.match((coded as Error).message, /fetch failed: socket hang up \(ECONNRESET\)/);
+  assert.equal((coded as ConnectionFailed).code, 'ECONNRESET');
+  assert.equal((aggregate as ConnectionFailed).code, 'ECONNREFUSED');
 });
 
 test('a failure no retry can mend (a port fetch refuses) fails at once, not after the retry budget', async () => {

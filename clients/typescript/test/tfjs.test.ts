@@ -151,12 +151,20 @@ test('RemoteASGD', { skip: skipWithoutTorch() }, async (t) => {
     process.env.ASGD_TOKEN = 'token-from-the-environment';
     try {
       const third = (await tf.loadLayersModel(tf.io.fromMemory(saved!))).optimizer as RemoteASGD;
-      assert.equal((Reflect.get(third.client.http, 'options') as { token?: string }).token, 'token-from-the-environment');
+      assert.equal(Reflect.get(third.client.http, 'token'), 'token-from-the-environment');
       // Client options whose token is unset (the README's `{ token: process.env.MY_ASGD_TOKEN }`): the environment's still.
       RemoteASGD.clientOptions = { token: undefined, timeoutMs: 12_345 };
       const fourth = (await tf.loadLayersModel(tf.io.fromMemory(saved!))).optimizer as RemoteASGD;
-      const options = Reflect.get(fourth.client.http, 'options') as { token?: string; timeoutMs?: number };
-      assert.deepEqual([options.token, options.timeoutMs], ['token-from-the-environment', 12_345]);
+      const options = Reflect.get(fourth.client.http, 'options') as { timeoutMs?: number };
+      assert.deepEqual([Reflect.get(fourth.client.http, 'token'), options.timeoutMs], ['token-from-the-environment', 12_345]);
+      // Every client takes it when given no token, as the Python client does: a RemoteASGD made from a URL
+      // (found by a review: the README's snippet answered 401 with ASGD_TOKEN exported) and a plain client.
+      // null or '' means none.
+      const fromUrl = new RemoteASGD({ client: client.http.baseUrl, session });
+      assert.equal(Reflect.get(fromUrl.client.http, 'token'), 'token-from-the-environment');
+      assert.equal(Reflect.get(new ASGDClient(client.http.baseUrl).http, 'token'), 'token-from-the-environment');
+      assert.equal(Reflect.get(new ASGDClient(client.http.baseUrl, { token: null }).http, 'token'), null);
+      assert.equal(Reflect.get(new ASGDClient(client.http.baseUrl, { token: 'mine' }).http, 'token'), 'mine');
     } finally {
       RemoteASGD.clientOptions = undefined;
       if (before === undefined) delete process.env.ASGD_TOKEN;
