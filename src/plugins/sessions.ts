@@ -51,11 +51,12 @@ export default fp(
       service.pruneIdempotency().catch((err) => fastify.log.warn({ err }, 'pruning idempotency keys failed'));
     }, 60_000);
     prune.unref();
-    // Copies of sessions another replica deleted (or expired) go within half a minute.
-    const gone = setInterval(() => {
+    // Copies of sessions another replica deleted (or expired) go within half a minute. The embedded database
+    // has one process (its data directory is locked), whose own deletes forget their copies at once.
+    const gone = fastify.db.kind === 'pglite' ? undefined : setInterval(() => {
       service.forgetGone().catch((err) => fastify.log.debug({ err }, 'looking for deleted sessions\' copies failed'));
     }, FORGET_GONE_MS);
-    gone.unref();
+    gone?.unref();
     // Runs before the db plugin's onClose (hooks run in reverse order of registration).
     fastify.addHook('onClose', async () => {
       clearInterval(prune);
