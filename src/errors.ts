@@ -166,6 +166,8 @@ export const errors = {
     new ApiError('FORBIDDEN', message, undefined, {
       'www-authenticate': `Bearer realm="asgd-serve", error="insufficient_scope"${scope ? `, scope="${scope}"` : ''}`,
     }),
+  /** A cross-origin request from an origin not allowed: no Bearer challenge, no token would help (found by a review). */
+  originNotAllowed: make('FORBIDDEN', (origin: string) => `Origin: ${JSON.stringify(origin.slice(0, 200))} is not one of the origins allowed to call this API (ASGD_CORS_ORIGINS)`),
   hostNotAllowed: make('HOST_NOT_ALLOWED', (host: string) =>
     `Host: ${quoteValue(headerText(host).slice(0, 300))} is not a loopback name; with auth off (no ASGD_ADMIN_TOKEN) this service answers only requests addressed to localhost, 127.0.0.1 or [::1] (or a name in ASGD_ALLOWED_HOSTS), so that a web page cannot reach it through a DNS name of its own (DNS rebinding)`),
   // 404/405/406

@@ -35,7 +35,7 @@ export default fp(
       if (!anyOrigin && !allowed.has(origin)) {
         // A preflight from another origin: refused by name (it was a 405, which read as a routing problem).
         if (request.method === 'OPTIONS' && request.headers['access-control-request-method'] !== undefined) {
-          throw errors.forbidden(`Origin: ${JSON.stringify(origin.slice(0, 200))} is not one of the origins allowed to call this API (ASGD_CORS_ORIGINS)`);
+          throw errors.originNotAllowed(origin);
         }
         return;
       }

@@ -66,6 +66,7 @@ test('CORS for listed origins: preflight without a token, the origin and exposed
   assert.equal(other.statusCode, 403, 'refused by name, not a 405 that reads as a routing problem');
   assert.equal(other.json().code, 'FORBIDDEN');
   assert.match(other.json().message, /^Origin: "https:\/\/evil\.example" is not one of the origins allowed to call this API \(ASGD_CORS_ORIGINS\)$/);
+  assert.equal(other.headers['www-authenticate'], undefined, 'no token would help: no Bearer challenge');
   const otherGet = await app.inject({ url: '/v1/sessions/c', headers: { ...asAdmin, origin: 'https://trainer.example' } });
   assert.equal(otherGet.statusCode, 200);
   assert.equal(otherGet.headers['access-control-allow-origin'], undefined);
