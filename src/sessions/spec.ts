@@ -100,11 +100,10 @@ export function resolveHyperparameters(base: Omit<GroupSpec, 'params'>, input: H
     if (integers ? integers.has(key) : key === 'weight_decay' && Number.isInteger(value)) out.int_keys.push(key);
   }
   if (out.lr < 0) throw errors.invalidHyperparameter(`${field}.lr`, `Invalid learning rate: ${out.lr}`);
-  // torch takes -0.0, and its sign reaches the parameters (alpha=-eta adds +0.0 * grad, which turns a -0.0
-  // parameter into +0.0); PostgreSQL's jsonb keeps no negative zero, so the step would be that of 0.0.
-  for (const key of ['lr', 'weight_decay'] as const) {
-    if (Object.is(out[key], -0)) throw errors.invalidHyperparameter(`${field}.${key}`, 'must not be -0.0 (negative zero): the service cannot keep its sign; use 0.0');
-  }
+  // torch takes lr=-0.0, and its sign reaches the parameters (alpha=-eta adds +0.0 * grad, which turns a -0.0
+  // parameter into +0.0); PostgreSQL's jsonb keeps no negative zero, so the step would be that of 0.0. (A
+  // weight_decay of -0.0 is no weight decay in torch, `if weight_decay != 0`, as here.)
+  if (Object.is(out.lr, -0)) throw errors.invalidHyperparameter(`${field}.lr`, 'must not be -0.0 (negative zero): the service cannot keep its sign; use 0.0');
   if (out.weight_decay < 0) throw errors.invalidHyperparameter(`${field}.weight_decay`, `Invalid weight_decay value: ${out.weight_decay}`);
   if (out.lambd < 0) {
     // torch takes it, but 1 + lambd * lr * step then falls to 0 and below: its eta fails there (a float
