@@ -75,7 +75,9 @@ function validationError(request: FastifyRequest, part: RequestPart, failures: F
     const value = path.reduce<unknown>((at, key) => (at !== null && typeof at === 'object' ? (at as Record<string, unknown>)[key] : undefined), request.body);
     if (typeof value === 'number' && !Number.isFinite(value)) message = 'must be a finite number (this one is beyond float64\'s range, about 1.8e308)';
   }
-  const field = path.reduce((at, key) => (/^\d+$/.test(key) ? `${at}[${key}]` : at ? `${at}.${key}` : key), '') || 'body';
+  let field = path.reduce((at, key) => (/^\d+$/.test(key) ? `${at}[${key}]` : at ? `${at}.${key}` : key), '') || 'body';
+  // A header as the API writes it elsewhere (If-Match, Idempotency-Key), not as Node lowercases it.
+  if (part === 'headers') field = field.replace(/(^|-)([a-z])/g, (_m, dash: string, letter: string) => dash + letter.toUpperCase());
   const { code, rule } = codeAlong(partSchema(request, part), path);
   // A pattern's failure in words where the schema gives them, not as the regular expression.
   if (first.keyword === 'pattern' && rule) message = `must be ${rule}`;

@@ -22,10 +22,10 @@ export const SessionName = Type.String({ pattern: `^${SESSION_NAME_SOURCE}$`, 'x
 /** A session name in a body that names a new session: INVALID_NAME, as the domain says. */
 export const NewSessionName = withCode(SessionName, 'INVALID_NAME');
 export const NameParams = Type.Object({ name: SessionName });
-export const SnapshotParams = Type.Object({ name: SessionName, id: Type.String({ pattern: '^[0-9]{1,15}$', 'x-rule': 'a snapshot id: a whole number written in decimal', description: 'Snapshot id', examples: ['3'] }) });
+export const SnapshotParams = Type.Object({ name: SessionName, id: Type.String({ pattern: '^[1-9][0-9]{0,14}$', 'x-rule': 'a snapshot id: a whole number from 1, written in decimal (no leading zero)', description: 'Snapshot id', examples: ['3'] }) });
 
 // ---- headers and query parameters shared by several routes -----------------------------------------------
-const IfMatch = Type.String({ maxLength: 64, description: 'Apply only at this version: "<version>", compared strongly (a weak W/"<version>" never matches; * matches any); 412 VERSION_MISMATCH otherwise', examples: ['"42"'] });
+const IfMatch = Type.String({ maxLength: 1024, description: 'Apply only at this version: "<version>", compared strongly (a weak W/"<version>" never matches; * matches any); 412 VERSION_MISMATCH otherwise', examples: ['"42"'] });
 export const IfMatchHeaders = Type.Object({ 'if-match': Type.Optional(IfMatch) });
 export const StepHeaders = Type.Object({
   'if-match': Type.Optional(IfMatch),

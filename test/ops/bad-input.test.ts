@@ -170,7 +170,7 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
 
   // 1. Paths: unknown, malformed and enormous names and ids on every operation that has them.
   const names = ['nope', 'ünïcødé', '日本語', '🙂', 'a b', 'a'.repeat(129), '-'.repeat(300), 'x\u0000y', 'a/b', '..', '%', '\u202e'];
-  const ids = ['0', '-1', '1.5', '1e3', 'abc', '99999999999999999999', '🙂', String(snapshot + 1000)];
+  const ids = ['0', '01', '-1', '1.5', '1e3', 'abc', '99999999999999999999', '🙂', String(snapshot + 1000)];
   // Path parameters are checked first: a malformed name or id is INVALID_PATH on every operation, whatever
   // the body. A well-formed unknown one reaches the body check, or else the lookup.
   for (const op of ops) {
@@ -186,7 +186,7 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
       add({ family: 'path', op: null, method: op.method, url: urlOf(op).replace('/alpha', '/%zz'), headers: asAdmin, payload: body, expect: 'INVALID_URL' });
     }
     if (op.path.includes('{id}')) {
-      const [idPattern, notFound] = op.path.startsWith('/v1/tokens') ? [/^[0-9a-f]{16}$/, 'TOKEN_NOT_FOUND'] : [/^[0-9]{1,15}$/, 'SNAPSHOT_NOT_FOUND'];
+      const [idPattern, notFound] = op.path.startsWith('/v1/tokens') ? [/^[0-9a-f]{16}$/, 'TOKEN_NOT_FOUND'] : [/^[1-9][0-9]{0,14}$/, 'SNAPSHOT_NOT_FOUND'];
       for (const id of ids) add({ family: 'path', op: label(op), method: op.method, url: urlOf(op, { id }), headers: asAdmin, payload: body, expect: idPattern.test(id) ? wellFormed(notFound) : 'INVALID_PATH' });
     }
   }
