@@ -48,20 +48,24 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
   fastify.addHook('preClose', async () => {
     closing = true;
   });
+
+  // Order matters: the limits' onRequest hook sheds load before auth touches the database; auth's onRoute
+  // hook must see every route, and swagger's collector every route after it.
+  await fastify.register(errorsPlugin);
   fastify.addHook('onRequest', async (request, reply) => {
     reply.header('x-request-id', request.id);
+  });
+  // Before load shedding, the database's health gate and auth: a browser's preflight carries no token.
+  await fastify.register(corsPlugin, { config });
+  // After CORS's hook: a page on an allowed origin reads these refusals too (a 503 while shutting down, a
+  // 415 for a Content-Encoding); before, the browser saw a network error it cannot retry a write after.
+  fastify.addHook('onRequest', async (request, reply) => {
     if (closing) {
       reply.header('connection', 'close');
       throw errors.unavailable('the server is shutting down; retry on another replica', 1);
     }
     refuseUnreadable(request, reply);
   });
-
-  // Order matters: the limits' onRequest hook sheds load before auth touches the database; auth's onRoute
-  // hook must see every route, and swagger's collector every route after it.
-  await fastify.register(errorsPlugin);
-  // Before load shedding, the database's health gate and auth: a browser's preflight carries no token.
-  await fastify.register(corsPlugin, { config });
   await fastify.register(contentTypesPlugin, { config });
   await fastify.register(dbPlugin, { config, migrate: opts.migrate ?? false, database: opts.database });
   await fastify.register(sessionsPlugin, { config });

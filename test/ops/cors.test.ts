@@ -67,6 +67,12 @@ test('CORS for listed origins: preflight without a token, the origin and exposed
   assert.equal(other.json().code, 'FORBIDDEN');
   assert.match(other.json().message, /^Origin: "https:\/\/evil\.example" is not one of the origins allowed to call this API \(ASGD_CORS_ORIGINS\)$/);
   assert.equal(other.headers['www-authenticate'], undefined, 'no token would help: no Bearer challenge');
+  assert.ok(pre.headers['x-request-id'], 'a preflight says which request it was');
+  // A refusal made before any route (a body in a Content-Encoding, a request while shutting down) names
+  // the origin too, so the page reads it instead of a network error (found by a review).
+  const coded = await app.inject({ method: 'POST', url: '/v1/sessions/c/step', headers: { ...asAdmin, origin: PAGE, 'content-type': 'application/json', 'content-encoding': 'gzip' }, payload: '{}' });
+  assert.equal(coded.statusCode, 415, coded.body);
+  assert.equal(coded.headers['access-control-allow-origin'], PAGE);
   const otherGet = await app.inject({ url: '/v1/sessions/c', headers: { ...asAdmin, origin: 'https://trainer.example' } });
   assert.equal(otherGet.statusCode, 200);
   assert.equal(otherGet.headers['access-control-allow-origin'], undefined);
