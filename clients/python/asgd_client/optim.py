@@ -748,14 +748,17 @@ class RemoteASGD(torch.optim.Optimizer):
                 warnings.warn(_FOREACH_MESSAGE, UserWarning, stacklevel=3)
 
     def _group_changes(self) -> Optional[List[Dict[str, Any]]]:
-        """Per group, the hyperparameters changed here since this optimizer last sent (or took) them (None when
-        none is). A value another worker gave the session is not one of them: it is not sent back.
-        A key that a step still in flight carries (pipelined: sent, its answer not yet loaded) is compared with
-        the value that step carries, not with the values before it: sent again only when it moved on since (a
-        value going back, lr A, B, A as CyclicLR at a peak, goes; one that stayed B does not, else every
-        pipelined step would carry it, and with several workers the session's lr would follow whichever
-        worker stepped last). Should the step in flight be dropped, its values were not taken: they count as
-        unsent and go with the next step."""
+        """Per group, the hyperparameters changed here since a step carrying them was last answered (or since
+        they were taken from the session; None when none is). A value another worker gave the session is not
+        one of them: it is not sent back.
+        A value that a step still in flight carries (pipelined: sent, its answer not yet loaded) goes again with
+        this step: should the step in flight be sent again (its answer lost) it would be applied after this
+        one, which then ran with the old value (found by a review: a StepLR change lost for a step). Once a
+        step carrying it is answered it is not sent again, so a value goes with at most the steps sent before
+        that answer (one more when pipelined), not with every step (with several workers the session's lr
+        would then follow whichever worker stepped last). A value going back while in flight (lr A, B, A as
+        CyclicLR at a peak) goes too. Should the step in flight be dropped, its values were not taken: they
+        count as unsent and go with the next step."""
         changes: List[Dict[str, Any]] = []
         in_flight = _values_in_flight(self._pending) or [{} for _ in self.param_groups]
         for local, known, flying in zip(self.param_groups, self._own_groups, in_flight):
@@ -764,7 +767,7 @@ class RemoteASGD(torch.optim.Optimizer):
                 if isinstance(local.get(k), torch.Tensor) and k not in self._warned:
                     self._warn_caveats([local])
                 v = _hyper_value(k, local.get(k))
-                if v is not None and not _same(v, flying[k] if k in flying else known.get(k)):
+                if v is not None and (not _same(v, known.get(k)) or (k in flying and not _same(v, flying[k]))):
                     changed[k] = v
             changes.append(changed)
         return changes if any(changes) else None

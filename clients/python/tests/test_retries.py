@@ -1,11 +1,13 @@
 """Safe retries against the real service: a step whose answer is lost is retried with the same
 Idempotency-Key and applied once; a 503 is retried. Training still matches torch bit for bit."""
 
+import threading
+import time
 import unittest
 
 import torch
 
-from _common import ServiceTestCase, make_model, torch_run, train
+from _common import ServiceTestCase, batch, make_model, torch_run, train
 from _fakes import LocalServer
 from asgd_client import Connection, ServiceError
 
@@ -54,6 +56,61 @@ class RetriesAreSafe(ServiceTestCase):
 
     def test_lost_answers_and_503_do_not_step_twice_safetensors(self):
         self._train_through("safetensors")
+
+    def test_pipelined_lr_change_holds_whatever_order_its_steps_reach_the_service(self):
+        # Found by a review: the step carrying StepLR's new lr lost its answer and was sent again after the next
+        # step, which had not carried the lr: the service ran that one with the old lr, silently. Each step
+        # must run with the lr its step() was called with, whatever order its requests reach the service in.
+        import json
+        import urllib.parse
+        import urllib.request
+
+        # The 5th step request (i=4) carries the first new lr: held back here, so that i=5, sent on the other
+        # connection while i=4 is in flight, reaches the service first (as after a resend, or two routes).
+        seen = {"steps": 0}
+        lock = threading.Lock()
+
+        def decide(req):
+            if req.method == "POST" and req.path.split("?")[0].endswith("/step"):
+                with lock:
+                    seen["steps"] += 1
+                    n = seen["steps"]
+                if n == 5:
+                    time.sleep(0.5)
+            return proxy.forward(req)
+
+        proxy = LocalServer(decide, upstream=self.url)
+        self.addCleanup(proxy.close)
+        conn = Connection(proxy.url, self.token, retries=4, backoff=0.001)
+        self.addCleanup(conn.close)
+        model = make_model()
+        opt = self.remote(model.named_parameters(), connection=conn, pipeline=True)
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+        called_with = {}
+        for i in range(12):
+            X, y = batch(i)
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.mse_loss(model(X), y).backward()
+            called_with[i] = opt.param_groups[0]["lr"]
+            opt.step(metrics={"i": i})
+            scheduler.step()
+        opt.synchronize()
+
+        def read(path):
+            req = urllib.request.Request(f"{self.url}/v1/sessions/{urllib.parse.quote(opt.session)}/{path}",
+                                         headers={"authorization": f"Bearer {self.token}"} if self.token else {})
+            with urllib.request.urlopen(req) as r:
+                return json.load(r)
+
+        step_of = {p["version"]: int(p["values"]["i"]) for p in read("metrics?limit=1000")["points"]}
+        versions = sorted(step_of)
+        self.assertEqual(sorted(step_of.values()), list(range(12)), "each step once")
+        self.assertEqual([step_of[v] for v in versions][:6], [0, 1, 2, 3, 5, 4], "i=5 went before i=4")
+        changes = sorted((c["version"], c["param_groups"][0]["lr"]) for c in read("hyperparameters?limit=1000")["changes"])
+        lr = opt.defaults["lr"]
+        for v in versions:
+            lr = next((x for w, x in reversed(changes) if w <= v), lr)
+            self.assertEqual(lr, called_with[step_of[v]], f"version {v} (step i={step_of[v]}) ran with lr {lr}; changes {changes}")
 
     def test_pipelined_steps_with_lost_answers_and_503_step_once_each(self):
         # Sent on the caller's thread and read at the next step: a lost answer or a 503 found then is
