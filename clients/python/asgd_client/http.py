@@ -16,6 +16,7 @@ when a count is given. Each retry is logged (logger ``asgd_client``, level WARNI
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import logging
 import os
@@ -83,6 +84,11 @@ class Response:
                 if value.isdigit():
                     return int(value)
         return None
+
+
+def _is_timeout(err: BaseException) -> bool:
+    """A socket timeout (no byte of the answer for ``timeout`` seconds, or one that trickled in too slowly)."""
+    return isinstance(err, (socket.timeout, TimeoutError))
 
 
 def _is_refused(err: BaseException) -> bool:
@@ -246,6 +252,7 @@ class Connection:
             if last is not None and time.monotonic() - last > self.idle_reuse:
                 self._drop_connection()
         attempt = 0
+        timed_out_once = False
         hold_s = max(0.0, float(hold_s))
         deadline = time.monotonic() + hold_s + self.retry_budget_s
         while True:
@@ -267,6 +274,13 @@ class Connection:
                                     "for up to %.0f s in case the service is starting", self.url, self.retry_budget_s)
                 if (retry or _is_refused(err)) and self._may_retry(attempt, deadline):
                     self._retrying(method, full_url, attempt, err, None, deadline)
+                    continue
+                if retry and not timed_out_once and _is_timeout(err) and (self.retries is None or attempt <= self.retries):
+                    # An attempt that waited `timeout` with no answer can outlast the whole budget (the default
+                    # timeout, 300 s, is five budgets): it is sent once more, so that a step the service took
+                    # meanwhile is answered (the same Idempotency-Key) instead of the loop ending (found by a review).
+                    timed_out_once = True
+                    self._retrying(method, full_url, attempt, err, None, None)
                     continue
                 raise ConnectionFailed(method, full_url, err, attempt, hint=hint) from err
             if response.status in expect:
@@ -343,10 +357,14 @@ class Connection:
     def _may_retry(self, attempt: int, deadline: float) -> bool:
         return (self.retries is None or attempt <= self.retries) and time.monotonic() < deadline
 
-    def _retrying(self, method: str, url: str, attempt: int, cause: Any, retry_after: Optional[str], deadline: float) -> None:
+    def _retrying(self, method: str, url: str, attempt: int, cause: Any, retry_after: Optional[str], deadline: Optional[float]) -> None:
         what = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else f"HTTP {cause.status}"
-        log.warning("%s %s: %s; retry %d (%.0f s of the retry budget left)", method, url, what, attempt,
-                    max(0.0, deadline - time.monotonic()))
+        if deadline is None:
+            log.warning("%s %s: %s; the retry budget is spent, but an attempt that timed out is sent once more "
+                        "(retry %d)", method, url, what, attempt)
+        else:
+            log.warning("%s %s: %s; retry %d (%.0f s of the retry budget left)", method, url, what, attempt,
+                        max(0.0, deadline - time.monotonic()))
         if self.on_retry:
             self.on_retry(attempt, cause)
         self._sleep(attempt, retry_after, deadline)
@@ -384,6 +402,10 @@ class Connection:
             try:
                 delay = float(retry_after)
             except ValueError:
+                delay = None
+            # RFC 9110 10.2.3: delay-seconds is a non-negative integer. A negative or NaN value (a broken proxy)
+            # would make every retry at once, a tight loop for the whole budget (found by a review).
+            if delay is not None and not delay >= 0:
                 delay = None
         if delay is None:
             delay = self.backoff * (2 ** (attempt - 1))
@@ -475,6 +497,51 @@ _MAX_HEADERS = 100
 _SEND_TOGETHER = 256 * 1024  # a body up to this size goes out in the same send as the headers
 
 
+#: An answer must arrive within the socket timeout plus one second per this many bytes received: a peer that
+#: sends a byte now and then (a broken proxy) no longer holds an attempt for ever (found by a review: each
+#: byte reset the socket's timeout), and a big download over a slow link (at least this rate) is not cut.
+_MIN_ANSWER_RATE = 64 * 1024
+
+
+class _AnswerReader(io.RawIOBase):
+    """The socket's bytes for the connection's buffered reader, within the answer's deadline while armed."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.sock = sock
+        self.idle: Optional[float] = None
+        self.started = 0.0
+        self.got = 0
+        self.shortened = False
+
+    def readable(self) -> bool:
+        return True
+
+    def arm(self) -> None:
+        self.idle = self.sock.gettimeout()
+        self.started = time.monotonic()
+        self.got = 0
+
+    def disarm(self) -> None:
+        if self.shortened:
+            self.sock.settimeout(self.idle)
+            self.shortened = False
+        self.idle = None
+
+    def readinto(self, b: Any) -> int:
+        if self.idle is not None:
+            left = self.started + self.idle + self.got / _MIN_ANSWER_RATE - time.monotonic()
+            if left <= 0:
+                raise socket.timeout(f"the answer did not arrive in {self.idle:.0f} s plus 1 s per "
+                                     f"{_MIN_ANSWER_RATE // 1024} KiB ({self.got} bytes came)")
+            if left < self.idle:  # near the deadline: wait no longer than it
+                self.sock.settimeout(left)
+                self.shortened = True
+        n = self.sock.recv_into(b)
+        self.got += n
+        return n
+
+
 class _PlainConnection:
     """HTTP/1.1 over a plain TCP socket, for ``http://`` URLs: a request is one send (headers and a body of
     up to 256 KiB together), the answer is read through one buffered reader (a body of known length in one
@@ -528,7 +595,7 @@ class _PlainConnection:
         if self.sock is None:
             self.sock = socket.create_connection((self.host, self.port), self.timeout)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.fp = self.sock.makefile("rb", buffering=65536)
+            self.fp = io.BufferedReader(_AnswerReader(self.sock), 65536)
         lines = [f"{method} {target} HTTP/1.1", f"Host: {self._host_header}", "Accept-Encoding: identity"]
         lines.extend(f"{k}: {v}" for k, v in headers.items() if k.lower() not in ("host", "content-length"))
         size = 0 if body is None else memoryview(body).nbytes
@@ -543,9 +610,18 @@ class _PlainConnection:
                 self.sock.sendall(body)
 
     def receive(self, method: str) -> Tuple[int, Dict[str, str], bytes, bool]:
-        """Reads the answer to the request sent: (status, headers with lower-case names, body, will_close)."""
+        """Reads the answer to the request sent: (status, headers with lower-case names, body, will_close),
+        within the socket's timeout plus a second per 64 KiB received (socket.timeout otherwise)."""
         if self.fp is None:
             raise http.client.RemoteDisconnected("the connection was closed")
+        raw = self.fp.raw
+        raw.arm()
+        try:
+            return self._receive(method)
+        finally:
+            raw.disarm()
+
+    def _receive(self, method: str) -> Tuple[int, Dict[str, str], bytes, bool]:
         first = True
         while True:
             status, version, names = self._read_head(first)

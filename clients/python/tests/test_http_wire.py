@@ -207,6 +207,63 @@ class PlainHttp(unittest.TestCase):
             conn.request("POST", "/", body=b"x")
         self.assertLess(time.monotonic() - started, 5)
 
+    def test_an_answer_trickling_in_ends_the_attempt_at_its_deadline(self):
+        # Found by a review: a byte a second reset the socket's timeout, and the attempt never ended. Now an
+        # answer must come within the timeout plus a second per 64 KiB: this one is sent again (its key).
+        def script(n, req):
+            if n == 0:
+                head = ok(b"0123456789")
+                return [head[i:i + 1] for i in range(len(head))], False  # a byte every 20 ms
+            return [ok(b"0123456789")], False
+
+        server, conn = self.serve(script)
+        conn.timeout = 0.5
+        conn.close()
+        started = time.monotonic()
+        answer = conn.request("POST", "/step", body=b"g", headers={"Idempotency-Key": "k1"})
+        self.assertEqual(answer.body, b"0123456789")
+        self.assertEqual(len(server.requests), 2, "sent again after the first attempt's deadline")
+        self.assertLess(time.monotonic() - started, 1.5)
+
+    def test_a_big_answer_over_a_slow_link_is_not_cut(self):
+        # 1 MB in pieces of 64 KiB, 20 ms apart (about 3 MB/s), with a 0.3 s timeout: the deadline grows with
+        # what arrives, so the answer is read whole, once.
+        big = os.urandom(1_000_000)
+        answer = ok(big)
+        server, conn = self.serve(lambda n, req: ([answer[i:i + 65536] for i in range(0, len(answer), 65536)], False))
+        conn.timeout = 0.3
+        conn.close()
+        self.assertEqual(conn.request("GET", "/").body, big)
+        self.assertEqual(len(server.requests), 1)
+
+    def test_an_attempt_that_timed_out_past_the_budget_is_sent_once_more(self):
+        # Found by a review: with the default timeout (300 s) five times the budget (60 s), one answer lost
+        # on a live service cost the whole budget and the step raised, never asked again; the retry would
+        # have been answered at once (the same Idempotency-Key).
+        server, conn = self.serve(lambda n, req: ([], False) if n == 0 else ([ok(b"done")], False))
+        conn.timeout = 0.6
+        conn.retry_budget_s = 0.2
+        conn.close()
+        self.assertEqual(conn.request("POST", "/step", body=b"g", headers={"Idempotency-Key": "k2"}).body, b"done")
+        self.assertEqual(len(server.requests), 2)
+        # Once only: a service that never answers fails after two attempts.
+        server2, conn2 = self.serve(lambda n, req: ([], False))
+        conn2.timeout = 0.3
+        conn2.retry_budget_s = 0.1
+        conn2.close()
+        with self.assertRaises(ConnectionFailed):
+            conn2.request("POST", "/step", body=b"g", headers={"Idempotency-Key": "k3"})
+        self.assertEqual(len(server2.requests), 2)
+
+    def test_a_negative_or_nan_retry_after_is_not_a_tight_loop(self):
+        for value in ("-5", "nan"):
+            server, conn = self.serve(lambda n, req, v=value: ([f"HTTP/1.1 503 Busy\r\nRetry-After: {v}\r\nContent-Length: 0\r\n\r\n".encode()], False))
+            conn.retry_budget_s = 0.5
+            conn.backoff = 0.05
+            with self.assertRaises(Exception):
+                conn.request("GET", "/")
+            self.assertLess(len(server.requests), 15, f"Retry-After: {value}: {len(server.requests)} attempts in 0.5 s")
+
 
 if __name__ == "__main__":
     unittest.main()
