@@ -40,6 +40,9 @@ class ServiceError(ASGDClientError):
         self.method = method
         self.url = url
         self.body = body
+        #: True when an earlier attempt of this request lost its answer and may be what the error is about
+        #: (a 412 after a PUT with If-Match was sent again): its outcome is unknown, read the session.
+        self.outcome_unknown = False
         self.request_content_type = request_content_type
         self.headers = dict(headers or {})
         request = f"{method} {url}".strip()

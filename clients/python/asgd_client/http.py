@@ -253,6 +253,7 @@ class Connection:
                 self._drop_connection()
         attempt = 0
         timed_out_once = False
+        maybe_applied = False
         hold_s = max(0.0, float(hold_s))
         deadline = time.monotonic() + hold_s + self.retry_budget_s
         while True:
@@ -272,6 +273,8 @@ class Connection:
                         self._warned_default = True
                         log.warning("nothing answers at %s, the default url (no url given, $ASGD_URL unset): retrying "
                                     "for up to %.0f s in case the service is starting", self.url, self.retry_budget_s)
+                if not _is_refused(err):
+                    maybe_applied = True  # the request may have reached the service: its answer was lost
                 if (retry or _is_refused(err)) and self._may_retry(attempt, deadline):
                     self._retrying(method, full_url, attempt, err, None, deadline)
                     continue
@@ -288,7 +291,14 @@ class Connection:
             if response.status in RETRY_STATUSES and retry and self._may_retry(attempt, deadline):
                 self._retrying(method, full_url, attempt, response, response.headers.get("retry-after"), deadline)
                 continue
-            raise self._error(response, hdrs.get("Content-Type"))
+            error = self._error(response, hdrs.get("Content-Type"))
+            if maybe_applied and response.status == 412 and method != "GET":
+                # Sent again after a lost answer, with If-Match: the first attempt may be what moved the session
+                # past that version (found by a review: a PUT state_dict that was applied reported a mismatch).
+                error.outcome_unknown = True
+                error.args = (f"{error.args[0]} (an earlier attempt of this request lost its answer and may have been "
+                              f"applied: that would be what moved the session; read it to know)",)
+            raise error
 
     def start(
         self,

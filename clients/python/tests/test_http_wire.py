@@ -14,7 +14,7 @@ from typing import Callable, List, Tuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from asgd_client.errors import ConnectionFailed  # noqa: E402
+from asgd_client.errors import ConnectionFailed, ServiceError  # noqa: E402
 from asgd_client.http import Connection  # noqa: E402
 
 Request = Tuple[str, str, dict, bytes]  # method, target, headers (lower-case), body
@@ -263,6 +263,23 @@ class PlainHttp(unittest.TestCase):
             with self.assertRaises(Exception):
                 conn.request("GET", "/")
             self.assertLess(len(server.requests), 15, f"Retry-After: {value}: {len(server.requests)} attempts in 0.5 s")
+
+    def test_a_412_after_a_lost_answer_says_the_outcome_is_unknown(self):
+        # Found by a review: PUT state_dict with If-Match, applied, its answer lost; sent again, the service
+        # answered 412 (its own write moved the version) and the client reported a plain mismatch.
+        body = b'{"statusCode":412,"code":"VERSION_MISMATCH","message":"If-Match: expected \\"3\\", the session is at version 4","version":4}'
+        mismatch = f"HTTP/1.1 412 Precondition Failed\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        server, conn = self.serve(lambda n, req: ([], True) if n == 0 else ([mismatch], False))
+        with self.assertRaises(ServiceError) as caught:
+            conn.request("PUT", "/v1/sessions/s/state_dict", body=b"{}", headers={"If-Match": '"3"'})
+        self.assertTrue(caught.exception.outcome_unknown)
+        self.assertIn("may have been applied", str(caught.exception))
+        self.assertEqual(len(server.requests), 2)
+        # A 412 at the first attempt is a plain mismatch.
+        server2, conn2 = self.serve(lambda n, req: ([mismatch], False))
+        with self.assertRaises(ServiceError) as plain:
+            conn2.request("PUT", "/v1/sessions/s/state_dict", body=b"{}", headers={"If-Match": '"3"'})
+        self.assertFalse(plain.exception.outcome_unknown)
 
 
 if __name__ == "__main__":
