@@ -1,7 +1,6 @@
 """Safe retries against the real service: a step whose answer is lost is retried with the same
 Idempotency-Key and applied once; a 503 is retried. Training still matches torch bit for bit."""
 
-import threading
 import time
 import unittest
 
@@ -65,18 +64,13 @@ class RetriesAreSafe(ServiceTestCase):
         import urllib.parse
         import urllib.request
 
-        # The 5th step request (i=4) carries the first new lr: held back here, so that i=5, sent on the other
-        # connection while i=4 is in flight, reaches the service first (as after a resend, or two routes).
-        seen = {"steps": 0}
-        lock = threading.Lock()
-
+        # The step of i=4 (its metrics say so) carries the first new lr: held back here, so that i=5, sent on
+        # the other connection while i=4 is in flight, reaches the service first (as after a resend, or two
+        # routes). Steps also pass each other in this proxy (a thread and a connection each): the test only
+        # counts on i=5 before i=4.
         def decide(req):
-            if req.method == "POST" and req.path.split("?")[0].endswith("/step"):
-                with lock:
-                    seen["steps"] += 1
-                    n = seen["steps"]
-                if n == 5:
-                    time.sleep(0.5)
+            if req.method == "POST" and req.path.split("?")[0].endswith("/step") and (rb'\"i\":4}' in req.body[:2000] or b'"i":4}' in req.body[:2000]):
+                time.sleep(0.5)
             return proxy.forward(req)
 
         proxy = LocalServer(decide, upstream=self.url)
@@ -105,7 +99,8 @@ class RetriesAreSafe(ServiceTestCase):
         step_of = {p["version"]: int(p["values"]["i"]) for p in read("metrics?limit=1000")["points"]}
         versions = sorted(step_of)
         self.assertEqual(sorted(step_of.values()), list(range(12)), "each step once")
-        self.assertEqual([step_of[v] for v in versions][:6], [0, 1, 2, 3, 5, 4], "i=5 went before i=4")
+        order = [step_of[v] for v in versions]
+        self.assertLess(order.index(5), order.index(4), f"i=5 went before i=4: {order}")
         changes = sorted((c["version"], c["param_groups"][0]["lr"]) for c in read("hyperparameters?limit=1000")["changes"])
         lr = opt.defaults["lr"]
         for v in versions:
