@@ -22,7 +22,7 @@ export const ACCESS = {
 } as const satisfies Record<string, RouteAccess>;
 
 /** An If-Match that names no version of the session: it never matches (412), as RFC 9110 asks. */
-export const IF_MATCH_NONE = -1;
+const IF_MATCH_NONE = -1;
 
 /**
  * If-Match (RFC 9110 section 13.1.1): a list of entity tags, compared strongly, or "*" (any current
@@ -39,9 +39,9 @@ export function ifMatchOf(request: FastifyRequest): number | null {
   const versions = new Set<number>();
   for (const part of value.split(',')) {
     const tag = part.trim();
-    if (/^[1-9]\d{0,14}$|^0$/.test(tag)) versions.add(Number(tag));
+    const version = /^(?:"([1-9]\d{0,14}|0)"|([1-9]\d{0,14}|0))$/.exec(tag);
+    if (version) versions.add(Number(version[1] ?? version[2]));
     else if (!/^(?:W\/)?"[\x21\x23-\x7e\x80-\xff]*"$/.test(tag)) throw errors.invalidHeader('If-Match', 'must be a session version as "<version>", a list of entity tags, or *');
-    else if (/^"(?:[1-9]\d{0,14}|0)"$/.test(tag)) versions.add(Number(tag.slice(1, -1)));
   }
   if (versions.size > 1) throw errors.invalidHeader('If-Match', 'names more than one version; a change applies at one');
   return versions.size === 1 ? [...versions][0] : IF_MATCH_NONE;

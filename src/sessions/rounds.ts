@@ -18,7 +18,7 @@ import type { Aggregation, GroupSpec, HyperDelta, RoundRecord } from '../db/sche
 import { errors } from '../errors.ts';
 import { AggregatedSession, averageMetrics, byWorker, combineContributions, roundDue, type RoundTally } from './aggregation.ts';
 import { decodeGradients, packGradients, type GradientInput } from './gradients.ts';
-import type { RoundHost } from './context.ts';
+import { checkIfMatch, type RoundHost } from './context.ts';
 import type { VersionNotifier } from './notifier.ts';
 import * as repo from './repository.ts';
 import type { SessionRecord } from './repository.ts';
@@ -182,7 +182,7 @@ export function createRoundService(options: RoundServiceOptions) {
           const baseVersion = opts.baseVersion ?? null;
           if (baseVersion === null) throw errors.invalidBody('base_version: is required in a session with aggregation (the version the gradient was computed at)');
           if (worker === null) throw errors.invalidBody('worker: is required in a session with aggregation (the contributing worker\'s id, 1-128 of A-Za-z0-9._-)');
-          if (opts.ifMatch != null && opts.ifMatch !== session.version) throw errors.versionMismatch(opts.ifMatch, session.version);
+          checkIfMatch(opts.ifMatch, session.version);
           if (baseVersion > session.version) throw baseVersionTooNew(baseVersion, session.version, opts.baseVersionFrom);
           if (baseVersion < session.version) throw errors.staleContribution(baseVersion, session.version);
           const samples = opts.samples ?? null;

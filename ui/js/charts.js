@@ -194,13 +194,14 @@ export class Chart {
       colour++;
       series.push({ label: s.label, stroke, width: 1.5, spanGaps: true, value, ...(this.spec.stepped && { paths: uPlot.paths.stepped?.({ align: 1 }) }) });
     });
+    const pad = this.spec.time ? 60 : 1; // a step (or a minute) either side of a single point
     this.plot = new uPlot({
       ...this.size(),
       series,
       bands,
       // One point (the norms, read on demand, start with one): uPlot would draw it mid-way on an axis from 0
       // to twice its step, as if the series went on; a step (or a minute) either side of it instead.
-      scales: { x: { time: !!this.spec.time, range: (_u, min, max) => (min === max ? [min - (this.spec.time ? 60 : 1), max + (this.spec.time ? 60 : 1)] : [min, max]) }, y: this.spec.log ? { distr: 3 } : { range: (_u, min, max) => valueRange(min, max, this.scale) } },
+      scales: { x: { time: !!this.spec.time, range: (_u, min, max) => (min === max ? [min - pad, max + pad] : [min, max]) }, y: this.spec.log ? { distr: 3 } : { range: (_u, min, max) => valueRange(min, max, this.scale) } },
       // Steps are whole numbers: no tick at step 2.5. Values get the digits their spacing needs, and the
       // labels say the values, not the drawn ones.
       axes: [
