@@ -214,7 +214,7 @@ export const errors = {
   unsupportedContentEncoding: make('UNSUPPORTED_MEDIA_TYPE', (coding: string) => `Content-Encoding: ${coding} is not accepted; send the body uncompressed`),
   headersTooLarge: make('HEADERS_TOO_LARGE', () => 'the request headers are larger than this server accepts'),
   nonFiniteGradient: make('NON_FINITE_GRADIENT', (field: string, index: number, overflows = false) => `${field}: element ${index} ${overflows ? 'overflows float32 (a gradient is float32: it would be infinite)' : 'is not finite'}`),
-  idempotencyKeyReused: make('IDEMPOTENCY_KEY_REUSED', () => 'Idempotency-Key: this key was used for a request with a different body'),
+  idempotencyKeyReused: make('IDEMPOTENCY_KEY_REUSED', () => 'Idempotency-Key: this key was used for another request (another body, route or target)'),
   tooLarge: make('SESSION_TOO_LARGE', (message: string) => message),
   // 429/503
   rateLimited: (limit: number, retryAfterSeconds: number) =>

@@ -1,11 +1,15 @@
 // Helpers shared by the route plugins: headers, session bodies, query parsing.
+import { createHash } from 'node:crypto';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { Static, TSchema } from 'typebox';
 import { errors } from '../errors.ts';
 import type { RouteAccess } from '../plugins/auth.ts';
+import { type ChangeKey, isReplayed, type Replayed } from '../sessions/changes.ts';
 import type { SessionRecord, SnapshotRecord } from '../sessions/repository.ts';
 import type { RoundStatus } from '../sessions/rounds.ts';
 import { numelOf, publicGroup } from '../sessions/spec.ts';
+import { canonicalJson } from '../sessions/state.ts';
+import { contentFormat } from './media.ts';
 import type { Session, Snapshot } from './schemas.ts';
 
 /**
@@ -65,6 +69,41 @@ export function idempotencyKeyOf(request: FastifyRequest): string | null {
   const value = Array.isArray(raw) ? raw[0] : raw;
   if (!/^[\x21-\x7e]{1,255}$/.test(value)) throw errors.invalidHeader('Idempotency-Key', 'must be 1-255 visible ASCII characters');
   return value;
+}
+
+/**
+ * The Idempotency-Key of a change that is not a step (PUT params/state_dict/checkpoint, PATCH param_groups,
+ * a restore), or undefined. The request it names: the route and its path parameters, and the body (a
+ * file's bytes with its format; JSON as its value, keys in any order, so a retry serialized anew is the
+ * same request). A key of another request is IDEMPOTENCY_KEY_REUSED; one of a step too (its hash is other).
+ * The answer kept is the session as the change left it (`round`: null, as after any new version).
+ */
+export function changeKeyOf(request: FastifyRequest): ChangeKey<SessionRecord> | undefined {
+  const key = idempotencyKeyOf(request);
+  if (key === null) return undefined;
+  const hash = createHash('sha256').update(`${request.method} ${request.routeOptions.url} ${canonicalJson(request.params ?? {})}\n`);
+  const body: unknown = request.body;
+  if (Buffer.isBuffer(body)) hash.update(`${contentFormat(request)}\n`).update(body);
+  else if (body !== undefined && body !== null) {
+    try {
+      hash.update(`json\n${canonicalJson(body)}`);
+    } catch {
+      // Only nesting deep enough to exhaust the stack fails here; such a body is refused anyway.
+      throw errors.invalidBody('nested too deeply');
+    }
+  }
+  return { key, requestHash: `change:${hash.digest('hex')}`, answer: (session) => sessionJson(session, null) };
+}
+
+/** A change's answer: the session as it left it, or a retry's first answer (`replayed`), with its ETag. */
+export function changeAnswer(reply: FastifyReply, result: SessionRecord | Replayed, round: RoundStatus | null = null): Static<typeof Session> {
+  if (isReplayed(result)) {
+    const first = result.replayed as Static<typeof Session>;
+    setVersion(reply, first.version);
+    return { ...first, replayed: true };
+  }
+  setVersion(reply, result.version);
+  return sessionJson(result, round);
 }
 
 /**

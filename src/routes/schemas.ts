@@ -31,6 +31,14 @@ export const StepHeaders = Type.Object({
   'if-match': Type.Optional(IfMatch),
   'idempotency-key': Type.Optional(Type.String({ pattern: '^[\\x21-\\x7e]{1,255}$', 'x-rule': '1-255 visible ASCII characters', description: 'A retry with the same key returns the first answer and does not step twice' })),
 });
+/** Headers of a change that is not a step: a version condition and a key that makes a retry safe. */
+export const ChangeHeaders = Type.Object({
+  'if-match': Type.Optional(IfMatch),
+  'idempotency-key': Type.Optional(Type.String({
+    pattern: '^[\\x21-\\x7e]{1,255}$', 'x-rule': '1-255 visible ASCII characters',
+    description: 'A retry with the same key and request gets the first answer (replayed: true) and does not make the change again over what came after it',
+  })),
+});
 export const Version = Type.String({ pattern: '^[1-9][0-9]{0,14}$', 'x-rule': 'a whole number from 1, written in decimal', description: 'Read the state at this version (rebuilt from a snapshot and the step log)' });
 
 // ---- tensors and hyperparameters ---------------------------------------------------------------------------
@@ -142,6 +150,7 @@ export const Session = Type.Object({
   created_at: Type.String({ format: 'date-time' }),
   updated_at: Type.String({ format: 'date-time' }),
   storage: Type.Optional(SessionStorage),
+  replayed: Type.Optional(Type.Boolean({ description: 'true when a change sent again with its Idempotency-Key got the first answer (the session as that change left it; nothing was done again)' })),
 }, { title: 'Session' });
 
 export const Snapshot = Type.Object({

@@ -15,6 +15,23 @@ import { copyInSlices } from './slices.ts';
 import type { SessionState } from './state.ts';
 import { applyHyperDelta, groupHyperparameters, parseStepHyper } from './step-input.ts';
 
+/**
+ * A change sent with an Idempotency-Key (PUT params/state_dict/checkpoint, PATCH param_groups, a restore):
+ * its answer is kept with the commit, so that a retry after a lost answer (same key, same request) gets
+ * that answer instead of applying the change again over whatever was acknowledged meanwhile (a second
+ * load or restore would undo other workers' steps). `answer` is the first answer's body.
+ */
+export interface ChangeKey<T> {
+  key: string;
+  requestHash: string;
+  answer(result: T): Record<string, unknown>;
+}
+
+/** The first answer to a change's Idempotency-Key: nothing was done again. */
+export interface Replayed {
+  replayed: Record<string, unknown>;
+}
+
 /** A fork's settings: each one not given is the source session's. */
 export interface ForkTarget {
   name: string;
@@ -38,16 +55,29 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
 
   /**
    * Runs `fn` in a transaction on the locked session; when it fails after it began changing this process's
-   * copy (it calls `touch`), the copy is dropped: it may be ahead of the database.
+   * copy (it calls `touch`), the copy is dropped: it may be ahead of the database. With a key, a retry of a
+   * change already made gets its first answer (looked up under the lock, before If-Match: the version has
+   * moved since), a key of another request IDEMPOTENCY_KEY_REUSED, and a new one's answer is saved with it.
    */
-  async function changeLocked<T>(name: string, ifMatch: number | null | undefined, fn: (tx: Queryable, session: SessionRecord, touch: () => void) => Promise<T>): Promise<T> {
+  async function changeLocked<T>(
+    name: string, ifMatch: number | null | undefined, fn: (tx: Queryable, session: SessionRecord, touch: () => void) => Promise<T>, key?: ChangeKey<T>,
+  ): Promise<T | Replayed> {
     return mutex.run(name, async () => {
       let touched: number | null = null;
       try {
         return await db.transaction(async (tx) => {
           const session = await mustFind(tx, name, true);
+          if (key) {
+            const known = await repo.findIdempotentAnswer(tx, session.id, key.key, ctx.idempotencyWindowSeconds);
+            if (known?.live) {
+              if (known.requestHash !== key.requestHash) throw errors.idempotencyKeyReused();
+              return { replayed: known.response };
+            }
+          }
           checkIfMatch(ifMatch, session.version);
           const result = await fn(tx, session, () => (touched = session.id));
+          // An expired key's row is replaced: the request is new again.
+          if (key) await repo.saveIdempotentAnswer(tx, session.id, key.key, key.requestHash, key.answer(result));
           touched = null;
           return result;
         });
@@ -99,8 +129,8 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
   async function load(
     name: string,
     input: { stateDict?: LoadedStateDict; params?: LoadedParams; step?: number; paramsField?: string },
-    opts: { ifMatch?: number | null; reason: string },
-  ): Promise<SessionRecord> {
+    opts: { ifMatch?: number | null; reason: string; key?: ChangeKey<SessionRecord> },
+  ): Promise<SessionRecord | Replayed> {
     let changed = true;
     const session = await changeLocked(name, opts.ifMatch, async (tx, session, touch) => {
       const entry = await history.currentState(tx, session);
@@ -133,8 +163,8 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
       await commitState(tx, session, state, opts.reason, plan !== null);
       entry.lastSnapshotVersion = state.version;
       return mustFind(tx, name);
-    });
-    return changed ? written(name, opts.reason, session) : session;
+    }, opts.key);
+    return changed && !isReplayed(session) ? written(name, opts.reason, session) : session;
   }
 
   /**
@@ -143,7 +173,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
    * of the same state with other group values. `raw` is a step's param_groups (one object per group, only
    * the keys that change), checked as a step's are. Nothing to change: the session as it is, no new version.
    */
-  async function setHyperparameters(name: string, raw: unknown, ifMatch: number | null): Promise<SessionRecord> {
+  async function setHyperparameters(name: string, raw: unknown, ifMatch: number | null, key?: ChangeKey<SessionRecord>): Promise<SessionRecord | Replayed> {
     let changed = false;
     const session = await changeLocked(name, ifMatch, async (tx, session, touch) => {
       const delta = parseStepHyper(raw, session.groups);
@@ -164,8 +194,8 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
       entry.lastSnapshotVersion = state.version;
       changed = true;
       return mustFind(tx, name);
-    });
-    return changed ? written(name, 'hyperparameters', session) : session;
+    }, key);
+    return changed && !isReplayed(session) ? written(name, 'hyperparameters', session) : session;
   }
 
   /**
@@ -192,7 +222,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
   }
 
   /** Rolls the session back to a snapshot's state, as a new version. */
-  async function restore(name: string, id: number, ifMatch?: number | null): Promise<SessionRecord> {
+  async function restore(name: string, id: number, ifMatch?: number | null, key?: ChangeKey<SessionRecord>): Promise<SessionRecord | Replayed> {
     const restored = await changeLocked(name, ifMatch, async (tx, session, touch) => {
       const snapshot = await repo.findSnapshot(tx, session.id, id);
       if (!snapshot) throw errors.snapshotNotFound(String(id));
@@ -211,8 +241,8 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
       await commitState(tx, session, state, 'restore', true);
       cache.remember(state, state.version);
       return mustFind(tx, name);
-    });
-    return written(name, 'restore', restored);
+    }, key);
+    return isReplayed(restored) ? restored : written(name, 'restore', restored);
   }
 
   /** A new session starting from a snapshot of another (or its current state). */
@@ -245,6 +275,10 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
   }
 
   return { create, remove, load, setHyperparameters, restore, fork };
+}
+
+export function isReplayed(result: object): result is Replayed {
+  return 'replayed' in result;
 }
 
 /** True when every parameter given equals the state's, bit for bit (-0 is not 0; a NaN only its own payload). */

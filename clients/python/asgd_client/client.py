@@ -83,6 +83,13 @@ def _if_match(version: Optional[Union[int, str]]) -> Dict[str, str]:
     return {"If-Match": f'"{version}"' if isinstance(version, int) else str(version)}
 
 
+def _change_headers(if_match: Optional[Union[int, str]], idempotency_key: Optional[str]) -> Dict[str, str]:
+    """A change that is not a step (a PUT, PATCH param_groups, a restore) always carries an Idempotency-Key
+    (a fresh one unless given): sent again after a lost answer, the service answers it with the first
+    answer (``replayed``) instead of making it again over steps acknowledged meanwhile."""
+    return {**_if_match(if_match), "Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+
+
 def _has_torch() -> bool:
     try:
         import torch  # noqa: F401
@@ -233,10 +240,11 @@ class Client:
         removes it; refused with :class:`RoundOpen` while a round has contributions)."""
         return self.conn.request("PATCH", f"/v1/sessions/{_quote(name)}", json_body=settings, retry=True).json()
 
-    def set_hyperparameters(self, name: str, param_groups: List[Mapping[str, Any]], *, if_match: Optional[int] = None) -> Dict[str, Any]:
+    def set_hyperparameters(self, name: str, param_groups: List[Mapping[str, Any]], *, if_match: Optional[int] = None,
+                            idempotency_key: Optional[str] = None) -> Dict[str, Any]:
         """PATCH /param_groups: sets hyperparameters of the groups without a step (one dict per group, only the
         keys that change), as a new version written as a snapshot. Returns the session."""
-        headers = {"If-Match": f'"{if_match}"'} if if_match is not None else None
+        headers = _change_headers(if_match, idempotency_key)
         return self.conn.request("PATCH", f"/v1/sessions/{_quote(name)}/param_groups", json_body={"param_groups": list(param_groups)},
                                  headers=headers, retry=True).json()
 
@@ -401,7 +409,7 @@ class Client:
         return OrderedDict(params), body.get("version", res.version)
 
     def put_params(self, name: str, tensors: Mapping[str, TensorLike], *, format: Optional[str] = None,
-                   if_match: Optional[int] = None) -> Dict[str, Any]:
+                   if_match: Optional[int] = None, idempotency_key: Optional[str] = None) -> Dict[str, Any]:
         """PUT /params: replaces every parameter of the session ({name: tensor}, all of them, the session's
         shapes, finite); the optimizer state (step, eta, mu, ax) and the hyperparameters stay, as editing a
         model's weights leaves torch.optim.ASGD's state. Returns the session (its new ``version``).
@@ -409,7 +417,7 @@ class Client:
         ``format``: ``"safetensors"``, ``"json"`` or ``"pt"`` (a torch.save'd dict); default: the transport's.
         """
         path = f"/v1/sessions/{_quote(name)}/params"
-        headers = _if_match(if_match)
+        headers = _change_headers(if_match, idempotency_key)
         if format is None:
             format = "safetensors" if self._binary() else "json"
         if format == "safetensors":
@@ -462,20 +470,22 @@ class Client:
         loaded = torch.load(io.BytesIO(res.body))
         return {**loaded, "param_groups": [group_from_json(g, kinds_known=True) for g in loaded["param_groups"]]}, res.version
 
-    def put_state_dict(self, name: str, state_dict: Any, *, format: str = "json", if_match: Optional[int] = None) -> Dict[str, Any]:
+    def put_state_dict(self, name: str, state_dict: Any, *, format: str = "json", if_match: Optional[int] = None,
+                       idempotency_key: Optional[str] = None) -> Dict[str, Any]:
         """PUT /state_dict: Optimizer.load_state_dict on the service (parameters unchanged). Returns the session.
 
         ``state_dict``: a torch state_dict (or its JSON form); with ``format="pt"`` it is sent as a
         torch.save file (bytes are sent as they are).
         """
         path = f"/v1/sessions/{_quote(name)}/state_dict"
+        headers = _change_headers(if_match, idempotency_key)
         if format == "pt":
             data = state_dict if isinstance(state_dict, (bytes, bytearray)) else _torch_save(state_dict)
-            return self.conn.request("PUT", path, body=data, content_type=PT, headers=_if_match(if_match)).json()
+            return self.conn.request("PUT", path, body=data, content_type=PT, headers=headers).json()
         if format != "json":
             raise ValueError("format must be 'json' or 'pt'")
         _warn_tensor_hyperparameters(state_dict)
-        return self.conn.request("PUT", path, json_body=state_dict_to_json(state_dict), headers=_if_match(if_match)).json()
+        return self.conn.request("PUT", path, json_body=state_dict_to_json(state_dict), headers=headers).json()
 
     def get_checkpoint(self, name: str, *, format: str = "pt", version: Optional[int] = None) -> Any:
         """GET /checkpoint: bytes of a torch.save of {"model", "optimizer", "step"} (``format="pt"``) or its JSON."""
@@ -486,13 +496,14 @@ class Client:
             raise ValueError("format must be 'pt' or 'json'")
         return self.conn.request("GET", path, query={"format": "json", "version": version}, accept=JSON).json()
 
-    def put_checkpoint(self, name: str, checkpoint: Any, *, if_match: Optional[int] = None) -> Dict[str, Any]:
+    def put_checkpoint(self, name: str, checkpoint: Any, *, if_match: Optional[int] = None,
+                       idempotency_key: Optional[str] = None) -> Dict[str, Any]:
         """PUT /checkpoint: parameters and optimizer state from a torch.save file (bytes) or a dict.
 
         A dict with tensors is sent as a torch.save file; a dict already in JSON form as JSON.
         """
         path = f"/v1/sessions/{_quote(name)}/checkpoint"
-        headers = _if_match(if_match)
+        headers = _change_headers(if_match, idempotency_key)
         if isinstance(checkpoint, (bytes, bytearray, memoryview)):
             data = bytes(checkpoint)
             if data[:1] == b"{":
@@ -509,9 +520,12 @@ class Client:
     def list_snapshots(self, name: str) -> List[Dict[str, Any]]:
         return self.conn.request("GET", f"/v1/sessions/{_quote(name)}/snapshots").json()["snapshots"]
 
-    def restore_snapshot(self, name: str, snapshot_id: int, *, if_match: Optional[int] = None) -> Dict[str, Any]:
+    def restore_snapshot(self, name: str, snapshot_id: int, *, if_match: Optional[int] = None,
+                         idempotency_key: Optional[str] = None) -> Dict[str, Any]:
+        """POST …/restore: the snapshot's state becomes the session's, as a new version. Sent with an
+        Idempotency-Key (so retried like a PUT): a retry after a lost answer does not roll back again."""
         return self.conn.request("POST", f"/v1/sessions/{_quote(name)}/snapshots/{int(snapshot_id)}/restore",
-                                 headers=_if_match(if_match)).json()
+                                 headers=_change_headers(if_match, idempotency_key)).json()
 
     def metrics(self, name: str, *, after_version: Optional[int] = None, limit: Optional[int] = None,
                 max_points: Optional[int] = None) -> Dict[str, Any]:

@@ -6,9 +6,9 @@ import unittest
 
 import torch
 
-from _common import ServiceTestCase, batch, make_model, torch_run, train
+from _common import ServiceTestCase, batch, make_model, torch_run, train, unique
 from _fakes import LocalServer
-from asgd_client import Connection, ServiceError
+from asgd_client import Client, Connection, ServiceError
 
 STEPS = 20
 
@@ -49,6 +49,50 @@ class RetriesAreSafe(ServiceTestCase):
         steps = [r for r in proxy.requests if r.method == "POST" and r.path.split("?")[0].endswith("/step")]
         self.assertEqual(len(steps), STEPS + 4)
         self.assertEqual(steps[2].headers["idempotency-key"], steps[3].headers["idempotency-key"])
+
+    def test_a_change_whose_answer_is_lost_is_not_made_again_over_later_steps(self):
+        # Each change is applied, another worker steps, and the answer is lost: the client sends it again with
+        # its Idempotency-Key and gets the first answer (replayed); the other worker's step stays.
+        direct = self.client()
+        changes = {
+            "put_params": lambda c, n: c.put_params(n, {"w": torch.tensor([1.0, 2.0, 3.0])}),
+            "put_state_dict": lambda c, n: c.put_state_dict(n, torch.optim.ASGD([torch.zeros(3, requires_grad=True)], lr=0.05).state_dict()),
+            "put_checkpoint": lambda c, n: c.put_checkpoint(n, direct.get_checkpoint(n)),
+            "set_hyperparameters": lambda c, n: c.set_hyperparameters(n, [{"lr": 0.02}]),
+            "restore_snapshot": lambda c, n: c.restore_snapshot(n, direct.list_snapshots(n)[-1]["id"]),
+        }
+        for what, change in changes.items():
+            with self.subTest(what):
+                name = unique(what.replace("_", "-"))
+                direct.create_session(name, {"w": torch.tensor([0.5, -0.5, 0.25])}, hyperparameters={"lr": 0.1})
+                lost = {"done": False}
+
+                def decide(req, name=name):
+                    if req.method != "GET" and not lost["done"]:
+                        lost["done"] = True
+                        proxy.forward(req)  # applied
+                        direct.step(name, {"w": torch.tensor([1.0, 1.0, 1.0])})  # another worker steps
+                        return "drop"  # the answer is lost
+                    return proxy.forward(req)
+
+                proxy = LocalServer(decide, upstream=self.url)
+                self.addCleanup(proxy.close)
+                client = Client(proxy.url, self.token, connection=Connection(proxy.url, self.token, retries=4, backoff=0.001))
+                self.addCleanup(client.close)
+                answer = change(client, name)
+                sent = [r for r in proxy.requests if r.method != "GET"]
+                self.assertEqual(len(sent), 2, "sent again once")
+                self.assertEqual(sent[0].headers["idempotency-key"], sent[1].headers["idempotency-key"])
+                self.assertIs(answer.get("replayed"), True)
+                self.assertEqual(answer["version"], 2, "the first answer")
+                session = direct.get_session(name)
+                self.assertEqual(session["version"], 3, "the other worker's step is the last change")
+                params, _ = direct.get_params(name)
+                state_dict = direct.get_state_dict(name)
+                self.assertEqual(session["step"], state_dict["state"][0]["step"].item() if state_dict["state"] else 0)
+                # The step after the change stays: the parameters are not the change's again.
+                if what in ("put_params", "restore_snapshot"):
+                    self.assertFalse(torch.equal(params["w"], {"put_params": torch.tensor([1.0, 2.0, 3.0]), "restore_snapshot": torch.tensor([0.5, -0.5, 0.25])}[what]))
 
     def test_lost_answers_and_503_do_not_step_twice_json(self):
         self._train_through("json")

@@ -34,6 +34,23 @@ function enc(name: string, what = 'session name'): string {
 const sessionPath = (name: string) => `/v1/sessions/${enc(name)}`;
 const etag = (version: number) => `"${version}"`;
 
+/** Options of a change that is not a step (a load, hyperparameters, a restore). */
+export interface ChangeOptions {
+  /** Made only while the session is at this version (412 VersionMismatch otherwise). */
+  ifMatch?: number;
+  /**
+   * Sent with every such change (a fresh one unless given), so that it is retried after a lost answer: a
+   * repeat whose first attempt was applied gets the first answer (`replayed: true`) and changes nothing,
+   * so a step another worker made meanwhile is not undone.
+   */
+  idempotencyKey?: string;
+}
+
+const changeHeaders = (options: ChangeOptions) => ({
+  'if-match': options.ifMatch === undefined ? undefined : etag(options.ifMatch),
+  'idempotency-key': options.idempotencyKey ?? newIdempotencyKey(),
+});
+
 function isSafetensors(answer: Answer): boolean {
   return (answer.headers.get('content-type') ?? '').startsWith(SAFETENSORS);
 }
@@ -126,9 +143,8 @@ export class ASGDClient {
    * new version written as a snapshot: what a schedule changed after the last step, before a checkpoint or
    * snapshot is taken. Values the session has already: no new version.
    */
-  async setHyperparameters(name: string, paramGroups: GroupHyperparameters[], options: { ifMatch?: number } = {}): Promise<Session> {
-    const headers = { 'if-match': options.ifMatch === undefined ? undefined : etag(options.ifMatch) };
-    return (await this.http.json<Session>({ method: 'PATCH', path: `${sessionPath(name)}/param_groups`, json: { param_groups: paramGroups }, headers, repeatable: true })).value;
+  async setHyperparameters(name: string, paramGroups: GroupHyperparameters[], options: ChangeOptions = {}): Promise<Session> {
+    return (await this.http.json<Session>({ method: 'PATCH', path: `${sessionPath(name)}/param_groups`, json: { param_groups: paramGroups }, headers: changeHeaders(options), repeatable: true })).value;
   }
 
   async deleteSession(name: string, options: { ifMatch?: number } = {}): Promise<void> {
@@ -413,7 +429,7 @@ export class ASGDClient {
   }
 
   /** Loads a state_dict (Optimizer.load_state_dict semantics): JSON, or file bytes in `format`. */
-  async loadStateDict(name: string, stateDict: StateDictJson | Uint8Array, options: { format?: 'pt' | 'safetensors'; ifMatch?: number } = {}): Promise<Session> {
+  async loadStateDict(name: string, stateDict: StateDictJson | Uint8Array, options: ChangeOptions & { format?: 'pt' | 'safetensors' } = {}): Promise<Session> {
     return this.put(`${sessionPath(name)}/state_dict`, stateDict, options);
   }
 
@@ -422,14 +438,14 @@ export class ASGDClient {
    * step applies to them; the optimizer state (step, eta, mu, ax) and the hyperparameters stay. Flat data
    * takes the parameter's shape from the session. Safetensors by default; 'json' sends {"params"}.
    */
-  async loadParams(name: string, tensors: Record<string, TensorLike>, options: { ifMatch?: number; format?: 'safetensors' | 'json' } = {}): Promise<Session> {
+  async loadParams(name: string, tensors: Record<string, TensorLike>, options: ChangeOptions & { format?: 'safetensors' | 'json' } = {}): Promise<Session> {
     const path = `${sessionPath(name)}/params`;
-    const headers = { 'if-match': options.ifMatch === undefined ? undefined : etag(options.ifMatch) };
+    const headers = changeHeaders(options);
     const shaped = await this.shaped(name, tensors);
     const body: Partial<Exchange> = options.format === 'json'
       ? { json: { params: Object.fromEntries(Object.entries(shaped).map(([param, t]) => [param, { shape: t.shape, data: toJsonData(t.data) }])) } }
       : { bytes: encodeSafetensors(shaped), contentType: SAFETENSORS };
-    return (await this.http.json<Session>({ method: 'PUT', path, headers, ...body })).value;
+    return (await this.http.json<Session>({ method: 'PUT', path, headers, repeatable: true, ...body })).value;
   }
 
   /** {"model", "optimizer", "step"} as one torch.save file. */
@@ -437,14 +453,13 @@ export class ASGDClient {
     return (await this.http.send({ method: 'GET', path: `${sessionPath(name)}/checkpoint`, query: { ...options, format: 'pt' }, repeatable: true })).bytes;
   }
 
-  async loadCheckpoint(name: string, bytes: Uint8Array, options: { ifMatch?: number } = {}): Promise<Session> {
+  async loadCheckpoint(name: string, bytes: Uint8Array, options: ChangeOptions = {}): Promise<Session> {
     return this.put(`${sessionPath(name)}/checkpoint`, bytes, { ...options, format: 'pt' });
   }
 
-  private async put(path: string, value: StateDictJson | Uint8Array, options: { format?: 'pt' | 'safetensors'; ifMatch?: number }): Promise<Session> {
-    const headers = { 'if-match': options.ifMatch === undefined ? undefined : etag(options.ifMatch) };
+  private async put(path: string, value: StateDictJson | Uint8Array, options: ChangeOptions & { format?: 'pt' | 'safetensors' }): Promise<Session> {
     const body: Partial<Exchange> = value instanceof Uint8Array ? { bytes: value, contentType: options.format === 'safetensors' ? SAFETENSORS : TORCH } : { json: value };
-    return (await this.http.json<Session>({ method: 'PUT', path, headers, ...body })).value;
+    return (await this.http.json<Session>({ method: 'PUT', path, headers: changeHeaders(options), repeatable: true, ...body })).value;
   }
 
   // ---- snapshots -------------------------------------------------------------------------------------
@@ -483,9 +498,8 @@ export class ASGDClient {
   }
 
   /** Rolls the session back to a snapshot, as a new version. */
-  async restoreSnapshot(name: string, id: number, options: { ifMatch?: number } = {}): Promise<Session> {
-    const headers = { 'if-match': options.ifMatch === undefined ? undefined : etag(options.ifMatch) };
-    return (await this.http.json<Session>({ method: 'POST', path: `${sessionPath(name)}/snapshots/${id}/restore`, headers })).value;
+  async restoreSnapshot(name: string, id: number, options: ChangeOptions = {}): Promise<Session> {
+    return (await this.http.json<Session>({ method: 'POST', path: `${sessionPath(name)}/snapshots/${id}/restore`, headers: changeHeaders(options), repeatable: true })).value;
   }
 
   // ---- tokens --------------------------------------------------------------------------------------

@@ -90,3 +90,41 @@ test('retries across a service restart apply every step exactly once', { skip: s
     await service.start();
   });
 });
+
+test('a load, hyperparameters or a restore whose answer was lost is sent again and not made twice', async (t) => {
+  const { url } = await liveService(t);
+  const other = new ASGDClient(url);
+  let loseNext: string | null = null;
+  const sent: string[] = [];
+  // The change is committed and another worker steps; then the answer is lost.
+  const lossyFetch: typeof fetch = async (input, init) => {
+    const method = init?.method ?? 'GET';
+    if (method !== 'GET') sent.push(new Headers(init?.headers).get('idempotency-key') ?? '');
+    const res = await fetch(input, init);
+    if (loseNext === null || method === 'GET') return res;
+    await res.arrayBuffer();
+    await other.step(loseNext, { w: Float32Array.from([1, 1]) });
+    loseNext = null;
+    throw new TypeError('fetch failed', { cause: Object.assign(new Error('other side closed'), { code: 'UND_ERR_SOCKET' }) });
+  };
+  const client = new ASGDClient(url, { fetch: lossyFetch });
+  const changes: [string, (name: string) => Promise<{ version: number; replayed?: boolean }>][] = [
+    ['loadParams', (name) => client.loadParams(name, { w: Float32Array.from([3, 4]) })],
+    ['loadStateDict', async (name) => client.loadStateDict(name, await other.stateDictBytes(name, 'pt'), { format: 'pt' })],
+    ['loadCheckpoint', async (name) => client.loadCheckpoint(name, await other.checkpointBytes(name))],
+    ['setHyperparameters', (name) => client.setHyperparameters(name, [{ lr: 0.02 }])],
+    ['restoreSnapshot', async (name) => client.restoreSnapshot(name, (await other.listSnapshots(name)).snapshots[0].id)],
+  ];
+  for (const [what, change] of changes) {
+    const name = uniqueName(what.toLowerCase());
+    await other.createSession({ name, params: [{ name: 'w', shape: [2], data: [0.5, -0.5] }], hyperparameters: { lr: 0.1 } });
+    sent.length = 0;
+    loseNext = name;
+    const answer = await change(name);
+    assert.equal(sent.length, 2, `${what}: sent again once`);
+    assert.equal(sent[0], sent[1], `${what}: with the same Idempotency-Key`);
+    assert.equal(answer.replayed, true, what);
+    assert.equal(answer.version, 2, `${what}: the first answer`);
+    assert.equal((await other.getSession(name)).version, 3, `${what}: the other worker's step is the last change, not undone`);
+  }
+});

@@ -2,9 +2,9 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import type { Config } from '../../config.ts';
-import { ACCESS, ifMatchOf, sessionJson, setVersion, snapshotJson } from '../common.ts';
+import { ACCESS, changeAnswer, changeKeyOf, ifMatchOf, snapshotJson } from '../common.ts';
 import { ROUTE_MEDIA } from '../media.ts';
-import { errorResponses, IfMatchHeaders, NameParams, Session, Snapshot, SnapshotParams } from '../schemas.ts';
+import { ChangeHeaders, errorResponses, IfMatchHeaders, NameParams, Session, Snapshot, SnapshotParams } from '../schemas.ts';
 import { sendView, viewResponse, type ViewKind, type ViewQuery } from './views.ts';
 
 const PinBody = Type.Object({ pinned: Type.Boolean({ description: 'Retention never removes a pinned snapshot' }) }, { additionalProperties: false, examples: [{ pinned: true }] });
@@ -97,13 +97,12 @@ const snapshotRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fas
       description: 'The snapshot\'s parameters and optimizer state become the session\'s state, as a new version.',
       tags: ['snapshots'],
       params: SnapshotParams,
-      headers: IfMatchHeaders,
-      response: { 200: Session, ...errorResponses(400, 401, 403, 404, 412) },
+      headers: ChangeHeaders,
+      response: { 200: Session, ...errorResponses(400, 401, 403, 404, 412, 422) },
     },
   }, async (request, reply) => {
-    const session = await fastify.sessions.restore(request.params.name, Number(request.params.id), ifMatchOf(request));
-    setVersion(reply, session.version);
-    return sessionJson(session, null); // a new version: no round is open
+    const result = await fastify.sessions.restore(request.params.name, Number(request.params.id), ifMatchOf(request), changeKeyOf(request));
+    return changeAnswer(reply, result); // a new version: no round is open
   });
 };
 

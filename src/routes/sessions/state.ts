@@ -5,13 +5,14 @@ import { Type, type Static } from 'typebox';
 import type { Config } from '../../config.ts';
 import { errors } from '../../errors.ts';
 import type { ParamSpec } from '../../db/schema.ts';
+import { isReplayed } from '../../sessions/changes.ts';
 import type { LoadedParams } from '../../sessions/model.ts';
 import { MAX_LOADED_STEP, numelOf } from '../../sessions/spec.ts';
 import { parseStateDict } from '../../sessions/state-dict.ts';
 import { firstNonFinite, readJsonTensor } from '../../sessions/tensors.ts';
-import { ACCESS, ifMatchOf, jsonBody, jsonOrFile, sessionJson, setVersion } from '../common.ts';
+import { ACCESS, changeAnswer, changeKeyOf, ifMatchOf, jsonBody, jsonOrFile } from '../common.ts';
 import { contentFormat, mediaTypes, ROUTE_MEDIA, type WireFormat } from '../media.ts';
-import { errorResponses, GroupChanges, IfMatchHeaders, IfNoneMatchHeaders, NameParams, NotModified, Session, Version, withCode } from '../schemas.ts';
+import { ChangeHeaders, errorResponses, GroupChanges, IfNoneMatchHeaders, NameParams, NotModified, Session, Version, withCode } from '../schemas.ts';
 import { perTensorLimits, readCheckpointFile, readCheckpointJson, readNamedTensors, readStateDictBody } from './binary.ts';
 import { jsonBoundBySession } from './json-bound.ts';
 import { answeredNotModified, MAX_WAIT_SECONDS, waitPastVersion } from './conditional.ts';
@@ -147,19 +148,18 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
         'Bumps the version (written as a snapshot), unless the parameters equal the session\'s bit for bit.',
       tags: ['state'],
       params: NameParams,
-      headers: IfMatchHeaders,
+      headers: ChangeHeaders,
       consumes: mediaTypes(ROUTE_MEDIA.params.accepts),
       body: jsonBody(ParamsIn),
-      response: { 200: Session, ...errorResponses(400, 401, 403, 404, 412, 413, 415) },
+      response: { 200: Session, ...errorResponses(400, 401, 403, 404, 412, 413, 415, 422) },
     },
   }, async (request, reply) => {
     const { name } = request.params;
     const body = jsonOrFile(request.body, ParamsIn);
     const params = readParamsBody(body, contentFormat(request), (await fastify.sessions.get(name)).params);
-    const session = await fastify.sessions.load(name, { params, paramsField: 'params' }, { ifMatch: ifMatchOf(request), reason: 'load_params' });
-    setVersion(reply, session.version);
+    const result = await fastify.sessions.load(name, { params, paramsField: 'params' }, { ifMatch: ifMatchOf(request), reason: 'load_params', key: changeKeyOf(request) });
     // A new version has no open round; parameters that changed nothing leave the open round as it was.
-    return sessionJson(session, await fastify.rounds.openRound(session));
+    return changeAnswer(reply, result, isReplayed(result) ? null : await fastify.rounds.openRound(result));
   });
 
   fastify.get('/:name/state_dict', {
@@ -185,18 +185,17 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
       description: 'Optimizer.load_state_dict semantics: hyperparameters come from the loaded groups; group count and sizes must match. Parameters are not changed. The session\'s step becomes the loaded state\'s (the most steps any parameter took; 0 for an optimizer that has not stepped). JSON, a torch.save file or safetensors. Bumps the version.',
       tags: ['state'],
       params: NameParams,
-      headers: IfMatchHeaders,
+      headers: ChangeHeaders,
       consumes: mediaTypes(ROUTE_MEDIA.stateDict.accepts),
       body: jsonBody(StateDictIn),
-      response: { 200: Session, ...errorResponses(400, 401, 403, 404, 412, 413, 415) },
+      response: { 200: Session, ...errorResponses(400, 401, 403, 404, 412, 413, 415, 422) },
     },
   }, async (request, reply) => {
     // A state_dict that is not there is a malformed state_dict (the code of its other structural errors).
     const body = jsonOrFile(request.body, StateDictIn, (message) => errors.invalidStateDict('body', message));
     const stateDict = Buffer.isBuffer(body) ? readStateDictBody(contentFormat(request), body, (await fastify.sessions.get(request.params.name)).params.length) : parseStateDict(body);
-    const session = await fastify.sessions.load(request.params.name, { stateDict }, { ifMatch: ifMatchOf(request), reason: 'load_state_dict' });
-    setVersion(reply, session.version);
-    return sessionJson(session, null); // a new version: no round is open
+    const result = await fastify.sessions.load(request.params.name, { stateDict }, { ifMatch: ifMatchOf(request), reason: 'load_state_dict', key: changeKeyOf(request) });
+    return changeAnswer(reply, result); // a new version: no round is open
   });
 
   fastify.patch('/:name/param_groups', {
@@ -209,16 +208,15 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
         '(reason `hyperparameters`); the optimizer state and the parameters stay as they are. Values equal to the session\'s: no new version.',
       tags: ['training'],
       params: NameParams,
-      headers: IfMatchHeaders,
+      headers: ChangeHeaders,
       body: Type.Object({
         param_groups: GroupChanges('One object per session group, in the session\'s group order', { minItems: 1 }),
       }, { additionalProperties: false, examples: [{ param_groups: [{ lr: 0.005 }] }] }),
-      response: { 200: Session, ...errorResponses(400, 401, 403, 404, 409, 412) },
+      response: { 200: Session, ...errorResponses(400, 401, 403, 404, 409, 412, 422) },
     },
   }, async (request, reply) => {
-    const session = await fastify.sessions.setHyperparameters(request.params.name, request.body.param_groups, ifMatchOf(request));
-    setVersion(reply, session.version);
-    return sessionJson(session, await fastify.rounds.openRound(session)); // values that changed nothing: a round may be open
+    const result = await fastify.sessions.setHyperparameters(request.params.name, request.body.param_groups, ifMatchOf(request), changeKeyOf(request));
+    return changeAnswer(reply, result, isReplayed(result) ? null : await fastify.rounds.openRound(result)); // values that changed nothing: a round may be open
   });
 
   fastify.get('/:name/checkpoint', {
@@ -244,17 +242,16 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
       description: 'Replaces parameters and optimizer state from {"model", "optimizer", "step"} (a torch.save file, or JSON). Bumps the version.',
       tags: ['state'],
       params: NameParams,
-      headers: IfMatchHeaders,
+      headers: ChangeHeaders,
       consumes: mediaTypes(ROUTE_MEDIA.checkpoint.accepts),
       body: jsonBody(CheckpointIn),
-      response: { 200: Session, ...errorResponses(400, 401, 403, 404, 412, 413, 415) },
+      response: { 200: Session, ...errorResponses(400, 401, 403, 404, 412, 413, 415, 422) },
     },
   }, async (request, reply) => {
     const body = jsonOrFile(request.body, CheckpointIn);
     const checkpoint = Buffer.isBuffer(body) ? readCheckpointFile(body, (await fastify.sessions.get(request.params.name)).params.map((p) => p.name)) : readCheckpointJson(body);
-    const session = await fastify.sessions.load(request.params.name, checkpoint, { ifMatch: ifMatchOf(request), reason: 'load_checkpoint' });
-    setVersion(reply, session.version);
-    return sessionJson(session, null); // a new version: no round is open
+    const result = await fastify.sessions.load(request.params.name, checkpoint, { ifMatch: ifMatchOf(request), reason: 'load_checkpoint', key: changeKeyOf(request) });
+    return changeAnswer(reply, result); // a new version: no round is open
   });
 };
 

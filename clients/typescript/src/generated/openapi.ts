@@ -994,6 +994,8 @@ export interface components {
             /** Format: date-time */
             updated_at: string;
             storage?: components["schemas"]["SessionStorage"];
+            /** @description true when a change sent again with its Idempotency-Key got the first answer (the session as that change left it; nothing was done again) */
+            replayed?: boolean;
         };
         /** SessionList */
         SessionList: {
@@ -1026,6 +1028,8 @@ export interface components {
                 /** Format: date-time */
                 updated_at: string;
                 storage?: components["schemas"]["SessionStorage"];
+                /** @description true when a change sent again with its Idempotency-Key got the first answer (the session as that change left it; nothing was done again) */
+                replayed?: boolean;
                 activity?: {
                     steps_last_minute: number;
                     /** @description steps_last_minute / 60 */
@@ -2331,6 +2335,8 @@ export interface operations {
                  * @example "42"
                  */
                 "if-match"?: string;
+                /** @description A retry with the same key and request gets the first answer (replayed: true) and does not make the change again over what came after it */
+                "idempotency-key"?: string;
             };
             path: {
                 /**
@@ -2405,6 +2411,7 @@ export interface operations {
             412: components["responses"]["Error412"];
             413: components["responses"]["Error413"];
             415: components["responses"]["Error415"];
+            422: components["responses"]["Error422"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
             default: components["responses"]["ErrorOther"];
@@ -2478,6 +2485,8 @@ export interface operations {
                  * @example "42"
                  */
                 "if-match"?: string;
+                /** @description A retry with the same key and request gets the first answer (replayed: true) and does not make the change again over what came after it */
+                "idempotency-key"?: string;
             };
             path: {
                 /**
@@ -2526,6 +2535,7 @@ export interface operations {
             412: components["responses"]["Error412"];
             413: components["responses"]["Error413"];
             415: components["responses"]["Error415"];
+            422: components["responses"]["Error422"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
             default: components["responses"]["ErrorOther"];
@@ -2540,6 +2550,8 @@ export interface operations {
                  * @example "42"
                  */
                 "if-match"?: string;
+                /** @description A retry with the same key and request gets the first answer (replayed: true) and does not make the change again over what came after it */
+                "idempotency-key"?: string;
             };
             path: {
                 /**
@@ -2601,6 +2613,7 @@ export interface operations {
             412: components["responses"]["Error412"];
             413: components["responses"]["Error413"];
             415: components["responses"]["Error415"];
+            422: components["responses"]["Error422"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
             default: components["responses"]["ErrorOther"];
@@ -2673,6 +2686,8 @@ export interface operations {
                  * @example "42"
                  */
                 "if-match"?: string;
+                /** @description A retry with the same key and request gets the first answer (replayed: true) and does not make the change again over what came after it */
+                "idempotency-key"?: string;
             };
             path: {
                 /**
@@ -2744,6 +2759,7 @@ export interface operations {
             412: components["responses"]["Error412"];
             413: components["responses"]["Error413"];
             415: components["responses"]["Error415"];
+            422: components["responses"]["Error422"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
             default: components["responses"]["ErrorOther"];
@@ -3090,6 +3106,8 @@ export interface operations {
                  * @example "42"
                  */
                 "if-match"?: string;
+                /** @description A retry with the same key and request gets the first answer (replayed: true) and does not make the change again over what came after it */
+                "idempotency-key"?: string;
             };
             path: {
                 /**
@@ -3126,6 +3144,7 @@ export interface operations {
             412: components["responses"]["Error412"];
             413: components["responses"]["Error413"];
             415: components["responses"]["Error415"];
+            422: components["responses"]["Error422"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
             default: components["responses"]["ErrorOther"];
