@@ -168,8 +168,9 @@ export const errors = {
     }),
   /** A cross-origin request from an origin not allowed: no Bearer challenge, no token would help (found by a review). */
   originNotAllowed: make('FORBIDDEN', (origin: string) => `Origin: ${JSON.stringify(origin.slice(0, 200))} is not one of the origins allowed to call this API (ASGD_CORS_ORIGINS)`),
-  hostNotAllowed: make('HOST_NOT_ALLOWED', (host: string) =>
-    `Host: ${quoteValue(headerText(host).slice(0, 300))} is not a loopback name; with auth off (no ASGD_ADMIN_TOKEN) this service answers only requests addressed to localhost, 127.0.0.1 or [::1] (or a name in ASGD_ALLOWED_HOSTS), so that a web page cannot reach it through a DNS name of its own (DNS rebinding)`),
+  hostNotAllowed: make('HOST_NOT_ALLOWED', (host: string, addresses = false) => addresses
+    ? `Host: ${quoteValue(headerText(host).slice(0, 300))} is a name not listed in ASGD_ALLOWED_HOSTS; with auth off (no ASGD_ADMIN_TOKEN) this service answers only requests addressed to an IP address, a loopback name or a name listed there, so that a web page cannot reach it through a DNS name of its own (DNS rebinding)`
+    : `Host: ${quoteValue(headerText(host).slice(0, 300))} is not a loopback name; with auth off (no ASGD_ADMIN_TOKEN) this service answers only requests addressed to localhost, 127.0.0.1 or [::1] (or a name in ASGD_ALLOWED_HOSTS), so that a web page cannot reach it through a DNS name of its own (DNS rebinding)`),
   // 404/405/406
   sessionNotFound: make('SESSION_NOT_FOUND', (name: string) => `session ${JSON.stringify(name)} does not exist`),
   snapshotNotFound: make('SNAPSHOT_NOT_FOUND', (id: string) => `snapshot ${id} does not exist in this session`),

@@ -4,6 +4,7 @@
 // there is no table of routes here to forget a new route in. A route that declares nothing stops the app
 // at start, naming the route. Routes of plugins we do not write (Swagger UI) get theirs from the context
 // that registers them (`withAccess`).
+import { isIP } from 'node:net';
 import fp from 'fastify-plugin';
 import type { FastifyInstance, FastifyPluginAsync, FastifyPluginCallback, FastifyPluginOptions, FastifyRequest } from 'fastify';
 import { isLoopback, type Config } from '../config.ts';
@@ -102,6 +103,9 @@ function hostName(header: string): string {
 /** Names only this machine answers: a DNS name of a web page's own cannot be one (RFC 6761 for .localhost). */
 const isLoopbackName = (name: string) => isLoopback(name) || name.endsWith('.localhost');
 
+/** An IP address as a Host header carries it (IPv6 in brackets). */
+const isAddress = (name: string) => isIP(name.startsWith('[') && name.endsWith(']') ? name.slice(1, -1) : name) !== 0;
+
 export default fp(
   async function authPlugin(fastify: FastifyInstance, opts: { config: Config }) {
     const store = createTokenStore(fastify.db);
@@ -111,10 +115,13 @@ export default fp(
     // Auth off is safe only because no one but this machine can reach the service: it listens on loopback.
     // A web page can still reach it, through a DNS name of the page's own that it points at 127.0.0.1 once
     // the page has loaded (DNS rebinding): the browser then sends the page's name as Host, and the page reads
-    // the answers as its own origin's. So with auth off, and listening on loopback, the API answers only
-    // requests addressed to a loopback name (or one listed in ASGD_ALLOWED_HOSTS). A service made to listen
-    // beyond loopback without a token (ASGD_ALLOW_INSECURE) is open to the network anyway: not checked.
-    const checkHost = !authOn && isLoopback(opts.config.host);
+    // the answers as its own origin's. So with auth off the API answers only requests addressed to a loopback
+    // name (or one listed in ASGD_ALLOWED_HOSTS). A service made to listen beyond loopback without a token
+    // (ASGD_ALLOW_INSECURE) is reached by the network's own names, which it cannot know: it also answers any
+    // IP address (a request to an address is no page's DNS name), and other names once they are listed (found
+    // by a review: a page on that network could rebind a name of its own to the service and read every session).
+    const checkHost = !authOn;
+    const addressesAllowed = !isLoopback(opts.config.host);
     const allowedHosts = new Set(opts.config.allowedHosts);
     const isAdmin = (presented: string) => {
       const hash = sha256(presented);
@@ -185,15 +192,15 @@ export default fp(
     fastify.addHook('onRequest', async (request) => {
       // Every route, public ones too (/metrics names the sessions): a page reaching it by rebinding gets nothing.
       if (checkHost && request.headers.host !== undefined) {
-        const name = hostName(request.headers.host);
-        if (!isLoopbackName(name) && !allowedHosts.has(name)) throw errors.hostNotAllowed(request.headers.host);
+        const allowed = (name: string) => isLoopbackName(name) || allowedHosts.has(name) || (addressesAllowed && isAddress(name));
+        if (!allowed(hostName(request.headers.host))) throw errors.hostNotAllowed(request.headers.host, addressesAllowed);
         // A request line in absolute form (`GET http://name/path`, as clients send to a proxy) names its host
         // there, and that one is the request's host (RFC 9112 section 3.2.2): checked too (found by a review:
         // served whatever it named, with a loopback Host header).
         const target = request.raw.url ?? '';
         if (target !== '' && target[0] !== '/' && target !== '*') {
           const authority = absoluteAuthority(target);
-          if (!isLoopbackName(hostName(authority)) && !allowedHosts.has(hostName(authority))) throw errors.hostNotAllowed(authority);
+          if (!allowed(hostName(authority))) throw errors.hostNotAllowed(authority, addressesAllowed);
         }
       }
       const { scope, allSessions } = request.routeOptions.config;

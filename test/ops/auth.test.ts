@@ -349,9 +349,18 @@ test('with auth off, a request addressed to a name that is not loopback is refus
     assert.match(await raw(target), /^HTTP\/1\.1 200 /, target);
   }
 
-  // Made to listen beyond loopback without a token (ASGD_ALLOW_INSECURE): open to the network anyway, not checked.
-  const open = await buildTestApp(t, { env: { HOST: '0.0.0.0', ASGD_ALLOW_INSECURE: 'true' } });
-  assert.equal((await open.app.inject({ url: '/v1/sessions', headers: { host: 'evil.example:8080' } })).statusCode, 200);
+  // Made to listen beyond loopback without a token (ASGD_ALLOW_INSECURE): reached by the network's addresses
+  // and names; any IP address is answered (no page's DNS name), a name only once listed (found by a review:
+  // a page on that network rebinding a name of its own read every session).
+  const open = await buildTestApp(t, { env: { HOST: '0.0.0.0', ASGD_ALLOW_INSECURE: 'true', ASGD_ALLOWED_HOSTS: 'trainbox' } });
+  for (const host of ['evil.example:8080', 'evil.example', '127.0.0.1.evil.example']) {
+    const res = await open.app.inject({ url: '/v1/sessions', headers: { host } });
+    assert.equal(res.statusCode, 403, host);
+    assert.match(res.json().message, /^Host: "[^"]+" is a name not listed in ASGD_ALLOWED_HOSTS; with auth off .* an IP address/);
+  }
+  for (const host of ['192.0.2.2:8080', '10.0.0.5', '[2001:db8::1]:8080', '[::1]', 'localhost:8080', 'trainbox:8080', 'TRAINBOX']) {
+    assert.equal((await open.app.inject({ url: '/v1/sessions', headers: { host } })).statusCode, 200, host);
+  }
 
   // With auth on the token is what counts: any Host.
   const authed = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
@@ -436,6 +445,16 @@ test('a waiting read (after_version + wait) of a token revoked during its wait a
   const ok = await woken;
   assert.equal(ok.statusCode, 200, ok.body);
   assert.equal(ok.json().version, 3);
+  // A wait that ends with nothing new: 304 for an active token, 401 for one revoked meanwhile (found by a
+  // review: it answered 304, with the session's version).
+  const quiet = await app.inject({ url: '/v1/sessions/waited/params?after_version=3&wait=1.2', headers: bearer(other) });
+  assert.equal(quiet.statusCode, 304);
+  const revokedQuiet = app.inject({ url: '/v1/sessions/waited/params?after_version=3&wait=1.5', headers: bearer(other) });
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  assert.equal((await app.inject({ method: 'DELETE', url: `/v1/tokens/${other.split('_')[1]}`, headers: asAdmin })).statusCode, 204);
+  const ended = await revokedQuiet;
+  assert.equal(ended.statusCode, 401, ended.body);
+  assert.equal(ended.headers.etag, undefined);
 });
 
 test('a contribution held for its round, of a token revoked during the wait, answers 401, not the round\'s parameters', async (t) => {

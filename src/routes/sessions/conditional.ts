@@ -61,6 +61,12 @@ export async function waitPastVersion(
     await checkTokenStillActive(fastify, request, began, 'this read waited');
     return true;
   };
+  // Nor the version a 304 carries after the wait (found by a review: a revoked token's wait ended in 304).
+  const notModified = async (version: number): Promise<false> => {
+    await checkTokenStillActive(fastify, request, began, 'this read waited');
+    await sendNotModified(reply, version);
+    return false;
+  };
   try {
     for (;;) {
       const remaining = deadline - Date.now();
@@ -69,10 +75,7 @@ export async function waitPastVersion(
         if (waiter) await fastify.versions.listening(name);
         const session = await fastify.sessions.get(name);
         if (session.version > afterVersion) return newer();
-        if (!waiter) {
-          await sendNotModified(reply, session.version);
-          return false;
-        }
+        if (!waiter) return notModified(session.version);
         await waiter.ready;
       } finally {
         waiter?.cancel();
@@ -88,8 +91,7 @@ export async function waitPastVersion(
         // Shutting down: the wait was cut short, which a 304 would pass off as "nothing new in `wait`
         // seconds"; a 503 sends the client to wait again (on another replica), as every request refused at shutdown.
         if (!gone.signal.aborted) throw errors.unavailable(`shutting down: the wait for a version after ${afterVersion} was cut short; wait again`);
-        await sendNotModified(reply, session.version);
-        return false;
+        return notModified(session.version);
       }
     }
   } finally {
