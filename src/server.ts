@@ -85,7 +85,8 @@ export async function startServer(config: Config, opts: { migrate?: boolean } = 
   warnings.logTo(app.log);
   app.addHook('onClose', async () => warnings.release());
   if (!config.adminToken && !isLoopback(config.host)) {
-    app.log.warn({ host: config.host }, 'ASGD_ALLOW_INSECURE: listening beyond loopback WITHOUT authentication');
+    app.log.warn({ host: config.host, allowedHosts: config.allowedHosts },
+      'ASGD_ALLOW_INSECURE: listening beyond loopback WITHOUT authentication; requests are answered when addressed to an IP address, a loopback name or a name in ASGD_ALLOWED_HOSTS (others: 403 HOST_NOT_ALLOWED)');
   }
   let closing = false;
   const shutdown = async (signal: string) => {
