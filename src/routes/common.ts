@@ -76,7 +76,8 @@ export function idempotencyKeyOf(request: FastifyRequest): string | null {
  * a restore), or undefined. The request it names: the route and its path parameters, and the body (a
  * file's bytes with its format; JSON as its value, keys in any order, so a retry serialized anew is the
  * same request). A key of another request is IDEMPOTENCY_KEY_REUSED; one of a step too (its hash is other).
- * The answer kept is the session as the change left it (`round`: null, as after any new version).
+ * The answer kept is the session as the change left it (`round`: null, as after any new version), but for
+ * its parameters' names and shapes, which never change.
  */
 export function changeKeyOf(request: FastifyRequest): ChangeKey<SessionRecord> | undefined {
   const key = idempotencyKeyOf(request);
@@ -92,15 +93,23 @@ export function changeKeyOf(request: FastifyRequest): ChangeKey<SessionRecord> |
       throw errors.invalidBody('nested too deeply');
     }
   }
-  return { key, requestHash: `change:${hash.digest('hex')}`, answer: (session) => sessionJson(session, null) };
+  // The parameters' names and shapes are the session's for life: kept once, in the session, not with every
+  // answer (a worker that clamps its weights after each step sends a PUT params a step).
+  return {
+    key, requestHash: `change:${hash.digest('hex')}`, answer: (session) => {
+      const { params: _params, ...answer } = sessionJson(session, null);
+      return answer;
+    },
+  };
 }
 
 /** A change's answer: the session as it left it, or a retry's first answer (`replayed`), with its ETag. */
 export function changeAnswer(reply: FastifyReply, result: SessionRecord | Replayed, round: RoundStatus | null = null): Static<typeof Session> {
   if (isReplayed(result)) {
-    const first = result.replayed as Static<typeof Session>;
+    const now = sessionJson(result.session, null);
+    const first = result.replayed as Omit<Static<typeof Session>, 'params'>;
     setVersion(reply, first.version);
-    return { ...first, replayed: true };
+    return { ...now, ...first, params: now.params, replayed: true };
   }
   setVersion(reply, result.version);
   return sessionJson(result, round);

@@ -27,9 +27,10 @@ export interface ChangeKey<T> {
   answer(result: T): Record<string, unknown>;
 }
 
-/** The first answer to a change's Idempotency-Key: nothing was done again. */
+/** The first answer to a change's Idempotency-Key (nothing was done again), and the session now. */
 export interface Replayed {
   replayed: Record<string, unknown>;
+  session: SessionRecord;
 }
 
 /** A fork's settings: each one not given is the source session's. */
@@ -71,7 +72,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
             const known = await repo.findIdempotentAnswer(tx, session.id, key.key, ctx.idempotencyWindowSeconds);
             if (known?.live) {
               if (known.requestHash !== key.requestHash) throw errors.idempotencyKeyReused();
-              return { replayed: known.response };
+              return { replayed: known.response, session };
             }
           }
           checkIfMatch(ifMatch, session.version);
