@@ -27,7 +27,21 @@ export function jsonBoundBySession(fastify: FastifyInstance, what: string, tenso
     const declared = request.headers['content-length'];
     if (declared !== undefined && Number(declared) <= FLOOR) return payload;
     const name = (request.params as { name: string }).name;
-    const size = fastify.sessions.cachedSize(name) ?? sizeOf(await fastify.sessions.get(name)); // unknown: 404
+    let size = fastify.sessions.cachedSize(name);
+    if (size === null) {
+      // The body's stream (metrics' byte counter, for a chunked one) may fail while the session is looked up:
+      // a client that breaks off its chunks, or hangs up. Nothing reads it yet, so its error is heard here and
+      // passed on (found by a review: unheard, it ended the process).
+      let failed: unknown = null;
+      const onError = (err: unknown) => (failed ??= err);
+      payload.on('error', onError);
+      try {
+        size = sizeOf(await fastify.sessions.get(name)); // unknown: 404
+      } finally {
+        payload.removeListener('error', onError);
+      }
+      if (failed !== null) throw failed;
+    }
     const limit = jsonTensorsLimit(size.numel, size.params);
     const tooLarge = () => errors.jsonTensorsTooLarge(what, tensors, limit, size.numel);
     if (declared !== undefined) {
