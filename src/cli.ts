@@ -41,6 +41,7 @@ export const FLAGS: Flag[] = [
   { env: 'ASGD_BODY_LIMIT_CREATE', value: 'bytes', help: 'largest create / state_dict / checkpoint body (default 2 GiB)' },
   { env: 'ASGD_BODY_LIMIT_DEFAULT', value: 'bytes', help: 'largest body of other routes (default 1 MiB)' },
   { env: 'ASGD_BODY_LIMIT_JSON', value: 'bytes', help: 'largest JSON body on any route (default 256 MiB, at most 512 MiB; use safetensors beyond)' },
+  { env: 'ASGD_BODY_IN_FLIGHT_BYTES', value: 'bytes', help: 'request body bytes (of bodies over 1 MiB) one process receives and holds at once, 503 beyond (default 1 GiB; 0: no bound)' },
   { env: 'ASGD_JSON_IN_FLIGHT_BYTES', value: 'bytes', help: 'JSON body bytes (of bodies over 1 MiB) one process parses and holds at once, 503 beyond (default 512 MiB; 0: no bound)' },
   { env: 'ASGD_REQUEST_TIMEOUT_MS', value: 'ms', help: 'time to receive a whole request (default 300000; 0 = none)' },
   { env: 'ASGD_MAX_CONNECTIONS', value: 'n', help: 'open connections a process accepts, event streams included (default 4096); more are closed' },

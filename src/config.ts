@@ -40,6 +40,8 @@ export interface Config {
   bodyLimitJson: number;
   /** JSON body bytes a process parses and holds at once (bodies over 1 MiB, arrived whole, until answered; 0: no bound). */
   jsonInFlightBytes: number;
+  /** ASGD_BODY_IN_FLIGHT_BYTES: request body bytes (over 1 MiB each) one process holds at once, received or waiting; 0: no bound. */
+  bodyInFlightBytes: number;
   requestTimeoutMs: number;
   /** Open connections a process accepts (Node's server.maxConnections); more are closed as they come. */
   maxConnections: number;
@@ -102,6 +104,19 @@ function int(env: Env, key: string, fallback: number, min: number, max = Number.
   if (!/^\d+$/.test(raw.trim())) throw new ConfigError(`${key} must be a whole number, got ${JSON.stringify(raw)}`);
   const value = Number(raw.trim());
   if (value < min || value > max) throw new ConfigError(`${key} must be between ${min} and ${max}, got ${value}`);
+  return value;
+}
+
+/** ASGD_BODY_LIMIT_STEP / _CREATE / _DEFAULT at most: 32 GiB (a 8e9-parameter model's float32 file). */
+export const MAX_BODY_LIMIT = 32 * 1024 * 1024 * 1024;
+
+/** ASGD_MAX_RSS_BYTES, unless 0: a process starts at about 260 MB, and a bound below that refused every request for good. */
+const MIN_MAX_RSS_BYTES = 512 * 1024 * 1024;
+
+/** A memory bound that is 0 (off) or at least `floor` (a smaller one would refuse every request from the start). */
+function offOrAtLeast(env: Env, key: string, floor: number): number {
+  const value = int(env, key, 0, 0);
+  if (value !== 0 && value < floor) throw new ConfigError(`${key} must be 0 (off) or at least ${floor} (${floor / (1024 * 1024)} MiB): below that the process refuses every request from its start, got ${value}`);
   return value;
 }
 
@@ -293,11 +308,14 @@ export function loadConfig(env: Env = process.env): Config {
     previousAdminToken,
     allowInsecure: bool(env, 'ASGD_ALLOW_INSECURE', false),
     allowedHosts: allowedHostsOf(env),
-    bodyLimitStep: int(env, 'ASGD_BODY_LIMIT_STEP', 1024 * MiB, 1024),
-    bodyLimitCreate: int(env, 'ASGD_BODY_LIMIT_CREATE', 2048 * MiB, 1024),
-    bodyLimitDefault: int(env, 'ASGD_BODY_LIMIT_DEFAULT', 1 * MiB, 1024),
+    // A body is read into one buffer: at most what one process could hold (a limit of 1 TiB answered an
+    // upload announcing it with a 500, the allocation failing; found by a review).
+    bodyLimitStep: int(env, 'ASGD_BODY_LIMIT_STEP', 1024 * MiB, 1024, MAX_BODY_LIMIT),
+    bodyLimitCreate: int(env, 'ASGD_BODY_LIMIT_CREATE', 2048 * MiB, 1024, MAX_BODY_LIMIT),
+    bodyLimitDefault: int(env, 'ASGD_BODY_LIMIT_DEFAULT', 1 * MiB, 1024, MAX_BODY_LIMIT),
     bodyLimitJson: int(env, 'ASGD_BODY_LIMIT_JSON', 256 * MiB, 1024, 512 * MiB),
     jsonInFlightBytes: int(env, 'ASGD_JSON_IN_FLIGHT_BYTES', 512 * MiB, 0),
+    bodyInFlightBytes: int(env, 'ASGD_BODY_IN_FLIGHT_BYTES', 1024 * MiB, 0),
     requestTimeoutMs: ms(env, 'ASGD_REQUEST_TIMEOUT_MS', 300_000, 0),
     maxConnections: int(env, 'ASGD_MAX_CONNECTIONS', 4096, 1),
     rateLimitPerMinute: env.ASGD_RATE_LIMIT_PER_MINUTE ? int(env, 'ASGD_RATE_LIMIT_PER_MINUTE', 0, 1) : null,
@@ -325,7 +343,7 @@ export function loadConfig(env: Env = process.env): Config {
     replayBoundBytes: int(env, 'ASGD_REPLAY_BOUND_BYTES', databaseUrl(env) ? 64 * MiB : 0, 0),
     maxEventLoopDelayMs: ms(env, 'ASGD_MAX_EVENT_LOOP_DELAY_MS', 0, 0),
     maxHeapUsedBytes: int(env, 'ASGD_MAX_HEAP_USED_BYTES', 0, 0),
-    maxRssBytes: int(env, 'ASGD_MAX_RSS_BYTES', 0, 0),
+    maxRssBytes: offOrAtLeast(env, 'ASGD_MAX_RSS_BYTES', MIN_MAX_RSS_BYTES),
     healthCheckIntervalMs: ms(env, 'ASGD_HEALTH_CHECK_INTERVAL_MS', 5_000, 0),
     metricsRequireToken: bool(env, 'ASGD_METRICS_REQUIRE_TOKEN', false),
     trustProxy: trustProxyOf(env),

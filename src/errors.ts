@@ -208,6 +208,7 @@ export const errors = {
   versionMismatch: (expected: number, version: number) =>
     new ApiError('VERSION_MISMATCH', `If-Match: expected ${expected < 0 ? 'a tag that is none of this session\'s versions (they are compared strongly: "<version>")' : `"${expected}"`}, the session is at version ${version}`, { version }, { etag: `"${version}"` }),
   bodyTooLarge: make('BODY_TOO_LARGE', (limit: number, variable: string) => `body: larger than the limit of ${limit} bytes for this route (${variable})`),
+  bodyTooLargeToHold: make('BODY_TOO_LARGE', (bytes: number) => `body: ${bytes} bytes is more than this process can allocate to hold it; lower the ASGD_BODY_LIMIT_* setting that let it through, or send less`),
   jsonBodyTooLarge: make('BODY_TOO_LARGE', (limit: number) => `body: a JSON body is limited to ${limit} bytes; send tensors as safetensors or a torch.save file`),
   jsonTensorsTooLarge: make('BODY_TOO_LARGE', (what: string, tensors: string, limit: number, numel: number) =>
     `body: ${what} of this session (${numel} elements) takes at most ${limit} bytes; send its ${tensors} as safetensors or a torch.save file if they need more`),

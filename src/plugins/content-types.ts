@@ -2,7 +2,7 @@
 // before it becomes a string, files as one bounded Buffer, and every route held to the types it lists.
 import fp from 'fastify-plugin';
 import { isUtf8 } from 'node:buffer';
-import type { Readable } from 'node:stream';
+import { Transform, type Readable } from 'node:stream';
 import { errorCodes, type FastifyInstance, type FastifyRequest } from 'fastify';
 import type { Config } from '../config.ts';
 import { errors, headerText, quoteValue } from '../errors.ts';
@@ -39,8 +39,17 @@ function withIntegerLiterals(request: FastifyRequest, text: string, body: unknow
 
 /** JSON bodies from this size on count toward ASGD_JSON_IN_FLIGHT_BYTES. */
 const COUNTED_JSON_BYTES = 1024 * 1024;
+/** Bodies from this size on count toward ASGD_BODY_IN_FLIGHT_BYTES. */
+const COUNTED_BODY_BYTES = 1024 * 1024;
 
 const mib = (bytes: number) => `${(bytes / (1024 * 1024)).toFixed(bytes < 10 * 1024 * 1024 ? 1 : 0)} MiB`;
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** Request body bytes held now: counted toward ASGD_BODY_IN_FLIGHT_BYTES, and JSON toward ASGD_JSON_IN_FLIGHT_BYTES. */
+    bodiesInFlight(): { bodies: number; json: number };
+  }
+}
 
 export default fp(
   async function contentTypesPlugin(fastify: FastifyInstance, opts: { config: Config }) {
@@ -70,6 +79,44 @@ export default fp(
       held.delete(request);
       inFlight -= bytes;
     };
+    // Request bodies received and held at once, bounded (ASGD_BODY_IN_FLIGHT_BYTES): a body is read whole
+    // before its route can look at it (a file's tensor names, a JSON step's session), so twenty 200 MB
+    // uploads aimed at a 2-element session held 2.6 GB, and past a container's memory the process is killed
+    // (found by a review). Counted as its bytes arrive, for bodies from 1 MiB on, until its answer is sent or
+    // its connection closes: what the process really holds (an announced length reserves nothing, so that
+    // clients announcing much and sending little shut nobody out). A body that would take the total past
+    // the bound while others hold some is refused with 503 and Retry-After, at once when its announced
+    // length says so, else when its bytes reach it; one body is always taken (up to its route's limit).
+    const bodyBudget = opts.config.bodyInFlightBytes;
+    let bodyBytes = 0;
+    const bodyBusy = (bytes: number) => errors.unavailable(
+      `body: ${mib(bytes)} while this process holds ${mib(bodyBytes)} of request bodies it is receiving or has not answered yet (ASGD_BODY_IN_FLIGHT_BYTES ${mib(bodyBudget)}); retry shortly`, 1);
+    fastify.decorate('bodiesInFlight', () => ({ bodies: bodyBytes, json: inFlight }));
+    if (bodyBudget > 0) {
+      fastify.addHook('preParsing', async (request, reply, payload) => {
+        if (request.method === 'GET' || request.method === 'HEAD' || request.method === 'OPTIONS') return payload;
+        const chunked = request.headers['transfer-encoding'] !== undefined;
+        const declared = chunked ? NaN : Number(request.headers['content-length']);
+        if (!chunked && !(declared >= COUNTED_BODY_BYTES)) return payload; // small, or none
+        if (declared > 0 && bodyBytes > 0 && bodyBytes + declared > bodyBudget) throw bodyBusy(declared);
+        let mine = 0;
+        reply.raw.once('close', () => {
+          bodyBytes -= mine;
+          mine = 0;
+        });
+        const counted = new Transform({
+          transform(chunk: Buffer, _encoding, done) {
+            const next = mine + chunk.length;
+            if (next >= COUNTED_BODY_BYTES && bodyBytes > mine && bodyBytes + chunk.length > bodyBudget) return done(bodyBusy(next));
+            mine = next;
+            bodyBytes += chunk.length;
+            done(null, chunk);
+          },
+        });
+        payload.on('error', (err) => counted.destroy(err));
+        return payload.pipe(counted);
+      });
+    }
     // Bodies are JSON or files; fastify's default text/plain parser would hand routes a string.
     fastify.removeContentTypeParser('text/plain');
     // JSON arrives as bytes and is bounded before it becomes one string: a text beyond V8's string limit
@@ -247,7 +294,14 @@ function readBinaryBody(payload: Readable, contentLength: string | undefined, li
     return;
   }
   const sized = Number.isSafeInteger(declared) && declared >= 0;
-  const target = sized ? Buffer.allocUnsafe(declared) : null;
+  let target: Buffer | null = null;
+  try {
+    target = sized ? Buffer.allocUnsafe(declared) : null;
+  } catch {
+    // Not this much memory to be had (a body limit set beyond it): refused as too large, not a 500.
+    done(errors.bodyTooLargeToHold(declared));
+    return;
+  }
   const chunks: Buffer[] = [];
   let received = 0;
   let finished = false;

@@ -100,6 +100,18 @@ export default fp(
       });
     }
     new Gauge({
+      name: 'asgd_http_request_body_in_flight_bytes', help: 'Request body bytes this process holds (bodies of 1 MiB or more, received or not answered yet): bounded by ASGD_BODY_IN_FLIGHT_BYTES', registers,
+      collect() {
+        this.set(fastify.bodiesInFlight().bodies);
+      },
+    });
+    new Gauge({
+      name: 'asgd_http_json_in_flight_bytes', help: 'JSON body bytes this process parses and holds (bodies of 1 MiB or more): bounded by ASGD_JSON_IN_FLIGHT_BYTES', registers,
+      collect() {
+        this.set(fastify.bodiesInFlight().json);
+      },
+    });
+    new Gauge({
       name: 'asgd_session_cache_bytes', help: 'Bytes of decoded session state held by this process', registers,
       collect() {
         this.set(fastify.sessions.cacheStats().bytes);
