@@ -36,6 +36,10 @@ __all__ = ["Connection", "Response", "DEFAULT_URL"]
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# The retries' own random source: a retry must not move the user's `random` stream (a data order seeded
+# with random.seed; found by a review).
+_JITTER = random.Random()
+
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 USER_AGENT = "asgd-client-python/0.2"
 DEFAULT_RETRY_BUDGET_S = 60.0
@@ -419,7 +423,7 @@ class Connection:
                 delay = None
         if delay is None:
             delay = self.backoff * (2 ** (attempt - 1))
-            delay *= 0.5 + random.random()  # jitter: replicas of a job do not retry in lockstep
+            delay *= 0.5 + _JITTER.random()  # jitter: replicas of a job do not retry in lockstep
         delay = min(delay, self.max_backoff)
         if deadline is not None:  # the last attempt still happens at the end of the budget
             delay = min(delay, max(0.0, deadline - time.monotonic()))

@@ -618,7 +618,7 @@ class RemoteASGD(torch.optim.Optimizer):
         #: This optimizer's own hyperparameters as last sent to (or taken from) the session, per group: a
         #: value in param_groups that differs from them travels with the next step (see _group_changes).
         self._own_groups: List[Dict[str, Any]] = []
-        self.state = SessionState(self)  # type: ignore[assignment]
+        self.state = SessionState(self)
 
         group_specs = []
         for g in self.param_groups:
@@ -1331,6 +1331,43 @@ class RemoteASGD(torch.optim.Optimizer):
                 sd = result
         return sd
 
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        """torch.optim.ASGD's per-parameter state, read from the session (see :mod:`asgd_client.state`)."""
+        return self.__dict__["_session_state"]
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        if "_session_state" not in self.__dict__ or isinstance(value, SessionState):
+            # torch.optim.Optimizer.__init__'s defaultdict, then this optimizer's SessionState.
+            self.__dict__["_session_state"] = value
+            return
+        if isinstance(value, Mapping) and len(value) == 0:
+            # `opt.state = defaultdict(dict)`: the state starts over, as in torch (found by a review: the session
+            # kept its step, eta, mu and ax, and opt.state stayed the empty dict, so `'ax' in opt.state[p]` was
+            # False for good).
+            self.reset_state()
+            return
+        raise TypeError("the optimizer state lives in the asgd-serve session: change it with load_state_dict() "
+                        "(opt.state = {} or opt.state.clear() start it over)")
+
+    def __setstate__(self, state: Mapping[str, Any]) -> None:
+        # torch's __setstate__ updates __dict__, where a "state" would be shadowed by the property: set it through it.
+        state = dict(state)
+        if "state" in state:
+            self.state = state.pop("state")
+        super().__setstate__(state)
+
+    def reset_state(self) -> None:
+        """Starts the optimizer state over for every parameter (step, eta, mu, ax), keeping the hyperparameters:
+        what ``opt.state.clear()`` does to torch.optim.ASGD. A new version of the session."""
+        groups: List[Dict[str, Any]] = []
+        first = 0
+        for g in self.param_groups:
+            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": list(range(first, first + len(g["params"])))})
+            first += len(g["params"])
+        self.load_state_dict({"state": {}, "param_groups": groups})
+
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """torch.optim.ASGD.load_state_dict, applied to the session (parameters unchanged).
 
@@ -1555,6 +1592,9 @@ class DetachedRemoteASGD:
                            f"{self.session!r}) (it attaches to the session), and load state_dict() for the state")
 
     step = zero_grad = state_dict = load_state_dict = synchronize = add_param_group = _detached
+    # AWD-LSTM's resume reads optimizer.param_groups and optimizer.state of the loaded object (found by a
+    # review: a bare AttributeError).
+    param_groups = state = defaults = property(_detached)
 
     def __repr__(self) -> str:
         return f"DetachedRemoteASGD(session {self.session!r} at {self.url})"

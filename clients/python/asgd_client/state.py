@@ -5,8 +5,10 @@ The state lives in the session, so this mapping reads the session's state_dict w
 and keeps it until the model's parameters move to another version (then it asks again, with
 ``If-None-Match``: a 304 costs no transfer). Reading it never writes to the session: parameters edited in
 the model (the idiom's swap) are not sent; the next ``step()`` sends them if they are still edited then. The tensors are what torch.optim.ASGD holds: 0-dim float32
-``step``, ``eta`` and ``mu``, and ``ax`` of the parameter's shape. They are read-only copies: change the
-state with ``load_state_dict``.
+``step``, ``eta`` and ``mu``, and ``ax`` of the parameter's shape. Each read is a copy: an edit of it in place
+does not reach the session (nor the next read); change the state with ``load_state_dict``. Assigning a value
+equal to the one held (the "move the optimizer state to the device" loop of resume code) is taken as a no-op;
+``opt.state.clear()`` or ``opt.state = defaultdict(dict)`` start the state over, as in torch.
 """
 
 from __future__ import annotations
@@ -69,6 +71,11 @@ class SessionState(Mapping):
     def __setitem__(self, p: Any, value: Any) -> None:
         raise TypeError(_READ_ONLY)
 
+    def clear(self) -> None:
+        """Starts the state over (every parameter's step, eta, mu and ax), as ``torch.optim.ASGD().state.clear()``:
+        the session loads an empty state with the optimizer's hyperparameters."""
+        self._opt.reset_state()
+
     def __repr__(self) -> str:
         return f"<RemoteASGD state of session {self._opt.session!r}: {len(self._opt._params)} parameters>"
 
@@ -86,7 +93,10 @@ class ParamState(Mapping):
         return self._owner.entries().get(self._index, {})
 
     def __getitem__(self, key: str) -> Any:
-        return self._entry()[key]
+        # A copy (found by a review: `opt.state[p]["ax"].mul_(0.5)` changed the cached tensor, so later reads
+        # showed an edit the session never had).
+        value = self._entry()[key]
+        return value.clone() if hasattr(value, "clone") else value
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entry())
@@ -95,7 +105,24 @@ class ParamState(Mapping):
         return len(self._entry())
 
     def __setitem__(self, key: str, value: Any) -> None:
+        # Resume code moves the optimizer state to the model's device (`st[k] = v.to(device)`): a value equal to
+        # the one held changes nothing and is taken (found by a review: it raised); any other is refused.
+        held = self._entry().get(key)
+        if held is not None and _same_value(held, value):
+            return
         raise TypeError(_READ_ONLY)
 
     def __repr__(self) -> str:
         return repr(self._entry())
+
+
+def _same_value(held: Any, value: Any) -> bool:
+    """``value`` holds what ``held`` holds: a tensor of its dtype and shape with its bits, on any device."""
+    if not (hasattr(held, "dtype") and hasattr(value, "dtype") and hasattr(value, "detach")):
+        return False
+    if value.dtype != held.dtype or tuple(value.shape) != tuple(held.shape):
+        return False
+    import torch
+
+    return bool(torch.equal(value.detach().cpu().view(torch.int32) if held.dtype == torch.float32 else value.detach().cpu(),
+                            held.view(torch.int32) if held.dtype == torch.float32 else held))

@@ -264,6 +264,21 @@ class PlainHttp(unittest.TestCase):
                 conn.request("GET", "/")
             self.assertLess(len(server.requests), 15, f"Retry-After: {value}: {len(server.requests)} attempts in 0.5 s")
 
+    def test_retries_leave_the_users_random_stream_alone(self):
+        # Found by a review: the backoff's jitter drew from the global `random`, so a retry moved a data order
+        # seeded with random.seed.
+        import random
+
+        server, conn = self.serve(lambda n, req: ([b"HTTP/1.1 503 Busy\r\nRetry-After: 0\r\nContent-Length: 0\r\n\r\n"], False) if n < 3
+                                  else ([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"], False))
+        conn.backoff = 0.001
+        random.seed(7)
+        expected = [random.random() for _ in range(3)]
+        random.seed(7)
+        conn.request("GET", "/")
+        self.assertEqual(len(server.requests), 4)
+        self.assertEqual([random.random() for _ in range(3)], expected)
+
     def test_a_412_after_a_lost_answer_says_the_outcome_is_unknown(self):
         # Found by a review: PUT state_dict with If-Match, applied, its answer lost; sent again, the service
         # answered 412 (its own write moved the version) and the client reported a plain mismatch.

@@ -121,6 +121,42 @@ class ReadingStateWritesNothing(ServiceTestCase):
         self.assertStateDictEqual({"state": opt.state_dict()["state"], "param_groups": []},
                                   {"state": torch_opt.state_dict()["state"], "param_groups": []})
 
+    def test_state_habits_of_resume_code_behave_as_torch(self):
+        # Found by a review: an in-place edit of a state tensor changed the cached copy (later reads showed an
+        # edit the session never had), `opt.state = defaultdict(dict)` was ignored by the session and left
+        # opt.state empty for good, and the "move the state to the device" loop of resume code raised.
+        from collections import defaultdict
+
+        ref, model = make_model(), make_model()
+        torch_opt = torch.optim.ASGD(ref.parameters(), **HYPER)
+        opt = self.remote(model.named_parameters())
+        train(ref, torch_opt, range(0, 6))
+        train(model, opt, range(0, 6))
+        p, q = next(model.parameters()), next(ref.parameters())
+        # A read is a copy: an edit of it in place reaches neither the session nor the next read.
+        opt.state[p]["ax"].mul_(0.5)
+        self.assertTrue(torch.equal(bits(opt.state[p]["ax"]), bits(torch_opt.state[q]["ax"])))
+        # Moving the state to the device it is on (a value equal to the one held) is taken; another is refused.
+        for st in opt.state.values():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    st[k] = v.to("cpu")
+        with self.assertRaisesRegex(TypeError, "load_state_dict"):
+            opt.state[p]["ax"] = torch.zeros_like(p)
+        # Starting the state over, both ways torch code does it, then training on: equal to torch bit for bit.
+        for reset in (lambda o: setattr(o, "state", defaultdict(dict)), lambda o: o.state.clear()):
+            reset(torch_opt)
+            reset(opt)
+            self.assertNotIn("ax", opt.state[p])
+            train(ref, torch_opt, range(6, 10))
+            train(model, opt, range(6, 10))
+            self.assertParamsIdentical(model, ref, "after the state started over")
+            self.assertIn("ax", opt.state[p])
+            self.assertStateDictEqual({"state": opt.state_dict()["state"], "param_groups": []},
+                                      {"state": torch_opt.state_dict()["state"], "param_groups": []})
+        with self.assertRaisesRegex(TypeError, "load_state_dict"):
+            opt.state = {0: {}}
+
     def test_reading_state_with_a_step_in_flight_waits_for_it_and_sends_nothing(self):
         self.requireStepParams()
         model = make_model()

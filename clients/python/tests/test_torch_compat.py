@@ -272,6 +272,10 @@ class Pickling(ServiceTestCase):
         self.assertEqual((copy.session, copy.url), (opt.session, opt.client.url))
         with self.assertRaisesRegex(RuntimeError, f"detached.*{opt.session}"):
             copy.step()
+        # AWD-LSTM's resume reads these of the loaded optimizer (found by a review: a bare AttributeError).
+        for attribute in ("param_groups", "state", "defaults"):
+            with self.assertRaisesRegex(RuntimeError, f"detached.*{opt.session}"):
+                getattr(copy, attribute)
 
 
 class ParamNames(ServiceTestCase):
