@@ -299,6 +299,9 @@ export function withoutTrailingSlash(url: string): string {
   return cut === end ? url : url.slice(0, cut) + url.slice(end);
 }
 
+/** Answers built whole from this size on are watched for a client that takes none of them (guardStalledSend). */
+const GUARDED_ANSWER_BYTES = 256 * 1024;
+
 /**
  * Destroys the connection of an answer that makes no progress for `ms`. Node's socket timeout counts a write
  * the kernel is still taking, bit by bit (libuv's write queue shrinking), as progress: a client that reads
@@ -396,10 +399,13 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
   fastify.server.on('checkContinue', continueOnRead);
   // A streamed answer (a .pt or safetensors download) that a client stops reading held its copy of the state
   // for as long as the connection lived (found by a review: five clients that never read pinned 1.2 GB):
-  // one that takes none of it for ASGD_REQUEST_TIMEOUT_MS is cut.
+  // one that takes none of it for ASGD_REQUEST_TIMEOUT_MS is cut. So is a large answer built whole (JSON
+  // parameters, a step's returned parameters): twenty clients that never read a 78 MB JSON answer held
+  // 1.9 GB past the timeout (found by another). Small answers fit the socket's buffers: not watched.
   if (config.requestTimeoutMs > 0) {
     fastify.addHook('onSend', async (request, reply, payload) => {
-      if (payload instanceof Readable) guardStalledSend(reply.raw, config.requestTimeoutMs, request.log);
+      const large = payload instanceof Readable || ((Buffer.isBuffer(payload) || typeof payload === 'string') && payload.length >= GUARDED_ANSWER_BYTES);
+      if (large) guardStalledSend(reply.raw, config.requestTimeoutMs, request.log);
       return payload;
     });
   }

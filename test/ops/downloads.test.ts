@@ -71,4 +71,16 @@ test('ten clients that never read a 40 MB download share one copy of the state, 
     if (bytes < 1024 * 1024) await new Promise((resolve) => setTimeout(resolve, 100)); // slow for its first megabyte
   }
   assert.equal(bytes, Number(slow.headers.get('content-length')));
+
+  // An answer built whole (JSON parameters, 1e6 of them here: about 20 MB) is cut as well (found by a review:
+  // twenty clients that never read a 78 MB JSON answer held 1.9 GB past the timeout).
+  const smallHeader = Buffer.from(JSON.stringify({ w: { dtype: 'F32', shape: [1_000_000], data_offsets: [0, 4_000_000] } }).padEnd(72, ' '));
+  const small = Buffer.concat([Buffer.alloc(8), smallHeader, Buffer.alloc(4_000_000, 1)]);
+  small.writeBigUInt64LE(BigInt(smallHeader.length), 0);
+  assert.equal((await fetch(`${url}/v1/sessions?name=json`, { method: 'POST', headers: { 'content-type': 'application/x-safetensors' }, body: small })).status, 201);
+  const already = cut();
+  const json = await Promise.all(Array.from({ length: 3 }, () => stalledGet(port, '/v1/sessions/json/params?format=json')));
+  for (let i = 0; i < 150 && cut() < already + 3; i++) await new Promise((resolve) => setTimeout(resolve, 100));
+  assert.equal(cut(), already + 3, run.output().slice(-2000));
+  for (const got of await Promise.all(json.map((c) => c.drain()))) assert.ok(got < 10_000_000, `${got} bytes of a JSON answer of about 20 MB`);
 });
