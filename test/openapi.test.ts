@@ -241,14 +241,14 @@ test('the headers the document declares on each answer are sent, and the API hea
   await call('deleteSession', { method: 'DELETE', url: '/v1/sessions/s2' });
   await call('revokeToken', { method: 'DELETE', url: `/v1/tokens/${token.id}` });
 
-  // 429 and 503 (Retry-After): a rate limit of one request a minute; an RSS limit every process is over.
+  // 429 and 503 (Retry-After): a rate limit of one request a minute; a heap limit every process is over.
   const limited = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: 'admin-token-for-tests-0123456789', ASGD_RATE_LIMIT_PER_MINUTE: '1' } });
   await limited.app.inject({ url: '/v1/sessions', headers: admin });
   const tooMany = await limited.app.inject({ url: '/v1/sessions', headers: admin });
   assert.equal(tooMany.statusCode, 429);
   check('listSessions', tooMany);
-  const overloaded = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: 'admin-token-for-tests-0123456789', ASGD_MAX_RSS_BYTES: '1000000' } });
-  // The guard samples the RSS every second or so: the first requests may still pass.
+  const overloaded = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: 'admin-token-for-tests-0123456789', ASGD_MAX_HEAP_USED_BYTES: '1000000' } });
+  // The guard samples the heap every second or so: the first requests may still pass.
   let refused = await overloaded.app.inject({ url: '/v1/sessions', headers: admin });
   for (let i = 0; i < 50 && refused.statusCode !== 503; i++) {
     await new Promise((resolve) => setTimeout(resolve, 100));
