@@ -55,17 +55,41 @@ const running = new Set();
 const results = [];
 const started = Date.now();
 
+// A file that runs past this is stopped and failed, with what it printed, so that a hang (a browser or a
+// server that never answers) fails the run in minutes instead of holding CI for good (seen once: a browser
+// test waited 21 minutes). The slowest file takes about 100 s; each test also gets --test-timeout.
+const FILE_TIMEOUT_S = Number(process.env.ASGD_TEST_FILE_TIMEOUT_S ?? 600);
+const TEST_TIMEOUT_MS = Number(process.env.ASGD_TEST_TIMEOUT_MS ?? 300_000);
+
 function runFile(file) {
   return new Promise((resolve) => {
     const t0 = Date.now();
-    const child = spawn(process.execPath, ['--test', '--test-reporter=spec', file], {
+    // Its own process group: a timeout stops what it started too (servers, a browser).
+    const child = spawn(process.execPath, ['--test', '--test-reporter=spec', `--test-timeout=${TEST_TIMEOUT_MS}`, file], {
       stdio: ['ignore', 'pipe', 'pipe'],
+      detached: true,
     });
     running.add(child);
     const chunks = [];
     child.stdout.on('data', (c) => chunks.push(c));
     child.stderr.on('data', (c) => chunks.push(c));
+    let timedOut = false;
+    const stop = (signal) => {
+      try {
+        process.kill(-child.pid, signal);
+      } catch {
+        // gone already
+      }
+    };
+    const timer = setTimeout(() => {
+      timedOut = true;
+      chunks.push(Buffer.from(`\n${file}: still running after ${FILE_TIMEOUT_S} s (ASGD_TEST_FILE_TIMEOUT_S): stopped\n`));
+      stop('SIGTERM');
+      setTimeout(() => stop('SIGKILL'), 10_000).unref();
+    }, FILE_TIMEOUT_S * 1000);
     child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      if (timedOut) stop('SIGKILL');
       running.delete(child);
       const seconds = (Date.now() - t0) / 1000;
       const output = Buffer.concat(chunks).toString('utf8');
@@ -73,8 +97,8 @@ function runFile(file) {
       const result = {
         file,
         seconds,
-        ok: code === 0,
-        exit: signal ?? code,
+        ok: code === 0 && !timedOut,
+        exit: timedOut ? 'timeout' : signal ?? code,
         tests: count('tests'),
         pass: count('pass'),
         fail: count('fail'),
@@ -97,7 +121,13 @@ function sumOf(output, label) {
 
 for (const signal of ['SIGINT', 'SIGTERM']) {
   process.on(signal, () => {
-    for (const child of running) child.kill('SIGTERM');
+    for (const child of running) {
+      try {
+        process.kill(-child.pid, 'SIGTERM');
+      } catch {
+        // gone already
+      }
+    }
     process.exit(130);
   });
 }

@@ -22,17 +22,25 @@ async function listen(app: FastifyInstance): Promise<string> {
 async function trainFromPage({ api, token }: { api: string; token: string }) {
   const auth = { authorization: `Bearer ${token}` };
   const json = { ...auth, 'content-type': 'application/json' };
+  // Each call bounded: a request that never ends fails the test, saying which, instead of holding the run
+  // (seen once in CI: this test waited 21 minutes).
+  let at = 'create';
+  const bounded = () => AbortSignal.timeout(30_000);
   try {
-    const created = await fetch(`${api}/v1/sessions`, { method: 'POST', headers: json, body: JSON.stringify({ name: 'browser', params: [{ name: 'w', shape: [2], data: [1, 2] }] }) });
+    const created = await fetch(`${api}/v1/sessions`, { method: 'POST', headers: json, body: JSON.stringify({ name: 'browser', params: [{ name: 'w', shape: [2], data: [1, 2] }] }), signal: bounded() });
     const step = () => fetch(`${api}/v1/sessions/browser/step`, {
-      method: 'POST', headers: { ...json, 'idempotency-key': 'page-step-1', 'if-match': '"1"' }, body: JSON.stringify({ grads: { w: [0.5, -0.5] } }),
+      method: 'POST', headers: { ...json, 'idempotency-key': 'page-step-1', 'if-match': '"1"' }, body: JSON.stringify({ grads: { w: [0.5, -0.5] } }), signal: bounded(),
     });
+    at = 'step';
     const first = await step();
+    at = 'step again';
     const retried = await step();
-    const anonymous = await fetch(`${api}/v1/sessions/browser`);
+    at = 'read without a token';
+    const anonymous = await fetch(`${api}/v1/sessions/browser`, { signal: bounded() });
     // The event stream as the TypeScript client resumes it (Last-Event-ID): its first event is the version.
+    at = 'events';
     const stop = new AbortController();
-    const events = await fetch(`${api}/v1/sessions/browser/events`, { headers: { ...auth, 'last-event-id': '1' }, signal: stop.signal });
+    const events = await fetch(`${api}/v1/sessions/browser/events`, { headers: { ...auth, 'last-event-id': '1' }, signal: AbortSignal.any([stop.signal, bounded()]) });
     const reader = events.body!.getReader();
     let text = '';
     while (!/\nid: \d+/.test(text)) {
@@ -47,22 +55,24 @@ async function trainFromPage({ api, token }: { api: string; token: string }) {
       resumed: [events.status, /\nid: (\d+)/.exec(text)?.[1] ?? text],
     };
   } catch (err) {
-    return { failed: String(err) };
+    return { failed: String(err), at };
   }
 }
 
-test('a page on another origin trains through the API with ASGD_CORS_ORIGINS, and cannot without it', { skip }, async (t) => {
+test('a page on another origin trains through the API with ASGD_CORS_ORIGINS, and cannot without it', { skip, timeout: 180_000 }, async (t) => {
   const pages = createServer((_req, res) => res.end('<!doctype html><title>trainer</title>'));
   pages.listen(0, '127.0.0.1');
   await once(pages, 'listening');
   t.after(() => pages.close());
   const pageOrigin = `http://127.0.0.1:${(pages.address() as { port: number }).port}`;
 
+  // The browser first: its close (an after hook) then runs before the apps', which would wait for a
+  // connection the browser still held.
+  const browser = await launch(t);
   const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN, ASGD_CORS_ORIGINS: pageOrigin } });
   const { app: closed } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
   const [api, closedApi] = [await listen(app), await listen(closed)];
 
-  const browser = await launch(t);
   const log: string[] = [];
   const page = await newPage(browser, log);
   await page.goto(pageOrigin);
