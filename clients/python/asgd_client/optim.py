@@ -613,6 +613,8 @@ class RemoteASGD(torch.optim.Optimizer):
         #: answer or a pull, or pushed). A model that no longer matches them was edited outside the optimizer
         #: (model.load_state_dict, clamp_, a pruning mask, re-initialisation): see _push_edits.
         self._synced: List[torch.Tensor] = [p.detach().clone() for p in flat]
+        #: The synced parameters from before a pipelined step that an opt.state read waited for (see _catch_up).
+        self._read_stale: Optional[List[torch.Tensor]] = None
         #: The hyperparameters the session holds for each group, as far as this optimizer knows.
         self._session_groups: List[Dict[str, Any]] = []
         #: This optimizer's own hyperparameters as last sent to (or taken from) the session, per group: a
@@ -857,6 +859,8 @@ class RemoteASGD(torch.optim.Optimizer):
                           self.worker, self.session)
                 self._apply_pending(block=True)
                 self._push_edits()
+            else:
+                self._read_stale = None  # nothing put back after a state read: the copies of before it are gone
             # The gradient was computed on the parameters in the model now: with a step in flight, those
             # from before it (its answer is loaded just below, after the gradient is taken).
             base = self._version if self.send_base_version else None
@@ -1145,9 +1149,14 @@ class RemoteASGD(torch.optim.Optimizer):
                 # that step for every worker. Said once per optimizer (a loop may read the state every step).
                 self._warned.add("state-in-flight")
                 log.warning("[%s] session %r: reading opt.state waited for the step in flight and loaded its parameters; "
-                            "copies of the parameters taken before this read are one step old (restoring them would undo "
-                            "that step for every worker): call opt.synchronize() before copying p.data", self.worker, self.session)
+                            "copies of the parameters taken before this read are one step old (put back, they are taken "
+                            "for the session's, not sent): call opt.synchronize() before copying p.data", self.worker, self.session)
+            before = list(self._synced) if self._pending is not None else None
             self._apply_pending(block=True)
+            if before is not None and any(a is not b for a, b in zip(before, self._synced)):
+                # The parameters from before the step just loaded: a copy of p.data taken before this read holds
+                # them, and is recognised if it is put back (see _push_edits).
+                self._read_stale = before
             return self._version
 
     def synchronize(self) -> Optional[int]:
@@ -1220,6 +1229,23 @@ class RemoteASGD(torch.optim.Optimizer):
     def _push_edits(self) -> bool:
         """Sends the model's parameters when they differ (bit for bit) from the last synced ones; True if it did.
         Caller holds the lock and has loaded any pending answer (its step applied on the old parameters)."""
+        stale, self._read_stale = self._read_stale, None
+        if stale is not None:
+            differ = [i for i, (p, s) in enumerate(zip(self._params, self._synced)) if not _same_bits(p, s)]
+            if differ and all(_same_bits(self._params[i], stale[i]) for i in differ):
+                # Every parameter that differs holds exactly what it held before the pipelined step that an
+                # opt.state read waited for: copies taken before that read, put back (AWD-LSTM's evaluation
+                # swap without synchronize()). Sent, they would undo that step for every worker (found by a
+                # review: 30 steps ended 0.067 away from a replay); the session's parameters are taken instead.
+                with torch.no_grad():
+                    for i in differ:
+                        self._params[i].copy_(self._synced[i])
+                warnings.warn(
+                    f"session {self.session!r}: the parameters put back after reading opt.state are the ones from before the "
+                    f"step in flight at that read (copies of p.data taken before it); sent, they would undo that step for every "
+                    f"worker, so the session's parameters were taken instead. Call opt.synchronize() before copying p.data",
+                    UserWarning, stacklevel=4)
+                return False
         edited = [n for n, p, s in zip(self._names, self._params, self._synced) if not _same_bits(p, s)]
         if not edited:
             return False

@@ -175,5 +175,36 @@ class ReadingStateWritesNothing(ServiceTestCase):
         self.assertEqual([r for r in counter.since(mark) if r not in ("POST step", "GET state_dict") and not r.startswith("GET test-")], [])
 
 
+    def test_awd_idiom_without_synchronize_in_a_pipelined_loop_undoes_no_step(self):
+        # Found by a review: copies of p.data taken before the state read (which waits for the step in flight)
+        # are a step old; put back, the next step sent them as an edit and undid that step for every worker
+        # (0.067 away from a replay after 30 steps). They are recognised and the session's parameters taken.
+        self.requireStepParams()
+        model = make_model()
+        opt = self.remote(model.named_parameters(), pipeline=True)
+        sent = []
+        for epoch in range(3):
+            train(model, opt, range(epoch * 5, epoch * 5 + 5))  # the last step is in flight
+            params = list(model.parameters())
+            with self.assertWarnsRegex(UserWarning, "opt.synchronize"):
+                tmp = {p: p.data.clone() for p in params}  # before the read: a step old
+                for p in params:
+                    p.data = opt.state[p]["ax"].clone()
+                with torch.no_grad():
+                    model(batch(0)[0])
+                for p in params:
+                    p.data = tmp[p]
+                train(model, opt, range(100 + epoch, 101 + epoch))
+            sent.append(epoch)
+        opt.synchronize()
+        info = opt.client.get_session(opt.session)
+        # Every version is a step: the stale copies were never sent as an edit (PUT params).
+        self.assertEqual(info["version"], info["step"] + 1)
+        self.assertEqual(info["step"], 18)
+        session_params, _ = opt.client.get_params(opt.session)
+        for (n, p) in model.named_parameters():
+            self.assertTrue(torch.equal(bits(p), bits(session_params[n])), n)
+
+
 if __name__ == "__main__":
     unittest.main()
