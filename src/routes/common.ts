@@ -103,8 +103,13 @@ export function changeKeyOf(request: FastifyRequest): ChangeKey<SessionRecord> |
   };
 }
 
-/** A change's answer: the session as it left it, or a retry's first answer (`replayed`), with its ETag. */
-export function changeAnswer(reply: FastifyReply, result: SessionRecord | Replayed, round: RoundStatus | null = null): Static<typeof Session> {
+/**
+ * A change's answer: the session as it left it, with its open round when `roundOf` is given (a change that
+ * may leave the version as it was), or a retry's first answer (`replayed`); with its ETag.
+ */
+export async function changeAnswer(
+  reply: FastifyReply, result: SessionRecord | Replayed, roundOf?: (session: SessionRecord) => Promise<RoundStatus | null>,
+): Promise<Static<typeof Session>> {
   if (isReplayed(result)) {
     const now = sessionJson(result.session, null);
     const first = result.replayed as Omit<Static<typeof Session>, 'params'>;
@@ -112,7 +117,7 @@ export function changeAnswer(reply: FastifyReply, result: SessionRecord | Replay
     return { ...now, ...first, params: now.params, replayed: true };
   }
   setVersion(reply, result.version);
-  return sessionJson(result, round);
+  return sessionJson(result, roundOf ? await roundOf(result) : null);
 }
 
 /**

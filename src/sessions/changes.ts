@@ -4,7 +4,7 @@ import type { Queryable } from '../db/database.ts';
 import { ApiError, errors } from '../errors.ts';
 import type { History } from './history.ts';
 import { checkIfMatch, mustFind, type SessionContext } from './context.ts';
-import { assertNoOpenRound } from './rounds-repository.ts';
+import { assertNoOpenRound, findKeyAnswer } from './rounds-repository.ts';
 import { checkModel, planLoad } from './load-plan.ts';
 import type { CreateInput, LoadedParams, LoadedStateDict } from './model.ts';
 import type { Reads } from './reads.ts';
@@ -69,8 +69,8 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
         return await db.transaction(async (tx) => {
           const session = await mustFind(tx, name, true);
           if (key) {
-            const known = await repo.findIdempotentAnswer(tx, session.id, key.key, ctx.idempotencyWindowSeconds);
-            if (known?.live) {
+            const known = await findKeyAnswer(tx, session.id, key.key, ctx.idempotencyWindowSeconds);
+            if (known) {
               if (known.requestHash !== key.requestHash) throw errors.idempotencyKeyReused();
               return { replayed: known.response, session };
             }

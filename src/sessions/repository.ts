@@ -759,15 +759,6 @@ export async function saveIdempotentAnswer(q: Queryable, sessionId: number, key:
   );
 }
 
-/** A change's Idempotency-Key answer (changes.ts), `live` while within the window. */
-export async function findIdempotentAnswer(q: Queryable, sessionId: number, key: string, windowSeconds: number): Promise<{ requestHash: string; response: Record<string, unknown>; live: boolean } | null> {
-  const rows = await q.query<{ request_hash: string; response: Record<string, unknown>; live: boolean }>(
-    'SELECT request_hash, response, created_at >= now() - make_interval(secs => $3) AS live FROM idempotency_keys WHERE session_id = $1 AND key = $2',
-    [sessionId, key, windowSeconds],
-  );
-  return rows.length ? { requestHash: rows[0].request_hash, response: rows[0].response, live: rows[0].live } : null;
-}
-
 export async function pruneIdempotencyKeys(q: Queryable, windowSeconds: number): Promise<number> {
   const rows = await q.query("DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1) RETURNING key", [windowSeconds]);
   return rows.length;

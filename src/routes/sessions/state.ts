@@ -5,7 +5,6 @@ import { Type, type Static } from 'typebox';
 import type { Config } from '../../config.ts';
 import { errors } from '../../errors.ts';
 import type { ParamSpec } from '../../db/schema.ts';
-import { isReplayed } from '../../sessions/changes.ts';
 import type { LoadedParams } from '../../sessions/model.ts';
 import { MAX_LOADED_STEP, numelOf } from '../../sessions/spec.ts';
 import { parseStateDict } from '../../sessions/state-dict.ts';
@@ -159,7 +158,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
     const params = readParamsBody(body, contentFormat(request), (await fastify.sessions.get(name)).params);
     const result = await fastify.sessions.load(name, { params, paramsField: 'params' }, { ifMatch: ifMatchOf(request), reason: 'load_params', key: changeKeyOf(request) });
     // A new version has no open round; parameters that changed nothing leave the open round as it was.
-    return changeAnswer(reply, result, isReplayed(result) ? null : await fastify.rounds.openRound(result));
+    return changeAnswer(reply, result, fastify.rounds.openRound);
   });
 
   fastify.get('/:name/state_dict', {
@@ -216,7 +215,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
     },
   }, async (request, reply) => {
     const result = await fastify.sessions.setHyperparameters(request.params.name, request.body.param_groups, ifMatchOf(request), changeKeyOf(request));
-    return changeAnswer(reply, result, isReplayed(result) ? null : await fastify.rounds.openRound(result)); // values that changed nothing: a round may be open
+    return changeAnswer(reply, result, fastify.rounds.openRound); // values that changed nothing: a round may be open
   });
 
   fastify.get('/:name/checkpoint', {
