@@ -5,7 +5,7 @@ import { Server as NetServer, type Socket } from 'node:net';
 import { Readable } from 'node:stream';
 import fp from 'fastify-plugin';
 import { AjvCompiler } from '@fastify/ajv-compiler';
-import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify';
+import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions, type RouteOptions } from 'fastify';
 import type { Config } from './config.ts';
 import { errors, headerText, quoteValue, type ApiError } from './errors.ts';
 import type { Database } from './db/database.ts';
@@ -38,6 +38,30 @@ export interface AppOptions {
   logger?: FastifyServerOptions['logger'];
 }
 
+type OnSend = (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: Error | null, payload?: unknown) => void) => void;
+
+/**
+ * The HEAD routes Fastify makes from GET routes answer the GET's headers with a Content-Length of the body
+ * they drop, and 0 when there is none. Two answers have no such length: a 304 (RFC 9110 section 8.6: a
+ * Content-Length on it must be the length of the 200 it stands for, so it is left out, as GET leaves it out)
+ * and an event stream (open-ended: its GET has none). For those two the header is removed; the rest is
+ * Fastify's handler, which stays the last of the route's onSend hooks.
+ */
+function headersOfHead(route: RouteOptions): void {
+  if (route.method !== 'HEAD' || route.onSend === undefined) return;
+  const hooks = (Array.isArray(route.onSend) ? route.onSend : [route.onSend]) as OnSend[];
+  const fastifys = hooks.at(-1)!;
+  if (fastifys.name !== 'headRouteOnSendHandler') return; // a HEAD route declared as such: its own hooks
+  const ours: OnSend = (request, reply, payload, done) => {
+    const streamed = String(reply.getHeader('content-type') ?? '').startsWith('text/event-stream');
+    if (reply.statusCode !== 304 && !streamed) return fastifys(request, reply, payload, done);
+    if (payload instanceof Readable) payload.resume();
+    reply.removeHeader('content-length');
+    done(null, null);
+  };
+  route.onSend = [...hooks.slice(0, -1), ours] as RouteOptions['onSend'];
+}
+
 export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<void> {
   const { config } = opts;
 
@@ -52,6 +76,7 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
   // Order matters: the limits' onRequest hook sheds load before auth touches the database; auth's onRoute
   // hook must see every route, and swagger's collector every route after it.
   await fastify.register(errorsPlugin);
+  fastify.addHook('onRoute', headersOfHead);
   fastify.addHook('onRequest', async (request, reply) => {
     reply.header('x-request-id', request.id);
   });

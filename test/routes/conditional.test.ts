@@ -31,6 +31,16 @@ test('If-None-Match: "<version>" answers 304 on session, params, state_dict and 
       assert.equal(res.headers.etag, '"2"');
       assert.equal(res.body, '');
     }
+    // HEAD answers GET's headers: the length of the body it leaves out, and on a 304 none (RFC 9110 section
+    // 8.6: a 304's Content-Length would have to be the 200's; Fastify's HEAD said 0).
+    const head = await app.inject({ method: 'HEAD', url });
+    assert.equal(head.statusCode, 200, url);
+    assert.equal(head.headers['content-length'], String(full.rawPayload.length), url);
+    const head304 = await app.inject({ method: 'HEAD', url, headers: { 'if-none-match': '"2"' } });
+    assert.equal(head304.statusCode, 304, url);
+    assert.equal(head304.headers['content-length'], undefined, `${url}: HEAD 304 without Content-Length`);
+    assert.equal(head304.headers.etag, '"2"');
+    assert.equal((await get(url, '"2"')).headers['content-length'], undefined, `${url}: GET 304 without Content-Length`);
     // tags are opaque: only the one sent matches, not "02", an unquoted 2 or an unbalanced "2
     for (const tag of ['"1"', '"3"', 'W/"x"', 'garbage', '"02"', '2', '"2', '2"']) assert.equal((await get(url, tag)).statusCode, 200, `${url} ${tag}`);
   }
@@ -294,6 +304,7 @@ test('event streams whose clients hang up while the session is looked up are rel
   const head = await new Promise<http.IncomingMessage>((resolve, reject) => http.request(`http://127.0.0.1:${port}/v1/sessions/h/events`, { method: 'HEAD' }, resolve).on('error', reject).end());
   assert.equal(head.statusCode, 200);
   assert.match(String(head.headers['content-type']), /^text\/event-stream/);
+  assert.equal(head.headers['content-length'], undefined, 'an event stream has no length (its GET sends none)');
   assert.equal(app.versions.stats().streams, 0);
 });
 
