@@ -31,11 +31,10 @@ const IF_MATCH_NONE = -1;
 /**
  * If-Match (RFC 9110 section 13.1.1): a list of entity tags, compared strongly, or "*" (any current
  * state: null, as no header). The service's tags are "<version>"; a weak tag (W/"3") or one that is not
- * a version written as the service writes it ("03", "x") never matches, so it gives IF_MATCH_NONE and a
- * 412. A bare version (3, no quotes) is taken as "3" (documented). Tags naming two different versions
- * are refused: a step or change applies at one version.
+ * a version written as the service writes it ("03", "x") never matches. A bare version (3, no quotes) is
+ * taken as "3" (documented). Returns the versions the tags name (none: the header matches no version).
  */
-export function ifMatchOf(request: FastifyRequest): number | null {
+export function ifMatchVersions(request: FastifyRequest): Set<number> | null {
   const raw = request.headers['if-match'];
   if (raw === undefined) return null;
   const value = (Array.isArray(raw) ? raw.join(',') : raw).trim();
@@ -47,6 +46,16 @@ export function ifMatchOf(request: FastifyRequest): number | null {
     if (version) versions.add(Number(version[1] ?? version[2]));
     else if (!/^(?:W\/)?"[\x21\x23-\x7e\x80-\xff]*"$/.test(tag)) throw errors.invalidHeader('If-Match', 'must be a session version as "<version>", a list of entity tags, or *');
   }
+  return versions;
+}
+
+/**
+ * If-Match on a change (ifMatchVersions): the version it must apply at, IF_MATCH_NONE (412) for tags that
+ * name none, or null. Tags naming two different versions are refused: a step or change applies at one.
+ */
+export function ifMatchOf(request: FastifyRequest): number | null {
+  const versions = ifMatchVersions(request);
+  if (versions === null) return null;
   if (versions.size > 1) throw errors.invalidHeader('If-Match', 'names more than one version; a change applies at one');
   return versions.size === 1 ? [...versions][0] : IF_MATCH_NONE;
 }

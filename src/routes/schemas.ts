@@ -199,7 +199,12 @@ export const ErrorBody = Type.Object(
 /** 304: the client's copy (If-None-Match, or after_version when no newer one came) is current; ETag names the version. */
 export const NotModified = Type.Null({ description: 'Not modified: the version in the ETag is the one you have' });
 /** If-None-Match: "<version>" on a read: 304 while the session is at that version. */
-export const IfNoneMatchHeaders = Type.Object({ 'if-none-match': Type.Optional(Type.String({ maxLength: 1024, description: '"<version>": 304 while the session is at that version' })) });
+const IfNoneMatchHeaders = Type.Object({ 'if-none-match': Type.Optional(Type.String({ maxLength: 1024, description: '"<version>": 304 while the session is at that version' })) });
+/** A read's conditions: If-None-Match as above; If-Match: "<version>": 412 unless the version read is that one. */
+export const ConditionalReadHeaders = Type.Object({
+  ...IfNoneMatchHeaders.properties,
+  'if-match': Type.Optional(Type.String({ maxLength: 1024, description: '"<version>": answer only that version, else 412 VERSION_MISMATCH (with ?version=, the version asked for)' })),
+});
 
 export const errorResponses = (...codes: number[]) => Object.fromEntries(codes.map((c) => [c, ErrorBody]));
 

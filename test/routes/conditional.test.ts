@@ -56,7 +56,27 @@ test('If-None-Match: "<version>" answers 304 on session, params, state_dict and 
       assert.match(String(again.headers.vary), /(^|,\s*)Accept(,|$)/, `${url} ${accept}: on the 304 too`);
     }
   }
-  // Settings change without a version: no HTTP cache may revalidate the session into showing old ones.
+  // If-Match on a read (RFC 9110 section 13.1.1): the version read, or 412 VERSION_MISMATCH naming the one there is.
+  for (const url of urls) {
+    for (const tag of ['"2"', '*', '"1", "2"']) {
+      const res = await app.inject({ url, headers: { 'if-match': tag } });
+      assert.equal(res.statusCode, 200, `${url} If-Match ${tag}`);
+      assert.equal(res.headers.etag, '"2"');
+    }
+    for (const tag of ['"1"', '"3"', 'W/"2"', '"x"']) {
+      const res = await app.inject({ url, headers: { 'if-match': tag } });
+      assert.equal(res.statusCode, 412, `${url} If-Match ${tag}`);
+      assert.equal(res.json().code, 'VERSION_MISMATCH');
+      assert.equal(res.json().version, 2);
+      assert.match(res.json().message, /^If-Match: /);
+    }
+    const bad = await app.inject({ url, headers: { 'if-match': 'no quotes, "two' } });
+    assert.equal(bad.statusCode, 400, url);
+    assert.equal(bad.json().code, 'INVALID_HEADER');
+    assert.match(bad.json().message, /If-Match/);
+    // Evaluated before If-None-Match: a tag that fails If-Match is 412 even where If-None-Match would be 304.
+    assert.equal((await app.inject({ url, headers: { 'if-match': '"1"', 'if-none-match': '"2"' } })).statusCode, 412, url);
+  }
   const patched = await app.inject({ method: 'PATCH', url: '/v1/sessions/c', payload: { snapshot_every: 7 } });
   assert.equal(patched.statusCode, 200, patched.body);
   const read = await get('/v1/sessions/c');
@@ -64,6 +84,12 @@ test('If-None-Match: "<version>" answers 304 on session, params, state_dict and 
   assert.equal(read.json().snapshot_every, 7);
   await step(app, 'c', 1); // version 3: the old tag no longer matches
   for (const url of urls) assert.equal((await get(url, '"2"')).statusCode, 200, url);
+  // If-Match compares with the version read: ?version=2 answers version 2 under "2", not under the session's "3".
+  const old = await app.inject({ url: '/v1/sessions/c/params?version=2', headers: { 'if-match': '"2"' } });
+  assert.equal(old.statusCode, 200);
+  assert.equal(old.json().version, 2);
+  assert.equal((await app.inject({ url: '/v1/sessions/c/params?version=2', headers: { 'if-match': '"3"' } })).statusCode, 412);
+  assert.equal((await app.inject({ url: '/v1/sessions/c/params', headers: { 'if-match': '"2"' } })).statusCode, 412);
   // An old version asked for by ?version= keeps its tag.
   assert.equal((await get('/v1/sessions/c/params?version=2', '"2"')).statusCode, 304);
   assert.equal((await get('/v1/sessions/c/params?version=2', '"3"')).statusCode, 200);

@@ -3,7 +3,7 @@
 // newer version commits on any replica (the notifier hears it), else answers 304 when the wait ends.
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { errors } from '../../errors.ts';
-import { checkTokenStillActive, ifNoneMatchTags, setVersion } from '../common.ts';
+import { checkTokenStillActive, ifMatchVersions, ifNoneMatchTags, setVersion } from '../common.ts';
 
 export const MAX_WAIT_SECONDS = 60;
 
@@ -26,16 +26,32 @@ export function sendNotModified(reply: FastifyReply, version: number) {
 }
 
 /**
- * For GET params/state_dict/checkpoint with If-None-Match: true when a 304 was sent (the state at the
- * version asked for, or the current one, is the one the client holds). One small read, no state built.
+ * If-Match on a read (RFC 9110 section 13.1.1, evaluated before If-None-Match): the answer's tag is
+ * "<version>" of the version read (`target`); a tag that is not it is 412 VERSION_MISMATCH, whose body
+ * carries that version. Returns the version the tag names, or null without the header ("*" too).
  */
-export async function answeredNotModified(fastify: FastifyInstance, request: FastifyRequest, reply: FastifyReply, name: string, version: number | null): Promise<boolean> {
-  if (request.headers['if-none-match'] === undefined) return false;
+export function readIfMatch(request: FastifyRequest, target: number): number | null {
+  const versions = ifMatchVersions(request);
+  if (versions === null) return null;
+  if (!versions.has(target)) throw errors.versionMismatch(versions.size ? Math.min(...versions) : -1, target);
+  return target;
+}
+
+/**
+ * For GET params/state_dict/checkpoint with If-Match or If-None-Match: 'sent' when a 304 was sent (the
+ * state at the version asked for, or the current one, is the one the client holds), else the version to
+ * read: the one asked for, or the one If-Match named (so that a step committed meanwhile cannot slip
+ * another version into the answer), or null for the current one. One small read, no state built.
+ */
+export async function conditionalRead(fastify: FastifyInstance, request: FastifyRequest, reply: FastifyReply, name: string, version: number | null): Promise<number | null | 'sent'> {
+  if (request.headers['if-none-match'] === undefined && request.headers['if-match'] === undefined) return version;
   const session = await fastify.sessions.get(name);
   const target = version ?? session.version;
-  if (target > session.version || !noneMatch(request, target)) return false;
+  if (target > session.version) return version; // the read refuses a version not reached yet
+  const matched = readIfMatch(request, target);
+  if (!noneMatch(request, target)) return version ?? matched;
   await sendNotModified(reply, target);
-  return true;
+  return 'sent';
 }
 
 /**

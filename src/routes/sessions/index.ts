@@ -5,7 +5,7 @@ import type { Config } from '../../config.ts';
 import { ACCESS, ifMatchOf, jsonBody, jsonOrFile, sessionJson, setVersion } from '../common.ts';
 import { mediaTypes, ROUTE_MEDIA, contentFormat } from '../media.ts';
 import {
-  Aggregation, errorResponses, Hyperparameters, IfMatchHeaders, IfNoneMatchHeaders, NameParams, NotModified, NewSessionName, ParamGroupIn, Session, SessionSettings, TensorIn, withCode,
+  Aggregation, errorResponses, Hyperparameters, ConditionalReadHeaders, IfMatchHeaders, NameParams, NotModified, NewSessionName, ParamGroupIn, Session, SessionSettings, TensorIn, withCode,
 } from '../schemas.ts';
 import { parseCreateBody } from './create.ts';
 import stepRoutes from './step.ts';
@@ -13,7 +13,7 @@ import stateRoutes from './state.ts';
 import snapshotRoutes from './snapshots.ts';
 import metricsRoutes from './metrics.ts';
 import eventsRoutes from './events.ts';
-import { noneMatch, sendNotModified } from './conditional.ts';
+import { noneMatch, readIfMatch, sendNotModified } from './conditional.ts';
 import normRoutes from './norms.ts';
 import seriesRoutes, { activityJson, ListedSession } from './series.ts';
 import { sessionActivity } from '../../sessions/series.ts';
@@ -123,8 +123,8 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
       summary: 'Read a session',
       tags: ['sessions'],
       params: NameParams,
-      headers: IfNoneMatchHeaders,
-      response: { 200: Session, 304: NotModified, ...errorResponses(400, 401, 403, 404) },
+      headers: ConditionalReadHeaders,
+      response: { 200: Session, 304: NotModified, ...errorResponses(400, 401, 403, 404, 412) },
     },
   }, async (request, reply) => {
     const { name } = request.params;
@@ -133,6 +133,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
     // (PATCH), the open round and the stored bytes change without a new version: no HTTP cache may keep
     // this answer and revalidate it into showing old settings (a browser would).
     reply.header('cache-control', 'no-store');
+    readIfMatch(request, session.version);
     if (noneMatch(request, session.version)) return sendNotModified(reply, session.version);
     setVersion(reply, session.version);
     const [round, storage] = await Promise.all([fastify.rounds.openRound(session), fastify.sessions.storage(name)]);

@@ -11,10 +11,10 @@ import { parseStateDict } from '../../sessions/state-dict.ts';
 import { firstNonFinite, readJsonTensor } from '../../sessions/tensors.ts';
 import { ACCESS, changeAnswer, changeKeyOf, ifMatchOf, jsonBody, jsonOrFile } from '../common.ts';
 import { contentFormat, mediaTypes, ROUTE_MEDIA, type WireFormat } from '../media.ts';
-import { ChangeHeaders, errorResponses, GroupChanges, IfNoneMatchHeaders, NameParams, NotModified, Session, Version, withCode } from '../schemas.ts';
+import { ChangeHeaders, errorResponses, GroupChanges, ConditionalReadHeaders, NameParams, NotModified, Session, Version, withCode } from '../schemas.ts';
 import { perTensorLimits, readCheckpointFile, readCheckpointJson, readNamedTensors, readStateDictBody } from './binary.ts';
 import { jsonBoundBySession } from './json-bound.ts';
-import { answeredNotModified, MAX_WAIT_SECONDS, waitPastVersion } from './conditional.ts';
+import { conditionalRead, MAX_WAIT_SECONDS, waitPastVersion } from './conditional.ts';
 import { refuseLargeJson, sendView, viewResponse, type ViewKind, type ViewQuery } from './views.ts';
 
 interface ReadQuery extends ViewQuery {
@@ -35,12 +35,13 @@ async function answerRead(fastify: FastifyInstance, kind: ViewKind, request: Fas
   } else if (query.wait !== undefined) {
     throw errors.invalidQuery('wait', 'needs after_version (the version you have)');
   }
-  if (await answeredNotModified(fastify, request, reply, name, version)) return reply;
+  const read = await conditionalRead(fastify, request, reply, name, version);
+  if (read === 'sent') return reply;
   // Before the state is built (an old version is replayed: seconds for a big session): a JSON answer too
   // large to give is refused first. The size from this process's copy, or for an old version from the row.
-  const numel = fastify.sessions.cachedSize(name)?.numel ?? (version !== null ? (await fastify.sessions.get(name)).numel : null);
+  const numel = fastify.sessions.cachedSize(name)?.numel ?? (read !== null ? (await fastify.sessions.get(name)).numel : null);
   if (numel !== null) refuseLargeJson(kind, request, query, numel);
-  return sendView(kind, request, reply, await fastify.sessions.view(name, version), query);
+  return sendView(kind, request, reply, await fastify.sessions.view(name, read), query);
 }
 
 const Format = (offers: readonly string[]) =>
@@ -125,8 +126,8 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
         after_version: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'Answer only with a version above this one: at once, or when one commits within `wait` seconds; else 304' })),
         wait: Type.Optional(Type.Number({ minimum: 0, maximum: MAX_WAIT_SECONDS, description: `With after_version: how long to wait for a newer version (at most ${MAX_WAIT_SECONDS} s)` })),
       }),
-      headers: IfNoneMatchHeaders,
-      response: { ...viewResponse('params'), 304: NotModified, ...errorResponses(400, 401, 403, 404, 406, 503) },
+      headers: ConditionalReadHeaders,
+      response: { ...viewResponse('params'), 304: NotModified, ...errorResponses(400, 401, 403, 404, 406, 412, 503) },
     },
   }, async (request, reply) => answerRead(fastify, 'params', request, reply, request.params.name, request.query));
 
@@ -170,8 +171,8 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
       tags: ['state'],
       params: NameParams,
       querystring: Type.Object({ version: Type.Optional(Version), format: Format(ROUTE_MEDIA.stateDict.offers) }),
-      headers: IfNoneMatchHeaders,
-      response: { ...viewResponse('state_dict'), 304: NotModified, ...errorResponses(400, 401, 403, 404, 406) },
+      headers: ConditionalReadHeaders,
+      response: { ...viewResponse('state_dict'), 304: NotModified, ...errorResponses(400, 401, 403, 404, 406, 412) },
     },
   }, async (request, reply) => answerRead(fastify, 'state_dict', request, reply, request.params.name, request.query));
 
@@ -227,8 +228,8 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
       tags: ['state'],
       params: NameParams,
       querystring: Type.Object({ version: Type.Optional(Version), format: Format(ROUTE_MEDIA.checkpoint.offers) }),
-      headers: IfNoneMatchHeaders,
-      response: { ...viewResponse('checkpoint'), 304: NotModified, ...errorResponses(400, 401, 403, 404, 406) },
+      headers: ConditionalReadHeaders,
+      response: { ...viewResponse('checkpoint'), 304: NotModified, ...errorResponses(400, 401, 403, 404, 406, 412) },
     },
   }, async (request, reply) => answerRead(fastify, 'checkpoint', request, reply, request.params.name, request.query));
 

@@ -1889,6 +1889,8 @@ export interface operations {
             header?: {
                 /** @description "<version>": 304 while the session is at that version */
                 "if-none-match"?: string;
+                /** @description "<version>": answer only that version, else 412 VERSION_MISMATCH (with ?version=, the version asked for) */
+                "if-match"?: string;
             };
             path: {
                 /**
@@ -1929,6 +1931,7 @@ export interface operations {
             401: components["responses"]["Error401"];
             403: components["responses"]["Error403"];
             404: components["responses"]["Error404"];
+            412: components["responses"]["Error412"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
             default: components["responses"]["ErrorOther"];
@@ -2278,6 +2281,8 @@ export interface operations {
             header?: {
                 /** @description "<version>": 304 while the session is at that version */
                 "if-none-match"?: string;
+                /** @description "<version>": answer only that version, else 412 VERSION_MISMATCH (with ?version=, the version asked for) */
+                "if-match"?: string;
             };
             path: {
                 /**
@@ -2321,6 +2326,7 @@ export interface operations {
             403: components["responses"]["Error403"];
             404: components["responses"]["Error404"];
             406: components["responses"]["Error406"];
+            412: components["responses"]["Error412"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
             default: components["responses"]["ErrorOther"];
@@ -2428,6 +2434,8 @@ export interface operations {
             header?: {
                 /** @description "<version>": 304 while the session is at that version */
                 "if-none-match"?: string;
+                /** @description "<version>": answer only that version, else 412 VERSION_MISMATCH (with ?version=, the version asked for) */
+                "if-match"?: string;
             };
             path: {
                 /**
@@ -2471,6 +2479,7 @@ export interface operations {
             403: components["responses"]["Error403"];
             404: components["responses"]["Error404"];
             406: components["responses"]["Error406"];
+            412: components["responses"]["Error412"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
             default: components["responses"]["ErrorOther"];
@@ -2630,6 +2639,8 @@ export interface operations {
             header?: {
                 /** @description "<version>": 304 while the session is at that version */
                 "if-none-match"?: string;
+                /** @description "<version>": answer only that version, else 412 VERSION_MISMATCH (with ?version=, the version asked for) */
+                "if-match"?: string;
             };
             path: {
                 /**
@@ -2672,6 +2683,7 @@ export interface operations {
             403: components["responses"]["Error403"];
             404: components["responses"]["Error404"];
             406: components["responses"]["Error406"];
+            412: components["responses"]["Error412"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
             default: components["responses"]["ErrorOther"];
