@@ -61,6 +61,30 @@ test('an open session page whose reads answer 503 (database down) is not live an
   assert.equal(await page.textContent('#app p.error'), '');
 });
 
+test('a session page opened in a tab that showed a deleted session still goes off when its reads fail', { skip }, async (t) => {
+  const { base, api, browser, log } = await setup(t);
+  await api('POST', '/v1/sessions', { name: 'doomed', params: PARAMS });
+  await api('POST', '/v1/sessions', { name: 'next', params: PARAMS });
+  await api('POST', '/v1/sessions/next/step', { grads: GRAD, metrics: { loss: 1 } });
+  const page = await newPage(browser, log);
+  await page.goto(`${base}/ui/#/s/doomed`);
+  await page.waitForFunction(() => document.getElementById('live')?.classList.contains('on'));
+  await api('DELETE', '/v1/sessions/doomed');
+  await page.waitForFunction(() => /deleted/.test(document.getElementById('live')?.textContent ?? ''), null, { timeout: 5000 });
+  // The same tab goes on to another session, which goes live; then its reads fail (the stream stays up).
+  await page.evaluate(() => { location.hash = '#/s/next'; });
+  await page.waitForFunction(() => document.getElementById('live')?.classList.contains('on'), null, { timeout: 5000 });
+  assert.equal(await page.getAttribute('#app', 'data-gone'), null, 'the deleted session\'s mark is not this page\'s');
+  const down = (url: URL) => url.pathname.startsWith('/v1/') && !url.pathname.endsWith('/events');
+  await page.route(down, unavailable);
+  await api('POST', '/v1/sessions/next/step', { grads: GRAD, metrics: { loss: 0.5 } });
+  // Before the fix it stayed green next to the error, and no retry was scheduled.
+  await page.waitForFunction(() => !document.getElementById('live')?.classList.contains('on'), null, { timeout: 5000 });
+  assert.match((await liveState(page)).text, /not live: the database is unreachable; retry shortly; retrying in \d+ s/);
+  await page.unroute(down, unavailable);
+  await page.waitForFunction(() => document.getElementById('live')?.classList.contains('on'), null, { timeout: 10_000 });
+});
+
 test('the sessions list opened while the service answers 503 retries with backoff and shows the list once it answers', { skip }, async (t) => {
   const { base, api, browser, log } = await setup(t);
   await api('POST', '/v1/sessions', { name: 'alpha', params: PARAMS });

@@ -67,6 +67,10 @@ function route(who, navigated = false) {
   stopPage?.();
   stopPage = null;
   app.replaceChildren();
+  // Each page starts clean: what the last one marked on #app (its version, that its session was deleted)
+  // is not this one's (found by a review: after one deleted session, later pages in the tab stayed green
+  // while their reads failed).
+  for (const key of Object.keys(app.dataset)) delete app.dataset[key];
   const m = /^#\/s\/([^/?]+)/.exec(location.hash);
   if (m) {
     /** @type {string | null} */

@@ -389,12 +389,14 @@ export function sessionPage(root, name, who) {
   let readFailures = 0;
   /** @type {ReturnType<typeof setTimeout> | undefined} */
   let readRetry;
+  /** The session was deleted while shown (gone()): nothing more is retried. */
+  let deleted = false;
   /** When a read of the session last succeeded. */
   let readOkAt = Date.now();
 
   /** A read failed for a reason that passes (not 401/403/404): the indicator goes off and the reads are retried. @param {unknown} err */
   function readFailed(err) {
-    if (stop.signal.aborted || root.dataset.gone) return;
+    if (stop.signal.aborted || deleted) return;
     readFailures++;
     const retryMs = backoffMs(readFailures);
     readTrouble = err instanceof ApiError ? err.message : isUnreachable(err) ? 'the service cannot be reached' : 'this page failed to draw the session';
@@ -497,6 +499,7 @@ export function sessionPage(root, name, who) {
   function gone() {
     setLive('gone', 'not live: the session was deleted');
     error.textContent = `Session ${name} was deleted.`;
+    deleted = true;
     root.dataset.gone = 'true';
     stop.abort();
     clearInterval(ticker);
