@@ -1455,6 +1455,12 @@ class RemoteASGD(torch.optim.Optimizer):
                     local[k] = v  # foreach=False stays False (the session holds None: the same step)
             if "param_names" in local and "param_names" not in loaded:
                 del local["param_names"]  # torch before 2.6 replaces the group, names included
+            # torch replaces the group: a key the loaded one lacks (a scheduler's initial_lr, another tool's
+            # metadata) goes, so that a scheduler made after the load asks for it as torch's does (found by a
+            # review: a stale initial_lr was kept). The hyperparameters and the flags stay: the session's, and
+            # torch's __setstate__ fills missing flags in.
+            for k in [k for k in local if k not in loaded and k not in ("params", "param_names") and k not in HYPERPARAMETER_KEYS and k not in FLAG_KEYS]:
+                del local[k]
         self._mark_own()  # the loaded values are this optimizer's, and the session's
         for post_hook in self._hooks("load_state_dict_post"):
             post_hook(self)

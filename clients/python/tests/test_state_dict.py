@@ -110,6 +110,24 @@ class StateDictMatchesTorch(ServiceTestCase):
             for k in ("lr", "lambd", "alpha", "t0", "weight_decay", "foreach", "maximize"):
                 self.assertEqual((got[k], type(got[k])), (want[k], type(want[k])), k)
 
+    def test_load_state_dict_replaces_the_groups_keys_as_torch_does(self):
+        # Keys the loaded groups lack (a scheduler's initial_lr, a tag of the user's) go, as torch's
+        # load_state_dict replaces each group; a scheduler made afterwards then asks for initial_lr as torch's.
+        saved = torch.optim.ASGD(for_torch(make_model().named_parameters()), lr=0.2).state_dict()
+        opt = self.remote(make_model().named_parameters(), transport="json")
+        mirror = torch.optim.ASGD(for_torch(make_model().named_parameters()), **HYPER)
+        for o in (opt, mirror):
+            torch.optim.lr_scheduler.StepLR(o, 3)
+            o.param_groups[0]["tag"] = {"a": 1}
+            o.load_state_dict(saved)
+        self.assertEqual(sorted(opt.param_groups[0]), sorted(mirror.param_groups[0]))
+        self.assertNotIn("initial_lr", opt.param_groups[0])
+        self.assertNotIn("tag", opt.param_groups[0])
+        for o in (opt, mirror):
+            with self.assertRaisesRegex(KeyError, "initial_lr"):
+                torch.optim.lr_scheduler.StepLR(o, 3, last_epoch=4)
+        self.assertStateDictEqual(opt.state_dict(), mirror.state_dict())
+
     def test_load_state_dict_takes_the_groups_hyperparameters(self):
         opt = self.remote(make_model().named_parameters(), transport="json")
         torch_opt = torch.optim.ASGD(for_torch(make_model().named_parameters()), lr=0.125, lambd=2e-4, alpha=0.5, t0=3.0, weight_decay=0.25)
