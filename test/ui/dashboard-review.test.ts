@@ -126,6 +126,22 @@ test('after a navigation the focus is on the page\'s heading, not on <body>: ope
   assert.deepEqual(await focused(page), { tag: 'H1', text: 'Sessions' });
 });
 
+test('paging with the keyboard: Next to the last page hands the focus to Previous, Previous to the first hands it to Next (not to <body>)', { skip }, async (t) => {
+  const { base, api, page } = await setup(t);
+  for (let i = 0; i < 51; i++) await api('POST', '/v1/sessions', { name: `k-${String(i).padStart(2, '0')}`, params: PARAMS });
+  await page.goto(`${base}/ui/`);
+  await page.waitForSelector('tr[data-session="k-00"]');
+  await page.focus('button:has-text("Next")');
+  await page.keyboard.press('Enter');
+  await page.waitForSelector('tr[data-session="k-50"]');
+  await page.waitForFunction(() => (document.querySelector('.pager button:nth-child(2)') as HTMLButtonElement).disabled, null, { timeout: 5000 }); // Next, on the last page
+  assert.deepEqual(await focused(page), { tag: 'BUTTON', text: '← Previous' });
+  await page.keyboard.press('Enter');
+  await page.waitForSelector('tr[data-session="k-00"]');
+  await page.waitForFunction(() => document.activeElement?.textContent === 'Next →', null, { timeout: 5000 });
+  assert.deepEqual(await focused(page), { tag: 'BUTTON', text: 'Next →' });
+});
+
 test('the timeline\'s ticks and the charts have accessible names', { skip }, async (t) => {
   const { base, api, page } = await setup(t);
   await api('POST', '/v1/sessions', { name: 'named', params: PARAMS, snapshot_every: 1_000_000 });

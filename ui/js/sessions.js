@@ -159,8 +159,16 @@ export function sessionsPage(root, who) {
     const empty = cursors.length > 0 ? 'No more sessions on this page (deleted meanwhile?): Previous goes back.'
       : search ? `No session name contains "${search}".` : 'No sessions yet.';
     if (sessions.length === 0) body.append(h('tr', { className: 'empty' }, h('td', { colspan: String(columns), className: 'muted' }, why ?? empty)));
+    // A button that goes disabled while it has focus drops it to the page's body (a keyboard user pressing
+    // Next to the last page started again from the top): the other one takes it, else the heading.
+    const focused = document.activeElement;
     prev.disabled = cursors.length === 0;
     nextButton.disabled = next === null;
+    if ((focused === prev || focused === nextButton) && /** @type {HTMLButtonElement} */ (focused).disabled) {
+      const other = focused === prev ? nextButton : prev;
+      if (!other.disabled) other.focus();
+      else /** @type {HTMLElement | null} */ (root.querySelector('h1.title'))?.focus();
+    }
     pageInfo.textContent = `page ${cursors.length + 1}`;
   }
 
