@@ -136,6 +136,12 @@ export const errors = {
   // 400: the request is malformed
   badRequest: make('BAD_REQUEST', (message: string) => message),
   invalidBody: make('INVALID_BODY', (message: string) => message),
+  /**
+   * An error about an option of a file create, named where the option was given: `prefix` before its field;
+   * a generic code (INVALID_QUERY, INVALID_BODY) becomes that part's, a specific one (INVALID_HYPERPARAMETER) stays.
+   */
+  givenIn: (err: ApiError, prefix: string, part: 'querystring' | 'body') =>
+    new ApiError(err.code === 'INVALID_QUERY' || err.code === 'INVALID_BODY' ? PART_CODES[part] : err.code, `${prefix}.${err.message}`, err.details, err.headers),
   /** A schema check failed (AJV): the code of the part, the field first in the message. */
   invalidPart: (part: RequestPart, field: string, message: string) => new ApiError(PART_CODES[part], `${field}: ${message}`),
   /** A schema check failed where the schema names a more specific code (`x-error-code`). */

@@ -276,6 +276,34 @@ test('create: a name in the query and another in the body or the file\'s options
   assert.deepEqual([merged.json().name, merged.json().snapshot_every, merged.json().keep_snapshots], ['mq', 4, 2]);
   // The same name in both is taken.
   assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions?name=same', payload: { name: 'same', params } })).statusCode, 201);
+  // A bad option is named where it was given: the query's options or the file's metadata (found by a review:
+  // every one was INVALID_QUERY with its key alone).
+  const optionCases: [string, string, string, RegExp][] = [
+    [`/v1/sessions?options=${opts({ name: 'bad1', snapshot_every: -1 })}`, '{}', 'INVALID_QUERY', /^options\.snapshot_every: must be a whole number from 1 to/],
+    ['/v1/sessions', '{"name":"bad2","snapshot_every":-1}', 'INVALID_BODY', /^__metadata__\.asgd\.snapshot_every: must be a whole number from 1 to/],
+    ['/v1/sessions', '{"name":"bad3","keep_log_bytes":1e400}', 'INVALID_BODY', /^__metadata__\.asgd\.keep_log_bytes: must be a whole number/],
+    ['/v1/sessions', '{"name":"bad4","hyperparameters":{"lr":-1}}', 'INVALID_HYPERPARAMETER', /^__metadata__\.asgd\.hyperparameters\.lr: /],
+    [`/v1/sessions?options=${opts({ name: 'bad5', max_staleness: 'x' })}`, '{}', 'INVALID_QUERY', /^options\.max_staleness: /],
+  ];
+  for (const [url, asgd, code, message] of optionCases) {
+    const res = await app.inject({ method: 'POST', url, headers: SAFETENSORS, payload: file(asgd) });
+    assert.equal(res.statusCode, 400, `${url} ${asgd}: ${res.body}`);
+    assert.equal(res.json().code, code, `${url} ${asgd}`);
+    assert.match(res.json().message, message);
+  }
+  for (const name of ['bad1', 'bad2', 'bad3', 'bad4', 'bad5']) assert.equal((await app.inject({ url: `/v1/sessions/${name}` })).statusCode, 404, name);
+});
+
+test('create from a file: a parameter name with an unpaired UTF-16 surrogate is refused naming it, before the database sees it', async (t) => {
+  const app = await setup(t);
+  for (const name of ['\ud800', 'a\udc00b']) {
+    const payload = streamToBuffer(writeSafetensors([[name, { dtype: 'float32', shape: [2], data: new Float32Array(2) }]]));
+    const res = await app.inject({ method: 'POST', url: '/v1/sessions?name=sur', headers: SAFETENSORS, payload });
+    assert.equal(res.statusCode, 400, res.body);
+    assert.equal(res.json().code, 'INVALID_TENSOR');
+    assert.equal(res.json().message, `params[${JSON.stringify(name)}]: text with an unpaired UTF-16 surrogate is not accepted (PostgreSQL stores none)`);
+  }
+  assert.equal((await app.inject({ url: '/v1/sessions/sur' })).statusCode, 404);
 });
 
 test('PUT checkpoint refuses the parameters create and PUT params refuse (not finite, beyond float32, float64), naming them', async (t) => {

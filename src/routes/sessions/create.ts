@@ -2,8 +2,8 @@
 // through the same checks.
 import type { Config } from '../../config.ts';
 import type { GroupSpec, ParamSpec } from '../../db/schema.ts';
-import { errors } from '../../errors.ts';
-import { parseJsonWithin } from '../../formats/json-depth.ts';
+import { ApiError, errors } from '../../errors.ts';
+import { parseJsonWithin, unstorableText } from '../../formats/json-depth.ts';
 import type { CreateInput } from '../../sessions/model.ts';
 import {
   assertName, assertShape, buildGroups, DEFAULT_GROUP, FLAG_KEYS, HYPERPARAMETER_KEYS, MAX_PARAMS, MAX_SESSION_NUMEL, integerLiterals, numelOf, PARAM_NAME_MAX, recordIntegerLiterals, resolveHyperparameters,
@@ -22,6 +22,9 @@ function assertParamName(value: unknown, field: string): string {
   if (typeof value !== 'string' || value.length === 0 || value.length > PARAM_NAME_MAX || /[\u0000-\u001f\u007f]/.test(value)) {
     throw errors.invalidTensor(field, `parameter names must be 1-${PARAM_NAME_MAX} characters without control characters`);
   }
+  // A file's names are not checked as JSON text is (content-types.ts): PostgreSQL refused this one at the
+  // insert, a 400 naming no field (found by a review).
+  if (unstorableText(value, field) !== null) throw errors.invalidTensor(field, 'text with an unpaired UTF-16 surrogate is not accepted (PostgreSQL stores none)');
   // A safetensors file keeps its metadata under this key: such a parameter could never be read or stepped in one.
   if (value === '__metadata__') throw errors.invalidTensor(field, '"__metadata__" is reserved (safetensors keeps its metadata under it)');
   // JSON answers are objects by parameter name, and JavaScript does not keep an own key of this name in
@@ -103,14 +106,24 @@ function parseFileCreate(body: Buffer, query: CreateQuery, format: WireFormat, c
   const params: ParamSpec[] = [];
   const data: Float32Array[] = [];
   for (const [name, tensor] of tensors) {
-    assertParamName(name, `params.${name}`);
-    params.push({ name, shape: assertShape(tensor.shape, `params.${name}.shape`) });
+    // A name of other characters than a JSON key's plain ones is quoted in the messages (a NUL, a lone surrogate).
+    const field = /^[\x21-\x7e]+$/.test(name) ? `params.${name}` : `params[${JSON.stringify(name)}]`;
+    assertParamName(name, field);
+    params.push({ name, shape: assertShape(tensor.shape, `${field}.shape`) });
     const bad = firstNonFinite(tensor.data);
-    if (bad >= 0) throw errors.invalidTensor(`params.${name}.data[${bad}]`, 'is not finite');
+    if (bad >= 0) throw errors.invalidTensor(`${field}.data[${bad}]`, 'is not finite');
     data.push(tensor.data);
   }
   checkParamList(params);
-  return parseCreateOptions(options, config, params, data);
+  try {
+    return parseCreateOptions(options, config, params, data);
+  } catch (err) {
+    // Its messages name an option by its key alone (as in a JSON body): here it is named where it was given,
+    // `options.<key>` or `__metadata__.asgd.<key>` (found by a review: every bad setting was INVALID_QUERY).
+    const key = err instanceof ApiError ? /^[a-z_]+/.exec(err.message)?.[0] : undefined;
+    if (!(err instanceof ApiError) || key === undefined || key === 'name' || !(key in fromQuery || key in fromFile)) throw err;
+    throw key in fromQuery ? errors.givenIn(err, 'options', 'querystring') : errors.givenIn(err, '__metadata__.asgd', 'body');
+  }
 }
 
 /** A file create's options object from `?options=` (`inQuery`) or the file's `asgd` metadata entry; {} when absent. */
