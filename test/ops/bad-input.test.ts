@@ -41,10 +41,11 @@ const ZIP_DAMAGE = ['ZIP_CORRUPT', 'ZIP_TRUNCATED'];
 const PT_TYPES = ['application/octet-stream', 'application/vnd.pytorch'];
 const SAFETENSORS_TYPES = ['application/x-safetensors', 'application/safetensors'];
 const STATE_DICT_OP = 'PUT /v1/sessions/{name}/state_dict';
+const CHECKPOINT_OP = 'PUT /v1/sessions/{name}/checkpoint';
 /** The body limits the test app is built with (ASGD_BODY_LIMIT_*). */
 const bodyLimitOf = (op: string) => (op === 'POST /v1/sessions' || op.startsWith('PUT ') ? 131_072 : op.endsWith('/step') ? 65_536 : 8_192);
-/** A JSON body that is not an object: its route's body schema refuses it (the state_dict's with its own code). */
-const notObject = (op: string) => (op === STATE_DICT_OP ? 'INVALID_STATE_DICT' : 'INVALID_BODY');
+/** A JSON body that is not an object: its route's body schema refuses it (a state_dict's or checkpoint's with its own code). */
+const notObject = (op: string) => (op === STATE_DICT_OP || op === CHECKPOINT_OP ? 'INVALID_STATE_DICT' : 'INVALID_BODY');
 /** A JSON object without its route's required keys: a missing field answers its own code (a new session's name INVALID_NAME, PATCH's param_groups INVALID_PARAM_GROUPS). */
 const missingKeys = (op: string) =>
   op === 'POST /v1/sessions' || op === 'POST /v1/sessions/{name}/fork' ? 'INVALID_NAME' : op === 'PATCH /v1/sessions/{name}/param_groups' ? 'INVALID_PARAM_GROUPS' : notObject(op);
@@ -538,13 +539,14 @@ test('bad input: every operation, every media type, every spelling of NaN; 4xx w
   for (const [payload, expect] of sdVariants) add({ family: 'state_dict', op: STATE_DICT_OP, method: 'PUT', url: '/v1/sessions/alpha/state_dict', headers: { ...asAdmin, ...wrongVersion }, payload: payload as object, expect });
   for (const [payload, , expect] of sdVariants.slice(0, 8)) add({ family: 'state_dict', op: STATE_DICT_OP, method: 'PUT', url: '/v1/sessions/alpha/state_dict', headers: asAdmin, payload: payload as object, expect });
   const cpVariants: [unknown, string][] = [
-    [{ ...checkpointJson, step: -1 }, 'INVALID_BODY'], [{ ...checkpointJson, step: 'x' }, 'INVALID_BODY'], [{ ...checkpointJson, model: [] }, 'INVALID_BODY'],
+    // A malformed checkpoint is INVALID_STATE_DICT as JSON as it is as a file (found by a review: these were INVALID_BODY).
+    [{ ...checkpointJson, step: -1 }, 'INVALID_STATE_DICT'], [{ ...checkpointJson, step: 'x' }, 'INVALID_STATE_DICT'], [{ ...checkpointJson, model: [] }, 'INVALID_STATE_DICT'],
     [{ ...checkpointJson, model: { nope: { shape: [1], data: [1] } } }, 'UNKNOWN_PARAMETER'],
     [{ ...checkpointJson, model: { ...checkpointJson.model, w: { shape: [-1], data: [] } } }, 'INVALID_STATE_DICT'],
-    [{ ...checkpointJson, optimizer: null }, 'INVALID_STATE_DICT'], [{ model: checkpointJson.model }, 'INVALID_STATE_DICT'], [{ optimizer: checkpointJson.optimizer }, 'INVALID_BODY'],
+    [{ ...checkpointJson, optimizer: null }, 'INVALID_STATE_DICT'], [{ model: checkpointJson.model }, 'INVALID_STATE_DICT'], [{ optimizer: checkpointJson.optimizer }, 'INVALID_STATE_DICT'],
     // Both names of one part (this service's and the tutorial's): which to take is not guessed.
     [{ ...checkpointJson, model_state_dict: checkpointJson.model }, 'INVALID_STATE_DICT'], [{ ...checkpointJson, optimizer_state_dict: checkpointJson.optimizer }, 'INVALID_STATE_DICT'],
-    [{ ...checkpointJson, model_state_dict: [] }, 'INVALID_BODY'], [{ model_state_dict: checkpointJson.model, optimizer_state_dict: { state: {} } }, 'INVALID_STATE_DICT'],
+    [{ ...checkpointJson, model_state_dict: [] }, 'INVALID_STATE_DICT'], [[], 'INVALID_STATE_DICT'], [{ model_state_dict: checkpointJson.model, optimizer_state_dict: { state: {} } }, 'INVALID_STATE_DICT'],
   ];
   for (const [payload, expect] of cpVariants) add({ family: 'checkpoint', op: 'PUT /v1/sessions/{name}/checkpoint', method: 'PUT', url: '/v1/sessions/alpha/checkpoint', headers: asAdmin, payload: payload as object, expect });
 

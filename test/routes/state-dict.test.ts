@@ -418,7 +418,7 @@ test('a JSON checkpoint takes what a torch.save checkpoint takes: the tutorial\'
   assert.deepEqual([both.statusCode, both.json().code], [400, 'INVALID_STATE_DICT']);
   assert.match(both.json().message, /^optimizer_state_dict: given with optimizer: one of the two/);
   const none = await app.inject({ method: 'PUT', url: '/v1/sessions/sd/checkpoint', payload: { epoch: 3 } });
-  assert.deepEqual([none.statusCode, none.json().code], [400, 'INVALID_BODY']);
+  assert.deepEqual([none.statusCode, none.json().code], [400, 'INVALID_STATE_DICT']);
   assert.match(none.json().message, /^model: is missing \(a checkpoint is \{"model", "optimizer", "step"\?\}, or the tutorial's/);
 });
 

@@ -190,7 +190,7 @@ export function readCheckpointJson(body: {
   const model = pick('model', 'model_state_dict');
   const optimizer = pick('optimizer', 'optimizer_state_dict');
   const layouts = 'a checkpoint is {"model", "optimizer", "step"?}, or the tutorial\'s {"model_state_dict", "optimizer_state_dict", …}';
-  if (model.value === undefined) throw errors.invalidBody(`model: is missing (${layouts})`);
+  if (model.value === undefined) throw errors.invalidStateDict('model', `is missing (${layouts})`);
   if (optimizer.value === undefined) throw errors.invalidStateDict('optimizer', `is missing (${layouts})`);
   const params: CheckpointInput['params'] = new Map();
   for (const [name, value] of Object.entries(model.value as Record<string, unknown>)) {

@@ -59,13 +59,14 @@ const StateDictIn = withCode(Type.Object({
  * "loss", …}); other keys are ignored, as in the file. Which of the two names is there: readCheckpointJson.
  */
 const ModelIn = Type.Record(Type.String(), Type.Unknown(), { description: 'The model state_dict: tensors by name' });
-const CheckpointIn = Type.Object({
+// A malformed checkpoint is INVALID_STATE_DICT as JSON as it is as a file (README), its parts' faults too.
+const CheckpointIn = withCode(Type.Object({
   model: Type.Optional(ModelIn),
   optimizer: Type.Optional(StateDictIn),
   model_state_dict: Type.Optional({ ...ModelIn, description: 'Instead of "model" (the layout of PyTorch\'s tutorial on saving a general checkpoint)' }),
   optimizer_state_dict: Type.Optional({ ...StateDictIn, description: 'Instead of "optimizer" (the tutorial\'s layout)' }),
   step: Type.Optional(Type.Integer({ minimum: 0, maximum: MAX_LOADED_STEP, description: 'The steps the session has taken (at most 2^50: the steps after it are counted exactly); absent: the most any parameter\'s state took, as a state_dict load counts it' })),
-}, { additionalProperties: true, description: 'Keys other than these (the tutorial\'s "epoch", "loss") are ignored, as in a torch.save file' });
+}, { additionalProperties: true, description: 'Keys other than these (the tutorial\'s "epoch", "loss") are ignored, as in a torch.save file' }), 'INVALID_STATE_DICT');
 
 /** The parameters to load, as JSON: each a tensor {"shape", "data"} or a flat list (the session knows the shape). */
 const ParamsIn = Type.Object({
@@ -248,7 +249,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
       response: { 200: Session, ...errorResponses(400, 401, 403, 404, 412, 413, 415, 422) },
     },
   }, async (request, reply) => {
-    const body = jsonOrFile(request.body, CheckpointIn);
+    const body = jsonOrFile(request.body, CheckpointIn, (message) => errors.invalidStateDict('body', message));
     const checkpoint = Buffer.isBuffer(body) ? readCheckpointFile(body, (await fastify.sessions.get(request.params.name)).params.map((p) => p.name)) : readCheckpointJson(body);
     const result = await fastify.sessions.load(request.params.name, checkpoint, { ifMatch: ifMatchOf(request), reason: 'load_checkpoint', key: changeKeyOf(request) });
     return changeAnswer(reply, result); // a new version: no round is open
