@@ -101,7 +101,9 @@ export function parseStateDict(body: unknown): LoadedStateDict {
   const state: LoadedStateDict['state'] = new Map();
   for (const [key, entry] of Object.entries(stateIn)) {
     const field = `state.${key}`;
-    if (!/^(0|[1-9]\d{0,8})$/.test(key)) throw errors.invalidStateDict(field, 'keys must be parameter ids (whole numbers)');
+    // A whole number no group lists is kept by torch and used by no parameter: dropped at the load
+    // (load-plan.ts), whatever its size (one of ten digits was refused as "not a whole number").
+    if (!/^(0|[1-9]\d*)$/.test(key)) throw errors.invalidStateDict(field, 'keys must be parameter ids (whole numbers)');
     if (!isPlainObject(entry)) throw errors.invalidStateDict(field, 'must be an object {step, eta, mu, ax}');
     // {}: no state (torch leaves it when code read optimizer.state[p] of a parameter that never stepped).
     if (Object.keys(entry).length === 0) continue;

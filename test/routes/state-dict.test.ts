@@ -449,3 +449,23 @@ test('a JSON state_dict\'s extra group keys written as integers stay ints in the
   assert.equal(group.get('initial_lr'), 0.03);
   assert.equal(group.get('scale'), 2.5);
 });
+
+test('state under an id no group lists is checked, then left out, whatever its size, as no parameter would use it (torch keeps it)', async (t) => {
+  const app = await setup(t);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/sd/step', payload: { grads: grads(0) } })).statusCode, 200);
+  const saved = (await app.inject({ url: '/v1/sessions/sd/state_dict' })).json();
+  for (const id of ['2', '9999999999', '123456789012345678901234567890']) {
+    const put = await app.inject({ method: 'PUT', url: '/v1/sessions/sd/state_dict', payload: { ...saved, state: { ...saved.state, [id]: saved.state['1'] } } });
+    assert.equal(put.statusCode, 200, `${id}: ${put.body}`);
+    assert.deepEqual(Object.keys((await app.inject({ url: '/v1/sessions/sd/state_dict' })).json().state), ['0', '1']);
+    // Checked all the same: a malformed entry under such an id is refused naming it.
+    const bad = await app.inject({ method: 'PUT', url: '/v1/sessions/sd/state_dict', payload: { ...saved, state: { ...saved.state, [id]: { ...saved.state['1'], eta: 'x' } } } });
+    assert.deepEqual([bad.statusCode, bad.json().code], [400, 'INVALID_STATE_DICT'], id);
+    assert.match(bad.json().message, new RegExp(`^state\\.${id}\\.eta: `));
+  }
+  for (const key of ['01', '-1', '1.5', 'x']) {
+    const bad = await app.inject({ method: 'PUT', url: '/v1/sessions/sd/state_dict', payload: { ...saved, state: { ...saved.state, [key]: saved.state['1'] } } });
+    assert.deepEqual([bad.statusCode, bad.json().code], [400, 'INVALID_STATE_DICT'], key);
+    assert.equal(bad.json().message, `state.${key}: keys must be parameter ids (whole numbers)`);
+  }
+});
