@@ -72,7 +72,7 @@ function checkParamList(params: ParamSpec[]): void {
 
 /**
  * A create request whose body is a file of initial parameters: safetensors, or a torch.save'd model
- * state_dict (`torch.save(model.state_dict(), f)`). Everything else of the request is a JSON object of
+ * state_dict of the parameters (`torch.save(dict(model.named_parameters()), f)`). Everything else of the request is a JSON object of
  * the same keys as the JSON form (name, hyperparameters, param_groups, …) taken from the `options` query
  * parameter and, in safetensors, the `asgd` metadata entry (merged); `?name=` may give the name alone.
  */
