@@ -98,7 +98,10 @@ export interface ServerProcess {
 }
 
 /** The malloc settings `npm start` runs the service with (its script in package.json; the Docker image sets the same). */
-const MALLOC_TUNABLES = /GLIBC_TUNABLES:-([^}]+)\}/.exec(JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')).scripts.start)?.[1] ?? '';
+const START_SCRIPT: string = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')).scripts.start;
+const MALLOC_TUNABLES = /GLIBC_TUNABLES:-([^}]+)\}/.exec(START_SCRIPT)?.[1] ?? '';
+/** The V8 flags `npm start` runs the service with (the Docker image sets the same). */
+const NODE_OPTIONS = /NODE_OPTIONS="([^"$]+?) \$\{NODE_OPTIONS:-\}"/.exec(START_SCRIPT)?.[1] ?? '';
 
 /**
  * `node src/server.ts` on a free loopback port (one process: its pid is the server's). BENCH_SERVER_ARGS
@@ -114,7 +117,7 @@ export async function startServer(env: Record<string, string>, nodeArgs: string[
   const extraEnv = Object.fromEntries((process.env.BENCH_SERVER_ENV?.split(' ').filter(Boolean) ?? []).map((kv) => [kv.split('=')[0], kv.split('=').slice(1).join('=')]));
   const child = spawn(process.execPath, [...nodeArgs, ...extra, join(ROOT, 'src', 'server.ts')], {
     cwd: ROOT,
-    env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', HOST: '127.0.0.1', PORT: String(port), GLIBC_TUNABLES: MALLOC_TUNABLES, ...env, ...extraEnv },
+    env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', HOST: '127.0.0.1', PORT: String(port), GLIBC_TUNABLES: MALLOC_TUNABLES, NODE_OPTIONS, ...env, ...extraEnv },
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   child.stderr!.on('data', (chunk) => (stderr = (stderr + chunk).slice(-4000)));

@@ -7,7 +7,7 @@ import { test } from 'node:test';
 import { buildApp } from '../../src/app.ts';
 import { FLAGS, parseArgs } from '../../src/cli.ts';
 import { isLoopback, loadConfig } from '../../src/config.ts';
-import { startScriptTunables } from './support.ts';
+import { startScriptNodeOptions, startScriptTunables } from './support.ts';
 
 const read = (path: string) => readFileSync(path, 'utf8');
 const SERVICE_VARIABLES = new Set(FLAGS.map((f) => f.env));
@@ -52,9 +52,11 @@ test('the image runs the tested commands as a non-root user, with production dep
   assert.match(stages[0], /tsc --noEmit/);
   // Every ENV the image sets is a service variable (or glibc's malloc settings, as npm start has them), and
   // the defaults it sets load.
-  const { GLIBC_TUNABLES: tunables, ...env } = Object.fromEntries([...runtime.matchAll(/^\s*(?:ENV\s+)?([A-Z_]+)=(\S+?)\s*\\?$/gm)].map((m) => [m[1], m[2]]));
+  const { GLIBC_TUNABLES: tunables, NODE_OPTIONS: nodeOptions, ...env } = Object.fromEntries([...runtime.matchAll(/^\s*(?:ENV\s+)?([A-Z_]+)=(\S+?)\s*\\?$/gm)].map((m) => [m[1], m[2]]));
   assert.deepEqual(Object.keys(env).sort(), ['ASGD_DATA_DIR', 'HOST', 'PORT']);
   assert.equal(tunables, startScriptTunables());
+  assert.equal(nodeOptions, startScriptNodeOptions());
+  assert.equal(nodeOptions, '--max-semi-space-size=32');
   for (const key of Object.keys(env)) assert.ok(SERVICE_VARIABLES.has(key), key);
   assert.throws(() => loadConfig(env), /refusing to listen on 0\.0\.0\.0/, 'the image needs a token to start');
   assert.equal(loadConfig({ ...env, ASGD_ADMIN_TOKEN: 'x'.repeat(32) }).host, '0.0.0.0');
@@ -198,7 +200,7 @@ test('Node 24 without a runtime compiler: engines, the pinned runtime, `npm star
   assert.match(pkg.devDependencies.node, /^\^?24\./);
   assert.equal(pkg.dependencies.node, undefined);
   // exec: npm's child is the server itself, so the SIGTERM npm relays reaches it (test/ops/npm-start.test.ts).
-  assert.match(pkg.scripts.start, /^GLIBC_TUNABLES=\$\{GLIBC_TUNABLES:-[^}]+\} exec node src\/server\.ts$/);
+  assert.match(pkg.scripts.start, /^GLIBC_TUNABLES=\$\{GLIBC_TUNABLES:-[^}]+\} NODE_OPTIONS="--max-semi-space-size=32 \$\{NODE_OPTIONS:-\}" exec node src\/server\.ts$/);
   for (const [name, script] of Object.entries(pkg.scripts)) assert.doesNotMatch(script, /\btsx\b|ts-node/, name);
   assert.ok(!('tsx' in pkg.dependencies) && !('tsx' in pkg.devDependencies));
 

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { LOCK_FILE } from '../../src/db/data-dir-lock.ts';
 import { listening, running, startServer, waitFor } from './processes.ts';
-import { startScriptTunables } from './support.ts';
+import { startScriptNodeOptions, startScriptTunables } from './support.ts';
 
 const SHUTDOWN_TIMEOUT_MS = 20_000;
 
@@ -56,12 +56,15 @@ test('SIGTERM to the pid of `npm start`: the steps in flight are answered, the p
   // With malloc's settings for big steps (README "Configuration"): the ones the Docker image runs with too
   // (and the benchmarks' servers, which read them from the script).
   const tunables = startScriptTunables()!;
-  assert.ok(readFileSync('Dockerfile', 'utf8').split('\n').some((line) => line.trim() === `GLIBC_TUNABLES=${tunables}`), 'the Dockerfile sets them');
+  assert.ok(readFileSync('Dockerfile', 'utf8').split('\n').some((line) => line.trim().replace(/\s*\\$/, '') === `GLIBC_TUNABLES=${tunables}`), 'the Dockerfile sets them');
   // The server started with them: glibc parses the variable in place at start-up, so the process's own copy
   // reads as its first setting (ld.so --list-tunables shows both in force).
   const environ = readFileSync(`/proc/${server}/environ`, 'latin1').split('\0');
   const seen = environ.find((v) => v.startsWith('GLIBC_TUNABLES='));
   assert.ok(seen && `GLIBC_TUNABLES=${tunables}`.startsWith(seen) && seen.includes('mmap_threshold'), seen ?? 'no GLIBC_TUNABLES');
+  // And V8's young generation bounded (README "Configuration"), before any NODE_OPTIONS of the caller's.
+  const nodeOptions = environ.find((v) => v.startsWith('NODE_OPTIONS='));
+  assert.ok(nodeOptions?.startsWith(`NODE_OPTIONS=${startScriptNodeOptions()}`), nodeOptions ?? 'no NODE_OPTIONS');
   const created = await fetch(`${url}/v1/sessions`, {
     method: 'POST',
     headers: { 'content-type': 'application/json' },

@@ -8,6 +8,10 @@ import { randomData } from '../helper.ts';
 export const startScriptTunables = (): string | undefined =>
   /GLIBC_TUNABLES:-([^}]+)\}/.exec(JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')).scripts.start)?.[1];
 
+/** The V8 flags `npm start` puts before any NODE_OPTIONS of the environment's (its script in package.json). */
+export const startScriptNodeOptions = (): string | undefined =>
+  /NODE_OPTIONS="([^"$]+?) \$\{NODE_OPTIONS:-\}"/.exec(JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')).scripts.start)?.[1];
+
 export const ADMIN = 'admin-token-for-tests-0123456789';
 export const bearer = (token: string) => ({ authorization: `Bearer ${token}` });
 export const asAdmin = bearer(ADMIN);
