@@ -134,7 +134,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
   ): Promise<SessionRecord | Replayed> {
     let changed = true;
     const session = await changeLocked(name, opts.ifMatch, async (tx, session, touch) => {
-      const entry = await history.currentState(tx, session);
+      const entry = await history.currentStateLocked(tx, session);
       const { state } = entry;
       const plan = input.stateDict ? planLoad(session, input.stateDict) : null;
       if (input.params) checkModel(session, state.layout, input.params, input.paramsField);
@@ -183,7 +183,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
       // A new version would void the open round's contributions (made at this one): refused as PATCH of
       // aggregation is; the change goes with a step of the next round instead.
       if (session.aggregation) await assertNoOpenRound(tx, session, 'param_groups', ', or send them with a contribution (its param_groups)');
-      const entry = await history.currentState(tx, session);
+      const entry = await history.currentStateLocked(tx, session);
       const { state } = entry;
       touch();
       // Changes in a row with no step between: the one before is superseded (no version after it was built

@@ -2,7 +2,7 @@
 // steps after it replayed (the kernel is deterministic, so the replay is bit-exact).
 import type { Queryable } from '../db/database.ts';
 import { isDbError } from '../db/errors.ts';
-import { errors } from '../errors.ts';
+import { ApiError, errors } from '../errors.ts';
 import type { CacheEntry } from './cache.ts';
 import type { SessionContext } from './context.ts';
 import { unpackGradients } from './gradients.ts';
@@ -22,6 +22,9 @@ type StoredState = SnapshotRecord | ReplayPointRecord;
 /** Bytes of logged float32 gradients one read of the log brings in while replaying, and its bound in steps. */
 const REPLAY_PAGE_BYTES = 64 * 1024 * 1024;
 const MAX_REPLAY_PAGE_STEPS = 1024;
+
+/** How often a locked build is tried (currentStateLocked): each retry follows another process's snapshot. */
+const LOCKED_BUILD_ATTEMPTS = 4;
 
 export function createHistory(ctx: SessionContext) {
   const { cache, kernel, kernelOptions } = ctx;
@@ -180,6 +183,27 @@ export function createHistory(ctx: SessionContext) {
   }
 
   /**
+   * currentState in a transaction that holds the session's row lock under READ COMMITTED (a load, a PATCH of
+   * param_groups, a round's step), not in one consistent read (consistentRead): the state is built in
+   * several statements, and another process's background snapshot prunes what it supersedes without the row
+   * lock, so the snapshot or the log one statement found can be gone at the next (found by a review: with
+   * three replicas about one load in a few hundred answered 404 VERSION_NOT_AVAILABLE for the current
+   * version, or 503 SNAPSHOT_UNAVAILABLE). Each statement sees what has committed: built again, it starts
+   * from the snapshot that pruned them.
+   */
+  async function currentStateLocked(q: Queryable, session: SessionRecord): Promise<CacheEntry> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await currentState(q, session);
+      } catch (err) {
+        const code = err instanceof ApiError ? err.code : null;
+        if (attempt >= LOCKED_BUILD_ATTEMPTS || (code !== 'VERSION_NOT_AVAILABLE' && code !== 'SNAPSHOT_UNAVAILABLE')) throw err;
+        ctx.log.info({ session: session.name, version: session.version, code }, 'the stored state changed while it was read (another process wrote a snapshot): reading it again');
+      }
+    }
+  }
+
+  /**
    * Brings this process's copy up to `session` (its row as read in `q`) from the log, when the copy is of the
    * database's history (repo.ofHistory): false when it is not, or the log has a gap; the caller rebuilds.
    */
@@ -218,5 +242,5 @@ export function createHistory(ctx: SessionContext) {
     return Math.max(snapshot?.version ?? 0, point?.version ?? 0) >= copyVersion + 4;
   }
 
-  return { loadSnapshot, replay, buildState, currentState, catchUp };
+  return { loadSnapshot, replay, buildState, currentState, currentStateLocked, catchUp };
 }

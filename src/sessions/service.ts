@@ -167,7 +167,7 @@ export function createSessionService(options: SessionServiceOptions) {
   const heldOpen = new Map<string, number>();
   const roundHost: RoundHost = {
     run: (name, fn) => ctx.mutex.run(name, fn),
-    currentState: history.currentState,
+    currentState: history.currentStateLocked, // under the row lock, in the round's transaction
     forget: (id) => cache.forget(id),
     withAnswerState: reads.withAnswerState,
     applyStep: (state, present) => state.applyStep(present, ctx.kernel, ctx.kernelOptions),
