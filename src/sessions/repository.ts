@@ -684,6 +684,11 @@ export async function oldestSnapshotVersion(q: Queryable, sessionId: number): Pr
   return rows[0]?.v ?? null;
 }
 
+export async function newestSnapshotVersion(q: Queryable, sessionId: number): Promise<number | null> {
+  const rows = await q.query<{ v: number | null }>('SELECT max(version)::float8 AS v FROM snapshots WHERE session_id = $1', [sessionId]);
+  return rows[0]?.v ?? null;
+}
+
 export async function setSnapshotPinned(q: Queryable, sessionId: number, id: number, pinned: boolean): Promise<SnapshotRecord | null> {
   const rows = await q.query(`UPDATE snapshots SET pinned = $3 WHERE session_id = $1 AND id = $2 RETURNING ${SNAPSHOT_COLUMNS}`, [sessionId, id, pinned]);
   return rows.length ? toSnapshot(rows[0]) : null;
