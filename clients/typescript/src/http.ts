@@ -213,17 +213,26 @@ export class Transport {
     const doFetch = this.options.fetch ?? fetch;
     const budget = x.retryBudgetMs ?? this.options.retryBudgetMs ?? 60_000;
     const hold = Math.max(0, x.holdMs ?? 0);
-    const deadline = Date.now() + hold + budget;
+    let deadline = Date.now() + budget;
     let pause = 100;
     const caller = x.signal;
     for (let attempt = 1; ; attempt++) {
       caller?.throwIfAborted();
       let res: Response;
       const timeout = AbortSignal.timeout((this.options.timeoutMs ?? 300_000) + hold);
+      const began = Date.now();
+      // A request the service may hold (a round's contribution): the budget counts from the end of the hold
+      // it had, so a connection lost late in a hold is still retried; one refused at once held nothing, and
+      // adds nothing (found by a review: a step naming its worker retried a server that was down for 61 s
+      // on a 2 s budget).
+      const held = () => {
+        if (hold > 0) deadline = Math.max(deadline, Math.min(Date.now(), began + hold) + budget);
+      };
       try {
         res = await doFetch(url, { method: x.method, headers, body: body as BodyInit | undefined, signal: caller ? AbortSignal.any([caller, timeout]) : timeout });
       } catch (err) {
         if (caller?.aborted) throw caller.reason;
+        held();
         if (!permanent(err) && (x.repeatable || neverSent(err)) && Date.now() + pause < deadline) {
           this.retrying(x.method, url, err, attempt, deadline);
           await sleep(pause, caller);
@@ -237,6 +246,7 @@ export class Transport {
         bytes = new Uint8Array(await res.arrayBuffer());
       } catch (err) {
         if (caller?.aborted) throw caller.reason;
+        held();
         // The connection broke during the answer: the request may have been applied.
         if (x.repeatable && Date.now() + pause < deadline) {
           this.retrying(x.method, url, err, attempt, deadline);
@@ -248,6 +258,7 @@ export class Transport {
       }
       if ((res.status >= 200 && res.status < 300) || x.allow?.includes(res.status)) return { status: res.status, headers: res.headers, bytes, attempts: attempt };
       if (RETRY_STATUS.has(res.status)) {
+        held();
         const wait = retryWait(res, pause);
         if (Date.now() + wait < deadline) {
           this.retrying(x.method, url, res, attempt, deadline);

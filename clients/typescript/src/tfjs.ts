@@ -87,7 +87,7 @@ interface PendingContribution {
   version: number;
   /** Sends the contribution again with its Idempotency-Key: the service counts it once. */
   send: (maxWaitMs: number | undefined) => Promise<StepResult>;
-  /** The step's hyperparameters, given back to nextParamGroups if the contribution is dropped. */
+  /** The hyperparameters the step carries (this worker's changes no answered step had carried yet), or undefined. */
   paramGroups: StepParamGroup[] | undefined;
 }
 
@@ -186,6 +186,14 @@ export class RemoteASGD extends Optimizer {
   nextParamGroups: StepParamGroup[] | undefined;
   /** Each group's hyperparameters as this optimizer last saw them (attach, a step's answer), or null. */
   private knownGroups: StepParamGroup[] | null = null;
+  /**
+   * The values set in nextParamGroups that no answered step has carried yet, per group (as the Python
+   * client keeps them): each step carries all of them, so a step dropped as stale (or in flight when a later
+   * one goes) takes nothing with it, and an older value never follows a newer one (found by a review: a
+   * dropped step's lr change, given back to nextParamGroups, missed the step queued behind it and came back
+   * after that step's own newer lr). A value is settled once a step carrying it is answered.
+   */
+  private unsentGroups: StepParamGroup[] = [];
   /** The batch size of the next step (sent as its `samples`; a session's aggregation.target_samples counts them). */
   nextSamples: number | undefined;
   /** This worker's id (see the `worker` option). */
@@ -349,7 +357,7 @@ export class RemoteASGD extends Optimizer {
     const edited = this.editedParams().length > 0;
     let baseVersion = this.version;
     const metrics = this.pendingLoss !== undefined && Number.isFinite(this.pendingLoss) ? { loss: this.pendingLoss } : undefined;
-    const paramGroups = this.nextParamGroups;
+    const paramGroups = this.takeParamGroups();
     // A contribution when the session has rounds. The worker id goes with every step, as the Python client
     // sends it: without rounds the service checks it and tells one worker's steps by it, and should rounds
     // be set on the session later (PATCH aggregation) the steps are contributions at once instead of 400s.
@@ -358,7 +366,6 @@ export class RemoteASGD extends Optimizer {
       : { worker: this.worker, held: false };
     const samples = this.nextSamples;
     this.pendingLoss = undefined;
-    this.nextParamGroups = undefined;
     this.nextSamples = undefined;
     this.incrementIterations();
     if (this.inFlight > 0 && !this.warnedBehind) {
@@ -390,8 +397,7 @@ export class RemoteASGD extends Optimizer {
       if (own && own.version === baseVersion) {
         // This worker is already in the round of this gradient's version (it stopped waiting, RoundPending):
         // a second contribution would be refused (DuplicateContribution). Wait for that round's outcome
-        // instead; this gradient, of the same version, is not sent.
-        this.restoreParamGroups(paramGroups);
+        // instead; this gradient, of the same version, is not sent (its hyperparameters go with the next).
         await this.settle(own);
         return;
       }
@@ -432,8 +438,7 @@ export class RemoteASGD extends Optimizer {
           const current = await this.client.params(this.session);
           this.adoptVersion(current.version);
           this.write(current.params, current.version);
-          this.restoreParamGroups(step.paramGroups);
-          return;
+          return; // its hyperparameters were not applied: the next step carries them
         }
         if (!(err instanceof StaleGradient) || this.onStale !== 'pull') throw err;
         // Dropped: the session moved on without this gradient. Continue from its current parameters.
@@ -442,10 +447,10 @@ export class RemoteASGD extends Optimizer {
         this.staleDropped++;
         this.lastStale = err;
         this.logger?.warn(`[${this.worker}] session ${this.session}: gradient dropped as stale (${err.message}); loaded the parameters at version ${current.version} (${this.staleDropped} dropped so far)`);
-        this.restoreParamGroups(step.paramGroups);
-        return;
+        return; // its hyperparameters were not applied: the next step carries them
       }
       if (this.pendingRound?.version === step.version) this.pendingRound = null;
+      this.settleParamGroups(step.paramGroups);
       this.lastStep = answer;
       if (answer.param_groups) this.knownGroups = answer.param_groups.map((g) => ({ ...g }));
       if (answer.params) this.write(answer.params, answer.paramsVersion ?? answer.version, true);
@@ -467,9 +472,29 @@ export class RemoteASGD extends Optimizer {
     return changed.some((g) => Object.keys(g).length > 0) ? changed : undefined;
   }
 
-  /** A dropped step's hyperparameters go with the next step, unless new ones were set meanwhile. */
-  private restoreParamGroups(paramGroups: StepParamGroup[] | undefined): void {
-    if (paramGroups !== undefined && this.nextParamGroups === undefined) this.nextParamGroups = paramGroups;
+  /** nextParamGroups added to the unsent values (a later value of a key replaces the earlier), and all of these, for a step. */
+  private takeParamGroups(): StepParamGroup[] | undefined {
+    const next = this.nextParamGroups;
+    this.nextParamGroups = undefined;
+    if (next) {
+      next.forEach((g, i) => {
+        this.unsentGroups[i] = { ...this.unsentGroups[i], ...Object.fromEntries(Object.entries(g ?? {}).filter(([, v]) => v !== undefined)) };
+      });
+      // More groups than the session has: sent as they are, for the service to refuse naming the count.
+      if (next.length !== this.unsentGroups.length) this.unsentGroups.length = Math.max(next.length, this.unsentGroups.length);
+    }
+    if (!this.unsentGroups.some((g) => g && Object.keys(g).length > 0)) return undefined;
+    const count = Math.max(this.unsentGroups.length, this.knownGroups?.length ?? 0);
+    return Array.from({ length: count }, (_, i) => ({ ...this.unsentGroups[i] }));
+  }
+
+  /** A step carrying these values was answered: those not set anew since are settled (no later step sends them). */
+  private settleParamGroups(carried: StepParamGroup[] | undefined): void {
+    carried?.forEach((g, i) => {
+      const unsent = this.unsentGroups[i] as Record<string, unknown> | undefined;
+      if (!unsent) return;
+      for (const [k, v] of Object.entries(g)) if (Object.is(unsent[k], v)) delete unsent[k];
+    });
   }
 
   /**

@@ -82,6 +82,33 @@ test('RemoteASGD onStale and RoundPending', async (t) => {
     assert.throws(() => new RemoteASGD({ client, session, onStale: 'apply' as 'pull' }), RangeError);
   });
 
+  await t.test('pipelined steps: a learning rate set for a step dropped as stale goes with the step queued behind it, and never comes back after a newer one', async () => {
+    // Found by a review: the dropped step's lr was given back to nextParamGroups, which the step already
+    // queued behind it had read, so that one went without it; and it came back after that step's newer lr.
+    for (const [i, newer] of [undefined, 0.03].entries()) {
+      const session = uniqueName('lr-drop');
+      const w = tf.variable(tf.tensor([1, 2, 3, 4]), true, `lr-drop-w${i}`);
+      const opt = new RemoteASGD({ client, session, hyperparameters: { lr: 0.1 }, sessionSettings: { max_staleness: 0 } });
+      await opt.attach([w], ['w']);
+      const g = tf.tensor([1, 1, 1, 1]);
+      opt.applyGradients({ [w.name]: g }); // P, at version 1
+      opt.nextParamGroups = [{ lr: 0.02 }];
+      opt.applyGradients({ [w.name]: g }); // A, at version 1: stale once P lands (max_staleness 0)
+      while (opt.version === 1) await new Promise((r) => setImmediate(r));
+      if (newer !== undefined) opt.nextParamGroups = [{ lr: newer }];
+      opt.applyGradients({ [w.name]: g }); // B, at version 2: queued behind A
+      await opt.synchronize();
+      assert.equal(opt.staleDropped, 1);
+      opt.applyGradients({ [w.name]: g }); // C: sets nothing
+      await opt.synchronize();
+      const changes = (await client.hyperparameterChanges(session)).changes.map((c) => [c.version, c.param_groups[0].lr]);
+      // B carries A's 0.02 (or its own newer 0.03); C changes nothing.
+      assert.deepEqual(changes, [[3, newer ?? 0.02]], JSON.stringify(changes));
+      assert.equal((await client.getSession(session)).param_groups[0].lr, newer ?? 0.02);
+      tf.dispose([w, g]);
+    }
+  });
+
   await t.test('workers started at once with the same arguments: one creates the session, the others join it; none fails', async () => {
     const session = uniqueName('together');
     const workers = [0, 1, 2, 3].map(() => new RemoteASGD({ client, session, hyperparameters: { lr: 0.05 } }));

@@ -128,3 +128,20 @@ test('a load, hyperparameters or a restore whose answer was lost is sent again a
     assert.equal((await other.getSession(name)).version, 3, `${what}: the other worker's step is the last change, not undone`);
   }
 });
+
+test('a step that names its worker (a round contribution, which the service may hold) against a service that is down keeps to the retry budget: a refused connection held nothing', async () => {
+  // Found by a review: the hold of a contribution (60 s unless `wait` says) was added to the budget before
+  // the first attempt, so a worker's step to a service that was down retried for 61 s on a 2 s budget.
+  const server = (await import('node:net')).createServer();
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address() as { port: number };
+  await new Promise<void>((resolve) => server.close(() => resolve())); // nothing listens there now
+  const client = new ASGDClient(`http://127.0.0.1:${port}`, { retryBudgetMs: 2000, logger: null });
+  for (const options of [{}, { worker: 'w1' }, { worker: 'w1', wait: 30 }]) {
+    const began = Date.now();
+    // A tensor with its shape: no read of the session's shapes goes first.
+    await assert.rejects(client.step('s', { w: { shape: [2], data: Float32Array.of(1, 2) } }, options), ConnectionFailed);
+    const took = Date.now() - began;
+    assert.ok(took < 6000, `${JSON.stringify(options)}: gave up after ${took} ms on a 2 s budget`);
+  }
+});
