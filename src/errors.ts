@@ -213,6 +213,9 @@ export const errors = {
   /** expected: the version If-Match named, or -1 for tags that name none (weak, or not a version). */
   versionMismatch: (expected: number, version: number) =>
     new ApiError('VERSION_MISMATCH', `If-Match: expected ${expected < 0 ? 'a tag that is none of this session\'s versions (they are compared strongly: "<version>")' : `"${expected}"`}, the session is at version ${version}`, { version }, { etag: `"${version}"` }),
+  /** If-Match on a read of an older version (?version=): the tags name another; the body carries the session's version. */
+  readVersionMismatch: (expected: number, read: number, version: number) =>
+    new ApiError('VERSION_MISMATCH', `If-Match: ${expected < 0 ? 'its tags name none of this session\'s versions (they are compared strongly: "<version>")' : `expected "${expected}"`}, the version read is ${read} (the session is at version ${version})`, { version }, { etag: `"${version}"` }),
   bodyTooLarge: make('BODY_TOO_LARGE', (limit: number, variable: string) => `body: larger than the limit of ${limit} bytes for this route (${variable})`),
   bodyTooLargeToHold: make('BODY_TOO_LARGE', (bytes: number) => `body: ${bytes} bytes is more than this process can allocate to hold it; lower the ASGD_BODY_LIMIT_* setting that let it through, or send less`),
   jsonBodyTooLarge: make('BODY_TOO_LARGE', (limit: number) => `body: a JSON body is limited to ${limit} bytes; send tensors as safetensors or a torch.save file`),

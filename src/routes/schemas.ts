@@ -203,7 +203,7 @@ const IfNoneMatchHeaders = Type.Object({ 'if-none-match': Type.Optional(Type.Str
 /** A read's conditions: If-None-Match as above; If-Match: "<version>": 412 unless the version read is that one. */
 export const ConditionalReadHeaders = Type.Object({
   ...IfNoneMatchHeaders.properties,
-  'if-match': Type.Optional(Type.String({ maxLength: 1024, description: '"<version>": answer only that version, else 412 VERSION_MISMATCH (with ?version=, the version asked for)' })),
+  'if-match': Type.Optional(Type.String({ maxLength: 1024, description: '"<version>": answer only if the version read is this one (where the route takes ?version=, the version asked for), else 412 VERSION_MISMATCH' })),
 });
 
 export const errorResponses = (...codes: number[]) => Object.fromEntries(codes.map((c) => [c, ErrorBody]));

@@ -221,7 +221,9 @@ export function createSnapshotWriter(ctx: SessionContext) {
           // A copy that is not of the database's history (restored or failed over since) writes nothing.
           if (!(await repo.ofHistory(tx, session.id, meta.version, meta.stamps))) {
             // Nothing at its version is kept to tell by when another process's newer snapshot pruned the log
-            // there: moot, not another history (a review found this warned 20 times in 20 s on three replicas).
+            // there: moot (a review found this warned 20 times in 20 s on three replicas). A copy of another
+            // history (a database restored from a backup and stepped past this version again) is dropped here
+            // at debug too once a newer snapshot exists; currentState logs it when the copy is next used.
             const newest = await repo.newestSnapshotVersion(tx, session.id);
             if (newest !== null && newest > meta.version) {
               log.debug({ session: session.name, version: meta.version, newest }, `background ${what} not written: a newer snapshot (another process's) supersedes it`);

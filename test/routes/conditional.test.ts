@@ -88,12 +88,45 @@ test('If-None-Match: "<version>" answers 304 on session, params, state_dict and 
   const old = await app.inject({ url: '/v1/sessions/c/params?version=2', headers: { 'if-match': '"2"' } });
   assert.equal(old.statusCode, 200);
   assert.equal(old.json().version, 2);
-  assert.equal((await app.inject({ url: '/v1/sessions/c/params?version=2', headers: { 'if-match': '"3"' } })).statusCode, 412);
+  const olderRead = await app.inject({ url: '/v1/sessions/c/params?version=2', headers: { 'if-match': '"3"' } });
+  assert.equal(olderRead.statusCode, 412);
+  // The body and the ETag carry the session's version, as on every 412; the message says which was read.
+  assert.equal(olderRead.json().version, 3);
+  assert.equal(olderRead.headers.etag, '"3"');
+  assert.equal(olderRead.json().message, 'If-Match: expected "3", the version read is 2 (the session is at version 3)');
   assert.equal((await app.inject({ url: '/v1/sessions/c/params', headers: { 'if-match': '"2"' } })).statusCode, 412);
   // An old version asked for by ?version= keeps its tag.
   assert.equal((await get('/v1/sessions/c/params?version=2', '"2"')).statusCode, 304);
   assert.equal((await get('/v1/sessions/c/params?version=2', '"3"')).statusCode, 200);
   assert.equal((await get('/v1/sessions/nope/params', '"2"')).statusCode, 404);
+});
+
+test('If-Match on a read whose session moves on while the state is read (a load that prunes the version) is 412 with the version there is, not a 404 or an answer of another version', async (t) => {
+  // Found by a review: the read was pinned to the tag's version, which a load (keep_snapshots 1) had pruned
+  // by the time it was rebuilt: 404 VERSION_NOT_AVAILABLE for a version current a moment before.
+  const { app } = await buildTestApp(t);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'm', params, keep_snapshots: 1 } })).statusCode, 201);
+  await step(app, 'm', 0); // version 2
+  const sessions = app.sessions;
+  const view = sessions.view;
+  let moved = false;
+  let seed = 77;
+  sessions.view = (async (...args: Parameters<typeof view>) => {
+    if (!moved) {
+      moved = true;
+      const put = await app.inject({ method: 'PUT', url: '/v1/sessions/m/params', payload: { params: { w: randomData(5, seed++) } } });
+      assert.equal(put.statusCode, 200, put.body); // version 3, and version 2's snapshot and log pruned
+    }
+    return view(...args);
+  }) as typeof view;
+  t.after(() => { sessions.view = view; });
+  for (const url of ['/v1/sessions/m/params', '/v1/sessions/m/state_dict']) {
+    moved = false;
+    const res = await app.inject({ url, headers: { 'if-match': `"${(await app.inject({ url: '/v1/sessions/m' })).json().version}"` } });
+    assert.equal(res.statusCode, 412, `${url}: ${res.body}`);
+    assert.equal(res.json().code, 'VERSION_MISMATCH');
+    assert.equal(res.json().version, Number(JSON.parse(res.headers.etag as string)));
+  }
 });
 
 test('after_version + wait answers as soon as a newer version commits, else 304 when the wait ends', async (t) => {

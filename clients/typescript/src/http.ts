@@ -226,7 +226,7 @@ export class Transport {
       // adds nothing (found by a review: a step naming its worker retried a server that was down for 61 s
       // on a 2 s budget).
       const held = () => {
-        if (hold > 0) deadline = Math.max(deadline, Math.min(Date.now(), began + hold) + budget);
+        if (hold > 0) deadline += Math.min(Date.now() - began, hold);
       };
       try {
         res = await doFetch(url, { method: x.method, headers, body: body as BodyInit | undefined, signal: caller ? AbortSignal.any([caller, timeout]) : timeout });

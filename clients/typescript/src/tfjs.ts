@@ -460,6 +460,10 @@ export class RemoteASGD extends Optimizer {
         this.write(current.params, current.version, true);
       }
     } catch (err) {
+      // A step refused for what it sent (a bad value, a group too many): the values set so far are not sent
+      // again, or every later step would be refused the same way once synchronize() has thrown (found by a
+      // review). A stale gradient ('raise') or a round still open keeps them for the next step.
+      if (!(err instanceof RoundPending || err instanceof StaleGradient || err instanceof BaseVersionAhead)) this.unsentGroups = [];
       this.failure = err;
     }
   }

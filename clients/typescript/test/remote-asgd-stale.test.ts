@@ -109,6 +109,22 @@ test('RemoteASGD onStale and RoundPending', async (t) => {
     }
   });
 
+  await t.test('a step refused for its hyperparameters (a negative lr) is thrown by synchronize(); the steps after it do not send that value again', async () => {
+    const session = uniqueName('bad-lr');
+    const w = tf.variable(tf.tensor([1, 2, 3, 4]), true, 'bad-lr-w');
+    const opt = new RemoteASGD({ client, session, hyperparameters: { lr: 0.1 } });
+    await opt.attach([w], ['w']);
+    const g = tf.tensor([1, 1, 1, 1]);
+    opt.nextParamGroups = [{ lr: -1 }];
+    opt.applyGradients({ [w.name]: g });
+    await assert.rejects(opt.synchronize(), (err: unknown) => err instanceof Error && /lr/.test(err.message));
+    opt.applyGradients({ [w.name]: g });
+    await opt.synchronize(); // before the fix: refused again, for the -1 it carried
+    const info = await client.getSession(session);
+    assert.deepEqual([info.version, info.param_groups[0].lr], [2, 0.1]);
+    tf.dispose([w, g]);
+  });
+
   await t.test('workers started at once with the same arguments: one creates the session, the others join it; none fails', async () => {
     const session = uniqueName('together');
     const workers = [0, 1, 2, 3].map(() => new RemoteASGD({ client, session, hyperparameters: { lr: 0.05 } }));

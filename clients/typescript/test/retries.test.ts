@@ -136,12 +136,14 @@ test('a step that names its worker (a round contribution, which the service may 
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   const { port } = server.address() as { port: number };
   await new Promise<void>((resolve) => server.close(() => resolve())); // nothing listens there now
-  const client = new ASGDClient(`http://127.0.0.1:${port}`, { retryBudgetMs: 2000, logger: null });
+  // A budget above the 2 s cap on the pause between attempts: one that pushed the deadline on at each
+  // refused attempt never ran out (found by a review of the first fix).
+  const client = new ASGDClient(`http://127.0.0.1:${port}`, { retryBudgetMs: 5000, logger: null });
   for (const options of [{}, { worker: 'w1' }, { worker: 'w1', wait: 30 }]) {
     const began = Date.now();
     // A tensor with its shape: no read of the session's shapes goes first.
     await assert.rejects(client.step('s', { w: { shape: [2], data: Float32Array.of(1, 2) } }, options), ConnectionFailed);
     const took = Date.now() - began;
-    assert.ok(took < 6000, `${JSON.stringify(options)}: gave up after ${took} ms on a 2 s budget`);
+    assert.ok(took < 9000, `${JSON.stringify(options)}: gave up after ${took} ms on a 5 s budget`);
   }
 });

@@ -30,28 +30,45 @@ export function sendNotModified(reply: FastifyReply, version: number) {
  * "<version>" of the version read (`target`); a tag that is not it is 412 VERSION_MISMATCH, whose body
  * carries that version. Returns the version the tag names, or null without the header ("*" too).
  */
-export function readIfMatch(request: FastifyRequest, target: number): number | null {
+export function readIfMatch(request: FastifyRequest, target: number, current = target): number | null {
   const versions = ifMatchVersions(request);
   if (versions === null) return null;
-  if (!versions.has(target)) throw errors.versionMismatch(versions.size ? Math.min(...versions) : -1, target);
+  if (!versions.has(target)) {
+    const expected = versions.size ? Math.min(...versions) : -1;
+    // Of an older version (?version=): said as such; the body and the ETag carry the session's version, as on every 412.
+    throw target === current ? errors.versionMismatch(expected, current) : errors.readVersionMismatch(expected, target, current);
+  }
   return target;
 }
 
 /**
- * For GET params/state_dict/checkpoint with If-Match or If-None-Match: 'sent' when a 304 was sent (the
- * state at the version asked for, or the current one, is the one the client holds), else the version to
- * read: the one asked for, or the one If-Match named (so that a step committed meanwhile cannot slip
- * another version into the answer), or null for the current one. One small read, no state built.
+ * For GET params/state_dict/checkpoint with If-Match or If-None-Match: true when a 304 was sent (the state
+ * at the version asked for, or the current one, is the one the client holds). If-Match is checked here
+ * first (an early 412, no state built) and again on the state read (checkIfMatchRead): a step may commit in
+ * between. One small read.
  */
-export async function conditionalRead(fastify: FastifyInstance, request: FastifyRequest, reply: FastifyReply, name: string, version: number | null): Promise<number | null | 'sent'> {
-  if (request.headers['if-none-match'] === undefined && request.headers['if-match'] === undefined) return version;
+export async function answeredNotModified(fastify: FastifyInstance, request: FastifyRequest, reply: FastifyReply, name: string, version: number | null): Promise<boolean> {
+  if (request.headers['if-none-match'] === undefined && request.headers['if-match'] === undefined) return false;
   const session = await fastify.sessions.get(name);
   const target = version ?? session.version;
-  if (target > session.version) return version; // the read refuses a version not reached yet
-  const matched = readIfMatch(request, target);
-  if (!noneMatch(request, target)) return version ?? matched;
+  if (target > session.version) return false; // the read refuses a version not reached yet
+  readIfMatch(request, target, session.version);
+  if (!noneMatch(request, target)) return false;
   await sendNotModified(reply, target);
-  return 'sent';
+  return true;
+}
+
+/**
+ * If-Match against the state a read built (the current one may have moved on since answeredNotModified):
+ * 412 rather than an answer of a version the tags do not name. Pinning the read to the tag's version
+ * instead would rebuild a version that a load or a snapshot's retention may have pruned meanwhile (found
+ * by a review: a 404 for a version current a moment before).
+ */
+export async function checkIfMatchRead(fastify: FastifyInstance, request: FastifyRequest, name: string, version: number): Promise<void> {
+  if (request.headers['if-match'] === undefined) return;
+  const versions = ifMatchVersions(request);
+  if (versions === null || versions.has(version)) return;
+  readIfMatch(request, version, (await fastify.sessions.get(name)).version);
 }
 
 /**

@@ -14,7 +14,7 @@ import { contentFormat, mediaTypes, ROUTE_MEDIA, type WireFormat } from '../medi
 import { ChangeHeaders, errorResponses, GroupChanges, ConditionalReadHeaders, NameParams, NotModified, Session, Version, withCode } from '../schemas.ts';
 import { perTensorLimits, readCheckpointFile, readCheckpointJson, readNamedTensors, readStateDictBody } from './binary.ts';
 import { jsonBoundBySession } from './json-bound.ts';
-import { conditionalRead, MAX_WAIT_SECONDS, waitPastVersion } from './conditional.ts';
+import { answeredNotModified, checkIfMatchRead, MAX_WAIT_SECONDS, waitPastVersion } from './conditional.ts';
 import { refuseLargeJson, sendView, viewResponse, type ViewKind, type ViewQuery } from './views.ts';
 
 interface ReadQuery extends ViewQuery {
@@ -35,13 +35,14 @@ async function answerRead(fastify: FastifyInstance, kind: ViewKind, request: Fas
   } else if (query.wait !== undefined) {
     throw errors.invalidQuery('wait', 'needs after_version (the version you have)');
   }
-  const read = await conditionalRead(fastify, request, reply, name, version);
-  if (read === 'sent') return reply;
+  if (await answeredNotModified(fastify, request, reply, name, version)) return reply;
   // Before the state is built (an old version is replayed: seconds for a big session): a JSON answer too
   // large to give is refused first. The size from this process's copy, or for an old version from the row.
-  const numel = fastify.sessions.cachedSize(name)?.numel ?? (read !== null ? (await fastify.sessions.get(name)).numel : null);
+  const numel = fastify.sessions.cachedSize(name)?.numel ?? (version !== null ? (await fastify.sessions.get(name)).numel : null);
   if (numel !== null) refuseLargeJson(kind, request, query, numel);
-  return sendView(kind, request, reply, await fastify.sessions.view(name, read), query);
+  const view = await fastify.sessions.view(name, version);
+  await checkIfMatchRead(fastify, request, name, view.version);
+  return sendView(kind, request, reply, view, query);
 }
 
 const Format = (offers: readonly string[]) =>

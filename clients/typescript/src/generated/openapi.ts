@@ -1889,7 +1889,7 @@ export interface operations {
             header?: {
                 /** @description "<version>": 304 while the session is at that version */
                 "if-none-match"?: string;
-                /** @description "<version>": answer only that version, else 412 VERSION_MISMATCH (with ?version=, the version asked for) */
+                /** @description "<version>": answer only if the version read is this one (where the route takes ?version=, the version asked for), else 412 VERSION_MISMATCH */
                 "if-match"?: string;
             };
             path: {
@@ -2281,7 +2281,7 @@ export interface operations {
             header?: {
                 /** @description "<version>": 304 while the session is at that version */
                 "if-none-match"?: string;
-                /** @description "<version>": answer only that version, else 412 VERSION_MISMATCH (with ?version=, the version asked for) */
+                /** @description "<version>": answer only if the version read is this one (where the route takes ?version=, the version asked for), else 412 VERSION_MISMATCH */
                 "if-match"?: string;
             };
             path: {
@@ -2434,7 +2434,7 @@ export interface operations {
             header?: {
                 /** @description "<version>": 304 while the session is at that version */
                 "if-none-match"?: string;
-                /** @description "<version>": answer only that version, else 412 VERSION_MISMATCH (with ?version=, the version asked for) */
+                /** @description "<version>": answer only if the version read is this one (where the route takes ?version=, the version asked for), else 412 VERSION_MISMATCH */
                 "if-match"?: string;
             };
             path: {
@@ -2639,7 +2639,7 @@ export interface operations {
             header?: {
                 /** @description "<version>": 304 while the session is at that version */
                 "if-none-match"?: string;
-                /** @description "<version>": answer only that version, else 412 VERSION_MISMATCH (with ?version=, the version asked for) */
+                /** @description "<version>": answer only if the version read is this one (where the route takes ?version=, the version asked for), else 412 VERSION_MISMATCH */
                 "if-match"?: string;
             };
             path: {
