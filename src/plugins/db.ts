@@ -5,6 +5,7 @@ import { join, resolve } from 'node:path';
 import fp from 'fastify-plugin';
 import type { FastifyInstance } from 'fastify';
 import { openDatabase, type Database } from '../db/database.ts';
+import { ignoreUnread } from './content-types.ts';
 import type { Config } from '../config.ts';
 import { describeDbFailure } from '../db/errors.ts';
 import { databaseTarget, untilConnected } from '../db/wait.ts';
@@ -129,6 +130,7 @@ export default fp(
         });
         // Piped, not pipeline(): a refusal must not destroy the request (its socket carries the 507).
         payload.on('error', (err) => measured.destroy(err));
+        measured.on('error', ignoreUnread);
         return payload.pipe(measured);
       });
     }

@@ -6,6 +6,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { Config } from '../config.ts';
 import { errorResponses } from '../routes/schemas.ts';
+import { ignoreUnread } from './content-types.ts';
 
 /** Sessions with series of their own in the per-session counters (steps, rounds); the rest are counted together. */
 const SESSION_SERIES = 100;
@@ -180,6 +181,7 @@ export default fp(
         },
       });
       payload.on('error', (err) => counted.destroy(err));
+      counted.on('error', ignoreUnread);
       return payload.pipe(counted);
     });
 

@@ -5,6 +5,7 @@
 import { Transform } from 'node:stream';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { errors } from '../../errors.ts';
+import { ignoreUnread } from '../../plugins/content-types.ts';
 
 /**
  * The most bytes a JSON body of a session's tensors of `numel` elements in `params` parameters can need: 64 a
@@ -67,5 +68,6 @@ function boundedStream(payload: NodeJS.ReadableStream, limit: number, tooLarge: 
     },
   });
   payload.on('error', (err) => bounded.destroy(err));
+  bounded.on('error', ignoreUnread);
   return payload.pipe(bounded);
 }
