@@ -112,18 +112,18 @@ const HEADERS: Record<string, Json> = {
   'X-Session-Version': { description: 'The same version, unquoted', schema: { type: 'integer', minimum: 0 } },
   'X-Session-Step': { description: 'The optimizer step count of the state answered', schema: { type: 'integer', minimum: 0 } },
   Location: { description: 'The new session\'s URL', schema: { type: 'string', example: '/v1/sessions/run-1' } },
-  'Cache-Control': { description: 'no-store (an answer no cache may keep: settings change without a new version; a new token\'s secret), or no-cache for an event stream', schema: { type: 'string' } },
+  'Cache-Control': { description: 'no-store on every answer with an ETag (a session made again under a deleted one\'s name counts its versions from 1 again, and settings change without a new version) and on a new token\'s secret; no-cache for an event stream', schema: { type: 'string' } },
   'Content-Disposition': { description: 'On a file answer (torch.save, safetensors): `attachment; filename="<session>-v<version>[-checkpoint].<pt|safetensors>"`', schema: { type: 'string' } },
   'Retry-After': { description: 'Seconds to wait before trying again', schema: { type: 'integer', minimum: 0 } },
   'WWW-Authenticate': { description: 'Bearer realm="asgd-serve"; with error="invalid_token" when a bearer token was given and is unknown, revoked or malformed (401), error="insufficient_scope" and the scope needed (403)', schema: { type: 'string' } },
 };
-const VERSIONED = ['ETag', 'X-Session-Version'];
+const VERSIONED = ['ETag', 'X-Session-Version', 'Cache-Control'];
 const STATE_FILE = [...VERSIONED, 'X-Session-Step', 'Content-Disposition'];
 /** The headers of each operation's answers, by status (X-Request-Id goes on every answer). Tested against the answers in test/openapi.test.ts. */
 export const SUCCESS_HEADERS: Record<string, Record<string, string[]>> = {
   createToken: { 201: ['Cache-Control'] },
   createSession: { 201: [...VERSIONED, 'Location'] },
-  getSession: { 200: [...VERSIONED, 'Cache-Control'], 304: [...VERSIONED, 'Cache-Control'] },
+  getSession: { 200: VERSIONED, 304: VERSIONED },
   updateSession: { 200: VERSIONED },
   forkSession: { 201: [...VERSIONED, 'Location'] },
   step: { 200: [...VERSIONED, 'X-Session-Step', 'Content-Disposition'] },
@@ -138,9 +138,9 @@ export const SUCCESS_HEADERS: Record<string, Record<string, string[]>> = {
   getSnapshotStateDict: { 200: STATE_FILE },
   getSnapshotCheckpoint: { 200: STATE_FILE },
   restoreSnapshot: { 200: VERSIONED },
-  getNorms: { 200: VERSIONED },
-  getHyperparameterChanges: { 200: VERSIONED },
-  getMetrics: { 200: VERSIONED },
+  getNorms: { 200: VERSIONED, 304: VERSIONED },
+  getHyperparameterChanges: { 200: VERSIONED, 304: VERSIONED },
+  getMetrics: { 200: VERSIONED, 304: VERSIONED },
   getEvents: { 200: ['Cache-Control'] },
 };
 /** Headers of the error answers, by status. */

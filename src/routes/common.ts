@@ -149,9 +149,16 @@ export async function checkTokenStillActive(fastify: FastifyInstance, request: F
   if (!(await fastify.tokens.isActive(tokenId))) throw errors.unauthorized(`Authorization: the token was revoked while ${what}`, true);
 }
 
+/**
+ * The version an answer shows, as its ETag. No cache may keep the answer: a session deleted and made again
+ * under its name counts its versions from 1 again, so a browser that revalidated a kept answer ("3") would
+ * be told 304 and show the old session's state (the TypeScript client reads params with fetch). Clients that
+ * hold a version send If-None-Match themselves and still get their 304.
+ */
 export function setVersion(reply: FastifyReply, version: number): void {
   reply.header('etag', `"${version}"`);
   reply.header('x-session-version', String(version));
+  reply.header('cache-control', 'no-store');
 }
 
 /** A session as answers show it, with its open round (null for answers that just changed its version: a round is void then). */

@@ -15,20 +15,28 @@ async function setup(app: App, name: string) {
 const step = (app: App, name: string, k: number, extra: Record<string, unknown> = {}) =>
   app.inject({ method: 'POST', url: `/v1/sessions/${name}/step`, payload: { grads: grads(k), ...extra } });
 
-test('If-None-Match: "<version>" answers 304 on session, params, state_dict and checkpoint while unchanged', async (t) => {
+test('If-None-Match: "<version>" answers 304 on session, params, state_dict, checkpoint, norms and the series while unchanged; If-Match 412 on another version', async (t) => {
   const { app } = await buildTestApp(t);
   await setup(app, 'c');
   await step(app, 'c', 0); // version 2
-  const urls = ['/v1/sessions/c', '/v1/sessions/c/params', '/v1/sessions/c/state_dict', '/v1/sessions/c/checkpoint?format=json'];
+  const urls = [
+    '/v1/sessions/c', '/v1/sessions/c/params', '/v1/sessions/c/state_dict', '/v1/sessions/c/checkpoint?format=json',
+    // Every answer whose ETag is the version takes the same conditions (norms and the series sent the tag and ignored them).
+    '/v1/sessions/c/norms', '/v1/sessions/c/metrics', '/v1/sessions/c/metrics?max_points=10', '/v1/sessions/c/hyperparameters', '/v1/sessions/c/hyperparameters?max_points=10',
+  ];
   const get = (url: string, tag?: string) => app.inject({ url, headers: tag === undefined ? {} : { 'if-none-match': tag } });
   for (const url of urls) {
     const full = await get(url);
     assert.equal(full.statusCode, 200, url);
     assert.equal(full.headers.etag, '"2"');
+    // No cache may keep it: a session made again under this name counts from version 1 again, and a browser
+    // revalidating a kept answer with its tag would be told 304 and show the deleted session's state.
+    assert.equal(full.headers['cache-control'], 'no-store', url);
     for (const tag of ['"2"', 'W/"2"', '"1", W/"2"', '*']) {
       const res = await get(url, tag);
       assert.equal(res.statusCode, 304, `${url} ${tag}`);
       assert.equal(res.headers.etag, '"2"');
+      assert.equal(res.headers['cache-control'], 'no-store', url);
       assert.equal(res.body, '');
     }
     // HEAD answers GET's headers: the length of the body it leaves out, and on a 304 none (RFC 9110 section

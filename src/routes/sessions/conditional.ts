@@ -42,6 +42,17 @@ export function readIfMatch(request: FastifyRequest, target: number, current = t
 }
 
 /**
+ * A read whose answer is of `version` (a session, its series, its norms): 412 for an If-Match that does not
+ * name it; true when a 304 was sent for an If-None-Match that does.
+ */
+export function notModifiedAt(request: FastifyRequest, reply: FastifyReply, version: number): boolean {
+  readIfMatch(request, version);
+  if (!noneMatch(request, version)) return false;
+  sendNotModified(reply, version);
+  return true;
+}
+
+/**
  * For GET params/state_dict/checkpoint with If-Match or If-None-Match: true when a 304 was sent (the state
  * at the version asked for, or the current one, is the one the client holds). If-Match is checked here
  * first (an early 412, no state built) and again on the state read (checkIfMatchRead): a step may commit in

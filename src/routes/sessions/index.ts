@@ -13,7 +13,7 @@ import stateRoutes from './state.ts';
 import snapshotRoutes from './snapshots.ts';
 import metricsRoutes from './metrics.ts';
 import eventsRoutes from './events.ts';
-import { noneMatch, readIfMatch, sendNotModified } from './conditional.ts';
+import { notModifiedAt } from './conditional.ts';
 import normRoutes from './norms.ts';
 import seriesRoutes, { activityJson, ListedSession } from './series.ts';
 import { sessionActivity } from '../../sessions/series.ts';
@@ -133,8 +133,7 @@ const sessionRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fast
     // (PATCH), the open round and the stored bytes change without a new version: no HTTP cache may keep
     // this answer and revalidate it into showing old settings (a browser would).
     reply.header('cache-control', 'no-store');
-    readIfMatch(request, session.version);
-    if (noneMatch(request, session.version)) return sendNotModified(reply, session.version);
+    if (notModifiedAt(request, reply, session.version)) return reply;
     setVersion(reply, session.version);
     const [round, storage] = await Promise.all([fastify.rounds.openRound(session), fastify.sessions.storage(name)]);
     return { ...sessionJson(session, round), storage };

@@ -3,7 +3,8 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import { ACCESS, setVersion } from '../common.ts';
-import { errorResponses, NameParams } from '../schemas.ts';
+import { ConditionalReadHeaders, errorResponses, NameParams, NotModified } from '../schemas.ts';
+import { notModifiedAt } from './conditional.ts';
 import { errors } from '../../errors.ts';
 import { createMetricNames, downsampledSeries, type SeriesPoint } from '../../sessions/series.ts';
 
@@ -46,6 +47,7 @@ const metricsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
         'of each metric and of the staleness (`downsampled`: true). Hyperparameter changes are not in buckets: see .../hyperparameters.',
       tags: ['training'],
       params: NameParams,
+      headers: ConditionalReadHeaders,
       querystring: Type.Object({
         after_version: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, default: 0 })),
         limit: Type.Optional(Type.Integer({ minimum: 1, maximum: MAX_METRICS_LIMIT, description: 'Default 1000; not with max_points' })),
@@ -58,7 +60,8 @@ const metricsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
           next_after_version: Type.Integer({ description: 'The after_version of the next page: the last point\'s version (or the one asked for when there are none)' }),
           downsampled: Type.Optional(Type.Boolean({ description: 'With max_points: whether the points are buckets' })),
         }),
-        ...errorResponses(400, 401, 403, 404),
+        304: NotModified,
+        ...errorResponses(400, 401, 403, 404, 412),
       },
     },
   }, async (request, reply) => {
@@ -69,10 +72,12 @@ const metricsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       if (request.query.limit !== undefined) throw errors.invalidQuery('limit', 'cannot be combined with max_points (which reads the whole series)');
       const session = await fastify.sessions.get(name);
       const { points, downsampled } = await downsampledSeries(fastify.db, metricNames, session.id, afterVersion, maxPoints);
+      if (notModifiedAt(request, reply, session.version)) return reply;
       setVersion(reply, session.version);
       return { session: name, points: points.map(bucketJson), next_after_version: points.length ? points[points.length - 1].version : afterVersion, downsampled };
     }
     const { session, points } = await fastify.sessions.history(name, afterVersion, request.query.limit ?? 1000);
+    if (notModifiedAt(request, reply, session.version)) return reply;
     setVersion(reply, session.version);
     return {
       session: name,

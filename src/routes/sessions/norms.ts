@@ -4,7 +4,8 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import { ACCESS, setVersion } from '../common.ts';
-import { errorResponses, NameParams } from '../schemas.ts';
+import { ConditionalReadHeaders, errorResponses, NameParams, NotModified } from '../schemas.ts';
+import { answeredNotModified, checkIfMatchRead } from './conditional.ts';
 import type { StateView } from '../../sessions/model.ts';
 import { jsonScalar } from '../../sessions/tensors.ts';
 
@@ -68,10 +69,15 @@ const normRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       description: 'Computed on demand from the current state (not sampled at snapshots): per parameter the L2 norm of its values and of ASGD\'s average ax, with its step, eta and mu.',
       tags: ['state'],
       params: NameParams,
-      response: { 200: NormsAnswer, ...errorResponses(400, 401, 403, 404) },
+      headers: ConditionalReadHeaders,
+      response: { 200: NormsAnswer, 304: NotModified, ...errorResponses(400, 401, 403, 404, 412) },
     },
   }, async (request, reply) => {
-    const view = await fastify.sessions.view(request.params.name);
+    const { name } = request.params;
+    // Its ETag is the version it was computed at: If-None-Match and If-Match as on GET params.
+    if (await answeredNotModified(fastify, request, reply, name, null)) return reply;
+    const view = await fastify.sessions.view(name);
+    await checkIfMatchRead(fastify, request, name, view.version);
     setVersion(reply, view.version);
     return normsOf(view);
   });

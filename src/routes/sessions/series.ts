@@ -3,7 +3,8 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import { ACCESS, setVersion } from '../common.ts';
-import { errorResponses, NameParams, Session } from '../schemas.ts';
+import { ConditionalReadHeaders, errorResponses, NameParams, NotModified, Session } from '../schemas.ts';
+import { notModifiedAt } from './conditional.ts';
 import { downsampledHyperChanges, hyperChanges, initialHyperparameters, NEWEST_CHANGES_KEPT, type Activity } from '../../sessions/series.ts';
 import { errors } from '../../errors.ts';
 import { MAX_POINTS } from './metrics.ts';
@@ -35,6 +36,7 @@ const seriesRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
         'the values in force at each bucket\'s last step are then exactly those of the whole history. `total_changes` counts them all.',
       tags: ['training'],
       params: NameParams,
+      headers: ConditionalReadHeaders,
       querystring: Type.Object({
         after_version: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, default: 0 })),
         limit: Type.Optional(Type.Integer({ minimum: 1, maximum: MAX_CHANGES_LIMIT, description: 'Default 1000; not with max_points' })),
@@ -57,7 +59,8 @@ const seriesRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
             description: 'Each group\'s hyperparameters at the session\'s first version (created or forked); null: not known (a session made before this was kept, whose first snapshot is gone)',
           }),
         }),
-        ...errorResponses(400, 401, 403, 404),
+        304: NotModified,
+        ...errorResponses(400, 401, 403, 404, 412),
       },
     },
   }, async (request, reply) => {
@@ -72,6 +75,7 @@ const seriesRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       initialHyperparameters(fastify.db, session.id),
     ]);
     const { changes } = read;
+    if (notModifiedAt(request, reply, session.version)) return reply;
     setVersion(reply, session.version);
     return {
       session: session.name,

@@ -1430,7 +1430,7 @@ export interface components {
         XSessionStep: number;
         /** @description The new session's URL */
         Location: string;
-        /** @description no-store (an answer no cache may keep: settings change without a new version; a new token's secret), or no-cache for an event stream */
+        /** @description no-store on every answer with an ETag (a session made again under a deleted one's name counts its versions from 1 again, and settings change without a new version) and on a new token's secret; no-cache for an event stream */
         CacheControl: string;
         /** @description On a file answer (torch.save, safetensors): `attachment; filename="<session>-v<version>[-checkpoint].<pt|safetensors>"`. Sent on file answers (torch.save, safetensors) only */
         ContentDisposition: string;
@@ -1864,6 +1864,7 @@ export interface operations {
                     "X-Request-Id": components["headers"]["XRequestId"];
                     ETag: components["headers"]["ETag"];
                     "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     Location: components["headers"]["Location"];
                     [name: string]: unknown;
                 };
@@ -2027,6 +2028,7 @@ export interface operations {
                     "X-Request-Id": components["headers"]["XRequestId"];
                     ETag: components["headers"]["ETag"];
                     "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2101,6 +2103,7 @@ export interface operations {
                     "X-Request-Id": components["headers"]["XRequestId"];
                     ETag: components["headers"]["ETag"];
                     "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     Location: components["headers"]["Location"];
                     [name: string]: unknown;
                 };
@@ -2231,6 +2234,7 @@ export interface operations {
                     "X-Request-Id": components["headers"]["XRequestId"];
                     ETag: components["headers"]["ETag"];
                     "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     "X-Session-Step": components["headers"]["XSessionStep"];
                     "Content-Disposition": components["headers"]["ContentDisposition"];
                     [name: string]: unknown;
@@ -2301,6 +2305,7 @@ export interface operations {
                     "X-Request-Id": components["headers"]["XRequestId"];
                     ETag: components["headers"]["ETag"];
                     "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     "X-Session-Step": components["headers"]["XSessionStep"];
                     "Content-Disposition": components["headers"]["ContentDisposition"];
                     [name: string]: unknown;
@@ -2317,6 +2322,7 @@ export interface operations {
                     "X-Request-Id": components["headers"]["XRequestId"];
                     ETag: components["headers"]["ETag"];
                     "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     [name: string]: unknown;
                 };
                 content?: never;
@@ -2404,6 +2410,7 @@ export interface operations {
                     "X-Request-Id": components["headers"]["XRequestId"];
                     ETag: components["headers"]["ETag"];
                     "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2454,6 +2461,7 @@ export interface operations {
                     "X-Request-Id": components["headers"]["XRequestId"];
                     ETag: components["headers"]["ETag"];
                     "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     "X-Session-Step": components["headers"]["XSessionStep"];
                     "Content-Disposition": components["headers"]["ContentDisposition"];
                     [name: string]: unknown;
@@ -2470,6 +2478,7 @@ export interface operations {
                     "X-Request-Id": components["headers"]["XRequestId"];
                     ETag: components["headers"]["ETag"];
                     "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     [name: string]: unknown;
                 };
                 content?: never;
@@ -2531,6 +2540,7 @@ export interface operations {
                     "X-Request-Id": components["headers"]["XRequestId"];
                     ETag: components["headers"]["ETag"];
                     "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2608,6 +2618,7 @@ export interface operations {
                     "X-Request-Id": components["headers"]["XRequestId"];
                     ETag: components["headers"]["ETag"];
                     "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2659,6 +2670,7 @@ export interface operations {
                     "X-Request-Id": components["headers"]["XRequestId"];
                     ETag: components["headers"]["ETag"];
                     "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     "X-Session-Step": components["headers"]["XSessionStep"];
                     "Content-Disposition": components["headers"]["ContentDisposition"];
                     [name: string]: unknown;
@@ -2674,6 +2686,7 @@ export interface operations {
                     "X-Request-Id": components["headers"]["XRequestId"];
                     ETag: components["headers"]["ETag"];
                     "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     [name: string]: unknown;
                 };
                 content?: never;
@@ -2758,6 +2771,7 @@ export interface operations {
                     "X-Request-Id": components["headers"]["XRequestId"];
                     ETag: components["headers"]["ETag"];
                     "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2992,6 +3006,7 @@ export interface operations {
                     "X-Request-Id": components["headers"]["XRequestId"];
                     ETag: components["headers"]["ETag"];
                     "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     "X-Session-Step": components["headers"]["XSessionStep"];
                     "Content-Disposition": components["headers"]["ContentDisposition"];
                     [name: string]: unknown;
@@ -3041,6 +3056,7 @@ export interface operations {
                     "X-Request-Id": components["headers"]["XRequestId"];
                     ETag: components["headers"]["ETag"];
                     "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     "X-Session-Step": components["headers"]["XSessionStep"];
                     "Content-Disposition": components["headers"]["ContentDisposition"];
                     [name: string]: unknown;
@@ -3090,6 +3106,7 @@ export interface operations {
                     "X-Request-Id": components["headers"]["XRequestId"];
                     ETag: components["headers"]["ETag"];
                     "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     "X-Session-Step": components["headers"]["XSessionStep"];
                     "Content-Disposition": components["headers"]["ContentDisposition"];
                     [name: string]: unknown;
@@ -3143,6 +3160,7 @@ export interface operations {
                     "X-Request-Id": components["headers"]["XRequestId"];
                     ETag: components["headers"]["ETag"];
                     "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -3165,7 +3183,12 @@ export interface operations {
     getNorms: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description "<version>": 304 while the session is at that version */
+                "if-none-match"?: string;
+                /** @description "<version>": answer only if the version read is this one (where the route takes ?version=, the version asked for), else 412 VERSION_MISMATCH */
+                "if-match"?: string;
+            };
             path: {
                 /**
                  * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
@@ -3183,6 +3206,7 @@ export interface operations {
                     "X-Request-Id": components["headers"]["XRequestId"];
                     ETag: components["headers"]["ETag"];
                     "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -3207,10 +3231,22 @@ export interface operations {
                     };
                 };
             };
+            /** @description Not modified: the version in the ETag is the one you have */
+            304: {
+                headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
             400: components["responses"]["Error400"];
             401: components["responses"]["Error401"];
             403: components["responses"]["Error403"];
             404: components["responses"]["Error404"];
+            412: components["responses"]["Error412"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
             default: components["responses"]["ErrorOther"];
@@ -3225,7 +3261,12 @@ export interface operations {
                 /** @description Read the whole history after after_version, downsampled to the buckets of .../metrics?max_points= when longer */
                 max_points?: number;
             };
-            header?: never;
+            header?: {
+                /** @description "<version>": 304 while the session is at that version */
+                "if-none-match"?: string;
+                /** @description "<version>": answer only if the version read is this one (where the route takes ?version=, the version asked for), else 412 VERSION_MISMATCH */
+                "if-match"?: string;
+            };
             path: {
                 /**
                  * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
@@ -3243,6 +3284,7 @@ export interface operations {
                     "X-Request-Id": components["headers"]["XRequestId"];
                     ETag: components["headers"]["ETag"];
                     "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -3272,10 +3314,22 @@ export interface operations {
                     };
                 };
             };
+            /** @description Not modified: the version in the ETag is the one you have */
+            304: {
+                headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
             400: components["responses"]["Error400"];
             401: components["responses"]["Error401"];
             403: components["responses"]["Error403"];
             404: components["responses"]["Error404"];
+            412: components["responses"]["Error412"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
             default: components["responses"]["ErrorOther"];
@@ -3290,7 +3344,12 @@ export interface operations {
                 /** @description Downsample the series after after_version to at most this many points */
                 max_points?: number;
             };
-            header?: never;
+            header?: {
+                /** @description "<version>": 304 while the session is at that version */
+                "if-none-match"?: string;
+                /** @description "<version>": answer only if the version read is this one (where the route takes ?version=, the version asked for), else 412 VERSION_MISMATCH */
+                "if-match"?: string;
+            };
             path: {
                 /**
                  * @description Session name: 1-128 characters of A-Za-z0-9._-, not "." or ".."
@@ -3308,6 +3367,7 @@ export interface operations {
                     "X-Request-Id": components["headers"]["XRequestId"];
                     ETag: components["headers"]["ETag"];
                     "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -3351,10 +3411,22 @@ export interface operations {
                     };
                 };
             };
+            /** @description Not modified: the version in the ETag is the one you have */
+            304: {
+                headers: {
+                    "X-Request-Id": components["headers"]["XRequestId"];
+                    ETag: components["headers"]["ETag"];
+                    "X-Session-Version": components["headers"]["XSessionVersion"];
+                    "Cache-Control": components["headers"]["CacheControl"];
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
             400: components["responses"]["Error400"];
             401: components["responses"]["Error401"];
             403: components["responses"]["Error403"];
             404: components["responses"]["Error404"];
+            412: components["responses"]["Error412"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
             default: components["responses"]["ErrorOther"];
