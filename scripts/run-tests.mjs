@@ -11,6 +11,7 @@
 // other slot idles: that tail was ~3 minutes of a CI run.
 import { readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { tmpdir } from 'node:os';
 import { spawn } from 'node:child_process';
 
 function walk(dir) {
@@ -50,6 +51,11 @@ const known = durations[mode] ?? {};
 // A file with no record starts first: it may be long, and a short one costs little there.
 const expected = (f) => known[f] ?? Infinity;
 const queue = [...files].sort((a, b) => expected(b) - expected(a) || a.localeCompare(b));
+
+// Every Node process a test file starts (the file itself, the servers and CLIs it spawns: a few hundred in
+// all) keeps its compiled code in one on-disk cache (Node's compile cache, keyed by the source's contents):
+// a server's start took about 0.5 s of CPU less of its 2.3 s, measured here.
+process.env.NODE_COMPILE_CACHE ??= join(tmpdir(), 'asgd-serve-node-compile-cache');
 
 const running = new Set();
 const results = [];

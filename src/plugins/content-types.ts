@@ -2,7 +2,7 @@
 // before it becomes a string, files as one bounded Buffer, and every route held to the types it lists.
 import fp from 'fastify-plugin';
 import { isUtf8 } from 'node:buffer';
-import { Transform, type Readable } from 'node:stream';
+import { Transform, type Readable, type TransformOptions } from 'node:stream';
 import { errorCodes, type FastifyInstance, type FastifyRequest } from 'fastify';
 import type { Config } from '../config.ts';
 import { errors, headerText, quoteValue } from '../errors.ts';
@@ -104,7 +104,7 @@ export default fp(
           bodyBytes -= mine;
           mine = 0;
         });
-        const counted = new Transform({
+        return bodyStage(payload, {
           transform(chunk: Buffer, _encoding, done) {
             const next = mine + chunk.length;
             if (next >= COUNTED_BODY_BYTES && bodyBytes > mine && bodyBytes + chunk.length > bodyBudget) return done(bodyBusy(next));
@@ -113,9 +113,6 @@ export default fp(
             done(null, chunk);
           },
         });
-        payload.on('error', (err) => counted.destroy(err));
-        counted.on('error', ignoreUnread);
-        return payload.pipe(counted);
       });
     }
     // Bodies are JSON or files; fastify's default text/plain parser would hand routes a string.
@@ -277,12 +274,20 @@ function mediaTypeParameters(header: string): Map<string, string> | Error {
 }
 
 /**
- * An error listener for a request body's stream stage (a byte counter): the reader that takes the body
- * listens for its errors too, but a request answered before its body was read (a 404 from a session lookup)
- * leaves the stage unread, and a client that then resets its connection made it emit an error nobody heard,
- * which ended the process (seen once in CI, on a 404 of a chunked step).
+ * A stage of a body's stream (a byte counter, a bound, the disk guard): `payload` piped through a Transform
+ * of `stage`. An error of the stream before goes on through the stage (pipe() does not carry it). The
+ * reader that takes the body hears the stage's errors, but a request answered before its body was read (a
+ * 404 from a session lookup) leaves the stage unread, and a client that then resets its connection made it
+ * emit an error nobody heard, which ended the process (seen once in CI, on a 404 of a chunked step): the
+ * stage has a listener of its own. Piped, not pipeline(): a refusal must not destroy the request (its socket
+ * carries the answer).
  */
-export function ignoreUnread(): void {}
+export function bodyStage(payload: NodeJS.ReadableStream, stage: Pick<TransformOptions, 'transform' | 'flush'>): Transform {
+  const out = new Transform(stage);
+  payload.on('error', (err) => out.destroy(err));
+  out.on('error', () => {});
+  return payload.pipe(out);
+}
 
 type Done = (err: Error | null, body?: Buffer) => void;
 

@@ -1,11 +1,11 @@
 // The database as a named plugin: opened (and migrated when asked) at boot, closed in onClose.
 import { existsSync } from 'node:fs';
-import { Transform, type Readable } from 'node:stream';
+import type { Readable } from 'node:stream';
 import { join, resolve } from 'node:path';
 import fp from 'fastify-plugin';
 import type { FastifyInstance } from 'fastify';
 import { openDatabase, type Database } from '../db/database.ts';
-import { ignoreUnread } from './content-types.ts';
+import { bodyStage } from './content-types.ts';
 import type { Config } from '../config.ts';
 import { describeDbFailure } from '../db/errors.ts';
 import { databaseTarget, untilConnected } from '../db/wait.ts';
@@ -113,7 +113,7 @@ export default fp(
         let received = 0;
         let next = ROOM_CHECK_BYTES;
         let over: { free: number; needed: number } | null = null;
-        const measured = new Transform({
+        return bodyStage(payload, {
           transform(chunk: Buffer, _encoding, done) {
             received += chunk.length;
             if (!over && received >= next) {
@@ -128,10 +128,6 @@ export default fp(
             done(over ? refusal(over) : null);
           },
         });
-        // Piped, not pipeline(): a refusal must not destroy the request (its socket carries the 507).
-        payload.on('error', (err) => measured.destroy(err));
-        measured.on('error', ignoreUnread);
-        return payload.pipe(measured);
       });
     }
     if (!opts.database) fastify.addHook('onClose', async () => db.close());

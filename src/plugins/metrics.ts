@@ -6,7 +6,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { Config } from '../config.ts';
 import { errorResponses } from '../routes/schemas.ts';
-import { ignoreUnread } from './content-types.ts';
+import { bodyStage } from './content-types.ts';
 
 /** Sessions with series of their own in the per-session counters (steps, rounds); the rest are counted together. */
 const SESSION_SERIES = 100;
@@ -170,19 +170,15 @@ export default fp(
         received.set(request, declared);
         return payload;
       }
-      // A chunked body: count the bytes as they pass. An error of the stream before (a refusal of the disk
-      // guard, a hung-up client) goes on to the body's parser: pipe() does not carry it, and unheard it
-      // would end the process.
+      // A chunked body: count the bytes as they pass (an error before, a refusal of the disk guard or a
+      // hung-up client, goes on to the body's parser).
       received.set(request, 0);
-      const counted = new Transform({
+      return bodyStage(payload, {
         transform(chunk: Buffer, _encoding, done) {
           received.set(request, (received.get(request) ?? 0) + chunk.length);
           done(null, chunk);
         },
       });
-      payload.on('error', (err) => counted.destroy(err));
-      counted.on('error', ignoreUnread);
-      return payload.pipe(counted);
     });
 
     fastify.addHook('onSend', async (request, _reply, payload) => {

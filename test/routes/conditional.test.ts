@@ -254,7 +254,8 @@ test('the event stream sends each new version with its kind, metrics and stalene
   await stream.until(() => stream.events.length === 1);
   const [first] = stream.events;
   assert.equal(first.event, 'version');
-  assert.equal(first.id, '2');
+  // The id names the version and which session of this name it is (a deleted one's are told apart).
+  assert.match(String(first.id), /^2@\d+$/);
   assert.deepEqual({ ...first.data, time: undefined }, { version: 2, step: 1, kind: 'step', staleness: 0, metrics: { loss: 0.5 }, time: undefined });
   assert.ok(!Number.isNaN(Date.parse(first.data.time)));
   // A restore is a version too, of another kind.
@@ -280,11 +281,43 @@ test('the event stream sends each new version with its kind, metrics and stalene
   assert.equal(level.events.length, 0);
   level.close();
   await stream.until(() => app.versions.stats().streams === 1, 2000);
+  // Resuming with the event's id works as with the version.
+  const byId = readEvents(`${base}/v1/sessions/e/events`, { 'last-event-id': String(first.id) });
+  await byId.until(() => byId.events.length === 1);
+  assert.equal(byId.events[0].data.version, 3);
+  byId.close();
+  await stream.until(() => app.versions.stats().streams === 1, 2000);
   // Deleted: the stream says so and ends.
   assert.equal((await app.inject({ method: 'DELETE', url: '/v1/sessions/e' })).statusCode, 204);
   await stream.until(() => stream.ended() && stream.events.at(-1)?.event === 'deleted');
+  assert.deepEqual(stream.events.at(-1)?.data, { session: 'e' });
   assert.equal(app.versions.stats().streams, 0);
   assert.equal((await app.inject({ url: '/v1/sessions/e/events' })).statusCode, 404);
+  // Created again under the name and stepped past the old versions while a client was away: its resume with
+  // the old session's id is told that session was deleted, not handed the new one's versions as its own.
+  await setup(app, 'e');
+  for (let k = 0; k < 4; k++) assert.equal((await step(app, 'e', k)).statusCode, 200);
+  const again = readEvents(`${base}/v1/sessions/e/events`, { 'last-event-id': String(first.id) });
+  await again.until(() => again.ended());
+  assert.deepEqual(again.events.map((e) => [e.event, e.data]), [['deleted', { session: 'e', replaced: true }]]);
+  // A bare version cannot tell: the current version at once, as before.
+  const bare = readEvents(`${base}/v1/sessions/e/events`, { 'last-event-id': '2' });
+  await bare.until(() => bare.events.length === 1);
+  assert.equal(bare.events[0].data.version, 5);
+  assert.notEqual(bare.events[0].id, String(first.id).replace(/^2@/, '5@'), 'another session, another id');
+  bare.close();
+  for (const bad of ['2@', '@3', '2@3@4', 'x@1']) assert.equal((await app.inject({ url: '/v1/sessions/e/events', headers: { 'last-event-id': bad } })).statusCode, 400, bad);
+  await stream.until(() => app.versions.stats().streams === 0, 2000);
+  // Deleted and at once created again while a stream follows it: the stream ends with deleted, whichever
+  // its next read sees (none, or the new session), and none of the new session's versions comes on it.
+  const followed = readEvents(`${base}/v1/sessions/e/events`);
+  await followed.until(() => app.versions.stats().streams === 1, 2000);
+  assert.equal((await app.inject({ method: 'DELETE', url: '/v1/sessions/e' })).statusCode, 204);
+  await setup(app, 'e');
+  assert.equal((await step(app, 'e', 9)).statusCode, 200);
+  await followed.until(() => followed.ended());
+  assert.deepEqual(followed.events.map((e) => e.event), ['deleted']);
+  assert.equal((await app.inject({ method: 'DELETE', url: '/v1/sessions/e' })).statusCode, 204);
   // Shutdown ends open streams instead of waiting for them.
   await setup(app, 'e2');
   const open = readEvents(`${base}/v1/sessions/e2/events`);

@@ -150,7 +150,8 @@ test('a hung replica: the silent event stream turns the live light off within th
   assert.equal(await stepCard(page), '4');
   const reconnects = replica.events.slice(1);
   assert.ok(reconnects.length >= 1, 'reconnected');
-  assert.deepEqual(reconnects, reconnects.map(() => '3'), `Last-Event-ID of the reconnections: ${JSON.stringify(reconnects)}`);
+  // The last event's id: its version, and which session of the name it was.
+  assert.ok(reconnects.every((id) => /^3@\d+$/.test(String(id))), `Last-Event-ID of the reconnections: ${JSON.stringify(reconnects)}`);
 });
 
 test('a read that never gets an answer fails after the read timeout and says so; the next refresh catches up', { skip }, async (t) => {

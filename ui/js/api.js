@@ -164,8 +164,8 @@ export const backoffMs = (n) => Math.min(30_000, 1000 * 2 ** Math.max(0, n - 1))
  */
 export async function followEvents(session, onEvent, signal, onState, since, wake) {
   let failures = 0;
-  /** @type {number | null} */
-  let lastVersion = null;
+  /** The last event's id (`<version>@<n>`: it names the session followed, so a resume of one deleted meanwhile is told so). @type {string | null} */
+  let lastId = null;
   while (!signal.aborted) {
     /** @type {{ message: string, status?: number, ended?: boolean }} */
     let failure;
@@ -184,8 +184,9 @@ export async function followEvents(session, onEvent, signal, onState, since, wak
     try {
       /** @type {Record<string, string>} */
       const headers = { accept: 'text/event-stream' };
-      const have = lastVersion ?? since?.() ?? null;
-      if (have !== null && have > 0) headers['last-event-id'] = String(have);
+      const have = since?.() ?? null;
+      if (lastId !== null) headers['last-event-id'] = lastId;
+      else if (have !== null && have > 0) headers['last-event-id'] = String(have);
       heard();
       const response = await fetch(apiUrl(`/v1/sessions/${encodeURIComponent(session)}/events`), { headers: withAuth(headers), signal: connection.signal });
       if (!response.ok || !response.body) {
@@ -218,7 +219,7 @@ export async function followEvents(session, onEvent, signal, onState, since, wak
           for (const line of block.split('\n')) {
             if (line.startsWith('event:')) event = line.slice(6).trim();
             else if (line.startsWith('data:')) data.push(line.slice(5).trimStart());
-            else if (line.startsWith('id:') && /^\d+$/.test(line.slice(3).trim())) lastVersion = Number(line.slice(3).trim());
+            else if (line.startsWith('id:') && /^\d{1,15}(@\d{1,15})?$/.test(line.slice(3).trim())) lastId = line.slice(3).trim();
           }
           if (event === 'deleted') deleted = true;
           if (data.length) {

@@ -358,6 +358,12 @@ export function sessionPage(root, name, who) {
       normsDue ? loadNorms() : null,
       full ? loadSnapshots() : null,
     ]);
+    if (session && current.created_at !== session.created_at) {
+      // Deleted and created again under its name while the page could not follow it (its versions count from 1
+      // again): the other session's figures are not drawn as this one's, nor its points after this one's.
+      gone(true);
+      return;
+    }
     if (session?.version !== current.version) versionChangedAt = Date.now();
     session = current;
     seen = true;
@@ -495,10 +501,13 @@ export function sessionPage(root, name, who) {
     live.dataset.state = state;
   }
 
-  /** The session was deleted while the page showed it: said, and nothing is retried. */
-  function gone() {
+  /**
+   * The session was deleted while the page showed it: said, and nothing is retried.
+   * @param {boolean} [replaced] another session of its name is there now
+   */
+  function gone(replaced = false) {
     setLive('gone', 'not live: the session was deleted');
-    error.textContent = `Session ${name} was deleted.`;
+    error.textContent = replaced ? `Session ${name} was deleted, and a new session of that name created since: reload the page to follow it.` : `Session ${name} was deleted.`;
     deleted = true;
     root.dataset.gone = 'true';
     stop.abort();
@@ -577,7 +586,7 @@ export function sessionPage(root, name, who) {
           if (typeof data?.version === 'number') announced = Math.max(announced, data.version);
           // A step adds points; a restore or load changes the state, its groups and its snapshots.
           refresh(data?.kind !== 'step');
-        } else if (event === 'deleted') gone();
+        } else if (event === 'deleted') gone(data?.replaced === true);
       }, stop.signal, (state, detail) => {
         if (state === 'open') {
           setLive('live', 'live');

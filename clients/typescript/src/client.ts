@@ -285,24 +285,27 @@ export class ASGDClient {
   /**
    * The session's new versions as they are committed (GET .../events, server-sent events), on any replica:
    * `for await (const e of client.events(name, {signal})) ...`. Under load only the latest of several
-   * versions comes. A dropped connection is opened again with Last-Event-ID (the last version received), and
+   * versions comes. A dropped connection is opened again with Last-Event-ID (the last event's id), and
    * so is a connection silent for `idleTimeoutMs` (a hung replica or a network black hole: the service sends
    * a keep-alive every 15 s); the service then sends only the newest version at once: the versions committed
-   * meanwhile are coalesced into it, not replayed (read them with `metrics(name, {afterVersion})`). The stream ends after a `deleted`
+   * meanwhile are coalesced into it, not replayed (read them with `metrics(name, {afterVersion})`). A session
+   * deleted while the connection was down comes as `deleted` too, even when another of its name was created
+   * meanwhile (its versions count from 1 again: they are not yielded as this one's). The stream ends after a `deleted`
    * event, when `signal` aborts, or with the error of a request that cannot succeed (SessionNotFound,
    * Unauthorized, ConnectionFailed once the retry budget is spent, …).
    */
   async *events(name: string, options: EventsOptions = {}): AsyncGenerator<SessionEvent, void, undefined> {
     const { signal, idleTimeoutMs = EVENTS_IDLE_TIMEOUT_MS } = options;
     if (!(idleTimeoutMs > 0)) throw new RangeError(`idleTimeoutMs: a positive number of milliseconds, not ${idleTimeoutMs}`);
-    let last: number | undefined = options.afterVersion;
+    // The last event's id (`<version>@<n>`: it names the session followed), or the version given to start from.
+    let last: string | undefined = options.afterVersion === undefined ? undefined : String(options.afterVersion);
     let pause = 100;
     while (!signal?.aborted) {
       let res: Response;
       try {
         res = await this.http.open({
           method: 'GET', path: `${sessionPath(name)}/events`, accept: 'text/event-stream',
-          headers: last === undefined ? undefined : { 'last-event-id': String(last) },
+          headers: last === undefined ? undefined : { 'last-event-id': last },
         }, signal, idleTimeoutMs);
       } catch (err) {
         if (signal?.aborted) return;
@@ -337,7 +340,7 @@ export class ASGDClient {
               if (data.length === 0) continue;
               const payload = JSON.parse(data.join('\n')) as Record<string, unknown>;
               if (type === 'version') {
-                if (id !== undefined) last = Number(id);
+                if (id !== undefined && /^\d{1,15}(@\d{1,15})?$/.test(id)) last = id;
                 yield { event: 'version', ...payload } as SessionEvent;
               } else if (type === 'deleted') {
                 yield { event: 'deleted', session: String(payload.session ?? name) };

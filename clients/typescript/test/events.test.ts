@@ -72,6 +72,25 @@ test('events: versions from another replica, resumed after a restart, ended by t
   abort.abort();
   assert.equal(await pending, 'end');
 
+  // Deleted and created again under its name while the connection was down, the new one stepped past the
+  // old one's version: the iterator says deleted and ends, and yields none of the new session's versions
+  // (they count from 1 again: version 4 here is not a step after the 2 received).
+  const replaced = uniqueName('events');
+  await client.createSession(spec(replaced));
+  const follow = client.events(replaced)[Symbol.asyncIterator]();
+  const f1 = next(follow);
+  await new Promise((r) => setTimeout(r, 500));
+  await other.step(replaced, { w: [0.1, 0.2] });
+  const v2 = await f1;
+  assert.ok(v2 !== 'end' && v2.event === 'version' && v2.version === 2, JSON.stringify(v2));
+  await cluster.processes[0].kill();
+  await other.deleteSession(replaced);
+  await other.createSession(spec(replaced));
+  for (let k = 0; k < 3; k++) await other.step(replaced, { w: [0.1, 0.2] });
+  await cluster.restart(0);
+  assert.deepEqual(await next(follow, 30_000), { event: 'deleted', session: replaced });
+  assert.equal(await next(follow), 'end');
+
   // A session that does not exist: the error, not a stream.
   await assert.rejects(async () => {
     for await (const e of client.events(uniqueName('missing'))) assert.fail(`an event: ${JSON.stringify(e)}`);

@@ -1,7 +1,10 @@
 // GET /v1/sessions/:name/events: a text/event-stream of the session's new versions (what a dashboard
 // plots live), fed by the notifier: `event: version` per new version, coalesced to the latest when they
 // come faster than they are read; `: keep-alive` every 15 s; `event: deleted` and the end when the
-// session is deleted. `Last-Event-ID` (or ?after_version) resumes: a newer version is sent at once.
+// session is deleted. `Last-Event-ID` (or ?after_version) resumes: a newer version is sent at once. An
+// event's id is `<version>@<session row id>`: a resume of a session that was deleted (and perhaps created
+// again under its name, counting versions from 1 again) while the client reconnected is told `deleted`,
+// not handed the other session's versions as if they followed its own.
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import { ApiError, errors } from '../../errors.ts';
@@ -62,13 +65,14 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     schema: {
       operationId: 'getEvents',
       summary: 'Follow the session\'s versions as server-sent events',
-      description: 'text/event-stream. `event: version`, `id: <version>`, data {"version", "step", "time", "kind": "step"|"load"|"restore"|…, "metrics"?, "staleness"?} ' +
+      description: 'text/event-stream. `event: version`, `id: <version>@<n>`, data {"version", "step", "time", "kind": "step"|"load"|"restore"|…, "metrics"?, "staleness"?} ' +
         'for each new version (under load only the latest of several); a `: keep-alive` comment every 15 s; `event: deleted` when the session is deleted. ' +
-        'Last-Event-ID or ?after_version=V: a version above V is sent at once.',
+        '`<n>` tells sessions of one name apart: a session deleted and created again under its name has another. ' +
+        'Last-Event-ID (an event\'s id, or a version) or ?after_version=V: a version above V is sent at once; an id of another session of this name (the one followed was deleted meanwhile) is answered `event: deleted`.',
       tags: ['training'],
       params: NameParams,
       querystring: Type.Object({ after_version: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'The version you have (as Last-Event-ID)' })) }),
-      headers: Type.Object({ 'last-event-id': Type.Optional(Type.String({ pattern: '^[0-9]{1,15}$', 'x-rule': 'a version: a whole number written in decimal', description: 'The id (version) of the last event received' })) }),
+      headers: Type.Object({ 'last-event-id': Type.Optional(Type.String({ pattern: '^[0-9]{1,15}(@[0-9]{1,15})?$', 'x-rule': 'an event\'s id (<version>@<n>) or a version: whole numbers written in decimal', description: 'The id of the last event received (or the version you have)' })) }),
       response: {
         200: { description: 'The event stream', content: { 'text/event-stream': { schema: Type.String() } } },
         ...errorResponses(400, 401, 403, 404, 429, 503),
@@ -79,9 +83,12 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     const current: SessionRecord = await fastify.sessions.get(name); // 404 before the stream starts
     // HEAD: the stream's headers and no stream (a body would never be sent, and the slot held until the client gave up).
     if (request.method === 'HEAD') return reply.header('content-type', 'text/event-stream; charset=utf-8').header('cache-control', 'no-cache, no-transform').send('');
-    const resume = request.query.after_version ?? (request.headers['last-event-id'] !== undefined ? Number(request.headers['last-event-id']) : null);
-    // A resume point past the current version is another session's (deleted and created again under this
-    // name while the client reconnected): the current version is sent at once, as after any gap.
+    const lastId = request.headers['last-event-id']?.split('@');
+    const resume = request.query.after_version ?? (lastId !== undefined ? Number(lastId[0]) : null);
+    /** An id of another session of this name: the one the client followed was deleted while it reconnected. */
+    const followedGone = lastId?.[1] !== undefined && Number(lastId[1]) !== current.id;
+    // A bare version past the current one is another session's too (it cannot tell): the current version is
+    // sent at once, as after any gap.
     let sent = resume === null ? current.version : resume > current.version ? current.version - 1 : resume;
     const res = reply.raw;
     let ended = false;
@@ -121,6 +128,20 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       cause = signal ?? {};
       void refresh();
     };
+    /**
+     * The session followed is gone: the last step announced for it (if not sent yet; not when another session
+     * of the name is there, whose steps are announced alike), `deleted`, the end.
+     */
+    const deleted = (replaced = false) => {
+      const last = replaced ? null : announced;
+      if (last && last.version > sent) {
+        const data = { version: last.version, step: last.step, time: last.at.toISOString(), kind: 'step' };
+        write(`id: ${last.version}@${current.id}\nevent: version\ndata: ${JSON.stringify(data)}\n\n`);
+      }
+      // replaced: another session of the name is there now (created after this one was deleted).
+      write(`event: deleted\ndata: ${JSON.stringify({ session: name, ...(replaced && { replaced: true }) })}\n\n`);
+      end();
+    };
     // Reads the latest version once per burst of signals: a signal during a read asks for one more read.
     let reading = false;
     let again = false;
@@ -138,13 +159,7 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
             change = await latestChange(name, cause);
           } catch (err) {
             if (err instanceof ApiError && err.code === 'SESSION_NOT_FOUND') {
-              const last = announced;
-              if (last && last.version > sent) {
-                const data = { version: last.version, step: last.step, time: last.at.toISOString(), kind: 'step' };
-                write(`id: ${last.version}\nevent: version\ndata: ${JSON.stringify(data)}\n\n`);
-              }
-              write(`event: deleted\ndata: ${JSON.stringify({ session: name })}\n\n`);
-              end();
+              deleted();
             } else {
               // The database is away: the listener's reset after it returns triggers another read.
               request.log.warn({ err }, 'event stream could not read the session');
@@ -152,13 +167,18 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
             return;
           }
           const { session, point, reason } = change;
+          // Deleted and created again under its name between two reads: the session followed is gone.
+          if (session.id !== current.id) {
+            deleted(true);
+            return;
+          }
           if (session.version <= sent) continue;
           if (!(await allowed())) return;
           sent = session.version;
           const data = point
             ? { version: session.version, step: session.step, time: point.createdAt.toISOString(), kind: 'step', staleness: point.staleness, ...(point.metrics && { metrics: point.metrics }) }
             : { version: session.version, step: session.step, time: session.updatedAt.toISOString(), kind: (reason && KIND_OF_REASON[reason]) ?? reason ?? 'change' };
-          write(`id: ${session.version}\nevent: version\ndata: ${JSON.stringify(data)}\n\n`);
+          write(`id: ${session.version}@${current.id}\nevent: version\ndata: ${JSON.stringify(data)}\n\n`);
         } while (again && !ended);
       } finally {
         reading = false;
@@ -194,6 +214,10 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     });
     write('retry: 2000\n\n');
     res.on('close', end);
+    if (followedGone) {
+      deleted(true);
+      return;
+    }
     // A client that hung up while the session was looked up closed before this listener: release its slot now.
     if (request.raw.socket.destroyed) {
       end();

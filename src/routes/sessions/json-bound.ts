@@ -2,10 +2,9 @@
 // they are read whole and parsed: parsing JSON holds the event loop (a 256 MiB step to a 9-parameter session:
 // 19 s and 2.6 GB), and a step token may send them. The session is looked up first where this process does
 // not hold it (a cold replica, an evicted session): an unknown name is a 404 before its body is read.
-import { Transform } from 'node:stream';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { errors } from '../../errors.ts';
-import { ignoreUnread } from '../../plugins/content-types.ts';
+import { bodyStage } from '../../plugins/content-types.ts';
 
 /**
  * The most bytes a JSON body of a session's tensors of `numel` elements in `params` parameters can need: 64 a
@@ -60,14 +59,11 @@ function sizeOf(session: { numel: number; params: readonly unknown[] }): { numel
 /** `payload` passed through until more than `limit` bytes have come, then failed with `tooLarge()`. */
 function boundedStream(payload: NodeJS.ReadableStream, limit: number, tooLarge: () => Error): NodeJS.ReadableStream {
   let seen = 0;
-  const bounded = new Transform({
+  return bodyStage(payload, {
     transform(chunk: Buffer, _encoding, callback) {
       seen += chunk.length;
       if (seen > limit) callback(tooLarge());
       else callback(null, chunk);
     },
   });
-  payload.on('error', (err) => bounded.destroy(err));
-  bounded.on('error', ignoreUnread);
-  return payload.pipe(bounded);
 }

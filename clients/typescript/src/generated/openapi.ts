@@ -568,7 +568,7 @@ export interface paths {
         };
         /**
          * Follow the session's versions as server-sent events
-         * @description text/event-stream. `event: version`, `id: <version>`, data {"version", "step", "time", "kind": "step"|"load"|"restore"|…, "metrics"?, "staleness"?} for each new version (under load only the latest of several); a `: keep-alive` comment every 15 s; `event: deleted` when the session is deleted. Last-Event-ID or ?after_version=V: a version above V is sent at once.
+         * @description text/event-stream. `event: version`, `id: <version>@<n>`, data {"version", "step", "time", "kind": "step"|"load"|"restore"|…, "metrics"?, "staleness"?} for each new version (under load only the latest of several); a `: keep-alive` comment every 15 s; `event: deleted` when the session is deleted. `<n>` tells sessions of one name apart: a session deleted and created again under its name has another. Last-Event-ID (an event's id, or a version) or ?after_version=V: a version above V is sent at once; an id of another session of this name (the one followed was deleted meanwhile) is answered `event: deleted`.
          *
          *     Needs a token with scope `read`.
          */
@@ -3439,7 +3439,7 @@ export interface operations {
                 after_version?: number;
             };
             header?: {
-                /** @description The id (version) of the last event received */
+                /** @description The id of the last event received (or the version you have) */
                 "last-event-id"?: string;
             };
             path: {
