@@ -112,11 +112,19 @@ export const MAX_BODY_LIMIT = 32 * 1024 * 1024 * 1024;
 
 /** ASGD_MAX_RSS_BYTES, unless 0: a process starts at about 260 MB, and a bound below that refused every request for good. */
 const MIN_MAX_RSS_BYTES = 512 * 1024 * 1024;
+/**
+ * ASGD_MAX_HEAP_USED_BYTES and ASGD_MAX_EVENT_LOOP_DELAY_MS, unless 0: a process's heap in use starts at
+ * tens of MB, and its event loop delay is sampled in steps of 10 ms; below these a bound (1000 bytes for a
+ * MiB, 1 ms) refused every request for good while /healthz said 200 (found by an operator's review).
+ */
+const MIN_MAX_HEAP_USED_BYTES = 128 * 1024 * 1024;
+const MIN_MAX_EVENT_LOOP_DELAY_MS = 100;
 
 /** A memory bound that is 0 (off) or at least `floor` (a smaller one would refuse every request from the start). */
-function offOrAtLeast(env: Env, key: string, floor: number): number {
-  const value = int(env, key, 0, 0);
-  if (value !== 0 && value < floor) throw new ConfigError(`${key} must be 0 (off) or at least ${floor} (${floor / (1024 * 1024)} MiB): below that the process refuses every request from its start, got ${value}`);
+function offOrAtLeast(env: Env, key: string, floor: number, unit: 'bytes' | 'ms' = 'bytes'): number {
+  const value = unit === 'ms' ? ms(env, key, 0, 0) : int(env, key, 0, 0);
+  const shown = unit === 'ms' ? `${floor} ms` : `${floor} (${floor / (1024 * 1024)} MiB)`;
+  if (value !== 0 && value < floor) throw new ConfigError(`${key} must be 0 (off) or at least ${shown}: below that the process refuses every request from its start, got ${value}`);
   return value;
 }
 
@@ -341,8 +349,8 @@ export function loadConfig(env: Env = process.env): Config {
     // Replay points serve takeovers by other processes; the embedded database has one process, whose point
     // writes would run on its event loop: off there unless asked for.
     replayBoundBytes: int(env, 'ASGD_REPLAY_BOUND_BYTES', databaseUrl(env) ? 64 * MiB : 0, 0),
-    maxEventLoopDelayMs: ms(env, 'ASGD_MAX_EVENT_LOOP_DELAY_MS', 0, 0),
-    maxHeapUsedBytes: int(env, 'ASGD_MAX_HEAP_USED_BYTES', 0, 0),
+    maxEventLoopDelayMs: offOrAtLeast(env, 'ASGD_MAX_EVENT_LOOP_DELAY_MS', MIN_MAX_EVENT_LOOP_DELAY_MS, 'ms'),
+    maxHeapUsedBytes: offOrAtLeast(env, 'ASGD_MAX_HEAP_USED_BYTES', MIN_MAX_HEAP_USED_BYTES),
     maxRssBytes: offOrAtLeast(env, 'ASGD_MAX_RSS_BYTES', MIN_MAX_RSS_BYTES),
     healthCheckIntervalMs: ms(env, 'ASGD_HEALTH_CHECK_INTERVAL_MS', 5_000, 0),
     metricsRequireToken: bool(env, 'ASGD_METRICS_REQUIRE_TOKEN', false),

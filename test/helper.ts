@@ -58,7 +58,11 @@ export interface TestApp {
  * Builds the app on a fresh database; closes it and drops the database when the test ends.
  * `databaseUrl` reuses an existing database (for several apps on one database, as several processes).
  */
-export async function buildTestApp(t: TestContext | null, opts: { env?: Record<string, string>; databaseUrl?: string } = {}): Promise<TestApp> {
+/**
+ * `config`: settings put over what the environment gives, past its checks (a heap bound of 1 byte, which
+ * the service refuses at start, to put a test app under pressure at once).
+ */
+export async function buildTestApp(t: TestContext | null, opts: { env?: Record<string, string>; databaseUrl?: string; config?: Partial<Config> } = {}): Promise<TestApp> {
   let databaseUrl: string | null = opts.databaseUrl ?? null;
   let drop: (() => Promise<void>) | null = null;
   if (!databaseUrl && TEST_DB_KIND === 'postgres') {
@@ -67,10 +71,13 @@ export async function buildTestApp(t: TestContext | null, opts: { env?: Record<s
     drop = db.drop;
   }
   if (!databaseUrl) await usePgliteTemplate();
-  const config = testConfig({
-    ...(databaseUrl ? { DATABASE_URL: databaseUrl } : { ASGD_DATA_DIR: 'memory://' }),
-    ...opts.env,
-  });
+  const config = {
+    ...testConfig({
+      ...(databaseUrl ? { DATABASE_URL: databaseUrl } : { ASGD_DATA_DIR: 'memory://' }),
+      ...opts.env,
+    }),
+    ...opts.config,
+  };
   const app = await buildApp({ config, migrate: true, logger: process.env.TEST_LOG ? { level: process.env.TEST_LOG } : false });
   await app.ready();
   const close = async () => {

@@ -247,7 +247,7 @@ test('the headers the document declares on each answer are sent, and the API hea
   const tooMany = await limited.app.inject({ url: '/v1/sessions', headers: admin });
   assert.equal(tooMany.statusCode, 429);
   check('listSessions', tooMany);
-  const overloaded = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: 'admin-token-for-tests-0123456789', ASGD_MAX_HEAP_USED_BYTES: '1000000' } });
+  const overloaded = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: 'admin-token-for-tests-0123456789' }, config: { maxHeapUsedBytes: 1_000_000 } });
   // The guard samples the heap every second or so: the first requests may still pass.
   let refused = await overloaded.app.inject({ url: '/v1/sessions', headers: admin });
   for (let i = 0; i < 50 && refused.statusCode !== 503; i++) {

@@ -115,10 +115,19 @@ const APPLIED_MIGRATIONS_SQL = 'SELECT count(*)::text AS n FROM drizzle.__drizzl
  * a table the role lacks a privilege on (one a migration added, without its grants) fails every request that
  * touches it. Either is a refusal (503, /readyz), not a 500 per request.
  */
+// Each privilege asked on its own: given a list, has_table_privilege is true when the role holds ANY of them
+// (a role granted only SELECT was ready, and every step failed; found by an operator's review). The
+// sequences behind the tables' ids need USAGE (an insert's nextval); asked only of sequences (CASE: the
+// planner may test a condition before relkind's, and has_sequence_privilege of a table is an error).
 const POSTGRES_PROBE_SQL = `SELECT (${APPLIED_MIGRATIONS_SQL})::text AS n, current_setting('transaction_read_only') AS read_only,
   (SELECT string_agg(c.relname, ', ' ORDER BY c.relname) FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
     WHERE ns.nspname = 'public' AND c.relkind IN ('r', 'p') AND c.relname = ANY($1::text[])
-      AND NOT has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE, DELETE')) AS denied`;
+      AND NOT (has_table_privilege(c.oid, 'SELECT') AND has_table_privilege(c.oid, 'INSERT')
+        AND has_table_privilege(c.oid, 'UPDATE') AND has_table_privilege(c.oid, 'DELETE'))) AS denied,
+  (SELECT string_agg(c.relname, ', ' ORDER BY c.relname) FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
+    WHERE ns.nspname = 'public' AND c.relkind = 'S' AND CASE WHEN c.relkind = 'S' THEN NOT has_sequence_privilege(c.oid, 'USAGE') END
+      AND EXISTS (SELECT 1 FROM pg_depend d JOIN pg_class t ON t.oid = d.refobjid
+        WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype IN ('a', 'i') AND t.relname = ANY($1::text[]))) AS denied_sequences`;
 const TABLES = Object.values(schema).map((table) => getTableName(table));
 
 /** An error as PostgreSQL raises it (a code and a severity): the health probe and the error plugin classify it by its SQLSTATE. */
@@ -404,7 +413,7 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
       const fresh = probe === null;
       const current = (probe ??= connectProbe());
       let client: pg.Client | null = null;
-      let row: { n: string; read_only: string; denied: string | null };
+      let row: { n: string; read_only: string; denied: string | null; denied_sequences: string | null };
       try {
         client = await current;
         row = (await client.query<typeof row>(POSTGRES_PROBE_SQL, [TABLES])).rows[0];
@@ -420,6 +429,7 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
       }
       if (row.read_only === 'on') throw refusal('25006', 'the database is read-only (transaction_read_only is on: a standby after a failover, or default_transaction_read_only); steps and creates cannot commit');
       if (row.denied) throw refusal('42501', `permission denied for table ${row.denied}: this role needs SELECT, INSERT, UPDATE, DELETE on every table (grants for tables a migration added?)`);
+      if (row.denied_sequences) throw refusal('42501', `permission denied for sequence ${row.denied_sequences}: this role needs USAGE on the tables' sequences (GRANT USAGE ON ALL SEQUENCES IN SCHEMA public)`);
       return row.n;
     }
   };

@@ -108,6 +108,32 @@ test('a table without its grants (one an upgrade added) or a read-only database:
   assert.equal(created.statusCode, 503, created.body);
   assert.match(created.json().message, /SQLSTATE 42501.*permission denied for table replay_point/);
 
+  // Some of the four privileges on a table is not enough: has_table_privilege given them as a list answered
+  // true for any one (a role granted only SELECT on the step log was ready, and every step failed).
+  await owner.query(`GRANT SELECT, INSERT, UPDATE, DELETE ON replay_points, replay_point_chunks TO ${role}`);
+  // Ready once the probe that the refusal made look again every second sees the grants.
+  const readyAgain = async () => {
+    let last;
+    for (const until = Date.now() + 5000; Date.now() < until; await new Promise((r) => setTimeout(r, 100))) {
+      last = await app.inject({ url: '/readyz' });
+      if (last.statusCode === 200) return;
+    }
+    assert.fail(`not ready again: ${last?.body}`);
+  };
+  await readyAgain();
+  await owner.query(`REVOKE INSERT, UPDATE, DELETE ON step_log FROM ${role}`);
+  const partial = await app.inject({ url: '/readyz' });
+  assert.equal(partial.statusCode, 503, partial.body);
+  assert.match(partial.json().message, /SQLSTATE 42501.*permission denied for table step_log: this role needs SELECT, INSERT, UPDATE, DELETE/);
+  await owner.query(`GRANT INSERT, UPDATE, DELETE ON step_log TO ${role}`);
+  // A sequence behind an id without USAGE: no session could be made.
+  await owner.query(`REVOKE USAGE ON ALL SEQUENCES IN SCHEMA public FROM ${role}`);
+  const noSequence = await app.inject({ url: '/readyz' });
+  assert.equal(noSequence.statusCode, 503, noSequence.body);
+  assert.match(noSequence.json().message, /SQLSTATE 42501.*permission denied for sequence (\w+, )*sessions_id_seq\b/);
+  await owner.query(`GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ${role}`);
+  await readyAgain();
+
   // A read-only database (a standby, or default_transaction_read_only), as the owner sees it.
   const readOnly = new URL(scratch.url);
   readOnly.searchParams.set('options', '-c default_transaction_read_only=on');

@@ -87,6 +87,10 @@ test('memory settings that could never work are refused at start, naming the var
   for (const [key, value, pattern] of [
     ['ASGD_MAX_RSS_BYTES', '1', /ASGD_MAX_RSS_BYTES must be 0 \(off\) or at least 536870912/],
     ['ASGD_MAX_RSS_BYTES', String(100 * MiB), /ASGD_MAX_RSS_BYTES must be 0 \(off\) or at least/],
+    // A typo (bytes for MiB, 1 ms) refused every request for good while /healthz said 200.
+    ['ASGD_MAX_HEAP_USED_BYTES', '1000', /ASGD_MAX_HEAP_USED_BYTES must be 0 \(off\) or at least 134217728 \(128 MiB\).*got 1000/],
+    ['ASGD_MAX_EVENT_LOOP_DELAY_MS', '1', /ASGD_MAX_EVENT_LOOP_DELAY_MS must be 0 \(off\) or at least 100 ms: .*got 1$/],
+    ['ASGD_MAX_EVENT_LOOP_DELAY_MS', '9999999999', /ASGD_MAX_EVENT_LOOP_DELAY_MS/],
     ['ASGD_BODY_LIMIT_STEP', '1099511627776', /ASGD_BODY_LIMIT_STEP must be between 1024 and 34359738368/],
     ['ASGD_BODY_LIMIT_CREATE', '1099511627776', /ASGD_BODY_LIMIT_CREATE must be between/],
   ] as const) {
@@ -95,4 +99,7 @@ test('memory settings that could never work are refused at start, naming the var
   assert.equal(testConfig({ ASGD_MAX_RSS_BYTES: '0' }).maxRssBytes, 0);
   assert.equal(testConfig({ ASGD_MAX_RSS_BYTES: String(3 * 1024 * MiB) }).maxRssBytes, 3 * 1024 * MiB);
   assert.equal(testConfig({ ASGD_BODY_IN_FLIGHT_BYTES: '0' }).bodyInFlightBytes, 0);
+  assert.equal(testConfig({ ASGD_MAX_HEAP_USED_BYTES: '0', ASGD_MAX_EVENT_LOOP_DELAY_MS: '0' }).maxHeapUsedBytes, 0);
+  assert.equal(testConfig({ ASGD_MAX_HEAP_USED_BYTES: String(2048 * MiB) }).maxHeapUsedBytes, 2048 * MiB);
+  assert.equal(testConfig({ ASGD_MAX_EVENT_LOOP_DELAY_MS: '500' }).maxEventLoopDelayMs, 500);
 });

@@ -250,7 +250,7 @@ test('rate limit without a valid token: guesses count per client address, then 4
 });
 
 test('under pressure (heap above the limit) the API answers 503 with Retry-After; liveness and metrics still answer', async (t) => {
-  const { app } = await buildTestApp(t, { env: { ASGD_MAX_HEAP_USED_BYTES: '1' } });
+  const { app } = await buildTestApp(t, { config: { maxHeapUsedBytes: 1 } });
   await new Promise((resolve) => setTimeout(resolve, 1_200)); // under-pressure samples once a second
   const res = await app.inject({ url: '/v1/sessions' });
   assert.equal(res.statusCode, 503, res.body);

@@ -111,7 +111,23 @@ def named_tensors(params: Any) -> "OrderedDict[str, TensorLike]":
             if name in out:
                 raise ValueError(f"parameter {name!r} appears twice")
             out[str(name)] = value
+    _refuse_aliases(out)
     return out
+
+
+def _refuse_aliases(tensors: Mapping[str, Any]) -> None:
+    """Two names of one tensor (tied weights, as ``model.state_dict()`` lists them): refused, as the service
+    refuses such a torch.save file. Sent as two parameters they would train apart."""
+    first: Dict[Tuple[Any, ...], str] = {}
+    for name, value in tensors.items():
+        if not hasattr(value, "data_ptr") or not hasattr(value, "stride") or value.numel() == 0:
+            continue
+        key = (value.data_ptr(), tuple(value.shape), tuple(value.stride()), str(value.dtype), str(value.device))
+        if key in first:
+            raise ValueError(f"parameter {name!r} is the same tensor as {first[key]!r} (tied weights, as model.state_dict() "
+                             f"lists them): a session would hold two copies that train apart; create it from "
+                             f"dict(model.named_parameters()), which lists a tied tensor once")
+        first[key] = name
 
 
 class Client:

@@ -11,7 +11,7 @@ from unittest import mock
 import torch
 from torch import nn
 
-from _common import ServiceTestCase, make_model, train
+from _common import ServiceTestCase, make_model, train, unique
 
 
 def _free_port() -> int:
@@ -83,6 +83,30 @@ class ClearErrors(ServiceTestCase):
         p = nn.Parameter(torch.zeros(3))
         with self.assertRaisesRegex(ValueError, r"'p1' is the same tensor as 'p0'"):
             self.remote([p, p])
+
+    def test_a_state_dict_with_tied_weights_is_refused_as_its_file_is(self):
+        # Found by a review: model.state_dict() names a tied tensor twice; the service refuses such a torch.save
+        # file, but the client sent it as two parameters, which then trained apart.
+        class Tied(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.enc = nn.Embedding(5, 4)
+                self.dec = nn.Linear(4, 5)
+                self.dec.weight = self.enc.weight
+
+        model = Tied()
+        name = unique("tied")
+        for transport in ("safetensors", "json"):
+            with self.assertRaisesRegex(ValueError, r"parameter 'dec\.weight' is the same tensor as 'enc\.weight' \(tied weights"):
+                self.client(transport).create_session(name, model.state_dict())
+        self.assertFalse(self.client().session_exists(name))
+        # From named_parameters() the tie is one parameter, under its first name.
+        created = self.client().create_session(name, dict(model.named_parameters()))
+        self.assertEqual([p["name"] for p in created["params"]], ["enc.weight", "dec.bias"])
+        # Equal values in two tensors are not a tie.
+        other = unique("untied")
+        w = torch.ones(2, 2)
+        self.assertEqual(len(self.client().create_session(other, {"a": w, "b": w.clone()})["params"]), 2)
 
     def test_groups_from_submodules_named_parameters_say_how_to_name_them(self):
         # torch 2.6+ takes [{'params': model[0].named_parameters()}, ...] with 'weight' twice; a session needs
