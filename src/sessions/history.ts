@@ -123,7 +123,7 @@ export function createHistory(ctx: SessionContext) {
    */
   async function buildState(q: Queryable, session: SessionRecord, version: number): Promise<{ state: SessionState; snapshotVersion: number }> {
     const snapshot = await repo.findSnapshotAtOrBelow(q, session.id, version);
-    if (!snapshot) throw errors.versionNotAvailable(version, await repo.oldestSnapshotVersion(q, session.id), session.version);
+    if (!snapshot) throw errors.versionNotAvailable(version, await repo.snapshotVersion(q, session.id, 'min'), session.version);
     const point = await findReplayPointAtOrBelow(q, session.id, version);
     if (point && point.version > snapshot.version) {
       const what = `replay point ${point.id} (version ${point.version})`;
@@ -145,7 +145,7 @@ export function createHistory(ctx: SessionContext) {
     const state = await loadSnapshot(q, snapshot, session);
     if (!(await replay(q, state, version, session.name))) {
       state.arena.release();
-      throw errors.versionNotAvailable(version, await repo.oldestSnapshotVersion(q, session.id), session.version);
+      throw errors.versionNotAvailable(version, await repo.snapshotVersion(q, session.id, 'min'), session.version);
     }
     return { state, snapshotVersion: snapshot.version };
   }

@@ -69,7 +69,7 @@ export function createReads(ctx: SessionContext, history: History) {
       return consistentRead(db, async (q) => {
         const session = await mustFind(q, name);
         const target = version ?? session.version;
-        if (target > session.version || target < 1) throw errors.versionNotAvailable(target, await repo.oldestSnapshotVersion(q, session.id), session.version);
+        if (target > session.version || target < 1) throw errors.versionNotAvailable(target, await repo.snapshotVersion(q, session.id, 'min'), session.version);
         if (target === session.version) return copyView(name, session.params, (await history.currentState(q, session)).state);
         const { state } = await history.buildState(q, session, target);
         try {
@@ -100,7 +100,7 @@ export function createReads(ctx: SessionContext, history: History) {
     await consistentRead(db, async (q) => {
       const session = await mustFind(q, name);
       const version = at ?? session.version;
-      if (version > session.version || version < 1) throw errors.versionNotAvailable(version, await repo.oldestSnapshotVersion(q, session.id), session.version);
+      if (version > session.version || version < 1) throw errors.versionNotAvailable(version, await repo.snapshotVersion(q, session.id, 'min'), session.version);
       if (version === session.version) {
         fn(liveView(name, (await history.currentState(q, session)).state));
         return;

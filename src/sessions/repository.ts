@@ -679,13 +679,9 @@ export async function listSnapshots(q: Queryable, sessionId: number): Promise<Sn
   return rows.map(toSnapshot);
 }
 
-export async function oldestSnapshotVersion(q: Queryable, sessionId: number): Promise<number | null> {
-  const rows = await q.query<{ v: number | null }>('SELECT min(version)::float8 AS v FROM snapshots WHERE session_id = $1', [sessionId]);
-  return rows[0]?.v ?? null;
-}
-
-export async function newestSnapshotVersion(q: Queryable, sessionId: number): Promise<number | null> {
-  const rows = await q.query<{ v: number | null }>('SELECT max(version)::float8 AS v FROM snapshots WHERE session_id = $1', [sessionId]);
+/** The version of the session's oldest (`min`) or newest (`max`) snapshot; null without one. */
+export async function snapshotVersion(q: Queryable, sessionId: number, which: 'min' | 'max'): Promise<number | null> {
+  const rows = await q.query<{ v: number | null }>(`SELECT ${which === 'min' ? 'min' : 'max'}(version)::float8 AS v FROM snapshots WHERE session_id = $1`, [sessionId]);
   return rows[0]?.v ?? null;
 }
 

@@ -224,7 +224,7 @@ export function createSnapshotWriter(ctx: SessionContext) {
             // there: moot (a review found this warned 20 times in 20 s on three replicas). A copy of another
             // history (a database restored from a backup and stepped past this version again) is dropped here
             // at debug too once a newer snapshot exists; currentState logs it when the copy is next used.
-            const newest = await repo.newestSnapshotVersion(tx, session.id);
+            const newest = await repo.snapshotVersion(tx, session.id, 'max');
             if (newest !== null && newest > meta.version) {
               log.debug({ session: session.name, version: meta.version, newest }, `background ${what} not written: a newer snapshot (another process's) supersedes it`);
             } else {
