@@ -107,8 +107,16 @@ test('a session deleted and made again under its name while the page could not f
   // What it shows is still the deleted session's: its step, its one point (no loss of 3000 drawn after it).
   assert.equal(await page.textContent('[data-card=step] b'), '1');
   assert.equal(await page.getAttribute('#app', 'data-version'), '2');
-  const losses = await page.evaluate(() => Array.from((window as any).asgdCharts?.['metric:loss']?.data[1] ?? []));
-  assert.deepEqual(losses, [1]);
+  const losses = () => page.evaluate(() => Array.from((window as any).asgdCharts?.['metric:loss']?.data[1] ?? []));
+  assert.deepEqual(await losses(), [1]);
+  // Nothing redraws it from what the read that saw the other session had fetched (the x axis switch did).
+  assert.equal(await page.isDisabled('select[aria-label="x axis"]'), true);
+  await page.evaluate(() => {
+    const select = document.querySelector('select[aria-label="x axis"]') as HTMLSelectElement;
+    select.value = 'time';
+    select.dispatchEvent(new Event('change'));
+  });
+  assert.deepEqual(await losses(), [1]);
   // A reload follows the new one.
   await page.reload();
   await waitForVersion(page, 5, 10_000);

@@ -53,6 +53,8 @@ export function sessionPage(root, name, who) {
   const norms = [];
   /** @type {'step' | 'time'} */
   let xMode = 'step';
+  /** The session was deleted and another of its name read in its place: nothing more is drawn (gone()). */
+  let frozen = false;
 
   const cards = h('div', { className: 'cards', id: 'cards' });
   const live = h('span', { className: 'live', id: 'live', role: 'status' }, 'connecting…');
@@ -60,6 +62,7 @@ export function sessionPage(root, name, who) {
   const streamWake = new EventTarget();
   const xToggle = /** @type {HTMLSelectElement} */ (h('select', { 'aria-label': 'x axis' }, h('option', { value: 'step' }, 'over steps'), h('option', { value: 'time' }, 'over time')));
   xToggle.addEventListener('change', () => {
+    if (frozen) return;
     xMode = /** @type {'step' | 'time'} */ (xToggle.value);
     resetCharts();
     drawCharts();
@@ -109,6 +112,7 @@ export function sessionPage(root, name, who) {
   }
 
   function drawCharts() {
+    if (frozen) return;
     drawnKeys.clear();
     try {
       drawAllCharts();
@@ -516,6 +520,13 @@ export function sessionPage(root, name, who) {
     for (const button of content.querySelectorAll('button')) {
       button.disabled = true;
       button.title = 'the session was deleted';
+    }
+    if (replaced) {
+      // The read that saw the other session had already added its points and changes: nothing is drawn again
+      // (the x axis switch redrew the charts from them), what is shown stays the deleted session's.
+      frozen = true;
+      xToggle.disabled = true;
+      xToggle.title = 'the session was deleted';
     }
   }
 

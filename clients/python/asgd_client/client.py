@@ -120,8 +120,10 @@ def _refuse_aliases(tensors: Mapping[str, Any]) -> None:
     refuses such a torch.save file. Sent as two parameters they would train apart."""
     first: Dict[Tuple[Any, ...], str] = {}
     for name, value in tensors.items():
-        if not hasattr(value, "data_ptr") or not hasattr(value, "stride") or value.numel() == 0:
-            continue
+        if not hasattr(value, "data_ptr") or not hasattr(value, "stride"):
+            continue  # not a torch tensor: (shape, values) pairs, numpy arrays
+        if str(getattr(value, "layout", "torch.strided")) != "torch.strided" or value.numel() == 0:
+            continue  # sparse (no strides: refused further on as not dense), or empty (no storage to share)
         key = (value.data_ptr(), tuple(value.shape), tuple(value.stride()), str(value.dtype), str(value.device))
         if key in first:
             raise ValueError(f"parameter {name!r} is the same tensor as {first[key]!r} (tied weights, as model.state_dict() "

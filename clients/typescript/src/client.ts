@@ -1,6 +1,6 @@
 // ASGDClient: every operation of the asgd-serve API v1, typed from the OpenAPI document; the server-sent
 // events of GET /v1/sessions/{name}/events as an async iterator.
-import { ProtocolError, RoundPending } from './errors.ts';
+import { ProtocolError, RoundPending, SessionNotFound } from './errors.ts';
 import { type Answer, type Exchange, newIdempotencyKey, parseJson, sleep, Transport, type TransportOptions } from './http.ts';
 import { decodeSafetensors, encodeSafetensors, firstHalfOverflow, type SafetensorsFile } from './safetensors.ts';
 import { asFloat32, fromJsonTensors, type Tensor, type TensorInput, type TensorLike, tensorProblem, toJsonData } from './tensors.ts';
@@ -289,8 +289,8 @@ export class ASGDClient {
    * so is a connection silent for `idleTimeoutMs` (a hung replica or a network black hole: the service sends
    * a keep-alive every 15 s); the service then sends only the newest version at once: the versions committed
    * meanwhile are coalesced into it, not replayed (read them with `metrics(name, {afterVersion})`). A session
-   * deleted while the connection was down comes as `deleted` too, even when another of its name was created
-   * meanwhile (its versions count from 1 again: they are not yielded as this one's). The stream ends after a `deleted`
+   * deleted while the connection was down comes as `deleted` too (the 404 on reopening the stream), even when
+   * another of its name was created meanwhile (its versions count from 1 again: they are not yielded as this one's). The stream ends after a `deleted`
    * event, when `signal` aborts, or with the error of a request that cannot succeed (SessionNotFound,
    * Unauthorized, ConnectionFailed once the retry budget is spent, …).
    */
@@ -300,6 +300,8 @@ export class ASGDClient {
     // The last event's id (`<version>@<n>`: it names the session followed), or the version given to start from.
     let last: string | undefined = options.afterVersion === undefined ? undefined : String(options.afterVersion);
     let pause = 100;
+    /** The stream has been open: a 404 on reopening it says the session followed was deleted meanwhile. */
+    let followed = false;
     while (!signal?.aborted) {
       let res: Response;
       try {
@@ -309,8 +311,13 @@ export class ASGDClient {
         }, signal, idleTimeoutMs);
       } catch (err) {
         if (signal?.aborted) return;
+        if (followed && err instanceof SessionNotFound) {
+          yield { event: 'deleted', session: name };
+          return;
+        }
         throw err;
       }
+      followed = true;
       const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = '';
       let event = { type: 'message', id: undefined as string | undefined, data: [] as string[] };

@@ -91,6 +91,21 @@ test('events: versions from another replica, resumed after a restart, ended by t
   assert.deepEqual(await next(follow, 30_000), { event: 'deleted', session: replaced });
   assert.equal(await next(follow), 'end');
 
+  // Deleted (and not made again) while the connection was down: the reopened stream's 404 is the deletion,
+  // yielded as such, not a SessionNotFound thrown out of the loop.
+  const plain = uniqueName('events');
+  await client.createSession(spec(plain));
+  const watch = client.events(plain)[Symbol.asyncIterator]();
+  const w1 = next(watch);
+  await new Promise((r) => setTimeout(r, 500));
+  await other.step(plain, { w: [0.1, 0.2] });
+  assert.ok((await w1) !== 'end');
+  await cluster.processes[0].kill();
+  await other.deleteSession(plain);
+  await cluster.restart(0);
+  assert.deepEqual(await next(watch, 30_000), { event: 'deleted', session: plain });
+  assert.equal(await next(watch), 'end');
+
   // A session that does not exist: the error, not a stream.
   await assert.rejects(async () => {
     for await (const e of client.events(uniqueName('missing'))) assert.fail(`an event: ${JSON.stringify(e)}`);

@@ -41,6 +41,9 @@ export function readIfMatch(request: FastifyRequest, target: number, current = t
   return target;
 }
 
+/** Whether the request has a condition on the version (If-Match or If-None-Match). */
+export const conditional = (request: FastifyRequest): boolean => request.headers['if-none-match'] !== undefined || request.headers['if-match'] !== undefined;
+
 /**
  * A read whose answer is of `version` (a session, its series, its norms): 412 for an If-Match that does not
  * name it; true when a 304 was sent for an If-None-Match that does.
@@ -59,7 +62,7 @@ export function notModifiedAt(request: FastifyRequest, reply: FastifyReply, vers
  * between. One small read.
  */
 export async function answeredNotModified(fastify: FastifyInstance, request: FastifyRequest, reply: FastifyReply, name: string, version: number | null): Promise<boolean> {
-  if (request.headers['if-none-match'] === undefined && request.headers['if-match'] === undefined) return false;
+  if (!conditional(request)) return false;
   const session = await fastify.sessions.get(name);
   const target = version ?? session.version;
   if (target > session.version) return false; // the read refuses a version not reached yet

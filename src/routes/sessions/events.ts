@@ -72,7 +72,9 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       tags: ['training'],
       params: NameParams,
       querystring: Type.Object({ after_version: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'The version you have (as Last-Event-ID)' })) }),
-      headers: Type.Object({ 'last-event-id': Type.Optional(Type.String({ pattern: '^[0-9]{1,15}(@[0-9]{1,15})?$', 'x-rule': 'an event\'s id (<version>@<n>) or a version: whole numbers written in decimal', description: 'The id of the last event received (or the version you have)' })) }),
+      // NaN: what the TypeScript client before event ids named the session sends back after one (it read the
+      // id as a number): taken as a resume from an unknown point, so that such a client still reconnects.
+      headers: Type.Object({ 'last-event-id': Type.Optional(Type.String({ pattern: '^(?:[0-9]{1,15}(@[0-9]{1,15})?|NaN)$', 'x-rule': 'an event\'s id (<version>@<n>) or a version: whole numbers written in decimal', description: 'The id of the last event received (or the version you have)' })) }),
       response: {
         200: { description: 'The event stream', content: { 'text/event-stream': { schema: Type.String() } } },
         ...errorResponses(400, 401, 403, 404, 429, 503),
@@ -84,7 +86,7 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     // HEAD: the stream's headers and no stream (a body would never be sent, and the slot held until the client gave up).
     if (request.method === 'HEAD') return reply.header('content-type', 'text/event-stream; charset=utf-8').header('cache-control', 'no-cache, no-transform').send('');
     const lastId = request.headers['last-event-id']?.split('@');
-    const resume = request.query.after_version ?? (lastId !== undefined ? Number(lastId[0]) : null);
+    const resume = request.query.after_version ?? (lastId === undefined ? null : lastId[0] === 'NaN' ? current.version + 1 : Number(lastId[0]));
     /** An id of another session of this name: the one the client followed was deleted while it reconnected. */
     const followedGone = lastId?.[1] !== undefined && Number(lastId[1]) !== current.id;
     // A bare version past the current one is another session's too (it cannot tell): the current version is
@@ -139,7 +141,9 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
         write(`id: ${last.version}@${current.id}\nevent: version\ndata: ${JSON.stringify(data)}\n\n`);
       }
       // replaced: another session of the name is there now (created after this one was deleted).
-      write(`event: deleted\ndata: ${JSON.stringify({ session: name, ...(replaced && { replaced: true }) })}\n\n`);
+      // retry: a day, so that a browser's EventSource, which reconnects after a stream ends (with the same
+      // Last-Event-ID: it would be told this again every 2 s), does not come back; its page closes it on this event.
+      write(`retry: 86400000\nevent: deleted\ndata: ${JSON.stringify({ session: name, ...(replaced && { replaced: true }) })}\n\n`);
       end();
     };
     // Reads the latest version once per burst of signals: a signal during a read asks for one more read.

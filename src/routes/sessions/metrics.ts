@@ -4,7 +4,7 @@ import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import { ACCESS, setVersion } from '../common.ts';
 import { ConditionalReadHeaders, errorResponses, NameParams, NotModified } from '../schemas.ts';
-import { notModifiedAt } from './conditional.ts';
+import { conditional, notModifiedAt } from './conditional.ts';
 import { errors } from '../../errors.ts';
 import { createMetricNames, downsampledSeries, type SeriesPoint } from '../../sessions/series.ts';
 
@@ -71,11 +71,16 @@ const metricsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     if (maxPoints !== undefined) {
       if (request.query.limit !== undefined) throw errors.invalidQuery('limit', 'cannot be combined with max_points (which reads the whole series)');
       const session = await fastify.sessions.get(name);
-      const { points, downsampled } = await downsampledSeries(fastify.db, metricNames, session.id, afterVersion, maxPoints);
+      // Before the whole series is read: a 304 or 412 needs only the version.
       if (notModifiedAt(request, reply, session.version)) return reply;
+      const { points, downsampled } = await downsampledSeries(fastify.db, metricNames, session.id, afterVersion, maxPoints);
       setVersion(reply, session.version);
       return { session: name, points: points.map(bucketJson), next_after_version: points.length ? points[points.length - 1].version : afterVersion, downsampled };
     }
+    // A 304 or 412 before the points are read, and again on the version the answer carries (the session is
+    // read before its points: a point of a step that commits meanwhile may come with the version before it,
+    // which a later If-None-Match of that version then reads again, rather than miss).
+    if (conditional(request) && notModifiedAt(request, reply, (await fastify.sessions.get(name)).version)) return reply;
     const { session, points } = await fastify.sessions.history(name, afterVersion, request.query.limit ?? 1000);
     if (notModifiedAt(request, reply, session.version)) return reply;
     setVersion(reply, session.version);

@@ -68,6 +68,9 @@ const seriesRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     const maxPoints = request.query.max_points;
     if (maxPoints !== undefined && request.query.limit !== undefined) throw errors.invalidQuery('limit', 'cannot be combined with max_points (which reads the whole history)');
     const session = await fastify.sessions.get(request.params.name);
+    // Before the changes are read: a 304 or 412 needs only the version (the session is read first, so the
+    // changes of a step that commits meanwhile may come with the version before it, not be missed).
+    if (notModifiedAt(request, reply, session.version)) return reply;
     const [read, initial] = await Promise.all([
       maxPoints !== undefined
         ? downsampledHyperChanges(fastify.db, session.id, afterVersion, maxPoints)
@@ -75,7 +78,6 @@ const seriesRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       initialHyperparameters(fastify.db, session.id),
     ]);
     const { changes } = read;
-    if (notModifiedAt(request, reply, session.version)) return reply;
     setVersion(reply, session.version);
     return {
       session: session.name,
