@@ -76,6 +76,7 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
   // Order matters: the limits' onRequest hook sheds load before auth touches the database; auth's onRoute
   // hook must see every route, and swagger's collector every route after it.
   await fastify.register(errorsPlugin);
+  fastify.addHook('onRequest', inTurn);
   fastify.addHook('onRoute', headersOfHead);
   fastify.addHook('onRequest', async (request, reply) => {
     reply.header('x-request-id', request.id);
@@ -187,6 +188,38 @@ function repeatedHeader(raw: string[]): string | null {
     seen.add(name);
   }
   return null;
+}
+
+/** Each connection's latest request's answer (inTurn). */
+const latestAnswer = new WeakMap<Socket, FastifyReply>();
+
+/**
+ * Pipelined requests (sent on a connection before the one before them is answered) are handled in turn:
+ * Node dispatches the next one while the answer before it is being made, and when that answer closed the
+ * connection (a body that could not be parsed, a repeated header) the next one ran and committed with no
+ * answer, so that its client's retry applied a step twice (found by a hostile-input review; RFC 9112
+ * section 9.6: nothing after a close is processed). Each waits for the answer before it, and is not handled
+ * when that answer closed the connection or was never sent whole (its own answer could not be sent either).
+ * Clients that do not pipeline (browsers, fetch, requests) never wait here.
+ */
+async function inTurn(request: FastifyRequest, reply: FastifyReply): Promise<void> {
+  const socket = request.raw.socket;
+  if (!socket) return;
+  const before = latestAnswer.get(socket);
+  latestAnswer.set(socket, reply);
+  if (before === undefined || before === reply) return;
+  const answer = before.raw;
+  if (!answer.writableFinished && !answer.destroyed) {
+    await new Promise<void>((resolve) => {
+      answer.once('finish', resolve);
+      answer.once('close', resolve);
+    });
+  }
+  // The header as the reply set it (Node's response keeps shouldKeepAlive true and ends the connection after it).
+  if (!answer.writableFinished || !answer.shouldKeepAlive || /(^|,)\s*close\s*(,|$)/i.test(String(before.getHeader('connection') ?? ''))) {
+    reply.header('connection', 'close');
+    throw errors.unavailable('a request sent before this one on its connection closed the connection: this one was not handled; send it again', 1);
+  }
 }
 
 /**

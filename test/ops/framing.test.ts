@@ -82,3 +82,31 @@ test('header values are quoted in messages as the client wrote them (UTF-8), not
     assert.ok(String(got.body.message).includes(shown), `${header}: ${String(got.body.message)}`);
   }
 });
+
+test('pipelined requests are handled in turn: after an answer that closes the connection, the next request is not handled (its step is not committed unanswered)', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  await createSession(app, 'piped');
+  await app.listen({ host: '127.0.0.1', port: 0 });
+  const { port } = app.server.address() as { port: number };
+  const head = (length: number, extra = '') => `POST /v1/sessions/piped/step HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${ADMIN}\r\n${extra}Content-Type: application/json\r\nContent-Length: ${length}\r\n\r\n`;
+  const body = JSON.stringify(gradBody(1));
+  const good = head(Buffer.byteLength(body)) + body;
+  const versionNow = async () => (await app.inject({ url: '/v1/sessions/piped', headers: asAdmin })).json().version as number;
+  let version = await versionNow();
+  // Found by a hostile-input review: the first request's refusal closed the connection, the second was
+  // committed all the same and never answered; a client retrying it applied it twice.
+  const closers: [string, string, string][] = [
+    ['a body that is not JSON', head(5) + '{"gr"', 'INVALID_JSON'],
+    ['a header sent twice', head(Buffer.byteLength(body), `Authorization: Bearer ${ADMIN}\r\n`) + body, 'INVALID_HEADER'],
+  ];
+  for (const [what, first, code] of closers) {
+    const got = answers(await exchange(port, first + good + good));
+    assert.deepEqual(got.map((a) => [a.status, a.body.code]), [[400, code]], what);
+    assert.equal(await versionNow(), version, `${what}: nothing after it was handled`);
+  }
+  // Pipelined requests that keep the connection open are each answered, in order, and applied once each.
+  const got = answers(await exchange(port, good + good + good.replace('Content-Type: application/json\r\n', 'Content-Type: application/json\r\nConnection: close\r\n')));
+  assert.deepEqual(got.map((a) => [a.status, a.body.version]), [[200, version + 1], [200, version + 2], [200, version + 3]]);
+  version += 3;
+  assert.equal(await versionNow(), version);
+});
