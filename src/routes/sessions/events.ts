@@ -14,6 +14,14 @@ import { MAX_STREAMS_PER_TOKEN } from '../../plugins/notifier.ts';
 import type { SessionRecord } from '../../sessions/repository.ts';
 
 export const KEEP_ALIVE_MS = 15_000;
+/**
+ * What a stream may hold unsent for a client that does not read it: beyond this, no event is written (the
+ * newest is sent once the client has taken the rest), and a client that takes nothing of it for
+ * STALLED_STREAM_MS is cut. Events written regardless piled up in memory: 100 streams that did not read
+ * held 400 MB after 1,500 steps (found by a hostile-input review).
+ */
+const MAX_UNSENT_BYTES = 64 * 1024;
+const STALLED_STREAM_MS = 60_000;
 /** How long a token found active is trusted by the streams it opened before one of them asks again. */
 const TOKEN_RECHECK_MS = 1000;
 
@@ -104,6 +112,20 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       release();
       res.end();
     };
+    /** When the client stopped taking what was written (0: it takes it). */
+    let stalledSince = 0;
+    /** Whether more than MAX_UNSENT_BYTES wait for the client: then the next event waits for it to drain. */
+    const congested = (): boolean => {
+      if (res.writableLength <= MAX_UNSENT_BYTES) return false;
+      if (stalledSince === 0) {
+        stalledSince = Date.now();
+        res.once('drain', () => {
+          stalledSince = 0;
+          void refresh();
+        });
+      }
+      return true;
+    };
     const write = (text: string) => {
       if (!ended) res.write(text);
     };
@@ -178,6 +200,7 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
           }
           if (session.version <= sent) continue;
           if (!(await allowed())) return;
+          if (congested()) return; // sent once the client has taken what waits ('drain' reads again)
           sent = session.version;
           const data = point
             ? { version: session.version, step: session.step, time: point.createdAt.toISOString(), kind: 'step', staleness: point.staleness, ...(point.metrics && { metrics: point.metrics }) }
@@ -227,7 +250,16 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       end();
       return;
     }
-    keepAlive = setInterval(() => void allowed().then((ok) => ok && write(': keep-alive\n\n')), KEEP_ALIVE_MS);
+    keepAlive = setInterval(() => {
+      if (stalledSince !== 0 && Date.now() - stalledSince >= STALLED_STREAM_MS) {
+        request.log.warn({ unsentBytes: res.writableLength, stalledMs: Date.now() - stalledSince }, 'the event stream\'s client took nothing of it; closing the connection');
+        end();
+        res.destroy();
+        return;
+      }
+      // Bytes still waiting for the client keep the connection busy enough: no keep-alive on top of them.
+      if (res.writableLength === 0) void allowed().then((ok) => ok && write(': keep-alive\n\n'));
+    }, KEEP_ALIVE_MS);
     keepAlive.unref();
     if (tokenId !== null) {
       recheck = setInterval(() => void allowed(), TOKEN_RECHECK_MS);
