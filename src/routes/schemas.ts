@@ -22,7 +22,7 @@ export const SessionName = Type.String({ pattern: `^${SESSION_NAME_SOURCE}$`, 'x
 /** A session name in a body that names a new session: INVALID_NAME, as the domain says. */
 export const NewSessionName = withCode(SessionName, 'INVALID_NAME');
 export const NameParams = Type.Object({ name: SessionName });
-export const SnapshotParams = Type.Object({ name: SessionName, id: Type.String({ pattern: '^[1-9][0-9]{0,14}$', 'x-rule': 'a snapshot id: a whole number from 1, written in decimal (no leading zero)', description: 'Snapshot id', examples: ['3'] }) });
+export const SnapshotParams = Type.Object({ name: SessionName, id: Type.String({ pattern: '^[1-9][0-9]{0,14}$', 'x-rule': 'a snapshot id: a whole number from 1, of at most 15 digits, written in decimal (no leading zero)', description: 'Snapshot id', examples: ['3'] }) });
 
 // ---- headers and query parameters shared by several routes -----------------------------------------------
 const IfMatch = Type.String({ maxLength: 1024, description: 'Apply only at this version: "<version>", compared strongly (a weak W/"<version>" never matches; * matches any); 412 VERSION_MISMATCH otherwise', examples: ['"42"'] });
@@ -39,7 +39,7 @@ export const ChangeHeaders = Type.Object({
     description: 'A retry with the same key and request gets the first answer (replayed: true) and does not make the change again over what came after it',
   })),
 });
-export const Version = Type.String({ pattern: '^[1-9][0-9]{0,14}$', 'x-rule': 'a whole number from 1, written in decimal', description: 'Read the state at this version (rebuilt from a snapshot and the step log)' });
+export const Version = Type.String({ pattern: '^[1-9][0-9]{0,14}$', 'x-rule': 'a whole number from 1, of at most 15 digits, written in decimal', description: 'Read the state at this version (rebuilt from a snapshot and the step log)' });
 
 // ---- tensors and hyperparameters ---------------------------------------------------------------------------
 const DATA_DESCRIPTION = 'Flat row-major float32 values; "NaN", "Infinity", "-Infinity" for non-finite values';
