@@ -190,8 +190,13 @@ function repeatedHeader(raw: string[]): string | null {
   return null;
 }
 
-/** Each connection's latest request's answer (inTurn). */
-const latestAnswer = new WeakMap<Socket, FastifyReply>();
+/** The answer of each connection's latest request, once sent: whether it went whole and closed the connection. */
+interface Turn {
+  sent: Promise<void>;
+  whole: boolean;
+  closes: boolean;
+}
+const latestTurn = new WeakMap<Socket, Turn>();
 
 /**
  * Pipelined requests (sent on a connection before the one before them is answered) are handled in turn:
@@ -200,23 +205,29 @@ const latestAnswer = new WeakMap<Socket, FastifyReply>();
  * answer, so that its client's retry applied a step twice (found by a hostile-input review; RFC 9112
  * section 9.6: nothing after a close is processed). Each waits for the answer before it, and is not handled
  * when that answer closed the connection or was never sent whole (its own answer could not be sent either).
- * Clients that do not pipeline (browsers, fetch, requests) never wait here.
+ * Clients that do not pipeline (browsers, fetch, requests) never wait here. Only two flags of an answer are
+ * kept (not the request, whose body may be large, for as long as its connection idles).
  */
 async function inTurn(request: FastifyRequest, reply: FastifyReply): Promise<void> {
   const socket = request.raw.socket;
   if (!socket) return;
-  const before = latestAnswer.get(socket);
-  latestAnswer.set(socket, reply);
-  if (before === undefined || before === reply) return;
-  const answer = before.raw;
-  if (!answer.writableFinished && !answer.destroyed) {
-    await new Promise<void>((resolve) => {
-      answer.once('finish', resolve);
-      answer.once('close', resolve);
-    });
-  }
-  // The header as the reply set it (Node's response keeps shouldKeepAlive true and ends the connection after it).
-  if (!answer.writableFinished || !answer.shouldKeepAlive || /(^|,)\s*close\s*(,|$)/i.test(String(before.getHeader('connection') ?? ''))) {
+  const before = latestTurn.get(socket);
+  const res = reply.raw;
+  const turn: Turn = { whole: false, closes: false, sent: Promise.resolve() };
+  turn.sent = new Promise<void>((resolve) => {
+    const settle = () => {
+      turn.whole = res.writableFinished;
+      // As the reply set it: Node's response keeps shouldKeepAlive true and ends the connection after it.
+      turn.closes = !res.shouldKeepAlive || /(^|,)\s*close\s*(,|$)/i.test(String(reply.getHeader('connection') ?? ''));
+      resolve();
+    };
+    res.once('finish', settle);
+    res.once('close', settle);
+  });
+  latestTurn.set(socket, turn);
+  if (before === undefined) return;
+  await before.sent;
+  if (!before.whole || before.closes) {
     reply.header('connection', 'close');
     throw errors.unavailable('a request sent before this one on its connection closed the connection: this one was not handled; send it again', 1);
   }
