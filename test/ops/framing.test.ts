@@ -104,9 +104,32 @@ test('pipelined requests are handled in turn: after an answer that closes the co
     assert.deepEqual(got.map((a) => [a.status, a.body.code]), [[400, code]], what);
     assert.equal(await versionNow(), version, `${what}: nothing after it was handled`);
   }
+  // Two steps pipelined, then bytes that are no request: both steps are answered (and applied once each),
+  // then the error; the second step's 400 in its place would have hidden that it committed.
+  const both = answers(await exchange(port, good + good + '\u0001garbage\r\n\r\n'));
+  assert.deepEqual(both.map((a) => [a.status, a.body.version ?? a.body.code]), [[200, version + 1], [200, version + 2], [400, 'BAD_REQUEST']]);
+  version += 2;
+  assert.equal(await versionNow(), version);
   // Pipelined requests that keep the connection open are each answered, in order, and applied once each.
   const got = answers(await exchange(port, good + good + good.replace('Content-Type: application/json\r\n', 'Content-Type: application/json\r\nConnection: close\r\n')));
   assert.deepEqual(got.map((a) => [a.status, a.body.version]), [[200, version + 1], [200, version + 2], [200, version + 3]]);
   version += 3;
   assert.equal(await versionNow(), version);
+});
+
+test('a connection with more pipelined requests waiting than the bound is cut: they are not parked in memory', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  await createSession(app, 'parked');
+  await app.listen({ host: '127.0.0.1', port: 0 });
+  const { port } = app.server.address() as { port: number };
+  // Behind a read that waits (after_version + wait), 200 requests: 100,000 of them held 500 MB before the bound.
+  const version = (await app.inject({ url: '/v1/sessions/parked', headers: asAdmin })).json().version;
+  const held = `GET /v1/sessions/parked/params?after_version=${version}&wait=5 HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${ADMIN}\r\n\r\n`;
+  const health = 'GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n';
+  const started = Date.now();
+  const raw = await exchange(port, held + health.repeat(200));
+  assert.ok(Date.now() - started < 4000, `cut at once, not after the held read (${Date.now() - started} ms)`);
+  assert.equal(raw, '', 'nothing answered: the connection was cut');
+  // The service goes on.
+  assert.equal((await app.inject({ url: '/v1/sessions/parked', headers: asAdmin })).statusCode, 200);
 });

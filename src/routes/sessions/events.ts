@@ -111,6 +111,13 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       clearInterval(recheck);
       release();
       res.end();
+      // What is still unsent when the stream ends (after deleted, a revoked token) goes within STALLED_STREAM_MS
+      // or the connection is cut: the keep-alive check that cut a client taking nothing has stopped.
+      if (!res.writableFinished) {
+        const cut = setTimeout(() => res.destroy(), STALLED_STREAM_MS);
+        cut.unref();
+        res.once('close', () => clearTimeout(cut));
+      }
     };
     /** When the client stopped taking what was written (0: it takes it). */
     let stalledSince = 0;
@@ -250,7 +257,12 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       end();
       return;
     }
+    let lastUnsent = 0;
     keepAlive = setInterval(() => {
+      const unsent = res.writableLength;
+      // A client that took some since the last look is slow, not stalled: the clock starts again.
+      if (stalledSince !== 0 && unsent < lastUnsent) stalledSince = Date.now();
+      lastUnsent = unsent;
       if (stalledSince !== 0 && Date.now() - stalledSince >= STALLED_STREAM_MS) {
         request.log.warn({ unsentBytes: res.writableLength, stalledMs: Date.now() - stalledSince }, 'the event stream\'s client took nothing of it; closing the connection');
         end();
