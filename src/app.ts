@@ -2,7 +2,7 @@
 import { createRequire } from 'node:module';
 import { STATUS_CODES, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { Server as NetServer, type Socket } from 'node:net';
-import { Readable } from 'node:stream';
+import { finished, Readable } from 'node:stream';
 import fp from 'fastify-plugin';
 import { AjvCompiler } from '@fastify/ajv-compiler';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions, type RouteOptions } from 'fastify';
@@ -190,13 +190,12 @@ function repeatedHeader(raw: string[]): string | null {
   return null;
 }
 
-/** The answer of each connection's latest request, once sent: whether it went whole and closed the connection. */
-interface Turn {
-  sent: Promise<void>;
+/** How each connection's latest answer went, once sent: whether it went whole and closed the connection. */
+interface Answered {
   whole: boolean;
   closes: boolean;
 }
-const latestTurn = new WeakMap<Socket, Turn>();
+const latestAnswer = new WeakMap<Socket, Promise<Answered>>();
 /** Requests waiting in inTurn on each connection. */
 const waitingOn = new WeakMap<Socket, number>();
 /**
@@ -219,20 +218,15 @@ const MAX_WAITING_PER_CONNECTION = 16;
 async function inTurn(request: FastifyRequest, reply: FastifyReply): Promise<void> {
   const socket = request.raw.socket;
   if (!socket) return;
-  const before = latestTurn.get(socket);
+  const before = latestAnswer.get(socket);
   const res = reply.raw;
-  const turn: Turn = { whole: false, closes: false, sent: Promise.resolve() };
-  turn.sent = new Promise<void>((resolve) => {
-    const settle = () => {
-      turn.whole = res.writableFinished;
+  latestAnswer.set(socket, new Promise<Answered>((resolve) => {
+    finished(res, () => resolve({
+      whole: res.writableFinished,
       // As the reply set it: Node's response keeps shouldKeepAlive true and ends the connection after it.
-      turn.closes = !res.shouldKeepAlive || /(^|,)\s*close\s*(,|$)/i.test(String(reply.getHeader('connection') ?? ''));
-      resolve();
-    };
-    res.once('finish', settle);
-    res.once('close', settle);
-  });
-  latestTurn.set(socket, turn);
+      closes: !res.shouldKeepAlive || /(^|,)\s*close\s*(,|$)/i.test(String(reply.getHeader('connection') ?? '')),
+    }));
+  }));
   if (before === undefined) return;
   const waiting = (waitingOn.get(socket) ?? 0) + 1;
   if (waiting > MAX_WAITING_PER_CONNECTION) {
@@ -240,13 +234,14 @@ async function inTurn(request: FastifyRequest, reply: FastifyReply): Promise<voi
     throw errors.unavailable(`more than ${MAX_WAITING_PER_CONNECTION} requests pipelined on one connection: it was closed`, 1);
   }
   waitingOn.set(socket, waiting);
+  let answered: Answered;
   try {
-    await before.sent;
+    answered = await before;
   } finally {
     waitingOn.set(socket, (waitingOn.get(socket) ?? 1) - 1);
   }
   // destroyed: the parser met bytes that are no request after this one, and the error's answer took its place.
-  if (!before.whole || before.closes || socket.destroyed) {
+  if (!answered.whole || answered.closes || socket.destroyed) {
     reply.header('connection', 'close');
     throw errors.unavailable('a request sent before this one on its connection closed the connection: this one was not handled; send it again', 1);
   }
@@ -355,14 +350,7 @@ function clientErrorHandler(this: FastifyInstance, err: Error & { code?: string;
     const afterAnswers = () => {
       const pending = marked._httpMessage;
       if (pending && !pending.writableFinished && !pending.destroyed && pending.req?.complete) {
-        let done = false;
-        const next = () => {
-          if (done) return;
-          done = true;
-          afterAnswers();
-        };
-        pending.once('finish', next);
-        pending.once('close', next);
+        finished(pending, () => afterAnswers());
         return;
       }
       close();

@@ -45,11 +45,12 @@ export function readIfMatch(request: FastifyRequest, target: number, current = t
 export const conditional = (request: FastifyRequest): boolean => request.headers['if-none-match'] !== undefined || request.headers['if-match'] !== undefined;
 
 /**
- * A read whose answer is of `version` (a session, its series, its norms): 412 for an If-Match that does not
- * name it; true when a 304 was sent for an If-None-Match that does.
+ * A read whose answer is of `version` (a session, its series, its norms; an older one with ?version=, the
+ * session being at `current`): 412 for an If-Match that does not name it; true when a 304 was sent for an
+ * If-None-Match that does.
  */
-export function notModifiedAt(request: FastifyRequest, reply: FastifyReply, version: number): boolean {
-  readIfMatch(request, version);
+export function notModifiedAt(request: FastifyRequest, reply: FastifyReply, version: number, current = version): boolean {
+  readIfMatch(request, version, current);
   if (!noneMatch(request, version)) return false;
   sendNotModified(reply, version);
   return true;
@@ -66,10 +67,7 @@ export async function answeredNotModified(fastify: FastifyInstance, request: Fas
   const session = await fastify.sessions.get(name);
   const target = version ?? session.version;
   if (target > session.version) return false; // the read refuses a version not reached yet
-  readIfMatch(request, target, session.version);
-  if (!noneMatch(request, target)) return false;
-  await sendNotModified(reply, target);
-  return true;
+  return notModifiedAt(request, reply, target, session.version);
 }
 
 /**

@@ -25,6 +25,10 @@ const STALLED_STREAM_MS = 60_000;
 /** How long a token found active is trusted by the streams it opened before one of them asks again. */
 const TOKEN_RECHECK_MS = 1000;
 
+/** An `event: version` of the session whose row id is `sessionId`; its id is what a client resumes from. */
+const versionEvent = (version: number, sessionId: number, data: object): string =>
+  `id: ${version}@${sessionId}\nevent: version\ndata: ${JSON.stringify(data)}\n\n`;
+
 /** The `kind` of a version that is not a step, from the reason of the snapshot it wrote. */
 const KIND_OF_REASON: Record<string, string> = { load_state_dict: 'load', load_checkpoint: 'load', load_params: 'load', hyperparameters: 'hyperparameters', restore: 'restore', create: 'create', fork: 'create' };
 
@@ -167,7 +171,7 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       const last = replaced ? null : announced;
       if (last && last.version > sent) {
         const data = { version: last.version, step: last.step, time: last.at.toISOString(), kind: 'step' };
-        write(`id: ${last.version}@${current.id}\nevent: version\ndata: ${JSON.stringify(data)}\n\n`);
+        write(versionEvent(last.version, current.id, data));
       }
       // replaced: another session of the name is there now (created after this one was deleted).
       // retry: a day, so that a browser's EventSource, which reconnects after a stream ends (with the same
@@ -212,7 +216,7 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
           const data = point
             ? { version: session.version, step: session.step, time: point.createdAt.toISOString(), kind: 'step', staleness: point.staleness, ...(point.metrics && { metrics: point.metrics }) }
             : { version: session.version, step: session.step, time: session.updatedAt.toISOString(), kind: (reason && KIND_OF_REASON[reason]) ?? reason ?? 'change' };
-          write(`id: ${session.version}@${current.id}\nevent: version\ndata: ${JSON.stringify(data)}\n\n`);
+          write(versionEvent(session.version, current.id, data));
         } while (again && !ended);
       } finally {
         reading = false;
