@@ -138,7 +138,15 @@ export function parseJsonWithin(text: string, refuse: (problem: string | null) =
   try {
     value = JSON.parse(text, reviver);
   } catch {
-    throw refuse(null);
+    // As in a JSON body: Python's bare NaN and Infinity are read as the strings the API takes for them, so
+    // that the field is named (a metric's or a hyperparameter's 400) rather than "not valid JSON".
+    const quoted = quoteNonFiniteTokens(text);
+    try {
+      if (quoted === null) throw new Error('not JSON');
+      value = JSON.parse(quoted, reviver);
+    } catch {
+      throw refuse(null);
+    }
   }
   // As in a JSON body: JSON.parse would keep the last of two values ({"lr": 0.1, "lr": 5} set lr to 5).
   const twice = firstDuplicateKey(text);

@@ -170,7 +170,10 @@ test('bad param_groups and metrics: 4xx naming the field, the session unchanged'
   }
   // In a safetensors body: NaN (Python's json.dumps writes it) and a bad group count.
   for (const [meta, code, message] of [
-    [{ param_groups: '[{"lr": NaN}, {}]' }, 'INVALID_BODY', /__metadata__\.param_groups/],
+    [{ param_groups: '[{"lr": NaN}, {}]' }, 'INVALID_HYPERPARAMETER', /param_groups\[0\]\.lr: must be a finite number/],
+    [{ metrics: '{"loss": NaN, "samples": 32}' }, 'INVALID_METRICS', /__metadata__\.metrics\.loss: /],
+    [{ metrics: '{"loss": -Infinity}' }, 'INVALID_METRICS', /__metadata__\.metrics\.loss: /],
+    [{ metrics: '{"loss": NaN' }, 'INVALID_BODY', /__metadata__\.metrics: is not valid JSON/],
     [{ param_groups: '[{}, {}, {}]' }, 'INVALID_PARAM_GROUPS', /param_groups: 3 groups/],
     [{ param_groups: '[{"lr": "fast"}, {}]' }, 'INVALID_HYPERPARAMETER', /param_groups\[0\]\.lr/],
     [{ metrics: '{"loss": "x"}' }, 'INVALID_METRICS', /__metadata__\.metrics\.loss/],
