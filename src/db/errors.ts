@@ -9,8 +9,10 @@ const RETRYABLE_SOCKET = ['ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'E
 const RETRYABLE_MESSAGE = /Connection terminated|connection timeout|timeout exceeded when trying to connect|Client has encountered a connection error|not queryable/i;
 /** The server answers but will not serve us: database dropped or renamed (3D000), admin shutdown (57P04),
  *  our login changed (class 28), a privilege this role lacks (42501: a table a migration added without its
- *  grants), a read-only database (25006: a standby after a failover, default_transaction_read_only). */
-const UNAVAILABLE_SQLSTATE = /^(3D000|57P04|28[0-9A-Z]{3}|42501|25006)$/;
+ *  grants), a read-only database (25006: a standby after a failover, default_transaction_read_only), a
+ *  database that does not allow connections (55000: ALTER DATABASE ... ALLOW_CONNECTIONS false; a request
+ *  before the health probe saw it was a 500, found by an operator's review). */
+const UNAVAILABLE_SQLSTATE = /^(3D000|57P04|28[0-9A-Z]{3}|42501|25006|55000)$/;
 /** Class 22, data exception: a value (a number out of a column's range, …) got past the route's checks. */
 const BAD_VALUE_SQLSTATE = /^22[0-9A-Z]{3}$/;
 

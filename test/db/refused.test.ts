@@ -68,6 +68,16 @@ test('a database that stops accepting connections (ALLOW_CONNECTIONS false) is s
   assert.equal((await app.inject({ url: '/readyz' })).statusCode, 200);
   await root.query(`ALTER DATABASE ${dbName} ALLOW_CONNECTIONS false`);
   await root.query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()', [dbName]);
+  // Before the probe has seen it (a second app whose probe is off): a 503 with Retry-After that the clients
+  // retry, not a 500 (found by an operator's review).
+  const unprobed = await buildApp({ config: testConfig({ DATABASE_URL: scratch.url, ASGD_HEALTH_CHECK_INTERVAL_MS: '0', ASGD_MIGRATE: 'false' }), migrate: false, logger: false });
+  t.after(() => unprobed.close());
+  await unprobed.ready();
+  const early = await unprobed.inject({ url: '/v1/sessions' });
+  assert.equal(early.statusCode, 503, early.body);
+  assert.equal(early.json().code, 'SERVICE_UNAVAILABLE');
+  assert.ok(Number(early.headers['retry-after']) > 0, early.body);
+  assert.match(early.json().message, /does not accept this service's connections now \(SQLSTATE 55000/);
   let ready = await app.inject({ url: '/readyz' });
   for (let i = 0; i < 50 && ready.statusCode === 200; i++) {
     await new Promise((resolve) => setTimeout(resolve, 100));
