@@ -47,7 +47,7 @@ const API_CODES = {
   NON_FINITE_GRADIENT: [422, 'A gradient holds NaN or an infinity'],
   IDEMPOTENCY_KEY_REUSED: [422, 'An Idempotency-Key was used before for a different request'],
   SESSION_TOO_LARGE: [422, 'The session would hold more elements than the service allows'],
-  INSUFFICIENT_STORAGE: [507, 'The embedded database\'s disk has too little free space for this write (ASGD_MIN_FREE_BYTES); reads go on'],
+  INSUFFICIENT_STORAGE: [507, 'The database\'s disk has too little free space for this write (the embedded database: ASGD_MIN_FREE_BYTES); reads go on'],
   /** Access */
   UNAUTHORIZED: [401, 'No bearer token, or an unknown or revoked one (WWW-Authenticate: Bearer)'],
   FORBIDDEN: [403, 'The token\'s scope or session list does not allow this'],
@@ -230,8 +230,10 @@ export const errors = {
   // 429/503
   rateLimited: (limit: number, retryAfterSeconds: number) =>
     new ApiError('RATE_LIMITED', `more than ${limit} requests a minute; retry in ${retryAfterSeconds} s`, undefined, { 'retry-after': String(retryAfterSeconds) }),
-  insufficientStorage: (what: string, dir: string, free: number, needed: number) =>
-    new ApiError('INSUFFICIENT_STORAGE', `${what}: the disk of the embedded database (ASGD_DATA_DIR ${dir}) has ${free} bytes free, below the ${needed} this write needs (ASGD_MIN_FREE_BYTES and twice the body); free space or grow the volume`, undefined, { 'retry-after': '60' }),
+  insufficientStorage: (what: string, short: { free: number; needed: number; dir: string }, measure = 'twice the body') =>
+    new ApiError('INSUFFICIENT_STORAGE', `${what}: the disk of the embedded database (ASGD_DATA_DIR ${short.dir}) has ${short.free} bytes free, below the ${short.needed} this write needs (ASGD_MIN_FREE_BYTES and ${measure}); free space or grow the volume`, undefined, { 'retry-after': '60' }),
+  diskFull: () =>
+    new ApiError('INSUFFICIENT_STORAGE', 'the database\'s disk is full (SQLSTATE 53100): nothing of this request was committed; free space or grow the volume, then send it again', undefined, { 'retry-after': '60' }),
   unavailable: (message: string, retryAfterSeconds = 1) =>
     new ApiError('SERVICE_UNAVAILABLE', message, undefined, { 'retry-after': String(retryAfterSeconds) }),
   tooManyStreams: (limit: number) =>

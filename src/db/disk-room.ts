@@ -4,11 +4,20 @@
 // ASGD_DATA_DIR has less free than ASGD_MIN_FREE_BYTES plus what the write may take; PostgreSQL fails a
 // write it has no room for with an error, and needs no such guard.
 import { statfsSync } from 'node:fs';
+import { resolve } from 'node:path';
 
-/** Why a write of about `bytes` does not fit (free and needed bytes), or null when it does or the disk cannot be read. */
-export type DiskRoom = (bytes: number) => { free: number; needed: number } | null;
+/** Why a write does not fit: the bytes free and needed, and the data directory (absolute). */
+export interface DiskShort {
+  free: number;
+  needed: number;
+  dir: string;
+}
+
+/** Why a write of about `bytes` does not fit, or null when it does or the disk cannot be read. */
+export type DiskRoom = (bytes: number) => DiskShort | null;
 
 export function diskRoom(dir: string, minFreeBytes: number): DiskRoom {
+  const absolute = resolve(dir);
   return (bytes) => {
     let free: number;
     try {
@@ -18,6 +27,6 @@ export function diskRoom(dir: string, minFreeBytes: number): DiskRoom {
       return null; // not knowable here (the directory gone, an odd file system): the write is let through
     }
     const needed = minFreeBytes + bytes;
-    return free < needed ? { free, needed } : null;
+    return free < needed ? { free, needed, dir: absolute } : null;
   };
 }

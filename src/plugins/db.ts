@@ -3,14 +3,15 @@ import { existsSync } from 'node:fs';
 import type { Readable } from 'node:stream';
 import { join, resolve } from 'node:path';
 import fp from 'fastify-plugin';
-import type { FastifyInstance } from 'fastify';
+import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { openDatabase, type Database } from '../db/database.ts';
 import { bodyStage } from './content-types.ts';
 import type { Config } from '../config.ts';
 import { describeDbFailure } from '../db/errors.ts';
 import { databaseTarget, untilConnected } from '../db/wait.ts';
-import { diskRoom, type DiskRoom } from '../db/disk-room.ts';
+import { diskRoom, type DiskRoom, type DiskShort } from '../db/disk-room.ts';
 import { errors } from '../errors.ts';
+import { hasKeyAnswer } from '../sessions/repository.ts';
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -18,6 +19,18 @@ declare module 'fastify' {
     /** The embedded database's disk guard (src/db/disk-room.ts); null on PostgreSQL and in memory. */
     diskRoom: DiskRoom | null;
   }
+}
+
+/**
+ * A retry of a request whose answer is kept under its Idempotency-Key: answered from that record, it writes
+ * nothing, so the disk guard lets it through. A 507 in its place (an operator's review) left the client
+ * unaware that its step had committed: sent again under a new key once the disk had room, it counted twice.
+ */
+async function answeredUnderKey(db: Database, windowSeconds: number, request: FastifyRequest): Promise<boolean> {
+  const key = request.headers['idempotency-key'];
+  const name = (request.params as { name?: unknown } | undefined)?.name;
+  if (typeof key !== 'string' || typeof name !== 'string') return false;
+  return hasKeyAnswer(db, name, key, windowSeconds).catch(() => false);
 }
 
 export interface DbPluginOptions {
@@ -95,12 +108,12 @@ export default fp(
       // Before the body is read, after auth (onRequest): a caller without a token learns nothing of the disk.
       fastify.addHook('preParsing', async (request, _reply, payload) => {
         if (request.method === 'GET' || request.method === 'HEAD' || request.method === 'OPTIONS') return;
-        const refusal = (short: { free: number; needed: number }) => errors.insufficientStorage(`${request.method} ${request.url.split('?', 1)[0]}`, resolve(dataDir), short.free, short.needed);
+        const refusal = (short: DiskShort) => errors.insufficientStorage(`${request.method} ${request.url.split('?', 1)[0]}`, short);
         const declared = request.headers['content-length'] !== undefined && request.headers['transfer-encoding'] === undefined;
         const body = declared ? Number(request.headers['content-length']) || 0 : 0;
         // The body is logged (a gradient) or written as a state, and a snapshot may follow: twice its size.
         const short = room(2 * body);
-        if (short) {
+        if (short && !(await answeredUnderKey(db, opts.config.idempotencyWindowSeconds, request))) {
           // The body is read and dropped (nothing of it is written) so that a client sending it whole before it
           // reads the answer gets the 507, not a reset connection; with Expect: 100-continue it is never sent.
           if (body > 0 && body <= DRAIN_LIMIT_BYTES && !/100-continue/i.test(String(request.headers.expect ?? ''))) await drained(payload);
@@ -112,7 +125,7 @@ export default fp(
         // dropped, as above, and the 507 answered at its end; past DRAIN_LIMIT_BYTES it is answered at once.
         let received = 0;
         let next = ROOM_CHECK_BYTES;
-        let over: { free: number; needed: number } | null = null;
+        let over: DiskShort | null = null;
         return bodyStage(payload, {
           transform(chunk: Buffer, _encoding, done) {
             received += chunk.length;

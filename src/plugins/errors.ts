@@ -141,6 +141,8 @@ export function toApiError(err: unknown, request: FastifyRequest): ApiError {
         const { total } = request.server.db.poolStats();
         return errors.unavailable(`all ${total} database connections of this process are busy (ASGD_DB_POOL_SIZE) or the database does not answer new ones; retry shortly`);
       }
+      // Out of disk (PostgreSQL's, or the embedded database's past its guard): waiting does not help.
+      if (e?.code === '53100') return errors.diskFull();
       if (e?.code === '53300') {
         return errors.unavailable('PostgreSQL has no connection slot for this process (max_connections, or a CONNECTION LIMIT; each replica holds up to ASGD_DB_POOL_SIZE + 2); retry shortly');
       }

@@ -212,7 +212,7 @@ export function finishDocument(doc: Json): Json {
   responses.ErrorOther = {
     description: 'A status the operation does not list: 405 (a method the path does not have; Allow lists those it has), 408 (the request was not received in time), ' +
       '414 (a path segment over 512 characters), 431 (request line and headers over 256 KiB), 500 (an unexpected failure; the log has the details), ' +
-      '507 (a write on the embedded database, whose disk is nearly full: ASGD_MIN_FREE_BYTES). The `code` is one of:\n\n' +
+      '507 (a write on the embedded database, whose disk is nearly full: ASGD_MIN_FREE_BYTES; or on a database whose disk is full). The `code` is one of:\n\n' +
       otherCodes.map((c) => `- \`${c}\`: ${CODES[c].meaning}`).join('\n'),
     headers: headerRefs([]),
     content: { 'application/json': { schema: { $ref: '#/components/schemas/ErrorOther' } } },

@@ -512,6 +512,15 @@ export function isKeyConflict(err: unknown): boolean {
   return e?.code === '23505' && typeof e.constraint === 'string' && e.constraint.startsWith('idempotency_keys');
 }
 
+/** Whether an answer is kept under `key` for the session named `name` (within the window): a retry is answered from it. */
+export async function hasKeyAnswer(q: Queryable, name: string, key: string, windowSeconds: number): Promise<boolean> {
+  const rows = await q.query(
+    'SELECT 1 FROM idempotency_keys k JOIN sessions s ON s.id = k.session_id WHERE s.name = $1 AND k.key = $2 AND k.created_at >= now() - make_interval(secs => $3)',
+    [name, key, windowSeconds],
+  );
+  return rows.length > 0;
+}
+
 /** Forgets expired answers under these keys (their window has passed: the keys are new again). */
 export async function clearExpiredKeys(q: Queryable, sessionId: number, keys: string[], windowSeconds: number): Promise<void> {
   await q.query('DELETE FROM idempotency_keys WHERE session_id = $1 AND key = ANY($2::text[]) AND created_at < now() - make_interval(secs => $3)', [sessionId, keys, windowSeconds]);

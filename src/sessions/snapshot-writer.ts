@@ -3,6 +3,8 @@
 // and replay points (replay-points.ts) in the background between scheduled snapshots.
 import type { Queryable } from '../db/database.ts';
 import type { GroupSpec, ScalarStateRow } from '../db/schema.ts';
+import type { DiskShort } from '../db/disk-room.ts';
+import { errors } from '../errors.ts';
 import type { CacheEntry } from './cache.ts';
 import type { SessionContext } from './context.ts';
 import * as repo from './repository.ts';
@@ -21,6 +23,15 @@ const slotOf = (version: number, every: number) => Math.floor((version - 1) / ev
 const slotStart = (version: number, every: number) => slotOf(version, every) * every + 1;
 /** A snapshot is due when the version is in a later slot than the last snapshot this process wrote or loaded. */
 const snapshotDue = (version: number, lastSnapshotVersion: number, every: number) => slotOf(version, every) > slotOf(lastSnapshotVersion, every);
+
+/**
+ * The embedded database's disk without room for a whole state (`parts`): it takes about twice its bytes
+ * there, the table's and the WAL's. A fork, a restore or a load has a small body, so the request's guard
+ * (twice the body) let them through, and PGlite met a full disk mid-write (found by an operator's review).
+ */
+function roomShort(ctx: SessionContext, parts: readonly Buffer[]): DiskShort | null {
+  return ctx.diskRoom?.(2 * parts.reduce((n, p) => n + p.length, 0)) ?? null;
+}
 
 /** What a snapshot records besides its tensors. */
 export interface SnapshotMeta {
@@ -81,6 +92,8 @@ export function createSnapshotWriter(ctx: SessionContext) {
    * for a chunk that spans two of them. The session's replay points below it go: the snapshot supersedes them.
    */
   async function write(q: Queryable, sessionId: number, meta: SnapshotMeta, parts: readonly Buffer[], reason: string, pinned = false): Promise<SnapshotRecord | null> {
+    const short = roomShort(ctx, parts);
+    if (short) throw errors.insufficientStorage(`writing the session's whole state (${reason})`, short, 'twice the state written, its table and its WAL');
     const { chunks, checksum } = await chunked(meta, parts);
     const snapshot = await repo.insertSnapshot(db, q, { sessionId, version: meta.version, step: meta.step, reason, pinned, groups: meta.groups, scalars: meta.scalars, checksum }, chunks);
     if (snapshot) await dropReplayPointsBelow(q, sessionId, meta.version);
@@ -210,7 +223,7 @@ export function createSnapshotWriter(ctx: SessionContext) {
       // In place: the state as it is now that this job holds the lock (steps may have moved it since).
       if (!copied && (closing || cache.get(session.id) !== entry)) return;
       const { meta, parts, same } = copied ?? (await capture(false));
-      const short = ctx.diskRoom?.(parts.reduce((n, p) => n + p.length, 0));
+      const short = roomShort(ctx, parts);
       if (short) {
         failed(false);
         log.warn({ session: session.name, version: meta.version, free: short.free, needed: short.needed }, `background ${what} not written: the embedded database's disk is nearly full (ASGD_MIN_FREE_BYTES); the log holds every step`);

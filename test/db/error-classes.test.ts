@@ -2,7 +2,9 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import pg from 'pg';
+import type { FastifyRequest } from 'fastify';
 import { classifyDbError, describeDbFailure } from '../../src/db/errors.ts';
+import { toApiError } from '../../src/plugins/errors.ts';
 import { createTestDatabase } from '../helper.ts';
 
 test('a statement PostgreSQL refuses as a protocol violation (08P01) is a bug of ours, not a database to retry', async (t) => {
@@ -55,4 +57,14 @@ test('sslmode=prefer against a PostgreSQL without TLS: the failure says node-pos
   await refused.end().catch(() => {});
   assert.ok(err, 'refused');
   assert.match(describeDbFailure(err), /^The server does not support SSL connections: DATABASE_URL's sslmode asks for TLS .* use sslmode=disable$/);
+});
+
+test('a database out of disk (SQLSTATE 53100) is 507 INSUFFICIENT_STORAGE, not a 503 that says to retry shortly', () => {
+  // Found by an operator's review: a fork that filled the embedded database's disk answered "retry shortly".
+  const full = { code: '53100', severity: 'ERROR', message: 'could not extend file "base/5/16412": No space left on device' };
+  const api = toApiError(full, {} as FastifyRequest);
+  assert.equal(api.statusCode, 507);
+  assert.equal(api.code, 'INSUFFICIENT_STORAGE');
+  assert.match(api.message, /disk is full \(SQLSTATE 53100\): nothing of this request was committed/);
+  assert.equal(api.headers?.['retry-after'], '60');
 });

@@ -10,6 +10,10 @@ import { test } from 'node:test';
 import { DataDirLockedError, LOCK_FILE, lockDataDir, type LockHolder } from '../../src/db/data-dir-lock.ts';
 import { ConfigError } from '../../src/config.ts';
 import { openDatabase } from '../../src/db/database.ts';
+import type { FastifyInstance } from 'fastify';
+import { buildApp } from '../../src/app.ts';
+import { streamToBuffer, writeSafetensors } from '../../src/formats/index.ts';
+import { testConfig } from '../helper.ts';
 import { spawnService } from './processes.ts';
 
 function tempDir(t: { after(fn: () => void): void }): string {
@@ -300,4 +304,50 @@ test('a data directory that cannot be made is an error naming it, at once (Node\
   // A regular file as the directory itself.
   await assert.rejects(openDatabase({ databaseUrl: null, dataDir: file, poolSize: 1 }), /^Error: ASGD_DATA_DIR \(--data-dir\) \S+: the embedded database's directory cannot be used: ENOTDIR/);
   rmSync(dirname(file), { recursive: true, force: true });
+});
+
+test('an embedded database without room for a whole state: a fork, a restore, a snapshot, a hyperparameter change are 507 before they write, the state unchanged; a committed step retried with its Idempotency-Key gets its answer', { timeout: 300_000 }, async (t) => {
+  // Found by an operator's review: the guard counted twice the request's body, which for these is a few
+  // bytes, while each writes the whole state (parameters and ax; about twice that on disk): a fork filled
+  // the disk and answered 503 "retry shortly". And a step's retry was refused with 507 though its answer is
+  // kept: the client, told nothing of the commit, sent it again under a new key once the disk had room.
+  const dir = join(tempDir(t), 'data');
+  const n = 4_000_000; // a state of 32 MB, 64 MB on disk: more than the 8 MiB of room below
+  const params = { w: { dtype: 'float32' as const, shape: [n], data: new Float32Array(n).map((_, i) => Math.sin(i)) } };
+  const grad = streamToBuffer(writeSafetensors([['w', { ...params.w, data: new Float32Array(n).fill(1e-3) }]]));
+  const step = (app: FastifyInstance) => app.inject({ method: 'POST', url: '/v1/sessions/big/step', headers: { 'content-type': 'application/x-safetensors', 'idempotency-key': 'step-1' }, payload: grad });
+  const roomy = await buildApp({ config: testConfig({ ASGD_DATA_DIR: dir }), migrate: true, logger: false });
+  const created = await roomy.inject({ method: 'POST', url: '/v1/sessions', headers: { 'content-type': 'application/x-safetensors' }, payload: streamToBuffer(writeSafetensors([['w', params.w]], { asgd: JSON.stringify({ name: 'big' }) })) });
+  assert.equal(created.statusCode, 201, created.body);
+  const first = await step(roomy);
+  assert.equal(first.statusCode, 200, first.body);
+  await roomy.close();
+
+  const fs = statfsSync(dir);
+  const tight = await buildApp({ config: testConfig({ ASGD_DATA_DIR: dir, ASGD_MIN_FREE_BYTES: String(Math.max(0, fs.bavail * fs.bsize - 8 * 1024 * 1024)) }), migrate: true, logger: false });
+  t.after(() => tight.close());
+  const session = (await tight.inject({ url: '/v1/sessions/big' })).json();
+  const stateDict = (await tight.inject({ url: '/v1/sessions/big/state_dict', headers: { accept: 'application/x-safetensors' } })).rawPayload;
+  for (const [method, url, payload] of [
+    ['POST', '/v1/sessions/big/fork', { name: 'big2' }],
+    ['POST', '/v1/sessions/big/snapshots/1/restore', undefined],
+    ['POST', '/v1/sessions/big/snapshots', {}],
+    ['PATCH', '/v1/sessions/big/param_groups', { param_groups: [{ lr: 0.5 }] }],
+  ] as const) {
+    const res = await tight.inject({ method, url, payload });
+    assert.equal(res.statusCode, 507, `${method} ${url}: ${res.body}`);
+    assert.equal(res.json().code, 'INSUFFICIENT_STORAGE');
+    assert.match(res.json().message, /^writing the session's whole state \(\w+\): the disk of the embedded database \(ASGD_DATA_DIR .+\) has \d+ bytes free, below the \d+ this write needs \(ASGD_MIN_FREE_BYTES and twice the state written/, res.body);
+  }
+  assert.deepEqual((await tight.inject({ url: '/v1/sessions/big' })).json(), session, 'unchanged');
+  assert.equal((await tight.inject({ url: '/v1/sessions/big2' })).statusCode, 404);
+  assert.ok((await tight.inject({ url: '/v1/sessions/big/state_dict', headers: { accept: 'application/x-safetensors' } })).rawPayload.equals(stateDict));
+  // The step's retry: its first answer, though its 16 MB body would not fit (a new step is still refused).
+  const retried = await step(tight);
+  assert.equal(retried.statusCode, 200, retried.body);
+  assert.equal(retried.json().version, first.json().version);
+  assert.equal(retried.json().replayed, true, retried.body);
+  const other = await tight.inject({ method: 'POST', url: '/v1/sessions/big/step', headers: { 'content-type': 'application/x-safetensors', 'idempotency-key': 'step-2' }, payload: grad });
+  assert.equal(other.statusCode, 507, other.body);
+  assert.deepEqual((await tight.inject({ url: '/v1/sessions/big' })).json(), session, 'still unchanged');
 });

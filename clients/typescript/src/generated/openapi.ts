@@ -1398,14 +1398,14 @@ export interface components {
             };
         };
         /**
-         * @description A status the operation does not list: 405 (a method the path does not have; Allow lists those it has), 408 (the request was not received in time), 414 (a path segment over 512 characters), 431 (request line and headers over 256 KiB), 500 (an unexpected failure; the log has the details), 507 (a write on the embedded database, whose disk is nearly full: ASGD_MIN_FREE_BYTES). The `code` is one of:
+         * @description A status the operation does not list: 405 (a method the path does not have; Allow lists those it has), 408 (the request was not received in time), 414 (a path segment over 512 characters), 431 (request line and headers over 256 KiB), 500 (an unexpected failure; the log has the details), 507 (a write on the embedded database, whose disk is nearly full: ASGD_MIN_FREE_BYTES; or on a database whose disk is full). The `code` is one of:
          *
          *     - `METHOD_NOT_ALLOWED`: The path exists but not with this method; Allow lists the methods it has
          *     - `REQUEST_TIMEOUT`: The request was not received in time
          *     - `URI_TOO_LONG`: A path segment is longer than the server reads
          *     - `HEADERS_TOO_LARGE`: The request headers are larger than the server accepts
          *     - `INTERNAL`: An unexpected failure; the log has the details
-         *     - `INSUFFICIENT_STORAGE`: The embedded database's disk has too little free space for this write (ASGD_MIN_FREE_BYTES); reads go on
+         *     - `INSUFFICIENT_STORAGE`: The database's disk has too little free space for this write (the embedded database: ASGD_MIN_FREE_BYTES); reads go on
          */
         ErrorOther: {
             headers: {
