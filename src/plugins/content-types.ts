@@ -22,6 +22,14 @@ export const MAX_JSON_DEPTH = 64;
  */
 export const MAX_JSON_CONTAINERS = 24 * MAX_PARAMS + 1024;
 
+/**
+ * Keys of one JSON object at most: one a parameter (a step's grads, a state_dict's state) and room for a
+ * group's extra keys; and of a whole body: a checkpoint's parameter takes about 20 (its tensor's, its
+ * state's and their tensors').
+ */
+export const MAX_JSON_OBJECT_KEYS = MAX_PARAMS + 1024;
+export const MAX_JSON_KEYS = 32 * MAX_PARAMS + 1024;
+
 /** Bodies whose hyperparameters keep the kind of their numbers (torch's int t0): creation and state_dict loads. */
 const LITERAL_ROUTES = new Set(['POST /v1/sessions', 'PUT /v1/sessions/:name/state_dict', 'PUT /v1/sessions/:name/checkpoint']);
 /** Read again (with the literals' text) only up to this size: a bigger body keeps the usual kinds. */
@@ -45,6 +53,10 @@ const COUNTED_BODY_BYTES = 1024 * 1024;
 const mib = (bytes: number) => `${(bytes / (1024 * 1024)).toFixed(bytes < 10 * 1024 * 1024 ? 1 : 0)} MiB`;
 
 declare module 'fastify' {
+  interface FastifyContextConfig {
+    /** Keys a JSON body of the route may hold in all, when fewer than MAX_JSON_KEYS (a step: one a parameter and its extras). */
+    jsonKeys?: number;
+  }
   interface FastifyInstance {
     /** Request body bytes held now: counted toward ASGD_BODY_IN_FLIGHT_BYTES, and JSON toward ASGD_JSON_IN_FLIGHT_BYTES. */
     bodiesInFlight(): { bodies: number; json: number };
@@ -182,7 +194,12 @@ export default fp(
         return;
       }
       // A key given twice: JSON.parse would keep the last (a step of {"grads": A, "grads": B} applied B).
-      const twice = firstDuplicateKey(text);
+      const keys = Math.min(MAX_JSON_KEYS, request.routeOptions.config?.jsonKeys ?? MAX_JSON_KEYS);
+      const twice = firstDuplicateKey(text, MAX_JSON_OBJECT_KEYS, keys);
+      if (twice?.many) {
+        done(errors.invalidBody(`body: JSON with more than ${MAX_JSON_OBJECT_KEYS} keys in one object or ${keys} in all (at character ${twice.at}); no request needs that many (at most ${MAX_PARAMS} parameters)`), undefined);
+        return;
+      }
       if (twice) {
         done(errors.invalidBody(`body: the key ${JSON.stringify(twice.key.slice(0, 100))} appears twice in one object (at character ${twice.at}); give each key once`), undefined);
         return;

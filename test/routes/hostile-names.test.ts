@@ -43,6 +43,33 @@ test('a wide JSON body (millions of empty lists) is refused before it is parsed,
   assert.equal((await app.inject({ url: '/v1/sessions/s' })).json().version, 1);
 });
 
+test('a JSON body with millions of keys is refused before it is parsed, naming the bound; the session is unchanged', async (t) => {
+  // Found by a hostile-input review: 3 million keys in a step's metrics (40 MB, under the step's JSON bound
+  // for a 1e6-parameter session) held the event loop 40 s; 10 million in a create ran the heap out.
+  const { app } = await buildTestApp(t);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: session })).statusCode, 201);
+  const keys = (n: number, from = 0) => Array.from({ length: n }, (_, i) => `"k${from + i}":1`).join(',');
+  const one = await app.inject({ method: 'POST', url: '/v1/sessions', headers: { 'content-type': 'application/json' }, payload: `{"name":"t","params":[{"name":"w","shape":[2],"data":[1,2]}],"junk":{${keys(3_000_000)}}}` });
+  assert.equal(one.statusCode, 400, one.body);
+  assert.equal(one.json().code, 'INVALID_BODY');
+  assert.match(one.json().message, /^body: JSON with more than 101024 keys in one object or 3201024 in all \(at character \d+\)/);
+  // Spread over many objects of fewer keys each: the bound on the whole body.
+  const objects = Array.from({ length: 40 }, (_, j) => `"o${j}":{${keys(90_000, j * 90_000)}}`).join(',');
+  const all = await app.inject({ method: 'POST', url: '/v1/sessions', headers: { 'content-type': 'application/json' }, payload: `{"name":"t","params":[{"name":"w","shape":[2],"data":[1,2]}],"junk":{${objects}}}` });
+  assert.equal(all.statusCode, 400, all.body);
+  assert.match(all.json().message, /^body: JSON with more than 101024 keys in one object or 3201024 in all/);
+  assert.equal((await app.inject({ url: '/v1/sessions/t' })).statusCode, 404);
+  // A step needs a key a parameter and a few more: its body is bounded to that, whatever its size bound.
+  const big = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'big', params: [{ name: 'w', shape: [1_000_000], data: new Array(1_000_000).fill(0.5) }] } });
+  assert.equal(big.statusCode, 201, big.body);
+  const metrics = Array.from({ length: 3 }, (_, j) => `"m${j}":{${keys(90_000, j * 90_000)}}`).join(',');
+  const step = await app.inject({ method: 'POST', url: '/v1/sessions/big/step', headers: { 'content-type': 'application/json' }, payload: `{"grads":{"w":[]},"junk":{${metrics}}}` });
+  assert.equal(step.statusCode, 400, step.body);
+  assert.match(step.json().message, /^body: JSON with more than 101024 keys in one object or 105120 in all/);
+  assert.equal((await app.inject({ url: '/v1/sessions/s' })).json().version, 1);
+  assert.equal((await app.inject({ url: '/v1/sessions/big' })).json().version, 1);
+});
+
 test('__proto__ is refused as a parameter name (safetensors create) and as a metric name (safetensors step)', async (t) => {
   const { app } = await buildTestApp(t);
   // An object literal's __proto__ key sets the prototype: build the file's entries explicitly instead.
