@@ -671,6 +671,11 @@ class StartedStep:
     def __init__(self, started: Any) -> None:
         self._started = started
 
+    @property
+    def fresh(self) -> bool:
+        """Sent over a connection opened for it (see Started.fresh)."""
+        return bool(getattr(self._started, "fresh", False))
+
     def answered(self) -> bool:
         return self._started.answered()
 

@@ -333,12 +333,30 @@ class Connection:
         try:
             hdrs = self._headers(method, body, content_type, accept, headers)
             conn.send(method, self.path_url(path, query), body, hdrs)  # type: ignore[union-attr]
+            started.fresh = bool(getattr(conn, "fresh", False))
         except _CONNECTION_ERRORS:
             started.failed()
         except BaseException:  # an interrupt inside the send: the connection (half a request) is closed
             started.failed()
             raise
         return started
+
+    def open_spare(self) -> None:
+        """Opens this thread's second keep-alive connection now (a GET of /healthz), for a pipelined loop's
+        second step in flight: sent over a connection opened for it, that step could be read by the service
+        after the next one, sent over the first connection, and the two committed in the other order."""
+        if self._scheme != "http" or getattr(self._local, "spare", None) is not None:
+            return
+        conn = self._new_connection()
+        try:
+            status, _, _, will_close = conn.exchange("GET", self.path_url("/healthz", None), None, self._headers("GET", None, None, None, None))  # type: ignore[union-attr]
+        except _CONNECTION_ERRORS:
+            conn.close()
+            return
+        if will_close or status != 200:
+            conn.close()
+            return
+        self._local.spare = conn
 
     def _give_back(self, conn: "_PlainConnection", will_close: bool) -> None:
         """A connection a started request is done with: this thread's keep-alive one again, else its spare
@@ -452,9 +470,12 @@ class Started:
     begun to arrive, ``finish()`` reads it (once) and returns the Response as request() does, or raises
     as request() does."""
 
-    __slots__ = ("_owner", "_method", "_path", "_args", "_conn", "_result")
+    __slots__ = ("_owner", "_method", "_path", "_args", "_conn", "_result", "fresh")
 
     def __init__(self, owner: Connection, method: str, path: str, args: Dict[str, Any], conn: Any) -> None:
+        #: Sent over a connection opened for it: the service accepts a new connection after it has read what
+        #: the connections it holds brought, so a request sent next over one of those may be read first.
+        self.fresh = False
         self._owner = owner
         self._method = method
         self._path = path
@@ -565,7 +586,7 @@ class _PlainConnection:
     connection closes before an answer, IncompleteRead when it closes inside one, socket.timeout after
     ``timeout`` seconds without data."""
 
-    __slots__ = ("host", "port", "timeout", "sock", "fp", "_host_header")
+    __slots__ = ("host", "port", "timeout", "sock", "fp", "fresh", "_host_header")
 
     def __init__(self, host: str, port: int, timeout: float) -> None:
         self.host = host
@@ -573,6 +594,8 @@ class _PlainConnection:
         self.timeout = timeout
         self.sock: Optional[socket.socket] = None
         self.fp: Any = None
+        #: The last request went over a connection opened for it (see Started.fresh).
+        self.fresh = False
         self._host_header = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def close(self) -> None:
@@ -606,6 +629,7 @@ class _PlainConnection:
             # it was idle (or sent what no request asked for). A request written into it would be lost (a
             # pipelined step then waits for its answer instead of overlapping): a new connection instead.
             self.close()
+        self.fresh = self.sock is None
         if self.sock is None:
             self.sock = socket.create_connection((self.host, self.port), self.timeout)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

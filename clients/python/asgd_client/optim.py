@@ -246,6 +246,10 @@ class _Sent:
         self._handle = handle
         self._groups = groups
 
+    @property
+    def fresh(self) -> bool:
+        return bool(getattr(self._handle, "fresh", False))
+
     def done(self) -> bool:
         return self._handle.answered()
 
@@ -290,6 +294,23 @@ class _Done:
 
     def result(self) -> _Outcome:
         return self._outcome
+
+
+class _Failed:
+    """The error of a pipelined step whose answer ``zero_grad()`` read: raised by the next ``step()`` or
+    ``synchronize()``, which read it as they read a step in flight, not by ``zero_grad()`` (found by a review:
+    a loop that catches NonFiniteGradient around ``step()`` ended when ``zero_grad()`` raised it)."""
+
+    __slots__ = ("_err",)
+
+    def __init__(self, err: Exception) -> None:
+        self._err = err
+
+    def done(self) -> bool:
+        return False  # zero_grad() leaves it
+
+    def result(self) -> _Outcome:
+        raise self._err
 
 
 def _values_in_flight(pending: Any) -> Optional[List[Dict[str, Any]]]:
@@ -340,6 +361,15 @@ class _Both:
         for part in (self.first, self.rest):
             if hasattr(part, "wait"):
                 part.wait()
+
+
+def _on_new_connection(pending: Any) -> bool:
+    """A pipelined step sent over a connection opened for it (the first use of a second connection, or one
+    opened again after the service closed the kept one): the service accepts that connection after it has
+    read what the connections it already holds bring, so the next step, sent over one of those, could be
+    read and committed first (found by a review: 1 run in 30, the second and third steps swapped). Its answer
+    is read before the next step is sent."""
+    return isinstance(pending, _Sent) and pending.fresh
 
 
 def _owes(pending: Any) -> bool:
@@ -394,7 +424,7 @@ def _is_interrupt(err: BaseException) -> bool:
 
 
 def _result_of_previous(pending: Any, then: str) -> Any:
-    """A background step's outcome; its error is raised by a later call (step(), zero_grad(), synchronize()),
+    """A background step's outcome; its error is raised by a later call (step(), synchronize(); see _Failed),
     with a note saying it is the earlier step's and what became of this call's."""
     try:
         return pending.result()
@@ -654,6 +684,12 @@ class RemoteASGD(torch.optim.Optimizer):
                         self.worker, self.session, self.aggregation, dict(aggregation))
         if not created:
             self._pull()
+        if self.pipeline:
+            # Both connections of the loop open before its first steps (see _on_new_connection): the second
+            # step overlaps the first from the start.
+            open_spare = getattr(getattr(self.client, "conn", None), "open_spare", None)
+            if open_spare is not None:
+                open_spare()
         if self.pipeline and self.send_base_version and info.get("max_staleness") == 0:
             log.warning("[%s] session %r accepts no stale gradient (max_staleness 0), but with pipeline=True a "
                         "gradient is computed while the step before it is in flight: each one that comes out a "
@@ -812,7 +848,17 @@ class RemoteASGD(torch.optim.Optimizer):
             set_to_none = _TORCH_SET_TO_NONE
         with self._lock:
             self._check_params()
-            self._apply_pending(block=False)
+            try:
+                self._apply_pending(block=False)
+            except Exception as err:
+                # The service refused the step in flight (a non-finite gradient, a stale one with
+                # on_stale="raise"): raised by the next step() or synchronize(), as documented (_Failed).
+                # A step whose fate is unknown stays pending: the next call reads it again.
+                if self._pending is not None:
+                    raise
+                if hasattr(err, "__notes__"):
+                    del err.__notes__  # the call that raises it adds its own
+                self._pending = _Failed(err)
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is None:
@@ -837,7 +883,8 @@ class RemoteASGD(torch.optim.Optimizer):
         Otherwise the request runs in the background and its parameters are applied at the next
         ``step()``, ``zero_grad()`` or ``synchronize()``; ``wait=False`` returns a Future of the
         service's answer ({session, step, version, staleness}; ``{"dropped": True, ...}`` for a
-        gradient dropped as stale). An error of a background step is raised by the next call.
+        gradient dropped as stale). An error of a background step is raised by the next ``step()`` or
+        ``synchronize()``.
 
         ``samples``: how many samples the gradient was computed from (sent with the step; a session's
         ``aggregation.target_samples`` counts them). In a session with ``aggregation`` the step is this
@@ -930,9 +977,9 @@ class RemoteASGD(torch.optim.Optimizer):
             if wait and self.aggregation is None:
                 # Pipelined: sent now on this thread, its answer read at the next call (no thread).
                 # Group changes not yet confirmed by the previous step's answer travel again: the same values.
-                if _owes(self._pending):
+                if _owes(self._pending) or _on_new_connection(self._pending):
                     # An interrupted step owed (perhaps never sent) goes first: sent after this one, it would
-                    # be applied after it.
+                    # be applied after it. So does one sent over a new connection (_on_new_connection).
                     self._apply_pending(block=True)
                 sent = None
                 try:

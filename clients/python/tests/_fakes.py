@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, List, Optional, Tuple
 from urllib.parse import urlsplit
@@ -13,6 +14,8 @@ class Recorded:
     def __init__(self, method: str, path: str, headers: dict, body: bytes, peer: int = 0) -> None:
         self.method, self.path, self.headers, self.body = method, path, headers, body
         self.peer = peer  # the client's port: which connection the request came on
+        self.arrived_at = time.monotonic()
+        self.answered_at: Optional[float] = None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -37,9 +40,13 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in headers:
             if k.lower() not in ("content-length", "transfer-encoding", "connection", "keep-alive"):
                 self.send_header(k, v)
+        if ("connection", "close") in [(k.lower(), v.lower()) for k, v in headers]:  # the answer closes the connection
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
+        owner.answered(req)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 
@@ -64,6 +71,10 @@ class LocalServer:
 
     def decide(self, req: Recorded):
         return self._decide(req)
+
+    def answered(self, req: Recorded) -> None:
+        """Called once an answer is written (its time is req.answered_at)."""
+        req.answered_at = time.monotonic()
 
     def forward(self, req: Recorded) -> Answer:
         parts = urlsplit(self.upstream)

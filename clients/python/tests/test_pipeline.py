@@ -289,6 +289,51 @@ class PipelineMatchesReplay(ServiceTestCase):
         return (f"held (step, successor arrived, s): {held}; requests the proxy saw (s, method, last path part, client port): {seen}; "
                 f"the client logged: {logged.lines}; (step, s zero_grad() and step() returned at): {calls}; versions answered: {versions}")
 
+    def test_a_step_sent_over_a_new_connection_is_answered_before_the_next_is_sent(self):
+        # The service accepts a new connection after it has read what the connections it holds brought: a
+        # step sent over a new connection, and the next one over the kept one, could be read and committed
+        # in the other order (found by a review: 1 run in 30, the second and third steps swapped). Both
+        # connections are opened before the first step; one the service closes is opened again, and the
+        # step sent over it is answered before the next is sent. The proxy closes the connection of step 3
+        # and holds the answer of a step that is the first request of its connection for 0.3 s.
+        first_on = {}  # client port -> the first request that came over it
+        steps, lock = [], threading.Lock()
+
+        def decide(req):
+            first = first_on.setdefault(req.peer, req) is req
+            if not req.path.split("?")[0].endswith("/step"):
+                return proxy.forward(req)
+            req.first_on_connection = first
+            with lock:
+                steps.append(req)
+                index = len(steps) - 1
+            answer = proxy.forward(req)
+            if first:
+                time.sleep(0.3)
+            if index == 2:
+                return answer[0], answer[1] + [("Connection", "close")], answer[2]
+            return answer
+
+        proxy, conn = self._proxy(decide)
+        model = make_model()
+        opt = self.remote(model.named_parameters(), pipeline=True, connection=conn)
+        for i in range(8):
+            X, y = batch(i)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(X), y).backward()
+            opt.step()
+        opt.synchronize()
+        self.assertEqual(len(steps), 8)
+        self.assertFalse(steps[0].first_on_connection or steps[1].first_on_connection, "both connections opened before the first step")
+        fresh = [i for i, s in enumerate(steps) if s.first_on_connection]
+        self.assertTrue(fresh, "a step went over a connection opened again after the one closed")
+        for i in fresh:
+            if i + 1 < len(steps):
+                self.assertGreaterEqual(steps[i + 1].arrived_at, steps[i].answered_at, f"step {i + 1} sent before the answer of step {i}, sent over a new connection")
+        self.assertEqual(opt.step_count, 8)
+        got, version = self.client().get_params(opt.session)
+        self.assertEqual(version, 9)
+
     def test_a_pipelined_loop_keeps_its_two_connections(self):
         # zero_grad() loads an answer that has arrived while the next step is not sent yet: both keep-alive
         # connections stay open for the steps after (none opened per step).
@@ -411,6 +456,34 @@ class PipelineMatchesReplay(ServiceTestCase):
         opt.synchronize()
         self.assertEqual(opt.step_count, 1)
 
+
+    def test_an_error_whose_answer_arrived_before_zero_grad_is_raised_by_the_next_step_not_by_zero_grad(self):
+        # Found by a review: zero_grad() loads an answer that has arrived, and raised the step's error there,
+        # outside the try a loop puts around step() to skip a batch the service refused.
+        from asgd_client import NonFiniteGradient
+
+        model = make_model()
+        opt = self.remote(model.named_parameters(), pipeline=True)
+        skipped, sent = [], 0
+        for i in range(6):
+            opt.zero_grad()
+            model(batch(i)[0]).sum().backward()
+            if i == 2:
+                next(model.parameters()).grad[0, 0] = float("inf")
+            try:
+                opt.step()
+                sent += 1
+            except NonFiniteGradient:
+                skipped.append(i)
+                sent += 1  # raised for the previous step: this one was sent
+            if i == 2:
+                deadline = time.monotonic() + 10
+                while not opt._pending.done() and time.monotonic() < deadline:  # its answer has arrived before zero_grad()
+                    time.sleep(0.01)
+        opt.synchronize()
+        self.assertEqual(skipped, [3], "raised by the step after the refused one")
+        self.assertEqual(opt.step_count, 5)
+        self.assertEqual(opt.version, 6)
 
     def test_an_error_raised_by_the_next_step_says_it_is_the_previous_steps(self):
         # A pipelined step() sends its own gradients before it reads the previous step's answer: when that
