@@ -64,7 +64,7 @@ function stringEnd(text: string, from: number): number {
  * step's metrics) held the event loop 40 s, and 10 million (a 129 MB create) ran the heap out (found by a
  * hostile-input review).
  */
-export function firstDuplicateKey(text: string, maxPerObject = Infinity, maxTotal = Infinity): { key: string; at: number; many?: true } | null {
+export function firstDuplicateKey(text: string, maxPerObject = Infinity, maxTotal = Infinity, maxOutermost = maxPerObject): { key: string; at: number; many?: 'outermost' | 'nested' | 'total' } | null {
   const re = new RegExp(STRUCTURE);
   // One entry per open bracket: the keys seen in an object, null for an array.
   const frames: (Set<string> | null)[] = [];
@@ -90,7 +90,8 @@ export function firstDuplicateKey(text: string, maxPerObject = Infinity, maxTota
         }
       }
       if (keys.has(key)) return { key, at: m.index };
-      if (keys.size >= maxPerObject || ++total > maxTotal) return { key, at: m.index, many: true };
+      if (++total > maxTotal) return { key, at: m.index, many: 'total' };
+      if (keys.size >= (frames.length === 1 ? maxOutermost : maxPerObject)) return { key, at: m.index, many: frames.length === 1 ? 'outermost' : 'nested' };
       keys.add(key);
     } else if (c === 0x7b) frames.push(new Set());
     else if (c === 0x5b) frames.push(null);

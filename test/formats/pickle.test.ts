@@ -68,6 +68,25 @@ print(json.dumps(out))
   });
 });
 
+describe('the memo', () => {
+  test('MEMOIZE, BINPUT and LONG_BINPUT at any index, mixed: each get reads what the last put at its index stored, as CPython', () => {
+    // Indices from 0 as MEMOIZE gives them are kept in an array, others (far apart, or ahead of it) in maps;
+    // the array then reaches one of those, and a put at an index again replaces it.
+    const text = '\x80\x04](' +
+      'K\x01\x94K\x02\x94' + // memo 0 = 1, memo 1 = 2 (MEMOIZE)
+      'K\x03r\x05\x00\x01\x00' + // memo 65541 = 3 (LONG_BINPUT)
+      'K\x04q\x03' + // memo 3 = 4 (BINPUT, ahead of the array)
+      'K\x05\x94' + // MEMOIZE: memo 4 = 5 (the memo's size)
+      'K\x06q\x02K\x07q\x03K\x09q\x01' + // memo 2 = 6, memo 3 = 7 (replacing 4), memo 1 = 9 (replacing 2)
+      'h\x00h\x01h\x02h\x03h\x04j\x05\x00\x01\x00' + // the gets
+      'e.';
+    const ours = (load(text) as bigint[]).map(Number);
+    const cpython = python(`import json, pickle; print(json.dumps(pickle.loads(bytes.fromhex('${Buffer.from(text, 'latin1').toString('hex')}'))))`);
+    assert.deepEqual(ours, cpython);
+    assert.deepEqual(ours.slice(-6), [1, 9, 6, 7, 5, 3]);
+  });
+});
+
 describe('pickler writes what CPython reads', () => {
   test('every value kind round-trips through Python pickle.loads exactly', () => {
     const values = python(`${VALUES}

@@ -44,6 +44,18 @@ export function perTensorLimits(count: number): TorchLoadOptions {
 }
 
 /**
+ * A create's torch.save file of at most MAX_PARAMS tensors: a model's parameters take about 40 pickle items
+ * and 16 values a tensor (nn.Parameter's rebuild; measured on 100,000 of them), so 64 and 24 leave room. The
+ * global bounds (33 million items) let a 33 MB file of one-byte opcodes hold the event loop 9-46 s (found by
+ * a hostile-input review).
+ */
+export const CREATE_FILE_LIMITS: TorchLoadOptions = {
+  maxItems: 64 * MAX_PARAMS + 131_072,
+  maxObjects: 24 * MAX_PARAMS + 65_536,
+  maxStackItems: 16 * MAX_PARAMS + 4096,
+};
+
+/**
  * Tensors an optimizer state_dict of a session of `count` parameters holds at most: step, eta, mu and ax
  * each (torch.save gives each its own storage), and a checkpoint the model's parameters besides. Its
  * pickle is bounded as a file of that many tensors: a hostile file sent to a small session (8 MiB of

@@ -11,7 +11,7 @@ import {
 } from '../../sessions/spec.ts';
 import { firstNonFinite, readJsonTensor } from '../../sessions/tensors.ts';
 import { parseAggregation } from '../../sessions/aggregation.ts';
-import { readNamedTensors } from './binary.ts';
+import { CREATE_FILE_LIMITS, readNamedTensors } from './binary.ts';
 import type { WireFormat } from '../media.ts';
 import { optionalWhole } from '../common.ts';
 import { SETTING_LIMITS } from '../schemas.ts';
@@ -77,7 +77,7 @@ function checkParamList(params: ParamSpec[]): void {
  * parameter and, in safetensors, the `asgd` metadata entry (merged); `?name=` may give the name alone.
  */
 function parseFileCreate(body: Buffer, query: CreateQuery, format: WireFormat, config: Config): CreateInput {
-  const { tensors, metadata, aliases } = readNamedTensors(format, body, 'params');
+  const { tensors, metadata, aliases } = readNamedTensors(format, body, 'params', CREATE_FILE_LIMITS);
   // Tied weights: two untied copies would train apart, and the model's named_parameters() (RemoteASGD) would
   // not match the session's names.
   for (const [alias, name] of aliases) {
