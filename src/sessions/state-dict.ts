@@ -6,6 +6,7 @@ import type { GroupSpec } from '../db/schema.ts';
 import { FLAG_KEYS, HYPERPARAMETER_KEYS, integerLiterals, resolveHyperparameters, DEFAULT_GROUP, publicGroup } from './spec.ts';
 import type { LoadedStateDict, StateView } from './model.ts';
 import { jsonScalar, jsonTensor, rawJson, readJsonTensor, readScalar, type NonFinitePolicy } from './tensors.ts';
+import { unstorableText } from '../formats/json-depth.ts';
 import { ASGD_NUMERIC_KEYS, NOT_ASGD_STATE, PARAM_STATE_KEYS, stepCountProblem, stepNotFloat32, type AsgdParamGroup, type AsgdStateDict, type PyValue } from '../formats/index.ts';
 
 export interface DecodedTensor {
@@ -228,6 +229,10 @@ export function loadedFromAsgd(sd: AsgdStateDict): LoadedStateDict {
         throw errors.invalidStateDict(`${field}.${key}`, 'extra group keys must be numbers, strings, booleans or None (or param_names, a list of strings)');
       }
     }
+    // A pickle's strings may hold a NUL (JSON's only as an escape, refused with the body): PostgreSQL stores
+    // none, and answered a 400 naming nothing (found by a hostile-input review).
+    const bad = unstorableText(extra, field);
+    if (bad) throw errors.invalidStateDict(bad, 'text with a NUL character or an unpaired UTF-16 surrogate is not accepted (PostgreSQL stores none)');
     if (Object.keys(extra).length) hyper.extra = extra;
     return { params: g.params, hyper };
   });

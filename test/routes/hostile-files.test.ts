@@ -443,3 +443,29 @@ test('a checkpoint carrying a loss history of tens of thousands of floats loads 
   const res = await app.inject({ method: 'PUT', url: '/v1/sessions/t/checkpoint', headers: PT, payload: file });
   assert.equal(res.statusCode, 200, res.body);
 });
+
+test('a .pt state_dict or checkpoint whose param group holds a NUL (a value, a key, a parameter name) is refused naming it; nothing changes', async (t) => {
+  // Found by a hostile-input review: a pickle's strings may hold a NUL, which PostgreSQL does not store; the
+  // answer was a 400 naming nothing ("a value in the request is out of the range this service stores").
+  const app = await setup(t);
+  const before = await observed(app);
+  const weight: View = { key: 'w', numel: 4, size: [2, 2], stride: [2, 1] };
+  const withGroup = (extra: [string, PickleValue][]) => new Map<string, PickleValue>([
+    ['state', new Map([[0n, new Map<string, PickleValue>([['step', scalar('s', 1)], ['eta', scalar('e', 0.1)], ['mu', scalar('m', 1)], ['ax', weight]])]])],
+    ['param_groups', [new Map([...group(), ...extra])]],
+  ]);
+  const cases: [string, PickleValue, RegExp][] = [
+    ['/v1/sessions/t/state_dict', withGroup([['note', 'a\0b']]), /^param_groups\[0\]\.note: text with a NUL character/],
+    ['/v1/sessions/t/state_dict', withGroup([['no\0te', 1n]]), /^param_groups\[0\]\."no\\u0000te": text with a NUL character/],
+    ['/v1/sessions/t/state_dict', withGroup([['param_names', ['w', 'b\0']]]), /^param_groups\[0\]\.param_names(\[1\])?: /],
+    ['/v1/sessions/t/checkpoint', new Map<string, PickleValue>([['model', new Map([['w', weight], ['b', { key: 'b', numel: 2, size: [2], stride: [1] }]])], ['optimizer', withGroup([['note', '\0']])], ['step', 1n]]),
+      /^(checkpoint\.optimizer\.)?param_groups\[0\]\.note: text with a NUL character/],
+  ];
+  for (const [url, value, message] of cases) {
+    const res = await app.inject({ method: 'PUT', url, headers: PT, payload: torchFile(value) });
+    assert.equal(res.statusCode, 400, `${url}: ${res.body}`);
+    assert.equal(res.json().code, 'INVALID_STATE_DICT', res.body);
+    assert.match(res.json().message, message);
+  }
+  assert.deepEqual(await observed(app), before);
+});
