@@ -91,7 +91,10 @@ export function toAsgdStateDict(value: PyValue, options: StateDictReadOptions = 
   for (const [key, entry] of stateValue) {
     const field = `${path}.state[${String(key)}]`;
     const index = typeof key === 'bigint' ? pyIntToNumber(key, field) : NaN;
-    if (!owners.has(index)) throw invalid(field, 'is not the index of a parameter in param_groups');
+    // A whole number no group lists is kept by torch and used by no parameter: checked, and dropped at the
+    // load (load-plan.ts), as in a JSON state_dict (a torch 2.x user's review: the file was refused where
+    // torch and the JSON form take it, and a state_dict of another group count was told of its state's ids).
+    if (!Number.isSafeInteger(index) || index < 0) throw invalid(field, 'keys must be parameter ids (whole numbers)');
     // {}: no state, as torch leaves it when code read optimizer.state[p] of a parameter that never stepped
     // (a defaultdict); its load_state_dict takes it, and so does this.
     if (entry instanceof PyDict && entry.size === 0) continue;

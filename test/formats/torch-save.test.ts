@@ -216,7 +216,10 @@ describe('torch.save reader refuses what torch.load would not read, or should no
       /param_groups\[0\]\.lr must be a number, got Tensor\(float32\); save the group's value as a Python float \(g\['lr'\] = float\(g\['lr'\]\)\) before torch\.save/);
     assert.match(message(() => toAsgdStateDict(withGroups([group([['params', [0n, 1.5]]])]))), /param_groups\[0\]\.params\[1\] must be an int/);
     assert.match(message(() => toAsgdStateDict(withGroups([group(), group()]))), /parameter 0 is already in group 0/);
-    assert.match(message(() => toAsgdStateDict(withGroups([group()], new PyDict([[3n, new PyDict()]])))), /state\[3\] is not the index of a parameter/);
+    assert.match(message(() => toAsgdStateDict(withGroups([group()], new PyDict([['x', new PyDict()]])))), /state\[x\] keys must be parameter ids/);
+    assert.match(message(() => toAsgdStateDict(withGroups([group()], new PyDict([[-1n, new PyDict()]])))), /state\[-1\] keys must be parameter ids/);
+    // An id no group lists is read (and checked) as torch and the JSON form take it; the load drops it.
+    assert.match(message(() => toAsgdStateDict(withGroups([group()], new PyDict([[3n, new PyDict([['step', 'one']])]])))), /state\[3\]\.step must be a tensor, got str/);
     assert.match(message(() => toAsgdStateDict(withGroups([group()], new PyDict([[0n, new PyDict([['step', 'one']])]])))), /state\[0\]\.step must be a tensor, got str/);
     assert.match(message(() => toAsgdStateDict(new PyDict([['param_groups', []]]))), /state_dict\.state is missing/);
     assert.match(message(() => toCheckpoint(new PyDict([['model', new PyDict()], ['step', 1n]]))), /checkpoint\.optimizer is missing/);

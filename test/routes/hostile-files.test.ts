@@ -469,3 +469,26 @@ test('a .pt state_dict or checkpoint whose param group holds a NUL (a value, a k
   }
   assert.deepEqual(await observed(app), before);
 });
+
+test('a .pt state_dict with state under an id no group lists loads as torch and the JSON form load it (the entry dropped); one of another group count is told so', async (t) => {
+  // Found by a torch 2.x user's review: torch's load_state_dict takes such an entry (no parameter uses it)
+  // and so did the JSON form, but the .pt file was refused (and so RemoteASGD.load_state_dict, which sends one).
+  const app = await setup(t);
+  const weight: View = { key: 'w', numel: 4, size: [2, 2], stride: [2, 1] };
+  const entry = (ax: View) => new Map<string, PickleValue>([['step', scalar('s', 3)], ['eta', scalar('e', 0.1)], ['mu', scalar('m', 1)], ['ax', ax]]);
+  const file = (state: [bigint, View][], groups = [group()]) => torchFile(new Map<string, PickleValue>([
+    ['state', new Map(state.map(([id, ax]) => [id, entry(ax)]))], ['param_groups', groups],
+  ]));
+  const plain = await app.inject({ method: 'PUT', url: '/v1/sessions/t/state_dict', headers: PT, payload: file([[0n, weight]]) });
+  assert.equal(plain.statusCode, 200, plain.body);
+  const expected = (await app.inject({ url: '/v1/sessions/t/state_dict' })).json();
+  const stray = await app.inject({ method: 'PUT', url: '/v1/sessions/t/state_dict', headers: PT, payload: file([[0n, weight], [99n, { key: 'x', numel: 3, size: [3], stride: [1] }]]) });
+  assert.equal(stray.statusCode, 200, stray.body);
+  assert.deepEqual((await app.inject({ url: '/v1/sessions/t/state_dict' })).json(), expected);
+  // Two groups for a session of one: said as such, not as the ids of its state.
+  const one = new Map([...group()].map(([k, v]) => [k, k === 'params' ? [0n] : v]));
+  const two = new Map([...group()].map(([k, v]) => [k, k === 'params' ? [1n] : v]));
+  const groups = await app.inject({ method: 'PUT', url: '/v1/sessions/t/state_dict', headers: PT, payload: file([[0n, weight]], [one, two]) });
+  assert.equal(groups.statusCode, 400, groups.body);
+  assert.match(groups.json().message, /different number of parameter groups/);
+});
