@@ -40,7 +40,11 @@ export function planLoad(session: SessionRecord, sd: LoadedStateDict): LoadPlan 
     const mine = session.groups[k];
     if (g.params.length !== mine.params.length) throw errors.stateDictMismatch("loaded state dict contains a parameter group that doesn't match the size of optimizer's group");
     g.params.forEach((saved, j) => savedToIndex.set(saved, mine.params[j]));
-    groups.push({ ...g.hyper, params: mine.params });
+    // A state_dict without param_names (an optimizer made from parameters()) keeps the session's, as torch
+    // 2.6's load_state_dict keeps the group's (found by a torch 2.x user's review: they were dropped).
+    const names = mine.extra?.param_names;
+    const hyper = names !== undefined && g.hyper.extra?.param_names === undefined ? { ...g.hyper, extra: { ...g.hyper.extra, param_names: names } } : g.hyper;
+    groups.push({ ...hyper, params: mine.params });
   });
   const scalars: ScalarStateRow[] = session.params.map(() => null);
   const ax: (Float32Array | null)[] = session.params.map(() => null);

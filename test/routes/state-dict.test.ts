@@ -195,9 +195,13 @@ test('param_names (torch 2.6 on, an optimizer made from named_parameters()) trav
     assert.equal(back.statusCode, 200, `${format}: ${back.body}`);
     assert.deepEqual(names((await app.inject({ url: '/v1/sessions/n/state_dict' })).json()), [['layer0'], ['layer1']], format);
   }
-  // a state_dict without them (an optimizer made from parameters()) loads too
-  const plain = { ...served, param_groups: served.param_groups.map(({ param_names: _, ...g }: Record<string, unknown>) => g) };
+  // a state_dict without them (an optimizer made from parameters()) loads too, and keeps the session's, as
+  // torch 2.6's load_state_dict keeps the group's
+  const plain = { ...served, param_groups: served.param_groups.map(({ param_names: _, ...g }: Record<string, unknown>) => ({ ...g, lr: 0.25 })) };
   assert.equal((await app.inject({ method: 'PUT', url: '/v1/sessions/n/state_dict', payload: plain })).statusCode, 200);
+  const kept = (await app.inject({ url: '/v1/sessions/n/state_dict' })).json();
+  assert.deepEqual(names(kept), [['layer0'], ['layer1']]);
+  assert.deepEqual(kept.param_groups.map((g: { lr: number }) => g.lr), [0.25, 0.25]);
   // bad names: 400 naming the field, the session unchanged
   const before = (await app.inject({ url: '/v1/sessions/n/state_dict' })).json();
   for (const [value, message] of [[['a', 'b'], /has 2 names for the group's 1 parameters/], [[3], /must be a list of parameter names/], ['w', /must be a list of parameter names/], [[''], /must be a list/]] as const) {
