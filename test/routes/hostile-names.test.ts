@@ -179,3 +179,15 @@ test('text PostgreSQL cannot store (a NUL, an unpaired surrogate) and bytes that
   assert.equal(ok.statusCode, 200, ok.body);
   assert.equal((await app.inject({ url: '/v1/sessions/s/state_dict' })).json().param_groups[0].note, '\u{1F600}');
 });
+
+test('a parameter name past 256 UTF-16 code units (129 emoji) is refused saying how it is counted', async (t) => {
+  // Found by a hostile-input review: "must be 1-256 characters" for a name of 129 characters as Python counts them.
+  const { app } = await buildTestApp(t);
+  const name = '\u{1F600}'.repeat(129);
+  const res = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'e', params: [{ name, shape: [1], data: [1] }] } });
+  assert.equal(res.statusCode, 400, res.body);
+  assert.equal(res.json().code, 'INVALID_TENSOR');
+  assert.match(res.json().message, /must be 1-256 UTF-16 code units \(most characters take one, an emoji two\)/);
+  const fits = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'e', params: [{ name: '\u{1F600}'.repeat(128), shape: [1], data: [1] }] } });
+  assert.equal(fits.statusCode, 201, fits.body);
+});

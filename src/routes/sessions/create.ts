@@ -20,7 +20,7 @@ const CREATE_KEYS = ['name', 'params', 'hyperparameters', 'param_groups', 'snaps
 
 function assertParamName(value: unknown, field: string): string {
   if (typeof value !== 'string' || value.length === 0 || value.length > PARAM_NAME_MAX || /[\u0000-\u001f\u007f]/.test(value)) {
-    throw errors.invalidTensor(field, `parameter names must be 1-${PARAM_NAME_MAX} characters without control characters`);
+    throw errors.invalidTensor(field, `parameter names must be 1-${PARAM_NAME_MAX} UTF-16 code units (most characters take one, an emoji two) without control characters`);
   }
   // A file's names are not checked as JSON text is (content-types.ts): PostgreSQL refused this one at the
   // insert, a 400 naming no field (found by a review).

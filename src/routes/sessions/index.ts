@@ -29,7 +29,7 @@ const AggregationIn = Type.Optional(Type.Union([Aggregation, Type.Null()], { des
 const CreateBody = Type.Object({
   name: NewSessionName,
   params: Type.Array(Type.Object({
-    name: withCode(Type.String({ description: 'Parameter name: 1-256 characters without control characters' }), 'INVALID_TENSOR'),
+    name: withCode(Type.String({ description: 'Parameter name: 1-256 UTF-16 code units (most characters take one, an emoji two) without control characters' }), 'INVALID_TENSOR'),
     ...TensorIn.properties,
   }, { additionalProperties: false }), { minItems: 1, description: 'The parameters in the model\'s order' }),
   hyperparameters: Type.Optional(Hyperparameters),

@@ -1803,7 +1803,7 @@ export interface operations {
                     name: string;
                     /** @description The parameters in the model's order */
                     params: {
-                        /** @description Parameter name: 1-256 characters without control characters */
+                        /** @description Parameter name: 1-256 UTF-16 code units (most characters take one, an emoji two) without control characters */
                         name: string;
                         /** @description Dimensions, row-major */
                         shape: unknown[];
