@@ -30,6 +30,10 @@ export const MAX_JSON_CONTAINERS = 24 * MAX_PARAMS + 1024;
 export const MAX_JSON_OBJECT_KEYS = MAX_PARAMS + 1024;
 export const MAX_JSON_KEYS = 32 * MAX_PARAMS + 1024;
 
+/** Keys a request's JSON body may hold in all when fewer than MAX_JSON_KEYS: set by jsonBoundBySession for a session's tensors. */
+const jsonKeysOf = new WeakMap<FastifyRequest, number>();
+export const boundJsonKeys = (request: FastifyRequest, keys: number): void => void jsonKeysOf.set(request, keys);
+
 /** Bodies whose hyperparameters keep the kind of their numbers (torch's int t0): creation and state_dict loads. */
 const LITERAL_ROUTES = new Set(['POST /v1/sessions', 'PUT /v1/sessions/:name/state_dict', 'PUT /v1/sessions/:name/checkpoint']);
 /** Read again (with the literals' text) only up to this size: a bigger body keeps the usual kinds. */
@@ -53,10 +57,6 @@ const COUNTED_BODY_BYTES = 1024 * 1024;
 const mib = (bytes: number) => `${(bytes / (1024 * 1024)).toFixed(bytes < 10 * 1024 * 1024 ? 1 : 0)} MiB`;
 
 declare module 'fastify' {
-  interface FastifyContextConfig {
-    /** Keys a JSON body of the route may hold in all, when fewer than MAX_JSON_KEYS (a step: one a parameter and its extras). */
-    jsonKeys?: number;
-  }
   interface FastifyInstance {
     /** Request body bytes held now: counted toward ASGD_BODY_IN_FLIGHT_BYTES, and JSON toward ASGD_JSON_IN_FLIGHT_BYTES. */
     bodiesInFlight(): { bodies: number; json: number };
@@ -194,7 +194,7 @@ export default fp(
         return;
       }
       // A key given twice: JSON.parse would keep the last (a step of {"grads": A, "grads": B} applied B).
-      const keys = Math.min(MAX_JSON_KEYS, request.routeOptions.config?.jsonKeys ?? MAX_JSON_KEYS);
+      const keys = Math.min(MAX_JSON_KEYS, jsonKeysOf.get(request) ?? MAX_JSON_KEYS);
       const twice = firstDuplicateKey(text, MAX_JSON_OBJECT_KEYS, keys);
       if (twice?.many) {
         done(errors.invalidBody(`body: JSON with more than ${MAX_JSON_OBJECT_KEYS} keys in one object or ${keys} in all (at character ${twice.at}); no request needs that many (at most ${MAX_PARAMS} parameters)`), undefined);

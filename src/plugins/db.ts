@@ -21,16 +21,23 @@ declare module 'fastify' {
   }
 }
 
+/** The routes that answer a retry from its Idempotency-Key (a step, PUT params/state_dict/checkpoint, PATCH param_groups, a restore). */
+const KEYED_ROUTE = /\/(step|params|state_dict|checkpoint|param_groups|restore)$/;
+
 /**
  * A retry of a request whose answer is kept under its Idempotency-Key: answered from that record, it writes
  * nothing, so the disk guard lets it through. A 507 in its place (an operator's review) left the client
  * unaware that its step had committed: sent again under a new key once the disk had room, it counted twice.
+ * Only on a route that answers from the key, and only while the key stays kept for as long as the request
+ * may take to arrive (`marginSeconds`): one that expired meanwhile would be committed as a new write (found
+ * by a review: on a disk with no room that write hung PGlite).
  */
-async function answeredUnderKey(db: Database, windowSeconds: number, request: FastifyRequest): Promise<boolean> {
+async function answeredUnderKey(db: Database, windowSeconds: number, marginSeconds: number, request: FastifyRequest): Promise<boolean> {
   const key = request.headers['idempotency-key'];
   const name = (request.params as { name?: unknown } | undefined)?.name;
-  if (typeof key !== 'string' || typeof name !== 'string') return false;
-  return hasKeyAnswer(db, name, key, windowSeconds).catch(() => false);
+  if (typeof key !== 'string' || typeof name !== 'string' || !KEYED_ROUTE.test(request.routeOptions.url ?? '')) return false;
+  if (windowSeconds <= marginSeconds) return false;
+  return hasKeyAnswer(db, name, key, windowSeconds - marginSeconds).catch(() => false);
 }
 
 export interface DbPluginOptions {
@@ -105,6 +112,8 @@ export default fp(
     const room = !databaseUrl && dataDir !== 'memory://' ? diskRoom(dataDir, opts.config.minFreeBytes) : null;
     fastify.decorate('diskRoom', room);
     if (room) {
+      // How long a request may take to arrive and be handled: a key must stay kept that long past the check.
+      const keyMarginSeconds = (opts.config.requestTimeoutMs || 3_600_000) / 1000 + 60;
       // Before the body is read, after auth (onRequest): a caller without a token learns nothing of the disk.
       fastify.addHook('preParsing', async (request, _reply, payload) => {
         if (request.method === 'GET' || request.method === 'HEAD' || request.method === 'OPTIONS') return;
@@ -113,7 +122,8 @@ export default fp(
         const body = declared ? Number(request.headers['content-length']) || 0 : 0;
         // The body is logged (a gradient) or written as a state, and a snapshot may follow: twice its size.
         const short = room(2 * body);
-        if (short && !(await answeredUnderKey(db, opts.config.idempotencyWindowSeconds, request))) {
+        if ((short || !declared) && (await answeredUnderKey(db, opts.config.idempotencyWindowSeconds, keyMarginSeconds, request))) return;
+        if (short) {
           // The body is read and dropped (nothing of it is written) so that a client sending it whole before it
           // reads the answer gets the 507, not a reset connection; with Expect: 100-continue it is never sent.
           if (body > 0 && body <= DRAIN_LIMIT_BYTES && !/100-continue/i.test(String(request.headers.expect ?? ''))) await drained(payload);

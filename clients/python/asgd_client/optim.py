@@ -915,7 +915,8 @@ class RemoteASGD(torch.optim.Optimizer):
             # A pipelined step sent without a thread goes out before the previous one's answer is read
             # (below): the service can commit it while this process waits, with other workers' steps.
             overlap = background and wait and self.aggregation is None and not isinstance(self._pending, Future)
-            if not overlap:
+            # A refused step that zero_grad() read (_Failed) is raised once this one is sent (below).
+            if not overlap and not isinstance(self._pending, _Failed):
                 self._apply_pending(block=True)
             if self.aggregation is not None:
                 self._check_rounds(self.pipeline, self.on_stale, self.send_base_version)
@@ -957,6 +958,9 @@ class RemoteASGD(torch.optim.Optimizer):
             key = uuid.uuid4().hex
             args = (grads, base, groups, metrics, samples)
             if not background:
+                failed = self._pending if isinstance(self._pending, _Failed) else None
+                if failed is not None:
+                    self._pending = None
                 outcome: Optional[_Outcome] = None
                 try:
                     outcome = self._send_owing(self._request, key, args)
@@ -972,7 +976,11 @@ class RemoteASGD(torch.optim.Optimizer):
                             self._interrupted = _clone_grads(grads)
                             if self._pending is None:
                                 self._pending = _Done(outcome)
+                    if failed is not None and self._pending is None:
+                        self._pending = failed  # still to be raised
                     raise
+                if failed is not None:
+                    _result_of_previous(failed, "this step was sent and applied")
                 return loss
             if wait and self.aggregation is None:
                 # Pipelined: sent now on this thread, its answer read at the next call (no thread).
@@ -1012,6 +1020,11 @@ class RemoteASGD(torch.optim.Optimizer):
                             if not _holds(self._pending, sent):
                                 self._pending = sent if self._pending is None else _Both(self, self._pending, sent)
                     raise
+            # A refused step that zero_grad() read (_Failed) is raised once this one is on its way, as a pipelined
+            # step() raises its predecessor's error: the loop that catches it loses no good batch.
+            failed = self._pending if isinstance(self._pending, _Failed) else None
+            if failed is not None:
+                self._pending = None
             self._apply_pending(block=True)
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asgd-step")
@@ -1022,6 +1035,9 @@ class RemoteASGD(torch.optim.Optimizer):
             # reads it owes the step: sent again with this key (applied once), as on the caller's thread.
             future.asgd_owed = (key, (grads, base, groups, metrics, samples))  # type: ignore[attr-defined]
             self._pending = future
+            if failed is not None:
+                self._interrupted = _clone_grads(grads)  # a re-run with these gradients is this step's retry
+                _result_of_previous(failed, "this step's request was sent, do not send it again")
             return loss if wait else _AnswerFuture(future)
 
     def _send_owing(self, send: Any, key: str, args: Tuple[Any, ...]) -> Any:

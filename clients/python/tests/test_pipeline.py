@@ -485,6 +485,36 @@ class PipelineMatchesReplay(ServiceTestCase):
         self.assertEqual(opt.step_count, 5)
         self.assertEqual(opt.version, 6)
 
+    def test_a_refused_background_step_read_by_zero_grad_is_raised_by_the_next_step_once_that_one_is_sent(self):
+        # step(wait=False) (and https) send from a thread: the error zero_grad() read is raised by the next
+        # step() once its own request is on its way, so a loop that skips refused batches loses no good one
+        # (found by a review: the next step raised it before sending anything).
+        from asgd_client import NonFiniteGradient
+
+        model = make_model()
+        opt = self.remote(model.named_parameters())
+
+        def refused_then_read():
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+            next(model.parameters()).grad[0, 0] = float("nan")
+            bad = opt.step(wait=False)
+            deadline = time.monotonic() + 10
+            while not bad.done() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            opt.zero_grad()  # reads the refusal; raises nothing
+            model(batch(0)[0]).sum().backward()
+
+        refused_then_read()
+        with self.assertRaises(NonFiniteGradient):
+            opt.step(wait=False)
+        self.assertEqual(opt.synchronize(), 2, "the good step was sent and applied")
+        refused_then_read()
+        with self.assertRaises(NonFiniteGradient):
+            opt.step()  # a plain step: sent and applied, then the error
+        self.assertEqual(opt.version, 3)
+        self.assertEqual(opt.synchronize(), 3)
+
     def test_an_error_raised_by_the_next_step_says_it_is_the_previous_steps(self):
         # A pipelined step() sends its own gradients before it reads the previous step's answer: when that
         # answer is an error, the step() raising it has been sent (and applied). The error says so.

@@ -14,7 +14,6 @@ import type { BaseVersionFrom, StateView, StepAnswer as StepAnswerValue } from '
 import { MAX_SAMPLES } from '../../sessions/aggregation.ts';
 import { DEFAULT_WAIT_SECONDS } from '../../sessions/rounds.ts';
 import { NAME_PATTERN, SESSION_NAME_RULE, SESSION_NAME_SOURCE } from '../../sessions/spec.ts';
-import { MAX_JSON_OBJECT_KEYS } from '../../plugins/content-types.ts';
 import type { Layout } from '../../sessions/state.ts';
 import { paramTensor, paramsJson } from '../../sessions/state-dict.ts';
 import { metadataJson, parseMetrics } from '../../sessions/step-input.ts';
@@ -166,8 +165,7 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
 
   fastify.post('/:name/step', {
     // A worker named in the query keeps its steps' arrival order (src/sessions/arrival-order.ts).
-    // JSON: a key a parameter (grads), metrics, hyperparameters: a step-scoped token cannot make the parser build millions.
-    config: { ...ACCESS.step, workerOrder: true, jsonKeys: MAX_JSON_OBJECT_KEYS + 4096 },
+    config: { ...ACCESS.step, workerOrder: true },
     bodyLimit: opts.config.bodyLimitStep,
     // A JSON step is bounded by the session's size before the body is read whole and parsed (json-bound.ts).
     preParsing: jsonBoundBySession(fastify, 'a JSON step', 'gradients'),
