@@ -896,149 +896,159 @@ class RemoteASGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with self._lock:
-            self._check_params()
-            # Parameters edited since the last sync (model.load_state_dict after building the optimizer,
-            # clamp_, a mask): the gradient was computed on them and torch.optim.ASGD would step them, so the
-            # session takes them first. A step in flight is waited for (its result merged under the edit):
-            # this step then goes out without overlap.
-            if any(not _same_bits(p, s) for p, s in zip(self._params, self._synced)):
-                log.debug("[%s] session %r: parameters differ from the session's: the step in flight is read first, then they are sent",
-                          self.worker, self.session)
-                self._apply_pending(block=True)
-                self._push_edits()
-            else:
-                self._read_stale = None  # nothing put back after a state read: the copies of before it are gone
-            # The gradient was computed on the parameters in the model now: with a step in flight, those
-            # from before it (its answer is loaded just below, after the gradient is taken).
-            base = self._version if self.send_base_version else None
-            background = self.pipeline or not wait
-            # A pipelined step sent without a thread goes out before the previous one's answer is read
-            # (below): the service can commit it while this process waits, with other workers' steps.
-            overlap = background and wait and self.aggregation is None and not isinstance(self._pending, Future)
-            # A refused step that zero_grad() read (_Failed) is raised once this one is sent (below).
-            if not overlap and not isinstance(self._pending, _Failed):
-                self._apply_pending(block=True)
-            if self.aggregation is not None:
-                self._check_rounds(self.pipeline, self.on_stale, self.send_base_version)
-            grads: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is None:
-                        continue
-                    if p.grad.is_sparse:
-                        raise RuntimeError("ASGD does not support sparse gradients")
-                    grads[self._name_of[id(p)]] = p.grad
-            if not grads:  # torch.optim.ASGD changes nothing either
-                self._apply_pending(block=True)
-                if wait:
-                    return loss
-                done: Future = Future()
-                done.set_result(None)
-                return done
-            # Cleared only once the retry is done: an interrupt while comparing (long for a big model) or while
-            # the owed step is read and loaded leaves the marker for the next re-run, which is its retry again.
-            retried = self._interrupted
-            if retried is not None and _same_grads(retried, grads):
-                # The same gradients as a step() that was interrupted after its request may have reached the
-                # service: this is its retry. That step is owed (sent again with its Idempotency-Key, so it is
-                # applied once) or in flight; nothing more is sent.
-                log.info("[%s] session %r: step() with the gradients of the interrupted step: taken as its retry "
-                         "(sent again with its Idempotency-Key: applied once)", self.worker, self.session)
-                if not (background and wait and self.aggregation is None):
-                    self._apply_pending(block=True)
-                self._interrupted = None
-                if wait:
-                    return loss
-                done = Future()
-                done.set_result(dict(self.last_step or {}))
-                return done
-            self._interrupted = None
-            groups = self._group_changes()
-            metrics = dict(metrics) if metrics is not None else None
-            key = uuid.uuid4().hex
-            args = (grads, base, groups, metrics, samples)
-            if not background:
-                failed = self._pending if isinstance(self._pending, _Failed) else None
-                if failed is not None:
-                    self._pending = None
-                outcome: Optional[_Outcome] = None
-                try:
-                    outcome = self._send_owing(self._request, key, args)
-                    self._apply_outcome(outcome)
-                except BaseException as err:
-                    # Interrupted after the request may have gone out, wherever (loading the answer, or between
-                    # two statements here): a re-run with these gradients must be its retry, and the answer
-                    # not yet loaded is owed (read again, or the request sent again with its key: applied once).
-                    if _is_interrupt(err) and self._interrupted is None:
-                        if outcome is None:
-                            self._owe(key, args)
-                        else:
-                            self._interrupted = _clone_grads(grads)
-                            if self._pending is None:
-                                self._pending = _Done(outcome)
-                    if failed is not None and self._pending is None:
-                        self._pending = failed  # still to be raised
-                    raise
-                if failed is not None:
-                    _result_of_previous(failed, "this step was sent and applied")
-                return loss
-            if wait and self.aggregation is None:
-                # Pipelined: sent now on this thread, its answer read at the next call (no thread).
-                # Group changes not yet confirmed by the previous step's answer travel again: the same values.
-                if _owes(self._pending) or _on_new_connection(self._pending):
-                    # An interrupted step owed (perhaps never sent) goes first: sent after this one, it would
-                    # be applied after it. So does one sent over a new connection (_on_new_connection).
-                    self._apply_pending(block=True)
-                sent = None
-                try:
-                    sent = self._send_owing(self._start, key, args)
-                    if sent is not None:
-                        previous, self._pending = self._pending, sent
-                        if previous is not None:
-                            try:
-                                outcome = _result_of_previous(previous, "this step's request was sent, do not send it again")
-                            except BaseException as err:
-                                if _fate_unknown(err) and not isinstance(previous, Future):
-                                    self._pending = _Both(self, previous, sent)  # the previous one is owed too
-                                self._interrupted = _clone_grads(grads)
-                                raise
-                            try:
-                                self._apply(outcome, overlapped=True)
-                            except BaseException:
-                                self._pending = _Both(self, _Done(outcome), sent)
-                                self._interrupted = _clone_grads(grads)
-                                raise
-                        return loss
-                except BaseException as err:
-                    # An interrupt the handlers above did not see (between two statements): this step may be
-                    # out; a re-run with its gradients is its retry, and it is owed unless already in _pending.
-                    if _is_interrupt(err) and self._interrupted is None:
-                        if sent is None:
-                            self._owe(key, args)
-                        else:
-                            self._interrupted = _clone_grads(grads)
-                            if not _holds(self._pending, sent):
-                                self._pending = sent if self._pending is None else _Both(self, self._pending, sent)
-                    raise
-            # A refused step that zero_grad() read (_Failed) is raised once this one is on its way, as a pipelined
-            # step() raises its predecessor's error: the loop that catches it loses no good batch.
+            # A refused step that zero_grad() read (_Failed): raised once this step has been sent, whichever
+            # way it goes (plain, a thread, pipelined; after an edit is pushed), so that a loop catching it
+            # loses no good batch; kept to raise later should this step fail or be interrupted.
             failed = self._pending if isinstance(self._pending, _Failed) else None
-            if failed is not None:
-                self._pending = None
+            if failed is None:
+                return self._step_locked(loss, metrics, samples, wait)
+            self._pending = None
+            try:
+                result = self._step_locked(loss, metrics, samples, wait)
+            except BaseException:
+                self._pending = failed if self._pending is None else _Both(self, failed, self._pending)
+                raise
+            sent = self._grads_now()
+            if not sent:
+                _result_of_previous(failed, "this call sent nothing")
+            # As a pipelined step() raising its predecessor's error: a re-run with these gradients is a retry.
+            self._interrupted = _clone_grads(sent)
+            _result_of_previous(failed, "this step's request was sent, do not send it again")
+            return result  # not reached: the line above raises
+
+    def _grads_now(self) -> "OrderedDict[str, torch.Tensor]":
+        """The gradients step() sends: each parameter's .grad that is not None, by name."""
+        return OrderedDict((self._name_of[id(p)], p.grad) for group in self.param_groups for p in group["params"] if p.grad is not None)
+
+    def _step_locked(self, loss: Any, metrics: Optional[Mapping[str, float]], samples: Optional[int], wait: bool) -> Any:
+        """step() under the lock, the closure's loss computed."""
+        self._check_params()
+        # Parameters edited since the last sync (model.load_state_dict after building the optimizer,
+        # clamp_, a mask): the gradient was computed on them and torch.optim.ASGD would step them, so the
+        # session takes them first. A step in flight is waited for (its result merged under the edit):
+        # this step then goes out without overlap.
+        if any(not _same_bits(p, s) for p, s in zip(self._params, self._synced)):
+            log.debug("[%s] session %r: parameters differ from the session's: the step in flight is read first, then they are sent",
+                      self.worker, self.session)
             self._apply_pending(block=True)
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asgd-step")
-            # The gradients leave the caller's tensors now: backward() may overwrite them next.
-            grads = OrderedDict((n, g.detach().clone()) for n, g in grads.items())
-            future = self._executor.submit(self._request, grads, base, groups, metrics, samples, key=key)
-            # Should the request fail with its fate unknown (a connection lost past the retries), the call that
-            # reads it owes the step: sent again with this key (applied once), as on the caller's thread.
-            future.asgd_owed = (key, (grads, base, groups, metrics, samples))  # type: ignore[attr-defined]
-            self._pending = future
-            if failed is not None:
-                self._interrupted = _clone_grads(grads)  # a re-run with these gradients is this step's retry
-                _result_of_previous(failed, "this step's request was sent, do not send it again")
-            return loss if wait else _AnswerFuture(future)
+            self._push_edits()
+        else:
+            self._read_stale = None  # nothing put back after a state read: the copies of before it are gone
+        # The gradient was computed on the parameters in the model now: with a step in flight, those
+        # from before it (its answer is loaded just below, after the gradient is taken).
+        base = self._version if self.send_base_version else None
+        background = self.pipeline or not wait
+        # A pipelined step sent without a thread goes out before the previous one's answer is read
+        # (below): the service can commit it while this process waits, with other workers' steps.
+        overlap = background and wait and self.aggregation is None and not isinstance(self._pending, Future)
+        if not overlap:
+            self._apply_pending(block=True)
+        if self.aggregation is not None:
+            self._check_rounds(self.pipeline, self.on_stale, self.send_base_version)
+        grads: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("ASGD does not support sparse gradients")
+                grads[self._name_of[id(p)]] = p.grad
+        if not grads:  # torch.optim.ASGD changes nothing either
+            self._apply_pending(block=True)
+            if wait:
+                return loss
+            done: Future = Future()
+            done.set_result(None)
+            return done
+        # Cleared only once the retry is done: an interrupt while comparing (long for a big model) or while
+        # the owed step is read and loaded leaves the marker for the next re-run, which is its retry again.
+        retried = self._interrupted
+        if retried is not None and _same_grads(retried, grads):
+            # The same gradients as a step() that was interrupted after its request may have reached the
+            # service: this is its retry. That step is owed (sent again with its Idempotency-Key, so it is
+            # applied once) or in flight; nothing more is sent.
+            log.info("[%s] session %r: step() with the gradients of the interrupted step: taken as its retry "
+                     "(sent again with its Idempotency-Key: applied once)", self.worker, self.session)
+            if not (background and wait and self.aggregation is None):
+                self._apply_pending(block=True)
+            self._interrupted = None
+            if wait:
+                return loss
+            done = Future()
+            done.set_result(dict(self.last_step or {}))
+            return done
+        self._interrupted = None
+        groups = self._group_changes()
+        metrics = dict(metrics) if metrics is not None else None
+        key = uuid.uuid4().hex
+        args = (grads, base, groups, metrics, samples)
+        if not background:
+            outcome: Optional[_Outcome] = None
+            try:
+                outcome = self._send_owing(self._request, key, args)
+                self._apply_outcome(outcome)
+            except BaseException as err:
+                # Interrupted after the request may have gone out, wherever (loading the answer, or between
+                # two statements here): a re-run with these gradients must be its retry, and the answer
+                # not yet loaded is owed (read again, or the request sent again with its key: applied once).
+                if _is_interrupt(err) and self._interrupted is None:
+                    if outcome is None:
+                        self._owe(key, args)
+                    else:
+                        self._interrupted = _clone_grads(grads)
+                        if self._pending is None:
+                            self._pending = _Done(outcome)
+                raise
+            return loss
+        if wait and self.aggregation is None:
+            # Pipelined: sent now on this thread, its answer read at the next call (no thread).
+            # Group changes not yet confirmed by the previous step's answer travel again: the same values.
+            if _owes(self._pending) or _on_new_connection(self._pending):
+                # An interrupted step owed (perhaps never sent) goes first: sent after this one, it would
+                # be applied after it. So does one sent over a new connection (_on_new_connection).
+                self._apply_pending(block=True)
+            sent = None
+            try:
+                sent = self._send_owing(self._start, key, args)
+                if sent is not None:
+                    previous, self._pending = self._pending, sent
+                    if previous is not None:
+                        try:
+                            outcome = _result_of_previous(previous, "this step's request was sent, do not send it again")
+                        except BaseException as err:
+                            if _fate_unknown(err) and not isinstance(previous, Future):
+                                self._pending = _Both(self, previous, sent)  # the previous one is owed too
+                            self._interrupted = _clone_grads(grads)
+                            raise
+                        try:
+                            self._apply(outcome, overlapped=True)
+                        except BaseException:
+                            self._pending = _Both(self, _Done(outcome), sent)
+                            self._interrupted = _clone_grads(grads)
+                            raise
+                    return loss
+            except BaseException as err:
+                # An interrupt the handlers above did not see (between two statements): this step may be
+                # out; a re-run with its gradients is its retry, and it is owed unless already in _pending.
+                if _is_interrupt(err) and self._interrupted is None:
+                    if sent is None:
+                        self._owe(key, args)
+                    else:
+                        self._interrupted = _clone_grads(grads)
+                        if not _holds(self._pending, sent):
+                            self._pending = sent if self._pending is None else _Both(self, self._pending, sent)
+                raise
+        self._apply_pending(block=True)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asgd-step")
+        # The gradients leave the caller's tensors now: backward() may overwrite them next.
+        grads = OrderedDict((n, g.detach().clone()) for n, g in grads.items())
+        future = self._executor.submit(self._request, grads, base, groups, metrics, samples, key=key)
+        # Should the request fail with its fate unknown (a connection lost past the retries), the call that
+        # reads it owes the step: sent again with this key (applied once), as on the caller's thread.
+        future.asgd_owed = (key, (grads, base, groups, metrics, samples))  # type: ignore[attr-defined]
+        self._pending = future
+        return loss if wait else _AnswerFuture(future)
 
     def _send_owing(self, send: Any, key: str, args: Tuple[Any, ...]) -> Any:
         """``send(*args, key=key)``; should it fail with its fate unknown (an interrupt, a connection lost),

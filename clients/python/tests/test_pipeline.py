@@ -514,6 +514,29 @@ class PipelineMatchesReplay(ServiceTestCase):
             opt.step()  # a plain step: sent and applied, then the error
         self.assertEqual(opt.version, 3)
         self.assertEqual(opt.synchronize(), 3)
+        # After an edit of the parameters (a clamp): the edit is pushed, the step sent, then the error.
+        refused_then_read()
+        with torch.no_grad():
+            next(model.parameters()).clamp_(-0.05, 0.05)
+        with self.assertRaises(NonFiniteGradient):
+            opt.step()
+        self.assertEqual(opt.synchronize(), 5, "the edit (v4) and the step (v5)")
+        self.assertEqual(opt.step_count, 3)
+        # A step interrupted after it was sent keeps the refusal to raise: the retry (same gradients) raises it.
+        refused_then_read()
+        request = opt._request
+
+        def sent_then_interrupted(*args, **kwargs):
+            outcome = request(*args, **kwargs)
+            raise KeyboardInterrupt
+        opt._request = sent_then_interrupted
+        with self.assertRaises(KeyboardInterrupt):
+            opt.step()
+        opt._request = request
+        with self.assertRaises(NonFiniteGradient):
+            opt.step()  # the interrupted step's retry (applied once), then the refusal
+        self.assertEqual(opt.synchronize(), 6)
+        self.assertEqual(opt.step_count, 4)
 
     def test_an_error_raised_by_the_next_step_says_it_is_the_previous_steps(self):
         # A pipelined step() sends its own gradients before it reads the previous step's answer: when that
