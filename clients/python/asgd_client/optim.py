@@ -945,14 +945,9 @@ class RemoteASGD(torch.optim.Optimizer):
             self._apply_pending(block=True)
         if self.aggregation is not None:
             self._check_rounds(self.pipeline, self.on_stale, self.send_base_version)
-        grads: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("ASGD does not support sparse gradients")
-                grads[self._name_of[id(p)]] = p.grad
+        grads = self._grads_now()
+        if any(g.is_sparse for g in grads.values()):
+            raise RuntimeError("ASGD does not support sparse gradients")
         if not grads:  # torch.optim.ASGD changes nothing either
             self._apply_pending(block=True)
             if wait:

@@ -317,11 +317,7 @@ class PipelineMatchesReplay(ServiceTestCase):
         proxy, conn = self._proxy(decide)
         model = make_model()
         opt = self.remote(model.named_parameters(), pipeline=True, connection=conn)
-        for i in range(8):
-            X, y = batch(i)
-            opt.zero_grad()
-            nn.functional.mse_loss(model(X), y).backward()
-            opt.step()
+        train(model, opt, range(8))
         opt.synchronize()
         self.assertEqual(len(steps), 8)
         self.assertFalse(steps[0].first_on_connection or steps[1].first_on_connection, "both connections opened before the first step")
