@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import http.client
 import inspect
 import logging
@@ -434,6 +435,25 @@ def _result_of_previous(pending: Any, then: str) -> Any:
         raise
 
 
+def _in_own_process(method: Any) -> Any:
+    """A RemoteASGD method that talks to the service: refused in a process forked from the one that built the
+    optimizer (its connection, its step in flight and its lock are that process's; the child's copies of the
+    sockets are closed at the fork, see http._forget_inherited), as a pickled one is (DetachedRemoteASGD)."""
+
+    @functools.wraps(method)
+    def checked(self: "RemoteASGD", *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, "_pid", None) not in (None, os.getpid()):
+            raise RuntimeError(
+                f"this RemoteASGD of session {self.session!r} was built in process {self._pid} and is used in process "
+                f"{os.getpid()}, forked from it: its connection to the service, and a step it has in flight, belong to "
+                f"the process that built it (two processes reading one connection take each other's answers). Build "
+                f"RemoteASGD in each worker process instead, after the fork (it joins the session; torch's Hogwild "
+                f"example builds its optimizer in each process too)")
+        return method(self, *args, **kwargs)
+
+    return checked
+
+
 class RemoteASGD(torch.optim.Optimizer):
     """torch.optim.ASGD, computed by an asgd-serve session.
 
@@ -576,6 +596,7 @@ class RemoteASGD(torch.optim.Optimizer):
         self._session_step = 0
         self._info: Dict[str, Any] = {}
         self._lock = threading.RLock()
+        self._pid = os.getpid()  # see _in_own_process
         self._executor: Optional[ThreadPoolExecutor] = None
         self._pending: Any = None  # a Future (background thread) or a _Sent
         self._overlap_floor: Optional[int] = None  # see _apply
@@ -840,6 +861,7 @@ class RemoteASGD(torch.optim.Optimizer):
             if tuple(p.shape) != shape:
                 raise RuntimeError(f"parameter {n!r} now has shape {list(p.shape)}, the session holds {list(shape)}")
 
+    @_in_own_process
     def zero_grad(self, set_to_none: Optional[bool] = None) -> None:
         """As torch's, with the installed torch's default for ``set_to_none`` (False in 1.x, True in 2.x: a
         parameter without a gradient then steps on a zero gradient, or is skipped, as locally); also applies a
@@ -872,6 +894,7 @@ class RemoteASGD(torch.optim.Optimizer):
                             p.grad.requires_grad_(False)
                         p.grad.zero_()
 
+    @_in_own_process
     def step(self, closure: Any = None, *, metrics: Optional[Mapping[str, float]] = None, samples: Optional[int] = None,
              wait: bool = True) -> Any:
         """One ASGD step on the service, in one request. Returns the closure's loss (a Future with
@@ -1227,6 +1250,7 @@ class RemoteASGD(torch.optim.Optimizer):
                 self._read_stale = before
             return self._version
 
+    @_in_own_process
     def synchronize(self) -> Optional[int]:
         """Waits for a pipelined step and loads its parameters, sends the model's parameters if they were
         edited outside the optimizer (see :meth:`push_params`) and the hyperparameters changed in
@@ -1279,6 +1303,7 @@ class RemoteASGD(torch.optim.Optimizer):
             self._version = info["version"]
         return True
 
+    @_in_own_process
     def push_params(self) -> Optional[int]:
         """Sends the model's parameters to the session (PUT params): the next step applies to them, as
         torch.optim.ASGD steps whatever the parameters hold. The optimizer state (step, eta, mu, ax) and the
@@ -1345,6 +1370,7 @@ class RemoteASGD(torch.optim.Optimizer):
                      "(version %s): the next step applies to them", self.worker, self.session, shown or "none", self._version)
             return
 
+    @_in_own_process
     def pull(self) -> int:
         """Copies the session's current parameters into the model (in place); returns their version."""
         with self._lock:
@@ -1398,6 +1424,7 @@ class RemoteASGD(torch.optim.Optimizer):
         """torch 2.x's state_dict / load_state_dict hooks (``register_state_dict_pre_hook`` ...); none in 1.13."""
         return list(getattr(self, f"_optimizer_{kind}_hooks", {}).values())
 
+    @_in_own_process
     def state_dict(self) -> Dict[str, Any]:
         """torch.optim.ASGD.state_dict() of the session: {"state": {i: {step, eta, mu, ax}}, "param_groups": [...]}.
 
@@ -1426,6 +1453,7 @@ class RemoteASGD(torch.optim.Optimizer):
         return sd
 
     @property  # type: ignore[override]
+    @_in_own_process
     def state(self) -> Any:
         """torch.optim.ASGD's per-parameter state, read from the session (see :mod:`asgd_client.state`)."""
         return self.__dict__["_session_state"]
@@ -1452,6 +1480,7 @@ class RemoteASGD(torch.optim.Optimizer):
             self.state = state.pop("state")
         super().__setstate__(state)
 
+    @_in_own_process
     def reset_state(self) -> None:
         """Starts the optimizer state over for every parameter (step, eta, mu, ax), keeping the hyperparameters:
         what ``opt.state.clear()`` does to torch.optim.ASGD. A new version of the session."""
@@ -1462,6 +1491,7 @@ class RemoteASGD(torch.optim.Optimizer):
             first += len(g["params"])
         self.load_state_dict({"state": {}, "param_groups": groups})
 
+    @_in_own_process
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """torch.optim.ASGD.load_state_dict, applied to the session (parameters unchanged).
 
@@ -1534,6 +1564,7 @@ class RemoteASGD(torch.optim.Optimizer):
             post_hook(self)
 
     # -- evaluation helpers -----------------------------------------------------------------------
+    @_in_own_process
     def named_averaged_parameters(self) -> "OrderedDict[str, torch.Tensor]":
         """ASGD's averages (``ax``; the parameter itself where it has not stepped), by name. Reads only: a
         pipelined step is waited for, but parameters edited in the model are not sent (as ``opt.state``; ax,
@@ -1542,11 +1573,13 @@ class RemoteASGD(torch.optim.Optimizer):
         tensors, _ = self.client.get_params(self.session, averaged=True)
         return OrderedDict((n, tensors[n]) for n in self._names)
 
+    @_in_own_process
     def averaged_parameters(self) -> List[torch.Tensor]:
         """ASGD's averages, in the order of the optimizer's parameters."""
         return list(self.named_averaged_parameters().values())
 
     @contextlib.contextmanager
+    @_in_own_process
     def swap_to_averaged(self) -> Iterator["RemoteASGD"]:
         """Context manager: the model holds the averaged parameters inside, its own parameters after.
 
@@ -1578,6 +1611,7 @@ class RemoteASGD(torch.optim.Optimizer):
     def parameter_names(self) -> List[str]:
         return list(self._names)
 
+    @_in_own_process
     def refresh(self) -> Dict[str, Any]:
         """Reads the session (hyperparameters may have been changed by another client) and pulls parameters."""
         with self._lock:
@@ -1593,10 +1627,12 @@ class RemoteASGD(torch.optim.Optimizer):
         (their contributions, computed at this version, refused as stale). They go with the next contribution."""
         self.synchronize()
 
+    @_in_own_process
     def snapshot(self, pinned: bool = False) -> Dict[str, Any]:
         self._synchronize_for_save()
         return self.client.snapshot(self.session, pinned=pinned)
 
+    @_in_own_process
     def restore(self, snapshot_id: int) -> None:
         """Rolls the session back to a snapshot and pulls its parameters into the model."""
         with self._lock:
@@ -1605,6 +1641,7 @@ class RemoteASGD(torch.optim.Optimizer):
             self._take_session(info, update_local=True)
             self._pull()
 
+    @_in_own_process
     def download_checkpoint(self, path: str, format: str = "pt") -> str:
         from .functions import _write_atomic
 
@@ -1641,7 +1678,11 @@ class RemoteASGD(torch.optim.Optimizer):
 
     def close(self) -> None:
         """Waits for a pipelined step (without applying it), stops the background thread and closes the
-        keep-alive connection (the session stays on the service)."""
+        keep-alive connection (the session stays on the service). In a process forked from the one that built
+        the optimizer: only this process's connection (the step in flight and the thread are the other's)."""
+        if self._pid != os.getpid():
+            self.client.close()
+            return
         pending = self._pending
         if isinstance(pending, (_Sent, _Both)):  # an interrupted step owed (_Resend) is not sent again here
             with contextlib.suppress(Exception):  # as a background step's error is not raised here either
