@@ -133,3 +133,49 @@ test('a connection with more pipelined requests waiting than the bound is cut: t
   // The service goes on.
   assert.equal((await app.inject({ url: '/v1/sessions/parked', headers: asAdmin })).statusCode, 200);
 });
+
+/** Writes `bytes` in one write and resolves with the first `n` answers on the connection (or what came in 10 s). */
+function firstAnswers(port: number, bytes: Buffer | string, n: number): Promise<{ status: number; body: Record<string, unknown> }[]> {
+  return new Promise((resolve) => {
+    const socket = connect(port, '127.0.0.1');
+    let raw = '';
+    const done = () => {
+      socket.destroy();
+      resolve(answers(raw));
+    };
+    socket.on('data', (d) => {
+      raw += d.toString('latin1');
+      if (answers(raw).length >= n) done();
+    });
+    socket.on('close', done);
+    socket.on('error', done);
+    socket.setTimeout(10_000, done);
+    socket.write(bytes);
+  });
+}
+
+test('a body refused before it is read (its session\'s bound, an unknown session) leaves the connection to the next request', async (t) => {
+  // Found by an API review: a 413 for a JSON step over its session's bound, then GET /healthz on the same
+  // connection, which was never answered (reset after 73 s): the body's byte counter had begun to read it,
+  // so Node did not drop it, and the connection read nothing more.
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  await createSession(app, 'bounded');
+  await app.listen({ host: '127.0.0.1', port: 0 });
+  const { port } = app.server.address() as { port: number };
+  const big = `{"grads":{"w":[${'0.5,'.repeat(400_000)}0.5]}}`; // 1.6 MB: over a small session's bound of about 1 MiB
+  const next = 'GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n';
+  const cases: [string, string, string, number, string][] = [
+    ['a JSON step over its session\'s bound', 'POST', '/v1/sessions/bounded/step', 413, 'BODY_TOO_LARGE'],
+    ['PUT params over its session\'s bound', 'PUT', '/v1/sessions/bounded/params', 413, 'BODY_TOO_LARGE'],
+    ['a step to no session', 'POST', '/v1/sessions/nowhere/step', 404, 'SESSION_NOT_FOUND'],
+  ];
+  for (const [what, method, url, status, code] of cases) {
+    const request = `${method} ${url} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${ADMIN}\r\nContent-Type: application/json\r\nContent-Length: ${big.length}\r\n\r\n${big}`;
+    const got = await firstAnswers(port, request + next, 2);
+    assert.equal(got[0]?.status, status, `${what}: ${JSON.stringify(got[0]?.body)}`);
+    assert.equal(got[0].body.code, code, what);
+    assert.equal(got[1]?.status, 200, `${what}: the next request on the connection is answered`);
+    assert.equal(got[1].body.status, 'ok', what);
+  }
+  assert.equal((await app.inject({ url: '/v1/sessions/bounded', headers: asAdmin })).json().version, 1, 'nothing was applied');
+});
