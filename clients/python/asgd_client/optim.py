@@ -177,6 +177,12 @@ def _same_bits(p: torch.Tensor, synced: torch.Tensor) -> bool:
     return torch.equal(_bits(p), _bits(synced))
 
 
+def _equal_hyper(key: str, a: Any, b: Any) -> bool:
+    """The same hyperparameter value, whatever Python number type holds it (100 and 100.0)."""
+    va, vb = _hyper_value(key, a), _hyper_value(key, b)
+    return va is not None and vb is not None and _same(va, vb)
+
+
 def _loaded_as_written(loaded: Any, echoed: Any) -> bool:
     """A loaded group value that the session echoes as another Python number of the same value (an int 15 it
     gives back as 15.0): torch keeps the loaded one, so does RemoteASGD."""
@@ -780,6 +786,11 @@ class RemoteASGD(torch.optim.Optimizer):
         if update_local:
             for local, remote in zip(self.param_groups, remote_groups):
                 for k, v in remote.items():
+                    if k in HYPERPARAMETER_KEYS and k in local and _equal_hyper(k, local[k], v):
+                        # The value this optimizer holds, as it was given: the session's answer does not say
+                        # which numbers are ints (a worker joining a session made with t0=100 took 100.0,
+                        # where torch.optim.ASGD(t0=100) keeps the int; a torch 2.x user's review).
+                        continue
                     local[k] = v
             self._mark_own()
 

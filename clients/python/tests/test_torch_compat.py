@@ -94,6 +94,22 @@ class EdgeHyperparameters(ServiceTestCase):
         for key in ("lr", "lambd", "alpha", "t0", "weight_decay"):
             self.assertEqual((type(group[key]), group[key]), (type(ref[key]), ref[key]), key)
 
+    def test_a_joining_worker_keeps_the_number_types_it_was_given(self):
+        # The session's answer writes 10.0 as 10 and says nothing of kinds: a worker joining a session made
+        # with t0=10 took 10.0, and weight_decay=0.0 as the int 0 (a torch 2.x user's review).
+        values = dict(HYPER, t0=10, weight_decay=0.0)
+        first = self.remote(make_model().named_parameters(), **values)
+        second = self.remote(make_model().named_parameters(), session=first.session, create="if_missing", **values)
+        ref = torch.optim.ASGD(make_model().parameters(), **values).param_groups[0]
+        for opt in (first, second):
+            group = opt.param_groups[0]
+            for key in ("lr", "lambd", "alpha", "t0", "weight_decay"):
+                self.assertEqual((type(group[key]), group[key]), (type(ref[key]), ref[key]), key)
+        # Asked for other values than the session's: the session's hold, as numbers.
+        third = self.remote(make_model().named_parameters(), session=first.session, create="if_missing", **dict(values, t0=20))
+        self.assertEqual(third.param_groups[0]["t0"], 10)
+        self.assertEqual(third.param_groups[0]["weight_decay"], 0.0)
+
     def test_a_negative_lambd_is_refused_naming_it(self):
         from asgd_client import ServiceError
 
