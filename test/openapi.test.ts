@@ -261,3 +261,18 @@ test('the headers the document declares on each answer are sent, and the API hea
   check('index', index);
   assert.ok(checked >= 50, `${checked} answers checked`);
 });
+
+test('a step\'s and PATCH param_groups\' group lists every key the service takes there (torch\'s flags too)', () => {
+  // An API review: foreach, differentiable and capturable were taken (foreach changed the group) but not
+  // documented, so a client generated from the document could not send them.
+  const doc = JSON.parse(readFileSync(OPENAPI_FILE, 'utf8'));
+  const groupOf = (path: string, method: string, media = 'application/json') => {
+    const body = resolve(doc, doc.paths[path][method].requestBody) as { content: Record<string, { schema: unknown }> };
+    const schema = resolve(doc, body.content[media].schema) as { properties: Record<string, unknown> };
+    const list = resolve(doc, schema.properties.param_groups) as { items: unknown };
+    return Object.keys((resolve(doc, list.items) as { properties: Record<string, unknown> }).properties).sort();
+  };
+  const keys = ['alpha', 'capturable', 'differentiable', 'foreach', 'lambd', 'lr', 'maximize', 't0', 'weight_decay'];
+  assert.deepEqual(groupOf('/v1/sessions/{name}/step', 'post'), keys);
+  assert.deepEqual(groupOf('/v1/sessions/{name}/param_groups', 'patch'), keys);
+});

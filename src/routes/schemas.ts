@@ -185,7 +185,10 @@ const GroupHyperparameters = withCode(Type.Object({
   t0: hyper('Its point at which to start averaging', Type.Number()),
   weight_decay: hyper('Its L2 penalty', Type.Number()),
   maximize: hyper('Whether it maximizes the objective', Type.Boolean()),
-}, { description: 'Hyperparameters of one group for this step and after it (only the keys that change are needed)' }), 'INVALID_PARAM_GROUPS');
+  foreach: hyper('torch\'s flag, kept in the group as given (the step is the single-tensor path whatever it says)', Type.Union([Type.Boolean(), Type.Null()])),
+  differentiable: hyper('torch\'s flag: false or null (the service has no differentiable step)', Type.Union([Type.Boolean(), Type.Null()])),
+  capturable: hyper('torch\'s flag: false or null (the service has no CUDA-graph step)', Type.Union([Type.Boolean(), Type.Null()])),
+}, { description: 'Hyperparameters of one group for this step and after it (only the keys that change are needed; any other key is refused)' }), 'INVALID_PARAM_GROUPS');
 /** The `param_groups` of a step or of PATCH .../param_groups: one object per session group. */
 export const GroupChanges = (description: string, options: { minItems?: number } = {}) =>
   withCode(Type.Array(GroupHyperparameters, { ...options, description }), 'INVALID_PARAM_GROUPS');

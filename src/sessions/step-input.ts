@@ -35,7 +35,7 @@ export function parseStepHyper(value: unknown, groups: readonly GroupSpec[], fie
     for (const key of Object.keys(input)) {
       if (key === 'params') throw errors.invalidParamGroups(`${at}.params: a step cannot move parameters between groups`);
       if (!(HYPERPARAMETER_KEYS as readonly string[]).includes(key) && !(FLAG_KEYS as readonly string[]).includes(key)) {
-        throw errors.invalidParamGroups(`${at}.${key}: unknown key (one of ${HYPERPARAMETER_KEYS.join(', ')})`);
+        throw errors.invalidParamGroups(`${at}.${key}: unknown key (one of ${[...HYPERPARAMETER_KEYS, ...FLAG_KEYS].join(', ')})`);
       }
     }
     // The checks of creation, on the group's values with these merged over them.

@@ -148,7 +148,10 @@ test('bad param_groups and metrics: 4xx naming the field, the session unchanged'
     [{ param_groups: [{ lr: -1 }, {}] }, 400, 'INVALID_HYPERPARAMETER', /param_groups\[0\]\.lr/],
     [{ param_groups: [{}, { lr: -0.5 }] }, 400, 'INVALID_HYPERPARAMETER', /param_groups\[1\]\.lr/],
     [{ param_groups: [{ lr: 0.1 }] }, 400, 'INVALID_PARAM_GROUPS', /param_groups: 1 groups given, the session has 2/],
-    [{ param_groups: [{}, { momentum: 0.9 }] }, 400, 'INVALID_PARAM_GROUPS', /param_groups\[1\]\.momentum: unknown key/],
+    [{ param_groups: [{}, { momentum: 0.9 }] }, 400, 'INVALID_PARAM_GROUPS', /param_groups\[1\]\.momentum: unknown key \(one of lr, lambd, alpha, t0, weight_decay, maximize, foreach, differentiable, capturable\)/],
+    // torch's flags, as the OpenAPI document lists them (an API review: taken, and not documented).
+    [{ param_groups: [{ differentiable: true }, {}] }, 400, 'INVALID_HYPERPARAMETER', /^param_groups\[0\]\.differentiable: differentiable=true is not supported/],
+    [{ param_groups: [{}, { capturable: 'no' }] }, 400, 'INVALID_HYPERPARAMETER', /^param_groups\[1\]\.capturable/],
     [{ param_groups: [{}, { params: ['w'] }] }, 400, 'INVALID_PARAM_GROUPS', /param_groups\[1\]\.params/],
     [{ param_groups: [{ lr: 'NaN' }, {}] }, 400, 'INVALID_HYPERPARAMETER', /^param_groups\[0\]\.lr: must be number/],
     [{ param_groups: [{ weight_decay: -1 }, {}] }, 400, 'INVALID_HYPERPARAMETER', /param_groups\[0\]\.weight_decay/],

@@ -2208,6 +2208,12 @@ export interface operations {
                         weight_decay?: number;
                         /** @description Whether it maximizes the objective */
                         maximize?: boolean;
+                        /** @description torch's flag, kept in the group as given (the step is the single-tensor path whatever it says) */
+                        foreach?: boolean | null;
+                        /** @description torch's flag: false or null (the service has no differentiable step) */
+                        differentiable?: boolean | null;
+                        /** @description torch's flag: false or null (the service has no CUDA-graph step) */
+                        capturable?: boolean | null;
                     }[];
                     /** @description Training metrics of this step, e.g. {"loss": 0.41, "samples": 32}: at most 32 finite numbers named like sessions. GET .../metrics returns the series. */
                     metrics?: {
@@ -2607,6 +2613,12 @@ export interface operations {
                         weight_decay?: number;
                         /** @description Whether it maximizes the objective */
                         maximize?: boolean;
+                        /** @description torch's flag, kept in the group as given (the step is the single-tensor path whatever it says) */
+                        foreach?: boolean | null;
+                        /** @description torch's flag: false or null (the service has no differentiable step) */
+                        differentiable?: boolean | null;
+                        /** @description torch's flag: false or null (the service has no CUDA-graph step) */
+                        capturable?: boolean | null;
                     }[];
                 };
             };
