@@ -86,6 +86,7 @@ export const ParamGroup = Type.Object({
   lr: Type.Number(), lambd: Type.Number(), alpha: Type.Number(), t0: Type.Number(), weight_decay: Type.Number(),
   foreach: Type.Union([Type.Boolean(), Type.Null()]), maximize: Type.Boolean(), differentiable: Type.Boolean(), capturable: Type.Boolean(),
   params: Type.Array(Type.Integer(), { description: 'Indices of the group\'s parameters, in session order' }),
+  param_names: Type.Optional(Type.Array(Type.String(), { description: 'As torch (2.6 on) keeps them for an optimizer made from model.named_parameters(): one name for each of `params`; present when the session was given them' })),
 }, { title: 'ParamGroup', additionalProperties: true, description: 'A param group as torch.optim.ASGD.state_dict() writes it' });
 
 // ---- sessions and snapshots ---------------------------------------------------------------------------------
@@ -154,7 +155,9 @@ export const Session = Type.Object({
 }, { title: 'Session' });
 
 export const Snapshot = Type.Object({
-  id: Type.Integer(), version: Type.Integer(), step: Type.Integer(), reason: Type.String(), pinned: Type.Boolean(),
+  id: Type.Integer(), version: Type.Integer(), step: Type.Integer(),
+  reason: Type.String({ description: 'What wrote it: create, fork, step (every snapshot_every versions, or the step log\'s byte bound), manual (POST …/snapshots), hyperparameters (PATCH …/param_groups), load_state_dict, load_checkpoint, load_params (the PUTs), restore, shutdown' }),
+  pinned: Type.Boolean(),
   byte_size: Type.Integer(), checksum: Type.String({ description: 'sha256:<hex> of the snapshot\'s bytes' }), created_at: Type.String({ format: 'date-time' }),
 }, { title: 'Snapshot' });
 

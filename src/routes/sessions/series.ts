@@ -49,7 +49,7 @@ const seriesRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
             version: Type.Integer(),
             step: Type.Integer(),
             time: Type.String({ format: 'date-time' }),
-            reason: Type.String({ description: '"step" (a step set them: a scheduler), or the change that is not a step: load_state_dict, load_checkpoint, restore' }),
+            reason: Type.String({ description: '"step" (a step set them: a scheduler), or the change that is not a step: hyperparameters (PATCH …/param_groups), load_state_dict, load_checkpoint, restore' }),
             param_groups: Type.Array(Type.Record(Type.String(), Type.Unknown()), { description: 'Each group\'s hyperparameters after the change' }),
           })),
           next_after_version: Type.Integer(),

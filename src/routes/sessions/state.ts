@@ -78,7 +78,7 @@ const ParamsIn = Type.Object({
   version: Type.Optional(Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER, description: 'As GET params answers it (the version read): ignored; If-Match is the condition on the version' })),
   step: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'As GET params answers it: ignored (the session\'s step stays)' })),
   averaged: Type.Optional(Type.Boolean({ description: 'As GET params answers it (true for ASGD\'s averages ax): ignored; the tensors sent become the parameters' })),
-}, { additionalProperties: false, examples: [{ params: { w: { shape: [2, 2], data: [0.5, -0.25, 0.125, 0] }, b: [0.1, 0.2] } }] });
+}, { additionalProperties: false, examples: [{ params: { w: { shape: [2, 2], data: [0.5, -0.25, 0.125, 0] } } }] });
 
 /**
  * The parameters of a PUT params body, float32 and finite. Finite as create requires it: a session never

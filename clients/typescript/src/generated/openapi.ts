@@ -928,6 +928,8 @@ export interface components {
             capturable: boolean;
             /** @description Indices of the group's parameters, in session order */
             params: number[];
+            /** @description As torch (2.6 on) keeps them for an optimizer made from model.named_parameters(): one name for each of `params`; present when the session was given them */
+            param_names?: string[];
         } & {
             [key: string]: unknown;
         };
@@ -1066,6 +1068,7 @@ export interface components {
             id: number;
             version: number;
             step: number;
+            /** @description What wrote it: create, fork, step (every snapshot_every versions, or the step log's byte bound), manual (POST …/snapshots), hyperparameters (PATCH …/param_groups), load_state_dict, load_checkpoint, load_params (the PUTs), restore, shutdown */
             reason: string;
             pinned: boolean;
             byte_size: number;
@@ -2381,11 +2384,7 @@ export interface operations {
                  *             0.125,
                  *             0
                  *           ]
-                 *         },
-                 *         "b": [
-                 *           0.1,
-                 *           0.2
-                 *         ]
+                 *         }
                  *       }
                  *     }
                  */
@@ -3307,7 +3306,7 @@ export interface operations {
                             step: number;
                             /** Format: date-time */
                             time: string;
-                            /** @description "step" (a step set them: a scheduler), or the change that is not a step: load_state_dict, load_checkpoint, restore */
+                            /** @description "step" (a step set them: a scheduler), or the change that is not a step: hyperparameters (PATCH …/param_groups), load_state_dict, load_checkpoint, restore */
                             reason: string;
                             /** @description Each group's hyperparameters after the change */
                             param_groups: {
