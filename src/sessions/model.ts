@@ -65,6 +65,12 @@ export interface StepOptions {
   ifMatch?: number | null;
   idempotencyKey?: string | null;
   requestHash?: string;
+  /**
+   * The hashes earlier releases took of this request (a JSON step's), computed when a key's recorded hash is
+   * not requestHash: an answer recorded before an upgrade (or by an older replica in a rolling one) still
+   * answers its retry.
+   */
+  olderRequestHashes?: () => string[];
   baseVersion?: number | null;
   /** Where base_version came from: its 409 BASE_VERSION_AHEAD when it is newer than the session names it there. */
   baseVersionFrom?: BaseVersionFrom;
@@ -87,4 +93,9 @@ export interface StepOptions {
    * connections), else the connection.
    */
   client?: object | string;
+}
+
+/** Whether a key's recorded hash is this request's: its hash now, or one an earlier release took (StepOptions.olderRequestHashes). */
+export function sameRequest(recorded: string | null, hash: string | null, opts: StepOptions): boolean {
+  return recorded === hash || (recorded !== null && (opts.olderRequestHashes?.().includes(recorded) ?? false));
 }

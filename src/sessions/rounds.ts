@@ -24,7 +24,7 @@ import * as repo from './repository.ts';
 import type { SessionRecord } from './repository.ts';
 import * as store from './rounds-repository.ts';
 import type { OpenRound } from './rounds-repository.ts';
-import type { StepAnswer, StepOptions } from './model.ts';
+import { sameRequest, type StepAnswer, type StepOptions } from './model.ts';
 import type { SessionState } from './state.ts';
 import { applyHyperDelta, baseVersionTooNew, groupHyperparameters, parseStepHyper } from './step-input.ts';
 
@@ -162,12 +162,12 @@ export function createRoundService(options: RoundServiceOptions) {
           if (key !== null) {
             const previous = await store.findKeyAnswer(tx, session.id, key, host.idempotencyWindowSeconds);
             if (previous) {
-              if (previous.requestHash !== (opts.requestHash ?? '')) throw errors.idempotencyKeyReused();
+              if (!sameRequest(previous.requestHash, opts.requestHash ?? '', opts)) throw errors.idempotencyKeyReused();
               return { kind: 'answered', answer: { ...(previous.response as unknown as StepAnswer), replayed: true } };
             }
             const mine = await store.findContributionByKey(tx, session.id, key);
             if (mine) {
-              if (mine.requestHash !== (opts.requestHash ?? null)) throw errors.idempotencyKeyReused();
+              if (!sameRequest(mine.requestHash, opts.requestHash ?? null, opts)) throw errors.idempotencyKeyReused();
               if (mine.version === session.version) {
                 // Stored by an earlier request with this key: wait again, or step the round if its timeout made it due.
                 const round = await store.readRound(tx, session.id, session.version);

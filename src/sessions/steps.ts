@@ -21,7 +21,7 @@ import { consistentRead, mustFind, type SessionContext } from './context.ts';
 import { decodeGradients, packGradients, unpackGradients, type GradientInput } from './gradients.ts';
 import type { History } from './history.ts';
 import { Linger } from './linger.ts';
-import type { StepAnswer, StepOptions } from './model.ts';
+import { sameRequest, type StepAnswer, type StepOptions } from './model.ts';
 import type { Reads } from './reads.ts';
 import * as repo from './repository.ts';
 import type { SnapshotWriter } from './snapshot-writer.ts';
@@ -237,7 +237,7 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
         for (const k of appended.known) {
           const s = steps[k.index];
           if (!k.live) expired.push(s.key!);
-          else if (k.requestHash !== s.requestHash) {
+          else if (!sameRequest(k.requestHash, s.requestHash, s.request.opts)) {
             s.request.reject(errors.idempotencyKeyReused());
             settled.add(k.index);
           } else {

@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
 import { test } from 'node:test';
 import { buildTestApp, randomData } from '../helper.ts';
 import { PyDict, PyTuple, readSafetensors, readTorchSave, streamToBuffer, torchSaveToBuffer, writeSafetensors, type Tensor } from '../../src/formats/index.ts';
@@ -174,6 +175,34 @@ test('If-Match, Idempotency-Key and bounded staleness', async (t) => {
   const future = await step({}, '?base_version=999');
   assert.equal(future.statusCode, 409);
   assert.equal(future.json().code, 'BASE_VERSION_AHEAD');
+});
+
+test('an Idempotency-Key answer recorded by an earlier release (its hash of a JSON step) still answers the retry after an upgrade', async (t) => {
+  // An upgrade review: every JSON step's retry whose key an older release recorded was 422 IDEMPOTENCY_KEY_REUSED
+  // (until 12-03 the hash was of the body as parsed; until 12-04 of sorted keys without -0).
+  const app = await setup(t);
+  const sha = (text: string) => createHash('sha256').update(text).digest('hex');
+  const g = grads(4);
+  const [first] = Object.keys(g);
+  const withZero = { ...g, [first]: [-0, ...g[first as keyof typeof g].slice(1)] };
+  const cases: [string, string, Record<string, unknown>, string, (body: Record<string, unknown>) => string][] = [
+    ['the body as parsed (until 12-03)', 'old-1', { base_version: 1, grads: g, metrics: { loss: 2 } }, '', (b) => sha(`${JSON.stringify(b)}base:1`)],
+    ['sorted keys, -0 written as 0 (until 12-04)', 'old-2', { grads: withZero }, '?worker=w1', (b) => sha(`{"grads":${JSON.stringify(Object.fromEntries(Object.keys(b.grads as object).sort().map((k) => [k, (b.grads as Record<string, unknown>)[k]])))}}worker:w1`)],
+  ];
+  for (const [what, key, body, query, oldHash] of cases) {
+    const send = (payload: Record<string, unknown>) => app.inject({ method: 'POST', url: `/v1/sessions/sd/step${query}`, headers: { 'idempotency-key': key, 'content-type': 'application/json' }, payload: JSON.stringify(payload) });
+    const sent = await send(body);
+    assert.equal(sent.statusCode, 200, `${what}: ${sent.body}`);
+    // As the earlier release recorded it.
+    await app.db.query('UPDATE idempotency_keys SET request_hash = $1 WHERE key = $2', [oldHash(body), key]);
+    const retry = await send(body);
+    assert.equal(retry.statusCode, 200, `${what}: ${retry.body}`);
+    assert.equal(retry.json().replayed, true, what);
+    assert.equal(retry.json().version, sent.json().version, what);
+    const other = await send({ ...body, grads: grads(5) });
+    assert.equal(other.json().code, 'IDEMPOTENCY_KEY_REUSED', `${what}: another body under the key is still refused`);
+  }
+  assert.equal((await app.inject({ url: '/v1/sessions/sd' })).json().step, 2, 'each step was applied once');
 });
 
 test('param_names (torch 2.6 on, an optimizer made from named_parameters()) travel with the state_dict: created, loaded and served in JSON, .pt and safetensors', async (t) => {

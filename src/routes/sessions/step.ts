@@ -1,7 +1,7 @@
 // POST /v1/sessions/:name/step: one optimizer step, acknowledged after it committed. The step may carry
 // the groups' hyperparameters for it (a scheduler's values) and training metrics, and may answer with the
 // new parameters, so that a training loop needs one request per step.
-import { createHash } from 'node:crypto';
+import { createHash, type Hash } from 'node:crypto';
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import type { Config } from '../../config.ts';
@@ -215,6 +215,7 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
     let input: GradientInput;
     let paramGroups: unknown;
     let metrics: Record<string, number> | null;
+    let olderHashes: (() => string[]) | undefined;
     if (Buffer.isBuffer(body)) {
       const format = contentFormat(request);
       const read = await readStepGradients(name, format, body); // float32, or F16/BF16 widened exactly and logged as received
@@ -256,11 +257,20 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
           throw errors.invalidBody('grads: nested too deeply');
         }
         hash.update(text);
+        // The hashes of the releases before this form (the body as parsed, until 12-03; sorted keys without
+        // -0, until 12-04): their recorded answers still answer a retry after an upgrade (an upgrade review:
+        // every JSON step's retry was 422 IDEMPOTENCY_KEY_REUSED). Taken only when a recorded hash differs.
+        const parsed = body;
+        olderHashes = () => [JSON.stringify(parsed), canonicalJson(rest, false)].map((t) => withReadFields(createHash('sha256').update(t)).digest('hex'));
       }
     }
-    if (baseVersion !== null) hash?.update(`base:${baseVersion}`);
-    if (worker !== null) hash?.update(`worker:${worker}`);
-    if (samples !== null) hash?.update(`samples:${samples}`);
+    const withReadFields = (h: Hash): Hash => {
+      if (baseVersion !== null) h.update(`base:${baseVersion}`);
+      if (worker !== null) h.update(`worker:${worker}`);
+      if (samples !== null) h.update(`samples:${samples}`);
+      return h;
+    };
+    if (hash) withReadFields(hash);
     let encoded: Encoded | null = null;
     // A contribution may wait for its round: a client that goes away ends the wait.
     const arrived = Date.now();
@@ -278,6 +288,7 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
       idempotencyKey,
       client: worker ?? request.raw.socket,
       requestHash: hash?.digest('hex'),
+      olderRequestHashes: olderHashes,
       baseVersion,
       baseVersionFrom,
       paramGroups,
@@ -347,13 +358,13 @@ function hasNegativeZero(values: unknown[]): boolean {
  * except that -0 is written `-0` (JSON.stringify writes 0): a gradient's -0.0 and 0 are other float32
  * values, so a retry that changed one is another request (found by a hostile review).
  */
-function canonicalJson(value: unknown): string {
+function canonicalJson(value: unknown, negativeZero = true): string {
   if (Array.isArray(value)) {
-    if (typeof value[0] === 'number' && !hasNegativeZero(value)) return JSON.stringify(value);
-    return `[${value.map((v) => canonicalJson(v === undefined ? null : v)).join(',')}]`;
+    if (typeof value[0] === 'number' && !(negativeZero && hasNegativeZero(value))) return JSON.stringify(value);
+    return `[${value.map((v) => canonicalJson(v === undefined ? null : v, negativeZero)).join(',')}]`;
   }
   if (value !== null && typeof value === 'object') {
-    return `{${Object.keys(value).sort().map((k) => `${JSON.stringify(k)}:${canonicalJson((value as Record<string, unknown>)[k])}`).join(',')}}`;
+    return `{${Object.keys(value).sort().map((k) => `${JSON.stringify(k)}:${canonicalJson((value as Record<string, unknown>)[k], negativeZero)}`).join(',')}}`;
   }
-  return Object.is(value, -0) ? '-0' : (JSON.stringify(value) ?? 'null');
+  return negativeZero && Object.is(value, -0) ? '-0' : (JSON.stringify(value) ?? 'null');
 }
