@@ -115,18 +115,30 @@ _SOCKETS: "weakref.WeakSet[Any]" = weakref.WeakSet()
 _CONNECTIONS: "weakref.WeakSet[Connection]" = weakref.WeakSet()
 
 
+#: What a forked child inherited (see _forget_inherited): kept, never closed or freed there.
+_INHERITED: List[Any] = []
+
+
 def _forget_inherited() -> None:
-    """In a child made by fork(): the connections it inherited are closed (this process's copies of their
-    sockets; the parent's stay open, nothing is sent) and each Connection opens its own when next used; a
+    """In a child made by fork(): the sockets of the connections it inherited are closed (this process's copies
+    of them; the parent's stay open, nothing is sent) and each Connection opens its own when next used; a
     request started before the fork is read by sending it again (its Idempotency-Key makes that safe). Two
     processes reading one socket take each other's answers (found by a review: one RemoteASGD used by two
-    forked workers credited a fifth of the steps to the wrong one, and with 2 MB steps tore answers apart)."""
-    for sock in list(_SOCKETS):
-        try:
-            sock.close()
-        except Exception:  # pragma: no cover - closing a broken socket
-            pass
+    forked workers credited a fifth of the steps to the wrong one, and with 2 MB steps tore answers apart).
+    Only the file descriptors are closed: a connection's buffered reader may be locked by a thread of the
+    parent's that was reading an answer (a step(wait=False)), which the child does not have, so closing or
+    freeing it would wait for ever (a diff review: DataLoader workers forked while a step was in flight hung).
+    The inherited objects are kept instead, unused."""
+    for conn in list(_SOCKETS):
+        _INHERITED.append(conn)
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            try:
+                os.close(sock.detach())
+            except (OSError, ValueError):  # pragma: no cover - a socket closed already
+                pass
     for conn in list(_CONNECTIONS):
+        _INHERITED.append(conn._local)
         conn._local = threading.local()
 
 

@@ -441,6 +441,15 @@ def _result_of_previous(pending: Any, then: str) -> Any:
         raise
 
 
+def _forked_error(opt: "RemoteASGD") -> RuntimeError:
+    return RuntimeError(
+        f"this RemoteASGD of session {opt.session!r} was built in process {opt._pid} and is used in process "
+        f"{os.getpid()}, forked from it: its connection to the service, and a step it has in flight, belong to "
+        f"the process that built it (two processes reading one connection take each other's answers). Build "
+        f"RemoteASGD in each worker process instead, after the fork (it joins the session; torch's Hogwild "
+        f"example builds its optimizer in each process too)")
+
+
 def _in_own_process(method: Any) -> Any:
     """A RemoteASGD method that talks to the service: refused in a process forked from the one that built the
     optimizer (its connection, its step in flight and its lock are that process's; the child's copies of the
@@ -449,12 +458,7 @@ def _in_own_process(method: Any) -> Any:
     @functools.wraps(method)
     def checked(self: "RemoteASGD", *args: Any, **kwargs: Any) -> Any:
         if getattr(self, "_pid", None) not in (None, os.getpid()):
-            raise RuntimeError(
-                f"this RemoteASGD of session {self.session!r} was built in process {self._pid} and is used in process "
-                f"{os.getpid()}, forked from it: its connection to the service, and a step it has in flight, belong to "
-                f"the process that built it (two processes reading one connection take each other's answers). Build "
-                f"RemoteASGD in each worker process instead, after the fork (it joins the session; torch's Hogwild "
-                f"example builds its optimizer in each process too)")
+            raise _forked_error(self)
         return method(self, *args, **kwargs)
 
     return checked
@@ -774,7 +778,7 @@ class RemoteASGD(torch.optim.Optimizer):
         if not send_base_version:
             raise ValueError("send_base_version=False cannot be used in a session with aggregation: a contribution needs its base_version")
 
-    def _take_session(self, info: Mapping[str, Any], update_local: bool = True) -> None:
+    def _take_session(self, info: Mapping[str, Any], update_local: bool = True, keep_equal: bool = True) -> None:
         """Records a session answer; with ``update_local`` the groups take the session's hyperparameters."""
         self._info = dict(info)
         if "aggregation" in info:
@@ -786,7 +790,7 @@ class RemoteASGD(torch.optim.Optimizer):
         if update_local:
             for local, remote in zip(self.param_groups, remote_groups):
                 for k, v in remote.items():
-                    if k in HYPERPARAMETER_KEYS and k in local and _equal_hyper(k, local[k], v):
+                    if keep_equal and k in HYPERPARAMETER_KEYS and k in local and _equal_hyper(k, local[k], v):
                         # The value this optimizer holds, as it was given: the session's answer does not say
                         # which numbers are ints (a worker joining a session made with t0=100 took 100.0,
                         # where torch.optim.ASGD(t0=100) keeps the int; a torch 2.x user's review).
@@ -1212,6 +1216,8 @@ class RemoteASGD(torch.optim.Optimizer):
                     known[k] = _hyper_value(k, remote[k])
 
     def _apply_pending(self, block: bool) -> None:
+        if self._pid != os.getpid():  # reached without a public method (a SessionState taken before a fork)
+            raise _forked_error(self)
         pending = self._pending
         if pending is None or (not block and not pending.done()):
             return
@@ -1244,6 +1250,8 @@ class RemoteASGD(torch.optim.Optimizer):
         """Waits for a pipelined step and loads its parameters (as :meth:`synchronize`), but sends nothing:
         what reading the state does. Parameters edited in the model stay edited (the AWD-LSTM idiom swaps
         ``ax`` in while it reads ``state[p]``) and are sent by the next step only if they still differ then."""
+        if self._pid != os.getpid():
+            raise _forked_error(self)
         with self._lock:
             if warn_in_flight and self._pending is not None and "state-in-flight" not in self._warned:
                 # Copies of p.data taken before this read hold the parameters from before the step in flight:
@@ -1548,7 +1556,7 @@ class RemoteASGD(torch.optim.Optimizer):
                         "load optimizer state: it takes the session's when it joins (load a scheduler's state_dict alone).",
                         self.worker, self.session, before, after)
         with self._lock:
-            self._take_session(info, update_local=True)
+            self._take_session(info, update_local=True, keep_equal=False)  # the loaded values replace the groups', as in torch
         for local, loaded in zip(self.param_groups, full_groups):
             for k, v in loaded.items():
                 if k == "params" or (k in FLAG_KEYS and k not in local_group_keys()):
@@ -1707,7 +1715,7 @@ class RemoteASGD(torch.optim.Optimizer):
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if exc[0] is None:
+        if exc[0] is None and self._pid == os.getpid():  # in a forked child: only its connection is closed
             self._synchronize(groups=False)
         self.close()
 

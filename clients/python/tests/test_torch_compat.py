@@ -1,16 +1,20 @@
 """RemoteASGD takes what torch.optim.ASGD takes: numpy and tensor hyperparameters, ``param_names`` (torch 2.6+),
 torch's flags, pickling through a scheduler's state_dict (torch 1.13), and the state_dict hooks (torch 2.x)."""
 
+import contextlib
 import io
 import os
 import pickle
+import time
 import unittest
 import warnings
 
 import numpy as np
 import torch
 
-from _common import HYPER, TORCH_KEEPS_PARAM_NAMES as KEEPS_NAMES, ServiceTestCase, make_model, train
+from torch import nn
+
+from _common import HYPER, TORCH_KEEPS_PARAM_NAMES as KEEPS_NAMES, ServiceTestCase, batch, make_model, train
 
 STEPS = 30
 HAS_SD_HOOKS = hasattr(torch.optim.Optimizer, "register_state_dict_pre_hook")
@@ -145,6 +149,19 @@ class TensorLearningRate(ServiceTestCase):
         self.assertIsInstance(sd["param_groups"][0]["lr"], torch.Tensor, "state_dict keeps the tensor, as torch's")
         self.assertEqual(sd["param_groups"][0]["lr"].item(), torch.tensor(0.02).item())
         self.assertStateDictEqual(state_only(sd), state_only(torch_opt.state_dict()))
+
+    def test_a_loaded_float_lr_replaces_a_tensor_lr_of_the_same_value_as_in_torch(self):
+        # A diff review: a joining worker keeps its own equal values, and load_state_dict took that path too.
+        import warnings as w
+
+        saved = torch.optim.ASGD(make_model().parameters(), **dict(HYPER, lr=0.5)).state_dict()
+        with w.catch_warnings():
+            w.simplefilter("ignore")
+            ref = torch.optim.ASGD(make_model().parameters(), **dict(HYPER, lr=torch.tensor(0.5)))
+            opt = self.remote(make_model().named_parameters(), **dict(HYPER, lr=torch.tensor(0.5)))
+        ref.load_state_dict(saved)
+        opt.load_state_dict(saved)
+        self.assertEqual((type(opt.param_groups[0]["lr"]), opt.param_groups[0]["lr"]), (type(ref.param_groups[0]["lr"]), ref.param_groups[0]["lr"]))
 
     def test_load_state_dict_with_a_tensor_lr_keeps_it_and_steps_with_its_value(self):
         ref, model = make_model(), make_model()
@@ -344,6 +361,69 @@ class Forked(ServiceTestCase):
             self.assertEqual(at, version)
             for name, p in model.named_parameters():
                 self.assertTrue(torch.equal(p.detach(), held[name]), name)
+
+
+    @unittest.skipUnless(hasattr(os, "fork"), "needs fork()")
+    def test_a_fork_while_another_thread_reads_an_answer_does_not_block_the_child(self):
+        # A diff review: closing the child's copy of a connection whose buffered reader a parent's thread was
+        # reading (a step(wait=False), DataLoader workers forked meanwhile) waited for ever in the child.
+        import multiprocessing
+        import socket
+        import threading
+
+        from asgd_client.http import Connection
+
+        server = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(server.close)
+        held = []
+        threading.Thread(target=lambda: held.append(server.accept()), daemon=True).start()
+        conn = Connection(f"http://127.0.0.1:{server.getsockname()[1]}", timeout=30, retries=0)
+        def read():
+            with contextlib.suppress(Exception):
+                conn.request("GET", "/healthz")
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 10
+        while not held and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the thread is blocked reading the answer that never comes
+        self.assertTrue(reader.is_alive())
+        child = multiprocessing.get_context("fork").Process(target=lambda: None)
+        child.start()
+        child.join(15)
+        alive = child.is_alive()
+        if alive:
+            child.kill()
+        self.assertFalse(alive, "the forked child did not finish")
+        self.assertEqual(child.exitcode, 0)
+
+    @unittest.skipUnless(hasattr(os, "fork"), "needs fork()")
+    def test_a_child_forked_inside_a_with_block_leaves_it_without_waiting_for_the_parents_steps(self):
+        model = make_model()
+        with self.remote(model.named_parameters()) as opt:
+            for i in range(3):
+                opt.zero_grad()
+                nn.functional.mse_loss(model(batch(i)[0]), batch(i)[1]).backward()
+                opt.step(wait=False)  # in flight on the parent's thread at the fork
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    opt.__exit__(None, None, None)
+                finally:
+                    os._exit(0)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            self.fail("the child waited on the parent's steps")
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+        self.assertEqual(opt.version, 4)
 
 
 class ParamNames(ServiceTestCase):
