@@ -96,7 +96,7 @@ export function changeKeyOf(request: FastifyRequest): ChangeKey<SessionRecord> |
   if (Buffer.isBuffer(body)) hash.update(`${contentFormat(request)}\n`).update(body);
   else if (body !== undefined && body !== null) {
     try {
-      hash.update(`json\n${canonicalJson(body)}`);
+      hash.update(`json\n${canonicalJson(body, true)}`); // -0 as -0: PUT params with 0 and then -0 under one key was answered as a retry (a review)
     } catch {
       // Only nesting deep enough to exhaust the stack fails here; such a body is refused anyway.
       throw errors.invalidBody('nested too deeply');

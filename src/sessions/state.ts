@@ -155,14 +155,18 @@ export class SessionState {
   }
 }
 
-/** JSON with object keys sorted at every level (jsonb does not keep key order). */
-export function canonicalJson(value: unknown): string {
-  if (Array.isArray(value)) return `[${value.map(canonicalJson).join(',')}]`;
+/**
+ * JSON with object keys sorted at every level (jsonb does not keep key order). `negativeZero`: -0 is written
+ * as -0 (a request's hash: a tensor's -0.0 and 0 are other float32 values), not as JSON.stringify's 0
+ * (snapshot checksums keep that form).
+ */
+export function canonicalJson(value: unknown, negativeZero = false): string {
+  if (Array.isArray(value)) return `[${value.map((v) => canonicalJson(v, negativeZero)).join(',')}]`;
   if (value !== null && typeof value === 'object') {
     const entries = Object.entries(value as Record<string, unknown>).filter(([, v]) => v !== undefined).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
-    return `{${entries.map(([k, v]) => `${JSON.stringify(k)}:${canonicalJson(v)}`).join(',')}}`;
+    return `{${entries.map(([k, v]) => `${JSON.stringify(k)}:${canonicalJson(v, negativeZero)}`).join(',')}}`;
   }
-  return JSON.stringify(value);
+  return negativeZero && Object.is(value, -0) ? '-0' : JSON.stringify(value);
 }
 
 /**

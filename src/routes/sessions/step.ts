@@ -257,11 +257,17 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
           throw errors.invalidBody('grads: nested too deeply');
         }
         hash.update(text);
-        // The hashes of the releases before this form (the body as parsed, until 12-03; sorted keys without
-        // -0, until 12-04): their recorded answers still answer a retry after an upgrade (an upgrade review:
-        // every JSON step's retry was 422 IDEMPOTENCY_KEY_REUSED). Taken only when a recorded hash differs.
+        // The hash of the releases before 12-03 (the body as parsed, in its key order): its recorded answers
+        // still answer a retry after an upgrade (an upgrade review: every JSON step's retry was 422
+        // IDEMPOTENCY_KEY_REUSED). Not for a body holding -0: that form writes it as 0, so it would match the
+        // answer recorded for the same step with 0, another request (a review of this fix); the 12-03 form
+        // (sorted keys, -0 as 0) is this one for every other body. Taken once, and only when a recorded hash
+        // differs from this one.
         const parsed = body;
-        olderHashes = () => [JSON.stringify(parsed), canonicalJson(rest, false)].map((t) => withReadFields(createHash('sha256').update(t)).digest('hex'));
+        let older: string[] | undefined;
+        olderHashes = () => (older ??= canonicalJson(rest, false) !== canonicalJson(rest)
+          ? []
+          : [withReadFields(createHash('sha256').update(JSON.stringify(parsed))).digest('hex')]);
       }
     }
     const withReadFields = (h: Hash): Hash => {
