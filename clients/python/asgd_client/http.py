@@ -137,6 +137,8 @@ def _forget_inherited() -> None:
                 os.close(sock.detach())
             except (OSError, ValueError):  # pragma: no cover - a socket closed already
                 pass
+            if getattr(sock, "_sslobj", None) is not None:
+                sock._sslobj = None  # a TLS socket's would still read its old descriptor number (a review)
     for conn in list(_CONNECTIONS):
         _INHERITED.append(conn._local)
         conn._local = threading.local()

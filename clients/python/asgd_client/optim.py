@@ -1765,7 +1765,23 @@ class _AnswerFuture(Future):
 
     def __init__(self, inner: Future) -> None:
         super().__init__()
+        self._pid = os.getpid()
         inner.add_done_callback(self._settle)
+
+    def _forked(self) -> None:
+        # In a process forked from the one that sent it, the thread that would settle it is not there: waiting
+        # would be for ever (a review). Said as RemoteASGD's methods say it.
+        if self._pid != os.getpid() and not self.done():
+            raise RuntimeError(f"this step's Future belongs to process {self._pid}, which sent the step; this process "
+                               f"({os.getpid()}) was forked from it and cannot wait for it: build RemoteASGD in each worker process")
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        self._forked()
+        return super().result(timeout)
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        self._forked()
+        return super().exception(timeout)
 
     def _settle(self, inner: Future) -> None:
         err = inner.exception()

@@ -405,13 +405,19 @@ class Forked(ServiceTestCase):
             for i in range(3):
                 opt.zero_grad()
                 nn.functional.mse_loss(model(batch(i)[0]), batch(i)[1]).backward()
-                opt.step(wait=False)  # in flight on the parent's thread at the fork
+                future = opt.step(wait=False)  # the last one in flight on the parent's thread at the fork
             pid = os.fork()
             if pid == 0:
+                code = 1
                 try:
+                    try:
+                        future.result()  # answered before the fork, or its thread is the parent's: not waited for
+                        code = 0
+                    except RuntimeError as err:
+                        code = 0 if "was forked from it" in str(err) else 2
                     opt.__exit__(None, None, None)
                 finally:
-                    os._exit(0)
+                    os._exit(code)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             done, status = os.waitpid(pid, os.WNOHANG)
