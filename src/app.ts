@@ -263,9 +263,18 @@ async function dropUnreadBody(request: FastifyRequest, _reply: FastifyReply, pay
     raw.unpipe();
     raw.removeAllListeners('data');
     raw.resume();
+    // Until the body has ended, a request timeout is about a request answered already: no 408 (clientErrorHandler).
+    const socket = raw.socket as (Socket & { [answeredUnread]?: boolean }) | null;
+    if (socket) {
+      socket[answeredUnread] = true;
+      raw.once('end', () => (socket[answeredUnread] = false));
+    }
   }
   return payload;
 }
+
+/** On a connection: its request was answered before its body was read whole, and the rest is being dropped. */
+const answeredUnread = Symbol('answeredUnread');
 
 /**
  * What the app refuses before any route reads a request: an HTTP/1.1 request without one Host (RFC 9112
@@ -355,6 +364,12 @@ function clientErrorHandler(this: FastifyInstance, err: Error & { code?: string;
     }
     socket.destroy(err);
   };
+  // The request that timed out was answered (before its body was read whole: dropUnreadBody): a 408 would
+  // be a second answer to it, read as the answer to the client's next request (found by a review).
+  if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT' && (socket as Socket & { [answeredUnread]?: boolean })[answeredUnread]) {
+    socket.destroy(err);
+    return;
+  }
   const inFlight = marked._httpMessage;
   // A request that timed out while an answer before it is still being made (it waits its turn: inTurn): its
   // 408 would be read as that answer. The connection is cut instead; the client sends both again.

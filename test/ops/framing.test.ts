@@ -179,3 +179,27 @@ test('a body refused before it is read (its session\'s bound, an unknown session
   }
   assert.equal((await app.inject({ url: '/v1/sessions/bounded', headers: asAdmin })).json().version, 1, 'nothing was applied');
 });
+
+test('a body still arriving after its request was answered, cut by the request timeout: no second answer is written', async (t) => {
+  // A review: the 413 for a step over its session's bound, then the rest of the body trickled until the
+  // request timeout: a 408 followed the 413 on the connection, an answer to no request.
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN, ASGD_REQUEST_TIMEOUT_MS: '1500' } });
+  await createSession(app, 'trickled');
+  await app.listen({ host: '127.0.0.1', port: 0 });
+  const { port } = app.server.address() as { port: number };
+  const raw = await new Promise<string>((resolve) => {
+    const socket = connect(port, '127.0.0.1');
+    let got = '';
+    socket.on('data', (d) => (got += d.toString('latin1')));
+    socket.on('close', () => resolve(got));
+    socket.on('error', () => resolve(got));
+    socket.setTimeout(10_000, () => socket.destroy());
+    socket.write(`POST /v1/sessions/trickled/step HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${ADMIN}\r\nContent-Type: application/json\r\nContent-Length: 2000000\r\n\r\n{"grads":{"w":[`);
+    const trickle = setInterval(() => socket.writable && socket.write('0.5,'), 100);
+    socket.on('close', () => clearInterval(trickle));
+  });
+  const got = answers(raw);
+  assert.equal(got.length, 1, `one answer: ${raw.slice(0, 400)}`);
+  assert.equal(got[0].status, 413);
+  assert.equal(got[0].body.code, 'BODY_TOO_LARGE');
+});
