@@ -264,7 +264,7 @@ async function dropUnreadBody(request: FastifyRequest, _reply: FastifyReply, pay
     raw.removeAllListeners('data');
     raw.resume();
     // Until the body has ended, a request timeout is about a request answered already: no 408 (clientErrorHandler).
-    const socket = raw.socket as (Socket & { [answeredUnread]?: boolean }) | null;
+    const socket = raw.socket as AnsweringSocket | null;
     if (socket) {
       socket[answeredUnread] = true;
       raw.once('end', () => (socket[answeredUnread] = false));
@@ -275,6 +275,7 @@ async function dropUnreadBody(request: FastifyRequest, _reply: FastifyReply, pay
 
 /** On a connection: its request was answered before its body was read whole, and the rest is being dropped. */
 const answeredUnread = Symbol('answeredUnread');
+type AnsweringSocket = Socket & { [answeredUnread]?: boolean };
 
 /**
  * What the app refuses before any route reads a request: an HTTP/1.1 request without one Host (RFC 9112
@@ -366,7 +367,7 @@ function clientErrorHandler(this: FastifyInstance, err: Error & { code?: string;
   };
   // The request that timed out was answered (before its body was read whole: dropUnreadBody): a 408 would
   // be a second answer to it, read as the answer to the client's next request (found by a review).
-  if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT' && (socket as Socket & { [answeredUnread]?: boolean })[answeredUnread]) {
+  if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT' && (socket as AnsweringSocket)[answeredUnread]) {
     socket.destroy(err);
     return;
   }

@@ -156,17 +156,34 @@ export class SessionState {
 }
 
 /**
- * JSON with object keys sorted at every level (jsonb does not keep key order). `negativeZero`: -0 is written
- * as -0 (a request's hash: a tensor's -0.0 and 0 are other float32 values), not as JSON.stringify's 0
- * (snapshot checksums keep that form).
+ * JSON with object keys sorted at every level (jsonb does not keep key order; a request's hash is the same
+ * however its keys were ordered). `negativeZero`: -0 is written `-0` (a request's hash: a tensor's -0.0 and 0
+ * are other float32 values, found by a hostile review), not as JSON.stringify's 0 (snapshot checksums keep
+ * that form). A list of numbers (a gradient's data) is written at once, as JSON.stringify does.
  */
 export function canonicalJson(value: unknown, negativeZero = false): string {
-  if (Array.isArray(value)) return `[${value.map((v) => canonicalJson(v, negativeZero)).join(',')}]`;
+  if (Array.isArray(value)) {
+    if (typeof value[0] === 'number' && !(negativeZero && hasNegativeZero(value))) return JSON.stringify(value);
+    return `[${value.map((v) => canonicalJson(v === undefined ? null : v, negativeZero)).join(',')}]`;
+  }
   if (value !== null && typeof value === 'object') {
     const entries = Object.entries(value as Record<string, unknown>).filter(([, v]) => v !== undefined).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
     return `{${entries.map(([k, v]) => `${JSON.stringify(k)}:${canonicalJson(v, negativeZero)}`).join(',')}}`;
   }
-  return negativeZero && Object.is(value, -0) ? '-0' : JSON.stringify(value);
+  return negativeZero && Object.is(value, -0) ? '-0' : (JSON.stringify(value) ?? 'null');
+}
+
+/** Whether a list holds -0 (a plain loop: a gradient of 1e7 elements, many of them 0, is scanned in ~10 ms). */
+function hasNegativeZero(values: unknown[]): boolean {
+  for (let i = 0; i < values.length; i++) if (values[i] === 0 && Object.is(values[i], -0)) return true;
+  return false;
+}
+
+/** Whether a parsed JSON value holds -0 anywhere. */
+export function holdsNegativeZero(value: unknown): boolean {
+  if (Array.isArray(value)) return typeof value[0] === 'number' ? hasNegativeZero(value) : value.some(holdsNegativeZero);
+  if (value !== null && typeof value === 'object') return Object.values(value).some(holdsNegativeZero);
+  return Object.is(value, -0);
 }
 
 /**

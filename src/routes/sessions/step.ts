@@ -14,7 +14,7 @@ import type { BaseVersionFrom, StateView, StepAnswer as StepAnswerValue } from '
 import { MAX_SAMPLES } from '../../sessions/aggregation.ts';
 import { DEFAULT_WAIT_SECONDS } from '../../sessions/rounds.ts';
 import { NAME_PATTERN, SESSION_NAME_RULE, SESSION_NAME_SOURCE } from '../../sessions/spec.ts';
-import type { Layout } from '../../sessions/state.ts';
+import { canonicalJson, holdsNegativeZero, type Layout } from '../../sessions/state.ts';
 import { paramTensor, paramsJson } from '../../sessions/state-dict.ts';
 import { metadataJson, parseMetrics } from '../../sessions/step-input.ts';
 import { ACCESS, checkTokenStillActive, idempotencyKeyOf, ifMatchOf, jsonBody, jsonOrFile, setVersion } from '../common.ts';
@@ -251,7 +251,7 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
         const { base_version: _b, worker: _w, samples: _s, ...rest } = body as Record<string, unknown>;
         let text: string;
         try {
-          text = canonicalJson(rest);
+          text = canonicalJson(rest, true);
         } catch {
           // Only nesting deep enough to exhaust the stack fails here; the gradient would be refused anyway.
           throw errors.invalidBody('grads: nested too deeply');
@@ -263,11 +263,8 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
         // answer recorded for the same step with 0, another request (a review of this fix); the 12-03 form
         // (sorted keys, -0 as 0) is this one for every other body. Taken once, and only when a recorded hash
         // differs from this one.
-        const parsed = body;
         let older: string[] | undefined;
-        olderHashes = () => (older ??= canonicalJson(rest, false) !== canonicalJson(rest)
-          ? []
-          : [withReadFields(createHash('sha256').update(JSON.stringify(parsed))).digest('hex')]);
+        olderHashes = () => (older ??= holdsNegativeZero(rest) ? [] : [withReadFields(createHash('sha256').update(JSON.stringify(body))).digest('hex')]);
       }
     }
     const withReadFields = (h: Hash): Hash => {
@@ -351,26 +348,3 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
 };
 
 export default stepRoutes;
-
-/** Whether a list holds -0 (a plain loop: a gradient of 1e7 elements, many of them 0, is scanned in ~10 ms). */
-function hasNegativeZero(values: unknown[]): boolean {
-  for (let i = 0; i < values.length; i++) if (values[i] === 0 && Object.is(values[i], -0)) return true;
-  return false;
-}
-
-/**
- * JSON text of a parsed body with every object's keys sorted: the same for the same request however its
- * keys were ordered. A list of numbers (a gradient's data) is written at once, as JSON.stringify does,
- * except that -0 is written `-0` (JSON.stringify writes 0): a gradient's -0.0 and 0 are other float32
- * values, so a retry that changed one is another request (found by a hostile review).
- */
-function canonicalJson(value: unknown, negativeZero = true): string {
-  if (Array.isArray(value)) {
-    if (typeof value[0] === 'number' && !(negativeZero && hasNegativeZero(value))) return JSON.stringify(value);
-    return `[${value.map((v) => canonicalJson(v === undefined ? null : v, negativeZero)).join(',')}]`;
-  }
-  if (value !== null && typeof value === 'object') {
-    return `{${Object.keys(value).sort().map((k) => `${JSON.stringify(k)}:${canonicalJson((value as Record<string, unknown>)[k], negativeZero)}`).join(',')}}`;
-  }
-  return negativeZero && Object.is(value, -0) ? '-0' : (JSON.stringify(value) ?? 'null');
-}
