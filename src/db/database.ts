@@ -10,7 +10,7 @@ import { getTableName } from 'drizzle-orm';
 import type { PgDatabase, PgQueryResultHKT } from 'drizzle-orm/pg-core';
 import { schema } from './schema.ts';
 import { to as copyTo } from 'pg-copy-streams';
-import { copyToSql, parseBinaryCopy, type BinaryColumns } from './binary-results.ts';
+import { BinaryCopyParser, copyToSql, type BinaryColumns } from './binary-results.ts';
 import { describeDbFailure } from './errors.ts';
 import { listenPostgres, type ListenHandlers, type Listener } from './listener.ts';
 import { lockDataDir, type DataDirLock } from './data-dir-lock.ts';
@@ -42,6 +42,13 @@ export interface QueryOptions {
    * select order (see binary-results.ts). Only numeric parameters are allowed (PGlite inlines them).
    */
   binary?: BinaryColumns;
+  /**
+   * With `binary`: each row is handed to this as soon as it has arrived whole, in order, and the query
+   * resolves to no rows. On PostgreSQL the next rows are still on their way meanwhile (a catch-up applies a
+   * logged step while the next one arrives; none is held for the end). When it throws, the rest of the
+   * rows are read and dropped (the connection stays usable) and the query rejects with its error.
+   */
+  onRow?: (row: never) => void;
   /**
    * PostgreSQL only: a statement (named, prepared once per connection) run just before this one in the same
    * round trip and the same implicit transaction: both go out before one Sync, and the transaction commits
@@ -455,11 +462,22 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
   };
 
   /** A binary COPY of the query's rows to STDOUT (binary-results.ts). */
-  const binaryRead = <R>(on: pg.Pool | pg.PoolClient, text: string, params: unknown[], columns: BinaryColumns): Promise<R[]> =>
+  const binaryRead = <R>(on: pg.Pool | pg.PoolClient, text: string, params: unknown[], columns: BinaryColumns, onRow?: (row: R) => void): Promise<R[]> =>
     onClient(on, async (client) => {
-      const chunks: Buffer[] = [];
-      for await (const chunk of client.query(copyTo(copyToSql(text, params, 'STDOUT')))) chunks.push(chunk as Buffer);
-      return parseBinaryCopy<R>(chunks, columns);
+      const rows: R[] = [];
+      const parser = new BinaryCopyParser<R>(columns, onRow ?? ((row) => rows.push(row)));
+      let failure: { err: unknown } | null = null;
+      for await (const chunk of client.query(copyTo(copyToSql(text, params, 'STDOUT')))) {
+        if (failure) continue; // read to its end: the connection is then ready for the next statement
+        try {
+          parser.push(chunk as Buffer);
+        } catch (err) {
+          failure = { err };
+        }
+      }
+      if (failure) throw failure.err;
+      parser.end();
+      return rows;
     });
 
   /** The statement after opts.lockFirst in one round trip (LockFirstQuery), on one connection. */
@@ -479,7 +497,7 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
   const run = async <R>(client: pg.Pool | pg.PoolClient, text: string, params: unknown[] = [], opts: QueryOptions = {}) => {
     // Buffers travel as binary parameters; bytea results arrive hex-encoded unless the rows are read in
     // binary (opts.binary), which large bytea reads (snapshots, the step log) do.
-    if (opts.binary) return binaryRead<R>(client, text, params, opts.binary);
+    if (opts.binary) return binaryRead<R>(client, text, params, opts.binary, opts.onRow as ((row: R) => void) | undefined);
     if (opts.lockFirst) return lockedRun<R>(client, text, params, opts);
     const result = await client.query({ text, values: params, name: opts.name });
     return result.rows as R[];
@@ -689,7 +707,11 @@ async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Da
       // No binary result format in PGlite: a binary COPY into its blob device (binary-results.ts).
       const result = await on.query(copyToSql(text, params, "'/dev/blob'"));
       if (!result.blob) return [];
-      return parseBinaryCopy<R>(Buffer.from(await result.blob.arrayBuffer()), opts.binary);
+      const rows: R[] = [];
+      const parser = new BinaryCopyParser<R>(opts.binary, (opts.onRow as ((row: R) => void) | undefined) ?? ((row) => rows.push(row)));
+      parser.push(Buffer.from(await result.blob.arrayBuffer()));
+      parser.end();
+      return rows;
     }
     if (opts.copyFrom) {
       // One statement at a time (PGlite's own mutex), so one file name serves every COPY.

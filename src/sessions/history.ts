@@ -99,14 +99,18 @@ export function createHistory(ctx: SessionContext) {
     const from = state.version;
     try {
       while (state.version < target) {
-        const entries = await repo.readSteps(q, cache.idOf(state), state.version, target, page);
-        if (entries.length === 0) return false;
-        for (const entry of entries) {
-          if (entry.version !== state.version + 1) return false;
-          unpackGradients(state, entry.present, entry.grads, entry.gradDtype ?? 'float32');
+        // Each step is applied as it arrives, while PostgreSQL sends the next.
+        let gap = false;
+        const read = await repo.readSteps(q, cache.idOf(state), state.version, target, page, (entry) => {
+          if (gap || entry.version !== state.version + 1) {
+            gap = true;
+            return;
+          }
+          unpackGradients(state, entry.present, entry.grads, entry.gradDtype);
           if (entry.hyper) state.groups = applyHyperDelta(state.groups, entry.hyper);
           state.applyStep(entry.present, kernel, kernelOptions);
-        }
+        });
+        if (read === 0 || gap) return false;
       }
       return true;
     } finally {

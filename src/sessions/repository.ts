@@ -615,13 +615,26 @@ function copyRow(fields: (Buffer | null)[]): Uint8Array {
 }
 
 /** The log entries in (fromVersion, toVersion], in order, at most `limit` of them. */
-export async function readSteps(q: Queryable, sessionId: number, fromVersion: number, toVersion: number, limit: number): Promise<StepLogEntry[]> {
-  const rows = await q.query<Omit<StepLogEntry, 'gradDtype'> & { grad_dtype: GradDtype | null }>(
-    'SELECT version::float8 AS version, present, grads, hyper, grad_dtype FROM step_log WHERE session_id = $1 AND version > $2 AND version <= $3 ORDER BY version LIMIT $4',
+/**
+ * The logged steps in (fromVersion, toVersion], at most `limit`, in version order, each handed to `onEntry`
+ * as soon as it has arrived (the next is on its way meanwhile); how many were read.
+ */
+export async function readSteps(q: Queryable, sessionId: number, fromVersion: number, toVersion: number, limit: number, onEntry: (entry: StepLogEntry) => void): Promise<number> {
+  let count = 0;
+  // The gradient last: what applying it needs (its dtype, the hyperparameters it set) has arrived before it.
+  await q.query(
+    'SELECT version::float8 AS version, present, grad_dtype, hyper, grads FROM step_log WHERE session_id = $1 AND version > $2 AND version <= $3 ORDER BY version LIMIT $4',
     [sessionId, fromVersion, toVersion, limit],
-    { name: 'step_log_read', binary: { version: 'float8', present: 'jsonb', grads: 'bytea', hyper: 'jsonb', grad_dtype: 'text' } },
+    {
+      name: 'step_log_read',
+      binary: { version: 'float8', present: 'jsonb', grad_dtype: 'text', hyper: 'jsonb', grads: 'bytea' },
+      onRow: ({ grad_dtype, ...row }: Omit<StepLogEntry, 'gradDtype'> & { grad_dtype: GradDtype | null }) => {
+        count++;
+        onEntry({ ...row, gradDtype: grad_dtype ?? 'float32' });
+      },
+    },
   );
-  return rows.map(({ grad_dtype, ...row }) => ({ ...row, gradDtype: grad_dtype ?? 'float32' }));
+  return count;
 }
 
 /** Writes a snapshot row and its tensor chunks (each at most CHUNK_BYTES, in order); null when one exists at that version. */

@@ -93,3 +93,68 @@ test('PostgreSQL: a binary read that fails rejects with PostgreSQL\'s error, and
     await scratch.drop();
   }
 });
+
+test('a COPY stream\'s rows are handed over as each arrives whole, before the rest of the stream', async () => {
+  const { BinaryCopyParser } = await import('../../src/db/binary-results.ts');
+  const int32 = (n: number) => { const b = Buffer.alloc(4); b.writeInt32BE(n); return b; };
+  const int16 = (n: number) => { const b = Buffer.alloc(2); b.writeInt16BE(n); return b; };
+  const row = (n: number, bytes: number) => Buffer.concat([int16(2), int32(4), int32(n), int32(bytes), Buffer.alloc(bytes, n)]);
+  const stream = Buffer.concat([Buffer.from('PGCOPY\n\xff\r\n\0', 'latin1'), int32(0), int32(0), row(1, 300), row(2, 0), row(3, 5000), int16(-1)]);
+  const seen: { n: number; bytes: number; pushed: number }[] = [];
+  let pushed = 0;
+  const parser = new BinaryCopyParser<{ n: number; data: Buffer }>({ n: 'int4', data: 'bytea' }, (r) => {
+    assert.ok(r.data.every((b) => b === r.n));
+    seen.push({ n: r.n, bytes: r.data.byteLength, pushed });
+  });
+  const size = 100;
+  for (let at = 0; at < stream.length; at += size) {
+    pushed = Math.min(stream.length, at + size);
+    parser.push(stream.subarray(at, at + size));
+  }
+  parser.end();
+  // Each row is handed over by the push that completes it: 19 header bytes, then 14 + its bytes a row.
+  const ends = [19 + 14 + 300, 19 + 14 + 300 + 14, 19 + 14 + 300 + 14 + 14 + 5000];
+  assert.deepEqual(seen, [1, 2, 3].map((n, i) => ({ n, bytes: [300, 0, 5000][i], pushed: Math.min(stream.length, Math.ceil(ends[i] / size) * size) })));
+  // A second stream after the trailer, or a stream cut short, is refused.
+  assert.throws(() => parser.push(Buffer.from([0])), /after the end/);
+  const cut = new BinaryCopyParser({ n: 'int4', data: 'bytea' }, () => {});
+  cut.push(stream.subarray(0, 200));
+  assert.throws(() => cut.end(), /ended early/);
+});
+
+for (const kind of ['PGlite', 'PostgreSQL'] as const) {
+  test(`${kind}: rows read with onRow arrive in order; when onRow throws, the query rejects with its error and the connection goes on`, async () => {
+    const scratch = kind === 'PostgreSQL' ? await createTestDatabase() : null;
+    const db = await openDatabase({ databaseUrl: scratch?.url ?? null, dataDir: 'memory://', poolSize: 1 });
+    try {
+      await db.query('CREATE TABLE s_t (id int8, data bytea)');
+      for (let i = 1; i <= 5; i++) await db.query(`INSERT INTO s_t VALUES ($1, ${db.byteaParam(2)})`, [i, db.byteaValue(Buffer.alloc(300_000, i))]);
+      const ids: number[] = [];
+      const rows = await db.query('SELECT id, data FROM s_t WHERE id > $1 ORDER BY id', [0], {
+        binary: { id: 'int8', data: 'bytea' },
+        onRow: (row: { id: number; data: Buffer }) => {
+          assert.ok(row.data.byteLength === 300_000 && row.data.every((b) => b === row.id));
+          ids.push(row.id);
+        },
+      });
+      assert.deepEqual(rows, []);
+      assert.deepEqual(ids, [1, 2, 3, 4, 5]);
+      await db.transaction(async (tx) => {
+        const got: number[] = [];
+        await assert.rejects(tx.query('SELECT id, data FROM s_t WHERE id > $1 ORDER BY id', [0], {
+          binary: { id: 'int8', data: 'bytea' },
+          onRow: (row: { id: number }) => {
+            got.push(row.id);
+            if (row.id === 2) throw new Error('refused at 2');
+          },
+        }), /refused at 2/);
+        assert.deepEqual(got, [1, 2]); // nothing handed over after the error
+        // The same connection, in the same transaction, reads on.
+        assert.deepEqual(await tx.query('SELECT count(*)::int AS n FROM s_t'), [{ n: 5 }]);
+      });
+    } finally {
+      await db.close();
+      await scratch?.drop();
+    }
+  });
+}
