@@ -15,8 +15,21 @@ const HYPER_KEYS = ['lr', 'lambd', 'alpha', 't0', 'weight_decay', 'maximize'];
 /** A value for a chart: null (a gap) where it is not a finite number. */
 const finite = (/** @type {unknown} */ v) => (typeof v === 'number' && Number.isFinite(v) ? v : null);
 
-/** Parameters drawn in the norms charts (the table lists all). */
+/** Parameters drawn in the norms charts (the table lists the first NORM_TABLE_ROWS). */
 const NORM_CHART_PARAMS = 8;
+/**
+ * Rows of the norms table: a model of 20,000 named tensors made a table of 160,000 elements, rebuilt at each
+ * read of the norms (every 5 s while training), and the page stopped answering (a review). GET .../norms has all.
+ */
+const NORM_TABLE_ROWS = 500;
+/** Norms reads kept for the charts (one every 5 s while training: about 14 hours). */
+const NORM_HISTORY = 10_000;
+/**
+ * Metric charts drawn (loss first, then by name); the others are picked one at a time. A session collects any
+ * number of metric names (each step up to 32): with a chart for each, 1,600 names took the page 12 s to draw
+ * and 9,600 never finished (a review).
+ */
+const MAX_METRIC_CHARTS = 16;
 /** While steps stream in: at most one refresh per this (the first of a burst at once). */
 const REFRESH_EVERY_MS = 1000;
 /** The norms (the server reads every parameter) are read again at most this often. */
@@ -69,6 +82,10 @@ export function sessionPage(root, name, who) {
   });
   const chartsEl = h('div', { className: 'charts', id: 'charts' });
   const seriesNote = h('p', { className: 'muted' });
+  /** More metric names than MAX_METRIC_CHARTS: a note and a choice of one more to chart. */
+  const metricsMore = h('p', { className: 'muted', id: 'metrics-more', hidden: true });
+  /** The metric picked in metricsMore ('' none). */
+  let pickedMetric = '';
   const hyperEl = h('div', { id: 'hyper' });
   const normsEl = h('div', { id: 'norms' });
   const error = h('p', { className: 'error' });
@@ -77,6 +94,7 @@ export function sessionPage(root, name, who) {
   const content = h('div', { id: 'session-content' },
     cards,
     seriesNote,
+    metricsMore,
     // The charts' titles are h3: a heading above them for those who go by headings (h1, then h3 was a jump).
     h('h2', { className: 'visually-hidden' }, 'Charts'),
     chartsEl,
@@ -136,7 +154,11 @@ export function sessionPage(root, name, who) {
     }
     const xs = shown.map((p) => (xMode === 'time' ? p.time / 1000 : p.step));
     const buckets = shown.some((p) => p.min);
-    for (const k of metricNames(shown)) {
+    const names = metricNames(shown);
+    const charted = names.slice(0, MAX_METRIC_CHARTS);
+    drawMetricsMore(names);
+    if (pickedMetric && names.indexOf(pickedMetric) >= MAX_METRIC_CHARTS) charted.push(pickedMetric);
+    for (const k of charted) {
       const mean = shown.map((p) => p.values?.[k] ?? null);
       if (buckets) {
         chart({ key: `metric:${k}`, title: k, note: 'mean per bucket of versions, band: min to max', series: [{ label: k, band: true }, { label: 'min' }, { label: 'max' }] },
@@ -167,6 +189,30 @@ export function sessionPage(root, name, who) {
       chart({ key: 'norm', title: '‖param‖', note, series: params.map((p) => ({ label: p.name })) }, [nx, ...params.map((_, i) => seen.map((n) => finite(n.params[i]?.norm)))]);
       chart({ key: 'ax_norm', title: '‖ax‖ (ASGD average)', note, series: params.map((p) => ({ label: p.name })) }, [nx, ...params.map((_, i) => seen.map((n) => finite(n.params[i]?.ax_norm)))]);
     }
+  }
+
+  /** Says how many metrics are not charted, with a choice of one of them to chart; redrawn only when the names change. */
+  let metricsMoreOf = '';
+  /** @param {string[]} names */
+  function drawMetricsMore(names) {
+    const rest = names.slice(MAX_METRIC_CHARTS);
+    const key = rest.join('\n');
+    if (key === metricsMoreOf) return;
+    metricsMoreOf = key;
+    metricsMore.hidden = rest.length === 0;
+    if (rest.length === 0) {
+      metricsMore.replaceChildren();
+      return;
+    }
+    const pick = /** @type {HTMLSelectElement} */ (h('select', { 'aria-label': 'chart another metric' },
+      h('option', { value: '' }, 'chart one of them…'), ...rest.map((k) => h('option', { value: k }, k))));
+    pick.value = rest.includes(pickedMetric) ? pickedMetric : '';
+    pick.addEventListener('change', () => {
+      pickedMetric = pick.value;
+      drawCharts();
+      if (pickedMetric) charts.get(`metric:${pickedMetric}`)?.box.scrollIntoView({ block: 'nearest' });
+    });
+    metricsMore.replaceChildren(`${fmtNum(names.length)} metrics: the first ${MAX_METRIC_CHARTS} are charted (loss first, then by name), ${fmtNum(rest.length)} more `, pick);
   }
 
   function drawCards() {
@@ -232,11 +278,14 @@ export function sessionPage(root, name, who) {
       h('p', { className: 'muted' }, `Computed on demand from the state at version ${fmtNum(latest.version)} (L2 norms; not sampled at snapshots).`),
       h('div', { className: 'scroll' }, h('table', { id: 'norms-table' },
         h('thead', {}, h('tr', {}, ...['parameter', 'numel', '‖param‖', '‖ax‖', 'step', 'eta', 'mu'].map((t, i) => h('th', { className: i ? 'num' : '' }, t)))),
-        h('tbody', {}, ...latest.params.map((p) => h('tr', {},
+        h('tbody', {}, ...latest.params.slice(0, NORM_TABLE_ROWS).map((p) => h('tr', {},
           h('td', {}, p.name), h('td', { className: 'num' }, fmtNum(p.numel)), h('td', { className: 'num' }, cell(p.norm, 6)),
           h('td', { className: 'num' }, cell(p.ax_norm, 6)), h('td', { className: 'num' }, cell(p.step)),
           h('td', { className: 'num' }, cell(p.eta, 6)), h('td', { className: 'num' }, cell(p.mu, 6))))))),
     );
+    if (latest.params.length > NORM_TABLE_ROWS) {
+      normsEl.append(h('p', { className: 'muted', id: 'norms-more' }, `The first ${fmtNum(NORM_TABLE_ROWS)} of ${fmtNum(latest.params.length)} parameters; GET ${base}/norms lists all.`));
+    }
   }
 
   /** Whether the page has shown the session (a 404 after that: it was deleted). */
@@ -322,7 +371,11 @@ export function sessionPage(root, name, who) {
     // leave a gap, the table shows them).
     const num = (/** @type {unknown} */ v) => (typeof v === 'string' ? Number(v) : v);
     const params = answer.params.map((/** @type {any} */ p) => ({ ...p, norm: num(p.norm), ax_norm: num(p.ax_norm), step: num(p.step), eta: num(p.eta), mu: num(p.mu) }));
+    // Earlier reads keep only what the charts draw (the first NORM_CHART_PARAMS); the table shows the latest.
+    const previous = norms.at(-1);
+    if (previous) previous.params = previous.params.slice(0, NORM_CHART_PARAMS);
     norms.push({ ...answer, params, time: Date.now() });
+    if (norms.length > NORM_HISTORY) norms.splice(0, norms.length - NORM_HISTORY);
     return true;
   }
 

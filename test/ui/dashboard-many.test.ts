@@ -1,0 +1,80 @@
+// The dashboard in a real browser (Debian's headless Chromium) for sessions with many metric names or many
+// parameters (a review: 1,600 metric names took the page 12 s to draw, 9,600 never finished; a model of
+// 20,000 named tensors rebuilt a table of 160,000 elements at every read of the norms): the page charts the
+// first metrics and lets one more be picked, and lists the first parameters' norms with a pointer to all.
+import assert from 'node:assert/strict';
+import { test, type TestContext } from 'node:test';
+import { buildTestApp } from '../helper.ts';
+import { chromiumMissing, client, launch, listen, newPage } from './browser.ts';
+
+const skip = chromiumMissing() ?? false;
+
+async function setup(t: TestContext) {
+  const { app } = await buildTestApp(t);
+  const base = await listen(app);
+  const browser = await launch(t);
+  const log: string[] = [];
+  t.after(() => { if (log.length) console.log(log.join('\n')); });
+  return { base, api: client(base), page: await newPage(browser, log) };
+}
+
+const charted = (page: import('playwright-core').Page) => page.$$eval('[data-chart^="metric:"]', (els) => els.map((el) => (el as HTMLElement).dataset.chart));
+
+test('40 metric names: 16 charts (loss first, then by name), a note with the count, and any other picked from a list is charted', { skip }, async (t) => {
+  const { base, api, page } = await setup(t);
+  await api('POST', '/v1/sessions', { name: 'wide', params: [{ name: 'w', shape: [2], data: [1, 2] }] });
+  const names = Array.from({ length: 39 }, (_, i) => `m${String(i).padStart(2, '0')}`);
+  // Two steps of 20 names each (a step carries at most 32), loss in the second.
+  await api('POST', '/v1/sessions/wide/step', { grads: { w: [0.1, 0.2] }, metrics: Object.fromEntries(names.slice(0, 20).map((k, i) => [k, i])) });
+  await api('POST', '/v1/sessions/wide/step', { grads: { w: [0.1, 0.2] }, metrics: { loss: 0.5, ...Object.fromEntries(names.slice(20).map((k, i) => [k, 100 + i])) } });
+  await page.goto(`${base}/ui/#/s/wide`);
+  await page.waitForFunction(() => (window as any).asgdCharts?.staleness?.data[0].length === 2);
+  assert.deepEqual(await charted(page), ['metric:loss', ...names.slice(0, 15).map((k) => `metric:${k}`)]);
+  const note = await page.$eval('#metrics-more', (el) => ({ hidden: (el as HTMLElement).hidden, text: el.textContent ?? '' }));
+  assert.equal(note.hidden, false);
+  assert.match(note.text, /^40 metrics: the first 16 are charted .* 24 more/);
+  const options = await page.$$eval('#metrics-more select option', (els) => els.map((el) => (el as HTMLOptionElement).value));
+  assert.deepEqual(options, ['', ...names.slice(15)]);
+  await page.selectOption('#metrics-more select', 'm30');
+  await page.waitForFunction(() => (window as any).asgdCharts?.['metric:m30']);
+  assert.deepEqual(await page.evaluate(() => (window as any).asgdCharts['metric:m30'].data[1]), [null, 110]);
+  assert.equal((await charted(page)).length, 17);
+  // Another pick replaces it.
+  await page.selectOption('#metrics-more select', 'm38');
+  await page.waitForFunction(() => (window as any).asgdCharts?.['metric:m38'] && !(window as any).asgdCharts['metric:m30']);
+  assert.deepEqual(await page.evaluate(() => (window as any).asgdCharts['metric:m38'].data[1]), [null, 118]);
+  assert.deepEqual(await page.$$eval('.error', (els) => els.map((el) => el.textContent ?? '').filter(Boolean)), [], 'no error shown');
+});
+
+test('a session with 16 metric names or fewer has no note', { skip }, async (t) => {
+  const { base, api, page } = await setup(t);
+  await api('POST', '/v1/sessions', { name: 'few', params: [{ name: 'w', shape: [2], data: [1, 2] }] });
+  await api('POST', '/v1/sessions/few/step', { grads: { w: [0.1, 0.2] }, metrics: Object.fromEntries(Array.from({ length: 16 }, (_, i) => [`k${i}`, i])) });
+  await page.goto(`${base}/ui/#/s/few`);
+  await page.waitForFunction(() => (window as any).asgdCharts?.staleness?.data[0].length === 1);
+  assert.equal((await charted(page)).length, 16);
+  assert.equal(await page.$eval('#metrics-more', (el) => (el as HTMLElement).hidden), true);
+});
+
+test('600 parameters: the norms table lists the first 500 and says where all are; the norms charts draw the first 8 at each read', { skip }, async (t) => {
+  const { base, api, page } = await setup(t);
+  const params = Array.from({ length: 600 }, (_, i) => ({ name: `p${String(i).padStart(3, '0')}`, shape: [1], data: [i + 1] }));
+  await api('POST', '/v1/sessions', { name: 'many', params });
+  await page.goto(`${base}/ui/#/s/many`);
+  await page.waitForSelector('#norms-table');
+  assert.equal(await page.$$eval('#norms-table tbody tr', (rows) => rows.length), 500);
+  assert.equal(await page.$eval('#norms-table tbody tr:last-child td', (td) => td.textContent), 'p499');
+  assert.equal(await page.$eval('#norms-more', (el) => el.textContent), 'The first 500 of 600 parameters; GET /v1/sessions/many/norms lists all.');
+  // A step; the next read of the norms (at most every 5 s) charts both reads for the first 8 parameters.
+  await api('POST', '/v1/sessions/many/step', { grads: Object.fromEntries(params.map((p) => [p.name, [1]])) });
+  await page.waitForFunction(() => (window as any).asgdCharts?.norm?.data[0].length === 2, undefined, { timeout: 15_000 });
+  const norm = await page.evaluate(() => (window as any).asgdCharts.norm.data as number[][]);
+  assert.equal(norm.length, 1 + 8);
+  // |p_i| before the step, then after one step of lr 0.01 (lambd 1e-4: p(1 - 1e-6) - 0.01), in float32.
+  const after = (x: number) => Math.fround(Math.fround(x * Math.fround(1 - 1e-6)) - 0.01);
+  for (let i = 0; i < 8; i++) {
+    assert.equal(norm[1 + i][0], i + 1);
+    assert.ok(Math.abs(norm[1 + i][1] - after(i + 1)) < 1e-5, `p${i}: ${norm[1 + i][1]}`);
+  }
+  assert.equal(await page.$$eval('#norms-table tbody tr', (rows) => rows.length), 500);
+});
