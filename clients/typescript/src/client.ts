@@ -1,6 +1,6 @@
 // ASGDClient: every operation of the asgd-serve API v1, typed from the OpenAPI document; the server-sent
 // events of GET /v1/sessions/{name}/events as an async iterator.
-import { ProtocolError, RoundPending, SessionNotFound } from './errors.ts';
+import { ProtocolError, RoundPending, SessionNotFound, ShapeMismatch } from './errors.ts';
 import { type Answer, type Exchange, newIdempotencyKey, parseJson, sleep, Transport, type TransportOptions } from './http.ts';
 import { decodeSafetensors, encodeSafetensors, firstHalfOverflow, type SafetensorsFile } from './safetensors.ts';
 import { asFloat32, fromJsonTensors, type Tensor, type TensorInput, type TensorLike, tensorProblem, toJsonData } from './tensors.ts';
@@ -169,6 +169,28 @@ export class ASGDClient {
    * request goes again with the same key: the contribution counts once.
    */
   async step(name: string, grads: Gradients, options: StepOptions = {}): Promise<StepResult> {
+    return this.withShapesReadAgain(name, grads, options.format === 'json', () => this.stepOnce(name, grads, options));
+  }
+
+  /**
+   * `send`, and once more when the service refuses it with SHAPE_MISMATCH and a flat gradient (or tensor) took
+   * its shape from what this client read of the session before: the session may have been deleted and made
+   * again, or replaced, with other shapes of the same sizes since (the shapes are read again; a review saw a
+   * client fail every step after that). JSON carries flat data as it is: the service shapes it.
+   */
+  private async withShapesReadAgain<T>(name: string, tensors: Record<string, TensorLike>, json: boolean, send: () => Promise<T>): Promise<T> {
+    const known = this.shapes.get(name);
+    try {
+      return await send();
+    } catch (err) {
+      if (!(err instanceof ShapeMismatch) || json || known === undefined || this.shapes.get(name) !== known) throw err;
+      if (!Object.values(tensors).some((t) => t instanceof Float32Array || Array.isArray(t))) throw err;
+      this.shapes.delete(name);
+      return send();
+    }
+  }
+
+  private async stepOnce(name: string, grads: Gradients, options: StepOptions): Promise<StepResult> {
     if (grads === null || typeof grads !== 'object' || Array.isArray(grads)) {
       throw new TypeError('grads: must be an object mapping parameter names to gradients (Float32Array, number[] or {shape, data})');
     }
@@ -451,11 +473,14 @@ export class ASGDClient {
   async loadParams(name: string, tensors: Record<string, TensorLike>, options: ChangeOptions & { format?: 'safetensors' | 'json' } = {}): Promise<Session> {
     const path = `${sessionPath(name)}/params`;
     const headers = changeHeaders(options);
-    const shaped = await this.shaped(name, tensors);
-    const body: Partial<Exchange> = options.format === 'json'
-      ? { json: { params: Object.fromEntries(Object.entries(shaped).map(([param, t]) => [param, { shape: t.shape, data: toJsonData(t.data) }])) } }
-      : { bytes: encodeSafetensors(shaped), contentType: SAFETENSORS };
-    return (await this.http.json<Session>({ method: 'PUT', path, headers, repeatable: true, ...body })).value;
+    // JSON too takes the shapes read (it sends {shape, data}).
+    return this.withShapesReadAgain(name, tensors, false, async () => {
+      const shaped = await this.shaped(name, tensors);
+      const body: Partial<Exchange> = options.format === 'json'
+        ? { json: { params: Object.fromEntries(Object.entries(shaped).map(([param, t]) => [param, { shape: t.shape, data: toJsonData(t.data) }])) } }
+        : { bytes: encodeSafetensors(shaped), contentType: SAFETENSORS };
+      return (await this.http.json<Session>({ method: 'PUT', path, headers, repeatable: true, ...body })).value;
+    });
   }
 
   /** {"model", "optimizer", "step"} as one torch.save file. */

@@ -1,7 +1,7 @@
 // loadParams: PUT params through the client; the weights change, the optimizer state does not.
 import assert from 'node:assert/strict';
 import test from 'node:test';
-import { UnknownParameter, VersionMismatch } from '../src/index.ts';
+import { ASGDClient, ShapeMismatch, UnknownParameter, VersionMismatch } from '../src/index.ts';
 import { liveService, uniqueName } from './service.ts';
 
 test('loadParams replaces the weights and keeps the optimizer state', async (t) => {
@@ -28,4 +28,29 @@ test('loadParams replaces the weights and keeps the optimizer state', async (t) 
   await assert.rejects(client.loadParams(name, { w: [1, 2, 3, 4], b: [5, 6] }, { ifMatch: 2 }), VersionMismatch);
   await assert.rejects(client.loadParams(name, { w: [1, 2, 3, 4], b: [5, 6], c: { shape: [1], data: [0] } }), UnknownParameter);
   assert.equal((await client.getSession(name)).version, 4);
+});
+
+test('a session made again by another client with other shapes of the same sizes: flat data takes the new shapes (read again on SHAPE_MISMATCH), steps and loadParams go on', async (t) => {
+  const { client, url } = await liveService(t, { retryBudgetMs: 10_000 });
+  const other = new ASGDClient(url, { retryBudgetMs: 10_000 });
+  const name = uniqueName('reshaped');
+  await client.createSession({ name, params: [{ name: 'w', shape: [2, 2], data: [1, 2, 3, 4] }], hyperparameters: { lr: 0.5 } });
+  assert.equal((await client.step(name, { w: [0, 0, 0, 0] })).version, 2); // the client now knows w as [2, 2]
+  await other.deleteSession(name);
+  await other.createSession({ name, params: [{ name: 'w', shape: [4], data: [1, 2, 3, 4] }], hyperparameters: { lr: 0.5 } });
+  const stepped = await client.step(name, { w: Float32Array.from([2, 2, 2, 2]) });
+  assert.equal(stepped.version, 2);
+  const read = await other.params(name, { format: 'json' });
+  assert.deepEqual(read!.params.w.shape, [4]);
+  assert.notDeepEqual(Array.from(read!.params.w.data), [1, 2, 3, 4]);
+
+  await other.deleteSession(name);
+  await other.createSession({ name, params: [{ name: 'w', shape: [1, 4], data: [1, 2, 3, 4] }] });
+  const loaded = await client.loadParams(name, { w: [9, 8, 7, 6] }, { format: 'json' });
+  assert.equal(loaded.version, 2);
+  assert.deepEqual((await other.params(name, { format: 'json' }))!.params.w, { shape: [1, 4], data: Float32Array.from([9, 8, 7, 6]) });
+
+  // A gradient of the wrong shape given with its shape is refused as it was (one request, nothing read again).
+  await assert.rejects(client.step(name, { w: { shape: [4], data: [1, 1, 1, 1] } }), ShapeMismatch);
+  assert.equal((await other.getSession(name)).version, 2);
 });
