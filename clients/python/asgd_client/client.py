@@ -639,9 +639,14 @@ def _step_extras(returns: str, param_groups: Optional[Sequence[Mapping[str, Any]
     extras: Dict[str, Any] = {}
     if param_groups is not None:
         extras["param_groups"] = [{k: plain_number(v) for k, v in g.items()} for g in param_groups]
+        for i, g in enumerate(extras["param_groups"]):
+            _check_hyperparameters(f"param_groups[{i}]", g)
     if metrics is not None:
         # A loss as it comes: a 0-dim tensor (loss.detach() or not), a numpy scalar: their Python number.
         extras["metrics"] = {k: plain_number(v) for k, v in dict(metrics).items()}
+        for k, v in extras["metrics"].items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"metrics.{k}: {v!r} is not a finite number (a metric is a finite number, e.g. float(loss))")
     _check_json("step", extras)
     return extras
 

@@ -39,7 +39,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
-from .client import Client, ensure_session
+from .client import Client, _step_extras, ensure_session
 from .errors import BaseVersionAhead, ConnectionFailed, ServiceError, StaleGradient
 from .http import DEFAULT_RETRY_BUDGET_S, Connection
 from .state import SessionState
@@ -835,12 +835,17 @@ class RemoteASGD(torch.optim.Optimizer):
         count as unsent and go with the next step."""
         changes: List[Dict[str, Any]] = []
         in_flight = _values_in_flight(self._pending) or [{} for _ in self.param_groups]
-        for local, known, flying in zip(self.param_groups, self._own_groups, in_flight):
+        for i, (local, known, flying) in enumerate(zip(self.param_groups, self._own_groups, in_flight)):
             changed = {}
             for k in HYPERPARAMETER_KEYS:
                 if isinstance(local.get(k), torch.Tensor) and k not in self._warned:
                     self._warn_caveats([local])
                 v = _hyper_value(k, local.get(k))
+                if v is None and k in local:
+                    # torch.optim.ASGD fails on it too (a TypeError in its arithmetic): not skipped, which left the
+                    # session stepping with its old value (a review: lr read from a config file as "0.01").
+                    raise TypeError(f"param_groups[{i}]['{k}']: {local[k]!r} is not a number; torch.optim.ASGD needs a real number "
+                                    f"(a float, an int{', or a 1-element tensor' if k == 'lr' else ''})")
                 if v is not None and (not _same(v, known.get(k)) or (k in flying and not _same(v, flying[k]))):
                     changed[k] = v
             changes.append(changed)
@@ -987,6 +992,11 @@ class RemoteASGD(torch.optim.Optimizer):
         if any(g.is_sparse for g in grads.values()):
             raise RuntimeError("ASGD does not support sparse gradients")
         if not grads:  # torch.optim.ASGD changes nothing either
+            if metrics and "metrics-without-step" not in self._warned:
+                # Metrics travel with a step: with no gradient there is none (said once per optimizer).
+                self._warned.add("metrics-without-step")
+                log.warning("[%s] session %r: step(metrics=...) with no parameter holding a gradient sends nothing: "
+                            "its metrics are not stored (they travel with a step)", self.worker, self.session)
             self._apply_pending(block=True)
             if wait:
                 return loss
@@ -1013,6 +1023,7 @@ class RemoteASGD(torch.optim.Optimizer):
         self._interrupted = None
         groups = self._group_changes()
         metrics = dict(metrics) if metrics is not None else None
+        _step_extras("none", groups, metrics)  # refused here, naming the field, before anything is sent
         key = uuid.uuid4().hex
         args = (grads, base, groups, metrics, samples)
         if not background:
@@ -1240,6 +1251,10 @@ class RemoteASGD(torch.optim.Optimizer):
                                     "the next call sends it again with its Idempotency-Key (applied once)",
                                     self.worker, self.session, err)
                         self._owe(*owed)
+                    if getattr(pending, "asgd_delivered", False):
+                        # step(wait=False)'s Future gave the caller this error already: not raised twice.
+                        log.debug("[%s] session %r: the step in flight failed (%s); its Future said so", self.worker, self.session, err)
+                        return
             elif not _fate_unknown(err):
                 self._pending = pending.rest if isinstance(pending, _Both) and pending.first is not None else None
             raise
@@ -1766,7 +1781,13 @@ class _AnswerFuture(Future):
     def __init__(self, inner: Future) -> None:
         super().__init__()
         self._pid = os.getpid()
+        self._inner = inner
         inner.add_done_callback(self._settle)
+
+    def _delivered(self) -> None:
+        # The caller has the error from here: the next call does not raise it again (a review: a loop that
+        # handled it, fixing an lr, ended at the next step, which sent nothing of its own).
+        self._inner.asgd_delivered = True  # type: ignore[attr-defined]
 
     def _forked(self) -> None:
         # In a process forked from the one that sent it, the thread that would settle it is not there: waiting
@@ -1777,11 +1798,19 @@ class _AnswerFuture(Future):
 
     def result(self, timeout: Optional[float] = None) -> Any:
         self._forked()
-        return super().result(timeout)
+        try:
+            return super().result(timeout)
+        except BaseException:
+            if self.done() and not self.cancelled() and super().exception(0) is not None:
+                self._delivered()
+            raise
 
     def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
         self._forked()
-        return super().exception(timeout)
+        err = super().exception(timeout)
+        if err is not None:
+            self._delivered()
+        return err
 
     def _settle(self, inner: Future) -> None:
         err = inner.exception()

@@ -146,3 +146,117 @@ class ClearErrors(ServiceTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class HyperparametersThatCannotBeSent(ServiceTestCase):
+    """A group value the service cannot take is refused before anything is sent, naming the group and key (a
+    review: a string lr was skipped, and the session stepped on with its old value, unlike torch)."""
+
+    def _stepped_once(self):
+        model = make_model()
+        opt = self.remote(model.named_parameters())
+        train(model, opt, range(1))
+        return model, opt
+
+    def _grads(self, model):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.5)
+
+    def test_a_string_or_none_is_a_type_error_as_in_torch(self):
+        model, opt = self._stepped_once()
+        version = opt.version
+        for key, value in (("lr", "0.01"), ("alpha", None), ("t0", [5]), ("lambd", {"v": 1}), ("weight_decay", "0")):
+            held = opt.param_groups[0][key]
+            opt.param_groups[0][key] = value
+            self._grads(model)
+            with self.assertRaisesRegex(TypeError, r"param_groups\[0\]\['%s'\]: .* is not a number" % key):
+                opt.step()
+            # torch.optim.ASGD fails on it too.
+            local = torch.optim.ASGD([torch.zeros(2, requires_grad=True)])
+            local.param_groups[0][key] = value
+            local.param_groups[0]["params"][0].grad = torch.ones(2)
+            with self.assertRaises(TypeError):
+                local.step()
+            opt.param_groups[0][key] = held
+        self.assertEqual(opt.client.get_session(opt.session)["version"], version)
+        # Fixed, the loop goes on, with the value set.
+        opt.param_groups[0]["lr"] = 0.02
+        self._grads(model)
+        opt.step()
+        session = opt.client.get_session(opt.session)
+        self.assertEqual((session["version"], session["param_groups"][0]["lr"]), (version + 1, 0.02))
+
+    def test_a_non_finite_value_or_metric_is_refused_naming_it(self):
+        model, opt = self._stepped_once()
+        version = opt.version
+        opt.param_groups[0]["lr"] = float("nan")
+        self._grads(model)
+        with self.assertRaisesRegex(ValueError, r"^param_groups\[0\]\.lr: nan cannot be sent"):
+            opt.step()
+        opt.param_groups[0]["lr"] = 0.05
+        for metrics, field in (({"loss": float("inf")}, "loss"), ({"acc": 0.5, "loss": "low"}, "loss"), ({"n": torch.tensor(float("nan"))}, "n")):
+            with self.assertRaisesRegex(ValueError, r"^metrics\.%s: .* is not a finite number" % field):
+                opt.step(metrics=metrics)
+        self.assertEqual(opt.client.get_session(opt.session)["version"], version)
+        opt.step(metrics={"loss": torch.tensor(0.25)})
+        self.assertEqual(opt.client.get_session(opt.session)["version"], version + 1)
+
+
+class AnErrorTheFutureGave(ServiceTestCase):
+    def test_is_not_raised_again_by_the_next_step(self):
+        # A review: the Future of step(wait=False) raised the service's 400; the loop fixed the lr, and the next
+        # step() raised the same 400 again, sending nothing of its own.
+        from asgd_client import ServiceError
+
+        model = make_model()
+        opt = self.remote(model.named_parameters())
+        train(model, opt, range(1))
+        version = opt.version
+        opt.param_groups[0]["lr"] = -0.5  # torch steps with it; the service refuses a negative lr
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.5)
+        future = opt.step(wait=False)
+        with self.assertRaisesRegex(ServiceError, r"param_groups\[0\]\.lr"):
+            future.result(timeout=60)
+        opt.param_groups[0]["lr"] = 0.05
+        opt.step()  # its own step, not the error again
+        self.assertEqual(opt.client.get_session(opt.session)["version"], version + 1)
+        # Read through exception() instead: the same.
+        opt.param_groups[0]["lr"] = -0.5
+        future = opt.step(wait=False)
+        self.assertIsNotNone(future.exception(timeout=60))
+        opt.param_groups[0]["lr"] = 0.05
+        opt.synchronize()
+        opt.step()
+        self.assertEqual(opt.client.get_session(opt.session)["version"], version + 2)
+
+    def test_an_error_nobody_read_is_raised_by_the_next_call(self):
+        model = make_model()
+        opt = self.remote(model.named_parameters())
+        train(model, opt, range(1))
+        version = opt.version
+        opt.param_groups[0]["lr"] = -0.5
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.5)
+        opt.step(wait=False)
+        opt.param_groups[0]["lr"] = 0.05
+        from asgd_client import ServiceError
+
+        with self.assertRaisesRegex(ServiceError, r"param_groups\[0\]\.lr"):
+            opt.step()
+        opt.step()
+        self.assertEqual(opt.client.get_session(opt.session)["version"], version + 1)
+
+
+class MetricsWithoutAStep(ServiceTestCase):
+    def test_are_said_to_be_dropped_once(self):
+        model = make_model()
+        opt = self.remote(model.named_parameters())
+        train(model, opt, range(1))
+        opt.zero_grad(set_to_none=True)
+        with self.assertLogs("asgd_client", level="WARNING") as logs:
+            opt.step(metrics={"loss": 0.5})
+            opt.step(metrics={"loss": 0.4})
+        said = [r for r in logs.output if "metrics are not stored" in r]
+        self.assertEqual(len(said), 1, logs.output)
+        self.assertEqual(opt.client.get_session(opt.session)["version"], opt.version)
