@@ -80,6 +80,8 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
   fastify.addHook('onRoute', headersOfHead);
   fastify.addHook('onRequest', async (request, reply) => {
     reply.header('x-request-id', request.id);
+    // No answer is to be read as another type than it says (a JSON error echoing a name, a file download).
+    reply.header('x-content-type-options', 'nosniff');
   });
   fastify.addHook('onSend', dropUnreadBody);
   // Before load shedding, the database's health gate and auth: a browser's preflight carries no token.

@@ -318,3 +318,17 @@ test('sessions list ?figures=true&storage=true: steps in the last minute, the la
   assert.deepEqual(busy.storage, (await app.inject({ url: '/v1/sessions/busy' })).json().storage);
   assert.ok(busy.storage.total_bytes > idle.storage.total_bytes);
 });
+
+test('every answer says nosniff: the API\'s JSON, its errors (which echo what the caller sent) and its files', async (t) => {
+  const { app } = await buildTestApp(t);
+  await create(app, 'sniff');
+  const answers = await Promise.all([
+    app.inject({ method: 'GET', url: '/v1/sessions/sniff' }),
+    app.inject({ method: 'GET', url: '/v1/sessions/%3Cscript%3E' }),
+    app.inject({ method: 'GET', url: '/v1/sessions/sniff/state_dict?format=pt' }),
+    app.inject({ method: 'POST', url: '/v1/sessions/sniff/step', payload: '<html>' , headers: { 'content-type': 'application/json' } }),
+    app.inject({ method: 'GET', url: '/healthz' }),
+  ]);
+  assert.deepEqual(answers.map((a) => a.statusCode), [200, 400, 200, 400, 200]);
+  for (const a of answers) assert.equal(a.headers['x-content-type-options'], 'nosniff', `${a.statusCode} ${a.body.slice(0, 60)}`);
+});
