@@ -81,7 +81,6 @@ export async function startServer(config: Config, opts: { migrate?: boolean } = 
     warnings.release();
     throw err;
   }
-  started();
   warnings.logTo(app.log);
   app.addHook('onClose', async () => warnings.release());
   if (!config.adminToken && !isLoopback(config.host)) {
@@ -109,8 +108,8 @@ export async function startServer(config: Config, opts: { migrate?: boolean } = 
       process.exit(1);
     }
   };
-  process.on('SIGTERM', () => void shutdown('SIGTERM'));
-  process.on('SIGINT', () => void shutdown('SIGINT'));
+  // Handed over on the same listeners: a signal that came while the app was built is not dropped (signals.ts).
+  started((signal) => void shutdown(signal));
   watchNpmParent(() => void shutdown('parent exited'));
   try {
     await app.listen({ host: config.host, port: config.port });
