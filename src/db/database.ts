@@ -462,23 +462,32 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
   };
 
   /** A binary COPY of the query's rows to STDOUT (binary-results.ts). */
-  const binaryRead = <R>(on: pg.Pool | pg.PoolClient, text: string, params: unknown[], columns: BinaryColumns, onRow?: (row: R) => void): Promise<R[]> =>
-    onClient(on, async (client) => {
-      const rows: R[] = [];
-      const parser = new BinaryCopyParser<R>(columns, onRow ?? ((row) => rows.push(row)));
-      let failure: { err: unknown } | null = null;
+  const binaryRead = async <R>(on: pg.Pool | pg.PoolClient, text: string, params: unknown[], columns: BinaryColumns, onRow?: (row: R) => void): Promise<R[]> => {
+    // An error of onRow is thrown once the COPY has been read to its end, after onClient: the connection is
+    // then ready for the next statement, and goes back to the pool (onClient drops one that failed).
+    let failure: { err: unknown } | null = null;
+    const rows = await onClient(on, async (client) => {
+      const read: R[] = [];
+      const parser = new BinaryCopyParser<R>(columns, onRow ?? ((row) => read.push(row)));
       for await (const chunk of client.query(copyTo(copyToSql(text, params, 'STDOUT')))) {
-        if (failure) continue; // read to its end: the connection is then ready for the next statement
+        if (failure) continue;
+        // The rows' own work (a replayed step) is no silence of the database's: the watch (silence.ts) is off
+        // while it runs, and counts again from its end (a step slower than ASGD_DB_TIMEOUT_MS cancelled the COPY).
+        const resume = onRow ? pauseSilence(client, silence) : null;
         try {
           parser.push(chunk as Buffer);
         } catch (err) {
           failure = { err };
+        } finally {
+          resume?.();
         }
       }
-      if (failure) throw failure.err;
-      parser.end();
-      return rows;
+      if (!failure) parser.end();
+      return read;
     });
+    if (failure) throw (failure as { err: unknown }).err;
+    return rows;
+  };
 
   /** The statement after opts.lockFirst in one round trip (LockFirstQuery), on one connection. */
   const lockedRun = <R>(on: pg.Pool | pg.PoolClient, text: string, params: unknown[], opts: QueryOptions): Promise<R[]> =>

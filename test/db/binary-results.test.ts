@@ -158,3 +158,26 @@ for (const kind of ['PGlite', 'PostgreSQL'] as const) {
     }
   });
 }
+
+test('PostgreSQL: rows whose own work (onRow) outlasts ASGD_DB_TIMEOUT_MS are no silence of the database\'s: the read is not cancelled', async () => {
+  // Found by a review: the silence watch counted a replayed step's time as the database's, and cancelled the
+  // COPY while PostgreSQL was still sending (rows of 20 MB: it was).
+  const scratch = await createTestDatabase();
+  const setup = await openDatabase({ databaseUrl: scratch.url, dataDir: '', poolSize: 1 });
+  await setup.query("CREATE TABLE s_u AS SELECT g::int8 AS id, convert_to(repeat('x', 20000000), 'UTF8') AS data FROM generate_series(1, 4) g");
+  await setup.close();
+  const db = await openDatabase({ databaseUrl: scratch.url, dataDir: '', poolSize: 1, silenceTimeoutMs: 300 });
+  try {
+    const busy = (ms: number) => { const end = Date.now() + ms; while (Date.now() < end); };
+    const got: number[] = [];
+    await db.query('SELECT id, data FROM s_u WHERE id > $1 ORDER BY id', [0], {
+      binary: { id: 'int8', data: 'bytea' },
+      onRow: (row: { id: number }) => { got.push(row.id); busy(1000); },
+    });
+    assert.deepEqual(got, [1, 2, 3, 4]);
+    assert.deepEqual(await db.query('SELECT 1 AS n'), [{ n: 1 }]);
+  } finally {
+    await db.close();
+    await scratch.drop();
+  }
+});
