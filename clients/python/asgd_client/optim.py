@@ -1244,16 +1244,20 @@ class RemoteASGD(torch.optim.Optimizer):
                 if not _is_interrupt(err):
                     self._pending = None
                     owed = getattr(pending, "asgd_owed", None)
-                    if owed is not None and _fate_unknown(err):
+                    unknown = owed is not None and _fate_unknown(err)
+                    if unknown:
                         # The background request may have been applied: the next call sends it again with
                         # its key (the service answers it once), and a step() with its gradients is its retry.
                         log.warning("[%s] session %r: a step sent in the background failed with its fate unknown (%s); "
                                     "the next call sends it again with its Idempotency-Key (applied once)",
                                     self.worker, self.session, err)
                         self._owe(*owed)
-                    if getattr(pending, "asgd_delivered", False):
-                        # step(wait=False)'s Future gave the caller this error already: not raised twice.
-                        log.debug("[%s] session %r: the step in flight failed (%s); its Future said so", self.worker, self.session, err)
+                    if getattr(pending, "asgd_delivered", False) and not unknown:
+                        # step(wait=False)'s Future gave the caller the service's refusal already (nothing was
+                        # applied, nothing is owed): not raised twice. A step whose fate is unknown is owed: this
+                        # call raises, as before, and the next sends it first (a review: returning here let a
+                        # plain step() go out before it, and its older answer was then loaded over the newer).
+                        log.debug("[%s] session %r: the step in flight was refused (%s); its Future said so", self.worker, self.session, err)
                         return
             elif not _fate_unknown(err):
                 self._pending = pending.rest if isinstance(pending, _Both) and pending.first is not None else None

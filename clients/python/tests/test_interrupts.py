@@ -197,9 +197,9 @@ class Interrupts(ServiceTestCase):
 
     def test_a_background_step_whose_connection_failed_is_sent_again_and_applied_once(self):
         # step(wait=False) sends on a background thread; there the answer is lost (the service has committed
-        # the step) and, without retries, the request fails with its fate unknown. The Future raises that
-        # error (the next call does not raise it again); the step is sent again with its Idempotency-Key:
-        # applied once, loaded.
+        # the step) and, without retries, the request fails with its fate unknown. The next call raises that
+        # error once, also when the Future gave it already (the step is owed); the one after sends the step
+        # again with its Idempotency-Key: applied once, loaded.
         from asgd_client import ConnectionFailed
 
         model, opt = self.three_steps_then_gradients(retry_budget_s=0)
@@ -207,7 +207,7 @@ class Interrupts(ServiceTestCase):
         answer = opt.step(wait=False)
         with self.assertRaises(ConnectionFailed):
             answer.result(timeout=30)
-        with self.assertLogs("asgd_client", level="WARNING") as logs:
+        with self.assertLogs("asgd_client", level="WARNING") as logs, self.assertRaises(ConnectionFailed):
             opt.synchronize()
         self.assertIn("sends it again with its Idempotency-Key", "\n".join(logs.output))
         opt.synchronize()
