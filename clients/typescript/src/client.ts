@@ -183,9 +183,11 @@ export class ASGDClient {
     try {
       return await send();
     } catch (err) {
-      if (!(err instanceof ShapeMismatch) || json || known === undefined || this.shapes.get(name) !== known) throw err;
+      // Shapes this call read itself (none were known) are the session's: the refusal is the caller's data.
+      if (!(err instanceof ShapeMismatch) || json || known === undefined) throw err;
       if (!Object.values(tensors).some((t) => t instanceof Float32Array || Array.isArray(t))) throw err;
-      this.shapes.delete(name);
+      // Read again, unless another call has done so meanwhile (several steps in flight): then with those.
+      if (this.shapes.get(name) === known) this.shapes.delete(name);
       return send();
     }
   }

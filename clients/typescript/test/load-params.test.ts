@@ -54,3 +54,16 @@ test('a session made again by another client with other shapes of the same sizes
   await assert.rejects(client.step(name, { w: { shape: [4], data: [1, 1, 1, 1] } }), ShapeMismatch);
   assert.equal((await other.getSession(name)).version, 2);
 });
+
+test('several steps in flight when the session was made again with other shapes: each is sent again with the new shapes', async (t) => {
+  const { client, url } = await liveService(t, { retryBudgetMs: 10_000 });
+  const other = new ASGDClient(url, { retryBudgetMs: 10_000 });
+  const name = uniqueName('reshaped-many');
+  await client.createSession({ name, params: [{ name: 'w', shape: [2, 2], data: [1, 2, 3, 4] }] });
+  await client.step(name, { w: [0, 0, 0, 0] });
+  await other.deleteSession(name);
+  await other.createSession({ name, params: [{ name: 'w', shape: [4], data: [1, 2, 3, 4] }] });
+  const answers = await Promise.all([1, 2, 3, 4].map(() => client.step(name, { w: [1, 1, 1, 1] })));
+  assert.deepEqual(answers.map((a) => a.version).sort(), [2, 3, 4, 5]);
+  assert.equal((await other.getSession(name)).step, 4);
+});
