@@ -363,7 +363,7 @@ function clientErrorHandler(this: FastifyInstance, err: Error & { code?: string;
     if (socket.destroyed) return;
     if (socket.writable) {
       const body = errorText(api);
-      socket.write(`HTTP/1.1 ${api.statusCode} ${STATUS_CODES[api.statusCode] ?? 'Error'}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nContent-Type: application/json; charset=utf-8\r\nConnection: close\r\n\r\n${body}`);
+      socket.write(`HTTP/1.1 ${api.statusCode} ${STATUS_CODES[api.statusCode] ?? 'Error'}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nContent-Type: application/json; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n${body}`);
     }
     socket.destroy(err);
   };
@@ -500,7 +500,7 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     rewriteUrl: (req) => withoutTrailingSlash(req.url ?? '/'),
     frameworkErrors: (err, _request, reply) => {
       const api = err.code === 'FST_ERR_MAX_PARAM_LENGTH' ? errors.uriTooLong(MAX_PARAM_LENGTH) : errors.invalidUrl('path: is not a valid URL (bad percent-encoding)');
-      void (reply as FastifyReply).code(api.statusCode).header('content-type', 'application/json').send(errorText(api));
+      void (reply as FastifyReply).code(api.statusCode).header('content-type', 'application/json').header('x-content-type-options', 'nosniff').send(errorText(api));
     },
     clientErrorHandler,
     // `x-error-code` and `x-rule` are annotations: a field's own error code, its pattern in words (src/plugins/errors.ts).
@@ -529,7 +529,7 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
   fastify.server.maxConnections = config.maxConnections;
   fastify.server.on('checkExpectation', (request: IncomingMessage, response: ServerResponse) => {
     const body = errorText(errors.invalidHeader('Expect', `${quoteValue(headerText(request.headers.expect))} is not supported (only 100-continue)`));
-    response.writeHead(400, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), connection: 'close' });
+    response.writeHead(400, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), 'x-content-type-options': 'nosniff', connection: 'close' });
     response.end(body);
   });
   fastify.server.on('checkContinue', continueOnRead);

@@ -328,7 +328,9 @@ test('every answer says nosniff: the API\'s JSON, its errors (which echo what th
     app.inject({ method: 'GET', url: '/v1/sessions/sniff/state_dict?format=pt' }),
     app.inject({ method: 'POST', url: '/v1/sessions/sniff/step', payload: '<html>' , headers: { 'content-type': 'application/json' } }),
     app.inject({ method: 'GET', url: '/healthz' }),
+    app.inject({ method: 'GET', url: '/v1/sessions/%ZZ' }),
+    app.inject({ method: 'GET', url: `/v1/sessions/${'a'.repeat(5000)}` }),
   ]);
-  assert.deepEqual(answers.map((a) => a.statusCode), [200, 400, 200, 400, 200]);
+  assert.deepEqual(answers.map((a) => a.statusCode), [200, 400, 200, 400, 200, 400, 414]);
   for (const a of answers) assert.equal(a.headers['x-content-type-options'], 'nosniff', `${a.statusCode} ${a.body.slice(0, 60)}`);
 });
