@@ -367,12 +367,21 @@ class Connection:
         worth retrying, ``finish()`` sends the request again through request(), with its retries."""
         if self._scheme != "http":
             return None
-        conn = getattr(self._local, "conn", None)
-        if conn is None:  # the kept one is busy with a started request: the spare, or a new one
-            conn, self._local.spare = getattr(self._local, "spare", None), None
-        if conn is None:
-            conn = self._new_connection()
-        self._local.conn = None  # this request owns the connection until finished
+        spare = getattr(self._local, "spare", None)
+        if spare is not None and getattr(spare, "unproven", False):
+            # The spare's first started request goes before any other can be in flight over the kept one (a
+            # pipelined loop's first step): the other way round, the service read the second step, the first
+            # over the spare, before the first, one loop in three on a busy machine (CI; only ever the first
+            # two steps of a loop). This request owns the spare until finished; the kept one stays free.
+            conn, self._local.spare = spare, None
+            spare.unproven = False
+        else:
+            conn = getattr(self._local, "conn", None)
+            if conn is None:  # the kept one is busy with a started request: the spare, or a new one
+                conn, self._local.spare = spare, None
+            if conn is None:
+                conn = self._new_connection()
+            self._local.conn = None  # this request owns the connection until finished
         args = dict(query=query, body=body, content_type=content_type, headers=headers, accept=accept, expect=tuple(expect), retry=True)
         started = Started(self, method, path, args, conn)
         try:
@@ -401,6 +410,7 @@ class Connection:
         if will_close or status != 200:
             conn.close()
             return
+        conn.unproven = True
         self._local.spare = conn
 
     def _give_back(self, conn: "_PlainConnection", will_close: bool) -> None:
@@ -631,7 +641,7 @@ class _PlainConnection:
     connection closes before an answer, IncompleteRead when it closes inside one, socket.timeout after
     ``timeout`` seconds without data."""
 
-    __slots__ = ("host", "port", "timeout", "sock", "fp", "fresh", "_host_header", "__weakref__")
+    __slots__ = ("host", "port", "timeout", "sock", "fp", "fresh", "unproven", "_host_header", "__weakref__")
 
     def __init__(self, host: str, port: int, timeout: float) -> None:
         self.host = host
@@ -641,6 +651,8 @@ class _PlainConnection:
         self.fp: Any = None
         #: The last request went over a connection opened for it (see Started.fresh).
         self.fresh = False
+        #: Opened ahead by open_spare and not yet used for a started request (see start()).
+        self.unproven = False
         self._host_header = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def close(self) -> None:

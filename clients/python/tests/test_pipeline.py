@@ -584,3 +584,32 @@ class PipelineWithoutClose(ServiceTestCase):
                              capture_output=True, text=True, env=env, timeout=120)
         self.assertEqual(run.returncode, 0, run.stderr)
         self.assertNotIn("ResourceWarning", run.stderr)
+
+
+class FirstStepsInOrder(ServiceTestCase):
+    def test_a_loops_first_two_steps_are_committed_in_the_order_sent_on_a_busy_machine(self):
+        # Found by CI: the second step, the first sent over the spare connection (opened ahead with a GET of
+        # /healthz) while the first was in flight over the kept one, was read by the service first, one loop
+        # in three with the CPU busy: its metrics, and a scheduler's lr sent with it, went one step early.
+        # The first step now goes over the spare.
+        import subprocess
+
+        self.requireStepParams()
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        self.addCleanup(hog.wait)
+        self.addCleanup(hog.kill)
+        misordered = []
+        for run in range(12):
+            model = make_model()
+            opt = self.remote(model.named_parameters(), pipeline=True, session=unique(f"first-steps-{run}"))
+            for i in range(3):
+                opt.zero_grad(set_to_none=True)
+                X, y = batch(i)
+                nn.functional.mse_loss(model(X), y).backward()
+                opt.step(metrics={"i": i})
+            opt.synchronize()
+            order = [p["values"]["i"] for p in opt.client.metrics(opt.session)["points"]]
+            if order != [0, 1, 2]:
+                misordered.append(order)
+            opt.close()
+        self.assertEqual(misordered, [])
