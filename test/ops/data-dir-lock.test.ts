@@ -324,8 +324,16 @@ test('an embedded database without room for a whole state: a fork, a restore, a 
   assert.equal((await roomy.inject({ method: 'POST', url: '/v1/sessions/big/snapshots', payload: {} })).statusCode, 201);
   await roomy.close();
 
-  const fs = statfsSync(dir);
-  const tight = await buildApp({ config: testConfig({ ASGD_DATA_DIR: dir, ASGD_MIN_FREE_BYTES: String(Math.max(0, fs.bavail * fs.bsize - 8 * 1024 * 1024)) }), migrate: true, logger: false });
+  // Room for 16 MiB more than ASGD_MIN_FREE_BYTES, counted from the disk's free space when each app starts:
+  // a whole state needs 64 MB, a new step 32 MB, a retry and a pin nothing. Each refusal of a write is
+  // asked of an app started just before it, since the tests that run beside this one free and take space
+  // on the same disk (a CI run saw a new step accepted, room having grown by more than 24 MB since setup).
+  const room = 16 * 1024 * 1024;
+  const tightApp = async () => {
+    const fs = statfsSync(dir);
+    return buildApp({ config: testConfig({ ASGD_DATA_DIR: dir, ASGD_MIN_FREE_BYTES: String(Math.max(0, fs.bavail * fs.bsize - room)) }), migrate: true, logger: false });
+  };
+  let tight = await tightApp();
   t.after(() => tight.close());
   const session = (await tight.inject({ url: '/v1/sessions/big' })).json();
   const stateDict = (await tight.inject({ url: '/v1/sessions/big/state_dict', headers: { accept: 'application/x-safetensors' } })).rawPayload;
@@ -334,6 +342,8 @@ test('an embedded database without room for a whole state: a fork, a restore, a 
     ['POST', '/v1/sessions/big/snapshots/1/restore', undefined],
     ['PATCH', '/v1/sessions/big/param_groups', { param_groups: [{ lr: 0.5 }] }],
   ] as const) {
+    await tight.close();
+    tight = await tightApp();
     const res = await tight.inject({ method, url, payload });
     assert.equal(res.statusCode, 507, `${method} ${url}: ${res.body}`);
     assert.equal(res.json().code, 'INSUFFICIENT_STORAGE');
@@ -343,6 +353,8 @@ test('an embedded database without room for a whole state: a fork, a restore, a 
   assert.equal((await tight.inject({ url: '/v1/sessions/big2' })).statusCode, 404);
   assert.ok((await tight.inject({ url: '/v1/sessions/big/state_dict', headers: { accept: 'application/x-safetensors' } })).rawPayload.equals(stateDict));
   // The step's retry: its first answer, though its 16 MB body would not fit (a new step is still refused).
+  await tight.close();
+  tight = await tightApp();
   const retried = await step(tight);
   assert.equal(retried.statusCode, 200, retried.body);
   assert.equal(retried.json().version, first.json().version);
@@ -350,6 +362,8 @@ test('an embedded database without room for a whole state: a fork, a restore, a 
   const other = await tight.inject({ method: 'POST', url: '/v1/sessions/big/step', headers: { 'content-type': 'application/x-safetensors', 'idempotency-key': 'step-2' }, payload: grad });
   assert.equal(other.statusCode, 507, other.body);
   // A snapshot asked for at a version that has one (to pin it): no state to write, so no room needed.
+  await tight.close();
+  tight = await tightApp();
   const pinned = await tight.inject({ method: 'POST', url: '/v1/sessions/big/snapshots', payload: { pinned: true } });
   assert.equal(pinned.statusCode, 201, pinned.body);
   assert.equal(pinned.json().pinned, true);
