@@ -34,8 +34,9 @@ export const MAX_JSON_KEYS = 32 * MAX_PARAMS + 1024;
 const jsonKeysOf = new WeakMap<FastifyRequest, number>();
 export const boundJsonKeys = (request: FastifyRequest, keys: number): void => void jsonKeysOf.set(request, keys);
 
-/** Bodies whose hyperparameters keep the kind of their numbers (torch's int t0): creation and state_dict loads. */
-const LITERAL_ROUTES = new Set(['POST /v1/sessions', 'PUT /v1/sessions/:name/state_dict', 'PUT /v1/sessions/:name/checkpoint']);
+/** Bodies whose hyperparameters keep the kind of their numbers (torch's int t0): creation, state_dict loads, hyperparameter changes, and a step's param_groups. */
+const LITERAL_ROUTES = new Set(['POST /v1/sessions', 'PUT /v1/sessions/:name/state_dict', 'PUT /v1/sessions/:name/checkpoint', 'PATCH /v1/sessions/:name/param_groups']);
+const STEP_ROUTE = 'POST /v1/sessions/:name/step';
 /** Read again (with the literals' text) only up to this size: a bigger body keeps the usual kinds. */
 const LITERAL_BODY_BYTES = 1024 * 1024;
 
@@ -45,7 +46,11 @@ const LITERAL_BODY_BYTES = 1024 * 1024;
  * routes that store them; `body` itself (already checked, the same content) for the others.
  */
 function withIntegerLiterals(request: FastifyRequest, text: string, body: unknown): unknown {
-  if (text.length > LITERAL_BODY_BYTES || !LITERAL_ROUTES.has(`${request.method} ${request.routeOptions.url}`)) return body;
+  if (text.length > LITERAL_BODY_BYTES) return body;
+  const route = `${request.method} ${request.routeOptions.url}`;
+  // A step's body is read again only when it sets hyperparameters (most steps do not; its gradient's numbers
+  // make the second reading cost as much as the first).
+  if (!LITERAL_ROUTES.has(route) && !(route === STEP_ROUTE && text.includes('"param_groups"'))) return body;
   return JSON.parse(text, recordIntegerLiterals as (key: string, value: unknown) => unknown);
 }
 

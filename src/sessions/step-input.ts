@@ -4,7 +4,7 @@ import { errors, type ApiError } from '../errors.ts';
 import type { GroupSpec, HyperDelta } from '../db/schema.ts';
 import { parseJsonWithin } from '../formats/json-depth.ts';
 import type { BaseVersionFrom } from './model.ts';
-import { FLAG_KEYS, HYPERPARAMETER_KEYS, NAME_PATTERN, resolveHyperparameters, SESSION_NAME_RULE } from './spec.ts';
+import { FLAG_KEYS, HYPERPARAMETER_KEYS, integerLiterals, NAME_PATTERN, recordIntegerLiterals, resolveHyperparameters, SESSION_NAME_RULE } from './spec.ts';
 
 export const MAX_METRICS = 32;
 
@@ -38,13 +38,15 @@ export function parseStepHyper(value: unknown, groups: readonly GroupSpec[], fie
         throw errors.invalidParamGroups(`${at}.${key}: unknown key (one of ${[...HYPERPARAMETER_KEYS, ...FLAG_KEYS].join(', ')})`);
       }
     }
-    // The checks of creation, on the group's values with these merged over them.
-    resolveHyperparameters(groups[g], input, at);
+    // The checks of creation, on the group's values with these merged over them; and which of the given
+    // values are Python ints (written as integer literals: `100`, not `100.0`), as torch keeps them.
+    const resolved = resolveHyperparameters(groups[g], input, at, integerLiterals.get(input));
     const set: NonNullable<HyperDelta[number]> = {};
     for (const key of HYPERPARAMETER_KEYS) if (input[key] !== undefined) (set as Record<string, unknown>)[key] = input[key];
     // foreach changes nothing in the step (README), but a group's flag is kept as the caller last set it.
     if (input.foreach !== undefined && input.foreach !== (groups[g].foreach ?? null)) set.foreach = input.foreach as boolean | null;
-    if (typeof input.weight_decay === 'number' && Number.isInteger(input.weight_decay)) set.int_keys = ['weight_decay'];
+    const intKeys = (resolved.int_keys ?? []).filter((k) => input[k] !== undefined);
+    if (intKeys.length > 0) set.int_keys = intKeys;
     return Object.keys(set).length === 0 ? null : set;
   });
   return delta.some((d) => d !== null) ? delta : null;
@@ -94,9 +96,13 @@ export function parseMetrics(value: unknown, field = 'metrics'): Record<string, 
   return entries.length === 0 ? null : (value as Record<string, number>);
 }
 
-/** A JSON value from a safetensors step body's `__metadata__` (whose values are strings). */
-export function metadataJson(metadata: ReadonlyMap<string, string>, key: string): unknown {
+/**
+ * A JSON value from a safetensors step body's `__metadata__` (whose values are strings). `literals`: record
+ * which numbers were integer literals (integerLiterals), for param_groups.
+ */
+export function metadataJson(metadata: ReadonlyMap<string, string>, key: string, literals = false): unknown {
   const text = metadata.get(key);
   if (text === undefined) return undefined;
-  return parseJsonWithin(text, (problem) => errors.invalidBody(`__metadata__.${key}: ${problem ?? 'is not valid JSON'}`));
+  return parseJsonWithin(text, (problem) => errors.invalidBody(`__metadata__.${key}: ${problem ?? 'is not valid JSON'}`), undefined,
+    literals ? (recordIntegerLiterals as (this: object, key: string, value: unknown) => unknown) : undefined);
 }

@@ -275,3 +275,27 @@ test('a step\'s hyperparameters are checked against the session\'s groups, not a
   assert.deepEqual([groups.lr, groups.lambd, groups.alpha], [1e-5, 1e-4, -1]);
   assert.equal((await b.app.inject({ url: '/v1/sessions/moved/state_dict' })).body, (await a.app.inject({ url: '/v1/sessions/moved/state_dict' })).body);
 });
+
+test('a step\'s hyperparameters keep the kind of their numbers, as torch keeps group[\'t0\'] = 5 an int: in JSON and in safetensors metadata, also at an earlier version', async (t) => {
+  // The step took every value for a Python float: a worker's `group['t0'] = 5` came back 5.0 in the .pt.
+  const { app } = await buildTestApp(t);
+  await create(app, 'kinds'); // t0: 2, an int
+  const groupText = async (url: string) => /"param_groups":\[\{([^}]*)\}/.exec((await app.inject({ url })).body)![1];
+  const stepped = async (payload: string | Buffer, type = 'application/json') => {
+    const res = await app.inject({ method: 'POST', url: '/v1/sessions/kinds/step', headers: { 'content-type': type }, payload });
+    assert.equal(res.statusCode, 200, res.body);
+    return res.json().version as number;
+  };
+  const grad = JSON.stringify(Object.fromEntries(Object.entries(grads(0)).map(([k, data], i) => [k, { shape: params[i].shape, data }])));
+  const v1 = await stepped(`{"grads": ${grad}, "param_groups": [{"t0": 5.0, "lr": 1}]}`);
+  assert.match(await groupText('/v1/sessions/kinds/state_dict'), /"lr":1,.*"t0":5\.0,/);
+  const body = streamToBuffer(writeSafetensors(params.map((p) => [p.name, { dtype: 'float32', shape: p.shape, data: Float32Array.from(grads(1)[p.name as 'w' | 'b']) }]), { param_groups: '[{"t0": 7, "lr": 0.5, "weight_decay": 0.0}]' }));
+  await stepped(body, 'application/x-safetensors');
+  assert.match(await groupText('/v1/sessions/kinds/state_dict'), /"lr":0\.5,.*"t0":7,"weight_decay":0\.0/);
+  // The earlier version, rebuilt from the log: its kinds as they were.
+  assert.match(await groupText(`/v1/sessions/kinds/state_dict?version=${v1}`), /"lr":1,.*"t0":5\.0,"weight_decay":0,/);
+  // A PATCH of the groups, likewise.
+  const patched = await app.inject({ method: 'PATCH', url: '/v1/sessions/kinds/param_groups', headers: { 'content-type': 'application/json' }, payload: '{"param_groups": [{"t0": 9, "lr": 2.0}]}' });
+  assert.equal(patched.statusCode, 200, patched.body);
+  assert.match(await groupText('/v1/sessions/kinds/state_dict'), /"lr":2\.0,.*"t0":9,"weight_decay":0\.0/);
+});

@@ -128,8 +128,10 @@ def _split_params(params: Any) -> Tuple[List[Dict[str, Any]], List[List[Optional
 
 
 def _hyper_value(key: str, value: Any) -> Any:
-    """A group's hyperparameter as the step body carries it (None: not sendable, kept locally): any real
-    number (numpy's included) as a Python float, a 1-element tensor lr (PyTorch 2.x) as float(lr.item())."""
+    """A group's hyperparameter as the step body carries it (None: not sendable, kept locally): a Python int
+    as an int (torch keeps ``group['t0'] = 100`` an int, and so does the session, from the JSON literal), any
+    other real number (numpy's included) as a Python float, a 1-element tensor lr (PyTorch 2.x) as
+    float(lr.item())."""
     if type(value) is float and key != "maximize":  # the usual case, asked about every step
         return value
     value = plain_number(value)
@@ -137,7 +139,7 @@ def _hyper_value(key: str, value: Any) -> Any:
         return bool(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    return value if type(value) is int else float(value)
 
 
 def _given_as_other_type(value: Any) -> bool:
@@ -180,7 +182,11 @@ def _same_bits(p: torch.Tensor, synced: torch.Tensor) -> bool:
 def _equal_hyper(key: str, a: Any, b: Any) -> bool:
     """The same hyperparameter value, whatever Python number type holds it (100 and 100.0)."""
     va, vb = _hyper_value(key, a), _hyper_value(key, b)
-    return va is not None and vb is not None and _same(va, vb)
+    if va is None or vb is None:
+        return False
+    if type(va) in (int, float) and type(vb) in (int, float):
+        va, vb = float(va), float(vb)
+    return _same(va, vb)
 
 
 def _loaded_as_written(loaded: Any, echoed: Any) -> bool:
@@ -621,7 +627,7 @@ class RemoteASGD(torch.optim.Optimizer):
         # The hyperparameters asked for, per group: given in the group's dict, or as a keyword with another value
         # than torch's default. Joining a session, only these are warned about when the session holds others.
         signature = inspect.signature(RemoteASGD.__init__).parameters
-        keyword_given = {k for k in HYPERPARAMETER_KEYS if k in signature and not _same(_hyper_value(k, defaults[k]), _hyper_value(k, signature[k].default))}
+        keyword_given = {k for k in HYPERPARAMETER_KEYS if k in signature and not _equal_hyper(k, defaults[k], signature[k].default)}
         self._asked_keys = [keyword_given | ({k for k in HYPERPARAMETER_KEYS if k in g} if isinstance(g, dict) else set()) for g in groups]
         flags = {"differentiable": differentiable, "capturable": capturable}
         for key in flags:  # newer PyTorch's flags, in the order ASGD sets them (1.13 has none)
@@ -738,7 +744,7 @@ class RemoteASGD(torch.optim.Optimizer):
                 if k < len(self._asked_keys) and key not in self._asked_keys[k]:
                     continue  # a default, not asked for: the session's value is taken without a word
                 mine, theirs = _hyper_value(key, asked.get(key)), _hyper_value(key, held.get(key))
-                if mine is not None and theirs is not None and not _same(mine, theirs):
+                if mine is not None and theirs is not None and not _equal_hyper(key, mine, theirs):
                     differ.append(f"group {k} {key}={theirs!r} (asked {mine!r})")
         if max_staleness is not None and info.get("max_staleness") != max_staleness:
             differ.append(f"max_staleness={info.get('max_staleness')!r} (asked {max_staleness!r})")

@@ -229,7 +229,7 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
         }
         worker = agreed('worker', worker, metadataWorker(metadata));
         samples = agreed('samples', samples, metadataSamples(metadata));
-        paramGroups = metadataJson(metadata, 'param_groups');
+        paramGroups = metadataJson(metadata, 'param_groups', true);
         metrics = parseMetrics(metadataJson(metadata, 'metrics'), '__metadata__.metrics');
         baseVersion = agreed('base_version', baseVersion, metadataBaseVersion(metadata));
       } else {
