@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import type { TestContext } from 'node:test';
 import type { FastifyInstance } from 'fastify';
 import { chromium, type Browser, type Page } from 'playwright-core';
+import { buildTestApp } from '../helper.ts';
 
 export const CHROMIUM = process.env.ASGD_CHROMIUM ?? '/usr/bin/chromium';
 export const ARTIFACTS = join(process.cwd(), 'test-artifacts', 'ui');
@@ -50,6 +51,16 @@ export async function listen(app: FastifyInstance): Promise<string> {
   const address = app.server.address();
   assert.ok(address && typeof address === 'object');
   return `http://127.0.0.1:${address.port}`;
+}
+
+/** A test's app listening on a port, a browser page (its console and errors in `log`, printed at the end) and an API client. */
+export async function openDashboard(t: TestContext) {
+  const { app } = await buildTestApp(t);
+  const base = await listen(app);
+  const browser = await launch(t);
+  const log: string[] = [];
+  t.after(() => { if (log.length) console.log(log.join('\n')); });
+  return { app, base, api: client(base), browser, log, page: await newPage(browser, log) };
 }
 
 /** A client of the API over HTTP, as a training script would be. */

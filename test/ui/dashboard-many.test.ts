@@ -3,25 +3,16 @@
 // 20,000 named tensors rebuilt a table of 160,000 elements at every read of the norms): the page charts the
 // first metrics and lets one more be picked, and lists the first parameters' norms with a pointer to all.
 import assert from 'node:assert/strict';
-import { test, type TestContext } from 'node:test';
-import { buildTestApp } from '../helper.ts';
-import { chromiumMissing, client, launch, listen, newPage } from './browser.ts';
+import { test } from 'node:test';
+import { chromiumMissing, openDashboard } from './browser.ts';
 
 const skip = chromiumMissing() ?? false;
 
-async function setup(t: TestContext) {
-  const { app } = await buildTestApp(t);
-  const base = await listen(app);
-  const browser = await launch(t);
-  const log: string[] = [];
-  t.after(() => { if (log.length) console.log(log.join('\n')); });
-  return { base, api: client(base), page: await newPage(browser, log) };
-}
 
 const charted = (page: import('playwright-core').Page) => page.$$eval('[data-chart^="metric:"]', (els) => els.map((el) => (el as HTMLElement).dataset.chart));
 
 test('40 metric names: 16 charts (loss first, then by name), a note with the count, and any other picked from a list is charted', { skip }, async (t) => {
-  const { base, api, page } = await setup(t);
+  const { base, api, page } = await openDashboard(t);
   await api('POST', '/v1/sessions', { name: 'wide', params: [{ name: 'w', shape: [2], data: [1, 2] }] });
   const names = Array.from({ length: 39 }, (_, i) => `m${String(i).padStart(2, '0')}`);
   // Two steps of 20 names each (a step carries at most 32), loss in the second.
@@ -47,7 +38,7 @@ test('40 metric names: 16 charts (loss first, then by name), a note with the cou
 });
 
 test('a session with 16 metric names or fewer has no note', { skip }, async (t) => {
-  const { base, api, page } = await setup(t);
+  const { base, api, page } = await openDashboard(t);
   await api('POST', '/v1/sessions', { name: 'few', params: [{ name: 'w', shape: [2], data: [1, 2] }] });
   await api('POST', '/v1/sessions/few/step', { grads: { w: [0.1, 0.2] }, metrics: Object.fromEntries(Array.from({ length: 16 }, (_, i) => [`k${i}`, i])) });
   await page.goto(`${base}/ui/#/s/few`);
@@ -57,7 +48,7 @@ test('a session with 16 metric names or fewer has no note', { skip }, async (t) 
 });
 
 test('600 parameters: the norms table lists the first 500 and says where all are; the norms charts draw the first 8 at each read', { skip }, async (t) => {
-  const { base, api, page } = await setup(t);
+  const { base, api, page } = await openDashboard(t);
   const params = Array.from({ length: 600 }, (_, i) => ({ name: `p${String(i).padStart(3, '0')}`, shape: [1], data: [i + 1] }));
   await api('POST', '/v1/sessions', { name: 'many', params });
   await page.goto(`${base}/ui/#/s/many`);

@@ -5,28 +5,19 @@
 import assert from 'node:assert/strict';
 import { test, type TestContext } from 'node:test';
 import type { Page } from 'playwright-core';
-import { buildTestApp } from '../helper.ts';
-import { chromiumMissing, client, launch, listen, newPage, screenshot } from './browser.ts';
+import { chromiumMissing, openDashboard, screenshot } from './browser.ts';
 
 const skip = chromiumMissing() ?? false;
 
 const PARAMS = [{ name: 'w', shape: [2, 2], data: [0.1, 0.2, 0.3, 0.4] }, { name: 'b', shape: [2], data: [0, 0] }];
 const GRAD = { w: [0.5, -0.25, 0.125, 1], b: [0.1, -0.2] };
 
-async function setup(t: TestContext) {
-  const { app } = await buildTestApp(t);
-  const base = await listen(app);
-  const browser = await launch(t);
-  const log: string[] = [];
-  t.after(() => { if (log.length) console.log(log.join('\n')); });
-  return { app, base, api: client(base), browser, log, page: await newPage(browser, log) };
-}
 
 /** What has the focus: its tag and text. */
 const focused = (page: Page) => page.evaluate(() => ({ tag: document.activeElement?.tagName ?? '', text: document.activeElement?.textContent ?? '' }));
 
 test('steps/s: the sessions list and the session page show the same figure (steps in the last minute ÷ 60), labelled the same', { skip }, async (t) => {
-  const { base, api, page } = await setup(t);
+  const { base, api, page } = await openDashboard(t);
   await api('POST', '/v1/sessions', { name: 'rate', params: PARAMS });
   // 30 steps within a second or two: over their span that is ~20 steps/s; over the minute, 0.5.
   for (let s = 1; s <= 30; s++) await api('POST', '/v1/sessions/rate/step', { grads: GRAD, metrics: { loss: 1 / s } });
@@ -52,7 +43,7 @@ test('steps/s: the sessions list and the session page show the same figure (step
 
 /** 60 sessions run-000… and one "other"; the list searched for "run-" and on its page 2 (run-050…run-059). */
 async function searchedPage2(t: TestContext) {
-  const ctx = await setup(t);
+  const ctx = await openDashboard(t);
   const { base, api, page } = ctx;
   const names = Array.from({ length: 60 }, (_, i) => `run-${String(i).padStart(3, '0')}`);
   for (const name of [...names, 'other']) await api('POST', '/v1/sessions', { name, params: PARAMS });
@@ -101,7 +92,7 @@ test('Back from a session brings the list\'s search and page back (they are in t
 });
 
 test('after a navigation the focus is on the page\'s heading, not on <body>: opening a session (keyboard or click) and going back', { skip }, async (t) => {
-  const { base, api, page } = await setup(t);
+  const { base, api, page } = await openDashboard(t);
   await api('POST', '/v1/sessions', { name: 'alpha', params: PARAMS });
   await api('POST', '/v1/sessions', { name: 'beta', params: PARAMS });
   await page.goto(`${base}/ui/`);
@@ -127,7 +118,7 @@ test('after a navigation the focus is on the page\'s heading, not on <body>: ope
 });
 
 test('paging with the keyboard: Next to the last page hands the focus to Previous, Previous to the first hands it to Next (not to <body>)', { skip }, async (t) => {
-  const { base, api, page } = await setup(t);
+  const { base, api, page } = await openDashboard(t);
   for (let i = 0; i < 51; i++) await api('POST', '/v1/sessions', { name: `k-${String(i).padStart(2, '0')}`, params: PARAMS });
   await page.goto(`${base}/ui/`);
   await page.waitForSelector('tr[data-session="k-00"]');
@@ -143,7 +134,7 @@ test('paging with the keyboard: Next to the last page hands the focus to Previou
 });
 
 test('the timeline\'s ticks and the charts have accessible names', { skip }, async (t) => {
-  const { base, api, page } = await setup(t);
+  const { base, api, page } = await openDashboard(t);
   await api('POST', '/v1/sessions', { name: 'named', params: PARAMS, snapshot_every: 1_000_000 });
   const losses = [2, 1.5, 1.25, 0.875];
   for (const [i, loss] of losses.entries()) {
@@ -176,7 +167,7 @@ test('the timeline\'s ticks and the charts have accessible names', { skip }, asy
 });
 
 test('snapshots close together on the timeline are told apart: no two ticks overlap, and every snapshot is named in one', { skip }, async (t) => {
-  const { base, api, page } = await setup(t);
+  const { base, api, page } = await openDashboard(t);
   await api('POST', '/v1/sessions', { name: 'dense', params: PARAMS, snapshot_every: 1_000_000, keep_snapshots: 100 });
   // 400 versions; a snapshot midway and at each of the last 10 (one pinned): ~3 px apart at this width.
   for (let s = 1; s <= 400; s++) {
@@ -219,7 +210,7 @@ test('snapshots close together on the timeline are told apart: no two ticks over
 });
 
 test('metric names that are Object.prototype members ("constructor", "toString") chart with gaps where a step lacks them; the page draws everything', { skip }, async (t) => {
-  const { base, api, page } = await setup(t);
+  const { base, api, page } = await openDashboard(t);
   await api('POST', '/v1/sessions', { name: 'proto', params: PARAMS });
   await api('POST', '/v1/sessions/proto/step', { grads: GRAD, metrics: { constructor: 1, toString: 2 } });
   await api('POST', '/v1/sessions/proto/step', { grads: GRAD, metrics: { loss: 0.5 } });
@@ -232,7 +223,7 @@ test('metric names that are Object.prototype members ("constructor", "toString")
 });
 
 test('a scheduler that set lr at each of 30,000 steps: the page reads the changes once, fitted to the series\' buckets, and charts lr exactly at each point', { skip }, async (t) => {
-  const { app, base, api, page } = await setup(t);
+  const { app, base, api, page } = await openDashboard(t);
   await api('POST', '/v1/sessions', { name: 'sched', params: PARAMS, param_groups: [{ params: ['w'] }, { params: ['b'], lr: 0.5 }] });
   const [{ id }] = await app.db.query<{ id: number }>("SELECT id::float8 AS id FROM sessions WHERE name = 'sched'");
   const steps = 30_000;
@@ -266,7 +257,7 @@ test('a scheduler that set lr at each of 30,000 steps: the page reads the change
 
 test('Restore on a snapshot pruned since the table was read: the page says so and reads the table again, the row goes', { skip }, async (t) => {
   // Found by a review: the 404 was shown as a bare "Failed: …" and the stale row stayed clickable.
-  const { base, api, page } = await setup(t);
+  const { base, api, page } = await openDashboard(t);
   await api('POST', '/v1/sessions', { name: 'pruned', params: PARAMS, snapshot_every: 1_000_000, keep_snapshots: 1 });
   await api('POST', '/v1/sessions/pruned/step', { grads: GRAD });
   const [first] = (await api('GET', '/v1/sessions/pruned/snapshots')).snapshots;
@@ -288,7 +279,7 @@ test('Restore on a snapshot pruned since the table was read: the page says so an
 });
 
 test('a metric with a 128-character name: its chart\'s title and legend stay inside the card', { skip }, async (t) => {
-  const { base, api, page } = await setup(t);
+  const { base, api, page } = await openDashboard(t);
   const metric = `m${'x'.repeat(127)}`;
   await api('POST', '/v1/sessions', { name: 'longmetric', params: PARAMS });
   for (let s = 1; s <= 3; s++) await api('POST', '/v1/sessions/longmetric/step', { grads: GRAD, metrics: { [metric]: s / 2 } });
