@@ -76,15 +76,9 @@ export function toAsgdStateDict(value: PyValue, options: StateDictReadOptions = 
   const top = expectDict(value, path);
   const groupsValue = top.get('param_groups');
   if (!Array.isArray(groupsValue)) throw invalid(`${path}.param_groups`, `must be a list, got ${describe(groupsValue)}`);
+  // An id listed twice is refused where the state_dict meets the session's groups (load-plan.ts), after
+  // torch's checks of their number and sizes, as for a JSON state_dict.
   const paramGroups = groupsValue.map((group, i) => readGroup(group, `${path}.param_groups[${i}]`));
-
-  const owners = new Map<number, number>();
-  paramGroups.forEach((group, g) => {
-    for (const index of group.params) {
-      if (owners.has(index)) throw invalid(`${path}.param_groups[${g}].params`, `parameter ${index} is already in group ${owners.get(index)}`);
-      owners.set(index, g);
-    }
-  });
 
   const stateValue = expectDict(top.get('state'), `${path}.state`);
   const state = new Map<number, AsgdParamState>();

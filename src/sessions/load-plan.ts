@@ -33,12 +33,28 @@ export function checkModel(session: SessionRecord, layout: Layout, params: Loade
 
 /** Validates a loaded state_dict against the session (groups by position, state by saved index) into a plan. */
 export function planLoad(session: SessionRecord, sd: LoadedStateDict): LoadPlan {
-  if (sd.paramGroups.length !== session.groups.length) throw errors.stateDictMismatch('loaded state dict has a different number of parameter groups');
+  // torch's checks, in its order and words (the field named first), then one torch lacks, in every format
+  // alike: a parameter id listed twice (torch maps it to the last, and the other parameter gets no state).
+  if (sd.paramGroups.length !== session.groups.length) {
+    throw errors.stateDictMismatch(`param_groups: loaded state dict has a different number of parameter groups (${sd.paramGroups.length}; the session has ${session.groups.length})`);
+  }
+  sd.paramGroups.forEach((g, k) => {
+    const size = session.groups[k].params.length;
+    if (g.params.length !== size) {
+      throw errors.stateDictMismatch(`param_groups[${k}].params: loaded state dict contains a parameter group that doesn't match the size of optimizer's group (${g.params.length} ids; the session's group has ${size})`);
+    }
+  });
+  const owners = new Map<number, number>();
+  sd.paramGroups.forEach((g, k) => {
+    for (const saved of g.params) {
+      if (owners.has(saved)) throw errors.invalidStateDict(`param_groups[${k}].params`, `parameter ${saved} is already in group ${owners.get(saved)}`);
+      owners.set(saved, k);
+    }
+  });
   const savedToIndex = new Map<number, number>();
   const groups: GroupSpec[] = [];
   sd.paramGroups.forEach((g, k) => {
     const mine = session.groups[k];
-    if (g.params.length !== mine.params.length) throw errors.stateDictMismatch("loaded state dict contains a parameter group that doesn't match the size of optimizer's group");
     g.params.forEach((saved, j) => savedToIndex.set(saved, mine.params[j]));
     // A state_dict without param_names (an optimizer made from parameters()) keeps the session's, as torch
     // 2.6's load_state_dict keeps the group's (found by a torch 2.x user's review: they were dropped).

@@ -345,7 +345,7 @@ describe('sessions import, restore and fork', () => {
     // A state_dict of other parameters: refused by the service, its code printed (400: a usage error).
     const small = await app.inject({ method: 'POST', url: '/v1/sessions', headers: asAdmin, payload: { name: 'small', params: [{ name: 'w', shape: [2], data: [1, 2] }] } });
     assert.equal(small.statusCode, 201, small.body);
-    assertFails(await ops(['sessions', 'import', 'small', sd]), 2, /doesn.t match the size of optimizer.s group \(STATE_DICT_MISMATCH\)\n$/);
+    assertFails(await ops(['sessions', 'import', 'small', sd]), 2, /doesn.t match the size of optimizer.s group \(2 ids; the session.s group has 1\) \(STATE_DICT_MISMATCH\)\n$/);
   });
 
   test('restore: asks on a terminal, needs --yes in a script, and brings the snapshot\'s parameters back', async () => {

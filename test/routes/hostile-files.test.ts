@@ -491,4 +491,15 @@ test('a .pt state_dict with state under an id no group lists loads as torch and 
   const groups = await app.inject({ method: 'PUT', url: '/v1/sessions/t/state_dict', headers: PT, payload: file([[0n, weight]], [one, two]) });
   assert.equal(groups.statusCode, 400, groups.body);
   assert.match(groups.json().message, /different number of parameter groups/);
+  // The same group twice (an acceptance review: STATE_DICT_MISMATCH as JSON, INVALID_STATE_DICT "already in
+  // group" as .pt, the checks in another order): one code whatever the format.
+  const twice = await app.inject({ method: 'PUT', url: '/v1/sessions/t/state_dict', headers: PT, payload: file([[0n, weight]], [one, one]) });
+  assert.equal(twice.statusCode, 400, twice.body);
+  assert.equal(twice.json().code, 'STATE_DICT_MISMATCH', twice.body);
+  assert.match(twice.json().message, /^param_groups: loaded state dict has a different number of parameter groups \(2; the session has 1\)$/);
+  const json = structuredClone(expected);
+  json.param_groups = [json.param_groups[0], json.param_groups[0]];
+  const twiceJson = await app.inject({ method: 'PUT', url: '/v1/sessions/t/state_dict', payload: json });
+  assert.deepEqual([twiceJson.statusCode, twiceJson.json().code, twiceJson.json().message], [400, twice.json().code, twice.json().message]);
+  assert.deepEqual((await app.inject({ url: '/v1/sessions/t/state_dict' })).json(), expected, 'unchanged');
 });

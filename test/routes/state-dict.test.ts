@@ -88,8 +88,10 @@ test('PUT state_dict rejects what load_state_dict rejects, and more, leaving the
   const before = (await app.inject({ url: '/v1/sessions/sd/state_dict' })).body;
   const clone = () => JSON.parse(JSON.stringify(good));
   const cases: [(sd: any) => unknown, string, RegExp][] = [
-    [(sd) => ({ ...sd, param_groups: [sd.param_groups[0]] }), 'STATE_DICT_MISMATCH', /^loaded state dict has a different number of parameter groups$/],
-    [(sd) => { sd.param_groups[0].params = [0, 1]; return sd; }, 'STATE_DICT_MISMATCH', /^loaded state dict contains a parameter group that doesn't match the size of optimizer's group$/],
+    [(sd) => ({ ...sd, param_groups: [sd.param_groups[0]] }), 'STATE_DICT_MISMATCH', /^param_groups: loaded state dict has a different number of parameter groups \(1; the session has 2\)$/],
+    [(sd) => { sd.param_groups[0].params = [0, 1]; return sd; }, 'STATE_DICT_MISMATCH', /^param_groups\[0\]\.params: loaded state dict contains a parameter group that doesn't match the size of optimizer's group \(2 ids; the session's group has 1\)$/],
+    // torch maps a twice-listed id to its last place and leaves the other parameter without state.
+    [(sd) => { sd.param_groups[1].params = [0]; return sd; }, 'INVALID_STATE_DICT', /^param_groups\[1\]\.params: parameter 0 is already in group 0$/],
     [(sd) => { sd.state['0'].ax.shape = [9, 4]; return sd; }, 'STATE_DICT_MISMATCH', /state\.0\.ax: shape \[9,4\] does not match/],
     [(sd) => { sd.state['0'].ax = { shape: [3], data: [1, 2, 3] }; return sd; }, 'STATE_DICT_MISMATCH', /state\.0\.ax/],
     [(sd) => { delete sd.state['0'].eta; return sd; }, 'INVALID_STATE_DICT', /state\.0\.eta: is missing/],
