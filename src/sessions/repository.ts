@@ -769,6 +769,20 @@ export async function pruneHistory(q: Queryable, sessionId: number, keep: number
 }
 
 /** Deletes the unpinned snapshot of `reason` at `version` (superseded by a change written after it). */
+/**
+ * Whether `version` was a change of the groups' values (PATCH param_groups) whose snapshot a later one
+ * replaced (deleteSupersededSnapshot): recorded in group_changes, with no snapshot and no step of its own.
+ */
+export async function isReplacedHyperChange(q: Queryable, sessionId: number, version: number): Promise<boolean> {
+  const rows = await q.query<{ replaced: boolean }>(
+    `SELECT EXISTS (SELECT 1 FROM group_changes WHERE session_id = $1 AND version = $2 AND reason = 'hyperparameters')
+        AND NOT EXISTS (SELECT 1 FROM snapshots WHERE session_id = $1 AND version = $2)
+        AND NOT EXISTS (SELECT 1 FROM step_log WHERE session_id = $1 AND version = $2) AS replaced`,
+    [sessionId, version],
+  );
+  return rows[0]?.replaced === true;
+}
+
 export async function deleteSupersededSnapshot(q: Queryable, sessionId: number, version: number, reason: string): Promise<void> {
   await q.query('DELETE FROM snapshots WHERE session_id = $1 AND version = $2 AND reason = $3 AND NOT pinned', [sessionId, version, reason]);
 }

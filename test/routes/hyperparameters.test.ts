@@ -151,6 +151,17 @@ test('hyperparameter changes push out no restore point: they do not count toward
     assert.equal(res.statusCode, 200, res.body);
   }
   assert.deepEqual(await list(), ['17:hyperparameters', ...before]);
+  // The replaced ones (versions 8 to 16) cannot be read, and the 404 says why and where to look (an
+  // acceptance review: it said "no snapshot at or below it" of a version with a snapshot below it).
+  for (const url of ['/v1/sessions/k/state_dict?version=8', '/v1/sessions/k/params?version=16']) {
+    const replaced = await app.inject({ url });
+    assert.equal(replaced.statusCode, 404, replaced.body);
+    assert.equal(replaced.json().code, 'VERSION_NOT_AVAILABLE');
+    assert.match(replaced.json().message, /^version: \d+ is not available: it was a change of hyperparameters \(PATCH param_groups\) whose snapshot the next change of them replaced, no step coming between; .* GET \/v1\/sessions\/k\/hyperparameters$/);
+  }
+  assert.equal((await app.inject({ url: '/v1/sessions/k/params?version=17' })).statusCode, 200);
+  const changes = (await app.inject({ url: '/v1/sessions/k/hyperparameters' })).json().changes.map((c: { version: number }) => c.version);
+  assert.ok(changes.includes(8) && changes.includes(16), JSON.stringify(changes));
   // The log after the oldest kept snapshot is still there: the version of the manual snapshot + 2 reads back.
   const old = await app.inject({ url: `/v1/sessions/k/params?version=${manual.version + 2}` });
   assert.equal(old.statusCode, 200, old.body);
