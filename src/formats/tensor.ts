@@ -86,7 +86,7 @@ export function contiguousStrides(shape: readonly number[]): number[] {
   let stride = 1;
   for (let i = shape.length - 1; i >= 0; i--) {
     strides[i] = stride;
-    stride *= shape[i];
+    stride *= Math.max(shape[i], 1); // as torch's: a (3, 0) tensor has strides (1, 1)
   }
   return strides;
 }

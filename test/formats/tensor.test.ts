@@ -12,6 +12,10 @@ describe('tensor helpers', () => {
     assert.equal(numel([2, 0, 3]), 0);
     assert.deepEqual(contiguousStrides([2, 3, 4]), [12, 4, 1]);
     assert.deepEqual(contiguousStrides([]), []);
+    // torch.zeros(3, 0).stride() == (1, 1), torch.zeros(0, 4).stride() == (4, 1): a size of 0 counts as 1.
+    assert.deepEqual(contiguousStrides([3, 0]), [1, 1]);
+    assert.deepEqual(contiguousStrides([0, 4]), [4, 1]);
+    assert.deepEqual(contiguousStrides([2, 0, 5]), [5, 5, 1]);
     assert.throws(() => checkShape([2, -1]), (err: FormatError) => err.code === 'TENSOR_SHAPE_INVALID');
     assert.throws(() => checkShape([2 ** 30, 2 ** 30, 2 ** 30]), (err: FormatError) => err.code === 'TENSOR_SHAPE_INVALID');
     assert.throws(() => makeTensor('float32', [2, 2], new Float32Array(3)), (err: FormatError) => err.code === 'TENSOR_SHAPE_INVALID');
