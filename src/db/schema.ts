@@ -214,6 +214,19 @@ export const groupChanges = pgTable('group_changes', {
 }, (t) => [primaryKey({ columns: [t.sessionId, t.version] })]);
 
 /**
+ * Versions made by a change of hyperparameters (PATCH param_groups) whose snapshot the next such change
+ * replaced, no step coming between (repository.deleteSupersededSnapshot): their parameters and optimizer
+ * state are those of the next snapshot, their groups these. Read with ?version= (history.buildState); they
+ * go with the snapshots older than the oldest kept.
+ */
+export const replacedVersions = pgTable('replaced_versions', {
+  sessionId: bigint('session_id', { mode: 'number' }).notNull().references(() => sessions.id, { onDelete: 'cascade' }),
+  version: bigint('version', { mode: 'number' }).notNull(),
+  step: bigint('step', { mode: 'number' }).notNull(),
+  groups: jsonb('groups').$type<GroupSpec[]>().notNull(),
+}, (t) => [primaryKey({ columns: [t.sessionId, t.version] })]);
+
+/**
  * A worker's gradient for the open round of a session with `aggregation`: stored as it arrives, under the
  * session row lock, at the version it was computed on. The round's step (one transaction) reads the
  * round's rows, logs their mean as an ordinary step and deletes them. Rows at an older version than the
@@ -266,4 +279,4 @@ export type SnapshotRow = typeof snapshots.$inferSelect;
 export type ReplayPointRow = typeof replayPoints.$inferSelect;
 export type TokenRow = typeof tokens.$inferSelect;
 
-export const schema = { sessions, snapshots, snapshotChunks, replayPoints, replayPointChunks, stepLog, stepHistory, groupChanges, roundContributions, initialGroups, idempotencyKeys, tokens };
+export const schema = { sessions, snapshots, snapshotChunks, replayPoints, replayPointChunks, stepLog, stepHistory, groupChanges, replacedVersions, roundContributions, initialGroups, idempotencyKeys, tokens };

@@ -126,6 +126,14 @@ export function createHistory(ctx: SessionContext) {
    * after it has a gap.
    */
   async function buildState(q: Queryable, session: SessionRecord, version: number): Promise<{ state: SessionState; snapshotVersion: number }> {
+    // A change of hyperparameters whose snapshot the next one replaced: that one's state, its own groups.
+    const replaced = version < session.version ? await repo.findReplacedVersion(q, session.id, version) : null;
+    if (replaced) {
+      const state = await loadSnapshot(q, replaced.snapshot, session);
+      state.version = version;
+      state.groups = replaced.groups;
+      return { state, snapshotVersion: version };
+    }
     const snapshot = await repo.findSnapshotAtOrBelow(q, session.id, version);
     if (!snapshot) throw errors.versionNotAvailable(version, await repo.snapshotVersion(q, session.id, 'min'), session.version);
     const point = await findReplayPointAtOrBelow(q, session.id, version);

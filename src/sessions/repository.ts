@@ -765,13 +765,14 @@ export async function pruneHistory(q: Queryable, sessionId: number, keep: number
     `DELETE FROM step_log WHERE session_id = $1 AND version <= (${oldestKept}) RETURNING version`,
     [sessionId, keep],
   );
+  await q.query(`DELETE FROM replaced_versions WHERE session_id = $1 AND version < (${oldestKept})`, [sessionId, keep]);
   return { snapshots: deleted.length, steps: steps.length + (await pruneLogToBytes(q, sessionId)) };
 }
 
-/** Deletes the unpinned snapshot of `reason` at `version` (superseded by a change written after it). */
 /**
  * Whether `version` was a change of the groups' values (PATCH param_groups) whose snapshot a later one
- * replaced (deleteSupersededSnapshot): recorded in group_changes, with no snapshot and no step of its own.
+ * replaced before replaced_versions kept such versions (migration 0011): recorded in group_changes, with
+ * no snapshot and no step of its own.
  */
 export async function isReplacedHyperChange(q: Queryable, sessionId: number, version: number): Promise<boolean> {
   const rows = await q.query<{ replaced: boolean }>(
@@ -783,8 +784,32 @@ export async function isReplacedHyperChange(q: Queryable, sessionId: number, ver
   return rows[0]?.replaced === true;
 }
 
+/**
+ * Deletes the unpinned snapshot of `reason` at `version` (superseded by a change written after it, with
+ * the same parameters and optimizer state), keeping its version's groups in replaced_versions.
+ */
 export async function deleteSupersededSnapshot(q: Queryable, sessionId: number, version: number, reason: string): Promise<void> {
-  await q.query('DELETE FROM snapshots WHERE session_id = $1 AND version = $2 AND reason = $3 AND NOT pinned', [sessionId, version, reason]);
+  await q.query(
+    `WITH gone AS (DELETE FROM snapshots WHERE session_id = $1 AND version = $2 AND reason = $3 AND NOT pinned RETURNING session_id, version, step, groups)
+     INSERT INTO replaced_versions (session_id, version, step, groups) SELECT session_id, version, step, groups FROM gone`,
+    [sessionId, version, reason],
+  );
+}
+
+/**
+ * A replaced version (replaced_versions) and the snapshot that holds its parameters and optimizer state:
+ * the session's next snapshot after it, at the same step, every version between them replaced too.
+ * Null when `version` is not one, or that snapshot is gone.
+ */
+export async function findReplacedVersion(q: Queryable, sessionId: number, version: number): Promise<{ groups: GroupSpec[]; snapshot: SnapshotRecord } | null> {
+  const [replaced] = await q.query<{ step: string; groups: GroupSpec[] }>('SELECT step::text, groups FROM replaced_versions WHERE session_id = $1 AND version = $2', [sessionId, version]);
+  if (!replaced) return null;
+  const [next] = await q.query(`SELECT ${SNAPSHOT_COLUMNS} FROM snapshots WHERE session_id = $1 AND version > $2 ORDER BY version LIMIT 1`, [sessionId, version]);
+  const snapshot = next ? toSnapshot(next) : null;
+  if (!snapshot || snapshot.step !== Number(replaced.step)) return null;
+  const [between] = await q.query<{ n: string }>('SELECT count(*)::text AS n FROM replaced_versions WHERE session_id = $1 AND version > $2 AND version < $3', [sessionId, version, snapshot.version]);
+  if (Number(between.n) !== snapshot.version - version - 1) return null;
+  return { groups: replaced.groups, snapshot };
 }
 
 export async function saveIdempotentAnswer(q: Queryable, sessionId: number, key: string, requestHash: string, response: Record<string, unknown>): Promise<void> {

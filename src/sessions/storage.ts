@@ -9,7 +9,7 @@ import type { Queryable } from '../db/database.ts';
 const ROW_HEADER = 24;
 
 /** The tables that hold rows of a session, besides the session row itself (step_history when it exists). */
-const TABLES = ['step_log', 'snapshots', 'snapshot_chunks', 'replay_points', 'replay_point_chunks', 'idempotency_keys', 'step_history', 'round_contributions', 'initial_groups', 'group_changes'] as const;
+const TABLES = ['step_log', 'snapshots', 'snapshot_chunks', 'replay_points', 'replay_point_chunks', 'idempotency_keys', 'step_history', 'round_contributions', 'initial_groups', 'group_changes', 'replaced_versions'] as const;
 type Table = (typeof TABLES)[number];
 
 /**
@@ -111,9 +111,9 @@ async function historyBytesOf(q: Queryable, rowSql: string, ids: number[]): Prom
 
 /** The stored bytes of the sessions `where` selects. */
 async function storageQuery(q: Queryable, where: string, params: unknown[], limit: string): Promise<(SessionStorage & { id: number; name: string })[]> {
-  const [log, snapshot, chunk, point, pointChunk, idempotency, history, contributions, initial, changes] = await Promise.all([
+  const [log, snapshot, chunk, point, pointChunk, idempotency, history, contributions, initial, changes, replaced] = await Promise.all([
     rowBytes(q, 'step_log', 'l'), rowBytes(q, 'snapshots', 'p'), rowBytes(q, 'snapshot_chunks', 'c'), rowBytes(q, 'replay_points', 'rp'), rowBytes(q, 'replay_point_chunks', 'rc'), rowBytes(q, 'idempotency_keys', 'k'), rowBytes(q, 'step_history', 'h'),
-    rowBytes(q, 'round_contributions', 'r'), rowBytes(q, 'initial_groups', 'g'), rowBytes(q, 'group_changes', 'gc'),
+    rowBytes(q, 'round_contributions', 'r'), rowBytes(q, 'initial_groups', 'g'), rowBytes(q, 'group_changes', 'gc'), rowBytes(q, 'replaced_versions', 'rv'),
   ]);
   const roundTerm = contributions ? `coalesce((SELECT sum(${contributions}) FROM round_contributions r WHERE r.session_id = s.id), 0)` : '0';
   const initialTerm = initial ? `coalesce((SELECT ${initial} FROM initial_groups g WHERE g.session_id = s.id), 0)` : '0';
@@ -121,9 +121,10 @@ async function storageQuery(q: Queryable, where: string, params: unknown[], limi
     ? `coalesce((SELECT sum(${point} + coalesce((SELECT sum(${pointChunk}) FROM replay_point_chunks rc WHERE rc.point_id = rp.id), 0)) FROM replay_points rp WHERE rp.session_id = s.id), 0)`
     : '0';
   const changesTerm = changes ? `coalesce((SELECT sum(${changes}) FROM group_changes gc WHERE gc.session_id = s.id), 0)` : '0';
+  const replacedTerm = replaced ? `coalesce((SELECT sum(${replaced}) FROM replaced_versions rv WHERE rv.session_id = s.id), 0)` : '0';
   const rows = await q.query<Record<string, number | string>>(
     `SELECT s.id::float8 AS id, s.name, lg.bytes AS log_bytes, lg.steps AS log_steps, sn.bytes AS snapshot_bytes, sn.n AS snapshots, ${pointTerm} AS replay_point_bytes,
-       ${SESSION_ROW_BYTES('s')} + ik.bytes + ${roundTerm} + ${initialTerm} + ${changesTerm} AS other_bytes
+       ${SESSION_ROW_BYTES('s')} + ik.bytes + ${roundTerm} + ${initialTerm} + ${changesTerm} + ${replacedTerm} AS other_bytes
      FROM sessions s
      CROSS JOIN LATERAL (SELECT coalesce(sum(${log}), 0) AS bytes, count(*)::float8 AS steps FROM step_log l WHERE l.session_id = s.id) lg
      CROSS JOIN LATERAL (

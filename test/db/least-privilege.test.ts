@@ -62,7 +62,7 @@ test('a least-privilege serving role starts with ASGD_MIGRATE=true on a migrated
   }
 
   // A migration pending (the newest one undone by the owner): the serving role cannot apply it, and says what to do.
-  await owner.query('DROP TABLE replay_point_chunks, replay_points');
+  await owner.query('DROP TABLE replaced_versions');
   await owner.query('DELETE FROM drizzle.__drizzle_migrations WHERE id = (SELECT max(id) FROM drizzle.__drizzle_migrations)');
   const serving = await openDatabase({ databaseUrl: url, dataDir: '', poolSize: 1 });
   try {

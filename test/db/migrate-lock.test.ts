@@ -24,10 +24,12 @@ test('a pending migration blocked by an open transaction steps aside for traffic
     await scratch.drop();
   });
   await db.migrate();
-  // Make the newest migration pending again (it adds a column to sessions: it locks sessions).
+  // Make the two newest migrations pending again (0010 adds a column to sessions: it locks sessions; 0011
+  // adds a table referring to it).
   const admin = await client();
+  await admin.query('DROP TABLE replaced_versions');
   await admin.query('ALTER TABLE sessions DROP COLUMN history_from');
-  await admin.query('DELETE FROM drizzle.__drizzle_migrations WHERE id = (SELECT max(id) FROM drizzle.__drizzle_migrations)');
+  await admin.query('DELETE FROM drizzle.__drizzle_migrations WHERE id IN (SELECT id FROM drizzle.__drizzle_migrations ORDER BY id DESC LIMIT 2)');
 
   // A transaction that wrote to sessions and stays open (a step batch, a long PATCH…).
   const blocker = await client();
@@ -53,6 +55,7 @@ test('a pending migration blocked by an open transaction steps aside for traffic
   await migrating;
   const { rows } = await admin.query("SELECT count(*)::int AS present FROM information_schema.columns WHERE table_name = 'sessions' AND column_name = 'history_from'");
   assert.equal(rows[0].present, 1);
+  assert.equal((await admin.query("SELECT to_regclass('replaced_versions') IS NOT NULL AS present")).rows[0].present, true);
 });
 
 test('a replica waiting for another\'s migration longer than ASGD_DB_TIMEOUT_MS goes on waiting, then finds it done', async (t) => {
