@@ -474,8 +474,9 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     http: {
       requestTimeout: config.requestTimeoutMs,
       // Headers come at once from any client: a connection that trickles them (up to MAX_HEADER_BYTES each)
-      // holds their memory only this long.
-      ...(config.requestTimeoutMs > 0 && { headersTimeout: Math.min(10_000, config.requestTimeoutMs) }),
+      // holds their memory only this long, also with no request timeout (0: a review found headers sent a
+      // byte a second still taken after 75 s).
+      headersTimeout: config.requestTimeoutMs > 0 ? Math.min(10_000, config.requestTimeoutMs) : 10_000,
       // A request without Host is refused by the app (onRequest, in the API's error shape), not by Node's bare 400.
       requireHostHeader: false,
       // Node's 16 KiB would refuse (431) a create from a file whose ?options= (declared up to 65,536

@@ -338,6 +338,26 @@ test('a request whose body does not arrive in time gets 408 REQUEST_TIMEOUT; ove
   assert.equal((await fetch(`http://127.0.0.1:${port}/healthz`)).status, 200, 'the server is fine afterwards');
 });
 
+test('with no request timeout (ASGD_REQUEST_TIMEOUT_MS=0) headers still have 10 s: a connection trickling them is dropped', async (t) => {
+  // Found by an operator's review: 0, set to allow long uploads, took the headers' deadline away too.
+  const { app } = await buildTestApp(t, { env: { ASGD_REQUEST_TIMEOUT_MS: '0' } });
+  await app.listen({ host: '127.0.0.1', port: 0 });
+  const { port } = app.server.address() as { port: number };
+  const started = Date.now();
+  const answer = await new Promise<string>((resolve) => {
+    const socket = connect(port, '127.0.0.1');
+    let text = '';
+    socket.on('data', (d) => { text += d; });
+    socket.on('error', () => {});
+    socket.on('close', () => { clearInterval(trickle); resolve(text); });
+    socket.write('GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ');
+    const trickle = setInterval(() => socket.writable && socket.write('a'), 500);
+    setTimeout(() => socket.destroy(), 30_000);
+  });
+  assert.match(answer, /^HTTP\/1\.1 408 /);
+  assert.ok(Date.now() - started < 25_000, `dropped after ${Date.now() - started} ms`);
+});
+
 test('SIGTERM-style close: the request in flight finishes; one that arrives on its connection gets 503 with a code', async (t) => {
   const { app } = await buildTestApp(t);
   await createSession(app, 'closing', {});

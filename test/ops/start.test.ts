@@ -54,6 +54,19 @@ test('a server that cannot start says why in one line and exits 1', async (t) =>
   }
 });
 
+test('a setting the server cannot take says which in one line and exits 2 (a usage error), before anything starts', async () => {
+  for (const [env, line] of [
+    [{ PORT: 'abc' }, /^asgd-serve: PORT must be a whole number, got "abc"$/],
+    [{ LOG_LEVEL: 'verbose' }, /^asgd-serve: LOG_LEVEL .*verbose/],
+  ] as const) {
+    const run = spawnService(process.execPath, ['src/server.ts'], { ASGD_DATA_DIR: 'memory://', ...env });
+    assert.equal(await run.exited, 2, run.output());
+    const lines = run.output().trim().split('\n');
+    assert.equal(lines.length, 1, run.output());
+    assert.match(lines[0], line);
+  }
+});
+
 test('a replica started before PostgreSQL accepts connections waits for it (saying so) and serves once it does', async (t) => {
   // PostgreSQL "comes up" when a TCP proxy to it starts listening on the port the replica was given.
   const port = await freePort();
