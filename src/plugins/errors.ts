@@ -3,7 +3,7 @@
 // request part (or the field's own `x-error-code`), fastify's and the database's errors by their code.
 import { STATUS_CODES } from 'node:http';
 import fp from 'fastify-plugin';
-import type { FastifyError, FastifyInstance, FastifyRequest, FastifySchemaValidationError } from 'fastify';
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest, FastifySchemaValidationError } from 'fastify';
 import { ApiError, CODES, errors, headerText, type ErrorCode, type RequestPart } from '../errors.ts';
 import { FormatError } from '../formats/errors.ts';
 import { DatabaseSilentError, QUERY_CANCELED } from '../db/database.ts';
@@ -239,7 +239,7 @@ export default fp(
       }
       for (const method of [route.method].flat()) entry.methods.add(method);
     });
-    fastify.setNotFoundHandler((request, reply) => {
+    const notFound = (request: FastifyRequest, reply: FastifyReply) => {
       const path = request.url.split('?')[0];
       const allowed = new Set<string>();
       for (const { pattern, methods } of paths.values()) if (pattern.test(path)) for (const m of methods) allowed.add(m);
@@ -252,7 +252,14 @@ export default fp(
       const api = errors.routeNotFound(request.method, path.slice(0, 200));
       request.log.info({ code: api.code, statusCode: api.statusCode }, api.message);
       return reply.status(api.statusCode).send(errorBody(api));
+    };
+    // Said before the body is read: a body's type or size is no business of a route that does not exist
+    // (an operator's review: a safetensors body to a wrong method got 415, a large JSON one 413, and only a
+    // JSON body the 405 with Allow).
+    fastify.addHook('preParsing', async (request, reply) => {
+      if (request.is404) return notFound(request, reply);
     });
+    fastify.setNotFoundHandler(notFound);
   },
   { name: 'errors' },
 );

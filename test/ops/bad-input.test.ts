@@ -750,6 +750,19 @@ test('a method a path does not have is 405 METHOD_NOT_ALLOWED with Allow listing
   for (const url of ['/v1/sessions/alpha/nothing', '/v2/sessions', '/nothing']) {
     assert.equal((await app.inject({ method: 'POST', url, headers: asAdmin })).json().code, 'ROUTE_NOT_FOUND', url);
   }
+  // Whatever the body: its type or size does not matter to a route that does not exist (an operator's
+  // review: a safetensors body to a wrong method got 415, a 2 MB JSON one 413).
+  for (const [method, url, type, payload, code] of [
+    ['PUT', '/v1/sessions/alpha/step', 'application/x-safetensors', Buffer.from('xx'), 'METHOD_NOT_ALLOWED'],
+    ['POST', '/v1/sessions/alpha/state_dict', 'application/octet-stream', Buffer.from('x'), 'METHOD_NOT_ALLOWED'],
+    ['POST', '/v1/sessions/alpha/state_dict', 'application/json', Buffer.alloc(2 * 1024 * 1024, 32), 'METHOD_NOT_ALLOWED'],
+    ['POST', '/nothing', 'application/octet-stream', Buffer.from('x'), 'ROUTE_NOT_FOUND'],
+    ['POST', '/nothing', 'image/png', Buffer.alloc(64 * 1024 * 1024), 'ROUTE_NOT_FOUND'],
+  ] as const) {
+    const res = await app.inject({ method, url, headers: { ...asAdmin, 'content-type': type }, payload });
+    assert.equal(res.json().code, code, `${method} ${url} ${type}: ${res.body}`);
+    if (code === 'METHOD_NOT_ALLOWED') assert.ok(res.headers.allow, `${method} ${url}: Allow`);
+  }
   assert.equal((await app.inject({ url: '/v1/sessions/alpha', headers: asAdmin })).json().version, before, 'nothing moved');
 });
 
