@@ -383,7 +383,7 @@ test('a .pt whose pickle piles up a million new values, or whose zip lists a mil
   assert.deepEqual(await observed(app), before);
 });
 
-test('a JSON step far larger than the session could need is refused (413) before it is parsed, announced or chunked; a pretty-printed one fits', async (t) => {
+test('a JSON step far larger than the session could need is refused (413) before it is parsed, announced or chunked; a pretty-printed one fits; a large body of any type to an unknown session is a 404 before it is read', async (t) => {
   const { app } = await buildTestApp(t);
   assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'small', params: [{ name: 'w', shape: [3, 3], data: Array(9).fill(0.5) }] } })).statusCode, 201);
   const before = (await app.inject({ url: '/v1/sessions/small/state_dict' })).json();
@@ -405,6 +405,20 @@ test('a JSON step far larger than the session could need is refused (413) before
   const unknown = await app.inject({ method: 'POST', url: '/v1/sessions/nosuch/step', headers: { 'content-type': 'application/json' }, payload: huge });
   assert.equal(unknown.statusCode, 404, unknown.body);
   assert.equal(unknown.json().code, 'SESSION_NOT_FOUND');
+  // So is a large file, whatever it holds (an operator's review: 858 MB of a malformed safetensors read
+  // whole, then refused 400 for its header, where a well-formed one got the 404), announced or chunked.
+  const garbage = Buffer.alloc(2 * 1024 * 1024); // zeros: a safetensors header of length 0, a zip of nothing
+  for (const [method, url, type] of [
+    ['POST', '/v1/sessions/nosuch/step', 'application/x-safetensors'],
+    ['PUT', '/v1/sessions/nosuch/params', 'application/x-safetensors'],
+    ['PUT', '/v1/sessions/nosuch/state_dict', 'application/octet-stream'],
+    ['PUT', '/v1/sessions/nosuch/checkpoint', 'application/octet-stream'],
+  ] as const) {
+    for (const payload of [garbage, () => Readable.from([garbage.subarray(0, 1024), garbage.subarray(1024)])]) {
+      const res = await app.inject({ method, url, headers: { 'content-type': type }, payload: typeof payload === 'function' ? payload() : payload });
+      assert.deepEqual([res.statusCode, res.json().code], [404, 'SESSION_NOT_FOUND'], `${method} ${url}: ${res.body}`);
+    }
+  }
   // A pretty-printed step (Python's json.dumps(indent=8)) fits.
   const pretty = JSON.stringify({ grads: { w: { shape: [3, 3], data: [0.1, -0.2, 0.3, 0.4, -0.5, 0.6, 0.7, -0.8, 0.9] } }, metrics: { loss: 0.5 } }, null, 8);
   const ok = await app.inject({ method: 'POST', url: '/v1/sessions/small/step', headers: { 'content-type': 'application/json' }, payload: pretty });

@@ -18,30 +18,60 @@ export function jsonTensorsLimit(numel: number, params: number): number {
 /** Below this, a body is not worth a lookup: every session's bound is above it. */
 const FLOOR = jsonTensorsLimit(0, 0);
 
-/** A preParsing hook for a route of `/:name`: JSON bodies above the session's bound are refused with 413 (`what`: "a JSON step", `tensors`: "gradients"). */
+/**
+ * The size of the session a request of `/:name` names, from this process's copy or else looked up (an
+ * unknown name: 404 SESSION_NOT_FOUND), while its body waits unread.
+ */
+async function sessionSize(fastify: FastifyInstance, request: FastifyRequest, payload: NodeJS.ReadableStream): Promise<{ numel: number; params: number }> {
+  const name = (request.params as { name: string }).name;
+  const cached = fastify.sessions.cachedSize(name);
+  if (cached !== null) return cached;
+  // The body's stream (metrics' byte counter, for a chunked one) may fail while the session is looked up:
+  // a client that breaks off its chunks, or hangs up. Nothing reads it yet, so its error is heard here and
+  // passed on (found by a review: unheard, it ended the process).
+  let failed: unknown = null;
+  const onError = (err: unknown) => (failed ??= err);
+  payload.on('error', onError);
+  let size: { numel: number; params: number };
+  try {
+    size = sizeOf(await fastify.sessions.get(name)); // unknown: 404
+  } finally {
+    payload.removeListener('error', onError);
+  }
+  if (failed !== null) throw failed;
+  return size;
+}
+
+/** A body worth a lookup of its session before it is read: above the floor, or of no announced length. */
+const large = (request: FastifyRequest) => {
+  const declared = request.headers['content-length'];
+  return declared === undefined || Number(declared) > FLOOR;
+};
+
+/**
+ * A preParsing hook for a route of `/:name` taking a file (a state_dict, a checkpoint): a large body to a
+ * session that does not exist is a 404 before it is read (an operator's review: 858 MB read, then refused).
+ */
+export function sessionBeforeBody(fastify: FastifyInstance) {
+  return async (request: FastifyRequest, _reply: unknown, payload: NodeJS.ReadableStream): Promise<NodeJS.ReadableStream> => {
+    if (large(request)) await sessionSize(fastify, request, payload);
+    return payload;
+  };
+}
+
+/**
+ * A preParsing hook for a route of `/:name`: JSON bodies above the session's bound are refused with 413
+ * (`what`: "a JSON step", `tensors`: "gradients"); a large body of another type, to a session that does
+ * not exist, with 404 before it is read.
+ */
 export function jsonBoundBySession(fastify: FastifyInstance, what: string, tensors: string) {
   return async (request: FastifyRequest, _reply: unknown, payload: NodeJS.ReadableStream): Promise<NodeJS.ReadableStream> => {
-    if (!/^application\/json\b/i.test(request.headers['content-type'] ?? '')) return payload;
     // With a Content-Length the body is what it announces (the body reader holds it to that): checked here,
     // the payload left as it is (untouched, so that a 100 Continue is only sent once the body is wanted).
+    if (!large(request)) return payload;
+    const size = await sessionSize(fastify, request, payload);
+    if (!/^application\/json\b/i.test(request.headers['content-type'] ?? '')) return payload;
     const declared = request.headers['content-length'];
-    if (declared !== undefined && Number(declared) <= FLOOR) return payload;
-    const name = (request.params as { name: string }).name;
-    let size = fastify.sessions.cachedSize(name);
-    if (size === null) {
-      // The body's stream (metrics' byte counter, for a chunked one) may fail while the session is looked up:
-      // a client that breaks off its chunks, or hangs up. Nothing reads it yet, so its error is heard here and
-      // passed on (found by a review: unheard, it ended the process).
-      let failed: unknown = null;
-      const onError = (err: unknown) => (failed ??= err);
-      payload.on('error', onError);
-      try {
-        size = sizeOf(await fastify.sessions.get(name)); // unknown: 404
-      } finally {
-        payload.removeListener('error', onError);
-      }
-      if (failed !== null) throw failed;
-    }
     const limit = jsonTensorsLimit(size.numel, size.params);
     // And its keys: a tensor as {"shape", "data", "dtype"} and its name, a group's hyperparameters (a group
     // a parameter at most), metrics: a step token cannot make the parser build millions of keys in a body

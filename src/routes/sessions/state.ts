@@ -13,7 +13,7 @@ import { ACCESS, changeAnswer, changeKeyOf, ifMatchOf, jsonBody, jsonOrFile } fr
 import { contentFormat, mediaTypes, ROUTE_MEDIA, type WireFormat } from '../media.ts';
 import { ChangeHeaders, errorResponses, GroupChanges, ConditionalReadHeaders, NameParams, NotModified, Session, Version, withCode } from '../schemas.ts';
 import { perTensorLimits, readCheckpointFile, readCheckpointJson, readNamedTensors, readStateDictBody } from './binary.ts';
-import { jsonBoundBySession } from './json-bound.ts';
+import { jsonBoundBySession, sessionBeforeBody } from './json-bound.ts';
 import { answeredNotModified, checkIfMatchRead, MAX_WAIT_SECONDS, waitPastVersion } from './conditional.ts';
 import { refuseLargeJson, sendView, viewResponse, type ViewKind, type ViewQuery } from './views.ts';
 
@@ -181,6 +181,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
   fastify.put('/:name/state_dict', {
     config: ACCESS.admin,
     bodyLimit: opts.config.bodyLimitCreate,
+    preParsing: sessionBeforeBody(fastify),
     schema: {
       operationId: 'loadStateDict',
       summary: 'Restore the optimizer state_dict',
@@ -238,6 +239,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
   fastify.put('/:name/checkpoint', {
     config: ACCESS.admin,
     bodyLimit: opts.config.bodyLimitCreate,
+    preParsing: sessionBeforeBody(fastify),
     schema: {
       operationId: 'loadCheckpoint',
       summary: 'Upload a checkpoint',
