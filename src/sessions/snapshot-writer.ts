@@ -4,6 +4,7 @@
 import type { Queryable } from '../db/database.ts';
 import type { GroupSpec, ScalarStateRow } from '../db/schema.ts';
 import type { DiskShort } from '../db/disk-room.ts';
+import { classifyDbError } from '../db/errors.ts';
 import { errors } from '../errors.ts';
 import type { CacheEntry } from './cache.ts';
 import type { SessionContext } from './context.ts';
@@ -306,6 +307,12 @@ export function createSnapshotWriter(ctx: SessionContext) {
         // As background snapshots are (after the commit): an operator reading a shutdown's log sees what it wrote.
         if (written) log.info({ session: rows[0].name, version: entry.state.version, reason: 'shutdown' }, 'snapshot written');
       } catch (err) {
+        // The database unreachable (or silent for ASGD_DB_TIMEOUT_MS): the next session's would wait as long
+        // again, each, within ASGD_SHUTDOWN_TIMEOUT_MS; the log holds every step, so none is tried.
+        if (classifyDbError(err) === 'retryable') {
+          log.warn({ err, sessionId: id }, 'shutdown snapshots not written: the database does not answer (the log holds every step)');
+          return;
+        }
         log.warn({ err, sessionId: id }, 'shutdown snapshot failed');
       }
     }

@@ -202,6 +202,22 @@ test('shutdown does not wait for a database that stopped answering', async (t) =
   assert.ok(Date.now() - started < 8_000, `closed after ${Date.now() - started} ms`);
 });
 
+test('shutdown gives up the snapshots of every session once the database does not answer for one, rather than wait for each', async (t) => {
+  // Found by an operator's review: each moved session's shutdown snapshot waited ASGD_DB_TIMEOUT_MS in turn.
+  if (TEST_DB_KIND !== 'postgres') return t.skip('PostgreSQL over TCP');
+  const { url, proxy } = await proxiedDatabase(t);
+  const { app } = await buildTestApp(null, { databaseUrl: url.toString(), env: { ASGD_DB_TIMEOUT_MS: '1000', ASGD_HEALTH_CHECK_INTERVAL_MS: '0', ASGD_SHUTDOWN_TIMEOUT_MS: '60000' } });
+  for (let k = 0; k < 16; k++) {
+    assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: { ...session, name: `silent${k}` } })).statusCode, 201);
+    assert.equal((await app.inject({ method: 'POST', url: `/v1/sessions/silent${k}/step`, payload: stepBody(1) })).statusCode, 200);
+  }
+  proxy.mode = 'black-hole';
+  const started = Date.now();
+  await app.close();
+  // One session's wait (a second of silence, a second for the cancel), not sixteen.
+  assert.ok(Date.now() - started < 8_000, `closed after ${Date.now() - started} ms`);
+});
+
 test('a 503 of a database outage is one warn line without a stack per request (the outage itself is said once)', async (t) => {
   const lines: Record<string, unknown>[] = [];
   const stream = new Writable({
