@@ -10,7 +10,7 @@ import type { RoundStatus } from '../sessions/rounds.ts';
 import { numelOf, publicGroup } from '../sessions/spec.ts';
 import { canonicalJson } from '../sessions/state.ts';
 import { contentFormat } from './media.ts';
-import type { Session, Snapshot } from './schemas.ts';
+import type { Session, SessionChange, Snapshot } from './schemas.ts';
 
 /**
  * The access a route needs, as its `config` (src/plugins/auth.ts reads it; a route without one stops the
@@ -118,7 +118,7 @@ export function changeKeyOf(request: FastifyRequest): ChangeKey<SessionRecord> |
  */
 export async function changeAnswer(
   reply: FastifyReply, result: SessionRecord | Replayed, roundOf?: (session: SessionRecord) => Promise<RoundStatus | null>,
-): Promise<Static<typeof Session>> {
+): Promise<Static<typeof SessionChange>> {
   if (isReplayed(result)) {
     const now = sessionJson(result.session, null);
     const first = result.replayed as Omit<Static<typeof Session>, 'params'>;

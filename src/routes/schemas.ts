@@ -151,8 +151,13 @@ export const Session = Type.Object({
   created_at: Type.String({ format: 'date-time' }),
   updated_at: Type.String({ format: 'date-time' }),
   storage: Type.Optional(SessionStorage),
-  replayed: Type.Optional(Type.Boolean({ description: 'true when a change sent again with its Idempotency-Key got the first answer (the session as that change left it; nothing was done again)' })),
 }, { title: 'Session' });
+
+/** The answer of a change a retry with its Idempotency-Key answers again (a load, a restore, PATCH param_groups). */
+export const SessionChange = Type.Object({
+  ...Session.properties,
+  replayed: Type.Optional(Type.Boolean({ description: 'true when a change sent again with its Idempotency-Key got the first answer (the session as that change left it; nothing was done again)' })),
+}, { title: 'SessionChange', description: 'The session as the change left it' });
 
 export const Snapshot = Type.Object({
   id: Type.Integer(), version: Type.Integer(), step: Type.Integer(),

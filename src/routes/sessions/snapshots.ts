@@ -4,7 +4,7 @@ import { Type } from 'typebox';
 import type { Config } from '../../config.ts';
 import { ACCESS, changeAnswer, changeKeyOf, ifMatchOf, snapshotJson } from '../common.ts';
 import { ROUTE_MEDIA } from '../media.ts';
-import { ChangeHeaders, errorResponses, IfMatchHeaders, NameParams, Session, Snapshot, SnapshotParams } from '../schemas.ts';
+import { ChangeHeaders, errorResponses, IfMatchHeaders, NameParams, Snapshot, SnapshotParams, SessionChange } from '../schemas.ts';
 import { sendView, viewResponse, type ViewKind, type ViewQuery } from './views.ts';
 
 const PinBody = Type.Object({ pinned: Type.Boolean({ description: 'Retention never removes a pinned snapshot' }) }, { additionalProperties: false, examples: [{ pinned: true }] });
@@ -98,7 +98,7 @@ const snapshotRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fas
       tags: ['snapshots'],
       params: SnapshotParams,
       headers: ChangeHeaders,
-      response: { 200: Session, ...errorResponses(400, 401, 403, 404, 412, 422) },
+      response: { 200: SessionChange, ...errorResponses(400, 401, 403, 404, 412, 422) },
     },
   }, async (request, reply) => {
     const result = await fastify.sessions.restore(request.params.name, Number(request.params.id), ifMatchOf(request), changeKeyOf(request));

@@ -11,7 +11,7 @@ import { parseStateDict } from '../../sessions/state-dict.ts';
 import { firstNonFinite, readJsonTensor } from '../../sessions/tensors.ts';
 import { ACCESS, changeAnswer, changeKeyOf, ifMatchOf, jsonBody, jsonOrFile } from '../common.ts';
 import { contentFormat, mediaTypes, ROUTE_MEDIA, type WireFormat } from '../media.ts';
-import { ChangeHeaders, errorResponses, GroupChanges, ConditionalReadHeaders, NameParams, NotModified, Session, Version, withCode } from '../schemas.ts';
+import { ChangeHeaders, errorResponses, GroupChanges, ConditionalReadHeaders, NameParams, NotModified, Version, withCode, SessionChange } from '../schemas.ts';
 import { perTensorLimits, readCheckpointFile, readCheckpointJson, readNamedTensors, readStateDictBody } from './binary.ts';
 import { jsonBoundBySession, sessionBeforeBody } from './json-bound.ts';
 import { answeredNotModified, checkIfMatchRead, MAX_WAIT_SECONDS, waitPastVersion } from './conditional.ts';
@@ -153,7 +153,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
       headers: ChangeHeaders,
       consumes: mediaTypes(ROUTE_MEDIA.params.accepts),
       body: jsonBody(ParamsIn),
-      response: { 200: Session, ...errorResponses(400, 401, 403, 404, 412, 413, 415, 422) },
+      response: { 200: SessionChange, ...errorResponses(400, 401, 403, 404, 412, 413, 415, 422) },
     },
   }, async (request, reply) => {
     const { name } = request.params;
@@ -191,7 +191,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
       headers: ChangeHeaders,
       consumes: mediaTypes(ROUTE_MEDIA.stateDict.accepts),
       body: jsonBody(StateDictIn),
-      response: { 200: Session, ...errorResponses(400, 401, 403, 404, 412, 413, 415, 422) },
+      response: { 200: SessionChange, ...errorResponses(400, 401, 403, 404, 412, 413, 415, 422) },
     },
   }, async (request, reply) => {
     // A state_dict that is not there is a malformed state_dict (the code of its other structural errors).
@@ -215,7 +215,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
       body: Type.Object({
         param_groups: GroupChanges('One object per session group, in the session\'s group order', { minItems: 1 }),
       }, { additionalProperties: false, examples: [{ param_groups: [{ lr: 0.005 }] }] }),
-      response: { 200: Session, ...errorResponses(400, 401, 403, 404, 409, 412, 422) },
+      response: { 200: SessionChange, ...errorResponses(400, 401, 403, 404, 409, 412, 422) },
     },
   }, async (request, reply) => {
     const result = await fastify.sessions.setHyperparameters(request.params.name, request.body.param_groups, ifMatchOf(request), changeKeyOf(request));
@@ -249,7 +249,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
       headers: ChangeHeaders,
       consumes: mediaTypes(ROUTE_MEDIA.checkpoint.accepts),
       body: jsonBody(CheckpointIn),
-      response: { 200: Session, ...errorResponses(400, 401, 403, 404, 412, 413, 415, 422) },
+      response: { 200: SessionChange, ...errorResponses(400, 401, 403, 404, 412, 413, 415, 422) },
     },
   }, async (request, reply) => {
     const body = jsonOrFile(request.body, CheckpointIn, (message) => errors.invalidStateDict('body', message));

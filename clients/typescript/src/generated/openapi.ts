@@ -996,6 +996,40 @@ export interface components {
             /** Format: date-time */
             updated_at: string;
             storage?: components["schemas"]["SessionStorage"];
+        };
+        /**
+         * SessionChange
+         * @description The session as the change left it
+         */
+        SessionChange: {
+            name: string;
+            /** @description Bumped by every change (step, load, restore); also the ETag */
+            version: number;
+            /** @description optimizer.step() calls applied */
+            step: number;
+            numel: number;
+            params: {
+                name: string;
+                shape: number[];
+                numel: number;
+            }[];
+            param_groups: components["schemas"]["ParamGroup"][];
+            snapshot_every: number;
+            keep_snapshots: number;
+            max_staleness: number | null;
+            /** @description Byte bound on the step log; null: none (keep_snapshots still bounds it) */
+            keep_log_bytes: number | null;
+            /** @description Deleted after this many seconds without a step or a write; null: never */
+            expire_after_idle_s: number | null;
+            /** @description Synchronous rounds; null: every step request is its own step */
+            aggregation: components["schemas"]["Aggregation"] | (never | null);
+            /** @description The open round (contributions at the current version); null when none */
+            round: components["schemas"]["Round"] | (never | null);
+            /** Format: date-time */
+            created_at: string;
+            /** Format: date-time */
+            updated_at: string;
+            storage?: components["schemas"]["SessionStorage"];
             /** @description true when a change sent again with its Idempotency-Key got the first answer (the session as that change left it; nothing was done again) */
             replayed?: boolean;
         };
@@ -1030,8 +1064,6 @@ export interface components {
                 /** Format: date-time */
                 updated_at: string;
                 storage?: components["schemas"]["SessionStorage"];
-                /** @description true when a change sent again with its Idempotency-Key got the first answer (the session as that change left it; nothing was done again) */
-                replayed?: boolean;
                 activity?: {
                     steps_last_minute: number;
                     /** @description steps_last_minute / 60 */
@@ -2409,7 +2441,7 @@ export interface operations {
             };
         };
         responses: {
-            /** @description OK */
+            /** @description The session as the change left it */
             200: {
                 headers: {
                     "X-Request-Id": components["headers"]["XRequestId"];
@@ -2419,7 +2451,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Session"];
+                    "application/json": components["schemas"]["SessionChange"];
                 };
             };
             400: components["responses"]["Error400"];
@@ -2539,7 +2571,7 @@ export interface operations {
             };
         };
         responses: {
-            /** @description OK */
+            /** @description The session as the change left it */
             200: {
                 headers: {
                     "X-Request-Id": components["headers"]["XRequestId"];
@@ -2549,7 +2581,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Session"];
+                    "application/json": components["schemas"]["SessionChange"];
                 };
             };
             400: components["responses"]["Error400"];
@@ -2623,7 +2655,7 @@ export interface operations {
             };
         };
         responses: {
-            /** @description OK */
+            /** @description The session as the change left it */
             200: {
                 headers: {
                     "X-Request-Id": components["headers"]["XRequestId"];
@@ -2633,7 +2665,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Session"];
+                    "application/json": components["schemas"]["SessionChange"];
                 };
             };
             400: components["responses"]["Error400"];
@@ -2776,7 +2808,7 @@ export interface operations {
             };
         };
         responses: {
-            /** @description OK */
+            /** @description The session as the change left it */
             200: {
                 headers: {
                     "X-Request-Id": components["headers"]["XRequestId"];
@@ -2786,7 +2818,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Session"];
+                    "application/json": components["schemas"]["SessionChange"];
                 };
             };
             400: components["responses"]["Error400"];
@@ -3165,7 +3197,7 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description OK */
+            /** @description The session as the change left it */
             200: {
                 headers: {
                     "X-Request-Id": components["headers"]["XRequestId"];
@@ -3175,7 +3207,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Session"];
+                    "application/json": components["schemas"]["SessionChange"];
                 };
             };
             400: components["responses"]["Error400"];
