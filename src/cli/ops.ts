@@ -34,7 +34,7 @@ const COMMON: Record<string, OptionSpec> = {
 export function opsUsage(): string {
   return `Usage: asgd-serve sessions|tokens COMMAND [options]   (against a running service)
 
-  sessions ls [--limit N]                 every session: version, step, size, stored bytes, idle time
+  sessions ls [--limit N]                 every session: version, step, parameters, stored bytes, log steps, snapshots, idle time, expiry
   sessions show NAME                      settings, storage and snapshots of one session
   sessions rm NAME [--yes] [--if-match VERSION]
                                           delete it with its snapshots and log (asks on a terminal; only the
