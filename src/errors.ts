@@ -189,9 +189,6 @@ export const errors = {
       : oldest === null
       ? `version: ${version} is not available (newest is ${newest})`
       : `version: ${version} is not available (no snapshot at or below it with the log after it is kept); the session is at version ${newest}, its oldest snapshot at ${oldest}`),
-  /** A hyperparameter change whose snapshot the next such change replaced (no step between: repository.deleteSupersededSnapshot). */
-  versionReplaced: make('VERSION_NOT_AVAILABLE', (version: number, name: string) =>
-    `version: ${version} is not available: it was a change of hyperparameters (PATCH param_groups) whose snapshot the next change of them replaced, no step coming between; its parameters and optimizer state are those of the next readable version, and its hyperparameters are listed by GET /v1/sessions/${encodeURIComponent(name)}/hyperparameters`),
   notAcceptable: make('NOT_ACCEPTABLE', (accept: string, offered: string) => `Accept: cannot answer ${accept}; this route offers ${offered}`),
   requestTimeout: make('REQUEST_TIMEOUT', () => 'the request was not received in time'),
   // 409/412/413/415/422/431

@@ -37,6 +37,8 @@ export const boundJsonKeys = (request: FastifyRequest, keys: number): void => vo
 /** Bodies whose hyperparameters keep the kind of their numbers (torch's int t0): creation, state_dict loads, hyperparameter changes, and a step's param_groups. */
 const LITERAL_ROUTES = new Set(['POST /v1/sessions', 'PUT /v1/sessions/:name/state_dict', 'PUT /v1/sessions/:name/checkpoint', 'PATCH /v1/sessions/:name/param_groups']);
 const STEP_ROUTE = 'POST /v1/sessions/:name/step';
+/** The key "param_groups" in a JSON text, also with its underscore escaped. */
+const PARAM_GROUPS_KEY = /"param(?:_|\\u005[fF])groups"/;
 /** Read again (with the literals' text) only up to this size: a bigger body keeps the usual kinds. */
 const LITERAL_BODY_BYTES = 1024 * 1024;
 
@@ -50,7 +52,7 @@ function withIntegerLiterals(request: FastifyRequest, text: string, body: unknow
   const route = `${request.method} ${request.routeOptions.url}`;
   // A step's body is read again only when it sets hyperparameters (most steps do not; its gradient's numbers
   // make the second reading cost as much as the first).
-  if (!LITERAL_ROUTES.has(route) && !(route === STEP_ROUTE && text.includes('"param_groups"'))) return body;
+  if (!LITERAL_ROUTES.has(route) && !(route === STEP_ROUTE && PARAM_GROUPS_KEY.test(text))) return body;
   return JSON.parse(text, recordIntegerLiterals as (key: string, value: unknown) => unknown);
 }
 

@@ -192,7 +192,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
       state.groups = next; // the state's groups are the session's
       state.version = session.version + 1;
       await commitState(tx, session, state, 'hyperparameters');
-      entry.lastSnapshotVersion = state.version;
+      // Not a scheduled snapshot (keep_snapshots does not count it): the schedule's next one is still due.
       changed = true;
       return mustFind(tx, name);
     }, key);

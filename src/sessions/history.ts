@@ -157,7 +157,6 @@ export function createHistory(ctx: SessionContext) {
     const state = await loadSnapshot(q, snapshot, session);
     if (!(await replay(q, state, version, session.name))) {
       state.arena.release();
-      if (await repo.isReplacedHyperChange(q, session.id, version)) throw errors.versionReplaced(version, session.name);
       throw errors.versionNotAvailable(version, await repo.snapshotVersion(q, session.id, 'min'), session.version);
     }
     return { state, snapshotVersion: snapshot.version };

@@ -70,13 +70,16 @@ export async function leaseListening(q: Queryable, name: string, seconds: number
  * `groups` (a jsonb list of GroupSpec) with a step's HyperDelta (the jsonb parameter `delta`) merged in:
  * src/sessions/step-input.ts applyHyperDelta in SQL, so that the single-statement step keeps the
  * session row's groups right without reading them first. Given keys replace the group's and leave
- * int_keys unless the delta lists them there.
+ * int_keys unless the delta lists them there; int_keys keep their order (a key that stays an int its
+ * place, a new one at the end), so that a value given again as it was changes nothing.
  */
 const mergeGroupsSql = (groups: string, delta: string) => `(
   SELECT jsonb_agg(CASE WHEN jsonb_typeof(d.value) = 'object' THEN
       (g.value || (d.value - 'int_keys')) || jsonb_build_object('int_keys',
-        coalesce((SELECT jsonb_agg(k.value) FROM jsonb_array_elements(coalesce(g.value->'int_keys', '[]'::jsonb)) k
-                  WHERE NOT (d.value ? (k.value #>> '{}'))), '[]'::jsonb) || coalesce(d.value->'int_keys', '[]'::jsonb))
+        coalesce((SELECT jsonb_agg(k.value ORDER BY k.ordinality) FROM jsonb_array_elements(coalesce(g.value->'int_keys', '[]'::jsonb)) WITH ORDINALITY k
+                  WHERE NOT (d.value ? (k.value #>> '{}')) OR coalesce(d.value->'int_keys', '[]'::jsonb) @> jsonb_build_array(k.value)), '[]'::jsonb)
+        || coalesce((SELECT jsonb_agg(n.value ORDER BY n.ordinality) FROM jsonb_array_elements(coalesce(d.value->'int_keys', '[]'::jsonb)) WITH ORDINALITY n
+                  WHERE NOT coalesce(g.value->'int_keys', '[]'::jsonb) @> jsonb_build_array(n.value)), '[]'::jsonb))
     ELSE g.value END ORDER BY g.ordinality)
   FROM jsonb_array_elements(${groups}) WITH ORDINALITY g
   LEFT JOIN jsonb_array_elements(${delta}) WITH ORDINALITY d ON d.ordinality = g.ordinality)`;
@@ -484,7 +487,7 @@ export async function appendSteps(
        ($4::jsonb IS NOT NULL AND $4::jsonb IS DISTINCT FROM ${groupHyperSql('locked.old_groups')}) AS groups_moved,
        (SELECT count(*) FROM notified) + (SELECT count(*) FROM logged) AS written,
        (SELECT jsonb_agg(jsonb_build_object('index', i, 'request_hash', request_hash, 'response', response, 'live', live)) FROM known) AS known,
-       (SELECT max(version) FROM snapshots WHERE session_id = $1)::float8 AS newest_snapshot
+       (SELECT max(version) FROM snapshots WHERE session_id = $1 AND reason <> 'hyperparameters')::float8 AS newest_snapshot
      FROM locked LEFT JOIN advanced ON true`,
     params,
     { name: `step_append_${n}`, lockFirst: { name: 'step_lock_session', text: 'SELECT FROM sessions WHERE id = $1 AND name = $2 FOR NO KEY UPDATE', values: [sessionId, name] } },
@@ -668,7 +671,9 @@ const SNAPSHOT_SLOT_LOCK = 0x5a5a;
 
 /**
  * In a transaction about to write a scheduled snapshot: true when no snapshot of the session has a version
- * in the slot `slotStart` .. `slotStart + every - 1` (so this one is the slot's), holding a per-session lock
+ * in the slot `slotStart` .. `slotStart + every - 1` (so this one is the slot's; a hyperparameters one, which
+ * keep_snapshots does not count, takes none: PATCHes once a slot kept every scheduled snapshot out, and the
+ * log was never pruned), holding a per-session lock
  * until the commit, so that two processes cannot both see the slot free. False: another process took it,
  * write nothing. Only the slot itself counts: a later slot's snapshot, written first by a process whose
  * copy was quicker, left this slot without one (seen in CI under load: 23 snapshots for 24 slots).
@@ -677,7 +682,7 @@ export async function claimSnapshotSlot(q: Queryable, sessionId: number, slotSta
   await q.query('SELECT pg_advisory_xact_lock($1, ($2::bigint % 2147483647)::int)', [SNAPSHOT_SLOT_LOCK, sessionId]);
   // A statement of its own: under READ COMMITTED it sees what the lock holder before us committed.
   const rows = await q.query<{ taken: boolean }>(
-    'SELECT EXISTS (SELECT 1 FROM snapshots WHERE session_id = $1 AND version >= $2 AND version < $2::bigint + $3::bigint) AS taken',
+    `SELECT EXISTS (SELECT 1 FROM snapshots WHERE session_id = $1 AND version >= $2 AND version < $2::bigint + $3::bigint AND reason <> 'hyperparameters') AS taken`,
     [sessionId, slotStart, every],
   );
   return !rows[0].taken;
@@ -765,23 +770,13 @@ export async function pruneHistory(q: Queryable, sessionId: number, keep: number
     `DELETE FROM step_log WHERE session_id = $1 AND version <= (${oldestKept}) RETURNING version`,
     [sessionId, keep],
   );
-  await q.query(`DELETE FROM replaced_versions WHERE session_id = $1 AND version < (${oldestKept})`, [sessionId, keep]);
-  return { snapshots: deleted.length, steps: steps.length + (await pruneLogToBytes(q, sessionId)) };
-}
-
-/**
- * Whether `version` was a change of the groups' values (PATCH param_groups) whose snapshot a later one
- * replaced before replaced_versions kept such versions (migration 0011): recorded in group_changes, with
- * no snapshot and no step of its own.
- */
-export async function isReplacedHyperChange(q: Queryable, sessionId: number, version: number): Promise<boolean> {
-  const rows = await q.query<{ replaced: boolean }>(
-    `SELECT EXISTS (SELECT 1 FROM group_changes WHERE session_id = $1 AND version = $2 AND reason = 'hyperparameters')
-        AND NOT EXISTS (SELECT 1 FROM snapshots WHERE session_id = $1 AND version = $2)
-        AND NOT EXISTS (SELECT 1 FROM step_log WHERE session_id = $1 AND version = $2) AS replaced`,
-    [sessionId, version],
+  // Replaced versions whose state went with the snapshot after them (a pinned one keeps its own).
+  await q.query(
+    `DELETE FROM replaced_versions rv WHERE rv.session_id = $1
+       AND rv.step IS DISTINCT FROM (SELECT s.step FROM snapshots s WHERE s.session_id = rv.session_id AND s.version > rv.version ORDER BY s.version LIMIT 1)`,
+    [sessionId],
   );
-  return rows[0]?.replaced === true;
+  return { snapshots: deleted.length, steps: steps.length + (await pruneLogToBytes(q, sessionId)) };
 }
 
 /**

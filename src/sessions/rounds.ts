@@ -62,10 +62,14 @@ export const roundStatus = (round: OpenRound): RoundStatus => ({
 
 const tallyOf = (round: OpenRound): RoundTally => ({ contributions: round.contributions, samples: round.samples ?? 0, ageSeconds: round.ageSeconds });
 
-/** Two contributions' param_groups agree when the groups they make are the same (what the round's step applies); one without any agrees with all. */
+/**
+ * Two contributions' param_groups agree when the groups they make step the same (what the round's step
+ * applies); one without any agrees with all. Whether a value is an int does not count (5 and 5.0: a
+ * JavaScript worker and a Python one); the round's step takes the kinds of one of them.
+ */
 function sameEffect(groups: readonly GroupSpec[], a: HyperDelta | null, b: HyperDelta | null): boolean {
   const canonical = (delta: HyperDelta | null) => JSON.stringify(applyHyperDelta(groups, delta ?? []).map((g) => ({
-    lr: g.lr, lambd: g.lambd, alpha: g.alpha, t0: g.t0, weight_decay: g.weight_decay, maximize: g.maximize, int_keys: [...(g.int_keys ?? [])].sort(),
+    lr: g.lr, lambd: g.lambd, alpha: g.alpha, t0: g.t0, weight_decay: g.weight_decay, maximize: g.maximize,
   })));
   return canonical(a) === canonical(b);
 }

@@ -54,7 +54,7 @@ export function parseStepHyper(value: unknown, groups: readonly GroupSpec[], fie
 
 /**
  * The groups after a step's hyperparameters: given keys replace the group's, and stop being Python ints
- * unless given as one (resolveHyperparameters' rule). Mirrored in SQL by repository.MERGE_GROUPS_SQL.
+ * unless given as one (resolveHyperparameters' rule). Mirrored in SQL by repository.mergeGroupsSql.
  */
 export function applyHyperDelta(groups: readonly GroupSpec[], delta: HyperDelta): GroupSpec[] {
   return groups.map((group, g) => {
@@ -62,10 +62,14 @@ export function applyHyperDelta(groups: readonly GroupSpec[], delta: HyperDelta)
     if (!set) return group;
     const { int_keys: intKeys, ...values } = set;
     const given = Object.keys(values);
+    const ints = intKeys ?? [];
+    // In their order: one that stays an int keeps its place, a new one goes last (a value sent again as it
+    // was changes nothing: no new version for a PATCH of the same values).
+    const kept = (group.int_keys ?? []).filter((k) => !given.includes(k) || ints.includes(k));
     return {
       ...group,
       ...values,
-      int_keys: [...(group.int_keys ?? []).filter((k) => !given.includes(k)), ...(intKeys ?? [])],
+      int_keys: [...kept, ...ints.filter((k) => !kept.includes(k))],
     };
   });
 }

@@ -260,6 +260,19 @@ test('one worker owns the schedule: a contribution without param_groups takes th
   assert.equal((await session(app, 'owner')).round.contributions, 1);
 });
 
+test('contributions setting the same value, one as an int and one as a float (a JS and a Python worker), agree', async (t) => {
+  // Found by a review: once a step's int literals were kept, t0 5 and 5.0 conflicted (409 ROUND_CONFLICT).
+  const { app } = await buildTestApp(t);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: sessionBody('kinds', { contributions: 2 }) })).statusCode, 201);
+  const raw = (worker: string, t0: string, k: number) => app.inject({
+    method: 'POST', url: '/v1/sessions/kinds/step?wait=30', headers: { 'content-type': 'application/json' },
+    payload: `{"grads": ${JSON.stringify(gradsOf(k))}, "base_version": 1, "worker": "${worker}", "param_groups": [{"t0": ${t0}}]}`,
+  });
+  const answers = await Promise.all([raw('a', '5', 1), raw('b', '5.0', 2)]);
+  for (const res of answers) assert.equal(res.statusCode, 200, res.body);
+  assert.equal((await session(app, 'kinds')).param_groups[0].t0, 5);
+});
+
 test('bad contributions and settings: 4xx naming the field, and the open round is unchanged', async (t) => {
   const { app } = await buildTestApp(t);
   assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: sessionBody('bad', { contributions: 3 }) })).statusCode, 201);

@@ -294,6 +294,9 @@ test('a step\'s hyperparameters keep the kind of their numbers, as torch keeps g
   assert.match(await groupText('/v1/sessions/kinds/state_dict'), /"lr":0\.5,.*"t0":7,"weight_decay":0\.0/);
   // The earlier version, rebuilt from the log: its kinds as they were.
   assert.match(await groupText(`/v1/sessions/kinds/state_dict?version=${v1}`), /"lr":1,.*"t0":5\.0,"weight_decay":0,/);
+  // The key written with an escape is the same key.
+  await stepped(`{"grads": ${grad}, "param\\u005fgroups": [{"t0": 11}]}`);
+  assert.match(await groupText('/v1/sessions/kinds/state_dict'), /"t0":11,/);
   // A PATCH of the groups, likewise.
   const patched = await app.inject({ method: 'PATCH', url: '/v1/sessions/kinds/param_groups', headers: { 'content-type': 'application/json' }, payload: '{"param_groups": [{"t0": 9, "lr": 2.0}]}' });
   assert.equal(patched.statusCode, 200, patched.body);

@@ -142,6 +142,13 @@ def _hyper_value(key: str, value: Any) -> Any:
     return value if type(value) is int else float(value)
 
 
+def _session_value(key: str, value: Any) -> Any:
+    """A hyperparameter of the session's JSON answers (which write 1000000.0 as 1000000): a float, as the
+    session holds it unless it was given as an int (which its answers do not say), maximize a bool."""
+    value = _hyper_value(key, value)
+    return float(value) if type(value) is int else value
+
+
 def _given_as_other_type(value: Any) -> bool:
     """A number torch keeps as given that the service holds as a Python number (a tensor lr, np.float32)."""
     return isinstance(value, torch.Tensor) or (isinstance(value, numbers.Number) and type(value) not in (bool, int, float))
@@ -792,7 +799,7 @@ class RemoteASGD(torch.optim.Optimizer):
         self._version = info.get("version", self._version)
         self._session_step = info.get("step", self._session_step)
         remote_groups = [group_from_json({k: v for k, v in g.items() if k != "params"}) for g in info["param_groups"]]
-        self._session_groups = [{k: _hyper_value(k, g[k]) for k in HYPERPARAMETER_KEYS if k in g} for g in remote_groups]
+        self._session_groups = [{k: _session_value(k, g[k]) for k in HYPERPARAMETER_KEYS if k in g} for g in remote_groups]
         if update_local:
             for local, remote in zip(self.param_groups, remote_groups):
                 for k, v in remote.items():
@@ -1230,7 +1237,7 @@ class RemoteASGD(torch.optim.Optimizer):
                 continue
             for k in HYPERPARAMETER_KEYS:
                 if k in remote:
-                    known[k] = _hyper_value(k, remote[k])
+                    known[k] = _session_value(k, remote[k])
 
     def _apply_pending(self, block: bool) -> None:
         if self._pid != os.getpid():  # reached without a public method (a SessionState taken before a fork)

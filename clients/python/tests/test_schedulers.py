@@ -243,6 +243,17 @@ class EachWorkersHyperparametersAreItsOwn(ServiceTestCase):
     def test_a_worker_without_the_scheduler_keeps_its_own_lr_and_does_not_send_it(self):
         self.check(pipeline=False)
 
+    def test_the_sessions_values_read_as_floats(self):
+        # The session's answers write 1.0 as 1: session_hyperparameters said lr 1 and t0 1000000 (ints, as
+        # the session does not hold them), which a load_state_dict of them would have sent as ints.
+        a_model, a, b_model, b = self._two(False)
+        b.client.set_hyperparameters(b.session, [{"lr": 1.0}])
+        train(a_model, a, range(1))
+        a.synchronize()
+        held = a.session_hyperparameters[0]
+        self.assertEqual((type(held["lr"]), held["lr"]), (float, 1.0))
+        self.assertEqual((type(held["t0"]), held["t0"]), (float, float(a.param_groups[0]["t0"])))
+
     def test_a_pipelined_worker_without_the_scheduler_keeps_its_own_lr(self):
         self.check(pipeline=True)
 
