@@ -310,7 +310,24 @@ export function bodyStage(payload: NodeJS.ReadableStream, stage: Pick<TransformO
   const out = new Transform(stage);
   payload.on('error', (err) => out.destroy(err));
   out.on('error', () => {});
-  return payload.pipe(out);
+  // Piped once something reads the stage (flowing, or a 'readable' listener), not now: the request's first
+  // read sends the 100 Continue a client with Expect: 100-continue waits for (app.ts continueOnRead), and a
+  // hook after this one may still refuse the request (a session that does not exist, a JSON body over its
+  // session's bound) before the client sends its body. Piped at once, a body of 1 MiB or more got its 100
+  // (curl then sent it all) before the 404 or 413.
+  let piped = false;
+  const start = () => {
+    if (piped) return;
+    piped = true;
+    out.removeListener('newListener', onListener);
+    payload.pipe(out);
+  };
+  const onListener = (event: string | symbol) => {
+    if (event === 'readable') start();
+  };
+  out.on('newListener', onListener);
+  out.once('resume', start);
+  return out;
 }
 
 type Done = (err: Error | null, body?: Buffer) => void;

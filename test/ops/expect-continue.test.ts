@@ -88,3 +88,31 @@ test('Expect: 100-continue: 100 once the body is wanted, then the step; a reques
   }
   assert.equal(await versionNow(), before + 1, 'only the accepted step changed the session');
 });
+
+test('Expect: 100-continue with a body of 1 MiB or more: a session that does not exist, or a JSON body over its session\'s bound, is refused before the 100', async (t) => {
+  // The body budget's counter (bodies of 1 MiB or more) read the request at once, which sent the 100: curl
+  // then uploaded the whole body before its 404 or 413.
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
+  await createSession(app, 'expecting');
+  await app.listen({ host: '127.0.0.1', port: 0 });
+  const { port } = app.server.address() as { port: number };
+  const head = (path: string, type: string, length: number) =>
+    `${path.endsWith('step') ? 'POST' : 'PUT'} ${path} HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\nAuthorization: Bearer ${ADMIN}\r\nContent-Type: ${type}\r\nContent-Length: ${length}\r\n\r\n`;
+  for (const [path, type, status, code] of [
+    ['/v1/sessions/nosuch/step', 'application/x-safetensors', 404, 'SESSION_NOT_FOUND'],
+    ['/v1/sessions/nosuch/state_dict', 'application/octet-stream', 404, 'SESSION_NOT_FOUND'],
+    ['/v1/sessions/expecting/step', 'application/json', 413, 'BODY_TOO_LARGE'],
+  ] as const) {
+    const c = open(port);
+    c.socket.write(head(path, type, 8 * 1024 * 1024));
+    const text = await c.until(answered());
+    assert.match(text, new RegExp(`^HTTP/1\\.1 ${status} `), `${path}: ${text.slice(0, 80)}`);
+    assert.equal(JSON.parse(text.slice(text.indexOf('\r\n\r\n') + 4)).code, code, path);
+    await c.closed;
+  }
+  // And a large body that is wanted still gets its 100.
+  const c = open(port);
+  c.socket.write(head('/v1/sessions/expecting/params', 'application/x-safetensors', 2 * 1024 * 1024));
+  assert.match(await c.until((text) => text.includes('\r\n\r\n')), /^HTTP\/1\.1 100 Continue\r\n\r\n$/);
+  c.socket.destroy();
+});
