@@ -164,12 +164,15 @@ export default fp(
     const routeOf = (request: FastifyRequest) => (request.is404 ? 'unmatched' : (request.routeOptions.url ?? 'unmatched'));
     const received = new WeakMap<FastifyRequest, number>();
 
+    const declaredLength = (request: FastifyRequest) => (request.headers['transfer-encoding'] === undefined ? Number(request.headers['content-length']) : NaN);
+    // A declared body counted at once: a request that no route matches is answered before the body hooks
+    // run (errors.ts), its body dropped unread by Node, and its bytes still came in.
+    fastify.addHook('onRequest', async (request) => {
+      const declared = declaredLength(request);
+      if (Number.isFinite(declared)) received.set(request, declared);
+    });
     fastify.addHook('preParsing', async (request, _reply, payload) => {
-      const declared = Number(request.headers['content-length']);
-      if (Number.isFinite(declared) && request.headers['transfer-encoding'] === undefined) {
-        received.set(request, declared);
-        return payload;
-      }
+      if (Number.isFinite(declaredLength(request))) return payload;
       // A chunked body: count the bytes as they pass (an error before, a refusal of the disk guard or a
       // hung-up client, goes on to the body's parser).
       received.set(request, 0);

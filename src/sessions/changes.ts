@@ -10,7 +10,8 @@ import type { CreateInput, LoadedParams, LoadedStateDict } from './model.ts';
 import type { Reads } from './reads.ts';
 import * as repo from './repository.ts';
 import type { SessionRecord } from './repository.ts';
-import type { SnapshotWriter } from './snapshot-writer.ts';
+import { slotOf, slotStart, type SnapshotWriter } from './snapshot-writer.ts';
+import { snapshotInterval } from './retention.ts';
 import { copyInSlices } from './slices.ts';
 import type { SessionState } from './state.ts';
 import { applyHyperDelta, groupHyperparameters, parseStepHyper } from './step-input.ts';
@@ -191,8 +192,13 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
       await repo.deleteSupersededSnapshot(tx, session.id, session.version, 'hyperparameters');
       state.groups = next; // the state's groups are the session's
       state.version = session.version + 1;
-      await commitState(tx, session, state, 'hyperparameters');
-      // Not a scheduled snapshot (keep_snapshots does not count it): the schedule's next one is still due.
+      // Not a scheduled snapshot (keep_snapshots does not count it, the next change may replace it), unless
+      // this version opens a snapshot slot: then it is the slot's (steps schedule one only when a step opens
+      // the slot, and this one left it to the next slot: a review).
+      const every = snapshotInterval(session);
+      const scheduled = slotOf(state.version, every) > slotOf(session.version, every) && (await repo.claimSnapshotSlot(tx, session.id, slotStart(state.version, every), every));
+      await commitState(tx, session, state, 'hyperparameters', false, scheduled ? 'auto' : 'hyperparameters');
+      if (scheduled) entry.lastSnapshotVersion = state.version;
       changed = true;
       return mustFind(tx, name);
     }, key);
@@ -204,8 +210,8 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
    * version: written as a snapshot, its group values recorded when they changed, the session advanced and
    * announced, snapshots beyond keep_snapshots pruned. `state` already holds the new version.
    */
-  async function commitState(tx: Queryable, session: SessionRecord, state: SessionState, reason: string, replaced = false): Promise<void> {
-    await writer.writeState(tx, session.id, state, reason);
+  async function commitState(tx: Queryable, session: SessionRecord, state: SessionState, reason: string, replaced = false, snapshotReason = reason): Promise<void> {
+    await writer.writeState(tx, session.id, state, snapshotReason);
     await recordGroupChange(tx, session, state, reason);
     state.setStamp(await repo.advanceSession(tx, session.id, state.version, state.step, state.groups, replaced));
     await repo.notifyVersion(tx, session.name, state.version, state.step);

@@ -1,10 +1,9 @@
 // Writing snapshots: synchronously for changes that are not steps (create, load_state_dict, restore, fork,
 // a manual snapshot), in the background every `snapshotEvery` steps, and for every moved copy at shutdown;
 // and replay points (replay-points.ts) in the background between scheduled snapshots.
-import type { Queryable } from '../db/database.ts';
+import { QUERY_CANCELED, type Queryable } from '../db/database.ts';
 import type { GroupSpec, ScalarStateRow } from '../db/schema.ts';
 import type { DiskShort } from '../db/disk-room.ts';
-import { classifyDbError } from '../db/errors.ts';
 import { errors } from '../errors.ts';
 import type { CacheEntry } from './cache.ts';
 import type { SessionContext } from './context.ts';
@@ -20,8 +19,8 @@ import { snapshotChecksum, type SessionState } from './state.ts';
  * slot 1, and so on. A slot is the same in every process, so the processes can agree that one snapshot
  * covers it (the first version of a slot a process is current at), however their caches interleave.
  */
-const slotOf = (version: number, every: number) => Math.floor((version - 1) / every);
-const slotStart = (version: number, every: number) => slotOf(version, every) * every + 1;
+export const slotOf = (version: number, every: number) => Math.floor((version - 1) / every);
+export const slotStart = (version: number, every: number) => slotOf(version, every) * every + 1;
 /** A snapshot is due when the version is in a later slot than the last snapshot this process wrote or loaded. */
 const snapshotDue = (version: number, lastSnapshotVersion: number, every: number) => slotOf(version, every) > slotOf(lastSnapshotVersion, every);
 
@@ -80,6 +79,18 @@ function chunksOf(parts: readonly Buffer[], size: number): Buffer[] {
 async function chunked(meta: SnapshotMeta, parts: readonly Buffer[]): Promise<{ chunks: Buffer[]; checksum: string }> {
   const chunks = chunksOf(parts, repo.CHUNK_BYTES);
   return { chunks, checksum: await snapshotChecksum(chunks, meta.groups, meta.scalars) };
+}
+
+/**
+ * A failure that says the database does not answer: no connection (refused, reset, dropped after
+ * ASGD_DB_TIMEOUT_MS of silence), or a statement cancelled (57014: after that silence, a hung server or a
+ * lock wait), or the server shutting down. Not a deadlock or a serialization failure of one transaction.
+ */
+function unanswered(err: unknown): boolean {
+  let e = err as { code?: unknown; cause?: unknown } | null | undefined;
+  if (e && e.code === undefined && e.cause !== null && typeof e.cause === 'object') e = e.cause as typeof e;
+  const code = typeof e?.code === 'string' ? e.code : '';
+  return ['ETIMEDOUT', 'ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'ENOTFOUND', 'EHOSTUNREACH', QUERY_CANCELED].includes(code) || /^(08|57P0)/.test(code);
 }
 
 export function createSnapshotWriter(ctx: SessionContext) {
@@ -301,15 +312,17 @@ export function createSnapshotWriter(ctx: SessionContext) {
             log.warn({ sessionId: id, version: entry.state.version }, 'shutdown snapshot not written: this process\'s copy is not of the database\'s history');
             return;
           }
-          await writeState(tx, id, entry.state, 'shutdown');
-          return true;
+          // One at this version already (a change of hyperparameters wrote it): nothing to write.
+          if ((await tx.query('SELECT 1 FROM snapshots WHERE session_id = $1 AND version = $2', [id, entry.state.version])).length > 0) return false;
+          return (await writeState(tx, id, entry.state, 'shutdown')) !== null;
         }));
         // As background snapshots are (after the commit): an operator reading a shutdown's log sees what it wrote.
         if (written) log.info({ session: rows[0].name, version: entry.state.version, reason: 'shutdown' }, 'snapshot written');
       } catch (err) {
-        // The database unreachable (or silent for ASGD_DB_TIMEOUT_MS): the next session's would wait as long
-        // again, each, within ASGD_SHUTDOWN_TIMEOUT_MS; the log holds every step, so none is tried.
-        if (classifyDbError(err) === 'retryable') {
+        // The database unreachable, or silent for ASGD_DB_TIMEOUT_MS (the statement cancelled, or its
+        // connection dropped): the next session's would wait as long again, each, within
+        // ASGD_SHUTDOWN_TIMEOUT_MS; the log holds every step, so none is tried.
+        if (unanswered(err)) {
           log.warn({ err, sessionId: id }, 'shutdown snapshots not written: the database does not answer (the log holds every step)');
           return;
         }

@@ -218,6 +218,30 @@ test('shutdown gives up the snapshots of every session once the database does no
   assert.ok(Date.now() - started < 8_000, `closed after ${Date.now() - started} ms`);
 });
 
+test('shutdown gives up the snapshots once one waits out ASGD_DB_TIMEOUT_MS on a lock (its statement cancelled), rather than wait for each', async (t) => {
+  // Found by a review: only a dropped connection counted, not a cancelled statement (57014): a lock wait
+  // or a hung server that still takes a cancel made each session wait in turn.
+  if (TEST_DB_KIND !== 'postgres') return t.skip('PostgreSQL locks');
+  const db = await createTestDatabase();
+  t.after(() => db.drop());
+  const { app } = await buildTestApp(null, { databaseUrl: db.url, env: { ASGD_DB_TIMEOUT_MS: '1000', ASGD_HEALTH_CHECK_INTERVAL_MS: '0', ASGD_SHUTDOWN_TIMEOUT_MS: '60000' } });
+  for (let k = 0; k < 16; k++) {
+    assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: { ...session, name: `locked${k}` } })).statusCode, 201);
+    assert.equal((await app.inject({ method: 'POST', url: `/v1/sessions/locked${k}/step`, payload: stepBody(1) })).statusCode, 200);
+  }
+  const holder = new pg.Client({ connectionString: db.url });
+  await holder.connect();
+  try {
+    await holder.query('BEGIN');
+    await holder.query('LOCK TABLE snapshots IN ACCESS EXCLUSIVE MODE');
+    const started = Date.now();
+    await app.close();
+    assert.ok(Date.now() - started < 8_000, `closed after ${Date.now() - started} ms`);
+  } finally {
+    await holder.end();
+  }
+});
+
 test('a 503 of a database outage is one warn line without a stack per request (the outage itself is said once)', async (t) => {
   const lines: Record<string, unknown>[] = [];
   const stream = new Writable({

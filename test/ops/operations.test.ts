@@ -143,6 +143,9 @@ test('/metrics: step latency and lock wait histograms, per-session counters, HTT
   assert.equal(sample(text, 'asgd_http_requests_total', 'method="POST",route="/v1/sessions/:name/step",status_code="200"'), 3);
   assert.ok(sample(text, 'asgd_http_request_bytes_total', 'route="/v1/sessions/:name/step"') > 100);
   assert.ok(sample(text, 'asgd_http_response_bytes_total', 'route="/v1/sessions/:name/step"') > 100);
+  // A body sent to no route is answered before it is read, and its bytes still count (a review).
+  await app.inject({ method: 'POST', url: '/v1/nothing', headers: { 'content-type': 'application/json' }, payload: '{"a":"0123456789"}' });
+  assert.equal(sample((await app.inject({ url: '/metrics' })).body, 'asgd_http_request_bytes_total', 'route="unmatched"'), 18);
   assert.ok(sample(text, 'asgd_db_pool_connections', 'state="total"') >= 1);
   assert.match(text, /^process_cpu_user_seconds_total /m);
   // Every snapshot a change writes is counted: a restore, a state_dict load, a fork (the new session's).

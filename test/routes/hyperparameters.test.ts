@@ -3,7 +3,8 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { InjectOptions } from 'fastify';
-import { buildTestApp, randomData } from '../helper.ts';
+import { buildApp } from '../../src/app.ts';
+import { buildTestApp, createTestDatabase, randomData, TEST_DB_KIND, testConfig } from '../helper.ts';
 
 const params = [
   { name: 'w', shape: [4, 9], data: randomData(36, 21) },
@@ -244,6 +245,38 @@ test('changes of hyperparameters in every snapshot slot leave the scheduled snap
   assert.ok(snapshots.length <= 3 + 10, `${snapshots.length} snapshots: ${JSON.stringify(snapshots)}`);
   const { storage } = (await app.inject({ url: '/v1/sessions/slots' })).json();
   assert.ok(storage.log_steps <= 35, `${storage.log_steps} steps in the log (of 80)`);
+});
+
+test('a change of hyperparameters that opens a snapshot slot writes the slot\'s scheduled snapshot; shutdown writes none at a version that has one, and says none', async (t) => {
+  // Found by a review: steps schedule a slot's snapshot only when a step opens the slot, so a PATCH opening
+  // it left the slot without one; and shutdown logged a snapshot at the PATCH's version that it did not write.
+  const lines: string[] = [];
+  const db = TEST_DB_KIND === 'postgres' ? await createTestDatabase() : null;
+  t.after(() => db?.drop());
+  const app = await buildApp({
+    config: testConfig(db ? { DATABASE_URL: db.url } : { ASGD_DATA_DIR: 'memory://' }), migrate: true,
+    logger: { level: 'info', stream: { write: (line: string) => void lines.push(line) } },
+  });
+  const created = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'opens', params, param_groups: groups, snapshot_every: 5 } });
+  assert.equal(created.statusCode, 201, created.body);
+  const step = (k: number) => app.inject({ method: 'POST', url: '/v1/sessions/opens/step', payload: { grads: grads(k) } });
+  for (let k = 0; k < 4; k++) assert.equal((await step(k)).statusCode, 200); // versions 2..5
+  const patch = (lr: number) => app.inject({ method: 'PATCH', url: '/v1/sessions/opens/param_groups', payload: { param_groups: [{ lr }, {}] } });
+  assert.equal((await patch(0.02)).json().version, 6); // opens the slot 6..10
+  for (let k = 4; k < 14; k++) assert.equal((await step(k)).statusCode, 200); // versions 7..16
+  await app.sessions.pendingSnapshots();
+  const listed = async () => (await app.inject({ url: '/v1/sessions/opens/snapshots' })).json().snapshots.map((x: { version: number; reason: string }) => `${x.version}:${x.reason}`).reverse();
+  assert.deepEqual(await listed(), ['1:create', '6:auto', '11:auto', '16:auto']);
+  // A change in the middle of a slot is not the slot's; shutdown then has nothing to write at its version.
+  assert.equal((await patch(0.03)).json().version, 17);
+  await app.close();
+  const shutdownLines = lines.filter((l) => l.includes('"reason":"shutdown"'));
+  assert.deepEqual(shutdownLines, [], 'no shutdown snapshot said written');
+  if (db) {
+    const again = await buildTestApp(t, { databaseUrl: db.url });
+    assert.deepEqual((await again.app.inject({ url: '/v1/sessions/opens/snapshots' })).json().snapshots.map((x: { version: number; reason: string }) => `${x.version}:${x.reason}`).reverse(),
+      ['1:create', '6:auto', '11:auto', '16:auto', '17:hyperparameters']);
+  }
 });
 
 test('a snapshot asked for right after a change of hyperparameters belongs to the caller: manual, kept through the next change, restorable', async (t) => {
