@@ -1,5 +1,6 @@
 // What a database error means for a request, from its SQLSTATE (PostgreSQL appendix A) or the driver's
 // socket error: the HTTP layer turns the class into a status without knowing any SQL.
+import { QUERY_CANCELED } from './silence.ts';
 
 /** Codes that mean "try again", never "you sent something wrong": connection (08; but 08P01, a protocol
  *  violation, is a statement of ours PostgreSQL cannot take: a bug, not an outage), resources (53),
@@ -18,12 +19,18 @@ const BAD_VALUE_SQLSTATE = /^22[0-9A-Z]{3}$/;
 
 export type DbErrorClass = 'retryable' | 'unavailable' | 'bad-value';
 
+type ErrorFields = { code?: unknown; message?: unknown; severity?: unknown; cause?: unknown } | null | undefined;
+
+/** The error itself, or PostgreSQL's that drizzle wrapped ("Failed query: …", with it as the cause); and its code. */
+function unwrapped(err: unknown): { e: ErrorFields; code: string } {
+  let e = err as ErrorFields;
+  if (e && e.code === undefined && e.cause !== null && typeof e.cause === 'object' && (e.cause as { severity?: unknown }).severity !== undefined) e = e.cause as ErrorFields;
+  return { e, code: typeof e?.code === 'string' ? e.code : '' };
+}
+
 /** The class of a database error, or null when `err` is not one. */
 export function classifyDbError(err: unknown): DbErrorClass | null {
-  let e = err as { code?: unknown; message?: unknown; severity?: unknown; cause?: unknown } | null | undefined;
-  // drizzle wraps PostgreSQL's error ("Failed query: …") with it as the cause.
-  if (e && e.code === undefined && e.cause !== null && typeof e.cause === 'object' && (e.cause as { severity?: unknown }).severity !== undefined) e = e.cause as typeof e;
-  const code = typeof e?.code === 'string' ? e.code : '';
+  const { e, code } = unwrapped(err);
   if (RETRYABLE_SQLSTATE.test(code) || RETRYABLE_SOCKET.includes(code)) return 'retryable';
   if (typeof e?.message === 'string' && RETRYABLE_MESSAGE.test(e.message)) return 'retryable';
   // Only a server's error carries a severity; a JS error with a code like '22…' is not PostgreSQL's.
@@ -121,4 +128,16 @@ export function refusedBy(err: unknown): string | null {
   const outer = err as { cause?: unknown } | null;
   const e = (outer?.cause ?? err) as { code?: unknown; severity?: unknown } | null;
   return typeof e?.code === 'string' && e.severity !== undefined && classifyDbError(e) !== 'retryable' ? e.code : null;
+}
+
+/**
+ * True when `err` says the database does not answer: no connection (refused, reset, dropped after
+ * ASGD_DB_TIMEOUT_MS of silence: DatabaseSilentError's ETIMEDOUT), a statement cancelled (57014: after that
+ * silence, a hung server or a lock wait), or the server going away. Not a retryable failure of one
+ * transaction (a deadlock, a serialization failure, a resource limit).
+ */
+export function isUnanswered(err: unknown): boolean {
+  const { e, code } = unwrapped(err);
+  if (RETRYABLE_SOCKET.includes(code) || code === 'EHOSTUNREACH' || code === QUERY_CANCELED || /^(08(?!P01)|57P0[1-3])/.test(code)) return true;
+  return typeof e?.message === 'string' && RETRYABLE_MESSAGE.test(e.message);
 }

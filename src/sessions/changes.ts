@@ -10,8 +10,7 @@ import type { CreateInput, LoadedParams, LoadedStateDict } from './model.ts';
 import type { Reads } from './reads.ts';
 import * as repo from './repository.ts';
 import type { SessionRecord } from './repository.ts';
-import { slotOf, slotStart, type SnapshotWriter } from './snapshot-writer.ts';
-import { snapshotInterval } from './retention.ts';
+import type { SnapshotWriter } from './snapshot-writer.ts';
 import { copyInSlices } from './slices.ts';
 import type { SessionState } from './state.ts';
 import { applyHyperDelta, groupHyperparameters, parseStepHyper } from './step-input.ts';
@@ -195,8 +194,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
       // Not a scheduled snapshot (keep_snapshots does not count it, the next change may replace it), unless
       // this version opens a snapshot slot: then it is the slot's (steps schedule one only when a step opens
       // the slot, and this one left it to the next slot: a review).
-      const every = snapshotInterval(session);
-      const scheduled = slotOf(state.version, every) > slotOf(session.version, every) && (await repo.claimSnapshotSlot(tx, session.id, slotStart(state.version, every), every));
+      const scheduled = await writer.claimsOpenedSlot(tx, session, session.version, state.version);
       await commitState(tx, session, state, 'hyperparameters', false, scheduled ? 'auto' : 'hyperparameters');
       if (scheduled) entry.lastSnapshotVersion = state.version;
       changed = true;

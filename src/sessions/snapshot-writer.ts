@@ -1,7 +1,8 @@
 // Writing snapshots: synchronously for changes that are not steps (create, load_state_dict, restore, fork,
 // a manual snapshot), in the background every `snapshotEvery` steps, and for every moved copy at shutdown;
 // and replay points (replay-points.ts) in the background between scheduled snapshots.
-import { QUERY_CANCELED, type Queryable } from '../db/database.ts';
+import type { Queryable } from '../db/database.ts';
+import { isUnanswered } from '../db/errors.ts';
 import type { GroupSpec, ScalarStateRow } from '../db/schema.ts';
 import type { DiskShort } from '../db/disk-room.ts';
 import { errors } from '../errors.ts';
@@ -19,8 +20,8 @@ import { snapshotChecksum, type SessionState } from './state.ts';
  * slot 1, and so on. A slot is the same in every process, so the processes can agree that one snapshot
  * covers it (the first version of a slot a process is current at), however their caches interleave.
  */
-export const slotOf = (version: number, every: number) => Math.floor((version - 1) / every);
-export const slotStart = (version: number, every: number) => slotOf(version, every) * every + 1;
+const slotOf = (version: number, every: number) => Math.floor((version - 1) / every);
+const slotStart = (version: number, every: number) => slotOf(version, every) * every + 1;
 /** A snapshot is due when the version is in a later slot than the last snapshot this process wrote or loaded. */
 const snapshotDue = (version: number, lastSnapshotVersion: number, every: number) => slotOf(version, every) > slotOf(lastSnapshotVersion, every);
 
@@ -81,18 +82,6 @@ async function chunked(meta: SnapshotMeta, parts: readonly Buffer[]): Promise<{ 
   return { chunks, checksum: await snapshotChecksum(chunks, meta.groups, meta.scalars) };
 }
 
-/**
- * A failure that says the database does not answer: no connection (refused, reset, dropped after
- * ASGD_DB_TIMEOUT_MS of silence), or a statement cancelled (57014: after that silence, a hung server or a
- * lock wait), or the server shutting down. Not a deadlock or a serialization failure of one transaction.
- */
-function unanswered(err: unknown): boolean {
-  let e = err as { code?: unknown; cause?: unknown } | null | undefined;
-  if (e && e.code === undefined && e.cause !== null && typeof e.cause === 'object') e = e.cause as typeof e;
-  const code = typeof e?.code === 'string' ? e.code : '';
-  return ['ETIMEDOUT', 'ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'ENOTFOUND', 'EHOSTUNREACH', QUERY_CANCELED].includes(code) || /^(08|57P0)/.test(code);
-}
-
 export function createSnapshotWriter(ctx: SessionContext) {
   const { db, log, hooks, cache } = ctx;
   const pending = new Set<Promise<void>>();
@@ -130,6 +119,17 @@ export function createSnapshotWriter(ctx: SessionContext) {
     if (!snapshotDue(version, entry.lastSnapshotVersion, every)) return false;
     if (previous === undefined || entry.retrySlot === slotOf(version, every)) return true;
     return slotOf(version, every) > slotOf(previous, every) || slotOf(version, every) >= slotOf(entry.lastSnapshotVersion, every) + 2;
+  }
+
+  /**
+   * In `q`'s transaction, for a change that is not a step taking the session from `previous` to `version`:
+   * true when `version` opens a snapshot slot that has no scheduled snapshot yet (claimed, as
+   * inBackground claims one), so that the change's snapshot is the slot's. Steps schedule a slot's
+   * snapshot only when a step opens the slot.
+   */
+  async function claimsOpenedSlot(q: Queryable, session: SessionRecord, previous: number, version: number): Promise<boolean> {
+    const every = snapshotInterval(session);
+    return slotOf(version, every) > slotOf(previous, every) && repo.claimSnapshotSlot(q, session.id, slotStart(version, every), every);
   }
 
   /** What this process learned of the session's newest snapshot (written by any process): a slot it covers is not due here. */
@@ -313,7 +313,7 @@ export function createSnapshotWriter(ctx: SessionContext) {
             return;
           }
           // One at this version already (a change of hyperparameters wrote it): nothing to write.
-          if ((await tx.query('SELECT 1 FROM snapshots WHERE session_id = $1 AND version = $2', [id, entry.state.version])).length > 0) return false;
+          if ((await repo.snapshotVersion(tx, id, 'max')) === entry.state.version) return false;
           return (await writeState(tx, id, entry.state, 'shutdown')) !== null;
         }));
         // As background snapshots are (after the commit): an operator reading a shutdown's log sees what it wrote.
@@ -322,7 +322,7 @@ export function createSnapshotWriter(ctx: SessionContext) {
         // The database unreachable, or silent for ASGD_DB_TIMEOUT_MS (the statement cancelled, or its
         // connection dropped): the next session's would wait as long again, each, within
         // ASGD_SHUTDOWN_TIMEOUT_MS; the log holds every step, so none is tried.
-        if (unanswered(err)) {
+        if (isUnanswered(err)) {
           log.warn({ err, sessionId: id }, 'shutdown snapshots not written: the database does not answer (the log holds every step)');
           return;
         }
@@ -331,5 +331,5 @@ export function createSnapshotWriter(ctx: SessionContext) {
     }
   }
 
-  return { write, writeState, due, known, pointDue, inBackground, pointInBackground, settle, shutdown };
+  return { write, writeState, due, known, claimsOpenedSlot, pointDue, inBackground, pointInBackground, settle, shutdown };
 }

@@ -202,20 +202,30 @@ test('shutdown does not wait for a database that stopped answering', async (t) =
   assert.ok(Date.now() - started < 8_000, `closed after ${Date.now() - started} ms`);
 });
 
+/** An app on `databaseUrl` with a second of ASGD_DB_TIMEOUT_MS and 16 sessions each moved since its last snapshot (a shutdown snapshot due). */
+async function sixteenMoved(databaseUrl: string) {
+  const { app } = await buildTestApp(null, { databaseUrl, env: { ASGD_DB_TIMEOUT_MS: '1000', ASGD_HEALTH_CHECK_INTERVAL_MS: '0', ASGD_SHUTDOWN_TIMEOUT_MS: '60000' } });
+  for (let k = 0; k < 16; k++) {
+    assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: { ...session, name: `moved${k}` } })).statusCode, 201);
+    assert.equal((await app.inject({ method: 'POST', url: `/v1/sessions/moved${k}/step`, payload: stepBody(1) })).statusCode, 200);
+  }
+  return app;
+}
+
+/** Closes `app`, asserting that it took one session's wait (a second of silence, a second for the cancel), not sixteen. */
+async function closesInOneWait(app: Awaited<ReturnType<typeof sixteenMoved>>) {
+  const started = Date.now();
+  await app.close();
+  assert.ok(Date.now() - started < 8_000, `closed after ${Date.now() - started} ms`);
+}
+
 test('shutdown gives up the snapshots of every session once the database does not answer for one, rather than wait for each', async (t) => {
   // Found by an operator's review: each moved session's shutdown snapshot waited ASGD_DB_TIMEOUT_MS in turn.
   if (TEST_DB_KIND !== 'postgres') return t.skip('PostgreSQL over TCP');
   const { url, proxy } = await proxiedDatabase(t);
-  const { app } = await buildTestApp(null, { databaseUrl: url.toString(), env: { ASGD_DB_TIMEOUT_MS: '1000', ASGD_HEALTH_CHECK_INTERVAL_MS: '0', ASGD_SHUTDOWN_TIMEOUT_MS: '60000' } });
-  for (let k = 0; k < 16; k++) {
-    assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: { ...session, name: `silent${k}` } })).statusCode, 201);
-    assert.equal((await app.inject({ method: 'POST', url: `/v1/sessions/silent${k}/step`, payload: stepBody(1) })).statusCode, 200);
-  }
+  const app = await sixteenMoved(url.toString());
   proxy.mode = 'black-hole';
-  const started = Date.now();
-  await app.close();
-  // One session's wait (a second of silence, a second for the cancel), not sixteen.
-  assert.ok(Date.now() - started < 8_000, `closed after ${Date.now() - started} ms`);
+  await closesInOneWait(app);
 });
 
 test('shutdown gives up the snapshots once one waits out ASGD_DB_TIMEOUT_MS on a lock (its statement cancelled), rather than wait for each', async (t) => {
@@ -224,19 +234,13 @@ test('shutdown gives up the snapshots once one waits out ASGD_DB_TIMEOUT_MS on a
   if (TEST_DB_KIND !== 'postgres') return t.skip('PostgreSQL locks');
   const db = await createTestDatabase();
   t.after(() => db.drop());
-  const { app } = await buildTestApp(null, { databaseUrl: db.url, env: { ASGD_DB_TIMEOUT_MS: '1000', ASGD_HEALTH_CHECK_INTERVAL_MS: '0', ASGD_SHUTDOWN_TIMEOUT_MS: '60000' } });
-  for (let k = 0; k < 16; k++) {
-    assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: { ...session, name: `locked${k}` } })).statusCode, 201);
-    assert.equal((await app.inject({ method: 'POST', url: `/v1/sessions/locked${k}/step`, payload: stepBody(1) })).statusCode, 200);
-  }
+  const app = await sixteenMoved(db.url);
   const holder = new pg.Client({ connectionString: db.url });
   await holder.connect();
   try {
     await holder.query('BEGIN');
     await holder.query('LOCK TABLE snapshots IN ACCESS EXCLUSIVE MODE');
-    const started = Date.now();
-    await app.close();
-    assert.ok(Date.now() - started < 8_000, `closed after ${Date.now() - started} ms`);
+    await closesInOneWait(app);
   } finally {
     await holder.end();
   }
