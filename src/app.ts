@@ -127,6 +127,7 @@ const IDLE_CLOSE_GRACE_MS = 100;
  * each such request is read and answered 503 with Connection: close (the onRequest hook above).
  */
 async function stopAccepting(server: Server): Promise<void> {
+  stopLingering(server);
   if (!server.listening) return;
   // net's close, not http's: the listening socket only (fastify's server.close() later closes the idle connections).
   NetServer.prototype.close.call(server);
@@ -270,9 +271,59 @@ async function dropUnreadBody(request: FastifyRequest, _reply: FastifyReply, pay
     if (socket) {
       socket[answeredUnread] = true;
       raw.once('end', () => (socket[answeredUnread] = false));
+      lingerOnClose(socket);
     }
   }
   return payload;
+}
+
+/**
+ * A connection whose answer closes it before its request's body was read whole (a 413 for a body past its
+ * bound, a body that could not be parsed: Fastify answers every body parser's error with Connection: close)
+ * is closed lingering, as nginx's lingering_close: the answer and a FIN go out, and what the client still
+ * sends is read and dropped until it closes its side, for at most LINGER_MS and LINGER_BYTES. Closed at
+ * once, the client's next writes met a reset, and clients that send the whole body before they read
+ * (requests with a chunked body) or that stop at a write error (fetch: EPIPE; this service's TypeScript
+ * client then uploaded the body again, four times) never read the 413 (found by a hostile-input review).
+ */
+const LINGER_MS = 30_000;
+const LINGER_BYTES = 256 * 1024 * 1024;
+/** Each server's connections closing lingering now; null once it closes (a shutdown does not wait for their clients). */
+const lingering = new WeakMap<NetServer, Set<Socket> | null>();
+
+function lingerOnClose(socket: Socket): void {
+  socket.destroySoon = function lingeringClose(this: Socket & { server?: NetServer }) {
+    if (this.writable) this.end();
+    if (this.destroyed) return;
+    const server = this.server;
+    let open = server ? lingering.get(server) : null;
+    if (server && open === undefined) lingering.set(server, (open = new Set()));
+    if (!open) {
+      // The app is closing: the answer is flushed, then the connection is cut.
+      if (this.writableFinished) this.destroy();
+      else this.once('finish', () => this.destroy());
+      return;
+    }
+    const readBefore = this.bytesRead;
+    const timer = setTimeout(() => this.destroy(), LINGER_MS);
+    const bytes = setInterval(() => {
+      if (this.bytesRead - readBefore > LINGER_BYTES) this.destroy();
+    }, 100);
+    timer.unref();
+    bytes.unref();
+    open.add(this);
+    this.once('close', () => {
+      clearTimeout(timer);
+      clearInterval(bytes);
+      open.delete(this);
+    });
+  };
+}
+
+/** At close: the connections closing lingering are cut, and the ones that would start lingering are closed at once. */
+function stopLingering(server: NetServer): void {
+  for (const socket of lingering.get(server) ?? []) socket.destroy();
+  lingering.set(server, null);
 }
 
 /** On a connection: its request was answered before its body was read whole, and the rest is being dropped. */

@@ -235,7 +235,9 @@ export default fp(
       },
     }, async (_request, reply) => {
       reply.header('content-type', registry.contentType);
-      return registry.metrics();
+      // prom-client writes NaN as "Nan"; the exposition format (and strict OpenMetrics parsers) say "NaN"
+      // (Prometheus's own parser takes either). A sample's value ends its line: no label value is touched.
+      return (await registry.metrics()).replace(/ Nan$/gm, ' NaN');
     });
   },
   { name: 'metrics', dependencies: ['db', 'sessions', 'rounds', 'notifier', 'limits'] },
