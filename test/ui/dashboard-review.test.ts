@@ -207,6 +207,49 @@ test('snapshots close together on the timeline are told apart: no two ticks over
     return box && box.top >= 0 && box.bottom <= innerHeight;
   }, newest.id);
   await screenshot(page, 'session-dense-timeline');
+
+  // At phone width the group of the newest ones, at the right end, stays inside the timeline (it stuck out by 7 px).
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.waitForFunction(() => {
+    const line = document.getElementById('timeline')?.getBoundingClientRect();
+    return line && line.width < 400;
+  });
+  await page.waitForTimeout(300); // the timeline is drawn again for its new width
+  const { line, boxes } = await page.evaluate(() => ({
+    line: document.getElementById('timeline')!.getBoundingClientRect().toJSON(),
+    boxes: [...document.querySelectorAll('#timeline .tick')].map((el) => el.getBoundingClientRect().toJSON()),
+  }));
+  for (const box of boxes) assert.ok(box.left >= line.left && box.right <= line.right, `a tick ${JSON.stringify(box)} outside the timeline ${JSON.stringify(line)}`);
+});
+
+test('a metric reported at one step only is drawn (a dot) and its chart says 1 point at that step; the norms charts span the other charts\' steps', { skip }, async (t) => {
+  const { base, api, page } = await openDashboard(t);
+  await api('POST', '/v1/sessions', { name: 'once', params: PARAMS });
+  for (let s = 1; s <= 60; s++) await api('POST', '/v1/sessions/once/step', { grads: GRAD, metrics: s === 30 ? { loss: 1, val_loss: 0.5 } : { loss: 1 } });
+  await page.goto(`${base}/ui/#/s/once`);
+  await page.waitForFunction(() => (window as any).asgdCharts?.['metric:val_loss'] && (window as any).asgdCharts?.norm);
+  const label = await page.getAttribute('[data-chart="metric:val_loss"]', 'aria-label');
+  assert.equal(label, 'val_loss chart, 1 point; latest at step 30: val_loss 0.5');
+  assert.match(await page.getAttribute('[data-chart="metric:loss"]', 'aria-label') ?? '', /^loss chart, 60 points; latest at step 60: /);
+  // The dot: pixels of the line's colour (#2f6fde) where step 30, 0.5 is drawn; none before the fix.
+  const dot = await page.evaluate(() => {
+    const u = (window as any).asgdCharts['metric:val_loss'];
+    const cx = Math.round(u.valToPos(30, 'x', true));
+    const cy = Math.round(u.valToPos(0.5, 'y', true));
+    const { data } = u.ctx.getImageData(cx - 3, cy - 3, 7, 7);
+    let blue = 0;
+    for (let i = 0; i < data.length; i += 4) if (data[i + 3] > 100 && data[i + 2] > data[i] + 100) blue++;
+    return blue;
+  });
+  assert.ok(dot > 4, `${dot} pixels of the line's colour at the point`);
+  // The norms (read once, at step 60) on the same steps as the other charts, not an axis of their own.
+  const axes = await page.evaluate(() => Object.fromEntries(['norm', 'ax_norm', 'staleness'].map((k) => {
+    const x = (window as any).asgdCharts[k].scales.x;
+    return [k, [x.min, x.max]];
+  })));
+  assert.deepEqual(axes.staleness, [1, 60]);
+  assert.deepEqual(axes.norm, axes.staleness);
+  assert.deepEqual(axes.ax_norm, axes.staleness);
 });
 
 test('metric names that are Object.prototype members ("constructor", "toString") chart with gaps where a step lacks them; the page draws everything', { skip }, async (t) => {

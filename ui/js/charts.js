@@ -119,6 +119,22 @@ function labelWidth(_u, text) {
   return measure.measureText(text).width;
 }
 
+/**
+ * The index of a line's only value, as a list (for a series' points.filter); null (uPlot's own choice of
+ * dots) when it has none or several.
+ * @param {ArrayLike<number | null | undefined>} ys
+ * @returns {number[] | null}
+ */
+export function lone(ys) {
+  let at = -1;
+  for (let j = 0; j < ys.length; j++) {
+    if (ys[j] == null) continue;
+    if (at >= 0) return null;
+    at = j;
+  }
+  return at >= 0 ? [at] : null;
+}
+
 export class Chart {
   /** @param {HTMLElement} parent @param {ChartSpec} spec */
   constructor(parent, spec) {
@@ -145,6 +161,8 @@ export class Chart {
     this.data = [[], ...spec.series.map(() => [])];
     /** The factor the values are drawn at (drawScale). */
     this.scale = 1;
+    /** @type {[number, number] | null} the steps (or times) the x axis spans at least: the other charts' (set). */
+    this.span = null;
     this.resize = new ResizeObserver(() => this.plot?.setSize(this.size()));
     this.resize.observe(this.box);
   }
@@ -153,9 +171,14 @@ export class Chart {
     return { width: Math.max(160, this.box.clientWidth - 10), height: 200 };
   }
 
-  /** @param {uPlot.AlignedData} data */
-  set(data) {
+  /**
+   * @param {uPlot.AlignedData} data
+   * @param {[number, number] | null} [span] the steps (or times) the x axis spans at least: a chart of a few
+   *   points read now and then (the norms) is drawn on the same axis as the charts beside it
+   */
+  set(data, span = null) {
     this.data = data;
+    this.span = span;
     this.box.setAttribute('aria-label', this.describe(data));
     this.scale = drawScale(data);
     const scale = this.scale;
@@ -163,6 +186,7 @@ export class Chart {
     const drawn = scale === 1 ? data : [data[0], ...data.slice(1).map((ys) => Array.from(ys, (v) => (typeof v === 'number' ? v * scale : v)))];
     if (this.plot) {
       this.plot.setData(drawn);
+      this.fitX();
       return;
     }
     /**
@@ -192,16 +216,19 @@ export class Chart {
         return;
       }
       colour++;
-      series.push({ label: s.label, stroke, width: 1.5, spanGaps: true, value, ...(this.spec.stepped && { paths: uPlot.paths.stepped?.({ align: 1 }) }) });
+      series.push({
+        label: s.label, stroke, width: 1.5, spanGaps: true, value, ...(this.spec.stepped && { paths: uPlot.paths.stepped?.({ align: 1 }) }),
+        // A line that has one value (a metric reported once, an eval at one step): no segment to draw, so a
+        // dot; uPlot's own dots come only where points are sparse on the axis (a review: an empty chart).
+        points: { filter: (/** @type {uPlot} */ u, /** @type {number} */ si) => lone(u.data[si]) },
+      });
     });
-    const pad = this.spec.time ? 60 : 1; // a step (or a minute) either side of a single point
     this.plot = new uPlot({
       ...this.size(),
       series,
       bands,
-      // One point (the norms, read on demand, start with one): uPlot would draw it mid-way on an axis from 0
-      // to twice its step, as if the series went on; a step (or a minute) either side of it instead.
-      scales: { x: { time: !!this.spec.time, range: (_u, min, max) => (min === max ? [min - pad, max + pad] : [min, max]) }, y: this.spec.log ? { distr: 3 } : { range: (_u, min, max) => valueRange(min, max, this.scale) } },
+      // The x axis: fitX.
+      scales: { x: { time: !!this.spec.time }, y: this.spec.log ? { distr: 3 } : { range: (_u, min, max) => valueRange(min, max, this.scale) } },
       // Steps are whole numbers: no tick at step 2.5. Values get the digits their spacing needs, and the
       // labels say the values, not the drawn ones.
       axes: [
@@ -216,6 +243,32 @@ export class Chart {
       legend: { live: true },
     }, drawn, this.box);
     registry[this.spec.key] = this.plot;
+    this.fitX();
+  }
+
+  /**
+   * The x axis: from the first point to the last, and over `span` (set) too: the norms charts, read now and
+   * then, on the steps of the charts beside them. One point alone gets a step (or a minute) either side:
+   * uPlot drew it mid-way on an axis from 0 to twice its step, as if the series went on (a review: the norms
+   * charts' axis ran to twice the session's step). uPlot ranges the x axis from the data only (a range
+   * function of the x scale is not asked once there are points), so it is set after each setData.
+   */
+  fitX() {
+    const xs = this.data[0];
+    if (!this.plot || !xs || xs.length === 0) return;
+    let lo = xs[0];
+    let hi = xs[xs.length - 1];
+    if (this.span) {
+      lo = Math.min(lo, this.span[0]);
+      hi = Math.max(hi, this.span[1]);
+    }
+    if (lo === hi) {
+      const pad = this.spec.time ? 60 : 1;
+      lo -= pad;
+      hi += pad;
+    }
+    const x = this.plot.scales.x;
+    if (x.min !== lo || x.max !== hi) this.plot.setScale('x', { min: lo, max: hi });
   }
 
   /**
@@ -226,18 +279,26 @@ export class Chart {
   describe(data) {
     const xs = data[0];
     if (!xs || xs.length === 0) return `${this.spec.title}: no data yet`;
-    const x = xs[xs.length - 1];
+    const lines = this.spec.series.map((_, i) => i).filter((i) => !((i > 0 && this.spec.series[i - 1].band) || (i > 1 && this.spec.series[i - 2].band)));
+    // The points are the steps where a line has a value (a metric reported at some steps only has a point at those).
+    let points = 0;
+    let last = -1;
+    for (let j = 0; j < xs.length; j++) {
+      if (lines.some((i) => data[i + 1]?.[j] != null)) {
+        points++;
+        last = j;
+      }
+    }
+    if (points === 0) return `${this.spec.title}: no data yet`;
+    const x = xs[last];
     const at = this.spec.time ? `at ${new Date(x * 1000).toLocaleTimeString()}` : `at step ${fmtNum(x)}`;
-    /** @type {string[]} */
-    const latest = [];
-    this.spec.series.forEach((s, i) => {
-      if ((i > 0 && this.spec.series[i - 1].band) || (i > 1 && this.spec.series[i - 2].band)) return;
+    const latest = lines.map((i) => {
       const ys = data[i + 1] ?? [];
       let v = null;
       for (let j = ys.length - 1; j >= 0 && v === null; j--) v = ys[j] ?? null;
-      latest.push(`${s.label} ${v === null ? 'none' : fmtNum(v)}`);
+      return `${this.spec.series[i].label} ${v === null ? 'none' : fmtNum(v)}`;
     });
-    return `${this.spec.title} chart, ${fmtNum(xs.length)} point${xs.length === 1 ? '' : 's'}; latest ${at}: ${latest.join(', ')}`;
+    return `${this.spec.title} chart, ${fmtNum(points)} point${points === 1 ? '' : 's'}; latest ${at}: ${latest.join(', ')}`;
   }
 
   destroy() {

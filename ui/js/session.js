@@ -117,8 +117,8 @@ export function sessionPage(root, name, who) {
     charts.clear();
     chartsEl.replaceChildren();
   }
-  /** @param {import('./charts.js').ChartSpec} spec @param {any[]} data */
-  function chart(spec, data) {
+  /** @param {import('./charts.js').ChartSpec} spec @param {any[]} data @param {[number, number] | null} [span] */
+  function chart(spec, data, span = null) {
     drawnKeys.add(spec.key);
     let c = charts.get(spec.key);
     if (!c || c.spec.series.length !== spec.series.length) {
@@ -126,7 +126,7 @@ export function sessionPage(root, name, who) {
       c = new Chart(chartsEl, { ...spec, time: xMode === 'time' });
       charts.set(spec.key, c);
     }
-    c.set(/** @type {any} */ (data));
+    c.set(/** @type {any} */ (data), span);
   }
 
   function drawCharts() {
@@ -186,8 +186,11 @@ export function sessionPage(root, name, who) {
       const seen = lineage(norms);
       const nx = seen.map((n) => (xMode === 'time' ? n.time / 1000 : n.step));
       const note = 'computed on demand since this page opened (at most every 5 s while steps stream in)';
-      chart({ key: 'norm', title: '‖param‖', note, series: params.map((p) => ({ label: p.name })) }, [nx, ...params.map((_, i) => seen.map((n) => finite(n.params[i]?.norm)))]);
-      chart({ key: 'ax_norm', title: '‖ax‖ (ASGD average)', note, series: params.map((p) => ({ label: p.name })) }, [nx, ...params.map((_, i) => seen.map((n) => finite(n.params[i]?.ax_norm)))]);
+      // On the steps (or times) of the charts above, not an axis of their own around a few points.
+      /** @type {[number, number] | null} */
+      const span = xs.length > 0 ? [xs[0], xs[xs.length - 1]] : null;
+      chart({ key: 'norm', title: '‖param‖', note, series: params.map((p) => ({ label: p.name })) }, [nx, ...params.map((_, i) => seen.map((n) => finite(n.params[i]?.norm)))], span);
+      chart({ key: 'ax_norm', title: '‖ax‖ (ASGD average)', note, series: params.map((p) => ({ label: p.name })) }, [nx, ...params.map((_, i) => seen.map((n) => finite(n.params[i]?.ax_norm)))], span);
     }
   }
 

@@ -92,6 +92,9 @@ export function snapshotsSection(root, name, admin, changed) {
         right = at + TICK_PX / 2;
       }
     }
+    // A box's left edge (its CSS left, less the ticks' margin of TICK_PX / 2) kept within the timeline: a group
+    // of the newest snapshots, at least GROUP_MIN_PX wide, stuck out of it at phone width (a review).
+    const within = (/** @type {number} */ left, /** @type {number} */ w) => Math.max(TICK_PX / 2, Math.min(left, width - w + TICK_PX / 2));
     keepFocus(timeline, 'data-snapshots', () => timeline.replaceChildren(...groups.map((g) => {
       const first = g[0];
       const newest = g[g.length - 1];
@@ -99,12 +102,13 @@ export function snapshotsSection(root, name, admin, changed) {
       const scroll = () => document.getElementById(`snapshot-${newest.id}`)?.scrollIntoView({ block: 'center' });
       if (g.length === 1) {
         const label = describe(first);
-        return h('button', { className: `tick${first.pinned ? ' pinned' : ''}`, style: `left: ${x(first)}px`, title: label, 'aria-label': label, 'data-snapshots': String(first.id), onclick: scroll });
+        return h('button', { className: `tick${first.pinned ? ' pinned' : ''}`, style: `left: ${within(x(first), TICK_PX)}px`, title: label, 'aria-label': label, 'data-snapshots': String(first.id), onclick: scroll });
       }
       const label = `${g.length} snapshots, versions ${first.version} to ${newest.version}${pinned ? `, ${pinned} pinned` : ''}`;
+      const w = Math.max(GROUP_MIN_PX, x(newest) - x(first) + TICK_PX);
       return h('button', {
         className: `tick group${pinned ? ' pinned' : ''}`,
-        style: `left: ${x(first)}px; width: ${Math.max(GROUP_MIN_PX, x(newest) - x(first) + TICK_PX)}px`,
+        style: `left: ${within(x(first), w)}px; width: ${w}px`,
         title: `${label}:\n${g.map(describe).join('\n')}`,
         'aria-label': `${label}: ${g.map(describe).join('; ')}`,
         'data-snapshots': g.map((s) => s.id).join(' '),
