@@ -426,6 +426,29 @@ class Client:
             return OrderedDict((k, tensor_from_json(v)) for k, v in params.items()), body.get("version", res.version)
         return OrderedDict(params), body.get("version", res.version)
 
+    def wait_params(self, name: str, after_version: int, *, averaged: bool = False, wait_s: float = 60.0,
+                    max_wait_s: Optional[float] = None) -> Tuple["OrderedDict[str, Any]", Optional[int]]:
+        """The parameters (or ``averaged``) once the session's version is above ``after_version``: GET /params
+        ``?after_version=&wait=`` (the service holds each request up to ``wait_s`` seconds, at most 60, and
+        answers 304 while the version has not moved; this asks again) until ``max_wait_s`` seconds have
+        passed (None: no limit), then :class:`TimeoutError`. Returns ({name: tensor}, version)."""
+        path = f"/v1/sessions/{_quote(name)}/params"
+        started = time.monotonic()
+        wait = max(0.0, min(60.0, float(wait_s)))
+        while True:
+            hold = wait if max_wait_s is None else min(wait, max(0.0, max_wait_s - (time.monotonic() - started)))
+            query: Dict[str, Any] = {"averaged": averaged or None, "after_version": after_version, "wait": round(hold, 3), "format": "json"}
+            res = self.conn.request("GET", path, query=query, accept=JSON, expect=(200, 304), hold_s=hold)
+            if res.status == 200:
+                body = res.json()
+                params = body["params"]
+                version = body.get("version", res.version)
+                if _has_torch():
+                    return OrderedDict((k, tensor_from_json(v)) for k, v in params.items()), version
+                return OrderedDict(params), version
+            if max_wait_s is not None and time.monotonic() - started >= max_wait_s:
+                raise TimeoutError(f"session {name!r}: still at version {after_version} or below after {max_wait_s} s")
+
     def put_params(self, name: str, tensors: Mapping[str, TensorLike], *, format: Optional[str] = None,
                    if_match: Optional[int] = None, idempotency_key: Optional[str] = None) -> Dict[str, Any]:
         """PUT /params: replaces every parameter of the session ({name: tensor}, all of them, the session's

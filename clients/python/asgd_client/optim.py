@@ -40,7 +40,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 
 from .client import Client, _step_extras, ensure_session
-from .errors import BaseVersionAhead, ConnectionFailed, ServiceError, StaleGradient
+from .errors import BaseVersionAhead, ConnectionFailed, DuplicateContribution, ServiceError, StaleGradient
 from .http import DEFAULT_RETRY_BUDGET_S, Connection
 from .state import SessionState
 from .tensors import FLAG_KEYS, HYPERPARAMETER_KEYS, group_from_json, local_group_keys, plain_number, state_dict_to_torch
@@ -592,6 +592,10 @@ class RemoteASGD(torch.optim.Optimizer):
             raise ValueError(f"on_stale must be one of {STALE_POLICIES}, got {on_stale!r}")
         if grad_dtype not in _WIRE_DTYPES:
             raise ValueError(f"grad_dtype must be torch.float32, torch.float16 or torch.bfloat16, got {grad_dtype}")
+        if session is not None and not (isinstance(session, str) and session):
+            # An empty name is not "no name": a launcher passing session=os.environ.get("RUN", "") would put each
+            # worker in a session of its own, each named at random (found by a review).
+            raise ValueError(f"session must be a session name (or None for a new session named at random), got {session!r}")
         if worker is not None and not (isinstance(worker, str) and _WORKER_ID.fullmatch(worker)):
             raise ValueError(f"worker must be 1-128 characters of A-Za-z0-9._-, got {worker!r}")
         if aggregation is not None:
@@ -1149,7 +1153,7 @@ class RemoteASGD(torch.optim.Optimizer):
             # nor the retry budget waits for one.
             send.update(held=False)
         return self._settle(lambda: self.client.step(self.session, grads, base_version=base, idempotency_key=key, **send), groups,
-                            resend=lambda: self.client.step(self.session, grads, base_version=None, **send))
+                            resend=lambda: self.client.step(self.session, grads, base_version=None, **send), base=base)
 
     def _start(self, grads: Mapping[str, torch.Tensor], base: Optional[int], groups: Optional[List[Dict[str, Any]]],
                metrics: Optional[Dict[str, float]], samples: Optional[int], key: Optional[str] = None) -> Optional["_Sent"]:
@@ -1162,10 +1166,21 @@ class RemoteASGD(torch.optim.Optimizer):
                                         worker=self.worker, idempotency_key=key)
         return None if handle is None else _Sent(self, handle, groups)
 
-    def _settle(self, call: Any, groups: Optional[List[Dict[str, Any]]], resend: Any) -> _Outcome:
+    def _settle(self, call: Any, groups: Optional[List[Dict[str, Any]]], resend: Any, base: Optional[int] = None) -> _Outcome:
         """The outcome of a step's request ``call()``, by the staleness policy when it is refused as stale."""
         try:
             answer = call()
+        except DuplicateContribution as err:
+            if self.aggregation is None or base is None or err.version != base:
+                raise
+            # This worker's contribution to the round at ``base`` is in already: sent by this worker before a
+            # restart (its process killed once the service had stored it, the round still open). The round
+            # steps with that one; this gradient is dropped, and the round's result loaded once it has stepped.
+            log.warning("[%s] session %r: this worker's contribution to the round at version %s is in already (sent "
+                        "before a restart?): this gradient is dropped; waiting for the round to step", self.worker, self.session, base)
+            tensors, version = self.client.wait_params(self.session, base, wait_s=min(60.0, float(self.round_wait_s or 60)),
+                                                       max_wait_s=self.max_round_wait_s)
+            return _Outcome(None, tensors, version, None, stale=err)
         except StaleGradient as err:
             if self.on_stale == "raise":
                 raise
@@ -1208,6 +1223,10 @@ class RemoteASGD(torch.optim.Optimizer):
                 self._version = outcome.version
         if overlapped:
             self._overlap_floor = self._version
+        if isinstance(outcome.stale, DuplicateContribution):
+            log.warning("[%s] session %r: loaded the round's result at version %s (this worker's gradient for it was "
+                        "the one it sent before)", self.worker, self.session, self._version)
+            return
         if outcome.stale is not None:
             self.stale_dropped += 1
             log.warning("[%s] session %r: gradient dropped as stale (%s); loaded the parameters at version %s "

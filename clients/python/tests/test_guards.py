@@ -125,6 +125,15 @@ class ClearErrors(ServiceTestCase):
         with self.assertRaisesRegex(ValueError, r"groups its parameters as .*another order.*param_groups naming the model's order"):
             self.remote(model.named_parameters(), session=name)
 
+    def test_an_empty_session_name_is_refused_not_taken_for_none(self):
+        # session=os.environ.get("RUN", "") in a launcher: each worker made a session of its own, named at random.
+        model = make_model()
+        before = {s["name"] for s in self.client().list_sessions(limit=1000)}
+        for create in (None, True, "if_missing"):
+            with self.assertRaisesRegex(ValueError, r"^session must be a session name .*got ''"):
+                self.remote(model.named_parameters(), session="", create=create)
+        self.assertEqual({s["name"] for s in self.client().list_sessions(limit=1000)}, before, "no session was made")
+
     def test_add_param_group_says_what_to_do_instead(self):
         model = make_model()
         opt = self.remote(list(model[0].parameters()))

@@ -275,6 +275,66 @@ class Pending(RoundsTestCase):
         self.assertEqual(b.client.get_session(name)["step"], 1)
 
 
+class Restart(RoundsTestCase):
+    def test_a_worker_restarted_while_its_contribution_waits_takes_the_rounds_result(self):
+        # Found by a review: a worker killed after its contribution was stored, the round still open, and
+        # started again with its worker id (as the README asks: stable ids) got DuplicateContribution at its
+        # first step() and died again, until the round had stepped without it. Its first contribution stands:
+        # the new gradient is dropped and the round's result loaded once it steps.
+        from asgd_client import RemoteASGD, RoundPending
+
+        self.requireRounds()
+        name = unique("rounds-restart")
+        first_model, b_model = make_model(), make_model()
+        first = self.remote(first_model.named_parameters(), session=name, worker="a", aggregation={"contributions": 2})
+        grads = dict(zip((n for n, _ in first_model.named_parameters()), gradients(first_model, *shard(0, 0))))
+        # The first life of worker a: its contribution is stored, and the process is gone before the round steps.
+        with self.assertRaises(RoundPending):
+            first.client.step(name, grads, base_version=1, worker="a", wait=0, max_wait_s=0)
+        self.assertEqual(first.client.get_session(name)["round"]["workers"], ["a"])
+
+        again_model = make_model()
+        again = RemoteASGD(again_model.named_parameters(), url=self.url, token=self.token, session=name, worker="a",
+                           create=False, round_wait_s=1, max_round_wait_s=120)
+        self.addCleanup(again.close)
+        b = RemoteASGD(b_model.named_parameters(), url=self.url, token=self.token, session=name, worker="b", create=False,
+                       round_wait_s=1, max_round_wait_s=120)
+        self.addCleanup(b.close)
+
+        def a_again():
+            gradients(again_model, *shard(7, 0))  # another batch: this gradient is not the one in the round
+            again.step()
+
+        def b_later():
+            time.sleep(1.5)  # a is waiting for the round by then
+            gradients(b_model, *shard(0, 1))
+            b.step()
+
+        with self.assertLogs("asgd_client", level="WARNING") as logs:
+            self.run_workers([a_again, b_later])
+        self.assertTrue(any("is in already" in line for line in logs.output), logs.output)
+        want, _ = torch_rounds(1, lambda r: {"a": shard(0, 0), "b": shard(0, 1)})
+        self.assertParamsIdentical(again_model, want)
+        self.assertParamsIdentical(b_model, want)
+        info = b.client.get_session(name)
+        self.assertEqual((info["step"], info["version"]), (1, 2), "one round, stepped once")
+        self.assertEqual(again.stale_dropped, 0)
+
+        # The restarted worker goes on with the next round as any other.
+        def a_next():
+            gradients(again_model, *shard(1, 0))
+            again.step()
+
+        def b_next():
+            gradients(b_model, *shard(1, 1))
+            b.step()
+
+        self.run_workers([a_next, b_next])
+        want, _ = torch_rounds(2, lambda r: {"a": shard(r, 0), "b": shard(r, 1)})
+        self.assertParamsIdentical(again_model, want)
+        self.assertEqual(b.client.get_session(name)["step"], 2)
+
+
 class ScheduleAndCheckpoint(RoundsTestCase):
     def test_one_worker_owns_the_schedule_and_checkpoints_at_the_epoch_end_without_voiding_the_round(self):
         # The README's pattern: rank 0 runs the scheduler and checkpoints after its epoch-end step(); the

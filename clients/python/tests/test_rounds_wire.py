@@ -5,7 +5,7 @@ request with the same Idempotency-Key, the answered parameters loaded, and what 
 import json
 import time
 import unittest
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 import torch
 
@@ -45,7 +45,8 @@ class FakeRounds:
             return 200, [], json.dumps(self.info()).encode()
         if req.method == "POST" and path.endswith("/step"):
             if self.duplicate:
-                body = {"statusCode": 409, "code": "DUPLICATE_CONTRIBUTION", "message": "worker: w0 already contributed to the round at version 1"}
+                body = {"statusCode": 409, "code": "DUPLICATE_CONTRIBUTION", "message": f"worker: w0 already contributed to the round at version {self.version}",
+                        "version": self.version}
                 return 409, [], json.dumps(body).encode()
             key = req.headers["idempotency-key"]
             round_ = {"version": self.version, "contributions": 1, "samples": None, "workers": ["w0"], "age_s": 0.5}
@@ -57,6 +58,15 @@ class FakeRounds:
                     "round": json.dumps({"version": self.version - 1, "contributions": 2, "samples": 32, "timed_out": False})}
             body = st.encode(self.tensors(self.version), metadata=meta)
             return 200, [("ETag", f'"{self.version}"'), ("Content-Type", "application/x-safetensors")], body
+        query = dict(parse_qsl(urlsplit(req.path).query))
+        if req.method == "GET" and path.endswith("/params") and "after_version" in query:
+            # The round the duplicate's worker is in steps after one 304 (another worker's contribution).
+            self.waits = getattr(self, "waits", 0) + 1
+            if self.waits == 1:
+                return 304, [("ETag", f'"{self.version}"')], b""
+            self.version = int(query["after_version"]) + 1
+            body = {"version": self.version, "params": {n: {"shape": s, "data": d} for n, (s, d) in self.tensors(self.version).items()}}
+            return 200, [("ETag", f'"{self.version}"'), ("Content-Type", "application/json")], json.dumps(body).encode()
         if req.method == "GET" and path.endswith("/params"):
             body = st.encode(self.tensors(self.version))
             return 200, [("ETag", f'"{self.version}"'), ("Content-Type", "application/x-safetensors")], body
@@ -162,10 +172,28 @@ class Contribution(unittest.TestCase):
         first, second = fake.steps()
         self.assertEqual(first.headers["idempotency-key"], second.headers["idempotency-key"])
 
-    def test_a_duplicate_contribution_is_raised(self):
+    def test_a_duplicate_contribution_at_its_own_version_waits_for_the_round_and_loads_it(self):
+        # This worker's contribution is in the round already (sent before a restart): the new gradient is
+        # dropped and the round's result loaded once it has stepped (GET params?after_version=, 304 until then).
+        fake = FakeRounds(self, duplicate=True)
+        params = model()
+        opt = RemoteASGD(params, session="s", create=False, connection=fake.conn, worker="w0", round_wait_s=1)
+        with_grads(params)
+        with self.assertLogs("asgd_client", level="WARNING") as logs:
+            opt.step()
+        self.assertTrue(any("is in already" in line for line in logs.output), logs.output)
+        waits = [r.path for r in fake.srv.requests if r.method == "GET" and "after_version=1" in r.path]
+        self.assertEqual(len(waits), 2, "asked again after the 304")
+        self.assertTrue(all("wait=1" in path for path in waits), waits)
+        self.assertEqual(opt.version, 2)
+        self.assertTrue(all(torch.equal(p, torch.full_like(p, 2.0)) for _, p in params), "the round's parameters")
+        self.assertEqual(len(fake.steps()), 1, "the gradient is not sent again")
+
+    def test_a_duplicate_contribution_at_another_version_is_raised(self):
         fake = FakeRounds(self, duplicate=True)
         params = model()
         opt = RemoteASGD(params, session="s", create=False, connection=fake.conn, worker="w0")
+        fake.version = 3  # the 409 says another round than the one this worker holds
         with_grads(params)
         with self.assertRaises(DuplicateContribution) as caught:
             opt.step()
