@@ -458,6 +458,19 @@ test('a JSON checkpoint takes what a torch.save checkpoint takes: the tutorial\'
     assert.equal(put.json().step, step, what);
     assert.deepEqual(await state(), { ...want, step }, what);
   }
+  // model.state_dict() holds the buffers too (BatchNorm's running_mean, int64 num_batches_tracked): with every
+  // parameter there they are left out; with one missing, the first of them is named, and what is missing.
+  const buffers = { 'bn.running_mean': { shape: [2], data: [0.5, 0.25] }, 'bn.num_batches_tracked': { shape: [], data: [7], dtype: 'int64' } };
+  for (let k = 20; k < 22; k++) await app.inject({ method: 'POST', url: '/v1/sessions/sd/step', payload: { grads: grads(k) } });
+  const withBuffers = await app.inject({ method: 'PUT', url: '/v1/sessions/sd/checkpoint', payload: { model_state_dict: { ...saved.model, ...buffers }, optimizer_state_dict: saved.optimizer } });
+  assert.equal(withBuffers.statusCode, 200, withBuffers.body);
+  assert.deepEqual(await state(), { ...want, step: 5 }, 'the buffers left out');
+  const [firstParam, ...otherParams] = Object.keys(saved.model);
+  const version = (await app.inject({ url: '/v1/sessions/sd' })).json().version;
+  const lacking = await app.inject({ method: 'PUT', url: '/v1/sessions/sd/checkpoint', payload: { model_state_dict: { ...Object.fromEntries(otherParams.map((k) => [k, saved.model[k]])), ...buffers }, optimizer_state_dict: saved.optimizer } });
+  assert.deepEqual([lacking.statusCode, lacking.json().code], [400, 'UNKNOWN_PARAMETER']);
+  assert.equal(lacking.json().message, `model_state_dict.bn.running_mean: no parameter named "bn.running_mean" in this session; the session's ${JSON.stringify(firstParam)} is missing from model_state_dict (entries that are not parameters, buffers, are left out only when every parameter is there)`);
+  assert.equal((await app.inject({ url: '/v1/sessions/sd' })).json().version, version, 'nothing changed');
   // A field of the tutorial's layout is named as sent.
   const bad = await app.inject({ method: 'PUT', url: '/v1/sessions/sd/checkpoint', payload: { model_state_dict: { w: { shape: [4, 9], data: [1] } }, optimizer_state_dict: saved.optimizer } });
   assert.equal(bad.statusCode, 400);

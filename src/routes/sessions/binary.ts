@@ -153,6 +153,30 @@ export interface CheckpointInput {
   params: Map<string, { shape: number[] | null; data: Float32Array }>;
   /** Absent: counted from the optimizer state, as a state_dict load counts it. */
   step: number | undefined;
+  /** Where the request holds the parameters ("model", or the tutorial's "model_state_dict"), for messages. */
+  paramsField: string;
+}
+
+/**
+ * The model's entries that are not the session's parameters, when every parameter is among them: the
+ * buffers Module.state_dict() holds besides its parameters (BatchNorm's running_mean, running_var and int64
+ * num_batches_tracked, a positional encoding), which the tutorial's checkpoint carries. They are left out, as
+ * load_state_dict(strict=False) leaves out what it does not know; with a parameter missing nothing is left
+ * out, and the load is refused naming what does not fit (found by a review: every checkpoint of a model
+ * with BatchNorm was refused).
+ */
+function buffersOf(names: Iterable<string>, sessionParams: readonly string[], field: string): Set<string> {
+  const all = new Set(names);
+  const known = new Set(sessionParams);
+  const unknown = [...all].filter((name) => !known.has(name));
+  const missing = sessionParams.filter((name) => !all.has(name));
+  // A parameter missing and entries the session lacks: the first of those named (before its dtype, an int64
+  // buffer's), and what is missing, in every format alike.
+  if (missing.length > 0 && unknown.length > 0) {
+    const listed = missing.slice(0, 3).map((name) => JSON.stringify(name)).join(', ') + (missing.length > 3 ? `, … (${missing.length})` : '');
+    throw errors.unknownParameter(`${field}.${unknown[0]}`, unknown[0], `the session's ${listed} ${missing.length === 1 ? 'is' : 'are'} missing from ${field} (entries that are not parameters, buffers, are left out only when every parameter is there)`);
+  }
+  return new Set(unknown);
 }
 
 /**
@@ -175,12 +199,16 @@ export function readCheckpointFile(body: Buffer, sessionParams: readonly string[
   // (as PUT params takes it; the tutorial's {'model': model.state_dict(), ...} of AWD-LSTM).
   const aliases = aliasesOf(model.tensors);
   const known = new Set(sessionParams);
-  for (const [name, tensor] of model.tensors) {
+  const tiedAgain = (name: string) => {
     const first = aliases.get(name);
-    if (first !== undefined && !known.has(name) && known.has(first)) continue;
+    return first !== undefined && !known.has(name) && known.has(first);
+  };
+  const buffers = buffersOf([...model.tensors.keys()].filter((name) => !tiedAgain(name)), sessionParams, modelKey);
+  for (const [name, tensor] of model.tensors) {
+    if (tiedAgain(name) || buffers.has(name)) continue;
     params.set(name, finiteParam(float32Of(tensor, `${modelKey}.${name}`), `${modelKey}.${name}`));
   }
-  return { stateDict: loadedFromAsgd(checkpoint.optimizer), params, step: checkpoint.step };
+  return { stateDict: loadedFromAsgd(checkpoint.optimizer), params, step: checkpoint.step, paramsField: modelKey };
 }
 
 /** A parameter is finite, as create and PUT params require: a checkpoint is no way around that. */
@@ -190,10 +218,12 @@ function finiteParam(tensor: Float32Tensor, field: string): { shape: number[]; d
   return { shape: tensor.shape, data: tensor.data };
 }
 
-/** A checkpoint from its JSON form (structure checked by the route's schema; tensors and state here). */
-export function readCheckpointJson(body: {
+type CheckpointJson = {
   model?: Record<string, unknown>; optimizer?: unknown; model_state_dict?: Record<string, unknown>; optimizer_state_dict?: unknown; step?: number;
-}): CheckpointInput {
+};
+
+/** The parts of a checkpoint's JSON form, checked for its layout (before the session is looked up: a bad body is a 400 whatever the session). */
+export function checkpointJsonParts(body: CheckpointJson) {
   // The checkpoint's own names or the tutorial's, as checkpointKeys takes them from a file; the rest is ignored.
   const pick = <K extends 'model' | 'optimizer'>(ours: K, theirs: `${K}_state_dict`) => {
     if (body[ours] !== undefined && body[theirs] !== undefined) throw errors.invalidStateDict(theirs, `given with ${ours}: one of the two`);
@@ -204,13 +234,22 @@ export function readCheckpointJson(body: {
   const layouts = 'a checkpoint is {"model", "optimizer", "step"?}, or the tutorial\'s {"model_state_dict", "optimizer_state_dict", …}';
   if (model.value === undefined) throw errors.invalidStateDict('model', `is missing (${layouts})`);
   if (optimizer.value === undefined) throw errors.invalidStateDict('optimizer', `is missing (${layouts})`);
+  return { model: { key: model.key, value: model.value as Record<string, unknown> }, optimizer: optimizer.value, step: body.step };
+}
+
+/** A checkpoint from its JSON form's parts (structure checked by the route's schema; tensors and state here). */
+export function readCheckpointJson(parts: ReturnType<typeof checkpointJsonParts>, sessionParams: readonly string[]): CheckpointInput {
+  const { model, optimizer, step } = parts;
   const params: CheckpointInput['params'] = new Map();
-  for (const [name, value] of Object.entries(model.value as Record<string, unknown>)) {
+  const entries = Object.entries(model.value);
+  const buffers = buffersOf(entries.map(([name]) => name), sessionParams, model.key);
+  for (const [name, value] of entries) {
+    if (buffers.has(name)) continue;
     // Shapes are checked against the session by the domain.
     const tensor = readTensorField(value, `${model.key}.${name}`, 'reject');
     params.set(name, { shape: tensor.shape, data: tensor.data });
   }
-  return { stateDict: parseStateDict(optimizer.value), params, step: body.step };
+  return { stateDict: parseStateDict(optimizer), params, step, paramsField: model.key };
 }
 
 function sendStream(reply: FastifyReply, stream: ByteStream, type: string, filename: string) {

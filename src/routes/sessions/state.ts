@@ -12,7 +12,7 @@ import { firstNonFinite, readJsonTensor } from '../../sessions/tensors.ts';
 import { ACCESS, changeAnswer, changeKeyOf, ifMatchOf, jsonBody, jsonOrFile } from '../common.ts';
 import { contentFormat, mediaTypes, ROUTE_MEDIA, type WireFormat } from '../media.ts';
 import { ChangeHeaders, errorResponses, GroupChanges, ConditionalReadHeaders, NameParams, NotModified, Version, withCode, SessionChange } from '../schemas.ts';
-import { perTensorLimits, readCheckpointFile, readCheckpointJson, readNamedTensors, readStateDictBody } from './binary.ts';
+import { checkpointJsonParts, perTensorLimits, readCheckpointFile, readCheckpointJson, readNamedTensors, readStateDictBody } from './binary.ts';
 import { jsonBoundBySession, sessionBeforeBody } from './json-bound.ts';
 import { answeredNotModified, checkIfMatchRead, MAX_WAIT_SECONDS, waitPastVersion } from './conditional.ts';
 import { refuseLargeJson, sendView, viewResponse, type ViewKind, type ViewQuery } from './views.ts';
@@ -253,7 +253,15 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
     },
   }, async (request, reply) => {
     const body = jsonOrFile(request.body, CheckpointIn, (message) => errors.invalidStateDict('body', message));
-    const checkpoint = Buffer.isBuffer(body) ? readCheckpointFile(body, (await fastify.sessions.get(request.params.name)).params.map((p) => p.name)) : readCheckpointJson(body);
+    // The session's parameter names tell a model's buffers (left out) from its parameters; a JSON body's
+    // layout is checked first (a bad body is a 400 whatever the session).
+    const sessionParams = async () => (await fastify.sessions.get(request.params.name)).params.map((p) => p.name);
+    let checkpoint;
+    if (Buffer.isBuffer(body)) checkpoint = readCheckpointFile(body, await sessionParams());
+    else {
+      const parts = checkpointJsonParts(body);
+      checkpoint = readCheckpointJson(parts, await sessionParams());
+    }
     const result = await fastify.sessions.load(request.params.name, checkpoint, { ifMatch: ifMatchOf(request), reason: 'load_checkpoint', key: changeKeyOf(request) });
     return changeAnswer(reply, result); // a new version: no round is open
   });
