@@ -1559,7 +1559,12 @@ class RemoteASGD(torch.optim.Optimizer):
         for g in self.param_groups:
             groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": list(range(first, first + len(g["params"])))})
             first += len(g["params"])
-        self.load_state_dict({"state": {}, "param_groups": groups})
+        # Said as what the user did (the warning that the session went back names it), not as a load_state_dict.
+        self.__dict__["_load_cause"] = "starting the optimizer state over (opt.state.clear(), opt.state = {}, reset_state())"
+        try:
+            self.load_state_dict({"state": {}, "param_groups": groups})
+        finally:
+            self.__dict__.pop("_load_cause", None)
 
     @_in_own_process
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -1602,10 +1607,10 @@ class RemoteASGD(torch.optim.Optimizer):
         info = self.client.put_state_dict(self.session, state_dict_to_torch(sd), format="pt")
         after = info.get("step")
         if isinstance(before, int) and isinstance(after, int) and before > after:
-            log.warning("[%s] load_state_dict took session %r back from step %d to step %d, for every worker that shares it "
+            log.warning("[%s] %s took session %r back from step %d to step %d, for every worker that shares it "
                         "(eta, mu and the averages ax with it). A worker that restarts in a session others train should not "
                         "load optimizer state: it takes the session's when it joins (load a scheduler's state_dict alone).",
-                        self.worker, self.session, before, after)
+                        self.worker, self.__dict__.get("_load_cause", "load_state_dict"), self.session, before, after)
         with self._lock:
             self._take_session(info, update_local=True, keep_equal=False)  # the loaded values replace the groups', as in torch
         for local, loaded in zip(self.param_groups, full_groups):

@@ -146,7 +146,11 @@ class ReadingStateWritesNothing(ServiceTestCase):
         # Starting the state over, both ways torch code does it, then training on: equal to torch bit for bit.
         for reset in (lambda o: setattr(o, "state", defaultdict(dict)), lambda o: o.state.clear()):
             reset(torch_opt)
-            reset(opt)
+            with self.assertLogs("asgd_client", "WARNING") as logged:
+                reset(opt)
+            # Said as what was done, not as a load_state_dict the user never called (a review).
+            self.assertTrue(any("starting the optimizer state over (opt.state.clear()" in line and "took session" in line for line in logged.output), logged.output)
+            self.assertFalse(any("load_state_dict took" in line for line in logged.output), logged.output)
             self.assertNotIn("ax", opt.state[p])
             train(ref, torch_opt, range(6, 10))
             train(model, opt, range(6, 10))
