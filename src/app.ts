@@ -281,13 +281,16 @@ async function dropUnreadBody(request: FastifyRequest, _reply: FastifyReply, pay
  * A connection whose answer closes it before its request's body was read whole (a 413 for a body past its
  * bound, a body that could not be parsed: Fastify answers every body parser's error with Connection: close)
  * is closed lingering, as nginx's lingering_close: the answer and a FIN go out, and what the client still
- * sends is read and dropped until it closes its side, for at most LINGER_MS and LINGER_BYTES. Closed at
+ * sends is read and dropped until it closes its side, for at most LINGER_MS and LINGER_BYTES, and while it
+ * sends something at least every LINGER_IDLE_MS. Closed at
  * once, the client's next writes met a reset, and clients that send the whole body before they read
  * (requests with a chunked body) or that stop at a write error (fetch: EPIPE; this service's TypeScript
  * client then uploaded the body again, four times) never read the 413 (found by a hostile-input review).
  */
 const LINGER_MS = 30_000;
 const LINGER_BYTES = 256 * 1024 * 1024;
+/** A lingering connection whose client sends nothing for this long is cut (nginx's lingering_timeout). */
+const LINGER_IDLE_MS = 5_000;
 /** Each server's connections closing lingering now; null once it closes (a shutdown does not wait for their clients). */
 const lingering = new WeakMap<NetServer, Set<Socket> | null>();
 
@@ -304,10 +307,19 @@ function lingerOnClose(socket: Socket): void {
       else this.once('finish', () => this.destroy());
       return;
     }
+    // What the client sends goes on to the HTTP parser: the rest of the refused body is dropped with it
+    // (dropUnreadBody), and a request after it is not handled (inTurn: the request before it closed the
+    // connection). ASGD_REQUEST_TIMEOUT_MS, when shorter, still cuts a body that has not ended.
     const readBefore = this.bytesRead;
+    let read = readBefore;
+    let readAt = Date.now();
     const timer = setTimeout(() => this.destroy(), LINGER_MS);
     const bytes = setInterval(() => {
-      if (this.bytesRead - readBefore > LINGER_BYTES) this.destroy();
+      if (this.bytesRead !== read) {
+        read = this.bytesRead;
+        readAt = Date.now();
+      }
+      if (read - readBefore > LINGER_BYTES || Date.now() - readAt > LINGER_IDLE_MS) this.destroy();
     }, 100);
     timer.unref();
     bytes.unref();

@@ -85,11 +85,32 @@ test('a connection closing lingering is cut when the app closes: a shutdown does
   t.after(() => clearInterval(trickle));
   while (!text.includes('\r\n\r\n')) await new Promise((resolve) => setTimeout(resolve, 20));
   assert.match(text, /^HTTP\/1\.1 413 /);
-  // Still open: the server reads and drops what comes.
-  await new Promise((resolve) => setTimeout(resolve, 300));
+  // Still open past the idle limit (5 s) while the client sends: the server reads and drops what comes.
+  await new Promise((resolve) => setTimeout(resolve, 6_000));
   assert.equal(socket.destroyed, false, 'the connection lingers while the client sends');
   const started = Date.now();
   await app.close();
   await closed;
   assert.ok(Date.now() - started < 5_000, `closed in ${Date.now() - started} ms`);
+});
+
+test('a lingering connection whose client sends nothing more for 5 s is closed', async (t) => {
+  const { app, port } = await listening(t);
+  const socket = connect({ port, host: '127.0.0.1', allowHalfOpen: true });
+  socket.on('error', () => {});
+  t.after(() => socket.destroy());
+  let text = '';
+  socket.on('data', (d) => (text += d.toString('latin1')));
+  await new Promise<void>((resolve) => socket.once('connect', () => resolve()));
+  socket.write(`POST /v1/sessions/bounded/step HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${ADMIN}\r\nContent-Type: application/x-safetensors\r\nContent-Length: 10000000\r\n\r\n`);
+  socket.write(Buffer.alloc(1000));
+  while (!text.includes('\r\n\r\n')) await new Promise((resolve) => setTimeout(resolve, 20));
+  const answered = Date.now();
+  assert.match(text, /^HTTP\/1\.1 413 /);
+  // The client neither sends nor closes (its side stays half-open): the server closes the connection after
+  // about 5 s, not the 30 s a sending client may take.
+  const connections = () => new Promise<number>((resolve) => app.server.getConnections((err, n) => resolve(err ? -1 : n)));
+  while ((await connections()) > 0 && Date.now() - answered < 20_000) await new Promise((resolve) => setTimeout(resolve, 100));
+  const after = Date.now() - answered;
+  assert.ok(after >= 4_500 && after < 9_000, `closed ${after} ms after the answer`);
 });

@@ -250,6 +250,28 @@ test('a metric reported at one step only is drawn (a dot) and its chart says 1 p
   assert.deepEqual(axes.staleness, [1, 60]);
   assert.deepEqual(axes.norm, axes.staleness);
   assert.deepEqual(axes.ax_norm, axes.staleness);
+  // Redrawn with the same data (a quiet session read again), the axis stays: it went [1, 60], [0, 120], ...
+  // every other redraw (uPlot applies its own range of x after setData returns).
+  const redrawn = await page.evaluate(async () => {
+    const charts = './js/charts.js'; // the page's own module, as the page loads it
+    const { Chart } = await import(charts);
+    const box = document.createElement('div');
+    box.style.width = '600px';
+    document.body.append(box);
+    const axesSeen: number[][] = [];
+    for (const [data, span] of [[[[60], [1.5]], [1, 60]], [[[30], [0.5]], null]] as const) {
+      const chart = new Chart(box, { key: `redrawn-${axesSeen.length}`, title: 'redrawn', series: [{ label: 'v' }] });
+      for (let i = 0; i < 4; i++) {
+        chart.set(data as any, span as any);
+        await new Promise((resolve) => requestAnimationFrame(() => resolve(null)));
+        axesSeen.push([chart.plot!.scales.x.min!, chart.plot!.scales.x.max!]);
+      }
+      chart.destroy();
+    }
+    box.remove();
+    return axesSeen;
+  });
+  assert.deepEqual(redrawn, [[1, 60], [1, 60], [1, 60], [1, 60], [29, 31], [29, 31], [29, 31], [29, 31]]);
 });
 
 test('metric names that are Object.prototype members ("constructor", "toString") chart with gaps where a step lacks them; the page draws everything', { skip }, async (t) => {

@@ -267,8 +267,10 @@ export class Chart {
       lo -= pad;
       hi += pad;
     }
-    const x = this.plot.scales.x;
-    if (x.min !== lo || x.max !== hi) this.plot.setScale('x', { min: lo, max: hi });
+    // Always set: setData's own range of x is applied after this returns (uPlot commits in a microtask), so
+    // its scale still holds the range set before, and skipping an equal one let uPlot's win every other
+    // redraw (a review: the norms charts' axis went [1, 60], [0, 120], [1, 60], ... on redraws of the same data).
+    this.plot.setScale('x', { min: lo, max: hi });
   }
 
   /**

@@ -404,50 +404,61 @@ class Client:
         Tensors are torch tensors when torch is installed, else ``{"shape", "data"}`` dicts.
         """
         path = f"/v1/sessions/{_quote(name)}/params"
-        query: Dict[str, Any] = {"averaged": averaged or None, "version": version}
+        read = self._read_params(path, {"averaged": averaged or None, "version": version})
+        if read is None:  # a 304 answers only a read with after_version
+            raise RuntimeError(f"GET {path}: 304 to a read that asked for no version")
+        return read
+
+    def wait_params(self, name: str, after_version: int, *, averaged: bool = False, wait_s: float = 60.0,
+                    max_wait_s: Optional[float] = None) -> Tuple["OrderedDict[str, Any]", Optional[int]]:
+        """The parameters (or ``averaged``) once the session's version is above ``after_version``: GET /params
+        ``?after_version=&wait=`` (the service holds each request up to ``wait_s`` seconds, 1 to 60, and
+        answers 304 while the version has not moved; this asks again), until ``max_wait_s`` seconds have
+        passed (None: no limit), then :class:`TimeoutError`. Returns ({name: tensor}, version), read as
+        :meth:`get_params` reads them (safetensors unless the transport is JSON).
+        """
+        if not 1.0 <= float(wait_s) <= 60.0:
+            raise ValueError(f"wait_s must be 1 to 60 seconds, got {wait_s!r}")
+        path = f"/v1/sessions/{_quote(name)}/params"
+        started = time.monotonic()
+        while True:
+            left = None if max_wait_s is None else max_wait_s - (time.monotonic() - started)
+            if left is not None and left <= 0:
+                raise TimeoutError(f"session {name!r}: still at version {after_version} or below after {max_wait_s} s")
+            hold = float(wait_s) if left is None else min(float(wait_s), left)
+            query: Dict[str, Any] = {"averaged": averaged or None, "after_version": after_version, "wait": round(hold, 3)}
+            read = self._read_params(path, query, expect=(200, 304), hold_s=hold)
+            if read is not None:
+                return read
+
+    def _read_params(self, path: str, query: Dict[str, Any], expect: Tuple[int, ...] = (200,),
+                     hold_s: float = 0.0) -> Optional[Tuple["OrderedDict[str, Any]", Optional[int]]]:
+        """GET of parameters as safetensors (JSON with the JSON transport, or where the service has no
+        safetensors): ({name: tensor}, version), or None for a 304."""
         if self._binary():
             try:
-                res = self.conn.request("GET", path, query={**query, "format": "safetensors"}, accept=SAFETENSORS)
+                res = self.conn.request("GET", path, query={**query, "format": "safetensors"}, accept=SAFETENSORS, expect=expect, hold_s=hold_s)
             except UnsupportedFormat as err:
                 if self.transport != "auto":
                     raise
                 self._fall_back(err)
             else:
+                if res.status == 304:
+                    return None
                 if res.content_type not in (SAFETENSORS, "application/safetensors"):
                     raise UnsupportedFormat(res.status, "UNEXPECTED_CONTENT_TYPE",
                                             f"asked for safetensors, got {res.content_type or 'no Content-Type'}",
                                             method="GET", url=res.url, body=res.body[:200])
                 raw, _ = st.decode(res.body)
                 return _tensors_of(raw), res.version
-        res = self.conn.request("GET", path, query={**query, "format": "json"}, accept=JSON)
+        res = self.conn.request("GET", path, query={**query, "format": "json"}, accept=JSON, expect=expect, hold_s=hold_s)
+        if res.status == 304:
+            return None
         body = res.json()
         params = body["params"]
         if _has_torch():
             return OrderedDict((k, tensor_from_json(v)) for k, v in params.items()), body.get("version", res.version)
         return OrderedDict(params), body.get("version", res.version)
-
-    def wait_params(self, name: str, after_version: int, *, averaged: bool = False, wait_s: float = 60.0,
-                    max_wait_s: Optional[float] = None) -> Tuple["OrderedDict[str, Any]", Optional[int]]:
-        """The parameters (or ``averaged``) once the session's version is above ``after_version``: GET /params
-        ``?after_version=&wait=`` (the service holds each request up to ``wait_s`` seconds, at most 60, and
-        answers 304 while the version has not moved; this asks again) until ``max_wait_s`` seconds have
-        passed (None: no limit), then :class:`TimeoutError`. Returns ({name: tensor}, version)."""
-        path = f"/v1/sessions/{_quote(name)}/params"
-        started = time.monotonic()
-        wait = max(0.0, min(60.0, float(wait_s)))
-        while True:
-            hold = wait if max_wait_s is None else min(wait, max(0.0, max_wait_s - (time.monotonic() - started)))
-            query: Dict[str, Any] = {"averaged": averaged or None, "after_version": after_version, "wait": round(hold, 3), "format": "json"}
-            res = self.conn.request("GET", path, query=query, accept=JSON, expect=(200, 304), hold_s=hold)
-            if res.status == 200:
-                body = res.json()
-                params = body["params"]
-                version = body.get("version", res.version)
-                if _has_torch():
-                    return OrderedDict((k, tensor_from_json(v)) for k, v in params.items()), version
-                return OrderedDict(params), version
-            if max_wait_s is not None and time.monotonic() - started >= max_wait_s:
-                raise TimeoutError(f"session {name!r}: still at version {after_version} or below after {max_wait_s} s")
 
     def put_params(self, name: str, tensors: Mapping[str, TensorLike], *, format: Optional[str] = None,
                    if_match: Optional[int] = None, idempotency_key: Optional[str] = None) -> Dict[str, Any]:

@@ -31,6 +31,7 @@ import os
 import re
 import socket
 import threading
+import time
 import uuid
 import warnings
 from collections import OrderedDict
@@ -40,7 +41,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 
 from .client import Client, _step_extras, ensure_session
-from .errors import BaseVersionAhead, ConnectionFailed, DuplicateContribution, ServiceError, StaleGradient
+from .errors import BaseVersionAhead, ConnectionFailed, DuplicateContribution, RoundPending, ServiceError, StaleGradient
 from .http import DEFAULT_RETRY_BUDGET_S, Connection
 from .state import SessionState
 from .tensors import FLAG_KEYS, HYPERPARAMETER_KEYS, group_from_json, local_group_keys, plain_number, state_dict_to_torch
@@ -618,6 +619,8 @@ class RemoteASGD(torch.optim.Optimizer):
         self.stale_dropped = 0
         #: The service's answer to the last applied step: {session, step, version, staleness}.
         self.last_step: Optional[Dict[str, Any]] = None
+        # Whether a step of this optimizer has been answered (a DuplicateContribution before: a restart's).
+        self._contributed = False
         self._version: Optional[int] = None
         # Not "_step_count": torch's LR schedulers own that attribute of the optimizer (they reset it).
         self._session_step = 0
@@ -1153,7 +1156,7 @@ class RemoteASGD(torch.optim.Optimizer):
             # nor the retry budget waits for one.
             send.update(held=False)
         return self._settle(lambda: self.client.step(self.session, grads, base_version=base, idempotency_key=key, **send), groups,
-                            resend=lambda: self.client.step(self.session, grads, base_version=None, **send), base=base)
+                            resend=lambda: self.client.step(self.session, grads, base_version=None, **send), base=base, key=key)
 
     def _start(self, grads: Mapping[str, torch.Tensor], base: Optional[int], groups: Optional[List[Dict[str, Any]]],
                metrics: Optional[Dict[str, float]], samples: Optional[int], key: Optional[str] = None) -> Optional["_Sent"]:
@@ -1166,20 +1169,29 @@ class RemoteASGD(torch.optim.Optimizer):
                                         worker=self.worker, idempotency_key=key)
         return None if handle is None else _Sent(self, handle, groups)
 
-    def _settle(self, call: Any, groups: Optional[List[Dict[str, Any]]], resend: Any, base: Optional[int] = None) -> _Outcome:
+    def _settle(self, call: Any, groups: Optional[List[Dict[str, Any]]], resend: Any, base: Optional[int] = None,
+                key: Optional[str] = None) -> _Outcome:
         """The outcome of a step's request ``call()``, by the staleness policy when it is refused as stale."""
         try:
             answer = call()
         except DuplicateContribution as err:
-            if self.aggregation is None or base is None or err.version != base:
+            # Only the first contribution of this optimizer: a restart's. Later ones are another live process
+            # with this worker id (a misconfiguration), raised as before.
+            if self.aggregation is None or base is None or err.version != base or self._contributed:
                 raise
             # This worker's contribution to the round at ``base`` is in already: sent by this worker before a
             # restart (its process killed once the service had stored it, the round still open). The round
             # steps with that one; this gradient is dropped, and the round's result loaded once it has stepped.
             log.warning("[%s] session %r: this worker's contribution to the round at version %s is in already (sent "
                         "before a restart?): this gradient is dropped; waiting for the round to step", self.worker, self.session, base)
-            tensors, version = self.client.wait_params(self.session, base, wait_s=min(60.0, float(self.round_wait_s or 60)),
-                                                       max_wait_s=self.max_round_wait_s)
+            started = time.monotonic()
+            try:
+                tensors, version = self.client.wait_params(self.session, base, wait_s=min(60.0, max(1.0, float(self.round_wait_s or 60))),
+                                                           max_wait_s=self.max_round_wait_s)
+            except TimeoutError as timeout:
+                if isinstance(timeout, RoundPending):
+                    raise
+                raise RoundPending(self.session, {"version": base, "workers": [self.worker]}, key or "", time.monotonic() - started) from err
             return _Outcome(None, tensors, version, None, stale=err)
         except StaleGradient as err:
             if self.on_stale == "raise":
@@ -1213,6 +1225,7 @@ class RemoteASGD(torch.optim.Optimizer):
     def _apply(self, outcome: _Outcome, overlapped: bool = False) -> None:
         """Loads a step's outcome into the model (caller's thread, under the lock). ``overlapped``: the next
         step was sent before this answer was read."""
+        self._contributed = True
         floor, self._overlap_floor = self._overlap_floor, None
         # The two steps in flight may have been committed in the other order (two replicas): then the
         # parameters loaded from the other answer are newer and hold this step too.

@@ -62,9 +62,12 @@ class FakeRounds:
         if req.method == "GET" and path.endswith("/params") and "after_version" in query:
             # The round the duplicate's worker is in steps after one 304 (another worker's contribution).
             self.waits = getattr(self, "waits", 0) + 1
-            if self.waits == 1:
+            if self.waits == 1 or getattr(self, "stuck", False):
+                time.sleep(0.2)  # a hold, shortened
                 return 304, [("ETag", f'"{self.version}"')], b""
             self.version = int(query["after_version"]) + 1
+            if query.get("format") == "safetensors":
+                return 200, [("ETag", f'"{self.version}"'), ("Content-Type", "application/x-safetensors")], st.encode(self.tensors(self.version))
             body = {"version": self.version, "params": {n: {"shape": s, "data": d} for n, (s, d) in self.tensors(self.version).items()}}
             return 200, [("ETag", f'"{self.version}"'), ("Content-Type", "application/json")], json.dumps(body).encode()
         if req.method == "GET" and path.endswith("/params"):
@@ -185,9 +188,28 @@ class Contribution(unittest.TestCase):
         waits = [r.path for r in fake.srv.requests if r.method == "GET" and "after_version=1" in r.path]
         self.assertEqual(len(waits), 2, "asked again after the 304")
         self.assertTrue(all("wait=1" in path for path in waits), waits)
+        self.assertTrue(all("format=safetensors" in path for path in waits), "read as get_params reads: safetensors")
         self.assertEqual(opt.version, 2)
         self.assertTrue(all(torch.equal(p, torch.full_like(p, 2.0)) for _, p in params), "the round's parameters")
         self.assertEqual(len(fake.steps()), 1, "the gradient is not sent again")
+        # Its next contribution refused as a duplicate is another live process with this worker id: raised.
+        with_grads(params)
+        with self.assertRaises(DuplicateContribution):
+            opt.step()
+
+    def test_a_duplicate_of_a_restart_whose_round_does_not_step_in_max_round_wait_s_is_round_pending(self):
+        from asgd_client import RoundPending
+
+        fake = FakeRounds(self, duplicate=True)
+        fake.stuck = True  # 304 for good: the round never steps
+        params = model()
+        opt = RemoteASGD(params, session="s", create=False, connection=fake.conn, worker="w0", round_wait_s=1, max_round_wait_s=2)
+        with_grads(params)
+        started = time.monotonic()
+        with self.assertLogs("asgd_client", level="WARNING"), self.assertRaises(RoundPending):
+            opt.step()
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertEqual(opt.version, 1)
 
     def test_a_duplicate_contribution_at_another_version_is_raised(self):
         fake = FakeRounds(self, duplicate=True)
