@@ -2,7 +2,8 @@
 // spawned as an operator would, their output collected, their start-up banner read for the URL.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
-import { connect, createServer } from 'node:net';
+import { connect } from 'node:net';
+import { freePort } from '../support/ports.ts';
 
 export interface ServiceRun {
   child: ChildProcess;
@@ -41,17 +42,7 @@ export function spawnService(command: string, args: string[], env: Record<string
   };
 }
 
-/** A port nothing listens on right now (the system picks it). */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as { port: number };
-      server.close(() => resolve(port));
-    });
-  });
-}
+export { freePort };
 
 /**
  * The service started as `command args` on a free port (PORT is set here), once it serves: its start-up

@@ -2,17 +2,16 @@
 // database made for the test, and an HTTP client that retries elsewhere the way a careful client would:
 // on connection errors and 503s, with the same Idempotency-Key, within a deadline.
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { once } from 'node:events';
 import { existsSync, readdirSync } from 'node:fs';
 import { chown, mkdtemp, rm } from 'node:fs/promises';
 import http from 'node:http';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import type { TestContext } from 'node:test';
 import pg from 'pg';
+import { freePort } from './ports.ts';
 import { createScratchDatabase } from './scratch-db.ts';
 import { PG_ADMIN_URL } from '../helper.ts';
 
@@ -26,16 +25,6 @@ process.on('exit', () => {
 });
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
-
-async function freePort(): Promise<number> {
-  const server = createServer();
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const port = (server.address() as { port: number }).port;
-  server.close();
-  await once(server, 'close');
-  return port;
-}
 
 // ---- HTTP ----------------------------------------------------------------------------------------
 
