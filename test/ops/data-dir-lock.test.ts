@@ -2,10 +2,11 @@
 // and the holder while the first keeps serving; a lock left by a killed process does not block a restart.
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, statfsSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import nodeFs, { existsSync, mkdtempSync, readFileSync, rmSync, statfsSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { syncBuiltinESMExports } from 'node:module';
 import { request as httpRequest } from 'node:http';
 import { hostname, tmpdir } from 'node:os';
-import { dirname, join } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { test } from 'node:test';
 import { DataDirLockedError, LOCK_FILE, lockDataDir, type LockHolder } from '../../src/db/data-dir-lock.ts';
 import { ConfigError } from '../../src/config.ts';
@@ -324,15 +325,25 @@ test('an embedded database without room for a whole state: a fork, a restore, a 
   assert.equal((await roomy.inject({ method: 'POST', url: '/v1/sessions/big/snapshots', payload: {} })).statusCode, 201);
   await roomy.close();
 
-  // Room for 16 MiB more than ASGD_MIN_FREE_BYTES, counted from the disk's free space when each app starts:
-  // a whole state needs 64 MB, a new step 32 MB, a retry and a pin nothing. Each refusal of a write is
-  // asked of an app started just before it, since the tests that run beside this one free and take space
-  // on the same disk (a CI run saw a new step accepted, room having grown by more than 24 MB since setup).
+  // Room for 16 MiB more than ASGD_MIN_FREE_BYTES: a whole state needs 64 MB, a new step 32 MB, a retry and
+  // a pin nothing. The disk's free space as the service reads it (statfs of the data directory) is held at
+  // that from here on: on the real disk the test files running beside this one take and free tens of MB a
+  // second (PostgreSQL's WAL, other data directories), and CI runs saw a new step accepted (room grown by
+  // 24 MB) and a fork refused by the check of its body (room shrunk by 110 MB) between a measure and a request.
+  const minFree = 1024 ** 3;
   const room = 16 * 1024 * 1024;
-  const tightApp = async () => {
-    const fs = statfsSync(dir);
-    return buildApp({ config: testConfig({ ASGD_DATA_DIR: dir, ASGD_MIN_FREE_BYTES: String(Math.max(0, fs.bavail * fs.bsize - room)) }), migrate: true, logger: false });
-  };
+  const realStatfs = nodeFs.statfsSync;
+  const dataDir = resolve(dir);
+  t.mock.method(nodeFs, 'statfsSync', ((path: string, options?: { bigint?: false }) => {
+    const real = realStatfs(path, options);
+    return resolve(String(path)).startsWith(dataDir) ? { ...real, bavail: Math.floor((minFree + room) / real.bsize) } : real;
+  }) as typeof nodeFs.statfsSync);
+  syncBuiltinESMExports(); // the service's `import { statfsSync } from 'node:fs'` sees the mock
+  t.after(() => {
+    t.mock.restoreAll();
+    syncBuiltinESMExports();
+  });
+  const tightApp = () => buildApp({ config: testConfig({ ASGD_DATA_DIR: dir, ASGD_MIN_FREE_BYTES: String(minFree) }), migrate: true, logger: false });
   let tight = await tightApp();
   t.after(() => tight.close());
   const session = (await tight.inject({ url: '/v1/sessions/big' })).json();
