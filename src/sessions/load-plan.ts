@@ -15,6 +15,29 @@ export interface LoadPlan {
 }
 
 /**
+ * The model's entries that are not the session's parameters, when every parameter is among them: the
+ * buffers Module.state_dict() holds besides its parameters (BatchNorm's running_mean, running_var and int64
+ * num_batches_tracked, a positional encoding), which the tutorial's checkpoint carries. They are left out, as
+ * load_state_dict(strict=False) leaves out what it does not know, before a tensor's dtype is read (an int64
+ * buffer is no parameter to convert); checkModel then checks what is kept. With a parameter missing nothing
+ * is left out, and the load is refused naming what does not fit (found by a review: every checkpoint of a
+ * model with BatchNorm was refused).
+ */
+export function modelBuffers(names: Iterable<string>, sessionParams: readonly string[], field: string): Set<string> {
+  const all = new Set(names);
+  const known = new Set(sessionParams);
+  const unknown = [...all].filter((name) => !known.has(name));
+  const missing = sessionParams.filter((name) => !all.has(name));
+  // A parameter missing and entries the session lacks: the first of those named (before its dtype, an int64
+  // buffer's), and what is missing, in every format alike.
+  if (missing.length > 0 && unknown.length > 0) {
+    const listed = missing.slice(0, 3).map((name) => JSON.stringify(name)).join(', ') + (missing.length > 3 ? `, … (${missing.length})` : '');
+    throw errors.unknownParameter(`${field}.${unknown[0]}`, unknown[0], `the session's ${listed} ${missing.length === 1 ? 'is' : 'are'} missing from ${field} (entries that are not parameters, buffers, are left out only when every parameter is there)`);
+  }
+  return new Set(unknown);
+}
+
+/**
  * A model state_dict must name exactly the session's parameters, with their shapes. `field`: where the
  * request holds them (a checkpoint's "model", PUT params' "params"), for the messages.
  */

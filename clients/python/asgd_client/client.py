@@ -132,6 +132,12 @@ def _refuse_aliases(tensors: Mapping[str, Any]) -> None:
         first[key] = name
 
 
+def _time_left(max_wait_s: Optional[float], started: float) -> Optional[float]:
+    """Seconds left of a call's ``max_wait_s`` that started at ``started`` (time.monotonic()): never below 0;
+    None for no limit."""
+    return None if max_wait_s is None else max(0.0, max_wait_s - (time.monotonic() - started))
+
+
 class Client:
     """The v1 API of one asgd-serve instance.
 
@@ -382,10 +388,11 @@ class Client:
         query = request.get("query") or {}
         wait = query.get("wait") or DEFAULT_ROUND_WAIT_S  # what the service holds it for at most
         while True:
-            if max_wait_s is not None:
+            left = _time_left(max_wait_s, started)
+            if left is not None:
                 # Never longer than the time this call has left, so that max_wait_s holds (in milliseconds: the
                 # service takes fractions of a second, and 0 answers at once).
-                wait = min(round(max(0.0, max_wait_s - (time.monotonic() - started)), 3), query.get("wait") or DEFAULT_ROUND_WAIT_S)
+                wait = min(round(left, 3), query.get("wait") or DEFAULT_ROUND_WAIT_S)
                 request["query"] = {**query, "wait": wait}
             res = self.conn.request("POST", path, headers=headers, expect=(200, 202), hold_s=float(wait) if held else 0.0, **request)
             if res.status == 200:
@@ -422,8 +429,8 @@ class Client:
         path = f"/v1/sessions/{_quote(name)}/params"
         started = time.monotonic()
         while True:
-            left = None if max_wait_s is None else max_wait_s - (time.monotonic() - started)
-            if left is not None and left <= 0:
+            left = _time_left(max_wait_s, started)
+            if left == 0.0:
                 raise TimeoutError(f"session {name!r}: still at version {after_version} or below after {max_wait_s} s")
             hold = float(wait_s) if left is None else min(float(wait_s), left)
             query: Dict[str, Any] = {"averaged": averaged or None, "after_version": after_version, "wait": round(hold, 3)}

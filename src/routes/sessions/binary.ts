@@ -10,6 +10,7 @@ import {
 } from '../../formats/index.ts';
 import type { BinaryGradient, GradientInput } from '../../sessions/gradients.ts';
 import type { LoadedStateDict, StateView } from '../../sessions/model.ts';
+import { modelBuffers } from '../../sessions/load-plan.ts';
 import { MAX_LOADED_STEP, MAX_PARAMS, recordIntegerLiterals } from '../../sessions/spec.ts';
 import { firstNonFinite } from '../../sessions/tensors.ts';
 import { asgdFromView, groupWithKinds, loadedFromAsgd, paramTensor, parseStateDict, readTensorField } from '../../sessions/state-dict.ts';
@@ -158,28 +159,6 @@ export interface CheckpointInput {
 }
 
 /**
- * The model's entries that are not the session's parameters, when every parameter is among them: the
- * buffers Module.state_dict() holds besides its parameters (BatchNorm's running_mean, running_var and int64
- * num_batches_tracked, a positional encoding), which the tutorial's checkpoint carries. They are left out, as
- * load_state_dict(strict=False) leaves out what it does not know; with a parameter missing nothing is left
- * out, and the load is refused naming what does not fit (found by a review: every checkpoint of a model
- * with BatchNorm was refused).
- */
-function buffersOf(names: Iterable<string>, sessionParams: readonly string[], field: string): Set<string> {
-  const all = new Set(names);
-  const known = new Set(sessionParams);
-  const unknown = [...all].filter((name) => !known.has(name));
-  const missing = sessionParams.filter((name) => !all.has(name));
-  // A parameter missing and entries the session lacks: the first of those named (before its dtype, an int64
-  // buffer's), and what is missing, in every format alike.
-  if (missing.length > 0 && unknown.length > 0) {
-    const listed = missing.slice(0, 3).map((name) => JSON.stringify(name)).join(', ') + (missing.length > 3 ? `, … (${missing.length})` : '');
-    throw errors.unknownParameter(`${field}.${unknown[0]}`, unknown[0], `the session's ${listed} ${missing.length === 1 ? 'is' : 'are'} missing from ${field} (entries that are not parameters, buffers, are left out only when every parameter is there)`);
-  }
-  return new Set(unknown);
-}
-
-/**
  * A checkpoint {"model", "optimizer", "step"} from a torch.save file; also PyTorch tutorial's
  * {"model_state_dict", "optimizer_state_dict", "epoch", …}, and without "step".
  */
@@ -203,7 +182,7 @@ export function readCheckpointFile(body: Buffer, sessionParams: readonly string[
     const first = aliases.get(name);
     return first !== undefined && !known.has(name) && known.has(first);
   };
-  const buffers = buffersOf([...model.tensors.keys()].filter((name) => !tiedAgain(name)), sessionParams, modelKey);
+  const buffers = modelBuffers([...model.tensors.keys()].filter((name) => !tiedAgain(name)), sessionParams, modelKey);
   for (const [name, tensor] of model.tensors) {
     if (tiedAgain(name) || buffers.has(name)) continue;
     params.set(name, finiteParam(float32Of(tensor, `${modelKey}.${name}`), `${modelKey}.${name}`));
@@ -242,7 +221,7 @@ export function readCheckpointJson(parts: ReturnType<typeof checkpointJsonParts>
   const { model, optimizer, step } = parts;
   const params: CheckpointInput['params'] = new Map();
   const entries = Object.entries(model.value);
-  const buffers = buffersOf(entries.map(([name]) => name), sessionParams, model.key);
+  const buffers = modelBuffers(entries.map(([name]) => name), sessionParams, model.key);
   for (const [name, value] of entries) {
     if (buffers.has(name)) continue;
     // Shapes are checked against the session by the domain.
