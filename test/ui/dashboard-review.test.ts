@@ -372,3 +372,45 @@ test('a later page whose sessions were deleted meanwhile says so, not "no sessio
   await page.click('button:has-text("Previous")');
   await page.waitForSelector('tr[data-session="run-000"]');
 });
+
+/**
+ * A session of `steps` steps as a long run leaves its history (stepping that often would time the steps, not
+ * the page): all an hour ago but the last `recent`, within the last minute; the staleness of step i is i % 7.
+ */
+async function longSession(app: any, api: (method: string, path: string, body?: unknown) => Promise<any>, name: string, steps: number, recent: number) {
+  await api('POST', '/v1/sessions', { name, params: PARAMS });
+  const [{ id }] = await app.db.query("SELECT id::float8 AS id FROM sessions WHERE name = $1", [name]);
+  await app.db.query(
+    `INSERT INTO step_history (session_id, version, step, staleness, created_at, metrics)
+     SELECT $1, i + 1, i, i % 7, CASE WHEN i > $2 - $3 THEN now() - make_interval(secs => 40 - ($2 - i)) ELSE now() - interval '1 hour' - make_interval(secs => ($2 - i) * 0.01) END,
+            jsonb_build_object('loss', 1.0 / i)
+     FROM generate_series(1, $2) AS i`,
+    [id, steps, recent],
+  );
+}
+
+test('a long session read in buckets: the card\'s steps/s is the API\'s (steps in the last minute ÷ 60, not the last bucket\'s count) and its staleness the last step\'s', { skip }, async (t) => {
+  const { app, base, api, page } = await openDashboard(t);
+  // 30,000 steps: buckets of 20; the last holds 10 steps an hour old and the 10 of the last minute.
+  await longSession(app, api, 'long', 30_000, 10);
+  const { sessions } = await api('GET', '/v1/sessions?figures=true');
+  assert.equal(sessions[0].activity.steps_last_minute, 10);
+  const { points } = await api('GET', '/v1/sessions/long/metrics?max_points=1500');
+  assert.equal(points.at(-1).count, 20, 'the last bucket straddles the minute');
+
+  await page.goto(`${base}/ui/`);
+  await page.waitForSelector('tr[data-session="long"]');
+  const listValue = await page.$eval('#sessions', (table) => {
+    const column = [...table.querySelectorAll('thead th')].findIndex((th) => th.textContent?.startsWith('steps/s'));
+    return table.querySelectorAll('tr[data-session="long"] td')[column]?.textContent ?? '';
+  });
+  assert.equal(listValue, '0.167');
+  await page.click('tr[data-session="long"] a');
+  await page.waitForFunction(() => (window as any).asgdCharts?.staleness?.data[0].length > 1000);
+  await page.waitForFunction(() => document.querySelector('[data-card=rate] b')?.textContent !== '—');
+  const card = (id: string) => page.$eval(`[data-card=${id}] b`, (el) => el.textContent ?? '');
+  assert.equal(await card('rate'), listValue, 'the card and the list give the same steps/s');
+  assert.equal(await card('staleness'), String(30_000 % 7), 'the last step\'s staleness, not its bucket\'s mean');
+  // The charts keep the buckets.
+  assert.equal(await page.evaluate(() => (window as any).asgdCharts.staleness.data[0].at(-1)), 30_000);
+});

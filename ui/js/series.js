@@ -95,13 +95,40 @@ export const RATE_LABEL = 'steps/s (steps in last min ÷ 60)';
 /**
  * Steps per second as the sessions list shows it (the API's `activity.steps_per_second`): the steps made
  * in the last minute, divided by 60 (not by the span of those steps). Every point is a step (a bucket of
- * `count` steps when downsampled), those of an abandoned history too, as the server counts them.
+ * `count` steps when downsampled), those of an abandoned history too, as the server counts them. Not
+ * `exact` when the oldest point counted is a bucket of several steps: its first ones may be older than the
+ * minute (a bucket of 36 steps, 10 of them in the minute, gave 0.6 where the API said 0.1667; a review).
  * @param {Point[]} points @param {number} [now]
  */
 export function stepsLastMinute(points, now = Date.now()) {
   let steps = 0;
-  for (let i = points.length - 1; i >= 0 && points[i].time > now - RATE_WINDOW_MS; i--) steps += points[i].count ?? 1;
-  return { steps, perSecond: steps / (RATE_WINDOW_MS / 1000) };
+  let i = points.length - 1;
+  for (; i >= 0 && points[i].time > now - RATE_WINDOW_MS; i--) steps += points[i].count ?? 1;
+  const oldest = points[i + 1];
+  return { steps, perSecond: steps / (RATE_WINDOW_MS / 1000), exact: !oldest || (oldest.count ?? 1) <= 1 };
+}
+
+/**
+ * Where the steps of a downsampled read that the cards need one by one begin: the oldest bucket whose last
+ * step is in the last minute (its first steps may be older), else the last bucket (the last step's
+ * staleness); -1 when the last point is not a bucket.
+ * @param {Point[]} points @param {number} [now]
+ */
+export function rawTailFrom(points, now = Date.now()) {
+  let i = points.length - 1;
+  if (i < 0 || points[i].count === undefined) return -1;
+  while (i > 0 && points[i - 1].count !== undefined && points[i - 1].time > now - RATE_WINDOW_MS) i--;
+  return i;
+}
+
+/**
+ * The series with the buckets of versions above `tail.after` up to `tail.upTo` replaced by their steps
+ * (read one by one), for the cards: the charts keep the buckets.
+ * @param {Point[]} points @param {{ after: number, upTo: number, points: Point[] } | null} tail
+ */
+export function withRawTail(points, tail) {
+  if (!tail) return points;
+  return [...points.filter((p) => p.version <= tail.after), ...tail.points, ...points.filter((p) => p.version > tail.upTo)];
 }
 
 /**

@@ -4,7 +4,7 @@
 import { api, ApiError, backoffMs, followEvents, getToken, isUnreachable, readSignal, sleep } from './api.js';
 import { Chart } from './charts.js';
 import { fmtAgo, fmtBytes, fmtNum, h, roundCell, roundTitle } from './format.js';
-import { changesOn, etaMu, hyperAt, lineage, MAX_POINTS, present, metricNames, RATE_LABEL, stepsLastMinute, stepsPerSecond, toPoint } from './series.js';
+import { changesOn, etaMu, hyperAt, lineage, MAX_POINTS, present, metricNames, RATE_LABEL, rawTailFrom, stepsLastMinute, stepsPerSecond, toPoint, withRawTail } from './series.js';
 import { snapshotsSection } from './snapshots.js';
 import { storedBytes } from './sessions.js';
 
@@ -35,6 +35,11 @@ const REFRESH_EVERY_MS = 1000;
 /** The norms (the server reads every parameter) are read again at most this often. */
 const NORMS_EVERY_MS = 5000;
 const TICK_MS = 5000;
+/**
+ * At most this many steps are read one by one after a downsampled read, for the cards (rawTail); a longer
+ * last minute (over ~80 steps/s) keeps its buckets and the cards say their figures are approximate.
+ */
+const RAW_TAIL_STEPS = 5000;
 
 /** @param {HTMLElement} root @param {string} name @param {import('./main.js').Who} who */
 export function sessionPage(root, name, who) {
@@ -48,6 +53,12 @@ export function sessionPage(root, name, who) {
   let points = [];
   let seriesVersion = 0;
   let seriesAvailable = true;
+  /**
+   * The steps of the newest buckets of a downsampled read (those of the last minute, or the last one), read
+   * one by one: the cards' steps/s and last staleness are then the API's, not a bucket's count or mean.
+   * @type {{ after: number, upTo: number, points: import('./series.js').Point[] } | null}
+   */
+  let rawTail = null;
   /** @type {import('./series.js').HyperChange[]} */
   let changes = [];
   /**
@@ -220,17 +231,20 @@ export function sessionPage(root, name, who) {
 
   function drawCards() {
     if (!session) return;
-    const shown = present(points, session);
+    // The newest buckets of a downsampled read as their steps (rawTail).
+    const steps = withRawTail(points, rawTail);
+    const shown = present(steps, session);
     const last = shown[shown.length - 1];
     // The same figure as the sessions list's: steps in the last minute ÷ 60.
-    const rate = seriesAvailable ? stepsLastMinute(points).perSecond : null;
+    const rate = seriesAvailable ? stepsLastMinute(steps) : null;
+    const about = 'approximate: the oldest of these steps were read as a bucket of several, some of which may be older than a minute';
     const card = (/** @type {string} */ id, /** @type {string} */ label, /** @type {string} */ value, title = '') => h('div', { className: 'card', 'data-card': id, ...(title && { title }) }, h('b', {}, value), h('span', {}, label));
     cards.replaceChildren(...[
       card('step', 'step', fmtNum(session.step)),
       card('version', 'version', fmtNum(session.version)),
-      card('rate', RATE_LABEL, rate === null ? '—' : fmtNum(rate, 3)),
+      card('rate', RATE_LABEL, rate === null ? '—' : `${rate.exact ? '' : '≈'}${fmtNum(rate.perSecond, 3)}`, rate?.exact === false ? about : ''),
       card('since', 'since last change', fmtAgo(session.updated_at)),
-      card('staleness', 'staleness (last step)', last ? fmtNum(last.staleness) : '—'),
+      card('staleness', 'staleness (last step)', last ? `${(last.count ?? 1) > 1 ? '≈' : ''}${fmtNum(last.staleness)}` : '—', (last?.count ?? 1) > 1 ? `the mean of the last ${last.count} steps (read as a bucket)` : ''),
       card('stored', 'stored', fmtBytes(storedBytes(session))),
       card('params', 'parameters', `${session.params.length} · ${fmtNum(session.numel)}`),
       // Synchronous rounds: the open one (its contributions and age; who contributed in the title).
@@ -310,6 +324,7 @@ export function sessionPage(root, name, who) {
         const answer = await api(`${base}/metrics?max_points=${MAX_POINTS}`, { signal: stop.signal });
         points = answer.points.map(toPoint);
         seriesVersion = answer.next_after_version ?? (points.length ? points[points.length - 1].version : 0);
+        rawTail = await readRawTail(points);
       } else {
         for (;;) {
           const answer = await api(`${base}/metrics?after_version=${seriesVersion}&limit=1000`, { signal: stop.signal });
@@ -328,6 +343,32 @@ export function sessionPage(root, name, who) {
         seriesNote.textContent = 'This service does not keep a metrics series.';
       } else throw err;
     }
+  }
+
+  /**
+   * The steps of a downsampled read's newest buckets (rawTailFrom), one by one; null when there are no
+   * buckets or they hold more than RAW_TAIL_STEPS steps (the last bucket alone, when it holds fewer).
+   * @param {import('./series.js').Point[]} read @returns {Promise<typeof rawTail>}
+   */
+  async function readRawTail(read) {
+    const from = rawTailFrom(read);
+    if (from < 0) return null;
+    const steps = (/** @type {number} */ i) => read.slice(i).reduce((n, p) => n + (p.count ?? 1), 0);
+    const start = steps(from) <= RAW_TAIL_STEPS ? from : steps(read.length - 1) <= RAW_TAIL_STEPS ? read.length - 1 : -1;
+    if (start < 0) return null;
+    const after = (read[start].version_from ?? read[start].version) - 1;
+    const upTo = read[read.length - 1].version;
+    /** @type {import('./series.js').Point[]} */
+    const tail = [];
+    for (let at = after; ;) {
+      const answer = await api(`${base}/metrics?after_version=${at}&limit=1000`, { signal: stop.signal });
+      /** @type {import('./series.js').Point[]} */
+      const fresh = answer.points.map(toPoint);
+      tail.push(...fresh.filter((p) => p.version <= upTo));
+      at = answer.next_after_version ?? at;
+      if (fresh.length < 1000 || at >= upTo) break;
+    }
+    return { after, upTo, points: tail };
   }
 
   /**
