@@ -414,3 +414,47 @@ test('a long session read in buckets: the card\'s steps/s is the API\'s (steps i
   // The charts keep the buckets.
   assert.equal(await page.evaluate(() => (window as any).asgdCharts.staleness.data[0].at(-1)), 30_000);
 });
+
+test('over time, a line breaks across an idle quarter hour (not drawn as a steady trend); over steps it joins every point', { skip }, async (t) => {
+  const { app, base, api, page } = await openDashboard(t);
+  await api('POST', '/v1/sessions', { name: 'idle', params: PARAMS });
+  const [{ id }] = await app.db.query<{ id: number }>("SELECT id::float8 AS id FROM sessions WHERE name = 'idle'");
+  // 20 steps a second apart 20 minutes ago, then 20 a second apart in the last minute; loss 1 at each.
+  await app.db.query(
+    `INSERT INTO step_history (session_id, version, step, staleness, created_at, metrics)
+     SELECT $1, i + 1, i, 0, now() - make_interval(secs => CASE WHEN i <= 20 THEN 1200 - i ELSE 41 - (i - 20) END), '{"loss": 1}'::jsonb
+     FROM generate_series(1, 40) AS i`,
+    [id],
+  );
+  await page.goto(`${base}/ui/#/s/idle`);
+  await page.waitForFunction(() => (window as any).asgdCharts?.['metric:loss']?.data[0].length === 40);
+  await page.selectOption('select[aria-label="x axis"]', 'time');
+  await page.waitForFunction(() => (window as any).asgdCharts?.['metric:loss']?.scales.x.time);
+  // Pixels of the line's colour (#2f6fde) at loss 1, at an x: mid-way through the idle time, and within each burst.
+  const blueAt = (at: 'idle' | 'first' | 'last') => page.evaluate((where) => {
+    const u = (window as any).asgdCharts['metric:loss'];
+    const xs = u.data[0].filter((_: number, i: number) => u.data[1][i] != null);
+    const x = where === 'idle' ? (xs[19] + xs[20]) / 2 : where === 'first' ? (xs[5] + xs[6]) / 2 : (xs[30] + xs[31]) / 2;
+    const cx = Math.round(u.valToPos(x, 'x', true));
+    const cy = Math.round(u.valToPos(1, 'y', true));
+    const { data } = u.ctx.getImageData(cx - 3, cy - 3, 7, 7);
+    let blue = 0;
+    for (let i = 0; i < data.length; i += 4) if (data[i + 3] > 100 && data[i + 2] > data[i] + 100) blue++;
+    return blue;
+  }, at);
+  assert.ok(await blueAt('first') > 4, 'the first burst is a line');
+  assert.ok(await blueAt('last') > 4, 'the last burst is a line');
+  assert.equal(await blueAt('idle'), 0, 'no line across the idle time');
+  assert.match(await page.getAttribute('[data-chart="metric:loss"]', 'aria-label') ?? '', /^loss chart, 40 points; /);
+  // Over steps, unchanged: one line from step 1 to 40.
+  await page.selectOption('select[aria-label="x axis"]', 'step');
+  await page.waitForFunction(() => (window as any).asgdCharts?.['metric:loss'] && !(window as any).asgdCharts['metric:loss'].scales.x.time);
+  const joined = await page.evaluate(() => {
+    const u = (window as any).asgdCharts['metric:loss'];
+    const { data } = u.ctx.getImageData(Math.round(u.valToPos(20.5, 'x', true)) - 3, Math.round(u.valToPos(1, 'y', true)) - 3, 7, 7);
+    let blue = 0;
+    for (let i = 0; i < data.length; i += 4) if (data[i + 3] > 100 && data[i + 2] > data[i] + 100) blue++;
+    return blue;
+  });
+  assert.ok(joined > 4, 'over steps the line joins steps 20 and 21');
+});

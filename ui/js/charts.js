@@ -135,6 +135,35 @@ export function lone(ys) {
   return at >= 0 ? [at] : null;
 }
 
+/** An interval between points this many times their usual (median) one, or more, is idle time. */
+const IDLE_FACTOR = 10;
+
+/**
+ * The data of a chart over time as drawn: a line breaks across idle time (an interval far above the usual
+ * one between points: a quarter hour without steps is not a steady trend; a review), by a row of nulls
+ * between the two points, uPlot's gap with spanGaps off. A value missing at a point (a metric some steps do
+ * not report) becomes undefined, which uPlot joins across, as it did with spanGaps on.
+ * @param {uPlot.AlignedData} data @returns {uPlot.AlignedData}
+ */
+export function breakIdle(data) {
+  const xs = data[0];
+  const intervals = [];
+  for (let i = 1; i < xs.length; i++) if (xs[i] > xs[i - 1]) intervals.push(xs[i] - xs[i - 1]);
+  intervals.sort((a, b) => a - b);
+  const usual = intervals[(intervals.length - 1) >> 1] ?? Infinity;
+  /** @type {(number | null | undefined)[][]} */
+  const out = data.map(() => []);
+  for (let i = 0; i < xs.length; i++) {
+    if (i > 0 && xs[i] - xs[i - 1] > IDLE_FACTOR * usual) {
+      out[0].push((xs[i - 1] + xs[i]) / 2);
+      for (let s = 1; s < data.length; s++) out[s].push(null);
+    }
+    out[0].push(xs[i]);
+    for (let s = 1; s < data.length; s++) out[s].push(data[s][i] ?? undefined);
+  }
+  return /** @type {uPlot.AlignedData} */ (out);
+}
+
 export class Chart {
   /** @param {HTMLElement} parent @param {ChartSpec} spec */
   constructor(parent, spec) {
@@ -182,8 +211,9 @@ export class Chart {
     this.box.setAttribute('aria-label', this.describe(data));
     this.scale = drawScale(data);
     const scale = this.scale;
+    const lines = this.spec.time ? breakIdle(data) : data;
     /** @type {uPlot.AlignedData} */
-    const drawn = scale === 1 ? data : [data[0], ...data.slice(1).map((ys) => Array.from(ys, (v) => (typeof v === 'number' ? v * scale : v)))];
+    const drawn = scale === 1 ? lines : [lines[0], ...lines.slice(1).map((ys) => Array.from(ys, (v) => (typeof v === 'number' ? v * scale : v)))];
     if (this.plot) {
       this.plot.setData(drawn);
       this.fitX();
@@ -217,7 +247,8 @@ export class Chart {
       }
       colour++;
       series.push({
-        label: s.label, stroke, width: 1.5, spanGaps: true, value, ...(this.spec.stepped && { paths: uPlot.paths.stepped?.({ align: 1 }) }),
+        // Over time a line breaks across idle time (breakIdle's nulls); over steps it joins every value.
+        label: s.label, stroke, width: 1.5, spanGaps: !this.spec.time, value, ...(this.spec.stepped && { paths: uPlot.paths.stepped?.({ align: 1 }) }),
         // A line that has one value (a metric reported once, an eval at one step): no segment to draw, so a
         // dot; uPlot's own dots come only where points are sparse on the axis (a review: an empty chart).
         points: { filter: (/** @type {uPlot} */ u, /** @type {number} */ si) => lone(u.data[si]) },
