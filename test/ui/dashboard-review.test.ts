@@ -458,3 +458,18 @@ test('over time, a line breaks across an idle quarter hour (not drawn as a stead
   });
   assert.ok(joined > 4, 'over steps the line joins steps 20 and 21');
 });
+
+test('a norm that is Infinity: its chart says "not finite at step 4", in a note and in its name, not "no data yet"', { skip }, async (t) => {
+  const { base, api, page } = await openDashboard(t);
+  // w overflows float32 at the first step (3e38 + 3e38); b stays finite.
+  await api('POST', '/v1/sessions', { name: 'inf', params: [{ name: 'w', shape: [2], data: [3e38, 1] }], hyperparameters: { lr: 1 } });
+  for (let s = 1; s <= 4; s++) await api('POST', '/v1/sessions/inf/step', { grads: { w: [-3e38, 1] } });
+  const norms = await api('GET', '/v1/sessions/inf/norms');
+  assert.equal(norms.params[0].norm, 'Infinity');
+  await page.goto(`${base}/ui/#/s/inf`);
+  await page.waitForFunction(() => (window as any).asgdCharts?.norm);
+  assert.equal(await page.getAttribute('[data-chart="norm"]', 'aria-label'), '‖param‖ chart: not finite at step 4: w Infinity');
+  assert.equal(await page.textContent('[data-chart="norm"] .remark:not([hidden])'), 'not finite at step 4: w Infinity');
+  // A chart whose values are all finite says nothing of the kind.
+  assert.equal(await page.isHidden('[data-chart="staleness"] .remark'), true);
+});

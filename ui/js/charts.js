@@ -183,6 +183,11 @@ export class Chart {
       note.textContent = spec.note;
       this.box.append(note);
     }
+    /** Says where a line's values are not finite (drawn as gaps): notFinite. */
+    this.remark = document.createElement('p');
+    this.remark.className = 'note remark';
+    this.remark.hidden = true;
+    this.box.append(this.remark);
     parent.append(this.box);
     /** @type {uPlot | null} */
     this.plot = null;
@@ -206,9 +211,15 @@ export class Chart {
    *   points read now and then (the norms) is drawn on the same axis as the charts beside it
    */
   set(data, span = null) {
+    // NaN and infinities (a diverged run's norms) are gaps in the line, and said: a chart of nothing but
+    // Infinity was empty and named "no data yet" (a review).
+    const odd = this.notFinite(data);
+    if (odd) data = [data[0], ...data.slice(1).map((ys) => Array.from(ys, (v) => (typeof v === 'number' && !Number.isFinite(v) ? null : v)))];
+    this.remark.textContent = odd;
+    this.remark.hidden = !odd;
     this.data = data;
     this.span = span;
-    this.box.setAttribute('aria-label', this.describe(data));
+    this.box.setAttribute('aria-label', this.describe(data, odd));
     this.scale = drawScale(data);
     const scale = this.scale;
     const lines = this.spec.time ? breakIdle(data) : data;
@@ -304,15 +315,55 @@ export class Chart {
     this.plot.setScale('x', { min: lo, max: hi });
   }
 
+  /** The indices (in spec.series) of the lines, not of a band's min and max. */
+  lines() {
+    return this.spec.series.map((_, i) => i).filter((i) => !((i > 0 && this.spec.series[i - 1].band) || (i > 1 && this.spec.series[i - 2].band)));
+  }
+
+  /** Where it is drawn (step N, or a time of day). @param {number} x */
+  at(x) {
+    return this.spec.time ? `at ${new Date(x * 1000).toLocaleTimeString()}` : `at step ${fmtNum(x)}`;
+  }
+
   /**
-   * The chart in words: its title, how many points, and the latest value of each line (not of a band's
-   * min and max) at the latest step or time, e.g. "loss chart, 5 points; at step 5: loss 0.625".
+   * The lines' values that are not finite, each line's latest, e.g. "not finite at step 4: w Infinity";
+   * '' when there are none.
    * @param {uPlot.AlignedData} data
    */
-  describe(data) {
+  notFinite(data) {
+    /** @type {Map<number, string[]>} */
+    const byX = new Map();
+    for (const i of this.lines()) {
+      const ys = data[i + 1] ?? [];
+      for (let j = ys.length - 1; j >= 0; j--) {
+        const v = ys[j];
+        if (typeof v !== 'number' || Number.isFinite(v)) continue;
+        const x = data[0][j];
+        byX.set(x, [...(byX.get(x) ?? []), `${this.spec.series[i].label} ${v}`]);
+        break;
+      }
+    }
+    return [...byX].sort((a, b) => b[0] - a[0]).map(([x, said]) => `not finite ${this.at(x)}: ${said.join(', ')}`).join('; ');
+  }
+
+  /**
+   * The chart in words: its title, how many points, and the latest value of each line (not of a band's
+   * min and max) at the latest step or time, e.g. "loss chart, 5 points; at step 5: loss 0.625"; and
+   * where values are not finite (`odd`).
+   * @param {uPlot.AlignedData} data @param {string} [odd] notFinite's
+   */
+  describe(data, odd = '') {
+    const xs = data[0];
+    if (odd && !xs.some((_, j) => this.lines().some((i) => data[i + 1]?.[j] != null))) return `${this.spec.title} chart: ${odd}`;
+    const said = this.describeFinite(data);
+    return odd ? `${said}; ${odd}` : said;
+  }
+
+  /** @param {uPlot.AlignedData} data */
+  describeFinite(data) {
     const xs = data[0];
     if (!xs || xs.length === 0) return `${this.spec.title}: no data yet`;
-    const lines = this.spec.series.map((_, i) => i).filter((i) => !((i > 0 && this.spec.series[i - 1].band) || (i > 1 && this.spec.series[i - 2].band)));
+    const lines = this.lines();
     // The points are the steps where a line has a value (a metric reported at some steps only has a point at those).
     let points = 0;
     let last = -1;
@@ -323,8 +374,7 @@ export class Chart {
       }
     }
     if (points === 0) return `${this.spec.title}: no data yet`;
-    const x = xs[last];
-    const at = this.spec.time ? `at ${new Date(x * 1000).toLocaleTimeString()}` : `at step ${fmtNum(x)}`;
+    const at = this.at(xs[last]);
     const latest = lines.map((i) => {
       const ys = data[i + 1] ?? [];
       let v = null;

@@ -12,8 +12,8 @@ import { storedBytes } from './sessions.js';
 /** @type {Record<string, string>} */
 const REASONS = { step: 'a step', load_state_dict: 'load (state_dict)', load_checkpoint: 'load (checkpoint)', hyperparameters: 'set without a step', restore: 'restore' };
 const HYPER_KEYS = ['lr', 'lambd', 'alpha', 't0', 'weight_decay', 'maximize'];
-/** A value for a chart: null (a gap) where it is not a finite number. */
-const finite = (/** @type {unknown} */ v) => (typeof v === 'number' && Number.isFinite(v) ? v : null);
+/** A value for a chart: null (a gap) where there is none; a NaN or an infinity the chart draws as a gap and says (Chart.set). */
+const numberOrNull = (/** @type {unknown} */ v) => (typeof v === 'number' ? v : null);
 
 /** Parameters drawn in the norms charts (the table lists the first NORM_TABLE_ROWS). */
 const NORM_CHART_PARAMS = 8;
@@ -200,8 +200,8 @@ export function sessionPage(root, name, who) {
       // On the steps (or times) of the charts above, not an axis of their own around a few points.
       /** @type {[number, number] | null} */
       const span = xs.length > 0 ? [xs[0], xs[xs.length - 1]] : null;
-      chart({ key: 'norm', title: '‖param‖', note, series: params.map((p) => ({ label: p.name })) }, [nx, ...params.map((_, i) => seen.map((n) => finite(n.params[i]?.norm)))], span);
-      chart({ key: 'ax_norm', title: '‖ax‖ (ASGD average)', note, series: params.map((p) => ({ label: p.name })) }, [nx, ...params.map((_, i) => seen.map((n) => finite(n.params[i]?.ax_norm)))], span);
+      chart({ key: 'norm', title: '‖param‖', note, series: params.map((p) => ({ label: p.name })) }, [nx, ...params.map((_, i) => seen.map((n) => numberOrNull(n.params[i]?.norm)))], span);
+      chart({ key: 'ax_norm', title: '‖ax‖ (ASGD average)', note, series: params.map((p) => ({ label: p.name })) }, [nx, ...params.map((_, i) => seen.map((n) => numberOrNull(n.params[i]?.ax_norm)))], span);
     }
   }
 
