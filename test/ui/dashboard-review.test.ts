@@ -473,3 +473,28 @@ test('a norm that is Infinity: its chart says "not finite at step 4", in a note 
   // A chart whose values are all finite says nothing of the kind.
   assert.equal(await page.isHidden('[data-chart="staleness"] .remark'), true);
 });
+
+test('hyperparameter changes of a long session that went back, read downsampled: the page says the exact total, not a wrong split', { skip }, async (t) => {
+  const { app, base, api, page } = await openDashboard(t);
+  await api('POST', '/v1/sessions', { name: 'back', params: PARAMS });
+  const [{ id }] = await app.db.query<{ id: number }>("SELECT id::float8 AS id FROM sessions WHERE name = 'back'");
+  // Steps 1..3000 that each set lr, then (after a restore to step 2500) steps 2501..3000 again: 3,000 changes
+  // of the present history and 500 of the one it left; 3,500 in all, more than a read of 1,500 points holds.
+  const group = "jsonb_build_array(jsonb_build_object('lr', 1.0 / i, 'lambd', 0.0001, 'alpha', 0.75, 't0', 1000000.0, 'weight_decay', 0, 'maximize', false))";
+  await app.db.query(
+    `INSERT INTO step_history (session_id, version, step, staleness, created_at, metrics, hyper)
+     SELECT $1, i + 1, CASE WHEN i <= 3000 THEN i ELSE i - 500 END, 0, now() - interval '1 hour' + make_interval(secs => i * 0.01), '{"loss": 1}'::jsonb, ${group}
+     FROM generate_series(1, 3500) AS i`,
+    [id],
+  );
+  const read = await api('GET', '/v1/sessions/back/hyperparameters?max_points=1500');
+  assert.equal(read.downsampled, true);
+  assert.equal(read.total_changes, 3500);
+  await page.goto(`${base}/ui/#/s/back`);
+  await page.waitForSelector('#hyper-changes');
+  const said = await page.$eval('#hyper p.muted', (el) => el.textContent ?? '');
+  assert.equal(said, '3500 change(s) in all, those of a history the session left included (changes of that history are not listed); the newest 20:');
+  // The newest 20 listed are the present history's.
+  const newest = await page.$$eval('#hyper-changes tbody tr', (trs) => trs.map((tr) => tr.querySelector('td')?.textContent));
+  assert.deepEqual(newest, Array.from({ length: 20 }, (_, k) => String(3000 - k)));
+});

@@ -265,15 +265,20 @@ export function sessionPage(root, name, who) {
     // The changes of the present history (not those of a history a restore or load left), newest first.
     const ours = changesOn(changes, present(points, session), points, session);
     const abandoned = changes.length - ours.length;
-    // Downsampled: the server's count (less those of an abandoned history among the changes read).
-    const count = changesDownsampled ? Math.max(ours.length, changesTotal - abandoned) : ours.length;
+    // Downsampled: the server's count. It counts the changes of an abandoned history too, and those read are
+    // a sample of both histories, so the split is not known: the total is said as such (a review: 2741 and
+    // 260 shown where 2501 and 500 were right).
+    const count = changesDownsampled ? Math.max(ours.length, changesTotal) : ours.length;
+    const split = changesDownsampled && abandoned > 0
+      ? ' in all, those of a history the session left included (changes of that history are not listed)'
+      : abandoned ? ` (and ${abandoned} of a history the session left, not listed)` : '';
     const recent = ours.slice(-20).reverse();
     hyperEl.replaceChildren(
       h('div', { className: 'scroll' }, table),
       !hyperAvailable ? h('p', { className: 'muted' }, 'This service does not report hyperparameter changes.')
         : ours.length === 0 ? h('p', { className: 'muted' }, `No step has changed them${abandoned ? ` (${abandoned} change(s) of a history the session left are not listed)` : ''}.`)
         : h('div', {},
-          h('p', { className: 'muted' }, `${count} change(s)${abandoned ? ` (and ${abandoned} of a history the session left, not listed)` : ''}${count > 20 ? '; the newest 20:' : ':'}`),
+          h('p', { className: 'muted' }, `${count} change(s)${split}${count > 20 ? '; the newest 20:' : ':'}`),
           h('div', { className: 'scroll' }, h('table', { id: 'hyper-changes' },
             h('thead', {}, h('tr', {}, h('th', { className: 'num' }, 'step'), h('th', { className: 'num' }, 'version'), h('th', {}, 'when'), h('th', {}, 'by'), h('th', {}, 'groups after it'))),
             h('tbody', {}, ...recent.map((c) => h('tr', {},
