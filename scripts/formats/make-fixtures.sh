@@ -19,4 +19,6 @@ manifest = json.load(open(sys.argv[1]))
 keep = ["asgd.pt", "model.pt", "checkpoint.pt", "tensors.pt"]
 json.dump({'torch': manifest['torch'], 'files': {k: manifest['files'][k] for k in keep}}, open(sys.argv[2], 'w'))
 PY
+# Values weights_only reads besides tensors: Parameters with attributes, dtypes, devices, layouts, complex.
+"$python" "$root/test/fixtures/formats/weights_only_values.py" "$out"
 echo "wrote $out"

@@ -115,10 +115,12 @@ const GLOBALS = new Map<string, PyGlobal>(
       return rebuildParameter(args[0], args[1], args[2]);
     }),
     new PyGlobal('torch._utils._rebuild_parameter_with_state', (args) => {
+      // (data, requires_grad, backward_hooks, state): torch 2.x pickles a Parameter carrying Python attributes
+      // (Mamba's A_log._no_weight_decay, Megatron's tensor_model_parallel) so, its __dict__ in the state, or
+      // (__dict__, slots) (torch/_utils.py, _set_obj_state). The attributes are no optimizer state: left out.
+      // They were read by this unpickler like any value, so a global weights_only refuses is refused there too.
       arity('_rebuild_parameter_with_state', args, 4, 4);
-      if (args[3] !== null && !(args[3] instanceof PyDict && args[3].size === 0)) {
-        throw callError('_rebuild_parameter_with_state with parameter attributes is not supported');
-      }
+      checkParameterState(args[3]);
       return rebuildParameter(args[0], args[1], args[2]);
     }),
     new PyGlobal('collections.OrderedDict', (args) => {
@@ -150,6 +152,14 @@ const GLOBALS = new Map<string, PyGlobal>(
     }),
   ].map((g) => [g.qualifiedName, g]),
 );
+
+/** A Parameter's pickled state: None, its __dict__, or (__dict__, slots) with each part a dict or None. */
+function checkParameterState(state: Item): void {
+  const isPart = (part: Item) => part === null || part instanceof PyDict;
+  if (isPart(state)) return;
+  if (state instanceof PyTuple && state.length === 2 && state.items.every(isPart)) return;
+  throw callError(`_rebuild_parameter_with_state state must be a dict of the parameter's attributes, got ${describeItem(state)}`);
+}
 
 function rebuildParameter(data: Item, requiresGrad: Item, hooks: Item): Tensor {
   if (!isTensor(data)) throw callError(`_rebuild_parameter data must be a tensor, got ${describeItem(data)}`);
