@@ -13,7 +13,7 @@ export {
   isTensor, makeTensor, numel, scalarValue, tensorBytes, toFloat32, toFloat32Tensor,
   type DType, type Float32Tensor, type Tensor, type TensorArrays, type TensorOf, type TypedArray,
 } from './tensor.ts';
-export { PyDict, PyTuple, isPyKey, orderedDict, pyIntToNumber, pyTypeName, type PyKey, type PyValue } from './pyvalue.ts';
+export { InertValue, PyDict, PyTuple, isPyKey, orderedDict, pyIntToNumber, pyTypeName, type PyKey, type PyValue } from './pyvalue.ts';
 export * from './zip.ts';
 export * from './pickle.ts';
 export { readTorchSave, torchSaveToBuffer, writeTorchSave, type TorchLoadOptions, type TorchSaveOptions } from './torch-save.ts';

@@ -6,7 +6,7 @@
 
 import { FormatError } from './errors.ts';
 import { OP, opcodeName } from './pickle-opcodes.ts';
-import { PyDict, PyTuple, isPyKey, pyTypeName, type PyValue } from './pyvalue.ts';
+import { InertValue, PyDict, PyTuple, isPyKey, pyTypeName, type PyValue } from './pyvalue.ts';
 
 /** Stack items that are not Python values (allowed globals, storages). They never escape `unpickle`. */
 export abstract class Opaque {
@@ -33,8 +33,11 @@ export class PyGlobal extends Opaque {
 }
 
 export interface UnpickleOptions {
-  /** The allow-list: the global named module.name, or undefined to refuse it. */
-  findGlobal: (module: string, name: string) => PyGlobal | undefined;
+  /**
+   * The allow-list: the global named module.name, or undefined to refuse it. A global that is itself a value
+   * (torch.float16, a torch.dtype) is an InertValue, which may be stored where any value may.
+   */
+  findGlobal: (module: string, name: string) => PyGlobal | InertValue | undefined;
   /** BINPERSID handler; without one, persistent ids are refused. */
   persistentLoad?: (pid: PyTuple) => Item;
   /** Deepest nesting of containers and of MARKs. Default 100. */
@@ -564,7 +567,7 @@ class Unpickler {
     for (let i = 0; i < items.length; i += 2) target.set(items[i] as string | bigint, items[i + 1] as PyValue);
   }
 
-  private global(module: string, name: string): PyGlobal {
+  private global(module: string, name: string): PyGlobal | InertValue {
     const normalized = module === '__builtin__' ? 'builtins' : module; // Python 2 names, as pickle's fix_imports maps them
     const found = this.options.findGlobal(normalized, name);
     if (!found) throw new FormatError('PICKLE_GLOBAL_REFUSED', `pickle global ${module}.${name} is not allowed`);

@@ -2,7 +2,7 @@
 //   int -> bigint (always, so 0 and 0.0 stay distinct), float -> number, bool -> boolean,
 //   None -> null, str -> string, bytes -> Uint8Array, list -> PyValue[], tuple -> PyTuple,
 //   dict -> PyDict (insertion-ordered), collections.OrderedDict -> PyDict with ordered = true,
-//   torch.Tensor -> Tensor.
+//   torch.Tensor -> Tensor, torch.dtype / torch.device / torch.layout / complex -> InertValue.
 // Values are acyclic trees (shared sub-values are allowed); the unpickler refuses cycles.
 
 import { FormatError } from './errors.ts';
@@ -11,7 +11,24 @@ import { isTensor, type Tensor } from './tensor.ts';
 /** Dict keys this model supports: Python int and str (all a state_dict uses). */
 export type PyKey = bigint | string;
 
-export type PyValue = null | boolean | bigint | number | string | Uint8Array | PyValue[] | PyTuple | PyDict | Tensor;
+export type PyValue = null | boolean | bigint | number | string | Uint8Array | PyValue[] | PyTuple | PyDict | Tensor | InertValue;
+
+/**
+ * A value torch.load(weights_only=True) builds that the service reads and never uses: a torch.dtype
+ * (a config's {"torch_dtype": torch.float16}), a torch.device, a torch.layout, a complex. Kept as its
+ * Python type and repr, for messages; refused wherever a tensor or number belongs, and never written.
+ */
+export class InertValue {
+  /** Python's type, e.g. `torch.dtype`. */
+  readonly type: string;
+  /** Python's repr, e.g. `torch.float16`. */
+  readonly repr: string;
+
+  constructor(type: string, repr: string) {
+    this.type = type;
+    this.repr = repr;
+  }
+}
 
 /** A Python tuple: an immutable sequence. */
 export class PyTuple {
@@ -66,6 +83,7 @@ export function pyTypeName(value: unknown): string {
   if (value instanceof PyTuple) return 'tuple';
   if (value instanceof PyDict) return value.ordered ? 'OrderedDict' : 'dict';
   if (isTensor(value)) return `Tensor(${value.dtype})`;
+  if (value instanceof InertValue) return value.type;
   return typeof value;
 }
 

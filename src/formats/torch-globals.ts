@@ -6,10 +6,13 @@
 //   collections.OrderedDict                                 OrderedDict()
 //   torch.Size                                              a tuple of ints
 //   _codecs.encode, builtins.bytes                          how protocol 2 spells bytes
+//   torch.<dtype>, torch.device, torch.serialization._get_layout, builtins.complex
+//                                                           values a checkpoint's other keys may hold
+//                                                           (a config's torch_dtype), read as InertValues
 
 import { FormatError } from './errors.ts';
 import { Opaque, PyGlobal, type Item } from './pickle-reader.ts';
-import { PyDict, PyTuple, pyTypeName, type PyValue } from './pyvalue.ts';
+import { InertValue, PyDict, PyTuple, pyTypeName, type PyValue } from './pyvalue.ts';
 import { checkShape, contiguousStrides, elementSize, isTensor, numel, type DType, type Tensor, type TypedArray } from './tensor.ts';
 
 /** torch.<name> storage class for each dtype (torch/storage.py, pickle_storage_type). */
@@ -73,11 +76,30 @@ export class Storage extends Opaque {
   }
 }
 
+/**
+ * The torch.dtype names torch 2.13's weights_only unpickler allows (torch/_weights_only_unpickler.py,
+ * _get_allowed_globals: str(t) of every dtype it lists), each with its value. torch 1.13 and 2.x pickle a
+ * dtype as GLOBAL torch.<name>; the service never uses one, so each is a value of its own (an InertValue).
+ */
+const TORCH_DTYPES = new Map([
+  'float32', 'float64', 'float16', 'bfloat16', 'complex32', 'complex64', 'complex128', 'bool',
+  'uint8', 'int8', 'int16', 'int32', 'int64', 'uint16', 'uint32', 'uint64',
+  'uint1', 'uint2', 'uint3', 'uint4', 'uint5', 'uint6', 'uint7', 'int1', 'int2', 'int3', 'int4', 'int5', 'int6', 'int7',
+  'qint8', 'quint8', 'qint32', 'quint4x2', 'quint2x4', 'bits1x8', 'bits2x4', 'bits4x2', 'bits8', 'bits16',
+  'float8_e4m3fn', 'float8_e4m3fnuz', 'float8_e5m2', 'float8_e5m2fnuz', 'float8_e8m0fnu', 'float4_e2m1fn_x2',
+].map((name) => [name, Object.freeze(new InertValue('torch.dtype', `torch.${name}`))]));
+
+/** The layouts torch.serialization._get_layout knows (str of every torch.layout in torch's namespace, 2.13). */
+const TORCH_LAYOUTS = new Set(['torch.strided', 'torch.sparse_coo', 'torch.sparse_csr', 'torch.sparse_csc', 'torch.sparse_bsr', 'torch.sparse_bsc', 'torch._mkldnn', 'torch.jagged']);
+
 /** The allow-list, as UnpickleOptions.findGlobal. */
-export function findTorchGlobal(module: string, name: string): PyGlobal | undefined {
+export function findTorchGlobal(module: string, name: string): PyGlobal | InertValue | undefined {
   if (module === 'torch') {
     const dtype = DTYPE_OF_STORAGE.get(name);
     if (dtype) return new StorageClass(dtype);
+    // One value for each dtype, shared: a GLOBAL (counted as an item, not a new value) allocates nothing.
+    const dtypeValue = TORCH_DTYPES.get(name);
+    if (dtypeValue) return dtypeValue;
     if (name in UNSUPPORTED_STORAGE) {
       throw new FormatError('TENSOR_DTYPE_UNSUPPORTED', `torch.${name} holds ${UNSUPPORTED_STORAGE[name]} tensors, which are not supported`);
     }
@@ -144,6 +166,34 @@ const GLOBALS = new Map<string, PyGlobal>(
       }
       if (/[^\u0000-\u00ff]/.test(text)) throw callError('_codecs.encode: text is not latin-1');
       return Uint8Array.from(Buffer.from(text, 'latin1'));
+    }),
+    new PyGlobal('torch.device', (args) => {
+      // torch.device('cpu'), torch.device('cuda', 0), as Device.__reduce__ pickles one (torch/csrc/Device.cpp)
+      arity('torch.device', args, 1, 2);
+      const [type, index] = args;
+      if (typeof type !== 'string' || !/^[A-Za-z_]+(:[0-9]+)?$/.test(type)) throw callError(`torch.device takes a device type such as 'cpu', got ${typeof type === 'string' ? JSON.stringify(type.slice(0, 40)) : describeItem(type)}`);
+      if (args.length === 2 && (typeof index !== 'bigint' || index < 0n)) throw callError(`torch.device index must be a non-negative int, got ${describeItem(index)}`);
+      return new InertValue('torch.device', `device(type='${type}'${args.length === 2 ? `, index=${index}` : ''})`);
+    }),
+    new PyGlobal('torch.serialization._get_layout', (args) => {
+      // torch.layout pickles as _get_layout('torch.strided')
+      arity('_get_layout', args, 1, 1);
+      const [name] = args;
+      if (typeof name !== 'string' || !TORCH_LAYOUTS.has(name)) throw callError(`_get_layout takes a torch layout's name, got ${typeof name === 'string' ? JSON.stringify(name.slice(0, 40)) : describeItem(name)}`);
+      return new InertValue('torch.layout', name);
+    }),
+    new PyGlobal('builtins.complex', (args) => {
+      // complex(real, imag), as complex.__reduce__ pickles one (protocol 2 names it __builtin__.complex)
+      arity('complex', args, 0, 2);
+      const parts = args.map((part) => {
+        if (typeof part === 'number') return part;
+        if (typeof part === 'bigint') return Number(part);
+        throw callError(`complex takes numbers, got ${describeItem(part)}`);
+      });
+      const [real = 0, imag = 0] = parts;
+      // Python's repr, for messages: (1.5-2j), 2j
+      const sign = imag < 0 || Object.is(imag, -0) ? '-' : '+';
+      return new InertValue('complex', Object.is(real, 0) ? `${imag}j` : `(${real}${sign}${Math.abs(imag)}j)`);
     }),
     new PyGlobal('builtins.bytes', (args) => {
       // protocol 2 pickles b'' as bytes()

@@ -1,6 +1,6 @@
 // The same plain-JSON description of a Python value that test/fixtures/formats/torch_interop.py
 // builds, so the two sides can compare values exactly (floats by their bits, tensors by their bytes).
-import { PyDict, PyTuple, isTensor, tensorBytes, type PyValue } from '../../src/formats/index.ts';
+import { InertValue, PyDict, PyTuple, isTensor, tensorBytes, type PyValue } from '../../src/formats/index.ts';
 
 export type Description = Record<string, unknown>;
 
@@ -25,5 +25,6 @@ export function describeValue(value: PyValue): Description {
     return { t: 'tensor', dtype: value.dtype, shape: value.shape, hex: tensorBytes(value).toString('hex'), requires_grad: value.requiresGrad ?? false };
   }
   if (value instanceof Uint8Array) return { t: 'bytes', hex: Buffer.from(value).toString('hex') };
+  if (value instanceof InertValue) return { t: value.type, repr: value.repr };
   throw new Error(`cannot describe ${String(value)}`);
 }

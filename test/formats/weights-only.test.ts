@@ -1,12 +1,13 @@
 // What torch.load(weights_only=True) reads besides tensors and plain values, in files real torch wrote
 // (committed: test/fixtures/formats/weights_only_values.py made them with torch 1.13 and 2.13): Parameters
-// that carry Python attributes. What weights_only refuses stays refused.
+// that carry Python attributes, and a checkpoint's torch.dtype, torch.device, torch.layout and complex values.
+// What weights_only refuses stays refused.
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import {
-  FormatError, PyDict, findTorchGlobal, isTensor, readTorchSave, streamToBuffer, toModelStateDict, unpickle, zipStream, type PyValue,
+  FormatError, InertValue, PyDict, findTorchGlobal, isTensor, readTorchSave, streamToBuffer, toCheckpoint, toModelStateDict, unpickle, zipStream, type PyValue,
 } from '../../src/formats/index.ts';
 
 const FIXTURES = join(import.meta.dirname, '../fixtures/formats');
@@ -38,6 +39,27 @@ for (const label of ['1.13', '2.x']) {
         assert.equal(tensor.requiresGrad, true);
         assert.deepEqual(hex(tensor.data as Float32Array), expected.before[name], name);
       }
+    });
+
+    test('a checkpoint\'s torch.dtype, torch.device, torch.layout and complex values read as inert values; the model and optimizer as torch has them', () => {
+      const value = read('tutorial-checkpoint.pt') as PyDict;
+      const config = value.get('config') as PyDict;
+      const described = (v: PyValue): unknown => (v instanceof InertValue ? `${v.type} ${v.repr}` : Array.isArray(v) ? v.map(described) : (v as { items?: PyValue[] }).items?.map(described));
+      assert.deepEqual([...config].map(([key, v]) => [key, described(v)]), [
+        ['torch_dtype', 'torch.dtype torch.float16'],
+        ['dtypes', ['torch.dtype torch.float32', 'torch.dtype torch.bfloat16']],
+        ['device', 'torch.device device(type=\'cpu\')'],
+        ['devices', ['torch.device device(type=\'cuda\', index=0)', 'torch.device device(type=\'cuda\', index=1)']],
+        ['layout', 'torch.layout torch.strided'],
+        ['z', 'complex (1.5-2j)'],
+      ]);
+      const checkpoint = toCheckpoint(value);
+      for (const [name, tensor] of checkpoint.model.tensors) assert.deepEqual(hex(tensor.data as Float32Array), expected.after[name], name);
+      for (const [index, s] of checkpoint.optimizer.state) {
+        assert.deepEqual(hex(s.ax.data), expected.state[index].ax);
+        assert.deepEqual(hex(Float32Array.of(s.step, s.eta, s.mu)), [expected.state[index].step[0], expected.state[index].eta[0], expected.state[index].mu[0]]);
+      }
+      assert.deepEqual(checkpoint.extra?.map(([key]) => key), ['epoch', 'loss', 'config']);
     });
 
     if (label === '2.x') {
@@ -79,5 +101,23 @@ describe('pickles torch would not write, or weights_only refuses', () => {
     for (const global of ['torch\nnn\n', 'torch\nload\n', 'builtins\neval\n', 'torch\nfloat\n', 'torch\nTensor\n', 'torch.serialization\nload\n', 'argparse\nNamespace\n', 'numpy.core.multiarray\nscalar\n']) {
       assert.equal(refusal(() => load(`}X\x01\x00\x00\x00ac${global}s`)).code, 'PICKLE_GLOBAL_REFUSED', global);
     }
+  });
+
+  test('torch.device, _get_layout and complex take what torch pickles, and nothing else', () => {
+    for (const call of ['ctorch\ndevice\nK\x00\x85R', 'ctorch\ndevice\n)R', 'ctorch\ndevice\nX\x03\x00\x00\x00cpuX\x01\x00\x00\x000\x86R',
+      'ctorch.serialization\n_get_layout\nX\x0b\x00\x00\x00torch.wrong\x85R', 'c__builtin__\ncomplex\nX\x01\x00\x00\x001\x85R', 'ctorch\nfloat16\n)R']) {
+      const err = refusal(() => load(call));
+      assert.ok(['PICKLE_CALL_INVALID', 'PICKLE_STACK_INVALID'].includes(err.code), `${JSON.stringify(call)}: ${err.code} ${err.message}`);
+    }
+    const device = load('ctorch\ndevice\nX\x04\x00\x00\x00cudaK\x02\x86R');
+    assert.ok(device instanceof InertValue && device.repr === 'device(type=\'cuda\', index=2)');
+    const z = load('cbuiltins\ncomplex\nG\x3f\xf8\x00\x00\x00\x00\x00\x00K\x02\x86R');
+    assert.ok(z instanceof InertValue && z.repr === '(1.5+2j)', String((z as InertValue).repr));
+  });
+
+  test('an inert value is refused where a tensor or a number belongs, naming the key', () => {
+    const model = new PyDict([['w', load('ctorch\nfloat16\n')]]);
+    const err = refusal(() => toModelStateDict(model));
+    assert.match(err.message, /model\["w"\] must be a tensor, got torch\.dtype/);
   });
 });

@@ -343,3 +343,41 @@ test('a JSON read too large to give is refused (406) before an old version is re
   assert.equal(await replayed(), before, 'no state was built for the refused reads');
   assert.equal(app.sessions.cacheStats().sessions, 0);
 });
+
+test('files real torch wrote with what torch.load(weights_only=True) takes: Parameters carrying attributes create a session and load as params; the tutorial\'s checkpoint with a config of dtypes, devices, a layout and a complex loads as torch has it', async (t) => {
+  // test/fixtures/formats/weights_only_values.py made them, with torch 1.13 and 2.13 (2.x pickles a Parameter's
+  // attributes with _rebuild_parameter_with_state; 1.13 leaves them out).
+  const { app } = await buildTestApp(t);
+  const options = encodeURIComponent(JSON.stringify({ hyperparameters: { lr: 0.05, t0: 1, lambd: 1e-3 } }));
+  for (const label of ['2.x', '1.13']) {
+    const dir = join(import.meta.dirname, `../fixtures/formats/torch-${label}`);
+    const file = (name: string) => readFileSync(join(dir, name));
+    const expected = JSON.parse(file('weights-only-values.json').toString('utf8'));
+    const pt = { 'content-type': 'application/octet-stream' };
+    const name = `attrs-${label.replace('.', '')}`;
+    const created = await app.inject({ method: 'POST', url: `/v1/sessions?name=${name}&options=${options}`, headers: pt, payload: file('params-with-attributes.pt') });
+    assert.equal(created.statusCode, 201, `${label}: ${created.body}`);
+    const paramsOf = async () => (await app.inject({ url: `/v1/sessions/${name}/params` })).json().params;
+    assert.deepEqual(hexOf((await paramsOf()).weight.data), expected.before.weight, label);
+
+    const put = await app.inject({ method: 'PUT', url: `/v1/sessions/${name}/checkpoint`, headers: pt, payload: file('tutorial-checkpoint.pt') });
+    assert.equal(put.statusCode, 200, `${label}: ${put.body}`);
+    assert.equal(put.json().step, 5);
+    const params = await paramsOf();
+    for (const p of ['weight', 'bias']) assert.deepEqual(hexOf(params[p].data), expected.after[p], `${label} ${p}`);
+    const { state } = (await app.inject({ url: `/v1/sessions/${name}/state_dict` })).json();
+    for (const [index, s] of Object.entries(expected.state) as [string, Record<string, string[]>][]) {
+      for (const key of ['step', 'eta', 'mu']) assert.deepEqual(hexOf([state[index][key]]), s[key], `${label} state[${index}].${key}`);
+      assert.deepEqual(hexOf(state[index].ax.data), s.ax, `${label} state[${index}].ax`);
+    }
+
+    const putParams = await app.inject({ method: 'PUT', url: `/v1/sessions/${name}/params`, headers: pt, payload: file('params-with-attributes.pt') });
+    assert.equal(putParams.statusCode, 200, `${label}: ${putParams.body}`);
+    assert.deepEqual(hexOf((await paramsOf()).bias.data), expected.before.bias, label);
+  }
+  // An attribute torch's weights_only refuses (an argparse.Namespace) is refused here too, the session unchanged.
+  const refused = await app.inject({ method: 'PUT', url: '/v1/sessions/attrs-2x/params', headers: { 'content-type': 'application/octet-stream' }, payload: readFileSync(join(import.meta.dirname, '../fixtures/formats/torch-2.x/refused-attribute.pt')) });
+  assert.equal(refused.statusCode, 400, refused.body);
+  assert.equal(refused.json().code, 'PICKLE_GLOBAL_REFUSED');
+  assert.match(refused.json().message, /argparse\.Namespace/);
+});
