@@ -6,7 +6,16 @@ import { QUERY_CANCELED } from './silence.ts';
  *  violation, is a statement of ours PostgreSQL cannot take: a bug, not an outage), resources (53),
  *  operator intervention (57P01-03), serialization failure and deadlock (40001, 40P01). */
 const RETRYABLE_SQLSTATE = /^(08(?!P01)|53|57P0[1-3]|40001|40P01)/;
-const RETRYABLE_SOCKET = ['ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'ENOTFOUND'];
+const RETRYABLE_SOCKET = ['ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'ENOTFOUND', 'EHOSTUNREACH', 'ENETUNREACH', 'EAI_AGAIN'];
+
+/**
+ * A connection that could not be made or was lost: one of the socket errors above, or ENOENT of a connect to a
+ * Unix socket (DATABASE_URL's host=/var/run/postgresql: PostgreSQL removes its socket file while it is down,
+ * so a restart read as ENOENT, a 500 and a start that gave up at once; found by an operator's review).
+ */
+function isSocketFailure(e: ErrorFields, code: string): boolean {
+  return RETRYABLE_SOCKET.includes(code) || (code === 'ENOENT' && (e as { syscall?: unknown })?.syscall === 'connect');
+}
 const RETRYABLE_MESSAGE = /Connection terminated|connection timeout|timeout exceeded when trying to connect|Client has encountered a connection error|not queryable/i;
 /** The server answers but will not serve us: database dropped or renamed (3D000), admin shutdown (57P04),
  *  our login changed (class 28), a privilege this role lacks (42501: a table a migration added without its
@@ -31,7 +40,7 @@ function unwrapped(err: unknown): { e: ErrorFields; code: string } {
 /** The class of a database error, or null when `err` is not one. */
 export function classifyDbError(err: unknown): DbErrorClass | null {
   const { e, code } = unwrapped(err);
-  if (RETRYABLE_SQLSTATE.test(code) || RETRYABLE_SOCKET.includes(code)) return 'retryable';
+  if (RETRYABLE_SQLSTATE.test(code) || isSocketFailure(e, code)) return 'retryable';
   if (typeof e?.message === 'string' && RETRYABLE_MESSAGE.test(e.message)) return 'retryable';
   // Only a server's error carries a severity; a JS error with a code like '22…' is not PostgreSQL's.
   if (e?.severity === undefined) return null;
@@ -74,7 +83,8 @@ export function describeDbFailure(err: unknown): string {
     return `${cause.message}${typeof cause.code === 'string' ? ` (SQLSTATE ${cause.code})` : ''} while running ${failedQuery.slice(0, 120)}`;
   }
   const code = typeof e.code === 'string' ? e.code : '';
-  if (['ECONNREFUSED', 'ENOTFOUND', 'EHOSTUNREACH', 'ETIMEDOUT'].includes(code)) return `cannot connect to PostgreSQL: ${message} (is it running there? DATABASE_URL)`;
+  if (['ECONNREFUSED', 'ENOTFOUND', 'EHOSTUNREACH', 'ENETUNREACH', 'EAI_AGAIN', 'ETIMEDOUT'].includes(code)) return `cannot connect to PostgreSQL: ${message} (is it running there? DATABASE_URL)`;
+  if (code === 'ENOENT' && (e as { syscall?: unknown }).syscall === 'connect') return `cannot connect to PostgreSQL: ${message} (no socket there: is it running, and is DATABASE_URL's host its socket directory?)`;
   if (/^[0-9A-Z]{5}$/.test(code) && (err as { severity?: unknown }).severity !== undefined) return `PostgreSQL: ${message} (SQLSTATE ${code})`;
   // node-postgres's own words when DATABASE_URL's sslmode asks for TLS (prefer included: no fallback) and the server has none.
   if (message === 'The server does not support SSL connections') {
@@ -138,6 +148,6 @@ export function refusedBy(err: unknown): string | null {
  */
 export function isUnanswered(err: unknown): boolean {
   const { e, code } = unwrapped(err);
-  if (RETRYABLE_SOCKET.includes(code) || code === 'EHOSTUNREACH' || code === QUERY_CANCELED || /^(08(?!P01)|57P0[1-3])/.test(code)) return true;
+  if (isSocketFailure(e, code) || code === QUERY_CANCELED || /^(08(?!P01)|57P0[1-3])/.test(code)) return true;
   return typeof e?.message === 'string' && RETRYABLE_MESSAGE.test(e.message);
 }

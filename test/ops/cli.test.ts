@@ -103,6 +103,58 @@ test('migrate waits for a PostgreSQL that is not up yet (ASGD_DB_START_TIMEOUT_M
   assert.match(never.stderr, /migrate failed/);
 });
 
+test('over a Unix socket (DATABASE_URL host=<directory>): migrate waits for a PostgreSQL that is not up yet, and a request while it is down is 503, not 500', async (t) => {
+  if (TEST_DB_KIND !== 'postgres') return t.skip('runs against PostgreSQL');
+  // PostgreSQL removes its socket file while it is down: a connect fails with ENOENT, which was taken for a
+  // bug (500, no Retry-After: the Python client gave up) and ended a start at once (an operator's review).
+  const db = await createTestDatabase();
+  t.after(() => db.drop());
+  const dir = await mkdtemp(join(tmpdir(), 'asgd-socket-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const target = new URL(db.url);
+  const socketPort = 6543;
+  const viaSocket = `postgres://postgres@/${target.pathname.slice(1)}?host=${encodeURIComponent(dir)}&port=${socketPort}`;
+  // PostgreSQL at the socket, through a forwarder: "down" is the forwarder closed (Node removes its socket
+  // file) with the connections it carried cut.
+  const carried = new Set<import('node:net').Socket>();
+  const forwarder = createServer((socket) => {
+    const upstream = connect(Number(target.port || 5432), target.hostname);
+    carried.add(socket);
+    socket.on('close', () => carried.delete(socket));
+    socket.pipe(upstream).pipe(socket);
+    socket.on('error', () => upstream.destroy());
+    upstream.on('error', () => socket.destroy());
+    socket.on('close', () => upstream.destroy());
+  });
+  const goDown = () => {
+    forwarder.close();
+    for (const socket of carried) socket.destroy();
+  };
+  t.after(goDown);
+  const opened = setTimeout(() => forwarder.listen(join(dir, `.s.PGSQL.${socketPort}`)), 1500);
+  t.after(() => clearTimeout(opened));
+  const started = Date.now();
+  const migrated = await runHere(['migrate', '--database-url', viaSocket], { ASGD_DB_START_TIMEOUT_MS: '20000' });
+  assert.equal(migrated.code, 0, migrated.stderr);
+  assert.ok(Date.now() - started >= 1400, 'it waited for the socket');
+  assert.match(migrated.stderr, /waiting for PostgreSQL/);
+
+  // Serving over the socket; then PostgreSQL "goes down" (its socket file gone): a request is 503 with
+  // Retry-After, the database unreachable, until it is back.
+  const { app } = await buildTestApp(t, { databaseUrl: viaSocket, env: { ASGD_HEALTH_CHECK_INTERVAL_MS: '0' } });
+  const created = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'sock', params: [{ name: 'w', shape: [2], data: [1, 2] }] } });
+  assert.equal(created.statusCode, 201, created.body);
+  goDown();
+  const down = await app.inject({ method: 'POST', url: '/v1/sessions/sock/step', payload: { grads: { w: [0.5, 0.5] } } });
+  assert.equal(down.statusCode, 503, down.body);
+  assert.ok(down.headers['retry-after'], 'with Retry-After');
+  assert.match(down.json().message, /database/i, down.body);
+  // Back: the step goes through.
+  await new Promise<void>((resolve) => forwarder.listen(join(dir, `.s.PGSQL.${socketPort}`), resolve));
+  const up = await app.inject({ method: 'POST', url: '/v1/sessions/sock/step', payload: { grads: { w: [0.5, 0.5] } } });
+  assert.equal(up.statusCode, 200, up.body);
+});
+
 test('migrate, then serve: ready, guarded, healthy, and a clean exit on SIGTERM (the compose sequence)', async (t) => {
   if (TEST_DB_KIND !== 'postgres') return t.skip('runs against PostgreSQL');
   const db = await createTestDatabase();
