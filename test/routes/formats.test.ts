@@ -234,6 +234,17 @@ test('malformed files: each a 4xx with a code, the session unchanged, nothing ru
   assert.equal(wrongType.statusCode, 415, wrongType.body);
   const notAcceptable = await app.inject({ url: '/v1/sessions/f/params', headers: { accept: 'text/html' } });
   assert.equal(notAcceptable.statusCode, 406);
+  // A step answers JSON (or, with ?return, safetensors): an Accept of neither is 406 before it is applied.
+  for (const accept of ['text/html', 'application/x-safetensors', 'application/json;q=0, */*']) {
+    const step = await app.inject({ method: 'POST', url: '/v1/sessions/f/step', headers: { accept }, payload: { grads: grads(1) } });
+    assert.equal(step.statusCode, 406, `Accept: ${accept}: ${step.body}`);
+    assert.equal(step.json().code, 'NOT_ACCEPTABLE');
+  }
+  for (const accept of ['application/json', '*/*', 'application/*', 'text/html, application/json;q=0.1']) {
+    const step = await app.inject({ method: 'POST', url: '/v1/sessions/f/step', headers: { accept }, payload: { grads: grads(2) } });
+    assert.equal(step.statusCode, 200, `Accept: ${accept}: ${step.body}`);
+  }
+  assert.equal((await app.inject({ url: '/v1/sessions/f' })).json().version, 6, 'the four accepted steps applied, the refused ones not');
 });
 
 test('Accept: the most specific range decides a format\'s quality (q=0 excludes it beside a wildcard); snapshots\' downloads vary by Accept', async (t) => {

@@ -208,7 +208,9 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
     let worker = request.query.worker ?? null;
     let samples = request.query.samples ?? null;
     const returning: ReturnKind = request.query.return ?? 'none';
-    const answerFormat = returning === 'none' ? 'json' : negotiate(request, undefined, ['json', 'safetensors']);
+    // Without ?return the answer is JSON only: an Accept that excludes it is a 406 before anything is applied,
+    // as with ?return (a step with Accept: text/html was applied and answered in JSON; hostile review).
+    const answerFormat = negotiate(request, undefined, returning === 'none' ? ['json'] : ['json', 'safetensors']);
     // The request's hash is only kept with an Idempotency-Key; hashing 4 MB of gradients costs ~3.5 ms.
     const idempotencyKey = idempotencyKeyOf(request);
     const hash = idempotencyKey ? createHash('sha256') : null;
