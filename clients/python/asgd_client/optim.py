@@ -143,6 +143,14 @@ def _hyper_value(key: str, value: Any) -> Any:
     return value if type(value) is int else float(value)
 
 
+def _created_value(key: str, value: Any) -> Any:
+    """A hyperparameter as a new session takes it: ``maximize`` as torch reads it (``if maximize``: 1 is True;
+    the service takes only true or false, and refused ``maximize=1`` naming its own metadata), the others as
+    the Python numbers JSON carries (plain_number)."""
+    value = plain_number(value)
+    return bool(value) if key == "maximize" and isinstance(value, (int, float)) else value
+
+
 def _session_value(key: str, value: Any) -> Any:
     """A hyperparameter of the session's JSON answers (which write 1000000.0 as 1000000): a float, as the
     session holds it unless it was given as an int (which its answers do not say), maximize a bool."""
@@ -159,6 +167,25 @@ def _tensor_hyper_message(key: str) -> str:
     return (f"{key} is a tensor: the service computes the step with float({key}.item()) and eta in double precision, "
             f"as torch.optim.ASGD does for a Python float; torch with a tensor {key} computes eta in float32 tensor "
             f"arithmetic, so the results can differ from a local torch.optim.ASGD in the last bits")
+
+
+#: Hyperparameters torch computes eta or mu from with the value's own arithmetic (weight_decay only scales
+#: the gradient in torch's own tensor arithmetic: a numpy float32 there steps as its float value).
+_NUMPY_ROUNDED = ("lr", "lambd", "alpha", "t0")
+
+
+def _is_narrow_numpy_float(value: Any) -> bool:
+    """A numpy floating scalar narrower than double (np.float32, np.float16): NumPy 2 computes with it in its width."""
+    kind = type(value)
+    return kind.__module__ == "numpy" and isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) \
+        and getattr(value, "itemsize", 8) < 8
+
+
+def _numpy_hyper_message(key: str, value: Any) -> str:
+    return (f"{key} is a numpy {type(value).__name__}: the service steps with its value as a Python float ({float(value)!r}), "
+            f"as torch.optim.ASGD does given {key}={float(value)!r}; torch given the numpy scalar computes eta and mu with "
+            f"numpy, which under NumPy 2 rounds each operation to {type(value).__name__}, so the results can differ from a "
+            f"local torch.optim.ASGD in the last bits (give {key}=float(...) to both)")
 
 
 _FOREACH_MESSAGE = ("foreach=True: the service applies torch's single-tensor ASGD step (foreach=False); torch's foreach "
@@ -707,7 +734,7 @@ class RemoteASGD(torch.optim.Optimizer):
         for g in self.param_groups:
             spec: Dict[str, Any] = {"params": [self._name_of[id(p)] for p in g["params"]]}
             for key in HYPERPARAMETER_KEYS:
-                spec[key] = plain_number(g[key])  # numpy scalars, a tensor lr: as the Python numbers JSON carries
+                spec[key] = _created_value(key, g[key])  # numpy scalars, a tensor lr: as the Python numbers JSON carries
             if isinstance(g.get("foreach"), bool):  # kept in the session's groups, as torch keeps it (None: not sent)
                 spec["foreach"] = g["foreach"]
             if "param_names" in g:  # torch 2.6+: the session's state_dict carries them, as torch's does
@@ -715,7 +742,7 @@ class RemoteASGD(torch.optim.Optimizer):
             group_specs.append(spec)
         create_kwargs = dict(
             params=list(zip(names, flat)),
-            hyperparameters={k: plain_number(defaults[k]) for k in HYPERPARAMETER_KEYS},
+            hyperparameters={k: _created_value(k, defaults[k]) for k in HYPERPARAMETER_KEYS},
             param_groups=group_specs,
             snapshot_every=snapshot_every,
             keep_snapshots=keep_snapshots,
@@ -831,12 +858,15 @@ class RemoteASGD(torch.optim.Optimizer):
 
     def _warn_caveats(self, groups: Any) -> None:
         """Once per optimizer: values torch takes whose step the service computes as for another value (a
-        tensor lr, as a Python float; foreach=True, as foreach=False)."""
+        tensor lr, or a numpy float32 lr, lambd, alpha or t0, as a Python float; foreach=True, as foreach=False)."""
         for g in groups:
             for k in HYPERPARAMETER_KEYS:
                 if isinstance(g.get(k), torch.Tensor) and k not in self._warned:
                     self._warned.add(k)
                     warnings.warn(_tensor_hyper_message(k), UserWarning, stacklevel=3)
+                if k in _NUMPY_ROUNDED and _is_narrow_numpy_float(g.get(k)) and f"numpy {k}" not in self._warned:
+                    self._warned.add(f"numpy {k}")
+                    warnings.warn(_numpy_hyper_message(k, g[k]), UserWarning, stacklevel=3)
             if g.get("foreach") and "foreach" not in self._warned:
                 self._warned.add("foreach")
                 warnings.warn(_FOREACH_MESSAGE, UserWarning, stacklevel=3)
@@ -858,7 +888,9 @@ class RemoteASGD(torch.optim.Optimizer):
         for i, (local, known, flying) in enumerate(zip(self.param_groups, self._own_groups, in_flight)):
             changed = {}
             for k in HYPERPARAMETER_KEYS:
-                if isinstance(local.get(k), torch.Tensor) and k not in self._warned:
+                value = local.get(k)
+                if type(value) is not float and ((isinstance(value, torch.Tensor) and k not in self._warned)
+                                                 or (_is_narrow_numpy_float(value) and f"numpy {k}" not in self._warned)):
                     self._warn_caveats([local])
                 v = _hyper_value(k, local.get(k))
                 if v is None and k in local:

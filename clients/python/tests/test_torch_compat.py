@@ -49,6 +49,24 @@ class NumpyHyperparameters(ServiceTestCase):
         self.assertStateDictEqual(state_only(sd), state_only(torch_opt.state_dict()))
         self.assertEqual(sd["param_groups"][0]["lr"], schedule[-1])
 
+    def test_a_numpy_float32_lambd_or_alpha_warns_once_naming_it(self):
+        # torch given np.float32 lambd or alpha computes eta in float32 under NumPy 2 (results differ in the last
+        # bits from the service's, which steps as torch given float(value)): said once, naming the key.
+        model = make_model()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt = self.remote(model.named_parameters(), **dict(HYPER, lambd=np.float32(0.37), alpha=np.float64(0.75)))
+            train(model, opt, range(2))
+            opt.param_groups[0]["alpha"] = np.float32(0.6)
+            train(model, opt, range(2, 4))
+            opt.param_groups[0]["alpha"] = np.float32(0.5)
+            train(model, opt, range(4, 6))
+        said = [str(w.message) for w in caught if "numpy" in str(w.message)]
+        self.assertEqual(len(said), 2, said)
+        self.assertTrue(said[0].startswith("lambd is a numpy float32"), said)
+        self.assertTrue(said[1].startswith("alpha is a numpy float32"), said)
+        self.assertEqual(opt.client.get_session(opt.session)["param_groups"][0]["alpha"], 0.5)
+
     def test_numpy_values_at_construction_and_mid_training(self):
         values = dict(lr=np.float32(0.05), lambd=np.float64(1e-4), alpha=np.float32(0.75), t0=np.int64(10), weight_decay=np.float32(1e-3))
         ref, model = make_model(), make_model()
@@ -87,6 +105,16 @@ class EdgeHyperparameters(ServiceTestCase):
         train(model, opt, range(10, 20))
         self.assertParamsIdentical(model, ref)
         self.assertStateDictEqual(state_only(opt.state_dict()), state_only(torch_opt.state_dict()))
+
+    def test_maximize_given_as_1_maximizes_as_torch_does(self):
+        # torch reads maximize as `if maximize`; the client sent 1 and the service refused it naming its own metadata.
+        ref, model = make_model(), make_model()
+        torch_opt = torch.optim.ASGD(ref.parameters(), **dict(HYPER, maximize=1))
+        opt = self.remote(model.named_parameters(), **dict(HYPER, maximize=1))
+        train(ref, torch_opt, range(6))
+        train(model, opt, range(6))
+        self.assertParamsIdentical(model, ref)
+        self.assertIs(opt.client.get_session(opt.session)["param_groups"][0]["maximize"], True)
 
     def test_an_int_t0_stays_an_int_in_the_sessions_state_dict(self):
         # torch keeps t0=10 an int; the session did not (10.0 in its .pt and in every joining worker's).
