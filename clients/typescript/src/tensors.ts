@@ -59,6 +59,11 @@ export function fromJsonTensors(value: unknown, field: string): Record<string, T
  * `flat`: flat data (Float32Array, number[]) is taken, with the session's shape.
  */
 export function tensorProblem(value: unknown, field: string, flat: boolean): string | null {
+  // Nested arrays (tensor.arraySync(), a 2-D literal) were read as one value a row: "shape [2, 2] does not hold 2 values".
+  const data = Array.isArray(value) ? value : (value as { data?: unknown } | null)?.data;
+  if (Array.isArray(data) && data.length > 0 && Array.isArray(data[0])) {
+    return `${field}: a nested array (as tensor.arraySync() gives): pass the values flat (tensor.dataSync(), or .flat(Infinity)), ${flat ? 'or {shape, data} with data flat' : 'as {shape, data} with data flat'}`;
+  }
   const isFlat = value instanceof Float32Array || Array.isArray(value);
   if (flat && isFlat) return null;
   const t = value as { shape?: unknown; data?: unknown; dataSync?: unknown } | null;

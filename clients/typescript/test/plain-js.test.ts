@@ -52,6 +52,8 @@ test('gradients and tensors in forms the types forbid: an error that names the f
     [() => client.step(name, { w: x } as never, { format: 'json' }), /^grads\.w: .* got a tf\.Tensor/],
     [() => client.step(name, { w: new Float64Array(4) } as never), /^grads\.w: .* got a Float64Array: pass Float32Array\.from\(it\)$/],
     [() => client.step(name, { w: null } as never), /^grads\.w: .* got null$/],
+    [() => client.step(name, { w: x.arraySync() } as never), /^grads\.w: a nested array \(as tensor\.arraySync\(\) gives\): pass the values flat/],
+    [() => client.step(name, { w: { shape: [2, 2], data: [[1, 2], [3, 4]] } } as never), /^grads\.w: a nested array/],
     [() => client.createSessionFromTensors(uniqueName('flat'), { a: [1, 2] } as never), /^a: expected \{shape, data\} .* got flat data: give its shape/],
     [() => client.step(name, { w: [1, 2, 3, 4] }, { metrics: { loss: NaN } }), /^metrics\.loss: must be a finite number, got NaN$/],
     [() => client.step(name, { w: [1, 2, 3, 4] }, { metrics: { loss: '0.5' } } as never), /^metrics\.loss: must be a finite number, got string$/],
