@@ -153,7 +153,8 @@ def plain_number(value: Any) -> Any:
 def _group_value_to_json(key: str, value: Any) -> Any:
     value = plain_number(value)
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"param_groups: {key} = {value} is not finite")
+        hint = " (JSON has no inf; t0=1e30 behaves the same as inf: averaging never starts)" if key == "t0" and value > 0 else ""
+        raise ValueError(f"param_groups: {key} = {value} is not finite{hint}")
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if key == "param_names" and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):

@@ -94,6 +94,13 @@ class JsonForms(unittest.TestCase):
         self.assertTrue(math.isnan(back[0, 1].item()))
         self.assertEqual(back[1].tolist(), [math.inf, -math.inf])
 
+    def test_an_infinite_t0_is_refused_with_what_behaves_the_same(self):
+        # torch takes t0=inf (averaging never starts); JSON has no inf: the message says what to give instead.
+        p = torch.nn.Parameter(torch.zeros(2))
+        sd = torch.optim.ASGD([p], t0=math.inf).state_dict()
+        with self.assertRaisesRegex(ValueError, r"^param_groups: t0 = inf is not finite \(JSON has no inf; t0=1e30 behaves the same"):
+            state_dict_to_json(sd)
+
     def test_float32_survives_the_decimal_round_trip(self):
         g = torch.Generator().manual_seed(3)
         t = torch.randn(1000, generator=g) * torch.logspace(-40, 38, 1000)
