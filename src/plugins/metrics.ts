@@ -162,14 +162,32 @@ export default fp(
     fastify.addHook('onClose', async () => { stopListening(); });
 
     const routeOf = (request: FastifyRequest) => (request.is404 ? 'unmatched' : (request.routeOptions.url ?? 'unmatched'));
+    // A waiting read (after_version + wait) lasts as long as it waits: timed apart, or every long poll would
+    // look like a slow params read to a latency alert.
+    const waitedFor = (request: FastifyRequest) => {
+      const query = request.query as { after_version?: unknown; wait?: unknown } | undefined;
+      return query?.after_version !== undefined && Number(query?.wait ?? 0) > 0;
+    };
     const received = new WeakMap<FastifyRequest, number>();
+    /** Requests counted at their response's end (onResponse, at 'finish'): not again when their connection closes. */
+    const answered = new WeakSet<FastifyRequest>();
 
     const declaredLength = (request: FastifyRequest) => (request.headers['transfer-encoding'] === undefined ? Number(request.headers['content-length']) : NaN);
     // A declared body counted at once: a request that no route matches is answered before the body hooks
     // run (errors.ts), its body dropped unread by Node, and its bytes still came in.
-    fastify.addHook('onRequest', async (request) => {
+    fastify.addHook('onRequest', async (request, reply) => {
       const declared = declaredLength(request);
       if (Number.isFinite(declared)) received.set(request, declared);
+      // A response the client closed before it ended (an event stream it stopped, a long poll it gave up on,
+      // an upload it abandoned) never reaches onResponse: counted when its connection closes, with the status
+      // it had begun to send (an event stream's 200), or 499 (nginx's "client closed request") when none was
+      // sent. Event streams end that way as a rule: none were counted (an operator's review).
+      reply.raw.once('close', () => {
+        if (answered.has(request) || reply.raw.writableFinished) return;
+        const route = routeOf(request);
+        requests.inc({ method: request.method, route, status_code: reply.raw.headersSent ? String(reply.raw.statusCode) : '499' });
+        duration.observe({ method: request.method, route: waitedFor(request) ? `${route} (waiting)` : route }, reply.elapsedTime / 1000);
+      });
     });
     fastify.addHook('preParsing', async (request, _reply, payload) => {
       if (Number.isFinite(declaredLength(request))) return payload;
@@ -202,15 +220,12 @@ export default fp(
     });
 
     fastify.addHook('onResponse', async (request, reply) => {
+      answered.add(request);
       const route = routeOf(request);
       const bytes = received.get(request);
       if (bytes) bytesIn.inc({ route }, bytes);
       requests.inc({ method: request.method, route, status_code: String(reply.statusCode) });
-      // A waiting read (after_version + wait) lasts as long as it waits: timed apart, or every long poll would
-      // look like a slow params read to a latency alert.
-      const query = request.query as { after_version?: unknown; wait?: unknown } | undefined;
-      const waited = query?.after_version !== undefined && Number(query?.wait ?? 0) > 0;
-      duration.observe({ method: request.method, route: waited ? `${route} (waiting)` : route }, reply.elapsedTime / 1000);
+      duration.observe({ method: request.method, route: waitedFor(request) ? `${route} (waiting)` : route }, reply.elapsedTime / 1000);
       // Deleted here: gone from this process's series at once (the announcement follows).
       if (request.method === 'DELETE' && reply.statusCode === 204 && route === '/v1/sessions/:name') forget((request.params as { name: string }).name);
     });

@@ -120,6 +120,36 @@ test('/readyz is 503 while the migrations are not applied', async (t) => {
   assert.equal(res.json().code, 'SERVICE_UNAVAILABLE');
 });
 
+test('/metrics counts the requests a client closed before their answer ended: an event stream it stopped (200), a long poll it gave up on (499); once each', async (t) => {
+  const { app } = await buildTestApp(t);
+  await createSession(app, 'c', {});
+  await app.listen({ host: '127.0.0.1', port: 0 });
+  const base = `http://127.0.0.1:${(app.server.address() as { port: number }).port}`;
+  const stopped = new AbortController();
+  const stream = await fetch(`${base}/v1/sessions/c/events`, { signal: stopped.signal });
+  assert.equal(stream.status, 200);
+  const reader = stream.body!.getReader();
+  await reader.read(); // the stream's first event: it is under way
+  stopped.abort();
+  const gaveUp = new AbortController();
+  const poll = fetch(`${base}/v1/sessions/c/params?after_version=100&wait=30`, { signal: gaveUp.signal }).catch(() => null);
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  gaveUp.abort();
+  await poll;
+  const done = await fetch(`${base}/v1/sessions/c`);
+  assert.equal(done.status, 200);
+  let text = '';
+  for (let i = 0; i < 50; i++) { // the server sees each close a moment after the client
+    text = (await app.inject({ url: '/metrics' })).body;
+    if (sample(text, 'asgd_http_requests_total', 'method="GET",route="/v1/sessions/:name/params",status_code="499"') === 1) break;
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  assert.equal(sample(text, 'asgd_http_requests_total', 'method="GET",route="/v1/sessions/:name/events",status_code="200"'), 1, 'the stream its client stopped');
+  assert.equal(sample(text, 'asgd_http_requests_total', 'method="GET",route="/v1/sessions/:name/params",status_code="499"'), 1, 'the long poll its client gave up on');
+  assert.equal(sample(text, 'asgd_http_request_duration_seconds_count', 'method="GET",route="/v1/sessions/:name/params (waiting)"'), 1);
+  assert.equal(sample(text, 'asgd_http_requests_total', 'method="GET",route="/v1/sessions/:name",status_code="200"'), 1, 'an answered request once, as before');
+});
+
 test('/metrics: step latency and lock wait histograms, per-session counters, HTTP and pool series; one registry per app', async (t) => {
   const { app } = await buildTestApp(t);
   const { app: other } = await buildTestApp(t);
