@@ -21,7 +21,7 @@ import roundsPlugin from './plugins/rounds.ts';
 import limitsPlugin from './plugins/limits.ts';
 import authPlugin from './plugins/auth.ts';
 import swaggerPlugin from './plugins/swagger.ts';
-import metricsPlugin from './plugins/metrics.ts';
+import metricsPlugin, { noteCut } from './plugins/metrics.ts';
 import storagePlugin from './plugins/storage.ts';
 import { RequestLogController, requestId } from './request-log.ts';
 import healthRoutes from './routes/health/index.ts';
@@ -425,6 +425,7 @@ function clientErrorHandler(this: FastifyInstance, err: Error & { code?: string;
   const close = () => {
     if (socket.destroyed) return;
     if (socket.writable) {
+      noteCut(socket, api.statusCode);
       const body = errorText(api);
       socket.write(`HTTP/1.1 ${api.statusCode} ${STATUS_CODES[api.statusCode] ?? 'Error'}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nContent-Type: application/json; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n${body}`);
     }

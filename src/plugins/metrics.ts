@@ -8,6 +8,20 @@ import type { Config } from '../config.ts';
 import { errorResponses } from '../routes/schemas.ts';
 import { bodyStage } from './content-types.ts';
 
+/** The route of the event streams, whose requests last as long as their client follows them. */
+const EVENTS_ROUTE = '/v1/sessions/:name/events';
+
+/**
+ * Connections the server cut after writing an answer of its own past Fastify (a 408 of a body that did not
+ * arrive in time, a 400 of bytes that are no HTTP: app.ts's clientErrorHandler), with its status: the
+ * request of such a connection is counted with that status, not as closed by its client (499; a review).
+ */
+const cutWith = new WeakMap<object, number>();
+
+export function noteCut(socket: object, status: number): void {
+  cutWith.set(socket, status);
+}
+
 /** Sessions with series of their own in the per-session counters (steps, rounds); the rest are counted together. */
 const SESSION_SERIES = 100;
 /** The session label of the sessions beyond SESSION_SERIES (parentheses: no session name has them). */
@@ -164,9 +178,11 @@ export default fp(
     const routeOf = (request: FastifyRequest) => (request.is404 ? 'unmatched' : (request.routeOptions.url ?? 'unmatched'));
     // A waiting read (after_version + wait) lasts as long as it waits: timed apart, or every long poll would
     // look like a slow params read to a latency alert.
-    const waitedFor = (request: FastifyRequest) => {
+    // An event stream lasts as long as its client follows it (minutes, hours): timed apart too.
+    const timedAs = (request: FastifyRequest, route: string) => {
       const query = request.query as { after_version?: unknown; wait?: unknown } | undefined;
-      return query?.after_version !== undefined && Number(query?.wait ?? 0) > 0;
+      if (query?.after_version !== undefined && Number(query?.wait ?? 0) > 0) return `${route} (waiting)`;
+      return route === EVENTS_ROUTE ? `${route} (stream)` : route;
     };
     const received = new WeakMap<FastifyRequest, number>();
     /** Requests counted at their response's end (onResponse, at 'finish'): not again when their connection closes. */
@@ -185,8 +201,9 @@ export default fp(
       reply.raw.once('close', () => {
         if (answered.has(request) || reply.raw.writableFinished) return;
         const route = routeOf(request);
-        requests.inc({ method: request.method, route, status_code: reply.raw.headersSent ? String(reply.raw.statusCode) : '499' });
-        duration.observe({ method: request.method, route: waitedFor(request) ? `${route} (waiting)` : route }, reply.elapsedTime / 1000);
+        const cut = cutWith.get(request.raw.socket);
+        requests.inc({ method: request.method, route, status_code: String(cut ?? (reply.raw.headersSent ? reply.raw.statusCode : 499)) });
+        duration.observe({ method: request.method, route: timedAs(request, route) }, reply.elapsedTime / 1000);
       });
     });
     fastify.addHook('preParsing', async (request, _reply, payload) => {
@@ -225,7 +242,7 @@ export default fp(
       const bytes = received.get(request);
       if (bytes) bytesIn.inc({ route }, bytes);
       requests.inc({ method: request.method, route, status_code: String(reply.statusCode) });
-      duration.observe({ method: request.method, route: waitedFor(request) ? `${route} (waiting)` : route }, reply.elapsedTime / 1000);
+      duration.observe({ method: request.method, route: timedAs(request, route) }, reply.elapsedTime / 1000);
       // Deleted here: gone from this process's series at once (the announcement follows).
       if (request.method === 'DELETE' && reply.statusCode === 204 && route === '/v1/sessions/:name') forget((request.params as { name: string }).name);
     });

@@ -120,8 +120,8 @@ test('/readyz is 503 while the migrations are not applied', async (t) => {
   assert.equal(res.json().code, 'SERVICE_UNAVAILABLE');
 });
 
-test('/metrics counts the requests a client closed before their answer ended: an event stream it stopped (200), a long poll it gave up on (499); once each', async (t) => {
-  const { app } = await buildTestApp(t);
+test('/metrics counts the requests a client closed before their answer ended: an event stream it stopped (200), a long poll it gave up on (499); once each; a body the server cut for its time is its 408', async (t) => {
+  const { app } = await buildTestApp(t, { env: { ASGD_REQUEST_TIMEOUT_MS: '1000' } });
   await createSession(app, 'c', {});
   await app.listen({ host: '127.0.0.1', port: 0 });
   const base = `http://127.0.0.1:${(app.server.address() as { port: number }).port}`;
@@ -147,7 +147,26 @@ test('/metrics counts the requests a client closed before their answer ended: an
   assert.equal(sample(text, 'asgd_http_requests_total', 'method="GET",route="/v1/sessions/:name/events",status_code="200"'), 1, 'the stream its client stopped');
   assert.equal(sample(text, 'asgd_http_requests_total', 'method="GET",route="/v1/sessions/:name/params",status_code="499"'), 1, 'the long poll its client gave up on');
   assert.equal(sample(text, 'asgd_http_request_duration_seconds_count', 'method="GET",route="/v1/sessions/:name/params (waiting)"'), 1);
+  assert.equal(sample(text, 'asgd_http_request_duration_seconds_count', 'method="GET",route="/v1/sessions/:name/events (stream)"'), 1, 'a stream timed apart');
+  assert.equal(sample(text, 'asgd_http_request_duration_seconds_count', 'method="GET",route="/v1/sessions/:name/events"'), 0);
   assert.equal(sample(text, 'asgd_http_requests_total', 'method="GET",route="/v1/sessions/:name",status_code="200"'), 1, 'an answered request once, as before');
+  // A step whose body stops arriving: the server answers 408 and cuts the connection (not the client).
+  const port = (app.server.address() as { port: number }).port;
+  const answer = await new Promise<string>((resolve) => {
+    const socket = connect(port, '127.0.0.1', () => socket.write('POST /v1/sessions/c/step HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"grads":'));
+    let got = '';
+    socket.on('data', (chunk) => { got += chunk; });
+    socket.on('close', () => resolve(got));
+    socket.on('error', () => {});
+  });
+  assert.match(answer, /^HTTP\/1\.1 408 /);
+  for (let i = 0; i < 50; i++) {
+    text = (await app.inject({ url: '/metrics' })).body;
+    if (sample(text, 'asgd_http_requests_total', 'method="POST",route="/v1/sessions/:name/step",status_code="408"') === 1) break;
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  assert.equal(sample(text, 'asgd_http_requests_total', 'method="POST",route="/v1/sessions/:name/step",status_code="408"'), 1, 'counted as the 408 the server sent');
+  assert.equal(sample(text, 'asgd_http_requests_total', 'method="POST",route="/v1/sessions/:name/step",status_code="499"'), 0, 'not as closed by its client');
 });
 
 test('/metrics: step latency and lock wait histograms, per-session counters, HTTP and pool series; one registry per app', async (t) => {
