@@ -283,7 +283,8 @@ test('metric names that are Object.prototype members ("constructor", "toString")
   await page.waitForFunction(() => (window as any).asgdCharts?.staleness?.data[0].length === 2);
   const data = await page.evaluate(() => Object.fromEntries(['metric:constructor', 'metric:toString', 'metric:loss']
     .map((k) => [k, (window as any).asgdCharts[k]?.data[1]])));
-  assert.deepEqual(data, { 'metric:constructor': [1, null], 'metric:toString': [2, null], 'metric:loss': [null, 0.5] });
+  // A step without the metric: no value there (undefined: joined across, not a gap as a value not finite is).
+  assert.deepEqual(data, { 'metric:constructor': [1, undefined], 'metric:toString': [2, undefined], 'metric:loss': [undefined, 0.5] });
   assert.deepEqual(await page.$$eval('.error', (els) => els.map((el) => el.textContent ?? '').filter(Boolean)), [], 'no error shown');
 });
 
@@ -457,6 +458,46 @@ test('over time, a line breaks across an idle quarter hour (not drawn as a stead
     return blue;
   });
   assert.ok(joined > 4, 'over steps the line joins steps 20 and 21');
+});
+
+test('over time, a long session\'s buckets followed by live single steps stay one line (idle time is told per version); a value that is not finite breaks a line over steps too, a missing one does not', { skip }, async (t) => {
+  const { base, api, page } = await openDashboard(t);
+  await api('POST', '/v1/sessions', { name: 'lines', params: PARAMS });
+  await api('POST', '/v1/sessions/lines/step', { grads: GRAD });
+  await page.goto(`${base}/ui/#/s/lines`);
+  await page.waitForFunction(() => (window as any).asgdCharts?.staleness);
+  const seen = await page.evaluate(async () => {
+    const charts = './js/charts.js'; // the page's own module, as the page loads it
+    const { breakIdle, Chart } = await import(charts);
+    // As a 100k-step session's chart holds them: 1,000 buckets of 100 versions 5 s apart (read whole), then
+    // 1,500 single steps 50 ms apart (live updates): 0.05 s a version throughout; then 20 idle minutes.
+    const xs: number[] = [];
+    const versions: number[] = [];
+    let time = 0;
+    let version = 0;
+    const add = (dt: number, dv: number) => { time += dt; version += dv; xs.push(time); versions.push(version); };
+    for (let i = 0; i < 1000; i++) add(5, 100);
+    for (let i = 0; i < 1500; i++) add(0.05, 1);
+    add(1200, 1);
+    for (let i = 0; i < 9; i++) add(0.05, 1);
+    const ys = xs.map(() => 1);
+    const breaks = (d: unknown[][]) => d[1].filter((y) => y === null).length;
+    const box = document.createElement('div');
+    box.style.width = '600px';
+    document.body.append(box);
+    const chart = new Chart(box, { key: 'lines-test', title: 'v', series: [{ label: 'v' }] });
+    chart.set([[1, 2, 3, 4, 5], [1, NaN, 3, null, 5]]);
+    const drawn = Array.from(chart.plot!.data[1] as unknown[], (v) => (v === undefined ? 'undefined' : v));
+    const out = { perVersion: breaks(breakIdle([xs, ys], versions)), perPoint: breaks(breakIdle([xs, ys])), drawn, spanGaps: chart.plot!.series[1].spanGaps, remark: chart.remark.textContent };
+    chart.destroy();
+    box.remove();
+    return out;
+  });
+  assert.equal(seen.perVersion, 1, 'one break: the idle 20 minutes, none between the buckets');
+  assert.ok(seen.perPoint > 900, `told by the interval between points, every bucket is cut off (${seen.perPoint} breaks)`);
+  assert.deepEqual(seen.drawn, [1, null, 3, 'undefined', 5], 'NaN a gap (null), a missing value joined (undefined)');
+  assert.equal(seen.spanGaps, false);
+  assert.equal(seen.remark, 'not finite at step 2: v NaN');
 });
 
 test('a norm that is Infinity: its chart says "not finite at step 4", in a note and in its name, not "no data yet"', { skip }, async (t) => {

@@ -135,31 +135,35 @@ export function lone(ys) {
   return at >= 0 ? [at] : null;
 }
 
-/** An interval between points this many times their usual (median) one, or more, is idle time. */
+/** Time a version took between points this many times its usual (median) one, or more, is idle time. */
 const IDLE_FACTOR = 10;
 
 /**
- * The data of a chart over time as drawn: a line breaks across idle time (an interval far above the usual
- * one between points: a quarter hour without steps is not a steady trend; a review), by a row of nulls
- * between the two points, uPlot's gap with spanGaps off. A value missing at a point (a metric some steps do
- * not report) becomes undefined, which uPlot joins across, as it did with spanGaps on.
- * @param {uPlot.AlignedData} data @returns {uPlot.AlignedData}
+ * The data of a chart over time as drawn: a line breaks across idle time (a quarter hour without steps is
+ * not a steady trend; a review), by a row of nulls between the two points, uPlot's gap. What is usual is the
+ * time a version takes, not the interval between points: a long session's chart holds buckets of a hundred
+ * versions (read whole) followed by single steps (live updates), and the median interval of those became a
+ * single step's, which broke the line between every two buckets (a review). Without `versions`, the
+ * interval between points.
+ * @param {uPlot.AlignedData} data @param {ArrayLike<number> | null} [versions] each point's version
+ * @returns {uPlot.AlignedData}
  */
-export function breakIdle(data) {
+export function breakIdle(data, versions = null) {
   const xs = data[0];
-  const intervals = [];
-  for (let i = 1; i < xs.length; i++) if (xs[i] > xs[i - 1]) intervals.push(xs[i] - xs[i - 1]);
-  intervals.sort((a, b) => a - b);
-  const usual = intervals[(intervals.length - 1) >> 1] ?? Infinity;
+  const per = (/** @type {number} */ i) => (xs[i] - xs[i - 1]) / (versions ? Math.max(1, versions[i] - versions[i - 1]) : 1);
+  const rates = [];
+  for (let i = 1; i < xs.length; i++) if (xs[i] > xs[i - 1]) rates.push(per(i));
+  rates.sort((x, y) => x - y);
+  const usual = rates[(rates.length - 1) >> 1] ?? Infinity;
   /** @type {(number | null | undefined)[][]} */
   const out = data.map(() => []);
   for (let i = 0; i < xs.length; i++) {
-    if (i > 0 && xs[i] - xs[i - 1] > IDLE_FACTOR * usual) {
+    if (i > 0 && per(i) > IDLE_FACTOR * usual) {
       out[0].push((xs[i - 1] + xs[i]) / 2);
       for (let s = 1; s < data.length; s++) out[s].push(null);
     }
     out[0].push(xs[i]);
-    for (let s = 1; s < data.length; s++) out[s].push(data[s][i] ?? undefined);
+    for (let s = 1; s < data.length; s++) out[s].push(data[s][i]);
   }
   return /** @type {uPlot.AlignedData} */ (out);
 }
@@ -209,12 +213,16 @@ export class Chart {
    * @param {uPlot.AlignedData} data
    * @param {[number, number] | null} [span] the steps (or times) the x axis spans at least: a chart of a few
    *   points read now and then (the norms) is drawn on the same axis as the charts beside it
+   * @param {ArrayLike<number> | null} [versions] each point's version: over time, idle time is told by the
+   *   time a version took (breakIdle)
    */
-  set(data, span = null) {
-    // NaN and infinities (a diverged run's norms) are gaps in the line, and said: a chart of nothing but
-    // Infinity was empty and named "no data yet" (a review).
+  set(data, span = null, versions = null) {
+    // A value missing at a point (null: a metric some steps do not report, a group not there) is joined
+    // across (undefined, which uPlot joins); NaN and infinities (a diverged run's norms) are gaps (null),
+    // and said: a chart of nothing but Infinity was empty and named "no data yet", and a line drawn on
+    // across a step that diverged hid it (reviews). Over time a line also breaks across idle time (breakIdle).
     const odd = this.notFinite(data);
-    if (odd) data = [data[0], ...data.slice(1).map((ys) => Array.from(ys, (v) => (typeof v === 'number' && !Number.isFinite(v) ? null : v)))];
+    data = [data[0], ...data.slice(1).map((ys) => Array.from(ys, (v) => (v == null ? undefined : typeof v === 'number' && !Number.isFinite(v) ? null : v)))];
     this.remark.textContent = odd;
     this.remark.hidden = !odd;
     this.data = data;
@@ -222,7 +230,7 @@ export class Chart {
     this.box.setAttribute('aria-label', this.describe(data, odd));
     this.scale = drawScale(data);
     const scale = this.scale;
-    const lines = this.spec.time ? breakIdle(data) : data;
+    const lines = this.spec.time ? breakIdle(data, versions) : data;
     /** @type {uPlot.AlignedData} */
     const drawn = scale === 1 ? lines : [lines[0], ...lines.slice(1).map((ys) => Array.from(ys, (v) => (typeof v === 'number' ? v * scale : v)))];
     if (this.plot) {
@@ -258,8 +266,8 @@ export class Chart {
       }
       colour++;
       series.push({
-        // Over time a line breaks across idle time (breakIdle's nulls); over steps it joins every value.
-        label: s.label, stroke, width: 1.5, spanGaps: !this.spec.time, value, ...(this.spec.stepped && { paths: uPlot.paths.stepped?.({ align: 1 }) }),
+        // Gaps at nulls only (set): a value not finite, idle time over time; missing values are joined.
+        label: s.label, stroke, width: 1.5, spanGaps: false, value, ...(this.spec.stepped && { paths: uPlot.paths.stepped?.({ align: 1 }) }),
         // A line that has one value (a metric reported once, an eval at one step): no segment to draw, so a
         // dot; uPlot's own dots come only where points are sparse on the axis (a review: an empty chart).
         points: { filter: (/** @type {uPlot} */ u, /** @type {number} */ si) => lone(u.data[si]) },

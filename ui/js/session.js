@@ -123,13 +123,18 @@ export function sessionPage(root, name, who) {
   const charts = new Map();
   /** The charts the last drawCharts drew (one it did not: its series is not in the present history). */
   const drawnKeys = new Set();
+  /** @type {number[]} the versions of the points the charts show (drawAllCharts) */
+  let shownVersions = [];
   function resetCharts() {
     for (const c of charts.values()) c.destroy();
     charts.clear();
     chartsEl.replaceChildren();
   }
-  /** @param {import('./charts.js').ChartSpec} spec @param {any[]} data @param {[number, number] | null} [span] */
-  function chart(spec, data, span = null) {
+  /**
+   * @param {import('./charts.js').ChartSpec} spec @param {any[]} data @param {[number, number] | null} [span]
+   * @param {number[] | null} [versions] each point's version (Chart.set)
+   */
+  function chart(spec, data, span = null, versions = shownVersions) {
     drawnKeys.add(spec.key);
     let c = charts.get(spec.key);
     if (!c || c.spec.series.length !== spec.series.length) {
@@ -137,7 +142,7 @@ export function sessionPage(root, name, who) {
       c = new Chart(chartsEl, { ...spec, time: xMode === 'time' });
       charts.set(spec.key, c);
     }
-    c.set(/** @type {any} */ (data), span);
+    c.set(/** @type {any} */ (data), span, versions);
   }
 
   function drawCharts() {
@@ -164,6 +169,7 @@ export function sessionPage(root, name, who) {
       seriesNote.textContent = dropped ? `The session went back to an earlier step (a restore or load): ${fmtNum(dropped)} point(s) of the history it left are not drawn.` : '';
     }
     const xs = shown.map((p) => (xMode === 'time' ? p.time / 1000 : p.step));
+    shownVersions = shown.map((p) => p.version);
     const buckets = shown.some((p) => p.min);
     const names = metricNames(shown);
     const charted = names.slice(0, MAX_METRIC_CHARTS);
@@ -200,8 +206,9 @@ export function sessionPage(root, name, who) {
       // On the steps (or times) of the charts above, not an axis of their own around a few points.
       /** @type {[number, number] | null} */
       const span = xs.length > 0 ? [xs[0], xs[xs.length - 1]] : null;
-      chart({ key: 'norm', title: '‖param‖', note, series: params.map((p) => ({ label: p.name })) }, [nx, ...params.map((_, i) => seen.map((n) => numberOrNull(n.params[i]?.norm)))], span);
-      chart({ key: 'ax_norm', title: '‖ax‖ (ASGD average)', note, series: params.map((p) => ({ label: p.name })) }, [nx, ...params.map((_, i) => seen.map((n) => numberOrNull(n.params[i]?.ax_norm)))], span);
+      const versions = seen.map((n) => n.version);
+      chart({ key: 'norm', title: '‖param‖', note, series: params.map((p) => ({ label: p.name })) }, [nx, ...params.map((_, i) => seen.map((n) => numberOrNull(n.params[i]?.norm)))], span, versions);
+      chart({ key: 'ax_norm', title: '‖ax‖ (ASGD average)', note, series: params.map((p) => ({ label: p.name })) }, [nx, ...params.map((_, i) => seen.map((n) => numberOrNull(n.params[i]?.ax_norm)))], span, versions);
     }
   }
 
