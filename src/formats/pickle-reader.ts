@@ -192,6 +192,9 @@ class Unpickler {
   private itemsLeft: number;
   private objectsLeft: number;
   private textBytesLeft: number;
+  /** What the pickle's calls may still take in arguments (callArguments): bytes of text and ints, nodes. */
+  private callTextLeft: number;
+  private callNodesLeft: number;
   private readonly maxItems: number;
   private readonly maxObjects: number;
   private readonly maxTextBytes: number;
@@ -207,6 +210,8 @@ class Unpickler {
     this.maxObjects = this.objectsLeft = options.maxObjects ?? MAX_PICKLE_OBJECTS;
     this.maxStackItems = options.maxStackItems ?? MAX_PICKLE_STACK_ITEMS;
     this.maxTextBytes = this.textBytesLeft = options.maxTextBytes ?? MAX_PICKLE_TEXT_BYTES;
+    this.callTextLeft = this.maxTextBytes;
+    this.callNodesLeft = this.maxExpandedSize;
   }
 
   run(): PyValue {
@@ -580,7 +585,31 @@ class Unpickler {
     if (!(callable instanceof PyGlobal)) throw stackError(`REDUCE of ${describe(callable)}, which is not an allowed global`);
     if (!callable.call) throw new FormatError('PICKLE_GLOBAL_REFUSED', `pickle global ${callable.qualifiedName} may not be called`);
     if (!(args instanceof PyTuple)) throw stackError(`REDUCE arguments must be a tuple, got ${describe(args)}`);
+    this.chargeCall(args.items);
     this.pushNew(callable.call(args.items));
+  }
+
+  /**
+   * A call's arguments, charged against budgets of their own, as large as the pickle's text and expanded
+   * size: a value is read once but can be passed from the memo to call after call, each of which works on it
+   * (a 10 MB string to _codecs.encode, a 100,000-int list to torch.Size, a 64 KB int to torch.device), which
+   * no other limit counted (a review: a 25 MB file ran the process out of heap, a 0.4 MB one held it for
+   * minutes). A file torch writes passes each value to one call.
+   */
+  private chargeCall(items: readonly Item[]): void {
+    let text = 0;
+    let nodes = 0;
+    for (const item of items) {
+      if (typeof item === 'string') text += item.length;
+      else if (typeof item === 'bigint') text += Math.ceil((item < 0n ? -item : item).toString(16).length / 2);
+      else if (item instanceof Uint8Array) text += item.length;
+      else nodes += this.measure(item).size;
+    }
+    this.callTextLeft -= text;
+    this.callNodesLeft -= nodes;
+    if (this.callTextLeft < 0 || this.callNodesLeft < 0) {
+      throw new FormatError('PICKLE_LIMIT_EXCEEDED', `pickle calls take more than ${this.maxTextBytes} bytes or ${this.maxExpandedSize} nodes in arguments in all`);
+    }
   }
 
   /** BUILD: only an OrderedDict's attributes (its __dict__), as torch's weights_only unpickler allows. */

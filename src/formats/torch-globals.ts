@@ -100,7 +100,7 @@ export function findTorchGlobal(module: string, name: string): PyGlobal | InertV
     // One value for each dtype, shared: a GLOBAL (counted as an item, not a new value) allocates nothing.
     const dtypeValue = TORCH_DTYPES.get(name);
     if (dtypeValue) return dtypeValue;
-    if (name in UNSUPPORTED_STORAGE) {
+    if (Object.hasOwn(UNSUPPORTED_STORAGE, name)) { // not `in`: torch.constructor is no storage (a review)
       throw new FormatError('TENSOR_DTYPE_UNSUPPORTED', `torch.${name} holds ${UNSUPPORTED_STORAGE[name]} tensors, which are not supported`);
     }
   }
@@ -155,6 +155,7 @@ const GLOBALS = new Map<string, PyGlobal>(
       if (!(sizes instanceof PyTuple || Array.isArray(sizes)) || !items(sizes).every((s) => typeof s === 'bigint')) {
         throw callError('torch.Size takes a sequence of ints');
       }
+      if (items(sizes).length > MAX_DIMS) throw callError(`torch.Size of ${items(sizes).length} dimensions: at most ${MAX_DIMS} are supported`);
       return new PyTuple(items(sizes));
     }),
     new PyGlobal('_codecs.encode', (args) => {
@@ -169,11 +170,16 @@ const GLOBALS = new Map<string, PyGlobal>(
     }),
     new PyGlobal('torch.device', (args) => {
       // torch.device('cpu'), torch.device('cuda', 0), as Device.__reduce__ pickles one (torch/csrc/Device.cpp)
+      // As torch takes them: one of its device types, its index in the string ('cuda:1') or given apart, a
+      // C++ int64 (a 64 KB int was turned into a 158,000-character repr at each of thousands of calls: a review).
       arity('torch.device', args, 1, 2);
       const [type, index] = args;
-      if (typeof type !== 'string' || !/^[A-Za-z_]+(:[0-9]+)?$/.test(type)) throw callError(`torch.device takes a device type such as 'cpu', got ${typeof type === 'string' ? JSON.stringify(type.slice(0, 40)) : describeItem(type)}`);
-      if (args.length === 2 && (typeof index !== 'bigint' || index < 0n)) throw callError(`torch.device index must be a non-negative int, got ${describeItem(index)}`);
-      return new InertValue('torch.device', `device(type='${type}'${args.length === 2 ? `, index=${index}` : ''})`);
+      const typed = typeof type === 'string' && type.length <= 40 ? /^([a-z]+)(?::([0-9]{1,18}))?$/.exec(type) : null;
+      if (!typed || !DEVICE_TYPES.has(typed[1])) throw callError(`torch.device takes a device type such as 'cpu' or 'cuda:0', got ${typeof type === 'string' ? JSON.stringify(type.slice(0, 40)) : describeItem(type)}`);
+      if (args.length === 2 && (typeof index !== 'bigint' || index < 0n || index > MAX_INT64 || typed[2] !== undefined)) {
+        throw callError(`torch.device index must be a non-negative int64, and only with a type that names none, got ${typeof index === 'bigint' ? (index > MAX_INT64 ? 'an int beyond int64' : String(index)) : describeItem(index)}`);
+      }
+      return new InertValue('torch.device', `device(type='${typed[1]}'${typed[2] !== undefined ? `, index=${typed[2]}` : args.length === 2 ? `, index=${index}` : ''})`);
     }),
     new PyGlobal('torch.serialization._get_layout', (args) => {
       // torch.layout pickles as _get_layout('torch.strided')
@@ -187,7 +193,10 @@ const GLOBALS = new Map<string, PyGlobal>(
       arity('complex', args, 0, 2);
       const parts = args.map((part) => {
         if (typeof part === 'number') return part;
-        if (typeof part === 'bigint') return Number(part);
+        if (typeof part === 'bigint') {
+          if (!Number.isFinite(Number(part))) throw callError('complex: an int too large for a float (Python: OverflowError)');
+          return Number(part);
+        }
         throw callError(`complex takes numbers, got ${describeItem(part)}`);
       });
       const [real = 0, imag = 0] = parts;
@@ -203,13 +212,35 @@ const GLOBALS = new Map<string, PyGlobal>(
   ].map((g) => [g.qualifiedName, g]),
 );
 
-/** A Parameter's pickled state: None, its __dict__, or (__dict__, slots) with each part a dict or None. */
+/**
+ * A Parameter's pickled state: None, its __dict__, or (__dict__, slots) with each part a dict or None. torch
+ * sets each attribute on the Parameter (setattr): one named as a tensor's own (data, grad, requires_grad,
+ * ...) would change what torch loads, which the service, leaving attributes out, would not (a review: a
+ * state {'data': <another tensor>} loaded other values in torch): refused, as a name that is no string.
+ */
 function checkParameterState(state: Item): void {
   const isPart = (part: Item) => part === null || part instanceof PyDict;
-  if (isPart(state)) return;
-  if (state instanceof PyTuple && state.length === 2 && state.items.every(isPart)) return;
-  throw callError(`_rebuild_parameter_with_state state must be a dict of the parameter's attributes, got ${describeItem(state)}`);
+  const parts = isPart(state) ? [state] : state instanceof PyTuple && state.length === 2 && state.items.every(isPart) ? state.items : null;
+  if (!parts) throw callError(`_rebuild_parameter_with_state state must be a dict of the parameter's attributes, got ${describeItem(state)}`);
+  for (const part of parts) {
+    if (!(part instanceof PyDict)) continue;
+    for (const key of part.keys()) {
+      if (typeof key !== 'string') throw callError(`_rebuild_parameter_with_state: a parameter's attribute names are strings, got ${describeItem(key)}`);
+      if (TENSOR_ATTRIBUTES.has(key) || key.startsWith('__')) throw callError(`_rebuild_parameter_with_state: the attribute ${JSON.stringify(key.slice(0, 40))} is the tensor's own (torch would set it on the parameter), not one of its Python attributes`);
+    }
+  }
 }
+
+/** A tensor's own attributes that setattr on a Parameter changes (or that torch refuses to set). */
+const TENSOR_ATTRIBUTES = new Set(['data', 'grad', '_grad', 'requires_grad', 'retains_grad', 'grad_fn', '_grad_fn', 'is_leaf', '_backward_hooks',
+  '_post_accumulate_grad_hooks', '_base', '_version', '_cdata', 'names', 'real', 'imag', 'shape', 'dtype', 'device', 'layout', 'T', 'mT', 'H', 'mH']);
+
+/** torch's device types (c10/core/DeviceType.h, as torch.device parses them). */
+const DEVICE_TYPES = new Set(['cpu', 'cuda', 'mkldnn', 'opengl', 'opencl', 'ideep', 'hip', 'fpga', 'maia', 'xla', 'vulkan', 'metal', 'xpu', 'mps', 'meta',
+  'hpu', 've', 'lazy', 'ipu', 'mtia', 'privateuseone']);
+const MAX_INT64 = 2n ** 63n - 1n;
+/** Dimensions of a torch.Size: far above any model's (torch's own kernels stop at 25 or 64). */
+const MAX_DIMS = 64;
 
 function rebuildParameter(data: Item, requiresGrad: Item, hooks: Item): Tensor {
   if (!isTensor(data)) throw callError(`_rebuild_parameter data must be a tensor, got ${describeItem(data)}`);

@@ -115,6 +115,38 @@ describe('pickles torch would not write, or weights_only refuses', () => {
     assert.ok(z instanceof InertValue && z.repr === '(1.5+2j)', String((z as InertValue).repr));
   });
 
+  test('hostile calls: a memoized value passed to call after call is charged each time; torch.device as torch takes it; attributes torch would set on the tensor', () => {
+    const memo = (i: number) => `r${String.fromCharCode(i, 0, 0, 0)}`;
+    const get = (i: number) => `j${String.fromCharCode(i, 0, 0, 0)}`;
+    const str = (text: string) => `X${String.fromCharCode(text.length & 0xff, (text.length >> 8) & 0xff, (text.length >> 16) & 0xff, 0)}${text}`;
+    const repeat = (callable: string, args: string, n: number) => `]${callable}${memo(1)}0${args}${memo(2)}0${`${get(1)}${get(2)}Ra`.repeat(n)}`;
+    const limits = { maxTextBytes: 1_000_000, maxExpandedSize: 100_000 };
+    const loadWithin = (pkl: string) => unpickle(Buffer.from(`\x80\x02${pkl}.`, 'latin1'), { findGlobal: findTorchGlobal, ...limits });
+    // A 100 KB string to _codecs.encode 50 times (5 MB made of it), a 50,000-int list to torch.Size 5 times.
+    const text = 'a'.repeat(100_000);
+    assert.equal(refusal(() => loadWithin(repeat('c_codecs\nencode\n', `${str(text)}${str('latin1')}\x86`, 50))).code, 'PICKLE_LIMIT_EXCEEDED');
+    assert.equal((loadWithin(repeat('c_codecs\nencode\n', `${str(text)}${str('latin1')}\x86`, 5)) as unknown[]).length, 5, 'a few calls are fine');
+    const ints = `(${'K\x01'.repeat(100)}l`;
+    assert.equal(refusal(() => loadWithin(repeat('ctorch\nSize\n', `${ints}\x85`, 5))).code, 'PICKLE_CALL_INVALID', 'over 64 dimensions');
+    const list = `(${'K\x01'.repeat(60)}l`;
+    assert.equal(refusal(() => loadWithin(repeat('ctorch\nSize\n', `${list}\x85`, 2000))).code, 'PICKLE_LIMIT_EXCEEDED', 'a 60-int list 2,000 times');
+    // torch.device: its types, an int64 index, not an index twice.
+    const huge = `\x8b${String.fromCharCode(9, 0, 0, 0)}${'\xff'.repeat(8)}\x7f`; // 2^71 - 1
+    for (const args of [`${str('cuda')}${huge}\x86`, `${str('foo')}\x85`, `${str('cpu:0')}K\x00\x86`, `${str('a'.repeat(1000))}\x85`]) {
+      assert.equal(refusal(() => load(`ctorch\ndevice\n${args}R`)).code, 'PICKLE_CALL_INVALID', JSON.stringify(args.slice(0, 30)));
+    }
+    assert.equal((load(`ctorch\ndevice\n${str('cuda:1')}\x85R`) as InertValue).repr, "device(type='cuda', index=1)");
+    // complex of an int no float holds: Python's OverflowError.
+    assert.equal(refusal(() => load(`cbuiltins\ncomplex\n\x8b${String.fromCharCode(200, 0, 0, 0)}${'\x01'.repeat(200)}\x85R`)).code, 'PICKLE_CALL_INVALID');
+    // A parameter's attributes that torch would set on the tensor (data: other values loaded), or not named by a string.
+    for (const state of [`}${str('data')}K\x01s`, `}${str('requires_grad')}${str('no')}s`, `}K\x00K\x01s`, `}${str('__class__')}K\x01s`, `N}${str('grad')}K\x01s\x86`]) {
+      const err = refusal(() => readTorchSave(parameterFile(state)));
+      assert.equal(err.code, 'PICKLE_CALL_INVALID', `${JSON.stringify(state)}: ${err.message}`);
+    }
+    // torch.constructor is no storage class: a refused global, not an unsupported dtype.
+    assert.equal(refusal(() => load('ctorch\nconstructor\n')).code, 'PICKLE_GLOBAL_REFUSED');
+  });
+
   test('an inert value is refused where a tensor or a number belongs, naming the key', () => {
     const model = new PyDict([['w', load('ctorch\nfloat16\n')]]);
     const err = refusal(() => toModelStateDict(model));
