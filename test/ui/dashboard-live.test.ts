@@ -250,7 +250,7 @@ test('after a restore the charts show the session\'s present history: steps stri
   await page.waitForFunction(() => (window as any).asgdCharts?.['metric:loss']?.data[0].at(-1) === 30 && (window as any).asgdCharts['metric:loss'].data[1].at(-1) === 0.3, undefined, { timeout: 10_000 });
   assertLineage(await chartData(page, 'metric:loss'), 30, loss, 'live');
   const rate = (await chartData(page, 'steps_per_second'))![1];
-  assert.ok(rate.every((r) => r === null || r >= 0), `steps/s ${JSON.stringify(rate)}`);
+  assert.ok(rate.every((r) => r == null || r >= 0), `steps/s ${JSON.stringify(rate)}`);
   assert.match(await page.textContent('#app') ?? '', /went back to an earlier step/);
 
   // 10 more: step 40 again, on the new history; and the page opened afresh shows the same.
@@ -264,7 +264,7 @@ test('after a restore the charts show the session\'s present history: steps stri
     const xs = (await chartData(fresh, key))![0] as number[];
     assert.ok(xs.every((x, i) => i === 0 || x > xs[i - 1]), `${key}: x strictly increasing`);
   }
-  assert.ok((await chartData(fresh, 'steps_per_second'))![1].every((r) => r === null || r >= 0));
+  assert.ok((await chartData(fresh, 'steps_per_second'))![1].every((r) => r == null || r >= 0));
   await screenshot(fresh, 'session-after-restore-lineage');
 });
 

@@ -28,12 +28,12 @@ test('40 metric names: 16 charts (loss first, then by name), a note with the cou
   assert.deepEqual(options, ['', ...names.slice(15)]);
   await page.selectOption('#metrics-more select', 'm30');
   await page.waitForFunction(() => (window as any).asgdCharts?.['metric:m30']);
-  assert.deepEqual(await page.evaluate(() => (window as any).asgdCharts['metric:m30'].data[1]), [null, 110]);
+  assert.deepEqual(await page.evaluate(() => (window as any).asgdCharts['metric:m30'].data[1]), [undefined, 110]);
   assert.equal((await charted(page)).length, 17);
   // Another pick replaces it.
   await page.selectOption('#metrics-more select', 'm38');
   await page.waitForFunction(() => (window as any).asgdCharts?.['metric:m38'] && !(window as any).asgdCharts['metric:m30']);
-  assert.deepEqual(await page.evaluate(() => (window as any).asgdCharts['metric:m38'].data[1]), [null, 118]);
+  assert.deepEqual(await page.evaluate(() => (window as any).asgdCharts['metric:m38'].data[1]), [undefined, 118]);
   assert.deepEqual(await page.$$eval('.error', (els) => els.map((el) => el.textContent ?? '').filter(Boolean)), [], 'no error shown');
 });
 

@@ -408,7 +408,8 @@ test('a long session read in buckets: the card\'s steps/s is the API\'s (steps i
   assert.equal(listValue, '0.167');
   await page.click('tr[data-session="long"] a');
   await page.waitForFunction(() => (window as any).asgdCharts?.staleness?.data[0].length > 1000);
-  await page.waitForFunction(() => document.querySelector('[data-card=rate] b')?.textContent !== '—');
+  // Exact once the last buckets' steps are read one by one, after the charts (≈, the buckets' figure, until then).
+  await page.waitForFunction(() => !/^(—|≈)/.test(document.querySelector('[data-card=rate] b')?.textContent ?? '—'));
   const card = (id: string) => page.$eval(`[data-card=${id}] b`, (el) => el.textContent ?? '');
   assert.equal(await card('rate'), listValue, 'the card and the list give the same steps/s');
   assert.equal(await card('staleness'), String(30_000 % 7), 'the last step\'s staleness, not its bucket\'s mean');
@@ -468,33 +469,42 @@ test('over time, a long session\'s buckets followed by live single steps stay on
   await page.waitForFunction(() => (window as any).asgdCharts?.staleness);
   const seen = await page.evaluate(async () => {
     const charts = './js/charts.js'; // the page's own module, as the page loads it
-    const { breakIdle, Chart } = await import(charts);
-    // As a 100k-step session's chart holds them: 1,000 buckets of 100 versions 5 s apart (read whole), then
-    // 1,500 single steps 50 ms apart (live updates): 0.05 s a version throughout; then 20 idle minutes.
+    const { breakIdle, Chart, lone } = await import(charts);
+    // As a 100k-step session's chart holds them: 1,000 buckets of 100 versions 2 minutes apart (read whole),
+    // then 1,500 single steps 1.2 s apart (live updates): 1.2 s a version throughout; then 20 idle minutes.
     const xs: number[] = [];
     const versions: number[] = [];
     let time = 0;
     let version = 0;
     const add = (dt: number, dv: number) => { time += dt; version += dv; xs.push(time); versions.push(version); };
-    for (let i = 0; i < 1000; i++) add(5, 100);
-    for (let i = 0; i < 1500; i++) add(0.05, 1);
+    for (let i = 0; i < 1000; i++) add(120, 100);
+    for (let i = 0; i < 1500; i++) add(1.2, 1);
     add(1200, 1);
-    for (let i = 0; i < 9; i++) add(0.05, 1);
+    for (let i = 0; i < 9; i++) add(1.2, 1);
     const ys = xs.map(() => 1);
     const breaks = (d: unknown[][]) => d[1].filter((y) => y === null).length;
+    // Eight workers stepping at once, once a second: a second between bursts of 2 ms is no idle time.
+    const bx: number[] = [];
+    const bv: number[] = [];
+    for (let burst = 0; burst < 100; burst++) for (let w = 0; w < 8; w++) { bx.push(burst + w * 0.002); bv.push(burst * 8 + w + 1); }
+    const bursts = breaks(breakIdle([bx, bx.map(() => 1)], bv));
     const box = document.createElement('div');
     box.style.width = '600px';
     document.body.append(box);
     const chart = new Chart(box, { key: 'lines-test', title: 'v', series: [{ label: 'v' }] });
     chart.set([[1, 2, 3, 4, 5], [1, NaN, 3, null, 5]]);
     const drawn = Array.from(chart.plot!.data[1] as unknown[], (v) => (v === undefined ? 'undefined' : v));
-    const out = { perVersion: breaks(breakIdle([xs, ys], versions)), perPoint: breaks(breakIdle([xs, ys])), drawn, spanGaps: chart.plot!.series[1].spanGaps, remark: chart.remark.textContent };
+    // The points no segment reaches get a dot: alone, or between a gap and a gap or an end (the newest step after idle time).
+    const dots = [lone([1, 2, null, 3]), lone([1, undefined, 2]), lone([null, 5, undefined, null]), lone([7]), lone([1, 2, 3])];
+    const out = { perVersion: breaks(breakIdle([xs, ys], versions)), perPoint: breaks(breakIdle([xs, ys])), bursts, dots, drawn, spanGaps: chart.plot!.series[1].spanGaps, remark: chart.remark.textContent };
     chart.destroy();
     box.remove();
     return out;
   });
   assert.equal(seen.perVersion, 1, 'one break: the idle 20 minutes, none between the buckets');
   assert.ok(seen.perPoint > 900, `told by the interval between points, every bucket is cut off (${seen.perPoint} breaks)`);
+  assert.equal(seen.bursts, 0, 'bursts a second apart are one line');
+  assert.deepEqual(seen.dots, [[3], null, [1], [0], null]);
   assert.deepEqual(seen.drawn, [1, null, 3, 'undefined', 5], 'NaN a gap (null), a missing value joined (undefined)');
   assert.equal(seen.spanGaps, false);
   assert.equal(seen.remark, 'not finite at step 2: v NaN');

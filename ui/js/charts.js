@@ -120,23 +120,39 @@ function labelWidth(_u, text) {
 }
 
 /**
- * The index of a line's only value, as a list (for a series' points.filter); null (uPlot's own choice of
- * dots) when it has none or several.
+ * The indexes of a line's values that no segment reaches, as a list (for a series' points.filter): its only
+ * value (a metric reported once, an eval at one step), and a value between gaps (null: a value not finite,
+ * idle time over time) or a gap and an end, such as the newest step after an idle hour (a review: it was not
+ * drawn). undefined (a missing value) is joined across, so it does not isolate one. null when there are
+ * none (uPlot's own choice of dots).
  * @param {ArrayLike<number | null | undefined>} ys
  * @returns {number[] | null}
  */
 export function lone(ys) {
-  let at = -1;
+  /** @type {number[]} */
+  const out = [];
+  let before = null; // the value (or gap) before j, skipping missing values: null for a gap or the start
   for (let j = 0; j < ys.length; j++) {
-    if (ys[j] == null) continue;
-    if (at >= 0) return null;
-    at = j;
+    const y = ys[j];
+    if (y === undefined) continue;
+    if (y !== null) {
+      let k = j + 1;
+      while (k < ys.length && ys[k] === undefined) k++;
+      if (before === null && (k >= ys.length || ys[k] === null)) out.push(j);
+    }
+    before = y;
   }
-  return at >= 0 ? [at] : null;
+  return out.length ? out : null;
 }
 
-/** Time a version took between points this many times its usual (median) one, or more, is idle time. */
+/** Time a version took between points this many times its usual (median) one, and at least IDLE_MIN_S, is idle time. */
 const IDLE_FACTOR = 10;
+/**
+ * Idle time is at least a minute: workers that step in bursts (eight at once, once a second) have a median
+ * interval of milliseconds, and each second between bursts was taken for idle time (a review: the lines
+ * vanished into specks).
+ */
+const IDLE_MIN_S = 60;
 
 /**
  * The data of a chart over time as drawn: a line breaks across idle time (a quarter hour without steps is
@@ -158,7 +174,7 @@ export function breakIdle(data, versions = null) {
   /** @type {(number | null | undefined)[][]} */
   const out = data.map(() => []);
   for (let i = 0; i < xs.length; i++) {
-    if (i > 0 && per(i) > IDLE_FACTOR * usual) {
+    if (i > 0 && xs[i] - xs[i - 1] >= IDLE_MIN_S && per(i) > IDLE_FACTOR * usual) {
       out[0].push((xs[i - 1] + xs[i]) / 2);
       for (let s = 1; s < data.length; s++) out[s].push(null);
     }

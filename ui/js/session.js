@@ -59,6 +59,8 @@ export function sessionPage(root, name, who) {
    * @type {{ after: number, upTo: number, points: import('./series.js').Point[] } | null}
    */
   let rawTail = null;
+  /** Which whole read of the series the raw tail being read is for: a later one's replaces it. */
+  let rawTailRead = 0;
   /** @type {import('./series.js').HyperChange[]} */
   let changes = [];
   /**
@@ -336,7 +338,15 @@ export function sessionPage(root, name, who) {
         const answer = await api(`${base}/metrics?max_points=${MAX_POINTS}`, { signal: stop.signal });
         points = answer.points.map(toPoint);
         seriesVersion = answer.next_after_version ?? (points.length ? points[points.length - 1].version : 0);
-        rawTail = await readRawTail(points);
+        // The cards' steps read one by one after the charts are drawn, not before (a review: up to five reads
+        // in turn delayed the first drawing); until then the cards give the buckets' figures, marked ≈.
+        rawTail = null;
+        const read = ++rawTailRead;
+        readRawTail(points).then((tail) => {
+          if (read !== rawTailRead || stop.signal.aborted) return;
+          rawTail = tail;
+          drawCards();
+        }, () => {}); // not read (the page left, the service away): the cards keep the buckets' figures
       } else {
         for (;;) {
           const answer = await api(`${base}/metrics?after_version=${seriesVersion}&limit=1000`, { signal: stop.signal });
