@@ -12,6 +12,7 @@
 import { readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { spawn } from 'node:child_process';
+import pg from 'pg';
 
 function walk(dir) {
   const out = [];
@@ -67,13 +68,38 @@ const started = Date.now();
 const FILE_TIMEOUT_S = Number(process.env.ASGD_TEST_FILE_TIMEOUT_S ?? 600);
 const TEST_TIMEOUT_MS = Number(process.env.ASGD_TEST_TIMEOUT_MS ?? 300_000);
 
+let fileIndex = 0;
+
+/**
+ * Drops the PostgreSQL databases a test file's run made and left behind (test/helper.ts names them
+ * asgd_test_<tag>_<hex>): a file drops its own when it ends, but not when it crashed or was stopped. The
+ * number dropped (0 on the embedded database, or when PostgreSQL cannot be reached: nothing to do here).
+ */
+async function dropDatabasesOf(tag) {
+  if (mode !== 'postgres') return 0;
+  const client = new pg.Client({ connectionString: process.env.ASGD_TEST_PG ?? 'postgres://postgres@127.0.0.1:5432/postgres' });
+  try {
+    await client.connect();
+    const prefix = `asgd_test_${tag}_`;
+    const { rows } = await client.query('SELECT datname FROM pg_database WHERE left(datname, $1) = $2', [prefix.length, prefix]);
+    for (const { datname } of rows) await client.query(`DROP DATABASE IF EXISTS "${datname}" WITH (FORCE)`);
+    return rows.length;
+  } catch {
+    return 0;
+  } finally {
+    await client.end().catch(() => {});
+  }
+}
+
 function runFile(file) {
   return new Promise((resolve) => {
     const t0 = Date.now();
     // Its own process group: a timeout stops what it started too (servers, a browser).
+    const tag = `r${process.pid}f${fileIndex++}`;
     const child = spawn(process.execPath, ['--test', '--test-reporter=spec', `--test-timeout=${TEST_TIMEOUT_MS}`, file], {
       stdio: ['ignore', 'pipe', 'pipe'],
       detached: true,
+      env: { ...process.env, ASGD_TEST_DB_TAG: tag },
     });
     running.add(child);
     const chunks = [];
@@ -93,10 +119,12 @@ function runFile(file) {
       stop('SIGTERM');
       setTimeout(() => stop('SIGKILL'), 10_000).unref();
     }, FILE_TIMEOUT_S * 1000);
-    child.on('close', (code, signal) => {
+    child.on('close', async (code, signal) => {
       clearTimeout(timer);
       if (timedOut) stop('SIGKILL');
       running.delete(child);
+      const leftBehind = await dropDatabasesOf(tag);
+      if (leftBehind) chunks.push(Buffer.from(`\n${file}: dropped ${leftBehind} test database(s) it left behind\n`));
       const seconds = (Date.now() - t0) / 1000;
       const output = Buffer.concat(chunks).toString('utf8');
       const count = (label) => sumOf(output, label);

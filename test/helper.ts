@@ -41,8 +41,14 @@ function usePgliteTemplate(): Promise<void> {
   return pgliteTemplate;
 }
 
+/**
+ * A database named for the test file's run (asgd_test_<tag>_<hex>, the tag from scripts/run-tests.mjs, else
+ * this process's id): what a file that crashed or was stopped left behind, the runner drops once the file's
+ * process has ended.
+ */
 export function createTestDatabase(): Promise<ScratchDatabase> {
-  return createScratchDatabase(PG_ADMIN_URL, 'asgd_test');
+  const tag = /^[a-z0-9]{1,24}$/.test(process.env.ASGD_TEST_DB_TAG ?? '') ? process.env.ASGD_TEST_DB_TAG : `p${process.pid}`;
+  return createScratchDatabase(PG_ADMIN_URL, `asgd_test_${tag}`);
 }
 
 /*
@@ -74,7 +80,23 @@ SELECT md5(string_agg(x, '|' ORDER BY x)) AS shape FROM (
   UNION ALL SELECT 'q:' || schemaname || '.' || sequencename || ':' || coalesce(last_value::text, 'fresh') FROM pg_sequences
   UNION ALL SELECT 's:' || coalesce(array_to_string(setconfig, ','), '') FROM pg_db_role_setting WHERE setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
   UNION ALL SELECT 'd:' || datconnlimit || ':' || datallowconn || ':' || coalesce(datacl::text, '') || ':' || pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()
-  UNION ALL SELECT 'm:' || count(*) FROM drizzle.__drizzle_migrations
+  UNION ALL SELECT 'a:' || a.attrelid::regclass::text || '.' || a.attname || ':' || format_type(a.atttypid, a.atttypmod) || ':' || a.attstorage::text || ':' || coalesce(a.attcompression::text, '') || ':' || coalesce(a.attacl::text, '') || ':' || a.attisdropped::text
+    FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE a.attnum > 0 AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+  UNION ALL SELECT 'u:' || ev_class::regclass::text || '.' || rulename || ':' || pg_get_ruledef(oid) FROM pg_rewrite
+    WHERE ev_class IN (SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname NOT IN ('pg_catalog', 'information_schema'))
+  UNION ALL SELECT 'y:' || polrelid::regclass::text || '.' || polname || ':' || coalesce(pg_get_expr(polqual, polrelid), '') || ':' || coalesce(pg_get_expr(polwithcheck, polrelid), '') FROM pg_policy
+  UNION ALL SELECT 'w:' || c.oid::regclass::text || ':' || c.relrowsecurity::text || ':' || c.relforcerowsecurity::text
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+  UNION ALL SELECT 'e:' || t.oid::regtype::text || ':' || t.typtype::text || ':' || coalesce((SELECT string_agg(enumlabel, ',' ORDER BY enumsortorder) FROM pg_enum WHERE enumtypid = t.oid), '')
+    FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+  UNION ALL SELECT 'b:' || p.oid::regprocedure::text || ':' || md5(p.prosrc) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+  UNION ALL SELECT 'g:' || coalesce(defaclacl::text, '') FROM pg_default_acl
+  UNION ALL SELECT 'x:' || extname || ':' || extversion FROM pg_extension
+  UNION ALL SELECT 'v:' || evtname FROM pg_event_trigger
+  UNION ALL SELECT 'l:' || count(*) FROM pg_largeobject_metadata
+  UNION ALL SELECT 'o:' || setrole::text || ':' || coalesce(array_to_string(setconfig, ','), '') FROM pg_db_role_setting WHERE setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
+  UNION ALL SELECT 'm:' || count(*) || ':' || coalesce(md5(string_agg(hash || ':' || created_at, ',' ORDER BY id)), '') FROM drizzle.__drizzle_migrations
 ) AS catalogue(x)`;
 
 async function onDatabase<T>(url: string, fn: (client: pg.Client) => Promise<T>): Promise<T> {
@@ -96,8 +118,9 @@ after(async () => {
 async function acquireTestDatabase(): Promise<{ db: ScratchDatabase; fresh: boolean }> {
   // Those another app still used when their test ended (closed by a later hook of that test) first.
   for (const db of [...inUseElsewhere]) {
+    if (!inUseElsewhere.delete(db)) continue; // taken by an acquire running beside this one
     const state = await emptied(db);
-    if (state !== 'in use') inUseElsewhere.delete(db);
+    if (state === 'in use') inUseElsewhere.add(db);
     if (state === 'kept') reusable.push(db);
     if (state === 'changed') await dropTestDatabase(db);
   }
@@ -113,6 +136,9 @@ async function emptied(db: ScratchDatabase): Promise<'kept' | 'in use' | 'change
   return onDatabase(db.url, async (client) => {
     const others = await client.query('SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()');
     if (others.rows[0].n > 0) return 'in use';
+    // A prepared transaction holds its locks with no connection: TRUNCATE would wait for it.
+    const prepared = await client.query('SELECT count(*)::int AS n FROM pg_prepared_xacts WHERE database = current_database()');
+    if (prepared.rows[0].n > 0) return 'changed';
     const tables = await client.query("SELECT string_agg(format('%I.%I', schemaname, tablename), ', ') AS list FROM pg_tables WHERE schemaname = 'public'");
     if (tables.rows[0].list) await client.query(`TRUNCATE ${tables.rows[0].list} RESTART IDENTITY CASCADE`);
     const { rows } = await client.query(SHAPE_SQL);
