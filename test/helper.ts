@@ -99,7 +99,8 @@ SELECT md5(string_agg(x, '|' ORDER BY x)) AS shape FROM (
   UNION ALL SELECT 'm:' || count(*) || ':' || coalesce(md5(string_agg(hash || ':' || created_at, ',' ORDER BY id)), '') FROM drizzle.__drizzle_migrations
 ) AS catalogue(x)`;
 
-async function onDatabase<T>(url: string, fn: (client: pg.Client) => Promise<T>): Promise<T> {
+/** `fn` with a connection of its own to the database at `url`, closed after it. */
+export async function onDatabase<T>(url: string, fn: (client: pg.Client) => Promise<T>): Promise<T> {
   const client = new pg.Client({ connectionString: url });
   await client.connect();
   try {

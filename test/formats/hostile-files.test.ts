@@ -10,17 +10,7 @@ import {
 import { MAX_PARAMS } from '../../src/sessions/spec.ts';
 import { MAX_STEP_COUNT } from '../../src/formats/optimizer-state.ts';
 import { runPython, skipWithoutTorch } from '../support/torch.ts';
-import { viewsFile as torchFile, type View } from './torch-files.ts';
-
-function refusal(fn: () => unknown): FormatError {
-  try {
-    fn();
-  } catch (err) {
-    assert.ok(err instanceof FormatError, `expected a FormatError, got ${String(err)}`);
-    return err;
-  }
-  assert.fail('expected a refusal');
-}
+import { refusal, viewsFile as torchFile, type View } from './torch-files.ts';
 
 describe('torch.save views that would expand a small storage', () => {
   test('a 1 KB file whose view claims 2**50 elements is refused by name, at once, instead of a RangeError', () => {

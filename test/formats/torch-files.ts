@@ -1,6 +1,7 @@
 // torch.save files written by hand, for views and values torch.save writes but this service's writer
 // never does: any sizes, strides and offsets into a storage, and ints beyond 32 bits.
-import { streamToBuffer, zipStream } from '../../src/formats/index.ts';
+import assert from 'node:assert/strict';
+import { FormatError, streamToBuffer, zipStream } from '../../src/formats/index.ts';
 
 /** A tensor as a view into storage `key`, whose `numel` float32 elements are `fill` (default 0, 1, 2, …). */
 export interface View { key: string; numel: number; offset?: number; size: (number | bigint)[]; stride: number[]; fill?: number }
@@ -48,3 +49,14 @@ export function torchFile(value: PickleValue): Buffer {
 
 /** A dict of views, as torch.save({name: tensor, …}) writes it. */
 export const viewsFile = (views: Record<string, View>): Buffer => torchFile(new Map(Object.entries(views)));
+
+/** The FormatError that reading throws (fails the test when it throws none, or another error). */
+export function refusal(fn: () => unknown): FormatError {
+  try {
+    fn();
+  } catch (err) {
+    assert.ok(err instanceof FormatError, `expected a FormatError, got ${String(err)}`);
+    return err;
+  }
+  assert.fail('expected a refusal');
+}

@@ -7,21 +7,12 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import {
-  FormatError, InertValue, PyDict, findTorchGlobal, isTensor, readTorchSave, streamToBuffer, toCheckpoint, toModelStateDict, unpickle, zipStream, type PyValue,
+  InertValue, PyDict, findTorchGlobal, isTensor, readTorchSave, streamToBuffer, toCheckpoint, toModelStateDict, unpickle, zipStream, type PyValue,
 } from '../../src/formats/index.ts';
+import { refusal } from './torch-files.ts';
 
 const FIXTURES = join(import.meta.dirname, '../fixtures/formats');
 const hex = (data: Float32Array) => Array.from(new Uint32Array(data.buffer, data.byteOffset, data.length), (x) => x.toString(16).padStart(8, '0'));
-
-function refusal(fn: () => unknown): FormatError {
-  try {
-    fn();
-  } catch (err) {
-    assert.ok(err instanceof FormatError, `expected a FormatError, got ${String(err)}`);
-    return err;
-  }
-  assert.fail('expected a refusal');
-}
 
 for (const label of ['1.13', '2.x']) {
   describe(`files torch ${label} wrote`, () => {

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import pg from 'pg';
 import type { FastifyInstance } from 'fastify';
-import { buildTestApp, randomData, TEST_DB_KIND } from '../helper.ts';
+import { buildTestApp, onDatabase, randomData, TEST_DB_KIND } from '../helper.ts';
 import { stepBytes } from '../../src/sessions/retention.ts';
 import { STORAGE_TOP_SESSIONS } from '../../src/plugins/storage.ts';
 import { waitFor } from './processes.ts';
@@ -29,16 +29,6 @@ async function storageOf(app: FastifyInstance, name: string) {
   return res.json().storage as { log_bytes: number; log_steps: number; snapshot_bytes: number; snapshots: number; other_bytes: number; total_bytes: number };
 }
 
-async function withPg<T>(url: string, fn: (c: pg.Client) => Promise<T>): Promise<T> {
-  const client = new pg.Client({ connectionString: url });
-  await client.connect();
-  try {
-    return await fn(client);
-  } finally {
-    await client.end();
-  }
-}
-
 test('a session reports the bytes PostgreSQL holds for its rows (within a page)', { skip: skipPglite }, async (t) => {
   const { app, databaseUrl } = await buildTestApp(t);
   const n = 3000; // 12 kB gradients: stored out of line (TOAST), as real ones are
@@ -49,7 +39,7 @@ test('a session reports the bytes PostgreSQL holds for its rows (within a page)'
   await app.sessions.pendingSnapshots();
   const storage = await storageOf(app, 'sized');
 
-  const pgFigures = await withPg(databaseUrl!, async (c) => {
+  const pgFigures = await onDatabase(databaseUrl!, async (c) => {
     const { rows: [s] } = await c.query("SELECT id FROM sessions WHERE name = 'sized'");
     const one = async (sql: string) => Number((await c.query(sql, [s.id])).rows[0].v);
     return {
