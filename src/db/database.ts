@@ -10,6 +10,7 @@ import { getTableName } from 'drizzle-orm';
 import type { PgDatabase, PgQueryResultHKT } from 'drizzle-orm/pg-core';
 import { schema } from './schema.ts';
 import { to as copyTo } from 'pg-copy-streams';
+import { writeBind, type BindConfig, type BindTarget } from './bind.ts';
 import { BinaryCopyParser, copyToSql, type BinaryColumns } from './binary-results.ts';
 import { describeDbFailure } from './errors.ts';
 import { listenPostgres, type ListenHandlers, type Listener } from './listener.ts';
@@ -352,6 +353,9 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
   });
   pool.on('connect', (client) => {
     watchSilence(client, silence, url);
+    // Binds with large Buffer values (a step's gradients, a snapshot's chunks) written without copying them (bind.ts).
+    const connection = (client as unknown as { connection: BindTarget & { bind(config: BindConfig): void } }).connection;
+    connection.bind = (config) => writeBind(connection, config);
     // A listener for the client's whole life. pg emits 'error' on a client whose server ends its connection
     // while no statement runs on it (PostgreSQL's shutdown sends each backend FATAL 57P01), and an 'error'
     // event nobody hears ends the process. A backend that has just started gets its FATAL in the same
