@@ -335,6 +335,60 @@ print(json.dumps({"state_dict": saved(m.state_dict()), "parameters": saved(dict(
   assert.deepEqual(created.json().params.map((p: { name: string }) => p.name), ['0.weight', '0.bias', '1.weight', '1.bias']);
 });
 
+test('PUT params takes model.state_dict() of a model with buffers (torch.save and safetensors): the buffers are left out, the parameters loaded exactly', async (t) => {
+  const skip = skipWithoutTorch();
+  if (skip) return t.skip(skip);
+  const { app } = await buildTestApp(t);
+  const torch = JSON.parse(runPython(`
+import io, json, base64, struct
+torch.manual_seed(3)
+m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+m(torch.randn(5, 3))  # the running statistics and num_batches_tracked move
+def saved(obj):
+    b = io.BytesIO(); torch.save(obj, b); return base64.b64encode(b.getvalue()).decode()
+hx = lambda t: [format(x, '08x') for x in struct.unpack('<%dI' % t.numel(), t.detach().contiguous().numpy().astype('<f4').tobytes())]
+sd = m.state_dict()
+print(json.dumps({
+    "parameters": saved(dict(m.named_parameters())),
+    "state_dict": saved(sd),
+    "lacking": saved({k: v for k, v in sd.items() if k != '0.bias'}),
+    "params": {k: hx(v) for k, v in m.named_parameters()},
+    "buffers": {k: hx(v) for k, v in sd.items() if v.dtype == torch.float32 and k not in dict(m.named_parameters())},
+    "tracked": int(sd['1.num_batches_tracked']),
+}))
+`)) as { parameters: string; state_dict: string; lacking: string; params: Record<string, string[]>; buffers: Record<string, string[]>; tracked: number };
+  const floats = (hex: string[]) => new Float32Array(new Uint32Array(hex.map((h) => parseInt(h, 16))).buffer);
+  const created = await app.inject({ method: 'POST', url: '/v1/sessions?name=bn', headers: { 'content-type': 'application/octet-stream' }, payload: Buffer.from(torch.parameters, 'base64') });
+  assert.equal(created.statusCode, 201, created.body);
+  const shapes: Record<string, number[]> = { '0.weight': [4, 3], '0.bias': [4], '1.weight': [4], '1.bias': [4] };
+  // A safetensors file of the same state_dict, buffers and all (int64 num_batches_tracked among them), other values.
+  const scaled = (name: string) => floats(torch.params[name]).map((x) => x * 0.5);
+  const safetensors = streamToBuffer(writeSafetensors([
+    ...Object.keys(shapes).map((name): [string, Tensor] => [name, { dtype: 'float32', shape: shapes[name], data: scaled(name) }]),
+    ...Object.entries(torch.buffers).map(([name, hex]): [string, Tensor] => [name, { dtype: 'float32', shape: [4], data: floats(hex) }]),
+    ['1.num_batches_tracked', { dtype: 'int64', shape: [], data: new BigInt64Array([BigInt(torch.tracked)]) }],
+  ]));
+  const put = (payload: Buffer, type = 'application/octet-stream') => app.inject({ method: 'PUT', url: '/v1/sessions/bn/params', headers: { 'content-type': type }, payload });
+  const params = async () => (await app.inject({ url: '/v1/sessions/bn/params' })).json().params as Record<string, { data: number[] }>;
+
+  const fromSafetensors = await put(safetensors, 'application/x-safetensors');
+  assert.equal(fromSafetensors.statusCode, 200, fromSafetensors.body);
+  for (const name of Object.keys(shapes)) assert.deepEqual(hexOf((await params())[name].data), hexOf([...scaled(name)]), name);
+  const fromTorch = await put(Buffer.from(torch.state_dict, 'base64'));
+  assert.equal(fromTorch.statusCode, 200, fromTorch.body);
+  const loaded = await params();
+  assert.deepEqual(Object.keys(loaded), Object.keys(shapes), 'the buffers are not parameters of the session');
+  for (const name of Object.keys(shapes)) assert.deepEqual(hexOf(loaded[name].data), torch.params[name], name);
+
+  // A parameter missing: nothing is left out, and the refusal names the first entry the session lacks and what is missing.
+  const version = (await app.inject({ url: '/v1/sessions/bn' })).json().version;
+  const lacking = await put(Buffer.from(torch.lacking, 'base64'));
+  assert.equal(lacking.statusCode, 400, lacking.body);
+  assert.equal(lacking.json().code, 'UNKNOWN_PARAMETER');
+  assert.match(lacking.json().message, /^params\.1\.running_mean: .*"0\.bias" is missing from params/);
+  assert.equal((await app.inject({ url: '/v1/sessions/bn' })).json().version, version, 'nothing changed');
+});
+
 test('a JSON read too large to give is refused (406) before an old version is rebuilt for it', async (t) => {
   const { app } = await buildTestApp(t);
   const n = 8_400_000; // a state_dict of 2n numbers: over the 16M a JSON answer holds; params alone under it

@@ -65,16 +65,22 @@ export const CREATE_FILE_LIMITS: TorchLoadOptions = {
 const STATE_DICT_TENSORS = 5;
 const CHECKPOINT_TENSORS = 8;
 
-export function readNamedTensors(format: WireFormat, body: Buffer, field: string, limits: TorchLoadOptions = {}): NamedTensors {
+export function readNamedTensors(format: WireFormat, body: Buffer, field: string, limits: TorchLoadOptions = {}, sessionParams?: readonly string[]): NamedTensors {
   const out = new Map<string, Float32Tensor>();
-  if (format === 'safetensors') {
-    const file = readSafetensors(body, { dtypes: 'all', maxTensors: MAX_PARAMS });
-    for (const [name, tensor] of file.tensors) out.set(name, float32Of(tensor, `${field}.${name}`));
-    return { tensors: out, metadata: file.metadata, aliases: new Map() };
+  const file = format === 'safetensors' ? readSafetensors(body, { dtypes: 'all', maxTensors: MAX_PARAMS }) : null;
+  const tensors = file ? file.tensors : toModelStateDict(readTorchSave(body, { ...limits, name: field }), {}, field).tensors;
+  const aliases = file ? new Map<string, string>() : aliasesOf(tensors);
+  // Given the session's parameters, a model.state_dict()'s buffers are left out (as PUT checkpoint leaves
+  // them out: modelBuffers), before their dtype is read (BatchNorm's int64 num_batches_tracked), and so is
+  // the second name of a tied tensor whose first name is a parameter.
+  let leftOut = new Set<string>();
+  if (sessionParams) {
+    const known = new Set(sessionParams);
+    const tiedAgain = (name: string) => aliases.has(name) && !known.has(name) && known.has(aliases.get(name)!);
+    leftOut = modelBuffers([...tensors.keys()].filter((name) => !tiedAgain(name)), sessionParams, field);
   }
-  const model = toModelStateDict(readTorchSave(body, { ...limits, name: field }), {}, field);
-  for (const [name, tensor] of model.tensors) out.set(name, float32Of(tensor, `${field}.${name}`));
-  return { tensors: out, metadata: new Map(), aliases: aliasesOf(model.tensors) };
+  for (const [name, tensor] of tensors) if (!leftOut.has(name)) out.set(name, float32Of(tensor, `${field}.${name}`));
+  return { tensors: out, metadata: file ? file.metadata : new Map(), aliases };
 }
 
 export interface NamedTensors {

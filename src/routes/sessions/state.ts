@@ -89,7 +89,7 @@ const ParamsIn = Type.Object({
 function readParamsBody(body: Static<typeof ParamsIn> | Buffer, format: WireFormat, sessionParams: readonly ParamSpec[]): LoadedParams {
   const params: LoadedParams = new Map();
   if (Buffer.isBuffer(body)) {
-    const { tensors, aliases } = readNamedTensors(format, body, 'params', perTensorLimits(sessionParams.length));
+    const { tensors, aliases } = readNamedTensors(format, body, 'params', perTensorLimits(sessionParams.length), sessionParams.map((p) => p.name));
     const known = new Set(sessionParams.map((p) => p.name));
     for (const [name, tensor] of tensors) {
       // model.state_dict() of a model with tied weights names one tensor twice: the name the session does
@@ -146,7 +146,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
       summary: 'Replace the parameters (the optimizer state stays)',
       description: 'What editing a model\'s weights in place does to torch.optim.ASGD: the parameters become the ones sent and the next step applies to them; ' +
         'the optimizer state (step, eta, mu, ax), the hyperparameters and the session\'s step are unchanged. Every parameter, with its shape, finite. ' +
-        'JSON {"params": {name: tensor or flat list}} (the body GET params answers is taken as it is), safetensors, or a torch.save file of a model state_dict (torch.save(model.state_dict(), f) of the parameters). ' +
+        'JSON {"params": {name: tensor or flat list}} (the body GET params answers is taken as it is), safetensors, or a torch.save file of a model state_dict (torch.save(model.state_dict(), f): buffers are left out when every parameter is there). ' +
         'Bumps the version (written as a snapshot), unless the parameters equal the session\'s bit for bit.',
       tags: ['state'],
       params: NameParams,
