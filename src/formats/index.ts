@@ -13,7 +13,7 @@ export {
   isTensor, makeTensor, numel, scalarValue, tensorBytes, toFloat32, toFloat32Tensor,
   type DType, type Float32Tensor, type Tensor, type TensorArrays, type TensorOf, type TypedArray,
 } from './tensor.ts';
-export { InertValue, PyDict, PyTuple, isPyKey, orderedDict, pyIntToNumber, pyTypeName, type PyKey, type PyValue } from './pyvalue.ts';
+export { InertValue, PyDict, PyTuple, UnreadObject, isPyKey, orderedDict, pyIntToNumber, pyTypeName, type PyKey, type PyValue } from './pyvalue.ts';
 export * from './zip.ts';
 export * from './pickle.ts';
 export { readTorchSave, torchSaveToBuffer, writeTorchSave, type TorchLoadOptions, type TorchSaveOptions } from './torch-save.ts';
@@ -21,6 +21,6 @@ export {
   ASGD_NUMERIC_KEYS, MAX_STEP_COUNT, NOT_ASGD_STATE, PARAM_STATE_KEYS, fromAsgdStateDict, scalarTensor, stepCountProblem, stepNotFloat32, toAsgdStateDict,
   type AsgdNumericKey, type AsgdParamGroup, type AsgdParamState, type AsgdStateDict, type StateDictReadOptions,
 } from './optimizer-state.ts';
-export { checkpointKeys, fromCheckpoint, fromModelStateDict, toCheckpoint, toModelStateDict, type Checkpoint, type ModelStateDict } from './model-state.ts';
+export { checkpointKeys, fromCheckpoint, fromModelStateDict, refuseUnreadInCheckpoint, toCheckpoint, toModelStateDict, type Checkpoint, type ModelStateDict } from './model-state.ts';
 export { readOptimizerSafetensors, writeOptimizerSafetensors } from './optimizer-safetensors.ts';
 export { readSafetensors, writeSafetensors, type SafetensorsFile, type SafetensorsReadOptions } from './safetensors.ts';

@@ -5,7 +5,7 @@
 
 import { FormatError } from './errors.ts';
 import { expectDict, fromAsgdStateDict, invalid, toAsgdStateDict, type AsgdStateDict, type StateDictReadOptions } from './optimizer-state.ts';
-import { orderedDict, PyDict, pyIntToNumber, pyTypeName, type PyValue } from './pyvalue.ts';
+import { findUnread, orderedDict, PyDict, pyIntToNumber, pyTypeName, type PyValue } from './pyvalue.ts';
 import { isTensor, toFloat32Tensor, type Tensor } from './tensor.ts';
 
 export interface ModelStateDict {
@@ -64,6 +64,27 @@ export function checkpointKeys(dict: PyDict): { model: string; optimizer: string
     return dict.has(theirs) ? theirs : ours;
   };
   return { model: pick('model', 'model_state_dict'), optimizer: pick('optimizer', 'optimizer_state_dict') };
+}
+
+/**
+ * A checkpoint read with its unknown globals as UnreadObjects (TorchLoadOptions.unknownGlobals): they may
+ * stand in the keys the service leaves out (the run's argparse.Namespace, a numpy scalar, a scheduler), and
+ * are refused in the model, the optimizer and the step, naming where (PICKLE_GLOBAL_REFUSED).
+ */
+export function refuseUnreadInCheckpoint(value: PyValue): void {
+  const read = value instanceof PyDict ? (() => {
+    const keys = checkpointKeys(value);
+    return [keys.model, keys.optimizer, 'step'].filter((key) => value.has(key)).map((key) => [value.get(key)!, `checkpoint.${key}`] as const);
+  })() : [[value, 'checkpoint'] as const];
+  for (const [part, path] of read) {
+    const found = findUnread(part, path);
+    if (found) {
+      const hint = found.type.startsWith('torch.nn.modules.')
+        ? 'a whole torch.nn.Module: save model.state_dict() instead'
+        : 'other keys of a checkpoint may hold any object: they are left out';
+      throw new FormatError('PICKLE_GLOBAL_REFUSED', `${found.path}: pickle global ${found.type} is not allowed here (${hint})`);
+    }
+  }
 }
 
 export function toCheckpoint(value: PyValue, options: StateDictReadOptions = {}): Checkpoint {

@@ -6,7 +6,7 @@
 
 import { FormatError } from './errors.ts';
 import { OP, opcodeName } from './pickle-opcodes.ts';
-import { InertValue, PyDict, PyTuple, isPyKey, pyTypeName, type PyValue } from './pyvalue.ts';
+import { InertValue, PyDict, PyTuple, UnreadObject, isPyKey, pyTypeName, type PyValue } from './pyvalue.ts';
 
 /** Stack items that are not Python values (allowed globals, storages). They never escape `unpickle`. */
 export abstract class Opaque {
@@ -38,6 +38,13 @@ export interface UnpickleOptions {
    * (torch.float16, a torch.dtype) is an InertValue, which may be stored where any value may.
    */
   findGlobal: (module: string, name: string) => PyGlobal | InertValue | undefined;
+  /**
+   * A global outside the allow-list: refused when named (the default), or, 'unread', an UnreadObject that
+   * REDUCE, NEWOBJ, BUILD, APPENDS and SETITEMS take as a class or an object to build, making another
+   * UnreadObject and dropping what they were given (counted against the call budgets). Nothing is built or
+   * called either way; the caller refuses UnreadObjects where it reads values.
+   */
+  unknownGlobals?: 'refuse' | 'unread';
   /** BINPERSID handler; without one, persistent ids are refused. */
   persistentLoad?: (pid: PyTuple) => Item;
   /** Deepest nesting of containers and of MARKs. Default 100. */
@@ -364,6 +371,9 @@ class Unpickler {
       }
       case OP.REDUCE:
         return this.reduce();
+      case OP.NEWOBJ:
+      case OP.NEWOBJ_EX:
+        return this.newObject(code);
       case OP.BUILD:
         return this.build();
       case OP.BINPERSID:
@@ -552,6 +562,7 @@ class Unpickler {
   }
 
   private extend(target: Item, items: readonly Item[]): void {
+    if (target instanceof UnreadObject) return this.chargeCall(items); // a list subclass's items
     if (!Array.isArray(target)) throw stackError(`can only append to a list, not ${describe(target)}`);
     this.checkMutable(target, 'APPEND');
     for (const item of items) this.checkStorable(item, 'a list');
@@ -560,6 +571,7 @@ class Unpickler {
   }
 
   private setItems(target: Item, items: readonly Item[]): void {
+    if (target instanceof UnreadObject) return this.chargeCall(items); // a dict subclass's items (a defaultdict)
     if (!(target instanceof PyDict)) throw stackError(`can only set items on a dict, not ${describe(target)}`);
     if (items.length % 2 !== 0) throw stackError('SETITEMS with an odd number of items');
     this.checkMutable(target, 'SETITEM');
@@ -575,13 +587,35 @@ class Unpickler {
   private global(module: string, name: string): PyGlobal | InertValue {
     const normalized = module === '__builtin__' ? 'builtins' : module; // Python 2 names, as pickle's fix_imports maps them
     const found = this.options.findGlobal(normalized, name);
-    if (!found) throw new FormatError('PICKLE_GLOBAL_REFUSED', `pickle global ${module}.${name} is not allowed`);
-    return found;
+    if (found) return found;
+    if (this.options.unknownGlobals === 'unread') {
+      this.countObject();
+      return new UnreadObject(`${normalized}.${name}`);
+    }
+    throw new FormatError('PICKLE_GLOBAL_REFUSED', `pickle global ${module}.${name} is not allowed${refusedGlobalHint(normalized)}`);
+  }
+
+  /** NEWOBJ (cls, args) and NEWOBJ_EX (cls, args, kwargs): only of an UnreadObject class, as an UnreadObject. */
+  private newObject(code: number): void {
+    const kwargs = code === OP.NEWOBJ_EX ? this.pop() : null;
+    const args = this.pop();
+    const cls = this.pop();
+    if (!(cls instanceof UnreadObject)) {
+      throw new FormatError('PICKLE_OPCODE_REFUSED', `pickle opcode ${opcodeName(code)} at offset ${this.pos - 1} is not supported`);
+    }
+    if (!(args instanceof PyTuple)) throw stackError(`${opcodeName(code)} arguments must be a tuple, got ${describe(args)}`);
+    this.chargeCall(kwargs === null ? args.items : [...args.items, kwargs]);
+    this.pushNew(new UnreadObject(cls.type));
   }
 
   private reduce(): void {
     const args = this.pop();
     const callable = this.pop();
+    if (callable instanceof UnreadObject) {
+      if (!(args instanceof PyTuple)) throw stackError(`REDUCE arguments must be a tuple, got ${describe(args)}`);
+      this.chargeCall(args.items);
+      return this.pushNew(new UnreadObject(callable.type));
+    }
     if (!(callable instanceof PyGlobal)) throw stackError(`REDUCE of ${describe(callable)}, which is not an allowed global`);
     if (!callable.call) throw new FormatError('PICKLE_GLOBAL_REFUSED', `pickle global ${callable.qualifiedName} may not be called`);
     if (!(args instanceof PyTuple)) throw stackError(`REDUCE arguments must be a tuple, got ${describe(args)}`);
@@ -616,6 +650,7 @@ class Unpickler {
   private build(): void {
     const state = this.pop();
     const target = this.top();
+    if (target instanceof UnreadObject) return this.chargeCall([state]);
     if (!(target instanceof PyDict) || !target.ordered) throw new FormatError('PICKLE_CALL_INVALID', `BUILD is only supported on an OrderedDict, not ${describe(target)}`);
     if (!(state instanceof PyDict)) throw new FormatError('PICKLE_CALL_INVALID', `BUILD state must be a dict, got ${describe(state)}`);
     this.checkMutable(target, 'BUILD');
@@ -658,4 +693,15 @@ function decodeLong(bytes: Buffer): bigint {
   const hex = Buffer.from(bytes).reverse().toString('hex');
   const value = BigInt(`0x${hex}`);
   return bytes[bytes.length - 1] & 0x80 ? value - (1n << BigInt(8 * bytes.length)) : value;
+}
+
+/** What to do about a refused global, for the ones files commonly hold. */
+function refusedGlobalHint(module: string): string {
+  if (module.startsWith('torch.nn.modules.')) {
+    return ' (a whole torch.nn.Module was saved: save model.state_dict(), or dict(model.named_parameters()), instead)';
+  }
+  if (module === 'argparse' || module === 'numpy' || module.startsWith('numpy.') || module.startsWith('torch.optim.')) {
+    return ' (torch.load(weights_only=True) refuses it too; keep such values out of the file, or in a checkpoint\'s other keys, which are left out)';
+  }
+  return '';
 }

@@ -30,6 +30,18 @@ export class InertValue {
   }
 }
 
+/**
+ * An object of a class outside the allow-list, read and not built, where the caller lets such values stand:
+ * the keys of a checkpoint the service ignores (the run's `argparse.Namespace`, a numpy scalar, a scheduler
+ * object). Only the class's name is kept; whatever the pickle passed to build it is counted and dropped. A
+ * reader refuses one anywhere it reads values (PICKLE_GLOBAL_REFUSED, naming where it is).
+ */
+export class UnreadObject extends InertValue {
+  constructor(qualifiedName: string) {
+    super(qualifiedName, `<${qualifiedName} object>`);
+  }
+}
+
 /** A Python tuple: an immutable sequence. */
 export class PyTuple {
   readonly items: readonly PyValue[];
@@ -96,4 +108,34 @@ export function pyIntToNumber(value: PyValue, path: string): number {
     throw new FormatError('INVALID_STATE_DICT', `${path} is out of range: ${value}`);
   }
   return Number(value);
+}
+
+/**
+ * Where the first UnreadObject in `value` is (`path` with the keys and indices that lead to it, as
+ * `.key` and `[i]`), and its class; null when there is none. Each container is looked at once, however
+ * often the pickle shares it.
+ */
+export function findUnread(value: PyValue, path: string): { path: string; type: string } | null {
+  const seen = new Set<object>();
+  const walk = (v: PyValue, at: string): { path: string; type: string } | null => {
+    if (v instanceof UnreadObject) return { path: at, type: v.type };
+    if (typeof v !== 'object' || v === null || seen.has(v)) return null;
+    if (Array.isArray(v) || v instanceof PyTuple) {
+      seen.add(v);
+      const items = Array.isArray(v) ? v : v.items;
+      for (let i = 0; i < items.length; i++) {
+        const found = walk(items[i], `${at}[${i}]`);
+        if (found) return found;
+      }
+    } else if (v instanceof PyDict) {
+      seen.add(v);
+      for (const [key, item] of v) {
+        const found = walk(item, typeof key === 'string' ? `${at}.${key}` : `${at}[${key}]`);
+        if (found) return found;
+      }
+      if (v.attributes) return walk(v.attributes, `${at}.__dict__`);
+    }
+    return null;
+  };
+  return walk(value, path);
 }

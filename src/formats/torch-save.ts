@@ -44,6 +44,8 @@ export interface TorchLoadOptions extends ZipReadOptions {
   maxViewCopyBytes?: number;
   /** What the file's value is called in error messages (e.g. "grads"); its tensors are named inside it ("grads.w"). */
   name?: string;
+  /** Globals outside the allow-list: refused (the default) or read as UnreadObjects (UnpickleOptions.unknownGlobals). */
+  unknownGlobals?: 'refuse' | 'unread';
 }
 
 /** The least copy budget for strided views, so that a small file may still hold a modest expanded tensor. */
@@ -111,7 +113,7 @@ export function readTorchSave(buf: Uint8Array, options: TorchLoadOptions = {}): 
 
   const pkl = `${prefix}data.pkl`;
   if (!zip.entries.has(pkl)) throw new FormatError('ZIP_ENTRY_MISSING', 'torch.save archive has no data.pkl');
-  const value = unpickle(zip.read(pkl), {
+  const value = named(options.name, () => unpickle(zip.read(pkl), {
     findGlobal: findTorchGlobal,
     persistentLoad,
     maxDepth: options.maxDepth,
@@ -120,9 +122,20 @@ export function readTorchSave(buf: Uint8Array, options: TorchLoadOptions = {}): 
     maxObjects: options.maxObjects,
     maxStackItems: options.maxStackItems,
     maxTextBytes: options.maxTextBytes,
-  });
+    unknownGlobals: options.unknownGlobals,
+  }));
   copyStridedViews(value, options.maxViewCopyBytes ?? Math.max(VIEW_COPY_FACTOR * buf.byteLength, MIN_VIEW_COPY_BYTES), options.name ?? '');
   return value;
+}
+
+/** `read()`, with a refused global's message prefixed by what the file is (`state_dict: pickle global …`). */
+function named<T>(name: string | undefined, read: () => T): T {
+  try {
+    return read();
+  } catch (err) {
+    if (name && err instanceof FormatError && err.code === 'PICKLE_GLOBAL_REFUSED') throw new FormatError(err.code, `${name}: ${err.message}`);
+    throw err;
+  }
 }
 
 /** The "<archive>/" folder every record sits in; PyTorch takes it from the first entry (inline_container.cc). */

@@ -389,6 +389,64 @@ print(json.dumps({
   assert.equal((await app.inject({ url: '/v1/sessions/bn' })).json().version, version, 'nothing changed');
 });
 
+test('PUT checkpoint of a training script\'s checkpoint (its argparse.Namespace, numpy values, an LR scheduler beside model and optimizer) loads them exactly; the same objects in the optimizer are refused naming where', async (t) => {
+  const skip = skipWithoutTorch();
+  if (skip) return t.skip(skip);
+  const { app } = await buildTestApp(t);
+  const torch = JSON.parse(runPython(`
+import argparse, collections, io, json, base64, struct
+import numpy as np
+torch.manual_seed(5)
+m = torch.nn.Linear(3, 2)
+opt = torch.optim.ASGD(m.parameters(), lr=0.05, t0=1)
+sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2)
+for _ in range(3):
+    m.weight.grad = torch.randn(2, 3); m.bias.grad = torch.randn(2)
+    opt.step(); sched.step()
+def saved(obj):
+    b = io.BytesIO(); torch.save(obj, b); return base64.b64encode(b.getvalue()).decode()
+hx = lambda t: [format(x, '08x') for x in struct.unpack('<%dI' % t.numel(), t.detach().contiguous().numpy().astype('<f4').tobytes())]
+extras = {'args': argparse.Namespace(lr=0.05, epochs=3), 'best_loss': np.float64(0.25), 'history': np.arange(4), 'scheduler': sched, 'counts': collections.defaultdict(int, a=2), 'epoch': 3}
+poisoned = opt.state_dict(); poisoned['param_groups'][0]['best'] = np.float32(1)
+print(json.dumps({
+    "create": saved(dict(m.named_parameters())),
+    "checkpoint": saved({'model_state_dict': m.state_dict(), 'optimizer_state_dict': opt.state_dict(), **extras}),
+    "poisoned": saved({'model': m.state_dict(), 'optimizer': poisoned, 'args': extras['args']}),
+    "module": saved({'model': m, 'optimizer': opt.state_dict()}),
+    "params": {k: hx(v) for k, v in m.named_parameters()},
+    "ax": [hx(opt.state[p]['ax']) for p in m.parameters()],
+    "lr": opt.param_groups[0]['lr'],
+}))
+`)) as { create: string; checkpoint: string; poisoned: string; module: string; params: Record<string, string[]>; ax: string[][]; lr: number };
+  const file = (b64: string) => Buffer.from(b64, 'base64');
+  const pt = { 'content-type': 'application/octet-stream' };
+  const created = await app.inject({ method: 'POST', url: '/v1/sessions?name=run', headers: pt, payload: file(torch.create) });
+  assert.equal(created.statusCode, 201, created.body);
+  const loaded = await app.inject({ method: 'PUT', url: '/v1/sessions/run/checkpoint', headers: pt, payload: file(torch.checkpoint) });
+  assert.equal(loaded.statusCode, 200, loaded.body);
+  const params = (await app.inject({ url: '/v1/sessions/run/params' })).json().params as Record<string, { data: number[] }>;
+  for (const [name, hex] of Object.entries(torch.params)) assert.deepEqual(hexOf(params[name].data), hex, name);
+  const state = (await app.inject({ url: '/v1/sessions/run/state_dict' })).json();
+  assert.deepEqual([0, 1].map((i) => hexOf(state.state[i].ax.data ?? state.state[i].ax)), torch.ax);
+  assert.equal(state.param_groups[0].lr, torch.lr);
+
+  const version = (await app.inject({ url: '/v1/sessions/run' })).json().version;
+  for (const [payload, message] of [
+    [torch.poisoned, /^checkpoint\.optimizer\.param_groups\[0\]\.best: pickle global numpy\.core\.multiarray\.scalar is not allowed here/],
+    [torch.module, /^checkpoint\.model: pickle global torch\.nn\.modules\.linear\.Linear is not allowed here \(a whole torch\.nn\.Module: save model\.state_dict\(\) instead\)/],
+  ] as const) {
+    const refused = await app.inject({ method: 'PUT', url: '/v1/sessions/run/checkpoint', headers: pt, payload: file(payload) });
+    assert.equal(refused.statusCode, 400, refused.body);
+    assert.equal(refused.json().code, 'PICKLE_GLOBAL_REFUSED');
+    assert.match(refused.json().message, message);
+  }
+  // Elsewhere (a state_dict, parameters) such an object is refused when named, as weights_only refuses it, the file named.
+  const asStateDict = await app.inject({ method: 'PUT', url: '/v1/sessions/run/state_dict', headers: pt, payload: file(torch.poisoned) });
+  assert.equal(asStateDict.json().code, 'PICKLE_GLOBAL_REFUSED');
+  assert.match(asStateDict.json().message, /^state_dict: pickle global /);
+  assert.equal((await app.inject({ url: '/v1/sessions/run' })).json().version, version, 'nothing changed');
+});
+
 test('a JSON read too large to give is refused (406) before an old version is rebuilt for it', async (t) => {
   const { app } = await buildTestApp(t);
   const n = 8_400_000; // a state_dict of 2n numbers: over the 16M a JSON answer holds; params alone under it

@@ -5,7 +5,7 @@ import { Readable } from 'node:stream';
 import type { FastifyReply } from 'fastify';
 import { errors } from '../../errors.ts';
 import {
-  checkpointKeys, FormatError, fromAsgdStateDict, fromCheckpoint, fromModelStateDict, MAX_PICKLE_ITEMS, MAX_PICKLE_OBJECTS, MAX_PICKLE_STACK_ITEMS, readOptimizerSafetensors, readSafetensors, readTorchSave, toAsgdStateDict, toCheckpoint,
+  checkpointKeys, FormatError, fromAsgdStateDict, fromCheckpoint, fromModelStateDict, MAX_PICKLE_ITEMS, MAX_PICKLE_OBJECTS, MAX_PICKLE_STACK_ITEMS, readOptimizerSafetensors, readSafetensors, readTorchSave, refuseUnreadInCheckpoint, toAsgdStateDict, toCheckpoint,
   toFloat32Tensor, toModelStateDict, writeOptimizerSafetensors, writeSafetensors, writeTorchSave, type ByteStream, type Float32Tensor, type PyDict, type Tensor, type TorchLoadOptions,
 } from '../../formats/index.ts';
 import type { BinaryGradient, GradientInput } from '../../sessions/gradients.ts';
@@ -144,9 +144,9 @@ export function readStateDictBody(format: WireFormat, body: Buffer, count: numbe
 }
 
 /** readTorchSave under limits scaled to `tensors` tensors; a limit's refusal says they follow the session's size. */
-function scaledRead(body: Buffer, tensors: number, name: string, params: number): ReturnType<typeof readTorchSave> {
+function scaledRead(body: Buffer, tensors: number, name: string, params: number, unknownGlobals: 'refuse' | 'unread' = 'refuse'): ReturnType<typeof readTorchSave> {
   try {
-    return readTorchSave(body, { ...perTensorLimits(tensors), name });
+    return readTorchSave(body, { ...perTensorLimits(tensors), name, unknownGlobals });
   } catch (err) {
     if (err instanceof FormatError && err.code === 'PICKLE_LIMIT_EXCEEDED') {
       throw new FormatError(err.code, `${err.message} (a ${name} of this session, ${params} parameter${params === 1 ? '' : 's'}, is read under limits that follow its size, with room for other keys; save the state dicts without large extras)`);
@@ -170,7 +170,10 @@ export interface CheckpointInput {
  */
 export function readCheckpointFile(body: Buffer, sessionParams: readonly string[]): CheckpointInput {
   const count = sessionParams.length;
-  const value = scaledRead(body, CHECKPOINT_TENSORS * count, 'checkpoint', count);
+  // The keys the service leaves out may hold any object (a run's argparse.Namespace, numpy values): read
+  // without building them, and refused in the parts it loads.
+  const value = scaledRead(body, CHECKPOINT_TENSORS * count, 'checkpoint', count, 'unread');
+  refuseUnreadInCheckpoint(value);
   const checkpoint = toCheckpoint(value, { toFloat32: true });
   // As the JSON form's schema checks it (the file's step is any Python int).
   if (checkpoint.step !== undefined && checkpoint.step < 0) throw errors.invalidStateDict('step', 'must be >= 0');
