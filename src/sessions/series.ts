@@ -53,8 +53,8 @@ export type MetricNames = ReturnType<typeof createMetricNames>;
  * as a column. Expanding each row's metrics into rows (jsonb_each) and grouping those was 10x slower:
  * 200,000 rows sorted by (bucket, key), planned so large that PostgreSQL compiled the query (JIT).
  */
-/** Metrics one scan of downsampledSeries reads: 3 columns each and 7 more stay below PostgreSQL's 1664. */
-const METRICS_PER_SCAN = 500;
+/** Metrics one scan of downsampledSeries reads: 5 columns each and 8 more stay below PostgreSQL's 1664. */
+const METRICS_PER_SCAN = 330;
 
 export async function downsampledSeries(
   db: Database, metricNames: MetricNames, sessionId: number, afterVersion: number, maxPoints: number,
@@ -76,9 +76,12 @@ export async function downsampledSeries(
   }
   const { first, last } = range;
   const width = Math.ceil((last - first + 1) / maxPoints);
-  // A mean is the sum of the values divided by a power of two at least the bucket's width (exact, but for
-  // values below ~1e-300), so no sum overflows: a bucket of finite values has a finite mean, whatever their
-  // size. (avg(float8) also sums the squares, which overflow above 1.3e154.)
+  // A mean is summed in two parts: values of magnitude 1 or more each divided by a power of two at least
+  // the bucket's width (exactly), so that their sum cannot overflow, and the others as they are, so that no
+  // division underflows (PostgreSQL raises an error where a quotient of a nonzero value is 0: one metric of
+  // 5e-324 made every downsampled read of the session fail, found by a review). The mean is put together
+  // here, where a quotient that underflows is 0 or subnormal, as IEEE has it: a bucket of finite values has a
+  // finite mean, whatever their size. (avg(float8) also sums the squares, which overflow above 1.3e154.)
   const scale = 2 ** Math.ceil(Math.log2(width));
   const rows = await db.transaction(async (tx) => {
     // The planner guesses 100 keys a row for jsonb_object_keys and would compile that query (JIT) for
@@ -98,7 +101,8 @@ export async function downsampledSeries(
       // $5 (the scale) is selected too: a session that reported no metrics has no figures that use it, and a
       // parameter the statement never names is refused by PostgreSQL.
       const values = names.map((_, k) => `, (metrics->>$${k + 6})::float8 AS v${k}`).join('');
-      const figures = names.map((_, k) => `, min(v${k}) AS "min${k}", max(v${k}) AS "max${k}", sum(v${k} / $5) / count(v${k}) * $5 AS "mean${k}"`).join('');
+      const figures = names.map((_, k) => `, min(v${k}) AS "min${k}", max(v${k}) AS "max${k}", count(v${k})::float8 AS "n${k}"`
+        + `, sum(CASE WHEN abs(v${k}) >= 1 THEN v${k} / $5 END) AS "big${k}", sum(CASE WHEN abs(v${k}) < 1 THEN v${k} END) AS "small${k}"`).join('');
       scans.push(await tx.query<Record<string, number | string | null>>(
         `SELECT min(version)::float8 AS version_from, max(version)::float8 AS version, max(step)::float8 AS step, max(created_at) AS time,
            avg(staleness)::float8 AS staleness, max(staleness)::float8 AS staleness_max, count(*)::float8 AS count,
@@ -119,8 +123,9 @@ export async function downsampledSeries(
     rows.keys.forEach((key, i) => {
       const scan = rows.scans[Math.floor(i / METRICS_PER_SCAN)][b];
       const k = i % METRICS_PER_SCAN;
-      if (scan[`mean${k}`] === null) return; // no step of this bucket reported it
-      point.values[key] = scan[`mean${k}`] as number;
+      const n = scan[`n${k}`] as number;
+      if (n === 0) return; // no step of this bucket reported it
+      point.values[key] = ((scan[`big${k}`] as number | null ?? 0) / n) * scale + (scan[`small${k}`] as number | null ?? 0) / n;
       point.min![key] = scan[`min${k}`] as number;
       point.max![key] = scan[`max${k}`] as number;
     });

@@ -244,6 +244,15 @@ test('metrics ?max_points: hundreds of metric names over a session\'s life, and 
   assert.equal(huge.statusCode, 200, huge.body);
   assert.deepEqual(huge.json().points.map((p: { values: { loss: number }; min: { loss: number }; max: { loss: number } }) => [p.values.loss, p.min.loss, p.max.loss]),
     [[1.7e308, 1.7e308, 1.7e308], [0, -1.7e308, 1.7e308]]);
+
+  // The smallest doubles (subnormal) beside large and ordinary ones: each bucket's mean as IEEE arithmetic has it
+  // (the read used to fail with a 400 for good once a step reported 5e-324: a quotient PostgreSQL took for an underflow).
+  await create(app, 'tiny');
+  for (const loss of [5e-324, 5e-324, 5e-324, 1e-310, 1e308, 5e-324, 2.5, -1]) await stepWith(app, 'tiny', { metrics: { loss } });
+  const tiny = await app.inject({ url: '/v1/sessions/tiny/metrics?max_points=4' });
+  assert.equal(tiny.statusCode, 200, tiny.body);
+  assert.deepEqual(tiny.json().points.map((p: { values: { loss: number }; min: { loss: number }; max: { loss: number } }) => [p.values.loss, p.min.loss, p.max.loss]),
+    [[5e-324, 5e-324, 5e-324], [(5e-324 + 1e-310) / 2, 5e-324, 1e-310], [1e308 / 2 + 5e-324 / 2, 5e-324, 1e308], [0.75, -1, 2.5]]);
 });
 
 test('hyperparameters: the steps that changed them, with every group after; paged by version', async (t) => {
