@@ -221,6 +221,8 @@ export const errors = {
   jsonBodyTooLarge: make('BODY_TOO_LARGE', (limit: number) => `body: a JSON body is limited to ${limit} bytes; send tensors as safetensors or a torch.save file`),
   jsonTensorsTooLarge: make('BODY_TOO_LARGE', (what: string, tensors: string, limit: number, numel: number) =>
     `body: ${what} of this session (${numel} elements) takes at most ${limit} bytes; send its ${tensors} as safetensors or a torch.save file if they need more`),
+  fileTensorsTooLarge: make('BODY_TOO_LARGE', (what: string, limit: number, numel: number, params: number, hint: string) =>
+    `body: ${what} of this session (${numel} elements in ${params} parameter${params === 1 ? '' : 's'}) takes at most ${limit} bytes (8 an element and 4 KiB a parameter, and 1 MiB)${hint}`),
   unsupportedMediaType: make('UNSUPPORTED_MEDIA_TYPE', (type: string, accepted: string) => `Content-Type: ${type} is not accepted here; use ${accepted}`),
   unsupportedContentEncoding: make('UNSUPPORTED_MEDIA_TYPE', (coding: string) => `Content-Encoding: ${coding} is not accepted; send the body uncompressed`),
   headersTooLarge: make('HEADERS_TOO_LARGE', () => 'the request headers are larger than this server accepts'),

@@ -102,6 +102,13 @@ test('Expect: 100-continue with a body of 1 MiB or more: a session that does not
     ['/v1/sessions/nosuch/step', 'application/x-safetensors', 404, 'SESSION_NOT_FOUND'],
     ['/v1/sessions/nosuch/state_dict', 'application/octet-stream', 404, 'SESSION_NOT_FOUND'],
     ['/v1/sessions/expecting/step', 'application/json', 413, 'BODY_TOO_LARGE'],
+    // A file over its session's bound (8 bytes an element, 4 KiB a parameter, 1 MiB): 8 MiB of gradients for a
+    // session of six numbers was read whole before its 400 (a hostile review: 400 MB held by two such steps).
+    ['/v1/sessions/expecting/step', 'application/x-safetensors', 413, 'BODY_TOO_LARGE'],
+    ['/v1/sessions/expecting/step', 'application/octet-stream', 413, 'BODY_TOO_LARGE'],
+    ['/v1/sessions/expecting/params', 'application/x-safetensors', 413, 'BODY_TOO_LARGE'],
+    // A file type the route does not take (PUT checkpoint takes torch.save and JSON): 415 before the body.
+    ['/v1/sessions/expecting/checkpoint', 'application/x-safetensors', 415, 'UNSUPPORTED_MEDIA_TYPE'],
   ] as const) {
     const c = open(port);
     c.socket.write(head(path, type, 8 * 1024 * 1024));
@@ -110,9 +117,12 @@ test('Expect: 100-continue with a body of 1 MiB or more: a session that does not
     assert.equal(JSON.parse(text.slice(text.indexOf('\r\n\r\n') + 4)).code, code, path);
     await c.closed;
   }
-  // And a large body that is wanted still gets its 100.
+  const tooLarge = await app.inject({ method: 'POST', url: '/v1/sessions/expecting/step', headers: { ...asAdmin, 'content-type': 'application/x-safetensors' }, payload: Buffer.alloc(2 * 1024 * 1024) });
+  assert.equal(tooLarge.statusCode, 413);
+  assert.match(tooLarge.json().message, /^body: a file of gradients of this session \(\d+ elements in \d+ parameters?\) takes at most \d+ bytes/);
+  // And a large body that is wanted still gets its 100 (a file within its session's bound, over the 1 MiB below which no session is looked up).
   const c = open(port);
-  c.socket.write(head('/v1/sessions/expecting/params', 'application/x-safetensors', 2 * 1024 * 1024));
+  c.socket.write(head('/v1/sessions/expecting/params', 'application/x-safetensors', 1024 * 1024 + 4096));
   assert.match(await c.until((text) => text.includes('\r\n\r\n')), /^HTTP\/1\.1 100 Continue\r\n\r\n$/);
   c.socket.destroy();
 });

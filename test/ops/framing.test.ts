@@ -178,6 +178,14 @@ test('a body refused before it is read (its session\'s bound, an unknown session
     assert.equal(got[1].body.status, 'ok', what);
   }
   assert.equal((await app.inject({ url: '/v1/sessions/bounded', headers: asAdmin })).json().version, 1, 'nothing was applied');
+
+  // A file of gradients over the session's bound, chunked (no length announced): refused while it arrives.
+  const file = Buffer.alloc(3 * 1024 * 1024, 7);
+  const chunked = `POST /v1/sessions/bounded/step HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${ADMIN}\r\nContent-Type: application/x-safetensors\r\nTransfer-Encoding: chunked\r\n\r\n`;
+  const got = await firstAnswers(port, Buffer.concat([Buffer.from(chunked), Buffer.from(`${file.length.toString(16)}\r\n`), file, Buffer.from('\r\n0\r\n\r\n')]), 1);
+  assert.equal(got[0]?.status, 413, JSON.stringify(got[0]?.body));
+  assert.equal(got[0].body.code, 'BODY_TOO_LARGE');
+  assert.equal((await app.inject({ url: '/v1/sessions/bounded', headers: asAdmin })).json().version, 1, 'nothing was applied');
 });
 
 test('a body still arriving after its request was answered, cut by the request timeout: no second answer is written', async (t) => {

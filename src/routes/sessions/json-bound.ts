@@ -15,8 +15,18 @@ export function jsonTensorsLimit(numel: number, params: number): number {
   return 64 * numel + 1024 * params + 1024 * 1024;
 }
 
+/**
+ * The most bytes a file (safetensors, torch.save) of a session's tensors of `numel` elements in `params`
+ * parameters can need: 8 a number (float64 too, so that such a file reaches the reader that names its
+ * dtype), 4 KiB a parameter (its name, header or pickle entry, a zip record's headers and alignment), and
+ * 1 MiB for the rest.
+ */
+export function fileTensorsLimit(numel: number, params: number): number {
+  return 8 * numel + 4096 * params + 1024 * 1024;
+}
+
 /** Below this, a body is not worth a lookup: every session's bound is above it. */
-const FLOOR = jsonTensorsLimit(0, 0);
+const FLOOR = Math.min(jsonTensorsLimit(0, 0), fileTensorsLimit(0, 0));
 
 /**
  * The size of the session a request of `/:name` names, from this process's copy or else looked up (an
@@ -60,18 +70,28 @@ export function sessionBeforeBody(fastify: FastifyInstance) {
 }
 
 /**
- * A preParsing hook for a route of `/:name`: JSON bodies above the session's bound are refused with 413
- * (`what`: "a JSON step", `tensors`: "gradients"); a large body of another type, to a session that does
- * not exist, with 404 before it is read.
+ * A preParsing hook for a route of `/:name` taking a session's tensors: bodies above the session's bound
+ * are refused with 413 before they are read (`what`: "a JSON step", `tensors`: "gradients"; files: `file`,
+ * "a file of gradients"), and a large body to a session that does not exist with 404. A file's bound is
+ * looser than JSON's (fileTensorsLimit); without it a step token could have 1 GiB bodies held in memory
+ * for a session of six numbers (found by a hostile review: 400 MB held at once by two such steps).
  */
-export function jsonBoundBySession(fastify: FastifyInstance, what: string, tensors: string) {
+export function jsonBoundBySession(fastify: FastifyInstance, what: string, tensors: string, file: { what: string; hint: string }) {
   return async (request: FastifyRequest, _reply: unknown, payload: NodeJS.ReadableStream): Promise<NodeJS.ReadableStream> => {
     // With a Content-Length the body is what it announces (the body reader holds it to that): checked here,
     // the payload left as it is (untouched, so that a 100 Continue is only sent once the body is wanted).
     if (!large(request)) return payload;
     const size = await sessionSize(fastify, request, payload);
-    if (!/^application\/json\b/i.test(request.headers['content-type'] ?? '')) return payload;
     const declared = request.headers['content-length'];
+    if (!/^application\/json\b/i.test(request.headers['content-type'] ?? '')) {
+      const limit = fileTensorsLimit(size.numel, size.params);
+      const tooLarge = () => errors.fileTensorsTooLarge(file.what, limit, size.numel, size.params, file.hint);
+      if (declared !== undefined) {
+        if (Number(declared) > limit) throw tooLarge();
+        return payload;
+      }
+      return boundedStream(payload, limit, tooLarge);
+    }
     const limit = jsonTensorsLimit(size.numel, size.params);
     // And its keys: a tensor as {"shape", "data", "dtype"} and its name, a group's hyperparameters (a group
     // a parameter at most), metrics: a step token cannot make the parser build millions of keys in a body

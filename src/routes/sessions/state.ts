@@ -140,7 +140,7 @@ const stateRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastif
     config: ACCESS.step,
     bodyLimit: opts.config.bodyLimitCreate,
     // JSON parameters bounded by the session's size before the body is read whole and parsed (json-bound.ts).
-    preParsing: jsonBoundBySession(fastify, 'a JSON PUT of the parameters', 'parameters'),
+    preParsing: jsonBoundBySession(fastify, 'a JSON PUT of the parameters', 'parameters', { what: 'a file of the parameters', hint: '; a model.state_dict() whose buffers outweigh its parameters: send dict(model.named_parameters())' }),
     schema: {
       operationId: 'loadParams',
       summary: 'Replace the parameters (the optimizer state stays)',

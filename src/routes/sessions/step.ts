@@ -168,7 +168,7 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
     config: { ...ACCESS.step, workerOrder: true },
     bodyLimit: opts.config.bodyLimitStep,
     // A JSON step is bounded by the session's size before the body is read whole and parsed (json-bound.ts).
-    preParsing: jsonBoundBySession(fastify, 'a JSON step', 'gradients'),
+    preParsing: jsonBoundBySession(fastify, 'a JSON step', 'gradients', { what: 'a file of gradients', hint: '' }),
     schema: {
       operationId: 'step',
       summary: 'Apply one optimizer step',
