@@ -18,7 +18,7 @@ export * from './zip.ts';
 export * from './pickle.ts';
 export { readTorchSave, torchSaveToBuffer, writeTorchSave, type TorchLoadOptions, type TorchSaveOptions } from './torch-save.ts';
 export {
-  ASGD_NUMERIC_KEYS, MAX_STEP_COUNT, NOT_ASGD_STATE, PARAM_STATE_KEYS, fromAsgdStateDict, scalarTensor, stepCountProblem, stepNotFloat32, toAsgdStateDict,
+  ASGD_NUMERIC_KEYS, MAX_STEP_COUNT, missingGroupKey, NOT_ASGD_STATE, PARAM_STATE_KEYS, fromAsgdStateDict, scalarTensor, stepCountProblem, stepNotFloat32, toAsgdStateDict,
   type AsgdNumericKey, type AsgdParamGroup, type AsgdParamState, type AsgdStateDict, type StateDictReadOptions,
 } from './optimizer-state.ts';
 export { checkpointKeys, fromCheckpoint, fromModelStateDict, refuseUnreadInCheckpoint, toCheckpoint, toModelStateDict, type Checkpoint, type ModelStateDict } from './model-state.ts';

@@ -107,7 +107,7 @@ function readGroup(value: PyValue, path: string): AsgdParamGroup {
       return pyIntToNumber(v, `${path}.${key}`);
     }
     if (typeof v !== 'number') {
-      if (v === undefined) throw invalid(`${path}.${key}`, 'is missing');
+      if (v === undefined) throw invalid(`${path}.${key}`, missingGroupKey(dict.keys()));
       // torch 2.x takes a tensor lr (capturable, fused): its steps then compute eta as float32 tensors, which
       // the service's exact double-precision replay of the float path does not reproduce.
       const tensor = describe(v).startsWith('Tensor') ? `; save the group's value as a Python float (g['${key}'] = float(g['${key}'])) before torch.save: the service steps the float path` : '';
@@ -148,6 +148,23 @@ function readGroup(value: PyValue, path: string): AsgdParamGroup {
   for (const [key] of extra) if (typeof key !== 'string') throw invalid(path, `has a non-string key ${key}`);
   if (extra.length > 0) group.extra = extra as [string, PyValue][];
   return group;
+}
+
+/** Group keys of torch's other optimizers that ASGD's groups lack (SGD, Adam(W), RMSprop, Adagrad, Adadelta, NAdam, RAdam, Rprop, LBFGS). */
+const OTHER_OPTIMIZER_KEYS = [
+  'momentum', 'dampening', 'nesterov', 'betas', 'eps', 'amsgrad', 'centered', 'rho', 'lr_decay', 'initial_accumulator_value',
+  'momentum_decay', 'decoupled_weight_decay', 'etas', 'step_sizes', 'max_iter', 'history_size', 'line_search_fn',
+] as const;
+
+/**
+ * What a group's missing ASGD key says: "is missing", and, when the group has keys of another optimizer
+ * (SGD's momentum, Adam's betas), that it is that optimizer's state_dict (a PyTorch user's review: an Adam
+ * state_dict was refused for its missing lambd, a hint to add one).
+ */
+export function missingGroupKey(keys: Iterable<unknown>): string {
+  const theirs = [...keys].filter((key) => (OTHER_OPTIMIZER_KEYS as readonly unknown[]).includes(key)).map(String);
+  if (theirs.length === 0) return 'is missing';
+  return `is missing, and the group has ${theirs.map((k) => JSON.stringify(k)).join(', ')}: a state_dict of another optimizer? A session holds torch.optim.ASGD's state (an ASGD state_dict, or the session's own)`;
 }
 
 /** The keys of one parameter's state in torch.optim.ASGD.state_dict(), in torch's order. */

@@ -54,6 +54,25 @@ export function checkModel(session: SessionRecord, layout: Layout, params: Loade
   });
 }
 
+/**
+ * A group's param_names (torch 2.6's named optimizers save them) that are the session's parameters of the
+ * group in another order: loaded by position, as torch loads them, each state would go to another parameter
+ * (the model's order against a session's from a sorted safetensors file: found by a PyTorch user's review,
+ * taken with 200 and the states swapped). Refused naming the first place they differ. Other names (a DDP
+ * model's "module." prefix, an optimizer of another model) are loaded by position, as torch does.
+ */
+function checkNamedOrder(session: SessionRecord, k: number, names: unknown): void {
+  // The names the session gives the group's parameters: those it was created with (param_names), else theirs.
+  const kept = session.groups[k].extra?.param_names;
+  const ours = Array.isArray(kept) && kept.length === session.groups[k].params.length ? kept as string[] : session.groups[k].params.map((i) => session.params[i].name);
+  if (!Array.isArray(names) || names.length !== ours.length || !names.every((n) => typeof n === 'string')) return;
+  const sorted = (list: readonly string[]) => [...list].sort().join('\0');
+  if (sorted(names) !== sorted(ours)) return;
+  const j = names.findIndex((name, i) => name !== ours[i]);
+  if (j < 0) return;
+  throw errors.stateDictMismatch(`param_groups[${k}].param_names[${j}]: ${JSON.stringify(names[j])}, where the session's parameter ${j} of the group is ${JSON.stringify(ours[j])}: the state_dict names the session's parameters in another order, and loading it by position would give each state to another parameter (README "Numbering": load it into an optimizer made from the parameters in the session's order, ${JSON.stringify(ours.slice(0, 4))}${ours.length > 4 ? ' …' : ''})`);
+}
+
 /** Validates a loaded state_dict against the session (groups by position, state by saved index) into a plan. */
 export function planLoad(session: SessionRecord, sd: LoadedStateDict): LoadPlan {
   // torch's checks, in its order and words (the field named first), then one torch lacks, in every format
@@ -78,6 +97,7 @@ export function planLoad(session: SessionRecord, sd: LoadedStateDict): LoadPlan 
   const groups: GroupSpec[] = [];
   sd.paramGroups.forEach((g, k) => {
     const mine = session.groups[k];
+    checkNamedOrder(session, k, g.hyper.extra?.param_names);
     g.params.forEach((saved, j) => savedToIndex.set(saved, mine.params[j]));
     // A state_dict without param_names (an optimizer made from parameters()) keeps the session's, as torch
     // 2.6's load_state_dict keeps the group's (found by a torch 2.x user's review: they were dropped).

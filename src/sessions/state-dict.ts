@@ -7,7 +7,7 @@ import { FLAG_KEYS, HYPERPARAMETER_KEYS, integerLiterals, resolveHyperparameters
 import type { LoadedStateDict, StateView } from './model.ts';
 import { jsonScalar, jsonTensor, rawJson, readJsonTensor, readScalar, type NonFinitePolicy } from './tensors.ts';
 import { unstorableText } from '../formats/json-depth.ts';
-import { ASGD_NUMERIC_KEYS, NOT_ASGD_STATE, PARAM_STATE_KEYS, stepCountProblem, stepNotFloat32, type AsgdParamGroup, type AsgdStateDict, type PyValue } from '../formats/index.ts';
+import { ASGD_NUMERIC_KEYS, missingGroupKey, NOT_ASGD_STATE, PARAM_STATE_KEYS, stepCountProblem, stepNotFloat32, type AsgdParamGroup, type AsgdStateDict, type PyValue } from '../formats/index.ts';
 
 export interface DecodedTensor {
   shape: number[];
@@ -64,7 +64,7 @@ export function parseStateDict(body: unknown): LoadedStateDict {
       throw errors.invalidStateDict(`${field}.params`, 'must be a list of integer parameter ids');
     }
     for (const key of ['lr', 'lambd', 'alpha', 't0', 'weight_decay'] as const) {
-      if (g[key] === undefined) throw errors.invalidStateDict(`${field}.${key}`, 'is missing');
+      if (g[key] === undefined) throw errors.invalidStateDict(`${field}.${key}`, missingGroupKey(Object.keys(g)));
     }
     const known: Record<string, unknown> = {};
     const extra: Record<string, unknown> = {};

@@ -220,6 +220,44 @@ test('an Idempotency-Key answer recorded by an earlier release (its hash of a JS
   assert.equal((await app.inject({ url: '/v1/sessions/sd' })).json().step, 4, 'each step was applied once');
 });
 
+test('another optimizer\'s state_dict (SGD, Adam) is named as such, in JSON and in a .pt file, not refused for a missing lambd alone', async (t) => {
+  const app = await setup(t);
+  const before = (await app.inject({ url: '/v1/sessions/sd/state_dict' })).body;
+  const sgd = { state: {}, param_groups: [{ lr: 0.1, momentum: 0.9, dampening: 0, weight_decay: 0, nesterov: false, maximize: false, foreach: null, params: [0, 1] }] };
+  const json = await app.inject({ method: 'PUT', url: '/v1/sessions/sd/state_dict', payload: sgd });
+  assert.equal(json.statusCode, 400, json.body);
+  assert.equal(json.json().code, 'INVALID_STATE_DICT');
+  assert.match(json.json().message, /^param_groups\[0\]\.lambd: is missing, and the group has "momentum", "dampening", "nesterov": a state_dict of another optimizer\?/);
+  const adam = new PyDict([['state', new PyDict()], ['param_groups', [new PyDict([
+    ['lr', 0.001], ['betas', new PyTuple([0.9, 0.999])], ['eps', 1e-8], ['weight_decay', 0n], ['amsgrad', false], ['params', [0n, 1n]],
+  ])]]]);
+  const file = await app.inject({ method: 'PUT', url: '/v1/sessions/sd/state_dict', headers: { 'content-type': 'application/octet-stream' }, payload: torchSaveToBuffer(adam) });
+  assert.equal(file.statusCode, 400, file.body);
+  assert.match(file.json().message, /param_groups\[0\]\.lambd:? is missing, and the group has "betas", "eps", "amsgrad": a state_dict of another optimizer\?/);
+  assert.equal((await app.inject({ url: '/v1/sessions/sd/state_dict' })).body, before, 'nothing changed');
+});
+
+test('a state_dict whose param_names are the session\'s parameters in another order is refused naming the first that differs; loaded by position, each state would go to another parameter', async (t) => {
+  // A session made in one order (a sorted safetensors file: "b" before "w"), a named optimizer's state_dict in the model's.
+  const { app } = await buildTestApp(t);
+  const created = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'o', params: [params[1], params[0]], hyperparameters: defaults } });
+  assert.equal(created.statusCode, 201, created.body);
+  await app.inject({ method: 'POST', url: '/v1/sessions/o/step', payload: { grads: { b: randomData(params[1].data.length, 3), w: randomData(params[0].data.length, 4) } } });
+  const served = (await app.inject({ url: '/v1/sessions/o/state_dict' })).json();
+  const before = JSON.stringify(served);
+  const withNames = (names: string[]) => ({ ...served, param_groups: [{ ...served.param_groups[0], param_names: names }] });
+  const swapped = await app.inject({ method: 'PUT', url: '/v1/sessions/o/state_dict', payload: withNames(['w', 'b']) });
+  assert.equal(swapped.statusCode, 400, swapped.body);
+  assert.equal(swapped.json().code, 'STATE_DICT_MISMATCH');
+  assert.match(swapped.json().message, /^param_groups\[0\]\.param_names\[0\]: "w", where the session's parameter 0 of the group is "b": .*another order/);
+  assert.equal(JSON.stringify((await app.inject({ url: '/v1/sessions/o/state_dict' })).json()), before, 'nothing changed');
+  // The session's order, or other names (a DDP model's "module." prefix), load by position as torch loads them.
+  for (const names of [['b', 'w'], ['module.w', 'module.b']]) {
+    const res = await app.inject({ method: 'PUT', url: '/v1/sessions/o/state_dict', payload: withNames(names) });
+    assert.equal(res.statusCode, 200, `${names}: ${res.body}`);
+  }
+});
+
 test('param_names (torch 2.6 on, an optimizer made from named_parameters()) travel with the state_dict: created, loaded and served in JSON, .pt and safetensors', async (t) => {
   const { app } = await buildTestApp(t);
   const named = [{ params: ['w'], param_names: ['encoder.weight'], weight_decay: 0.01 }, { params: ['b'], param_names: ['encoder.bias'], lr: 0.1 }];
