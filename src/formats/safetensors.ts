@@ -54,7 +54,11 @@ export function readSafetensors(input: Uint8Array, options: SafetensorsReadOptio
   const buf = Buffer.from(input.buffer, input.byteOffset, input.byteLength);
   if (buf.length < 8) throw headerError(`file of ${buf.length} bytes is too short for a safetensors header`);
   const declared = buf.readBigUInt64LE(0);
-  if (declared > BigInt(buf.length - 8)) throw headerError(`header length ${declared} exceeds the ${buf.length - 8} bytes after it`);
+  if (declared > BigInt(buf.length - 8)) {
+    // A zip archive's local header (PK\x03\x04): a torch.save file sent as safetensors.
+    const zip = buf.readUInt32LE(0) === 0x04034b50 ? ' (it is a zip archive, as torch.save writes: send it with Content-Type: application/octet-stream)' : '';
+    throw headerError(`header length ${declared} exceeds the ${buf.length - 8} bytes after it${zip}`);
+  }
   const headerLength = Number(declared);
   if (headerLength > MAX_HEADER) throw headerError(`header length ${headerLength} exceeds ${MAX_HEADER}`);
   // Parsing and checking a header costs time on the event loop in proportion to its size: refuse one

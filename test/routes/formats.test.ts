@@ -274,6 +274,24 @@ test('Accept: the most specific range decides a format\'s quality (q=0 excludes 
   }
 });
 
+test('a safetensors file sent as application/octet-stream (or a torch.save file as safetensors) is refused saying which it is and the Content-Type to send', async (t) => {
+  const app = await setup(t);
+  const before = (await app.inject({ url: '/v1/sessions/f' })).json().version;
+  const safetensors = (await app.inject({ url: '/v1/sessions/f/params?format=safetensors' })).rawPayload;
+  const pt = (await app.inject({ url: '/v1/sessions/f/params?format=pt' })).rawPayload;
+  for (const [url, method] of [['/v1/sessions/f/params', 'PUT'], ['/v1/sessions/f/step', 'POST']] as const) {
+    const asPt = await app.inject({ method, url, headers: { 'content-type': 'application/octet-stream' }, payload: safetensors });
+    assert.equal(asPt.statusCode, 400, asPt.body);
+    assert.equal(asPt.json().code, 'ZIP_CORRUPT');
+    assert.match(asPt.json().message, /\(it is a safetensors file: send it with Content-Type: application\/x-safetensors\)/);
+    const asSafetensors = await app.inject({ method, url, headers: { 'content-type': 'application/x-safetensors' }, payload: pt });
+    assert.equal(asSafetensors.statusCode, 400, asSafetensors.body);
+    assert.equal(asSafetensors.json().code, 'SAFETENSORS_HEADER_INVALID');
+    assert.match(asSafetensors.json().message, /\(it is a zip archive, as torch\.save writes: send it with Content-Type: application\/octet-stream\)/);
+  }
+  assert.equal((await app.inject({ url: '/v1/sessions/f' })).json().version, before, 'nothing changed');
+});
+
 test('torch 2.x (when present): downloaded .pt files load with weights_only=True and step on identically', async (t) => {
   const python = process.env.TORCH2_PYTHON;
   if (!python) return t.skip('TORCH2_PYTHON is not set (no torch 2.x on this machine)');
