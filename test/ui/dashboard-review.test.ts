@@ -549,3 +549,16 @@ test('hyperparameter changes of a long session that went back, read downsampled:
   const newest = await page.$$eval('#hyper-changes tbody tr', (trs) => trs.map((tr) => tr.querySelector('td')?.textContent));
   assert.deepEqual(newest, Array.from({ length: 20 }, (_, k) => String(3000 - k)));
 });
+
+test('over time, the norms charts put a read at the time its version was made, beside the charts of its steps (not when the page read it)', { skip }, async (t) => {
+  const { base, api, page } = await openDashboard(t);
+  await api('POST', '/v1/sessions', { name: 'normtime', params: PARAMS });
+  await api('POST', '/v1/sessions/normtime/step', { grads: GRAD, metrics: { loss: 1 } });
+  await new Promise((resolve) => setTimeout(resolve, 3000)); // the page reads the norms 3 s after the step
+  await page.goto(`${base}/ui/#/s/normtime`);
+  await page.waitForFunction(() => (window as any).asgdCharts?.norm && (window as any).asgdCharts?.['metric:loss']);
+  await page.selectOption('select[aria-label="x axis"]', 'time');
+  await page.waitForFunction(() => (window as any).asgdCharts?.norm?.scales.x.time && (window as any).asgdCharts?.['metric:loss']?.scales.x.time);
+  const [normAt, lossAt] = await page.evaluate(() => ['norm', 'metric:loss'].map((key) => (window as any).asgdCharts[key].data[0].at(-1) as number));
+  assert.ok(Math.abs(normAt - lossAt) < 1, `the norms at ${normAt}, the step's loss at ${lossAt}: ${normAt - lossAt} s apart`);
+});

@@ -23,6 +23,15 @@ export function fmtBytes(bytes) {
   return `${u === 0 ? v : v.toFixed(v < 10 ? 2 : 1)} ${units[u]}`;
 }
 
+/**
+ * A moment as the time of day when it is today, else with its date (a session's changes span days).
+ * @param {string | number | Date} when @param {Date} [now]
+ */
+export function fmtWhen(when, now = new Date()) {
+  const d = new Date(when);
+  return d.toDateString() === now.toDateString() ? d.toLocaleTimeString() : d.toLocaleString();
+}
+
 /** Time since an ISO date, as "12 s", "3 min", "2 h", "5 d". @param {string | null | undefined} iso */
 export function fmtAgo(iso, now = Date.now()) {
   if (!iso) return '—';

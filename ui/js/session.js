@@ -3,7 +3,7 @@
 // service without it, polling with If-None-Match) triggers a refresh of what changed, with no reload.
 import { api, ApiError, backoffMs, followEvents, getToken, isUnreachable, readSignal, sleep } from './api.js';
 import { Chart } from './charts.js';
-import { fmtAgo, fmtBytes, fmtNum, h, roundCell, roundTitle } from './format.js';
+import { fmtAgo, fmtBytes, fmtNum, fmtWhen, h, roundCell, roundTitle } from './format.js';
 import { changesOn, etaMu, hyperAt, lineage, MAX_POINTS, present, metricNames, RATE_LABEL, rawTailFrom, stepsLastMinute, stepsPerSecond, toPoint, withRawTail } from './series.js';
 import { snapshotsSection } from './snapshots.js';
 import { storedBytes } from './sessions.js';
@@ -203,7 +203,7 @@ export function sessionPage(root, name, who) {
     if (norms.length > 0) {
       const params = norms[norms.length - 1].params.slice(0, NORM_CHART_PARAMS);
       const seen = lineage(norms);
-      const nx = seen.map((n) => (xMode === 'time' ? n.time / 1000 : n.step));
+      const nx = seen.map((n) => (xMode === 'time' ? normTime(n) / 1000 : n.step));
       const note = 'computed on demand since this page opened (at most every 5 s while steps stream in)';
       // On the steps (or times) of the charts above, not an axis of their own around a few points.
       /** @type {[number, number] | null} */
@@ -292,7 +292,7 @@ export function sessionPage(root, name, who) {
             h('thead', {}, h('tr', {}, h('th', { className: 'num' }, 'step'), h('th', { className: 'num' }, 'version'), h('th', {}, 'when'), h('th', {}, 'by'), h('th', {}, 'groups after it'))),
             h('tbody', {}, ...recent.map((c) => h('tr', {},
               h('td', { className: 'num' }, String(c.step)), h('td', { className: 'num' }, String(c.version)),
-              h('td', {}, new Date(c.time).toLocaleTimeString()),
+              h('td', {}, fmtWhen(c.time)),
               h('td', { className: 'reason' }, (c.reason && REASONS[c.reason]) ?? c.reason ?? 'a step'),
               h('td', {}, c.param_groups.map((g, i) => `${i}: ${HYPER_KEYS.filter((k) => g[k] !== undefined).map((k) => `${k}=${typeof g[k] === 'number' ? fmtNum(g[k], 6) : g[k]}`).join(' ')}`).join(' | '))))))),
         ),
@@ -440,9 +440,26 @@ export function sessionPage(root, name, who) {
     // Earlier reads keep only what the charts draw (the first NORM_CHART_PARAMS); the table shows the latest.
     const previous = norms.at(-1);
     if (previous) previous.params = previous.params.slice(0, NORM_CHART_PARAMS);
-    norms.push({ ...answer, params, time: Date.now() });
+    norms.push({ ...answer, params, fetched: Date.now() });
     if (norms.length > NORM_HISTORY) norms.splice(0, norms.length - NORM_HISTORY);
     return true;
+  }
+
+  /**
+   * When the state a read of the norms was computed at was made: its version's commit (the session's
+   * updated_at while that version is current, else the step at that version in the series), not when the
+   * page read it (a review: over time, the norms sat minutes right of the charts beside them, at the read).
+   * @param {any} n
+   */
+  function normTime(n) {
+    if (n.time !== undefined) return n.time;
+    if (session && session.version === n.version) return (n.time = Date.parse(session.updated_at));
+    for (let i = points.length - 1; i >= 0; i--) {
+      if (points[i].version > n.version) continue;
+      if (points[i].version === n.version) n.time = points[i].time;
+      return points[i].time;
+    }
+    return n.fetched;
   }
 
   /** @type {any[] | null} */
