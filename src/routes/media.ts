@@ -40,6 +40,34 @@ export function contentFormat(request: FastifyRequest): WireFormat {
  * `application/json;q=0, *\/*` excludes JSON; the highest quality wins, a tie goes to the range listed first,
  * then to the route's order (its first offer is the default).
  */
+/** The ranges of an Accept header (the first 32), lower-cased, each with its quality (0 to 1) and its place. */
+function acceptRanges(accept: string): { type: string; q: number; index: number }[] {
+  return accept.split(',').slice(0, 32).map((part, index) => {
+    const [type, ...params] = part.trim().toLowerCase().split(';');
+    const q = params.map((p) => p.trim()).find((p) => p.startsWith('q='));
+    const quality = q ? Number(q.slice(2)) : 1;
+    return { type: type.trim(), q: Number.isFinite(quality) ? Math.min(Math.max(quality, 0), 1) : 0, index };
+  });
+}
+
+/**
+ * Refuses (406) a request whose Accept excludes `type` (`text/event-stream`) by negotiate's rule: the most
+ * specific range naming it (the type, its `text/*`, `*\/*`) decides, and a quality of 0 excludes it. No
+ * Accept takes it.
+ */
+export function requireAccepts(request: FastifyRequest, type: string): void {
+  const accept = request.headers.accept;
+  if (!accept) return;
+  const major = `${type.split('/')[0]}/*`;
+  let match: { specificity: number; q: number } | null = null;
+  for (const r of acceptRanges(accept)) {
+    const specificity = r.type === type ? 2 : r.type === major ? 1 : r.type === '*/*' ? 0 : -1;
+    if (specificity < 0) continue;
+    if (!match || specificity > match.specificity || (specificity === match.specificity && r.q > match.q)) match = { specificity, q: r.q };
+  }
+  if (!match || match.q <= 0) throw errors.notAcceptable(headerText(accept).slice(0, 200), type);
+}
+
 export function negotiate(request: FastifyRequest, queryFormat: string | undefined, offered: readonly WireFormat[]): WireFormat {
   if (queryFormat !== undefined) {
     if (!(offered as readonly string[]).includes(queryFormat)) throw errors.invalidQuery('format', `must be one of ${offered.join(', ')}`);
@@ -47,12 +75,7 @@ export function negotiate(request: FastifyRequest, queryFormat: string | undefin
   }
   const accept = request.headers.accept;
   if (!accept) return offered[0];
-  const ranges = accept.split(',').slice(0, 32).map((part, index) => {
-    const [type, ...params] = part.trim().toLowerCase().split(';');
-    const q = params.map((p) => p.trim()).find((p) => p.startsWith('q='));
-    const quality = q ? Number(q.slice(2)) : 1;
-    return { type: type.trim(), q: Number.isFinite(quality) ? Math.min(Math.max(quality, 0), 1) : 0, index };
-  });
+  const ranges = acceptRanges(accept);
   let best: { format: WireFormat; q: number; index: number } | null = null;
   for (const format of offered) {
     // The most specific range naming this format decides its quality (of two exact ones, the higher).

@@ -412,6 +412,18 @@ test('event streams whose clients hang up while the session is looked up are rel
   assert.match(String(head.headers['content-type']), /^text\/event-stream/);
   assert.equal(head.headers['content-length'], undefined, 'an event stream has no length (its GET sends none)');
   assert.equal(app.versions.stats().streams, 0);
+  // An Accept that excludes text/event-stream is a 406, as on every route (it was answered with a stream);
+  // EventSource's, fetch's and curl's are taken.
+  for (const accept of ['application/json', 'text/event-stream;q=0, application/json', 'text/*;q=0']) {
+    const res = await app.inject({ url: '/v1/sessions/h/events', headers: { accept } });
+    assert.equal(res.statusCode, 406, `${accept}: ${res.body}`);
+    assert.equal(res.json().code, 'NOT_ACCEPTABLE');
+    assert.match(res.json().message, /this route offers text\/event-stream/);
+  }
+  for (const accept of ['text/event-stream', '*/*', 'text/*', 'application/json, */*;q=0.1']) {
+    const head = await new Promise<http.IncomingMessage>((resolve, reject) => http.request(`http://127.0.0.1:${port}/v1/sessions/h/events`, { method: 'HEAD', headers: { accept } }, resolve).on('error', reject).end());
+    assert.equal(head.statusCode, 200, accept);
+  }
 });
 
 test('event streams: one stored token holds at most 100 on a process (429 TOO_MANY_STREAMS), others still open theirs; one signal, one read for all the streams it wakes', async (t) => {

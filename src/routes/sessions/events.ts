@@ -10,6 +10,7 @@ import { Type } from 'typebox';
 import { ApiError, errors } from '../../errors.ts';
 import { errorResponses, NameParams } from '../schemas.ts';
 import { ACCESS, storedTokenId } from '../common.ts';
+import { requireAccepts } from '../media.ts';
 import { MAX_STREAMS_PER_TOKEN } from '../../plugins/notifier.ts';
 import type { SessionRecord } from '../../sessions/repository.ts';
 
@@ -89,11 +90,12 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       headers: Type.Object({ 'last-event-id': Type.Optional(Type.String({ pattern: '^(?:[0-9]{1,15}(@[0-9]{1,15})?|NaN)$', 'x-rule': 'an event\'s id (<version>@<n>) or a version: whole numbers written in decimal', description: 'The id of the last event received (or the version you have)' })) }),
       response: {
         200: { description: 'The event stream', content: { 'text/event-stream': { schema: Type.String() } } },
-        ...errorResponses(400, 401, 403, 404, 429, 503),
+        ...errorResponses(400, 401, 403, 404, 406, 429, 503),
       },
     },
   }, async (request, reply) => {
     const { name } = request.params;
+    requireAccepts(request, 'text/event-stream'); // as every route answers an Accept it cannot meet (a hostile review: 200 to Accept: application/json)
     const current: SessionRecord = await fastify.sessions.get(name); // 404 before the stream starts
     // HEAD: the stream's headers and no stream (a body would never be sent, and the slot held until the client gave up).
     if (request.method === 'HEAD') return reply.header('content-type', 'text/event-stream; charset=utf-8').header('cache-control', 'no-cache, no-transform').send('');
