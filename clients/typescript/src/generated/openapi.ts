@@ -267,7 +267,7 @@ export interface paths {
         get: operations["getParams"];
         /**
          * Replace the parameters (the optimizer state stays)
-         * @description What editing a model's weights in place does to torch.optim.ASGD: the parameters become the ones sent and the next step applies to them; the optimizer state (step, eta, mu, ax), the hyperparameters and the session's step are unchanged. Every parameter, with its shape, finite. JSON {"params": {name: tensor or flat list}} (the body GET params answers is taken as it is), safetensors, or a torch.save file of a model state_dict (torch.save(model.state_dict(), f) of the parameters). Bumps the version (written as a snapshot), unless the parameters equal the session's bit for bit.
+         * @description What editing a model's weights in place does to torch.optim.ASGD: the parameters become the ones sent and the next step applies to them; the optimizer state (step, eta, mu, ax), the hyperparameters and the session's step are unchanged. Every parameter, with its shape, finite. JSON {"params": {name: tensor or flat list}} (the body GET params answers is taken as it is), safetensors, or a torch.save file of a model state_dict (torch.save(model.state_dict(), f): buffers are left out when every parameter is there). Bumps the version (written as a snapshot), unless the parameters equal the session's bit for bit.
          *
          *     Needs a token with scope `step`.
          */
@@ -3511,6 +3511,7 @@ export interface operations {
             401: components["responses"]["Error401"];
             403: components["responses"]["Error403"];
             404: components["responses"]["Error404"];
+            406: components["responses"]["Error406"];
             429: components["responses"]["Error429"];
             503: components["responses"]["Error503"];
             default: components["responses"]["ErrorOther"];
