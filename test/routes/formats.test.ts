@@ -289,6 +289,10 @@ test('a safetensors file sent as application/octet-stream (or a torch.save file 
     assert.equal(asSafetensors.json().code, 'SAFETENSORS_HEADER_INVALID');
     assert.match(asSafetensors.json().message, /\(it is a zip archive, as torch\.save writes: send it with Content-Type: application\/octet-stream\)/);
   }
+  // PUT checkpoint takes no safetensors: its hint says what it takes.
+  const checkpoint = await app.inject({ method: 'PUT', url: '/v1/sessions/f/checkpoint', headers: { 'content-type': 'application/octet-stream' }, payload: safetensors });
+  assert.equal(checkpoint.json().code, 'ZIP_CORRUPT');
+  assert.match(checkpoint.json().message, /^checkpoint: not a zip archive: .*\(it is a safetensors file: PUT …\/checkpoint takes a torch\.save file of \{"model", "optimizer", "step"\}, or the same as JSON\)/);
   assert.equal((await app.inject({ url: '/v1/sessions/f' })).json().version, before, 'nothing changed');
 });
 
@@ -353,58 +357,64 @@ print(json.dumps({"state_dict": saved(m.state_dict()), "parameters": saved(dict(
   assert.deepEqual(created.json().params.map((p: { name: string }) => p.name), ['0.weight', '0.bias', '1.weight', '1.bias']);
 });
 
-test('PUT params takes model.state_dict() of a model with buffers (torch.save and safetensors): the buffers are left out, the parameters loaded exactly', async (t) => {
+test('PUT params takes torch.save(model.state_dict()) of a model with buffers (twelve BatchNorm layers): the buffers are left out, the parameters loaded exactly; a plain dict or safetensors with a name the session lacks is refused', async (t) => {
   const skip = skipWithoutTorch();
   if (skip) return t.skip(skip);
   const { app } = await buildTestApp(t);
   const torch = JSON.parse(runPython(`
 import io, json, base64, struct
 torch.manual_seed(3)
-m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+m = torch.nn.Sequential(*[layer for _ in range(12) for layer in (torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))])
 m(torch.randn(5, 3))  # the running statistics and num_batches_tracked move
 def saved(obj):
     b = io.BytesIO(); torch.save(obj, b); return base64.b64encode(b.getvalue()).decode()
 hx = lambda t: [format(x, '08x') for x in struct.unpack('<%dI' % t.numel(), t.detach().contiguous().numpy().astype('<f4').tobytes())]
 sd = m.state_dict()
+lacking = m.state_dict()  # a module's state_dict (its _metadata kept) without one parameter
+del lacking['0.bias']
+params = dict(m.named_parameters())
 print(json.dumps({
-    "parameters": saved(dict(m.named_parameters())),
+    "parameters": saved(params),
     "state_dict": saved(sd),
-    "lacking": saved({k: v for k, v in sd.items() if k != '0.bias'}),
-    "params": {k: hx(v) for k, v in m.named_parameters()},
-    "buffers": {k: hx(v) for k, v in sd.items() if v.dtype == torch.float32 and k not in dict(m.named_parameters())},
-    "tracked": int(sd['1.num_batches_tracked']),
+    "lacking": saved(lacking),
+    "plain_extra": saved({**{k: v.detach() for k, v in params.items()}, 'head.weight': torch.zeros(2, 3)}),
+    "params": {k: hx(v) for k, v in params.items()},
+    "buffers": len(sd) - len(params),
 }))
-`)) as { parameters: string; state_dict: string; lacking: string; params: Record<string, string[]>; buffers: Record<string, string[]>; tracked: number };
-  const floats = (hex: string[]) => new Float32Array(new Uint32Array(hex.map((h) => parseInt(h, 16))).buffer);
-  const created = await app.inject({ method: 'POST', url: '/v1/sessions?name=bn', headers: { 'content-type': 'application/octet-stream' }, payload: Buffer.from(torch.parameters, 'base64') });
+`)) as { parameters: string; state_dict: string; lacking: string; plain_extra: string; params: Record<string, string[]>; buffers: number };
+  assert.equal(torch.buffers, 36);
+  const pt = { 'content-type': 'application/octet-stream' };
+  const created = await app.inject({ method: 'POST', url: '/v1/sessions?name=bn', headers: pt, payload: Buffer.from(torch.parameters, 'base64') });
   assert.equal(created.statusCode, 201, created.body);
-  const shapes: Record<string, number[]> = { '0.weight': [4, 3], '0.bias': [4], '1.weight': [4], '1.bias': [4] };
-  // A safetensors file of the same state_dict, buffers and all (int64 num_batches_tracked among them), other values.
-  const scaled = (name: string) => floats(torch.params[name]).map((x) => x * 0.5);
-  const safetensors = streamToBuffer(writeSafetensors([
-    ...Object.keys(shapes).map((name): [string, Tensor] => [name, { dtype: 'float32', shape: shapes[name], data: scaled(name) }]),
-    ...Object.entries(torch.buffers).map(([name, hex]): [string, Tensor] => [name, { dtype: 'float32', shape: [4], data: floats(hex) }]),
-    ['1.num_batches_tracked', { dtype: 'int64', shape: [], data: new BigInt64Array([BigInt(torch.tracked)]) }],
-  ]));
   const put = (payload: Buffer, type = 'application/octet-stream') => app.inject({ method: 'PUT', url: '/v1/sessions/bn/params', headers: { 'content-type': type }, payload });
-  const params = async () => (await app.inject({ url: '/v1/sessions/bn/params' })).json().params as Record<string, { data: number[] }>;
+  const version = async () => (await app.inject({ url: '/v1/sessions/bn' })).json().version as number;
 
-  const fromSafetensors = await put(safetensors, 'application/x-safetensors');
-  assert.equal(fromSafetensors.statusCode, 200, fromSafetensors.body);
-  for (const name of Object.keys(shapes)) assert.deepEqual(hexOf((await params())[name].data), hexOf([...scaled(name)]), name);
-  const fromTorch = await put(Buffer.from(torch.state_dict, 'base64'));
-  assert.equal(fromTorch.statusCode, 200, fromTorch.body);
-  const loaded = await params();
-  assert.deepEqual(Object.keys(loaded), Object.keys(shapes), 'the buffers are not parameters of the session');
-  for (const name of Object.keys(shapes)) assert.deepEqual(hexOf(loaded[name].data), torch.params[name], name);
+  const loaded = await put(Buffer.from(torch.state_dict, 'base64'));
+  assert.equal(loaded.statusCode, 200, loaded.body);
+  const params = (await app.inject({ url: '/v1/sessions/bn/params' })).json().params as Record<string, { data: number[] }>;
+  assert.deepEqual(Object.keys(params), Object.keys(torch.params), 'the buffers are not parameters of the session');
+  for (const name of Object.keys(torch.params)) assert.deepEqual(hexOf(params[name].data), torch.params[name], name);
 
-  // A parameter missing: nothing is left out, and the refusal names the first entry the session lacks and what is missing.
-  const version = (await app.inject({ url: '/v1/sessions/bn' })).json().version;
+  const before = await version();
+  // A parameter missing from the state_dict: nothing is left out, and the refusal names the first entry the session lacks and what is missing.
   const lacking = await put(Buffer.from(torch.lacking, 'base64'));
   assert.equal(lacking.statusCode, 400, lacking.body);
   assert.equal(lacking.json().code, 'UNKNOWN_PARAMETER');
   assert.match(lacking.json().message, /^params\.1\.running_mean: .*"0\.bias" is missing from params/);
-  assert.equal((await app.inject({ url: '/v1/sessions/bn' })).json().version, version, 'nothing changed');
+  // A dict of tensors (not a module's state_dict) or a safetensors file naming what the session lacks: refused, as in JSON.
+  const extra = await put(Buffer.from(torch.plain_extra, 'base64'));
+  assert.equal(extra.statusCode, 400, extra.body);
+  assert.equal(extra.json().code, 'UNKNOWN_PARAMETER');
+  assert.match(extra.json().message, /^params\.head\.weight: /);
+  const floats = (hex: string[]) => new Float32Array(new Uint32Array(hex.map((h) => parseInt(h, 16))).buffer);
+  const safetensors = streamToBuffer(writeSafetensors([
+    ...Object.entries(torch.params).map(([name, hex]): [string, Tensor] => [name, { dtype: 'float32', shape: [floats(hex).length], data: floats(hex) }]),
+    ['1.num_batches_tracked', { dtype: 'int64', shape: [], data: new BigInt64Array([1n]) }],
+  ]));
+  const asSafetensors = await put(safetensors, 'application/x-safetensors');
+  assert.equal(asSafetensors.statusCode, 400, asSafetensors.body);
+  assert.match(asSafetensors.json().message, /^params\.1\.num_batches_tracked: dtype int64 is not supported.*named_parameters/);
+  assert.equal(await version(), before, 'nothing changed');
 });
 
 test('PUT checkpoint of a training script\'s checkpoint (its argparse.Namespace, numpy values, an LR scheduler beside model and optimizer) loads them exactly; the same objects in the optimizer are refused naming where', async (t) => {
@@ -431,11 +441,12 @@ print(json.dumps({
     "checkpoint": saved({'model_state_dict': m.state_dict(), 'optimizer_state_dict': opt.state_dict(), **extras}),
     "poisoned": saved({'model': m.state_dict(), 'optimizer': poisoned, 'args': extras['args']}),
     "module": saved({'model': m, 'optimizer': opt.state_dict()}),
+    "whole": saved(m),
     "params": {k: hx(v) for k, v in m.named_parameters()},
     "ax": [hx(opt.state[p]['ax']) for p in m.parameters()],
     "lr": opt.param_groups[0]['lr'],
 }))
-`)) as { create: string; checkpoint: string; poisoned: string; module: string; params: Record<string, string[]>; ax: string[][]; lr: number };
+`)) as { create: string; checkpoint: string; poisoned: string; module: string; whole: string; params: Record<string, string[]>; ax: string[][]; lr: number };
   const file = (b64: string) => Buffer.from(b64, 'base64');
   const pt = { 'content-type': 'application/octet-stream' };
   const created = await app.inject({ method: 'POST', url: '/v1/sessions?name=run', headers: pt, payload: file(torch.create) });
@@ -458,10 +469,19 @@ print(json.dumps({
     assert.equal(refused.json().code, 'PICKLE_GLOBAL_REFUSED');
     assert.match(refused.json().message, message);
   }
-  // Elsewhere (a state_dict, parameters) such an object is refused when named, as weights_only refuses it, the file named.
+  // Elsewhere (a state_dict, parameters, gradients) such an object is refused when named, as weights_only refuses
+  // it, the file named, with what to send instead.
   const asStateDict = await app.inject({ method: 'PUT', url: '/v1/sessions/run/state_dict', headers: pt, payload: file(torch.poisoned) });
   assert.equal(asStateDict.json().code, 'PICKLE_GLOBAL_REFUSED');
-  assert.match(asStateDict.json().message, /^state_dict: pickle global /);
+  assert.match(asStateDict.json().message, /^state_dict: pickle global \S+ is not allowed \(torch\.load\(weights_only=True\) refuses it too/);
+  for (const [method, url, message] of [
+    ['POST', '/v1/sessions/run/step', /^grads: pickle global torch\.nn\.modules\.linear\.Linear is not allowed \(a whole torch\.nn\.Module was saved: send its gradients, \{name: p\.grad/],
+    ['PUT', '/v1/sessions/run/params', /^params: pickle global torch\.nn\.modules\.linear\.Linear is not allowed \(a whole torch\.nn\.Module was saved: save dict\(model\.named_parameters\(\)\) instead\)/],
+  ] as const) {
+    const refused = await app.inject({ method, url, headers: pt, payload: file(torch.whole) });
+    assert.equal(refused.statusCode, 400, refused.body);
+    assert.match(refused.json().message, message);
+  }
   assert.equal((await app.inject({ url: '/v1/sessions/run' })).json().version, version, 'nothing changed');
 });
 

@@ -68,13 +68,17 @@ const CHECKPOINT_TENSORS = 8;
 export function readNamedTensors(format: WireFormat, body: Buffer, field: string, limits: TorchLoadOptions = {}, sessionParams?: readonly string[]): NamedTensors {
   const out = new Map<string, Float32Tensor>();
   const file = format === 'safetensors' ? readSafetensors(body, { dtypes: 'all', maxTensors: MAX_PARAMS }) : null;
-  const tensors = file ? file.tensors : toModelStateDict(readTorchSave(body, { ...limits, name: field }), {}, field).tensors;
+  const model = file ? null : toModelStateDict(readTorchSave(body, { ...limits, name: field }), {}, field);
+  const tensors = file ? file.tensors : model!.tensors;
   const aliases = file ? new Map<string, string>() : aliasesOf(tensors);
-  // Given the session's parameters, a model.state_dict()'s buffers are left out (as PUT checkpoint leaves
-  // them out: modelBuffers), before their dtype is read (BatchNorm's int64 num_batches_tracked), and so is
-  // the second name of a tied tensor whose first name is a parameter.
+  // Given the session's parameters, the buffers of a module's state_dict (torch.save(model.state_dict()): an
+  // OrderedDict carrying the module's _metadata) are left out, as PUT checkpoint leaves them out
+  // (modelBuffers), before their dtype is read (BatchNorm's int64 num_batches_tracked), and so is the second
+  // name of a tied tensor whose first name is a parameter. In any other file (a dict of tensors, safetensors)
+  // a name the session lacks is refused, as in JSON: it may be a parameter the session does not have (found
+  // by a review: a layer added to the model was dropped without a word).
   let leftOut = new Set<string>();
-  if (sessionParams) {
+  if (sessionParams && model?.metadata) {
     const known = new Set(sessionParams);
     const tiedAgain = (name: string) => aliases.has(name) && !known.has(name) && known.has(aliases.get(name)!);
     leftOut = modelBuffers([...tensors.keys()].filter((name) => !tiedAgain(name)), sessionParams, field);
