@@ -39,7 +39,7 @@ export function bindParts(config: BindConfig): Buffer[] {
   let small: Buffer[] = [];
   const int16 = (n: number) => {
     const b = Buffer.allocUnsafe(2);
-    b.writeInt16BE(n);
+    b.writeUInt16BE(n); // counts up to 65535, as pg-protocol writes them (PostgreSQL reads them as int16)
     small.push(b);
   };
   const int32 = (n: number) => {

@@ -588,11 +588,14 @@ class Unpickler {
     const normalized = module === '__builtin__' ? 'builtins' : module; // Python 2 names, as pickle's fix_imports maps them
     const found = this.options.findGlobal(normalized, name);
     if (found) return found;
+    // Named in messages at most 200 characters long (a review: a 20 MB class name came back in a 20 MB answer).
+    const qualified = `${module}.${name}`; // as the file names it
+    const shown = qualified.length > 200 ? `${qualified.slice(0, 200)}… (${qualified.length} characters)` : qualified;
     if (this.options.unknownGlobals === 'unread') {
       this.countObject();
-      return new UnreadObject(`${normalized}.${name}`);
+      return new UnreadObject(shown);
     }
-    throw new FormatError('PICKLE_GLOBAL_REFUSED', `pickle global ${module}.${name} is not allowed${refusedGlobalHint(normalized)}`);
+    throw new FormatError('PICKLE_GLOBAL_REFUSED', `pickle global ${shown} is not allowed`);
   }
 
   /** NEWOBJ (cls, args) and NEWOBJ_EX (cls, args, kwargs): only of an UnreadObject class, as an UnreadObject. */
@@ -693,15 +696,4 @@ function decodeLong(bytes: Buffer): bigint {
   const hex = Buffer.from(bytes).reverse().toString('hex');
   const value = BigInt(`0x${hex}`);
   return bytes[bytes.length - 1] & 0x80 ? value - (1n << BigInt(8 * bytes.length)) : value;
-}
-
-/** What to do about a refused global, for the ones files commonly hold. */
-function refusedGlobalHint(module: string): string {
-  if (module.startsWith('torch.nn.modules.')) {
-    return ' (a whole torch.nn.Module was saved: save model.state_dict(), or dict(model.named_parameters()), instead)';
-  }
-  if (module === 'argparse' || module === 'numpy' || module.startsWith('numpy.') || module.startsWith('torch.optim.')) {
-    return ' (torch.load(weights_only=True) refuses it too; keep such values out of the file, or in a checkpoint\'s other keys, which are left out)';
-  }
-  return '';
 }

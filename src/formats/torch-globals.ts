@@ -12,7 +12,7 @@
 
 import { FormatError } from './errors.ts';
 import { Opaque, PyGlobal, type Item } from './pickle-reader.ts';
-import { InertValue, PyDict, PyTuple, pyTypeName, type PyValue } from './pyvalue.ts';
+import { findUnread, InertValue, PyDict, PyTuple, pyTypeName, type PyValue } from './pyvalue.ts';
 import { checkShape, contiguousStrides, elementSize, isTensor, numel, type DType, type Tensor, type TypedArray } from './tensor.ts';
 
 /** torch.<name> storage class for each dtype (torch/storage.py, pickle_storage_type). */
@@ -228,6 +228,11 @@ function checkParameterState(state: Item): void {
       if (typeof key !== 'string') throw callError(`_rebuild_parameter_with_state: a parameter's attribute names are strings, got ${describeItem(key)}`);
       if (TENSOR_ATTRIBUTES.has(key) || key.startsWith('__')) throw callError(`_rebuild_parameter_with_state: the attribute ${JSON.stringify(key.slice(0, 40))} is the tensor's own (torch would set it on the parameter), not one of its Python attributes`);
     }
+    // Read in 'unread' mode (a checkpoint), an attribute of a class weights_only refuses is an UnreadObject:
+    // refused here as that mode's default refuses it where it is named (found by a review: such a Parameter
+    // passed in a checkpoint's model).
+    const unread = findUnread(part, 'attribute');
+    if (unread) throw new FormatError('PICKLE_GLOBAL_REFUSED', `pickle global ${unread.type} is not allowed (a Parameter's ${unread.path.replace(/^attribute\.?/, 'attribute ')})`);
   }
 }
 

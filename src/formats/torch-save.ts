@@ -71,7 +71,7 @@ export function readTorchSave(buf: Uint8Array, options: TorchLoadOptions = {}): 
     // Not a zip at all: said as such, rather than as a corrupt zip.
     throw new FormatError('TORCH_SAVE_INVALID', 'this is a torch.save file in the legacy format (PyTorch before 1.6, or _use_new_zipfile_serialization=False), which is not read: save it again with torch.save(obj, f) on PyTorch 1.6 or later');
   }
-  const zip = readZip(buf, options);
+  const zip = withHint(options.name, buf, () => readZip(buf, options));
   const prefix = archivePrefix(zip);
   checkVersion(zip, prefix);
 
@@ -113,7 +113,7 @@ export function readTorchSave(buf: Uint8Array, options: TorchLoadOptions = {}): 
 
   const pkl = `${prefix}data.pkl`;
   if (!zip.entries.has(pkl)) throw new FormatError('ZIP_ENTRY_MISSING', 'torch.save archive has no data.pkl');
-  const value = named(options.name, () => unpickle(zip.read(pkl), {
+  const value = withHint(options.name, buf, () => unpickle(zip.read(pkl), {
     findGlobal: findTorchGlobal,
     persistentLoad,
     maxDepth: options.maxDepth,
@@ -128,14 +128,46 @@ export function readTorchSave(buf: Uint8Array, options: TorchLoadOptions = {}): 
   return value;
 }
 
-/** `read()`, with a refused global's message prefixed by what the file is (`state_dict: pickle global …`). */
-function named<T>(name: string | undefined, read: () => T): T {
+/**
+ * `read()`, with what its refusals say made specific to the file's role (`name`: "grads", "params",
+ * "state_dict", "checkpoint"): a refused global named with the file and what to send instead (a whole
+ * nn.Module, weights_only's refusals), a body that is not a zip told as the safetensors file it is.
+ */
+function withHint<T>(name: string | undefined, buf: Uint8Array, read: () => T): T {
   try {
     return read();
   } catch (err) {
-    if (name && err instanceof FormatError && err.code === 'PICKLE_GLOBAL_REFUSED') throw new FormatError(err.code, `${name}: ${err.message}`);
+    if (!(err instanceof FormatError)) throw err;
+    if (err.code === 'PICKLE_GLOBAL_REFUSED' && name) throw new FormatError(err.code, `${name}: ${err.message}${refusedGlobalHint(err.message, name)}`);
+    if (err.code === 'ZIP_CORRUPT' && looksLikeSafetensors(buf)) {
+      const send = name === 'checkpoint'
+        ? 'PUT …/checkpoint takes a torch.save file of {"model", "optimizer", "step"}, or the same as JSON'
+        : 'send it with Content-Type: application/x-safetensors';
+      throw new FormatError(err.code, `${name ? `${name}: ` : ''}${err.message} (it is a safetensors file: ${send})`);
+    }
     throw err;
   }
+}
+
+/** What to send instead of a file holding a refused global, for the ones files commonly hold. */
+function refusedGlobalHint(message: string, name: string): string {
+  if (/pickle global torch\.nn\.modules\./.test(message)) {
+    const instead = name === 'grads' ? 'send its gradients, {name: p.grad for name, p in model.named_parameters()}'
+      : name === 'state_dict' ? 'send the optimizer\'s state_dict()'
+        : 'save dict(model.named_parameters()) instead';
+    return ` (a whole torch.nn.Module was saved: ${instead})`;
+  }
+  if (/pickle global (argparse|numpy|torch\.optim)\./.test(message)) {
+    return ' (torch.load(weights_only=True) refuses it too: keep such values out of the file; a checkpoint\'s other keys may hold them)';
+  }
+  return '';
+}
+
+/** A safetensors file: an 8-byte little-endian header length that fits, then the JSON header's `{`. */
+function looksLikeSafetensors(buf: Uint8Array): boolean {
+  if (buf.length <= 9) return false;
+  const view = Buffer.from(buf.buffer, buf.byteOffset, buf.byteLength);
+  return view.readBigUInt64LE(0) <= BigInt(buf.length - 8) && buf[8] === 0x7b;
 }
 
 /** The "<archive>/" folder every record sits in; PyTorch takes it from the first entry (inline_container.cc). */

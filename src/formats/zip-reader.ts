@@ -150,12 +150,7 @@ function findEocd(buf: Buffer): number {
   if (buf.length >= 4 && buf.readUInt32LE(0) === SIG_LOCAL) {
     throw new FormatError('ZIP_TRUNCATED', 'zip archive is truncated: no end of central directory record');
   }
-  throw new FormatError('ZIP_CORRUPT', `not a zip archive: no end of central directory record${looksLikeSafetensors(buf) ? ' (it is a safetensors file: send it with Content-Type: application/x-safetensors)' : ''}`);
-}
-
-/** A safetensors file: an 8-byte little-endian header length that fits, then the JSON header's `{`. */
-function looksLikeSafetensors(buf: Buffer): boolean {
-  return buf.length > 9 && buf.readBigUInt64LE(0) <= BigInt(buf.length - 8) && buf[8] === 0x7b;
+  throw new FormatError('ZIP_CORRUPT', 'not a zip archive: no end of central directory record');
 }
 
 function readCentralEntry(buf: Buffer, pos: number, cdEnd: number, cdOffset: number): { entry: ZipEntry; next: number } {

@@ -54,10 +54,13 @@ for (const label of ['1.13', '2.x']) {
     });
 
     if (label === '2.x') {
-      test('a Parameter attribute weights_only refuses (an argparse.Namespace) is refused', () => {
+      test('a Parameter attribute weights_only refuses (an argparse.Namespace) is refused, in a checkpoint\'s reading (unknown globals unread) too', () => {
         const err = refusal(() => read('refused-attribute.pt'));
         assert.equal(err.code, 'PICKLE_GLOBAL_REFUSED');
         assert.match(err.message, /argparse\.Namespace is not allowed/);
+        const unread = refusal(() => readTorchSave(readFileSync(join(dir, 'refused-attribute.pt')), { unknownGlobals: 'unread' }));
+        assert.equal(unread.code, 'PICKLE_GLOBAL_REFUSED');
+        assert.match(unread.message, /pickle global argparse\.Namespace is not allowed \(a Parameter's attribute /);
       });
     } else {
       test('torch 1.13 leaves a Parameter\'s attributes out of the file: the one weights_only would refuse is not there', () => {
