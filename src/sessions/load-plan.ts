@@ -55,22 +55,31 @@ export function checkModel(session: SessionRecord, layout: Layout, params: Loade
 }
 
 /**
- * A group's param_names (torch 2.6's named optimizers save them) that are the session's parameters of the
- * group in another order: loaded by position, as torch loads them, each state would go to another parameter
- * (the model's order against a session's from a sorted safetensors file: found by a PyTorch user's review,
- * taken with 200 and the states swapped). Refused naming the first place they differ. Other names (a DDP
- * model's "module." prefix, an optimizer of another model) are loaded by position, as torch does.
+ * A state_dict's param_names (torch 2.6's named optimizers save them) that are the session's parameters in
+ * another order, within a group or across groups: loaded by position, as torch loads it, each state would go to
+ * another parameter (the model's order against a session's from a sorted safetensors file: found by a PyTorch
+ * user's review, taken with 200 and the states swapped). Refused naming the first place they differ. The
+ * session's names are its parameters', or those it was created with (param_names); other names (a DDP model's
+ * "module." prefix, an optimizer of another model) are loaded by position, as torch does.
  */
-function checkNamedOrder(session: SessionRecord, k: number, names: unknown): void {
-  // The names the session gives the group's parameters: those it was created with (param_names), else theirs.
-  const kept = session.groups[k].extra?.param_names;
-  const ours = Array.isArray(kept) && kept.length === session.groups[k].params.length ? kept as string[] : session.groups[k].params.map((i) => session.params[i].name);
-  if (!Array.isArray(names) || names.length !== ours.length || !names.every((n) => typeof n === 'string')) return;
-  const sorted = (list: readonly string[]) => [...list].sort().join('\0');
-  if (sorted(names) !== sorted(ours)) return;
-  const j = names.findIndex((name, i) => name !== ours[i]);
-  if (j < 0) return;
-  throw errors.stateDictMismatch(`param_groups[${k}].param_names[${j}]: ${JSON.stringify(names[j])}, where the session's parameter ${j} of the group is ${JSON.stringify(ours[j])}: the state_dict names the session's parameters in another order, and loading it by position would give each state to another parameter (README "Numbering": load it into an optimizer made from the parameters in the session's order, ${JSON.stringify(ours.slice(0, 4))}${ours.length > 4 ? ' …' : ''})`);
+function checkNamedOrder(session: SessionRecord, sd: LoadedStateDict): void {
+  const places: { k: number; j: number; name: string }[] = [];
+  for (const [k, g] of sd.paramGroups.entries()) {
+    const names = g.hyper.extra?.param_names;
+    if (!Array.isArray(names) || names.length !== session.groups[k].params.length || !names.every((n) => typeof n === 'string')) return;
+    names.forEach((name: string, j) => places.push({ k, j, name }));
+  }
+  const theirs = session.groups.flatMap((g) => g.params.map((i) => session.params[i].name));
+  const kept = session.groups.flatMap((g) => (Array.isArray(g.extra?.param_names) && g.extra.param_names.length === g.params.length ? g.extra.param_names as string[] : g.params.map(() => null)));
+  const sorted = (list: readonly (string | null)[]) => [...list].sort().join('\0');
+  const file = places.map((p) => p.name);
+  for (const ours of [theirs, kept]) {
+    if (ours.includes(null) || sorted(file) !== sorted(ours)) continue;
+    const at = places.findIndex((p, i) => p.name !== ours[i]);
+    if (at < 0) return;
+    const { k, j, name } = places[at];
+    throw errors.stateDictMismatch(`param_groups[${k}].param_names[${j}]: ${JSON.stringify(name)}, where the session's parameter ${j} of group ${k} is ${JSON.stringify(ours[at])}: the state_dict names the session's parameters in another order, and loading it by position would give each state to another parameter (README "Numbering": load it into an optimizer made from the parameters in the session's order)`);
+  }
 }
 
 /** Validates a loaded state_dict against the session (groups by position, state by saved index) into a plan. */
@@ -94,10 +103,10 @@ export function planLoad(session: SessionRecord, sd: LoadedStateDict): LoadPlan 
     }
   });
   const savedToIndex = new Map<number, number>();
+  checkNamedOrder(session, sd);
   const groups: GroupSpec[] = [];
   sd.paramGroups.forEach((g, k) => {
     const mine = session.groups[k];
-    checkNamedOrder(session, k, g.hyper.extra?.param_names);
     g.params.forEach((saved, j) => savedToIndex.set(saved, mine.params[j]));
     // A state_dict without param_names (an optimizer made from parameters()) keeps the session's, as torch
     // 2.6's load_state_dict keeps the group's (found by a torch 2.x user's review: they were dropped).

@@ -249,13 +249,21 @@ test('a state_dict whose param_names are the session\'s parameters in another or
   const swapped = await app.inject({ method: 'PUT', url: '/v1/sessions/o/state_dict', payload: withNames(['w', 'b']) });
   assert.equal(swapped.statusCode, 400, swapped.body);
   assert.equal(swapped.json().code, 'STATE_DICT_MISMATCH');
-  assert.match(swapped.json().message, /^param_groups\[0\]\.param_names\[0\]: "w", where the session's parameter 0 of the group is "b": .*another order/);
+  assert.match(swapped.json().message, /^param_groups\[0\]\.param_names\[0\]: "w", where the session's parameter 0 of group 0 is "b": .*another order/);
   assert.equal(JSON.stringify((await app.inject({ url: '/v1/sessions/o/state_dict' })).json()), before, 'nothing changed');
   // The session's order, or other names (a DDP model's "module." prefix), load by position as torch loads them.
   for (const names of [['b', 'w'], ['module.w', 'module.b']]) {
     const res = await app.inject({ method: 'PUT', url: '/v1/sessions/o/state_dict', payload: withNames(names) });
     assert.equal(res.statusCode, 200, `${names}: ${res.body}`);
   }
+  // Across groups too: a session of groups [w], [b] and a state_dict naming them [b], [w].
+  const grouped = await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'g', params, hyperparameters: defaults, param_groups: [{ params: ['w'] }, { params: ['b'] }] } });
+  assert.equal(grouped.statusCode, 201, grouped.body);
+  const own = (await app.inject({ url: '/v1/sessions/g/state_dict' })).json();
+  const crossed = { ...own, param_groups: own.param_groups.map((g: Record<string, unknown>, i: number) => ({ ...g, param_names: [i === 0 ? 'b' : 'w'] })) };
+  const across = await app.inject({ method: 'PUT', url: '/v1/sessions/g/state_dict', payload: crossed });
+  assert.equal(across.statusCode, 400, across.body);
+  assert.match(across.json().message, /^param_groups\[0\]\.param_names\[0\]: "b", where the session's parameter 0 of group 0 is "w"/);
 });
 
 test('param_names (torch 2.6 on, an optimizer made from named_parameters()) travel with the state_dict: created, loaded and served in JSON, .pt and safetensors', async (t) => {
