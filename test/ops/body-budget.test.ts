@@ -14,7 +14,10 @@ test('bodies received and held at once are bounded: a file or JSON body past ASG
   const sockets: Socket[] = [];
   t.after(() => sockets.forEach((s) => s.destroy())); // before the app's close, which waits for them
   const { app } = await buildTestApp(t, { env: { ASGD_BODY_IN_FLIGHT_BYTES: String(5 * MiB) } });
-  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'tiny', params: [{ name: 'w', shape: [2], data: [1, 2] }] } })).statusCode, 201);
+  // Its second parameter makes the session large enough for the 3 MiB files below (a file of a session's
+  // gradients is bounded by 8 bytes an element, 4 KiB a parameter and 1 MiB: refused with 413 beyond).
+  const params = [{ name: 'w', shape: [2], data: [1, 2] }, { name: 'v', shape: [300_000], data: new Array(300_000).fill(0) }];
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'tiny', params } })).statusCode, 201);
   const before = (await app.inject({ url: '/v1/sessions/tiny' })).json();
   const base = await app.listen({ host: '127.0.0.1', port: 0 });
   const port = Number(new URL(base).port);

@@ -2,7 +2,7 @@
 // they are read whole and parsed: parsing JSON holds the event loop (a 256 MiB step to a 9-parameter session:
 // 19 s and 2.6 GB), and a step token may send them. The session is looked up first where this process does
 // not hold it (a cold replica, an evicted session): an unknown name is a 404 before its body is read.
-import type { FastifyInstance, FastifyRequest } from 'fastify';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { errors } from '../../errors.ts';
 import { bodyStage, boundJsonKeys } from '../../plugins/content-types.ts';
 
@@ -77,7 +77,7 @@ export function sessionBeforeBody(fastify: FastifyInstance) {
  * for a session of six numbers (found by a hostile review: 400 MB held at once by two such steps).
  */
 export function jsonBoundBySession(fastify: FastifyInstance, what: string, tensors: string, file: { what: string; hint: string }) {
-  return async (request: FastifyRequest, _reply: unknown, payload: NodeJS.ReadableStream): Promise<NodeJS.ReadableStream> => {
+  return async (request: FastifyRequest, reply: FastifyReply, payload: NodeJS.ReadableStream): Promise<NodeJS.ReadableStream> => {
     // With a Content-Length the body is what it announces (the body reader holds it to that): checked here,
     // the payload left as it is (untouched, so that a 100 Continue is only sent once the body is wanted).
     if (!large(request)) return payload;
@@ -87,7 +87,13 @@ export function jsonBoundBySession(fastify: FastifyInstance, what: string, tenso
       const limit = fileTensorsLimit(size.numel, size.params);
       const tooLarge = () => errors.fileTensorsTooLarge(file.what, limit, size.numel, size.params, file.hint);
       if (declared !== undefined) {
-        if (Number(declared) > limit) throw tooLarge();
+        // As the route's own body limit answers (Fastify closes the connection after a body parser's error): the
+        // file, up to a GiB, is not read to keep the connection, which closes lingering (app.ts) so that the client
+        // still reads the 413 while it sends; a client that stops sending is cut after 5 s.
+        if (Number(declared) > limit) {
+          reply.header('connection', 'close');
+          throw tooLarge();
+        }
         return payload;
       }
       return boundedStream(payload, limit, tooLarge);
