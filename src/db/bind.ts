@@ -75,10 +75,14 @@ export function bindParts(config: BindConfig): Buffer[] {
 }
 
 /**
- * `connection.bind` with bindParts: each part written to the connection's socket in order (pg's own
- * `_send` writes nothing once the socket is no longer writable; neither does this).
+ * `connection.bind` with bindParts when a value is a Buffer of LARGE bytes or more: each part written to the
+ * connection's socket in order (pg's own `_send` writes nothing once the socket is no longer writable;
+ * neither does this). Other Binds (a small step's, every read's) go to pg's own `bind`, one Buffer from one
+ * reused writer: bindParts' small pieces cost a few microseconds more a statement, which the small-step
+ * throughput benchmark, CPU-bound, would pay.
  */
-export function writeBind(connection: BindTarget, config: BindConfig): void {
+export function writeBind(connection: BindTarget, config: BindConfig, pgBind: (config: BindConfig) => void): void {
+  if (!(config.values ?? []).some((v) => v instanceof Buffer && v.length >= LARGE)) return pgBind(config);
   const parts = bindParts(config);
   if (!connection.stream.writable) return;
   for (const part of parts) connection.stream.write(part);

@@ -275,9 +275,17 @@ interface PgConnection {
 
 /**
  * QueryOptions.lockFirst on PostgreSQL: pg's Query, with the Bind and Execute of an already prepared
- * statement sent before its own Parse/Bind/Describe/Execute and the one Sync. The first statement's rows
- * come before any RowDescription, so pg's Query neither keeps them nor mistakes them for its own; the
- * results arrive as an array (one per statement).
+ * statement run before its own, in one round trip and one implicit transaction: its Parse (the first time)
+ * and Bind, to a portal of its own (LOCK_FIRST_PORTAL), then the locking statement's Bind and Execute, then
+ * its Describe and Execute, and the one Sync. Its Bind comes first because PostgreSQL reads each message
+ * whole before the next: a step's Bind carries its gradients (megabytes), and sent after the lock was taken,
+ * a connection that went silent while sending it (a network cut, a dead host: PostgreSQL sees no close)
+ * left the backend waiting for the rest while holding the session's row lock, and every replica's steps on
+ * the session waited behind it for good (an operator's review: 11 minutes, until the backend was
+ * terminated). The statement's snapshot is still taken after the lock: a portal of a statement that writes
+ * (a data-modifying WITH) starts at its Execute. The locking statement's rows come before any
+ * RowDescription, so pg's Query neither keeps them nor mistakes them for its own; the results arrive as an
+ * array (one per statement).
  */
 class LockFirstQuery extends (pg.Query as unknown as new (config: pg.QueryConfig, values?: unknown, callback?: (err: Error | null, res: pg.QueryResult | pg.QueryResult[]) => void) => { prepare(connection: PgConnection): void }) {
   readonly #lock: { name: string; values: unknown[] };
@@ -288,11 +296,24 @@ class LockFirstQuery extends (pg.Query as unknown as new (config: pg.QueryConfig
   }
 
   override prepare(connection: PgConnection): void {
-    connection.bind({ portal: '', statement: this.#lock.name, values: this.#lock.values.map((v) => (v === null ? null : String(v))) });
-    connection.execute({ portal: '', rows: 0 });
-    super.prepare(connection);
+    // pg's prepare writes Parse, Bind (to this.portal), Describe, Execute and Sync: the lock goes right after its Bind.
+    const bind = connection.bind;
+    connection.bind = (config) => {
+      connection.bind = bind;
+      bind.call(connection, config);
+      bind.call(connection, { portal: '', statement: this.#lock.name, values: this.#lock.values.map((v) => (v === null ? null : String(v))) });
+      connection.execute({ portal: '', rows: 0 });
+    };
+    try {
+      super.prepare(connection);
+    } finally {
+      connection.bind = bind;
+    }
   }
 }
+
+/** The portal a lockFirst statement is bound to, apart from the unnamed one its locking statement uses. */
+const LOCK_FIRST_PORTAL = 'asgd_lock_first';
 
 /** How long closing waits for PostgreSQL to close a connection before it is destroyed. */
 const CLOSE_GRACE_MS = 2_000;
@@ -355,7 +376,8 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
     watchSilence(client, silence, url);
     // Binds with large Buffer values (a step's gradients, a snapshot's chunks) written without copying them (bind.ts).
     const connection = (client as unknown as { connection: BindTarget & { bind(config: BindConfig): void } }).connection;
-    connection.bind = (config) => writeBind(connection, config);
+    const pgBind = connection.bind.bind(connection);
+    connection.bind = (config) => writeBind(connection, config, pgBind);
     // A listener for the client's whole life. pg emits 'error' on a client whose server ends its connection
     // while no statement runs on it (PostgreSQL's shutdown sends each backend FATAL 57P01), and an 'error'
     // event nobody hears ends the process. A backend that has just started gets its FATAL in the same
@@ -501,7 +523,7 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
       // Prepared on its own the first time, so that pg's bookkeeping of prepared statements stays right.
       if (connection.parsedStatements[lock.name] === undefined) await client.query({ name: lock.name, text: lock.text, values: lock.values });
       const results = await new Promise<pg.QueryResult | pg.QueryResult[]>((resolve, reject) => {
-        const query = new LockFirstQuery({ text, values: params, name: opts.name }, lock, (err, res) => (err ? reject(err) : resolve(res)));
+        const query = new LockFirstQuery({ text, values: params, name: opts.name, portal: LOCK_FIRST_PORTAL } as pg.QueryConfig, lock, (err, res) => (err ? reject(err) : resolve(res)));
         client.query(query as unknown as pg.Submittable);
       });
       return (Array.isArray(results) ? results[results.length - 1] : results).rows as R[];

@@ -5,6 +5,7 @@
 // takes its session's row lock this way (repository.ts).
 import assert from 'node:assert/strict';
 import { test, type TestContext } from 'node:test';
+import { connect, createServer, type AddressInfo, type Socket } from 'node:net';
 import pg from 'pg';
 import { openDatabase, type Database } from '../../src/db/database.ts';
 import { createTestDatabase, TEST_DB_KIND } from '../helper.ts';
@@ -72,4 +73,58 @@ test('lockFirst: a failing statement rolls the lock back with it, and the pool g
   assert.deepEqual(await db.query('UPDATE t SET v = v + 2 WHERE id = $1 RETURNING v', [1], { name: 'bump_t', lockFirst: LOCK }), [{ v: 2 }]);
   await assert.rejects(db.query('UPDATE t SET v = v / (v - v) WHERE id = $1 RETURNING v', [1], { name: 'divide_t', lockFirst: LOCK }), (err: { code?: string }) => err.code === '22012');
   assert.deepEqual(await db.query('SELECT count(*)::int AS n FROM t WHERE v = 2'), [{ n: 1 }]);
+});
+
+test('lockFirst: a connection that goes silent while sending the statement\'s large parameters holds no row lock (its Bind is sent before the lock is taken)', { skip, timeout: 60_000 }, async (t) => {
+  // An operator's review: a connection black-holed partway through a step's 100 MB Bind (a network cut, a
+  // dead host: PostgreSQL sees no close) left its backend reading, the session's row lock held, and every
+  // replica's steps on the session waited behind it until the backend was terminated.
+  const scratch = await createTestDatabase();
+  const target = new URL(scratch.url);
+  // A proxy that forwards what the service sends until told to stop, then drops it without closing.
+  let budget = Infinity;
+  let forwarded = 0;
+  const sockets = new Set<Socket>();
+  const proxy = createServer((client) => {
+    const upstream = connect(Number(target.port || 5432), target.hostname);
+    sockets.add(client).add(upstream);
+    client.on('error', () => {});
+    upstream.on('error', () => {});
+    upstream.pipe(client);
+    client.on('data', (chunk: Buffer) => {
+      const room = Math.max(0, budget - forwarded);
+      const part = chunk.subarray(0, Math.min(room, chunk.length));
+      forwarded += part.length;
+      if (part.length) upstream.write(part);
+    });
+  });
+  await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve));
+  const via = new URL(scratch.url);
+  via.hostname = '127.0.0.1';
+  via.port = String((proxy.address() as AddressInfo).port);
+  const db = await openDatabase({ databaseUrl: via.toString(), dataDir: '', poolSize: 1 });
+  const other = new pg.Client({ connectionString: scratch.url });
+  await other.connect();
+  t.after(async () => {
+    for (const s of sockets) s.destroy();
+    proxy.close();
+    await other.query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()').catch(() => {});
+    await other.end();
+    await db.close().catch(() => {});
+    await scratch.drop();
+  });
+  await db.query('CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL, data bytea)');
+  await db.query('INSERT INTO t VALUES (1, 0, NULL)');
+  // Both statements prepared, through the proxy, while it forwards everything.
+  assert.deepEqual(await db.query('UPDATE t SET v = v + 1, data = $2 WHERE id = $1 RETURNING v', [1, Buffer.alloc(10)], { name: 'write_t', lockFirst: LOCK }), [{ v: 1 }]);
+  // The next one's 8 MB parameter stops arriving after its first MB.
+  budget = forwarded + 1024 * 1024;
+  const stuck = db.query('UPDATE t SET v = v + 1, data = $2 WHERE id = $1 RETURNING v', [1, Buffer.alloc(8 * 1024 * 1024, 7)], { name: 'write_t', lockFirst: LOCK });
+  stuck.catch(() => {});
+  while (forwarded < budget) await new Promise((resolve) => setTimeout(resolve, 20));
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  // Its backend waits for the rest of the message; the row is not locked (an update of it goes through at once).
+  await other.query("SET lock_timeout = '3s'");
+  await other.query('UPDATE t SET v = 10 WHERE id = 1');
+  assert.deepEqual((await other.query('SELECT v FROM t WHERE id = 1')).rows, [{ v: 10 }]);
 });
