@@ -79,8 +79,7 @@ export function readNamedTensors(format: WireFormat, body: Buffer, field: string
   // by a review: a layer added to the model was dropped without a word).
   let leftOut = new Set<string>();
   if (sessionParams && model?.metadata) {
-    const known = new Set(sessionParams);
-    const tiedAgain = (name: string) => aliases.has(name) && !known.has(name) && known.has(aliases.get(name)!);
+    const tiedAgain = tiedAgainOf(aliases, sessionParams);
     leftOut = modelBuffers([...tensors.keys()].filter((name) => !tiedAgain(name)), sessionParams, field);
   }
   for (const [name, tensor] of tensors) if (!leftOut.has(name)) out.set(name, float32Of(tensor, `${field}.${name}`));
@@ -96,6 +95,18 @@ export interface NamedTensors {
    * named_parameters() names it once), each with that earlier name.
    */
   aliases: Map<string, string>;
+}
+
+/**
+ * Whether a name is the second name of a tied tensor whose first name is a session parameter (a tied model's
+ * state_dict names the tensor twice, named_parameters() once): that tensor again, not an unknown parameter.
+ */
+export function tiedAgainOf(aliases: ReadonlyMap<string, string>, sessionParams: Iterable<string>): (name: string) => boolean {
+  const known = new Set(sessionParams);
+  return (name) => {
+    const first = aliases.get(name);
+    return first !== undefined && !known.has(name) && known.has(first);
+  };
 }
 
 /** Entries that view exactly the same elements (storage, offset, shape) as an earlier one: alias -> first name. */
@@ -189,12 +200,7 @@ export function readCheckpointFile(body: Buffer, sessionParams: readonly string[
   const params: CheckpointInput['params'] = new Map();
   // A tied model's state_dict names the tied tensor twice; the name the session lacks is that tensor again
   // (as PUT params takes it; the tutorial's {'model': model.state_dict(), ...} of AWD-LSTM).
-  const aliases = aliasesOf(model.tensors);
-  const known = new Set(sessionParams);
-  const tiedAgain = (name: string) => {
-    const first = aliases.get(name);
-    return first !== undefined && !known.has(name) && known.has(first);
-  };
+  const tiedAgain = tiedAgainOf(aliasesOf(model.tensors), sessionParams);
   const buffers = modelBuffers([...model.tensors.keys()].filter((name) => !tiedAgain(name)), sessionParams, modelKey);
   for (const [name, tensor] of model.tensors) {
     if (tiedAgain(name) || buffers.has(name)) continue;

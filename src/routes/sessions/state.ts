@@ -12,7 +12,7 @@ import { firstNonFinite, readJsonTensor } from '../../sessions/tensors.ts';
 import { ACCESS, changeAnswer, changeKeyOf, ifMatchOf, jsonBody, jsonOrFile } from '../common.ts';
 import { contentFormat, mediaTypes, ROUTE_MEDIA, type WireFormat } from '../media.ts';
 import { ChangeHeaders, errorResponses, GroupChanges, ConditionalReadHeaders, NameParams, NotModified, Version, withCode, SessionChange } from '../schemas.ts';
-import { checkpointJsonParts, perTensorLimits, readCheckpointFile, readCheckpointJson, readNamedTensors, readStateDictBody } from './binary.ts';
+import { checkpointJsonParts, perTensorLimits, readCheckpointFile, readCheckpointJson, readNamedTensors, readStateDictBody, tiedAgainOf } from './binary.ts';
 import { jsonBoundBySession, sessionBeforeBody } from './json-bound.ts';
 import { answeredNotModified, checkIfMatchRead, MAX_WAIT_SECONDS, waitPastVersion } from './conditional.ts';
 import { refuseLargeJson, sendView, viewResponse, type ViewKind, type ViewQuery } from './views.ts';
@@ -93,11 +93,9 @@ function readParamsBody(body: Static<typeof ParamsIn> | Buffer, format: WireForm
     // layer adds three for its two parameters; ResNet-18, 62 parameters and 60 buffers, was refused for its
     // zip's entries: a review).
     const { tensors, aliases } = readNamedTensors(format, body, 'params', perTensorLimits(3 * sessionParams.length), sessionParams.map((p) => p.name));
-    const known = new Set(sessionParams.map((p) => p.name));
+    const tiedAgain = tiedAgainOf(aliases, sessionParams.map((p) => p.name));
     for (const [name, tensor] of tensors) {
-      // model.state_dict() of a model with tied weights names one tensor twice: the name the session does
-      // not have is that tensor again, not an unknown parameter.
-      if (aliases.has(name) && !known.has(name) && known.has(aliases.get(name)!)) continue;
+      if (tiedAgain(name)) continue;
       const bad = firstNonFinite(tensor.data);
       if (bad >= 0) throw errors.invalidTensor(`params.${name}.data[${bad}]`, 'is not finite');
       params.set(name, { shape: tensor.shape, data: tensor.data });
