@@ -132,6 +132,17 @@ const make =
 const PART_CODES = { params: 'INVALID_PATH', querystring: 'INVALID_QUERY', headers: 'INVALID_HEADER', body: 'INVALID_BODY' } as const;
 export type RequestPart = keyof typeof PART_CODES;
 
+/**
+ * For a name no parameter has: the prefix a wrapper puts before a model's own names, said with what to send
+ * (a review: a DistributedDataParallel checkpoint was refused naming "module.0.weight" and nothing else).
+ */
+function wrapperHint(name: string): string {
+  const wrapper = name.startsWith('module.') ? { prefix: 'module.', what: 'a DistributedDataParallel or DataParallel model', inner: 'model.module' }
+    : name.startsWith('_orig_mod.') ? { prefix: '_orig_mod.', what: 'a torch.compile()d model', inner: 'model._orig_mod' }
+    : null;
+  return wrapper === null ? '' : ` (names that begin with "${wrapper.prefix}" are ${wrapper.what}'s: use the names of ${wrapper.inner} (${wrapper.inner}.state_dict(), ${wrapper.inner}.named_parameters()), or take "${wrapper.prefix}" off each name)`;
+}
+
 export const errors = {
   // 400: the request is malformed
   badRequest: make('BAD_REQUEST', (message: string) => message),
@@ -152,7 +163,7 @@ export const errors = {
   invalidParamGroups: make('INVALID_PARAM_GROUPS', (message: string) => message),
   invalidTensor: make('INVALID_TENSOR', (field: string, message: string) => `${field}: ${message}`),
   shapeMismatch: make('SHAPE_MISMATCH', (field: string, message: string) => `${field}: ${message}`),
-  unknownParameter: make('UNKNOWN_PARAMETER', (field: string, name: string, more?: string) => `${field}: no parameter named ${JSON.stringify(name)} in this session${more ? `; ${more}` : ''}`),
+  unknownParameter: make('UNKNOWN_PARAMETER', (field: string, name: string, more?: string) => `${field}: no parameter named ${JSON.stringify(name)} in this session${more ? `; ${more}` : ''}${wrapperHint(name)}`),
   emptyStep: make('EMPTY_STEP', () => 'grads: a step needs a gradient for at least one parameter'),
   stateDictMismatch: make('STATE_DICT_MISMATCH', (message: string) => message),
   invalidStateDict: make('INVALID_STATE_DICT', (field: string, message: string) => `${field}: ${message}`),

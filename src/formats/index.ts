@@ -21,6 +21,6 @@ export {
   ASGD_NUMERIC_KEYS, MAX_STEP_COUNT, missingGroupKey, NOT_ASGD_STATE, PARAM_STATE_KEYS, fromAsgdStateDict, scalarTensor, stepCountProblem, stepNotFloat32, toAsgdStateDict,
   type AsgdNumericKey, type AsgdParamGroup, type AsgdParamState, type AsgdStateDict, type StateDictReadOptions,
 } from './optimizer-state.ts';
-export { checkpointKeys, fromCheckpoint, fromModelStateDict, refuseUnreadInCheckpoint, toCheckpoint, toModelStateDict, type Checkpoint, type ModelStateDict } from './model-state.ts';
+export { checkpointKeys, fromCheckpoint, missingCheckpointPart, fromModelStateDict, refuseUnreadInCheckpoint, toCheckpoint, toModelStateDict, type Checkpoint, type ModelStateDict } from './model-state.ts';
 export { readOptimizerSafetensors, writeOptimizerSafetensors } from './optimizer-safetensors.ts';
 export { readSafetensors, writeSafetensors, type SafetensorsFile, type SafetensorsReadOptions } from './safetensors.ts';

@@ -92,8 +92,8 @@ export function toCheckpoint(value: PyValue, options: StateDictReadOptions = {})
   const keys = checkpointKeys(dict);
   const step = dict.get('step');
   const checkpoint: Checkpoint = {
-    model: toModelStateDict(dict.get(keys.model) ?? missing(`checkpoint.${keys.model}`), options, `checkpoint.${keys.model}`),
-    optimizer: toAsgdStateDict(dict.get(keys.optimizer) ?? missing(`checkpoint.${keys.optimizer}`), options, `checkpoint.${keys.optimizer}`),
+    model: toModelStateDict(dict.get(keys.model) ?? missingPart(dict, keys.model), options, `checkpoint.${keys.model}`),
+    optimizer: toAsgdStateDict(dict.get(keys.optimizer) ?? missingPart(dict, keys.optimizer), options, `checkpoint.${keys.optimizer}`),
     // Without it (the tutorial's layout has an epoch, not a step) the load counts it from the optimizer state.
     ...(step === undefined ? {} : { step: pyIntToNumber(step, 'checkpoint.step') }),
   };
@@ -117,6 +117,21 @@ export function fromCheckpoint(checkpoint: Checkpoint): PyDict {
   return dict;
 }
 
-function missing(path: string): never {
-  throw invalid(path, 'is missing');
+/** The layouts a checkpoint may have, for messages. */
+const CHECKPOINT_LAYOUTS = 'a checkpoint is {"model", "optimizer", "step"?}, or the tutorial\'s {"model_state_dict", "optimizer_state_dict", …}';
+
+/**
+ * A checkpoint without its model or optimizer: said with the layouts it may have and the keys it has (the
+ * first 12), and, for PyTorch Lightning's {"state_dict", "optimizer_states", …}, what to send instead.
+ */
+export function missingCheckpointPart(keys: readonly string[]): string {
+  const shown = keys.slice(0, 12).map((k) => JSON.stringify(k.length > 60 ? `${k.slice(0, 60)}…` : k)).join(', ') + (keys.length > 12 ? `, … (${keys.length} keys)` : '');
+  const lightning = keys.includes('state_dict') && keys.includes('optimizer_states')
+    ? '; a PyTorch Lightning checkpoint: send {"model": ckpt["state_dict"], "optimizer": ckpt["optimizer_states"][0]}, its model\'s names being the session\'s'
+    : '';
+  return `is missing (${CHECKPOINT_LAYOUTS}; this one has ${keys.length === 0 ? 'no keys' : shown}${lightning})`;
+}
+
+function missingPart(dict: PyDict, key: string): never {
+  throw invalid(`checkpoint.${key}`, missingCheckpointPart([...dict].map(([k]) => String(k))));
 }

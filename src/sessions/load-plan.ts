@@ -38,12 +38,18 @@ export function modelBuffers(names: Iterable<string>, sessionParams: readonly st
 }
 
 /**
+ * PUT params of a name the session lacks: a module state_dict's buffers are left out only from a torch.save
+ * file (its _metadata says what it is), not from a plain dict, safetensors or JSON.
+ */
+export const PARAMS_ONLY = 'a buffer (BatchNorm\'s running_mean)? send the parameters only, dict(model.named_parameters()), or torch.save(model.state_dict()) as a file';
+
+/**
  * A model state_dict must name exactly the session's parameters, with their shapes. `field`: where the
  * request holds them (a checkpoint's "model", PUT params' "params"), for the messages.
  */
 export function checkModel(session: SessionRecord, layout: Layout, params: LoadedParams, field = 'model'): void {
   for (const pname of params.keys()) {
-    if (!layout.index.has(pname)) throw errors.unknownParameter(`${field}.${pname}`, pname);
+    if (!layout.index.has(pname)) throw errors.unknownParameter(`${field}.${pname}`, pname, field === 'params' ? PARAMS_ONLY : undefined);
   }
   session.params.forEach((p, i) => {
     const t = params.get(p.name);

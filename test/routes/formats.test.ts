@@ -119,6 +119,10 @@ test('safetensors: params download, gradients upload, session creation, state_di
   const header = JSON.parse(res.rawPayload.subarray(8, 8 + headerLength).toString());
   assert.deepEqual(header['fc.weight'].shape, [3, 5]);
   assert.equal(header.__metadata__.version, '1');
+  // The tensors are in safetensors' order (by name: fc.bias first); param_names gives the session's (the
+  // model's), in which the clients hand them out (a review: the Python client's order depended on the format).
+  assert.deepEqual(Object.keys(header).filter((k) => k !== '__metadata__'), ['fc.bias', 'fc.weight']);
+  assert.deepEqual(JSON.parse(header.__metadata__.param_names), params.map((p) => p.name));
   const [b, e] = header['fc.weight'].data_offsets;
   const w = new Float32Array(res.rawPayload.buffer.slice(res.rawPayload.byteOffset + 8 + headerLength + b, res.rawPayload.byteOffset + 8 + headerLength + e));
   assert.deepEqual(hexOf(w), hexOf(params[0].data));
@@ -378,10 +382,11 @@ print(json.dumps({
     "state_dict": saved(sd),
     "lacking": saved(lacking),
     "plain_extra": saved({**{k: v.detach() for k, v in params.items()}, 'head.weight': torch.zeros(2, 3)}),
+    "ddp": saved({'module.' + k: v.detach() for k, v in params.items()}),
     "params": {k: hx(v) for k, v in params.items()},
     "buffers": len(sd) - len(params),
 }))
-`)) as { parameters: string; state_dict: string; lacking: string; plain_extra: string; params: Record<string, string[]>; buffers: number };
+`)) as { parameters: string; state_dict: string; lacking: string; plain_extra: string; ddp: string; params: Record<string, string[]>; buffers: number };
   assert.equal(torch.buffers, 36);
   const pt = { 'content-type': 'application/octet-stream' };
   const created = await app.inject({ method: 'POST', url: '/v1/sessions?name=bn', headers: pt, payload: Buffer.from(torch.parameters, 'base64') });
@@ -405,7 +410,15 @@ print(json.dumps({
   const extra = await put(Buffer.from(torch.plain_extra, 'base64'));
   assert.equal(extra.statusCode, 400, extra.body);
   assert.equal(extra.json().code, 'UNKNOWN_PARAMETER');
-  assert.match(extra.json().message, /^params\.head\.weight: /);
+  assert.match(extra.json().message, /^params\.head\.weight: .*a buffer .*\? send the parameters only, dict\(model\.named_parameters\(\)\), or torch\.save\(model\.state_dict\(\)\) as a file$/);
+  // A DistributedDataParallel model's names: said as such, with what to send.
+  const ddp = await put(Buffer.from(torch.ddp, 'base64'));
+  assert.equal(ddp.statusCode, 400, ddp.body);
+  assert.equal(ddp.json().code, 'UNKNOWN_PARAMETER');
+  assert.match(ddp.json().message, /^params\.module\.0\.weight: .*names that begin with "module\." are a DistributedDataParallel or DataParallel model's: use the names of model\.module .*take "module\." off each name\)$/);
+  const json = await app.inject({ method: 'PUT', url: '/v1/sessions/bn/params', payload: { params: { '_orig_mod.0.weight': { shape: [3, 3], data: Array(9).fill(0) } } } });
+  assert.equal(json.statusCode, 400, json.body);
+  assert.match(json.json().message, /^params\._orig_mod\.0\.weight: .*names that begin with "_orig_mod\." are a torch\.compile\(\)d model's/);
   const floats = (hex: string[]) => new Float32Array(new Uint32Array(hex.map((h) => parseInt(h, 16))).buffer);
   const safetensors = streamToBuffer(writeSafetensors([
     ...Object.entries(torch.params).map(([name, hex]): [string, Tensor] => [name, { dtype: 'float32', shape: [floats(hex).length], data: floats(hex) }]),
@@ -442,11 +455,12 @@ print(json.dumps({
     "poisoned": saved({'model': m.state_dict(), 'optimizer': poisoned, 'args': extras['args']}),
     "module": saved({'model': m, 'optimizer': opt.state_dict()}),
     "whole": saved(m),
+    "lightning": saved({'epoch': 3, 'global_step': 9, 'state_dict': m.state_dict(), 'optimizer_states': [opt.state_dict()], 'lr_schedulers': [sched.state_dict()]}),
     "params": {k: hx(v) for k, v in m.named_parameters()},
     "ax": [hx(opt.state[p]['ax']) for p in m.parameters()],
     "lr": opt.param_groups[0]['lr'],
 }))
-`)) as { create: string; checkpoint: string; poisoned: string; module: string; whole: string; params: Record<string, string[]>; ax: string[][]; lr: number };
+`)) as { create: string; checkpoint: string; poisoned: string; module: string; whole: string; lightning: string; params: Record<string, string[]>; ax: string[][]; lr: number };
   const file = (b64: string) => Buffer.from(b64, 'base64');
   const pt = { 'content-type': 'application/octet-stream' };
   const created = await app.inject({ method: 'POST', url: '/v1/sessions?name=run', headers: pt, payload: file(torch.create) });
@@ -482,6 +496,14 @@ print(json.dumps({
     assert.equal(refused.statusCode, 400, refused.body);
     assert.match(refused.json().message, message);
   }
+  // Another layout (PyTorch Lightning's): the layouts taken, the file's keys, and what to send.
+  const lightning = await app.inject({ method: 'PUT', url: '/v1/sessions/run/checkpoint', headers: pt, payload: file(torch.lightning) });
+  assert.equal(lightning.statusCode, 400, lightning.body);
+  assert.equal(lightning.json().code, 'INVALID_STATE_DICT');
+  assert.match(lightning.json().message, /^checkpoint\.model is missing \(a checkpoint is \{"model", "optimizer", "step"\?\}, or the tutorial's \{"model_state_dict", "optimizer_state_dict", …\}; this one has "epoch", "global_step", "state_dict", "optimizer_states", "lr_schedulers"; a PyTorch Lightning checkpoint: send \{"model": ckpt\["state_dict"\], "optimizer": ckpt\["optimizer_states"\]\[0\]\}/);
+  const json = await app.inject({ method: 'PUT', url: '/v1/sessions/run/checkpoint', payload: { state_dict: {}, optimizer_states: [] } });
+  assert.equal(json.statusCode, 400, json.body);
+  assert.match(json.json().message, /^model: is missing \(.*this one has "state_dict", "optimizer_states"; a PyTorch Lightning checkpoint/);
   assert.equal((await app.inject({ url: '/v1/sessions/run' })).json().version, version, 'nothing changed');
 });
 

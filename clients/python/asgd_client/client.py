@@ -456,8 +456,8 @@ class Client:
                     raise UnsupportedFormat(res.status, "UNEXPECTED_CONTENT_TYPE",
                                             f"asked for safetensors, got {res.content_type or 'no Content-Type'}",
                                             method="GET", url=res.url, body=res.body[:200])
-                raw, _ = st.decode(res.body)
-                return _tensors_of(raw), res.version
+                raw, meta = st.decode(res.body)
+                return _tensors_of(_in_session_order(raw, meta)), res.version
         res = self.conn.request("GET", path, query={**query, "format": "json"}, accept=JSON, expect=expect, hold_s=hold_s)
         if res.status == 304:
             return None
@@ -488,7 +488,9 @@ class Client:
                 self._fall_back(err)
                 format = "json"
         if format == "pt":
-            return self.conn.request("PUT", path, body=_torch_save(dict(tensors)), content_type=PT, headers=headers).json()
+            # As given: a module's state_dict() keeps its _metadata, by which the service leaves its buffers out.
+            obj = tensors if isinstance(tensors, dict) else dict(tensors)
+            return self.conn.request("PUT", path, body=_torch_save(obj), content_type=PT, headers=headers).json()
         if format != "json":
             raise ValueError("format must be 'safetensors', 'json' or 'pt'")
         body = {"params": {n: tensor_to_json(t) for n, t in tensors.items()}}
@@ -638,6 +640,18 @@ def _rounded(t: Any, grad_dtype: str) -> Any:
     import torch
 
     return t.detach().to({"F16": torch.float16, "BF16": torch.bfloat16}[grad_dtype]).float()
+
+
+def _in_session_order(raw: Dict[str, Any], meta: Mapping[str, str]) -> Dict[str, Any]:
+    """A parameters file's tensors in the session's (the model's) order, as JSON lists them: the file holds
+    them in safetensors' order (by dtype, then name), its ``param_names`` metadata the session's."""
+    try:
+        names = json.loads(meta.get("param_names", "null"))
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or sorted(map(str, names)) != sorted(raw):
+        return raw
+    return {n: raw[n] for n in names}
 
 
 def _tensors_of(raw: Mapping[str, Any]) -> "OrderedDict[str, Any]":

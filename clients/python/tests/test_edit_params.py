@@ -244,3 +244,51 @@ class StateDictTravelsAsTorchSave(ServiceTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class _WithBuffers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(3, 2)
+        self.bn = nn.BatchNorm1d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.l(x))
+
+
+class ParamsInTheModelsWays(ServiceTestCase):
+    def test_put_params_pt_takes_a_modules_state_dict_as_a_torch_save_file_does(self):
+        # A review: format="pt" made a plain dict of model.state_dict(), losing its _metadata, by which the
+        # service leaves a module state_dict's buffers out; the same object torch.save'd by hand was taken.
+        model = _WithBuffers()
+        opt = self.remote(model.named_parameters())
+        other = _WithBuffers()
+        other(torch.randn(4, 3))  # the running statistics move: buffers, not parameters
+        client = self.client()
+        answer = client.put_params(opt.session, other.state_dict(), format="pt")
+        got, version = client.get_params(opt.session)
+        self.assertEqual(version, answer["version"])
+        for n, p in other.named_parameters():
+            self.assertTrue(torch.equal(got[n], p.detach()), n)
+        # In the other formats the buffers are names the session lacks: refused, saying what to send.
+        for fmt in ("safetensors", "json"):
+            with self.assertRaises(Exception) as refused:
+                client.put_params(opt.session, other.state_dict(), format=fmt)
+            self.assertIn("dict(model.named_parameters())", str(refused.exception), fmt)
+        self.assertEqual(client.get_params(opt.session)[1], version, "refusals changed nothing")
+
+    def test_get_params_lists_the_models_order_in_every_transport(self):
+        # A review: over safetensors (the default) the parameters came in the file's order (by name), over
+        # JSON in the model's; code that pairs them with model.parameters() by position got other tensors.
+        import asgd_client
+
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))  # 0.weight, 0.bias, 2.weight, 2.bias
+        opt = self.remote(model.named_parameters())
+        names = [n for n, _ in model.named_parameters()]
+        self.assertNotEqual(names, sorted(names), "a model whose order is not the names' sorted order")
+        for transport in ("safetensors", "json"):
+            got, _ = self.client(transport).get_params(opt.session)
+            self.assertEqual(list(got), names, transport)
+            averaged, _ = self.client(transport).get_params(opt.session, averaged=True)
+            self.assertEqual(list(averaged), names, f"{transport}, averaged")
+        self.assertEqual(list(asgd_client.get_params(self.url, opt.session, token=self.token)), names)

@@ -55,9 +55,23 @@ function isSafetensors(answer: Answer): boolean {
   return (answer.headers.get('content-type') ?? '').startsWith(SAFETENSORS);
 }
 
+/**
+ * A parameters file's tensors, in the session's (the model's) order as JSON lists them: the file holds them
+ * in safetensors' order (by dtype, then name), its param_names metadata the session's.
+ */
 function paramsFromSafetensors(file: SafetensorsFile): Record<string, Tensor> {
+  let names: unknown = null;
+  try {
+    names = JSON.parse(file.metadata.param_names ?? 'null');
+  } catch {
+    names = null;
+  }
+  const order = Array.isArray(names) && names.length === file.tensors.size && names.every((n) => typeof n === 'string' && file.tensors.has(n)) ? names as string[] : [...file.tensors.keys()];
   const out: Record<string, Tensor> = {};
-  for (const [name, t] of file.tensors) out[name] = { shape: t.shape, data: t.data };
+  for (const name of order) {
+    const t = file.tensors.get(name)!;
+    out[name] = { shape: t.shape, data: t.data };
+  }
   return out;
 }
 

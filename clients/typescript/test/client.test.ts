@@ -72,7 +72,10 @@ test('the client against a live service', { skip: skipWithoutTorch() }, async (t
         assert.deepEqual(hexOf(p.params.w.data), torch.params.w, `${name} ${format}`);
         assert.deepEqual(hexOf(p.params.b.data), torch.params.b);
         assert.deepEqual(p.params.w.shape, [2, 2]);
+        // The session's order (w, b), as JSON lists them; a safetensors file holds them by name (b, w).
+        assert.deepEqual(Object.keys(p.params), ['w', 'b'], `${name} ${format}: the session's order`);
         const ax = await client.params(name, { format, averaged: true });
+        assert.deepEqual(Object.keys(ax.params), ['w', 'b']);
         assert.deepEqual(hexOf(ax.params.w.data), torch.averaged.w);
       }
       const older = await client.params(name, { version: 2, format: 'json' });

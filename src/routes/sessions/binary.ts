@@ -5,7 +5,7 @@ import { Readable } from 'node:stream';
 import type { FastifyReply } from 'fastify';
 import { errors } from '../../errors.ts';
 import {
-  checkpointKeys, FormatError, fromAsgdStateDict, fromCheckpoint, fromModelStateDict, MAX_PICKLE_ITEMS, MAX_PICKLE_OBJECTS, MAX_PICKLE_STACK_ITEMS, readOptimizerSafetensors, readSafetensors, readTorchSave, refuseUnreadInCheckpoint, toAsgdStateDict, toCheckpoint,
+  checkpointKeys, FormatError, fromAsgdStateDict, fromCheckpoint, fromModelStateDict, MAX_PICKLE_ITEMS, MAX_PICKLE_OBJECTS, MAX_PICKLE_STACK_ITEMS, missingCheckpointPart, readOptimizerSafetensors, readSafetensors, readTorchSave, refuseUnreadInCheckpoint, toAsgdStateDict, toCheckpoint,
   toFloat32Tensor, toModelStateDict, writeOptimizerSafetensors, writeSafetensors, writeTorchSave, type ByteStream, type Float32Tensor, type PyDict, type Tensor, type TorchLoadOptions,
 } from '../../formats/index.ts';
 import type { BinaryGradient, GradientInput } from '../../sessions/gradients.ts';
@@ -229,9 +229,8 @@ export function checkpointJsonParts(body: CheckpointJson) {
   };
   const model = pick('model', 'model_state_dict');
   const optimizer = pick('optimizer', 'optimizer_state_dict');
-  const layouts = 'a checkpoint is {"model", "optimizer", "step"?}, or the tutorial\'s {"model_state_dict", "optimizer_state_dict", …}';
-  if (model.value === undefined) throw errors.invalidStateDict('model', `is missing (${layouts})`);
-  if (optimizer.value === undefined) throw errors.invalidStateDict('optimizer', `is missing (${layouts})`);
+  if (model.value === undefined) throw errors.invalidStateDict('model', missingCheckpointPart(Object.keys(body)));
+  if (optimizer.value === undefined) throw errors.invalidStateDict('optimizer', missingCheckpointPart(Object.keys(body)));
   return { model: { key: model.key, value: model.value as Record<string, unknown> }, optimizer: optimizer.value, step: body.step };
 }
 
@@ -264,7 +263,12 @@ function namedParams(view: StateView, averaged: boolean): [string, Float32Tensor
 export function sendParams(reply: FastifyReply, format: WireFormat, view: StateView, averaged: boolean) {
   const base = `${view.session}-v${view.version}${averaged ? '-averaged' : ''}`;
   if (format === 'safetensors') {
-    const metadata = { format: 'pt', session: view.session, version: String(view.version), step: String(view.step), averaged: String(averaged) };
+    // The file's tensors are in the reference's order (by dtype, then name); param_names is the session's
+    // (the model's) order, in which the clients hand them out, as the JSON and torch.save answers list them.
+    const metadata = {
+      format: 'pt', session: view.session, version: String(view.version), step: String(view.step), averaged: String(averaged),
+      param_names: JSON.stringify(view.params.map((p) => p.name)),
+    };
     return sendStream(reply, writeSafetensors(namedParams(view, averaged), metadata), MEDIA.safetensors[0], `${base}.safetensors`);
   }
   const model = fromModelStateDict({ tensors: new Map(namedParams(view, averaged)) });

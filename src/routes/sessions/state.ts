@@ -7,6 +7,7 @@ import { errors } from '../../errors.ts';
 import type { ParamSpec } from '../../db/schema.ts';
 import type { LoadedParams } from '../../sessions/model.ts';
 import { MAX_LOADED_STEP, numelOf } from '../../sessions/spec.ts';
+import { PARAMS_ONLY } from '../../sessions/load-plan.ts';
 import { parseStateDict } from '../../sessions/state-dict.ts';
 import { firstNonFinite, readJsonTensor } from '../../sessions/tensors.ts';
 import { ACCESS, changeAnswer, changeKeyOf, ifMatchOf, jsonBody, jsonOrFile } from '../common.ts';
@@ -105,7 +106,7 @@ function readParamsBody(body: Static<typeof ParamsIn> | Buffer, format: WireForm
   const shapes = new Map(sessionParams.map((p) => [p.name, p.shape]));
   for (const [name, value] of Object.entries(body.params)) {
     const shape = shapes.get(name);
-    if (!shape) throw errors.unknownParameter(`params.${name}`, name);
+    if (!shape) throw errors.unknownParameter(`params.${name}`, name, PARAMS_ONLY);
     const data = new Float32Array(numelOf(shape));
     readJsonTensor(value, `params.${name}`, shape, data, 'reject');
     params.set(name, { shape, data });
