@@ -33,7 +33,7 @@ const API_CODES = {
   STATE_DICT_MISMATCH: [400, 'A state_dict does not fit this session (group count, sizes)'],
   /** Also raised by src/formats for a state_dict or checkpoint file: one code for JSON and files. */
   INVALID_STATE_DICT: [400, 'A state_dict or checkpoint (JSON or file) is malformed; the message names the field'],
-  INVALID_METRICS: [400, 'A step\'s metrics are malformed: at most 32 finite numbers named like sessions'],
+  INVALID_METRICS: [400, 'A step\'s metrics are malformed: at most 32 finite numbers, named by 1-128 characters without control characters'],
   SESSION_NOT_FOUND: [404, 'No session of this name'],
   SNAPSHOT_NOT_FOUND: [404, 'No snapshot of this id in this session'],
   VERSION_NOT_AVAILABLE: [404, 'The version asked for is older than the oldest snapshot or newer than the session'],

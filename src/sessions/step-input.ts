@@ -4,7 +4,7 @@ import { errors, type ApiError } from '../errors.ts';
 import type { GroupSpec, HyperDelta } from '../db/schema.ts';
 import { parseJsonWithin } from '../formats/json-depth.ts';
 import type { BaseVersionFrom } from './model.ts';
-import { FLAG_KEYS, HYPERPARAMETER_KEYS, integerLiterals, NAME_PATTERN, recordIntegerLiterals, resolveHyperparameters, SESSION_NAME_RULE } from './spec.ts';
+import { FLAG_KEYS, HYPERPARAMETER_KEYS, integerLiterals, recordIntegerLiterals, resolveHyperparameters } from './spec.ts';
 
 export const MAX_METRICS = 32;
 
@@ -85,14 +85,22 @@ export function groupHyperparameters(groups: readonly GroupSpec[]): Record<strin
   }));
 }
 
-/** `metrics` of a step: a flat object of at most 32 finite numbers whose names are like session names. */
+/**
+ * A metric's name: 1-128 characters, none a control character or half of a surrogate pair. TensorBoard's and
+ * Keras's names ("val/loss", "top-1 acc", "précision") are taken (a review: "val/loss" cost a worker its step
+ * and its loop). Names are JSON keys and SQL parameters only, never part of a statement or a path.
+ */
+const METRIC_NAME = /^[^\p{Cc}\p{Cs}]{1,128}$/u;
+export const METRIC_NAME_RULE = '1-128 characters, no control character';
+
+/** `metrics` of a step: a flat object of at most 32 finite numbers by name (METRIC_NAME). */
 export function parseMetrics(value: unknown, field = 'metrics'): Record<string, number> | null {
   if (value === undefined || value === null) return null;
   if (typeof value !== 'object' || Array.isArray(value)) throw errors.invalidMetrics(field, 'must be an object of numbers by name, e.g. {"loss": 0.41}');
   const entries = Object.entries(value as Record<string, unknown>);
   if (entries.length > MAX_METRICS) throw errors.invalidMetrics(field, `${entries.length} metrics; at most ${MAX_METRICS} are allowed`);
   for (const [name, v] of entries) {
-    if (!NAME_PATTERN.test(name)) throw errors.invalidMetrics(`${field}.${name.slice(0, 140)}`, `a metric name must be ${SESSION_NAME_RULE}`);
+    if (!METRIC_NAME.test(name)) throw errors.invalidMetrics(`${field}.${JSON.stringify(name.slice(0, 140)).slice(1, -1)}`, `a metric name must be ${METRIC_NAME_RULE}`);
     // Series are built as objects by metric name, which cannot hold this key (it vanished when downsampled).
     if (name === '__proto__') throw errors.invalidMetrics(`${field}.${name}`, 'cannot be a metric name (JSON answers could not hold it)');
     if (typeof v !== 'number' || !Number.isFinite(v)) throw errors.invalidMetrics(`${field}.${name}`, 'must be a finite number');

@@ -100,6 +100,15 @@ function asVariable(v: VariableLike): Variable {
   return ('assign' in v ? v : (v as { read(): unknown }).read()) as Variable;
 }
 
+/** A model.fit batch's logs as metrics: its finite numbers but the loss (sent as such) and tfjs's batch and size. */
+function logMetrics(logs: Record<string, unknown> | undefined): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const [name, value] of Object.entries(logs ?? {})) {
+    if (name !== 'batch' && name !== 'size' && name !== 'loss' && typeof value === 'number' && Number.isFinite(value)) out[name] = value;
+  }
+  return out;
+}
+
 const sameShape = (a: readonly number[], b: readonly number[]): boolean => a.length === b.length && a.every((d, i) => d === b[i]);
 /** A session's groups' hyperparameters (the keys a step may set). */
 const groupsOf = (session: Session): StepParamGroup[] =>
@@ -211,6 +220,16 @@ export class RemoteASGD extends Optimizer {
   private pending: Promise<void> = Promise.resolve();
   private failure: unknown = null;
   private pendingLoss: number | undefined;
+  /**
+   * Metrics the next step carries beside its loss, e.g. `{ acc: 0.91 }` in a custom loop (set before
+   * minimize; taken by that step). In model.fit with `optimizer.callback` the batch's logs (the metrics
+   * compiled into the model: acc, mse, …) go with its own step without it.
+   */
+  nextMetrics: Record<string, number> | undefined;
+  /** Inside model.fit with `optimizer.callback` (from its onTrainBegin to its onTrainEnd). */
+  private inFit = false;
+  /** In model.fit: lets the batch's step go out, with the batch's logs (its onBatchEnd), or without them. */
+  private releaseBatch: ((logs?: Record<string, unknown>) => void) | null = null;
   /** Steps sent (or queued) whose answers have not been written into the variables yet. */
   private inFlight = 0;
   private warnedBehind = false;
@@ -356,7 +375,21 @@ export class RemoteASGD extends Optimizer {
     // takes them before this step goes out (and the step's base_version is then the version they made).
     const edited = this.editedParams().length > 0;
     let baseVersion = this.version;
-    const metrics = this.pendingLoss !== undefined && Number.isFinite(this.pendingLoss) ? { loss: this.pendingLoss } : undefined;
+    const loss: Record<string, number> = this.pendingLoss !== undefined && Number.isFinite(this.pendingLoss) ? { loss: this.pendingLoss } : {};
+    const extra = this.nextMetrics;
+    this.nextMetrics = undefined;
+    // In model.fit the metrics compiled into the model are computed inside minimize's loss function, out of
+    // this optimizer's sight, and reach the callback's onBatchEnd as the batch's logs: the step waits for
+    // them (nothing overlaps there anyway: onBatchEnd waits for the step). Any other way on (the next
+    // batch's gradients, synchronize(), the fit's end) lets it go without them.
+    this.releaseBatch?.();
+    const batchLogs = this.inFit ? new Promise<Record<string, unknown> | undefined>((resolve) => {
+      this.releaseBatch = (logs) => {
+        this.releaseBatch = null;
+        resolve(logs);
+      };
+    }) : undefined;
+    let metrics: Record<string, number> | undefined;
     const paramGroups = this.takeParamGroups();
     // A contribution when the session has rounds. The worker id goes with every step, as the Python client
     // sends it: without rounds the service checks it and tells one worker's steps by it, and should rounds
@@ -388,6 +421,9 @@ export class RemoteASGD extends Optimizer {
     });
     const settled = () => void this.inFlight--;
     this.pending = this.pending.then(async () => {
+      const logs = await batchLogs;
+      const merged = { ...logMetrics(logs), ...extra, ...loss };
+      metrics = Object.keys(merged).length > 0 ? merged : undefined;
       if (this.failure) return; // a failed step ends the run: the rest are not sent
       if (this.options.signal?.aborted) {
         this.failure = this.options.signal.reason; // stopped: nothing more is sent
@@ -527,6 +563,7 @@ export class RemoteASGD extends Optimizer {
    * (a StaleGradient only with `onStale: 'raise'`; RoundPending after `maxRoundWaitMs`: see resumeRound()).
    */
   async synchronize(): Promise<void> {
+    this.releaseBatch?.(); // a step waiting for its batch's logs goes without them
     await this.pending;
     if (this.failure) {
       const err = this.failure;
@@ -536,8 +573,22 @@ export class RemoteASGD extends Optimizer {
   }
 
   /** For model.fit: `callbacks: [optimizer.callback]` makes every batch start from the service's parameters. */
-  get callback(): { onBatchEnd: () => Promise<void>; onTrainEnd: () => Promise<void> } {
-    return { onBatchEnd: () => this.synchronize(), onTrainEnd: () => this.synchronize() };
+  get callback(): {
+    onTrainBegin: () => Promise<void>; onBatchEnd: (batch: number, logs?: Record<string, unknown>) => Promise<void>; onTrainEnd: () => Promise<void>;
+  } {
+    return {
+      onTrainBegin: async () => {
+        this.inFit = true;
+      },
+      onBatchEnd: (_batch, logs) => {
+        this.releaseBatch?.(logs);
+        return this.synchronize();
+      },
+      onTrainEnd: () => {
+        this.inFit = false;
+        return this.synchronize();
+      },
+    };
   }
 
   /** Reads the newest parameters from the service into the variables (e.g. after other workers stepped). */

@@ -105,7 +105,7 @@ test('the client against a live service', { skip: skipWithoutTorch() }, async (t
     const page = await client.metrics(name);
     assert.deepEqual(page.points.map((p) => [p.version, p.values]), [[2, { loss: 0.5, samples: 32 }], [3, { loss: 0.25 }], [4, {}]]);
     assert.deepEqual((await client.metrics(name, { afterVersion: 3 })).points.map((p) => p.version), [4]);
-    await assert.rejects(client.step(name, g1, { metrics: { 'bad key!': 1 } }), BadRequest);
+    await assert.rejects(client.step(name, g1, { metrics: { 'bad\u0007key': 1 } }), BadRequest);
     await assert.rejects(client.step(name, g1, { paramGroups: [{ lr: -1 }] }), BadRequest);
   });
 

@@ -99,6 +99,29 @@ test('RemoteASGD', { skip: skipWithoutTorch() }, async (t) => {
     assert.equal(metrics.step, 100);
   });
 
+  await t.test('model.fit with metrics compiled into the model: each step carries its own batch\'s loss and metrics; nextMetrics in a custom loop', async () => {
+    // A review: only the loss was sent, and a tfjs user's dashboard had no accuracy chart.
+    const m = model(5);
+    const { x, y } = data(6);
+    const opt = new RemoteASGD({ client, session: uniqueName('tfjs-fit-metrics'), hyperparameters: hyper });
+    await opt.attach(m.trainableWeights);
+    m.compile({ optimizer: opt, loss: 'meanSquaredError', metrics: ['mae'] });
+    const seen: { loss: number; mae: number }[] = [];
+    const recorder = { onBatchEnd: async (_: number, logs?: tf.Logs) => void seen.push({ loss: logs!.loss as number, mae: logs!.mae as number }) };
+    await m.fit(x, y, { epochs: 2, batchSize: 16, shuffle: false, verbose: 0, callbacks: [opt.callback, recorder] });
+    assert.equal(seen.length, 8);
+    const series = await client.metrics(opt.session);
+    assert.deepEqual(series.points.map((p) => p.values), seen, 'step k carries batch k\'s loss and mae, as model.fit logged them');
+    // After the fit, a custom loop: nextMetrics goes with the next step, beside its loss; the step after carries the loss alone.
+    const [xs, ys] = [x.slice(0, 16), y.slice(0, 16)];
+    opt.nextMetrics = { 'val/acc': 0.5 };
+    opt.minimize(() => tf.losses.meanSquaredError(ys, m.predict(xs) as tf.Tensor) as tf.Scalar);
+    opt.minimize(() => tf.losses.meanSquaredError(ys, m.predict(xs) as tf.Tensor) as tf.Scalar);
+    await opt.synchronize();
+    const after = (await client.metrics(opt.session, { afterVersion: 9 })).points.map((p) => Object.keys(p.values).sort());
+    assert.deepEqual(after, [['loss', 'val/acc'], ['loss']]);
+  });
+
   await t.test('model.save with includeOptimizer, then tf.loadLayersModel: a RemoteASGD of the same URL, session and options', async () => {
     const session = uniqueName('tfjs_save_load'); // underscores: tfjs-layers camel-cases the strings of a config it loads
     const names = ['l1.kernel', 'l1.bias', 'l2.kernel', 'l2.bias'];

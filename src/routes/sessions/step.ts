@@ -42,7 +42,7 @@ const StepBody = Type.Object({
   // INVALID_METRICS, as the same fault in a safetensors body's __metadata__ and a bad metric name.
   metrics: Type.Optional(withCode(Type.Record(Type.String(), Type.Number(), {
     maxProperties: 32,
-    description: 'Training metrics of this step, e.g. {"loss": 0.41, "samples": 32}: at most 32 finite numbers named like sessions. GET .../metrics returns the series.',
+    description: 'Training metrics of this step, e.g. {"loss": 0.41, "samples": 32}: at most 32 finite numbers, each name 1-128 characters without control characters ("val/loss" is one). GET .../metrics returns the series.',
   }), 'INVALID_METRICS')),
   worker: Type.Optional(Worker),
   samples: Type.Optional(Samples),

@@ -1225,7 +1225,7 @@ export interface components {
          *     - `EMPTY_STEP`: A step without any gradient
          *     - `STATE_DICT_MISMATCH`: A state_dict does not fit this session (group count, sizes)
          *     - `INVALID_STATE_DICT`: A state_dict or checkpoint (JSON or file) is malformed; the message names the field
-         *     - `INVALID_METRICS`: A step's metrics are malformed: at most 32 finite numbers named like sessions
+         *     - `INVALID_METRICS`: A step's metrics are malformed: at most 32 finite numbers, named by 1-128 characters without control characters
          *     - `ZIP_TRUNCATED`: File format: the zip archive ends before a record it declares
          *     - `ZIP_CORRUPT`: File format: a zip record is malformed: bad signature, offsets outside the file, overlapping entries, size mismatch
          *     - `ZIP_UNSUPPORTED`: File format: a zip feature this reader refuses: encryption, multiple disks, a compression method other than stored/deflate
@@ -2250,7 +2250,7 @@ export interface operations {
                         /** @description torch's flag: false or null (the service has no CUDA-graph step) */
                         capturable?: boolean | null;
                     }[];
-                    /** @description Training metrics of this step, e.g. {"loss": 0.41, "samples": 32}: at most 32 finite numbers named like sessions. GET .../metrics returns the series. */
+                    /** @description Training metrics of this step, e.g. {"loss": 0.41, "samples": 32}: at most 32 finite numbers, each name 1-128 characters without control characters ("val/loss" is one). GET .../metrics returns the series. */
                     metrics?: {
                         [key: string]: number;
                     };
