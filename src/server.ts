@@ -87,6 +87,14 @@ export async function startServer(config: Config, opts: { migrate?: boolean } = 
     app.log.warn({ host: config.host, allowedHosts: config.allowedHosts },
       'ASGD_ALLOW_INSECURE: listening beyond loopback WITHOUT authentication; requests are answered when addressed to an IP address, a loopback name or a name in ASGD_ALLOWED_HOSTS (others: 403 HOST_NOT_ALLOWED)');
   }
+  // A retry is answered from its key only while the key is kept: a client retries for as long as a request
+  // may take, and a minute more (the clients' retry budgets), so a shorter window makes "applied once" depend
+  // on when the retry comes (an operator's review: a retry after 3 s was a second step with a 2 s window).
+  const retrySpanS = Math.ceil(config.requestTimeoutMs / 1000) + 60;
+  if (config.idempotencyWindowSeconds < retrySpanS) {
+    app.log.warn({ idempotencyWindowSeconds: config.idempotencyWindowSeconds, requestTimeoutMs: config.requestTimeoutMs },
+      `ASGD_IDEMPOTENCY_WINDOW_SECONDS (${config.idempotencyWindowSeconds} s) is shorter than ASGD_REQUEST_TIMEOUT_MS and a minute (${retrySpanS} s): a step or change retried after its key expired is applied again`);
+  }
   let closing = false;
   const shutdown = async (signal: string) => {
     if (closing) return;

@@ -12,9 +12,10 @@
 // Creation is atomic (a complete temporary file hard-linked into place), and a takeover renames the stale
 // file away and checks it was the one judged stale, so two processes starting at once cannot both win.
 import { randomUUID } from 'node:crypto';
-import { linkSync, readFileSync, readlinkSync, renameSync, statSync, unlinkSync, utimesSync, writeFileSync } from 'node:fs';
+import { linkSync, readFileSync, readlinkSync, renameSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
+import { Worker } from 'node:worker_threads';
 
 export const LOCK_FILE = 'asgd-serve.lock';
 const HEARTBEAT_MS = 5_000;
@@ -46,7 +47,20 @@ export class DataDirLockedError extends Error {
 
 export interface DataDirLock {
   readonly path: string;
+  /**
+   * Throws DataDirLockLostError once the lock is another process's (taken over while this one stood still
+   * past the stale period: a stopped container, a hung volume). Called before each statement: a process that
+   * lost its directory must not write to it (the new owner's writes would be lost) nor answer from it.
+   */
+  assertHeld(): void;
   release(): void;
+}
+
+export class DataDirLockLostError extends Error {
+  constructor(path: string, holder: LockHolder | null) {
+    super(`the data directory lock ${path} is no longer this process's${holder ? ` (pid ${holder.pid} on host ${holder.host} holds it, started ${holder.startedAt})` : ' (it was removed)'}: `
+      + 'another process took the directory over while this one did not renew the lock (stopped or hung for the stale period); this process stops without writing to it');
+  }
 }
 
 export interface LockOptions {
@@ -57,6 +71,8 @@ export interface LockOptions {
    * and when a lock whose holder is gone is taken over.
    */
   onWait?: (message: string) => void;
+  /** Told once, when the lock is found to be another process's (DataDirLock.assertHeld throws from then on). */
+  onLost?: (error: DataDirLockLostError) => void;
 }
 
 const readText = (path: string): string | null => {
@@ -163,7 +179,7 @@ export async function lockDataDir(dir: string, options: LockOptions = {}): Promi
     try {
       linkSync(temporary, path); // fails with EEXIST when held; never shows a half-written file
       unlinkSync(temporary);
-      return hold(path, me, heartbeatMs);
+      return hold(path, me, heartbeatMs, options.onLost);
     } catch (err) {
       unlinkSync(temporary);
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
@@ -215,26 +231,68 @@ function takeOver(path: string, stale: LockHolder | null, token: string): void {
   unlinkSync(aside);
 }
 
-function hold(path: string, me: LockHolder, heartbeatMs: number): DataDirLock {
+/**
+ * The heartbeat, on a thread of its own: the main thread can stand still for longer than the stale period
+ * (PGlite's first start of a directory ran 17-34 s without yielding, a review), and a heartbeat on its event
+ * loop then went silent while the process was alive and about to write: another machine took the lock over,
+ * and both served. The thread renews the file and, once the file is not ours, raises the shared flag and says so.
+ */
+const HEARTBEAT_THREAD = `
+const { parentPort, workerData } = require('node:worker_threads');
+const { readFileSync, utimesSync } = require('node:fs');
+const { path, token, heartbeatMs, flag } = workerData;
+const lost = new Int32Array(flag);
+const beat = () => {
+  let text = null;
+  try { text = readFileSync(path, 'utf8'); } catch {}
+  let holder = null;
+  try { holder = JSON.parse(text); } catch {}
+  if (!holder || holder.token !== token) {
+    Atomics.store(lost, 0, 1);
+    clearInterval(timer);
+    parentPort.postMessage({ holder });
+    return;
+  }
+  try { const now = new Date(); utimesSync(path, now, now); } catch {}
+};
+const timer = setInterval(beat, heartbeatMs);
+`;
+
+function hold(path: string, me: LockHolder, heartbeatMs: number, onLost?: (error: DataDirLockLostError) => void): DataDirLock {
   heldHere.add(path);
   const ours = () => parse(readText(path))?.token === me.token;
-  const heartbeat = setInterval(() => {
-    // Never renew a lock that is no longer ours (removed by hand, or taken over while this process stood
-    // still for the whole stale period): that would keep the new owner's lock alive in our name.
-    if (!ours()) return;
-    try {
-      const now = new Date();
-      utimesSync(path, now, now);
-    } catch {
-      // gone meanwhile: nothing to renew
-    }
-  }, heartbeatMs);
+  const flag = new SharedArrayBuffer(4);
+  const lostFlag = new Int32Array(flag);
+  let lostError: DataDirLockLostError | null = null;
+  const lose = (holder: LockHolder | null) => {
+    if (lostError) return;
+    lostError = new DataDirLockLostError(path, holder);
+    Atomics.store(lostFlag, 0, 1);
+    onLost?.(lostError);
+  };
+  // Never renews a lock that is no longer ours (removed by hand, or taken over while this process stood
+  // still for the whole stale period): that would keep the new owner's lock alive in our name.
+  const heartbeat = new Worker(HEARTBEAT_THREAD, { eval: true, workerData: { path, token: me.token, heartbeatMs, flag } });
+  heartbeat.on('message', (message: { holder: LockHolder | null }) => lose(message.holder));
+  heartbeat.on('error', () => {
+    // The thread failed (it should not): the main thread's own checks (assertHeld) still find a lost lock.
+  });
   heartbeat.unref();
+  // The file is read before every statement (tens of microseconds; a PGlite step runs for milliseconds):
+  // after a stop (SIGSTOP, a paused container) the thread may not have beaten yet when the first request
+  // is served.
+  const assertHeld = () => {
+    if (!lostError) {
+      const holder = parse(readText(path));
+      if (holder?.token !== me.token) lose(holder);
+    }
+    if (lostError) throw lostError;
+  };
   let released = false;
   const release = () => {
     if (released) return;
     released = true;
-    clearInterval(heartbeat);
+    void heartbeat.terminate();
     process.removeListener('exit', release);
     heldHere.delete(path);
     try {
@@ -245,5 +303,5 @@ function hold(path: string, me: LockHolder, heartbeatMs: number): DataDirLock {
   };
   // A process.exit() (the shutdown timer, a fatal error) skips close(): the lock still goes with it.
   process.on('exit', release);
-  return { path, release };
+  return { path, assertHeld, release };
 }

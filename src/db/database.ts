@@ -705,7 +705,16 @@ async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Da
     try {
       makeDirectories(dataDir);
       // Before PGlite reads a file: a second owner would lose writes. (No logger yet: stderr, as start-up errors.)
-      lock = await lockDataDir(dataDir, { onWait: (message) => process.stderr.write(`asgd-serve: ${message}\n`) });
+      lock = await lockDataDir(dataDir, {
+        onWait: (message) => process.stderr.write(`asgd-serve: ${message}\n`),
+        // Another process owns the directory now: this one ends at once, without closing PGlite (its
+        // checkpoint would write this process's pages over the new owner's). What it acknowledged since
+        // the owner took over is that owner's loss to recover from; nothing more is acknowledged here.
+        onLost: (error) => {
+          process.stderr.write(`asgd-serve: fatal: ${error.message}\n`);
+          process.exit(1);
+        },
+      });
     } catch (err) {
       // A directory that cannot be made or written (a file there, no permission): the setting is named.
       if (typeof (err as NodeJS.ErrnoException).code !== 'string' || !(err as NodeJS.ErrnoException).syscall) throw err;
@@ -736,6 +745,7 @@ async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Da
   };
   type Runner = Pick<typeof client, 'query'>;
   const run = async <R>(on: Runner, text: string, params: unknown[] = [], opts: QueryOptions = {}): Promise<R[]> => {
+    lock?.assertHeld(); // never a statement on a directory another process has taken over
     // Nothing on PGlite sends it (its steps take their own path, appendStepsPglite): refused, not ignored.
     if (opts.lockFirst) throw new Error('QueryOptions.lockFirst: PostgreSQL only');
     if (opts.binary) {

@@ -179,6 +179,60 @@ test('a holder on another host (a shared volume) is alive while its heartbeat re
   assert.ok(!existsSync(path));
 });
 
+test('the heartbeat renews the lock while the main thread stands still; a lock taken over is noticed, and assertHeld refuses from then on', async (t) => {
+  // An operator's review: PGlite's first start of a directory held the event loop 17-34 s, the heartbeat (a
+  // timer on it) went silent, another machine took the lock over, and both processes served and lost steps.
+  const dir = tempDir(t);
+  const lost: Error[] = [];
+  const lock = await lockDataDir(dir, { heartbeatMs: 50, onLost: (err) => lost.push(err) });
+  const past = new Date(Date.now() - 60_000);
+  utimesSync(lock.path, past, past);
+  const until = Date.now() + 600;
+  while (Date.now() < until) {
+    // the main thread does nothing else: no timer of it runs
+  }
+  assert.ok(Date.now() - statSync(lock.path).mtimeMs < 500, 'renewed while the main thread was busy');
+  lock.assertHeld();
+  // Another process takes the lock over (as a takeover leaves it: a new file with its own token).
+  const theirs = { ...JSON.parse(readFileSync(lock.path, 'utf8')), pid: 1, host: 'another-host', token: 'theirs' };
+  writeFileSync(`${lock.path}.new`, JSON.stringify(theirs));
+  nodeFs.renameSync(`${lock.path}.new`, lock.path);
+  const deadline = Date.now() + 5_000;
+  while (lost.length === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+  assert.equal(lost.length, 1, 'told once');
+  assert.match(lost[0].message, /is no longer this process's \(pid 1 on host another-host holds it/);
+  assert.throws(() => lock.assertHeld(), /is no longer this process's/);
+  const mtime = statSync(lock.path).mtimeMs;
+  await new Promise((r) => setTimeout(r, 200));
+  assert.equal(statSync(lock.path).mtimeMs, mtime, 'their lock is not renewed in our name');
+  lock.release();
+  assert.equal(JSON.parse(readFileSync(lock.path, 'utf8')).token, 'theirs', 'nor removed');
+});
+
+test('a service whose data directory is taken over stops at once, answering nothing more from it', { timeout: 120_000 }, async (t) => {
+  const dir = join(tempDir(t), 'data');
+  const service = spawnService(process.execPath, ['src/server.ts'], { ...SERVER_ENV, ASGD_DATA_DIR: dir });
+  t.after(() => service.child.kill('SIGKILL'));
+  const { url } = await service.banner();
+  const created = await fetch(`${url}/v1/sessions`, {
+    method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: 'one', params: [{ name: 'w', shape: [2], data: [1, 2] }] }),
+  });
+  assert.equal(created.status, 201, await created.text());
+  const path = join(dir, LOCK_FILE);
+  const theirs = { ...JSON.parse(readFileSync(path, 'utf8')), pid: 1, host: 'another-host', token: 'theirs' };
+  writeFileSync(`${path}.new`, JSON.stringify(theirs));
+  nodeFs.renameSync(`${path}.new`, path);
+  // A step sent right away is refused or finds the process gone; none is acknowledged.
+  const stepped = await fetch(`${url}/v1/sessions/one/step`, {
+    method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ grads: { w: [0.5, 0.5] } }),
+  }).then((r) => r.status, () => 'gone');
+  assert.notEqual(stepped, 200);
+  const code = await service.exited;
+  assert.equal(code, 1, service.output());
+  assert.match(service.output(), /fatal: the data directory lock \S+ is no longer this process's \(pid 1 on host another-host holds it/);
+  assert.equal(JSON.parse(readFileSync(path, 'utf8')).token, 'theirs', 'the lock of the new owner is left as it is');
+});
+
 test('an unreadable lock file is taken over once it is old or stops changing; release leaves a lock that is not ours', async (t) => {
   const dir = tempDir(t);
   const path = join(dir, LOCK_FILE);

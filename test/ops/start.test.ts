@@ -22,6 +22,18 @@ test('node <symlinked release>/src/server.ts serves, as from the real path', asy
   assert.equal((await fetch(`${url}/healthz`)).status, 200);
 });
 
+test('an Idempotency-Key window shorter than a request may take (and a minute) is warned about at start; the default is not', async (t) => {
+  // An operator's review: with ASGD_IDEMPOTENCY_WINDOW_SECONDS=2 a retry 3 s later was a second step, and nothing said so.
+  for (const [env, warned] of [[{ ASGD_IDEMPOTENCY_WINDOW_SECONDS: '2' }, true], [{ ASGD_IDEMPOTENCY_WINDOW_SECONDS: '90', ASGD_REQUEST_TIMEOUT_MS: '20000' }, false], [{}, false]] as const) {
+    const { run } = await startServer(process.execPath, ['src/server.ts'], { ASGD_DATA_DIR: 'memory://', LOG_LEVEL: 'info', ...env });
+    run.child.kill('SIGTERM');
+    await run.exited;
+    const said = /ASGD_IDEMPOTENCY_WINDOW_SECONDS \(2 s\) is shorter than ASGD_REQUEST_TIMEOUT_MS and a minute \(360 s\): a step or change retried after its key expired is applied again/.test(run.output());
+    assert.equal(said, warned, `${JSON.stringify(env)}: ${run.output()}`);
+    if (!warned) assert.doesNotMatch(run.output(), /ASGD_IDEMPOTENCY_WINDOW_SECONDS/);
+  }
+});
+
 test('a server that cannot start says why in one line and exits 1', async (t) => {
   // Nobody listens on port 1 (privileged; the suite's servers listen on ephemeral ports): a port that was
   // free when a test picked it may be taken by another test's server meanwhile, whose silence then reads as
