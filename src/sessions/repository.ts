@@ -295,14 +295,25 @@ const toHistory = (r: Record<string, unknown>): HistoryPoint => ({
   hyper: (r.hyper as Record<string, unknown>[] | null) ?? null,
 });
 
-/** The training series after `afterVersion`, oldest first, at most `limit` points. */
-export async function readHistory(q: Queryable, sessionId: number, afterVersion: number, limit: number): Promise<HistoryPoint[]> {
+/**
+ * The training series after `afterVersion`, oldest first, at most `limit` points, of which at most
+ * `withHyper` are of steps that set hyperparameters (each lists every group's values).
+ */
+export async function readHistory(
+  q: Queryable, sessionId: number, afterVersion: number, limit: number, withHyper = limit,
+): Promise<{ points: HistoryPoint[]; more: boolean }> {
   const rows = await q.query(
-    `SELECT version::float8 AS version, step::float8 AS step, staleness, created_at, metrics, hyper FROM step_history
-     WHERE session_id = $1 AND version > $2 ORDER BY version LIMIT $3`,
-    [sessionId, afterVersion, limit],
+    `SELECT version::float8 AS version, step::float8 AS step, staleness, created_at, metrics, hyper, fetched FROM (
+       SELECT p.*, count(p.hyper) OVER (ORDER BY p.version) AS with_hyper, count(*) OVER () AS fetched FROM (
+         SELECT version, step, staleness, created_at, metrics, hyper FROM step_history
+         WHERE session_id = $1 AND version > $2 ORDER BY version LIMIT $3
+       ) p
+     ) h WHERE with_hyper <= $4 ORDER BY version`,
+    [sessionId, afterVersion, limit, withHyper],
   );
-  return rows.map(toHistory);
+  // More after this page: it is full, or was cut short by withHyper.
+  const fetched = rows.length ? Number(rows[0].fetched) : 0;
+  return { points: rows.map(toHistory), more: fetched === limit || rows.length < fetched };
 }
 
 /** The series point of one version, or null (a version made by a load or restore, not a step). */

@@ -147,6 +147,17 @@ export interface HyperChange {
  * The versions after `afterVersion` that changed hyperparameters, with each group's values after them:
  * steps that set them, and loads and restores that changed them (group_changes).
  */
+/**
+ * Most groups' values one answer of a session's history carries (a change, or a step that set
+ * hyperparameters, lists every group's): a page of `limit` changes of a session of 20,000 groups was 212 MB
+ * of JSON, built on the event loop, and every request of the process waited 36 s behind it (a review). With
+ * many groups a page holds fewer changes than `limit` (its next_after_version goes on from there).
+ */
+export const GROUP_ENTRIES_PER_ANSWER = 100_000;
+
+/** How many entries of a history listing every group's values fit an answer, at most `limit` (at least one). */
+export const entriesWithin = (limit: number, groups: number): number => Math.max(1, Math.min(limit, Math.floor(GROUP_ENTRIES_PER_ANSWER / Math.max(1, groups))));
+
 export async function hyperChanges(q: Queryable, sessionId: number, afterVersion: number, limit: number): Promise<HyperChange[]> {
   const rows = await q.query<ChangeRow>(`SELECT * FROM ${CHANGES_SQL} c ORDER BY version LIMIT $3`, [sessionId, afterVersion, limit]);
   return rows.map(changeOf);
@@ -174,8 +185,12 @@ export const NEWEST_CHANGES_KEPT = 20;
  * version order; 100,000 changes are ~100 pages of the paged read.
  */
 export async function downsampledHyperChanges(
-  db: Database, sessionId: number, afterVersion: number, maxPoints: number,
+  db: Database, sessionId: number, afterVersion: number, requestedPoints: number, groups = 1,
 ): Promise<{ changes: HyperChange[]; total: number; downsampled: boolean }> {
+  // Within GROUP_ENTRIES_PER_ANSWER: with many groups, wider buckets and fewer of the newest kept as they are.
+  const fit = Math.floor(GROUP_ENTRIES_PER_ANSWER / Math.max(1, groups) / 3);
+  const maxPoints = Math.min(requestedPoints, Math.max(2, fit));
+  const newestKept = Math.min(NEWEST_CHANGES_KEPT, Math.max(1, fit));
   return db.transaction(async (tx) => {
     const [range] = await tx.query<{ total: number; first: number | null; last: number | null }>(
       `SELECT (SELECT count(*) FROM ${CHANGES_SQL} c)::float8 AS total, min(version)::float8 AS first, max(version)::float8 AS last
@@ -207,7 +222,7 @@ export async function downsampledHyperChanges(
          FROM ${CHANGES_SQL} c
        ) r
        WHERE from_end <= $6 OR in_bucket = 1 ORDER BY version`,
-      [sessionId, afterVersion, first, width, maxPoints, NEWEST_CHANGES_KEPT],
+      [sessionId, afterVersion, first, width, maxPoints, newestKept],
     );
     return {
       changes: rows.map(changeOf),

@@ -21,6 +21,7 @@ import { createHistory } from './history.ts';
 import { KeyedMutex } from './mutex.ts';
 import { createReads } from './reads.ts';
 import * as repo from './repository.ts';
+import { entriesWithin } from './series.ts';
 import type { SessionRecord } from './repository.ts';
 import { createSnapshotWriter } from './snapshot-writer.ts';
 import { createSnapshots } from './snapshots.ts';
@@ -106,9 +107,10 @@ export function createSessionService(options: SessionServiceOptions) {
   }
 
   /** The training series (one point per step) after `afterVersion`, oldest first. */
-  async function series(name: string, afterVersion: number, limit: number): Promise<{ session: SessionRecord; points: repo.HistoryPoint[] }> {
+  async function series(name: string, afterVersion: number, limit: number): Promise<{ session: SessionRecord; points: repo.HistoryPoint[]; more: boolean }> {
     const session = await mustFind(db, name);
-    return { session, points: await repo.readHistory(db, session.id, afterVersion, limit) };
+    // A point of a step that set hyperparameters lists every group's: a page stays within GROUP_ENTRIES_PER_ANSWER.
+    return { session, ...await repo.readHistory(db, session.id, afterVersion, limit, entriesWithin(limit, session.groups.length)) };
   }
 
   /**

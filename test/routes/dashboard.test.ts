@@ -309,6 +309,47 @@ test('hyperparameters: the steps that changed them, with every group after; page
   }
 });
 
+test('a session of 5,000 groups: pages of its hyperparameter changes and of its series hold at most 100,000 groups\' values, next_after_version going on; downsampled ones fit too', async (t) => {
+  // A review: 120 changes of a session of 20,000 groups made a 212 MB answer, built on the event loop, and
+  // every request of the process waited 36 s behind it.
+  const { app } = await buildTestApp(t);
+  const groups = 5000;
+  const created = await app.inject({
+    method: 'POST', url: '/v1/sessions',
+    payload: { name: 'wide', params: Array.from({ length: groups }, (_, i) => ({ name: `p${i}`, shape: [1], data: [i] })), param_groups: Array.from({ length: groups }, (_, i) => ({ params: [`p${i}`] })) },
+  });
+  assert.equal(created.statusCode, 201, created.body);
+  const id = (await app.db.query<{ id: number }>("SELECT id FROM sessions WHERE name = 'wide'"))[0].id;
+  // 30 steps that set group 0's lr, and one that set nothing between each two (written as the step statement writes them).
+  await app.db.query(
+    `INSERT INTO step_history (session_id, version, step, staleness, metrics, hyper)
+     SELECT $1, v, v - 1, 0, jsonb_build_object('loss', v), CASE WHEN v % 2 = 0 THEN (
+       SELECT jsonb_agg(jsonb_build_object('lr', CASE WHEN g = 0 THEN v ELSE 0.01 END, 'lambd', 0.0001, 'alpha', 0.75, 't0', 1000000, 'weight_decay', 0, 'maximize', false) ORDER BY g)
+       FROM generate_series(0, ${groups - 1}) g) END
+     FROM generate_series(2, 61) v`,
+    [id],
+  );
+  await app.db.query("UPDATE sessions SET version = 61, step = 60 WHERE name = 'wide'");
+  const page = (await app.inject({ url: '/v1/sessions/wide/hyperparameters?limit=1000' })).json();
+  assert.equal(page.changes.length, 20, '100,000 / 5,000 changes');
+  assert.deepEqual([page.changes[0].version, page.next_after_version, page.more], [2, 40, true]);
+  const rest = (await app.inject({ url: '/v1/sessions/wide/hyperparameters?limit=1000&after_version=40' })).json();
+  assert.deepEqual(rest.changes.map((c: { version: number }) => c.version), [42, 44, 46, 48, 50, 52, 54, 56, 58, 60]);
+  assert.equal(rest.more, false);
+  const series = (await app.inject({ url: '/v1/sessions/wide/metrics?limit=1000' })).json();
+  assert.equal(series.points.filter((p: { param_groups?: unknown }) => p.param_groups).length, 20);
+  assert.deepEqual([series.points.length, series.next_after_version, series.more], [40, 41, true], 'the steps between them come too, up to the next that set hyperparameters');
+  const following = (await app.inject({ url: '/v1/sessions/wide/metrics?limit=1000&after_version=41' })).json();
+  assert.deepEqual([following.points[0].version, following.points.length, following.more], [42, 20, false]);
+  assert.equal((await app.inject({ url: '/v1/sessions/wide/metrics?limit=20&after_version=41' })).json().more, true, 'a full page: there may be more');
+  // Downsampled: widened buckets and fewer of the newest kept, within the same bound; the count is of them all.
+  const down = (await app.inject({ url: '/v1/sessions/wide/hyperparameters?max_points=1500' })).json();
+  assert.equal(down.total_changes, 30);
+  assert.equal(down.downsampled, true);
+  assert.ok(down.changes.length * groups <= 100_000, `${down.changes.length} changes`);
+  assert.equal(down.changes[down.changes.length - 1].version, 60, 'the newest is kept');
+});
+
 test('sessions list ?figures=true&storage=true: steps in the last minute, the last step, stored bytes', async (t) => {
   const { app } = await buildTestApp(t);
   await create(app, 'busy');

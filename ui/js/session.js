@@ -355,7 +355,7 @@ export function sessionPage(root, name, who) {
           points.push(...fresh);
           if (fresh.some((p) => p.param_groups)) hyperDue = true;
           seriesVersion = answer.next_after_version ?? seriesVersion;
-          if (answer.points.length < 1000) break;
+          if (!answer.more) break; // a page of a session with many groups holds fewer points than asked for
         }
       }
       if (points.length === 0) seriesNote.textContent = 'No step has reported metrics yet.';
@@ -388,7 +388,7 @@ export function sessionPage(root, name, who) {
       const fresh = answer.points.map(toPoint);
       tail.push(...fresh.filter((p) => p.version <= upTo));
       at = answer.next_after_version ?? at;
-      if (fresh.length < 1000 || at >= upTo) break;
+      if (!answer.more || at >= upTo) break;
     }
     return { after, upTo, points: tail };
   }
@@ -419,7 +419,7 @@ export function sessionPage(root, name, who) {
         changes.push(...answer.changes);
         changesTotal += answer.changes.length;
         initialGroups = answer.initial_param_groups ?? initialGroups;
-        if (answer.changes.length < 1000) break;
+        if (!answer.more) break;
       }
     } catch (err) {
       hyperDue = true;

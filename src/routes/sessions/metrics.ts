@@ -6,7 +6,7 @@ import { ACCESS, setVersion } from '../common.ts';
 import { ConditionalReadHeaders, errorResponses, NameParams, NotModified } from '../schemas.ts';
 import { conditional, notModifiedAt } from './conditional.ts';
 import { errors } from '../../errors.ts';
-import { createMetricNames, downsampledSeries, type SeriesPoint } from '../../sessions/series.ts';
+import { createMetricNames, downsampledSeries, GROUP_ENTRIES_PER_ANSWER, type SeriesPoint } from '../../sessions/series.ts';
 
 export const MAX_METRICS_LIMIT = 10_000;
 export const MAX_POINTS = 10_000;
@@ -50,7 +50,10 @@ const metricsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       headers: ConditionalReadHeaders,
       querystring: Type.Object({
         after_version: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, default: 0 })),
-        limit: Type.Optional(Type.Integer({ minimum: 1, maximum: MAX_METRICS_LIMIT, description: 'Default 1000; not with max_points' })),
+        limit: Type.Optional(Type.Integer({
+          minimum: 1, maximum: MAX_METRICS_LIMIT,
+          description: `Default 1000; not with max_points. A point of a step that set hyperparameters lists every group's values: a page holds at most ${GROUP_ENTRIES_PER_ANSWER} of them over its points (a session of 1,000 groups: 100 such points a page, and the others between them; next_after_version goes on)`,
+        })),
         max_points: Type.Optional(Type.Integer({ minimum: 2, maximum: MAX_POINTS, description: 'Downsample the series after after_version to at most this many points' })),
       }),
       response: {
@@ -59,6 +62,7 @@ const metricsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
           points: Type.Array(MetricsPoint),
           next_after_version: Type.Integer({ description: 'The after_version of the next page: the last point\'s version (or the one asked for when there are none)' }),
           downsampled: Type.Optional(Type.Boolean({ description: 'With max_points: whether the points are buckets' })),
+          more: Type.Optional(Type.Boolean({ description: 'Without max_points: whether points may follow next_after_version (the page is full, or bounded by the groups\' values it holds): read on while true' })),
         }),
         304: NotModified,
         ...errorResponses(400, 401, 403, 404, 412),
@@ -81,7 +85,7 @@ const metricsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     // read before its points: a point of a step that commits meanwhile may come with the version before it,
     // which a later If-None-Match of that version then reads again, rather than miss).
     if (conditional(request) && notModifiedAt(request, reply, (await fastify.sessions.get(name)).version)) return reply;
-    const { session, points } = await fastify.sessions.history(name, afterVersion, request.query.limit ?? 1000);
+    const { session, points, more } = await fastify.sessions.history(name, afterVersion, request.query.limit ?? 1000);
     if (notModifiedAt(request, reply, session.version)) return reply;
     setVersion(reply, session.version);
     return {
@@ -91,6 +95,7 @@ const metricsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
         ...(p.hyper && { param_groups: p.hyper }),
       })),
       next_after_version: points.length ? points[points.length - 1].version : afterVersion,
+      more,
     };
   });
 };

@@ -5,7 +5,7 @@ import { Type } from 'typebox';
 import { ACCESS, setVersion } from '../common.ts';
 import { ConditionalReadHeaders, errorResponses, NameParams, NotModified, Session } from '../schemas.ts';
 import { notModifiedAt } from './conditional.ts';
-import { downsampledHyperChanges, hyperChanges, initialHyperparameters, NEWEST_CHANGES_KEPT, type Activity } from '../../sessions/series.ts';
+import { downsampledHyperChanges, entriesWithin, GROUP_ENTRIES_PER_ANSWER, hyperChanges, initialHyperparameters, NEWEST_CHANGES_KEPT, type Activity } from '../../sessions/series.ts';
 import { errors } from '../../errors.ts';
 import { MAX_POINTS } from './metrics.ts';
 
@@ -39,7 +39,10 @@ const seriesRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       headers: ConditionalReadHeaders,
       querystring: Type.Object({
         after_version: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, default: 0 })),
-        limit: Type.Optional(Type.Integer({ minimum: 1, maximum: MAX_CHANGES_LIMIT, description: 'Default 1000; not with max_points' })),
+        limit: Type.Optional(Type.Integer({
+          minimum: 1, maximum: MAX_CHANGES_LIMIT,
+          description: `Default 1000; not with max_points. A change lists every group's values: a page holds at most ${GROUP_ENTRIES_PER_ANSWER} of them (a session of 1,000 groups: 100 changes a page; next_after_version goes on), and with max_points the buckets are widened to fit as many`,
+        })),
         max_points: Type.Optional(Type.Integer({ minimum: 2, maximum: MAX_POINTS, description: 'Read the whole history after after_version, downsampled to the buckets of .../metrics?max_points= when longer' })),
       }),
       response: {
@@ -54,6 +57,7 @@ const seriesRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
           })),
           next_after_version: Type.Integer(),
           downsampled: Type.Optional(Type.Boolean({ description: 'With max_points: whether changes were left out (see the description)' })),
+          more: Type.Optional(Type.Boolean({ description: 'Without max_points: whether changes may follow next_after_version (the page is full, or bounded by the groups\' values it holds): read on while true' })),
           total_changes: Type.Optional(Type.Integer({ description: 'With max_points: how many changes there are after after_version, those left out included' })),
           initial_param_groups: Type.Union([Type.Array(Type.Record(Type.String(), Type.Unknown())), Type.Null()], {
             description: 'Each group\'s hyperparameters at the session\'s first version (created or forked); null: not known (a session made before this was kept, whose first snapshot is gone)',
@@ -71,10 +75,11 @@ const seriesRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
     // Before the changes are read: a 304 or 412 needs only the version (the session is read first, so the
     // changes of a step that commits meanwhile may come with the version before it, not be missed).
     if (notModifiedAt(request, reply, session.version)) return reply;
+    const pageSize = entriesWithin(request.query.limit ?? 1000, session.groups.length);
     const [read, initial] = await Promise.all([
       maxPoints !== undefined
-        ? downsampledHyperChanges(fastify.db, session.id, afterVersion, maxPoints)
-        : hyperChanges(fastify.db, session.id, afterVersion, request.query.limit ?? 1000).then((changes) => ({ changes, total: undefined, downsampled: undefined })),
+        ? downsampledHyperChanges(fastify.db, session.id, afterVersion, maxPoints, session.groups.length)
+        : hyperChanges(fastify.db, session.id, afterVersion, pageSize).then((changes) => ({ changes, total: undefined, downsampled: undefined })),
       initialHyperparameters(fastify.db, session.id),
     ]);
     const { changes } = read;
@@ -83,7 +88,7 @@ const seriesRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       session: session.name,
       changes: changes.map((c) => ({ version: c.version, step: c.step, time: c.time.toISOString(), reason: c.reason, param_groups: c.paramGroups })),
       next_after_version: changes.length ? changes[changes.length - 1].version : afterVersion,
-      ...(read.downsampled === undefined ? {} : { downsampled: read.downsampled, total_changes: read.total }),
+      ...(read.downsampled === undefined ? { more: changes.length === pageSize } : { downsampled: read.downsampled, total_changes: read.total }),
       initial_param_groups: initial,
     };
   });

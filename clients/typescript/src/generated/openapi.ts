@@ -3299,7 +3299,7 @@ export interface operations {
         parameters: {
             query?: {
                 after_version?: number;
-                /** @description Default 1000; not with max_points */
+                /** @description Default 1000; not with max_points. A change lists every group's values: a page holds at most 100000 of them (a session of 1,000 groups: 100 changes a page; next_after_version goes on), and with max_points the buckets are widened to fit as many */
                 limit?: number;
                 /** @description Read the whole history after after_version, downsampled to the buckets of .../metrics?max_points= when longer */
                 max_points?: number;
@@ -3348,6 +3348,8 @@ export interface operations {
                         next_after_version: number;
                         /** @description With max_points: whether changes were left out (see the description) */
                         downsampled?: boolean;
+                        /** @description Without max_points: whether changes may follow next_after_version (the page is full, or bounded by the groups' values it holds): read on while true */
+                        more?: boolean;
                         /** @description With max_points: how many changes there are after after_version, those left out included */
                         total_changes?: number;
                         /** @description Each group's hyperparameters at the session's first version (created or forked); null: not known (a session made before this was kept, whose first snapshot is gone) */
@@ -3382,7 +3384,7 @@ export interface operations {
         parameters: {
             query?: {
                 after_version?: number;
-                /** @description Default 1000; not with max_points */
+                /** @description Default 1000; not with max_points. A point of a step that set hyperparameters lists every group's values: a page holds at most 100000 of them over its points (a session of 1,000 groups: 100 such points a page, and the others between them; next_after_version goes on) */
                 limit?: number;
                 /** @description Downsample the series after after_version to at most this many points */
                 max_points?: number;
@@ -3451,6 +3453,8 @@ export interface operations {
                         next_after_version: number;
                         /** @description With max_points: whether the points are buckets */
                         downsampled?: boolean;
+                        /** @description Without max_points: whether points may follow next_after_version (the page is full, or bounded by the groups' values it holds): read on while true */
+                        more?: boolean;
                     };
                 };
             };
