@@ -163,6 +163,11 @@ export default fp(
         done(null, undefined);
         return;
       }
+      // Nor on a route whose body is optional (POST …/snapshots): as if none was sent (a review: 400 INVALID_JSON).
+      if (bytes.length === 0 && ((request.routeOptions.schema?.body as { anyOf?: { type?: unknown }[] } | undefined)?.anyOf ?? []).some((s) => s.type === 'null')) {
+        done(null, null);
+        return;
+      }
       if (bytes.length > limit) {
         done(errors.jsonBodyTooLarge(limit), undefined);
         return;

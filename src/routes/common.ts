@@ -40,8 +40,10 @@ export function ifMatchVersions(request: FastifyRequest): Set<number> | null {
   const value = (Array.isArray(raw) ? raw.join(',') : raw).trim();
   if (value === '*') return null;
   const versions = new Set<number>();
-  for (const part of value.split(',')) {
-    const tag = part.trim();
+  // Empty list elements are ignored (RFC 9110 section 5.6.1.2: `, "6"` and `"6",` are "6"); a header of nothing else is malformed.
+  const tags = value.split(',').map((part) => part.trim()).filter((tag) => tag !== '');
+  if (tags.length === 0) throw errors.invalidHeader('If-Match', 'must be a session version as "<version>", a list of entity tags, or *');
+  for (const tag of tags) {
     const version = /^(?:"([1-9]\d{0,14}|0)"|([1-9]\d{0,14}|0))$/.exec(tag);
     if (version) versions.add(Number(version[1] ?? version[2]));
     else if (!/^(?:W\/)?"[\x21\x23-\x7e\x80-\xff]*"$/.test(tag)) throw errors.invalidHeader('If-Match', 'must be a session version as "<version>", a list of entity tags, or *');

@@ -65,6 +65,13 @@ test('If-Match: an unbalanced quote is refused, tags are compared strongly; If-N
     assert.equal(res.headers.etag, '"2"');
     assert.match(res.json().message, /^If-Match: expected a tag that is none of this session's versions .*, the session is at version 2$/);
   }
+  // Empty list elements are ignored (RFC 9110 section 5.6.1.2, a review); a header of nothing else is malformed.
+  for (const tag of [', ,', ' ']) {
+    const empty = await app.inject({ method: 'GET', url: '/v1/sessions/p', headers: { 'if-match': tag } });
+    assert.equal(empty.statusCode, 400, `${JSON.stringify(tag)}: ${empty.body}`);
+    assert.equal(empty.json().code, 'INVALID_HEADER');
+  }
+  for (const tag of [', "2"', '"2",', ' , "2" , ']) assert.equal((await app.inject({ method: 'GET', url: '/v1/sessions/p', headers: { 'if-match': tag } })).statusCode, 200, tag);
   const two = await app.inject({ method: 'PATCH', url: '/v1/sessions/p', headers: { 'if-match': '"2", "3"' }, payload: { snapshot_every: 7 } });
   assert.equal(two.statusCode, 400, two.body);
   assert.match(two.json().message, /^If-Match: /);
@@ -87,6 +94,10 @@ test('a route that takes no body refuses one (DELETE, restore), and does nothing
   // No body at all, announced as JSON (clients that set Content-Type on every request): no body.
   const again = await app.inject({ method: 'POST', url: '/v1/sessions/p/snapshots/1/restore', headers: { 'content-type': 'application/json' } });
   assert.equal(again.statusCode, 200, again.body);
+  // A route whose body is optional takes none announced as JSON as none (a review: POST …/snapshots said 400 INVALID_JSON).
+  const snapshot = await app.inject({ method: 'POST', url: '/v1/sessions/p/snapshots', headers: { 'content-type': 'application/json' } });
+  assert.equal(snapshot.statusCode, 201, snapshot.body);
+  assert.equal(snapshot.json().pinned, false);
   const deleted = await app.inject({ method: 'DELETE', url: '/v1/sessions/p', headers: { 'content-type': 'application/json' } });
   assert.equal(deleted.statusCode, 204, deleted.body);
   // A route that takes a body still says an empty one is not JSON.
