@@ -178,6 +178,13 @@ test('after_version + wait answers as soon as a newer version commits, else 304 
     assert.equal(res.statusCode, 400, `${url}: ${res.body}`);
     assert.match(res.json().message, new RegExp(field));
   }
+  // What the end of the wait would refuse is refused at once, not after the wait (a review: 304 after it, for ever).
+  for (const [headers, status, code] of [[{ accept: 'text/html' }, 406, 'NOT_ACCEPTABLE'], [{ 'if-match': 'garbage' }, 400, 'INVALID_HEADER']] as const) {
+    const started = Date.now();
+    const res = await app.inject({ url: '/v1/sessions/w/params?after_version=2&wait=5', headers });
+    assert.deepEqual([res.statusCode, res.json().code], [status, code], res.body);
+    assert.ok(Date.now() - started < 4_000, `answered after ${Date.now() - started} ms`);
+  }
   // A deleted session ends the wait with a 404.
   const gone = app.inject({ url: '/v1/sessions/w/params?after_version=2&wait=30' });
   await new Promise((resolve) => setTimeout(resolve, 200));

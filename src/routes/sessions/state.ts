@@ -10,13 +10,13 @@ import { MAX_LOADED_STEP, numelOf } from '../../sessions/spec.ts';
 import { PARAMS_ONLY } from '../../sessions/load-plan.ts';
 import { parseStateDict } from '../../sessions/state-dict.ts';
 import { firstNonFinite, readJsonTensor } from '../../sessions/tensors.ts';
-import { ACCESS, changeAnswer, changeKeyOf, ifMatchOf, jsonBody, jsonOrFile } from '../common.ts';
+import { ACCESS, changeAnswer, changeKeyOf, ifMatchOf, ifMatchVersions, jsonBody, jsonOrFile } from '../common.ts';
 import { contentFormat, mediaTypes, ROUTE_MEDIA, type WireFormat } from '../media.ts';
 import { ChangeHeaders, errorResponses, GroupChanges, ConditionalReadHeaders, NameParams, NotModified, Version, withCode, SessionChange } from '../schemas.ts';
 import { checkpointJsonParts, perTensorLimits, readCheckpointFile, readCheckpointJson, readNamedTensors, readStateDictBody, tiedAgainOf } from './binary.ts';
 import { jsonBoundBySession, sessionBeforeBody } from './json-bound.ts';
 import { answeredNotModified, checkIfMatchRead, MAX_WAIT_SECONDS, waitPastVersion } from './conditional.ts';
-import { refuseLargeJson, sendView, viewResponse, type ViewKind, type ViewQuery } from './views.ts';
+import { refuseLargeJson, sendView, viewFormat, viewResponse, type ViewKind, type ViewQuery } from './views.ts';
 
 interface ReadQuery extends ViewQuery {
   version?: string;
@@ -32,6 +32,10 @@ async function answerRead(fastify: FastifyInstance, kind: ViewKind, request: Fas
   const version = query.version === undefined ? null : Number(query.version);
   if (query.after_version !== undefined) {
     if (version !== null) throw errors.invalidQuery('after_version', 'cannot be combined with version');
+    // What the wait's end would refuse is refused before it (a review: a malformed If-Match or an Accept of
+    // nothing offered waited out the wait, then answered 304, for ever).
+    viewFormat(kind, request, query);
+    ifMatchVersions(request);
     if (!(await waitPastVersion(fastify, request, reply, name, query.after_version, query.wait ?? 0))) return reply;
   } else if (query.wait !== undefined) {
     throw errors.invalidQuery('wait', 'needs after_version (the version you have)');

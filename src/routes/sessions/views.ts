@@ -51,6 +51,9 @@ export function refuseLargeJson(kind: ViewKind, request: FastifyRequest, query: 
   throw errors.notAcceptable('application/json', `the binary formats for a session of ${numel} elements (?format=${kind === 'checkpoint' ? 'pt' : 'safetensors'}); JSON answers hold at most ${MAX_JSON_ELEMENTS} numbers`);
 }
 
+/** The format of a download (406 NOT_ACCEPTABLE when none offered fits Accept or ?format=), said before any wait or read. */
+export const viewFormat = (kind: ViewKind, request: FastifyRequest, query: ViewQuery): WireFormat => negotiate(request, query.format, KINDS[kind].offers);
+
 export function sendView(kind: ViewKind, request: FastifyRequest, reply: FastifyReply, view: StateView, query: ViewQuery) {
   refuseLargeJson(kind, request, query, view.layout.numel);
   const format = negotiate(request, query.format, KINDS[kind].offers);
