@@ -29,6 +29,7 @@ import rootRoutes from './routes/root/index.ts';
 import uiRoutes from './routes/ui/index.ts';
 import tokenRoutes from './routes/tokens/index.ts';
 import sessionRoutes from './routes/sessions/index.ts';
+import { refuseUnacceptableJson } from './routes/media.ts';
 
 export interface AppOptions {
   config: Config;
@@ -94,6 +95,7 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
       throw errors.unavailable('the server is shutting down; retry on another replica', 1);
     }
     refuseUnreadable(request, reply);
+    refuseUnacceptableJson(request);
   });
   await fastify.register(contentTypesPlugin, { config });
   await fastify.register(dbPlugin, { config, migrate: opts.migrate ?? false, database: opts.database });

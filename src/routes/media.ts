@@ -68,6 +68,33 @@ export function requireAccepts(request: FastifyRequest, type: string): void {
   if (!match || match.q <= 0) throw errors.notAcceptable(headerText(accept).slice(0, 200), type);
 }
 
+const jsonOnly = new WeakMap<object, boolean>();
+
+/**
+ * Whether a route's answer is JSON and nothing else: its 200 (or 201) is a schema of its own, not a map of
+ * media types (the downloads, the step and the event stream choose theirs by Accept).
+ */
+function answersJsonOnly(schema: { response?: Record<string, unknown> } | undefined): boolean {
+  if (!schema?.response) return false;
+  let known = jsonOnly.get(schema);
+  if (known === undefined) {
+    const ok = (schema.response[200] ?? schema.response[201]) as { content?: unknown } | undefined;
+    known = ok !== undefined && ok.content === undefined;
+    jsonOnly.set(schema, known);
+  }
+  return known;
+}
+
+/**
+ * An API route that answers JSON alone refuses an Accept that excludes it (406), as the routes that
+ * negotiate do (a review: GET of a session, its metrics, norms or snapshots answered JSON to
+ * Accept: application/octet-stream). Before the body and the database.
+ */
+export function refuseUnacceptableJson(request: FastifyRequest): void {
+  // /v1 only: health probes (a load balancer's, a kubelet's) are answered whatever they accept.
+  if (request.headers.accept && request.url.startsWith('/v1/') && answersJsonOnly(request.routeOptions.schema as { response?: Record<string, unknown> } | undefined)) requireAccepts(request, 'application/json');
+}
+
 export function negotiate(request: FastifyRequest, queryFormat: string | undefined, offered: readonly WireFormat[]): WireFormat {
   if (queryFormat !== undefined) {
     if (!(offered as readonly string[]).includes(queryFormat)) throw errors.invalidQuery('format', `must be one of ${offered.join(', ')}`);

@@ -268,6 +268,13 @@ test('Accept: the most specific range decides a format\'s quality (q=0 excludes 
     ['/v1/sessions/f/params', 'text/html, */*;q=0.1', 'application/json'],
     ['/v1/sessions/f/checkpoint', 'application/octet-stream;q=0, */*', 'application/json'],
     ['/v1/sessions/f/checkpoint', '*/*', 'application/octet-stream'],
+    // Routes that answer JSON alone refuse an Accept that excludes it, as the downloads do (a review: 200 JSON).
+    ...['/v1/sessions/f', '/v1/sessions/f/metrics', '/v1/sessions/f/hyperparameters', '/v1/sessions/f/norms', '/v1/sessions/f/snapshots', '/v1/sessions'].flatMap((url): [string, string, string | number][] => [
+      [url, 'application/octet-stream', 406], [url, 'application/json;q=0, */*', 406], [url, 'text/html', 406],
+      [url, 'text/html, application/*;q=0.5', 'application/json'], [url, '*/*', 'application/json'],
+    ]),
+    // Health probes are answered whatever they accept.
+    ['/healthz', 'text/html', 'application/json'],
   ];
   for (const [url, accept, expected] of cases) assert.equal(await typeOf(url, accept), expected, `${url} Accept: ${accept}`);
   const snapshot = (await app.inject({ method: 'POST', url: '/v1/sessions/f/snapshots' })).json().id;
