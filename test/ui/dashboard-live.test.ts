@@ -488,4 +488,6 @@ test('for a screen reader: the token field has a name, each snapshot row\'s butt
   const levels = await page.$$eval('h1, h2, h3, h4', (hs) => hs.filter((h) => !h.closest('dialog')).map((h) => Number(h.tagName[1])));
   for (let i = 1; i < levels.length; i++) assert.ok(levels[i] <= levels[i - 1] + 1, `headings ${JSON.stringify(levels)}`);
   assert.equal(await page.getAttribute('#token-input', 'aria-label'), 'Bearer token');
+  // Every dialog is named (a review: the token prompt and the restore confirmation had no accessible name).
+  for (const id of ['token-dialog', 'fork-dialog', 'confirm-dialog']) assert.ok(await page.getAttribute(`#${id}`, 'aria-labelledby'), id);
 });

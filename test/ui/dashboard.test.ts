@@ -126,6 +126,9 @@ test('dashboard: sessions listed, loss chart holds the points sent, live steps, 
   const before = await admin('GET', '/v1/sessions/mnist-demo');
   await page.click(`tr[data-snapshot="${toRestore.id}"] button[data-action=restore]`);
   await page.waitForSelector('#confirm-dialog[open]');
+  // The dialog has an accessible name: what it asks (a review: both modal dialogs were announced as "").
+  assert.match(await page.getByRole('dialog').first().getAttribute('aria-labelledby') ?? '', /confirm-text/);
+  assert.equal(await page.getByRole('dialog', { name: /^Restore/ }).count(), 1, 'the restore confirmation is named by its question');
   await screenshot(page, 'restore-confirmation');
   await page.click('#confirm-ok');
   await page.waitForFunction((v) => Number(document.querySelector('#app')?.getAttribute('data-version')) > v, before.version);
