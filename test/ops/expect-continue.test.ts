@@ -44,8 +44,8 @@ const answered = (from = 0) => (text: string) => {
   return rest.length >= head + 4 + length;
 };
 
-function stepHead(headers: Record<string, string | number>): string {
-  return `POST /v1/sessions/expecting/step HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n${Object.entries(headers).map(([k, v]) => `${k}: ${v}\r\n`).join('')}\r\n`;
+function stepHead(headers: Record<string, string | number>, path = '/v1/sessions/expecting/step'): string {
+  return `POST ${path} HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n${Object.entries(headers).map(([k, v]) => `${k}: ${v}\r\n`).join('')}\r\n`;
 }
 
 test('Expect: 100-continue: 100 once the body is wanted, then the step; a request refused on its headers gets the refusal, never a 100', async (t) => {
@@ -70,15 +70,18 @@ test('Expect: 100-continue: 100 once the body is wanted, then the step; a reques
   assert.equal(JSON.parse(finalHead.slice(finalHead.indexOf('\r\n\r\n') + 4)).version, before + 1);
   good.socket.destroy();
 
-  const refused: [string, Record<string, string | number>, number, string][] = [
+  const refused: [string, Record<string, string | number>, number, string, string?][] = [
     ['a wrong token', { Authorization: 'Bearer wrong-token-0123456789abcdef', 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body) }, 401, 'UNAUTHORIZED'],
+    // Refused on the request line: a misspelt query parameter, a name no session can have (a review: after the upload).
+    ['a misspelt query parameter', { Authorization: `Bearer ${ADMIN}`, 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body) }, 400, 'INVALID_QUERY', '/v1/sessions/expecting/step?base_versoin=3'],
+    ['a malformed session name', { Authorization: `Bearer ${ADMIN}`, 'Content-Type': 'application/json', 'Content-Length': 2_000_000 }, 400, 'INVALID_PATH', '/v1/sessions/bad%00name/step'],
     ['a content coding', { Authorization: `Bearer ${ADMIN}`, 'Content-Type': 'application/json', 'Content-Encoding': 'gzip', 'Content-Length': 64 }, 415, 'UNSUPPORTED_MEDIA_TYPE'],
     ['a body over the limit', { Authorization: `Bearer ${ADMIN}`, 'Content-Type': 'application/json', 'Content-Length': 1_000_000 }, 413, 'BODY_TOO_LARGE'],
     ['an unsupported media type', { Authorization: `Bearer ${ADMIN}`, 'Content-Type': 'text/csv', 'Content-Length': 64 }, 415, 'UNSUPPORTED_MEDIA_TYPE'],
   ];
-  for (const [what, headers, status, code] of refused) {
+  for (const [what, headers, status, code, path] of refused) {
     const c = open(port);
-    c.socket.write(stepHead(headers)); // no body: the client waits for the 100
+    c.socket.write(stepHead(headers, path)); // no body: the client waits for the 100
     const text = await c.until(answered());
     assert.match(text, new RegExp(`^HTTP/1\\.1 ${status} `), `${what}: ${text.slice(0, 80)}`);
     const head = text.slice(0, text.indexOf('\r\n\r\n'));

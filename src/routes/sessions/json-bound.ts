@@ -5,6 +5,7 @@
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { errors } from '../../errors.ts';
 import { bodyStage, boundJsonKeys } from '../../plugins/content-types.ts';
+import { NAME_PATTERN, SESSION_NAME_RULE } from '../../sessions/spec.ts';
 
 /**
  * The most bytes a JSON body of a session's tensors of `numel` elements in `params` parameters can need: 64 a
@@ -34,6 +35,9 @@ const FLOOR = Math.min(jsonTensorsLimit(0, 0), fileTensorsLimit(0, 0));
  */
 async function sessionSize(fastify: FastifyInstance, request: FastifyRequest, payload: NodeJS.ReadableStream): Promise<{ numel: number; params: number }> {
   const name = (request.params as { name: string }).name;
+  // The path is checked by the route's schema after the body: here, before the lookup, a name no session
+  // can have is refused as that check refuses it (a review: a NUL reached PostgreSQL, 400 BAD_REQUEST).
+  if (!NAME_PATTERN.test(name)) throw errors.invalidPart('params', 'name', `must be ${SESSION_NAME_RULE}`);
   const cached = fastify.sessions.cachedSize(name);
   if (cached !== null) return cached;
   // The body's stream (metrics' byte counter, for a chunked one) may fail while the session is looked up:
