@@ -93,6 +93,9 @@ export function resolveHyperparameters(base: Omit<GroupSpec, 'params'>, input: H
     const value = input[key];
     if (value === undefined) continue;
     if (typeof value !== 'number' || !Number.isFinite(value)) throw errors.invalidHyperparameter(`${field}.${key}`, 'must be a finite number');
+    // An int beyond 2^53 is not the integer sent (9007199254740993 read as …992), and later written back as
+    // another (a review): refused as a .pt file's is. Written as a float (1e18), it is a float.
+    if (integers?.has(key) && !Number.isSafeInteger(value)) throw errors.invalidHyperparameter(`${field}.${key}`, 'integer out of range (JSON numbers hold integers exactly up to 2^53; write a float, such as 1e18)');
     out[key] = value;
     out.int_keys = out.int_keys!.filter((k) => k !== key);
     // Written as an integer: a Python int in torch's state_dict. Not known: a whole weight_decay is PyTorch's
