@@ -125,9 +125,13 @@ export async function downsampledSeries(
       const k = i % METRICS_PER_SCAN;
       const n = scan[`n${k}`] as number;
       if (n === 0) return; // no step of this bucket reported it
-      point.values[key] = ((scan[`big${k}`] as number | null ?? 0) / n) * scale + (scan[`small${k}`] as number | null ?? 0) / n;
-      point.min![key] = scan[`min${k}`] as number;
-      point.max![key] = scan[`max${k}`] as number;
+      const min = scan[`min${k}`] as number;
+      const max = scan[`max${k}`] as number;
+      const mean = ((scan[`big${k}`] as number | null ?? 0) / n) * scale + (scan[`small${k}`] as number | null ?? 0) / n;
+      // Within its bucket's range: the mean of equal values 1.7976931348623157e308 came out one ulp below their min (a review).
+      point.values[key] = Math.min(max, Math.max(min, mean));
+      point.min![key] = min;
+      point.max![key] = max;
     });
     return point;
   });

@@ -244,6 +244,11 @@ test('metrics ?max_points: hundreds of metric names over a session\'s life, and 
   assert.equal(huge.statusCode, 200, huge.body);
   assert.deepEqual(huge.json().points.map((p: { values: { loss: number }; min: { loss: number }; max: { loss: number } }) => [p.values.loss, p.min.loss, p.max.loss]),
     [[1.7e308, 1.7e308, 1.7e308], [0, -1.7e308, 1.7e308]]);
+  // The largest double, five times a bucket: the mean is it, not one ulp below its own min (a review).
+  await create(app, 'max');
+  for (let i = 0; i < 10; i++) await stepWith(app, 'max', { metrics: { loss: Number.MAX_VALUE } });
+  const max = (await app.inject({ url: '/v1/sessions/max/metrics?max_points=2' })).json();
+  for (const p of max.points) assert.deepEqual([p.values.loss, p.min.loss, p.max.loss], [Number.MAX_VALUE, Number.MAX_VALUE, Number.MAX_VALUE]);
 
   // The smallest doubles (subnormal) beside large and ordinary ones: each bucket's mean as IEEE arithmetic has it
   // (the read used to fail with a 400 for good once a step reported 5e-324: a quotient PostgreSQL took for an underflow).
