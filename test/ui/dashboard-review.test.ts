@@ -259,7 +259,7 @@ test('a metric reported at one step only is drawn (a dot) and its chart says 1 p
     box.style.width = '600px';
     document.body.append(box);
     const axesSeen: number[][] = [];
-    for (const [data, span] of [[[[60], [1.5]], [1, 60]], [[[30], [0.5]], null]] as const) {
+    for (const [data, span] of [[[[60], [1.5]], [1, 60]], [[[30], [0.5]], null], [[[0], [0.5]], null]] as const) {
       const chart = new Chart(box, { key: `redrawn-${axesSeen.length}`, title: 'redrawn', series: [{ label: 'v' }] });
       for (let i = 0; i < 4; i++) {
         chart.set(data as any, span as any);
@@ -271,7 +271,8 @@ test('a metric reported at one step only is drawn (a dot) and its chart says 1 p
     box.remove();
     return axesSeen;
   });
-  assert.deepEqual(redrawn, [[1, 60], [1, 60], [1, 60], [1, 60], [29, 31], [29, 31], [29, 31], [29, 31]]);
+  // One point at step 0 (a session that has not stepped) on [0, 1], not an axis of negative steps (a review).
+  assert.deepEqual(redrawn, [[1, 60], [1, 60], [1, 60], [1, 60], [29, 31], [29, 31], [29, 31], [29, 31], [0, 1], [0, 1], [0, 1], [0, 1]]);
 });
 
 test('metric names that are Object.prototype members ("constructor", "toString") chart with gaps where a step lacks them; the page draws everything', { skip }, async (t) => {
@@ -360,6 +361,21 @@ test('a metric with a 128-character name: its chart\'s title and legend stay ins
   assert.ok(boxes.length >= 1);
   for (const { card, inner } of boxes) {
     for (const b of inner) assert.ok(b.right <= card.right + 1 && b.left >= card.left - 1, `inside the card: ${JSON.stringify({ card, b })}`);
+  }
+  // The legend's label is cut short, the whole name its title, and the value stays on its line (a review:
+  // the wrapped name made a block with its value on a line of its own).
+  const legend = await page.$$eval('.chart .u-legend .u-series', (rows, m) => rows.filter((r) => r.querySelector('.u-label')?.textContent === m).map((r) => {
+    const label = r.querySelector('.u-label')!;
+    const value = r.querySelector('.u-value')!;
+    const [l, v] = [label.getBoundingClientRect(), value.getBoundingClientRect()];
+    return { title: label.getAttribute('title'), labelHeight: l.height, sameLine: Math.abs(l.top - v.top) < 6 || Math.abs(l.bottom - v.bottom) < 6, cut: label.scrollWidth > label.clientWidth };
+  }), metric);
+  assert.ok(legend.length >= 1, 'the metric is in a legend');
+  for (const row of legend) {
+    assert.equal(row.title, metric);
+    assert.ok(row.cut, 'cut with an ellipsis');
+    assert.ok(row.sameLine, `the value beside its label: ${JSON.stringify(row)}`);
+    assert.ok(row.labelHeight < 30, `one line: ${JSON.stringify(row)}`);
   }
   await screenshot(page, 'session-long-metric-name');
 });

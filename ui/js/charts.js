@@ -298,7 +298,8 @@ export class Chart {
       // Steps are whole numbers: no tick at step 2.5. Values get the digits their spacing needs, and the
       // labels say the values, not the drawn ones.
       axes: [
-        this.spec.time ? {} : { incrs: STEP_INCREMENTS },
+        // Ticks of steps at least their widest label apart (a review: 100,000120,000140,000 at six digits).
+        this.spec.time ? {} : { incrs: STEP_INCREMENTS, space: (u, _axis, min, max) => Math.max(50, labelWidth(u, fmtNum(Math.max(Math.abs(min), Math.abs(max)))) + 24) },
         {
           // Wide enough for the widest label as drawn (measured in the axis' font), besides the tick and gap.
           size: (u, values) => Math.max(50, Math.ceil(Math.max(0, ...(values ?? []).map((v) => labelWidth(u, String(v))))) + AXIS_TICK_GAP + 8),
@@ -309,6 +310,12 @@ export class Chart {
       legend: { live: true },
     }, drawn, this.box);
     registry[this.spec.key] = this.plot;
+    // A label cut short in the legend (app.css) has its whole name as a tooltip.
+    this.plot.root.querySelectorAll('.u-legend .u-series').forEach((row, i) => {
+      const label = row.querySelector('.u-label');
+      const name = series[i]?.label;
+      if (label && typeof name === 'string') label.setAttribute('title', name);
+    });
     this.fitX();
   }
 
@@ -330,7 +337,8 @@ export class Chart {
     }
     if (lo === hi) {
       const pad = this.spec.time ? 60 : 1;
-      lo -= pad;
+      // Steps start at 0: a session's one point at step 0 gets [0, 1], not an axis of negative steps (a review).
+      lo = this.spec.time ? lo - pad : Math.max(0, lo - pad);
       hi += pad;
     }
     // Always set: setData's own range of x is applied after this returns (uPlot commits in a microtask), so

@@ -657,12 +657,36 @@ export function sessionPage(root, name, who) {
       button.disabled = true;
       button.title = 'the session was deleted';
     }
+    if (!replaced) void watchForNew();
     if (replaced) {
       // The read that saw the other session had already added its points and changes: nothing is drawn again
       // (the x axis switch redrew the charts from them), what is shown stays the deleted session's.
       frozen = true;
       xToggle.disabled = true;
       xToggle.title = 'the session was deleted';
+    }
+  }
+
+  /** Stops watchForNew when the page is left. */
+  const left = new AbortController();
+
+  /**
+   * After a deletion, asks now and then (after 10 s, then slower, up to a minute) whether a session of the name was
+   * created again, and says so with a link (a review: the page said "deleted" for good while a new one ran).
+   */
+  async function watchForNew() {
+    for (let wait = 10_000; !left.signal.aborted; wait = Math.min(60_000, wait * 1.5)) {
+      await sleep(wait, left.signal).catch(() => {});
+      if (left.signal.aborted) return;
+      try {
+        /** @type {{ version: number, step: number }} */
+        const again = await api(base, { signal: left.signal });
+        error.textContent = `Session ${name} was deleted, and a new session of that name created since (version ${fmtNum(again.version)}, step ${fmtNum(again.step)}): `;
+        error.append(h('a', { href: location.href, onclick: (/** @type {Event} */ e) => { e.preventDefault(); location.reload(); } }, 'reload the page to follow it'), '.');
+        return;
+      } catch {
+        // still gone (404), or the service away: asked again later
+      }
     }
   }
 
@@ -841,6 +865,7 @@ export function sessionPage(root, name, who) {
 
   return () => {
     stop.abort();
+    left.abort();
     clearInterval(ticker);
     clearTimeout(readRetry);
     resetCharts();
