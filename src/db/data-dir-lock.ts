@@ -235,20 +235,18 @@ function takeOver(path: string, stale: LockHolder | null, token: string): void {
  * The heartbeat, on a thread of its own: the main thread can stand still for longer than the stale period
  * (PGlite's first start of a directory ran 17-34 s without yielding, a review), and a heartbeat on its event
  * loop then went silent while the process was alive and about to write: another machine took the lock over,
- * and both served. The thread renews the file and, once the file is not ours, raises the shared flag and says so.
+ * and both served. The thread renews the file and, once the file is not ours, says so and stops.
  */
 const HEARTBEAT_THREAD = `
 const { parentPort, workerData } = require('node:worker_threads');
 const { readFileSync, utimesSync } = require('node:fs');
-const { path, token, heartbeatMs, flag } = workerData;
-const lost = new Int32Array(flag);
+const { path, token, heartbeatMs } = workerData;
 const beat = () => {
   let text = null;
   try { text = readFileSync(path, 'utf8'); } catch {}
   let holder = null;
   try { holder = JSON.parse(text); } catch {}
   if (!holder || holder.token !== token) {
-    Atomics.store(lost, 0, 1);
     clearInterval(timer);
     parentPort.postMessage({ holder });
     return;
@@ -261,21 +259,18 @@ const timer = setInterval(beat, heartbeatMs);
 function hold(path: string, me: LockHolder, heartbeatMs: number, onLost?: (error: DataDirLockLostError) => void): DataDirLock {
   heldHere.add(path);
   const ours = () => parse(readText(path))?.token === me.token;
-  const flag = new SharedArrayBuffer(4);
-  const lostFlag = new Int32Array(flag);
   let lostError: DataDirLockLostError | null = null;
   const lose = (holder: LockHolder | null) => {
     if (lostError) return;
     lostError = new DataDirLockLostError(path, holder);
-    Atomics.store(lostFlag, 0, 1);
     onLost?.(lostError);
   };
   // Never renews a lock that is no longer ours (removed by hand, or taken over while this process stood
   // still for the whole stale period): that would keep the new owner's lock alive in our name.
-  const heartbeat = new Worker(HEARTBEAT_THREAD, { eval: true, workerData: { path, token: me.token, heartbeatMs, flag } });
+  const heartbeat = new Worker(HEARTBEAT_THREAD, { eval: true, workerData: { path, token: me.token, heartbeatMs } });
   heartbeat.on('message', (message: { holder: LockHolder | null }) => lose(message.holder));
   heartbeat.on('error', () => {
-    // The thread failed (it should not): the main thread's own checks (assertHeld) still find a lost lock.
+    // The thread failed (it should not): assertHeld still finds a lost lock before every statement.
   });
   heartbeat.unref();
   // The file is read before every statement (tens of microseconds; a PGlite step runs for milliseconds):
