@@ -104,7 +104,7 @@ export async function downsampledSeries(
       const figures = names.map((_, k) => `, min(v${k}) AS "min${k}", max(v${k}) AS "max${k}", count(v${k})::float8 AS "n${k}"`
         + `, sum(CASE WHEN abs(v${k}) >= 1 THEN v${k} / $5 END) AS "big${k}", sum(CASE WHEN abs(v${k}) < 1 THEN v${k} END) AS "small${k}"`).join('');
       scans.push(await tx.query<Record<string, number | string | null>>(
-        `SELECT min(version)::float8 AS version_from, max(version)::float8 AS version, max(step)::float8 AS step, max(created_at) AS time,
+        `SELECT min(version)::float8 AS version_from, max(version)::float8 AS version,
            avg(staleness)::float8 AS staleness, max(staleness)::float8 AS staleness_max, count(*)::float8 AS count,
            $5::float8 AS scale${figures}
          FROM (SELECT version, step, created_at, staleness${values} FROM step_history WHERE session_id = $1 AND version > $2 OFFSET 0) r
@@ -112,12 +112,20 @@ export async function downsampledSeries(
         [sessionId, afterVersion, width, first, scale, ...names],
       ));
     }
-    return { keys, scans };
+    // A bucket's step and time are those of its last version, not the largest in it: after a restore a
+    // bucket can hold the abandoned history's last steps and then the first steps of the new one (its
+    // largest step was an abandoned one, and the dashboard took the bucket for abandoned; a review).
+    const lastOf = await tx.query<{ version: number; step: number; created_at: string }>(
+      'SELECT version::float8 AS version, step::float8 AS step, created_at FROM step_history WHERE session_id = $1 AND version = ANY($2::bigint[])',
+      [sessionId, scans[0].map((r) => r.version)],
+    );
+    return { keys, scans, lastOf: new Map(lastOf.map((r) => [r.version, r])) };
   }, { consistentRead: true });
   // Every scan has the same buckets in the same order (one transaction's snapshot, the same grouping).
   const points = rows.scans[0].map((r, b) => {
+    const last = rows.lastOf.get(r.version as number)!;
     const point: SeriesPoint = {
-      version: r.version as number, step: r.step as number, time: new Date(r.time as string), staleness: r.staleness as number, values: {},
+      version: r.version as number, step: last.step, time: new Date(last.created_at), staleness: r.staleness as number, values: {},
       versionFrom: r.version_from as number, count: r.count as number, stalenessMax: r.staleness_max as number, min: {}, max: {},
     };
     rows.keys.forEach((key, i) => {

@@ -222,6 +222,45 @@ test('metrics ?max_points: the steps themselves when few, else buckets whose min
   assert.deepEqual(plain.json().points.map((p: Record<string, unknown>) => [p.version_from, p.version, p.count, p.values]), [[2, 4, 3, {}], [5, 6, 2, {}]]);
 });
 
+test('a bucket spanning a restore says the step and time of its last version; the dashboard then keeps an lr set by the first step after the restore', async (t) => {
+  // A browser review: a bucket holding the abandoned history's last steps and the first step after the
+  // restore said the abandoned steps' largest step; the page dropped it as abandoned and with it the lr the
+  // first new step set, and drew the old lr over the whole new history.
+  const { app } = await buildTestApp(t);
+  await create(app, 'rs');
+  for (let s = 1; s <= 20; s++) await stepWith(app, 'rs', { metrics: { loss: 10 + s } });
+  const snap = await app.inject({ method: 'POST', url: '/v1/sessions/rs/snapshots', payload: { pinned: true } });
+  assert.equal(snap.statusCode, 201, snap.body);
+  for (let s = 21; s <= 40; s++) await stepWith(app, 'rs', { metrics: { loss: 10 + s } });
+  const restore = await app.inject({ method: 'POST', url: `/v1/sessions/rs/snapshots/${snap.json().id}/restore` });
+  assert.equal(restore.statusCode, 200, restore.body);
+  await stepWith(app, 'rs', { metrics: { loss: 0.21 }, param_groups: [{ lr: 0.2 }] });
+  for (let s = 22; s <= 30; s++) await stepWith(app, 'rs', { metrics: { loss: s / 100 } });
+  // Versions 2..41 (steps 1..40), 42 the restore (no step), 43..52 (steps 21..30): buckets of 6 versions
+  // from 2; the one of versions 38..43 holds steps 37..40 and then step 21.
+  const raw = (await app.inject({ url: '/v1/sessions/rs/metrics?limit=1000' })).json().points as { version: number; step: number; time: string }[];
+  const res = await app.inject({ url: '/v1/sessions/rs/metrics?max_points=10' });
+  assert.equal(res.statusCode, 200, res.body);
+  const { points, downsampled } = res.json();
+  assert.equal(downsampled, true);
+  const spanning = points.find((p: { version_from: number; version: number }) => p.version_from === 38);
+  assert.deepEqual([spanning.version, spanning.step, spanning.count], [43, 21, 5]);
+  for (const p of points) {
+    const last = raw.find((r) => r.version === p.version)!;
+    assert.deepEqual([p.step, p.time], [last.step, last.time], `the bucket of versions ${p.version_from}..${p.version}: its last version's step and time`);
+  }
+  // The page's own functions (plain JS, typechecked with ui/tsconfig.json, not this project's).
+  const { lineage, changesOn, hyperAt, toPoint } = await import('../../ui/js/series.js' as string);
+  const session = (await app.inject({ url: '/v1/sessions/rs' })).json();
+  const hyper = (await app.inject({ url: '/v1/sessions/rs/hyperparameters?max_points=10' })).json();
+  const shown = lineage(points.map(toPoint));
+  assert.ok(shown.every((p: { step: number }, i: number) => i === 0 || p.step > shown[i - 1].step), 'steps strictly increase');
+  assert.equal(shown.at(-1).step, 30);
+  const groups = hyperAt(shown, changesOn(hyper.changes, shown, points, session), session.param_groups, hyper.initial_param_groups);
+  assert.equal(groups.at(-1)[0].lr, 0.2, 'the lr in force at the last point');
+  assert.equal(groups[0][0].lr, 0.5, 'and before the restore, the first');
+});
+
 test('metrics ?max_points: hundreds of metric names over a session\'s life, and huge finite values, are still a series', async (t) => {
   const { app } = await buildTestApp(t);
   await create(app, 'many');
