@@ -454,6 +454,14 @@ test('at phone width (375 px) neither the list nor a session page scrolls sidewa
     return { overflow: getComputedStyle(parent).overflowX, scrolls: parent.scrollWidth > parent.clientWidth };
   });
   assert.deepEqual(box, { overflow: 'auto', scrolls: true });
+  // Every box that scrolls is a named tab stop, and the keyboard scrolls it (a review: axe's
+  // scrollable-region-focusable at 375 px).
+  const boxes = await page.$$eval('.scroll', (els) => els.filter((el) => el.scrollWidth > el.clientWidth).map((el) => [el.getAttribute('aria-label'), (el as HTMLElement).tabIndex]));
+  assert.ok(boxes.length >= 2, JSON.stringify(boxes));
+  for (const [label, tabIndex] of boxes) assert.ok(label && tabIndex === 0, JSON.stringify(boxes));
+  await page.focus('.scroll[aria-label=Snapshots]');
+  for (let i = 0; i < 5; i++) await page.keyboard.press('ArrowRight');
+  assert.ok(await page.$eval('.scroll[aria-label=Snapshots]', (el) => el.scrollLeft) > 0, 'the arrow keys scroll the snapshots table');
   const header = await page.$eval('header', (el) => el.getBoundingClientRect().width);
   assert.equal(Math.round(header), 375, 'the header spans the width');
   await screenshot(page, 'phone-session');

@@ -60,6 +60,15 @@ export function h(tag, attrs = {}, ...children) {
   return el;
 }
 
+/**
+ * A table's box that scrolls sideways on a narrow screen: a tab stop with a name, so that a keyboard can
+ * reach and scroll it (axe's scrollable-region-focusable; a review at 375 px).
+ * @param {string} label @param {Node} child
+ */
+export function scrollBox(label, child) {
+  return h('div', { className: 'scroll', tabindex: '0', role: 'region', 'aria-label': label }, child);
+}
+
 /** The API's rule for a session name (src/sessions/spec.ts SESSION_NAME_SOURCE). */
 export const SESSION_NAME = /^(?!\.\.?$)[A-Za-z0-9._-]{1,128}$/;
 export const SESSION_NAME_RULE = '1-128 characters of A-Za-z0-9._-, not "." or ".."';

@@ -3,7 +3,7 @@
 // service without it, polling with If-None-Match) triggers a refresh of what changed, with no reload.
 import { api, ApiError, backoffMs, followEvents, getToken, isUnreachable, readSignal, sleep } from './api.js';
 import { Chart } from './charts.js';
-import { fmtAgo, fmtBytes, fmtNum, fmtWhen, h, roundCell, roundTitle } from './format.js';
+import { fmtAgo, fmtBytes, fmtNum, fmtWhen, h, roundCell, roundTitle, scrollBox } from './format.js';
 import { changesOn, etaMu, hyperAt, lineage, MAX_POINTS, present, metricNames, RATE_LABEL, rawTailFrom, stepsLastMinute, stepsPerSecond, toPoint, withRawTail } from './series.js';
 import { snapshotsSection } from './snapshots.js';
 import { storedBytes } from './sessions.js';
@@ -283,12 +283,12 @@ export function sessionPage(root, name, who) {
       : abandoned ? ` (and ${abandoned} of a history the session left, not listed)` : '';
     const recent = ours.slice(-20).reverse();
     hyperEl.replaceChildren(
-      h('div', { className: 'scroll' }, table),
+      scrollBox('Hyperparameters', table),
       !hyperAvailable ? h('p', { className: 'muted' }, 'This service does not report hyperparameter changes.')
         : ours.length === 0 ? h('p', { className: 'muted' }, `No step has changed them${abandoned ? ` (${abandoned} change(s) of a history the session left are not listed)` : ''}.`)
         : h('div', {},
           h('p', { className: 'muted' }, `${count} change(s)${split}${count > 20 ? '; the newest 20:' : ':'}`),
-          h('div', { className: 'scroll' }, h('table', { id: 'hyper-changes' },
+          scrollBox('Hyperparameter changes', h('table', { id: 'hyper-changes' },
             h('thead', {}, h('tr', {}, h('th', { className: 'num' }, 'step'), h('th', { className: 'num' }, 'version'), h('th', {}, 'when'), h('th', {}, 'by'), h('th', {}, 'groups after it'))),
             h('tbody', {}, ...recent.map((c) => h('tr', {},
               h('td', { className: 'num' }, String(c.step)), h('td', { className: 'num' }, String(c.version)),
@@ -307,7 +307,7 @@ export function sessionPage(root, name, who) {
     if (!latest) return;
     normsEl.replaceChildren(
       h('p', { className: 'muted' }, `Computed on demand from the state at version ${fmtNum(latest.version)} (L2 norms; not sampled at snapshots).`),
-      h('div', { className: 'scroll' }, h('table', { id: 'norms-table' },
+      scrollBox('Norms', h('table', { id: 'norms-table' },
         h('thead', {}, h('tr', {}, ...['parameter', 'numel', '‖param‖', '‖ax‖', 'step', 'eta', 'mu'].map((t, i) => h('th', { className: i ? 'num' : '' }, t)))),
         h('tbody', {}, ...latest.params.slice(0, NORM_TABLE_ROWS).map((p) => h('tr', {},
           h('td', {}, p.name), h('td', { className: 'num' }, fmtNum(p.numel)), h('td', { className: 'num' }, cell(p.norm, 6)),

@@ -1,7 +1,7 @@
 // The sessions page: one row per session with its progress, paged by name (the API's cursor) and
 // filtered on the server by a search text, so thousands of sessions stay one small request away.
 import { api } from './api.js';
-import { fmtAgo, fmtBytes, fmtNum, h, keepFocus, roundCell } from './format.js';
+import { fmtAgo, fmtBytes, fmtNum, h, keepFocus, roundCell, scrollBox } from './format.js';
 import { RATE_LABEL } from './series.js';
 
 const PAGE = 50;
@@ -78,7 +78,7 @@ export function sessionsPage(root, who) {
   const pageInfo = h('span', { className: 'muted' });
   root.append(
     h('div', { className: 'toolbar' }, h('h1', { className: 'title', tabindex: '-1' }, 'Sessions'), input, status),
-    h('div', { className: 'scroll' }, table),
+    scrollBox('Sessions', table),
     h('div', { className: 'pager' }, prev, nextButton, pageInfo),
   );
   if (who.sessions) root.append(h('p', { className: 'muted' }, `This token sees only its ${who.sessions.length} session(s).`));

@@ -1,7 +1,7 @@
 // A session's snapshots: a timeline over its versions and a table with downloads, pin/unpin, restore
 // (after a confirmation) and fork. The admin-only actions are disabled for other tokens.
 import { api, download } from './api.js';
-import { confirmDialog, fmtBytes, h, keepFocus, nameDialog } from './format.js';
+import { confirmDialog, fmtBytes, h, keepFocus, nameDialog, scrollBox } from './format.js';
 
 /** Width of a tick on the timeline, of a group's box at least (its count fits), and the least space between two. */
 const TICK_PX = 10;
@@ -29,7 +29,7 @@ export function snapshotsSection(root, name, admin, changed) {
       h('h2', {}, 'Snapshots'),
       h('div', { className: 'toolbar' }, take, status),
       timeline,
-      h('div', { className: 'scroll' }, h('table', { id: 'snapshots-table' }, h('thead', {}, h('tr', {},
+      scrollBox('Snapshots', h('table', { id: 'snapshots-table' }, h('thead', {}, h('tr', {},
         h('th', { className: 'num' }, 'id'), h('th', { className: 'num' }, 'version'), h('th', { className: 'num' }, 'step'),
         h('th', {}, 'reason'), h('th', {}, 'taken'), h('th', { className: 'num' }, 'size'), h('th', {}, 'download'), h('th', {}, 'actions'))), body))),
   );
