@@ -6,6 +6,7 @@ import type { GradDtype } from './gradients.ts';
 import { pruneLogToBytes } from './retention.ts';
 import { nextTurn } from './slices.ts';
 import { groupHyperparameters } from './step-input.ts';
+import { METRIC_BYTES_PER_PAGE } from './series.ts';
 
 export const CHUNK_BYTES = 8 * 1024 * 1024;
 
@@ -297,19 +298,22 @@ const toHistory = (r: Record<string, unknown>): HistoryPoint => ({
 
 /**
  * The training series after `afterVersion`, oldest first, at most `limit` points, of which at most
- * `withHyper` are of steps that set hyperparameters (each lists every group's values).
+ * `withHyper` are of steps that set hyperparameters (each lists every group's values), and no more after
+ * METRIC_BYTES_PER_PAGE bytes of metrics.
  */
 export async function readHistory(
   q: Queryable, sessionId: number, afterVersion: number, limit: number, withHyper = limit,
 ): Promise<{ points: HistoryPoint[]; more: boolean }> {
   const rows = await q.query(
     `SELECT version::float8 AS version, step::float8 AS step, staleness, created_at, metrics, hyper, fetched FROM (
-       SELECT p.*, count(p.hyper) OVER (ORDER BY p.version) AS with_hyper, count(*) OVER () AS fetched FROM (
+       SELECT p.*, count(p.hyper) OVER (ORDER BY p.version) AS with_hyper, count(*) OVER () AS fetched,
+         coalesce(sum(octet_length(p.metrics::text)) OVER (ORDER BY p.version ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS bytes_before
+       FROM (
          SELECT version, step, staleness, created_at, metrics, hyper FROM step_history
          WHERE session_id = $1 AND version > $2 ORDER BY version LIMIT $3
        ) p
-     ) h WHERE with_hyper <= $4 ORDER BY version`,
-    [sessionId, afterVersion, limit, withHyper],
+     ) h WHERE with_hyper <= $4 AND bytes_before < $5 ORDER BY version`,
+    [sessionId, afterVersion, limit, withHyper, METRIC_BYTES_PER_PAGE],
   );
   // More after this page: it is full, or was cut short by withHyper.
   const fetched = rows.length ? Number(rows[0].fetched) : 0;

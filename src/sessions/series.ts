@@ -19,29 +19,68 @@ export interface SeriesPoint {
   max?: Record<string, number>;
 }
 
+/** Metric names one downsampled read holds (a scan reads 5 columns a name, 8 more: within PostgreSQL's 1664). */
+export const METRICS_PER_READ = 330;
+/** Names the cache of `createMetricNames` holds over all its sessions; a session with more is not cached. */
+const NAMES_CACHED = 200_000;
+
 /**
- * The metric names a session's steps reported, kept per session id and extended with the rows after the
- * newest version already scanned. Rows are only appended, in version order (each under the session's
- * row lock), so names seen through version V stay right; finding them over 100,000 rows (jsonb_object_keys
- * of every row) takes ~300 ms, which a page would otherwise pay on every open.
+ * The metric names a downsampled read of a session charts: at most METRICS_PER_READ of them, `loss` first,
+ * then those the most steps reported, then by name; and how many names the session's steps reported in all.
+ * A session's names had no bound (each step may bring 32 new ones): a read scanned the history once per 330
+ * names, and 600 steps of new names held an embedded server 18 s (a review); one read is one scan now.
+ *
+ * Each session's names with the number of steps that reported them are kept per session id and extended
+ * with the rows after the newest version already counted: rows are only appended, in version order (each
+ * under the session's row lock), so counts through version V stay right; counting them over 100,000 rows
+ * takes ~300 ms, which a page would otherwise pay on every open. The cache holds at most NAMES_CACHED names
+ * (least recently read sessions go first); a session with more is counted afresh by each read.
  */
-export function createMetricNames(capacity = 10_000) {
-  const known = new Map<number, { through: number; names: Set<string> }>();
-  return async (q: Queryable, sessionId: number, through: number): Promise<string[]> => {
-    let entry = known.get(sessionId);
-    if (!entry || entry.through < through) {
-      const from = entry?.through ?? 0;
-      const rows = await q.query<{ key: string }>(
-        'SELECT DISTINCT jsonb_object_keys(metrics) AS key FROM step_history WHERE session_id = $1 AND version > $2 AND version <= $3 AND metrics IS NOT NULL',
-        [sessionId, from, through],
-      );
-      entry = { through, names: new Set([...(entry?.names ?? []), ...rows.map((r) => r.key)]) };
-    }
-    known.delete(sessionId); // re-inserted: the Map's order is then least recently used first
-    known.set(sessionId, entry);
-    if (known.size > capacity) known.delete(known.keys().next().value!);
-    return [...entry.names].sort();
+export function createMetricNames(capacity = NAMES_CACHED) {
+  const known = new Map<number, { through: number; counts: Map<string, number> }>();
+  let held = 0;
+  const forget = (id: number) => {
+    const entry = known.get(id);
+    if (entry) held -= entry.counts.size;
+    known.delete(id);
   };
+  return async (q: Queryable, sessionId: number, through: number): Promise<{ names: string[]; total: number }> => {
+    let entry = known.get(sessionId);
+    forget(sessionId);
+    if (!entry || entry.through < through) {
+      const from = entry && entry.through <= through ? entry.through : 0;
+      const counts = new Map(from ? entry!.counts : []);
+      // At most capacity + 1 names come back: a session with more is chosen among in SQL, below.
+      const rows = await q.query<{ key: string; n: number }>(
+        `SELECT key, count(*)::float8 AS n FROM step_history, jsonb_object_keys(metrics) AS key
+         WHERE session_id = $1 AND version > $2 AND version <= $3 AND metrics IS NOT NULL GROUP BY key LIMIT $4`,
+        [sessionId, from, through, capacity + 1],
+      );
+      for (const r of rows) counts.set(r.key, (counts.get(r.key) ?? 0) + r.n);
+      if (counts.size > capacity) return chosenInSql(q, sessionId, through);
+      entry = { through, counts };
+    }
+    known.set(sessionId, entry); // (re-)inserted: the Map's order is then least recently read first
+    held += entry.counts.size;
+    for (const id of known.keys()) {
+      if (held <= capacity || id === sessionId) break;
+      forget(id);
+    }
+    const names = [...entry.counts].sort(([a, m], [b, n]) => Number(b === 'loss') - Number(a === 'loss') || n - m || (a < b ? -1 : a > b ? 1 : 0));
+    return { names: names.slice(0, METRICS_PER_READ).map(([name]) => name).sort(), total: entry.counts.size };
+  };
+}
+
+/** The names of a session with more of them than the cache holds, chosen as createMetricNames chooses them. */
+async function chosenInSql(q: Queryable, sessionId: number, through: number): Promise<{ names: string[]; total: number }> {
+  const rows = await q.query<{ key: string; total: number }>(
+    `SELECT key, count(*) OVER ()::float8 AS total FROM (
+       SELECT key, count(*) AS n FROM step_history, jsonb_object_keys(metrics) AS key
+       WHERE session_id = $1 AND version <= $2 AND metrics IS NOT NULL GROUP BY key
+     ) k ORDER BY key = 'loss' DESC, n DESC, key COLLATE "C" LIMIT $3`,
+    [sessionId, through, METRICS_PER_READ],
+  );
+  return { names: rows.map((r) => r.key).sort(), total: rows[0]?.total ?? 0 };
 }
 
 export type MetricNames = ReturnType<typeof createMetricNames>;
@@ -53,12 +92,9 @@ export type MetricNames = ReturnType<typeof createMetricNames>;
  * as a column. Expanding each row's metrics into rows (jsonb_each) and grouping those was 10x slower:
  * 200,000 rows sorted by (bucket, key), planned so large that PostgreSQL compiled the query (JIT).
  */
-/** Metrics one scan of downsampledSeries reads: 5 columns each and 8 more stay below PostgreSQL's 1664. */
-const METRICS_PER_SCAN = 330;
-
 export async function downsampledSeries(
   db: Database, metricNames: MetricNames, sessionId: number, afterVersion: number, maxPoints: number,
-): Promise<{ points: SeriesPoint[]; downsampled: boolean }> {
+): Promise<{ points: SeriesPoint[]; downsampled: boolean; metricsLeftOut?: number }> {
   const [range] = await db.query<{ n: number; first: number | null; last: number | null }>(
     'SELECT count(*)::float8 AS n, min(version)::float8 AS first, max(version)::float8 AS last FROM step_history WHERE session_id = $1 AND version > $2',
     [sessionId, afterVersion],
@@ -91,51 +127,42 @@ export async function downsampledSeries(
       await tx.query('SET LOCAL jit = off');
       await tx.query("SET LOCAL work_mem = '64MB'");
     }
-    const keys = await metricNames(tx, sessionId, last);
-    // A statement has at most 1664 columns: three a metric, so a session that reported more names than one
-    // scan holds is read in several scans of the same buckets, each with its share of the names.
-    const scans: Record<string, number | string | null>[][] = [];
-    for (let from = 0; from === 0 || from < keys.length; from += METRICS_PER_SCAN) {
-      const names = keys.slice(from, from + METRICS_PER_SCAN);
-      // Each metric is read from the row's jsonb once (the subquery; OFFSET 0 keeps it from being inlined).
-      // $5 (the scale) is selected too: a session that reported no metrics has no figures that use it, and a
-      // parameter the statement never names is refused by PostgreSQL.
-      const values = names.map((_, k) => `, (metrics->>$${k + 6})::float8 AS v${k}`).join('');
-      const figures = names.map((_, k) => `, min(v${k}) AS "min${k}", max(v${k}) AS "max${k}", count(v${k})::float8 AS "n${k}"`
-        + `, sum(CASE WHEN abs(v${k}) >= 1 THEN v${k} / $5 END) AS "big${k}", sum(CASE WHEN abs(v${k}) < 1 THEN v${k} END) AS "small${k}"`).join('');
-      scans.push(await tx.query<Record<string, number | string | null>>(
-        `SELECT min(version)::float8 AS version_from, max(version)::float8 AS version,
-           avg(staleness)::float8 AS staleness, max(staleness)::float8 AS staleness_max, count(*)::float8 AS count,
-           $5::float8 AS scale${figures}
-         FROM (SELECT version, step, created_at, staleness${values} FROM step_history WHERE session_id = $1 AND version > $2 OFFSET 0) r
-         GROUP BY (version - $4) / $3 ORDER BY 1`,
-        [sessionId, afterVersion, width, first, scale, ...names],
-      ));
-    }
+    const { names: keys, total } = await metricNames(tx, sessionId, last);
+    // Each metric is read from the row's jsonb once (the subquery; OFFSET 0 keeps it from being inlined).
+    // $5 (the scale) is selected too: a session that reported no metrics has no figures that use it, and a
+    // parameter the statement never names is refused by PostgreSQL.
+    const values = keys.map((_, k) => `, (metrics->>$${k + 6})::float8 AS v${k}`).join('');
+    const figures = keys.map((_, k) => `, min(v${k}) AS "min${k}", max(v${k}) AS "max${k}", count(v${k})::float8 AS "n${k}"`
+      + `, sum(CASE WHEN abs(v${k}) >= 1 THEN v${k} / $5 END) AS "big${k}", sum(CASE WHEN abs(v${k}) < 1 THEN v${k} END) AS "small${k}"`).join('');
+    const buckets = await tx.query<Record<string, number | string | null>>(
+      `SELECT min(version)::float8 AS version_from, max(version)::float8 AS version,
+         avg(staleness)::float8 AS staleness, max(staleness)::float8 AS staleness_max, count(*)::float8 AS count,
+         $5::float8 AS scale${figures}
+       FROM (SELECT version, staleness${values} FROM step_history WHERE session_id = $1 AND version > $2 OFFSET 0) r
+       GROUP BY (version - $4) / $3 ORDER BY 1`,
+      [sessionId, afterVersion, width, first, scale, ...keys],
+    );
     // A bucket's step and time are those of its last version, not the largest in it: after a restore a
     // bucket can hold the abandoned history's last steps and then the first steps of the new one (its
     // largest step was an abandoned one, and the dashboard took the bucket for abandoned; a review).
     const lastOf = await tx.query<{ version: number; step: number; created_at: string }>(
       'SELECT version::float8 AS version, step::float8 AS step, created_at FROM step_history WHERE session_id = $1 AND version = ANY($2::bigint[])',
-      [sessionId, scans[0].map((r) => r.version)],
+      [sessionId, buckets.map((r) => r.version)],
     );
-    return { keys, scans, lastOf: new Map(lastOf.map((r) => [r.version, r])) };
+    return { keys, total, buckets, lastOf: new Map(lastOf.map((r) => [r.version, r])) };
   }, { consistentRead: true });
-  // Every scan has the same buckets in the same order (one transaction's snapshot, the same grouping).
-  const points = rows.scans[0].map((r, b) => {
+  const points = rows.buckets.map((r) => {
     const last = rows.lastOf.get(r.version as number)!;
     const point: SeriesPoint = {
       version: r.version as number, step: last.step, time: new Date(last.created_at), staleness: r.staleness as number, values: {},
       versionFrom: r.version_from as number, count: r.count as number, stalenessMax: r.staleness_max as number, min: {}, max: {},
     };
-    rows.keys.forEach((key, i) => {
-      const scan = rows.scans[Math.floor(i / METRICS_PER_SCAN)][b];
-      const k = i % METRICS_PER_SCAN;
-      const n = scan[`n${k}`] as number;
+    rows.keys.forEach((key, k) => {
+      const n = r[`n${k}`] as number;
       if (n === 0) return; // no step of this bucket reported it
-      const min = scan[`min${k}`] as number;
-      const max = scan[`max${k}`] as number;
-      const mean = ((scan[`big${k}`] as number | null ?? 0) / n) * scale + (scan[`small${k}`] as number | null ?? 0) / n;
+      const min = r[`min${k}`] as number;
+      const max = r[`max${k}`] as number;
+      const mean = ((r[`big${k}`] as number | null ?? 0) / n) * scale + (r[`small${k}`] as number | null ?? 0) / n;
       // Within its bucket's range: the mean of equal values 1.7976931348623157e308 came out one ulp below their min (a review).
       point.values[key] = Math.min(max, Math.max(min, mean));
       point.min![key] = min;
@@ -143,7 +170,7 @@ export async function downsampledSeries(
     });
     return point;
   });
-  return { points, downsampled: true };
+  return { points, downsampled: true, ...(rows.total > rows.keys.length && { metricsLeftOut: rows.total - rows.keys.length }) };
 }
 
 export interface HyperChange {
@@ -166,6 +193,12 @@ export interface HyperChange {
  * many groups a page holds fewer changes than `limit` (its next_after_version goes on from there).
  */
 export const GROUP_ENTRIES_PER_ANSWER = 100_000;
+
+/**
+ * The metrics a page of the training series holds at most, in bytes of their JSON (a page may pass it by
+ * its last point): 10,000 steps of 32 names of 128 characters each were a 27 MB answer (a review).
+ */
+export const METRIC_BYTES_PER_PAGE = 8 * 1024 * 1024;
 
 /** How many entries of a history listing every group's values fit an answer, at most `limit` (at least one). */
 export const entriesWithin = (limit: number, groups: number): number => Math.max(1, Math.min(limit, Math.floor(GROUP_ENTRIES_PER_ANSWER / Math.max(1, groups))));
@@ -236,8 +269,11 @@ export async function downsampledHyperChanges(
        WHERE from_end <= $6 OR in_bucket = 1 ORDER BY version`,
       [sessionId, afterVersion, first, width, maxPoints, newestKept],
     );
+    // Two buckets, each with its last change of each kind, are four changes: with more than 25,000 groups,
+    // past GROUP_ENTRIES_PER_ANSWER (40,000 groups made 160,000 values; a review). The newest that fit are kept.
+    const fits = Math.max(1, Math.floor(GROUP_ENTRIES_PER_ANSWER / Math.max(1, groups)));
     return {
-      changes: rows.map(changeOf),
+      changes: rows.slice(-fits).map(changeOf),
       total: range.total,
       downsampled: true,
     };

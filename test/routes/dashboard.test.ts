@@ -7,6 +7,7 @@ import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
 import type { FastifyInstance } from 'fastify';
 import { buildTestApp } from '../helper.ts';
+import { createMetricNames } from '../../src/sessions/series.ts';
 
 const ADMIN = 'admin-token-for-dashboard-route-tests';
 const auth = { authorization: `Bearer ${ADMIN}` };
@@ -261,6 +262,36 @@ test('a bucket spanning a restore says the step and time of its last version; th
   assert.equal(groups[0][0].lr, 0.5, 'and before the restore, the first');
 });
 
+test('a page of the series holds at most 8 MiB of metrics: steps of 32 names of 128 characters come in several pages, every point once', async (t) => {
+  // A review: 10,000 such steps were one 27 MB answer. The history is written with one INSERT (as the
+  // dashboard benchmark does); 3,000 steps of ~5.2 KB of metrics each: ~15 MiB.
+  const { app } = await buildTestApp(t);
+  await create(app, 'wide');
+  const [{ id }] = await app.db.query<{ id: number }>("SELECT id::float8 AS id FROM sessions WHERE name = 'wide'");
+  await app.db.query(
+    `INSERT INTO step_history (session_id, version, step, staleness, metrics)
+     SELECT $1, i + 1, i, 0, (SELECT jsonb_object_agg(lpad(k::text, 3, '0') || repeat('é', 125), i * 100 + k) FROM generate_series(0, 31) AS k)
+     FROM generate_series(1, 3000) AS i`,
+    [id],
+  );
+  let after = 0;
+  const pages: number[] = [];
+  const seen: number[] = [];
+  for (;;) {
+    const res = await app.inject({ url: `/v1/sessions/wide/metrics?limit=10000&after_version=${after}` });
+    assert.equal(res.statusCode, 200);
+    const page = res.json();
+    const bytes = page.points.reduce((n: number, p: { values: object }) => n + Buffer.byteLength(JSON.stringify(p.values)), 0);
+    assert.ok(bytes < 8 * 1024 * 1024 + 10_000, `a page of ${bytes} bytes of metrics`);
+    pages.push(page.points.length);
+    seen.push(...page.points.map((p: { step: number; values: Record<string, number> }) => p.values[`031${'é'.repeat(125)}`] - 31 === p.step * 100 ? p.step : -1));
+    after = page.next_after_version;
+    if (!page.more) break;
+  }
+  assert.ok(pages.length >= 2 && pages[0] < 3000, `pages of ${pages.join(', ')} points`);
+  assert.deepEqual(seen, Array.from({ length: 3000 }, (_, i) => i + 1));
+});
+
 test('metrics ?max_points: hundreds of metric names over a session\'s life, and huge finite values, are still a series', async (t) => {
   const { app } = await buildTestApp(t);
   await create(app, 'many');
@@ -268,13 +299,28 @@ test('metrics ?max_points: hundreds of metric names over a session\'s life, and 
   for (let s = 0; s < 20; s++) {
     await stepWith(app, 'many', { metrics: Object.fromEntries(Array.from({ length: 32 }, (_, k) => [`m${s}_${k}`, s * 100 + k])) });
   }
+  // Two more steps report m19_0..m19_9 again, and "loss".
+  for (let s = 0; s < 2; s++) await stepWith(app, 'many', { metrics: { loss: 1, ...Object.fromEntries(Array.from({ length: 10 }, (_, k) => [`m19_${k}`, 1])) } });
   const res = await app.inject({ url: '/v1/sessions/many/metrics?max_points=2' });
   assert.equal(res.statusCode, 200, res.body);
-  const { points } = res.json();
-  assert.deepEqual(points.map((p: Record<string, unknown>) => [p.version_from, p.version, p.count]), [[2, 11, 10], [12, 21, 10]]);
-  assert.equal(Object.keys(points[0].values).length + Object.keys(points[1].values).length, 640);
-  assert.deepEqual([points[0].values.m0_0, points[0].values.m9_31, points[1].values.m10_0, points[1].values.m19_31], [0, 931, 1000, 1931]);
-  assert.equal(points[1].values.m0_0, undefined);
+  const { points, metrics_left_out: leftOut } = res.json();
+  assert.deepEqual(points.map((p: Record<string, unknown>) => [p.version_from, p.version, p.count]), [[2, 12, 11], [13, 23, 11]]);
+  // One read holds 330 names (a review: a read scanned the history once per 330 names, and a session's names
+  // had no bound): loss, the 10 reported thrice, then the first by name.
+  const names = new Set([...Object.keys(points[0].values), ...Object.keys(points[1].values)]);
+  assert.equal(names.size, 330);
+  assert.equal(leftOut, 641 - 330);
+  assert.ok(names.has('loss') && Array.from({ length: 10 }, (_, k) => `m19_${k}`).every((n) => names.has(n)), [...names].join());
+  const byName = Array.from({ length: 640 }, (_, i) => `m${Math.floor(i / 32)}_${i % 32}`).filter((n) => !/^m19_\d$/.test(n)).sort();
+  assert.deepEqual([...names].filter((n) => n !== 'loss' && !/^m19_\d$/.test(n)).sort(), byName.slice(0, 319));
+  assert.deepEqual([points[0].values.m0_0, points[0].values.m10_0, points[1].values.m19_9], [0, 1000, (1909 + 1 + 1) / 3]);
+  // A cache that holds fewer names than the session has chooses them in SQL: the same names.
+  const [{ id }] = await app.db.query<{ id: number }>("SELECT id::float8 AS id FROM sessions WHERE name = 'many'");
+  const small = await createMetricNames(5)(app.db, id, 23);
+  assert.deepEqual(small, { names: [...names].sort(), total: 641 });
+  // Without max_points, every step's metrics.
+  const raw = (await app.inject({ url: '/v1/sessions/many/metrics' })).json();
+  assert.equal(new Set(raw.points.flatMap((p: { values: object }) => Object.keys(p.values))).size, 641);
 
   // finite values whose sum overflows a double: their mean is finite
   await create(app, 'huge');
@@ -392,6 +438,25 @@ test('a session of 5,000 groups: pages of its hyperparameter changes and of its 
   assert.equal(down.downsampled, true);
   assert.ok(down.changes.length * groups <= 100_000, `${down.changes.length} changes`);
   assert.equal(down.changes[down.changes.length - 1].version, 60, 'the newest is kept');
+
+  // 30,000 groups: two buckets, each with its last step and its last other change, were four changes,
+  // 120,000 values (a review: 40,000 groups made 160,000); the newest three are kept.
+  const many = 30_000;
+  const big = await app.inject({
+    method: 'POST', url: '/v1/sessions',
+    payload: { name: 'wider', params: Array.from({ length: many }, (_, i) => ({ name: `p${i}`, shape: [1], data: [i] })), param_groups: Array.from({ length: many }, (_, i) => ({ params: [`p${i}`] })) },
+  });
+  assert.equal(big.statusCode, 201, big.body);
+  const bigId = (await app.db.query<{ id: number }>("SELECT id FROM sessions WHERE name = 'wider'"))[0].id;
+  const hyper = (v: number) => `(SELECT jsonb_agg(jsonb_build_object('lr', CASE WHEN g = 0 THEN ${v} ELSE 0.01 END, 'lambd', 0.0001, 'alpha', 0.75, 't0', 1000000, 'weight_decay', 0, 'maximize', false) ORDER BY g) FROM generate_series(0, ${many - 1}) g)`;
+  await app.db.query(`INSERT INTO step_history (session_id, version, step, staleness, hyper) SELECT $1, v, v - 1, 0, CASE WHEN v IN (3, 5, 8, 10) THEN ${hyper(7)} END FROM generate_series(2, 11) v WHERE v NOT IN (4, 9)`, [bigId]);
+  for (const v of [4, 9]) await app.db.query(`INSERT INTO group_changes (session_id, version, step, reason, hyper) VALUES ($1, $2, $3, 'restore', ${hyper(v)})`, [bigId, v, v - 1]);
+  await app.db.query("UPDATE sessions SET version = 11, step = 10 WHERE name = 'wider'");
+  const bounded = await app.inject({ url: '/v1/sessions/wider/hyperparameters?max_points=1500' });
+  assert.equal(bounded.statusCode, 200);
+  const fitted = bounded.json();
+  assert.deepEqual([fitted.total_changes, fitted.downsampled], [6, true]);
+  assert.deepEqual(fitted.changes.map((c: { version: number }) => c.version), [5, 9, 10], 'the newest three, which fit');
 });
 
 test('sessions list ?figures=true&storage=true: steps in the last minute, the last step, stored bytes', async (t) => {

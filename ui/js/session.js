@@ -95,6 +95,8 @@ export function sessionPage(root, name, who) {
   });
   const chartsEl = h('div', { className: 'charts', id: 'charts' });
   const seriesNote = h('p', { className: 'muted' });
+  /** Metric names the downsampled read left out (a session that reported more than one read holds). */
+  const leftOutNote = h('p', { className: 'muted', id: 'metrics-left-out' });
   /** More metric names than MAX_METRIC_CHARTS: a note and a choice of one more to chart. */
   const metricsMore = h('p', { className: 'muted', id: 'metrics-more', hidden: true });
   /** The metric picked in metricsMore ('' none). */
@@ -107,6 +109,7 @@ export function sessionPage(root, name, who) {
   const content = h('div', { id: 'session-content' },
     cards,
     seriesNote,
+    leftOutNote,
     metricsMore,
     // The charts' titles are h3: a heading above them for those who go by headings (h1, then h3 was a jump).
     h('h2', { className: 'visually-hidden' }, 'Charts'),
@@ -338,6 +341,11 @@ export function sessionPage(root, name, who) {
         const answer = await api(`${base}/metrics?max_points=${MAX_POINTS}`, { signal: stop.signal });
         points = answer.points.map(toPoint);
         seriesVersion = answer.next_after_version ?? (points.length ? points[points.length - 1].version : 0);
+        // A session whose steps reported more metric names than one downsampled read holds (330).
+        const leftOut = typeof answer.metrics_left_out === 'number' ? answer.metrics_left_out : 0;
+        leftOutNote.textContent = leftOut > 0
+          ? `${fmtNum(leftOut)} more metric name(s) are not charted: the session's steps reported more than one read holds (loss first, then those the most steps reported; every step's metrics are in …/metrics?after_version=).`
+          : '';
         // The cards' steps read one by one after the charts are drawn, not before (a review: up to five reads
         // in turn delayed the first drawing); until then the cards give the buckets' figures, marked ≈.
         rawTail = null;

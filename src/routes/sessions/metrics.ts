@@ -6,7 +6,7 @@ import { ACCESS, setVersion } from '../common.ts';
 import { ConditionalReadHeaders, errorResponses, NameParams, NotModified } from '../schemas.ts';
 import { conditional, notModifiedAt } from './conditional.ts';
 import { errors } from '../../errors.ts';
-import { createMetricNames, downsampledSeries, GROUP_ENTRIES_PER_ANSWER, type SeriesPoint } from '../../sessions/series.ts';
+import { createMetricNames, downsampledSeries, GROUP_ENTRIES_PER_ANSWER, METRIC_BYTES_PER_PAGE, METRICS_PER_READ, type SeriesPoint } from '../../sessions/series.ts';
 
 export const MAX_METRICS_LIMIT = 10_000;
 export const MAX_POINTS = 10_000;
@@ -52,7 +52,7 @@ const metricsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
         after_version: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, default: 0 })),
         limit: Type.Optional(Type.Integer({
           minimum: 1, maximum: MAX_METRICS_LIMIT,
-          description: `Default 1000; not with max_points. A point of a step that set hyperparameters lists every group's values: a page holds at most ${GROUP_ENTRIES_PER_ANSWER} of them over its points (a session of 1,000 groups: 100 such points a page, and the others between them; next_after_version goes on)`,
+          description: `Default 1000; not with max_points. A point of a step that set hyperparameters lists every group's values: a page holds at most ${GROUP_ENTRIES_PER_ANSWER} of them over its points (a session of 1,000 groups: 100 such points a page, and the others between them; next_after_version goes on), and no more points once their metrics pass ${METRIC_BYTES_PER_PAGE / 1024 / 1024} MiB of JSON`,
         })),
         max_points: Type.Optional(Type.Integer({ minimum: 2, maximum: MAX_POINTS, description: 'Downsample the series after after_version to at most this many points' })),
       }),
@@ -62,7 +62,10 @@ const metricsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
           points: Type.Array(MetricsPoint),
           next_after_version: Type.Integer({ description: 'The after_version of the next page: the last point\'s version (or the one asked for when there are none)' }),
           downsampled: Type.Optional(Type.Boolean({ description: 'With max_points: whether the points are buckets' })),
-          more: Type.Optional(Type.Boolean({ description: 'Without max_points: whether points may follow next_after_version (the page is full, or bounded by the groups\' values it holds): read on while true' })),
+          metrics_left_out: Type.Optional(Type.Integer({
+            description: `Buckets: how many of the metric names the session's steps reported are not in them. Buckets hold at most ${METRICS_PER_READ} names: \`loss\`, then those the most steps reported, then by name; the pages without max_points hold every step's metrics`,
+          })),
+          more: Type.Optional(Type.Boolean({ description: 'Without max_points: whether points may follow next_after_version (the page is full, or bounded by the groups\' values or the bytes of metrics it holds): read on while true' })),
         }),
         304: NotModified,
         ...errorResponses(400, 401, 403, 404, 412),
@@ -77,9 +80,12 @@ const metricsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       const session = await fastify.sessions.get(name);
       // Before the whole series is read: a 304 or 412 needs only the version.
       if (notModifiedAt(request, reply, session.version)) return reply;
-      const { points, downsampled } = await downsampledSeries(fastify.db, metricNames, session.id, afterVersion, maxPoints);
+      const { points, downsampled, metricsLeftOut } = await downsampledSeries(fastify.db, metricNames, session.id, afterVersion, maxPoints);
       setVersion(reply, session.version);
-      return { session: name, points: points.map(bucketJson), next_after_version: points.length ? points[points.length - 1].version : afterVersion, downsampled };
+      return {
+        session: name, points: points.map(bucketJson), next_after_version: points.length ? points[points.length - 1].version : afterVersion, downsampled,
+        ...(metricsLeftOut !== undefined && { metrics_left_out: metricsLeftOut }),
+      };
     }
     // A 304 or 412 before the points are read, and again on the version the answer carries (the session is
     // read before its points: a point of a step that commits meanwhile may come with the version before it,

@@ -3384,7 +3384,7 @@ export interface operations {
         parameters: {
             query?: {
                 after_version?: number;
-                /** @description Default 1000; not with max_points. A point of a step that set hyperparameters lists every group's values: a page holds at most 100000 of them over its points (a session of 1,000 groups: 100 such points a page, and the others between them; next_after_version goes on) */
+                /** @description Default 1000; not with max_points. A point of a step that set hyperparameters lists every group's values: a page holds at most 100000 of them over its points (a session of 1,000 groups: 100 such points a page, and the others between them; next_after_version goes on), and no more points once their metrics pass 8 MiB of JSON */
                 limit?: number;
                 /** @description Downsample the series after after_version to at most this many points */
                 max_points?: number;
@@ -3453,7 +3453,9 @@ export interface operations {
                         next_after_version: number;
                         /** @description With max_points: whether the points are buckets */
                         downsampled?: boolean;
-                        /** @description Without max_points: whether points may follow next_after_version (the page is full, or bounded by the groups' values it holds): read on while true */
+                        /** @description Buckets: how many of the metric names the session's steps reported are not in them. Buckets hold at most 330 names: `loss`, then those the most steps reported, then by name; the pages without max_points hold every step's metrics */
+                        metrics_left_out?: number;
+                        /** @description Without max_points: whether points may follow next_after_version (the page is full, or bounded by the groups' values or the bytes of metrics it holds): read on while true */
                         more?: boolean;
                     };
                 };
