@@ -172,6 +172,7 @@ export function sessionJson(s: SessionRecord, round: RoundStatus | null): Static
     numel: s.numel,
     params: s.params.map((p) => ({ name: p.name, shape: p.shape, numel: numelOf(p.shape) })),
     param_groups: s.groups.map(publicGroup),
+    int_hyperparameters: s.groups.map((g) => [...(g.int_keys ?? [])]),
     snapshot_every: s.snapshotEvery,
     keep_snapshots: s.keepSnapshots,
     max_staleness: s.maxStaleness,

@@ -141,6 +141,9 @@ export const Session = Type.Object({
   numel: Type.Integer(),
   params: Type.Array(Type.Object({ name: Type.String(), shape: Type.Array(Type.Integer()), numel: Type.Integer() })),
   param_groups: Type.Array(ParamGroup),
+  int_hyperparameters: Type.Array(Type.Array(Type.String()), {
+    description: 'For each group, its hyperparameters that are Python ints, as torch keeps them (t0=10 stays an int; weight_decay=0 is torch\'s int default); the others are floats, which JSON writes alike when whole (10.0 as 10). A state_dict\'s JSON writes each number in its kind',
+  }),
   snapshot_every: Type.Integer(),
   keep_snapshots: Type.Integer(),
   max_staleness: Type.Union([Type.Integer(), Type.Null()]),

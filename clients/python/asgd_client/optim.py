@@ -151,11 +151,26 @@ def _created_value(key: str, value: Any) -> Any:
     return bool(value) if key == "maximize" and isinstance(value, (int, float)) else value
 
 
-def _session_value(key: str, value: Any) -> Any:
-    """A hyperparameter of the session's JSON answers (which write 1000000.0 as 1000000): a float, as the
-    session holds it unless it was given as an int (which its answers do not say), maximize a bool."""
+def _session_value(key: str, value: Any, as_int: bool = False) -> Any:
+    """A hyperparameter of the session's JSON answers (which write 1000000.0 as 1000000): an int where the
+    session holds an int (``as_int``: its ``int_hyperparameters``, or the kind known before), else a float;
+    maximize a bool."""
     value = _hyper_value(key, value)
-    return float(value) if type(value) is int else value
+    if as_int and type(value) is float and value.is_integer():
+        return int(value)
+    return float(value) if type(value) is int and not as_int else value
+
+
+_NUMERIC_KEYS = ("lr", "lambd", "alpha", "t0", "weight_decay")
+
+
+def _with_kinds(group: Dict[str, Any], ints: Any) -> Dict[str, Any]:
+    """A session group's numbers in their kinds, as the session holds them (its ``int_hyperparameters``)."""
+    for k in _NUMERIC_KEYS:
+        v = group.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            group[k] = int(v) if k in ints and float(v).is_integer() else float(v)
+    return group
 
 
 def _given_as_other_type(value: Any) -> bool:
@@ -779,8 +794,11 @@ class RemoteASGD(torch.optim.Optimizer):
         """Joining a session: the session's hyperparameters and max_staleness hold; say which asked-for values
         they replace (a worker started with other settings than the session's would otherwise not know)."""
         differ = []
+        kinds = info.get("int_hyperparameters")
         for k, (asked, remote) in enumerate(zip(asked_groups, info["param_groups"])):
             held = group_from_json({key: v for key, v in remote.items() if key != "params"})
+            if isinstance(kinds, list) and k < len(kinds):
+                held = _with_kinds(held, kinds[k])
             for key in HYPERPARAMETER_KEYS:
                 if k < len(self._asked_keys) and key not in self._asked_keys[k]:
                     continue  # a default, not asked for: the session's value is taken without a word
@@ -832,8 +850,16 @@ class RemoteASGD(torch.optim.Optimizer):
             self.aggregation = info["aggregation"]
         self._version = info.get("version", self._version)
         self._session_step = info.get("step", self._session_step)
+        # Which numbers are ints (t0=4 given as an int stays one, as torch keeps it): a service that does not
+        # say (before int_hyperparameters) gives floats, its answers writing 4.0 as 4.
+        kinds = info.get("int_hyperparameters")
+        if not (isinstance(kinds, list) and len(kinds) == len(info["param_groups"])):
+            kinds = None
         remote_groups = [group_from_json({k: v for k, v in g.items() if k != "params"}) for g in info["param_groups"]]
-        self._session_groups = [{k: _session_value(k, g[k]) for k in HYPERPARAMETER_KEYS if k in g} for g in remote_groups]
+        if kinds is not None:
+            remote_groups = [_with_kinds(g, ints) for g, ints in zip(remote_groups, kinds)]
+        self._session_groups = [{k: _session_value(k, g[k], kinds is not None and k in kinds[i]) for k in HYPERPARAMETER_KEYS if k in g}
+                                for i, g in enumerate(remote_groups)]
         if update_local:
             for local, remote in zip(self.param_groups, remote_groups):
                 for k, v in remote.items():
@@ -1301,7 +1327,7 @@ class RemoteASGD(torch.optim.Optimizer):
                 continue
             for k in HYPERPARAMETER_KEYS:
                 if k in remote:
-                    known[k] = _session_value(k, remote[k])
+                    known[k] = _session_value(k, remote[k], type(known.get(k)) is int)
 
     def _apply_pending(self, block: bool) -> None:
         if self._pid != os.getpid():  # reached without a public method (a SessionState taken before a fork)

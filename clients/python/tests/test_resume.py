@@ -262,6 +262,29 @@ class CheckpointAfterSchedulerStep(ServiceTestCase):
         self.assertParamsIdentical(model, ref, "restored from the snapshot:")
 
 
+class JoinKeepsKinds(ServiceTestCase):
+    def test_a_worker_joining_a_session_holds_its_hyperparameters_in_their_python_kinds(self):
+        # A PyTorch user's review: the creator had t0=4, a worker joining (or joining a fork) had 4.0, and
+        # session_hyperparameters said weight_decay 0.0; torch.optim.ASGD(t0=4) keeps the int.
+        model = make_model()
+        name = unique("kinds")
+        creator = self.remote(model.named_parameters(), session=name, lr=0.05, t0=4, lambd=1e-3, weight_decay=0)
+        joiner = self.remote(make_model(3).named_parameters(), session=name, create=False)
+        local = torch.optim.ASGD(make_model().parameters(), lr=0.05, t0=4, lambd=1e-3)
+        for opt in (creator, joiner):
+            group = opt.param_groups[0]
+            self.assertEqual([(k, repr(group[k])) for k in ("lr", "lambd", "alpha", "t0", "weight_decay")],
+                             [(k, repr(local.param_groups[0][k])) for k in ("lr", "lambd", "alpha", "t0", "weight_decay")])
+            self.assertEqual(repr(opt.session_hyperparameters[0]["t0"]), "4")
+            self.assertEqual(repr(opt.session_hyperparameters[0]["weight_decay"]), "0")
+            self.assertEqual(repr(opt.state_dict()["param_groups"][0]["t0"]), "4")
+        # A float t0 of a whole value stays a float.
+        other = unique("kinds-float")
+        self.remote(make_model().named_parameters(), session=other, t0=4.0)
+        joined = self.remote(make_model().named_parameters(), session=other, create=False)
+        self.assertEqual(repr(joined.param_groups[0]["t0"]), "4.0")
+
+
 class LoadInASharedSession(ServiceTestCase):
     """A worker restored from its own older checkpoint in a session others train takes the whole session back
     (Optimizer.load_state_dict on the session): said in a warning, found by a review as a PyTorch user."""

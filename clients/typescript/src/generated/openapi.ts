@@ -980,6 +980,8 @@ export interface components {
                 numel: number;
             }[];
             param_groups: components["schemas"]["ParamGroup"][];
+            /** @description For each group, its hyperparameters that are Python ints, as torch keeps them (t0=10 stays an int; weight_decay=0 is torch's int default); the others are floats, which JSON writes alike when whole (10.0 as 10). A state_dict's JSON writes each number in its kind */
+            int_hyperparameters: string[][];
             snapshot_every: number;
             keep_snapshots: number;
             max_staleness: number | null;
@@ -1014,6 +1016,8 @@ export interface components {
                 numel: number;
             }[];
             param_groups: components["schemas"]["ParamGroup"][];
+            /** @description For each group, its hyperparameters that are Python ints, as torch keeps them (t0=10 stays an int; weight_decay=0 is torch's int default); the others are floats, which JSON writes alike when whole (10.0 as 10). A state_dict's JSON writes each number in its kind */
+            int_hyperparameters: string[][];
             snapshot_every: number;
             keep_snapshots: number;
             max_staleness: number | null;
@@ -1048,6 +1052,8 @@ export interface components {
                     numel: number;
                 }[];
                 param_groups: components["schemas"]["ParamGroup"][];
+                /** @description For each group, its hyperparameters that are Python ints, as torch keeps them (t0=10 stays an int; weight_decay=0 is torch's int default); the others are floats, which JSON writes alike when whole (10.0 as 10). A state_dict's JSON writes each number in its kind */
+                int_hyperparameters: string[][];
                 snapshot_every: number;
                 keep_snapshots: number;
                 max_staleness: number | null;
