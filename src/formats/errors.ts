@@ -26,6 +26,8 @@ export const FORMAT_ERROR_CODES = {
   TORCH_SAVE_INVALID: 'the archive is not a torch.save file this reader understands (version, layout)',
   /** The API's code for a malformed state_dict (src/errors.ts), so a file and a JSON body answer alike. */
   INVALID_STATE_DICT: 'a state_dict or checkpoint does not have the expected shape; the message names the field',
+  /** The API's code for a malformed tensor: a file of one tensor a name (gradients, parameters) holding something else. */
+  INVALID_TENSOR: 'a file of named tensors holds something other than a tensor under a name; the message names it',
   SAFETENSORS_HEADER_INVALID: 'the safetensors header is malformed or inconsistent with the body',
 } as const;
 

@@ -28,7 +28,7 @@ export interface Checkpoint {
  * Reads a model state_dict (an OrderedDict or plain dict of str -> tensor). With `toFloat32`,
  * floating tensors (float64, float16, bfloat16) become float32; integer and bool buffers are kept.
  */
-export function toModelStateDict(value: PyValue, options: StateDictReadOptions = {}, path = 'model'): ModelStateDict {
+export function toModelStateDict(value: PyValue, options: StateDictReadOptions = {}, path = 'model', entryCode: 'INVALID_STATE_DICT' | 'INVALID_TENSOR' = 'INVALID_STATE_DICT'): ModelStateDict {
   const dict = expectDict(value, path);
   // A checkpoint (this service's, or a training script's {model, optimizer}) where a model's state_dict belongs.
   if (dict.has('model') && dict.has('optimizer') && !isTensor(dict.get('model') as PyValue)) {
@@ -37,7 +37,13 @@ export function toModelStateDict(value: PyValue, options: StateDictReadOptions =
   const tensors = new Map<string, Tensor>();
   for (const [name, tensor] of dict) {
     if (typeof name !== 'string') throw invalid(path, `has a non-string key ${String(name)}`);
-    if (!isTensor(tensor)) throw invalid(`${path}[${JSON.stringify(name)}]`, `must be a tensor, got ${pyTypeName(tensor)}`);
+    if (!isTensor(tensor)) {
+      // A dict of tensors under a name: a wrapper, such as the JSON step body's {"grads": {...}} (a review).
+      const wrapped = tensor instanceof PyDict && [...tensor.values()].some((v) => isTensor(v))
+        ? `: the file holds one tensor under each parameter's name ({name: tensor}, torch.save({n: p.grad for n, p in model.named_parameters()})), not a dict of them under ${JSON.stringify(name)}`
+        : '';
+      throw new FormatError(entryCode, `${path}[${JSON.stringify(name)}] must be a tensor, got ${pyTypeName(tensor)}${wrapped}`);
+    }
     const floating = tensor.dtype === 'float64' || tensor.dtype === 'float16' || tensor.dtype === 'bfloat16';
     tensors.set(name, options.toFloat32 && floating ? toFloat32Tensor(tensor) : tensor);
   }

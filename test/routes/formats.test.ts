@@ -229,6 +229,16 @@ test('malformed files: each a 4xx with a code, the session unchanged, nothing ru
     assert.ok(res.statusCode >= 400 && res.statusCode < 500, `${url} ${code}: ${res.statusCode} ${res.body}`);
     assert.ok(res.json().code.startsWith(code), `${url}: expected ${code}, got ${res.body}`);
   }
+  // torch.save({"grads": {name: grad}}), the JSON body's wrapper in a file (a review: INVALID_STATE_DICT
+  // "grads[\"grads\"] must be a tensor, got dict"): a tensor error saying what the file holds.
+  const { torchSaveToBuffer, PyDict: Dict } = await import('../../src/formats/index.ts');
+  const wrapped = await app.inject({
+    method: 'POST', url: '/v1/sessions/f/step', headers: pt,
+    payload: torchSaveToBuffer(new Dict([['grads', new Dict([['fc.bias', f32([3], [1, 2, 3])]])]])),
+  });
+  assert.equal(wrapped.statusCode, 400, wrapped.body);
+  assert.equal(wrapped.json().code, 'INVALID_TENSOR');
+  assert.match(wrapped.json().message, /^grads\["grads"\] must be a tensor, got dict: the file holds one tensor under each parameter's name/);
   const refused = await app.inject({ method: 'PUT', url: '/v1/sessions/f/state_dict', headers: pt, payload: zipOf(evilPickle) });
   assert.match(refused.json().message, /os\.system/);
   const after = (await app.inject({ url: '/v1/sessions/f/state_dict' })).body + (await app.inject({ url: '/v1/sessions/f/params' })).body;
@@ -390,10 +400,11 @@ print(json.dumps({
     "lacking": saved(lacking),
     "plain_extra": saved({**{k: v.detach() for k, v in params.items()}, 'head.weight': torch.zeros(2, 3)}),
     "ddp": saved({'module.' + k: v.detach() for k, v in params.items()}),
+    "ddp_state_dict": saved({'module.' + k: v for k, v in sd.items()}),
     "params": {k: hx(v) for k, v in params.items()},
     "buffers": len(sd) - len(params),
 }))
-`)) as { parameters: string; state_dict: string; lacking: string; plain_extra: string; ddp: string; params: Record<string, string[]>; buffers: number };
+`)) as { parameters: string; state_dict: string; lacking: string; plain_extra: string; ddp: string; ddp_state_dict: string; params: Record<string, string[]>; buffers: number };
   assert.equal(torch.buffers, 36);
   const pt = { 'content-type': 'application/octet-stream' };
   const created = await app.inject({ method: 'POST', url: '/v1/sessions?name=bn', headers: pt, payload: Buffer.from(torch.parameters, 'base64') });
@@ -423,6 +434,11 @@ print(json.dumps({
   assert.equal(ddp.statusCode, 400, ddp.body);
   assert.equal(ddp.json().code, 'UNKNOWN_PARAMETER');
   assert.match(ddp.json().message, /^params\.module\.0\.weight: .*names that begin with "module\." are a DistributedDataParallel or DataParallel model's: use the names of model\.module .*take "module\." off each name\)$/);
+  // Its whole state_dict, buffers and all (int64 num_batches_tracked): the same, not "a buffer, not a parameter?" (a review).
+  const ddpModule = await put(Buffer.from(torch.ddp_state_dict, 'base64'));
+  assert.equal(ddpModule.statusCode, 400, ddpModule.body);
+  assert.equal(ddpModule.json().code, 'UNKNOWN_PARAMETER');
+  assert.match(ddpModule.json().message, /^params\.module\.0\.weight: .*names that begin with "module\." are a DistributedDataParallel/);
   const json = await app.inject({ method: 'PUT', url: '/v1/sessions/bn/params', payload: { params: { '_orig_mod.0.weight': { shape: [3, 3], data: Array(9).fill(0) } } } });
   assert.equal(json.statusCode, 400, json.body);
   assert.match(json.json().message, /^params\._orig_mod\.0\.weight: .*names that begin with "_orig_mod\." are a torch\.compile\(\)d model's/);

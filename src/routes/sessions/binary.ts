@@ -68,7 +68,7 @@ const CHECKPOINT_TENSORS = 8;
 export function readNamedTensors(format: WireFormat, body: Buffer, field: string, limits: TorchLoadOptions = {}, sessionParams?: readonly string[]): NamedTensors {
   const out = new Map<string, Float32Tensor>();
   const file = format === 'safetensors' ? readSafetensors(body, { dtypes: 'all', maxTensors: MAX_PARAMS }) : null;
-  const model = file ? null : toModelStateDict(readTorchSave(body, { ...limits, name: field }), {}, field);
+  const model = file ? null : toModelStateDict(readTorchSave(body, { ...limits, name: field }), {}, field, 'INVALID_TENSOR');
   const tensors = file ? file.tensors : model!.tensors;
   const aliases = file ? new Map<string, string>() : aliasesOf(tensors);
   // Given the session's parameters, the buffers of a module's state_dict (torch.save(model.state_dict()): an
@@ -77,6 +77,14 @@ export function readNamedTensors(format: WireFormat, body: Buffer, field: string
   // name of a tied tensor whose first name is a parameter. In any other file (a dict of tensors, safetensors)
   // a name the session lacks is refused, as in JSON: it may be a parameter the session does not have (found
   // by a review: a layer added to the model was dropped without a word).
+  // A wrapper's names (DDP's "module.", torch.compile's "_orig_mod."): said before any dtype is read (a
+  // review: a DDP model's int64 num_batches_tracked was refused as "a buffer, not a parameter?", where the
+  // same state_dict without the prefix is taken).
+  if (sessionParams) {
+    const known = new Set(sessionParams);
+    const wrapped = [...tensors.keys()].find((name) => !known.has(name) && /^(module|_orig_mod)\./.test(name));
+    if (wrapped !== undefined) throw errors.unknownParameter(`${field}.${wrapped}`, wrapped);
+  }
   let leftOut = new Set<string>();
   if (sessionParams && model?.metadata) {
     const tiedAgain = tiedAgainOf(aliases, sessionParams);
@@ -136,7 +144,7 @@ export function readGradients(format: WireFormat, body: Buffer, parameters?: Rea
   });
   const file = format === 'safetensors'
     ? readSafetensors(body, { dtypes: 'all', maxTensors: parameters?.size ?? MAX_PARAMS, checkName })
-    : { tensors: toModelStateDict(readTorchSave(body, { ...(parameters && perTensorLimits(parameters.size)), name: 'grads' }), {}, 'grads').tensors, metadata: new Map<string, string>() };
+    : { tensors: toModelStateDict(readTorchSave(body, { ...(parameters && perTensorLimits(parameters.size)), name: 'grads' }), {}, 'grads', 'INVALID_TENSOR').tensors, metadata: new Map<string, string>() };
   const tensors = new Map<string, BinaryGradient>();
   for (const [name, tensor] of file.tensors) {
     if (tensor.dtype === 'float16' || tensor.dtype === 'bfloat16') tensors.set(name, { shape: tensor.shape, dtype: tensor.dtype, data: tensor.data });
