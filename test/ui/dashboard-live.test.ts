@@ -396,15 +396,22 @@ test('live indicator: a revoked token brings the token prompt with the reason; n
   await page.fill('#token-input', token);
   await page.click('#token-form button[type=submit]');
   await page.waitForFunction(() => document.getElementById('live')?.classList.contains('on'));
+  // The focus is on the page's heading after the prompt, not on <body> (a review).
+  assert.equal(await page.evaluate(() => document.activeElement?.tagName), 'H1');
   await api('DELETE', `/v1/tokens/${id}`);
   await page.waitForSelector('#token-dialog[open]', { timeout: 8000 });
   assert.match(await page.textContent('#token-reason') ?? '', /refused/);
   assert.equal((await liveState(page)).green, false);
+  // Escape: the prompt comes again, still saying why (it said the generic reason: a review).
+  await page.keyboard.press('Escape');
+  await page.waitForSelector('#token-dialog[open]', { timeout: 5000 });
+  assert.match(await page.textContent('#token-reason') ?? '', /refused/);
   // With a good token the page is back.
   await page.fill('#token-input', ADMIN);
   await page.click('#token-form button[type=submit]');
   await page.waitForFunction(() => document.getElementById('live')?.classList.contains('on'), undefined, { timeout: 5000 });
   assert.equal(await page.textContent('[data-card=step] b'), '2');
+  assert.equal(await page.evaluate(() => document.activeElement?.tagName), 'H1');
 });
 
 test('live indicator: the service stopped turns it off and the page retries with a growing delay', { skip }, async (t) => {

@@ -30,9 +30,16 @@ function askToken(reason) {
   });
 }
 
-/** Who the tab's token is; asks for a token until the service accepts one. @returns {Promise<Who>} */
-async function identify() {
-  let reason = 'This service needs a bearer token to show its sessions.';
+/** Whether the token prompt was shown since the page last moved the focus (then it goes to the heading). */
+let prompted = false;
+
+/**
+ * Who the tab's token is; asks for a token until the service accepts one. `reason` is what the prompt says
+ * while no token was entered (Escape closed it): the reason it was first shown for, not a generic one (a
+ * review: a revoked token's reason was lost on Escape).
+ * @param {string} [reason] @returns {Promise<Who>}
+ */
+async function identify(reason = 'This service needs a bearer token to show its sessions.') {
   for (;;) {
     try {
       return await api('/v1/tokens/self');
@@ -40,6 +47,7 @@ async function identify() {
       if (!(err instanceof ApiError) || err.status !== 401) throw err;
       if (getToken()) reason = `The service refused the token: ${err.message}`;
       setToken(null);
+      prompted = true;
       await askToken(reason);
     }
   }
@@ -114,10 +122,11 @@ async function tokenRefused(message) {
   app.replaceChildren(h('p', { className: 'error', id: 'token-refused' }, `The service refused the token: ${message}`));
   try {
     setToken(null);
-    await askToken(`The service refused the token: ${message}`);
-    current = await identify();
+    const reason = `The service refused the token: ${message}`;
+    await askToken(reason);
+    current = await identify(reason);
     showWho(current);
-    route(current);
+    route(current, true);
   } catch (err) {
     app.replaceChildren(h('p', { className: 'error' }, `The service could not be reached: ${err instanceof Error ? err.message : String(err)}`));
   } finally {
@@ -153,7 +162,8 @@ async function start() {
     showWho(current);
     setUnauthorizedHandler((message) => void tokenRefused(message));
     addEventListener('hashchange', () => { if (current && !asking) route(current, true); });
-    route(current);
+    // After the token prompt, the focus goes to the page's heading, not to <body> (a review).
+    route(current, prompted);
   } catch (err) {
     app.replaceChildren(h('p', { className: 'error' }, `The service could not be reached: ${err instanceof Error ? err.message : String(err)}`));
   }
