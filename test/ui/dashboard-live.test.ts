@@ -468,7 +468,8 @@ test('at phone width (375 px) neither the list nor a session page scrolls sidewa
   for (const [label, tabIndex] of boxes) assert.ok(label && tabIndex === 0, JSON.stringify(boxes));
   await page.focus('.scroll[aria-label=Snapshots]');
   for (let i = 0; i < 5; i++) await page.keyboard.press('ArrowRight');
-  assert.ok(await page.$eval('.scroll[aria-label=Snapshots]', (el) => el.scrollLeft) > 0, 'the arrow keys scroll the snapshots table');
+  // (Scrolling by key is animated: scrollLeft moves after the presses.)
+  await page.waitForFunction(() => document.querySelector('.scroll[aria-label=Snapshots]')!.scrollLeft > 0, undefined, { timeout: 5000 });
   const header = await page.$eval('header', (el) => el.getBoundingClientRect().width);
   assert.equal(Math.round(header), 375, 'the header spans the width');
   await screenshot(page, 'phone-session');

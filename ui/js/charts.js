@@ -2,7 +2,7 @@
 // window.asgdCharts under its key, so tests and the curious can read the data a chart holds (as drawn: the
 // values times drawScale, which is 1 unless one of them passes ±2.2e307).
 import uPlot from 'uplot';
-import { fmtNum } from './format.js';
+import { fmtNum, localDecimal, timeLabels } from './format.js';
 
 const PALETTE = ['#2f6fde', '#d9534f', '#25a25a', '#e39b1b', '#8e44ad', '#16a2b8', '#6b7585', '#c0398b'];
 
@@ -100,8 +100,8 @@ export function tickLabels(splits, incr) {
   return splits.map((v) => {
     if (!Number.isFinite(v)) return String(v);
     if (Math.abs(v) < step * 1e-6) return '0';
-    if (compact) return v.toExponential(Math.min(20, Math.max(0, exponent + places))).replace('e+', 'e');
-    return v.toFixed(Math.min(20, Math.max(0, places)));
+    if (compact) return localDecimal(v.toExponential(Math.min(20, Math.max(0, exponent + places))).replace('e+', 'e'));
+    return localDecimal(v.toFixed(Math.min(20, Math.max(0, places))));
   });
 }
 
@@ -266,7 +266,9 @@ export class Chart {
       return Math.abs(x) >= 1e15 ? fmtNum(x) : uPlot.fmtNum(x);
     };
     /** @type {uPlot.Series[]} */
-    const series = [{ label: this.spec.time ? 'time' : 'step' }];
+    const series = [this.spec.time
+      ? { label: 'time', value: (_u, v) => (v == null ? '--' : new Date(v * 1000).toLocaleString()) }
+      : { label: 'step' }];
     /** @type {uPlot.Band[]} */
     const bands = [];
     let colour = 0;
@@ -299,7 +301,7 @@ export class Chart {
       // labels say the values, not the drawn ones.
       axes: [
         // Ticks of steps at least their widest label apart (a review: 100,000120,000140,000 at six digits).
-        this.spec.time ? {} : { incrs: STEP_INCREMENTS, space: (u, _axis, min, max) => Math.max(50, labelWidth(u, fmtNum(Math.max(Math.abs(min), Math.abs(max)))) + 24) },
+        this.spec.time ? { space: 60, values: (_u, splits, _axis, _space, incr) => timeLabels(splits, incr) } : { incrs: STEP_INCREMENTS, space: (u, _axis, min, max) => Math.max(50, labelWidth(u, fmtNum(Math.max(Math.abs(min), Math.abs(max)))) + 24) },
         {
           // Wide enough for the widest label as drawn (measured in the axis' font), besides the tick and gap.
           size: (u, values) => Math.max(50, Math.ceil(Math.max(0, ...(values ?? []).map((v) => labelWidth(u, String(v))))) + AXIS_TICK_GAP + 8),

@@ -1,13 +1,37 @@
 // Small formatting helpers shared by the pages.
 
+/**
+ * Numbers and dates are written in the browser's conventions everywhere on the page (a review: the
+ * tables wrote t0=1,000 in US style while the charts' legends wrote 0,19 in a German browser).
+ */
+const NUMBERS = new Intl.NumberFormat(undefined);
+const DECIMAL = NUMBERS.formatToParts(1.5).find((p) => p.type === 'decimal')?.value ?? '.';
+
+/** A number's text as toFixed/toExponential write it, with the browser's decimal separator. @param {string} text */
+export function localDecimal(text) {
+  return DECIMAL === '.' ? text : text.replace('.', DECIMAL);
+}
+
 /** @param {number | null | undefined} n */
 export function fmtNum(n, digits = 4) {
   if (n === null || n === undefined || Number.isNaN(n)) return '—';
-  if (Number.isInteger(n) && Math.abs(n) < 1e15) return n.toLocaleString('en-US');
+  if (Number.isInteger(n) && Math.abs(n) < 1e15) return NUMBERS.format(n);
   const a = Math.abs(n);
   // toPrecision's text, not Number(it): 1.797e308 rounded to 4 digits is past the largest double (Infinity).
-  if (a !== 0 && (a < 1e-3 || a >= 1e6)) return n.toExponential(digits - 1).replace(/\.?0+e/, 'e');
-  return Number(n.toPrecision(digits)).toString();
+  if (a !== 0 && (a < 1e-3 || a >= 1e6)) return localDecimal(n.toExponential(digits - 1).replace(/\.?0+e/, 'e'));
+  return localDecimal(Number(n.toPrecision(digits)).toString());
+}
+
+/**
+ * Labels of a time axis (seconds since the epoch) in the browser's conventions: dates when the ticks are a
+ * day or more apart, else times of day (uPlot's own were US dates: 12/7/26).
+ * @param {number[]} splits @param {number} incr seconds between ticks
+ */
+export function timeLabels(splits, incr) {
+  const options = incr >= 86_400 ? { month: 'short', day: 'numeric' }
+    : incr >= 60 ? { hour: '2-digit', minute: '2-digit' } : { hour: '2-digit', minute: '2-digit', second: '2-digit' };
+  const format = new Intl.DateTimeFormat(undefined, /** @type {Intl.DateTimeFormatOptions} */ (options));
+  return splits.map((s) => (Number.isFinite(s) ? format.format(new Date(s * 1000)) : ''));
 }
 
 /** @param {number | null | undefined} bytes */

@@ -49,7 +49,7 @@ export function snapshotsSection(root, name, admin, changed) {
       // read again, so that its row goes.
       const gone = /** @type {any} */ (err)?.code === 'SNAPSHOT_NOT_FOUND';
       const why = err instanceof Error && err.message ? err.message : String(err);
-      status.textContent = gone ? `Failed: that snapshot no longer exists (pruned since the table was read; it is read again): ${why}` : `Failed: ${why}`;
+      status.textContent = gone ? `Failed: that snapshot no longer exists: the session keeps its newest snapshots (keep_snapshots) and pruned it since the table was read (the table is read again); pin a snapshot to keep it (${why})` : `Failed: ${why}`;
       status.className = 'error';
       if (gone) changed();
       return false;
