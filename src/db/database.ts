@@ -439,7 +439,12 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
     watchSilence(client, silence, url);
     return client;
   };
-  const probeCount = async (): Promise<string> => {
+  // One probe query at a time on the probe's connection: callers while one is in flight (/readyz polled
+  // each second, the periodic check) share its answer. Each used to queue its own behind a query PostgreSQL
+  // did not answer (a hung server), and pg warned of queries sent while one was running (an operator's review).
+  let probing: Promise<string> | null = null;
+  const probeCount = (): Promise<string> => (probing ??= probeOnce().finally(() => { probing = null; }));
+  const probeOnce = async (): Promise<string> => {
     // A connection lost while idle (a restart of PostgreSQL) says nothing of the database now: one more try
     // on a new connection before the probe fails.
     for (let attempt = 0; ; attempt++) {

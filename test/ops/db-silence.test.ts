@@ -3,72 +3,13 @@
 // answers, and a step whose commit went through before its answer was lost counts once when retried with its
 // Idempotency-Key.
 import assert from 'node:assert/strict';
-import { once } from 'node:events';
-import { createServer, connect, type Server, type Socket } from 'node:net';
-import { test, type TestContext } from 'node:test';
+import { test } from 'node:test';
 import pg from 'pg';
 import { Writable } from 'node:stream';
 import { buildApp } from '../../src/app.ts';
 import { openDatabase, withGenericPlans } from '../../src/db/database.ts';
 import { buildTestApp, createTestDatabase, TEST_DB_KIND, testConfig } from '../helper.ts';
-
-type Mode = 'pass' | 'drop-replies' | 'black-hole';
-
-/**
- * A TCP proxy to PostgreSQL. 'drop-replies': what the service sends reaches PostgreSQL, its answers vanish;
- * 'black-hole': nothing gets through either way, not even a FIN. The sockets stay open (no FIN, no RST), as
- * behind a dead route; a side the service destroys is closed on the other side too.
- */
-async function startProxy(target: { host: string; port: number }): Promise<{ port: number; mode: Mode; server: Server; stop(): void }> {
-  const sockets = new Set<Socket>();
-  const state = {
-    port: 0, mode: 'pass' as Mode, server: null as unknown as Server,
-    /** Destroys every connection (half-open ones keep the process alive otherwise) and closes the server. */
-    stop() {
-      for (const s of sockets) s.destroy();
-      state.server.close();
-    },
-  };
-  // Half-open allowed: a FIN the service sends into the black hole is not answered by one (a dead route
-  // answers nothing).
-  state.server = createServer({ allowHalfOpen: true }, (client) => {
-    const upstream = connect({ port: target.port, host: target.host, allowHalfOpen: true });
-    sockets.add(client).add(upstream);
-    client.on('data', (chunk) => {
-      if (state.mode !== 'black-hole') upstream.write(chunk);
-    });
-    upstream.on('data', (chunk) => {
-      if (state.mode === 'pass') client.write(chunk);
-    });
-    client.on('end', () => {
-      if (state.mode === 'pass') upstream.end();
-    });
-    upstream.on('end', () => {
-      if (state.mode === 'pass') client.end();
-    });
-    const close = () => {
-      client.destroy();
-      upstream.destroy();
-    };
-    client.on('close', close).on('error', close);
-    upstream.on('close', close).on('error', close);
-  });
-  state.server.listen(0, '127.0.0.1');
-  await once(state.server, 'listening');
-  state.port = (state.server.address() as { port: number }).port;
-  return state;
-}
-
-/** A fresh database reached through the proxy (both gone when the test ends): its URL and the proxy. */
-async function proxiedDatabase(t: TestContext) {
-  const db = await createTestDatabase();
-  t.after(() => db.drop());
-  const url = new URL(db.url);
-  const proxy = await startProxy({ host: url.hostname, port: Number(url.port || 5432) });
-  t.after(() => proxy.stop());
-  url.port = String(proxy.port);
-  return { url, proxy };
-}
+import { proxiedDatabase } from './db-proxy.ts';
 
 const session = {
   name: 'silent',
