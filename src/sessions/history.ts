@@ -233,8 +233,10 @@ export function createHistory(ctx: SessionContext) {
   /**
    * A copy whose version's commit the database does not hold as this process knew it. Said at warn where it
    * is sure to be another history (the copy is ahead of the database: a restore or a failover took the
-   * session back), else at info: a settings change since also moves the session's stamp, and a log row
-   * pruned since leaves nothing to tell by (the copy is rebuilt either way).
+   * session back), else at debug: a settings change since also moves the session's stamp, and a log row
+   * pruned since leaves nothing to tell by (the copy is rebuilt either way); a replica behind a session
+   * that keeps little log does so many times a second, as normal catch-up (at info it read like an
+   * incident: an operator's review).
    */
   function warnOtherHistory(session: SessionRecord, state: SessionState): void {
     if (state.stamp === null) return;
@@ -242,7 +244,7 @@ export function createHistory(ctx: SessionContext) {
     if (state.version > session.version) {
       ctx.log.warn(fields, 'this process\'s copy of the session is ahead of the database (restored from a backup, or failed over?): rebuilt from the database');
     } else {
-      ctx.log.info(fields, 'this process\'s copy of the session is not at a commit the database holds (a restore or failover, a settings change, or its log pruned): rebuilt from the database');
+      ctx.log.debug(fields, 'this process\'s copy of the session is not at a commit the database holds (a restore or failover, a settings change, or its log pruned): rebuilt from the database');
     }
   }
 
