@@ -88,3 +88,21 @@ test('at phone width, 32 metrics of 128-character names: the page does not scrol
   assert.ok(scrollWidth <= width, `the page is ${scrollWidth} px wide in a viewport of ${width}`);
   assert.ok(select <= width, `the select ends at ${select} px`);
 });
+
+test('a long session whose steps reported 400 metric names: the downsampled charts hold 330 (loss first) and the page says how many are left out', { skip }, async (t) => {
+  // A hostile review: each 330 names cost a scan of the whole history; one downsampled read holds 330 now,
+  // and metrics_left_out counts the others. The history is written with one INSERT: 2,000 steps, each
+  // reporting loss and one of 399 other names.
+  const { app, base, api, page } = await openDashboard(t);
+  await api('POST', '/v1/sessions', { name: 'manynames', params: [{ name: 'w', shape: [2], data: [1, 2] }] });
+  const [{ id }] = await app.db.query<{ id: number }>("SELECT id::float8 AS id FROM sessions WHERE name = 'manynames'");
+  await app.db.query(
+    `INSERT INTO step_history (session_id, version, step, staleness, metrics)
+     SELECT $1, i + 1, i, 0, jsonb_build_object('loss', 1.0 / i, 'n' || lpad((i % 399)::text, 3, '0'), i) FROM generate_series(1, 2000) AS i`,
+    [id],
+  );
+  await page.goto(`${base}/ui/#/s/manynames`);
+  await page.waitForFunction(() => ((window as any).asgdCharts?.['metric:loss']?.data[0].length ?? 0) > 0);
+  assert.equal(await page.textContent('#metrics-left-out'), '70 more metric name(s) are not charted: the session\'s steps reported more than one read holds (loss first, then those the most steps reported; every step\'s metrics are in …/metrics?after_version=).');
+  assert.match(await page.$eval('#metrics-more', (el) => el.textContent ?? ''), /^330 metrics: /);
+});
