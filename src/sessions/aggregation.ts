@@ -12,6 +12,7 @@
 import type { Aggregation } from '../db/schema.ts';
 import { errors } from '../errors.ts';
 import { widen, type GradDtype } from './gradients.ts';
+import { MAX_METRICS } from './step-input.ts';
 import type { SessionState } from './state.ts';
 
 export type { Aggregation };
@@ -83,6 +84,9 @@ export interface RoundTally {
 export function roundDue(a: Aggregation, tally: RoundTally): { due: boolean; timedOut: boolean } {
   if (tally.contributions === 0) return { due: false, timedOut: false };
   if (a.contributions !== undefined && tally.contributions >= a.contributions) return { due: true, timedOut: false };
+  // Whatever else it waits for (target_samples, a timeout): a round holds at most this many contributions
+  // (a hostile review: a target_samples round took 1,500, all read at once when it stepped).
+  if (tally.contributions >= MAX_ROUND_CONTRIBUTIONS) return { due: true, timedOut: false };
   if (a.target_samples !== undefined && tally.samples >= a.target_samples) return { due: true, timedOut: false };
   if (a.timeout_s !== undefined && tally.ageSeconds >= a.timeout_s && tally.contributions >= minContributions(a)) return { due: true, timedOut: true };
   return { due: false, timedOut: false };
@@ -100,46 +104,53 @@ export interface ContributedGradients {
 export const byWorker = (a: { worker: string }, b: { worker: string }) => (a.worker < b.worker ? -1 : a.worker > b.worker ? 1 : 0);
 
 /**
- * Writes the round's combined gradient into `state.arena.grads` (the formula above) and returns the
- * parameters that have one, ascending. `contributions` must be in worker order.
+ * Writes the round's combined gradient into `state.arena.grads` (the formula above): `add` the
+ * contributions in worker order, in as many calls as needed (a round's are read from the database a page at
+ * a time, so that its gradients are never all in memory), then `finish`, which returns the parameters that
+ * have one, ascending.
  */
-export function combineContributions(state: SessionState, contributions: readonly ContributedGradients[]): number[] {
+export function contributionCombiner(state: SessionState): { add(contributions: readonly ContributedGradients[]): void; finish(): number[] } {
   const { layout } = state;
   const counts = new Uint32Array(layout.params.length);
   let scratch = new Float32Array(0);
-  for (const c of contributions) {
-    const width = c.dtype === 'float32' ? 4 : 2;
-    let total = 0;
-    for (const i of c.present) total += layout.numels[i];
-    if (c.grads.byteLength !== total * width) throw new Error(`contribution of ${c.worker} holds ${c.grads.byteLength} bytes, expected ${total * width}`);
-    const aligned = c.grads.byteOffset % width === 0 ? c.grads : Buffer.from(c.grads);
-    let at = 0;
-    for (const i of c.present) {
-      const numel = layout.numels[i];
-      let g: Float32Array;
-      if (c.dtype === 'float32') {
-        g = new Float32Array(aligned.buffer, aligned.byteOffset + at * 4, numel);
-      } else {
-        if (scratch.length < numel) scratch = new Float32Array(numel);
-        g = scratch.subarray(0, numel);
-        widen(c.dtype, new Uint16Array(aligned.buffer, aligned.byteOffset + at * 2, numel), g);
+  const add = (contributions: readonly ContributedGradients[]) => {
+    for (const c of contributions) {
+      const width = c.dtype === 'float32' ? 4 : 2;
+      let total = 0;
+      for (const i of c.present) total += layout.numels[i];
+      if (c.grads.byteLength !== total * width) throw new Error(`contribution of ${c.worker} holds ${c.grads.byteLength} bytes, expected ${total * width}`);
+      const aligned = c.grads.byteOffset % width === 0 ? c.grads : Buffer.from(c.grads);
+      let at = 0;
+      for (const i of c.present) {
+        const numel = layout.numels[i];
+        let g: Float32Array;
+        if (c.dtype === 'float32') {
+          g = new Float32Array(aligned.buffer, aligned.byteOffset + at * 4, numel);
+        } else {
+          if (scratch.length < numel) scratch = new Float32Array(numel);
+          g = scratch.subarray(0, numel);
+          widen(c.dtype, new Uint16Array(aligned.buffer, aligned.byteOffset + at * 2, numel), g);
+        }
+        at += numel;
+        const s = state.grad(i);
+        if (counts[i] === 0) s.set(g);
+        else for (let k = 0; k < numel; k++) s[k] += g[k];
+        counts[i]++;
       }
-      at += numel;
-      const s = state.grad(i);
-      if (counts[i] === 0) s.set(g);
-      else for (let k = 0; k < numel; k++) s[k] += g[k];
-      counts[i]++;
     }
-  }
-  const present: number[] = [];
-  counts.forEach((n, i) => {
-    if (n === 0) return; // no contribution carries it: skipped, as PyTorch skips p.grad is None
-    present.push(i);
-    if (n === 1) return;
-    const s = state.grad(i);
-    for (let k = 0; k < s.length; k++) s[k] /= n;
-  });
-  return present;
+  };
+  const finish = () => {
+    const present: number[] = [];
+    counts.forEach((n, i) => {
+      if (n === 0) return; // no contribution carries it: skipped, as PyTorch skips p.grad is None
+      present.push(i);
+      if (n === 1) return;
+      const s = state.grad(i);
+      for (let k = 0; k < s.length; k++) s[k] /= n;
+    });
+    return present;
+  };
+  return { add, finish };
 }
 
 /** The round's metrics: each name's mean over the contributions that report it (in worker order). */
@@ -158,5 +169,8 @@ export function averageMetrics(contributions: readonly { metrics: Record<string,
   // Finite values have a finite mean: when their sum overflows (two of 1.7e308), each is divided first.
   const mean = ({ sum, n, values }: { sum: number; n: number; values: number[] }) =>
     Number.isFinite(sum) ? sum / n : values.reduce((a, v) => a + v / n, 0);
-  return Object.fromEntries([...sums].map(([name, entry]) => [name, mean(entry)]));
+  // As many names as a step carries: those the most contributions reported, then in worker order (a
+  // hostile review: a round of 3 workers each with 32 names of its own stored a point of 96; of 1,024, 32,768).
+  const kept = [...sums].map((entry, order) => ({ entry, order })).sort((a, b) => b.entry[1].n - a.entry[1].n || a.order - b.order).slice(0, MAX_METRICS);
+  return Object.fromEntries(kept.sort((a, b) => a.order - b.order).map(({ entry: [name, e] }) => [name, mean(e)]));
 }

@@ -16,7 +16,7 @@ import type { FastifyBaseLogger } from 'fastify';
 import type { Database, Queryable } from '../db/database.ts';
 import type { Aggregation, GroupSpec, HyperDelta, RoundRecord } from '../db/schema.ts';
 import { errors } from '../errors.ts';
-import { AggregatedSession, averageMetrics, byWorker, combineContributions, roundDue, type RoundTally } from './aggregation.ts';
+import { AggregatedSession, averageMetrics, byWorker, contributionCombiner, roundDue, type RoundTally } from './aggregation.ts';
 import { decodeGradients, packGradients, type GradientInput } from './gradients.ts';
 import { checkIfMatch, type RoundHost } from './context.ts';
 import type { VersionNotifier } from './notifier.ts';
@@ -231,9 +231,15 @@ export function createRoundService(options: RoundServiceOptions) {
   async function closeRound(tx: Queryable, session: SessionRecord, timedOut: boolean, ranKernel: (sessionId: number) => void): Promise<Closed> {
     const entry = await host.currentState(tx, session);
     const { state } = entry;
-    // In worker order: the query sorts by bytes (COLLATE "C"), and so does byWorker, whatever the database's collation.
+    // In worker order: the queries sort by bytes (COLLATE "C"), and so does byWorker, whatever the database's collation.
     const rows = (await store.readContributions(tx, session.id, session.version)).sort(byWorker);
-    const present = combineContributions(state, rows.map((r) => ({ worker: r.worker, present: r.present, grads: r.grads, dtype: r.gradDtype })));
+    // The gradients a page at a time, added in that order as they come.
+    const combiner = contributionCombiner(state);
+    for (let from = 0; from < rows.length; from += store.GRADIENT_PAGE) {
+      const page = (await store.readContributionGradients(tx, session.id, session.version, from)).sort(byWorker);
+      combiner.add(page.map((r) => ({ worker: r.worker, present: r.present, grads: r.grads, dtype: r.gradDtype })));
+    }
+    const present = combiner.finish();
     const hyper = rows.find((r) => r.hyper !== null)?.hyper ?? null;
     const reported = rows.filter((r) => r.samples !== null);
     const record: RoundRecord = {

@@ -231,6 +231,27 @@ test('target_samples closes a round; each contribution must say its samples', as
   await assertSameState(app, 'ts', [meanOf(grads)], 'target_samples');
 });
 
+test('a round holds at most 1024 contributions: a target_samples round not reached steps at the 1024th, with the mean of them all (read a page at a time)', async (t) => {
+  // A hostile review: a round with target_samples alone took 1,500 contributions and read all their
+  // gradients at once when it stepped (319 MB to 1.2 GB); nothing capped them.
+  const { app } = await buildTestApp(t);
+  const created = await app.inject({ method: 'POST', url: '/v1/sessions', payload: sessionBody('full', { target_samples: 1_000_000 }) });
+  assert.equal(created.statusCode, 201, created.body);
+  const grads = Array.from({ length: 1024 }, (_, i) => gradsOf(1000 + i));
+  // Worker ids whose byte order is not their sending order.
+  const worker = (i: number) => `w${String((i * 617) % 1024).padStart(4, '0')}`;
+  for (let i = 0; i < 1023; i++) {
+    const res = await contribute(app, 'full', { worker: worker(i), grads: grads[i], samples: 1, wait: 0 });
+    assert.equal(res.statusCode, 202, res.body);
+  }
+  assert.equal((await session(app, 'full')).round.contributions, 1023);
+  const last = await contribute(app, 'full', { worker: worker(1023), grads: grads[1023], samples: 1, wait: 0 });
+  assert.equal(last.statusCode, 200, last.body);
+  assert.deepEqual(last.json().round, { version: 1, contributions: 1024, samples: 1024, timed_out: false });
+  const inWorkerOrder = grads.map((g, i) => ({ g, w: worker(i) })).sort((a, b) => (a.w < b.w ? -1 : 1)).map(({ g }) => g);
+  await assertSameState(app, 'full', [meanOf(inWorkerOrder)], 'a full round');
+});
+
 test('one worker owns the schedule: a contribution without param_groups takes the round\'s, whichever comes first; two that differ conflict', async (t) => {
   const { app } = await buildTestApp(t);
   assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: sessionBody('owner', { contributions: 2 }) })).statusCode, 201);
@@ -369,6 +390,18 @@ test('a round\'s metrics are the mean of its contributions\', finite even when t
   assert.equal((await first).statusCode, 200);
   const series = (await app.inject({ url: '/v1/sessions/big/metrics' })).json();
   assert.deepEqual(series.points.map((p: { values: unknown }) => p.values), [{ loss: 1.7e308, acc: 0.375 }]);
+
+  // At most 32 names, as a step carries (a hostile review: 3 workers of 32 names each stored 96): those the
+  // most contributions reported, then in worker order.
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: sessionBody('wide', { contributions: 3 }) })).statusCode, 201);
+  const own = (w: string) => Object.fromEntries(Array.from({ length: 31 }, (_, k) => [`${w}${String(k).padStart(2, '0')}`, k]));
+  const waiting = ['a', 'b'].map((w) => contribute(app, 'wide', { worker: w, grads: gradsOf(3), extra: { metrics: { loss: 1, ...own(w) } } }));
+  const third = await contribute(app, 'wide', { worker: 'c', grads: gradsOf(4), extra: { metrics: { loss: 4, ...own('c') } } });
+  assert.equal(third.statusCode, 200, third.body);
+  for (const w of waiting) assert.equal((await w).statusCode, 200);
+  const wide = (await app.inject({ url: '/v1/sessions/wide/metrics' })).json().points[0].values;
+  assert.deepEqual(Object.keys(wide).sort(), ['loss', ...Object.keys(own('a'))].sort());
+  assert.equal(wide.loss, 2);
 });
 
 test('PUT params that change nothing during a round: the answer shows the round still open, its contributions kept', async (t) => {
