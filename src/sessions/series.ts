@@ -57,7 +57,7 @@ export function createMetricNames(capacity = NAMES_CACHED) {
         [sessionId, from, through, capacity + 1],
       );
       for (const r of rows) counts.set(r.key, (counts.get(r.key) ?? 0) + r.n);
-      if (counts.size > capacity) return chosenInSql(q, sessionId, through);
+      if (counts.size > capacity) return chosenInSql(q, sessionId, 0, through);
       entry = { through, counts };
     }
     known.set(sessionId, entry); // (re-)inserted: the Map's order is then least recently read first
@@ -71,14 +71,18 @@ export function createMetricNames(capacity = NAMES_CACHED) {
   };
 }
 
-/** The names of a session with more of them than the cache holds, chosen as createMetricNames chooses them. */
-async function chosenInSql(q: Queryable, sessionId: number, through: number): Promise<{ names: string[]; total: number }> {
+/**
+ * The names the steps after version `after` through `through` reported, chosen as createMetricNames
+ * chooses them: for a session with more names than the cache holds, and for a read after a version (its
+ * names are those of its steps: a read of the newest steps left out the one name they report, a review).
+ */
+async function chosenInSql(q: Queryable, sessionId: number, after: number, through: number): Promise<{ names: string[]; total: number }> {
   const rows = await q.query<{ key: string; total: number }>(
     `SELECT key, count(*) OVER ()::float8 AS total FROM (
        SELECT key, count(*) AS n FROM step_history, jsonb_object_keys(metrics) AS key
-       WHERE session_id = $1 AND version <= $2 AND metrics IS NOT NULL GROUP BY key
-     ) k ORDER BY key = 'loss' DESC, n DESC, key COLLATE "C" LIMIT $3`,
-    [sessionId, through, METRICS_PER_READ],
+       WHERE session_id = $1 AND version > $2 AND version <= $3 AND metrics IS NOT NULL GROUP BY key
+     ) k ORDER BY key = 'loss' DESC, n DESC, key COLLATE "C" LIMIT $4`,
+    [sessionId, after, through, METRICS_PER_READ],
   );
   return { names: rows.map((r) => r.key).sort(), total: rows[0]?.total ?? 0 };
 }
@@ -127,7 +131,7 @@ export async function downsampledSeries(
       await tx.query('SET LOCAL jit = off');
       await tx.query("SET LOCAL work_mem = '64MB'");
     }
-    const { names: keys, total } = await metricNames(tx, sessionId, last);
+    const { names: keys, total } = afterVersion > 0 ? await chosenInSql(tx, sessionId, afterVersion, last) : await metricNames(tx, sessionId, last);
     // Each metric is read from the row's jsonb once (the subquery; OFFSET 0 keeps it from being inlined).
     // $5 (the scale) is selected too: a session that reported no metrics has no figures that use it, and a
     // parameter the statement never names is refused by PostgreSQL.

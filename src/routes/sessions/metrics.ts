@@ -63,7 +63,7 @@ const metricsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
           next_after_version: Type.Integer({ description: 'The after_version of the next page: the last point\'s version (or the one asked for when there are none)' }),
           downsampled: Type.Optional(Type.Boolean({ description: 'With max_points: whether the points are buckets' })),
           metrics_left_out: Type.Optional(Type.Integer({
-            description: `Buckets: how many of the metric names the session's steps reported are not in them. Buckets hold at most ${METRICS_PER_READ} names: \`loss\`, then those the most steps reported, then by name; the pages without max_points hold every step's metrics`,
+            description: `Buckets: how many of the metric names the steps read (those after after_version) reported are not in them. Buckets hold at most ${METRICS_PER_READ} names: \`loss\`, then those the most steps reported, then by name; the pages without max_points hold every step's metrics`,
           })),
           more: Type.Optional(Type.Boolean({ description: 'Without max_points: whether points may follow next_after_version (the page is full, or bounded by the groups\' values or the bytes of metrics it holds): read on while true' })),
         }),

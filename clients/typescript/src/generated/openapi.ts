@@ -3459,7 +3459,7 @@ export interface operations {
                         next_after_version: number;
                         /** @description With max_points: whether the points are buckets */
                         downsampled?: boolean;
-                        /** @description Buckets: how many of the metric names the session's steps reported are not in them. Buckets hold at most 330 names: `loss`, then those the most steps reported, then by name; the pages without max_points hold every step's metrics */
+                        /** @description Buckets: how many of the metric names the steps read (those after after_version) reported are not in them. Buckets hold at most 330 names: `loss`, then those the most steps reported, then by name; the pages without max_points hold every step's metrics */
                         metrics_left_out?: number;
                         /** @description Without max_points: whether points may follow next_after_version (the page is full, or bounded by the groups' values or the bytes of metrics it holds): read on while true */
                         more?: boolean;
