@@ -29,14 +29,18 @@ export interface Checkpoint {
  * floating tensors (float64, float16, bfloat16) become float32; integer and bool buffers are kept.
  */
 export function toModelStateDict(value: PyValue, options: StateDictReadOptions = {}, path = 'model', entryCode: 'INVALID_STATE_DICT' | 'INVALID_TENSOR' = 'INVALID_STATE_DICT'): ModelStateDict {
-  const dict = expectDict(value, path);
+  // Every problem of the file's shape under one code: a state_dict's where a checkpoint's model part is
+  // read, a tensor's where a file of named tensors is (a review: a tuple and a nested dict had two codes).
+  const refuse = (message: string) => new FormatError(entryCode, `${path} ${message}`);
+  if (!(value instanceof PyDict)) throw refuse(`must be a dict of tensors by name, got ${pyTypeName(value)}`);
+  const dict = value;
   // A checkpoint (this service's, or a training script's {model, optimizer}) where a model's state_dict belongs.
   if (dict.has('model') && dict.has('optimizer') && !isTensor(dict.get('model') as PyValue)) {
-    throw invalid(path, 'is a checkpoint (model and optimizer), not a model state_dict: give its model state_dict here (GET …/params?format=pt, or torch.save(model.state_dict())), then load the checkpoint into the session (PUT …/checkpoint)');
+    throw refuse('is a checkpoint (model and optimizer), not a model state_dict: give its model state_dict here (GET …/params?format=pt, or torch.save(model.state_dict())), then load the checkpoint into the session (PUT …/checkpoint)');
   }
   const tensors = new Map<string, Tensor>();
   for (const [name, tensor] of dict) {
-    if (typeof name !== 'string') throw invalid(path, `has a non-string key ${String(name)}`);
+    if (typeof name !== 'string') throw refuse(`has a non-string key ${String(name)}`);
     if (!isTensor(tensor)) {
       // A dict of tensors under a name: a wrapper, such as the JSON step body's {"grads": {...}} (a review).
       const wrapped = tensor instanceof PyDict && [...tensor.values()].some((v) => isTensor(v))

@@ -30,11 +30,19 @@ export function modelBuffers(names: Iterable<string>, sessionParams: readonly st
   const missing = sessionParams.filter((name) => !all.has(name));
   // A parameter missing and entries the session lacks: the first of those named (before its dtype, an int64
   // buffer's), and what is missing, in every format alike.
-  if (missing.length > 0 && unknown.length > 0) {
-    const listed = missing.slice(0, 3).map((name) => JSON.stringify(name)).join(', ') + (missing.length > 3 ? `, … (${missing.length})` : '');
-    throw errors.unknownParameter(`${field}.${unknown[0]}`, unknown[0], `the session's ${listed} ${missing.length === 1 ? 'is' : 'are'} missing from ${field} (entries that are not parameters, buffers, are left out only when every parameter is there)`);
-  }
+  if (missing.length > 0 && unknown.length > 0) throw unknownEntry(field, unknown[0], missing);
   return new Set(unknown);
+}
+
+/**
+ * An entry the session has no parameter of, refused naming it and, when parameters are missing, which: a
+ * module state_dict with a parameter missing (no entry is then taken for a buffer), or a plain dict of
+ * tensors or a safetensors file (whose entries are all taken for parameters).
+ */
+export function unknownEntry(field: string, unknown: string, missing: readonly string[]) {
+  if (missing.length === 0) return errors.unknownParameter(`${field}.${unknown}`, unknown, field === 'params' ? PARAMS_ONLY : undefined);
+  const listed = missing.slice(0, 3).map((name) => JSON.stringify(name)).join(', ') + (missing.length > 3 ? `, … (${missing.length})` : '');
+  return errors.unknownParameter(`${field}.${unknown}`, unknown, `the session's ${listed} ${missing.length === 1 ? 'is' : 'are'} missing from ${field} (entries that are not parameters, buffers, are left out only when every parameter is there)`);
 }
 
 /**

@@ -10,7 +10,7 @@ import {
 } from '../../formats/index.ts';
 import type { BinaryGradient, GradientInput } from '../../sessions/gradients.ts';
 import type { LoadedStateDict, StateView } from '../../sessions/model.ts';
-import { modelBuffers } from '../../sessions/load-plan.ts';
+import { modelBuffers, unknownEntry } from '../../sessions/load-plan.ts';
 import { MAX_LOADED_STEP, MAX_PARAMS, recordIntegerLiterals } from '../../sessions/spec.ts';
 import { firstNonFinite } from '../../sessions/tensors.ts';
 import { asgdFromView, groupWithKinds, loadedFromAsgd, paramTensor, parseStateDict, readTensorField } from '../../sessions/state-dict.ts';
@@ -86,9 +86,18 @@ export function readNamedTensors(format: WireFormat, body: Buffer, field: string
     if (wrapped !== undefined) throw errors.unknownParameter(`${field}.${wrapped}`, wrapped);
   }
   let leftOut = new Set<string>();
-  if (sessionParams && model?.metadata) {
+  if (sessionParams) {
     const tiedAgain = tiedAgainOf(aliases, sessionParams);
-    leftOut = modelBuffers([...tensors.keys()].filter((name) => !tiedAgain(name)), sessionParams, field);
+    const names = [...tensors.keys()].filter((name) => !tiedAgain(name));
+    if (model?.metadata) leftOut = modelBuffers(names, sessionParams, field);
+    else {
+      // A plain dict or safetensors: a name the session lacks, said before any dtype is read (a review:
+      // dict(model.state_dict()) without a parameter was refused for its int64 buffer's dtype, not naming
+      // what is missing).
+      const known = new Set(sessionParams);
+      const unknown = names.find((name) => !known.has(name));
+      if (unknown !== undefined) throw unknownEntry(field, unknown, sessionParams.filter((name) => !tensors.has(name)));
+    }
   }
   for (const [name, tensor] of tensors) if (!leftOut.has(name)) out.set(name, float32Of(tensor, `${field}.${name}`));
   return { tensors: out, metadata: file ? file.metadata : new Map(), aliases };
