@@ -3,6 +3,7 @@ import { createHash } from 'node:crypto';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { Static, TSchema } from 'typebox';
 import { errors } from '../errors.ts';
+import { ASGD_NUMERIC_KEYS } from '../formats/index.ts';
 import type { RouteAccess } from '../plugins/auth.ts';
 import { type ChangeKey, isReplayed, type Replayed } from '../sessions/changes.ts';
 import type { SessionRecord, SnapshotRecord } from '../sessions/repository.ts';
@@ -172,7 +173,8 @@ export function sessionJson(s: SessionRecord, round: RoundStatus | null): Static
     numel: s.numel,
     params: s.params.map((p) => ({ name: p.name, shape: p.shape, numel: numelOf(p.shape) })),
     param_groups: s.groups.map(publicGroup),
-    int_hyperparameters: s.groups.map((g) => [...(g.int_keys ?? [])]),
+    // In the keys' order, whatever order the changes that made them ints came in (a review).
+    int_hyperparameters: s.groups.map((g) => ASGD_NUMERIC_KEYS.filter((k) => g.int_keys?.includes(k))),
     snapshot_every: s.snapshotEvery,
     keep_snapshots: s.keepSnapshots,
     max_staleness: s.maxStaleness,

@@ -339,3 +339,22 @@ test('large JSON bodies parsed and held at once are bounded (ASGD_JSON_IN_FLIGHT
     for (const socket of sockets) socket.destroy();
   }
 });
+
+test('a session says which of its groups\' hyperparameters are ints (int_hyperparameters), in the keys\' order: JSON writes 4.0 as 4', async (t) => {
+  // A PyTorch user's review: a worker joining a session made with t0=4 held 4.0; and their order followed
+  // the order of the changes that made them ints (a README review).
+  const { app } = await buildTestApp(t);
+  const create = (name: string, t0: string) => app.inject({
+    method: 'POST', url: '/v1/sessions', headers: { 'content-type': 'application/json' },
+    payload: `{"name": "${name}", "params": [{"name": "w", "shape": [1], "data": [1]}], "hyperparameters": {"lr": 0.5, "t0": ${t0}}}`,
+  });
+  assert.equal((await create('ints', '4')).statusCode, 201);
+  assert.equal((await create('floats', '4.0')).statusCode, 201);
+  assert.deepEqual((await app.inject({ url: '/v1/sessions/ints' })).json().int_hyperparameters, [['t0', 'weight_decay']]);
+  assert.deepEqual((await app.inject({ url: '/v1/sessions/floats' })).json().int_hyperparameters, [['weight_decay']]);
+  // An int lr set later comes first, as lr comes first.
+  const patched = await app.inject({ method: 'PATCH', url: '/v1/sessions/ints/param_groups', headers: { 'content-type': 'application/json' }, payload: '{"param_groups": [{"lr": 1}]}' });
+  assert.equal(patched.statusCode, 200, patched.body);
+  assert.deepEqual((await app.inject({ url: '/v1/sessions/ints' })).json().int_hyperparameters, [['lr', 't0', 'weight_decay']]);
+  assert.deepEqual((await app.inject({ url: '/v1/sessions' })).json().sessions.find((s: { name: string }) => s.name === 'ints').int_hyperparameters, [['lr', 't0', 'weight_decay']]);
+});
