@@ -115,7 +115,7 @@ export async function downsampledSeries(
     };
   }
   const { first, last } = range;
-  const width = Math.ceil((last - first + 1) / maxPoints);
+  const { width, room } = bucketWidth(first, last, range.n, maxPoints);
   // A mean is summed in two parts: values of magnitude 1 or more each divided by a power of two at least
   // the bucket's width (exactly), so that their sum cannot overflow, and the others as they are, so that no
   // division underflows (PostgreSQL raises an error where a quotient of a nonzero value is 0: one metric of
@@ -141,22 +141,46 @@ export async function downsampledSeries(
     const buckets = await tx.query<Record<string, number | string | null>>(
       `SELECT min(version)::float8 AS version_from, max(version)::float8 AS version,
          avg(staleness)::float8 AS staleness, max(staleness)::float8 AS staleness_max, count(*)::float8 AS count,
-         $5::float8 AS scale${figures}
-       FROM (SELECT version, staleness${values} FROM step_history WHERE session_id = $1 AND version > $2 OFFSET 0) r
+         min(step)::float8 AS step_min, max(step)::float8 AS step_max, $5::float8 AS scale${figures}
+       FROM (SELECT version, step, staleness${values} FROM step_history WHERE session_id = $1 AND version > $2 OFFSET 0) r
        GROUP BY (version - $4) / $3 ORDER BY 1`,
       [sessionId, afterVersion, width, first, scale, ...keys],
     );
     // A bucket's step and time are those of its last version, not the largest in it: after a restore a
     // bucket can hold the abandoned history's last steps and then the first steps of the new one (its
     // largest step was an abandoned one, and the dashboard took the bucket for abandoned; a review).
-    const lastOf = await tx.query<{ version: number; step: number; created_at: string }>(
+    const ends = await tx.query<{ version: number; step: number; created_at: string }>(
       'SELECT version::float8 AS version, step::float8 AS step, created_at FROM step_history WHERE session_id = $1 AND version = ANY($2::bigint[])',
-      [sessionId, buckets.map((r) => r.version)],
+      [sessionId, buckets.flatMap((r) => [r.version, r.version_from])],
     );
-    return { keys, total, buckets, lastOf: new Map(lastOf.map((r) => [r.version, r])) };
+    const at = new Map(ends.map((r) => [r.version, r]));
+    // A bucket is one run of steps when its steps go up by one a row from its first version to its last. One
+    // that is not spans a restore or a load (its abandoned steps and the new ones): it is read row by row and
+    // split into its runs, so that no point mixes two histories (a browser review: the first point after a
+    // restore averaged the abandoned steps' loss in). Within the room bucketWidth left; a restore or load
+    // makes a version with no row, so there are at most as many such buckets as gaps.
+    const runs = new Map<number, SeriesPoint[]>();
+    for (const r of buckets) {
+      if (runs.size >= room) break;
+      const count = r.count as number;
+      const oneRun = (r.step_max as number) - (r.step_min as number) === count - 1
+        && at.get(r.version_from as number)?.step === r.step_min && at.get(r.version as number)?.step === r.step_max;
+      if (oneRun) continue;
+      const raw = await tx.query<RawRow>(
+        `SELECT version::float8 AS version, step::float8 AS step, staleness, created_at, metrics FROM step_history
+         WHERE session_id = $1 AND version >= $2 AND version <= $3 ORDER BY version`,
+        [sessionId, r.version_from, r.version],
+      );
+      runs.set(r.version as number, splitRuns(raw).map((run) => runPoint(run, keys, scale)));
+    }
+    return { keys, total, buckets, at, runs };
   }, { consistentRead: true });
-  const points = rows.buckets.map((r) => {
-    const last = rows.lastOf.get(r.version as number)!;
+  const points = rows.buckets.flatMap((r) => rows.runs.get(r.version as number) ?? [bucketPoint(r)]);
+  return { points, downsampled: true, ...(rows.total > rows.keys.length && { metricsLeftOut: rows.total - rows.keys.length }) };
+
+  function bucketPoint(r: Record<string, number | string | null>): SeriesPoint {
+    const lastOf = rows.at;
+    const last = lastOf.get(r.version as number)!;
     const point: SeriesPoint = {
       version: r.version as number, step: last.step, time: new Date(last.created_at), staleness: r.staleness as number, values: {},
       versionFrom: r.version_from as number, count: r.count as number, stalenessMax: r.staleness_max as number, min: {}, max: {},
@@ -173,8 +197,62 @@ export async function downsampledSeries(
       point.max![key] = max;
     });
     return point;
-  });
-  return { points, downsampled: true, ...(rows.total > rows.keys.length && { metricsLeftOut: rows.total - rows.keys.length }) };
+  }
+}
+
+interface RawRow { version: number; step: number; staleness: number; created_at: string; metrics: Record<string, number> | null }
+
+/**
+ * The width of downsampledSeries' buckets over versions first..last holding `rows` steps (the hyperparameter
+ * history's buckets are the same), and the room it leaves for buckets split at a restore or load: a version
+ * with no row (a restore, a load, a PATCH) may start another history, and each such split makes one more
+ * point; the width leaves room for as many (fewer than half the points) so that the read stays within maxPoints.
+ */
+export function bucketWidth(first: number, last: number, rows: number, maxPoints: number): { width: number; room: number } {
+  const room = Math.max(0, Math.min(last - first + 1 - rows, Math.floor((maxPoints - 1) / 2)));
+  return { width: Math.ceil((last - first + 1) / (maxPoints - room)), room };
+}
+
+/** Rows in version order as runs of steps that go up by one (a restore or a load starts another). */
+function splitRuns(rows: RawRow[]): RawRow[][] {
+  const out: RawRow[][] = [];
+  for (const row of rows) {
+    const run = out[out.length - 1];
+    if (run && row.step === run[run.length - 1].step + 1) run.push(row);
+    else out.push([row]);
+  }
+  return out;
+}
+
+/** A run's point: the figures the grouped scan of downsampledSeries computes, here over the run's rows. */
+function runPoint(run: RawRow[], keys: readonly string[], scale: number): SeriesPoint {
+  const last = run[run.length - 1];
+  const point: SeriesPoint = {
+    version: last.version, step: last.step, time: new Date(last.created_at),
+    staleness: run.reduce((a, r) => a + r.staleness, 0) / run.length, values: {},
+    versionFrom: run[0].version, count: run.length, stalenessMax: Math.max(...run.map((r) => r.staleness)), min: {}, max: {},
+  };
+  for (const key of keys) {
+    let n = 0;
+    let min = Infinity;
+    let max = -Infinity;
+    let big = 0;
+    let small = 0;
+    for (const r of run) {
+      const v = r.metrics?.[key];
+      if (typeof v !== 'number') continue;
+      n++;
+      min = Math.min(min, v);
+      max = Math.max(max, v);
+      if (Math.abs(v) >= 1) big += v / scale;
+      else small += v;
+    }
+    if (n === 0) continue;
+    point.values[key] = Math.min(max, Math.max(min, (big / n) * scale + small / n));
+    point.min![key] = min;
+    point.max![key] = max;
+  }
+  return point;
 }
 
 export interface HyperChange {
@@ -241,8 +319,8 @@ export async function downsampledHyperChanges(
   const maxPoints = Math.min(requestedPoints, Math.max(2, fit));
   const newestKept = Math.min(NEWEST_CHANGES_KEPT, Math.max(1, fit));
   return db.transaction(async (tx) => {
-    const [range] = await tx.query<{ total: number; first: number | null; last: number | null }>(
-      `SELECT (SELECT count(*) FROM ${CHANGES_SQL} c)::float8 AS total, min(version)::float8 AS first, max(version)::float8 AS last
+    const [range] = await tx.query<{ total: number; first: number | null; last: number | null; rows: number }>(
+      `SELECT (SELECT count(*) FROM ${CHANGES_SQL} c)::float8 AS total, min(version)::float8 AS first, max(version)::float8 AS last, count(*)::float8 AS rows
        FROM step_history WHERE session_id = $1 AND version > $2`,
       [sessionId, afterVersion],
     );
@@ -255,14 +333,17 @@ export async function downsampledHyperChanges(
     }
     // No step after afterVersion (the changes are all loads/restores): buckets over the changes' own versions.
     let { first, last } = range;
+    let stepRows = range.rows;
     if (first === null || last === null) {
       const [own] = await tx.query<{ first: number; last: number }>(
         'SELECT min(version)::float8 AS first, max(version)::float8 AS last FROM group_changes WHERE session_id = $1 AND version > $2',
         [sessionId, afterVersion],
       );
       ({ first, last } = own);
+      stepRows = last - first + 1;
     }
-    const width = Math.ceil((last! - first! + 1) / maxPoints);
+    // The buckets of downsampledSeries (the same width for the same versions, rows and points).
+    const { width } = bucketWidth(first!, last!, stepRows, maxPoints);
     const rows = await tx.query<ChangeRow>(
       `SELECT version, step, created_at, reason, hyper FROM (
          SELECT c.*,
