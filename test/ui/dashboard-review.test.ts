@@ -613,4 +613,16 @@ test('numbers and dates in the browser\'s conventions everywhere: a German brows
   const ticks = await page.evaluate(() => (window as any).asgdCharts['metric:loss'].axes[0]._values as string[]);
   assert.ok(ticks.length >= 2 && ticks.every((v) => /^\d\d:\d\d$/.test(v)), `the time axis: ${JSON.stringify(ticks)} (24-hour German times)`);
   await context.close();
+
+  // Arabic (Egypt): the locale's own digits everywhere, decimals and tables' columns too (a second review:
+  // ١٬٧٠٣ beside 28٫4 in Latin digits, and the versions of the snapshots table in Latin digits).
+  const arabic = await browser.newContext({ locale: 'ar-EG' });
+  const ar = await arabic.newPage();
+  await ar.goto(`${base}/ui/#/s/de`);
+  await ar.waitForFunction(() => (window as any).asgdCharts?.['metric:loss']?.data[0].length === 30);
+  await ar.waitForSelector('tr[data-snapshot]');
+  const texts = await ar.evaluate(() => [document.getElementById('hyper')?.textContent ?? '', document.getElementById('snapshots-table')?.textContent ?? '']);
+  assert.match(texts[0], /٠٫٥/, texts[0]);
+  for (const text of texts) assert.doesNotMatch(text.replace(/[A-Za-z_]\w*\d\w*/g, ''), /\d/, `Latin digits in ${text}`);
+  await arabic.close();
 });

@@ -2,7 +2,7 @@
 // window.asgdCharts under its key, so tests and the curious can read the data a chart holds (as drawn: the
 // values times drawScale, which is 1 unless one of them passes ±2.2e307).
 import uPlot from 'uplot';
-import { fmtNum, localDecimal, timeLabels } from './format.js';
+import { fmtNum, localNumber, timeLabels } from './format.js';
 
 const PALETTE = ['#2f6fde', '#d9534f', '#25a25a', '#e39b1b', '#8e44ad', '#16a2b8', '#6b7585', '#c0398b'];
 
@@ -100,8 +100,8 @@ export function tickLabels(splits, incr) {
   return splits.map((v) => {
     if (!Number.isFinite(v)) return String(v);
     if (Math.abs(v) < step * 1e-6) return '0';
-    if (compact) return localDecimal(v.toExponential(Math.min(20, Math.max(0, exponent + places))).replace('e+', 'e'));
-    return localDecimal(v.toFixed(Math.min(20, Math.max(0, places))));
+    if (compact) return localNumber(v.toExponential(Math.min(20, Math.max(0, exponent + places))).replace('e+', 'e'));
+    return localNumber(v.toFixed(Math.min(20, Math.max(0, places))));
   });
 }
 

@@ -6,10 +6,16 @@
  */
 const NUMBERS = new Intl.NumberFormat(undefined);
 const DECIMAL = NUMBERS.formatToParts(1.5).find((p) => p.type === 'decimal')?.value ?? '.';
+/** The locale's digits (Arabic-Indic in ar-EG: a review saw ١٬٧٠٣ beside 28٫4 written in Latin digits). */
+const DIGITS = Array.from({ length: 10 }, (_, d) => NUMBERS.format(d));
+const LATIN = DECIMAL === '.' && DIGITS.every((d, i) => d === String(i));
 
-/** A number's text as toFixed/toExponential write it, with the browser's decimal separator. @param {string} text */
-export function localDecimal(text) {
-  return DECIMAL === '.' ? text : text.replace('.', DECIMAL);
+/**
+ * A number's text as String/toFixed/toExponential write it ("-1.25e-7"), in the browser's digits and
+ * decimal separator, without grouping. @param {string} text
+ */
+export function localNumber(text) {
+  return LATIN ? text : text.replace(/[0-9.]/g, (c) => (c === '.' ? DECIMAL : DIGITS[Number(c)]));
 }
 
 /** @param {number | null | undefined} n */
@@ -18,8 +24,8 @@ export function fmtNum(n, digits = 4) {
   if (Number.isInteger(n) && Math.abs(n) < 1e15) return NUMBERS.format(n);
   const a = Math.abs(n);
   // toPrecision's text, not Number(it): 1.797e308 rounded to 4 digits is past the largest double (Infinity).
-  if (a !== 0 && (a < 1e-3 || a >= 1e6)) return localDecimal(n.toExponential(digits - 1).replace(/\.?0+e/, 'e'));
-  return localDecimal(Number(n.toPrecision(digits)).toString());
+  if (a !== 0 && (a < 1e-3 || a >= 1e6)) return localNumber(n.toExponential(digits - 1).replace(/\.?0+e/, 'e'));
+  return localNumber(Number(n.toPrecision(digits)).toString());
 }
 
 /**
@@ -44,7 +50,7 @@ export function fmtBytes(bytes) {
     v /= 1024;
     u++;
   }
-  return `${u === 0 ? v : v.toFixed(v < 10 ? 2 : 1)} ${units[u]}`;
+  return `${localNumber(u === 0 ? String(v) : v.toFixed(v < 10 ? 2 : 1))} ${units[u]}`;
 }
 
 /**

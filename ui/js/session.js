@@ -3,7 +3,7 @@
 // service without it, polling with If-None-Match) triggers a refresh of what changed, with no reload.
 import { api, ApiError, backoffMs, followEvents, getToken, isUnreachable, readSignal, sleep } from './api.js';
 import { Chart } from './charts.js';
-import { fmtAgo, fmtBytes, fmtNum, fmtWhen, h, roundCell, roundTitle, scrollBox } from './format.js';
+import { fmtAgo, fmtBytes, fmtNum, fmtWhen, h, localNumber, roundCell, roundTitle, scrollBox } from './format.js';
 import { changesOn, etaMu, hyperAt, lineage, MAX_POINTS, present, metricNames, RATE_LABEL, rawTailFrom, stepsLastMinute, stepsPerSecond, toPoint, withRawTail } from './series.js';
 import { snapshotsSection } from './snapshots.js';
 import { storedBytes } from './sessions.js';
@@ -143,8 +143,12 @@ export function sessionPage(root, name, who) {
     drawnKeys.add(spec.key);
     let c = charts.get(spec.key);
     if (!c || c.spec.series.length !== spec.series.length) {
+      // A chart made again (its lines changed: single steps read as buckets with min and max) takes the old
+      // one's place, not the end of the grid (a review: loss went below the norms while watched).
+      const place = c ? c.box.nextSibling : undefined;
       c?.destroy();
       c = new Chart(chartsEl, { ...spec, time: xMode === 'time' });
+      if (place !== undefined) chartsEl.insertBefore(c.box, place);
       charts.set(spec.key, c);
     }
     c.set(/** @type {any} */ (data), span, versions);
@@ -294,7 +298,7 @@ export function sessionPage(root, name, who) {
           scrollBox('Hyperparameter changes', h('table', { id: 'hyper-changes' },
             h('thead', {}, h('tr', {}, h('th', { className: 'num' }, 'step'), h('th', { className: 'num' }, 'version'), h('th', {}, 'when'), h('th', {}, 'by'), h('th', {}, 'groups after it'))),
             h('tbody', {}, ...recent.map((c) => h('tr', {},
-              h('td', { className: 'num' }, String(c.step)), h('td', { className: 'num' }, String(c.version)),
+              h('td', { className: 'num' }, localNumber(String(c.step))), h('td', { className: 'num' }, localNumber(String(c.version))),
               h('td', {}, fmtWhen(c.time)),
               h('td', { className: 'reason' }, (c.reason && REASONS[c.reason]) ?? c.reason ?? 'a step'),
               h('td', {}, c.param_groups.map((g, i) => `${i}: ${HYPER_KEYS.filter((k) => g[k] !== undefined).map((k) => `${k}=${typeof g[k] === 'number' ? fmtNum(g[k], 6) : g[k]}`).join(' ')}`).join(' | '))))))),
