@@ -151,6 +151,10 @@ test('the timeline\'s ticks and the charts have accessible names', { skip }, asy
   const tick = page.getByRole('button', { name: `snapshot ${pinned.id}: version ${pinned.version}, step ${pinned.step}, pinned` });
   assert.equal(await tick.count(), 1);
   assert.equal(await tick.getAttribute('aria-label'), `snapshot ${pinned.id}: version ${pinned.version}, step ${pinned.step}, pinned`);
+  // Enter on a tick takes the keyboard to its row (a review: the row scrolled into view, the focus stayed).
+  await tick.focus();
+  await page.keyboard.press('Enter');
+  await page.waitForFunction((id) => document.activeElement?.closest('tr')?.id === `snapshot-${id}`, pinned.id, { timeout: 5000 });
 
   // Each chart is an image named by its title and its latest values.
   await page.waitForFunction(() => (window as any).asgdCharts?.['metric:loss']?.data[0].length === 4);

@@ -99,7 +99,13 @@ export function snapshotsSection(root, name, admin, changed) {
       const first = g[0];
       const newest = g[g.length - 1];
       const pinned = g.filter((s) => s.pinned).length;
-      const scroll = () => document.getElementById(`snapshot-${newest.id}`)?.scrollIntoView({ block: 'center' });
+      // The row comes into view and the keyboard's focus goes to its first button (download, restore…): a
+      // keyboard user pressed Enter on the tick to reach that snapshot (a review: the focus stayed on the tick).
+      const scroll = () => {
+        const row = document.getElementById(`snapshot-${newest.id}`);
+        row?.scrollIntoView({ block: 'center' });
+        /** @type {HTMLElement | null | undefined} */ (row?.querySelector('a[href], button:not([disabled])'))?.focus({ preventScroll: true });
+      };
       if (g.length === 1) {
         const label = describe(first);
         return h('button', { className: `tick${first.pinned ? ' pinned' : ''}`, style: `left: ${within(x(first), TICK_PX)}px`, title: label, 'aria-label': label, 'data-snapshots': String(first.id), onclick: scroll });
