@@ -41,7 +41,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 
 from .client import Client, _step_extras, ensure_session
-from .errors import BaseVersionAhead, ConnectionFailed, DuplicateContribution, RoundPending, ServiceError, StaleGradient
+from .errors import BaseVersionAhead, ConnectionFailed, DuplicateContribution, RoundPending, ServiceError, SessionNotFound, StaleGradient
 from .http import DEFAULT_RETRY_BUDGET_S, Connection
 from .state import SessionState
 from .tensors import FLAG_KEYS, HYPERPARAMETER_KEYS, group_from_json, local_group_keys, plain_number, state_dict_to_torch
@@ -171,6 +171,21 @@ def _with_kinds(group: Dict[str, Any], ints: Any) -> Dict[str, Any]:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             group[k] = int(v) if k in ints and float(v).is_integer() else float(v)
     return group
+
+
+def _wrapper_hint(remote: List[str], local: List[str]) -> str:
+    """When the names differ by one prefix on every name (nn.Sequential's "0.", DDP's "module.", torch.compile's
+    "_orig_mod."), what to do (a review: the names were listed, the cause not said)."""
+    if len(remote) != len(local) or not remote:
+        return ""
+    for longer, shorter, whose in ((local, remote, "optimizer's"), (remote, local, "session's")):
+        prefix = longer[0][: len(longer[0]) - len(shorter[0])] if longer[0].endswith(shorter[0]) else ""
+        if prefix and sorted(longer) == sorted(prefix + n for n in shorter):
+            fix = ("give the optimizer the inner model's parameters (e.g. model.module.named_parameters(), "
+                   "model[0].named_parameters())" if whose == "optimizer's" else
+                   "the session was made from a wrapped model: wrap this model the same way, or make a session from it")
+            return f": every {whose} name carries the prefix {prefix!r} (a wrapper such as nn.Sequential, DistributedDataParallel or torch.compile); {fix}"
+    return ""
 
 
 def _given_as_other_type(value: Any) -> bool:
@@ -815,7 +830,8 @@ class RemoteASGD(torch.optim.Optimizer):
         remote = info["params"]
         remote_names = [p["name"] for p in remote]
         if sorted(remote_names) != sorted(self._names):
-            raise ValueError(f"session {self.session!r} has parameters {remote_names}, the optimizer has {self._names}")
+            raise ValueError(f"session {self.session!r} has parameters {remote_names}, the optimizer has {self._names}"
+                             f"{_wrapper_hint(remote_names, self._names)}")
         shapes = {p["name"]: list(p["shape"]) for p in remote}
         for n, p in zip(self._names, self._params):
             if shapes[n] != list(p.shape):
@@ -1012,6 +1028,18 @@ class RemoteASGD(torch.optim.Optimizer):
         worker's contribution to the round at the model's version and returns once the round has
         stepped (its answer, with ``round``, in ``last_step``).
         """
+        try:
+            return self._step(closure, metrics, samples, wait)
+        except SessionNotFound as err:
+            # What to do, besides what happened (a review: "session does not exist" mid-training said neither).
+            if hasattr(err, "add_note"):
+                err.add_note(f"session {self.session!r} was deleted (or expired after its expire_after_idle_s): its parameters and "
+                             f"optimizer state are gone from the service. Start it again from this model with "
+                             f"RemoteASGD(..., create=True), or from a checkpoint (upload_checkpoint) or a downloaded state_dict.")
+            raise
+
+    def _step(self, closure: Any, metrics: Optional[Mapping[str, float]], samples: Optional[int], wait: bool) -> Any:
+        """step() itself."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

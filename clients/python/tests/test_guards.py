@@ -79,6 +79,26 @@ class GroupKeysTheServiceDoesNotStore(ServiceTestCase):
 
 
 class ClearErrors(ServiceTestCase):
+    def test_a_wrapped_model_joining_a_session_of_the_inner_one_is_told_the_prefix(self):
+        # A review: the names were listed ("has parameters ['weight', 'bias'], the optimizer has ['0.weight',
+        # '0.bias']"), not the cause.
+        inner = nn.Linear(3, 2)
+        name = unique("wrapped")
+        self.remote(inner.named_parameters(), session=name)
+        with self.assertRaisesRegex(ValueError, r"every optimizer's name carries the prefix '0\.' .*inner model's parameters"):
+            self.remote(nn.Sequential(nn.Linear(3, 2)).named_parameters(), session=name, create=False)
+
+    def test_a_session_deleted_while_training_says_what_to_do(self):
+        from asgd_client import SessionNotFound
+
+        model = make_model()
+        opt = self.remote(model.named_parameters())
+        train(model, opt, range(2))
+        self.client().delete_session(opt.session)
+        with self.assertRaises(SessionNotFound) as caught:
+            train(model, opt, range(2, 3))
+        self.assertIn("was deleted (or expired after its expire_after_idle_s)", "\n".join(getattr(caught.exception, "__notes__", [])))
+
     def test_the_same_tensor_twice_in_a_group(self):
         p = nn.Parameter(torch.zeros(3))
         with self.assertRaisesRegex(ValueError, r"'p1' is the same tensor as 'p0'"):
