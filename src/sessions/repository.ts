@@ -315,7 +315,7 @@ export async function readHistory(
      ) h WHERE with_hyper <= $4 AND bytes_before < $5 ORDER BY version`,
     [sessionId, afterVersion, limit, withHyper, METRIC_BYTES_PER_PAGE],
   );
-  // More after this page: it is full, or was cut short by withHyper.
+  // More after this page: it is full, or was cut short by withHyper or by the bytes of its metrics.
   const fetched = rows.length ? Number(rows[0].fetched) : 0;
   return { points: rows.map(toHistory), more: fetched === limit || rows.length < fetched };
 }

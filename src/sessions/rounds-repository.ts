@@ -6,6 +6,7 @@ import type { Database, Queryable } from '../db/database.ts';
 import type { HyperDelta, RoundRecord } from '../db/schema.ts';
 import { errors } from '../errors.ts';
 import type { GradDtype } from './gradients.ts';
+import type { ContributedGradients } from './aggregation.ts';
 import type { SessionRecord } from './repository.ts';
 
 /** The open round of a session, as session answers show it. */
@@ -97,7 +98,6 @@ export async function insertContribution(db: Database, q: Queryable, sessionId: 
   );
 }
 
-/** The round's contributions with their gradients (read in binary), in ascending byte order of worker. */
 /** A contribution as its round's step needs it besides its gradients (readContributionGradients). */
 export type ContributionMeta = Omit<ContributionRow, 'grads' | 'gradDtype' | 'present'> & { ageSeconds: number };
 
@@ -128,14 +128,14 @@ export const GRADIENT_PAGE = 8;
  * review: 900 contributions of 1 MiB took a process from 319 MB to 1.2 GB). Read under the session's row
  * lock, which a contribution also takes: the round's rows do not change between pages.
  */
-export async function readContributionGradients(q: Queryable, sessionId: number, version: number, from: number): Promise<{ worker: string; present: number[]; grads: Buffer; gradDtype: GradDtype }[]> {
+export async function readContributionGradients(q: Queryable, sessionId: number, version: number, from: number): Promise<ContributedGradients[]> {
   const rows = await q.query<{ worker: string; present: number[]; grads: Buffer; grad_dtype: GradDtype | null }>(
     `SELECT worker, present, grads, grad_dtype FROM round_contributions
      WHERE session_id = $1 AND version = $2 ORDER BY worker COLLATE "C" LIMIT ${GRADIENT_PAGE} OFFSET $3`,
     [sessionId, version, from],
     { name: 'round_contribution_gradients_read', binary: { worker: 'text', present: 'jsonb', grads: 'bytea', grad_dtype: 'text' } },
   );
-  return rows.map(({ grad_dtype, ...row }) => ({ ...row, gradDtype: grad_dtype ?? 'float32' }));
+  return rows.map(({ grad_dtype, ...row }) => ({ ...row, dtype: grad_dtype ?? 'float32' }));
 }
 
 /** The round's step in the log: its combined gradient (float32), as an ordinary step computed at the round's version. */

@@ -236,8 +236,7 @@ export function createRoundService(options: RoundServiceOptions) {
     // The gradients a page at a time, added in that order as they come.
     const combiner = contributionCombiner(state);
     for (let from = 0; from < rows.length; from += store.GRADIENT_PAGE) {
-      const page = (await store.readContributionGradients(tx, session.id, session.version, from)).sort(byWorker);
-      combiner.add(page.map((r) => ({ worker: r.worker, present: r.present, grads: r.grads, dtype: r.gradDtype })));
+      combiner.add((await store.readContributionGradients(tx, session.id, session.version, from)).sort(byWorker));
     }
     const present = combiner.finish();
     const hyper = rows.find((r) => r.hyper !== null)?.hyper ?? null;

@@ -179,8 +179,7 @@ export async function downsampledSeries(
   return { points, downsampled: true, ...(rows.total > rows.keys.length && { metricsLeftOut: rows.total - rows.keys.length }) };
 
   function bucketPoint(r: Record<string, number | string | null>): SeriesPoint {
-    const lastOf = rows.at;
-    const last = lastOf.get(r.version as number)!;
+    const last = rows.at.get(r.version as number)!;
     const point: SeriesPoint = {
       version: r.version as number, step: last.step, time: new Date(last.created_at), staleness: r.staleness as number, values: {},
       versionFrom: r.version_from as number, count: r.count as number, stalenessMax: r.staleness_max as number, min: {}, max: {},
@@ -188,13 +187,7 @@ export async function downsampledSeries(
     rows.keys.forEach((key, k) => {
       const n = r[`n${k}`] as number;
       if (n === 0) return; // no step of this bucket reported it
-      const min = r[`min${k}`] as number;
-      const max = r[`max${k}`] as number;
-      const mean = ((r[`big${k}`] as number | null ?? 0) / n) * scale + (r[`small${k}`] as number | null ?? 0) / n;
-      // Within its bucket's range: the mean of equal values 1.7976931348623157e308 came out one ulp below their min (a review).
-      point.values[key] = Math.min(max, Math.max(min, mean));
-      point.min![key] = min;
-      point.max![key] = max;
+      setFigure(point, key, { n, min: r[`min${k}`] as number, max: r[`max${k}`] as number, big: r[`big${k}`] as number | null ?? 0, small: r[`small${k}`] as number | null ?? 0 }, scale);
     });
     return point;
   }
@@ -247,12 +240,20 @@ function runPoint(run: RawRow[], keys: readonly string[], scale: number): Series
       if (Math.abs(v) >= 1) big += v / scale;
       else small += v;
     }
-    if (n === 0) continue;
-    point.values[key] = Math.min(max, Math.max(min, (big / n) * scale + small / n));
-    point.min![key] = min;
-    point.max![key] = max;
+    if (n > 0) setFigure(point, key, { n, min, max, big, small }, scale);
   }
   return point;
+}
+
+/**
+ * A metric's figures in a point from the sums the mean is put together from (see downsampledSeries): the
+ * mean within the point's range (the mean of equal values 1.7976931348623157e308 came out one ulp below
+ * their min: a review), its min and max.
+ */
+function setFigure(point: SeriesPoint, key: string, f: { n: number; min: number; max: number; big: number; small: number }, scale: number): void {
+  point.values[key] = Math.min(f.max, Math.max(f.min, (f.big / f.n) * scale + f.small / f.n));
+  point.min![key] = f.min;
+  point.max![key] = f.max;
 }
 
 export interface HyperChange {

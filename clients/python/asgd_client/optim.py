@@ -161,14 +161,11 @@ def _session_value(key: str, value: Any, as_int: bool = False) -> Any:
     return float(value) if type(value) is int and not as_int else value
 
 
-_NUMERIC_KEYS = ("lr", "lambd", "alpha", "t0", "weight_decay")
-
-
 def _with_kinds(group: Dict[str, Any], ints: Any) -> Dict[str, Any]:
     """A session group's numbers in their kinds, as the session holds them (its ``int_hyperparameters``)."""
-    for k in _NUMERIC_KEYS:
+    for k in HYPERPARAMETER_KEYS:
         v = group.get(k)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):  # not maximize
             group[k] = int(v) if k in ints and float(v).is_integer() else float(v)
     return group
 

@@ -77,23 +77,15 @@ export function readNamedTensors(format: WireFormat, body: Buffer, field: string
   // name of a tied tensor whose first name is a parameter. In any other file (a dict of tensors, safetensors)
   // a name the session lacks is refused, as in JSON: it may be a parameter the session does not have (found
   // by a review: a layer added to the model was dropped without a word).
-  // A wrapper's names (DDP's "module.", torch.compile's "_orig_mod."): said before any dtype is read (a
-  // review: a DDP model's int64 num_batches_tracked was refused as "a buffer, not a parameter?", where the
-  // same state_dict without the prefix is taken).
-  if (sessionParams) {
-    const known = new Set(sessionParams);
-    const wrapped = [...tensors.keys()].find((name) => !known.has(name) && /^(module|_orig_mod)\./.test(name));
-    if (wrapped !== undefined) throw errors.unknownParameter(`${field}.${wrapped}`, wrapped);
-  }
+  // Either way a name the session lacks is refused before any dtype is read, naming what is missing (and a
+  // wrapper's prefix, DDP's "module.": errors.unknownParameter): reviews saw a DDP model's state_dict and a
+  // dict(model.state_dict()) without a parameter refused for an int64 buffer's dtype, "a buffer?".
   let leftOut = new Set<string>();
   if (sessionParams) {
     const tiedAgain = tiedAgainOf(aliases, sessionParams);
     const names = [...tensors.keys()].filter((name) => !tiedAgain(name));
     if (model?.metadata) leftOut = modelBuffers(names, sessionParams, field);
     else {
-      // A plain dict or safetensors: a name the session lacks, said before any dtype is read (a review:
-      // dict(model.state_dict()) without a parameter was refused for its int64 buffer's dtype, not naming
-      // what is missing).
       const known = new Set(sessionParams);
       const unknown = names.find((name) => !known.has(name));
       if (unknown !== undefined) throw unknownEntry(field, unknown, sessionParams.filter((name) => !tensors.has(name)));
