@@ -246,10 +246,11 @@ test('dashboard: a session with synchronous rounds shows its open round in the l
   await screenshot(page, 'sessions-rounds');
 
   // The session's page shows the open round too (found by a review: it showed nothing of it), with who
-  // contributed in its title, and follows it: contributions change the round, not the version.
+  // contributed, and follows it: contributions change the round, not the version.
   await page.goto(`${base}/ui/#/s/rounds-run`);
   await page.waitForSelector('[data-card=round]');
-  const round = () => page.$eval('[data-card=round]', (el) => ({ value: el.querySelector('b')?.textContent ?? '', label: el.querySelector('span')?.textContent ?? '', title: el.getAttribute('title') ?? '' }));
+  // The rule and who contributed are shown under the figure (a review: a tooltip is out of reach of keys and touch).
+  const round = () => page.$eval('[data-card=round]', (el) => ({ value: el.querySelector('b')?.textContent ?? '', label: el.querySelector('span')?.textContent ?? '', title: el.querySelector('small.detail')?.textContent ?? '' }));
   let shown = await round();
   assert.match(shown.value, /^2 of 3 · \d+ s$/);
   assert.equal(shown.label, 'open round');

@@ -211,15 +211,19 @@ export function roundCell(s) {
 }
 
 /**
- * What a session's rounds are set to and who is in the open one, for a title: "steps at 3 contributions or
- * 30 s (at least 2) · contributed: w0, w1 (96 samples)".
- * @param {any} s
+ * What a session's rounds are set to and who is in the open one, shown under the round's card: "steps at 3
+ * contributions or 30 s (at least 2) · contributed: w0, w1 (96 samples)".
+ * @param {any} s @param {number} [most] the workers named at most
  */
-export function roundTitle(s) {
+export function roundTitle(s, most = 12) {
   const a = s.aggregation;
   if (!a) return '';
   const at = [a.contributions ? `${a.contributions} contributions` : null, a.target_samples ? `${a.target_samples} samples` : null].filter(Boolean).join(' or ');
   const timeout = a.timeout_s ? ` or ${a.timeout_s} s${a.min_contributions ? ` (at least ${a.min_contributions})` : ''}` : '';
-  const workers = s.round?.workers?.length ? ` · contributed: ${s.round.workers.join(', ')}${s.round.samples !== null && s.round.samples !== undefined ? ` (${s.round.samples} samples)` : ''}` : ' · no contribution yet';
+  /** @type {string[]} */
+  const names = s.round?.workers ?? [];
+  // A round of up to 1,024 workers: the first names (by name) and how many more.
+  const listed = names.length > most ? `${names.slice(0, most).join(', ')} and ${names.length - most} more` : names.join(', ');
+  const workers = names.length ? ` · contributed: ${listed}${s.round.samples !== null && s.round.samples !== undefined ? ` (${s.round.samples} samples)` : ''}` : ' · no contribution yet';
   return `a round steps at ${at}${timeout}${workers}`;
 }

@@ -254,7 +254,11 @@ export function sessionPage(root, name, who) {
     // The same figure as the sessions list's: steps in the last minute ÷ 60.
     const rate = seriesAvailable ? stepsLastMinute(steps) : null;
     const about = 'approximate: the oldest of these steps were read as a bucket of several, some of which may be older than a minute';
-    const card = (/** @type {string} */ id, /** @type {string} */ label, /** @type {string} */ value, title = '') => h('div', { className: 'card', 'data-card': id, ...(title && { title }) }, h('b', {}, value), h('span', {}, label));
+    // A card's note (what ≈ means) is its tooltip and, for a screen reader, hidden text; the open round's
+    // rule and contributors are shown (a review: they were only a tooltip, out of reach of keys and touch).
+    const card = (/** @type {string} */ id, /** @type {string} */ label, /** @type {string} */ value, title = '', shown = false) =>
+      h('div', { className: 'card', 'data-card': id, ...(title && !shown && { title }) }, h('b', {}, value), h('span', {}, label),
+        title ? h('small', { className: shown ? 'detail' : 'visually-hidden' }, shown ? title : ` (${title})`) : null);
     cards.replaceChildren(...[
       card('step', 'step', fmtNum(session.step)),
       card('version', 'version', fmtNum(session.version)),
@@ -263,8 +267,8 @@ export function sessionPage(root, name, who) {
       card('staleness', 'staleness (last step)', last ? `${(last.count ?? 1) > 1 ? '≈' : ''}${fmtNum(last.staleness)}` : '—', (last?.count ?? 1) > 1 ? `the mean of the last ${last.count} steps (read as a bucket)` : ''),
       card('stored', 'stored', fmtBytes(storedBytes(session))),
       card('params', 'parameters', `${session.params.length} · ${fmtNum(session.numel)}`),
-      // Synchronous rounds: the open one (its contributions and age; who contributed in the title).
-      session.aggregation ? card('round', 'open round', roundCell(session), roundTitle(session)) : null,
+      // Synchronous rounds: the open one (its contributions and age; its rule and who contributed below them).
+      session.aggregation ? card('round', 'open round', roundCell(session), roundTitle(session), true) : null,
     ].filter((c) => c !== null));
   }
 
