@@ -151,23 +151,55 @@ test('the timeline\'s ticks and the charts have accessible names', { skip }, asy
   const tick = page.getByRole('button', { name: `snapshot ${pinned.id}: version ${pinned.version}, step ${pinned.step}, pinned` });
   assert.equal(await tick.count(), 1);
   assert.equal(await tick.getAttribute('aria-label'), `snapshot ${pinned.id}: version ${pinned.version}, step ${pinned.step}, pinned`);
+  // The timeline is one tab stop (the newest snapshot's tick), and the arrow keys, Home and End move along it
+  // (a review: one tab stop per snapshot).
+  const stops = () => page.$$eval('#timeline .tick', (els) => els.map((el) => [el.getAttribute('data-snapshots'), (el as HTMLElement).tabIndex]));
+  const ids = snapshots.map((s: any) => s.id).sort((a: number, b: number) => a - b).map(String);
+  assert.ok(ids.length >= 2, `${ids}`);
+  assert.deepEqual(await stops(), ids.map((id: string, i: number) => [id, i === ids.length - 1 ? 0 : -1]));
+  assert.equal(await page.getAttribute('#timeline', 'role'), 'toolbar');
+  await page.focus('#timeline .tick[tabindex="0"]');
+  await page.keyboard.press('Home');
+  assert.equal(await page.evaluate(() => document.activeElement?.getAttribute('data-snapshots')), ids[0]);
+  await page.keyboard.press('ArrowRight');
+  assert.equal(await page.evaluate(() => document.activeElement?.getAttribute('data-snapshots')), ids[1]);
+  assert.deepEqual(await stops(), ids.map((id: string, i: number) => [id, i === 1 ? 0 : -1]), 'the tab stop follows the keys');
+  await page.keyboard.press('End');
+  assert.equal(await page.evaluate(() => document.activeElement?.getAttribute('data-snapshots')), ids[ids.length - 1]);
   // Enter on a tick takes the keyboard to its row (a review: the row scrolled into view, the focus stayed).
   await tick.focus();
   await page.keyboard.press('Enter');
   await page.waitForFunction((id) => document.activeElement?.closest('tr')?.id === `snapshot-${id}`, pinned.id, { timeout: 5000 });
 
-  // Each chart is an image named by its title and its latest values.
+  // Each chart is a tab stop named by its title and its latest values.
   await page.waitForFunction(() => (window as any).asgdCharts?.['metric:loss']?.data[0].length === 4);
   const loss = page.locator('[data-chart="metric:loss"]');
-  assert.equal(await loss.getAttribute('role'), 'img');
+  assert.equal(await loss.getAttribute('role'), 'group');
+  assert.equal(await loss.getAttribute('aria-roledescription'), 'chart');
   assert.match(await loss.getAttribute('aria-label') ?? '', /^loss chart, 4 points; latest at step 4: loss 0\.875$/);
-  assert.equal(await page.getByRole('img', { name: /^loss chart/ }).count(), 1);
-  const charts = await page.$$eval('[data-chart]', (els) => els.map((el) => ({ key: (el as HTMLElement).dataset.chart, role: el.getAttribute('role'), label: el.getAttribute('aria-label') ?? '' })));
+  assert.equal(await page.getByRole('group', { name: /^loss chart/ }).count(), 1);
+  const charts = await page.$$eval('[data-chart]', (els) => els.map((el) => ({ key: (el as HTMLElement).dataset.chart, role: el.getAttribute('role'), label: el.getAttribute('aria-label') ?? '', tab: (el as HTMLElement).tabIndex })));
   assert.ok(charts.length >= 6, JSON.stringify(charts));
   for (const c of charts) {
-    assert.equal(c.role, 'img', `${c.key}`);
+    assert.equal(c.role, 'group', `${c.key}`);
+    assert.equal(c.tab, 0, `${c.key} is a tab stop`);
     assert.match(c.label, /chart, \d+ points?; latest at step \d+: /, `${c.key}: ${c.label}`);
   }
+  // Its points are read with the keys (a review: the values were for a mouse only): End the last, Left the
+  // one before, Home the first; the legend shows the point; Escape leaves it.
+  const said = () => loss.locator('[aria-live]').textContent();
+  const legend = () => loss.locator('.u-legend .u-series').nth(1).locator('.u-value').textContent();
+  await loss.focus();
+  await page.keyboard.press('End');
+  assert.equal(await said(), 'last point, at step 4: loss 0.875');
+  await page.keyboard.press('ArrowLeft');
+  assert.equal(await said(), 'at step 3: loss 1.25');
+  await page.waitForFunction(() => document.querySelector('[data-chart="metric:loss"] .u-legend .u-series:nth-child(2) .u-value')?.textContent === '1.25', undefined, { timeout: 5000 });
+  await page.keyboard.press('Home');
+  assert.equal(await said(), 'first point, at step 1: loss 2');
+  assert.equal(await legend(), '2');
+  await page.keyboard.press('Escape');
+  assert.equal(await said(), '');
 });
 
 test('snapshots close together on the timeline are told apart: no two ticks overlap, and every snapshot is named in one', { skip }, async (t) => {

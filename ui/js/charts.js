@@ -191,9 +191,22 @@ export class Chart {
     this.box = document.createElement('div');
     this.box.className = 'chart';
     this.box.dataset.chart = spec.key;
-    // A canvas says nothing to a screen reader: the box is an image named by the chart and its latest values.
-    this.box.setAttribute('role', 'img');
+    // A canvas says nothing to a screen reader: the box is a chart named by its title and latest values, and
+    // a tab stop: the arrow keys read its points one by one (the legend shows them; a live region says them),
+    // Home and End the first and last, Escape leaves the point (a review: a chart was only for a mouse).
+    this.box.setAttribute('role', 'group');
+    this.box.setAttribute('aria-roledescription', 'chart');
     this.box.setAttribute('aria-label', `${spec.title}: no data yet`);
+    this.box.setAttribute('aria-keyshortcuts', 'ArrowLeft ArrowRight Home End Escape');
+    this.box.tabIndex = 0;
+    /** The point the keys are at (an index into this.data), or -1. */
+    this.point = -1;
+    /** Says the point the keys are at. */
+    this.said = document.createElement('p');
+    this.said.className = 'visually-hidden';
+    this.said.setAttribute('aria-live', 'polite');
+    this.box.addEventListener('keydown', (e) => this.key(e));
+    this.box.addEventListener('blur', () => this.leavePoint());
     const title = document.createElement('h3');
     title.textContent = spec.title;
     this.box.append(title);
@@ -208,6 +221,7 @@ export class Chart {
     this.remark.className = 'note remark';
     this.remark.hidden = true;
     this.box.append(this.remark);
+    this.box.append(this.said);
     parent.append(this.box);
     /** @type {uPlot | null} */
     this.plot = null;
@@ -241,6 +255,10 @@ export class Chart {
     data = [data[0], ...data.slice(1).map((ys) => Array.from(ys, (v) => (v == null ? undefined : typeof v === 'number' && !Number.isFinite(v) ? null : v)))];
     this.remark.textContent = odd;
     this.remark.hidden = !odd;
+    // The keys' point stays at its step (or time) while new points arrive, or goes with it.
+    const kept = this.point >= 0 ? data[0].indexOf(this.data[0][this.point]) : -1;
+    if (this.point >= 0 && kept < 0) this.leavePoint();
+    this.point = kept;
     this.data = data;
     this.span = span;
     this.box.setAttribute('aria-label', this.describe(data, odd));
@@ -252,6 +270,8 @@ export class Chart {
     if (this.plot) {
       this.plot.setData(drawn);
       this.fitX();
+      // Where the point is drawn now (uPlot commits the new scales in a microtask).
+      if (this.point >= 0) requestAnimationFrame(() => this.placeCursor());
       return;
     }
     /**
@@ -347,6 +367,77 @@ export class Chart {
     // its scale still holds the range set before, and skipping an equal one let uPlot's win every other
     // redraw (a review: the norms charts' axis went [1, 60], [0, 120], [1, 60], ... on redraws of the same data).
     this.plot.setScale('x', { min: lo, max: hi });
+  }
+
+  /** The indexes of this.data's points where a line has a value (a step some metric of the chart reported). */
+  points() {
+    const lines = this.lines();
+    const out = [];
+    for (let j = 0; j < (this.data[0]?.length ?? 0); j++) if (lines.some((i) => this.data[i + 1]?.[j] !== undefined)) out.push(j);
+    return out;
+  }
+
+  /**
+   * The keys of a focused chart: Left and Right to the point before or after, Home and End to the first or
+   * last; Escape leaves it. The point is shown (uPlot's cursor and legend) and said.
+   * @param {KeyboardEvent} e
+   */
+  key(e) {
+    if (e.altKey || e.ctrlKey || e.metaKey) return;
+    if (e.key === 'Escape') {
+      if (this.point < 0) return;
+      this.leavePoint();
+      e.preventDefault();
+      return;
+    }
+    const moves = { ArrowLeft: -1, ArrowRight: 1, Home: -Infinity, End: Infinity };
+    if (!(e.key in moves)) return;
+    e.preventDefault();
+    const points = this.points();
+    if (points.length === 0) {
+      this.said.textContent = `${this.spec.title}: no data yet`;
+      return;
+    }
+    const move = moves[/** @type {keyof typeof moves} */ (e.key)];
+    let at = points.indexOf(this.point);
+    if (move === -Infinity) at = 0;
+    else if (move === Infinity || at < 0) at = points.length - 1;
+    else at = Math.max(0, Math.min(points.length - 1, at + move));
+    this.showPoint(points[at], at === 0 ? 'first point, ' : at === points.length - 1 ? 'last point, ' : '');
+  }
+
+  /** Shows and says the point at index j of this.data. @param {number} j @param {string} where */
+  showPoint(j, where) {
+    this.point = j;
+    const x = this.data[0][j];
+    const said = this.lines().map((i) => {
+      const v = this.data[i + 1]?.[j];
+      if (v === undefined) return null;
+      const band = this.spec.series[i].band ? this.data[i + 2]?.[j] : undefined;
+      const range = typeof band === 'number' ? ` (min ${fmtNum(band)}, max ${fmtNum(/** @type {number} */ (this.data[i + 3]?.[j]))})` : '';
+      return `${this.spec.series[i].label} ${v === null ? 'not finite' : fmtNum(v)}${range}`;
+    }).filter((t) => t !== null);
+    this.said.textContent = `${where}${this.at(x)}: ${said.join(', ')}`;
+    this.placeCursor();
+  }
+
+  /** uPlot's cursor (and so its legend) at the keys' point. */
+  placeCursor() {
+    const u = this.plot;
+    const j = this.point;
+    if (!u || j < 0) return;
+    const x = this.data[0][j];
+    const first = this.lines().map((i) => this.data[i + 1]?.[j]).find((v) => typeof v === 'number');
+    const top = typeof first === 'number' ? u.valToPos(first * this.scale, 'y') : u.over.clientHeight / 2;
+    u.setCursor({ left: u.valToPos(x, 'x'), top: Number.isFinite(top) ? top : u.over.clientHeight / 2 });
+  }
+
+  /** The keys leave their point: the cursor goes, the legend shows the latest values again. */
+  leavePoint() {
+    if (this.point < 0) return;
+    this.point = -1;
+    this.said.textContent = '';
+    this.plot?.setCursor({ left: -10, top: -10 });
   }
 
   /** The indices (in spec.series) of the lines, not of a band's min and max. */

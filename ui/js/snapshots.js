@@ -19,7 +19,29 @@ const describe = (s) => `snapshot ${s.id}: version ${s.version}, step ${s.step}$
  */
 export function snapshotsSection(root, name, admin, changed) {
   const base = `/v1/sessions/${encodeURIComponent(name)}`;
-  const timeline = h('div', { className: 'timeline', id: 'timeline', title: 'snapshots by version' });
+  // One tab stop (a review: a session of 20 snapshots took 20 presses of Tab to pass): the arrow keys, Home
+  // and End move along the ticks, Enter shows a tick's snapshot in the table.
+  const timeline = h('div', { className: 'timeline', id: 'timeline', title: 'snapshots by version', role: 'toolbar', 'aria-label': 'Snapshots by version' });
+  /** The snapshot whose tick (or group) is the timeline's tab stop: the one last focused, else the newest. @type {string | null} */
+  let current = null;
+  const ticks = () => /** @type {HTMLButtonElement[]} */ ([...timeline.querySelectorAll('button.tick')]);
+  timeline.addEventListener('focusin', (e) => {
+    const tick = /** @type {HTMLElement} */ (e.target).closest('button.tick');
+    if (!tick) return;
+    current = tick.getAttribute('data-snapshots')?.split(' ')[0] ?? null;
+    for (const t of ticks()) t.tabIndex = t === tick ? 0 : -1;
+  });
+  timeline.addEventListener('keydown', (e) => {
+    const moves = { ArrowLeft: -1, ArrowUp: -1, ArrowRight: 1, ArrowDown: 1, Home: -Infinity, End: Infinity };
+    if (!(e.key in moves) || e.altKey || e.ctrlKey || e.metaKey) return;
+    const all = ticks();
+    const at = all.indexOf(/** @type {HTMLButtonElement} */ (document.activeElement));
+    if (at < 0) return;
+    e.preventDefault();
+    const move = moves[/** @type {keyof typeof moves} */ (e.key)];
+    const to = move === -Infinity ? 0 : move === Infinity ? all.length - 1 : Math.max(0, Math.min(all.length - 1, at + move));
+    all[to].focus();
+  });
   const body = h('tbody');
   const status = h('span', { className: 'muted', id: 'snapshots-status', role: 'status' });
   const disabledNote = admin ? null : 'needs an admin token';
@@ -121,6 +143,9 @@ export function snapshotsSection(root, name, admin, changed) {
         onclick: scroll,
       }, String(g.length));
     })));
+    const all = ticks();
+    const stop = all.find((t) => current !== null && (t.getAttribute('data-snapshots') ?? '').split(' ').includes(current)) ?? all[all.length - 1];
+    for (const t of all) t.tabIndex = t === stop ? 0 : -1;
   }
 
   /** The snapshots the table shows (the rows do not depend on the session's version): not rebuilt while the same. */
