@@ -179,9 +179,14 @@ export const errors = {
     new ApiError('UNAUTHORIZED', message, undefined, {
       'www-authenticate': invalidToken ? 'Bearer realm="asgd-serve", error="invalid_token"' : 'Bearer realm="asgd-serve"',
     }),
-  forbidden: (message: string, scope?: string) =>
+  /**
+   * `scope`: the scope the token lacks; a token of that scope refused for its list of sessions is told so in
+   * `description` instead (RFC 6750's error_description: no quote or backslash), not asked for a scope it
+   * has (a review: an admin token limited to sessions was told scope="admin").
+   */
+  forbidden: (message: string, scope?: string, description?: string) =>
     new ApiError('FORBIDDEN', message, undefined, {
-      'www-authenticate': `Bearer realm="asgd-serve", error="insufficient_scope"${scope ? `, scope="${scope}"` : ''}`,
+      'www-authenticate': `Bearer realm="asgd-serve", error="insufficient_scope"${scope ? `, scope="${scope}"` : ''}${description ? `, error_description="${description}"` : ''}`,
     }),
   /** A cross-origin request from an origin not allowed: no Bearer challenge, no token would help (found by a review). */
   originNotAllowed: make('FORBIDDEN', (origin: string) => `Origin: ${JSON.stringify(origin.slice(0, 200))} is not one of the origins allowed to call this API (ASGD_CORS_ORIGINS)`),

@@ -67,10 +67,10 @@ function refusalOf(principal: Principal, need: RouteAccess, params: { name?: unk
     return errors.forbidden(`Authorization: this route needs a token with scope ${needed}; this token has scope ${principal.scope}`, needed);
   }
   if (principal.sessions !== null) {
-    if (need.allSessions) return errors.forbidden('Authorization: this route needs a token that is not limited to a list of sessions', needed);
+    if (need.allSessions) return errors.forbidden('Authorization: this route needs a token that is not limited to a list of sessions', undefined, 'this route needs a token not limited to a list of sessions');
     const name = params?.name;
     if (typeof name === 'string' && !principal.sessions.includes(name)) {
-      return errors.forbidden(`Authorization: this token may not touch session ${JSON.stringify(name.slice(0, 200))}`, needed);
+      return errors.forbidden(`Authorization: this token may not touch session ${JSON.stringify(name.slice(0, 200))}`, undefined, 'this token is limited to other sessions');
     }
   }
   return null;

@@ -261,8 +261,9 @@ export default fp(
         tags: ['operations'],
         response: {
           200: { description: 'Prometheus text exposition format 0.0.4', content: { 'text/plain': { schema: { type: 'string' } } } },
-          // 401/403 with ASGD_METRICS_REQUIRE_TOKEN; 403 HOST_NOT_ALLOWED with auth off (found by a review).
-          ...errorResponses(401, 403),
+          // 401/403 with ASGD_METRICS_REQUIRE_TOKEN; 403 HOST_NOT_ALLOWED with auth off (found by a review);
+          // 429 for an address over ASGD_RATE_LIMIT_PER_MINUTE with failed tokens (a review).
+          ...errorResponses(401, 403, 429),
         },
       },
     }, async (_request, reply) => {

@@ -80,7 +80,8 @@ const ERROR_DETAILS: Record<number, Json> = {
   409: {
     version: { type: 'integer', description: 'STALE_GRADIENT, BASE_VERSION_AHEAD, ROUND_OPEN, DUPLICATE_CONTRIBUTION: the session\'s current version (pull the parameters at it)' },
     staleness: { type: 'integer', description: 'STALE_GRADIENT: how many versions the gradient\'s base_version is behind' },
-    max_staleness: { type: 'integer', description: 'STALE_GRADIENT: the session\'s bound' },
+    max_staleness: { type: 'integer', nullable: true, description: 'STALE_GRADIENT: the session\'s bound (null: none; a gradient of a replaced state is refused whatever the bound)' },
+    replaced_at: { type: 'integer', description: 'STALE_GRADIENT of a gradient computed before the session\'s state was replaced (a restore, a load): the version at which it was' },
   },
   412: { version: { type: 'integer', description: 'The session\'s current version (as its ETag)' } },
 };
@@ -113,9 +114,9 @@ const HEADERS: Record<string, Json> = {
   'X-Session-Step': { description: 'The optimizer step count of the state answered', schema: { type: 'integer', minimum: 0 } },
   Location: { description: 'The new session\'s URL', schema: { type: 'string', example: '/v1/sessions/run-1' } },
   'Cache-Control': { description: 'no-store on every answer with an ETag (a session made again under a deleted one\'s name counts its versions from 1 again, and settings change without a new version) and on a new token\'s secret; no-cache for an event stream', schema: { type: 'string' } },
-  'Content-Disposition': { description: 'On a file answer (torch.save, safetensors): `attachment; filename="<session>-v<version>[-checkpoint].<pt|safetensors>"`', schema: { type: 'string' } },
+  'Content-Disposition': { description: 'On a file answer (torch.save, safetensors): `attachment; filename="<session>-v<version>[-checkpoint|-optimizer].<pt|safetensors>"` (`-checkpoint` for a checkpoint, `-optimizer` for a state_dict, nothing more for the parameters)', schema: { type: 'string' } },
   'Retry-After': { description: 'Seconds to wait before trying again', schema: { type: 'integer', minimum: 0 } },
-  'WWW-Authenticate': { description: 'Bearer realm="asgd-serve"; with error="invalid_token" when a bearer token was given and is unknown, revoked or malformed (401), error="insufficient_scope" and the scope needed (403)', schema: { type: 'string' } },
+  'WWW-Authenticate': { description: 'Bearer realm="asgd-serve"; with error="invalid_token" when a bearer token was given and is unknown, revoked or malformed (401), error="insufficient_scope" and the scope needed (403; a token refused for its list of sessions gets error_description instead of a scope)', schema: { type: 'string' } },
 };
 const VERSIONED = ['ETag', 'X-Session-Version', 'Cache-Control'];
 const STATE_FILE = [...VERSIONED, 'X-Session-Step', 'Content-Disposition'];
@@ -155,7 +156,7 @@ const headerRefs = (names: readonly string[]): Json =>
   Object.fromEntries(['X-Request-Id', ...names].map((n) => [n, { $ref: `#/components/headers/${n.replace(/-/g, '')}` }]));
 
 /** Statuses any operation may answer beyond those it lists, in the `default` response. */
-const OTHER_STATUSES = [405, 408, 414, 431, 500, 507];
+const OTHER_STATUSES = [405, 406, 408, 414, 431, 500, 507];
 
 export function finishDocument(doc: Json): Json {
   const schemas: Json = {};
@@ -210,7 +211,7 @@ export function finishDocument(doc: Json): Json {
     example: { statusCode: 405, code: 'METHOD_NOT_ALLOWED', error: 'Method Not Allowed', message: '/v1/sessions has no DELETE; it allows GET, HEAD, POST' },
   };
   responses.ErrorOther = {
-    description: 'A status the operation does not list: 405 (a method the path does not have; Allow lists those it has), 408 (the request was not received in time), ' +
+    description: 'A status the operation does not list: 405 (a method the path does not have; Allow lists those it has), 406 (an Accept that excludes JSON, to an operation that answers only JSON), 408 (the request was not received in time), ' +
       '414 (a path segment over 512 characters), 431 (request line and headers over 256 KiB), 500 (an unexpected failure; the log has the details), ' +
       '507 (a write on the embedded database, whose disk is nearly full: ASGD_MIN_FREE_BYTES; or on a database whose disk is full). The `code` is one of:\n\n' +
       otherCodes.map((c) => `- \`${c}\`: ${CODES[c].meaning}`).join('\n'),

@@ -731,8 +731,10 @@ export interface components {
             version?: number;
             /** @description STALE_GRADIENT: how many versions the gradient's base_version is behind */
             staleness?: number;
-            /** @description STALE_GRADIENT: the session's bound */
-            max_staleness?: number;
+            /** @description STALE_GRADIENT: the session's bound (null: none; a gradient of a replaced state is refused whatever the bound) */
+            max_staleness?: number | null;
+            /** @description STALE_GRADIENT of a gradient computed before the session's state was replaced (a restore, a load): the version at which it was */
+            replaced_at?: number;
         } & {
             [key: string]: unknown;
         };
@@ -869,9 +871,9 @@ export interface components {
          */
         ErrorOther: {
             /** @enum {integer} */
-            statusCode: 405 | 408 | 414 | 431 | 500 | 507;
+            statusCode: 405 | 406 | 408 | 414 | 431 | 500 | 507;
             /** @enum {string} */
-            code: "METHOD_NOT_ALLOWED" | "REQUEST_TIMEOUT" | "URI_TOO_LONG" | "HEADERS_TOO_LARGE" | "INTERNAL" | "INSUFFICIENT_STORAGE";
+            code: "METHOD_NOT_ALLOWED" | "NOT_ACCEPTABLE" | "REQUEST_TIMEOUT" | "URI_TOO_LONG" | "HEADERS_TOO_LARGE" | "INTERNAL" | "INSUFFICIENT_STORAGE";
             error: string;
             message: string;
         } & {
@@ -1439,9 +1441,10 @@ export interface components {
             };
         };
         /**
-         * @description A status the operation does not list: 405 (a method the path does not have; Allow lists those it has), 408 (the request was not received in time), 414 (a path segment over 512 characters), 431 (request line and headers over 256 KiB), 500 (an unexpected failure; the log has the details), 507 (a write on the embedded database, whose disk is nearly full: ASGD_MIN_FREE_BYTES; or on a database whose disk is full). The `code` is one of:
+         * @description A status the operation does not list: 405 (a method the path does not have; Allow lists those it has), 406 (an Accept that excludes JSON, to an operation that answers only JSON), 408 (the request was not received in time), 414 (a path segment over 512 characters), 431 (request line and headers over 256 KiB), 500 (an unexpected failure; the log has the details), 507 (a write on the embedded database, whose disk is nearly full: ASGD_MIN_FREE_BYTES; or on a database whose disk is full). The `code` is one of:
          *
          *     - `METHOD_NOT_ALLOWED`: The path exists but not with this method; Allow lists the methods it has
+         *     - `NOT_ACCEPTABLE`: No format this route offers is acceptable (Accept, ?format=, or JSON too large)
          *     - `REQUEST_TIMEOUT`: The request was not received in time
          *     - `URI_TOO_LONG`: A path segment is longer than the server reads
          *     - `HEADERS_TOO_LARGE`: The request headers are larger than the server accepts
@@ -1473,11 +1476,11 @@ export interface components {
         Location: string;
         /** @description no-store on every answer with an ETag (a session made again under a deleted one's name counts its versions from 1 again, and settings change without a new version) and on a new token's secret; no-cache for an event stream */
         CacheControl: string;
-        /** @description On a file answer (torch.save, safetensors): `attachment; filename="<session>-v<version>[-checkpoint].<pt|safetensors>"`. Sent on file answers (torch.save, safetensors) only */
+        /** @description On a file answer (torch.save, safetensors): `attachment; filename="<session>-v<version>[-checkpoint|-optimizer].<pt|safetensors>"` (`-checkpoint` for a checkpoint, `-optimizer` for a state_dict, nothing more for the parameters). Sent on file answers (torch.save, safetensors) only */
         ContentDisposition: string;
         /** @description Seconds to wait before trying again */
         RetryAfter: number;
-        /** @description Bearer realm="asgd-serve"; with error="invalid_token" when a bearer token was given and is unknown, revoked or malformed (401), error="insufficient_scope" and the scope needed (403). Sent on on 403, when the token's scope is too low */
+        /** @description Bearer realm="asgd-serve"; with error="invalid_token" when a bearer token was given and is unknown, revoked or malformed (401), error="insufficient_scope" and the scope needed (403; a token refused for its list of sessions gets error_description instead of a scope). Sent on on 403, when the token's scope is too low */
         WWWAuthenticate: string;
     };
     pathItems: never;
@@ -1505,6 +1508,7 @@ export interface operations {
             };
             401: components["responses"]["Error401"];
             403: components["responses"]["Error403"];
+            429: components["responses"]["Error429"];
             default: components["responses"]["ErrorOther"];
         };
     };
