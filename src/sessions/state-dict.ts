@@ -145,15 +145,17 @@ export function stateDictJson(view: StateView): { state: Record<string, unknown>
 }
 
 /** A group for a state_dict's JSON (the JSON form, a safetensors file's param_groups): numbers of their kinds. */
-export const groupWithKinds = (g: GroupSpec): Record<string, unknown> => floatsAsFloats(publicGroup(g), g.int_keys ?? []);
+export const groupWithKinds = (g: GroupSpec): Record<string, unknown> => floatsAsFloats(publicGroup(g), g.int_keys ?? [], Object.keys(g.extra ?? {}));
 
 /**
- * A group for JSON.stringify with its whole float hyperparameters written as floats (`1000000.0`, not
- * `1000000`): read back (a JSON state_dict loaded again, Python's json) they stay floats, as torch has them;
- * the int ones (int_keys) are written as integers.
+ * A group for JSON.stringify with its whole float hyperparameters, and whole float extra keys (an LR
+ * scheduler's `initial_lr` 1.0), written as floats (`1000000.0`, not `1000000`): read back (a JSON
+ * state_dict loaded again, Python's json) they stay floats, as torch has them (a review: `initial_lr` came
+ * back an int, and torch 1.13 then made a step's `eta` an int64 tensor); the int ones (int_keys) are
+ * written as integers.
  */
-function floatsAsFloats(group: Record<string, unknown>, intKeys: readonly string[]): Record<string, unknown> {
-  for (const key of ASGD_NUMERIC_KEYS) {
+function floatsAsFloats(group: Record<string, unknown>, intKeys: readonly string[], extraKeys: readonly string[]): Record<string, unknown> {
+  for (const key of [...ASGD_NUMERIC_KEYS, ...extraKeys]) {
     const value = group[key];
     if (typeof value === 'number' && Number.isInteger(value) && Math.abs(value) < 1e21 && !intKeys.includes(key)) group[key] = rawJson(`${value}.0`);
   }

@@ -557,6 +557,31 @@ test('a JSON state_dict\'s extra group keys written as integers stay ints in the
   assert.equal(group.get('scale'), 2.5);
 });
 
+test('a whole float extra group key (an LR scheduler\'s initial_lr 1.0) stays a float through JSON and safetensors and back into a .pt file', async (t) => {
+  const { app } = await buildTestApp(t);
+  await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'f', params, hyperparameters: defaults } });
+  const sd = readTorchSave((await app.inject({ url: '/v1/sessions/f/state_dict?format=pt' })).rawPayload) as PyDict;
+  const group = (sd.get('param_groups') as PyDict[])[0];
+  group.set('initial_lr', 1); // a float in the pickle (an int is a bigint here)
+  group.set('last_epoch', 3n);
+  const pt = { 'content-type': 'application/octet-stream' };
+  assert.equal((await app.inject({ method: 'PUT', url: '/v1/sessions/f/state_dict', headers: pt, payload: torchSaveToBuffer(sd) })).statusCode, 200);
+  const kinds = async () => {
+    const g = ((readTorchSave((await app.inject({ url: '/v1/sessions/f/state_dict?format=pt' })).rawPayload) as PyDict).get('param_groups') as PyDict[])[0];
+    return [typeof g.get('initial_lr'), typeof g.get('last_epoch')];
+  };
+  assert.deepEqual(await kinds(), ['number', 'bigint']);
+  // JSON writes it 1.0 (a review: 1, which loaded back as an int, and torch 1.13 then steps eta as int64).
+  const json = await app.inject({ url: '/v1/sessions/f/state_dict' });
+  assert.match(json.body, /"initial_lr":1\.0[,}]/);
+  assert.match(json.body, /"last_epoch":3[,}]/);
+  assert.equal((await app.inject({ method: 'PUT', url: '/v1/sessions/f/state_dict', headers: { 'content-type': 'application/json' }, payload: json.body })).statusCode, 200);
+  assert.deepEqual(await kinds(), ['number', 'bigint'], 'through JSON');
+  const st = await app.inject({ url: '/v1/sessions/f/state_dict?format=safetensors' });
+  assert.equal((await app.inject({ method: 'PUT', url: '/v1/sessions/f/state_dict', headers: { 'content-type': 'application/x-safetensors' }, payload: st.rawPayload })).statusCode, 200);
+  assert.deepEqual(await kinds(), ['number', 'bigint'], 'through safetensors');
+});
+
 test('state under an id no group lists is checked, then left out, whatever its size, as no parameter would use it (torch keeps it)', async (t) => {
   const app = await setup(t);
   assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/sd/step', payload: { grads: grads(0) } })).statusCode, 200);
