@@ -57,6 +57,7 @@ export const FLAGS: Flag[] = [
   { env: 'ASGD_KEEP_LOG_BYTES', value: 'bytes', help: 'default byte bound on a new session\'s step log (default 4 GiB; 0 or none = no bound)' },
   { env: 'ASGD_EXPIRE_AFTER_IDLE_S', value: 's', help: 'default: delete a new session after this many idle seconds (unset = never)' },
   { env: 'ASGD_SWEEP_INTERVAL_MS', value: 'ms', help: 'how often to look for idle sessions to delete (default 60000; 0 = never)' },
+  { env: 'ASGD_VACUUM_INTERVAL_MS', value: 'ms', help: 'embedded database: how often tables with many dead rows are vacuumed (default 60000; 0 = never)' },
   { env: 'ASGD_IDEMPOTENCY_WINDOW_SECONDS', value: 's', help: 'how long Idempotency-Key answers are kept (default 86400)' },
   { env: 'ASGD_STEP_LINGER_US', value: 'us', help: 'how long a batch of steps may wait for clients about to step again (default 2000; 0 = never)' },
   { env: 'ASGD_WORKER_ORDER_WAIT_MS', value: 'ms', help: 'how long a step that names its worker waits at most for that worker\'s earlier steps (default 2000; 0 = no ordering)' },

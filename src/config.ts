@@ -2,6 +2,7 @@
 // The CLI (src/cli.ts) maps its flags onto the same names.
 
 import { isIP } from 'node:net';
+import { VACUUM_INTERVAL_MS } from './db/vacuum.ts';
 import { KERNEL_CHOICES, type KernelChoice } from './optim/index.ts';
 import { SETTING_LIMITS } from './sessions/spec.ts';
 
@@ -54,6 +55,8 @@ export interface Config {
   defaultExpireAfterIdleS: number | null;
   /** How often this process runs the idle-session sweep (0 = never; one replica at a time does it). */
   sweepIntervalMs: number;
+  /** Embedded database: how often tables with many dead rows are vacuumed (src/db/vacuum.ts); 0 = never. */
+  vacuumIntervalMs: number;
   idempotencyWindowSeconds: number;
   /** How long a batch of steps may wait for clients that usually step again sooner (sessions/linger.ts); 0 = never. */
   stepLingerUs: number;
@@ -335,6 +338,7 @@ export function loadConfig(env: Env = process.env): Config {
     defaultKeepLogBytes: /^\s*(none|0)\s*$/i.test(env.ASGD_KEEP_LOG_BYTES ?? '') ? null : int(env, 'ASGD_KEEP_LOG_BYTES', 4096 * MiB, 1, SETTING_LIMITS.keep_log_bytes),
     defaultExpireAfterIdleS: env.ASGD_EXPIRE_AFTER_IDLE_S?.trim() ? int(env, 'ASGD_EXPIRE_AFTER_IDLE_S', 0, 1, SETTING_LIMITS.expire_after_idle_s) : null,
     sweepIntervalMs: ms(env, 'ASGD_SWEEP_INTERVAL_MS', 60_000, 0),
+    vacuumIntervalMs: ms(env, 'ASGD_VACUUM_INTERVAL_MS', VACUUM_INTERVAL_MS, 0),
     // At most ten years: PostgreSQL's now() - interval leaves the timestamp range past ~2e11 s, and every
     // retry of a keyed step then failed.
     idempotencyWindowSeconds: int(env, 'ASGD_IDEMPOTENCY_WINDOW_SECONDS', 86_400, 1, MAX_IDEMPOTENCY_WINDOW_S),

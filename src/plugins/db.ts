@@ -10,6 +10,7 @@ import type { Config } from '../config.ts';
 import { describeDbFailure } from '../db/errors.ts';
 import { databaseTarget, untilConnected } from '../db/wait.ts';
 import { diskRoom, type DiskRoom, type DiskShort } from '../db/disk-room.ts';
+import { vacuumDue } from '../db/vacuum.ts';
 import { errors } from '../errors.ts';
 import { hasKeyAnswer } from '../sessions/repository.ts';
 
@@ -153,7 +154,29 @@ export default fp(
         });
       });
     }
-    if (!opts.database) fastify.addHook('onClose', async () => db.close());
+    let stopVacuum = async (): Promise<void> => {};
+    if (db.kind === 'pglite' && opts.config.vacuumIntervalMs > 0) {
+      // No autovacuum in the embedded database: the service vacuums what its deletes left (src/db/vacuum.ts).
+      let running: Promise<void> | null = null;
+      const timer = setInterval(() => {
+        if (running) return;
+        running = vacuumDue(db)
+          .then(({ tables, ms }) => {
+            if (tables.length) fastify.log.debug({ tables, ms }, 'vacuumed the embedded database\'s tables with many dead rows');
+          })
+          .catch((err) => fastify.log.warn({ err }, 'vacuuming the embedded database failed'))
+          .finally(() => { running = null; });
+      }, opts.config.vacuumIntervalMs);
+      timer.unref();
+      stopVacuum = async () => {
+        clearInterval(timer);
+        await running;
+      };
+    }
+    fastify.addHook('onClose', async () => {
+      await stopVacuum();
+      if (!opts.database) await db.close();
+    });
   },
   { name: 'db' },
 );
