@@ -248,8 +248,8 @@ export const errors = {
   // 429/503
   rateLimited: (limit: number, retryAfterSeconds: number) =>
     new ApiError('RATE_LIMITED', `more than ${limit} requests a minute; retry in ${retryAfterSeconds} s`, undefined, { 'retry-after': String(retryAfterSeconds) }),
-  insufficientStorage: (what: string, short: { free: number; needed: number; dir: string }, measure = 'twice the body') =>
-    new ApiError('INSUFFICIENT_STORAGE', `${what}: the disk of the embedded database (ASGD_DATA_DIR ${short.dir}) has ${short.free} bytes free, below the ${short.needed} this write needs (ASGD_MIN_FREE_BYTES and ${measure}); free space or grow the volume`, undefined, { 'retry-after': '60' }),
+  insufficientStorage: (what: string, short: { free: number; needed: number; dir: string }, measure = 'ASGD_MIN_FREE_BYTES and twice the body') =>
+    new ApiError('INSUFFICIENT_STORAGE', `${what}: the disk of the embedded database (ASGD_DATA_DIR ${short.dir}) has ${short.free} bytes free, below the ${short.needed} this write needs (${measure}); free space or grow the volume`, undefined, { 'retry-after': '60' }),
   diskFull: () =>
     new ApiError('INSUFFICIENT_STORAGE', 'the database\'s disk is full (SQLSTATE 53100): nothing of this request was committed; free space or grow the volume, then send it again', undefined, { 'retry-after': '60' }),
   unavailable: (message: string, retryAfterSeconds = 1) =>

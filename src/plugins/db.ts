@@ -12,7 +12,8 @@ import { databaseTarget, untilConnected } from '../db/wait.ts';
 import { diskRoom, type DiskRoom, type DiskShort } from '../db/disk-room.ts';
 import { vacuumDue } from '../db/vacuum.ts';
 import { errors } from '../errors.ts';
-import { hasKeyAnswer } from '../sessions/repository.ts';
+import { findSession, hasKeyAnswer } from '../sessions/repository.ts';
+import { sessionStorage } from '../sessions/storage.ts';
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -48,6 +49,16 @@ export interface DbPluginOptions {
   /** Use this database instead of opening one (tests share one). */
   database?: Database;
 }
+
+/** A session's stored bytes (0 when it does not exist). */
+async function storedBytes(db: Database, name: unknown): Promise<number> {
+  if (typeof name !== 'string') return 0;
+  const session = await findSession(db, name);
+  return session ? ((await sessionStorage(db, session.id))?.total_bytes ?? 0) : 0;
+}
+
+/** PATCHes that write a row, not a state: a session's settings, a snapshot's pin. */
+const SMALL_PATCH_ROUTES = new Set(['/v1/sessions/:name', '/v1/sessions/:name/snapshots/:id']);
 
 /** The largest body read to its end before a 507 (a bigger one is answered at once, and its connection closed). */
 const DRAIN_LIMIT_BYTES = 64 * 1024 * 1024;
@@ -118,11 +129,21 @@ export default fp(
       // Before the body is read, after auth (onRequest): a caller without a token learns nothing of the disk.
       fastify.addHook('preParsing', async (request, _reply, payload) => {
         if (request.method === 'GET' || request.method === 'HEAD' || request.method === 'OPTIONS') return;
-        const refusal = (short: DiskShort) => errors.insufficientStorage(`${request.method} ${request.url.split('?', 1)[0]}`, short);
+        const refusal = (short: DiskShort) => errors.insufficientStorage(`${request.method} ${request.url.split('?', 1)[0]}`, short,
+          request.method === 'DELETE' && request.routeOptions.url === '/v1/sessions/:name' ? 'half of ASGD_MIN_FREE_BYTES and the session\'s stored bytes: a delete writes WAL for every page it empties'
+            : request.method === 'DELETE' || (request.method === 'PATCH' && SMALL_PATCH_ROUTES.has(request.routeOptions.url ?? '')) ? 'half of ASGD_MIN_FREE_BYTES, for a small write' : undefined);
         const declared = request.headers['content-length'] !== undefined && request.headers['transfer-encoding'] === undefined;
         const body = declared ? Number(request.headers['content-length']) || 0 : 0;
         // The body is logged (a gradient) or written as a state, and a snapshot may follow: twice its size.
-        const short = room(2 * body);
+        // What frees space or writes a few bytes needs only half the floor: a DELETE (a session with its
+        // log and snapshots, a token's revocation), a settings PATCH (lower keep_snapshots) or a pin's
+        // (an operator's review: with the disk low, nothing could be deleted and no token revoked).
+        // A session's DELETE writes WAL for every page it empties (up to the session's bytes, in full-page
+        // images after a checkpoint): it needs that room besides, or PGlite could be left without any.
+        const route = request.routeOptions.url ?? '';
+        const small = request.method === 'DELETE' || (request.method === 'PATCH' && SMALL_PATCH_ROUTES.has(route));
+        const deleted = request.method === 'DELETE' && route === '/v1/sessions/:name' ? await storedBytes(db, (request.params as { name?: unknown }).name) : 0;
+        const short = room(small ? deleted - Math.floor(opts.config.minFreeBytes / 2) : 2 * body);
         if ((short || !declared) && (await answeredUnderKey(db, opts.config.idempotencyWindowSeconds, keyMarginSeconds, request))) return;
         if (short) {
           // The body is read and dropped (nothing of it is written) so that a client sending it whole before it
@@ -130,7 +151,8 @@ export default fp(
           if (body > 0 && body <= DRAIN_LIMIT_BYTES && !/100-continue/i.test(String(request.headers.expect ?? ''))) await drained(payload);
           throw refusal(short);
         }
-        if (declared) return;
+        // A small write's body is bounded by its route (ASGD_BODY_LIMIT_DEFAULT): not measured as it comes.
+        if (declared || small) return;
         // A body of no declared length (chunked) is measured as it arrives (the room looked at every
         // ROOM_CHECK_BYTES and at its end): once twice what has come exceeds the room, the rest is read and
         // dropped, as above, and the 507 answered at its end; past DRAIN_LIMIT_BYTES it is answered at once.

@@ -95,7 +95,7 @@ export function createSnapshotWriter(ctx: SessionContext) {
   async function write(q: Queryable, sessionId: number, meta: SnapshotMeta, parts: readonly Buffer[], reason: string, pinned = false): Promise<SnapshotRecord | null> {
     const short = roomShort(ctx, parts);
     // A snapshot already at this version (a manual one asked for again, to pin it) writes no state.
-    if (short && (await repo.snapshotVersion(q, sessionId, 'max')) !== meta.version) throw errors.insufficientStorage(`writing the session's whole state (${reason})`, short, 'twice the state written, its table and its WAL');
+    if (short && (await repo.snapshotVersion(q, sessionId, 'max')) !== meta.version) throw errors.insufficientStorage(`writing the session's whole state (${reason})`, short, 'ASGD_MIN_FREE_BYTES and twice the state written, its table and its WAL');
     const { chunks, checksum } = await chunked(meta, parts);
     const snapshot = await repo.insertSnapshot(db, q, { sessionId, version: meta.version, step: meta.step, reason, pinned, groups: meta.groups, scalars: meta.scalars, checksum }, chunks);
     if (snapshot) await dropReplayPointsBelow(q, sessionId, meta.version);
