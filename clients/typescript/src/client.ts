@@ -44,12 +44,39 @@ export interface ChangeOptions {
    * so a step another worker made meanwhile is not undone.
    */
   idempotencyKey?: string;
+  /**
+   * Ends the call (its retries) when aborted: it rejects with the signal's reason. A change whose request
+   * went out may have been made: send it again with the same `idempotencyKey` to know (made once).
+   */
+  signal?: AbortSignal;
+  /** This call's retry budget in milliseconds (default: the client's `retryBudgetMs`). */
+  retryBudgetMs?: number;
 }
 
-const changeHeaders = (options: ChangeOptions) => ({
-  'if-match': options.ifMatch === undefined ? undefined : etag(options.ifMatch),
-  'idempotency-key': options.idempotencyKey ?? newIdempotencyKey(),
+/** What every request of one call carries: the caller's signal and the call's retry budget. */
+interface CallOptions {
+  signal?: AbortSignal;
+  retryBudgetMs?: number;
+}
+
+/** A change's Exchange fields: If-Match, its Idempotency-Key, the caller's signal and budget. */
+const changeOf = (options: ChangeOptions) => ({
+  headers: {
+    'if-match': options.ifMatch === undefined ? undefined : etag(options.ifMatch),
+    'idempotency-key': options.idempotencyKey ?? newIdempotencyKey(),
+  },
+  signal: options.signal,
+  retryBudgetMs: options.retryBudgetMs,
 });
+
+/**
+ * The budget of a call that may make more than one request (a read of the parameters' shapes for flat
+ * gradients, then the step): what is left of it, in milliseconds, each time it is asked.
+ */
+function budgetOf(budgetMs: number): () => number {
+  const began = Date.now();
+  return () => Math.max(0, budgetMs - (Date.now() - began));
+}
 
 function isSafetensors(answer: Answer): boolean {
   return (answer.headers.get('content-type') ?? '').startsWith(SAFETENSORS);
@@ -136,8 +163,8 @@ export class ASGDClient {
     }
   }
 
-  async getSession(name: string): Promise<Session> {
-    const session = (await this.http.json<Session>({ method: 'GET', path: sessionPath(name), repeatable: true })).value;
+  async getSession(name: string, options: CallOptions = {}): Promise<Session> {
+    const session = (await this.http.json<Session>({ method: 'GET', path: sessionPath(name), repeatable: true, signal: options.signal, retryBudgetMs: options.retryBudgetMs })).value;
     this.remember(session);
     return session;
   }
@@ -158,7 +185,7 @@ export class ASGDClient {
    * snapshot is taken. Values the session has already: no new version.
    */
   async setHyperparameters(name: string, paramGroups: GroupHyperparameters[], options: ChangeOptions = {}): Promise<Session> {
-    return (await this.http.json<Session>({ method: 'PATCH', path: `${sessionPath(name)}/param_groups`, json: { param_groups: paramGroups }, headers: changeHeaders(options), repeatable: true })).value;
+    return (await this.http.json<Session>({ method: 'PATCH', path: `${sessionPath(name)}/param_groups`, json: { param_groups: paramGroups }, ...changeOf(options), repeatable: true })).value;
   }
 
   async deleteSession(name: string, options: { ifMatch?: number } = {}): Promise<void> {
@@ -183,7 +210,11 @@ export class ASGDClient {
    * request goes again with the same key: the contribution counts once.
    */
   async step(name: string, grads: Gradients, options: StepOptions = {}): Promise<StepResult> {
-    return this.withShapesReadAgain(name, grads, options.format === 'json', () => this.stepOnce(name, grads, options));
+    // One budget (and the caller's signal) for the whole call: the read of the shapes that flat gradients
+    // need goes first and takes its time from it (found by a review: that read had neither, and a step given
+    // AbortSignal.timeout(700) against a stalled service ran 72 s and failed naming a GET it never made).
+    const left = budgetOf(options.retryBudgetMs ?? this.http.retryBudgetMs);
+    return this.withShapesReadAgain(name, grads, options.format === 'json', () => this.stepOnce(name, grads, options, left));
   }
 
   /**
@@ -206,7 +237,7 @@ export class ASGDClient {
     }
   }
 
-  private async stepOnce(name: string, grads: Gradients, options: StepOptions): Promise<StepResult> {
+  private async stepOnce(name: string, grads: Gradients, options: StepOptions, left: () => number): Promise<StepResult> {
     if (grads === null || typeof grads !== 'object' || Array.isArray(grads)) {
       throw new TypeError('grads: must be an object mapping parameter names to gradients (Float32Array, number[] or {shape, data})');
     }
@@ -225,7 +256,6 @@ export class ASGDClient {
       query: { return: ret === 'none' ? undefined : ret, wait: options.wait },
       headers: { 'idempotency-key': key, 'if-match': options.ifMatch === undefined ? undefined : etag(options.ifMatch) },
       repeatable: key !== undefined,
-      retryBudgetMs: options.retryBudgetMs,
       signal: options.signal,
     };
     if ((options.format ?? 'safetensors') === 'json') {
@@ -243,7 +273,7 @@ export class ASGDClient {
       if (options.metrics) metadata.metrics = JSON.stringify(options.metrics);
       // The round's fields in the query, beside base_version: the file's metadata holds JSON only.
       Object.assign(x.query!, { base_version: options.baseVersion, worker: options.worker, samples: options.samples });
-      const shaped = await this.shaped(name, grads);
+      const shaped = await this.shaped(name, grads, { signal: options.signal, retryBudgetMs: left() });
       const dtype = options.dtype ?? 'F32';
       // Plain JavaScript can pass anything: said here, not as the service's shape error about the bytes.
       if (!['F32', 'F16', 'BF16'].includes(dtype)) throw new RangeError(`dtype: ${JSON.stringify(dtype)} is not a gradient dtype (F32, F16 or BF16)`);
@@ -255,6 +285,8 @@ export class ASGDClient {
       x.contentType = SAFETENSORS;
       x.accept = ret === 'none' ? 'application/json' : `${SAFETENSORS}, application/json;q=0.5`;
     }
+    // What the read of the shapes left of the budget (each attempt's own retries; a round's re-POSTs each have it).
+    x.retryBudgetMs = left();
     const started = Date.now();
     let attempts = 0;
     for (;;) {
@@ -277,7 +309,7 @@ export class ASGDClient {
   }
 
   /** Gradients with their shapes: flat arrays take the parameter's shape from the session (fetched once, again when a length differs). */
-  private async shaped(name: string, grads: Gradients): Promise<Record<string, Tensor>> {
+  private async shaped(name: string, grads: Gradients, call: CallOptions): Promise<Record<string, Tensor>> {
     const out: Record<string, Tensor> = {};
     for (const [param, g] of Object.entries(grads)) {
       const problem = tensorProblem(g, `grads.${param}`, true);
@@ -288,7 +320,7 @@ export class ASGDClient {
       }
       let shape = this.shapes.get(name)?.get(param);
       // Unknown, or of another size: the session may have been replaced (by another client) since it was read.
-      if (!shape || shape.reduce((a, b) => a * b, 1) !== g.length) shape = this.remember(await this.getSession(name)).get(param);
+      if (!shape || shape.reduce((a, b) => a * b, 1) !== g.length) shape = this.remember(await this.getSession(name, call)).get(param);
       out[param] = { shape: shape ?? [g.length], data: asFloat32(g) };
     }
     return out;
@@ -488,14 +520,16 @@ export class ASGDClient {
    */
   async loadParams(name: string, tensors: Record<string, TensorLike>, options: ChangeOptions & { format?: 'safetensors' | 'json' } = {}): Promise<Session> {
     const path = `${sessionPath(name)}/params`;
-    const headers = changeHeaders(options);
+    const change = changeOf(options);
+    // One budget for the call, as a step's: the read of the shapes for flat data takes from it.
+    const left = budgetOf(options.retryBudgetMs ?? this.http.retryBudgetMs);
     // JSON too takes the shapes read (it sends {shape, data}).
     return this.withShapesReadAgain(name, tensors, false, async () => {
-      const shaped = await this.shaped(name, tensors);
+      const shaped = await this.shaped(name, tensors, { signal: options.signal, retryBudgetMs: left() });
       const body: Partial<Exchange> = options.format === 'json'
         ? { json: { params: Object.fromEntries(Object.entries(shaped).map(([param, t]) => [param, { shape: t.shape, data: toJsonData(t.data) }])) } }
         : { bytes: encodeSafetensors(shaped), contentType: SAFETENSORS };
-      return (await this.http.json<Session>({ method: 'PUT', path, headers, repeatable: true, ...body })).value;
+      return (await this.http.json<Session>({ method: 'PUT', path, ...change, retryBudgetMs: left(), repeatable: true, ...body })).value;
     });
   }
 
@@ -510,7 +544,7 @@ export class ASGDClient {
 
   private async put(path: string, value: StateDictJson | Uint8Array, options: ChangeOptions & { format?: 'pt' | 'safetensors' }): Promise<Session> {
     const body: Partial<Exchange> = value instanceof Uint8Array ? { bytes: value, contentType: options.format === 'safetensors' ? SAFETENSORS : TORCH } : { json: value };
-    return (await this.http.json<Session>({ method: 'PUT', path, headers: changeHeaders(options), repeatable: true, ...body })).value;
+    return (await this.http.json<Session>({ method: 'PUT', path, ...changeOf(options), repeatable: true, ...body })).value;
   }
 
   // ---- snapshots -------------------------------------------------------------------------------------
@@ -550,7 +584,7 @@ export class ASGDClient {
 
   /** Rolls the session back to a snapshot, as a new version. */
   async restoreSnapshot(name: string, id: number, options: ChangeOptions = {}): Promise<Session> {
-    return (await this.http.json<Session>({ method: 'POST', path: `${sessionPath(name)}/snapshots/${id}/restore`, headers: changeHeaders(options), repeatable: true })).value;
+    return (await this.http.json<Session>({ method: 'POST', path: `${sessionPath(name)}/snapshots/${id}/restore`, ...changeOf(options), repeatable: true })).value;
   }
 
   // ---- tokens --------------------------------------------------------------------------------------

@@ -186,6 +186,11 @@ export class Transport {
     this.logger = options.logger === undefined ? consoleLogger : options.logger;
   }
 
+  /** The retry budget of a call that does not name its own (the options' retryBudgetMs, default 60 000 ms). */
+  get retryBudgetMs(): number {
+    return this.options.retryBudgetMs ?? 60_000;
+  }
+
   /** Says a retry is coming: Python's line ("POST url: 503; retry 2 (58 s of the retry budget left)"). */
   private retrying(method: string, url: string, what: Response | unknown, attempt: number, deadline: number): void {
     const left = Math.max(0, Math.round((deadline - Date.now()) / 1000));
@@ -211,7 +216,7 @@ export class Transport {
       headers['content-type'] = x.contentType ?? 'application/octet-stream';
     }
     const doFetch = this.options.fetch ?? fetch;
-    const budget = x.retryBudgetMs ?? this.options.retryBudgetMs ?? 60_000;
+    const budget = x.retryBudgetMs ?? this.retryBudgetMs;
     const hold = Math.max(0, x.holdMs ?? 0);
     let deadline = Date.now() + budget;
     let pause = 100;
@@ -281,7 +286,7 @@ export class Transport {
     const url = this.url(x.path, x.query);
     const headers = this.headersOf(x);
     const doFetch = this.options.fetch ?? fetch;
-    const deadline = Date.now() + (x.retryBudgetMs ?? this.options.retryBudgetMs ?? 60_000);
+    const deadline = Date.now() + (x.retryBudgetMs ?? this.retryBudgetMs);
     let pause = 100;
     for (let attempt = 1; ; attempt++) {
       let res: Response;

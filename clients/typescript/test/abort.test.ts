@@ -2,15 +2,39 @@
 // a RemoteASGD's training (its step in flight, the steps after it). Found by a review of the client: only
 // events() took a signal, so a page or a service that wanted to stop waited out a call (up to 300 s).
 import assert from 'node:assert/strict';
-import { createServer } from 'node:net';
+import { createServer, type Socket } from 'node:net';
 import { once } from 'node:events';
-import test from 'node:test';
+import test, { type TestContext } from 'node:test';
 import * as tf from '@tensorflow/tfjs';
-import { ASGDClient } from '../src/index.ts';
+import { ASGDClient, ConnectionFailed } from '../src/index.ts';
 import { RemoteASGD } from '../src/tfjs.ts';
 import { liveService, uniqueName } from './service.ts';
 
 tf.setBackend('cpu');
+
+/** A service that accepts connections and answers nothing (a stalled process, a black-holing proxy): its URL. */
+async function stalledService(t: TestContext): Promise<string> {
+  const sockets = new Set<Socket>();
+  const server = createServer((socket) => {
+    sockets.add(socket);
+    socket.on('error', () => {});
+  }).listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  t.after(() => {
+    for (const socket of sockets) socket.destroy();
+    server.close();
+  });
+  return `http://127.0.0.1:${(server.address() as { port: number }).port}`;
+}
+
+/** A port nothing listens on: every connection is refused. */
+async function refusingPort(): Promise<number> {
+  const probe = createServer().listen(0, '127.0.0.1');
+  await once(probe, 'listening');
+  const { port } = probe.address() as { port: number };
+  await new Promise((resolve) => probe.close(resolve));
+  return port;
+}
 
 test('a waiting read ends when its signal is aborted, with the signal\'s reason', async (t) => {
   const { client } = await liveService(t);
@@ -76,4 +100,30 @@ test('events() ends when its signal is aborted while it waits out a Retry-After 
   setTimeout(() => stopped.abort(new Error('stopped')), 300);
   await assert.rejects(client.params('s', { signal: stopped.signal }), /stopped/);
   assert.ok(Date.now() - began < 10_000, `ended at once (${Date.now() - began} ms)`);
+});
+
+test('a step or a load of flat arrays ends with its signal and keeps to its budget, the read of the shapes before it included', async (t) => {
+  // Found by a review: flat gradients first read the session for their shapes, and that read had neither the
+  // signal nor the step's budget: a step given AbortSignal.timeout(700) against a stalled service ran 72 s and
+  // threw ConnectionFailed naming a GET the caller never made. (A short timeoutMs and budget on the client
+  // bound that failure here: it would be ConnectionFailed after them, not the signal's reason at 700 ms.)
+  const stalled = new ASGDClient(await stalledService(t), { logger: null, timeoutMs: 3_000, retryBudgetMs: 3_000 });
+  for (const [what, call] of [
+    ['step', (signal: AbortSignal) => stalled.step('s', { w: new Float32Array([1, 1]) }, { signal })],
+    ['loadParams', (signal: AbortSignal) => stalled.loadParams('s', { w: new Float32Array([1, 1]) }, { signal })],
+  ] as const) {
+    const began = Date.now();
+    await assert.rejects(call(AbortSignal.timeout(700)), (err: Error) => err.name === 'TimeoutError', what);
+    assert.ok(Date.now() - began < 2_500, `${what} ended with its signal (${Date.now() - began} ms)`);
+  }
+  // The budget: refused connections on a client of the default 60 s budget, the call given 1 s for everything.
+  const refused = new ASGDClient(`http://127.0.0.1:${await refusingPort()}`, { logger: null });
+  for (const [what, call] of [
+    ['step', () => refused.step('s', { w: new Float32Array([1, 1]) }, { retryBudgetMs: 1_000 })],
+    ['loadParams', () => refused.loadParams('s', { w: new Float32Array([1, 1]) }, { retryBudgetMs: 1_000 })],
+  ] as const) {
+    const began = Date.now();
+    await assert.rejects(call(), ConnectionFailed, what);
+    assert.ok(Date.now() - began < 5_000, `${what} kept to its 1 s budget (${Date.now() - began} ms)`);
+  }
 });
