@@ -463,9 +463,12 @@ export class ASGDClient {
     return this.readParams(name, options, { headers: { 'if-none-match': etag(version) } });
   }
 
-  /** Waits up to `waitSeconds` (at most 60) for a version above `afterVersion`; null if none came. */
-  waitForParams(name: string, afterVersion: number, waitSeconds: number, options: { averaged?: boolean; format?: 'json' | 'safetensors'; signal?: AbortSignal } = {}): Promise<ParamsResult | null> {
-    return this.readParams(name, options, { query: { after_version: afterVersion, wait: waitSeconds } });
+  /**
+   * Waits up to `waitSeconds` (at most 60) for a version above `afterVersion`; null if none came. The wait is
+   * the service's hold of the request: each attempt may take the client's `timeoutMs` on top of it.
+   */
+  waitForParams(name: string, afterVersion: number, waitSeconds: number, options: Omit<ReadOptions, 'version'> & { averaged?: boolean } = {}): Promise<ParamsResult | null> {
+    return this.readParams(name, options, { query: { after_version: afterVersion, wait: waitSeconds }, holdMs: waitSeconds * 1000 });
   }
 
   private async readParams(name: string, options: ReadOptions & { averaged?: boolean }, extra: Partial<Exchange>): Promise<ParamsResult | null> {
@@ -480,6 +483,10 @@ export class ASGDClient {
       allow: [304],
       repeatable: true,
       signal: options.signal,
+      retryBudgetMs: options.retryBudgetMs,
+      // A long poll (?wait=) is held by the service: not a silent server for timeoutMs (found by a review: a
+      // wait longer than the client's timeoutMs was aborted and retried, and never answered null).
+      holdMs: extra.holdMs,
     });
     if (answer.status === 304) return null;
     if (isSafetensors(answer)) {

@@ -145,6 +145,8 @@ export interface ReadOptions {
   format?: 'json' | 'safetensors';
   /** Ends the read (its retries and waits) when aborted: it rejects with the signal's reason. */
   signal?: AbortSignal;
+  /** This read's retry budget in milliseconds (default: the client's `retryBudgetMs`). */
+  retryBudgetMs?: number;
 }
 
 export type MetricsPage = JsonOf<paths['/v1/sessions/{name}/metrics']['get']['responses'][200]>;

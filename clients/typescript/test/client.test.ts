@@ -146,6 +146,13 @@ test('the client against a live service', { skip: skipWithoutTorch() }, async (t
     const woke = await waiting;
     assert.equal(woke!.version, stepped.version);
     assert.equal(woke!.params.w.data.length, 4);
+
+    // A wait longer than the client's timeoutMs is the service's hold, not a silent server (found by a
+    // review: each attempt was aborted after timeoutMs and retried, and the documented null never came).
+    const short = new ASGDClient(url, { token, timeoutMs: 500, retryBudgetMs: 1_000, logger: null });
+    const began = Date.now();
+    assert.equal(await short.waitForParams(name, 3, 1.5), null);
+    assert.ok(Date.now() - began >= 1_400, `waited the 1.5 s asked for (${Date.now() - began} ms)`);
   });
 
   await t.test('a retried step whose version is no longer kept: replayed, with the current parameters and paramsVersion', async () => {

@@ -29,6 +29,7 @@ export async function accepted(client: ASGDClient): Promise<void> {
   void h.initial_param_groups;
   await client.loadParams('s', { w: [1] }, { ifMatch: 1, signal: AbortSignal.timeout(1000), retryBudgetMs: 1000 });
   await client.getSession('s', { signal: AbortSignal.timeout(1000), retryBudgetMs: 1000 });
+  await client.waitForParams('s', 1, 30, { signal: AbortSignal.timeout(1000), retryBudgetMs: 1000 });
   const t = await client.getOwnToken();
   const scope: 'read' | 'step' | 'admin' = t.scope;
   void scope;
