@@ -6,7 +6,7 @@ import { decodeSafetensors, encodeSafetensors, firstHalfOverflow, type Safetenso
 import { asFloat32, fromJsonTensors, type Tensor, type TensorInput, type TensorLike, tensorProblem, toJsonData } from './tensors.ts';
 import type {
   CheckpointFormat, CreatedToken, CreateSessionSpec, CreateTokenRequest, ForkRequest, Gradients, HyperparameterChanges, ListSessionsOptions,
-  EventsOptions, MetricsOptions, MetricsPage, SessionEvent, Norms, OwnToken, ParamsResult, PatchSessionRequest, GroupHyperparameters, PendingAnswer, ReadOptions, Session, SessionList, Snapshot,
+  EventsOptions, HyperparameterChangesOptions, MetricsOptions, MetricsPage, SessionEvent, Norms, OwnToken, ParamsResult, PatchSessionRequest, GroupHyperparameters, PendingAnswer, ReadOptions, Session, SessionList, Snapshot,
   SnapshotList, StateDictFormat, StateDictJson, StepAnswerJson, StepOptions, StepResult, TokenList,
 } from './types.ts';
 
@@ -341,9 +341,13 @@ export class ASGDClient {
     return (await this.http.json<MetricsPage>({ method: 'GET', path: `${sessionPath(name)}/metrics`, query, repeatable: true })).value;
   }
 
-  /** The steps that changed hyperparameters (oldest first, after `afterVersion`), and every group's values at the first version. */
-  async hyperparameterChanges(name: string, options: { afterVersion?: number; limit?: number } = {}): Promise<HyperparameterChanges> {
-    const query = { after_version: options.afterVersion, limit: options.limit };
+  /**
+   * The steps that changed hyperparameters (oldest first, after `afterVersion`), and every group's values at
+   * the first version; with `maxPoints` the whole history after `afterVersion` in one answer, fitted to the
+   * buckets of `metrics(name, {maxPoints})` when longer (`downsampled`, `total_changes`).
+   */
+  async hyperparameterChanges(name: string, options: HyperparameterChangesOptions = {}): Promise<HyperparameterChanges> {
+    const query = { after_version: options.afterVersion, limit: options.limit, max_points: options.maxPoints };
     return (await this.http.json<HyperparameterChanges>({ method: 'GET', path: `${sessionPath(name)}/hyperparameters`, query, repeatable: true })).value;
   }
 

@@ -161,6 +161,18 @@ export interface MetricsOptions {
 }
 export type MetricPoint = MetricsPage['points'][number];
 
+export interface HyperparameterChangesOptions {
+  /** Changes after this version (poll with the last page's `next_after_version`). */
+  afterVersion?: number;
+  /** At most this many changes (the service's default 1000); not with `maxPoints`. */
+  limit?: number;
+  /**
+   * The whole history after `afterVersion` in one answer: every change when there are at most this many, else
+   * (`downsampled`) the changes fitted to the buckets of `metrics(name, {maxPoints})`; `total_changes` counts them all.
+   */
+  maxPoints?: number;
+}
+
 /** One event of GET .../events: a new version (`kind` "step" with its staleness and metrics, or "load", "restore", "create", …). */
 export interface VersionEvent {
   event: 'version';

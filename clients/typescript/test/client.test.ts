@@ -281,6 +281,10 @@ test('the client against a live service', { skip: skipWithoutTorch() }, async (t
     assert.equal(changes.initial_param_groups![0].lr, 0.1);
     assert.deepEqual(changes.changes.map((c) => [c.version, c.step, c.param_groups[0].lr]), [[5, 4, 0.05]]);
     assert.deepEqual((await client.hyperparameterChanges(name, { afterVersion: 5 })).changes, []);
+    // maxPoints (max_points): the whole history in one answer, with how many changes there are.
+    const whole = await client.hyperparameterChanges(name, { maxPoints: 2 });
+    assert.deepEqual([whole.total_changes, whole.downsampled], [1, false]);
+    assert.deepEqual(whole.changes.map((c) => c.version), [5]);
 
     const all = await client.metrics(name);
     assert.equal(all.points.length, 6);
