@@ -60,8 +60,9 @@ export interface StepOptions {
   /** How many samples the gradient was computed from (an integer >= 1; `aggregation.target_samples` counts them). */
   samples?: number;
   /**
-   * Seconds the service holds the request for its round (`?wait=`, 1..3600; its default is 60) before it
-   * answers 202 pending; the client then sends the same request again with the same Idempotency-Key.
+   * Seconds the service holds the request for its round (`?wait=`, 0..3600, fractions too; 0 answers at once;
+   * its default is 60) before it answers 202 pending; the client then sends the same request again with the
+   * same Idempotency-Key.
    */
   wait?: number;
   /** Give up waiting for the round after this long (RoundPending; the contribution stays). Default: no limit. */
