@@ -424,7 +424,8 @@ export class ASGDClient {
                 if (id !== undefined && /^\d{1,15}(@\d{1,15})?$/.test(id)) last = id;
                 yield { event: 'version', ...payload } as SessionEvent;
               } else if (type === 'deleted') {
-                yield { event: 'deleted', session: String(payload.session ?? name) };
+                // replaced: another session of the name was created after this one was deleted (its versions count from 1).
+                yield { event: 'deleted', session: String(payload.session ?? name), ...(payload.replaced === true && { replaced: true }) };
                 return;
               }
               continue;

@@ -190,6 +190,11 @@ export interface VersionEvent {
 export interface DeletedEvent {
   event: 'deleted';
   session: string;
+  /**
+   * true when another session of this name was created after the one followed was deleted (its versions
+   * count from 1 again: none of them were yielded as this one's); absent otherwise.
+   */
+  replaced?: boolean;
 }
 
 export type SessionEvent = VersionEvent | DeletedEvent;

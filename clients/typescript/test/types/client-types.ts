@@ -29,6 +29,7 @@ export async function accepted(client: ASGDClient): Promise<void> {
   void h.initial_param_groups;
   const hp = await client.hyperparameterChanges('s', { afterVersion: 1, maxPoints: 100 });
   void [hp.downsampled, hp.total_changes];
+  for await (const e of client.events('s')) if (e.event === 'deleted') void (e.replaced === true);
   await client.loadParams('s', { w: [1] }, { ifMatch: 1, signal: AbortSignal.timeout(1000), retryBudgetMs: 1000 });
   await client.getSession('s', { signal: AbortSignal.timeout(1000), retryBudgetMs: 1000 });
   await client.waitForParams('s', 1, 30, { signal: AbortSignal.timeout(1000), retryBudgetMs: 1000 });
