@@ -479,7 +479,7 @@ export class RemoteASGD extends Optimizer {
         if (!(err instanceof StaleGradient) || this.onStale !== 'pull') throw err;
         // Dropped: the session moved on without this gradient. Continue from its current parameters.
         const current = await this.client.params(this.session);
-        this.write(current.params, current.version, true); // an edit made meanwhile goes with the next step
+        this.write(current.params, current.version, 'dropped'); // an edit made meanwhile goes with the next step
         this.staleDropped++;
         this.lastStale = err;
         this.logger?.warn(`[${this.worker}] session ${this.session}: gradient dropped as stale (${err.message}); loaded the parameters at version ${current.version} (${this.staleDropped} dropped so far)`);
@@ -489,11 +489,11 @@ export class RemoteASGD extends Optimizer {
       this.settleParamGroups(step.paramGroups);
       this.lastStep = answer;
       if (answer.param_groups) this.knownGroups = answer.param_groups.map((g) => ({ ...g }));
-      if (answer.params) this.write(answer.params, answer.paramsVersion ?? answer.version, true);
+      if (answer.params) this.write(answer.params, answer.paramsVersion ?? answer.version, 'step');
       else {
         // A service without return=params: read them (a second request).
         const current = await this.client.params(this.session);
-        this.write(current.params, current.version, true);
+        this.write(current.params, current.version, 'step');
       }
     } catch (err) {
       // A step refused for what it sent (a bad value, a group too many): the values set so far are not sent
@@ -613,11 +613,14 @@ export class RemoteASGD extends Optimizer {
   }
 
   /**
-   * Writes the session's parameters into the variables. `keepEdits` (a step's answer): the elements of a
-   * variable edited since the last sync (while its step was in flight) keep their edited values, which the
-   * next step sends; the others take the session's.
+   * Writes the session's parameters into the variables. With `keepEdits` the elements of a variable edited
+   * since the last sync keep their edited values, which the next step (or the edits' PUT) sends; the others
+   * take the session's. It says why the session's parameters came, for the line that names the kept edits:
+   * 'step', a step's answer (the edit was made while it was in flight); 'dropped', the parameters read after
+   * a step dropped as stale; 'merged', other workers' steps read after the edits' PUT was refused (412).
    */
-  private write(params: Record<string, Tensor>, version: number, keepEdits = false): void {
+  private write(params: Record<string, Tensor>, version: number, keepEdits: false | 'step' | 'dropped' | 'merged' = false): void {
+    const from = this.version;
     if (version < this.version) return; // an older answer than what the variables hold
     // Every shape first: a mismatch leaves all variables as they were.
     this.checkShapes(this.variableOf, new Map(Object.entries(params).map(([p, t]) => [p, t.shape])));
@@ -641,7 +644,13 @@ export class RemoteASGD extends Optimizer {
     }
     this.version = version;
     if (kept.length) {
-      this.logger?.info?.(`[${this.worker}] session ${this.session}: ${listed(kept)} changed while a step was in flight; the changed elements keep their new values over that step's result and are sent with the next step`);
+      // Said as it happened (found by a review: a 412 merge said "while a step was in flight" when none was).
+      const what = keepEdits === 'merged'
+        ? `changed outside the optimizer while other workers stepped the session (version ${from} to ${version}); their steps are written in, and the changed elements keep their new values and are sent at version ${version}`
+        : keepEdits === 'dropped'
+          ? `changed while a step was in flight that the service dropped as stale; the changed elements keep their new values over the session's parameters (version ${version}) and are sent with the next step`
+          : 'changed while a step was in flight; the changed elements keep their new values over that step\'s result and are sent with the next step';
+      this.logger?.info?.(`[${this.worker}] session ${this.session}: ${listed(kept)} ${what}`);
     }
   }
 
@@ -675,7 +684,7 @@ export class RemoteASGD extends Optimizer {
       } catch (err) {
         if (!(err instanceof VersionMismatch) || attempt >= PUSH_ATTEMPTS - 1) throw err;
         const current = await this.client.params(this.session);
-        this.write(current.params, current.version, true);
+        this.write(current.params, current.version, 'merged');
         continue;
       }
       for (const [param, t] of Object.entries(values)) this.synced.set(param, t.data);

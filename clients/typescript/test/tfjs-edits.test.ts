@@ -119,3 +119,22 @@ test('a gradient computed before other workers stepped keeps its base_version af
   opt.minimize(loss, false, [v]);
   await assert.rejects(opt.synchronize(), StaleGradient);
 });
+
+test('an edit merged with other workers\' steps (412) is said as such, not as an edit made while a step was in flight', async (t) => {
+  // Found by a review: the merge logged "v changed while a step was in flight" when no step was.
+  const said: string[] = [];
+  const { client } = await liveService(t, { logger: { warn: (m) => said.push(m), info: (m) => said.push(m) } });
+  const name = uniqueName('tfjs-edit-said');
+  const v = tf.variable(tf.tensor1d([1, 2, 3]), true, 'v-said');
+  const opt = new RemoteASGD({ client, session: name, hyperparameters: { lr: 0.1 } });
+  await opt.attach([v], ['v']);
+  await client.step(name, { v: [0.5, -0.25, 1] }); // another worker: version 2
+  v.assign(tf.tensor1d([5, 2, 3]));
+  opt.minimize(() => v.sub(target).square().sum() as tf.Scalar, false, [v]);
+  await opt.synchronize();
+  const merged = said.filter((m) => m.includes('v changed'));
+  assert.equal(merged.length, 1, said.join('\n'));
+  assert.doesNotMatch(merged[0], /while a step was in flight/);
+  assert.match(merged[0], /v changed outside the optimizer while other workers stepped the session \(version 1 to 2\)/);
+  assert.ok(said.some((m) => /parameters changed outside the optimizer \(v\); sent the variables' values \(version 3\)/.test(m)), said.join('\n'));
+});
