@@ -240,6 +240,14 @@ export class RemoteASGD extends Optimizer {
    */
   private readonly synced = new Map<string, Float32Array>();
 
+  /**
+   * What each request of this optimizer carries: its `signal` and `retryBudgetMs` (found by a review: the reads
+   * after a stale drop, the edits' PUT and pull()'s read had neither, so an abort waited them out).
+   */
+  private get call(): { signal?: AbortSignal; retryBudgetMs?: number } {
+    return { signal: this.options.signal, retryBudgetMs: this.options.retryBudgetMs };
+  }
+
   /** The client's logger (its `logger` option): stale drops warn, a session created or joined is a notice. */
   private get logger() {
     return this.client.http.logger;
@@ -282,7 +290,7 @@ export class RemoteASGD extends Optimizer {
     };
     let session: Session;
     try {
-      session = await this.client.getSession(this.session);
+      session = await this.client.getSession(this.session, this.call);
     } catch (err) {
       if (!(err instanceof SessionNotFound) || this.options.create === 'never') throw err;
       // As safetensors: the variables' float32 bits, 4 bytes an element (as JSON, a model above ~23M
@@ -304,7 +312,7 @@ export class RemoteASGD extends Optimizer {
         // Another worker started with the same arguments created it between the two requests (or this
         // create's answer was lost and it was sent again): join it.
         if (!(createErr instanceof SessionExists)) throw createErr;
-        session = await this.client.getSession(this.session);
+        session = await this.client.getSession(this.session, this.call);
         return this.join(session, variableOf, bind);
       }
       bind();
@@ -324,7 +332,7 @@ export class RemoteASGD extends Optimizer {
     const missing = [...variableOf.keys()].filter((p) => !shapes.has(p));
     if (missing.length) throw new RangeError(`session ${this.session} has no parameter ${missing.join(', ')} (it has ${[...shapes.keys()].join(', ')})`);
     this.checkShapes(variableOf, shapes);
-    const current = await this.client.params(this.session);
+    const current = await this.client.params(this.session, this.call);
     this.checkShapes(variableOf, new Map(Object.entries(current.params).map(([p, t]) => [p, t.shape])));
     bind();
     this.aggregation = session.aggregation ?? null;
@@ -471,14 +479,14 @@ export class RemoteASGD extends Optimizer {
         if (err instanceof BaseVersionAhead && this.onStale !== 'raise') {
           // The session is below the version this gradient was computed at: deleted and created again, or its
           // database restored. Its history is not the gradient's: dropped, and its parameters taken.
-          const current = await this.client.params(this.session);
+          const current = await this.client.params(this.session, this.call);
           this.adoptVersion(current.version);
           this.write(current.params, current.version);
           return; // its hyperparameters were not applied: the next step carries them
         }
         if (!(err instanceof StaleGradient) || this.onStale !== 'pull') throw err;
         // Dropped: the session moved on without this gradient. Continue from its current parameters.
-        const current = await this.client.params(this.session);
+        const current = await this.client.params(this.session, this.call);
         this.write(current.params, current.version, 'dropped'); // an edit made meanwhile goes with the next step
         this.staleDropped++;
         this.lastStale = err;
@@ -492,7 +500,7 @@ export class RemoteASGD extends Optimizer {
       if (answer.params) this.write(answer.params, answer.paramsVersion ?? answer.version, 'step');
       else {
         // A service without return=params: read them (a second request).
-        const current = await this.client.params(this.session);
+        const current = await this.client.params(this.session, this.call);
         this.write(current.params, current.version, 'step');
       }
     } catch (err) {
@@ -594,7 +602,7 @@ export class RemoteASGD extends Optimizer {
   /** Reads the newest parameters from the service into the variables (e.g. after other workers stepped). */
   async pull(): Promise<number> {
     await this.synchronize();
-    const current = await this.client.paramsIfChanged(this.session, this.version);
+    const current = await this.client.paramsIfChanged(this.session, this.version, this.call);
     if (current) {
       this.adoptVersion(current.version); // nothing is in flight: the service's version, even a lower one
       this.write(current.params, current.version);
@@ -680,10 +688,10 @@ export class RemoteASGD extends Optimizer {
       for (const [param, v] of this.variableOf) values[param] = { shape: v.shape.slice(), data: Float32Array.from(await v.data()) };
       let session: Session;
       try {
-        session = await this.client.loadParams(this.session, values, { ifMatch: this.version });
+        session = await this.client.loadParams(this.session, values, { ifMatch: this.version, ...this.call });
       } catch (err) {
         if (!(err instanceof VersionMismatch) || attempt >= PUSH_ATTEMPTS - 1) throw err;
-        const current = await this.client.params(this.session);
+        const current = await this.client.params(this.session, this.call);
         this.write(current.params, current.version, 'merged');
         continue;
       }

@@ -6,7 +6,7 @@ import { createServer, type Socket } from 'node:net';
 import { once } from 'node:events';
 import test, { type TestContext } from 'node:test';
 import * as tf from '@tensorflow/tfjs';
-import { ASGDClient, ConnectionFailed } from '../src/index.ts';
+import { ASGDClient, ConnectionFailed, ServiceUnavailable } from '../src/index.ts';
 import { RemoteASGD } from '../src/tfjs.ts';
 import { liveService, uniqueName } from './service.ts';
 
@@ -126,4 +126,90 @@ test('a step or a load of flat arrays ends with its signal and keeps to its budg
     await assert.rejects(call(), ConnectionFailed, what);
     assert.ok(Date.now() - began < 5_000, `${what} kept to its 1 s budget (${Date.now() - began} ms)`);
   }
+});
+
+/**
+ * A fetch that stalls the requests `stall` picks (they never answer, as a stalled service; only their signal
+ * ends them), calling `stalled` for each, and passes the others on.
+ */
+function stalling(stall: (method: string, url: string) => boolean, stalled: () => void): typeof fetch {
+  return (input, init) => {
+    if (!stall(init?.method ?? 'GET', String(input))) return fetch(input, init);
+    stalled();
+    return new Promise<Response>((_, reject) => {
+      const signal = init?.signal;
+      if (signal?.aborted) return reject(signal.reason);
+      signal?.addEventListener('abort', () => reject(signal.reason), { once: true });
+    });
+  };
+}
+
+test('RemoteASGD\'s own requests end with its signal: the read after a stale drop, the PUT of edited variables, pull()', async (t) => {
+  // Found by a review: only the step took the signal; an abort waited out these (up to timeoutMs each, and
+  // retried). A short timeoutMs and budget make the unfixed failure a ConnectionFailed instead of the reason.
+  const { client: admin, url } = await liveService(t, { logger: null });
+  let stall: (method: string, url: string) => boolean = () => false;
+  let stalled = () => {};
+  const client = new ASGDClient(url, { logger: null, timeoutMs: 3_000, retryBudgetMs: 3_000, fetch: stalling((m, u) => stall(m, u), () => stalled()) });
+  const target = tf.tensor1d([1, 1]);
+  const cases: [string, (opt: RemoteASGD, w: tf.Variable, name: string) => Promise<unknown>, (method: string, url: string) => boolean][] = [
+    ['the read after a stale drop', async (opt, w, name) => {
+      await admin.step(name, { w: [0.5, 0.5] }); // another worker: this gradient is one version old (max_staleness 0)
+      opt.minimize(() => w.sub(target).square().sum() as tf.Scalar, false, [w]);
+      return opt.synchronize();
+    }, (m, u) => m === 'GET' && u.includes('/params')],
+    ['the PUT of edited variables', async (opt, w) => {
+      w.assign(tf.tensor1d([3, 4]));
+      opt.minimize(() => w.sub(target).square().sum() as tf.Scalar, false, [w]);
+      return opt.synchronize();
+    }, (m, u) => m === 'PUT' && u.includes('/params')],
+    ['pull()', (opt) => opt.pull(), (m, u) => m === 'GET' && u.includes('/params')],
+  ];
+  for (const [what, run, stalls] of cases) {
+    await t.test(what, async () => {
+      stall = () => false; // a case that failed may have left its own
+      const name = uniqueName('abort-own');
+      const controller = new AbortController();
+      const w = tf.variable(tf.zeros([2]), true, `w-${name}`);
+      const opt = new RemoteASGD({ client, session: name, signal: controller.signal, sessionSettings: { max_staleness: 0 } });
+      await opt.attach([w], ['w']);
+      stall = stalls;
+      let abortedAt = 0;
+      // Aborted once the request in question hangs (the step before it has been answered).
+      stalled = () => setTimeout(() => {
+        abortedAt = Date.now();
+        controller.abort(new Error('training stopped by the user'));
+      }, 100);
+      await assert.rejects(run(opt, w, name), /training stopped by the user/, what);
+      assert.ok(abortedAt > 0, `${what}: the request stalled`);
+      assert.ok(Date.now() - abortedAt < 1_500, `${what}: ended with the signal (${Date.now() - abortedAt} ms after it)`);
+      stall = () => false;
+      w.dispose();
+    });
+  }
+  target.dispose();
+});
+
+test('RemoteASGD\'s retryBudgetMs bounds its own requests too (the read after a stale drop)', async (t) => {
+  const { client: admin, url } = await liveService(t, { logger: null });
+  let busy = false;
+  // The read after the drop is answered 503 (a replica that lost its database), retried within the budget.
+  const client = new ASGDClient(url, {
+    logger: null,
+    fetch: async (input, init) => busy && (init?.method ?? 'GET') === 'GET' && String(input).includes('/params')
+      ? new Response(JSON.stringify({ code: 'SERVICE_UNAVAILABLE', message: 'the database cannot be reached' }), { status: 503, headers: { 'content-type': 'application/json' } })
+      : fetch(input, init),
+  });
+  const name = uniqueName('budget-own');
+  const w = tf.variable(tf.zeros([2]), true, `w-${name}`);
+  const opt = new RemoteASGD({ client, session: name, retryBudgetMs: 1_000, sessionSettings: { max_staleness: 0 } });
+  await opt.attach([w], ['w']);
+  await admin.step(name, { w: [0.5, 0.5] });
+  busy = true;
+  const began = Date.now();
+  opt.minimize(() => w.square().sum() as tf.Scalar, false, [w]);
+  await assert.rejects(opt.synchronize(), ServiceUnavailable);
+  assert.ok(Date.now() - began < 5_000, `kept to the optimizer's 1 s budget, not the client's 60 s (${Date.now() - began} ms)`);
+  assert.equal(opt.staleDropped, 0, 'the drop did not complete');
+  w.dispose();
 });
