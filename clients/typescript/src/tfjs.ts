@@ -226,8 +226,14 @@ export class RemoteASGD extends Optimizer {
    * compiled into the model: acc, mse, …) go with its own step without it.
    */
   nextMetrics: Record<string, number> | undefined;
-  /** Inside model.fit with `optimizer.callback` (from its onTrainBegin to its onTrainEnd). */
-  private inFit = false;
+  /**
+   * A batch of model.fit with `optimizer.callback` is under way (from its onBatchBegin until its step is
+   * taken): that step waits for the batch's logs. Per batch, not from onTrainBegin to onTrainEnd: tfjs does
+   * not call onTrainEnd when fit throws (a step's error thrown by the callback, RoundPending, Unauthorized),
+   * and a later custom loop's steps then waited for logs no batch would bring (found by a review:
+   * `resumeRound()` after a fit that threw RoundPending never returned).
+   */
+  private batchOpen = false;
   /** In model.fit: lets the batch's step go out, with the batch's logs (its onBatchEnd), or without them. */
   private releaseBatch: ((logs?: Record<string, unknown>) => void) | null = null;
   /** Steps sent (or queued) whose answers have not been written into the variables yet. */
@@ -391,7 +397,9 @@ export class RemoteASGD extends Optimizer {
     // them (nothing overlaps there anyway: onBatchEnd waits for the step). Any other way on (the next
     // batch's gradients, synchronize(), the fit's end) lets it go without them.
     this.releaseBatch?.();
-    const batchLogs = this.inFit ? new Promise<Record<string, unknown> | undefined>((resolve) => {
+    const inBatch = this.batchOpen;
+    this.batchOpen = false; // one step per batch waits for its logs
+    const batchLogs = inBatch ? new Promise<Record<string, unknown> | undefined>((resolve) => {
       this.releaseBatch = (logs) => {
         this.releaseBatch = null;
         resolve(logs);
@@ -553,6 +561,7 @@ export class RemoteASGD extends Optimizer {
    * `maxWaitMs`, or the error of a step in flight. Without such a contribution it returns the version at once.
    */
   async resumeRound(options: { maxWaitMs?: number } = {}): Promise<number> {
+    this.releaseBatch?.(); // a step waiting for its batch's logs goes without them, as in synchronize()
     await this.pending;
     if (this.failure instanceof RoundPending) this.failure = null; // the wait this call resumes
     const own = this.pendingRound;
@@ -571,6 +580,7 @@ export class RemoteASGD extends Optimizer {
    * (a StaleGradient only with `onStale: 'raise'`; RoundPending after `maxRoundWaitMs`: see resumeRound()).
    */
   async synchronize(): Promise<void> {
+    this.batchOpen = false;
     this.releaseBatch?.(); // a step waiting for its batch's logs goes without them
     await this.pending;
     if (this.failure) {
@@ -582,20 +592,18 @@ export class RemoteASGD extends Optimizer {
 
   /** For model.fit: `callbacks: [optimizer.callback]` makes every batch start from the service's parameters. */
   get callback(): {
-    onTrainBegin: () => Promise<void>; onBatchEnd: (batch: number, logs?: Record<string, unknown>) => Promise<void>; onTrainEnd: () => Promise<void>;
+    onBatchBegin: () => Promise<void>; onBatchEnd: (batch: number, logs?: Record<string, unknown>) => Promise<void>; onTrainEnd: () => Promise<void>;
   } {
     return {
-      onTrainBegin: async () => {
-        this.inFit = true;
+      onBatchBegin: async () => {
+        this.batchOpen = true;
       },
       onBatchEnd: (_batch, logs) => {
+        this.batchOpen = false;
         this.releaseBatch?.(logs);
         return this.synchronize();
       },
-      onTrainEnd: () => {
-        this.inFit = false;
-        return this.synchronize();
-      },
+      onTrainEnd: () => this.synchronize(),
     };
   }
 

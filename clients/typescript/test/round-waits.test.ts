@@ -131,3 +131,43 @@ test('round contributions: maxWaitMs, timeoutMs and the retry budget against the
     assert.deepEqual((await admin.getSession(name)).round?.workers, ['a'], 'counted once');
   });
 });
+
+test('tfjs: after model.fit threw RoundPending, a custom loop\'s minimize goes out at once and resumeRound() returns once the round steps', async (t) => {
+  // Found by a review: tfjs does not call onTrainEnd when fit throws, so the optimizer still took itself to
+  // be in the fit: the next minimize's step waited for batch logs that never came, and resumeRound(), which
+  // waits for that step first, never returned.
+  const { client } = await liveService(t, { logger: null });
+  const name = uniqueName('fit-threw');
+  await client.createSession({ name, params: [{ name: 'k', shape: [2, 1], data: [0.5, -0.5] }, { name: 'b', shape: [1], data: [0] }], aggregation: { contributions: 2 } });
+  const model = tf.sequential();
+  model.add(tf.layers.dense({ units: 1, inputShape: [2] }));
+  const opt = new RemoteASGD({ client, session: name, create: 'never', worker: 'js', maxRoundWaitMs: 1000 });
+  await opt.attach(model.trainableWeights, ['k', 'b']);
+  model.compile({ optimizer: opt, loss: 'meanSquaredError' });
+  const xs = tf.tensor2d([1, 2, 3, 4], [2, 2]);
+  const ys = tf.tensor2d([1, 0], [2, 1]);
+  await assert.rejects(model.fit(xs, ys, { epochs: 1, batchSize: 2, verbose: 0, callbacks: [opt.callback] }), RoundPending);
+  assert.equal(opt.roundPending, true);
+
+  const within = <T>(p: Promise<T>, ms: number, what: string) => Promise.race([p, new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`${what}: nothing after ${ms} ms`)), ms))]);
+  const mse = () => tf.losses.meanSquaredError(ys, model.predict(xs) as tf.Tensor) as tf.Scalar;
+  // The README's way on: minimize (this worker is in the open round already: it waits for it), resumeRound.
+  opt.minimize(mse);
+  const other = client.step(name, { k: [0.25, 0.25], b: [0.5] }, { baseVersion: 1, worker: 'other' });
+  assert.equal(await within(opt.resumeRound({ maxWaitMs: 20_000 }), 15_000, 'resumeRound'), 2);
+  assert.equal((await other).version, 2);
+
+  // A custom loop's step is not held back for batch logs: it reaches its round without synchronize().
+  opt.minimize(mse);
+  const joined = (async () => {
+    for (;;) {
+      if ((await client.getSession(name)).round?.workers?.includes('js')) return true;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  })();
+  assert.equal(await within(joined, 5_000, 'the step after the fit'), true);
+  await client.step(name, { k: [0.25, 0.25], b: [0.5] }, { baseVersion: 2, worker: 'other' });
+  await opt.synchronize();
+  assert.equal(opt.version, 3);
+  tf.dispose([xs, ys]);
+});
