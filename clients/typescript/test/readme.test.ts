@@ -8,6 +8,8 @@ import { join } from 'node:path';
 import test from 'node:test';
 import { pathToFileURL } from 'node:url';
 import * as tf from '@tensorflow/tfjs';
+import { CODES } from '../../../src/errors.ts';
+import * as errors from '../src/errors.ts';
 import { RemoteASGD } from '../src/tfjs.ts';
 import { liveService, uniqueName } from './service.ts';
 
@@ -31,6 +33,25 @@ test('README: events() on reconnect sends the newest version at once; the versio
   assert.match(events, /coalesced into that one event, \*\*not replayed\*\*/);
   assert.match(events, /`metrics\(name, \{afterVersion\}\)`/, 'says how to catch up');
   assert.doesNotMatch(events, /resumes after the last version received, as an `EventSource` does/, 'the old wording suggested a replay');
+});
+
+test('README: every error class is named, and a code without a class of its own says the class it comes as', () => {
+  // Found by a review: BaseVersionAhead was missing from the list, and codes such as TOO_MANY_WAITERS or
+  // INSUFFICIENT_STORAGE came as some class the README did not say.
+  const start = README.indexOf('**Errors** are classes');
+  assert.ok(start >= 0, 'the README has the paragraph on errors');
+  const text = README.slice(start, README.indexOf('\n\n', start)).replace(/\s+/g, ' ');
+  const classes = Object.entries(errors).filter(([, value]) => typeof value === 'function' && value.prototype instanceof errors.ASGDError).map(([name]) => name);
+  assert.ok(classes.includes('BaseVersionAhead'));
+  for (const name of classes) assert.ok(text.includes(`\`${name}\``), `the README names ${name}`);
+  // Each code named: the first class named after it (in its clause) is the class it comes as.
+  for (const code of ['TOO_MANY_WAITERS', 'SNAPSHOT_UNAVAILABLE', 'INSUFFICIENT_STORAGE', 'METHOD_NOT_ALLOWED', 'HOST_NOT_ALLOWED', 'TOO_MANY_STREAMS', 'ROUTE_NOT_FOUND'] as const) {
+    const at = text.indexOf(`\`${code}\``);
+    assert.ok(at >= 0, `the README names ${code}`);
+    const clause = text.slice(at).split(/[;.]/)[0];
+    const named = [...clause.matchAll(/`([A-Z][A-Za-z]+)`/g)].map((m) => m[1]).find((n) => classes.includes(n));
+    assert.equal(named, errors.errorClass(CODES[code].status, code).name, `${code} comes as`);
+  }
 });
 
 test('README: the save/load snippet runs with @tensorflow/tfjs, and says that file:// needs tfjs-node', async (t) => {
