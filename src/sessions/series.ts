@@ -21,6 +21,34 @@ export interface SeriesPoint {
 
 /** Metric names one downsampled read holds (a scan reads 5 columns a name, 8 more: within PostgreSQL's 1664). */
 export const METRICS_PER_READ = 330;
+/**
+ * Figures (a name in a bucket: its min, max, count and two partial sums) one downsampled read computes at most:
+ * the names it holds are fewer where the buckets are many. 330 names in 10,000 buckets were 16.5 million
+ * values in one answer of PostgreSQL's, and eight such reads at once ran a replica out of heap (a hostile
+ * review); the dashboard's reads (1,500 buckets) keep all 330.
+ */
+export const FIGURES_PER_READ = 500_000;
+/** Downsampled reads one process runs at once; more wait their turn (each holds up to FIGURES_PER_READ figures). */
+export const DOWNSAMPLED_READS_AT_ONCE = 2;
+
+/** The metric names a downsampled read of `buckets` buckets holds at most. */
+export const namesPerRead = (buckets: number): number => Math.max(1, Math.min(METRICS_PER_READ, Math.floor(FIGURES_PER_READ / Math.max(1, buckets))));
+
+let readsRunning = 0;
+const readsWaiting: (() => void)[] = [];
+/** Runs `fn` in its turn among this process's downsampled reads (DOWNSAMPLED_READS_AT_ONCE at a time). */
+async function inTurn<T>(fn: () => Promise<T>): Promise<T> {
+  if (readsRunning >= DOWNSAMPLED_READS_AT_ONCE) await new Promise<void>((resolve) => readsWaiting.push(resolve));
+  else readsRunning++;
+  try {
+    return await fn();
+  } finally {
+    const next = readsWaiting.shift();
+    if (next) next(); // the turn passes on: as many run
+    else readsRunning--;
+  }
+}
+
 /** Names the cache of `createMetricNames` holds over all its sessions; a session with more is not cached. */
 const NAMES_CACHED = 200_000;
 
@@ -44,7 +72,7 @@ export function createMetricNames(capacity = NAMES_CACHED) {
     if (entry) held -= entry.counts.size;
     known.delete(id);
   };
-  return async (q: Queryable, sessionId: number, through: number): Promise<{ names: string[]; total: number }> => {
+  return async (q: Queryable, sessionId: number, through: number, most = METRICS_PER_READ): Promise<{ names: string[]; total: number }> => {
     let entry = known.get(sessionId);
     forget(sessionId);
     if (!entry || entry.through < through) {
@@ -57,7 +85,7 @@ export function createMetricNames(capacity = NAMES_CACHED) {
         [sessionId, from, through, capacity + 1],
       );
       for (const r of rows) counts.set(r.key, (counts.get(r.key) ?? 0) + r.n);
-      if (counts.size > capacity) return chosenInSql(q, sessionId, 0, through);
+      if (counts.size > capacity) return chosenInSql(q, sessionId, 0, through, most);
       entry = { through, counts };
     }
     known.set(sessionId, entry); // (re-)inserted: the Map's order is then least recently read first
@@ -67,7 +95,7 @@ export function createMetricNames(capacity = NAMES_CACHED) {
       forget(id);
     }
     const names = [...entry.counts].sort(([a, m], [b, n]) => Number(b === 'loss') - Number(a === 'loss') || n - m || (a < b ? -1 : a > b ? 1 : 0));
-    return { names: names.slice(0, METRICS_PER_READ).map(([name]) => name).sort(), total: entry.counts.size };
+    return { names: names.slice(0, most).map(([name]) => name).sort(), total: entry.counts.size };
   };
 }
 
@@ -76,13 +104,13 @@ export function createMetricNames(capacity = NAMES_CACHED) {
  * chooses them: for a session with more names than the cache holds, and for a read after a version (its
  * names are those of its steps: a read of the newest steps left out the one name they report, a review).
  */
-async function chosenInSql(q: Queryable, sessionId: number, after: number, through: number): Promise<{ names: string[]; total: number }> {
+async function chosenInSql(q: Queryable, sessionId: number, after: number, through: number, most: number): Promise<{ names: string[]; total: number }> {
   const rows = await q.query<{ key: string; total: number }>(
     `SELECT key, count(*) OVER ()::float8 AS total FROM (
        SELECT key, count(*) AS n FROM step_history, jsonb_object_keys(metrics) AS key
        WHERE session_id = $1 AND version > $2 AND version <= $3 AND metrics IS NOT NULL GROUP BY key
      ) k ORDER BY key = 'loss' DESC, n DESC, key COLLATE "C" LIMIT $4`,
-    [sessionId, after, through, METRICS_PER_READ],
+    [sessionId, after, through, most],
   );
   return { names: rows.map((r) => r.key).sort(), total: rows[0]?.total ?? 0 };
 }
@@ -114,8 +142,14 @@ export async function downsampledSeries(
       points: rows.map((r) => ({ version: r.version, step: r.step, time: new Date(r.created_at), staleness: r.staleness, values: r.metrics ?? {} })),
     };
   }
-  const { first, last } = range;
-  const { width, room } = bucketWidth(first, last, range.n, maxPoints);
+  return inTurn(() => downsampled(db, metricNames, sessionId, afterVersion, maxPoints, range.first!, range.last!, range.n));
+}
+
+async function downsampled(
+  db: Database, metricNames: MetricNames, sessionId: number, afterVersion: number, maxPoints: number, first: number, last: number, n: number,
+): Promise<{ points: SeriesPoint[]; downsampled: boolean; metricsLeftOut?: number }> {
+  const { width, room } = bucketWidth(first, last, n, maxPoints);
+  const most = namesPerRead(Math.ceil((last - first + 1) / width));
   // A mean is summed in two parts: values of magnitude 1 or more each divided by a power of two at least
   // the bucket's width (exactly), so that their sum cannot overflow, and the others as they are, so that no
   // division underflows (PostgreSQL raises an error where a quotient of a nonzero value is 0: one metric of
@@ -131,7 +165,7 @@ export async function downsampledSeries(
       await tx.query('SET LOCAL jit = off');
       await tx.query("SET LOCAL work_mem = '64MB'");
     }
-    const { names: keys, total } = afterVersion > 0 ? await chosenInSql(tx, sessionId, afterVersion, last) : await metricNames(tx, sessionId, last);
+    const { names: keys, total } = afterVersion > 0 ? await chosenInSql(tx, sessionId, afterVersion, last, most) : await metricNames(tx, sessionId, last, most);
     // Each metric is read from the row's jsonb once (the subquery; OFFSET 0 keeps it from being inlined).
     // $5 (the scale) is selected too: a session that reported no metrics has no figures that use it, and a
     // parameter the statement never names is refused by PostgreSQL.

@@ -7,7 +7,7 @@ import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
 import type { FastifyInstance } from 'fastify';
 import { buildTestApp } from '../helper.ts';
-import { createMetricNames } from '../../src/sessions/series.ts';
+import { createMetricNames, FIGURES_PER_READ } from '../../src/sessions/series.ts';
 
 const ADMIN = 'admin-token-for-dashboard-route-tests';
 const auth = { authorization: `Bearer ${ADMIN}` };
@@ -296,6 +296,34 @@ test('a page of the series holds at most 8 MiB of metrics: steps of 32 names of 
   }
   assert.ok(pages.length >= 2 && pages[0] < 3000, `pages of ${pages.join(', ')} points`);
   assert.deepEqual(seen, Array.from({ length: 3000 }, (_, i) => i + 1));
+});
+
+test('metrics ?max_points: a read of many buckets holds fewer names (at most FIGURES_PER_READ figures), the others counted as left out', async (t) => {
+  // Found by a hostile review: 330 names in 10,000 buckets were 16.5 million values in one answer, and eight
+  // such reads at once ran a replica out of heap.
+  const { app } = await buildTestApp(t);
+  await create(app, 'wide');
+  const [{ id }] = await app.db.query<{ id: number }>("SELECT id::float8 AS id FROM sessions WHERE name = 'wide'");
+  await app.db.query(
+    `INSERT INTO step_history (session_id, version, step, staleness, created_at, metrics)
+     SELECT $1, i + 1, i, 0, now(), (SELECT jsonb_object_agg('n' || lpad(k::text, 3, '0'), k) FROM generate_series(0, 119) k) || jsonb_build_object('loss', i)
+     FROM generate_series(1, 10001) AS i`,
+    [id],
+  );
+  const res = await app.inject({ url: '/v1/sessions/wide/metrics?max_points=10000' });
+  assert.equal(res.statusCode, 200, res.body);
+  const { points, metrics_left_out: leftOut } = res.json();
+  assert.equal(points.length, 5001, 'buckets of 2 versions');
+  const names = Object.keys(points[0].values).sort();
+  assert.equal(names.length, Math.floor(FIGURES_PER_READ / 5001));
+  assert.equal(leftOut, 121 - names.length);
+  assert.ok(names.includes('loss'));
+  assert.deepEqual(names.filter((n) => n !== 'loss'), Array.from({ length: names.length - 1 }, (_, k) => `n${String(k).padStart(3, '0')}`));
+  assert.deepEqual([points[0].values.loss, points[0].values.n005, points[0].min.loss, points[0].max.loss], [1.5, 5, 1, 2]);
+  // The dashboard's reads (1,500 buckets) hold every name of these (at most 330).
+  const page = (await app.inject({ url: '/v1/sessions/wide/metrics?max_points=1500' })).json();
+  assert.equal(Object.keys(page.points[0].values).length, 121);
+  assert.equal(page.metrics_left_out, undefined);
 });
 
 test('metrics ?max_points: hundreds of metric names over a session\'s life, and huge finite values, are still a series', async (t) => {
