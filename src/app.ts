@@ -102,7 +102,7 @@ export async function app(fastify: FastifyInstance, opts: AppOptions): Promise<v
   await fastify.register(sessionsPlugin, { config });
   // Before the hooks that wait on the database (limits, auth): a worker's steps keep their arrival order.
   await fastify.register(arrivalOrderPlugin, { config });
-  await fastify.register(notifierPlugin);
+  await fastify.register(notifierPlugin, { maxConnections: config.maxConnections });
   await fastify.register(roundsPlugin);
   await fastify.register(limitsPlugin, { config });
   await fastify.register(authPlugin, { config });

@@ -55,7 +55,7 @@ const API_CODES = {
   TOKEN_NOT_FOUND: [404, 'No token of this id'],
   /** Load and availability */
   RATE_LIMITED: [429, 'Too many requests for this token; see Retry-After'],
-  TOO_MANY_STREAMS: [429, 'This token holds as many event streams on this process as one token may; close one first'],
+  TOO_MANY_STREAMS: [429, 'This token holds as many event streams (or waiting reads) on this process as one token may; close one first'],
   SERVICE_UNAVAILABLE: [503, 'Overloaded, shutting down, or the database is unreachable; see Retry-After'],
   TOO_MANY_WAITERS: [503, 'This process holds as many waiting reads or event streams as it allows; retry shortly or on another replica'],
   SNAPSHOT_UNAVAILABLE: [503, 'A snapshot changed while it was read (another process pruned it); retry'],
@@ -254,8 +254,8 @@ export const errors = {
     new ApiError('INSUFFICIENT_STORAGE', 'the database\'s disk is full (SQLSTATE 53100): nothing of this request was committed; free space or grow the volume, then send it again', undefined, { 'retry-after': '60' }),
   unavailable: (message: string, retryAfterSeconds = 1) =>
     new ApiError('SERVICE_UNAVAILABLE', message, undefined, { 'retry-after': String(retryAfterSeconds) }),
-  tooManyStreams: (limit: number) =>
-    new ApiError('TOO_MANY_STREAMS', `event streams: this token already holds ${limit} on this process (a tenth of what the process holds); close one first`, undefined, { 'retry-after': '5' }),
+  tooManyStreams: (limit: number, what = 'event streams', share = 'a tenth') =>
+    new ApiError('TOO_MANY_STREAMS', `${what}: this token already holds ${limit} on this process (${share} of what the process holds); close one first`, undefined, { 'retry-after': '5' }),
   tooManyWaiters: (what: string, limit: number) =>
     new ApiError('TOO_MANY_WAITERS', `${what}: this process already holds ${limit}; retry shortly or on another replica`, undefined, { 'retry-after': '1' }),
   snapshotUnavailable: (id: number) =>

@@ -472,3 +472,46 @@ test('event streams: one stored token holds at most 100 on a process (429 TOO_MA
   t.after(() => again.close());
   await again.until(() => again.status() === 200);
 });
+
+test('waiting reads: a process holds at most half of ASGD_MAX_CONNECTIONS of them (503 TOO_MANY_WAITERS beyond), a stored token a quarter of those (429 TOO_MANY_STREAMS)', async (t) => {
+  // Found by a hostile review: 4,100 waiting reads from one client took all 4,096 connections of a replica
+  // (its bound of 10,000 waiters was never reached), and every other client's step was reset at connect.
+  const admin = 'admin-token-for-the-wait-cap-test';
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: admin, ASGD_MAX_CONNECTIONS: '16' } });
+  const asAdmin = { authorization: `Bearer ${admin}` };
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', headers: asAdmin, payload: { name: 's', params } })).statusCode, 201);
+  const token = async (name: string) => {
+    const created = await app.inject({ method: 'POST', url: '/v1/tokens', headers: asAdmin, payload: { name, scope: 'read' } });
+    assert.equal(created.statusCode, 201, created.body);
+    return { authorization: `Bearer ${created.json().token}` };
+  };
+  const [a, b] = [await token('a'), await token('b')];
+  const wait = (headers: Record<string, string>) => app.inject({ url: '/v1/sessions/s/params?after_version=1&wait=30', headers });
+  // 8 waits a process (16 / 2), 2 a token (8 / 4).
+  const held = [wait(a), wait(a)];
+  await waitUntil(() => app.versions.stats().waiters === 2);
+  const third = await wait(a);
+  assert.equal(third.statusCode, 429, third.body);
+  assert.equal(third.json().code, 'TOO_MANY_STREAMS');
+  assert.match(third.json().message, /^waiting reads: this token already holds 2 on this process \(a quarter of what the process holds\)/);
+  held.push(wait(b), wait(b), wait(asAdmin), wait(asAdmin), wait(asAdmin), wait(asAdmin));
+  await waitUntil(() => app.versions.stats().waiters === 8);
+  const over = await wait(asAdmin);
+  assert.equal(over.statusCode, 503, over.body);
+  assert.equal(over.json().code, 'TOO_MANY_WAITERS');
+  assert.match(over.json().message, /^waiting reads: this process already holds 8/);
+  // A step answers them all; the slots are free again.
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/s/step', headers: asAdmin, payload: { grads: grads(0) } })).statusCode, 200);
+  for (const res of await Promise.all(held)) assert.equal(res.statusCode, 200, res.body);
+  assert.equal(app.versions.stats().waiters, 0);
+  const again = await app.inject({ url: '/v1/sessions/s/params?after_version=2&wait=0.1', headers: a });
+  assert.equal(again.statusCode, 304);
+});
+
+async function waitUntil(check: () => boolean, timeoutMs = 10_000): Promise<void> {
+  const start = Date.now();
+  while (!check()) {
+    if (Date.now() - start > timeoutMs) throw new Error('timed out');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}

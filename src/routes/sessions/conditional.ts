@@ -3,7 +3,11 @@
 // newer version commits on any replica (the notifier hears it), else answers 304 when the wait ends.
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { errors } from '../../errors.ts';
-import { checkTokenStillActive, ifMatchVersions, ifNoneMatchTags, setVersion } from '../common.ts';
+import { checkTokenStillActive, ifMatchVersions, ifNoneMatchTags, setVersion, storedTokenId } from '../common.ts';
+import { maxWaitsPerToken } from '../../plugins/notifier.ts';
+
+/** Waiting reads each stored token holds in each app (process), bounded by maxWaitsPerToken. */
+const waitsOf = new WeakMap<FastifyInstance, Map<string, number>>();
 
 export const MAX_WAIT_SECONDS = 60;
 
@@ -93,6 +97,27 @@ export async function waitPastVersion(
   fastify: FastifyInstance, request: FastifyRequest, reply: FastifyReply, name: string, afterVersion: number, waitSeconds: number,
 ): Promise<boolean> {
   if (waitSeconds > MAX_WAIT_SECONDS) throw errors.invalidQuery('wait', `at most ${MAX_WAIT_SECONDS} seconds`);
+  // One stored token may hold a quarter of the process's waiting reads (a read token could take them all).
+  const tokenId = storedTokenId(request);
+  let waits = waitsOf.get(fastify);
+  if (!waits) waitsOf.set(fastify, (waits = new Map()));
+  const perToken = maxWaitsPerToken(fastify.server.maxConnections);
+  if (tokenId !== null && (waits.get(tokenId) ?? 0) >= perToken) throw errors.tooManyStreams(perToken, 'waiting reads', 'a quarter');
+  if (tokenId !== null) waits.set(tokenId, (waits.get(tokenId) ?? 0) + 1);
+  try {
+    return await waitPast(fastify, request, reply, name, afterVersion, waitSeconds);
+  } finally {
+    if (tokenId !== null) {
+      const left = (waits.get(tokenId) ?? 1) - 1;
+      if (left > 0) waits.set(tokenId, left);
+      else waits.delete(tokenId);
+    }
+  }
+}
+
+async function waitPast(
+  fastify: FastifyInstance, request: FastifyRequest, reply: FastifyReply, name: string, afterVersion: number, waitSeconds: number,
+): Promise<boolean> {
   const gone = new AbortController();
   const onClose = () => {
     if (!reply.raw.writableFinished) gone.abort();

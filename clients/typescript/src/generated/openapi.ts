@@ -1411,7 +1411,7 @@ export interface components {
          * @description Too Many Requests. The `code` is one of:
          *
          *     - `RATE_LIMITED`: Too many requests for this token; see Retry-After
-         *     - `TOO_MANY_STREAMS`: This token holds as many event streams on this process as one token may; close one first
+         *     - `TOO_MANY_STREAMS`: This token holds as many event streams (or waiting reads) on this process as one token may; close one first
          */
         Error429: {
             headers: {
