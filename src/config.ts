@@ -110,6 +110,19 @@ function int(env: Env, key: string, fallback: number, min: number, max = Number.
   return value;
 }
 
+/**
+ * ASGD_MIN_FREE_BYTES: 0 (no guard) or at least two of PGlite's 16 MiB WAL segments. Below that a write
+ * could leave PGlite without room for its next segment, where it spins for good (an operator's review:
+ * 1 MiB on a 50 MB disk hung the process with 3 MB free).
+ */
+function minFree(env: Env): number {
+  const value = int(env, 'ASGD_MIN_FREE_BYTES', 64 * MiB, 0);
+  if (value > 0 && value < 32 * MiB) {
+    throw new ConfigError(`ASGD_MIN_FREE_BYTES must be 0 (no guard) or at least ${32 * MiB} (two of the embedded database's 16 MiB WAL segments: below that a write can leave it no room for the next one, where it hangs), got ${value}`);
+  }
+  return value;
+}
+
 /** ASGD_BODY_LIMIT_STEP / _CREATE / _DEFAULT at most: 32 GiB (a 8e9-parameter model's float32 file). */
 export const MAX_BODY_LIMIT = 32 * 1024 * 1024 * 1024;
 
@@ -349,7 +362,7 @@ export function loadConfig(env: Env = process.env): Config {
     cacheBytes: int(env, 'ASGD_CACHE_BYTES', 4096 * MiB, 0),
     cacheSessions: int(env, 'ASGD_CACHE_SESSIONS', 4096, 1, MAX_CACHE_SESSIONS),
     snapshotCopyLimitBytes: int(env, 'ASGD_SNAPSHOT_COPY_LIMIT_BYTES', 256 * MiB, 0),
-    minFreeBytes: int(env, 'ASGD_MIN_FREE_BYTES', 64 * MiB, 0),
+    minFreeBytes: minFree(env),
     // Replay points serve takeovers by other processes; the embedded database has one process, whose point
     // writes would run on its event loop: off there unless asked for.
     replayBoundBytes: int(env, 'ASGD_REPLAY_BOUND_BYTES', databaseUrl(env) ? 64 * MiB : 0, 0),

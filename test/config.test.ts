@@ -80,3 +80,12 @@ test('defaults of session settings hold the bounds the API holds them to; the Id
     assert.throws(() => loadConfig({ [key]: over }), (err: Error) => err instanceof ConfigError && err.message.startsWith(`${key} must be between`), key);
   }
 });
+
+test('ASGD_MIN_FREE_BYTES is 0 or at least two 16 MiB WAL segments: a lower guard let the embedded database hang out of room (an operator\'s review)', () => {
+  for (const value of ['1', '1048576', String(32 * 1024 * 1024 - 1)]) {
+    assert.throws(() => loadConfig({ ASGD_MIN_FREE_BYTES: value }), (err: Error) => err instanceof ConfigError && /^ASGD_MIN_FREE_BYTES must be 0 \(no guard\) or at least 33554432 /.test(err.message), value);
+  }
+  assert.equal(loadConfig({ ASGD_MIN_FREE_BYTES: '0' }).minFreeBytes, 0);
+  assert.equal(loadConfig({ ASGD_MIN_FREE_BYTES: String(32 * 1024 * 1024) }).minFreeBytes, 32 * 1024 * 1024);
+  assert.equal(loadConfig({}).minFreeBytes, 64 * 1024 * 1024);
+});

@@ -1,7 +1,7 @@
 // One interface over the two databases the service runs on: PostgreSQL through `pg` (DATABASE_URL set)
 // and embedded PostgreSQL (PGlite) in a data directory. Drizzle serves the schema, migrations and
 // simple queries; the hot path speaks SQL through the same connections (bytea parameters in binary).
-import { existsSync, mkdirSync, readFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, statfsSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
@@ -703,6 +703,19 @@ async function createInMemory(PGlite: ReturnType<typeof pgliteDrizzle>['PGlite']
   return client;
 }
 
+/** Free space below which a failed start of the embedded database names the disk. */
+const LOW_DISK_BYTES = 64 * 1024 * 1024;
+
+/** Bytes free on the disk holding `dir`, or null when not knowable. */
+function freeBytes(dir: string): number | null {
+  try {
+    const fs = statfsSync(dir);
+    return fs.bavail * fs.bsize;
+  } catch {
+    return null;
+  }
+}
+
 async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Database> {
   const { PGlite, drizzle: drizzlePglite, migrate: migratePglite } = pgliteDrizzle();
   let lock: DataDirLock | null = null;
@@ -731,6 +744,12 @@ async function openPglite(dataDir: string, options: DatabaseOptions): Promise<Da
     client = lock ? await PGlite.create(dataDir) : await createInMemory(PGlite);
   } catch (err) {
     lock?.release();
+    // A disk with no room for PGlite's next WAL segment fails its start with a message that names nothing
+    // (an operator's review: "PGlite failed to initialize properly"): the disk is named when it is short.
+    const free = lock ? freeBytes(dataDir) : null;
+    if (free !== null && free < LOW_DISK_BYTES && err instanceof Error) {
+      err.message += `; the disk holding ASGD_DATA_DIR (${resolve(dataDir)}) has ${free} bytes free: PGlite needs room for its WAL (16 MiB segments); free space or grow the volume`;
+    }
     throw err;
   }
   const orm = drizzlePglite(client, { schema });
