@@ -831,7 +831,32 @@ export async function saveIdempotentAnswer(q: Queryable, sessionId: number, key:
   );
 }
 
+/** Expired keys one statement of pruneIdempotencyKeys deletes, and the statements one run makes at most. */
+export const PRUNE_BATCH_KEYS = 10_000;
+const PRUNE_BATCHES = 100;
+
+/**
+ * Deletes expired Idempotency-Key answers, PRUNE_BATCH_KEYS a statement (oldest first, by the created_at
+ * index), until none is left or a run has made PRUNE_BATCHES statements. One statement for them all took
+ * 27 s over 3 million keys, was cancelled at a short ASGD_DB_TIMEOUT_MS every minute and never shrank the
+ * table, and sent every key to the process (an operator's review). Keys another replica is deleting are
+ * skipped (SKIP LOCKED): replicas share the work rather than wait on each other's rows.
+ */
 export async function pruneIdempotencyKeys(q: Queryable, windowSeconds: number): Promise<number> {
-  const rows = await q.query("DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1) RETURNING key", [windowSeconds]);
-  return rows.length;
+  let pruned = 0;
+  for (let batch = 0; batch < PRUNE_BATCHES; batch++) {
+    const [row] = await q.query<{ n: number }>(
+      `WITH expired AS (
+         SELECT session_id, key FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)
+         ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED
+       ), gone AS (
+         DELETE FROM idempotency_keys k USING expired e WHERE k.session_id = e.session_id AND k.key = e.key RETURNING 1
+       )
+       SELECT count(*)::float8 AS n FROM gone`,
+      [windowSeconds, PRUNE_BATCH_KEYS],
+    );
+    pruned += row?.n ?? 0;
+    if ((row?.n ?? 0) < PRUNE_BATCH_KEYS) break;
+  }
+  return pruned;
 }
