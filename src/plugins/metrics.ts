@@ -1,5 +1,6 @@
 // Prometheus metrics as a named plugin: one prom-client Registry per app instance (tests build many apps
 // in one process), fed by request hooks and by the session domain's hooks; served at GET /metrics.
+import { statfsSync } from 'node:fs';
 import { Transform } from 'node:stream';
 import fp from 'fastify-plugin';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
@@ -113,6 +114,22 @@ export default fp(
         name: 'asgd_database_up', help: 'Whether the last database probe (every ASGD_HEALTH_CHECK_INTERVAL_MS) found it reachable and migrated (1) or not (0)', registers,
         collect() { this.set(health.up ? 1 : 0); },
       });
+    }
+    if (!opts.config.databaseUrl && opts.config.dataDir !== 'memory://') {
+      // What the embedded database's disk guard sees (an operator's review: nothing told a low disk coming).
+      const dir = opts.config.dataDir;
+      new Gauge({
+        name: 'asgd_data_dir_free_bytes', help: 'Embedded database: bytes free on the disk holding ASGD_DATA_DIR; writes are refused (507) below ASGD_MIN_FREE_BYTES and what they write', registers,
+        collect() {
+          try {
+            const fs = statfsSync(dir);
+            this.set(fs.bavail * fs.bsize);
+          } catch {
+            // not knowable now (the directory gone): no sample
+          }
+        },
+      });
+      new Gauge({ name: 'asgd_data_dir_min_free_bytes', help: 'ASGD_MIN_FREE_BYTES: the free space below which the embedded database refuses writes', registers }).set(opts.config.minFreeBytes);
     }
     new Gauge({
       name: 'asgd_http_request_body_in_flight_bytes', help: 'Request body bytes this process holds (bodies of 1 MiB or more, received or not answered yet): bounded by ASGD_BODY_IN_FLIGHT_BYTES', registers,

@@ -480,6 +480,11 @@ test('an embedded database low on disk still deletes a session that fits the roo
   });
   const tight = await buildApp({ config: testConfig({ ...env, ASGD_MIN_FREE_BYTES: String(minFree) }), migrate: true, logger: false });
   t.after(() => tight.close());
+  // /metrics shows what the guard sees.
+  const metrics = (await tight.inject({ url: '/metrics', headers: asAdmin })).body;
+  const bsize = realStatfs(dir).bsize;
+  assert.match(metrics, new RegExp(`^asgd_data_dir_free_bytes ${Math.floor((minFree / 2 + 1024 * 1024) / bsize) * bsize}$`, 'm'));
+  assert.match(metrics, new RegExp(`^asgd_data_dir_min_free_bytes ${minFree}$`, 'm'));
   const step = await tight.inject({ method: 'POST', url: '/v1/sessions/small/step', headers: asAdmin, payload: { grads: { w: [1, 1] } } });
   assert.equal(step.statusCode, 507, step.body);
   const settings = await tight.inject({ method: 'PATCH', url: '/v1/sessions/other', headers: asAdmin, payload: { keep_snapshots: 1 } });
