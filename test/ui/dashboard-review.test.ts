@@ -171,35 +171,45 @@ test('the timeline\'s ticks and the charts have accessible names', { skip }, asy
   await page.keyboard.press('Enter');
   await page.waitForFunction((id) => document.activeElement?.closest('tr')?.id === `snapshot-${id}`, pinned.id, { timeout: 5000 });
 
-  // Each chart is a tab stop named by its title and its latest values.
+  // Each chart is a tab stop named by its title and its latest values: a slider (a screen reader in browse
+  // mode passes it the arrow keys, and says its value) over the steps of its points.
   await page.waitForFunction(() => (window as any).asgdCharts?.['metric:loss']?.data[0].length === 4);
-  const loss = page.locator('[data-chart="metric:loss"]');
-  assert.equal(await loss.getAttribute('role'), 'group');
+  const loss = page.locator('[data-chart="metric:loss"] [role=slider]');
   assert.equal(await loss.getAttribute('aria-roledescription'), 'chart');
   assert.match(await loss.getAttribute('aria-label') ?? '', /^loss chart, 4 points; latest at step 4: loss 0\.875$/);
-  assert.equal(await page.getByRole('group', { name: /^loss chart/ }).count(), 1);
-  const charts = await page.$$eval('[data-chart]', (els) => els.map((el) => ({ key: (el as HTMLElement).dataset.chart, role: el.getAttribute('role'), label: el.getAttribute('aria-label') ?? '', tab: (el as HTMLElement).tabIndex })));
+  assert.equal(await page.getByRole('slider', { name: /^loss chart/ }).count(), 1);
+  // Its title stays a heading, outside the slider (whose children are presentational).
+  assert.equal(await page.getByRole('heading', { name: 'loss', exact: true }).count(), 1);
+  const charts = await page.$$eval('[data-chart]', (els) => els.map((el) => {
+    const plot = el.querySelector('.plot') as HTMLElement;
+    return { key: (el as HTMLElement).dataset.chart, role: plot.getAttribute('role'), label: plot.getAttribute('aria-label') ?? '', tab: plot.tabIndex, min: plot.getAttribute('aria-valuemin'), max: plot.getAttribute('aria-valuemax') };
+  }));
   assert.ok(charts.length >= 6, JSON.stringify(charts));
   for (const c of charts) {
-    assert.equal(c.role, 'group', `${c.key}`);
+    assert.equal(c.role, 'slider', `${c.key}`);
     assert.equal(c.tab, 0, `${c.key} is a tab stop`);
     assert.match(c.label, /chart, \d+ points?; latest at step \d+: /, `${c.key}: ${c.label}`);
+    if (c.key === 'metric:loss' || c.key === 'staleness') assert.deepEqual([c.min, c.max], ['1', '4'], `${c.key}: over its steps`);
   }
+  assert.equal(await page.locator('[data-chart] [aria-live]').count(), 0, 'no live region besides the slider\'s value');
   // Its points are read with the keys (a review: the values were for a mouse only): End the last, Left the
   // one before, Home the first; the legend shows the point; Escape leaves it.
-  const said = () => loss.locator('[aria-live]').textContent();
-  const legend = () => loss.locator('.u-legend .u-series').nth(1).locator('.u-value').textContent();
+  const said = async () => [await loss.getAttribute('aria-valuenow'), await loss.getAttribute('aria-valuetext')];
+  const legend = () => page.locator('[data-chart="metric:loss"] .u-legend .u-series').nth(1).locator('.u-value').textContent();
   await loss.focus();
+  assert.deepEqual(await said(), ['4', 'no point chosen']);
   await page.keyboard.press('End');
-  assert.equal(await said(), 'last point, at step 4: loss 0.875');
+  assert.deepEqual(await said(), ['4', 'last point, at step 4: loss 0.875']);
   await page.keyboard.press('ArrowLeft');
-  assert.equal(await said(), 'at step 3: loss 1.25');
+  assert.deepEqual(await said(), ['3', 'at step 3: loss 1.25']);
   await page.waitForFunction(() => document.querySelector('[data-chart="metric:loss"] .u-legend .u-series:nth-child(2) .u-value')?.textContent === '1.25', undefined, { timeout: 5000 });
   await page.keyboard.press('Home');
-  assert.equal(await said(), 'first point, at step 1: loss 2');
+  assert.deepEqual(await said(), ['1', 'first point, at step 1: loss 2']);
   assert.equal(await legend(), '2');
   await page.keyboard.press('Escape');
-  assert.equal(await said(), '');
+  assert.deepEqual(await said(), ['4', 'no point chosen']);
+  // The legend is blank again, as when a mouse leaves the plot.
+  await page.waitForFunction(() => document.querySelector('[data-chart="metric:loss"] .u-legend .u-series:nth-child(2) .u-value')?.textContent === '--', undefined, { timeout: 5000 });
 });
 
 test('snapshots close together on the timeline are told apart: no two ticks overlap, and every snapshot is named in one', { skip }, async (t) => {
@@ -264,9 +274,9 @@ test('a metric reported at one step only is drawn (a dot) and its chart says 1 p
   for (let s = 1; s <= 60; s++) await api('POST', '/v1/sessions/once/step', { grads: GRAD, metrics: s === 30 ? { loss: 1, val_loss: 0.5 } : { loss: 1 } });
   await page.goto(`${base}/ui/#/s/once`);
   await page.waitForFunction(() => (window as any).asgdCharts?.['metric:val_loss'] && (window as any).asgdCharts?.norm);
-  const label = await page.getAttribute('[data-chart="metric:val_loss"]', 'aria-label');
+  const label = await page.getAttribute('[data-chart="metric:val_loss"] .plot', 'aria-label');
   assert.equal(label, 'val_loss chart, 1 point; latest at step 30: val_loss 0.5');
-  assert.match(await page.getAttribute('[data-chart="metric:loss"]', 'aria-label') ?? '', /^loss chart, 60 points; latest at step 60: /);
+  assert.match(await page.getAttribute('[data-chart="metric:loss"] .plot', 'aria-label') ?? '', /^loss chart, 60 points; latest at step 60: /);
   // The dot: pixels of the line's colour (#2f6fde) where step 30, 0.5 is drawn; none before the fix.
   const dot = await page.evaluate(() => {
     const u = (window as any).asgdCharts['metric:val_loss'];
@@ -499,7 +509,7 @@ test('over time, a line breaks across an idle quarter hour (not drawn as a stead
   assert.ok(await blueAt('first') > 4, 'the first burst is a line');
   assert.ok(await blueAt('last') > 4, 'the last burst is a line');
   assert.equal(await blueAt('idle'), 0, 'no line across the idle time');
-  assert.match(await page.getAttribute('[data-chart="metric:loss"]', 'aria-label') ?? '', /^loss chart, 40 points; /);
+  assert.match(await page.getAttribute('[data-chart="metric:loss"] .plot', 'aria-label') ?? '', /^loss chart, 40 points; /);
   // Over steps, unchanged: one line from step 1 to 40.
   await page.selectOption('select[aria-label="x axis"]', 'step');
   await page.waitForFunction(() => (window as any).asgdCharts?.['metric:loss'] && !(window as any).asgdCharts['metric:loss'].scales.x.time);
@@ -571,7 +581,7 @@ test('a norm that is Infinity: its chart says "not finite at step 4", in a note 
   assert.equal(norms.params[0].norm, 'Infinity');
   await page.goto(`${base}/ui/#/s/inf`);
   await page.waitForFunction(() => (window as any).asgdCharts?.norm);
-  assert.equal(await page.getAttribute('[data-chart="norm"]', 'aria-label'), '‖param‖ chart: not finite at step 4: w Infinity');
+  assert.equal(await page.getAttribute('[data-chart="norm"] .plot', 'aria-label'), '‖param‖ chart: not finite at step 4: w Infinity');
   assert.equal(await page.textContent('[data-chart="norm"] .remark:not([hidden])'), 'not finite at step 4: w Infinity');
   // A chart whose values are all finite says nothing of the kind.
   assert.equal(await page.isHidden('[data-chart="staleness"] .remark'), true);

@@ -191,38 +191,43 @@ export class Chart {
     this.box = document.createElement('div');
     this.box.className = 'chart';
     this.box.dataset.chart = spec.key;
-    // A canvas says nothing to a screen reader: the box is a chart named by its title and latest values, and
-    // a tab stop: the arrow keys read its points one by one (the legend shows them; a live region says them),
-    // Home and End the first and last, Escape leaves the point (a review: a chart was only for a mouse).
-    this.box.setAttribute('role', 'group');
-    this.box.setAttribute('aria-roledescription', 'chart');
-    this.box.setAttribute('aria-label', `${spec.title}: no data yet`);
-    this.box.setAttribute('aria-keyshortcuts', 'ArrowLeft ArrowRight Home End Escape');
-    this.box.tabIndex = 0;
-    /** The point the keys are at (an index into this.data), or -1. */
-    this.point = -1;
-    /** Says the point the keys are at. */
-    this.said = document.createElement('p');
-    this.said.className = 'visually-hidden';
-    this.said.setAttribute('aria-live', 'polite');
-    this.box.addEventListener('keydown', (e) => this.key(e));
-    this.box.addEventListener('blur', () => this.leavePoint());
-    const title = document.createElement('h3');
-    title.textContent = spec.title;
-    this.box.append(title);
-    if (spec.note) {
-      const note = document.createElement('p');
-      note.className = 'note';
-      note.textContent = spec.note;
-      this.box.append(note);
-    }
+    this.title = document.createElement('h3');
+    /** What the chart draws (a bucket's mean and band), when its spec says. */
+    this.note = document.createElement('p');
+    this.note.className = 'note';
     /** Says where a line's values are not finite (drawn as gaps): notFinite. */
     this.remark = document.createElement('p');
     this.remark.className = 'note remark';
     this.remark.hidden = true;
-    this.box.append(this.remark);
-    this.box.append(this.said);
+    // A canvas says nothing to a screen reader: the plot is a tab stop named by the chart's title and latest
+    // values, whose points the arrow keys read one by one (Home and End the first and last, Escape leaves the
+    // point; a review: a chart was only for a mouse). A slider, not a group: a screen reader in browse mode
+    // (NVDA, JAWS) passes the arrow keys to a slider, and says its value (the point: aria-valuetext) itself,
+    // with no live region (a review). Its children are presentational, so the title (a heading) and the
+    // notes stay outside it.
+    this.plotBox = document.createElement('div');
+    this.plotBox.className = 'plot';
+    this.plotBox.setAttribute('role', 'slider');
+    this.plotBox.setAttribute('aria-roledescription', 'chart');
+    this.plotBox.setAttribute('aria-keyshortcuts', 'ArrowLeft ArrowRight Home End Escape');
+    this.plotBox.tabIndex = 0;
+    this.plotBox.addEventListener('keydown', (e) => this.key(e));
+    // What changed while it had the focus (its name, its range) is applied when it loses it: a screen reader
+    // speaks each change of the focused element's name (a review: every second while steps stream in).
+    this.plotBox.addEventListener('blur', () => {
+      this.leavePoint();
+      this.syncName();
+      this.syncValue();
+    });
+    this.box.append(this.title, this.note, this.remark, this.plotBox);
+    this.showSpec();
     parent.append(this.box);
+    /** The point the keys are at (an index into this.data), or -1. */
+    this.point = -1;
+    /** The keys' point as said, without "first point" or "last point" (set: said again only when it changed). */
+    this.pointSaid = '';
+    /** The chart in words (describe): its name, applied while it does not have the focus. */
+    this.summary = `${spec.title}: no data yet`;
     /** @type {uPlot | null} */
     this.plot = null;
     /** @type {uPlot.AlignedData} */
@@ -231,8 +236,64 @@ export class Chart {
     this.scale = 1;
     /** @type {[number, number] | null} the steps (or times) the x axis spans at least: the other charts' (set). */
     this.span = null;
+    this.syncName();
+    this.syncValue();
     this.resize = new ResizeObserver(() => this.plot?.setSize(this.size()));
     this.resize.observe(this.box);
+  }
+
+  /** Whether the keys' element has the focus. */
+  focused() {
+    return document.activeElement === this.plotBox;
+  }
+
+  /** The title and note of this.spec. */
+  showSpec() {
+    this.title.textContent = this.spec.title;
+    this.note.textContent = this.spec.note ?? '';
+    this.note.hidden = !this.spec.note;
+  }
+
+  /**
+   * Draws the chart as another spec says (its lines changed: single steps read again as buckets with a min and
+   * max) in the same place: the plot is made again, the element with the focus stays, and so do the keys'
+   * point (by its step; set) and the legend's place (a review: a focused chart was destroyed, the focus lost).
+   * @param {ChartSpec} spec
+   */
+  respec(spec) {
+    if (this.plot && registry[this.spec.key] === this.plot) delete registry[this.spec.key];
+    this.plot?.destroy();
+    this.plot = null;
+    this.spec = spec;
+    this.showSpec();
+  }
+
+  /** Sets an attribute of the keys' element when it differs (a screen reader may say any change). @param {string} name @param {string} value */
+  attr(name, value) {
+    if (this.plotBox.getAttribute(name) !== value) this.plotBox.setAttribute(name, value);
+  }
+
+  /** The name: the summary, unless the chart has the focus (then on blur). */
+  syncName() {
+    if (!this.focused()) this.attr('aria-label', this.summary);
+  }
+
+  /**
+   * The slider's value: over the steps (or times, in seconds) of its points, now at the keys' point (else the
+   * last one), said as the point is (valuetext).
+   */
+  syncValue() {
+    const points = this.points();
+    const xs = this.data[0] ?? [];
+    if (points.length === 0) {
+      for (const [name, value] of [['aria-valuemin', '0'], ['aria-valuemax', '0'], ['aria-valuenow', '0'], ['aria-valuetext', 'no data yet']]) this.attr(name, value);
+      return;
+    }
+    const at = this.point >= 0 ? this.point : points[points.length - 1];
+    this.attr('aria-valuemin', String(xs[points[0]]));
+    this.attr('aria-valuemax', String(xs[points[points.length - 1]]));
+    this.attr('aria-valuenow', String(xs[at]));
+    this.attr('aria-valuetext', this.point >= 0 ? `${this.where(this.point, points)}${this.pointSaid}` : 'no point chosen');
   }
 
   size() {
@@ -255,13 +316,32 @@ export class Chart {
     data = [data[0], ...data.slice(1).map((ys) => Array.from(ys, (v) => (v == null ? undefined : typeof v === 'number' && !Number.isFinite(v) ? null : v)))];
     this.remark.textContent = odd;
     this.remark.hidden = !odd;
-    // The keys' point stays at its step (or time) while new points arrive, or goes with it.
-    const kept = this.point >= 0 ? data[0].indexOf(this.data[0][this.point]) : -1;
-    if (this.point >= 0 && kept < 0) this.leavePoint();
-    this.point = kept;
+    // The keys' point stays at its step (or time) while new points arrive; read again as buckets, it is the
+    // bucket that holds that step (the first point at or after it); it goes when no point is left there (a
+    // restore to before it).
+    const keptX = this.point >= 0 ? this.data[0][this.point] : undefined;
     this.data = data;
     this.span = span;
-    this.box.setAttribute('aria-label', this.describe(data, odd));
+    if (keptX !== undefined) {
+      const kept = this.points().find((j) => data[0][j] >= keptX) ?? -1;
+      if (kept < 0) {
+        this.leavePoint();
+        this.syncValue();
+      } else {
+        this.point = kept;
+        // Said again (aria-valuetext) only when what is said of it changed (its values: now a bucket's).
+        const said = this.pointText(kept);
+        if (said !== this.pointSaid) {
+          this.pointSaid = said;
+          this.syncValue();
+        }
+      }
+    }
+    this.summary = this.describe(data, odd);
+    // While the chart has the focus its name and range stay as they are (a screen reader would speak each
+    // change, every second while steps stream in): applied on blur, the range on a key too.
+    this.syncName();
+    if (!this.focused()) this.syncValue();
     this.scale = drawScale(data);
     const scale = this.scale;
     const lines = this.spec.time ? breakIdle(data, versions) : data;
@@ -332,6 +412,7 @@ export class Chart {
       legend: { live: true },
     }, drawn, this.box);
     registry[this.spec.key] = this.plot;
+    if (this.point >= 0) requestAnimationFrame(() => this.placeCursor());
     // A label cut short in the legend (app.css) has its whole name as a tooltip.
     this.plot.root.querySelectorAll('.u-legend .u-series').forEach((row, i) => {
       const label = row.querySelector('.u-label');
@@ -379,7 +460,7 @@ export class Chart {
 
   /**
    * The keys of a focused chart: Left and Right to the point before or after, Home and End to the first or
-   * last; Escape leaves it. The point is shown (uPlot's cursor and legend) and said.
+   * last; Escape leaves it. The point is shown (uPlot's cursor and legend) and said (the slider's value).
    * @param {KeyboardEvent} e
    */
   key(e) {
@@ -387,6 +468,7 @@ export class Chart {
     if (e.key === 'Escape') {
       if (this.point < 0) return;
       this.leavePoint();
+      this.syncValue();
       e.preventDefault();
       return;
     }
@@ -395,7 +477,7 @@ export class Chart {
     e.preventDefault();
     const points = this.points();
     if (points.length === 0) {
-      this.said.textContent = `${this.spec.title}: no data yet`;
+      this.syncValue();
       return;
     }
     const move = moves[/** @type {keyof typeof moves} */ (e.key)];
@@ -403,21 +485,57 @@ export class Chart {
     if (move === -Infinity) at = 0;
     else if (move === Infinity || at < 0) at = points.length - 1;
     else at = Math.max(0, Math.min(points.length - 1, at + move));
-    this.showPoint(points[at], at === 0 ? 'first point, ' : at === points.length - 1 ? 'last point, ' : '');
+    this.showPoint(points[at]);
   }
 
-  /** Shows and says the point at index j of this.data. @param {number} j @param {string} where */
-  showPoint(j, where) {
-    this.point = j;
-    const x = this.data[0][j];
-    const said = this.lines().map((i) => {
+  /**
+   * Where a point is among the chart's points, as said before it: "only point, ", "first point, ", "last
+   * point, " or ''. Asked at each key: points that came since make the last point one before the last.
+   * @param {number} j @param {number[]} points this.points()
+   */
+  where(j, points) {
+    if (points.length === 1) return 'only point, ';
+    return j === points[0] ? 'first point, ' : j === points[points.length - 1] ? 'last point, ' : '';
+  }
+
+  /**
+   * A point in words: "at step 3: loss 1.25"; a bucket of a downsampled read (its band's min and max) says
+   * the steps it holds, from after the point before it: "steps 1 to 67: loss mean 0.9675, min 0.9372, max
+   * 0.999" (a review: its mean was given as the value at its last step); the first one "up to step 67".
+   * @param {number} j an index into this.data
+   */
+  pointText(j) {
+    const lines = this.lines();
+    const bucket = lines.some((i) => this.spec.series[i].band && typeof this.data[i + 2]?.[j] === 'number');
+    const said = lines.map((i) => {
       const v = this.data[i + 1]?.[j];
       if (v === undefined) return null;
-      const band = this.spec.series[i].band ? this.data[i + 2]?.[j] : undefined;
-      const range = typeof band === 'number' ? ` (min ${fmtNum(band)}, max ${fmtNum(/** @type {number} */ (this.data[i + 3]?.[j]))})` : '';
-      return `${this.spec.series[i].label} ${v === null ? 'not finite' : fmtNum(v)}${range}`;
+      const min = this.spec.series[i].band ? this.data[i + 2]?.[j] : undefined;
+      const value = v === null ? 'not finite' : fmtNum(v);
+      if (typeof min !== 'number') return `${this.spec.series[i].label} ${value}`;
+      return `${this.spec.series[i].label} mean ${value}, min ${fmtNum(min)}, max ${fmtNum(/** @type {number} */ (this.data[i + 3]?.[j]))}`;
     }).filter((t) => t !== null);
-    this.said.textContent = `${where}${this.at(x)}: ${said.join(', ')}`;
+    const x = this.data[0][j];
+    return `${bucket ? this.bucketAt(j) : this.at(x)}: ${said.join(', ')}`;
+  }
+
+  /** Where the bucket at index j lies: "steps 1 to 67", or "up to step 67" for the first. @param {number} j */
+  bucketAt(j) {
+    const x = this.data[0][j];
+    const before = j > 0 ? this.data[0][j - 1] : undefined;
+    if (this.spec.time) {
+      const time = (/** @type {number} */ t) => new Date(t * 1000).toLocaleTimeString();
+      return before === undefined ? `up to ${time(x)}` : `after ${time(before)} up to ${time(x)}`;
+    }
+    if (before === undefined) return `up to step ${fmtNum(x)}`;
+    return before + 1 >= x ? `at step ${fmtNum(x)}` : `steps ${fmtNum(before + 1)} to ${fmtNum(x)}`;
+  }
+
+  /** Shows and says the point at index j of this.data. @param {number} j */
+  showPoint(j) {
+    this.point = j;
+    this.pointSaid = this.pointText(j);
+    this.syncValue();
     this.placeCursor();
   }
 
@@ -432,11 +550,14 @@ export class Chart {
     u.setCursor({ left: u.valToPos(x, 'x'), top: Number.isFinite(top) ? top : u.over.clientHeight / 2 });
   }
 
-  /** The keys leave their point: the cursor goes, the legend shows the latest values again. */
+  /**
+   * The keys leave their point: the cursor goes, and the legend is blank ("--"), as when a mouse leaves the
+   * plot. The slider's value is synced by the caller (a key, blur).
+   */
   leavePoint() {
     if (this.point < 0) return;
     this.point = -1;
-    this.said.textContent = '';
+    this.pointSaid = '';
     this.plot?.setCursor({ left: -10, top: -10 });
   }
 

@@ -8,8 +8,12 @@
  * @typedef {{ version: number, step: number, time: string, reason?: string, param_groups: Record<string, any>[] }} HyperChange
  */
 
-/** How many points the page asks for: enough for a wide chart, few enough to open at once. */
-export const MAX_POINTS = 1500;
+/**
+ * How many points the page asks for: enough for a wide chart, few enough to open at once. Tests set fewer
+ * (`window.asgdMaxPoints`, before the page's scripts run) to see the page switch to buckets sooner.
+ * @type {number}
+ */
+export const MAX_POINTS = /** @type {any} */ (globalThis).asgdMaxPoints ?? 1500;
 
 /** @param {any} p @returns {Point} */
 export function toPoint(p) {

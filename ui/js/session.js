@@ -142,14 +142,14 @@ export function sessionPage(root, name, who) {
   function chart(spec, data, span = null, versions = shownVersions) {
     drawnKeys.add(spec.key);
     let c = charts.get(spec.key);
-    if (!c || c.spec.series.length !== spec.series.length) {
-      // A chart made again (its lines changed: single steps read as buckets with min and max) takes the old
-      // one's place, not the end of the grid (a review: loss went below the norms while watched).
-      const place = c ? c.box.nextSibling : undefined;
-      c?.destroy();
+    if (!c) {
       c = new Chart(chartsEl, { ...spec, time: xMode === 'time' });
-      if (place !== undefined) chartsEl.insertBefore(c.box, place);
       charts.set(spec.key, c);
+    } else if (c.spec.series.length !== spec.series.length) {
+      // Its lines changed (single steps read again as buckets with a min and max): drawn again in its place
+      // (a review: loss went below the norms while watched), keeping the focus and the keys' point (a
+      // review: a focused chart was destroyed at ~6,000 live points).
+      c.respec({ ...spec, time: xMode === 'time' });
     }
     c.set(/** @type {any} */ (data), span, versions);
   }
