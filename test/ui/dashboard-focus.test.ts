@@ -100,3 +100,53 @@ test('a chart of one point says "only point"; after End, the keys say where a po
   assert.equal(await loss.getAttribute('aria-valuetext'), 'last point, at step 2: loss 0.25');
   assert.equal(await loss.getAttribute('aria-valuemax'), '2');
 });
+
+test('the timeline keeps the focus on the tick that holds the focused snapshot while snapshots join its group, is not touched while nothing drawn changed, and gives the focus to the nearest tick when that snapshot is pruned', { skip }, async (t) => {
+  const { base, api, page } = await openDashboard(t);
+  await api('POST', '/v1/sessions', { name: 'tl', params: PARAMS, snapshot_every: 1_000_000, keep_snapshots: 100 });
+  // 200 versions; a snapshot at each of the last 10: one group at this width.
+  for (let s = 1; s <= 200; s++) {
+    await api('POST', '/v1/sessions/tl/step', { grads: GRAD });
+    if (s > 190) await api('POST', '/v1/sessions/tl/snapshots', { pinned: false });
+  }
+  await page.goto(`${base}/ui/#/s/tl`);
+  await page.waitForSelector('#timeline .tick.group');
+  await page.focus('#timeline .tick[tabindex="0"]');
+  const before = (await page.getAttribute('#timeline .tick.group', 'data-snapshots'))!.split(' ');
+  assert.equal(await page.evaluate(() => document.activeElement?.classList.contains('group')), true);
+  await markFocused(page);
+  // Steps and a snapshot after each, for 12 s: each joins the focused group, and the versions move every tick.
+  const until = Date.now() + 12_000;
+  while (Date.now() < until) {
+    await api('POST', '/v1/sessions/tl/step', { grads: GRAD });
+    await api('POST', '/v1/sessions/tl/snapshots', { pinned: false });
+    await sleep(200);
+  }
+  const { snapshots } = await api('GET', '/v1/sessions/tl/snapshots');
+  await page.waitForFunction((n) => document.querySelector('#timeline .tick.group')?.textContent === String(n), snapshots.length - 1, { timeout: 20_000 });
+  const kept = await stillFocused(page);
+  assert.ok(kept.same, `the focus stayed on the group (now on ${kept.focused})`);
+  assert.equal(kept.focusins, 0, 'and was not taken away and given back');
+  const after = (await page.evaluate(() => document.activeElement?.getAttribute('data-snapshots')))!.split(' ');
+  assert.ok(before.every((id) => after.includes(id)) && after.length > before.length, `${before} → ${after}`);
+  // Nothing drawn changes now (the page still reads the snapshots for a while after the version moved): the
+  // timeline is not touched (a rebuild re-focused the tick: a screen reader read it again).
+  await page.evaluate(() => {
+    (window as any).touched = 0;
+    new MutationObserver((ms) => { (window as any).touched += ms.length; }).observe(document.getElementById('timeline')!, { subtree: true, childList: true, attributes: true, characterData: true });
+  });
+  await sleep(11_000);
+  assert.equal(await page.evaluate(() => (window as any).touched), 0);
+  assert.equal((await stillFocused(page)).focusins, 0);
+
+  // A focused tick whose snapshot is pruned: the focus goes to the nearest tick by version, not to the page.
+  await api('PATCH', '/v1/sessions/tl', { keep_snapshots: 3 });
+  await page.keyboard.press('Home');
+  const oldest = await page.evaluate(() => document.activeElement?.getAttribute('data-snapshots'));
+  await api('POST', '/v1/sessions/tl/step', { grads: GRAD });
+  await api('POST', '/v1/sessions/tl/snapshots', { pinned: false });
+  await page.waitForFunction((id) => !document.querySelector(`#timeline .tick[data-snapshots~="${id}"]`), oldest, { timeout: 20_000 });
+  const now = await page.evaluate(() => ({ tick: document.activeElement?.closest('#timeline .tick') !== null, stops: [...document.querySelectorAll('#timeline .tick')].map((el) => (el as HTMLElement).tabIndex) }));
+  assert.ok(now.tick, 'the focus is on a tick');
+  assert.equal(now.stops.filter((s) => s === 0).length, 1);
+});

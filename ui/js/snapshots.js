@@ -7,6 +7,8 @@ import { confirmDialog, fmtBytes, h, keepFocus, localNumber, nameDialog, scrollB
 const TICK_PX = 10;
 const GROUP_MIN_PX = 18;
 const TICK_SPACE_PX = 4;
+/** A group's name and title name its first snapshots, this many, and say how many more. */
+const GROUP_NAMED = 5;
 
 /** A snapshot as a tick names it. @param {any} s */
 const describe = (s) => `snapshot ${s.id}: version ${s.version}, step ${s.step}${s.pinned ? ', pinned' : ''}`;
@@ -25,11 +27,27 @@ export function snapshotsSection(root, name, admin, changed) {
   /** The snapshot whose tick (or group) is the timeline's tab stop: the one last focused, else the newest. @type {string | null} */
   let current = null;
   const ticks = () => /** @type {HTMLButtonElement[]} */ ([...timeline.querySelectorAll('button.tick')]);
+  /** That snapshot's version: the nearest tick takes the tab stop when it is pruned. @type {number | null} */
+  let currentVersion = null;
+  /** What drawTimeline drew last (its ticks and tab stop), not drawn again while the same. */
+  let drawnSignature = '';
   timeline.addEventListener('focusin', (e) => {
     const tick = /** @type {HTMLElement} */ (e.target).closest('button.tick');
     if (!tick) return;
     current = tick.getAttribute('data-snapshots')?.split(' ')[0] ?? null;
+    currentVersion = drawn?.[0].find((s) => String(s.id) === current)?.version ?? currentVersion;
     for (const t of ticks()) t.tabIndex = t === tick ? 0 : -1;
+  });
+  // A click (or Enter) on a tick shows its newest snapshot's row, and the keyboard's focus goes to its first
+  // button (download, restore…): a keyboard user pressed Enter on the tick to reach that snapshot (a review:
+  // the focus stayed on the tick).
+  timeline.addEventListener('click', (e) => {
+    const tick = /** @type {HTMLElement} */ (e.target).closest('button.tick');
+    const newest = tick?.getAttribute('data-snapshots')?.split(' ').at(-1);
+    if (!newest) return;
+    const row = document.getElementById(`snapshot-${newest}`);
+    row?.scrollIntoView({ block: 'center' });
+    /** @type {HTMLElement | null | undefined} */ (row?.querySelector('a[href], button:not([disabled])'))?.focus({ preventScroll: true });
   });
   timeline.addEventListener('keydown', (e) => {
     const moves = { ArrowLeft: -1, ArrowUp: -1, ArrowRight: 1, ArrowDown: 1, Home: -Infinity, End: Infinity };
@@ -92,7 +110,7 @@ export function snapshotsSection(root, name, admin, changed) {
   /**
    * The timeline: a tick per snapshot at its version. Ticks that would overlap (or come
    * closer than TICK_SPACE_PX): they are drawn as one group (a box from the first to the last, with their count), named
-   * and titled with every snapshot in it; a click shows the newest of them in the table.
+   * by its range and its first snapshots; a click shows the newest of them in the table.
    * @param {any[]} snapshots newest first @param {number} version the session's
    */
   function drawTimeline(snapshots, version) {
@@ -117,35 +135,68 @@ export function snapshotsSection(root, name, admin, changed) {
     // A box's left edge (its CSS left, less the ticks' margin of TICK_PX / 2) kept within the timeline: a group
     // of the newest snapshots, at least GROUP_MIN_PX wide, stuck out of it at phone width (a review).
     const within = (/** @type {number} */ left, /** @type {number} */ w) => Math.max(TICK_PX / 2, Math.min(left, width - w + TICK_PX / 2));
-    keepFocus(timeline, 'data-snapshots', () => timeline.replaceChildren(...groups.map((g) => {
+    /** Each tick (or group) as drawn: its attributes and text. */
+    const drawnTicks = groups.map((g) => {
       const first = g[0];
       const newest = g[g.length - 1];
       const pinned = g.filter((s) => s.pinned).length;
-      // The row comes into view and the keyboard's focus goes to its first button (download, restore…): a
-      // keyboard user pressed Enter on the tick to reach that snapshot (a review: the focus stayed on the tick).
-      const scroll = () => {
-        const row = document.getElementById(`snapshot-${newest.id}`);
-        row?.scrollIntoView({ block: 'center' });
-        /** @type {HTMLElement | null | undefined} */ (row?.querySelector('a[href], button:not([disabled])'))?.focus({ preventScroll: true });
-      };
       if (g.length === 1) {
         const label = describe(first);
-        return h('button', { className: `tick${first.pinned ? ' pinned' : ''}`, style: `left: ${within(x(first), TICK_PX)}px`, title: label, 'aria-label': label, 'data-snapshots': String(first.id), onclick: scroll });
+        return { ids: String(first.id), className: `tick${first.pinned ? ' pinned' : ''}`, style: `left: ${within(x(first), TICK_PX)}px`, title: label, label, text: '', versions: [first.version] };
       }
       const label = `${g.length} snapshots, versions ${first.version} to ${newest.version}${pinned ? `, ${pinned} pinned` : ''}`;
+      // The first few named, and how many more (a review: a group of 50 was named by 2,000 characters).
+      const named = g.slice(0, GROUP_NAMED).map(describe);
+      const more = g.length > GROUP_NAMED ? ` and ${g.length - GROUP_NAMED} more` : '';
       const w = Math.max(GROUP_MIN_PX, x(newest) - x(first) + TICK_PX);
-      return h('button', {
+      return {
+        ids: g.map((s) => s.id).join(' '),
         className: `tick group${pinned ? ' pinned' : ''}`,
         style: `left: ${within(x(first), w)}px; width: ${w}px`,
-        title: `${label}:\n${g.map(describe).join('\n')}`,
-        'aria-label': `${label}: ${g.map(describe).join('; ')}`,
-        'data-snapshots': g.map((s) => s.id).join(' '),
-        onclick: scroll,
-      }, String(g.length));
-    })));
-    const all = ticks();
-    const stop = all.find((t) => current !== null && (t.getAttribute('data-snapshots') ?? '').split(' ').includes(current)) ?? all[all.length - 1];
-    for (const t of all) t.tabIndex = t === stop ? 0 : -1;
+        title: `${label}:\n${named.join('\n')}${more ? `\n…${more}` : ''}`,
+        label: `${label}: ${named.join('; ')}${more}`,
+        text: String(g.length),
+        versions: g.map((s) => s.version),
+      };
+    });
+    // The tab stop: the tick that holds the snapshot last focused, else the one nearest to it by version (it
+    // was pruned), else the newest.
+    const holding = drawnTicks.findIndex((d) => current !== null && d.ids.split(' ').includes(current));
+    const distance = (/** @type {{ versions: number[] }} */ d) => Math.min(...d.versions.map((v) => Math.abs(v - /** @type {number} */ (currentVersion))));
+    const nearest = holding >= 0 || currentVersion === null ? holding
+      : drawnTicks.reduce((best, d, i) => (best < 0 || distance(d) < distance(drawnTicks[best]) ? i : best), -1);
+    const stop = nearest >= 0 ? nearest : drawnTicks.length - 1;
+    // Nothing drawn changed: nothing is done (a rebuild took the focus away and gave it back, and a screen
+    // reader read the tick again: 6 times in 10 s on a tick that did not change; a review).
+    const signature = JSON.stringify([drawnTicks.map(({ versions: _, ...d }) => d), stop]);
+    if (signature === drawnSignature) return;
+    drawnSignature = signature;
+    // The tick with the focus is kept (the same element, its attributes updated) when a tick holds its
+    // snapshot still, so the focus stays (a review: it went to the page when a snapshot joined its group, or
+    // one was pruned); the others are made again.
+    const active = document.activeElement;
+    const hadFocus = active instanceof HTMLButtonElement && active.parentElement === timeline;
+    const keep = hadFocus && holding >= 0 ? /** @type {HTMLButtonElement} */ (active) : null;
+    for (const child of [...timeline.children]) if (child !== keep) child.remove();
+    const buttons = drawnTicks.map((d, i) => {
+      const button = i === holding && keep ? keep : /** @type {HTMLButtonElement} */ (h('button', {}));
+      button.className = d.className;
+      button.style.cssText = d.style;
+      button.title = d.title;
+      button.setAttribute('aria-label', d.label);
+      button.setAttribute('data-snapshots', d.ids);
+      button.textContent = d.text;
+      button.tabIndex = i === stop ? 0 : -1;
+      return button;
+    });
+    const at = keep ? buttons.indexOf(keep) : -1;
+    for (const [i, button] of buttons.entries()) {
+      if (button === keep) continue;
+      if (i < at) timeline.insertBefore(button, keep);
+      else timeline.append(button);
+    }
+    // The focus was on a tick whose snapshots are all gone: on the nearest one now.
+    if (hadFocus && !keep && buttons[stop]) buttons[stop].focus({ preventScroll: true });
   }
 
   /** The snapshots the table shows (the rows do not depend on the session's version): not rebuilt while the same. */
