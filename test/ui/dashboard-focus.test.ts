@@ -150,3 +150,29 @@ test('the timeline keeps the focus on the tick that holds the focused snapshot w
   assert.ok(now.tick, 'the focus is on a tick');
   assert.equal(now.stops.filter((s) => s === 0).length, 1);
 });
+
+test('the norms and hyperparameter tables keep the focus on their scroll region while steps stream in and change them', { skip }, async (t) => {
+  const { base, api, page } = await openDashboard(t);
+  await api('POST', '/v1/sessions', { name: 'tables', params: PARAMS });
+  let step = 0;
+  const stepWithLr = () => api('POST', '/v1/sessions/tables/step', { grads: GRAD, param_groups: [{ lr: 0.01 + (++step % 5) * 0.001 }], metrics: { loss: 1 / step } });
+  for (let i = 0; i < 3; i++) await stepWithLr();
+  await page.goto(`${base}/ui/#/s/tables`);
+  await page.waitForSelector('#hyper-changes');
+  await page.waitForSelector('#norms-table');
+  for (const [region, table] of [['Norms', '#norms-table'], ['Hyperparameters', '#hyper-current'], ['Hyperparameter changes', '#hyper-changes']]) {
+    await page.focus(`.scroll[aria-label="${region}"]`);
+    await markFocused(page);
+    const before = await page.textContent(table);
+    // Steps that change lr, for 7 s: the tables are drawn again (the norms every 5 s).
+    const until = Date.now() + 7_000;
+    while (Date.now() < until) {
+      await stepWithLr();
+      await sleep(100);
+    }
+    await page.waitForFunction(([sel, text]) => document.querySelector(sel!)?.textContent !== text, [table, before], { timeout: 10_000 });
+    const kept = await stillFocused(page);
+    assert.ok(kept.same, `${region}: the focus stayed on its region (now on ${kept.focused})`);
+    assert.equal(kept.focusins, 0, region);
+  }
+});

@@ -272,6 +272,39 @@ export function sessionPage(root, name, who) {
     ].filter((c) => c !== null));
   }
 
+  /**
+   * The tables of the hyperparameters and the norms are drawn again as steps stream in: their scroll boxes
+   * (tab stops) stay, and a table is replaced only when it changed (a review: the focus went to the page each
+   * time, and a screen reader lost its place).
+   */
+  const hyperBox = scrollBox('Hyperparameters', h('span'));
+  const hyperNote = h('p', { className: 'muted' });
+  const changesBox = scrollBox('Hyperparameter changes', h('span'));
+  hyperBox.hidden = true;
+  changesBox.hidden = true;
+  hyperEl.append(hyperBox, hyperNote, changesBox);
+  const normsNote = h('p', { className: 'muted' });
+  const normsBox = scrollBox('Norms', h('span'));
+  const normsMore = h('p', { className: 'muted', id: 'norms-more', hidden: true });
+  /** @param {HTMLElement} el @param {string} text */
+  const setText = (el, text) => { if (el.textContent !== text) el.textContent = text; };
+  /**
+   * Puts a table in its scroll box unless the same is there, keeping how far it was scrolled.
+   * @param {HTMLElement} box @param {HTMLElement | null} table
+   */
+  function showTable(box, table) {
+    const old = box.firstElementChild;
+    box.hidden = table === null;
+    if (table === null) {
+      if (old) box.replaceChildren();
+      return;
+    }
+    if (old && old.outerHTML === table.outerHTML) return;
+    const left = box.scrollLeft;
+    box.replaceChildren(table);
+    box.scrollLeft = left;
+  }
+
   function drawHyper() {
     if (!session) return;
     const table = h('table', { id: 'hyper-current' },
@@ -293,21 +326,18 @@ export function sessionPage(root, name, who) {
       ? ' in all, those of a history the session left included (changes of that history are not listed)'
       : abandoned ? ` (and ${abandoned} of a history the session left, not listed)` : '';
     const recent = ours.slice(-20).reverse();
-    hyperEl.replaceChildren(
-      scrollBox('Hyperparameters', table),
-      !hyperAvailable ? h('p', { className: 'muted' }, 'This service does not report hyperparameter changes.')
-        : ours.length === 0 ? h('p', { className: 'muted' }, `No step has changed them${abandoned ? ` (${abandoned} change(s) of a history the session left are not listed)` : ''}.`)
-        : h('div', {},
-          h('p', { className: 'muted' }, `${count} change(s)${split}${count > 20 ? '; the newest 20:' : ':'}`),
-          scrollBox('Hyperparameter changes', h('table', { id: 'hyper-changes' },
-            h('thead', {}, h('tr', {}, h('th', { className: 'num' }, 'step'), h('th', { className: 'num' }, 'version'), h('th', {}, 'when'), h('th', {}, 'by'), h('th', {}, 'groups after it'))),
-            h('tbody', {}, ...recent.map((c) => h('tr', {},
-              h('td', { className: 'num' }, localNumber(String(c.step))), h('td', { className: 'num' }, localNumber(String(c.version))),
-              h('td', {}, fmtWhen(c.time)),
-              h('td', { className: 'reason' }, (c.reason && REASONS[c.reason]) ?? c.reason ?? 'a step'),
-              h('td', {}, c.param_groups.map((g, i) => `${i}: ${HYPER_KEYS.filter((k) => g[k] !== undefined).map((k) => `${k}=${typeof g[k] === 'number' ? fmtNum(g[k], 6) : g[k]}`).join(' ')}`).join(' | '))))))),
-        ),
-    );
+    showTable(hyperBox, table);
+    setText(hyperNote, !hyperAvailable ? 'This service does not report hyperparameter changes.'
+      : ours.length === 0 ? `No step has changed them${abandoned ? ` (${abandoned} change(s) of a history the session left are not listed)` : ''}.`
+      : `${count} change(s)${split}${count > 20 ? '; the newest 20:' : ':'}`);
+    const listed = hyperAvailable && ours.length > 0;
+    showTable(changesBox, !listed ? null : h('table', { id: 'hyper-changes' },
+      h('thead', {}, h('tr', {}, h('th', { className: 'num' }, 'step'), h('th', { className: 'num' }, 'version'), h('th', {}, 'when'), h('th', {}, 'by'), h('th', {}, 'groups after it'))),
+      h('tbody', {}, ...recent.map((c) => h('tr', {},
+        h('td', { className: 'num' }, localNumber(String(c.step))), h('td', { className: 'num' }, localNumber(String(c.version))),
+        h('td', {}, fmtWhen(c.time)),
+        h('td', { className: 'reason' }, (c.reason && REASONS[c.reason]) ?? c.reason ?? 'a step'),
+        h('td', {}, c.param_groups.map((g, i) => `${i}: ${HYPER_KEYS.filter((k) => g[k] !== undefined).map((k) => `${k}=${typeof g[k] === 'number' ? fmtNum(g[k], 6) : g[k]}`).join(' ')}`).join(' | ')))))));
   }
 
   /** A norm or scalar for the table: NaN (a diverged run) said, not shown as missing. */
@@ -316,18 +346,16 @@ export function sessionPage(root, name, who) {
   function drawNorms() {
     const latest = norms[norms.length - 1];
     if (!latest) return;
-    normsEl.replaceChildren(
-      h('p', { className: 'muted' }, `Computed on demand from the state at version ${fmtNum(latest.version)} (L2 norms; not sampled at snapshots).`),
-      scrollBox('Norms', h('table', { id: 'norms-table' },
-        h('thead', {}, h('tr', {}, ...['parameter', 'numel', '‖param‖', '‖ax‖', 'step', 'eta', 'mu'].map((t, i) => h('th', { className: i ? 'num' : '' }, t)))),
-        h('tbody', {}, ...latest.params.slice(0, NORM_TABLE_ROWS).map((p) => h('tr', {},
-          h('td', {}, p.name), h('td', { className: 'num' }, fmtNum(p.numel)), h('td', { className: 'num' }, cell(p.norm, 6)),
-          h('td', { className: 'num' }, cell(p.ax_norm, 6)), h('td', { className: 'num' }, cell(p.step)),
-          h('td', { className: 'num' }, cell(p.eta, 6)), h('td', { className: 'num' }, cell(p.mu, 6))))))),
-    );
-    if (latest.params.length > NORM_TABLE_ROWS) {
-      normsEl.append(h('p', { className: 'muted', id: 'norms-more' }, `The first ${fmtNum(NORM_TABLE_ROWS)} of ${fmtNum(latest.params.length)} parameters; GET ${base}/norms lists all.`));
-    }
+    setText(normsNote, `Computed on demand from the state at version ${fmtNum(latest.version)} (L2 norms; not sampled at snapshots).`);
+    showTable(normsBox, h('table', { id: 'norms-table' },
+      h('thead', {}, h('tr', {}, ...['parameter', 'numel', '‖param‖', '‖ax‖', 'step', 'eta', 'mu'].map((t, i) => h('th', { className: i ? 'num' : '' }, t)))),
+      h('tbody', {}, ...latest.params.slice(0, NORM_TABLE_ROWS).map((p) => h('tr', {},
+        h('td', {}, p.name), h('td', { className: 'num' }, fmtNum(p.numel)), h('td', { className: 'num' }, cell(p.norm, 6)),
+        h('td', { className: 'num' }, cell(p.ax_norm, 6)), h('td', { className: 'num' }, cell(p.step)),
+        h('td', { className: 'num' }, cell(p.eta, 6)), h('td', { className: 'num' }, cell(p.mu, 6)))))));
+    normsMore.hidden = latest.params.length <= NORM_TABLE_ROWS;
+    setText(normsMore, normsMore.hidden ? '' : `The first ${fmtNum(NORM_TABLE_ROWS)} of ${fmtNum(latest.params.length)} parameters; GET ${base}/norms lists all.`);
+    if (!normsNote.isConnected) normsEl.append(normsNote, normsBox, normsMore);
   }
 
   /** Whether the page has shown the session (a 404 after that: it was deleted). */
