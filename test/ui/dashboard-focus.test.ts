@@ -176,3 +176,29 @@ test('the norms and hyperparameter tables keep the focus on their scroll region 
     assert.equal(kept.focusins, 0, region);
   }
 });
+
+test('at phone width (375 px) the open round\'s card takes a row of its own, whole width, and does not stretch its neighbours', { skip }, async (t) => {
+  const { base, api, browser } = await openDashboard(t);
+  await api('POST', '/v1/sessions', { name: 'rounds', params: PARAMS, aggregation: { contributions: 40, timeout_s: 600, min_contributions: 2 } });
+  const workers = Array.from({ length: 15 }, (_, i) => `worker-with-a-rather-long-hostname-${i}.cluster.example.internal`);
+  await Promise.all(workers.map((worker) => api('POST', '/v1/sessions/rounds/step?wait=0', { grads: GRAD, base_version: 1, worker, samples: 32 })));
+  const context = await browser.newContext({ viewport: { width: 375, height: 667 }, isMobile: true, hasTouch: true });
+  const page = await context.newPage();
+  t.after(() => context.close());
+  await page.goto(`${base}/ui/#/s/rounds`);
+  await page.waitForFunction(() => /contributed: /.test(document.querySelector('[data-card=round] .detail')?.textContent ?? ''));
+  const boxes = await page.evaluate(() => ({
+    cards: document.getElementById('cards')!.getBoundingClientRect().toJSON(),
+    each: [...document.querySelectorAll<HTMLElement>('#cards .card')].map((el) => ({ id: el.dataset.card, ...el.getBoundingClientRect().toJSON() })),
+    font: getComputedStyle(document.querySelector('[data-card=round] .detail')!).fontSize,
+  }));
+  const round = boxes.each.find((c) => c.id === 'round')!;
+  assert.ok(Math.abs(round.width - boxes.cards.width) < 1, `the round card is ${round.width} px wide of ${boxes.cards.width}`);
+  for (const c of boxes.each.filter((c) => c.id !== 'round')) {
+    assert.ok(c.height < 90, `${c.id} is ${c.height} px tall`);
+    assert.ok(c.bottom <= round.top || c.top >= round.bottom, `${c.id} shares no row with the round card`);
+  }
+  assert.ok(round.height < 400, `the round card is ${round.height} px tall`);
+  assert.ok(Number.parseFloat(boxes.font) >= 12, `its detail is ${boxes.font}`);
+  await screenshot(page, 'focus-phone-round-card');
+});
