@@ -114,6 +114,13 @@ test('the timeline keeps the focus on the tick that holds the focused snapshot w
   await page.focus('#timeline .tick[tabindex="0"]');
   const before = (await page.getAttribute('#timeline .tick.group', 'data-snapshots'))!.split(' ');
   assert.equal(await page.evaluate(() => document.activeElement?.classList.contains('group')), true);
+  // Its focus ring is clearly visible (2 px, apart from the tick) and it is 24 px tall (a touch target).
+  const ring = await page.evaluate(() => {
+    const el = document.activeElement as HTMLElement;
+    const style = getComputedStyle(el);
+    return { visible: el.matches(':focus-visible'), style: style.outlineStyle, width: style.outlineWidth, offset: style.outlineOffset, height: el.getBoundingClientRect().height };
+  });
+  assert.deepEqual(ring, { visible: true, style: 'solid', width: '2px', offset: '2px', height: 24 });
   await markFocused(page);
   // Steps and a snapshot after each, for 12 s: each joins the focused group, and the versions move every tick.
   const until = Date.now() + 12_000;
