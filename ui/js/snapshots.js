@@ -180,13 +180,12 @@ export function snapshotsSection(root, name, admin, changed) {
     for (const child of [...timeline.children]) if (child !== keep) child.remove();
     const buttons = drawnTicks.map((d, i) => {
       const button = i === holding && keep ? keep : /** @type {HTMLButtonElement} */ (h('button', {}));
-      button.className = d.className;
+      // Only what differs is set on the kept one (a screen reader may say a change of the focused element).
+      for (const [name, value] of [['class', d.className], ['title', d.title], ['aria-label', d.label], ['data-snapshots', d.ids], ['tabindex', i === stop ? '0' : '-1']]) {
+        if (button.getAttribute(name) !== value) button.setAttribute(name, value);
+      }
       button.style.cssText = d.style;
-      button.title = d.title;
-      button.setAttribute('aria-label', d.label);
-      button.setAttribute('data-snapshots', d.ids);
-      button.textContent = d.text;
-      button.tabIndex = i === stop ? 0 : -1;
+      if (button.textContent !== d.text) button.textContent = d.text;
       return button;
     });
     const at = keep ? buttons.indexOf(keep) : -1;
