@@ -10,7 +10,7 @@ import type { Config } from '../config.ts';
 import { describeDbFailure } from '../db/errors.ts';
 import { databaseTarget, untilConnected } from '../db/wait.ts';
 import { diskRoom, type DiskRoom, type DiskShort } from '../db/disk-room.ts';
-import { vacuumDue } from '../db/vacuum.ts';
+import { createUpkeep } from '../db/vacuum.ts';
 import { errors } from '../errors.ts';
 import { findSession, hasKeyAnswer } from '../sessions/repository.ts';
 import { sessionStorage } from '../sessions/storage.ts';
@@ -180,11 +180,12 @@ export default fp(
     if (db.kind === 'pglite' && opts.config.vacuumIntervalMs > 0) {
       // No autovacuum in the embedded database: the service vacuums what its deletes left (src/db/vacuum.ts).
       let running: Promise<void> | null = null;
+      const upkeep = createUpkeep(db);
       const timer = setInterval(() => {
         if (running) return;
-        running = vacuumDue(db)
-          .then(({ tables, ms }) => {
-            if (tables.length) fastify.log.debug({ tables, ms }, 'vacuumed the embedded database\'s tables with many dead rows');
+        running = upkeep()
+          .then(({ tables, checkpointed, ms }) => {
+            if (tables.length || checkpointed) fastify.log.debug({ tables, checkpointed, ms }, 'embedded database: vacuumed the tables with many dead rows, checkpointed the WAL');
           })
           .catch((err) => fastify.log.warn({ err }, 'vacuuming the embedded database failed'))
           .finally(() => { running = null; });

@@ -35,7 +35,18 @@ async function lastVacuum(app: FastifyInstance): Promise<number> {
   return row?.at ?? 0;
 }
 
-test('an embedded database stays within its sessions\' bounds: the rows pruned behind each snapshot are vacuumed and their space used again', { timeout: 240_000 }, async (t) => {
+/** The last checkpoint's WAL position (it moves with each checkpoint). */
+async function lastCheckpoint(app: FastifyInstance): Promise<string> {
+  const [row] = await app.db.query<{ lsn: string }>('SELECT checkpoint_lsn::text AS lsn FROM pg_control_checkpoint()');
+  return row.lsn;
+}
+
+/** Both done since: a vacuum of step_log and a checkpoint. */
+async function upkeepSince(app: FastifyInstance, vacuum: number, checkpoint: string): Promise<boolean> {
+  return (await lastVacuum(app)) > vacuum && (await lastCheckpoint(app)) !== checkpoint;
+}
+
+test('an embedded database stays within its sessions\' bounds: the rows pruned behind each snapshot are vacuumed and their space used again, and its WAL is checkpointed', { timeout: 240_000 }, async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'asgd-vacuum-'));
   t.after(() => rmSync(dir, { recursive: true, force: true }));
   const app = await buildApp({ config: testConfig({ ASGD_DATA_DIR: dir, ASGD_VACUUM_INTERVAL_MS: '300' }), migrate: true, logger: false });
@@ -45,15 +56,19 @@ test('an embedded database stays within its sessions\' bounds: the rows pruned b
   assert.equal(created.statusCode, 201, created.body);
 
   await steps(app, 0, 120);
-  const first = await lastVacuum(app);
-  await waitFor('a vacuum of step_log', async () => (await lastVacuum(app)) > first, 30_000);
-  const before = bytesUnder(join(dir, 'base'));
+  const [v1, c1] = [await lastVacuum(app), await lastCheckpoint(app)];
+  await waitFor('a vacuum of step_log and a checkpoint', () => upkeepSince(app, v1, c1), 30_000);
+  const before = { tables: bytesUnder(join(dir, 'base')), wal: bytesUnder(join(dir, 'pg_wal')) };
   // 240 more steps write 48 MB of gradients and 24 snapshots of 400 KB; the session keeps about 20 steps.
   await steps(app, 120, 240);
-  const second = await lastVacuum(app);
-  await waitFor('another vacuum of step_log', async () => (await lastVacuum(app)) > second, 30_000);
-  const after = bytesUnder(join(dir, 'base'));
+  const [v2, c2] = [await lastVacuum(app), await lastCheckpoint(app)];
+  await waitFor('another vacuum of step_log and checkpoint', () => upkeepSince(app, v2, c2), 30_000);
+  const after = { tables: bytesUnder(join(dir, 'base')), wal: bytesUnder(join(dir, 'pg_wal')) };
   const storage = (await app.inject({ url: '/v1/sessions/v' })).json().storage;
   assert.ok(storage.total_bytes < 10e6, JSON.stringify(storage));
-  assert.ok(after - before < 12e6, `the tables grew ${((after - before) / 1e6).toFixed(1)} MB over 240 steps (from ${(before / 1e6).toFixed(1)} MB), the session keeping ${(storage.total_bytes / 1e6).toFixed(1)} MB`);
+  const mb = (n: number) => (n / 1e6).toFixed(1);
+  assert.ok(after.tables - before.tables < 12e6, `the tables grew ${mb(after.tables - before.tables)} MB over 240 steps (from ${mb(before.tables)} MB), the session keeping ${mb(storage.total_bytes)} MB`);
+  // The WAL is checkpointed too (PGlite has no checkpointer: it kept every segment, a review): its segments
+  // are used again, 16 MB each.
+  assert.ok(after.wal - before.wal <= 32 * 1024 * 1024, `the WAL grew ${mb(after.wal - before.wal)} MB over 240 steps (from ${mb(before.wal)} MB)`);
 });
