@@ -515,3 +515,27 @@ async function waitUntil(check: () => boolean, timeoutMs = 10_000): Promise<void
     await new Promise((r) => setTimeout(r, 20));
   }
 }
+
+test('a waiting read whose client hung up before the wait began gives its slots back at once', async (t) => {
+  // Found by a review: the close came before the wait's listener, and each such read held its token's and
+  // the process's slot for all its seconds: 8 requests sent and dropped at once locked a token out.
+  const admin = 'admin-token-for-the-hangup-test';
+  const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: admin, ASGD_MAX_CONNECTIONS: '16' } });
+  await app.listen({ port: 0, host: '127.0.0.1' });
+  const port = (app.server.address() as { port: number }).port;
+  const asAdmin = { authorization: `Bearer ${admin}` };
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', headers: asAdmin, payload: { name: 's', params } })).statusCode, 201);
+  const created = await app.inject({ method: 'POST', url: '/v1/tokens', headers: asAdmin, payload: { name: 'r', scope: 'read' } });
+  const token = created.json().token as string;
+  for (let i = 0; i < 6; i++) {
+    const socket = connect(port, '127.0.0.1', () => {
+      socket.write(`GET /v1/sessions/s/params?after_version=1&wait=60 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${token}\r\n\r\n`);
+      socket.destroy();
+    });
+    socket.on('error', () => {});
+  }
+  await new Promise((r) => setTimeout(r, 1500));
+  assert.equal(app.versions.stats().waiters, 0, 'no wait is held for a client that is gone');
+  const res = await app.inject({ url: '/v1/sessions/s/params?after_version=1&wait=0.2', headers: { authorization: `Bearer ${token}` } });
+  assert.equal(res.statusCode, 304, res.body);
+});

@@ -123,6 +123,10 @@ async function waitPast(
     if (!reply.raw.writableFinished) gone.abort();
   };
   reply.raw.once('close', onClose);
+  // A client gone before the wait began (its connection closed while its token was looked up): the close
+  // above came before its listener, and the wait held its slots for all its seconds (a review: 8 requests
+  // sent and dropped at once locked a token out for a minute).
+  if (request.raw.destroyed || request.raw.socket?.destroyed) gone.abort();
   const began = Date.now();
   const deadline = began + waitSeconds * 1000;
   // A stored token revoked during the wait gets no data: it is asked again before a newer version is
