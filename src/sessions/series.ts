@@ -2,6 +2,7 @@
 // versions with min/max/mean of each metric, so a 100,000-step session opens with a few thousand
 // numbers), the steps that changed hyperparameters, and the activity figures of the sessions list.
 import type { Database, Queryable } from '../db/database.ts';
+import { errors } from '../errors.ts';
 import type { GroupSpec } from '../db/schema.ts';
 
 export interface SeriesPoint {
@@ -34,13 +35,37 @@ export const DOWNSAMPLED_READS_AT_ONCE = 2;
 /** The metric names a downsampled read of `buckets` buckets holds at most. */
 export const namesPerRead = (buckets: number): number => Math.max(1, Math.min(METRICS_PER_READ, Math.floor(FIGURES_PER_READ / Math.max(1, buckets))));
 
+/** Downsampled reads that wait for a turn in one process, at most; more are 503 TOO_MANY_WAITERS. */
+export const DOWNSAMPLED_READS_QUEUED = 16;
+
 let readsRunning = 0;
 const readsWaiting: (() => void)[] = [];
-/** Runs `fn` in its turn among this process's downsampled reads (DOWNSAMPLED_READS_AT_ONCE at a time). */
-async function inTurn<T>(fn: () => Promise<T>): Promise<T> {
-  if (readsRunning >= DOWNSAMPLED_READS_AT_ONCE) await new Promise<void>((resolve) => readsWaiting.push(resolve));
-  else readsRunning++;
+/**
+ * Runs `fn` in its turn among this process's downsampled reads (DOWNSAMPLED_READS_AT_ONCE at a time, at
+ * most DOWNSAMPLED_READS_QUEUED waiting). A read whose client is gone (`signal`) leaves the queue, and is
+ * not run when its turn comes (a review: reads abandoned after 3 s still ran, 18 s each, ahead of the
+ * dashboard's).
+ */
+async function inTurn<T>(fn: () => Promise<T>, signal?: AbortSignal): Promise<T> {
+  if (readsRunning >= DOWNSAMPLED_READS_AT_ONCE) {
+    if (readsWaiting.length >= DOWNSAMPLED_READS_QUEUED) throw errors.tooManyWaiters('downsampled metrics reads (max_points) waiting for their turn', DOWNSAMPLED_READS_QUEUED);
+    await new Promise<void>((resolve, reject) => {
+      const turn = () => {
+        signal?.removeEventListener('abort', gone);
+        resolve();
+      };
+      const gone = () => {
+        const at = readsWaiting.indexOf(turn);
+        if (at >= 0) readsWaiting.splice(at, 1);
+        reject(signal!.reason ?? new Error('the client is gone'));
+      };
+      readsWaiting.push(turn);
+      signal?.addEventListener('abort', gone, { once: true });
+      if (signal?.aborted) gone();
+    });
+  } else readsRunning++;
   try {
+    if (signal?.aborted) throw signal.reason ?? new Error('the client is gone');
     return await fn();
   } finally {
     const next = readsWaiting.shift();
@@ -125,7 +150,7 @@ export type MetricNames = ReturnType<typeof createMetricNames>;
  * 200,000 rows sorted by (bucket, key), planned so large that PostgreSQL compiled the query (JIT).
  */
 export async function downsampledSeries(
-  db: Database, metricNames: MetricNames, sessionId: number, afterVersion: number, maxPoints: number,
+  db: Database, metricNames: MetricNames, sessionId: number, afterVersion: number, maxPoints: number, signal?: AbortSignal,
 ): Promise<{ points: SeriesPoint[]; downsampled: boolean; metricsLeftOut?: number }> {
   const [range] = await db.query<{ n: number; first: number | null; last: number | null }>(
     'SELECT count(*)::float8 AS n, min(version)::float8 AS first, max(version)::float8 AS last FROM step_history WHERE session_id = $1 AND version > $2',
@@ -142,7 +167,7 @@ export async function downsampledSeries(
       points: rows.map((r) => ({ version: r.version, step: r.step, time: new Date(r.created_at), staleness: r.staleness, values: r.metrics ?? {} })),
     };
   }
-  return inTurn(() => downsampled(db, metricNames, sessionId, afterVersion, maxPoints, range.first!, range.last!, range.n));
+  return inTurn(() => downsampled(db, metricNames, sessionId, afterVersion, maxPoints, range.first!, range.last!, range.n), signal);
 }
 
 async function downsampled(

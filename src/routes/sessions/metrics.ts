@@ -68,7 +68,7 @@ const metricsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
           more: Type.Optional(Type.Boolean({ description: 'Without max_points: whether points may follow next_after_version (the page is full, or bounded by the groups\' values or the bytes of metrics it holds): read on while true' })),
         }),
         304: NotModified,
-        ...errorResponses(400, 401, 403, 404, 412),
+        ...errorResponses(400, 401, 403, 404, 412, 503),
       },
     },
   }, async (request, reply) => {
@@ -80,7 +80,18 @@ const metricsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       const session = await fastify.sessions.get(name);
       // Before the whole series is read: a 304 or 412 needs only the version.
       if (notModifiedAt(request, reply, session.version)) return reply;
-      const { points, downsampled, metricsLeftOut } = await downsampledSeries(fastify.db, metricNames, session.id, afterVersion, maxPoints);
+      // A client that hangs up leaves the queue of downsampled reads (series.ts).
+      const gone = new AbortController();
+      const hungUp = () => { if (!reply.raw.writableFinished) gone.abort(); };
+      reply.raw.once('close', hungUp);
+      if (request.raw.destroyed || request.raw.socket?.destroyed) gone.abort();
+      let read;
+      try {
+        read = await downsampledSeries(fastify.db, metricNames, session.id, afterVersion, maxPoints, gone.signal);
+      } finally {
+        reply.raw.off('close', hungUp);
+      }
+      const { points, downsampled, metricsLeftOut } = read;
       setVersion(reply, session.version);
       return {
         session: name, points: points.map(bucketJson), next_after_version: points.length ? points[points.length - 1].version : afterVersion, downsampled,
