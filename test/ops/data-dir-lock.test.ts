@@ -308,7 +308,9 @@ test('a chunked body (no Content-Length) is measured as it arrives: one the embe
   // counted as 0 bytes and a 1.6 MB step went in where the same body with its length was refused.
   const dir = join(tempDir(t), 'data');
   const fs = statfsSync(tmpdir());
-  const headroom = 64 * 1024 * 1024;
+  // Room for 256 MiB: the test files running beside this one take and free tens of MB of the same disk
+  // (a run saw 78 MB go between the measure and the small create, with 64 MiB of room).
+  const headroom = 256 * 1024 * 1024;
   const service = spawnService(process.execPath, ['src/server.ts'], { ...SERVER_ENV, ASGD_DATA_DIR: dir, ASGD_MIN_FREE_BYTES: String(Math.max(0, fs.bavail * fs.bsize - headroom)) });
   t.after(() => service.child.kill('SIGKILL'));
   const { url } = await service.banner();
@@ -337,9 +339,9 @@ test('a chunked body (no Content-Length) is measured as it arrives: one the embe
   const small = Buffer.from(JSON.stringify({ name: 'small', params: [{ name: 'w', shape: [2], data: [1, 2] }] }));
   const created = await chunked('/v1/sessions', 'application/json', small.length, small);
   assert.equal(created.status, 201, created.body);
-  // 2 x 60 MiB is more than the 64 MiB of room: refused once about 32 MiB have come (the rest read and dropped).
-  // (A create: a step's file is bounded by its session first, 1 MiB and 8 bytes an element here.)
-  const big = await chunked('/v1/sessions?name=big', 'application/x-safetensors', 60 * 1024 * 1024);
+  // 2 x 300 MiB is more than the 256 MiB of room: refused once about 128 MiB have come (answered at once
+  // past 64 MiB). (A create: a step's file is bounded by its session first, 1 MiB and 8 bytes an element here.)
+  const big = await chunked('/v1/sessions?name=big', 'application/x-safetensors', 300 * 1024 * 1024);
   assert.equal(big.status, 507, big.body);
   assert.equal(JSON.parse(big.body).code, 'INSUFFICIENT_STORAGE');
   assert.match(JSON.parse(big.body).message, /^POST \/v1\/sessions(\?name=big)?: the disk of the embedded database/);
