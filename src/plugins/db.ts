@@ -57,6 +57,9 @@ async function storedBytes(db: Database, name: unknown): Promise<number> {
   return session ? ((await sessionStorage(db, session.id))?.total_bytes ?? 0) : 0;
 }
 
+/** The least free space a small write (below) is let through with. */
+const SMALL_WRITE_FLOOR = 32 * 1024 * 1024;
+
 /** PATCHes that write a row, not a state: a session's settings, a snapshot's pin. */
 const SMALL_PATCH_ROUTES = new Set(['/v1/sessions/:name', '/v1/sessions/:name/snapshots/:id']);
 
@@ -124,14 +127,16 @@ export default fp(
     const room = !databaseUrl && dataDir !== 'memory://' ? diskRoom(dataDir, opts.config.minFreeBytes) : null;
     fastify.decorate('diskRoom', room);
     if (room) {
+      /** Stored bytes of the sessions whose DELETE is under way in this process. */
+      let deletesInFlight = 0;
       // How long a request may take to arrive and be handled: a key must stay kept that long past the check.
       const keyMarginSeconds = (opts.config.requestTimeoutMs || 3_600_000) / 1000 + 60;
       // Before the body is read, after auth (onRequest): a caller without a token learns nothing of the disk.
-      fastify.addHook('preParsing', async (request, _reply, payload) => {
+      fastify.addHook('preParsing', async (request, reply, payload) => {
         if (request.method === 'GET' || request.method === 'HEAD' || request.method === 'OPTIONS') return;
         const refusal = (short: DiskShort) => errors.insufficientStorage(`${request.method} ${request.url.split('?', 1)[0]}`, short,
-          request.method === 'DELETE' && request.routeOptions.url === '/v1/sessions/:name' ? 'half of ASGD_MIN_FREE_BYTES and the session\'s stored bytes: a delete writes WAL for every page it empties'
-            : request.method === 'DELETE' || (request.method === 'PATCH' && SMALL_PATCH_ROUTES.has(request.routeOptions.url ?? '')) ? 'half of ASGD_MIN_FREE_BYTES, for a small write' : undefined);
+          request.method === 'DELETE' && request.routeOptions.url === '/v1/sessions/:name' ? 'half of ASGD_MIN_FREE_BYTES, at least 32 MiB, and the stored bytes of this session and of the deletes under way: a delete writes WAL for every page it empties'
+            : request.method === 'DELETE' || (request.method === 'PATCH' && SMALL_PATCH_ROUTES.has(request.routeOptions.url ?? '')) ? 'half of ASGD_MIN_FREE_BYTES, at least 32 MiB, for a small write' : undefined);
         const declared = request.headers['content-length'] !== undefined && request.headers['transfer-encoding'] === undefined;
         const body = declared ? Number(request.headers['content-length']) || 0 : 0;
         // The body is logged (a gradient) or written as a state, and a snapshot may follow: twice its size.
@@ -142,8 +147,15 @@ export default fp(
         // images after a checkpoint): it needs that room besides, or PGlite could be left without any.
         const route = request.routeOptions.url ?? '';
         const small = request.method === 'DELETE' || (request.method === 'PATCH' && SMALL_PATCH_ROUTES.has(route));
+        // Deletes in flight count together (a delete frees nothing until the vacuum: a review's five at once
+        // each passed against the same free space). Never below 32 MiB free, two WAL segments.
         const deleted = request.method === 'DELETE' && route === '/v1/sessions/:name' ? await storedBytes(db, (request.params as { name?: unknown }).name) : 0;
-        const short = room(small ? deleted - Math.floor(opts.config.minFreeBytes / 2) : 2 * body);
+        const relief = Math.max(0, Math.min(Math.floor(opts.config.minFreeBytes / 2), opts.config.minFreeBytes - SMALL_WRITE_FLOOR));
+        const short = room(small ? deletesInFlight + deleted - relief : 2 * body);
+        if (!short && deleted > 0) {
+          deletesInFlight += deleted;
+          reply.raw.once('close', () => { deletesInFlight -= deleted; });
+        }
         if ((short || !declared) && (await answeredUnderKey(db, opts.config.idempotencyWindowSeconds, keyMarginSeconds, request))) return;
         if (short) {
           // The body is read and dropped (nothing of it is written) so that a client sending it whole before it

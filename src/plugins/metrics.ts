@@ -125,7 +125,7 @@ export default fp(
             const fs = statfsSync(dir);
             this.set(fs.bavail * fs.bsize);
           } catch {
-            // not knowable now (the directory gone): no sample
+            this.set(NaN); // not knowable now (the directory gone): not the last figure, nor 0 (a review)
           }
         },
       });
