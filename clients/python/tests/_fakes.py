@@ -45,8 +45,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
-        self.wfile.write(payload)
+        # Stamped before the body is written: the client cannot have the answer sooner, and once it is
+        # written the client may send its next request and have it read on another thread before this one
+        # runs again (a stamp after the write was once 0.3 ms later than the next request's arrival).
         owner.answered(req)
+        self.wfile.write(payload)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 
@@ -73,7 +76,7 @@ class LocalServer:
         return self._decide(req)
 
     def answered(self, req: Recorded) -> None:
-        """Called once an answer is written (its time is req.answered_at)."""
+        """Called as an answer's body starts to be written (its time is req.answered_at)."""
         req.answered_at = time.monotonic()
 
     def forward(self, req: Recorded) -> Answer:
