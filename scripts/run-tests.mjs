@@ -70,6 +70,20 @@ const TEST_TIMEOUT_MS = Number(process.env.ASGD_TEST_TIMEOUT_MS ?? 300_000);
 
 let fileIndex = 0;
 
+// CPU seconds of the children this process has waited for (with theirs: the servers and browsers a test
+// file starts), from /proc (Linux; 0 elsewhere). Read when a file's process ends, the jump is that file's
+// CPU: what a run on 2 cores is bound by, where its wall time also counts its waits.
+function childCpuSeconds() {
+  try {
+    const stat = readFileSync('/proc/self/stat', 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(fields[13]) + Number(fields[14])) / 100; // cutime, cstime (clock ticks: 100 a second)
+  } catch {
+    return 0;
+  }
+}
+let cpuSeen = childCpuSeconds();
+
 /**
  * Drops the PostgreSQL databases a test file's run made and left behind (test/helper.ts names them
  * asgd_test_<tag>_<hex>): a file drops its own when it ends, but not when it crashed or was stopped. The
@@ -121,6 +135,9 @@ function runFile(file) {
     }, FILE_TIMEOUT_S * 1000);
     child.on('close', async (code, signal) => {
       clearTimeout(timer);
+      const cpuNow = childCpuSeconds();
+      const cpu = cpuNow - cpuSeen;
+      cpuSeen = cpuNow;
       if (timedOut) stop('SIGKILL');
       running.delete(child);
       const leftBehind = await dropDatabasesOf(tag);
@@ -131,6 +148,7 @@ function runFile(file) {
       const result = {
         file,
         seconds,
+        cpu,
         ok: code === 0 && !timedOut,
         exit: timedOut ? 'timeout' : signal ?? code,
         tests: count('tests'),
@@ -140,7 +158,7 @@ function runFile(file) {
         todo: count('todo'),
       };
       const status = result.ok ? 'ok' : `FAILED (exit ${result.exit})`;
-      process.stdout.write(`\n▶ ${file}: ${status}, ${result.tests} tests, ${seconds.toFixed(1)} s\n${output}`);
+      process.stdout.write(`\n▶ ${file}: ${status}, ${result.tests} tests, ${seconds.toFixed(1)} s, ${cpu.toFixed(0)} CPU-s\n${output}`);
       resolve(result);
     });
   });
@@ -176,6 +194,8 @@ const wall = (Date.now() - started) / 1000;
 const slowest = [...results].sort((a, b) => b.seconds - a.seconds).slice(0, 10);
 console.log(`\n== ${results.length} files, ${concurrency} at a time, ${wall.toFixed(0)} s (${mode})`);
 console.log(`slowest: ${slowest.map((r) => `${r.file} ${r.seconds.toFixed(0)} s`).join(', ')}`);
+const busiest = [...results].sort((a, b) => b.cpu - a.cpu).slice(0, 10);
+console.log(`CPU: ${total('cpu').toFixed(0)} s in all; most: ${busiest.map((r) => `${r.file} ${r.cpu.toFixed(0)} s`).join(', ')}`);
 console.log(
   `tests ${total('tests')}, pass ${total('pass')}, fail ${total('fail')}, skipped ${total('skipped')}, todo ${total('todo')}`,
 );
