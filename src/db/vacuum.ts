@@ -41,17 +41,17 @@ export async function tablesDue(db: Database): Promise<string[]> {
  */
 export function createUpkeep(db: Database): () => Promise<{ tables: string[]; checkpointed: boolean; ms: number }> {
   let checkpointedAt: string | null = null;
+  const walPosition = async () => (await db.query<{ lsn: string }>('SELECT pg_current_wal_insert_lsn()::text AS lsn'))[0].lsn;
   return async () => {
     const started = performance.now();
     const tables = await tablesDue(db);
     // One at a time: the backend is the process's only one, and each VACUUM holds it while it runs.
     for (const table of tables) await db.query(`VACUUM "${table.replace(/"/g, '""')}"`);
-    const [{ lsn }] = await db.query<{ lsn: string }>('SELECT pg_current_wal_insert_lsn()::text AS lsn');
-    const checkpointed = lsn !== checkpointedAt;
+    const checkpointed = (await walPosition()) !== checkpointedAt;
     if (checkpointed) {
       await db.query('CHECKPOINT');
       // The checkpoint's own record moves the position: read again, so that an idle database is left alone.
-      checkpointedAt = (await db.query<{ lsn: string }>('SELECT pg_current_wal_insert_lsn()::text AS lsn'))[0].lsn;
+      checkpointedAt = await walPosition();
     }
     return { tables, checkpointed, ms: Math.round(performance.now() - started) };
   };

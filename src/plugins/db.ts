@@ -134,9 +134,6 @@ export default fp(
       // Before the body is read, after auth (onRequest): a caller without a token learns nothing of the disk.
       fastify.addHook('preParsing', async (request, reply, payload) => {
         if (request.method === 'GET' || request.method === 'HEAD' || request.method === 'OPTIONS') return;
-        const refusal = (short: DiskShort) => errors.insufficientStorage(`${request.method} ${request.url.split('?', 1)[0]}`, short,
-          request.method === 'DELETE' && request.routeOptions.url === '/v1/sessions/:name' ? 'half of ASGD_MIN_FREE_BYTES, at least 32 MiB, and the stored bytes of this session and of the deletes under way: a delete writes WAL for every page it empties'
-            : request.method === 'DELETE' || (request.method === 'PATCH' && SMALL_PATCH_ROUTES.has(request.routeOptions.url ?? '')) ? 'half of ASGD_MIN_FREE_BYTES, at least 32 MiB, for a small write' : undefined);
         const declared = request.headers['content-length'] !== undefined && request.headers['transfer-encoding'] === undefined;
         const body = declared ? Number(request.headers['content-length']) || 0 : 0;
         // The body is logged (a gradient) or written as a state, and a snapshot may follow: twice its size.
@@ -146,10 +143,14 @@ export default fp(
         // A session's DELETE writes WAL for every page it empties (up to the session's bytes, in full-page
         // images after a checkpoint): it needs that room besides, or PGlite could be left without any.
         const route = request.routeOptions.url ?? '';
+        const sessionDelete = request.method === 'DELETE' && route === '/v1/sessions/:name';
         const small = request.method === 'DELETE' || (request.method === 'PATCH' && SMALL_PATCH_ROUTES.has(route));
+        const refusal = (short: DiskShort) => errors.insufficientStorage(`${request.method} ${request.url.split('?', 1)[0]}`, short,
+          sessionDelete ? 'half of ASGD_MIN_FREE_BYTES, at least 32 MiB, and the stored bytes of this session and of the deletes under way: a delete writes WAL for every page it empties'
+            : small ? 'half of ASGD_MIN_FREE_BYTES, at least 32 MiB, for a small write' : undefined);
         // Deletes in flight count together (a delete frees nothing until the vacuum: a review's five at once
         // each passed against the same free space). Never below 32 MiB free, two WAL segments.
-        const deleted = request.method === 'DELETE' && route === '/v1/sessions/:name' ? await storedBytes(db, (request.params as { name?: unknown }).name) : 0;
+        const deleted = sessionDelete ? await storedBytes(db, (request.params as { name?: unknown }).name) : 0;
         const relief = Math.max(0, Math.min(Math.floor(opts.config.minFreeBytes / 2), opts.config.minFreeBytes - SMALL_WRITE_FLOOR));
         const short = room(small ? deletesInFlight + deleted - relief : 2 * body);
         if (!short && deleted > 0) {

@@ -142,6 +142,46 @@ export function storedTokenId(request: FastifyRequest): string | null {
 }
 
 /**
+ * Slots each stored token holds in one process (event streams, waiting reads): `take` counts one for the
+ * request's token, or throws `refused()` when the token holds `limit` already; the release it returns may be
+ * called more than once. A request without a stored token (the admin token, auth off) takes none.
+ */
+export function tokenSlots() {
+  const held = new Map<string, number>();
+  return {
+    take(request: FastifyRequest, limit: number, refused: () => Error): () => void {
+      const tokenId = storedTokenId(request);
+      if (tokenId === null) return () => {};
+      if ((held.get(tokenId) ?? 0) >= limit) throw refused();
+      held.set(tokenId, (held.get(tokenId) ?? 0) + 1);
+      let released = false;
+      return () => {
+        if (released) return;
+        released = true;
+        const left = (held.get(tokenId) ?? 1) - 1;
+        if (left > 0) held.set(tokenId, left);
+        else held.delete(tokenId);
+      };
+    },
+  };
+}
+
+/**
+ * A signal that aborts when the client hangs up before its answer is written (at once when it already has:
+ * its connection closed while the request was authenticated or looked up, before this listened), for work
+ * done only for that answer (a wait, a queued read). `stop()` ends the watch.
+ */
+export function untilClientGone(request: FastifyRequest, reply: FastifyReply): { signal: AbortSignal; stop(): void } {
+  const gone = new AbortController();
+  const onClose = () => {
+    if (!reply.raw.writableFinished) gone.abort();
+  };
+  reply.raw.once('close', onClose);
+  if (request.raw.destroyed || request.raw.socket?.destroyed) gone.abort();
+  return { signal: gone.signal, stop: () => reply.raw.removeListener('close', onClose) };
+}
+
+/**
  * For answers held a second or more (a waiting read, a round's contribution): 401 when the stored token the
  * request came with was revoked meanwhile, on any replica, so it gets no data. `since`: when the request was
  * authenticated. The admin token and auth off have no row; event streams check on their own (events.ts).

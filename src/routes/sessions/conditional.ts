@@ -3,11 +3,11 @@
 // newer version commits on any replica (the notifier hears it), else answers 304 when the wait ends.
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { errors } from '../../errors.ts';
-import { checkTokenStillActive, ifMatchVersions, ifNoneMatchTags, setVersion, storedTokenId } from '../common.ts';
+import { checkTokenStillActive, ifMatchVersions, ifNoneMatchTags, setVersion, tokenSlots, untilClientGone } from '../common.ts';
 import { maxWaitsPerToken } from '../../plugins/notifier.ts';
 
 /** Waiting reads each stored token holds in each app (process), bounded by maxWaitsPerToken. */
-const waitsOf = new WeakMap<FastifyInstance, Map<string, number>>();
+const waitsOf = new WeakMap<FastifyInstance, ReturnType<typeof tokenSlots>>();
 
 export const MAX_WAIT_SECONDS = 60;
 
@@ -98,35 +98,24 @@ export async function waitPastVersion(
 ): Promise<boolean> {
   if (waitSeconds > MAX_WAIT_SECONDS) throw errors.invalidQuery('wait', `at most ${MAX_WAIT_SECONDS} seconds`);
   // One stored token may hold a quarter of the process's waiting reads (a read token could take them all).
-  const tokenId = storedTokenId(request);
-  let waits = waitsOf.get(fastify);
-  if (!waits) waitsOf.set(fastify, (waits = new Map()));
+  let slots = waitsOf.get(fastify);
+  if (!slots) waitsOf.set(fastify, (slots = tokenSlots()));
   const perToken = maxWaitsPerToken(fastify.server.maxConnections);
-  if (tokenId !== null && (waits.get(tokenId) ?? 0) >= perToken) throw errors.tooManyStreams(perToken, 'waiting reads', 'a quarter');
-  if (tokenId !== null) waits.set(tokenId, (waits.get(tokenId) ?? 0) + 1);
+  const release = slots.take(request, perToken, () => errors.tooManyStreams(perToken, 'waiting reads', 'a quarter'));
   try {
     return await waitPast(fastify, request, reply, name, afterVersion, waitSeconds);
   } finally {
-    if (tokenId !== null) {
-      const left = (waits.get(tokenId) ?? 1) - 1;
-      if (left > 0) waits.set(tokenId, left);
-      else waits.delete(tokenId);
-    }
+    release();
   }
 }
 
 async function waitPast(
   fastify: FastifyInstance, request: FastifyRequest, reply: FastifyReply, name: string, afterVersion: number, waitSeconds: number,
 ): Promise<boolean> {
-  const gone = new AbortController();
-  const onClose = () => {
-    if (!reply.raw.writableFinished) gone.abort();
-  };
-  reply.raw.once('close', onClose);
-  // A client gone before the wait began (its connection closed while its token was looked up): the close
-  // above came before its listener, and the wait held its slots for all its seconds (a review: 8 requests
-  // sent and dropped at once locked a token out for a minute).
-  if (request.raw.destroyed || request.raw.socket?.destroyed) gone.abort();
+  // Also a client gone before the wait began (its connection closed while its token was looked up): the
+  // wait held its slots for all its seconds (a review: 8 requests sent and dropped at once locked a token
+  // out for a minute).
+  const gone = untilClientGone(request, reply);
   const began = Date.now();
   const deadline = began + waitSeconds * 1000;
   // A stored token revoked during the wait gets no data: it is asked again before a newer version is
@@ -169,6 +158,6 @@ async function waitPast(
       }
     }
   } finally {
-    reply.raw.removeListener('close', onClose);
+    gone.stop();
   }
 }

@@ -9,7 +9,7 @@ import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import { ApiError, errors } from '../../errors.ts';
 import { errorResponses, NameParams } from '../schemas.ts';
-import { ACCESS, storedTokenId } from '../common.ts';
+import { ACCESS, storedTokenId, tokenSlots } from '../common.ts';
 import { requireAccepts } from '../media.ts';
 import { MAX_STREAMS_PER_TOKEN } from '../../plugins/notifier.ts';
 import type { SessionRecord } from '../../sessions/repository.ts';
@@ -51,7 +51,7 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
   };
 
   /** Event streams each stored token holds in this process (MAX_STREAMS_PER_TOKEN each). */
-  const streamsOf = new Map<string, number>();
+  const streams = tokenSlots();
 
   /**
    * The session's latest change, one read shared by the streams of a session that one signal (one NOTIFY
@@ -227,22 +227,24 @@ const eventsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
 
     // Holds a bounded slot (503 TOO_MANY_WAITERS beyond it) before the answer starts.
     // At shutdown the socket goes too: the server closes idle keep-alive connections only once, early.
-    if (tokenId !== null && (streamsOf.get(tokenId) ?? 0) >= MAX_STREAMS_PER_TOKEN) throw errors.tooManyStreams(MAX_STREAMS_PER_TOKEN);
-    const releaseSlot = fastify.versions.openStream(name, onSignal, () => {
-      end();
-      if (res.writableFinished) res.socket?.destroy();
-      else res.once('finish', () => res.socket?.destroy());
-    });
-    if (tokenId !== null) streamsOf.set(tokenId, (streamsOf.get(tokenId) ?? 0) + 1);
+    const releaseToken = streams.take(request, MAX_STREAMS_PER_TOKEN, () => errors.tooManyStreams(MAX_STREAMS_PER_TOKEN));
+    let releaseSlot: () => void;
+    try {
+      releaseSlot = fastify.versions.openStream(name, onSignal, () => {
+        end();
+        if (res.writableFinished) res.socket?.destroy();
+        else res.once('finish', () => res.socket?.destroy());
+      });
+    } catch (err) {
+      releaseToken();
+      throw err;
+    }
     let released = false;
     const release = () => {
       if (released) return;
       released = true;
       releaseSlot();
-      if (tokenId === null) return;
-      const left = (streamsOf.get(tokenId) ?? 1) - 1;
-      if (left > 0) streamsOf.set(tokenId, left);
-      else streamsOf.delete(tokenId);
+      releaseToken();
     };
     reply.hijack();
     res.writeHead(200, {

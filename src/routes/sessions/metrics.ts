@@ -2,7 +2,7 @@
 // session's lifetime, unlike the step log): what the client sent as `metrics`, and the step's staleness.
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
-import { ACCESS, setVersion } from '../common.ts';
+import { ACCESS, setVersion, untilClientGone } from '../common.ts';
 import { ConditionalReadHeaders, errorResponses, NameParams, NotModified } from '../schemas.ts';
 import { conditional, notModifiedAt } from './conditional.ts';
 import { errors } from '../../errors.ts';
@@ -81,15 +81,12 @@ const metricsRoutes: FastifyPluginAsyncTypebox = async (fastify) => {
       // Before the whole series is read: a 304 or 412 needs only the version.
       if (notModifiedAt(request, reply, session.version)) return reply;
       // A client that hangs up leaves the queue of downsampled reads (series.ts).
-      const gone = new AbortController();
-      const hungUp = () => { if (!reply.raw.writableFinished) gone.abort(); };
-      reply.raw.once('close', hungUp);
-      if (request.raw.destroyed || request.raw.socket?.destroyed) gone.abort();
+      const gone = untilClientGone(request, reply);
       let read;
       try {
         read = await downsampledSeries(fastify.db, metricNames, session.id, afterVersion, maxPoints, gone.signal);
       } finally {
-        reply.raw.off('close', hungUp);
+        gone.stop();
       }
       const { points, downsampled, metricsLeftOut } = read;
       setVersion(reply, session.version);
