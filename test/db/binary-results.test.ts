@@ -166,13 +166,14 @@ test('PostgreSQL: rows whose own work (onRow) outlasts ASGD_DB_TIMEOUT_MS are no
   const setup = await openDatabase({ databaseUrl: scratch.url, dataDir: '', poolSize: 1 });
   await setup.query("CREATE TABLE s_u AS SELECT g::int8 AS id, convert_to(repeat('x', 20000000), 'UTF8') AS data FROM generate_series(1, 4) g");
   await setup.close();
-  const db = await openDatabase({ databaseUrl: scratch.url, dataDir: '', poolSize: 1, silenceTimeoutMs: 300 });
+  // 1 s, not shorter: it is also the time a connection may take to open (200 ms was too short in a CI run).
+  const db = await openDatabase({ databaseUrl: scratch.url, dataDir: '', poolSize: 1, silenceTimeoutMs: 1_000 });
   try {
     const busy = (ms: number) => { const end = Date.now() + ms; while (Date.now() < end); };
     const got: number[] = [];
     await db.query('SELECT id, data FROM s_u WHERE id > $1 ORDER BY id', [0], {
       binary: { id: 'int8', data: 'bytea' },
-      onRow: (row: { id: number }) => { got.push(row.id); busy(1000); },
+      onRow: (row: { id: number }) => { got.push(row.id); busy(1500); },
     });
     assert.deepEqual(got, [1, 2, 3, 4]);
     assert.deepEqual(await db.query('SELECT 1 AS n'), [{ n: 1 }]);
