@@ -11,7 +11,8 @@
 // spend much of their time waiting (browsers, processes starting, backoffs, a dashboard's refresh) and a
 // few keep a core busy, so a file starts while the CPU the running files use, by an earlier run's record
 // (test/durations.json: seconds and CPU seconds of each), leaves room for it within the machine's cores
-// (ASGD_TEST_CPUS, default three quarters of them), with at most ASGD_TEST_CONCURRENCY (default 4) at once, and at least one.
+// (ASGD_TEST_CPUS, default three quarters of them), with at most ASGD_TEST_CONCURRENCY (default 4) at once,
+// and two at least (one where ASGD_TEST_CONCURRENCY=1).
 // The slowest files start first, so that no long file starts last and runs alone while the rest idles.
 import { readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
@@ -242,12 +243,17 @@ for (const signal of ['SIGINT', 'SIGTERM']) {
   });
 }
 
-/** The next job to start now, taken from the queue: the longest that fits in the cores left, or none. */
+/**
+ * The next job to start now, taken from the queue, or none: the longest while fewer than `floor` run (two,
+ * as before the CPU was counted: a file that keeps a core busy must not leave the other idle), then the
+ * longest that fits in the CPU left.
+ */
+const floor = Math.min(2, concurrency);
 function next() {
   if (running.size >= concurrency) return undefined;
   let busy = 0;
   for (const l of running.values()) busy += l;
-  const i = running.size === 0 ? 0 : queue.findIndex((job) => busy + load(job) <= cpus + 1e-9);
+  const i = running.size < floor ? 0 : queue.findIndex((job) => busy + load(job) <= cpus + 1e-9);
   return i < 0 ? undefined : queue.splice(i, 1)[0];
 }
 
