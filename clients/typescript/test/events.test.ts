@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import test, { type TestContext } from 'node:test';
 import { ASGDClient, ConnectionFailed, SessionNotFound, type SessionEvent } from '../src/index.ts';
-import { liveService, uniqueName } from './service.ts';
+import { ownService, uniqueName } from './service.ts';
 
 const spec = (name: string) => ({ name, params: [{ name: 'w', shape: [2], data: [0.5, -0.5] }], hyperparameters: { lr: 0.1 } });
 
@@ -20,7 +20,7 @@ async function next(it: AsyncIterator<SessionEvent>, ms = 10_000): Promise<Sessi
 }
 
 test('events: versions from another replica, resumed after a restart, ended by the deletion or a signal', async (t) => {
-  const { client, urls, cluster } = await liveService(t, { retryBudgetMs: 30_000 }, {}, 2);
+  const { client, urls, cluster } = await ownService(t, { retryBudgetMs: 30_000 }, {}, 2);
   const other = new ASGDClient(urls[1], { retryBudgetMs: 30_000 });
   const name = uniqueName('events');
   await client.createSession(spec(name));

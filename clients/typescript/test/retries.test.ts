@@ -4,12 +4,12 @@
 import assert from 'node:assert/strict';
 import test from 'node:test';
 import { ASGDClient, ConnectionFailed } from '../src/index.ts';
-import { hexOf, liveService, rng, runTorchReference, skipWithoutTorch, uniqueName } from './service.ts';
+import { hexOf, liveService, ownService, rng, runTorchReference, skipWithoutTorch, uniqueName } from './service.ts';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 test('retries across a service restart apply every step exactly once', { skip: skipWithoutTorch() }, async (t) => {
-  const { service, url } = await liveService(t);
+  const { service, url } = await ownService(t);
   let loseNextAnswer = false;
   let restarting: Promise<void> = Promise.resolve();
   /** Kills the service and starts it again after a pause, as a deploy or a crash would. */
