@@ -3,9 +3,9 @@
 import assert from 'node:assert/strict';
 import { existsSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import type { TestContext } from 'node:test';
+import { after, type TestContext } from 'node:test';
 import type { FastifyInstance } from 'fastify';
-import { chromium, type Browser, type Page } from 'playwright-core';
+import { chromium, type Browser, type BrowserContext, type Page } from 'playwright-core';
 import { buildTestApp } from '../helper.ts';
 
 export const CHROMIUM = process.env.ASGD_CHROMIUM ?? '/usr/bin/chromium';
@@ -19,13 +19,49 @@ export function chromiumMissing(): string | null {
   return message;
 }
 
+/** One Chromium for the tests of a file (a launch took about a CPU-second; the UI tests launched 70). */
+let shared: Promise<Browser> | null = null;
+after(async () => {
+  await (await shared?.catch(() => null))?.close();
+});
+
+/**
+ * The file's browser, for this test: the contexts (and so the pages) the test opens in it are closed when
+ * the test ends, as the test's own browser was; each is as separate from the others as another browser's
+ * (its own cookies, storage and cache). A browser that crashed is launched again for the next test.
+ */
 export async function launch(t: TestContext): Promise<Browser> {
-  const browser = await chromium.launch({
+  shared ??= chromium.launch({
     executablePath: CHROMIUM,
     args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
   });
-  t.after(() => browser.close());
-  return browser;
+  let browser: Browser;
+  try {
+    browser = await shared;
+  } catch (err) {
+    shared = null;
+    throw err;
+  }
+  if (!browser.isConnected()) {
+    shared = null;
+    return launch(t);
+  }
+  const contexts: BrowserContext[] = [];
+  t.after(() => Promise.all(contexts.map((c) => c.close().catch(() => {}))));
+  return new Proxy(browser, {
+    get(target, key) {
+      if (key === 'newContext') {
+        return async (...args: Parameters<Browser['newContext']>) => {
+          const context = await target.newContext(...args);
+          contexts.push(context);
+          return context;
+        };
+      }
+      if (key === 'close') return async () => Promise.all(contexts.map((c) => c.close()));
+      const value = Reflect.get(target, key, target);
+      return typeof value === 'function' ? value.bind(target) : value;
+    },
+  });
 }
 
 /** A page that fails the test on a script error and keeps the console for the failure message. */
