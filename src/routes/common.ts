@@ -8,6 +8,7 @@ import type { RouteAccess } from '../plugins/auth.ts';
 import { type ChangeKey, isReplayed, type Replayed } from '../sessions/changes.ts';
 import type { SessionRecord, SnapshotRecord } from '../sessions/repository.ts';
 import type { RoundStatus } from '../sessions/rounds.ts';
+import { CountedHolds } from '../sessions/mutex.ts';
 import { numelOf, publicGroup } from '../sessions/spec.ts';
 import { canonicalJson } from '../sessions/state.ts';
 import { contentFormat } from './media.ts';
@@ -147,21 +148,13 @@ export function storedTokenId(request: FastifyRequest): string | null {
  * called more than once. A request without a stored token (the admin token, auth off) takes none.
  */
 export function tokenSlots() {
-  const held = new Map<string, number>();
+  const held = new CountedHolds<string>();
   return {
     take(request: FastifyRequest, limit: number, refused: () => Error): () => void {
       const tokenId = storedTokenId(request);
       if (tokenId === null) return () => {};
-      if ((held.get(tokenId) ?? 0) >= limit) throw refused();
-      held.set(tokenId, (held.get(tokenId) ?? 0) + 1);
-      let released = false;
-      return () => {
-        if (released) return;
-        released = true;
-        const left = (held.get(tokenId) ?? 1) - 1;
-        if (left > 0) held.set(tokenId, left);
-        else held.delete(tokenId);
-      };
+      if (held.count(tokenId) >= limit) throw refused();
+      return held.hold(tokenId);
     },
   };
 }

@@ -18,7 +18,7 @@ import { createChanges } from './changes.ts';
 import { checkIfMatch, mustFind, type RoundHost, type SessionContext, type SessionHooks } from './context.ts';
 import { BATCH as EXPIRY_BATCH, sweepIdleSessions, SWEEP_ROUNDS } from './expiry.ts';
 import { createHistory } from './history.ts';
-import { KeyedMutex } from './mutex.ts';
+import { CountedHolds, KeyedMutex } from './mutex.ts';
 import { createReads } from './reads.ts';
 import * as repo from './repository.ts';
 import { entriesWithin } from './series.ts';
@@ -166,7 +166,7 @@ export function createSessionService(options: SessionServiceOptions) {
 
   /** What the rounds of sessions with `aggregation` (rounds.ts) use of the session modules. */
   /** Sessions with contributions waiting here for their round, and how many (RoundHost.holdOpen). */
-  const heldOpen = new Map<string, number>();
+  const heldOpen = new CountedHolds<string>();
   const roundHost: RoundHost = {
     run: (name, fn) => ctx.mutex.run(name, fn),
     currentState: history.currentStateLocked, // under the row lock, in the round's transaction
@@ -180,17 +180,7 @@ export function createSessionService(options: SessionServiceOptions) {
       if (writer.due(session, cached)) await writer.inBackground(session, cached, 'auto');
       else if (writer.pointDue(session, cached, cached.state.version - 1, cached.state.version)) await writer.pointInBackground(session, cached);
     },
-    holdOpen(name) {
-      heldOpen.set(name, (heldOpen.get(name) ?? 0) + 1);
-      let released = false;
-      return () => {
-        if (released) return;
-        released = true;
-        const left = (heldOpen.get(name) ?? 1) - 1;
-        if (left > 0) heldOpen.set(name, left);
-        else heldOpen.delete(name);
-      };
-    },
+    holdOpen: (name) => heldOpen.hold(name),
     idempotencyWindowSeconds: options.idempotencyWindowSeconds,
   };
 

@@ -36,8 +36,8 @@ async function refusingPort(): Promise<number> {
   return port;
 }
 
-test('a waiting read ends when its signal is aborted, with the signal\'s reason', async (t) => {
-  const { client } = await liveService(t);
+test('a waiting read ends when its signal is aborted, with the signal\'s reason', async () => {
+  const { client } = await liveService();
   const name = uniqueName('abort-wait');
   await client.createSession({ name, params: [{ name: 'w', shape: [2], data: [1, 2] }] });
   const controller = new AbortController();
@@ -61,8 +61,8 @@ test('a step retrying against a service that is down ends when its signal is abo
   assert.ok(Date.now() - began < 5_000, `ended at once (${Date.now() - began} ms)`);
 });
 
-test('RemoteASGD with a signal: once aborted, synchronize() throws its reason and no further step is sent', async (t) => {
-  const { client } = await liveService(t);
+test('RemoteASGD with a signal: once aborted, synchronize() throws its reason and no further step is sent', async () => {
+  const { client } = await liveService();
   const name = uniqueName('abort-fit');
   const controller = new AbortController();
   const w = tf.variable(tf.zeros([2]), true, 'w-abort');
@@ -147,7 +147,7 @@ function stalling(stall: (method: string, url: string) => boolean, stalled: () =
 test('RemoteASGD\'s own requests end with its signal: the read after a stale drop, the PUT of edited variables, pull()', async (t) => {
   // Found by a review: only the step took the signal; an abort waited out these (up to timeoutMs each, and
   // retried). A short timeoutMs and budget make the unfixed failure a ConnectionFailed instead of the reason.
-  const { client: admin, url } = await liveService(t, { logger: null });
+  const { client: admin, url } = await liveService({ logger: null });
   let stall: (method: string, url: string) => boolean = () => false;
   let stalled = () => {};
   const client = new ASGDClient(url, { logger: null, timeoutMs: 3_000, retryBudgetMs: 3_000, fetch: stalling((m, u) => stall(m, u), () => stalled()) });
@@ -190,8 +190,8 @@ test('RemoteASGD\'s own requests end with its signal: the read after a stale dro
   target.dispose();
 });
 
-test('RemoteASGD\'s retryBudgetMs bounds its own requests too (the read after a stale drop)', async (t) => {
-  const { client: admin, url } = await liveService(t, { logger: null });
+test('RemoteASGD\'s retryBudgetMs bounds its own requests too (the read after a stale drop)', async () => {
+  const { client: admin, url } = await liveService({ logger: null });
   let busy = false;
   // The read after the drop is answered 503 (a replica that lost its database), retried within the budget.
   const client = new ASGDClient(url, {

@@ -20,7 +20,7 @@ const g2 = { w: { shape: [2, 2], data: Float32Array.from([-0.125, 0.75, 0.5, -1]
 
 test('the client against a live service', { skip: skipWithoutTorch() }, async (t) => {
   const token = 'admin-token-for-the-client-test-0123456789';
-  const { client, url } = await liveService(t, { token, retryBudgetMs: 10_000 }, { ASGD_ADMIN_TOKEN: token });
+  const { client, url } = await liveService({ token, retryBudgetMs: 10_000 }, { ASGD_ADMIN_TOKEN: token });
 
   await t.test('sessions: create (JSON and safetensors), list, get, patch, delete', async () => {
     const a = await client.createSession(spec(uniqueName('ops-a')));

@@ -7,8 +7,8 @@ import { liveService, uniqueName } from './service.ts';
 
 const EXAMPLE = fileURLToPath(new URL('../examples/train.ts', import.meta.url));
 
-test('examples/train.ts trains through the service and continues where it left off', async (t) => {
-  const { url, client } = await liveService(t);
+test('examples/train.ts trains through the service and continues where it left off', async () => {
+  const { url, client } = await liveService();
   const session = uniqueName('example');
   const run = () => spawnSync(process.execPath, [EXAMPLE], { env: { ...process.env, ASGD_URL: url, ASGD_SESSION: session, EPOCHS: '3' }, encoding: 'utf8' });
   const first = run();

@@ -12,8 +12,8 @@ const halfSupported = /float16/.test(gradientsSource);
 
 test('F16 and BF16 gradients step the session as torch does with the rounded gradients', {
   skip: !halfSupported ? 'this service does not take half-precision gradients yet (issue 12)' : skipWithoutTorch(),
-}, async (t) => {
-  const { client } = await liveService(t);
+}, async () => {
+  const { client } = await liveService();
   const random = rng(21);
   const init = Array.from({ length: 12 }, () => random());
   for (const dtype of ['F16', 'BF16'] as const) {

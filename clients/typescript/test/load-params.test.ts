@@ -4,8 +4,8 @@ import test from 'node:test';
 import { ASGDClient, ShapeMismatch, UnknownParameter, VersionMismatch } from '../src/index.ts';
 import { liveService, uniqueName } from './service.ts';
 
-test('loadParams replaces the weights and keeps the optimizer state', async (t) => {
-  const { client } = await liveService(t, { retryBudgetMs: 10_000 });
+test('loadParams replaces the weights and keeps the optimizer state', async () => {
+  const { client } = await liveService({ retryBudgetMs: 10_000 });
   const name = uniqueName('load-params');
   await client.createSession({ name, params: [{ name: 'w', shape: [2, 2], data: [0.1, 0.2, 0.3, 0.4] }, { name: 'b', shape: [2], data: [0, 0.5] }], hyperparameters: { lr: 0.1, t0: 1 } });
   await client.step(name, { w: [0.5, -0.5, 0.25, 1], b: [0.1, 0.2] });
@@ -30,8 +30,8 @@ test('loadParams replaces the weights and keeps the optimizer state', async (t) 
   assert.equal((await client.getSession(name)).version, 4);
 });
 
-test('a session made again by another client with other shapes of the same sizes: flat data takes the new shapes (read again on SHAPE_MISMATCH), steps and loadParams go on', async (t) => {
-  const { client, url } = await liveService(t, { retryBudgetMs: 10_000 });
+test('a session made again by another client with other shapes of the same sizes: flat data takes the new shapes (read again on SHAPE_MISMATCH), steps and loadParams go on', async () => {
+  const { client, url } = await liveService({ retryBudgetMs: 10_000 });
   const other = new ASGDClient(url, { retryBudgetMs: 10_000 });
   const name = uniqueName('reshaped');
   await client.createSession({ name, params: [{ name: 'w', shape: [2, 2], data: [1, 2, 3, 4] }], hyperparameters: { lr: 0.5 } });
@@ -55,8 +55,8 @@ test('a session made again by another client with other shapes of the same sizes
   assert.equal((await other.getSession(name)).version, 2);
 });
 
-test('several steps in flight when the session was made again with other shapes: each is sent again with the new shapes', async (t) => {
-  const { client, url } = await liveService(t, { retryBudgetMs: 10_000 });
+test('several steps in flight when the session was made again with other shapes: each is sent again with the new shapes', async () => {
+  const { client, url } = await liveService({ retryBudgetMs: 10_000 });
   const other = new ASGDClient(url, { retryBudgetMs: 10_000 });
   const name = uniqueName('reshaped-many');
   await client.createSession({ name, params: [{ name: 'w', shape: [2, 2], data: [1, 2, 3, 4] }] });

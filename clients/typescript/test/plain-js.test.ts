@@ -12,7 +12,7 @@ import { liveService, uniqueName } from './service.ts';
 tf.setBackend('cpu');
 
 test('without crypto.randomUUID (an insecure context) RemoteASGD is built and steps carry random UUID keys', async (t) => {
-  const { url } = await liveService(t);
+  const { url } = await liveService();
   const keys: string[] = [];
   const recording: typeof fetch = (input, init) => {
     const key = new Headers(init?.headers).get('idempotency-key');
@@ -42,8 +42,8 @@ test('without crypto.randomUUID (an insecure context) RemoteASGD is built and st
   w.dispose();
 });
 
-test('gradients and tensors in forms the types forbid: an error that names the field and what to pass; a NaN metric is named', async (t) => {
-  const { client } = await liveService(t);
+test('gradients and tensors in forms the types forbid: an error that names the field and what to pass; a NaN metric is named', async () => {
+  const { client } = await liveService();
   const name = uniqueName('plain-js');
   await client.createSession({ name, params: [{ name: 'w', shape: [2, 2], data: [1, 2, 3, 4] }] });
   const x = tf.ones([2, 2]);
@@ -64,8 +64,8 @@ test('gradients and tensors in forms the types forbid: an error that names the f
   x.dispose();
 });
 
-test('a loop that never waits for its steps (trainOnBatch alone) is warned about once; model.fit with the callback is not', async (t) => {
-  const { url } = await liveService(t);
+test('a loop that never waits for its steps (trainOnBatch alone) is warned about once; model.fit with the callback is not', async () => {
+  const { url } = await liveService();
   const run = async (how: 'trainOnBatch' | 'fit') => {
     const warnings: string[] = [];
     const client = new ASGDClient(url, { logger: { warn: (m: string) => warnings.push(m), info: () => {} } });

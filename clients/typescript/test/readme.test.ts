@@ -72,7 +72,7 @@ test('README: the save/load snippet runs with @tensorflow/tfjs, and says that fi
   const file = join(dir, 'snippet.mts');
   writeFileSync(file, [...imports, 'export async function run({ model, names, xs, ys }: any) {', ...body, 'return { optimizer };', '}'].join('\n'));
 
-  const { client } = await liveService(t);
+  const { client } = await liveService();
   const session = uniqueName('readme_save');
   const names = ['l1.kernel', 'l1.bias'];
   const model = tf.sequential();

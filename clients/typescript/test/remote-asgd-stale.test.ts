@@ -42,7 +42,7 @@ const fit = (m: tf.LayersModel, opt: RemoteASGD, n: number) => {
 test('RemoteASGD onStale and RoundPending', async (t) => {
   const lines: string[] = [];
   const logger = { warn: (m: string) => lines.push(`warn ${m}`), info: (m: string) => lines.push(`info ${m}`) };
-  const { client, url } = await liveService(t, { retryBudgetMs: 30_000, logger });
+  const { client, url } = await liveService({ retryBudgetMs: 30_000, logger });
 
   await t.test("max_staleness: with onStale 'pull' (the default) model.fit drops the stale gradient, loads the session's parameters and goes on; 'raise' ends it", async () => {
     const session = uniqueName('stale-fit');

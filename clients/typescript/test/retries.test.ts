@@ -91,8 +91,8 @@ test('retries across a service restart apply every step exactly once', { skip: s
   });
 });
 
-test('a load, hyperparameters or a restore whose answer was lost is sent again and not made twice', async (t) => {
-  const { url } = await liveService(t);
+test('a load, hyperparameters or a restore whose answer was lost is sent again and not made twice', async () => {
+  const { url } = await liveService();
   const other = new ASGDClient(url);
   let loseNext: string | null = null;
   const sent: string[] = [];

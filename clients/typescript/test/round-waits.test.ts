@@ -45,7 +45,7 @@ function recording(log: Sent[], lose?: (attempt: number) => number | null): type
 const waitOf = (url: string) => new URL(url).searchParams.get('wait');
 
 test('round contributions: maxWaitMs, timeoutMs and the retry budget against the hold', async (t) => {
-  const { url, client: admin } = await liveService(t);
+  const { url, client: admin } = await liveService();
   const create = async (prefix: string) => {
     const name = uniqueName(prefix);
     await admin.createSession({ name, params: [{ name: 'w', shape: [2], data: [1, 2] }], aggregation: { contributions: 2 } });
@@ -132,11 +132,11 @@ test('round contributions: maxWaitMs, timeoutMs and the retry budget against the
   });
 });
 
-test('tfjs: after model.fit threw RoundPending, a custom loop\'s minimize goes out at once and resumeRound() returns once the round steps', async (t) => {
+test('tfjs: after model.fit threw RoundPending, a custom loop\'s minimize goes out at once and resumeRound() returns once the round steps', async () => {
   // Found by a review: tfjs does not call onTrainEnd when fit throws, so the optimizer still took itself to
   // be in the fit: the next minimize's step waited for batch logs that never came, and resumeRound(), which
   // waits for that step first, never returned.
-  const { client } = await liveService(t, { logger: null });
+  const { client } = await liveService({ logger: null });
   const name = uniqueName('fit-threw');
   await client.createSession({ name, params: [{ name: 'k', shape: [2, 1], data: [0.5, -0.5] }, { name: 'b', shape: [1], data: [0] }], aggregation: { contributions: 2 } });
   const model = tf.sequential();

@@ -57,7 +57,7 @@ async function until(condition: () => Promise<boolean> | boolean, what: string):
 }
 
 test('synchronous rounds through the client', { skip: skipWithoutTorch() }, async (t) => {
-  const { client, urls } = await liveService(t, { retryBudgetMs: 30_000 }, {}, 3);
+  const { client, urls } = await liveService({ retryBudgetMs: 30_000 }, {}, 3);
 
   await t.test('three tfjs workers on three processes: each round is torch\'s step on the documented mean', async () => {
     const session = uniqueName('rounds-tfjs');

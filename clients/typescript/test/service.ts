@@ -39,7 +39,7 @@ after(async () => {
  * by the tests of a file that ask for the same `env` and count (a start costs about 5 s: 34 starts were a
  * third of this suite's time). Each test names its sessions its own (uniqueName). `env` goes to every process.
  */
-export async function liveService(t: TestContext, options: TransportOptions = {}, env: Record<string, string> = {}, processes = 1) {
+export async function liveService(options: TransportOptions = {}, env: Record<string, string> = {}, processes = 1) {
   const key = JSON.stringify([env, processes]);
   let live = shared.get(key);
   if (!live) {

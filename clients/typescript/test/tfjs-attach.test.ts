@@ -13,9 +13,9 @@ tf.setBackend('cpu');
 
 const bitsOf = (data: ArrayLike<number>) => Array.from(new Uint32Array(Float32Array.from(data).buffer));
 
-test('attach creates a missing session as safetensors: a model whose JSON would pass the service\'s JSON limit, bit for bit', async (t) => {
+test('attach creates a missing session as safetensors: a model whose JSON would pass the service\'s JSON limit, bit for bit', async () => {
   // The service's JSON limit at 1 MiB: 300,000 parameters are ~3-6 MB as JSON, 1.2 MB as safetensors.
-  const { client } = await liveService(t, {}, { ASGD_BODY_LIMIT_JSON: String(1024 * 1024) });
+  const { client } = await liveService({}, { ASGD_BODY_LIMIT_JSON: String(1024 * 1024) });
   const big = tf.variable(tf.randomNormal([300, 1000], 0, 0.1, 'float32', 3), true, 'big');
   const small = tf.variable(tf.tensor1d([-0, 1e-45, 3.4e38]), true, 'small'); // -0, a subnormal, near the largest
   const name = uniqueName('tfjs-big');
@@ -30,8 +30,8 @@ test('attach creates a missing session as safetensors: a model whose JSON would 
   assert.deepEqual(bitsOf(stored.params.small.data), bitsOf(await small.data()));
 });
 
-test('attach keeps the variables\' order for integer-like parameter names', async (t) => {
-  const { client } = await liveService(t);
+test('attach keeps the variables\' order for integer-like parameter names', async () => {
+  const { client } = await liveService();
   const name = uniqueName('tfjs-order');
   const a = tf.variable(tf.tensor1d([1, 2]), true, 'a');
   const b = tf.variable(tf.tensor1d([3]), true, 'b');
@@ -40,8 +40,8 @@ test('attach keeps the variables\' order for integer-like parameter names', asyn
   assert.deepEqual(Array.from((await client.params(name)).params['10'].data), [1, 2]);
 });
 
-test('attach to a session deleted and created again takes its parameters at its lower version, and training goes on', async (t) => {
-  const { client } = await liveService(t, { logger: null });
+test('attach to a session deleted and created again takes its parameters at its lower version, and training goes on', async () => {
+  const { client } = await liveService({ logger: null });
   const name = uniqueName('tfjs-again');
   const w = tf.variable(tf.zeros([2]), true, 'w-again');
   const opt = new RemoteASGD({ client, session: name, hyperparameters: { lr: 0.1 } });
@@ -72,9 +72,9 @@ test('attach to a session deleted and created again takes its parameters at its 
   assert.deepEqual(Array.from(await w.data()), [7, 8]);
 });
 
-test('a step to a session replaced under a running optimizer drops its gradient, takes the new session\'s parameters and training goes on; onStale raise throws BaseVersionAhead', async (t) => {
+test('a step to a session replaced under a running optimizer drops its gradient, takes the new session\'s parameters and training goes on; onStale raise throws BaseVersionAhead', async () => {
   const warnings: string[] = [];
-  const { client } = await liveService(t, { logger: { warn: (m: string) => warnings.push(m), info: () => {} } });
+  const { client } = await liveService({ logger: { warn: (m: string) => warnings.push(m), info: () => {} } });
   const name = uniqueName('tfjs-replaced');
   const w = tf.variable(tf.zeros([2]), true, 'w-replaced');
   const opt = new RemoteASGD({ client, session: name, hyperparameters: { lr: 0.1 } });
@@ -108,8 +108,8 @@ test('a step to a session replaced under a running optimizer drops its gradient,
     && err.serviceMessage === "base_version: 4 is newer than the session's version 1");
 });
 
-test('nextParamGroups: only values that differ from the session\'s are sent; a schedule that repeats its lr records one change', async (t) => {
-  const { client } = await liveService(t);
+test('nextParamGroups: only values that differ from the session\'s are sent; a schedule that repeats its lr records one change', async () => {
+  const { client } = await liveService();
   const name = uniqueName('tfjs-sched');
   const w = tf.variable(tf.zeros([2]), true, 'w-sched');
   const opt = new RemoteASGD({ client, session: name, hyperparameters: { lr: 0.05 } });

@@ -14,8 +14,8 @@ tf.setBackend('cpu');
 const bitsOf = (data: ArrayLike<number>) => Array.from(new Uint32Array(Float32Array.from(data).buffer));
 const target = tf.tensor1d([0.25, -1.5, 3]);
 
-test('an edited variable is sent before the next step, which applies to it: equal bit for bit to the same edit and steps made by hand', async (t) => {
-  const { client } = await liveService(t, { logger: null });
+test('an edited variable is sent before the next step, which applies to it: equal bit for bit to the same edit and steps made by hand', async () => {
+  const { client } = await liveService({ logger: null });
   const name = uniqueName('tfjs-edit');
   const ref = uniqueName('tfjs-edit-ref');
   const start = [1, 2, 3];
@@ -53,8 +53,8 @@ test('an edited variable is sent before the next step, which applies to it: equa
   assert.equal((await client.params(name)).version, 5);
 });
 
-test('an element edited while its step is in flight keeps its value over that step\'s answer and is sent with the next step', async (t) => {
-  const { client } = await liveService(t, { logger: null });
+test('an element edited while its step is in flight keeps its value over that step\'s answer and is sent with the next step', async () => {
+  const { client } = await liveService({ logger: null });
   const name = uniqueName('tfjs-edit-flight');
   const v = tf.variable(tf.tensor1d([1, 2, 3]), true, 'v-flight');
   const opt = new RemoteASGD({ client, session: name, hyperparameters: { lr: 0.1 } });
@@ -75,8 +75,8 @@ test('an element edited while its step is in flight keeps its value over that st
   assert.ok(Math.abs(stored.params.v.data[0] - 9) < 2, `stepped from 9: ${stored.params.v.data[0]}`);
 });
 
-test('an edit made while other workers stepped the session replaces only the elements it changed (412, then sent at the newer version)', async (t) => {
-  const { client } = await liveService(t, { logger: null });
+test('an edit made while other workers stepped the session replaces only the elements it changed (412, then sent at the newer version)', async () => {
+  const { client } = await liveService({ logger: null });
   const name = uniqueName('tfjs-edit-412');
   const ref = uniqueName('tfjs-edit-412-ref');
   const v = tf.variable(tf.tensor1d([1, 2, 3]), true, 'v-412');
@@ -100,9 +100,9 @@ test('an edit made while other workers stepped the session replaces only the ele
   assert.deepEqual(bitsOf(await v.data()), bitsOf(expected.params.v.data));
 });
 
-test('a gradient computed before other workers stepped keeps its base_version after an edit is sent: max_staleness still refuses it', async (t) => {
+test('a gradient computed before other workers stepped keeps its base_version after an edit is sent: max_staleness still refuses it', async () => {
   // Found by a review: the step took the version the edit made, and a stale gradient went in as fresh.
-  const { client } = await liveService(t, { logger: null });
+  const { client } = await liveService({ logger: null });
   const name = uniqueName('tfjs-edit-stale');
   const v = tf.variable(tf.tensor1d([1, 2, 3]), true, 'v-edit-stale');
   const opt = new RemoteASGD({ client, session: name, hyperparameters: { lr: 0.1 }, sessionSettings: { max_staleness: 0 }, onStale: 'raise' });
@@ -120,10 +120,10 @@ test('a gradient computed before other workers stepped keeps its base_version af
   await assert.rejects(opt.synchronize(), StaleGradient);
 });
 
-test('an edit merged with other workers\' steps (412) is said as such, not as an edit made while a step was in flight', async (t) => {
+test('an edit merged with other workers\' steps (412) is said as such, not as an edit made while a step was in flight', async () => {
   // Found by a review: the merge logged "v changed while a step was in flight" when no step was.
   const said: string[] = [];
-  const { client } = await liveService(t, { logger: { warn: (m) => said.push(m), info: (m) => said.push(m) } });
+  const { client } = await liveService({ logger: { warn: (m) => said.push(m), info: (m) => said.push(m) } });
   const name = uniqueName('tfjs-edit-said');
   const v = tf.variable(tf.tensor1d([1, 2, 3]), true, 'v-said');
   const opt = new RemoteASGD({ client, session: name, hyperparameters: { lr: 0.1 } });

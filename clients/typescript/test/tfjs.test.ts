@@ -37,7 +37,7 @@ function assertEqualsTorch(initial: Awaited<ReturnType<typeof variablesOf>>, ste
 }
 
 test('RemoteASGD', { skip: skipWithoutTorch() }, async (t) => {
-  const { client } = await liveService(t, { retryBudgetMs: 30_000 });
+  const { client } = await liveService({ retryBudgetMs: 30_000 });
   const hyper = { lr: 0.05, lambd: 0.0001, alpha: 0.75, t0: 20, weight_decay: 0.001 };
 
   await t.test('a custom loop with optimizer.minimize: 100 steps equal torch.optim.ASGD bit for bit', async () => {
@@ -216,8 +216,8 @@ test('RemoteASGD', { skip: skipWithoutTorch() }, async (t) => {
   });
 });
 
-test('attach: a create whose answer was lost (a browser\'s bare "Failed to fetch") is sent again and the session joined', async (t) => {
-  const { client } = await liveService(t);
+test('attach: a create whose answer was lost (a browser\'s bare "Failed to fetch") is sent again and the session joined', async () => {
+  const { client } = await liveService();
   let lost = 0;
   // The first create reaches the service and lands; its answer is lost as a browser's fetch loses one.
   const losesCreate: typeof fetch = async (input, init) => {

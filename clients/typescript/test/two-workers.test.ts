@@ -13,7 +13,7 @@ import { hexOf, liveService, rng, runTorchReference, skipWithoutTorch, TORCH_PYT
 tf.setBackend('cpu');
 
 test('a Python worker and a JavaScript worker step one session alternately', { skip: skipWithoutTorch() }, async (t) => {
-  const { client, url } = await liveService(t);
+  const { client, url } = await liveService();
   const session = uniqueName('two-workers');
   const hyper = { lr: 0.05, t0: 10 };
 
