@@ -158,6 +158,45 @@ test('the timeline keeps the focus on the tick that holds the focused snapshot w
   assert.equal(now.stops.filter((s) => s === 0).length, 1);
 });
 
+test('the skip link passes the charts; a focused Pin whose snapshot is pruned hands the focus to the row at its place; a deleted session gives it to the message', { skip }, async (t) => {
+  const { base, api, page } = await openDashboard(t);
+  await api('POST', '/v1/sessions', { name: 'pr', params: PARAMS, snapshot_every: 1_000_000, keep_snapshots: 3 });
+  for (let s = 0; s < 3; s++) {
+    await api('POST', '/v1/sessions/pr/step', { grads: GRAD, metrics: { loss: 1 / (s + 1) } });
+    await api('POST', '/v1/sessions/pr/snapshots', { pinned: false });
+  }
+  await page.goto(`${base}/ui/#/s/pr`);
+  await page.waitForSelector('#snapshots-table tr[data-snapshot]');
+  await page.waitForSelector('[data-chart="metric:loss"]');
+  // The skip link: out of sight until it has the focus, then shown; Enter takes the focus past the charts.
+  const hidden = await page.locator('a.skip').boundingBox();
+  assert.ok(hidden !== null && hidden.x + hidden.width < 0, `off screen: ${JSON.stringify(hidden)}`);
+  await page.focus('a.skip');
+  const shown = await page.locator('a.skip').boundingBox();
+  assert.ok(shown !== null && shown.x >= 0 && shown.width > 0, `shown: ${JSON.stringify(shown)}`);
+  await page.keyboard.press('Enter');
+  assert.equal(await page.evaluate(() => document.activeElement?.matches('#snapshots h2')), true);
+  assert.equal(await page.evaluate(() => location.hash), '#/s/pr', 'the route stays');
+  await page.keyboard.press('Tab');
+  assert.equal(await page.evaluate(() => document.activeElement?.textContent), 'Take snapshot');
+
+  // Pin of the oldest snapshot has the focus; a new snapshot prunes it (keep_snapshots 3).
+  const { snapshots } = await api('GET', '/v1/sessions/pr/snapshots');
+  const oldest = snapshots.reduce((a: { version: number }, b: { version: number }) => (a.version < b.version ? a : b));
+  await page.locator(`tr[data-snapshot="${oldest.id}"] button`, { hasText: /^Pin$/ }).focus();
+  await api('POST', '/v1/sessions/pr/step', { grads: GRAD });
+  await api('POST', '/v1/sessions/pr/snapshots', { pinned: false });
+  await page.waitForFunction((id) => !document.querySelector(`tr[data-snapshot="${id}"]`), oldest.id, { timeout: 20_000 });
+  const moved = await page.evaluate(() => ({ row: document.activeElement?.closest('#snapshots-table tr[data-snapshot]') !== null, text: document.activeElement?.textContent }));
+  assert.deepEqual(moved, { row: true, text: 'Pin' }, 'the focus is on the Pin of the row now at its place, not on the page');
+
+  // The session deleted while that button has the focus: every button is disabled, the focus goes to the message.
+  await api('DELETE', '/v1/sessions/pr');
+  await page.waitForFunction(() => document.querySelector('[data-gone="true"]') !== null, undefined, { timeout: 20_000 });
+  await page.waitForFunction(() => document.activeElement?.matches('p.error') === true, undefined, { timeout: 5000 });
+  assert.equal(await page.evaluate(() => document.activeElement?.textContent), 'Session pr was deleted.');
+});
+
 test('the norms and hyperparameter tables keep the focus on their scroll region while steps stream in and change them', { skip }, async (t) => {
   const { base, api, page } = await openDashboard(t);
   await api('POST', '/v1/sessions', { name: 'tables', params: PARAMS });

@@ -198,6 +198,10 @@ test('the timeline\'s ticks and the charts have accessible names', { skip }, asy
   const legend = () => page.locator('[data-chart="metric:loss"] .u-legend .u-series').nth(1).locator('.u-value').textContent();
   await loss.focus();
   assert.deepEqual(await said(), ['4', 'no point chosen']);
+  // The slider holds the plot and its legend, so its focus ring goes round them (a review: uPlot was mounted
+  // beside an empty slider, 0 px tall, whose ring was a line under the title).
+  const ring = await loss.evaluate((el) => ({ box: el.getBoundingClientRect().height, canvas: el.querySelector('canvas')?.getBoundingClientRect().height ?? 0 }));
+  assert.ok(ring.canvas >= 150 && ring.box >= ring.canvas, JSON.stringify(ring));
   await page.keyboard.press('End');
   assert.deepEqual(await said(), ['4', 'last point, at step 4: loss 0.875']);
   await page.keyboard.press('ArrowLeft');

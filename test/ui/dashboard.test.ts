@@ -173,6 +173,8 @@ test('dashboard: sessions listed, loss chart holds the points sent, live steps, 
   assert.match(await viewer.textContent('#who') ?? '', /viewer · read/);
   const buttons = await viewer.$$eval('#snapshots button[data-action], #snapshots .toolbar button', (els) => els.map((e) => (e as HTMLButtonElement).disabled));
   assert.ok(buttons.length >= 4 && buttons.every(Boolean), JSON.stringify(buttons));
+  // Why, said in the page (a disabled button's title reaches neither a keyboard nor a screen reader).
+  assert.match(await viewer.textContent('#snapshots-read-only') ?? '', /^This token reads only: taking, pinning, restoring and forking need an admin token\.$/);
   await screenshot(viewer, 'session-read-only');
   assert.deepEqual(log.filter((l) => l.startsWith('pageerror')), []);
   assert.deepEqual(log.filter((l) => /Content Security Policy/i.test(l)), [], 'the page keeps to its own CSP');

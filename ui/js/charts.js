@@ -410,7 +410,7 @@ export class Chart {
         },
       ],
       legend: { live: true },
-    }, drawn, this.box);
+    }, drawn, this.plotBox);
     registry[this.spec.key] = this.plot;
     if (this.point >= 0) requestAnimationFrame(() => this.placeCursor());
     // A label cut short in the legend (app.css) has its whole name as a tooltip.

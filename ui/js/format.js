@@ -181,21 +181,28 @@ export function confirmDialog(text) {
 /**
  * Rebuilds part of a page and keeps the keyboard focus: when the focus was on an element inside `container`
  * (a link, a button), it goes to the element at the same place after the rebuild: in the element with the
- * same `keyAttr` value (a session's name, a snapshot's id), the focusable one with the same index.
+ * same `keyAttr` value (a session's name, a snapshot's id), the focusable one with the same index. When that
+ * element is gone (a snapshot pruned while its Pin had the focus, a session deleted), the element now at its
+ * place takes the focus, or the last one, or with none left the scroll region round the container: the focus
+ * is not dropped to the page's start (a review: a keyboard user reading the snapshots of a training session
+ * was sent back to the top every few seconds).
  * @param {HTMLElement} container @param {string} keyAttr @param {() => void} rebuild
  */
 export function keepFocus(container, keyAttr, rebuild) {
   const active = document.activeElement;
   const keyed = active && active !== container && container.contains(active) ? active.closest(`[${keyAttr}]`) : null;
   const key = keyed?.getAttribute(keyAttr) ?? null;
-  const focusable = 'a[href], button, input, select, textarea, [tabindex]';
-  const index = keyed ? [...keyed.querySelectorAll(focusable), ...(keyed.matches(focusable) ? [keyed] : [])].indexOf(/** @type {Element} */ (active)) : -1;
+  const focusable = 'a[href], button:not([disabled]), input, select, textarea, [tabindex]';
+  const focusablesOf = (/** @type {Element} */ el) => [...el.querySelectorAll(focusable), ...(el.matches(focusable) ? [el] : [])];
+  const index = keyed ? focusablesOf(keyed).indexOf(/** @type {Element} */ (active)) : -1;
+  const place = keyed ? [...container.querySelectorAll(`[${keyAttr}]`)].indexOf(keyed) : -1;
   rebuild();
   if (key === null || index < 0) return;
-  const again = [...container.querySelectorAll(`[${keyAttr}]`)].find((el) => el.getAttribute(keyAttr) === key);
-  if (!again) return;
-  const target = [...again.querySelectorAll(focusable), ...(again.matches(focusable) ? [again] : [])][index];
-  /** @type {HTMLElement | undefined} */ (target)?.focus({ preventScroll: true });
+  const now = [...container.querySelectorAll(`[${keyAttr}]`)];
+  const again = now.find((el) => el.getAttribute(keyAttr) === key) ?? now[Math.min(place, now.length - 1)];
+  const targets = again ? focusablesOf(again) : [];
+  const target = targets[Math.min(index, targets.length - 1)] ?? container.closest('[tabindex]');
+  /** @type {HTMLElement | null | undefined} */ (target)?.focus({ preventScroll: true });
 }
 
 /**

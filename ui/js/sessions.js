@@ -64,7 +64,9 @@ export function sessionsPage(root, who) {
     listHash = toListHash(search, after, cursors);
     if (location.hash !== listHash && !stopped) history.replaceState(history.state, '', listHash);
   }
-  const status = h('span', { className: 'muted' });
+  // A status (a screen reader says its changes: a review found the list's errors silent). Its waits are said
+  // in coarse steps (5, 15, 30, 60 s, then each minute), not every refresh.
+  const status = h('span', { className: 'muted', role: 'status' });
   const body = h('tbody');
   const openRoundHead = h('th', { className: 'num', hidden: true }, 'open round');
   const table = h('table', { id: 'sessions' },
@@ -120,7 +122,8 @@ export function sessionsPage(root, who) {
       render(page.sessions);
       status.textContent = '';
     } catch (err) {
-      if (ticket === loading) status.textContent = `Could not list sessions: ${err instanceof Error ? err.message : err}`;
+      const text = `Could not list sessions: ${err instanceof Error ? err.message : err}`;
+      if (ticket === loading && status.textContent !== text) status.textContent = text;
     } finally {
       if (inFlight?.ticket === ticket) inFlight = null;
     }
@@ -133,8 +136,10 @@ export function sessionsPage(root, who) {
       load();
       return;
     }
-    const waited = Math.round((Date.now() - inFlight.started) / 1000);
-    if (waited >= 5) status.textContent = `The service has not answered for ${waited} s; the figures below are from before.`;
+    const seconds = (Date.now() - inFlight.started) / 1000;
+    const waited = seconds >= 60 ? 60 * Math.floor(seconds / 60) : [30, 15, 5].find((s) => seconds >= s);
+    const text = `The service has not answered for ${waited} s; the figures below are from before.`;
+    if (waited !== undefined && status.textContent !== text) status.textContent = text;
   }
 
   /** @param {any[]} sessions @param {string} [why] what the empty state says instead of the usual */

@@ -67,7 +67,8 @@ export function snapshotsSection(root, name, admin, changed) {
   root.append(
     h('section', { id: 'snapshots' },
       h('h2', {}, 'Snapshots'),
-      h('div', { className: 'toolbar' }, take, status),
+      // Said, not only in the disabled buttons' titles, which a keyboard or screen reader never reaches (a review).
+      h('div', { className: 'toolbar' }, take, status, admin ? null : h('span', { className: 'muted', id: 'snapshots-read-only' }, 'This token reads only: taking, pinning, restoring and forking need an admin token.')),
       timeline,
       scrollBox('Snapshots', h('table', { id: 'snapshots-table' }, h('thead', {}, h('tr', {},
         h('th', { className: 'num' }, 'id'), h('th', { className: 'num' }, 'version'), h('th', { className: 'num' }, 'step'),
@@ -210,7 +211,7 @@ export function snapshotsSection(root, name, admin, changed) {
     if (rows === rowsShown) return;
     rowsShown = rows;
     if (snapshots.length === 0) {
-      body.replaceChildren(h('tr', { className: 'empty' }, h('td', { colspan: '8', className: 'muted' }, 'No snapshots.')));
+      keepFocus(body, 'data-snapshot', () => body.replaceChildren(h('tr', { className: 'empty' }, h('td', { colspan: '8', className: 'muted' }, 'No snapshots.'))));
       return;
     }
     keepFocus(body, 'data-snapshot', () => body.replaceChildren(...snapshots.map((s) => {
