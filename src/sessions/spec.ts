@@ -128,6 +128,19 @@ export function resolveHyperparameters(base: Omit<GroupSpec, 'params'>, input: H
       + (overflow === 0 ? '(lr before the first step)' : `= lr / (1 + lambd * lr * step) ** alpha at step ${overflow}`)
       + ' is too large for float32, where torch keeps it: it would be infinite and step the parameters to infinity and NaN (a loaded eta must be finite too)');
   }
+  // torch applies both as float32 scalars (grad.add(param, alpha=weight_decay), param.mul_(1 - lambd * eta)):
+  // beyond float32's range, its first step raises (weight_decay) or takes the parameters to -inf (lambd),
+  // a state the service (as for lr) could not load again (a review: both were taken; checked with torch 1.13
+  // and 2.x).
+  if (!Number.isFinite(Math.fround(out.weight_decay))) {
+    throw errors.invalidHyperparameter(`${field}.weight_decay`, `${out.weight_decay} is too large for float32, where torch applies it: its first step raises RuntimeError (value cannot be converted to type float without overflow) in grad.add(param, alpha=weight_decay)`);
+  }
+  const decay = decayOverflowsFloat32(out.lr, out.lambd, out.alpha);
+  if (decay !== null) {
+    const key = (['lambd', 'lr', 'alpha'] as const).find((k) => input[k] !== undefined) ?? 'lambd';
+    throw errors.invalidHyperparameter(`${field}.${key}`, `with lr ${out.lr}, lambd ${out.lambd} and alpha ${out.alpha}, ASGD's decay factor 1 - lambd * eta `
+      + `${decay === 0 ? 'at the first step' : `at step ${decay + 1}`} is too large for float32, where torch applies it (param * (1 - lambd * eta)): it would be infinite and step the parameters to infinity and NaN`);
+  }
   if (input.maximize !== undefined) {
     if (typeof input.maximize !== 'boolean') throw errors.invalidHyperparameter(`${field}.maximize`, 'must be true or false');
     out.maximize = input.maximize;
@@ -187,9 +200,16 @@ export function etaFailure(lr: number, lambd: number, alpha: number): { step: nu
  * alpha < 0 it grows with the step (a binary search; the steps where the power is 0 are etaFailure's).
  */
 export function etaOverflowsFloat32(lr: number, lambd: number, alpha: number): number | null {
-  const infinite = (step: number) => !Number.isFinite(Math.fround(step === 0 ? lr : lr / pow(1 + lambd * lr * step, alpha)));
+  return firstInfiniteStep((step) => !Number.isFinite(Math.fround(step === 0 ? lr : lr / pow(1 + lambd * lr * step, alpha))), alpha < 0);
+}
+
+/**
+ * The first step (0..2**24) at which `infinite` holds, or null: at step 0, or, where eta grows with the step
+ * (`grows`: alpha < 0) and so `infinite` holds from some step on, the first (a binary search).
+ */
+function firstInfiniteStep(infinite: (step: number) => boolean, grows: boolean): number | null {
   if (infinite(0)) return 0;
-  if (alpha >= 0 || !infinite(LAST_STEP)) return null;
+  if (!grows || !infinite(LAST_STEP)) return null;
   let lo = 0;
   let hi = LAST_STEP;
   while (hi - lo > 1) {
@@ -198,6 +218,17 @@ export function etaOverflowsFloat32(lr: number, lambd: number, alpha: number): n
     else lo = mid;
   }
   return hi;
+}
+
+/**
+ * The first eta's step (0..2**24, as etaOverflowsFloat32 counts them; 0: lr itself, the first step's) at
+ * which torch's decay factor `1 - lambd * eta` is infinite as float32, or null when none is. With alpha >= 0
+ * eta only falls from lr; with alpha < 0 it grows with the step (a binary search). An eta that is itself
+ * infinite is etaOverflowsFloat32's.
+ */
+export function decayOverflowsFloat32(lr: number, lambd: number, alpha: number): number | null {
+  const eta = (step: number) => Math.fround(step === 0 ? lr : lr / pow(1 + lambd * lr * step, alpha));
+  return firstInfiniteStep((step) => !Number.isFinite(Math.fround(1 - lambd * eta(step))), alpha < 0);
 }
 
 export const DEFAULT_GROUP: Omit<GroupSpec, 'params'> = Object.freeze({

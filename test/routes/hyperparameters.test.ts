@@ -82,6 +82,10 @@ test('PATCH param_groups refuses what a step\'s param_groups refuses, a stale If
     [{ param_groups: [{}, { lr: 1e39 }] }, admin, 400, 'INVALID_HYPERPARAMETER', /^param_groups\[1\]\.lr: with lr 1e\+39, .* eta \(lr before the first step\) is too large for float32/],
     [{ param_groups: [{}, { lr: 1e308, lambd: 0 }] }, admin, 400, 'INVALID_HYPERPARAMETER', /^param_groups\[1\]\.lr: .* too large for float32/],
     [{ param_groups: [{ lr: 1, lambd: 1, alpha: -10 }, {}] }, admin, 400, 'INVALID_HYPERPARAMETER', /^param_groups\[0\]\.lr: .* at step 7131 is too large for float32/],
+    // Beyond float32 where torch applies them (a review: taken, and a step left the parameters -inf): torch
+    // 1.13 and 2.x raise at the first step for weight_decay 1e39, and step to -inf for lambd 1e308.
+    [{ param_groups: [{}, { weight_decay: 1e39 }] }, admin, 400, 'INVALID_HYPERPARAMETER', /^param_groups\[1\]\.weight_decay: 1e\+39 is too large for float32, .* raises RuntimeError/],
+    [{ param_groups: [{}, { lambd: 1e308 }] }, admin, 400, 'INVALID_HYPERPARAMETER', /^param_groups\[1\]\.lambd: with lr 0\.1, lambd 1e\+308 and alpha 0\.75, ASGD's decay factor 1 - lambd \* eta at the first step is too large for float32/],
     [{ param_groups: [{}, { params: ['w'] }] }, admin, 400, 'INVALID_PARAM_GROUPS', /^param_groups\[1\]\.params: /],
     [{ param_groups: [] }, admin, 400, 'INVALID_PARAM_GROUPS', /^param_groups: /],
     [{}, admin, 400, 'INVALID_PARAM_GROUPS', /^param_groups: is missing/], // a missing field answers its own code, as create's name does

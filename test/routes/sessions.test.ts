@@ -53,6 +53,8 @@ test('create rejects bad input with a code that names the field', async (t) => {
     [{ ...twoParams('bad name!') }, 400, 'INVALID_NAME', /name/],
     [{ ...twoParams(), hyperparameters: { lr: -1 } }, 400, 'INVALID_HYPERPARAMETER', /hyperparameters\.lr: Invalid learning rate: -1/],
     [{ ...twoParams(), hyperparameters: { weight_decay: -0.1 } }, 400, 'INVALID_HYPERPARAMETER', /weight_decay/],
+    [{ ...twoParams(), hyperparameters: { weight_decay: 1e308 } }, 400, 'INVALID_HYPERPARAMETER', /^hyperparameters\.weight_decay: 1e\+308 is too large for float32/],
+    [{ ...twoParams(), hyperparameters: { lambd: 1e308 } }, 400, 'INVALID_HYPERPARAMETER', /^hyperparameters\.lambd: .* decay factor 1 - lambd \* eta at the first step is too large for float32/],
     [{ ...twoParams(), hyperparameters: { lambd: -1 } }, 400, 'INVALID_HYPERPARAMETER', /lambd/],
     [{ ...twoParams(), hyperparameters: { lambd: 1e300, lr: 1, alpha: 2 } }, 400, 'INVALID_HYPERPARAMETER', /^hyperparameters\.alpha: with lr 1, lambd 1e\+300 and alpha 2, .* overflows at step 1 /],
     [{ ...twoParams(), hyperparameters: { lambd: -1e-3 } }, 400, 'INVALID_HYPERPARAMETER', /^hyperparameters\.lambd: must not be negative \(-0\.001\)/],
