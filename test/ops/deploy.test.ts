@@ -7,6 +7,7 @@ import { test } from 'node:test';
 import { buildApp } from '../../src/app.ts';
 import { FLAGS, parseArgs } from '../../src/cli.ts';
 import { isLoopback, loadConfig } from '../../src/config.ts';
+import { MAX_WAIT_SECONDS } from '../../src/routes/sessions/step.ts';
 import { startScriptNodeOptions, startScriptTunables } from './support.ts';
 
 const read = (path: string) => readFileSync(path, 'utf8');
@@ -168,6 +169,10 @@ test('nginx: no body limit of its own, timeouts above the service request timeou
   assert.match(nginx, /proxy_request_buffering off;/);
   const readTimeout = Number(/proxy_read_timeout (\d+)s;/.exec(nginx)![1]);
   assert.ok(readTimeout * 1000 > loadConfig({}).requestTimeoutMs);
+  // A round's contribution is held up to ?wait= seconds, past the request timeout: its route waits longer
+  // (a review: nginx's 504 after 310 s where the service answers 202).
+  const stepTimeout = Number(/location ~ \^\/v1\/sessions\/\[\^\/\]\+\/step\$ \{[^}]*proxy_read_timeout (\d+)s;/.exec(nginx)?.[1]);
+  assert.ok(stepTimeout > MAX_WAIT_SECONDS, `step read timeout ${stepTimeout}`);
   assert.match(nginx, /server asgd:8080 resolve;/);
   assert.match(nginx, /resolver 127\.0\.0\.11/);
   assert.doesNotMatch(nginx, /non_idempotent/, 'steps are not replayed by the proxy');

@@ -30,7 +30,7 @@ const HEADER_LOOKUP_BYTES = 64 * 1024;
 
 const Worker = Type.String({ pattern: `^${SESSION_NAME_SOURCE}$`, 'x-rule': SESSION_NAME_RULE, description: 'The sending worker, like a session name. In a session with aggregation the contributor (required there); otherwise it tells which steps come from one worker: group commit never holds a step back for the next one of the same worker (a pipelined loop sends it before it reads the answer)', examples: ['w0'] });
 const Samples = Type.Integer({ minimum: 1, maximum: MAX_SAMPLES, description: 'In a session with aggregation: samples behind this gradient (counts toward target_samples)' });
-const MAX_WAIT_SECONDS = 3600;
+export const MAX_WAIT_SECONDS = 3600;
 
 /** The JSON form of a step. Gradients are read element by element by the domain. */
 const StepBody = Type.Object({
