@@ -100,6 +100,21 @@ def _is_refused(err: BaseException) -> bool:
     return isinstance(err, ConnectionRefusedError)
 
 
+#: OpenSSL's reasons for a handshake with a peer that does not speak TLS (a plain-HTTP port).
+_NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"})
+
+
+def _tls_hint(err: BaseException) -> Optional[str]:
+    """Why a TLS handshake can never succeed, for an error no retry mends (a review: an https:// url to the
+    service's plain-HTTP port was retried for the whole budget), or None."""
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return ("; the service's TLS certificate was not accepted (%s): pass ssl_context= with the CA that signed it"
+                % (getattr(err, "verify_message", None) or err))
+    if isinstance(err, ssl.SSLError) and getattr(err, "reason", None) in _NOT_TLS_REASONS:
+        return "; the TLS handshake failed: nothing speaks TLS at that port (the service itself serves plain HTTP: use http://, or the address of the TLS terminator in front of it)"
+    return None
+
+
 _CONNECTION_ERRORS: Tuple[type, ...] = (
     ConnectionError,  # refused, reset, aborted, broken pipe
     http.client.HTTPException,  # RemoteDisconnected, BadStatusLine, IncompleteRead
@@ -311,6 +326,9 @@ class Connection:
                 response = self._send(method, target, body, hdrs, full_url, self.timeout + hold_s)
             except _CONNECTION_ERRORS as err:
                 self._drop_connection()
+                tls = _tls_hint(err)
+                if tls is not None:
+                    raise ConnectionFailed(method, full_url, err, attempt, hint=tls) from err  # nothing was sent
                 # With no url given, a refused connection may be a service still starting at the default (a
                 # worker started with `npm start`: the retry budget outlasts its cold start) or no service
                 # there at all: it is retried, and said once, and the final error says it too.
@@ -341,6 +359,12 @@ class Connection:
                 self._retrying(method, full_url, attempt, response, response.headers.get("retry-after"), deadline)
                 continue
             error = self._error(response, hdrs.get("Content-Type"))
+            if response.status == 404 and getattr(error, "code", None) == "ROUTE_NOT_FOUND" and self._prefix.endswith("/v1"):
+                # The url names the API's version, which the client adds itself (a review: /v1/v1/... only).
+                hint = (f"; the url ends in /v1, which the client adds to every path itself: give the service's "
+                        f"address without it ({self._origin}{self._prefix[:-3]})")
+                error.message += hint
+                error.args = (f"{error.args[0]}{hint}",)
             if maybe_applied and response.status == 412 and method != "GET":
                 # Sent again after a lost answer, with If-Match: the first attempt may be what moved the session
                 # past that version (found by a review: a PUT state_dict that was applied reported a mismatch).

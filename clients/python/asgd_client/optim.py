@@ -185,6 +185,21 @@ def _wrapper_hint(remote: List[str], local: List[str]) -> str:
     return ""
 
 
+def _unnamed_hint(remote: List[str], local: List[str]) -> str:
+    """When one side names its parameters p0, p1, ... (made from model.parameters(), with no names) and the
+    other by the model's names (named_parameters()), what to do (a review: only the lists were shown)."""
+    if len(remote) != len(local) or not remote:
+        return ""
+    unnamed = lambda names: names == [f"p{i}" for i in range(len(names))]  # noqa: E731
+    if unnamed(local) and not unnamed(remote):
+        return (": this optimizer was given model.parameters(), whose names are p0, p1, ..., and the session holds the "
+                "model's names: build it from model.named_parameters()")
+    if unnamed(remote) and not unnamed(local):
+        return (": the session was made from unnamed parameters (p0, p1, ...; model.parameters()), this optimizer has "
+                "the model's names: build it from model.parameters(), or make a session from named_parameters()")
+    return ""
+
+
 def _given_as_other_type(value: Any) -> bool:
     """A number torch keeps as given that the service holds as a Python number (a tensor lr, np.float32)."""
     return isinstance(value, torch.Tensor) or (isinstance(value, numbers.Number) and type(value) not in (bool, int, float))
@@ -828,7 +843,7 @@ class RemoteASGD(torch.optim.Optimizer):
         remote_names = [p["name"] for p in remote]
         if sorted(remote_names) != sorted(self._names):
             raise ValueError(f"session {self.session!r} has parameters {remote_names}, the optimizer has {self._names}"
-                             f"{_wrapper_hint(remote_names, self._names)}")
+                             f"{_wrapper_hint(remote_names, self._names) or _unnamed_hint(remote_names, self._names)}")
         shapes = {p["name"]: list(p["shape"]) for p in remote}
         for n, p in zip(self._names, self._params):
             if shapes[n] != list(p.shape):
@@ -837,8 +852,12 @@ class RemoteASGD(torch.optim.Optimizer):
         remote_groups = [[remote_names[i] for i in g["params"]] for g in groups]
         local_groups = [[self._name_of[id(p)] for p in g["params"]] for g in self.param_groups]
         if remote_groups != local_groups:
-            hint = ""
-            if sorted(sum(remote_groups, [])) == sorted(sum(local_groups, [])):
+            # The same groups with their parameters in another order, or the parameters grouped otherwise (a
+            # review: the order's hint was given for both; the names were the same, checked above).
+            same_groups = len(remote_groups) == len(local_groups) and all(sorted(a) == sorted(b) for a, b in zip(remote_groups, local_groups))
+            hint = ("; the parameters are grouped otherwise: build this optimizer with the session's groups (the lists "
+                    "above), or make a new session for this grouping")
+            if same_groups:
                 hint = ("; the same parameters in another order (a session created from a safetensors file takes the "
                         "file's order, and safetensors sorts by name): create it with param_groups naming the model's "
                         "order, or from a torch.save file or JSON, or build this optimizer with the parameters in the "

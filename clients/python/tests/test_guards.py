@@ -145,6 +145,55 @@ class ClearErrors(ServiceTestCase):
         with self.assertRaisesRegex(ValueError, r"groups its parameters as .*another order.*param_groups naming the model's order"):
             self.remote(model.named_parameters(), session=name)
 
+    def test_parameters_grouped_otherwise_are_told_so_not_another_order(self):
+        # A review: the hint about another order (safetensors' sorting) was given when the order was the same
+        # and only the groups differed.
+        model = make_model()
+        name = unique("grouping")
+        self.remote(model.named_parameters(), session=name)
+        grouped = [{"params": list(model[0].named_parameters())}, {"params": list(model[2].named_parameters()), "lr": 0.1}]
+        # Full names, as the session's.
+        grouped = [{"params": [(f"{i}.{n}", p) for n, p in g["params"]], **({"lr": g["lr"]} if "lr" in g else {})} for i, g in zip((0, 2), grouped)]
+        with self.assertRaises(ValueError) as caught:
+            self.remote(grouped, session=name, create=False)
+        self.assertRegex(str(caught.exception), r"groups its parameters as .*; the parameters are grouped otherwise: build this optimizer with the session's groups")
+        self.assertNotIn("another order", str(caught.exception))
+
+    def test_unnamed_parameters_against_a_session_of_named_ones_say_named_parameters(self):
+        model = make_model()
+        name = unique("unnamed")
+        self.remote(model.named_parameters(), session=name)
+        with self.assertRaisesRegex(ValueError, r"the optimizer has \['p0', 'p1', 'p2', 'p3'\]: this optimizer was given model\.parameters\(\), .*build it from model\.named_parameters\(\)"):
+            self.remote(model.parameters(), session=name, create=False)
+        other = unique("unnamed-session")
+        self.remote(model.parameters(), session=other)
+        with self.assertRaisesRegex(ValueError, r"the session was made from unnamed parameters .*build it from model\.parameters\(\)"):
+            self.remote(model.named_parameters(), session=other, create=False)
+
+    def test_a_url_ending_in_v1_is_told_to_drop_it(self):
+        from asgd_client import Client, ServiceError
+
+        c = Client(self.url.rstrip("/") + "/v1", self.token)
+        self.addCleanup(c.close)
+        with self.assertRaises(ServiceError) as caught:
+            c.session_exists(unique("v1"))
+        self.assertEqual(caught.exception.code, "ROUTE_NOT_FOUND")
+        self.assertIn(f"the url ends in /v1, which the client adds to every path itself: give the service's address without it ({self.url.rstrip('/')})", str(caught.exception))
+        self.assertIn("the url ends in /v1", caught.exception.message)
+
+    def test_https_to_the_plain_http_port_fails_at_once_with_a_hint(self):
+        # A review: ssl's WRONG_VERSION_NUMBER was retried for the whole retry budget (60 s).
+        from asgd_client import Client, ConnectionFailed
+
+        c = Client(self.url.replace("http://", "https://"), self.token, retry_budget_s=30)
+        self.addCleanup(c.close)
+        started = time.monotonic()
+        with self.assertRaises(ConnectionFailed) as caught:
+            c.session_exists(unique("tls"))
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertEqual(caught.exception.attempts, 1)
+        self.assertIn("nothing speaks TLS at that port", str(caught.exception))
+
     def test_an_empty_session_name_is_refused_not_taken_for_none(self):
         # session=os.environ.get("RUN", "") in a launcher: each worker made a session of its own, named at random.
         model = make_model()
