@@ -47,6 +47,9 @@ function readStateScalar(value: unknown, field: string): number {
   return readScalar(value, field);
 }
 
+/** The spellings of non-finite numbers in a JSON body (Python's json.dumps writes them bare; read as strings). */
+const JSON_NON_FINITE = new Set(['NaN', 'Infinity', '-Infinity']);
+
 const isPlainObject = (v: unknown): v is Record<string, unknown> => v !== null && typeof v === 'object' && !Array.isArray(v) && !isDecoded(v);
 
 /** Parses a state_dict as torch.optim.Optimizer.load_state_dict reads it (validation against the session comes later). */
@@ -82,6 +85,12 @@ export function parseStateDict(body: unknown): LoadedStateDict {
           throw errors.invalidStateDict(`${field}.${key}`, 'extra group keys must be numbers, strings, booleans or null (or param_names, a list of strings)');
         }
         if (typeof value === 'number' && !Number.isFinite(value)) throw errors.invalidStateDict(`${field}.${key}`, 'must be finite');
+        // Python's json.dumps writes float('inf') as a bare Infinity, read as the string "Infinity" (as the API
+        // reads it wherever a number may be one): here too it is the number, refused, not kept as text that a
+        // .pt download would then pickle as a str (a review; the .pt path refuses the float).
+        if (typeof value === 'string' && JSON_NON_FINITE.has(value)) {
+          throw errors.invalidStateDict(`${field}.${key}`, `must be finite (${value}: a JSON body's NaN, Infinity and -Infinity, bare as Python's json.dumps writes them or quoted, are read as those numbers)`);
+        }
         // Written as an integer (Python's json writes an int so): kept an int, as a .pt file's is, and refused
         // where JSON's numbers no longer hold it exactly, as a .pt file's is. Known for bodies up to 1 MiB
         // (read again with their numbers' text); a bigger body's extra numbers keep the kind they had.
