@@ -38,7 +38,7 @@ const API_CODES = {
   SNAPSHOT_NOT_FOUND: [404, 'No snapshot of this id in this session'],
   VERSION_NOT_AVAILABLE: [404, 'The version asked for is older than the oldest snapshot or newer than the session'],
   SESSION_EXISTS: [409, 'A session of this name exists'],
-  BASE_VERSION_AHEAD: [409, 'The step\'s base_version is above the session\'s version: the session was deleted and created again, or its database restored; the body carries the current version'],
+  BASE_VERSION_AHEAD: [409, 'The step\'s base_version is above the session\'s version: its database was restored from an older backup (or the session was created again under a name deleted more than 30 days before: a name\'s versions go on within 30 days); the body carries the current version'],
   STALE_GRADIENT: [409, 'The gradient is older than max_staleness allows, or was computed before a restore or state load replaced the session\'s state (in a session with aggregation: older than the open round); the body carries the current version'],
   ROUND_OPEN: [409, 'A round of contributions is open: aggregation cannot change until it steps'],
   DUPLICATE_CONTRIBUTION: [409, 'This worker has already contributed to the open round'],
@@ -212,7 +212,7 @@ export const errors = {
   staleGradient: (staleness: number, maxStaleness: number, version: number) =>
     new ApiError('STALE_GRADIENT', `base_version: the gradient is ${staleness} versions old; this session accepts at most ${maxStaleness}`, { version, staleness, max_staleness: maxStaleness }),
   gradientOfReplacedState: (baseVersion: number, historyFrom: number, version: number, maxStaleness: number | null) =>
-    new ApiError('STALE_GRADIENT', `base_version: the gradient was computed at version ${baseVersion}, before the session's state was replaced at version ${historyFrom} (a restore, or a state_dict or checkpoint load): those parameters are no longer in its history, so the gradient is dropped; load the parameters and go on from them`, {
+    new ApiError('STALE_GRADIENT', `base_version: the gradient was computed at version ${baseVersion}, before the session's state was replaced at version ${historyFrom} (a restore, a state_dict or checkpoint load, or the session deleted and created again under its name): those parameters are no longer in its history, so the gradient is dropped; load the parameters and go on from them`, {
       version, staleness: version - baseVersion, max_staleness: maxStaleness, replaced_at: historyFrom,
     }),
   baseVersionAhead: (field: string, baseVersion: number, version: number) =>

@@ -227,6 +227,18 @@ export const replacedVersions = pgTable('replaced_versions', {
 }, (t) => [primaryKey({ columns: [t.sessionId, t.version] })]);
 
 /**
+ * The last version of each deleted session's name (deleted, or expired after expire_after_idle_s), for 30
+ * days: a session created again under the name continues its versions, so that nothing kept of the deleted
+ * one (a worker's base_version, an ETag) is taken for a version of the new one (a review: a running worker's
+ * gradient of the deleted session's parameters was applied to the new session as a stale step).
+ */
+export const retiredNames = pgTable('retired_names', {
+  name: text('name').primaryKey(),
+  lastVersion: bigint('last_version', { mode: 'number' }).notNull(),
+  retiredAt: timestamp('retired_at', { withTimezone: true }).notNull().defaultNow(),
+});
+
+/**
  * A worker's gradient for the open round of a session with `aggregation`: stored as it arrives, under the
  * session row lock, at the version it was computed on. The round's step (one transaction) reads the
  * round's rows, logs their mean as an ordinary step and deletes them. Rows at an older version than the
@@ -279,4 +291,4 @@ export type SnapshotRow = typeof snapshots.$inferSelect;
 export type ReplayPointRow = typeof replayPoints.$inferSelect;
 export type TokenRow = typeof tokens.$inferSelect;
 
-export const schema = { sessions, snapshots, snapshotChunks, replayPoints, replayPointChunks, stepLog, stepHistory, groupChanges, replacedVersions, roundContributions, initialGroups, idempotencyKeys, tokens };
+export const schema = { sessions, snapshots, snapshotChunks, replayPoints, replayPointChunks, stepLog, stepHistory, groupChanges, replacedVersions, retiredNames, roundContributions, initialGroups, idempotencyKeys, tokens };

@@ -14,7 +14,7 @@
 // A deleted session is announced as DELETE /v1/sessions/{name} announces it (version 0 on asgd_versions,
 // at commit): its waiters and event streams end, and every process drops what it keeps about it.
 import type { Database } from '../db/database.ts';
-import { VERSION_CHANNEL } from './repository.ts';
+import { RETIRE_NAMES_SQL, RETIRED_NAME_DAYS, VERSION_CHANNEL } from './repository.ts';
 
 /** pg_try_advisory_xact_lock key, next to the migration lock's (src/db/database.ts). */
 const SWEEP_LOCK = 7_142_053_312;
@@ -35,8 +35,10 @@ export async function sweepIdleSessions(db: Database, busy: readonly string[] = 
   return db.transaction(async (tx) => {
     const [lock] = await tx.query<{ got: boolean }>('SELECT pg_try_advisory_xact_lock($1::bigint) AS got', [SWEEP_LOCK]);
     if (!lock?.got) return [];
+    // Names kept longer than RETIRED_NAME_DAYS are forgotten (a session made under one then counts from 1).
+    await tx.query(`DELETE FROM retired_names WHERE retired_at < now() - make_interval(days => ${RETIRED_NAME_DAYS})`);
     const gone = await tx.query<{ id: number; name: string }>(
-      `DELETE FROM sessions WHERE id IN (
+      `WITH gone AS (DELETE FROM sessions WHERE id IN (
          SELECT s.id FROM sessions s
          WHERE s.expire_after_idle_s IS NOT NULL
            AND greatest(s.updated_at, (SELECT max(created_at) FROM snapshots p WHERE p.session_id = s.id),
@@ -47,7 +49,8 @@ export async function sweepIdleSessions(db: Database, busy: readonly string[] = 
          ORDER BY s.updated_at
          LIMIT ${BATCH}
          FOR UPDATE SKIP LOCKED)
-       RETURNING id::float8 AS id, name`,
+       RETURNING id, name, version), retired AS (${RETIRE_NAMES_SQL})
+       SELECT id::float8 AS id, name FROM gone`,
       [busy],
     );
     if (gone.length > 0) {

@@ -152,10 +152,15 @@ export async function insertSession(
 ): Promise<SessionRecord | null> {
   // The groups it starts with are kept beside the row (initial_groups: the dashboard's charts begin there),
   // not in it: every step locks and reads the session row.
+  // Under the name of a deleted session (retired_names) its versions go on, and the gradients of that
+  // session's versions are of replaced state (history_from): never taken for the new one's.
   const rows = await q.query(
-    `WITH inserted AS (
-       INSERT INTO sessions (name, params, groups, numel, version, step, snapshot_every, keep_snapshots, max_staleness, keep_log_bytes, expire_after_idle_s, aggregation)
-       VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (name) DO NOTHING RETURNING *
+    `WITH retired AS (
+       SELECT last_version FROM retired_names WHERE name = $1
+     ), inserted AS (
+       INSERT INTO sessions (name, params, groups, numel, version, history_from, step, snapshot_every, keep_snapshots, max_staleness, keep_log_bytes, expire_after_idle_s, aggregation)
+       VALUES ($1, $2, $3, $4, coalesce((SELECT last_version FROM retired), 0) + 1, coalesce((SELECT last_version FROM retired) + 1, 0),
+         $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (name) DO NOTHING RETURNING *
      ), initial AS (
        INSERT INTO initial_groups (session_id, groups) SELECT id, groups FROM inserted
      )
@@ -190,8 +195,18 @@ export async function listSessions(
   return rows.map(toSession);
 }
 
+/** Remembers the last versions of deleted sessions' names (retired_names), in a DELETE … RETURNING name, version's statement. */
+export const RETIRE_NAMES_SQL = `INSERT INTO retired_names (name, last_version) SELECT name, version FROM gone
+  ON CONFLICT (name) DO UPDATE SET last_version = greatest(retired_names.last_version, excluded.last_version), retired_at = now()`;
+
+/** How long a deleted session's name keeps its last version (retired_names): 30 days. */
+export const RETIRED_NAME_DAYS = 30;
+
 export async function deleteSession(q: Queryable, name: string): Promise<boolean> {
-  const rows = await q.query('DELETE FROM sessions WHERE name = $1 RETURNING id', [name]);
+  const rows = await q.query(
+    `WITH gone AS (DELETE FROM sessions WHERE name = $1 RETURNING id, name, version), retired AS (${RETIRE_NAMES_SQL}) SELECT id FROM gone`,
+    [name],
+  );
   return rows.length > 0;
 }
 

@@ -1,6 +1,7 @@
 // A migration that needs a lock other transactions hold waits a bounded time, steps aside (rolled back)
 // so that traffic queued behind it goes on, and tries again: it never holds every replica's steps up.
 import assert from 'node:assert/strict';
+import { readdirSync } from 'node:fs';
 import { test } from 'node:test';
 import pg from 'pg';
 import { openDatabase } from '../../src/db/database.ts';
@@ -24,12 +25,13 @@ test('a pending migration blocked by an open transaction steps aside for traffic
     await scratch.drop();
   });
   await db.migrate();
-  // Make the two newest migrations pending again (0010 adds a column to sessions: it locks sessions; 0011
-  // adds a table referring to it).
+  // Make the migrations from 0010 on pending again (0010 adds a column to sessions: it locks sessions; 0011
+  // adds a table referring to it; 0012 a table of its own).
   const admin = await client();
-  await admin.query('DROP TABLE replaced_versions');
+  const since0010 = readdirSync(new URL('../../migrations/', import.meta.url)).filter((f) => /^\d{4}_.*\.sql$/.test(f) && f >= '0010').length;
+  for (const table of ['replaced_versions', 'retired_names']) await admin.query(`DROP TABLE ${table}`);
   await admin.query('ALTER TABLE sessions DROP COLUMN history_from');
-  await admin.query('DELETE FROM drizzle.__drizzle_migrations WHERE id IN (SELECT id FROM drizzle.__drizzle_migrations ORDER BY id DESC LIMIT 2)');
+  await admin.query(`DELETE FROM drizzle.__drizzle_migrations WHERE id IN (SELECT id FROM drizzle.__drizzle_migrations ORDER BY id DESC LIMIT ${since0010})`);
 
   // A transaction that wrote to sessions and stays open (a step batch, a long PATCH…).
   const blocker = await client();

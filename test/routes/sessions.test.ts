@@ -47,6 +47,44 @@ test('create, read, list and delete sessions', async (t) => {
   assert.equal(gone.json().code, 'SESSION_NOT_FOUND');
 });
 
+test('a session created under the name of a deleted (or expired) one continues its versions: a gradient or a tag of the deleted one is not taken for the new one\'s', async (t) => {
+  // A review: a running worker's gradient at the deleted session's version 6 was applied to the new session,
+  // then at version 9, as a step 4 versions stale.
+  const { app } = await buildTestApp(t);
+  const grads = { w: randomData(21, 3), b: randomData(7, 4) };
+  const step = (query = '') => app.inject({ method: 'POST', url: `/v1/sessions/n/step${query}`, payload: { grads } });
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: twoParams('n') })).statusCode, 201);
+  for (let k = 0; k < 5; k++) assert.equal((await step()).statusCode, 200);
+  assert.equal((await app.inject({ method: 'DELETE', url: '/v1/sessions/n' })).statusCode, 204);
+  const created = await app.inject({ method: 'POST', url: '/v1/sessions', payload: twoParams('n') });
+  assert.equal(created.statusCode, 201, created.body);
+  assert.deepEqual([created.json().version, created.json().step, created.headers.etag], [7, 0, '"7"']);
+  for (let k = 0; k < 3; k++) assert.equal((await step()).json().version, 8 + k);
+  const before = (await app.inject({ url: '/v1/sessions/n/state_dict' })).body;
+  // The deleted session's gradient (computed at its version 6): of parameters not in the new one's history.
+  const old = await step('?base_version=6');
+  assert.equal(old.statusCode, 409, old.body);
+  assert.equal(old.json().code, 'STALE_GRADIENT');
+  assert.equal(old.json().replaced_at, 7);
+  assert.match(old.json().message, /^base_version: the gradient was computed at version 6, before the session's state was replaced at version 7 \(.*the session deleted and created again under its name\)/);
+  assert.equal((await app.inject({ url: '/v1/sessions/n/state_dict' })).body, before, 'unchanged');
+  // Its own versions are steps as any: one at 7 (its creation) is one version stale.
+  assert.equal((await step('?base_version=7')).json().staleness, 3);
+  // A tag of the deleted session's version 6 names no version of this one.
+  assert.equal((await app.inject({ url: '/v1/sessions/n/params', headers: { 'if-match': '"6"' } })).statusCode, 412);
+  // Expired (the idle-session sweep) likewise.
+  assert.equal((await app.inject({ method: 'PATCH', url: '/v1/sessions/n', payload: { expire_after_idle_s: 1 } })).statusCode, 200);
+  await new Promise((r) => setTimeout(r, 1100));
+  assert.deepEqual(await app.sessions.sweepExpired(), ['n']);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: twoParams('n') })).json().version, 12);
+  // A name is remembered for 30 days after its session went; then a session made under it counts from 1.
+  assert.equal((await app.inject({ method: 'DELETE', url: '/v1/sessions/n' })).statusCode, 204);
+  await app.db.query("UPDATE retired_names SET retired_at = now() - interval '31 days' WHERE name = 'n'");
+  assert.deepEqual(await app.sessions.sweepExpired(), []);
+  assert.deepEqual(await app.db.query("SELECT name FROM retired_names WHERE name = 'n'"), []);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: twoParams('n') })).json().version, 1);
+});
+
 test('create rejects bad input with a code that names the field', async (t) => {
   const { app } = await buildTestApp(t);
   const cases: [unknown, number, string, RegExp][] = [

@@ -331,7 +331,7 @@ test('live indicator: the session deleted while viewed says so and stops asking;
   // A session created again under the name is noticed (asked after 10 s, then less often), with a link to
   // follow it (a review: the page said "deleted" for good while a new session of the name trained).
   await api('POST', '/v1/sessions', { name: 'doomed', params: PARAMS });
-  await page.waitForFunction(() => /^Session doomed was deleted, and a new session of that name created since \(version 1, step 0\): reload the page to follow it\.$/.test(document.querySelector('#app p.error')?.textContent ?? ''), undefined, { timeout: 30_000 });
+  await page.waitForFunction(() => /^Session doomed was deleted, and a new session of that name created since \(version 4, step 0\): reload the page to follow it\.$/.test(document.querySelector('#app p.error')?.textContent ?? ''), undefined, { timeout: 30_000 });
   assert.equal(await page.getAttribute('#app p.error a', 'href'), await page.evaluate(() => location.href));
 
   const missing = await newPage(browser, log);

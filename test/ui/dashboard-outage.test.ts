@@ -99,7 +99,8 @@ test('a session deleted and made again under its name while the page could not f
   await api('DELETE', '/v1/sessions/again');
   await api('POST', '/v1/sessions', { name: 'again', params: PARAMS });
   for (const loss of [3000, 3001, 3002, 3003]) await api('POST', '/v1/sessions/again/step', { grads: GRAD, metrics: { loss } });
-  // The stream is reachable again: its news of version 5 makes the page read, and it sees another session.
+  // The stream is reachable again: its news of version 7 (the new one goes on from the deleted one's 2) makes
+  // the page read, and it sees another session.
   await page.unroute(events);
   await page.waitForFunction(() => document.getElementById('app')?.dataset.gone === 'true', null, { timeout: 20_000 });
   assert.match(await page.textContent('#app p.error') ?? '', /^Session again was deleted, and a new session of that name created since: reload the page to follow it\.$/);
@@ -119,7 +120,7 @@ test('a session deleted and made again under its name while the page could not f
   assert.deepEqual(await losses(), [1]);
   // A reload follows the new one.
   await page.reload();
-  await waitForVersion(page, 5, 10_000);
+  await waitForVersion(page, 7, 10_000);
   assert.equal(await page.getAttribute('#app', 'data-gone'), null);
 });
 

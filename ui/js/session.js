@@ -555,8 +555,8 @@ export function sessionPage(root, name, who) {
       full ? loadSnapshots() : null,
     ]);
     if (session && current.created_at !== session.created_at) {
-      // Deleted and created again under its name while the page could not follow it (its versions count from 1
-      // again): the other session's figures are not drawn as this one's, nor its points after this one's.
+      // Deleted and created again under its name while the page could not follow it (its versions go on from
+      // the deleted one's): the other session's figures are not drawn as this one's, nor its points after this one's.
       gone(true);
       return;
     }

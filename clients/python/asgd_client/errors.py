@@ -71,8 +71,9 @@ class StaleGradient(ServiceError):
 
 
 class BaseVersionAhead(ServiceError):
-    """409 BASE_VERSION_AHEAD: the step's ``base_version`` is above the session's version: the session was
-    deleted and created again, or its database restored. ``version`` is the session's version."""
+    """409 BASE_VERSION_AHEAD: the step's ``base_version`` is above the session's version: its database was
+    restored from an older backup (a session deleted and created again continues the name's versions: a
+    gradient of the deleted one's is a StaleGradient with ``replaced_at``). ``version`` is the session's version."""
 
 
 class NonFiniteGradient(ServiceError):

@@ -1298,7 +1298,11 @@ class RemoteASGD(torch.optim.Optimizer):
         except StaleGradient as err:
             if self.on_stale == "raise":
                 raise
-            if self.on_stale == "pull":
+            # A gradient of replaced state (replaced_at: a restore, a load, or the session deleted and created
+            # again) is of parameters no longer in the session's history: dropped under "apply" too, as one
+            # refused with BASE_VERSION_AHEAD is.
+            replaced = isinstance(err.body, dict) and err.body.get("replaced_at") is not None
+            if self.on_stale == "pull" or replaced:
                 tensors, version = self.client.get_params(self.session)
                 return _Outcome(None, tensors, version, None, stale=err)
             answer = resend()

@@ -69,8 +69,9 @@ export class SessionExists extends ServiceError {}
 /** 409 STALE_GRADIENT: older than the session's max_staleness (in a session with aggregation: its round has stepped); `version` is the current version. */
 export class StaleGradient extends ServiceError {}
 /**
- * 409 BASE_VERSION_AHEAD: the step's base_version is above the session's version (the session was deleted and
- * created again, or its database restored); `version` is the session's version.
+ * 409 BASE_VERSION_AHEAD: the step's base_version is above the session's version (its database was restored
+ * from an older backup; a session deleted and created again continues the name's versions, and a gradient of
+ * the deleted one's is a StaleGradient with replaced_at); `version` is the session's version.
  */
 export class BaseVersionAhead extends ServiceError {}
 /** 409 DUPLICATE_CONTRIBUTION: this worker already contributed to the open round (with another Idempotency-Key). */

@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import test from 'node:test';
 import * as tf from '@tensorflow/tfjs';
-import { BaseVersionAhead } from '../src/index.ts';
+import { BaseVersionAhead, StaleGradient } from '../src/index.ts';
 import { RemoteASGD } from '../src/tfjs.ts';
 import { liveService, uniqueName } from './service.ts';
 
@@ -40,7 +40,7 @@ test('attach keeps the variables\' order for integer-like parameter names', asyn
   assert.deepEqual(Array.from((await client.params(name)).params['10'].data), [1, 2]);
 });
 
-test('attach to a session deleted and created again takes its parameters at its lower version, and training goes on', async () => {
+test('attach to a session deleted and created again takes its parameters at its version (the name\'s versions go on), and training goes on', async () => {
   const { client } = await liveService({ logger: null });
   const name = uniqueName('tfjs-again');
   const w = tf.variable(tf.zeros([2]), true, 'w-again');
@@ -55,12 +55,12 @@ test('attach to a session deleted and created again takes its parameters at its 
   await client.deleteSession(name);
   await client.createSession({ name, params: [{ name: 'w', shape: [2], data: [42, 43] }], hyperparameters: { lr: 0.1 } });
   const session = await opt.attach([w], ['w']);
-  assert.equal(session.version, 1);
-  assert.equal(opt.version, 1);
+  assert.equal(session.version, 7);
+  assert.equal(opt.version, 7);
   assert.deepEqual(Array.from(await w.data()), [42, 43], 'the new session\'s parameters are in the variable');
   opt.minimize(loss, false, [w]);
   await opt.synchronize();
-  assert.equal(opt.version, 2);
+  assert.equal(opt.version, 8);
   const stored = await client.params(name);
   assert.deepEqual(bitsOf(stored.params.w.data), bitsOf(await w.data()));
   assert.ok(Math.abs(stored.params.w.data[0] - 42) > 1, 'stepped from 42');
@@ -68,11 +68,11 @@ test('attach to a session deleted and created again takes its parameters at its 
   // pull() likewise, after the session was replaced under a running optimizer.
   await client.deleteSession(name);
   await client.createSession({ name, params: [{ name: 'w', shape: [2], data: [7, 8] }] });
-  assert.equal(await opt.pull(), 1);
+  assert.equal(await opt.pull(), 9);
   assert.deepEqual(Array.from(await w.data()), [7, 8]);
 });
 
-test('a step to a session replaced under a running optimizer drops its gradient, takes the new session\'s parameters and training goes on; onStale raise throws BaseVersionAhead', async () => {
+test('a step to a session replaced under a running optimizer drops its gradient, takes the new session\'s parameters and training goes on; onStale raise throws StaleGradient, or BaseVersionAhead after a restored database', async () => {
   const warnings: string[] = [];
   const { client } = await liveService({ logger: { warn: (m: string) => warnings.push(m), info: () => {} } });
   const name = uniqueName('tfjs-replaced');
@@ -84,18 +84,19 @@ test('a step to a session replaced under a running optimizer drops its gradient,
   await opt.synchronize();
   assert.equal(opt.version, 6);
   await client.deleteSession(name);
+  // Created again: it continues the name's versions (7), and a gradient of the deleted one's is of replaced state.
   await client.createSession({ name, params: [{ name: 'w', shape: [2], data: [42, 43] }], hyperparameters: { lr: 0.1 } });
 
   opt.minimize(loss, false, [w]); // computed at version 6 of the old session: dropped
   await opt.synchronize();
-  assert.equal(opt.version, 1, 'the new session\'s version');
+  assert.equal(opt.version, 7, 'the new session\'s version');
   assert.deepEqual(Array.from(await w.data()), [42, 43], 'its parameters are in the variable');
-  assert.ok(warnings.some((m) => m.includes(`session ${name} is at version 1, below the 6`)), warnings.join('\n'));
+  assert.ok(warnings.some((m) => m.includes(`session ${name}: gradient dropped as stale`) && m.includes('replaced at version 7')), warnings.join('\n'));
   for (let i = 0; i < 3; i++) opt.minimize(loss, false, [w]);
   await opt.synchronize();
-  assert.equal(opt.version, 4);
+  assert.equal(opt.version, 10);
   const stored = await client.params(name);
-  assert.equal(stored.version, 4);
+  assert.equal(stored.version, 10);
   assert.deepEqual(bitsOf(stored.params.w.data), bitsOf(await w.data()));
   assert.ok(stored.params.w.data[0] < 42, 'stepped from 42');
 
@@ -104,8 +105,15 @@ test('a step to a session replaced under a running optimizer drops its gradient,
   await client.deleteSession(name);
   await client.createSession({ name, params: [{ name: 'w', shape: [2], data: [7, 8] }] });
   strict.minimize(loss, false, [w]);
-  await assert.rejects(strict.synchronize(), (err: unknown) => err instanceof BaseVersionAhead && err.status === 409 && err.version === 1
-    && err.serviceMessage === "base_version: 4 is newer than the session's version 1");
+  await assert.rejects(strict.synchronize(), (err: unknown) => err instanceof StaleGradient && err.status === 409 && err.version === 11
+    && (err.body as { replaced_at?: number }).replaced_at === 11);
+  // A database restored from an older backup: the session is below the version the optimizer holds.
+  const restored = new RemoteASGD({ client, session: name, onStale: 'raise' });
+  await restored.attach([w], ['w']);
+  restored.version = 60;
+  restored.minimize(loss, false, [w]);
+  await assert.rejects(restored.synchronize(), (err: unknown) => err instanceof BaseVersionAhead && err.status === 409 && err.version === 11
+    && err.serviceMessage === "base_version: 60 is newer than the session's version 11");
 });
 
 test('nextParamGroups: only values that differ from the session\'s are sent; a schedule that repeats its lr records one change', async () => {

@@ -1333,7 +1333,7 @@ export interface components {
          * @description Conflict. The `code` is one of:
          *
          *     - `SESSION_EXISTS`: A session of this name exists
-         *     - `BASE_VERSION_AHEAD`: The step's base_version is above the session's version: the session was deleted and created again, or its database restored; the body carries the current version
+         *     - `BASE_VERSION_AHEAD`: The step's base_version is above the session's version: its database was restored from an older backup (or the session was created again under a name deleted more than 30 days before: a name's versions go on within 30 days); the body carries the current version
          *     - `STALE_GRADIENT`: The gradient is older than max_staleness allows, or was computed before a restore or state load replaced the session's state (in a session with aggregation: older than the open round); the body carries the current version
          *     - `ROUND_OPEN`: A round of contributions is open: aggregation cannot change until it steps
          *     - `DUPLICATE_CONTRIBUTION`: This worker has already contributed to the open round
