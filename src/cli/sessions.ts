@@ -18,6 +18,8 @@ interface Session {
   snapshot_every: number; keep_snapshots: number; max_staleness: number | null;
   keep_log_bytes?: number | null; expire_after_idle_s?: number | null;
   created_at: string; updated_at: string; storage?: Storage;
+  aggregation?: { contributions?: number; target_samples?: number; timeout_s?: number; min_contributions?: number } | null;
+  round?: { version: number; contributions: number; workers: string[]; age_s: number } | null;
 }
 interface Snapshot { id: number; version: number; step: number; reason: string; pinned: boolean; byte_size: number; created_at: string }
 
@@ -124,7 +126,7 @@ async function show(args: ParsedArgs, ctx: OpsContext): Promise<number> {
     ['name', session.name],
     ['version', session.version],
     ['step', session.step],
-    ['parameters', `${session.params.length} tensors, ${session.numel} elements`],
+    ['parameters', `${plural(session.params.length, 'tensor')}, ${plural(session.numel, 'element')}`],
     ['param groups', session.param_groups.map((g) => `lr=${g.lr} lambd=${g.lambd} alpha=${g.alpha} t0=${g.t0} weight_decay=${g.weight_decay}`).join('; ')],
     ['snapshot every', `${session.snapshot_every} steps`],
     ['keep snapshots', session.keep_snapshots],
@@ -133,7 +135,8 @@ async function show(args: ParsedArgs, ctx: OpsContext): Promise<number> {
     ['expire after idle', session.expire_after_idle_s ? duration(session.expire_after_idle_s) : 'never'],
     ['created', `${session.created_at} (${age(session.created_at)} ago)`],
     ['updated', `${session.updated_at} (${age(session.updated_at)} ago)`],
-    ['stored', st ? `${bytes(st.total_bytes)}: log ${bytes(st.log_bytes)} (${st.log_steps} steps), snapshots ${bytes(st.snapshot_bytes)} (${st.snapshots}), replay point ${bytes(st.replay_point_bytes ?? 0)}, other ${bytes(st.other_bytes)}` : '-'],
+    ['rounds', roundsOf(session)],
+    ['stored', st ? `${bytes(st.total_bytes)}: log ${bytes(st.log_bytes)} (${plural(st.log_steps, 'step')}), snapshots ${bytes(st.snapshot_bytes)} (${st.snapshots}), replay point ${bytes(st.replay_point_bytes ?? 0)}, other ${bytes(st.other_bytes)}` : '-'],
   ]));
   ctx.out('\n');
   ctx.out(snapshots.length === 0 ? 'no snapshots\n' : table(
@@ -141,6 +144,25 @@ async function show(args: ParsedArgs, ctx: OpsContext): Promise<number> {
     snapshots.map((s) => [s.id, s.version, s.step, s.reason, s.pinned ? 'yes' : 'no', bytes(s.byte_size), age(s.created_at)]),
   ));
   return EXIT.ok;
+}
+
+/** `n word(s)`. */
+const plural = (n: number, word: string) => `${n} ${word}${n === 1 ? '' : 's'}`;
+
+/**
+ * A session's rounds (aggregation) and its open round, as `sessions show` says them (a review: a round left
+ * open by workers that went away could be seen only with --json).
+ */
+function roundsOf(session: Session): string {
+  const a = session.aggregation;
+  if (!a) return 'off (every step request is its own step)';
+  const at = [a.contributions ? plural(a.contributions, 'contribution') : null, a.target_samples ? `${a.target_samples} samples` : null].filter(Boolean).join(' or ');
+  const timeout = a.timeout_s ? ` or ${a.timeout_s} s${a.min_contributions ? ` with at least ${a.min_contributions}` : ''}` : '';
+  const r = session.round;
+  const open = r && r.contributions > 0
+    ? `; open at version ${r.version}: ${plural(r.contributions, 'contribution')} (${r.workers.join(', ')}), first ${duration(Math.round(r.age_s))} ago`
+    : '; no round open';
+  return `a round steps at ${at}${timeout}${open}`;
 }
 
 async function remove(args: ParsedArgs, ctx: OpsContext): Promise<number> {

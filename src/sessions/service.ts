@@ -76,7 +76,8 @@ export function createSessionService(options: SessionServiceOptions) {
     const { before, after } = await db.transaction(async (tx) => {
       const session = await mustFind(tx, name, true);
       checkIfMatch(ifMatch, session.version); // under the row lock
-      if (patch.aggregation !== undefined) await assertNoOpenRound(tx, session);
+      // A round left open by workers that went away: said how to void it (a review found no way out said).
+      if (patch.aggregation !== undefined) await assertNoOpenRound(tx, session, 'aggregation', ', or void it: a restore of a snapshot, or a load of the state (PUT state_dict), makes a new version, at which its contributions no longer count');
       return { before: session, after: await repo.updateSessionSettings(tx, session.id, { ...session, ...patch }) };
     });
     // The change moves the row's stamp, not its version: this process's copy, current before it, stays

@@ -92,7 +92,8 @@ test('sessions ls and show: readable tables, --json for scripts', async () => {
   const show = await here(['sessions', 'show', 'alpha']);
   assert.equal(show.code, 0, show.stderr);
   assert.match(show.stdout, /^version:\s+4$/m);
-  assert.match(show.stdout, /^parameters:\s+1 tensors, 300 elements$/m);
+  assert.match(show.stdout, /^parameters:\s+1 tensor, 300 elements$/m);
+  assert.match(show.stdout, /^rounds:\s+off \(every step request is its own step\)$/m);
   assert.match(show.stdout, /^keep log bytes:\s+4\.0 GiB$/m);
   assert.match(show.stdout, /^stored:\s+.*log .* \(3 steps\), snapshots .* \(2\)/m);
   assert.match(show.stdout, /^SNAPSHOT\s+VERSION\s+STEP\s+REASON\s+PINNED\s+SIZE\s+AGE$/m);
@@ -101,6 +102,16 @@ test('sessions ls and show: readable tables, --json for scripts', async () => {
   assert.equal(showJson.version, 4);
   assert.deepEqual(showJson.storage, stored);
   assert.equal(showJson.snapshots.length, 2);
+
+  // A session with rounds: its settings and its open round, who contributed (a review: a round left open by
+  // workers that went away was seen only with --json).
+  const made = await api('POST', '/v1/sessions', { name: 'gamma', params: [{ name: 'w', shape: [2], data: [1, 2] }], aggregation: { contributions: 3, timeout_s: 600, min_contributions: 2 } });
+  assert.equal(made.status, 201, await made.text());
+  const held = await api('POST', '/v1/sessions/gamma/step?wait=0', { grads: { w: [0.5, 0.5] }, worker: 'w1', base_version: 1 });
+  assert.equal(held.status, 202, await held.text());
+  const round = await here(['sessions', 'show', 'gamma']);
+  assert.match(round.stdout, /^rounds:\s+a round steps at 3 contributions or 600 s with at least 2; open at version 1: 1 contribution \(w1\), first \d+s ago$/m);
+  assert.equal((await api('DELETE', '/v1/sessions/gamma')).status, 204);
 });
 
 test('sessions snapshot and download: the files the API serves, written whole', async () => {
