@@ -200,7 +200,12 @@ export function etaFailure(lr: number, lambd: number, alpha: number): { step: nu
  * alpha < 0 it grows with the step (a binary search; the steps where the power is 0 are etaFailure's).
  */
 export function etaOverflowsFloat32(lr: number, lambd: number, alpha: number): number | null {
-  return firstInfiniteStep((step) => !Number.isFinite(Math.fround(step === 0 ? lr : lr / pow(1 + lambd * lr * step, alpha))), alpha < 0);
+  return firstInfiniteStep((step) => !Number.isFinite(etaAt(lr, lambd, alpha, step)), alpha < 0);
+}
+
+/** PyTorch's eta (a float32 tensor) after `step` steps: lr before the first, then lr / (1 + lambd * lr * step) ** alpha. */
+function etaAt(lr: number, lambd: number, alpha: number, step: number): number {
+  return Math.fround(step === 0 ? lr : lr / pow(1 + lambd * lr * step, alpha));
 }
 
 /**
@@ -227,8 +232,7 @@ function firstInfiniteStep(infinite: (step: number) => boolean, grows: boolean):
  * infinite is etaOverflowsFloat32's.
  */
 export function decayOverflowsFloat32(lr: number, lambd: number, alpha: number): number | null {
-  const eta = (step: number) => Math.fround(step === 0 ? lr : lr / pow(1 + lambd * lr * step, alpha));
-  return firstInfiniteStep((step) => !Number.isFinite(Math.fround(1 - lambd * eta(step))), alpha < 0);
+  return firstInfiniteStep((step) => !Number.isFinite(Math.fround(1 - lambd * etaAt(lr, lambd, alpha, step))), alpha < 0);
 }
 
 export const DEFAULT_GROUP: Omit<GroupSpec, 'params'> = Object.freeze({

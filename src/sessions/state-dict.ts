@@ -5,7 +5,7 @@ import { errors } from '../errors.ts';
 import type { GroupSpec } from '../db/schema.ts';
 import { FLAG_KEYS, HYPERPARAMETER_KEYS, integerLiterals, resolveHyperparameters, DEFAULT_GROUP, publicGroup } from './spec.ts';
 import type { LoadedStateDict, StateView } from './model.ts';
-import { jsonScalar, jsonTensor, rawJson, readJsonTensor, readScalar, type NonFinitePolicy } from './tensors.ts';
+import { JSON_NON_FINITE, jsonScalar, jsonTensor, rawJson, readJsonTensor, readScalar, type NonFinitePolicy } from './tensors.ts';
 import { unstorableText } from '../formats/json-depth.ts';
 import { ASGD_NUMERIC_KEYS, missingGroupKey, NOT_ASGD_STATE, PARAM_STATE_KEYS, stepCountProblem, stepNotFloat32, type AsgdParamGroup, type AsgdStateDict, type PyValue } from '../formats/index.ts';
 
@@ -46,9 +46,6 @@ function readStateScalar(value: unknown, field: string): number {
   if (value !== null && typeof value === 'object' && !Array.isArray(value)) return readStateScalar(readTensorField(value, field), field);
   return readScalar(value, field);
 }
-
-/** The spellings of non-finite numbers in a JSON body (Python's json.dumps writes them bare; read as strings). */
-const JSON_NON_FINITE = new Set(['NaN', 'Infinity', '-Infinity']);
 
 const isPlainObject = (v: unknown): v is Record<string, unknown> => v !== null && typeof v === 'object' && !Array.isArray(v) && !isDecoded(v);
 

@@ -8,8 +8,11 @@ export interface JsonTensor {
   data: (number | string | object)[];
 }
 
+/** JSON's spellings of the non-finite numbers: Python's json.dumps writes them bare, read as these strings. */
+export const JSON_NON_FINITE: ReadonlySet<string> = new Set(['NaN', 'Infinity', '-Infinity']);
+
 /** The strings that spell a non-finite number (a Map: "toString" and other Object.prototype names are not among them). */
-const SPECIAL = new Map<string, number>([['NaN', NaN], ['Infinity', Infinity], ['-Infinity', -Infinity], ['inf', Infinity], ['-inf', -Infinity], ['nan', NaN]]);
+const SPECIAL = new Map<string, number>([...[...JSON_NON_FINITE].map((s): [string, number] => [s, Number(s)]), ['inf', Infinity], ['-inf', -Infinity], ['nan', NaN]]);
 
 export type NonFinitePolicy = 'gradient' | 'allow' | 'reject';
 
