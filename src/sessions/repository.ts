@@ -168,7 +168,19 @@ export async function insertSession(
     [s.name, JSON.stringify(s.params), JSON.stringify(s.groups), s.numel, s.step, s.snapshotEvery, s.keepSnapshots, s.maxStaleness,
       s.keepLogBytes ?? null, s.expireAfterIdleS ?? null, s.aggregation ? JSON.stringify(s.aggregation) : null],
   );
-  return rows.length ? toSession(rows[0]) : null;
+  if (!rows.length) return null;
+  // A DELETE of the same name that committed while this statement waited on the name's unique index (the
+  // name was the deleted row's until then) wrote its retired_names row after this statement's snapshot:
+  // read again in a statement of its own (a new snapshot under READ COMMITTED), and the versions go on from
+  // there as above. Found by a read-through: the new session started at version 1 in that instant.
+  const late = await q.query(
+    `UPDATE sessions SET version = r.last_version + 1, history_from = r.last_version + 1
+       FROM (SELECT last_version FROM retired_names WHERE name = $2) r
+       WHERE sessions.id = $1 AND sessions.version <= r.last_version
+       RETURNING ${sessionColumns('sessions.')}`,
+    [rows[0].id, s.name],
+  );
+  return toSession(late.length ? late[0] : rows[0]);
 }
 
 export async function findSession(q: Queryable, name: string, lock = false): Promise<SessionRecord | null> {

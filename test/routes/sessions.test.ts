@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { buildTestApp, randomData } from '../helper.ts';
+import { buildTestApp, onDatabase, randomData, TEST_DB_KIND } from '../helper.ts';
+import { RETIRE_NAMES_SQL } from '../../src/sessions/repository.ts';
 import { LIST_PAGE_PARAMS } from '../../src/routes/sessions/index.ts';
 import { hexOf, runTorchReference, skipWithoutTorch } from '../support/torch.ts';
 
@@ -83,6 +84,39 @@ test('a session created under the name of a deleted (or expired) one continues i
   assert.deepEqual(await app.sessions.sweepExpired(), []);
   assert.deepEqual(await app.db.query("SELECT name FROM retired_names WHERE name = 'n'"), []);
   assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: twoParams('n') })).json().version, 1);
+});
+
+test('a create that waited for a delete of the same name (another process\'s, committing meanwhile) continues the deleted session\'s versions', {
+  skip: TEST_DB_KIND !== 'postgres' && 'two connections: PostgreSQL only',
+}, async (t) => {
+  // A read-through: the create's statement had read retired_names before the delete committed, and the
+  // new session started at version 1, where the deleted one's gradients are of versions 1 and up.
+  const { app, databaseUrl } = await buildTestApp(t);
+  const grads = { w: randomData(21, 3), b: randomData(7, 4) };
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: twoParams('r') })).statusCode, 201);
+  for (let k = 0; k < 2; k++) assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/r/step', payload: { grads } })).statusCode, 200);
+  await onDatabase(databaseUrl!, async (other) => {
+    // Another process's DELETE (its statement as the service writes it), not yet committed.
+    await other.query('BEGIN');
+    await other.query(`WITH gone AS (DELETE FROM sessions WHERE name = 'r' RETURNING id, name, version), retired AS (${RETIRE_NAMES_SQL}) SELECT id FROM gone`);
+    const creating = app.inject({ method: 'POST', url: '/v1/sessions', payload: twoParams('r') });
+    // The create waits on the name's unique index for the delete to end.
+    for (let i = 0; ; i++) {
+      const [{ n }] = (await other.query("SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")).rows;
+      if (n > 0) break;
+      assert.ok(i < 200, 'the create did not wait for the delete');
+      await new Promise((r) => setTimeout(r, 25));
+    }
+    await other.query('COMMIT');
+    const created = await creating;
+    assert.equal(created.statusCode, 201, created.body);
+    assert.deepEqual([created.json().version, created.headers.etag], [4, '"4"']);
+  });
+  // The deleted session's gradient of version 2 is refused as of replaced state.
+  const old = await app.inject({ method: 'POST', url: '/v1/sessions/r/step?base_version=2', payload: { grads } });
+  assert.equal(old.statusCode, 409, old.body);
+  assert.equal(old.json().replaced_at, 4);
+  assert.equal((await app.inject({ url: '/v1/sessions/r' })).json().version, 4);
 });
 
 test('create rejects bad input with a code that names the field', async (t) => {
