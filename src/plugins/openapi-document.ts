@@ -113,7 +113,7 @@ const HEADERS: Record<string, Json> = {
   'X-Session-Version': { description: 'The same version, unquoted', schema: { type: 'integer', minimum: 0 } },
   'X-Session-Step': { description: 'The optimizer step count of the state answered', schema: { type: 'integer', minimum: 0 } },
   Location: { description: 'The new session\'s URL', schema: { type: 'string', example: '/v1/sessions/run-1' } },
-  'Cache-Control': { description: 'no-store on every answer with an ETag (a session made again under a deleted one\'s name counts its versions from 1 again, and settings change without a new version) and on a new token\'s secret; no-cache for an event stream', schema: { type: 'string' } },
+  'Cache-Control': { description: 'no-store on every answer with an ETag (a session made again under a name deleted over 30 days before counts its versions from 1 again, and settings change without a new version) and on a new token\'s secret; no-cache for an event stream', schema: { type: 'string' } },
   'Content-Disposition': { description: 'On a file answer (torch.save, safetensors): `attachment; filename="<session>-v<version>[-checkpoint|-optimizer].<pt|safetensors>"` (`-checkpoint` for a checkpoint, `-optimizer` for a state_dict, nothing more for the parameters)', schema: { type: 'string' } },
   'Retry-After': { description: 'Seconds to wait before trying again', schema: { type: 'integer', minimum: 0 } },
   'WWW-Authenticate': { description: 'Bearer realm="asgd-serve"; with error="invalid_token" when a bearer token was given and is unknown, revoked or malformed (401), error="insufficient_scope" and the scope needed (403; a token refused for its list of sessions gets error_description instead of a scope)', schema: { type: 'string' } },

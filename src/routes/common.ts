@@ -186,8 +186,8 @@ export async function checkTokenStillActive(fastify: FastifyInstance, request: F
 }
 
 /**
- * The version an answer shows, as its ETag. No cache may keep the answer: a session deleted and made again
- * under its name counts its versions from 1 again, so a browser that revalidated a kept answer ("3") would
+ * The version an answer shows, as its ETag. No cache may keep the answer: a session made again under a name
+ * deleted over 30 days before (retired_names) counts its versions from 1 again, so a browser that revalidated a kept answer ("3") would
  * be told 304 and show the old session's state (the TypeScript client reads params with fetch). Clients that
  * hold a version send If-None-Match themselves and still get their 304.
  */

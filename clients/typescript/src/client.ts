@@ -364,7 +364,7 @@ export class ASGDClient {
    * a keep-alive every 15 s); the service then sends only the newest version at once: the versions committed
    * meanwhile are coalesced into it, not replayed (read them with `metrics(name, {afterVersion})`). A session
    * deleted while the connection was down comes as `deleted` too (the 404 on reopening the stream), even when
-   * another of its name was created meanwhile (its versions count from 1 again: they are not yielded as this one's). The stream ends after a `deleted`
+   * another of its name was created meanwhile (another session: its versions are not yielded as this one's). The stream ends after a `deleted`
    * event, when `signal` aborts, or with the error of a request that cannot succeed (SessionNotFound,
    * Unauthorized, ConnectionFailed once the retry budget is spent, …).
    */

@@ -191,8 +191,8 @@ export interface DeletedEvent {
   event: 'deleted';
   session: string;
   /**
-   * true when another session of this name was created after the one followed was deleted (its versions
-   * count from 1 again: none of them were yielded as this one's); absent otherwise.
+   * true when another session of this name was created after the one followed was deleted (another
+   * session: none of its versions were yielded as this one's); absent otherwise.
    */
   replaced?: boolean;
 }

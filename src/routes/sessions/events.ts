@@ -3,8 +3,9 @@
 // come faster than they are read; `: keep-alive` every 15 s; `event: deleted` and the end when the
 // session is deleted. `Last-Event-ID` (or ?after_version) resumes: a newer version is sent at once. An
 // event's id is `<version>@<session row id>`: a resume of a session that was deleted (and perhaps created
-// again under its name, counting versions from 1 again) while the client reconnected is told `deleted`,
-// not handed the other session's versions as if they followed its own.
+// again under its name: its versions go on from the deleted one's, retired_names, but they are another
+// session's) while the client reconnected is told `deleted`, not handed the other session's versions as if
+// they followed its own.
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import { ApiError, errors } from '../../errors.ts';

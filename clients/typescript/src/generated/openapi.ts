@@ -1474,7 +1474,7 @@ export interface components {
         XSessionStep: number;
         /** @description The new session's URL */
         Location: string;
-        /** @description no-store on every answer with an ETag (a session made again under a deleted one's name counts its versions from 1 again, and settings change without a new version) and on a new token's secret; no-cache for an event stream */
+        /** @description no-store on every answer with an ETag (a session made again under a name deleted over 30 days before counts its versions from 1 again, and settings change without a new version) and on a new token's secret; no-cache for an event stream */
         CacheControl: string;
         /** @description On a file answer (torch.save, safetensors): `attachment; filename="<session>-v<version>[-checkpoint|-optimizer].<pt|safetensors>"` (`-checkpoint` for a checkpoint, `-optimizer` for a state_dict, nothing more for the parameters). Sent on file answers (torch.save, safetensors) only */
         ContentDisposition: string;
