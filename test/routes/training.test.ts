@@ -45,6 +45,10 @@ test('return=params answers the parameters at the new version, as JSON and as sa
   const file = readSafetensors(st.rawPayload);
   assert.deepEqual(Object.fromEntries(['session', 'version', 'step', 'staleness'].map((k) => [k, file.metadata.get(k)])), { session: 'p', version: '5', step: '4', staleness: '1' });
   assert.deepEqual(JSON.parse(file.metadata.get('param_groups')!), [{ lr: 0.05, lambd: 1e-4, alpha: 0.75, t0: 2, weight_decay: 0, maximize: false }]);
+  // The file's tensors are in safetensors' order (b before w); param_names says the session's (a JavaScript
+  // user's review: the TypeScript client handed a step's parameters out alphabetically).
+  assert.deepEqual([...file.tensors.keys()], ['b', 'w']);
+  assert.deepEqual(JSON.parse(file.metadata.get('param_names')!), ['w', 'b']);
   const now = (await app.inject({ url: '/v1/sessions/p/params' })).json().params;
   for (const name of ['w', 'b']) {
     const tensor = file.tensors.get(name)!;

@@ -15,6 +15,8 @@ when a count is given. Each retry is logged (logger ``asgd_client``, level WARNI
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import http.client
 import io
 import json
@@ -40,6 +42,20 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 # The retries' own random source: a retry must not move the user's `random` stream (a data order seeded
 # with random.seed; found by a review).
 _JITTER = random.Random()
+
+
+def _retry_after_date(value: str) -> Optional[float]:
+    """Seconds until a Retry-After given as an HTTP-date (RFC 9110 10.2.3: a proxy may send one), or None."""
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 USER_AGENT = "asgd-client-python/0.2"
@@ -513,7 +529,7 @@ class Connection:
             try:
                 delay = float(retry_after)
             except ValueError:
-                delay = None
+                delay = _retry_after_date(retry_after)
             # RFC 9110 10.2.3: delay-seconds is a non-negative integer. A negative or NaN value (a broken proxy)
             # would make every retry at once, a tight loop for the whole budget (found by a review).
             if delay is not None and not delay >= 0:

@@ -264,6 +264,20 @@ class PlainHttp(unittest.TestCase):
                 conn.request("GET", "/")
             self.assertLess(len(server.requests), 15, f"Retry-After: {value}: {len(server.requests)} attempts in 0.5 s")
 
+    def test_a_retry_after_given_as_a_date_is_waited_for(self):
+        # RFC 9110 10.2.3: Retry-After may be an HTTP-date (a proxy may send one); it was taken for none.
+        import email.utils
+
+        when = email.utils.formatdate(time.time() + 2, usegmt=True)  # whole seconds: 1-2 s from now
+        server, conn = self.serve(lambda n, req: ([f"HTTP/1.1 503 Busy\r\nRetry-After: {when}\r\nContent-Length: 0\r\n\r\n".encode()], False) if n < 1
+                                  else ([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"], False))
+        conn.backoff = 0.001
+        conn.max_backoff = 10
+        started = time.monotonic()
+        conn.request("GET", "/")
+        self.assertEqual(len(server.requests), 2)
+        self.assertGreaterEqual(time.monotonic() - started, 0.9)
+
     def test_retries_leave_the_users_random_stream_alone(self):
         # Found by a review: the backoff's jitter drew from the global `random`, so a retry moved a data order
         # seeded with random.seed.

@@ -7,7 +7,7 @@ import { asFloat32, fromJsonTensors, type Tensor, type TensorInput, type TensorL
 import type {
   CheckpointFormat, CreatedToken, CreateSessionSpec, CreateTokenRequest, ForkRequest, Gradients, HyperparameterChanges, ListSessionsOptions,
   EventsOptions, HyperparameterChangesOptions, MetricsOptions, MetricsPage, SessionEvent, Norms, OwnToken, ParamsResult, PatchSessionRequest, GroupHyperparameters, PendingAnswer, ReadOptions, Session, SessionList, Snapshot,
-  SnapshotList, StateDictFormat, StateDictJson, StepAnswerJson, StepOptions, StepResult, TokenList,
+  SessionChange, SnapshotList, StateDict, StateDictFormat, StateDictJson, StepAnswerJson, StepOptions, StepResult, TokenList,
 } from './types.ts';
 
 const SAFETENSORS = 'application/x-safetensors';
@@ -184,8 +184,8 @@ export class ASGDClient {
    * new version written as a snapshot: what a schedule changed after the last step, before a checkpoint or
    * snapshot is taken. Values the session has already: no new version.
    */
-  async setHyperparameters(name: string, paramGroups: GroupHyperparameters[], options: ChangeOptions = {}): Promise<Session> {
-    return (await this.http.json<Session>({ method: 'PATCH', path: `${sessionPath(name)}/param_groups`, json: { param_groups: paramGroups }, ...changeOf(options), repeatable: true })).value;
+  async setHyperparameters(name: string, paramGroups: GroupHyperparameters[], options: ChangeOptions = {}): Promise<SessionChange> {
+    return (await this.http.json<SessionChange>({ method: 'PATCH', path: `${sessionPath(name)}/param_groups`, json: { param_groups: paramGroups }, ...changeOf(options), repeatable: true })).value;
   }
 
   async deleteSession(name: string, options: { ifMatch?: number } = {}): Promise<void> {
@@ -511,8 +511,8 @@ export class ASGDClient {
   // ---- state_dict and checkpoint ----------------------------------------------------------------------
 
   /** torch.optim.ASGD.state_dict() as JSON. */
-  async stateDict(name: string, options: { version?: number } = {}): Promise<StateDictJson> {
-    return (await this.http.json<StateDictJson>({ method: 'GET', path: `${sessionPath(name)}/state_dict`, query: options, repeatable: true })).value;
+  async stateDict(name: string, options: { version?: number } = {}): Promise<StateDict> {
+    return (await this.http.json<StateDict>({ method: 'GET', path: `${sessionPath(name)}/state_dict`, query: options, repeatable: true })).value;
   }
 
   /** The state_dict as a file: 'pt' (torch.load reads it) or 'safetensors'. */
@@ -521,7 +521,7 @@ export class ASGDClient {
   }
 
   /** Loads a state_dict (Optimizer.load_state_dict semantics): JSON, or file bytes in `format`. */
-  async loadStateDict(name: string, stateDict: StateDictJson | Uint8Array, options: ChangeOptions & { format?: 'pt' | 'safetensors' } = {}): Promise<Session> {
+  async loadStateDict(name: string, stateDict: StateDictJson | Uint8Array, options: ChangeOptions & { format?: 'pt' | 'safetensors' } = {}): Promise<SessionChange> {
     return this.put(`${sessionPath(name)}/state_dict`, stateDict, options);
   }
 
@@ -530,7 +530,7 @@ export class ASGDClient {
    * step applies to them; the optimizer state (step, eta, mu, ax) and the hyperparameters stay. Flat data
    * takes the parameter's shape from the session. Safetensors by default; 'json' sends {"params"}.
    */
-  async loadParams(name: string, tensors: Record<string, TensorLike>, options: ChangeOptions & { format?: 'safetensors' | 'json' } = {}): Promise<Session> {
+  async loadParams(name: string, tensors: Record<string, TensorLike>, options: ChangeOptions & { format?: 'safetensors' | 'json' } = {}): Promise<SessionChange> {
     const path = `${sessionPath(name)}/params`;
     const change = changeOf(options);
     // One budget for the call, as a step's: the read of the shapes for flat data takes from it.
@@ -541,7 +541,7 @@ export class ASGDClient {
       const body: Partial<Exchange> = options.format === 'json'
         ? { json: { params: Object.fromEntries(Object.entries(shaped).map(([param, t]) => [param, { shape: t.shape, data: toJsonData(t.data) }])) } }
         : { bytes: encodeSafetensors(shaped), contentType: SAFETENSORS };
-      return (await this.http.json<Session>({ method: 'PUT', path, ...change, retryBudgetMs: left(), repeatable: true, ...body })).value;
+      return (await this.http.json<SessionChange>({ method: 'PUT', path, ...change, retryBudgetMs: left(), repeatable: true, ...body })).value;
     });
   }
 
@@ -550,13 +550,13 @@ export class ASGDClient {
     return (await this.http.send({ method: 'GET', path: `${sessionPath(name)}/checkpoint`, query: { ...options, format: 'pt' }, repeatable: true })).bytes;
   }
 
-  async loadCheckpoint(name: string, bytes: Uint8Array, options: ChangeOptions = {}): Promise<Session> {
+  async loadCheckpoint(name: string, bytes: Uint8Array, options: ChangeOptions = {}): Promise<SessionChange> {
     return this.put(`${sessionPath(name)}/checkpoint`, bytes, { ...options, format: 'pt' });
   }
 
-  private async put(path: string, value: StateDictJson | Uint8Array, options: ChangeOptions & { format?: 'pt' | 'safetensors' }): Promise<Session> {
+  private async put(path: string, value: StateDictJson | Uint8Array, options: ChangeOptions & { format?: 'pt' | 'safetensors' }): Promise<SessionChange> {
     const body: Partial<Exchange> = value instanceof Uint8Array ? { bytes: value, contentType: options.format === 'safetensors' ? SAFETENSORS : TORCH } : { json: value };
-    return (await this.http.json<Session>({ method: 'PUT', path, ...changeOf(options), repeatable: true, ...body })).value;
+    return (await this.http.json<SessionChange>({ method: 'PUT', path, ...changeOf(options), repeatable: true, ...body })).value;
   }
 
   // ---- snapshots -------------------------------------------------------------------------------------
@@ -595,8 +595,8 @@ export class ASGDClient {
   }
 
   /** Rolls the session back to a snapshot, as a new version. */
-  async restoreSnapshot(name: string, id: number, options: ChangeOptions = {}): Promise<Session> {
-    return (await this.http.json<Session>({ method: 'POST', path: `${sessionPath(name)}/snapshots/${id}/restore`, ...changeOf(options), repeatable: true })).value;
+  async restoreSnapshot(name: string, id: number, options: ChangeOptions = {}): Promise<SessionChange> {
+    return (await this.http.json<SessionChange>({ method: 'POST', path: `${sessionPath(name)}/snapshots/${id}/restore`, ...changeOf(options), repeatable: true })).value;
   }
 
   // ---- tokens --------------------------------------------------------------------------------------

@@ -94,9 +94,12 @@ export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
  * How long to wait before retrying a 429/502/503/504: its Retry-After, else the back-off. A Retry-After
  * past the retry budget ends the retries at once (a request sent before it is sure to be refused).
  */
+/** Retry-After in seconds or as an HTTP-date (RFC 9110 10.2.3; a proxy may send the date), else the back-off. */
 function retryWait(res: Response, pause: number): number {
-  const after = Number(res.headers.get('retry-after'));
-  return Number.isFinite(after) && after > 0 ? after * 1000 : pause;
+  const header = res.headers.get('retry-after')?.trim();
+  if (!header) return pause;
+  const after = /^\d+(\.\d+)?$/.test(header) ? Number(header) * 1000 : Date.parse(header) - Date.now();
+  return Number.isFinite(after) && after > 0 ? after : pause;
 }
 
 /**

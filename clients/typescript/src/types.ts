@@ -32,7 +32,15 @@ export type StateDictFormat = NonNullable<QueryOf<paths['/v1/sessions/{name}/sna
 /** The formats GET .../snapshots/{id}/checkpoint answers in ('pt' | 'json': no safetensors). */
 export type CheckpointFormat = NonNullable<QueryOf<paths['/v1/sessions/{name}/snapshots/{id}/checkpoint']['get']>['format']>;
 export type StepAnswerJson = JsonOf<paths['/v1/sessions/{name}/step']['post']['responses'][200]>;
+/** A state_dict as PUT .../state_dict takes it (what torch's state_dict() is, as JSON; the GET answer is one). */
 export type StateDictJson = RequestJson<paths['/v1/sessions/{name}/state_dict']['put']>;
+/** GET .../state_dict as JSON: {state: {id: {step, eta, mu, ax}}, param_groups: [...]}, typed. */
+export type StateDict = JsonOf<paths['/v1/sessions/{name}/state_dict']['get']['responses'][200]>;
+/**
+ * What a change answers (PATCH .../param_groups, PUT .../params, .../state_dict, .../checkpoint, a restore):
+ * the session as it left it, with `replayed: true` when it was a retry of a change (same Idempotency-Key).
+ */
+export type SessionChange = JsonOf<paths['/v1/sessions/{name}/param_groups']['patch']['responses'][200]>;
 export type ParamGroup = Session['param_groups'][number];
 export type Hyperparameters = NonNullable<CreateSessionRequest['hyperparameters']>;
 /** A session's synchronous rounds: {contributions?, timeout_s?, min_contributions?, target_samples?}. */

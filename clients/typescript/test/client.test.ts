@@ -96,6 +96,10 @@ test('the client against a live service', { skip: skipWithoutTorch() }, async (t
     });
     assert.deepEqual(hexOf(r1.params!.w.data), torch.params.w);
     assert.deepEqual(r1.params!.w.shape, [2, 2]);
+    // The session's order (w, b) from a safetensors answer too, as from params() (a JavaScript user's
+    // review: a step's file lists them by name, b first, and they came out so).
+    assert.deepEqual(Object.keys(r1.params!), ['w', 'b']);
+    assert.deepEqual(Object.keys(r3.params!), ['w', 'b']);
     assert.equal(r1.version, 2);
     const ax = await client.params(name, { averaged: true, version: 3 });
     assert.deepEqual(hexOf(r2.params!.w.data), hexOf(ax.params.w.data));

@@ -86,6 +86,20 @@ test('a Retry-After past the retry budget ends the retries at once; one within i
   after = '1';
   const listed = await new ASGDClient(url, { retryBudgetMs: 15_000, logger: null }).listSessions();
   assert.deepEqual([listed.sessions, calls], [[], 2]);
+  // As an HTTP-date (RFC 9110 10.2.3; a proxy may send one), the same (a JavaScript user's review: a date
+  // was taken for no Retry-After, and retried at the back-off's pace).
+  calls = 0;
+  after = new Date(Date.now() + 20_000).toUTCString();
+  const dated = Date.now();
+  const refusedByDate = await new ASGDClient(url, { retryBudgetMs: 15_000, logger: null }).listSessions().then(() => null, (e: unknown) => e);
+  assert.ok(refusedByDate instanceof ServiceError && refusedByDate.code === 'RATE_LIMITED', String(refusedByDate));
+  assert.ok(calls === 1 && Date.now() - dated < 5_000, `${calls} calls in ${Date.now() - dated} ms`);
+  calls = 0;
+  after = new Date(Date.now() + 2_000).toUTCString(); // whole seconds: 1-2 s from now
+  const waited = Date.now();
+  await new ASGDClient(url, { retryBudgetMs: 15_000, logger: null }).listSessions();
+  assert.equal(calls, 2);
+  assert.ok(Date.now() - waited >= 900, `sent again after ${Date.now() - waited} ms`);
 });
 
 test('in a browser: a bare "Failed to fetch" from another origin names ASGD_CORS_ORIGINS; a create sent with sendAgain is retried', async (t) => {

@@ -129,8 +129,12 @@ const groupHyper = (groups: readonly GroupSpec[]): GroupHyper[] =>
 function encodeParams(view: StateView, answer: StepAnswerValue, averaged: boolean, format: 'json' | 'safetensors'): Encoded {
   if (format === 'json') return { format, params: paramsJson(view, averaged), version: view.version, groups: groupHyper(view.groups) };
   const tensors = view.params.map((p, i): [string, Float32Tensor] => [p.name, { dtype: 'float32', shape: [...p.shape], data: paramTensor(view, i, averaged) }]);
+  // param_names: the session's (the model's) order, as GET .../params?format=safetensors says it: the file's
+  // tensors are in safetensors' order (by dtype, then name), and the TypeScript client handed them out in that
+  // one (a JavaScript user's review: weights of one shape swapped in setWeights).
   const metadata = {
     format: 'pt', session: view.session, version: String(answer.version), step: String(answer.step), staleness: String(answer.staleness), averaged: String(averaged),
+    param_names: JSON.stringify(view.params.map((p) => p.name)),
     param_groups: JSON.stringify(groupHyper(view.groups)),
     ...(view.version !== answer.version && { params_version: String(view.version) }),
     ...(answer.replayed && { replayed: 'true' }),
@@ -177,7 +181,7 @@ const stepRoutes: FastifyPluginAsyncTypebox<{ config: Config }> = async (fastify
         'Body: JSON {"grads": {name: tensor or flat list}, "base_version"?, "param_groups"?, "metrics"?} or a safetensors / torch.save file of gradients ' +
         '(F32, or F16/BF16 widened exactly to float32 and logged as received; base_version in the query or, like param_groups and metrics, as JSON in the safetensors __metadata__). ' +
         'A parameter without a gradient is skipped, as in PyTorch. ?return=params|averaged answers with the parameters at the new version ' +
-        '(as JSON, or as a safetensors file with Accept: application/x-safetensors whose __metadata__ holds session, version, step, staleness, and round and param_groups as JSON), with each group\'s hyperparameters at that version (`param_groups`). ' +
+        '(as JSON, or as a safetensors file with Accept: application/x-safetensors whose __metadata__ holds session, version, step, staleness, and param_names (the session\'s order), round and param_groups as JSON), with each group\'s hyperparameters at that version (`param_groups`). ' +
         'A retry (same Idempotency-Key) gets the first answer, replayed. When the answer\'s version is no longer kept (a replayed one; or another replica loaded or restored a state and pruned the log between this step\'s commit and its answer), the parameters are the current ones, their version in params_version. ' +
         'In a session with `aggregation` the request is a contribution to the open round: base_version and worker (body, query or __metadata__) are required, ' +
         'samples optional; it is answered once the round\'s step committed (the answer\'s `round`), or 202 after ?wait= seconds (re-POST with the same Idempotency-Key).',

@@ -6,7 +6,7 @@ import { SCOPES, tokenJson } from '../../auth/tokens.ts';
 import { errorResponses, SessionName } from '../schemas.ts';
 
 const ScopeSchema = Type.Union([Type.Literal(SCOPES[0]), Type.Literal(SCOPES[1]), Type.Literal(SCOPES[2])], {
-  description: 'read: GET routes of sessions; step: read and POST step; admin: everything',
+  description: 'read: GET routes of sessions; step: read, POST .../step, and what a worker does besides stepping (PUT .../params, a clamp or mask of its weights; PATCH .../param_groups, a scheduler\'s values); admin: everything (x-scope of each operation says its own)',
 });
 
 const TokenInfo = Type.Object({

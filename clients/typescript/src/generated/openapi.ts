@@ -240,7 +240,7 @@ export interface paths {
         put?: never;
         /**
          * Apply one optimizer step
-         * @description Applies exactly the step torch.optim.ASGD would apply for these gradients and answers once it is committed. Body: JSON {"grads": {name: tensor or flat list}, "base_version"?, "param_groups"?, "metrics"?} or a safetensors / torch.save file of gradients (F32, or F16/BF16 widened exactly to float32 and logged as received; base_version in the query or, like param_groups and metrics, as JSON in the safetensors __metadata__). A parameter without a gradient is skipped, as in PyTorch. ?return=params|averaged answers with the parameters at the new version (as JSON, or as a safetensors file with Accept: application/x-safetensors whose __metadata__ holds session, version, step, staleness, and round and param_groups as JSON), with each group's hyperparameters at that version (`param_groups`). A retry (same Idempotency-Key) gets the first answer, replayed. When the answer's version is no longer kept (a replayed one; or another replica loaded or restored a state and pruned the log between this step's commit and its answer), the parameters are the current ones, their version in params_version. In a session with `aggregation` the request is a contribution to the open round: base_version and worker (body, query or __metadata__) are required, samples optional; it is answered once the round's step committed (the answer's `round`), or 202 after ?wait= seconds (re-POST with the same Idempotency-Key).
+         * @description Applies exactly the step torch.optim.ASGD would apply for these gradients and answers once it is committed. Body: JSON {"grads": {name: tensor or flat list}, "base_version"?, "param_groups"?, "metrics"?} or a safetensors / torch.save file of gradients (F32, or F16/BF16 widened exactly to float32 and logged as received; base_version in the query or, like param_groups and metrics, as JSON in the safetensors __metadata__). A parameter without a gradient is skipped, as in PyTorch. ?return=params|averaged answers with the parameters at the new version (as JSON, or as a safetensors file with Accept: application/x-safetensors whose __metadata__ holds session, version, step, staleness, and param_names (the session's order), round and param_groups as JSON), with each group's hyperparameters at that version (`param_groups`). A retry (same Idempotency-Key) gets the first answer, replayed. When the answer's version is no longer kept (a replayed one; or another replica loaded or restored a state and pruned the log between this step's commit and its answer), the parameters are the current ones, their version in params_version. In a session with `aggregation` the request is a contribution to the open round: base_version and worker (body, query or __metadata__) are required, samples optional; it is answered once the round's step committed (the answer's `round`), or 202 after ?wait= seconds (re-POST with the same Idempotency-Key).
          *
          *     Needs a token with scope `step`.
          */
@@ -1203,7 +1203,7 @@ export interface components {
         TokenInfo: {
             id: string;
             name: string;
-            /** @description read: GET routes of sessions; step: read and POST step; admin: everything */
+            /** @description read: GET routes of sessions; step: read, POST .../step, and what a worker does besides stepping (PUT .../params, a clamp or mask of its weights; PATCH .../param_groups, a scheduler's values); admin: everything (x-scope of each operation says its own) */
             scope: "read" | "step" | "admin";
             /** @description null: every session */
             sessions: string[] | null;
@@ -1653,7 +1653,7 @@ export interface operations {
                 "application/json": {
                     /** @description What the token is for */
                     name: string;
-                    /** @description read: GET routes of sessions; step: read and POST step; admin: everything */
+                    /** @description read: GET routes of sessions; step: read, POST .../step, and what a worker does besides stepping (PUT .../params, a clamp or mask of its weights; PATCH .../param_groups, a scheduler's values); admin: everything (x-scope of each operation says its own) */
                     scope: "read" | "step" | "admin";
                     sessions?: string[] | null;
                 };
@@ -1671,7 +1671,7 @@ export interface operations {
                     "application/json": {
                         id: string;
                         name: string;
-                        /** @description read: GET routes of sessions; step: read and POST step; admin: everything */
+                        /** @description read: GET routes of sessions; step: read, POST .../step, and what a worker does besides stepping (PUT .../params, a clamp or mask of its weights; PATCH .../param_groups, a scheduler's values); admin: everything (x-scope of each operation says its own) */
                         scope: "read" | "step" | "admin";
                         /** @description null: every session */
                         sessions: string[] | null;
@@ -1714,7 +1714,7 @@ export interface operations {
                         /** @description "admin" for ASGD_ADMIN_TOKEN, "anonymous" when auth is off */
                         id: string;
                         name: string;
-                        /** @description read: GET routes of sessions; step: read and POST step; admin: everything */
+                        /** @description read: GET routes of sessions; step: read, POST .../step, and what a worker does besides stepping (PUT .../params, a clamp or mask of its weights; PATCH .../param_groups, a scheduler's values); admin: everything (x-scope of each operation says its own) */
                         scope: "read" | "step" | "admin";
                         /** @description null: every session */
                         sessions: string[] | null;

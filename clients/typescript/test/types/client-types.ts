@@ -33,6 +33,15 @@ export async function accepted(client: ASGDClient): Promise<void> {
   await client.loadParams('s', { w: [1] }, { ifMatch: 1, signal: AbortSignal.timeout(1000), retryBudgetMs: 1000 });
   await client.getSession('s', { signal: AbortSignal.timeout(1000), retryBudgetMs: 1000 });
   await client.waitForParams('s', 1, 30, { signal: AbortSignal.timeout(1000), retryBudgetMs: 1000 });
+  // A change answers `replayed` (a retry of it with its Idempotency-Key); the state_dict is typed as it is read
+  // (a JavaScript user's review: both were TS errors).
+  const changed = await client.setHyperparameters('s', [{ lr: 0.1 }], { idempotencyKey: 'k' });
+  const replays: (boolean | undefined)[] = [changed.replayed, (await client.loadParams('s', { w: [1] })).replayed, (await client.restoreSnapshot('s', 1)).replayed];
+  void replays;
+  const sd = await client.stateDict('s');
+  const lr: number = sd.param_groups[0].lr;
+  void [lr, sd.state['0'].ax];
+  await client.loadStateDict('s', sd); // what is read can be loaded back
   const t = await client.getOwnToken();
   const scope: 'read' | 'step' | 'admin' = t.scope;
   void scope;
