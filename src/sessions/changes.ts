@@ -213,7 +213,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
     await recordGroupChange(tx, session, state, reason);
     state.setStamp(await repo.advanceSession(tx, session.id, state.version, state.step, state.groups, replaced));
     await repo.notifyVersion(tx, session.name, state.version, state.step);
-    await repo.pruneHistory(tx, session.id, session.keepSnapshots);
+    await repo.pruneHistory(tx, session.id);
   }
 
   /**

@@ -802,15 +802,19 @@ export async function readChunks(q: Queryable, sql: string, name: string, ownerI
  * changes (PATCH param_groups) are not counted: they are replay bases for the versions after them, not
  * restore points a worker's token could otherwise push out; they go once older than the oldest counted one.
  */
-export async function pruneHistory(q: Queryable, sessionId: number, keep: number): Promise<{ snapshots: number; steps: number }> {
-  const oldestKept = `SELECT min(version) FROM (SELECT version FROM snapshots WHERE session_id = $1 AND reason <> 'hyperparameters' ORDER BY version DESC LIMIT $2) newest`;
+export async function pruneHistory(q: Queryable, sessionId: number): Promise<{ snapshots: number; steps: number }> {
+  // keep_snapshots as the row has it now, not as the caller read it: a background snapshot's row was read by
+  // the batch that made it due, and a PATCH raising keep_snapshots may have committed since (a review: the
+  // snapshots just asked to be kept were pruned to the old count).
+  const oldestKept = `SELECT min(version) FROM (SELECT version FROM snapshots WHERE session_id = $1 AND reason <> 'hyperparameters'
+    ORDER BY version DESC LIMIT (SELECT keep_snapshots FROM sessions WHERE id = $1)) newest`;
   const deleted = await q.query(
     `DELETE FROM snapshots WHERE session_id = $1 AND NOT pinned AND version < (${oldestKept}) RETURNING id`,
-    [sessionId, keep],
+    [sessionId],
   );
   const steps = await q.query(
     `DELETE FROM step_log WHERE session_id = $1 AND version <= (${oldestKept}) RETURNING version`,
-    [sessionId, keep],
+    [sessionId],
   );
   // Replaced versions whose state went with the snapshot after them (a pinned one keeps its own).
   await q.query(

@@ -178,7 +178,7 @@ export function createSnapshotWriter(ctx: SessionContext) {
       }
       const snapshot = await write(tx, session.id, meta, parts, reason);
       if (!snapshot) return false;
-      await repo.pruneHistory(tx, session.id, session.keepSnapshots);
+      await repo.pruneHistory(tx, session.id);
       return true;
     }, (meta, inPlace) => {
       entry.lastSnapshotVersion = Math.max(entry.lastSnapshotVersion, meta.version);

@@ -33,7 +33,7 @@ export function createSnapshots(ctx: SessionContext, history: History, writer: S
             snapshot = (pinned && !existing.pinned) || existing.reason === 'hyperparameters' ? (await repo.claimSnapshot(tx, session.id, existing.id, pinned))! : existing;
           }
           entry.lastSnapshotVersion = Math.max(entry.lastSnapshotVersion, meta.version);
-          await repo.pruneHistory(tx, session.id, session.keepSnapshots);
+          await repo.pruneHistory(tx, session.id);
           return snapshot;
         });
         if (snapshot) {

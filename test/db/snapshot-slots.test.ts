@@ -9,7 +9,7 @@ import { test } from 'node:test';
 import pg from 'pg';
 import type { FastifyInstance } from 'fastify';
 import { buildTestApp, randomData, TEST_DB_KIND } from '../helper.ts';
-import { claimSnapshotSlot } from '../../src/sessions/repository.ts';
+import { claimSnapshotSlot, pruneHistory } from '../../src/sessions/repository.ts';
 
 const multi = TEST_DB_KIND !== 'postgres' && 'two processes on one database: PostgreSQL only';
 
@@ -131,4 +131,23 @@ test('a slot is claimed when it has no snapshot of its own, even after a later s
   assert.equal(await claim(21), true, 'slot 2 (21..30) has none: a later one (35) does not take it');
   assert.equal(await claim(31), false, 'slot 3 has version 35');
   assert.equal(await claim(41), true);
+});
+
+test('history is pruned to the keep_snapshots the session has when the prune runs, not the one its snapshot\'s batch read', async (t) => {
+  // A review: a background snapshot pruned with the row its batch had read, so a PATCH raising keep_snapshots
+  // committed in between lost the snapshots it had just asked to keep. Here the PATCH is a write of the row
+  // between a snapshot and its prune, as it would come from another process.
+  const { app } = await buildTestApp(t);
+  const created = await app.inject({
+    method: 'POST', url: '/v1/sessions',
+    payload: { name: 's', params: [{ name: 'w', shape: [N], data: randomData(N, 1) }], snapshot_every: 1, keep_snapshots: 100 },
+  });
+  assert.equal(created.statusCode, 201, created.body);
+  for (let k = 0; k < 6; k++) await step(app, k);
+  const count = async () => (await app.inject({ url: '/v1/sessions/s/snapshots' })).json().snapshots.length;
+  assert.equal(await count(), 7);
+  const id = Number((await app.db.query<{ id: string }>("SELECT id::text FROM sessions WHERE name = 's'"))[0].id);
+  await app.db.query("UPDATE sessions SET keep_snapshots = 3 WHERE name = 's'");
+  await pruneHistory(app.db, id);
+  assert.equal(await count(), 3);
 });
