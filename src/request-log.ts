@@ -58,8 +58,13 @@ export class RequestLogController extends LogController {
 
   override requestCompleted(error: Error | null | undefined, request: FastifyRequest, reply: FastifyReply): void {
     const who = tokenOf(request);
-    if (error) reply.log.error({ res: reply, err: error, responseTime: reply.elapsedTime, ...who }, 'request errored');
-    else reply.log[this.level(request, reply.statusCode)]({ res: reply, responseTime: reply.elapsedTime, ...who }, 'request completed');
+    const level = error ? 'error' : this.level(request, reply.statusCode);
+    // A request whose incoming line went at debug and whose completion goes out (it failed) says what it was
+    // and who sent it on that line: method, URL, client address (an operator's review: a 401 of an unknown
+    // client, or a step's 503 in an outage, was logged with neither).
+    const req = level !== 'debug' && this.level(request) === 'debug' ? { req: request } : {};
+    if (error) reply.log.error({ ...req, res: reply, err: error, responseTime: reply.elapsedTime, ...who }, 'request errored');
+    else reply.log[level]({ ...req, res: reply, responseTime: reply.elapsedTime, ...who }, 'request completed');
   }
 }
 

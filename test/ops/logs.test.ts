@@ -61,6 +61,9 @@ test('ASGD_LOG_REQUESTS=auto (the default): step and params requests log at debu
   const stepLines = lines.filter((l) => stepIds.has(l.entry.reqId as string) && /request/.test(String(l.entry.msg)));
   assert.deepEqual(stepLines.map((l) => [l.entry.reqId, l.entry.msg, (l.entry.res as { statusCode?: number } | undefined)?.statusCode]), [[bad.headers['x-request-id'], 'request completed', 400]],
     'of the two steps only the failed one has a request line: its completion');
+  // That line says what the request was and who sent it, as the incoming line it stands for would have.
+  const failed = stepLines[0].entry.req as { method?: string; url?: string; remoteAddress?: string };
+  assert.deepEqual([failed.method, failed.url, typeof failed.remoteAddress], ['POST', '/v1/sessions/quiet/step', 'string']);
   assert.deepEqual(lines.filter((l) => l.entry.msg === 'stepped'), [], 'nor a stepped line: a training loop steps many times a second');
   const read = requestLines(lines, '/v1/sessions/quiet').map((l) => l.entry.msg);
   assert.deepEqual(read, ['incoming request', 'request completed'], 'other routes log both lines at info');
@@ -118,6 +121,10 @@ test('ASGD_LOG_REQUESTS: all, errors and none; a bad value is refused naming the
   };
   assert.deepEqual(await count('all'), ['incoming request', 'request completed 201', 'incoming request', 'stepped 1', 'request completed 200', 'incoming request', 'request completed 404']);
   assert.deepEqual(await count('errors'), ['request completed 404']);
+  const errorsOnly = await loggedApp(t, { ASGD_LOG_REQUESTS: 'errors' });
+  assert.equal((await errorsOnly.app.inject({ url: '/v1/sessions/nope' })).statusCode, 404);
+  const completed = errorsOnly.lines.find((l) => l.entry.msg === 'request completed')!;
+  assert.deepEqual([(completed.entry.req as { method: string }).method, (completed.entry.req as { url: string }).url], ['GET', '/v1/sessions/nope']);
   assert.deepEqual(await count('none'), []);
   assert.throws(() => loadConfig({ ASGD_LOG_REQUESTS: 'some' }), (err: Error) => err instanceof ConfigError && /ASGD_LOG_REQUESTS must be one of all, auto, errors, none/.test(err.message));
 });
