@@ -602,7 +602,9 @@ async function openPostgres(url: string, options: DatabaseOptions): Promise<Data
               const code = (err as { cause?: { code?: unknown } }).cause?.code ?? (err as { code?: unknown }).code;
               if (code === INSUFFICIENT_PRIVILEGE) throw migrationPrivilegeError(err);
               if (code !== LOCK_NOT_AVAILABLE || attempt >= MIGRATION_ATTEMPTS) throw err;
-              options.onWarning?.(`migration ${attempt} of ${MIGRATION_ATTEMPTS} waited ${MIGRATION_LOCK_TIMEOUT_MS} ms for a table lock other transactions hold; rolled back, trying again in ${attempt} s`);
+              // The attempt, not a migration's number (an operator's review: "migration 3 of 10" with 2 pending).
+              const pending = expectedMigrations() - before;
+              options.onWarning?.(`applying ${pending} pending migration${pending === 1 ? '' : 's'} (attempt ${attempt} of ${MIGRATION_ATTEMPTS}) waited ${MIGRATION_LOCK_TIMEOUT_MS} ms for a table lock other transactions hold; rolled back, trying again in ${attempt} s`);
               await new Promise((resolve) => setTimeout(resolve, attempt * 1000));
             }
           }
