@@ -1,7 +1,7 @@
 // The container HEALTHCHECK (bin/healthcheck.mjs) reaches the service wherever HOST binds it: a specific
 // interface address, a wildcard, IPv6. Against a stand-in that answers /healthz as the service does.
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { createServer } from 'node:http';
 import { test } from 'node:test';
@@ -35,4 +35,25 @@ test('control: the health check fails when nothing answers at HOST:PORT', async 
   const run = await healthcheck({ HOST: '127.0.0.2', PORT: String(service.port) });
   assert.equal(run.status, 1);
   assert.match(run.stderr, /127\.0\.0\.2/);
+});
+
+test('a --port and --host the service was started with (the container\'s command) override PORT and HOST, as in the service', async (t) => {
+  // An operator's review: `command: ["serve", "--port", "9090"]` was probed on PORT's 8080 and the container
+  // marked unhealthy. The check reads the main process's command line (PID 1 in a container; here a process
+  // with the same command line, named by ASGD_HEALTHCHECK_PID).
+  const service = await serveHealthz('127.0.0.2');
+  t.after(() => service.close());
+  for (const args of [['serve', '--port', String(service.port), '--host', '127.0.0.2'], ['serve', `--port=${service.port}`, '--host=127.0.0.2']]) {
+    const main = spawn(process.execPath, ['-e', 'setTimeout(() => {}, 60_000)', 'bin/asgd-serve.mjs', ...args], { stdio: 'ignore' });
+    t.after(() => main.kill());
+    await once(main, 'spawn');
+    const run = await healthcheck({ ASGD_HEALTHCHECK_PID: String(main.pid), PORT: '1', HOST: '127.0.0.1' });
+    assert.equal(run.status, 0, `${args.join(' ')}: ${run.stderr}`);
+  }
+  // A process that is not the service (a shell as PID 1): PORT and HOST decide, as before.
+  const other = spawn(process.execPath, ['-e', 'setTimeout(() => {}, 60_000)', 'other.js', '--port', String(service.port)], { stdio: 'ignore' });
+  t.after(() => other.kill());
+  await once(other, 'spawn');
+  assert.equal((await healthcheck({ ASGD_HEALTHCHECK_PID: String(other.pid), PORT: String(service.port), HOST: '127.0.0.2' })).status, 0);
+  assert.equal((await healthcheck({ ASGD_HEALTHCHECK_PID: String(other.pid), PORT: '1', HOST: '127.0.0.2' })).status, 1);
 });
