@@ -171,8 +171,12 @@ test('nginx: no body limit of its own, timeouts above the service request timeou
   assert.ok(readTimeout * 1000 > loadConfig({}).requestTimeoutMs);
   // A round's contribution is held up to ?wait= seconds, past the request timeout: its route waits longer
   // (a review: nginx's 504 after 310 s where the service answers 202).
-  const stepTimeout = Number(/location ~ \^\/v1\/sessions\/\[\^\/\]\+\/step\$ \{[^}]*proxy_read_timeout (\d+)s;/.exec(nginx)?.[1]);
-  assert.ok(stepTimeout > MAX_WAIT_SECONDS, `step read timeout ${stepTimeout}`);
+  const [, stepLocation, stepTimeout] = /location ~ (\S+) \{[^}]*proxy_read_timeout (\d+)s;/.exec(nginx) ?? [];
+  assert.ok(Number(stepTimeout) > MAX_WAIT_SECONDS, `step read timeout ${stepTimeout}`);
+  // Every spelling of the step's path the service takes (a trailing slash too: an operator's review), and no other route.
+  const stepPath = new RegExp(stepLocation);
+  for (const path of ['/v1/sessions/demo/step', '/v1/sessions/demo/step/', '/v1/sessions/a.b_c-1/step']) assert.match(path, stepPath);
+  for (const path of ['/v1/sessions/demo/params', '/v1/sessions/demo/step/x', '/v1/sessions/step']) assert.doesNotMatch(path, stepPath);
   assert.match(nginx, /server asgd:8080 resolve;/);
   assert.match(nginx, /resolver 127\.0\.0\.11/);
   assert.doesNotMatch(nginx, /non_idempotent/, 'steps are not replayed by the proxy');
