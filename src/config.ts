@@ -381,5 +381,12 @@ export function loadConfig(env: Env = process.env): Config {
       `refusing to listen on ${config.host} without authentication: set ASGD_ADMIN_TOKEN (or ASGD_ALLOW_INSECURE=true to opt out)`,
     );
   }
+  if (!config.adminToken && !config.allowInsecure && config.corsOrigins === '*') {
+    // With auth off every request is the admin's: * would let every web page a browser here opens read,
+    // change and delete every session (a security review).
+    throw new ConfigError(
+      'refusing ASGD_CORS_ORIGINS=* without authentication: every web page could read, change and delete every session; list the pages\' origins, or set ASGD_ADMIN_TOKEN (or ASGD_ALLOW_INSECURE=true to opt out)',
+    );
+  }
   return config;
 }

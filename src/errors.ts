@@ -189,6 +189,7 @@ export const errors = {
       'www-authenticate': `Bearer realm="asgd-serve", error="insufficient_scope"${scope ? `, scope="${scope}"` : ''}${description ? `, error_description="${description}"` : ''}`,
     }),
   /** A cross-origin request from an origin not allowed: no Bearer challenge, no token would help (found by a review). */
+  crossOriginWrite: make('FORBIDDEN', (origin: string) => `Origin: ${JSON.stringify(origin.slice(0, 200))} is another origin than this service's; with auth off (no ASGD_ADMIN_TOKEN) every request may change every session, so a write from a web page of another origin is refused (list the page's origin in ASGD_CORS_ORIGINS, or set ASGD_ADMIN_TOKEN)`),
   originNotAllowed: make('FORBIDDEN', (origin: string) => `Origin: ${JSON.stringify(origin.slice(0, 200))} is not one of the origins allowed to call this API (ASGD_CORS_ORIGINS)`),
   hostNotAllowed: make('HOST_NOT_ALLOWED', (host: string, addresses = false) => addresses
     ? `Host: ${quoteValue(headerText(host).slice(0, 300))} is a name not listed in ASGD_ALLOWED_HOSTS; with auth off (no ASGD_ADMIN_TOKEN) this service answers only requests addressed to an IP address, a loopback name or a name listed there, so that a web page cannot reach it through a DNS name of its own (DNS rebinding)`

@@ -121,6 +121,27 @@ export default fp(
     // IP address (a request to an address is no page's DNS name), and other names once they are listed (found
     // by a review: a page on that network could rebind a name of its own to the service and read every session).
     const checkHost = !authOn;
+    const corsOrigins = new Set(Array.isArray(opts.config.corsOrigins) ? opts.config.corsOrigins : []);
+    /**
+     * With auth off every request is the admin's, so a page of another origin in a browser on this machine
+     * could change sessions with requests a browser sends without asking (a POST without a body: a restore, a
+     * snapshot) — cross-site request forgery (a security review: a foreign page rolled a session back). A
+     * write that says it comes from another origin (its Origin is not the Host it is sent to, nor one of
+     * ASGD_CORS_ORIGINS) is refused; reads, the dashboard (same origin) and clients outside a browser (no
+     * Origin) are not concerned.
+     */
+    const foreignWrite = (request: FastifyRequest): string | null => {
+      if (request.method === 'GET' || request.method === 'HEAD' || request.method === 'OPTIONS') return null;
+      const origin = request.headers.origin;
+      if (origin === undefined || corsOrigins.has(origin)) return null;
+      let authority: string;
+      try {
+        authority = new URL(origin).host;
+      } catch {
+        return origin; // "null" (a sandboxed frame, a file:// page) or garbage: no origin of this service's
+      }
+      return authority === (request.headers.host ?? '').toLowerCase() ? null : origin;
+    };
     const addressesAllowed = !isLoopback(opts.config.host);
     const allowedHosts = new Set(opts.config.allowedHosts);
     const isAdmin = (presented: string) => {
@@ -208,6 +229,8 @@ export default fp(
       const need: RouteAccess = scope === undefined ? { scope: 'admin', allSessions: true } : { scope, allSessions: allSessions ?? false };
       if (!authOn) {
         // No admin token configured: auth is off (config.ts then allows loopback only, unless told otherwise).
+        const foreign = foreignWrite(request);
+        if (foreign !== null) throw errors.crossOriginWrite(foreign);
         request.auth = { tokenId: 'anonymous', name: 'anonymous', scope: 'admin', sessions: null };
         return;
       }

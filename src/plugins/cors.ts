@@ -1,6 +1,7 @@
 // CORS as a named plugin, for browser pages on other origins that call the API (the TypeScript client in a
 // browser). Off unless ASGD_CORS_ORIGINS lists origins (or is *). Requests authenticate with a bearer
-// token, never a cookie, so no credentials mode is needed and `*` is safe to answer as it is.
+// token, never a cookie, so no credentials mode is needed and `*` is safe to answer as it is: with auth on
+// (config.ts refuses * without it, and auth.ts refuses other origins' writes while auth is off).
 //
 // Preflights (OPTIONS with Access-Control-Request-Method) from an allowed origin are answered here, before
 // load shedding and auth: a browser sends them without the Authorization header. Every other answer to an

@@ -93,13 +93,22 @@ test('CORS for listed origins: preflight without a token, the origin and exposed
 });
 
 test('ASGD_CORS_ORIGINS=*: any origin, answered as *', async (t) => {
-  const { app } = await buildTestApp(t, { env: { ASGD_CORS_ORIGINS: '*' } });
+  const { app } = await buildTestApp(t, { env: { ASGD_CORS_ORIGINS: '*', ASGD_ADMIN_TOKEN: 'admin-token-for-the-any-origin-test' } });
   const pre = await app.inject(preflight('http://127.0.0.1:9999', 'PUT'));
   assert.equal(pre.statusCode, 204);
   assert.equal(pre.headers['access-control-allow-origin'], '*');
   const res = await app.inject({ url: '/v1/sessions', headers: { origin: 'https://anywhere.example' } });
   assert.equal(res.headers['access-control-allow-origin'], '*');
   assert.equal(res.headers.vary, undefined);
+});
+
+test('ASGD_CORS_ORIGINS=* needs auth: with every request the admin\'s, it would let every web page read, change and delete every session', () => {
+  // A security review: a page on any site read the session list and deleted a session.
+  assert.throws(() => testConfig({ ASGD_CORS_ORIGINS: '*' }), (err: Error) => err instanceof ConfigError && /^refusing ASGD_CORS_ORIGINS=\* without authentication: .*ASGD_ADMIN_TOKEN/.test(err.message));
+  assert.equal(testConfig({ ASGD_CORS_ORIGINS: '*', ASGD_ADMIN_TOKEN: 'admin-token-for-the-any-origin-test' }).corsOrigins, '*');
+  assert.equal(testConfig({ ASGD_CORS_ORIGINS: '*', ASGD_ALLOW_INSECURE: 'true' }).corsOrigins, '*');
+  // A list names the pages the operator trusts: taken without auth too.
+  assert.deepEqual(testConfig({ ASGD_CORS_ORIGINS: 'http://localhost:5173' }).corsOrigins, ['http://localhost:5173']);
 });
 
 test('ASGD_CORS_ORIGINS: origins only (scheme://host[:port]), or * alone; default ports as browsers write them', () => {

@@ -88,3 +88,53 @@ test('a page on another origin trains through the API with ASGD_CORS_ORIGINS, an
   assert.match(String(refused.failed), /Failed to fetch/);
   assert.equal((await closed.inject({ url: '/v1/sessions/browser', headers: { authorization: `Bearer ${ADMIN}` } })).statusCode, 404, 'the preflight stopped the create');
 });
+
+test('with auth off, a page of another origin cannot change a session (a restore or a snapshot sent as a simple POST); the service\'s own pages can', { skip, timeout: 180_000 }, async (t) => {
+  // A security review: with auth off every request is the admin's, and a foreign page rolled a session back
+  // with fetch(…/restore, {method: 'POST', mode: 'no-cors'}), which a browser sends without a preflight.
+  const pages = createServer((_req, res) => res.end('<!doctype html><title>elsewhere</title>'));
+  pages.listen(0, '127.0.0.1');
+  await once(pages, 'listening');
+  t.after(() => pages.close());
+  const pageOrigin = `http://127.0.0.1:${(pages.address() as { port: number }).port}`;
+  const browser = await launch(t);
+  const { app } = await buildTestApp(t);
+  const api = await listen(app);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 's', params: [{ name: 'w', shape: [2], data: [1, 2] }] } })).statusCode, 201);
+  for (let k = 0; k < 2; k++) assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions/s/step', payload: { grads: { w: [0.5, -0.5] } } })).statusCode, 200);
+  const snapshot = (await app.inject({ url: '/v1/sessions/s/snapshots' })).json().snapshots.at(-1).id as number;
+  const session = async () => (await app.inject({ url: '/v1/sessions/s' })).json() as { version: number; step: number };
+  assert.deepEqual(await session(), { ...(await session()), version: 3, step: 2 });
+
+  const forge = async ({ target, id }: { target: string; id: number }) => {
+    const sent: string[] = [];
+    for (const path of [`/v1/sessions/s/snapshots/${id}/restore`, '/v1/sessions/s/snapshots']) {
+      try {
+        const res = await fetch(`${target}${path}`, { method: 'POST', mode: 'no-cors', signal: AbortSignal.timeout(30_000) });
+        sent.push(res.type); // opaque: the page learns nothing either way
+      } catch (err) {
+        sent.push(String(err));
+      }
+    }
+    return sent;
+  };
+  const log: string[] = [];
+  const page = await newPage(browser, log);
+  await page.goto(pageOrigin);
+  assert.deepEqual(await page.evaluate(forge, { target: api, id: snapshot }), ['opaque', 'opaque'], log.join('\n'));
+  const after = await session();
+  assert.deepEqual([after.version, after.step], [3, 2], 'neither the restore nor the snapshot was made');
+  assert.equal((await app.inject({ url: '/v1/sessions/s/snapshots' })).json().snapshots.length, 1, 'no snapshot taken');
+  const refused = await app.inject({ method: 'POST', url: `/v1/sessions/s/snapshots/${snapshot}/restore`, headers: { origin: pageOrigin } });
+  assert.equal(refused.statusCode, 403);
+  assert.equal(refused.json().code, 'FORBIDDEN');
+  assert.match(refused.json().message, /^Origin: ".*" is another origin than this service's; .*ASGD_CORS_ORIGINS/);
+
+  // The service's own page (the dashboard's origin) may, as may clients outside a browser (no Origin).
+  await page.goto(`${api}/ui/`);
+  assert.deepEqual(await page.evaluate(forge, { target: api, id: snapshot }), ['basic', 'basic'], log.join('\n'));
+  assert.equal((await session()).version, 4, 'the restore (a new version) was made');
+  assert.equal((await app.inject({ url: '/v1/sessions/s/snapshots' })).json().snapshots.length, 2, 'and the snapshot');
+  // Reads from another origin are not concerned (a browser keeps their answers from the page without CORS).
+  assert.equal((await app.inject({ url: '/v1/sessions/s', headers: { origin: pageOrigin } })).statusCode, 200);
+});
