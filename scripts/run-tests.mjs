@@ -264,7 +264,11 @@ await new Promise((done) => {
     for (let job = next(); job !== undefined; job = next()) {
       runJob(job).then((result) => {
         results.push(result);
-        if (queue.length === 0 && running.size === 0) done();
+        // Done when every job has its result: a job leaves `running` before it drops its databases and
+        // reports, so "nothing queued, nothing running" was also true while the last short one did that, and
+        // the run ended without it (its output and its failure, had it failed, never counted: a CI run
+        // summed 114 of 115 jobs).
+        if (results.length === jobs.length) done();
         else fill();
       });
     }
