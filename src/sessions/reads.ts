@@ -7,6 +7,7 @@ import type { History } from './history.ts';
 import type { StateView } from './model.ts';
 import * as repo from './repository.ts';
 import type { SessionRecord } from './repository.ts';
+import { KeyedMutex } from './mutex.ts';
 import { copyOf } from './slices.ts';
 import type { SessionState } from './state.ts';
 
@@ -51,6 +52,7 @@ export type Reads = ReturnType<typeof createReads>;
 
 export function createReads(ctx: SessionContext, history: History) {
   const { db, cache, mutex } = ctx;
+  const rebuilds = new KeyedMutex();
 
   /** The session's row, and this process's copy when the row says it is current (one read, no transaction). */
   async function currentCopy(name: string): Promise<{ current: SessionRecord; state: SessionState | null }> {
@@ -60,25 +62,48 @@ export function createReads(ctx: SessionContext, history: History) {
     return { current, state: known ? cache.touch(cached).state : null };
   }
 
+  /**
+   * An older version rebuilt from the database alone, or null when `version` is the current one. A state of
+   * its own, not this process's copy: no need of the session's lock, which the session's steps wait for (a
+   * security review: thirty ?version= reads of a big session, 0.33 s each in turn under that lock, held a
+   * step for 10 s). Such rebuilds of one session still go one at a time (their own lock): each holds a
+   * whole state.
+   */
+  async function olderView(name: string, version: number): Promise<StateView | null> {
+    return rebuilds.run(name, () => consistentRead(db, async (q) => {
+      const session = await mustFind(q, name);
+      if (version > session.version || version < 1) throw errors.versionNotAvailable(version, await repo.snapshotVersion(q, session.id, 'min'), session.version);
+      if (version === session.version) return null;
+      const { state } = await history.buildState(q, session, version);
+      try {
+        return await copyView(name, session.params, state);
+      } finally {
+        state.arena.release();
+      }
+    }));
+  }
+
   /** A consistent copy of the state at `version` (default: current). */
   async function view(name: string, version?: number | null): Promise<StateView> {
-    return mutex.run(name, async () => {
-      // The common case, a copy that is current, needs one read and no transaction.
-      const { current, state } = await currentCopy(name);
-      if ((version == null || version === current.version) && state) return sharedCopyView(name, current, state);
-      return consistentRead(db, async (q) => {
-        const session = await mustFind(q, name);
-        const target = version ?? session.version;
-        if (target > session.version || target < 1) throw errors.versionNotAvailable(target, await repo.snapshotVersion(q, session.id, 'min'), session.version);
-        if (target === session.version) return copyView(name, session.params, (await history.currentState(q, session)).state);
-        const { state } = await history.buildState(q, session, target);
-        try {
-          return await copyView(name, session.params, state);
-        } finally {
-          state.arena.release();
-        }
+    for (;;) {
+      if (version != null) {
+        const older = await olderView(name, version);
+        if (older) return older;
+      }
+      const got = await mutex.run(name, async () => {
+        // The common case, a copy that is current, needs one read and no transaction. A version asked for
+        // that is no longer the current one (a step came between) is an older one: rebuilt, above.
+        const { current, state } = await currentCopy(name);
+        if (version != null && version !== current.version) return null;
+        if (state) return sharedCopyView(name, current, state);
+        return consistentRead(db, async (q) => {
+          const session = await mustFind(q, name);
+          if (version != null && version !== session.version) return null;
+          return copyView(name, session.params, (await history.currentState(q, session)).state);
+        });
       });
-    });
+      if (got) return got;
+    }
   }
 
   /**

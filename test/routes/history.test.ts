@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { buildTestApp, randomData } from '../helper.ts';
+import { buildTestApp, onDatabase, randomData, TEST_DB_KIND } from '../helper.ts';
 
 const params = [{ name: 'w', shape: [33], data: randomData(33, 31) }, { name: 'b', shape: [2, 3], data: randomData(6, 32) }];
 const grads = (k: number) => ({ w: randomData(33, 700 + k), b: randomData(6, 800 + k) });
@@ -123,4 +123,41 @@ test('a manual snapshot of a copy rebuilt after a settings change, then another 
   assert.equal(snap.json().version, 2);
   const state = await app.inject({ url: `/v1/sessions/s/snapshots/${snap.json().id}/params` });
   assert.deepEqual(state.json().params, params2.json().params, 'the snapshot holds the state');
+});
+
+test('a read of an older version, rebuilt, does not hold the session\'s steps back', {
+  skip: TEST_DB_KIND !== 'postgres' && 'a second connection holds the rebuild: PostgreSQL only',
+}, async (t) => {
+  // A security review: ?version= reads rebuilt the state under the session's lock, one after another, and
+  // thirty of them held a step of a big session for 10 s (a read-scope token could stall training). Here
+  // the rebuild is held on a table lock taken by another connection; a step must be answered meanwhile.
+  const { app, databaseUrl } = await buildTestApp(t);
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: { name: 'o', params, snapshot_every: 1000 } })).statusCode, 201);
+  await stepN(app, 'o', 0, 4); // versions 2..5
+  const expected = (await app.inject({ url: '/v1/sessions/o/params?version=3' })).json();
+  app.sessions.dropCache();
+  await stepN(app, 'o', 4, 5); // a current copy again (version 6)
+  await onDatabase(databaseUrl!, async (other) => {
+    await other.query('BEGIN');
+    await other.query('LOCK TABLE snapshot_chunks IN ACCESS EXCLUSIVE MODE');
+    const reading = app.inject({ url: '/v1/sessions/o/params?version=3' });
+    for (let i = 0; ; i++) {
+      const [{ n }] = (await other.query("SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")).rows;
+      if (n > 0) break;
+      assert.ok(i < 400, 'the rebuild did not reach the snapshot');
+      await new Promise((r) => setTimeout(r, 25));
+    }
+    let bound: NodeJS.Timeout | undefined;
+    const stepped = await Promise.race([
+      app.inject({ method: 'POST', url: '/v1/sessions/o/step', payload: { grads: grads(5) } }).then((r) => r.statusCode),
+      new Promise<string>((resolve) => (bound = setTimeout(() => resolve('still waiting after 20 s'), 20_000))),
+    ]);
+    clearTimeout(bound);
+    await other.query('COMMIT');
+    assert.equal(stepped, 200, 'the step was answered while the older version was being rebuilt');
+    const read = await reading;
+    assert.equal(read.statusCode, 200, read.body);
+    assert.deepEqual(read.json(), expected);
+  });
+  assert.equal((await app.inject({ url: '/v1/sessions/o' })).json().version, 7);
 });
