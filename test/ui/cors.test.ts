@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { createServer } from 'node:http';
 import { once } from 'node:events';
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import type { FastifyInstance } from 'fastify';
 import { buildTestApp } from '../helper.ts';
 import { chromiumMissing, launch, newPage } from './browser.ts';
@@ -16,6 +16,15 @@ const skip = chromiumMissing() ?? false;
 async function listen(app: FastifyInstance): Promise<string> {
   await app.listen({ port: 0, host: '127.0.0.1' });
   return `http://127.0.0.1:${(app.server.address() as { port: number }).port}`;
+}
+
+/** A page server on another origin than the service's (another port); its origin. */
+async function otherOrigin(t: TestContext, title: string): Promise<string> {
+  const pages = createServer((_req, res) => res.end(`<!doctype html><title>${title}</title>`));
+  pages.listen(0, '127.0.0.1');
+  await once(pages, 'listening');
+  t.after(() => pages.close());
+  return `http://127.0.0.1:${(pages.address() as { port: number }).port}`;
 }
 
 /** What the page does, as a training script in a browser would: create, step twice (once retried), read. */
@@ -60,11 +69,7 @@ async function trainFromPage({ api, token }: { api: string; token: string }) {
 }
 
 test('a page on another origin trains through the API with ASGD_CORS_ORIGINS, and cannot without it', { skip, timeout: 180_000 }, async (t) => {
-  const pages = createServer((_req, res) => res.end('<!doctype html><title>trainer</title>'));
-  pages.listen(0, '127.0.0.1');
-  await once(pages, 'listening');
-  t.after(() => pages.close());
-  const pageOrigin = `http://127.0.0.1:${(pages.address() as { port: number }).port}`;
+  const pageOrigin = await otherOrigin(t, 'trainer');
 
   // The browser first: its close (an after hook) then runs before the apps', which would wait for a
   // connection the browser still held.
@@ -92,11 +97,7 @@ test('a page on another origin trains through the API with ASGD_CORS_ORIGINS, an
 test('with auth off, a page of another origin cannot change a session (a restore or a snapshot sent as a simple POST); the service\'s own pages can', { skip, timeout: 180_000 }, async (t) => {
   // A security review: with auth off every request is the admin's, and a foreign page rolled a session back
   // with fetch(…/restore, {method: 'POST', mode: 'no-cors'}), which a browser sends without a preflight.
-  const pages = createServer((_req, res) => res.end('<!doctype html><title>elsewhere</title>'));
-  pages.listen(0, '127.0.0.1');
-  await once(pages, 'listening');
-  t.after(() => pages.close());
-  const pageOrigin = `http://127.0.0.1:${(pages.address() as { port: number }).port}`;
+  const pageOrigin = await otherOrigin(t, 'elsewhere');
   const browser = await launch(t);
   const { app } = await buildTestApp(t);
   const api = await listen(app);
