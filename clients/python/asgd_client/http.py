@@ -25,6 +25,7 @@ import os
 import random
 import re
 import select
+import selectors
 import socket
 import ssl
 import threading
@@ -42,6 +43,20 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 # The retries' own random source: a retry must not move the user's `random` stream (a data order seeded
 # with random.seed; found by a review).
 _JITTER = random.Random()
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether `sock` has something to read (or was closed) now, without waiting. poll(), not select():
+    select() takes no descriptor numbers of 1024 and above, which a training process holding many files or
+    DataLoader workers reaches (a review: every request on a kept-alive connection then failed with
+    ValueError, and RemoteASGD could not be made)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
+    with selectors.DefaultSelector() as sel:  # no poll() (Windows): select() there has no such bound
+        sel.register(sock, selectors.EVENT_READ)
+        return bool(sel.select(0))
 
 
 def _retry_after_date(value: str) -> Optional[float]:
@@ -717,7 +732,7 @@ class _PlainConnection:
         """True when (part of) the answer to the request sent has arrived: receive() would not wait long."""
         if self.sock is None:
             return True
-        return bool(select.select([self.sock], [], [], 0)[0])
+        return _readable(self.sock)
 
     def send(self, method: str, target: str, body: Any, headers: Mapping[str, str]) -> None:
         """Sends one request (its answer is read by receive())."""

@@ -113,6 +113,26 @@ class PlainHttp(unittest.TestCase):
         self.assertEqual(started.finish().body, b"x")
         self.assertEqual([r[1] for r in server.requests], ["/a", "/b"])
 
+    def test_a_kept_connection_whose_descriptor_is_above_1023_is_used_again(self):
+        # A review: select() takes no descriptor of 1024 or above, and the check of a kept-alive connection before
+        # each request raised ValueError in a process holding many files (RemoteASGD could not be made).
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 2048:
+            self.skipTest(f"the hard limit of open files is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        held = [open(os.devnull) for _ in range(1100)]
+        self.addCleanup(lambda: [f.close() for f in held])
+        server, conn = self.serve(lambda n, req: ([ok(b"answer %d" % n)], False))
+        self.assertEqual(conn.request("GET", "/a").body, b"answer 0")
+        self.assertGreater(conn._local.conn.sock.fileno(), 1023)
+        self.assertEqual(conn.request("GET", "/b").body, b"answer 1")
+        started = conn.start("POST", "/c", body=b"y", headers={"Idempotency-Key": "k"})
+        self.assertEqual(started.finish().body, b"answer 2")
+        self.assertEqual(server.connections, 1, "one connection, used again")
+
     def test_content_length_body_and_keep_alive(self):
         server, conn = self.serve(lambda n, req: ([ok(b"answer %d" % n)], False))
         for n in range(3):
