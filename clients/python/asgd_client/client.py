@@ -739,6 +739,10 @@ class StartedStep:
     def answered(self) -> bool:
         return self._started.answered()
 
+    def arrived(self) -> bool:
+        """The answer has begun to arrive: finish() reads it without sending the step again."""
+        return self._started.arrived()
+
     def finish(self) -> Dict[str, Any]:
         return _step_answer(self._started.finish())
 

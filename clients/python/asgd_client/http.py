@@ -602,6 +602,15 @@ class Started:
     def answered(self) -> bool:
         return self._result is not None or self._conn is None or self._conn.answered()
 
+    def arrived(self) -> bool:
+        """True when the answer has begun to arrive (finish() reads it, sending nothing again); False while
+        it has not, and when the connection closed without it (finish() would send the request again, with
+        request()'s retries: what a call that never waits must not do)."""
+        if self._result is not None:
+            return True
+        conn = self._conn
+        return conn is not None and conn.has_data()
+
     def finish(self) -> Response:
         if self._result is not None:
             return self._result
@@ -733,6 +742,16 @@ class _PlainConnection:
         if self.sock is None:
             return True
         return _readable(self.sock)
+
+    def has_data(self) -> bool:
+        """True when bytes of an answer wait to be read; False when none have come, or the peer closed."""
+        sock = self.sock
+        if sock is None or not _readable(sock):
+            return False
+        try:
+            return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:  # nothing after all, or reset: no answer to read
+            return False
 
     def send(self, method: str, target: str, body: Any, headers: Mapping[str, str]) -> None:
         """Sends one request (its answer is read by receive())."""

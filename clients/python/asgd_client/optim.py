@@ -341,7 +341,11 @@ class _Sent:
         return bool(getattr(self._handle, "fresh", False))
 
     def done(self) -> bool:
-        return self._handle.answered()
+        # Its answer has begun to arrive. Not a connection closed without one: reading it then sends the step
+        # again with request()'s retries, which zero_grad(), never waiting, must leave to the next step() (a
+        # review: zero_grad() retried for the whole budget after a service restart, then raised).
+        arrived = getattr(self._handle, "arrived", None)
+        return arrived() if arrived is not None else self._handle.answered()
 
     def result(self) -> _Outcome:
         return self._opt._settle(self._handle.finish, self._groups, resend=None)
@@ -1005,12 +1009,16 @@ class RemoteASGD(torch.optim.Optimizer):
             except Exception as err:
                 # The service refused the step in flight (a non-finite gradient, a stale one with
                 # on_stale="raise"): raised by the next step() or synchronize(), as documented (_Failed).
-                # A step whose fate is unknown stays pending: the next call reads it again.
+                # A step whose fate is unknown stays pending (owed): the next step() or synchronize() sends it
+                # again with its Idempotency-Key, and raises if that fails too; not raised here (a review:
+                # a background step's connection error came out of zero_grad(), against the README).
                 if self._pending is not None:
-                    raise
-                if hasattr(err, "__notes__"):
-                    del err.__notes__  # the call that raises it adds its own
-                self._pending = _Failed(err)
+                    log.debug("[%s] session %r: the step in flight failed with its fate unknown (%s); the next step() sends it again",
+                              self.worker, self.session, err)
+                else:
+                    if hasattr(err, "__notes__"):
+                        del err.__notes__  # the call that raises it adds its own
+                    self._pending = _Failed(err)
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is None:

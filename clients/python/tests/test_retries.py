@@ -172,6 +172,40 @@ class RetriesAreSafe(ServiceTestCase):
         keys = [r.headers["idempotency-key"] for r in steps]
         self.assertEqual(len(set(keys)), STEPS)
 
+    def test_zero_grad_leaves_a_pipelined_step_whose_answer_was_lost_to_the_next_step(self):
+        # A review: a connection closed without the answer counted as "arrived", so zero_grad() read it, sent
+        # the step again with the retries of the whole budget and raised their error, where the README says it
+        # loads an answer that has arrived and never waits. Now the next step() sends it again (its key).
+        proxy, conn = self.proxy({2: "lose-answer"})
+        model = make_model()
+        opt = self.remote(model.named_parameters(), connection=conn, pipeline=True)
+        sent = lambda: sum(1 for r in proxy.requests if r.method == "POST" and r.path.split("?")[0].endswith("/step"))  # noqa: E731
+        for i in range(2):
+            opt.zero_grad()
+            model(batch(i)[0]).sum().backward()
+            opt.step()
+        deadline = time.monotonic() + 10
+        while sent() < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # the proxy has closed the connection without the answer
+        before = sent()
+        opt.zero_grad()  # raises nothing, sends nothing
+        self.assertEqual(sent(), before, "zero_grad() sent nothing")
+        model(batch(2)[0]).sum().backward()
+        opt.step()  # sends the lost one again (its key), then this one
+        version = opt.synchronize()
+        info = opt.client.get_session(opt.session)
+        self.assertEqual(info["step"], 3, "each step applied once")
+        self.assertEqual(version, info["version"])
+        got, _ = opt.client.get_params(opt.session)
+        for n, p in model.named_parameters():
+            self.assertTrue(torch.equal(p, got[n]), n)
+        steps = [r for r in proxy.requests if r.method == "POST" and r.path.split("?")[0].endswith("/step")]
+        self.assertEqual(len(steps), 4, "the lost one sent again once")
+        keys = [r.headers["idempotency-key"] for r in steps]
+        self.assertEqual(keys.count(keys[1]), 2, "the lost one, sent again (after the next step: pipelined) with its key")
+        self.assertEqual(len(set(keys)), 3)
+
     def test_replayed_answer_is_the_first_answer(self):
         model = make_model()
         opt = self.remote(model.named_parameters(), transport="json")
