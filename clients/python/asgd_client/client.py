@@ -25,7 +25,7 @@ from collections import OrderedDict
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import safetensors as st
-from .errors import RoundPending, SessionExists, SessionNotFound, UnsupportedFormat
+from .errors import ConnectionFailed, RoundPending, SessionExists, SessionNotFound, UnsupportedFormat
 from .http import DEFAULT_RETRY_BUDGET_S, Connection, Response
 from .tensors import HYPERPARAMETER_KEYS, group_from_json, plain_number, state_dict_from_json, state_dict_to_json, tensor_from_json, tensor_to_json
 
@@ -253,10 +253,13 @@ class Client:
                 return out
 
     def delete_session(self, name: str, if_match: Optional[int] = None, missing_ok: bool = False) -> None:
+        """Deletes the session; SessionNotFound when there is none (``missing_ok``: nothing then). A delete
+        whose answer was lost and that is found gone when sent again counts as made (the first attempt made it,
+        or someone else did: either way it is gone)."""
         try:
             self.conn.request("DELETE", f"/v1/sessions/{_quote(name)}", headers=_if_match(if_match), expect=(204, 200))
-        except SessionNotFound:
-            if not missing_ok:
+        except SessionNotFound as err:
+            if not (missing_ok or err.outcome_unknown):
                 raise
 
     def update_settings(self, name: str, **settings: Any) -> Dict[str, Any]:
@@ -785,6 +788,15 @@ def ensure_session(client: Client, name: str, create: Any, create_kwargs: Mappin
                 info, created = client.create_session(name, **create_kwargs), True
             except SessionExists:  # created by another worker in the meantime
                 info = client.get_session(name)
+            except ConnectionFailed as err:
+                # A create is not sent again (it could make the session twice over another's), but its answer
+                # may be what was lost: made, by this worker or another, it is joined (a review: the worker
+                # failed to start while its session existed).
+                try:
+                    info = client.get_session(name)
+                except SessionNotFound:
+                    raise err from None
+                log.warning("session %r: the create's answer was lost (%s); the session is there: joined", name, err)
     log.info("session %r %s at %s (version %s, step %s)", name, "created" if created else "joined", client.url,
              info.get("version"), info.get("step"))
     return info, created

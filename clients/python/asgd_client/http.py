@@ -250,6 +250,20 @@ class Connection:
         self.on_retry = None
         _CONNECTIONS.add(self)
 
+    # -- pickling (a Client given to a spawned process: multiprocessing's spawn, torch.multiprocessing) --
+    def __getstate__(self) -> Dict[str, Any]:
+        if self._ssl_context is not None:
+            raise TypeError("a Connection with an ssl_context cannot be pickled (an SSLContext cannot be): make it in the process that uses it")
+        state = self.__dict__.copy()
+        del state["_local"]  # the sockets are this process's; the other opens its own
+        state["on_retry"] = None
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+        _CONNECTIONS.add(self)
+
     # -- connections -------------------------------------------------------------------------
     def _new_connection(self) -> Union[http.client.HTTPConnection, "_PlainConnection"]:
         conn: Union[http.client.HTTPConnection, _PlainConnection]
@@ -396,6 +410,12 @@ class Connection:
                         f"address without it ({self._origin}{self._prefix[:-3]})")
                 error.message += hint
                 error.args = (f"{error.args[0]}{hint}",)
+            if maybe_applied and response.status == 404 and method == "DELETE" and getattr(error, "code", None) == "SESSION_NOT_FOUND":
+                # A DELETE sent again after a lost answer: the first attempt may be what deleted it (a review:
+                # delete_session raised SessionNotFound after a delete that was made).
+                error.outcome_unknown = True
+                error.args = (f"{error.args[0]} (an earlier attempt of this request lost its answer and may have "
+                              f"deleted it)",)
             if maybe_applied and response.status == 412 and method != "GET":
                 # Sent again after a lost answer, with If-Match: the first attempt may be what moved the session
                 # past that version (found by a review: a PUT state_dict that was applied reported a mismatch).

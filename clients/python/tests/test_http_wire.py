@@ -36,6 +36,11 @@ def _read_request(f) -> Request:
     return method, target, headers, body
 
 
+def _session_version(client, name):
+    """In a spawned process: the session's version, read with the Client it was given."""
+    return client.get_session(name)["version"]
+
+
 class RawServer:
     """Each request is answered by ``script(n, request)``: a list of byte strings written one by one
     (with a short pause between them, so that they arrive in separate reads), then the connection is
@@ -132,6 +137,27 @@ class PlainHttp(unittest.TestCase):
         started = conn.start("POST", "/c", body=b"y", headers={"Idempotency-Key": "k"})
         self.assertEqual(started.finish().body, b"answer 2")
         self.assertEqual(server.connections, 1, "one connection, used again")
+
+    def test_a_client_can_be_pickled_for_a_spawned_process(self):
+        # A review: a Client held a threading.local and could not be given to a process started with "spawn"
+        # (torch.multiprocessing.spawn, the usual start method with CUDA). Its copy opens its own connections.
+        import multiprocessing
+        import pickle
+
+        from asgd_client import Client
+
+        server, _ = self.serve(lambda n, req: ([ok(b'{"name":"s","version":%d}' % (n + 1))], False))
+        client = Client(server.url, "a-token", retry_budget_s=7)
+        self.addCleanup(client.close)
+        self.assertEqual(client.get_session("s")["version"], 1)
+        copy = pickle.loads(pickle.dumps(client))
+        self.addCleanup(copy.close)
+        self.assertEqual((copy.url, copy.conn.token, copy.conn.retry_budget_s), (client.url, "a-token", 7.0))
+        self.assertEqual(copy.get_session("s")["version"], 2)
+        self.assertEqual(server.connections, 2, "the copy opened a connection of its own")
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            self.assertEqual(pool.apply(_session_version, (client, "s")), 3)
+        self.assertEqual([r[2].get("authorization") for r in server.requests], ["Bearer a-token"] * 3, "the token went along")
 
     def test_content_length_body_and_keep_alive(self):
         server, conn = self.serve(lambda n, req: ([ok(b"answer %d" % n)], False))

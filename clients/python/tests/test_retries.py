@@ -206,6 +206,56 @@ class RetriesAreSafe(ServiceTestCase):
         self.assertEqual(keys.count(keys[1]), 2, "the lost one, sent again (after the next step: pipelined) with its key")
         self.assertEqual(len(set(keys)), 3)
 
+    def test_a_delete_whose_answer_is_lost_counts_as_made(self):
+        # A review: the DELETE was made, its answer lost, and the retry's 404 raised SessionNotFound.
+        from asgd_client import SessionNotFound
+
+        direct = self.client()
+        name = unique("lost-delete")
+        direct.create_session(name, {"w": torch.tensor([0.5, -0.5])}, hyperparameters={"lr": 0.1})
+        lost = {"done": False}
+
+        def decide(req):
+            if req.method == "DELETE" and not lost["done"]:
+                lost["done"] = True
+                proxy.forward(req)  # deleted
+                return "drop"  # the answer is lost
+            return proxy.forward(req)
+
+        proxy = LocalServer(decide, upstream=self.url)
+        self.addCleanup(proxy.close)
+        client = Client(proxy.url, self.token, connection=Connection(proxy.url, self.token, retries=4, backoff=0.001))
+        client.delete_session(name)  # made once; the retry found it gone
+        self.assertEqual([r.method for r in proxy.requests].count("DELETE"), 2)
+        with self.assertRaises(SessionNotFound):
+            direct.get_session(name)
+        with self.assertRaises(SessionNotFound):  # a delete of a session that is not there still says so
+            client.delete_session(name)
+
+    def test_a_worker_whose_create_answer_is_lost_joins_the_session_it_made(self):
+        # A review: with create="if_missing" the create was made, its answer lost, and RemoteASGD failed to
+        # start (a create is not sent again). Now the session found there is joined.
+        from asgd_client import RemoteASGD
+
+        name = unique("lost-create")
+        lost = {"done": False}
+
+        def decide(req):
+            if req.method == "POST" and req.path.split("?")[0] == "/v1/sessions" and not lost["done"]:
+                lost["done"] = True
+                proxy.forward(req)  # created
+                return "drop"  # the answer is lost
+            return proxy.forward(req)
+
+        proxy = LocalServer(decide, upstream=self.url)
+        self.addCleanup(proxy.close)
+        model = make_model()
+        opt = RemoteASGD(model.named_parameters(), url=proxy.url, token=self.token, session=name, create="if_missing", lr=0.05,
+                         connection=Connection(proxy.url, self.token, retries=1, backoff=0.001))
+        self.assertEqual([r.method for r in proxy.requests].count("POST"), 1, "the create was not sent again")
+        train(model, opt, range(2))
+        self.assertEqual(opt.client.get_session(name)["step"], 2)
+
     def test_replayed_answer_is_the_first_answer(self):
         model = make_model()
         opt = self.remote(model.named_parameters(), transport="json")
