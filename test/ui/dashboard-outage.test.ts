@@ -328,7 +328,7 @@ test('restored to before the first step: the open page draws no chart of the his
   await page.waitForFunction(() => (window as any).asgdCharts?.['metric:loss']?.data[0].length === 5);
   await api('POST', `/v1/sessions/r0/snapshots/${snapshots[0].id}/restore`);
   await page.waitForFunction(() => document.querySelector('[data-card=step] b')?.textContent === '0', null, { timeout: 15_000 });
-  await page.waitForFunction(() => /5 point\(s\) of the history it left are not drawn/.test(document.getElementById('app')?.textContent ?? ''), null, { timeout: 5000 });
+  await page.waitForFunction(() => /5 step\(s\) of the history it left are not drawn/.test(document.getElementById('app')?.textContent ?? ''), null, { timeout: 5000 });
   assert.equal(await page.$('[data-chart="metric:loss"]'), null, 'the loss chart of the abandoned history is gone');
   await api('POST', '/v1/sessions/r0/step', { grads: GRAD, metrics: { loss: 7 } });
   await page.waitForFunction(() => (window as any).asgdCharts?.['metric:loss']?.data[1].join() === '7', null, { timeout: 5000 });

@@ -373,7 +373,8 @@ test('a scheduler that set lr at each of 30,000 steps: the page reads the change
   await page.waitForSelector('#hyper-changes');
   assert.match(await page.textContent('#hyper') ?? await page.content(), /30000 change\(s\); the newest 20:/);
   const newest = await page.$$eval('#hyper-changes tbody tr', (trs) => trs.map((tr) => tr.querySelector('td')?.textContent));
-  assert.deepEqual(newest, Array.from({ length: 20 }, (_, k) => String(steps - k)));
+  // Written as the cards write numbers (the page's locale: en-US here).
+  assert.deepEqual(newest, Array.from({ length: 20 }, (_, k) => (steps - k).toLocaleString('en-US')));
 });
 
 test('Restore on a snapshot pruned since the table was read: the page says so and reads the table again, the row goes', { skip }, async (t) => {
@@ -617,7 +618,7 @@ test('hyperparameter changes of a long session that went back, read downsampled:
   assert.equal(said, '3500 change(s) in all, those of a history the session left included (changes of that history are not listed); the newest 20:');
   // The newest 20 listed are the present history's.
   const newest = await page.$$eval('#hyper-changes tbody tr', (trs) => trs.map((tr) => tr.querySelector('td')?.textContent));
-  assert.deepEqual(newest, Array.from({ length: 20 }, (_, k) => String(3000 - k)));
+  assert.deepEqual(newest, Array.from({ length: 20 }, (_, k) => (3000 - k).toLocaleString('en-US')));
 });
 
 test('over time, the norms charts put a read at the time its version was made, beside the charts of its steps (not when the page read it)', { skip }, async (t) => {

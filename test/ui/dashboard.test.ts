@@ -168,7 +168,7 @@ test('dashboard: sessions listed, loss chart holds the points sent, live steps, 
   await enterToken(viewer, readToken);
   // The session was restored to version 1 (step 0): its present history has no step yet, and the page says that
   // the 6 steps of the history it left are not drawn.
-  await viewer.waitForFunction(() => /6 point\(s\) of the history it left are not drawn/.test(document.getElementById('app')?.textContent ?? ''));
+  await viewer.waitForFunction(() => /6 step\(s\) of the history it left are not drawn/.test(document.getElementById('app')?.textContent ?? ''));
   await viewer.waitForSelector('tr[data-snapshot] button[data-action=restore]');
   assert.match(await viewer.textContent('#who') ?? '', /viewer · read/);
   const buttons = await viewer.$$eval('#snapshots button[data-action], #snapshots .toolbar button', (els) => els.map((e) => (e as HTMLButtonElement).disabled));

@@ -3,7 +3,7 @@
 // service without it, polling with If-None-Match) triggers a refresh of what changed, with no reload.
 import { api, ApiError, backoffMs, followEvents, getToken, isUnreachable, readSignal, sleep } from './api.js';
 import { Chart } from './charts.js';
-import { fmtAgo, fmtBytes, fmtNum, fmtWhen, h, localNumber, roundCell, roundTitle, scrollBox } from './format.js';
+import { fmtAgo, fmtBytes, fmtNum, fmtWhen, h, roundCell, roundTitle, scrollBox } from './format.js';
 import { changesOn, etaMu, hyperAt, lineage, MAX_POINTS, present, metricNames, RATE_LABEL, rawTailFrom, stepsLastMinute, stepsPerSecond, toPoint, withRawTail } from './series.js';
 import { snapshotsSection } from './snapshots.js';
 import { storedBytes } from './sessions.js';
@@ -185,9 +185,12 @@ export function sessionPage(root, name, who) {
   function drawAllCharts() {
     // After a restore the series holds an abandoned history too: the charts show the present one.
     const shown = present(points, session);
-    const dropped = points.length - shown.length;
+    // Counted in steps: a bucket of a long session's series stands for `count` of them (a review: the note
+    // counted 418 buckets for 2,500 steps).
+    const kept = new Set(shown);
+    const dropped = points.reduce((n, p) => (kept.has(p) ? n : n + (p.count ?? 1)), 0);
     if (points.length) {
-      seriesNote.textContent = dropped ? `The session went back to an earlier step (a restore or load): ${fmtNum(dropped)} point(s) of the history it left are not drawn.` : '';
+      seriesNote.textContent = dropped ? `The session went back to an earlier step (a restore or load): ${fmtNum(dropped)} step(s) of the history it left are not drawn.` : '';
     }
     const xs = shown.map((p) => (xMode === 'time' ? p.time / 1000 : p.step));
     shownVersions = shown.map((p) => p.version);
@@ -346,7 +349,7 @@ export function sessionPage(root, name, who) {
     showTable(changesBox, !listed ? null : h('table', { id: 'hyper-changes' },
       h('thead', {}, h('tr', {}, h('th', { className: 'num' }, 'step'), h('th', { className: 'num' }, 'version'), h('th', {}, 'when'), h('th', {}, 'by'), h('th', {}, 'groups after it'))),
       h('tbody', {}, ...recent.map((c) => h('tr', {},
-        h('td', { className: 'num' }, localNumber(String(c.step))), h('td', { className: 'num' }, localNumber(String(c.version))),
+        h('td', { className: 'num' }, fmtNum(c.step)), h('td', { className: 'num' }, fmtNum(c.version)),
         h('td', {}, fmtWhen(c.time)),
         h('td', { className: 'reason' }, (c.reason && REASONS[c.reason]) ?? c.reason ?? 'a step'),
         h('td', {}, c.param_groups.map((g, i) => `${i}: ${HYPER_KEYS.filter((k) => g[k] !== undefined).map((k) => `${k}=${typeof g[k] === 'number' ? fmtNum(g[k], 6) : g[k]}`).join(' ')}`).join(' | ')))))));
@@ -599,6 +602,9 @@ export function sessionPage(root, name, who) {
   /** A read failed for a reason that passes (not 401/403/404): the indicator goes off and the reads are retried. @param {unknown} err */
   function readFailed(err) {
     if (stop.signal.aborted || deleted) return;
+    // Reads that fail while a retry is already set are the same trouble (a hang times out every read that
+    // was waiting): one failure, so the wait grows 1, 2, 4 … s with the retries that fail, not with them.
+    if (readRetry !== undefined) return;
     readFailures++;
     const retryMs = backoffMs(readFailures);
     readTrouble = err instanceof ApiError ? err.message : isUnreachable(err) ? 'the service cannot be reached' : 'this page failed to draw the session';
@@ -895,6 +901,8 @@ export function sessionPage(root, name, who) {
   // Relative figures ("12 s ago") age without events. Snapshots are written after the step that made them
   // due (off the request path): read again while the version moves (and a little after), else now and
   // then. The norms catch up with the last version once steps pause.
+  let snapsReading = false;
+  let normsReading = false;
   const ticker = setInterval(() => {
     drawCards();
     if (document.hidden || !session || stop.signal.aborted) return;
@@ -903,11 +911,15 @@ export function sessionPage(root, name, who) {
     if (readTrouble !== null) return;
     /** A read of the ticker that fails for a passing reason turns the indicator off (the stream may stay up while the database is away). @param {unknown} err */
     const tickFailed = (err) => { if (!stop.signal.aborted && passing(err)) readFailed(err); };
-    if (snapsVersion !== session.version || now - versionChangedAt < 2 * TICK_MS || now - snapsAt > 30_000) {
-      loadSnapshots().then(() => { if (snaps && session) snapshots.render(snaps, session.version); }, tickFailed);
+    // One read of each at a time: against a service that hangs, a read started every tick piled up (six
+    // waiting at once, a dashboard review) and each one's timeout counted as another failure.
+    if (!snapsReading && (snapsVersion !== session.version || now - versionChangedAt < 2 * TICK_MS || now - snapsAt > 30_000)) {
+      snapsReading = true;
+      loadSnapshots().then(() => { if (snaps && session) snapshots.render(snaps, session.version); }, tickFailed).finally(() => { snapsReading = false; });
     }
-    if ((norms.at(-1)?.version ?? 0) < session.version && now - normsAt >= NORMS_EVERY_MS) {
-      loadNorms().then((changed) => { if (changed) { drawNorms(); drawCharts(); } }, tickFailed);
+    if (!normsReading && (norms.at(-1)?.version ?? 0) < session.version && now - normsAt >= NORMS_EVERY_MS) {
+      normsReading = true;
+      loadNorms().then((changed) => { if (changed) { drawNorms(); drawCharts(); } }, tickFailed).finally(() => { normsReading = false; });
     }
     // A quiet session (no events) is still read now and then: the stream stays up while the database is
     // away, and the indicator must not stay green over reads that would fail.

@@ -1,7 +1,7 @@
 // A session's snapshots: a timeline over its versions and a table with downloads, pin/unpin, restore
 // (after a confirmation) and fork. The admin-only actions are disabled for other tokens.
 import { api, download } from './api.js';
-import { confirmDialog, fmtBytes, h, keepFocus, localNumber, nameDialog, scrollBox } from './format.js';
+import { confirmDialog, fmtBytes, fmtNum, h, keepFocus, localNumber, nameDialog, scrollBox } from './format.js';
 
 /** Width of a tick on the timeline, of a group's box at least (its count fits), and the least space between two. */
 const TICK_PX = 10;
@@ -222,8 +222,8 @@ export function snapshotsSection(root, name, admin, changed) {
         h('button', { 'aria-label': `download ${label} of ${of}`, onclick: () => download(`${base}/snapshots/${s.id}/${path}`, filename).catch((err) => { status.textContent = `Failed: ${err.message}`; status.className = 'error'; }) }, label);
       return h('tr', { id: `snapshot-${s.id}`, 'data-snapshot': s.id },
         h('td', { className: 'num' }, localNumber(String(s.id))),
-        h('td', { className: 'num' }, localNumber(String(s.version))),
-        h('td', { className: 'num' }, localNumber(String(s.step))),
+        h('td', { className: 'num' }, fmtNum(s.version)), // as the cards write them (8,001; a review)
+        h('td', { className: 'num' }, fmtNum(s.step)),
         h('td', {}, s.reason, ' ', s.pinned ? h('span', { className: 'badge pinned' }, 'pinned') : null),
         h('td', {}, new Date(s.created_at).toLocaleString()),
         h('td', { className: 'num' }, fmtBytes(s.byte_size)),
