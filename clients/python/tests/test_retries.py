@@ -37,6 +37,22 @@ class RetriesAreSafe(ServiceTestCase):
         self.addCleanup(conn.close)
         return proxy, conn
 
+    def losing_first(self, lose):
+        """A proxy in front of the service that loses the answer of the first request for which ``lose(req)``
+        holds (the request is made) and forwards everything else."""
+        lost = {"done": False}
+
+        def decide(req):
+            if not lost["done"] and lose(req):
+                lost["done"] = True
+                proxy.forward(req)
+                return "drop"
+            return proxy.forward(req)
+
+        proxy = LocalServer(decide, upstream=self.url)
+        self.addCleanup(proxy.close)
+        return proxy
+
     def _train_through(self, transport):
         proxy, conn = self.proxy({3: "lose-answer", 5: "503", 6: "lose-answer", 9: "refuse"})
         model = make_model()
@@ -213,17 +229,7 @@ class RetriesAreSafe(ServiceTestCase):
         direct = self.client()
         name = unique("lost-delete")
         direct.create_session(name, {"w": torch.tensor([0.5, -0.5])}, hyperparameters={"lr": 0.1})
-        lost = {"done": False}
-
-        def decide(req):
-            if req.method == "DELETE" and not lost["done"]:
-                lost["done"] = True
-                proxy.forward(req)  # deleted
-                return "drop"  # the answer is lost
-            return proxy.forward(req)
-
-        proxy = LocalServer(decide, upstream=self.url)
-        self.addCleanup(proxy.close)
+        proxy = self.losing_first(lambda req: req.method == "DELETE")  # deleted, the answer lost
         client = Client(proxy.url, self.token, connection=Connection(proxy.url, self.token, retries=4, backoff=0.001))
         client.delete_session(name)  # made once; the retry found it gone
         self.assertEqual([r.method for r in proxy.requests].count("DELETE"), 2)
@@ -238,17 +244,7 @@ class RetriesAreSafe(ServiceTestCase):
         from asgd_client import RemoteASGD
 
         name = unique("lost-create")
-        lost = {"done": False}
-
-        def decide(req):
-            if req.method == "POST" and req.path.split("?")[0] == "/v1/sessions" and not lost["done"]:
-                lost["done"] = True
-                proxy.forward(req)  # created
-                return "drop"  # the answer is lost
-            return proxy.forward(req)
-
-        proxy = LocalServer(decide, upstream=self.url)
-        self.addCleanup(proxy.close)
+        proxy = self.losing_first(lambda req: req.method == "POST" and req.path.split("?")[0] == "/v1/sessions")  # created, the answer lost
         model = make_model()
         opt = RemoteASGD(model.named_parameters(), url=proxy.url, token=self.token, session=name, create="if_missing", lr=0.05,
                          connection=Connection(proxy.url, self.token, retries=1, backoff=0.001))
