@@ -152,15 +152,10 @@ export async function insertSession(
 ): Promise<SessionRecord | null> {
   // The groups it starts with are kept beside the row (initial_groups: the dashboard's charts begin there),
   // not in it: every step locks and reads the session row.
-  // Under the name of a deleted session (retired_names) its versions go on, and the gradients of that
-  // session's versions are of replaced state (history_from): never taken for the new one's.
   const rows = await q.query(
-    `WITH retired AS (
-       SELECT last_version FROM retired_names WHERE name = $1
-     ), inserted AS (
-       INSERT INTO sessions (name, params, groups, numel, version, history_from, step, snapshot_every, keep_snapshots, max_staleness, keep_log_bytes, expire_after_idle_s, aggregation)
-       VALUES ($1, $2, $3, $4, coalesce((SELECT last_version FROM retired), 0) + 1, coalesce((SELECT last_version FROM retired) + 1, 0),
-         $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (name) DO NOTHING RETURNING *
+    `WITH inserted AS (
+       INSERT INTO sessions (name, params, groups, numel, version, step, snapshot_every, keep_snapshots, max_staleness, keep_log_bytes, expire_after_idle_s, aggregation)
+       VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (name) DO NOTHING RETURNING *
      ), initial AS (
        INSERT INTO initial_groups (session_id, groups) SELECT id, groups FROM inserted
      )
@@ -169,18 +164,19 @@ export async function insertSession(
       s.keepLogBytes ?? null, s.expireAfterIdleS ?? null, s.aggregation ? JSON.stringify(s.aggregation) : null],
   );
   if (!rows.length) return null;
-  // A DELETE of the same name that committed while this statement waited on the name's unique index (the
-  // name was the deleted row's until then) wrote its retired_names row after this statement's snapshot:
-  // read again in a statement of its own (a new snapshot under READ COMMITTED), and the versions go on from
-  // there as above. Found by a read-through: the new session started at version 1 in that instant.
-  const late = await q.query(
+  // Under the name of a deleted session (retired_names) its versions go on, and the gradients of that
+  // session's versions are of replaced state (history_from): never taken for the new one's. Read in a
+  // statement of its own, after the insert: a DELETE of the same name that committed while the insert waited
+  // on the name's unique index wrote its row after the insert's snapshot (READ COMMITTED: this one's is new;
+  // found by a read-through: read in the insert, the new session started at version 1 in that instant).
+  const retired = await q.query(
     `UPDATE sessions SET version = r.last_version + 1, history_from = r.last_version + 1
        FROM (SELECT last_version FROM retired_names WHERE name = $2) r
        WHERE sessions.id = $1 AND sessions.version <= r.last_version
        RETURNING ${sessionColumns('sessions.')}`,
     [rows[0].id, s.name],
   );
-  return toSession(late.length ? late[0] : rows[0]);
+  return toSession(retired.length ? retired[0] : rows[0]);
 }
 
 export async function findSession(q: Queryable, name: string, lock = false): Promise<SessionRecord | null> {

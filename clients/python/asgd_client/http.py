@@ -769,8 +769,8 @@ class _PlainConnection:
         if sock is None or not _readable(sock):
             return False
         try:
-            return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-        except OSError:  # nothing after all, or reset: no answer to read
+            return bool(sock.recv(1, socket.MSG_PEEK))  # readable: no wait; b"" is the peer's close
+        except OSError:  # reset: no answer to read
             return False
 
     def send(self, method: str, target: str, body: Any, headers: Mapping[str, str]) -> None:

@@ -344,8 +344,7 @@ class _Sent:
         # Its answer has begun to arrive. Not a connection closed without one: reading it then sends the step
         # again with request()'s retries, which zero_grad(), never waiting, must leave to the next step() (a
         # review: zero_grad() retried for the whole budget after a service restart, then raised).
-        arrived = getattr(self._handle, "arrived", None)
-        return arrived() if arrived is not None else self._handle.answered()
+        return self._handle.arrived()
 
     def result(self) -> _Outcome:
         return self._opt._settle(self._handle.finish, self._groups, resend=None)
