@@ -39,7 +39,7 @@ test('a waiting read on one process answers within ~100 ms of a step committed o
   assert.equal((await httpRequest(cluster.agent, p1.url, '/v1/sessions/n/params', { headers: { 'if-none-match': tag } })).status, 304);
   await httpRequest(cluster.agent, p0.url, '/v1/sessions/n/step', { method: 'POST', json: { grads: { w: [1, 1, 1, 1] } } });
   assert.equal((await httpRequest(cluster.agent, p1.url, '/v1/sessions/n/params', { headers: { 'if-none-match': tag } })).status, 200);
-  assert.equal(cluster.crashes(), 0);
+  assert.equal(cluster.crashes(), 0, cluster.describe());
 });
 
 test('steps are announced (NOTIFY) only while some process waits for the session: a lease on its row, taken before the wait reads', { skip, timeout }, async (t) => {
@@ -103,7 +103,7 @@ test('steps are announced (NOTIFY) only while some process waits for the session
   await reader.cancel();
   await collecting;
   await client.end();
-  assert.equal(cluster.crashes(), 0);
+  assert.equal(cluster.crashes(), 0, cluster.describe());
 });
 
 test('the listener reconnects after PostgreSQL restarts', { skip, timeout }, async (t) => {
@@ -124,5 +124,5 @@ test('the listener reconnects after PostgreSQL restarts', { skip, timeout }, asy
   await sleep(3_000);
   const ms = await seenAfter(cluster, 1, 0);
   assert.ok(ms < 1000, `seen ${ms} ms after the commit`);
-  assert.equal(cluster.crashes(), 0);
+  assert.equal(cluster.crashes(), 0, cluster.describe());
 });
