@@ -37,6 +37,38 @@ test('40 metric names: 16 charts (loss first, then by name), a note with the cou
   assert.deepEqual(await page.$$eval('.error', (els) => els.map((el) => el.textContent ?? '').filter(Boolean)), [], 'no error shown');
 });
 
+test('the x axis and a metric picked beyond the first 16 are kept in the URL: a reload or a shared link shows the same charts', { skip }, async (t) => {
+  const { base, api, page } = await openDashboard(t);
+  await api('POST', '/v1/sessions', { name: 'kept', params: [{ name: 'w', shape: [2], data: [1, 2] }] });
+  const names = Array.from({ length: 20 }, (_, i) => `m${String(i).padStart(2, '0')}`);
+  await api('POST', '/v1/sessions/kept/step', { grads: { w: [0.1, 0.2] }, metrics: Object.fromEntries(names.map((k, i) => [k, i])) });
+  await page.goto(`${base}/ui/#/s/kept`);
+  await page.waitForSelector('#metrics-more select');
+  await page.selectOption('#metrics-more select', 'm18');
+  await page.waitForFunction(() => (window as any).asgdCharts?.['metric:m18']);
+  await page.selectOption('select[aria-label="x axis"]', 'time');
+  await page.waitForFunction(() => (window as any).asgdCharts?.['metric:m18']?.scales.x.time);
+  const hash = await page.evaluate(() => location.hash);
+  assert.equal(hash, '#/s/kept?x=time&metric=m18');
+  // No new history entry per choice: Back leaves the page for the one before.
+  assert.equal(await page.evaluate(() => history.length), 2);
+  await page.reload();
+  await page.waitForFunction(() => (window as any).asgdCharts?.['metric:m18']?.scales.x.time);
+  assert.equal(await page.$eval('select[aria-label="x axis"]', (el) => (el as HTMLSelectElement).value), 'time');
+  assert.equal(await page.$eval('#metrics-more select', (el) => (el as HTMLSelectElement).value), 'm18');
+  // Back to the defaults: the hash is the bare page's again.
+  await page.selectOption('select[aria-label="x axis"]', 'step');
+  await page.selectOption('#metrics-more select', '');
+  await page.waitForFunction(() => location.hash === '#/s/kept');
+  // A hand-written hash with a metric the session does not have, or an unknown x, changes nothing.
+  await page.goto(`${base}/ui/#/s/kept?x=sideways&metric=nope`);
+  await page.waitForFunction(() => (window as any).asgdCharts?.['metric:m00']);
+  assert.equal(await page.$eval('select[aria-label="x axis"]', (el) => (el as HTMLSelectElement).value), 'step');
+  assert.equal(await page.$eval('#metrics-more select', (el) => (el as HTMLSelectElement).value), '');
+  assert.equal((await charted(page)).length, 16);
+  assert.deepEqual(await page.$$eval('.error', (els) => els.map((el) => el.textContent ?? '').filter(Boolean)), [], 'no error shown');
+});
+
 test('a session with 16 metric names or fewer has no note', { skip }, async (t) => {
   const { base, api, page } = await openDashboard(t);
   await api('POST', '/v1/sessions', { name: 'few', params: [{ name: 'w', shape: [2], data: [1, 2] }] });

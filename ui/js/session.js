@@ -41,6 +41,17 @@ const TICK_MS = 5000;
  */
 const RAW_TAIL_STEPS = 5000;
 
+/**
+ * The page's choices in the URL's hash, so that a reload, Back or a shared link shows the same charts:
+ * #/s/<name>?x=time&metric=<a metric picked beyond the first MAX_METRIC_CHARTS>. Anything else is ignored.
+ * @param {string} hash
+ */
+function sessionChoices(hash) {
+  const at = hash.indexOf('?');
+  const query = new URLSearchParams(at >= 0 ? hash.slice(at + 1) : '');
+  return { x: /** @type {'step' | 'time'} */ (query.get('x') === 'time' ? 'time' : 'step'), metric: query.get('metric') ?? '' };
+}
+
 /** @param {HTMLElement} root @param {string} name @param {import('./main.js').Who} who */
 export function sessionPage(root, name, who) {
   const base = `/v1/sessions/${encodeURIComponent(name)}`;
@@ -77,8 +88,9 @@ export function sessionPage(root, name, who) {
   /** Norms seen at each version since the page opened (computed on demand by the server). */
   /** @type {{ version: number, step: number, time: number, params: any[] }[]} */
   const norms = [];
+  const chosen = sessionChoices(location.hash);
   /** @type {'step' | 'time'} */
-  let xMode = 'step';
+  let xMode = chosen.x;
   /** The session was deleted and another of its name read in its place: nothing more is drawn (gone()). */
   let frozen = false;
 
@@ -87,9 +99,21 @@ export function sessionPage(root, name, who) {
   /** Told when reads work again, so that the events stream stops waiting to reconnect (followEvents). */
   const streamWake = new EventTarget();
   const xToggle = /** @type {HTMLSelectElement} */ (h('select', { 'aria-label': 'x axis' }, h('option', { value: 'step' }, 'over steps'), h('option', { value: 'time' }, 'over time')));
+  xToggle.value = xMode;
+  /** Keeps the choices in the hash (replacing the entry: no hashchange, no new history entry). */
+  function remember() {
+    if (stop.signal.aborted) return;
+    const query = new URLSearchParams();
+    if (xMode === 'time') query.set('x', 'time');
+    if (pickedMetric) query.set('metric', pickedMetric);
+    const text = query.toString();
+    const hash = `#/s/${encodeURIComponent(name)}${text ? `?${text}` : ''}`;
+    if (location.hash !== hash) history.replaceState(history.state, '', hash);
+  }
   xToggle.addEventListener('change', () => {
     if (frozen) return;
     xMode = /** @type {'step' | 'time'} */ (xToggle.value);
+    remember();
     resetCharts();
     drawCharts();
   });
@@ -100,7 +124,7 @@ export function sessionPage(root, name, who) {
   /** More metric names than MAX_METRIC_CHARTS: a note and a choice of one more to chart. */
   const metricsMore = h('p', { className: 'muted', id: 'metrics-more', hidden: true });
   /** The metric picked in metricsMore ('' none). */
-  let pickedMetric = '';
+  let pickedMetric = chosen.metric;
   const hyperEl = h('div', { id: 'hyper' });
   const normsEl = h('div', { id: 'norms' });
   const error = h('p', { className: 'error' });
@@ -254,6 +278,7 @@ export function sessionPage(root, name, who) {
     pick.value = rest.includes(pickedMetric) ? pickedMetric : '';
     pick.addEventListener('change', () => {
       pickedMetric = pick.value;
+      remember();
       drawCharts();
       if (pickedMetric) charts.get(`metric:${pickedMetric}`)?.box.scrollIntoView({ block: 'nearest' });
     });
