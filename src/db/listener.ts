@@ -41,7 +41,24 @@ export async function listenPostgres(url: string, channel: string, handlers: Lis
     next.on('notification', (message) => {
       if (message.channel === channel && message.payload !== undefined) handlers.onNotify(message.payload);
     });
-    await next.connect();
+    try {
+      await next.connect();
+      await listenOn(next);
+    } catch (err) {
+      // A connection that came up but could not LISTEN (the server shutting down meanwhile, a role without
+      // the right) is closed, not left open beside the next attempt's.
+      void endWithin(next, 2_000);
+      throw err;
+    }
+    if (closed) {
+      await endWithin(next, 2_000);
+      return;
+    }
+    client = next;
+    backoff = 50;
+  };
+
+  const listenOn = async (next: pg.Client): Promise<void> => {
     if (silenceMs > 0) {
       const stream = (next as unknown as { connection: { stream: import('node:net').Socket } }).connection.stream;
       let pinged = false;
@@ -60,12 +77,6 @@ export async function listenPostgres(url: string, channel: string, handlers: Lis
     // connection only (the DBA's setting stays for the pool's); a server without the setting has no timeout.
     await next.query('SET idle_session_timeout = 0').catch(() => {});
     await next.query(`LISTEN ${pg.escapeIdentifier(channel)}`);
-    if (closed) {
-      await endWithin(next, 2_000);
-      return;
-    }
-    client = next;
-    backoff = 50;
   };
 
   const lost = (which: pg.Client) => {
