@@ -53,10 +53,15 @@ function sendCancel(connectionString: string, client: pg.Client, ms: number): vo
   // A client only for its parsed host and port and its connection object: it never starts a session.
   const canceller = new pg.Client({ connectionString }) as unknown as {
     host: string; port: number;
-    connection: { stream: Socket; connect(port: number | string, host?: string): void; cancel(pid: number, key: number): void; once(event: string, fn: () => void): void };
+    connection: { stream: Socket; connect(port: number | string, host?: string): void; cancel(pid: number, key: number): void; on(event: string, fn: () => void): void; once(event: string, fn: () => void): void };
   };
   const { connection } = canceller;
-  connection.stream.on('error', () => {}); // unreachable: the grace timer of watchSilence decides
+  // Unreachable, refused or reset: the grace timer of watchSilence decides. pg's connection re-emits its
+  // socket's errors as its own 'error' event, which nobody else hears here: unheard, it ended the process
+  // (a chaos review: a black-holed database whose address then refused connections, or a hung server
+  // killed with the cancel in its backlog).
+  connection.on('error', () => {});
+  connection.stream.on('error', () => {});
   const timer = setTimeout(() => connection.stream.destroy(), ms);
   timer.unref();
   connection.stream.once('close', () => clearTimeout(timer));

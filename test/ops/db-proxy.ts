@@ -16,12 +16,12 @@ export async function startProxy(target: { host: string; port: number }): Promis
   const sockets = new Set<Socket>();
   const state = {
     port: 0, mode: 'pass' as Mode, server: null as unknown as Server,
-    /** Destroys every connection (half-open ones keep the process alive otherwise) and closes the server. */
     /** Resets every connection (as a route that came back answers a dead connection's packets): new ones go through. */
     dropAll() {
       for (const s of sockets) s.destroy();
       sockets.clear();
     },
+    /** Destroys every connection (half-open ones keep the process alive otherwise) and closes the server. */
     stop() {
       for (const s of sockets) s.destroy();
       state.server.close();

@@ -68,6 +68,37 @@ test('a statement PostgreSQL leaves unanswered fails with 503 after ASGD_DB_TIME
   assert.deepEqual(await params('silent'), await params('reference'));
 });
 
+test('a silent database whose address then refuses connections: the cancel\'s refused connection does not end the process; 503, and it serves again', async (t) => {
+  if (TEST_DB_KIND !== 'postgres') return t.skip('PostgreSQL over TCP');
+  const { url, proxy } = await proxiedDatabase(t);
+  const { app } = await buildTestApp(t, { databaseUrl: url.toString(), env: { ASGD_DB_TIMEOUT_MS: '1000', ASGD_HEALTH_CHECK_INTERVAL_MS: '0' } });
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/sessions', payload: session })).statusCode, 201);
+  // Its connections go silent and its address refuses new ones (a host that vanished): the cancel sent after
+  // 1 s of silence cannot connect. Its connection's error was an 'error' event nobody heard: the process ended.
+  proxy.mode = 'black-hole';
+  proxy.server.close();
+  const refused: NodeJS.ErrnoException[] = [];
+  const seen = (err: NodeJS.ErrnoException) => refused.push(err);
+  process.on('uncaughtException', seen);
+  t.after(() => process.off('uncaughtException', seen));
+  const step = await app.inject({ method: 'POST', url: '/v1/sessions/silent/step', payload: stepBody(1) });
+  assert.equal(step.statusCode, 503, step.body);
+  assert.match(step.json().message, /did not answer for 1 s/);
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  assert.deepEqual(refused.map((e) => e.code ?? e.message), [], 'no uncaught error');
+  // The address answers again (the same port: the process's pool keeps the URL).
+  proxy.mode = 'pass';
+  proxy.server.listen(proxy.port, '127.0.0.1');
+  await new Promise((resolve) => proxy.server.once('listening', resolve));
+  let again = await app.inject({ url: '/v1/sessions/silent' });
+  for (let i = 0; i < 20 && again.statusCode !== 200; i++) {
+    await new Promise((resolve) => setTimeout(resolve, 250));
+    again = await app.inject({ url: '/v1/sessions/silent' });
+  }
+  assert.equal(again.statusCode, 200, again.body);
+  assert.equal(again.json().version, 1, 'the step that got 503 never reached PostgreSQL');
+});
+
 test('ASGD_DB_TIMEOUT_MS=0 waits for the database; a bad value is refused naming the variable', async () => {
   const { loadConfig } = await import('../../src/config.ts');
   assert.equal(loadConfig({ ASGD_DB_TIMEOUT_MS: '0' }).dbTimeoutMs, 0);
