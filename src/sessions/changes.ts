@@ -14,6 +14,7 @@ import type { SnapshotWriter } from './snapshot-writer.ts';
 import { copyInSlices } from './slices.ts';
 import type { SessionState } from './state.ts';
 import { applyHyperDelta, groupHyperparameters, parseStepHyper } from './step-input.ts';
+import { checkGroupsOnStates } from './spec.ts';
 
 /**
  * A change sent with an Idempotency-Key (PUT params/state_dict/checkpoint, PATCH param_groups, a restore):
@@ -185,6 +186,7 @@ export function createChanges(ctx: SessionContext, history: History, writer: Sna
       if (session.aggregation) await assertNoOpenRound(tx, session, 'param_groups', ', or send them with a contribution (its param_groups)');
       const entry = await history.currentStateLocked(tx, session);
       const { state } = entry;
+      if (delta) checkGroupsOnStates(next, state, 'param_groups', (g) => delta[g]);
       touch();
       // Changes in a row with no step between: the one before is superseded (no version after it was built
       // on it), so its snapshot goes; a worker changing lr every epoch leaves one such snapshot, not one a call.

@@ -5,6 +5,7 @@ import { errors } from '../errors.ts';
 import type { LoadedParams, LoadedStateDict } from './model.ts';
 import type { SessionRecord } from './repository.ts';
 import { layoutOf, type Layout } from './state.ts';
+import { stateOverflow } from './spec.ts';
 import { firstNonFinite } from './tensors.ts';
 
 /** What loading a state_dict sets: the groups (hyperparameters as loaded), each parameter's scalars and ax. */
@@ -131,6 +132,7 @@ export function planLoad(session: SessionRecord, sd: LoadedStateDict): LoadPlan 
   const scalars: ScalarStateRow[] = session.params.map(() => null);
   const ax: (Float32Array | null)[] = session.params.map(() => null);
   const layout = layoutOf(session.params);
+  const groupOf = new Map(groups.flatMap((g) => g.params.map((i) => [i, g] as const)));
   for (const [saved, s] of sd.state) {
     const i = savedToIndex.get(saved);
     if (i === undefined) continue; // PyTorch keeps state for unknown ids; no parameter would ever use it
@@ -149,6 +151,10 @@ export function planLoad(session: SessionRecord, sd: LoadedStateDict): LoadPlan 
     }
     const bad = firstNonFinite(s.ax);
     if (bad >= 0) throw errors.invalidStateDict(`state.${saved}.ax`, `must be finite (element ${bad} is ${s.ax[bad]})`);
+    // The loaded values' next step from this state (an eta computed under another lr, a step count past
+    // float32's 2**24) must stay finite too.
+    const failure = stateOverflow(groupOf.get(i)!, scalar);
+    if (failure) throw errors.invalidStateDict(`state.${saved}.${failure.key}`, failure.message);
     scalars[i] = scalar;
     ax[i] = s.ax;
   }

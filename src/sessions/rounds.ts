@@ -193,7 +193,7 @@ export function createRoundService(options: RoundServiceOptions) {
           if (aggregation.target_samples !== undefined && samples === null) throw errors.invalidBody('samples: is required in a session with aggregation.target_samples');
           const { state } = await host.currentState(tx, session);
           const decoded = decodeGradients(input, state); // validates everything before anything is written
-          const hyper = parseStepHyper(opts.paramGroups, state.groups);
+          const hyper = parseStepHyper(opts.paramGroups, state.groups, 'param_groups', state);
           opts.beforeWrite?.(state.layout);
           const round = await store.readRound(tx, session.id, session.version);
           if (round.workers.includes(worker)) throw errors.duplicateContribution(worker, session.version);

@@ -235,6 +235,61 @@ export function decayOverflowsFloat32(lr: number, lambd: number, alpha: number):
   return firstInfiniteStep((step) => !Number.isFinite(Math.fround(1 - lambd * etaAt(lr, lambd, alpha, step))), alpha < 0);
 }
 
+/**
+ * What a group's values make of a parameter's state that has stepped (its float32 step count and the eta
+ * its last step computed), or null when its next steps stay finite. resolveHyperparameters checks values
+ * from a fresh state (eta from lr, steps 1..2**24). A state that stepped under other values decays at its
+ * next step by 1 - lambd * eta with its own eta: lambd 3e38 set with lr 1e-30 on a state whose eta is 2
+ * gives -6e38, and the parameters -inf and NaN (a hostile review: taken by a step, a PATCH and a load). And a
+ * step count beyond 2**24 (a loaded one: float32 counts stop at 2**24) stays where it is, so every later
+ * step's eta is computed at it (a loaded step of 2**40 with alpha -4: an infinite eta, then NaN).
+ */
+export function stateOverflow(h: { lr: number; lambd: number; alpha: number }, s: { step: number; eta: number }): { key: 'eta' | 'step'; message: string } | null {
+  if (!Number.isFinite(Math.fround(1 - h.lambd * s.eta))) {
+    return { key: 'eta', message: `ASGD's decay factor 1 - lambd * eta at the next step (lambd ${h.lambd}, the state's eta ${s.eta}) is too large for float32: it would step the parameters to infinity and NaN` };
+  }
+  const next = Math.fround(s.step + 1);
+  if (next <= LAST_STEP) return null;
+  const base = 1 + h.lambd * h.lr * next;
+  const power = pow(base, h.alpha);
+  const at = `at the state's step ${s.step} (beyond 2**24 it no longer counts in float32, so every later step is at it too)`;
+  if (h.alpha < 0 ? power === 0 : !Number.isFinite(power) && Number.isFinite(base)) {
+    return { key: 'step', message: `with lr ${h.lr}, lambd ${h.lambd} and alpha ${h.alpha}, ASGD's eta = lr / (1 + lambd * lr * step) ** alpha ${h.alpha < 0 ? 'divides by zero' : 'overflows'} ${at} (torch raises there, in the middle of a step)` };
+  }
+  const eta = Math.fround(h.lr / power);
+  if (!Number.isFinite(eta) || !Number.isFinite(Math.fround(1 - h.lambd * eta))) {
+    return { key: 'step', message: `with lr ${h.lr}, lambd ${h.lambd} and alpha ${h.alpha}, ASGD's ${Number.isFinite(eta) ? 'decay factor 1 - lambd * eta' : 'eta'} ${at} is too large for float32: it would step the parameters to infinity and NaN` };
+  }
+  return null;
+}
+
+/** The parameters' states of a session's copy (SessionState), by parameter index, and their names. */
+export interface StatesOf {
+  readonly scalars: readonly ({ step: number; eta: number } | null)[];
+  readonly layout: { readonly params: readonly { name: string }[] };
+}
+
+/**
+ * Throws INVALID_HYPERPARAMETER when `groups` (the values a change sets, `changed` the groups it sets) would
+ * overflow at the next step of a state of theirs (stateOverflow), naming `<field>[g].<key>` by the key the
+ * change gave: lambd for the decay, else the first of lr, lambd and alpha.
+ */
+export function checkGroupsOnStates(groups: readonly GroupSpec[], state: StatesOf, field: string, changed: (g: number) => Record<string, unknown> | null): void {
+  const { scalars } = state;
+  for (const [g, group] of groups.entries()) {
+    const given = changed(g);
+    if (!given) continue;
+    for (const i of group.params) {
+      const s = scalars[i];
+      const failure = s ? stateOverflow(group, s) : null;
+      if (!failure) continue;
+      const order = failure.key === 'eta' ? ['lambd', 'lr', 'alpha'] : ['lr', 'lambd', 'alpha'];
+      const key = order.find((k) => given[k] !== undefined) ?? order[0];
+      throw errors.invalidHyperparameter(`${field}[${g}].${key}`, `${failure.message} (parameter ${JSON.stringify(state.layout.params[i].name)})`);
+    }
+  }
+}
+
 export const DEFAULT_GROUP: Omit<GroupSpec, 'params'> = Object.freeze({
   lr: ASGD_DEFAULTS.lr,
   lambd: ASGD_DEFAULTS.lambd,

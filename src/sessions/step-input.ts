@@ -4,7 +4,7 @@ import { errors, type ApiError } from '../errors.ts';
 import type { GroupSpec, HyperDelta } from '../db/schema.ts';
 import { parseJsonWithin } from '../formats/json-depth.ts';
 import type { BaseVersionFrom } from './model.ts';
-import { FLAG_KEYS, HYPERPARAMETER_KEYS, integerLiterals, recordIntegerLiterals, resolveHyperparameters } from './spec.ts';
+import { checkGroupsOnStates, FLAG_KEYS, type StatesOf, HYPERPARAMETER_KEYS, integerLiterals, recordIntegerLiterals, resolveHyperparameters } from './spec.ts';
 
 export const MAX_METRICS = 32;
 
@@ -20,9 +20,12 @@ export function baseVersionTooNew(baseVersion: number, version: number, from: Ba
 /**
  * `param_groups` of a step: exactly one object per session group, in the session's group order, each with
  * any of ASGD's hyperparameters (validated as at creation). Returns what each group sets (null: nothing),
- * or null when no group sets anything.
+ * or null when no group sets anything. With `states` (the parameters' states), values that would
+ * overflow at a state's next step are refused too (spec.ts stateOverflow).
  */
-export function parseStepHyper(value: unknown, groups: readonly GroupSpec[], field = 'param_groups'): HyperDelta | null {
+export function parseStepHyper(
+  value: unknown, groups: readonly GroupSpec[], field = 'param_groups', states?: StatesOf,
+): HyperDelta | null {
   if (value === undefined || value === null) return null;
   if (!Array.isArray(value)) throw errors.invalidParamGroups(`${field}: must be a list with one object per parameter group`);
   if (value.length !== groups.length) {
@@ -49,7 +52,10 @@ export function parseStepHyper(value: unknown, groups: readonly GroupSpec[], fie
     if (intKeys.length > 0) set.int_keys = intKeys;
     return Object.keys(set).length === 0 ? null : set;
   });
-  return delta.some((d) => d !== null) ? delta : null;
+  if (!delta.some((d) => d !== null)) return null;
+  // And on the states the step finds (the copy it steps), each group's values as they would be.
+  if (states) checkGroupsOnStates(applyHyperDelta(groups, delta), states, field, (g) => delta[g]);
+  return delta;
 }
 
 /**

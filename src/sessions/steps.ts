@@ -164,7 +164,7 @@ export function createSteps(ctx: SessionContext, history: History, writer: Snaps
       try {
         const { opts } = request;
         const decoded = decodeGradients(request.input, state); // validates everything before anything is written
-        const hyper = parseStepHyper(opts.paramGroups, state.groups);
+        const hyper = parseStepHyper(opts.paramGroups, state.groups, 'param_groups', state);
         opts.beforeWrite?.(state.layout);
         const grads = packGradients(state, decoded);
         packed += grads.byteLength;

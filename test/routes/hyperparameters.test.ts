@@ -431,3 +431,53 @@ test('one fault, one code: a hyperparameter of the wrong type or out of range, a
   assert.equal((await app.inject({ url: '/v1/sessions/h/state_dict' })).body, before);
   assert.equal((await app.inject({ url: '/v1/sessions/h' })).json().version, 4);
 });
+
+test('values that overflow at the next step of the state the session holds are refused (eta computed under another lr, a loaded step past 2**24): by a step, PATCH, a contribution and a load; the session unchanged', async (t) => {
+  // A hostile review: lambd 3e38 with lr 1e-30 passes the checks of a fresh state (eta = lr), but a state
+  // whose eta is 2 decays by 1 - 3e38 * 2, beyond float32 (torch raises there): the parameters went -inf and NaN.
+  const { app } = await buildTestApp(t);
+  const inject = (method: InjectOptions['method'], url: string, payload?: unknown) => app.inject({ method, url, payload: payload as InjectOptions['payload'] });
+  const one = { params: [{ name: 'w', shape: [2], data: [1, 0] }], hyperparameters: { lr: 2, t0: 1e6 } };
+  assert.equal((await inject('POST', '/v1/sessions', { name: 'eta', ...one })).statusCode, 201);
+  assert.equal((await inject('POST', '/v1/sessions/eta/step', { grads: { w: [0, 0] } })).statusCode, 200);
+  const before = (await inject('GET', '/v1/sessions/eta/state_dict')).json();
+  const hostile = [{ lambd: 3e38, lr: 1e-30 }];
+  const step = await inject('POST', '/v1/sessions/eta/step', { grads: { w: [0, 0] }, param_groups: hostile });
+  assert.equal(step.statusCode, 400, step.body);
+  assert.equal(step.json().code, 'INVALID_HYPERPARAMETER');
+  assert.match(step.json().message, /^param_groups\[0\]\.lambd: ASGD's decay factor 1 - lambd \* eta at the next step \(lambd 3e\+38, the state's eta 1\.99\d+\) is too large for float32: it would step the parameters to infinity and NaN \(parameter "w"\)$/);
+  const patch = await inject('PATCH', '/v1/sessions/eta/param_groups', { param_groups: hostile });
+  assert.equal(patch.statusCode, 400, patch.body);
+  assert.match(patch.json().message, /^param_groups\[0\]\.lambd: ASGD's decay factor/);
+  // The same values on a fresh state are fine (its eta is lr: 1 - 3e38 * 1e-30), as at create.
+  assert.equal((await inject('POST', '/v1/sessions', { name: 'fresh', ...one, hyperparameters: { lr: 1e-30, lambd: 3e38 } })).statusCode, 201);
+  assert.equal((await inject('POST', '/v1/sessions/fresh/step', { grads: { w: [1, 1] } })).statusCode, 200);
+  assert.doesNotMatch((await inject('GET', '/v1/sessions/fresh/params')).body, /Infinity|NaN/);
+  // A state_dict whose eta decays past float32 with its own lambd, and one whose step is past 2**24.
+  const load = (sd: unknown) => inject('PUT', '/v1/sessions/eta/state_dict', sd);
+  const withState = (patchState: Record<string, unknown>, group: Record<string, unknown> = {}) => ({
+    ...before, state: { 0: { ...before.state['0'], ...patchState } }, param_groups: [{ ...before.param_groups[0], ...group }],
+  });
+  const bigEta = await load(withState({ eta: 3e38 }, { lambd: 2 }));
+  assert.equal(bigEta.statusCode, 400, bigEta.body);
+  assert.equal(bigEta.json().code, 'INVALID_STATE_DICT');
+  assert.match(bigEta.json().message, /^state\.0\.eta: ASGD's decay factor/);
+  const bigStep = await load(withState({ step: 2 ** 40 }, { alpha: -4, lambd: 1, lr: 1 }));
+  assert.equal(bigStep.statusCode, 400, bigStep.body);
+  assert.match(bigStep.json().message, /^state\.0\.step: with lr 1, lambd 1 and alpha -4, ASGD's eta at the state's step 1099511627776 /);
+  assert.deepEqual((await inject('GET', '/v1/sessions/eta/state_dict')).json(), before, 'nothing refused changed the session');
+  // A step past 2**24 with values whose eta stays finite there loads, and steps.
+  const fine = await load(withState({ step: 2 ** 40 }));
+  assert.equal(fine.statusCode, 200, fine.body);
+  assert.equal((await inject('POST', '/v1/sessions/eta/step', { grads: { w: [0.5, 0.5] } })).statusCode, 200);
+  assert.doesNotMatch((await inject('GET', '/v1/sessions/eta/params')).body, /Infinity|NaN/);
+  // A contribution to a round carries param_groups as a step does.
+  assert.equal((await inject('POST', '/v1/sessions', { name: 'round', ...one, aggregation: { contributions: 2 } })).statusCode, 201);
+  const first = inject('POST', '/v1/sessions/round/step', { grads: { w: [0, 0] }, base_version: 1, worker: 'a' });
+  assert.equal((await inject('POST', '/v1/sessions/round/step', { grads: { w: [0, 0] }, base_version: 1, worker: 'b' })).statusCode, 200);
+  assert.equal((await first).statusCode, 200);
+  const contribution = await inject('POST', '/v1/sessions/round/step', { grads: { w: [0, 0] }, base_version: 2, worker: 'a', param_groups: hostile });
+  assert.equal(contribution.statusCode, 400, contribution.body);
+  assert.match(contribution.json().message, /^param_groups\[0\]\.lambd: ASGD's decay factor/);
+  assert.equal((await inject('GET', '/v1/sessions/round')).json().round, null);
+});
