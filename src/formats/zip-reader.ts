@@ -247,6 +247,9 @@ function inflateEntry(entry: ZipEntry, raw: Buffer, budget: number, maxInflatedS
     // One output chunk of the declared size: no chunks to gather and concatenate (half the time and memory).
     out = inflateRawSync(raw, { maxOutputLength: Math.max(entry.size, 1), chunkSize: Math.max(entry.size, 64) });
   } catch (err) {
+    // More output than the header says is zlib's ERR_BUFFER_TOO_LARGE ("Cannot create a Buffer larger than N
+    // bytes"): said in the archive's terms.
+    if ((err as { code?: unknown }).code === 'ERR_BUFFER_TOO_LARGE') throw new FormatError('ZIP_CORRUPT', `zip entry ${entry.name} inflates to more than the ${entry.size} bytes its header says`);
     throw new FormatError('ZIP_CORRUPT', `zip entry ${entry.name} does not inflate: ${(err as Error).message}`);
   }
   if (out.length !== entry.size) throw new FormatError('ZIP_CORRUPT', `zip entry ${entry.name} inflates to ${out.length} bytes, header says ${entry.size}`);

@@ -230,6 +230,8 @@ describe('zip reader refuses hostile archives', () => {
     assert.equal(codeOf(() => budget.read('a/bomb')), 'ZIP_LIMIT_EXCEEDED'); // the limit is a total over all reads
     assert.equal(codeOf(() => readZip(asDeflate(0xfffffff0)).read('a/bomb')), 'ZIP_CORRUPT');
     assert.equal(codeOf(() => readZip(asDeflate((1 << 20) - 1)).read('a/bomb')), 'ZIP_CORRUPT');
+    // More than its header says: said so, not in zlib's words ("Cannot create a Buffer larger than …").
+    assert.throws(() => readZip(asDeflate(16)).read('a/bomb'), (err: FormatError) => err.code === 'ZIP_CORRUPT' && err.message === 'zip entry a/bomb inflates to more than the 16 bytes its header says');
   });
 
   test('by default a small archive inflates to at most 64 MiB plus 4 times its size, before anything is inflated', () => {
