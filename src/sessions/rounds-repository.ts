@@ -87,6 +87,12 @@ export async function findContributionByKey(q: Queryable, sessionId: number, key
   return rows.length ? { version: rows[0].version, worker: rows[0].worker, requestHash: rows[0].request_hash } : null;
 }
 
+/** The session's history_from: gradients computed before it are of a state since replaced. */
+export async function historyFrom(q: Queryable, sessionId: number): Promise<number> {
+  const rows = await q.query<{ history_from: number }>('SELECT history_from::float8 AS history_from FROM sessions WHERE id = $1', [sessionId]);
+  return rows[0]?.history_from ?? 0;
+}
+
 /** Stores a contribution to the round at `version`; the caller holds the session row lock and checked it is new. */
 export async function insertContribution(db: Database, q: Queryable, sessionId: number, version: number, c: ContributionRow): Promise<void> {
   await q.query(

@@ -188,7 +188,13 @@ export function createRoundService(options: RoundServiceOptions) {
           if (worker === null) throw errors.invalidBody('worker: is required in a session with aggregation (the contributing worker\'s id, 1-128 of A-Za-z0-9._-)');
           checkIfMatch(opts.ifMatch, session.version);
           if (baseVersion > session.version) throw baseVersionTooNew(baseVersion, session.version, opts.baseVersionFrom);
-          if (baseVersion < session.version) throw errors.staleContribution(baseVersion, session.version);
+          if (baseVersion < session.version) {
+            // As a plain step's: a gradient of a state since replaced (a load, a restore, the name deleted and
+            // created again) says where (replaced_at), so that a worker tells it from a round it was late for.
+            const historyFrom = await store.historyFrom(tx, session.id);
+            if (baseVersion < historyFrom) throw errors.gradientOfReplacedState(baseVersion, historyFrom, session.version, 0);
+            throw errors.staleContribution(baseVersion, session.version);
+          }
           const samples = opts.samples ?? null;
           if (aggregation.target_samples !== undefined && samples === null) throw errors.invalidBody('samples: is required in a session with aggregation.target_samples');
           const { state } = await host.currentState(tx, session);

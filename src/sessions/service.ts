@@ -26,7 +26,7 @@ import type { SessionRecord } from './repository.ts';
 import { createSnapshotWriter } from './snapshot-writer.ts';
 import { createSnapshots } from './snapshots.ts';
 import { createSteps } from './steps.ts';
-import { assertNoOpenRound } from './rounds-repository.ts';
+import { assertNoOpenRound, deleteContributions } from './rounds-repository.ts';
 import { sessionStorage, storageOfSessions, type SessionStorage } from './storage.ts';
 
 export interface SessionServiceOptions {
@@ -77,7 +77,12 @@ export function createSessionService(options: SessionServiceOptions) {
       const session = await mustFind(tx, name, true);
       checkIfMatch(ifMatch, session.version); // under the row lock
       // A round left open by workers that went away: said how to void it (a review found no way out said).
-      if (patch.aggregation !== undefined) await assertNoOpenRound(tx, session, 'aggregation', ', or void it: a restore of a snapshot, or a load of the state (PUT state_dict), makes a new version, at which its contributions no longer count');
+      if (patch.aggregation !== undefined) {
+        await assertNoOpenRound(tx, session, 'aggregation', ', or void it: a restore of a snapshot, or a load of the state (PUT state_dict), makes a new version, at which its contributions no longer count');
+        // Contributions of rounds voided at earlier versions (a load, a restore, PUT params) went only when the
+        // next contribution came: with aggregation removed, never (a review: up to 1024 gradients kept for good).
+        await deleteContributions(tx, session.id, session.version, false);
+      }
       return { before: session, after: await repo.updateSessionSettings(tx, session.id, { ...session, ...patch }) };
     });
     // The change moves the row's stamp, not its version: this process's copy, current before it, stays

@@ -183,6 +183,7 @@ test('timeout_s: a round with one worker missing steps with the others\' mean; t
   assert.equal(late.json().code, 'STALE_GRADIENT');
   assert.match(late.json().message, /^base_version: /);
   assert.equal(late.json().version, 2);
+  assert.equal(late.json().replaced_at, undefined, 'late, not of a replaced state');
   await assertSameState(app, 'late', [meanOf([grads.a, grads.b])], 'two of three');
   assert.match((await app.inject({ url: '/metrics' })).body, /asgd_rounds_timed_out_total\{session="late"\} 1/);
 });
@@ -369,6 +370,9 @@ test('a load voids the open round: its contributions are stale; aggregation: nul
   const again = await contribute(app, 'v', { worker: 'w1', grads, key: 'k1', wait: 1 });
   assert.equal(again.statusCode, 409, again.body);
   assert.equal(again.json().code, 'STALE_GRADIENT');
+  // As a plain step's: of a state replaced at version 2 (a review: a worker could not tell it from being late).
+  assert.equal(again.json().replaced_at, 2);
+  assert.match(again.json().message, /before the session's state was replaced at version 2/);
   // No round open: aggregation may go; a step is a step again (worker and samples validated, then ignored).
   const plain = await app.inject({ method: 'PATCH', url: '/v1/sessions/v', payload: { aggregation: null } });
   assert.deepEqual([plain.statusCode, plain.json().aggregation], [200, null]);
@@ -418,6 +422,29 @@ test('PUT params that change nothing during a round: the answer shows the round 
   const done = await app.inject({ method: 'POST', url: '/v1/sessions/same/step?wait=5', payload: { grads: gradsOf(1), worker: 'w1', base_version: 1 } });
   assert.equal(done.statusCode, 200, done.body);
   assert.equal(done.json().round.contributions, 2, 'the first contribution was not voided');
+});
+
+test('a round voided by PUT params, then aggregation removed: its contributions are dropped with the PATCH (they stayed for good); a retry of one is a plain step at its base_version', async (t) => {
+  const { app } = await buildTestApp(t);
+  const created = await app.inject({ method: 'POST', url: '/v1/sessions', payload: sessionBody('voided', { contributions: 2 }) });
+  assert.equal(created.statusCode, 201, created.body);
+  const first = () => app.inject({ method: 'POST', url: '/v1/sessions/voided/step?wait=0', headers: { 'idempotency-key': 'vp1-a' }, payload: { grads: gradsOf(0), worker: 'a', base_version: 1 } });
+  assert.equal((await first()).statusCode, 202);
+  const params = (await app.inject({ url: '/v1/sessions/voided/params' })).json().params;
+  params.w.data[0] += 1;
+  const put = await app.inject({ method: 'PUT', url: '/v1/sessions/voided/params', payload: { params } });
+  assert.equal(put.statusCode, 200, put.body);
+  assert.equal(put.json().version, 2);
+  const [{ id }] = await app.db.query<{ id: number }>("SELECT id::float8 AS id FROM sessions WHERE name = 'voided'");
+  const stored = async () => (await app.db.query<{ n: number }>('SELECT count(*)::int AS n FROM round_contributions WHERE session_id = $1', [id]))[0].n;
+  assert.equal(await stored(), 1, 'kept until the next contribution or a PATCH of aggregation');
+  const patch = await app.inject({ method: 'PATCH', url: '/v1/sessions/voided', payload: { aggregation: null } });
+  assert.equal(patch.statusCode, 200, patch.body);
+  assert.equal(await stored(), 0);
+  // The session steps each gradient as it comes now: the retry is one, computed at version 1 (staleness 1).
+  const retried = await first();
+  assert.equal(retried.statusCode, 200, retried.body);
+  assert.deepEqual([retried.json().version, retried.json().staleness], [3, 1]);
 });
 
 test('a contribution whose wait ends as its round steps gets the round\'s answer, not a 202 of an empty round', async (t) => {
