@@ -420,12 +420,13 @@ class Client:
         return read
 
     def wait_params(self, name: str, after_version: int, *, averaged: bool = False, wait_s: float = 60.0,
-                    max_wait_s: Optional[float] = None) -> Tuple["OrderedDict[str, Any]", Optional[int]]:
+                    max_wait_s: Optional[float] = None, with_step: bool = False) -> Tuple[Any, ...]:
         """The parameters (or ``averaged``) once the session's version is above ``after_version``: GET /params
         ``?after_version=&wait=`` (the service holds each request up to ``wait_s`` seconds, 1 to 60, and
         answers 304 while the version has not moved; this asks again), until ``max_wait_s`` seconds have
         passed (None: no limit), then :class:`TimeoutError`. Returns ({name: tensor}, version), read as
-        :meth:`get_params` reads them (safetensors unless the transport is JSON).
+        :meth:`get_params` reads them (safetensors unless the transport is JSON). ``with_step``: ({name:
+        tensor}, version, step), the session's step count at that version (None from a service without it).
         """
         if not 1.0 <= float(wait_s) <= 60.0:
             raise ValueError(f"wait_s must be 1 to 60 seconds, got {wait_s!r}")
@@ -437,14 +438,26 @@ class Client:
                 raise TimeoutError(f"session {name!r}: still at version {after_version} or below after {max_wait_s} s")
             hold = float(wait_s) if left is None else min(float(wait_s), left)
             query: Dict[str, Any] = {"averaged": averaged or None, "after_version": after_version, "wait": round(hold, 3)}
-            read = self._read_params(path, query, expect=(200, 304), hold_s=hold)
+            read = self._read_params(path, query, expect=(200, 304), hold_s=hold, with_step=with_step)
             if read is not None:
                 return read
 
     def _read_params(self, path: str, query: Dict[str, Any], expect: Tuple[int, ...] = (200,),
-                     hold_s: float = 0.0) -> Optional[Tuple["OrderedDict[str, Any]", Optional[int]]]:
+                     hold_s: float = 0.0, with_step: bool = False) -> Optional[Tuple[Any, ...]]:
         """GET of parameters as safetensors (JSON with the JSON transport, or where the service has no
-        safetensors): ({name: tensor}, version), or None for a 304."""
+        safetensors): ({name: tensor}, version), with ``with_step`` also the step count (X-Session-Step), or
+        None for a 304."""
+        read = self._read_params_of(path, query, expect, hold_s)
+        if read is None:
+            return None
+        tensors, version, res = read
+        if not with_step:
+            return tensors, version
+        step = res.headers.get("x-session-step", "")
+        return tensors, version, int(step) if step.isdigit() else None
+
+    def _read_params_of(self, path: str, query: Dict[str, Any], expect: Tuple[int, ...],
+                        hold_s: float) -> Optional[Tuple["OrderedDict[str, Any]", Optional[int], Response]]:
         if self._binary():
             try:
                 res = self.conn.request("GET", path, query={**query, "format": "safetensors"}, accept=SAFETENSORS, expect=expect, hold_s=hold_s)
@@ -460,15 +473,15 @@ class Client:
                                             f"asked for safetensors, got {res.content_type or 'no Content-Type'}",
                                             method="GET", url=res.url, body=res.body[:200])
                 raw, meta = st.decode(res.body)
-                return _tensors_of(_in_session_order(raw, meta)), res.version
+                return _tensors_of(_in_session_order(raw, meta)), res.version, res
         res = self.conn.request("GET", path, query={**query, "format": "json"}, accept=JSON, expect=expect, hold_s=hold_s)
         if res.status == 304:
             return None
         body = res.json()
         params = body["params"]
         if _has_torch():
-            return OrderedDict((k, tensor_from_json(v)) for k, v in params.items()), body.get("version", res.version)
-        return OrderedDict(params), body.get("version", res.version)
+            return OrderedDict((k, tensor_from_json(v)) for k, v in params.items()), body.get("version", res.version), res
+        return OrderedDict(params), body.get("version", res.version), res
 
     def put_params(self, name: str, tensors: Mapping[str, TensorLike], *, format: Optional[str] = None,
                    if_match: Optional[int] = None, idempotency_key: Optional[str] = None) -> Dict[str, Any]:

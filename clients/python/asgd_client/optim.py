@@ -1295,13 +1295,17 @@ class RemoteASGD(torch.optim.Optimizer):
                         "before a restart?): this gradient is dropped; waiting for the round to step", self.worker, self.session, base)
             started = time.monotonic()
             try:
-                tensors, version = self.client.wait_params(self.session, base, wait_s=min(60.0, max(1.0, float(self.round_wait_s or 60))),
-                                                           max_wait_s=self.max_round_wait_s)
+                tensors, version, step = self.client.wait_params(self.session, base, wait_s=min(60.0, max(1.0, float(self.round_wait_s or 60))),
+                                                                 max_wait_s=self.max_round_wait_s, with_step=True)
             except TimeoutError as timeout:
                 if isinstance(timeout, RoundPending):
                     raise
                 raise RoundPending(self.session, {"version": base, "workers": [self.worker]}, key or "", time.monotonic() - started) from err
-            return _Outcome(None, tensors, version, None, stale=err)
+            # The session's figures at the version loaded, for step_count and last_step (a rounds review: they
+            # stayed a round behind, so a LambdaLR on step_count ran one step off); of the round's record only
+            # its version is known here.
+            answer = None if step is None else {"session": self.session, "step": step, "version": version, "staleness": 0, "round": {"version": base}}
+            return _Outcome(answer, tensors, version, None, stale=err)
         except StaleGradient as err:
             if self.on_stale == "raise":
                 raise
@@ -1350,6 +1354,9 @@ class RemoteASGD(torch.optim.Optimizer):
         if overlapped:
             self._overlap_floor = self._version
         if isinstance(outcome.stale, DuplicateContribution):
+            if outcome.answer is not None and not older:
+                self._session_step = outcome.answer["step"]
+                self.last_step = outcome.answer
             log.warning("[%s] session %r: loaded the round's result at version %s (this worker's gradient for it was "
                         "the one it sent before)", self.worker, self.session, self._version)
             return

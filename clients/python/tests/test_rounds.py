@@ -319,6 +319,9 @@ class Restart(RoundsTestCase):
         info = b.client.get_session(name)
         self.assertEqual((info["step"], info["version"]), (1, 2), "one round, stepped once")
         self.assertEqual(again.stale_dropped, 0)
+        # Its figures are the round's (a review: step_count stayed a round behind, last_step None).
+        self.assertEqual(again.step_count, 1)
+        self.assertEqual((again.last_step["step"], again.last_step["version"], again.last_step["round"]["version"]), (1, 2, 1))
 
         # The restarted worker goes on with the next round as any other.
         def a_next():
@@ -333,6 +336,8 @@ class Restart(RoundsTestCase):
         want, _ = torch_rounds(2, lambda r: {"a": shard(r, 0), "b": shard(r, 1)})
         self.assertParamsIdentical(again_model, want)
         self.assertEqual(b.client.get_session(name)["step"], 2)
+        self.assertEqual(again.step_count, 2)
+        self.assertEqual(again.last_step["round"]["contributions"], 2)
 
 
 class ScheduleAndCheckpoint(RoundsTestCase):
