@@ -600,6 +600,14 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     response.end(body);
   });
   fastify.server.on('checkContinue', continueOnRead);
+  // CONNECT (a proxy's tunnel): Node hands it to 'connect' listeners, and with none closes the connection
+  // with no answer at all (a hostile review). No route has it: a 405 in the API's shape, then the close.
+  fastify.server.on('connect', (request: IncomingMessage, socket: Socket) => {
+    const allowed = ['DELETE', 'GET', 'HEAD', 'OPTIONS', 'PATCH', 'POST', 'PUT'];
+    const body = errorText(errors.methodNotAllowed('CONNECT', headerText(request.url ?? '').slice(0, 200), allowed));
+    socket.on('error', () => {});
+    socket.end(`HTTP/1.1 405 Method Not Allowed\r\nAllow: ${allowed.join(', ')}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nContent-Type: application/json; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n${body}`);
+  });
   // A streamed answer (a .pt or safetensors download) that a client stops reading held its copy of the state
   // for as long as the connection lived (found by a review: five clients that never read pinned 1.2 GB):
   // one that takes none of it for ASGD_REQUEST_TIMEOUT_MS is cut. So is a large answer built whole (JSON

@@ -768,6 +768,18 @@ test('a method a path does not have is 405 METHOD_NOT_ALLOWED with Allow listing
   assert.equal((await app.inject({ url: '/v1/sessions/alpha', headers: asAdmin })).json().version, before, 'nothing moved');
 });
 
+test('CONNECT (a proxy\'s tunnel) is 405 METHOD_NOT_ALLOWED in the API\'s shape, not a connection closed without an answer', async (t) => {
+  const { app } = await buildTestApp(t);
+  await app.listen({ port: 0, host: '127.0.0.1' });
+  const port = (app.server.address() as { port: number }).port;
+  const answer = await rawRequest(port, 'CONNECT localhost:5432 HTTP/1.1\r\nHost: localhost:5432\r\n\r\n');
+  assert.match(answer, /^HTTP\/1\.1 405 Method Not Allowed\r\n/);
+  assert.match(answer, /\r\nAllow: DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT\r\n/);
+  const body = JSON.parse(answer.slice(answer.indexOf('\r\n\r\n') + 4));
+  assert.deepEqual([body.statusCode, body.code, body.message], [405, 'METHOD_NOT_ALLOWED', 'localhost:5432 has no CONNECT; it allows DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT']);
+  assert.equal((await app.inject({ url: '/healthz' })).statusCode, 200);
+});
+
 test('an API path with a trailing slash is the same path: every GET answers as without it, a step commits, 405 still names the methods', async (t) => {
   const { app } = await buildTestApp(t, { env: { ASGD_ADMIN_TOKEN: ADMIN } });
   await createSession(app, 'alpha');
