@@ -194,6 +194,8 @@ class Client:
         keep_snapshots: Optional[int] = None,
         max_staleness: Optional[int] = None,
         aggregation: Optional[Mapping[str, Any]] = None,
+        keep_log_bytes: Optional[int] = None,
+        expire_after_idle_s: Optional[int] = None,
     ) -> Dict[str, Any]:
         """POST /v1/sessions (JSON body). ``params``: name -> tensor, [(name, tensor)] or [{name, shape, data}].
 
@@ -211,7 +213,8 @@ class Client:
             options["param_groups"] = [dict({k: plain_number(v) for k, v in g.items()}, params=list(g["params"])) for g in param_groups]
             for i, g in enumerate(options["param_groups"]):
                 _check_hyperparameters(f"param_groups[{i}]", g)
-        for key, value in (("snapshot_every", snapshot_every), ("keep_snapshots", keep_snapshots), ("max_staleness", max_staleness)):
+        for key, value in (("snapshot_every", snapshot_every), ("keep_snapshots", keep_snapshots), ("max_staleness", max_staleness),
+                           ("keep_log_bytes", keep_log_bytes), ("expire_after_idle_s", expire_after_idle_s)):
             if value is not None:
                 options[key] = value
         if aggregation is not None:

@@ -596,6 +596,8 @@ class RemoteASGD(torch.optim.Optimizer):
             the contribution stays in the round). Default None: wait as long as the round takes.
         transport: ``"safetensors"`` (default), ``"json"`` or ``"auto"`` (see :class:`asgd_client.Client`).
         snapshot_every, keep_snapshots, max_staleness: session settings used at creation.
+        expire_after_idle_s: used at creation: the service deletes the session after this many seconds
+            without a request (e.g. for a session named at random, which nothing else would delete).
         send_base_version: send the version of the parameters the gradients were computed from, so
             the service can report staleness and enforce ``max_staleness``.
         retry_budget_s: seconds a request keeps retrying (connection errors, 429/502/503/504); the
@@ -639,6 +641,7 @@ class RemoteASGD(torch.optim.Optimizer):
         keep_snapshots: Optional[int] = None,
         max_staleness: Optional[int] = None,
         aggregation: Optional[Mapping[str, Any]] = None,
+        expire_after_idle_s: Optional[int] = None,
         round_wait_s: Optional[int] = None,
         max_round_wait_s: Optional[float] = None,
         send_base_version: bool = True,
@@ -793,6 +796,7 @@ class RemoteASGD(torch.optim.Optimizer):
             keep_snapshots=keep_snapshots,
             max_staleness=max_staleness,
             aggregation=aggregation,
+            expire_after_idle_s=expire_after_idle_s,
         )
         info, created = ensure_session(self.client, self.session, create, create_kwargs)
         self._check_layout(info)

@@ -50,6 +50,24 @@ class ModelConvertedAfterTheOptimizer(ServiceTestCase):
         self.check(lambda m: m.bfloat16(), torch.bfloat16)
 
 
+class SettingsAtCreation(ServiceTestCase):
+    def test_a_session_named_at_random_can_be_given_an_idle_expiry_and_the_client_every_bound(self):
+        # A PyTorch user's review: RemoteASGD() without a session name left its session behind on every run,
+        # and neither it nor Client.create_session could set expire_after_idle_s (or keep_log_bytes).
+        from asgd_client import RemoteASGD
+
+        model = make_model()
+        opt = RemoteASGD(model.parameters(), url=self.url, token=self.token, expire_after_idle_s=3600)
+        self.addCleanup(lambda: opt.client.delete_session(opt.session))
+        self.addCleanup(opt.close)
+        self.assertTrue(opt.session.startswith("asgd-"))
+        self.assertEqual(opt.client.get_session(opt.session)["expire_after_idle_s"], 3600)
+        name = unique("bounds")
+        info = opt.client.create_session(name, {"w": torch.zeros(3)}, keep_log_bytes=1 << 20, expire_after_idle_s=60)
+        self.addCleanup(lambda: opt.client.delete_session(name))
+        self.assertEqual((info["keep_log_bytes"], info["expire_after_idle_s"]), (1 << 20, 60))
+
+
 class GroupKeysTheServiceDoesNotStore(ServiceTestCase):
     def test_a_dict_valued_group_key_round_trips(self):
         model = make_model()
