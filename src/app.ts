@@ -411,6 +411,12 @@ function parseError(err: Error & { code?: string; reason?: string }): ApiError {
 
 const clientErrored = Symbol('asgd.clientErrored');
 
+/** An error in the API's shape as the bytes of a whole HTTP/1.1 answer that closes the connection, for a socket Node gave no response object for. */
+function rawErrorResponse(api: ApiError, headers = ''): string {
+  const body = errorText(api);
+  return `HTTP/1.1 ${api.statusCode} ${STATUS_CODES[api.statusCode] ?? 'Error'}\r\n${headers}Content-Length: ${Buffer.byteLength(body)}\r\nContent-Type: application/json; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n${body}`;
+}
+
 /**
  * A request Node's parser could not read, or one that timed out: its error in the API's shape, then the
  * connection closes. A request read before it on the same connection (pipelined, or bytes after a body
@@ -428,8 +434,7 @@ function clientErrorHandler(this: FastifyInstance, err: Error & { code?: string;
     if (socket.destroyed) return;
     if (socket.writable) {
       noteCut(socket, api.statusCode);
-      const body = errorText(api);
-      socket.write(`HTTP/1.1 ${api.statusCode} ${STATUS_CODES[api.statusCode] ?? 'Error'}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nContent-Type: application/json; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n${body}`);
+      socket.write(rawErrorResponse(api));
     }
     socket.destroy(err);
   };
@@ -604,9 +609,8 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
   // with no answer at all (a hostile review). No route has it: a 405 in the API's shape, then the close.
   fastify.server.on('connect', (request: IncomingMessage, socket: Socket) => {
     const allowed = ['DELETE', 'GET', 'HEAD', 'OPTIONS', 'PATCH', 'POST', 'PUT'];
-    const body = errorText(errors.methodNotAllowed('CONNECT', headerText(request.url ?? '').slice(0, 200), allowed));
     socket.on('error', () => {});
-    socket.end(`HTTP/1.1 405 Method Not Allowed\r\nAllow: ${allowed.join(', ')}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nContent-Type: application/json; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n${body}`);
+    socket.end(rawErrorResponse(errors.methodNotAllowed('CONNECT', headerText(request.url ?? '').slice(0, 200), allowed), `Allow: ${allowed.join(', ')}\r\n`));
   });
   // A streamed answer (a .pt or safetensors download) that a client stops reading held its copy of the state
   // for as long as the connection lived (found by a review: five clients that never read pinned 1.2 GB):

@@ -4,6 +4,7 @@
 import { errors, quoteValue } from '../errors.ts';
 import type { GroupSpec, ParamSpec } from '../db/schema.ts';
 import { ASGD_DEFAULTS, type AsgdHyperparameters } from '../optim/types.ts';
+import { decayFactor } from '../optim/asgd.ts';
 import { pow } from '../optim/pow.ts';
 
 /**
@@ -232,7 +233,7 @@ function firstInfiniteStep(infinite: (step: number) => boolean, grows: boolean):
  * infinite is etaOverflowsFloat32's.
  */
 export function decayOverflowsFloat32(lr: number, lambd: number, alpha: number): number | null {
-  return firstInfiniteStep((step) => !Number.isFinite(Math.fround(1 - lambd * etaAt(lr, lambd, alpha, step))), alpha < 0);
+  return firstInfiniteStep((step) => !Number.isFinite(decayFactor(etaAt(lr, lambd, alpha, step), lambd)), alpha < 0);
 }
 
 /**
@@ -245,7 +246,7 @@ export function decayOverflowsFloat32(lr: number, lambd: number, alpha: number):
  * step's eta is computed at it (a loaded step of 2**40 with alpha -4: an infinite eta, then NaN).
  */
 export function stateOverflow(h: { lr: number; lambd: number; alpha: number }, s: { step: number; eta: number }): { key: 'eta' | 'step'; message: string } | null {
-  if (!Number.isFinite(Math.fround(1 - h.lambd * s.eta))) {
+  if (!Number.isFinite(decayFactor(s.eta, h.lambd))) {
     return { key: 'eta', message: `ASGD's decay factor 1 - lambd * eta at the next step (lambd ${h.lambd}, the state's eta ${s.eta}) is too large for float32: it would step the parameters to infinity and NaN` };
   }
   const next = Math.fround(s.step + 1);
@@ -256,8 +257,8 @@ export function stateOverflow(h: { lr: number; lambd: number; alpha: number }, s
   if (h.alpha < 0 ? power === 0 : !Number.isFinite(power) && Number.isFinite(base)) {
     return { key: 'step', message: `with lr ${h.lr}, lambd ${h.lambd} and alpha ${h.alpha}, ASGD's eta = lr / (1 + lambd * lr * step) ** alpha ${h.alpha < 0 ? 'divides by zero' : 'overflows'} ${at} (torch raises there, in the middle of a step)` };
   }
-  const eta = Math.fround(h.lr / power);
-  if (!Number.isFinite(eta) || !Number.isFinite(Math.fround(1 - h.lambd * eta))) {
+  const eta = etaAt(h.lr, h.lambd, h.alpha, next);
+  if (!Number.isFinite(eta) || !Number.isFinite(decayFactor(eta, h.lambd))) {
     return { key: 'step', message: `with lr ${h.lr}, lambd ${h.lambd} and alpha ${h.alpha}, ASGD's ${Number.isFinite(eta) ? 'decay factor 1 - lambd * eta' : 'eta'} ${at} is too large for float32: it would step the parameters to infinity and NaN` };
   }
   return null;
